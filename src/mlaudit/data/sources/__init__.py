@@ -1,0 +1,1 @@
+"""Data sources, one per file; each registers a loader in :data:`mlaudit.data.registry.SOURCES`."""

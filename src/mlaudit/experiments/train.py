@@ -1,0 +1,59 @@
+"""Experiment kind ``train``: train N models with one recipe and report clean test accuracy."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..data.registry import load_dataset
+from ..factory import FactoryJob, TrialSpec
+from ..stats import MeanSE
+from .base import ExperimentConfig, ExperimentOutput, register_experiment
+from .context import RunContext
+
+
+class TrainConfig(ExperimentConfig):
+    """``trials`` models, each from its own seed (derived from ``seed``); ``save_models`` keeps
+    their weights under artifacts/models."""
+
+    kind: Literal["train"] = "train"
+    trials: int = Field(1, ge=1, le=100_000)
+    save_models: bool = True
+
+
+@register_experiment("train", config=TrainConfig)
+def run_train(config: TrainConfig, ctx: RunContext) -> ExperimentOutput:
+    """Train N models with a recipe; report test accuracy mean ± standard error."""
+    data = load_dataset(config.dataset)
+    trials = tuple(TrialSpec(f"model-{i:04d}", seed=config.trial_seed(i)) for i in range(config.trials))
+    job = FactoryJob(model=config.model, recipe=config.recipe, data=data, data_spec=config.dataset, trials=trials,
+                     device=ctx.device, batched=config.factory.batched, max_chunk=config.factory.max_chunk)
+    records = ctx.train(job, save_weights=config.save_models)
+    acc = np.array([r["metrics"]["test_accuracy"] for r in records])
+    loss = np.array([r["metrics"]["test_loss"] for r in records])
+    acc_ms, loss_ms = MeanSE.of(acc), MeanSE.of(loss)
+    metrics = {
+        "test_accuracy": acc_ms.to_dict(),
+        "test_loss": loss_ms.to_dict(),
+    }
+    rows = [{"trial_id": r["trial_id"], "seed": r["seed"], **r["metrics"], "steps": r["steps"],
+             "wall_s": r["wall_s"], "checkpoint": r.get("checkpoint")} for r in records]
+    notes = [f"dataset {data.name}: {len(data.train)} train / {len(data.test)} test examples, id {data.id}"]
+    return ExperimentOutput(metrics=metrics, trials=rows, figures=_figures(acc), notes=notes)
+
+
+def _figures(acc: np.ndarray) -> dict:
+    if len(acc) < 2:
+        return {}
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 3))
+    ax = fig.add_subplot()
+    ax.hist(acc, bins=min(20, len(acc)), color="#4c72b0")
+    ax.set_xlabel("test accuracy")
+    ax.set_ylabel("models")
+    ax.set_title("test accuracy across trials")
+    fig.tight_layout()
+    return {"Test accuracy across trials": fig}

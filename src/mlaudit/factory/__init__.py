@@ -1,0 +1,36 @@
+"""The model factory: train many models at once (batched on one device) and across workers.
+
+    job = FactoryJob(model=ModelSpec(name="mlp"), recipe=resolve_recipe("fast"), data=bundle,
+                     trials=tuple(TrialSpec(f"m{i}", seed=i) for i in range(16)))
+    models = train_many(job, executor="local")
+
+Every experiment kind trains its models through :func:`train_many`.
+"""
+
+from __future__ import annotations
+
+from .batched import SimulatedOOM, measure_chunk_size, run_trials
+from .executors import (
+    EXECUTORS,
+    Executor,
+    LocalExecutor,
+    ProcessExecutor,
+    RayExecutor,
+    make_executor,
+    plan_chunks,
+)
+from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
+
+
+def train_many(job: FactoryJob, *, executor: str | Executor = "local", on_result=None,  # noqa: ANN001
+               **executor_options: object) -> list[TrainedModel]:
+    """Train every trial of ``job`` with the named executor; models stream to ``on_result``."""
+    ex = make_executor(executor, **executor_options) if isinstance(executor, str) else executor
+    return ex.execute(job, on_result=on_result)
+
+
+__all__ = [
+    "EXECUTORS", "Executor", "FactoryJob", "LocalExecutor", "ProcessExecutor", "RayExecutor", "SimulatedOOM",
+    "TrainedModel", "TrialSpec", "make_executor", "measure_chunk_size", "plan_chunks", "resolve_device", "run_trials",
+    "train_many",
+]

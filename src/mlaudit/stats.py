@@ -1,0 +1,294 @@
+"""Statistics shared by every experiment: means with standard errors, exact binomial intervals,
+ROC curves with bootstrap intervals, and the empirical epsilon lower bound used in DP auditing.
+
+Pure numpy/scipy (no torch); every function accepts array-likes. Convention for attack scores:
+a *higher* score means "predicted member / positive"; labels are 0/1 (or bool), 1 = positive.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.special import betaincinv
+
+from .errors import ConfigError
+
+__all__ = [
+    "MeanSE", "mean_se", "clopper_pearson", "roc_curve", "auc", "tpr_at_fpr", "balanced_accuracy_best",
+    "bootstrap_ci", "roc_metrics", "fpr_key", "eps_lower_bound", "format_number",
+]
+
+
+def format_number(x: float) -> str:
+    """Short human form of a number: 3 decimals in [1e-3, 1e4), else 3 significant digits."""
+    x = float(x)
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:.3f}"
+    return f"{x:.3g}"
+
+
+def mean_se(values: ArrayLike) -> tuple[float, float]:
+    """Mean and standard error ``std(ddof=1) / sqrt(n)`` of ``values`` (any shape, flattened).
+
+    With a single value the standard error is undefined and returned as ``nan`` (not 0, which
+    would claim certainty). NaNs in ``values`` propagate. Raises ConfigError when empty.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ConfigError("mean_se needs at least one value, got an empty array")
+    mean = float(v.mean())
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+    return mean, se
+
+
+@dataclass(frozen=True)
+class MeanSE:
+    """A mean with its standard error over ``n`` values (``se`` is nan when n == 1)."""
+
+    mean: float
+    se: float
+    n: int
+
+    @classmethod
+    def of(cls, values: ArrayLike) -> MeanSE:
+        """Summarise ``values`` (see :func:`mean_se`)."""
+        m, s = mean_se(values)
+        return cls(m, s, int(np.asarray(values).size))
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "se": self.se, "n": self.n}
+
+    def __str__(self) -> str:
+        return f"{format_number(self.mean)} ± {format_number(self.se)}"
+
+
+def _check_alpha(alpha: float) -> float:
+    if not 0.0 < float(alpha) < 1.0:
+        raise ConfigError(f"alpha must lie in (0, 1), got {alpha!r}; 0.05 gives 95% intervals")
+    return float(alpha)
+
+
+def clopper_pearson(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact two-sided (1 - alpha) Clopper-Pearson interval for a binomial proportion k / n.
+
+    lo = BetaQuantile(alpha/2; k, n-k+1) (0 when k == 0), hi = BetaQuantile(1-alpha/2; k+1, n-k) (1 when k == n).
+    Each one-sided bound therefore holds with probability >= 1 - alpha/2.
+    """
+    alpha = _check_alpha(alpha)
+    if int(k) != k or int(n) != n or not 0 <= k <= n or n < 1:
+        raise ConfigError(f"clopper_pearson needs integers 0 <= k <= n and n >= 1, got k={k!r}, n={n!r}")
+    k, n = int(k), int(n)
+    lo = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, alpha / 2))
+    hi = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - alpha / 2))
+    return lo, hi
+
+
+def _prepare(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort by descending score; return (sorted scores, sorted bool labels, last index of each tie group)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel()
+    if s.shape != y.shape:
+        raise ConfigError(f"scores and labels must have the same length, got {s.size} and {y.size}")
+    if np.isnan(s).any():
+        raise ConfigError(f"scores contain {int(np.isnan(s).sum())} NaN values; drop or replace them first")
+    if not np.isin(y, (0, 1)).all():
+        raise ConfigError("labels must be 0/1 or bool (1 = positive / member)")
+    yb = y.astype(bool)
+    if yb.all() or not yb.any():
+        raise ConfigError(f"ROC needs both classes; got {int(yb.sum())} positives out of {yb.size} examples")
+    order = np.argsort(-s, kind="stable")
+    s, yb = s[order], yb[order]
+    ends = np.append(np.flatnonzero(np.diff(s) != 0), s.size - 1)
+    return s, yb, ends
+
+
+def _curve(yb: np.ndarray, ends: np.ndarray, w: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tp, fp) counts at each distinct threshold, with a leading (0, 0); ``w`` = per-example weights."""
+    if w is None:
+        pos, neg = yb.astype(np.int64), (~yb).astype(np.int64)
+    else:
+        pos, neg = np.where(yb, w, 0), np.where(yb, 0, w)
+    tp = np.concatenate(([0], np.cumsum(pos)[ends]))
+    fp = np.concatenate(([0], np.cumsum(neg)[ends]))
+    return tp, fp
+
+
+def roc_curve(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve of ``scores`` [N] against ``labels`` [N] (1 = positive, higher score = positive).
+
+    Returns ``(fpr, tpr, thresholds)``, each [T + 1] for T distinct scores: a point per distinct
+    threshold (ties are never split), predicting positive when ``score >= threshold``, preceded by
+    the point (0, 0) at threshold +inf. fpr and tpr are non-decreasing; the last point is (1, 1).
+    """
+    s, yb, ends = _prepare(scores, labels)
+    tp, fp = _curve(yb, ends)
+    return fp / fp[-1], tp / tp[-1], np.concatenate(([np.inf], s[ends]))
+
+
+def auc(fpr: ArrayLike, tpr: ArrayLike) -> float:
+    """Area under a curve by the trapezoidal rule; ``fpr`` must be non-decreasing."""
+    x, y = np.asarray(fpr, dtype=np.float64).ravel(), np.asarray(tpr, dtype=np.float64).ravel()
+    if x.shape != y.shape or x.size < 2:
+        raise ConfigError(f"auc needs fpr and tpr of equal length >= 2, got {x.size} and {y.size}")
+    if np.any(np.diff(x) < 0):
+        raise ConfigError("auc needs fpr sorted in non-decreasing order (as returned by roc_curve)")
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+
+
+def _idx_at_fpr(fpr: np.ndarray, target: float) -> int:
+    return int(np.searchsorted(fpr, target, side="right")) - 1
+
+
+def tpr_at_fpr(fpr: ArrayLike, tpr: ArrayLike, target: float) -> float:
+    """Largest TPR among ROC points with ``FPR <= target`` (no interpolation, so never optimistic).
+
+    With N negatives, targets below 1/N can only use points with zero false positives. Returns 0.0
+    when no point qualifies (never the case for curves from :func:`roc_curve`, which start at (0, 0)).
+    """
+    if not 0.0 <= float(target) <= 1.0:
+        raise ConfigError(f"FPR target must lie in [0, 1], got {target!r}")
+    x, y = np.asarray(fpr, dtype=np.float64).ravel(), np.asarray(tpr, dtype=np.float64).ravel()
+    mask = x <= target
+    return float(y[mask].max()) if mask.any() else 0.0
+
+
+def balanced_accuracy_best(fpr: ArrayLike, tpr: ArrayLike) -> float:
+    """Best balanced accuracy over thresholds: max of (TPR + 1 - FPR) / 2 (>= 0.5 on a full ROC)."""
+    x, y = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+    return float(np.max((y + 1.0 - x) / 2.0))
+
+
+def _percentiles(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    finite = values[~np.isnan(values)]
+    if finite.size == 0:
+        return math.nan, math.nan
+    if finite.size < values.size:
+        warnings.warn(f"{values.size - finite.size} of {values.size} bootstrap statistics were NaN "
+                      "and were left out of the interval", RuntimeWarning, stacklevel=3)
+    lo, hi = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(statistic_fn: Callable[..., float], *arrays: ArrayLike, n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) interval of ``statistic_fn(*arrays)``.
+
+    Rows (axis 0) of all ``arrays`` are resampled jointly with replacement, ``n_boot`` times.
+    Resamples whose statistic is NaN are left out (with a RuntimeWarning).
+    """
+    alpha = _check_alpha(alpha)
+    if not arrays or n_boot < 1:
+        raise ConfigError(f"bootstrap_ci needs at least one array and n_boot >= 1, got n_boot={n_boot}")
+    arrs = [np.asarray(a) for a in arrays]
+    n = arrs[0].shape[0] if arrs[0].ndim else 0
+    if n == 0 or any(a.ndim == 0 or a.shape[0] != n for a in arrs):
+        raise ConfigError(f"bootstrap arrays must be non-empty with equal length, got {[a.shape for a in arrs]}")
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        stats[b] = float(statistic_fn(*(a[idx] for a in arrs)))
+    return _percentiles(stats, alpha)
+
+
+def fpr_key(target: float) -> str:
+    """Key of an FPR target in :func:`roc_metrics` output, e.g. 1e-3 -> "0.001", 1e-5 -> "1e-05"."""
+    return f"{float(target):g}"
+
+
+def _roc_stats(tp: np.ndarray, fp: np.ndarray, targets: Sequence[float]) -> list[float]:
+    """[auc, balanced accuracy, tpr@target...] from cumulative counts (nan if a class is empty)."""
+    if tp[-1] <= 0 or fp[-1] <= 0:
+        return [math.nan] * (2 + len(targets))
+    tpr, fpr = tp / tp[-1], fp / fp[-1]
+    out = [auc(fpr, tpr), balanced_accuracy_best(fpr, tpr)]
+    out += [float(tpr[_idx_at_fpr(fpr, t)]) for t in targets]
+    return out
+
+
+def roc_metrics(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[float] = (1e-5, 1e-3, 1e-2),
+                n_boot: int = 200, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+    """AUC, best balanced accuracy and TPR at fixed FPRs of an attack, with (1 - alpha) intervals.
+
+    ``scores`` [N] and ``labels`` [N] as in :func:`roc_curve`. Returns::
+
+        {"auc": {"value", "lo", "hi", "method": "bootstrap"},
+         "balanced_accuracy": {...same...},
+         "tpr_at_fpr": {fpr_key(t): {"value", "lo", "hi", "method": "bootstrap", "fpr", "threshold",
+                                     "clopper_pearson": {"value", "lo", "hi", "k", "n"}}},
+         "n_pos", "n_neg", "n_boot"}
+
+    Intervals are percentile bootstraps over examples. The sort is done once; each resample is a
+    vector of multinomial counts over the sorted examples, so a resample costs O(N). The
+    Clopper-Pearson interval is on the TPR count at the point-estimate threshold (it ignores the
+    randomness of choosing that threshold). ``n_boot=0`` skips the bootstrap (lo/hi are NaN).
+    """
+    alpha = _check_alpha(alpha)
+    targets = [float(t) for t in fpr_targets]
+    for t in targets:
+        if not 0.0 <= t <= 1.0:
+            raise ConfigError(f"fpr_targets must lie in [0, 1], got {t!r}")
+    if n_boot < 0:
+        raise ConfigError(f"n_boot must be >= 0, got {n_boot}")
+    s, yb, ends = _prepare(scores, labels)
+    tp, fp = _curve(yb, ends)
+    point = _roc_stats(tp, fp, targets)
+    boot = np.full((n_boot, len(point)), np.nan)
+    rng = np.random.default_rng(seed)
+    for b in range(n_boot):
+        w = np.bincount(rng.integers(0, s.size, s.size), minlength=s.size)
+        boot[b] = _roc_stats(*_curve(yb, ends, w), targets)
+    intervals = [_percentiles(boot[:, j], alpha) if n_boot else (math.nan, math.nan) for j in range(len(point))]
+    method = "bootstrap" if n_boot else "none"
+
+    def entry(j: int) -> dict[str, Any]:
+        return {"value": point[j], "lo": intervals[j][0], "hi": intervals[j][1], "method": method}
+
+    thresholds = np.concatenate(([np.inf], s[ends]))
+    fpr = fp / fp[-1]
+    per_target: dict[str, Any] = {}
+    for j, t in enumerate(targets):
+        i = _idx_at_fpr(fpr, t)
+        k, n = int(tp[i]), int(tp[-1])
+        cp_lo, cp_hi = clopper_pearson(k, n, alpha=alpha)
+        per_target[fpr_key(t)] = {
+            **entry(2 + j), "fpr": float(fpr[i]), "threshold": float(thresholds[i]),
+            "clopper_pearson": {"value": k / n, "lo": cp_lo, "hi": cp_hi, "k": k, "n": n},
+        }
+    return {"auc": entry(0), "balanced_accuracy": entry(1), "tpr_at_fpr": per_target,
+            "n_pos": int(tp[-1]), "n_neg": int(fp[-1]), "n_boot": int(n_boot)}
+
+
+def eps_lower_bound(fp: int, fn: int, n_neg: int, n_pos: int, *, delta: float, alpha: float = 0.05) -> float:
+    """Empirical lower bound on epsilon of an (epsilon, delta)-DP mechanism from a distinguishing attack.
+
+    Threat model: the auditor runs the mechanism ``n_neg`` times on D (the "negative" world) and
+    ``n_pos`` times on D' = D + canary; the attack made ``fp`` false positives on D and ``fn``
+    false negatives on D'. (eps, delta)-DP implies FPR + e^eps * FNR >= 1 - delta and the
+    symmetric inequality (Kairouz et al. 2015), so, with Clopper-Pearson upper bounds FPR_hi and
+    FNR_hi (two-sided level ``alpha``, hence jointly valid with probability >= 1 - alpha)::
+
+        eps_LB = max(ln((1 - delta - FNR_hi) / FPR_hi), ln((1 - delta - FPR_hi) / FNR_hi), 0)
+
+    (Jagielski et al. 2020, "Auditing Differentially Private Machine Learning", Eq. in Sec. 3;
+    Nasr et al. 2021, "Adversary Instantiation"). Terms with a non-positive numerator are dropped.
+    The bound holds with confidence >= 1 - alpha. A random-guessing attack gives 0.
+    """
+    if not 0.0 <= float(delta) < 1.0:
+        raise ConfigError(f"delta must lie in [0, 1), got {delta!r}")
+    fpr_hi = clopper_pearson(fp, n_neg, alpha=alpha)[1]
+    fnr_hi = clopper_pearson(fn, n_pos, alpha=alpha)[1]
+    best = 0.0
+    for num_rate, den_rate in ((fnr_hi, fpr_hi), (fpr_hi, fnr_hi)):
+        num = 1.0 - float(delta) - num_rate
+        if num > 0 and den_rate > 0:
+            best = max(best, math.log(num / den_rate))
+    return best

@@ -1,0 +1,55 @@
+"""Checkpoints are plain ``state_dict`` files; loading never unpickles arbitrary objects."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import DataError
+
+
+def save_checkpoint(state_dict: dict[str, Tensor], path: str | Path) -> str:
+    """Write ``state_dict`` atomically (tmp file + rename); returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return sha256_file(path)
+
+
+def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str, Tensor]:
+    """Load a state_dict with ``weights_only=True``; verify ``sha256`` when given.
+
+    Raises :class:`DataError` for a missing, corrupt or non-state_dict file, or a hash mismatch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {str(path)!r} does not exist")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise DataError(f"checkpoint {str(path)!r} does not match its recorded sha256 (modified or corrupt)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or hostile files
+        raise DataError(f"checkpoint {str(path)!r} could not be loaded as a weights-only state_dict: {e}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise DataError(f"checkpoint {str(path)!r} is not a state_dict (a mapping of names to tensors)")
+    return obj
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,281 @@
+"""The one training loop: K models of one architecture trained together (K = 1 is sequential).
+
+Every model in mlaudit is trained here, whether one user model or 64 shadow models at once.
+The K models' parameters and buffers are stacked ([K, *shape]) and the forward pass is
+``vmap(functional_call(model, (params, buffers), x))`` over the stack (torch.func), so BatchNorm
+keeps running statistics per model (its buffers are stacked too; verified in tests). The loop is
+flat and reads top to bottom:
+
+    for epoch:  draw each model's data order and augmentation from its own CPU generator
+        for step:  gather [K, B] examples (views applied) -> augment -> forward -> per-model CE loss
+                   -> grads of the summed loss (models are independent) -> stacked optimizer step
+
+Reproducibility: a model's initial weights come from ``torch.manual_seed(seed)`` on the CPU and its
+data order and augmentation from a CPU ``torch.Generator`` seeded from ``seed``, so the same trial
+trains on the same batches whatever K, the executor or the device. On CPU the result is bitwise
+reproducible; on CUDA, cuDNN convolution algorithms and bf16 autocast make runs agree only up to
+floating-point tolerance (set ``torch.use_deterministic_algorithms(True)`` for bitwise repeats at a
+speed cost).
+
+Epochs: model k with n_k training examples takes S = ceil(n_k / B) full batches per epoch; its
+last batch is topped up with the first examples of the same epoch's permutation, so every step
+uses exactly B examples (vmap needs equal batch sizes). Models trained together must have equal S;
+the factory groups trials accordingly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..data.augment import AugmentParams, apply_augment, sample_augment_params
+from ..data.base import TensorDataset
+from ..data.view import DataView
+from ..errors import TrainingError
+from .optim import make_optimizer
+from .recipe import AugmentConfig, Recipe, lr_at
+
+# Dataset sources whose images must not be flipped or shifted by default (digits, handwriting).
+NO_AUGMENT_BY_DEFAULT = frozenset({"digits", "mnist", "synthetic"})
+
+
+@dataclass
+class StackedModels:
+    """K models of one architecture as stacked tensors plus a stateless template module."""
+
+    template: nn.Module  # on the meta device; only its structure and train/eval flag are used
+    params: dict[str, Tensor]  # name -> [K, *shape]
+    buffers: dict[str, Tensor]  # name -> [K, *shape] (BatchNorm running stats per model)
+
+    @property
+    def k(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def forward(self, x: Tensor, *, train: bool) -> Tensor:
+        """x [K, B, *shape] -> logits [K, B, C]."""
+        self.template.train(train)
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(self.template, (p, b), (xb,))
+
+        return vmap(one, randomness="different")(self.params, self.buffers, x)
+
+    def state_dict(self, k: int) -> dict[str, Tensor]:
+        """Model k's weights as a plain CPU state_dict (loadable into the architecture)."""
+        out = {n: t[k].detach().to("cpu", copy=True) for n, t in {**self.params, **self.buffers}.items()}
+        return out
+
+    @classmethod
+    def from_modules(cls, models: Sequence[nn.Module], device: torch.device) -> StackedModels:
+        params, buffers = stack_module_state(list(models))
+        template = copy.deepcopy(models[0]).to("meta")
+        params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
+        buffers = {n: b.to(device) for n, b in buffers.items()}
+        return cls(template, params, buffers)
+
+
+@dataclass
+class TrainOutput:
+    """What training one model produced (weights on CPU, last-epoch mean loss, steps taken)."""
+
+    seed: int
+    state_dict: dict[str, Tensor]
+    train_loss: float
+    steps: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def init_models(model_fn: Callable[[], nn.Module], seeds: Sequence[int]) -> list[nn.Module]:
+    """Build one model per seed with the CPU RNG seeded, so init is the same on every device."""
+    out = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            out.append(model_fn())
+    return out
+
+
+def resolve_augment(recipe: Recipe, dataset_name: str, example_shape: tuple[int, ...]) -> AugmentConfig | None:
+    """The augmentation actually used: none for vector data; ``auto`` -> crop 4 + flip for natural
+    images of side >= 16 and none for digit-like sources (flipping a 2 makes no sense)."""
+    if len(example_shape) != 3 or recipe.augment == "none":
+        return None
+    if isinstance(recipe.augment, AugmentConfig):
+        return recipe.augment
+    if dataset_name in NO_AUGMENT_BY_DEFAULT or min(example_shape[1:]) < 16:
+        return None
+    return AugmentConfig(crop_pad=4, flip=True)
+
+
+def use_bf16(recipe: Recipe, device: torch.device) -> bool:
+    return device.type == "cuda" and recipe.precision in ("auto", "bf16")
+
+
+def train_stack(
+    models: Sequence[nn.Module],
+    data: TensorDataset,
+    recipe: Recipe,
+    *,
+    seeds: Sequence[int],
+    lr: float,
+    device: torch.device,
+    views: Sequence[DataView | None] | None = None,
+    masks: Tensor | None = None,
+    augment: AugmentConfig | None = None,
+    on_epoch: Callable[[int, Tensor], None] | None = None,
+) -> list[TrainOutput]:
+    """Train ``len(models)`` models together, each on its own data order, view and subset.
+
+    Args:
+        models: K freshly initialised modules of one architecture (see :func:`init_models`).
+        data: the clean training split (x [N, *shape], y [N]); moved to ``device`` once.
+        recipe: optimizer, schedule, epochs, batch size, precision.
+        seeds: K ints; seed the data order and augmentation of each model.
+        lr: base learning rate (``recipe.resolved_lr`` for the architecture).
+        views: K optional :class:`DataView` over ``data`` (poisons, relabels, inserts); models that
+            share one view object share its gathers.
+        masks: optional bool [K, N_total] subset of (virtual) indices each model may train on.
+        augment: augmentation config (None = no augmentation).
+        on_epoch: called with (epoch, mean loss per model [K]) after each epoch.
+
+    Returns: K :class:`TrainOutput`, in input order.
+
+    Raises: :class:`TrainingError` naming model, epoch and step when a loss is NaN or inf.
+    """
+    k = len(models)
+    views = list(views) if views is not None else [None] * k
+    data = data.to(device)
+    views = [v.to(device) if v is not None else None for v in views]
+    pools = _training_pools(data, views, masks)
+    sizes = {len(p) for p in pools}
+    steps_per_epoch = {math.ceil(n / recipe.batch_size) for n in sizes}
+    if len(steps_per_epoch) != 1:
+        raise ValueError(f"models trained together need equal steps per epoch, got pool sizes {sorted(sizes)}")
+    spe = steps_per_epoch.pop()
+    bsz = recipe.batch_size
+    gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
+    stack = StackedModels.from_modules(models, device)
+    names = list(stack.params)
+    plist = [stack.params[n] for n in names]
+    opt = make_optimizer(recipe, plist)
+    bf16 = use_bf16(recipe, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    check_every_step = device.type == "cpu"
+    first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
+    view_groups = _group_views(views)
+    step = 0
+    last_loss = torch.zeros(k, device=device)
+    for epoch in range(recipe.epochs):
+        order = torch.stack([_epoch_order(p, spe * bsz, g) for p, g in zip(pools, gens)]).to(device)  # [K, S*B]
+        aug = _draw_augment(augment, k, spe * bsz, gens, device)
+        epoch_loss = torch.zeros(k, device=device)
+        for s in range(spe):
+            idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices
+            xb, yb = _gather(data, views, view_groups, idx)
+            if aug is not None:
+                flat = xb.flatten(0, 1)
+                sl = slice(s * bsz, (s + 1) * bsz)
+                p = AugmentParams(shift=aug.shift[:, sl].flatten(0, 1), flip=aug.flip[:, sl].flatten(0, 1))
+                xb = apply_augment(flat, p).view_as(xb)
+            with autocast:
+                logits = stack.forward(xb, train=True)
+            loss_k = F.cross_entropy(
+                logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing, reduction="none"
+            ).view(k, bsz).mean(1)
+            grads = torch.autograd.grad(loss_k.sum(), plist)
+            opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe))
+            loss_d = loss_k.detach()
+            epoch_loss += loss_d
+            bad = ~torch.isfinite(loss_d)
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            if check_every_step and bool(bad.any()):
+                _raise_nonfinite(first_bad, seeds, spe)
+            step += 1
+        if bool((first_bad >= 0).any()):
+            _raise_nonfinite(first_bad, seeds, spe)
+        last_loss = epoch_loss / spe
+        if on_epoch is not None:
+            on_epoch(epoch, last_loss.detach().cpu())
+    losses = last_loss.cpu().tolist()
+    return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step) for i in range(k)]
+
+
+def _training_pools(data: TensorDataset, views: list[DataView | None], masks: Tensor | None) -> list[Tensor]:
+    """Per model, the CPU int64 tensor of virtual indices it trains on (view's kept set & mask)."""
+    pools = []
+    for i, v in enumerate(views):
+        pool = v.kept_indices().cpu() if v is not None else torch.arange(len(data))
+        if masks is not None:
+            m = masks[i].cpu()
+            pool = pool[m[pool]]
+        if len(pool) == 0:
+            raise ValueError(f"model {i} has no training examples after its view and subset mask")
+        pools.append(pool)
+    return pools
+
+
+def _epoch_order(pool: Tensor, total: int, g: torch.Generator) -> Tensor:
+    perm = pool[torch.randperm(len(pool), generator=g)]
+    if total > len(perm):  # top up the last batch from the start of this epoch's order
+        reps = math.ceil(total / len(perm))
+        perm = perm.repeat(reps)
+    return perm[:total]
+
+
+def _draw_augment(augment: AugmentConfig | None, k: int, n: int, gens: list[torch.Generator],
+                  device: torch.device) -> AugmentParams | None:
+    if augment is None or (augment.crop_pad == 0 and not augment.flip):
+        return None
+    ps = [sample_augment_params(n, pad=augment.crop_pad, flip=augment.flip, generator=g, device="cpu") for g in gens]
+    return AugmentParams(shift=torch.stack([p.shift for p in ps]).to(device),
+                         flip=torch.stack([p.flip for p in ps]).to(device))
+
+
+def _group_views(views: list[DataView | None]) -> list[tuple[DataView | None, list[int]]]:
+    groups: dict[int, tuple[DataView | None, list[int]]] = {}
+    for i, v in enumerate(views):
+        groups.setdefault(id(v), (v, []))[1].append(i)
+    return list(groups.values())
+
+
+def _gather(data: TensorDataset, views: list[DataView | None], groups: list[tuple[DataView | None, list[int]]],
+            idx: Tensor) -> tuple[Tensor, Tensor]:
+    """idx [K, B] -> x [K, B, *shape], y [K, B]; one gather per distinct view."""
+    if len(groups) == 1:
+        v = groups[0][0]
+        flat = idx.flatten()
+        x, y = (data.x[flat], data.y[flat]) if v is None else v.gather(flat)
+        return x.view(*idx.shape, *x.shape[1:]), y.view(idx.shape)
+    x = torch.empty(*idx.shape, *data.x.shape[1:], dtype=data.x.dtype, device=idx.device)
+    y = torch.empty(idx.shape, dtype=torch.long, device=idx.device)
+    for v, members in groups:
+        rows = torch.tensor(members, device=idx.device)
+        flat = idx[rows].flatten()
+        xv, yv = (data.x[flat], data.y[flat]) if v is None else v.gather(flat)
+        x[rows] = xv.view(len(members), idx.shape[1], *xv.shape[1:])
+        y[rows] = yv.view(len(members), idx.shape[1])
+    return x, y
+
+
+def _raise_nonfinite(first_bad: Tensor, seeds: Sequence[int], spe: int) -> None:
+    fb = first_bad.cpu().tolist()
+    i = next(j for j, s in enumerate(fb) if s >= 0)
+    epoch, step = divmod(fb[i], spe)
+    raise TrainingError(
+        f"loss became NaN/inf for model {i} (seed {seeds[i]}) at epoch {epoch + 1}, step {step + 1} "
+        f"(global step {fb[i] + 1}); lower the learning rate or check the data for NaN/inf values"
+    )
+
+
+def timed() -> Callable[[], float]:
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0

@@ -1,0 +1,164 @@
+"""Training recipes: validated, frozen descriptions of *how* a model is trained.
+
+A recipe is data, not code: optimizer, learning-rate schedule, epochs, batch size, augmentation,
+weight decay, label smoothing, precision. Named presets live in :data:`RECIPES`; a config may name
+one (``recipe: fast``) or override fields of one (``recipe: {name: witches-brew, epochs: 20}``).
+
+Presets
+-------
+``witches-brew``
+    The victim recipe of Geiping et al., "Witches' Brew" (ICLR 2021), seed 002 section 1.7.3:
+    SGD with Nesterov momentum 0.9, lr 0.1 for residual nets and 0.01 otherwise (``lr: auto``),
+    batch 128, weight decay 5e-4, 40 epochs, lr divided by 10 at epochs 14, 24 and 35, random crop
+    with 4-pixel padding and horizontal flips.
+``fast``
+    A few epochs of SGD-Nesterov with a triangular (warm-up then linear decay) schedule; for shadow
+    models, tests and the demo. Augmentation follows the dataset (``augment: auto``).
+``airbench``
+    The many-model CIFAR-10 recipe for the ``fastcnn`` architecture, in the spirit of Jordan's
+    airbench (2024): large batch, label smoothing 0.2, triangular schedule, flip + 2-pixel translate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..config import format_validation_error
+from ..errors import ConfigError
+from ..registry import Registry
+
+
+class AugmentConfig(BaseModel):
+    """Random translation (crop with zero padding ``crop_pad``) and horizontal flip, per sample."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    crop_pad: int = Field(4, ge=0, le=16)
+    flip: bool = True
+
+
+class Recipe(BaseModel):
+    """How to train one model. All fields are validated; see the module docstring for presets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float | Literal["auto"] = Field(0.1)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=65_536)
+    schedule: Literal["constant", "step", "triangular", "cosine"] = "step"
+    milestones: tuple[int, ...] = ()
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    final_lr_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    augment: AugmentConfig | Literal["auto", "none"] = "auto"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    eval_batch_size: int = Field(1024, ge=1)
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"lr must be a positive finite number or 'auto', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _milestones_in_range(self) -> Recipe:
+        bad = [m for m in self.milestones if not 0 < m <= self.epochs]
+        if bad:
+            raise ValueError(f"milestones must lie in [1, epochs={self.epochs}], got {list(self.milestones)}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {list(self.milestones)}")
+        return self
+
+    def resolved_lr(self, *, residual: bool) -> float:
+        """The learning rate, resolving ``auto`` as seed 002 does: 0.1 for residual nets, else 0.01."""
+        if self.lr == "auto":
+            return 0.1 if residual else 0.01
+        return float(self.lr)
+
+
+PresetFn = Callable[[], dict[str, Any]]
+RECIPES: Registry[PresetFn] = Registry("recipe")
+
+
+@RECIPES.register("witches-brew")
+def _witches_brew() -> dict[str, Any]:
+    return dict(optimizer="sgd", lr="auto", momentum=0.9, nesterov=True, weight_decay=5e-4, epochs=40,
+                batch_size=128, schedule="step", milestones=(14, 24, 35), gamma=0.1,
+                augment=AugmentConfig(crop_pad=4, flip=True))
+
+
+@RECIPES.register("fast")
+def _fast() -> dict[str, Any]:
+    return dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, epochs=12,
+                batch_size=64, schedule="triangular", warmup_fraction=0.2, augment="auto")
+
+
+@RECIPES.register("airbench")
+def _airbench() -> dict[str, Any]:
+    return dict(optimizer="sgd", lr=0.2, momentum=0.85, nesterov=True, weight_decay=5e-4, epochs=10,
+                batch_size=512, schedule="triangular", warmup_fraction=0.2, label_smoothing=0.2,
+                augment=AugmentConfig(crop_pad=2, flip=True))
+
+
+def resolve_recipe(value: str | dict[str, Any] | Recipe) -> Recipe:
+    """A recipe from a preset name, a mapping ``{name: preset, **overrides}`` or a :class:`Recipe`.
+
+    When ``epochs`` is overridden but ``milestones`` is not, the preset's milestones are scaled
+    to the new length (40 epochs at 14/24/35 becomes 20 epochs at 7/12/18).
+    """
+    if isinstance(value, Recipe):
+        return value
+    overrides: dict[str, Any] = {"name": value} if isinstance(value, str) else dict(value)
+    name = overrides.get("name", "custom")
+    base: dict[str, Any] = RECIPES.get(name)() if name != "custom" else {}
+    if "epochs" in overrides and "milestones" not in overrides and base.get("milestones"):
+        scale = overrides["epochs"] / base["epochs"]
+        ms = sorted({max(1, min(overrides["epochs"], round(m * scale))) for m in base["milestones"]})
+        base["milestones"] = tuple(ms) if isinstance(overrides["epochs"], int) else base["milestones"]
+    try:
+        return Recipe(**{**base, **overrides, "name": name})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix="recipe")) from None
+
+
+def lr_at(recipe: Recipe, base_lr: float, progress: float) -> float:
+    """Learning rate at ``progress`` = epochs done (a float, e.g. 3.5 = halfway through epoch 4)."""
+    return base_lr * _SCHEDULES[recipe.schedule](recipe, progress)
+
+
+def _constant(r: Recipe, t: float) -> float:
+    return 1.0
+
+
+def _step(r: Recipe, t: float) -> float:
+    return r.gamma ** sum(1 for m in r.milestones if t >= m)
+
+
+def _triangular(r: Recipe, t: float) -> float:
+    frac = t / r.epochs
+    if r.warmup_fraction > 0 and frac < r.warmup_fraction:
+        return frac / r.warmup_fraction
+    span = 1.0 - r.warmup_fraction
+    return 1.0 - (1.0 - r.final_lr_fraction) * (frac - r.warmup_fraction) / span
+
+
+def _cosine(r: Recipe, t: float) -> float:
+    frac = min(t / r.epochs, 1.0)
+    return r.final_lr_fraction + (1 - r.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+_SCHEDULES: dict[str, Callable[[Recipe, float], float]] = {
+    "constant": _constant, "step": _step, "triangular": _triangular, "cosine": _cosine,
+}

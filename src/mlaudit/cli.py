@@ -1,7 +1,8 @@
 """Command-line interface: parse -> config object -> library call -> exit code.
 
-Exit codes: 0 success, 2 invalid input (bad config, unknown name, missing data files, bad
-option), 1 failure during a run (the message names the trial).
+Exit codes: 0 success; 2 invalid input (bad config or option, unknown name, missing or corrupt
+data files, an output folder holding something else); 1 failure during a run (the message names
+the trial); 130 interrupted (finished trials are kept: resume with ``mlaudit run --resume DIR``).
 """
 
 from __future__ import annotations
@@ -10,29 +11,40 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from .errors import ConfigError, DataError, MlauditError
+from .errors import ConfigError, DataError, MlauditError, TrialError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="mlaudit: audit the training-data security of ML models.")
 runs_app = typer.Typer(no_args_is_help=True, help="Inspect the run store.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
-out_console = Console()
-err_console = Console(stderr=True)
 
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="SQLite run store (default ~/.mlaudit/runs.db).")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="SQLite run store (default $MLAUDIT_STORE or ~/.mlaudit/runs.db).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the output folder.")]
 
 
-def _fail(e: BaseException) -> None:
-    """Print the error; exit 2 for invalid input (config, names, data files), else 1."""
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(e: BaseException, *, prefix: str = "error", hint: str | None = None) -> NoReturn:
+    """Print the error (as plain text, never as markup) and exit: 2 for invalid input, else 1."""
     code = 2 if isinstance(e, (ConfigError, DataError)) else 1
-    err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+    msg = Text(f"{prefix}: ", style="bold red") + Text(str(e))
+    if hint:
+        msg += Text(f"\n{hint}")
+    _err().print(msg)
     raise typer.Exit(code)
 
 
@@ -41,125 +53,174 @@ def run(
     config: Annotated[Path | None, typer.Argument(help="Experiment config (YAML).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default runs/<name>-<time>).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: key.sub=value (YAML value).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field, e.g. --set recipe.epochs=2 (repeatable; the value is YAML).")] = None,
     executor: Annotated[str, typer.Option(help="local, process or ray.")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local one on 127.0.0.1).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes for --executor process.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes for --executor process.", min=1)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume the run in this folder.")] = None,
     store: StoreOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Run an experiment from a YAML config (or resume one)."""
+    """Run an experiment from a YAML config (or resume one with --resume DIR).
+
+    Writes DIR/config.yaml, results.json, report.html and artifacts/, and commits each finished
+    trial to the run store. Exit code 2: invalid input; 1: a failure during the run.
+    """
     from .config import apply_overrides, load_yaml
     from .experiments import parse_config, run_experiment
 
+    out_dir: Path | None = None
     try:
-        opts: dict[str, object] = {}
-        if executor == "ray" and ray_address:
-            opts["address"] = ray_address
-        elif ray_address:
-            raise ConfigError("--ray-address only applies with --executor ray")
-        if workers is not None:
-            if executor != "process":
-                raise ConfigError("--workers only applies with --executor process")
-            opts["workers"] = workers
+        opts = _executor_options(executor, ray_address, workers)
         if resume is not None:
             if config is not None:
                 raise ConfigError("give either CONFIG or --resume DIR, not both")
-            raw = load_yaml(resume / "config.yaml") if (resume / "config.yaml").is_file() else None
-            if raw is None:
-                raise ConfigError(f"{str(resume)!r} holds no run to resume (no config.yaml)")
-            out_dir, do_resume = resume, True
+            if out is not None and out.resolve() != resume.resolve():
+                raise ConfigError(f"--resume {str(resume)!r} continues the run in that folder; drop --out {str(out)!r}")
+            if not (resume / "config.yaml").is_file():
+                raise ConfigError(f"{str(resume)!r} holds no run to resume (no config.yaml); give the --out folder "
+                                  "of an earlier `mlaudit run`")
+            raw = load_yaml(resume / "config.yaml")
+        elif config is None:
+            raise ConfigError("missing CONFIG (a YAML file) or --resume DIR; see `mlaudit run --help`")
         else:
-            if config is None:
-                raise ConfigError("missing CONFIG (a YAML file) or --resume DIR")
             raw = load_yaml(config)
-            out_dir, do_resume = None, False
-        raw = apply_overrides(raw, set_ or [])
-        cfg = parse_config(raw)
-        out_dir = out_dir or out or Path("runs") / f"{cfg.display_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        cfg = parse_config(apply_overrides(raw, set_ or []))
+        out_dir = resume or out or Path("runs") / f"{cfg.slug}-{time.strftime('%Y%m%d-%H%M%S')}"
         res = run_experiment(cfg, out=out_dir, device=device, executor=executor, executor_options=opts,
-                             store=store, resume=do_resume, quiet=quiet)
+                             store=store, resume=resume is not None, quiet=quiet)
     except (ConfigError, DataError) as e:
         _fail(e)
-        return
+    except TrialError as e:
+        _fail(e, prefix="error during the run",
+              hint=f"finished trials are kept; `mlaudit run --resume {out_dir}` retries trial {e.trial_id!r} and "
+                   "the others not yet finished (a changed config needs a new --out)" if out_dir else None)
     except MlauditError as e:
-        err_console.print(f"[bold red]error during the run:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(e, prefix="error during the run")
+    except OSError as e:
+        _fail(e, prefix="error (file system)")
     except KeyboardInterrupt:
-        err_console.print("interrupted; finished trials are saved: resume with --resume DIR")
+        where = f" --resume {out_dir}" if out_dir else " --resume DIR"
+        _err().print(f"interrupted; finished trials are saved: continue with `mlaudit run{where}`")
         raise typer.Exit(130) from None
     _summary(res.results, res.out_dir, quiet)
 
 
-def _summary(results: dict, out_dir: Path, quiet: bool) -> None:
-    from .report.html import flatten_metrics
+def _executor_options(executor: str, ray_address: str | None, workers: int | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if ray_address:
+        if executor != "ray":
+            raise ConfigError("--ray-address only applies with --executor ray")
+        opts["address"] = ray_address
+    if workers is not None:
+        if executor != "process":
+            raise ConfigError("--workers only applies with --executor process")
+        opts["workers"] = workers
+    return opts
 
+
+def metric_lines(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, formatted value) rows; {"mean","se"} and {"value","lo","hi"} leaves stay whole."""
+    from .report.html import format_cell
+
+    rows: list[tuple[str, str]] = []
+    for k, v in metrics.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not ({"mean", "se"} <= v.keys() or {"value", "lo", "hi"} <= v.keys()):
+            rows += metric_lines(v, name + ".")
+        else:
+            rows.append((name, format_cell(v)))
+    return rows
+
+
+def _summary(results: dict[str, Any], out_dir: Path, quiet: bool) -> None:
     if quiet:
-        out_console.print(str(out_dir))
+        typer.echo(str(out_dir))
         return
-    t = Table(title=f"{results['kind']}: {results['name']}")
+    t = Table(title=Text(f"{results['kind']}: {results['name']}"))
     t.add_column("metric")
     t.add_column("value")
-    for k, v in flatten_metrics(results["metrics"]).items():
-        t.add_row(k, v)
-    out_console.print(t)
+    for k, v in metric_lines(results["metrics"]):
+        t.add_row(Text(k), Text(v))
+    con = _out()
+    con.print(t)
     c = results["cost"]
-    out_console.print(f"{c['models_trained']} models trained in {c['wall_s']:.1f} s on {c['device']} "
-                      f"({results['executor']} executor); results in {out_dir}/results.json, report in {out_dir}/report.html",
-                      highlight=False)
+    resumed = f" ({c['models_resumed']} resumed from the store)" if c.get("models_resumed") else ""
+    con.print(Text(f"{c['models_trained']} models trained{resumed} in {c['wall_s']:.1f} s on {c['device']} "
+                   f"({results['executor']} executor)"))
+    con.print(Text(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}"))
+
+
+def _store(path: Path | None):  # noqa: ANN202
+    from .store import RunStore, default_store_path
+
+    return RunStore(path or default_store_path())
 
 
 @runs_app.command("list")
-def runs_list(store: StoreOpt = None, limit: int = 50) -> None:
+def runs_list(store: StoreOpt = None,
+              limit: Annotated[int, typer.Option(help="Show at most this many runs.", min=1)] = 50) -> None:
     """List recorded runs, newest first."""
-    from .store import RunStore, default_store_path
-
-    rs = RunStore(store or default_store_path())
+    try:
+        rows = _store(store).list_experiments(limit=limit)
+    except MlauditError as e:
+        _fail(e)
     t = Table()
-    for col in ("id", "kind", "name", "status", "created", "out_dir"):
-        t.add_column(col)
-    for r in rs.list_experiments(limit=limit):
-        t.add_row(r.id, r.kind, r.name, r.status, str(r.created_at), str(r.out_dir))
-    out_console.print(t)
+    t.add_column("id", no_wrap=True, min_width=12)
+    for col in ("kind", "name", "status", "created", "out_dir"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(*(Text(str(v)) for v in (r.id, r.kind, r.name, r.status, r.created_at, r.out_dir)))
+    _out().print(t)
 
 
 @runs_app.command("show")
-def runs_show(run_id: str, store: StoreOpt = None) -> None:
-    """Show one run (id or unique prefix): status, metrics, trials."""
-    from .store import RunStore, default_store_path
-
+def runs_show(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+              store: StoreOpt = None) -> None:
+    """Show one run: status, config, metrics, and how many trials finished or failed (JSON)."""
     try:
-        data = RunStore(store or default_store_path()).export(run_id)
+        data = _store(store).export(run_id)
     except MlauditError as e:
         _fail(e)
-        return
-    exp = data.get("experiment", data)
-    out_console.print_json(json.dumps({"experiment": exp, "metrics": data.get("metrics"),
-                                       "trials": len(data.get("trials", []))}, default=str))
+    trials = data.pop("trials", [])
+    data.pop("artifacts", None)
+    data["trials"] = {
+        "done": sum(t["status"] == "done" for t in trials),
+        "failed": [{"trial_id": t["trial_id"], "error": t["error"]} for t in trials if t["status"] == "failed"],
+    }
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 @runs_app.command("export")
-def runs_export(run_id: str, out: Annotated[Path | None, typer.Option("--out")] = None, store: StoreOpt = None) -> None:
+def runs_export(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
+                out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+                store: StoreOpt = None) -> None:
     """Export everything recorded about a run as JSON (stdout or --out FILE)."""
-    from .store import RunStore, default_store_path
+    from .experiments.runner import write_atomic
 
     try:
-        data = RunStore(store or default_store_path()).export(run_id)
+        text = json.dumps(_store(store).export(run_id), indent=2)
+        if out is None:
+            sys.stdout.write(text + "\n")
+        else:
+            if out.is_dir():
+                raise ConfigError(f"--out {str(out)!r} is a folder; give a file name such as run.json")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(out, text + "\n")
     except MlauditError as e:
         _fail(e)
-        return
-    text = json.dumps(data, indent=2, default=str)
-    if out:
-        out.write_text(text)
-    else:
-        sys.stdout.write(text + "\n")
+    except OSError as e:
+        _fail(e, prefix="error (file system)")
 
 
 @data_app.command("info")
-def data_info(name: str, root: Annotated[str | None, typer.Option(help="Data folder or file.")] = None) -> None:
+def data_info(name: Annotated[str, typer.Argument(help="A registered dataset (see the error for the list).")],
+              root: Annotated[str | None, typer.Option(help="Data folder or file.")] = None) -> None:
     """Load a dataset and describe it (sizes, shape, classes, id)."""
-    from .data import load_dataset
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+    from .data import DatasetSpec, load_dataset
 
     try:
         spec: dict[str, object] = {"name": name}
@@ -168,50 +229,52 @@ def data_info(name: str, root: Annotated[str | None, typer.Option(help="Data fol
         info = load_dataset(spec).describe()
     except MlauditError as e:
         _fail(e)
-        return
+    except ValidationError as e:  # of the dataset spec, e.g. an unknown name
+        _fail(ConfigError(format_validation_error(e, prefix="dataset", model=DatasetSpec)))
     t = Table(show_header=False)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
     for k, v in info.items():
-        t.add_row(str(k), ", ".join(map(str, v)) if isinstance(v, list) else str(v))
-    out_console.print(t)
+        t.add_row(Text(str(k)), Text(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
+    _out().print(t)
 
 
 @app.command()
 def models() -> None:
-    """List the model zoo."""
-    from .models import MODELS, model_entry
+    """List the model zoo (every registered architecture)."""
+    from .models import MODELS, model_entry, zoo  # noqa: F401  (importing zoo registers every architecture)
 
     t = Table()
-    for col in ("name", "inputs", "residual", "description"):
-        t.add_column(col)
-    for n in MODELS.names() or _zoo_names():
+    t.add_column("name", no_wrap=True)
+    for col in ("inputs", "residual", "description"):
+        t.add_column(col, overflow="fold")
+    for n in MODELS.names():
         e = model_entry(n)
-        t.add_row(n, "images" if e.image_only else "any", "yes" if e.residual else "no", e.description)
-    out_console.print(t)
-
-
-def _zoo_names() -> list[str]:
-    from .models.registry import MODELS, _ensure_zoo_loaded
-
-    _ensure_zoo_loaded()
-    return MODELS.names()
+        t.add_row(Text(n), "images" if e.image_only else "any", "yes" if e.residual else "no", Text(e.description))
+    _out().print(t)
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/demo"),
     store: StoreOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: QuietOpt = False,
+    epochs: Annotated[int | None, typer.Option(help="Train for this many epochs (default 12) for a quicker look.",
+                                               min=1, max=100)] = None,
 ) -> None:
     """A short tour on the bundled digits data, on CPU in a few minutes."""
     from .demo import run_demo
 
     try:
-        run_demo(out=out, store=store, quiet=quiet)
-    except MlauditError as e:
+        run_demo(out=out, store=store, quiet=quiet, epochs=epochs)
+    except (MlauditError, OSError) as e:
         _fail(e)
+    if quiet:
+        typer.echo(str(out))
 
 
 def main() -> None:
+    """Entry point of the ``mlaudit`` console script."""
     app()
 
 

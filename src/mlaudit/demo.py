@@ -6,38 +6,63 @@
 3. shows the library API on the same data: a 10% label-flip view of the training set and a victim
    retrained on it, to show how every attack is expressed as a view over clean data.
 Later capabilities (poisoning, membership inference, DP auditing) add their steps here.
+
+Output: ``OUT/train/`` (config.yaml, results.json, report.html, artifacts/) and ``OUT/demo.json``
+(the summary returned by :func:`run_demo`). Running the demo again into the same folder resumes
+(finished models are not retrained).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from .data import load_dataset
 from .data.view import DataView
+from .errors import ConfigError
 from .experiments import run_experiment
+from .experiments.runner import write_atomic
 from .models import build_model
 from .store import RunStore
 from .train import evaluate, train
 from .train.loop import StackedModels
 
-DEMO_CONFIG = {"kind": "train", "name": "demo-digits-mlp", "dataset": "digits", "model": "mlp",
-               "recipe": "fast", "trials": 4, "seed": 0}
+DEMO_CONFIG: dict[str, Any] = {"kind": "train", "name": "demo-digits-mlp", "dataset": "digits", "model": "mlp",
+                               "recipe": "fast", "trials": 4, "seed": 0}
 
 
-def run_demo(*, out: Path, store: RunStore | str | Path | None = None, quiet: bool = False) -> dict:
-    """Run the tour into folder ``out``; returns a summary dict (also printed unless quiet)."""
-    console = Console(quiet=quiet)
-    out = Path(out)
+def demo_config(*, epochs: int | None = None) -> dict[str, Any]:
+    """The demo's experiment config; ``epochs`` overrides the recipe's (for quick smoke runs)."""
+    cfg = dict(DEMO_CONFIG)
+    if epochs is not None:
+        cfg["recipe"] = {"name": "fast", "epochs": epochs}
+    return cfg
+
+
+def run_demo(*, out: str | Path, store: RunStore | str | Path | None = None, quiet: bool = False,
+             epochs: int | None = None) -> dict[str, Any]:
+    """Run the tour into folder ``out``; returns a summary dict (also printed unless quiet).
+
+    ``epochs`` shortens training (default: the ``fast`` recipe's 12 epochs). Raises
+    :class:`ConfigError` when ``out`` holds something other than an earlier demo.
+    """
+    console = Console(quiet=quiet, highlight=False)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(p.name not in ("train", "demo.json") for p in out.iterdir())):
+        raise ConfigError(f"demo output folder {str(out)!r} holds other files; choose another --out or empty it")
+    cfg = demo_config(epochs=epochs)
     console.rule("mlaudit demo")
     console.print("Step 1/2: train 4 target models (digits, mlp, recipe 'fast') through the factory")
-    res = run_experiment(DEMO_CONFIG, out=out / "train", device="cpu", store=store, quiet=quiet,
-                         resume=(out / "train" / "config.yaml").exists())
+    res = run_experiment(cfg, out=out / "train", device="cpu", store=store, quiet=quiet,
+                         resume=(out / "train" / "config.yaml").is_file())
     acc = res.results["metrics"]["test_accuracy"]
-    console.print(f"  test accuracy {acc['mean']:.4f} ± {acc['se']:.4f} over {acc['n']} models; "
-                  f"report: {res.out_dir / 'report.html'}")
+    console.print(Text(f"  test accuracy {acc['mean']:.4f} ± {acc['se']:.4f} over {acc['n']} models; "
+                       f"report: {res.out_dir / 'report.html'}"))
 
     console.print("Step 2/2: the same data seen through a view: flip 10% of the training labels")
     data = load_dataset("digits")
@@ -46,14 +71,18 @@ def run_demo(*, out: Path, store: RunStore | str | Path | None = None, quiet: bo
     idx = torch.randperm(n, generator=g)[: n // 10]
     new = (data.train.y[idx] + torch.randint(1, data.num_classes, (len(idx),), generator=g)) % data.num_classes
     view = DataView.identity(data.train).with_labels(idx, new)
-    results = {}
+    recipe = cfg["recipe"]
+    flips: dict[str, float] = {}
     for label, v in (("clean", None), ("10% labels flipped", view)):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
             model = build_model("mlp", input_shape=data.input_shape, num_classes=data.num_classes)
-        train(model, data, "fast", seed=1, view=v)
+        train(model, data, recipe, seed=1, view=v)
         acc_v = float(evaluate(StackedModels.from_modules([model], torch.device("cpu")), data.test)["accuracy"][0])
-        results[label] = acc_v
+        flips[label] = acc_v
         console.print(f"  {label:>20}: test accuracy {acc_v:.4f}")
     console.rule("done")
-    return {"train": res.results["metrics"], "label_flip": results, "out": str(out)}
+    summary = {"train": res.results["metrics"], "label_flip": flips, "out": str(out),
+               "experiment_id": res.experiment_id}
+    write_atomic(out / "demo.json", json.dumps(summary, indent=2))
+    return summary

@@ -95,14 +95,14 @@ def apply_augment(x: Tensor, params: AugmentParams) -> Tensor:
     if n == 0:
         return x.clone()
     shift, flip = params.shift.to(x.device), params.flip.to(x.device)
-    rows = torch.arange(h, device=x.device) + shift[:, 1:2]  # [n, H] source rows
-    cols = torch.arange(w, device=x.device).expand(n, w)
-    cols = torch.where(flip[:, None], cols.flip(1), cols) + shift[:, 0:1]  # [n, W] source cols
-    row_ok, col_ok = (rows >= 0) & (rows < h), (cols >= 0) & (cols < w)
-    out = x.gather(2, rows.clamp(0, h - 1)[:, None, :, None].expand(n, c, h, w))
-    out = out.gather(3, cols.clamp(0, w - 1)[:, None, None, :].expand(n, c, h, w))
-    valid = row_ok[:, None, :, None] & col_ok[:, None, None, :]
-    return torch.where(valid, out, torch.zeros((), dtype=x.dtype, device=x.device))
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = ar_h + shift[:, 1:2]  # [n, H] source row of each output row
+    cols = torch.where(flip[:, None], (w - 1) - ar_w, ar_w) + shift[:, 0:1]  # [n, W] source column
+    rows_in, cols_in = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    valid = (rows_in == rows)[:, :, None] & (cols_in == cols)[:, None, :]  # [n, H, W] inside the image
+    flat = (rows_in[:, :, None] * w + cols_in[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    out = x.reshape(n, c, h * w).gather(2, flat).view(n, c, h, w)  # one gather for the whole batch
+    return torch.where(valid[:, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def apply_augment_differentiable(x: Tensor, params: AugmentParams) -> Tensor:

@@ -250,7 +250,7 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
     unlisted = sorted(set(referenced) - set(m.files))
     if unlisted or len(m.images) != len(m.indices):
         raise DataError(f"manifest is inconsistent: unhashed files {unlisted} or images/indices length mismatch")
-    cpu = base.x.detach().cpu()
+    empty = torch.zeros((0, *shape), dtype=torch.float32)
     p, ni = len(m.indices), len(m.inserted)
     idx = torch.tensor(m.indices, dtype=torch.int64).reshape(-1)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(base)):
@@ -259,7 +259,7 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
         delta, tol = _load_array(folder / m.exact["deltas"], (p, *shape), m.exact["deltas"]), TOL
     else:
         imgs = [_load_image(folder / rel, shape, rel) for rel in m.images]
-        delta = (torch.stack(imgs) if imgs else cpu.new_zeros((0, *shape))) - cpu[idx]
+        delta = (torch.stack(imgs) if imgs else empty) - base.x[idx.to(base.device)].detach().cpu().float()
         tol = PNG_TOL + TOL if _is_png_shape(shape) else TOL
     if m.eps is not None and delta.numel():
         worst = float(delta.abs().max())
@@ -270,7 +270,7 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
         ins_x = _load_array(folder / m.exact["inserted"], (ni, *shape), m.exact["inserted"])
     else:
         ins = [_load_image(folder / rel, shape, rel) for rel, _ in m.inserted]
-        ins_x = torch.stack(ins) if ins else cpu.new_zeros((0, *shape))
+        ins_x = torch.stack(ins) if ins else empty
     keep = None
     if m.keep is not None:
         kept = torch.tensor(m.keep, dtype=torch.int64).reshape(-1)
@@ -281,7 +281,8 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
     dev = base.device
     rel = torch.tensor(m.relabel, dtype=torch.int64).reshape(-1, 2)
     return DataView(
-        base, idx.to(dev), delta.to(dev), rel[:, 0].to(dev), rel[:, 1].to(dev), ins_x.to(dev),
+        base, idx.to(dev), delta.to(dev, base.x.dtype), rel[:, 0].to(dev), rel[:, 1].to(dev),
+        ins_x.to(dev, base.x.dtype),
         torch.tensor([y for _, y in m.inserted], dtype=torch.int64).reshape(-1).to(dev),
         None if keep is None else keep.to(dev), m.eps, dict(m.meta),
     )

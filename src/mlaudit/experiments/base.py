@@ -4,11 +4,13 @@ Every experiment is a YAML mapping with a ``kind``; the kind's pydantic model va
 The common fields (``name``, ``dataset``, ``model``, ``recipe``, ``seed``, ``factory``) accept the
 short forms of the contract (``dataset: digits``) or mappings (``dataset: {name: cifar10, root: /data}``).
 A kind registers ``@register_experiment("name", config=ConfigModel)`` on a function
-``run(config, ctx) -> ExperimentOutput``.
+``run(config, ctx) -> ExperimentOutput``; every error in a config is reported as one
+:class:`~mlaudit.errors.ConfigError` naming the fields, values and what is allowed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,9 +19,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..config import format_validation_error
+from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, resolve_dataset_spec
-from ..errors import ConfigError, unknown_name
+from ..errors import ConfigError
 from ..models.registry import ModelSpec, resolve_model_spec
+from ..registry import Registry
 from ..train.recipe import Recipe, resolve_recipe
 
 if TYPE_CHECKING:
@@ -65,9 +69,25 @@ class ExperimentConfig(BaseModel):
     @field_validator("recipe", mode="before")
     @classmethod
     def _recipe(cls, v: Any) -> Any:
-        if isinstance(v, (str, dict)):
+        if not isinstance(v, (str, dict)):
+            return v
+        try:
             return resolve_recipe(v)
-        return v
+        except ConfigError as e:
+            # resolve_recipe formats its pydantic error without field ranges; format it again with them
+            inner = e.__context__
+            if isinstance(inner, ValidationError) and inner.title == Recipe.__name__:
+                raise ConfigError(format_validation_error(inner, prefix="recipe", model=Recipe)) from None
+            raise
+        except (TypeError, ArithmeticError) as e:  # e.g. epochs: "ten" while scaling a preset's milestones
+            raise ValueError(f"recipe fields have invalid types or values ({e}); recipe.epochs must be an "
+                             "integer >= 1") from None
+
+    @property
+    def slug(self) -> str:
+        """``display_name`` reduced to a safe file-name component (letters, digits, ``-``, ``_``)."""
+        s = re.sub(r"[^A-Za-z0-9_-]+", "-", self.display_name).strip("-") or self.kind
+        return s[:80]
 
     @property
     def display_name(self) -> str:
@@ -92,45 +112,66 @@ class ExperimentOutput:
 
 @dataclass(frozen=True)
 class ExperimentKind:
+    """A registered kind: its config model, its ``run(config, ctx)`` and an optional ``check(config,
+    data)`` that the runner calls on the loaded dataset before anything is written (raise
+    :class:`ConfigError` for a config that cannot work with that data)."""
+
     name: str
     config: type[ExperimentConfig]
     run: Callable[[Any, RunContext], ExperimentOutput]
     description: str
+    check: Callable[[Any, DataBundle], None] | None = None
 
 
-_KINDS: dict[str, ExperimentKind] = {}
+KINDS: Registry[ExperimentKind] = Registry("experiment kind")
 
 
-def register_experiment(name: str, *, config: type[ExperimentConfig]) -> Callable[[Callable], Callable]:
+def register_experiment(name: str, *, config: type[ExperimentConfig],
+                        check: Callable[[Any, DataBundle], None] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator registering ``run(config, ctx) -> ExperimentOutput`` as experiment kind ``name``."""
+
     def deco(fn: Callable[[Any, RunContext], ExperimentOutput]) -> Callable:
-        if name in _KINDS:
-            raise ValueError(f"experiment kind {name!r} registered twice")
-        _KINDS[name] = ExperimentKind(name, config, fn, (fn.__doc__ or "").strip().split("\n")[0])
+        KINDS.register(name)(ExperimentKind(name, config, fn, (fn.__doc__ or "").strip().split("\n")[0], check))
         return fn
 
     return deco
 
 
-def experiment_kinds() -> dict[str, ExperimentKind]:
+def _ensure_kinds_loaded() -> None:
     from . import train  # noqa: F401  (registers the built-in kinds)
 
-    return dict(_KINDS)
+
+def experiment_kinds() -> dict[str, ExperimentKind]:
+    """Every registered experiment kind by name."""
+    _ensure_kinds_loaded()
+    return {n: KINDS.get(n) for n in KINDS.names()}
+
+
+def experiment_kind(name: str) -> ExperimentKind:
+    """The kind registered as ``name``; a ConfigError listing the valid kinds otherwise."""
+    _ensure_kinds_loaded()
+    return KINDS.get(name)
 
 
 def parse_config(raw: dict[str, Any]) -> ExperimentConfig:
-    """Validate a raw mapping into its kind's config; ConfigError names field, value and rule."""
+    """Validate a raw mapping into its kind's config.
+
+    Raises :class:`ConfigError` (never another exception) naming each bad field, the value seen and
+    what is allowed (valid names for unknown kinds/datasets/models/recipes, ranges for numbers).
+    """
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
-    kinds = experiment_kinds()
+        raise ConfigError(f"a config must be a mapping (key: value lines), got {type(raw).__name__}")
+    _ensure_kinds_loaded()
     kind = raw.get("kind")
     if kind is None:
-        raise ConfigError(f"config has no 'kind'; valid kinds: {', '.join(sorted(kinds))}")
-    if kind not in kinds:
-        raise unknown_name("experiment kind", kind, list(kinds))
+        raise ConfigError(f"config has no 'kind'; valid kinds: {', '.join(KINDS.names())}")
+    if not isinstance(kind, str):
+        raise ConfigError(f"kind must be a name, got {kind!r}; valid kinds: {', '.join(KINDS.names())}")
+    cls = experiment_kind(kind).config
     try:
-        return kinds[kind].config.model_validate(raw)
+        return cls.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, model=cls)) from None
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

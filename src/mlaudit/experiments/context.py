@@ -3,6 +3,7 @@ with resume and checkpointing, report progress, and account for cost."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,9 @@ from typing import Any
 
 import torch
 
+from ..data.base import DataBundle
+from ..data.registry import DatasetSpec, load_dataset
+from ..errors import ConfigError, DataError, TrialError
 from ..factory import Executor, FactoryJob, TrainedModel, TrialSpec, train_many
 from ..store import RunStore
 from ..train.checkpoint import save_checkpoint
@@ -19,9 +23,13 @@ from .progress import Progress
 
 @dataclass
 class Cost:
-    """Resources an experiment used. ``gpu_seconds`` counts wall time of factory calls on CUDA
-    times the GPUs they held; ``models_trained`` counts models trained in this process's runs
-    (resumed trials included from their records)."""
+    """Resources this process used for an experiment.
+
+    ``models_trained`` counts models trained now (not those resumed from the store);
+    ``train_wall_s`` the wall time of factory calls; ``gpu_seconds`` that wall time times the GPUs
+    the executor held (CUDA only); ``peak_gpu_mem_mb`` the peak CUDA memory allocated by this
+    process (local executor on CUDA only, else None).
+    """
 
     models_trained: int = 0
     train_wall_s: float = 0.0
@@ -35,7 +43,11 @@ class Cost:
 
 @dataclass
 class RunContext:
-    """Handed to an experiment kind's ``run(config, ctx)``."""
+    """Handed to an experiment kind's ``run(config, ctx)``.
+
+    ``finished`` maps trial ids already committed to the store (on resume) to their records;
+    ``datasets`` holds bundles the runner loaded while validating (keyed by the spec's JSON).
+    """
 
     out_dir: Path
     store: RunStore
@@ -45,6 +57,7 @@ class RunContext:
     progress: Progress
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     cost: Cost = field(default_factory=Cost)
+    datasets: dict[str, DataBundle] = field(default_factory=dict)
 
     @property
     def artifacts(self) -> Path:
@@ -53,6 +66,13 @@ class RunContext:
     def checkpoint_path(self, trial_id: str) -> Path:
         return self.artifacts / "models" / f"{trial_id}.pt"
 
+    def load_dataset(self, spec: DatasetSpec) -> DataBundle:
+        """The bundle for ``spec``, loaded once per run (the runner preloads the config's dataset)."""
+        key = spec.model_dump_json()
+        if key not in self.datasets:
+            self.datasets[key] = load_dataset(spec)
+        return self.datasets[key]
+
     def train(self, job: FactoryJob, *, save_weights: bool = True, label: str = "training models") -> list[dict[str, Any]]:
         """Train the job's trials that are not finished yet; returns one record per trial, in order.
 
@@ -60,29 +80,45 @@ class RunContext:
         ``artifacts/models/<trial_id>.pt``) the moment its chunk ends, so an interrupted run resumes
         from there. A record holds ``trial_id``, ``seed``, ``tags``, ``metrics``, ``steps``,
         ``wall_s`` and, when saved, ``checkpoint`` (relative path) and ``sha256``.
+
+        Raises :class:`TrialError` naming the failed trial when training fails (a NaN loss, an
+        out-of-memory error, ...); the failure is also recorded in the store. Invalid input
+        (:class:`ConfigError`, :class:`DataError`) propagates unchanged.
         """
-        todo = [t for t in job.trials if t.trial_id not in self.finished]
-        cuda = job.device.startswith("cuda")
-        if todo:
-            task = self.progress.task(label, total=len(job.trials), completed=len(job.trials) - len(todo))
-            t0 = time.perf_counter()
-            if cuda:
-                for i in range(torch.cuda.device_count()):
-                    torch.cuda.reset_peak_memory_stats(i)
+        todo = self.pending(job.trials)
+        if not todo:
+            return [self.finished[t.trial_id] for t in job.trials]
+        cuda = str(job.device).startswith("cuda")
+        local = getattr(self.executor, "name", "") == "local"
+        task = self.progress.task(label, total=len(job.trials), completed=len(job.trials) - len(todo))
+        if cuda and local:
+            for i in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(i)
 
-            def commit(m: TrainedModel) -> None:
-                rec = self._record(m, save_weights)
-                self.store.commit_trial(self.experiment_id, m.trial_id, rec, wall_s=m.wall_s)
-                self.finished[m.trial_id] = rec
-                self.cost.models_trained += 1
-                self.cost.add_peak(m.metrics.get("peak_gpu_mem_mb"))
-                self.progress.advance(task)
+        def commit(m: TrainedModel) -> None:
+            rec = self._record(m, save_weights)
+            self.store.commit_trial(self.experiment_id, m.trial_id, rec, wall_s=m.wall_s)
+            self.finished[m.trial_id] = rec
+            self.cost.models_trained += 1
+            self.progress.advance(task)
 
+        t0 = time.perf_counter()
+        try:
             train_many(job.with_trials(todo), executor=self.executor, on_result=commit)
+        except (ConfigError, DataError):
+            raise
+        except Exception as e:
+            failed = failed_trial(self.pending(todo), e)
+            self.store.fail_trial(self.experiment_id, failed.trial_id, f"{type(e).__name__}: {e}")
+            raise TrialError(failed.trial_id, e) from e
+        finally:
             wall = time.perf_counter() - t0
             self.cost.train_wall_s += wall
             if cuda:
-                self.cost.gpu_seconds += wall * max(1, torch.cuda.device_count())
+                self.cost.gpu_seconds += wall * (1 if local else max(1, torch.cuda.device_count()))
+            if cuda and local:
+                self.cost.add_peak(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+                                   / 2**20)
             self.progress.done(task)
         return [self.finished[t.trial_id] for t in job.trials]
 
@@ -92,8 +128,27 @@ class RunContext:
         if save_weights:
             path = self.checkpoint_path(m.trial_id)
             rec["sha256"] = save_checkpoint(m.state_dict, path)
-            rec["checkpoint"] = str(path.relative_to(self.out_dir))
+            rec["checkpoint"] = path.relative_to(self.out_dir).as_posix()
         return rec
 
     def pending(self, trials: Sequence[TrialSpec]) -> list[TrialSpec]:
+        """The trials (in order) that have no committed record yet."""
         return [t for t in trials if t.trial_id not in self.finished]
+
+
+def failed_trial(pending: Sequence[TrialSpec], error: BaseException) -> TrialSpec:
+    """Which pending trial a training error belongs to.
+
+    A :class:`~mlaudit.errors.TrainingError` names the seed of the model that diverged; when exactly
+    one pending trial has that seed it is the one. Otherwise it is the first pending trial: the
+    factory trains chunks in trial order, so the chunk that failed holds the first unfinished trial
+    (exact for the local executor; with parallel executors it is one of the trials in flight).
+    """
+    if not pending:
+        raise ValueError("no pending trial to blame")
+    m = re.search(r"\(seed (\d+)\)", str(error))
+    if m:
+        hits = [t for t in pending if t.seed == int(m.group(1))]
+        if len(hits) == 1:
+            return hits[0]
+    return pending[0]

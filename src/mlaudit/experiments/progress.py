@@ -11,9 +11,14 @@ from rich.progress import Progress as RichProgress
 
 @dataclass
 class Progress:
+    """Rich progress bars on stderr, one task per long loop; every method is a no-op when ``quiet``.
+
+    Use as a context manager: ``with Progress(quiet=q) as p: t = p.task("models", total=8); p.advance(t)``.
+    """
+
     quiet: bool = False
     console: Console = field(default_factory=lambda: Console(stderr=True))
-    _bar: RichProgress | None = None
+    _bar: RichProgress | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> Progress:
         if not self.quiet:
@@ -28,6 +33,7 @@ class Progress:
             self._bar = None
 
     def task(self, description: str, *, total: int, completed: int = 0) -> TaskID | None:
+        """Add a bar of ``total`` steps (``completed`` already done); None when quiet."""
         if self._bar is None:
             return None
         return self._bar.add_task(description, total=total, completed=completed)
@@ -41,5 +47,6 @@ class Progress:
             self._bar.stop_task(task)
 
     def log(self, message: str) -> None:
+        """Print a line above the bars (plain text: brackets in it are not read as markup)."""
         if not self.quiet:
-            self.console.print(message)
+            self.console.print(message, markup=False, highlight=False)

@@ -1,5 +1,6 @@
-"""Run an experiment end to end: validate -> prepare the output folder -> run the kind's trials
-through the factory (committing each to the run store) -> write results.json and report.html.
+"""Run an experiment end to end: validate -> check the data and model -> prepare the output folder
+-> run the kind's trials through the factory (committing each to the run store) -> write
+results.json and report.html.
 
 Output folder layout::
 
@@ -8,15 +9,18 @@ Output folder layout::
     DIR/report.html      self-contained report
     DIR/artifacts/       checkpoints (models/<trial>.pt) and experiment-specific files
 
-Nothing is written before the config validates. A folder that already holds a different run is
-refused; the same run unfinished is resumed only with ``resume=True``.
+Nothing is written (no folder, no store row) until the config validates, the dataset loads and the
+model builds for it. A folder that already holds a different run is refused; the same run is
+continued only with ``resume=True``, skipping the trials the run store holds as finished.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -29,18 +33,25 @@ import torch
 import yaml
 
 from .. import __version__
-from ..errors import ConfigError, MlauditError, TrialError
-from ..factory import make_executor
+from ..data.base import DataBundle
+from ..errors import ConfigError, MlauditError
+from ..factory import Executor, make_executor
 from ..factory.spec import resolve_device
 from ..jsonutil import config_hash, to_jsonable
+from ..models.registry import build_model
 from ..store import RunStore, default_store_path
-from .base import ExperimentConfig, config_to_dict, experiment_kinds, parse_config
+from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
 from .context import RunContext
 from .progress import Progress
+
+log = logging.getLogger(__name__)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
 class RunResult:
+    """Where a run wrote its files, its id in the run store, and the results.json content."""
+
     out_dir: Path
     experiment_id: str
     results: dict[str, Any]
@@ -51,41 +62,51 @@ def run_experiment(
     *,
     out: str | Path,
     device: str = "auto",
-    executor: str = "local",
+    executor: str | Executor = "local",
     executor_options: dict[str, Any] | None = None,
     store: RunStore | str | Path | None = None,
     resume: bool = False,
     quiet: bool = False,
 ) -> RunResult:
-    """Run ``config`` into folder ``out``; see the module docstring. Returns the results dict."""
+    """Run ``config`` into folder ``out`` (see the module docstring) and return its results.
+
+    Raises :class:`ConfigError` / :class:`DataError` for invalid input before anything is written,
+    :class:`TrialError` naming the trial when training fails, and :class:`MlauditError` for other
+    failures during the run (the store then marks the run ``failed``; resume it with ``resume=True``).
+    """
     cfg = config if isinstance(config, ExperimentConfig) else parse_config(config)
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-    dev = str(resolve_device(device))
-    if dev.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
-    ex = make_executor(executor, **(executor_options or {}))
+    dev = check_device(device)
+    ex = make_executor(executor, **(executor_options or {})) if isinstance(executor, str) else executor
     resolved = config_to_dict(cfg)
     chash = config_hash(resolved)
-    out_dir = Path(out)
-    _check_out_dir(out_dir, chash, resume)
+    out_dir = Path(out).expanduser()
+    check_out_dir(out_dir, resolved, resume=resume)
+    kind = experiment_kind(cfg.kind)
+    data = preflight(cfg)
+    if kind.check is not None:
+        kind.check(cfg, data)
     rs = store if isinstance(store, RunStore) else RunStore(store or default_store_path())
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(out_dir)
     write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-    existing = rs.find_by_out_dir(str(out_dir.resolve()))
+    vers = versions()
+    existing = rs.find_by_out_dir(out_dir) if resume else None  # a fresh run never reuses old store rows
     if existing is not None and existing.config_hash == chash:
         exp_id = existing.id
     else:
-        exp_id = rs.create_experiment(kind=cfg.kind, name=cfg.display_name, config=resolved,
-                                      out_dir=str(out_dir.resolve()), git_rev=git_revision(), versions=versions())
+        if resume:
+            log.warning("run store %s has no record of the run in %s; training every trial again "
+                        "(pass the --store that the run used to skip its finished trials)", rs.path, out_dir)
+        exp_id = rs.create_experiment(kind=cfg.kind, name=cfg.display_name, config=resolved, out_dir=out_dir,
+                                      git_rev=vers["git_rev"], versions=vers)
     rs.set_status(exp_id, "running")
     finished = rs.finished_trials(exp_id)
     t0 = time.perf_counter()
-    kind = experiment_kinds()[cfg.kind]
     with Progress(quiet=quiet) as progress:
         ctx = RunContext(out_dir=out_dir, store=rs, experiment_id=exp_id, device=dev, executor=ex,
-                         progress=progress, finished=dict(finished))
-        ctx.cost.models_trained = 0
+                         progress=progress, finished=dict(finished),
+                         datasets={cfg.dataset.model_dump_json(): data})
         try:
             output = kind.run(cfg, ctx)
         except KeyboardInterrupt:
@@ -96,8 +117,11 @@ def run_experiment(
             raise
         except Exception as e:
             rs.set_status(exp_id, "failed")
-            raise TrialError(_current_trial(ctx), e) from e
+            raise MlauditError(f"run {exp_id} ({cfg.kind}) failed outside model training, with "
+                               f"{len(ctx.finished)} trials finished: {type(e).__name__}: {e}") from e
     wall = time.perf_counter() - t0
+    cuda = dev.startswith("cuda")
+    c = ctx.cost
     results = {
         "kind": cfg.kind,
         "name": cfg.display_name,
@@ -108,25 +132,26 @@ def run_experiment(
         "trials": output.trials,
         "cost": {
             "wall_s": round(wall, 3),
-            "train_wall_s": round(ctx.cost.train_wall_s, 3),
-            "models_trained": ctx.cost.models_trained,
-            "models_resumed": len(finished),
-            "models_per_minute": round(60 * ctx.cost.models_trained / ctx.cost.train_wall_s, 3)
-            if ctx.cost.train_wall_s > 0 else None,
-            "gpu_seconds": round(ctx.cost.gpu_seconds, 3),
-            "peak_gpu_mem_mb": ctx.cost.peak_gpu_mem_mb,
+            "train_wall_s": round(c.train_wall_s, 3),
             "device": device_name(dev),
+            "models_trained": c.models_trained,
+            "models_resumed": len(finished),
+            "models_per_minute": round(60 * c.models_trained / c.train_wall_s, 3)
+            if c.train_wall_s > 0 and c.models_trained else None,
+            "gpu_seconds": round(c.gpu_seconds, 3) if cuda else None,
+            "peak_gpu_mem_mb": round(c.peak_gpu_mem_mb, 1) if c.peak_gpu_mem_mb is not None else None,
         },
         "executor": ex.name,
         "device": dev,
-        "versions": versions(),
+        "versions": vers,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_atomic(out_dir / "results.json", json.dumps(to_jsonable(results), indent=2, allow_nan=False))
+    results = to_jsonable(results)
+    write_atomic(out_dir / "results.json", json.dumps(results, indent=2, allow_nan=False))
     from ..report.html import write_report
 
     write_report(out_dir / "report.html", title=f"mlaudit {cfg.kind}: {cfg.display_name}", config=resolved,
-                 metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=results["versions"],
+                 metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=vers,
                  figures=output.figures, tables=output.tables, notes=output.notes)
     rs.put_metrics(exp_id, to_jsonable(output.metrics))
     rs.set_status(exp_id, "done")
@@ -135,45 +160,97 @@ def run_experiment(
 
 def resume_experiment(out: str | Path, **kwargs: Any) -> RunResult:
     """Resume the run in folder ``out`` from its config.yaml, skipping finished trials."""
-    out_dir = Path(out)
+    out_dir = Path(out).expanduser()
     cfg_file = out_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise ConfigError(f"{str(out_dir)!r} holds no run to resume (no config.yaml)")
+        raise ConfigError(f"{str(out_dir)!r} holds no run to resume (no config.yaml); give the --out folder "
+                          "of an earlier `mlaudit run`")
     from ..config import load_yaml
 
     return run_experiment(load_yaml(cfg_file), out=out_dir, resume=True, **kwargs)
 
 
-def _check_out_dir(out_dir: Path, chash: str, resume: bool) -> None:
+def check_device(device: str) -> str:
+    """Validate ``auto``/``cpu``/``cuda[:N]`` and resolve ``auto``; returns e.g. ``"cpu"``, ``"cuda"``."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    dev = str(resolve_device(device))
+    if dev.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device; "
+                              "use --device cpu or --device auto")
+        index = int(dev.split(":")[1]) if ":" in dev else 0
+        if index >= n:
+            raise ConfigError(f"device {device!r}: there are {n} CUDA devices (cuda:0 to cuda:{n - 1})")
+    return dev
+
+
+def preflight(cfg: ExperimentConfig) -> DataBundle:
+    """Load the config's dataset and build its model once for that data, so that missing or corrupt
+    files and model/data mismatches are reported before anything is written. Returns the data."""
+    from ..data.registry import load_dataset
+
+    data = load_dataset(cfg.dataset)
+    with torch.random.fork_rng(devices=[]):
+        build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    return data
+
+
+def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool) -> None:
+    """Refuse an output folder that is a file, holds something other than an mlaudit run, holds a
+    different run, or holds this run while ``resume`` is False. Writes nothing."""
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ConfigError(f"output path {str(out_dir)!r} exists and is not a folder")
+        raise ConfigError(f"output path {str(out_dir)!r} exists and is not a folder; choose another --out")
     if not any(out_dir.iterdir()):
         return
     cfg_file = out_dir / "config.yaml"
     if not cfg_file.is_file():
-        raise ConfigError(f"output folder {str(out_dir)!r} is not empty and holds no mlaudit run; choose another --out")
-    try:
-        old = yaml.safe_load(cfg_file.read_text())
-    except yaml.YAMLError:
-        old = None
-    if not isinstance(old, dict) or config_hash(old) != chash:
-        raise ConfigError(f"output folder {str(out_dir)!r} already holds a different run; choose another --out")
+        raise ConfigError(f"output folder {str(out_dir)!r} is not empty and holds no mlaudit run (no config.yaml); "
+                          "choose another --out or empty it")
+    if not _same_config(cfg_file, resolved):
+        hint = (" (--set changes the config of the run being resumed; drop it)" if resume else "")
+        raise ConfigError(f"output folder {str(out_dir)!r} already holds a different run (its config.yaml differs)"
+                          f"{hint}; choose another --out")
     if not resume:
-        raise ConfigError(f"output folder {str(out_dir)!r} already holds this run; pass --resume to continue it "
-                          "or choose another --out")
+        state = "finished " if (out_dir / "results.json").is_file() else ""
+        raise ConfigError(f"output folder {str(out_dir)!r} already holds this {state}run; pass --resume "
+                          f"{str(out_dir)!r} to continue it (finished trials are skipped) or choose another --out")
 
 
-def _current_trial(ctx: RunContext) -> str:
-    return f"after {len(ctx.finished)} finished trials"
+def _same_config(cfg_file: Path, resolved: dict[str, Any]) -> bool:
+    try:
+        old = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False
+    if not isinstance(old, dict):
+        return False
+    want = config_hash(resolved)
+    try:
+        if config_hash(old) == want:
+            return True
+        return config_hash(config_to_dict(parse_config(old))) == want
+    except MlauditError:
+        return False
+
+
+def _remove_stale_tmp(out_dir: Path) -> None:
+    """Delete temp files left by a killed run (atomic writes that never got renamed)."""
+    for folder in (out_dir, out_dir / "artifacts" / "models"):
+        if folder.is_dir():
+            for p in folder.glob("*.tmp"):
+                p.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -181,12 +258,15 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def device_name(dev: str) -> str:
+    """Human-readable device: the GPU's name, or ``cpu (<arch>, <N> threads)``."""
     if dev.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(dev))
-    return platform.processor() or platform.machine() or "cpu"
+    arch = platform.processor() or platform.machine() or "unknown"
+    return f"cpu ({arch}, {torch.get_num_threads()} threads)"
 
 
 def versions() -> dict[str, Any]:
+    """Versions of mlaudit, Python, torch, numpy, CUDA, the platform and the git revision."""
     return {
         "mlaudit": __version__,
         "python": platform.python_version(),
@@ -199,9 +279,10 @@ def versions() -> dict[str, Any]:
 
 
 def git_revision() -> str | None:
+    """HEAD of the git checkout this package is imported from, or None (not a checkout, no git)."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None

@@ -7,7 +7,6 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..data.registry import load_dataset
 from ..factory import FactoryJob, TrialSpec
 from ..stats import MeanSE
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
@@ -26,7 +25,7 @@ class TrainConfig(ExperimentConfig):
 @register_experiment("train", config=TrainConfig)
 def run_train(config: TrainConfig, ctx: RunContext) -> ExperimentOutput:
     """Train N models with a recipe; report test accuracy mean ± standard error."""
-    data = load_dataset(config.dataset)
+    data = ctx.load_dataset(config.dataset)
     trials = tuple(TrialSpec(f"model-{i:04d}", seed=config.trial_seed(i)) for i in range(config.trials))
     job = FactoryJob(model=config.model, recipe=config.recipe, data=data, data_spec=config.dataset, trials=trials,
                      device=ctx.device, batched=config.factory.batched, max_chunk=config.factory.max_chunk)

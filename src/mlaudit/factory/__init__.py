@@ -9,7 +9,9 @@ Every experiment kind trains its models through :func:`train_many`.
 
 from __future__ import annotations
 
-from .batched import SimulatedOOM, measure_chunk_size, run_trials
+from collections.abc import Callable
+
+from .batched import SimulatedOOM, check_masks, measure_chunk_size, plan_groups, run_trials
 from .executors import (
     EXECUTORS,
     Executor,
@@ -22,15 +24,20 @@ from .executors import (
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 
-def train_many(job: FactoryJob, *, executor: str | Executor = "local", on_result=None,  # noqa: ANN001
+def train_many(job: FactoryJob, *, executor: str | Executor = "local",
+               on_result: Callable[[TrainedModel], None] | None = None,
                **executor_options: object) -> list[TrainedModel]:
-    """Train every trial of ``job`` with the named executor; models stream to ``on_result``."""
+    """Train every trial of ``job`` with the named executor (or an executor instance).
+
+    Returns the models in trial order; each also goes to ``on_result`` as soon as its chunk ends.
+    ``executor_options`` are the named executor's options (e.g. ``workers=2`` for ``process``).
+    """
     ex = make_executor(executor, **executor_options) if isinstance(executor, str) else executor
     return ex.execute(job, on_result=on_result)
 
 
 __all__ = [
     "EXECUTORS", "Executor", "FactoryJob", "LocalExecutor", "ProcessExecutor", "RayExecutor", "SimulatedOOM",
-    "TrainedModel", "TrialSpec", "make_executor", "measure_chunk_size", "plan_chunks", "resolve_device", "run_trials",
-    "train_many",
+    "TrainedModel", "TrialSpec", "check_masks", "make_executor", "measure_chunk_size", "plan_chunks", "plan_groups",
+    "resolve_device", "run_trials", "train_many",
 ]

@@ -2,13 +2,14 @@
 
 Trials are grouped by steps-per-epoch (models trained together must take the same number of
 steps, see :mod:`mlaudit.train.loop`), then each group is cut into chunks of K models. K is
-``max_chunk`` when given, else measured: one training step of a single model is profiled and K is
-chosen so that K such footprints fit in 80% of the free device memory. When a chunk still runs
-out of memory, K is halved and the chunk retried; finished chunks are never lost (each model is
-handed to ``on_result`` as soon as its chunk ends, e.g. to be committed to the run store).
+``max_chunk`` when given (1 when ``batched=False``), else on CUDA measured: one training step of a
+single model is profiled and K is chosen so that K such footprints fit in 80% of the free device
+memory (on CPU, :data:`CPU_DEFAULT_CHUNK`). When a chunk still runs out of memory it is halved and
+retried; finished chunks are never lost (each model is handed to ``on_result`` as soon as its
+chunk ends, e.g. to be committed to the run store).
 
-Chunk composition depends only on the job (trial order, group, K), never on the executor, so the
-same job gives the same models locally, in a process pool or on Ray.
+Chunk composition depends only on the job (trial order, group, K), so with ``max_chunk`` set the
+same job gives the same chunks, and hence the same models, locally, in a process pool or on Ray.
 """
 
 from __future__ import annotations
@@ -23,47 +24,76 @@ import torch
 
 from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, load_dataset
-from ..errors import BudgetError
+from ..data.view import DataView
+from ..errors import BudgetError, ConfigError
 from ..models.registry import build_model, model_entry
 from ..train.evaluate import evaluate
-from ..train.loop import StackedModels, init_models, resolve_augment, train_stack, use_bf16
+from ..train.loop import (
+    StackedModels,
+    TrainOutput,
+    init_models,
+    on_device,
+    resolve_augment,
+    train_stack,
+    use_bf16,
+)
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 log = logging.getLogger(__name__)
 ResultFn = Callable[[TrainedModel], None]
 CPU_DEFAULT_CHUNK = 16
+"""Models per chunk on CPU when ``max_chunk`` is not set (no memory to measure)."""
 
 
 class SimulatedOOM(RuntimeError):
     """Raised instead of a CUDA OOM when ``FactoryJob.fake_memory_models`` is exceeded (tests)."""
 
 
+class _Setup:
+    """What every chunk of a job shares: data and views on the device, lr, augmentation, builder."""
+
+    def __init__(self, job: FactoryJob, data: DataBundle, device: torch.device) -> None:
+        self.device = device
+        self.data = data if on_device(data.train.device, device) else data.to(device)
+        self.views: dict[str, DataView] = {k: v if on_device(v.device, device) else v.to(device)
+                                           for k, v in job.views.items()}
+        self.lr = job.recipe.resolved_lr(residual=model_entry(job.model.name).residual)
+        self.augment = resolve_augment(job.recipe, data.name, data.input_shape)
+        self.model_fn = functools.partial(build_model, job.model, input_shape=data.input_shape,
+                                          num_classes=data.num_classes)
+
+
 def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
                on_epoch: Callable[[int, int], None] | None = None) -> list[TrainedModel]:
-    """Train every trial of ``job`` on ``job.device``; returns models in trial order."""
+    """Train every trial of ``job`` on ``job.device``; returns models in trial order.
+
+    ``on_result(model)`` is called once per model as soon as its chunk finishes; ``on_epoch(epoch,
+    models_in_chunk)`` after every epoch of every chunk (progress bars).
+
+    Raises: :class:`ConfigError` for masks that do not fit the data, :class:`BudgetError` when a
+    single model does not fit on the device, :class:`TrainingError` when a loss diverges.
+    """
     data = job.data if job.data is not None else cached_dataset(job.data_spec)
-    device = resolve_device(job.device)
-    entry = model_entry(job.model.name)
-    recipe = job.recipe
-    lr = recipe.resolved_lr(residual=entry.residual)
-    augment = resolve_augment(recipe, data.name, data.input_shape)
-    model_fn = functools.partial(build_model, job.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    setup = _Setup(job, data, resolve_device(job.device))
     done: dict[str, TrainedModel] = {}
-    for group in _groups(job, data):
-        k = _initial_chunk(job, device, len(group), model_fn, data, lr)
+    for group in plan_groups(job, data):
+        k = _initial_chunk(job, setup, len(group))
         pending = list(group)
         while pending:
             chunk = pending[:k]
+            models: list[TrainedModel] | None = None
             try:
                 if job.fake_memory_models is not None and len(chunk) > job.fake_memory_models:
                     raise SimulatedOOM(f"simulated: {len(chunk)} models > {job.fake_memory_models}")
-                models = _train_chunk(job, chunk, data, device, model_fn, lr, augment, on_epoch)
+                models = _train_chunk(job, chunk, setup, on_epoch)
             except (torch.cuda.OutOfMemoryError, SimulatedOOM) as e:
-                if k == 1:
-                    raise BudgetError(f"a single model does not fit on {device}: {e}") from e
-                k = max(1, k // 2)
+                if len(chunk) == 1:
+                    raise BudgetError(f"a single model does not fit on {setup.device}: {e}; use a smaller "
+                                      "model, batch size or a device with more memory") from e
+                k = (len(chunk) + 1) // 2
                 log.warning("out of memory with %d models per chunk; retrying with %d", len(chunk), k)
-                if device.type == "cuda":
+            if models is None:  # outside the except block, so the failed chunk's tensors are freed
+                if setup.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             for m in models:
@@ -74,76 +104,97 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
     return [done[t.trial_id] for t in job.trials]
 
 
-def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], data: DataBundle, device: torch.device,
-                 model_fn: Callable[[], torch.nn.Module], lr: float, augment, on_epoch) -> list[TrainedModel]:  # noqa: ANN001
+def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
+                 on_epoch: Callable[[int, int], None] | None) -> list[TrainedModel]:
     t0 = time.perf_counter()
+    device = setup.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     seeds = [t.seed for t in chunk]
-    models = init_models(model_fn, seeds)
-    views = [job.views[t.view] if t.view is not None else None for t in chunk]
-    masks = _masks(chunk, data, job)
-    outs = train_stack(models, data.train, job.recipe, seeds=seeds, lr=lr, device=device, views=views,
-                       masks=masks, augment=augment,
+    models = init_models(setup.model_fn, seeds)
+    views = [setup.views[t.view] if t.view is not None else None for t in chunk]
+    outs = train_stack(models, setup.data.train, job.recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
+                       masks=_masks(chunk, setup), augment=setup.augment,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None)
     metrics: list[dict[str, float]] = [{"train_loss": o.train_loss} for o in outs]
     if job.evaluate:
         stack = StackedModels.from_modules(_loaded(models, outs), device)
-        ev = evaluate(stack, data.test.to(device), batch_size=job.recipe.eval_batch_size,
-                      bf16=use_bf16(job.recipe, device))
+        ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device))
         for i, m in enumerate(metrics):
             m["test_accuracy"] = float(ev["accuracy"][i])
             m["test_loss"] = float(ev["loss"][i])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        for m in metrics:
+            m["peak_gpu_mem_mb"] = peak  # the chunk's peak, shared by its models
     wall = (time.perf_counter() - t0) / len(chunk)
     return [TrainedModel(t.trial_id, t.seed, o.state_dict, m, o.steps, wall, dict(t.tags))
             for t, o, m in zip(chunk, outs, metrics)]
 
 
-def _loaded(models: list[torch.nn.Module], outs) -> list[torch.nn.Module]:  # noqa: ANN001
+def _loaded(models: list[torch.nn.Module], outs: list[TrainOutput]) -> list[torch.nn.Module]:
     for m, o in zip(models, outs):
         m.load_state_dict(o.state_dict)
     return models
 
 
-def _masks(chunk: list[TrialSpec], data: DataBundle, job: FactoryJob) -> torch.Tensor | None:
+def _total(t: TrialSpec, job: FactoryJob, data: DataBundle) -> int:
+    """Number of virtual training indices of trial ``t`` (base rows plus its view's inserted ones)."""
+    return job.views[t.view].num_total if t.view is not None else len(data.train)
+
+
+def check_masks(job: FactoryJob, data: DataBundle) -> None:
+    """Raise :class:`ConfigError` unless every trial's mask has one entry per virtual index."""
+    for t in job.trials:
+        if t.mask is not None and t.mask.numel() != _total(t, job, data):
+            raise ConfigError(
+                f"trial {t.trial_id!r}: mask has {t.mask.numel()} entries but its training data has "
+                f"{_total(t, job, data)} (virtual) indices ({len(data.train)} base rows"
+                f"{'' if t.view is None else f' + view {t.view!r} inserted ones'}); give one bool per index")
+
+
+def _masks(chunk: list[TrialSpec], setup: _Setup) -> torch.Tensor | None:
+    """bool [K, max N_total] (rows of views with fewer indices padded with False), or None."""
     if all(t.mask is None for t in chunk):
         return None
     rows = []
     for t in chunk:
-        total = job.views[t.view].num_total if t.view is not None else len(data.train)
-        rows.append(t.mask.bool().cpu() if t.mask is not None else torch.ones(total, dtype=torch.bool))
-    if len({len(r) for r in rows}) != 1:  # views of different lengths: pad with False
-        n = max(len(r) for r in rows)
-        rows = [torch.cat([r, torch.zeros(n - len(r), dtype=torch.bool)]) for r in rows]
-    return torch.stack(rows)
+        total = setup.views[t.view].num_total if t.view is not None else len(setup.data.train)
+        rows.append(t.mask.cpu() if t.mask is not None else torch.ones(total, dtype=torch.bool))
+    n = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, torch.zeros(n - len(r), dtype=torch.bool)]) for r in rows])
 
 
-def _groups(job: FactoryJob, data: DataBundle) -> list[list[TrialSpec]]:
-    """Trials grouped by steps per epoch, in first-appearance order; trial order kept inside."""
+def plan_groups(job: FactoryJob, data: DataBundle) -> list[list[TrialSpec]]:
+    """Trials grouped by steps per epoch, in first-appearance order; trial order kept inside.
+
+    Raises :class:`ConfigError` (via :func:`check_masks`) when a mask does not fit its data."""
+    check_masks(job, data)
     bsz = job.recipe.batch_size
     groups: dict[int, list[TrialSpec]] = {}
     for t in job.trials:
-        if t.view is not None:
-            view = job.views[t.view]
-            pool = view.kept_indices()
-            n = int(t.mask.bool()[pool].sum()) if t.mask is not None else len(pool)
+        pool = job.views[t.view].kept_indices().cpu() if t.view is not None else None
+        if t.mask is None:
+            n = len(pool) if pool is not None else len(data.train)
         else:
-            n = int(t.mask.bool().sum()) if t.mask is not None else len(data.train)
+            n = int(t.mask.cpu()[pool].sum()) if pool is not None else int(t.mask.sum())
         groups.setdefault(math.ceil(n / bsz), []).append(t)
     return list(groups.values())
 
 
-def _initial_chunk(job: FactoryJob, device: torch.device, n: int, model_fn, data: DataBundle, lr: float) -> int:  # noqa: ANN001
+def _initial_chunk(job: FactoryJob, setup: _Setup, n: int) -> int:
     if not job.batched:
         return 1
     if job.max_chunk is not None:
         return max(1, min(job.max_chunk, n))
-    if device.type != "cuda":
+    if setup.device.type != "cuda":
         return min(CPU_DEFAULT_CHUNK, n)
-    return min(n, measure_chunk_size(job, device, model_fn, data, lr))
+    return min(n, measure_chunk_size(job, setup.device, setup.model_fn, setup.data, setup.lr))
 
 
-def measure_chunk_size(job: FactoryJob, device: torch.device, model_fn, data: DataBundle, lr: float) -> int:  # noqa: ANN001
+def measure_chunk_size(job: FactoryJob, device: torch.device, model_fn: Callable[[], torch.nn.Module],
+                       data: DataBundle, lr: float) -> int:
     """How many models fit: peak memory of one model's training step vs free device memory."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -163,7 +214,7 @@ def measure_chunk_size(job: FactoryJob, device: torch.device, model_fn, data: Da
 def cached_dataset(spec: DatasetSpec | None) -> DataBundle:
     """Load (once per worker process) the dataset a remote job names."""
     if spec is None:
-        raise ValueError("job has neither data nor data_spec")
+        raise ConfigError("factory job has neither data nor data_spec; pass the loaded bundle or its DatasetSpec")
     return _load_by_json(spec.model_dump_json())
 
 

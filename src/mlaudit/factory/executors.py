@@ -1,38 +1,44 @@
 """Executors: where a factory job's chunks run. One interface, a registry of three.
 
 ``local``    in this process (batched or sequential).
-``process``  a local pool of worker processes (spawned), one per GPU when there are several, else
-             ``workers`` CPU processes; each worker trains whole chunks.
-``ray``      Ray tasks, one per chunk, with fractional GPUs; connects to ``address`` or starts a
-             local instance bound to 127.0.0.1. Failed tasks (a dead worker, an exception) are
-             retried up to ``max_retries`` times.
+``process``  a local pool of spawned worker processes, one per GPU when there are several, else
+             ``workers`` CPU processes; each task trains whole chunks.
+``ray``      Ray tasks of whole chunks, with fractional GPUs; connects to ``address`` or starts a
+             local instance bound to 127.0.0.1. A task whose worker dies is retried up to
+             ``max_retries`` times.
 
-Every executor cuts the job into the same chunks (:func:`plan_chunks`) and streams each finished
-model to ``on_result`` as soon as its chunk returns, so an interruption loses no finished model.
+Every executor cuts the job into the same chunks (:func:`plan_chunks`; identical to the local
+executor's when ``max_chunk`` is set) and streams each finished model to ``on_result`` as soon as
+its chunk returns, so an interruption loses no finished model. Each model reaches ``on_result``
+exactly once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import os
+import pickle
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .batched import CPU_DEFAULT_CHUNK, run_trials
-from .spec import FactoryJob, TrainedModel
+from .batched import CPU_DEFAULT_CHUNK, cached_dataset, plan_groups, run_trials
+from .spec import FactoryJob, TrainedModel, TrialSpec
 
 log = logging.getLogger(__name__)
 ResultFn = Callable[[TrainedModel], None]
 
 
 class Executor(Protocol):
+    """Trains every trial of a job somewhere; returns the models in trial order."""
+
     name: str
 
     def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None) -> list[TrainedModel]: ...
@@ -53,71 +59,106 @@ def make_executor(name: str, **options: object) -> Executor:
 def plan_chunks(job: FactoryJob, parts_hint: int) -> list[FactoryJob]:
     """Split a job into sub-jobs of whole chunks for remote workers.
 
-    The chunk size is ``job.max_chunk`` (or 1 when not batched, or the CPU default); sub-jobs keep
-    ``max_chunk`` so each worker trains exactly the chunks the local executor would.
+    Trials are grouped by steps per epoch first (as :func:`run_trials` does), then each group is cut
+    into sub-jobs of ``job.max_chunk`` trials (1 when not batched; without ``max_chunk``, the CPU
+    default or an even split over ``parts_hint`` workers). Sub-jobs keep ``max_chunk``, so with it
+    set each worker trains exactly the chunks the local executor would.
     """
-    size = 1 if not job.batched else (job.max_chunk or (CPU_DEFAULT_CHUNK if parts_hint <= 1 else
-                                                         max(1, -(-len(job.trials) // parts_hint))))
-    trials = list(job.trials)
-    return [job.with_trials(trials[i:i + size]).slim_views() for i in range(0, len(trials), size)]
+    data = job.data if job.data is not None else cached_dataset(job.data_spec)
+    if not job.batched:
+        size = 1
+    elif job.max_chunk is not None:
+        size = job.max_chunk
+    else:
+        size = CPU_DEFAULT_CHUNK if parts_hint <= 1 else max(1, math.ceil(len(job.trials) / parts_hint))
+    return [job.with_trials(g[i:i + size]).slim_views() for g in plan_groups(job, data) for i in range(0, len(g), size)]
+
+
+def _stream(results: dict[str, TrainedModel], models: list[TrainedModel], on_result: ResultFn | None) -> None:
+    for m in models:
+        results[m.trial_id] = m
+        if on_result is not None:
+            on_result(m)
 
 
 @EXECUTORS.register("local")
 @dataclass
 class LocalExecutor:
+    """In this process: :func:`run_trials` on the job's device."""
+
     name: str = "local"
 
     def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None) -> list[TrainedModel]:
         return run_trials(job, on_result=on_result)
 
 
-def _worker_run(job: FactoryJob, gpu_queue: object | None = None) -> list[TrainedModel]:
-    return run_trials(job)
-
-
-def _pin_gpu(counter: object) -> None:  # process-pool initializer: one GPU per worker
-    with counter.get_lock():  # type: ignore[attr-defined]
-        idx = counter.value  # type: ignore[attr-defined]
-        counter.value += 1  # type: ignore[attr-defined]
+def _worker_init(counter: Any, threads: int) -> None:
+    """Process-pool initializer: one GPU per worker (round robin) and a fair share of CPU threads."""
+    with counter.get_lock():
+        idx = counter.value
+        counter.value += 1
+    torch.set_num_threads(threads)
     if torch.cuda.is_available():
         torch.cuda.set_device(idx % torch.cuda.device_count())
+
+
+def _worker_run(job: FactoryJob) -> bytes:
+    # Plain pickle, not multiprocessing's: it would send every result tensor as a shared-memory file
+    # descriptor, and a job of many models runs out of descriptors. Only our own child reads it back.
+    return pickle.dumps(run_trials(job), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @EXECUTORS.register("process")
 @dataclass
 class ProcessExecutor:
+    """A pool of ``workers`` spawned processes (default: one per GPU, else min(2, CPUs)), one
+    sub-job of whole chunks per task; each worker gets ``CPUs // workers`` torch threads."""
+
     workers: int | None = None
     name: str = "process"
 
     def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None) -> list[TrainedModel]:
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"executor 'process': workers must be >= 1, got {self.workers}")
         ngpu = torch.cuda.device_count() if job.device != "cpu" else 0
         n = self.workers or max(1, ngpu or min(2, os.cpu_count() or 1))
         parts = plan_chunks(job, n)
         ctx = mp.get_context("spawn")
-        counter = ctx.Value("i", 0)
+        init = (ctx.Value("i", 0), max(1, (os.cpu_count() or 1) // n))
         results: dict[str, TrainedModel] = {}
-        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_pin_gpu, initargs=(counter,)) as pool:
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=init) as pool:
             futures = {pool.submit(_worker_run, p.for_remote()) for p in parts}
-            while futures:
-                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    for m in f.result():
-                        results[m.trial_id] = m
-                        if on_result is not None:
-                            on_result(m)
+            try:
+                while futures:
+                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        _stream(results, pickle.loads(f.result()), on_result)
+            finally:
+                for f in futures:
+                    f.cancel()
         return [results[t.trial_id] for t in job.trials]
 
 
 @EXECUTORS.register("ray")
 @dataclass
 class RayExecutor:
-    """Ray tasks, one per chunk. ``address=None`` starts a local Ray bound to 127.0.0.1 with
-    ``num_cpus`` CPUs; ``gpus_per_task`` may be fractional (e.g. 0.25 packs 4 chunks per GPU)."""
+    """Ray tasks, one per sub-job of whole chunks.
+
+    ``address=None`` uses the running Ray instance of this process, or starts a local one bound to
+    127.0.0.1 with ``num_cpus`` CPUs (default min(2, CPUs)); it is left running for later jobs and
+    stopped by Ray at interpreter exit. ``gpus_per_task`` may be fractional (0.25 packs 4 tasks per
+    GPU). A task whose worker dies is retried up to ``max_retries`` times; exceptions raised by
+    training (e.g. :class:`TrainingError`) are deterministic and are not retried. ``env_vars`` are
+    set in the task's worker processes (a Ray runtime env), e.g. thread counts or test hooks.
+    The job (data unless workers can reload it from ``data_spec``, and views) goes to the object
+    store once; each task receives it plus its trials.
+    """
 
     address: str | None = None
     num_cpus: int | None = None
     gpus_per_task: float | None = None
     max_retries: int = 2
+    env_vars: dict[str, str] | None = None
     name: str = "ray"
 
     def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None) -> list[TrainedModel]:
@@ -131,24 +172,28 @@ class RayExecutor:
             else:
                 ray.init(num_cpus=self.num_cpus or min(2, os.cpu_count() or 1), include_dashboard=False,
                          _node_ip_address="127.0.0.1", log_to_driver=False)
-        gpus = self.gpus_per_task if self.gpus_per_task is not None else (1.0 if job.device.startswith("cuda") or
-                                                                          (job.device == "auto" and torch.cuda.is_available()) else 0.0)
+        cuda = job.device.startswith("cuda") or (job.device == "auto" and torch.cuda.is_available())
+        gpus = self.gpus_per_task if self.gpus_per_task is not None else (1.0 if cuda else 0.0)
         n_workers = int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) / (gpus or 1))
-        task = ray.remote(num_gpus=gpus, num_cpus=1, max_retries=self.max_retries, retry_exceptions=True)(_ray_task)
+        options: dict[str, Any] = dict(num_gpus=gpus, num_cpus=1, max_retries=self.max_retries, retry_exceptions=False)
+        if self.env_vars:
+            options["runtime_env"] = {"env_vars": dict(self.env_vars)}
+        task = ray.remote(_ray_task).options(**options)
         parts = plan_chunks(job, max(1, n_workers))
-        refs = [task.remote(p.for_remote()) for p in parts]
+        base = ray.put(job.for_remote().with_trials(()))  # data and views go to the object store once
+        pending = [task.remote(base, p.trials) for p in parts]
         results: dict[str, TrainedModel] = {}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for m in ray.get(ready[0]):
-                results[m.trial_id] = m
-                if on_result is not None:
-                    on_result(m)
+        try:
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                _stream(results, ray.get(ready[0]), on_result)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
         return [results[t.trial_id] for t in job.trials]
 
 
-def _ray_task(job: FactoryJob) -> list[TrainedModel]:
+def _ray_task(base: FactoryJob, trials: tuple[TrialSpec, ...]) -> list[TrainedModel]:
     # Test hook: MLAUDIT_TEST_KILL_ONCE=<dir> makes the first task that sees no marker file in <dir>
     # kill its own worker process, to exercise Ray's retry of a lost worker.
     marker_dir = os.environ.get("MLAUDIT_TEST_KILL_ONCE")
@@ -160,4 +205,4 @@ def _ray_task(job: FactoryJob) -> list[TrainedModel]:
             os._exit(1)
         except FileExistsError:
             pass
-    return run_trials(job)
+    return run_trials(base.with_trials(trials).slim_views())

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..data.base import DataBundle
 from ..data.registry import DatasetSpec
 from ..data.view import DataView
+from ..errors import ConfigError
 from ..models.registry import ModelSpec
 from ..train.recipe import Recipe
 
@@ -55,7 +56,9 @@ class FactoryJob:
     remote workers reload it instead of receiving the tensors. ``max_chunk`` caps how many models
     train together (None = as many as fit in memory); ``batched=False`` trains one at a time.
     ``fake_memory_models`` simulates a device that holds at most that many models (tests of the
-    out-of-memory back-off).
+    out-of-memory back-off; 0 = not even one fits). Trial ids must be unique, views named by trials
+    must exist and masks must be 1-D bool (checked here; mask lengths are checked against the data
+    when training starts).
     """
 
     model: ModelSpec
@@ -69,6 +72,25 @@ class FactoryJob:
     max_chunk: int | None = None
     evaluate: bool = True
     fake_memory_models: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.data is None and self.data_spec is None:
+            raise ConfigError("FactoryJob needs data (a loaded DataBundle) or data_spec (to load it)")
+        for name, value, low in (("max_chunk", self.max_chunk, 1), ("fake_memory_models", self.fake_memory_models, 0)):
+            if value is not None and value < low:
+                raise ConfigError(f"FactoryJob.{name} must be None or >= {low}, got {value}")
+        seen: set[str] = set()
+        for t in self.trials:
+            if t.trial_id in seen:
+                raise ConfigError(f"trial id {t.trial_id!r} appears more than once; trial ids must be unique")
+            seen.add(t.trial_id)
+            if t.view is not None and t.view not in self.views:
+                raise ConfigError(f"trial {t.trial_id!r} names view {t.view!r}, but the job's views are "
+                                  f"{sorted(self.views)}; add it to FactoryJob.views")
+            if t.mask is not None and (t.mask.dtype != torch.bool or t.mask.dim() != 1):
+                raise ConfigError(f"trial {t.trial_id!r}: mask must be a 1-D bool tensor [N_total], got "
+                                  f"{t.mask.dtype} {list(t.mask.shape)}; turn indices into a mask with "
+                                  "torch.zeros(n, dtype=torch.bool).index_fill_(0, idx, True)")
 
     def with_trials(self, trials: list[TrialSpec] | tuple[TrialSpec, ...]) -> FactoryJob:
         return replace(self, trials=tuple(trials))

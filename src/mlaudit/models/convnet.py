@@ -51,7 +51,8 @@ class ConvNet6(nn.Module):
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in * h * w, num_classes)
-        kaiming_init_(self)
+        if norm == "none":  # He init keeps the signal alive without normalisation layers
+            kaiming_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.features(x), start_dim=-3))

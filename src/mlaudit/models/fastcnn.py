@@ -22,7 +22,8 @@ BN_MOMENTUM = 0.4
 """PyTorch BatchNorm momentum (weight of the new batch statistic). airbench states its momentum as 0.6
 in the "keep" convention, i.e. ``running = 0.6 * running + 0.4 * batch``; short runs need fast stats."""
 LOGIT_SCALE = 1.0 / 9.0
-"""Fixed multiplier on the logits (airbench's output scaling); keeps the initial softmax soft."""
+"""Fixed multiplier on the logits (airbench's output scaling) of the normalised nets. With
+``norm="none"`` the features are not normalised and already small, so the logits are left unscaled."""
 
 
 class ConvBlock(nn.Module):
@@ -61,11 +62,13 @@ class FastCNN(nn.Module):
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(c_in, num_classes, bias=False)
-        kaiming_init_(self)
+        if norm == "none":  # He init keeps the signal alive without normalisation layers
+            kaiming_init_(self)
+        self.logit_scale = 1.0 if norm == "none" else LOGIT_SCALE  # a constant, fixed at build time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.blocks(self.stem(x)).amax(dim=(-2, -1))  # global max pool over the remaining map
-        return self.head(h) * LOGIT_SCALE
+        return self.head(h) * self.logit_scale
 
 
 @register_model("fastcnn", residual=False, image_only=True, min_size=8)
@@ -76,7 +79,7 @@ def build_fastcnn(
 
     ``spec.width`` is the first block width ``w`` (default 64; blocks ``w, 4w, 4w``, stem ``24 w/64``).
     BatchNorm momentum 0.4 (PyTorch convention), GELU activations, 2x2 max-pools (ceil mode) in each
-    block, global max pooling, bias-free linear head with logits scaled by 1/9. Meant for SGD with
+    block, global max pooling, bias-free linear head with logits scaled by 1/9 (unscaled with ``norm="none"``). Meant for SGD with
     Nesterov momentum and label smoothing; works on 8x8 digits as well as 32x32 CIFAR images.
     """
     return FastCNN(in_channels=in_channels, num_classes=num_classes, width=spec.width, norm=spec.norm)

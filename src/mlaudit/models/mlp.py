@@ -39,7 +39,9 @@ class MLP(nn.Module):
 
 
 @register_model("mlp", residual=False, image_only=False, min_size=1)
-def build_mlp(spec: ModelSpec, *, input_shape: tuple[int, ...], in_channels: int | None, num_classes: int) -> nn.Module:
+def build_mlp(
+    spec: ModelSpec, *, input_shape: tuple[int, ...], in_channels: int | None, num_classes: int
+) -> nn.Module:
     """Multi-layer perceptron: flatten -> 2 hidden layers (width 256) with norm + ReLU -> linear.
 
     ``spec.width`` is the hidden width (default 256). ``spec.norm``: ``batch`` -> BatchNorm1d,

@@ -26,9 +26,13 @@ STAGES: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-def _conv_norm_act(c_in: int, c_out: int, *, kernel: int, stride: int, groups: int, norm: str) -> list[nn.Module]:
+def _conv_norm_act(
+    c_in: int, c_out: int, *, kernel: int, stride: int, groups: int, norm: str
+) -> list[nn.Module]:
     return [
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=uses_bias(norm)),
+        nn.Conv2d(
+            c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=uses_bias(norm)
+        ),
         make_norm2d(norm, c_out),
         nn.ReLU6(inplace=False),
     ]
@@ -75,8 +79,8 @@ class MobileNetV2(nn.Module):
         layers += _conv_norm_act(c_in, last, kernel=1, stride=1, groups=1, norm=norm)
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(last, num_classes)
-        kaiming_init_(self)
-        if norm == "none":  # zero-init residual branches, as for ResNet (Zhang et al. 2019, Fixup)
+        if norm == "none":  # He init; zero-init residual branches, as for ResNet (Zhang et al. 2019, Fixup)
+            kaiming_init_(self)
             for block in self.features:
                 if isinstance(block, InvertedResidual) and block.use_shortcut:
                     nn.init.zeros_(block.project.weight)

@@ -62,11 +62,11 @@ class ResNet(nn.Module):
                 c_in = c_out
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(c_in, num_classes)
-        kaiming_init_(self)
         if norm == "none":
-            # Without normalisation, start every residual branch at zero (Zhang et al. 2019, Fixup;
-            # "zero-init residual"): the net begins as its shortcut path, so activations do not
-            # grow with depth; conv2 still receives gradients, and conv1 once conv2 is non-zero.
+            # Without normalisation: He init, and every residual branch starts at zero (Zhang et al.
+            # 2019, Fixup; "zero-init residual"), so the net begins as its shortcut path and
+            # activations do not grow with depth; conv2 still gets gradients, conv1 once conv2 != 0.
+            kaiming_init_(self)
             for block in self.layers:
                 nn.init.zeros_(block.conv2.weight)
 

@@ -7,6 +7,7 @@ the same vmapped forward as training, in eval mode (BatchNorm running statistics
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -43,7 +44,11 @@ def evaluate(stack: StackedModels, data: TensorDataset, *, batch_size: int = 102
 
 def stack_from_state_dicts(template: nn.Module, state_dicts: Sequence[dict[str, Tensor]],
                            device: torch.device | str) -> StackedModels:
-    """Rebuild a stack from saved weights (e.g. checkpoints loaded with ``weights_only=True``)."""
+    """Rebuild a stack from saved weights (e.g. checkpoints loaded with ``weights_only=True``).
+
+    ``template`` is any module of the architecture (its weights are ignored; a meta-device
+    template such as :attr:`StackedModels.template` works too); each state_dict is loaded strictly.
+    """
     mods = []
     for sd in state_dicts:
         m = _fresh_copy(template)
@@ -53,8 +58,6 @@ def stack_from_state_dicts(template: nn.Module, state_dicts: Sequence[dict[str, 
 
 
 def _fresh_copy(template: nn.Module) -> nn.Module:
-    import copy
-
     m = copy.deepcopy(template)
     if any(p.is_meta for p in m.parameters()):
         m = m.to_empty(device="cpu")

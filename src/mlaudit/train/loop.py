@@ -12,8 +12,10 @@ flat and reads top to bottom:
 
 Reproducibility: a model's initial weights come from ``torch.manual_seed(seed)`` on the CPU and its
 data order and augmentation from a CPU ``torch.Generator`` seeded from ``seed``, so the same trial
-trains on the same batches whatever K, the executor or the device. On CPU the result is bitwise
-reproducible; on CUDA, cuDNN convolution algorithms and bf16 autocast make runs agree only up to
+trains on the same batches whatever K, the executor or the device. On CPU a repeat with the same
+chunk is bitwise reproducible, and a model trained in a chunk of K agrees with the same trial
+trained alone to float32 rounding (vmap batches the kernels, which changes the summation order:
+max |diff| ~ 5e-7 after 8 steps of small CNNs, see tests/factory/test_batched.py); on CUDA, cuDNN convolution algorithms and bf16 autocast make runs agree only up to
 floating-point tolerance (set ``torch.use_deterministic_algorithms(True)`` for bitwise repeats at a
 speed cost).
 
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +42,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.base import TensorDataset
 from ..data.view import DataView
-from ..errors import TrainingError
+from ..errors import ConfigError, TrainingError
 from .optim import make_optimizer
 from .recipe import AugmentConfig, Recipe, lr_at
 
@@ -55,32 +57,93 @@ class StackedModels:
     template: nn.Module  # on the meta device; only its structure and train/eval flag are used
     params: dict[str, Tensor]  # name -> [K, *shape]
     buffers: dict[str, Tensor]  # name -> [K, *shape] (BatchNorm running stats per model)
+    strategy: str = "vmap"  # "vmap" (torch.func over the stack) or "loop" (one plain call per model)
 
     @property
     def k(self) -> int:
         return next(iter(self.params.values())).shape[0]
 
     def forward(self, x: Tensor, *, train: bool) -> Tensor:
-        """x [K, B, *shape] -> logits [K, B, C]."""
+        """x [K, B, *shape] -> logits [K, B, C], by this stack's strategy (see :func:`choose_strategy`)."""
         self.template.train(train)
+        if self.strategy == "loop":
+            return self._forward_loop(x)
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
             return functional_call(self.template, (p, b), (xb,))
 
         return vmap(one, randomness="different")(self.params, self.buffers, x)
 
+    def _forward_loop(self, x: Tensor) -> Tensor:
+        # One plain forward per model on views of the stacked tensors: gradients flow into the
+        # stack and BatchNorm updates its running statistics in place through the buffer views.
+        outs = []
+        for k in range(self.k):
+            xk = x[k]
+            if xk.dim() == 4 and xk.is_cuda:
+                xk = xk.contiguous(memory_format=torch.channels_last)
+            p = {n: t[k] for n, t in self.params.items()}
+            b = {n: t[k] for n, t in self.buffers.items()}
+            outs.append(functional_call(self.template, (p, b), (xk,)))
+        return torch.stack(outs)
+
     def state_dict(self, k: int) -> dict[str, Tensor]:
-        """Model k's weights as a plain CPU state_dict (loadable into the architecture)."""
-        out = {n: t[k].detach().to("cpu", copy=True) for n, t in {**self.params, **self.buffers}.items()}
-        return out
+        """Model k's weights as a plain CPU state_dict (loadable into the architecture; non-persistent
+        buffers, which a module's own state_dict leaves out, are left out too)."""
+        keys = self.template.state_dict().keys()
+        return {n: t[k].detach().to("cpu", copy=True) for n, t in {**self.params, **self.buffers}.items() if n in keys}
 
     @classmethod
-    def from_modules(cls, models: Sequence[nn.Module], device: torch.device) -> StackedModels:
+    def from_modules(cls, models: Sequence[nn.Module], device: torch.device, *,
+                     strategy: str = "auto") -> StackedModels:
+        strategy = choose_strategy(models[0], device) if strategy == "auto" else strategy
+        if strategy not in ("vmap", "loop"):
+            raise ConfigError(f"stack strategy must be auto, vmap or loop, got {strategy!r}")
         params, buffers = stack_module_state(list(models))
         template = copy.deepcopy(models[0]).to("meta")
+        if strategy == "vmap":
+            template = _fp32_batchnorm(template)
         params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
         buffers = {n: b.to(device) for n, b in buffers.items()}
-        return cls(template, params, buffers)
+        return cls(template, params, buffers, strategy)
+
+
+def choose_strategy(model: nn.Module, device: torch.device) -> str:
+    """How K stacked models run forward: ``loop`` for conv nets on CUDA, else ``vmap``.
+
+    Measured on an H100 (benchmarks/results/factory.md): a single ResNet-18 or fast-CNN step
+    already keeps the GPU busy, and vmap turns each conv into a grouped NCHW convolution that cuDNN
+    wraps in layout transposes, so vmap over K=8 ResNet-18s cost 7.0 ms per model-step against
+    6.7 ms for K plain channels_last calls. vmap pays off where kernels are tiny and launch-bound
+    (MLPs, small CNNs on the CPU or on small inputs), so it stays the default elsewhere.
+    """
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if device.type == "cuda" and has_conv else "vmap"
+
+
+class _FP32Norm:
+    """Mixin placed before a BatchNorm class: normalise in float32 with autocast off.
+
+    Under vmap + bf16 autocast, the batched backward of ``batch_norm`` rejects bf16 inputs with
+    float32 running statistics; BatchNorm in float32 is also what autocast does outside vmap.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())  # type: ignore[misc]
+
+
+@functools.cache
+def _fp32_class(cls: type) -> type:
+    return type(f"FP32{cls.__name__}", (_FP32Norm, cls), {})
+
+
+def _fp32_batchnorm(template: nn.Module) -> nn.Module:
+    """Swap the class of every BatchNorm in ``template`` for its float32 variant (names unchanged)."""
+    for m in template.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FP32Norm):
+            m.__class__ = _fp32_class(type(m))
+    return template
 
 
 @dataclass
@@ -152,40 +215,29 @@ def train_stack(
     Raises: :class:`TrainingError` naming model, epoch and step when a loss is NaN or inf.
     """
     k = len(models)
-    views = list(views) if views is not None else [None] * k
-    data = data.to(device)
-    views = [v.to(device) if v is not None else None for v in views]
-    pools = _training_pools(data, views, masks)
-    sizes = {len(p) for p in pools}
-    steps_per_epoch = {math.ceil(n / recipe.batch_size) for n in sizes}
-    if len(steps_per_epoch) != 1:
-        raise ValueError(f"models trained together need equal steps per epoch, got pool sizes {sorted(sizes)}")
-    spe = steps_per_epoch.pop()
+    data, groups, pools, spe = _prepare(data, views, masks, k, len(seeds), recipe.batch_size, device)
     bsz = recipe.batch_size
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
     stack = StackedModels.from_modules(models, device)
-    names = list(stack.params)
-    plist = [stack.params[n] for n in names]
+    plist = list(stack.params.values())
     opt = make_optimizer(recipe, plist)
     bf16 = use_bf16(recipe, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     check_every_step = device.type == "cpu"
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
-    view_groups = _group_views(views)
     step = 0
     last_loss = torch.zeros(k, device=device)
     for epoch in range(recipe.epochs):
         order = torch.stack([_epoch_order(p, spe * bsz, g) for p, g in zip(pools, gens)]).to(device)  # [K, S*B]
-        aug = _draw_augment(augment, k, spe * bsz, gens, device)
+        aug = _draw_augment(augment, spe * bsz, gens, device)
         epoch_loss = torch.zeros(k, device=device)
         for s in range(spe):
             idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices
-            xb, yb = _gather(data, views, view_groups, idx)
-            if aug is not None:
-                flat = xb.flatten(0, 1)
+            xb, yb = _gather(data, groups, idx)
+            if aug is not None:  # aug = (shift [K, S*B, 2], flip [K, S*B]); this step's slice, flattened
                 sl = slice(s * bsz, (s + 1) * bsz)
-                p = AugmentParams(shift=aug.shift[:, sl].flatten(0, 1), flip=aug.flip[:, sl].flatten(0, 1))
-                xb = apply_augment(flat, p).view_as(xb)
+                p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=aug[1][:, sl].flatten(0, 1))
+                xb = apply_augment(xb.flatten(0, 1), p).view_as(xb)
             with autocast:
                 logits = stack.forward(xb, train=True)
             loss_k = F.cross_entropy(
@@ -209,16 +261,59 @@ def train_stack(
     return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step) for i in range(k)]
 
 
+def _prepare(data: TensorDataset, views: Sequence[DataView | None] | None, masks: Tensor | None, k: int,
+             n_seeds: int, bsz: int, device: torch.device
+             ) -> tuple[TensorDataset, list[tuple[DataView | None, list[int]]], list[Tensor], int]:
+    """Check the inputs, move data and each distinct view to ``device`` once, and return (data,
+    [(view, its models)] so a shared view is gathered once per step, per-model pools, steps per epoch)."""
+    if k == 0 or n_seeds != k or (views is not None and len(views) != k) or (masks is not None and len(masks) != k):
+        raise ConfigError(f"train_stack needs one seed (and view/mask row, if given) per model; got {k} models, "
+                          f"{n_seeds} seeds, {None if views is None else len(views)} views, "
+                          f"{None if masks is None else len(masks)} mask rows")
+    data = data if on_device(data.device, device) else data.to(device)
+    moved: dict[int, DataView] = {}
+    vs = [None if v is None else moved.setdefault(id(v), v if on_device(v.device, device) else v.to(device))
+          for v in (views if views is not None else [None] * k)]
+    pools = _training_pools(data, vs, masks)
+    groups: dict[int, tuple[DataView | None, list[int]]] = {}
+    for i, v in enumerate(vs):
+        groups.setdefault(id(v), (v, []))[1].append(i)
+    sizes = [len(p) for p in pools]
+    spe = {math.ceil(n / bsz) for n in sizes}
+    if len(spe) != 1:
+        raise ConfigError(f"models trained together need equal steps per epoch (batch {bsz}), got training-set "
+                          f"sizes {sizes}; train them in separate calls (the factory groups them)")
+    return data, list(groups.values()), pools, spe.pop()
+
+
+def on_device(have: torch.device, want: torch.device) -> bool:
+    """Whether a tensor on ``have`` already is on ``want`` (``cuda`` means the current GPU)."""
+    return have.type == want.type and (want.index is None or have.index == want.index)
+
+
 def _training_pools(data: TensorDataset, views: list[DataView | None], masks: Tensor | None) -> list[Tensor]:
-    """Per model, the CPU int64 tensor of virtual indices it trains on (view's kept set & mask)."""
+    """Per model, the CPU int64 tensor of virtual indices it trains on (view's kept set & mask).
+
+    ``masks`` is bool [K, M] with M >= every model's number of virtual indices (rows padded with
+    False beyond a model's own N_total are allowed); a shorter or non-bool mask is a ConfigError.
+    """
+    if masks is not None and (masks.dtype != torch.bool or masks.dim() != 2):
+        raise ConfigError(f"masks must be bool [K, N_total], got {masks.dtype} {list(masks.shape)}")
     pools = []
     for i, v in enumerate(views):
-        pool = v.kept_indices().cpu() if v is not None else torch.arange(len(data))
+        if v is not None and v.num_base != len(data):
+            raise ConfigError(f"view {i} is over a base of {v.num_base} examples but the training split has "
+                              f"{len(data)}; build views over the split being trained on")
+        total = v.num_total if v is not None else len(data)
+        pool = v.kept_indices().cpu() if v is not None else torch.arange(total)
         if masks is not None:
             m = masks[i].cpu()
+            if m.numel() < total:
+                raise ConfigError(f"subset mask of model {i} has {m.numel()} entries but its data has {total} "
+                                  "(virtual) indices; give one bool per index of the base split plus inserted ones")
             pool = pool[m[pool]]
         if len(pool) == 0:
-            raise ValueError(f"model {i} has no training examples after its view and subset mask")
+            raise ConfigError(f"model {i} has no training examples after its view and subset mask")
         pools.append(pool)
     return pools
 
@@ -231,24 +326,17 @@ def _epoch_order(pool: Tensor, total: int, g: torch.Generator) -> Tensor:
     return perm[:total]
 
 
-def _draw_augment(augment: AugmentConfig | None, k: int, n: int, gens: list[torch.Generator],
-                  device: torch.device) -> AugmentParams | None:
+def _draw_augment(augment: AugmentConfig | None, n: int, gens: list[torch.Generator],
+                  device: torch.device) -> tuple[Tensor, Tensor] | None:
+    """One epoch of augmentation per model from its own generator: (shift [K, n, 2], flip [K, n])."""
     if augment is None or (augment.crop_pad == 0 and not augment.flip):
         return None
     ps = [sample_augment_params(n, pad=augment.crop_pad, flip=augment.flip, generator=g, device="cpu") for g in gens]
-    return AugmentParams(shift=torch.stack([p.shift for p in ps]).to(device),
-                         flip=torch.stack([p.flip for p in ps]).to(device))
+    return torch.stack([p.shift for p in ps]).to(device), torch.stack([p.flip for p in ps]).to(device)
 
 
-def _group_views(views: list[DataView | None]) -> list[tuple[DataView | None, list[int]]]:
-    groups: dict[int, tuple[DataView | None, list[int]]] = {}
-    for i, v in enumerate(views):
-        groups.setdefault(id(v), (v, []))[1].append(i)
-    return list(groups.values())
-
-
-def _gather(data: TensorDataset, views: list[DataView | None], groups: list[tuple[DataView | None, list[int]]],
-            idx: Tensor) -> tuple[Tensor, Tensor]:
+def _gather(data: TensorDataset, groups: list[tuple[DataView | None, list[int]]], idx: Tensor
+            ) -> tuple[Tensor, Tensor]:
     """idx [K, B] -> x [K, B, *shape], y [K, B]; one gather per distinct view."""
     if len(groups) == 1:
         v = groups[0][0]
@@ -274,8 +362,3 @@ def _raise_nonfinite(first_bad: Tensor, seeds: Sequence[int], spe: int) -> None:
         f"loss became NaN/inf for model {i} (seed {seeds[i]}) at epoch {epoch + 1}, step {step + 1} "
         f"(global step {fb[i] + 1}); lower the learning rate or check the data for NaN/inf values"
     )
-
-
-def timed() -> Callable[[], float]:
-    t0 = time.perf_counter()
-    return lambda: time.perf_counter() - t0

@@ -13,16 +13,27 @@ update as K separate models:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from ..registry import Registry
 from .recipe import Recipe
+
+
+class StackedOptimizer(Protocol):
+    """Updates stacked parameters in place, given their gradients and the current learning rate."""
+
+    def step(self, grads: list[Tensor], lr: float) -> None: ...
 
 
 @dataclass
 class StackedSGD:
+    """SGD with momentum / Nesterov / L2 weight decay over stacked params (torch.optim.SGD semantics)."""
+
     params: list[Tensor]
     momentum: float
     nesterov: bool
@@ -31,6 +42,7 @@ class StackedSGD:
 
     @torch.no_grad()
     def step(self, grads: list[Tensor], lr: float) -> None:
+        """Update ``params`` in place from ``grads`` (same shapes) at learning rate ``lr``."""
         if self.weight_decay:
             grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
         if self.momentum:
@@ -45,6 +57,8 @@ class StackedSGD:
 
 @dataclass
 class StackedAdam:
+    """Adam with L2 weight decay over stacked params (torch.optim.Adam semantics, amsgrad off)."""
+
     params: list[Tensor]
     weight_decay: float
     betas: tuple[float, float] = (0.9, 0.999)
@@ -55,6 +69,7 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self, grads: list[Tensor], lr: float) -> None:
+        """Update ``params`` in place from ``grads`` (same shapes) at learning rate ``lr``."""
         b1, b2 = self.betas
         if self.weight_decay:
             grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
@@ -73,12 +88,19 @@ class StackedAdam:
         torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / bc1)
 
 
-def make_optimizer(recipe: Recipe, params: list[Tensor]) -> StackedSGD | StackedAdam:
-    """The stacked optimizer a recipe asks for (registry of two; see module docstring)."""
-    return _OPTIMIZERS[recipe.optimizer](recipe, params)
+OPTIMIZERS: Registry[Callable[[Recipe, list[Tensor]], StackedOptimizer]] = Registry("optimizer")
 
 
-_OPTIMIZERS = {
-    "sgd": lambda r, p: StackedSGD(p, r.momentum, r.nesterov, r.weight_decay),
-    "adam": lambda r, p: StackedAdam(p, r.weight_decay),
-}
+@OPTIMIZERS.register("sgd")
+def _sgd(recipe: Recipe, params: list[Tensor]) -> StackedSGD:
+    return StackedSGD(params, recipe.momentum, recipe.nesterov, recipe.weight_decay)
+
+
+@OPTIMIZERS.register("adam")
+def _adam(recipe: Recipe, params: list[Tensor]) -> StackedAdam:
+    return StackedAdam(params, recipe.weight_decay)
+
+
+def make_optimizer(recipe: Recipe, params: list[Tensor]) -> StackedOptimizer:
+    """The stacked optimizer ``recipe.optimizer`` names, over ``params`` (each [K, *shape])."""
+    return OPTIMIZERS.get(recipe.optimizer)(recipe, params)

@@ -1,0 +1,221 @@
+"""The experiment runner: output folder rules, results.json, failures with trial ids, and resuming
+a run killed mid-way (SIGKILL) to the same results as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from mlaudit.errors import ConfigError, DataError, MlauditError, TrainingError, TrialError
+from mlaudit.experiments import run_experiment
+from mlaudit.experiments.context import failed_trial
+from mlaudit.experiments.runner import check_device
+from mlaudit.factory import TrialSpec
+from mlaudit.store import RunStore
+
+
+def tiny(**changes: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"kind": "train", "name": "tiny", "seed": 0, "trials": 2, "model": "mlp",
+                           "dataset": {"name": "synthetic", "options": {"n_train": 96, "n_test": 48, "shape": [12]}},
+                           "recipe": {"name": "fast", "epochs": 1, "batch_size": 32}}
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep every store under tmp_path and train single-threaded (fast on a shared 2-core box)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLAUDIT_STORE", str(tmp_path / "home" / "default.db"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_run_writes_results_and_store_rows(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    res = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True)
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "results.json", "report.html", "artifacts"}
+    assert sorted(p.name for p in (out / "artifacts" / "models").iterdir()) == ["model-0000.pt", "model-0001.pt"]
+    r = json.loads((out / "results.json").read_text())
+    assert r == res.results
+    assert set(r["metrics"]["test_accuracy"]) >= {"mean", "se"} and len(r["trials"]) == 2
+    assert {"wall_s", "device", "models_trained", "models_per_minute", "gpu_seconds", "peak_gpu_mem_mb"} <= set(r["cost"])
+    assert r["cost"]["models_trained"] == 2 and r["cost"]["models_resumed"] == 0
+    assert r["cost"]["gpu_seconds"] is None and r["cost"]["peak_gpu_mem_mb"] is None  # CPU
+    assert r["executor"] == "local" and r["versions"]["torch"] == torch.__version__
+    assert yaml.safe_load((out / "config.yaml").read_text()) == r["config"]
+    assert r["config"]["recipe"]["epochs"] == 1 and r["config"]["factory"]["max_chunk"] is None  # defaults filled
+    store = RunStore(db)
+    exp = store.get_experiment(res.experiment_id)
+    assert exp.status == "done" and exp.out_dir == str(out.resolve())
+    assert sorted(store.finished_trials(exp.id)) == ["model-0000", "model-0001"]
+    assert store.metrics(exp.id)["test_accuracy.mean"] == pytest.approx(r["metrics"]["test_accuracy"]["mean"])
+    assert not (tmp_path / "home" / ".mlaudit").exists()  # nothing went to the default store
+
+
+def test_output_folder_rules_leave_it_unchanged(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    out = tmp_path / "out"
+    run_experiment(tiny(), out=out, device="cpu", store=db, quiet=True)
+    before = snapshot(out)
+    with pytest.raises(ConfigError, match="already holds a different run"):
+        run_experiment(tiny(seed=1), out=out, device="cpu", store=db, quiet=True)
+    with pytest.raises(ConfigError, match="already holds a different run"):
+        run_experiment(tiny(seed=1), out=out, device="cpu", store=db, quiet=True, resume=True)
+    with pytest.raises(ConfigError, match="already holds this finished run; pass --resume"):
+        run_experiment(tiny(), out=out, device="cpu", store=db, quiet=True)
+    assert snapshot(out) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no mlaudit run"):
+        run_experiment(tiny(), out=other, device="cpu", store=db, quiet=True)
+    assert snapshot(other) == {"notes.txt": b"mine"}
+    with pytest.raises(ConfigError, match="not a folder"):
+        run_experiment(tiny(), out=other / "notes.txt", device="cpu", store=db, quiet=True)
+    assert len(RunStore(db).list_experiments()) == 1
+
+
+def test_resume_of_finished_run_trains_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    first = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True)
+    again = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True, resume=True)
+    assert again.experiment_id == first.experiment_id
+    assert again.results["cost"]["models_trained"] == 0 and again.results["cost"]["models_resumed"] == 2
+    assert again.results["cost"]["models_per_minute"] is None
+    assert again.results["metrics"] == first.results["metrics"]
+
+
+@pytest.mark.parametrize(("changes", "error", "match"), [
+    ({"dataset": {"name": "mnist", "root": "EMPTY"}}, DataError, "train-images-idx3-ubyte"),
+    ({"dataset": {"name": "mnist", "root": "CORRUPT"}}, DataError, "IDX"),
+    ({"dataset": {"name": "synthetic", "options": {"bogus": 1}}}, ConfigError, "bogus"),
+    ({"model": "resnet18"}, ConfigError, "needs image inputs"),
+])
+def test_bad_data_or_model_fails_before_writing(tmp_path: Path, changes: dict, error: type, match: str) -> None:
+    (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (corrupt / name).write_bytes(b"\x00\x00\x08")  # truncated header
+    ds = changes.get("dataset")
+    if isinstance(ds, dict) and ds.get("root") in ("EMPTY", "CORRUPT"):
+        changes = {"dataset": {**ds, "root": str(tmp_path / ds["root"].lower())}}
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match):
+        run_experiment(tiny(**changes), out=out, device="cpu", store=tmp_path / "runs.db", quiet=True)
+    assert not out.exists() and not (tmp_path / "runs.db").exists()
+
+
+def test_device_validation() -> None:
+    assert check_device("cpu") == "cpu"
+    for bad in ("gpu", "cuda:x", "", "cpu:0"):
+        with pytest.raises(ConfigError, match="device must be"):
+            check_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            check_device("cuda")
+
+
+def test_diverging_training_names_the_trial(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    cfg = tiny(trials=3, recipe={"name": "fast", "epochs": 3, "batch_size": 32, "lr": 1e30},
+               factory={"max_chunk": 1})
+    with pytest.raises(TrialError) as ei:
+        run_experiment(cfg, out=tmp_path / "out", device="cpu", store=db, quiet=True)
+    e = ei.value
+    assert e.trial_id == "model-0000" and isinstance(e.cause, TrainingError)
+    assert "trial 'model-0000' failed" in str(e) and "epoch" in str(e) and "step" in str(e)
+    store = RunStore(db)
+    exp = store.list_experiments()[0]
+    assert exp.status == "failed"
+    rows = store.trials(exp.id)
+    assert [(t.trial_id, t.status) for t in rows] == [("model-0000", "failed")]
+    assert "NaN" in (rows[0].error or "")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_failed_trial_prefers_the_seed_named_by_the_error() -> None:
+    pending = [TrialSpec("a", seed=11), TrialSpec("b", seed=22), TrialSpec("c", seed=33)]
+    assert failed_trial(pending, TrainingError("loss became NaN for model 1 (seed 22) at epoch 1")).trial_id == "b"
+    assert failed_trial(pending, RuntimeError("out of memory")).trial_id == "a"
+    assert failed_trial(pending, TrainingError("model 0 (seed 99)")).trial_id == "a"
+
+
+def test_failure_outside_training_is_an_mlaudit_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlaudit.experiments.train as train_kind
+
+    def broken(values: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(train_kind.MeanSE, "of", staticmethod(broken))
+    with pytest.raises(MlauditError, match=r"failed outside model training, with 2 trials finished: RuntimeError: boom"):
+        run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=tmp_path / "runs.db", quiet=True)
+    assert RunStore(tmp_path / "runs.db").list_experiments()[0].status == "failed"
+
+
+def _count_done(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        store = RunStore(db)
+        return sum(len(store.finished_trials(e.id)) for e in store.list_experiments())
+    except MlauditError:
+        return 0
+
+
+def test_resume_after_sigkill_gives_the_same_results(tmp_path: Path) -> None:
+    n = 4
+    cfg = tiny(name="resume-me", trials=n, factory={"max_chunk": 1},
+               dataset={"name": "synthetic", "options": {"n_train": 256, "n_test": 64, "shape": [16]}},
+               recipe={"name": "fast", "epochs": 8, "batch_size": 32})
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    db, out = tmp_path / "runs.db", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlaudit.cli", "run", str(tmp_path / "cfg.yaml"), "--out", str(out),
+                             "--device", "cpu", "--store", str(db), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _count_done(db) < 1 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = _count_done(db)
+    assert 1 <= done < n, f"expected the kill to land mid-run, {done} of {n} trials were committed"
+    assert proc.returncode == -signal.SIGKILL
+    assert RunStore(db).list_experiments()[0].status == "running"
+
+    resumed = run_experiment(yaml.safe_load((out / "config.yaml").read_text()), out=out, device="cpu", store=db,
+                             quiet=True, resume=True)
+    fresh = run_experiment(cfg, out=tmp_path / "fresh", device="cpu", store=db, quiet=True)
+    rc, fc = resumed.results["cost"], fresh.results["cost"]
+    assert rc["models_resumed"] == done and rc["models_trained"] == n - done
+    assert fc["models_trained"] == n and fc["models_resumed"] == 0
+    assert [t["trial_id"] for t in resumed.results["trials"]] == [f"model-{i:04d}" for i in range(n)]
+    assert ([t["test_accuracy"] for t in resumed.results["trials"]]
+            == [t["test_accuracy"] for t in fresh.results["trials"]])
+    assert resumed.results["metrics"] == fresh.results["metrics"]
+    assert sorted(p.name for p in (out / "artifacts" / "models").iterdir()) == [f"model-{i:04d}.pt" for i in range(n)]
+    assert RunStore(db).get_experiment(resumed.experiment_id).status == "done"

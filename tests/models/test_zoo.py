@@ -1,0 +1,226 @@
+"""Tests of the model zoo: shapes, width/norm options, determinism, input checks, and compatibility
+with the batched (``torch.func.vmap`` over stacked parameters) trainer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, grad, stack_module_state, vmap
+
+from mlaudit.errors import ConfigError, UnsupportedModelError
+from mlaudit.models import MODELS, build_model, has_batchnorm, model_entry
+from mlaudit.models.norm import group_count, make_norm1d, make_norm2d, scale_channels, uses_bias
+
+model_entry("mlp")  # make sure the zoo is registered before parametrising
+NAMES = MODELS.names()
+IMAGE = (3, 16, 16)
+NUM_CLASSES = 3
+TINY_WIDTH = {"mobilenetv2": 4, "mlp": 16}  # everything else: 8
+
+
+def tiny(
+    name: str, norm: str = "batch", *, shape: tuple[int, ...] = IMAGE, width: int | None = None
+) -> nn.Module:
+    spec = {"name": name, "norm": norm, "width": width or TINY_WIDTH.get(name, 8)}
+    return build_model(spec, input_shape=shape, num_classes=NUM_CLASSES)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_zoo_registers_all_architectures() -> None:
+    assert set(NAMES) == {"convnet6", "fastcnn", "logistic", "mlp", "mobilenetv2", "resnet18", "vgg11"}
+    for name in NAMES:
+        entry = model_entry(name)
+        assert entry.description and "\n" not in entry.description
+    assert model_entry("resnet18").residual and model_entry("mobilenetv2").residual
+    assert not model_entry("convnet6").residual and not model_entry("fastcnn").residual
+    assert not model_entry("mlp").image_only and not model_entry("logistic").image_only
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [IMAGE, (1, 8, 8), (3, 9, 11)])
+def test_forward_shape(name: str, shape: tuple[int, ...]) -> None:
+    model = tiny(name, shape=shape)
+    assert model(torch.rand(2, *shape)).shape == (2, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", ["mlp", "logistic"])
+def test_vector_models_accept_vectors(name: str) -> None:
+    model = tiny(name, shape=(5,))
+    out = model(torch.randn(4, 5))
+    assert out.shape == (4, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if model_entry(n).image_only])
+def test_image_models_reject_vectors_and_small_images(name: str) -> None:
+    with pytest.raises(UnsupportedModelError, match="image inputs"):
+        build_model(name, input_shape=(20,), num_classes=NUM_CLASSES)
+    with pytest.raises(UnsupportedModelError, match="at least 8x8"):
+        build_model(name, input_shape=(3, 7, 16), num_classes=NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_width_scales_parameter_count(name: str) -> None:
+    small = n_params(tiny(name, width=8))
+    large = n_params(tiny(name, width=16))
+    if name == "logistic":  # no hidden layer: width is documented as ignored
+        assert small == large
+    else:
+        assert large > small
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_norm_option(name: str) -> None:
+    assert not has_batchnorm(tiny(name, "none"))
+    assert not has_batchnorm(tiny(name, "group"))
+    assert has_batchnorm(tiny(name, "batch")) == (name != "logistic")
+    if name != "logistic":
+        assert any(isinstance(m, nn.GroupNorm) for m in tiny(name, "group").modules())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("norm", ["batch", "none"])
+def test_backward_reaches_every_parameter(name: str, norm: str) -> None:
+    torch.manual_seed(0)
+    model = tiny(name, norm)
+    loss = F.cross_entropy(model(torch.rand(4, *IMAGE)), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_is_deterministic_under_manual_seed(name: str) -> None:
+    states = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        states.append(tiny(name, "none").state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_paper_sizes() -> None:
+    resnet = build_model("resnet18", input_shape=(3, 32, 32), num_classes=10)
+    assert n_params(resnet) == 11_173_962  # the usual CIFAR-10 ResNet-18 count
+    convnet = build_model("convnet6", input_shape=(3, 32, 32), num_classes=10)
+    assert convnet.fc.in_features == 256 * 3 * 3  # Witches' Brew: 32 -> 10 -> 3 after two 3x3 pools
+
+
+def _stacked(
+    name: str, norm: str, k: int = 2, dtype: torch.dtype = torch.float32
+) -> tuple[list[nn.Module], nn.Module]:
+    torch.manual_seed(0)
+    models = [tiny(name, norm).to(dtype) for _ in range(k)]
+    return models, copy.deepcopy(models[0]).to("meta")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("norm", ["none", "group", "batch"])
+def test_vmap_matches_separate_models_in_eval_mode(name: str, norm: str) -> None:
+    models, base = _stacked(name, norm)
+    for m in models:
+        m.eval()
+    base.eval()
+    params, buffers = stack_module_state(models)
+    x = torch.rand(len(models), 4, *IMAGE)
+    out = vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)))(params, buffers, x)
+    expected = torch.stack([m(x[i]) for i, m in enumerate(models)])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "logistic"])
+def test_vmap_batchnorm_train_mode_updates_stacked_running_stats(name: str) -> None:
+    """Train-mode BatchNorm under vmap writes each model's running stats into its slice of the
+    stacked buffers (when the buffers are vmapped too), exactly like separate forwards; gradients
+    through ``vmap(grad(...))`` match too. Float64, because in float32 a rounding difference can flip
+    a near-tie in a max-pool and legitimately change a gradient by ~1%."""
+    models, base = _stacked(name, "batch", dtype=torch.float64)
+    separate = copy.deepcopy(models)
+    base.train()
+    params, buffers = stack_module_state(models)
+    x = torch.rand(len(models), 4, *IMAGE, dtype=torch.float64)
+    y = torch.randint(0, NUM_CLASSES, (len(models), 4))
+
+    def loss(p: dict, b: dict, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+
+    grads = vmap(grad(loss))(params, buffers, x, y)
+    for i, m in enumerate(separate):
+        m.train()
+        F.cross_entropy(m(x[i]), y[i]).backward()
+        for bname, buf in m.named_buffers():
+            torch.testing.assert_close(buffers[bname][i], buf, atol=1e-10, rtol=1e-8)
+        scale = max(p.grad.abs().max() for p in m.parameters())
+        for pname, p in m.named_parameters():
+            torch.testing.assert_close(grads[pname][i], p.grad, atol=1e-9 * scale, rtol=1e-7)
+    running_means = [v for k, v in buffers.items() if k.endswith("running_mean")]
+    assert all(v.abs().sum() > 0 for v in running_means)  # started at zero, so they were updated
+    assert all((v == 1).all() for k, v in buffers.items() if k.endswith("num_batches_tracked"))
+
+
+def test_vmap_batchnorm_with_shared_buffers_is_rejected_by_torch() -> None:
+    """Documents the limit: unbatched (shared) BN buffers cannot be updated in train mode."""
+    models, base = _stacked("fastcnn", "batch")
+    base.train()
+    params, buffers = stack_module_state(models)
+    shared = {k: v[0].clone() for k, v in buffers.items()}
+    x = torch.rand(len(models), 4, *IMAGE)
+    with pytest.raises(RuntimeError, match="running_mean or running_var"):
+        vmap(lambda p, b, xb: functional_call(base, (p, b), (xb,)), in_dims=(0, None, 0))(params, shared, x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unnormalised_models_can_fit_a_tiny_batch(name: str) -> None:
+    torch.manual_seed(0)
+    model = tiny(name, "none", shape=(1, 8, 8))
+    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % NUM_CLASSES
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if name in ("mlp", "logistic") else 3e-3)
+    first = None
+    for _ in range(25):
+        loss = F.cross_entropy(model(x), y)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+@given(st.integers(1, 5000), st.integers(1, 64))
+def test_group_count_divides_and_is_bounded(channels: int, min_size: int) -> None:
+    g = group_count(channels, min_group_size=min_size)
+    assert channels % g == 0 and 1 <= g <= 32
+    assert g == 1 or channels // g >= min_size
+
+
+def test_group_count_examples() -> None:
+    assert [group_count(c) for c in (8, 16, 64, 256, 512)] == [1, 2, 8, 32, 32]
+
+
+@pytest.mark.parametrize(
+    "kind, cls", [("batch", nn.BatchNorm2d), ("group", nn.GroupNorm), ("none", nn.Identity)]
+)
+def test_make_norm(kind: str, cls: type) -> None:
+    assert isinstance(make_norm2d(kind, 64), cls)
+    assert make_norm1d(kind, 64)(torch.randn(4, 64)).shape == (4, 64)
+    assert uses_bias(kind) == (kind == "none")
+
+
+def test_make_norm_rejects_unknown_kind() -> None:
+    with pytest.raises(ConfigError, match="valid norms: batch, group, none"):
+        make_norm2d("layer", 8)
+
+
+def test_scale_channels() -> None:
+    assert scale_channels(256, None, 64) == 256
+    assert scale_channels(256, 8, 64) == 32
+    assert scale_channels(3, 1, 64) == 1

@@ -102,6 +102,23 @@ def test_resume_of_finished_run_trains_nothing(tmp_path: Path) -> None:
     assert again.results["cost"]["models_trained"] == 0 and again.results["cost"]["models_resumed"] == 2
     assert again.results["cost"]["models_per_minute"] is None
     assert again.results["metrics"] == first.results["metrics"]
+    (tmp_path / "out" / "artifacts" / "models" / "model-0001.pt").unlink()  # a lost checkpoint is retrained
+    third = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True, resume=True)
+    assert third.results["cost"]["models_trained"] == 1 and third.results["cost"]["models_resumed"] == 1
+    assert third.results["metrics"] == first.results["metrics"]
+    assert (tmp_path / "out" / "artifacts" / "models" / "model-0001.pt").is_file()
+
+
+def test_fresh_run_into_a_deleted_folder_does_not_reuse_store_rows(tmp_path: Path) -> None:
+    import shutil
+
+    db = tmp_path / "runs.db"
+    first = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True)
+    shutil.rmtree(tmp_path / "out")
+    second = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True)
+    assert second.experiment_id != first.experiment_id
+    assert second.results["cost"]["models_trained"] == 2 and second.results["cost"]["models_resumed"] == 0
+    assert (tmp_path / "out" / "artifacts" / "models" / "model-0001.pt").is_file()
 
 
 @pytest.mark.parametrize(("changes", "error", "match"), [

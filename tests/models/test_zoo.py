@@ -183,16 +183,16 @@ def test_vmap_batchnorm_with_shared_buffers_is_rejected_by_torch() -> None:
 def test_unnormalised_models_can_fit_a_tiny_batch(name: str) -> None:
     torch.manual_seed(0)
     model = tiny(name, "none", shape=(1, 8, 8))
-    x, y = torch.rand(16, 1, 8, 8), torch.arange(16) % NUM_CLASSES
+    x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % NUM_CLASSES
     opt = torch.optim.Adam(model.parameters(), lr=1e-2 if name in ("mlp", "logistic") else 3e-3)
     first = None
-    for _ in range(25):
+    for _ in range(20):
         loss = F.cross_entropy(model(x), y)
         first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.5 * first
+    assert loss.item() < 0.6 * first
 
 
 @given(st.integers(1, 5000), st.integers(1, 64))

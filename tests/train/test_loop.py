@@ -276,9 +276,11 @@ def test_vmap_and_loop_stack_strategies_agree() -> None:
     stacks = [StackedModels.from_modules(models, CPU, strategy=s) for s in ("vmap", "loop")]
     x = bundle().train.x[:32].view(2, 16, 3, 8, 8)
     logits = [s.forward(x, train=True) for s in stacks]
-    grads = [torch.autograd.grad(lg.square().sum(), list(s.params.values())) for lg, s in zip(logits, stacks)]
+    grads = [torch.autograd.grad(lg.square().sum(), s.trainable()) for lg, s in zip(logits, stacks)]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)
-    for ga, gb in zip(*grads):
+    n_params = len(grads[0])  # vmap: one stacked [K, ...] grad per parameter; loop: K * P per-model grads
+    loop_stacked = [torch.stack([grads[1][k * n_params + j] for k in range(2)]) for j in range(n_params)]
+    for ga, gb in zip(grads[0], loop_stacked, strict=True):
         torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
     for name in stacks[0].buffers:
         torch.testing.assert_close(stacks[0].buffers[name], stacks[1].buffers[name], rtol=1e-5, atol=1e-6)

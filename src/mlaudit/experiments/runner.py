@@ -87,6 +87,7 @@ def run_experiment(
         kind.check(cfg, data)
     rs = store if isinstance(store, RunStore) else RunStore(store or default_store_path())
 
+    had_run = (out_dir / "config.yaml").is_file()
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out_dir)
     write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -95,13 +96,13 @@ def run_experiment(
     if existing is not None and existing.config_hash == chash:
         exp_id = existing.id
     else:
-        if resume:
+        if resume and had_run:
             log.warning("run store %s has no record of the run in %s; training every trial again "
                         "(pass the --store that the run used to skip its finished trials)", rs.path, out_dir)
         exp_id = rs.create_experiment(kind=cfg.kind, name=cfg.display_name, config=resolved, out_dir=out_dir,
                                       git_rev=vers["git_rev"], versions=vers)
     rs.set_status(exp_id, "running")
-    finished = rs.finished_trials(exp_id)
+    finished = _usable(rs.finished_trials(exp_id), out_dir)
     t0 = time.perf_counter()
     with Progress(quiet=quiet) as progress:
         ctx = RunContext(out_dir=out_dir, store=rs, experiment_id=exp_id, device=dev, executor=ex,
@@ -234,6 +235,15 @@ def _same_config(cfg_file: Path, resolved: dict[str, Any]) -> bool:
         return config_hash(config_to_dict(parse_config(old))) == want
     except MlauditError:
         return False
+
+
+def _usable(finished: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Finished trials whose checkpoint (if they saved one) is still on disk; others train again."""
+    keep = {t: rec for t, rec in finished.items() if not rec.get("checkpoint") or (out_dir / rec["checkpoint"]).is_file()}
+    if len(keep) < len(finished):
+        log.warning("%d finished trials lost their checkpoints under %s; training them again",
+                    len(finished) - len(keep), out_dir)
+    return keep
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:

@@ -21,7 +21,7 @@ from .loop import StackedModels
 @torch.no_grad()
 def predict(stack: StackedModels, x: Tensor, *, batch_size: int = 1024, bf16: bool = False) -> Tensor:
     """Logits of every model on every input: x [N, *shape] -> float32 [K, N, C] (on x's device)."""
-    device = next(iter(stack.params.values())).device
+    device = stack.device
     out = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.type == "cuda" else contextlib.nullcontext()
     for i in range(0, x.shape[0], batch_size):

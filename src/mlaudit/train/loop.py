@@ -1,10 +1,9 @@
 """The one training loop: K models of one architecture trained together (K = 1 is sequential).
 
 Every model in mlaudit is trained here, whether one user model or 64 shadow models at once.
-The K models' parameters and buffers are stacked ([K, *shape]) and the forward pass is
-``vmap(functional_call(model, (params, buffers), x))`` over the stack (torch.func), so BatchNorm
-keeps running statistics per model (its buffers are stacked too; verified in tests). The loop is
-flat and reads top to bottom:
+The K models live in a :class:`~mlaudit.train.stacked.StackedModels` (stacked tensors under
+torch.func ``vmap``, or K plain channels_last modules for conv nets on CUDA; BatchNorm statistics
+are per model in both). The loop is flat and reads top to bottom:
 
     for epoch:  draw each model's data order and augmentation from its own CPU generator
         for step:  gather [K, B] examples (views applied) -> augment -> forward -> per-model CE loss
@@ -28,8 +27,6 @@ the factory groups trials accordingly.
 from __future__ import annotations
 
 import contextlib
-import copy
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +34,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.base import TensorDataset
@@ -45,105 +41,10 @@ from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
 from .optim import make_optimizer
 from .recipe import AugmentConfig, Recipe, lr_at
+from .stacked import StackedModels, choose_strategy  # noqa: F401  (re-exported)
 
 # Dataset sources whose images must not be flipped or shifted by default (digits, handwriting).
 NO_AUGMENT_BY_DEFAULT = frozenset({"digits", "mnist", "synthetic"})
-
-
-@dataclass
-class StackedModels:
-    """K models of one architecture as stacked tensors plus a stateless template module."""
-
-    template: nn.Module  # on the meta device; only its structure and train/eval flag are used
-    params: dict[str, Tensor]  # name -> [K, *shape]
-    buffers: dict[str, Tensor]  # name -> [K, *shape] (BatchNorm running stats per model)
-    strategy: str = "vmap"  # "vmap" (torch.func over the stack) or "loop" (one plain call per model)
-
-    @property
-    def k(self) -> int:
-        return next(iter(self.params.values())).shape[0]
-
-    def forward(self, x: Tensor, *, train: bool) -> Tensor:
-        """x [K, B, *shape] -> logits [K, B, C], by this stack's strategy (see :func:`choose_strategy`)."""
-        self.template.train(train)
-        if self.strategy == "loop":
-            return self._forward_loop(x)
-
-        def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
-            return functional_call(self.template, (p, b), (xb,))
-
-        return vmap(one, randomness="different")(self.params, self.buffers, x)
-
-    def _forward_loop(self, x: Tensor) -> Tensor:
-        # One plain forward per model on views of the stacked tensors: gradients flow into the
-        # stack and BatchNorm updates its running statistics in place through the buffer views.
-        outs = []
-        for k in range(self.k):
-            xk = x[k]
-            if xk.dim() == 4 and xk.is_cuda:
-                xk = xk.contiguous(memory_format=torch.channels_last)
-            p = {n: t[k] for n, t in self.params.items()}
-            b = {n: t[k] for n, t in self.buffers.items()}
-            outs.append(functional_call(self.template, (p, b), (xk,)))
-        return torch.stack(outs)
-
-    def state_dict(self, k: int) -> dict[str, Tensor]:
-        """Model k's weights as a plain CPU state_dict (loadable into the architecture; non-persistent
-        buffers, which a module's own state_dict leaves out, are left out too)."""
-        keys = self.template.state_dict().keys()
-        return {n: t[k].detach().to("cpu", copy=True) for n, t in {**self.params, **self.buffers}.items() if n in keys}
-
-    @classmethod
-    def from_modules(cls, models: Sequence[nn.Module], device: torch.device, *,
-                     strategy: str = "auto") -> StackedModels:
-        strategy = choose_strategy(models[0], device) if strategy == "auto" else strategy
-        if strategy not in ("vmap", "loop"):
-            raise ConfigError(f"stack strategy must be auto, vmap or loop, got {strategy!r}")
-        params, buffers = stack_module_state(list(models))
-        template = copy.deepcopy(models[0]).to("meta")
-        if strategy == "vmap":
-            template = _fp32_batchnorm(template)
-        params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
-        buffers = {n: b.to(device) for n, b in buffers.items()}
-        return cls(template, params, buffers, strategy)
-
-
-def choose_strategy(model: nn.Module, device: torch.device) -> str:
-    """How K stacked models run forward: ``loop`` for conv nets on CUDA, else ``vmap``.
-
-    Measured on an H100 (benchmarks/results/factory.md): a single ResNet-18 or fast-CNN step
-    already keeps the GPU busy, and vmap turns each conv into a grouped NCHW convolution that cuDNN
-    wraps in layout transposes, so vmap over K=8 ResNet-18s cost 7.0 ms per model-step against
-    6.7 ms for K plain channels_last calls. vmap pays off where kernels are tiny and launch-bound
-    (MLPs, small CNNs on the CPU or on small inputs), so it stays the default elsewhere.
-    """
-    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    return "loop" if device.type == "cuda" and has_conv else "vmap"
-
-
-class _FP32Norm:
-    """Mixin placed before a BatchNorm class: normalise in float32 with autocast off.
-
-    Under vmap + bf16 autocast, the batched backward of ``batch_norm`` rejects bf16 inputs with
-    float32 running statistics; BatchNorm in float32 is also what autocast does outside vmap.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return super().forward(x.float())  # type: ignore[misc]
-
-
-@functools.cache
-def _fp32_class(cls: type) -> type:
-    return type(f"FP32{cls.__name__}", (_FP32Norm, cls), {})
-
-
-def _fp32_batchnorm(template: nn.Module) -> nn.Module:
-    """Swap the class of every BatchNorm in ``template`` for its float32 variant (names unchanged)."""
-    for m in template.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FP32Norm):
-            m.__class__ = _fp32_class(type(m))
-    return template
 
 
 @dataclass
@@ -219,7 +120,7 @@ def train_stack(
     bsz = recipe.batch_size
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
     stack = StackedModels.from_modules(models, device)
-    plist = list(stack.params.values())
+    plist = stack.trainable()
     opt = make_optimizer(recipe, plist)
     bf16 = use_bf16(recipe, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()

@@ -1,0 +1,185 @@
+"""K models of one architecture behind one interface, in two layouts.
+
+``vmap``  parameters and buffers stacked as [K, *shape] leaves; the forward pass is
+          ``vmap(functional_call(template, (params, buffers), x))`` (torch.func). BatchNorm keeps
+          running statistics per model because its buffers are stacked too. Best where kernels are
+          tiny and launch-bound (MLPs, small CNNs on the CPU).
+``loop``  K ordinary modules (channels_last on CUDA), called one after another on their slice of
+          the [K, B, ...] batch. Best for conv nets on a GPU, where one model's step already fills
+          the device and vmap's grouped convolutions cost layout transposes (measured on an H100:
+          benchmarks/results/factory.md).
+
+Both expose ``trainable()`` (the leaf tensors the optimizer updates, in a fixed order),
+``forward(x [K, B, ...]) -> [K, B, C]``, ``state_dict(k)`` and ``k``; the training loop and the
+optimizers are the same for both, so a model's update is the same elementwise maths either way.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..errors import ConfigError
+
+
+class StackedModels:
+    """Base of the two layouts; build one with :meth:`from_modules`."""
+
+    strategy: str
+
+    @property
+    def k(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.trainable()[0].device
+
+    def trainable(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, *, train: bool) -> Tensor:
+        raise NotImplementedError
+
+    def state_dict(self, k: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def from_modules(models: Sequence[nn.Module], device: torch.device, *, strategy: str = "auto") -> StackedModels:
+        """Copy ``models`` (same architecture) onto ``device`` in the chosen layout."""
+        strategy = choose_strategy(models[0], device) if strategy == "auto" else strategy
+        if strategy not in _LAYOUTS:
+            raise ConfigError(f"stack strategy must be auto, vmap or loop, got {strategy!r}")
+        return _LAYOUTS[strategy](models, device)
+
+
+@dataclass
+class VmapStack(StackedModels):
+    template: nn.Module  # on the meta device; only its structure and train/eval flag are used
+    params: dict[str, Tensor]  # name -> [K, *shape], leaves requiring grad
+    buffers: dict[str, Tensor]  # name -> [K, *shape] (BatchNorm running stats per model)
+    strategy: str = "vmap"
+
+    @classmethod
+    def build(cls, models: Sequence[nn.Module], device: torch.device) -> VmapStack:
+        params, buffers = stack_module_state(list(models))
+        template = _fp32_batchnorm(copy.deepcopy(models[0]).to("meta"))
+        params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
+        buffers = {n: b.to(device) for n, b in buffers.items()}
+        return cls(template, params, buffers)
+
+    @property
+    def k(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+    def trainable(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def forward(self, x: Tensor, *, train: bool) -> Tensor:
+        """x [K, B, *shape] -> logits [K, B, C]."""
+        self.template.train(train)
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(self.template, (p, b), (xb,))
+
+        return vmap(one, randomness="different")(self.params, self.buffers, x)
+
+    def state_dict(self, k: int) -> dict[str, Tensor]:
+        """Model k's weights as a CPU state_dict (persistent buffers only, like ``Module.state_dict``)."""
+        skip = _non_persistent(self.template)
+        return {n: t[k].detach().to("cpu", copy=True) for n, t in {**self.params, **self.buffers}.items()
+                if n not in skip}
+
+
+@dataclass
+class LoopStack(StackedModels):
+    modules: list[nn.Module]
+    strategy: str = "loop"
+
+    @classmethod
+    def build(cls, models: Sequence[nn.Module], device: torch.device) -> LoopStack:
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        mods = []
+        for m in models:
+            c = copy.deepcopy(m).to(device)
+            if fmt is torch.channels_last:
+                c = c.to(memory_format=fmt)
+            for p in c.parameters():
+                p.requires_grad_(True)
+            mods.append(c)
+        return cls(mods)
+
+    @property
+    def k(self) -> int:
+        return len(self.modules)
+
+    def trainable(self) -> list[Tensor]:
+        return [p for m in self.modules for p in m.parameters()]
+
+    @property
+    def buffers(self) -> dict[str, Tensor]:
+        """Buffers stacked [K, *shape] (a copy, for inspection)."""
+        names = [n for n, _ in self.modules[0].named_buffers()]
+        per = [dict(m.named_buffers()) for m in self.modules]
+        return {n: torch.stack([d[n] for d in per]) for n in names}
+
+    def forward(self, x: Tensor, *, train: bool) -> Tensor:
+        """x [K, B, *shape] -> logits [K, B, C]: one plain call per model."""
+        outs = []
+        for m, xk in zip(self.modules, x):
+            m.train(train)
+            if xk.dim() == 4 and xk.is_cuda:
+                xk = xk.contiguous(memory_format=torch.channels_last)
+            outs.append(m(xk))
+        return torch.stack(outs)
+
+    def state_dict(self, k: int) -> dict[str, Tensor]:
+        return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in self.modules[k].state_dict().items()}
+
+
+_LAYOUTS = {"vmap": VmapStack.build, "loop": LoopStack.build}
+
+
+def choose_strategy(model: nn.Module, device: torch.device) -> str:
+    """``loop`` for conv nets on CUDA, else ``vmap`` (see the module docstring for the measurements)."""
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return "loop" if device.type == "cuda" and has_conv else "vmap"
+
+
+def _non_persistent(module: nn.Module) -> set[str]:
+    out = set()
+    for prefix, m in module.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            out.add(f"{prefix}.{b}" if prefix else b)
+    return out
+
+
+class _FP32Norm:
+    """Mixin placed before a BatchNorm class: normalise in float32 with autocast off.
+
+    Under vmap + bf16 autocast, the batched backward of ``batch_norm`` rejects bf16 inputs with
+    float32 running statistics; BatchNorm in float32 avoids it.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.float())  # type: ignore[misc]
+
+
+@functools.cache
+def _fp32_class(cls: type) -> type:
+    return type(f"FP32{cls.__name__}", (_FP32Norm, cls), {})
+
+
+def _fp32_batchnorm(template: nn.Module) -> nn.Module:
+    """Swap the class of every BatchNorm in ``template`` for its float32 variant (names unchanged)."""
+    for m in template.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, _FP32Norm):
+            m.__class__ = _fp32_class(type(m))
+    return template

@@ -38,11 +38,11 @@ def sync() -> None:
 
 
 def timed_factory(model: ModelSpec, recipe: Recipe, data: DataBundle, *, n_models: int, chunk: int,
-                  device: str, seed0: int = 0) -> dict[str, Any]:
+                  device: str, seed0: int = 0, strategy: str = "auto") -> dict[str, Any]:
     """Train ``n_models`` models ``chunk`` at a time through the factory; wall time and accuracies."""
     trials = tuple(TrialSpec(f"m{i}", seed=seed0 + i) for i in range(n_models))
     job = FactoryJob(model=model, recipe=recipe, data=data, trials=trials, device=device,
-                     batched=chunk > 1, max_chunk=chunk)
+                     batched=chunk > 1, max_chunk=chunk, strategy=strategy)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -51,7 +51,7 @@ def timed_factory(model: ModelSpec, recipe: Recipe, data: DataBundle, *, n_model
     sync()
     wall = time.perf_counter() - t0
     acc = [m.metrics["test_accuracy"] for m in out]
-    return {"n_models": n_models, "chunk": chunk, "wall_s": round(wall, 3),
+    return {"n_models": n_models, "chunk": chunk, "strategy": strategy, "wall_s": round(wall, 3),
             "s_per_model": round(wall / n_models, 3), "models_per_minute": round(60 * n_models / wall, 3),
             "test_accuracy_mean": round(sum(acc) / len(acc), 5), "test_accuracy_min": round(min(acc), 5),
             "test_accuracy_max": round(max(acc), 5),

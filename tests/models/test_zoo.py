@@ -181,6 +181,7 @@ def test_vmap_batchnorm_with_shared_buffers_is_rejected_by_torch() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_unnormalised_models_can_fit_a_tiny_batch(name: str) -> None:
+    """norm="none" (the DP-SGD setting) still trains: He init and zero-init residual branches."""
     torch.manual_seed(0)
     model = tiny(name, "none", shape=(1, 8, 8))
     x, y = torch.rand(12, 1, 8, 8), torch.arange(12) % NUM_CLASSES

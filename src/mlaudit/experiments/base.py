@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -34,13 +34,15 @@ if TYPE_CHECKING:
 
 
 class FactoryOptions(BaseModel):
-    """How the factory trains this experiment's models: ``batched`` (K models at once) and
-    ``max_chunk`` (cap on K; None = as many as fit in memory)."""
+    """How the factory trains this experiment's models: ``batched`` (K models at once),
+    ``max_chunk`` (cap on K; None = as many as fit in memory) and ``strategy`` (stack layout:
+    ``vmap``, ``loop`` or ``auto`` = loop for conv nets on CUDA, else vmap)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batched: bool = True
     max_chunk: int | None = Field(None, ge=1, le=4096)
+    strategy: Literal["auto", "vmap", "loop"] = "auto"
 
 
 class ExperimentConfig(BaseModel):

@@ -115,10 +115,11 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     views = [setup.views[t.view] if t.view is not None else None for t in chunk]
     outs = train_stack(models, setup.data.train, job.recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
                        masks=_masks(chunk, setup), augment=setup.augment,
-                       on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None)
+                       on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
+                       strategy=job.strategy)
     metrics: list[dict[str, float]] = [{"train_loss": o.train_loss} for o in outs]
     if job.evaluate:
-        stack = StackedModels.from_modules(_loaded(models, outs), device)
+        stack = StackedModels.from_modules(_loaded(models, outs), device, strategy=job.strategy)
         ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device))
         for i, m in enumerate(metrics):
             m["test_accuracy"] = float(ev["accuracy"][i])

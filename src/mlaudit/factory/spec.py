@@ -55,6 +55,7 @@ class FactoryJob:
     ``data`` is the loaded bundle; ``data_spec`` (when the data came from a registered source) lets
     remote workers reload it instead of receiving the tensors. ``max_chunk`` caps how many models
     train together (None = as many as fit in memory); ``batched=False`` trains one at a time.
+    ``strategy`` picks the stack layout (``auto``, ``vmap``, ``loop``; :mod:`mlaudit.train.stacked`).
     ``fake_memory_models`` simulates a device that holds at most that many models (tests of the
     out-of-memory back-off; 0 = not even one fits). Trial ids must be unique, views named by trials
     must exist and masks must be 1-D bool (checked here; mask lengths are checked against the data
@@ -72,6 +73,7 @@ class FactoryJob:
     max_chunk: int | None = None
     evaluate: bool = True
     fake_memory_models: int | None = None
+    strategy: str = "auto"
 
     def __post_init__(self) -> None:
         if self.data is None and self.data_spec is None:

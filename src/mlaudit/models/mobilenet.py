@@ -49,13 +49,13 @@ class InvertedResidual(nn.Module):
         if expansion != 1:
             layers += _conv_norm_act(c_in, hidden, kernel=1, stride=1, groups=1, norm=norm)
         layers += _conv_norm_act(hidden, hidden, kernel=3, stride=stride, groups=hidden, norm=norm)
-        self.project = nn.Conv2d(hidden, c_out, 1, bias=uses_bias(norm))  # linear bottleneck
-        layers += [self.project, make_norm2d(norm, c_out)]
-        self.block = nn.Sequential(*layers)
+        self.expand = nn.Sequential(*layers)
+        self.project = nn.Conv2d(hidden, c_out, 1, bias=uses_bias(norm))  # linear bottleneck: no activation
+        self.project_norm = make_norm2d(norm, c_out)
         self.use_shortcut = stride == 1 and c_in == c_out  # fixed at build time, not data-dependent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block(x)
+        out = self.project_norm(self.project(self.expand(x)))
         return x + out if self.use_shortcut else out
 
 

@@ -96,6 +96,7 @@ def train_stack(
     masks: Tensor | None = None,
     augment: AugmentConfig | None = None,
     on_epoch: Callable[[int, Tensor], None] | None = None,
+    strategy: str = "auto",
 ) -> list[TrainOutput]:
     """Train ``len(models)`` models together, each on its own data order, view and subset.
 
@@ -110,6 +111,7 @@ def train_stack(
         masks: optional bool [K, N_total] subset of (virtual) indices each model may train on.
         augment: augmentation config (None = no augmentation).
         on_epoch: called with (epoch, mean loss per model [K]) after each epoch.
+        strategy: stack layout, ``auto``/``vmap``/``loop`` (see :mod:`mlaudit.train.stacked`).
 
     Returns: K :class:`TrainOutput`, in input order.
 
@@ -119,7 +121,7 @@ def train_stack(
     data, groups, pools, spe = _prepare(data, views, masks, k, len(seeds), recipe.batch_size, device)
     bsz = recipe.batch_size
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
-    stack = StackedModels.from_modules(models, device)
+    stack = StackedModels.from_modules(models, device, strategy=strategy)
     plist = stack.trainable()
     opt = make_optimizer(recipe, plist)
     bf16 = use_bf16(recipe, device)

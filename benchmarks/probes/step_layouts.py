@@ -1,8 +1,14 @@
 """Per-step timing probe: plain module vs vmapped stack (not a committed benchmark)."""
-import sys, time, torch, torch.nn.functional as F
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
 from mlaudit.models import build_model
 from mlaudit.train.loop import StackedModels, init_models
+
 torch.backends.cudnn.benchmark = True
 dev = torch.device("cuda")
 
@@ -28,9 +34,9 @@ for name, B in [("fastcnn", 512), ("resnet18", 128)]:
         loss.backward()
     print(name, "plain NCHW bf16 ms/step", 1000 * bench(plain_nchw), flush=True)
     for K in (1, 8):
-        st = StackedModels.from_modules(init_models(lambda: build_model(name, input_shape=(3, 32, 32), num_classes=10), list(range(K))), dev)
+        st = StackedModels.from_modules(init_models(lambda: build_model(name, input_shape=(3, 32, 32), num_classes=10), list(range(K))), dev, strategy="vmap")
         xs = torch.randn(K, B, 3, 32, 32, device=dev); ys = torch.randint(0, 10, (K, B), device=dev)
-        pl = list(st.params.values())
+        pl = st.trainable()
         def step():
             with torch.autocast("cuda", torch.bfloat16):
                 lg = st.forward(xs, train=True)

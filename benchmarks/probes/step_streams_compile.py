@@ -1,6 +1,11 @@
 """Per-step timing probe: K models via loop / CUDA streams / compile (not a committed benchmark)."""
-import sys, time, torch, torch.nn.functional as F
+import time
+
+import torch
+import torch.nn.functional as F
+
 from mlaudit.models import build_model
+
 torch.backends.cudnn.benchmark = True
 dev = torch.device("cuda")
 

@@ -1,0 +1,109 @@
+"""Factory benchmark: models per minute and accuracy, sequential vs batched, on CIFAR-10 (JPEG).
+
+Part ``fast``: the fast CNN with the ``airbench`` recipe — sequential (K = 1) vs batched chunks
+(K = 8, 64) in the ``loop`` layout, K = 8 in the ``vmap`` layout, and a narrow fast CNN (width 16,
+2 epochs) where vmap batching pays. Part ``resnet``: ResNet-18 with the ``witches-brew`` recipe for
+``--epochs`` epochs — the plain eager PyTorch loop vs mlaudit K = 1 vs K = 8 (loop and vmap); the
+80-model seed-002 protocol time is extrapolated from the measured per-epoch cost (stated as such).
+
+    python benchmarks/factory.py --part fast|resnet [--epochs 2]
+
+Writes benchmarks/results/factory_<part>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cifar10_jpeg, environment, timed_factory, train_step_flops, write_results  # noqa: E402
+from _plain_loop import plain_train  # noqa: E402
+
+from mlaudit.models import ModelSpec  # noqa: E402
+from mlaudit.train.recipe import resolve_recipe  # noqa: E402
+
+PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 datasheet figure
+
+
+def row(label: str, r: dict) -> str:
+    return (f"| {label} | {r['chunk']} | {r['strategy']} | {r['n_models']} | {r['wall_s']} | {r['models_per_minute']} | "
+            f"{r['test_accuracy_mean']:.4f} | {r.get('tflops', '')} | {r['peak_gpu_mem_mb']} |\n")
+
+
+def part_fast(data) -> tuple[dict, str]:  # noqa: ANN001
+    rec = resolve_recipe("airbench")
+    spec = ModelSpec(name="fastcnn")
+    flops = train_step_flops(spec, data, rec.batch_size)
+    steps = rec.epochs * -(-len(data.train) // rec.batch_size)
+    timed_factory(spec, resolve_recipe({"name": "airbench", "epochs": 1}), data, n_models=1, chunk=1, device="cuda")
+    runs = {}
+    for label, n, k, strat in (("sequential", 2, 1, "auto"), ("batched", 8, 8, "loop"), ("batched", 8, 8, "vmap"),
+                               ("batched", 64, 64, "loop")):
+        r = timed_factory(spec, rec, data, n_models=n, chunk=k, device="cuda", strategy=strat)
+        r["tflops"] = round(flops * steps * n / r["wall_s"] / 1e12, 1)
+        runs[f"{label}-K{k}-{strat}-n{n}"] = r
+        print(label, r, flush=True)
+    small = ModelSpec(name="fastcnn", width=16)
+    srec = resolve_recipe({"name": "airbench", "epochs": 2})
+    for label, n, k, strat in (("small-sequential", 4, 1, "auto"), ("small-batched", 32, 32, "vmap")):
+        r = timed_factory(small, srec, data, n_models=n, chunk=k, device="cuda", strategy=strat)
+        runs[f"{label}-K{k}-{strat}-n{n}"] = r
+        print(label, r, flush=True)
+    md = ("| run | K | layout | models | wall s | models/min | mean test acc | TFLOP/s | peak MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|\n" + "".join(row(k, v) for k, v in runs.items()))
+    return {"recipe": rec.model_dump(mode="json"), "train_step_gflop": flops / 1e9, "runs": runs}, md
+
+
+def part_resnet(data, epochs: int) -> tuple[dict, str]:  # noqa: ANN001
+    rec = resolve_recipe({"name": "witches-brew", "epochs": epochs})
+    spec = ModelSpec(name="resnet18")
+    flops = train_step_flops(spec, data, rec.batch_size)
+    steps = epochs * -(-len(data.train) // rec.batch_size)
+    plain_train(data, model="resnet18", epochs=1, batch_size=128, lr=0.1)  # warm-up
+    plain = plain_train(data, model="resnet18", epochs=epochs, batch_size=128, lr=0.1)
+    print("plain", plain, flush=True)
+    runs = {}
+    for label, n, k, strat in (("sequential", 1, 1, "auto"), ("batched", 8, 8, "loop"), ("batched", 8, 8, "vmap")):
+        r = timed_factory(spec, rec, data, n_models=n, chunk=k, device="cuda", strategy=strat)
+        r["tflops"] = round(flops * steps * n / r["wall_s"] / 1e12, 1)
+        r["s_per_model_epoch"] = round(r["wall_s"] / n / epochs, 3)
+        runs[f"{label}-K{k}-{strat}"] = r
+        print(label, r, flush=True)
+    best = min(runs.values(), key=lambda r: r["s_per_model_epoch"])
+    proto = {"models": 80, "epochs": 40,
+             "plain_loop_s": round(80 * 40 * plain["s_per_epoch"], 0),
+             "mlaudit_best_s": round(80 * 40 * best["s_per_model_epoch"], 0),
+             "speedup": round(plain["s_per_epoch"] / best["s_per_model_epoch"], 2),
+             "note": f"extrapolated from {epochs}-epoch runs (includes eval of each model once)"}
+    md = (f"Plain eager PyTorch loop: {plain['s_per_epoch']} s/epoch.\n\n"
+          "| run | K | layout | models | wall s | models/min | mean test acc | TFLOP/s | peak MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|\n" + "".join(row(k, v) for k, v in runs.items()) +
+          f"\nSeed-002 protocol (80 ResNet-18 x 40 epochs), {proto['note']}: plain loop {proto['plain_loop_s']} s, "
+          f"mlaudit best layout {proto['mlaudit_best_s']} s, speedup {proto['speedup']}x "
+          f"(goal: 8x). Peak dense bf16 of an H100 SXM: {PEAK_BF16_TFLOPS} TFLOP/s.\n")
+    return {"recipe": rec.model_dump(mode="json"), "train_step_gflop": flops / 1e9, "plain_loop": plain,
+            "runs": runs, "protocol_80x40": proto}, md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("fast", "resnet"), required=True)
+    ap.add_argument("--epochs", type=int, default=2)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    torch.backends.cudnn.benchmark = True
+    data = cifar10_jpeg().to("cuda")
+    payload, md = part_fast(data) if args.part == "fast" else part_resnet(data, args.epochs)
+    env = environment()
+    head = (f"# Factory benchmark ({args.part}) on CIFAR-10 (JPEG)\n\n{env['date']}, {env['gpu']}, torch {env['torch']}, "
+            "bf16 autocast, data on the GPU; wall time includes evaluating each model on the 10k test set.\n\n")
+    write_results(f"factory_{args.part}", {"environment": env, **payload}, head + md)
+
+
+if __name__ == "__main__":
+    main()

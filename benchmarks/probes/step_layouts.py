@@ -1,5 +1,4 @@
 """Per-step timing probe: plain module vs vmapped stack (not a committed benchmark)."""
-import sys
 import time
 
 import torch

@@ -32,7 +32,7 @@ def test_contract_config_parses_with_defaults() -> None:
     assert (cfg.kind, cfg.dataset.name, cfg.model.name, cfg.recipe.name, cfg.trials, cfg.seed) == (
         "train", "digits", "mlp", "fast", 4, 0)
     d = config_to_dict(cfg)
-    assert d["recipe"]["epochs"] == 12 and d["factory"] == {"batched": True, "max_chunk": None}
+    assert d["recipe"]["epochs"] == 12 and d["factory"] == {"batched": True, "max_chunk": None, "strategy": "auto"}
     # the mapping forms of the contract
     cfg2 = parse_config({**BASE, "dataset": {"name": "cifar10", "root": "/data"},
                          "model": {"name": "resnet18", "width": 64}, "recipe": {"name": "witches-brew", "epochs": 40}})
@@ -98,6 +98,7 @@ def test_field_range_walks_nested_models() -> None:
     ({"model": 3}, "model", "dictionary"),
     ({"save_models": "maybe"}, "save_models", "boolean"),
     ({"name": "x" * 300}, "name", "at most 200"),
+    ({"factory": {"strategy": "nope"}}, "factory.strategy", "'auto', 'vmap' or 'loop'"),
 ])
 def test_wrong_types_name_the_field(changes: dict, field: str, words: str) -> None:
     msg = _err(**changes)
@@ -150,7 +151,8 @@ _CHANGES = st.fixed_dictionaries({}, optional={
                     ["epochs", "lr", "milestones", "batch_size", "augment", "momentum", "schedule", "gamma"]),
     "model": _spec(["mlp", "resnet18", "logistic"], ["width", "norm", "num_classes", "in_channels", "depth"]),
     "dataset": _spec(["digits", "synthetic", "cifar10"], ["root", "limit_train", "test_fraction", "options", "seed"]),
-    "factory": st.one_of(_JUNK, st.fixed_dictionaries({}, optional={"batched": _JUNK, "max_chunk": _JUNK})),
+    "factory": st.one_of(_JUNK, st.fixed_dictionaries({}, optional={"batched": _JUNK, "max_chunk": _JUNK,
+                                                                            "strategy": _JUNK})),
 })
 
 

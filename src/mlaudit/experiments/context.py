@@ -100,6 +100,7 @@ class RunContext:
             self.store.commit_trial(self.experiment_id, m.trial_id, rec, wall_s=m.wall_s)
             self.finished[m.trial_id] = rec
             self.cost.models_trained += 1
+            self.cost.add_peak(m.metrics.get("peak_gpu_mem_mb"))  # when a (remote) worker reports it
             self.progress.advance(task)
 
         t0 = time.perf_counter()

@@ -28,7 +28,8 @@ def run_train(config: TrainConfig, ctx: RunContext) -> ExperimentOutput:
     data = ctx.load_dataset(config.dataset)
     trials = tuple(TrialSpec(f"model-{i:04d}", seed=config.trial_seed(i)) for i in range(config.trials))
     job = FactoryJob(model=config.model, recipe=config.recipe, data=data, data_spec=config.dataset, trials=trials,
-                     device=ctx.device, batched=config.factory.batched, max_chunk=config.factory.max_chunk)
+                     device=ctx.device, batched=config.factory.batched, max_chunk=config.factory.max_chunk,
+                     strategy=config.factory.strategy)
     records = ctx.train(job, save_weights=config.save_models)
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
     loss = np.array([r["metrics"]["test_loss"] for r in records])

@@ -79,7 +79,8 @@ def build_fastcnn(
 
     ``spec.width`` is the first block width ``w`` (default 64; blocks ``w, 4w, 4w``, stem ``24 w/64``).
     BatchNorm momentum 0.4 (PyTorch convention), GELU activations, 2x2 max-pools (ceil mode) in each
-    block, global max pooling, bias-free linear head with logits scaled by 1/9 (unscaled with ``norm="none"``). Meant for SGD with
-    Nesterov momentum and label smoothing; works on 8x8 digits as well as 32x32 CIFAR images.
+    block, global max pooling, bias-free linear head with logits scaled by 1/9 (unscaled with
+    ``norm="none"``). Meant for SGD with Nesterov momentum and label smoothing; works on 8x8 digits
+    as well as 32x32 CIFAR images.
     """
     return FastCNN(in_channels=in_channels, num_classes=num_classes, width=spec.width, norm=spec.norm)

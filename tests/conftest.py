@@ -1,0 +1,24 @@
+"""Suite-wide test settings.
+
+Torch runs these tiny models single-threaded: on a shared 2-core machine its default thread pool
+slows them down by an order of magnitude whenever another process is busy (measured: the contract
+config took 61 s with 2 threads and 5 s with 1, same results). Subprocesses inherit
+``OMP_NUM_THREADS=1`` for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

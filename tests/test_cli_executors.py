@@ -1,0 +1,50 @@
+"""`mlaudit run CONFIG --executor local|process|ray` from the command line: the same config and
+seed give the same metrics under every executor (the factory issue's contract). Ray runs as a
+local 2-CPU cluster started by the CLI process (bound to 127.0.0.1) and ends with it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+CONFIG = {"kind": "train", "name": "executors", "seed": 3, "trials": 4, "model": {"name": "mlp", "width": 16},
+          "dataset": {"name": "synthetic", "options": {"n_train": 96, "n_test": 48, "shape": [10]}},
+          "recipe": {"name": "fast", "epochs": 2, "batch_size": 32}, "factory": {"max_chunk": 2}}
+
+
+def run_cli(tmp_path: Path, executor: str) -> dict:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    exe = Path(sys.executable).parent / "mlaudit"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlaudit.cli"]
+    out = tmp_path / f"out-{executor}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([*cmd, "run", str(cfg), "--out", str(out), "--device", "cpu", "--quiet",
+                           "--store", str(tmp_path / "runs.db"), "--executor", executor],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_local_and_process_executors_give_the_same_metrics(tmp_path: Path) -> None:
+    local, proc = run_cli(tmp_path, "local"), run_cli(tmp_path, "process")
+    assert proc["executor"] == "process" and local["executor"] == "local"
+    assert proc["metrics"] == local["metrics"]
+    assert [t["test_accuracy"] for t in proc["trials"]] == [t["test_accuracy"] for t in local["trials"]]
+    assert proc["cost"]["models_trained"] == 4
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the optional ray extra")
+def test_ray_executor_from_the_cli_matches_local(tmp_path: Path) -> None:
+    local, ray = run_cli(tmp_path, "local"), run_cli(tmp_path, "ray")
+    assert ray["executor"] == "ray"
+    assert ray["metrics"] == local["metrics"]
+    assert [t["test_accuracy"] for t in ray["trials"]] == [t["test_accuracy"] for t in local["trials"]]

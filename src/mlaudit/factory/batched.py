@@ -37,6 +37,7 @@ from ..train.loop import (
     train_stack,
     use_bf16,
 )
+from .layout import pick_layout
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,16 @@ class _Setup:
         self.augment = resolve_augment(job.recipe, data.name, data.input_shape)
         self.model_fn = functools.partial(build_model, job.model, input_shape=data.input_shape,
                                           num_classes=data.num_classes)
+        self.recipe = job.recipe
+        self.strategy = job.strategy
+        self._layouts: dict[int, str] = {}
+
+    def layout(self, k: int) -> str:
+        """Stack layout for a chunk of ``k`` models (measured once per k; see factory/layout.py)."""
+        if k not in self._layouts:
+            self._layouts[k] = pick_layout(self.strategy, k=k, model_fn=self.model_fn, data=self.data.train,
+                                           recipe=self.recipe, lr=self.lr, device=self.device, augment=self.augment)
+        return self._layouts[k]
 
 
 def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
@@ -111,15 +122,16 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seeds = [t.seed for t in chunk]
+    layout = setup.layout(len(chunk))
     models = init_models(setup.model_fn, seeds)
     views = [setup.views[t.view] if t.view is not None else None for t in chunk]
     outs = train_stack(models, setup.data.train, job.recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
                        masks=_masks(chunk, setup), augment=setup.augment,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
-                       strategy=job.strategy)
-    metrics: list[dict[str, float]] = [{"train_loss": o.train_loss} for o in outs]
+                       strategy=layout)
+    metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout} for o in outs]
     if job.evaluate:
-        stack = StackedModels.from_modules(_loaded(models, outs), device, strategy=job.strategy)
+        stack = StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
         ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device))
         for i, m in enumerate(metrics):
             m["test_accuracy"] = float(ev["accuracy"][i])

@@ -28,17 +28,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import format_validation_error
+from ..data.augment import AugmentSpec
 from ..errors import ConfigError
 from ..registry import Registry
 
-
-class AugmentConfig(BaseModel):
-    """Random translation (crop with zero padding ``crop_pad``) and horizontal flip, per sample."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    crop_pad: int = Field(4, ge=0, le=16)
-    flip: bool = True
+AugmentConfig = AugmentSpec
+"""The recipe's augmentation field: the data package's :class:`~mlaudit.data.augment.AugmentSpec`."""
 
 
 class Recipe(BaseModel):

@@ -1,0 +1,60 @@
+"""Choosing the stack layout (``vmap`` or ``loop``, :mod:`mlaudit.train.stacked`) by measurement.
+
+Which layout trains K models faster depends on the architecture, not only on K: on an H100
+(benchmarks/results/factory_*.md, 2026-11-22) vmap was 1.2x faster than the loop for K = 8
+ResNet-18s (3.96 vs 4.82 s per model-epoch) but 3.5x slower for K = 8 fast CNNs (1.47 vs 0.42),
+whose max-pool backward and float32 BatchNorm suffer under vmap; for a narrow fast CNN (width 16)
+vmap over K = 32 was 2.7x faster than training one at a time. So for ``strategy: auto`` on a GPU
+with K > 1 the factory times a few training steps of each layout on the real data and keeps the
+faster one (cost: about a second per job). Elsewhere the static rule of
+:func:`~mlaudit.train.stacked.choose_strategy` applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..data.base import TensorDataset
+from ..train.loop import init_models, train_stack
+from ..train.recipe import AugmentConfig, Recipe
+from ..train.stacked import choose_strategy
+
+log = logging.getLogger(__name__)
+PROBE_STEPS = 4
+
+
+def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, recipe: Recipe,
+                lr: float, device: torch.device, augment: AugmentConfig | None) -> str:
+    """The layout to train a chunk of ``k`` models with; see the module docstring."""
+    if strategy != "auto":
+        return strategy
+    static = choose_strategy(model_fn(), device)
+    if device.type != "cuda" or k == 1:
+        return static
+    n = min(len(data), PROBE_STEPS * recipe.batch_size)
+    probe = data.subset(torch.arange(n, device=data.device))
+    r = recipe.model_copy(update={"epochs": 1})
+    times: dict[str, float] = {}
+    for layout in ("loop", "vmap"):
+        try:
+            for timed in (False, True):  # first pass warms up cuDNN autotuning and allocations
+                models = init_models(model_fn, range(k))
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                train_stack(models, probe, r, seeds=list(range(k)), lr=lr, device=device, augment=augment,
+                            strategy=layout)
+                torch.cuda.synchronize(device)
+                if timed:
+                    times[layout] = time.perf_counter() - t0
+        except torch.cuda.OutOfMemoryError:
+            times[layout] = float("inf")
+        torch.cuda.empty_cache()
+    best = min(times, key=times.__getitem__)
+    log.info("stack layout for %d models: %s (probe: %s)", k, best,
+             ", ".join(f"{a} {t:.3f}s" for a, t in times.items()))
+    return best if times[best] != float("inf") else static

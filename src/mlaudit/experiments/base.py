@@ -11,7 +11,7 @@ A kind registers ``@register_experiment("name", config=ConfigModel)`` on a funct
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, resolve_dataset_spec
+from ..data.view import DataView
 from ..errors import ConfigError
+from ..factory.spec import FactoryJob, TrialSpec
 from ..models.registry import ModelSpec, resolve_model_spec
 from ..registry import Registry
 from ..train.recipe import Recipe, resolve_recipe
@@ -94,6 +96,14 @@ class ExperimentConfig(BaseModel):
     @property
     def display_name(self) -> str:
         return self.name or f"{self.kind}-{self.dataset.name}-{self.model.name}"
+
+    def factory_job(self, data: DataBundle, trials: Sequence[TrialSpec], *, device: str,
+                    views: dict[str, DataView] | None = None) -> FactoryJob:
+        """The factory job training ``trials`` on ``data`` with this config's model, recipe and
+        factory options (the one place every experiment kind builds its jobs)."""
+        return FactoryJob(model=self.model, recipe=self.recipe, data=data, data_spec=self.dataset, trials=tuple(trials),
+                          views=dict(views or {}), device=device, batched=self.factory.batched,
+                          max_chunk=self.factory.max_chunk, strategy=self.factory.strategy)
 
     def trial_seed(self, index: int, *, stream: int = 0) -> int:
         """Seed of trial ``index``: a SeedSequence child of (seed, stream, index), in [0, 2**31)."""

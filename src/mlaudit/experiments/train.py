@@ -7,7 +7,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..factory import FactoryJob, TrialSpec
+from ..factory import TrialSpec
 from ..stats import MeanSE
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
 from .context import RunContext
@@ -27,9 +27,7 @@ def run_train(config: TrainConfig, ctx: RunContext) -> ExperimentOutput:
     """Train N models with a recipe; report test accuracy mean ± standard error."""
     data = ctx.load_dataset(config.dataset)
     trials = tuple(TrialSpec(f"model-{i:04d}", seed=config.trial_seed(i)) for i in range(config.trials))
-    job = FactoryJob(model=config.model, recipe=config.recipe, data=data, data_spec=config.dataset, trials=trials,
-                     device=ctx.device, batched=config.factory.batched, max_chunk=config.factory.max_chunk,
-                     strategy=config.factory.strategy)
+    job = config.factory_job(data, trials, device=ctx.device)
     records = ctx.train(job, save_weights=config.save_models)
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
     loss = np.array([r["metrics"]["test_loss"] for r in records])

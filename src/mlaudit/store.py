@@ -197,7 +197,7 @@ class RunStore:
                 (len(exp_id), exp_id)).fetchall()
         if not rows:
             raise ConfigError(f"no experiment with id or id prefix {exp_id!r} in run store {self.path}; "
-                              "run `mlaudit list` to see the ids")
+                              "run `mlaudit runs list` to see the ids")
         if len(rows) > 1:
             ids = ", ".join(r[0] for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
             raise ConfigError(f"experiment id prefix {exp_id!r} is ambiguous (matches {ids}); give more characters")

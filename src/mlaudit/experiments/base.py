@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 class FactoryOptions(BaseModel):
     """How the factory trains this experiment's models: ``batched`` (K models at once),
     ``max_chunk`` (cap on K; None = as many as fit in memory) and ``strategy`` (stack layout:
-    ``vmap``, ``loop`` or ``auto`` = loop for conv nets on CUDA, else vmap)."""
+    ``vmap``, ``loop`` or ``auto``: on a GPU with K > 1 both layouts are timed on a few steps and
+    the faster kept; otherwise loop for conv nets on CUDA, vmap elsewhere)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -27,8 +27,8 @@ class Cost:
 
     ``models_trained`` counts models trained now (not those resumed from the store);
     ``train_wall_s`` the wall time of factory calls; ``gpu_seconds`` that wall time times the GPUs
-    the executor held (CUDA only); ``peak_gpu_mem_mb`` the peak CUDA memory allocated by this
-    process (local executor on CUDA only, else None).
+    the executor held (CUDA only); ``peak_gpu_mem_mb`` the largest peak CUDA memory any chunk
+    reported, wherever it ran (None on CPU).
     """
 
     models_trained: int = 0
@@ -91,16 +91,16 @@ class RunContext:
         cuda = str(job.device).startswith("cuda")
         local = getattr(self.executor, "name", "") == "local"
         task = self.progress.task(label, total=len(job.trials), completed=len(job.trials) - len(todo))
-        if cuda and local:
-            for i in range(torch.cuda.device_count()):
-                torch.cuda.reset_peak_memory_stats(i)
 
         def commit(m: TrainedModel) -> None:
             rec = self._record(m, save_weights)
             self.store.commit_trial(self.experiment_id, m.trial_id, rec, wall_s=m.wall_s)
+            if "checkpoint" in rec:
+                self.store.add_artifact(self.experiment_id, "checkpoint", self.out_dir / rec["checkpoint"],
+                                        trial_id=m.trial_id, sha256=rec["sha256"])
             self.finished[m.trial_id] = rec
             self.cost.models_trained += 1
-            self.cost.add_peak(m.metrics.get("peak_gpu_mem_mb"))  # when a (remote) worker reports it
+            self.cost.add_peak(m.metrics.get("peak_gpu_mem_mb"))  # each chunk's peak, measured where it ran
             self.progress.advance(task)
 
         t0 = time.perf_counter()
@@ -117,9 +117,6 @@ class RunContext:
             self.cost.train_wall_s += wall
             if cuda:
                 self.cost.gpu_seconds += wall * (1 if local else max(1, torch.cuda.device_count()))
-            if cuda and local:
-                self.cost.add_peak(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-                                   / 2**20)
             self.progress.done(task)
         return [self.finished[t.trial_id] for t in job.trials]
 

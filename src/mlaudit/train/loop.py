@@ -121,7 +121,7 @@ def train_stack(
     data, groups, pools, spe = _prepare(data, views, masks, k, len(seeds), recipe.batch_size, device)
     bsz = recipe.batch_size
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
-    stack = StackedModels.from_modules(models, device, strategy=strategy)
+    stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last)
     plist = stack.trainable()
     opt = make_optimizer(recipe, plist)
     bf16 = use_bf16(recipe, device)

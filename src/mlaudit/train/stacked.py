@@ -7,7 +7,8 @@
 ``loop``  K ordinary modules (channels_last on CUDA), called one after another on their slice of
           the [K, B, ...] batch. Best for conv nets on a GPU, where one model's step already fills
           the device and vmap's grouped convolutions cost layout transposes (measured on an H100:
-          benchmarks/results/factory.md).
+          benchmarks/results/factory_fast.md, factory_resnet.md). Which layout wins depends on the
+          architecture; the factory times both when ``strategy: auto`` (factory/layout.py).
 
 Both expose ``trainable()`` (the leaf tensors the optimizer updates, in a fixed order),
 ``forward(x [K, B, ...]) -> [K, B, C]``, ``state_dict(k)`` and ``k``; the training loop and the
@@ -51,12 +52,16 @@ class StackedModels:
         raise NotImplementedError
 
     @staticmethod
-    def from_modules(models: Sequence[nn.Module], device: torch.device, *, strategy: str = "auto") -> StackedModels:
-        """Copy ``models`` (same architecture) onto ``device`` in the chosen layout."""
+    def from_modules(models: Sequence[nn.Module], device: torch.device, *, strategy: str = "auto",
+                     channels_last: bool = True) -> StackedModels:
+        """Copy ``models`` (same architecture) onto ``device`` in the chosen layout; ``channels_last``
+        (loop layout on CUDA only) stores conv weights and feeds inputs in NHWC order."""
         strategy = choose_strategy(models[0], device) if strategy == "auto" else strategy
         if strategy not in _LAYOUTS:
             raise ConfigError(f"stack strategy must be auto, vmap or loop, got {strategy!r}")
-        return _LAYOUTS[strategy](models, device)
+        if strategy == "loop":
+            return LoopStack.build(models, device, channels_last=channels_last)
+        return VmapStack.build(models, device)
 
 
 @dataclass
@@ -101,10 +106,11 @@ class VmapStack(StackedModels):
 class LoopStack(StackedModels):
     modules: list[nn.Module]
     strategy: str = "loop"
+    channels_last: bool = False
 
     @classmethod
-    def build(cls, models: Sequence[nn.Module], device: torch.device) -> LoopStack:
-        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    def build(cls, models: Sequence[nn.Module], device: torch.device, *, channels_last: bool = True) -> LoopStack:
+        fmt = torch.channels_last if device.type == "cuda" and channels_last else torch.contiguous_format
         mods = []
         for m in models:
             c = copy.deepcopy(m).to(device)
@@ -113,7 +119,7 @@ class LoopStack(StackedModels):
             for p in c.parameters():
                 p.requires_grad_(True)
             mods.append(c)
-        return cls(mods)
+        return cls(mods, channels_last=fmt is torch.channels_last)
 
     @property
     def k(self) -> int:
@@ -134,7 +140,7 @@ class LoopStack(StackedModels):
         outs = []
         for m, xk in zip(self.modules, x):
             m.train(train)
-            if xk.dim() == 4 and xk.is_cuda:
+            if self.channels_last and xk.dim() == 4:
                 xk = xk.contiguous(memory_format=torch.channels_last)
             outs.append(m(xk))
         return torch.stack(outs)
@@ -143,11 +149,12 @@ class LoopStack(StackedModels):
         return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in self.modules[k].state_dict().items()}
 
 
-_LAYOUTS = {"vmap": VmapStack.build, "loop": LoopStack.build}
+_LAYOUTS = ("vmap", "loop")
 
 
 def choose_strategy(model: nn.Module, device: torch.device) -> str:
-    """``loop`` for conv nets on CUDA, else ``vmap`` (see the module docstring for the measurements)."""
+    """The static rule, used for K = 1 and off the GPU: ``loop`` for conv nets on CUDA, else
+    ``vmap``. For K > 1 on a GPU the factory measures instead (:mod:`mlaudit.factory.layout`)."""
     has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     return "loop" if device.type == "cuda" and has_conv else "vmap"
 

@@ -1,0 +1,81 @@
+"""GPU checks of the factory and runner (``pytest -m gpu`` on a CUDA machine; skipped elsewhere):
+memory-measured chunk sizes, a real out-of-memory back-off under a capped memory fraction, the two
+stack layouts agreeing on CUDA, and the runner's GPU cost fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlaudit.data.registry import DatasetSpec, load_dataset
+from mlaudit.experiments import run_experiment
+from mlaudit.factory import FactoryJob, TrialSpec, run_trials
+from mlaudit.models import ModelSpec
+from mlaudit.train import Recipe
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+SPEC = DatasetSpec(name="synthetic", options={"n_train": 256, "n_test": 64, "shape": [3, 32, 32], "num_classes": 10})
+
+
+def job(model: str, n: int, **kw: object) -> FactoryJob:
+    r = Recipe(lr=0.05, epochs=1, batch_size=64, schedule="constant", augment="none", precision="fp32")
+    return FactoryJob(model=ModelSpec(name=model), recipe=r, data=load_dataset(SPEC), device="cuda",
+                      trials=tuple(TrialSpec(f"m{i}", seed=i) for i in range(n)), **kw)
+
+
+def test_measured_chunk_size_trains_every_model() -> None:
+    models = run_trials(job("fastcnn", 6))
+    assert [m.trial_id for m in models] == [f"m{i}" for i in range(6)]
+    assert all(m.metrics["peak_gpu_mem_mb"] > 0 for m in models)
+
+
+def test_real_out_of_memory_backs_off_and_finishes() -> None:
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.5 * 2**30 / total)  # ~1.5 GiB: one ResNet-18 fits, 16 do not
+    try:
+        seen: list[str] = []
+        models = run_trials(job("resnet18", 16, max_chunk=16), on_result=lambda m: seen.append(m.trial_id))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert sorted(seen) == sorted(m.trial_id for m in models) and len(models) == 16
+
+
+def test_loop_and_vmap_layouts_agree_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One training-mode forward/backward of the same K = 2 models in both layouts: same logits,
+    gradients and BatchNorm statistics (fp32 without TF32, which rounds grouped and plain convs
+    differently). A model without max-pools, whose near-ties would legitimately route gradients
+    differently (see tests/models/test_zoo.py)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    from mlaudit.models import build_model
+    from mlaudit.train.loop import StackedModels, init_models
+
+    models = init_models(lambda: build_model({"name": "resnet18", "width": 8}, input_shape=(3, 32, 32),
+                                             num_classes=10), [0, 1])
+    dev = torch.device("cuda")
+    stacks = [StackedModels.from_modules(models, dev, strategy=s) for s in ("loop", "vmap")]
+    x = load_dataset(SPEC).train.x[:32].reshape(2, 16, 3, 32, 32).to(dev)
+    logits = [s.forward(x, train=True) for s in stacks]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+    grads = [torch.autograd.grad(lg.square().sum(), s.trainable()) for lg, s in zip(logits, stacks, strict=True)]
+    n = len(grads[1])
+    loop_stacked = [torch.stack([grads[0][k * n + j] for k in range(2)]) for j in range(n)]
+    for gl, gv in zip(loop_stacked, grads[1], strict=True):
+        torch.testing.assert_close(gl, gv, rtol=1e-3, atol=1e-4)
+    for k in range(2):
+        sl, sv = stacks[0].state_dict(k), stacks[1].state_dict(k)
+        for name in sl:
+            torch.testing.assert_close(sl[name].float(), sv[name].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_runner_records_gpu_cost(tmp_path: Path) -> None:
+    cfg = {"kind": "train", "dataset": SPEC.model_dump(), "model": "fastcnn", "trials": 3,
+           "recipe": {"name": "fast", "epochs": 1}, "save_models": False}
+    run_experiment(cfg, out=tmp_path / "out", device="cuda", store=tmp_path / "runs.db", quiet=True)
+    cost = json.loads((tmp_path / "out" / "results.json").read_text())["cost"]
+    assert cost["models_trained"] == 3 and cost["gpu_seconds"] > 0 and cost["peak_gpu_mem_mb"] > 0

@@ -22,3 +22,13 @@ def _single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the user's ~/.mlaudit: HOME, the default run store and the data
+    cache point into a fresh temporary folder."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("MLAUDIT_STORE", str(home / "default.db"))
+    monkeypatch.setenv("MLAUDIT_DATA", str(home / "data"))

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -37,12 +36,9 @@ TINY: dict[str, Any] = {"kind": "train", "name": "tiny-cli", "seed": 0, "trials"
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Work in tmp_path with HOME and the default store there; train single-threaded."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the assertion below checks this folder
     monkeypatch.setenv("MLAUDIT_STORE", str(tmp_path / "home" / "default.db"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     assert not (tmp_path / "home" / ".mlaudit").exists()
 
 

@@ -36,12 +36,8 @@ def tiny(**changes: Any) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Keep every store under tmp_path and train single-threaded (fast on a shared 2-core box)."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MLAUDIT_STORE", str(tmp_path / "home" / "default.db"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the assertion below checks this folder
     yield
-    torch.set_num_threads(threads)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

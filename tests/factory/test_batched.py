@@ -28,14 +28,6 @@ summation order differs - but max |diff| <= 5e-7 over every state_dict tensor (B
 stats included) for fastcnn and MLP, i.e. ~200x inside this tolerance."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=2)
 def bundle(n: int = 128) -> DataBundle:
     return load_dataset(DatasetSpec(name="synthetic", options={"n_train": n, "n_test": 32}))

@@ -35,14 +35,6 @@ SPEC = DatasetSpec(name="synthetic", options={"n_train": 64, "n_test": 16})
 TOL = dict(rtol=1e-4, atol=1e-4)  # see tests/factory/test_batched.py for what batched vs sequential achieves
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=1)
 def data():  # noqa: ANN201
     return load_dataset(SPEC)

@@ -4,7 +4,6 @@ with the batched (``torch.func.vmap`` over stacked parameters) trainer."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,16 +22,6 @@ NAMES = MODELS.names()
 IMAGE = (3, 16, 16)
 NUM_CLASSES = 3
 TINY_WIDTH = {"mobilenetv2": 4, "mlp": 16}  # everything else: 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """These tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    spin-waiting made them ~100x slower; run single-threaded and restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(

@@ -37,14 +37,6 @@ from mlaudit.train.optim import StackedAdam, StackedSGD
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @functools.lru_cache(maxsize=4)
 def bundle(n: int = 64, seed: int = 0) -> DataBundle:
     return load_dataset(DatasetSpec(name="synthetic", seed=seed, options={"n_train": n, "n_test": 32}))

@@ -15,7 +15,7 @@ import torch
 from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, load_dataset
 from ..errors import ConfigError, DataError, TrialError
-from ..factory import Executor, FactoryJob, TrainedModel, TrialSpec, train_many
+from ..factory import Executor, FactoryJob, LocalExecutor, TrainedModel, TrialSpec, train_many
 from ..store import RunStore
 from ..train.checkpoint import save_checkpoint
 from .progress import Progress
@@ -91,6 +91,11 @@ class RunContext:
         cuda = str(job.device).startswith("cuda")
         local = getattr(self.executor, "name", "") == "local"
         task = self.progress.task(label, total=len(job.trials), completed=len(job.trials) - len(todo))
+        epochs = self.progress.task("  epochs of the current chunk", total=job.recipe.epochs) if local else None
+
+        def epoch_done(epoch: int, k: int) -> None:
+            self.progress.set(epochs, completed=epoch + 1,
+                              description=f"  epochs of the current chunk ({k} model{'s' if k > 1 else ''})")
 
         def commit(m: TrainedModel) -> None:
             rec = self._record(m, save_weights)
@@ -105,7 +110,10 @@ class RunContext:
 
         t0 = time.perf_counter()
         try:
-            train_many(job.with_trials(todo), executor=self.executor, on_result=commit)
+            if isinstance(self.executor, LocalExecutor):
+                self.executor.execute(job.with_trials(todo), on_result=commit, on_epoch=epoch_done)
+            else:
+                train_many(job.with_trials(todo), executor=self.executor, on_result=commit)
         except (ConfigError, DataError):
             raise
         except Exception as e:
@@ -118,6 +126,7 @@ class RunContext:
             if cuda:
                 self.cost.gpu_seconds += wall * (1 if local else max(1, torch.cuda.device_count()))
             self.progress.done(task)
+            self.progress.done(epochs)
         return [self.finished[t.trial_id] for t in job.trials]
 
     def _record(self, m: TrainedModel, save_weights: bool) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Progress:
         if self._bar is not None and task is not None:
             self._bar.advance(task, n)
 
+    def set(self, task: TaskID | None, *, completed: int, description: str | None = None) -> None:
+        if self._bar is not None and task is not None:
+            self._bar.update(task, completed=completed, description=description)
+
     def done(self, task: TaskID | None) -> None:
         if self._bar is not None and task is not None:
             self._bar.stop_task(task)

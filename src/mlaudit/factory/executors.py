@@ -88,8 +88,10 @@ class LocalExecutor:
 
     name: str = "local"
 
-    def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None) -> list[TrainedModel]:
-        return run_trials(job, on_result=on_result)
+    def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None,
+                on_epoch: Callable[[int, int], None] | None = None) -> list[TrainedModel]:
+        """``on_epoch(epoch, models_in_chunk)`` after every epoch (in-process progress bars)."""
+        return run_trials(job, on_result=on_result, on_epoch=on_epoch)
 
 
 def _worker_init(counter: Any, threads: int) -> None:

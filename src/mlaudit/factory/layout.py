@@ -1,8 +1,8 @@
 """Choosing the stack layout (``vmap`` or ``loop``, :mod:`mlaudit.train.stacked`) by measurement.
 
 Which layout trains K models faster depends on the architecture, not only on K: on an H100
-(benchmarks/results/factory_*.md, 2026-11-22) vmap was 1.2x faster than the loop for K = 8
-ResNet-18s (3.96 vs 4.82 s per model-epoch) but 3.5x slower for K = 8 fast CNNs (1.47 vs 0.42),
+(benchmarks/results/factory_*.md, 2026-11-22) vmap was 1.1x faster than the loop for K = 8
+ResNet-18s (3.66 vs 3.96 s per model-epoch) but 3.6x slower for K = 8 fast CNNs (1.68 vs 0.46),
 whose max-pool backward and float32 BatchNorm suffer under vmap; for a narrow fast CNN (width 16)
 vmap over K = 32 was 2.7x faster than training one at a time. So for ``strategy: auto`` on a GPU
 with K > 1 the factory times a few training steps of each layout on the real data and keeps the

@@ -85,3 +85,15 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
+
+
+def time_step(fn: Any, n: int = 20, warmup: int = 3) -> float:
+    """Mean seconds per call of ``fn`` on the GPU (after ``warmup`` calls, synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n

@@ -1,5 +1,6 @@
 """Per-step timing probe: plain module vs vmapped stack (not a committed benchmark)."""
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,11 +12,8 @@ from mlaudit.train.loop import StackedModels, init_models
 torch.backends.cudnn.benchmark = True
 dev = torch.device("cuda")
 
-def bench(fn, n=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n): fn()
-    torch.cuda.synchronize(); return (time.perf_counter() - t) / n
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import time_step as bench  # noqa: E402
 
 for name, B in [("fastcnn", 512), ("resnet18", 128)]:
     m = build_model(name, input_shape=(3, 32, 32), num_classes=10).to(dev).to(memory_format=torch.channels_last)

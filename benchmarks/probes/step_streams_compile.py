@@ -1,5 +1,7 @@
 """Per-step timing probe: K models via loop / CUDA streams / compile (not a committed benchmark)."""
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -9,11 +11,8 @@ from mlaudit.models import build_model
 torch.backends.cudnn.benchmark = True
 dev = torch.device("cuda")
 
-def bench(fn, n=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize(); t = time.perf_counter()
-    for _ in range(n): fn()
-    torch.cuda.synchronize(); return (time.perf_counter() - t) / n
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import time_step as bench  # noqa: E402
 
 for name, B in [("fastcnn", 512), ("resnet18", 128)]:
     for K in (1, 4, 8, 16):

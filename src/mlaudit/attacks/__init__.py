@@ -1,0 +1,1 @@
+"""Attacks: membership inference (:mod:`mlaudit.attacks.membership`); poisoning and evasion follow."""

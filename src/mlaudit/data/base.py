@@ -107,7 +107,7 @@ class DataBundle:
         return DataBundle(self.name, self.train.to(device), self.test.to(device), dict(self.meta))
 
     def describe(self) -> dict[str, object]:
-        """Summary for `mlaudit data info` and results.json."""
+        """Summary for `mlaudit data info`."""
         return {
             "name": self.name,
             "id": self.id,

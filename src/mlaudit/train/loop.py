@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,6 @@ class TrainOutput:
     state_dict: dict[str, Tensor]
     train_loss: float
     steps: int
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def init_models(model_fn: Callable[[], nn.Module], seeds: Sequence[int]) -> list[nn.Module]:

@@ -48,3 +48,34 @@ def test_ray_executor_from_the_cli_matches_local(tmp_path: Path) -> None:
     assert ray["executor"] == "ray"
     assert ray["metrics"] == local["metrics"]
     assert [t["test_accuracy"] for t in ray["trials"]] == [t["test_accuracy"] for t in local["trials"]]
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the optional ray extra")
+def test_ray_executor_connects_to_a_running_cluster(tmp_path: Path) -> None:
+    """`--ray-address` joins an existing cluster (here a 2-CPU head started on 127.0.0.1)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}
+    start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        local = run_cli(tmp_path, "local")
+        cfg = tmp_path / "cfg.yaml"
+        exe = Path(sys.executable).parent / "mlaudit"
+        out = tmp_path / "out-cluster"
+        proc = subprocess.run([str(exe), "run", str(cfg), "--out", str(out), "--device", "cpu", "--quiet",
+                               "--store", str(tmp_path / "runs.db"), "--executor", "ray",
+                               "--ray-address", f"127.0.0.1:{port}"],
+                              env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        remote = json.loads((out / "results.json").read_text())
+        assert remote["executor"] == "ray" and remote["metrics"] == local["metrics"]
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,55 @@
+"""Membership-inference attacks on a pool of models (leave-one-out: every model is a target once).
+
+    obs = Observations(logits=collect_logits(stack, pool.x, queries=("identity", "flip")),
+                       labels=pool.y, keep=keep)          # logits [M, N, A, C], keep bool [M, N]
+    scores = score_all_targets("lira-online", obs)        # [M, N], higher = member
+    roc_metrics(scores.flatten(), keep.flatten())
+
+Registered attacks (:data:`ATTACKS`): ``loss`` and ``loss-bounded`` (Yeom et al. 2018, A2 / A1),
+``shokri`` (Shokri et al. 2017), ``lira-online`` and ``lira-offline`` (Carlini et al. 2022).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import lira, loss, shokri  # noqa: F401  (register the attacks)
+from .base import ATTACKS, AttackFn, Observations, register_attack
+from .lira import lira_all_targets, lira_requirements, models_needed, shadow_coverage
+from .loss import yeom_decision, yeom_threshold
+from .query import (
+    QUERY_PATTERNS,
+    Query,
+    collect_logits,
+    default_queries,
+    logits_from_checkpoints,
+    parse_queries,
+    parse_query,
+)
+from .signals import clip_nonfinite, cross_entropy, scaled_confidence, softmax_probs
+
+
+def score_all_targets(attack: str | AttackFn, obs: Observations, **options: Any) -> Tensor:
+    """Scores [M, N] of every model as the target (row m = ``attack(obs, m, **options)``).
+
+    Uses the attack's ``all_targets(obs, **options)`` fast path when it has one (``loss``,
+    ``loss-bounded`` and both LiRA variants: O(M * N * A) in all, against O(M^2 * N * A * C) for M
+    separate calls; equal up to float64 rounding), else calls the attack once per target.
+    ``attack`` is a registered name or an attack function.
+    """
+    fn = ATTACKS.get(attack) if isinstance(attack, str) else attack
+    fast = getattr(fn, "all_targets", None)
+    if fast is not None:
+        return fast(obs, **options)
+    return torch.stack([fn(obs, m, **options) for m in range(obs.num_models)])
+
+
+__all__ = [
+    "ATTACKS", "AttackFn", "Observations", "QUERY_PATTERNS", "Query", "clip_nonfinite", "collect_logits",
+    "cross_entropy", "default_queries", "lira_all_targets", "lira_requirements", "logits_from_checkpoints",
+    "models_needed", "parse_queries", "parse_query", "register_attack", "scaled_confidence", "score_all_targets",
+    "shadow_coverage", "softmax_probs", "yeom_decision", "yeom_threshold",
+]

@@ -4,10 +4,13 @@
 2. trains four target MLPs with the ``fast`` recipe through the experiment runner and the
    factory (batched), committing each to the run store and writing a report;
 3. shows the library API on the same data: a 10% label-flip view of the training set and a victim
-   retrained on it, to show how every attack is expressed as a view over clean data.
-Later capabilities (poisoning, membership inference, DP auditing) add their steps here.
+   retrained on it, to show how every attack is expressed as a view over clean data;
+4. membership inference: a pool of 8 MLPs, each on a random half of the digits training split,
+   attacked by LOSS and LiRA (online and offline), every model a target once (experiment kind
+   ``membership-inference``; AUC and TPR at 1% FPR printed).
+Later capabilities (poisoning, DP auditing) add their steps here.
 
-Output: ``OUT/train/`` (config.yaml, results.json, report.html, artifacts/) and ``OUT/demo.json``
+Output: ``OUT/train/`` and ``OUT/membership/`` (config.yaml, results.json, report.html, artifacts/) and ``OUT/demo.json``
 (the summary returned by :func:`run_demo`). Running the demo again into the same folder resumes
 (finished models are not retrained).
 """
@@ -34,11 +37,17 @@ from .train.loop import StackedModels
 
 DEMO_CONFIG: dict[str, Any] = {"kind": "train", "name": "demo-digits-mlp", "dataset": "digits", "model": "mlp",
                                "recipe": "fast", "trials": 4, "seed": 0}
+MEMBERSHIP_CONFIG: dict[str, Any] = {"kind": "membership-inference", "name": "demo-digits-membership",
+                                     "dataset": "digits", "model": "mlp", "recipe": "fast",
+                                     "pool": {"models": 8, "keep": 0.5},
+                                     "attacks": ["loss", "lira-online", "lira-offline"], "n_boot": 100, "seed": 0}
+_DEMO_PARTS = ("train", "membership", "demo.json")
 
 
-def demo_config(*, epochs: int | None = None) -> dict[str, Any]:
-    """The demo's experiment config; ``epochs`` overrides the recipe's (for quick smoke runs)."""
-    cfg = dict(DEMO_CONFIG)
+def demo_config(*, epochs: int | None = None, kind: str = "train") -> dict[str, Any]:
+    """The demo's experiment config of ``kind`` (``train`` or ``membership-inference``); ``epochs``
+    overrides the recipe's (for quick smoke runs)."""
+    cfg = dict(MEMBERSHIP_CONFIG if kind == "membership-inference" else DEMO_CONFIG)
     if epochs is not None:
         cfg["recipe"] = {"name": "fast", "epochs": epochs}
     return cfg
@@ -53,18 +62,18 @@ def run_demo(*, out: str | Path, store: RunStore | str | Path | None = None, qui
     """
     console = Console(quiet=quiet, highlight=False)
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(p.name not in ("train", "demo.json") for p in out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name not in _DEMO_PARTS for p in out.iterdir())):
         raise ConfigError(f"demo output folder {str(out)!r} holds other files; choose another --out or empty it")
     cfg = demo_config(epochs=epochs)
     console.rule("mlaudit demo")
-    console.print("Step 1/2: train 4 target models (digits, mlp, recipe 'fast') through the factory")
+    console.print("Step 1/3: train 4 target models (digits, mlp, recipe 'fast') through the factory")
     res = run_experiment(cfg, out=out / "train", device="cpu", store=store, quiet=quiet,
                          resume=(out / "train" / "config.yaml").is_file())
     acc = res.results["metrics"]["test_accuracy"]
     console.print(Text(f"  test accuracy {acc['mean']:.4f} ± {acc['se']:.4f} over {acc['n']} models; "
                        f"report: {res.out_dir / 'report.html'}"))
 
-    console.print("Step 2/2: the same data seen through a view: flip 10% of the training labels")
+    console.print("Step 2/3: the same data seen through a view: flip 10% of the training labels")
     data = load_dataset("digits")
     g = torch.Generator().manual_seed(0)
     n = len(data.train)
@@ -81,8 +90,27 @@ def run_demo(*, out: str | Path, store: RunStore | str | Path | None = None, qui
         acc_v = float(evaluate(StackedModels.from_modules([model], torch.device("cpu")), data.test)["accuracy"][0])
         flips[label] = acc_v
         console.print(f"  {label:>20}: test accuracy {acc_v:.4f}")
+    membership = _membership_step(out, store=store, quiet=quiet, epochs=epochs, console=console)
     console.rule("done")
-    summary = {"train": res.results["metrics"], "label_flip": flips, "out": str(out),
+    summary = {"train": res.results["metrics"], "label_flip": flips, "membership": membership, "out": str(out),
                "experiment_id": res.experiment_id}
     write_atomic(out / "demo.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _membership_step(out: Path, *, store: RunStore | str | Path | None, quiet: bool, epochs: int | None,
+                     console: Console) -> dict[str, Any]:
+    """Step 3: the membership-inference pool; returns AUC and TPR at 1% FPR per attack."""
+    cfg = demo_config(epochs=epochs, kind="membership-inference")
+    console.print("Step 3/3: membership inference: 8 models, each on a random half of the training split; "
+                  "every model is attacked with the other 7 as shadows")
+    res = run_experiment(cfg, out=out / "membership", device="cpu", store=store, quiet=quiet,
+                         resume=(out / "membership" / "config.yaml").is_file())
+    summary: dict[str, Any] = {"experiment_id": res.experiment_id}
+    for name in cfg["attacks"]:
+        m = res.results["metrics"][name]
+        summary[name] = {"auc": m["auc"]["value"], "tpr_at_1pct_fpr": m["tpr_at_fpr"]["0.01"]["value"]}
+        console.print(f"  {name:>13}: AUC {summary[name]['auc']:.3f}, TPR at 1% FPR "
+                      f"{100 * summary[name]['tpr_at_1pct_fpr']:.2f}%")
+    console.print(Text(f"  report (ROC curves, log-log): {res.out_dir / 'report.html'}"))
     return summary

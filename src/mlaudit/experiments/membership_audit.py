@@ -1,0 +1,191 @@
+"""Truth Serum poisoning and external-target audits of the ``membership-inference`` kind.
+
+Truth Serum (Tramer, Shokri, San Joaquin, Le, Jagielski, Hong, Carlini 2022, "Truth Serum: Poisoning
+Machine Learning Models to Reveal Their Secrets"; seed 000). Threat model: the adversary may add
+examples to the training set before training, then gets black-box access to the trained model and
+wants to tell whether a target example z was in it. The poison is ``copies`` copies of z with a
+wrong label: a model that trains on them but not on z is confidently wrong on z, one that also
+holds z is pulled back towards the right label, so the IN and OUT confidences on z separate.
+
+Here ``targets`` pool examples (seeded) each get ``copies`` copies labelled with a fixed random
+other class; a second pool is trained with the same seeds and inclusion matrix plus every poison
+(inserted virtual indices are in every model; the targets themselves still follow ``keep``; the
+shadows are poisoned too, as the adversary trains them with its own poisons). Every attack is run
+on both pools and compared on the target examples only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..attacks.membership import ATTACKS, Observations, logits_from_checkpoints
+from ..data.base import DataBundle
+from ..data.view import DataView
+from ..errors import ConfigError, DataError
+from ..models.registry import build_model
+from ..report.html import ReportTable
+from ..stats import MeanSE, fpr_key, roc_metrics
+from ..train.checkpoint import load_checkpoint, sha256_file
+from .base import ExperimentOutput
+from .context import RunContext
+from .membership_report import pct, roc_figures, score_pool, trial_rows
+
+if TYPE_CHECKING:
+    from .membership import MembershipConfig
+
+
+def truth_serum_view(train_x: Tensor, train_y: Tensor, base: DataView, pool_rows: Tensor, *, targets: int,
+                     copies: int, num_classes: int, seed: int) -> tuple[DataView, Tensor, Tensor]:
+    """The poisoned view and its targets.
+
+    Picks ``targets`` positions of the pool (seeded, ascending) and inserts ``copies`` copies of each
+    target's x [*shape] with one wrong label per target ((y + U{1..K-1}) mod K). Returns
+    ``(view, target positions in the pool int64 [T], wrong labels int64 [T])``; the inserted
+    examples have virtual indices N_train .. N_train + T * copies - 1.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5345_5255]))
+    pos = torch.from_numpy(np.sort(rng.choice(pool_rows.numel(), size=targets, replace=False)))
+    y = train_y[pool_rows[pos]]
+    wrong = (y + torch.from_numpy(rng.integers(1, num_classes, size=targets))) % num_classes
+    x = train_x[pool_rows[pos]].repeat_interleave(copies, 0)
+    view = base.with_inserted(x, wrong.repeat_interleave(copies)).with_meta(method="truth-serum", copies=copies)
+    return view, pos, wrong
+
+
+def separation(scores: Tensor, keep: Tensor) -> float:
+    """Standardised gap (mean IN - mean OUT) / pooled sd of ``scores`` [M, T] with ``keep`` [M, T]."""
+    s, k = scores.flatten().double(), keep.flatten()
+    a, b = s[k], s[~k]
+    sd = float(torch.sqrt((a.var() * (a.numel() - 1) + b.var() * (b.numel() - 1)) / max(s.numel() - 2, 1)))
+    return float((a.mean() - b.mean()) / sd) if sd > 0 else float("nan")
+
+
+def _slim(mt: dict[str, Any]) -> dict[str, Any]:
+    return {"auc": mt["auc"], "tpr_at_fpr": mt["tpr_at_fpr"], "n_pos": mt["n_pos"], "n_neg": mt["n_neg"]}
+
+
+def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunContext, data: DataBundle, keep: Tensor,
+                    rows: Tensor, before: dict[str, Tensor], queries: tuple[str, ...]) -> None:
+    """Train the poisoned pool and add before/after metrics on the targets to ``out``."""
+    from .membership import pool_logits, train_pool
+
+    ts = config.truth_serum
+    assert ts is not None  # the caller checks
+    view, pos, wrong = truth_serum_view(data.train.x, data.train.y, DataView.identity(data.train), rows,
+                                        targets=ts.targets, copies=ts.copies, num_classes=data.num_classes,
+                                        seed=config.seed)
+    np.savez(ctx.artifacts / "truth_serum_targets.npz", train_index=rows[pos].numpy(), pool_position=pos.numpy(),
+             wrong_label=wrong.numpy())
+    records = train_pool(config, ctx, data, keep, rows, prefix="serum", role="truth-serum", view=view)
+    x, y = data.train.x[rows], data.train.y[rows]
+    obs = Observations(pool_logits(config, ctx, data, records, x, queries), y, keep, queries)
+    after, diag = score_pool(obs, config.attacks, options=config.resolved_attack_options)
+    kt = keep[:, pos]
+    res: dict[str, Any] = {"targets": ts.targets, "copies": ts.copies, "pairs": int(kt.numel()),
+                           "members": int(kt.sum()), "poisoned_test_accuracy": MeanSE.of(
+                               np.array([r["metrics"]["test_accuracy"] for r in records])).to_dict(),
+                           "nonfinite_clipped": diag}
+    cols = ["attack"] + [f"{w} {when}" for w in ["AUC (%)"] + [f"TPR @ {100 * t:g}% FPR (%)"
+                                                                for t in config.fpr_targets]
+                         for when in ("before", "after")]
+    table = []
+    for name in config.attacks:
+        pair = {}
+        for when, s in (("before", before[name]), ("after", after[name])):
+            mt = roc_metrics(s[:, pos].flatten().numpy(), kt.flatten().numpy(), fpr_targets=config.fpr_targets,
+                             n_boot=config.n_boot, seed=config.seed)
+            pair[when] = {**_slim(mt), "separation": separation(s[:, pos], kt)}
+        res[name] = pair
+        cells = [pct(pair[w]["auc"]) for w in ("before", "after")]
+        for t in config.fpr_targets:
+            cells += [pct(pair[w]["tpr_at_fpr"][fpr_key(t)]) for w in ("before", "after")]
+        table.append([name, *cells])
+    out.metrics["truth_serum"] = res
+    note = (f"{ts.targets} targets x {config.pool.models} models = {kt.numel()} (model, target) pairs ({int(kt.sum())} "
+            f"members): TPR at FPR below {1 / max(kt.numel() - int(kt.sum()), 1):.2g} is read at zero false "
+            "positives, so the low-FPR columns are coarse for few targets.")
+    out.tables.append(ReportTable("Truth Serum: the same attacks on the same targets, without and with poisoning",
+                                  cols, table, note=note))
+    out.notes.append(f"Truth Serum (Tramer et al. 2022): {ts.copies} copies of each of {ts.targets} targets inserted "
+                     f"with a wrong label into every model of a second pool (same seeds and inclusion; targets in "
+                     f"artifacts/truth_serum_targets.npz). {note}")
+    ref = next((n for n in ("lira-online", "lira-offline") if n in after), config.attacks[0])
+    figs = roc_figures({f"{ref} before": before[ref][:, pos], f"{ref} after": after[ref][:, pos]}, kt,
+                       {f"{ref} {w}": res[ref][w] for w in ("before", "after")}, what=" of the Truth Serum targets")
+    out.figures.update(figs)
+    out.trials.extend(trial_rows(records, keep))
+
+
+def load_target(config: MembershipConfig, data: DataBundle) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The external target's state_dict (checked to fit the config's model on this data) and its
+    ``members`` mask bool [N_train] (None when not given). Raises :class:`DataError` naming the file."""
+    tc = config.target
+    assert tc is not None  # the caller checks
+    sd = load_checkpoint(tc.checkpoint, sha256=tc.sha256)
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise DataError(f"target checkpoint {str(tc.checkpoint)!r} does not fit model {config.model.name!r} on "
+                        f"{data.name} (input {list(data.input_shape)}, {data.num_classes} classes): "
+                        f"{str(e).splitlines()[0]}") from None
+    if tc.members is None:
+        return sd, None
+    return sd, _load_members(tc.members, len(data.train))
+
+
+def _load_members(path: Path, n_train: int) -> Tensor:
+    if path.suffix not in (".npy", ".pt"):
+        raise ConfigError(f"target.members {str(path)!r} must be a .npy or .pt file holding a bool mask [N_train]")
+    if not path.is_file():
+        raise DataError(f"target.members file {str(path)!r} does not exist")
+    try:
+        raw = np.load(path, allow_pickle=False) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+        t = torch.as_tensor(np.asarray(raw))
+    except Exception as e:  # numpy / torch raise several types for corrupt files
+        raise DataError(f"target.members file {str(path)!r} could not be read: {e}") from None
+    if t.dim() != 1 or t.numel() != n_train or not bool(((t == 0) | (t == 1)).all()):
+        raise DataError(f"target.members {str(path)!r} must be a 1-D bool (or 0/1) mask with one entry per "
+                        f"training example ({n_train}), got {t.dtype} {list(t.shape)}")
+    return t.bool()
+
+
+def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContext, data: DataBundle,
+                 obs: Observations, rows: Tensor) -> None:
+    """Score the external target with every attack, all M pool models being its shadows; saves
+    artifacts/target_scores.npy float64 [len(attacks), N] (rows in ``attacks`` order) and, when its
+    members are known, adds their metrics."""
+    tc = config.target
+    assert tc is not None  # the caller checks
+    sd, members = load_target(config, data)
+
+    def template() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+    logits = logits_from_checkpoints(template, [sd], data.train.x[rows], queries=obs.queries, device=ctx.device)
+    member_row = members[rows] if members is not None else torch.zeros(obs.num_examples, dtype=torch.bool)
+    full = Observations(torch.cat([obs.logits, logits]), obs.labels, torch.cat([obs.keep, member_row[None]]),
+                        obs.queries)
+    scores = []
+    for name in config.attacks:
+        s = ATTACKS.get(name)(full, obs.num_models, **config.options_for(name)).double().cpu()
+        fin = s[torch.isfinite(s)]
+        lo, hi = (float(fin.min()), float(fin.max())) if fin.numel() else (0.0, 0.0)
+        scores.append(torch.nan_to_num(s, nan=lo, posinf=hi, neginf=lo))
+    np.save(ctx.artifacts / "target_scores.npy", torch.stack(scores).numpy())
+    res: dict[str, Any] = {"checkpoint": tc.checkpoint.name, "sha256": sha256_file(tc.checkpoint),
+                           "members_known": members is not None, "scores": "artifacts/target_scores.npy"}
+    if members is not None and 0 < int(member_row.sum()) < member_row.numel():
+        for name, s in zip(config.attacks, scores):
+            res[name] = roc_metrics(s.numpy(), member_row.numpy(), fpr_targets=config.fpr_targets,
+                                    n_boot=config.n_boot, seed=config.seed)
+    out.metrics["target"] = res
+    out.notes.append(f"external target {tc.checkpoint.name}: scored with all {obs.num_models} pool models as shadows"
+                     + ("" if members is not None else "; its members are unknown, so only scores are saved"))

@@ -1,0 +1,311 @@
+"""Experiment kind ``membership-inference``: inclusion design, config and data checks before
+anything is written, the pool run end to end (results keys, report, honoured masks), Truth Serum,
+external targets, memorization estimates and NaN handling."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from mlaudit.attacks.membership import ATTACKS, Observations
+from mlaudit.cli import app
+from mlaudit.data import load_dataset
+from mlaudit.data.view import DataView
+from mlaudit.errors import ConfigError, DataError
+from mlaudit.experiments import parse_config, run_experiment
+from mlaudit.experiments.context import RunContext
+from mlaudit.experiments.membership import inclusion_matrix, models_needed
+from mlaudit.experiments.membership_audit import separation, truth_serum_view
+from mlaudit.experiments.membership_report import influence, score_pool, self_influence
+from mlaudit.models import build_model
+from mlaudit.train import train
+from mlaudit.train.checkpoint import save_checkpoint
+
+CONTRACT = """\
+kind: membership-inference
+dataset: digits
+model: mlp
+recipe: fast
+pool: {models: 16, keep: 0.5}
+attacks: [loss, shokri, lira-online, lira-offline]
+seed: 0
+"""
+SYNTH = {"name": "synthetic", "options": {"n_train": 160, "n_test": 64, "shape": [12], "noise": 2.0}}
+
+
+def tiny(**changes: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"kind": "membership-inference", "name": "tiny-mi", "seed": 0, "model": "mlp",
+                           "dataset": SYNTH, "recipe": {"name": "fast", "epochs": 6, "batch_size": 32},
+                           "pool": {"models": 8, "keep": 0.5}, "attacks": ["loss", "lira-online", "lira-offline"],
+                           "n_boot": 20}
+    cfg.update(changes)
+    return cfg
+
+
+def spy_jobs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    jobs: list[Any] = []
+    original = RunContext.train
+
+    def train_spy(self: RunContext, job: Any, **kw: Any) -> Any:
+        jobs.append(job)
+        return original(self, job, **kw)
+
+    monkeypatch.setattr(RunContext, "train", train_spy)
+    return jobs
+
+
+def check_attack_metrics(m: dict[str, Any]) -> None:
+    for key in ("auc", "balanced_accuracy"):
+        assert {"value", "lo", "hi"} <= set(m[key]) and m[key]["lo"] <= m[key]["value"] <= m[key]["hi"]
+    assert set(m["tpr_at_fpr"]) == {"1e-05", "0.001", "0.01"}
+    for v in m["tpr_at_fpr"].values():
+        assert {"value", "lo", "hi", "clopper_pearson"} <= set(v) and 0.0 <= v["value"] <= 1.0
+
+
+# ---------------------------------------------------------------- design and config checks
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(2, 40), n=st.integers(1, 60), keep=st.floats(0.05, 0.95), seed=st.integers(0, 2**32 - 1))
+def test_inclusion_has_exact_counts_per_example(m: int, n: int, keep: float, seed: int) -> None:
+    k = int(keep * m)
+    inc = inclusion_matrix(m, n, keep=keep, seed=seed)
+    assert inc.dtype == torch.bool and inc.shape == (m, n)
+    assert torch.equal(inc.sum(0), torch.full((n,), k))
+    assert torch.equal(inc, inclusion_matrix(m, n, keep=keep, seed=seed))
+
+
+def test_inclusion_is_random_per_example_and_seed() -> None:
+    a, b = inclusion_matrix(16, 500, keep=0.5, seed=0), inclusion_matrix(16, 500, keep=0.5, seed=1)
+    assert not torch.equal(a, b)
+    assert abs(float(a.float().mean(1).min()) - 0.5) < 0.1  # every model holds about half of the pool
+    assert len({tuple(c) for c in a.T.tolist()}) > 450  # columns are distinct subsets, not one pattern
+
+
+def test_models_needed_matches_the_exact_count_design() -> None:
+    assert models_needed(0.5, 1, 1) == 4 and models_needed(0.5, 2, 2) == 6 and models_needed(0.5, 0, 1) == 3
+
+
+@pytest.mark.parametrize(("change", "pattern"), [
+    ({"attacks": ["loss", "lira-onlin"]}, r"unknown membership attack 'lira-onlin'; valid .*lira-online.*shokri"),
+    ({"pool": {"models": 8, "keep": 1.0}}, r"pool.keep"),
+    ({"pool": {"models": 8, "keep": 0.0}}, r"pool.keep"),
+    ({"pool": {"models": 3, "keep": 0.2}}, r"int\(keep \* models\)"),
+    ({"pool": {"models": 1}}, r"pool.models"),
+    ({"attack_options": {"shokri": {"hidden": 4}}}, r"not in attacks"),
+    ({"attack_options": {"loss": {"bound": 2.0}}}, r"loss does not take; it takes none"),
+    ({"queries": ["flip"]}, r"must include 'identity'"),
+    ({"queries": ["identity", "zoom"]}, r"unknown query kind 'zoom'"),
+    ({"fpr_targets": [0.0, 0.01]}, r"fpr_targets"),
+])
+def test_bad_configs_are_refused(change: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(tiny(**change))
+
+
+def test_pool_too_small_for_online_lira_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        run_experiment(tiny(pool={"models": 2, "keep": 0.5}), out=tmp_path / "o", device="cpu",
+                       store=tmp_path / "s.db", quiet=True)
+    msg = str(e.value)
+    assert "lira-online" in msg and "160 of 160 examples lack IN shadows" in msg and "fewest: 0 IN" in msg
+    assert "pool.models >= 4" in msg
+    assert not (tmp_path / "o").exists()
+    per_example = tiny(pool={"models": 4, "keep": 0.5}, attack_options={"lira-offline": {"variance": "per-example"}})
+    with pytest.raises(ConfigError, match=r"lira-offline needs >= 0 IN and >= 2 OUT .*pool.models >= 5 or "
+                                          r"attack_options: \{lira-offline: \{variance: fixed\}\}"):
+        run_experiment(per_example, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_mismatches_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"augment images, but synthetic holds vectors"):
+        run_experiment(tiny(queries=["identity", "flip"]), out=tmp_path / "o", device="cpu", quiet=True)
+    with pytest.raises(ConfigError, match=r"variance='bogus' is not allowed"):
+        run_experiment(tiny(attack_options={"lira-online": {"variance": "bogus"}}), out=tmp_path / "o", quiet=True)
+    with pytest.raises(ConfigError, match=r"pool.size = 500 exceeds the 160 examples"):
+        run_experiment(tiny(pool={"models": 4, "size": 500}), out=tmp_path / "o", device="cpu", quiet=True)
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(model="resnet18")))
+    res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet",
+                                   "--store", str(tmp_path / "s.db")])
+    assert res.exit_code == 2 and "needs image inputs" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_target_checkpoint_that_fails_to_load(tmp_path: Path) -> None:
+    bad = tmp_path / "target.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"target.pt.*could not be loaded"):
+        run_experiment(tiny(target={"checkpoint": str(bad)}), out=tmp_path / "o", device="cpu", quiet=True)
+    other = build_model("mlp", input_shape=(7,), num_classes=4)
+    save_checkpoint(other.state_dict(), bad)
+    with pytest.raises(DataError, match=r"target checkpoint .*target.pt' does not fit model 'mlp'"):
+        run_experiment(tiny(target={"checkpoint": str(bad)}), out=tmp_path / "o", device="cpu", quiet=True)
+    with pytest.raises(DataError, match=r"does not match its recorded sha256"):
+        run_experiment(tiny(target={"checkpoint": str(bad), "sha256": "0" * 64}), out=tmp_path / "o",
+                       device="cpu", quiet=True)
+    res = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet",
+                                   str(_yaml(tmp_path, tiny(target={"checkpoint": str(tmp_path / "nope.pt")})))])
+    assert res.exit_code == 2 and "nope.pt" in res.output and "does not exist" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def _yaml(tmp_path: Path, cfg: dict[str, Any]) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+# ---------------------------------------------------------------- library pieces
+def test_self_influence_and_influence_by_hand() -> None:
+    keep = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=torch.bool)
+    correct = torch.tensor([[1, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    # example 0: IN models 0,1 both right; OUT models 2,3: 1 of 2 -> 1 - 0.5; example 1: IN 1,2: 0.5, OUT 0,3: 0.5
+    assert torch.allclose(self_influence(correct, keep), torch.tensor([0.5, 0.0], dtype=torch.float64))
+    infl = influence(keep, correct)
+    assert infl.shape == (2, 2) and torch.allclose(infl.diagonal().double(), self_influence(correct, keep))
+    assert abs(float(infl[0, 1]) - (0.5 - 0.5)) < 1e-6 and abs(float(infl[1, 0]) - (0.5 - 1.0)) < 1e-6
+
+
+def test_truth_serum_view_inserts_mislabelled_copies() -> None:
+    data = load_dataset({"name": "synthetic", "options": {"n_train": 50, "n_test": 8, "shape": [6], "num_classes": 5}})
+    rows = torch.arange(10, 40)
+    view, pos, wrong = truth_serum_view(data.train.x, data.train.y, DataView.identity(data.train), rows,
+                                        targets=4, copies=3, num_classes=5, seed=0)
+    assert view.num_inserted == 12 and pos.shape == (4,) and bool((wrong != data.train.y[rows[pos]]).all())
+    x, y = view.gather(torch.arange(50, 62))
+    assert torch.equal(x, data.train.x[rows[pos]].repeat_interleave(3, 0)) and torch.equal(y, wrong.repeat_interleave(3))
+    assert separation(torch.tensor([[2.0, 0.0], [3.0, 1.0]]), torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)) > 1
+
+
+def _nan_attack(obs: Observations, target: int) -> torch.Tensor:
+    """Test-only: a ramp over the examples, with NaN for example 0 and +inf for example 1."""
+    s = torch.linspace(0.0, 1.0, obs.num_examples, dtype=torch.float64) + target
+    s[0], s[1] = float("nan"), float("inf")
+    return s
+
+
+def test_nonfinite_logits_and_scores_are_clipped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # registered for this test only, so tests that iterate over every attack never see it
+    monkeypatch.setitem(ATTACKS._items, "test-nan-scores", _nan_attack)
+    g = torch.Generator().manual_seed(0)
+    m, n = 6, 40
+    logits = torch.randn(m, n, 1, 3, generator=g)
+    logits[0, 3, 0, 1] = float("nan")
+    logits[2, 5, 0, 0] = float("inf")
+    keep = inclusion_matrix(m, n, keep=0.5, seed=0)
+    obs = Observations(logits, torch.randint(0, 3, (n,), generator=g), keep)
+    with pytest.warns(RuntimeWarning, match="2 of 240 model outputs have NaN/inf logits"):
+        scores, diag = score_pool(obs, ("loss", "lira-online", "test-nan-scores"),
+                                  options={"lira-online": {"variance": "fixed"}})
+    assert diag["nonfinite_logit_rows"] == 2 and diag["logit_rows"] == m * n
+    assert diag["nonfinite_scores"] == {"loss": 0, "lira-online": 0, "test-nan-scores": 2 * m}
+    for s in scores.values():
+        assert s.shape == (m, n) and bool(torch.isfinite(s).all())
+    fin = scores["test-nan-scores"][:, 2:]
+    assert torch.equal(scores["test-nan-scores"][:, 0], torch.full((m,), float(fin.min()), dtype=torch.float64))
+
+
+# ---------------------------------------------------------------- end to end
+def test_pool_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    jobs = spy_jobs(monkeypatch)
+    cfg = tiny(pool={"models": 8, "keep": 0.5, "size": 120}, truth_serum={"targets": 16, "copies": 8})
+    res = run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True)
+    out, m = tmp_path / "o", res.results["metrics"]
+    for name in cfg["attacks"]:
+        check_attack_metrics(m[name])
+    keep = torch.from_numpy(np.load(out / "artifacts" / "inclusion.npy"))
+    rows = torch.from_numpy(np.load(out / "artifacts" / "pool_indices.npy"))
+    assert keep.shape == (8, 120) and rows.shape == (120,) and torch.equal(keep.sum(0), torch.full((120,), 4))
+    assert m["pool"]["inclusion_sha256"] and m["pool"]["attack_options"]["lira-online"] == {"variance": "fixed"}
+    pool_job, serum_job = jobs
+    for job, extra in ((pool_job, 0), (serum_job, 16 * 8)):
+        for t in job.trials:
+            want = torch.zeros(160 + extra, dtype=torch.bool)
+            want[rows[keep[t.tags["model"]]]] = True
+            want[160:] = True
+            assert torch.equal(t.mask, want), t.trial_id
+    assert [t.seed for t in pool_job.trials] == [t.seed for t in serum_job.trials]
+    assert [r["pool_members"] for r in res.results["trials"][:8]] == keep.sum(1).tolist()
+    ts = m["truth_serum"]
+    assert ts["pairs"] == 8 * 16 and ts["members"] == 4 * 16
+    for name in cfg["attacks"]:
+        assert ts[name]["before"]["n_pos"] == 64 and ts[name]["after"]["n_neg"] == 64
+    # poisoning separates the targets' IN and OUT scores (measured: lira-online AUC 0.72 -> 0.98)
+    assert ts["lira-online"]["after"]["separation"] > ts["lira-online"]["before"]["separation"] + 0.2
+    assert ts["lira-online"]["after"]["auc"]["value"] > ts["lira-online"]["before"]["auc"]["value"]
+    mem = m["memorization"]
+    assert len(mem["top"]) == 10 and -1 <= mem["spearman_vs_lira"]["rho"] <= 1
+    assert np.load(out / "artifacts" / "influence.npy").shape == (120, 64)
+    assert set(np.load(out / "artifacts" / "scores.npz").files) == set(cfg["attacks"])
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "in the form of Carlini et al. 2022, Table I" in html
+    assert "Truth Serum: the same attacks" in html and "TPR @ 0.1% FPR (%)" in html
+    assert m["diagnostics"]["nonfinite_clipped"]["nonfinite_logit_rows"] == 0
+
+
+def test_external_target_audited_against_the_pool(tmp_path: Path) -> None:
+    data = load_dataset(SYNTH)
+    members = inclusion_matrix(2, 160, keep=0.5, seed=7)[0]
+    torch.manual_seed(3)
+    model = build_model("mlp", input_shape=data.input_shape, num_classes=data.num_classes)
+    train(model, data, {"name": "fast", "epochs": 6, "batch_size": 32}, seed=3,
+          view=DataView.identity(data.train).with_keep(members))
+    ck = tmp_path / "target.pt"
+    sha = save_checkpoint(model.state_dict(), ck)
+    np.save(tmp_path / "members.npy", members.numpy())
+    cfg = tiny(memorization=False, target={"checkpoint": str(ck), "sha256": sha, "members": str(tmp_path / "members.npy")})
+    r = run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True).results
+    t = r["metrics"]["target"]
+    assert t["members_known"] and t["sha256"] == sha
+    for name in cfg["attacks"]:
+        check_attack_metrics(t[name])
+        assert t[name]["n_pos"] == int(members.sum())
+    assert np.load(tmp_path / "o" / "artifacts" / "target_scores.npy").shape == (3, 160)
+    np.save(tmp_path / "members.npy", np.ones(5, dtype=bool))
+    with pytest.raises(DataError, match=r"one entry per training example \(160\)"):
+        run_experiment(cfg, out=tmp_path / "o2", device="cpu", quiet=True)
+
+
+def test_contract_fast_variant(tmp_path: Path) -> None:
+    """The contract config shrunk (3 epochs, 300 pool examples, logistic Shokri); same output keys."""
+    raw = yaml.safe_load(CONTRACT)
+    raw.update(recipe={"name": "fast", "epochs": 3}, n_boot=30, pool={**raw["pool"], "size": 300},
+               attack_options={"shokri": {"classifier": "logistic", "max_train": 1000}})
+    res = run_experiment(raw, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True)
+    m = res.results["metrics"]
+    for name in raw["attacks"]:
+        check_attack_metrics(m[name])
+    assert m["pool"]["queries"] == ["identity"] and m["pool"]["models"] == 16
+    assert (tmp_path / "o" / "artifacts" / "logits.pt").is_file()
+
+
+@pytest.mark.slow
+def test_contract_config_as_written(tmp_path: Path) -> None:
+    """The contract YAML as written (about 45 s single-threaded on a 2-core CPU, most of it Shokri)."""
+    (tmp_path / "c.yaml").write_text(CONTRACT)
+    from mlaudit.config import load_yaml
+
+    res = run_experiment(load_yaml(tmp_path / "c.yaml"), out=tmp_path / "o", device="cpu", store=tmp_path / "s.db",
+                         quiet=True)
+    r = json.loads((tmp_path / "o" / "results.json").read_text())
+    m = r["metrics"]
+    for name in ("loss", "shokri", "lira-online", "lira-offline"):
+        check_attack_metrics(m[name])
+    # measured: AUC loss 0.545, shokri 0.567, lira-online 0.644, lira-offline 0.623;
+    # TPR@1% FPR: 1.0%, 1.1%, 8.3%, 5.8%
+    assert m["lira-online"]["auc"]["lo"] > 0.5 and m["loss"]["auc"]["lo"] > 0.5
+    assert m["lira-online"]["tpr_at_fpr"]["0.01"]["value"] > m["loss"]["tpr_at_fpr"]["0.01"]["value"]
+    assert np.load(tmp_path / "o" / "artifacts" / "inclusion.npy").shape == (16, 1438)
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert re.search(r"ROC curve, log-log scale", html) and "data:image/png;base64," in html
+    assert res.results["cost"]["models_trained"] == 16

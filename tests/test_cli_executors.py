@@ -19,13 +19,20 @@ CONFIG = {"kind": "train", "name": "executors", "seed": 3, "trials": 4, "model":
           "recipe": {"name": "fast", "epochs": 2, "batch_size": 32}, "factory": {"max_chunk": 2}}
 
 
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without the RAY_* variables an in-process Ray (other tests) may
+    have set, e.g. a token-auth mode that would make `ray start` ask for a token."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return {**env, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
 def run_cli(tmp_path: Path, executor: str) -> dict:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))
     exe = Path(sys.executable).parent / "mlaudit"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlaudit.cli"]
     out = tmp_path / f"out-{executor}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = clean_env(tmp_path)
     proc = subprocess.run([*cmd, "run", str(cfg), "--out", str(out), "--device", "cpu", "--quiet",
                            "--store", str(tmp_path / "runs.db"), "--executor", executor],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -60,7 +67,7 @@ def test_ray_executor_connects_to_a_running_cluster(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray_bin = Path(sys.executable).parent / "ray"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}
+    env = clean_env(tmp_path)
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=120)
@@ -73,7 +80,7 @@ def test_ray_executor_connects_to_a_running_cluster(tmp_path: Path) -> None:
         proc = subprocess.run([str(exe), "run", str(cfg), "--out", str(out), "--device", "cpu", "--quiet",
                                "--store", str(tmp_path / "runs.db"), "--executor", "ray",
                                "--ray-address", f"127.0.0.1:{port}"],
-                              env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                              env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         remote = json.loads((out / "results.json").read_text())
         assert remote["executor"] == "ray" and remote["metrics"] == local["metrics"]

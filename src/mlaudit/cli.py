@@ -25,6 +25,8 @@ runs_app = typer.Typer(no_args_is_help=True, help="Inspect the run store.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
+dp_app = typer.Typer(no_args_is_help=True, help="Differential-privacy accounting for DP-SGD.")
+app.add_typer(dp_app, name="dp")
 
 StoreOpt = Annotated[Path | None, typer.Option("--store", help="SQLite run store (default $MLAUDIT_STORE or ~/.mlaudit/runs.db).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the output folder.")]
@@ -237,6 +239,41 @@ def data_info(name: Annotated[str, typer.Argument(help="A registered dataset (se
     for k, v in info.items():
         t.add_row(Text(str(k)), Text(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
     _out().print(t)
+
+
+SigmaOpt = Annotated[float, typer.Option("--noise-multiplier", help="Noise multiplier sigma (noise std / clip norm).")]
+RateOpt = Annotated[float, typer.Option("--sample-rate", help="Poisson sampling rate q = batch size / N.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Number of DP-SGD steps T.")]
+DeltaOpt = Annotated[float, typer.Option("--delta", help="Target delta (well below 1/N).")]
+AccOpt = Annotated[str, typer.Option("--accountant", help="rdp (Balle et al. 2020 conversion) or prv (Gopi et al. 2021).")]
+
+
+@dp_app.command("epsilon")
+def dp_epsilon(noise_multiplier: SigmaOpt, sample_rate: RateOpt, steps: StepsOpt, delta: DeltaOpt = 1e-5,
+               accountant: AccOpt = "rdp") -> None:
+    """Print the epsilon of DP-SGD with these settings."""
+    from .privacy.accountant import epsilon
+
+    try:
+        eps = epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
+                      accountant=accountant)  # type: ignore[arg-type]
+    except MlauditError as e:
+        _fail(e)
+    typer.echo(f"{eps:.6g}")
+
+
+@dp_app.command("noise")
+def dp_noise(epsilon_: Annotated[float, typer.Option("--epsilon", help="Target epsilon.")], sample_rate: RateOpt,
+             steps: StepsOpt, delta: DeltaOpt = 1e-5, accountant: AccOpt = "rdp") -> None:
+    """Print the smallest noise multiplier sigma that reaches the target epsilon."""
+    from .privacy.accountant import calibrate_noise
+
+    try:
+        sigma = calibrate_noise(target_epsilon=epsilon_, sample_rate=sample_rate, steps=steps, delta=delta,
+                                accountant=accountant)  # type: ignore[arg-type]
+    except MlauditError as e:
+        _fail(e)
+    typer.echo(f"{sigma:.6g}")
 
 
 @app.command()

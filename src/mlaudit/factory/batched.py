@@ -129,7 +129,8 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
                        masks=_masks(chunk, setup), augment=setup.augment,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
                        strategy=layout)
-    metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout} for o in outs]
+    metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout, **o.privacy}
+                                         for o in outs]
     if job.evaluate:
         stack = StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
         ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +49,14 @@ NO_AUGMENT_BY_DEFAULT = frozenset({"digits", "mnist", "synthetic"})
 
 @dataclass
 class TrainOutput:
-    """What training one model produced (weights on CPU, last-epoch mean loss, steps taken)."""
+    """What training one model produced (weights on CPU, last-epoch mean loss, steps taken; with DP-SGD
+    ``privacy`` holds dp_epsilon, dp_noise_multiplier, dp_sample_rate, dp_steps, dp_delta, dp_clip)."""
 
     seed: int
     state_dict: dict[str, Tensor]
     train_loss: float
     steps: int
+    privacy: dict[str, float] = field(default_factory=dict)
 
 
 def init_models(model_fn: Callable[[], nn.Module], seeds: Sequence[int]) -> list[nn.Module]:
@@ -112,9 +114,13 @@ def train_stack(
         on_epoch: called with (epoch, mean loss per model [K]) after each epoch.
         strategy: stack layout, ``auto``/``vmap``/``loop`` (see :mod:`mlaudit.train.stacked`).
 
+    With ``recipe.dp`` each step is a DP-SGD step (Poisson batches, per-example clipping, noise;
+    :mod:`mlaudit.privacy.dpsgd`) and the data order below is not used.
+
     Returns: K :class:`TrainOutput`, in input order.
 
-    Raises: :class:`TrainingError` naming model, epoch and step when a loss is NaN or inf.
+    Raises: :class:`TrainingError` naming model, epoch and step when a loss is NaN or inf;
+    :class:`~mlaudit.errors.UnsupportedModelError` for BatchNorm under DP.
     """
     k = len(models)
     data, groups, pools, spe = _prepare(data, views, masks, k, len(seeds), recipe.batch_size, device)
@@ -126,27 +132,40 @@ def train_stack(
     bf16 = use_bf16(recipe, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     check_every_step = device.type == "cpu"
+    dp = None
+    if recipe.dp is not None:
+        from ..privacy.dpsgd import DPTraining  # lazy: privacy imports train
+
+        dp = DPTraining.start(recipe.dp, models, pools, seeds=seeds, batch_size=bsz, epochs=recipe.epochs,
+                              default_spe=spe, device=device, augment=augment)
+        spe = dp.steps_per_epoch
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
     last_loss = torch.zeros(k, device=device)
     for epoch in range(recipe.epochs):
-        order = torch.stack([_epoch_order(p, spe * bsz, g) for p, g in zip(pools, gens)]).to(device)  # [K, S*B]
-        aug = _draw_augment(augment, spe * bsz, gens, device)
+        if dp is None:
+            order = torch.stack([_epoch_order(p, spe * bsz, g) for p, g in zip(pools, gens)]).to(device)  # [K, S*B]
+            aug = _draw_augment(augment, spe * bsz, gens, device)
         epoch_loss = torch.zeros(k, device=device)
         for s in range(spe):
-            idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices
-            xb, yb = _gather(data, groups, idx)
-            if aug is not None:  # aug = (shift [K, S*B, 2], flip [K, S*B]); this step's slice, flattened
-                sl = slice(s * bsz, (s + 1) * bsz)
-                p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=aug[1][:, sl].flatten(0, 1))
-                xb = apply_augment(xb.flatten(0, 1), p).view_as(xb)
-            with autocast:
-                logits = stack.forward(xb, train=True)
-            loss_k = F.cross_entropy(
-                logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing, reduction="none"
-            ).view(k, bsz).mean(1)
-            grads = torch.autograd.grad(loss_k.sum(), plist)
-            opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe))
+            if dp is not None:
+                loss_k, grads = dp.step(stack, lambda i: _gather(data, groups, i),
+                                        label_smoothing=recipe.label_smoothing)
+                opt.step(grads, lr_at(recipe, lr, epoch + s / spe))
+            else:
+                idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices
+                xb, yb = _gather(data, groups, idx)
+                if aug is not None:  # aug = (shift [K, S*B, 2], flip [K, S*B]); this step's slice, flattened
+                    sl = slice(s * bsz, (s + 1) * bsz)
+                    p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=aug[1][:, sl].flatten(0, 1))
+                    xb = apply_augment(xb.flatten(0, 1), p).view_as(xb)
+                with autocast:
+                    logits = stack.forward(xb, train=True)
+                loss_k = F.cross_entropy(
+                    logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing,
+                    reduction="none").view(k, bsz).mean(1)
+                grads = torch.autograd.grad(loss_k.sum(), plist)
+                opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe))
             loss_d = loss_k.detach()
             epoch_loss += loss_d
             bad = ~torch.isfinite(loss_d)
@@ -160,7 +179,8 @@ def train_stack(
         if on_epoch is not None:
             on_epoch(epoch, last_loss.detach().cpu())
     losses = last_loss.cpu().tolist()
-    return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step) for i in range(k)]
+    return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
+                        dp.report(i, step) if dp is not None else {}) for i in range(k)]
 
 
 def _prepare(data: TensorDataset, views: Sequence[DataView | None] | None, masks: Tensor | None, k: int,

@@ -36,6 +36,33 @@ AugmentConfig = AugmentSpec
 """The recipe's augmentation field: the data package's :class:`~mlaudit.data.augment.AugmentSpec`."""
 
 
+class DPConfig(BaseModel):
+    """DP-SGD options of a recipe (Abadi et al. 2016; see :mod:`mlaudit.privacy.dpsgd`).
+
+    Give exactly one of ``epsilon`` (sigma is then calibrated at train start for the run's q, steps
+    and delta) and ``noise_multiplier`` (sigma itself). ``sample_rate`` q defaults to
+    batch_size / n_examples; ``allow_large_delta`` accepts delta >= 1/n (otherwise refused).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip: float = Field(1.0, gt=0.0)
+    epsilon: float | None = Field(None, gt=0.0)
+    noise_multiplier: float | None = Field(None, ge=0.0)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    sample_rate: float | None = Field(None, gt=0.0, le=1.0)
+    allow_large_delta: bool = False
+
+    @model_validator(mode="after")
+    def _one_of(self) -> DPConfig:
+        if (self.epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("give exactly one of dp.epsilon (target budget; sigma is calibrated) and "
+                             f"dp.noise_multiplier (sigma), got epsilon={self.epsilon}, "
+                             f"noise_multiplier={self.noise_multiplier}")
+        return self
+
+
 class Recipe(BaseModel):
     """How to train one model. All fields are validated; see the module docstring for presets."""
 
@@ -59,6 +86,7 @@ class Recipe(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     eval_batch_size: int = Field(1024, ge=1)
+    dp: DPConfig | None = None
 
     @field_validator("lr")
     @classmethod

@@ -1,0 +1,235 @@
+"""Experiment kind ``dp-audit``: a deliberately broken DP-SGD is caught (lower bound above its
+claim), correct DP-SGD (mlaudit's and a user's) stays below its claim, the contract YAML runs, and
+bad input (too few models, bad trainer path, no claim, no dp, BatchNorm) is refused before anything
+is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from mlaudit.cli import app
+from mlaudit.data import load_dataset
+from mlaudit.errors import ConfigError, UnsupportedModelError
+from mlaudit.experiments import parse_config, run_experiment
+from mlaudit.experiments.dp_audit_canary import (
+    MIN_USEFUL_EPS,
+    best_possible_bound,
+    distinguish,
+    mislabeled_canary,
+    models_needed,
+)
+from mlaudit.stats import eps_lower_bound
+
+CONTRACT = """\
+kind: dp-audit
+dataset: digits
+model: logistic
+recipe: {name: fast, dp: {epsilon: 1.0, delta: 1.0e-5, clip: 1.0}}
+canary: mislabeled
+models_per_side: 100
+trainer: mlaudit           # or "package.module:function" for a user's own training function
+confidence: 0.95
+seed: 0
+"""
+
+# Full-batch DP-SGD on a linear model with exact per-example clipping, sigma calibrated by the RDP
+# accountant for the claim (q = 1, 30 steps). The "broken" variant divides the noise by the number
+# of examples a second time (noise std sigma * C / N instead of sigma * C): a plausible bug.
+TRAINERS = '''\
+import functools
+import torch
+from torch import nn
+from mlaudit.privacy.accountant import calibrate_noise
+
+CLAIM, DELTA, STEPS, CLIP, LR = 1.0, 1e-5, 30, 1.0, 5.0
+
+
+@functools.lru_cache
+def _sigma():
+    return calibrate_noise(target_epsilon=CLAIM, sample_rate=1.0, steps=STEPS, delta=DELTA)
+
+
+def _dpsgd(dataset, seed, noise_scale):
+    x = dataset.x.flatten(1)
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)
+    n, k = len(x), len(dataset.classes)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(k, x.shape[1])
+    onehot = nn.functional.one_hot(dataset.y, k).float()
+    for _ in range(STEPS):
+        r = torch.softmax(x @ w.T, 1) - onehot               # per-example gradient = r_i (outer) x_i
+        norms = r.norm(dim=1) * x.norm(dim=1)
+        r = r * (CLIP / norms.clamp_min(CLIP)).unsqueeze(1)  # clip each example to norm CLIP
+        noise = torch.randn(w.shape, generator=g) * _sigma() * CLIP * noise_scale
+        w = w - LR * (r.T @ x + noise) / n
+    lin = nn.Linear(x.shape[1] - 1, k)
+    with torch.no_grad():
+        lin.weight.copy_(w[:, :-1])
+        lin.bias.copy_(w[:, -1])
+    return nn.Sequential(nn.Flatten(), lin)
+
+
+def broken(dataset, seed):
+    return _dpsgd(dataset, seed, 1.0 / len(dataset))
+
+
+def correct(dataset, seed):
+    return _dpsgd(dataset, seed, 1.0)
+
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture
+def trainers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "dpa_user_trainers.py").write_text(TRAINERS)
+    monkeypatch.syspath_prepend(str(mod))
+    return "dpa_user_trainers"
+
+
+def user_cfg(fn: str, **changes: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"kind": "dp-audit", "dataset": "digits", "model": "logistic", "recipe": "fast",
+                           "models_per_side": 40, "trainer": f"dpa_user_trainers:{fn}", "claimed_epsilon": 1.0,
+                           "seed": 0}
+    cfg.update(changes)
+    return cfg
+
+
+def run(cfg: dict[str, Any], tmp_path: Path, name: str = "o") -> dict[str, Any]:
+    return run_experiment(cfg, out=tmp_path / name, device="cpu", store=tmp_path / "s.db", quiet=True).results
+
+
+def test_broken_dpsgd_is_caught(trainers: str, tmp_path: Path) -> None:
+    """Noise divided by N twice, claiming eps = 1: with 40 models per side the canary loss separates
+    the sides perfectly (FP = FN = 0 on 20 + 20 held-out models), so eps_LB = 1.597 > 1.0 at 95%
+    confidence (the most 20 + 20 error-free models can show). The same trainer with the correct
+    noise gives eps_LB = 0.0 (attack accuracy about chance)."""
+    m = run(user_cfg("broken"), tmp_path)["metrics"]
+    assert m["claimed_epsilon"] == 1.0 and m["confidence"] == 0.95 and m["models"] == 80
+    assert (m["fp"], m["fn"], m["n_neg"], m["n_pos"]) == (0, 0, 20, 20)
+    assert m["epsilon_lower_bound"] == pytest.approx(eps_lower_bound(0, 0, 20, 20, delta=1e-5, alpha=0.05))
+    assert m["epsilon_lower_bound"] > 1.5 > m["claimed_epsilon"] and m["claim_refuted"] is True
+    assert m["canary_loss_in"]["max"] < m["threshold"] < m["canary_loss_out"]["min"]
+    assert (tmp_path / "o" / "artifacts" / "canary_losses.npz").is_file()
+    assert "Canary loss" in (tmp_path / "o" / "report.html").read_text()
+
+    ok = run(user_cfg("correct", models_per_side=20), tmp_path, "ok")["metrics"]
+    assert ok["epsilon_lower_bound"] < 1.0 and ok["claim_refuted"] is False
+
+
+def test_correct_mlaudit_dpsgd_contract_below_claim(tmp_path: Path) -> None:
+    """The contract YAML through the CLI, with models_per_side 100 -> 20 and 3 epochs: mlaudit's own
+    DP-SGD calibrated to eps = 1 gives eps_LB = 0.0 <= 1.0 (the best 10 + 10 held-out models could
+    show is 0.807), the accountant reports eps <= 1, and q is fixed to 64 / 1438 for both sides."""
+    cfg = tmp_path / "audit.yaml"
+    cfg.write_text(CONTRACT)
+    res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "o"), "--device", "cpu", "--quiet",
+                                   "--store", str(tmp_path / "s.db"), "--set", "models_per_side=20",
+                                   "--set", "recipe.epochs=3"])
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    m = results["metrics"]
+    for key in ("claimed_epsilon", "epsilon_lower_bound", "confidence", "models", "fp", "fn", "threshold",
+                "canary_loss_in", "canary_loss_out", "sample_rate", "accountant_epsilon"):
+        assert key in m
+    assert m["claimed_epsilon"] == 1.0 and m["models"] == 40 and m["confidence"] == 0.95
+    assert m["epsilon_lower_bound"] <= m["claimed_epsilon"] and not m["claim_refuted"]
+    assert m["accountant_epsilon"] <= 1.0 + 1e-6
+    n = len(load_dataset("digits").train)
+    assert m["sample_rate"] == pytest.approx(64 / n)
+    rows = results["trials"]
+    assert len(rows) == 40 and {r["side"] for r in rows} == {"in", "out"}
+    assert all(r["dp_epsilon"] <= 1.0 + 1e-6 for r in rows)
+    assert not list((tmp_path / "o" / "artifacts" / "models").glob("*.pt"))  # save_models: false
+
+
+def test_contract_validates() -> None:
+    cfg = parse_config(yaml.safe_load(CONTRACT))
+    assert cfg.kind == "dp-audit" and cfg.models_per_side == 100 and cfg.trainer == "mlaudit"
+    assert cfg.canary == "mislabeled" and cfg.delta == 1e-5 and cfg.recipe.dp.sample_rate is None
+    assert cfg.audited_recipe(1000).dp.sample_rate == pytest.approx(64 / 1000)
+
+
+def test_too_few_models_says_how_many() -> None:
+    """At 95% confidence a perfect attack needs 6 held-out models per side (11 per side: the test half is the larger one) for eps_LB >= 0.01."""
+    need = models_needed(delta=1e-5, confidence=0.95)
+    assert need == 11
+    raw = yaml.safe_load(CONTRACT) | {"models_per_side": 10}
+    with pytest.raises(ConfigError, match=rf"models_per_side >= {need}\b"):
+        parse_config(raw)
+    parse_config(raw | {"models_per_side": need})
+    with pytest.raises(ConfigError, match=r"models_per_side >= \d+"):
+        parse_config(raw | {"models_per_side": 40, "confidence": 0.9999999})
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.5, 0.999), st.sampled_from([1e-6, 1e-5, 1e-3]))
+def test_models_needed_is_the_smallest(confidence: float, delta: float) -> None:
+    need = models_needed(delta=delta, confidence=confidence)
+    assert best_possible_bound(need, delta=delta, confidence=confidence) >= MIN_USEFUL_EPS
+    assert need == 2 or best_possible_bound(need - 1, delta=delta, confidence=confidence) < MIN_USEFUL_EPS
+
+
+@pytest.mark.parametrize(("trainer", "match"), [
+    ("no_such_module_xyz:train", "cannot import module 'no_such_module_xyz'"),
+    ("dpa_user_trainers:missing", "module 'dpa_user_trainers' has no function 'missing'"),
+    ("dpa_user_trainers:not_a_function", "has no function 'not_a_function'"),
+])
+def test_bad_trainer_is_refused_before_writing(trainers: str, tmp_path: Path, trainer: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        run(user_cfg("x", trainer=trainer), tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_configs() -> None:
+    raw = yaml.safe_load(CONTRACT)
+    with pytest.raises(ConfigError, match="'mlaudit' or 'package.module:function'"):
+        parse_config(raw | {"trainer": "not a path"})
+    with pytest.raises(ConfigError, match="claimed_epsilon"):
+        parse_config(raw | {"trainer": "pkg.mod:train"})
+    with pytest.raises(ConfigError, match="recipe has no dp"):
+        parse_config(raw | {"recipe": "fast"})
+    with pytest.raises(ConfigError, match="mislabeled"):
+        parse_config(raw | {"canary": "gradient"})
+
+
+def test_batchnorm_with_dp_is_refused(tmp_path: Path) -> None:
+    raw = yaml.safe_load(CONTRACT) | {"model": {"name": "mlp", "norm": "batch"}, "models_per_side": 12}
+    with pytest.raises(UnsupportedModelError, match="norm: group"):
+        run(raw, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_distinguish_separated_and_identical() -> None:
+    rng = np.random.default_rng(0)
+    sep = distinguish(rng.uniform(0, 1, 30), rng.uniform(2, 3, 30), delta=1e-5, confidence=0.95, seed=1)
+    assert (sep.fp, sep.fn, sep.n_neg, sep.n_pos) == (0, 0, 15, 15)
+    assert 1 < sep.threshold < 2
+    assert sep.epsilon_lower_bound == pytest.approx(best_possible_bound(30, delta=1e-5, confidence=0.95))
+    same = distinguish(rng.normal(size=200), rng.normal(size=200), delta=1e-5, confidence=0.95, seed=1)
+    assert same.epsilon_lower_bound < 0.5
+    flipped = distinguish(rng.uniform(2, 3, 30), rng.uniform(0, 1, 30), delta=1e-5, confidence=0.95, seed=1)
+    assert flipped.epsilon_lower_bound == 0.0  # only low loss says "in": a reversed gap gives no bound
+
+
+def test_mislabeled_canary() -> None:
+    train = load_dataset("digits").train
+    a, b = mislabeled_canary(train, seed=3), mislabeled_canary(train, seed=3)
+    assert (a.source_index, a.y) == (b.source_index, b.y)
+    assert a.y != a.source_label == int(train.y[a.source_index])
+    assert a.x.shape == (1, *train.shape) and bool((a.x == train.x[a.source_index]).all())
+    c = mislabeled_canary(train, seed=4)
+    assert (c.source_index, c.y) != (a.source_index, a.y)
+

@@ -1,0 +1,62 @@
+"""Membership-inference benchmark (issue 5): run a `membership-inference` config end to end and
+record AUC and TPR at 0.001% / 0.1% / 1% FPR per attack with their intervals, plus what the pool
+cost (wall time, models per minute, GPU-seconds).
+
+    python benchmarks/membership.py benchmarks/configs/cifar10_membership_64.yaml --device cuda
+    python benchmarks/membership.py examples/membership.yaml --device cpu --name digits_smoke   # dry run
+
+Writes benchmarks/results/membership_<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_results  # noqa: E402
+
+from mlaudit.config import load_yaml  # noqa: E402
+from mlaudit.experiments import run_experiment  # noqa: E402
+from mlaudit.stats import fpr_key  # noqa: E402
+
+
+def cell(m: dict) -> str:
+    return f"{m['value']:.4f} [{m['lo']:.4f}, {m['hi']:.4f}]"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--name", default=None, help="results file suffix (default: the config file's stem)")
+    args = ap.parse_args()
+    cfg = load_yaml(args.config)
+    name = args.name or Path(args.config).stem
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
+        wall = time.perf_counter() - t0
+    r = res.results
+    attacks = [a for a in cfg["attacks"]]
+    rows = "".join(
+        f"| {a} | {cell(r['metrics'][a]['auc'])} | {cell(r['metrics'][a]['tpr_at_fpr'][fpr_key(1e-5)])} | "
+        f"{cell(r['metrics'][a]['tpr_at_fpr'][fpr_key(1e-3)])} | {cell(r['metrics'][a]['tpr_at_fpr'][fpr_key(1e-2)])} |\n"
+        for a in attacks)
+    env = environment()
+    c = r["cost"]
+    md = (f"# Membership inference: {r['name']}\n\n{env['date']}, {c['device']}, torch {env['torch']}; config "
+          f"`{args.config}`; {r['config']['pool']['models']} models, keep {r['config']['pool']['keep']}.\n\n"
+          "| attack | AUC | TPR@0.001% FPR | TPR@0.1% FPR | TPR@1% FPR |\n|---|---|---|---|---|\n" + rows +
+          f"\nPool: {c['models_trained']} models in {c['train_wall_s']} s ({c['models_per_minute']} models/min), "
+          f"whole run {wall:.1f} s, peak GPU memory {c['peak_gpu_mem_mb']} MiB. Intervals: 95% bootstrap over "
+          "(model, example) pairs.\n")
+    write_results(f"membership_{name}", {"environment": env, "config": r["config"], "metrics": r["metrics"],
+                                         "cost": c, "process_wall_s": round(wall, 2)}, md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Gradient matching (Witches' Brew; Geiping et al. 2021, seed 002 section 1.3, eq. 1.3) as an
+objective for :func:`mlaudit.craft.craft`.
+
+Threat model: clean-label, targeted. The attacker perturbs P training images of the adversarial
+class (keeping their true labels) within an l-inf ball, so that a victim trained from scratch on the
+poisoned set classifies the target image(s) as ``adv_label``. The attacker knows a pretrained
+crafting model (not the victim's initialisation or training run).
+
+    obj = GradientMatching(model, x_target, adv_label, poison_labels=y_poison)
+    res = craft(obj, x_poison, constraint=LinfBall(16 / 255), steps=250, restarts=8,
+                augment=AugmentSpec(crop_pad=4, flip=True))
+
+Objective (eq. 1.3), over ALL trainable parameters theta of the fixed crafting model:
+
+    B(Delta) = 1 - <g_t, g_p> / (||g_t|| ||g_p||),
+    g_t = grad_theta sum_t L(F(x_t), y_adv),   g_p = grad_theta sum_i L(F(x_i + Delta_i), y_i).
+
+``g_p`` is computed with ``create_graph=True`` so that B is differentiable w.r.t. the poisons.
+Gradients flow into detached aliases of the parameters, so ``model``'s ``.grad`` are never touched.
+
+Mini-batches: :func:`craft` calls the objective once per poison mini-batch and sums the results, so
+with ``batch_size < P`` the crafted quantity is the *sum of per-batch cosines* (each batch's summed
+gradient matched to g_t), not the paper's cosine against the full poison gradient. With one batch
+(the default) the two coincide.
+
+DP-aware variant (section 1.5.5): with ``dp_clip`` the poison gradient g_p is clipped to l2 norm
+``dp_clip`` and, with ``dp_noise`` > 0, Gaussian noise of std ``dp_noise * dp_clip`` is added, redrawn
+at every evaluation (the paper's "naive strategy"). As in the paper, clipping is at the mini-batch
+level (the summed poison gradient), not per example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ...errors import ConfigError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def per_sample_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy per sample: logits [N, C], labels [N] -> [N]."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+class GradientMatching:
+    """Objective ``(x_adv [B, ...], idx [B]) -> scalar`` 1 - cos(g_t, g_p) (see the module docstring).
+
+    ``target_x`` [T, ...] (one or more targets, section 1.5.11), ``adv_label`` [T] or an int (the
+    adversarial class), ``poison_labels`` [P] the true labels of the poisons (indexed by ``idx``).
+    ``loss(logits [N, C], labels [N]) -> [N]`` per-sample losses (summed here). The model is used in
+    eval mode unless ``train_mode`` (its previous mode is restored after each call); its parameters
+    are read at construction for g_t, so do not train it while crafting.
+    """
+
+    def __init__(self, model: nn.Module, target_x: Tensor, adv_label: Tensor | int, *, poison_labels: Tensor,
+                 loss: LossFn = per_sample_cross_entropy, train_mode: bool = False,
+                 dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0) -> None:
+        if target_x.dim() < 2 or target_x.shape[0] < 1:
+            raise ConfigError(f"target_x must be [T>=1, ...], got shape {list(target_x.shape)}")
+        if isinstance(adv_label, int):
+            adv_label = torch.full((target_x.shape[0],), adv_label, dtype=torch.long)
+        if adv_label.shape != (target_x.shape[0],):
+            raise ConfigError(f"adv_label must be an int or [T={target_x.shape[0]}], got shape {list(adv_label.shape)}")
+        if poison_labels.dim() != 1:
+            raise ConfigError(f"poison_labels must be [P], got shape {list(poison_labels.shape)}")
+        if dp_clip is not None and dp_clip <= 0:
+            raise ConfigError(f"dp_clip must be > 0 or None (no clipping), got {dp_clip}")
+        if dp_noise < 0 or (dp_noise > 0 and dp_clip is None):
+            raise ConfigError(f"dp_noise must be >= 0 and needs dp_clip (noise std = dp_noise * dp_clip); "
+                              f"got dp_noise={dp_noise}, dp_clip={dp_clip}")
+        self.model = model
+        self.loss = loss
+        self.train_mode = train_mode
+        self.dp_clip = dp_clip
+        self.dp_noise = dp_noise
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ConfigError("GradientMatching needs a model with trainable parameters (requires_grad=True)")
+        device = next(model.parameters()).device
+        self.poison_labels = poison_labels.to(device=device, dtype=torch.long)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        params = self._params()
+        with torch.enable_grad(), self._mode():
+            out = functional_call(model, params, (target_x.to(device),))
+            lt = loss(out, adv_label.to(device)).sum()
+            self.target_grad = [g.detach() for g in torch.autograd.grad(lt, list(params.values()))]
+        self.target_norm = _norm(self.target_grad)
+        if self.target_norm == 0:
+            raise ConfigError("the target gradient is zero (the model fits the target with zero loss); "
+                              "pick another target or crafting model")
+
+    def _params(self) -> dict[str, Tensor]:
+        """Detached aliases of the trainable parameters (backward never reaches the model's .grad)."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach().requires_grad_(True) for n in self.names}
+
+    def _mode(self) -> _ModeGuard:
+        return _ModeGuard(self.model, self.train_mode)
+
+    def poison_grad(self, x_adv: Tensor, idx: Tensor) -> list[Tensor]:
+        """g_p for the poisons ``x_adv`` [B, ...] with labels ``poison_labels[idx]`` (differentiable
+        w.r.t. ``x_adv``), after DP clipping and noise when configured."""
+        params = self._params()
+        with torch.enable_grad(), self._mode():  # craft evaluates its final objective under no_grad
+            out = functional_call(self.model, params, (x_adv,))
+            lp = self.loss(out, self.poison_labels[idx.to(self.poison_labels.device)]).sum()
+            grads = list(torch.autograd.grad(lp, list(params.values()), create_graph=True))
+        if self.dp_clip is not None:
+            scale = (self.dp_clip / (_norm(grads) + 1e-12)).clamp(max=1.0)
+            grads = [g * scale for g in grads]
+            if self.dp_noise > 0:
+                std = self.dp_noise * self.dp_clip
+                grads = [g + std * torch.randn(g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
+                         for g in grads]
+        return grads
+
+    def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
+        grads = self.poison_grad(x_adv, idx)
+        dot = sum((gt * gp).sum() for gt, gp in zip(self.target_grad, grads, strict=True))
+        return 1 - dot / (self.target_norm * _norm(grads).clamp_min(1e-12))
+
+    @staticmethod
+    def ensemble(objectives: Sequence[GradientMatching]) -> Callable[[Tensor, Tensor], Tensor]:
+        """The average of several matching objectives (one per crafting model, possibly of different
+        architectures; seed 002 section 1.3.4): ``(x_adv, idx) -> mean_k objectives[k](x_adv, idx)``."""
+        objs = list(objectives)
+        if not objs:
+            raise ConfigError("GradientMatching.ensemble needs at least one objective")
+        return lambda x_adv, idx: torch.stack([o(x_adv, idx) for o in objs]).mean()
+
+
+def _norm(grads: Sequence[Tensor]) -> Tensor:
+    return torch.sqrt(sum((g * g).sum() for g in grads))
+
+
+class _ModeGuard:
+    """Sets ``model.train(mode)`` inside a ``with`` block and restores the previous mode after."""
+
+    def __init__(self, model: nn.Module, mode: bool) -> None:
+        self.model, self.mode, self.prev = model, mode, model.training
+
+    def __enter__(self) -> None:
+        self.prev = self.model.training
+        self.model.train(self.mode)
+
+    def __exit__(self, *exc: object) -> None:
+        self.model.train(self.prev)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -254,12 +255,8 @@ def dp_epsilon(noise_multiplier: SigmaOpt, sample_rate: RateOpt, steps: StepsOpt
     """Print the epsilon of DP-SGD with these settings."""
     from .privacy.accountant import epsilon
 
-    try:
-        eps = epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
-                      accountant=accountant)  # type: ignore[arg-type]
-    except MlauditError as e:
-        _fail(e)
-    typer.echo(f"{eps:.6g}")
+    _echo_number(epsilon, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta,
+                 accountant=accountant)
 
 
 @dp_app.command("noise")
@@ -268,12 +265,18 @@ def dp_noise(epsilon_: Annotated[float, typer.Option("--epsilon", help="Target e
     """Print the smallest noise multiplier sigma that reaches the target epsilon."""
     from .privacy.accountant import calibrate_noise
 
+    _echo_number(calibrate_noise, target_epsilon=epsilon_, sample_rate=sample_rate, steps=steps, delta=delta,
+                 accountant=accountant)
+
+
+def _echo_number(fn: Callable[..., float], **kwargs: Any) -> None:
+    """Print ``fn(**kwargs)`` to 6 significant digits; invalid input exits 2 via :func:`_fail`."""
     try:
-        sigma = calibrate_noise(target_epsilon=epsilon_, sample_rate=sample_rate, steps=steps, delta=delta,
-                                accountant=accountant)  # type: ignore[arg-type]
+        value = fn(**kwargs)
     except MlauditError as e:
         _fail(e)
-    typer.echo(f"{sigma:.6g}")
+        return
+    typer.echo(f"{value:.6g}")
 
 
 @app.command()

@@ -29,8 +29,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
+from ..attacks.membership.query import logits_from_checkpoints
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
@@ -38,7 +40,6 @@ from ..factory import TrialSpec
 from ..models.registry import build_model
 from ..privacy.dpsgd import check_dp_model
 from ..stats import MeanSE
-from ..train.checkpoint import load_checkpoint
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
 from .context import RunContext
@@ -137,12 +138,14 @@ def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, can
     trials += [TrialSpec(f"out-{i:05d}", seed=config.trial_seed(i, stream=2), tags={"side": "out"}) for i in range(m)]
     job = cfg.factory_job(data, trials, device=ctx.device, views={"canary": view})
     records = ctx.train(job, save_weights=True, label="training the audited models")
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    losses = []
-    for r in records:
-        model.load_state_dict(load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256")))
-        losses.append(canary_loss(model, canary, device=ctx.device))
+    def template() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+    # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
+    logits = logits_from_checkpoints(template, [ctx.out_dir / r["checkpoint"] for r in records], canary.x,
+                                     device=ctx.device, sha256=[r.get("sha256") for r in records])[:, 0, 0]
+    losses = F.cross_entropy(logits, torch.full((len(records),), canary.y), reduction="none").tolist()
     if not config.save_models:
         for r in records:
             (ctx.out_dir / r["checkpoint"]).unlink(missing_ok=True)

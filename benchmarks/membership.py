@@ -54,6 +54,17 @@ def main() -> None:
           f"\nPool: {c['models_trained']} models in {c['train_wall_s']} s ({c['models_per_minute']} models/min), "
           f"whole run {wall:.1f} s, peak GPU memory {c['peak_gpu_mem_mb']} MiB. Intervals: 95% bootstrap over "
           "(model, example) pairs.\n")
+    ts = r["metrics"].get("truth_serum")
+    if ts:
+        md += (f"\nTruth Serum: {ts['targets']} targets x {ts['copies']} mislabelled copies, {ts['pairs']} (model, target) "
+               f"pairs ({ts['members']} members); poisoned pool test accuracy {ts['poisoned_test_accuracy']['mean']:.4f}.\n\n"
+               "| attack | AUC before | AUC after | TPR@0.1% before | TPR@0.1% after | TPR@1% before | TPR@1% after |\n"
+               "|---|---|---|---|---|---|---|\n")
+        for a in attacks:
+            b, f = ts[a]["before"], ts[a]["after"]
+            md += (f"| {a} | {cell(b['auc'])} | {cell(f['auc'])} | {cell(b['tpr_at_fpr'][fpr_key(1e-3)])} | "
+                   f"{cell(f['tpr_at_fpr'][fpr_key(1e-3)])} | {cell(b['tpr_at_fpr'][fpr_key(1e-2)])} | "
+                   f"{cell(f['tpr_at_fpr'][fpr_key(1e-2)])} |\n")
     write_results(f"membership_{name}", {"environment": env, "config": r["config"], "metrics": r["metrics"],
                                          "cost": c, "process_wall_s": round(wall, 2)}, md)
 

@@ -138,6 +138,21 @@ class RunContext:
             rec["checkpoint"] = path.relative_to(self.out_dir).as_posix()
         return rec
 
+    def release_weights(self, records: Sequence[dict[str, Any]], *, outputs: dict[str, Any] | None = None) -> None:
+        """Delete the saved weights of finished trials once what the experiment needs from them is
+        kept: each record is committed again without ``checkpoint``/``sha256`` and with
+        ``outputs[trial_id]`` under ``"outputs"``, so a resumed run reuses it instead of retraining."""
+        for rec in records:
+            tid = rec["trial_id"]
+            path = rec.pop("checkpoint", None)
+            rec.pop("sha256", None)
+            if outputs is not None and tid in outputs:
+                rec["outputs"] = outputs[tid]
+            self.store.commit_trial(self.experiment_id, tid, rec, wall_s=rec.get("wall_s") or 0.0)
+            self.finished[tid] = rec
+            if path:
+                (self.out_dir / path).unlink(missing_ok=True)
+
     def pending(self, trials: Sequence[TrialSpec]) -> list[TrialSpec]:
         """The trials (in order) that have no committed record yet."""
         return [t for t in trials if t.trial_id not in self.finished]

@@ -1,0 +1,195 @@
+"""Pieces every poisoning kind shares (``targeted-poison``, ``availability-poison``,
+``indiscriminate-poison``): the crafting model(s), the victims retrained from scratch on the poisoned
+training set, and the clean-vs-poisoned accuracy summary.
+
+Evaluation protocol (seed 002 section 1.7; seed 001 section 4): an attack is judged only by victims
+trained *from scratch* by the factory on the poisoned data with the victim recipe (augmentation on),
+never by the crafting model. Victim ``i`` of every view shares one seed (same initialisation, data
+order and augmentation draws), so clean-vs-poisoned differences are paired.
+
+Config pieces (mapping fields of a kind's config):
+
+* ``crafting: {checkpoint, sha256, model, recipe, ensemble}`` — the attacker's pretrained model(s):
+  a user's state_dict checkpoint (loaded with ``weights_only=True``, hash-checked, strictly matched
+  against the architecture before any work starts), or ``ensemble`` models trained by the factory
+  on the clean training set with ``recipe`` (default: the config's recipe).
+* ``victim: {model, recipe}`` — the victims' architecture and recipe when they differ from the
+  config's (transfer, seed 002 section 1.5.2; a DP-SGD recipe for section 1.5.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+from ..attacks.membership.query import logits_from_checkpoints
+from ..config import format_validation_error
+from ..data.base import DataBundle
+from ..data.view import DataView
+from ..errors import ConfigError, DataError
+from ..factory import TrialSpec
+from ..models.registry import ModelSpec, build_model, resolve_model_spec
+from ..stats import MeanSE
+from ..train.checkpoint import load_checkpoint
+from ..train.recipe import Recipe, resolve_recipe
+from .base import ExperimentConfig
+from .context import RunContext
+
+CRAFTER_STREAM = 101
+"""Seed stream of factory-trained crafting models (victims use :data:`VICTIM_STREAM`)."""
+VICTIM_STREAM = 202
+
+
+def _recipe_field(v: Any, where: str) -> Any:
+    if v is None or isinstance(v, Recipe):
+        return v
+    try:
+        return resolve_recipe(v)
+    except ConfigError as e:
+        inner = e.__context__
+        if isinstance(inner, ValidationError):
+            raise ConfigError(format_validation_error(inner, prefix=where, model=Recipe)) from None
+        raise
+
+
+def _model_field(v: Any) -> Any:
+    return resolve_model_spec(v) if isinstance(v, (str, dict)) else v
+
+
+OptionalModel = Annotated[ModelSpec | None, BeforeValidator(_model_field)]
+"""A model field that takes a zoo name or a mapping, like the config's own ``model``."""
+
+
+class CraftingOptions(BaseModel):
+    """The attacker's crafting model(s); see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: Path | None = None
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    model: OptionalModel = None
+    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: _recipe_field(v, "crafting.recipe"))] = None
+    ensemble: int = Field(1, ge=1, le=64)
+
+
+class VictimOptions(BaseModel):
+    """Victim architecture and recipe (None: the config's own ``model`` / ``recipe``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: OptionalModel = None
+    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: _recipe_field(v, "victim.recipe"))] = None
+
+
+def model_template(spec: ModelSpec, data: DataBundle) -> nn.Module:
+    """A fresh module of ``spec`` for ``data`` (built without touching the global RNG stream)."""
+    with torch.random.fork_rng(devices=[]):
+        return build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+
+
+def check_crafting(config: ExperimentConfig, crafting: CraftingOptions, data: DataBundle) -> None:
+    """Runner hook piece: a crafting checkpoint exists, loads weights-only, matches its hash and the
+    architecture exactly (missing/unexpected keys, shapes) — all before any work starts."""
+    if crafting.checkpoint is None:
+        return
+    spec = crafting.model or config.model
+    sd = load_checkpoint(crafting.checkpoint, sha256=crafting.sha256)
+    template = model_template(spec, data)
+    want = template.state_dict()
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(want[k].shape)}"
+              for k in want if k in sd and sd[k].shape != want[k].shape]
+    if missing or extra or shapes:
+        parts = ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []) + \
+                ([f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"] if extra else []) + shapes[:4]
+        raise ConfigError(f"crafting.checkpoint {str(crafting.checkpoint)!r} does not match model {spec.name!r} "
+                          f"(width {spec.width}, norm {spec.norm}) for this data: " + "; ".join(parts) +
+                          ". Set crafting.model to the checkpoint's architecture")
+
+
+def crafting_models(config: ExperimentConfig, crafting: CraftingOptions, ctx: RunContext, data: DataBundle
+                    ) -> tuple[list[nn.Module], list[dict[str, Any]]]:
+    """The crafting model(s) in eval mode on ``ctx.device`` and their records (test accuracy, ...).
+
+    From ``crafting.checkpoint`` when given, else ``crafting.ensemble`` models trained by the
+    factory on the clean training split (committed to the store, so a resumed run reuses them).
+    """
+    spec = crafting.model or config.model
+    if crafting.checkpoint is not None:
+        sd = load_checkpoint(crafting.checkpoint, sha256=crafting.sha256)
+        m = model_template(spec, data)
+        m.load_state_dict(sd)
+        return [m.to(ctx.device).eval()], [{"trial_id": "crafter-checkpoint", "checkpoint": str(crafting.checkpoint)}]
+    cfg = config.model_copy(update={"model": spec, "recipe": crafting.recipe or config.recipe})
+    trials = [TrialSpec(f"crafter-{i:02d}", seed=config.trial_seed(i, stream=CRAFTER_STREAM), tags={"role": "crafter"})
+              for i in range(crafting.ensemble)]
+    records = ctx.train(cfg.factory_job(data, trials, device=ctx.device), save_weights=True,
+                        label="training the crafting model(s)")
+    models = []
+    for r in records:
+        m = model_template(spec, data)
+        m.load_state_dict(load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256")))
+        models.append(m.to(ctx.device).eval())
+    return models, records
+
+
+def train_victims(config: ExperimentConfig, ctx: RunContext, data: DataBundle, views: Mapping[str, DataView | None], *,
+                  victims: int, victim: VictimOptions | None = None, save_weights: bool = False,
+                  stream: int = VICTIM_STREAM, label: str = "training victims") -> dict[str, list[dict[str, Any]]]:
+    """Retrain ``victims`` models from scratch on each view (None = the clean training split), all in
+    one factory job (so the factory batches across views). Trial ids ``<view>-v<i>``; victim ``i``
+    has the same seed in every view. Returns the records per view name, in victim order.
+    """
+    if victims < 1:
+        raise ConfigError(f"victims must be >= 1, got {victims}")
+    for name in views:
+        if not name or "/" in name:
+            raise ConfigError(f"view names must be non-empty and contain no '/', got {name!r}")
+    v = victim or VictimOptions()
+    cfg = config.model_copy(update={"model": v.model or config.model, "recipe": v.recipe or config.recipe})
+    trials = []
+    for name, view in views.items():
+        for i in range(victims):
+            trials.append(TrialSpec(f"{name}-v{i:03d}", seed=config.trial_seed(i, stream=stream),
+                                    view=name if view is not None else None, tags={"view": name, "victim": i}))
+    job = cfg.factory_job(data, trials, device=ctx.device,
+                          views={k: vw for k, vw in views.items() if vw is not None})
+    records = ctx.train(job, save_weights=save_weights, label=label)
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in views}
+    for r in records:
+        out[r["tags"]["view"]].append(r)
+    return out
+
+
+def victim_logits(config: ExperimentConfig, ctx: RunContext, data: DataBundle, records: Sequence[dict[str, Any]],
+                  x: Tensor, *, victim: VictimOptions | None = None) -> Tensor:
+    """Logits [V, N, C] of saved victims (records with ``checkpoint``) on inputs ``x`` [N, ...]."""
+    if any("checkpoint" not in r for r in records):
+        raise DataError("victim_logits needs victims trained with save_weights=True")
+    spec = (victim.model if victim is not None and victim.model is not None else config.model)
+    paths = [ctx.out_dir / r["checkpoint"] for r in records]
+    return logits_from_checkpoints(lambda: model_template(spec, data), paths, x, device=ctx.device,
+                                   sha256=[r.get("sha256") for r in records])[:, :, 0]
+
+
+def accuracy_summary(clean: Sequence[dict[str, Any]], poisoned: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Clean and poisoned victims' test accuracy (mean +- SE) and the drop clean - poisoned: the
+    paired mean +- SE over victims that share a seed when both sides have the same count, else the
+    difference of means with SE sqrt(se_c^2 + se_p^2)."""
+    a = np.array([r["metrics"]["test_accuracy"] for r in clean], dtype=float)
+    b = np.array([r["metrics"]["test_accuracy"] for r in poisoned], dtype=float)
+    if len(a) == 0 or len(b) == 0:
+        raise ConfigError("accuracy_summary needs at least one clean and one poisoned victim")
+    if len(a) == len(b):
+        drop = MeanSE.of(a - b).to_dict()
+    else:
+        ca, cb = MeanSE.of(a), MeanSE.of(b)
+        drop = {"mean": ca.mean - cb.mean, "se": float(np.hypot(ca.se, cb.se)), "n": min(len(a), len(b))}
+    return {"clean_accuracy": MeanSE.of(a).to_dict(), "poisoned_accuracy": MeanSE.of(b).to_dict(), "drop": drop}

@@ -1,0 +1,371 @@
+"""Experiment kind ``targeted-poison``: targeted clean-label poisoning (Witches' Brew and its
+baselines) evaluated by the protocol of seed 002, section 1.7.
+
+Threat model (section 1.3.1): the attacker perturbs P = budget * N training images of the
+adversarial class within an l-inf ball of radius eps/255 (labels unchanged), knowing a pretrained
+crafting model (or an ensemble) but not the victim's initialisation, data order or augmentation;
+the victim trains from scratch on the poisoned set. Success means the target test image is
+classified as the adversarial class (not merely misclassified).
+
+Protocol, per scenario (drawn from the paper's seed series, :mod:`mlaudit.attacks.poisoning.scenario`):
+craft once (restarts keep the best by the objective), then retrain ``victims`` fresh models on the
+poisoned set through the factory (all scenarios and the clean baseline in one batched job, victim
+``i`` with the same seed everywhere). Reported: average poison success +- standard error over
+scenarios (each scenario's success averaged over its victims and targets), the same rate for clean
+victims (the baseline), victim clean test accuracy, per-victim outcomes, crafting and victim time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+from ..attacks.poisoning.brew import METHODS, BrewInputs, BrewOptions, BrewResult, brew
+from ..attacks.poisoning.features import penultimate_features
+from ..attacks.poisoning.scenario import Scenario, explicit_scenario, sample_scenario, scenario_seeds
+from ..data.base import DataBundle
+from ..data.export import export_view
+from ..data.view import DataView
+from ..errors import ConfigError
+from ..privacy.dpsgd import check_dp_model
+from ..report.html import ReportTable
+from ..stats import MeanSE
+from ..train.loop import resolve_augment
+from .base import ExperimentConfig, ExperimentOutput, register_experiment
+from .context import RunContext
+from .poisoning import (
+    CraftingOptions,
+    VictimOptions,
+    check_crafting,
+    crafting_models,
+    model_template,
+    train_victims,
+    victim_logits,
+)
+
+
+class TargetedAttack(BaseModel):
+    """The attack: ``method`` (gradient-matching, poison-frogs, bullseye, watermark, label-flip),
+    ``eps`` in /255 pixel units, ``budget`` = fraction of the training set poisoned, ``targets`` per
+    scenario, crafting ``steps`` / ``restarts`` / ``lr`` (in units of eps) / ``optimizer`` /
+    ``schedule``, ``augment`` (differentiable augmentation with the victim recipe's augmentation),
+    ``batch_size`` (poison mini-batch; None = all at once), ``precision`` (bf16 autocast on CUDA),
+    ``dp_clip`` / ``dp_noise`` (DP-aware gradient matching), ``opacity`` (watermark)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str = "gradient-matching"
+    eps: float = Field(16.0, gt=0.0, le=255.0)
+    budget: float = Field(0.01, gt=0.0, le=1.0)
+    targets: int = Field(1, ge=1, le=10_000)
+    steps: int = Field(250, ge=0, le=100_000)
+    restarts: int = Field(8, ge=1, le=1000)
+    lr: float = Field(0.1, gt=0.0, le=100.0)
+    optimizer: Literal["signed-adam", "pgd", "adam"] = "signed-adam"
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    augment: bool = True
+    batch_size: int | None = Field(None, ge=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    dp_clip: float | None = Field(None, gt=0.0)
+    dp_noise: float = Field(0.0, ge=0.0)
+    opacity: float = Field(1.0, ge=0.0, le=1.0)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        METHODS.get(v)  # ConfigError listing the valid names
+        return v
+
+    @model_validator(mode="after")
+    def _dp(self) -> TargetedAttack:
+        if self.dp_noise > 0 and self.dp_clip is None:
+            raise ValueError(f"attack.dp_noise = {self.dp_noise} needs attack.dp_clip (noise std = dp_noise * dp_clip)")
+        if (self.dp_clip is not None) and self.method != "gradient-matching":
+            raise ValueError(f"attack.dp_clip applies to gradient-matching only, not {self.method!r}")
+        return self
+
+
+class ExplicitScenario(BaseModel):
+    """A user-given scenario: ``target_ids`` (test-set ids, one class), ``poison_class`` (index or
+    class name), and optionally ``poison_ids`` (training ids of that class; default: drawn with
+    the config's seed at the attack's budget)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_ids: tuple[int, ...] = Field(..., min_length=1)
+    poison_class: int | str
+    poison_ids: tuple[int, ...] | None = None
+
+
+class TargetedPoisonConfig(ExperimentConfig):
+    """See the module docstring and docs/targeted_poisoning.md."""
+
+    kind: Literal["targeted-poison"] = "targeted-poison"
+    attack: TargetedAttack = TargetedAttack()
+    scenarios: int | tuple[ExplicitScenario, ...] = 1
+    victims: int = Field(8, ge=1, le=10_000)
+    crafting: CraftingOptions = CraftingOptions()
+    victim: VictimOptions = VictimOptions()
+    baseline: bool = True
+    export: bool = True
+    save_models: bool = False
+
+    @field_validator("scenarios")
+    @classmethod
+    def _scenarios(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 10_000:
+            raise ValueError(f"scenarios must be a count in [1, 10000] or a list of explicit scenarios, got {v}")
+        if isinstance(v, tuple) and not v:
+            raise ValueError("scenarios is an empty list; give a count or at least one scenario")
+        return v
+
+    @property
+    def victim_recipe(self):  # noqa: ANN201
+        return self.victim.recipe or self.recipe
+
+
+def build_scenarios(config: TargetedPoisonConfig, data: DataBundle) -> list[Scenario]:
+    """The config's scenarios on ``data`` (drawn from the seed series, or explicit and checked)."""
+    ytr, yte, c = data.train.y, data.test.y, data.num_classes
+    if isinstance(config.scenarios, int):
+        return [sample_scenario(i, s, train_y=ytr, test_y=yte, num_classes=c, budget=config.attack.budget,
+                                targets=config.attack.targets)
+                for i, s in enumerate(scenario_seeds(config.seed, config.scenarios))]
+    out = []
+    classes = list(data.train.classes)
+    for i, sc in enumerate(config.scenarios):
+        pc = sc.poison_class
+        if isinstance(pc, str):
+            if pc not in classes:
+                raise ConfigError(f"scenarios[{i}].poison_class = {pc!r} is not a class of {data.name}; valid: "
+                                  f"{', '.join(classes)}")
+            pc = classes.index(pc)
+        out.append(explicit_scenario(i, target_ids=sc.target_ids, poison_class=pc, test_y=yte, train_y=ytr,
+                                     budget=config.attack.budget, num_classes=c, poison_ids=sc.poison_ids,
+                                     seed=config.seed + i))
+    return out
+
+
+def check_targeted(config: TargetedPoisonConfig, data: DataBundle) -> None:
+    """Runner hook: scenarios fit the data, the crafting checkpoint fits the model, feature methods
+    have a linear head, a DP victim recipe has no BatchNorm — before anything is written."""
+    build_scenarios(config, data)
+    check_crafting(config, config.crafting, data)
+    spec = config.crafting.model or config.model
+    if config.attack.method in ("poison-frogs", "bullseye", "label-flip"):
+        penultimate_features(model_template(spec, data))
+    if config.victim_recipe.dp is not None:
+        check_dp_model([model_template(config.victim.model or config.model, data)])
+
+
+def _options(config: TargetedPoisonConfig, data: DataBundle, scenario: Scenario) -> BrewOptions:
+    a = config.attack
+    aug = resolve_augment(config.victim_recipe, data.name, data.input_shape) if a.augment else None
+    return BrewOptions(eps=a.eps / 255, steps=a.steps, restarts=a.restarts, lr=a.lr, optimizer=a.optimizer,
+                       schedule=a.schedule, augment=aug, batch_size=a.batch_size, bf16=a.precision == "bf16",
+                       dp_clip=a.dp_clip, dp_noise=a.dp_noise, opacity=a.opacity,
+                       seed=config.trial_seed(scenario.index, stream=303))
+
+
+def _poison(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, models: list, sc: Scenario
+            ) -> tuple[BrewResult, float]:
+    """Craft (or, on resume, reload) the scenario's poison; returns it and the crafting seconds."""
+    path = ctx.artifacts / "poisons" / f"scenario-{sc.index:03d}.pt"
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        meta = json.loads(meta_path.read_text())
+        relabel = (saved["relabel_ids"], saved["relabel_to"]) if "relabel_ids" in saved else None
+        return BrewResult(saved.get("delta"), relabel, meta["objective"], meta["restarts"], meta["history"]), \
+            meta["crafting_s"]
+    dev = torch.device(ctx.device)
+    ids = torch.tensor(sc.poison_ids)
+    inputs = BrewInputs(models=models, x_target=data.test.x[list(sc.target_ids)].to(dev), adv_class=sc.adv_class,
+                        x_poison=data.train.x[ids].to(dev), y_poison=data.train.y[ids].to(dev),
+                        train_x=data.train.x, train_y=data.train.y, target_class=sc.target_class)
+    opts = _options(config, data, sc)
+    total = opts.steps * opts.restarts
+    task = ctx.progress.task(f"crafting scenario {sc.index} ({config.attack.method})", total=max(total, 1))
+    t0 = time.perf_counter()
+    try:
+        res = brew(config.attack.method, inputs, opts, on_step=lambda s, v: ctx.progress.advance(task))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        ctx.progress.done(task)
+    secs = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob: dict[str, Tensor] = {}
+    if res.delta is not None:
+        blob["delta"] = res.delta.detach().cpu()
+    if res.relabel is not None:
+        blob["relabel_ids"], blob["relabel_to"] = res.relabel
+    torch.save(blob, path)
+    meta_path.write_text(json.dumps({"objective": res.objective, "restarts": res.restarts, "history": res.history,
+                                     "crafting_s": secs}))
+    res.delta = res.delta.detach().cpu() if res.delta is not None else None
+    return res, secs
+
+
+def _view(data: DataBundle, sc: Scenario, res: BrewResult, eps: float) -> DataView:
+    view = DataView.identity(data.train)
+    if res.delta is not None:
+        view = view.with_delta(list(sc.poison_ids), res.delta, eps=eps)
+    if res.relabel is not None:
+        view = view.with_labels(res.relabel[0], res.relabel[1])
+    return view
+
+
+@register_experiment("targeted-poison", config=TargetedPoisonConfig, check=check_targeted)
+def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> ExperimentOutput:
+    """Targeted clean-label poisoning (Witches' Brew and baselines): poison success +- SE over scenarios."""
+    data = ctx.load_dataset(config.dataset)
+    scenarios = build_scenarios(config, data)
+    models, crafter_records = crafting_models(config, config.crafting, ctx, data)
+    eps = config.attack.eps / 255
+    views: dict[str, DataView | None] = {}
+    brewed: dict[int, tuple[BrewResult, float]] = {}
+    for sc in scenarios:
+        res, secs = _poison(config, ctx, data, models, sc)
+        brewed[sc.index] = (res, secs)
+        views[f"s{sc.index:03d}"] = _view(data, sc, res, eps)
+    del models
+    if config.baseline:
+        views["clean"] = None
+    t_train = ctx.cost.train_wall_s
+    records = train_victims(config, ctx, data, views, victims=config.victims, victim=config.victim,
+                            save_weights=True, label="training victims on the poisoned sets")
+    victim_s = ctx.cost.train_wall_s - t_train
+
+    all_targets = sorted({t for sc in scenarios for t in sc.target_ids})
+    col = {t: j for j, t in enumerate(all_targets)}
+    preds = {name: _target_predictions(config, ctx, data, recs, all_targets) for name, recs in records.items()}
+
+    rows, per_sc, per_clean, table = [], [], [], []
+    for sc in scenarios:
+        name = f"s{sc.index:03d}"
+        cols = [col[t] for t in sc.target_ids]
+        hit = (preds[name][:, cols] == sc.adv_class).float()  # [V, T]
+        rate = float(hit.mean())
+        per_sc.append(rate)
+        base = float((preds["clean"][:, cols] == sc.adv_class).float().mean()) if config.baseline else None
+        if base is not None:
+            per_clean.append(base)
+        accs = [r["metrics"]["test_accuracy"] for r in records[name]]
+        res, secs = brewed[sc.index]
+        for v, r in enumerate(records[name]):
+            rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": sc.index, "victim": v,
+                         "success": float(hit[v].mean()), "target_predictions": preds[name][v, cols].tolist(),
+                         "test_accuracy": r["metrics"]["test_accuracy"]})
+        table.append([sc.index, sc.seed if sc.seed is not None else "explicit", data.train.classes[sc.target_class],
+                      data.train.classes[sc.adv_class], ", ".join(map(str, sc.target_ids)), len(sc.poison_ids),
+                      f"{100 * rate:.1f}%", "" if base is None else f"{100 * base:.1f}%",
+                      MeanSE.of(np.array(accs)).to_dict(), round(secs, 2)])
+    if config.baseline:
+        for v, r in enumerate(records["clean"]):
+            rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": None, "victim": v, "success": None,
+                         "target_predictions": preds["clean"][v].tolist(), "test_accuracy": r["metrics"]["test_accuracy"]})
+
+    poisoned_acc = np.array([r["metrics"]["test_accuracy"] for n, recs in records.items() if n != "clean" for r in recs])
+    craft_s = [brewed[sc.index][1] for sc in scenarios]
+    metrics: dict[str, Any] = {
+        "poison_success": MeanSE.of(np.array(per_sc)).to_dict(),
+        "victim_accuracy": MeanSE.of(poisoned_acc).to_dict(),
+        "scenarios": [{**sc.to_dict(data.train.classes), "success": s, "clean_baseline_success":
+                       (per_clean[i] if config.baseline else None), "crafting_s": brewed[sc.index][1],
+                       "objective": brewed[sc.index][0].objective, "restart_objectives": brewed[sc.index][0].restarts}
+                      for i, (sc, s) in enumerate(zip(scenarios, per_sc))],
+        "timing": {"crafting_s_total": float(sum(craft_s)), "crafting_s_per_scenario": MeanSE.of(np.array(craft_s)
+                                                                                                    ).to_dict(),
+                   "victims_s": round(victim_s, 3)},
+        "attack": {"method": config.attack.method, "eps": config.attack.eps, "budget": config.attack.budget,
+                   "poisons": len(scenarios[0].poison_ids), "restarts": config.attack.restarts,
+                   "steps": config.attack.steps},
+        "crafting_models": [{k: r.get(k) for k in ("trial_id", "checkpoint")} |
+                            {"test_accuracy": r.get("metrics", {}).get("test_accuracy")} for r in crafter_records],
+    }
+    if config.baseline:
+        metrics["clean_baseline_success"] = MeanSE.of(np.array(per_clean)).to_dict()
+        metrics["clean_victim_accuracy"] = MeanSE.of(
+            np.array([r["metrics"]["test_accuracy"] for r in records["clean"]])).to_dict()
+
+    exported = []
+    if config.export:
+        for sc in scenarios[:10]:
+            name = f"s{sc.index:03d}"
+            view = views[name]
+            assert view is not None
+            folder = export_view(view, ctx.artifacts / "poisoned" / name, base_id=data.id, overwrite=True)
+            exported.append(folder.relative_to(ctx.out_dir).as_posix())
+    notes = [f"{len(scenarios)} scenarios x {config.victims} victims; success = target classified as the adversarial "
+             "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
+             f"victims: {(config.victim.model or config.model).name} with recipe {config.victim_recipe.name}"
+             f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
+             f"{(config.crafting.model or config.model).name} x {len(crafter_records)}"]
+    if exported:
+        notes.append("poisoned training sets exported (PNG + manifest + exact deltas): " + ", ".join(exported))
+    tables = [ReportTable("Poison success per scenario",
+                          ["scenario", "seed", "target class", "adversarial class", "target id(s)", "poisons",
+                           "success (poisoned victims)", "success (clean victims)", "victim accuracy", "crafting s"],
+                          table)]
+    figures = {}
+    first = scenarios[0]
+    res0 = brewed[first.index][0]
+    if res0.delta is not None:
+        figures["Target, clean poisons, poisoned images and their difference (scenario 0)"] = _grid(
+            data, first, res0.delta, eps)
+    return ExperimentOutput(metrics=metrics, trials=rows, tables=tables, figures=figures, notes=notes)
+
+
+def _target_predictions(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, recs: list[dict[str, Any]],
+                        targets: list[int]) -> Tensor:
+    """Predicted classes [V, T] of the victims on the test images ``targets``: from the records'
+    kept ``outputs`` (resumed runs) or from their checkpoints, which are then released unless
+    ``save_models`` (the logits stay in the store, so resuming never retrains)."""
+    key = ",".join(map(str, targets))
+    if all(r.get("outputs", {}).get("targets") == key for r in recs):
+        return torch.tensor([r["outputs"]["predictions"] for r in recs], dtype=torch.long)
+    logits = victim_logits(config, ctx, data, recs, data.test.x[targets], victim=config.victim)
+    preds = logits.argmax(-1)
+    if not config.save_models:
+        ctx.release_weights(recs, outputs={r["trial_id"]: {"targets": key, "predictions": preds[i].tolist()}
+                                           for i, r in enumerate(recs)})
+    return preds
+
+
+def _grid(data: DataBundle, sc: Scenario, delta: Tensor, eps: float, k: int = 6):  # noqa: ANN202
+    """Figure: the target, then k poisons (clean / poisoned / difference scaled to [0, 1])."""
+    from matplotlib.figure import Figure
+
+    k = min(k, len(sc.poison_ids))
+    fig = Figure(figsize=(1.4 * (k + 1), 4.4))
+    axes = fig.subplots(3, k + 1, squeeze=False)
+
+    def show(ax, img: Tensor, title: str = "") -> None:  # noqa: ANN001
+        img = img.detach().float().cpu()
+        if img.dim() == 3 and img.shape[0] == 1:
+            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        elif img.dim() == 3:
+            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+        else:
+            ax.imshow(img.reshape(1, -1).numpy(), aspect="auto", cmap="gray")
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+
+    show(axes[0][0], data.test.x[sc.target_ids[0]], f"target\n{data.train.classes[sc.target_class]}")
+    axes[1][0].axis("off")
+    axes[2][0].axis("off")
+    for j in range(k):
+        x = data.train.x[sc.poison_ids[j]]
+        d = delta[j]
+        show(axes[0][j + 1], x, "clean")
+        show(axes[1][j + 1], x + d, "poisoned")
+        show(axes[2][j + 1], d / (2 * eps) + 0.5, "difference")
+    fig.tight_layout()
+    return fig

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -173,12 +174,21 @@ def _options(config: TargetedPoisonConfig, data: DataBundle, scenario: Scenario)
                        seed=config.trial_seed(scenario.index, stream=303))
 
 
+def _poison_paths(ctx: RunContext, sc: Scenario) -> tuple[Path, Path]:
+    path = ctx.artifacts / "poisons" / f"scenario-{sc.index:03d}.pt"
+    return path, path.with_suffix(".json")
+
+
+def _saved(ctx: RunContext, sc: Scenario) -> bool:
+    """Whether the scenario's poison was crafted by an earlier (interrupted) run of this experiment."""
+    return all(p.is_file() for p in _poison_paths(ctx, sc))
+
+
 def _poison(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, models: list, sc: Scenario
             ) -> tuple[BrewResult, float]:
     """Craft (or, on resume, reload) the scenario's poison; returns it and the crafting seconds."""
-    path = ctx.artifacts / "poisons" / f"scenario-{sc.index:03d}.pt"
-    meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file():
+    path, meta_path = _poison_paths(ctx, sc)
+    if _saved(ctx, sc):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         meta = json.loads(meta_path.read_text())
         relabel = (saved["relabel_ids"], saved["relabel_to"]) if "relabel_ids" in saved else None
@@ -227,15 +237,20 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
     """Targeted clean-label poisoning (Witches' Brew and baselines): poison success +- SE over scenarios."""
     data = ctx.load_dataset(config.dataset)
     scenarios = build_scenarios(config, data)
-    models, crafter_records = crafting_models(config, config.crafting, ctx, data)
     eps = config.attack.eps / 255
     views: dict[str, DataView | None] = {}
     brewed: dict[int, tuple[BrewResult, float]] = {}
+    models: list | None = None  # the crafting models, built only if some scenario still needs crafting
+    crafter_records: list[dict[str, Any]] = []
     for sc in scenarios:
-        res, secs = _poison(config, ctx, data, models, sc)
+        if models is None and not _saved(ctx, sc):
+            models, crafter_records = crafting_models(config, config.crafting, ctx, data)
+        res, secs = _poison(config, ctx, data, models or [], sc)
         brewed[sc.index] = (res, secs)
         views[f"s{sc.index:03d}"] = _view(data, sc, res, eps)
     del models
+    if not crafter_records:  # every poison came from an earlier run: report its crafting models
+        crafter_records = [r for t, r in sorted(ctx.finished.items()) if t.startswith("crafter-")]
     if config.baseline:
         views["clean"] = None
     t_train = ctx.cost.train_wall_s

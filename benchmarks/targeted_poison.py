@@ -1,0 +1,136 @@
+"""Targeted-poisoning benchmark (issue 4), two parts:
+
+``--part speed``   crafting time of Witches' Brew (gradient matching, eq. 1.3 of seed 002) for one
+                   scenario of the paper's seed series on CIFAR-10 (JPEG): 500 poisons (budget 1%),
+                   eps 16, M steps, R restarts, differentiable augmentation (crop 4 + flip), a ResNet-18
+                   crafting model, in fp32 and bf16 autocast. Crafting cost does not depend on how well the
+                   crafting model is trained, so it is trained for ``--crafter-epochs`` (default 2) here.
+``--part success`` a `targeted-poison` config end to end through the runner (crafting model, poisons,
+                   victims retrained from scratch by the factory, clean baseline).
+
+    python benchmarks/targeted_poison.py --part speed --device cuda --restarts 2 --steps 250
+    python benchmarks/targeted_poison.py --part success --config benchmarks/configs/cifar10_fastcnn_brew.yaml
+
+Writes benchmarks/results/targeted_poison_<part>[_name].{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cifar10_jpeg, environment, sync, write_results  # noqa: E402
+
+from mlaudit.attacks.poisoning.brew import BrewInputs, BrewOptions, brew  # noqa: E402
+from mlaudit.attacks.poisoning.scenario import sample_scenario, scenario_seeds  # noqa: E402
+from mlaudit.config import load_yaml  # noqa: E402
+from mlaudit.data.augment import AugmentSpec  # noqa: E402
+from mlaudit.experiments import run_experiment  # noqa: E402
+from mlaudit.models import build_model  # noqa: E402
+from mlaudit.train import train  # noqa: E402
+
+
+def speed(args: argparse.Namespace) -> None:
+    data = cifar10_jpeg()
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    t0 = time.perf_counter()
+    train(model, data, {"name": "witches-brew", "epochs": args.crafter_epochs}, seed=0, device=dev, residual=True,
+          dataset_name="cifar10")
+    crafter_s = time.perf_counter() - t0
+    model = model.to(dev).eval()
+    sc = sample_scenario(0, scenario_seeds(2000000000, 1)[0], train_y=data.train.y, test_y=data.test.y,
+                         num_classes=10, budget=0.01)
+    ids = torch.tensor(sc.poison_ids)
+    inputs = BrewInputs(models=[model], x_target=data.test.x[list(sc.target_ids)].to(dev), adv_class=sc.adv_class,
+                        x_poison=data.train.x[ids].to(dev), y_poison=data.train.y[ids].to(dev))
+    rows = []
+    for precision in args.precisions.split(","):
+        opts = BrewOptions(eps=16 / 255, steps=args.steps, restarts=args.restarts, lr=0.1,
+                           augment=AugmentSpec(crop_pad=4, flip=True), bf16=precision == "bf16", seed=0)
+        sync()
+        t0 = time.perf_counter()
+        res = brew("gradient-matching", inputs, opts)
+        sync()
+        wall = time.perf_counter() - t0
+        per_restart = wall / args.restarts
+        rows.append({"precision": precision, "restarts": args.restarts, "steps": args.steps, "wall_s": round(wall, 2),
+                     "s_per_restart": round(per_restart, 2), "r8_extrapolated_s": round(8 * per_restart, 1),
+                     "best_objective": res.objective, "restart_objectives": res.restarts,
+                     "peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda"
+                     else None})
+        print(rows[-1], flush=True)
+    env = environment()
+    md = (f"# Witches' Brew crafting time\n\n{env['date']}, {env['gpu'] or 'cpu'}, torch {env['torch']}; CIFAR-10 (JPEG); "
+          f"crafting model {args.model} (witches-brew recipe, {args.crafter_epochs} epochs, {crafter_s:.1f} s); scenario "
+          f"seed 2000000000 (target class {sc.target_class}, adversarial class {sc.adv_class}, target id "
+          f"{sc.target_ids[0]}); {len(sc.poison_ids)} poisons, eps 16/255, signed Adam lr 0.1 (step schedule), "
+          "differentiable crop 4 + flip.\n\n"
+          "| precision | restarts | steps | wall s | s / restart | R = 8 (x8 of measured) | best objective |\n"
+          "|---|---|---|---|---|---|---|\n" +
+          "".join(f"| {r['precision']} | {r['restarts']} | {r['steps']} | {r['wall_s']} | {r['s_per_restart']} | "
+                  f"{r['r8_extrapolated_s']} | {r['best_objective']:.4f} |\n" for r in rows) +
+          "\nReference (issue 4, same H100): ART 1.20.1 GradientMatchingAttack, no augmentation, no ensembles: "
+          "79 s per restart, 631 s for R = 8.\n")
+    write_results(f"targeted_poison_speed{'_' + args.name if args.name else ''}",
+                  {"environment": env, "args": vars(args), "crafter_train_s": crafter_s, "scenario": sc.to_dict(),
+                   "rows": rows}, md)
+
+
+def success(args: argparse.Namespace) -> None:
+    cfg = load_yaml(args.config)
+    name = args.name or Path(args.config).stem
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
+        wall = time.perf_counter() - t0
+    r = res.results
+    m = r["metrics"]
+    env = environment()
+
+    def ms(d: dict) -> str:
+        se = d["se"] if isinstance(d["se"], (int, float)) else float("nan")  # JSON holds "nan" for one value
+        return f"{100 * d['mean']:.2f}% ± {100 * se:.2f}%"
+
+    rows = "".join(f"| {s['index']} | {s['seed']} | {s['target_class_name']} | {s['poison_class_name']} | "
+                   f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {100 * s['clean_baseline_success']:.1f}% | "
+                   f"{s['crafting_s']:.1f} |\n" for s in m["scenarios"])
+    c = r["cost"]
+    md = (f"# Targeted poisoning: {r['name']}\n\n{env['date']}, {c['device']}, torch {env['torch']}; config "
+          f"`{args.config}`; method {m['attack']['method']}, eps {m['attack']['eps']}, {m['attack']['poisons']} poisons, "
+          f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}.\n\n"
+          f"**Average poison success {ms(m['poison_success'])}** over {m['poison_success']['n']} scenarios "
+          f"(clean victims: {ms(m['clean_baseline_success'])}); victim clean accuracy {ms(m['victim_accuracy'])} "
+          f"(clean victims {ms(m['clean_victim_accuracy'])}).\n\n"
+          "| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
+          "|---|---|---|---|---|---|---|---|\n" + rows +
+          f"\nCrafting {m['timing']['crafting_s_total']:.1f} s in all; victims (and crafting model) "
+          f"{c['train_wall_s']} s for {c['models_trained']} models; whole run {wall:.1f} s.\n")
+    write_results(f"targeted_poison_success_{name}", {"environment": env, "config": r["config"], "metrics": m,
+                                                      "cost": c, "process_wall_s": round(wall, 2)}, md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["speed", "success"], required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--crafter-epochs", type=int, default=2)
+    ap.add_argument("--restarts", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--config", default="benchmarks/configs/cifar10_fastcnn_brew.yaml")
+    ap.add_argument("--name", default="")
+    args = ap.parse_args()
+    (speed if args.part == "speed" else success)(args)
+
+
+if __name__ == "__main__":
+    main()

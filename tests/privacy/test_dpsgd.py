@@ -1,4 +1,5 @@
-"""DP-SGD: per-example gradients, clipping, noise, Poisson sampling, and private training."""
+"""DP-SGD: per-example gradients, clipping, noise, Poisson sampling, private training, and the audit hooks
+(Dirac gradient canary, deliberately broken fixtures)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mlaudit.data.registry import DatasetSpec, load_dataset
+from mlaudit.data.view import DataView
 from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.models.registry import ModelSpec, build_model
 from mlaudit.privacy.dpsgd import (
+    DPTraining,
+    GradientCanary,
+    audit_meta,
     clip_per_example,
     clipped_sum,
     gaussian_noise,
@@ -169,3 +174,79 @@ def test_large_delta_refused_unless_allowed() -> None:
     with pytest.warns(UserWarning, match="1/N"):
         _, outs = dp_fit([0], {"noise_multiplier": 1.0, "delta": 0.01, "allow_large_delta": True}, epochs=1)
     assert outs[0].privacy["dp_delta"] == 0.01
+
+
+# ---------------------------------------------------------------- audit hooks (dp-audit's canary and fixtures)
+def canary_view(coordinate: int = 3 * 64 + 0, broken: str | None = None) -> tuple[DataView, GradientCanary]:
+    b = digits()
+    g = GradientCanary(index=len(b.train), parameter="net.1.weight", coordinate=coordinate)
+    view = DataView.identity(b.train).with_inserted(torch.zeros(1, *b.train.shape), [0])
+    return view.with_meta(**audit_meta(gradient_canary=g, broken=broken)), g
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_dirac_canary_adds_exactly_c_per_sampled_step(strategy: str) -> None:
+    """Without noise, constant lr, no momentum or decay: weight [3, pixel 0] (pixel 0 is 0 in every
+    digits training image, so no data gradient reaches it) moves by exactly -lr * C / (qn) per step
+    in which the canary was sampled, and not at all for the model without the canary."""
+    b = digits()
+    q, lr, clip = 0.05, 0.5, 0.7
+    view, _ = canary_view()
+    r = resolve_recipe({"name": "custom", "epochs": 2, "batch_size": 64, "lr": lr, "schedule": "constant",
+                        "momentum": 0.0, "weight_decay": 0.0, "augment": "none",
+                        "dp": {"noise_multiplier": 0.0, "clip": clip, "sample_rate": q}})
+    fn = functools.partial(build_model, ModelSpec(name="logistic"), input_shape=b.input_shape, num_classes=10)
+    seeds = [1, 5, 9]
+    outs = train_stack(init_models(fn, seeds), b.train, r, seeds=seeds, lr=lr, device=CPU,
+                       views=[view, view, None], strategy=strategy)
+    counts = [o.privacy.get("dp_canary_sampled") for o in outs]
+    assert counts[2] is None and all(c is not None and c >= 1 for c in counts[:2])
+    for o, m0, c in zip(outs, init_models(fn, seeds), counts):
+        moved = o.state_dict["net.1.weight"][:, 0] - m0.net[1].weight.detach()[:, 0]
+        want = torch.zeros(10)
+        if c is not None:
+            want[3] = -lr * clip / (q * (len(b.train) + 1)) * c
+        torch.testing.assert_close(moved, want, rtol=1e-5, atol=1e-7)
+
+
+def test_broken_fixtures_change_noise_and_clip_only_when_asked() -> None:
+    b = digits()
+    n = len(b.train)
+    cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 2.0, "clip": 0.5, "sample_rate": 0.1}}).dp
+    models = [build_model("logistic", input_shape=b.input_shape, num_classes=10)]
+
+    def start(view: DataView | None) -> DPTraining:
+        return DPTraining.start(cfg, models, [torch.arange(n)], seeds=[0], batch_size=64, epochs=1, default_spe=23,
+                                device=CPU, views=[view])
+
+    ok, plain = start(None), start(DataView.identity(b.train))
+    assert ok.broken is None and ok.clip == 0.5 and float(ok.sigma_c[0]) == pytest.approx(1.0)
+    assert plain.sigma_c.tolist() == ok.sigma_c.tolist() and plain.canaries is None
+    noisy = start(DataView.identity(b.train).with_meta(**audit_meta(broken="noise-over-batch")))
+    assert float(noisy.sigma_c[0]) == pytest.approx(1.0 / (0.1 * n)) and noisy.clip == 0.5
+    noclip = start(DataView.identity(b.train).with_meta(**audit_meta(broken="no-clip")))
+    assert noclip.clip == math.inf and float(noclip.sigma_c[0]) == pytest.approx(1.0)
+    assert noclip.report(0, 10)["dp_epsilon"] == ok.report(0, 10)["dp_epsilon"]  # the claim is unchanged
+
+
+def test_audit_hook_errors() -> None:
+    b = digits()
+    cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0}}).dp
+    models = [build_model("logistic", input_shape=b.input_shape, num_classes=10) for _ in range(2)]
+    pools = [torch.arange(len(b.train))] * 2
+
+    def start(views: list) -> DPTraining:
+        return DPTraining.start(cfg, models, pools, seeds=[0, 1], batch_size=64, epochs=1, default_spe=23,
+                                device=CPU, views=views)
+
+    broken = DataView.identity(b.train).with_meta(**audit_meta(broken="no-clip"))
+    with pytest.raises(ConfigError, match="share one DP-SGD variant"):
+        start([broken, None])
+    view, g = canary_view()
+    bad = view.with_meta(**audit_meta(gradient_canary=GradientCanary(g.index, "net.9.weight", 0)))
+    with pytest.raises(ConfigError, match="not a parameter of the model; valid: net.1.weight, net.1.bias"):
+        start([bad, None])
+    with pytest.raises(ConfigError, match="outside parameter 'net.1.weight' \\(640 entries\\)"):
+        start([canary_view(coordinate=640)[0], None])
+    with pytest.raises(ConfigError, match="noise-over-batch, no-clip"):
+        audit_meta(broken="typo")

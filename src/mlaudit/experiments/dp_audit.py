@@ -4,17 +4,26 @@ Machine Learning"; Nasr et al. 2021, "Adversary Instantiation"; the distinguishi
 
 The game: D = the training split, D' = D + {canary}. ``models_per_side`` models are trained on D'
 (side "in") and as many on D (side "out"), each with its own seed. Every model is scored on the
-canary (black box: its cross-entropy loss on the canary's input and label; a low loss says "in").
-Each side is split at random into two halves; the threshold is chosen on the first halves and the
-false positives (out-models called in) and false negatives on the second halves give, through
-Clopper-Pearson upper bounds on FPR and FNR at level ``1 - confidence``,
+canary (``score: loss``, black box: its cross-entropy loss on the canary's input and label;
+``score: gradient``, white box: its parameter update along the canary's gradient direction, see
+:mod:`.dp_audit_canary`); a low score says "in". Each side is split at random into two halves; the
+threshold is chosen on the first halves and the false positives (out-models called in) and false
+negatives on the second halves give, through Clopper-Pearson upper bounds on FPR and FNR at level
+``1 - confidence``,
 
     eps_LB = max(ln((1 - delta - FNR_hi) / FPR_hi), ln((1 - delta - FPR_hi) / FNR_hi), 0),
 
 which holds with probability >= ``confidence``. An eps_LB above the claimed epsilon refutes the claim.
 
 Threat model: the auditor chooses the datasets (inserts the canary), runs the trainer many times
-and sees the final models' losses on the canary (black box); nothing about the intermediate steps.
+and sees the final models: their losses on the canary (black box), or their weights and
+initialisations (white box, ``score: gradient``); nothing about the intermediate steps. The
+gradient canary (Nasr et al. 2023's Dirac canary) also lets the auditor add an arbitrary clipped
+gradient to the steps in which the canary is sampled.
+
+Canaries: ``mislabeled``, ``crafted`` (input space, ClipBKD-style) and ``gradient`` (Dirac, white
+box); see :mod:`.dp_audit_canary`. ``broken`` selects a deliberately broken DP-SGD
+(:data:`mlaudit.privacy.dpsgd.BROKEN`), a fixture that shows the audit catches a real bug.
 
 Trainers: ``mlaudit`` (the factory, with the recipe's DP-SGD; ``dp.sample_rate`` is fixed to
 batch_size / len(D) when not given, so D and D' run the very same mechanism), or a user's
@@ -24,7 +33,9 @@ sequentially on D and D' (the claim is then ``claimed_epsilon``, which must be g
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -38,8 +49,9 @@ from ..data.view import DataView
 from ..errors import ConfigError
 from ..factory import TrialSpec
 from ..models.registry import build_model
-from ..privacy.dpsgd import check_dp_model
+from ..privacy.dpsgd import BROKEN, audit_meta, check_dp_model
 from ..stats import MeanSE
+from ..train.checkpoint import load_checkpoint
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
 from .context import RunContext
@@ -54,6 +66,7 @@ from .dp_audit_canary import (
     distinguish,
     load_trainer,
     models_needed,
+    update_scores,
     with_canary,
 )
 
@@ -69,6 +82,16 @@ class DPAuditConfig(ExperimentConfig):
     claimed_epsilon: float | None = Field(None, gt=0.0)
     claimed_delta: float | None = Field(None, gt=0.0, lt=1.0)
     save_models: bool = False
+    score: Literal["auto", "loss", "gradient"] = "auto"
+    broken: str | None = None
+
+    @field_validator("broken")
+    @classmethod
+    def _broken(cls, v: str | None) -> str | None:
+        if v is not None and v not in BROKEN:
+            raise ValueError(f"broken must be null (the correct DP-SGD) or one of the deliberately broken audit "
+                             f"fixtures {', '.join(BROKEN)}; got {v!r}")
+        return v
 
     @field_validator("canary")
     @classmethod
@@ -88,6 +111,16 @@ class DPAuditConfig(ExperimentConfig):
         if self.trainer == "mlaudit" and self.recipe.dp is None:
             raise ValueError("trainer mlaudit audits the recipe's DP-SGD, but the recipe has no dp; add e.g. "
                              "recipe: {name: fast, dp: {epsilon: 1.0, delta: 1.0e-5, clip: 1.0}}")
+        if self.canary == "gradient" and self.score == "loss":
+            raise ValueError("canary gradient has no input whose loss could be measured; use score: gradient "
+                             "(or auto), or an input canary (mislabeled, crafted) with score: loss")
+        if self.trainer != "mlaudit" and (self.resolved_score == "gradient" or self.broken is not None):
+            what = (f"broken: {self.broken}" if self.broken is not None and self.resolved_score != "gradient"
+                    else f"canary {self.canary} with score {self.resolved_score}")
+            raise ValueError(f"{what} needs trainer: mlaudit (the white-box score needs the models' seeded "
+                             "initialisation, the gradient canary and the broken fixtures live in mlaudit's "
+                             f"DP-SGD step); trainer {self.trainer!r} supports canary mislabeled or crafted "
+                             "with score: loss")
         if self.trainer != "mlaudit" and self.claimed_epsilon is None:
             raise ValueError(f"trainer {self.trainer!r} is the user's own: give the epsilon it claims as "
                              "claimed_epsilon (and claimed_delta, default the recipe's dp.delta or 1e-5)")
@@ -99,6 +132,13 @@ class DPAuditConfig(ExperimentConfig):
                              f"models_per_side >= {need} (>= {models_needed(delta=self.delta, confidence=self.confidence, at_least=1.0)} "
                              "for a bound of 1)")
         return self
+
+    @property
+    def resolved_score(self) -> str:
+        """``auto`` -> ``gradient`` for the gradient canary, else ``loss``."""
+        if self.score != "auto":
+            return self.score
+        return "gradient" if self.canary == "gradient" else "loss"
 
     @property
     def delta(self) -> float:
@@ -117,39 +157,60 @@ class DPAuditConfig(ExperimentConfig):
 
 
 def check_dp_audit(config: DPAuditConfig, data: DataBundle) -> None:
-    """Runner hook (before anything is written): the user's trainer imports; the canary can be
+    """Runner hook (before anything is written): the user's trainer imports; an input canary can be
     made; a DP-SGD model has no BatchNorm."""
     if config.trainer != "mlaudit":
         load_trainer(config.trainer)
-    CANARIES.get(config.canary)(data.train, seed=config.seed)
+    if len(data.train.classes) < 2:
+        raise ConfigError(f"dp-audit needs >= 2 classes, dataset {data.name} has {len(data.train.classes)}")
+    if config.canary == "mislabeled":  # cheap; crafted and gradient canaries are optimised / measured at run
+        CANARIES.get(config.canary)(data.train, seed=config.seed)
     if config.trainer == "mlaudit":
         with torch.random.fork_rng(devices=[]):
-            check_dp_model([build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)])
+            check_dp_model([_model_fn(config, data)()])
+
+
+def _model_fn(config: DPAuditConfig, data: DataBundle) -> Callable[[], torch.nn.Module]:
+    """Builds the audited architecture exactly as the factory does (so seeded inits agree)."""
+    return functools.partial(build_model, config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+
+def make_canary(config: DPAuditConfig, data: DataBundle, device: str | torch.device = "cpu") -> Canary:
+    """The configured canary (the gradient canary for the audited model, with the mlaudit trainer)."""
+    model_fn = _model_fn(config, data) if config.trainer == "mlaudit" else None
+    return CANARIES.get(config.canary)(data.train, seed=config.seed, model_fn=model_fn, device=device)
 
 
 def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
                    ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Factory-trained models of both sides; returns canary losses (in, out) and their records."""
+    """Factory-trained models of both sides; returns canary scores (in, out) and their records."""
     cfg = config.model_copy(update={"recipe": config.audited_recipe(len(data.train))})
-    view = DataView.identity(data.train).with_inserted(canary.x, [canary.y])
+    meta = audit_meta(gradient_canary=canary.gradient, broken=config.broken)
+    view_in = DataView.identity(data.train).with_inserted(canary.x, [canary.y]).with_meta(**meta)
+    views = {"canary": view_in}
+    if config.broken is not None:  # the out side needs the (broken) hook too
+        views["plain"] = DataView.identity(data.train).with_meta(**audit_meta(broken=config.broken))
     m = config.models_per_side
     trials = [TrialSpec(f"in-{i:05d}", seed=config.trial_seed(i, stream=1), view="canary", tags={"side": "in"})
               for i in range(m)]
-    trials += [TrialSpec(f"out-{i:05d}", seed=config.trial_seed(i, stream=2), tags={"side": "out"}) for i in range(m)]
-    job = cfg.factory_job(data, trials, device=ctx.device, views={"canary": view})
+    trials += [TrialSpec(f"out-{i:05d}", seed=config.trial_seed(i, stream=2), tags={"side": "out"},
+                         view="plain" if "plain" in views else None) for i in range(m)]
+    job = cfg.factory_job(data, trials, device=ctx.device, views=views)
     records = ctx.train(job, save_weights=True, label="training the audited models")
-    def template() -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-
-    # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
-    logits = logits_from_checkpoints(template, [ctx.out_dir / r["checkpoint"] for r in records], canary.x,
-                                     device=ctx.device, sha256=[r.get("sha256") for r in records])[:, 0, 0]
-    losses = F.cross_entropy(logits, torch.full((len(records),), canary.y), reduction="none").tolist()
+    paths = [ctx.out_dir / r["checkpoint"] for r in records]
+    sha = [r.get("sha256") for r in records]
+    if config.resolved_score == "gradient":
+        scores = update_scores(_model_fn(config, data), [r["seed"] for r in records],
+                               lambda i: load_checkpoint(paths[i], sha256=sha[i]), canary, device=ctx.device)
+    else:
+        # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
+        logits = logits_from_checkpoints(_model_fn(config, data), paths, canary.x, device=ctx.device, sha256=sha)
+        scores = F.cross_entropy(logits[:, 0, 0], torch.full((len(records),), canary.y), reduction="none").numpy()
     if not config.save_models:
-        for r in records:
-            (ctx.out_dir / r["checkpoint"]).unlink(missing_ok=True)
-    return np.array(losses[:m]), np.array(losses[m:]), records
+        for p in paths:
+            p.unlink(missing_ok=True)
+    scores = np.asarray(scores, dtype=float)
+    return scores[:m], scores[m:], records
 
 
 def _train_user(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
@@ -195,12 +256,15 @@ def _summary(v: np.ndarray) -> dict[str, float]:
 def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     """Audit a DP training pipeline: an empirical epsilon lower bound beside the claimed epsilon."""
     data = ctx.load_dataset(config.dataset)
-    canary = CANARIES.get(config.canary)(data.train, seed=config.seed)
     mlaudit = config.trainer == "mlaudit"
-    loss_in, loss_out, records = (_train_mlaudit if mlaudit else _train_user)(config, ctx, data, canary)
-    res = distinguish(loss_in, loss_out, delta=config.delta, confidence=config.confidence, seed=config.seed)
+    canary = make_canary(config, data, device=ctx.device if mlaudit else "cpu")
+    score = config.resolved_score
+    s_in, s_out, records = (_train_mlaudit if mlaudit else _train_user)(config, ctx, data, canary)
+    res = distinguish(s_in, s_out, delta=config.delta, confidence=config.confidence, seed=config.seed)
     ctx.artifacts.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(ctx.artifacts / "canary_losses.npz", loss_in=loss_in, loss_out=loss_out)
+    np.savez_compressed(ctx.artifacts / "canary_scores.npz", score_in=s_in, score_out=s_out, score=np.array(score))
+    if score == "loss":
+        np.savez_compressed(ctx.artifacts / "canary_losses.npz", loss_in=s_in, loss_out=s_out)
     dp_eps = [r["metrics"]["dp_epsilon"] for r in records if "dp_epsilon" in r["metrics"]]
     accountant_eps = max(dp_eps) if dp_eps else None
     recipe_dp = config.audited_recipe(len(data.train)).dp
@@ -219,41 +283,68 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         "test_accuracy_of_attack": res.accuracy,
         "threshold": res.threshold,
         "selection_lower_bound": res.selection_bound,
-        "canary_loss_in": _summary(loss_in),
-        "canary_loss_out": _summary(loss_out),
+        "score": score,
+        "canary_score_in": _summary(s_in),
+        "canary_score_out": _summary(s_out),
         "canary": {"type": config.canary, "source_index": canary.source_index, "source_label": canary.source_label,
-                   "label": canary.y},
+                   "label": canary.y, **{k: v for k, v in canary.details.items() if k != "type"}},
         "trainer": config.trainer,
+        "broken": config.broken,
     }
+    if score == "loss":
+        metrics["canary_loss_in"], metrics["canary_loss_out"] = metrics["canary_score_in"], metrics["canary_score_out"]
     if accountant_eps is not None:
         metrics["accountant_epsilon"] = accountant_eps
         metrics["noise_multiplier"] = records[0]["metrics"].get("dp_noise_multiplier")
+    sampled = [r["metrics"]["dp_canary_sampled"] for r in records if "dp_canary_sampled" in r["metrics"]]
+    if sampled:
+        metrics["canary_sampled_steps"] = _summary(np.array(sampled))
     if mlaudit and recipe_dp is not None:
         metrics["sample_rate"] = recipe_dp.sample_rate
-    rows = [{"trial_id": r["trial_id"], "seed": r["seed"], "side": r["tags"]["side"], "canary_loss": float(v),
-             **{k: v2 for k, v2 in r["metrics"].items() if k in ("test_accuracy", "dp_epsilon")},
+    key = "canary_loss" if score == "loss" else "canary_score"
+    rows = [{"trial_id": r["trial_id"], "seed": r["seed"], "side": r["tags"]["side"], key: float(v),
+             **{k: v2 for k, v2 in r["metrics"].items() if k in ("test_accuracy", "dp_epsilon", "dp_canary_sampled")},
              "checkpoint": r.get("checkpoint") if config.save_models else None}
-            for r, v in zip(records, np.concatenate([loss_in, loss_out]))]  # both trainers: all "in", then "out"
-    notes = [f"D = {data.name} training split ({len(data.train)} examples); D' adds the canary: training example "
-             f"{canary.source_index} (label {canary.source_label}) relabelled {canary.y}",
+            for r, v in zip(records, np.concatenate([s_in, s_out]))]  # both trainers: all "in", then "out"
+    notes = [f"D = {data.name} training split ({len(data.train)} examples); D' adds the canary: {_describe(canary)}",
+             f"score: {score} ({'black box' if score == 'loss' else 'white box'}); low score = 'in'",
              f"eps_LB {res.epsilon_lower_bound:.3f} vs claimed {claimed}: FP {res.fp}/{res.n_neg}, FN "
              f"{res.fn}/{res.n_pos} on the held-out halves, confidence {config.confidence}"]
-    return ExperimentOutput(metrics=metrics, trials=rows, figures=_figures(loss_in, loss_out, res), notes=notes)
+    if config.broken is not None:
+        notes.append(f"DELIBERATELY BROKEN DP-SGD (audit fixture {config.broken!r}): {BROKEN[config.broken]}")
+    return ExperimentOutput(metrics=metrics, trials=rows, figures=_figures(s_in, s_out, res, score), notes=notes)
 
 
-def _figures(loss_in: np.ndarray, loss_out: np.ndarray, res: Distinguisher) -> dict:
+def _describe(c: Canary) -> str:
+    d = c.details
+    if c.gradient is not None:
+        return (f"a Dirac gradient canary on {c.gradient.parameter}[{c.gradient.coordinate}] (flat index; gradient "
+                f"energy {d.get('gradient_energy', 0.0):.3g} vs mean {d.get('mean_gradient_energy', 0.0):.3g})")
+    if d.get("type") == "crafted":
+        return (f"a crafted input (ClipBKD-style, {d['pixels_on']} of its values > 0.5) labelled {c.y}; "
+                f"second-moment quotient {d['quotient']:.3g} (training images: {d['quotient_mean_example']:.3g})")
+    return f"training example {c.source_index} (label {c.source_label}) relabelled {c.y}"
+
+
+def _figures(s_in: np.ndarray, s_out: np.ndarray, res: Distinguisher, score: str) -> dict:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.2))
     ax = fig.add_subplot()
-    lo = np.log10(np.clip(np.concatenate([loss_in, loss_out]), 1e-12, None))
-    bins = np.linspace(lo.min(), lo.max() + 1e-9, 30)
-    ax.hist(np.log10(np.clip(loss_out, 1e-12, None)), bins=bins, alpha=0.6, label="out (trained on D)")
-    ax.hist(np.log10(np.clip(loss_in, 1e-12, None)), bins=bins, alpha=0.6, label="in (trained on D')")
-    if np.isfinite(res.threshold) and res.threshold > 0:
-        ax.axvline(np.log10(res.threshold), color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel("log10 canary loss")
+    if score == "loss":  # losses span orders of magnitude: log scale
+        tf: Callable[[np.ndarray], np.ndarray] = lambda v: np.log10(np.clip(v, 1e-12, None))  # noqa: E731
+        label, title = "log10 canary loss", "Canary loss of the models trained with and without it"
+    else:
+        tf = np.asarray
+        label, title = "parameter update along the canary direction", "White-box canary score of the models"
+    both = tf(np.concatenate([s_in, s_out]))
+    bins = np.linspace(both.min(), both.max() + 1e-9, 30)
+    ax.hist(tf(s_out), bins=bins, alpha=0.6, label="out (trained on D)")
+    ax.hist(tf(s_in), bins=bins, alpha=0.6, label="in (trained on D')")
+    if np.isfinite(res.threshold) and (score != "loss" or res.threshold > 0):
+        ax.axvline(float(tf(np.array([res.threshold]))[0]), color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel(label)
     ax.set_ylabel("models")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return {"Canary loss of the models trained with and without it": fig}
+    return {title: fig}

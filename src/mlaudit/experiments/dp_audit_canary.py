@@ -1,10 +1,40 @@
 """Pieces of the ``dp-audit`` kind: canaries, user trainers, canary scores and the distinguishing
 test (threshold on one half of the models, false positives / negatives on the other half).
 
-Canaries are registered in :data:`CANARIES` as ``make(train: TensorDataset, *, seed) -> Canary``.
-Only ``mislabeled`` exists so far (a natural training example inserted once more with a wrong
-label); the input-space (crafted) and gradient (white-box, Dirac) canaries of issue 6 are not
-implemented yet.
+Canaries are registered in :data:`CANARIES` as ``make(train, *, seed, model_fn=None, device="cpu")
+-> Canary`` (``model_fn`` builds a freshly initialised model of the audited architecture; only the
+white-box canary needs it):
+
+``mislabeled``  a natural training example inserted once more with a wrong label (black box).
+``crafted``     an input-space canary in the spirit of ClipBKD (Jagielski, Ullman & Oprea, "Auditing
+                differentially private machine learning: how private is private SGD?", NeurIPS
+                2020): an input in a direction of low variance of the training data, so that the
+                other examples' gradients barely move the model along it and its own (clipped)
+                gradient is not drowned out. ClipBKD takes the right singular vector of the data with
+                the smallest singular value; that vector is not an image (it has negative entries),
+                so mlaudit solves the box-constrained version with the crafting engine
+                (:func:`mlaudit.craft.craft`, :class:`~mlaudit.craft.constraints.Box`) from seeded
+                uniform random images (2 restarts; not from a natural image, where the pixels the data
+                leaves at 0 are saddle points at 0): minimise J(x) = R(x) / R_bar - beta ||x||^2 / d over x in [0, 1]^d,
+                with R(x) = mean_i <x_i, x>^2 / ||x||^2 the Rayleigh quotient of the data's
+                second-moment matrix, R_bar its mean over training images and beta = 0.1 a small
+                reward for a large input (among directions the data leaves empty, the brightest),
+                then scale x so that its brightest pixel is 1. The label is a seeded class.
+``gradient``    the white-box Dirac canary of Nasr et al., "Tight auditing of differentially private
+                machine learning" (USENIX Security 2023): no input at all, but a gradient C * e_j
+                added to the clipped-gradient sum in every step in which the canary is Poisson-sampled
+                (:class:`mlaudit.privacy.dpsgd.GradientCanary`). j is the parameter coordinate with
+                the least gradient energy sum_i g_ij^2 over (up to) 2048 seeded training examples at
+                a seeded initialisation (ties broken with the seed), so that the data hardly moves it.
+
+Scores (low = "trained with the canary"):
+
+``loss``      black box: the final model's cross-entropy on (canary x, canary label) (input canaries).
+``gradient``  white box: the parameter update projected on the canary's direction,
+              <theta_T - theta_0, u>, where theta_0 is the model's initialisation (known to the
+              auditor: it is part of mlaudit's seeded training) and u = e_j for the Dirac canary,
+              or u = g / ||g|| with g the gradient of the canary's loss at theta_0 for an input
+              canary. For the Dirac canary this is the sum of the per-step updates along j.
 """
 
 from __future__ import annotations
@@ -12,53 +42,163 @@ from __future__ import annotations
 import importlib
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..craft import craft
+from ..craft.constraints import Box
 from ..data.base import TensorDataset
 from ..errors import ConfigError
+from ..privacy.dpsgd import GradientCanary, per_example_grads
 from ..registry import Registry
 from ..stats import eps_lower_bound
+from ..train.stacked import StackedModels
 
 TRAINER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 MIN_USEFUL_EPS = 0.01
 """A best-case lower bound below this is "no bound": the audit is refused as too small."""
 
+ModelFn = Callable[[], nn.Module]
+
 
 @dataclass(frozen=True)
 class Canary:
-    """The example that D' = D + {canary} adds: ``x`` float32 [1, *shape], label ``y`` (the wrong
-    one for ``mislabeled``), and where it came from (``source_index`` into the training split and
-    its true label ``source_label``; -1 when crafted)."""
+    """What D' = D + {canary} adds: ``x`` float32 [1, *shape] with label ``y`` (for the gradient
+    canary a placeholder that is never used as an input), where it came from (``source_index`` into
+    the training split and its true label ``source_label``; -1 when it is not a training example),
+    ``gradient`` (the Dirac canary, else None) and ``details`` (how it was made, for the report)."""
 
     x: Tensor
     y: int
     source_index: int
     source_label: int
+    gradient: GradientCanary | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_input(self) -> bool:
+        """False for the gradient canary: it has no input a black-box score could query."""
+        return self.gradient is None
 
 
 CANARIES: Registry[Callable[..., Canary]] = Registry("canary")
 
 
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, 0x43414E]))
+
+
 @CANARIES.register("mislabeled")
-def mislabeled_canary(train: TensorDataset, *, seed: int) -> Canary:
+def mislabeled_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None = None,
+                      device: str | torch.device = "cpu") -> Canary:
     """A training example chosen with ``seed``, relabelled to a different class chosen with ``seed``."""
     c = len(train.classes)
     if c < 2:
         raise ConfigError(f"canary mislabeled needs >= 2 classes, the dataset has {c}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x43414E]))
+    rng = _rng(seed)
     i = int(rng.integers(len(train)))
     y = int(train.y[i])
     wrong = (y + 1 + int(rng.integers(c - 1))) % c
-    return Canary(train.x[i : i + 1].clone(), wrong, i, y)
+    return Canary(train.x[i : i + 1].clone(), wrong, i, y, details={"type": "mislabeled"})
+
+
+def second_moment_quotient(x: Tensor, data: Tensor) -> Tensor:
+    """R(x) = mean_i <x_i, x>^2 / ||x||^2 per row: x [B, *shape], data [n, *shape] -> [B]."""
+    v = x.flatten(1)
+    return (v @ data.flatten(1).T).pow(2).mean(1) / v.pow(2).sum(1).clamp_min(1e-12)
+
+
+@CANARIES.register("crafted")
+def crafted_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None = None,
+                   device: str | torch.device = "cpu", steps: int = 200, max_examples: int = 4096,
+                   beta: float = 0.1) -> Canary:
+    """ClipBKD-style input canary (see the module docstring): a [0, 1] input minimising the second-moment
+    Rayleigh quotient of (up to ``max_examples`` seeded) training inputs minus ``beta`` ||x||^2 / d,
+    found with :func:`craft` (signed Adam, ``steps`` steps, cosine schedule, 2 seeded uniform random
+    starts), scaled to a brightest pixel of 1; label a seeded class."""
+    c = len(train.classes)
+    if c < 2:
+        raise ConfigError(f"canary crafted needs >= 2 classes, the dataset has {c}")
+    rng = _rng(seed)
+    label = int(rng.integers(c))
+    sub = torch.as_tensor(rng.permutation(len(train))[:max_examples], device=train.device)
+    data = train.x[sub].to(device).float()
+    r_bar = float(second_moment_quotient(data[:256], data).mean())
+    d = data[0].numel()
+
+    def objective(xa: Tensor, _idx: Tensor) -> Tensor:
+        return second_moment_quotient(xa, data) / r_bar - beta * xa.flatten(1).pow(2).sum(1) / d
+
+    x0 = data.mean(0, keepdim=True)  # any point: the restarts start from uniform random images
+    res = craft(objective, x0, constraint=Box(), steps=steps, optimizer="signed-adam", lr=0.05, schedule="cosine",
+                init="random", restarts=2, generator=torch.Generator(device=torch.device(device)).manual_seed(seed))
+    x = (x0 + res.delta).clamp(0, 1)
+    top = float(x.max())
+    if top <= 0:  # R is undefined at 0, so the optimiser does not end there; never divide by it anyway
+        raise ConfigError("canary crafted: the optimised input is all zeros; use canary mislabeled")
+    x = (x / top).clamp(0, 1)
+    return Canary(x.cpu(), label, -1, -1, details={
+        "type": "crafted", "quotient": float(second_moment_quotient(x, data)), "quotient_mean_example": r_bar,
+        "norm": float(x.norm()), "pixels_on": int((x > 0.5).sum())})
+
+
+@CANARIES.register("gradient")
+def gradient_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None = None,
+                    device: str | torch.device = "cpu", examples: int = 2048) -> Canary:
+    """The Dirac gradient canary (white box, see the module docstring) for the model ``model_fn``
+    builds; its placeholder example is the first inserted one (virtual index len(train))."""
+    if model_fn is None:
+        raise ConfigError("canary gradient is a white-box canary injected into mlaudit's DP-SGD step; it needs "
+                          "trainer: mlaudit (a user trainer can be audited with canary mislabeled or crafted)")
+    rng = _rng(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    names = [n for n, _ in model.named_parameters()]
+    energy = coordinate_energy(model, train, rng.permutation(len(train))[:examples], device=device)
+    flat = torch.cat([e.flatten() for e in energy])
+    lo = float(flat.min())
+    ties = (flat <= lo + 1e-12 * max(float(flat.max()), 1.0)).nonzero().flatten()
+    pick = int(ties[int(rng.integers(len(ties)))])
+    sizes = [e.numel() for e in energy]
+    pos = int(np.searchsorted(np.cumsum(sizes), pick, side="right"))
+    coord = pick - int(sum(sizes[:pos]))
+    g = GradientCanary(index=len(train), parameter=names[pos], coordinate=coord)
+    x = torch.zeros(1, *train.shape)
+    return Canary(x, 0, -1, -1, gradient=g, details={
+        "type": "gradient", "parameter": g.parameter, "coordinate": coord, "gradient_energy": lo,
+        "tied_coordinates": len(ties), "mean_gradient_energy": float(flat.mean())})
+
+
+def coordinate_energy(model: nn.Module, train: TensorDataset, rows: Sequence[int], *,
+                      device: str | torch.device = "cpu") -> list[Tensor]:
+    """sum_i g_i^2 per parameter coordinate over the training examples ``rows`` (per-example
+    cross-entropy gradients at the model's weights): one CPU tensor per parameter, its shape."""
+    dev = torch.device(device)
+    stack = StackedModels.from_modules([model], dev, strategy="vmap")
+    nparams = sum(p.numel() for p in model.parameters())
+    chunk = max(1, min(64, int(5e7 // max(nparams, 1))))  # per-example grads of <= ~200 MB at a time
+    idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    total: list[Tensor] | None = None
+    for s in range(0, len(idx), chunk):
+        sel = idx[s : s + chunk].to(train.device)
+        x, y = train.x[sel].to(dev)[None], train.y[sel].to(dev)[None]
+        (grads, _), = per_example_grads(stack, x, y)
+        sq = [g[0].float().pow(2).sum(0) for g in grads]
+        total = sq if total is None else [a + b for a, b in zip(total, sq)]
+    assert total is not None
+    return [t.cpu() for t in total]
 
 
 def with_canary(train: TensorDataset, canary: Canary) -> TensorDataset:
-    """D' = ``train`` with ``canary`` appended (N + 1 examples)."""
+    """D' = ``train`` with ``canary`` appended (N + 1 examples); input canaries only."""
+    if not canary.has_input:
+        raise ConfigError("the gradient canary has no input to append to a dataset; it needs trainer: mlaudit")
     y = torch.tensor([canary.y], dtype=torch.int64, device=train.y.device)
     return TensorDataset(torch.cat([train.x, canary.x.to(train.x.device)]), torch.cat([train.y, y]), train.classes)
 
@@ -89,6 +229,33 @@ def canary_loss(model: nn.Module, canary: Canary, *, device: str = "cpu") -> flo
     return float(nn.functional.cross_entropy(logits.float(), torch.tensor([canary.y], device=device)))
 
 
+def update_scores(model_fn: ModelFn, seeds: Sequence[int], load: Callable[[int], dict[str, Tensor]],
+                  canary: Canary, *, device: str | torch.device = "cpu") -> np.ndarray:
+    """White-box score of each model i: <theta_T - theta_0, u_i> (see the module docstring), with
+    theta_0 the initialisation of ``seeds[i]`` (as mlaudit's training draws it) and theta_T =
+    ``load(i)`` (a state_dict); u_i = e_j for the gradient canary, else the unit gradient of the
+    canary's cross-entropy at theta_0. Returns float64 [M]."""
+    from ..train.loop import init_models  # lazy: the training loop imports the privacy package
+
+    dev = torch.device(device)
+    out = np.empty(len(seeds))
+    for i, seed in enumerate(seeds):
+        m0 = init_models(model_fn, [int(seed)])[0].to(dev).eval()
+        final = load(i)
+        params = dict(m0.named_parameters())
+        if canary.gradient is not None:
+            name, j = canary.gradient.parameter, canary.gradient.coordinate
+            out[i] = float(final[name].flatten()[j].double() - params[name].detach().cpu().flatten()[j].double())
+            continue
+        loss = nn.functional.cross_entropy(m0(canary.x.to(dev)).float(), torch.tensor([canary.y], device=dev))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).clamp_min(1e-30)  # type: ignore[arg-type]
+        dot = sum(((final[n].to(dev).double() - p.detach().double()) * g.double()).sum()
+                  for (n, p), g in zip(params.items(), grads))
+        out[i] = float(dot / norm)  # type: ignore[operator]
+    return out
+
+
 def best_possible_bound(models_per_side: int, *, delta: float, confidence: float) -> float:
     """eps_LB of a perfect attack (no errors) on the test half of ``models_per_side`` models per side."""
     n = models_per_side - models_per_side // 2
@@ -106,7 +273,8 @@ def models_needed(*, delta: float, confidence: float, at_least: float = MIN_USEF
 @dataclass(frozen=True)
 class Distinguisher:
     """Outcome of the distinguishing test. "in" = predicted trained on D'; a model is predicted "in"
-    when its canary loss is <= ``threshold``. Counts are on the held-out halves."""
+    when its canary score (loss, or white-box update) is <= ``threshold``. Counts are on the
+    held-out halves."""
 
     threshold: float
     fp: int
@@ -122,7 +290,7 @@ class Distinguisher:
 
 
 def _best_threshold(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, alpha: float) -> tuple[float, float]:
-    """Threshold on the canary loss maximising (eps_LB, accuracy) on the selection half."""
+    """Threshold on the canary score maximising (eps_LB, accuracy) on the selection half."""
     vals = np.unique(np.concatenate([loss_in, loss_out]))
     cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
     best = (-1.0, -1.0, math.inf)
@@ -137,7 +305,7 @@ def _best_threshold(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, 
 
 def distinguish(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, confidence: float,
                 seed: int) -> Distinguisher:
-    """Split each side's canary losses [M] at random (``seed``) into a selection half (floor(M/2)
+    """Split each side's canary scores [M] at random (``seed``) into a selection half (floor(M/2)
     models) and a test half; pick the threshold on the selection half and count errors on the
     test half; eps_LB by :func:`mlaudit.stats.eps_lower_bound` at level alpha = 1 - confidence."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x534C4354]))

@@ -22,6 +22,7 @@ Opacus is imported lazily (inside the functions) so ``import mlaudit`` stays fas
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -81,7 +82,14 @@ def epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: f
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
         raise ConfigError(f"noise_multiplier (sigma) must be a positive finite number, got {noise_multiplier}; "
                           "sigma = 0 gives no privacy (epsilon = inf)")
-    return ACCOUNTANTS.get(accountant)(noise_multiplier, sample_rate, steps, delta)
+    return _epsilon_cached(accountant, float(noise_multiplier), float(sample_rate), int(steps), float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_cached(accountant: str, sigma: float, q: float, steps: int, delta: float) -> float:
+    """One accountant evaluation (~0.1 s for rdp), cached: a factory run reports the same
+    (sigma, q, steps, delta) for every model, and calibration repeats per chunk of models."""
+    return ACCOUNTANTS.get(accountant)(sigma, q, steps, delta)
 
 
 def calibrate_noise(*, target_epsilon: float, sample_rate: float, steps: int, delta: float,

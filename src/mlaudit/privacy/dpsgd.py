@@ -28,6 +28,22 @@ one example's influence.
 Threat model: the (epsilon, delta) guarantee covers the final weights (and every intermediate
 iterate) against an adversary who knows everything but whether one training example was present;
 it holds only if the sampling is really Poisson and the noise is really drawn as stated.
+
+Audit hooks (used by the ``dp-audit`` kind only; see docs/dp_audit.md). A :class:`DataView` whose
+``meta[AUDIT_META_KEY]`` is set (build it with :func:`audit_meta`) changes the step of the models
+trained on that view:
+
+* ``gradient_canary`` (:class:`GradientCanary`): the Dirac canary of Nasr et al., "Tight auditing
+  of differentially private machine learning" (USENIX Security 2023; gradient canaries also appear
+  in Nasr et al. 2021, "Adversary instantiation"). The view holds one inserted placeholder example
+  at virtual index ``index``; it is Poisson-sampled like every other example (rate q), but
+  whenever it is in the batch its per-example gradient is replaced by
+  C * e_j, all of the clip norm on one coordinate j of one parameter, so the noisy sum becomes
+  sum_i w_i clip(g_i) + C e_j + N(0, sigma^2 C^2 I). This is the worst case the clipping allows,
+  so it is still a valid input to the (epsilon, delta) guarantee.
+* ``broken`` (:data:`BROKEN`): a deliberately wrong DP-SGD, as a fixture for testing audits. It is
+  never used unless an audit config asks for it. The accountant still reports the epsilon of the
+  correct mechanism, which is the claim the audit must refute.
 """
 
 from __future__ import annotations
@@ -43,7 +59,8 @@ from torch.func import functional_call, grad, vmap
 
 from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.augment import AugmentSpec as AugmentConfig
-from ..errors import UnsupportedModelError
+from ..data.view import DataView
+from ..errors import ConfigError, UnsupportedModelError
 from ..models.registry import has_batchnorm
 from ..train.recipe import DPConfig
 from ..train.stacked import LoopStack, StackedModels, VmapStack, _set_mode
@@ -51,6 +68,65 @@ from .accountant import calibrate_noise, check_delta, epsilon
 
 GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """idx [K, B] (virtual indices) -> (x [K, B, *shape], y [K, B])."""
+
+AUDIT_META_KEY = "dp_audit"
+"""Key of a :class:`DataView`'s ``meta`` that carries the audit hooks (see the module docstring)."""
+
+BROKEN: dict[str, str] = {
+    "noise-over-batch": "the noise is divided by the expected batch size q*N before it is added to the clipped "
+                        "sum (and the sum is divided by q*N again): noise std sigma*C/(qN) instead of sigma*C",
+    "no-clip": "per-example gradients are not clipped (the noise is still calibrated for the clip norm C)",
+}
+"""Deliberately broken DP-SGD variants (audit fixtures): name -> what is wrong."""
+
+
+@dataclass(frozen=True)
+class GradientCanary:
+    """A Dirac gradient canary: when the placeholder example at virtual ``index`` is sampled, its
+    gradient is C * e_j with j the flat (row-major) ``coordinate`` of ``parameter`` (a name of
+    ``named_parameters()``, the same as in the state_dict)."""
+
+    index: int
+    parameter: str
+    coordinate: int
+
+
+def audit_meta(*, gradient_canary: GradientCanary | None = None, broken: str | None = None) -> dict[str, dict]:
+    """``view.with_meta(**audit_meta(...))`` turns the audit hooks on for the models of that view."""
+    if broken is not None and broken not in BROKEN:
+        raise ConfigError(f"broken DP-SGD variant {broken!r} is unknown; valid: {', '.join(BROKEN)}")
+    spec: dict[str, object] = {"broken": broken}
+    if gradient_canary is not None:
+        spec["gradient_canary"] = {"index": int(gradient_canary.index), "parameter": gradient_canary.parameter,
+                                   "coordinate": int(gradient_canary.coordinate)}
+    return {AUDIT_META_KEY: spec}
+
+
+def _audit_hooks(views: Sequence[DataView | None] | None, k: int, names: list[str], shapes: list[torch.Size]
+                 ) -> tuple[list[tuple[int, int, tuple[int, ...]] | None], str | None]:
+    """Per model: (canary virtual index, parameter position, unravelled coordinate) or None; the
+    broken variant (one for all models, else a ConfigError)."""
+    specs = [(v.meta.get(AUDIT_META_KEY) if v is not None else None) or {} for v in (views or [None] * k)]
+    broken = {s.get("broken") for s in specs}
+    if len(broken) > 1:
+        raise ConfigError(f"models trained together must share one DP-SGD variant, got {sorted(map(str, broken))}")
+    canaries: list[tuple[int, int, tuple[int, ...]] | None] = []
+    for s in specs:
+        c = s.get("gradient_canary")
+        if c is None:
+            canaries.append(None)
+            continue
+        if c["parameter"] not in names:
+            raise ConfigError(f"gradient canary parameter {c['parameter']!r} is not a parameter of the model; "
+                              f"valid: {', '.join(names)}")
+        pos = names.index(c["parameter"])
+        numel = math.prod(shapes[pos])
+        if not 0 <= c["coordinate"] < numel:
+            raise ConfigError(f"gradient canary coordinate {c['coordinate']} is outside parameter "
+                              f"{c['parameter']!r} ({numel} entries)")
+        coord = tuple(int(t) for t in torch.unravel_index(torch.tensor(c["coordinate"]), shapes[pos]))
+        canaries.append((int(c["index"]), pos, coord))
+    return canaries, broken.pop()
 
 
 def max_batch(q: float, n: int) -> int:
@@ -168,16 +244,22 @@ class DPTraining:
     b_max: int
     sample_gens: list[torch.Generator]  # CPU: Poisson draws and augmentation
     noise_gens: list[torch.Generator]  # on the training device
-    sigma_c: Tensor  # [K] sigma * C
+    sigma_c: Tensor  # [K] noise std on the clipped sum: sigma * C (divided by q * n for noise-over-batch)
     denom: Tensor  # [K] q * n
     augment: AugmentConfig | None = None
+    canaries: list[tuple[int, int, tuple[int, ...]] | None] | None = None  # per model: (index, param pos, coord)
+    canary_counts: list[int] | None = None  # per model: steps in which its gradient canary was sampled
+    broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
 
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
               batch_size: int, epochs: int, default_spe: int, device: torch.device,
-              augment: AugmentConfig | None = None) -> DPTraining:
-        """Check the model and delta, pick q and steps, calibrate sigma when ``cfg.epsilon`` is set."""
+              augment: AugmentConfig | None = None, views: Sequence[DataView | None] | None = None) -> DPTraining:
+        """Check the model and delta, pick q and steps, calibrate sigma when ``cfg.epsilon`` is set;
+        read the audit hooks of ``views`` (one per model; see the module docstring)."""
         check_dp_model(models)
+        named = list(models[0].named_parameters())
+        canaries, broken = _audit_hooks(views, len(models), [n for n, _ in named], [p.shape for _, p in named])
         ns = [len(p) for p in pools]
         for n in ns:
             check_delta(cfg.delta, n, force=cfg.allow_large_delta)
@@ -193,11 +275,19 @@ class DPTraining:
         sigmas = [sig[q] for q in qs]
         noise_gens = [(torch.Generator(device=device) if device.type == "cuda" else torch.Generator())
                       .manual_seed(int(s) + 0x4015E) for s in seeds]
+        noise_std = [s * cfg.clip / (q * n if broken == "noise-over-batch" else 1.0) for s, q, n in zip(sigmas, qs, ns)]
+        has_canary = any(c is not None for c in canaries)
         return cls(cfg, [p.cpu() for p in pools], qs, sigmas, spe, total,
                    max(max_batch(q, n) for q, n in zip(qs, ns)),
                    [torch.Generator().manual_seed(int(s) + 0xD95D) for s in seeds], noise_gens,
-                   torch.tensor([s * cfg.clip for s in sigmas], device=device),
-                   torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment)
+                   torch.tensor(noise_std, device=device),
+                   torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment,
+                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken)
+
+    @property
+    def clip(self) -> float:
+        """The clip norm applied to per-example gradients (inf for the ``no-clip`` fixture)."""
+        return math.inf if self.broken == "no-clip" else self.cfg.clip
 
     def sample(self) -> tuple[Tensor, Tensor]:
         """This step's Poisson batches of all models: (idx [M, K, B_max], weight [M, K, B_max]), CPU."""
@@ -212,6 +302,7 @@ class DPTraining:
         """One DP-SGD step: (mean loss of each model's sampled batch [K], private grads in
         ``stack.trainable()`` order, ready for the optimizer)."""
         idx, w = self.sample()
+        hits = self._take_canaries(idx, w)  # [M, K] bool; the canaries' slots get weight 0 in w
         device = self.sigma_c.device
         k = len(self.pools)
         rows = [torch.arange(k)] if isinstance(stack, VmapStack) else [torch.tensor([i]) for i in range(k)]
@@ -221,7 +312,9 @@ class DPTraining:
             xb, yb = gather(idx[mi].to(device))
             wb = w[mi].to(device)
             groups = per_example_grads(stack, self._augment(xb), yb, label_smoothing=label_smoothing)
-            part = [clipped_sum(g, wb[r], self.cfg.clip) for (g, _), r in zip(groups, rows)]
+            part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, rows)]
+            if hits is not None:
+                self._add_diracs(part, rows, hits[mi])
             loss_sum += torch.cat([(lo.detach() * wb[r]).sum(1) for (_, lo), r in zip(groups, rows)])
             sums = part if not sums else [[a + b for a, b in zip(s, p)] for s, p in zip(sums, part)]
         grads: list[Tensor] = []
@@ -230,6 +323,29 @@ class DPTraining:
             grads += noisy_average(s, z, self.sigma_c[r], self.denom[r])
         count = w.sum((0, 2)).to(device).clamp(min=1.0)
         return loss_sum / count, _to_trainable(stack, grads)
+
+    def _take_canaries(self, idx: Tensor, w: Tensor) -> Tensor | None:
+        """Find each model's sampled gradient canary in idx/w [M, K, B] (CPU), zero its weight in ``w``
+        (its natural gradient is not used) and return hits [M, K] bool; None without canaries."""
+        if self.canaries is None or self.canary_counts is None:
+            return None
+        target = torch.tensor([c[0] if c is not None else -1 for c in self.canaries])
+        slot = (idx == target.view(1, -1, 1)) & (w > 0)
+        w.masked_fill_(slot, 0.0)
+        hits = slot.any(-1)
+        for i, n in enumerate(hits.sum(0).tolist()):
+            self.canary_counts[i] += int(n)
+        return hits
+
+    def _add_diracs(self, part: list[list[Tensor]], rows: list[Tensor], hit: Tensor) -> None:
+        """Add C * e_j to the clipped sums ``part`` (groups of [G, *s]) of the models whose canary
+        was sampled in this micro-batch (``hit`` [K] bool)."""
+        assert self.canaries is not None
+        for sums, r in zip(part, rows):
+            for local, i in enumerate(r.tolist()):
+                c = self.canaries[i]
+                if c is not None and bool(hit[i]):
+                    sums[c[1]][(local, *c[2])] += self.cfg.clip
 
     def _augment(self, xb: Tensor) -> Tensor:
         a = self.augment
@@ -246,8 +362,11 @@ class DPTraining:
         sigma, q = self.noise_multipliers[i], self.sample_rates[i]
         eps = math.inf if sigma <= 0 or steps < 1 else epsilon(
             noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.cfg.delta, accountant=self.cfg.accountant)
-        return {"dp_epsilon": eps, "dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps),
-                "dp_delta": self.cfg.delta, "dp_clip": self.cfg.clip}
+        out = {"dp_epsilon": eps, "dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps),
+               "dp_delta": self.cfg.delta, "dp_clip": self.cfg.clip}
+        if self.canaries is not None and self.canary_counts is not None and self.canaries[i] is not None:
+            out["dp_canary_sampled"] = float(self.canary_counts[i])
+        return out
 
 
 def _to_trainable(stack: StackedModels, grads: list[Tensor]) -> list[Tensor]:

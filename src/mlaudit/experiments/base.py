@@ -151,7 +151,7 @@ def register_experiment(name: str, *, config: type[ExperimentConfig],
 
 
 def _ensure_kinds_loaded() -> None:
-    from . import dp_audit, membership, targeted_poison, train  # noqa: F401  (registers the built-in kinds)
+    from . import availability, dp_audit, indiscriminate, membership, targeted_poison, train  # noqa: F401  (kinds)
 
 
 def experiment_kinds() -> dict[str, ExperimentKind]:

@@ -1,0 +1,179 @@
+"""Adversarial poisoning (Fowl et al. 2021, "Adversarial Examples Make Strong Poisons"; seed 002
+section 2.3.2): adversarial examples of a fixed crafting model, released with their *true* labels.
+
+Threat model: see :mod:`.base`. The crafting model(s) F(.; theta*) are trained on the clean data
+and stay fixed; each poison is optimised on its own (the objectives are separable), so poisons can
+be crafted in any order and batch size, e.g. as data arrives.
+
+* untargeted (UT), eq. 2.3:        max_{delta in S} sum_i L(F(x_i + delta_i; theta*), y_i)
+* class-targeted (CT), eq. 2.4:    min_{delta in S} sum_i L(F(x_i + delta_i; theta*), g(y_i))
+
+with L the cross-entropy (averaged over an ensemble of crafting models), S the l-inf ball of radius
+eps intersected with the pixel box, and g a permutation of the labels *with no fixed points* (a
+derangement: every image is pushed towards another class). Both run through
+:func:`mlaudit.craft.craft` with signed-gradient PGD (Madry et al. 2018; the paper uses 250 steps),
+random restarts and differentiable augmentation (section 2.3.3).
+
+Relabelling (section 2.4.6): :func:`crafter_predictions` gives the crafting model's label of each
+poison; victims trained on the poisons *with these labels* recover most of the clean accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, field_validator
+from torch import Tensor, nn
+
+from ...craft import LinfBall, craft
+from ...errors import ConfigError
+from .base import (
+    CraftBudget,
+    NoOptions,
+    PoisonResult,
+    StepCallback,
+    check_inputs,
+    ensemble_logits,
+    frozen,
+    register_method,
+)
+
+PermutationSpec = tuple[int, ...] | Literal["shift", "random"]
+
+
+def check_permutation(perm: Sequence[int], num_classes: int | None = None, *, field: str = "permutation"
+                      ) -> tuple[int, ...]:
+    """``perm`` as a tuple when it is a permutation of ``range(C)`` without fixed points (and, given
+    ``num_classes``, of length C); ConfigError naming ``field``, the value and the rule otherwise."""
+    p = tuple(int(v) for v in perm)
+    c = len(p)
+    if num_classes is not None and c != num_classes:
+        raise ConfigError(f"{field} has {c} entries but the data has {num_classes} classes; give g(0), ..., "
+                          f"g({num_classes - 1})")
+    if c < 2:
+        raise ConfigError(f"{field} must map at least 2 classes (a derangement of 1 class does not exist), got {list(p)}")
+    if sorted(p) != list(range(c)):
+        raise ConfigError(f"{field} = {list(p)} is not a permutation of 0..{c - 1} (each class exactly once)")
+    fixed = [i for i in range(c) if p[i] == i]
+    if fixed:
+        raise ConfigError(f"{field} = {list(p)} has fixed points {fixed} (g(y) = y); the class-targeted objective "
+                          "(seed 002, eq. 2.4) needs g(y) != y for every class, e.g. g(y) = (y + 1) mod C")
+    return p
+
+
+def shift_permutation(num_classes: int, shift: int = 1) -> Tensor:
+    """int64 [C]: g(y) = (y + shift) mod C, a derangement for shift not divisible by C."""
+    if num_classes < 2 or shift % num_classes == 0:
+        raise ConfigError(f"a shift permutation needs >= 2 classes and shift not divisible by C; got C={num_classes}, "
+                          f"shift={shift}")
+    return (torch.arange(num_classes) + shift) % num_classes
+
+
+def random_derangement(num_classes: int, *, generator: torch.Generator) -> Tensor:
+    """int64 [C]: a uniformly random permutation without fixed points (rejection sampling; about
+    e = 2.72 draws on average)."""
+    if num_classes < 2:
+        raise ConfigError(f"a derangement needs >= 2 classes, got {num_classes}")
+    ar = torch.arange(num_classes)
+    while True:
+        p = torch.randperm(num_classes, generator=generator, device=generator.device).cpu()
+        if bool((p != ar).all()):
+            return p
+
+
+def resolve_permutation(spec: PermutationSpec, num_classes: int, *, generator: torch.Generator) -> Tensor:
+    """The label map g as int64 [C]: ``shift`` (y + 1 mod C), ``random`` (a seeded derangement) or
+    an explicit tuple (checked)."""
+    if spec == "shift":
+        return shift_permutation(num_classes)
+    if spec == "random":
+        return random_derangement(num_classes, generator=generator)
+    return torch.tensor(check_permutation(spec, num_classes), dtype=torch.int64)
+
+
+class ClassTargetedOptions(BaseModel):
+    """``permutation``: the label map g of eq. 2.4 — ``shift`` (default), ``random`` or a list
+    [g(0), ..., g(C-1)] without fixed points."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    permutation: PermutationSpec = "shift"
+
+    @field_validator("permutation", mode="before")
+    @classmethod
+    def _perm(cls, v: object) -> object:
+        if isinstance(v, (list, tuple)):
+            return check_permutation(v, field="g")  # type: ignore[arg-type]
+        return v
+
+
+class AdversarialLoss:
+    """Objective ``(x_adv [B, *shape], idx [B]) -> [B]`` for :func:`craft` (which minimises):
+    ``+CE(F(x_adv), labels[idx])`` when ``targeted`` (eq. 2.4, labels = g(y)), else
+    ``-CE(F(x_adv), labels[idx])`` (eq. 2.3, labels = y); CE averaged over the ensemble."""
+
+    def __init__(self, models: Sequence[nn.Module], labels: Tensor, *, targeted: bool) -> None:
+        if not models:
+            raise ConfigError("adversarial poisoning needs at least one crafting model")
+        self.models = list(models)
+        self.labels = labels
+        self.sign = 1.0 if targeted else -1.0
+
+    def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
+        logits = ensemble_logits(self.models, x_adv)  # [E, B, C]
+        e, b, c = logits.shape
+        lab = self.labels[idx].repeat(e)
+        ce = F.cross_entropy(logits.reshape(e * b, c), lab, reduction="none").view(e, b).mean(0)
+        return self.sign * ce
+
+
+@torch.no_grad()
+def crafter_predictions(models: Sequence[nn.Module], x: Tensor, *, batch_size: int = 1024) -> Tensor:
+    """int64 [N]: the ensemble's label (argmax of the mean softmax) for ``x`` [N, *shape], in eval mode."""
+    out = []
+    with frozen(models):
+        for i in range(0, x.shape[0], batch_size):
+            out.append(ensemble_logits(models, x[i:i + batch_size]).softmax(-1).mean(0).argmax(-1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+
+
+def _adversarial(x: Tensor, y: Tensor, targets: Tensor, models: Sequence[nn.Module], budget: CraftBudget,
+                 generator: torch.Generator, *, targeted: bool, on_step: StepCallback | None) -> PoisonResult:
+    objective = AdversarialLoss(models, targets, targeted=targeted)
+    with frozen(models):
+        res = craft(objective, x, constraint=LinfBall(budget.eps), steps=budget.steps, optimizer="pgd", lr=budget.lr,
+                    schedule="constant", restarts=budget.restarts, init="zero", augment=budget.augment,
+                    batch_size=budget.batch_size, generator=generator, on_step=on_step)
+    pred = crafter_predictions(models, x + res.delta, batch_size=budget.batch_size or 1024)
+    info = {"objective_mean": res.objective / x.shape[0], "restart_objectives": res.restarts,
+            "crafter_accuracy_on_poisons": float((pred == y).float().mean())}
+    if targeted:
+        info["crafter_target_rate"] = float((pred == targets).float().mean())
+    return PoisonResult(res.delta, info)
+
+
+@register_method("adversarial-untargeted", crafter="pretrained")
+def adversarial_untargeted(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budget: CraftBudget,
+                           num_classes: int, generator: torch.Generator, options: BaseModel = NoOptions(),
+                           on_step: StepCallback | None = None) -> PoisonResult:
+    """Untargeted adversarial poisoning (seed 002 eq. 2.3): maximise the crafting model's loss on y."""
+    check_inputs(x, y, num_classes)
+    return _adversarial(x, y, y, models, budget, generator, targeted=False, on_step=on_step)
+
+
+@register_method("adversarial-class-targeted", crafter="pretrained", options=ClassTargetedOptions)
+def adversarial_class_targeted(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budget: CraftBudget,
+                               num_classes: int, generator: torch.Generator,
+                               options: BaseModel = ClassTargetedOptions(),
+                               on_step: StepCallback | None = None) -> PoisonResult:
+    """Class-targeted adversarial poisoning (seed 002 eq. 2.4): minimise the loss towards g(y)."""
+    check_inputs(x, y, num_classes)
+    opts = options if isinstance(options, ClassTargetedOptions) else ClassTargetedOptions.model_validate(
+        options.model_dump())
+    g = resolve_permutation(opts.permutation, num_classes, generator=generator).to(y.device)
+    res = _adversarial(x, y, g[y], models, budget, generator, targeted=True, on_step=on_step)
+    res.info["permutation"] = g.tolist()
+    return res

@@ -26,6 +26,10 @@ from ..train.stacked import choose_strategy
 
 log = logging.getLogger(__name__)
 PROBE_STEPS = 4
+PROBE_MAX_MODELS = 16
+"""The probe trains at most this many models per layout: the loop layout's cost grows linearly with K
+while vmap's grows more slowly, so a layout vmap beats at 16 models it also beats at more; probing
+K = 500 models (a DP audit's chunk) in the loop layout would itself cost minutes."""
 
 
 def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, recipe: Recipe,
@@ -39,14 +43,15 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     n = min(len(data), PROBE_STEPS * recipe.batch_size)
     probe = data.subset(torch.arange(n, device=data.device))
     r = recipe.model_copy(update={"epochs": 1})
+    kp = min(k, PROBE_MAX_MODELS)
     times: dict[str, float] = {}
     for layout in ("loop", "vmap"):
         try:
             for timed in (False, True):  # first pass warms up cuDNN autotuning and allocations
-                models = init_models(model_fn, range(k))
+                models = init_models(model_fn, range(kp))
                 torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                train_stack(models, probe, r, seeds=list(range(k)), lr=lr, device=device, augment=augment,
+                train_stack(models, probe, r, seeds=list(range(kp)), lr=lr, device=device, augment=augment,
                             strategy=layout)
                 torch.cuda.synchronize(device)
                 if timed:
@@ -55,6 +60,6 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
             times[layout] = float("inf")
         torch.cuda.empty_cache()
     best = min(times, key=times.__getitem__)
-    log.info("stack layout for %d models: %s (probe: %s)", k, best,
+    log.info("stack layout for %d models: %s (probe with %d: %s)", k, best, kp,
              ", ".join(f"{a} {t:.3f}s" for a, t in times.items()))
     return best if times[best] != float("inf") else static

@@ -21,7 +21,12 @@ Steps per epoch are ``ceil(n / batch_size)`` when q = batch_size / n (the defaul
 number of steps as the non-private loop, so the factory's grouping holds) or ``ceil(1/q)`` when
 ``dp.sample_rate`` is given. With ``dp.epsilon`` the noise multiplier is calibrated at the start
 for (q, epochs * steps_per_epoch, delta); every model reports the accountant's epsilon for the
-steps it took. DP steps run in float32 (bf16 autocast is not applied). Models with BatchNorm are
+steps it took. With a bf16 recipe on CUDA the per-example forward/backward runs under bf16 autocast
+(parameters and their per-example gradients stay float32); clipping, the sum and the noise are
+always float32, so the clipping bound, and with it the guarantee, holds exactly for the values
+used. Each step computes per-example gradients only for the slots it needs: the widest sampled
+batch of the chunk rounded up to a multiple of :data:`SLOT_MULTIPLE` (not the worst-case padded
+``b_max``, about 1.4x the expected batch at q * n = 256). Models with BatchNorm are
 refused: BatchNorm mixes examples of a batch, so per-example gradients and clipping do not bound
 one example's influence.
 
@@ -48,6 +53,7 @@ trained on that view:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,6 +139,10 @@ def max_batch(q: float, n: int) -> int:
     """Padded Poisson batch size: ceil(qn + 6 sqrt(qn)) + 1, at most n (P(|L| > B_max) < 1e-9)."""
     mu = q * n
     return int(min(n, math.ceil(mu + 6 * math.sqrt(mu)) + 1))
+
+
+SLOT_MULTIPLE = 32
+"""Per-example gradient slots per step are rounded up to this multiple (few distinct shapes)."""
 
 
 def poisson_batch(pool: Tensor, q: float, b_max: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -250,11 +260,13 @@ class DPTraining:
     canaries: list[tuple[int, int, tuple[int, ...]] | None] | None = None  # per model: (index, param pos, coord)
     canary_counts: list[int] | None = None  # per model: steps in which its gradient canary was sampled
     broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
+    bf16: bool = False  # per-example forward/backward under CUDA bf16 autocast
 
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
               batch_size: int, epochs: int, default_spe: int, device: torch.device,
-              augment: AugmentConfig | None = None, views: Sequence[DataView | None] | None = None) -> DPTraining:
+              augment: AugmentConfig | None = None, views: Sequence[DataView | None] | None = None,
+              bf16: bool = False) -> DPTraining:
         """Check the model and delta, pick q and steps, calibrate sigma when ``cfg.epsilon`` is set;
         read the audit hooks of ``views`` (one per model; see the module docstring)."""
         check_dp_model(models)
@@ -282,7 +294,8 @@ class DPTraining:
                    [torch.Generator().manual_seed(int(s) + 0xD95D) for s in seeds], noise_gens,
                    torch.tensor(noise_std, device=device),
                    torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment,
-                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken)
+                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken,
+                   bf16 and device.type == "cuda")
 
     @property
     def clip(self) -> float:
@@ -290,11 +303,16 @@ class DPTraining:
         return math.inf if self.broken == "no-clip" else self.cfg.clip
 
     def sample(self) -> tuple[Tensor, Tensor]:
-        """This step's Poisson batches of all models: (idx [M, K, B_max], weight [M, K, B_max]), CPU."""
+        """This step's Poisson batches of all models: (idx [M, K, B], weight [M, K, B]), CPU; B = b_max, or
+        fewer slots (a multiple of SLOT_MULTIPLE) when one micro-batch holds every model's draw."""
         draws = [poisson_batch(p, q, self.b_max, g) for p, q, g in zip(self.pools, self.sample_rates, self.sample_gens)]
         m = max(d[0].shape[0] for d in draws)
         idx = torch.stack([torch.cat([i, i[:1].expand(m - len(i), -1)]) for i, _ in draws], 1)
         w = torch.stack([torch.cat([v, torch.zeros(m - len(v), self.b_max)]) for _, v in draws], 1)
+        if m == 1:  # drop padding slots no model uses (sampled examples come first in each row)
+            used = int(w[0].sum(1).max())
+            width = min(self.b_max, max(SLOT_MULTIPLE, -(-used // SLOT_MULTIPLE) * SLOT_MULTIPLE))
+            idx, w = idx[:, :, :width], w[:, :, :width]
         return idx, w
 
     def step(self, stack: StackedModels, gather: GatherFn, *, label_smoothing: float = 0.0
@@ -311,7 +329,8 @@ class DPTraining:
         for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
             xb, yb = gather(idx[mi].to(device))
             wb = w[mi].to(device)
-            groups = per_example_grads(stack, self._augment(xb), yb, label_smoothing=label_smoothing)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
+                groups = per_example_grads(stack, self._augment(xb), yb, label_smoothing=label_smoothing)
             part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, rows)]
             if hits is not None:
                 self._add_diracs(part, rows, hits[mi])

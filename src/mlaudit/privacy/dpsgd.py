@@ -21,10 +21,9 @@ Steps per epoch are ``ceil(n / batch_size)`` when q = batch_size / n (the defaul
 number of steps as the non-private loop, so the factory's grouping holds) or ``ceil(1/q)`` when
 ``dp.sample_rate`` is given. With ``dp.epsilon`` the noise multiplier is calibrated at the start
 for (q, epochs * steps_per_epoch, delta); every model reports the accountant's epsilon for the
-steps it took. With a bf16 recipe on CUDA the per-example forward/backward runs under bf16 autocast
-(parameters and their per-example gradients stay float32); clipping, the sum and the noise are
-always float32, so the clipping bound, and with it the guarantee, holds exactly for the values
-used. Each step computes per-example gradients only for the slots it needs: the widest sampled
+steps it took. DP steps run in float32: bf16 autocast around the vmapped per-example gradients was
+measured 1.5x *slower* for ResNet-18/GroupNorm on an H100 (171 against 115 ms per step at batch 256,
+2026-11-23; benchmarks/results/dp_throughput.md). Each step computes per-example gradients only for the slots it needs: the widest sampled
 batch of the chunk rounded up to a multiple of :data:`SLOT_MULTIPLE` (not the worst-case padded
 ``b_max``, about 1.4x the expected batch at q * n = 256). Models with BatchNorm are
 refused: BatchNorm mixes examples of a batch, so per-example gradients and clipping do not bound
@@ -53,7 +52,6 @@ trained on that view:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -260,13 +258,11 @@ class DPTraining:
     canaries: list[tuple[int, int, tuple[int, ...]] | None] | None = None  # per model: (index, param pos, coord)
     canary_counts: list[int] | None = None  # per model: steps in which its gradient canary was sampled
     broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
-    bf16: bool = False  # per-example forward/backward under CUDA bf16 autocast
 
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
               batch_size: int, epochs: int, default_spe: int, device: torch.device,
-              augment: AugmentConfig | None = None, views: Sequence[DataView | None] | None = None,
-              bf16: bool = False) -> DPTraining:
+              augment: AugmentConfig | None = None, views: Sequence[DataView | None] | None = None) -> DPTraining:
         """Check the model and delta, pick q and steps, calibrate sigma when ``cfg.epsilon`` is set;
         read the audit hooks of ``views`` (one per model; see the module docstring)."""
         check_dp_model(models)
@@ -294,8 +290,7 @@ class DPTraining:
                    [torch.Generator().manual_seed(int(s) + 0xD95D) for s in seeds], noise_gens,
                    torch.tensor(noise_std, device=device),
                    torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment,
-                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken,
-                   bf16 and device.type == "cuda")
+                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken)
 
     @property
     def clip(self) -> float:
@@ -329,8 +324,7 @@ class DPTraining:
         for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
             xb, yb = gather(idx[mi].to(device))
             wb = w[mi].to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext():
-                groups = per_example_grads(stack, self._augment(xb), yb, label_smoothing=label_smoothing)
+            groups = per_example_grads(stack, self._augment(xb), yb, label_smoothing=label_smoothing)
             part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, rows)]
             if hits is not None:
                 self._add_diracs(part, rows, hits[mi])

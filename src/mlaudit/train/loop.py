@@ -137,7 +137,7 @@ def train_stack(
         from ..privacy.dpsgd import DPTraining  # lazy: privacy imports train
 
         dp = DPTraining.start(recipe.dp, models, pools, seeds=seeds, batch_size=bsz, epochs=recipe.epochs,
-                              default_spe=spe, device=device, augment=augment, views=views, bf16=bf16)
+                              default_spe=spe, device=device, augment=augment, views=views)
         spe = dp.steps_per_epoch
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0

@@ -141,7 +141,12 @@ def main() -> None:
                        "process_wall_s": round(time.perf_counter() - t1, 2)}
             print(f"{m}: clean {pct(runs[m]['metrics']['clean_accuracy'])} %, poisoned "
                   f"{pct(runs[m]['metrics']['poisoned_accuracy'])} %", flush=True)
-        wall = time.perf_counter() - t0
+            # written after every method, so a run cut short by a time limit keeps what it finished
+            report(args, name, runs, crafter, time.perf_counter() - t0)
+
+
+def report(args: argparse.Namespace, name: str, runs: dict[str, Any], crafter: dict[str, Any] | None,
+           wall: float) -> None:
     env = environment()
     first = next(iter(runs.values()))["config"]
     if first["dataset"]["name"] != "cifar10":
@@ -167,6 +172,7 @@ def main() -> None:
           "are per min-min round.\n")
     write_results(f"availability_{name}", {"environment": env, "crafter": crafter, "runs": runs,
                                            "process_wall_s": round(wall, 2)}, md)
+
 
 
 if __name__ == "__main__":

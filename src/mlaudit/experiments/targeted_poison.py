@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
+from ..attacks.poisoning.alignment import alignment_curve
 from ..attacks.poisoning.brew import METHODS, BrewInputs, BrewOptions, BrewResult, brew
 from ..attacks.poisoning.features import penultimate_features
 from ..attacks.poisoning.scenario import Scenario, explicit_scenario, sample_scenario, scenario_seeds
@@ -34,6 +35,7 @@ from ..data.base import DataBundle
 from ..data.export import export_view
 from ..data.view import DataView
 from ..errors import ConfigError
+from ..models.registry import model_entry
 from ..privacy.dpsgd import check_dp_model
 from ..report.html import ReportTable
 from ..stats import MeanSE
@@ -41,6 +43,7 @@ from ..train.loop import resolve_augment
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
 from .context import RunContext
 from .poisoning import (
+    VICTIM_STREAM,
     CraftingOptions,
     VictimOptions,
     check_crafting,
@@ -116,6 +119,7 @@ class TargetedPoisonConfig(ExperimentConfig):
     baseline: bool = True
     export: bool = True
     save_models: bool = False
+    alignment: bool = False
 
     @field_validator("scenarios")
     @classmethod
@@ -331,6 +335,10 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
                           table)]
     figures = {}
     first = scenarios[0]
+    if config.alignment:
+        curves = _alignment(config, ctx, data, first, views[f"s{first.index:03d}"])
+        metrics["alignment"] = {"scenario": first.index, **curves}
+        figures["Gradient alignment during victim training (seed 002 Fig. 1.3b), scenario 0"] = _alignment_figure(curves)
     res0 = brewed[first.index][0]
     if res0.delta is not None:
         figures["Target, clean poisons, poisoned images and their difference (scenario 0)"] = _grid(
@@ -352,6 +360,42 @@ def _target_predictions(config: TargetedPoisonConfig, ctx: RunContext, data: Dat
         ctx.release_weights(recs, outputs={r["trial_id"]: {"targets": key, "predictions": preds[i].tolist()}
                                            for i, r in enumerate(recs)})
     return preds
+
+
+def _alignment(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, sc: Scenario,
+               view: DataView | None) -> dict[str, list[float]]:
+    """Per-epoch cosine between the adversarial target gradient and training mini-batch gradients of
+    one clean and one poisoned victim (victim 0's seed), trained by the shared loop."""
+    spec = config.victim.model or config.model
+    recipe = config.victim_recipe
+    dev = torch.device(ctx.device)
+    lr = recipe.resolved_lr(residual=model_entry(spec.name).residual)
+    aug = resolve_augment(recipe, data.name, data.input_shape)
+    x_t = data.test.x[list(sc.target_ids)]
+    seed = config.trial_seed(0, stream=VICTIM_STREAM)
+    out = {}
+    task = ctx.progress.task("alignment diagnostic (2 victims)", total=2)
+    for name, v in (("clean", None), ("poisoned", view)):
+        out[name] = alignment_curve(lambda: model_template(spec, data), data.train, recipe, seed=seed, lr=lr,
+                                    device=dev, x_target=x_t, adv_label=sc.adv_class, view=v, augment=aug)
+        ctx.progress.advance(task)
+    ctx.progress.done(task)
+    return out
+
+
+def _alignment_figure(curves: dict[str, list[float]]):  # noqa: ANN202
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.add_subplot()
+    for name, c in curves.items():
+        ax.plot(range(1, len(c) + 1), c, marker="o", label=f"{name} victim")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("cos(target adv. grad, batch grad)")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def _grid(data: DataBundle, sc: Scenario, delta: Tensor, eps: float, k: int = 6):  # noqa: ANN202

@@ -98,6 +98,7 @@ def train_stack(
     augment: AugmentConfig | None = None,
     on_epoch: Callable[[int, Tensor], None] | None = None,
     strategy: str = "auto",
+    on_epoch_models: Callable[[int, StackedModels], None] | None = None,
 ) -> list[TrainOutput]:
     """Train ``len(models)`` models together, each on its own data order, view and subset.
 
@@ -112,6 +113,8 @@ def train_stack(
         masks: optional bool [K, N_total] subset of (virtual) indices each model may train on.
         augment: augmentation config (None = no augmentation).
         on_epoch: called with (epoch, mean loss per model [K]) after each epoch.
+        on_epoch_models: called with (epoch, the stack) after each epoch, for diagnostics that need
+            the weights mid-training (e.g. gradient alignment, seed 002 Fig. 1.3b); must not modify them.
         strategy: stack layout, ``auto``/``vmap``/``loop`` (see :mod:`mlaudit.train.stacked`).
 
     With ``recipe.dp`` each step is a DP-SGD step (Poisson batches, per-example clipping, noise;
@@ -178,6 +181,8 @@ def train_stack(
         last_loss = epoch_loss / spe
         if on_epoch is not None:
             on_epoch(epoch, last_loss.detach().cpu())
+        if on_epoch_models is not None:
+            on_epoch_models(epoch, stack)
     losses = last_loss.cpu().tolist()
     return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
                         dp.report(i, step) if dp is not None else {}) for i in range(k)]

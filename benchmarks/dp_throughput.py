@@ -9,8 +9,8 @@ Model: ResNet-18 with GroupNorm (``model: {name: resnet18, norm: group}``), batc
   default, and fp32) and private (``dp: {noise_multiplier: 1, clip: 1, sample_rate: 256/n}``;
   per-example gradients with torch.func, float32). One epoch of ``--steps`` steps warms up, the
   next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch).
-  mlaudit's Poisson batches are padded to B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an
-  expected 256, so each DP step computes 353 per-example gradients.
+  mlaudit computes per-example gradients for the widest Poisson batch of the step rounded up to a
+  multiple of 32 (at most B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
 * **Opacus** (optional: skipped when not installed) wraps the same architecture with
   ``PrivacyEngine.make_private`` (``grad_sample_mode="hooks"``, and ``"ghost"`` when supported), on a
   fixed batch of 256 on the device, plain SGD-momentum, fp32; beside it the same hand-written loop
@@ -192,7 +192,8 @@ def main() -> None:
         md += (f"| {k} | {v.get('precision', '')} | {v['s_per_step'] * 1e3:.1f} | {v['examples_per_s']} |\n"
                if "s_per_step" in v else f"| {k} | | failed: {v['error'][:80]} | |\n")
     md += "\n| ratio (slower by) | x |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in ratios.items())
-    md += (f"\nmlaudit's DP step computes per-example gradients for {max_batch(bsz / n, n)} padded Poisson slots "
+    md += (f"\nmlaudit's DP step computes per-example gradients for the sampled batch rounded up to a multiple of "
+           f"32 (at most {max_batch(bsz / n, n)} slots) "
            f"(expected batch {bsz}); goal: mlaudit_dpsgd / mlaudit_sgd <= 2.\n")
     write_results(f"dp_throughput{'_' + args.name if args.name else ''}",
                   {"environment": env, "model": spec.model_dump(), "batch_size": bsz, "steps": steps,

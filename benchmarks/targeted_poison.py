@@ -86,7 +86,12 @@ def speed(args: argparse.Namespace) -> None:
 
 def success(args: argparse.Namespace) -> None:
     cfg = load_yaml(args.config)
-    name = args.name or Path(args.config).stem
+    if args.method:  # a baseline on the same scenarios, seeds and victims (Table 1.2 of seed 002)
+        cfg["attack"] = {**cfg["attack"], "method": args.method}
+        cfg["name"] = f"{cfg.get('name', 'brew')}-{args.method}"
+    if args.set_restarts:
+        cfg["attack"] = {**cfg["attack"], "restarts": args.set_restarts}
+    name = args.name or (Path(args.config).stem + (f"_{args.method}" if args.method else ""))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
@@ -128,6 +133,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--config", default="benchmarks/configs/cifar10_fastcnn_brew.yaml")
     ap.add_argument("--name", default="")
+    ap.add_argument("--method", default="", help="success part: replace attack.method (e.g. poison-frogs, bullseye)")
+    ap.add_argument("--set-restarts", type=int, default=0, help="success part: replace attack.restarts")
     args = ap.parse_args()
     (speed if args.part == "speed" else success)(args)
 

@@ -153,6 +153,14 @@ def test_correct_mlaudit_dpsgd_contract_below_claim(tmp_path: Path) -> None:
     assert len(rows) == 40 and {r["side"] for r in rows} == {"in", "out"}
     assert all(r["dp_epsilon"] <= 1.0 + 1e-6 for r in rows)
     assert not list((tmp_path / "o" / "artifacts" / "models").glob("*.pt"))  # save_models: false
+    # resuming reuses the scores kept in the store (the weights are gone) instead of retraining
+    res = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "o"), "--device", "cpu", "--quiet",
+                                   "--store", str(tmp_path / "s.db")])
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert again["cost"]["models_trained"] == 0
+    assert again["metrics"]["epsilon_lower_bound"] == m["epsilon_lower_bound"]
+    assert again["metrics"]["canary_loss_in"] == m["canary_loss_in"]
 
 
 def test_contract_validates() -> None:

@@ -197,6 +197,10 @@ def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, can
                          view="plain" if "plain" in views else None) for i in range(m)]
     job = cfg.factory_job(data, trials, device=ctx.device, views=views)
     records = ctx.train(job, save_weights=True, label="training the audited models")
+    key = f"{config.canary}:{config.resolved_score}"
+    if all(r.get("outputs", {}).get("score_of") == key for r in records):  # resumed: scores kept, weights gone
+        scores = np.array([r["outputs"]["score"] for r in records], dtype=float)
+        return scores[:m], scores[m:], records
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
     sha = [r.get("sha256") for r in records]
     if config.resolved_score == "gradient":
@@ -206,10 +210,10 @@ def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, can
         # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
         logits = logits_from_checkpoints(_model_fn(config, data), paths, canary.x, device=ctx.device, sha256=sha)
         scores = F.cross_entropy(logits[:, 0, 0], torch.full((len(records),), canary.y), reduction="none").numpy()
-    if not config.save_models:
-        for p in paths:
-            p.unlink(missing_ok=True)
     scores = np.asarray(scores, dtype=float)
+    if not config.save_models:  # keep each model's score in the store so a resumed run never retrains
+        ctx.release_weights(records, outputs={r["trial_id"]: {"score_of": key, "score": float(v)}
+                                              for r, v in zip(records, scores)})
     return scores[:m], scores[m:], records
 
 

@@ -179,3 +179,18 @@ def test_multi_target_transfer_to_a_dp_victim(tmp_path: Path) -> None:
     assert len(rows) == 2 and all(len(t["target_predictions"]) == 2 for t in rows)
     assert all(s in (0.0, 0.5, 1.0) for s in (t["success"] for t in rows))
     assert "DP-SGD" in (res.out_dir / "report.html").read_text()
+
+
+def test_ensemble_of_different_architectures(tmp_path: Path) -> None:
+    """crafting.architectures: one crafting model of each architecture (seed 002 section 1.3.4), the
+    matching objective averaged over them; victims of a third configuration."""
+    raw = yaml.safe_load(CONTRACT) | {"recipe": {"name": "fast", "epochs": 2}, "scenarios": 1, "victims": 1,
+                                      "export": False, "baseline": False,
+                                      "crafting": {"architectures": ["mlp", "logistic"]}}
+    raw["attack"] = {"method": "gradient-matching", "restarts": 1, "steps": 3}
+    res = _run(tmp_path, raw)
+    crafters = res.results["metrics"]["crafting_models"]
+    assert [c["trial_id"] for c in crafters] == ["crafter-00", "crafter-01"]
+    assert "mlp x 1, logistic x 1" in (res.out_dir / "report.html").read_text()
+    with pytest.raises(ConfigError, match="excludes crafting.checkpoint and crafting.model"):
+        parse_config(raw | {"crafting": {"architectures": ["mlp"], "model": "mlp"}})

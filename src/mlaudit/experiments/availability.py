@@ -131,7 +131,8 @@ class AvailabilityConfig(ExperimentConfig):
         if self.relabel and crafter != "pretrained":
             raise ValueError(f"relabel: true relabels poisons with the crafting model's predictions; method "
                              f"{self.attack.method!r} has no pretrained crafting model (use an adversarial-* method)")
-        if crafter != "pretrained" and (self.crafting.checkpoint is not None or self.crafting.ensemble != 1):
+        if crafter != "pretrained" and (self.crafting.checkpoint is not None or self.crafting.ensemble != 1
+                                        or self.crafting.architectures is not None):
             raise ValueError(f"crafting.checkpoint / crafting.ensemble are used by adversarial-* methods only; method "
                              f"{self.attack.method!r} uses {'a fresh surrogate' if crafter == 'fresh' else 'no model'}")
         return self

@@ -148,7 +148,7 @@ def check_indiscriminate(config: IndiscriminateConfig, data: DataBundle) -> None
     no BatchNorm in the crafting model of gradient-based methods, one crafting model for canceling."""
     a = config.attack
     entry = ATTACKS.get(a.method)
-    check_crafting(config, config.crafting, data)
+    check_crafting(config, config.crafting, data, single_architecture=True)
     if a.eps_d is not None:
         try:
             num_poisons(a.eps_d, len(data.train))

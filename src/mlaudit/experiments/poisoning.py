@@ -9,10 +9,12 @@ order and augmentation draws), so clean-vs-poisoned differences are paired.
 
 Config pieces (mapping fields of a kind's config):
 
-* ``crafting: {checkpoint, sha256, model, recipe, ensemble}`` — the attacker's pretrained model(s):
-  a user's state_dict checkpoint (loaded with ``weights_only=True``, hash-checked, strictly matched
-  against the architecture before any work starts), or ``ensemble`` models trained by the factory
-  on the clean training set with ``recipe`` (default: the config's recipe).
+* ``crafting: {checkpoint, sha256, model, recipe, ensemble, architectures}`` — the attacker's
+  pretrained model(s): a user's state_dict checkpoint (loaded with ``weights_only=True``,
+  hash-checked, strictly matched against the architecture before any work starts), or ``ensemble``
+  models trained by the factory on the clean training set with ``recipe`` (default: the config's
+  recipe) — of one architecture, or of each of ``architectures`` (an ensemble of different
+  architectures, seed 002 section 1.3.4).
 * ``victim: {model, recipe}`` — the victims' architecture and recipe when they differ from the
   config's (transfer, seed 002 section 1.5.2; a DP-SGD recipe for section 1.5.5).
 """
@@ -25,7 +27,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
 from ..attacks.membership.query import logits_from_checkpoints
@@ -76,6 +78,22 @@ class CraftingOptions(BaseModel):
     model: OptionalModel = None
     recipe: Annotated[Recipe | None, BeforeValidator(lambda v: _recipe_field(v, "crafting.recipe"))] = None
     ensemble: int = Field(1, ge=1, le=64)
+    architectures: tuple[Annotated[ModelSpec, BeforeValidator(_model_field)], ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CraftingOptions:
+        if self.architectures is not None:
+            if not self.architectures:
+                raise ValueError("crafting.architectures is empty; give at least one model or leave it out")
+            if self.checkpoint is not None or self.model is not None:
+                raise ValueError("crafting.architectures (an ensemble of different architectures, each trained "
+                                 "`ensemble` times) excludes crafting.checkpoint and crafting.model")
+        return self
+
+    def specs(self, default: ModelSpec) -> list[ModelSpec]:
+        """The architecture of every crafting model, in order (``ensemble`` of each)."""
+        archs = self.architectures or (self.model or default,)
+        return [a for a in archs for _ in range(self.ensemble)]
 
 
 class VictimOptions(BaseModel):
@@ -93,9 +111,16 @@ def model_template(spec: ModelSpec, data: DataBundle) -> nn.Module:
         return build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
 
 
-def check_crafting(config: ExperimentConfig, crafting: CraftingOptions, data: DataBundle) -> None:
+def check_crafting(config: ExperimentConfig, crafting: CraftingOptions, data: DataBundle, *,
+                   single_architecture: bool = False) -> None:
     """Runner hook piece: a crafting checkpoint exists, loads weights-only, matches its hash and the
-    architecture exactly (missing/unexpected keys, shapes) — all before any work starts."""
+    architecture exactly (missing/unexpected keys, shapes) — all before any work starts. With
+    ``single_architecture`` (kinds whose method needs one model family) ``architectures`` is refused."""
+    if single_architecture and crafting.architectures is not None and len(set(crafting.architectures)) > 1:
+        raise ConfigError(f"crafting.architectures: {config.kind} crafts with one architecture, got "
+                          f"{[a.name for a in crafting.architectures]}; use crafting.model")
+    for arch in crafting.architectures or ():
+        model_template(arch, data)  # UnsupportedModelError naming the model when it cannot take this data
     if crafting.checkpoint is None:
         return
     spec = crafting.model or config.model
@@ -118,8 +143,9 @@ def crafting_models(config: ExperimentConfig, crafting: CraftingOptions, ctx: Ru
                     ) -> tuple[list[nn.Module], list[dict[str, Any]]]:
     """The crafting model(s) in eval mode on ``ctx.device`` and their records (test accuracy, ...).
 
-    From ``crafting.checkpoint`` when given, else ``crafting.ensemble`` models trained by the
-    factory on the clean training split (committed to the store, so a resumed run reuses them).
+    From ``crafting.checkpoint`` when given, else ``crafting.ensemble`` models of each architecture
+    (``crafting.architectures``, or ``crafting.model``, or the config's model) trained by the factory
+    on the clean training split (committed to the store, so a resumed run reuses them).
     """
     spec = crafting.model or config.model
     if crafting.checkpoint is not None:
@@ -127,16 +153,18 @@ def crafting_models(config: ExperimentConfig, crafting: CraftingOptions, ctx: Ru
         m = model_template(spec, data)
         m.load_state_dict(sd)
         return [m.to(ctx.device).eval()], [{"trial_id": "crafter-checkpoint", "checkpoint": str(crafting.checkpoint)}]
-    cfg = config.model_copy(update={"model": spec, "recipe": crafting.recipe or config.recipe})
-    trials = [TrialSpec(f"crafter-{i:02d}", seed=config.trial_seed(i, stream=CRAFTER_STREAM), tags={"role": "crafter"})
-              for i in range(crafting.ensemble)]
-    records = ctx.train(cfg.factory_job(data, trials, device=ctx.device), save_weights=True,
-                        label="training the crafting model(s)")
-    models = []
-    for r in records:
-        m = model_template(spec, data)
-        m.load_state_dict(load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256")))
-        models.append(m.to(ctx.device).eval())
+    specs = crafting.specs(config.model)
+    models, records = [], []
+    for arch in dict.fromkeys(specs):  # one factory job per architecture, crafter ids in ensemble order
+        cfg = config.model_copy(update={"model": arch, "recipe": crafting.recipe or config.recipe})
+        trials = [TrialSpec(f"crafter-{i:02d}", seed=config.trial_seed(i, stream=CRAFTER_STREAM),
+                            tags={"role": "crafter", "model": arch.name}) for i, s in enumerate(specs) if s == arch]
+        for r in ctx.train(cfg.factory_job(data, trials, device=ctx.device), save_weights=True,
+                           label=f"training the crafting model(s): {arch.name}"):
+            m = model_template(arch, data)
+            m.load_state_dict(load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256")))
+            models.append(m.to(ctx.device).eval())
+            records.append(r)
     return models, records
 
 

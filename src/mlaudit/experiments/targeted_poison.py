@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -162,9 +163,9 @@ def check_targeted(config: TargetedPoisonConfig, data: DataBundle) -> None:
     have a linear head, a DP victim recipe has no BatchNorm — before anything is written."""
     build_scenarios(config, data)
     check_crafting(config, config.crafting, data)
-    spec = config.crafting.model or config.model
     if config.attack.method in ("poison-frogs", "bullseye", "label-flip"):
-        penultimate_features(model_template(spec, data))
+        for spec in dict.fromkeys(config.crafting.specs(config.model)):
+            penultimate_features(model_template(spec, data))
     if config.victim_recipe.dp is not None:
         check_dp_model([model_template(config.victim.model or config.model, data)])
 
@@ -326,7 +327,7 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
              "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
              f"victims: {(config.victim.model or config.model).name} with recipe {config.victim_recipe.name}"
              f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
-             f"{(config.crafting.model or config.model).name} x {len(crafter_records)}"]
+             + ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items())]
     if exported:
         notes.append("poisoned training sets exported (PNG + manifest + exact deltas): " + ", ".join(exported))
     tables = [ReportTable("Poison success per scenario",

@@ -155,3 +155,17 @@ def test_a_crafting_checkpoint_replaces_the_factory_trained_crafter(tmp_path: Pa
     assert r["metrics"]["crafting_models"] == {"count": 1}
     assert r["metrics"]["poisoned_accuracy"]["mean"] < 0.2
     assert not any(t["trial_id"].startswith("crafter") for t in r["trials"])
+
+
+def test_resume_reuses_the_saved_poison_and_victims(tmp_path: Path) -> None:
+    """A resumed run trains nothing and crafts nothing: the poison (and the relabelling predictions)
+    saved by the first run are reused, so victims never mix poisons from two crafting runs."""
+    config = cfg(relabel=True)
+    first = go(config, tmp_path)
+    again = run_experiment(config, out=tmp_path / "run", device="cpu", store=tmp_path / "runs.db", quiet=True,
+                           resume=True).results
+    assert again["cost"]["models_trained"] == 0
+    assert again["metrics"]["attack"]["craft_wall_s"] == first["metrics"]["attack"]["craft_wall_s"]
+    for key in ("poisoned_accuracy", "relabelled_accuracy", "drop"):
+        assert again["metrics"][key] == first["metrics"][key]
+    assert again["metrics"]["crafting_models"]["count"] == 1

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import Tensor
 
 from ..attacks.availability import METHODS, CraftBudget, crafter_predictions
 from ..attacks.availability.adversarial import PermutationSpec, check_permutation
@@ -33,6 +35,7 @@ from ..data.augment import AugmentSpec
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
+from ..jsonutil import dumps, loads
 from ..report.html import ReportTable
 from ..train.loop import init_models, resolve_augment
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
@@ -174,6 +177,27 @@ def crafting_augment(config: AvailabilityConfig, data: DataBundle) -> AugmentSpe
     return resolve_augment(recipe, data.name, data.input_shape)
 
 
+def _poison_paths(ctx: RunContext) -> tuple[Path, Path]:
+    return ctx.artifacts / "poison.pt", ctx.artifacts / "poison.json"
+
+
+def _save_poison(ctx: RunContext, delta: Tensor, pred: Tensor | None, info: dict[str, Any], craft_wall: float) -> None:
+    """Keep the crafted poison so that a resumed run trains its victims on exactly this poison."""
+    pt, meta = _poison_paths(ctx)
+    pt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"delta": delta.detach().cpu(), **({"relabel": pred} if pred is not None else {})}, pt)
+    meta.write_text(dumps({"info": info, "craft_wall_s": craft_wall}, where="poison.json"))
+
+
+def _load_poison(ctx: RunContext) -> tuple[Tensor, Tensor | None, dict[str, Any], float] | None:
+    pt, meta = _poison_paths(ctx)
+    if not (pt.is_file() and meta.is_file()):
+        return None
+    blob = torch.load(pt, map_location="cpu", weights_only=True)
+    m = loads(meta.read_text())
+    return blob["delta"], blob.get("relabel"), m["info"], float(m["craft_wall_s"])
+
+
 @register_experiment("availability-poison", config=AvailabilityConfig, check=check_availability)
 def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentOutput:
     """Availability poisoning (adversarial UT/CT, error-minimizing, random noise); victims retrained."""
@@ -182,31 +206,40 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
     idx = poison_indices(config, len(data.train))
     x = data.train.x[idx].to(ctx.device)
     y = data.train.y[idx].to(ctx.device)
-    models, crafter_records = [], []
-    if method.crafter == "pretrained":
-        models, crafter_records = crafting_models(config, config.crafting, ctx, data)
-    elif method.crafter == "fresh":
-        spec = config.crafting.model or config.model
-        models = [m.to(ctx.device) for m in init_models(lambda: model_template(spec, data),
-                                                         [config.trial_seed(0, stream=SURROGATE_STREAM)])]
     a = config.attack
     budget = CraftBudget(eps=a.eps / 255, steps=a.steps, lr=a.resolved_lr, restarts=a.restarts,
                          augment=crafting_augment(config, data), batch_size=a.batch_size)
-    opts = a.method_options()
-    rounds = getattr(opts, "rounds", 1)
-    task = ctx.progress.task(f"crafting {a.method} ({len(idx)} poisons)", total=a.steps * a.restarts * rounds)
-    gen = torch.Generator().manual_seed(config.trial_seed(0, stream=POISON_STREAM))
-    t0 = time.perf_counter()
-    res = method.fn(x, y, models=models, budget=budget, num_classes=data.num_classes, generator=gen, options=opts,
-                    on_step=lambda s, t: ctx.progress.advance(task))
-    craft_wall = time.perf_counter() - t0
-    ctx.progress.done(task)
-    delta = res.delta.detach().to(data.train.device)
+    models, crafter_records = [], []
+    saved = _load_poison(ctx)
+    if saved is not None:  # resumed: the poison (and relabelling predictions) of the interrupted run
+        delta, pred, full_info, craft_wall = saved
+        crafter_records = [r for t, r in sorted(ctx.finished.items()) if t.startswith("crafter-")]
+    else:
+        if method.crafter == "pretrained":
+            models, crafter_records = crafting_models(config, config.crafting, ctx, data)
+        elif method.crafter == "fresh":
+            spec = config.crafting.model or config.model
+            models = [m.to(ctx.device) for m in init_models(lambda: model_template(spec, data),
+                                                             [config.trial_seed(0, stream=SURROGATE_STREAM)])]
+        opts = a.method_options()
+        rounds = getattr(opts, "rounds", 1)
+        task = ctx.progress.task(f"crafting {a.method} ({len(idx)} poisons)", total=a.steps * a.restarts * rounds)
+        gen = torch.Generator().manual_seed(config.trial_seed(0, stream=POISON_STREAM))
+        t0 = time.perf_counter()
+        res = method.fn(x, y, models=models, budget=budget, num_classes=data.num_classes, generator=gen,
+                        options=opts, on_step=lambda s, t: ctx.progress.advance(task))
+        craft_wall = time.perf_counter() - t0
+        ctx.progress.done(task)
+        delta = res.delta.detach().to(data.train.device)
+        pred = (crafter_predictions(models, x + res.delta, batch_size=a.batch_size or 1024).cpu()
+                if config.relabel else None)
+        full_info = dict(res.info)
+        _save_poison(ctx, delta, pred, full_info, craft_wall)
     view = DataView.from_delta(data.train, idx.to(data.train.device), delta, eps=budget.eps,
                                meta={"method": a.method, "eps_255": a.eps})
     views: dict[str, DataView | None] = {"clean": None, "poisoned": view}
     if config.relabel:
-        pred = crafter_predictions(models, x + res.delta, batch_size=a.batch_size or 1024)
+        assert pred is not None
         views["relabelled"] = view.with_labels(idx.to(data.train.device), pred.to(data.train.device))
     if len(idx) < len(data.train):
         keep = torch.ones(len(data.train), dtype=torch.bool, device=data.train.device)
@@ -223,7 +256,7 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
         if name in recs:
             s = accuracy_summary(recs["clean"], recs[name])
             metrics[f"{key}_accuracy"], metrics[f"{key}_drop"] = s["poisoned_accuracy"], s["drop"]
-    info = {k: v for k, v in res.info.items() if k != "history"}
+    info = {k: v for k, v in full_info.items() if k != "history"}
     metrics["attack"] = {"method": a.method, "eps_255": a.eps, "eps": budget.eps, "steps": a.steps, "lr": budget.lr,
                          "restarts": a.restarts, "fraction": a.fraction, "poisoned": len(idx),
                          "augment": budget.augment.model_dump() if budget.augment is not None else None,
@@ -231,16 +264,16 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
                          "mean_abs_delta": float(delta.abs().mean()), **info}
     if crafter_records:
         acc = [r["metrics"]["test_accuracy"] for r in crafter_records if "metrics" in r]
-        metrics["crafting_models"] = {"count": len(models), **({"test_accuracy": _mean_se(acc)} if acc else {})}
+        metrics["crafting_models"] = {"count": len(crafter_records), **({"test_accuracy": _mean_se(acc)} if acc else {})}
     ctx.artifacts.mkdir(parents=True, exist_ok=True)
-    (ctx.artifacts / "attack_info.json").write_text(json.dumps({"indices_count": len(idx), **res.info}, indent=2))
+    (ctx.artifacts / "attack_info.json").write_text(json.dumps({"indices_count": len(idx), **full_info}, indent=2))
     trials = [{"trial_id": r["trial_id"], "view": r["tags"]["view"], "victim": r["tags"]["victim"], "seed": r["seed"],
                **r["metrics"]} for rs in recs.values() for r in rs]
     notes = [f"{len(idx)} of {len(data.train)} training images of {data.name} perturbed with {a.method} at eps "
              f"{a.eps:g}/255; {config.victims} victims per view, trained from scratch (paired seeds). Crafting took "
              f"{craft_wall:.1f} s on {ctx.device}."]
     return ExperimentOutput(metrics=metrics, trials=trials, tables=[results_table(config, metrics)],
-                            figures={"Clean, poisoned and perturbation (scaled to ±eps)": image_grid(x, res.delta, budget.eps)},
+                            figures={"Clean, poisoned and perturbation (scaled to ±eps)": image_grid(x, delta.to(x.device), budget.eps)},
                             notes=notes)
 
 

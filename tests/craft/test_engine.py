@@ -123,3 +123,18 @@ def test_bad_objective_output_and_eps() -> None:
         craft(lambda xa, idx: xa.sum() * float("nan"), x, constraint=LinfBall(0.1), steps=1)
     with pytest.raises(ConfigError, match="eps"):
         LinfBall(2.0)
+
+
+def test_init_perturbation_is_projected_and_continued() -> None:
+    """``init`` as a tensor: the first restart starts from it (projected onto the constraint), so a
+    zero-step craft returns it and a later craft continues where an earlier one stopped."""
+    x = torch.full((3, 1, 2, 2), 0.5)
+    start = torch.tensor([0.2, -0.05, 0.01]).view(3, 1, 1, 1).expand_as(x).clone()
+    res = craft(lambda xa, idx: (xa - 1).pow(2).flatten(1).sum(1), x, constraint=LinfBall(0.1), steps=0, init=start)
+    assert torch.allclose(res.delta, start.clamp(-0.1, 0.1))
+    more = craft(lambda xa, idx: (xa - 1).pow(2).flatten(1).sum(1), x, constraint=LinfBall(0.1), steps=3,
+                 optimizer="pgd", lr=0.1, schedule="constant", init=res.delta)
+    # 3 signed steps of lr * eps = 0.01 towards x = 1, from the projected start, capped at eps
+    assert torch.allclose(more.delta, (start.clamp(-0.1, 0.1) + 0.03).clamp(max=0.1), atol=1e-6)
+    with pytest.raises(ConfigError, match="shaped like x"):
+        craft(lambda xa, idx: xa.sum(), x, constraint=LinfBall(0.1), steps=1, init=torch.zeros(2))

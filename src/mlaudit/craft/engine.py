@@ -64,7 +64,7 @@ def craft(
     lr: float = 0.1,
     schedule: Literal["step", "cosine", "constant"] = "step",
     restarts: int = 1,
-    init: Literal["zero", "random"] = "zero",
+    init: Literal["zero", "random"] | Tensor = "zero",
     augment: AugmentSpec | None = None,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
@@ -73,7 +73,8 @@ def craft(
     """Minimise ``objective`` over ``delta`` for inputs ``x`` [P, *shape]; see the module docstring.
 
     Restarts after the first always start from a random point of the constraint; the first starts
-    from ``init``. ``generator`` drives random starts and augmentation (same generator, same result).
+    from ``init``: zero, a random point, or a given perturbation [P, *shape] (projected onto the
+    constraint first; e.g. to continue an earlier optimisation, as min-min noise does between rounds). ``generator`` drives random starts and augmentation (same generator, same result).
     """
     if steps < 0 or restarts < 1 or lr <= 0:
         raise ConfigError(f"craft needs steps >= 0, restarts >= 1 and lr > 0; got steps={steps}, "
@@ -81,12 +82,20 @@ def craft(
     if optimizer not in _UPDATES:
         raise ConfigError(f"unknown craft optimizer {optimizer!r}; valid: {', '.join(sorted(_UPDATES))}")
     x = x.detach()
+    if isinstance(init, Tensor) and init.shape != x.shape:
+        raise ConfigError(f"init must be 'zero', 'random' or a perturbation shaped like x {list(x.shape)}, "
+                          f"got shape {list(init.shape)}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     scale = 1.0 if isinstance(constraint, Box) else float(constraint.eps)
     best: CraftResult | None = None
     finals: list[float] = []
     for r in range(restarts):
-        start = (torch.zeros_like(x) if r == 0 and init == "zero" else constraint.random_init(x, generator))
+        if r == 0 and isinstance(init, Tensor):
+            start = constraint.project(init.detach().to(x), x)
+        elif r == 0 and init == "zero":
+            start = torch.zeros_like(x)
+        else:
+            start = constraint.random_init(x, generator)
         delta = start.clone().requires_grad_(True)
         state: dict[str, Tensor] = {}
         history = []

@@ -17,7 +17,6 @@ images and fail on clean test data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +41,6 @@ class ErrorMinimizingOptions(BaseModel):
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     batch_size: int = Field(128, ge=1, le=65_536)
     stop_accuracy: float | None = Field(0.99, gt=0.0, le=1.0)
-
-
-@dataclass(frozen=True)
-class _WarmStart:
-    """The l-inf ball of radius ``eps`` around the clean ``x0``, for a :func:`craft` run whose inputs
-    are ``x0 + start`` (craft starts from zero; this continues a previous round's noise)."""
-
-    eps: float
-    x0: Tensor
-    start: Tensor
-
-    def project(self, delta: Tensor, x: Tensor) -> Tensor:
-        return LinfBall(self.eps).project(self.start + delta, self.x0) - self.start
-
-    def random_init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        return LinfBall(self.eps).random_init(self.x0, generator) - self.start
 
 
 class SurrogateLoss:
@@ -121,10 +104,11 @@ def error_minimizing(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budge
                 on_step(r * budget.steps + step, total)
 
         with frozen([model]):
-            res = craft(objective, x + delta, constraint=_WarmStart(budget.eps, x, delta), steps=budget.steps,  # type: ignore[arg-type]
-                        optimizer="pgd", lr=budget.lr, schedule="constant", restarts=1, init="zero",
-                        augment=budget.augment, batch_size=budget.batch_size, generator=generator, on_step=step_cb)
-        delta = LinfBall(budget.eps).project(delta + res.delta, x)
+            # continue from the previous round's noise (min-min alternates model and noise updates)
+            res = craft(objective, x, constraint=LinfBall(budget.eps), steps=budget.steps, optimizer="pgd",
+                        lr=budget.lr, schedule="constant", restarts=1, init=delta, augment=budget.augment,
+                        batch_size=budget.batch_size, generator=generator, on_step=step_cb)
+        delta = res.delta
         acc = _accuracy(model, x + delta, y)
         history.append({"round": r + 1, "train_loss": loss, "noise_loss_mean": res.objective / x.shape[0],
                         "surrogate_accuracy": acc})

@@ -139,3 +139,28 @@ def test_registry_and_bad_eps() -> None:
         brew("witchcraft", _inputs(_net()), BrewOptions(eps=0.1))
     with pytest.raises(ConfigError, match=r"eps must lie in \(0, 1\]"):
         brew("watermark", _inputs(_net()), BrewOptions(eps=16))
+
+
+def test_batched_gradient_matching_equals_per_restart_calls() -> None:
+    """GradientMatching.batched over G restarts = the objective of each restart (values and input
+    gradients), also for an ensemble; brew with parallel restarts ends where sequential restarts do."""
+    from mlaudit.attacks.poisoning.gradient_matching import GradientMatching
+
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(64, 3)).eval()
+    inputs = _inputs(conv)
+    objs = [GradientMatching(m, inputs.x_target, 1, poison_labels=inputs.y_poison) for m in (conv, _net())]
+    ens = GradientMatching.ensemble(objs)
+    xa = torch.rand(3, 5, 1, 4, 4, requires_grad=True)
+    idx = torch.arange(5)
+    b = ens.batched(xa, idx)
+    s = torch.stack([ens(xa[g], idx) for g in range(3)])
+    assert torch.allclose(b, s, atol=1e-6)
+    gb, = torch.autograd.grad(b.sum(), xa)
+    gs, = torch.autograd.grad(s.sum(), xa)
+    assert torch.allclose(gb, gs, atol=1e-6)
+    seq = brew("gradient-matching", inputs, BrewOptions(eps=16 / 255, steps=5, restarts=3))
+    par = brew("gradient-matching", inputs, BrewOptions(eps=16 / 255, steps=5, restarts=3, parallel_restarts=3))
+    assert par.restarts == pytest.approx(seq.restarts, rel=1e-4)
+    assert torch.allclose(par.delta, seq.delta, atol=1e-5)

@@ -138,3 +138,26 @@ def test_init_perturbation_is_projected_and_continued() -> None:
     assert torch.allclose(more.delta, (start.clamp(-0.1, 0.1) + 0.03).clamp(max=0.1), atol=1e-6)
     with pytest.raises(ConfigError, match="shaped like x"):
         craft(lambda xa, idx: xa.sum(), x, constraint=LinfBall(0.1), steps=1, init=torch.zeros(2))
+
+
+class _Quadratic:
+    """Separable toy objective with a restart-batched form: ||x_adv - 1||^2 per sample."""
+
+    def __call__(self, xa: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return (xa - 1).pow(2).flatten(1).sum(1)
+
+    def batched(self, xa: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return (xa - 1).pow(2).flatten(2).sum(2)
+
+
+def test_parallel_restarts_equal_sequential_ones() -> None:
+    """Without augmentation the random starts are drawn in the same order, so G restarts optimised
+    together end where the same restarts optimised one after another end."""
+    x = torch.rand(5, 1, 3, 3, generator=torch.Generator().manual_seed(3))
+    runs = [craft(_Quadratic(), x, constraint=LinfBall(0.05), steps=6, restarts=4, init="random",
+                  generator=torch.Generator().manual_seed(1), parallel_restarts=g) for g in (1, 2, 4)]
+    for r in runs[1:]:
+        assert r.restarts == pytest.approx(runs[0].restarts, rel=1e-5)
+        assert torch.allclose(r.delta, runs[0].delta, atol=1e-6)
+    with pytest.raises(ConfigError, match="needs an objective with a batched"):
+        craft(lambda xa, idx: xa.sum(), x, constraint=LinfBall(0.05), steps=1, restarts=2, parallel_restarts=2)

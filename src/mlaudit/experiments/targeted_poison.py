@@ -59,7 +59,8 @@ class TargetedAttack(BaseModel):
     """The attack: ``method`` (gradient-matching, poison-frogs, bullseye, watermark, label-flip),
     ``eps`` in /255 pixel units, ``budget`` = fraction of the training set poisoned, ``targets`` per
     scenario, crafting ``steps`` / ``restarts`` / ``lr`` (in units of eps) / ``optimizer`` /
-    ``schedule``, ``augment`` (differentiable augmentation with the victim recipe's augmentation),
+    ``schedule``, ``parallel_restarts`` (restarts optimised together in one batched double backward;
+    gradient matching only), ``augment`` (differentiable augmentation with the victim recipe's augmentation),
     ``batch_size`` (poison mini-batch; None = all at once), ``precision`` (bf16 autocast on CUDA),
     ``dp_clip`` / ``dp_noise`` (DP-aware gradient matching), ``opacity`` (watermark)."""
 
@@ -71,6 +72,7 @@ class TargetedAttack(BaseModel):
     targets: int = Field(1, ge=1, le=10_000)
     steps: int = Field(250, ge=0, le=100_000)
     restarts: int = Field(8, ge=1, le=1000)
+    parallel_restarts: int = Field(1, ge=1, le=64)
     lr: float = Field(0.1, gt=0.0, le=100.0)
     optimizer: Literal["signed-adam", "pgd", "adam"] = "signed-adam"
     schedule: Literal["step", "cosine", "constant"] = "step"
@@ -175,7 +177,7 @@ def _options(config: TargetedPoisonConfig, data: DataBundle, scenario: Scenario)
     aug = resolve_augment(config.victim_recipe, data.name, data.input_shape) if a.augment else None
     return BrewOptions(eps=a.eps / 255, steps=a.steps, restarts=a.restarts, lr=a.lr, optimizer=a.optimizer,
                        schedule=a.schedule, augment=aug, batch_size=a.batch_size, bf16=a.precision == "bf16",
-                       dp_clip=a.dp_clip, dp_noise=a.dp_noise, opacity=a.opacity,
+                       dp_clip=a.dp_clip, dp_noise=a.dp_noise, opacity=a.opacity, parallel_restarts=a.parallel_restarts,
                        seed=config.trial_seed(scenario.index, stream=303))
 
 

@@ -77,6 +77,7 @@ class BrewOptions:
     dp_noise: float = 0.0
     opacity: float = 1.0
     seed: int = 0
+    parallel_restarts: int = 1
 
 
 @dataclass
@@ -112,16 +113,31 @@ def _autocast(options: BrewOptions, x: Tensor) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
+class _Cast:
+    """An objective (and its restart-batched form, when it has one) under the options' autocast,
+    returning float32 losses."""
+
+    def __init__(self, objective: Callable[[Tensor, Tensor], Tensor], options: BrewOptions) -> None:
+        self.objective, self.options = objective, options
+        self.can_batch = callable(getattr(objective, "batched", None))
+
+    def __call__(self, xa: Tensor, idx: Tensor) -> Tensor:
+        with _autocast(self.options, xa):
+            return self.objective(xa, idx).float()
+
+    def batched(self, xa: Tensor, idx: Tensor) -> Tensor:
+        with _autocast(self.options, xa):
+            return self.objective.batched(xa, idx).float()  # type: ignore[attr-defined]
+
+
 def _craft(objective: Callable[[Tensor, Tensor], Tensor], inputs: BrewInputs, options: BrewOptions,
            on_step: Callable[[int, float], None] | None) -> BrewResult:
-    def obj(xa: Tensor, idx: Tensor) -> Tensor:
-        with _autocast(options, xa):
-            return objective(xa, idx).float()
-
+    obj = _Cast(objective, options)
     gen = torch.Generator(device=inputs.x_poison.device).manual_seed(options.seed)
     res = craft(obj, inputs.x_poison, constraint=LinfBall(options.eps), steps=options.steps,
                 optimizer=options.optimizer, lr=options.lr, schedule=options.schedule, restarts=options.restarts,
-                augment=options.augment, batch_size=options.batch_size, generator=gen, on_step=on_step)
+                augment=options.augment, batch_size=options.batch_size, generator=gen, on_step=on_step,
+                parallel_restarts=options.parallel_restarts if obj.can_batch else 1)
     return BrewResult(res.delta, None, res.objective, res.restarts, res.history)
 
 

@@ -125,6 +125,36 @@ class GradientMatching:
         dot = sum((gt * gp).sum() for gt, gp in zip(self.target_grad, grads, strict=True))
         return 1 - dot / (self.target_norm * _norm(grads).clamp_min(1e-12))
 
+    def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
+        """The objective of G restarts at once: ``x_adv`` [G, B, ...] -> [G] (for
+        :func:`mlaudit.craft.craft` with ``parallel_restarts``). Each restart's poison gradient is
+        taken with ``torch.func.grad`` under ``vmap`` over G, so one batched double backward serves
+        all G restarts. Equal to calling the objective on each ``x_adv[g]`` (DP noise is drawn
+        independently per restart)."""
+        names = self.names
+        params = {n: p.detach() for n, p in self.model.named_parameters() if n in names}
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in names}
+        buffers = dict(self.model.named_buffers())
+        labels = self.poison_labels[idx.to(self.poison_labels.device)]
+
+        def poison_loss(p: dict[str, Tensor], xr: Tensor) -> Tensor:
+            out = functional_call(self.model, ({**p, **frozen}, buffers), (xr,))
+            return self.loss(out, labels).sum()
+
+        def one(xr: Tensor) -> Tensor:
+            g = torch.func.grad(poison_loss)(params, xr)
+            grads = [g[n] for n in names]
+            if self.dp_clip is not None:
+                scale = (self.dp_clip / (_norm(grads) + 1e-12)).clamp(max=1.0)
+                grads = [t * scale for t in grads]
+                if self.dp_noise > 0:
+                    grads = [t + self.dp_noise * self.dp_clip * torch.randn_like(t) for t in grads]
+            dot = sum((gt * gp).sum() for gt, gp in zip(self.target_grad, grads, strict=True))
+            return 1 - dot / (self.target_norm * _norm(grads).clamp_min(1e-12))
+
+        with torch.enable_grad(), self._mode():
+            return torch.func.vmap(one, randomness="different")(x_adv)
+
     @staticmethod
     def ensemble(objectives: Sequence[GradientMatching]) -> Callable[[Tensor, Tensor], Tensor]:
         """The average of several matching objectives (one per crafting model, possibly of different
@@ -132,7 +162,20 @@ class GradientMatching:
         objs = list(objectives)
         if not objs:
             raise ConfigError("GradientMatching.ensemble needs at least one objective")
-        return lambda x_adv, idx: torch.stack([o(x_adv, idx) for o in objs]).mean()
+        return _Ensemble(objs)
+
+
+class _Ensemble:
+    """Mean of member objectives, for single restarts (``__call__``) and batched ones (``batched``)."""
+
+    def __init__(self, objs: Sequence[GradientMatching]) -> None:
+        self.objs = list(objs)
+
+    def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
+        return torch.stack([o(x_adv, idx) for o in self.objs]).mean()
+
+    def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
+        return torch.stack([o.batched(x_adv, idx) for o in self.objs]).mean(0)
 
 
 def _norm(grads: Sequence[Tensor]) -> Tensor:

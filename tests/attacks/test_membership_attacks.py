@@ -24,7 +24,7 @@ from mlaudit.attacks.membership import (
     clip_nonfinite,
     collect_logits,
     cross_entropy,
-    models_needed,
+    models_needed_random,
     scaled_confidence,
     score_all_targets,
     shadow_coverage,
@@ -221,7 +221,7 @@ def test_coverage_error_names_counts_and_models_needed() -> None:
     msg = str(e.value)
     assert "20 of 20 examples have fewer than 2 IN" in msg and "20 of 20 examples have fewer than 2 OUT" in msg
     assert "4 target model(s) (0, 1, 2, 3)" in msg and "variance='fixed'" in msg
-    need = models_needed(20, 0.5, min_in=2, min_out=2)
+    need = models_needed_random(20, 0.5, min_in=2, min_out=2)
     assert f"about {need} models" in msg
 
 
@@ -232,7 +232,7 @@ def _expected_failures(k: int, n: int, rate: float, r: int) -> float:
 
 @pytest.mark.parametrize("n,rate,r", [(1000, 0.5, 2), (50, 0.3, 1)])
 def test_models_needed_is_smallest_sufficient_pool(n: int, rate: float, r: int) -> None:
-    m = models_needed(n, rate, min_in=r, min_out=r)
+    m = models_needed_random(n, rate, min_in=r, min_out=r)
     assert _expected_failures(m, n, rate, r) <= 0.05 < _expected_failures(m - 1, n, rate, r)
 
 

@@ -24,7 +24,7 @@ from mlaudit.data.view import DataView
 from mlaudit.errors import ConfigError, DataError
 from mlaudit.experiments import parse_config, run_experiment
 from mlaudit.experiments.context import RunContext
-from mlaudit.experiments.membership import inclusion_matrix, models_needed
+from mlaudit.experiments.membership import inclusion_matrix, models_needed_exact
 from mlaudit.experiments.membership_audit import separation, truth_serum_view
 from mlaudit.experiments.membership_report import influence, score_pool, self_influence
 from mlaudit.models import build_model
@@ -91,7 +91,7 @@ def test_inclusion_is_random_per_example_and_seed() -> None:
 
 
 def test_models_needed_matches_the_exact_count_design() -> None:
-    assert models_needed(0.5, 1, 1) == 4 and models_needed(0.5, 2, 2) == 6 and models_needed(0.5, 0, 1) == 3
+    assert models_needed_exact(0.5, 1, 1) == 4 and models_needed_exact(0.5, 2, 2) == 6 and models_needed_exact(0.5, 0, 1) == 3
 
 
 @pytest.mark.parametrize(("change", "pattern"), [

@@ -205,7 +205,7 @@ def attack_requirements(name: str, options: dict[str, Any]) -> tuple[int, int]:
     return 0, 0
 
 
-def models_needed(keep: float, min_in: int, min_out: int) -> int:
+def models_needed_exact(keep: float, min_in: int, min_out: int) -> int:
     """Smallest M for which the exact-count design gives every example >= min_in IN and >= min_out
     OUT leave-one-out shadows (k = int(keep * M) IN models: k - 1 >= min_in, M - k - 1 >= min_out)."""
     for m in range(2, 100_000):
@@ -229,7 +229,7 @@ def check_membership(config: MembershipConfig, data: DataBundle) -> None:
         r_in, r_out = attack_requirements(name, config.options_for(name))
         cov = shadow_coverage(keep, min_in=r_in, min_out=r_out)
         if cov["examples_without_in"] or cov["examples_without_out"]:
-            need = models_needed(config.pool.keep, r_in, r_out)
+            need = models_needed_exact(config.pool.keep, r_in, r_out)
             raise ConfigError(
                 f"attack {name} needs >= {r_in} IN and >= {r_out} OUT shadow models for every example of every "
                 f"target, but with pool.models = {config.pool.models} and pool.keep = {config.pool.keep}, "

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import lira, loss, shokri  # noqa: F401  (register the attacks)
 from .base import ATTACKS, AttackFn, Observations, register_attack
-from .lira import lira_all_targets, lira_requirements, models_needed, shadow_coverage
+from .lira import lira_all_targets, lira_requirements, models_needed_random, shadow_coverage
 from .loss import yeom_decision, yeom_threshold
 from .query import (
     QUERY_PATTERNS,
@@ -50,6 +50,6 @@ def score_all_targets(attack: str | AttackFn, obs: Observations, **options: Any)
 __all__ = [
     "ATTACKS", "AttackFn", "Observations", "QUERY_PATTERNS", "Query", "clip_nonfinite", "collect_logits",
     "cross_entropy", "default_queries", "lira_all_targets", "lira_requirements", "logits_from_checkpoints",
-    "models_needed", "parse_queries", "parse_query", "register_attack", "scaled_confidence", "score_all_targets",
+    "models_needed_random", "parse_queries", "parse_query", "register_attack", "scaled_confidence", "score_all_targets",
     "shadow_coverage", "softmax_probs", "yeom_decision", "yeom_threshold",
 ]

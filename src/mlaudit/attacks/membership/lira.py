@@ -109,7 +109,7 @@ def _check_variance(variance: str) -> None:
         raise ConfigError(f"lira option variance={variance!r} is not allowed; use one of {sorted(_VARIANCE)}")
 
 
-def models_needed(num_examples: int, keep_rate: float, *, min_in: int, min_out: int) -> int:
+def models_needed_random(num_examples: int, keep_rate: float, *, min_in: int, min_out: int) -> int:
     """Smallest M such that, when each of ``num_examples`` examples is IN each model independently
     with probability ``keep_rate``, every example is expected (with probability about 0.95) to have
     ``min_in`` IN and ``min_out`` OUT shadows for every target (i.e. >= min + 1 among all M models)."""
@@ -161,7 +161,7 @@ def _check_counts(n_in: Tensor, n_out: Tensor, keep_rate: float, *, online: bool
     need_txt = f">= {r_in} IN and >= {r_out} OUT" if r_in else f">= {r_out} OUT"
     lack_txt = (f"{int(bad_in.any(0).sum())} of {n} examples have fewer than {r_in} IN and " if r_in else "")
     lack_txt += f"{int(bad_out.any(0).sum())} of {n} examples have fewer than {r_out} OUT shadows"
-    need = models_needed(n, keep_rate, min_in=r_in, min_out=r_out)
+    need = models_needed_random(n, keep_rate, min_in=r_in, min_out=r_out)
     raise ConfigError(
         f"{name} with variance={variance!r} needs {need_txt} shadow models (models other than the target) per "
         f"example, but for {len(hit)} target model(s) ({shown}) {lack_txt}. Train more models: with keep "

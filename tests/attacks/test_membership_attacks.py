@@ -198,7 +198,8 @@ def test_score_all_targets_equals_per_target_calls(name: str, opts: dict) -> Non
     fast = score_all_targets(name, obs, **opts)
     slow = torch.stack([ATTACKS.get(name)(obs, t, **opts) for t in range(6)])
     assert fast.shape == (6, 20)
-    torch.testing.assert_close(fast, slow, rtol=1e-9, atol=1e-9)
+    tol = 1e-5 if name == "shokri" else 1e-9  # Shokri's attack models train in float32 (batched vs one)
+    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------- coverage
@@ -274,7 +275,8 @@ def test_shokri_beats_chance_on_separable_signal(classifier: str) -> None:
     scores = score_all_targets("shokri", obs, classifier=classifier, max_train=800)
     auc = roc_metrics(scores.flatten().numpy(), obs.keep.flatten().numpy(), n_boot=0)["auc"]["value"]
     assert auc > 0.75
-    assert torch.equal(scores[0], ATTACKS.get("shokri")(obs, 0, classifier=classifier, max_train=800))  # seeded
+    # the batched fit of all targets gives each target what its own fit gives (seeded per target)
+    assert torch.allclose(scores[3], ATTACKS.get("shokri")(obs, 3, classifier=classifier, max_train=800), atol=1e-5)
 
 
 # ---------------------------------------------------------------- end to end on overfit models

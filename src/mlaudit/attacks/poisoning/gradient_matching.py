@@ -111,19 +111,27 @@ class GradientMatching:
             out = functional_call(self.model, params, (x_adv,))
             lp = self.loss(out, self.poison_labels[idx.to(self.poison_labels.device)]).sum()
             grads = list(torch.autograd.grad(lp, list(params.values()), create_graph=True))
-        if self.dp_clip is not None:
-            scale = (self.dp_clip / (_norm(grads) + 1e-12)).clamp(max=1.0)
-            grads = [g * scale for g in grads]
-            if self.dp_noise > 0:
-                std = self.dp_noise * self.dp_clip
-                grads = [g + std * torch.randn(g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
-                         for g in grads]
+        grads = self._clip(grads)
+        if self.dp_noise > 0:
+            std = self.dp_noise * self.dp_clip  # type: ignore[operator]  (noise needs dp_clip)
+            grads = [g + std * torch.randn(g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
+                     for g in grads]
         return grads
 
-    def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
-        grads = self.poison_grad(x_adv, idx)
+    def _clip(self, grads: list[Tensor]) -> list[Tensor]:
+        """The summed poison gradient scaled to l2 norm <= ``dp_clip`` (unchanged without it)."""
+        if self.dp_clip is None:
+            return grads
+        scale = (self.dp_clip / (_norm(grads) + 1e-12)).clamp(max=1.0)
+        return [g * scale for g in grads]
+
+    def _mismatch(self, grads: list[Tensor]) -> Tensor:
+        """B = 1 - cos(g_t, g_p) of eq. 1.3."""
         dot = sum((gt * gp).sum() for gt, gp in zip(self.target_grad, grads, strict=True))
         return 1 - dot / (self.target_norm * _norm(grads).clamp_min(1e-12))
+
+    def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
+        return self._mismatch(self.poison_grad(x_adv, idx))
 
     def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         """The objective of G restarts at once: ``x_adv`` [G, B, ...] -> [G] (for
@@ -143,14 +151,10 @@ class GradientMatching:
 
         def one(xr: Tensor) -> Tensor:
             g = torch.func.grad(poison_loss)(params, xr)
-            grads = [g[n] for n in names]
-            if self.dp_clip is not None:
-                scale = (self.dp_clip / (_norm(grads) + 1e-12)).clamp(max=1.0)
-                grads = [t * scale for t in grads]
-                if self.dp_noise > 0:
-                    grads = [t + self.dp_noise * self.dp_clip * torch.randn_like(t) for t in grads]
-            dot = sum((gt * gp).sum() for gt, gp in zip(self.target_grad, grads, strict=True))
-            return 1 - dot / (self.target_norm * _norm(grads).clamp_min(1e-12))
+            grads = self._clip([g[n] for n in names])
+            if self.dp_noise > 0:  # vmap draws independent noise per restart
+                grads = [t + self.dp_noise * self.dp_clip * torch.randn_like(t) for t in grads]
+            return self._mismatch(grads)
 
         with torch.enable_grad(), self._mode():
             return torch.func.vmap(one, randomness="different")(x_adv)

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from torch import Tensor
 
 from ..attacks.availability import METHODS, CraftBudget, crafter_predictions
 from ..attacks.availability.adversarial import PermutationSpec, check_permutation
@@ -35,18 +33,19 @@ from ..data.augment import AugmentSpec
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
-from ..jsonutil import dumps, loads
 from ..report.html import ReportTable
 from ..train.loop import init_models, resolve_augment
-from .base import ExperimentConfig, ExperimentOutput, register_experiment
+from .base import ExperimentOutput, register_experiment
 from .context import RunContext
 from .poisoning import (
-    CraftingOptions,
-    VictimOptions,
+    PoisoningConfig,
     accuracy_summary,
     check_crafting,
     crafting_models,
+    finished_crafters,
+    load_poison,
     model_template,
+    save_poison,
     train_victims,
 )
 
@@ -117,13 +116,11 @@ class AttackConfig(BaseModel):
             raise ConfigError(format_validation_error(e, prefix="attack.options", model=model)) from None
 
 
-class AvailabilityConfig(ExperimentConfig):
+class AvailabilityConfig(PoisoningConfig):
     """See the module docstring and docs/availability.md for every field."""
 
     kind: Literal["availability-poison"] = "availability-poison"
     attack: AttackConfig
-    crafting: CraftingOptions = CraftingOptions()
-    victim: VictimOptions = VictimOptions()
     victims: int = Field(4, ge=1, le=10_000)
     relabel: bool = False
     export: bool = False
@@ -157,7 +154,7 @@ def check_availability(config: AvailabilityConfig, data: DataBundle) -> None:
     if data.num_classes < 2 and config.attack.method == "adversarial-class-targeted":
         raise ConfigError("the class-targeted objective needs at least 2 classes")
     if METHODS.get(config.attack.method).crafter == "pretrained":
-        check_crafting(config, config.crafting, data)
+        check_crafting(config, data)
 
 
 def poison_indices(config: AvailabilityConfig, n_train: int) -> torch.Tensor:
@@ -173,29 +170,8 @@ def crafting_augment(config: AvailabilityConfig, data: DataBundle) -> AugmentSpe
     """The victims' training augmentation (applied differentiably while crafting), or None."""
     if not config.attack.augment:
         return None
-    recipe = config.victim.recipe or config.recipe
+    recipe = config.victim_recipe
     return resolve_augment(recipe, data.name, data.input_shape)
-
-
-def _poison_paths(ctx: RunContext) -> tuple[Path, Path]:
-    return ctx.artifacts / "poison.pt", ctx.artifacts / "poison.json"
-
-
-def _save_poison(ctx: RunContext, delta: Tensor, pred: Tensor | None, info: dict[str, Any], craft_wall: float) -> None:
-    """Keep the crafted poison so that a resumed run trains its victims on exactly this poison."""
-    pt, meta = _poison_paths(ctx)
-    pt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"delta": delta.detach().cpu(), **({"relabel": pred} if pred is not None else {})}, pt)
-    meta.write_text(dumps({"info": info, "craft_wall_s": craft_wall}, where="poison.json"))
-
-
-def _load_poison(ctx: RunContext) -> tuple[Tensor, Tensor | None, dict[str, Any], float] | None:
-    pt, meta = _poison_paths(ctx)
-    if not (pt.is_file() and meta.is_file()):
-        return None
-    blob = torch.load(pt, map_location="cpu", weights_only=True)
-    m = loads(meta.read_text())
-    return blob["delta"], blob.get("relabel"), m["info"], float(m["craft_wall_s"])
 
 
 @register_experiment("availability-poison", config=AvailabilityConfig, check=check_availability)
@@ -210,15 +186,17 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
     budget = CraftBudget(eps=a.eps / 255, steps=a.steps, lr=a.resolved_lr, restarts=a.restarts,
                          augment=crafting_augment(config, data), batch_size=a.batch_size)
     models, crafter_records = [], []
-    saved = _load_poison(ctx)
+    saved = load_poison(ctx, "poison")
     if saved is not None:  # resumed: the poison (and relabelling predictions) of the interrupted run
-        delta, pred, full_info, craft_wall = saved
-        crafter_records = [r for t, r in sorted(ctx.finished.items()) if t.startswith("crafter-")]
+        tensors, meta = saved
+        delta, pred = tensors["delta"].to(data.train.device), tensors.get("relabel")
+        full_info, craft_wall = meta["info"], float(meta["craft_wall_s"])
+        crafter_records = finished_crafters(ctx)
     else:
         if method.crafter == "pretrained":
-            models, crafter_records = crafting_models(config, config.crafting, ctx, data)
+            models, crafter_records = crafting_models(config, ctx, data)
         elif method.crafter == "fresh":
-            spec = config.crafting.model or config.model
+            spec = config.crafting_model
             models = [m.to(ctx.device) for m in init_models(lambda: model_template(spec, data),
                                                              [config.trial_seed(0, stream=SURROGATE_STREAM)])]
         opts = a.method_options()
@@ -234,7 +212,8 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
         pred = (crafter_predictions(models, x + res.delta, batch_size=a.batch_size or 1024).cpu()
                 if config.relabel else None)
         full_info = dict(res.info)
-        _save_poison(ctx, delta, pred, full_info, craft_wall)
+        save_poison(ctx, "poison", {"delta": delta, **({"relabel": pred} if pred is not None else {})},
+                    {"info": full_info, "craft_wall_s": craft_wall})
     view = DataView.from_delta(data.train, idx.to(data.train.device), delta, eps=budget.eps,
                                meta={"method": a.method, "eps_255": a.eps})
     views: dict[str, DataView | None] = {"clean": None, "poisoned": view}
@@ -249,7 +228,7 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
         from ..data.export import export_view
 
         export_view(view, ctx.artifacts / "poisoned", base_id=data.id, overwrite=True)
-    recs = train_victims(config, ctx, data, views, victims=config.victims, victim=config.victim)
+    recs = train_victims(config, ctx, data, views, victims=config.victims)
 
     metrics = dict(accuracy_summary(recs["clean"], recs["poisoned"]))
     for name, key in (("relabelled", "relabelled"), ("clean-subset", "clean_subset")):

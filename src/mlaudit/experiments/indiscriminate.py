@@ -48,11 +48,10 @@ from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.evaluate import evaluate, stack_from_state_dicts
-from .base import ExperimentConfig, ExperimentOutput, register_experiment
+from .base import ExperimentOutput, register_experiment
 from .context import RunContext
 from .poisoning import (
-    CraftingOptions,
-    VictimOptions,
+    PoisoningConfig,
     accuracy_summary,
     check_crafting,
     crafting_models,
@@ -123,18 +122,12 @@ class AttackConfig(BaseModel):
         return self
 
 
-class IndiscriminateConfig(ExperimentConfig):
+class IndiscriminateConfig(PoisoningConfig):
     """See the module docstring and docs/indiscriminate.md."""
 
     kind: Literal["indiscriminate-poison"] = "indiscriminate-poison"
     attack: AttackConfig
-    crafting: CraftingOptions = CraftingOptions()
-    victim: VictimOptions = VictimOptions()
     victims: int = Field(2, ge=1, le=1000)
-
-    @property
-    def victim_recipe(self) -> Any:
-        return self.victim.recipe or self.recipe
 
     @property
     def weight_decay(self) -> float:
@@ -148,13 +141,13 @@ def check_indiscriminate(config: IndiscriminateConfig, data: DataBundle) -> None
     no BatchNorm in the crafting model of gradient-based methods, one crafting model for canceling."""
     a = config.attack
     entry = ATTACKS.get(a.method)
-    check_crafting(config, config.crafting, data, single_architecture=True)
+    check_crafting(config, data, single_architecture=True)
     if a.eps_d is not None:
         try:
             num_poisons(a.eps_d, len(data.train))
         except ConfigError as e:
             raise ConfigError(f"attack.eps_d: {e}") from None
-    spec = config.crafting.model or config.model
+    spec = config.crafting_model
     if entry.smooth_only and has_batchnorm(model_template(spec, data)):
         where = "crafting.model" if config.crafting.model is not None else "model"
         raise UnsupportedModelError(
@@ -275,7 +268,7 @@ def run_indiscriminate(config: IndiscriminateConfig, ctx: RunContext) -> Experim
     a = config.attack
     entry = ATTACKS.get(a.method)
     data = ctx.load_dataset(config.dataset)
-    crafters, crafter_records = crafting_models(config, config.crafting, ctx, data)
+    crafters, crafter_records = crafting_models(config, ctx, data)
     crafter_acc = _test_accuracy(crafters, data, ctx.device)
     out = _HANDLERS.get(a.method)(config, ctx, data, crafters)
     ctx.artifacts.mkdir(parents=True, exist_ok=True)
@@ -290,10 +283,10 @@ def run_indiscriminate(config: IndiscriminateConfig, ctx: RunContext) -> Experim
         n = len(data.train)
         metrics.update(eps_d=a.eps_d, eps_d_actual=out.view.num_inserted / n, poisons=out.view.num_inserted)
         export_view(out.view, ctx.artifacts / "poisons", base_id=data.id)
-        same_arch = (config.victim.model or config.model) == (config.crafting.model or config.model)
+        same_arch = config.victim_model == config.crafting_model
         save = bool(out.targets) and same_arch
         recs = train_victims(config, ctx, data, {"clean": None, "poisoned": out.view}, victims=config.victims,
-                             victim=config.victim, save_weights=save)
+                             save_weights=save)
         metrics.update(accuracy_summary(recs["clean"], recs["poisoned"]))
         trials += [{"trial_id": r["trial_id"], "role": f"victim-{name}", "seed": r["seed"],
                     "test_accuracy": r["metrics"]["test_accuracy"]} for name, rs in recs.items() for r in rs]
@@ -322,7 +315,7 @@ def _tables(config: IndiscriminateConfig, m: dict[str, Any]) -> list[ReportTable
     a = config.attack
     label = {"label-flip": f"Label flip ({a.flip})", "param-corruption": f"GradPC (eps_w={a.eps_w:g})",
              "gradient-canceling": "Gradient canceling"}[a.method]
-    model = (config.victim.model or config.model).name
+    model = config.victim_model.name
     cols = ["Model", "Clean Acc", f"{label} Acc/Drop"]
     row: list[Any] = [model, _pct(m["clean_accuracy"]["mean"]), _acc_drop(m["poisoned_accuracy"], m["drop"])]
     if a.method == "gradient-canceling":

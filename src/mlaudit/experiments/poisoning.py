@@ -36,6 +36,7 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
+from ..jsonutil import dumps, loads
 from ..models.registry import ModelSpec, build_model, resolve_model_spec
 from ..stats import MeanSE
 from ..train.checkpoint import load_checkpoint
@@ -105,17 +106,42 @@ class VictimOptions(BaseModel):
     recipe: Annotated[Recipe | None, BeforeValidator(lambda v: _recipe_field(v, "victim.recipe"))] = None
 
 
+class PoisoningConfig(ExperimentConfig):
+    """Fields every poisoning kind shares: the attacker's ``crafting`` model(s) and the ``victim``
+    architecture and recipe (each kind adds its own ``attack`` and ``victims``)."""
+
+    crafting: CraftingOptions = CraftingOptions()
+    victim: VictimOptions = VictimOptions()
+
+    @property
+    def crafting_model(self) -> ModelSpec:
+        """Architecture of the crafting model (``crafting.model``, else the config's ``model``)."""
+        return self.crafting.model or self.model
+
+    @property
+    def victim_model(self) -> ModelSpec:
+        return self.victim.model or self.model
+
+    @property
+    def victim_recipe(self) -> Recipe:
+        return self.victim.recipe or self.recipe
+
+    def victim_seed(self, i: int) -> int:
+        """Seed of victim ``i`` (the same in every view, so clean/poisoned comparisons are paired)."""
+        return self.trial_seed(i, stream=VICTIM_STREAM)
+
+
 def model_template(spec: ModelSpec, data: DataBundle) -> nn.Module:
     """A fresh module of ``spec`` for ``data`` (built without touching the global RNG stream)."""
     with torch.random.fork_rng(devices=[]):
         return build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
 
 
-def check_crafting(config: ExperimentConfig, crafting: CraftingOptions, data: DataBundle, *,
-                   single_architecture: bool = False) -> None:
+def check_crafting(config: PoisoningConfig, data: DataBundle, *, single_architecture: bool = False) -> None:
     """Runner hook piece: a crafting checkpoint exists, loads weights-only, matches its hash and the
     architecture exactly (missing/unexpected keys, shapes) — all before any work starts. With
     ``single_architecture`` (kinds whose method needs one model family) ``architectures`` is refused."""
+    crafting = config.crafting
     if single_architecture and crafting.architectures is not None and len(set(crafting.architectures)) > 1:
         raise ConfigError(f"crafting.architectures: {config.kind} crafts with one architecture, got "
                           f"{[a.name for a in crafting.architectures]}; use crafting.model")
@@ -123,7 +149,7 @@ def check_crafting(config: ExperimentConfig, crafting: CraftingOptions, data: Da
         model_template(arch, data)  # UnsupportedModelError naming the model when it cannot take this data
     if crafting.checkpoint is None:
         return
-    spec = crafting.model or config.model
+    spec = config.crafting_model
     sd = load_checkpoint(crafting.checkpoint, sha256=crafting.sha256)
     template = model_template(spec, data)
     want = template.state_dict()
@@ -139,7 +165,7 @@ def check_crafting(config: ExperimentConfig, crafting: CraftingOptions, data: Da
                           ". Set crafting.model to the checkpoint's architecture")
 
 
-def crafting_models(config: ExperimentConfig, crafting: CraftingOptions, ctx: RunContext, data: DataBundle
+def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
                     ) -> tuple[list[nn.Module], list[dict[str, Any]]]:
     """The crafting model(s) in eval mode on ``ctx.device`` and their records (test accuracy, ...).
 
@@ -147,10 +173,10 @@ def crafting_models(config: ExperimentConfig, crafting: CraftingOptions, ctx: Ru
     (``crafting.architectures``, or ``crafting.model``, or the config's model) trained by the factory
     on the clean training split (committed to the store, so a resumed run reuses them).
     """
-    spec = crafting.model or config.model
+    crafting = config.crafting
     if crafting.checkpoint is not None:
         sd = load_checkpoint(crafting.checkpoint, sha256=crafting.sha256)
-        m = model_template(spec, data)
+        m = model_template(config.crafting_model, data)
         m.load_state_dict(sd)
         return [m.to(ctx.device).eval()], [{"trial_id": "crafter-checkpoint", "checkpoint": str(crafting.checkpoint)}]
     specs = crafting.specs(config.model)
@@ -168,24 +194,24 @@ def crafting_models(config: ExperimentConfig, crafting: CraftingOptions, ctx: Ru
     return models, records
 
 
-def train_victims(config: ExperimentConfig, ctx: RunContext, data: DataBundle, views: Mapping[str, DataView | None], *,
-                  victims: int, victim: VictimOptions | None = None, save_weights: bool = False,
-                  stream: int = VICTIM_STREAM, label: str = "training victims") -> dict[str, list[dict[str, Any]]]:
-    """Retrain ``victims`` models from scratch on each view (None = the clean training split), all in
-    one factory job (so the factory batches across views). Trial ids ``<view>-v<i>``; victim ``i``
-    has the same seed in every view. Returns the records per view name, in victim order.
+def train_victims(config: PoisoningConfig, ctx: RunContext, data: DataBundle, views: Mapping[str, DataView | None], *,
+                  victims: int, save_weights: bool = False,
+                  label: str = "training victims") -> dict[str, list[dict[str, Any]]]:
+    """Retrain ``victims`` models (the config's victim architecture and recipe) from scratch on each
+    view (None = the clean training split), all in one factory job (so the factory batches across
+    views). Trial ids ``<view>-v<i>``; victim ``i`` has seed ``config.victim_seed(i)`` in every view.
+    Returns the records per view name, in victim order.
     """
     if victims < 1:
         raise ConfigError(f"victims must be >= 1, got {victims}")
     for name in views:
         if not name or "/" in name:
             raise ConfigError(f"view names must be non-empty and contain no '/', got {name!r}")
-    v = victim or VictimOptions()
-    cfg = config.model_copy(update={"model": v.model or config.model, "recipe": v.recipe or config.recipe})
+    cfg = config.model_copy(update={"model": config.victim_model, "recipe": config.victim_recipe})
     trials = []
     for name, view in views.items():
         for i in range(victims):
-            trials.append(TrialSpec(f"{name}-v{i:03d}", seed=config.trial_seed(i, stream=stream),
+            trials.append(TrialSpec(f"{name}-v{i:03d}", seed=config.victim_seed(i),
                                     view=name if view is not None else None, tags={"view": name, "victim": i}))
     job = cfg.factory_job(data, trials, device=ctx.device,
                           views={k: vw for k, vw in views.items() if vw is not None})
@@ -196,15 +222,49 @@ def train_victims(config: ExperimentConfig, ctx: RunContext, data: DataBundle, v
     return out
 
 
-def victim_logits(config: ExperimentConfig, ctx: RunContext, data: DataBundle, records: Sequence[dict[str, Any]],
-                  x: Tensor, *, victim: VictimOptions | None = None) -> Tensor:
+def victim_logits(config: PoisoningConfig, ctx: RunContext, data: DataBundle, records: Sequence[dict[str, Any]],
+                  x: Tensor) -> Tensor:
     """Logits [V, N, C] of saved victims (records with ``checkpoint``) on inputs ``x`` [N, ...]."""
     if any("checkpoint" not in r for r in records):
         raise DataError("victim_logits needs victims trained with save_weights=True")
-    spec = (victim.model if victim is not None and victim.model is not None else config.model)
+    spec = config.victim_model
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
     return logits_from_checkpoints(lambda: model_template(spec, data), paths, x, device=ctx.device,
                                    sha256=[r.get("sha256") for r in records])[:, :, 0]
+
+
+def _poison_paths(ctx: RunContext, name: str) -> tuple[Path, Path]:
+    path = ctx.artifacts / "poisons" / f"{name}.pt"
+    return path, path.with_suffix(".json")
+
+
+def has_poison(ctx: RunContext, name: str) -> bool:
+    """Whether an earlier (interrupted) run of this experiment saved poison ``name``."""
+    return all(p.is_file() for p in _poison_paths(ctx, name))
+
+
+def save_poison(ctx: RunContext, name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Keep a crafted poison as ``artifacts/poisons/<name>.pt`` (tensors, moved to the CPU) and
+    ``<name>.json`` (``meta``), so a resumed run trains its victims on exactly this poison instead
+    of crafting again. The JSON is written last: it marks the pair complete."""
+    pt, js = _poison_paths(ctx, name)
+    pt.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, pt)
+    js.write_text(dumps(meta, where=f"poison {name!r} metadata"))
+
+
+def load_poison(ctx: RunContext, name: str) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The tensors and metadata :func:`save_poison` kept under ``name`` (weights-only load), or None."""
+    if not has_poison(ctx, name):
+        return None
+    pt, js = _poison_paths(ctx, name)
+    return torch.load(pt, map_location="cpu", weights_only=True), loads(js.read_text())
+
+
+def finished_crafters(ctx: RunContext) -> list[dict[str, Any]]:
+    """Records of the crafting models an earlier run of this experiment trained (for the report of a
+    resumed run that reloads its poisons and so never builds the crafting models)."""
+    return [r for t, r in sorted(ctx.finished.items()) if t.startswith("crafter-")]
 
 
 def accuracy_summary(clean: Sequence[dict[str, Any]], poisoned: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -17,10 +17,8 @@ victims (the baseline), victim clean test accuracy, per-victim outcomes, craftin
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -41,15 +39,17 @@ from ..privacy.dpsgd import check_dp_model
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.loop import resolve_augment
-from .base import ExperimentConfig, ExperimentOutput, register_experiment
+from .base import ExperimentOutput, register_experiment
 from .context import RunContext
 from .poisoning import (
-    VICTIM_STREAM,
-    CraftingOptions,
-    VictimOptions,
+    PoisoningConfig,
     check_crafting,
     crafting_models,
+    finished_crafters,
+    has_poison,
+    load_poison,
     model_template,
+    save_poison,
     train_victims,
     victim_logits,
 )
@@ -110,15 +110,13 @@ class ExplicitScenario(BaseModel):
     poison_ids: tuple[int, ...] | None = None
 
 
-class TargetedPoisonConfig(ExperimentConfig):
+class TargetedPoisonConfig(PoisoningConfig):
     """See the module docstring and docs/targeted_poisoning.md."""
 
     kind: Literal["targeted-poison"] = "targeted-poison"
     attack: TargetedAttack = TargetedAttack()
     scenarios: int | tuple[ExplicitScenario, ...] = 1
     victims: int = Field(8, ge=1, le=10_000)
-    crafting: CraftingOptions = CraftingOptions()
-    victim: VictimOptions = VictimOptions()
     baseline: bool = True
     export: bool = True
     save_models: bool = False
@@ -132,10 +130,6 @@ class TargetedPoisonConfig(ExperimentConfig):
         if isinstance(v, tuple) and not v:
             raise ValueError("scenarios is an empty list; give a count or at least one scenario")
         return v
-
-    @property
-    def victim_recipe(self):  # noqa: ANN201
-        return self.victim.recipe or self.recipe
 
 
 def build_scenarios(config: TargetedPoisonConfig, data: DataBundle) -> list[Scenario]:
@@ -164,12 +158,12 @@ def check_targeted(config: TargetedPoisonConfig, data: DataBundle) -> None:
     """Runner hook: scenarios fit the data, the crafting checkpoint fits the model, feature methods
     have a linear head, a DP victim recipe has no BatchNorm — before anything is written."""
     build_scenarios(config, data)
-    check_crafting(config, config.crafting, data)
+    check_crafting(config, data)
     if config.attack.method in ("poison-frogs", "bullseye", "label-flip"):
         for spec in dict.fromkeys(config.crafting.specs(config.model)):
             penultimate_features(model_template(spec, data))
     if config.victim_recipe.dp is not None:
-        check_dp_model([model_template(config.victim.model or config.model, data)])
+        check_dp_model([model_template(config.victim_model, data)])
 
 
 def _options(config: TargetedPoisonConfig, data: DataBundle, scenario: Scenario) -> BrewOptions:
@@ -181,23 +175,16 @@ def _options(config: TargetedPoisonConfig, data: DataBundle, scenario: Scenario)
                        seed=config.trial_seed(scenario.index, stream=303))
 
 
-def _poison_paths(ctx: RunContext, sc: Scenario) -> tuple[Path, Path]:
-    path = ctx.artifacts / "poisons" / f"scenario-{sc.index:03d}.pt"
-    return path, path.with_suffix(".json")
-
-
-def _saved(ctx: RunContext, sc: Scenario) -> bool:
-    """Whether the scenario's poison was crafted by an earlier (interrupted) run of this experiment."""
-    return all(p.is_file() for p in _poison_paths(ctx, sc))
+def _poison_name(sc: Scenario) -> str:
+    return f"scenario-{sc.index:03d}"
 
 
 def _poison(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, models: list, sc: Scenario
             ) -> tuple[BrewResult, float]:
     """Craft (or, on resume, reload) the scenario's poison; returns it and the crafting seconds."""
-    path, meta_path = _poison_paths(ctx, sc)
-    if _saved(ctx, sc):
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        meta = json.loads(meta_path.read_text())
+    loaded = load_poison(ctx, _poison_name(sc))
+    if loaded is not None:
+        saved, meta = loaded
         relabel = (saved["relabel_ids"], saved["relabel_to"]) if "relabel_ids" in saved else None
         return BrewResult(saved.get("delta"), relabel, meta["objective"], meta["restarts"], meta["history"]), \
             meta["crafting_s"]
@@ -217,15 +204,13 @@ def _poison(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, mod
     finally:
         ctx.progress.done(task)
     secs = time.perf_counter() - t0
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob: dict[str, Tensor] = {}
     if res.delta is not None:
-        blob["delta"] = res.delta.detach().cpu()
+        blob["delta"] = res.delta
     if res.relabel is not None:
         blob["relabel_ids"], blob["relabel_to"] = res.relabel
-    torch.save(blob, path)
-    meta_path.write_text(json.dumps({"objective": res.objective, "restarts": res.restarts, "history": res.history,
-                                     "crafting_s": secs}))
+    save_poison(ctx, _poison_name(sc), blob, {"objective": res.objective, "restarts": res.restarts,
+                                              "history": res.history, "crafting_s": secs})
     res.delta = res.delta.detach().cpu() if res.delta is not None else None
     return res, secs
 
@@ -250,18 +235,18 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
     models: list | None = None  # the crafting models, built only if some scenario still needs crafting
     crafter_records: list[dict[str, Any]] = []
     for sc in scenarios:
-        if models is None and not _saved(ctx, sc):
-            models, crafter_records = crafting_models(config, config.crafting, ctx, data)
+        if models is None and not has_poison(ctx, _poison_name(sc)):
+            models, crafter_records = crafting_models(config, ctx, data)
         res, secs = _poison(config, ctx, data, models or [], sc)
         brewed[sc.index] = (res, secs)
         views[f"s{sc.index:03d}"] = _view(data, sc, res, eps)
     del models
     if not crafter_records:  # every poison came from an earlier run: report its crafting models
-        crafter_records = [r for t, r in sorted(ctx.finished.items()) if t.startswith("crafter-")]
+        crafter_records = finished_crafters(ctx)
     if config.baseline:
         views["clean"] = None
     t_train = ctx.cost.train_wall_s
-    records = train_victims(config, ctx, data, views, victims=config.victims, victim=config.victim,
+    records = train_victims(config, ctx, data, views, victims=config.victims,
                             save_weights=True, label="training victims on the poisoned sets")
     victim_s = ctx.cost.train_wall_s - t_train
 
@@ -327,7 +312,7 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
             exported.append(folder.relative_to(ctx.out_dir).as_posix())
     notes = [f"{len(scenarios)} scenarios x {config.victims} victims; success = target classified as the adversarial "
              "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
-             f"victims: {(config.victim.model or config.model).name} with recipe {config.victim_recipe.name}"
+             f"victims: {config.victim_model.name} with recipe {config.victim_recipe.name}"
              f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
              + ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items())]
     if exported:
@@ -357,7 +342,7 @@ def _target_predictions(config: TargetedPoisonConfig, ctx: RunContext, data: Dat
     key = ",".join(map(str, targets))
     if all(r.get("outputs", {}).get("targets") == key for r in recs):
         return torch.tensor([r["outputs"]["predictions"] for r in recs], dtype=torch.long)
-    logits = victim_logits(config, ctx, data, recs, data.test.x[targets], victim=config.victim)
+    logits = victim_logits(config, ctx, data, recs, data.test.x[targets])
     preds = logits.argmax(-1)
     if not config.save_models:
         ctx.release_weights(recs, outputs={r["trial_id"]: {"targets": key, "predictions": preds[i].tolist()}
@@ -369,13 +354,13 @@ def _alignment(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, 
                view: DataView | None) -> dict[str, list[float]]:
     """Per-epoch cosine between the adversarial target gradient and training mini-batch gradients of
     one clean and one poisoned victim (victim 0's seed), trained by the shared loop."""
-    spec = config.victim.model or config.model
+    spec = config.victim_model
     recipe = config.victim_recipe
     dev = torch.device(ctx.device)
     lr = recipe.resolved_lr(residual=model_entry(spec.name).residual)
     aug = resolve_augment(recipe, data.name, data.input_shape)
     x_t = data.test.x[list(sc.target_ids)]
-    seed = config.trial_seed(0, stream=VICTIM_STREAM)
+    seed = config.victim_seed(0)
     out = {}
     task = ctx.progress.task("alignment diagnostic (2 victims)", total=2)
     for name, v in (("clean", None), ("poisoned", view)):

@@ -20,9 +20,11 @@ most ``max_train`` (shadow, example) records per target (default 5,000) on stand
 attack models) or ``"logistic"`` (logistic regression, L2 weight decay). ``steps`` full-batch Adam
 steps (lr 0.01). A class whose sampled records are all IN (or all OUT) gets that constant as its
 score. Measured on one CPU thread (2026-11-23), 64 targets, 5,000 records of 10 features each:
-5.1 s per class with ``logistic`` and 66 s with ``mlp`` (300 steps); the scikit-learn fits used
-before, one per (target, class), took about 8 s and 42 s for the same work (digits pool of 64:
-439 s for the whole attack with ``mlp``). The GPU timing has not been measured yet.
+5.1 s per class with ``logistic`` and 66 s with ``mlp`` (300 steps). The scikit-learn fits used
+before, one per (target, class), were measured at 1.3 s (``logistic``) and 6.6 s (``mlp``) per
+target for all 10 classes, i.e. about 8 s and 42 s per class for 64 targets (derived, not measured
+side by side); a digits pool of 64 took 439 s for the whole attack with ``mlp``. On the CPU the
+batched ``mlp`` is therefore slower; the GPU timing has not been measured yet.
 """
 
 from __future__ import annotations

@@ -3,10 +3,13 @@ count FLOPs, and write results (JSON + markdown) under benchmarks/results/."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,68 @@ def cifar10_jpeg() -> DataBundle:
         if c and Path(c).is_file():
             return load_dataset({"name": "cifar10", "root": c})
     raise SystemExit("CIFAR-10 (JPEG) pack not found; set MLAUDIT_CIFAR10_NPZ or copy it to .data/cifar10-jpeg.npz")
+
+
+@contextlib.contextmanager
+def workdir(path: str | None) -> Iterator[Path]:
+    """The folder a benchmark's runs live in: a temporary one (deleted after), or ``path`` kept between
+    invocations so that a benchmark cut short by a time limit resumes from its run store when run again
+    (``run_experiment(..., resume=True)`` reuses every finished job, poison and kept output)."""
+    if path is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+    else:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        yield p
+
+
+def resume_run(config: Any, out: Path, device: str, store: Path) -> Any:
+    """``run_experiment`` into ``out``, resuming it when an earlier invocation left it there.
+
+    Each invocation is logged in ``<out>.invocations.json``; a background thread rewrites its elapsed
+    wall time every few seconds, so an invocation killed by a time limit still counts (to within that
+    interval) in :func:`cumulative_cost`."""
+    import threading
+
+    from mlaudit.experiments import run_experiment
+
+    log = out.parent / f"{out.name}.invocations.json"
+    entries = json.loads(log.read_text()) if log.exists() else []
+    entry: dict[str, Any] = {"finished": False, "process_wall_s": 0.0}
+    entries.append(entry)
+    t0 = time.perf_counter()
+    done = threading.Event()
+
+    def write() -> None:
+        entry["process_wall_s"] = round(time.perf_counter() - t0, 2)
+        log.write_text(json.dumps(entries, indent=1))
+
+    def heartbeat() -> None:
+        while not done.wait(5.0):
+            write()
+
+    write()
+    threading.Thread(target=heartbeat, daemon=True).start()
+    try:
+        res = run_experiment(config, out=out, device=device, store=store, quiet=True, resume=out.exists())
+    finally:
+        done.set()
+    entry.update(finished=True, cost=res.results["cost"])
+    write()
+    return res
+
+
+def cumulative_cost(out: Path) -> dict[str, Any]:
+    """The cost of the run in ``out`` over all its invocations (see :func:`resume_run`): process wall
+    time summed (cut-short invocations to within 5 s), and the models trained (those of the last
+    invocation plus those it resumed from the store, i.e. trained by earlier ones)."""
+    log = out.parent / f"{out.name}.invocations.json"
+    entries = json.loads(log.read_text()) if log.exists() else []
+    last = next((e["cost"] for e in reversed(entries) if e.get("finished")), None)
+    return {"invocations": len(entries), "cut_short": sum(not e.get("finished") for e in entries),
+            "models_trained": (last["models_trained"] + last["models_resumed"]) if last else 0,
+            "process_wall_s": round(sum(e["process_wall_s"] for e in entries), 2)}
 
 
 def sync() -> None:

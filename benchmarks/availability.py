@@ -19,18 +19,16 @@ import argparse
 import copy
 import hashlib
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_results  # noqa: E402
+from _common import cumulative_cost, environment, resume_run, workdir, write_results  # noqa: E402
 
 import mlaudit.experiments.availability  # noqa: E402,F401  (registers the kind)
 from mlaudit.attacks.availability import METHODS  # noqa: E402
 from mlaudit.config import load_yaml  # noqa: E402
-from mlaudit.experiments import run_experiment  # noqa: E402
 
 DEFAULT_METHODS = ("adversarial-untargeted", "adversarial-class-targeted", "error-minimizing", "random-noise")
 
@@ -49,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--victims", type=int, default=None, help="victims per view (default: the config's)")
     ap.add_argument("--relabel", action=argparse.BooleanOptionalAction, default=None,
                     help="also train victims on relabelled adversarial poisons (default: the config's)")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the runs here and resume them when invoked again (default: a temp dir)")
     return ap.parse_args()
 
 
@@ -83,12 +83,11 @@ def train_crafter(cfg: dict[str, Any], tmp: Path, device: str) -> dict[str, Any]
     train_cfg = {"kind": "train", "name": "availability-crafter", "dataset": cfg["dataset"],
                  "model": crafting.get("model") or cfg["model"], "recipe": crafting.get("recipe") or cfg["recipe"],
                  "trials": 1, "seed": cfg.get("seed", 0), "save_models": True}
-    t0 = time.perf_counter()
-    res = run_experiment(train_cfg, out=tmp / "crafter", device=device, store=tmp / "runs.db", quiet=True)
+    res = resume_run(train_cfg, tmp / "crafter", device, tmp / "runs.db")
     path = tmp / "crafter" / res.results["trials"][0]["checkpoint"]
     return {"checkpoint": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
             "model": train_cfg["model"], "test_accuracy": res.results["metrics"]["test_accuracy"]["mean"],
-            "wall_s": round(time.perf_counter() - t0, 2)}
+            "wall_s": cumulative_cost(tmp / "crafter")["process_wall_s"]}
 
 
 def method_config(cfg: dict[str, Any], method: str, crafter: dict[str, Any] | None,
@@ -117,7 +116,8 @@ def method_config(cfg: dict[str, Any], method: str, crafter: dict[str, Any] | No
 
 
 def pct(m: dict[str, Any]) -> str:
-    return f"{100 * m['mean']:.2f} ± {100 * m['se']:.2f}"
+    se = m["se"] if isinstance(m["se"], (int, float)) else float("nan")  # JSON holds "nan" for one victim
+    return f"{100 * m['mean']:.2f} ± {100 * se:.2f}"
 
 
 def main() -> None:
@@ -128,21 +128,21 @@ def main() -> None:
     cfg = base_config(args)
     name = args.name or Path(args.config).stem
     runs: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        t0 = time.perf_counter()
+    with workdir(args.workdir) as tmp:
         needs = any(METHODS.get(m).crafter == "pretrained" for m in methods)
         crafter = train_crafter(cfg, tmp, args.device) if needs else None
         for m in methods:
             c = method_config(cfg, m, crafter, args)
             t1 = time.perf_counter()
-            res = run_experiment(c, out=tmp / m, device=args.device, store=tmp / "runs.db", quiet=True)
+            res = resume_run(c, tmp / m, args.device, tmp / "runs.db")
             runs[m] = {"config": res.results["config"], "metrics": res.results["metrics"], "cost": res.results["cost"],
-                       "process_wall_s": round(time.perf_counter() - t1, 2)}
+                       "process_wall_s": round(time.perf_counter() - t1, 2), "cumulative_cost": cumulative_cost(tmp / m)}
             print(f"{m}: clean {pct(runs[m]['metrics']['clean_accuracy'])} %, poisoned "
                   f"{pct(runs[m]['metrics']['poisoned_accuracy'])} %", flush=True)
             # written after every method, so a run cut short by a time limit keeps what it finished
-            report(args, name, runs, crafter, time.perf_counter() - t0)
+            total = (crafter["wall_s"] if crafter else 0.0) + sum(
+                r["cumulative_cost"]["process_wall_s"] for r in runs.values())
+            report(args, name, runs, crafter, total)
 
 
 def report(args: argparse.Namespace, name: str, runs: dict[str, Any], crafter: dict[str, Any] | None,
@@ -168,7 +168,8 @@ def report(args: argparse.Namespace, name: str, runs: dict[str, Any], crafter: d
              f"test accuracy {100 * crafter['test_accuracy']:.2f}% ({crafter['wall_s']} s).\n\n" if crafter else "")
           + "| method | eps (/255) | poisoned | steps | clean acc (%) | poisoned acc (%) | drop (pp) | crafting s |\n"
           "|---|---|---|---|---|---|---|---|\n" + "".join(rows)
-          + f"\nmean ± SE over victims; drop paired by seed. Whole benchmark {wall:.1f} s. Error-minimizing: steps "
+          + f"\nmean ± SE over victims; drop paired by seed. Whole benchmark {wall:.1f} s (summed over invocations "
+          "when resumed). Error-minimizing: steps "
           "are per min-min round.\n")
     write_results(f"availability_{name}", {"environment": env, "crafter": crafter, "runs": runs,
                                            "process_wall_s": round(wall, 2)}, md)

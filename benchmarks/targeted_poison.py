@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cifar10_jpeg, environment, sync, write_results  # noqa: E402
+from _common import cifar10_jpeg, cumulative_cost, environment, resume_run, sync, workdir, write_results  # noqa: E402
 
 from mlaudit.attacks.poisoning.brew import BrewInputs, BrewOptions, brew  # noqa: E402
 from mlaudit.attacks.poisoning.scenario import sample_scenario, scenario_seeds  # noqa: E402
-from mlaudit.config import load_yaml  # noqa: E402
+from mlaudit.config import apply_overrides, load_yaml  # noqa: E402
 from mlaudit.data.augment import AugmentSpec  # noqa: E402
-from mlaudit.experiments import run_experiment  # noqa: E402
 from mlaudit.models import build_model  # noqa: E402
 from mlaudit.train import train  # noqa: E402
 
@@ -86,6 +84,19 @@ def speed(args: argparse.Namespace) -> None:
                    "rows": rows}, md)
 
 
+def setup(cfg: dict) -> str:
+    """Crafting model and victims of a resolved targeted-poison config, in words."""
+    def named(x: object) -> str:
+        return x if isinstance(x, str) else x["name"]  # type: ignore[index]
+
+    recipe = cfg["victim"]["recipe"] or cfg["recipe"]
+    crafting = cfg["crafting"]
+    crafter = ("checkpoint" if crafting.get("checkpoint") else
+               f"{named(crafting.get('model') or cfg['model'])} trained from scratch")
+    return (f"crafting model {crafter}; victims {named(cfg['victim']['model'] or cfg['model'])} "
+            f"({named(recipe)} recipe, {recipe['epochs']} epochs, {cfg['victims']} per scenario)")
+
+
 def success(args: argparse.Namespace) -> None:
     cfg = load_yaml(args.config)
     if args.method:  # a baseline on the same scenarios, seeds and victims (Table 1.2 of seed 002)
@@ -93,11 +104,13 @@ def success(args: argparse.Namespace) -> None:
         cfg["name"] = f"{cfg.get('name', 'brew')}-{args.method}"
     if args.set_restarts:
         cfg["attack"] = {**cfg["attack"], "restarts": args.set_restarts}
+    cfg = apply_overrides(cfg, args.overrides)
     name = args.name or (Path(args.config).stem + (f"_{args.method}" if args.method else ""))
-    with tempfile.TemporaryDirectory() as tmp:
+    with workdir(args.workdir) as tmp:
         t0 = time.perf_counter()
-        res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
+        res = resume_run(cfg, tmp / name, args.device, tmp / "runs.db")
         wall = time.perf_counter() - t0
+        total = cumulative_cost(tmp / name)
     r = res.results
     m = r["metrics"]
     env = environment()
@@ -112,16 +125,19 @@ def success(args: argparse.Namespace) -> None:
     c = r["cost"]
     md = (f"# Targeted poisoning: {r['name']}\n\n{env['date']}, {c['device']}, torch {env['torch']}; config "
           f"`{args.config}`; method {m['attack']['method']}, eps {m['attack']['eps']}, {m['attack']['poisons']} poisons, "
-          f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}.\n\n"
+          f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}; {setup(r['config'])}.\n\n"
           f"**Average poison success {ms(m['poison_success'])}** over {m['poison_success']['n']} scenarios "
           f"(clean victims: {ms(m['clean_baseline_success'])}); victim clean accuracy {ms(m['victim_accuracy'])} "
           f"(clean victims {ms(m['clean_victim_accuracy'])}).\n\n"
           "| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
           "|---|---|---|---|---|---|---|---|\n" + rows +
-          f"\nCrafting {m['timing']['crafting_s_total']:.1f} s in all; victims (and crafting model) "
-          f"{c['train_wall_s']} s for {c['models_trained']} models; whole run {wall:.1f} s.\n")
+          f"\nCrafting {m['timing']['crafting_s_total']:.1f} s in all; {total['models_trained']} models trained "
+          f"(crafting models, victims, clean victims); whole run {total['process_wall_s']:.1f} s"
+          + (f" over {total['invocations']} invocations, {total['cut_short']} cut short by a time limit and resumed "
+             "from the run store" if total["invocations"] > 1 else "") + ".\n")
     write_results(f"targeted_poison_success_{name}", {"environment": env, "config": r["config"], "metrics": m,
-                                                      "cost": c, "process_wall_s": round(wall, 2)}, md)
+                                                      "cost": c, "cumulative_cost": total, "process_wall_s": round(wall, 2)},
+                  md)
 
 
 def main() -> None:
@@ -138,6 +154,10 @@ def main() -> None:
     ap.add_argument("--name", default="")
     ap.add_argument("--method", default="", help="success part: replace attack.method (e.g. poison-frogs, bullseye)")
     ap.add_argument("--set-restarts", type=int, default=0, help="success part: replace attack.restarts")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=YAML",
+                    help="success part: replace a config field, dotted keys (e.g. victim.recipe.epochs=20)")
+    ap.add_argument("--workdir", default=None,
+                    help="success part: keep the run here and resume it when invoked again (default: a temp dir)")
     args = ap.parse_args()
     (speed if args.part == "speed" else success)(args)
 

@@ -27,7 +27,7 @@ x + delta in [0, 1].
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -62,7 +62,13 @@ class BrewInputs:
 
 @dataclass
 class BrewOptions:
-    """Crafting options (eps in [0, 1] pixel units; lr in units of eps)."""
+    """Crafting options (eps in [0, 1] pixel units; lr in units of eps).
+
+    ``channels_last`` and ``cudnn_benchmark`` only matter on CUDA: the crafting models and the poisons
+    are put in channels-last memory format for the duration of the crafting (the models' format is
+    restored after), and cuDNN picks its convolution algorithms by timing them (the double backward
+    of gradient matching runs convolution shapes that the default heuristics may not serve well).
+    Neither changes the objective; cuDNN's timed choice can make runs not bit-identical."""
 
     eps: float
     steps: int = 250
@@ -78,6 +84,8 @@ class BrewOptions:
     opacity: float = 1.0
     seed: int = 0
     parallel_restarts: int = 1
+    channels_last: bool = True
+    cudnn_benchmark: bool = True
 
 
 @dataclass
@@ -121,23 +129,47 @@ class _Cast:
         self.objective, self.options = objective, options
         self.can_batch = callable(getattr(objective, "batched", None))
 
+    def _layout(self, xa: Tensor) -> Tensor:
+        if self.options.channels_last and xa.is_cuda and xa.dim() == 4:  # images [B, C, H, W]
+            return xa.contiguous(memory_format=torch.channels_last)
+        return xa
+
     def __call__(self, xa: Tensor, idx: Tensor) -> Tensor:
         with _autocast(self.options, xa):
-            return self.objective(xa, idx).float()
+            return self.objective(self._layout(xa), idx).float()
 
     def batched(self, xa: Tensor, idx: Tensor) -> Tensor:
         with _autocast(self.options, xa):
             return self.objective.batched(xa, idx).float()  # type: ignore[attr-defined]
 
 
+@contextlib.contextmanager
+def _cuda_layout(models: list[nn.Module], options: BrewOptions, x: Tensor) -> Iterator[None]:
+    """Channels-last crafting models and timed cuDNN algorithms on CUDA (see :class:`BrewOptions`);
+    the models' memory format and cuDNN's flags are restored on exit."""
+    if not x.is_cuda:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        if options.cudnn_benchmark:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True,
+                                                           deterministic=torch.backends.cudnn.deterministic))
+        if options.channels_last:
+            for m in models:
+                m.to(memory_format=torch.channels_last)
+            stack.callback(lambda: [m.to(memory_format=torch.contiguous_format) for m in models])
+        yield
+
+
 def _craft(objective: Callable[[Tensor, Tensor], Tensor], inputs: BrewInputs, options: BrewOptions,
            on_step: Callable[[int, float], None] | None) -> BrewResult:
     obj = _Cast(objective, options)
     gen = torch.Generator(device=inputs.x_poison.device).manual_seed(options.seed)
-    res = craft(obj, inputs.x_poison, constraint=LinfBall(options.eps), steps=options.steps,
-                optimizer=options.optimizer, lr=options.lr, schedule=options.schedule, restarts=options.restarts,
-                augment=options.augment, batch_size=options.batch_size, generator=gen, on_step=on_step,
-                parallel_restarts=options.parallel_restarts if obj.can_batch else 1)
+    with _cuda_layout(inputs.models, options, inputs.x_poison):
+        res = craft(obj, inputs.x_poison, constraint=LinfBall(options.eps), steps=options.steps,
+                    optimizer=options.optimizer, lr=options.lr, schedule=options.schedule, restarts=options.restarts,
+                    augment=options.augment, batch_size=options.batch_size, generator=gen, on_step=on_step,
+                    parallel_restarts=options.parallel_restarts if obj.can_batch else 1)
     return BrewResult(res.delta, None, res.objective, res.restarts, res.history)
 
 

@@ -164,3 +164,15 @@ def test_batched_gradient_matching_equals_per_restart_calls() -> None:
     par = brew("gradient-matching", inputs, BrewOptions(eps=16 / 255, steps=5, restarts=3, parallel_restarts=3))
     assert par.restarts == pytest.approx(seq.restarts, rel=1e-4)
     assert torch.allclose(par.delta, seq.delta, atol=1e-5)
+
+
+def test_memory_format_of_a_model_is_read_from_its_conv_weights() -> None:
+    """The format that crafting on CUDA restores after its channels-last pass (brew._cuda_layout)."""
+    from mlaudit.attacks.poisoning.brew import _memory_format
+    from mlaudit.models import build_model
+
+    cnn = build_model("fastcnn", input_shape=(3, 32, 32), num_classes=10)
+    assert _memory_format(cnn) == torch.contiguous_format
+    cnn.to(memory_format=torch.channels_last)
+    assert _memory_format(cnn) == torch.channels_last
+    assert _memory_format(build_model("mlp", input_shape=(3, 8, 8), num_classes=10)) == torch.contiguous_format

@@ -26,3 +26,14 @@ def test_channels_last_and_cudnn_benchmark_do_not_change_the_crafting() -> None:
     assert fast.history[0] == pytest.approx(plain.history[0], abs=1e-3)  # same start, same objective
     assert fast.objective == pytest.approx(plain.objective, abs=2e-2)  # 5 signed steps apart at most by rounding
     assert all(p.is_contiguous() for p in model.parameters())  # the caller's format is restored
+
+
+def test_a_channels_last_crafting_model_stays_channels_last() -> None:
+    model = build_model("fastcnn", input_shape=(3, 32, 32), num_classes=10).cuda().eval()
+    model.to(memory_format=torch.channels_last)
+    inputs = BrewInputs(models=[model], x_target=torch.rand(1, 3, 32, 32, device="cuda"), adv_class=1,
+                        x_poison=torch.rand(8, 3, 32, 32, device="cuda"), y_poison=torch.zeros(8, dtype=torch.long,
+                                                                                              device="cuda"))
+    brew("gradient-matching", inputs, BrewOptions(eps=8 / 255, steps=2, restarts=1))
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)

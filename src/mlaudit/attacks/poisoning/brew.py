@@ -155,10 +155,19 @@ def _cuda_layout(models: list[nn.Module], options: BrewOptions, x: Tensor) -> It
             stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True,
                                                            deterministic=torch.backends.cudnn.deterministic))
         if options.channels_last:
+            before = [_memory_format(m) for m in models]
             for m in models:
                 m.to(memory_format=torch.channels_last)
-            stack.callback(lambda: [m.to(memory_format=torch.contiguous_format) for m in models])
+            stack.callback(lambda: [m.to(memory_format=f) for m, f in zip(models, before, strict=True)])
         yield
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last when the model's 4-d (conv) weights are stored that way, else contiguous."""
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    if convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _craft(objective: Callable[[Tensor, Tensor], Tensor], inputs: BrewInputs, options: BrewOptions,

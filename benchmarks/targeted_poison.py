@@ -1,4 +1,4 @@
-"""Targeted-poisoning benchmark (issue 4), two parts:
+"""Targeted-poisoning benchmark (issue 4), three parts:
 
 ``--part speed``   crafting time of Witches' Brew (gradient matching, eq. 1.3 of seed 002) for one
                    scenario of the paper's seed series on CIFAR-10 (JPEG): 500 poisons (budget 1%),
@@ -6,10 +6,14 @@
                    crafting model, in fp32 and bf16 autocast. Crafting cost does not depend on how well the
                    crafting model is trained, so it is trained for ``--crafter-epochs`` (default 2) here.
 ``--part success`` a `targeted-poison` config end to end through the runner (crafting model, poisons,
-                   victims retrained from scratch by the factory, clean baseline).
+                   victims retrained from scratch by the factory, clean baseline). ``--workdir`` keeps
+                   the run so that invoking it again resumes it; ``--set key=value`` changes the config.
+``--part merge``   pools the success results of runs that split one study by ``first_scenario`` (e.g.
+                   scenarios 0-1 in one session's device time, 2-3 in the next) into one table.
 
     python benchmarks/targeted_poison.py --part speed --device cuda --restarts 2 --steps 250
     python benchmarks/targeted_poison.py --part success --config benchmarks/configs/cifar10_fastcnn_brew.yaml
+    python benchmarks/targeted_poison.py --part merge --name pooled results/a.json results/b.json
 
 Writes benchmarks/results/targeted_poison_<part>[_name].{json,md}.
 """
@@ -142,9 +146,59 @@ def success(args: argparse.Namespace) -> None:
                   md)
 
 
+def merge(args: argparse.Namespace) -> None:
+    """Pool the success results of runs that split one study by ``first_scenario`` (the same attack,
+    models, recipes, victims and seed; different, non-overlapping scenarios) into one table: mean ±
+    SE over all scenarios, victim accuracy over all poisoned victims."""
+    import json
+
+    import numpy as np
+
+    from mlaudit.stats import MeanSE
+
+    runs = [json.loads(Path(p).read_text()) for p in args.inputs]
+    if len(runs) < 2:
+        raise SystemExit("--part merge needs at least two result files")
+
+    def study(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if k not in ("scenarios", "first_scenario", "name")}
+
+    for p, r in zip(args.inputs[1:], runs[1:], strict=True):
+        if study(r["config"]) != study(runs[0]["config"]):
+            diff = sorted(k for k in set(study(r["config"])) | set(study(runs[0]["config"]))
+                          if study(r["config"]).get(k) != study(runs[0]["config"]).get(k))
+            raise SystemExit(f"{p}: not the same study as {args.inputs[0]} (differs in {', '.join(diff)})")
+    scen = sorted((s for r in runs for s in r["metrics"]["scenarios"]), key=lambda s: s["index"])
+    idx = [s["index"] for s in scen]
+    if len(set(idx)) != len(idx):
+        raise SystemExit(f"the runs share scenarios ({idx}); merge runs with different first_scenario ranges")
+    success = MeanSE.of(np.array([s["success"] for s in scen])).to_dict()
+    clean = MeanSE.of(np.array([s["clean_baseline_success"] for s in scen])).to_dict()
+    acc = MeanSE.of(np.array([a for s in scen for a in s["victim_accuracies"]])).to_dict()
+    env = environment()
+    cfg = runs[0]["config"]
+    a = runs[0]["metrics"]["attack"]
+    rows = "".join(f"| {s['index']} | {s['seed']} | {s['target_class_name']} | {s['poison_class_name']} | "
+                   f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {100 * s['clean_baseline_success']:.1f}% | "
+                   f"{s['crafting_s']:.1f} |\n" for s in scen)
+    md = (f"# Targeted poisoning, pooled: {args.name}\n\nPooled on {env['date']} from "
+          + ", ".join(f"`{Path(p).name}` ({r['environment']['date']}, {r['environment']['gpu'] or 'cpu'})"
+                      for p, r in zip(args.inputs, runs, strict=True))
+          + f"; method {a['method']}, eps {a['eps']}, {a['poisons']} poisons, R = {a['restarts']}, M = {a['steps']}; "
+          f"{setup(cfg)}.\n\n**Average poison success {100 * success['mean']:.2f}% ± {100 * success['se']:.2f}%** "
+          f"over {success['n']} scenarios (clean victims: {100 * clean['mean']:.2f}%); victim clean accuracy "
+          f"{100 * acc['mean']:.2f}% ± {100 * acc['se']:.2f}%.\n\n"
+          "| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
+          "|---|---|---|---|---|---|---|---|\n" + rows)
+    write_results(f"targeted_poison_success_{args.name}", {
+        "environment": env, "inputs": list(args.inputs), "config": cfg, "scenarios": scen,
+        "metrics": {"poison_success": success, "clean_baseline_success": clean, "victim_accuracy": acc}}, md)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "success"], required=True)
+    ap.add_argument("--part", choices=["speed", "success", "merge"], required=True)
+    ap.add_argument("inputs", nargs="*", help="merge part: result JSON files of runs split by first_scenario")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--crafter-epochs", type=int, default=2)
@@ -164,7 +218,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None,
                     help="success part: keep the run here and resume it when invoked again (default: a temp dir)")
     args = ap.parse_args()
-    (speed if args.part == "speed" else success)(args)
+    if args.part == "merge" and not args.name:
+        raise SystemExit("--part merge needs --name (the pooled results file's suffix)")
+    {"speed": speed, "success": success, "merge": merge}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ def test_label_flip_baseline_and_explicit_scenarios(tmp_path: Path) -> None:
     ({"attack": {"method": "watermark", "dp_clip": 1.0}}, "gradient-matching only"),
     ({"scenarios": 0}, "scenarios must be a count"),
     ({"victims": 0}, "victims"),
+    ({"first_scenario": -1}, "first_scenario"),
+    ({"first_scenario": 2, "scenarios": [{"target_ids": [0], "poison_class": 1}]}, "first_scenario = 2 .*count"),
 ])
 def test_bad_configs_are_refused(tmp_path: Path, patch: dict, match: str) -> None:
     raw = yaml.safe_load(CONTRACT)
@@ -194,3 +196,17 @@ def test_ensemble_of_different_architectures(tmp_path: Path) -> None:
     assert "mlp x 1, logistic x 1" in (res.out_dir / "report.html").read_text()
     with pytest.raises(ConfigError, match="excludes crafting.checkpoint and crafting.model"):
         parse_config(raw | {"crafting": {"architectures": ["mlp"], "model": "mlp"}})
+
+
+def test_first_scenario_continues_the_seed_series() -> None:
+    """Runs split by first_scenario (0-1, then 2-3) get exactly the scenarios of one 4-scenario run,
+    so their results can be pooled (benchmarks/targeted_poison.py --part merge)."""
+    from mlaudit.experiments.targeted_poison import build_scenarios
+
+    data = load_dataset("digits")
+    raw = yaml.safe_load(CONTRACT)
+    whole = build_scenarios(parse_config({**raw, "scenarios": 4}), data)
+    parts = (build_scenarios(parse_config({**raw, "scenarios": 2}), data)
+             + build_scenarios(parse_config({**raw, "scenarios": 2, "first_scenario": 2}), data))
+    assert [s.to_dict() for s in parts] == [s.to_dict() for s in whole]
+    assert [s.index for s in parts] == [0, 1, 2, 3]

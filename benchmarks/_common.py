@@ -75,11 +75,13 @@ def resume_run(config: Any, out: Path, device: str, store: Path) -> Any:
             write()
 
     write()
-    threading.Thread(target=heartbeat, daemon=True).start()
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
     try:
         res = run_experiment(config, out=out, device=device, store=store, quiet=True, resume=out.exists())
     finally:
         done.set()
+        beat.join()  # its last write must not land after (and undo) the final one below
     entry.update(finished=True, cost=res.results["cost"])
     write()
     return res

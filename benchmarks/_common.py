@@ -49,6 +49,10 @@ def workdir(path: str | None) -> Iterator[Path]:
         yield p
 
 
+def _invocation_log(out: Path) -> Path:
+    return out.parent / f"{out.name}.invocations.json"
+
+
 def resume_run(config: Any, out: Path, device: str, store: Path) -> Any:
     """``run_experiment`` into ``out``, resuming it when an earlier invocation left it there.
 
@@ -59,7 +63,7 @@ def resume_run(config: Any, out: Path, device: str, store: Path) -> Any:
 
     from mlaudit.experiments import run_experiment
 
-    log = out.parent / f"{out.name}.invocations.json"
+    log = _invocation_log(out)
     entries = json.loads(log.read_text()) if log.exists() else []
     entry: dict[str, Any] = {"finished": False, "process_wall_s": 0.0}
     entries.append(entry)
@@ -91,12 +95,19 @@ def cumulative_cost(out: Path) -> dict[str, Any]:
     """The cost of the run in ``out`` over all its invocations (see :func:`resume_run`): process wall
     time summed (cut-short invocations to within 5 s), and the models trained (those of the last
     invocation plus those it resumed from the store, i.e. trained by earlier ones)."""
-    log = out.parent / f"{out.name}.invocations.json"
+    log = _invocation_log(out)
     entries = json.loads(log.read_text()) if log.exists() else []
     last = next((e["cost"] for e in reversed(entries) if e.get("finished")), None)
     return {"invocations": len(entries), "cut_short": sum(not e.get("finished") for e in entries),
             "models_trained": (last["models_trained"] + last["models_resumed"]) if last else 0,
             "process_wall_s": round(sum(e["process_wall_s"] for e in entries), 2)}
+
+
+def pct_se(d: dict[str, Any], unit: str = "") -> str:
+    """``mean ± se`` of a MeanSE dict as percentages; its ``se`` is the string "nan" in results JSON
+    when it rests on one value."""
+    se = d["se"] if isinstance(d["se"], (int, float)) else float("nan")
+    return f"{100 * d['mean']:.2f}{unit} ± {100 * se:.2f}{unit}"
 
 
 def sync() -> None:

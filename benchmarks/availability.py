@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cumulative_cost, environment, resume_run, workdir, write_results  # noqa: E402
+from _common import cumulative_cost, environment, pct_se, resume_run, workdir, write_results  # noqa: E402
 
 import mlaudit.experiments.availability  # noqa: E402,F401  (registers the kind)
 from mlaudit.attacks.availability import METHODS  # noqa: E402
@@ -115,11 +115,6 @@ def method_config(cfg: dict[str, Any], method: str, crafter: dict[str, Any] | No
     return c
 
 
-def pct(m: dict[str, Any]) -> str:
-    se = m["se"] if isinstance(m["se"], (int, float)) else float("nan")  # JSON holds "nan" for one victim
-    return f"{100 * m['mean']:.2f} ± {100 * se:.2f}"
-
-
 def main() -> None:
     args = parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -137,8 +132,8 @@ def main() -> None:
             res = resume_run(c, tmp / m, args.device, tmp / "runs.db")
             runs[m] = {"config": res.results["config"], "metrics": res.results["metrics"], "cost": res.results["cost"],
                        "process_wall_s": round(time.perf_counter() - t1, 2), "cumulative_cost": cumulative_cost(tmp / m)}
-            print(f"{m}: clean {pct(runs[m]['metrics']['clean_accuracy'])} %, poisoned "
-                  f"{pct(runs[m]['metrics']['poisoned_accuracy'])} %", flush=True)
+            print(f"{m}: clean {pct_se(runs[m]['metrics']['clean_accuracy'])} %, poisoned "
+                  f"{pct_se(runs[m]['metrics']['poisoned_accuracy'])} %", flush=True)
             # written after every method, so a run cut short by a time limit keeps what it finished
             total = (crafter["wall_s"] if crafter else 0.0) + sum(
                 r["cumulative_cost"]["process_wall_s"] for r in runs.values())
@@ -154,11 +149,11 @@ def report(args: argparse.Namespace, name: str, runs: dict[str, Any], crafter: d
     rows = []
     for m, r in runs.items():
         mt, a = r["metrics"], r["metrics"]["attack"]
-        rows.append(f"| {m} | {a['eps_255']:g} | {100 * a['fraction']:g}% | {a['steps']} | {pct(mt['clean_accuracy'])} | "
-                    f"{pct(mt['poisoned_accuracy'])} | {pct(mt['drop'])} | {a['craft_wall_s']:.1f} |\n")
+        rows.append(f"| {m} | {a['eps_255']:g} | {100 * a['fraction']:g}% | {a['steps']} | {pct_se(mt['clean_accuracy'])} | "
+                    f"{pct_se(mt['poisoned_accuracy'])} | {pct_se(mt['drop'])} | {a['craft_wall_s']:.1f} |\n")
         if "relabelled_accuracy" in mt:
             rows.append(f"| {m}, relabelled | {a['eps_255']:g} | {100 * a['fraction']:g}% | {a['steps']} | "
-                        f"{pct(mt['clean_accuracy'])} | {pct(mt['relabelled_accuracy'])} | {pct(mt['relabelled_drop'])} | |\n")
+                        f"{pct_se(mt['clean_accuracy'])} | {pct_se(mt['relabelled_accuracy'])} | {pct_se(mt['relabelled_drop'])} | |\n")
     victim = first["victim"]["model"] or first["model"]
     recipe = first["victim"]["recipe"] or first["recipe"]
     md = (f"# Availability poisoning: {name}\n\n{env['date']}, {next(iter(runs.values()))['cost']['device']}, "

@@ -28,7 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cifar10_jpeg, cumulative_cost, environment, resume_run, sync, workdir, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    cifar10_jpeg,
+    cumulative_cost,
+    environment,
+    pct_se,
+    resume_run,
+    sync,
+    workdir,
+    write_results,
+)
 
 from mlaudit.attacks.poisoning.brew import BrewInputs, BrewOptions, brew  # noqa: E402
 from mlaudit.attacks.poisoning.scenario import sample_scenario, scenario_seeds  # noqa: E402
@@ -90,6 +99,15 @@ def speed(args: argparse.Namespace) -> None:
                    "rows": rows}, md)
 
 
+def scenario_table(scenarios: list[dict]) -> str:
+    """The per-scenario markdown table of a success result (its ``metrics.scenarios``)."""
+    return ("| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            + "".join(f"| {s['index']} | {s['seed']} | {s['target_class_name']} | {s['poison_class_name']} | "
+                      f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {100 * s['clean_baseline_success']:.1f}% | "
+                      f"{s['crafting_s']:.1f} |\n" for s in scenarios))
+
+
 def setup(cfg: dict) -> str:
     """Crafting model and victims of a resolved targeted-poison config, in words."""
     def named(x: object) -> str:
@@ -121,22 +139,14 @@ def success(args: argparse.Namespace) -> None:
     m = r["metrics"]
     env = environment()
 
-    def ms(d: dict) -> str:
-        se = d["se"] if isinstance(d["se"], (int, float)) else float("nan")  # JSON holds "nan" for one value
-        return f"{100 * d['mean']:.2f}% ± {100 * se:.2f}%"
-
-    rows = "".join(f"| {s['index']} | {s['seed']} | {s['target_class_name']} | {s['poison_class_name']} | "
-                   f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {100 * s['clean_baseline_success']:.1f}% | "
-                   f"{s['crafting_s']:.1f} |\n" for s in m["scenarios"])
     c = r["cost"]
     md = (f"# Targeted poisoning: {r['name']}\n\n{env['date']}, {c['device']}, torch {env['torch']}; config "
           f"`{args.config}`; method {m['attack']['method']}, eps {m['attack']['eps']}, {m['attack']['poisons']} poisons, "
           f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}; {setup(r['config'])}.\n\n"
-          f"**Average poison success {ms(m['poison_success'])}** over {m['poison_success']['n']} scenarios "
-          f"(clean victims: {ms(m['clean_baseline_success'])}); victim clean accuracy {ms(m['victim_accuracy'])} "
-          f"(clean victims {ms(m['clean_victim_accuracy'])}).\n\n"
-          "| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
-          "|---|---|---|---|---|---|---|---|\n" + rows +
+          f"**Average poison success {pct_se(m['poison_success'], '%')}** over {m['poison_success']['n']} scenarios "
+          f"(clean victims: {pct_se(m['clean_baseline_success'], '%')}); victim clean accuracy {pct_se(m['victim_accuracy'], '%')} "
+          f"(clean victims {pct_se(m['clean_victim_accuracy'], '%')}).\n\n"
+          + scenario_table(m["scenarios"]) +
           f"\nCrafting {m['timing']['crafting_s_total']:.1f} s in all; {total['models_trained']} models trained "
           f"(crafting models, victims, clean victims); whole run {total['process_wall_s']:.1f} s"
           + (f" over {total['invocations']} invocations, {total['cut_short']} cut short by a time limit and resumed "
@@ -178,18 +188,13 @@ def merge(args: argparse.Namespace) -> None:
     env = environment()
     cfg = runs[0]["config"]
     a = runs[0]["metrics"]["attack"]
-    rows = "".join(f"| {s['index']} | {s['seed']} | {s['target_class_name']} | {s['poison_class_name']} | "
-                   f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {100 * s['clean_baseline_success']:.1f}% | "
-                   f"{s['crafting_s']:.1f} |\n" for s in scen)
     md = (f"# Targeted poisoning, pooled: {args.name}\n\nPooled on {env['date']} from "
           + ", ".join(f"`{Path(p).name}` ({r['environment']['date']}, {r['environment']['gpu'] or 'cpu'})"
                       for p, r in zip(args.inputs, runs, strict=True))
           + f"; method {a['method']}, eps {a['eps']}, {a['poisons']} poisons, R = {a['restarts']}, M = {a['steps']}; "
-          f"{setup(cfg)}.\n\n**Average poison success {100 * success['mean']:.2f}% ± {100 * success['se']:.2f}%** "
+          f"{setup(cfg)}.\n\n**Average poison success {pct_se(success, '%')}** "
           f"over {success['n']} scenarios (clean victims: {100 * clean['mean']:.2f}%); victim clean accuracy "
-          f"{100 * acc['mean']:.2f}% ± {100 * acc['se']:.2f}%.\n\n"
-          "| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
-          "|---|---|---|---|---|---|---|---|\n" + rows)
+          f"{pct_se(acc, '%')}.\n\n" + scenario_table(scen))
     write_results(f"targeted_poison_success_{args.name}", {
         "environment": env, "inputs": list(args.inputs), "config": cfg, "scenarios": scen,
         "metrics": {"poison_success": success, "clean_baseline_success": clean, "victim_accuracy": acc}}, md)

@@ -265,18 +265,18 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
     preds = {name: _target_predictions(config, ctx, data, recs, all_targets) for name, recs in records.items()}
 
     rows, per_sc, per_clean, table = [], [], [], []
-    hits: dict[int, list[float]] = {}
+    per_victim: dict[int, dict[str, list[float]]] = {}  # each scenario's victims: success and accuracy
     for sc in scenarios:
         name = f"s{sc.index:03d}"
         cols = [col[t] for t in sc.target_ids]
         hit = (preds[name][:, cols] == sc.adv_class).float()  # [V, T]
-        hits[sc.index] = hit.mean(1).tolist()  # each victim's success (averaged over targets)
         rate = float(hit.mean())
         per_sc.append(rate)
         base = float((preds["clean"][:, cols] == sc.adv_class).float().mean()) if config.baseline else None
         if base is not None:
             per_clean.append(base)
         accs = [r["metrics"]["test_accuracy"] for r in records[name]]
+        per_victim[sc.index] = {"victim_success": hit.mean(1).tolist(), "victim_accuracies": accs}  # success over targets
         res, secs = brewed[sc.index]
         for v, r in enumerate(records[name]):
             rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": sc.index, "victim": v,
@@ -299,8 +299,7 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
         "scenarios": [{**sc.to_dict(data.train.classes), "success": s, "clean_baseline_success":
                        (per_clean[i] if config.baseline else None), "crafting_s": brewed[sc.index][1],
                        "objective": brewed[sc.index][0].objective, "restart_objectives": brewed[sc.index][0].restarts,
-                       "victim_success": [float(x) for x in hits[sc.index]],
-                       "victim_accuracies": [r["metrics"]["test_accuracy"] for r in records[f"s{sc.index:03d}"]]}
+                       **per_victim[sc.index]}
                       for i, (sc, s) in enumerate(zip(scenarios, per_sc))],
         "timing": {"crafting_s_total": float(sum(craft_s)), "crafting_s_per_scenario": MeanSE.of(np.array(craft_s)
                                                                                                     ).to_dict(),

@@ -53,8 +53,10 @@ def _invocation_log(out: Path) -> Path:
     return out.parent / f"{out.name}.invocations.json"
 
 
-def resume_run(config: Any, out: Path, device: str, store: Path) -> Any:
-    """``run_experiment`` into ``out``, resuming it when an earlier invocation left it there.
+def resume_run(config: Any, out: Path, device: str, store: Path, *, executor: str = "local",
+               executor_options: dict[str, Any] | None = None) -> Any:
+    """``run_experiment`` into ``out`` (through ``executor``), resuming it when an earlier invocation
+    left it there.
 
     Each invocation is logged in ``<out>.invocations.json``; a background thread rewrites its elapsed
     wall time every few seconds, so an invocation killed by a time limit still counts (to within that
@@ -82,7 +84,8 @@ def resume_run(config: Any, out: Path, device: str, store: Path) -> Any:
     beat = threading.Thread(target=heartbeat, daemon=True)
     beat.start()
     try:
-        res = run_experiment(config, out=out, device=device, store=store, quiet=True, resume=out.exists())
+        res = run_experiment(config, out=out, device=device, store=store, quiet=True, resume=out.exists(),
+                             executor=executor, executor_options=executor_options)
     finally:
         done.set()
         beat.join()  # its last write must not land after (and undo) the final one below

@@ -132,7 +132,8 @@ def success(args: argparse.Namespace) -> None:
     name = args.name or (Path(args.config).stem + (f"_{args.method}" if args.method else ""))
     with workdir(args.workdir) as tmp:
         t0 = time.perf_counter()
-        res = resume_run(cfg, tmp / name, args.device, tmp / "runs.db")
+        res = resume_run(cfg, tmp / name, args.device, tmp / "runs.db", executor=args.executor,
+                         executor_options={"workers": args.workers} if args.workers else None)
         wall = time.perf_counter() - t0
         total = cumulative_cost(tmp / name)
     r = res.results
@@ -142,7 +143,8 @@ def success(args: argparse.Namespace) -> None:
     c = r["cost"]
     md = (f"# Targeted poisoning: {r['name']}\n\n{env['date']}, {c['device']}, torch {env['torch']}; config "
           f"`{args.config}`; method {m['attack']['method']}, eps {m['attack']['eps']}, {m['attack']['poisons']} poisons, "
-          f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}; {setup(r['config'])}.\n\n"
+          f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}; {setup(r['config'])}; factory executor "
+          f"{r['executor']}{f' ({args.workers} workers)' if args.workers else ''}, max_chunk {r['config']['factory']['max_chunk']}.\n\n"
           f"**Average poison success {pct_se(m['poison_success'], '%')}** over {m['poison_success']['n']} scenarios "
           f"(clean victims: {pct_se(m['clean_baseline_success'], '%')}); victim clean accuracy {pct_se(m['victim_accuracy'], '%')} "
           f"(clean victims {pct_se(m['clean_victim_accuracy'], '%')}).\n\n"
@@ -152,7 +154,8 @@ def success(args: argparse.Namespace) -> None:
           + (f" over {total['invocations']} invocations, {total['cut_short']} cut short by a time limit and resumed "
              "from the run store" if total["invocations"] > 1 else "") + ".\n")
     write_results(f"targeted_poison_success_{name}", {"environment": env, "config": r["config"], "metrics": m,
-                                                      "cost": c, "cumulative_cost": total, "process_wall_s": round(wall, 2)},
+                                                      "cost": c, "cumulative_cost": total,
+                                                      "executor": {"name": r["executor"], "workers": args.workers}, "process_wall_s": round(wall, 2)},
                   md)
 
 
@@ -171,7 +174,8 @@ def merge(args: argparse.Namespace) -> None:
         raise SystemExit("--part merge needs at least two result files")
 
     def study(cfg: dict) -> dict:
-        return {k: v for k, v in cfg.items() if k not in ("scenarios", "first_scenario", "name")}
+        # factory settings say how the victims were trained (chunking, layout), not what was studied
+        return {k: v for k, v in cfg.items() if k not in ("scenarios", "first_scenario", "name", "factory")}
 
     for p, r in zip(args.inputs[1:], runs[1:], strict=True):
         if study(r["config"]) != study(runs[0]["config"]):
@@ -220,6 +224,9 @@ def main() -> None:
     ap.add_argument("--set-restarts", type=int, default=0, help="success part: replace attack.restarts")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=YAML",
                     help="success part: replace a config field, dotted keys (e.g. victim.recipe.epochs=20)")
+    ap.add_argument("--executor", default="local", help="success part: factory executor (local, process, ray)")
+    ap.add_argument("--workers", type=int, default=0, help="success part: workers of the process executor "
+                    "(several on one GPU train chunks concurrently)")
     ap.add_argument("--workdir", default=None,
                     help="success part: keep the run here and resume it when invoked again (default: a temp dir)")
     args = ap.parse_args()

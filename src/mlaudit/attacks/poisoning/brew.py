@@ -66,9 +66,11 @@ class BrewOptions:
 
     ``channels_last`` and ``cudnn_benchmark`` only matter on CUDA: the crafting models and the poisons
     are put in channels-last memory format for the duration of the crafting (the models' format is
-    restored after), and cuDNN picks its convolution algorithms by timing them (the double backward
-    of gradient matching runs convolution shapes that the default heuristics may not serve well).
-    Neither changes the objective; cuDNN's timed choice can make runs not bit-identical."""
+    restored after), and cuDNN picks its convolution algorithms by timing them. Neither changes the
+    objective; cuDNN's timed choice can make runs not bit-identical. Both are off by default: on an
+    H100 (2026-11-23, ResNet-18, 500 poisons, benchmarks/results/targeted_poison_speed_layouts.md) they
+    made crafting no faster (15.6 s vs 12.9 s per 100-step restart, the tuned run first and without
+    warm-up; the full R = 8 runs with them on crafted at 128-140 ms per step, plain's rate)."""
 
     eps: float
     steps: int = 250
@@ -84,8 +86,8 @@ class BrewOptions:
     opacity: float = 1.0
     seed: int = 0
     parallel_restarts: int = 1
-    channels_last: bool = True
-    cudnn_benchmark: bool = True
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
 
 
 @dataclass

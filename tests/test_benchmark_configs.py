@@ -1,0 +1,31 @@
+"""Every config under benchmarks/configs/ is a valid experiment config (checked before any GPU time is
+spent on it), and the targeted-poison studies that are split by ``first_scenario`` over machine leases
+name the scenarios they pool."""
+
+from pathlib import Path
+
+import pytest
+
+from mlaudit.config import apply_overrides, load_yaml
+from mlaudit.experiments.base import parse_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+
+
+def test_there_are_benchmark_configs() -> None:
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_benchmark_config_parses(path: Path) -> None:
+    raw = load_yaml(path)
+    cfg = parse_config(raw)
+    assert cfg.kind == raw["kind"]
+
+
+@pytest.mark.parametrize("stem", ["cifar10_resnet18_brew_full", "cifar10_convnet6_brew"])
+def test_split_studies_cover_scenarios_0_to_3(stem: str) -> None:
+    raw = load_yaml(CONFIGS[[p.stem for p in CONFIGS].index(stem)])
+    halves = [parse_config(apply_overrides(raw, [f"first_scenario={k}"])) for k in (0, 2)]
+    covered = [k + i for h in halves for k, i in [(h.first_scenario, i) for i in range(h.scenarios)]]
+    assert covered == [0, 1, 2, 3]

@@ -53,6 +53,18 @@ def _invocation_log(out: Path) -> Path:
     return out.parent / f"{out.name}.invocations.json"
 
 
+def add_executor_args(ap: Any) -> None:
+    """``--executor`` / ``--workers`` for benchmarks that run experiments (see :func:`executor_kwargs`)."""
+    ap.add_argument("--executor", default="local", help="factory executor for the experiment runs (local, process, ray)")
+    ap.add_argument("--workers", type=int, default=0, help="workers of the process executor; several on one GPU "
+                    "train chunks concurrently (3 gave 2.18x for ResNet-18 victims on an H100, docs/factory.md)")
+
+
+def executor_kwargs(args: Any) -> dict[str, Any]:
+    """The :func:`resume_run` keywords for the ``--executor`` / ``--workers`` arguments."""
+    return {"executor": args.executor, "executor_options": {"workers": args.workers} if args.workers else None}
+
+
 def resume_run(config: Any, out: Path, device: str, store: Path, *, executor: str = "local",
                executor_options: dict[str, Any] | None = None) -> Any:
     """``run_experiment`` into ``out`` (through ``executor``), resuming it when an earlier invocation

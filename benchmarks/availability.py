@@ -24,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cumulative_cost, environment, pct_se, resume_run, workdir, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    add_executor_args,
+    cumulative_cost,
+    environment,
+    executor_kwargs,
+    pct_se,
+    resume_run,
+    workdir,
+    write_results,
+)
 
 import mlaudit.experiments.availability  # noqa: E402,F401  (registers the kind)
 from mlaudit.attacks.availability import METHODS  # noqa: E402
@@ -47,6 +56,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--victims", type=int, default=None, help="victims per view (default: the config's)")
     ap.add_argument("--relabel", action=argparse.BooleanOptionalAction, default=None,
                     help="also train victims on relabelled adversarial poisons (default: the config's)")
+    add_executor_args(ap)
     ap.add_argument("--workdir", default=None,
                     help="keep the runs here and resume them when invoked again (default: a temp dir)")
     return ap.parse_args()
@@ -129,7 +139,7 @@ def main() -> None:
         for m in methods:
             c = method_config(cfg, m, crafter, args)
             t1 = time.perf_counter()
-            res = resume_run(c, tmp / m, args.device, tmp / "runs.db")
+            res = resume_run(c, tmp / m, args.device, tmp / "runs.db", **executor_kwargs(args))
             runs[m] = {"config": res.results["config"], "metrics": res.results["metrics"], "cost": res.results["cost"],
                        "process_wall_s": round(time.perf_counter() - t1, 2), "cumulative_cost": cumulative_cost(tmp / m)}
             print(f"{m}: clean {pct_se(runs[m]['metrics']['clean_accuracy'])} %, poisoned "

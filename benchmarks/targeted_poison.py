@@ -30,9 +30,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    add_executor_args,
     cifar10_jpeg,
     cumulative_cost,
     environment,
+    executor_kwargs,
     pct_se,
     resume_run,
     sync,
@@ -136,8 +138,7 @@ def success(args: argparse.Namespace) -> None:
     name = args.name or (Path(args.config).stem + (f"_{args.method}" if args.method else ""))
     with workdir(args.workdir) as tmp:
         t0 = time.perf_counter()
-        res = resume_run(cfg, tmp / name, args.device, tmp / "runs.db", executor=args.executor,
-                         executor_options={"workers": args.workers} if args.workers else None)
+        res = resume_run(cfg, tmp / name, args.device, tmp / "runs.db", **executor_kwargs(args))
         wall = time.perf_counter() - t0
         total = cumulative_cost(tmp / name)
     r = res.results
@@ -233,9 +234,7 @@ def main() -> None:
     ap.add_argument("--set-restarts", type=int, default=0, help="success part: replace attack.restarts")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=YAML",
                     help="success part: replace a config field, dotted keys (e.g. victim.recipe.epochs=20)")
-    ap.add_argument("--executor", default="local", help="success part: factory executor (local, process, ray)")
-    ap.add_argument("--workers", type=int, default=0, help="success part: workers of the process executor "
-                    "(several on one GPU train chunks concurrently)")
+    add_executor_args(ap)
     ap.add_argument("--workdir", default=None,
                     help="success part: keep the run here and resume it when invoked again (default: a temp dir)")
     args = ap.parse_args()

@@ -248,3 +248,21 @@ def test_report_escapes_config_strings_and_default_out_dir_is_safe(tmp_path: Pat
     html = (tmp_path / out / "report.html").read_text()
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert json.loads((tmp_path / out / "results.json").read_text())["name"] == evil
+
+
+def test_grow_via_cli(tmp_path: Path) -> None:
+    cfg = tmp_path / "brew.yaml"
+    cfg.write_text("kind: targeted-poison\ndataset: digits\nmodel: mlp\nrecipe: {name: fast, epochs: 2}\n"
+                   "attack: {eps: 16, budget: 0.01, restarts: 1, steps: 3}\nscenarios: 1\nvictims: 1\n"
+                   "export: false\nseed: 0\n")
+    out = tmp_path / "out"
+    assert run_tiny(cfg, out, "-q").exit_code == 0
+    refused = cli("run", "--resume", out, "--store", tmp_path / "runs.db", "--device", "cpu", "-q",
+                  "--set", "scenarios=2")
+    assert refused.exit_code == 2 and "--grow" in refused.output
+    res = cli("run", "--resume", out, "--store", tmp_path / "runs.db", "--device", "cpu", "-q", "--grow",
+              "--set", "scenarios=2")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "results.json").read_text())
+    assert r["grown_from"] == {"scenarios": 1} and r["cost"]["models_trained"] == 1
+    assert len(r["metrics"]["scenarios"]) == 2

@@ -61,10 +61,13 @@ def run(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local one on 127.0.0.1).")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes for --executor process.", min=1)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume the run in this folder.")] = None,
+    grow: Annotated[bool, typer.Option("--grow", help="With --resume: let --set raise the kind's growable counts "
+                                       "(targeted-poison: scenarios, victims); finished trials are kept.")] = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run an experiment from a YAML config (or resume one with --resume DIR).
+    """Run an experiment from a YAML config (or resume one with --resume DIR; grow it with
+    --resume DIR --grow --set scenarios=8).
 
     Writes DIR/config.yaml, results.json, report.html and artifacts/, and commits each finished
     trial to the run store. Exit code 2: invalid input; 1: a failure during the run.
@@ -91,7 +94,7 @@ def run(
         cfg = parse_config(apply_overrides(raw, set_ or []))
         out_dir = resume or out or Path("runs") / f"{cfg.slug}-{time.strftime('%Y%m%d-%H%M%S')}"
         res = run_experiment(cfg, out=out_dir, device=device, executor=executor, executor_options=opts,
-                             store=store, resume=resume is not None, quiet=quiet)
+                             store=store, resume=resume is not None, grow=grow, quiet=quiet)
     except (ConfigError, DataError) as e:
         _fail(e)
     except TrialError as e:

@@ -210,6 +210,15 @@ class RunStore:
                                (int(limit),)).fetchall()
         return [self._experiment(r) for r in rows]
 
+    def update_config(self, exp_id: str, config: dict[str, Any]) -> None:
+        """Replace an experiment's config (and its hash), keeping its trials: for a run grown in place
+        (``run_experiment(..., resume=True, grow=True)``)."""
+        config_json = dumps(config, where="config")
+        full = self.get_experiment(exp_id).id
+        with self._tx() as con:
+            con.execute("UPDATE experiments SET config_json = ?, config_hash = ?, updated_at = ? WHERE id = ?",
+                        (config_json, hashlib.sha256(config_json.encode()).hexdigest(), _now(), full))
+
     def set_status(self, exp_id: str, status: str) -> None:
         """Set the status of an experiment (one of running, done, failed, interrupted)."""
         if status not in STATUSES:

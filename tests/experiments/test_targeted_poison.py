@@ -210,3 +210,71 @@ def test_first_scenario_continues_the_seed_series() -> None:
              + build_scenarios(parse_config({**raw, "scenarios": 2, "first_scenario": 2}), data))
     assert [s.to_dict() for s in parts] == [s.to_dict() for s in whole]
     assert [s.index for s in parts] == [0, 1, 2, 3]
+
+
+GROW = """\
+kind: targeted-poison
+dataset: digits
+model: mlp
+recipe: {name: fast, epochs: 2}
+attack: {method: gradient-matching, eps: 16, budget: 0.01, restarts: 1, steps: 5}
+scenarios: 1
+victims: 1
+export: false
+seed: 0
+"""
+
+
+def test_a_grown_study_keeps_its_trials_and_equals_a_fresh_one(tmp_path: Path) -> None:
+    """1 scenario x 1 victim grown to 2 x 2 in place: the crafting model, scenario 0's poisons and
+    its victim and the clean victim are kept (3 models resumed), only the 4 new victims train, and
+    the grown results equal those of a fresh 2 x 2 run (same seeds; CPU training is deterministic)."""
+    raw = yaml.safe_load(GROW)
+    first = _run(tmp_path, raw, "grow")
+    big = {**raw, "scenarios": 2, "victims": 2}
+    grown = _run(tmp_path, big, "grow", resume=True, grow=True)
+    c = grown.results["cost"]
+    assert (c["models_resumed"], c["models_trained"]) == (3, 4)
+    assert grown.results["grown_from"] == {"scenarios": 1, "victims": 1}
+    assert grown.experiment_id == first.experiment_id
+    s0_before, s0_after = first.results["metrics"]["scenarios"][0], grown.results["metrics"]["scenarios"][0]
+    assert s0_after["crafting_s"] == s0_before["crafting_s"]  # the poisons were not crafted again
+    assert s0_after["victim_accuracies"][0] == s0_before["victim_accuracies"][0]
+    fresh = _run(tmp_path, big, "fresh")
+
+    def science(r: Any) -> list[dict]:
+        return [{k: v for k, v in s.items() if k != "crafting_s"} for s in r.results["metrics"]["scenarios"]]
+
+    assert science(grown) == science(fresh)
+    assert grown.results["metrics"]["victim_accuracy"] == fresh.results["metrics"]["victim_accuracy"]
+    again = _run(tmp_path, big, "grow", resume=True)  # the grown config is now the run's config
+    assert again.results["cost"]["models_trained"] == 0
+
+
+@pytest.mark.parametrize(("change", "kw", "match"), [
+    ({"scenarios": 3}, {"resume": True}, "add --grow"),
+    ({"scenarios": 3}, {"grow": True}, "needs resume"),
+    ({"attack": {"method": "gradient-matching", "eps": 8, "budget": 0.01, "restarts": 1, "steps": 5}},
+     {"resume": True, "grow": True}, "attack differ"),
+    ({"scenarios": 3, "first_scenario": 1}, {"resume": True, "grow": True}, "first_scenario differ"),
+])
+def test_a_grow_that_is_not_one_is_refused(tmp_path: Path, change: dict, kw: dict, match: str) -> None:
+    raw = yaml.safe_load(GROW) | {"scenarios": 2}
+    _run(tmp_path, raw, "g")
+    with pytest.raises(ConfigError, match=match):
+        _run(tmp_path, {**raw, **change}, "g", **kw)
+
+
+def test_a_grow_cannot_shrink(tmp_path: Path) -> None:
+    raw = yaml.safe_load(GROW) | {"scenarios": 2}
+    _run(tmp_path, raw, "g")
+    with pytest.raises(ConfigError, match="scenarios can only grow, got 2 -> 1"):
+        _run(tmp_path, {**raw, "scenarios": 1}, "g", resume=True, grow=True)
+
+
+def test_kept_predictions_read_both_record_formats() -> None:
+    from mlaudit.experiments.targeted_poison import _kept_predictions
+
+    assert _kept_predictions({"outputs": {"predictions": {"17": 3, "4": 1}}}) == {17: 3, 4: 1}
+    assert _kept_predictions({"outputs": {"targets": "4,17", "predictions": [1, 3]}}) == {4: 1, 17: 3}  # older runs
+    assert _kept_predictions({"metrics": {}}) == {}

@@ -134,17 +134,24 @@ class ExperimentKind:
     run: Callable[[Any, RunContext], ExperimentOutput]
     description: str
     check: Callable[[Any, DataBundle], None] | None = None
+    growable: tuple[str, ...] = ()
+    """Top-level count fields that may be raised when resuming (``grow=True``): the kind guarantees that
+    a finished trial's id, seed and inputs do not depend on them, so a grown run keeps every finished
+    trial and trains only the new ones (e.g. targeted-poison's ``scenarios`` and ``victims``)."""
 
 
 KINDS: Registry[ExperimentKind] = Registry("experiment kind")
 
 
 def register_experiment(name: str, *, config: type[ExperimentConfig],
-                        check: Callable[[Any, DataBundle], None] | None = None) -> Callable[[Callable], Callable]:
-    """Decorator registering ``run(config, ctx) -> ExperimentOutput`` as experiment kind ``name``."""
+                        check: Callable[[Any, DataBundle], None] | None = None,
+                        growable: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator registering ``run(config, ctx) -> ExperimentOutput`` as experiment kind ``name``
+    (``growable``: see :attr:`ExperimentKind.growable`)."""
 
     def deco(fn: Callable[[Any, RunContext], ExperimentOutput]) -> Callable:
-        KINDS.register(name)(ExperimentKind(name, config, fn, (fn.__doc__ or "").strip().split("\n")[0], check))
+        KINDS.register(name)(ExperimentKind(name, config, fn, (fn.__doc__ or "").strip().split("\n")[0], check,
+                                            growable))
         return fn
 
     return deco

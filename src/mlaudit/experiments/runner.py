@@ -66,22 +66,30 @@ def run_experiment(
     executor_options: dict[str, Any] | None = None,
     store: RunStore | str | Path | None = None,
     resume: bool = False,
+    grow: bool = False,
     quiet: bool = False,
 ) -> RunResult:
     """Run ``config`` into folder ``out`` (see the module docstring) and return its results.
+
+    ``grow=True`` (with ``resume=True``) continues the run in ``out`` under a config whose only
+    changes are larger counts in the kind's growable fields (:attr:`ExperimentKind.growable`, e.g.
+    targeted-poison's ``scenarios`` and ``victims``): its finished trials are kept, only the new ones
+    are trained, and the results cover the grown study (``results.json`` records ``grown_from``).
 
     Raises :class:`ConfigError` / :class:`DataError` for invalid input before anything is written,
     :class:`TrialError` naming the trial when training fails, and :class:`MlauditError` for other
     failures during the run (the store then marks the run ``failed``; resume it with ``resume=True``).
     """
     cfg = config if isinstance(config, ExperimentConfig) else parse_config(config)
+    if grow and not resume:
+        raise ConfigError("grow extends an earlier run in place and needs resume (mlaudit run --resume DIR --grow)")
     dev = check_device(device)
     ex = make_executor(executor, **(executor_options or {})) if isinstance(executor, str) else executor
     resolved = config_to_dict(cfg)
     chash = config_hash(resolved)
     out_dir = Path(out).expanduser()
-    check_out_dir(out_dir, resolved, resume=resume)
     kind = experiment_kind(cfg.kind)
+    grown = check_out_dir(out_dir, resolved, resume=resume, growable=kind.growable if grow else None)
     data = preflight(cfg)
     if kind.check is not None:
         kind.check(cfg, data)
@@ -95,6 +103,9 @@ def run_experiment(
     existing = rs.find_by_out_dir(out_dir) if resume else None  # a fresh run never reuses old store rows
     if existing is not None and existing.config_hash == chash:
         exp_id = existing.id
+    elif existing is not None and grown and config_growth(existing.config, resolved, kind.growable) == grown:
+        exp_id = existing.id  # the same run, grown: its finished trials stay valid (see ExperimentKind.growable)
+        rs.update_config(exp_id, resolved)
     else:
         if resume and had_run:
             log.warning("run store %s has no record of the run in %s; training every trial again "
@@ -144,6 +155,7 @@ def run_experiment(
         },
         "executor": ex.name,
         "device": dev,
+        **({"grown_from": {k: old for k, (old, _) in grown.items()}} if grown else {}),
         "versions": vers,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -198,27 +210,67 @@ def preflight(cfg: ExperimentConfig) -> DataBundle:
     return data
 
 
-def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool) -> None:
+def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool,
+                  growable: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
     """Refuse an output folder that is a file, holds something other than an mlaudit run, holds a
-    different run, or holds this run while ``resume`` is False. Writes nothing."""
+    different run, or holds this run while ``resume`` is False. Writes nothing.
+
+    With ``growable`` (a grow: see :func:`run_experiment`), a run whose config differs only by larger
+    counts in those fields is accepted; returns ``{field: (old, new)}`` for them (empty otherwise)."""
     if not out_dir.exists():
-        return
+        return {}
     if not out_dir.is_dir():
         raise ConfigError(f"output path {str(out_dir)!r} exists and is not a folder; choose another --out")
     if not any(out_dir.iterdir()):
-        return
+        return {}
     cfg_file = out_dir / "config.yaml"
     if not cfg_file.is_file():
         raise ConfigError(f"output folder {str(out_dir)!r} is not empty and holds no mlaudit run (no config.yaml); "
                           "choose another --out or empty it")
     if not _same_config(cfg_file, resolved):
-        hint = (" (--set changes the config of the run being resumed; drop it)" if resume else "")
+        old = _resolved(cfg_file)
+        if growable is not None and old is not None:
+            return config_growth(old, resolved, growable)  # raises for anything but a grow
+        hint = (" (--set changes the config of the run being resumed; drop it, or add --grow to raise a count "
+                "such as scenarios or victims)" if resume else "")
         raise ConfigError(f"output folder {str(out_dir)!r} already holds a different run (its config.yaml differs)"
                           f"{hint}; choose another --out")
     if not resume:
         state = "finished " if (out_dir / "results.json").is_file() else ""
         raise ConfigError(f"output folder {str(out_dir)!r} already holds this {state}run; pass --resume "
                           f"{str(out_dir)!r} to continue it (finished trials are skipped) or choose another --out")
+    return {}
+
+
+def config_growth(old: dict[str, Any], new: dict[str, Any], growable: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """``{field: (old, new)}`` for a config ``new`` that grows ``old`` (resolved configs): only fields in
+    ``growable`` may differ, and only as integer counts that do not shrink. ConfigError otherwise."""
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    fixed = [k for k in diff if k not in growable]
+    if fixed:
+        allowed = ", ".join(growable) if growable else "none for this kind"
+        raise ConfigError(f"cannot grow the run: {', '.join(fixed)} differ from the run being resumed "
+                          f"(was {', '.join(repr(old.get(k)) for k in fixed)}, now "
+                          f"{', '.join(repr(new.get(k)) for k in fixed)}); a grow may only raise these counts: {allowed}")
+    out: dict[str, tuple[int, int]] = {}
+    for k in diff:
+        a, b = old.get(k), new.get(k)
+        if not (isinstance(a, int) and isinstance(b, int)) or isinstance(a, bool) or isinstance(b, bool):
+            raise ConfigError(f"cannot grow the run: {k} must be a count in both configs to grow, got {a!r} -> {b!r}")
+        if b < a:
+            raise ConfigError(f"cannot grow the run: {k} can only grow, got {a} -> {b} (a smaller study is a new run; "
+                              "choose another --out)")
+        out[k] = (a, b)
+    return out
+
+
+def _resolved(cfg_file: Path) -> dict[str, Any] | None:
+    """The resolved config of the run in ``cfg_file`` (None when it does not parse)."""
+    try:
+        old = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
+        return config_to_dict(parse_config(old)) if isinstance(old, dict) else None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError, MlauditError):
+        return None
 
 
 def _same_config(cfg_file: Path, resolved: dict[str, Any]) -> bool:

@@ -33,7 +33,7 @@ from ..attacks.poisoning.scenario import Scenario, explicit_scenario, sample_sce
 from ..data.base import DataBundle
 from ..data.export import export_view
 from ..data.view import DataView
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models.registry import model_entry
 from ..privacy.dpsgd import check_dp_model
 from ..report.html import ReportTable
@@ -234,7 +234,10 @@ def _view(data: DataBundle, sc: Scenario, res: BrewResult, eps: float) -> DataVi
     return view
 
 
-@register_experiment("targeted-poison", config=TargetedPoisonConfig, check=check_targeted)
+# scenario k's seed, poisons and victims "s<k>-v<i>" (seed victim_seed(i)) do not depend on the counts,
+# so a study can grow: 4 scenarios x 2 victims resumed with scenarios 8 trains only the new ones
+@register_experiment("targeted-poison", config=TargetedPoisonConfig, check=check_targeted,
+                     growable=("scenarios", "victims"))
 def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> ExperimentOutput:
     """Targeted clean-label poisoning (Witches' Brew and baselines): poison success +- SE over scenarios."""
     data = ctx.load_dataset(config.dataset)
@@ -260,16 +263,19 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
                             save_weights=True, label="training victims on the poisoned sets")
     victim_s = ctx.cost.train_wall_s - t_train
 
+    # poisoned victims are asked about their own scenario's targets, clean victims about every scenario's
+    own = {f"s{sc.index:03d}": list(sc.target_ids) for sc in scenarios}
     all_targets = sorted({t for sc in scenarios for t in sc.target_ids})
     col = {t: j for j, t in enumerate(all_targets)}
-    preds = {name: _target_predictions(config, ctx, data, recs, all_targets) for name, recs in records.items()}
+    preds = {name: _target_predictions(config, ctx, data, recs, own.get(name, all_targets), keep=name == "clean")
+             for name, recs in records.items()}
 
     rows, per_sc, per_clean, table = [], [], [], []
     per_victim: dict[int, dict[str, list[float]]] = {}  # each scenario's victims: success and accuracy
     for sc in scenarios:
         name = f"s{sc.index:03d}"
         cols = [col[t] for t in sc.target_ids]
-        hit = (preds[name][:, cols] == sc.adv_class).float()  # [V, T]
+        hit = (preds[name] == sc.adv_class).float()  # [V, T]
         rate = float(hit.mean())
         per_sc.append(rate)
         base = float((preds["clean"][:, cols] == sc.adv_class).float().mean()) if config.baseline else None
@@ -280,7 +286,7 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
         res, secs = brewed[sc.index]
         for v, r in enumerate(records[name]):
             rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": sc.index, "victim": v,
-                         "success": float(hit[v].mean()), "target_predictions": preds[name][v, cols].tolist(),
+                         "success": float(hit[v].mean()), "target_predictions": preds[name][v].tolist(),
                          "test_accuracy": r["metrics"]["test_accuracy"]})
         table.append([sc.index, sc.seed if sc.seed is not None else "explicit", data.train.classes[sc.target_class],
                       data.train.classes[sc.adv_class], ", ".join(map(str, sc.target_ids)), len(sc.poison_ids),
@@ -348,19 +354,40 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
 
 
 def _target_predictions(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, recs: list[dict[str, Any]],
-                        targets: list[int]) -> Tensor:
-    """Predicted classes [V, T] of the victims on the test images ``targets``: from the records'
-    kept ``outputs`` (resumed runs) or from their checkpoints, which are then released unless
-    ``save_models`` (the logits stay in the store, so resuming never retrains)."""
-    key = ",".join(map(str, targets))
-    if all(r.get("outputs", {}).get("targets") == key for r in recs):
-        return torch.tensor([r["outputs"]["predictions"] for r in recs], dtype=torch.long)
-    logits = victim_logits(config, ctx, data, recs, data.test.x[targets])
-    preds = logits.argmax(-1)
-    if not config.save_models:
-        ctx.release_weights(recs, outputs={r["trial_id"]: {"targets": key, "predictions": preds[i].tolist()}
-                                           for i, r in enumerate(recs)})
-    return preds
+                        targets: list[int], *, keep: bool = False) -> Tensor:
+    """Predicted classes [V, T] of the victims ``recs`` on the test images ``targets``.
+
+    Predictions kept in a record's ``outputs`` (a resumed run) are reused; the missing ones come from
+    the checkpoints. The checkpoints are then released (the predictions stay in the store, so a resume
+    never retrains) unless ``save_models`` or ``keep``: the clean victims keep theirs, because a grown
+    study (more scenarios) asks them about new targets."""
+    have = [_kept_predictions(r) for r in recs]
+    todo = [i for i, h in enumerate(have) if any(t not in h for t in targets)]
+    if todo:
+        need = sorted({t for i in todo for t in targets if t not in have[i]})
+        gone = [recs[i]["trial_id"] for i in todo if "checkpoint" not in recs[i]]
+        if gone:
+            raise DataError(f"victims {', '.join(gone)} have neither weights nor predictions for target(s) "
+                            f"{need}; their weights were released by an earlier run (before clean victims kept "
+                            "theirs), so this study cannot grow in place: start a new --out")
+        logits = victim_logits(config, ctx, data, [recs[i] for i in todo], data.test.x[need])
+        for j, i in enumerate(todo):
+            have[i].update(zip(need, logits[j].argmax(-1).tolist(), strict=True))
+        if not (config.save_models or keep):
+            ctx.release_weights([recs[i] for i in todo], outputs={
+                recs[i]["trial_id"]: {"predictions": {str(t): c for t, c in sorted(have[i].items())}} for i in todo})
+    return torch.tensor([[h[t] for t in targets] for h in have], dtype=torch.long)
+
+
+def _kept_predictions(rec: dict[str, Any]) -> dict[int, int]:
+    """``{target id: predicted class}`` kept in a victim record's outputs (empty when none)."""
+    out = rec.get("outputs") or {}
+    preds = out.get("predictions")
+    if isinstance(preds, dict):
+        return {int(t): int(c) for t, c in preds.items()}
+    if isinstance(preds, list) and isinstance(out.get("targets"), str):  # records written before 2026-11-23
+        return {int(t): int(c) for t, c in zip(out["targets"].split(","), preds, strict=True)}
+    return {}
 
 
 def _alignment(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, sc: Scenario,

@@ -110,8 +110,12 @@ def scenario_table(scenarios: list[dict]) -> str:
     return ("| scenario | seed | target class | adversarial class | target id | success | clean victims | crafting s |\n"
             "|---|---|---|---|---|---|---|---|\n"
             + "".join(f"| {s['index']} | {s['seed']} | {s['target_class_name']} | {s['poison_class_name']} | "
-                      f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {100 * s['clean_baseline_success']:.1f}% | "
+                      f"{s['target_ids'][0]} | {100 * s['success']:.1f}% | {_pct(s['clean_baseline_success'])} | "
                       f"{s['crafting_s']:.1f} |\n" for s in scenarios))
+
+
+def _pct(x: float | None) -> str:
+    return "not run" if x is None else f"{100 * x:.1f}%"
 
 
 def setup(cfg: dict) -> str:
@@ -151,8 +155,11 @@ def success(args: argparse.Namespace) -> None:
           f"R = {m['attack']['restarts']}, M = {m['attack']['steps']}; {setup(r['config'])}; factory executor "
           f"{r['executor']}{f' ({args.workers} workers)' if args.workers else ''}, max_chunk {r['config']['factory']['max_chunk']}.\n\n"
           f"**Average poison success {pct_se(m['poison_success'], '%')}** over {m['poison_success']['n']} scenarios "
-          f"(clean victims: {pct_se(m['clean_baseline_success'], '%')}); victim clean accuracy {pct_se(m['victim_accuracy'], '%')} "
-          f"(clean victims {pct_se(m['clean_victim_accuracy'], '%')}).\n\n"
+          + (f"(clean victims: {pct_se(m['clean_baseline_success'], '%')}); " if "clean_baseline_success" in m
+             else "(no clean victims: baseline false); ")
+          + f"victim clean accuracy {pct_se(m['victim_accuracy'], '%')}"
+          + (f" (clean victims {pct_se(m['clean_victim_accuracy'], '%')})" if "clean_victim_accuracy" in m else "")
+          + ".\n\n"
           + scenario_table(m["scenarios"]) +
           f"\nCrafting {m['timing']['crafting_s_total']:.1f} s in all; {total['models_trained']} models trained "
           f"(crafting models, victims, clean victims); whole run {total['process_wall_s']:.1f} s"
@@ -192,7 +199,9 @@ def merge(args: argparse.Namespace) -> None:
     if len(set(idx)) != len(idx):
         raise SystemExit(f"the runs share scenarios ({idx}); merge runs with different first_scenario ranges")
     success = MeanSE.of(np.array([s["success"] for s in scen])).to_dict()
-    clean = MeanSE.of(np.array([s["clean_baseline_success"] for s in scen])).to_dict()
+    base = [s["clean_baseline_success"] for s in scen if s["clean_baseline_success"] is not None]
+    clean = MeanSE.of(np.array(base)).to_dict() if base else None
+    clean_txt = "not run" if clean is None else f"{100 * clean['mean']:.2f}%"
     acc = MeanSE.of(np.array([a for s in scen for a in s["victim_accuracies"]])).to_dict()
     env = environment()
     cfg = runs[0]["config"]
@@ -202,7 +211,7 @@ def merge(args: argparse.Namespace) -> None:
                       for p, r in zip(args.inputs, runs, strict=True))
           + f"; method {a['method']}, eps {a['eps']}, {a['poisons']} poisons, R = {a['restarts']}, M = {a['steps']}; "
           f"{setup(cfg)}.\n\n**Average poison success {pct_se(success, '%')}** "
-          f"over {success['n']} scenarios (clean victims: {100 * clean['mean']:.2f}%); victim clean accuracy "
+          f"over {success['n']} scenarios (clean victims: {clean_txt}); victim clean accuracy "
           f"{pct_se(acc, '%')}.\n\n" + scenario_table(scen) + "\nCost of each run: "
           + "; ".join(f"`{Path(p).name}`: {r['cumulative_cost']['models_trained']} models, whole run "
                       f"{r['cumulative_cost']['process_wall_s']:.1f} s (victims {r['metrics']['timing']['victims_s']:.1f} s), "

@@ -7,6 +7,10 @@ layouts (2 epochs), and a narrow fast CNN (width 16, 2 epochs) where vmap batchi
 80-model seed-002 protocol time is extrapolated from the measured per-epoch cost (stated as such).
 
     python benchmarks/factory.py --part fast|resnet [--epochs 2]
+    python benchmarks/factory.py --part procs [--models 6 --settings local:2,process:3:2,...]
+
+Part ``procs``: the same models trained by the local executor and by several process workers that
+share one device (docs/factory.md: three workers trained ResNet-18 victims 2.18x faster on an H100).
 
 Writes benchmarks/results/factory_<part>.{json,md}.
 """
@@ -15,14 +19,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cifar10_jpeg, environment, timed_factory, train_step_flops, write_results  # noqa: E402
+from _common import (  # noqa: E402
+    PACK_CANDIDATES,
+    cifar10_jpeg,
+    environment,
+    timed_factory,
+    train_step_flops,
+    write_results,
+)
 from _plain_loop import plain_train  # noqa: E402
 
+from mlaudit.data import DatasetSpec  # noqa: E402
+from mlaudit.factory import FactoryJob, TrialSpec, train_many  # noqa: E402
 from mlaudit.models import ModelSpec  # noqa: E402
 from mlaudit.train.recipe import resolve_recipe  # noqa: E402
 
@@ -92,11 +106,67 @@ def part_resnet(data, epochs: int) -> tuple[dict, str]:  # noqa: ANN001
             "runs": runs, "protocol_80x40": proto}, md
 
 
+def part_procs(args: argparse.Namespace) -> tuple[dict, str]:
+    """Several process workers sharing one device vs the local executor: the same ``--models`` trials
+    (ids and seeds), each setting a fresh job whose workers reload the data from its spec. Wall time
+    includes spawning the workers and their data loading, as a user would pay it."""
+    spec = DatasetSpec(name="cifar10", root=_pack()) if args.dataset == "cifar10" else DatasetSpec(name=args.dataset)
+    rec = resolve_recipe({"name": args.recipe, "epochs": args.epochs})
+    trials = tuple(TrialSpec(f"m{i}", seed=i) for i in range(args.models))
+    runs = {}
+    for setting in args.settings.split(","):  # "local" or "process:<workers>", each with ":<max_chunk>" optional
+        name, *rest = setting.split(":")
+        workers = int(rest[0]) if name == "process" and rest else None
+        chunk = int(rest[-1]) if (name == "local" and rest) or len(rest) == 2 else 1
+        job = FactoryJob(model=ModelSpec(name=args.model), recipe=rec, data=None, data_spec=spec, trials=trials,
+                         device=args.device, max_chunk=chunk, batched=chunk > 1)
+        t0 = time.perf_counter()
+        out = train_many(job, executor=name, **({"workers": workers} if workers else {}))
+        wall = time.perf_counter() - t0
+        acc = [m.metrics["test_accuracy"] for m in out]
+        runs[setting] = {"executor": name, "workers": workers, "max_chunk": chunk, "models": args.models,
+                         "wall_s": round(wall, 2), "s_per_model_epoch": round(wall / args.models / args.epochs, 3),
+                         "models_per_minute": round(60 * args.models / wall, 3),
+                         "test_accuracy_mean": round(sum(acc) / len(acc), 5)}
+        print(setting, runs[setting], flush=True)
+    base = runs[args.settings.split(",")[0]]["wall_s"]
+    md = (f"{args.models} x {args.model}, `{args.recipe}` recipe for {args.epochs} epochs, {args.dataset}, device "
+          f"{args.device}; speed-up against the first row.\n\n"
+          "| setting | executor | workers | max_chunk | wall s | s/model-epoch | models/min | mean test acc | speed-up |\n"
+          "|---|---|---|---|---|---|---|---|---|\n"
+          + "".join(f"| {k} | {r['executor']} | {r['workers'] or ''} | {r['max_chunk']} | {r['wall_s']} | "
+                    f"{r['s_per_model_epoch']} | {r['models_per_minute']} | {r['test_accuracy_mean']:.4f} | "
+                    f"{base / r['wall_s']:.2f}x |\n" for k, r in runs.items()))
+    return {"recipe": rec.model_dump(mode="json"), "dataset": args.dataset, "runs": runs}, md
+
+
+def _pack() -> str:
+    for c in PACK_CANDIDATES:
+        if c and Path(c).is_file():
+            return str(c)
+    raise SystemExit("CIFAR-10 (JPEG) pack not found; set MLAUDIT_CIFAR10_NPZ or copy it to .data/cifar10-jpeg.npz")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("fast", "resnet"), required=True)
+    ap.add_argument("--part", choices=("fast", "resnet", "procs"), required=True)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--models", type=int, default=6, help="procs: models per setting")
+    ap.add_argument("--model", default="resnet18", help="procs: architecture")
+    ap.add_argument("--recipe", default="witches-brew", help="procs: training recipe")
+    ap.add_argument("--dataset", default="cifar10", help="procs: cifar10 (the JPEG pack) or a built-in source")
+    ap.add_argument("--device", default="cuda", help="procs: device of every worker")
+    ap.add_argument("--settings", default="local:2,process:2:1,process:3:2,process:3:1,process:6:1",
+                    help="procs: comma-separated local[:max_chunk] or process:<workers>[:max_chunk]")
+    ap.add_argument("--name", default="", help="results file suffix")
     args = ap.parse_args()
+    if args.part == "procs":
+        payload, md = part_procs(args)
+        env = environment()
+        head = (f"# Factory benchmark (process workers sharing one device)\n\n{env['date']}, "
+                f"{env['gpu'] if args.device != 'cpu' else 'cpu'}, torch {env['torch']}. ")
+        write_results(f"factory_procs{'_' + args.name if args.name else ''}", {"environment": env, **payload}, head + md)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True

@@ -169,3 +169,16 @@ def test_resume_reuses_the_saved_poison_and_victims(tmp_path: Path) -> None:
     for key in ("poisoned_accuracy", "relabelled_accuracy", "drop"):
         assert again["metrics"][key] == first["metrics"][key]
     assert again["metrics"]["crafting_models"]["count"] == 1
+
+
+def test_more_victims_grow_the_run_in_place(tmp_path: Path) -> None:
+    """victims 2 -> 3 with grow: the saved poison is reused (no crafting), only the third victim of each
+    view trains, and the grown accuracies equal a fresh 3-victim run's."""
+    first = go(cfg(), tmp_path)
+    grown = run_experiment(cfg(victims=3), out=tmp_path / "run", device="cpu", store=tmp_path / "runs.db",
+                           quiet=True, resume=True, grow=True).results
+    assert grown["grown_from"] == {"victims": 2} and grown["cost"]["models_trained"] == 2
+    assert grown["metrics"]["attack"]["craft_wall_s"] == first["metrics"]["attack"]["craft_wall_s"]
+    fresh = go(cfg(victims=3), tmp_path, "fresh")
+    for key in ("clean_accuracy", "poisoned_accuracy", "drop"):
+        assert grown["metrics"][key] == fresh["metrics"][key], key

@@ -161,6 +161,21 @@ def test_correct_mlaudit_dpsgd_contract_below_claim(tmp_path: Path) -> None:
     assert again["cost"]["models_trained"] == 0
     assert again["metrics"]["epsilon_lower_bound"] == m["epsilon_lower_bound"]
     assert again["metrics"]["canary_loss_in"] == m["canary_loss_in"]
+    # growing the audit to 30 models per side trains only the 20 new ones; the kept scores are reused,
+    # and the grown audit equals a fresh one of 30 per side (model i's seed does not depend on the count)
+    res = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "o"), "--device", "cpu", "--quiet", "--grow",
+                                   "--store", str(tmp_path / "s.db"), "--set", "models_per_side=30"])
+    assert res.exit_code == 0, res.output
+    grown = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert (grown["cost"]["models_trained"], grown["cost"]["models_resumed"]) == (20, 40)
+    assert grown["metrics"]["models"] == 60 and grown["grown_from"] == {"models_per_side": 20}
+    res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "f"), "--device", "cpu", "--quiet",
+                                   "--store", str(tmp_path / "s.db"), "--set", "models_per_side=30",
+                                   "--set", "recipe.epochs=3"])
+    assert res.exit_code == 0, res.output
+    fresh = json.loads((tmp_path / "f" / "results.json").read_text())
+    for key in ("epsilon_lower_bound", "canary_loss_in", "canary_loss_out", "fp", "fn", "threshold"):
+        assert grown["metrics"][key] == fresh["metrics"][key], key
 
 
 def test_contract_validates() -> None:

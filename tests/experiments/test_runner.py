@@ -232,3 +232,25 @@ def test_resume_after_sigkill_gives_the_same_results(tmp_path: Path) -> None:
     assert resumed.results["metrics"] == fresh.results["metrics"]
     assert sorted(p.name for p in (out / "artifacts" / "models").iterdir()) == [f"model-{i:04d}.pt" for i in range(n)]
     assert RunStore(db).get_experiment(resumed.experiment_id).status == "done"
+
+
+def test_a_train_run_grows_by_trials(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    first = run_experiment(tiny(), out=tmp_path / "out", device="cpu", store=db, quiet=True)
+    grown = run_experiment(tiny(trials=4), out=tmp_path / "out", device="cpu", store=db, quiet=True, resume=True,
+                           grow=True)
+    c = grown.results["cost"]
+    assert (c["models_trained"], c["models_resumed"]) == (2, 2) and grown.experiment_id == first.experiment_id
+    fresh = run_experiment(tiny(trials=4), out=tmp_path / "fresh", device="cpu", store=db, quiet=True)
+    assert grown.results["metrics"] == fresh.results["metrics"]
+    assert RunStore(db).get_experiment(grown.experiment_id).config["trials"] == 4
+
+
+def test_kinds_without_growable_counts_refuse_a_grow() -> None:
+    from mlaudit.experiments.runner import config_growth
+
+    with pytest.raises(ConfigError, match="trials differ.*only raise these counts: none for this kind"):
+        config_growth({"trials": 2}, {"trials": 4}, ())
+    assert config_growth({"trials": 2, "seed": 0}, {"trials": 4, "seed": 0}, ("trials",)) == {"trials": (2, 4)}
+    with pytest.raises(ConfigError, match="must be a count"):
+        config_growth({"trials": True}, {"trials": 4}, ("trials",))

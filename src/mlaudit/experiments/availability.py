@@ -174,7 +174,9 @@ def crafting_augment(config: AvailabilityConfig, data: DataBundle) -> AugmentSpe
     return resolve_augment(recipe, data.name, data.input_shape)
 
 
-@register_experiment("availability-poison", config=AvailabilityConfig, check=check_availability)
+# the poison is saved and reloaded, and victim i has seed victim_seed(i) whatever victims is
+@register_experiment("availability-poison", config=AvailabilityConfig, check=check_availability,
+                     growable=("victims",))
 def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentOutput:
     """Availability poisoning (adversarial UT/CT, error-minimizing, random noise); victims retrained."""
     data = ctx.load_dataset(config.dataset)

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator, model_validator
 from ..attacks.membership.query import logits_from_checkpoints
 from ..data.base import DataBundle
 from ..data.view import DataView
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
 from ..models.registry import build_model
 from ..privacy.dpsgd import BROKEN, audit_meta, check_dp_model
@@ -198,22 +198,31 @@ def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, can
     job = cfg.factory_job(data, trials, device=ctx.device, views=views)
     records = ctx.train(job, save_weights=True, label="training the audited models")
     key = f"{config.canary}:{config.resolved_score}"
-    if all(r.get("outputs", {}).get("score_of") == key for r in records):  # resumed: scores kept, weights gone
-        scores = np.array([r["outputs"]["score"] for r in records], dtype=float)
-        return scores[:m], scores[m:], records
-    paths = [ctx.out_dir / r["checkpoint"] for r in records]
-    sha = [r.get("sha256") for r in records]
-    if config.resolved_score == "gradient":
-        scores = update_scores(_model_fn(config, data), [r["seed"] for r in records],
-                               lambda i: load_checkpoint(paths[i], sha256=sha[i]), canary, device=ctx.device)
-    else:
-        # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
-        logits = logits_from_checkpoints(_model_fn(config, data), paths, canary.x, device=ctx.device, sha256=sha)
-        scores = F.cross_entropy(logits[:, 0, 0], torch.full((len(records),), canary.y), reduction="none").numpy()
-    scores = np.asarray(scores, dtype=float)
-    if not config.save_models:  # keep each model's score in the store so a resumed run never retrains
-        ctx.release_weights(records, outputs={r["trial_id"]: {"score_of": key, "score": float(v)}
-                                              for r, v in zip(records, scores)})
+    # a resumed or grown run keeps each finished model's score in the store (its weights are gone)
+    kept: list[float | None] = [r["outputs"]["score"] if r.get("outputs", {}).get("score_of") == key else None
+                                for r in records]
+    todo = [i for i, v in enumerate(kept) if v is None]
+    if todo:
+        recs = [records[i] for i in todo]
+        gone = [r["trial_id"] for r in recs if "checkpoint" not in r]
+        if gone:
+            raise DataError(f"models {', '.join(gone[:5])} have neither weights nor a kept {key} score; "
+                            "start a new --out")
+        paths = [ctx.out_dir / r["checkpoint"] for r in recs]
+        sha = [r.get("sha256") for r in recs]
+        if config.resolved_score == "gradient":
+            new = update_scores(_model_fn(config, data), [r["seed"] for r in recs],
+                                lambda i: load_checkpoint(paths[i], sha256=sha[i]), canary, device=ctx.device)
+        else:
+            # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
+            logits = logits_from_checkpoints(_model_fn(config, data), paths, canary.x, device=ctx.device, sha256=sha)
+            new = F.cross_entropy(logits[:, 0, 0], torch.full((len(recs),), canary.y), reduction="none").numpy()
+        for i, v in zip(todo, np.asarray(new, dtype=float), strict=True):
+            kept[i] = float(v)
+        if not config.save_models:  # keep each model's score in the store so a resumed run never retrains
+            ctx.release_weights(recs, outputs={records[i]["trial_id"]: {"score_of": key, "score": kept[i]}
+                                               for i in todo})
+    scores = np.asarray(kept, dtype=float)
     return scores[:m], scores[m:], records
 
 
@@ -256,7 +265,8 @@ def _summary(v: np.ndarray) -> dict[str, float]:
     return {**MeanSE.of(v).to_dict(), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
 
 
-@register_experiment("dp-audit", config=DPAuditConfig, check=check_dp_audit)
+# model i of each side has seed trial_seed(i, stream) whatever models_per_side is, so an audit can grow
+@register_experiment("dp-audit", config=DPAuditConfig, check=check_dp_audit, growable=("models_per_side",))
 def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     """Audit a DP training pipeline: an empirical epsilon lower bound beside the claimed epsilon."""
     data = ctx.load_dataset(config.dataset)

@@ -22,7 +22,7 @@ class TrainConfig(ExperimentConfig):
     save_models: bool = True
 
 
-@register_experiment("train", config=TrainConfig)
+@register_experiment("train", config=TrainConfig, growable=("trials",))
 def run_train(config: TrainConfig, ctx: RunContext) -> ExperimentOutput:
     """Train N models with a recipe; report test accuracy mean ± standard error."""
     data = ctx.load_dataset(config.dataset)

@@ -62,7 +62,8 @@ def run(
     workers: Annotated[int | None, typer.Option(help="Worker processes for --executor process.", min=1)] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume the run in this folder.")] = None,
     grow: Annotated[bool, typer.Option("--grow", help="With --resume: let --set raise the kind's growable counts "
-                                       "(targeted-poison: scenarios, victims); finished trials are kept.")] = False,
+                                       "(targeted-poison: scenarios, victims; availability-poison: victims; dp-audit: "
+                                       "models_per_side; train: trials); finished trials are kept.")] = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
 ) -> None:

@@ -27,12 +27,17 @@ PACK_CANDIDATES = [os.environ.get("MLAUDIT_CIFAR10_NPZ", ""), str(HERE.parent / 
                    str(HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.npz")]
 
 
-def cifar10_jpeg() -> DataBundle:
-    """CIFAR-10 (JPEG) from the shared pack; exits with a clear message when it is absent."""
+def cifar10_pack() -> str:
+    """Path of the CIFAR-10 (JPEG) pack; exits with a clear message when it is absent."""
     for c in PACK_CANDIDATES:
         if c and Path(c).is_file():
-            return load_dataset({"name": "cifar10", "root": c})
+            return str(c)
     raise SystemExit("CIFAR-10 (JPEG) pack not found; set MLAUDIT_CIFAR10_NPZ or copy it to .data/cifar10-jpeg.npz")
+
+
+def cifar10_jpeg() -> DataBundle:
+    """CIFAR-10 (JPEG) from the shared pack; exits with a clear message when it is absent."""
+    return load_dataset({"name": "cifar10", "root": cifar10_pack()})
 
 
 @contextlib.contextmanager

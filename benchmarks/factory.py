@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    PACK_CANDIDATES,
     cifar10_jpeg,
+    cifar10_pack,
     environment,
     timed_factory,
     train_step_flops,
@@ -110,7 +110,7 @@ def part_procs(args: argparse.Namespace) -> tuple[dict, str]:
     """Several process workers sharing one device vs the local executor: the same ``--models`` trials
     (ids and seeds), each setting a fresh job whose workers reload the data from its spec. Wall time
     includes spawning the workers and their data loading, as a user would pay it."""
-    spec = DatasetSpec(name="cifar10", root=_pack()) if args.dataset == "cifar10" else DatasetSpec(name=args.dataset)
+    spec = DatasetSpec(name="cifar10", root=cifar10_pack()) if args.dataset == "cifar10" else DatasetSpec(name=args.dataset)
     rec = resolve_recipe({"name": args.recipe, "epochs": args.epochs})
     trials = tuple(TrialSpec(f"m{i}", seed=i) for i in range(args.models))
     runs = {}
@@ -138,13 +138,6 @@ def part_procs(args: argparse.Namespace) -> tuple[dict, str]:
                     f"{r['s_per_model_epoch']} | {r['models_per_minute']} | {r['test_accuracy_mean']:.4f} | "
                     f"{base / r['wall_s']:.2f}x |\n" for k, r in runs.items()))
     return {"recipe": rec.model_dump(mode="json"), "dataset": args.dataset, "runs": runs}, md
-
-
-def _pack() -> str:
-    for c in PACK_CANDIDATES:
-        if c and Path(c).is_file():
-            return str(c)
-    raise SystemExit("CIFAR-10 (JPEG) pack not found; set MLAUDIT_CIFAR10_NPZ or copy it to .data/cifar10-jpeg.npz")
 
 
 def main() -> None:

@@ -114,6 +114,12 @@ def test_paper_sizes() -> None:
     assert n_params(resnet) == 11_173_962  # the usual CIFAR-10 ResNet-18 count
     convnet = build_model("convnet6", input_shape=(3, 32, 32), num_classes=10)
     assert convnet.fc.in_features == 256 * 3 * 3  # Witches' Brew: 32 -> 10 -> 3 after two 3x3 pools
+    # The paper's ConvNet (seed 002 section 1.7.3) is norm="none": 5 biased 3x3 convs
+    # 3-64-128-128-256-256 and a 2304 -> 10 linear layer, nothing else with parameters.
+    paper = build_model({"name": "convnet6", "norm": "none"}, input_shape=(3, 32, 32), num_classes=10)
+    assert not has_batchnorm(paper)
+    convs = [(3, 64), (64, 128), (128, 128), (128, 256), (256, 256)]
+    assert n_params(paper) == sum(i * o * 9 + o for i, o in convs) + 2304 * 10 + 10 == 1_131_530
 
 
 def _stacked(

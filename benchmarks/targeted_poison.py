@@ -189,10 +189,11 @@ def merge(args: argparse.Namespace) -> None:
         # factory settings say how the victims were trained (chunking, layout), not what was studied
         return {k: v for k, v in cfg.items() if k not in ("scenarios", "first_scenario", "name", "factory")}
 
+    ref = study(runs[0]["config"])
     for p, r in zip(args.inputs[1:], runs[1:], strict=True):
-        if study(r["config"]) != study(runs[0]["config"]):
-            diff = sorted(k for k in set(study(r["config"])) | set(study(runs[0]["config"]))
-                          if study(r["config"]).get(k) != study(runs[0]["config"]).get(k))
+        this = study(r["config"])
+        if this != ref:
+            diff = sorted(k for k in set(this) | set(ref) if this.get(k) != ref.get(k))
             raise SystemExit(f"{p}: not the same study as {args.inputs[0]} (differs in {', '.join(diff)})")
     scen = sorted((s for r in runs for s in r["metrics"]["scenarios"]), key=lambda s: s["index"])
     idx = [s["index"] for s in scen]
@@ -233,9 +234,10 @@ def main() -> None:
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--layouts", default="tuned",
-                    help="speed part: comma-separated; 'tuned' = channels-last + timed cuDNN algorithms (the "
-                         "default since 2026-11-23), 'plain' = contiguous NCHW, default cuDNN heuristics")
+    ap.add_argument("--layouts", default="plain",
+                    help="speed part: comma-separated; 'plain' = contiguous NCHW, default cuDNN heuristics (BrewOptions' "
+                         "default), 'tuned' = channels-last + timed cuDNN algorithms (slower on an H100, "
+                         "targeted_poison_speed_layouts.md)")
     ap.add_argument("--parallel-restarts", type=int, default=1, help="restarts optimised together (batched)")
     ap.add_argument("--config", default="benchmarks/configs/cifar10_fastcnn_brew.yaml")
     ap.add_argument("--name", default="")

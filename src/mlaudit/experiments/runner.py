@@ -227,8 +227,9 @@ def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool,
     if not cfg_file.is_file():
         raise ConfigError(f"output folder {str(out_dir)!r} is not empty and holds no mlaudit run (no config.yaml); "
                           "choose another --out or empty it")
-    if not _same_config(cfg_file, resolved):
-        old = _resolved(cfg_file)
+    raw = _read_config(cfg_file)
+    if not _same_config(raw, resolved):
+        old = _resolved(raw)
         if growable is not None and old is not None:
             return config_growth(old, resolved, growable)  # raises for anything but a grow
         hint = (" (--set changes the config of the run being resumed; drop it, or add --grow to raise a count "
@@ -264,29 +265,37 @@ def config_growth(old: dict[str, Any], new: dict[str, Any], growable: tuple[str,
     return out
 
 
-def _resolved(cfg_file: Path) -> dict[str, Any] | None:
-    """The resolved config of the run in ``cfg_file`` (None when it does not parse)."""
-    try:
-        old = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-        return config_to_dict(parse_config(old)) if isinstance(old, dict) else None
-    except (yaml.YAMLError, UnicodeDecodeError, OSError, MlauditError):
-        return None
-
-
-def _same_config(cfg_file: Path, resolved: dict[str, Any]) -> bool:
+def _read_config(cfg_file: Path) -> dict[str, Any] | None:
+    """The raw config mapping in ``cfg_file`` (None when it cannot be read or is not a mapping)."""
     try:
         old = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
-        return False
-    if not isinstance(old, dict):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _resolved(old: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The resolved form of a raw config read by :func:`_read_config` (None when it does not parse)."""
+    if old is None:
+        return None
+    try:
+        return config_to_dict(parse_config(old))
+    except MlauditError:
+        return None
+
+
+def _same_config(old: dict[str, Any] | None, resolved: dict[str, Any]) -> bool:
+    """Whether the raw config ``old`` is the run ``resolved`` (as written, or once resolved)."""
+    if old is None:
         return False
     want = config_hash(resolved)
     try:
         if config_hash(old) == want:
             return True
-        return config_hash(config_to_dict(parse_config(old))) == want
-    except MlauditError:
+    except MlauditError:  # not JSON-serialisable as written: not a config mlaudit wrote
         return False
+    again = _resolved(old)
+    return again is not None and config_hash(again) == want
 
 
 def _usable(finished: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, dict[str, Any]]:

@@ -20,13 +20,8 @@ from mlaudit.cli import app
 from mlaudit.data import load_dataset
 from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.experiments import parse_config, run_experiment
-from mlaudit.experiments.dp_audit_canary import (
-    MIN_USEFUL_EPS,
-    best_possible_bound,
-    distinguish,
-    mislabeled_canary,
-    models_needed,
-)
+from mlaudit.audit.canaries import mislabeled_canary
+from mlaudit.audit.game import MIN_USEFUL_EPS, best_possible_bound, distinguish, models_needed
 from mlaudit.stats import eps_lower_bound
 
 CONTRACT = """\

@@ -16,14 +16,8 @@ import mlaudit.experiments.dp_audit  # noqa: F401  (registers the kind)
 from mlaudit.data import load_dataset
 from mlaudit.errors import ConfigError
 from mlaudit.experiments import parse_config, run_experiment
-from mlaudit.experiments.dp_audit_canary import (
-    CANARIES,
-    crafted_canary,
-    gradient_canary,
-    second_moment_quotient,
-    update_scores,
-    with_canary,
-)
+from mlaudit.audit.canaries import CANARIES, crafted_canary, gradient_canary, second_moment_quotient, with_canary
+from mlaudit.audit.scores import update_scores
 from mlaudit.models.registry import build_model
 from mlaudit.stats import eps_lower_bound
 

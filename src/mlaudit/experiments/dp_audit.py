@@ -6,7 +6,7 @@ The game: D = the training split, D' = D + {canary}. ``models_per_side`` models 
 (side "in") and as many on D (side "out"), each with its own seed. Every model is scored on the
 canary (``score: loss``, black box: its cross-entropy loss on the canary's input and label;
 ``score: gradient``, white box: its parameter update along the canary's gradient direction, see
-:mod:`.dp_audit_canary`); a low score says "in". Each side is split at random into two halves; the
+:mod:`mlaudit.audit.scores`); a low score says "in". Each side is split at random into two halves; the
 threshold is chosen on the first halves and the false positives (out-models called in) and false
 negatives on the second halves give, through Clopper-Pearson upper bounds on FPR and FNR at level
 ``1 - confidence``,
@@ -22,7 +22,7 @@ gradient canary (Nasr et al. 2023's Dirac canary) also lets the auditor add an a
 gradient to the steps in which the canary is sampled.
 
 Canaries: ``mislabeled``, ``crafted`` (input space, ClipBKD-style) and ``gradient`` (Dirac, white
-box); see :mod:`.dp_audit_canary`. ``broken`` selects a deliberately broken DP-SGD
+box); see :mod:`mlaudit.audit.canaries`. ``broken`` selects a deliberately broken DP-SGD
 (:data:`mlaudit.privacy.dpsgd.BROKEN`), a fixture that shows the audit catches a real bug.
 
 Trainers: ``mlaudit`` (the factory, with the recipe's DP-SGD; ``dp.sample_rate`` is fixed to
@@ -44,6 +44,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from ..attacks.membership.query import logits_from_checkpoints
+from ..audit.canaries import CANARIES, TRAINER_PATTERN, Canary, load_trainer, with_canary
+from ..audit.game import MIN_USEFUL_EPS, Distinguisher, best_possible_bound, distinguish, models_needed
+from ..audit.scores import canary_loss, update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
@@ -55,20 +58,6 @@ from ..train.checkpoint import load_checkpoint
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
 from .context import RunContext
-from .dp_audit_canary import (
-    CANARIES,
-    MIN_USEFUL_EPS,
-    TRAINER_PATTERN,
-    Canary,
-    Distinguisher,
-    best_possible_bound,
-    canary_loss,
-    distinguish,
-    load_trainer,
-    models_needed,
-    update_scores,
-    with_canary,
-)
 
 
 class DPAuditConfig(ExperimentConfig):

@@ -1,5 +1,5 @@
-"""Pieces of the ``dp-audit`` kind: canaries, user trainers, canary scores and the distinguishing
-test (threshold on one half of the models, false positives / negatives on the other half).
+"""DP-auditing canaries: what D' = D + {canary} adds, for the distinguishing game of
+:mod:`mlaudit.audit.game`, scored by :mod:`mlaudit.audit.scores`.
 
 Canaries are registered in :data:`CANARIES` as ``make(train, *, seed, model_fn=None, device="cpu")
 -> Canary`` (``model_fn`` builds a freshly initialised model of the audited architecture; only the
@@ -26,21 +26,11 @@ white-box canary needs it):
                 (:class:`mlaudit.privacy.dpsgd.GradientCanary`). j is the parameter coordinate with
                 the least gradient energy sum_i g_ij^2 over (up to) 2048 seeded training examples at
                 a seeded initialisation (ties broken with the seed), so that the data hardly moves it.
-
-Scores (low = "trained with the canary"):
-
-``loss``      black box: the final model's cross-entropy on (canary x, canary label) (input canaries).
-``gradient``  white box: the parameter update projected on the canary's direction,
-              <theta_T - theta_0, u>, where theta_0 is the model's initialisation (known to the
-              auditor: it is part of mlaudit's seeded training) and u = e_j for the Dirac canary,
-              or u = g / ||g|| with g the gradient of the canary's loss at theta_0 for an input
-              canary. For the Dirac canary this is the sum of the per-step updates along j.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,12 +46,9 @@ from ..data.base import TensorDataset
 from ..errors import ConfigError
 from ..privacy.dpsgd import GradientCanary, per_example_grads
 from ..registry import Registry
-from ..stats import eps_lower_bound
 from ..train.stacked import StackedModels
 
 TRAINER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-MIN_USEFUL_EPS = 0.01
-"""A best-case lower bound below this is "no bound": the audit is refused as too small."""
 
 ModelFn = Callable[[], nn.Module]
 
@@ -219,101 +206,3 @@ def load_trainer(spec: str) -> Callable[[TensorDataset, int], nn.Module]:
         raise ConfigError(f"trainer {spec!r}: module {mod_name!r} has no function {fn_name!r}; it must define "
                           "train(dataset, seed) -> torch.nn.Module")
     return fn
-
-
-@torch.no_grad()
-def canary_loss(model: nn.Module, canary: Canary, *, device: str = "cpu") -> float:
-    """Black-box score: the model's cross-entropy loss on (canary x, canary label), in eval mode."""
-    model = model.to(device).eval()
-    logits = model(canary.x.to(device))
-    return float(nn.functional.cross_entropy(logits.float(), torch.tensor([canary.y], device=device)))
-
-
-def update_scores(model_fn: ModelFn, seeds: Sequence[int], load: Callable[[int], dict[str, Tensor]],
-                  canary: Canary, *, device: str | torch.device = "cpu") -> np.ndarray:
-    """White-box score of each model i: <theta_T - theta_0, u_i> (see the module docstring), with
-    theta_0 the initialisation of ``seeds[i]`` (as mlaudit's training draws it) and theta_T =
-    ``load(i)`` (a state_dict); u_i = e_j for the gradient canary, else the unit gradient of the
-    canary's cross-entropy at theta_0. Returns float64 [M]."""
-    from ..train.loop import init_models  # lazy: the training loop imports the privacy package
-
-    dev = torch.device(device)
-    out = np.empty(len(seeds))
-    for i, seed in enumerate(seeds):
-        m0 = init_models(model_fn, [int(seed)])[0].to(dev).eval()
-        final = load(i)
-        params = dict(m0.named_parameters())
-        if canary.gradient is not None:
-            name, j = canary.gradient.parameter, canary.gradient.coordinate
-            out[i] = float(final[name].flatten()[j].double() - params[name].detach().cpu().flatten()[j].double())
-            continue
-        loss = nn.functional.cross_entropy(m0(canary.x.to(dev)).float(), torch.tensor([canary.y], device=dev))
-        grads = torch.autograd.grad(loss, list(params.values()))
-        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).clamp_min(1e-30)  # type: ignore[arg-type]
-        dot = sum(((final[n].to(dev).double() - p.detach().double()) * g.double()).sum()
-                  for (n, p), g in zip(params.items(), grads))
-        out[i] = float(dot / norm)  # type: ignore[operator]
-    return out
-
-
-def best_possible_bound(models_per_side: int, *, delta: float, confidence: float) -> float:
-    """eps_LB of a perfect attack (no errors) on the test half of ``models_per_side`` models per side."""
-    n = models_per_side - models_per_side // 2
-    return eps_lower_bound(0, 0, n, n, delta=delta, alpha=1.0 - confidence)
-
-
-def models_needed(*, delta: float, confidence: float, at_least: float = MIN_USEFUL_EPS) -> int:
-    """Fewest models per side for which a perfect attack gives eps_LB >= ``at_least``."""
-    for m in range(2, 1_000_000):
-        if best_possible_bound(m, delta=delta, confidence=confidence) >= at_least:
-            return m
-    return 1_000_000
-
-
-@dataclass(frozen=True)
-class Distinguisher:
-    """Outcome of the distinguishing test. "in" = predicted trained on D'; a model is predicted "in"
-    when its canary score (loss, or white-box update) is <= ``threshold``. Counts are on the
-    held-out halves."""
-
-    threshold: float
-    fp: int
-    fn: int
-    n_neg: int
-    n_pos: int
-    epsilon_lower_bound: float
-    selection_bound: float
-
-    @property
-    def accuracy(self) -> float:
-        return 1.0 - (self.fp + self.fn) / (self.n_neg + self.n_pos)
-
-
-def _best_threshold(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, alpha: float) -> tuple[float, float]:
-    """Threshold on the canary score maximising (eps_LB, accuracy) on the selection half."""
-    vals = np.unique(np.concatenate([loss_in, loss_out]))
-    cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
-    best = (-1.0, -1.0, math.inf)
-    for t in cands:
-        fp, fn = int((loss_out <= t).sum()), int((loss_in > t).sum())
-        b = eps_lower_bound(fp, fn, loss_out.size, loss_in.size, delta=delta, alpha=alpha)
-        acc = 1.0 - (fp + fn) / (loss_in.size + loss_out.size)
-        if (b, acc) > best[:2]:
-            best = (b, acc, float(t))
-    return best[2], best[0]
-
-
-def distinguish(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, confidence: float,
-                seed: int) -> Distinguisher:
-    """Split each side's canary scores [M] at random (``seed``) into a selection half (floor(M/2)
-    models) and a test half; pick the threshold on the selection half and count errors on the
-    test half; eps_LB by :func:`mlaudit.stats.eps_lower_bound` at level alpha = 1 - confidence."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x534C4354]))
-    a_in, a_out = rng.permutation(np.asarray(loss_in, float)), rng.permutation(np.asarray(loss_out, float))
-    h_in, h_out = a_in.size // 2, a_out.size // 2
-    alpha = 1.0 - confidence
-    t, sel = _best_threshold(a_in[:h_in], a_out[:h_out], delta=delta, alpha=alpha)
-    test_in, test_out = a_in[h_in:], a_out[h_out:]
-    fp, fn = int((test_out <= t).sum()), int((test_in > t).sum())
-    lb = eps_lower_bound(fp, fn, test_out.size, test_in.size, delta=delta, alpha=alpha)
-    return Distinguisher(t, fp, fn, test_out.size, test_in.size, lb, sel)

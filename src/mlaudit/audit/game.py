@@ -1,0 +1,80 @@
+"""The distinguishing game of a DP audit: M models trained on D' (side "in") and M on D (side
+"out") are scored on the canary; each side is split at random into a selection half and a test half;
+the threshold on the score is chosen on the selection halves, and the false positives / negatives on
+the test halves give eps_LB by :func:`mlaudit.stats.eps_lower_bound` (Clopper-Pearson at level
+alpha = 1 - confidence)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..stats import eps_lower_bound
+
+MIN_USEFUL_EPS = 0.01
+"""A best-case lower bound below this is "no bound": the audit is refused as too small."""
+
+
+def best_possible_bound(models_per_side: int, *, delta: float, confidence: float) -> float:
+    """eps_LB of a perfect attack (no errors) on the test half of ``models_per_side`` models per side."""
+    n = models_per_side - models_per_side // 2
+    return eps_lower_bound(0, 0, n, n, delta=delta, alpha=1.0 - confidence)
+
+
+def models_needed(*, delta: float, confidence: float, at_least: float = MIN_USEFUL_EPS) -> int:
+    """Fewest models per side for which a perfect attack gives eps_LB >= ``at_least``."""
+    for m in range(2, 1_000_000):
+        if best_possible_bound(m, delta=delta, confidence=confidence) >= at_least:
+            return m
+    return 1_000_000
+
+
+@dataclass(frozen=True)
+class Distinguisher:
+    """Outcome of the distinguishing test. "in" = predicted trained on D'; a model is predicted "in"
+    when its canary score (loss, or white-box update) is <= ``threshold``. Counts are on the
+    held-out halves."""
+
+    threshold: float
+    fp: int
+    fn: int
+    n_neg: int
+    n_pos: int
+    epsilon_lower_bound: float
+    selection_bound: float
+
+    @property
+    def accuracy(self) -> float:
+        return 1.0 - (self.fp + self.fn) / (self.n_neg + self.n_pos)
+
+
+def _best_threshold(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, alpha: float) -> tuple[float, float]:
+    """Threshold on the canary score maximising (eps_LB, accuracy) on the selection half."""
+    vals = np.unique(np.concatenate([loss_in, loss_out]))
+    cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
+    best = (-1.0, -1.0, math.inf)
+    for t in cands:
+        fp, fn = int((loss_out <= t).sum()), int((loss_in > t).sum())
+        b = eps_lower_bound(fp, fn, loss_out.size, loss_in.size, delta=delta, alpha=alpha)
+        acc = 1.0 - (fp + fn) / (loss_in.size + loss_out.size)
+        if (b, acc) > best[:2]:
+            best = (b, acc, float(t))
+    return best[2], best[0]
+
+
+def distinguish(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, confidence: float,
+                seed: int) -> Distinguisher:
+    """Split each side's canary scores [M] at random (``seed``) into a selection half (floor(M/2)
+    models) and a test half; pick the threshold on the selection half and count errors on the
+    test half; eps_LB by :func:`mlaudit.stats.eps_lower_bound` at level alpha = 1 - confidence."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x534C4354]))
+    a_in, a_out = rng.permutation(np.asarray(loss_in, float)), rng.permutation(np.asarray(loss_out, float))
+    h_in, h_out = a_in.size // 2, a_out.size // 2
+    alpha = 1.0 - confidence
+    t, sel = _best_threshold(a_in[:h_in], a_out[:h_out], delta=delta, alpha=alpha)
+    test_in, test_out = a_in[h_in:], a_out[h_out:]
+    fp, fn = int((test_out <= t).sum()), int((test_in > t).sum())
+    lb = eps_lower_bound(fp, fn, test_out.size, test_in.size, delta=delta, alpha=alpha)
+    return Distinguisher(t, fp, fn, test_out.size, test_in.size, lb, sel)

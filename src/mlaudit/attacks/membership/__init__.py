@@ -7,6 +7,8 @@
 
 Registered attacks (:data:`ATTACKS`): ``loss`` and ``loss-bounded`` (Yeom et al. 2018, A2 / A1),
 ``shokri`` (Shokri et al. 2017), ``lira-online`` and ``lira-offline`` (Carlini et al. 2022).
+Around them: the pool's inclusion design (:mod:`.design`) and Truth Serum's poisoning
+(:mod:`.truth_serum`, Tramer et al. 2022), which any of the attacks then scores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import Tensor
 
 from . import lira, loss, shokri  # noqa: F401  (register the attacks)
 from .base import ATTACKS, AttackFn, Observations, register_attack
-from .lira import lira_all_targets, lira_requirements, models_needed_random, shadow_coverage
+from .design import inclusion_matrix, models_needed_exact, models_needed_random, shadow_coverage
+from .lira import lira_all_targets, lira_requirements
 from .loss import yeom_decision, yeom_threshold
 from .query import (
     QUERY_PATTERNS,
@@ -29,7 +32,8 @@ from .query import (
     parse_queries,
     parse_query,
 )
-from .signals import clip_nonfinite, cross_entropy, scaled_confidence, softmax_probs
+from .signals import clip_nonfinite, cross_entropy, rank_nonfinite, scaled_confidence, softmax_probs
+from .truth_serum import truth_serum_view
 
 
 def score_all_targets(attack: str | AttackFn, obs: Observations, **options: Any) -> Tensor:
@@ -49,7 +53,8 @@ def score_all_targets(attack: str | AttackFn, obs: Observations, **options: Any)
 
 __all__ = [
     "ATTACKS", "AttackFn", "Observations", "QUERY_PATTERNS", "Query", "clip_nonfinite", "collect_logits",
-    "cross_entropy", "default_queries", "lira_all_targets", "lira_requirements", "logits_from_checkpoints",
-    "models_needed_random", "parse_queries", "parse_query", "register_attack", "scaled_confidence", "score_all_targets",
-    "shadow_coverage", "softmax_probs", "yeom_decision", "yeom_threshold",
+    "cross_entropy", "default_queries", "inclusion_matrix", "lira_all_targets", "lira_requirements",
+    "logits_from_checkpoints", "models_needed_exact", "models_needed_random", "parse_queries", "parse_query",
+    "rank_nonfinite", "register_attack", "scaled_confidence", "score_all_targets", "shadow_coverage", "softmax_probs",
+    "truth_serum_view", "yeom_decision", "yeom_threshold",
 ]

@@ -35,11 +35,11 @@ from functools import partial
 from typing import Literal
 
 import torch
-from scipy.stats import binom
 from torch import Tensor
 
 from ...errors import ConfigError
 from .base import Observations, register_attack
+from .design import models_needed_random
 from .signals import scaled_confidence, warn_clipped
 
 Variance = Literal["per-example", "fixed"]
@@ -107,42 +107,6 @@ def lira_requirements(*, online: bool, variance: Variance = "per-example") -> tu
 def _check_variance(variance: str) -> None:
     if variance not in _VARIANCE:
         raise ConfigError(f"lira option variance={variance!r} is not allowed; use one of {sorted(_VARIANCE)}")
-
-
-def models_needed_random(num_examples: int, keep_rate: float, *, min_in: int, min_out: int) -> int:
-    """Smallest M such that, when each of ``num_examples`` examples is IN each model independently
-    with probability ``keep_rate``, every example is expected (with probability about 0.95) to have
-    ``min_in`` IN and ``min_out`` OUT shadows for every target (i.e. >= min + 1 among all M models)."""
-    p = min(max(float(keep_rate), 1e-6), 1 - 1e-6)
-    for m in range(2, 100_000):
-        fail = binom.cdf(min_in, m, p) if min_in else 0.0
-        fail += binom.cdf(min_out, m, 1 - p) if min_out else 0.0
-        if num_examples * fail <= 0.05:
-            return m
-    return 100_000
-
-
-def shadow_coverage(keep: Tensor, *, min_in: int = 1, min_out: int = 1) -> dict[str, int]:
-    """Leave-one-out shadow counts from ``keep`` bool [M, N] alone (usable before training).
-
-    For every target m and example n, the IN count is the number of *other* models holding n and
-    the OUT count the number of other models without it. Returns ``num_models``, ``num_examples``,
-    ``min_in`` and ``min_out`` (smallest counts over all (m, n)), and ``examples_without_in`` /
-    ``examples_without_out``: examples with fewer than ``min_in`` IN (``min_out`` OUT) shadows for at
-    least one target (use :func:`lira_requirements` for the numbers an attack needs).
-    """
-    if keep.dim() != 2:
-        raise ConfigError(f"keep must be bool [M, N], got shape {list(keep.shape)}")
-    k = keep.bool().long()
-    m = k.shape[0]
-    loo_in = k.sum(0, keepdim=True) - k
-    loo_out = (m - 1) - loo_in
-    return {
-        "num_models": m, "num_examples": int(k.shape[1]),
-        "min_in": int(loo_in.min()) if k.numel() else 0, "min_out": int(loo_out.min()) if k.numel() else 0,
-        "examples_without_in": int((loo_in < min_in).any(0).sum()),
-        "examples_without_out": int((loo_out < min_out).any(0).sum()),
-    }
 
 
 def _check_counts(n_in: Tensor, n_out: Tensor, keep_rate: float, *, online: bool, variance: str,

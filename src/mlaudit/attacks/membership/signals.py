@@ -38,6 +38,21 @@ def clip_nonfinite(t: Tensor, *, bound: float = LOGIT_CLIP) -> tuple[Tensor, int
     return torch.nan_to_num(t, nan=0.0, posinf=bound, neginf=-bound), count
 
 
+def rank_nonfinite(scores: Tensor) -> tuple[Tensor, int]:
+    """Replace non-finite attack scores so that every pair is still ranked, never dropped: NaN ->
+    the lowest finite score, +inf -> the highest, -inf -> the lowest (all -> 0 when none is finite).
+
+    Returns ``(copy, number of non-finite entries)``; ``scores`` itself is not modified.
+    """
+    bad = ~torch.isfinite(scores)
+    count = int(bad.sum())
+    if count == 0:
+        return scores, 0
+    fin = scores[~bad]
+    lo, hi = (float(fin.min()), float(fin.max())) if fin.numel() else (0.0, 0.0)
+    return torch.nan_to_num(scores, nan=lo, posinf=hi, neginf=lo), count
+
+
 def _check(logits: Tensor, labels: Tensor) -> None:
     if logits.dim() < 2 or logits.shape[-1] < 2:
         raise DataError(f"logits must be [..., N, A, C] with C >= 2 classes, got shape {list(logits.shape)}")

@@ -30,7 +30,15 @@ class BudgetError(MlauditError):
 
 
 class TrainingError(MlauditError):
-    """Training diverged or failed (e.g. a NaN/inf loss); names the epoch and step."""
+    """Training diverged or failed (e.g. a NaN/inf loss); names the epoch and step.
+
+    ``seed`` (of the model that failed), ``epoch`` and ``step`` (1-based) are kept as fields when
+    known, so the run context can tell which trial failed without parsing the message."""
+
+    def __init__(self, message: str, *, seed: int | None = None, epoch: int | None = None,
+                 step: int | None = None) -> None:
+        super().__init__(message)
+        self.seed, self.epoch, self.step = seed, epoch, step
 
 
 class TrialError(MlauditError):

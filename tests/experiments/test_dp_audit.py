@@ -82,6 +82,11 @@ def correct(dataset, seed):
 
 
 not_a_function = 3
+
+
+def Net():
+    """The architecture the trainers above build (the config's model names it)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
 '''
 
 
@@ -95,8 +100,8 @@ def trainers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def user_cfg(fn: str, **changes: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"kind": "dp-audit", "dataset": "digits", "model": "logistic", "recipe": "fast",
-                           "models_per_side": 40, "trainer": f"dpa_user_trainers:{fn}", "claimed_epsilon": 1.0,
+    cfg: dict[str, Any] = {"kind": "dp-audit", "dataset": "digits", "model": "dpa_user_trainers:Net",
+                           "recipe": "fast", "models_per_side": 40, "trainer": f"dpa_user_trainers:{fn}", "claimed_epsilon": 1.0,
                            "seed": 0}
     cfg.update(changes)
     return cfg

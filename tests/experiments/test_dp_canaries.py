@@ -137,9 +137,11 @@ def test_crafted_canary_through_a_user_trainer(tmp_path: Path, monkeypatch: pyte
         "        opt.zero_grad()\n"
         "        nn.functional.cross_entropy(m(dataset.x), dataset.y).backward()\n"
         "        opt.step()\n"
-        "    return m\n")
+        "    return m\n\n"
+        "def Net():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
     monkeypatch.syspath_prepend(str(mod))
-    cfg = {"kind": "dp-audit", "dataset": "digits", "model": "logistic", "recipe": "fast", "canary": "crafted",
+    cfg = {"kind": "dp-audit", "dataset": "digits", "model": "dpc_user_trainer:Net", "recipe": "fast", "canary": "crafted",
            "models_per_side": 40, "trainer": "dpc_user_trainer:train", "claimed_epsilon": 1.0, "seed": 0}
     m = run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True).results["metrics"]
     assert m["score"] == "loss" and m["canary"]["type"] == "crafted" and "quotient" in m["canary"]

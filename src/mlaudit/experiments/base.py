@@ -1,8 +1,10 @@
 """Experiment configs and the registry of experiment kinds.
 
 Every experiment is a YAML mapping with a ``kind``; the kind's pydantic model validates the rest.
-The common fields (``name``, ``dataset``, ``model``, ``recipe``, ``seed``, ``factory``) accept the
-short forms of the contract (``dataset: digits``) or mappings (``dataset: {name: cifar10, root: /data}``).
+The common fields (``name``, ``dataset``, ``model``, ``recipe``, ``seed``, ``factory``, ``trainer``)
+accept the short forms of the contract (``dataset: digits``), mappings (``dataset: {name: cifar10,
+root: /data}``) or the user's own code as import strings (``model: mypkg.nets:Net``, ``dataset:
+mypkg.data:load``, ``trainer: mypkg.train:fit``; see docs/bring_your_own.md).
 A kind registers ``@register_experiment("name", config=ConfigModel)`` on a function
 ``run(config, ctx) -> ExperimentOutput``; every error in a config is reported as one
 :class:`~mlaudit.errors.ConfigError` naming the fields, values and what is allowed.
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import format_validation_error
 from ..data.base import DataBundle
@@ -24,6 +26,7 @@ from ..data.registry import DatasetSpec, resolve_dataset_spec
 from ..data.view import DataView
 from ..errors import ConfigError
 from ..factory.spec import FactoryJob, TrialSpec
+from ..imports import is_import_string
 from ..models.registry import ModelSpec, resolve_model_spec
 from ..registry import Registry
 from ..train.recipe import Recipe, resolve_recipe
@@ -60,6 +63,29 @@ class ExperimentConfig(BaseModel):
     recipe: Recipe
     seed: int = Field(0, ge=0, lt=2**32)
     factory: FactoryOptions = FactoryOptions()
+    trainer: str = "mlaudit"
+    """``mlaudit`` (the factory) or the user's training function ``package.module:function``
+    (:mod:`mlaudit.train.trainer`); it trains every model the kind trains."""
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, v: str) -> str:
+        if v != "mlaudit" and not is_import_string(v):
+            raise ValueError(f"trainer must be 'mlaudit' (the factory) or your training function as "
+                             f"'package.module:function', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _trainer_fits_recipe(self) -> ExperimentConfig:
+        if self.trainer != "mlaudit" and self.recipe.dp is not None and self.kind != "dp-audit":
+            raise ValueError(f"recipe.dp configures mlaudit's own DP-SGD, but trainer is {self.trainer!r} (your "
+                             "training function does its own training); drop recipe.dp or use trainer: mlaudit")
+        return self
+
+    @property
+    def user_trainer(self) -> str | None:
+        """The user's training function's import string, or None for the factory."""
+        return None if self.trainer == "mlaudit" else self.trainer
 
     @field_validator("dataset", mode="before")
     @classmethod
@@ -102,9 +128,10 @@ class ExperimentConfig(BaseModel):
                     views: dict[str, DataView] | None = None) -> FactoryJob:
         """The factory job training ``trials`` on ``data`` with this config's model, recipe and
         factory options (the one place every experiment kind builds its jobs)."""
-        return FactoryJob(model=self.model, recipe=self.recipe, data=data, data_spec=self.dataset, trials=tuple(trials),
+        spec = None if self.dataset.in_memory else self.dataset  # in-memory data travels as tensors
+        return FactoryJob(model=self.model, recipe=self.recipe, data=data, data_spec=spec, trials=tuple(trials),
                           views=dict(views or {}), device=device, batched=self.factory.batched,
-                          max_chunk=self.factory.max_chunk, strategy=self.factory.strategy)
+                          max_chunk=self.factory.max_chunk, strategy=self.factory.strategy, trainer=self.user_trainer)
 
     def trial_seed(self, index: int, *, stream: int = 0) -> int:
         """Seed of trial ``index``: a SeedSequence child of (seed, stream, index), in [0, 2**31)."""

@@ -3,7 +3,6 @@ with resume and checkpointing, report progress, and account for cost."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,16 +160,16 @@ class RunContext:
 def failed_trial(pending: Sequence[TrialSpec], error: BaseException) -> TrialSpec:
     """Which pending trial a training error belongs to.
 
-    A :class:`~mlaudit.errors.TrainingError` names the seed of the model that diverged; when exactly
+    A :class:`~mlaudit.errors.TrainingError` carries the seed of the model that diverged; when exactly
     one pending trial has that seed it is the one. Otherwise it is the first pending trial: the
     factory trains chunks in trial order, so the chunk that failed holds the first unfinished trial
     (exact for the local executor; with parallel executors it is one of the trials in flight).
     """
     if not pending:
         raise ValueError("no pending trial to blame")
-    m = re.search(r"\(seed (\d+)\)", str(error))
-    if m:
-        hits = [t for t in pending if t.seed == int(m.group(1))]
+    seed = getattr(error, "seed", None)
+    if seed is not None:
+        hits = [t for t in pending if t.seed == seed]
         if len(hits) == 1:
             return hits[0]
     return pending[0]

@@ -26,15 +26,14 @@ box); see :mod:`mlaudit.audit.canaries`. ``broken`` selects a deliberately broke
 (:data:`mlaudit.privacy.dpsgd.BROKEN`), a fixture that shows the audit catches a real bug.
 
 Trainers: ``mlaudit`` (the factory, with the recipe's DP-SGD; ``dp.sample_rate`` is fixed to
-batch_size / len(D) when not given, so D and D' run the very same mechanism), or a user's
-``"package.module:function"`` ``train(dataset: TensorDataset, seed: int) -> nn.Module``, called
-sequentially on D and D' (the claim is then ``claimed_epsilon``, which must be given).
+batch_size / len(D) when not given, so D and D' run the very same mechanism), or the user's own
+``"package.module:function"`` (:mod:`mlaudit.train.trainer`), run through the same run store (resume,
+cost, process and Ray executors); the claim is then ``claimed_epsilon``, which must be given.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -44,9 +43,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from ..attacks.membership.query import logits_from_checkpoints
-from ..audit.canaries import CANARIES, TRAINER_PATTERN, Canary, load_trainer, with_canary
+from ..audit.canaries import CANARIES, Canary
 from ..audit.game import MIN_USEFUL_EPS, Distinguisher, best_possible_bound, distinguish, models_needed
-from ..audit.scores import canary_loss, update_scores
+from ..audit.scores import update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
@@ -66,7 +65,6 @@ class DPAuditConfig(ExperimentConfig):
     kind: Literal["dp-audit"] = "dp-audit"
     canary: str = "mislabeled"
     models_per_side: int = Field(100, ge=2, le=100_000)
-    trainer: str = "mlaudit"
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
     claimed_epsilon: float | None = Field(None, gt=0.0)
     claimed_delta: float | None = Field(None, gt=0.0, lt=1.0)
@@ -86,13 +84,6 @@ class DPAuditConfig(ExperimentConfig):
     @classmethod
     def _canary(cls, v: str) -> str:
         CANARIES.get(v)  # ConfigError listing the valid canaries
-        return v
-
-    @field_validator("trainer")
-    @classmethod
-    def _trainer(cls, v: str) -> str:
-        if v != "mlaudit" and not TRAINER_PATTERN.match(v):
-            raise ValueError(f"trainer must be 'mlaudit' or 'package.module:function', got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -146,10 +137,8 @@ class DPAuditConfig(ExperimentConfig):
 
 
 def check_dp_audit(config: DPAuditConfig, data: DataBundle) -> None:
-    """Runner hook (before anything is written): the user's trainer imports; an input canary can be
-    made; a DP-SGD model has no BatchNorm."""
-    if config.trainer != "mlaudit":
-        load_trainer(config.trainer)
+    """Runner hook (before anything is written; the runner's preflight has already imported and checked a
+    user's trainer): an input canary can be made; a DP-SGD model has no BatchNorm."""
     if len(data.train.classes) < 2:
         raise ConfigError(f"dp-audit needs >= 2 classes, dataset {data.name} has {len(data.train.classes)}")
     if config.canary == "mislabeled":  # cheap; crafted and gradient canaries are optimised / measured at run
@@ -170,12 +159,14 @@ def make_canary(config: DPAuditConfig, data: DataBundle, device: str | torch.dev
     return CANARIES.get(config.canary)(data.train, seed=config.seed, model_fn=model_fn, device=device)
 
 
-def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
-                   ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Factory-trained models of both sides; returns canary scores (in, out) and their records."""
+def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
+           ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Models of both sides (the factory's DP-SGD or the user's trainer, through the run store);
+    returns canary scores (in, out) and their records."""
     cfg = config.model_copy(update={"recipe": config.audited_recipe(len(data.train))})
-    meta = audit_meta(gradient_canary=canary.gradient, broken=config.broken)
-    view_in = DataView.identity(data.train).with_inserted(canary.x, [canary.y]).with_meta(**meta)
+    view_in = DataView.identity(data.train).with_inserted(canary.x, [canary.y])
+    if config.user_trainer is None:  # the audit hooks live in mlaudit's DP-SGD step
+        view_in = view_in.with_meta(**audit_meta(gradient_canary=canary.gradient, broken=config.broken))
     views = {"canary": view_in}
     if config.broken is not None:  # the out side needs the (broken) hook too
         views["plain"] = DataView.identity(data.train).with_meta(**audit_meta(broken=config.broken))
@@ -215,41 +206,6 @@ def _train_mlaudit(config: DPAuditConfig, ctx: RunContext, data: DataBundle, can
     return scores[:m], scores[m:], records
 
 
-def _train_user(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
-                ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """Models of the user's trainer, called sequentially (no resume); losses (in, out) and rows."""
-    fn = load_trainer(config.trainer)
-    d_out, d_in = data.train, with_canary(data.train, canary)
-    task = ctx.progress.task("training the audited models (user trainer)", total=2 * config.models_per_side)
-    out: dict[str, list[float]] = {"in": [], "out": []}
-    rows = []
-    try:
-        for side, ds, stream in (("in", d_in, 1), ("out", d_out, 2)):
-            for i in range(config.models_per_side):
-                seed = config.trial_seed(i, stream=stream)
-                t0 = time.perf_counter()
-                model = fn(ds, seed)
-                if not isinstance(model, torch.nn.Module):
-                    raise ConfigError(f"trainer {config.trainer!r} returned {type(model).__name__}, not a "
-                                      "torch.nn.Module")
-                wall = time.perf_counter() - t0
-                ctx.cost.models_trained += 1
-                ctx.cost.train_wall_s += wall
-                loss = canary_loss(model, canary, device="cpu" if not _on_cuda(model) else ctx.device)
-                out[side].append(loss)
-                rows.append({"trial_id": f"{side}-{i:05d}", "seed": seed, "tags": {"side": side}, "metrics": {},
-                             "wall_s": wall})
-                ctx.progress.advance(task)
-    finally:
-        ctx.progress.done(task)
-    return np.array(out["in"]), np.array(out["out"]), rows
-
-
-def _on_cuda(model: torch.nn.Module) -> bool:
-    p = next(iter(model.parameters()), None)
-    return p is not None and p.is_cuda
-
-
 def _summary(v: np.ndarray) -> dict[str, float]:
     return {**MeanSE.of(v).to_dict(), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
 
@@ -262,7 +218,7 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     mlaudit = config.trainer == "mlaudit"
     canary = make_canary(config, data, device=ctx.device if mlaudit else "cpu")
     score = config.resolved_score
-    s_in, s_out, records = (_train_mlaudit if mlaudit else _train_user)(config, ctx, data, canary)
+    s_in, s_out, records = _train(config, ctx, data, canary)
     res = distinguish(s_in, s_out, delta=config.delta, confidence=config.confidence, seed=config.seed)
     ctx.artifacts.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(ctx.artifacts / "canary_scores.npz", score_in=s_in, score_out=s_out, score=np.array(score))

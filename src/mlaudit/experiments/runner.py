@@ -68,6 +68,7 @@ def run_experiment(
     resume: bool = False,
     grow: bool = False,
     quiet: bool = False,
+    data: DataBundle | None = None,
 ) -> RunResult:
     """Run ``config`` into folder ``out`` (see the module docstring) and return its results.
 
@@ -75,6 +76,9 @@ def run_experiment(
     changes are larger counts in the kind's growable fields (:attr:`ExperimentKind.growable`, e.g.
     targeted-poison's ``scenarios`` and ``victims``): its finished trials are kept, only the new ones
     are trained, and the results cover the grown study (``results.json`` records ``grown_from``).
+
+    ``data`` (library API) is the already loaded dataset the config's ``dataset`` names, used instead of
+    loading it again (the user's in-memory data).
 
     Raises :class:`ConfigError` / :class:`DataError` for invalid input before anything is written,
     :class:`TrialError` naming the trial when training fails, and :class:`MlauditError` for other
@@ -90,7 +94,7 @@ def run_experiment(
     out_dir = Path(out).expanduser()
     kind = experiment_kind(cfg.kind)
     grown = check_out_dir(out_dir, resolved, resume=resume, growable=kind.growable if grow else None)
-    data = preflight(cfg)
+    data = preflight(cfg, data)
     if kind.check is not None:
         kind.check(cfg, data)
     rs = store if isinstance(store, RunStore) else RunStore(store or default_store_path())
@@ -199,14 +203,22 @@ def check_device(device: str) -> str:
     return dev
 
 
-def preflight(cfg: ExperimentConfig) -> DataBundle:
-    """Load the config's dataset and build its model once for that data, so that missing or corrupt
-    files and model/data mismatches are reported before anything is written. Returns the data."""
+def preflight(cfg: ExperimentConfig, data: DataBundle | None = None) -> DataBundle:
+    """Load the config's dataset (unless given), build its model once for that data and run it on two
+    inputs, and import the user's trainer and check its signature, so that missing or corrupt files,
+    import strings that do not resolve and model/data mismatches are reported before anything is
+    written. This is the first place user code (import strings) is imported. Returns the data."""
     from ..data.registry import load_dataset
+    from ..models.registry import check_output
+    from ..train.trainer import UserTrainer
 
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset) if data is None else data
     with torch.random.fork_rng(devices=[]):
-        build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
+        model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
+        check_output(model, input_shape=data.input_shape, num_classes=cfg.model.num_classes or data.num_classes,
+                     name=cfg.model.name)
+    if cfg.user_trainer is not None:
+        UserTrainer(cfg.user_trainer)
     return data
 
 

@@ -26,7 +26,7 @@ from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, load_dataset
 from ..data.view import DataView
 from ..errors import BudgetError, ConfigError
-from ..models.registry import build_model, model_entry
+from ..models.registry import build_model
 from ..train.evaluate import evaluate
 from ..train.loop import (
     StackedModels,
@@ -58,7 +58,7 @@ class _Setup:
         self.data = data if on_device(data.train.device, device) else data.to(device)
         self.views: dict[str, DataView] = {k: v if on_device(v.device, device) else v.to(device)
                                            for k, v in job.views.items()}
-        self.lr = job.recipe.resolved_lr(residual=model_entry(job.model.name).residual)
+        self.lr = job.recipe.resolved_lr(residual=job.model.residual)
         self.augment = resolve_augment(job.recipe, data.name, data.input_shape)
         self.model_fn = functools.partial(build_model, job.model, input_shape=data.input_shape,
                                           num_classes=data.num_classes)
@@ -85,6 +85,11 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
     single model does not fit on the device, :class:`TrainingError` when a loss diverges.
     """
     data = job.data if job.data is not None else cached_dataset(job.data_spec)
+    if job.trainer is not None:  # the user's own training function, one trial at a time
+        from .user import run_user_trials
+
+        check_masks(job, data)
+        return run_user_trials(job, data, resolve_device(job.device), on_result)
     setup = _Setup(job, data, resolve_device(job.device))
     done: dict[str, TrainedModel] = {}
     for group in plan_groups(job, data):

@@ -59,7 +59,7 @@ class FactoryJob:
     ``fake_memory_models`` simulates a device that holds at most that many models (tests of the
     out-of-memory back-off; 0 = not even one fits). Trial ids must be unique, views named by trials
     must exist and masks must be 1-D bool (checked here; mask lengths are checked against the data
-    when training starts).
+    when training starts). ``trainer`` names the user's training function (None: mlaudit's loop).
     """
 
     model: ModelSpec
@@ -74,6 +74,9 @@ class FactoryJob:
     evaluate: bool = True
     fake_memory_models: int | None = None
     strategy: str = "auto"
+    trainer: str | None = None
+    """The user's training function (``package.module:function``; :mod:`mlaudit.train.trainer`), or
+    None for mlaudit's own loop. A user trainer trains one trial at a time."""
 
     def __post_init__(self) -> None:
         if self.data is None and self.data_spec is None:

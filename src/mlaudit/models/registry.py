@@ -1,5 +1,11 @@
 """Model registry and the `ModelSpec` config model.
 
+``model:`` in a config names a zoo entry (``resnet18``, ``{name: resnet18, width: 32}``) or the
+user's own architecture as an import string ``"package.module:factory"`` (a class or function returning
+an ``nn.Module``; ``kwargs`` are passed to it, plus ``num_classes`` and ``input_shape`` when it declares
+them and ``kwargs`` does not set them). The string travels to process and Ray workers. It is imported
+only when a model is built (the runner's preflight), never while the config validates.
+
 A zoo entry is a builder ``build(spec, *, input_shape, num_classes) -> nn.Module`` registered with
 ``@register_model("name", residual=..., image_only=...)``. ``build_model(spec, input_shape=...,
 num_classes=...)`` builds one. Every builder honours ``width`` (base channel/hidden width, ``None``
@@ -13,17 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedModelError
+from ..imports import accepted_kwargs, is_import_string, resolve_import
 from ..registry import Registry
 
 Norm = Literal["batch", "group", "none"]
 
 
 class ModelSpec(BaseModel):
-    """Which architecture to build: ``name`` (registered), ``width``, ``norm``, optional overrides."""
+    """Which architecture to build: ``name`` (a zoo entry or ``package.module:factory``), ``width``,
+    ``norm``, optional overrides (zoo only), ``kwargs`` (import strings only)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -32,14 +40,38 @@ class ModelSpec(BaseModel):
     norm: Norm = "batch"
     num_classes: int | None = Field(None, ge=2)
     in_channels: int | None = Field(None, ge=1)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
+        if is_import_string(v):
+            return v
         _ensure_zoo_loaded()
         if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; valid models: {', '.join(MODELS.names())}")
+            raise ValueError(f"unknown model {v!r}; valid models: {', '.join(MODELS.names())}, or your own "
+                             "architecture as an import string 'package.module:factory'")
         return v
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> ModelSpec:
+        if self.is_user and (self.width is not None or self.in_channels is not None):
+            raise ValueError(f"model {self.name!r} is your own architecture: width and in_channels are zoo options; "
+                             "pass your factory's own arguments in model.kwargs")
+        if not self.is_user and self.kwargs:
+            raise ValueError(f"model.kwargs = {self.kwargs!r} is for import-string models; zoo model {self.name!r} "
+                             "takes width, norm, num_classes and in_channels")
+        return self
+
+    @property
+    def is_user(self) -> bool:
+        """True for the user's own architecture (an import string)."""
+        return is_import_string(self.name)
+
+    @property
+    def residual(self) -> bool:
+        """Whether ``lr: auto`` recipes treat it as residual (zoo entries say; user models are not)."""
+        return False if self.is_user else model_entry(self.name).residual
 
 
 Builder = Callable[..., nn.Module]
@@ -97,6 +129,8 @@ def build_model(
     vector data, or images smaller than the net's ``min_size``).
     """
     spec = resolve_model_spec(value)
+    if spec.is_user:
+        return _build_user(spec, input_shape=tuple(input_shape), num_classes=spec.num_classes or num_classes)
     entry = model_entry(spec.name)
     if entry.image_only and len(input_shape) != 3:
         raise UnsupportedModelError(
@@ -121,3 +155,41 @@ def build_model(
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _build_user(spec: ModelSpec, *, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Call the user's factory; a ConfigError when it fails or returns something other than a module."""
+    factory = resolve_import(spec.name, what="model")
+    if isinstance(factory, nn.Module) or not callable(factory):
+        raise ConfigError(f"model {spec.name!r} is a {type(factory).__name__}, not a factory; name a class or "
+                          "function that returns a new torch.nn.Module each call (mlaudit trains many from it)")
+    kwargs = {**accepted_kwargs(factory, {"num_classes": num_classes, "input_shape": input_shape}), **spec.kwargs}
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's constructor
+        raise ConfigError(f"model {spec.name!r} failed to build with kwargs {kwargs!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {spec.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def check_output(model: nn.Module, *, input_shape: tuple[int, ...], num_classes: int, name: str) -> None:
+    """Run ``model`` on two zero inputs [2, *input_shape] (eval mode, no grad, CPU) and raise
+    :class:`ConfigError` unless it returns logits [2, num_classes] of floating type."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - the user's forward
+        raise ConfigError(f"model {name!r} cannot run on the data's inputs [N, {', '.join(map(str, input_shape))}]: "
+                          f"{type(e).__name__}: {e}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes) or not out.is_floating_point():
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model {name!r} must return logits [N, {num_classes}] (one per class of the data) but "
+                          f"returned {got} for N = 2; set num_classes from the data (declare a num_classes "
+                          "argument) or fix its last layer")

@@ -287,5 +287,6 @@ def _raise_nonfinite(first_bad: Tensor, seeds: Sequence[int], spe: int) -> None:
     epoch, step = divmod(fb[i], spe)
     raise TrainingError(
         f"loss became NaN/inf for model {i} (seed {seeds[i]}) at epoch {epoch + 1}, step {step + 1} "
-        f"(global step {fb[i] + 1}); lower the learning rate or check the data for NaN/inf values"
+        f"(global step {fb[i] + 1}); lower the learning rate or check the data for NaN/inf values",
+        seed=seeds[i], epoch=epoch + 1, step=step + 1,
     )

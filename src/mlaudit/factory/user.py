@@ -1,0 +1,58 @@
+"""Train a job's trials with the user's own training function, one trial at a time.
+
+The same job, run store, resume, cost accounting and executors as mlaudit's own loop: only the
+step that turns (initial model, training set) into a trained model is the user's. Each trial's
+model is built from the job's ``model`` with the trial's seed (as the factory does), its training
+set is the trial's view and subset mask materialised as tensors, and the result is checked and
+evaluated on the test split with the shared evaluation (:mod:`mlaudit.train.trainer` lists the checks).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+from ..data.base import DataBundle
+from ..data.view import DataView
+from ..models.registry import build_model
+from ..train.evaluate import evaluate
+from ..train.loop import StackedModels, init_models
+from ..train.trainer import UserTrainer, run_user_trainer
+from .spec import FactoryJob, TrainedModel, TrialSpec
+
+
+def run_user_trials(job: FactoryJob, data: DataBundle, device: torch.device,
+                    on_result: Callable[[TrainedModel], None] | None) -> list[TrainedModel]:
+    """Train every trial of ``job`` with ``job.trainer``; ``on_result`` as each model finishes."""
+    trainer = UserTrainer(job.trainer or "")
+    model_fn = functools.partial(build_model, job.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    done = []
+    for t in job.trials:
+        x, y = trial_training_set(t, job, data)
+        template = init_models(model_fn, [t.seed])[0]
+        state, wall = run_user_trainer(trainer, template, x, y, classes=data.train.classes, seed=t.seed,
+                                       device=device, recipe=job.recipe)
+        metrics: dict[str, float | str] = {"trainer": job.trainer}
+        if job.evaluate:
+            model = init_models(model_fn, [t.seed])[0]
+            model.load_state_dict(state)
+            stack = StackedModels.from_modules([model], device, strategy="loop")
+            ev = evaluate(stack, data.test.to(device), batch_size=job.recipe.eval_batch_size)
+            metrics.update(test_accuracy=float(ev["accuracy"][0]), test_loss=float(ev["loss"][0]))
+        m = TrainedModel(t.trial_id, t.seed, state, metrics, 0, wall, dict(t.tags))
+        if on_result is not None:
+            on_result(m)
+        done.append(m)
+    return done
+
+
+def trial_training_set(t: TrialSpec, job: FactoryJob, data: DataBundle) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples trial ``t`` trains on: its view's kept virtual indices, cut by its mask; (x, y) on CPU."""
+    view = job.views[t.view] if t.view is not None else DataView.identity(data.train)
+    pool = view.kept_indices().cpu()
+    if t.mask is not None:
+        pool = pool[t.mask.cpu()[pool]]
+    x, y = view.gather(pool.to(view.device))
+    return x.cpu(), y.cpu()

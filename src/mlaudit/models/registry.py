@@ -63,6 +63,9 @@ class ModelSpec(BaseModel):
                              "takes width, norm, num_classes and in_channels")
         return self
 
+    def __hash__(self) -> int:  # kwargs is a dict: hash the canonical JSON (specs key caches and sets)
+        return hash(self.model_dump_json())
+
     @property
     def is_user(self) -> bool:
         """True for the user's own architecture (an import string)."""

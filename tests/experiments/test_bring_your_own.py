@@ -1,0 +1,184 @@
+"""Bring your own model, data and trainer, in every experiment kind (the open-toolkit contract).
+
+A user module defines a small ``nn.Module``, its own ``Dataset`` class and a plain PyTorch training
+function; each kind runs end to end on them through the run store, and every kind of bad input is
+refused before anything is written (exit code 2) or fails its trial with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mlaudit.errors import ConfigError, DataError, TrialError
+from mlaudit.experiments.runner import run_experiment
+
+USER = '''
+import torch
+from torch import nn
+from sklearn.datasets import load_digits
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10, hidden=32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Digits(torch.utils.data.Dataset):
+    """A map-style dataset of (image [1, 8, 8], label) pairs."""
+
+    def __init__(self, part):
+        d = load_digits()
+        x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+        y = torch.tensor(d.target)
+        idx = torch.arange(len(y))
+        keep = idx % 5 != 0 if part == "train" else idx % 5 == 0
+        self.x, self.y = x[keep][:600 if part == "train" else 200], y[keep][:600 if part == "train" else 200]
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def load():
+    return Digits("train"), Digits("test")
+
+
+def fit(model, train_set, *, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True, generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(8):
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+    return model
+
+
+def diverge(model, train_set):
+    opt = torch.optim.SGD(model.parameters(), lr=1e30)
+    x, y = train_set.tensors
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def not_a_model():
+    return 3
+
+
+def wrong_classes():
+    return Net(num_classes=3)
+
+
+def mismatched():
+    return (torch.rand(5, 2), torch.arange(4)), (torch.rand(2, 2), torch.arange(2))
+'''
+
+
+@pytest.fixture
+def user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "byo_user.py").write_text(USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "byo_user"
+
+
+def base(user: str, **changes: Any) -> dict[str, Any]:
+    cfg = {"dataset": f"{user}:load", "model": f"{user}:Net", "recipe": "fast", "trainer": f"{user}:fit", "seed": 0}
+    return cfg | changes
+
+
+def run(cfg: dict[str, Any], tmp_path: Path, name: str = "o", **kw: Any) -> dict[str, Any]:
+    return run_experiment(cfg, out=tmp_path / name, device="cpu", store=tmp_path / "s.db", quiet=True, **kw).results
+
+
+KINDS = {
+    "train": {"kind": "train", "trials": 2},
+    "membership-inference": {"kind": "membership-inference", "pool": {"models": 8}, "attacks": ["loss", "lira-online"],
+                             "memorization": False, "n_boot": 10},
+    "targeted-poison": {"kind": "targeted-poison", "scenarios": 1, "victims": 1,
+                        "attack": {"method": "gradient-matching", "eps": 16, "budget": 0.02, "restarts": 1, "steps": 5}},
+    "availability-poison": {"kind": "availability-poison", "victims": 1,
+                            "attack": {"method": "adversarial-untargeted", "eps": 64, "steps": 5}},
+    "indiscriminate-poison": {"kind": "indiscriminate-poison", "victims": 1, "attack": {"method": "label-flip",
+                                                                                         "eps_d": 0.1}},
+    "dp-audit": {"kind": "dp-audit", "models_per_side": 20, "claimed_epsilon": 1.0, "confidence": 0.9},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_runs_on_the_users_model_data_and_trainer(user: str, tmp_path: Path, kind: str) -> None:
+    res = run(base(user, **KINDS[kind]), tmp_path)
+    assert res["config"]["trainer"] == f"{user}:fit" and res["config"]["model"]["name"] == f"{user}:Net"
+    assert res["cost"]["models_trained"] >= 2
+    assert (tmp_path / "o" / "report.html").is_file()
+    trained = [t for t in res["trials"] if isinstance(t, dict) and "test_accuracy" in t]
+    if kind == "train":
+        assert len(trained) == 2 and all(t["test_accuracy"] > 0.6 for t in trained)  # 10 classes: chance is 0.1
+
+
+def test_user_trainer_resumes_and_travels_to_process_workers(user: str, tmp_path: Path) -> None:
+    cfg = base(user, kind="train", trials=3)
+    local = run(cfg, tmp_path, "a")
+    again = run_experiment(cfg, out=tmp_path / "a", device="cpu", store=tmp_path / "s.db", quiet=True,
+                           resume=True).results
+    assert again["cost"]["models_trained"] == 0 and again["metrics"] == local["metrics"]
+    pooled = run(cfg, tmp_path, "b", executor="process", executor_options={"workers": 2})
+    assert pooled["metrics"]["test_accuracy"]["mean"] == pytest.approx(local["metrics"]["test_accuracy"]["mean"],
+                                                                       abs=1e-4)
+
+
+@pytest.mark.parametrize(("changes", "error", "match"), [
+    ({"model": "byo_user:missing"}, ConfigError, "has no attribute 'missing'"),
+    ({"model": "no_such_module_q:Net"}, ConfigError, "cannot import module"),
+    ({"model": "byo_user:not_a_model"}, ConfigError, "returned int, not a torch.nn.Module"),
+    ({"model": "byo_user:wrong_classes"}, ConfigError, r"must return logits \[N, 10\]"),
+    ({"dataset": "byo_user:mismatched"}, DataError, "x has 5 rows but y has 4"),
+    ({"trainer": "byo_user:Digits"}, ConfigError, "not a function"),
+    ({"trainer": "byo_user:not_a_model"}, ConfigError, "has the signature \\(\\)"),
+    ({"trainer": "not an import"}, ConfigError, "trainer must be 'mlaudit'"),
+    ({"recipe": {"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}}}, ConfigError,
+     "recipe.dp configures mlaudit's own DP-SGD"),
+])
+def test_bad_user_code_is_refused_before_anything_is_written(user: str, tmp_path: Path, changes: dict[str, Any],
+                                                             error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        run(base(user, kind="train", trials=2) | changes, tmp_path)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s.db").exists()
+
+
+def test_a_diverging_user_trainer_fails_its_trial_with_the_reason(user: str, tmp_path: Path) -> None:
+    with pytest.raises(TrialError, match="non-finite") as e:
+        run(base(user, kind="train", trials=2, trainer=f"{user}:diverge"), tmp_path)
+    assert e.value.trial_id.endswith("0")
+
+
+def test_library_api_with_objects(user: str, tmp_path: Path) -> None:
+    """The public entry points take the objects themselves (a class, a function, datasets, a trained
+    target module) and write the same run folder as the config."""
+    import importlib
+
+    import mlaudit.membership
+
+    u = importlib.import_module(user)
+    train_set, test_set = u.load()
+    members = torch.arange(len(train_set)) % 2 == 0
+    target = u.fit(u.Net(), torch.utils.data.Subset(train_set, members.nonzero().squeeze(1).tolist()), seed=1,
+                   device="cpu")
+    r = mlaudit.membership.audit(model=u.Net, data=(train_set, test_set), trainer=u.fit, target=target,
+                                 members=members, models=8, attacks=("loss", "lira-online"), out=tmp_path / "mi",
+                                 device="cpu", store=tmp_path / "s.db", memorization=False, n_boot=10)
+    assert r.report.is_file() and r.metrics["target"]["lira-online"]["auc"]["value"] > 0.5
+    assert r.results["config"]["dataset"]["name"].startswith("memory:")

@@ -50,15 +50,32 @@ class Distinguisher:
         return 1.0 - (self.fp + self.fn) / (self.n_neg + self.n_pos)
 
 
-def _best_threshold(loss_in: np.ndarray, loss_out: np.ndarray, *, delta: float, alpha: float) -> tuple[float, float]:
-    """Threshold on the canary score maximising (eps_LB, accuracy) on the selection half."""
-    vals = np.unique(np.concatenate([loss_in, loss_out]))
+def threshold_errors(thresholds: np.ndarray, score_in: np.ndarray, score_out: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """False positives #(score_out <= t) and false negatives #(score_in > t) at every threshold t
+    [T] (int64 [T] each), from one sort per side and a binary search per threshold: O((n + T) log n).
+    The same counts as the comparisons, NaN included (a NaN score or threshold compares false)."""
+    out, inn = np.sort(score_out), np.sort(score_in)  # NaNs sort last, after +inf
+    n_in = int(np.count_nonzero(~np.isnan(inn)))
+    nan_t = np.isnan(thresholds)
+    fp = np.where(nan_t, 0, np.searchsorted(out, thresholds, side="right"))
+    fn = np.where(nan_t, 0, n_in - np.searchsorted(inn, thresholds, side="right"))
+    return fp.astype(np.int64), fn.astype(np.int64)
+
+
+def _best_threshold(score_in: np.ndarray, score_out: np.ndarray, *, delta: float, alpha: float
+                    ) -> tuple[float, float]:
+    """Threshold on the canary score maximising (eps_LB, accuracy) on the selection half: the
+    smallest such among -inf, the midpoints between consecutive distinct scores and +inf. Returns
+    (threshold, eps_LB at it). One sorted sweep for the error counts (:func:`threshold_errors`),
+    then one :func:`~mlaudit.stats.eps_lower_bound` per candidate."""
+    vals = np.unique(np.concatenate([score_in, score_out]))
     cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
+    fps, fns = threshold_errors(cands, score_in, score_out)
     best = (-1.0, -1.0, math.inf)
-    for t in cands:
-        fp, fn = int((loss_out <= t).sum()), int((loss_in > t).sum())
-        b = eps_lower_bound(fp, fn, loss_out.size, loss_in.size, delta=delta, alpha=alpha)
-        acc = 1.0 - (fp + fn) / (loss_in.size + loss_out.size)
+    for t, fp, fn in zip(cands.tolist(), fps.tolist(), fns.tolist()):
+        b = eps_lower_bound(fp, fn, score_out.size, score_in.size, delta=delta, alpha=alpha)
+        acc = 1.0 - (fp + fn) / (score_in.size + score_out.size)
         if (b, acc) > best[:2]:
             best = (b, acc, float(t))
     return best[2], best[0]

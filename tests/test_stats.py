@@ -15,11 +15,14 @@ from mlaudit.stats import (
     balanced_accuracy_best,
     bootstrap_ci,
     clopper_pearson,
+    describe,
     eps_lower_bound,
     fpr_key,
+    mean_difference,
     mean_se,
     roc_curve,
     roc_metrics,
+    separation,
     tpr_at_fpr,
 )
 
@@ -115,6 +118,28 @@ def test_mean_se() -> None:
     ms = MeanSE.of([0.91, 0.914, 0.912])
     assert ms.n == 3 and ms.to_dict() == {"mean": ms.mean, "se": ms.se, "n": 3}
     assert str(MeanSE(0.9123, 0.0041, 5)) == "0.912 ± 0.004"
+
+
+def test_describe() -> None:
+    d = describe(np.array([3, 1, 2, 10]))
+    assert d == {**MeanSE.of([3.0, 1.0, 2.0, 10.0]).to_dict(), "min": 1.0, "median": 2.5, "max": 10.0}
+
+
+def test_mean_difference_paired_and_unpaired() -> None:
+    clean, poisoned = [0.9, 0.8, 0.85], [0.5, 0.6, 0.4]
+    assert mean_difference(clean, poisoned) == MeanSE.of(np.subtract(clean, poisoned)).to_dict()
+    d = mean_difference(clean, poisoned[:2])  # unequal counts: the difference of means, SEs in quadrature
+    a, b = MeanSE.of(clean), MeanSE.of(poisoned[:2])
+    assert d == {"mean": a.mean - b.mean, "se": math.hypot(a.se, b.se), "n": 2}
+
+
+def test_separation() -> None:
+    scores, labels = np.array([[2.0, 0.0], [3.0, 1.0]]), np.array([[1, 0], [1, 0]], dtype=bool)
+    # means 2.5 and 0.5, each group's variance 0.5 on 1 degree of freedom: pooled sd sqrt(1 / 2)
+    assert separation(scores, labels) == pytest.approx(2.0 / math.sqrt(0.5))
+    assert separation(-scores, labels) == pytest.approx(-2.0 / math.sqrt(0.5))
+    assert math.isnan(separation([1.0, 1.0, 1.0], [1, 0, 0]))  # no spread at all
+    assert math.isnan(separation([1.0, 2.0], [1, 1]))  # no negatives
 
 
 def test_bootstrap_ci_contains_point_estimate() -> None:

@@ -20,8 +20,9 @@ from scipy.special import betaincinv
 from .errors import ConfigError
 
 __all__ = [
-    "MeanSE", "mean_se", "clopper_pearson", "roc_curve", "auc", "tpr_at_fpr", "balanced_accuracy_best",
-    "bootstrap_ci", "roc_metrics", "fpr_key", "eps_lower_bound", "format_number",
+    "MeanSE", "mean_se", "describe", "mean_difference", "separation", "clopper_pearson", "roc_curve", "auc",
+    "tpr_at_fpr", "balanced_accuracy_best", "bootstrap_ci", "roc_metrics", "fpr_key", "eps_lower_bound",
+    "format_number",
 ]
 
 
@@ -68,6 +69,35 @@ class MeanSE:
 
     def __str__(self) -> str:
         return f"{format_number(self.mean)} ± {format_number(self.se)}"
+
+
+def describe(values: ArrayLike) -> dict[str, float]:
+    """:class:`MeanSE` of ``values`` as a dict, with their ``min``, ``median`` and ``max``."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    return {**MeanSE.of(v).to_dict(), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
+
+
+def mean_difference(a: ArrayLike, b: ArrayLike) -> dict[str, float | int]:
+    """Mean +- SE of a - b (e.g. clean minus poisoned accuracy): paired, the mean of a[i] - b[i], when
+    both have the same length (pairs sharing a seed), else the difference of the means with SE
+    sqrt(se_a^2 + se_b^2) and ``n`` the smaller count."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.size == b.size:
+        return MeanSE.of(a - b).to_dict()
+    ca, cb = MeanSE.of(a), MeanSE.of(b)
+    return {"mean": ca.mean - cb.mean, "se": float(np.hypot(ca.se, cb.se)), "n": min(a.size, b.size)}
+
+
+def separation(scores: ArrayLike, labels: ArrayLike) -> float:
+    """Standardised gap (mean positive score - mean negative score) / pooled sd (each group's ddof-1
+    variance, pooled over n - 2 degrees of freedom); nan when the pooled sd is 0 or undefined."""
+    s, y = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel().astype(bool)
+    a, b = s[y], s[~y]
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # an empty or 1-value group: nan, no warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sd = math.sqrt((a.var(ddof=1) * (a.size - 1) + b.var(ddof=1) * (b.size - 1)) / max(s.size - 2, 1))
+        gap = a.mean() - b.mean()
+    return float(gap / sd) if sd > 0 else math.nan
 
 
 def _check_alpha(alpha: float) -> float:

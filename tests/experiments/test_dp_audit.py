@@ -9,19 +9,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from mlaudit.audit.game import models_needed
 from mlaudit.cli import app
 from mlaudit.data import load_dataset
 from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.experiments import parse_config, run_experiment
-from mlaudit.audit.canaries import mislabeled_canary
-from mlaudit.audit.game import MIN_USEFUL_EPS, best_possible_bound, distinguish, models_needed
 from mlaudit.stats import eps_lower_bound
 
 CONTRACT = """\
@@ -197,18 +193,10 @@ def test_too_few_models_says_how_many() -> None:
         parse_config(raw | {"models_per_side": 40, "confidence": 0.9999999})
 
 
-@settings(max_examples=20, deadline=None)
-@given(st.floats(0.5, 0.999), st.sampled_from([1e-6, 1e-5, 1e-3]))
-def test_models_needed_is_the_smallest(confidence: float, delta: float) -> None:
-    need = models_needed(delta=delta, confidence=confidence)
-    assert best_possible_bound(need, delta=delta, confidence=confidence) >= MIN_USEFUL_EPS
-    assert need == 2 or best_possible_bound(need - 1, delta=delta, confidence=confidence) < MIN_USEFUL_EPS
-
-
 @pytest.mark.parametrize(("trainer", "match"), [
     ("no_such_module_xyz:train", "cannot import module 'no_such_module_xyz'"),
-    ("dpa_user_trainers:missing", "module 'dpa_user_trainers' has no function 'missing'"),
-    ("dpa_user_trainers:not_a_function", "has no function 'not_a_function'"),
+    ("dpa_user_trainers:missing", "module 'dpa_user_trainers' has no attribute 'missing'"),
+    ("dpa_user_trainers:not_a_function", "is a int, not a function"),
 ])
 def test_bad_trainer_is_refused_before_writing(trainers: str, tmp_path: Path, trainer: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -218,7 +206,7 @@ def test_bad_trainer_is_refused_before_writing(trainers: str, tmp_path: Path, tr
 
 def test_bad_configs() -> None:
     raw = yaml.safe_load(CONTRACT)
-    with pytest.raises(ConfigError, match="'mlaudit' or 'package.module:function'"):
+    with pytest.raises(ConfigError, match="trainer must be 'mlaudit'.*'package.module:function'"):
         parse_config(raw | {"trainer": "not a path"})
     with pytest.raises(ConfigError, match="claimed_epsilon"):
         parse_config(raw | {"trainer": "pkg.mod:train"})
@@ -233,26 +221,3 @@ def test_batchnorm_with_dp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="norm: group"):
         run(raw, tmp_path)
     assert not (tmp_path / "o").exists()
-
-
-def test_distinguish_separated_and_identical() -> None:
-    rng = np.random.default_rng(0)
-    sep = distinguish(rng.uniform(0, 1, 30), rng.uniform(2, 3, 30), delta=1e-5, confidence=0.95, seed=1)
-    assert (sep.fp, sep.fn, sep.n_neg, sep.n_pos) == (0, 0, 15, 15)
-    assert 1 < sep.threshold < 2
-    assert sep.epsilon_lower_bound == pytest.approx(best_possible_bound(30, delta=1e-5, confidence=0.95))
-    same = distinguish(rng.normal(size=200), rng.normal(size=200), delta=1e-5, confidence=0.95, seed=1)
-    assert same.epsilon_lower_bound < 0.5
-    flipped = distinguish(rng.uniform(2, 3, 30), rng.uniform(0, 1, 30), delta=1e-5, confidence=0.95, seed=1)
-    assert flipped.epsilon_lower_bound == 0.0  # only low loss says "in": a reversed gap gives no bound
-
-
-def test_mislabeled_canary() -> None:
-    train = load_dataset("digits").train
-    a, b = mislabeled_canary(train, seed=3), mislabeled_canary(train, seed=3)
-    assert (a.source_index, a.y) == (b.source_index, b.y)
-    assert a.y != a.source_label == int(train.y[a.source_index])
-    assert a.x.shape == (1, *train.shape) and bool((a.x == train.x[a.source_index]).all())
-    c = mislabeled_canary(train, seed=4)
-    assert (c.source_index, c.y) != (a.source_index, a.y)
-

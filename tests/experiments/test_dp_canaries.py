@@ -1,39 +1,25 @@
-"""dp-audit canaries and scores: the crafted (ClipBKD-style) input canary, the white-box Dirac
-gradient canary, ``score: loss | gradient`` validation, and the white-box audit that catches a
-deliberately broken DP-SGD with few models while the correct one stays below its claim."""
+"""dp-audit with its canaries and scores (the canaries and scores themselves: tests/audit/):
+``score: loss | gradient`` validation, the white-box audit that catches a deliberately broken
+DP-SGD with few models while the correct one stays below its claim, and the crafted canary through
+a user trainer."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 import mlaudit.experiments.dp_audit  # noqa: F401  (registers the kind)
-from mlaudit.data import load_dataset
 from mlaudit.errors import ConfigError
 from mlaudit.experiments import parse_config, run_experiment
-from mlaudit.audit.canaries import CANARIES, crafted_canary, gradient_canary, second_moment_quotient, with_canary
-from mlaudit.audit.scores import update_scores
-from mlaudit.models.registry import build_model
 from mlaudit.stats import eps_lower_bound
 
 # A recipe in which the canary is sampled in every model (q = 256/1438, 36 steps: P(never) < 0.1% per model)
 # and every sample moves the weights the same amount (constant lr).
 RECIPE = {"name": "fast", "epochs": 6, "batch_size": 256, "schedule": "constant",
           "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}}
-
-
-@functools.lru_cache(maxsize=1)
-def digits():
-    return load_dataset("digits")
-
-
-def logistic_fn():
-    return functools.partial(build_model, "logistic", input_shape=(1, 8, 8), num_classes=10)
 
 
 def audit(tmp_path: Path, name: str = "o", **changes: Any) -> dict[str, Any]:
@@ -66,58 +52,6 @@ def test_white_box_gradient_canary_catches_broken_dpsgd_and_not_the_correct_one(
     assert ok["broken"] is None and ok["epsilon_lower_bound"] < 1.0 and not ok["claim_refuted"]
     # the correct run's Dirac updates are buried in noise: the sides overlap
     assert ok["canary_score_in"]["min"] < ok["canary_score_out"]["max"]
-
-
-def test_gradient_canary_picks_a_coordinate_the_data_never_moves() -> None:
-    """Pixels 0, 32 and 39 are 0 in every digits training image: the weights on them get no data
-    gradient, and the canary's coordinate is one of those 30 (seeded choice among the ties)."""
-    b = digits()
-    assert (b.train.x.flatten(1)[:, [0, 32, 39]] == 0).all()
-    picks = set()
-    for seed in range(4):
-        c = gradient_canary(b.train, seed=seed, model_fn=logistic_fn())
-        assert c.gradient is not None and not c.has_input
-        assert c.gradient.index == len(b.train) and c.gradient.parameter == "net.1.weight"
-        assert c.gradient.coordinate % 64 in (0, 32, 39)
-        assert c.details["gradient_energy"] == 0.0 and c.details["tied_coordinates"] == 30
-        picks.add(c.gradient.coordinate)
-    assert len(picks) > 1
-    with pytest.raises(ConfigError, match="needs trainer: mlaudit"):
-        gradient_canary(b.train, seed=0)
-    with pytest.raises(ConfigError, match="no input"):
-        with_canary(b.train, c)
-
-
-def test_crafted_canary_lies_where_the_data_has_no_energy() -> None:
-    """ClipBKD-style: the crafted input's second-moment quotient is < 3% of a training image's; it is a
-    valid image with its brightest pixel at 1; the same seed gives the same canary."""
-    b = digits()
-    c = crafted_canary(b.train, seed=0)
-    assert c.x.shape == (1, 1, 8, 8) and float(c.x.min()) >= 0.0 and float(c.x.max()) == 1.0
-    q = float(second_moment_quotient(c.x, b.train.x))
-    images = float(second_moment_quotient(b.train.x[:200], b.train.x).mean())
-    assert q < 0.03 * images and c.details["quotient"] == pytest.approx(q, rel=1e-3)
-    assert c.source_index == -1 and 0 <= c.y < 10 and c.has_input
-    again = crafted_canary(b.train, seed=0)
-    assert torch.equal(c.x, again.x) and c.y == again.y
-    assert CANARIES.get("crafted") is crafted_canary
-
-
-def test_update_scores_of_an_input_canary_follow_its_gradient() -> None:
-    """score = <theta_T - theta_0, g / ||g||>: a final model moved against the canary gradient by t has
-    score -t; one moved along it, +t."""
-    b = digits()
-    c = crafted_canary(b.train, seed=1)
-    fn = logistic_fn()
-    from mlaudit.train.loop import init_models
-
-    m0 = init_models(fn, [7])[0]
-    loss = torch.nn.functional.cross_entropy(m0(c.x), torch.tensor([c.y]))
-    grads = torch.autograd.grad(loss, list(m0.parameters()))
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-    finals = [{n: p.detach() + s * 0.3 * g / norm for (n, p), g in zip(m0.named_parameters(), grads)} for s in (-1, 1)]
-    scores = update_scores(fn, [7, 7], lambda i: finals[i], c)
-    np.testing.assert_allclose(scores, [-0.3, 0.3], rtol=1e-5)
 
 
 def test_crafted_canary_through_a_user_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

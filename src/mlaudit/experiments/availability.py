@@ -22,7 +22,6 @@ import json
 import time
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,7 +32,9 @@ from ..data.augment import AugmentSpec
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
+from ..report.figures import perturbation_grid
 from ..report.html import ReportTable
+from ..stats import MeanSE
 from ..train.loop import init_models, resolve_augment
 from .base import ExperimentOutput, register_experiment
 from .context import RunContext
@@ -245,7 +246,7 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
                          "mean_abs_delta": float(delta.abs().mean()), **info}
     if crafter_records:
         acc = [r["metrics"]["test_accuracy"] for r in crafter_records if "metrics" in r]
-        metrics["crafting_models"] = {"count": len(crafter_records), **({"test_accuracy": _mean_se(acc)} if acc else {})}
+        metrics["crafting_models"] = {"count": len(crafter_records), **({"test_accuracy": MeanSE.of(acc).to_dict()} if acc else {})}
     ctx.artifacts.mkdir(parents=True, exist_ok=True)
     (ctx.artifacts / "attack_info.json").write_text(json.dumps({"indices_count": len(idx), **full_info}, indent=2))
     trials = [{"trial_id": r["trial_id"], "view": r["tags"]["view"], "victim": r["tags"]["victim"], "seed": r["seed"],
@@ -254,14 +255,9 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
              f"{a.eps:g}/255; {config.victims} victims per view, trained from scratch (paired seeds). Crafting took "
              f"{craft_wall:.1f} s on {ctx.device}."]
     return ExperimentOutput(metrics=metrics, trials=trials, tables=[results_table(config, metrics)],
-                            figures={"Clean, poisoned and perturbation (scaled to ±eps)": image_grid(x, delta.to(x.device), budget.eps)},
+                            figures={"Clean, poisoned and perturbation (scaled to ±eps)": perturbation_grid(
+                                x, delta.to(x.device), budget.eps, n=FIGURE_EXAMPLES)},
                             notes=notes)
-
-
-def _mean_se(values: list[float]) -> dict[str, Any]:
-    from ..stats import MeanSE
-
-    return MeanSE.of(np.asarray(values, dtype=float)).to_dict()
 
 
 def _pct(m: dict[str, Any]) -> dict[str, Any]:
@@ -283,29 +279,3 @@ def results_table(config: AvailabilityConfig, metrics: dict[str, Any]) -> Report
     return ReportTable("Victim clean test accuracy (seed 002, Table 2.2 form)",
                        ["training data", "eps (/255)", "poisoned", "victim test accuracy (%)", "drop vs clean (pp)"],
                        rows, note=f"mean ± SE over {config.victims} victims trained from scratch; drop paired by seed")
-
-
-def image_grid(x: torch.Tensor, delta: torch.Tensor, eps: float, n: int = FIGURE_EXAMPLES) -> Any:
-    """Figure: ``n`` clean images (row 1), poisoned (row 2) and delta / eps mapped to [0, 1] (row 3)."""
-    from matplotlib.figure import Figure
-
-    n = min(n, x.shape[0])
-    x, d = x[:n].detach().cpu().float(), delta[:n].detach().cpu().float()
-    rows = [("clean", x), ("poisoned", (x + d).clamp(0, 1)), ("delta", (d / eps * 0.5 + 0.5).clamp(0, 1))]
-    fig = Figure(figsize=(1.1 * n + 0.8, 3.6))
-    axes = fig.subplots(3, n, squeeze=False)
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            img = imgs[c]
-            if img.dim() == 3 and img.shape[0] in (1, 3):
-                pix = (img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy()
-                ax.imshow(pix, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.imshow(img.reshape(1, -1).numpy(), cmap="gray", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label)
-    fig.tight_layout()
-    return fig

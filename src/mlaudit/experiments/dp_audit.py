@@ -44,7 +44,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..attacks.membership.query import logits_from_checkpoints
 from ..audit.canaries import CANARIES, Canary
-from ..audit.game import MIN_USEFUL_EPS, Distinguisher, best_possible_bound, distinguish, models_needed
+from ..audit.game import MIN_USEFUL_EPS, best_possible_bound, distinguish, models_needed
 from ..audit.scores import update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
@@ -52,7 +52,8 @@ from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
 from ..models.registry import build_model
 from ..privacy.dpsgd import BROKEN, audit_meta, check_dp_model
-from ..stats import MeanSE
+from ..report.figures import canary_score_histogram
+from ..stats import describe
 from ..train.checkpoint import load_checkpoint
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
@@ -206,10 +207,6 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Can
     return scores[:m], scores[m:], records
 
 
-def _summary(v: np.ndarray) -> dict[str, float]:
-    return {**MeanSE.of(v).to_dict(), "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
-
-
 # model i of each side has seed trial_seed(i, stream) whatever models_per_side is, so an audit can grow
 @register_experiment("dp-audit", config=DPAuditConfig, check=check_dp_audit, growable=("models_per_side",))
 def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
@@ -243,8 +240,8 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         "threshold": res.threshold,
         "selection_lower_bound": res.selection_bound,
         "score": score,
-        "canary_score_in": _summary(s_in),
-        "canary_score_out": _summary(s_out),
+        "canary_score_in": describe(s_in),
+        "canary_score_out": describe(s_out),
         "canary": {"type": config.canary, "source_index": canary.source_index, "source_label": canary.source_label,
                    "label": canary.y, **{k: v for k, v in canary.details.items() if k != "type"}},
         "trainer": config.trainer,
@@ -257,7 +254,7 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         metrics["noise_multiplier"] = records[0]["metrics"].get("dp_noise_multiplier")
     sampled = [r["metrics"]["dp_canary_sampled"] for r in records if "dp_canary_sampled" in r["metrics"]]
     if sampled:
-        metrics["canary_sampled_steps"] = _summary(np.array(sampled))
+        metrics["canary_sampled_steps"] = describe(np.array(sampled))
     if mlaudit and recipe_dp is not None:
         metrics["sample_rate"] = recipe_dp.sample_rate
     key = "canary_loss" if score == "loss" else "canary_score"
@@ -271,7 +268,8 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
              f"{res.fn}/{res.n_pos} on the held-out halves, confidence {config.confidence}"]
     if config.broken is not None:
         notes.append(f"DELIBERATELY BROKEN DP-SGD (audit fixture {config.broken!r}): {BROKEN[config.broken]}")
-    return ExperimentOutput(metrics=metrics, trials=rows, figures=_figures(s_in, s_out, res, score), notes=notes)
+    figures = canary_score_histogram(s_in, s_out, res.threshold, score)
+    return ExperimentOutput(metrics=metrics, trials=rows, figures=figures, notes=notes)
 
 
 def _describe(c: Canary) -> str:
@@ -283,27 +281,3 @@ def _describe(c: Canary) -> str:
         return (f"a crafted input (ClipBKD-style, {d['pixels_on']} of its values > 0.5) labelled {c.y}; "
                 f"second-moment quotient {d['quotient']:.3g} (training images: {d['quotient_mean_example']:.3g})")
     return f"training example {c.source_index} (label {c.source_label}) relabelled {c.y}"
-
-
-def _figures(s_in: np.ndarray, s_out: np.ndarray, res: Distinguisher, score: str) -> dict:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.add_subplot()
-    if score == "loss":  # losses span orders of magnitude: log scale
-        tf: Callable[[np.ndarray], np.ndarray] = lambda v: np.log10(np.clip(v, 1e-12, None))  # noqa: E731
-        label, title = "log10 canary loss", "Canary loss of the models trained with and without it"
-    else:
-        tf = np.asarray
-        label, title = "parameter update along the canary direction", "White-box canary score of the models"
-    both = tf(np.concatenate([s_in, s_out]))
-    bins = np.linspace(both.min(), both.max() + 1e-9, 30)
-    ax.hist(tf(s_out), bins=bins, alpha=0.6, label="out (trained on D)")
-    ax.hist(tf(s_in), bins=bins, alpha=0.6, label="in (trained on D')")
-    if np.isfinite(res.threshold) and (score != "loss" or res.threshold > 0):
-        ax.axvline(float(tf(np.array([res.threshold]))[0]), color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel(label)
-    ax.set_ylabel("models")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return {title: fig}

@@ -7,9 +7,9 @@ target once and the other M - 1 models are its shadows), with Truth Serum poison
 Threat model: black-box access to the target's logits on the pool examples (and augmented copies),
 knowledge of the recipe and architecture, and shadow models whose memberships the attacker knows.
 
-Inclusion follows the LiRA reference construction: a uniform matrix u [M, N] from the seed,
-``order = argsort(u, axis=0)`` and ``keep = order < int(keep_rate * M)``, so each example is IN for
-exactly ``int(keep_rate * M)`` models (a random subset per example) and each model holds about
+Inclusion follows the LiRA reference construction
+(:func:`mlaudit.attacks.membership.design.inclusion_matrix`): each example is IN for exactly
+``int(keep_rate * M)`` models (a random subset per example) and each model holds about
 ``keep_rate * N`` examples. Saved as ``artifacts/inclusion.npy`` (bool [M, N]) with its sha256.
 """
 
@@ -28,8 +28,10 @@ from torch import Tensor
 from ..attacks.membership import (
     ATTACKS,
     Observations,
+    inclusion_matrix,
     lira_requirements,
     logits_from_checkpoints,
+    models_needed_exact,
     parse_query,
     shadow_coverage,
 )
@@ -167,14 +169,6 @@ class MembershipConfig(ExperimentConfig):
         return {name: self.options_for(name) for name in self.attacks}
 
 
-def inclusion_matrix(models: int, examples: int, *, keep: float, seed: int) -> Tensor:
-    """bool [models, examples]: the LiRA reference construction (module docstring); every column has
-    exactly ``int(keep * models)`` True entries. Deterministic in (models, examples, keep, seed)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x4C495241]))
-    order = rng.random((models, examples)).argsort(0)
-    return torch.from_numpy(order < int(keep * models))
-
-
 def pool_indices(config: MembershipConfig, n_train: int) -> Tensor:
     """int64 [N] ascending: the training-split rows that form the data pool."""
     size = config.pool.size
@@ -203,16 +197,6 @@ def attack_requirements(name: str, options: dict[str, Any]) -> tuple[int, int]:
     if name in ("lira-online", "lira-offline"):
         return lira_requirements(online=name == "lira-online", variance=options.get("variance", "per-example"))
     return 0, 0
-
-
-def models_needed_exact(keep: float, min_in: int, min_out: int) -> int:
-    """Smallest M for which the exact-count design gives every example >= min_in IN and >= min_out
-    OUT leave-one-out shadows (k = int(keep * M) IN models: k - 1 >= min_in, M - k - 1 >= min_out)."""
-    for m in range(2, 100_000):
-        k = int(keep * m)
-        if k - 1 >= min_in and m - k - 1 >= min_out and 1 <= k <= m - 1:
-            return m
-    return 100_000
 
 
 def check_membership(config: MembershipConfig, data: DataBundle) -> None:
@@ -310,13 +294,14 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
     out = rep.base_report(config, data, obs, scores, metrics, records)
     if config.memorization:
         test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",))
-        rep.add_memorization(out, config, obs, scores, test_logits, data, rows, ctx.artifacts)
+        out = rep.add_memorization(out, config, obs, scores=scores, test_logits=test_logits, data=data, rows=rows,
+                                   artifacts=ctx.artifacts)
     if config.truth_serum is not None:
         from .membership_audit import run_truth_serum
 
-        run_truth_serum(out, config, ctx, data, keep, rows, scores, queries)
+        out = run_truth_serum(out, config, ctx, data, keep=keep, rows=rows, before=scores, queries=queries)
     if config.target is not None:
         from .membership_audit import audit_target
 
-        audit_target(out, config, ctx, data, obs, rows)
+        out = audit_target(out, config, ctx, data, obs, rows)
     return out

@@ -1,17 +1,11 @@
 """Truth Serum poisoning and external-target audits of the ``membership-inference`` kind.
 
-Truth Serum (Tramer, Shokri, San Joaquin, Le, Jagielski, Hong, Carlini 2022, "Truth Serum: Poisoning
-Machine Learning Models to Reveal Their Secrets"; seed 000). Threat model: the adversary may add
-examples to the training set before training, then gets black-box access to the trained model and
-wants to tell whether a target example z was in it. The poison is ``copies`` copies of z with a
-wrong label: a model that trains on them but not on z is confidently wrong on z, one that also
-holds z is pulled back towards the right label, so the IN and OUT confidences on z separate.
-
-Here ``targets`` pool examples (seeded) each get ``copies`` copies labelled with a fixed random
-other class; a second pool is trained with the same seeds and inclusion matrix plus every poison
-(inserted virtual indices are in every model; the targets themselves still follow ``keep``; the
-shadows are poisoned too, as the adversary trains them with its own poisons). Every attack is run
-on both pools and compared on the target examples only.
+Truth Serum (Tramer et al. 2022; the poisoning and its threat model are in
+:mod:`mlaudit.attacks.membership.truth_serum`): here ``targets`` pool examples (seeded) each get
+``copies`` copies labelled with a fixed random other class; a second pool is trained with the same
+seeds and inclusion matrix plus every poison (inserted virtual indices are in every model; the
+targets themselves still follow ``keep``; the shadows are poisoned too, as the adversary trains them
+with its own poisons). Every attack is run on both pools and compared on the target examples only.
 """
 
 from __future__ import annotations
@@ -23,55 +17,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attacks.membership import ATTACKS, Observations, logits_from_checkpoints
+from ..attacks.membership import ATTACKS, Observations, logits_from_checkpoints, rank_nonfinite, truth_serum_view
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..models.registry import build_model
+from ..report.figures import roc_figures
 from ..report.html import ReportTable
-from ..stats import MeanSE, fpr_key, roc_metrics
+from ..stats import MeanSE, fpr_key, roc_metrics, separation
 from ..train.checkpoint import load_checkpoint, sha256_file
 from .base import ExperimentOutput
 from .context import RunContext
-from .membership_report import pct, roc_figures, score_pool, trial_rows
+from .membership_report import extended, pct, score_pool, trial_rows
 
 if TYPE_CHECKING:
     from .membership import MembershipConfig
-
-
-def truth_serum_view(train_x: Tensor, train_y: Tensor, base: DataView, pool_rows: Tensor, *, targets: int,
-                     copies: int, num_classes: int, seed: int) -> tuple[DataView, Tensor, Tensor]:
-    """The poisoned view and its targets.
-
-    Picks ``targets`` positions of the pool (seeded, ascending) and inserts ``copies`` copies of each
-    target's x [*shape] with one wrong label per target ((y + U{1..K-1}) mod K). Returns
-    ``(view, target positions in the pool int64 [T], wrong labels int64 [T])``; the inserted
-    examples have virtual indices N_train .. N_train + T * copies - 1.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5345_5255]))
-    pos = torch.from_numpy(np.sort(rng.choice(pool_rows.numel(), size=targets, replace=False)))
-    y = train_y[pool_rows[pos]]
-    wrong = (y + torch.from_numpy(rng.integers(1, num_classes, size=targets))) % num_classes
-    x = train_x[pool_rows[pos]].repeat_interleave(copies, 0)
-    view = base.with_inserted(x, wrong.repeat_interleave(copies)).with_meta(method="truth-serum", copies=copies)
-    return view, pos, wrong
-
-
-def separation(scores: Tensor, keep: Tensor) -> float:
-    """Standardised gap (mean IN - mean OUT) / pooled sd of ``scores`` [M, T] with ``keep`` [M, T]."""
-    s, k = scores.flatten().double(), keep.flatten()
-    a, b = s[k], s[~k]
-    sd = float(torch.sqrt((a.var() * (a.numel() - 1) + b.var() * (b.numel() - 1)) / max(s.numel() - 2, 1)))
-    return float((a.mean() - b.mean()) / sd) if sd > 0 else float("nan")
 
 
 def _slim(mt: dict[str, Any]) -> dict[str, Any]:
     return {"auc": mt["auc"], "tpr_at_fpr": mt["tpr_at_fpr"], "n_pos": mt["n_pos"], "n_neg": mt["n_neg"]}
 
 
-def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunContext, data: DataBundle, keep: Tensor,
-                    rows: Tensor, before: dict[str, Tensor], queries: tuple[str, ...]) -> None:
-    """Train the poisoned pool and add before/after metrics on the targets to ``out``."""
+def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunContext, data: DataBundle, *,
+                    keep: Tensor, rows: Tensor, before: dict[str, Tensor], queries: tuple[str, ...]
+                    ) -> ExperimentOutput:
+    """Train the poisoned pool; ``out`` extended (a new value) with before/after metrics on the targets
+    (``before``: the clean pool's scores [M, N] per attack)."""
     from .membership import pool_logits, train_pool
 
     ts = config.truth_serum
@@ -99,26 +70,25 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
         for when, s in (("before", before[name]), ("after", after[name])):
             mt = roc_metrics(s[:, pos].flatten().numpy(), kt.flatten().numpy(), fpr_targets=config.fpr_targets,
                              n_boot=config.n_boot, seed=config.seed)
-            pair[when] = {**_slim(mt), "separation": separation(s[:, pos], kt)}
+            pair[when] = {**_slim(mt), "separation": separation(s[:, pos].numpy(), kt.numpy())}
         res[name] = pair
         cells = [pct(pair[w]["auc"]) for w in ("before", "after")]
         for t in config.fpr_targets:
             cells += [pct(pair[w]["tpr_at_fpr"][fpr_key(t)]) for w in ("before", "after")]
         table.append([name, *cells])
-    out.metrics["truth_serum"] = res
     note = (f"{ts.targets} targets x {config.pool.models} models = {kt.numel()} (model, target) pairs ({int(kt.sum())} "
             f"members): TPR at FPR below {1 / max(kt.numel() - int(kt.sum()), 1):.2g} is read at zero false "
             "positives, so the low-FPR columns are coarse for few targets.")
-    out.tables.append(ReportTable("Truth Serum: the same attacks on the same targets, without and with poisoning",
-                                  cols, table, note=note))
-    out.notes.append(f"Truth Serum (Tramer et al. 2022): {ts.copies} copies of each of {ts.targets} targets inserted "
-                     f"with a wrong label into every model of a second pool (same seeds and inclusion; targets in "
-                     f"artifacts/truth_serum_targets.npz). {note}")
     ref = next((n for n in ("lira-online", "lira-offline") if n in after), config.attacks[0])
     figs = roc_figures({f"{ref} before": before[ref][:, pos], f"{ref} after": after[ref][:, pos]}, kt,
                        {f"{ref} {w}": res[ref][w] for w in ("before", "after")}, what=" of the Truth Serum targets")
-    out.figures.update(figs)
-    out.trials.extend(trial_rows(records, keep))
+    return extended(
+        out, metrics={"truth_serum": res}, figures=figs, trials=trial_rows(records, keep),
+        tables=[ReportTable("Truth Serum: the same attacks on the same targets, without and with poisoning",
+                            cols, table, note=note)],
+        notes=[f"Truth Serum (Tramer et al. 2022): {ts.copies} copies of each of {ts.targets} targets inserted "
+               f"with a wrong label into every model of a second pool (same seeds and inclusion; targets in "
+               f"artifacts/truth_serum_targets.npz). {note}"])
 
 
 def load_target(config: MembershipConfig, data: DataBundle) -> tuple[dict[str, Tensor], Tensor | None]:
@@ -157,10 +127,10 @@ def _load_members(path: Path, n_train: int) -> Tensor:
 
 
 def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContext, data: DataBundle,
-                 obs: Observations, rows: Tensor) -> None:
+                 obs: Observations, rows: Tensor) -> ExperimentOutput:
     """Score the external target with every attack, all M pool models being its shadows; saves
-    artifacts/target_scores.npy float64 [len(attacks), N] (rows in ``attacks`` order) and, when its
-    members are known, adds their metrics."""
+    artifacts/target_scores.npy float64 [len(attacks), N] (rows in ``attacks`` order). Returns ``out``
+    extended (a new value) with its scores and, when its members are known, their metrics."""
     tc = config.target
     assert tc is not None  # the caller checks
     sd, members = load_target(config, data)
@@ -176,9 +146,7 @@ def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContex
     scores = []
     for name in config.attacks:
         s = ATTACKS.get(name)(full, obs.num_models, **config.options_for(name)).double().cpu()
-        fin = s[torch.isfinite(s)]
-        lo, hi = (float(fin.min()), float(fin.max())) if fin.numel() else (0.0, 0.0)
-        scores.append(torch.nan_to_num(s, nan=lo, posinf=hi, neginf=lo))
+        scores.append(rank_nonfinite(s)[0])
     np.save(ctx.artifacts / "target_scores.npy", torch.stack(scores).numpy())
     res: dict[str, Any] = {"checkpoint": tc.checkpoint.name, "sha256": sha256_file(tc.checkpoint),
                            "members_known": members is not None, "scores": "artifacts/target_scores.npy"}
@@ -186,6 +154,6 @@ def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContex
         for name, s in zip(config.attacks, scores):
             res[name] = roc_metrics(s.numpy(), member_row.numpy(), fpr_targets=config.fpr_targets,
                                     n_boot=config.n_boot, seed=config.seed)
-    out.metrics["target"] = res
-    out.notes.append(f"external target {tc.checkpoint.name}: scored with all {obs.num_models} pool models as shadows"
-                     + ("" if members is not None else "; its members are unknown, so only scores are saved"))
+    return extended(out, metrics={"target": res}, notes=[
+        f"external target {tc.checkpoint.name}: scored with all {obs.num_models} pool models as shadows"
+        + ("" if members is not None else "; its members are unknown, so only scores are saved")])

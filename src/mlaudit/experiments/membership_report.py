@@ -1,19 +1,14 @@
-"""Scoring, tables, figures and memorization estimates of the ``membership-inference`` kind.
+"""Scoring, tables and the memorization report of the ``membership-inference`` kind.
 
-Memorization (Feldman & Zhang 2020, "What Neural Networks Memorize and Why", seed 004) is estimated
-from the pool itself: with ``correct`` [M, N] (model m classifies example n right on the identity
-query) and ``keep`` [M, N],
-
-    infl(i, j) = P[h(x_j) = y_j | i in S] - P[h(x_j) = y_j | i not in S]      (means over IN / OUT models)
-    mem(i)     = infl(i, i)                                                    (self-influence)
-
-Each estimate averages k = int(keep * M) IN and M - k OUT models, so its standard error is up to
-``sqrt(0.25 / k + 0.25 / (M - k))``; small pools give coarse values.
+Memorization is estimated from the pool itself (:mod:`mlaudit.audit.memorization`, Feldman & Zhang
+2020): ``correct`` [M, N] is whether model m classifies example n right on the identity query, and
+each example is IN for k = int(keep * M) models. Figures are drawn by :mod:`mlaudit.report.figures`.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,10 +17,12 @@ import torch
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from ..attacks.membership import Observations, score_all_targets
+from ..attacks.membership import Observations, rank_nonfinite, score_all_targets
+from ..audit.memorization import influence, max_standard_error, mean_member_score, self_influence
 from ..data.base import DataBundle
+from ..report.figures import memorization_figure, roc_figures
 from ..report.html import ReportTable
-from ..stats import fpr_key, roc_curve, roc_metrics
+from ..stats import fpr_key, roc_metrics
 from .base import ExperimentOutput
 
 if TYPE_CHECKING:
@@ -35,7 +32,6 @@ if TYPE_CHECKING:
 
 INFLUENCE_MAX_BYTES = 200 * 2**20
 """The full infl(i, j) matrix over pool x test examples is computed and saved only below this size."""
-PLOT_POINTS = 2000
 
 
 def pct(entry: dict[str, Any]) -> dict[str, float]:
@@ -56,47 +52,13 @@ def comparison_table(metrics: dict[str, Any], attacks: tuple[str, ...], fpr_targ
     return ReportTable(title, cols, rows, note=note)
 
 
-def _thin(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """At most ~4 * PLOT_POINTS points of a ROC curve, dense on both a log and a linear FPR grid."""
-    if fpr.size <= 4 * PLOT_POINTS:
-        return fpr, tpr
-    grid = np.concatenate([np.logspace(-7, 0, PLOT_POINTS), np.linspace(0, 1, PLOT_POINTS)])
-    idx = np.concatenate([np.searchsorted(fpr, grid, side="left"), np.searchsorted(fpr, grid, side="right") - 1])
-    idx = np.unique(np.clip(np.concatenate([idx, [0, fpr.size - 1]]), 0, fpr.size - 1))
-    return fpr[idx], tpr[idx]
-
-
-def roc_figures(scores: dict[str, Tensor], keep: Tensor, metrics: dict[str, Any], *, what: str = ""
-                ) -> dict[str, Figure]:
-    """Log-log (FPR 1e-5..1, both axes log) and linear ROC curves, one curve per attack."""
-    from matplotlib.figure import Figure
-
-    labels = keep.flatten().numpy()
-    curves = {name: _thin(*roc_curve(s.flatten().numpy(), labels)[:2]) for name, s in scores.items()}
-    figs: dict[str, Figure] = {}
-    for scale in ("log", "linear"):
-        fig = Figure(figsize=(4.8, 4.2))
-        ax = fig.add_subplot()
-        lo = 1e-5 if scale == "log" else 0.0
-        for name, (fpr, tpr) in curves.items():
-            mt = metrics.get(name, {})
-            auc = mt.get("auc", {}).get("value", float("nan"))
-            t3 = mt.get("tpr_at_fpr", {}).get(fpr_key(1e-3), {}).get("value")
-            label = f"{name} (AUC {auc:.3f}" + (f", TPR@0.1% {100 * t3:.1f}%)" if t3 is not None else ")")
-            ax.plot(fpr, tpr, label=label, lw=1.3)
-        ax.plot([lo or 1e-7, 1], [lo or 1e-7, 1], ls="--", color="grey", lw=0.8, label="chance")
-        if scale == "log":
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-        ax.set_xlim(lo, 1)
-        ax.set_ylim(lo, 1)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title(f"ROC{what} ({scale} scale)")
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        figs[f"ROC curve{what}, {'log-log' if scale == 'log' else 'linear'} scale"] = fig
-    return figs
+def extended(out: ExperimentOutput, *, metrics: Mapping[str, Any] | None = None,
+             tables: Iterable[ReportTable] = (), figures: Mapping[str, Figure] | None = None,
+             notes: Iterable[str] = (), trials: Iterable[dict[str, Any]] = ()) -> ExperimentOutput:
+    """A new output: ``out``'s entries followed by the given ones (``out`` itself is not changed)."""
+    return ExperimentOutput(metrics={**out.metrics, **(metrics or {})}, trials=[*out.trials, *trials],
+                            tables=[*out.tables, *tables], figures={**out.figures, **(figures or {})},
+                            notes=[*out.notes, *notes])
 
 
 def trial_rows(records: list[dict[str, Any]], keep: Tensor) -> list[dict[str, Any]]:
@@ -155,13 +117,7 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
         with warnings.catch_warnings():  # the same count, warned once above instead of once per attack
             warnings.filterwarnings("ignore", message=".*non-finite logits", category=RuntimeWarning)
             s = score_all_targets(name, obs, **options.get(name, {})).double().cpu()
-        bad = ~torch.isfinite(s)
-        diag["nonfinite_scores"][name] = int(bad.sum())
-        if bool(bad.any()):
-            fin = s[~bad]
-            lo, hi = (float(fin.min()), float(fin.max())) if fin.numel() else (0.0, 0.0)
-            s = torch.nan_to_num(s, nan=lo, posinf=hi, neginf=lo)
-        scores[name] = s
+        scores[name], diag["nonfinite_scores"][name] = rank_nonfinite(s)
     return scores, diag
 
 
@@ -171,34 +127,18 @@ def attack_metrics(scores: Tensor, keep: Tensor, config: MembershipConfig) -> di
                        n_boot=config.n_boot, seed=config.seed)
 
 
-def self_influence(correct: Tensor, keep: Tensor) -> Tensor:
-    """mem(i) float64 [N] from ``correct`` bool [M, N] and ``keep`` bool [M, N] (module docstring);
-    NaN where an example has no IN or no OUT model."""
-    c, k = correct.double(), keep.double()
-    p_in = (c * k).sum(0) / k.sum(0)
-    p_out = (c * (1 - k)).sum(0) / (1 - k).sum(0)
-    return p_in - p_out
-
-
-def influence(keep: Tensor, correct_test: Tensor) -> Tensor:
-    """infl(i, j) float32 [N, N_test] of pool example i on test example j: ``keep`` bool [M, N],
-    ``correct_test`` bool [M, N_test] (module docstring)."""
-    k, c = keep.double(), correct_test.double()
-    p_in = (k.T @ c) / k.sum(0).unsqueeze(1)
-    p_out = ((1 - k).T @ c) / (1 - k).sum(0).unsqueeze(1)
-    return (p_in - p_out).float()
-
-
-def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Observations, scores: dict[str, Tensor],
-                     test_logits: Tensor, data: DataBundle, rows: Tensor, artifacts: Path) -> None:
-    """Self-influence of every pool example, its top 10, its Spearman correlation with the mean LiRA
-    score of the example over the models that hold it, and infl(i, j) on the test split when small."""
+def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Observations, *,
+                     scores: dict[str, Tensor], test_logits: Tensor, data: DataBundle, rows: Tensor,
+                     artifacts: Path) -> ExperimentOutput:
+    """``out`` extended (a new value) with the self-influence of every pool example, its top 10, its
+    Spearman correlation with the mean LiRA score of the example over the models that hold it, and
+    infl(i, j) on the test split when small; saves them under ``artifacts``."""
     a = obs.queries.index("identity")
     correct = obs.logits[:, :, a].argmax(-1) == obs.labels
     mem = self_influence(correct, obs.keep)
     np.save(artifacts / "memorization.npy", mem.numpy())
     k, m = config.pool.in_per_example, obs.num_models
-    se = float(np.sqrt(0.25 / k + 0.25 / (m - k)))
+    se = max_standard_error(k, m)
     top = torch.argsort(mem, descending=True, stable=True)[:10]
     top_rows = [{"index": int(rows[i]), "label": data.train.classes[int(obs.labels[i])], "mem": float(mem[i])}
                 for i in top]
@@ -206,8 +146,9 @@ def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Obser
                            "fraction_above_0.5": float((mem > 0.5).double().mean()), "max_standard_error": se,
                            "top": top_rows}
     ref = next((name for name in ("lira-online", "lira-offline") if name in scores), None)
-    if ref is not None:
-        s_in = (scores[ref] * obs.keep).sum(0) / obs.keep.sum(0)
+    s_in = mean_member_score(scores[ref], obs.keep) if ref is not None else None
+    rho = 0.0
+    if s_in is not None:
         rho, p = spearmanr(mem.numpy(), s_in.numpy())
         res["spearman_vs_lira"] = {"attack": ref, "rho": float(rho), "p_value": float(p),
                                    "score": "mean score of each example over the models holding it"}
@@ -226,35 +167,13 @@ def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Obser
     else:
         infl_note = (f"infl(i, j) on the test split was skipped: {obs.num_examples} x {n_test} float32 values exceed "
                      f"{INFLUENCE_MAX_BYTES // 2**20} MB.")
-    out.metrics["memorization"] = res
-    out.tables.append(ReportTable("Most memorized pool examples (Feldman & Zhang self-influence)",
-                                  ["training index", "label", "mem"],
-                                  [[r["index"], r["label"], r["mem"]] for r in top_rows]))
+    table = ReportTable("Most memorized pool examples (Feldman & Zhang self-influence)",
+                        ["training index", "label", "mem"], [[r["index"], r["label"], r["mem"]] for r in top_rows])
     sp = res.get("spearman_vs_lira")
-    out.notes.append(
-        f"memorization mem(i) = P[correct | i in S] - P[correct | i not in S] from {k} IN and {m - k} OUT models per "
-        f"example (standard error up to {se:.2f}); artifacts/memorization.npy. "
-        + (f"Spearman correlation with the mean {sp['attack']} score over the models holding the example: "
-           f"rho = {sp['rho']:.3f} (p = {sp['p_value']:.2g}). " if sp else "") + infl_note)
-    out.figures["Memorization (self-influence) of the pool examples"] = _mem_figure(mem, sp, scores, obs)
-
-
-def _mem_figure(mem: Tensor, sp: dict[str, Any] | None, scores: dict[str, Tensor], obs: Observations) -> Figure:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8.4, 3.2))
-    ax = fig.add_subplot(1, 2, 1)
-    ax.hist(mem.numpy(), bins=40, color="#4c72b0")
-    ax.set_yscale("log")
-    ax.set_xlabel("mem(i)")
-    ax.set_ylabel("examples")
-    ax.set_title("self-influence")
-    if sp is not None:
-        ax2 = fig.add_subplot(1, 2, 2)
-        s_in = (scores[sp["attack"]] * obs.keep).sum(0) / obs.keep.sum(0)
-        ax2.scatter(mem.numpy(), s_in.numpy(), s=4, alpha=0.4, color="#dd8452")
-        ax2.set_xlabel("mem(i)")
-        ax2.set_ylabel(f"mean {sp['attack']} score (IN)")
-        ax2.set_title(f"Spearman rho = {sp['rho']:.2f}")
-    fig.tight_layout()
-    return fig
+    note = (f"memorization mem(i) = P[correct | i in S] - P[correct | i not in S] from {k} IN and {m - k} OUT models "
+            f"per example (standard error up to {se:.2f}); artifacts/memorization.npy. "
+            + (f"Spearman correlation with the mean {sp['attack']} score over the models holding the example: "
+               f"rho = {sp['rho']:.3f} (p = {sp['p_value']:.2g}). " if sp else "") + infl_note)
+    fig = memorization_figure(mem, s_in, attack=ref or "", rho=float(rho))
+    return extended(out, metrics={"memorization": res}, tables=[table], notes=[note],
+                    figures={"Memorization (self-influence) of the pool examples": fig})

@@ -38,7 +38,7 @@ from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
 from ..jsonutil import dumps, loads
 from ..models.registry import ModelSpec, build_model, resolve_model_spec
-from ..stats import MeanSE
+from ..stats import MeanSE, mean_difference
 from ..train.checkpoint import load_checkpoint
 from ..train.recipe import Recipe, resolve_recipe
 from .base import ExperimentConfig
@@ -268,16 +268,12 @@ def finished_crafters(ctx: RunContext) -> list[dict[str, Any]]:
 
 
 def accuracy_summary(clean: Sequence[dict[str, Any]], poisoned: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Clean and poisoned victims' test accuracy (mean +- SE) and the drop clean - poisoned: the
-    paired mean +- SE over victims that share a seed when both sides have the same count, else the
-    difference of means with SE sqrt(se_c^2 + se_p^2)."""
+    """Clean and poisoned victims' test accuracy (mean +- SE) and the drop clean - poisoned
+    (:func:`mlaudit.stats.mean_difference`: paired over victims that share a seed when both sides
+    have the same count, else the difference of means)."""
     a = np.array([r["metrics"]["test_accuracy"] for r in clean], dtype=float)
     b = np.array([r["metrics"]["test_accuracy"] for r in poisoned], dtype=float)
     if len(a) == 0 or len(b) == 0:
         raise ConfigError("accuracy_summary needs at least one clean and one poisoned victim")
-    if len(a) == len(b):
-        drop = MeanSE.of(a - b).to_dict()
-    else:
-        ca, cb = MeanSE.of(a), MeanSE.of(b)
-        drop = {"mean": ca.mean - cb.mean, "se": float(np.hypot(ca.se, cb.se)), "n": min(len(a), len(b))}
-    return {"clean_accuracy": MeanSE.of(a).to_dict(), "poisoned_accuracy": MeanSE.of(b).to_dict(), "drop": drop}
+    return {"clean_accuracy": MeanSE.of(a).to_dict(), "poisoned_accuracy": MeanSE.of(b).to_dict(),
+            "drop": mean_difference(a, b)}

@@ -36,6 +36,7 @@ from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..models.registry import model_entry
 from ..privacy.dpsgd import check_dp_model
+from ..report.figures import alignment_figure, perturbation_grid
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.loop import resolve_augment
@@ -53,6 +54,9 @@ from .poisoning import (
     train_victims,
     victim_logits,
 )
+
+GRID_POISONS = 6
+"""Poisons of scenario 0 shown in the report's image grid, after the target."""
 
 
 class TargetedAttack(BaseModel):
@@ -345,11 +349,12 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
     if config.alignment:
         curves = _alignment(config, ctx, data, first, views[f"s{first.index:03d}"])
         metrics["alignment"] = {"scenario": first.index, **curves}
-        figures["Gradient alignment during victim training (seed 002 Fig. 1.3b), scenario 0"] = _alignment_figure(curves)
+        figures["Gradient alignment during victim training (seed 002 Fig. 1.3b), scenario 0"] = alignment_figure(curves)
     res0 = brewed[first.index][0]
     if res0.delta is not None:
-        figures["Target, clean poisons, poisoned images and their difference (scenario 0)"] = _grid(
-            data, first, res0.delta, eps)
+        figures["Target, clean poisons, poisoned images and their difference (scenario 0)"] = perturbation_grid(
+            data.train.x[list(first.poison_ids[:GRID_POISONS])], res0.delta, eps, n=GRID_POISONS,
+            lead=data.test.x[first.target_ids[0]], lead_title=f"target\n{data.train.classes[first.target_class]}")
     return ExperimentOutput(metrics=metrics, trials=rows, tables=tables, figures=figures, notes=notes)
 
 
@@ -409,50 +414,3 @@ def _alignment(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, 
         ctx.progress.advance(task)
     ctx.progress.done(task)
     return out
-
-
-def _alignment_figure(curves: dict[str, list[float]]):  # noqa: ANN202
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.add_subplot()
-    for name, c in curves.items():
-        ax.plot(range(1, len(c) + 1), c, marker="o", label=f"{name} victim")
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("cos(target adv. grad, batch grad)")
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def _grid(data: DataBundle, sc: Scenario, delta: Tensor, eps: float, k: int = 6):  # noqa: ANN202
-    """Figure: the target, then k poisons (clean / poisoned / difference scaled to [0, 1])."""
-    from matplotlib.figure import Figure
-
-    k = min(k, len(sc.poison_ids))
-    fig = Figure(figsize=(1.4 * (k + 1), 4.4))
-    axes = fig.subplots(3, k + 1, squeeze=False)
-
-    def show(ax, img: Tensor, title: str = "") -> None:  # noqa: ANN001
-        img = img.detach().float().cpu()
-        if img.dim() == 3 and img.shape[0] == 1:
-            ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1)
-        elif img.dim() == 3:
-            ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-        else:
-            ax.imshow(img.reshape(1, -1).numpy(), aspect="auto", cmap="gray")
-        ax.set_title(title, fontsize=7)
-        ax.axis("off")
-
-    show(axes[0][0], data.test.x[sc.target_ids[0]], f"target\n{data.train.classes[sc.target_class]}")
-    axes[1][0].axis("off")
-    axes[2][0].axis("off")
-    for j in range(k):
-        x = data.train.x[sc.poison_ids[j]]
-        d = delta[j]
-        show(axes[0][j + 1], x, "clean")
-        show(axes[1][j + 1], x + d, "poisoned")
-        show(axes[2][j + 1], d / (2 * eps) + 0.5, "difference")
-    fig.tight_layout()
-    return fig

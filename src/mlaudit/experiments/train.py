@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from ..factory import TrialSpec
+from ..report.figures import accuracy_histogram
 from ..stats import MeanSE
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
 from .context import RunContext
@@ -43,15 +44,4 @@ def run_train(config: TrainConfig, ctx: RunContext) -> ExperimentOutput:
 
 
 def _figures(acc: np.ndarray) -> dict:
-    if len(acc) < 2:
-        return {}
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.5, 3))
-    ax = fig.add_subplot()
-    ax.hist(acc, bins=min(20, len(acc)), color="#4c72b0")
-    ax.set_xlabel("test accuracy")
-    ax.set_ylabel("models")
-    ax.set_title("test accuracy across trials")
-    fig.tight_layout()
-    return {"Test accuracy across trials": fig}
+    return {"Test accuracy across trials": accuracy_histogram(acc)} if len(acc) >= 2 else {}

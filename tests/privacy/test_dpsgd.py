@@ -18,8 +18,6 @@ from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.models.registry import ModelSpec, build_model
 from mlaudit.privacy.dpsgd import (
     DPTraining,
-    GradientCanary,
-    audit_meta,
     clip_per_example,
     clipped_sum,
     gaussian_noise,
@@ -29,6 +27,7 @@ from mlaudit.privacy.dpsgd import (
     poisson_batch,
 )
 from mlaudit.train.evaluate import evaluate
+from mlaudit.train.hooks import DPStepHooks, GradientCanary
 from mlaudit.train.loop import StackedModels, init_models, train_stack
 from mlaudit.train.recipe import resolve_recipe
 
@@ -177,11 +176,11 @@ def test_large_delta_refused_unless_allowed() -> None:
 
 
 # ---------------------------------------------------------------- audit hooks (dp-audit's canary and fixtures)
-def canary_view(coordinate: int = 3 * 64 + 0, broken: str | None = None) -> tuple[DataView, GradientCanary]:
+def canary_view(coordinate: int = 3 * 64 + 0, broken: str | None = None) -> tuple[DataView, DPStepHooks]:
     b = digits()
     g = GradientCanary(index=len(b.train), parameter="net.1.weight", coordinate=coordinate)
     view = DataView.identity(b.train).with_inserted(torch.zeros(1, *b.train.shape), [0])
-    return view.with_meta(**audit_meta(gradient_canary=g, broken=broken)), g
+    return view, DPStepHooks(gradient_canary=g, broken=broken)
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "loop"])
@@ -191,14 +190,14 @@ def test_dirac_canary_adds_exactly_c_per_sampled_step(strategy: str) -> None:
     in which the canary was sampled, and not at all for the model without the canary."""
     b = digits()
     q, lr, clip = 0.05, 0.5, 0.7
-    view, _ = canary_view()
+    view, hook = canary_view()
     r = resolve_recipe({"name": "custom", "epochs": 2, "batch_size": 64, "lr": lr, "schedule": "constant",
                         "momentum": 0.0, "weight_decay": 0.0, "augment": "none",
                         "dp": {"noise_multiplier": 0.0, "clip": clip, "sample_rate": q}})
     fn = functools.partial(build_model, ModelSpec(name="logistic"), input_shape=b.input_shape, num_classes=10)
     seeds = [1, 5, 9]
     outs = train_stack(init_models(fn, seeds), b.train, r, seeds=seeds, lr=lr, device=CPU,
-                       views=[view, view, None], strategy=strategy)
+                       views=[view, view, None], hooks=[hook, hook, None], strategy=strategy)
     counts = [o.privacy.get("dp_canary_sampled") for o in outs]
     assert counts[2] is None and all(c is not None and c >= 1 for c in counts[:2])
     for o, m0, c in zip(outs, init_models(fn, seeds), counts):
@@ -215,16 +214,16 @@ def test_broken_fixtures_change_noise_and_clip_only_when_asked() -> None:
     cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 2.0, "clip": 0.5, "sample_rate": 0.1}}).dp
     models = [build_model("logistic", input_shape=b.input_shape, num_classes=10)]
 
-    def start(view: DataView | None) -> DPTraining:
+    def start(hook: DPStepHooks | None) -> DPTraining:
         return DPTraining.start(cfg, models, [torch.arange(n)], seeds=[0], batch_size=64, epochs=1, default_spe=23,
-                                device=CPU, views=[view])
+                                device=CPU, hooks=[hook])
 
-    ok, plain = start(None), start(DataView.identity(b.train))
+    ok, plain = start(None), start(DPStepHooks())
     assert ok.broken is None and ok.clip == 0.5 and float(ok.sigma_c[0]) == pytest.approx(1.0)
     assert plain.sigma_c.tolist() == ok.sigma_c.tolist() and plain.canaries is None
-    noisy = start(DataView.identity(b.train).with_meta(**audit_meta(broken="noise-over-batch")))
+    noisy = start(DPStepHooks(broken="noise-over-batch"))
     assert float(noisy.sigma_c[0]) == pytest.approx(1.0 / (0.1 * n)) and noisy.clip == 0.5
-    noclip = start(DataView.identity(b.train).with_meta(**audit_meta(broken="no-clip")))
+    noclip = start(DPStepHooks(broken="no-clip"))
     assert noclip.clip == math.inf and float(noclip.sigma_c[0]) == pytest.approx(1.0)
     assert noclip.report(0, 10)["dp_epsilon"] == ok.report(0, 10)["dp_epsilon"]  # the claim is unchanged
 
@@ -235,18 +234,26 @@ def test_audit_hook_errors() -> None:
     models = [build_model("logistic", input_shape=b.input_shape, num_classes=10) for _ in range(2)]
     pools = [torch.arange(len(b.train))] * 2
 
-    def start(views: list) -> DPTraining:
+    def start(hooks: list) -> DPTraining:
         return DPTraining.start(cfg, models, pools, seeds=[0, 1], batch_size=64, epochs=1, default_spe=23,
-                                device=CPU, views=views)
+                                device=CPU, hooks=hooks)
 
-    broken = DataView.identity(b.train).with_meta(**audit_meta(broken="no-clip"))
     with pytest.raises(ConfigError, match="share one DP-SGD variant"):
-        start([broken, None])
-    view, g = canary_view()
-    bad = view.with_meta(**audit_meta(gradient_canary=GradientCanary(g.index, "net.9.weight", 0)))
+        start([DPStepHooks(broken="no-clip"), None])
+    _, hook = canary_view()
+    bad = DPStepHooks(gradient_canary=GradientCanary(hook.gradient_canary.index, "net.9.weight", 0))
     with pytest.raises(ConfigError, match="not a parameter of the model; valid: net.1.weight, net.1.bias"):
         start([bad, None])
     with pytest.raises(ConfigError, match="outside parameter 'net.1.weight' \\(640 entries\\)"):
-        start([canary_view(coordinate=640)[0], None])
+        start([canary_view(coordinate=640)[1], None])
     with pytest.raises(ConfigError, match="noise-over-batch, no-clip"):
-        audit_meta(broken="typo")
+        DPStepHooks(broken="typo")
+
+
+def test_hooks_need_a_dp_recipe() -> None:
+    b = digits()
+    view, hook = canary_view()
+    fn = functools.partial(build_model, ModelSpec(name="logistic"), input_shape=b.input_shape, num_classes=10)
+    with pytest.raises(ConfigError, match="hooks act on the DP-SGD step"):
+        train_stack(init_models(fn, [0]), b.train, resolve_recipe("fast"), seeds=[0], lr=0.1, device=CPU,
+                    views=[view], hooks=[hook])

@@ -23,7 +23,7 @@ white-box canary needs it):
 ``gradient``    the white-box Dirac canary of Nasr et al., "Tight auditing of differentially private
                 machine learning" (USENIX Security 2023): no input at all, but a gradient C * e_j
                 added to the clipped-gradient sum in every step in which the canary is Poisson-sampled
-                (:class:`mlaudit.privacy.dpsgd.GradientCanary`). j is the parameter coordinate with
+                (:class:`mlaudit.train.hooks.GradientCanary`). j is the parameter coordinate with
                 the least gradient energy sum_i g_ij^2 over (up to) 2048 seeded training examples at
                 a seeded initialisation (ties broken with the seed), so that the data hardly moves it.
 """
@@ -44,7 +44,8 @@ from ..craft import craft
 from ..craft.constraints import Box
 from ..data.base import TensorDataset
 from ..errors import ConfigError
-from ..privacy.dpsgd import GradientCanary, per_example_grads
+from ..privacy.dpsgd import per_example_grads
+from ..train.hooks import GradientCanary
 from ..registry import Registry
 from ..train.stacked import StackedModels
 

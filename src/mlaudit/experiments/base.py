@@ -12,6 +12,7 @@ A kind registers ``@register_experiment("name", config=ConfigModel)`` on a funct
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,26 @@ if TYPE_CHECKING:
 
     from ..report.html import ReportTable
     from .context import RunContext
+
+
+class Stream(enum.IntEnum):
+    """Named seed streams: ``config.trial_seed(i, stream=Stream.VICTIMS)``. The numbers are part of
+    every published result (they fix which seed each trial gets): never renumber them."""
+
+    MODELS = 0
+    """A kind's own models (``train`` trials, the membership pool)."""
+    DP_IN = 1
+    """dp-audit models trained on D' (with the canary)."""
+    DP_OUT = 2
+    """dp-audit models trained on D."""
+    CRAFTERS = 101
+    """Factory-trained crafting models of the poisoning kinds."""
+    VICTIMS = 202
+    """Victims of the poisoning kinds (the same seed in every view: paired comparisons)."""
+    ATTACK = 303
+    """An attack's own randomness (crafting restarts and augmentation, poison sampling, random labels)."""
+    SURROGATE = 304
+    """Availability attacks' surrogate models (error-minimizing noise)."""
 
 
 class FactoryOptions(BaseModel):
@@ -133,7 +154,7 @@ class ExperimentConfig(BaseModel):
                           views=dict(views or {}), device=device, batched=self.factory.batched,
                           max_chunk=self.factory.max_chunk, strategy=self.factory.strategy, trainer=self.user_trainer)
 
-    def trial_seed(self, index: int, *, stream: int = 0) -> int:
+    def trial_seed(self, index: int, *, stream: int = Stream.MODELS) -> int:
         """Seed of trial ``index``: a SeedSequence child of (seed, stream, index), in [0, 2**31)."""
         return int(np.random.SeedSequence([self.seed, stream, index]).generate_state(1)[0] % 2**31)
 

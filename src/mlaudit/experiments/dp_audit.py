@@ -42,7 +42,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
-from ..attacks.membership.query import logits_from_checkpoints
 from ..audit.canaries import CANARIES, Canary
 from ..audit.game import MIN_USEFUL_EPS, best_possible_bound, distinguish, models_needed
 from ..audit.scores import update_scores
@@ -50,13 +49,14 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
-from ..models.registry import build_model
-from ..privacy.dpsgd import BROKEN, audit_meta, check_dp_model
+from ..privacy.dpsgd import check_dp_model
+from ..query import logits_from_checkpoints, model_template
 from ..report.figures import canary_score_histogram
 from ..stats import describe
 from ..train.checkpoint import load_checkpoint
+from ..train.hooks import BROKEN, DPStepHooks
 from ..train.recipe import Recipe
-from .base import ExperimentConfig, ExperimentOutput, register_experiment
+from .base import ExperimentConfig, ExperimentOutput, Stream, register_experiment
 from .context import RunContext
 
 
@@ -150,8 +150,9 @@ def check_dp_audit(config: DPAuditConfig, data: DataBundle) -> None:
 
 
 def _model_fn(config: DPAuditConfig, data: DataBundle) -> Callable[[], torch.nn.Module]:
-    """Builds the audited architecture exactly as the factory does (so seeded inits agree)."""
-    return functools.partial(build_model, config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    """Builds the audited architecture exactly as the factory does (so seeded inits agree), without
+    touching the global RNG (:func:`mlaudit.query.model_template`)."""
+    return functools.partial(model_template, config.model, data)
 
 
 def make_canary(config: DPAuditConfig, data: DataBundle, device: str | torch.device = "cpu") -> Canary:
@@ -165,17 +166,15 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Can
     """Models of both sides (the factory's DP-SGD or the user's trainer, through the run store);
     returns canary scores (in, out) and their records."""
     cfg = config.model_copy(update={"recipe": config.audited_recipe(len(data.train))})
-    view_in = DataView.identity(data.train).with_inserted(canary.x, [canary.y])
-    if config.user_trainer is None:  # the audit hooks live in mlaudit's DP-SGD step
-        view_in = view_in.with_meta(**audit_meta(gradient_canary=canary.gradient, broken=config.broken))
-    views = {"canary": view_in}
-    if config.broken is not None:  # the out side needs the (broken) hook too
-        views["plain"] = DataView.identity(data.train).with_meta(**audit_meta(broken=config.broken))
+    views = {"canary": DataView.identity(data.train).with_inserted(canary.x, [canary.y])}
+    hooks = None  # the audit hooks live in mlaudit's DP-SGD step: explicit per trial
+    if config.user_trainer is None and (canary.gradient is not None or config.broken is not None):
+        hooks = (DPStepHooks(gradient_canary=canary.gradient, broken=config.broken), DPStepHooks(broken=config.broken))
     m = config.models_per_side
-    trials = [TrialSpec(f"in-{i:05d}", seed=config.trial_seed(i, stream=1), view="canary", tags={"side": "in"})
-              for i in range(m)]
-    trials += [TrialSpec(f"out-{i:05d}", seed=config.trial_seed(i, stream=2), tags={"side": "out"},
-                         view="plain" if "plain" in views else None) for i in range(m)]
+    trials = [TrialSpec(f"in-{i:05d}", seed=config.trial_seed(i, stream=Stream.DP_IN), view="canary",
+                        tags={"side": "in"}, hooks=hooks[0] if hooks else None) for i in range(m)]
+    trials += [TrialSpec(f"out-{i:05d}", seed=config.trial_seed(i, stream=Stream.DP_OUT), tags={"side": "out"},
+                         hooks=hooks[1] if hooks else None) for i in range(m)]
     job = cfg.factory_job(data, trials, device=ctx.device, views=views)
     records = ctx.train(job, save_weights=True, label="training the audited models")
     key = f"{config.canary}:{config.resolved_score}"

@@ -132,6 +132,7 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     views = [setup.views[t.view] if t.view is not None else None for t in chunk]
     outs = train_stack(models, setup.data.train, job.recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
                        masks=_masks(chunk, setup), augment=setup.augment,
+                       hooks=[t.hooks for t in chunk] if any(t.hooks is not None for t in chunk) else None,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
                        strategy=layout)
     metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout, **o.privacy}

@@ -14,6 +14,7 @@ from ..data.registry import DatasetSpec
 from ..data.view import DataView
 from ..errors import ConfigError
 from ..models.registry import ModelSpec
+from ..train.hooks import DPStepHooks
 from ..train.recipe import Recipe
 
 
@@ -32,6 +33,8 @@ class TrialSpec:
     mask: Tensor | None = None
     view: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    hooks: DPStepHooks | None = None
+    """Hooks of its DP-SGD step (the DP audit's gradient canary or broken fixture)."""
 
 
 @dataclass

@@ -33,13 +33,13 @@ Threat model: the (epsilon, delta) guarantee covers the final weights (and every
 iterate) against an adversary who knows everything but whether one training example was present;
 it holds only if the sampling is really Poisson and the noise is really drawn as stated.
 
-Audit hooks (used by the ``dp-audit`` kind only; see docs/dp_audit.md). A :class:`DataView` whose
-``meta[AUDIT_META_KEY]`` is set (build it with :func:`audit_meta`) changes the step of the models
-trained on that view:
+Audit hooks (used by the ``dp-audit`` kind only; see docs/dp_audit.md): the training loop's
+``hooks`` argument (one :class:`~mlaudit.train.hooks.DPStepHooks` or None per model) changes the step
+of those models:
 
 * ``gradient_canary`` (:class:`GradientCanary`): the Dirac canary of Nasr et al., "Tight auditing
   of differentially private machine learning" (USENIX Security 2023; gradient canaries also appear
-  in Nasr et al. 2021, "Adversary instantiation"). The view holds one inserted placeholder example
+  in Nasr et al. 2021, "Adversary instantiation"). The model's view holds one inserted placeholder example
   at virtual index ``index``; it is Poisson-sampled like every other example (rate q), but
   whenever it is in the batch its per-example gradient is replaced by
   C * e_j, all of the clip norm on one coordinate j of one parameter, so the noisy sum becomes
@@ -63,9 +63,9 @@ from torch.func import functional_call, grad, vmap
 
 from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.augment import AugmentSpec as AugmentConfig
-from ..data.view import DataView
 from ..errors import ConfigError, UnsupportedModelError
 from ..models.registry import has_batchnorm
+from ..train.hooks import DPStepHooks
 from ..train.recipe import DPConfig
 from ..train.stacked import LoopStack, StackedModels, VmapStack, _set_mode
 from .accountant import calibrate_noise, check_delta, epsilon
@@ -73,63 +73,30 @@ from .accountant import calibrate_noise, check_delta, epsilon
 GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """idx [K, B] (virtual indices) -> (x [K, B, *shape], y [K, B])."""
 
-AUDIT_META_KEY = "dp_audit"
-"""Key of a :class:`DataView`'s ``meta`` that carries the audit hooks (see the module docstring)."""
-
-BROKEN: dict[str, str] = {
-    "noise-over-batch": "the noise is divided by the expected batch size q*N before it is added to the clipped "
-                        "sum (and the sum is divided by q*N again): noise std sigma*C/(qN) instead of sigma*C",
-    "no-clip": "per-example gradients are not clipped (the noise is still calibrated for the clip norm C)",
-}
-"""Deliberately broken DP-SGD variants (audit fixtures): name -> what is wrong."""
-
-
-@dataclass(frozen=True)
-class GradientCanary:
-    """A Dirac gradient canary: when the placeholder example at virtual ``index`` is sampled, its
-    gradient is C * e_j with j the flat (row-major) ``coordinate`` of ``parameter`` (a name of
-    ``named_parameters()``, the same as in the state_dict)."""
-
-    index: int
-    parameter: str
-    coordinate: int
-
-
-def audit_meta(*, gradient_canary: GradientCanary | None = None, broken: str | None = None) -> dict[str, dict]:
-    """``view.with_meta(**audit_meta(...))`` turns the audit hooks on for the models of that view."""
-    if broken is not None and broken not in BROKEN:
-        raise ConfigError(f"broken DP-SGD variant {broken!r} is unknown; valid: {', '.join(BROKEN)}")
-    spec: dict[str, object] = {"broken": broken}
-    if gradient_canary is not None:
-        spec["gradient_canary"] = {"index": int(gradient_canary.index), "parameter": gradient_canary.parameter,
-                                   "coordinate": int(gradient_canary.coordinate)}
-    return {AUDIT_META_KEY: spec}
-
-
-def _audit_hooks(views: Sequence[DataView | None] | None, k: int, names: list[str], shapes: list[torch.Size]
+def _audit_hooks(hooks: Sequence[DPStepHooks | None] | None, k: int, names: list[str], shapes: list[torch.Size]
                  ) -> tuple[list[tuple[int, int, tuple[int, ...]] | None], str | None]:
     """Per model: (canary virtual index, parameter position, unravelled coordinate) or None; the
     broken variant (one for all models, else a ConfigError)."""
-    specs = [(v.meta.get(AUDIT_META_KEY) if v is not None else None) or {} for v in (views or [None] * k)]
-    broken = {s.get("broken") for s in specs}
+    specs = [h or DPStepHooks() for h in (hooks or [None] * k)]
+    broken = {s.broken for s in specs}
     if len(broken) > 1:
         raise ConfigError(f"models trained together must share one DP-SGD variant, got {sorted(map(str, broken))}")
     canaries: list[tuple[int, int, tuple[int, ...]] | None] = []
     for s in specs:
-        c = s.get("gradient_canary")
+        c = s.gradient_canary
         if c is None:
             canaries.append(None)
             continue
-        if c["parameter"] not in names:
-            raise ConfigError(f"gradient canary parameter {c['parameter']!r} is not a parameter of the model; "
+        if c.parameter not in names:
+            raise ConfigError(f"gradient canary parameter {c.parameter!r} is not a parameter of the model; "
                               f"valid: {', '.join(names)}")
-        pos = names.index(c["parameter"])
+        pos = names.index(c.parameter)
         numel = math.prod(shapes[pos])
-        if not 0 <= c["coordinate"] < numel:
-            raise ConfigError(f"gradient canary coordinate {c['coordinate']} is outside parameter "
-                              f"{c['parameter']!r} ({numel} entries)")
-        coord = tuple(int(t) for t in torch.unravel_index(torch.tensor(c["coordinate"]), shapes[pos]))
-        canaries.append((int(c["index"]), pos, coord))
+        if not 0 <= c.coordinate < numel:
+            raise ConfigError(f"gradient canary coordinate {c.coordinate} is outside parameter "
+                              f"{c.parameter!r} ({numel} entries)")
+        coord = tuple(int(t) for t in torch.unravel_index(torch.tensor(c.coordinate), shapes[pos]))
+        canaries.append((int(c.index), pos, coord))
     return canaries, broken.pop()
 
 
@@ -210,6 +177,11 @@ def per_example_grads(stack: StackedModels, x: Tensor, y: Tensor, *, label_smoot
     K models (grads [K, B, *s] in ``stack.trainable()`` order, losses [K, B]); for ``loop`` one group
     per model (grads [1, B, *s], losses [1, B]). Concatenating the groups' grads gives the order of
     ``stack.trainable()``.
+
+    Kept apart from :mod:`mlaudit.query.grads` (the gradients of one model's loss) on purpose: this is
+    the DP-SGD step's hot path, per-example and batched over all K models of a stack in one double
+    ``vmap`` in train mode; routing it through the one-model query would loop over models and change
+    both speed and the kernels' summation order.
     """
     if isinstance(stack, VmapStack):
         _set_mode(stack.template, True)
@@ -262,12 +234,12 @@ class DPTraining:
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
               batch_size: int, epochs: int, default_spe: int, device: torch.device,
-              augment: AugmentConfig | None = None, views: Sequence[DataView | None] | None = None) -> DPTraining:
+              augment: AugmentConfig | None = None, hooks: Sequence[DPStepHooks | None] | None = None) -> DPTraining:
         """Check the model and delta, pick q and steps, calibrate sigma when ``cfg.epsilon`` is set;
-        read the audit hooks of ``views`` (one per model; see the module docstring)."""
+        apply the audit ``hooks`` (one per model or None; :mod:`mlaudit.train.hooks`)."""
         check_dp_model(models)
         named = list(models[0].named_parameters())
-        canaries, broken = _audit_hooks(views, len(models), [n for n, _ in named], [p.shape for _, p in named])
+        canaries, broken = _audit_hooks(hooks, len(models), [n for n, _ in named], [p.shape for _, p in named])
         ns = [len(p) for p in pools]
         for n in ns:
             check_delta(cfg.delta, n, force=cfg.allow_large_delta)

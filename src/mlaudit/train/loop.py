@@ -39,6 +39,7 @@ from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.base import TensorDataset
 from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
+from .hooks import DPStepHooks
 from .optim import make_optimizer
 from .recipe import AugmentConfig, Recipe, lr_at
 from .stacked import StackedModels, choose_strategy  # noqa: F401  (re-exported)
@@ -94,6 +95,7 @@ def train_stack(
     lr: float,
     device: torch.device,
     views: Sequence[DataView | None] | None = None,
+    hooks: Sequence[DPStepHooks | None] | None = None,
     masks: Tensor | None = None,
     augment: AugmentConfig | None = None,
     on_epoch: Callable[[int, Tensor], None] | None = None,
@@ -110,6 +112,8 @@ def train_stack(
         lr: base learning rate (``recipe.resolved_lr`` for the architecture).
         views: K optional :class:`DataView` over ``data`` (poisons, relabels, inserts); models that
             share one view object share its gathers.
+        hooks: K optional :class:`~mlaudit.train.hooks.DPStepHooks` (audit hooks of the DP-SGD step:
+            a gradient canary, a broken-DP-SGD fixture); needs ``recipe.dp``.
         masks: optional bool [K, N_total] subset of (virtual) indices each model may train on.
         augment: augmentation config (None = no augmentation).
         on_epoch: called with (epoch, mean loss per model [K]) after each epoch.
@@ -136,11 +140,13 @@ def train_stack(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     check_every_step = device.type == "cpu"
     dp = None
+    if hooks is not None and any(h is not None for h in hooks) and recipe.dp is None:
+        raise ConfigError("training hooks act on the DP-SGD step, but the recipe has no dp; add recipe.dp")
     if recipe.dp is not None:
         from ..privacy.dpsgd import DPTraining  # lazy: privacy imports train
 
         dp = DPTraining.start(recipe.dp, models, pools, seeds=seeds, batch_size=bsz, epochs=recipe.epochs,
-                              default_spe=spe, device=device, augment=augment, views=views)
+                              default_spe=spe, device=device, augment=augment, hooks=hooks)
         spe = dp.steps_per_epoch
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0

@@ -27,9 +27,10 @@ from mlaudit.attacks.indiscriminate import (
     reachability_threshold,
     tau_from,
 )
-from mlaudit.attacks.indiscriminate._functional import dot, mean_loss, num_poisons, param_dict
+from mlaudit.attacks.indiscriminate._functional import mean_loss, num_poisons
 from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.models import build_model
+from mlaudit.query import ParamVector
 
 K = 4
 
@@ -134,14 +135,14 @@ def test_tau_cases_and_linearity_check() -> None:
 def test_gradpc_stays_within_eps_w_and_increases_training_loss(make, eps_w: float) -> None:
     x, y = problem()
     m = make()
-    before = {k: v.clone() for k, v in param_dict(m).items()}
+    before = {k: v.clone() for k, v in ParamVector.from_module(m).items()}
     res = gradpc(m, x, y, eps_w=eps_w, steps=20, lr=0.2)
-    w_t = param_dict(res.model)
+    w_t = ParamVector.from_module(res.model)
     dist = float(torch.sqrt(sum(((w_t[k] - before[k]) ** 2).sum() for k in before)))
     assert dist == pytest.approx(res.distance, rel=1e-5) and dist <= eps_w * (1 + 1e-5)
     assert res.loss_corrupted > res.loss_clean
     assert res.loss_corrupted == pytest.approx(mean_loss(res.model, w_t, x, y), rel=1e-5)
-    assert all(torch.equal(v, before[k]) for k, v in param_dict(m).items())  # the clean model is untouched
+    assert all(torch.equal(v, before[k]) for k, v in ParamVector.from_module(m).items())  # the clean model is untouched
 
 
 def test_one_gradpc_step_is_the_first_order_corruption() -> None:
@@ -162,7 +163,7 @@ def test_chunked_objective_and_gradient_equal_the_direct_formula() -> None:
     m = mlp()
     xp, yp = x[:7].clone(), (y[:7] + 1) % K
     obj = GradientCanceling(m, x, y, labels=yp, weight_decay=1e-2, label_smoothing=0.1, chunk_size=3)
-    w = {k: v.requires_grad_(True) for k, v in param_dict(m).items()}
+    w = {k: v.requires_grad_(True) for k, v in ParamVector.from_module(m).items()}
     xr = xp.clone().requires_grad_(True)
 
     def mean_grad(xx: torch.Tensor, yy: torch.Tensor) -> list[torch.Tensor]:
@@ -189,7 +190,7 @@ def test_label_scores_are_the_first_order_objective_change() -> None:
     obj = GradientCanceling(m, x, y, labels=y[:5].clone())
     r = obj.residual(x[:5])
     scores = obj.label_scores(x[:5], r)  # [P, K]
-    w = {k: v.requires_grad_(True) for k, v in param_dict(m).items()}
+    w = {k: v.requires_grad_(True) for k, v in ParamVector.from_module(m).items()}
     for c in range(K):
         out = torch.func.functional_call(m, w, (x[:1],))
         g = torch.autograd.grad(F.cross_entropy(out, torch.tensor([c])), list(w.values()))
@@ -204,7 +205,7 @@ def test_canceling_drives_the_target_gradient_down_and_respects_tau() -> None:
     wd = 1e-3
     th = reachability_threshold(target, x, y, num_classes=K, weight_decay=wd)
     assert 0.05 < th.tau < 1.0  # eps_d = 0.05 cannot reach this target, eps_d = 1 may
-    w = param_dict(target)
+    w = ParamVector.from_module(target)
     for eps_d in (0.05, 1.0):
         res = gradient_canceling(target, x, y, eps_d=eps_d, steps=150, lr=0.05, weight_decay=wd)
         assert res.x.shape == (num_poisons(eps_d, len(y)), 1, 3, 4) and res.y.shape == (res.x.shape[0],)
@@ -217,7 +218,7 @@ def test_canceling_drives_the_target_gradient_down_and_respects_tau() -> None:
         bound = (th.inner + wd * th.sq_norm - e * (th.constant - wd * th.sq_norm)) / math.sqrt(th.sq_norm)
         assert (bound > 0) == (e < th.tau)
         assert res.residual_norm >= bound - 1e-6
-        assert float(dot(w, obj.residual(res.x))) >= bound * math.sqrt(th.sq_norm) - 1e-5
+        assert float(w.dot(obj.residual(res.x))) >= bound * math.sqrt(th.sq_norm) - 1e-5
     assert res.relative < 0.1  # eps_d = 1: the target becomes (nearly) stationary
 
 

@@ -22,7 +22,6 @@ from mlaudit.attacks.membership import (
     ATTACKS,
     Observations,
     clip_nonfinite,
-    collect_logits,
     cross_entropy,
     models_needed_random,
     scaled_confidence,
@@ -32,6 +31,7 @@ from mlaudit.attacks.membership import (
     yeom_threshold,
 )
 from mlaudit.errors import ConfigError
+from mlaudit.query import collect_logits
 from mlaudit.stats import roc_metrics
 
 FAST_OPTS = {"shokri": {"classifier": "logistic"}}

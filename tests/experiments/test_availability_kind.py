@@ -136,7 +136,7 @@ def test_data_dependent_errors_come_before_anything_is_written(tmp_path: Path) -
     mlp_ckpt = tmp_path / "mlp.pt"
     torch.manual_seed(0)
     save_checkpoint(build_model("mlp", input_shape=(1, 8, 8), num_classes=10).state_dict(), mlp_ckpt)
-    checks.append((cfg(crafting={"checkpoint": str(mlp_ckpt)}), "does not match model 'logistic'"))
+    checks.append((cfg(crafting={"checkpoint": str(mlp_ckpt)}), "does not fit model 'logistic'"))
     for i, (config, match) in enumerate(checks):
         with pytest.raises(ConfigError, match=match):
             run_experiment(config, out=tmp_path / f"out{i}", device="cpu", store=tmp_path / "runs.db", quiet=True)

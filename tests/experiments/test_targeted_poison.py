@@ -137,7 +137,7 @@ def test_crafting_checkpoint_must_match_the_architecture(tmp_path: Path) -> None
     ck = tmp_path / "crafter.pt"
     save_checkpoint(wrong.state_dict(), ck)
     raw = yaml.safe_load(CONTRACT) | {"crafting": {"checkpoint": str(ck)}}
-    with pytest.raises(ConfigError, match="does not match model 'mlp'"):
+    with pytest.raises(ConfigError, match="does not fit model 'mlp'"):
         _run(tmp_path, raw)
     assert not (tmp_path / "run").exists()
     raw["crafting"] = {"checkpoint": str(tmp_path / "missing.pt")}

@@ -1,21 +1,23 @@
-"""Queries for membership inference (mlaudit.attacks.membership.query): parsing, the augmentations
-equal the training ones, collect_logits equals predict on augmented inputs, checkpoints round-trip."""
+"""Logits queries (mlaudit.query.logits): parsing, the augmentations equal the training ones,
+collect_logits equals predict on augmented inputs, checkpoints round-trip, forward_batched equals a
+plain forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mlaudit.attacks.membership import (
+from mlaudit.data.augment import AugmentParams, apply_augment
+from mlaudit.errors import ConfigError, DataError
+from mlaudit.models.registry import ModelSpec, build_model, has_batchnorm
+from mlaudit.query import (
     collect_logits,
     default_queries,
+    forward_batched,
     logits_from_checkpoints,
     parse_queries,
     parse_query,
 )
-from mlaudit.data.augment import AugmentParams, apply_augment
-from mlaudit.errors import ConfigError, DataError
-from mlaudit.models.registry import ModelSpec, build_model
 from mlaudit.train import init_models, predict, save_checkpoint
 from mlaudit.train.stacked import StackedModels
 
@@ -115,3 +117,36 @@ def test_logits_from_checkpoints_matches_the_stack(tmp_path) -> None:
         logits_from_checkpoints(template, paths, x, sha256=[hashes[1]] * 3)
     with pytest.raises(ConfigError, match="invalid query"):
         logits_from_checkpoints(template, paths, x, queries=("rotate",))
+
+
+def test_forward_batched_equals_a_plain_forward_and_restores_the_mode() -> None:
+    _, spec, mods = tiny_stack(k=1)
+    m = mods[0].train()
+    x = images(11)
+    with torch.no_grad():
+        ref = m.eval()(x)
+    m.train()
+    out = forward_batched(m, x, batch_size=4)
+    assert out.shape == (11, 4) and not out.requires_grad
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert m.training and all(sub.training for sub in m.modules())  # eval inside, train again after
+    assert forward_batched(m, x[:0]).shape == (0, 4)  # no rows: an empty forward, not an error
+    with pytest.raises(ConfigError, match="batch_size"):
+        forward_batched(m, x, batch_size=0)
+
+
+def test_forward_batched_at_given_parameters() -> None:
+    _, _, mods = tiny_stack(k=2)
+    x = images(7)
+    other = dict(mods[1].named_parameters())
+    got = forward_batched(mods[0], x, batch_size=3, params=other)
+    torch.testing.assert_close(got, forward_batched(mods[1], x), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, forward_batched(mods[0], x))  # the module's own weights are untouched
+
+
+def test_forward_batched_keeps_batchnorm_running_statistics() -> None:
+    m = build_model(ModelSpec(name="fastcnn", width=4), input_shape=(3, 8, 8), num_classes=4)
+    assert has_batchnorm(m)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    forward_batched(m.train(), torch.rand(5, 3, 8, 8))
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())

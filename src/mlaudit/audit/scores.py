@@ -16,14 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..query import ParamVector, forward_batched, param_grad
 from .canaries import Canary, ModelFn
 
 
-@torch.no_grad()
 def canary_loss(model: nn.Module, canary: Canary, *, device: str = "cpu") -> float:
     """Black-box score: the model's cross-entropy loss on (canary x, canary label), in eval mode."""
-    model = model.to(device).eval()
-    logits = model(canary.x.to(device))
+    logits = forward_batched(model.to(device), canary.x, device=device)
     return float(nn.functional.cross_entropy(logits.float(), torch.tensor([canary.y], device=device)))
 
 
@@ -40,15 +39,12 @@ def update_scores(model_fn: ModelFn, seeds: Sequence[int], load: Callable[[int],
     for i, seed in enumerate(seeds):
         m0 = init_models(model_fn, [int(seed)])[0].to(dev).eval()
         final = load(i)
-        params = dict(m0.named_parameters())
+        theta0 = ParamVector.from_module(m0, trainable_only=False, clone=False)
         if canary.gradient is not None:
             name, j = canary.gradient.parameter, canary.gradient.coordinate
-            out[i] = float(final[name].flatten()[j].double() - params[name].detach().cpu().flatten()[j].double())
+            out[i] = float(final[name].flatten()[j].double() - theta0[name].cpu().flatten()[j].double())
             continue
-        loss = nn.functional.cross_entropy(m0(canary.x.to(dev)).float(), torch.tensor([canary.y], device=dev))
-        grads = torch.autograd.grad(loss, list(params.values()))
-        norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).clamp_min(1e-30)  # type: ignore[arg-type]
-        dot = sum(((final[n].to(dev).double() - p.detach().double()) * g.double()).sum()
-                  for (n, p), g in zip(params.items(), grads))
-        out[i] = float(dot / norm)  # type: ignore[operator]
+        g = param_grad(m0, (canary.x.to(dev), torch.tensor([canary.y], device=dev)), params=theta0).to(torch.float64)
+        step = ParamVector({n: final[n].to(dev) for n in theta0}).to(torch.float64) - theta0.to(torch.float64)
+        out[i] = float(step.dot(g) / g.norm().clamp_min(1e-30))
     return out

@@ -32,6 +32,7 @@ from ..data.augment import AugmentSpec
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
+from ..query import model_template
 from ..report.figures import perturbation_grid
 from ..report.html import ReportTable
 from ..stats import MeanSE
@@ -45,7 +46,6 @@ from .poisoning import (
     crafting_models,
     finished_crafters,
     load_poison,
-    model_template,
     save_poison,
     train_victims,
 )

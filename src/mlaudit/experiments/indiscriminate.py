@@ -34,8 +34,6 @@ from ..attacks.indiscriminate import (
     gradpc,
     label_flip,
     num_poisons,
-    param_dict,
-    param_norm,
     reachability_threshold,
 )
 from ..data.base import DataBundle
@@ -43,6 +41,7 @@ from ..data.export import export_view
 from ..data.view import DataView
 from ..errors import ConfigError, UnsupportedModelError
 from ..models.registry import has_batchnorm
+from ..query import ParamVector, model_template
 from ..registry import Registry
 from ..report.html import ReportTable
 from ..stats import MeanSE
@@ -55,7 +54,6 @@ from .poisoning import (
     accuracy_summary,
     check_crafting,
     crafting_models,
-    model_template,
     train_victims,
 )
 
@@ -244,11 +242,11 @@ def _test_accuracy(models: list[nn.Module], data: DataBundle, device: str) -> li
 
 
 def _distances(ctx: RunContext, records: list[dict[str, Any]], target: nn.Module) -> list[float]:
-    wt = {k: v.detach().cpu() for k, v in param_dict(target).items()}
+    wt = ParamVector.from_module(target).to("cpu")
     out = []
     for r in records:
         sd = load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256"))
-        out.append(float(param_norm({k: sd[k].float() - wt[k] for k in wt})))
+        out.append(float((ParamVector({k: sd[k].float() for k in wt}) - wt).norm()))
     return out
 
 

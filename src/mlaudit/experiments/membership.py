@@ -15,6 +15,7 @@ Inclusion follows the LiRA reference construction
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from pathlib import Path
@@ -30,15 +31,13 @@ from ..attacks.membership import (
     Observations,
     inclusion_matrix,
     lira_requirements,
-    logits_from_checkpoints,
     models_needed_exact,
-    parse_query,
     shadow_coverage,
 )
 from ..data.base import DataBundle
 from ..errors import ConfigError
 from ..factory import TrialSpec
-from ..models.registry import build_model
+from ..query import logits_from_checkpoints, model_template, parse_query
 from ..stats import MeanSE
 from ..train.loop import resolve_augment
 from .base import ExperimentConfig, ExperimentOutput, register_experiment
@@ -253,13 +252,9 @@ def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, rec
                 x: Tensor, queries: tuple[str, ...]) -> Tensor:
     """Logits float32 [M, N, A, C] of the recorded models on ``x`` [N, *shape] (checkpoints verified
     against their sha256)."""
-    def template() -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
-    return logits_from_checkpoints(template, paths, x, queries=queries, device=ctx.device,
-                                   sha256=[r.get("sha256") for r in records])
+    return logits_from_checkpoints(functools.partial(model_template, config.model, data), paths, x, queries=queries,
+                                   device=ctx.device, sha256=[r.get("sha256") for r in records])
 
 
 @register_experiment("membership-inference", config=MembershipConfig, check=check_membership)

@@ -10,6 +10,7 @@ with its own poisons). Every attack is run on both pools and compared on the tar
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..attacks.membership import ATTACKS, Observations, logits_from_checkpoints, rank_nonfinite, truth_serum_view
+from ..attacks.membership import ATTACKS, Observations, rank_nonfinite, truth_serum_view
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
-from ..models.registry import build_model
+from ..query import describe, fit_weights, logits_from_checkpoints, model_template
 from ..report.figures import roc_figures
 from ..report.html import ReportTable
 from ..stats import MeanSE, fpr_key, roc_metrics, separation
-from ..train.checkpoint import load_checkpoint, sha256_file
+from ..train.checkpoint import load_checkpoint, load_weights_only, sha256_file
 from .base import ExperimentOutput
 from .context import RunContext
 from .membership_report import extended, pct, score_pool, trial_rows
@@ -93,18 +94,13 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
 
 def load_target(config: MembershipConfig, data: DataBundle) -> tuple[dict[str, Tensor], Tensor | None]:
     """The external target's state_dict (checked to fit the config's model on this data) and its
-    ``members`` mask bool [N_train] (None when not given). Raises :class:`DataError` naming the file."""
+    ``members`` mask bool [N_train] (None when not given). Raises :class:`DataError` naming the file
+    when it is missing or unreadable, :class:`ConfigError` naming it when it does not fit the model."""
     tc = config.target
     assert tc is not None  # the caller checks
     sd = load_checkpoint(tc.checkpoint, sha256=tc.sha256)
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise DataError(f"target checkpoint {str(tc.checkpoint)!r} does not fit model {config.model.name!r} on "
-                        f"{data.name} (input {list(data.input_shape)}, {data.num_classes} classes): "
-                        f"{str(e).splitlines()[0]}") from None
+    fit_weights(model_template(config.model, data), sd, source=f"target checkpoint {str(tc.checkpoint)!r}",
+                what=describe(config.model, data), hint="set model to the target's architecture")
     if tc.members is None:
         return sd, None
     return sd, _load_members(tc.members, len(data.train))
@@ -116,8 +112,11 @@ def _load_members(path: Path, n_train: int) -> Tensor:
     if not path.is_file():
         raise DataError(f"target.members file {str(path)!r} does not exist")
     try:
-        raw = np.load(path, allow_pickle=False) if path.suffix == ".npy" else torch.load(path, weights_only=True)
+        raw = (np.load(path, allow_pickle=False) if path.suffix == ".npy"
+               else load_weights_only(path, what="target.members file", expect="a weights-only tensor"))
         t = torch.as_tensor(np.asarray(raw))
+    except DataError:
+        raise
     except Exception as e:  # numpy / torch raise several types for corrupt files
         raise DataError(f"target.members file {str(path)!r} could not be read: {e}") from None
     if t.dim() != 1 or t.numel() != n_train or not bool(((t == 0) | (t == 1)).all()):
@@ -135,11 +134,8 @@ def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContex
     assert tc is not None  # the caller checks
     sd, members = load_target(config, data)
 
-    def template() -> torch.nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
-
-    logits = logits_from_checkpoints(template, [sd], data.train.x[rows], queries=obs.queries, device=ctx.device)
+    logits = logits_from_checkpoints(functools.partial(model_template, config.model, data), [sd], data.train.x[rows],
+                                     queries=obs.queries, device=ctx.device)
     member_row = members[rows] if members is not None else torch.zeros(obs.num_examples, dtype=torch.bool)
     full = Observations(torch.cat([obs.logits, logits]), obs.labels, torch.cat([obs.keep, member_row[None]]),
                         obs.queries)

@@ -21,6 +21,7 @@ Config pieces (mapping fields of a kind's config):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,16 +31,16 @@ import torch
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from ..attacks.membership.query import logits_from_checkpoints
 from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
 from ..jsonutil import dumps, loads
-from ..models.registry import ModelSpec, build_model, resolve_model_spec
+from ..models.registry import ModelSpec, resolve_model_spec
+from ..query import load_model, logits_from_checkpoints, model_template
 from ..stats import MeanSE, mean_difference
-from ..train.checkpoint import load_checkpoint
+from ..train.checkpoint import load_weights_only
 from ..train.recipe import Recipe, resolve_recipe
 from .base import ExperimentConfig
 from .context import RunContext
@@ -131,12 +132,6 @@ class PoisoningConfig(ExperimentConfig):
         return self.trial_seed(i, stream=VICTIM_STREAM)
 
 
-def model_template(spec: ModelSpec, data: DataBundle) -> nn.Module:
-    """A fresh module of ``spec`` for ``data`` (built without touching the global RNG stream)."""
-    with torch.random.fork_rng(devices=[]):
-        return build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
-
-
 def check_crafting(config: PoisoningConfig, data: DataBundle, *, single_architecture: bool = False) -> None:
     """Runner hook piece: a crafting checkpoint exists, loads weights-only, matches its hash and the
     architecture exactly (missing/unexpected keys, shapes) — all before any work starts. With
@@ -147,22 +142,16 @@ def check_crafting(config: PoisoningConfig, data: DataBundle, *, single_architec
                           f"{[a.name for a in crafting.architectures]}; use crafting.model")
     for arch in crafting.architectures or ():
         model_template(arch, data)  # UnsupportedModelError naming the model when it cannot take this data
-    if crafting.checkpoint is None:
-        return
-    spec = config.crafting_model
-    sd = load_checkpoint(crafting.checkpoint, sha256=crafting.sha256)
-    template = model_template(spec, data)
-    want = template.state_dict()
-    missing = sorted(set(want) - set(sd))
-    extra = sorted(set(sd) - set(want))
-    shapes = [f"{k}: checkpoint {list(sd[k].shape)} vs model {list(want[k].shape)}"
-              for k in want if k in sd and sd[k].shape != want[k].shape]
-    if missing or extra or shapes:
-        parts = ([f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}"] if missing else []) + \
-                ([f"unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"] if extra else []) + shapes[:4]
-        raise ConfigError(f"crafting.checkpoint {str(crafting.checkpoint)!r} does not match model {spec.name!r} "
-                          f"(width {spec.width}, norm {spec.norm}) for this data: " + "; ".join(parts) +
-                          ". Set crafting.model to the checkpoint's architecture")
+    if crafting.checkpoint is not None:
+        _crafting_checkpoint(config, data)
+
+
+def _crafting_checkpoint(config: PoisoningConfig, data: DataBundle) -> nn.Module:
+    """The crafting model with ``crafting.checkpoint``'s weights (hash- and fit-checked, CPU)."""
+    path = config.crafting.checkpoint
+    return load_model(config.crafting_model, path, sha256=config.crafting.sha256, data=data,
+                      source=f"crafting.checkpoint {str(path)!r}",
+                      hint="set crafting.model to the checkpoint's architecture")
 
 
 def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
@@ -175,9 +164,7 @@ def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
     """
     crafting = config.crafting
     if crafting.checkpoint is not None:
-        sd = load_checkpoint(crafting.checkpoint, sha256=crafting.sha256)
-        m = model_template(config.crafting_model, data)
-        m.load_state_dict(sd)
+        m = _crafting_checkpoint(config, data)
         return [m.to(ctx.device).eval()], [{"trial_id": "crafter-checkpoint", "checkpoint": str(crafting.checkpoint)}]
     specs = crafting.specs(config.model)
     models, records = [], []
@@ -187,8 +174,7 @@ def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
                             tags={"role": "crafter", "model": arch.name}) for i, s in enumerate(specs) if s == arch]
         for r in ctx.train(cfg.factory_job(data, trials, device=ctx.device), save_weights=True,
                            label=f"training the crafting model(s): {arch.name}"):
-            m = model_template(arch, data)
-            m.load_state_dict(load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256")))
+            m = load_model(arch, ctx.out_dir / r["checkpoint"], sha256=r.get("sha256"), data=data)
             models.append(m.to(ctx.device).eval())
             records.append(r)
     return models, records
@@ -229,7 +215,7 @@ def victim_logits(config: PoisoningConfig, ctx: RunContext, data: DataBundle, re
         raise DataError("victim_logits needs victims trained with save_weights=True")
     spec = config.victim_model
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
-    return logits_from_checkpoints(lambda: model_template(spec, data), paths, x, device=ctx.device,
+    return logits_from_checkpoints(functools.partial(model_template, spec, data), paths, x, device=ctx.device,
                                    sha256=[r.get("sha256") for r in records])[:, :, 0]
 
 
@@ -258,7 +244,7 @@ def load_poison(ctx: RunContext, name: str) -> tuple[dict[str, Tensor], dict[str
     if not has_poison(ctx, name):
         return None
     pt, js = _poison_paths(ctx, name)
-    return torch.load(pt, map_location="cpu", weights_only=True), loads(js.read_text())
+    return load_weights_only(pt, what=f"poison {name!r}"), loads(js.read_text())  # type: ignore[return-value]
 
 
 def finished_crafters(ctx: RunContext) -> list[dict[str, Any]]:

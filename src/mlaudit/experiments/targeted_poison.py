@@ -36,6 +36,7 @@ from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..models.registry import model_entry
 from ..privacy.dpsgd import check_dp_model
+from ..query import model_template
 from ..report.figures import alignment_figure, perturbation_grid
 from ..report.html import ReportTable
 from ..stats import MeanSE
@@ -49,7 +50,6 @@ from .poisoning import (
     finished_crafters,
     has_poison,
     load_poison,
-    model_template,
     save_poison,
     train_victims,
     victim_logits,

@@ -1,8 +1,14 @@
-"""Querying a pool of models on the data pool and its augmented copies -> logits [M, N, A, C].
+"""Logits of modules, stacks and checkpoints: one model on many inputs, many models on many inputs.
 
-LiRA queries every model on the example and on augmented copies of it (Carlini et al. 2022, Sec.
-IV-C / VI-B: "mirror" and "shift" queries, the augmentations used in training), treating the A
-answers as one multivariate observation. A query is named by a string:
+* :func:`forward_batched` — one module on x [N, *shape] -> logits [N, C], eval mode, no gradient,
+  in chunks (the forward every attack and audit uses instead of a loop of its own);
+* :func:`collect_logits` — every model of a :class:`~mlaudit.train.stacked.StackedModels` on every
+  input under every query -> [K, N, A, C];
+* :func:`logits_from_checkpoints` — M saved models, loaded a chunk at a time -> [M, N, A, C].
+
+Queries (for membership inference). LiRA queries every model on the example and on augmented copies
+of it (Carlini et al. 2022, Sec. IV-C / VI-B: "mirror" and "shift" queries, the augmentations used in
+training), treating the A answers as one multivariate observation. A query is named by a string:
 
     identity            the example itself
     flip                mirrored left-right
@@ -17,19 +23,22 @@ only ``identity``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from ...data.augment import AugmentParams, apply_augment
-from ...errors import ConfigError
-from ...registry import Registry
-from ...train.checkpoint import load_checkpoint
-from ...train.evaluate import predict, stack_from_state_dicts
-from ...train.stacked import StackedModels
+from ..data.augment import AugmentParams, apply_augment
+from ..errors import ConfigError
+from ..registry import Registry
+from ..train.checkpoint import load_checkpoint
+from ..train.evaluate import predict, stack_from_state_dicts
+from ..train.stacked import StackedModels
+from .modes import evaluating
 
 QUERY_PATTERNS = ("identity", "flip", "shift:DX,DY", "flip+shift:DX,DY")
 """The valid forms of a query name (DX, DY: integers, pixels)."""
@@ -138,6 +147,30 @@ def default_queries(*, pad: int, flip: bool) -> tuple[str, ...]:
                 plain = "identity" if dx == dy == 0 else f"shift:{dx},{dy}"
                 out.append(("flip" if plain == "identity" else f"flip+{plain}") if mirror else plain)
     return tuple(out)
+
+
+@torch.no_grad()
+def forward_batched(model: nn.Module, x: Tensor, *, batch_size: int = 1024, device: torch.device | str | None = None,
+                    params: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Outputs of ``model`` on x [N, *shape] -> [N, *out] (logits [N, C] for a classifier), on ``device``.
+
+    Eval mode (every submodule's training flag restored after, see :func:`~mlaudit.query.modes.evaluating`),
+    no gradient, ``batch_size`` inputs per forward pass; each chunk of ``x`` moves to ``device`` (None: the
+    device of the model's first parameter or buffer, else x's). ``params`` ({name: tensor}, e.g. a
+    :class:`~mlaudit.query.params.ParamVector`) evaluates the model at these parameter values instead of
+    its own (:func:`torch.func.functional_call`; the module is not modified).
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if device is None:
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        device = first.device if first is not None else x.device
+    out = []
+    with evaluating(model):
+        for i in range(0, max(x.shape[0], 1), batch_size):  # x with 0 rows: one empty forward, output [0, *out]
+            xb = x[i:i + batch_size].to(device)
+            out.append(model(xb) if params is None else functional_call(model, dict(params), (xb,)))
+    return torch.cat(out)
 
 
 def collect_logits(stack: StackedModels, x: Tensor, *, queries: Sequence[str] = ("identity",),

@@ -38,13 +38,23 @@ def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str,
         raise DataError(f"checkpoint {str(path)!r} does not exist")
     if sha256 is not None and sha256_file(path) != sha256:
         raise DataError(f"checkpoint {str(path)!r} does not match its recorded sha256 (modified or corrupt)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated or hostile files
-        raise DataError(f"checkpoint {str(path)!r} could not be loaded as a weights-only state_dict: {e}") from None
+    obj = load_weights_only(path, what="checkpoint", expect="a weights-only state_dict")
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise DataError(f"checkpoint {str(path)!r} is not a state_dict (a mapping of names to tensors)")
     return obj
+
+
+def load_weights_only(path: str | Path, *, what: str = "file", expect: str = "weights-only tensors") -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` (tensors, and dicts / lists of them;
+    never arbitrary objects): the one place mlaudit reads a torch file. A :class:`DataError` naming
+    ``what`` and the path for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or hostile files
+        raise DataError(f"{what} {str(path)!r} could not be loaded as {expect}: {e}") from None
 
 
 def sha256_file(path: str | Path) -> str:

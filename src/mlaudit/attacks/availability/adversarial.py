@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ...craft import LinfBall, craft
 from ...errors import ConfigError
+from ...query import evaluating, forward_batched
 from .base import (
     CraftBudget,
     NoOptions,
@@ -37,7 +38,6 @@ from .base import (
     StepCallback,
     check_inputs,
     ensemble_logits,
-    frozen,
     register_method,
 )
 
@@ -130,20 +130,16 @@ class AdversarialLoss:
         return self.sign * ce
 
 
-@torch.no_grad()
 def crafter_predictions(models: Sequence[nn.Module], x: Tensor, *, batch_size: int = 1024) -> Tensor:
     """int64 [N]: the ensemble's label (argmax of the mean softmax) for ``x`` [N, *shape], in eval mode."""
-    out = []
-    with frozen(models):
-        for i in range(0, x.shape[0], batch_size):
-            out.append(ensemble_logits(models, x[i:i + batch_size]).softmax(-1).mean(0).argmax(-1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=x.device)
+    logits = torch.stack([forward_batched(m, x, batch_size=batch_size, device=x.device) for m in models])  # [E, N, C]
+    return logits.softmax(-1).mean(0).argmax(-1)
 
 
 def _adversarial(x: Tensor, y: Tensor, targets: Tensor, models: Sequence[nn.Module], budget: CraftBudget,
                  generator: torch.Generator, *, targeted: bool, on_step: StepCallback | None) -> PoisonResult:
     objective = AdversarialLoss(models, targets, targeted=targeted)
-    with frozen(models):
+    with evaluating(*models, requires_grad=False):  # gradients reach the poisons only
         res = craft(objective, x, constraint=LinfBall(budget.eps), steps=budget.steps, optimizer="pgd", lr=budget.lr,
                     schedule="constant", restarts=budget.restarts, init="zero", augment=budget.augment,
                     batch_size=budget.batch_size, generator=generator, on_step=on_step)

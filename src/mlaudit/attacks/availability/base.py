@@ -18,8 +18,7 @@ method's own pydantic options model, and ``generator`` the only source of random
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -122,20 +121,3 @@ def check_inputs(x: Tensor, y: Tensor, num_classes: int) -> None:
         raise ConfigError(f"labels must lie in [0, {num_classes - 1}], got [{int(y.min())}, {int(y.max())}]")
     if float(x.min()) < 0 or float(x.max()) > 1:
         raise ConfigError(f"images must lie in [0, 1], got [{float(x.min()):.4g}, {float(x.max()):.4g}]")
-
-
-@contextmanager
-def frozen(models: Sequence[nn.Module]) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` on every parameter while crafting (gradients then reach
-    only the perturbation, and no ``.grad`` of a model is touched); both restored on exit."""
-    modes = [m.training for m in models]
-    flags = [[p.requires_grad for p in m.parameters()] for m in models]
-    try:
-        for m in models:
-            m.eval().requires_grad_(False)
-        yield
-    finally:
-        for m, mode, fl in zip(models, modes, flags):
-            m.train(mode)
-            for p, f in zip(m.parameters(), fl):
-                p.requires_grad_(f)

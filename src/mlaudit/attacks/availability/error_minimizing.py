@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from ...craft import LinfBall, craft
 from ...errors import ConfigError
-from .base import CraftBudget, PoisonResult, StepCallback, check_inputs, frozen, register_method
+from ...query import evaluating, forward_batched
+from .base import CraftBudget, PoisonResult, StepCallback, check_inputs, register_method
 
 
 class ErrorMinimizingOptions(BaseModel):
@@ -53,12 +54,8 @@ class SurrogateLoss:
         return F.cross_entropy(self.model(x_adv), self.labels[idx], reduction="none")
 
 
-@torch.no_grad()
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    with frozen([model]):
-        hits = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                   for i in range(0, x.shape[0], batch_size))
-    return hits / x.shape[0]
+    return int((forward_batched(model, x, batch_size=batch_size, device=x.device).argmax(1) == y).sum()) / x.shape[0]
 
 
 def _sgd_steps(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, delta: Tensor, *, steps: int,
@@ -103,7 +100,7 @@ def error_minimizing(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budge
             if on_step is not None:
                 on_step(r * budget.steps + step, total)
 
-        with frozen([model]):
+        with evaluating(model, requires_grad=False):  # gradients reach the noise only
             # continue from the previous round's noise (min-min alternates model and noise updates)
             res = craft(objective, x, constraint=LinfBall(budget.eps), steps=budget.steps, optimizer="pgd",
                         lr=budget.lr, schedule="constant", restarts=1, init=delta, augment=budget.augment,

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ...registry import Registry
-from ._functional import norm as param_norm
-from ._functional import num_poisons, param_dict
+from ._functional import num_poisons
 from .gradient_canceling import CancelingResult, GradientCanceling, gradient_canceling, improve_labels
 from .label_flip import FlipResult, flipped_losses, label_flip
 from .param_corruption import CorruptionResult, gradpc
@@ -59,6 +58,6 @@ for _entry in (
 __all__ = [
     "ATTACKS", "SEED_CONSTANT", "CancelingResult", "CorruptionResult", "FlipResult", "GradientCanceling",
     "IndiscriminateAttack", "Threshold", "flipped_losses", "gradient_canceling", "gradpc", "improve_labels",
-    "label_flip", "logits_linear_in_params", "loss_bound", "num_poisons", "param_dict", "param_norm",
+    "label_flip", "logits_linear_in_params", "loss_bound", "num_poisons",
     "reachability_threshold", "tau_from",
 ]

@@ -1,11 +1,11 @@
 """Functional helpers of the indiscriminate attacks: losses and *mean* gradients of a model over a
 dataset at given parameters, through :func:`torch.func.functional_call`, in chunks (so a full
-training set fits in memory), plus flat-vector arithmetic on parameter dicts.
+training set fits in memory).
 
-Parameters are handled as ``dict[name, Tensor]`` of the model's trainable parameters
-(:func:`param_dict`); the model's own weights and ``.grad`` are never touched. The model is used in
-eval mode; the attacks that need gradients refuse BatchNorm models (:func:`require_smooth`), for
-which train and eval mode differ.
+Parameters are :class:`~mlaudit.query.ParamVector` of the model's trainable parameters
+(``ParamVector.from_module``; flat-vector algebra: ``dot``, ``norm``, ``+``, ``*``); the model's own
+weights and ``.grad`` are never touched. The model is used in eval mode; the attacks that need
+gradients refuse BatchNorm models (:func:`require_smooth`), for which train and eval mode differ.
 """
 
 from __future__ import annotations
@@ -20,13 +20,7 @@ from torch.func import functional_call
 
 from ...errors import ConfigError, UnsupportedModelError
 from ...models.registry import has_batchnorm
-
-Params = dict[str, Tensor]
-
-
-def param_dict(model: nn.Module) -> Params:
-    """Detached copies of the trainable parameters, by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+from ...query import ParamVector, evaluating, forward_batched, loss_and_grad
 
 
 def require_smooth(model: nn.Module, method: str) -> None:
@@ -53,55 +47,28 @@ def per_sample_loss(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y
 
 
 def mean_loss_and_grad(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
-                       label_smoothing: float = 0.0, chunk_size: int = 1024) -> tuple[float, Params]:
+                       label_smoothing: float = 0.0, chunk_size: int = 1024) -> tuple[float, ParamVector]:
     """Mean loss over (x [N, ...], y [N]) and its gradient w.r.t. ``params`` (detached), chunked."""
     n = x.shape[0]
-    was = model.training
-    model.eval()
-    try:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        total = torch.zeros((), device=x.device)
-        grads = {k: torch.zeros_like(v) for k, v in leaves.items()}
-        with torch.enable_grad():
-            for i in range(0, n, chunk_size):
-                loss = per_sample_loss(model, leaves, x[i:i + chunk_size], y[i:i + chunk_size],
-                                       label_smoothing=label_smoothing).sum() / n
-                gs = torch.autograd.grad(loss, list(leaves.values()))
-                for k, g in zip(leaves, gs, strict=True):
-                    grads[k] += g
-                total += loss.detach()
-    finally:
-        model.train(was)
+    total = torch.zeros((), device=x.device)
+    grads = ParamVector(params).zeros_like()
+    with evaluating(model):
+        for i in range(0, n, chunk_size):
+            xc, yc = x[i:i + chunk_size], y[i:i + chunk_size]
+            loss, g = loss_and_grad(model, lambda f, xc=xc, yc=yc: F.cross_entropy(
+                f(xc), yc, reduction="none", label_smoothing=label_smoothing).sum() / n, params=params)
+            grads = grads + g
+            total += loss
     return float(total), grads
 
 
-@torch.no_grad()
 def mean_loss(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, *,
               chunk_size: int = 1024) -> float:
     """Mean cross-entropy over (x, y) at ``params`` (no gradient)."""
-    was = model.training
-    model.eval()
-    try:
-        total = sum(float(per_sample_loss(model, params, x[i:i + chunk_size], y[i:i + chunk_size]).sum())
-                    for i in range(0, x.shape[0], chunk_size))
-    finally:
-        model.train(was)
+    logits = forward_batched(model, x, batch_size=chunk_size, device=x.device, params=params)
+    total = sum(float(F.cross_entropy(lc, yc, reduction="none").sum())  # per chunk, as the sums always were
+                for lc, yc in zip(logits.split(chunk_size), y.split(chunk_size), strict=True))
     return total / max(x.shape[0], 1)
-
-
-def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """<a, b> over all entries of two parameter dicts with the same keys."""
-    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
-
-
-def norm(a: Mapping[str, Tensor]) -> Tensor:
-    """Euclidean norm of a parameter dict seen as one flat vector."""
-    return torch.sqrt(dot(a, a))
-
-
-def axpy(alpha: float | Tensor, x: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> Params:
-    """alpha * x + y, entrywise over a parameter dict."""
-    return {k: alpha * x[k] + y[k] for k in y}
 
 
 def num_poisons(eps_d: float, n_clean: int) -> int:

@@ -39,21 +39,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from ...craft import Box, craft
 from ...errors import ConfigError
-from ._functional import (
-    Params,
-    dot,
-    mean_loss_and_grad,
-    num_poisons,
-    param_dict,
-    per_sample_loss,
-    require_smooth,
-    sample_rows,
-)
+from ...query import ParamVector, param_grad
+from ._functional import mean_loss_and_grad, num_poisons, require_smooth, sample_rows
 
 
 class GradientCanceling:
@@ -70,7 +63,7 @@ class GradientCanceling:
             raise ConfigError(f"need weight_decay >= 0 and 0 <= label_smoothing < 1, got {weight_decay}, "
                               f"{label_smoothing}")
         self.model = model.eval()
-        self.w = param_dict(model)
+        self.w = ParamVector.from_module(model)
         self.n = int(clean_x.shape[0])
         self.labels = labels.to(clean_x.device)
         self.weight_decay = weight_decay
@@ -78,24 +71,24 @@ class GradientCanceling:
         self.chunk_size = chunk_size
         _, g = mean_loss_and_grad(model, self.w, clean_x, clean_y, label_smoothing=label_smoothing,
                                   chunk_size=chunk_size)
-        self.clean = {k: g[k] + weight_decay * self.w[k] for k in g}  # g(mu; w_t) + lambda w_t
+        self.clean = g + weight_decay * self.w  # g(mu; w_t) + lambda w_t
 
     @property
     def eps_d(self) -> float:
         return self.labels.numel() / self.n
 
-    def residual(self, x: Tensor, labels: Tensor | None = None) -> Params:
+    def residual(self, x: Tensor, labels: Tensor | None = None) -> ParamVector:
         """R = g(mu) + lambda w + eps_d (g(nu) + lambda w) for poisons x [P, ...] (no graph)."""
         y = self.labels if labels is None else labels
         _, gp = mean_loss_and_grad(self.model, self.w, x.detach(), y, label_smoothing=self.label_smoothing,
                                    chunk_size=self.chunk_size)
         e = y.numel() / self.n
-        return {k: self.clean[k] + e * (gp[k] + self.weight_decay * self.w[k]) for k in gp}
+        return self.clean + e * (gp + self.weight_decay * self.w)
 
     def value(self, x: Tensor, labels: Tensor | None = None) -> float:
         """The objective 1/2 ||R||^2 at poisons x [P, ...] (and ``labels``, default the current ones)."""
         r = self.residual(x, labels)
-        return 0.5 * float(dot(r, r))
+        return 0.5 * float(r.dot(r))
 
     def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         if idx.numel() != self.labels.numel():
@@ -103,28 +96,28 @@ class GradientCanceling:
                               f"batch_size=None (got a batch of {idx.numel()})")
         return _HalfSquaredResidual.apply(x_adv, self)
 
-    def input_grad(self, x: Tensor, r: Params) -> Tensor:
+    def input_grad(self, x: Tensor, r: ParamVector) -> Tensor:
         """d/dx 1/2||R||^2 = (1/N) d/dx sum_j <R, grad_w l(x_j, y_j)> with R fixed, chunk by chunk."""
         out = torch.empty_like(x)
-        leaves = {k: v.detach().requires_grad_(True) for k, v in self.w.items()}
         for i in range(0, x.shape[0], self.chunk_size):
-            with torch.enable_grad():
+            with torch.enable_grad():  # called from a backward pass, where grad mode is off
                 xc = x[i:i + self.chunk_size].detach().requires_grad_(True)
-                loss = per_sample_loss(self.model, leaves, xc, self.labels[i:i + self.chunk_size],
-                                       label_smoothing=self.label_smoothing).sum()
-                gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
-                s = sum((r[k] * g).sum() for k, g in zip(leaves, gs, strict=True)) / self.n
+                yc = self.labels[i:i + self.chunk_size]
+                gs = param_grad(self.model, lambda f, xc=xc, yc=yc: F.cross_entropy(
+                    f(xc), yc, reduction="none", label_smoothing=self.label_smoothing).sum(),
+                    params=self.w, create_graph=True)
+                s = r.dot(gs) / self.n
                 out[i:i + self.chunk_size] = torch.autograd.grad(s, xc)[0]
         return out
 
     @torch.no_grad()
-    def label_scores(self, x: Tensor, r: Params) -> Tensor:
+    def label_scores(self, x: Tensor, r: ParamVector) -> Tensor:
         """(J_w f(x_j) R)_c for every poison and class, float [P, K]: <R, grad_w l(x_j, c)> equals
         <p_j, sdot_j> - sdot_jc (hard labels), so a larger score means a label more against R."""
         out = []
         for i in range(0, x.shape[0], self.chunk_size):
             xc = x[i:i + self.chunk_size]
-            _, sdot = jvp(lambda p, xc=xc: functional_call(self.model, p, (xc,)), (self.w,), (r,))
+            _, sdot = jvp(lambda p, xc=xc: functional_call(self.model, p, (xc,)), (dict(self.w),), (dict(r),))
             out.append(sdot.float())
         return torch.cat(out)
 
@@ -137,7 +130,7 @@ class _HalfSquaredResidual(torch.autograd.Function):
         r = obj.residual(x)
         ctx.obj, ctx.r = obj, r
         ctx.save_for_backward(x)
-        return 0.5 * dot(r, r).detach()
+        return 0.5 * r.dot(r).detach()
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
@@ -184,7 +177,7 @@ def improve_labels(obj: GradientCanceling, x: Tensor, *, rounds: int = 10, halvi
     changed = 0
     for _ in range(rounds):
         r = obj.residual(x)
-        cur = 0.5 * float(dot(r, r))
+        cur = 0.5 * float(r.dot(r))
         sdot = obj.label_scores(x, r)
         best = sdot.argmax(1)
         gain = sdot.gather(1, best[:, None])[:, 0] - sdot.gather(1, obj.labels[:, None])[:, 0]
@@ -193,9 +186,9 @@ def improve_labels(obj: GradientCanceling, x: Tensor, *, rounds: int = 10, halvi
             break
         cand = obj.labels.clone()
         cand[movers] = best[movers]
-        dr = {k: v - r[k] for k, v in obj.residual(x, cand).items()}
-        dd = float(dot(dr, dr))
-        gamma = min(max(-float(dot(r, dr)) / dd, 0.0), 1.0) if dd > 0 else 0.0
+        dr = obj.residual(x, cand) - r
+        dd = float(dr.dot(dr))
+        gamma = min(max(-float(r.dot(dr)) / dd, 0.0), 1.0) if dd > 0 else 0.0
         order = movers[gain[movers].argsort(descending=True)]
         k = max(1, math.ceil(gamma * order.numel()))
         accepted = False
@@ -250,6 +243,6 @@ def gradient_canceling(model: nn.Module, clean_x: Tensor, clean_y: Tensor, *, ep
         if relabel_every or done >= steps:
             relabels += improve_labels(obj, x, rounds=label_rounds)
     r = obj.residual(x)
-    final = 0.5 * float(dot(r, r))
-    return CancelingResult(x.detach(), obj.labels.clone(), init, final, float(dot(obj.clean, obj.clean)) ** 0.5,
+    final = 0.5 * float(r.dot(r))
+    return CancelingResult(x.detach(), obj.labels.clone(), init, final, float(obj.clean.dot(obj.clean)) ** 0.5,
                            math.sqrt(2 * final), relabels, history)

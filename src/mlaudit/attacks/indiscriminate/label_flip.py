@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...query import forward_batched
 from ._functional import num_poisons, sample_rows
 
 Strategy = Literal["random", "loss-max"]
@@ -41,16 +42,12 @@ class FlipResult:
     loss: float | None
 
 
-@torch.no_grad()
 def flipped_losses(models: Sequence[nn.Module], x: Tensor, *, chunk_size: int = 1024) -> Tensor:
-    """Mean over ``models`` of the cross-entropy of every (point, class): float32 [N, K]."""
+    """Mean over ``models`` of the cross-entropy of every (point, class): float32 [N, K] (eval mode)."""
     if not models:
         raise ConfigError("loss-max label flipping needs at least one attacker model")
-    out = []
-    for i in range(0, x.shape[0], chunk_size):
-        xc = x[i:i + chunk_size]
-        out.append(torch.stack([-F.log_softmax(m.eval()(xc).float(), dim=1) for m in models]).mean(0))
-    return torch.cat(out)
+    return torch.stack([-F.log_softmax(forward_batched(m, x, batch_size=chunk_size, device=x.device).float(), dim=1)
+                        for m in models]).mean(0)
 
 
 def label_flip(x: Tensor, y: Tensor, *, eps_d: float, num_classes: int, strategy: Strategy = "random",

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from ._functional import axpy, mean_loss, mean_loss_and_grad, norm, param_dict, require_smooth
+from ...query import ParamVector
+from ._functional import mean_loss, mean_loss_and_grad, require_smooth
 
 
 @dataclass
@@ -57,8 +58,8 @@ def gradpc(model: nn.Module, x: Tensor, y: Tensor, *, eps_w: float, steps: int =
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1 or None (full batch), got {batch_size}")
     require_smooth(model, "parameter corruption (GradPC)")
-    w_c = param_dict(model)
-    w = {k: v.clone() for k, v in w_c.items()}
+    w_c = ParamVector.from_module(model)
+    w = w_c.map(torch.clone)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     n = x.shape[0]
     loss_clean = mean_loss(model, w_c, x, y, chunk_size=chunk_size)
@@ -73,10 +74,10 @@ def gradpc(model: nn.Module, x: Tensor, y: Tensor, *, eps_w: float, steps: int =
         history.append(loss)
         if loss > best_loss:
             best, best_loss = w, loss
-        gn = norm(g)
+        gn = g.norm()
         if not gn > 0:
             break
-        w = _project(axpy(lr * eps_w / gn, g, w), w_c, eps_w)
+        w = _project(lr * eps_w / gn * g + w, w_c, eps_w)
     final = mean_loss(model, w, x, y, chunk_size=chunk_size)
     if final > best_loss:
         best, best_loss = w, final
@@ -85,14 +86,14 @@ def gradpc(model: nn.Module, x: Tensor, y: Tensor, *, eps_w: float, steps: int =
         named = dict(out.named_parameters())
         for k, v in best.items():
             named[k].copy_(v)
-    dist = float(norm({k: best[k] - w_c[k] for k in w_c}))
+    dist = float((best - w_c).norm())
     return CorruptionResult(out, dist, loss_clean, best_loss, history)
 
 
-def _project(w: dict[str, Tensor], center: dict[str, Tensor], radius: float) -> dict[str, Tensor]:
+def _project(w: ParamVector, center: ParamVector, radius: float) -> ParamVector:
     """Euclidean projection of ``w`` onto the ball of ``radius`` around ``center`` (one flat vector)."""
-    d = {k: w[k] - center[k] for k in w}
-    r = float(norm(d))
+    d = w - center
+    r = float(d.norm())
     if r <= radius:
         return w
-    return axpy(radius / r, d, center)
+    return radius / r * d + center

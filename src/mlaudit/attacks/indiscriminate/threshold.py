@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from scipy.special import lambertw
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from ...errors import ConfigError
-from ._functional import dot, mean_loss_and_grad, param_dict
+from ...query import ParamVector, forward_batched
+from ._functional import mean_loss_and_grad
 
 SEED_CONSTANT = float(lambertw(1 / math.e).real)
 """W(1/e) = 0.2785: seed 001's constant (binary logistic loss)."""
@@ -69,17 +69,12 @@ def tau_from(inner: float, sq_norm: float, *, constant: float, weight_decay: flo
 def logits_linear_in_params(model: nn.Module, x: Tensor, *, rtol: float = 1e-4) -> bool:
     """Whether f(x; t w) = t f(x; w) (t = 2, 0.5) on the inputs ``x`` [B, ...]: the property the
     bound needs (true for logistic regression with a bias, false for nets with hidden layers)."""
-    w = param_dict(model)
-    was = model.training
-    model.eval()
-    try:
-        base = functional_call(model, w, (x,))
-        for t in (2.0, 0.5):
-            out = functional_call(model, {k: t * v for k, v in w.items()}, (x,))
-            if not torch.allclose(out, t * base, rtol=rtol, atol=rtol * float(base.abs().max()) + 1e-6):
-                return False
-    finally:
-        model.train(was)
+    w = ParamVector.from_module(model)
+    base = forward_batched(model, x, device=x.device, params=w)
+    for t in (2.0, 0.5):
+        out = forward_batched(model, x, device=x.device, params=t * w)
+        if not torch.allclose(out, t * base, rtol=rtol, atol=rtol * float(base.abs().max()) + 1e-6):
+            return False
     return True
 
 
@@ -112,9 +107,9 @@ def reachability_threshold(model: nn.Module, x: Tensor, y: Tensor, *, num_classe
                            chunk_size: int = 1024) -> Threshold:
     """tau of the target ``model`` for clean training data x [N, *shape], y [N] (cross-entropy with
     hard labels; ``weight_decay`` lambda of the victim's objective)."""
-    w = param_dict(model)
+    w = ParamVector.from_module(model)
     _, g = mean_loss_and_grad(model, w, x, y, chunk_size=chunk_size)
-    inner, sq = float(dot(w, g)), float(dot(w, w))
+    inner, sq = float(w.dot(g)), float(w.dot(w))
     c = loss_bound(num_classes)
     return Threshold(tau=tau_from(inner, sq, constant=c, weight_decay=weight_decay), inner=inner, sq_norm=sq,
                      weight_decay=weight_decay, constant=c, num_classes=num_classes,

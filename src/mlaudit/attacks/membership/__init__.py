@@ -1,5 +1,6 @@
 """Membership-inference attacks on a pool of models (leave-one-out: every model is a target once).
 
+    from mlaudit.query import collect_logits
     obs = Observations(logits=collect_logits(stack, pool.x, queries=("identity", "flip")),
                        labels=pool.y, keep=keep)          # logits [M, N, A, C], keep bool [M, N]
     scores = score_all_targets("lira-online", obs)        # [M, N], higher = member
@@ -23,15 +24,6 @@ from .base import ATTACKS, AttackFn, Observations, register_attack
 from .design import inclusion_matrix, models_needed_exact, models_needed_random, shadow_coverage
 from .lira import lira_all_targets, lira_requirements
 from .loss import yeom_decision, yeom_threshold
-from .query import (
-    QUERY_PATTERNS,
-    Query,
-    collect_logits,
-    default_queries,
-    logits_from_checkpoints,
-    parse_queries,
-    parse_query,
-)
 from .signals import clip_nonfinite, cross_entropy, rank_nonfinite, scaled_confidence, softmax_probs
 from .truth_serum import truth_serum_view
 
@@ -52,9 +44,8 @@ def score_all_targets(attack: str | AttackFn, obs: Observations, **options: Any)
 
 
 __all__ = [
-    "ATTACKS", "AttackFn", "Observations", "QUERY_PATTERNS", "Query", "clip_nonfinite", "collect_logits",
-    "cross_entropy", "default_queries", "inclusion_matrix", "lira_all_targets", "lira_requirements",
-    "logits_from_checkpoints", "models_needed_exact", "models_needed_random", "parse_queries", "parse_query",
-    "rank_nonfinite", "register_attack", "scaled_confidence", "score_all_targets", "shadow_coverage", "softmax_probs",
+    "ATTACKS", "AttackFn", "Observations", "clip_nonfinite", "cross_entropy", "inclusion_matrix",
+    "lira_all_targets", "lira_requirements", "models_needed_exact", "models_needed_random", "rank_nonfinite",
+    "register_attack", "scaled_confidence", "score_all_targets", "shadow_coverage", "softmax_probs",
     "truth_serum_view", "yeom_decision", "yeom_threshold",
 ]

@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...data.base import TensorDataset
 from ...data.view import DataView
+from ...query import evaluating, param_grad
 from ...train.loop import init_models, train_stack
 from ...train.recipe import AugmentConfig, Recipe
 from ...train.stacked import StackedModels
@@ -34,19 +34,11 @@ def gradient_cosine(model: nn.Module, x_target: Tensor, adv_label: int, x_batch:
 
     ``x_target`` [T, ...], ``x_batch`` [B, ...], ``y_batch`` [B].
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    prev = model.training
-    model.train(False)
-    try:
-        yt = torch.full((x_target.shape[0],), adv_label, dtype=torch.long, device=x_target.device)
-        gt = torch.autograd.grad(F.cross_entropy(model(x_target), yt), params)
-        gb = torch.autograd.grad(F.cross_entropy(model(x_batch), y_batch), params)
-    finally:
-        model.train(prev)
-    dot = sum((a * b).sum() for a, b in zip(gt, gb))
-    na = torch.sqrt(sum((a * a).sum() for a in gt))
-    nb = torch.sqrt(sum((b * b).sum() for b in gb))
-    return float(dot / (na * nb).clamp_min(1e-12))
+    yt = torch.full((x_target.shape[0],), adv_label, dtype=torch.long, device=x_target.device)
+    with evaluating(model):
+        gt = param_grad(model, (x_target, yt))
+        gb = param_grad(model, (x_batch, y_batch))
+    return float(gt.cos(gb, eps=1e-12))
 
 
 def alignment_curve(model_fn: Callable[[], nn.Module], data: TensorDataset, recipe: Recipe, *, seed: int, lr: float,

@@ -32,6 +32,7 @@ level (the summed poison gradient), not per example.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ...errors import ConfigError
+from ...query import ParamVector, evaluating, param_grad, training
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -85,53 +87,53 @@ class GradientMatching:
         device = next(model.parameters()).device
         self.poison_labels = poison_labels.to(device=device, dtype=torch.long)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        params = self._params()
-        with torch.enable_grad(), self._mode():
-            out = functional_call(model, params, (target_x.to(device),))
-            lt = loss(out, adv_label.to(device)).sum()
-            self.target_grad = [g.detach() for g in torch.autograd.grad(lt, list(params.values()))]
-        self.target_norm = _norm(self.target_grad)
+        xt, yt = target_x.to(device), adv_label.to(device)
+        with self._mode():
+            self.target_grad = param_grad(model, lambda f: loss(f(xt), yt).sum(), params=self._params())
+        self.target_norm = self.target_grad.norm()
         if self.target_norm == 0:
             raise ConfigError("the target gradient is zero (the model fits the target with zero loss); "
                               "pick another target or crafting model")
 
-    def _params(self) -> dict[str, Tensor]:
-        """Detached aliases of the trainable parameters (backward never reaches the model's .grad)."""
+    def _params(self) -> ParamVector:
+        """The trainable parameters (as values: gradients flow into aliases, never the model's .grad)."""
         named = dict(self.model.named_parameters())
-        return {n: named[n].detach().requires_grad_(True) for n in self.names}
+        return ParamVector({n: named[n].detach() for n in self.names})
 
-    def _mode(self) -> _ModeGuard:
-        return _ModeGuard(self.model, self.train_mode)
+    def _mode(self) -> AbstractContextManager[None]:
+        return training(self.model) if self.train_mode else evaluating(self.model)
 
     def poison_grad(self, x_adv: Tensor, idx: Tensor) -> list[Tensor]:
         """g_p for the poisons ``x_adv`` [B, ...] with labels ``poison_labels[idx]`` (differentiable
-        w.r.t. ``x_adv``), after DP clipping and noise when configured."""
-        params = self._params()
-        with torch.enable_grad(), self._mode():  # craft evaluates its final objective under no_grad
-            out = functional_call(self.model, params, (x_adv,))
-            lp = self.loss(out, self.poison_labels[idx.to(self.poison_labels.device)]).sum()
-            grads = list(torch.autograd.grad(lp, list(params.values()), create_graph=True))
+        w.r.t. ``x_adv``), after DP clipping and noise when configured: one tensor per trainable
+        parameter, in the model's order."""
+        return list(self._poison_grad(x_adv, idx).values())
+
+    def _poison_grad(self, x_adv: Tensor, idx: Tensor) -> ParamVector:
+        labels = self.poison_labels[idx.to(self.poison_labels.device)]
+        with self._mode():
+            grads = param_grad(self.model, lambda f: self.loss(f(x_adv), labels).sum(), params=self._params(),
+                               create_graph=True)
         grads = self._clip(grads)
         if self.dp_noise > 0:
             std = self.dp_noise * self.dp_clip  # type: ignore[operator]  (noise needs dp_clip)
-            grads = [g + std * torch.randn(g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
-                     for g in grads]
+            grads = grads.map(lambda g: g + std * torch.randn(g.shape, generator=self.generator, device=g.device,
+                                                              dtype=g.dtype))
         return grads
 
-    def _clip(self, grads: list[Tensor]) -> list[Tensor]:
+    def _clip(self, grads: ParamVector) -> ParamVector:
         """The summed poison gradient scaled to l2 norm <= ``dp_clip`` (unchanged without it)."""
         if self.dp_clip is None:
             return grads
-        scale = (self.dp_clip / (_norm(grads) + 1e-12)).clamp(max=1.0)
-        return [g * scale for g in grads]
+        scale = (self.dp_clip / (grads.norm() + 1e-12)).clamp(max=1.0)
+        return grads * scale
 
-    def _mismatch(self, grads: list[Tensor]) -> Tensor:
+    def _mismatch(self, grads: ParamVector) -> Tensor:
         """B = 1 - cos(g_t, g_p) of eq. 1.3."""
-        dot = sum((gt * gp).sum() for gt, gp in zip(self.target_grad, grads, strict=True))
-        return 1 - dot / (self.target_norm * _norm(grads).clamp_min(1e-12))
+        return 1 - self.target_grad.dot(grads) / (self.target_norm * grads.norm().clamp_min(1e-12))
 
     def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
-        return self._mismatch(self.poison_grad(x_adv, idx))
+        return self._mismatch(self._poison_grad(x_adv, idx))
 
     def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         """The objective of G restarts at once: ``x_adv`` [G, B, ...] -> [G] (for
@@ -151,9 +153,9 @@ class GradientMatching:
 
         def one(xr: Tensor) -> Tensor:
             g = torch.func.grad(poison_loss)(params, xr)
-            grads = self._clip([g[n] for n in names])
+            grads = self._clip(ParamVector({n: g[n] for n in names}))
             if self.dp_noise > 0:  # vmap draws independent noise per restart
-                grads = [t + self.dp_noise * self.dp_clip * torch.randn_like(t) for t in grads]
+                grads = grads.map(lambda t: t + self.dp_noise * self.dp_clip * torch.randn_like(t))
             return self._mismatch(grads)
 
         with torch.enable_grad(), self._mode():
@@ -180,21 +182,3 @@ class _Ensemble:
 
     def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         return torch.stack([o.batched(x_adv, idx) for o in self.objs]).mean(0)
-
-
-def _norm(grads: Sequence[Tensor]) -> Tensor:
-    return torch.sqrt(sum((g * g).sum() for g in grads))
-
-
-class _ModeGuard:
-    """Sets ``model.train(mode)`` inside a ``with`` block and restores the previous mode after."""
-
-    def __init__(self, model: nn.Module, mode: bool) -> None:
-        self.model, self.mode, self.prev = model, mode, model.training
-
-    def __enter__(self) -> None:
-        self.prev = self.model.training
-        self.model.train(self.mode)
-
-    def __exit__(self, *exc: object) -> None:
-        self.model.train(self.prev)

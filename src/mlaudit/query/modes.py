@@ -1,0 +1,50 @@
+"""The eval-mode guard: query a model in eval mode (or train mode) and put every flag back after.
+
+    with evaluating(model):                        # eval mode; requires_grad untouched
+        logits = model(x)
+    with evaluating(*models, requires_grad=False): # also freeze the parameters (gradients reach inputs only)
+        delta = craft(objective, x, ...)
+
+Restoring is per submodule: a module whose parts were in different modes (a frozen BatchNorm inside
+a training network) gets each part's own flag back, and so does every parameter's ``requires_grad``,
+also when the block raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def in_mode(*models: nn.Module, train: bool, requires_grad: bool | None = None) -> Iterator[None]:
+    """``model.train(train)`` for every model inside the block; with ``requires_grad`` (True/False) also
+    every parameter's flag (None: unchanged). On exit (also on an exception) each submodule's
+    ``training`` flag and each parameter's ``requires_grad`` are restored to what they were."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    flags = [(p, p.requires_grad) for model in models for p in model.parameters()] if requires_grad is not None else []
+    try:
+        for model in models:
+            model.train(train)
+            if requires_grad is not None:
+                model.requires_grad_(requires_grad)
+        yield
+    finally:
+        for m, was in modes:  # pre-order: a parent's train() first, then each part's own flag
+            m.train(was)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def evaluating(*models: nn.Module, requires_grad: bool | None = None) -> AbstractContextManager[None]:
+    """Eval mode for every model inside the block (BatchNorm uses its running statistics, dropout is
+    off); ``requires_grad=False`` also freezes the parameters (so no ``.grad`` of a model is
+    touched). Every flag is restored on exit, also on an exception (see :func:`in_mode`)."""
+    return in_mode(*models, train=False, requires_grad=requires_grad)
+
+
+def training(*models: nn.Module, requires_grad: bool | None = None) -> AbstractContextManager[None]:
+    """Train mode for every model inside the block, flags restored on exit (see :func:`in_mode`)."""
+    return in_mode(*models, train=True, requires_grad=requires_grad)

@@ -45,8 +45,8 @@ from ..craft.constraints import Box
 from ..data.base import TensorDataset
 from ..errors import ConfigError
 from ..privacy.dpsgd import per_example_grads
-from ..train.hooks import GradientCanary
 from ..registry import Registry
+from ..train.hooks import GradientCanary
 from ..train.stacked import StackedModels
 
 TRAINER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

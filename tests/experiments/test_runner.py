@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -169,9 +170,12 @@ def test_diverging_training_names_the_trial(tmp_path: Path) -> None:
 
 def test_failed_trial_prefers_the_seed_named_by_the_error() -> None:
     pending = [TrialSpec("a", seed=11), TrialSpec("b", seed=22), TrialSpec("c", seed=33)]
-    assert failed_trial(pending, TrainingError("loss became NaN for model 1 (seed 22) at epoch 1")).trial_id == "b"
-    assert failed_trial(pending, RuntimeError("out of memory")).trial_id == "a"
-    assert failed_trial(pending, TrainingError("model 0 (seed 99)")).trial_id == "a"
+    err = TrainingError("loss became NaN for model 1 (seed 22) at epoch 1", seed=22, epoch=1, step=3)
+    assert failed_trial(pending, err).trial_id == "b"
+    again = pickle.loads(pickle.dumps(err))  # errors travel back from process and Ray workers
+    assert (again.seed, again.epoch, again.step) == (22, 1, 3) and failed_trial(pending, again).trial_id == "b"
+    assert failed_trial(pending, RuntimeError("out of memory (seed 22)")).trial_id == "a"  # no field, no guess
+    assert failed_trial(pending, TrainingError("model 0 (seed 99)", seed=99)).trial_id == "a"
 
 
 def test_failure_outside_training_is_an_mlaudit_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,23 +1,68 @@
-"""RunContext: what an experiment kind gets to do its work — train models through the factory
-with resume and checkpointing, report progress, and account for cost."""
+"""RunContext: what an experiment kind gets to do its work, and the one owner of resume semantics.
+
+* :meth:`RunContext.train` trains through the factory or the user's trainer, committing every model
+  to the run store as it finishes (a resumed run skips finished trials) and returns typed
+  :class:`TrialRecord` s;
+* :meth:`RunContext.derived` computes a per-model output from the checkpoints once (a canary score,
+  target predictions), keeps it in the store and releases the weights, so a resumed or grown run
+  reuses it;
+* :meth:`RunContext.save_cached` / :meth:`RunContext.load_cached` keep expensive artifacts (crafted
+  poisons and canaries) so a resumed run reloads instead of crafting again;
+* :meth:`RunContext.write_artifact` writes any other file atomically;
+* :class:`Cost` accounts for what the run used."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_path
 from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, load_dataset
 from ..errors import ConfigError, DataError, TrialError
 from ..factory import Executor, FactoryJob, LocalExecutor, TrainedModel, TrialSpec, train_many
+from ..jsonutil import dumps, loads
 from ..store import RunStore
-from ..train.checkpoint import save_checkpoint
+from ..train.checkpoint import load_weights_only, save_checkpoint
 from .progress import Progress
+
+
+class TrialRecord(dict):
+    """One finished trial as the run store keeps it: a JSON mapping with typed accessors.
+
+    Keys: ``trial_id``, ``seed``, ``tags``, ``metrics`` (test accuracy/loss, train loss, DP epsilon,
+    ...), ``steps``, ``wall_s``, and ``checkpoint`` (path relative to the run folder) with ``sha256``
+    while the weights are kept, ``outputs`` (what :meth:`RunContext.derived` kept) once released. It
+    stays a ``dict`` so it round-trips through the store's JSON unchanged."""
+
+    @property
+    def trial_id(self) -> str:
+        return str(self["trial_id"])
+
+    @property
+    def seed(self) -> int:
+        return int(self["seed"])
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        return self.get("tags") or {}
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.get("metrics") or {}
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.get("checkpoint")
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return self.get("outputs") or {}
 
 
 @dataclass
@@ -58,6 +103,9 @@ class RunContext:
     cost: Cost = field(default_factory=Cost)
     datasets: dict[str, DataBundle] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.finished = {k: TrialRecord(v) for k, v in self.finished.items()}
+
     @property
     def artifacts(self) -> Path:
         return self.out_dir / "artifacts"
@@ -72,7 +120,7 @@ class RunContext:
             self.datasets[key] = load_dataset(spec)
         return self.datasets[key]
 
-    def train(self, job: FactoryJob, *, save_weights: bool = True, label: str = "training models") -> list[dict[str, Any]]:
+    def train(self, job: FactoryJob, *, save_weights: bool = True, label: str = "training models") -> list[TrialRecord]:
         """Train the job's trials that are not finished yet; returns one record per trial, in order.
 
         Each model is committed to the run store (and its weights saved under
@@ -128,9 +176,9 @@ class RunContext:
             self.progress.done(epochs)
         return [self.finished[t.trial_id] for t in job.trials]
 
-    def _record(self, m: TrainedModel, save_weights: bool) -> dict[str, Any]:
-        rec: dict[str, Any] = {"trial_id": m.trial_id, "seed": m.seed, "tags": m.tags, "metrics": m.metrics,
-                               "steps": m.steps, "wall_s": m.wall_s}
+    def _record(self, m: TrainedModel, save_weights: bool) -> TrialRecord:
+        rec = TrialRecord({"trial_id": m.trial_id, "seed": m.seed, "tags": m.tags, "metrics": m.metrics,
+                               "steps": m.steps, "wall_s": m.wall_s})
         if save_weights:
             path = self.checkpoint_path(m.trial_id)
             rec["sha256"] = save_checkpoint(m.state_dict, path)
@@ -148,9 +196,65 @@ class RunContext:
             if outputs is not None and tid in outputs:
                 rec["outputs"] = outputs[tid]
             self.store.commit_trial(self.experiment_id, tid, rec, wall_s=rec.get("wall_s") or 0.0)
-            self.finished[tid] = rec
+            self.finished[tid] = TrialRecord(rec)
             if path:
                 (self.out_dir / path).unlink(missing_ok=True)
+
+    def derived(self, records: Sequence[TrialRecord], *, key: str, compute: Callable[[list[TrialRecord]], Sequence[Any]],
+                keep_weights: bool = False) -> list[Any]:
+        """One output per record, derived from its checkpoint once: values kept in a record's
+        ``outputs[key]`` (a resumed or grown run) are reused; the rest come from
+        ``compute(records_without_it)`` (in order, one value each, JSON-able) and are kept in the
+        store; then the weights of those records are released unless ``keep_weights``. A record with
+        neither the output nor its weights is a :class:`DataError` (start a new ``--out``)."""
+        values: list[Any] = [r.get("outputs", {}).get(key) for r in records]
+        todo = [i for i, v in enumerate(values) if v is None]
+        if not todo:
+            return values
+        recs = [records[i] for i in todo]
+        gone = [r["trial_id"] for r in recs if not r.get("checkpoint")]
+        if gone:
+            raise DataError(f"models {', '.join(gone[:5])} have neither weights nor a kept {key!r}; start a new --out")
+        new = list(compute(recs))
+        if len(new) != len(recs):
+            raise ValueError(f"derived {key!r}: compute returned {len(new)} values for {len(recs)} records")
+        for i, v in zip(todo, new, strict=True):
+            values[i] = v
+        outs = {r["trial_id"]: {**r.get("outputs", {}), key: v} for r, v in zip(recs, new, strict=True)}
+        if keep_weights:
+            for r in recs:
+                r["outputs"] = outs[r["trial_id"]]
+                self.store.commit_trial(self.experiment_id, r["trial_id"], r, wall_s=r.get("wall_s") or 0.0)
+                self.finished[r["trial_id"]] = TrialRecord(r)
+        else:
+            self.release_weights(recs, outputs=outs)
+        return values
+
+    def write_artifact(self, name: str, write: Callable[[Path], None]) -> Path:
+        """Write ``artifacts/<name>`` atomically: ``write(tmp_path)`` fills a temp file that replaces
+        the target only when it returns (e.g. ``lambda p: np.save(p, a)``; open ``p``, not a new name)."""
+        path = self.artifacts / name
+        with atomic_path(path) as tmp:
+            write(tmp)
+        return path
+
+    def save_cached(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
+                    folder: str = "cache") -> None:
+        """Keep an expensive artifact (a crafted poison, a crafted canary) as ``artifacts/<folder>/<name>.pt``
+        (tensors on the CPU) and ``.json`` (``meta``), both atomic; the JSON, written last, marks the
+        pair complete, so a resumed run reloads it with :meth:`load_cached` instead of crafting again."""
+        pt = self.artifacts / folder / f"{name}.pt"
+        with atomic_path(pt) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+        text = dumps(meta, where=f"{folder}/{name} metadata")
+        self.write_artifact(f"{folder}/{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
+
+    def load_cached(self, name: str, *, folder: str = "cache") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """What :meth:`save_cached` kept under ``name`` (weights-only load), or None when it is absent."""
+        pt, js = self.artifacts / folder / f"{name}.pt", self.artifacts / folder / f"{name}.json"
+        if not (pt.is_file() and js.is_file()):
+            return None
+        return load_weights_only(pt, what=f"{folder}/{name}"), loads(js.read_text(encoding="utf-8"))
 
     def pending(self, trials: Sequence[TrialSpec]) -> list[TrialSpec]:
         """The trials (in order) that have no committed record yet."""

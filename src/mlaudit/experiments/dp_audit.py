@@ -47,17 +47,17 @@ from ..audit.game import MIN_USEFUL_EPS, best_possible_bound, distinguish, model
 from ..audit.scores import update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..factory import TrialSpec
 from ..privacy.dpsgd import check_dp_model
 from ..query import logits_from_checkpoints, model_template
 from ..report.figures import canary_score_histogram
 from ..stats import describe
 from ..train.checkpoint import load_checkpoint
-from ..train.hooks import BROKEN, DPStepHooks
+from ..train.hooks import BROKEN, DPStepHooks, GradientCanary
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, ExperimentOutput, Stream, register_experiment
-from .context import RunContext
+from .context import RunContext, TrialRecord
 
 
 class DPAuditConfig(ExperimentConfig):
@@ -161,6 +161,21 @@ def make_canary(config: DPAuditConfig, data: DataBundle, device: str | torch.dev
     return CANARIES.get(config.canary)(data.train, seed=config.seed, model_fn=model_fn, device=device)
 
 
+def _cached_canary(config: DPAuditConfig, ctx: RunContext, data: DataBundle) -> Canary:
+    """The canary, made once per run: a resumed run reloads it (a crafted canary is optimised)."""
+    kept = ctx.load_cached("canary")
+    if kept is not None:
+        tensors, meta = kept
+        g = meta.pop("gradient")
+        return Canary(tensors["x"], gradient=GradientCanary(**g) if g else None, **meta)
+    c = make_canary(config, data, device=ctx.device if config.user_trainer is None else "cpu")
+    g = c.gradient
+    ctx.save_cached("canary", {"x": c.x}, {"y": c.y, "source_index": c.source_index, "source_label": c.source_label,
+                                           "details": c.details, "gradient": None if g is None else {
+                                               "index": g.index, "parameter": g.parameter, "coordinate": g.coordinate}})
+    return c
+
+
 def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
            ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Models of both sides (the factory's DP-SGD or the user's trainer, through the run store);
@@ -177,31 +192,21 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Can
                          hooks=hooks[1] if hooks else None) for i in range(m)]
     job = cfg.factory_job(data, trials, device=ctx.device, views=views)
     records = ctx.train(job, save_weights=True, label="training the audited models")
-    key = f"{config.canary}:{config.resolved_score}"
-    # a resumed or grown run keeps each finished model's score in the store (its weights are gone)
-    kept: list[float | None] = [r["outputs"]["score"] if r.get("outputs", {}).get("score_of") == key else None
-                                for r in records]
-    todo = [i for i, v in enumerate(kept) if v is None]
-    if todo:
-        recs = [records[i] for i in todo]
-        gone = [r["trial_id"] for r in recs if "checkpoint" not in r]
-        if gone:
-            raise DataError(f"models {', '.join(gone[:5])} have neither weights nor a kept {key} score; "
-                            "start a new --out")
+
+    def scores(recs: list[TrialRecord]) -> list[float]:  # from the checkpoints, weights-only and hash-checked
         paths = [ctx.out_dir / r["checkpoint"] for r in recs]
         sha = [r.get("sha256") for r in recs]
         if config.resolved_score == "gradient":
             new = update_scores(_model_fn(config, data), [r["seed"] for r in recs],
                                 lambda i: load_checkpoint(paths[i], sha256=sha[i]), canary, device=ctx.device)
         else:
-            # the shared query path: checkpoints loaded (weights only, hash-checked) and evaluated in stacks
             logits = logits_from_checkpoints(_model_fn(config, data), paths, canary.x, device=ctx.device, sha256=sha)
             new = F.cross_entropy(logits[:, 0, 0], torch.full((len(recs),), canary.y), reduction="none").numpy()
-        for i, v in zip(todo, np.asarray(new, dtype=float), strict=True):
-            kept[i] = float(v)
-        if not config.save_models:  # keep each model's score in the store so a resumed run never retrains
-            ctx.release_weights(recs, outputs={records[i]["trial_id"]: {"score_of": key, "score": kept[i]}
-                                               for i in todo})
+        return [float(v) for v in np.asarray(new, dtype=float)]
+
+    # each model's score is kept in the store, so a resumed or grown run never retrains or rescores it
+    kept = ctx.derived(records, key=f"score:{config.canary}:{config.resolved_score}", compute=scores,
+                       keep_weights=config.save_models)
     scores = np.asarray(kept, dtype=float)
     return scores[:m], scores[m:], records
 
@@ -212,7 +217,7 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     """Audit a DP training pipeline: an empirical epsilon lower bound beside the claimed epsilon."""
     data = ctx.load_dataset(config.dataset)
     mlaudit = config.trainer == "mlaudit"
-    canary = make_canary(config, data, device=ctx.device if mlaudit else "cpu")
+    canary = _cached_canary(config, ctx, data)
     score = config.resolved_score
     s_in, s_out, records = _train(config, ctx, data, canary)
     res = distinguish(s_in, s_out, delta=config.delta, confidence=config.confidence, seed=config.seed)

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import re
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ import torch
 import yaml
 
 from .. import __version__
+from ..atomic import is_atomic_temp, write_text
 from ..data.base import DataBundle
 from ..errors import ConfigError, MlauditError
 from ..factory import Executor, make_executor
@@ -320,24 +319,18 @@ def _usable(finished: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, dic
 
 
 def _remove_stale_tmp(out_dir: Path) -> None:
-    """Delete temp files left by a killed run (atomic writes that never got renamed)."""
-    for folder in (out_dir, out_dir / "artifacts" / "models"):
-        if folder.is_dir():
-            for p in folder.glob("*.tmp"):
-                p.unlink(missing_ok=True)
+    """Delete temp files left by a killed run (atomic writes that never got renamed): only the names
+    :func:`mlaudit.atomic.atomic_path` makes, only regular files, never through a symlinked folder."""
+    for folder in (out_dir, out_dir / "artifacts", out_dir / "artifacts" / "models", out_dir / "artifacts" / "cache"):
+        if folder.is_dir() and not folder.is_symlink():
+            for p in folder.glob(".*.tmp"):
+                if is_atomic_temp(p):
+                    p.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``text`` to ``path`` atomically (:func:`mlaudit.atomic.write_text`)."""
+    write_text(path, text)
 
 
 def device_name(dev: str) -> str:

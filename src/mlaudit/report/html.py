@@ -10,10 +10,8 @@ pyplot, so importing or calling this module never changes matplotlib's global ba
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
@@ -24,6 +22,7 @@ import jinja2
 import yaml
 
 from .. import __version__
+from ..atomic import write_text
 from ..errors import ConfigError
 from ..stats import MeanSE, format_number
 from ..store import dumps, to_jsonable
@@ -200,19 +199,5 @@ def write_report(path: str | os.PathLike[str], *, title: str, config: Mapping[st
     ``os.replace``, so readers never see a half-written report. Returns the path written."""
     html = render_report(title=title, config=config, metrics=metrics, trials=trials, cost=cost,
                          versions=versions, figures=figures, tables=tables, notes=notes)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+    return write_text(path, html)
 

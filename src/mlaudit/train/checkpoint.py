@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_path
 from ..errors import DataError
 
 
 def save_checkpoint(state_dict: dict[str, Tensor], path: str | Path) -> str:
     """Write ``state_dict`` atomically (tmp file + rename); returns the file's sha256."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return sha256_file(path)
 
 

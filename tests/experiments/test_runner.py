@@ -251,7 +251,7 @@ def test_a_train_run_grows_by_trials(tmp_path: Path) -> None:
 
 
 def test_kinds_without_growable_counts_refuse_a_grow() -> None:
-    from mlaudit.experiments.runner import config_growth
+    from mlaudit.experiments.resume import config_growth
 
     with pytest.raises(ConfigError, match="trials differ.*only raise these counts: none for this kind"):
         config_growth({"trials": 2}, {"trials": 4}, ())

@@ -18,30 +18,28 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-from .. import __version__
-from ..atomic import is_atomic_temp, write_text
+from ..atomic import write_text
 from ..data.base import DataBundle
 from ..errors import ConfigError, MlauditError
 from ..factory import Executor, make_executor
 from ..factory.spec import resolve_device
 from ..jsonutil import config_hash, to_jsonable
 from ..models.registry import build_model
+from ..provenance import device_name, versions
 from ..store import RunStore, default_store_path
 from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
 from .context import RunContext
 from .progress import Progress
+from .resume import check_out_dir, config_growth, remove_stale_tmp, usable
 
 log = logging.getLogger(__name__)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -100,7 +98,7 @@ def run_experiment(
 
     had_run = (out_dir / "config.yaml").is_file()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(out_dir)
+    remove_stale_tmp(out_dir)
     write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     vers = versions()
     existing = rs.find_by_out_dir(out_dir) if resume else None  # a fresh run never reuses old store rows
@@ -116,7 +114,7 @@ def run_experiment(
         exp_id = rs.create_experiment(kind=cfg.kind, name=cfg.display_name, config=resolved, out_dir=out_dir,
                                       git_rev=vers["git_rev"], versions=vers)
     rs.set_status(exp_id, "running")
-    finished = _usable(rs.finished_trials(exp_id), out_dir)
+    finished = usable(rs.finished_trials(exp_id), out_dir)
     t0 = time.perf_counter()
     with Progress(quiet=quiet) as progress:
         ctx = RunContext(out_dir=out_dir, store=rs, experiment_id=exp_id, device=dev, executor=ex,
@@ -221,144 +219,6 @@ def preflight(cfg: ExperimentConfig, data: DataBundle | None = None) -> DataBund
     return data
 
 
-def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool,
-                  growable: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
-    """Refuse an output folder that is a file, holds something other than an mlaudit run, holds a
-    different run, or holds this run while ``resume`` is False. Writes nothing.
-
-    With ``growable`` (a grow: see :func:`run_experiment`), a run whose config differs only by larger
-    counts in those fields is accepted; returns ``{field: (old, new)}`` for them (empty otherwise)."""
-    if not out_dir.exists():
-        return {}
-    if not out_dir.is_dir():
-        raise ConfigError(f"output path {str(out_dir)!r} exists and is not a folder; choose another --out")
-    if not any(out_dir.iterdir()):
-        return {}
-    cfg_file = out_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise ConfigError(f"output folder {str(out_dir)!r} is not empty and holds no mlaudit run (no config.yaml); "
-                          "choose another --out or empty it")
-    raw = _read_config(cfg_file)
-    if not _same_config(raw, resolved):
-        old = _resolved(raw)
-        if growable is not None and old is not None:
-            return config_growth(old, resolved, growable)  # raises for anything but a grow
-        hint = (" (--set changes the config of the run being resumed; drop it, or add --grow to raise a count "
-                "such as scenarios or victims)" if resume else "")
-        raise ConfigError(f"output folder {str(out_dir)!r} already holds a different run (its config.yaml differs)"
-                          f"{hint}; choose another --out")
-    if not resume:
-        state = "finished " if (out_dir / "results.json").is_file() else ""
-        raise ConfigError(f"output folder {str(out_dir)!r} already holds this {state}run; pass --resume "
-                          f"{str(out_dir)!r} to continue it (finished trials are skipped) or choose another --out")
-    return {}
-
-
-def config_growth(old: dict[str, Any], new: dict[str, Any], growable: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """``{field: (old, new)}`` for a config ``new`` that grows ``old`` (resolved configs): only fields in
-    ``growable`` may differ, and only as integer counts that do not shrink. ConfigError otherwise."""
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    fixed = [k for k in diff if k not in growable]
-    if fixed:
-        allowed = ", ".join(growable) if growable else "none for this kind"
-        raise ConfigError(f"cannot grow the run: {', '.join(fixed)} differ from the run being resumed "
-                          f"(was {', '.join(repr(old.get(k)) for k in fixed)}, now "
-                          f"{', '.join(repr(new.get(k)) for k in fixed)}); a grow may only raise these counts: {allowed}")
-    out: dict[str, tuple[int, int]] = {}
-    for k in diff:
-        a, b = old.get(k), new.get(k)
-        if not (isinstance(a, int) and isinstance(b, int)) or isinstance(a, bool) or isinstance(b, bool):
-            raise ConfigError(f"cannot grow the run: {k} must be a count in both configs to grow, got {a!r} -> {b!r}")
-        if b < a:
-            raise ConfigError(f"cannot grow the run: {k} can only grow, got {a} -> {b} (a smaller study is a new run; "
-                              "choose another --out)")
-        out[k] = (a, b)
-    return out
-
-
-def _read_config(cfg_file: Path) -> dict[str, Any] | None:
-    """The raw config mapping in ``cfg_file`` (None when it cannot be read or is not a mapping)."""
-    try:
-        old = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
-        return None
-    return old if isinstance(old, dict) else None
-
-
-def _resolved(old: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The resolved form of a raw config read by :func:`_read_config` (None when it does not parse)."""
-    if old is None:
-        return None
-    try:
-        return config_to_dict(parse_config(old))
-    except MlauditError:
-        return None
-
-
-def _same_config(old: dict[str, Any] | None, resolved: dict[str, Any]) -> bool:
-    """Whether the raw config ``old`` is the run ``resolved`` (as written, or once resolved)."""
-    if old is None:
-        return False
-    want = config_hash(resolved)
-    try:
-        if config_hash(old) == want:
-            return True
-    except MlauditError:  # not JSON-serialisable as written: not a config mlaudit wrote
-        return False
-    again = _resolved(old)
-    return again is not None and config_hash(again) == want
-
-
-def _usable(finished: dict[str, dict[str, Any]], out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Finished trials whose checkpoint (if they saved one) is still on disk; others train again."""
-    keep = {t: rec for t, rec in finished.items() if not rec.get("checkpoint") or (out_dir / rec["checkpoint"]).is_file()}
-    if len(keep) < len(finished):
-        log.warning("%d finished trials lost their checkpoints under %s; training them again",
-                    len(finished) - len(keep), out_dir)
-    return keep
-
-
-def _remove_stale_tmp(out_dir: Path) -> None:
-    """Delete temp files left by a killed run (atomic writes that never got renamed): only the names
-    :func:`mlaudit.atomic.atomic_path` makes, only regular files, never through a symlinked folder."""
-    for folder in (out_dir, out_dir / "artifacts", out_dir / "artifacts" / "models", out_dir / "artifacts" / "cache"):
-        if folder.is_dir() and not folder.is_symlink():
-            for p in folder.glob(".*.tmp"):
-                if is_atomic_temp(p):
-                    p.unlink(missing_ok=True)
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`mlaudit.atomic.write_text`)."""
     write_text(path, text)
-
-
-def device_name(dev: str) -> str:
-    """Human-readable device: the GPU's name, or ``cpu (<arch>, <N> threads)``."""
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(dev))
-    arch = platform.processor() or platform.machine() or "unknown"
-    return f"cpu ({arch}, {torch.get_num_threads()} threads)"
-
-
-def versions() -> dict[str, Any]:
-    """Versions of mlaudit, Python, torch, numpy, CUDA, the platform and the git revision."""
-    return {
-        "mlaudit": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "git_rev": git_revision(),
-    }
-
-
-def git_revision() -> str | None:
-    """HEAD of the git checkout this package is imported from, or None (not a checkout, no git)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (out.stdout.strip() or None) if out.returncode == 0 else None

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -230,12 +230,13 @@ class RunContext:
             self.release_weights(recs, outputs=outs)
         return values
 
-    def write_artifact(self, name: str, write: Callable[[Path], None]) -> Path:
-        """Write ``artifacts/<name>`` atomically: ``write(tmp_path)`` fills a temp file that replaces
-        the target only when it returns (e.g. ``lambda p: np.save(p, a)``; open ``p``, not a new name)."""
+    def write_artifact(self, name: str, write: Callable[[BinaryIO], Any]) -> Path:
+        """Write ``artifacts/<name>`` atomically: ``write(f)`` fills an open binary temp file that
+        replaces the target only when it returns (``lambda f: np.save(f, a)``, ``lambda f:
+        torch.save(obj, f)``, ``lambda f: f.write(text.encode())``)."""
         path = self.artifacts / name
-        with atomic_path(path) as tmp:
-            write(tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            write(f)
         return path
 
     def save_cached(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], *,
@@ -243,11 +244,10 @@ class RunContext:
         """Keep an expensive artifact (a crafted poison, a crafted canary) as ``artifacts/<folder>/<name>.pt``
         (tensors on the CPU) and ``.json`` (``meta``), both atomic; the JSON, written last, marks the
         pair complete, so a resumed run reloads it with :meth:`load_cached` instead of crafting again."""
-        pt = self.artifacts / folder / f"{name}.pt"
-        with atomic_path(pt) as tmp:
-            torch.save({k: v.detach().cpu() for k, v in tensors.items()}, tmp)
+        blob = {k: v.detach().cpu() for k, v in tensors.items()}
+        self.write_artifact(f"{folder}/{name}.pt", lambda f: torch.save(blob, f))
         text = dumps(meta, where=f"{folder}/{name} metadata")
-        self.write_artifact(f"{folder}/{name}.json", lambda p: p.write_text(text, encoding="utf-8"))
+        self.write_artifact(f"{folder}/{name}.json", lambda f: f.write(text.encode("utf-8")))
 
     def load_cached(self, name: str, *, folder: str = "cache") -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """What :meth:`save_cached` kept under ``name`` (weights-only load), or None when it is absent."""

@@ -221,10 +221,10 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     score = config.resolved_score
     s_in, s_out, records = _train(config, ctx, data, canary)
     res = distinguish(s_in, s_out, delta=config.delta, confidence=config.confidence, seed=config.seed)
-    ctx.artifacts.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(ctx.artifacts / "canary_scores.npz", score_in=s_in, score_out=s_out, score=np.array(score))
+    ctx.write_artifact("canary_scores.npz",
+                       lambda f: np.savez_compressed(f, score_in=s_in, score_out=s_out, score=np.array(score)))
     if score == "loss":
-        np.savez_compressed(ctx.artifacts / "canary_losses.npz", loss_in=s_in, loss_out=s_out)
+        ctx.write_artifact("canary_losses.npz", lambda f: np.savez_compressed(f, loss_in=s_in, loss_out=s_out))
     dp_eps = [r["metrics"]["dp_epsilon"] for r in records if "dp_epsilon" in r["metrics"]]
     accountant_eps = max(dp_eps) if dp_eps else None
     recipe_dp = config.audited_recipe(len(data.train)).dp

@@ -266,3 +266,32 @@ def test_grow_via_cli(tmp_path: Path) -> None:
     r = json.loads((out / "results.json").read_text())
     assert r["grown_from"] == {"scenarios": 1} and r["cost"]["models_trained"] == 1
     assert len(r["metrics"]["scenarios"]) == 2
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"model": "no_such_pkg_zz.nets:Net"}, "cannot import module 'no_such_pkg_zz.nets'"),
+    ({"dataset": "cli_user_code:ragged"}, "variable-size samples"),
+    ({"trainer": "cli_user_code:wrong_signature"}, "has the signature"),
+])
+def test_user_code_errors_exit_2_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                changes: dict[str, str], match: str) -> None:
+    (tmp_path / "cli_user_code.py").write_text(
+        "import torch\n"
+        "def ragged():\n"
+        "    return [(torch.zeros(2), 0), (torch.zeros(3), 1)], [(torch.zeros(2), 0)]\n"
+        "def wrong_signature(a, b, c):\n"
+        "    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tmp_path / "user.yaml"
+    cfg.write_text(yaml.safe_dump(TINY | changes))
+    res = run_tiny(cfg, tmp_path / "out")
+    assert res.exit_code == 2 and match in res.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs.db").exists()
+
+
+def test_no_imports_switch_refuses_import_strings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLAUDIT_NO_IMPORTS", "1")
+    cfg = tmp_path / "user.yaml"
+    cfg.write_text(yaml.safe_dump(TINY | {"model": "torch.nn:Identity"}))
+    res = run_tiny(cfg, tmp_path / "out")
+    assert res.exit_code == 2 and "MLAUDIT_NO_IMPORTS" in res.output and not (tmp_path / "out").exists()

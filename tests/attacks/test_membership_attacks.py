@@ -8,6 +8,7 @@ CPU only, tiny tensors; the pool test trains 16 MLPs in about 3 s.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import numpy as np
@@ -321,3 +322,14 @@ def test_lira_beats_loss_at_low_fpr_on_overfit_pool() -> None:
         assert auc > 0.6
     assert results["lira-online"][1] > 2 * results["loss"][1]
     assert results["lira-online"][0] > results["loss"][0]
+
+
+def test_registry_entries_carry_the_all_targets_form_as_a_field() -> None:
+    """One registry of the uniform call (a Protocol-typed entry), its faster all-targets form an
+    explicit field of the entry, never an attribute attached to the function."""
+    fast = {name for name in ATTACKS.names() if ATTACKS.get(name).all_targets is not None}
+    assert fast == {"loss", "loss-bounded", "shokri", "lira-online", "lira-offline"}
+    for name in ATTACKS.names():
+        entry = ATTACKS.get(name)
+        assert entry.name == name and not hasattr(entry.score, "all_targets")
+        assert list(inspect.signature(entry).parameters)[:2] == ["obs", "target"]  # what configs check options against

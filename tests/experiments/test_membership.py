@@ -15,7 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from mlaudit.attacks.membership import ATTACKS, Observations, inclusion_matrix
+from mlaudit.attacks.membership import ATTACKS, MembershipAttack, Observations, inclusion_matrix
 from mlaudit.cli import app
 from mlaudit.data import load_dataset
 from mlaudit.data.view import DataView
@@ -150,7 +150,7 @@ def _nan_attack(obs: Observations, target: int) -> torch.Tensor:
 
 def test_nonfinite_logits_and_scores_are_clipped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     # registered for this test only, so tests that iterate over every attack never see it
-    monkeypatch.setitem(ATTACKS._items, "test-nan-scores", _nan_attack)
+    monkeypatch.setitem(ATTACKS._items, "test-nan-scores", MembershipAttack("test-nan-scores", _nan_attack))
     g = torch.Generator().manual_seed(0)
     m, n = 6, 40
     logits = torch.randn(m, n, 1, 3, generator=g)

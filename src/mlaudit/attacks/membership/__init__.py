@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import lira, loss, shokri  # noqa: F401  (register the attacks)
-from .base import ATTACKS, AttackFn, Observations, register_attack
+from .base import ATTACKS, AllTargetsFn, AttackFn, MembershipAttack, Observations, register_attack
 from .design import inclusion_matrix, models_needed_exact, models_needed_random, shadow_coverage
 from .lira import lira_all_targets, lira_requirements
 from .loss import yeom_decision, yeom_threshold
@@ -28,23 +28,22 @@ from .signals import clip_nonfinite, cross_entropy, rank_nonfinite, scaled_confi
 from .truth_serum import truth_serum_view
 
 
-def score_all_targets(attack: str | AttackFn, obs: Observations, **options: Any) -> Tensor:
+def score_all_targets(attack: str | MembershipAttack | AttackFn, obs: Observations, **options: Any) -> Tensor:
     """Scores [M, N] of every model as the target (row m = ``attack(obs, m, **options)``).
 
-    Uses the attack's ``all_targets(obs, **options)`` fast path when it has one (``loss``,
-    ``loss-bounded`` and both LiRA variants: O(M * N * A) in all, against O(M^2 * N * A * C) for M
-    separate calls; equal up to float64 rounding), else calls the attack once per target.
-    ``attack`` is a registered name or an attack function.
+    Uses the registered attack's ``all_targets`` form when it has one (``loss``, ``loss-bounded``,
+    ``shokri`` and both LiRA variants; LOSS and LiRA in O(M * N * A) in all, against O(M^2 * N * A * C)
+    for M separate calls; equal up to float64 rounding), else calls the attack once per target.
+    ``attack`` is a registered name, a registered entry or an attack function.
     """
-    fn = ATTACKS.get(attack) if isinstance(attack, str) else attack
-    fast = getattr(fn, "all_targets", None)
-    if fast is not None:
-        return fast(obs, **options)
-    return torch.stack([fn(obs, m, **options) for m in range(obs.num_models)])
+    entry = ATTACKS.get(attack) if isinstance(attack, str) else attack
+    if isinstance(entry, MembershipAttack):
+        return entry.score_all(obs, **options)
+    return torch.stack([entry(obs, m, **options) for m in range(obs.num_models)])
 
 
 __all__ = [
-    "ATTACKS", "AttackFn", "Observations", "clip_nonfinite", "cross_entropy", "inclusion_matrix",
+    "ATTACKS", "AllTargetsFn", "AttackFn", "MembershipAttack", "Observations", "clip_nonfinite", "cross_entropy", "inclusion_matrix",
     "lira_all_targets", "lira_requirements", "models_needed_exact", "models_needed_random", "rank_nonfinite",
     "register_attack", "scaled_confidence", "score_all_targets", "shadow_coverage", "softmax_probs",
     "truth_serum_view", "yeom_decision", "yeom_threshold",

@@ -18,10 +18,12 @@ Shapes:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from ...errors import DataError
@@ -58,11 +60,54 @@ class Observations:
         return int(self.logits.shape[1])
 
 
-AttackFn = Callable[..., Tensor]
-"""``attack(obs, target, **options) -> scores [N]`` for target model index ``target``."""
+class AttackFn(Protocol):
+    """The uniform call of a membership attack: ``attack(obs, target, **options) -> scores`` float
+    [N] for the target model index ``target`` (higher = more likely a member)."""
 
-ATTACKS: Registry[AttackFn] = Registry("membership attack")
+    def __call__(self, obs: Observations, target: int, /, *args: Any, **options: Any) -> Tensor: ...
 
 
-def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
-    return ATTACKS.register(name)
+class AllTargetsFn(Protocol):
+    """Every model as the target at once: ``all_targets(obs, **options) -> scores`` [M, N], row m
+    equal to ``attack(obs, m, **options)`` (up to float rounding)."""
+
+    def __call__(self, obs: Observations, /, *args: Any, **options: Any) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class MembershipAttack:
+    """A registered attack: ``score`` (the uniform call, :class:`AttackFn`) and ``all_targets``
+    (:class:`AllTargetsFn`, when scoring all M targets together is cheaper than M calls; None: M
+    calls). Calling the entry calls ``score``; its signature is ``score``'s (options are checked
+    against it)."""
+
+    name: str
+    score: AttackFn
+    all_targets: AllTargetsFn | None = None
+
+    def __call__(self, obs: Observations, target: int, /, **options: Any) -> Tensor:
+        return self.score(obs, target, **options)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.score)
+
+    def score_all(self, obs: Observations, **options: Any) -> Tensor:
+        """Scores [M, N] of every model as the target (``all_targets`` when there is one)."""
+        if self.all_targets is not None:
+            return self.all_targets(obs, **options)
+        return torch.stack([self.score(obs, m, **options) for m in range(obs.num_models)])
+
+
+ATTACKS: Registry[MembershipAttack] = Registry("membership attack")
+
+
+def register_attack(name: str, *, all_targets: AllTargetsFn | None = None) -> Callable[[AttackFn], AttackFn]:
+    """Decorator registering ``fn`` (an :class:`AttackFn`) as attack ``name``, with its optional
+    all-targets form; returns ``fn`` unchanged."""
+
+    def deco(fn: AttackFn) -> AttackFn:
+        ATTACKS.register(name)(MembershipAttack(name, fn, all_targets))
+        return fn
+
+    return deco

@@ -186,7 +186,7 @@ def lira_all_targets(obs: Observations, *, online: bool, variance: Variance = "p
     return _score(d, mom_in, mom_out, online=online, variance=variance, var_eps=var_eps).cpu()
 
 
-@register_attack("lira-online")
+@register_attack("lira-online", all_targets=partial(lira_all_targets, online=True))
 def lira_online(obs: Observations, target: int, *, variance: Variance = "per-example",
                 var_eps: float = VAR_EPS) -> Tensor:
     """Online LiRA (Carlini et al. 2022, Algorithm 1): log-likelihood ratio of the target's scaled
@@ -194,13 +194,10 @@ def lira_online(obs: Observations, target: int, *, variance: Variance = "per-exa
     return _lira_target(obs, target, online=True, variance=variance, var_eps=var_eps)
 
 
-@register_attack("lira-offline")
+@register_attack("lira-offline", all_targets=partial(lira_all_targets, online=False))
 def lira_offline(obs: Observations, target: int, *, variance: Variance = "per-example",
                  var_eps: float = VAR_EPS) -> Tensor:
     """Offline LiRA (Carlini et al. 2022, Eq. 4): log one-sided probability that an OUT model's scaled
     confidence is below the target's -> scores float64 [N] (higher = member). Uses OUT shadows only."""
     return _lira_target(obs, target, online=False, variance=variance, var_eps=var_eps)
 
-
-lira_online.all_targets = partial(lira_all_targets, online=True)  # type: ignore[attr-defined]
-lira_offline.all_targets = partial(lira_all_targets, online=False)  # type: ignore[attr-defined]

@@ -45,7 +45,11 @@ def _shadow_index(obs: Observations, target: int) -> Tensor:
     return torch.tensor([i for i in range(obs.num_models) if i != target], dtype=torch.long)
 
 
-@register_attack("loss")
+def _loss_all(obs: Observations) -> Tensor:
+    return -_losses(obs, attack="loss")
+
+
+@register_attack("loss", all_targets=_loss_all)
 def loss_attack(obs: Observations, target: int) -> Tensor:
     """Yeom et al.'s LOSS attack: scores float64 [N] = -(mean cross-entropy of the target over queries).
 
@@ -54,9 +58,6 @@ def loss_attack(obs: Observations, target: int) -> Tensor:
     _check_target(obs, target)
     return -_losses(obs, slice(target, target + 1), attack="loss")[0]
 
-
-def _loss_all(obs: Observations) -> Tensor:
-    return -_losses(obs, attack="loss")
 
 
 def yeom_threshold(obs: Observations, target: int) -> float:
@@ -88,24 +89,6 @@ def _check_bound(bound: float) -> float:
     return float(bound)
 
 
-@register_attack("loss-bounded")
-def loss_bounded(obs: Observations, target: int, *, bound: float | None = None) -> Tensor:
-    """Yeom et al.'s A1: membership probability float64 [N] = ``1 - min(loss, B) / B`` in [0, 1].
-
-    ``bound`` B defaults to the largest mean loss of any shadow model (models other than ``target``)
-    on any pool example; raises ConfigError when there is no shadow model and no ``bound``.
-    """
-    _check_target(obs, target)
-    loss = _losses(obs, attack="loss-bounded")
-    if bound is None:
-        if obs.num_models < 2:
-            raise ConfigError("loss-bounded needs option bound when the pool has no shadow models (M = 1)")
-        b = max(float(loss[_shadow_index(obs, target)].max()), 1e-12)
-    else:
-        b = _check_bound(bound)
-    return 1.0 - loss[target].clamp(0.0, b) / b
-
-
 def _loss_bounded_all(obs: Observations, *, bound: float | None = None) -> Tensor:
     loss = _losses(obs, attack="loss-bounded")
     if bound is None:
@@ -121,5 +104,19 @@ def _loss_bounded_all(obs: Observations, *, bound: float | None = None) -> Tenso
     return 1.0 - torch.minimum(loss, b) / b
 
 
-loss_attack.all_targets = _loss_all  # type: ignore[attr-defined]
-loss_bounded.all_targets = _loss_bounded_all  # type: ignore[attr-defined]
+@register_attack("loss-bounded", all_targets=_loss_bounded_all)
+def loss_bounded(obs: Observations, target: int, *, bound: float | None = None) -> Tensor:
+    """Yeom et al.'s A1: membership probability float64 [N] = ``1 - min(loss, B) / B`` in [0, 1].
+
+    ``bound`` B defaults to the largest mean loss of any shadow model (models other than ``target``)
+    on any pool example; raises ConfigError when there is no shadow model and no ``bound``.
+    """
+    _check_target(obs, target)
+    loss = _losses(obs, attack="loss-bounded")
+    if bound is None:
+        if obs.num_models < 2:
+            raise ConfigError("loss-bounded needs option bound when the pool has no shadow models (M = 1)")
+        b = max(float(loss[_shadow_index(obs, target)].max()), 1e-12)
+    else:
+        b = _check_bound(bound)
+    return 1.0 - loss[target].clamp(0.0, b) / b

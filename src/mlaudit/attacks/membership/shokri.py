@@ -107,7 +107,16 @@ def fit_predict(x_train: Tensor, y_train: Tensor, x_eval: Tensor, *, hidden: int
         return torch.sigmoid(logits(xe)).double()
 
 
-@register_attack("shokri")
+def shokri_all_targets(obs: Observations, *, query: int = 0, max_train: int = 5000,
+                       classifier: Literal["mlp", "logistic"] = "mlp", hidden: int = 32, steps: int = 300,
+                       seed: int = 0, device: str = "auto") -> Tensor:
+    """Scores [M, N] with every model as the target, all attack models of a class trained at once
+    (row m equals ``shokri(obs, m, ...)`` up to float rounding)."""
+    return _shokri(obs, list(range(obs.num_models)), query=query, max_train=max_train, classifier=classifier,
+                   hidden=hidden, steps=steps, seed=seed, device=device)
+
+
+@register_attack("shokri", all_targets=shokri_all_targets)
 def shokri(obs: Observations, target: int, *, query: int = 0, max_train: int = 5000,
            classifier: Literal["mlp", "logistic"] = "mlp", hidden: int = 32, steps: int = 300,
            seed: int = 0, device: str = "auto") -> Tensor:
@@ -127,16 +136,6 @@ def shokri(obs: Observations, target: int, *, query: int = 0, max_train: int = 5
                    steps=steps, seed=seed, device=device)[0]
 
 
-def shokri_all_targets(obs: Observations, *, query: int = 0, max_train: int = 5000,
-                       classifier: Literal["mlp", "logistic"] = "mlp", hidden: int = 32, steps: int = 300,
-                       seed: int = 0, device: str = "auto") -> Tensor:
-    """Scores [M, N] with every model as the target, all attack models of a class trained at once
-    (row m equals ``shokri(obs, m, ...)`` up to float rounding)."""
-    return _shokri(obs, list(range(obs.num_models)), query=query, max_train=max_train, classifier=classifier,
-                   hidden=hidden, steps=steps, seed=seed, device=device)
-
-
-shokri.all_targets = shokri_all_targets  # type: ignore[attr-defined]
 
 
 def _shokri(obs: Observations, targets: list[int], *, query: int, max_train: int, classifier: str, hidden: int,

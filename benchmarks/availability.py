@@ -36,7 +36,7 @@ from _common import (  # noqa: E402
 )
 
 import mlaudit.experiments.availability  # noqa: E402,F401  (registers the kind)
-from mlaudit.attacks.availability import METHODS  # noqa: E402
+from mlaudit.attacks.poisoning import POISONERS, Needs  # noqa: E402
 from mlaudit.config import load_yaml  # noqa: E402
 
 DEFAULT_METHODS = ("adversarial-untargeted", "adversarial-class-targeted", "error-minimizing", "random-noise")
@@ -109,11 +109,11 @@ def method_config(cfg: dict[str, Any], method: str, crafter: dict[str, Any] | No
     if method != "adversarial-class-targeted":
         attack.pop("permutation", None)
     attack["options"] = {}
-    kind = METHODS.get(method).crafter
+    pretrained = Needs.CRAFTING_MODELS in POISONERS.get(method, family="availability").needs
     crafting = {k: v for k, v in c.get("crafting", {}).items() if k not in ("checkpoint", "sha256", "ensemble")}
-    if kind == "pretrained" and crafter is not None:
+    if pretrained and crafter is not None:
         crafting.update(checkpoint=crafter["checkpoint"], sha256=crafter["sha256"], model=crafter["model"])
-    if kind != "pretrained":
+    if not pretrained:
         crafting.pop("recipe", None)
         c["relabel"] = False
     c["crafting"] = crafting
@@ -129,12 +129,12 @@ def main() -> None:
     args = parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        METHODS.get(m)  # unknown names fail before any work
+        POISONERS.get(m, family="availability")  # unknown names fail before any work
     cfg = base_config(args)
     name = args.name or Path(args.config).stem
     runs: dict[str, Any] = {}
     with workdir(args.workdir) as tmp:
-        needs = any(METHODS.get(m).crafter == "pretrained" for m in methods)
+        needs = any(Needs.CRAFTING_MODELS in POISONERS.get(m, family="availability").needs for m in methods)
         crafter = train_crafter(cfg, tmp, args.device) if needs else None
         for m in methods:
             c = method_config(cfg, m, crafter, args)

@@ -42,8 +42,8 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-from mlaudit.attacks.poisoning.brew import BrewInputs, BrewOptions, brew  # noqa: E402
-from mlaudit.attacks.poisoning.scenario import sample_scenario, scenario_seeds  # noqa: E402
+from mlaudit.attacks.poisoning import POISONERS, PoisonTask, Target  # noqa: E402
+from mlaudit.attacks.poisoning.targeted.scenario import sample_scenario, scenario_seeds  # noqa: E402
 from mlaudit.config import apply_overrides, load_yaml  # noqa: E402
 from mlaudit.data.augment import AugmentSpec  # noqa: E402
 from mlaudit.models import build_model  # noqa: E402
@@ -62,28 +62,28 @@ def speed(args: argparse.Namespace) -> None:
     model = model.to(dev).eval()
     sc = sample_scenario(0, scenario_seeds(2000000000, 1)[0], train_y=data.train.y, test_y=data.test.y,
                          num_classes=10, budget=0.01)
-    ids = torch.tensor(sc.poison_ids)
-    inputs = BrewInputs(models=[model], x_target=data.test.x[list(sc.target_ids)].to(dev), adv_class=sc.adv_class,
-                        x_poison=data.train.x[ids].to(dev), y_poison=data.train.y[ids].to(dev))
+    task = PoisonTask(train=data.train, num_classes=10, eps=16 / 255, poison_ids=torch.tensor(sc.poison_ids),
+                      target=Target(data.test.x[list(sc.target_ids)].to(dev), sc.target_class, sc.adv_class),
+                      models=[model], augment=AugmentSpec(crop_pad=4, flip=True), seed=0, device=dev)
+    gm = POISONERS.get("gradient-matching", family="targeted")
     rows = []
     variants = [(p, lay) for p in args.precisions.split(",") for lay in args.layouts.split(",")]
     for precision, layout in variants:
-        fast = layout == "tuned"  # channels-last models/poisons and timed cuDNN algorithms (BrewOptions)
-        opts = BrewOptions(eps=16 / 255, steps=args.steps, restarts=args.restarts, lr=0.1,
-                           augment=AugmentSpec(crop_pad=4, flip=True), bf16=precision == "bf16", seed=0,
-                           parallel_restarts=args.parallel_restarts, channels_last=fast, cudnn_benchmark=fast)
+        fast = layout == "tuned"  # channels-last models/poisons and timed cuDNN algorithms (CraftingSettings)
+        settings = {"steps": args.steps, "restarts": args.restarts, "lr": 0.1, "augment": True, "precision": precision,
+                    "parallel_restarts": args.parallel_restarts, "channels_last": fast, "cudnn_benchmark": fast}
         # untimed warm-up of this variant (cuDNN's algorithm timing for the double-backward shapes, lazy
         # kernel loads), so neither the first variant nor the tuned one pays one-time costs in its time
-        brew("gradient-matching", inputs, dataclasses.replace(opts, steps=3, restarts=1))
+        gm(dataclasses.replace(task, settings={**settings, "steps": 3, "restarts": 1}))
         sync()
         t0 = time.perf_counter()
-        res = brew("gradient-matching", inputs, opts)
+        res = gm(dataclasses.replace(task, settings=settings))
         sync()
         wall = time.perf_counter() - t0
         per_restart = wall / args.restarts
         rows.append({"precision": precision, "layout": layout, "parallel_restarts": args.parallel_restarts, "restarts": args.restarts, "steps": args.steps, "wall_s": round(wall, 2),
                      "s_per_restart": round(per_restart, 2), "r8_extrapolated_s": round(8 * per_restart, 1),
-                     "best_objective": res.objective, "restart_objectives": res.restarts,
+                     "best_objective": res.info["objective"], "restart_objectives": res.info["restarts"],
                      "peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda"
                      else None})
         print(rows[-1], flush=True)
@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--layouts", default="plain",
-                    help="speed part: comma-separated; 'plain' = contiguous NCHW, default cuDNN heuristics (BrewOptions' "
+                    help="speed part: comma-separated; 'plain' = contiguous NCHW, default cuDNN heuristics (CraftingSettings' "
                          "default), 'tuned' = channels-last + timed cuDNN algorithms (slower on an H100, "
                          "targeted_poison_speed_layouts.md)")
     ap.add_argument("--parallel-restarts", type=int, default=1, help="restarts optimised together (batched)")

@@ -1,10 +1,12 @@
-"""Availability-poisoning methods (mlaudit.attacks.availability): every method stays inside the l-inf
+"""Availability-poisoning methods (mlaudit.attacks.poisoning.availability): every method stays inside the l-inf
 ball and the pixel box; untargeted PGD raises the crafting model's loss on the true label and
 class-targeted PGD lowers it towards g(y); restarts keep the best per sample; the label map has no
 fixed points; random noise is seeded; error-minimizing noise lowers its surrogate's loss; crafting
 leaves the models untouched."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,11 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from mlaudit.attacks.availability import (
-    METHODS,
+from mlaudit.attacks.poisoning import POISONERS, Needs, PoisonTask
+from mlaudit.attacks.poisoning.availability import (
     AdversarialLoss,
     ClassTargetedOptions,
-    CraftBudget,
     ErrorMinimizingOptions,
     RandomNoiseOptions,
     check_permutation,
@@ -27,6 +28,7 @@ from mlaudit.attacks.availability import (
     shift_permutation,
 )
 from mlaudit.data import load_dataset
+from mlaudit.data.base import TensorDataset
 from mlaudit.errors import ConfigError
 from mlaudit.models import build_model
 from mlaudit.train import train
@@ -43,11 +45,30 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def run(method: str, x: torch.Tensor, y: torch.Tensor, models: list[torch.nn.Module], budget: CraftBudget,
-        num_classes: int, seed: int = 0, **options: object):
-    m = METHODS.get(method)
-    return m.fn(x, y, models=models, budget=budget, num_classes=num_classes, generator=gen(seed),
-                options=m.options(**options))
+@dataclass
+class Out:
+    delta: torch.Tensor
+    info: dict
+
+
+def budget(eps: float, steps: int, lr: float, restarts: int = 1) -> dict:
+    """The budget of a task: eps and the crafting settings."""
+    return {"eps": eps, "settings": {"steps": steps, "lr": lr, "restarts": restarts}}
+
+
+def task(x: torch.Tensor, y: torch.Tensor, models: list[torch.nn.Module], b: dict, num_classes: int,
+         seed: int = 0, **options: object) -> PoisonTask:
+    """Every row of (x, y) poisoned (class names cover the labels, so bad labels reach the method)."""
+    classes = tuple(str(c) for c in range(max(num_classes, int(y.max()) + 1)))
+    return PoisonTask(train=TensorDataset(x, y, classes), num_classes=num_classes, models=models, options=options,
+                      seed=seed, **b)
+
+
+def run(method: str, x: torch.Tensor, y: torch.Tensor, models: list[torch.nn.Module], b: dict,
+        num_classes: int, seed: int = 0, **options: object) -> Out:
+    p = POISONERS.get(method, family="availability")(task(x, y, models, b, num_classes, seed, **options))
+    assert p.view is not None and torch.equal(p.view.indices, torch.arange(x.shape[0]))
+    return Out(p.view.delta, p.info)
 
 
 def in_bounds(x: torch.Tensor, delta: torch.Tensor, eps: float) -> bool:
@@ -73,7 +94,7 @@ def test_perturbations_respect_the_ball_and_the_box(eps: float, steps: int, rest
     x[0] = 0.0  # pixels on the box's edges
     x[1] = 1.0
     y = torch.randint(0, 4, (6,), generator=gen(seed + 1))
-    res = run(method, x, y, [tiny(seed % 7)], CraftBudget(eps=eps, steps=steps, lr=1.0, restarts=restarts), 4, seed)
+    res = run(method, x, y, [tiny(seed % 7)], budget(eps=eps, steps=steps, lr=1.0, restarts=restarts), 4, seed)
     assert res.delta.shape == x.shape
     assert in_bounds(x, res.delta, eps)
 
@@ -81,7 +102,7 @@ def test_perturbations_respect_the_ball_and_the_box(eps: float, steps: int, rest
 def test_untargeted_pgd_raises_the_loss_on_the_true_label(digits_logistic) -> None:
     model, x, y = digits_logistic
     eps = 32 / 255
-    res = run("adversarial-untargeted", x, y, [model], CraftBudget(eps=eps, steps=10, lr=0.25), 10)
+    res = run("adversarial-untargeted", x, y, [model], budget(eps=eps, steps=10, lr=0.25), 10)
     with torch.no_grad():
         before = F.cross_entropy(model(x), y, reduction="none")
         after = F.cross_entropy(model(x + res.delta), y, reduction="none")
@@ -93,7 +114,7 @@ def test_untargeted_pgd_raises_the_loss_on_the_true_label(digits_logistic) -> No
 
 def test_class_targeted_pgd_lowers_the_loss_towards_g_of_y(digits_logistic) -> None:
     model, x, y = digits_logistic
-    res = run("adversarial-class-targeted", x, y, [model], CraftBudget(eps=64 / 255, steps=10, lr=0.25), 10)
+    res = run("adversarial-class-targeted", x, y, [model], budget(eps=64 / 255, steps=10, lr=0.25), 10)
     g = torch.tensor(res.info["permutation"])
     assert g.tolist() == [(c + 1) % 10 for c in range(10)]  # the default map: shift by one
     with torch.no_grad():
@@ -107,8 +128,8 @@ def test_class_targeted_pgd_lowers_the_loss_towards_g_of_y(digits_logistic) -> N
 
 def test_restarts_keep_the_best_perturbation_of_each_sample(digits_logistic) -> None:
     model, x, y = digits_logistic
-    one = run("adversarial-untargeted", x, y, [model], CraftBudget(eps=16 / 255, steps=3, lr=0.5), 10)
-    three = run("adversarial-untargeted", x, y, [model], CraftBudget(eps=16 / 255, steps=3, lr=0.5, restarts=3), 10)
+    one = run("adversarial-untargeted", x, y, [model], budget(eps=16 / 255, steps=3, lr=0.5), 10)
+    three = run("adversarial-untargeted", x, y, [model], budget(eps=16 / 255, steps=3, lr=0.5, restarts=3), 10)
     with torch.no_grad():
         l1 = F.cross_entropy(model(x + one.delta), y, reduction="none")
         l3 = F.cross_entropy(model(x + three.delta), y, reduction="none")
@@ -120,7 +141,7 @@ def test_crafting_leaves_the_models_untouched() -> None:
     model = tiny().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     run("adversarial-class-targeted", torch.rand(5, 1, 4, 4), torch.arange(5) % 4, [model],
-        CraftBudget(eps=0.1, steps=2, lr=0.5), 4)
+        budget(eps=0.1, steps=2, lr=0.5), 4)
     assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -128,10 +149,10 @@ def test_crafting_leaves_the_models_untouched() -> None:
 def test_an_ensemble_averages_the_crafting_models() -> None:
     x, y = torch.rand(5, 1, 4, 4, generator=gen(3)), torch.arange(5) % 4
     a, b = tiny(1), tiny(2)
-    obj = METHODS.get("adversarial-untargeted")
+    obj = POISONERS.get("adversarial-untargeted", family="availability")
     got = AdversarialLoss([a, b], y, targeted=False)(x, torch.arange(5))
     want = -(F.cross_entropy(a(x), y, reduction="none") + F.cross_entropy(b(x), y, reduction="none")) / 2
-    assert torch.allclose(got, want, atol=1e-6) and obj.crafter == "pretrained"
+    assert torch.allclose(got, want, atol=1e-6) and Needs.CRAFTING_MODELS in obj.needs
 
 
 @settings(max_examples=60, deadline=None)
@@ -162,7 +183,7 @@ def test_bad_permutations_are_refused(perm: list[int], c: int | None, match: str
 
 def test_random_noise_is_seeded_and_uses_the_whole_budget() -> None:
     x = torch.full((50, 1, 4, 4), 0.5)
-    b = CraftBudget(eps=0.2, steps=1, lr=1.0)
+    b = budget(eps=0.2, steps=1, lr=1.0)
     y = torch.zeros(50, dtype=torch.long)
     u1, u2, u3 = (run("random-noise", x, y, [], b, 2, seed).delta for seed in (7, 7, 8))
     s = run("random-noise", x, y, [], b, 2, 7, distribution="sign").delta
@@ -179,7 +200,7 @@ def test_error_minimizing_noise_lowers_its_surrogates_loss() -> None:
     torch.manual_seed(0)
     surrogate = build_model("logistic", input_shape=data.input_shape, num_classes=10)
     eps = 32 / 255
-    res = run("error-minimizing", x, y, [surrogate], CraftBudget(eps=eps, steps=5, lr=0.5), 10, rounds=3,
+    res = run("error-minimizing", x, y, [surrogate], budget(eps=eps, steps=5, lr=0.5), 10, rounds=3,
               train_steps=10, stop_accuracy=None)
     assert in_bounds(x, res.delta, eps)
     assert res.info["rounds"] == 3 and not res.info["stopped_early"]
@@ -190,37 +211,36 @@ def test_error_minimizing_noise_lowers_its_surrogates_loss() -> None:
     hist = res.info["history"]
     assert [h["round"] for h in hist] == [1, 2, 3]
     stop = run("error-minimizing", x, y, [build_model("logistic", input_shape=data.input_shape, num_classes=10)],
-               CraftBudget(eps=eps, steps=5, lr=0.5), 10, rounds=5, train_steps=10, stop_accuracy=0.5)
+               budget(eps=eps, steps=5, lr=0.5), 10, rounds=5, train_steps=10, stop_accuracy=0.5)
     assert stop.info["stopped_early"] and stop.info["surrogate_accuracy"] >= 0.5
     with pytest.raises(ConfigError, match="exactly one fresh surrogate"):
-        run("error-minimizing", x, y, [], CraftBudget(eps=eps, steps=1, lr=0.5), 10)
+        run("error-minimizing", x, y, [], budget(eps=eps, steps=1, lr=0.5), 10)
     with pytest.raises(ValidationError):
         ErrorMinimizingOptions(rounds=0)
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", POISONERS.names("availability"))
 def test_every_registered_method_runs_on_a_tiny_model(method: str) -> None:
     x, y = torch.rand(8, 1, 4, 4, generator=gen(1)), torch.arange(8) % 4
-    m = METHODS.get(method)
-    models = [] if m.crafter == "none" else [tiny()]
-    res = m.fn(x, y, models=models, budget=CraftBudget(eps=8 / 255, steps=2, lr=0.5), num_classes=4,
-               generator=gen(0), options=m.options())
+    m = POISONERS.get(method, family="availability")
+    models = [] if m.needs == Needs.NOTHING else [tiny()]
+    res = run(method, x, y, models, budget(eps=8 / 255, steps=2, lr=0.5), 4)
     assert in_bounds(x, res.delta, 8 / 255) and isinstance(res.info, dict) and m.description
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"eps": 0.0, "steps": 1, "lr": 1.0}, "eps must lie in"),
     ({"eps": 1.5, "steps": 1, "lr": 1.0}, "eps must lie in"),
-    ({"eps": 0.1, "steps": 0, "lr": 1.0}, "steps >= 1"),
-    ({"eps": 0.1, "steps": 1, "lr": 0.0}, "lr > 0"),
+    ({"eps": 0.1, "steps": 0, "lr": 1.0}, "settings.steps"),
+    ({"eps": 0.1, "steps": 1, "lr": 0.0}, "settings.lr"),
 ])
 def test_bad_budgets_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        CraftBudget(**kwargs)
+        run("adversarial-untargeted", torch.rand(3, 4), torch.tensor([0, 1, 2]), [tiny(d=4)], budget(**kwargs), 4)
 
 
 def test_bad_inputs_are_refused() -> None:
-    b = CraftBudget(eps=0.1, steps=1, lr=1.0)
+    b = budget(eps=0.1, steps=1, lr=1.0)
     with pytest.raises(ConfigError, match="labels must lie"):
         run("adversarial-untargeted", torch.rand(3, 4), torch.tensor([0, 1, 9]), [tiny(d=4)], b, 4)
     with pytest.raises(ConfigError, match="images must lie in"):

@@ -1,4 +1,4 @@
-"""Indiscriminate attacks (mlaudit.attacks.indiscriminate, seed 001): tau matches a direct computation
+"""Indiscriminate attacks (mlaudit.attacks.poisoning.indiscriminate, seed 001): tau matches a direct computation
 and its multiclass constant is the true infimum; GradPC stays within eps_w and raises the training
 loss; gradient canceling's chunked gradient is exact, it drives the residual down and never below the
 tau lower bound; label flips behave; bad inputs are refused."""
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from mlaudit.attacks.indiscriminate import (
-    ATTACKS,
+from mlaudit.attacks.poisoning import POISONERS
+from mlaudit.attacks.poisoning.indiscriminate import (
     SEED_CONSTANT,
     GradientCanceling,
     flipped_losses,
@@ -27,7 +27,7 @@ from mlaudit.attacks.indiscriminate import (
     reachability_threshold,
     tau_from,
 )
-from mlaudit.attacks.indiscriminate._functional import mean_loss, num_poisons
+from mlaudit.attacks.poisoning.indiscriminate._functional import mean_loss, num_poisons
 from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.models import build_model
 from mlaudit.query import ParamVector
@@ -63,10 +63,12 @@ def mlp(norm: str = "none") -> torch.nn.Module:
 
 # ---------------------------------------------------------------- threshold tau
 def test_registry_lists_the_three_methods() -> None:
-    assert ATTACKS.names() == ["gradient-canceling", "label-flip", "param-corruption"]
-    assert ATTACKS.get("param-corruption").acts_on == "model"
-    with pytest.raises(ConfigError, match="valid indiscriminate attacks"):
-        ATTACKS.get("nope")
+    assert POISONERS.names("indiscriminate") == ["gradient-canceling", "label-flip", "param-corruption"]
+    assert POISONERS.get("param-corruption").acts_on == "model"
+    with pytest.raises(ConfigError, match="valid methods: gradient-canceling, label-flip, param-corruption"):
+        POISONERS.get("nope", family="indiscriminate")
+    with pytest.raises(ConfigError, match="families"):  # label-flip is a targeted and an indiscriminate method
+        POISONERS.get("label-flip")
 
 
 def test_constant_is_seed_value_for_two_classes_and_the_infimum_for_k() -> None:

@@ -1,4 +1,4 @@
-"""Targeted poisoning objectives (mlaudit.attacks.poisoning) with the crafting engine: gradient
+"""Targeted poisoning objectives (mlaudit.attacks.poisoning.targeted) with the crafting engine: gradient
 matching equals 1 - cos by hand, is differentiable and decreases under craft; ensembles average;
 feature collision pulls features to the target; bullseye matches its formula; watermark respects
 eps and the box and moves poisons toward the target."""
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlaudit.attacks.poisoning import Bullseye, FeatureCollision, GradientMatching, watermark
+from mlaudit.attacks.poisoning.targeted import Bullseye, FeatureCollision, GradientMatching, watermark
 from mlaudit.craft import LinfBall, craft
 from mlaudit.errors import ConfigError
 

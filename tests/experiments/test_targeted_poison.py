@@ -273,8 +273,8 @@ def test_a_grow_cannot_shrink(tmp_path: Path) -> None:
 
 
 def test_kept_predictions_read_both_record_formats() -> None:
-    from mlaudit.experiments.targeted_poison import _kept_predictions
+    from mlaudit.experiments.poisoning import kept_predictions
 
-    assert _kept_predictions({"outputs": {"predictions": {"17": 3, "4": 1}}}) == {17: 3, 4: 1}
-    assert _kept_predictions({"outputs": {"targets": "4,17", "predictions": [1, 3]}}) == {4: 1, 17: 3}  # older runs
-    assert _kept_predictions({"metrics": {}}) == {}
+    assert kept_predictions({"outputs": {"predictions": {"17": 3, "4": 1}}}) == {17: 3, 4: 1}
+    assert kept_predictions({"outputs": {"targets": "4,17", "predictions": [1, 3]}}) == {4: 1, 17: 3}  # older runs
+    assert kept_predictions({"metrics": {}}) == {}

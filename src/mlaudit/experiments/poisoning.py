@@ -1,6 +1,7 @@
 """Pieces every poisoning kind shares (``targeted-poison``, ``availability-poison``,
 ``indiscriminate-poison``): the crafting model(s), the victims retrained from scratch on the poisoned
-training set, and the clean-vs-poisoned accuracy summary.
+training set, their predictions on chosen test images (kept in the store, weights released), and the
+clean-vs-poisoned accuracy summary. Running the attack itself is :mod:`.poison_task`.
 
 Evaluation protocol (seed 002 section 1.7; seed 001 section 4): an attack is judged only by victims
 trained *from scratch* by the factory on the poisoned data with the victim recipe (augmentation on),
@@ -36,18 +37,12 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
-from ..jsonutil import dumps, loads
 from ..models.registry import ModelSpec, resolve_model_spec
 from ..query import load_model, logits_from_checkpoints, model_template
 from ..stats import MeanSE, mean_difference
-from ..train.checkpoint import load_weights_only
 from ..train.recipe import Recipe, resolve_recipe
-from .base import ExperimentConfig
+from .base import ExperimentConfig, Stream
 from .context import RunContext
-
-CRAFTER_STREAM = 101
-"""Seed stream of factory-trained crafting models (victims use :data:`VICTIM_STREAM`)."""
-VICTIM_STREAM = 202
 
 
 def _recipe_field(v: Any, where: str) -> Any:
@@ -129,7 +124,7 @@ class PoisoningConfig(ExperimentConfig):
 
     def victim_seed(self, i: int) -> int:
         """Seed of victim ``i`` (the same in every view, so clean/poisoned comparisons are paired)."""
-        return self.trial_seed(i, stream=VICTIM_STREAM)
+        return self.trial_seed(i, stream=Stream.VICTIMS)
 
 
 def check_crafting(config: PoisoningConfig, data: DataBundle, *, single_architecture: bool = False) -> None:
@@ -170,7 +165,7 @@ def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
     models, records = [], []
     for arch in dict.fromkeys(specs):  # one factory job per architecture, crafter ids in ensemble order
         cfg = config.model_copy(update={"model": arch, "recipe": crafting.recipe or config.recipe})
-        trials = [TrialSpec(f"crafter-{i:02d}", seed=config.trial_seed(i, stream=CRAFTER_STREAM),
+        trials = [TrialSpec(f"crafter-{i:02d}", seed=config.trial_seed(i, stream=Stream.CRAFTERS),
                             tags={"role": "crafter", "model": arch.name}) for i, s in enumerate(specs) if s == arch]
         for r in ctx.train(cfg.factory_job(data, trials, device=ctx.device), save_weights=True,
                            label=f"training the crafting model(s): {arch.name}"):
@@ -219,32 +214,41 @@ def victim_logits(config: PoisoningConfig, ctx: RunContext, data: DataBundle, re
                                    sha256=[r.get("sha256") for r in records])[:, :, 0]
 
 
-def _poison_paths(ctx: RunContext, name: str) -> tuple[Path, Path]:
-    path = ctx.artifacts / "poisons" / f"{name}.pt"
-    return path, path.with_suffix(".json")
+def victim_predictions(config: PoisoningConfig, ctx: RunContext, data: DataBundle, recs: list[dict[str, Any]],
+                        targets: list[int], *, keep_weights: bool = False) -> Tensor:
+    """Predicted classes [V, T] of the victims ``recs`` on the test images ``targets``.
+
+    Predictions kept in a record's ``outputs`` (a resumed run) are reused; the missing ones come from
+    the checkpoints. The checkpoints are then released (the predictions stay in the store, so a resume
+    never retrains) unless ``keep_weights`` (e.g. targeted-poison's clean victims keep theirs, because
+    a grown study, with more scenarios, asks them about new targets)."""
+    have = [kept_predictions(r) for r in recs]
+    todo = [i for i, h in enumerate(have) if any(t not in h for t in targets)]
+    if todo:
+        need = sorted({t for i in todo for t in targets if t not in have[i]})
+        gone = [recs[i]["trial_id"] for i in todo if "checkpoint" not in recs[i]]
+        if gone:
+            raise DataError(f"victims {', '.join(gone)} have neither weights nor predictions for target(s) "
+                            f"{need}; their weights were released by an earlier run (before clean victims kept "
+                            "theirs), so this study cannot grow in place: start a new --out")
+        logits = victim_logits(config, ctx, data, [recs[i] for i in todo], data.test.x[need])
+        for j, i in enumerate(todo):
+            have[i].update(zip(need, logits[j].argmax(-1).tolist(), strict=True))
+        if not keep_weights:
+            ctx.release_weights([recs[i] for i in todo], outputs={
+                recs[i]["trial_id"]: {"predictions": {str(t): c for t, c in sorted(have[i].items())}} for i in todo})
+    return torch.tensor([[h[t] for t in targets] for h in have], dtype=torch.long)
 
 
-def has_poison(ctx: RunContext, name: str) -> bool:
-    """Whether an earlier (interrupted) run of this experiment saved poison ``name``."""
-    return all(p.is_file() for p in _poison_paths(ctx, name))
-
-
-def save_poison(ctx: RunContext, name: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Keep a crafted poison as ``artifacts/poisons/<name>.pt`` (tensors, moved to the CPU) and
-    ``<name>.json`` (``meta``), so a resumed run trains its victims on exactly this poison instead
-    of crafting again. The JSON is written last: it marks the pair complete."""
-    pt, js = _poison_paths(ctx, name)
-    pt.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in tensors.items()}, pt)
-    js.write_text(dumps(meta, where=f"poison {name!r} metadata"))
-
-
-def load_poison(ctx: RunContext, name: str) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """The tensors and metadata :func:`save_poison` kept under ``name`` (weights-only load), or None."""
-    if not has_poison(ctx, name):
-        return None
-    pt, js = _poison_paths(ctx, name)
-    return load_weights_only(pt, what=f"poison {name!r}"), loads(js.read_text())  # type: ignore[return-value]
+def kept_predictions(rec: dict[str, Any]) -> dict[int, int]:
+    """``{target id: predicted class}`` kept in a victim record's outputs (empty when none)."""
+    out = rec.get("outputs") or {}
+    preds = out.get("predictions")
+    if isinstance(preds, dict):
+        return {int(t): int(c) for t, c in preds.items()}
+    if isinstance(preds, list) and isinstance(out.get("targets"), str):  # records written before 2026-11-23
+        return {int(t): int(c) for t, c in zip(out["targets"].split(","), preds, strict=True)}
+    return {}
 
 
 def finished_crafters(ctx: RunContext) -> list[dict[str, Any]]:

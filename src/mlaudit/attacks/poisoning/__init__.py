@@ -1,15 +1,38 @@
-"""Targeted clean-label poisoning objectives for :func:`mlaudit.craft.craft` (seed 002, chapter 1).
+"""Poisoning attacks behind one contract (:mod:`.contract`) and one registry (:mod:`.registry`).
 
-* :class:`GradientMatching` (Witches' Brew, Geiping et al. 2021, eq. 1.3), with ensembles and a
-  DP-aware variant;
-* :class:`FeatureCollision` (Poison Frogs, Shafahi et al. 2018);
-* :class:`Bullseye` (Bullseye Polytope, Aghakhani et al. 2021);
-* :func:`watermark` (blend the target into the poisons; no optimisation).
+    from mlaudit.attacks.poisoning import POISONERS, PoisonTask, Target
+    entry = POISONERS.get("gradient-matching", family="targeted")
+    poison = entry(PoisonTask(train=data.train, num_classes=10, eps=16 / 255, poison_ids=ids,
+                              target=Target(x_target, target_class=3, adv_class=5), models=[crafter],
+                              settings={"steps": 250, "restarts": 8}))
+    poison.view          # DataView over data.train: the poisoned training set
+
+Families (one subpackage each, one method per file):
+
+* :mod:`.targeted` — clean-label targeted poisoning (Witches' Brew, Poison Frogs, Bullseye
+  Polytope, watermark, label flip; seed 002 chapter 1);
+* :mod:`.availability` — availability poisons (adversarial poisoning, error-minimizing noise, random
+  noise; seed 002 chapter 2);
+* :mod:`.indiscriminate` — indiscriminate attacks (label flip, GradPC parameter corruption, gradient
+  canceling; seed 001).
 """
 
-from .bullseye import Bullseye
-from .feature_collision import FeatureCollision
-from .gradient_matching import GradientMatching, per_sample_cross_entropy
-from .watermark import watermark
+from . import availability, indiscriminate, targeted  # noqa: F401  (register the poisoners)
+from .contract import (
+    CraftingSettings,
+    Family,
+    Needs,
+    NoOptions,
+    Poison,
+    Poisoner,
+    PoisonTask,
+    Target,
+    VictimObjective,
+    pgd_lr,
+)
+from .registry import POISONERS, PoisonerEntry, PoisonerRegistry, register_poisoner
 
-__all__ = ["Bullseye", "FeatureCollision", "GradientMatching", "per_sample_cross_entropy", "watermark"]
+__all__ = [
+    "POISONERS", "CraftingSettings", "Family", "Needs", "NoOptions", "Poison", "PoisonTask", "Poisoner",
+    "PoisonerEntry", "PoisonerRegistry", "Target", "VictimObjective", "pgd_lr", "register_poisoner",
+]

@@ -22,7 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ...errors import ConfigError
+from ....errors import ConfigError
+from ..contract import Poison, PoisonTask
+from ..registry import register_poisoner
+from .crafting import TARGETED, TARGETED_CRAFTING, craft_poison, mean_objective
+from .features import penultimate_features
 
 Features = Callable[[Tensor], Tensor]
 
@@ -54,3 +58,14 @@ class FeatureCollision:
         if self.beta > 0:
             loss = loss + self.beta * (x_adv - self.x_base[idx]).flatten(1).pow(2).sum(1)
         return loss
+
+
+@register_poisoner("poison-frogs", family="targeted", needs=TARGETED, defaults=TARGETED_CRAFTING,
+                   check_model=penultimate_features)
+def poison_frogs(task: PoisonTask) -> Poison:
+    """Poison Frogs (Shafahi et al. 2018): every poison's penultimate features onto the target's."""
+    # one target for all poisons (the first; in the multi-target setting its features are the anchor)
+    x_poison, _ = task.poison_rows()
+    x_target = task.targeted().x[:1]
+    return craft_poison(mean_objective([FeatureCollision(penultimate_features(m), x_target, x_poison)
+                                        for m in task.models]), task)

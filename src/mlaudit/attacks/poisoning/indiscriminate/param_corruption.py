@@ -15,19 +15,27 @@ loss further inside the ball. The iterate with the highest (full-batch) training
 Threat model: white-box write access to the weights (less practical than poisoning; seed 001 uses the
 corrupted model as the *target* of gradient canceling, :mod:`.gradient_canceling`). Shapes: x
 [N, *shape] float32, y [N] int64. The model is used in eval mode and must not contain BatchNorm.
+
+:func:`corrupted_target` is that target step (GradPC, then the reachability threshold tau of the
+target, :mod:`.threshold`); the poisoner ``param-corruption`` returns the corrupted crafting models.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from ...query import ParamVector
+from ....errors import ConfigError
+from ....query import ParamVector
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
 from ._functional import mean_loss, mean_loss_and_grad, require_smooth
+from .threshold import reachability_threshold
 
 
 @dataclass
@@ -97,3 +105,63 @@ def _project(w: ParamVector, center: ParamVector, radius: float) -> ParamVector:
     if r <= radius:
         return w
     return radius / r * d + center
+
+
+class TargetOptions(BaseModel):
+    """The GradPC target: radius ``eps_w``, ``target_steps`` ascent steps of ``target_lr`` eps_w each,
+    ``target_batch_size`` (None: full batch), the victims' ``weight_decay`` lambda of tau (``auto``:
+    the victim recipe's), and the ``chunk_size`` of loss and gradient passes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    eps_w: float = Field(1.0, gt=0.0, le=1e6)
+    target_steps: int = Field(50, ge=1, le=100_000)
+    target_lr: float = Field(0.1, gt=0.0, le=1.0)
+    target_batch_size: int | None = Field(None, ge=1)
+    weight_decay: float | Literal["auto"] = "auto"
+    chunk_size: int = Field(1024, ge=1, le=1_000_000)
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not (0.0 <= v <= 1.0):
+            raise ValueError(f"weight_decay must be 'auto' (the victim recipe's) or a number in [0, 1], got {v}")
+        return v
+
+    def decay(self, victim_weight_decay: float) -> float:
+        """lambda of the victims' objective: ``weight_decay``, or theirs for ``auto``."""
+        return float(victim_weight_decay if self.weight_decay == "auto" else self.weight_decay)
+
+
+def corrupted_target(model: nn.Module, x: Tensor, y: Tensor, options: TargetOptions, *, num_classes: int,
+                     weight_decay: float, generator: torch.Generator) -> tuple[nn.Module, dict[str, Any]]:
+    """The target step of seed 001: GradPC of ``model`` on the clean training data x [N, *shape], y [N]
+    within ``options.eps_w``, and tau of the target (:func:`.threshold.reachability_threshold` with the
+    victims' ``weight_decay``). Returns the target model and its facts (JSON-able)."""
+    res = gradpc(model, x, y, eps_w=options.eps_w, steps=options.target_steps, lr=options.target_lr,
+                 batch_size=options.target_batch_size, chunk_size=options.chunk_size, generator=generator)
+    th = reachability_threshold(res.model, x, y, num_classes=num_classes, weight_decay=weight_decay,
+                                chunk_size=options.chunk_size)
+    info = {"eps_w": options.eps_w, "distance": res.distance, "train_loss_clean": res.loss_clean,
+            "train_loss_target": res.loss_corrupted, "threshold": th.to_dict()}
+    return res.model, info
+
+
+def refuse_batchnorm(model: nn.Module) -> None:
+    """The model requirement of GradPC and gradient canceling (:func:`._functional.require_smooth`)."""
+    require_smooth(model, "model-targeted poisoning (GradPC, gradient canceling)")
+
+
+@register_poisoner("param-corruption", family="indiscriminate", needs=Needs.CRAFTING_MODELS, options=TargetOptions,
+                   acts_on="model", check_model=refuse_batchnorm)
+def param_corruption(task: PoisonTask) -> Poison:
+    """GradPC (Sun et al. 2021): maximise the training loss within ||w - w_c|| <= eps_w, per crafting model."""
+    opts: TargetOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    x, y = task.train.x.to(task.device), task.train.y.to(task.device)
+    targets, infos = [], []
+    for m in task.models:
+        t, info = corrupted_target(m, x, y, opts, num_classes=task.num_classes,
+                                   weight_decay=opts.decay(task.victim.weight_decay), generator=task.generator())
+        targets.append(t)
+        infos.append(info)
+    return Poison(None, targets, {"targets": infos, "label": f"GradPC (eps_w={opts.eps_w:g})"})

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...errors import ConfigError, UnsupportedModelError
-from ...models.registry import has_batchnorm
-from ...query import ParamVector, evaluating, forward_batched, loss_and_grad
+from ....errors import ConfigError, UnsupportedModelError
+from ....models.registry import has_batchnorm
+from ....query import ParamVector, evaluating, forward_batched, loss_and_grad
 
 
 def require_smooth(model: nn.Module, method: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from ...errors import ConfigError
+from ....errors import ConfigError
 
 
 def penultimate_features(model: nn.Module) -> Callable[[Tensor], Tensor]:

@@ -20,7 +20,7 @@ poison; victims trained on the poisons *with these labels* recover most of the c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -28,18 +28,12 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor, nn
 
-from ...craft import LinfBall, craft
-from ...errors import ConfigError
-from ...query import evaluating, forward_batched
-from .base import (
-    CraftBudget,
-    NoOptions,
-    PoisonResult,
-    StepCallback,
-    check_inputs,
-    ensemble_logits,
-    register_method,
-)
+from ....craft import LinfBall, craft
+from ....errors import ConfigError
+from ....query import evaluating, forward_batched
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
+from .base import AVAILABILITY_CRAFTING, check_inputs, ensemble_logits
 
 PermutationSpec = tuple[int, ...] | Literal["shift", "random"]
 
@@ -136,40 +130,48 @@ def crafter_predictions(models: Sequence[nn.Module], x: Tensor, *, batch_size: i
     return logits.softmax(-1).mean(0).argmax(-1)
 
 
-def _adversarial(x: Tensor, y: Tensor, targets: Tensor, models: Sequence[nn.Module], budget: CraftBudget,
-                 generator: torch.Generator, *, targeted: bool, on_step: StepCallback | None) -> PoisonResult:
+def _adversarial(task: PoisonTask, labels: Callable[[Tensor], Tensor], generator: torch.Generator, *,
+                 targeted: bool) -> Poison:
+    """PGD on the task's rows towards ``labels(y)`` (eq. 2.4) or away from y (eq. 2.3); diagnostics in info."""
+    s = task.crafting_settings
+    x, y = task.poison_rows()
+    check_inputs(x, y, task.num_classes)
+    targets = labels(y)
+    models = list(task.models)
     objective = AdversarialLoss(models, targets, targeted=targeted)
     with evaluating(*models, requires_grad=False):  # gradients reach the poisons only
-        res = craft(objective, x, constraint=LinfBall(budget.eps), steps=budget.steps, optimizer="pgd", lr=budget.lr,
-                    schedule="constant", restarts=budget.restarts, init="zero", augment=budget.augment,
-                    batch_size=budget.batch_size, generator=generator, on_step=on_step)
-    pred = crafter_predictions(models, x + res.delta, batch_size=budget.batch_size or 1024)
+        res = craft(objective, x, constraint=LinfBall(task.linf_eps()), steps=s.steps, optimizer=s.optimizer,
+                    lr=s.lr, schedule=s.schedule, restarts=s.restarts, init="zero", augment=task.crafting_augment,
+                    batch_size=s.batch_size, generator=generator, on_step=task.on_step)
+    pred = crafter_predictions(models, x + res.delta, batch_size=s.batch_size or 1024)
     info = {"objective_mean": res.objective / x.shape[0], "restart_objectives": res.restarts,
             "crafter_accuracy_on_poisons": float((pred == y).float().mean())}
     if targeted:
         info["crafter_target_rate"] = float((pred == targets).float().mean())
-    return PoisonResult(res.delta, info)
+    return task.perturbed(res.delta.to(task.train.device), info)
 
 
-@register_method("adversarial-untargeted", crafter="pretrained")
-def adversarial_untargeted(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budget: CraftBudget,
-                           num_classes: int, generator: torch.Generator, options: BaseModel = NoOptions(),
-                           on_step: StepCallback | None = None) -> PoisonResult:
-    """Untargeted adversarial poisoning (seed 002 eq. 2.3): maximise the crafting model's loss on y."""
-    check_inputs(x, y, num_classes)
-    return _adversarial(x, y, y, models, budget, generator, targeted=False, on_step=on_step)
+@register_poisoner("adversarial-untargeted", family="availability", needs=Needs.CRAFTING_MODELS,
+                   defaults=AVAILABILITY_CRAFTING)
+def adversarial_untargeted(task: PoisonTask) -> Poison:
+    """Untargeted adversarial poisoning (Fowl et al. 2021, seed 002 eq. 2.3): maximise the crafting model's loss on y."""
+    return _adversarial(task, lambda y: y, task.generator(), targeted=False)
 
 
-@register_method("adversarial-class-targeted", crafter="pretrained", options=ClassTargetedOptions)
-def adversarial_class_targeted(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budget: CraftBudget,
-                               num_classes: int, generator: torch.Generator,
-                               options: BaseModel = ClassTargetedOptions(),
-                               on_step: StepCallback | None = None) -> PoisonResult:
-    """Class-targeted adversarial poisoning (seed 002 eq. 2.4): minimise the loss towards g(y)."""
-    check_inputs(x, y, num_classes)
-    opts = options if isinstance(options, ClassTargetedOptions) else ClassTargetedOptions.model_validate(
-        options.model_dump())
-    g = resolve_permutation(opts.permutation, num_classes, generator=generator).to(y.device)
-    res = _adversarial(x, y, g[y], models, budget, generator, targeted=True, on_step=on_step)
-    res.info["permutation"] = g.tolist()
-    return res
+def _check_class_targeted(options: ClassTargetedOptions, num_classes: int) -> None:
+    if num_classes < 2:
+        raise ConfigError("the class-targeted objective needs at least 2 classes")
+    if isinstance(options.permutation, tuple):
+        check_permutation(options.permutation, num_classes, field="permutation")
+
+
+@register_poisoner("adversarial-class-targeted", family="availability", needs=Needs.CRAFTING_MODELS,
+                   options=ClassTargetedOptions, defaults=AVAILABILITY_CRAFTING, check_data=_check_class_targeted)
+def adversarial_class_targeted(task: PoisonTask) -> Poison:
+    """Class-targeted adversarial poisoning (Fowl et al. 2021, seed 002 eq. 2.4): minimise the loss towards g(y)."""
+    opts: ClassTargetedOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    gen = task.generator()  # draws the random derangement first, then the crafting's random starts
+    g = resolve_permutation(opts.permutation, task.num_classes, generator=gen)
+    poison = _adversarial(task, lambda y: g.to(y.device)[y], gen, targeted=True)
+    poison.info["permutation"] = g.tolist()
+    return poison

@@ -36,11 +36,15 @@ from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...errors import ConfigError
-from ...query import ParamVector, evaluating, param_grad, training
+from ....errors import ConfigError
+from ....query import ParamVector, evaluating, param_grad, training
+from ..contract import Poison, PoisonTask
+from ..registry import register_poisoner
+from .crafting import TARGETED, TARGETED_CRAFTING, craft_poison
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -182,3 +186,30 @@ class _Ensemble:
 
     def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         return torch.stack([o.batched(x_adv, idx) for o in self.objs]).mean(0)
+
+
+class GradientMatchingOptions(BaseModel):
+    """``dp_clip`` / ``dp_noise``: the DP-aware variant (section 1.5.5; noise std dp_noise * dp_clip)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dp_clip: float | None = Field(None, gt=0.0)
+    dp_noise: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self) -> GradientMatchingOptions:
+        if self.dp_noise > 0 and self.dp_clip is None:
+            raise ValueError(f"dp_noise = {self.dp_noise} needs dp_clip (noise std = dp_noise * dp_clip)")
+        return self
+
+
+@register_poisoner("gradient-matching", family="targeted", needs=TARGETED, options=GradientMatchingOptions,
+                   defaults=TARGETED_CRAFTING)
+def gradient_matching(task: PoisonTask) -> Poison:
+    """Witches' Brew (Geiping et al. 2021, eq. 1.3), averaged over the crafting models."""
+    opts: GradientMatchingOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    target = task.targeted()
+    _, y = task.poison_rows()
+    objs = [GradientMatching(m, target.x, target.adv_class, poison_labels=y, dp_clip=opts.dp_clip,
+                             dp_noise=opts.dp_noise, seed=task.seed + k) for k, m in enumerate(task.models)]
+    return craft_poison(GradientMatching.ensemble(objs), task)

@@ -19,12 +19,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ...data.base import TensorDataset
-from ...data.view import DataView
-from ...query import evaluating, param_grad
-from ...train.loop import init_models, train_stack
-from ...train.recipe import AugmentConfig, Recipe
-from ...train.stacked import StackedModels
+from ....data.base import TensorDataset
+from ....data.view import DataView
+from ....query import evaluating, param_grad
+from ....train.loop import init_models, train_stack
+from ....train.recipe import AugmentConfig, Recipe
+from ....train.stacked import StackedModels
 
 
 def gradient_cosine(model: nn.Module, x_target: Tensor, adv_label: int, x_batch: Tensor, y_batch: Tensor) -> float:
@@ -67,3 +67,18 @@ def alignment_curve(model_fn: Callable[[], nn.Module], data: TensorDataset, reci
     train_stack(init_models(model_fn, [seed]), data.to(device), recipe, seeds=[seed], lr=lr, device=device,
                 views=[vdev], augment=augment, on_epoch_models=probe)
     return curve
+
+
+def alignment_curves(model_fn: Callable[[], nn.Module], data: TensorDataset, recipe: Recipe, *, seed: int, lr: float,
+                     device: torch.device, x_target: Tensor, adv_label: int, view: DataView | None,
+                     augment: AugmentConfig | None = None, on_victim: Callable[[], None] | None = None
+                     ) -> dict[str, list[float]]:
+    """Figure 1.3b of seed 002: the per-epoch curves (:func:`alignment_curve`) of one ``clean`` and
+    one ``poisoned`` victim (trained on ``view``) of the same ``seed``; ``on_victim`` after each."""
+    out = {}
+    for name, v in (("clean", None), ("poisoned", view)):
+        out[name] = alignment_curve(model_fn, data, recipe, seed=seed, lr=lr, device=device, x_target=x_target,
+                                    adv_label=adv_label, view=v, augment=augment)
+        if on_victim is not None:
+            on_victim()
+    return out

@@ -22,10 +22,14 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from ...query import forward_batched
+from ....data.view import DataView
+from ....errors import ConfigError
+from ....query import forward_batched
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
 from ._functional import num_poisons, sample_rows
 
 Strategy = Literal["random", "loss-max"]
@@ -51,7 +55,8 @@ def flipped_losses(models: Sequence[nn.Module], x: Tensor, *, chunk_size: int = 
 
 
 def label_flip(x: Tensor, y: Tensor, *, eps_d: float, num_classes: int, strategy: Strategy = "random",
-               models: Sequence[nn.Module] = (), generator: torch.Generator | None = None) -> FlipResult:
+               models: Sequence[nn.Module] = (), generator: torch.Generator | None = None,
+               chunk_size: int = 1024) -> FlipResult:
     """Label-flip poisons (module docstring); ``models`` are needed for ``loss-max`` only."""
     if num_classes < 2:
         raise ConfigError(f"label flipping needs >= 2 classes, got {num_classes}")
@@ -64,9 +69,9 @@ def label_flip(x: Tensor, y: Tensor, *, eps_d: float, num_classes: int, strategy
         labels = (y[rows] + shift) % num_classes
         loss = None
         if models:
-            loss = float(flipped_losses(models, x[rows]).gather(1, labels[:, None]).mean())
+            loss = float(flipped_losses(models, x[rows], chunk_size=chunk_size).gather(1, labels[:, None]).mean())
     elif strategy == "loss-max":
-        losses = flipped_losses(models, x)
+        losses = flipped_losses(models, x, chunk_size=chunk_size)
         losses.scatter_(1, y[:, None].to(losses.device), float("-inf"))  # never the true label
         best, cls = losses.max(1)
         order = best.argsort(descending=True)
@@ -76,3 +81,25 @@ def label_flip(x: Tensor, y: Tensor, *, eps_d: float, num_classes: int, strategy
     else:
         raise ConfigError(f"unknown label-flip strategy {strategy!r}; valid: loss-max, random")
     return FlipResult(x[rows].clone(), labels, rows, loss)
+
+
+class FlipOptions(BaseModel):
+    """``flip``: the strategy (``random`` or ``loss-max``); ``chunk_size`` of the loss passes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    flip: Strategy = "random"
+    chunk_size: int = Field(1024, ge=1, le=1_000_000)
+
+
+@register_poisoner("label-flip", family="indiscriminate", needs=Needs.CRAFTING_MODELS, options=FlipOptions)
+def label_flip_poison(task: PoisonTask) -> Poison:
+    """Insert eps_d N mislabelled copies of clean points (random or loss-max labels; Lu et al. 2022)."""
+    opts: FlipOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    x, y = task.train.x.to(task.device), task.train.y.to(task.device)
+    res = label_flip(x, y, eps_d=task.inserted_fraction(), num_classes=task.num_classes, strategy=opts.flip,
+                     models=task.models, generator=task.generator(), chunk_size=opts.chunk_size)
+    view = DataView.identity(task.train).with_inserted(res.x.cpu(), res.y.cpu()).with_meta(
+        method="label-flip", strategy=opts.flip, eps_d=task.eps_d)
+    return Poison(view, info={"poisons": int(res.y.numel()), "strategy": opts.flip,
+                              "crafting_loss_of_poisons": res.loss, "label": f"Label flip ({opts.flip})"})

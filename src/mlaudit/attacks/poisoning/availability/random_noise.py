@@ -9,15 +9,15 @@ ball, as large as a PGD poison), then projected into the pixel box.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import Tensor, nn
 
-from ...craft import LinfBall
-from .base import CraftBudget, PoisonResult, StepCallback, check_inputs, register_method
+from ....craft import LinfBall
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
+from .base import check_inputs
 
 
 class RandomNoiseOptions(BaseModel):
@@ -28,14 +28,14 @@ class RandomNoiseOptions(BaseModel):
     distribution: Literal["uniform", "sign"] = "uniform"
 
 
-@register_method("random-noise", crafter="none", options=RandomNoiseOptions)
-def random_noise(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budget: CraftBudget, num_classes: int,
-                 generator: torch.Generator, options: BaseModel = RandomNoiseOptions(),
-                 on_step: StepCallback | None = None) -> PoisonResult:
+@register_poisoner("random-noise", family="availability", needs=Needs.NOTHING, options=RandomNoiseOptions)
+def random_noise(task: PoisonTask) -> Poison:
     """Random l-inf noise of radius eps (uniform or sign), the control of seed 002 Table 2.2."""
-    check_inputs(x, y, num_classes)
-    opts = options if isinstance(options, RandomNoiseOptions) else RandomNoiseOptions.model_validate(options.model_dump())
+    opts: RandomNoiseOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    x, y = task.poison_rows()
+    check_inputs(x, y, task.num_classes)
+    eps, generator = task.linf_eps(), task.generator()
     u = torch.rand(x.shape, generator=generator, device=generator.device).to(device=x.device, dtype=x.dtype)
     d = (u * 2 - 1) if opts.distribution == "uniform" else torch.where(u < 0.5, -1.0, 1.0).to(x.dtype)
-    delta = LinfBall(budget.eps).project(d * budget.eps, x)
-    return PoisonResult(delta, {"distribution": opts.distribution})
+    delta = LinfBall(eps).project(d * eps, x)
+    return task.perturbed(delta.to(task.train.device), {"distribution": opts.distribution})

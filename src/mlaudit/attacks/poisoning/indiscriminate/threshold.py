@@ -38,8 +38,8 @@ import torch
 from scipy.special import lambertw
 from torch import Tensor, nn
 
-from ...errors import ConfigError
-from ...query import ParamVector, forward_batched
+from ....errors import ConfigError
+from ....query import ParamVector, forward_batched
 from ._functional import mean_loss_and_grad
 
 SEED_CONSTANT = float(lambertw(1 / math.e).real)

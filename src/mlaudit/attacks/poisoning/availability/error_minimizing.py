@@ -7,7 +7,7 @@ pretrained model: it trains a surrogate f_theta *jointly* with the noise, solvin
     min_theta  sum_i  min_{||delta_i||_inf <= eps}  L(f_theta(x_i + delta_i), y_i)
 
 by alternating (one *round*): ``train_steps`` plain SGD steps on theta over mini-batches of the
-noised data, then ``budget.steps`` PGD steps on all delta_i (through :func:`mlaudit.craft.craft`)
+noised data, then ``steps`` PGD steps on all delta_i (through :func:`mlaudit.craft.craft`)
 that *minimise* the loss, continuing from the previous round's noise. It stops when the surrogate
 classifies ``stop_accuracy`` of the noised training data correctly (Huang et al. use 99%) or after
 ``rounds`` rounds. The noise becomes an easy "shortcut" feature, so victims learn it instead of the
@@ -16,17 +16,17 @@ images and fail on clean test data.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from ...craft import LinfBall, craft
-from ...errors import ConfigError
-from ...query import evaluating, forward_batched
-from .base import CraftBudget, PoisonResult, StepCallback, check_inputs, register_method
+from ....craft import LinfBall, craft
+from ....data.augment import AugmentSpec
+from ....query import evaluating, forward_batched
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
+from .base import AVAILABILITY_CRAFTING, check_inputs
 
 
 class ErrorMinimizingOptions(BaseModel):
@@ -59,7 +59,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) ->
 
 
 def _sgd_steps(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, delta: Tensor, *, steps: int,
-               batch_size: int, budget: CraftBudget, generator: torch.Generator) -> float:
+               batch_size: int, augment: AugmentSpec | None, generator: torch.Generator) -> float:
     """``steps`` plain SGD steps of ``model`` on random mini-batches of ``x + delta``; the last loss."""
     model.train()
     loss = torch.zeros(())
@@ -67,8 +67,8 @@ def _sgd_steps(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
         idx = torch.randint(0, x.shape[0], (min(batch_size, x.shape[0]),), generator=generator,
                             device=generator.device).to(x.device)
         xb = x[idx] + delta[idx]
-        if budget.augment is not None and not budget.augment.is_identity:
-            xb = budget.augment(xb, generator=generator)
+        if augment is not None and not augment.is_identity:
+            xb = augment(xb, generator=generator)
         loss = F.cross_entropy(model(xb), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -76,35 +76,34 @@ def _sgd_steps(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
     return float(loss.detach())
 
 
-@register_method("error-minimizing", crafter="fresh", options=ErrorMinimizingOptions)
-def error_minimizing(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budget: CraftBudget, num_classes: int,
-                     generator: torch.Generator, options: BaseModel = ErrorMinimizingOptions(),
-                     on_step: StepCallback | None = None) -> PoisonResult:
+@register_poisoner("error-minimizing", family="availability", needs=Needs.FRESH_MODEL, options=ErrorMinimizingOptions,
+                   defaults={k: v for k, v in AVAILABILITY_CRAFTING.items() if k != "restarts"},
+                   progress=lambda s, o: s.steps * o.rounds)
+def error_minimizing(task: PoisonTask) -> Poison:
     """Error-minimizing noise (Huang et al. 2021, sample-wise min-min with the surrogate updated between rounds)."""
-    check_inputs(x, y, num_classes)
-    if len(models) != 1:
-        raise ConfigError(f"error-minimizing noise trains exactly one fresh surrogate model, got {len(models)}")
-    opts = options if isinstance(options, ErrorMinimizingOptions) else ErrorMinimizingOptions.model_validate(
-        options.model_dump())
-    model = models[0]
+    opts: ErrorMinimizingOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    s = task.crafting_settings
+    x, y = task.poison_rows()
+    check_inputs(x, y, task.num_classes)
+    model, augment, generator, eps = task.models[0], task.crafting_augment, task.generator(), task.linf_eps()
     opt = torch.optim.SGD(model.parameters(), lr=opts.model_lr, momentum=opts.momentum, weight_decay=5e-4)
     objective = SurrogateLoss(model, y)
     delta = torch.zeros_like(x)
     history: list[dict[str, float]] = []
     acc = 0.0
     for r in range(opts.rounds):
-        loss = _sgd_steps(model, opt, x, y, delta, steps=opts.train_steps, batch_size=opts.batch_size, budget=budget,
+        loss = _sgd_steps(model, opt, x, y, delta, steps=opts.train_steps, batch_size=opts.batch_size, augment=augment,
                           generator=generator)
 
         def step_cb(step: int, total: float, r: int = r) -> None:
-            if on_step is not None:
-                on_step(r * budget.steps + step, total)
+            if task.on_step is not None:
+                task.on_step(r * s.steps + step, total)
 
         with evaluating(model, requires_grad=False):  # gradients reach the noise only
             # continue from the previous round's noise (min-min alternates model and noise updates)
-            res = craft(objective, x, constraint=LinfBall(budget.eps), steps=budget.steps, optimizer="pgd",
-                        lr=budget.lr, schedule="constant", restarts=1, init=delta, augment=budget.augment,
-                        batch_size=budget.batch_size, generator=generator, on_step=step_cb)
+            res = craft(objective, x, constraint=LinfBall(eps), steps=s.steps, optimizer=s.optimizer, lr=s.lr,
+                        schedule=s.schedule, restarts=1, init=delta, augment=augment, batch_size=s.batch_size,
+                        generator=generator, on_step=step_cb)
         delta = res.delta
         acc = _accuracy(model, x + delta, y)
         history.append({"round": r + 1, "train_loss": loss, "noise_loss_mean": res.objective / x.shape[0],
@@ -113,4 +112,4 @@ def error_minimizing(x: Tensor, y: Tensor, *, models: Sequence[nn.Module], budge
             break
     info = {"rounds": len(history), "stopped_early": len(history) < opts.rounds, "surrogate_accuracy": acc,
             "history": history}
-    return PoisonResult(delta.detach(), info)
+    return task.perturbed(delta.to(task.train.device), info)

@@ -19,7 +19,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ...errors import ConfigError
+from ....errors import ConfigError
+from ..contract import Poison, PoisonTask
+from ..registry import register_poisoner
+from .crafting import TARGETED, TARGETED_CRAFTING, craft_poison, mean_objective
+from .features import penultimate_features
 
 
 class Bullseye:
@@ -41,3 +45,11 @@ class Bullseye:
     def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         center = self.features(x_adv).flatten(1).mean(0, keepdim=True)
         return ((center - self.target_feat).pow(2).sum(1) / self.target_sq).mean()
+
+
+@register_poisoner("bullseye", family="targeted", needs=TARGETED, defaults=TARGETED_CRAFTING,
+                   check_model=penultimate_features)
+def bullseye(task: PoisonTask) -> Poison:
+    """Bullseye Polytope (Aghakhani et al. 2021): the poisons' mean feature onto the target's."""
+    x_target = task.targeted().x
+    return craft_poison(mean_objective([Bullseye(penultimate_features(m), x_target) for m in task.models]), task)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ...errors import ConfigError
+from ....errors import ConfigError
 
 
 @dataclass(frozen=True)

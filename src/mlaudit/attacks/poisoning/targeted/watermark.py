@@ -10,9 +10,12 @@ holds automatically; the result is finally projected onto both (float rounding o
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from ...errors import ConfigError
+from ....errors import ConfigError
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
 
 
 def watermark(x_poison: Tensor, x_target: Tensor, *, eps: float, opacity: float = 1.0) -> Tensor:
@@ -34,3 +37,20 @@ def watermark(x_poison: Tensor, x_target: Tensor, *, eps: float, opacity: float 
     delta = alpha.view(-1, *([1] * (diff.dim() - 1))) * diff
     delta = delta.clamp(-eps, eps)
     return ((x_poison + delta).clamp(0, 1) - x_poison).detach()
+
+
+class WatermarkOptions(BaseModel):
+    """``opacity`` in [0, 1]: the cap on the blend weight (1 = as strong as eps allows)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    opacity: float = Field(1.0, ge=0.0, le=1.0)
+
+
+@register_poisoner("watermark", family="targeted", needs=Needs.TARGET, options=WatermarkOptions)
+def watermark_poison(task: PoisonTask) -> Poison:
+    """Watermarking (Shafahi et al. 2018): the target blended into every poison; no model, no optimisation."""
+    opts: WatermarkOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    x_poison, _ = task.poison_rows()
+    delta = watermark(x_poison, task.targeted().x[:1].to(x_poison.device), eps=task.linf_eps(), opacity=opts.opacity)
+    return task.perturbed(delta.cpu(), {"objective": None, "restarts": [], "history": []})

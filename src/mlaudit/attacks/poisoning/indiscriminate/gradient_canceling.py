@@ -40,13 +40,18 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from ...craft import Box, craft
-from ...errors import ConfigError
-from ...query import ParamVector, param_grad
+from ....craft import Box, craft
+from ....data.view import DataView
+from ....errors import ConfigError
+from ....query import ParamVector, param_grad
+from ..contract import Needs, Poison, PoisonTask
+from ..registry import register_poisoner
 from ._functional import mean_loss_and_grad, num_poisons, require_smooth, sample_rows
+from .param_corruption import TargetOptions, corrupted_target, refuse_batchnorm
 
 
 class GradientCanceling:
@@ -246,3 +251,39 @@ def gradient_canceling(model: nn.Module, clean_x: Tensor, clean_y: Tensor, *, ep
     final = 0.5 * float(r.dot(r))
     return CancelingResult(x.detach(), obj.labels.clone(), init, final, float(obj.clean.dot(obj.clean)) ** 0.5,
                            math.sqrt(2 * final), relabels, history)
+
+
+class CancelingOptions(TargetOptions):
+    """The GradPC target's options, ``relabel_every`` craft steps between relabellings (0: only
+    before and after), ``label_rounds`` line-searched rounds per relabelling, and ``reach_tol``: the
+    target counts as reached when ||residual|| / ||g(mu; w_t) + lambda w_t|| <= reach_tol."""
+
+    relabel_every: int = Field(0, ge=0, le=100_000)
+    label_rounds: int = Field(10, ge=0, le=1000)
+    reach_tol: float = Field(0.1, gt=0.0, lt=1.0)
+
+
+@register_poisoner("gradient-canceling", family="indiscriminate", needs=Needs.CRAFTING_MODELS,
+                   options=CancelingOptions, check_model=refuse_batchnorm, model_count=1,
+                   defaults={"steps": 300, "lr": 0.01, "optimizer": "adam", "schedule": "cosine"})
+def gradient_canceling_poison(task: PoisonTask) -> Poison:
+    """Gradient canceling (Lu, Kamath & Yu 2023): insert eps_d N points making the GradPC target stationary."""
+    opts: CancelingOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
+    s = task.crafting_settings
+    x, y = task.train.x.to(task.device), task.train.y.to(task.device)
+    decay = opts.decay(task.victim.weight_decay)
+    target, tinfo = corrupted_target(task.models[0], x, y, opts, num_classes=task.num_classes, weight_decay=decay,
+                                     generator=task.generator())
+    res = gradient_canceling(target, x, y, eps_d=task.inserted_fraction(), steps=s.steps, lr=s.lr,
+                             optimizer=s.optimizer, schedule=s.schedule, relabel_every=opts.relabel_every,
+                             label_rounds=opts.label_rounds, weight_decay=decay,
+                             label_smoothing=task.victim.label_smoothing, chunk_size=opts.chunk_size,
+                             generator=task.generator(), on_step=task.on_step)
+    view = DataView.identity(task.train).with_inserted(res.x.cpu(), res.y.cpu()).with_meta(
+        method="gradient-canceling", eps_d=task.eps_d, eps_w=opts.eps_w)
+    notes = (["the victim recipe uses label smoothing: gradient canceling includes it, tau is for hard labels"]
+             if task.victim.label_smoothing > 0 else [])
+    info = {"poisons": int(res.y.numel()), **res.summary(), "reached": bool(res.relative <= opts.reach_tol),
+            "reach_tol": opts.reach_tol, "history": res.history[:: max(1, len(res.history) // 100)],
+            "targets": [tinfo], "label": "Gradient canceling", "notes": notes}
+    return Poison(view, [target], info)

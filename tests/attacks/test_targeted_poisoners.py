@@ -1,4 +1,5 @@
-"""Targeted-poisoning scenarios (seed 002 section 1.7) and the method registry behind ``brew``."""
+"""Targeted-poisoning scenarios (seed 002 section 1.7) and the targeted poisoners behind the one
+poisoner contract (``POISONERS.get(method, family="targeted")(task) -> Poison``)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mlaudit.attacks.poisoning.brew import METHODS, BrewInputs, BrewOptions, brew
-from mlaudit.attacks.poisoning.features import penultimate_features
-from mlaudit.attacks.poisoning.scenario import (
+from mlaudit.attacks.poisoning import POISONERS, Poison, PoisonTask, Target
+from mlaudit.attacks.poisoning.targeted.features import penultimate_features
+from mlaudit.attacks.poisoning.targeted.scenario import (
     explicit_scenario,
     poison_count,
     sample_scenario,
     scenario_seeds,
 )
 from mlaudit.data.augment import AugmentParams, apply_augment_differentiable
+from mlaudit.data.base import TensorDataset
 from mlaudit.errors import ConfigError
 
 YTR = torch.arange(10).repeat(50)  # 500 training labels, 50 per class
@@ -84,12 +86,19 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
 
 
-def _inputs(model: nn.Module) -> BrewInputs:
+def _task(model: nn.Module, *, eps: float = 8 / 255, **settings: object) -> PoisonTask:
+    """30 random 1x4x4 images of 3 classes; target image 0 (class 0) to class 1; 5 poisons of class 1."""
     g = torch.Generator().manual_seed(1)
     x = torch.rand(30, 1, 4, 4, generator=g)
     y = torch.arange(3).repeat(10)
-    return BrewInputs(models=[model], x_target=x[:1], adv_class=1, x_poison=x[y == 1][:5], y_poison=y[y == 1][:5],
-                      train_x=x, train_y=y, target_class=0)
+    return PoisonTask(train=TensorDataset(x, y, ("a", "b", "c")), num_classes=3, eps=eps,
+                      poison_ids=(y == 1).nonzero().flatten()[:5], target=Target(x[:1], 0, 1), models=[model],
+                      settings=settings)
+
+
+def run(method: str, task: PoisonTask) -> Poison:
+    """The targeted poisoner ``method`` on ``task``."""
+    return POISONERS.get(method, family="targeted")(task)
 
 
 def test_penultimate_features_are_the_head_input() -> None:
@@ -102,55 +111,58 @@ def test_penultimate_features_are_the_head_input() -> None:
 
 @pytest.mark.parametrize("method", ["gradient-matching", "poison-frogs", "bullseye", "watermark"])
 def test_every_pixel_method_respects_eps_and_the_box(method: str) -> None:
-    inputs = _inputs(_net())
     eps = 8 / 255
-    res = brew(method, inputs, BrewOptions(eps=eps, steps=5, restarts=2))
-    assert res.delta is not None and res.delta.shape == inputs.x_poison.shape
-    assert float(res.delta.abs().max()) <= eps + 1e-6
-    xp = inputs.x_poison + res.delta
+    task = _task(_net(), eps=eps, steps=5, restarts=2)
+    res = run(method, task)
+    x_poison, _ = task.poison_rows()
+    v = res.view
+    assert v is not None and torch.equal(v.indices, task.ids()) and v.delta.shape == x_poison.shape
+    assert float(v.delta.abs().max()) <= eps + 1e-6
+    xp = x_poison + v.delta
     assert float(xp.min()) >= -1e-6 and float(xp.max()) <= 1 + 1e-6
     if method != "watermark":
         # separable objectives keep the best restart per sample, so the total can beat every restart
-        assert len(res.restarts) == 2 and res.objective <= min(res.restarts) + 1e-6
+        assert len(res.info["restarts"]) == 2 and res.info["objective"] <= min(res.info["restarts"]) + 1e-6
 
 
 def test_gradient_matching_objective_decreases() -> None:
-    inputs = _inputs(_net())
-    res = brew("gradient-matching", inputs, BrewOptions(eps=16 / 255, steps=40, restarts=1, lr=0.05))
-    assert res.history[-1] < res.history[0] - 0.01
+    res = run("gradient-matching", _task(_net(), eps=16 / 255, steps=40, restarts=1, lr=0.05))
+    assert res.info["history"][-1] < res.info["history"][0] - 0.01
 
 
 def test_label_flip_relabels_the_nearest_target_class_images() -> None:
-    inputs = _inputs(_net())
-    res = brew("label-flip", inputs, BrewOptions(eps=8 / 255))
-    assert res.delta is None and res.relabel is not None
-    ids, labels = res.relabel
-    assert len(ids) == 5 and bool((inputs.train_y[ids] == 0).all()) and bool((labels == 1).all())
-    feats = penultimate_features(inputs.models[0])
+    task = _task(_net())
+    res = run("label-flip", task)
+    assert res.view is not None and res.view.indices.numel() == 0
+    ids, labels = res.view.relabel_indices, res.view.relabel_to
+    assert len(ids) == 5 and bool((task.train.y[ids] == 0).all()) and bool((labels == 1).all())
+    feats = penultimate_features(task.models[0])
     with torch.no_grad():
-        d = torch.cdist(feats(inputs.train_x), feats(inputs.x_target)).flatten()
-    cand = (inputs.train_y == 0).nonzero().flatten()
+        d = torch.cdist(feats(task.train.x), feats(task.targeted().x)).flatten()
+    cand = (task.train.y == 0).nonzero().flatten()
     assert set(ids.tolist()) == set(cand[d[cand].argsort()[:5]].tolist())
 
 
 def test_registry_and_bad_eps() -> None:
-    assert set(METHODS.names()) >= {"gradient-matching", "poison-frogs", "bullseye", "watermark", "label-flip"}
+    assert set(POISONERS.names("targeted")) >= {"gradient-matching", "poison-frogs", "bullseye", "watermark",
+                                                 "label-flip"}
     with pytest.raises(ConfigError, match="valid"):
-        brew("witchcraft", _inputs(_net()), BrewOptions(eps=0.1))
+        run("witchcraft", _task(_net()))
     with pytest.raises(ConfigError, match=r"eps must lie in \(0, 1\]"):
-        brew("watermark", _inputs(_net()), BrewOptions(eps=16))
+        _task(_net(), eps=16)
 
 
 def test_batched_gradient_matching_equals_per_restart_calls() -> None:
     """GradientMatching.batched over G restarts = the objective of each restart (values and input
-    gradients), also for an ensemble; brew with parallel restarts ends where sequential restarts do."""
-    from mlaudit.attacks.poisoning.gradient_matching import GradientMatching
+    gradients), also for an ensemble; crafting with parallel restarts ends where sequential restarts do."""
+    from mlaudit.attacks.poisoning.targeted.gradient_matching import GradientMatching
 
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                          nn.Linear(64, 3)).eval()
-    inputs = _inputs(conv)
-    objs = [GradientMatching(m, inputs.x_target, 1, poison_labels=inputs.y_poison) for m in (conv, _net())]
+    task = _task(conv, eps=16 / 255, steps=5, restarts=3)
+    _, y_poison = task.poison_rows()
+    objs = [GradientMatching(m, task.targeted().x, 1, poison_labels=y_poison) for m in (conv, _net())]
     ens = GradientMatching.ensemble(objs)
     xa = torch.rand(3, 5, 1, 4, 4, requires_grad=True)
     idx = torch.arange(5)
@@ -160,19 +172,20 @@ def test_batched_gradient_matching_equals_per_restart_calls() -> None:
     gb, = torch.autograd.grad(b.sum(), xa)
     gs, = torch.autograd.grad(s.sum(), xa)
     assert torch.allclose(gb, gs, atol=1e-6)
-    seq = brew("gradient-matching", inputs, BrewOptions(eps=16 / 255, steps=5, restarts=3))
-    par = brew("gradient-matching", inputs, BrewOptions(eps=16 / 255, steps=5, restarts=3, parallel_restarts=3))
-    assert par.restarts == pytest.approx(seq.restarts, rel=1e-4)
-    assert torch.allclose(par.delta, seq.delta, atol=1e-5)
+    seq = run("gradient-matching", task)
+    par = run("gradient-matching", _task(conv, eps=16 / 255, steps=5, restarts=3, parallel_restarts=3))
+    assert par.info["restarts"] == pytest.approx(seq.info["restarts"], rel=1e-4)
+    assert par.view is not None and seq.view is not None
+    assert torch.allclose(par.view.delta, seq.view.delta, atol=1e-5)
 
 
 def test_memory_format_of_a_model_is_read_from_its_conv_weights() -> None:
-    """The format that crafting on CUDA restores after its channels-last pass (brew._cuda_layout)."""
-    from mlaudit.attacks.poisoning.brew import _memory_format
+    """The format that crafting on CUDA restores after its channels-last pass (crafting._cuda_layout)."""
+    from mlaudit.attacks.poisoning.targeted.crafting import memory_format
     from mlaudit.models import build_model
 
     cnn = build_model("fastcnn", input_shape=(3, 32, 32), num_classes=10)
-    assert _memory_format(cnn) == torch.contiguous_format
+    assert memory_format(cnn) == torch.contiguous_format
     cnn.to(memory_format=torch.channels_last)
-    assert _memory_format(cnn) == torch.channels_last
-    assert _memory_format(build_model("mlp", input_shape=(3, 8, 8), num_classes=10)) == torch.contiguous_format
+    assert memory_format(cnn) == torch.channels_last
+    assert memory_format(build_model("mlp", input_shape=(3, 8, 8), num_classes=10)) == torch.contiguous_format

@@ -122,3 +122,18 @@ def test_label_flip_with_batchnorm_model_is_allowed(tmp_path: Path) -> None:
     c = cfg(model="mlp", recipe={"name": "fast", "epochs": 2}, victims=1,
             attack={"method": "label-flip", "eps_d": 0.05})
     assert run(tmp_path, c)["metrics"]["poisons"] == 72
+
+
+def test_an_interrupted_run_resumes_and_rewrites_its_own_poison_export(tmp_path: Path) -> None:
+    """A run killed after its poisons were exported (results.json not yet written) resumes: the
+    crafting is repeated (seeded, so the same poison), the run's own export folder is replaced rather
+    than refused, no victim is retrained, and the metrics equal the uninterrupted run's."""
+    c = cfg(victims=1)
+    first = run(tmp_path, c)
+    (tmp_path / "run" / "results.json").unlink()  # as if killed before the end
+    manifest = (tmp_path / "run" / "artifacts" / "poisons" / "manifest.json").read_bytes()
+    again = run_experiment(c, out=tmp_path / "run", device="cpu", store=tmp_path / "runs.db", quiet=True,
+                           resume=True).results
+    assert again["cost"]["models_trained"] == 0
+    assert again["metrics"]["poisoned_accuracy"] == first["metrics"]["poisoned_accuracy"]
+    assert (tmp_path / "run" / "artifacts" / "poisons" / "manifest.json").read_bytes() == manifest

@@ -76,8 +76,9 @@ def mod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 def _run(spec: str, seed: int = 1):
     torch.manual_seed(0)
     x, y = torch.randn(20, 3), torch.arange(20) % 2
-    return run_user_trainer(UserTrainer(spec), nn.Linear(3, 2), x, y, classes=("a", "b"), seed=seed,
-                            device=torch.device("cpu"), recipe=None)
+    model, wall = run_user_trainer(UserTrainer(spec), lambda: nn.Linear(3, 2), x, y, classes=("a", "b"), seed=seed,
+                                   device=torch.device("cpu"), recipe=None)
+    return model.state_dict(), wall
 
 
 def test_good_trainers(mod: str) -> None:
@@ -95,9 +96,8 @@ def test_seeded(mod: str) -> None:
 
 def test_rng_state_is_restored_exactly(mod: str) -> None:
     x, y = torch.randn(4, 3), torch.arange(4) % 2
-    m = nn.Linear(3, 2)
     state = torch.random.get_rng_state()
-    run_user_trainer(UserTrainer(f"{mod}:noisy"), m, x, y, classes=("a", "b"), seed=9, device=torch.device("cpu"),
+    run_user_trainer(UserTrainer(f"{mod}:noisy"), lambda: nn.Linear(3, 2), x, y, classes=("a", "b"), seed=9, device=torch.device("cpu"),
                      recipe=None)
     assert torch.equal(torch.random.get_rng_state(), state)
 
@@ -106,7 +106,7 @@ def test_rng_state_is_restored_exactly(mod: str) -> None:
     ("lazy", "initial weights unchanged"),
     ("nan", "non-finite"),
     ("wrong_type", "returned int, not a torch.nn.Module"),
-    ("other_arch", "do not fit the config's model"),
+    ("other_arch", "does not fit the config's model: shapes differ"),
     ("raises", "raised RuntimeError: boom"),
 ])
 def test_failures_name_the_seed(mod: str, fn: str, match: str) -> None:

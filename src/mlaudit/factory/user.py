@@ -18,7 +18,7 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..models.registry import build_model
 from ..train.evaluate import evaluate
-from ..train.loop import StackedModels, init_models
+from ..train.loop import StackedModels
 from ..train.trainer import UserTrainer, run_user_trainer
 from .spec import FactoryJob, TrainedModel, TrialSpec
 
@@ -31,13 +31,11 @@ def run_user_trials(job: FactoryJob, data: DataBundle, device: torch.device,
     done = []
     for t in job.trials:
         x, y = trial_training_set(t, job, data)
-        template = init_models(model_fn, [t.seed])[0]
-        state, wall = run_user_trainer(trainer, template, x, y, classes=data.train.classes, seed=t.seed,
+        model, wall = run_user_trainer(trainer, model_fn, x, y, classes=data.train.classes, seed=t.seed,
                                        device=device, recipe=job.recipe)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics: dict[str, float | str] = {"trainer": job.trainer}
         if job.evaluate:
-            model = init_models(model_fn, [t.seed])[0]
-            model.load_state_dict(state)
             stack = StackedModels.from_modules([model], device, strategy="loop")
             ev = evaluate(stack, data.test.to(device), batch_size=job.recipe.eval_batch_size)
             metrics.update(test_accuracy=float(ev["accuracy"][0]), test_loss=float(ev["loss"][0]))

@@ -99,14 +99,22 @@ def train_set_for(x: Tensor, y: Tensor, classes: tuple[str, ...]) -> torch.utils
     return ds
 
 
-def run_user_trainer(trainer: UserTrainer, model: nn.Module, x: Tensor, y: Tensor, *, classes: tuple[str, ...],
-                     seed: int, device: torch.device, recipe: Any) -> tuple[dict[str, Tensor], float]:
-    """Train one model with the user's function and check the result; returns (CPU state_dict, wall s).
+def run_user_trainer(trainer: UserTrainer, model_fn: Callable[[], nn.Module], x: Tensor, y: Tensor, *,
+                     classes: tuple[str, ...], seed: int, device: torch.device, recipe: Any
+                     ) -> tuple[nn.Module, float]:
+    """Train one model with the user's function and check the result; returns (the trained model as a
+    fresh instance of the config's architecture holding the returned weights, on the CPU, and the
+    wall seconds of the call).
 
-    ``model`` is the freshly initialised template (its weights are the reference for "did it
-    train"). Raises :class:`TrainingError` (carrying ``seed``) for every failed check.
+    ``model_fn`` builds the config's model; it is called under ``torch.manual_seed(seed)`` for the
+    model handed to the trainer and again for the reference the result is checked against (the one
+    fit check, :func:`mlaudit.query.fit_weights`). Raises :class:`TrainingError` (carrying ``seed``)
+    for every failed check.
     """
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from .loop import init_models  # the factory's seeded construction
+
+    model, reference = init_models(model_fn, [seed, seed])
+    initial = {k: v.detach().clone() for k, v in reference.state_dict().items()}
     model = model.to(device)
     devices = [device] if device.type == "cuda" else []
     t0 = time.perf_counter()
@@ -122,20 +130,20 @@ def run_user_trainer(trainer: UserTrainer, model: nn.Module, x: Tensor, y: Tenso
                                 seed=seed) from e
     wall = time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in out.state_dict().items()}
-    _check_trained(trainer.spec, state, initial, seed)
-    return state, wall
+    _check_trained(trainer.spec, reference, state, initial, seed)
+    return reference, wall
 
 
-def _check_trained(spec: str, state: dict[str, Tensor], initial: dict[str, Tensor], seed: int) -> None:
-    missing, extra = sorted(set(initial) - set(state)), sorted(set(state) - set(initial))
-    shapes = [f"{k}: {list(state[k].shape)} (model: {list(initial[k].shape)})" for k in initial
-              if k in state and state[k].shape != initial[k].shape]
-    if missing or extra or shapes:
-        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else "",
-                 f"shapes {shapes[:5]}" if shapes else ""]
-        raise TrainingError(f"trainer {spec!r} returned a model whose weights do not fit the config's model "
-                            f"({'; '.join(p for p in parts if p)}) (seed {seed}); set model: to the architecture "
-                            "your trainer trains", seed=seed)
+def _check_trained(spec: str, reference: nn.Module, state: dict[str, Tensor], initial: dict[str, Tensor],
+                   seed: int) -> None:
+    """Load ``state`` into ``reference`` through the one fit check; refuse NaN/inf or unchanged weights."""
+    from ..query.load import fit_weights
+
+    try:
+        fit_weights(reference, state, source=f"the model trainer {spec!r} returned (seed {seed})",
+                    what="the config's model", hint="set model: to the architecture your trainer trains")
+    except ConfigError as e:
+        raise TrainingError(str(e), seed=seed) from None
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise TrainingError(f"trainer {spec!r} returned non-finite (NaN/inf) weights in {bad[:5]} (seed {seed}); "

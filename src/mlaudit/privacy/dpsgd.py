@@ -11,6 +11,10 @@ Per step t and per model (each with its own generators, so K models together equ
    micro-batches of B_max whose clipped gradient sums are added -- nothing is dropped.
 2. Per-example gradients g_i with torch.func: ``vmap(grad(loss of functional_call))`` over the
    examples (nested in a vmap over models for the ``vmap`` layout, a loop over models for ``loop``).
+   With ``dp.clipping`` ``auto``/``fast``, the ``loop`` layout and no audit hooks, steps 2-3 are
+   instead book-keeping clipping (:mod:`mlaudit.privacy.fastclip`: one forward and one backward of
+   the batch, ghost norms; the same clipped sum to float rounding), checked once against autograd on
+   the first step.
 3. Clipping over all parameters jointly: g_i <- g_i * min(1, C / (||g_i||_2 + 1e-6)).
 4. Noise and averaging: g~ = (sum_i w_i g_i + N(0, sigma^2 C^2 I)) / (q n) -- the *expected*
    batch size, the standard normalisation for Poisson DP-SGD (it keeps the update's sensitivity
@@ -53,6 +57,7 @@ of those models:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,6 +74,7 @@ from ..train.hooks import DPStepHooks
 from ..train.recipe import DPConfig
 from ..train.stacked import LoopStack, StackedModels, VmapStack, _set_mode
 from .accountant import calibrate_noise, check_delta, epsilon
+from .fastclip import check_fast_clip, clipped_grad_sum, fast_clip_supported, verify_fast_clip
 
 GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """idx [K, B] (virtual indices) -> (x [K, B, *shape], y [K, B])."""
@@ -230,6 +236,8 @@ class DPTraining:
     canaries: list[tuple[int, int, tuple[int, ...]] | None] | None = None  # per model: (index, param pos, coord)
     canary_counts: list[int] | None = None  # per model: steps in which its gradient canary was sampled
     broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
+    fast_clip: bool = False  # book-keeping clipping (fastclip) for loop stacks without audit hooks
+    fast_checked: bool = False  # verify_fast_clip ran (on the first fast step)
 
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
@@ -238,6 +246,9 @@ class DPTraining:
         """Check the model and delta, pick q and steps, calibrate sigma when ``cfg.epsilon`` is set;
         apply the audit ``hooks`` (one per model or None; :mod:`mlaudit.train.hooks`)."""
         check_dp_model(models)
+        if cfg.clipping == "fast":
+            check_fast_clip(models[0])
+        fast = cfg.clipping == "fast" or (cfg.clipping == "auto" and fast_clip_supported(models[0]))
         named = list(models[0].named_parameters())
         canaries, broken = _audit_hooks(hooks, len(models), [n for n, _ in named], [p.shape for _, p in named])
         ns = [len(p) for p in pools]
@@ -262,7 +273,8 @@ class DPTraining:
                    [torch.Generator().manual_seed(int(s) + 0xD95D) for s in seeds], noise_gens,
                    torch.tensor(noise_std, device=device),
                    torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment,
-                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken)
+                   canaries if has_canary else None, [0] * len(models) if has_canary else None, broken,
+                   fast_clip=fast)
 
     @property
     def clip(self) -> float:
@@ -296,8 +308,13 @@ class DPTraining:
         for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
             xb, yb = gather(idx[mi].to(device))
             wb = w[mi].to(device)
-            groups = per_example_grads(stack, self._augment(xb), yb, label_smoothing=label_smoothing)
-            part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, rows)]
+            xb = self._augment(xb)
+            if self._use_fast(stack, xb, yb, label_smoothing):
+                groups = self._fast_groups(stack, xb, yb, wb, label_smoothing)  # type: ignore[arg-type]
+                part = [g for g, _ in groups]
+            else:
+                groups = per_example_grads(stack, xb, yb, label_smoothing=label_smoothing)
+                part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, rows)]
             if hits is not None:
                 self._add_diracs(part, rows, hits[mi])
             loss_sum += torch.cat([(lo.detach() * wb[r]).sum(1) for (_, lo), r in zip(groups, rows)])
@@ -308,6 +325,36 @@ class DPTraining:
             grads += noisy_average(s, z, self.sigma_c[r], self.denom[r])
         count = w.sum((0, 2)).to(device).clamp(min=1.0)
         return loss_sum / count, _to_trainable(stack, grads)
+
+    def _use_fast(self, stack: StackedModels, x: Tensor, y: Tensor, label_smoothing: float) -> bool:
+        """Book-keeping clipping for this step? Only for a loop stack without audit hooks; on the first
+        such step :func:`verify_fast_clip` checks model 0 (a failure raises for ``clipping: fast`` and
+        falls back to the per-example path for ``auto``)."""
+        if not (self.fast_clip and isinstance(stack, LoopStack) and self.canaries is None and self.broken is None):
+            return False
+        if not self.fast_checked:
+            self.fast_checked = True
+            _set_mode(stack.modules[0], True)
+            try:
+                verify_fast_clip(stack.modules[0], _loop_layout(stack, x[0]), y[0], label_smoothing=label_smoothing)
+            except UnsupportedModelError as e:
+                if self.cfg.clipping == "fast":
+                    raise
+                warnings.warn(f"dp.clipping auto: using per-example clipping ({e})", UserWarning, stacklevel=3)
+                self.fast_clip = False
+        return self.fast_clip
+
+    def _fast_groups(self, stack: LoopStack, x: Tensor, y: Tensor, w: Tensor, label_smoothing: float
+                     ) -> list[tuple[list[Tensor], Tensor]]:
+        """Per model: (clipped sums [1, *s] each, losses [1, B]) by book-keeping, from x [K, B, *shape],
+        y and w [K, B]."""
+        out = []
+        for m, xk, yk, wk in zip(stack.modules, x, y, w):
+            _set_mode(m, True)
+            sums, losses = clipped_grad_sum(m, _loop_layout(stack, xk), yk, wk, clip=self.clip,
+                                            label_smoothing=label_smoothing)
+            out.append(([s.unsqueeze(0) for s in sums], losses.unsqueeze(0)))
+        return out
 
     def _take_canaries(self, idx: Tensor, w: Tensor) -> Tensor | None:
         """Find each model's sampled gradient canary in idx/w [M, K, B] (CPU), zero its weight in ``w``
@@ -352,6 +399,11 @@ class DPTraining:
         if self.canaries is not None and self.canary_counts is not None and self.canaries[i] is not None:
             out["dp_canary_sampled"] = float(self.canary_counts[i])
         return out
+
+
+def _loop_layout(stack: LoopStack, x: Tensor) -> Tensor:
+    """One model's images in the stack's memory format (channels_last on CUDA, as its forward)."""
+    return x.contiguous(memory_format=torch.channels_last) if stack.channels_last and x.dim() == 4 else x
 
 
 def _to_trainable(stack: StackedModels, grads: list[Tensor]) -> list[Tensor]:

@@ -42,6 +42,12 @@ class DPConfig(BaseModel):
     Give exactly one of ``epsilon`` (sigma is then calibrated at train start for the run's q, steps
     and delta) and ``noise_multiplier`` (sigma itself). ``sample_rate`` q defaults to
     batch_size / n_examples; ``allow_large_delta`` accepts delta >= 1/n (otherwise refused).
+    ``clipping`` picks how per-example gradients are clipped (the same clipped sum either way):
+    ``per-example`` materialises every example's gradient with torch.func; ``fast`` uses book-keeping
+    with ghost norms (:mod:`mlaudit.privacy.fastclip`: one forward and one backward of the batch) or
+    raises an error naming the first layer without a rule; ``auto`` is ``fast`` when every layer has a
+    rule, else ``per-example``. The fast path applies to the ``loop`` stack layout without audit hooks;
+    the ``vmap`` layout and the dp-audit hooks always use the per-example path.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +59,7 @@ class DPConfig(BaseModel):
     accountant: Literal["rdp", "prv"] = "rdp"
     sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     allow_large_delta: bool = False
+    clipping: Literal["auto", "per-example", "fast"] = "auto"
 
     @model_validator(mode="after")
     def _one_of(self) -> DPConfig:

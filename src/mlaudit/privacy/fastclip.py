@@ -1,0 +1,266 @@
+"""Fast per-example clipping for DP-SGD: book-keeping with mixed ghost norms.
+
+Book-keeping (BK; Bu et al., "Differentially private optimization on large model at small cost",
+ICML 2023, Algorithm 1) computes the DP-SGD clipped sum ``sum_i w_i c_i g_i`` with
+``c_i = min(1, C / (||g_i||_2 + 1e-6))`` (Abadi et al. 2016, the norm over *all* parameters jointly)
+from ONE forward and ONE backward of the summed loss ``sum_i L_i``, never a second backward:
+
+1. forward hooks record each supported layer's input ``a`` (A_i: [B, T, d_in] after reshaping, T the
+   positions: tokens, or output pixels of a conv's unfolded input) and output tensor;
+2. ``torch.autograd.grad(sum_i L_i, outputs)`` gives every layer's output gradient ``g`` (G_i: [B, T,
+   d_out]; row i is dL_i/d out_i because examples do not interact) and computes no weight gradient;
+3. per layer, every example's squared gradient norm: the ghost norm ``<A_i A_i^T, G_i G_i^T>`` (Li et
+   al. 2021, "Large language models can be strong differentially private learners"; Bu et al. 2022,
+   "Scalable and efficient training of large convolutional neural networks with differential privacy",
+   mixed ghost clipping) or the materialised ``||G_i^T A_i||^2``, whichever the cost rule
+   (:func:`~mlaudit.privacy.fastclip_rules.use_ghost`) finds cheaper, counting both halves: the ghost
+   norm costs B T^2 (d_in + d_out) and then a weighted product B T d_in d_out; materialising costs
+   B T d_in d_out and then B d_in d_out for ``sum_i f_i grad_i`` of the kept gradients (or the
+   weighted product again when B d_in d_out is too large to keep); so ghost iff
+   ``T^2 (d_in + d_out) < d_in d_out`` (kept), else iff ``T (d_in + d_out) < d_in d_out``;
+4. ``f_i = w_i min(1, C / (sqrt(sum_layers ||g_i^l||^2) + 1e-6))`` and per layer the clipped sum as one
+   weighted product ``sum_i f_i G_i^T A_i`` (Linear: one matmul; Conv2d: one ``convolution_backward`` of
+   ``f * G``; or ``sum_i f_i grad_i`` of the kept materialised gradients).
+
+Rules (:mod:`mlaudit.privacy.fastclip_rules`): ``nn.Linear`` ([B, d] or [B, *, d]), ``nn.Conv2d`` (any
+stride, padding, padding mode, dilation, groups), ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.Embedding``,
+biases. Attention written with ``nn.Linear`` projections (as a ViT block does) is covered by the Linear
+rule with T tokens. Everything else with trainable parameters is refused by :func:`check_fast_clip`
+with the layer's name (BatchNorm mixes the examples of a batch; ``nn.MultiheadAttention`` uses its
+weights functionally); a layer called on a tensor without the batch dimension (its output shared by all
+examples) is refused when it runs; and :func:`verify_fast_clip` compares, once, the rules' unclipped sum
+with autograd's gradient and two examples' norms with their own single-example gradients, which catches
+parameters used outside their layer's forward (weight tying, functional calls) and examples that
+interact. Results equal :func:`mlaudit.privacy.dpsgd.clipped_sum` of the per-example gradients to float
+rounding (tests/privacy/test_fastclip.py), provided the forward is deterministic (dropout draws
+different masks than the per-example path).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+from .fastclip_rules import RULES, Mode, Rule
+
+PER_EXAMPLE_HINT = "use `dp: {clipping: per-example}`"
+
+
+@dataclass(frozen=True)
+class _Layer:
+    name: str  # module path ("" for the model itself)
+    module: nn.Module
+    rule: Rule
+    params: tuple[tuple[str, str], ...]  # (full parameter name, name within the module)
+
+
+def _label(name: str, module: nn.Module) -> str:
+    return f"layer {name!r} ({type(module).__name__})" if name else f"the model itself ({type(module).__name__})"
+
+
+def _plan(model: nn.Module) -> list[_Layer]:
+    """The layers with parameters and their rules; raises :class:`UnsupportedModelError` naming the first
+    module that has none (or shares a parameter with another module)."""
+    layers, owner = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise UnsupportedModelError(
+                f"{_label(name, m)} mixes the examples of a batch, so no per-example gradient exists; use GroupNorm "
+                "(`model: {name: ..., norm: group}`) or no normalisation")
+        own = list(m.named_parameters(recurse=False))
+        if not own:
+            continue
+        for short, p in own:
+            if id(p) in owner:
+                raise UnsupportedModelError(
+                    f"{_label(name, m)} shares parameter {short!r} with layer {owner[id(p)]!r} (weight tying); "
+                    f"fast clipping needs one layer per parameter: {PER_EXAMPLE_HINT}")
+            owner[id(p)] = name
+        rule = RULES.get(type(m))
+        if rule is None:
+            extra = (" (it uses its projection weights functionally; write attention with nn.Linear layers as "
+                     "a ViT block does)") if isinstance(m, nn.MultiheadAttention) else ""
+            raise UnsupportedModelError(
+                f"{_label(name, m)} has trainable parameters but no fast-clipping rule{extra}; rules exist for "
+                f"{', '.join(t.__name__ for t in RULES)}: {PER_EXAMPLE_HINT}")
+        why = rule.check(m)
+        unknown = sorted({s for s, _ in own} - rule.params)
+        if why is None and unknown:
+            why = f"parameters {unknown} that the {type(m).__name__} rule does not cover"
+        if why is not None:
+            raise UnsupportedModelError(f"{_label(name, m)} is not supported by fast clipping: {why}; {PER_EXAMPLE_HINT}")
+        prefix = f"{name}." if name else ""
+        layers.append(_Layer(name, m, rule, tuple((prefix + s, s) for s, _ in own)))
+    return layers
+
+
+def check_fast_clip(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` naming the first module of ``model`` with trainable parameters
+    but no fast-clipping rule (BatchNorm: "mixes examples of a batch; use GroupNorm")."""
+    _plan(model)
+
+
+def fast_clip_supported(model: nn.Module) -> bool:
+    """Whether every layer with parameters has a rule (:func:`check_fast_clip` raises nothing)."""
+    try:
+        _plan(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+@dataclass
+class _Record:
+    a: Tensor  # the layer's input, detached
+    out: Tensor  # its output, in the graph
+    versions: tuple[int, int]
+
+
+@contextmanager
+def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
+    """Forward hooks recording each layer's (input, output) of one forward pass of ``batch`` examples."""
+    rec: dict[str, _Record] = {}
+
+    def hook(layer: _Layer, _m: nn.Module, args: tuple[object, ...], out: object) -> None:
+        if layer.name in rec:
+            raise UnsupportedModelError(f"{_label(layer.name, layer.module)} is called more than once per forward "
+                                        f"(weight sharing); {PER_EXAMPLE_HINT}")
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+            raise UnsupportedModelError(f"{_label(layer.name, layer.module)} must take one tensor and return one "
+                                        f"tensor for fast clipping; {PER_EXAMPLE_HINT}")
+        a = args[0].detach()
+        if a.dim() == 0 or a.shape[0] != batch or out.dim() == 0 or out.shape[0] != batch:
+            raise UnsupportedModelError(
+                f"{_label(layer.name, layer.module)} is called on a tensor of shape {tuple(a.shape)} (output "
+                f"{tuple(out.shape)}) without the batch dimension ({batch} examples first), so its output is shared "
+                f"by all examples; give it per-example inputs (e.g. positions expanded to [B, T]) or {PER_EXAMPLE_HINT}")
+        rec[layer.name] = _Record(a, out, (a._version, out._version))
+
+    handles = [lay.module.register_forward_hook(functools.partial(hook, lay)) for lay in layers]
+    try:
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _all_require_grad(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Every parameter requires grad inside (the per-example path differentiates all of them)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield frozen
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _forward(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label_smoothing: float,
+             extra: list[Tensor]) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
+    """One forward and one backward of sum_i L_i: (losses [B], {layer: (a, g)}, grads of ``extra``)."""
+    with torch.enable_grad(), _tape(layers, len(x)) as rec:
+        losses = F.cross_entropy(model(x).float(), y, reduction="none", label_smoothing=label_smoothing)
+    for lay in layers:
+        r = rec.get(lay.name)
+        if r is not None and (r.a._version, r.out._version) != r.versions:
+            raise UnsupportedModelError(
+                f"{_label(lay.name, lay.module)}: its input or output is modified in place later in the forward "
+                f"(e.g. ReLU(inplace=True)); use inplace=False or {PER_EXAMPLE_HINT}")
+    names = [n for n, r in rec.items() if r.out.requires_grad]
+    grads = torch.autograd.grad(losses.sum(), [rec[n].out for n in names] + extra, allow_unused=True)
+    ag = {n: (rec[n].a, g) for n, g in zip(names, grads) if g is not None}
+    return losses.detach(), ag, list(grads[len(names):])
+
+
+def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Tensor, Tensor]], weights: Tensor,
+                  clip: float, mode: Mode) -> tuple[list[Tensor], Tensor]:
+    """Per-layer norms, clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)): (weighted sums in
+    ``named_parameters`` order, squared norms ||g_i||^2 [B])."""
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    sq = torch.zeros(len(weights), dtype=dtype, device=weights.device)
+    states = {}
+    with torch.no_grad():
+        for lay in layers:
+            if lay.name in ag:
+                s, states[lay.name] = lay.rule.norms(lay.module, *ag[lay.name], mode)
+                sq += s.to(dtype)
+        f = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0) * weights.to(dtype)
+        sums: dict[str, Tensor] = {}
+        for lay in layers:
+            if lay.name in ag:
+                a, g = ag[lay.name]
+                got = lay.rule.sums(lay.module, a, g, f.to(g.dtype), states[lay.name])
+                sums.update({full: got[short] for full, short in lay.params})
+        return [sums[n].to(p.dtype) if n in sums else torch.zeros_like(p) for n, p in model.named_parameters()], sq
+
+
+def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *, clip: float,
+                     label_smoothing: float = 0.0, mode: Mode = "auto") -> tuple[list[Tensor], Tensor]:
+    """``sum_i w_i clip_C(g_i)`` for ONE model by book-keeping (see the module docstring).
+
+    x [B, *shape], y [B] (int64), weights [B] (the 0/1 Poisson slot weights; 0 contributes nothing) ->
+    (clipped sums in ``model.named_parameters()`` order, each of its parameter's shape; per-example
+    cross-entropy losses [B], detached). The same as
+    ``clipped_sum(per_example_grads(...), weights, clip)`` of :mod:`mlaudit.privacy.dpsgd` to float
+    rounding. ``mode`` forces the ghost norm or materialised per-example gradients for Linear and
+    Conv2d weights (default: the cost rule per layer). Uses the model's current train/eval mode; raises
+    :class:`UnsupportedModelError` naming an unsupported layer.
+    """
+    layers = _plan(model)
+    with _all_require_grad(model):
+        losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [])
+    return _clipped_sums(model, layers, ag, weights, clip, mode)[0], losses
+
+
+def verify_fast_clip(model: nn.Module, x: Tensor, y: Tensor, *, label_smoothing: float = 0.0, rtol: float = 1e-2,
+                     mode: Mode = "auto", examples: int = 2) -> None:
+    """Check the rules on one batch (x [B, *shape], y [B]) with the model in eval mode (no dropout); raise
+    :class:`UnsupportedModelError` unless
+
+    * the rules' unclipped sum ``sum_i g_i`` equals autograd's gradient of ``sum_i L_i`` for every
+      parameter, to ``rtol`` of its norm (plus 1e-3 of the total norm): catches parameters used outside
+      their layer's forward;
+    * the first ``examples`` per-example norms ``||g_i||`` equal those of a forward and backward of example
+      i alone, to ``rtol``: catches examples that interact (a layer's output shared across the batch).
+    """
+    layers = _plan(model)
+    named = list(model.named_parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        with _all_require_grad(model):
+            _, ag, true = _forward(model, layers, x, y, label_smoothing, [p for _, p in named])
+            fast, sq = _clipped_sums(model, layers, ag, torch.ones(len(y), device=y.device), math.inf, mode)
+            alone = []
+            for i in range(min(examples, len(y))):
+                loss = F.cross_entropy(model(x[i:i + 1]).float(), y[i:i + 1], label_smoothing=label_smoothing)
+                gi = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+                alone.append(sum(float(g.double().square().sum()) for g in gi if g is not None))
+    finally:
+        model.train(was_training)
+    want = [t if t is not None else torch.zeros_like(p) for t, (_, p) in zip(true, named)]
+    total = math.sqrt(sum(float(w.double().square().sum()) for w in want))
+    for (name, _), got, w in zip(named, fast, want):
+        err, ref = float((got.double() - w.double()).norm()), float(w.double().norm())
+        if not err <= rtol * (ref + 1e-3 * total) + 1e-12:
+            raise UnsupportedModelError(
+                f"parameter {name!r}: the fast-clipping rules' gradient differs from autograd's (relative error "
+                f"{err / max(ref, 1e-30):.2g}), so it is used outside its layer's forward (weight tying, a "
+                f"functional call, a patched forward); {PER_EXAMPLE_HINT}")
+    for i, a in enumerate(alone):
+        got_norm, ref_norm = math.sqrt(float(sq[i])), math.sqrt(a)
+        if not abs(got_norm - ref_norm) <= rtol * ref_norm + 1e-12:
+            raise UnsupportedModelError(
+                f"example {i}'s gradient norm is {got_norm:.6g} by the fast-clipping rules on the batch but "
+                f"{ref_norm:.6g} alone: the examples of a batch interact (a layer mixes them or shares its "
+                f"output); {PER_EXAMPLE_HINT}")

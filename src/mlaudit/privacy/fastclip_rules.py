@@ -1,0 +1,274 @@
+"""Per-layer rules of book-keeping clipping (:mod:`mlaudit.privacy.fastclip`).
+
+A rule turns one layer's recorded input activations ``a`` and output gradients ``g`` (of the
+*summed* loss, so row i of ``g`` is example i's own output gradient) into
+
+* ``norms(m, a, g, mode) -> (sq [B], state)``: every example's squared gradient norm over the
+  layer's parameters, and what the second half needs;
+* ``sums(m, a, g, f [B], state) -> {param name: sum_i f_i grad_i}``: the clipped, weighted sum.
+
+Linear and Conv2d weights (per example ``grad_i = G_i^T A_i`` with ``A_i [T, d_in]``, ``G_i [T, d_out]``;
+for a conv ``A_i`` is the unfolded input, ``d_in = C_in k_h k_w / groups`` and ``T = H_out W_out``)
+choose per layer by the cost rule of :func:`use_ghost`:
+
+* ghost norm (Goodfellow 2015 for T = 1; Li et al. 2021, "Large language models can be strong
+  differentially private learners", eq. 6; Bu et al. 2022, "Scalable and efficient training of large
+  convolutional neural networks with differential privacy", mixed ghost clipping):
+  ``||G_i^T A_i||_F^2 = <A_i A_i^T, G_i G_i^T>``, O(B T^2 (d_in + d_out)) time and B T^2 memory;
+  the clipped sum is then one weighted weight gradient ``(G * f)^T A`` (for a conv one
+  ``convolution_backward``), as in book-keeping (Bu et al. 2023, "Differentially private optimization
+  on large model at small cost", ICML, Algorithm 1);
+* materialising ``grad_i`` (O(B T d_in d_out) time, B d_in d_out memory; a conv's by ONE
+  ``convolution_backward`` with the batch folded into the groups, Rochette et al. 2019, "Efficient
+  per-example gradient computations in convolutional neural networks", or by unfold + bmm, see
+  :data:`CONV_MATERIALISE`); the clipped sum is then ``sum_i f_i grad_i`` of the kept per-example
+  gradients (O(B d_in d_out)).
+
+Biases (``sum_t G_i[t]``), GroupNorm/LayerNorm affine parameters (``sum_t G_i[t] * xhat_i[t]`` with the
+normalised input recomputed from ``a``) have per-example gradients no larger than their outputs:
+always materialised. Embedding rows: ghost norm with ``A_i A_i^T`` the 0/1 matrix of equal token ids.
+Memory: batches are cut into chunks of at most :data:`CHUNK_ELEMENTS` transient elements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Mode = Literal["auto", "ghost", "materialise"]
+CHUNK_ELEMENTS = 2**27
+"""Largest transient tensor (unfolded inputs, Gram matrices, per-example gradients) of one batch chunk."""
+KEEP_ELEMENTS = 2**26
+"""Materialised per-example gradients of one layer ([B, *weight]) are kept for the clipped sum up to this
+size; above it the sum is recomputed as a weighted weight gradient."""
+CONV_MATERIALISE: Literal["grouped", "unfold"] = "grouped"
+"""How a conv's per-example gradients are materialised: one convolution_backward with groups = B * groups
+(``grouped``; 3-7x faster than ``unfold`` on a CPU) or unfold + batched matmul (``unfold``, Opacus's)."""
+
+
+def use_ghost(t: int, d_in: int, d_out: int, mode: Mode, *, keep: bool = True) -> bool:
+    """The cost rule (``mode`` auto; else as forced), per example and counting both halves:
+
+    * ghost: norm T^2 (d_in + d_out), then the weighted product T d_in d_out;
+    * materialise: T d_in d_out, then sum_i f_i grad_i: d_in d_out when the gradients are ``keep``-t
+      (then ghost iff T^2 (d_in + d_out) < d_in d_out), else the weighted product again, T d_in d_out
+      (then ghost iff T (d_in + d_out) < d_in d_out).
+    """
+    if mode != "auto":
+        return mode == "ghost"
+    return t * t * (d_in + d_out) < (d_in * d_out if keep else t * d_in * d_out)
+
+
+def _chunks(b: int, per_example: int) -> list[slice]:
+    n = max(1, CHUNK_ELEMENTS // max(1, per_example))
+    return [slice(i, min(b, i + n)) for i in range(0, b, n)]
+
+
+def ghost_sq(a: Tensor, g: Tensor) -> Tensor:
+    """<A_i A_i^T, G_i G_i^T> per example: a [B, T, p], g [B, T, d] -> [B] (= ||G_i^T A_i||_F^2)."""
+    b, t = a.shape[:2]
+    if t == 1:
+        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+    out = a.new_empty(b)
+    for s in _chunks(b, 2 * t * t):
+        out[s] = (torch.bmm(a[s], a[s].mT) * torch.bmm(g[s], g[s].mT)).sum((1, 2))
+    return out
+
+
+def materialise(per: Callable[[slice], Tensor], b: int, numel: int, transient: int) -> tuple[Tensor, Tensor | None]:
+    """Squared norms [B] of the per-example gradients ``per(slice) -> [n, *s]`` (``numel`` entries each,
+    ``transient`` more elements per example to build them), and all of them [B, *s] when small enough."""
+    keep = b * numel <= KEEP_ELEMENTS
+    sq, parts = [], []
+    for s in _chunks(b, numel + transient):
+        p = per(s)
+        sq.append(p.flatten(1).square().sum(1))
+        if keep:
+            parts.append(p)
+    kept = (parts[0] if len(parts) == 1 else torch.cat(parts)) if keep else None
+    return (sq[0] if len(sq) == 1 else torch.cat(sq)), kept
+
+
+def weigh(f: Tensor, per: Tensor) -> Tensor:
+    """sum_i f_i per_i: f [B], per [B, *s] -> [*s]."""
+    return (f @ per.flatten(1)).view(per.shape[1:])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one layer type gives per-example norms and clipped sums (see the module docstring)."""
+
+    params: frozenset[str]
+    norms: Callable[[Any, Tensor, Tensor, Mode], tuple[Tensor, dict[str, Any]]]
+    sums: Callable[[Any, Tensor, Tensor, Tensor, dict[str, Any]], dict[str, Tensor]]
+    check: Callable[[Any], str | None] = lambda m: None
+
+
+def _tokens(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _with_bias(sq: Tensor, st: dict[str, Any], gb: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+    if gb is not None:
+        st["bias"] = gb
+        sq = sq + gb.square().sum(1)
+    return sq, st
+
+
+# ------------------------------------------------------------------------------------------ nn.Linear
+def _linear_norms(m: nn.Linear, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a [B, *, d_in], g [B, *, d_out] (T = prod(*))."""
+    a3, g3 = _tokens(a), _tokens(g)
+    (b, t, d_in), d_out = a3.shape, g3.shape[2]
+    st: dict[str, Any] = {}
+    if use_ghost(t, d_in, d_out, mode, keep=b * d_in * d_out <= KEEP_ELEMENTS):
+        sq = ghost_sq(a3, g3)
+    else:
+        sq, st["weight"] = materialise(lambda s: torch.bmm(g3[s].mT, a3[s]), b, d_in * d_out, 0)
+    return _with_bias(sq, st, g3.sum(1) if m.bias is not None else None)
+
+
+def _linear_sums(m: nn.Linear, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
+    if st.get("weight") is not None:
+        out = {"weight": weigh(f, st["weight"])}
+    else:
+        a3, g3 = _tokens(a), _tokens(g)
+        out = {"weight": (g3 * f.view(-1, 1, 1)).flatten(0, 1).mT @ a3.flatten(0, 1)}
+    if "bias" in st:
+        out["bias"] = f @ st["bias"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ nn.Conv2d
+def _conv_input(m: nn.Conv2d, a: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The input as the convolution sees it (non-zero padding modes and string paddings applied
+    explicitly, as ``Conv2d`` does) and the remaining symmetric zero padding."""
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        pads = list(m._reversed_padding_repeated_twice)
+        if any(pads):
+            a = F.pad(a, pads, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
+        return a, (0, 0)
+    return a, tuple(m.padding)
+
+
+def _conv_check(m: nn.Conv2d) -> str | None:
+    return None if len(m.kernel_size) == 2 else "not a 2-d convolution"
+
+
+def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a [B, C_in, H, W], g [B, C_out, H_out, W_out]; per group: d_in = C_in k_h k_w / groups,
+    d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv)."""
+    a, pad = _conv_input(m, a)
+    b, c_out = g.shape[:2]
+    t, grp = g.shape[2] * g.shape[3], m.groups
+    d_in, d_out = m.in_channels // grp * math.prod(m.kernel_size), c_out // grp
+    g4 = g.reshape(b, grp, d_out, t)
+
+    def unfold(s: slice) -> Tensor:  # [n, groups, d_in, T]
+        u = F.unfold(a[s], m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
+        return u.view(u.shape[0], grp, d_in, t)
+
+    def grouped(s: slice) -> Tensor:  # [n, *weight.shape]: the batch folded into the groups
+        n = len(range(b)[s])
+        shape = (n * c_out, *m.weight.shape[1:])
+        return torch.ops.aten.convolution_backward(
+            g[s].reshape(1, n * c_out, *g.shape[2:]), a[s].reshape(1, n * a.shape[1], *a.shape[2:]),
+            g.new_empty(1).expand(shape), None, list(m.stride), list(pad), list(m.dilation), False, [0, 0],
+            n * grp, [False, True, False])[1].view(n, *m.weight.shape)
+
+    st: dict[str, Any] = {"input": a, "padding": pad}
+    if use_ghost(t, d_in, d_out, mode, keep=b * m.weight.numel() <= KEEP_ELEMENTS):
+        sq = a.new_empty(b)
+        for s in _chunks(b, grp * (d_in * t + 2 * t * t)):
+            u, gs = unfold(s), g4[s]
+            sq[s] = ((u.mT @ u) * (gs.mT @ gs)).sum((1, 2, 3))
+    elif CONV_MATERIALISE == "grouped":
+        sq, st["weight"] = materialise(grouped, b, m.weight.numel(), a[0].numel() + g[0].numel())
+    else:
+        sq, st["weight"] = materialise(lambda s: (g4[s] @ unfold(s).mT).reshape(-1, *m.weight.shape),
+                                       b, m.weight.numel(), grp * d_in * t)
+    return _with_bias(sq, st, g.reshape(b, c_out, t).sum(2) if m.bias is not None else None)
+
+
+def _conv_sums(m: nn.Conv2d, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
+    if st.get("weight") is not None:
+        out = {"weight": weigh(f, st["weight"])}
+    else:
+        gw = torch.ops.aten.convolution_backward(
+            g * f.view(-1, 1, 1, 1), st["input"], m.weight, None, list(m.stride), list(st["padding"]),
+            list(m.dilation), False, [0, 0], m.groups, [False, True, False])[1]
+        out = {"weight": gw}
+    if "bias" in st:
+        out["bias"] = f @ st["bias"]
+    return out
+
+
+# ------------------------------------------------------------------------------ GroupNorm, LayerNorm
+def _affine_sums(m: nn.Module, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
+    return {n: weigh(f, st[n]) for n in ("weight", "bias") if n in st}
+
+
+def _affine_norms(gw: Tensor, gb: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+    return _with_bias(gw.flatten(1).square().sum(1), {"weight": gw}, gb)
+
+
+def _group_norms(m: nn.GroupNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a, g [B, C, *]: grad_i(weight)[c] = sum_* G_i[c] xhat_i[c], grad_i(bias)[c] = sum_* G_i[c]."""
+    b, c = a.shape[:2]
+    xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+    return _affine_norms((g * xhat).reshape(b, c, -1).sum(2), g.reshape(b, c, -1).sum(2))
+
+
+def _layer_norms(m: nn.LayerNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a, g [B, *, *normalized_shape]: sums over the positions * of G_i xhat_i and of G_i."""
+    ns = tuple(m.normalized_shape)
+    xhat = F.layer_norm(a, ns, eps=m.eps)
+    gw = (g * xhat).reshape(a.shape[0], -1, *ns).sum(1)
+    return _affine_norms(gw, g.reshape(a.shape[0], -1, *ns).sum(1) if m.bias is not None else None)
+
+
+# --------------------------------------------------------------------------------------- nn.Embedding
+def _embedding_check(m: nn.Embedding) -> str | None:
+    if m.max_norm is not None:
+        return "max_norm renormalises the weight in place during the forward"
+    if m.scale_grad_by_freq:
+        return "scale_grad_by_freq scales by token counts over the whole batch (it mixes examples)"
+    if m.sparse:
+        return "sparse gradients"
+    return None
+
+
+def _embedding_norms(m: nn.Embedding, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """ids a [B, *] (T = prod(*)), g [B, *, d]: ghost norm with (A_i A_i^T)_{ts} = [id_t = id_s];
+    positions holding ``padding_idx`` get no gradient, as in ``F.embedding``."""
+    b = a.shape[0]
+    idx, gg = a.reshape(b, -1), g.reshape(b, -1, m.embedding_dim)
+    if m.padding_idx is not None:
+        gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(gg.dtype)
+    t = idx.shape[1]
+    sq = gg.new_empty(b)
+    for s in _chunks(b, 2 * t * t):
+        same = (idx[s].unsqueeze(2) == idx[s].unsqueeze(1)).to(gg.dtype)
+        sq[s] = (same * torch.bmm(gg[s], gg[s].mT)).sum((1, 2))
+    return sq, {"g": gg, "idx": idx}
+
+
+def _embedding_sums(m: nn.Embedding, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
+    rows = (st["g"] * f.view(-1, 1, 1)).reshape(-1, m.embedding_dim)
+    return {"weight": torch.zeros_like(m.weight).index_add_(0, st["idx"].reshape(-1), rows)}
+
+
+RULES: dict[type[nn.Module], Rule] = {
+    nn.Linear: Rule(frozenset({"weight", "bias"}), _linear_norms, _linear_sums),
+    nn.Conv2d: Rule(frozenset({"weight", "bias"}), _conv_norms, _conv_sums, _conv_check),
+    nn.GroupNorm: Rule(frozenset({"weight", "bias"}), _group_norms, _affine_sums),
+    nn.LayerNorm: Rule(frozenset({"weight", "bias"}), _layer_norms, _affine_sums),
+    nn.Embedding: Rule(frozenset({"weight"}), _embedding_norms, _embedding_sums, _embedding_check),
+}
+"""Rules by exact module type (a subclass may change ``forward``, so it needs its own rule)."""

@@ -1,0 +1,351 @@
+"""Book-keeping clipping (mlaudit.privacy.fastclip): the same clipped sum as the per-example path for every
+layer rule and both norm methods, zero-weight slots, unsupported layers refused by name, and a whole DP
+training run with ``clipping: fast`` equal to ``clipping: per-example``."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mlaudit.data.registry import DatasetSpec, load_dataset
+from mlaudit.errors import ConfigError, UnsupportedModelError
+from mlaudit.models.registry import ModelSpec, build_model
+from mlaudit.privacy import fastclip_rules
+from mlaudit.privacy.dpsgd import DPTraining, clipped_sum, per_example_grads
+from mlaudit.privacy.fastclip import check_fast_clip, clipped_grad_sum, fast_clip_supported, verify_fast_clip
+from mlaudit.privacy.fastclip_rules import use_ghost
+from mlaudit.train.loop import init_models, train_stack
+from mlaudit.train.recipe import resolve_recipe
+from mlaudit.train.stacked import StackedModels
+
+CPU = torch.device("cpu")
+TOL = {torch.float64: dict(rtol=1e-5, atol=1e-8), torch.float32: dict(rtol=1e-4, atol=1e-5)}
+
+
+class Attention(nn.Module):
+    """Self-attention with nn.Linear projections: [B, T, d] -> [B, T, d]."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = (q @ k.mT / (d // self.heads) ** 0.5).softmax(-1)  # SDPA has no vmap rule on the CPU
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class TinyViT(nn.Module):
+    """[B, 3, 8, 8] -> [B, 5]: 4x4 patches (Conv2d), positions (Embedding), one pre-norm block, mean pool."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.patch, self.pos = nn.Conv2d(3, d, 4, stride=4), nn.Embedding(4, d)
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, 2), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.ln, self.head = nn.LayerNorm(d, bias=False), nn.Linear(d, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch(x).flatten(2).mT
+        h = h + self.pos(torch.arange(h.shape[1], device=x.device).expand(h.shape[0], -1))
+        h = h + self.attn(self.ln1(h))
+        h = h + self.mlp(self.ln2(h))
+        return self.head(self.ln(h).mean(1))
+
+
+class TextNet(nn.Module):
+    """Token ids [B, 6] (floats holding ids; 0 = padding) -> [B, 5]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(9, 8, padding_idx=0), nn.LayerNorm(8), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.norm(self.emb(x.long())).mean(1))
+
+
+def convnet() -> nn.Module:
+    """Strides, 'same' + reflect padding, dilation, grouped and depthwise convs, bias and no bias."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.GroupNorm(4, 16), nn.ReLU(),
+        nn.Conv2d(16, 16, 4, dilation=2, padding="same", padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=16),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+
+def zoo(name: str, **kw: object) -> nn.Module:
+    return build_model(ModelSpec(name=name, **kw), input_shape=(3, 8, 8), num_classes=5)
+
+
+MODELS = {
+    "convnet": convnet, "vit": TinyViT, "text": TextNet,
+    "mlp": lambda: zoo("mlp", norm="group", width=32),
+    "resnet18": lambda: zoo("resnet18", norm="group", width=8),
+    "fastcnn": lambda: zoo("fastcnn", norm="group", width=8),
+}
+
+
+def batch(name: str, dtype: torch.dtype, b: int = 7) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randint(0, 9, (b, 6), generator=g).to(dtype) if name == "text"
+         else torch.randn(b, 3, 8, 8, generator=g, dtype=dtype) * 3)
+    w = torch.ones(b, dtype=torch.float32)
+    w[[i for i in (2, 5) if i < b]] = 0.0
+    return x, torch.randint(0, 5, (b,), generator=g), w
+
+
+def reference(model: nn.Module, x: Tensor, y: Tensor, w: Tensor, clip: float, ls: float) -> tuple[list[Tensor], Tensor]:
+    """clipped_sum(per_example_grads(...)) of dpsgd for one model (loop layout)."""
+    stack = StackedModels.from_modules([model], CPU, strategy="loop")
+    ((g, losses),) = per_example_grads(stack, x[None], y[None], label_smoothing=ls)
+    return [s[0] for s in clipped_sum(g, w[None].to(x.dtype), clip)], losses[0]
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "materialise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_equals_the_per_example_path(name: str, dtype: torch.dtype, mode: str) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]().to(dtype).train()
+    x, y, w = batch(name, dtype)
+    want, want_loss = reference(model, x, y, w, 0.5, 0.1)
+    got, loss = clipped_grad_sum(model, x, y, w, clip=0.5, label_smoothing=0.1, mode=mode)  # type: ignore[arg-type]
+    assert [g.shape for g in got] == [p.shape for p in model.parameters()]
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOL[dtype])
+    torch.testing.assert_close(loss, want_loss.float(), **TOL[torch.float32])
+    verify_fast_clip(model, x, y)
+
+
+@pytest.mark.parametrize("setting", [{"CHUNK_ELEMENTS": 1, "KEEP_ELEMENTS": 0}, {"CONV_MATERIALISE": "unfold"},
+                                     {"CHUNK_ELEMENTS": 3000, "CONV_MATERIALISE": "unfold"}])
+@pytest.mark.parametrize("name", ["convnet", "vit", "text"])
+def test_chunks_unkept_gradients_and_unfold_give_the_same_sums(name: str, setting: dict,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches cut into chunks, materialised gradients too large to keep (the sum is then the weighted
+    product), convs materialised by unfold: the same result."""
+    torch.manual_seed(0)
+    model = MODELS[name]().double()
+    x, y, w = batch(name, torch.float64)
+    want, _ = reference(model, x, y, w, 0.5, 0.0)
+    for k, v in setting.items():
+        monkeypatch.setattr(fastclip_rules, k, v)
+    for mode in ("ghost", "materialise"):
+        got, _ = clipped_grad_sum(model, x, y, w, clip=0.5, mode=mode)  # type: ignore[arg-type]
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+def test_zero_weight_slots_contribute_nothing() -> None:
+    torch.manual_seed(0)
+    model = convnet().double()
+    x, y, w = batch("convnet", torch.float64)
+    x[w == 0] = 1e6  # a padded slot's gradient would dominate if it leaked
+    got, _ = clipped_grad_sum(model, x, y, w, clip=1.0)
+    keep = w > 0
+    alone, _ = clipped_grad_sum(model, x[keep], y[keep], w[keep], clip=1.0)
+    for g, a in zip(got, alone):
+        torch.testing.assert_close(g, a, **TOL[torch.float64])
+    nothing, _ = clipped_grad_sum(model, x, y, torch.zeros_like(w), clip=1.0)
+    assert all(bool((g == 0).all()) for g in nothing)
+
+
+def test_each_clipped_example_has_norm_at_most_clip() -> None:
+    torch.manual_seed(0)
+    model = TinyViT().double()
+    x, y, _ = batch("vit", torch.float64, b=3)
+    for i in range(3):
+        got, _ = clipped_grad_sum(model, x[i:i + 1], y[i:i + 1], torch.ones(1), clip=1e-3)
+        assert float(torch.sqrt(sum(g.square().sum() for g in got))) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_cost_rule() -> None:
+    """Ghost iff T^2 (d_in + d_out) < d_in d_out with the per-example gradients kept (else T (d_in + d_out) <
+    d_in d_out). ResNet-18 (CIFAR) at batch 256: stages 1-2 materialise, stage 3 (too large to keep), stage 4
+    and the head (T = 1) take the ghost norm, as does a ViT-small's MLP (65 tokens); forced modes win."""
+    assert not use_ghost(32 * 32, 64 * 9, 64, "auto") and not use_ghost(16 * 16, 128 * 9, 128, "auto")
+    assert not use_ghost(8 * 8, 256 * 9, 256, "auto") and use_ghost(8 * 8, 256 * 9, 256, "auto", keep=False)
+    assert use_ghost(4 * 4, 512 * 9, 512, "auto") and use_ghost(1, 512, 10, "auto")
+    assert use_ghost(65, 384, 1536, "auto", keep=False) and not use_ghost(65, 384, 1536, "auto")
+    assert use_ghost(32 * 32, 64 * 9, 64, "ghost") and not use_ghost(1, 512, 10, "materialise")
+
+
+class Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class Tied(nn.Module):
+    """The head reuses the embedding weight through a functional call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.emb = nn.Linear(5, 5), nn.Embedding(5, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.lin(x), self.emb.weight) + self.emb(x.argmax(1))
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(self.lin(x))
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"layer '1' \(BatchNorm1d\) mixes the examples.*GroupNorm"),
+    (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False)), "BatchNorm1d"),
+    (nn.Sequential(nn.Linear(4, 4), Custom()), r"layer '1' \(Custom\) has trainable parameters but no "
+                                               r"fast-clipping rule.*clipping: per-example"),
+    (nn.Sequential(nn.Conv1d(4, 4, 3)), r"'0' \(Conv1d\) has trainable parameters but no"),
+    (nn.MultiheadAttention(4, 2), r"the model itself \(MultiheadAttention\).*functionally"),
+    (nn.Sequential(nn.Embedding(4, 4, max_norm=1.0)), "max_norm"),
+    (nn.Sequential(nn.Embedding(4, 4, scale_grad_by_freq=True)), "mixes examples"),
+])
+def test_unsupported_layers_are_named(model: nn.Module, match: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=match):
+        check_fast_clip(model)
+    assert not fast_clip_supported(model)
+
+
+def test_attention_encoder_module_is_refused() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    with pytest.raises(UnsupportedModelError, match=r"'self_attn' \(MultiheadAttention\)"):
+        check_fast_clip(layer)
+
+
+def test_weight_sharing_and_in_place_outputs_are_refused() -> None:
+    a = nn.Linear(4, 4)
+    shared = nn.Sequential(a, nn.Linear(4, 4))
+    shared[1].weight = a.weight
+    with pytest.raises(UnsupportedModelError, match="shares parameter 'weight' with layer '0'"):
+        check_fast_clip(shared)
+    x, y, w = torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.ones(3)
+    with pytest.raises(UnsupportedModelError, match="called more than once"):
+        clipped_grad_sum(Twice(), x, y, w, clip=1.0)
+    inplace = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 3))
+    with pytest.raises(UnsupportedModelError, match=r"'0' \(Linear\).*modified in place"):
+        clipped_grad_sum(inplace, x, y, w, clip=1.0)
+
+
+def test_functional_use_of_a_parameter_fails_verification() -> None:
+    torch.manual_seed(0)
+    model, x, y = Tied(), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    check_fast_clip(model)  # structurally fine; only the gradient check sees the F.linear use
+    with pytest.raises(UnsupportedModelError, match="'emb.weight'.*used outside its layer's forward"):
+        verify_fast_clip(model, x, y)
+
+
+class SharedPositions(nn.Module):
+    """Positions looked up without the batch dimension and broadcast: one output shared by all examples."""
+
+    def __init__(self, t: int = 4) -> None:
+        super().__init__()
+        self.pos, self.head = nn.Embedding(t, 3), nn.Linear(3, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head((x + self.pos(torch.arange(x.shape[1]))).mean(1))
+
+
+class Centred(nn.Module):
+    """Subtracts the batch mean (a parameter-free layer that mixes examples, like BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(5, 8), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_examples_that_interact_are_caught() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, 3), torch.randint(0, 5, (6,))
+    with pytest.raises(UnsupportedModelError, match=r"'pos' \(Embedding\) is called on a tensor of shape \(4,\)"):
+        clipped_grad_sum(SharedPositions(), x, y, torch.ones(6), clip=1.0)
+    with pytest.raises(UnsupportedModelError, match="examples of a batch interact"):
+        verify_fast_clip(SharedPositions(6), torch.randn(6, 6, 3), y)  # T = B: only the norm check sees it
+    with pytest.raises(UnsupportedModelError, match="examples of a batch interact"):
+        verify_fast_clip(Centred(), torch.randn(6, 5), y)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 5)).train()
+    verify_fast_clip(model, torch.randn(6, 5), y)  # dropout: checked in eval mode
+    assert model.training
+
+
+# ------------------------------------------------------------------------------------ the DP-SGD step
+@functools.lru_cache(maxsize=1)
+def digits():
+    return load_dataset(DatasetSpec(name="digits"))
+
+
+def fit(clipping: str, *, epochs: int = 2, model: dict | None = None, strategy: str = "loop") -> list:
+    b = digits()
+    r = resolve_recipe({"name": "custom", "epochs": epochs, "batch_size": 64, "lr": 0.2, "schedule": "constant",
+                        "momentum": 0.9, "weight_decay": 5e-4, "augment": "none", "label_smoothing": 0.1,
+                        "dp": {"noise_multiplier": 1.0, "clip": 0.5, "clipping": clipping}})
+    fn = functools.partial(build_model, ModelSpec(**(model or {"name": "fastcnn", "norm": "group", "width": 8})),
+                           input_shape=b.input_shape, num_classes=b.num_classes)
+    return train_stack(init_models(fn, [3, 4]), b.train, r, seeds=[3, 4], lr=0.2, device=CPU, strategy=strategy)
+
+
+def test_dp_training_fast_equals_per_example() -> None:
+    """A whole DP run (conv net with GroupNorm and a Linear head, two models in a loop stack): the same
+    final weights with the fast and the per-example clipping (same Poisson batches and noise)."""
+    fast, slow = fit("fast"), fit("per-example")
+    for a, b in zip(fast, slow):
+        assert a.steps == b.steps and a.privacy == b.privacy
+        for k in a.state_dict:
+            torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch() -> None:
+    b = digits()
+    pools = [torch.arange(len(b.train))]
+
+    def start(clipping: str, model: nn.Module) -> DPTraining:
+        cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0, "clipping": clipping}}).dp
+        return DPTraining.start(cfg, [model], pools, seeds=[0], batch_size=64, epochs=1, default_spe=23, device=CPU)
+
+    conv = build_model(ModelSpec(name="fastcnn", norm="group", width=8), input_shape=b.input_shape, num_classes=10)
+    custom = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), Custom(), nn.Linear(4, 10))
+    assert start("auto", conv).fast_clip and not start("per-example", conv).fast_clip
+    assert not start("auto", custom).fast_clip
+    with pytest.raises(UnsupportedModelError, match=r"layer '2' \(Custom\)"):
+        start("fast", custom)
+    with pytest.raises(ConfigError, match="clipping"):
+        resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0, "clipping": "ghost"}})
+
+
+def test_auto_falls_back_when_verification_fails_and_fast_raises() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (200,), generator=g)
+    x = F.one_hot(y, 5).float() + 0.1 * torch.randn(200, 5, generator=g)
+    for clipping in ("auto", "fast"):
+        torch.manual_seed(0)
+        model = Tied()
+        cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0, "clipping": clipping}}).dp
+        dp = DPTraining.start(cfg, [model], [torch.arange(200)], seeds=[0], batch_size=64, epochs=1, default_spe=4,
+                              device=CPU)
+        assert dp.fast_clip  # every layer has a rule: only the first step's check finds the functional use
+        stack = StackedModels.from_modules([model], CPU, strategy="loop")
+        if clipping == "auto":
+            with pytest.warns(UserWarning, match="using per-example clipping"):
+                dp.step(stack, lambda i: (x[i], y[i]))
+            assert not dp.fast_clip
+        else:
+            with pytest.raises(UnsupportedModelError, match="used outside its layer's forward"):
+                dp.step(stack, lambda i: (x[i], y[i]))

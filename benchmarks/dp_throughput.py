@@ -1,25 +1,34 @@
-"""DP-SGD throughput (issue 6): mlaudit's DP-SGD vs non-private SGD for the same model and batch size,
-and Opacus (hooks and ghost clipping) beside them.
+"""DP-SGD throughput (issues 6 and 15): mlaudit's DP-SGD (per-example and fast clipping) vs non-private SGD
+for the same model and batch size, and Opacus (hooks and ghost clipping) beside them.
 
-Model: ResNet-18 with GroupNorm (``model: {name: resnet18, norm: group}``), batch 256, CIFAR-10
-(the JPEG pack when present, else random 3x32x32 data: the step time does not depend on the pixels).
+Models (``--models``, comma-separated): ``resnet18`` (ResNet-18 with GroupNorm, ``model: {name: resnet18,
+norm: group}``, the default), ``fastcnn`` (``model: {name: fastcnn, norm: group}``) and ``vit`` (a ViT-small
+defined here, the zoo has none: 4x4 patches of 32x32 images = 64 tokens, dim 384, depth 12, 6 heads, MLP
+4x, pre-LayerNorm blocks, learned positions (``nn.Embedding``), mean pooling). Batch 256, CIFAR-10 (the JPEG
+pack when present, else random 3x32x32 data: the step time does not depend on the pixels).
 
-* **mlaudit** runs the one training loop (``mlaudit.train.loop.train_stack``, K = 1) with the
-  ``fast`` recipe (SGD-Nesterov, crop + flip), non-private (bf16 autocast on CUDA, the recipe's
-  default, and fp32) and private (``dp: {noise_multiplier: 1, clip: 1, sample_rate: 256/n}``;
-  per-example gradients with torch.func, float32). One epoch of ``--steps`` steps warms up, the
-  next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch).
-  mlaudit computes per-example gradients for the widest Poisson batch of the step rounded up to a
-  multiple of 32 (at most B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
+* **mlaudit** runs the one training loop (``mlaudit.train.loop.train_stack``, K = 1, ``loop`` layout) with
+  the ``fast`` recipe (SGD-Nesterov, crop + flip), non-private (bf16 autocast on CUDA, the recipe's
+  default, and fp32) and private (``dp: {noise_multiplier: 1, clip: 1, sample_rate: 256/n}``, float32):
+  ``mlaudit_dpsgd`` with ``clipping: per-example`` (torch.func per-example gradients) and
+  ``mlaudit_dpsgd_fast`` with ``clipping: fast`` (book-keeping with ghost norms, mlaudit.privacy.fastclip;
+  convs materialised by a grouped ``convolution_backward``), ``mlaudit_dpsgd_fast_unfold`` the same with
+  convs materialised by unfold + bmm (``--conv-materialise``). One epoch of ``--steps`` steps warms up,
+  the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
+  clips the widest Poisson batch of the step rounded up to a multiple of 32 (at most
+  B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
 * **Opacus** (optional: skipped when not installed) wraps the same architecture with
   ``PrivacyEngine.make_private`` (``grad_sample_mode="hooks"``, and ``"ghost"`` when supported), on a
   fixed batch of 256 on the device, plain SGD-momentum, fp32; beside it the same hand-written loop
   without privacy (fp32). ``--steps`` steps are timed after ``--warmup`` steps.
 
+Peak GPU memory (``torch.cuda.max_memory_allocated``) is recorded per run.
+
 Usage::
 
-    python benchmarks/dp_throughput.py --device cuda [--steps 20]
-    python benchmarks/dp_throughput.py --device cpu --steps 2 --batch-size 8 --width 8 --name cpu_dryrun
+    python benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn,vit [--steps 20]
+    python benchmarks/dp_throughput.py --device cpu --steps 2 --batch-size 8 --width 8 --name cpu_dryrun \\
+        --models resnet18,fastcnn,vit
 
 Writes benchmarks/results/dp_throughput[_<name>].{json,md}.
 """
@@ -27,6 +36,7 @@ Writes benchmarks/results/dp_throughput[_<name>].{json,md}.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 import time
@@ -36,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PACK_CANDIDATES, environment, sync, time_step, write_results  # noqa: E402
@@ -44,9 +55,59 @@ from _common import PACK_CANDIDATES, environment, sync, time_step, write_results
 from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.data.base import TensorDataset  # noqa: E402
 from mlaudit.models import ModelSpec, build_model  # noqa: E402
+from mlaudit.privacy import fastclip_rules  # noqa: E402
 from mlaudit.privacy.dpsgd import max_batch  # noqa: E402
 from mlaudit.train.loop import init_models, resolve_augment, train_stack  # noqa: E402
 from mlaudit.train.recipe import Recipe, resolve_recipe  # noqa: E402
+
+Builder = Callable[[], nn.Module]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on [B, T, d]: x + proj(attn(LN x)), then x + MLP(LN x)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """ViT-small for 32x32 images (Dosovitskiy et al. 2021): [B, 3, 32, 32] -> 64 tokens of 4x4 patches
+    (Conv2d, stride 4) + learned positions (nn.Embedding) -> ``depth`` blocks -> LayerNorm -> mean -> logits."""
+
+    def __init__(self, *, num_classes: int = 10, dim: int = 384, depth: int = 12, heads: int = 6, patch: int = 4,
+                 image: int = 32) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.pos = nn.Embedding((image // patch) ** 2, dim)
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        # positions per example ([B, T], contiguous for Opacus), so every layer's output rows belong to one example
+        h = h + self.pos(torch.arange(h.shape[1], device=h.device).repeat(h.shape[0], 1))
+        return self.head(self.norm(self.blocks(h)).mean(1))
+
+
+def builder(name: str, width: int | None) -> tuple[Builder, dict[str, Any]]:
+    """The model constructor and its description; ``width`` scales the zoo models, and is the ViT's dim."""
+    if name == "vit":
+        dim = width or 384
+        heads = next(h for h in (6, 4, 3, 2, 1) if dim % h == 0)
+        return (lambda: ViT(dim=dim, heads=heads)), {"name": "vit-small (benchmark)", "dim": dim, "depth": 12,
+                                                      "heads": heads, "patch": 4}
+    spec = ModelSpec(name=name, norm="group", width=width)
+    return (lambda: build_model(spec, input_shape=(3, 32, 32), num_classes=10)), spec.model_dump()
 
 
 def training_split(n: int, *, synthetic: bool) -> tuple[TensorDataset, str]:
@@ -62,7 +123,7 @@ def training_split(n: int, *, synthetic: bool) -> tuple[TensorDataset, str]:
     return TensorDataset(x, y, tuple(str(i) for i in range(10))), f"synthetic uniform 3x32x32, {n} images"
 
 
-def time_mlaudit(spec: ModelSpec, train: TensorDataset, recipe: Recipe, *, steps: int, device: torch.device,
+def time_mlaudit(fn: Builder, train: TensorDataset, recipe: Recipe, *, steps: int, device: torch.device,
                  name: str) -> float:
     """Steady-state seconds per step: epoch 1 (``steps`` steps) warms up, epoch 2 is timed."""
     marks: list[float] = []
@@ -71,20 +132,19 @@ def time_mlaudit(spec: ModelSpec, train: TensorDataset, recipe: Recipe, *, steps
         sync()
         marks.append(time.perf_counter())
 
-    fn = lambda: build_model(spec, input_shape=(3, 32, 32), num_classes=10)  # noqa: E731
     r = recipe.model_copy(update={"epochs": 2})
     augment = resolve_augment(r, "cifar10", (3, 32, 32))
     sync()
     out = train_stack(init_models(fn, [0]), train, r, seeds=[0], lr=r.resolved_lr(residual=True), device=device,
-                      augment=augment, on_epoch=on_epoch)
+                      augment=augment, on_epoch=on_epoch, strategy="loop")
     assert out[0].steps == 2 * steps, (name, out[0].steps)
     return (marks[1] - marks[0]) / steps
 
 
-def opacus_step(spec: ModelSpec, mode: str | None, x: torch.Tensor, y: torch.Tensor, *, batch: int,
+def opacus_step(fn: Builder, mode: str | None, x: torch.Tensor, y: torch.Tensor, *, batch: int,
                 bf16: bool = False) -> Callable[[], None]:
     """One training step of a hand-written loop: plain PyTorch (``mode`` None) or Opacus ``mode``."""
-    model = build_model(spec, input_shape=(3, 32, 32), num_classes=10).to(x.device)
+    model = fn().to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     crit: Any = nn.CrossEntropyLoss()
     if mode is not None:
@@ -119,85 +179,120 @@ def opacus_version() -> str | None:
     return str(opacus.__version__)
 
 
+def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, train: TensorDataset,
+                opacus: str | None) -> dict[str, dict[str, Any]]:
+    """All runs of one model: {run name: {s_per_step, examples_per_s, precision, peak_gpu_mem_mb | error}}."""
+    bsz, steps, cuda = args.batch_size, args.steps, device.type == "cuda"
+    n = len(train)
+    runs: dict[str, dict[str, Any]] = {}
+
+    def record(key: str, run: Callable[[], float], **extra: Any) -> None:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            s = run()
+        except Exception as e:  # noqa: BLE001 - a failing run (e.g. an Opacus mode, out of memory) is reported
+            runs[key] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"  {key}: {type(e).__name__}: {e}", flush=True)
+            return
+        mem = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
+        runs[key] = {"s_per_step": round(s, 5), "examples_per_s": round(bsz / s, 1), "peak_gpu_mem_mb": mem, **extra}
+        print(f"  {key}: {s * 1e3:.1f} ms/step" + (f", peak {mem} MiB" if mem is not None else ""), flush=True)
+
+    def ml(recipe: Recipe, name: str) -> Callable[[], float]:
+        return lambda: time_mlaudit(fn, train, recipe, steps=steps, device=device, name=name)
+
+    base = resolve_recipe({"name": "fast", "batch_size": bsz, "schedule": "constant"})
+    record("mlaudit_sgd_recipe", ml(base, "sgd"), precision="bf16 autocast" if cuda else "fp32")
+    if cuda:
+        record("mlaudit_sgd_fp32", ml(base.model_copy(update={"precision": "fp32"}), "sgd32"), precision="fp32")
+    dp = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}
+    slots = max_batch(bsz / n, n)
+    for key, clipping in (("mlaudit_dpsgd", "per-example"), ("mlaudit_dpsgd_fast", "fast")):
+        private = resolve_recipe({**base.model_dump(), "dp": {**dp, "clipping": clipping}})
+        for conv in args.conv_materialise.split(",") if clipping == "fast" else ["-"]:
+            name = key if conv in ("-", "grouped") else f"{key}_{conv}"
+            fastclip_rules.CONV_MATERIALISE = "grouped" if conv == "-" else conv  # type: ignore[assignment]
+            record(name, ml(private, name), precision="fp32", per_example_slots=slots, clipping=clipping,
+                   conv_materialise=None if conv == "-" else conv)
+    fastclip_rules.CONV_MATERIALISE = "grouped"
+
+    x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
+    record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
+           precision="fp32")
+    if opacus is not None:
+        for mode in ("hooks", "ghost"):
+            record(f"opacus_{mode}", lambda m=mode: time_step(opacus_step(fn, m, x, y, batch=bsz), n=steps,  # type: ignore[misc]
+                                                               warmup=args.warmup), precision="fp32")
+    return runs
+
+
+def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Private over non-private step time: mlaudit runs over mlaudit_sgd_{recipe,fp32}, Opacus over torch_sgd_fp32."""
+    t = {k: v["s_per_step"] for k, v in runs.items() if "s_per_step" in v}
+    out = {}
+    for k in (k for k in t if k.startswith("mlaudit_dpsgd")):
+        for ref in ("mlaudit_sgd_recipe", "mlaudit_sgd_fp32"):
+            if ref in t:
+                out[f"{k} / {ref}"] = t[k] / t[ref]
+    for k in (k for k in t if k.startswith("opacus_")):
+        if "torch_sgd_fp32" in t:
+            out[f"{k} / torch_sgd_fp32"] = t[k] / t["torch_sgd_fp32"]
+    return {k: round(v, 2) for k, v in out.items() if math.isfinite(v)}
+
+
+def table(name: str, desc: dict[str, Any], runs: dict[str, dict[str, Any]], rat: dict[str, float]) -> str:
+    md = (f"## {name}\n\n`{desc}`\n\n| run | precision | ms/step | examples/s | peak GPU MiB |\n"
+          "|---|---|---|---|---|\n")
+    for k, v in runs.items():
+        md += (f"| {k} | {v.get('precision', '')} | {v['s_per_step'] * 1e3:.1f} | {v['examples_per_s']} | "
+               f"{v.get('peak_gpu_mem_mb') or ''} |\n" if "s_per_step" in v else f"| {k} | | failed: {v['error'][:80]} | | |\n")
+    return md + "\n| ratio (slower by) | x |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rat.items()) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--models", default="resnet18", help="comma-separated: resnet18, fastcnn, vit")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (and as many warm-up steps)")
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps of the hand-written Opacus/PyTorch loops")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--width", type=int, default=None, help="model width (default: the zoo's)")
+    ap.add_argument("--width", type=int, default=None, help="model width (default: the zoo's; the ViT's dim)")
+    ap.add_argument("--conv-materialise", default="grouped,unfold",
+                    help="fast-clipping conv per-example gradients: grouped and/or unfold (one run each)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--name", default=None, help="results file suffix")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="(Secure RNG turned off|Full backward hook is firing)")
     device = torch.device(args.device)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := sorted(set(names) - {"resnet18", "fastcnn", "vit"}):
+        raise SystemExit(f"unknown --models {unknown}; choose from resnet18, fastcnn, vit")
     bsz, steps = args.batch_size, args.steps
-    spec = ModelSpec(name="resnet18", norm="group", width=args.width)
     n = bsz * steps
     train, data_desc = training_split(n, synthetic=args.synthetic)
-    base = resolve_recipe({"name": "fast", "batch_size": bsz, "schedule": "constant"})
-    dp = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}
-    runs: dict[str, dict[str, Any]] = {}
-
-    def record(key: str, s: float, **extra: Any) -> None:
-        runs[key] = {"s_per_step": round(s, 5), "examples_per_s": round(bsz / s, 1), **extra}
-        print(f"{key}: {s * 1e3:.1f} ms/step", flush=True)
-
-    cuda = device.type == "cuda"
-    record("mlaudit_sgd_recipe", time_mlaudit(spec, train, base, steps=steps, device=device, name="sgd"),
-           precision="bf16 autocast" if cuda else "fp32")
-    if cuda:
-        fp32 = base.model_copy(update={"precision": "fp32"})
-        record("mlaudit_sgd_fp32", time_mlaudit(spec, train, fp32, steps=steps, device=device, name="sgd32"),
-               precision="fp32")
-    private = resolve_recipe({**base.model_dump(), "dp": dp})
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    record("mlaudit_dpsgd", time_mlaudit(spec, train, private, steps=steps, device=device, name="dp"),
-           precision="fp32", per_example_slots=max_batch(bsz / n, n),
-           peak_gpu_mem_mb=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None)
-
     version = None if args.no_opacus else opacus_version()
-    opacus_note = "skipped (--no-opacus)" if args.no_opacus else "skipped (opacus not installed)"
-    x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
-    record("torch_sgd_fp32", time_step(opacus_step(spec, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
-           precision="fp32")
-    if version is not None:
-        opacus_note = f"opacus {version}"
-        for mode in ("hooks", "ghost"):
-            try:
-                fn = opacus_step(spec, mode, x, y, batch=bsz)
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-                record(f"opacus_{mode}", time_step(fn, n=steps, warmup=args.warmup), precision="fp32",
-                       peak_gpu_mem_mb=round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None)
-            except Exception as e:  # noqa: BLE001 - an Opacus mode this version lacks is reported, not fatal
-                runs[f"opacus_{mode}"] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"opacus {mode}: {type(e).__name__}: {e}", flush=True)
-
-    ref = runs["mlaudit_sgd_recipe"]["s_per_step"]
-    ratios = {"mlaudit_dpsgd / mlaudit_sgd_recipe": runs["mlaudit_dpsgd"]["s_per_step"] / ref}
-    if "mlaudit_sgd_fp32" in runs:
-        ratios["mlaudit_dpsgd / mlaudit_sgd_fp32"] = runs["mlaudit_dpsgd"]["s_per_step"] / runs["mlaudit_sgd_fp32"]["s_per_step"]
-    for mode in ("hooks", "ghost"):
-        if "s_per_step" in runs.get(f"opacus_{mode}", {}):
-            ratios[f"opacus_{mode} / torch_sgd_fp32"] = runs[f"opacus_{mode}"]["s_per_step"] / runs["torch_sgd_fp32"]["s_per_step"]
-    ratios = {k: round(v, 2) for k, v in ratios.items() if math.isfinite(v)}
+    opacus_note = ("skipped (--no-opacus)" if args.no_opacus else "skipped (opacus not installed)") \
+        if version is None else f"opacus {version}"
     env = environment() | {"data": data_desc, "device": str(device), "opacus": version}
-    md = (f"# DP-SGD throughput: ResNet-18 (GroupNorm), batch {bsz}\n\n{env['date']}, "
-          f"{env['gpu'] or 'CPU'}, torch {env['torch']}, {opacus_note}; {data_desc}; {steps} timed steps after "
-          f"warm-up.\n\n| run | precision | ms/step | examples/s |\n|---|---|---|---|\n")
-    for k, v in runs.items():
-        md += (f"| {k} | {v.get('precision', '')} | {v['s_per_step'] * 1e3:.1f} | {v['examples_per_s']} |\n"
-               if "s_per_step" in v else f"| {k} | | failed: {v['error'][:80]} | |\n")
-    md += "\n| ratio (slower by) | x |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in ratios.items())
-    md += (f"\nmlaudit's DP step computes per-example gradients for the sampled batch rounded up to a multiple of "
-           f"32 (at most {max_batch(bsz / n, n)} slots) "
-           f"(expected batch {bsz}); goal: mlaudit_dpsgd / mlaudit_sgd <= 2.\n")
+    md = (f"# DP-SGD throughput, batch {bsz}\n\n{env['date']}, {env['gpu'] or 'CPU'}, torch {env['torch']}, "
+          f"{opacus_note}; {data_desc}; {steps} timed steps after warm-up. mlaudit's DP step clips the sampled "
+          f"batch rounded up to a multiple of 32 (at most {max_batch(bsz / n, n)} slots; expected batch {bsz}); "
+          "goal (issue 15): mlaudit_dpsgd_fast / mlaudit_sgd <= 1.5.\n\n")
+    results: dict[str, Any] = {}
+    for name in names:
+        fn, desc = builder(name, args.width)
+        print(f"{name}:", flush=True)
+        runs = bench_model(fn, args, device, train, version)
+        rat = ratios(runs)
+        results[name] = {"model": desc, "runs": runs, "ratios": rat}
+        md += table(name, desc, runs, rat)
     write_results(f"dp_throughput{'_' + args.name if args.name else ''}",
-                  {"environment": env, "model": spec.model_dump(), "batch_size": bsz, "steps": steps,
-                   "recipe": base.model_dump(mode="json"), "dp": dp, "runs": runs, "ratios": ratios}, md)
+                  {"environment": env, "batch_size": bsz, "steps": steps, "models": results,
+                   "dp": {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}}, md)
 
 
 if __name__ == "__main__":

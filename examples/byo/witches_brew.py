@@ -13,13 +13,14 @@ from torch import nn
 import mlaudit.poison
 
 
-class Net(nn.Module):
-    def __init__(self, num_classes=10):
+class SmallCNN(nn.Module):
+    def __init__(self, num_classes=10, width=16):
         super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.conv = nn.Conv2d(1, width, 3, padding=1)
+        self.head = nn.Linear(width * 16, num_classes)
 
     def forward(self, x):
-        return self.body(x)
+        return self.head(nn.functional.max_pool2d(torch.relu(self.conv(x)), 2).flatten(1))
 
 
 class Digits(torch.utils.data.Dataset):  # any map-style dataset of (input, label) works
@@ -33,15 +34,18 @@ class Digits(torch.utils.data.Dataset):  # any map-style dataset of (input, labe
         return self.x[i], int(self.y[i])
 
 
-def train(model, train_set, *, seed, device):
-    loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(20):
-        for x, y in loader:
+def train(model, train_set, *, seed, device, epochs=20):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=epochs * (len(train_set) // 50 + 1))
+    for _ in range(epochs):
+        for batch in torch.randperm(len(train_set), generator=g).split(50):
+            x, y = train_set[batch]                      # a TensorDataset indexes with a tensor of ids
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=0.1)
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            loss.backward()
             opt.step()
+            sched.step()
     return model
 
 
@@ -49,8 +53,8 @@ if __name__ == "__main__":
     d = load_digits()
     x, y = torch.tensor(d.images / 16, dtype=torch.float32).unsqueeze(1), torch.tensor(d.target)
     result = mlaudit.poison.targeted(
-        model=Net, data=(Digits(x[:1400], y[:1400]), Digits(x[1400:], y[1400:])), trainer=train,
-        attack={"method": "gradient-matching", "eps": 16, "budget": 0.01, "restarts": 2, "steps": 50},
+        model=SmallCNN, data=(Digits(x[:1400], y[:1400]), Digits(x[1400:], y[1400:])), trainer=train,
+        attack={"method": "gradient-matching", "eps": 32, "budget": 0.04, "restarts": 2, "steps": 100},
         scenarios=2, victims=2, out=sys.argv[1] if len(sys.argv) > 1 else "runs/byo-brew", device="cpu")
     print("poison success:", result.metrics["poison_success"])
     print("report:", result.report)

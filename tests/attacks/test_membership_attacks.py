@@ -276,8 +276,15 @@ def test_shokri_beats_chance_on_separable_signal(classifier: str) -> None:
     scores = score_all_targets("shokri", obs, classifier=classifier, max_train=800)
     auc = roc_metrics(scores.flatten().numpy(), obs.keep.flatten().numpy(), n_boot=0)["auc"]["value"]
     assert auc > 0.75
-    # the batched fit of all targets gives each target what its own fit gives (seeded per target)
-    assert torch.allclose(scores[3], ATTACKS.get("shokri")(obs, 3, classifier=classifier, max_train=800), atol=1e-5)
+    # the batched fit of all targets gives each target what its own fit gives (seeded per target). The two
+    # paths sum in different orders, and full-batch Adam over hundreds of steps amplifies rounding
+    # differently on different CPUs (atol 1e-5 held on one x86 machine and not on another; 2.4e-7 measured
+    # here): compare the membership probabilities to 1e-3 and their order exactly where they are apart.
+    one = ATTACKS.get("shokri")(obs, 3, classifier=classifier, max_train=800)
+    assert torch.allclose(scores[3], one, atol=1e-3)
+    apart = (scores[3].unsqueeze(0) - scores[3].unsqueeze(1)).abs() > 1e-2
+    same = (scores[3].unsqueeze(0) > scores[3].unsqueeze(1)) == (one.unsqueeze(0) > one.unsqueeze(1))
+    assert bool(same[apart].all())
 
 
 # ---------------------------------------------------------------- end to end on overfit models

@@ -16,10 +16,18 @@ import enum
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..config import format_validation_error
 from ..data.base import DataBundle
@@ -72,6 +80,34 @@ class FactoryOptions(BaseModel):
     strategy: Literal["auto", "vmap", "loop"] = "auto"
 
 
+def model_value(v: Any) -> Any:
+    """Before-validator of every model field: a name (zoo or import string) or a ModelSpec becomes a
+    ModelSpec; a mapping is left to pydantic (its errors then name ``<field>.<key>``)."""
+    return resolve_model_spec(v) if isinstance(v, (str, ModelSpec)) else v
+
+
+def recipe_value(v: Any, *, where: str) -> Any:
+    """Before-validator of every recipe field: a preset name or a mapping becomes a Recipe; errors name
+    ``<where>.<field>`` with the allowed ranges."""
+    if not isinstance(v, (str, dict)):
+        return v
+    try:
+        return resolve_recipe(v)
+    except ConfigError as e:
+        # resolve_recipe formats its pydantic error without field ranges; format it again with them
+        inner = e.__context__
+        if isinstance(inner, ValidationError) and inner.title == Recipe.__name__:
+            raise ConfigError(format_validation_error(inner, prefix=where, model=Recipe)) from None
+        raise
+    except (TypeError, ArithmeticError) as e:  # e.g. epochs: "ten" while scaling a preset's milestones
+        raise ValueError(f"{where} fields have invalid types or values ({e}); {where}.epochs must be an "
+                         "integer >= 1") from None
+
+
+ModelField = Annotated[ModelSpec, BeforeValidator(model_value)]
+"""A model field that takes what the config's own ``model`` takes (a name, an import string, a mapping)."""
+
+
 class ExperimentConfig(BaseModel):
     """Fields shared by every experiment kind."""
 
@@ -116,24 +152,12 @@ class ExperimentConfig(BaseModel):
     @field_validator("model", mode="before")
     @classmethod
     def _model(cls, v: Any) -> Any:
-        return resolve_model_spec(v) if isinstance(v, (str, ModelSpec)) else v
+        return model_value(v)
 
     @field_validator("recipe", mode="before")
     @classmethod
     def _recipe(cls, v: Any) -> Any:
-        if not isinstance(v, (str, dict)):
-            return v
-        try:
-            return resolve_recipe(v)
-        except ConfigError as e:
-            # resolve_recipe formats its pydantic error without field ranges; format it again with them
-            inner = e.__context__
-            if isinstance(inner, ValidationError) and inner.title == Recipe.__name__:
-                raise ConfigError(format_validation_error(inner, prefix="recipe", model=Recipe)) from None
-            raise
-        except (TypeError, ArithmeticError) as e:  # e.g. epochs: "ten" while scaling a preset's milestones
-            raise ValueError(f"recipe fields have invalid types or values ({e}); recipe.epochs must be an "
-                             "integer >= 1") from None
+        return recipe_value(v, where="recipe")
 
     @property
     def slug(self) -> str:

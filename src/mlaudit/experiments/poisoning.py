@@ -29,39 +29,21 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError
 from ..factory import TrialSpec
-from ..models.registry import ModelSpec, resolve_model_spec
+from ..models.registry import ModelSpec
 from ..query import load_model, logits_from_checkpoints, model_template
 from ..stats import MeanSE, mean_difference
-from ..train.recipe import Recipe, resolve_recipe
-from .base import ExperimentConfig, Stream
+from ..train.recipe import Recipe
+from .base import ExperimentConfig, ModelField, Stream, model_value, recipe_value
 from .context import RunContext
 
-
-def _recipe_field(v: Any, where: str) -> Any:
-    if v is None or isinstance(v, Recipe):
-        return v
-    try:
-        return resolve_recipe(v)
-    except ConfigError as e:
-        inner = e.__context__
-        if isinstance(inner, ValidationError):
-            raise ConfigError(format_validation_error(inner, prefix=where, model=Recipe)) from None
-        raise
-
-
-def _model_field(v: Any) -> Any:
-    return resolve_model_spec(v) if isinstance(v, (str, dict)) else v
-
-
-OptionalModel = Annotated[ModelSpec | None, BeforeValidator(_model_field)]
+OptionalModel = Annotated[ModelSpec | None, BeforeValidator(model_value)]
 """A model field that takes a zoo name or a mapping, like the config's own ``model``."""
 
 
@@ -73,9 +55,9 @@ class CraftingOptions(BaseModel):
     checkpoint: Path | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     model: OptionalModel = None
-    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: _recipe_field(v, "crafting.recipe"))] = None
+    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: recipe_value(v, where="crafting.recipe"))] = None
     ensemble: int = Field(1, ge=1, le=64)
-    architectures: tuple[Annotated[ModelSpec, BeforeValidator(_model_field)], ...] | None = None
+    architectures: tuple[ModelField, ...] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> CraftingOptions:
@@ -99,7 +81,7 @@ class VictimOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: OptionalModel = None
-    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: _recipe_field(v, "victim.recipe"))] = None
+    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: recipe_value(v, where="victim.recipe"))] = None
 
 
 class PoisoningConfig(ExperimentConfig):

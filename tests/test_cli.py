@@ -207,7 +207,9 @@ def test_runs_list_show_export(tmp_path: Path, cfg_file: Path) -> None:
     assert run_tiny(cfg_file, tmp_path / "out", "-q").exit_code == 0
     exp_id = json.loads((tmp_path / "out" / "results.json").read_text())["experiment_id"]
     res = cli("runs", "list", "--store", db)
-    assert res.exit_code == 0 and exp_id in res.stdout and "tiny-cli" in res.stdout and "done" in res.stdout
+    assert res.exit_code == 0 and exp_id in res.stdout and "tiny-cli" in res.stdout and "acc " in res.stdout
+    res = cli("runs", "list", "--store", db, "--wide")
+    assert res.exit_code == 0 and "done" in res.stdout and str(tmp_path / "out") in res.stdout
     res = cli("runs", "show", exp_id[:6], "--store", db)
     assert res.exit_code == 0, res.output
     shown = json.loads(res.stdout)

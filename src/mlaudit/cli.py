@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 invalid input (bad config or option, unknown name, missing or corrupt
 data files, an output folder holding something else); 1 failure during a run (the message names
-the trial); 130 interrupted (finished trials are kept: resume with ``mlaudit run --resume DIR``).
+the trial); 130 interrupted (finished trials are kept: resume with ``mlaudit run --resume DIR``, plus
+``--store DB`` when the run used one).
 """
 
 from __future__ import annotations
@@ -12,43 +13,50 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from . import __version__
+from .cli_views import cell, err_console, out_console, print_summary, resume_command, runs_table
+from .cli_views import fail as _fail
 from .errors import ConfigError, DataError, MlauditError, TrialError
+from .termsafe import safe, safe_json
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="mlaudit: audit the training-data security of ML models.")
-runs_app = typer.Typer(no_args_is_help=True, help="Inspect the run store.")
-data_app = typer.Typer(no_args_is_help=True, help="Inspect datasets.")
+# Plain (click) help: paragraphs rewrapped to the terminal (at most 100 columns), flags without a
+# metavar; -h and --help everywhere (subcommands inherit the context settings).
+_HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _typer(help: str) -> typer.Typer:  # noqa: A002
+    return typer.Typer(no_args_is_help=True, help=help, rich_markup_mode=None, context_settings=_HELP)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, context_settings=_HELP,
+                  help="mlaudit: audit the training-data security of ML models.")
+runs_app = _typer("Inspect the run store.")
+data_app = _typer("Inspect datasets.")
+dp_app = _typer("Differential-privacy accounting for DP-SGD.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
-dp_app = typer.Typer(no_args_is_help=True, help="Differential-privacy accounting for DP-SGD.")
 app.add_typer(dp_app, name="dp")
 
 StoreOpt = Annotated[Path | None, typer.Option("--store", help="SQLite run store (default $MLAUDIT_STORE or ~/.mlaudit/runs.db).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the output folder.")]
 
 
-def _out() -> Console:
-    return Console(highlight=False)
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlaudit {__version__}")
+        raise typer.Exit()
 
 
-def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _fail(e: BaseException, *, prefix: str = "error", hint: str | None = None) -> NoReturn:
-    """Print the error (as plain text, never as markup) and exit: 2 for invalid input, else 1."""
-    code = 2 if isinstance(e, (ConfigError, DataError)) else 1
-    msg = Text(f"{prefix}: ", style="bold red") + Text(str(e))
-    if hint:
-        msg += Text(f"\n{hint}")
-    _err().print(msg)
-    raise typer.Exit(code)
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                                callback=_version)] = False) -> None:
+    """mlaudit: audit the training-data security of ML models."""
 
 
 @app.command()
@@ -67,8 +75,9 @@ def run(
     store: StoreOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run an experiment from a YAML config (or resume one with --resume DIR; grow it with
-    --resume DIR --grow --set scenarios=8).
+    """Run an experiment from a YAML config, or resume or grow one.
+
+    Resume with --resume DIR; grow with --resume DIR --grow --set scenarios=8.
 
     Writes DIR/config.yaml, results.json, report.html and artifacts/, and commits each finished
     trial to the run store. Exit code 2: invalid input; 1: a failure during the run.
@@ -100,17 +109,20 @@ def run(
         _fail(e)
     except TrialError as e:
         _fail(e, prefix="error during the run",
-              hint=f"finished trials are kept; `mlaudit run --resume {out_dir}` retries trial {e.trial_id!r} and "
-                   "the others not yet finished (a changed config needs a new --out)" if out_dir else None)
+              hint=f"finished trials are kept; `{resume_command(out_dir, store)}` retries trial {e.trial_id!r} "
+                   "and the others not yet finished (a changed config needs a new --out)" if out_dir else None)
     except MlauditError as e:
         _fail(e, prefix="error during the run")
     except OSError as e:
         _fail(e, prefix="error (file system)")
     except KeyboardInterrupt:
-        where = f" --resume {out_dir}" if out_dir else " --resume DIR"
-        _err().print(f"interrupted; finished trials are saved: continue with `mlaudit run{where}`")
+        err_console().print(Text(safe(f"interrupted; finished trials are saved: continue with "
+                                      f"`{resume_command(out_dir, store)}`")))
         raise typer.Exit(130) from None
-    _summary(res.results, res.out_dir, quiet)
+    if quiet:
+        typer.echo(safe(res.out_dir))
+    else:
+        print_summary(res.results, res.out_dir)
 
 
 def _executor_options(executor: str, ray_address: str | None, workers: int | None) -> dict[str, Any]:
@@ -126,38 +138,6 @@ def _executor_options(executor: str, ray_address: str | None, workers: int | Non
     return opts
 
 
-def metric_lines(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
-    """(dotted name, formatted value) rows; {"mean","se"} and {"value","lo","hi"} leaves stay whole."""
-    from .report.html import format_cell
-
-    rows: list[tuple[str, str]] = []
-    for k, v in metrics.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not ({"mean", "se"} <= v.keys() or {"value", "lo", "hi"} <= v.keys()):
-            rows += metric_lines(v, name + ".")
-        else:
-            rows.append((name, format_cell(v)))
-    return rows
-
-
-def _summary(results: dict[str, Any], out_dir: Path, quiet: bool) -> None:
-    if quiet:
-        typer.echo(str(out_dir))
-        return
-    t = Table(title=Text(f"{results['kind']}: {results['name']}"))
-    t.add_column("metric")
-    t.add_column("value")
-    for k, v in metric_lines(results["metrics"]):
-        t.add_row(Text(k), Text(v))
-    con = _out()
-    con.print(t)
-    c = results["cost"]
-    resumed = f" ({c['models_resumed']} resumed from the store)" if c.get("models_resumed") else ""
-    con.print(Text(f"{c['models_trained']} models trained{resumed} in {c['wall_s']:.1f} s on {c['device']} "
-                   f"({results['executor']} executor)"))
-    con.print(Text(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}"))
-
-
 def _store(path: Path | None):  # noqa: ANN202
     from .store import RunStore, default_store_path
 
@@ -166,19 +146,23 @@ def _store(path: Path | None):  # noqa: ANN202
 
 @runs_app.command("list")
 def runs_list(store: StoreOpt = None,
-              limit: Annotated[int, typer.Option(help="Show at most this many runs.", min=1)] = 50) -> None:
-    """List recorded runs, newest first."""
+              limit: Annotated[int, typer.Option(help="Show at most this many runs.", min=1)] = 50,
+              wide: Annotated[bool, typer.Option("--wide", help="Full names and kinds, the status and the output "
+                                                 "folder (wider than 80 columns).")] = False) -> None:
+    """List recorded runs, newest first, with the headline metric of each finished run.
+
+    The result column holds test accuracy (train), the best attack's TPR at 0.1% FPR (membership), the
+    epsilon lower bound vs the claim (dp-audit), poison success (targeted), the poisoned accuracy and its
+    drop in points (availability, indiscriminate); or the status of a run that did not finish.
+    """
     try:
-        rows = _store(store).list_experiments(limit=limit)
+        rs = _store(store)
+        rows = rs.list_experiments(limit=limit)
+        width = out_console().width
+        table = runs_table(rows, rs.metrics, width=width, wide=wide)
+        out_console(width=max(width, 1000) if wide else None).print(table)
     except MlauditError as e:
         _fail(e)
-    t = Table()
-    t.add_column("id", no_wrap=True, min_width=12)
-    for col in ("kind", "name", "status", "created", "out_dir"):
-        t.add_column(col, overflow="fold")
-    for r in rows:
-        t.add_row(*(Text(str(v)) for v in (r.id, r.kind, r.name, r.status, r.created_at, r.out_dir)))
-    _out().print(t)
 
 
 @runs_app.command("show")
@@ -195,7 +179,7 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id or a unique pre
         "done": sum(t["status"] == "done" for t in trials),
         "failed": [{"trial_id": t["trial_id"], "error": t["error"]} for t in trials if t["status"] == "failed"],
     }
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    sys.stdout.write(safe_json(data) + "\n")
 
 
 @runs_app.command("export")
@@ -206,14 +190,14 @@ def runs_export(run_id: Annotated[str, typer.Argument(help="Run id or a unique p
     from .experiments.runner import write_atomic
 
     try:
-        text = json.dumps(_store(store).export(run_id), indent=2)
+        data = _store(store).export(run_id)
         if out is None:
-            sys.stdout.write(text + "\n")
+            sys.stdout.write(safe_json(data) + "\n")
         else:
             if out.is_dir():
                 raise ConfigError(f"--out {str(out)!r} is a folder; give a file name such as run.json")
             out.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(out, text + "\n")
+            write_atomic(out, json.dumps(data, indent=2) + "\n")
     except MlauditError as e:
         _fail(e)
     except OSError as e:
@@ -242,8 +226,8 @@ def data_info(name: Annotated[str, typer.Argument(help="A registered dataset (se
     t.add_column(no_wrap=True)
     t.add_column(overflow="fold")
     for k, v in info.items():
-        t.add_row(Text(str(k)), Text(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)))
-    _out().print(t)
+        t.add_row(cell(k), Text(safe(", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)))
+    out_console().print(t)
 
 
 SigmaOpt = Annotated[float, typer.Option("--noise-multiplier", help="Noise multiplier sigma (noise std / clip norm).")]
@@ -294,8 +278,8 @@ def models() -> None:
         t.add_column(col, overflow="fold")
     for n in MODELS.names():
         e = model_entry(n)
-        t.add_row(Text(n), "images" if e.image_only else "any", "yes" if e.residual else "no", Text(e.description))
-    _out().print(t)
+        t.add_row(cell(n), "images" if e.image_only else "any", "yes" if e.residual else "no", Text(safe(e.description)))
+    out_console().print(t)
 
 
 @app.command()
@@ -314,7 +298,7 @@ def demo(
     except (MlauditError, OSError) as e:
         _fail(e)
     if quiet:
-        typer.echo(str(out))
+        typer.echo(safe(out))
 
 
 def main() -> None:

@@ -1,0 +1,117 @@
+"""What the CLI prints: errors, the run summary, the `runs list` table, resume hints. Every user string
+(run names, paths, metric names and values, error messages) goes through :func:`mlaudit.termsafe.safe`."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .errors import ConfigError, DataError
+from .headline import headline, short_kind
+from .termsafe import safe
+
+
+def out_console(width: int | None = None) -> Console:
+    return Console(highlight=False, width=width)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(e: BaseException, *, prefix: str = "error", hint: str | None = None) -> NoReturn:
+    """Print the error (as plain text, never as markup) and exit: 2 for invalid input, else 1."""
+    code = 2 if isinstance(e, (ConfigError, DataError)) else 1
+    msg = Text(f"{prefix}: ", style="bold red") + Text(safe(e))
+    if hint:
+        msg += Text(f"\n{safe(hint)}")
+    err_console().print(msg)
+    raise typer.Exit(code)
+
+
+def cell(value: object) -> Text:
+    """A table cell: one line, control characters escaped, never read as markup."""
+    return Text(safe(value, oneline=True))
+
+
+def resume_command(out_dir: Path | str | None, store: Path | None) -> str:
+    """The command that resumes the run in ``out_dir`` (with the same --store, when one was given)."""
+    cmd = f"mlaudit run --resume {shlex.quote(str(out_dir)) if out_dir is not None else 'DIR'}"
+    return cmd + (f" --store {shlex.quote(str(store))}" if store is not None else "")
+
+
+def metric_lines(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted name, formatted value) rows; {"mean","se"} and {"value","lo","hi"} leaves stay whole."""
+    from .report.html import format_cell
+
+    rows: list[tuple[str, str]] = []
+    for k, v in metrics.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not ({"mean", "se"} <= v.keys() or {"value", "lo", "hi"} <= v.keys()):
+            rows += metric_lines(v, name + ".")
+        else:
+            rows.append((name, format_cell(v)))
+    return rows
+
+
+def print_summary(results: dict[str, Any], out_dir: Path) -> None:
+    """The metrics table, the cost line and where the results and the report are."""
+    t = Table(title=cell(f"{results['kind']}: {results['name']}"))
+    t.add_column("metric")
+    t.add_column("value")
+    for k, v in metric_lines(results["metrics"]):
+        t.add_row(cell(k), Text(safe(v)))
+    con = out_console()
+    con.print(t)
+    c = results["cost"]
+    resumed = f" ({c['models_resumed']} resumed from the store)" if c.get("models_resumed") else ""
+    con.print(Text(safe(f"{c['models_trained']} models trained{resumed} in {c['wall_s']:.1f} s on {c['device']} "
+                        f"({results['executor']} executor)")))
+    con.print(Text(safe(f"results: {out_dir / 'results.json'}\nreport:  {out_dir / 'report.html'}")))
+
+
+def _created(iso: str, wide: bool) -> str:
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _truncate(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+def runs_table(rows: Sequence[Any], metrics_of: Callable[[str], dict[str, Any]], *, width: int,
+               wide: bool = False) -> Table:
+    """`runs list`: id, kind, name, created, and the result: the kind's headline metric for a finished
+    run (:mod:`mlaudit.headline`), else its status. Names are cut to fit ``width`` unless ``wide``
+    (which adds the status and the output folder)."""
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    data: list[dict[str, str]] = []
+    for r in rows:
+        head = headline(r.kind, metrics_of(r.id)) if r.status == "done" else None
+        data.append({"id": r.id, "kind": r.kind if wide else short_kind(r.kind), "name": r.name,
+                     "status": r.status, "created": _created(r.created_at, wide),
+                     "result": head or (r.status if r.status != "done" else "-"), "out_dir": r.out_dir})
+    data = [{k: safe(v, oneline=True) for k, v in d.items()} for d in data]
+    cols = ["id", "kind", "name", "status", "created", "result", "out_dir"] if wide else \
+        ["id", "kind", "name", "created", "result"]
+    if not wide:
+        fixed = sum(max([len(c), *(len(d[c]) for d in data)]) for c in cols if c != "name")
+        name_w = max(8, width - fixed - 2 * (len(cols) - 1))
+        for d in data:
+            d["name"] = _truncate(d["name"], name_w)
+    for c in cols:
+        table.add_column(c, no_wrap=not wide, overflow="fold" if wide else "ellipsis")
+    for d in data:
+        table.add_row(*(Text(d[c]) for c in cols))
+    return table

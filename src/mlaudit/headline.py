@@ -1,0 +1,103 @@
+"""One headline metric per experiment kind, read from the stored (flattened, dotted) metrics.
+
+train: test accuracy (mean +- SE over trials); membership-inference: the best attack's TPR at 0.1%
+FPR (the smallest FPR target computed when 0.1% was not); dp-audit: the epsilon lower bound vs the
+claimed epsilon (``eps>=1.84 > claim 0.897`` when the audit refutes the claim, ``<=`` when not); targeted-poison: poison success (mean +- SE); availability-poison and
+indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Metrics = Mapping[str, Any]
+MAX_WIDTH = 26  # characters of a headline
+
+# a top-level attack's TPR at an FPR target, e.g. "lira-online.tpr_at_fpr.0.001.value"
+_TPR = re.compile(r"^([^.]+)\.tpr_at_fpr\.(.+)\.value$")
+
+
+def _num(m: Metrics, name: str) -> float | None:
+    v = m.get(name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}%"
+
+
+def _mean_se(m: Metrics, name: str, label: str) -> str | None:
+    mean, se = _num(m, f"{name}.mean"), _num(m, f"{name}.se")
+    if mean is None:
+        return None
+    return f"{label} {_pct(mean)}" + (f" ±{100 * se:.1f}" if se is not None else "")
+
+
+def _train(m: Metrics) -> str | None:
+    return _mean_se(m, "test_accuracy", "acc")
+
+
+def _membership(m: Metrics) -> str | None:
+    by_fpr: dict[float, list[tuple[float, str]]] = {}
+    for name in m:
+        hit = _TPR.match(name)
+        tpr = _num(m, name) if hit else None
+        if hit and tpr is not None:
+            try:
+                fpr = float(hit.group(2))
+            except ValueError:
+                continue
+            by_fpr.setdefault(fpr, []).append((tpr, hit.group(1)))
+    if not by_fpr:
+        return None
+    fpr = 1e-3 if 1e-3 in by_fpr else min(by_fpr)
+    tpr, attack = max(by_fpr[fpr])
+    text = f"tpr@{100 * fpr:g}% {100 * tpr:.2f}% "
+    return text + (attack if len(text) + len(attack) <= MAX_WIDTH else attack[: MAX_WIDTH - len(text) - 1] + "…")
+
+
+def _dp_audit(m: Metrics) -> str | None:
+    lb, claim = _num(m, "epsilon_lower_bound"), _num(m, "claimed_epsilon")
+    if lb is None:
+        return None
+    if claim is None:
+        return f"eps>={lb:.3g}"
+    return f"eps>={lb:.3g} {'>' if m.get('claim_refuted') is True else '<='} claim {claim:.3g}"
+
+
+def _targeted(m: Metrics) -> str | None:
+    return _mean_se(m, "poison_success", "success")
+
+
+def _availability(m: Metrics) -> str | None:
+    acc, drop = _num(m, "poisoned_accuracy.mean"), _num(m, "drop.mean")
+    if acc is None:
+        return None
+    return f"acc {_pct(acc)}" + (f" drop {100 * drop:.1f}" if drop is not None else "")
+
+
+HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
+    "train": _train,
+    "membership-inference": _membership,
+    "dp-audit": _dp_audit,
+    "targeted-poison": _targeted,
+    "availability-poison": _availability,
+    "indiscriminate-poison": _availability,
+}
+
+SHORT_KINDS = {"membership-inference": "membership", "targeted-poison": "targeted",
+               "availability-poison": "availability", "indiscriminate-poison": "indiscrim."}
+
+
+def headline(kind: str, metrics: Metrics) -> str | None:
+    """The kind's headline as short text (at most about :data:`MAX_WIDTH` characters), or None when it is not recorded."""
+    fn = HEADLINES.get(kind)
+    return fn(metrics) if fn else None
+
+
+def short_kind(kind: str) -> str:
+    """A kind's name in at most 12 characters (for an 80-column table)."""
+    return SHORT_KINDS.get(kind, kind if len(kind) <= 12 else kind[:11] + "…")

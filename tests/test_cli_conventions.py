@@ -202,7 +202,7 @@ def test_packaging_metadata() -> None:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
     assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
-    assert {"Homepage", "Documentation", "Issues"} <= set(project["urls"])
+    assert "urls" not in project  # no public address exists yet; add it when one does, never a guess
     assert any(c.startswith("Programming Language :: Python :: 3") for c in project["classifiers"])
     assert not any("License ::" in c for c in project["classifiers"])  # PEP 639: the SPDX string only
     assert "configs/*.yaml" not in meta["tool"]["setuptools"]["package-data"]["mlaudit"]

@@ -91,19 +91,120 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+# Bounds on what a YAML text may hold, checked while it is read (before aliases are expanded into
+# Python objects or validated): a config is a few hundred nodes; these leave generous room.
+MAX_CONFIG_BYTES = 2 * 2**20  # size of a config file
+MAX_SET_BYTES = 64 * 2**10  # size of one --set value
+MAX_ALIASES = 1000  # alias uses (*name) in one document
+MAX_NODES = 200_000  # nodes once every alias is expanded (a "billion laughs" bomb is refused here)
+MAX_DEPTH = 100  # nesting of mappings and sequences
+MAX_KEY_PARTS = 20  # dotted parts of one --set key
+
+
+class YamlBoundsError(Exception):
+    """A YAML text over one of the bounds above (message says which, and where)."""
+
+
+class _PyParser(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser):
+    """PyYAML's pure-Python reader, scanner and parser (events only)."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+
+
+try:  # libyaml's parser for speed (events only), with the Python composer (which counts) on top
+    from yaml._yaml import CParser as _Parser
+except ImportError:  # pragma: no cover - PyYAML without libyaml
+    _Parser = _PyParser  # type: ignore[assignment,misc]
+
+
+class BoundedSafeLoader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """PyYAML's safe loader that counts while composing, before anything is expanded or built:
+    alias uses (:data:`MAX_ALIASES`), nodes after alias expansion (:data:`MAX_NODES`, each node
+    records the expanded size of its subtree, so an alias costs the size of what it names) and
+    nesting depth (:data:`MAX_DEPTH`). Going over a bound raises ``YamlBoundsError`` at once."""
+
+    def __init__(self, stream: str) -> None:
+        _Parser.__init__(self, stream)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        self._aliases = 0
+        self._depth = 0
+
+    def _where(self) -> str:
+        mark = getattr(self.peek_event(), "start_mark", None)
+        return f" (at line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise YamlBoundsError(f"uses more than {MAX_ALIASES} aliases (*name){self._where()}; "
+                                      "a config needs few")
+            return super().compose_node(parent, index)  # the anchored node itself, already counted
+        if self.check_event(yaml.ScalarEvent):
+            node = super().compose_node(parent, index)
+            node.mlaudit_size = 1
+            return node
+        if self._depth >= MAX_DEPTH:
+            raise YamlBoundsError(f"nests mappings/lists deeper than {MAX_DEPTH} levels{self._where()}")
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            size = 1 + sum(_size(k) + _size(v) for k, v in node.value)
+        else:
+            size = 1 + sum(_size(v) for v in node.value)
+        if size > MAX_NODES:
+            raise YamlBoundsError(f"expands to more than {MAX_NODES} values once its aliases (*name) are expanded"
+                                  f"{self._where()}; a YAML alias bomb?")
+        node.mlaudit_size = size
+        return node
+
+
+def _size(node: Any) -> int:
+    return getattr(node, "mlaudit_size", 1)
+
+
+def bounded_safe_load(text: str) -> Any:
+    """``yaml.safe_load`` within the bounds above; raises ``YamlBoundsError``, ``yaml.YAMLError`` or, for
+    values Python refuses (an int of more than 4300 digits, a date such as 2001-13-45), ValueError."""
+    loader = BoundedSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file, a parse error or a non-mapping is a ConfigError."""
+    """Read a YAML mapping; a missing, oversized, non-UTF-8 or unparsable file, a YAML text over the
+    bounds (aliases, expanded size, depth: see :class:`BoundedSafeLoader`) or a non-mapping is a
+    ConfigError, raised before the document is expanded."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     if not p.is_file():
         raise ConfigError(f"config path {str(p)!r} is not a file; give the path of a YAML config file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {str(p)!r} is larger than {MAX_CONFIG_BYTES // 2**20} MiB; "
+                              "a config is a short YAML text file")
+        data = bounded_safe_load(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text; a config is a YAML text file") from None
+    except YamlBoundsError as e:
+        raise ConfigError(f"config file {str(p)!r} {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"config file {str(p)!r} holds a value that cannot be read: {e}") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
     if data is None:
@@ -124,11 +225,14 @@ def apply_overrides(config: dict[str, Any], assignments: Sequence[str]) -> dict[
     out: dict[str, Any] = _deepcopy(config)
     for a in assignments:
         if "=" not in a:
-            raise ConfigError(f"--set expects key=value (e.g. recipe.epochs=2), got {a!r}")
+            raise ConfigError(f"--set expects key=value (e.g. recipe.epochs=2), got {_shown(a)}")
         key, raw = a.split("=", 1)
         parts = [k.strip() for k in key.strip().split(".")]
         if not key.strip() or any(not p for p in parts):
-            raise ConfigError(f"--set expects key=value with a dotted key such as recipe.epochs, got {a!r}")
+            raise ConfigError(f"--set expects key=value with a dotted key such as recipe.epochs, got {_shown(a)}")
+        if len(parts) > MAX_KEY_PARTS:
+            raise ConfigError(f"--set {_shown(key)}: the key has {len(parts)} dotted parts; at most {MAX_KEY_PARTS} "
+                              "are allowed")
         value = _parse_value(key, raw)
         node = out
         for depth, p in enumerate(parts[:-1]):
@@ -148,10 +252,16 @@ def apply_overrides(config: dict[str, Any], assignments: Sequence[str]) -> dict[
 
 
 def _parse_value(key: str, raw: str) -> Any:
+    if len(raw) > MAX_SET_BYTES:
+        raise ConfigError(f"--set {key}: the value is {len(raw)} characters long; at most {MAX_SET_BYTES} are allowed")
     try:
-        value = yaml.safe_load(raw)
+        value = bounded_safe_load(raw)
+    except YamlBoundsError as e:
+        raise ConfigError(f"--set {key}: the value {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"--set {key}: value {_shown(raw)} is not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"--set {key}: value {_shown(raw)} cannot be read: {e}") from None
     if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string; the user meant a number
         try:
             number = float(value)
@@ -160,6 +270,10 @@ def _parse_value(key: str, raw: str) -> Any:
         if math.isfinite(number) and any(c in value for c in "eE"):
             return number
     return value
+
+
+def _shown(text: str) -> str:
+    return repr(text) if len(text) <= 80 else repr(text[:77]) + "..."
 
 
 def _deepcopy(d: Any) -> Any:

@@ -48,7 +48,6 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
 from ..factory import TrialSpec
-from ..privacy.dpsgd import check_dp_model
 from ..query import logits_from_checkpoints, model_template
 from ..report.figures import canary_score_histogram
 from ..stats import describe
@@ -61,14 +60,11 @@ from .dp_audit_config import DPAuditConfig
 
 def check_dp_audit(config: DPAuditConfig, data: DataBundle) -> None:
     """Runner hook (before anything is written; the runner's preflight has already imported and checked a
-    user's trainer): an input canary can be made; a DP-SGD model has no BatchNorm."""
+    user's trainer and the DP recipe: no BatchNorm, a reachable epsilon): an input canary can be made."""
     if len(data.train.classes) < 2:
         raise ConfigError(f"dp-audit needs >= 2 classes, dataset {data.name} has {len(data.train.classes)}")
     if config.canary == "mislabeled":  # cheap; crafted and gradient canaries are optimised / measured at run
         CANARIES.get(config.canary)(data.train, seed=config.seed)
-    if config.trainer == "mlaudit":
-        with torch.random.fork_rng(devices=[]):
-            check_dp_model([_model_fn(config, data)()])
 
 
 def _model_fn(config: DPAuditConfig, data: DataBundle) -> Callable[[], torch.nn.Module]:

@@ -1,21 +1,27 @@
 """What a run folder holds and whether a config may continue it: the output-folder checks, growing a
-study in place, which finished trials are still usable, and the clean-up of a killed run's temp files.
-Nothing here writes, except :func:`remove_stale_tmp`, which deletes only mlaudit's own temp files."""
+study in place, which finished trials are still usable, the clean-up of a killed run's temp files and
+the lock a run holds on its folder. Nothing here writes, except :func:`remove_stale_tmp`, which deletes
+only mlaudit's own temp files, and :func:`lock_out_dir`, which creates and removes ``.mlaudit.lock``."""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..atomic import is_atomic_temp
+from ..config import MAX_CONFIG_BYTES, YamlBoundsError, bounded_safe_load
 from ..errors import ConfigError, MlauditError
 from ..jsonutil import config_hash
 from .base import config_to_dict, parse_config
 
 log = logging.getLogger(__name__)
+LOCK_NAME = ".mlaudit.lock"
 
 
 def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool,
@@ -29,7 +35,7 @@ def check_out_dir(out_dir: Path, resolved: dict[str, Any], *, resume: bool,
         return {}
     if not out_dir.is_dir():
         raise ConfigError(f"output path {str(out_dir)!r} exists and is not a folder; choose another --out")
-    if not any(out_dir.iterdir()):
+    if all(p.name == LOCK_NAME for p in out_dir.iterdir()):
         return {}
     cfg_file = out_dir / "config.yaml"
     if not cfg_file.is_file():
@@ -76,8 +82,12 @@ def config_growth(old: dict[str, Any], new: dict[str, Any], growable: tuple[str,
 def _read_config(cfg_file: Path) -> dict[str, Any] | None:
     """The raw config mapping in ``cfg_file`` (None when it cannot be read or is not a mapping)."""
     try:
-        old = yaml.safe_load(cfg_file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        with cfg_file.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            return None
+        old = bounded_safe_load(raw.decode("utf-8"))
+    except (yaml.YAMLError, YamlBoundsError, ValueError, RecursionError, OSError):  # UnicodeDecodeError is a ValueError
         return None
     return old if isinstance(old, dict) else None
 
@@ -125,3 +135,47 @@ def remove_stale_tmp(out_dir: Path) -> None:
                     p.unlink(missing_ok=True)
 
 
+
+
+@contextmanager
+def lock_out_dir(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``fcntl.flock`` on ``out_dir/.mlaudit.lock`` (which records the
+    holder's pid) for the ``with`` block; ConfigError naming the pid when another process (or another
+    run in this one) holds it. The file is removed while still locked on exit; a run that locked the
+    file just as its holder removed it sees a different file at the path and locks again."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    path = out_dir / LOCK_NAME
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot create the lock file {str(path)!r} of the run: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"the run in {str(out_dir)!r} is in use by another process (pid {pid}); wait for it "
+                              "to end or choose another --out") from None
+        try:
+            here = os.stat(path, follow_symlinks=False)
+            mine = os.fstat(fd)
+            if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file we locked was removed by the run that held it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)

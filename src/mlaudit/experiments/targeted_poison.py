@@ -32,7 +32,6 @@ from ..data.export import export_view
 from ..data.view import DataView
 from ..errors import ConfigError
 from ..models.registry import model_entry
-from ..privacy.dpsgd import check_dp_model
 from ..query import model_template
 from ..report.figures import alignment_figure, perturbation_grid
 from ..report.html import ReportTable
@@ -139,11 +138,12 @@ def build_scenarios(config: TargetedPoisonConfig, data: DataBundle) -> list[Scen
 
 def check_targeted(config: TargetedPoisonConfig, data: DataBundle) -> None:
     """Runner hook: scenarios fit the data, the crafting checkpoint fits the model, the method can use
-    the crafting architecture, a DP victim recipe has no BatchNorm — before anything is written."""
+    the crafting architecture, the budget is >= 1 poison (DP recipes: the runner's preflight)."""
+    if round(config.attack.budget * (n := len(data.train))) < 1:  # (the scenarios would round it up to one)
+        raise ConfigError(f"attack.budget = {config.attack.budget:g} of {n} training examples rounds to 0 poisons; "
+                          f"use budget >= 1/N = {1 / n:.3g} (one poison)")
     build_scenarios(config, data)
     check_attack(config, data)
-    if config.victim_recipe.dp is not None:
-        check_dp_model([model_template(config.victim_model, data)])
 
 
 def _poison_name(sc: Scenario) -> str:

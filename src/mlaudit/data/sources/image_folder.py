@@ -9,7 +9,10 @@ Two layouts are recognised under ``spec.root``:
 A single wrapping folder (``root/mydata/<class>/...``, common in zips) is looked through. Class
 names are the sorted folder names; images may sit at any depth inside their class folder. Hidden
 files and folders (leading ``.``, ``__MACOSX``) and files without an image extension
-(:data:`IMAGE_EXTENSIONS`) are ignored. Zip members with absolute paths or ``..`` are refused.
+(:data:`IMAGE_EXTENSIONS`) are ignored. Zip members with absolute paths or ``..`` are refused, and so
+are, before anything is decompressed, an image member that unpacks to more than
+:data:`MAX_MEMBER_BYTES` or more than :data:`MAX_RATIO` times its compressed size (when over 1 MiB),
+and images that unpack to more than :data:`MAX_TOTAL_BYTES` together (zip bombs).
 
 Options: ``size`` -- resize every image to ``[H, W]`` (or ``S`` for ``S x S``, bilinear); without it
 all images must have the same size. ``mode`` -- ``RGB`` (3 channels, default) or ``L`` (grey, 1).
@@ -40,6 +43,10 @@ from ..registry import DatasetSpec, register_source
 from ._util import parse_options, resolve_root, stratified_split, uint8_to_float
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_MEMBER_BYTES = 64 * 2**20  # one image file, unpacked
+MAX_TOTAL_BYTES = 8 * 2**30  # all image files of a zip that are read, unpacked
+MAX_RATIO = 100  # unpacked / compressed size of a zip member over 1 MiB
+_MiB = 2**20
 Parts = tuple[str, ...]
 
 
@@ -72,7 +79,7 @@ class _Store:
     def __init__(self, root: Path, zf: zipfile.ZipFile | None) -> None:
         self.root, self.zf = root, zf
         self.files: list[Parts] = []
-        self._members: dict[Parts, str] = {}  # zip: parts -> member name as stored
+        self._members: dict[Parts, zipfile.ZipInfo] = {}  # zip: parts -> member as stored
         dirs: set[Parts] = set()
         if zf is None:
             for dirpath, dirnames, filenames in os.walk(root):
@@ -92,7 +99,7 @@ class _Store:
                     dirs.add(p.parts)
                 else:
                     self.files.append(p.parts)
-                    self._members[p.parts] = info.filename
+                    self._members[p.parts] = info
             self.files.sort()
         for f in self.files:
             dirs.update(f[:i] for i in range(1, len(f)))
@@ -101,9 +108,37 @@ class _Store:
     def name(self, parts: Parts) -> str:
         return f"{self.root}:{'/'.join(parts)}" if self.zf else str(self.root.joinpath(*parts))
 
+    def check_sizes(self, files: list[Parts]) -> None:
+        """Refuse, before decompressing anything, zip members that unpack to too much (see the module
+        docstring): each one's size and compression ratio, then their total. Folders: each file's size."""
+        total = 0
+        for f in files:
+            info = self._members.get(f) if self.zf is not None else None
+            size = info.file_size if info is not None else self._disk_size(f)
+            if size > MAX_MEMBER_BYTES:
+                what = "unpacks to" if info is not None else "is"
+                raise DataError(f"image {self.name(f)} {what} {size:,} bytes ({size / _MiB:,.1f} MiB); an image file may "
+                                f"be at most {MAX_MEMBER_BYTES // _MiB} MiB")
+            if info is not None and size > _MiB and size > MAX_RATIO * max(info.compress_size, 1):
+                raise DataError(f"zip member {self.name(f)} unpacks to {size:,} bytes from {info.compress_size:,} "
+                                f"(ratio {size / max(info.compress_size, 1):,.0f}); at most {MAX_RATIO}x is allowed for "
+                                "a member over 1 MiB (a zip bomb?)")
+            total += size
+        if self.zf is not None and total > MAX_TOTAL_BYTES:
+            raise DataError(f"the {len(files):,} images in zip {self.root} unpack to {total:,} bytes "
+                            f"({total / 2**30:,.1f} GiB); at most {MAX_TOTAL_BYTES:,} bytes ({MAX_TOTAL_BYTES / 2**30:g} GiB) "
+                            "are read from a zip")
+
+    def _disk_size(self, parts: Parts) -> int:
+        try:
+            return self.root.joinpath(*parts).stat().st_size
+        except OSError as exc:
+            raise DataError(f"cannot read {self.name(parts)}: {exc}") from exc
+
     def read(self, parts: Parts) -> bytes:
         try:
             if self.zf is not None:
+                self.check_sizes([parts])
                 return self.zf.read(self._members[parts])
             return self.root.joinpath(*parts).read_bytes()
         except (OSError, zipfile.BadZipFile, KeyError, EOFError) as exc:
@@ -192,6 +227,7 @@ def _datasets(store: _Store, splits: list[list[tuple[Parts, int]]], classes: tup
               opts: ImageFolderOptions) -> tuple[TensorDataset, TensorDataset]:
     """Decode both splits together (so sizes are checked across them) -> (train, test)."""
     items = splits[0] + splits[1]
+    store.check_sizes([f for f, _ in items])
     x = uint8_to_float(_decode(store, [f for f, _ in items], opts))
     y = torch.tensor([c for _, c in items], dtype=torch.int64)
     n = len(splits[0])

@@ -11,18 +11,37 @@ generator). ``shape`` of three ints gives images [N, C, H, W]; one int gives vec
 With the defaults the classes are easily separable by a linear model.
 
 Options: ``n_train`` (512), ``n_test`` (256), ``shape`` ([3, 8, 8]), ``num_classes`` (4),
-``noise`` (0.5), ``separation`` (1.0).
+``noise`` (0.5), ``separation`` (1.0). Sizes are bounded (:data:`MAX_N`, :data:`MAX_CLASSES`,
+:data:`MAX_EXAMPLE_SIZE` values per example, :data:`MAX_ELEMENTS` values in all) so that a config
+cannot ask for more memory than a machine has; the error names the option and the allowed range.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from torch import Tensor
 
 from ..base import DataBundle, TensorDataset
 from ..registry import DatasetSpec, register_source
 from ._util import parse_options
+
+MAX_N = 10_000_000  # examples per split
+MAX_CLASSES = 100_000
+MAX_EXAMPLE_SIZE = 1_000_000  # prod(shape)
+MAX_ELEMENTS = 2**31  # values in the train and test sets and the class means together
+_RANGES = {"n_train": (1, MAX_N), "n_test": (1, MAX_N), "num_classes": (2, MAX_CLASSES)}
 
 
 class SyntheticOptions(BaseModel):
@@ -30,19 +49,41 @@ class SyntheticOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    n_train: int = Field(512, ge=1)
-    n_test: int = Field(256, ge=1)
+    n_train: int = 512
+    n_test: int = 256
     shape: tuple[int, ...] = (3, 8, 8)
-    num_classes: int = Field(4, ge=2)
-    noise: float = Field(0.5, ge=0.0)
-    separation: float = Field(1.0, ge=0.0)
+    num_classes: int = 4
+    noise: float = Field(0.5, ge=0.0, allow_inf_nan=False)
+    separation: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+
+    @field_validator("n_train", "n_test", "num_classes")
+    @classmethod
+    def _count(cls, v: int, info: ValidationInfo) -> int:
+        lo, hi = _RANGES[info.field_name]
+        if not lo <= v <= hi:
+            raise ValueError(f"{info.field_name} must be in {lo} <= {info.field_name} <= {hi:,} (got {v:,})")
+        return v
 
     @field_validator("shape")
     @classmethod
     def _shape(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if len(v) not in (1, 3) or any(d < 1 for d in v):
             raise ValueError("shape must be [D] (vectors) or [C, H, W] (images) with positive sizes")
+        if math.prod(v) > MAX_EXAMPLE_SIZE:
+            raise ValueError(f"shape {list(v)} has {math.prod(v):,} values per example; allowed "
+                             f"prod(shape) <= {MAX_EXAMPLE_SIZE:,}")
         return v
+
+    @model_validator(mode="after")
+    def _total(self) -> SyntheticOptions:
+        total = (self.n_train + self.n_test + self.num_classes) * math.prod(self.shape)
+        if total > MAX_ELEMENTS:  # reported at n_train (an error of the whole model would have no field)
+            msg = (f"(n_train + n_test + num_classes) * prod(shape) = ({self.n_train:,} + {self.n_test:,} + "
+                   f"{self.num_classes:,}) * {math.prod(self.shape):,} = {total:,} values; allowed <= "
+                   f"{MAX_ELEMENTS:,} (2**31); lower n_train, n_test, num_classes or shape")
+            err = InitErrorDetails(type=PydanticCustomError("too_large", msg), loc=("n_train",), input=self.n_train)
+            raise ValidationError.from_exception_data(type(self).__name__, [err])
+        return self
 
 
 def _draw(means: Tensor, n: int, opts: SyntheticOptions, g: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -200,35 +200,51 @@ class RunContext:
             if path:
                 (self.out_dir / path).unlink(missing_ok=True)
 
-    def derived(self, records: Sequence[TrialRecord], *, key: str, compute: Callable[[list[TrialRecord]], Sequence[Any]],
-                keep_weights: bool = False) -> list[Any]:
+    def derived(self, records: Sequence[TrialRecord], *, key: str, compute: Callable[..., Sequence[Any]],
+                keep_weights: bool = False, items: Sequence[int | str] | None = None) -> list[Any]:
         """One output per record, derived from its checkpoint once: values kept in a record's
         ``outputs[key]`` (a resumed or grown run) are reused; the rest come from
-        ``compute(records_without_it)`` (in order, one value each, JSON-able) and are kept in the
-        store; then the weights of those records are released unless ``keep_weights``. A record with
-        neither the output nor its weights is a :class:`DataError` (start a new ``--out``)."""
-        values: list[Any] = [r.get("outputs", {}).get(key) for r in records]
-        todo = [i for i, v in enumerate(values) if v is None]
-        if not todo:
-            return values
-        recs = [records[i] for i in todo]
-        gone = [r["trial_id"] for r in recs if not r.get("checkpoint")]
-        if gone:
-            raise DataError(f"models {', '.join(gone[:5])} have neither weights nor a kept {key!r}; start a new --out")
-        new = list(compute(recs))
-        if len(new) != len(recs):
-            raise ValueError(f"derived {key!r}: compute returned {len(new)} values for {len(recs)} records")
-        for i, v in zip(todo, new, strict=True):
-            values[i] = v
-        outs = {r["trial_id"]: {**r.get("outputs", {}), key: v} for r, v in zip(recs, new, strict=True)}
-        if keep_weights:
-            for r in recs:
-                r["outputs"] = outs[r["trial_id"]]
-                self.store.commit_trial(self.experiment_id, r["trial_id"], r, wall_s=r.get("wall_s") or 0.0)
-                self.finished[r["trial_id"]] = TrialRecord(r)
+        ``compute(records_without_it)`` (in order, one JSON-able value each) and are kept in the store;
+        then the weights of those records are released unless ``keep_weights``.
+
+        With ``items`` (e.g. target ids) the output is a mapping item -> value, grown as needed: a record
+        is computed again only for the items it lacks, by ``compute(records, missing_items)`` returning
+        one ``{item: value}`` per record, and each record gets back ``{item: value}`` for ``items``.
+        A record with neither the output nor its weights is a :class:`DataError` (start a new ``--out``).
+        """
+        if items is None:
+            values: list[Any] = [r.get("outputs", {}).get(key) for r in records]
+            todo = [i for i, v in enumerate(values) if v is None]
         else:
-            self.release_weights(recs, outputs=outs)
-        return values
+            values = [{str(k): v for k, v in (r.get("outputs", {}).get(key) or {}).items()} for r in records]
+            todo = [i for i, v in enumerate(values) if any(str(t) not in v for t in items)]
+        if todo:
+            recs = [records[i] for i in todo]
+            gone = [r["trial_id"] for r in recs if not r.get("checkpoint")]
+            if gone:
+                raise DataError(f"models {', '.join(gone[:5])} have neither weights nor a kept {key!r} (their weights "
+                                "were released by an earlier run); start a new --out")
+            if items is None:
+                new = list(compute(recs))
+            else:
+                need = sorted({t for i in todo for t in items if str(t) not in values[i]}, key=str)
+                new = [{**values[i], **{str(k): v for k, v in got.items()}}
+                       for i, got in zip(todo, compute(recs, need), strict=True)]
+            if len(new) != len(recs):
+                raise ValueError(f"derived {key!r}: compute returned {len(new)} values for {len(recs)} records")
+            for i, v in zip(todo, new, strict=True):
+                values[i] = v
+            outs = {r["trial_id"]: {**r.get("outputs", {}), key: v} for r, v in zip(recs, new, strict=True)}
+            if keep_weights:
+                for r in recs:
+                    r["outputs"] = outs[r["trial_id"]]
+                    self.store.commit_trial(self.experiment_id, r["trial_id"], r, wall_s=r.get("wall_s") or 0.0)
+                    self.finished[r["trial_id"]] = TrialRecord(r)
+            else:
+                self.release_weights(recs, outputs=outs)
+        if items is None:
+            return values
+        return [{t: v[str(t)] for t in items} for v in values]
 
     def write_artifact(self, name: str, write: Callable[[BinaryIO], Any]) -> Path:
         """Write ``artifacts/<name>`` atomically: ``write(f)`` fills an open binary temp file that

@@ -41,7 +41,7 @@ from ..query import load_model, logits_from_checkpoints, model_template
 from ..stats import MeanSE, mean_difference
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, ModelField, Stream, model_value, recipe_value
-from .context import RunContext
+from .context import RunContext, TrialRecord
 
 OptionalModel = Annotated[ModelSpec | None, BeforeValidator(model_value)]
 """A model field that takes a zoo name or a mapping, like the config's own ``model``."""
@@ -204,22 +204,16 @@ def victim_predictions(config: PoisoningConfig, ctx: RunContext, data: DataBundl
     the checkpoints. The checkpoints are then released (the predictions stay in the store, so a resume
     never retrains) unless ``keep_weights`` (e.g. targeted-poison's clean victims keep theirs, because
     a grown study, with more scenarios, asks them about new targets)."""
-    have = [kept_predictions(r) for r in recs]
-    todo = [i for i, h in enumerate(have) if any(t not in h for t in targets)]
-    if todo:
-        need = sorted({t for i in todo for t in targets if t not in have[i]})
-        gone = [recs[i]["trial_id"] for i in todo if "checkpoint" not in recs[i]]
-        if gone:
-            raise DataError(f"victims {', '.join(gone)} have neither weights nor predictions for target(s) "
-                            f"{need}; their weights were released by an earlier run (before clean victims kept "
-                            "theirs), so this study cannot grow in place: start a new --out")
-        logits = victim_logits(config, ctx, data, [recs[i] for i in todo], data.test.x[need])
-        for j, i in enumerate(todo):
-            have[i].update(zip(need, logits[j].argmax(-1).tolist(), strict=True))
-        if not keep_weights:
-            ctx.release_weights([recs[i] for i in todo], outputs={
-                recs[i]["trial_id"]: {"predictions": {str(t): c for t, c in sorted(have[i].items())}} for i in todo})
-    return torch.tensor([[h[t] for t in targets] for h in have], dtype=torch.long)
+    for r in recs:  # records written before 2026-11-23 kept {"targets": "4,17", "predictions": [1, 3]}
+        if isinstance((r.get("outputs") or {}).get("predictions"), list):
+            r["outputs"] = {**r["outputs"], "predictions": kept_predictions(r)}
+
+    def predict(missing: list[TrialRecord], need: list[int]) -> list[dict[int, int]]:
+        logits = victim_logits(config, ctx, data, missing, data.test.x[need])
+        return [dict(zip(need, row.argmax(-1).tolist(), strict=True)) for row in logits]
+
+    got = ctx.derived(recs, key="predictions", compute=predict, items=targets, keep_weights=keep_weights)
+    return torch.tensor([[int(g[t]) for t in targets] for g in got], dtype=torch.long)
 
 
 def kept_predictions(rec: dict[str, Any]) -> dict[int, int]:

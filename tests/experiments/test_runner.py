@@ -258,3 +258,18 @@ def test_kinds_without_growable_counts_refuse_a_grow() -> None:
     assert config_growth({"trials": 2, "seed": 0}, {"trials": 4, "seed": 0}, ("trials",)) == {"trials": (2, 4)}
     with pytest.raises(ConfigError, match="must be a count"):
         config_growth({"trials": True}, {"trials": 4}, ("trials",))
+
+
+def test_resuming_keeps_the_cumulative_cost_of_every_invocation(tmp_path: Path) -> None:
+    """A resumed finished run reports its own cost (nothing trained) and, under cost.cumulative, the
+    sum over every invocation of the folder (issue 21: resuming used to report only its own)."""
+    cfg = tiny(trials=3)
+    first = run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True).results
+    again = run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True,
+                           resume=True).results
+    assert first["cost"]["cumulative"]["invocations"] == 1 and first["cost"]["cumulative"]["models_trained"] == 3
+    assert again["cost"]["models_trained"] == 0 and again["cost"]["models_resumed"] == 3
+    cum = again["cost"]["cumulative"]
+    assert cum["invocations"] == 2 and cum["models_trained"] == 3
+    assert cum["wall_s"] >= first["cost"]["wall_s"] and cum["train_wall_s"] == pytest.approx(
+        first["cost"]["train_wall_s"] + again["cost"]["train_wall_s"], abs=2e-3)

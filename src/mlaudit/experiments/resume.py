@@ -179,3 +179,31 @@ def lock_out_dir(out_dir: Path) -> Iterator[None]:
         except OSError:
             pass
         os.close(fd)
+
+
+LEDGER = "artifacts/cost_ledger.json"
+"""Per-invocation cost of a run folder (one entry per ``mlaudit run`` / ``--resume`` that got to train)."""
+
+
+def record_invocation(out_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append ``entry`` (wall_s, train_wall_s, models_trained, gpu_seconds, status) to the folder's cost
+    ledger (atomically) and return the sums over every invocation so far: ``{"invocations": n,
+    "wall_s", "train_wall_s", "models_trained", "gpu_seconds"}`` (a resumed run reports the whole cost
+    of its result, not only its own). A missing or unreadable ledger starts a new one."""
+    import json
+
+    from ..atomic import write_text
+
+    path = out_dir / LEDGER
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not path.is_symlink() else []
+        entries = entries if isinstance(entries, list) else []
+    except (OSError, ValueError):
+        entries = []
+    entries.append(entry)
+    write_text(path, json.dumps(entries, indent=1))
+    total: dict[str, Any] = {"invocations": len(entries)}
+    for k in ("wall_s", "train_wall_s", "models_trained", "gpu_seconds"):
+        vals = [e.get(k) for e in entries if isinstance(e, dict) and isinstance(e.get(k), (int, float))]
+        total[k] = round(sum(vals), 3) if vals else None
+    return total

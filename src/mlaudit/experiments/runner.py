@@ -44,7 +44,7 @@ from ..train.recipe import Recipe
 from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
 from .context import RunContext
 from .progress import Progress
-from .resume import check_out_dir, config_growth, lock_out_dir, remove_stale_tmp, usable
+from .resume import check_out_dir, config_growth, lock_out_dir, record_invocation, remove_stale_tmp, usable
 
 log = logging.getLogger(__name__)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -123,25 +123,34 @@ def run_experiment(
         rs.set_status(exp_id, "running")
         finished = usable(rs.finished_trials(exp_id), out_dir)
         t0 = time.perf_counter()
+        cuda = dev.startswith("cuda")
+        status = "interrupted"
         with Progress(quiet=quiet) as progress:
             ctx = RunContext(out_dir=out_dir, store=rs, experiment_id=exp_id, device=dev, executor=ex,
                              progress=progress, finished=dict(finished),
                              datasets={cfg.dataset.model_dump_json(): data})
             try:
                 output = kind.run(cfg, ctx)
+                status = "done"
             except KeyboardInterrupt:
                 rs.set_status(exp_id, "interrupted")
                 raise
             except MlauditError:
+                status = "failed"
                 rs.set_status(exp_id, "failed")
                 raise
             except Exception as e:
+                status = "failed"
                 rs.set_status(exp_id, "failed")
                 raise MlauditError(f"run {exp_id} ({cfg.kind}) failed outside model training, with "
                                    f"{len(ctx.finished)} trials finished: {type(e).__name__}: {e}") from e
-        wall = time.perf_counter() - t0
-        cuda = dev.startswith("cuda")
-        c = ctx.cost
+            finally:  # every invocation's cost is kept, so a resumed run reports the whole cost
+                c = ctx.cost
+                wall = time.perf_counter() - t0
+                cumulative = record_invocation(out_dir, {
+                    "status": status, "wall_s": round(wall, 3), "train_wall_s": round(c.train_wall_s, 3),
+                    "models_trained": c.models_trained, "gpu_seconds": round(c.gpu_seconds, 3) if cuda else None,
+                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         results = {
             "kind": cfg.kind,
             "name": cfg.display_name,
@@ -160,6 +169,7 @@ def run_experiment(
                 if c.train_wall_s > 0 and c.models_trained else None,
                 "gpu_seconds": round(c.gpu_seconds, 3) if cuda else None,
                 "peak_gpu_mem_mb": round(c.peak_gpu_mem_mb, 1) if c.peak_gpu_mem_mb is not None else None,
+                "cumulative": cumulative,
             },
             "executor": ex.name,
             "device": dev,

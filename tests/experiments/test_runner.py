@@ -273,3 +273,15 @@ def test_resuming_keeps_the_cumulative_cost_of_every_invocation(tmp_path: Path) 
     assert cum["invocations"] == 2 and cum["models_trained"] == 3
     assert cum["wall_s"] >= first["cost"]["wall_s"] and cum["train_wall_s"] == pytest.approx(
         first["cost"]["train_wall_s"] + again["cost"]["train_wall_s"], abs=2e-3)
+
+
+def test_a_moved_run_folder_resumes_by_the_id_it_records(tmp_path: Path) -> None:
+    """The store is keyed by the output path; a moved folder is found again by artifacts/run_id, so
+    its finished trials are not retrained (issue 21)."""
+    cfg = tiny(trials=2)
+    first = run_experiment(cfg, out=tmp_path / "a", device="cpu", store=tmp_path / "s.db", quiet=True).results
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = run_experiment(cfg, out=tmp_path / "b", device="cpu", store=tmp_path / "s.db", quiet=True,
+                           resume=True).results
+    assert again["experiment_id"] == first["experiment_id"] and again["cost"]["models_trained"] == 0
+    assert again["metrics"] == first["metrics"]

@@ -207,3 +207,34 @@ def record_invocation(out_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
         vals = [e.get(k) for e in entries if isinstance(e, dict) and isinstance(e.get(k), (int, float))]
         total[k] = round(sum(vals), 3) if vals else None
     return total
+
+
+RUN_ID = "artifacts/run_id"
+"""The run-store id of the run in a folder, so a moved folder still finds its run."""
+
+
+def find_run(rs: Any, out_dir: Path) -> Any:
+    """The store row of the run in ``out_dir``: by the folder's path, else (a moved folder) by the id
+    the folder records in ``artifacts/run_id``; None when neither is known to the store."""
+    from ..errors import ConfigError as _ConfigError
+
+    existing = rs.find_by_out_dir(out_dir)
+    if existing is not None:
+        return existing
+    path = out_dir / RUN_ID
+    if not path.is_file() or path.is_symlink():
+        return None
+    run_id = path.read_text(encoding="utf-8").strip()[:64]
+    try:
+        return rs.get_experiment(run_id) if run_id else None
+    except _ConfigError:
+        return None
+
+
+def record_run_id(out_dir: Path, run_id: str) -> None:
+    """Write ``artifacts/run_id`` (atomically) unless it already holds ``run_id``."""
+    from ..atomic import write_text
+
+    path = out_dir / RUN_ID
+    if not (path.is_file() and path.read_text(encoding="utf-8").strip() == run_id):
+        write_text(path, run_id + "\n")

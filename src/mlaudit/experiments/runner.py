@@ -44,7 +44,16 @@ from ..train.recipe import Recipe
 from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
 from .context import RunContext
 from .progress import Progress
-from .resume import check_out_dir, config_growth, lock_out_dir, record_invocation, remove_stale_tmp, usable
+from .resume import (
+    check_out_dir,
+    config_growth,
+    find_run,
+    lock_out_dir,
+    record_invocation,
+    record_run_id,
+    remove_stale_tmp,
+    usable,
+)
 
 log = logging.getLogger(__name__)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -108,7 +117,7 @@ def run_experiment(
         remove_stale_tmp(out_dir)
         write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         vers = versions()
-        existing = rs.find_by_out_dir(out_dir) if resume else None  # a fresh run never reuses old store rows
+        existing = find_run(rs, out_dir) if resume else None  # a fresh run never reuses old store rows
         if existing is not None and existing.config_hash == chash:
             exp_id = existing.id
         elif existing is not None and grown and config_growth(existing.config, resolved, kind.growable) == grown:
@@ -120,6 +129,7 @@ def run_experiment(
                             "(pass the --store that the run used to skip its finished trials)", rs.path, out_dir)
             exp_id = rs.create_experiment(kind=cfg.kind, name=cfg.display_name, config=resolved, out_dir=out_dir,
                                           git_rev=vers["git_rev"], versions=vers)
+        record_run_id(out_dir, exp_id)  # a moved folder finds its run by this id
         rs.set_status(exp_id, "running")
         finished = usable(rs.finished_trials(exp_id), out_dir)
         t0 = time.perf_counter()

@@ -285,3 +285,19 @@ def test_a_moved_run_folder_resumes_by_the_id_it_records(tmp_path: Path) -> None
                            resume=True).results
     assert again["experiment_id"] == first["experiment_id"] and again["cost"]["models_trained"] == 0
     assert again["metrics"] == first["metrics"]
+
+
+def test_models_that_diverged_or_sit_at_chance_are_flagged(tmp_path: Path) -> None:
+    """Adam at lr 1e6 "finishes" without NaN but learns nothing: results.json and the report say so
+    (issue 21); a healthy run has no warnings."""
+    bad = run_experiment(tiny(trials=2, recipe={"name": "custom", "optimizer": "adam", "lr": 1e6, "epochs": 2,
+                                                 "batch_size": 32, "weight_decay": 0.0}),
+                         out=tmp_path / "bad", device="cpu", store=tmp_path / "s.db", quiet=True).results
+    assert any("training loss above" in w or "chance accuracy" in w for w in bad["warnings"])
+    assert "WARNING:" in (tmp_path / "bad" / "report.html").read_text()
+    from mlaudit.experiments.diagnostics import flag_models
+
+    ok = [{"trial_id": "a", "metrics": {"train_loss": 0.3, "test_accuracy": 0.9}}]
+    assert flag_models(ok, num_classes=10) == []
+    assert len(flag_models([{"trial_id": "b", "metrics": {"train_loss": float("inf"), "test_accuracy": 0.1}}],
+                           num_classes=10)) == 2

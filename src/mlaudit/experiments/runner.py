@@ -43,6 +43,7 @@ from ..store import RunStore, default_store_path
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
 from .context import RunContext
+from .diagnostics import flag_models
 from .progress import Progress
 from .resume import (
     check_out_dir,
@@ -161,6 +162,7 @@ def run_experiment(
                     "status": status, "wall_s": round(wall, 3), "train_wall_s": round(c.train_wall_s, 3),
                     "models_trained": c.models_trained, "gpu_seconds": round(c.gpu_seconds, 3) if cuda else None,
                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        flags = flag_models(ctx.finished.values(), num_classes=data.num_classes)
         results = {
             "kind": cfg.kind,
             "name": cfg.display_name,
@@ -181,6 +183,7 @@ def run_experiment(
                 "peak_gpu_mem_mb": round(c.peak_gpu_mem_mb, 1) if c.peak_gpu_mem_mb is not None else None,
                 "cumulative": cumulative,
             },
+            **({"warnings": flags} if flags else {}),
             "executor": ex.name,
             "device": dev,
             **({"grown_from": {k: old for k, (old, _) in grown.items()}} if grown else {}),
@@ -193,7 +196,7 @@ def run_experiment(
 
         write_report(out_dir / "report.html", title=f"mlaudit {cfg.kind}: {cfg.display_name}", config=resolved,
                      metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=vers,
-                     figures=output.figures, tables=output.tables, notes=output.notes)
+                     figures=output.figures, tables=output.tables, notes=[*(f"WARNING: {w}" for w in flags), *output.notes])
         rs.put_metrics(exp_id, to_jsonable(output.metrics))
         rs.set_status(exp_id, "done")
         return RunResult(out_dir, exp_id, results)

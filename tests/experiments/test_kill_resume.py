@@ -1,0 +1,70 @@
+"""Every kind resumes after an interruption to the same result (issue 21: a kill-and-resume test per
+kind). The interruption is injected deterministically: the run store raises KeyboardInterrupt on the
+second trial commit (as Ctrl-C would between two models); the resumed run must report the same
+headline metrics as an uninterrupted run, retraining only what was not committed. ``max_chunk: 1``
+makes every model train alone, so resumed models are bitwise the uninterrupted ones on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlaudit.experiments import run_experiment
+from mlaudit.store import RunStore
+
+ONE = {"factory": {"max_chunk": 1}, "seed": 0}
+KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "train": ({"kind": "train", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
+               "trials": 3}, ("test_accuracy",)),
+    "membership-inference": ({"kind": "membership-inference", "dataset": "digits", "model": "mlp",
+                              "recipe": {"name": "fast", "epochs": 2}, "pool": {"models": 4}, "attacks": ["loss"],
+                              "memorization": False, "n_boot": 0}, ("loss",)),
+    "dp-audit": ({"kind": "dp-audit", "dataset": "digits", "model": "logistic", "canary": "mislabeled",
+                  "recipe": {"name": "fast", "epochs": 1, "dp": {"noise_multiplier": 1.0, "clip": 1.0}},
+                  "models_per_side": 20, "claimed_epsilon": 50.0, "confidence": 0.9},
+                 ("epsilon_lower_bound", "fp", "fn")),
+    "targeted-poison": ({"kind": "targeted-poison", "dataset": "digits", "model": "mlp",
+                         "recipe": {"name": "fast", "epochs": 2}, "scenarios": 1, "victims": 2,
+                         "attack": {"method": "gradient-matching", "eps": 16, "budget": 0.01, "restarts": 1,
+                                    "steps": 5}}, ("poison_success", "victim_accuracy")),
+    "availability-poison": ({"kind": "availability-poison", "dataset": "digits", "model": "mlp",
+                             "recipe": {"name": "fast", "epochs": 2}, "victims": 2,
+                             "attack": {"method": "adversarial-untargeted", "eps": 64, "steps": 5}},
+                            ("clean_accuracy", "poisoned_accuracy")),
+    "indiscriminate-poison": ({"kind": "indiscriminate-poison", "dataset": "digits", "model": "logistic",
+                               "recipe": {"name": "fast", "epochs": 2}, "victims": 2,
+                               "attack": {"method": "label-flip", "eps_d": 0.1}},
+                              ("clean_accuracy", "poisoned_accuracy")),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_interrupted_run_resumes_to_the_same_result(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    cfg, keys = KINDS[kind]
+    cfg = {**cfg, **ONE}
+    whole = run_experiment(cfg, out=tmp_path / "whole", device="cpu", store=tmp_path / "a.db", quiet=True).results
+
+    commit = RunStore.commit_trial
+    calls = {"n": 0}
+
+    def interrupting(self: RunStore, *args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "commit_trial", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out=tmp_path / "cut", device="cpu", store=tmp_path / "b.db", quiet=True)
+    monkeypatch.setattr(RunStore, "commit_trial", commit)
+    assert RunStore(tmp_path / "b.db").list_experiments()[0].status == "interrupted"
+    resumed = run_experiment(cfg, out=tmp_path / "cut", device="cpu", store=tmp_path / "b.db", quiet=True,
+                             resume=True).results
+    assert resumed["cost"]["models_resumed"] == 1
+    assert resumed["cost"]["models_trained"] == whole["cost"]["models_trained"] - 1
+    assert resumed["cost"]["cumulative"]["invocations"] == 2
+    for k in keys:
+        assert resumed["metrics"][k] == whole["metrics"][k], k

@@ -301,3 +301,12 @@ def test_models_that_diverged_or_sit_at_chance_are_flagged(tmp_path: Path) -> No
     assert flag_models(ok, num_classes=10) == []
     assert len(flag_models([{"trial_id": "b", "metrics": {"train_loss": float("inf"), "test_accuracy": 0.1}}],
                            num_classes=10)) == 2
+
+
+def test_each_run_appends_to_its_log_file(tmp_path: Path) -> None:
+    cfg = tiny(trials=2)
+    run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True)
+    run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True, resume=True)
+    text = (tmp_path / "o" / "artifacts" / "run.log").read_text()
+    assert "(train) started in" in text and "(train) resumed in" in text
+    assert "done in" in text and "2 models trained, 0 resumed" in text and "0 models trained, 2 resumed" in text

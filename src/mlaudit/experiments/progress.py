@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import Progress as RichProgress
 
 
 @dataclass
 class Progress:
-    """Rich progress bars on stderr, one task per long loop; every method is a no-op when ``quiet``.
+    """Rich progress bars on stderr (done/total, elapsed time and an ETA), one task per long loop;
+    every method is a no-op when ``quiet``.
 
     Use as a context manager: ``with Progress(quiet=q) as p: t = p.task("models", total=8); p.advance(t)``.
     """
@@ -23,7 +35,8 @@ class Progress:
     def __enter__(self) -> Progress:
         if not self.quiet:
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=self.console, transient=False)
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     console=self.console, transient=False)
             self._bar.start()
         return self
 
@@ -54,3 +67,25 @@ class Progress:
         """Print a line above the bars (plain text: brackets in it are not read as markup)."""
         if not self.quiet:
             self.console.print(message, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def run_log(out_dir: Path, *, level: int = logging.INFO) -> Iterator[Path]:
+    """Append everything mlaudit logs at ``level`` and above during the block to
+    ``out_dir/artifacts/run.log`` (timestamped; every invocation of the folder appends), then detach."""
+    path = out_dir / "artifacts" / "run.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    logger = logging.getLogger("mlaudit")
+    old = logger.level
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > level:
+        logger.setLevel(level)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+        handler.close()

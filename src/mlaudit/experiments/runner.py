@@ -20,31 +20,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import re
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..atomic import write_text
 from ..data.base import DataBundle
-from ..errors import ConfigError, MlauditError, UnsupportedModelError
+from ..errors import ConfigError, MlauditError
 from ..factory import Executor, make_executor
-from ..factory.spec import resolve_device
 from ..jsonutil import config_hash, to_jsonable
-from ..models.registry import ModelSpec, build_model
 from ..provenance import device_name, versions
 from ..store import RunStore, default_store_path
-from ..train.recipe import Recipe
 from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
 from .context import RunContext
 from .diagnostics import flag_models
-from .progress import Progress
+from .preflight import check_device, preflight  # noqa: F401  (check_device is imported from here too)
+from .progress import Progress, run_log
 from .resume import (
     check_out_dir,
     config_growth,
@@ -57,7 +51,6 @@ from .resume import (
 )
 
 log = logging.getLogger(__name__)
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -114,6 +107,14 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     with lock_out_dir(out_dir):  # held until the run ends; a second process on this folder is refused
         grown = check_out_dir(out_dir, resolved, resume=resume, growable=kind.growable if grow else None)  # again, locked
+        return _run_locked(cfg, kind, resolved, chash, out_dir, data, rs, dev, ex, grown, resume, quiet)
+
+
+def _run_locked(cfg: ExperimentConfig, kind: Any, resolved: dict[str, Any], chash: str, out_dir: Path,
+                data: DataBundle, rs: RunStore, dev: str, ex: Executor, grown: dict[str, tuple[int, int]],
+                resume: bool, quiet: bool) -> RunResult:
+    """The run itself, in the locked and checked output folder, with its log file attached."""
+    with run_log(out_dir):
         had_run = (out_dir / "config.yaml").is_file()
         remove_stale_tmp(out_dir)
         write_atomic(out_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -132,6 +133,8 @@ def run_experiment(
                                           git_rev=vers["git_rev"], versions=vers)
         record_run_id(out_dir, exp_id)  # a moved folder finds its run by this id
         rs.set_status(exp_id, "running")
+        log.info("run %s (%s) %s in %s: device %s, executor %s", exp_id, cfg.kind,
+                 "resumed" if resume else "started", out_dir, dev, ex.name)
         finished = usable(rs.finished_trials(exp_id), out_dir)
         t0 = time.perf_counter()
         cuda = dev.startswith("cuda")
@@ -199,6 +202,7 @@ def run_experiment(
                      figures=output.figures, tables=output.tables, notes=[*(f"WARNING: {w}" for w in flags), *output.notes])
         rs.put_metrics(exp_id, to_jsonable(output.metrics))
         rs.set_status(exp_id, "done")
+        log.info("run %s done in %.1f s: %d models trained, %d resumed", exp_id, wall, c.models_trained, len(finished))
         return RunResult(out_dir, exp_id, results)
 
 
@@ -212,98 +216,6 @@ def resume_experiment(out: str | Path, **kwargs: Any) -> RunResult:
     from ..config import load_yaml
 
     return run_experiment(load_yaml(cfg_file), out=out_dir, resume=True, **kwargs)
-
-
-def check_device(device: str) -> str:
-    """Validate ``auto``/``cpu``/``cuda[:N]`` and resolve ``auto``; returns e.g. ``"cpu"``, ``"cuda"``."""
-    if not isinstance(device, str) or not _DEVICE.match(device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    dev = str(resolve_device(device))
-    if dev.startswith("cuda"):
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ConfigError(f"device {device!r} was asked for but torch sees no CUDA device; "
-                              "use --device cpu or --device auto")
-        index = int(dev.split(":")[1]) if ":" in dev else 0
-        if index >= n:
-            raise ConfigError(f"device {device!r}: there are {n} CUDA devices (cuda:0 to cuda:{n - 1})")
-    return dev
-
-
-def preflight(cfg: ExperimentConfig, data: DataBundle | None = None) -> DataBundle:
-    """Load the config's dataset (unless given), build its model once for that data and run it on two
-    inputs, and import the user's trainer and check its signature, so that missing or corrupt files,
-    import strings that do not resolve and model/data mismatches are reported before anything is
-    written. This is the first place user code (import strings) is imported. Returns the data."""
-    from ..data.registry import load_dataset
-    from ..models.registry import check_output
-    from ..train.trainer import UserTrainer
-
-    data = load_dataset(cfg.dataset) if data is None else data
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-        check_output(model, input_shape=data.input_shape, num_classes=cfg.model.num_classes or data.num_classes,
-                     name=cfg.model.name)
-    if cfg.user_trainer is not None:
-        UserTrainer(cfg.user_trainer)
-    for where, spec, recipe in dp_trainings(cfg):
-        check_dp_recipe(where, spec, recipe, data, extra=getattr(getattr(cfg, "attack", None), "eps_d", None))
-    return data
-
-
-def dp_trainings(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec, Recipe]]:
-    """(recipe field, architecture, recipe) of every model the kind trains with mlaudit's DP-SGD: the
-    config's models, or for the poisoning kinds the victims and the factory-trained crafting models."""
-    if cfg.trainer != "mlaudit":
-        return []  # the user's trainer does its own training (dp-audit: recipe.dp states the claim)
-    victim = getattr(cfg, "victim", None)
-    if victim is None:
-        found = [("recipe", cfg.model, cfg.recipe)]
-    else:
-        from ..attacks.poisoning.contract import Needs
-
-        found = [("victim.recipe" if victim.recipe else "recipe", victim.model or cfg.model, victim.recipe or cfg.recipe)]
-        crafting = cfg.crafting  # type: ignore[attr-defined]
-        if Needs.CRAFTING_MODELS in cfg.attack.entry.needs and crafting.checkpoint is None:  # type: ignore[attr-defined]
-            found += [("crafting.recipe" if crafting.recipe else "recipe", spec, crafting.recipe or cfg.recipe)
-                      for spec in dict.fromkeys(crafting.specs(cfg.model))]
-    return [f for f in found if f[2].dp is not None]
-
-
-def check_dp_recipe(where: str, spec: ModelSpec, recipe: Recipe, data: DataBundle, *, extra: float | None = None) -> None:
-    """Before anything is written: the architecture has no BatchNorm and a target ``dp.epsilon`` is
-    finite and reachable (even sigma = MAX_NOISE_MULTIPLIER gives less) with q and steps for the largest
-    training set the kind uses (N, or N (1 + ``extra``) with inserted poisons), so that a refusal here
-    is one that training would make too (training checks each model's own set, and delta, again)."""
-    from ..privacy.accountant import MAX_NOISE_MULTIPLIER, epsilon
-    from ..privacy.dpsgd import check_dp_model
-    from ..query import model_template
-
-    dp = recipe.dp
-    assert dp is not None
-    try:
-        check_dp_model([model_template(spec, data)])
-    except UnsupportedModelError as e:
-        raise UnsupportedModelError(f"{where}.dp with model {spec.name!r} (norm {spec.norm!r}): {e}") from None
-    n = len(data.train)
-    if dp.epsilon is None:
-        return
-    if not math.isfinite(dp.epsilon):
-        raise ConfigError(f"{where}.dp.epsilon = {dp.epsilon}: a target epsilon must be a finite number > 0 "
-                          "(for training without privacy drop the dp block)")
-    n_max = n + math.ceil(n * extra) if extra else n
-    q = dp.sample_rate if dp.sample_rate is not None else min(1.0, recipe.batch_size / n_max)
-    steps = recipe.epochs * (math.ceil(n_max / recipe.batch_size) if dp.sample_rate is None
-                             else max(1, math.ceil(1.0 / dp.sample_rate - 1e-9)))
-    with warnings.catch_warnings():  # at this sigma the accountant's best order is its largest: expected here
-        warnings.simplefilter("ignore")
-        floor = epsilon(noise_multiplier=MAX_NOISE_MULTIPLIER, sample_rate=q, steps=steps, delta=dp.delta,
-                        accountant=dp.accountant)
-    if dp.epsilon < floor:
-        raise ConfigError(f"{where}.dp.epsilon = {dp.epsilon:g} cannot be reached: with q = {q:.4g}, {steps} steps "
-                          f"({recipe.epochs} epoch{'s' * (recipe.epochs != 1)} on {n_max} examples), delta = {dp.delta:g} and the {dp.accountant!r} "
-                          f"accountant even sigma = {MAX_NOISE_MULTIPLIER:g} gives epsilon {floor:.4g}; ask for "
-                          f"epsilon >= {floor:.3g}, or a larger delta")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from .api import AuditResult, DataLike, ModelLike, TrainerLike, run_kind
 from .attacks.membership import ATTACKS
 from .store import default_store_path
-from .train.checkpoint import save_checkpoint
+from .train.checkpoint import save_checkpoint, sha256_file
 
 __all__ = ["ATTACKS", "audit"]
 
@@ -61,7 +61,7 @@ def _target(target: nn.Module | str | Path, members: Any, inputs: Path) -> dict[
         tmp.replace(path)
     else:
         path = Path(target).expanduser()
-        sha = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+        sha = sha256_file(path) if path.is_file() else None
     spec: dict[str, Any] = {"checkpoint": str(path), **({"sha256": sha} if sha else {})}
     if members is not None:
         mask = (members.cpu().numpy() if isinstance(members, torch.Tensor) else np.asarray(members)).astype(bool)

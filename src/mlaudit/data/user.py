@@ -29,6 +29,7 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from ..imports import resolve_import
 from .base import DataBundle, TensorDataset
+from .sources._util import stratified_split, uint8_to_float
 
 MAX_ITEMS = 10_000_000
 """Largest split converted item by item (a guard against unbounded or streaming datasets)."""
@@ -63,8 +64,6 @@ def as_bundle(obj: Any, *, name: str, test_fraction: float = 0.2, seed: int = 0)
     else:
         x, y = as_tensors(obj, "train")
         classes = classes or _classes(obj, y)
-        from .sources._util import stratified_split
-
         tr, te = stratified_split(y.numpy(), test_fraction, seed)
         if len(te) == 0:
             raise DataError(f"dataset {name!r}: one split was given and test_fraction {test_fraction} leaves no test "
@@ -129,7 +128,7 @@ def _inputs(x: Tensor, what: str) -> Tensor:
     if x.dtype == torch.uint8:
         if x.dim() == 4 and x.shape[-1] in (3, 4) and x.shape[1] not in (1, 3, 4):  # NHWC images
             x = x.permute(0, 3, 1, 2)
-        return x.contiguous().to(torch.float32).div_(255.0)
+        return uint8_to_float(x.numpy())
     if not (x.is_floating_point() or x.dtype in (torch.int16, torch.int32, torch.int64, torch.int8)):
         raise DataError(f"{what} split: inputs of dtype {x.dtype} are not numeric")
     x = x.to(torch.float32)

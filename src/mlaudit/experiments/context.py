@@ -185,14 +185,17 @@ class RunContext:
             rec["checkpoint"] = path.relative_to(self.out_dir).as_posix()
         return rec
 
-    def release_weights(self, records: Sequence[dict[str, Any]], *, outputs: dict[str, Any] | None = None) -> None:
+    def release_weights(self, records: Sequence[dict[str, Any]], *, outputs: dict[str, Any] | None = None,
+                        keep_weights: bool = False) -> None:
         """Delete the saved weights of finished trials once what the experiment needs from them is
         kept: each record is committed again without ``checkpoint``/``sha256`` and with
-        ``outputs[trial_id]`` under ``"outputs"``, so a resumed run reuses it instead of retraining."""
+        ``outputs[trial_id]`` under ``"outputs"``, so a resumed run reuses it instead of retraining.
+        ``keep_weights`` commits the outputs and leaves the weights (and their record entries) alone."""
         for rec in records:
             tid = rec["trial_id"]
-            path = rec.pop("checkpoint", None)
-            rec.pop("sha256", None)
+            path = None if keep_weights else rec.pop("checkpoint", None)
+            if not keep_weights:
+                rec.pop("sha256", None)
             if outputs is not None and tid in outputs:
                 rec["outputs"] = outputs[tid]
             self.store.commit_trial(self.experiment_id, tid, rec, wall_s=rec.get("wall_s") or 0.0)
@@ -235,13 +238,7 @@ class RunContext:
             for i, v in zip(todo, new, strict=True):
                 values[i] = v
             outs = {r["trial_id"]: {**r.get("outputs", {}), key: v} for r, v in zip(recs, new, strict=True)}
-            if keep_weights:
-                for r in recs:
-                    r["outputs"] = outs[r["trial_id"]]
-                    self.store.commit_trial(self.experiment_id, r["trial_id"], r, wall_s=r.get("wall_s") or 0.0)
-                    self.finished[r["trial_id"]] = TrialRecord(r)
-            else:
-                self.release_weights(recs, outputs=outs)
+            self.release_weights(recs, outputs=outs, keep_weights=keep_weights)
         if items is None:
             return values
         return [{t: v[str(t)] for t in items} for v in values]

@@ -18,7 +18,7 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..models.registry import build_model
 from ..train.evaluate import evaluate
-from ..train.loop import StackedModels
+from ..train.loop import StackedModels, training_pools
 from ..train.trainer import UserTrainer, run_user_trainer
 from .spec import FactoryJob, TrainedModel, TrialSpec
 
@@ -47,10 +47,9 @@ def run_user_trials(job: FactoryJob, data: DataBundle, device: torch.device,
 
 
 def trial_training_set(t: TrialSpec, job: FactoryJob, data: DataBundle) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples trial ``t`` trains on: its view's kept virtual indices, cut by its mask; (x, y) on CPU."""
+    """The examples trial ``t`` trains on (the one loop's pool: its view's kept virtual indices, cut by
+    its mask); (x, y) on CPU."""
     view = job.views[t.view] if t.view is not None else DataView.identity(data.train)
-    pool = view.kept_indices().cpu()
-    if t.mask is not None:
-        pool = pool[t.mask.cpu()[pool]]
+    pool = training_pools(data.train, [view], t.mask[None] if t.mask is not None else None)[0]
     x, y = view.gather(pool.to(view.device))
     return x.cpu(), y.cpu()

@@ -207,7 +207,7 @@ def _prepare(data: TensorDataset, views: Sequence[DataView | None] | None, masks
     moved: dict[int, DataView] = {}
     vs = [None if v is None else moved.setdefault(id(v), v if on_device(v.device, device) else v.to(device))
           for v in (views if views is not None else [None] * k)]
-    pools = _training_pools(data, vs, masks)
+    pools = training_pools(data, vs, masks)
     groups: dict[int, tuple[DataView | None, list[int]]] = {}
     for i, v in enumerate(vs):
         groups.setdefault(id(v), (v, []))[1].append(i)
@@ -224,7 +224,7 @@ def on_device(have: torch.device, want: torch.device) -> bool:
     return have.type == want.type and (want.index is None or have.index == want.index)
 
 
-def _training_pools(data: TensorDataset, views: list[DataView | None], masks: Tensor | None) -> list[Tensor]:
+def training_pools(data: TensorDataset, views: list[DataView | None], masks: Tensor | None) -> list[Tensor]:
     """Per model, the CPU int64 tensor of virtual indices it trains on (view's kept set & mask).
 
     ``masks`` is bool [K, M] with M >= every model's number of virtual indices (rows padded with

@@ -18,6 +18,7 @@ and 0 where the source pixel lies outside the image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,10 +83,12 @@ def _check(x: Tensor, params: AugmentParams) -> None:
         raise ConfigError(f"augmentation params are for {len(params)} samples but the batch has {x.shape[0]}")
 
 
-def apply_augment(x: Tensor, params: AugmentParams) -> Tensor:
-    """Translate with zero fill, then flip: ``x`` [n, C, H, W] -> [n, C, H, W] (same dtype/device).
+def apply_augment(x: Tensor, params: AugmentParams, *, pad_mode: str = "zeros") -> Tensor:
+    """Translate, then flip: ``x`` [n, C, H, W] -> [n, C, H, W] (same dtype/device).
 
-    Bit-exact equal to "``F.pad(x, (pad,) * 4)`` then crop at (pad + dy, pad + dx), then flip".
+    Bit-exact equal to "``F.pad(x, (pad,) * 4, mode)`` then crop at (pad + dy, pad + dx), then flip",
+    with ``pad_mode`` ``zeros`` (zero fill) or ``reflect`` (mirror about the edge pixel, as
+    ``F.pad(..., mode="reflect")``; shifts must be smaller than the image side).
     Non-differentiable use intended (gradients flow, but only through the gathered pixels).
     """
     _check(x, params)
@@ -98,6 +101,11 @@ def apply_augment(x: Tensor, params: AugmentParams) -> Tensor:
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     rows = ar_h + shift[:, 1:2]  # [n, H] source row of each output row
     cols = torch.where(flip[:, None], (w - 1) - ar_w, ar_w) + shift[:, 0:1]  # [n, W] source column
+    if pad_mode == "reflect":  # index -i -> i and (side-1)+i -> (side-1)-i
+        rows = (h - 1) - ((h - 1) - rows.abs()).abs()
+        cols = (w - 1) - ((w - 1) - cols.abs()).abs()
+    elif pad_mode != "zeros":
+        raise ConfigError(f"pad_mode must be 'zeros' or 'reflect', got {pad_mode!r}")
     rows_in, cols_in = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
     valid = (rows_in == rows)[:, :, None] & (cols_in == cols)[:, None, :]  # [n, H, W] inside the image
     flat = (rows_in[:, :, None] * w + cols_in[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
@@ -129,8 +137,12 @@ def apply_augment_differentiable(x: Tensor, params: AugmentParams) -> Tensor:
 
 
 class AugmentSpec(BaseModel):
-    """Augmentation config: ``crop_pad`` (max translation in pixels, >= 0) and ``flip`` (left-right).
+    """Augmentation config: ``crop_pad`` (max translation in pixels, >= 0), ``flip`` (left-right) and
+    ``pad_mode`` (what a translation brings in at the border: ``zeros`` or ``reflect``).
 
+    ``flip: alternating`` (Jordan 2024, airbench, section 3.6) flips each training example at random in
+    the first epoch and then the opposite way to the previous epoch, so every pair of epochs sees both
+    orientations; outside the training loop (crafting, queries) it acts as random flipping.
     The defaults are the usual CIFAR-10 recipe (pad 4, flip). ``crop_pad=0, flip=False`` is the
     identity (:attr:`is_identity`).
     """
@@ -138,7 +150,8 @@ class AugmentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     crop_pad: int = Field(4, ge=0)
-    flip: bool = True
+    flip: bool | Literal["alternating"] = True
+    pad_mode: Literal["zeros", "reflect"] = "zeros"
 
     @property
     def is_identity(self) -> bool:
@@ -148,9 +161,11 @@ class AugmentSpec(BaseModel):
         self, n: int, *, generator: torch.Generator, device: torch.device | str | None = None
     ) -> AugmentParams:
         """Draw params for ``n`` samples (see :func:`sample_augment_params`)."""
-        return sample_augment_params(n, pad=self.crop_pad, flip=self.flip, generator=generator, device=device)
+        return sample_augment_params(n, pad=self.crop_pad, flip=bool(self.flip), generator=generator, device=device)
 
     def __call__(self, x: Tensor, *, generator: torch.Generator, differentiable: bool = False) -> Tensor:
         """Sample params for the batch ``x`` [n, C, H, W] and apply them (fast or differentiable path)."""
         params = self.sample(x.shape[0], generator=generator, device=x.device)
-        return (apply_augment_differentiable if differentiable else apply_augment)(x, params)
+        if differentiable:
+            return apply_augment_differentiable(x, params)
+        return apply_augment(x, params, pad_mode=self.pad_mode)

@@ -139,7 +139,8 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
                                          for o in outs]
     if job.evaluate:
         stack = StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
-        ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device))
+        ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device),
+                      tta=job.recipe.tta)
         for i, m in enumerate(metrics):
             m["test_accuracy"] = float(ev["accuracy"][i])
             m["test_loss"] = float(ev["loss"][i])

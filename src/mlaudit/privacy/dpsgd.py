@@ -164,6 +164,11 @@ def check_dp_model(models: Sequence[nn.Module]) -> None:
             "DP-SGD cannot train a model with BatchNorm (it mixes the examples of a batch, so per-example "
             "clipping does not bound one example's influence); use GroupNorm or no normalisation: "
             "`model: {name: ..., norm: group}` or `norm: none`")
+    frozen = [n for n, p in models[0].named_parameters() if not p.requires_grad] if models else []
+    if frozen:
+        raise UnsupportedModelError(
+            f"DP-SGD here clips and noises the gradient of every parameter, but the model freezes {frozen[:4]}"
+            f"{' ...' if len(frozen) > 4 else ''} (requires_grad=False); unfreeze them, or train without recipe.dp")
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.augment import AugmentParams, apply_augment
 from ..data.base import TensorDataset
 from .loop import StackedModels
 
@@ -32,10 +33,42 @@ def predict(stack: StackedModels, x: Tensor, *, batch_size: int = 1024, bf16: bo
     return torch.cat(out, dim=1)
 
 
+TTA_VIEWS: dict[str, tuple[tuple[int, bool, float], ...]] = {
+    "none": ((0, False, 1.0),),
+    "flip": ((0, False, 0.5), (0, True, 0.5)),
+    "flip-translate": ((0, False, 0.25), (0, True, 0.25), (-1, False, 0.125), (-1, True, 0.125),
+                       (1, False, 0.125), (1, True, 0.125)),
+}
+"""Test-time augmentation as (diagonal shift, flip, weight) views whose logits are averaged: ``flip``
+mirrors; ``flip-translate`` is airbench's level 2 (Jordan 2024, section 3.7): half the weight on the
+image and its mirror, half on both shifted one pixel up-left and down-right (reflect padding)."""
+
+
 @torch.no_grad()
-def evaluate(stack: StackedModels, data: TensorDataset, *, batch_size: int = 1024, bf16: bool = False) -> dict[str, Tensor]:
-    """Per-model ``accuracy`` [K] and mean cross-entropy ``loss`` [K] on ``data``."""
-    logits = predict(stack, data.x, batch_size=batch_size, bf16=bf16)
+def predict_tta(stack: StackedModels, x: Tensor, *, tta: str = "none", batch_size: int = 1024,
+                bf16: bool = False) -> Tensor:
+    """Weighted mean of :func:`predict` over the :data:`TTA_VIEWS` of ``tta``: x [N, C, H, W] ->
+    float32 [K, N, C]; ``none`` (or non-image data) is plain :func:`predict`."""
+    views = TTA_VIEWS[tta]
+    if len(views) == 1 or x.dim() != 4:
+        return predict(stack, x, batch_size=batch_size, bf16=bf16)
+    out = None
+    for shift, flip, w in views:
+        n = x.shape[0]
+        params = AugmentParams(shift=torch.full((n, 2), shift, dtype=torch.int64), flip=torch.full((n,), flip))
+        xv = apply_augment(x, params.to(x.device), pad_mode="reflect")
+        lg = predict(stack, xv, batch_size=batch_size, bf16=bf16) * w
+        out = lg if out is None else out + lg
+    assert out is not None
+    return out
+
+
+@torch.no_grad()
+def evaluate(stack: StackedModels, data: TensorDataset, *, batch_size: int = 1024, bf16: bool = False,
+             tta: str = "none") -> dict[str, Tensor]:
+    """Per-model ``accuracy`` [K] and mean cross-entropy ``loss`` [K] on ``data`` (logits averaged over
+    the test-time augmentation views of ``tta``, see :data:`TTA_VIEWS`)."""
+    logits = predict_tta(stack, data.x, tta=tta, batch_size=batch_size, bf16=bf16)
     y = data.y.to(logits.device)
     acc = (logits.argmax(-1) == y).float().mean(1)
     loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(stack.k), reduction="none").view(stack.k, -1).mean(1)

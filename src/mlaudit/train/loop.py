@@ -133,9 +133,12 @@ def train_stack(
     data, groups, pools, spe = _prepare(data, views, masks, k, len(seeds), recipe.batch_size, device)
     bsz = recipe.batch_size
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
-    stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last)
+    _data_init(models, data, groups, pools, seeds)
+    stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last,
+                                       compile=recipe.compile)
     plist = stack.trainable()
-    opt = make_optimizer(recipe, plist)
+    opt = make_optimizer(recipe, plist, names=stack.trainable_names(), leading_k=stack.leading_k, base_lr=lr)
+    flip_base = _alternating_flips(augment, pools, gens, device)
     bf16 = use_bf16(recipe, device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     check_every_step = device.type == "cpu"
@@ -160,21 +163,22 @@ def train_stack(
             if dp is not None:
                 loss_k, grads = dp.step(stack, lambda i: _gather(data, groups, i),
                                         label_smoothing=recipe.label_smoothing)
-                opt.step(grads, lr_at(recipe, lr, epoch + s / spe))
+                opt.step(grads, lr_at(recipe, lr, epoch + s / spe), progress=epoch + s / spe)
             else:
                 idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices
                 xb, yb = _gather(data, groups, idx)
                 if aug is not None:  # aug = (shift [K, S*B, 2], flip [K, S*B]); this step's slice, flattened
                     sl = slice(s * bsz, (s + 1) * bsz)
-                    p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=aug[1][:, sl].flatten(0, 1))
-                    xb = apply_augment(xb.flatten(0, 1), p).view_as(xb)
+                    flips = aug[1][:, sl] if flip_base is None else flip_base.gather(1, idx) ^ bool(epoch % 2)
+                    p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=flips.flatten(0, 1))
+                    xb = apply_augment(xb.flatten(0, 1), p, pad_mode=augment.pad_mode).view_as(xb)
                 with autocast:
                     logits = stack.forward(xb, train=True)
                 loss_k = F.cross_entropy(
                     logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing,
                     reduction="none").view(k, bsz).mean(1)
-                grads = torch.autograd.grad(loss_k.sum(), plist)
-                opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe))
+                grads = torch.autograd.grad(loss_k.sum() * (bsz if recipe.loss_reduction == "sum" else 1), plist)
+                opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe), progress=epoch + s / spe)
             loss_d = loss_k.detach()
             epoch_loss += loss_d
             bad = ~torch.isfinite(loss_d)
@@ -249,6 +253,37 @@ def training_pools(data: TensorDataset, views: list[DataView | None], masks: Ten
             raise ConfigError(f"model {i} has no training examples after its view and subset mask")
         pools.append(pool)
     return pools
+
+
+DATA_INIT_SEED = 0xDA7A
+"""Offset of the seed of the generator that picks the images a model's ``data_init`` sees (separate
+from the data-order generator, so adding ``data_init`` to a model leaves its batches unchanged)."""
+DATA_INIT_MAX = 5000
+
+
+def _data_init(models: Sequence[nn.Module], data: TensorDataset, groups: list[tuple[DataView | None, list[int]]],
+               pools: list[Tensor], seeds: Sequence[int]) -> None:
+    """Give every model that defines ``data_init(x [n, *shape])`` (e.g. the whitening stem of
+    ``airbench``) up to 5000 images drawn, seeded, from its own training pool (through its view)."""
+    if not hasattr(models[0], "data_init"):
+        return
+    view_of = {i: v for v, members in groups for i in members}
+    for i, (m, pool) in enumerate(zip(models, pools)):
+        g = torch.Generator().manual_seed(int(seeds[i]) + DATA_INIT_SEED)
+        pick = pool[torch.randperm(len(pool), generator=g)[:DATA_INIT_MAX]].to(data.x.device)
+        v = view_of.get(i)
+        x = data.x[pick] if v is None else v.gather(pick)[0]
+        m.data_init(x)
+
+
+def _alternating_flips(augment: AugmentConfig | None, pools: list[Tensor], gens: list[torch.Generator],
+                       device: torch.device) -> Tensor | None:
+    """For ``flip: alternating``: per model a random flip bit for each of its (virtual) indices, bool
+    [K, N_total]; epoch e flips index i iff ``bit[i] xor (e odd)`` (Jordan 2024, section 3.6)."""
+    if augment is None or augment.flip != "alternating":
+        return None
+    n_total = max(int(p.max()) + 1 for p in pools)
+    return torch.stack([torch.rand(n_total, generator=g) < 0.5 for g in gens]).to(device)
 
 
 def _epoch_order(pool: Tensor, total: int, g: torch.Generator) -> Tensor:

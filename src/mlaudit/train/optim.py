@@ -8,26 +8,37 @@ update as K separate models:
 * SGD (momentum mu, dampening 0, weight decay lambda added to the gradient, optional Nesterov):
   g <- g + lambda w;  b <- mu b + g;  d = g + mu b (Nesterov) or b;  w <- w - lr d.
 * Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient (torch.optim.Adam semantics).
+* Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; used by airbench94): Nesterov
+  momentum on the gradient, then the update matrix (a conv filter bank reshaped to
+  [out, in * kh * kw]) replaced by an approximation of its orthogonal factor ``U V^T`` from a few
+  quintic Newton-Schulz steps; weights are renormalised to Frobenius norm ``sqrt(out)`` before each
+  step. All same-shaped matrices (of every model in the stack) go through one batched iteration.
+
+A recipe's ``param_groups`` give parameters (by name) their own optimizer, lr, momentum, weight decay
+and training length (:class:`GroupedOptimizer`); ``optimizer: muon`` sends 4-D conv filters to Muon and
+the rest to SGD unless a group says otherwise.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..registry import Registry
-from .recipe import Recipe
+from .recipe import ParamGroup, Recipe, schedule_factor
 
 
 class StackedOptimizer(Protocol):
     """Updates stacked parameters in place, given their gradients and the current learning rate."""
 
-    def step(self, grads: list[Tensor], lr: float) -> None: ...
+    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None: ...
 
 
 @dataclass
@@ -41,7 +52,7 @@ class StackedSGD:
     buffers: list[Tensor] | None = None
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float) -> None:
+    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
         """Update ``params`` in place from ``grads`` (same shapes) at learning rate ``lr``."""
         if self.weight_decay:
             grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
@@ -68,7 +79,7 @@ class StackedAdam:
     v: list[Tensor] = field(default_factory=list)
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float) -> None:
+    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
         """Update ``params`` in place from ``grads`` (same shapes) at learning rate ``lr``."""
         b1, b2 = self.betas
         if self.weight_decay:
@@ -88,19 +99,135 @@ class StackedAdam:
         torch._foreach_addcdiv_(self.params, self.m, denom, value=-lr / bc1)
 
 
-OPTIMIZERS: Registry[Callable[[Recipe, list[Tensor]], StackedOptimizer]] = Registry("optimizer")
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+"""Quintic Newton-Schulz coefficients (a, b, c) of Muon: chosen for a steep slope at zero, so a few
+steps push every singular value into roughly [0.5, 1.5] rather than converging exactly to 1."""
+
+
+def orthogonalize(g: Tensor, *, steps: int = 3, eps: float = 1e-7) -> Tensor:
+    """Approximate ``U V^T`` of each matrix of ``g`` [..., m, n] (``g = U S V^T``) by ``steps``
+    quintic Newton-Schulz iterations ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` on
+    ``X = g / ||g||_F`` (run on the wide orientation; bf16 on CUDA, float32 elsewhere)."""
+    a, b, c = NS_COEFFS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.transpose(-2, -1)
+    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        am = x @ x.transpose(-2, -1)
+        x = a * x + (b * am + c * am @ am) @ x
+    return (x.transpose(-2, -1) if tall else x).to(g.dtype)
+
+
+@dataclass
+class StackedMuon:
+    """Muon over conv filter banks, stacked or not (``leading_k``: params are [K, out, in, kh, kw])."""
+
+    params: list[Tensor]
+    momentum: float
+    nesterov: bool
+    leading_k: bool
+    buffers: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
+        """Momentum, weight renormalisation to ``sqrt(out)`` and the orthogonalised step of size ``lr``."""
+        if self.buffers is None:
+            self.buffers = [torch.zeros_like(g) for g in grads]
+        torch._foreach_mul_(self.buffers, self.momentum)
+        torch._foreach_add_(self.buffers, grads)
+        upd = torch._foreach_add(grads, self.buffers, alpha=self.momentum) if self.nesterov else self.buffers
+        lead = 1 if self.leading_k else 0
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(self.params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, idx in by_shape.items():
+            out = shape[lead]
+            w = torch.stack([self.params[i] for i in idx])  # [G, (K,) out, ...]
+            flat = w.flatten(lead + 2) if w.dim() > lead + 2 else w
+            norm = torch.linalg.vector_norm(flat.flatten(lead + 1), dim=-1)  # [G, (K,)]
+            scale = (math.sqrt(out) / norm.clamp_min(1e-12)).view(*norm.shape, *([1] * (w.dim() - norm.dim())))
+            u = torch.stack([upd[i] for i in idx]).flatten(lead + 2)  # [G, (K,) out, in*kh*kw]
+            o = orthogonalize(u).view_as(w)
+            for j, i in enumerate(idx):
+                self.params[i].mul_(scale[j]).add_(o[j], alpha=-lr)
+
+
+@dataclass
+class GroupedOptimizer:
+    """Sub-optimizers over disjoint parameter groups, each with its own base lr and schedule length.
+
+    ``step(grads, lr, progress=)``: group g with base lr ``lr_g`` and optional ``epochs_g`` steps at
+    ``lr_g * schedule_factor(recipe, progress, epochs=epochs_g)``; ``lr`` (the recipe's scheduled lr)
+    is not used, so the schedule is evaluated per group.
+    """
+
+    recipe: Recipe
+    groups: list[tuple[StackedOptimizer, list[int], float, float | None]]  # (optimizer, indices, base lr, epochs)
+
+    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
+        for opt, idx, base, epochs in self.groups:
+            f = schedule_factor(self.recipe, progress, epochs=epochs)
+            if f > 0:
+                opt.step([grads[i] for i in idx], base * f, progress=progress)
+
+
+OptimizerFactory = Callable[..., StackedOptimizer]
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(recipe: Recipe, params: list[Tensor]) -> StackedSGD:
+def _sgd(recipe: Recipe, params: list[Tensor], **_: object) -> StackedSGD:
     return StackedSGD(params, recipe.momentum, recipe.nesterov, recipe.weight_decay)
 
 
 @OPTIMIZERS.register("adam")
-def _adam(recipe: Recipe, params: list[Tensor]) -> StackedAdam:
+def _adam(recipe: Recipe, params: list[Tensor], **_: object) -> StackedAdam:
     return StackedAdam(params, recipe.weight_decay)
 
 
-def make_optimizer(recipe: Recipe, params: list[Tensor]) -> StackedOptimizer:
-    """The stacked optimizer ``recipe.optimizer`` names, over ``params`` (each [K, *shape])."""
-    return OPTIMIZERS.get(recipe.optimizer)(recipe, params)
+@OPTIMIZERS.register("muon")
+def _muon(recipe: Recipe, params: list[Tensor], *, leading_k: bool = True, **_: object) -> StackedMuon:
+    return StackedMuon(params, recipe.momentum, recipe.nesterov, leading_k)
+
+
+def make_optimizer(recipe: Recipe, params: list[Tensor], *, names: Sequence[str] | None = None,
+                   leading_k: bool = True, base_lr: float | None = None) -> StackedOptimizer:
+    """The stacked optimizer for ``params`` (each [K, *shape] when ``leading_k``, else one model's).
+
+    Without ``param_groups`` and with ``optimizer`` sgd or adam: that optimizer over all params. Else
+    (``names`` [len(params)] required) a :class:`GroupedOptimizer`: each parameter goes to its first
+    matching group, or to the default group (Muon for 4-D filters when ``optimizer: muon``, else SGD,
+    at ``base_lr``). A group pattern that matches no parameter is a ConfigError naming it.
+    """
+    if not recipe.param_groups and recipe.optimizer != "muon":
+        return OPTIMIZERS.get(recipe.optimizer)(recipe, params)
+    if names is None or len(names) != len(params):
+        raise ConfigError("param_groups and the muon optimizer need the parameters' names")
+    base = recipe.resolved_lr(residual=False) if base_lr is None else base_lr
+    lead = 1 if leading_k else 0
+    default = ParamGroup(match="*")
+    buckets: dict[tuple[int, str], list[int]] = {}
+    used: set[int] = set()
+    for i, (name, p) in enumerate(zip(names, params)):
+        gi = next((j for j, g in enumerate(recipe.param_groups) if fnmatch.fnmatchcase(name, g.match)), -1)
+        g = recipe.param_groups[gi] if gi >= 0 else default
+        kind = g.optimizer or ("muon" if recipe.optimizer == "muon" and p.dim() - lead == 4 else "sgd")
+        if kind == "muon" and p.dim() - lead < 2:
+            raise ConfigError(f"parameter {name!r} {list(p.shape[lead:])} cannot use Muon (it needs a matrix or a "
+                              "filter bank); give it optimizer: sgd in recipe.param_groups")
+        buckets.setdefault((gi, kind), []).append(i)
+        used.add(gi)
+    unused = [g.match for j, g in enumerate(recipe.param_groups) if j not in used]
+    if unused:
+        raise ConfigError(f"recipe.param_groups pattern(s) {unused} match no trainable parameter; the model's are: "
+                          f"{', '.join(sorted(set(names)))}")
+    groups = []
+    for (gi, kind), idx in buckets.items():
+        g = recipe.param_groups[gi] if gi >= 0 else default
+        sub = recipe.model_copy(update={k: v for k, v in (("momentum", g.momentum), ("weight_decay", g.weight_decay))
+                                        if v is not None})
+        opt = OPTIMIZERS.get(kind)(sub, [params[i] for i in idx], leading_k=leading_k)
+        groups.append((opt, idx, g.lr if g.lr is not None else base, g.epochs))
+    return GroupedOptimizer(recipe, groups)

@@ -10,7 +10,8 @@
           benchmarks/results/factory_fast.md, factory_resnet.md). Which layout wins depends on the
           architecture; the factory times both when ``strategy: auto`` (factory/layout.py).
 
-Both expose ``trainable()`` (the leaf tensors the optimizer updates, in a fixed order),
+Both expose ``trainable()`` (the leaf tensors the optimizer updates, in a fixed order; parameters a
+model froze with ``requires_grad=False`` stay fixed) with ``trainable_names()`` beside it,
 ``forward(x [K, B, ...]) -> [K, B, C]``, ``state_dict(k)`` and ``k``; the training loop and the
 optimizers are the same for both, so a model's update is the same elementwise maths either way.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,15 @@ class StackedModels:
     def trainable(self) -> list[Tensor]:
         raise NotImplementedError
 
+    def trainable_names(self) -> list[str]:
+        """The parameter name of each entry of :meth:`trainable` (repeated per model for ``loop``)."""
+        raise NotImplementedError
+
+    @property
+    def leading_k(self) -> bool:
+        """Whether each trainable tensor holds all K models ([K, *shape]) or one model's."""
+        return self.strategy == "vmap"
+
     def forward(self, x: Tensor, *, train: bool) -> Tensor:
         raise NotImplementedError
 
@@ -53,21 +63,24 @@ class StackedModels:
 
     @staticmethod
     def from_modules(models: Sequence[nn.Module], device: torch.device, *, strategy: str = "auto",
-                     channels_last: bool = True) -> StackedModels:
+                     channels_last: bool = True, compile: bool = False) -> StackedModels:
         """Copy ``models`` (same architecture) onto ``device`` in the chosen layout; ``channels_last``
-        (loop layout on CUDA only) stores conv weights and feeds inputs in NHWC order."""
+        (loop layout on CUDA only) stores conv weights and feeds inputs in NHWC order; ``compile``
+        (loop layout on CUDA only) runs each model's forward through one ``torch.compile``d call, shared
+        by all models of the architecture (their weights are graph inputs, so no recompilation)."""
         strategy = choose_strategy(models[0], device) if strategy == "auto" else strategy
         if strategy not in _LAYOUTS:
             raise ConfigError(f"stack strategy must be auto, vmap or loop, got {strategy!r}")
         if strategy == "loop":
-            return LoopStack.build(models, device, channels_last=channels_last)
+            return LoopStack.build(models, device, channels_last=channels_last,
+                                   compile=compile and device.type == "cuda")
         return VmapStack.build(models, device)
 
 
 @dataclass
 class VmapStack(StackedModels):
     template: nn.Module  # on the meta device; only its structure and train/eval flag are used
-    params: dict[str, Tensor]  # name -> [K, *shape], leaves requiring grad
+    params: dict[str, Tensor]  # name -> [K, *shape], leaves (requiring grad unless the model froze them)
     buffers: dict[str, Tensor]  # name -> [K, *shape] (BatchNorm running stats per model)
     strategy: str = "vmap"
 
@@ -75,7 +88,8 @@ class VmapStack(StackedModels):
     def build(cls, models: Sequence[nn.Module], device: torch.device) -> VmapStack:
         params, buffers = stack_module_state(list(models))
         template = _fp32_batchnorm(copy.deepcopy(models[0]).to("meta"))
-        params = {n: p.detach().to(device).requires_grad_(True) for n, p in params.items()}
+        frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}
+        params = {n: p.detach().to(device).requires_grad_(n not in frozen) for n, p in params.items()}
         buffers = {n: b.to(device) for n, b in buffers.items()}
         return cls(template, params, buffers)
 
@@ -84,7 +98,10 @@ class VmapStack(StackedModels):
         return next(iter(self.params.values())).shape[0]
 
     def trainable(self) -> list[Tensor]:
-        return list(self.params.values())
+        return [p for p in self.params.values() if p.requires_grad]
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.params.items() if p.requires_grad]
 
     def forward(self, x: Tensor, *, train: bool) -> Tensor:
         """x [K, B, *shape] -> logits [K, B, C]."""
@@ -107,26 +124,29 @@ class LoopStack(StackedModels):
     modules: list[nn.Module]
     strategy: str = "loop"
     channels_last: bool = False
+    compiled: bool = False
 
     @classmethod
-    def build(cls, models: Sequence[nn.Module], device: torch.device, *, channels_last: bool = True) -> LoopStack:
+    def build(cls, models: Sequence[nn.Module], device: torch.device, *, channels_last: bool = True,
+              compile: bool = False) -> LoopStack:
         fmt = torch.channels_last if device.type == "cuda" and channels_last else torch.contiguous_format
         mods = []
         for m in models:
-            c = copy.deepcopy(m).to(device)
+            c = copy.deepcopy(m).to(device)  # deepcopy keeps each parameter's requires_grad
             if fmt is torch.channels_last:
                 c = c.to(memory_format=fmt)
-            for p in c.parameters():
-                p.requires_grad_(True)
             mods.append(c)
-        return cls(mods, channels_last=fmt is torch.channels_last)
+        return cls(mods, channels_last=fmt is torch.channels_last, compiled=compile)
 
     @property
     def k(self) -> int:
         return len(self.modules)
 
     def trainable(self) -> list[Tensor]:
-        return [p for m in self.modules for p in m.parameters()]
+        return [p for m in self.modules for p in m.parameters() if p.requires_grad]
+
+    def trainable_names(self) -> list[str]:
+        return [n for m in self.modules for n, p in m.named_parameters() if p.requires_grad]
 
     @property
     def buffers(self) -> dict[str, Tensor]:
@@ -142,7 +162,7 @@ class LoopStack(StackedModels):
             _set_mode(m, train)
             if self.channels_last and xk.dim() == 4:
                 xk = xk.contiguous(memory_format=torch.channels_last)
-            outs.append(m(xk))
+            outs.append(_compiled_call()(m, xk) if self.compiled else m(xk))
         return torch.stack(outs)
 
     def state_dict(self, k: int) -> dict[str, Tensor]:
@@ -150,6 +170,17 @@ class LoopStack(StackedModels):
 
 
 _LAYOUTS = ("vmap", "loop")
+
+
+def _call(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+@functools.cache
+def _compiled_call() -> Callable[[nn.Module, Tensor], Tensor]:
+    """``torch.compile(module(x))`` built once: the module is an argument, so models of one architecture
+    share the compiled graphs (one per train/eval mode and input shape)."""
+    return torch.compile(_call, dynamic=False)
 
 
 def choose_strategy(model: nn.Module, device: torch.device) -> str:

@@ -55,13 +55,14 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=4)
     ap.add_argument("--halves", type=int, default=8)
     ap.add_argument("--out", default="")
+    ap.add_argument("--modes", default="eager,compiled")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     data = cifar10_jpeg()
     res: dict = {"environment": environment()}
     base = resolve_recipe("airbench-muon")
     res["flops_per_step"] = train_step_flops(ModelSpec(name="airbench"), data, base.batch_size)
-    for compile_ in (False, True):
+    for compile_ in [m == "compiled" for m in args.modes.split(",")]:
         r = base.model_copy(update={"compile": compile_})
         key = "compiled" if compile_ else "eager"
         t0 = time.perf_counter()

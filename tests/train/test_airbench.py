@@ -183,3 +183,31 @@ def test_tta_weights_sum_to_one_and_average_the_views() -> None:
     flip = AugmentParams(torch.zeros(len(x), 2, dtype=torch.int64), torch.ones(len(x), dtype=torch.bool))
     manual = 0.5 * predict(stack, x) + 0.5 * predict(stack, apply_augment(x, flip))
     torch.testing.assert_close(predict_tta(stack, x, tta="flip"), manual)
+
+
+@pytest.mark.slow  # about a minute of inductor compilation on a 2-core CPU
+def test_compiled_forward_trains_like_eager_under_bf16_autocast() -> None:
+    """``recipe.compile`` runs the loop layout's forward through one shared ``torch.compile``d call; with
+    bf16 autocast the compiled backward must stay finite and match eager (it gave NaN when the network
+    pooled with ``Tensor.amax``). CPU inductor; a few seconds of compilation."""
+    from mlaudit.train.stacked import _compiled_call
+
+    x, y = data().train.x[:64], data().train.y[:64]
+    losses = []
+    for fn in (_compiled_call(), lambda m, xb: m(xb)):
+        torch.manual_seed(0)
+        m = model_fn(8)()
+        m.data_init(x)
+        names = [n for n, p in m.named_parameters() if p.requires_grad]
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = make_optimizer(muon_recipe(), params, names=names, leading_k=False, base_lr=0.24)
+        run = []
+        for step in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(fn(m, x).float(), y, label_smoothing=0.2)
+            grads = torch.autograd.grad(loss * len(y), params)
+            assert all(torch.isfinite(g).all() for g in grads)
+            opt.step(list(grads), 0.24, progress=step / 10)
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0] == pytest.approx(losses[1], abs=2e-2)

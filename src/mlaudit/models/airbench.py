@@ -111,7 +111,8 @@ class AirbenchNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = (x - self.input_mean[:, None, None].to(x.dtype)) / self.input_std[:, None, None].to(x.dtype)
         h = self.blocks(F.gelu(self.whiten(x)))
-        return self.head(h.amax(dim=(-2, -1))) * self.feature_scale
+        # a max-pool, not Tensor.amax: under torch.compile + bf16 autocast amax's backward gave NaN (torch 2.13, CPU)
+        return self.head(F.adaptive_max_pool2d(h, 1).flatten(1)) * self.feature_scale
 
 
 @register_model("airbench", residual=False, image_only=True, min_size=16)

@@ -129,9 +129,10 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
     if obs.logits.numel() * 4 < LOGITS_MAX_BYTES:
         ctx.write_artifact("logits.pt", lambda f: torch.save(
             {"logits": obs.logits, "labels": y, "keep": keep, "queries": list(queries)}, f))
-    scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options)
+    scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device)
     ctx.write_artifact("scores.npz", lambda f: np.savez_compressed(f, **{k: v.numpy() for k, v in scores.items()}))
-    metrics: dict[str, Any] = {name: rep.attack_metrics(s, keep, config) for name, s in scores.items()}
+    metrics: dict[str, Any] = {name: rep.attack_metrics(s, keep, config, device=ctx.device)
+                               for name, s in scores.items()}
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
     metrics["pool"] = {"models": m, "examples": n, "in_per_example": config.pool.in_per_example,
                        "queries": list(queries), "attack_options": config.resolved_attack_options,

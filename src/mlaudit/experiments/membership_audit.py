@@ -56,7 +56,7 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
     records = train_pool(config, ctx, data, keep, rows, prefix="serum", role="truth-serum", view=view)
     x, y = data.train.x[rows], data.train.y[rows]
     obs = Observations(pool_logits(config, ctx, data, records, x, queries), y, keep, queries)
-    after, diag = score_pool(obs, config.attacks, options=config.resolved_attack_options)
+    after, diag = score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device)
     kt = keep[:, pos]
     res: dict[str, Any] = {"targets": ts.targets, "copies": ts.copies, "pairs": int(kt.numel()),
                            "members": int(kt.sum()), "poisoned_test_accuracy": MeanSE.of(
@@ -70,7 +70,7 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
         pair = {}
         for when, s in (("before", before[name]), ("after", after[name])):
             mt = roc_metrics(s[:, pos].flatten().numpy(), kt.flatten().numpy(), fpr_targets=config.fpr_targets,
-                             n_boot=config.n_boot, seed=config.seed)
+                             n_boot=config.n_boot, seed=config.seed, device=ctx.device)
             pair[when] = {**_slim(mt), "separation": separation(s[:, pos].numpy(), kt.numpy())}
         res[name] = pair
         cells = [pct(pair[w]["auc"]) for w in ("before", "after")]
@@ -149,7 +149,7 @@ def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContex
     if members is not None and 0 < int(member_row.sum()) < member_row.numel():
         for name, s in zip(config.attacks, scores):
             res[name] = roc_metrics(s.numpy(), member_row.numpy(), fpr_targets=config.fpr_targets,
-                                    n_boot=config.n_boot, seed=config.seed)
+                                    n_boot=config.n_boot, seed=config.seed, device=ctx.device)
     return extended(out, metrics={"target": res}, notes=[
         f"external target {tc.checkpoint.name}: scored with all {obs.num_models} pool models as shadows"
         + ("" if members is not None else "; its members are unknown, so only scores are saved")])

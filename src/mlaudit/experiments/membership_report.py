@@ -96,9 +96,12 @@ def base_report(config: MembershipConfig, data: DataBundle, obs: Observations, s
                             figures=roc_figures(scores, obs.keep, metrics), notes=notes)
 
 
-def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str, dict[str, Any]] | None = None
-               ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Scores float64 [M, N] of every attack (every model as target) and diagnostics.
+def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str, dict[str, Any]] | None = None,
+               device: torch.device | str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Scores float64 [M, N] (on the CPU) of every attack (every model as target) and diagnostics.
+
+    ``device`` (None: where ``obs.logits`` are) is where the attacks compute: the logits [M, N, A, C],
+    labels and keep are moved there once, and each attack's scores come back to the CPU once.
 
     Non-finite logits are clipped by the attacks (NaN -> 0, inf -> +-1e4) and counted here as
     ``nonfinite_logit_rows`` (query outputs [M, N, A] with a non-finite logit); non-finite scores
@@ -106,6 +109,8 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
     per attack in ``nonfinite_scores``. Nothing is dropped.
     """
     options = options or {}
+    if device is not None and obs.logits.device != torch.device(device):
+        obs = Observations(obs.logits.to(device), obs.labels.to(device), obs.keep.to(device), obs.queries, obs.meta)
     bad_rows = int((~torch.isfinite(obs.logits)).any(-1).sum())
     diag: dict[str, Any] = {"nonfinite_logit_rows": bad_rows, "logit_rows": int(np.prod(obs.logits.shape[:3])),
                             "nonfinite_scores": {}}
@@ -121,10 +126,12 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
     return scores, diag
 
 
-def attack_metrics(scores: Tensor, keep: Tensor, config: MembershipConfig) -> dict[str, Any]:
-    """:func:`mlaudit.stats.roc_metrics` over all (model, example) pairs of ``scores`` [M, N']."""
+def attack_metrics(scores: Tensor, keep: Tensor, config: MembershipConfig, *, device: torch.device | str = "cpu"
+                   ) -> dict[str, Any]:
+    """:func:`mlaudit.stats.roc_metrics` over all (model, example) pairs of ``scores`` [M, N'] against
+    ``keep`` bool [M, N'] (sort and bootstrap on ``device``)."""
     return roc_metrics(scores.flatten().numpy(), keep.flatten().numpy(), fpr_targets=config.fpr_targets,
-                       n_boot=config.n_boot, seed=config.seed)
+                       n_boot=config.n_boot, seed=config.seed, device=device)
 
 
 def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Observations, *,

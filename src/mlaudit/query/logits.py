@@ -192,16 +192,17 @@ def collect_logits(stack: StackedModels, x: Tensor, *, queries: Sequence[str] = 
     n = x.shape[0]
     if n == 0:
         raise ConfigError("collect_logits needs at least one input, got x with 0 rows")
-    out: Tensor | None = None
+    out: Tensor | None = None  # filled on the stack's device, copied to the CPU once at the end
     for i in range(0, n, batch_size):
         xb = x[i:i + batch_size].to(stack.device)
         for a, q in enumerate(parsed):
-            logits = predict(stack, q.apply(xb), batch_size=batch_size, bf16=bf16).float().cpu()  # [K, b, C]
+            logits = predict(stack, q.apply(xb), batch_size=batch_size, bf16=bf16)  # [K, b, C]
             if out is None:
-                out = torch.empty((logits.shape[0], n, len(parsed), logits.shape[-1]), dtype=torch.float32)
+                out = torch.empty((logits.shape[0], n, len(parsed), logits.shape[-1]), dtype=torch.float32,
+                                  device=logits.device)
             out[:, i:i + xb.shape[0], a] = logits
     assert out is not None  # n >= 1
-    return out
+    return out.cpu()
 
 
 Checkpoint = str | Path | Mapping[str, Tensor]
@@ -221,7 +222,9 @@ def logits_from_checkpoints(template_fn: Callable[[], nn.Module], checkpoints: S
         device: where the models run. chunk: models held on ``device`` at once.
         sha256: optional expected hash per checkpoint (None entries, and state_dicts, are not checked).
 
-    Memory: the result takes M * N * A * C * 4 bytes on the CPU.
+    Memory: the result takes M * N * A * C * 4 bytes on the CPU; ``x`` is copied to ``device`` once
+    (N * prod(shape) * 4 bytes there) and stays there for all chunks, and each chunk's logits stay
+    on ``device`` until the chunk is done (no host transfer per batch).
     """
     parse_queries(queries)  # fail before loading anything
     if chunk < 1:
@@ -232,6 +235,7 @@ def logits_from_checkpoints(template_fn: Callable[[], nn.Module], checkpoints: S
     if len(checkpoints) == 0:
         raise ConfigError("logits_from_checkpoints needs at least one checkpoint")
     template = template_fn()
+    x = x.to(device)
     parts = []
     for i in range(0, len(checkpoints), chunk):
         sds = []

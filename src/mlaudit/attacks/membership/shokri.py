@@ -12,9 +12,12 @@ the target's vectors on the examples of class c are then scored with the attack 
 of IN. The vector is the softmax of augmented query ``query`` (default 0, usually ``identity``).
 
 Cost: one attack model per class and target, M * C in all for a pool used leave-one-out. They are
-trained *together*: for each class, the attack models of all targets are one batched network
-(weights [T, ...]) trained full-batch with Adam in torch, on ``device`` (``auto``: CUDA when
-available), so on a GPU the M * C fits cost about as much as a few. Each class's training set is a seeded uniform sample of at
+trained *together*: the attack models of all targets and all classes (all classes with the same
+number of records, which is every class when ``max_train <= (M - 1) * |class|``) are one batched
+network (weights [T * C, ...]; the evaluation inputs [T * C, E, F] zero-padded to the largest class
+and cut back) trained full-batch with Adam in torch, on ``device`` (``auto``: CUDA when available),
+so ``steps`` Adam steps in all instead of ``steps`` per class; each model's loss, gradient and Adam
+state are its own, so batching does not change its result. Each class's training set is a seeded uniform sample of at
 most ``max_train`` (shadow, example) records per target (default 5,000) on standardised features.
 ``classifier="mlp"`` (default; one hidden layer of ``hidden`` ReLU units, as the paper's neural
 attack models) or ``"logistic"`` (logistic regression, L2 weight decay). ``steps`` full-batch Adam
@@ -150,6 +153,7 @@ def _shokri(obs: Observations, targets: list[int], *, query: int, max_train: int
     keep = obs.keep.cpu().numpy().astype(bool)  # keep[target] is never read for that target
     m = obs.num_models
     scores = torch.zeros(len(targets), obs.num_examples, dtype=torch.float64)
+    groups: dict[int, list[tuple[np.ndarray, Tensor, Tensor, Tensor, dict[int, float], list[int]]]] = {}
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         xs, ys, consts = [], [], {}
@@ -168,9 +172,17 @@ def _shokri(obs: Observations, targets: list[int], *, query: int, max_train: int
         x_train = torch.stack([x[:r] for x in xs])
         y_train = torch.stack([y[:r] for y in ys]).to(x_train.device)
         x_eval = probs[torch.tensor(targets, device=device)][:, torch.from_numpy(idx).to(device)]
-        p = fit_predict(x_train, y_train, x_eval, hidden=hidden if classifier == "mlp" else None, steps=steps,
-                        seeds=[seed * 1_000_003 + t * 101 + int(c) for t in targets]).cpu()
-        for j, v in consts.items():
-            p[j] = v
-        scores[:, torch.from_numpy(idx)] = p
+        groups.setdefault(r, []).append((idx, x_train, y_train, x_eval, consts,
+                                         [seed * 1_000_003 + t * 101 + int(c) for t in targets]))
+    for group in groups.values():  # the classes with as many records: all T * C' attack models in one fit
+        e = max(g[3].shape[1] for g in group)
+        x_eval = torch.cat([F.pad(g[3], (0, 0, 0, e - g[3].shape[1])) for g in group])  # [T * C', E, F], 0-padded
+        p = fit_predict(torch.cat([g[1] for g in group]), torch.cat([g[2] for g in group]), x_eval,
+                        hidden=hidden if classifier == "mlp" else None, steps=steps,
+                        seeds=[s for g in group for s in g[5]]).cpu()
+        for i, (idx, _, _, _, consts, _) in enumerate(group):
+            pc = p[i * len(targets):(i + 1) * len(targets), :len(idx)]
+            for j, v in consts.items():
+                pc[j] = v
+            scores[:, torch.from_numpy(idx)] = pc
     return scores

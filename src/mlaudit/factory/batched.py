@@ -130,15 +130,17 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     layout = setup.layout(len(chunk))
     models = init_models(setup.model_fn, seeds)
     views = [setup.views[t.view] if t.view is not None else None for t in chunk]
+    trained: dict[int, StackedModels] = {}
     outs = train_stack(models, setup.data.train, job.recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
                        masks=_masks(chunk, setup), augment=setup.augment,
                        hooks=[t.hooks for t in chunk] if any(t.hooks is not None for t in chunk) else None,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
-                       strategy=layout)
+                       strategy=layout, on_epoch_models=lambda e, st: trained.__setitem__(0, st))
     metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout, **o.privacy}
                                          for o in outs]
     if job.evaluate:
-        stack = StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
+        # the trained stack itself, still on the device (its weights are exactly the returned state_dicts)
+        stack = trained[0] if 0 in trained else StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
         ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device),
                       tta=job.recipe.tta)
         for i, m in enumerate(metrics):

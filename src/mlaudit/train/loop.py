@@ -156,7 +156,8 @@ def train_stack(
     last_loss = torch.zeros(k, device=device)
     for epoch in range(recipe.epochs):
         if dp is None:
-            order = torch.stack([_epoch_order(p, spe * bsz, g) for p, g in zip(pools, gens)]).to(device)  # [K, S*B]
+            # drawn on the CPU (the same batches on every device), sent as int32: fewer host-to-device bytes
+            order = torch.stack([_epoch_order(p, spe * bsz, g) for p, g in zip(pools, gens)]).int().to(device).long()
             aug = _draw_augment(augment, spe * bsz, gens, device)
         epoch_loss = torch.zeros(k, device=device)
         for s in range(spe):
@@ -299,8 +300,11 @@ def _draw_augment(augment: AugmentConfig | None, n: int, gens: list[torch.Genera
     """One epoch of augmentation per model from its own generator: (shift [K, n, 2], flip [K, n])."""
     if augment is None or (augment.crop_pad == 0 and not augment.flip):
         return None
-    ps = [sample_augment_params(n, pad=augment.crop_pad, flip=augment.flip, generator=g, device="cpu") for g in gens]
-    return torch.stack([p.shift for p in ps]).to(device), torch.stack([p.flip for p in ps]).to(device)
+    ps = [sample_augment_params(n, pad=augment.crop_pad, flip=bool(augment.flip), generator=g, device="cpu")
+          for g in gens]
+    shift = torch.stack([p.shift for p in ps])
+    small = shift.to(torch.int8) if augment.crop_pad < 128 else shift  # 8x fewer bytes to send
+    return small.to(device).long(), torch.stack([p.flip for p in ps]).to(device)
 
 
 def _gather(data: TensorDataset, groups: list[tuple[DataView | None, list[int]]], idx: Tensor

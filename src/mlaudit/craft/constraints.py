@@ -1,9 +1,13 @@
-"""Threat-model constraints on a perturbation ``delta`` of inputs ``x`` in the pixel box [0, 1].
+"""Threat-model constraints on a perturbation ``delta`` of inputs ``x`` in a pixel box (default [0, 1]).
 
-``eps`` is in [0, 1] units (a budget of 16/255 is ``eps=16/255``; configs give it in /255 units and
-convert). Every constraint projects onto the intersection of its ball and the box
-``0 <= x + delta <= 1`` (the l-inf case exactly; the l2 case by the usual projection onto the ball
-followed by clipping to the box, which keeps both constraints satisfied).
+``eps`` is in pixel units (a budget of 16/255 on [0, 1] images is ``eps=16/255``; configs give it in
+/255 units and convert). Every constraint projects onto the intersection of its ball and the box
+``lo <= x + delta <= hi`` (the l-inf case exactly; the l2 case by the usual projection onto the ball
+followed by clipping to the box, which keeps both constraints satisfied), and names its steepest
+ascent direction (the dual-norm direction of a gradient, used by the engine's ``pgd`` and ``apgd``
+steps: sign for l-inf, the unit l2 direction for l2; Madry et al. 2018, eq. 2 and its l2 analogue).
+``Free`` has no set at all: the engine steps in absolute units, for attacks that change variables
+themselves (Carlini-Wagner's tanh box).
 """
 
 from __future__ import annotations
@@ -17,22 +21,47 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import Registry
 
+PixelBox = tuple[float, float]
+
+
+def _check_box(name: str, box: PixelBox) -> None:
+    if not box[0] < box[1]:
+        raise ConfigError(f"{name} box must be (lo, hi) with lo < hi, got {box}")
+
+
+def _per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample value v [P] shaped to broadcast against like [P, *shape]."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _unit_l2(g: Tensor) -> Tensor:
+    """g [P, *shape] divided by its per-sample l2 norm (zero rows stay zero)."""
+    return g / _per_sample(g.flatten(1).norm(dim=1).clamp_min(1e-12), g)
+
 
 @dataclass(frozen=True)
 class LinfBall:
-    """||delta||_inf <= eps and x + delta in [0, 1]."""
+    """||delta||_inf <= eps and x + delta in ``box`` (default [0, 1])."""
 
     eps: float
+    box: PixelBox = (0.0, 1.0)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.eps <= 1:
-            raise ConfigError(f"LinfBall eps must lie in [0, 1] (pixel units; 16/255 = {16 / 255:.4f}), got {self.eps}")
+        _check_box("LinfBall", self.box)
+        width = self.box[1] - self.box[0]
+        if not 0 <= self.eps <= width:
+            raise ConfigError(f"LinfBall eps must lie in [0, {width:g}] (the pixel range {self.box}; 16/255 = "
+                              f"{16 / 255:.4f}), got {self.eps}")
 
     @torch.no_grad()
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
         """delta, x [P, *shape] -> the projected delta (same shape)."""
         d = delta.clamp(-self.eps, self.eps)
-        return (x + d).clamp(0, 1) - x
+        return (x + d).clamp(*self.box) - x
+
+    def steepest(self, grad: Tensor) -> Tensor:
+        """The l-inf steepest direction of grad [P, *shape]: its sign."""
+        return grad.sign()
 
     def random_init(self, x: Tensor, generator: torch.Generator) -> Tensor:
         d = (_rand(torch.rand, x, generator) * 2 - 1) * self.eps
@@ -41,37 +70,68 @@ class LinfBall:
 
 @dataclass(frozen=True)
 class L2Ball:
-    """||delta_i||_2 <= eps per sample and x + delta in [0, 1]."""
+    """||delta_i||_2 <= eps per sample and x + delta in ``box`` (default [0, 1])."""
 
     eps: float
+    box: PixelBox = (0.0, 1.0)
 
     def __post_init__(self) -> None:
+        _check_box("L2Ball", self.box)
         if self.eps < 0:
             raise ConfigError(f"L2Ball eps must be >= 0, got {self.eps}")
 
     @torch.no_grad()
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        scale = (self.eps / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
-        return (x + delta * scale).clamp(0, 1) - x
+        scale = _per_sample((self.eps / norms).clamp(max=1.0), delta)
+        return (x + delta * scale).clamp(*self.box) - x
+
+    def steepest(self, grad: Tensor) -> Tensor:
+        """The l2 steepest direction of grad [P, *shape]: grad / ||grad||_2 per sample."""
+        return _unit_l2(grad)
 
     def random_init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        d = _rand(torch.randn, x, generator)
-        d = d / d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        """A uniform direction times eps * r, r ~ U[0, 1], then projected (the box may shorten it)."""
+        d = _unit_l2(_rand(torch.randn, x, generator))
         r = _rand(torch.rand, x[:, :1].flatten(1)[:, 0], generator)
-        return self.project(d * (self.eps * r).view(-1, *([1] * (x.dim() - 1))), x)
+        return self.project(d * _per_sample(self.eps * r, x), x)
 
 
 @dataclass(frozen=True)
 class Box:
-    """Only the pixel box: x + delta in [0, 1] (no norm bound)."""
+    """Only the pixel box: x + delta in ``box`` (default [0, 1]; no norm bound)."""
+
+    box: PixelBox = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        _check_box("Box", self.box)
 
     @torch.no_grad()
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
-        return (x + delta).clamp(0, 1) - x
+        return (x + delta).clamp(*self.box) - x
+
+    def steepest(self, grad: Tensor) -> Tensor:
+        return grad.sign()
 
     def random_init(self, x: Tensor, generator: torch.Generator) -> Tensor:
-        return _rand(torch.rand, x, generator) - x
+        lo, hi = self.box
+        return lo + _rand(torch.rand, x, generator) * (hi - lo) - x
+
+
+@dataclass(frozen=True)
+class Free:
+    """No constraint (the identity projection): for attacks that optimise a change of variables whose
+    image already lies in the box, e.g. Carlini-Wagner's x_adv = (tanh(w) + 1) / 2 (2017, sec. V.A).
+    ``random_init`` draws N(0, 1) offsets."""
+
+    def project(self, delta: Tensor, x: Tensor) -> Tensor:
+        return delta
+
+    def steepest(self, grad: Tensor) -> Tensor:
+        return grad.sign()
+
+    def random_init(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        return _rand(torch.randn, x, generator)
 
 
 def _rand(fn: Callable[..., Tensor], like: Tensor, generator: torch.Generator) -> Tensor:
@@ -80,8 +140,9 @@ def _rand(fn: Callable[..., Tensor], like: Tensor, generator: torch.Generator) -
     return fn(like.shape, generator=generator, device=generator.device).to(device=like.device, dtype=like.dtype)
 
 
-Constraint = LinfBall | L2Ball | Box
+Constraint = LinfBall | L2Ball | Box | Free
 CONSTRAINTS: Registry[Callable[..., Constraint]] = Registry("constraint")
 CONSTRAINTS.register("linf")(LinfBall)
 CONSTRAINTS.register("l2")(L2Ball)
 CONSTRAINTS.register("box")(lambda eps=None: Box())
+CONSTRAINTS.register("free")(lambda eps=None: Free())

@@ -8,14 +8,23 @@ canaries): minimise an objective over per-sample perturbations under a threat-mo
 inputs of a mini-batch, ``x_adv`` [B, *shape], and their positions ``idx`` [B] in ``x``, and returns
 the loss to *minimise*: a scalar for joint objectives (gradient matching couples all poisons, Geiping
 et al. 2021, eq. 1.3 of seed 002), or per-sample losses [B] for separable ones (PGD, Madry et al. 2018;
-adversarial poisoning, Fowl et al. 2021). An attack only defines its objective; this loop does the rest:
+adversarial poisoning, Fowl et al. 2021). A separable objective may also return ``(losses [B], done [B])``
+where ``done`` (bool) says a sample has reached its goal (an evasion attack: misclassified). An attack
+only defines its objective; this loop does the rest:
 
 * optimizers: ``signed-adam`` (Adam on the sign of the gradient, the Witches' Brew default), ``pgd``
-  (signed gradient steps), ``adam``;
-* step size ``lr`` in units of the constraint's ``eps`` (absolute for :class:`Box`), with a
-  ``step`` schedule (x0.1 after 3/8, 5/8 and 7/8 of the steps), ``cosine`` or ``constant``;
+  (steepest-descent steps in the constraint's norm: the gradient's sign for l-inf, its unit l2
+  direction for l2), ``adam``, and ``apgd`` (Croce & Hein 2020, Algorithm 1: momentum 0.75, a
+  per-sample step size halved at checkpoints when the objective stalls, restarting from the best
+  point; starts at ``lr`` and ignores ``schedule``);
+* step size ``lr`` in units of the constraint's ``eps`` (absolute for :class:`Box` and :class:`Free`),
+  with a ``step`` schedule (x0.1 after 3/8, 5/8 and 7/8 of the steps), ``cosine`` or ``constant``;
 * random restarts, keeping the best by the objective (per sample when the objective is separable),
   optionally G at a time (``parallel_restarts``) through the objective's ``batched`` form;
+* ``keep_best``: the best iterate per sample over all steps, not the last one (separable objectives);
+* ``early_stop``: a sample flagged ``done`` leaves the optimisation (no more forward or backward
+  passes), later restarts run only on samples no restart has finished, and the loop ends when
+  every sample is done. Done samples rank above samples that are not, whatever their losses;
 * differentiable augmentation (translate + flip through ``grid_sample``), redrawn every step, so the
   perturbation works in expectation over the victim's augmentations (seed 002, section 1.3.4);
 * mini-batches of perturbations for large budgets (gradients accumulate over all batches before
@@ -37,22 +46,25 @@ from torch import Tensor
 
 from ..data.augment import AugmentSpec, apply_augment_differentiable
 from ..errors import ConfigError
-from .constraints import Box, Constraint
+from .constraints import Box, Constraint, Free
+from .steps import UPDATES, StepInfo
 
-Objective = Callable[[Tensor, Tensor], Tensor]
+Objective = Callable[[Tensor, Tensor], Tensor | tuple[Tensor, Tensor]]
 
 
 @dataclass
 class CraftResult:
     """``delta`` [P, *shape] (inside the constraint), the final ``objective`` (sum over batches of the
-    returned delta), ``per_sample`` [P] for separable objectives, each restart's final objective,
-    and the best restart's objective per step (``history``)."""
+    returned delta), ``per_sample`` [P] for separable objectives, ``done`` [P] (bool) for objectives
+    that flag it, each restart's final objective, and the best restart's objective per step
+    (``history``)."""
 
     delta: Tensor
     objective: float
     per_sample: Tensor | None
     restarts: list[float] = field(default_factory=list)
     history: list[float] = field(default_factory=list)
+    done: Tensor | None = None
 
 
 def craft(
@@ -61,7 +73,7 @@ def craft(
     *,
     constraint: Constraint,
     steps: int = 250,
-    optimizer: Literal["signed-adam", "pgd", "adam"] = "signed-adam",
+    optimizer: Literal["signed-adam", "pgd", "adam", "apgd"] = "signed-adam",
     lr: float = 0.1,
     schedule: Literal["step", "cosine", "constant"] = "step",
     restarts: int = 1,
@@ -71,6 +83,8 @@ def craft(
     generator: torch.Generator | None = None,
     on_step: Callable[[int, float], None] | None = None,
     parallel_restarts: int = 1,
+    keep_best: bool = False,
+    early_stop: bool = False,
 ) -> CraftResult:
     """Minimise ``objective`` over ``delta`` for inputs ``x`` [P, *shape]; see the module docstring.
 
@@ -88,8 +102,8 @@ def craft(
     if steps < 0 or restarts < 1 or lr <= 0 or parallel_restarts < 1:
         raise ConfigError(f"craft needs steps >= 0, restarts >= 1, parallel_restarts >= 1 and lr > 0; got "
                           f"steps={steps}, restarts={restarts}, parallel_restarts={parallel_restarts}, lr={lr}")
-    if optimizer not in _UPDATES:
-        raise ConfigError(f"unknown craft optimizer {optimizer!r}; valid: {', '.join(sorted(_UPDATES))}")
+    if optimizer not in UPDATES:
+        raise ConfigError(f"unknown craft optimizer {optimizer!r}; valid: {', '.join(sorted(UPDATES))}")
     if parallel_restarts > 1 and not callable(getattr(objective, "batched", None)):
         raise ConfigError(f"parallel_restarts = {parallel_restarts} needs an objective with a batched(x_adv [G, B, ...], "
                           f"idx) method; {type(objective).__name__} has none (use parallel_restarts: 1)")
@@ -98,11 +112,17 @@ def craft(
         raise ConfigError(f"init must be 'zero', 'random' or a perturbation shaped like x {list(x.shape)}, "
                           f"got shape {list(init.shape)}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    scale = 1.0 if isinstance(constraint, Box) else float(constraint.eps)
+    run = _Run(objective, x, constraint, steps, optimizer, lr, schedule, augment, batch_size, generator, on_step,
+               keep_best, early_stop)
     best: CraftResult | None = None
     finals: list[float] = []
     for r0 in range(0, restarts, parallel_restarts):
         group = range(r0, min(r0 + parallel_restarts, restarts))
+        rows = torch.arange(len(x), device=x.device)
+        if early_stop and best is not None and best.done is not None:
+            rows = rows[~best.done.to(x.device)]
+            if len(rows) == 0:
+                break
         starts = []
         for r in group:
             if r == 0 and isinstance(init, Tensor):
@@ -110,29 +130,83 @@ def craft(
             elif r == 0 and init == "zero":
                 starts.append(torch.zeros_like(x))
             else:
-                starts.append(constraint.random_init(x, generator))
-        delta = torch.stack(starts).requires_grad_(True)  # [G, P, *shape]
-        state: dict[str, Tensor] = {}
-        history: list[list[float]] = []
-        for step in range(steps):
-            totals, _ = _evaluate(objective, x, delta, augment, batch_size, generator, backward=True)
-            history.append(totals)
-            step_size = lr * scale * _SCHEDULES[schedule](step, steps)
-            with torch.no_grad():
-                _UPDATES[optimizer](delta, delta.grad, state, step_size, step + 1)
-                delta.copy_(_project(constraint, delta, x))
-            delta.grad = None
-            if on_step is not None:
-                on_step(step, min(totals))
-        totals, per = _evaluate(objective, x, delta, None, batch_size, generator, backward=False)
-        for g in range(len(group)):
-            finals.append(totals[g])
-            cand = CraftResult(delta[g].detach(), totals[g], None if per is None else per[g],
-                               history=[h[g] for h in history])
-            best = cand if best is None else _better(best, cand)
+                starts.append(constraint.random_init(x[rows], generator))
+        for cand in run.group(torch.stack(starts), rows):
+            finals.append(cand.objective)
+            best = cand if best is None else _merge(best, cand, rows)
     assert best is not None
     best.restarts = finals
     return best
+
+
+class _Run:
+    """One craft call's settings; :meth:`group` optimises G restarts over the rows ``rows`` of x."""
+
+    def __init__(self, objective: Objective, x: Tensor, constraint: Constraint, steps: int, optimizer: str,
+                 lr: float, schedule: str, augment: AugmentSpec | None, batch_size: int | None,
+                 generator: torch.Generator, on_step: Callable[[int, float], None] | None, keep_best: bool,
+                 early_stop: bool) -> None:
+        self.objective, self.x, self.constraint, self.steps = objective, x, constraint, steps
+        self.update, self.lr, self.schedule = UPDATES[optimizer], lr, _SCHEDULES[schedule]
+        self.augment = None if augment is None or augment.is_identity else augment
+        self.batch_size, self.generator, self.on_step = batch_size, generator, on_step
+        self.keep_best, self.early_stop = keep_best, early_stop
+        self.scale = 1.0 if isinstance(constraint, (Box, Free)) else float(constraint.eps)
+
+    def group(self, delta: Tensor, rows: Tensor) -> list[CraftResult]:
+        """Optimise delta [G, R, *shape] (the starts of G restarts for x[rows]); one result per restart."""
+        g, r = delta.shape[:2]
+        out_delta = delta.detach().clone()  # [G, R, *shape]: each row's result so far
+        out_obj = torch.full((g, r), math.inf)
+        out_done = torch.zeros(g, r, dtype=torch.bool)
+        separable, flagged = True, False
+        work = torch.arange(r)  # positions in rows of the samples still optimised (CPU, indexes any device)
+        state: dict[str, Tensor] = {}
+        history: list[list[float]] = []
+        totals: list[float] = []
+        for step in range(self.steps + 1):
+            final = step == self.steps
+            delta.requires_grad_(not final)
+            xw, idx = self.x[rows[work]], rows[work]
+            totals, per, done = _evaluate(self.objective, xw, idx, delta, None if final else self.augment,
+                                          self.batch_size, self.generator, backward=not final)
+            separable, flagged = per is not None, done is not None
+            if separable:
+                take = (per < out_obj[:, work]) if self.keep_best else torch.ones_like(per, dtype=torch.bool)
+                if done is not None:
+                    d_old = out_done[:, work]
+                    take = (done & ~d_old) | ((done == d_old) & take) if self.keep_best else take
+                    out_done[:, work] = torch.where(take, done, out_done[:, work])
+                out_obj[:, work] = torch.where(take, per, out_obj[:, work])
+                w = take.to(delta.device).view(*take.shape, *([1] * (delta.dim() - 2)))
+                out_delta[:, work] = torch.where(w, delta.detach(), out_delta[:, work])
+            elif self.keep_best or self.early_stop:
+                raise ConfigError("keep_best and early_stop need a separable objective (per-sample losses [B]); "
+                                  "this one returned a scalar")
+            if final:
+                break
+            history.append(totals)
+            grad = delta.grad
+            delta = delta.detach()
+            if self.early_stop and done is not None and bool(done.any()):
+                keep = ~done.all(0)
+                keep_d = keep.to(delta.device)
+                delta, grad, work = delta[:, keep_d], grad[:, keep_d], work[keep]
+                state = {k: v[:, keep_d] for k, v in state.items()}
+                per = per[:, keep] if per is not None else None
+                if len(work) == 0:
+                    break
+            xw = self.x[rows[work]]
+            info = StepInfo(self.constraint, xw, per, step, self.steps)
+            with torch.no_grad():
+                self.update(delta, grad, state, self.lr * self.scale * self.schedule(step, self.steps), step + 1, info)
+                delta = _project(self.constraint, delta, xw)
+            if self.on_step is not None:
+                self.on_step(step, min(totals))
+        if not separable:  # joint objective: the final iterate of every restart, ranked by its total
+            return [CraftResult(delta[k].detach(), totals[k], None, history=[h[k] for h in history]) for k in range(g)]
+        return [CraftResult(out_delta[k], float(out_obj[k].sum()), out_obj[k], history=[h[k] for h in history],
+                            done=out_done[k] if flagged else None) for k in range(g)]
 
 
 def _project(constraint: Constraint, delta: Tensor, x: Tensor) -> Tensor:
@@ -142,27 +216,36 @@ def _project(constraint: Constraint, delta: Tensor, x: Tensor) -> Tensor:
     return flat.view_as(delta)
 
 
-def _evaluate(objective: Objective, x: Tensor, delta: Tensor, augment: AugmentSpec | None, batch_size: int | None,
-              generator: torch.Generator, *, backward: bool) -> tuple[list[float], Tensor | None]:
+def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, augment: AugmentSpec | None,
+              batch_size: int | None, generator: torch.Generator, *,
+              backward: bool) -> tuple[list[float], Tensor | None, Tensor | None]:
     """Objective of each restart summed over mini-batches (gradients accumulated into delta.grad when
-    ``backward``): totals [G] and, for separable objectives, per-sample losses [G, P]."""
+    ``backward``) for x [R, *shape] at positions ``idx_all`` [R]: totals [G] and, for separable
+    objectives, per-sample losses [G, R] and (when the objective flags them) done flags [G, R]."""
     g, n = delta.shape[0], x.shape[0]
     bs = batch_size or n
     totals = torch.zeros(g)
     parts: list[Tensor] = []
+    flags: list[Tensor] = []
     separable = True
     for i in range(0, n, bs):
-        idx = torch.arange(i, min(i + bs, n), device=x.device)
-        b = len(idx)
+        loc = slice(i, min(i + bs, n))
+        idx, b = idx_all[loc], min(i + bs, n) - i
         with torch.set_grad_enabled(backward):
-            xa = x[idx].unsqueeze(0) + delta[:, idx]  # [G, B, *shape]
-            if augment is not None and not augment.is_identity:
+            xa = x[loc].unsqueeze(0) + delta[:, loc]  # [G, B, *shape]
+            if augment is not None:
                 flat = apply_augment_differentiable(xa.flatten(0, 1), augment.sample(g * b, generator=generator,
                                                                                      device=x.device))
                 xa = flat.view_as(xa)
-            out = objective(xa[0], idx).unsqueeze(0) if g == 1 else objective.batched(xa, idx)  # type: ignore[attr-defined]
+            out = objective(xa[0], idx) if g == 1 else objective.batched(xa, idx)  # type: ignore[attr-defined]
+            done = None
+            if isinstance(out, tuple):
+                out, done = out
+            out = out.unsqueeze(0) if g == 1 else out
             if out.shape == (g, b):
-                parts.append(out.detach())
+                parts.append(out.detach().float().cpu())
+                if done is not None:
+                    flags.append(done.detach().view(g, b).bool().cpu())
                 loss_g = out.sum(1)
             elif out.shape == (g,):
                 separable = False
@@ -177,40 +260,34 @@ def _evaluate(objective: Objective, x: Tensor, delta: Tensor, augment: AugmentSp
             if backward:
                 loss_g.sum().backward()
         totals += loss_g.detach().float().cpu()
-    return totals.tolist(), (torch.cat(parts, 1) if separable and parts else None)
+    per = torch.cat(parts, 1) if separable and parts else None
+    done_all = torch.cat(flags, 1) if separable and flags and len(flags) == len(parts) else None
+    return totals.tolist(), per, done_all
 
 
-def _better(a: CraftResult, b: CraftResult) -> CraftResult:
-    """Keep the lower objective; per sample when both are separable."""
+def _merge(a: CraftResult, b: CraftResult, rows: Tensor) -> CraftResult:
+    """Keep the better of a (over all P samples) and b (over x[rows]): the lower objective; per sample
+    when both are separable, where a done sample beats one that is not."""
     if a.per_sample is None or b.per_sample is None:
         return a if a.objective <= b.objective else b
-    take_b = b.per_sample < a.per_sample
+    rows_c = rows.cpu()
+    pa = a.per_sample[rows_c]
+    take_b = b.per_sample < pa
+    done = None
+    if a.done is not None and b.done is not None:
+        da = a.done[rows_c]
+        take_b = (b.done & ~da) | ((b.done == da) & take_b)
+        done = a.done.clone()
+        done[rows_c] = torch.where(take_b, b.done, da)
     shape = (-1,) + (1,) * (a.delta.dim() - 1)
-    delta = torch.where(take_b.view(shape), b.delta, a.delta)
-    per = torch.where(take_b, b.per_sample, a.per_sample)
-    hist = a.history if a.objective <= b.objective else b.history
-    return CraftResult(delta, float(per.sum()), per, history=hist)
+    delta = a.delta.clone()
+    delta[rows] = torch.where(take_b.to(delta.device).view(shape), b.delta, a.delta[rows])
+    per = a.per_sample.clone()
+    per[rows_c] = torch.where(take_b, b.per_sample, pa)
+    b_total = float(b.per_sample.sum()) + float(a.per_sample.sum() - pa.sum())
+    hist = a.history if a.objective <= b_total else b.history
+    return CraftResult(delta, float(per.sum()), per, history=hist, done=done)
 
-
-def _pgd(delta: Tensor, grad: Tensor, state: dict[str, Tensor], step: float, t: int) -> None:
-    delta.sub_(step * grad.sign())
-
-
-def _adam(delta: Tensor, grad: Tensor, state: dict[str, Tensor], step: float, t: int, *, signed: bool = False) -> None:
-    g = grad.sign() if signed else grad
-    m = state.setdefault("m", torch.zeros_like(delta))
-    v = state.setdefault("v", torch.zeros_like(delta))
-    m.mul_(0.9).add_(g, alpha=0.1)
-    v.mul_(0.999).addcmul_(g, g, value=0.001)
-    denom = (v / (1 - 0.999**t)).sqrt_().add_(1e-8)
-    delta.addcdiv_(m, denom, value=-step / (1 - 0.9**t))
-
-
-_UPDATES: dict[str, Callable[..., None]] = {
-    "pgd": _pgd,
-    "adam": _adam,
-    "signed-adam": lambda d, g, s, st, t: _adam(d, g, s, st, t, signed=True),
-}
 
 _SCHEDULES: dict[str, Callable[[int, int], float]] = {
     "constant": lambda s, n: 1.0,

@@ -1,0 +1,36 @@
+"""Evasion attacks: find x_adv in an eps-ball around x (and the pixel box) that the model misclassifies.
+
+    from mlaudit.attacks.evasion import EVASION_ATTACKS, pgd
+    x_adv = pgd(model, x, y, eps=8 / 255, norm="linf", steps=10, restarts=2)   # torchattacks-style call
+    x_adv = EVASION_ATTACKS.get("autoattack")(model, x, y, eps=8 / 255)
+    robust_accuracy = (model(x_adv).argmax(1) == y).float().mean()
+
+Registered (:data:`EVASION_ATTACKS`, one call ``attack(model, x, y, **options) -> x_adv``): ``fgsm``,
+``pgd`` (l-inf / l2, random start, restarts, targeted), ``apgd`` (APGD-CE / APGD-DLR), ``apgd-t``,
+``cw`` (Carlini-Wagner l2) and ``autoattack`` (the worst case over APGD-CE and APGD-T). Every
+optimisation runs through the one crafting engine, :func:`mlaudit.craft.craft`. (The functions share
+their modules' names: ``mlaudit.attacks.evasion.pgd`` is the function.)
+"""
+
+from __future__ import annotations
+
+from .apgd import apgd, apgd_targeted
+from .base import (
+    EVASION_ATTACKS,
+    EvasionAttack,
+    EvasionObjective,
+    StochasticModelWarning,
+    check_inputs,
+    register_evasion,
+)
+from .cw import cw_l2
+from .ensemble import DEFAULT_MEMBERS, EnsembleResult, autoattack, run_ensemble
+from .fgsm import fgsm
+from .losses import LOSSES, margin
+from .pgd import pgd
+
+__all__ = [
+    "DEFAULT_MEMBERS", "EVASION_ATTACKS", "LOSSES", "EnsembleResult", "EvasionAttack", "EvasionObjective",
+    "StochasticModelWarning", "apgd", "apgd_targeted", "autoattack", "check_inputs", "cw_l2", "fgsm", "margin", "pgd",
+    "register_evasion", "run_ensemble",
+]

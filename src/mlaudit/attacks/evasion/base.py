@@ -1,0 +1,176 @@
+"""The shared shape of evasion attacks: one call, one registry, one input check, one engine run.
+
+    x_adv = EVASION_ATTACKS.get("pgd")(model, x, y, eps=8 / 255, norm="linf", steps=10)
+
+Every attack is ``attack(model, x, y, *, eps, norm, ...) -> x_adv`` on the user's own ``nn.Module``
+returning logits [N, C], with inputs x float [N, *shape] in the pixel box ``box`` (default [0, 1]) and
+labels y int [N], all on x's device; x_adv [N, *shape] lies in the eps-ball around x and in the box.
+The optimisation runs through the one crafting engine (:func:`mlaudit.craft.craft`): an attack picks
+a loss (:mod:`.losses`), the engine's step rule and its settings; the objective flags an example
+``done`` once the goal is reached (misclassified, or classified as the target), so it leaves the
+optimisation and later restarts skip it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ...craft import Constraint, L2Ball, LinfBall, craft
+from ...errors import ConfigError
+from ...query.modes import evaluating
+from ...registry import Registry
+from .losses import LOSSES, MIN_CLASSES, MIN_CLASSES_TARGETED
+
+Norm = Literal["linf", "l2"]
+NORMS: dict[str, type[LinfBall] | type[L2Ball]] = {"linf": LinfBall, "l2": L2Ball}
+Goal = Literal["misclassify", "target"]
+
+
+class EvasionAttack(Protocol):
+    """The uniform call: ``attack(model, x [N, *shape], y [N], **options) -> x_adv [N, *shape]``."""
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, /, **options: Any) -> Tensor: ...
+
+
+EVASION_ATTACKS: Registry[EvasionAttack] = Registry("evasion attack")
+
+
+def register_evasion(name: str) -> Callable[[EvasionAttack], EvasionAttack]:
+    """Decorator adding an attack to :data:`EVASION_ATTACKS` under ``name``."""
+    return EVASION_ATTACKS.register(name)
+
+
+class StochasticModelWarning(RuntimeWarning):
+    """The model gave different outputs for the same input: gradients of one draw mislead the attack;
+    use expectation over transformation (EOT) to evaluate a randomised model."""
+
+
+def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, norm: str,
+                 box: tuple[float, float] = (0.0, 1.0)) -> int:
+    """Validate an attack's inputs; return the number of classes C. ConfigError (naming the field,
+    the value and what is allowed) for an unknown norm, eps < 0 or beyond the pixel range, inputs
+    outside ``box``, labels not int [N] in [0, C), a model in training mode or not returning [N, C];
+    a :class:`StochasticModelWarning` when two forward passes on the same inputs differ."""
+    if norm not in NORMS:
+        raise ConfigError(f"norm: unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
+        raise ConfigError(f"x: must be a non-empty float tensor [N, *shape], got "
+                          f"{type(x).__name__ if not isinstance(x, Tensor) else f'{x.dtype} {list(x.shape)}'}")
+    lo, hi = box
+    if not lo < hi:
+        raise ConfigError(f"box: must be (lo, hi) with lo < hi, got {box}")
+    x_min, x_max = float(x.min()), float(x.max())
+    if x_min < lo - 1e-6 or x_max > hi + 1e-6:
+        raise ConfigError(f"x: values in [{x_min:.4g}, {x_max:.4g}] lie outside the declared pixel range "
+                          f"[{lo:g}, {hi:g}]; scale the inputs or pass box=(lo, hi) (normalise inside the model)")
+    if eps is not None:
+        top = (hi - lo) * (1.0 if norm == "linf" else math.sqrt(x[0].numel()))
+        if not 0 <= eps <= top:
+            raise ConfigError(f"eps: {eps} is outside the pixel range; allowed 0 <= eps <= {top:.4g} for norm {norm} "
+                              f"on inputs in [{lo:g}, {hi:g}] of {x[0].numel()} values")
+    if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or tuple(y.shape) != (len(x),):
+        got = f"{y.dtype} {list(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+        raise ConfigError(f"y: must be integer labels [N={len(x)}], got {got}")
+    if model.training:
+        raise ConfigError("model: is in training mode (BatchNorm batch statistics, active dropout); allowed: eval "
+                          "mode, call model.eval(). A model that is random at test time needs EOT (expectation "
+                          "over transformation) to be evaluated")
+    with torch.no_grad():
+        probe = x[:2]
+        z1, z2 = model(probe), model(probe)
+    if z1.dim() != 2 or z1.shape[0] != len(probe):
+        raise ConfigError(f"model: must return logits [N, C], returned shape {list(z1.shape)} for {len(probe)} inputs")
+    if not torch.allclose(z1, z2, rtol=1e-4, atol=1e-5):
+        warnings.warn("model: two forward passes on the same inputs differ (a stochastic layer or defence); the "
+                      "attack follows one random draw per step and over-estimates robustness; use EOT (expectation "
+                      "over transformation)", StochasticModelWarning, stacklevel=3)
+    c = int(z1.shape[1])
+    y_min, y_max = int(y.min()), int(y.max())
+    if y_min < 0 or y_max >= c:
+        raise ConfigError(f"y: labels in [{y_min}, {y_max}] are out of range; allowed 0 <= y < {c} (the model's "
+                          f"{c} logits)")
+    return c
+
+
+def check_loss(loss: str, num_classes: int, *, targeted: bool) -> None:
+    """ConfigError for an unknown loss name or one the number of classes cannot support."""
+    LOSSES.get(loss)
+    need = (MIN_CLASSES_TARGETED if targeted else MIN_CLASSES)[loss]
+    if num_classes < need:
+        raise ConfigError(f"loss: {'targeted ' if targeted else ''}{loss!r} needs at least {need} classes; the model "
+                          f"has {num_classes}")
+
+
+def check_target(target: Tensor | None, y: Tensor, num_classes: int) -> Tensor | None:
+    """ConfigError unless ``target`` is None or int labels [N] in [0, C) that differ from y."""
+    if target is None:
+        return None
+    if target.dtype.is_floating_point or tuple(target.shape) != tuple(y.shape):
+        raise ConfigError(f"target: must be integer labels shaped like y {list(y.shape)}, got {target.dtype} "
+                          f"{list(target.shape)}")
+    if int(target.min()) < 0 or int(target.max()) >= num_classes:
+        raise ConfigError(f"target: labels in [{int(target.min())}, {int(target.max())}] out of range; allowed "
+                          f"0 <= target < {num_classes}")
+    same = int((target.to(y.device) == y).sum())
+    if same:
+        raise ConfigError(f"target: equals the true label for {same} examples; allowed: a class other than y")
+    return target
+
+
+def check_positive(attack: str, **counts: float | None) -> None:
+    """ConfigError naming every option of ``counts`` that is given and not > 0."""
+    bad = {k: v for k, v in counts.items() if v is not None and not v > 0}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise ConfigError(f"{attack}: {shown}; allowed: {', '.join(bad)} > 0")
+
+
+def make_constraint(norm: str, eps: float, box: tuple[float, float]) -> Constraint:
+    return NORMS[norm](eps, box=box)
+
+
+class EvasionObjective:
+    """The engine objective of an evasion attack: ``(-loss(model(x_adv), y, t) [B], done [B])``.
+
+    ``done`` is ``argmax != y`` (goal ``misclassify``) or ``argmax == t`` (goal ``target``), from
+    the same forward pass as the loss."""
+
+    def __init__(self, model: nn.Module, y: Tensor, *, loss: str = "ce", target: Tensor | None = None,
+                 goal: Goal = "misclassify") -> None:
+        if goal == "target" and target is None:
+            raise ConfigError("goal 'target' needs target labels")
+        self.model, self.y, self.target, self.goal = model, y, target, goal
+        self.loss = LOSSES.get(loss)
+
+    def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.model(x_adv)
+        y = self.y[idx]
+        t = None if self.target is None else self.target[idx]
+        pred = z.argmax(1)
+        done = pred == t if self.goal == "target" else pred != y
+        return -self.loss(z, y, t), done
+
+
+def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, box: tuple[float, float],
+               loss: str, steps: int, optimizer: Literal["pgd", "apgd"], lr: float,
+               schedule: Literal["step", "cosine", "constant"] = "constant", restarts: int = 1,
+               random_start: bool, target: Tensor | None = None, goal: Goal = "misclassify",
+               generator: torch.Generator | None = None, batch_size: int | None = None,
+               keep_best: bool = True, early_stop: bool = True) -> Tensor:
+    """x_adv [N, *shape]: the engine's result for an :class:`EvasionObjective` (parameters frozen, the
+    model in eval mode throughout; ``lr`` in units of eps)."""
+    y = y.to(x.device)
+    objective = EvasionObjective(model, y, loss=loss, target=None if target is None else target.to(x.device),
+                                 goal=goal)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    with evaluating(model, requires_grad=False):
+        res = craft(objective, x, constraint=make_constraint(norm, eps, box), steps=steps, optimizer=optimizer,
+                    lr=lr, schedule=schedule, restarts=restarts, init="random" if random_start else "zero",
+                    generator=gen, batch_size=batch_size, keep_best=keep_best, early_stop=early_stop)
+    return (x + res.delta).detach()

@@ -1,0 +1,37 @@
+"""PGD (Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks", eq. 2):
+x_{k+1} = P_S(x_k + alpha * steepest(grad_x L(f(x_k), y))) from a random start in S, with restarts.
+
+The steepest direction is the gradient's sign for l-inf and its unit l2 direction for l2; the step
+size alpha defaults to 2.5 * eps / steps (Madry et al., appendix). Each example keeps its best
+iterate over steps and restarts (a misclassified one first), stops once misclassified, and only
+examples no restart has fooled are restarted. ``target`` [N] makes it targeted: minimise the loss to
+the target class, done when the model predicts it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import Norm, check_inputs, check_loss, check_positive, check_target, register_evasion, run_engine
+
+
+@register_evasion("pgd")
+def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: Norm = "linf", steps: int = 10,
+        step_size: float | None = None, restarts: int = 1, random_start: bool = True, loss: str = "ce",
+        target: Tensor | None = None, box: tuple[float, float] = (0.0, 1.0), batch_size: int | None = None,
+        generator: torch.Generator | None = None) -> Tensor:
+    """x [N, *shape] in ``box``, y [N] (target [N] optional) -> x_adv [N, *shape] with ||x_adv - x|| <= eps.
+
+    ``step_size`` is absolute (pixel units; l2 length for l2); ``loss`` one of ``ce``, ``dlr``, ``margin``.
+    """
+    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box)
+    check_loss(loss, c, targeted=target is not None)
+    check_positive("pgd", steps=steps, restarts=restarts, step_size=step_size)
+    if eps == 0:
+        return x.detach().clone()
+    lr = 2.5 / steps if step_size is None else step_size / eps
+    return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=steps, optimizer="pgd", lr=lr,
+                      restarts=restarts, random_start=random_start, target=check_target(target, y, c),
+                      goal="misclassify" if target is None else "target", generator=generator,
+                      batch_size=batch_size)

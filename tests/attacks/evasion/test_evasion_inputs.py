@@ -1,0 +1,86 @@
+"""Bad input to evasion attacks: ConfigError naming the field, the value and what is allowed; a
+stochastic model draws a warning that EOT is needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mlaudit.attacks.evasion import EVASION_ATTACKS, StochasticModelWarning, apgd, pgd
+from mlaudit.errors import ConfigError
+
+
+def setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    return model, torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"eps": -0.1}, r"eps: -0.1 .*allowed 0 <= eps <= 1"),
+    ({"eps": 1.5}, r"eps: 1.5 .*pixel range"),
+    ({"eps": 5.0, "norm": "l2"}, r"allowed 0 <= eps <= 4 for norm l2"),
+    ({"norm": "l3"}, r"norm: unknown norm 'l3'; allowed: linf, l2"),
+    ({"x": 2.0}, r"x: values in .* outside the declared pixel range \[0, 1\]"),
+    ({"y": torch.tensor([0, 1, 3, 0])}, r"y: labels in \[0, 3\] are out of range; allowed 0 <= y < 3"),
+    ({"y": torch.tensor([0.0, 1.0, 2.0, 0.0])}, r"y: must be integer labels"),
+    ({"y": torch.tensor([0, 1])}, r"y: must be integer labels \[N=4\]"),
+    ({"steps": 0}, r"pgd: steps=0; allowed: steps > 0"),
+    ({"loss": "hinge"}, r"unknown evasion loss 'hinge'"),
+    ({"target": torch.tensor([0, 2, 1, 1])}, r"target: equals the true label for 1 examples"),
+])
+def test_bad_input_is_a_config_error(change: dict, match: str) -> None:
+    model, x, y = setup()
+    opts = {"eps": 0.1, **change}
+    x = x * opts.pop("x") if "x" in opts else x
+    y = opts.pop("y") if "y" in opts else y
+    with pytest.raises(ConfigError, match=match):
+        pgd(model, x, y, **opts)
+
+
+def test_declared_box_is_honoured() -> None:
+    model, x, y = setup()
+    x = x * 255
+    with pytest.raises(ConfigError, match="pass box"):
+        pgd(model, x, y, eps=8.0)
+    x_adv = pgd(model, x, y, eps=8.0, box=(0.0, 255.0), steps=2)
+    assert (x_adv - x).abs().max() <= 8.0 + 1e-4 and x_adv.max() <= 255
+
+
+def test_training_mode_is_refused_and_names_eot() -> None:
+    model, x, y = setup()
+    model.train()
+    with pytest.raises(ConfigError, match="model: is in training mode.*model.eval\\(\\).*EOT"):
+        EVASION_ATTACKS.get("fgsm")(model, x, y)
+    assert model.training  # untouched
+
+
+class _Noisy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.flatten(1) + 0.1 * torch.randn_like(x.flatten(1)))
+
+
+def test_stochastic_model_warns_that_eot_is_needed() -> None:
+    _, x, y = setup()
+    with pytest.warns(StochasticModelWarning, match="EOT"):
+        pgd(_Noisy().eval(), x, y, eps=0.1, steps=2)
+
+
+def test_dlr_needs_enough_classes() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ConfigError, match="'dlr' needs at least 3 classes; the model has 2"):
+        apgd(model, x, y, loss="dlr")
+    with pytest.raises(ConfigError, match="targeted 'dlr' needs at least 4 classes"):
+        EVASION_ATTACKS.get("apgd-t")(model, x, y)
+
+
+def test_unknown_attack_lists_the_registered_ones() -> None:
+    with pytest.raises(ConfigError, match="valid evasion attacks: apgd, apgd-t, autoattack, cw, fgsm, pgd"):
+        EVASION_ATTACKS.get("deepfool")

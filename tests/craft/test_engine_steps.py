@@ -1,0 +1,56 @@
+"""The engine's evasion-era options: the l2 steepest step, keep_best, early_stop with done flags
+(finished samples leave, restarts skip them), APGD's checkpoints and step-size halving, Free."""
+
+from __future__ import annotations
+
+import torch
+
+from mlaudit.craft import Free, L2Ball, LinfBall, apgd_checkpoints, craft
+
+
+def test_l2_pgd_step_has_length_step_size() -> None:
+    x = torch.full((3, 1, 2, 2), 0.5)
+    res = craft(lambda xa, idx: (xa * torch.tensor([1.0, 2.0, 0.0, 0.0]).view(1, 1, 2, 2)).flatten(1).sum(1), x,
+                constraint=L2Ball(1.0), steps=1, optimizer="pgd", lr=0.1, schedule="constant")
+    norms = res.delta.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full((3,), 0.1))
+    torch.testing.assert_close(res.delta[0, 0, 0], -0.1 * torch.tensor([1.0, 2.0]) / 5 ** 0.5)
+
+
+def test_keep_best_returns_the_best_iterate_not_the_last() -> None:
+    x = torch.zeros(2, 1)
+    # minimum at 0.05; fixed steps of 0.04 overshoot it: 0.04 (loss .0001), 0.08 (.0009), 0.12, ...
+    obj = lambda xa, idx: (xa[:, 0] - 0.05) ** 2  # noqa: E731
+    last = craft(obj, x, constraint=Free(), steps=5, optimizer="pgd", lr=0.04, schedule="constant")
+    best = craft(obj, x, constraint=Free(), steps=5, optimizer="pgd", lr=0.04, schedule="constant", keep_best=True)
+    assert best.per_sample is not None and best.per_sample.max() <= last.per_sample.min()
+    torch.testing.assert_close(best.delta, torch.full((2, 1), 0.04))
+
+
+def test_early_stop_drops_done_samples_and_skips_them_in_restarts() -> None:
+    x = torch.tensor([[0.0], [0.5], [0.9]])
+    seen: list[int] = []
+
+    def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(len(idx))
+        return -xa[:, 0], xa[:, 0] >= 0.94  # push up; done past 0.94
+
+    res = craft(obj, x, constraint=LinfBall(0.2), steps=4, optimizer="pgd", lr=0.25, schedule="constant",
+                restarts=3, early_stop=True, keep_best=True)
+    assert res.done is not None and res.done.tolist() == [False, False, True]
+    assert seen[:3] == [3, 3, 2]  # the third sample is done after one step, then leaves
+    assert sum(seen[5:]) == 2 * 2 * 5  # two more restarts, only on the two unfinished samples
+    assert float(res.delta[2, 0]) < 0.06  # the done sample keeps its first successful point (0.95)
+
+
+def test_apgd_checkpoints_follow_the_paper() -> None:
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 -> ceil(p * 100)
+    assert sorted(apgd_checkpoints(100)) == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+def test_apgd_halves_a_stalled_step_and_returns_to_the_best_point() -> None:
+    x = torch.zeros(1, 1)
+    # |x - 0.3| with an initial step 2 * eps = 1.0: it overshoots; halvings bring it near 0.3
+    res = craft(lambda xa, idx: (xa[:, 0] - 0.3).abs(), x, constraint=LinfBall(0.5), steps=100, optimizer="apgd",
+                lr=2.0, keep_best=True)
+    assert abs(float(res.delta) - 0.3) < 0.02

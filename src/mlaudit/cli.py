@@ -45,6 +45,8 @@ app.add_typer(dp_app, name="dp")
 
 StoreOpt = Annotated[Path | None, typer.Option("--store", help="SQLite run store (default $MLAUDIT_STORE or ~/.mlaudit/runs.db).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the output folder.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads for torch (default: $MLAUDIT_THREADS, "
+                                                "else 1 on machines with <= 2 cores, half the cores (max 8) above).")]
 
 
 def _version(value: bool) -> None:
@@ -74,6 +76,7 @@ def run(
                                        "models_per_side; train: trials); finished trials are kept.")] = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run an experiment from a YAML config, or resume or grow one.
 
@@ -84,9 +87,11 @@ def run(
     """
     from .config import apply_overrides, load_yaml
     from .experiments import parse_config, run_experiment
+    from .threads import configure_threads
 
     out_dir: Path | None = None
     try:
+        configure_threads(threads)
         opts = _executor_options(executor, ray_address, workers)
         if resume is not None:
             if config is not None:
@@ -289,11 +294,14 @@ def demo(
     quiet: QuietOpt = False,
     epochs: Annotated[int | None, typer.Option(help="Train for this many epochs (default 12) for a quicker look.",
                                                min=1, max=100)] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """A short tour on the bundled digits data, on CPU in a few minutes."""
     from .demo import run_demo
+    from .threads import configure_threads
 
     try:
+        configure_threads(threads)
         run_demo(out=out, store=store, quiet=quiet, epochs=epochs)
     except (MlauditError, OSError) as e:
         _fail(e)

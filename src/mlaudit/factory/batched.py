@@ -64,14 +64,18 @@ class _Setup:
                                           num_classes=data.num_classes)
         self.recipe = job.recipe
         self.strategy = job.strategy
-        self._layouts: dict[int, str] = {}
+        self._layouts: dict[int, tuple[str, str]] = {}
 
     def layout(self, k: int) -> str:
         """Stack layout for a chunk of ``k`` models (measured once per k; see factory/layout.py)."""
         if k not in self._layouts:
             self._layouts[k] = pick_layout(self.strategy, k=k, model_fn=self.model_fn, data=self.data.train,
                                            recipe=self.recipe, lr=self.lr, device=self.device, augment=self.augment)
-        return self._layouts[k]
+        return self._layouts[k][0]
+
+    def layout_reason(self, k: int) -> str:
+        """Why :meth:`layout` chose what it did for ``k`` models (recorded in each model's metrics)."""
+        return self._layouts[k][1]
 
 
 def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
@@ -136,8 +140,9 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
                        hooks=[t.hooks for t in chunk] if any(t.hooks is not None for t in chunk) else None,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
                        strategy=layout, on_epoch_models=lambda e, st: trained.__setitem__(0, st))
-    metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout, **o.privacy}
-                                         for o in outs]
+    reason = setup.layout_reason(len(chunk)) + (", torch.compile" if job.recipe.compile else "")
+    metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout,
+                                              "stack_layout_reason": reason, **o.privacy} for o in outs]
     if job.evaluate:
         # the trained stack itself, still on the device (its weights are exactly the returned state_dicts)
         stack = trained[0] if 0 in trained else StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)

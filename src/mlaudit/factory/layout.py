@@ -33,13 +33,15 @@ K = 500 models (a DP audit's chunk) in the loop layout would itself cost minutes
 
 
 def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, recipe: Recipe,
-                lr: float, device: torch.device, augment: AugmentConfig | None) -> str:
-    """The layout to train a chunk of ``k`` models with; see the module docstring."""
+                lr: float, device: torch.device, augment: AugmentConfig | None) -> tuple[str, str]:
+    """The layout to train a chunk of ``k`` models with and why (a sentence for results.json); see the
+    module docstring."""
     if strategy != "auto":
-        return strategy
+        return strategy, "set by factory.strategy"
     static = choose_strategy(model_fn(), device)
     if device.type != "cuda" or k == 1:
-        return static
+        why = "one model per chunk" if k == 1 else f"static rule on {device.type}"
+        return static, f"{why}: {'conv net on CUDA' if static == 'loop' else 'vmap'} ({static})"
     n = min(len(data), PROBE_STEPS * recipe.batch_size)
     probe = data.subset(torch.arange(n, device=data.device))
     r = recipe.model_copy(update={"epochs": 1})
@@ -60,6 +62,8 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
             times[layout] = float("inf")
         torch.cuda.empty_cache()
     best = min(times, key=times.__getitem__)
-    log.info("stack layout for %d models: %s (probe with %d: %s)", k, best, kp,
-             ", ".join(f"{a} {t:.3f}s" for a, t in times.items()))
-    return best if times[best] != float("inf") else static
+    probe_text = ", ".join(f"{a} {t:.3f} s" for a, t in times.items())
+    log.info("stack layout for %d models: %s (probe with %d: %s)", k, best, kp, probe_text)
+    if times[best] == float("inf"):
+        return static, f"both layouts ran out of memory in the probe; static rule ({static})"
+    return best, f"timed probe of {PROBE_STEPS} steps x {kp} models: {probe_text}"

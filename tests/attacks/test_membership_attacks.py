@@ -7,6 +7,7 @@ CPU only, tiny tensors; the pool test trains 16 MLPs in about 3 s.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -55,7 +56,14 @@ def make_obs(m: int = 8, n: int = 40, a: int = 2, c: int = 4, *, seed: int = 0, 
     vuln = torch.rand(n, generator=g) * 3
     boost = signal * vuln[None, :, None] * keep[:, :, None].float()  # [M, N, 1]
     logits.scatter_add_(-1, labels.view(1, n, 1, 1).expand(m, n, a, 1), boost.expand(m, n, a).unsqueeze(-1))
-    return Observations(logits, labels, keep, tuple(f"q{i}" for i in range(a)))
+    z = 30  # a population no model trained on (RMIA's z)
+    return Observations(logits, labels, keep, tuple(f"q{i}" for i in range(a)),
+                        population_logits=torch.randn(m, z, a, c, generator=g),
+                        population_labels=torch.randint(0, c, (z,), generator=g))
+
+
+LOGIT_ATTACKS = [name for name in ATTACKS.names() if not ATTACKS.get(name).needs_oracle]
+"""Attacks that score from ``obs.logits`` (the label-only ones query an oracle; tests/attacks/test_membership_rmia_label.py)."""
 
 
 # ---------------------------------------------------------------- signals
@@ -175,7 +183,7 @@ def test_fixed_and_per_example_variance_differ_and_fixed_needs_fewer_shadows() -
 
 # ---------------------------------------------------------------- leave-one-out and the fast path
 
-@pytest.mark.parametrize("name", ATTACKS.names())
+@pytest.mark.parametrize("name", LOGIT_ATTACKS)
 def test_target_keep_row_never_matters(name: str) -> None:
     """Replacing keep[target] by its negation or a permutation leaves the target's scores bit-identical."""
     obs = make_obs(m=6, n=24, seed=6)
@@ -186,12 +194,16 @@ def test_target_keep_row_never_matters(name: str) -> None:
         for row in (~obs.keep[target], obs.keep[target][torch.randperm(24, generator=g)]):
             keep = obs.keep.clone()
             keep[target] = row
-            other = fn(Observations(obs.logits, obs.labels, keep, obs.queries), target, **opts)
+            other = fn(dataclasses.replace(obs, keep=keep), target, **opts)
             assert torch.equal(base, other)
 
 
 @pytest.mark.parametrize("name,opts", [("lira-online", {}), ("lira-online", {"variance": "fixed"}),
                                        ("lira-offline", {}), ("lira-offline", {"variance": "fixed"}),
+                                       ("lira-online", {"variance": "global"}), ("lira-offline", {"references": 2,
+                                                                                                 "variance": "global"}),
+                                       ("rmia-online", {}), ("rmia-offline", {"references": 1}),
+                                       ("rmia-offline", {"population": "pool-out", "z_samples": 5}),
                                        ("loss", {}), ("loss-bounded", {}), ("loss-bounded", {"bound": 2.0}),
                                        ("shokri", {"classifier": "logistic"})])
 def test_score_all_targets_equals_per_target_calls(name: str, opts: dict) -> None:
@@ -335,7 +347,8 @@ def test_registry_entries_carry_the_all_targets_form_as_a_field() -> None:
     """One registry of the uniform call (a Protocol-typed entry), its faster all-targets form an
     explicit field of the entry, never an attribute attached to the function."""
     fast = {name for name in ATTACKS.names() if ATTACKS.get(name).all_targets is not None}
-    assert fast == {"loss", "loss-bounded", "shokri", "lira-online", "lira-offline"}
+    assert fast == {"loss", "loss-bounded", "shokri", "lira-online", "lira-offline", "rmia-online", "rmia-offline",
+                    "label-augment", "label-boundary"}
     for name in ATTACKS.names():
         entry = ATTACKS.get(name)
         assert entry.name == name and not hasattr(entry.score, "all_targets")

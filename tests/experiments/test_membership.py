@@ -63,7 +63,7 @@ def spy_jobs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 def check_attack_metrics(m: dict[str, Any]) -> None:
     for key in ("auc", "balanced_accuracy"):
         assert {"value", "lo", "hi"} <= set(m[key]) and m[key]["lo"] <= m[key]["value"] <= m[key]["hi"]
-    assert set(m["tpr_at_fpr"]) == {"1e-05", "0.001", "0.01"}
+    assert set(m["tpr_at_fpr"]) == {"0", "1e-05", "0.0001", "0.001", "0.01"}
     for v in m["tpr_at_fpr"].values():
         assert {"value", "lo", "hi", "clopper_pearson"} <= set(v) and 0.0 <= v["value"] <= 1.0
 
@@ -79,7 +79,7 @@ def check_attack_metrics(m: dict[str, Any]) -> None:
     ({"attack_options": {"loss": {"bound": 2.0}}}, r"loss does not take; it takes none"),
     ({"queries": ["flip"]}, r"must include 'identity'"),
     ({"queries": ["identity", "zoom"]}, r"unknown query kind 'zoom'"),
-    ({"fpr_targets": [0.0, 0.01]}, r"fpr_targets"),
+    ({"fpr_targets": [-0.1, 0.01]}, r"fpr_targets"),
 ])
 def test_bad_configs_are_refused(change: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
@@ -180,7 +180,7 @@ def test_pool_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     keep = torch.from_numpy(np.load(out / "artifacts" / "inclusion.npy"))
     rows = torch.from_numpy(np.load(out / "artifacts" / "pool_indices.npy"))
     assert keep.shape == (8, 120) and rows.shape == (120,) and torch.equal(keep.sum(0), torch.full((120,), 4))
-    assert m["pool"]["inclusion_sha256"] and m["pool"]["attack_options"]["lira-online"] == {"variance": "fixed"}
+    assert m["pool"]["inclusion_sha256"] and m["pool"]["attack_options"]["lira-online"] == {"variance": "fixed", "seed": 0}
     pool_job, serum_job = jobs
     for job, extra in ((pool_job, 0), (serum_job, 16 * 8)):
         for t in job.trials:

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 
 from ..attacks.membership import (
+    ATTACKS,
+    LabelOracle,
     Observations,
     inclusion_matrix,
     models_needed_exact,
@@ -33,6 +35,8 @@ from ..data.base import DataBundle
 from ..errors import ConfigError
 from ..factory import TrialSpec
 from ..query import logits_from_checkpoints, model_template
+from ..train.checkpoint import load_checkpoint
+from ..train.evaluate import stack_from_state_dicts
 from ..stats import MeanSE
 from .base import ExperimentOutput, register_experiment
 from .context import RunContext, TrialRecord
@@ -40,11 +44,14 @@ from .membership_config import (  # noqa: F401  (MembershipConfig and friends ar
     FIXED_VARIANCE_BELOW,
     MembershipConfig,
     PoolConfig,
+    PopulationConfig,
     TargetConfig,
     TruthSerumConfig,
     attack_requirements,
     pool_indices,
+    population_rows,
     resolve_queries,
+    uses_population,
 )
 
 LOGITS_MAX_BYTES = 200 * 2**20
@@ -72,6 +79,8 @@ def check_membership(config: MembershipConfig, data: DataBundle) -> None:
                 f"{cov['examples_without_in']} of {n} examples lack IN shadows and {cov['examples_without_out']} "
                 f"lack OUT shadows (fewest: {cov['min_in']} IN, {cov['min_out']} OUT); set pool.models >= {need}"
                 + (" or attack_options: {" + name + ": {variance: fixed}}" if r_in > 1 or r_out > 1 else ""))
+    if uses_population(config):
+        population_rows(config, data, pool_indices(config, n_train))
     if config.truth_serum is not None and config.truth_serum.targets > n:
         raise ConfigError(f"truth_serum.targets = {config.truth_serum.targets} exceeds the pool's {n} examples")
     if config.target is not None:
@@ -101,6 +110,27 @@ def train_pool(config: MembershipConfig, ctx: RunContext, data: DataBundle, keep
     return ctx.train(job, save_weights=True, label=f"training the {role} models")
 
 
+def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]],
+                      rows: Tensor, keep: Tensor, queries: tuple[str, ...]) -> Observations:
+    """The pool's :class:`Observations`: logits on the pool rows, the population's logits when an attack
+    scores against one (RMIA), and a label oracle over the models when a label-only attack is run."""
+    x, y = data.train.x[rows], data.train.y[rows]
+    pop_x = pop_y = pop = None
+    if uses_population(config):
+        pop_x, pop_y = population_rows(config, data, rows)
+        pop = pool_logits(config, ctx, data, records, pop_x, queries)
+    oracle = None
+    if any(ATTACKS.get(name).needs_oracle for name in config.attacks):
+        template = model_template(config.model, data)
+        stacks = [stack_from_state_dicts(template, [load_checkpoint(ctx.out_dir / r["checkpoint"], sha256=r.get("sha256"))
+                                                    for r in records[i:i + 16]], ctx.device)
+                  for i in range(0, len(records), 16)]
+        oracle = LabelOracle.from_stacks(stacks, x)
+    return Observations(pool_logits(config, ctx, data, records, x, queries), y, keep, queries,
+                        meta={"population_x": pop_x} if pop_x is not None else {},
+                        population_logits=pop, population_labels=pop_y, oracle=oracle)
+
+
 def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]],
                 x: Tensor, queries: tuple[str, ...]) -> Tensor:
     """Logits float32 [M, N, A, C] of the recorded models on ``x`` [N, *shape] (checkpoints verified
@@ -124,11 +154,11 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         ctx.write_artifact("pool_indices.npy", lambda f: np.save(f, rows.numpy()))
     queries = resolve_queries(config, data)
     records = train_pool(config, ctx, data, keep, rows, prefix="pool", role="pool")
-    x, y = data.train.x[rows], data.train.y[rows]
-    obs = Observations(pool_logits(config, ctx, data, records, x, queries), y, keep, queries)
+    obs = pool_observations(config, ctx, data, records, rows, keep, queries)
     if obs.logits.numel() * 4 < LOGITS_MAX_BYTES:
         ctx.write_artifact("logits.pt", lambda f: torch.save(
-            {"logits": obs.logits, "labels": y, "keep": keep, "queries": list(queries)}, f))
+            {"logits": obs.logits, "labels": obs.labels, "keep": keep, "queries": list(queries),
+             "population_logits": obs.population_logits, "population_labels": obs.population_labels}, f))
     scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device)
     ctx.write_artifact("scores.npz", lambda f: np.savez_compressed(f, **{k: v.numpy() for k, v in scores.items()}))
     metrics: dict[str, Any] = {name: rep.attack_metrics(s, keep, config, device=ctx.device)

@@ -44,7 +44,7 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
                     ) -> ExperimentOutput:
     """Train the poisoned pool; ``out`` extended (a new value) with before/after metrics on the targets
     (``before``: the clean pool's scores [M, N] per attack)."""
-    from .membership import pool_logits, train_pool
+    from .membership import pool_observations, train_pool
 
     ts = config.truth_serum
     assert ts is not None  # the caller checks
@@ -54,8 +54,7 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
     np.savez(ctx.artifacts / "truth_serum_targets.npz", train_index=rows[pos].numpy(), pool_position=pos.numpy(),
              wrong_label=wrong.numpy())
     records = train_pool(config, ctx, data, keep, rows, prefix="serum", role="truth-serum", view=view)
-    x, y = data.train.x[rows], data.train.y[rows]
-    obs = Observations(pool_logits(config, ctx, data, records, x, queries), y, keep, queries)
+    obs = pool_observations(config, ctx, data, records, rows, keep, queries)
     after, diag = score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device)
     kt = keep[:, pos]
     res: dict[str, Any] = {"targets": ts.targets, "copies": ts.copies, "pairs": int(kt.numel()),
@@ -137,19 +136,28 @@ def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContex
     logits = logits_from_checkpoints(functools.partial(model_template, config.model, data), [sd], data.train.x[rows],
                                      queries=obs.queries, device=ctx.device)
     member_row = members[rows] if members is not None else torch.zeros(obs.num_examples, dtype=torch.bool)
+    pop_x = obs.meta.get("population_x")
+    pop = None
+    if pop_x is not None and obs.population_logits is not None:
+        pop = torch.cat([obs.population_logits, logits_from_checkpoints(
+            functools.partial(model_template, config.model, data), [sd], pop_x, queries=obs.queries, device=ctx.device)])
     full = Observations(torch.cat([obs.logits, logits]), obs.labels, torch.cat([obs.keep, member_row[None]]),
-                        obs.queries)
+                        obs.queries, population_logits=pop, population_labels=obs.population_labels if pop is not None
+                        else None)
+    scored = [name for name in config.attacks if not ATTACKS.get(name).needs_oracle]
     scores = []
-    for name in config.attacks:
+    for name in scored:
         s = ATTACKS.get(name)(full, obs.num_models, **config.options_for(name)).double().cpu()
         scores.append(rank_nonfinite(s)[0])
-    np.save(ctx.artifacts / "target_scores.npy", torch.stack(scores).numpy())
-    res: dict[str, Any] = {"checkpoint": tc.checkpoint.name, "sha256": sha256_file(tc.checkpoint),
+    np.save(ctx.artifacts / "target_scores.npy", torch.stack(scores).numpy())  # rows in ``scored`` order
+    res: dict[str, Any] = {"checkpoint": tc.checkpoint.name, "sha256": sha256_file(tc.checkpoint), "attacks": scored,
                            "members_known": members is not None, "scores": "artifacts/target_scores.npy"}
     if members is not None and 0 < int(member_row.sum()) < member_row.numel():
-        for name, s in zip(config.attacks, scores):
+        for name, s in zip(scored, scores):
             res[name] = roc_metrics(s.numpy(), member_row.numpy(), fpr_targets=config.fpr_targets,
                                     n_boot=config.n_boot, seed=config.seed, device=ctx.device)
     return extended(out, metrics={"target": res}, notes=[
         f"external target {tc.checkpoint.name}: scored with all {obs.num_models} pool models as shadows"
-        + ("" if members is not None else "; its members are unknown, so only scores are saved")])
+        + ("" if members is not None else "; its members are unknown, so only scores are saved")
+        + (f"; label-only attacks ({', '.join(n for n in config.attacks if n not in scored)}) need an oracle over the "
+           "target and were not run on it" if len(scored) < len(config.attacks) else "")])

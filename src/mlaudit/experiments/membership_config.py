@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from ..attacks.membership import ATTACKS, lira_requirements
+from ..attacks.membership import ATTACKS
 from ..data.base import DataBundle
 from ..errors import ConfigError
 from ..query import parse_query
@@ -70,6 +70,27 @@ class TargetConfig(BaseModel):
     members: Path | None = None
 
 
+class PopulationConfig(BaseModel):
+    """RMIA's population z (Zarifzadeh et al. 2024): examples no pool model trained on. ``data: test``
+    takes the test split; ``data: train`` the training rows outside the pool (``pool.size`` must leave
+    some), or exactly ``indices`` (training-split rows, which must not overlap the pool). ``size``
+    draws that many of them with the seed (None: all)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: Literal["test", "train"] = "test"
+    size: int | None = Field(None, ge=1)
+    indices: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _indices(self) -> PopulationConfig:
+        if self.indices is not None and self.data != "train":
+            raise ValueError("population.indices are training-split rows: set population.data: train with them")
+        if self.indices is not None and (not self.indices or min(self.indices) < 0):
+            raise ValueError("population.indices must be a non-empty list of training-split rows (>= 0)")
+        return self
+
+
 class MembershipConfig(ExperimentConfig):
     """See the module docstring and docs/membership.md for every field."""
 
@@ -78,7 +99,8 @@ class MembershipConfig(ExperimentConfig):
     attacks: tuple[str, ...] = ("loss", "shokri", "lira-online", "lira-offline")
     attack_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     queries: tuple[str, ...] | Literal["auto"] = "auto"
-    fpr_targets: tuple[float, ...] = (1e-5, 1e-3, 1e-2)
+    fpr_targets: tuple[float, ...] = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+    population: PopulationConfig = PopulationConfig()
     n_boot: int = Field(200, ge=0, le=100_000)
     truth_serum: TruthSerumConfig | None = None
     memorization: bool = True
@@ -109,8 +131,9 @@ class MembershipConfig(ExperimentConfig):
     @field_validator("fpr_targets")
     @classmethod
     def _fprs(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(not 0.0 < t <= 1.0 for t in v):
-            raise ValueError(f"fpr_targets must be a non-empty list of rates in (0, 1], got {list(v)}")
+        if not v or any(not 0.0 <= t <= 1.0 for t in v):
+            raise ValueError(f"fpr_targets must be a non-empty list of rates in [0, 1] (0: no false positive), "
+                             f"got {list(v)}")
         return tuple(sorted(set(v)))
 
     @model_validator(mode="after")
@@ -167,8 +190,43 @@ def resolve_queries(config: MembershipConfig, data: DataBundle) -> tuple[str, ..
 
 
 def attack_requirements(name: str, options: dict[str, Any]) -> tuple[int, int]:
-    """Fewest (IN, OUT) leave-one-out shadows per example an attack needs (LiRA only; others use
-    the shadows in aggregate)."""
-    if name in ("lira-online", "lira-offline"):
-        return lira_requirements(online=name == "lira-online", variance=options.get("variance", "per-example"))
-    return 0, 0
+    """Fewest (IN, OUT) leave-one-out reference models per example an attack needs under its options
+    (the registry entry's ``requirements``; (0, 0) for attacks that use the shadows in aggregate)."""
+    return ATTACKS.get(name).required(**options)
+
+
+def uses_population(config: MembershipConfig) -> bool:
+    """Whether an attack of the config scores against an external population (RMIA, unless pool-out)."""
+    return any("population" in inspect.signature(ATTACKS.get(n)).parameters
+               and config.options_for(n).get("population", "auto") != "pool-out" for n in config.attacks)
+
+
+def population_rows(config: MembershipConfig, data: DataBundle, pool_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """RMIA's population (x [Z, *shape], y [Z]) from ``config.population``; raises ConfigError naming
+    the field when it overlaps the pool (the targets) or is empty."""
+    pc = config.population
+    if pc.data == "test":
+        split, rows = data.test, torch.arange(len(data.test))
+    else:
+        split, n_train = data.train, len(data.train)
+        outside = torch.ones(n_train, dtype=torch.bool)
+        outside[pool_rows] = False
+        if pc.indices is not None:
+            rows = torch.tensor(pc.indices, dtype=torch.long)
+            if int(rows.max()) >= n_train:
+                raise ConfigError(f"population.indices has row {int(rows.max())}, beyond the {n_train} training rows")
+            hit = rows[~outside[rows]]
+            if hit.numel():
+                raise ConfigError(f"population.indices overlaps the pool (the target examples) in {hit.numel()} rows "
+                                  f"(e.g. {hit[:5].tolist()}); allowed: training rows outside the pool ({int(outside.sum())}"
+                                  " of them) or population.data: test")
+        else:
+            rows = torch.nonzero(outside).flatten()
+            if rows.numel() == 0:
+                raise ConfigError("population.data: train needs training rows outside the pool, but the pool is the whole "
+                                  f"training split ({n_train} rows); set pool.size below {n_train} or use "
+                                  "population.data: test")
+    if pc.size is not None and pc.size < rows.numel():
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0]))
+        rows = rows[torch.randperm(rows.numel(), generator=g)[:pc.size]].sort().values
+    return split.x[rows], split.y[rows]

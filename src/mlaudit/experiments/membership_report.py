@@ -7,6 +7,7 @@ each example is IN for k = int(keep * M) models. Figures are drawn by :mod:`mlau
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -110,7 +111,9 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
     """
     options = options or {}
     if device is not None and obs.logits.device != torch.device(device):
-        obs = Observations(obs.logits.to(device), obs.labels.to(device), obs.keep.to(device), obs.queries, obs.meta)
+        pop = obs.population_logits
+        obs = dataclasses.replace(obs, logits=obs.logits.to(device), labels=obs.labels.to(device),
+                                  keep=obs.keep.to(device), population_logits=pop.to(device) if pop is not None else None)
     bad_rows = int((~torch.isfinite(obs.logits)).any(-1).sum())
     diag: dict[str, Any] = {"nonfinite_logit_rows": bad_rows, "logit_rows": int(np.prod(obs.logits.shape[:3])),
                             "nonfinite_scores": {}}

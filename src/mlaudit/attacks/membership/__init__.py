@@ -7,7 +7,10 @@
     roc_metrics(scores.flatten(), keep.flatten())
 
 Registered attacks (:data:`ATTACKS`): ``loss`` and ``loss-bounded`` (Yeom et al. 2018, A2 / A1),
-``shokri`` (Shokri et al. 2017), ``lira-online`` and ``lira-offline`` (Carlini et al. 2022).
+``shokri`` (Shokri et al. 2017), ``lira-online`` and ``lira-offline`` (Carlini et al. 2022),
+``rmia-online`` and ``rmia-offline`` (Zarifzadeh et al. 2024; population in
+``Observations.population_logits``), ``label-augment`` and ``label-boundary`` (Choquette-Choo et al.
+2021; label-only, through ``Observations.oracle``, a :class:`LabelOracle`).
 Around them: the pool's inclusion design (:mod:`.design`) and Truth Serum's poisoning
 (:mod:`.truth_serum`, Tramer et al. 2022), which any of the attacks then scores.
 """
@@ -19,10 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import lira, loss, shokri  # noqa: F401  (register the attacks)
+from . import label_augment, label_boundary, lira, loss, rmia, shokri  # noqa: F401  (register the attacks)
 from .base import ATTACKS, AllTargetsFn, AttackFn, MembershipAttack, Observations, register_attack
 from .design import inclusion_matrix, models_needed_exact, models_needed_random, shadow_coverage
 from .lira import lira_all_targets, lira_requirements
+from .oracle import LabelOracle
+from .references import reference_weights
+from .rmia import rmia_all_targets
 from .loss import yeom_decision, yeom_threshold
 from .signals import clip_nonfinite, cross_entropy, rank_nonfinite, scaled_confidence, softmax_probs
 from .truth_serum import truth_serum_view
@@ -43,8 +49,8 @@ def score_all_targets(attack: str | MembershipAttack | AttackFn, obs: Observatio
 
 
 __all__ = [
-    "ATTACKS", "AllTargetsFn", "AttackFn", "MembershipAttack", "Observations", "clip_nonfinite", "cross_entropy", "inclusion_matrix",
+    "ATTACKS", "AllTargetsFn", "AttackFn", "LabelOracle", "MembershipAttack", "Observations", "clip_nonfinite", "cross_entropy", "inclusion_matrix",
     "lira_all_targets", "lira_requirements", "models_needed_exact", "models_needed_random", "rank_nonfinite",
-    "register_attack", "scaled_confidence", "score_all_targets", "shadow_coverage", "softmax_probs",
+    "reference_weights", "register_attack", "rmia_all_targets", "scaled_confidence", "score_all_targets", "shadow_coverage", "softmax_probs",
     "truth_serum_view", "yeom_decision", "yeom_threshold",
 ]

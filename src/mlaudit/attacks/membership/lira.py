@@ -17,10 +17,19 @@ and OUT sets, each fitted by a Gaussian per query:
   a confidence *higher* than the OUT models' counts as evidence of membership). Needs no IN models.
 
 Options: ``variance="per-example"`` (sample variance, ddof 1, of each example's IN/OUT sets; needs
->= 2 IN and >= 2 OUT shadows per example) or ``"fixed"`` (one variance per query and side, pooled
-over all examples from the within-example squared deviations; the paper's choice with few shadow
-models, Sec. VI-A; needs >= 1 per example); ``var_eps`` (added to every variance, default 1e-6).
-Means are sample means (Algorithm 1 lines 10-11). Statistics are float64.
+>= 2 IN and >= 2 OUT shadows per example), ``"fixed"`` (one variance per query and side, pooled
+over all examples from the *within-example* squared deviations; needs >= 1 per example and some
+example with >= 2) or ``"global"`` (one variance per side: the population variance, ddof 0, of all
+IN (OUT) confidences of all examples, shadows and queries around their grand mean, as the reference
+code's ``fix_variance=True`` does with ``np.std`` over the whole IN array; it includes the spread
+*between* examples' means, so it is larger than ``fixed``; needs >= 1 per example). The paper's
+fixed-variance results (Sec. VI-A, "with few shadow models we use a global variance") were made
+with the released reference code, i.e. the ``global`` form; ``fixed`` is mlaudit's earlier pooled
+estimate, kept for comparison. (To our reading the released ``plot.py`` also takes the OUT standard
+deviation from the IN array; we do not copy that: ``global`` uses each side's own values.)
+``var_eps`` (added to every variance, default 1e-6); ``references`` caps the shadow models per
+example (:mod:`.references`; None: all other models). Means are sample means (Algorithm 1 lines
+10-11; the reference code uses medians). Statistics are float64.
 
 Cost: :func:`lira_all_targets` scores all M targets in O(M * N * A) after one pass of
 :func:`scaled_confidence`: per example it sums over all models once and subtracts each target's
@@ -40,9 +49,10 @@ from torch import Tensor
 from ...errors import ConfigError
 from .base import Observations, register_attack
 from .design import models_needed_random
+from .references import reference_split, reference_weights
 from .signals import scaled_confidence, warn_clipped
 
-Variance = Literal["per-example", "fixed"]
+Variance = Literal["per-example", "fixed", "global"]
 VAR_EPS = 1e-6
 
 
@@ -81,14 +91,27 @@ def _pooled_var(ssd: Tensor, n: Tensor) -> Tensor:
     return ssd.sum(-2, keepdim=True) / dof  # [..., 1, A], broadcast over examples
 
 
-_VARIANCE = {"per-example": _per_example_var, "fixed": _pooled_var}
-_MIN_SHADOWS = {"per-example": 2, "fixed": 1}
+def _global_var(mom: _Moments, centre: Tensor) -> Tensor:
+    """Variance (ddof 0) of all values phi = d + centre over examples, shadows and queries [..., 1, 1]."""
+    n = mom.n.unsqueeze(-1).expand_as(mom.s1)
+    tot = n.sum((-2, -1), keepdim=True)
+    if bool((tot < 1).any()):
+        raise ConfigError("lira with variance='global' needs at least one IN (OUT) shadow value; train more models")
+    s1 = (mom.s1 + n * centre).sum((-2, -1), keepdim=True) / tot
+    s2 = (mom.s2 + 2 * centre * mom.s1 + n * centre ** 2).sum((-2, -1), keepdim=True) / tot
+    return (s2 - s1 ** 2).clamp_min(0.0)
 
 
-def _gaussian(mom: _Moments, variance: str, var_eps: float) -> tuple[Tensor, Tensor]:
-    """Mean and variance (+ var_eps) per example and query from the moments."""
+_VARIANCE = {"per-example": _per_example_var, "fixed": _pooled_var, "global": _global_var}
+_MIN_SHADOWS = {"per-example": 2, "fixed": 1, "global": 1}
+
+
+def _gaussian(mom: _Moments, variance: str, var_eps: float, centre: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and variance (+ var_eps) per example and query from the moments of d = phi - centre."""
     n = mom.n.unsqueeze(-1)
     mu = mom.s1 / n.clamp_min(1)
+    if variance == "global":
+        return mu, _global_var(mom, centre) + var_eps
     ssd = (mom.s2 - mom.s1 * mu).clamp_min(0.0)  # sum of squared deviations from the mean
     return mu, _VARIANCE[variance](ssd, n) + var_eps
 
@@ -97,11 +120,22 @@ def _log_normal(x: Tensor, mu: Tensor, var: Tensor) -> Tensor:
     return -0.5 * (torch.log(2 * math.pi * var) + (x - mu) ** 2 / var)
 
 
-def lira_requirements(*, online: bool, variance: Variance = "per-example") -> tuple[int, int]:
-    """Fewest (IN, OUT) shadow models each example needs, per target, for this LiRA variant."""
+def lira_requirements(*, online: bool, variance: Variance = "per-example", references: int | None = None,
+                      **_: object) -> tuple[int, int]:
+    """Fewest (IN, OUT) shadow models each example needs, per target, for this LiRA variant (with a
+    cap ``references`` = k: k // 2 IN and k - k // 2 OUT online, k OUT offline, see :mod:`.references`)."""
     _check_variance(variance)
     r = _MIN_SHADOWS[variance]
-    return (r if online else 0), r
+    r_in, r_out = (r if online else 0), r
+    if references is not None:
+        k_in, k_out = reference_split(references, online=online)
+        if k_in < r_in or k_out < r_out:
+            raise ConfigError(f"lira-{'online' if online else 'offline'} with variance={variance!r} needs >= {r_in} IN "
+                              f"and >= {r_out} OUT shadows per example, so references >= "
+                              f"{2 * max(r_in, r_out) if online else r_out}; got references={references} "
+                              "(variance='global' or 'fixed' needs fewest)")
+        r_in, r_out = max(r_in, k_in), max(r_out, k_out)
+    return r_in, r_out
 
 
 def _check_variance(variance: str) -> None:
@@ -135,12 +169,12 @@ def _check_counts(n_in: Tensor, n_out: Tensor, keep_rate: float, *, online: bool
 
 
 def _score(d: Tensor, mom_in: _Moments, mom_out: _Moments, *, online: bool, variance: str,
-           var_eps: float) -> Tensor:
+           var_eps: float, centre: Tensor) -> Tensor:
     """LiRA score [..., N] of centred target confidences d [..., N, A] given shadow moments."""
-    mu_out, var_out = _gaussian(mom_out, variance, var_eps)
+    mu_out, var_out = _gaussian(mom_out, variance, var_eps, centre)
     if not online:
         return torch.special.log_ndtr((d - mu_out) / var_out.sqrt()).sum(-1)
-    mu_in, var_in = _gaussian(mom_in, variance, var_eps)
+    mu_in, var_in = _gaussian(mom_in, variance, var_eps, centre)
     return (_log_normal(d, mu_in, var_in) - _log_normal(d, mu_out, var_out)).sum(-1)
 
 
@@ -154,27 +188,39 @@ def _prepare(obs: Observations, *, online: bool, variance: str, var_eps: float) 
 
 
 def _lira_target(obs: Observations, target: int, *, online: bool, variance: Variance = "per-example",
-                 var_eps: float = VAR_EPS) -> Tensor:
+                 var_eps: float = VAR_EPS, references: int | None = None, seed: int = 0,
+                 prepared: tuple[Tensor, Tensor] | None = None) -> Tensor:
     m = obs.num_models
     if not 0 <= target < m:
         raise ConfigError(f"target must be a model index in [0, {m - 1}], got {target}")
-    phi, centre = _prepare(obs, online=online, variance=variance, var_eps=var_eps)
+    if references is not None:
+        lira_requirements(online=online, variance=variance, references=references)
+    phi, centre = prepared or _prepare(obs, online=online, variance=variance, var_eps=var_eps)
     d = phi - centre
-    shadows = torch.tensor([i for i in range(m) if i != target], dtype=torch.long)
-    keep = obs.keep[shadows].to(d.device).bool()  # never keep[target]
-    mom_in, mom_out = _total(_moments(d[shadows], keep)), _total(_moments(d[shadows], ~keep))
-    rate = float(keep.float().mean()) if keep.numel() else 0.5
+    name = "lira-online" if online else "lira-offline"
+    shadows, w_in, w_out = reference_weights(obs.keep.bool().cpu(), target, references=references, online=online,
+                                             seed=seed, attack=name)  # never keep[target]
+    w_in, w_out = w_in.to(d.device), w_out.to(d.device)
+    mom_in, mom_out = _total(_moments(d[shadows], w_in)), _total(_moments(d[shadows], w_out))
+    rate = float(obs.keep[shadows].float().mean()) if shadows.numel() else 0.5
     _check_counts(mom_in.n[None], mom_out.n[None], rate, online=online, variance=variance, targets=[target])
-    return _score(d[target], mom_in, mom_out, online=online, variance=variance, var_eps=var_eps).cpu()
+    return _score(d[target], mom_in, mom_out, online=online, variance=variance, var_eps=var_eps,
+                  centre=centre[0]).cpu()
 
 
 def lira_all_targets(obs: Observations, *, online: bool, variance: Variance = "per-example",
-                     var_eps: float = VAR_EPS) -> Tensor:
-    """Scores of every model as the target, float64 [M, N], in O(M * N * A) (leave-one-out sums).
+                     var_eps: float = VAR_EPS, references: int | None = None, seed: int = 0) -> Tensor:
+    """Scores of every model as the target, float64 [M, N], in O(M * N * A) (leave-one-out sums;
+    with ``references`` one target at a time, O(M^2 * N * A)).
 
     Row m equals ``ATTACKS.get(name)(obs, m, ...)`` up to float64 rounding (the totals over all
     models minus model m's own term; model m's keep cancels exactly in exact arithmetic).
     """
+    if references is not None:
+        prepared = _prepare(obs, online=online, variance=variance, var_eps=var_eps)
+        return torch.stack([_lira_target(obs, t, online=online, variance=variance, var_eps=var_eps,
+                                         references=references, seed=seed, prepared=prepared)
+                            for t in range(obs.num_models)])
     phi, centre = _prepare(obs, online=online, variance=variance, var_eps=var_eps)
     d = phi - centre
     keep = obs.keep.to(d.device).bool()
@@ -183,21 +229,25 @@ def lira_all_targets(obs: Observations, *, online: bool, variance: Variance = "p
     m = obs.num_models
     rate = float(keep.float().mean()) if keep.numel() else 0.5
     _check_counts(mom_in.n, mom_out.n, rate, online=online, variance=variance, targets=list(range(m)))
-    return _score(d, mom_in, mom_out, online=online, variance=variance, var_eps=var_eps).cpu()
+    return _score(d, mom_in, mom_out, online=online, variance=variance, var_eps=var_eps, centre=centre[0]).cpu()
 
 
-@register_attack("lira-online", all_targets=partial(lira_all_targets, online=True))
+@register_attack("lira-online", all_targets=partial(lira_all_targets, online=True),
+                 requirements=partial(lira_requirements, online=True))
 def lira_online(obs: Observations, target: int, *, variance: Variance = "per-example",
-                var_eps: float = VAR_EPS) -> Tensor:
+                var_eps: float = VAR_EPS, references: int | None = None, seed: int = 0) -> Tensor:
     """Online LiRA (Carlini et al. 2022, Algorithm 1): log-likelihood ratio of the target's scaled
     confidences under the IN and OUT Gaussians of the shadows -> scores float64 [N] (higher = member)."""
-    return _lira_target(obs, target, online=True, variance=variance, var_eps=var_eps)
+    return _lira_target(obs, target, online=True, variance=variance, var_eps=var_eps, references=references,
+                        seed=seed)
 
 
-@register_attack("lira-offline", all_targets=partial(lira_all_targets, online=False))
+@register_attack("lira-offline", all_targets=partial(lira_all_targets, online=False),
+                 requirements=partial(lira_requirements, online=False))
 def lira_offline(obs: Observations, target: int, *, variance: Variance = "per-example",
-                 var_eps: float = VAR_EPS) -> Tensor:
+                 var_eps: float = VAR_EPS, references: int | None = None, seed: int = 0) -> Tensor:
     """Offline LiRA (Carlini et al. 2022, Eq. 4): log one-sided probability that an OUT model's scaled
     confidence is below the target's -> scores float64 [N] (higher = member). Uses OUT shadows only."""
-    return _lira_target(obs, target, online=False, variance=variance, var_eps=var_eps)
+    return _lira_target(obs, target, online=False, variance=variance, var_eps=var_eps, references=references,
+                        seed=seed)
 

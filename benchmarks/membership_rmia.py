@@ -1,0 +1,116 @@
+"""RMIA vs LiRA with few and many reference models (issue 19), on one `membership-inference` pool.
+
+Runs the kind once (pool training, every configured attack with its defaults, incl. the label-only
+ones), then rescores the saved pool logits (artifacts/logits.pt: pool and population) with RMIA and
+LiRA at 1, 2, 4 and all reference models per example, each through the one ``roc_metrics``.
+
+    python benchmarks/membership_rmia.py --device cpu --models 64 --name digits_cpu
+
+Writes benchmarks/results/membership_rmia_<name>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+
+from mlaudit.attacks.membership import Observations, score_all_targets  # noqa: E402
+from mlaudit.experiments import run_experiment  # noqa: E402
+from mlaudit.stats import fpr_key, roc_metrics  # noqa: E402
+
+FPRS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+def cell(m: dict) -> str:
+    return f"{100 * m['value']:.2f} [{100 * m['lo']:.2f}, {100 * m['hi']:.2f}]"
+
+
+def variants(m: int) -> list[tuple[str, str, dict]]:
+    """(row label, attack, options): offline at 1, 2, 4, all references; online at 2, 4, all."""
+    rows = []
+    for k in (1, 2, 4, None):
+        tag = "all" if k is None else str(k)
+        rows.append((f"rmia-offline, {tag} ref", "rmia-offline", {"references": k}))
+        rows.append((f"lira-offline (global var), {tag} ref", "lira-offline", {"references": k, "variance": "global"}))
+    for k in (2, 4, None):
+        tag = "all" if k is None else str(k)
+        rows.append((f"rmia-online, {tag} ref", "rmia-online", {"references": k}))
+        rows.append((f"lira-online (global var), {tag} ref", "lira-online", {"references": k, "variance": "global"}))
+    rows.append(("lira-online (fixed var), all ref", "lira-online", {"variance": "fixed"}))
+    rows.append(("lira-online (per-example var), all ref", "lira-online", {"variance": "per-example"}))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", type=int, default=64)
+    ap.add_argument("--name", default="digits_cpu")
+    ap.add_argument("--n-boot", type=int, default=200)
+    args = ap.parse_args()
+    cfg = {"kind": "membership-inference", "name": f"membership-rmia-{args.name}", "dataset": "digits",
+           "model": "mlp", "recipe": "fast", "pool": {"models": args.models, "keep": 0.5},
+           "attacks": ["loss", "lira-online", "lira-offline", "rmia-online", "rmia-offline", "label-augment",
+                       "label-boundary"],
+           "population": {"data": "test"}, "fpr_targets": list(FPRS), "n_boot": args.n_boot, "memorization": False,
+           "seed": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
+        wall = time.perf_counter() - t0
+        saved = torch.load(Path(tmp) / "run" / "artifacts" / "logits.pt", weights_only=True)
+    r = res.results
+    obs = Observations(saved["logits"], saved["labels"], saved["keep"], tuple(saved["queries"]),
+                       population_logits=saved["population_logits"], population_labels=saved["population_labels"])
+    keep = obs.keep.flatten().numpy()
+    table, timings = {}, {}
+    for label, attack, opts in variants(obs.num_models):
+        t = time.perf_counter()
+        s = score_all_targets(attack, obs, **opts).double()
+        timings[label] = round(time.perf_counter() - t, 2)
+        table[label] = {"attack": attack, "options": opts,
+                        **roc_metrics(s.flatten().numpy(), keep, fpr_targets=FPRS, n_boot=args.n_boot, seed=0)}
+    head = "| attack | AUC (%) | " + " | ".join(f"TPR@{100 * f:g}% FPR (%)" for f in FPRS) + " |\n"
+    sep = "|---" * (2 + len(FPRS)) + "|\n"
+
+    def row(label: str, mt: dict) -> str:
+        return f"| {label} | {cell(mt['auc'])} | " + " | ".join(cell(mt["tpr_at_fpr"][fpr_key(f)]) for f in FPRS) + " |\n"
+
+    kind_rows = "".join(row(a, r["metrics"][a]) for a in cfg["attacks"])
+    ref_rows = "".join(row(label, mt) for label, mt in table.items())
+    env = {"date": "2026-12-02", "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+           f"{torch.get_num_threads()} torch threads", "torch": torch.__version__, "python": platform.python_version(),
+           "device": args.device}
+    pool = r["metrics"]["pool"]
+    n_neg = int((~obs.keep).sum())
+    md = (f"# RMIA vs LiRA with few and many reference models: digits, {obs.num_models} MLPs (CPU)\n\n"
+          f"{env['date']}, {env['machine']}, torch {env['torch']}, device {args.device}. Pool: digits training split "
+          f"({obs.num_examples} examples), `mlp`, recipe `fast`, {obs.num_models} models, keep 0.5 (each example IN "
+          f"for {pool['in_per_example']}), mean test accuracy {pool['test_accuracy']['mean']:.4f}; population for RMIA: "
+          f"the digits test split ({obs.population_logits.shape[1]} examples, no model trained on them). Every model "
+          f"is the target once (leave-one-out): {obs.num_models * obs.num_examples} (model, example) pairs, {n_neg} "
+          f"non-members, so TPR at FPR below {1 / n_neg:.1e} is read at zero false positives. Intervals: 95% "
+          f"bootstrap over pairs ({args.n_boot} resamples). Whole kind run {wall:.0f} s.\n\n"
+          "## The kind's attacks at their defaults\n\n" + head + sep + kind_rows +
+          f"\nDefaults: {r['metrics']['pool']['attack_options']}.\n\n"
+          "## Reference models per example (offline: k OUT models; online: k/2 IN + k/2 OUT)\n\n" + head + sep
+          + ref_rows + "\nScoring time per variant (s, all targets): " + ", ".join(f"{k}: {v}" for k, v in timings.items())
+          + "\n")
+    write_results(f"membership_rmia_{args.name}", {"environment": env, "config": r["config"],
+                                                     "kind_metrics": {a: r["metrics"][a] for a in cfg["attacks"]},
+                                                     "pool": pool, "references": table, "scoring_s": timings,
+                                                     "process_wall_s": round(wall, 1)}, md)
+
+
+if __name__ == "__main__":
+    main()

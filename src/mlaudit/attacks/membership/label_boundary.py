@@ -1,0 +1,76 @@
+"""Label-only membership inference by distance to the decision boundary (Choquette-Choo et al. 2021,
+"Label-Only Membership Inference Attacks", ICML, Sec. 5), estimated without HopSkipJump.
+
+The paper measures the L2 distance from an example to the target's decision boundary (HopSkipJump
+or, white-box, Carlini-Wagner), and also a cheaper estimate by random Gaussian noise: members sit
+farther from the boundary. Here, for each of ``draws`` seeded Gaussian directions e (shared by all
+models), the smallest noise scale s with label(x + s e) != y is found by bisection on labels alone:
+``steps`` halvings of [0, ``max_scale``] (in units of the input's standard deviation over the pool;
+default 8). A scale that never flips the label counts as ``max_scale``; an example the model
+already misclassifies has distance 0. Score = mean flip scale over the draws, float64 [N] (higher =
+member). The bisection assumes the label flips once along the ray (it finds *a* flip point, the
+first one when the label does not flip back); document any other use accordingly.
+
+Cost: draws * (steps + 2) oracle calls on all models (inputs one per model, [M, N, *shape]),
+in chunks of ``chunk`` examples.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...errors import ConfigError
+from .base import Observations, register_attack
+from .label_augment import needs_oracle
+
+
+def _check(draws: int, steps: int, max_scale: float, chunk: int) -> None:
+    for name, v in (("draws", draws), ("steps", steps), ("chunk", chunk)):
+        if int(v) != v or v < 1:
+            raise ConfigError(f"label-boundary option {name} must be a positive integer, got {v!r}")
+    if not max_scale > 0 or max_scale == float("inf"):
+        raise ConfigError(f"label-boundary option max_scale must be a positive finite number, got {max_scale!r}")
+
+
+def label_boundary_all_targets(obs: Observations, *, draws: int = 4, steps: int = 10, max_scale: float = 8.0,
+                               chunk: int = 512, seed: int = 0) -> Tensor:
+    """Scores float64 [M, N] of every model as the target."""
+    _check(draws, steps, max_scale, chunk)
+    oracle = needs_oracle(obs, "label-boundary")
+    x, y = oracle.x, obs.labels.cpu()
+    m, n = oracle.num_models, x.shape[0]
+    unit = float(x.float().std()) or 1.0
+    g = torch.Generator().manual_seed(int(seed))
+    out = torch.zeros(m, n, dtype=torch.float64)
+    for _ in range(draws):
+        e = torch.randn(x.shape, generator=g, dtype=torch.float32)
+        for i in range(0, n, chunk):
+            xb, eb, yb = x[i:i + chunk].float(), e[i:i + chunk], y[i:i + chunk]
+            view = (1, -1) + (1,) * (x.dim() - 1)
+
+            def wrong(scale: Tensor) -> Tensor:  # scale [M, b] -> bool [M, b]: label flipped at x + scale * e
+                xs = xb.unsqueeze(0) + (scale * unit).float().view(m, *view[1:]) * eb.unsqueeze(0)
+                return oracle(xs) != yb
+
+            lo = torch.zeros(m, xb.shape[0], dtype=torch.float64)
+            hi = torch.full_like(lo, max_scale)
+            flips = wrong(hi)
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                w = wrong(mid)
+                hi, lo = torch.where(w, mid, hi), torch.where(w, lo, mid)
+            dist = torch.where(flips, hi, torch.full_like(hi, max_scale))
+            dist = torch.where(oracle(xb) != yb, torch.zeros_like(dist), dist)
+            out[:, i:i + chunk] += dist
+    return out / draws
+
+
+@register_attack("label-boundary", all_targets=label_boundary_all_targets, needs_oracle=True)
+def label_boundary(obs: Observations, target: int, *, draws: int = 4, steps: int = 10, max_scale: float = 8.0,
+                   chunk: int = 512, seed: int = 0) -> Tensor:
+    """Mean noise scale that flips the target's label (bisection on labels) -> float64 [N]."""
+    if not 0 <= target < obs.num_models:
+        raise ConfigError(f"target must be a model index in [0, {obs.num_models - 1}], got {target}")
+    return label_boundary_all_targets(obs, draws=draws, steps=steps, max_scale=max_scale, chunk=chunk,
+                                      seed=seed)[target]

@@ -163,3 +163,34 @@ def test_concurrent_commits_from_two_processes(tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0, 0]
     done = store.finished_trials(exp)
     assert len(done) == 40 and {r["worker"] for r in done.values()} == {0, 1}
+
+
+# ------------------------------------------------------------------ damaged stores: clear errors, no traceback
+
+def test_a_file_that_is_not_a_store_is_named_with_what_to_do(tmp_path: Path) -> None:
+    bad = tmp_path / "runs.db"
+    bad.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(DataError, match=r"runs\.db is damaged or not an mlaudit store.*MLAUDIT_STORE.*--resume"):
+        RunStore(bad)
+
+
+def test_a_malformed_json_row_is_reported_as_a_damaged_store(store: RunStore, tmp_path: Path) -> None:
+    exp = store.create_experiment(kind="train", name="x", config={"a": 1}, out_dir=tmp_path / "o")
+    store.commit_trial(exp, "t0", {"metrics": {"acc": 0.5}}, wall_s=1.0)
+    con = sqlite3.connect(store.path)
+    con.execute("UPDATE trials SET result_json = ? WHERE trial_id = 't0'", ("{not json",))
+    con.commit()
+    con.close()
+    with pytest.raises(DataError, match="malformed row"):
+        store.trials(exp)
+
+
+def test_cli_on_a_damaged_store_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mlaudit.cli import app
+
+    bad = tmp_path / "runs.db"
+    bad.write_bytes(b"\x00garbage" * 512)
+    res = CliRunner().invoke(app, ["runs", "list", "--store", str(bad)])
+    assert res.exit_code == 2 and "damaged" in res.output and "Traceback" not in res.output

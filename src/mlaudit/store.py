@@ -108,6 +108,23 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _explain(path: Path, e: sqlite3.DatabaseError) -> str:
+    """A message for a SQLite failure that says what happened to which file and what to do."""
+    text = str(e)
+    low = text.lower()
+    if "full" in low:
+        return (f"the disk holding the run store {path} is full ({text}); free space there or set MLAUDIT_STORE "
+                "to a file on another disk, then resume with --resume (finished trials are kept)")
+    if "not a database" in low or "malformed" in low or "no such table" in low or "no such column" in low:
+        return (f"the run store {path} is damaged or not an mlaudit store ({text}); move it aside (or set "
+                "MLAUDIT_STORE to a new file) and resume each run folder with --resume: the folders hold their checkpoints")
+    if "locked" in low or "busy" in low:
+        return (f"the run store {path} stayed locked by another process ({text}); wait for it or use another "
+                "--store")
+    return (f"the run store {path} could not be read or written ({type(e).__name__}: {text}); check the disk "
+            "and its permissions, or set MLAUDIT_STORE to another file")
+
+
 class RunStore:
     """Experiments and their trials in one SQLite file, safe for concurrent writers."""
 
@@ -134,6 +151,15 @@ class RunStore:
     def __repr__(self) -> str:
         return f"RunStore({str(self.path)!r})"
 
+    def _loads(self, text: str | None) -> Any:
+        """A stored JSON value; a row that no longer parses is a :class:`DataError` naming the store."""
+        try:
+            return loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"run store {self.path} holds a malformed row ({e}); the store was edited or damaged: "
+                            "move it aside (set MLAUDIT_STORE to a new file) and resume the run folders with "
+                            "--resume") from None
+
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
@@ -144,6 +170,10 @@ class RunStore:
             con.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
             con.execute("PRAGMA foreign_keys=ON")
             yield con
+        except sqlite3.IntegrityError:
+            raise  # constraint violations are handled (and explained) by the callers
+        except sqlite3.DatabaseError as e:
+            raise DataError(_explain(self.path, e)) from e
         finally:
             con.close()
 
@@ -174,11 +204,10 @@ class RunStore:
             )
         return exp_id
 
-    @staticmethod
-    def _experiment(row: sqlite3.Row | tuple[Any, ...]) -> ExperimentRecord:
+    def _experiment(self, row: sqlite3.Row | tuple[Any, ...]) -> ExperimentRecord:
         (id_, kind, name, cfg, h, out_dir, status, created, updated, git_rev, versions) = row
-        return ExperimentRecord(id_, kind, name, loads(cfg), h, out_dir, status, created, updated, git_rev,
-                                loads(versions))
+        return ExperimentRecord(id_, kind, name, self._loads(cfg), h, out_dir, status, created, updated, git_rev,
+                                self._loads(versions))
 
     def find_by_out_dir(self, out_dir: str | os.PathLike[str]) -> ExperimentRecord | None:
         """The most recent experiment writing to ``out_dir`` (compared as resolved paths), if any."""
@@ -259,7 +288,7 @@ class RunStore:
         """Every trial row of an experiment (done and failed), ordered by trial id."""
         with self._connect() as con:
             rows = con.execute("SELECT * FROM trials WHERE experiment_id = ? ORDER BY trial_id", (exp_id,)).fetchall()
-        return [TrialRecord(r[0], r[1], r[2], loads(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+        return [TrialRecord(r[0], r[1], r[2], self._loads(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
 
     def finished_trials(self, exp_id: str) -> dict[str, dict[str, Any]]:
         """{trial_id: result} of the trials that finished successfully, ordered by trial id."""
@@ -287,7 +316,7 @@ class RunStore:
         with self._connect() as con:
             rows = con.execute("SELECT name, json FROM metrics WHERE experiment_id = ? ORDER BY rowid",
                                (exp_id,)).fetchall()
-        return {name: loads(text) for name, text in rows}
+        return {name: self._loads(text) for name, text in rows}
 
     def add_artifact(self, exp_id: str, name: str, path: str | os.PathLike[str], *, trial_id: str | None = None,
                      sha256: str | None = None) -> ArtifactRecord:

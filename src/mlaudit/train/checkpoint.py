@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from pathlib import Path
 
@@ -14,9 +15,24 @@ from ..errors import DataError
 
 def save_checkpoint(state_dict: dict[str, Tensor], path: str | Path) -> str:
     """Write ``state_dict`` atomically (tmp file + rename); returns the file's sha256."""
-    with atomic_path(path) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, tmp)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write as RuntimeError("... file write failed")
+        raise _write_error(Path(path), e) from e
     return sha256_file(path)
+
+
+def _write_error(path: Path, e: BaseException) -> BaseException:
+    """A :class:`DataError` for a full disk or failed write of ``path``; other errors unchanged."""
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text:
+        return DataError(f"the disk holding {path.parent} is full (writing {path.name}); free space there and "
+                         "continue with --resume: finished trials are kept")
+    if "write failed" in text:
+        return DataError(f"writing the checkpoint {path} failed ({text.splitlines()[0][:200]}); is the disk full or "
+                         "read-only? Fix it and continue with --resume: finished trials are kept")
+    return e
 
 
 def load_checkpoint(path: str | Path, *, sha256: str | None = None) -> dict[str, Tensor]:

@@ -224,6 +224,23 @@ def test_runs_list_show_export(tmp_path: Path, cfg_file: Path) -> None:
     assert res.exit_code == 2 and "no experiment" in res.stderr
 
 
+def test_runs_compare_shows_differing_config_and_metrics(tmp_path: Path, cfg_file: Path) -> None:
+    db = tmp_path / "runs.db"
+    assert run_tiny(cfg_file, tmp_path / "a", "-q").exit_code == 0
+    assert run_tiny(cfg_file, tmp_path / "b", "-q", "--set", "seed=7").exit_code == 0
+    ids = [json.loads((tmp_path / d / "results.json").read_text())["experiment_id"] for d in ("a", "b")]
+    res = cli("runs", "compare", ids[0][:8], ids[1][:8], "--store", db)
+    assert res.exit_code == 0, res.output
+    assert "config.seed" in res.stdout and "config.name" not in res.stdout  # only the fields that differ
+    assert "test_accuracy.mean" in res.stdout and "headline" in res.stdout
+    res = cli("runs", "compare", ids[0], ids[1], "--store", db, "--match", "accuracy")
+    assert res.exit_code == 0 and "test_accuracy" in res.stdout and "train_loss" not in res.stdout
+    res = cli("runs", "compare", ids[0], "--store", db)
+    assert res.exit_code == 2 and "two or more" in res.stderr
+    res = cli("runs", "compare", ids[0], "zzzz", "--store", db)
+    assert res.exit_code == 2 and "no experiment" in res.stderr
+
+
 def test_data_info_and_models() -> None:
     res = cli("data", "info", "digits")
     assert res.exit_code == 0 and "1438" in res.stdout and "359" in res.stdout and "10" in res.stdout

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .cli_views import cell, err_console, out_console, print_summary, resume_command, runs_table
+from .cli_views import cell, compare_table, err_console, out_console, print_summary, resume_command, runs_table
 from .cli_views import fail as _fail
 from .errors import ConfigError, DataError, MlauditError, TrialError
 from .termsafe import safe, safe_json
@@ -185,6 +185,25 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id or a unique pre
         "failed": [{"trial_id": t["trial_id"], "error": t["error"]} for t in trials if t["status"] == "failed"],
     }
     sys.stdout.write(safe_json(data) + "\n")
+
+
+@runs_app.command("compare")
+def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids (or unique prefixes).")],
+                 match: Annotated[str | None, typer.Option("--match", help="Only metrics whose dotted name contains "
+                                                           "this text (e.g. tpr_at_fpr.0.001).")] = None,
+                 show_all: Annotated[bool, typer.Option("--all", help="Every metric leaf, not only point "
+                                                        "estimates.")] = False,
+                 store: StoreOpt = None) -> None:
+    """Compare runs side by side: headline, the config fields that differ, and their metrics."""
+    try:
+        if len(run_ids) < 2:
+            raise ConfigError(f"runs compare needs two or more run ids, got {len(run_ids)}")
+        rs = _store(store)
+        runs = [rs.get_experiment(i) for i in run_ids]
+        table = compare_table(runs, [rs.metrics(r.id) for r in runs], match=match, show_all=show_all)
+        out_console(width=max(out_console().width, 60 + 40 * len(runs))).print(table)
+    except MlauditError as e:
+        _fail(e)
 
 
 @runs_app.command("export")

@@ -115,3 +115,44 @@ def runs_table(rows: Sequence[Any], metrics_of: Callable[[str], dict[str, Any]],
     for d in data:
         table.add_row(*(Text(d[c]) for c in cols))
     return table
+
+
+COMPARE_SUFFIXES = (".value", ".mean", "accuracy", "epsilon_lower_bound", "auc")
+"""Metric names shown by `runs compare` without ``--match``: point estimates and headline-like leaves
+(intervals, standard errors and counts are left to ``--all``)."""
+
+
+def compare_table(runs: Sequence[Any], metrics: Sequence[dict[str, Any]], *, match: str | None = None,
+                  show_all: bool = False) -> Table:
+    """`runs compare`: one column per run; rows are the run's kind, status and headline, then every
+    config field whose value differs between the runs, then the metrics (dotted names; with ``match``
+    only names containing it; without ``show_all`` only point estimates, see :data:`COMPARE_SUFFIXES`)."""
+    from .jsonutil import flatten
+    from .report.html import format_cell
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("")
+    for r in runs:
+        table.add_column(safe(f"{r.id[:8]} {r.name}", oneline=True), overflow="fold")
+
+    def row(label: str, values: Sequence[Any]) -> None:
+        table.add_row(Text(safe(label, oneline=True)), *(Text(safe(format_cell(v), oneline=True)) for v in values))
+
+    row("kind", [r.kind for r in runs])
+    row("status", [r.status for r in runs])
+    row("headline", [headline(r.kind, m) or "-" for r, m in zip(runs, metrics)])
+    configs = [flatten(r.config) for r in runs]
+    for key in sorted({k for c in configs for k in c}):
+        values = [c.get(key, "-") for c in configs]
+        if len({repr(v) for v in values}) > 1:
+            row(f"config.{key}", values)
+    names: list[str] = []
+    for m in metrics:
+        names += [k for k in m if k not in names]
+    for key in names:
+        if match is not None and match not in key:
+            continue
+        if match is None and not show_all and not key.endswith(COMPARE_SUFFIXES):
+            continue
+        row(key, [m.get(key, "-") for m in metrics])
+    return table

@@ -241,6 +241,24 @@ def test_runs_compare_shows_differing_config_and_metrics(tmp_path: Path, cfg_fil
     assert res.exit_code == 2 and "no experiment" in res.stderr
 
 
+def test_runs_index_lists_runs_links_reports_and_escapes(tmp_path: Path, cfg_file: Path) -> None:
+    db = tmp_path / "runs.db"
+    assert run_tiny(cfg_file, tmp_path / "a", "-q").exit_code == 0
+    from mlaudit.store import RunStore
+
+    RunStore(db).create_experiment(kind="train", name="<script>alert(1)</script>", config={},
+                                   out_dir="javascript:alert(2)")
+    res = cli("runs", "index", "--store", db, "--out", tmp_path / "site" / "index.html")
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "site" / "index.html").read_text()
+    exp_id = json.loads((tmp_path / "a" / "results.json").read_text())["experiment_id"]
+    assert exp_id in html and 'href="../a/report.html"' in html and "acc " in html
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)" in html
+    assert 'href="javascript' not in html  # a run without a report has no link at all
+    res = cli("runs", "index", "--store", db, "--out", tmp_path)
+    assert res.exit_code == 2 and "folder" in res.stderr
+
+
 def test_data_info_and_models() -> None:
     res = cli("data", "info", "digits")
     assert res.exit_code == 0 and "1438" in res.stdout and "359" in res.stdout and "10" in res.stdout

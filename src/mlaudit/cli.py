@@ -187,6 +187,23 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="Run id or a unique pre
     sys.stdout.write(safe_json(data) + "\n")
 
 
+@runs_app.command("index")
+def runs_index(out: Annotated[Path, typer.Option("--out", help="HTML file to write.")] = Path("runs/index.html"),
+               limit: Annotated[int, typer.Option(help="At most this many runs, newest first.", min=1)] = 1000,
+               store: StoreOpt = None) -> None:
+    """Write a static HTML index of the store's runs: headline metric, status, a link to each report."""
+    from .report.index import write_index
+
+    try:
+        if out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a folder; give a file name such as runs/index.html")
+        typer.echo(safe(write_index(_store(store), out, limit=limit)))
+    except MlauditError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(e, prefix="error (file system)")
+
+
 @runs_app.command("compare")
 def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more run ids (or unique prefixes).")],
                  match: Annotated[str | None, typer.Option("--match", help="Only metrics whose dotted name contains "

@@ -259,6 +259,20 @@ def test_runs_index_lists_runs_links_reports_and_escapes(tmp_path: Path, cfg_fil
     assert res.exit_code == 2 and "folder" in res.stderr
 
 
+def test_verbose_prints_the_log_on_stderr(tmp_path: Path, cfg_file: Path) -> None:
+    import logging
+
+    res = run_tiny(cfg_file, tmp_path / "out", "-q", "-v")
+    assert res.exit_code == 0, res.output
+    assert "INFO mlaudit" in res.stderr  # the same lines artifacts/run.log keeps
+    log = (tmp_path / "out" / "artifacts" / "run.log").read_text()
+    assert log.strip()
+    left = [h for h in logging.getLogger("mlaudit").handlers if type(h) is logging.StreamHandler]
+    assert not left  # the console handler is removed when the command ends
+    quiet = run_tiny(cfg_file, tmp_path / "out2", "-q")
+    assert quiet.exit_code == 0 and "INFO mlaudit" not in quiet.stderr
+
+
 def test_data_info_and_models() -> None:
     res = cli("data", "info", "digits")
     assert res.exit_code == 0 and "1438" in res.stdout and "359" in res.stdout and "10" in res.stdout

@@ -9,6 +9,7 @@ the trial); 130 interrupted (finished trials are kept: resume with ``mlaudit run
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .cli_views import cell, compare_table, err_console, out_console, print_summary, resume_command, runs_table
+from .cli_views import cell, compare_table, console_logging, err_console, out_console, print_summary, resume_command, runs_table
 from .cli_views import fail as _fail
 from .errors import ConfigError, DataError, MlauditError, TrialError
 from .termsafe import safe, safe_json
@@ -77,6 +78,8 @@ def run(
     store: StoreOpt = None,
     quiet: QuietOpt = False,
     threads: ThreadsOpt = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="Print mlaudit's log on stderr "
+                                         "(-v info, -vv debug); artifacts/run.log keeps it either way.")] = 0,
 ) -> None:
     """Run an experiment from a YAML config, or resume or grow one.
 
@@ -90,6 +93,7 @@ def run(
     from .threads import configure_threads
 
     out_dir: Path | None = None
+    handler = console_logging(verbose)
     try:
         configure_threads(threads)
         opts = _executor_options(executor, ray_address, workers)
@@ -124,6 +128,9 @@ def run(
         err_console().print(Text(safe(f"interrupted; finished trials are saved: continue with "
                                       f"`{resume_command(out_dir, store)}`")))
         raise typer.Exit(130) from None
+    finally:
+        if handler is not None:  # in-process callers (tests, notebooks) run many commands
+            logging.getLogger("mlaudit").removeHandler(handler)
     if quiet:
         typer.echo(safe(res.out_dir))
     else:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
+import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -156,3 +158,25 @@ def compare_table(runs: Sequence[Any], metrics: Sequence[dict[str, Any]], *, mat
             continue
         row(key, [m.get(key, "-") for m in metrics])
     return table
+
+
+class _SafeFormatter(logging.Formatter):
+    """Log lines for the terminal with control characters stripped (names in messages are user input)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return safe(super().format(record))
+
+
+def console_logging(verbosity: int) -> logging.Handler | None:
+    """``--verbose``: mlaudit's log on stderr, INFO for ``-v`` and DEBUG for ``-vv`` (None for 0)."""
+    if verbosity <= 0:
+        return None
+    level = logging.INFO if verbosity == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    logger = logging.getLogger("mlaudit")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > level:
+        logger.setLevel(level)
+    return handler

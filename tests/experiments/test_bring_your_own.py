@@ -73,6 +73,16 @@ def diverge(model, train_set):
         opt.step()
 
 
+CALLS = []
+
+
+def second_fails(model, train_set, *, seed, device):
+    CALLS.append(seed)
+    if len(CALLS) == 2:
+        raise FloatingPointError("boom on the second model")
+    return fit(model, train_set, seed=seed, device=device)
+
+
 def not_a_model():
     return 3
 
@@ -161,6 +171,21 @@ def test_a_diverging_user_trainer_fails_its_trial_with_the_reason(user: str, tmp
     with pytest.raises(TrialError, match="non-finite") as e:
         run(base(user, kind="train", trials=2, trainer=f"{user}:diverge"), tmp_path)
     assert e.value.trial_id.endswith("0")
+
+
+def test_one_failed_trial_is_recorded_and_the_others_go_on(user: str, tmp_path: Path) -> None:
+    """The ``train`` kind: a trial that fails is left out (and named), the rest finish, a resume retries it."""
+    import importlib
+
+    importlib.import_module(user).CALLS.clear()
+    res = run(base(user, kind="train", trials=4, trainer=f"{user}:second_fails"), tmp_path)
+    failed = res["metrics"]["failed_trials"]
+    assert [f["trial_id"] for f in failed] == ["model-0001"] and "boom on the second model" in failed[0]["error"]
+    assert res["metrics"]["test_accuracy"]["n"] == 3 and len(res["trials"]) == 3
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert "1 of 4 trials failed" in report and "model-0001" in report
+    again = run(base(user, kind="train", trials=4, trainer=f"{user}:second_fails"), tmp_path, resume=True)
+    assert "failed_trials" not in again["metrics"] and again["metrics"]["test_accuracy"]["n"] == 4
 
 
 def test_library_api_with_objects(user: str, tmp_path: Path) -> None:

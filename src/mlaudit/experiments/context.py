@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ import torch
 from ..atomic import atomic_path
 from ..data.base import DataBundle
 from ..data.registry import DatasetSpec, load_dataset
-from ..errors import ConfigError, DataError, TrialError
+from ..errors import ConfigError, DataError, TrainingError, TrialError
 from ..factory import Executor, FactoryJob, LocalExecutor, TrainedModel, TrialSpec, train_many
 from ..jsonutil import dumps, loads
 from ..store import RunStore
 from ..train.checkpoint import load_weights_only, save_checkpoint
 from .progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 class TrialRecord(dict):
@@ -102,6 +105,8 @@ class RunContext:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     cost: Cost = field(default_factory=Cost)
     datasets: dict[str, DataBundle] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Trials skipped after a training failure (``train(..., on_failure="skip")``): id -> error text."""
 
     def __post_init__(self) -> None:
         self.finished = {k: TrialRecord(v) for k, v in self.finished.items()}
@@ -120,8 +125,15 @@ class RunContext:
             self.datasets[key] = load_dataset(spec)
         return self.datasets[key]
 
-    def train(self, job: FactoryJob, *, save_weights: bool = True, label: str = "training models") -> list[TrialRecord]:
+    def train(self, job: FactoryJob, *, save_weights: bool = True, label: str = "training models",
+              on_failure: str = "raise") -> list[TrialRecord]:
         """Train the job's trials that are not finished yet; returns one record per trial, in order.
+
+        ``on_failure="skip"`` (for kinds whose trials are independent, e.g. ``train``): a trial whose
+        training fails with a :class:`~mlaudit.errors.TrainingError` (a diverged loss, a user trainer's
+        bad result) is recorded as failed in the store and in :attr:`failed`, the others go on, and the
+        records of the finished trials are returned (failed ones left out); a resume retries it. Other
+        errors still stop the run.
 
         Each model is committed to the run store (and its weights saved under
         ``artifacts/models/<trial_id>.pt``) the moment its chunk ends, so an interrupted run resumes
@@ -132,6 +144,10 @@ class RunContext:
         out-of-memory error, ...); the failure is also recorded in the store. Invalid input
         (:class:`ConfigError`, :class:`DataError`) propagates unchanged.
         """
+        if on_failure not in ("raise", "skip"):
+            raise ValueError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}")
+        if on_failure == "skip":
+            return self._train_skipping(job, save_weights=save_weights, label=label)
         todo = self.pending(job.trials)
         if not todo:
             return [self.finished[t.trial_id] for t in job.trials]
@@ -175,6 +191,22 @@ class RunContext:
             self.progress.done(task)
             self.progress.done(epochs)
         return [self.finished[t.trial_id] for t in job.trials]
+
+    def _train_skipping(self, job: FactoryJob, *, save_weights: bool, label: str) -> list[TrialRecord]:
+        """:meth:`train` with ``on_failure="skip"``: retrain the rest after each failed trial."""
+        skipped: set[str] = set()
+        while True:
+            rest = [t for t in job.trials if t.trial_id not in skipped]
+            try:
+                self.train(job.with_trials(rest), save_weights=save_weights, label=label)
+                break
+            except TrialError as e:
+                if not isinstance(e.__cause__, TrainingError):
+                    raise
+                skipped.add(e.trial_id)
+                self.failed[e.trial_id] = f"{type(e.__cause__).__name__}: {e.__cause__}"
+                log.warning("trial %s failed and is skipped: %s", e.trial_id, e.__cause__)
+        return [self.finished[t.trial_id] for t in job.trials if t.trial_id in self.finished]
 
     def _record(self, m: TrainedModel, save_weights: bool) -> TrialRecord:
         rec = TrialRecord({"trial_id": m.trial_id, "seed": m.seed, "tags": m.tags, "metrics": m.metrics,

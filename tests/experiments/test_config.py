@@ -215,3 +215,72 @@ def test_load_yaml_errors(tmp_path: Path) -> None:
         load_yaml(bad)
     bad.write_text("kind: train\ntrials: 2\n")
     assert load_yaml(bad) == {"kind": "train", "trials": 2}
+
+
+# ------------------------------------------------------------------ fuzzing every kind's example config
+
+def _example_configs() -> dict[str, dict]:
+    from mlaudit.config import load_yaml
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    out: dict[str, dict] = {}
+    for path in sorted(root.glob("*.yaml")):
+        raw = load_yaml(path)
+        out.setdefault(raw["kind"], raw)
+    return out
+
+
+EXAMPLES = _example_configs()
+
+
+def _paths(d: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every key path of a nested mapping (leaves and inner mappings)."""
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.append((*prefix, k))
+            out += _paths(v, (*prefix, k))
+    return out
+
+
+def _replaced(raw: dict, path: tuple, value: Any) -> dict:
+    import copy
+
+    new = copy.deepcopy(raw)
+    node = new
+    for k in path[:-1]:
+        node = node[k]
+    node[path[-1]] = value
+    return new
+
+
+_RECIPE_JUNK = st.one_of(_JUNK, st.fixed_dictionaries({"name": st.sampled_from(["airbench-muon", "airbench", "fast"])},
+                                                      optional={"optimizer": st.sampled_from(["muon", "adam", "x"]),
+                                                                "loss_reduction": _JUNK, "tta": _JUNK, "compile": _JUNK,
+                                                                "param_groups": st.one_of(_JUNK, st.lists(
+                                                                    st.dictionaries(st.sampled_from(
+                                                                        ["match", "lr", "epochs", "optimizer", "bad"]),
+                                                                        _JUNK, max_size=3), max_size=2)),
+                                                                "augment": st.one_of(_JUNK, st.fixed_dictionaries(
+                                                                    {}, optional={"flip": _JUNK, "pad_mode": _JUNK,
+                                                                                  "crop_pad": _JUNK}))}))
+
+
+@pytest.mark.parametrize("kind", sorted(EXAMPLES))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_every_kind_only_raises_config_error(kind: str, data: st.DataObject) -> None:
+    """Any field of any kind's example config replaced by junk (and the recipe by junk recipes, including
+    the airbench-muon fields): parse_config returns a config that round-trips, or raises ConfigError."""
+    raw = EXAMPLES[kind]
+    paths = _paths(raw)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        raw = _replaced(raw, path, data.draw(_RECIPE_JUNK if path == ("recipe",) else _JUNK))
+        paths = _paths(raw) or [("kind",)]
+    try:
+        cfg = parse_config(raw)
+    except ConfigError as e:
+        assert str(e)
+    else:
+        assert parse_config(config_to_dict(cfg)) == cfg

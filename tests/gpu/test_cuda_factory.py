@@ -105,31 +105,27 @@ def test_user_trainer_trains_on_cuda_through_the_factory(tmp_path: Path, monkeyp
 
 @pytest.mark.parametrize("name", ["resnet18", "fastcnn"])
 def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
-    """Book-keeping clipping (privacy/fastclip.py) gives the per-example path's clipped sum on CUDA too,
-    in full fp32. With TF32 on (PyTorch's default for cuDNN convolutions) the two paths' sums for
-    ResNet-18's first conv differed by up to 1.45e-3 (H200, 2026-12-02, 825 of 1728 entries beyond
-    atol 2e-4 + rtol 2e-3): this test turns TF32 off to check the algorithm, not the precision."""
-    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        _compare_fast_and_per_example(name)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    """Book-keeping clipping (privacy/fastclip.py) gives the per-example path's clipped sum on CUDA too.
 
-
-def _compare_fast_and_per_example(name: str) -> None:
+    Compared in float64: in float32 the two paths' sums for a full-width ResNet-18-GN at initialisation
+    differed by up to 0.2% of a tensor's largest entry on an H200 with TF32 off (2026-12-02) and by up to
+    1% on a CPU, because its backward amplifies the rounding differences of two kernel orders through 18
+    layers; in float64 the same comparison on the CPU agreed to 1.3e-7 (the 1e-6 in the clip factor's
+    denominator), and every layer's per-example norm to 1e-4 relative or better."""
     from mlaudit.models import build_model
     from mlaudit.privacy.dpsgd import clipped_sum, per_example_grads
     from mlaudit.privacy.fastclip import clipped_grad_sum
     from mlaudit.train.stacked import StackedModels
 
     torch.manual_seed(0)
-    m = build_model({"name": name, "norm": "group"}, input_shape=(3, 32, 32), num_classes=10).cuda().train()
-    x, y = torch.rand(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
-    w = (torch.arange(64, device="cuda") % 5 != 0).float()
+    m = build_model({"name": name, "norm": "group"}, input_shape=(3, 32, 32), num_classes=10).cuda().double().train()
+    x = torch.rand(32, 3, 32, 32, device="cuda", dtype=torch.float64)
+    y = torch.randint(0, 10, (32,), device="cuda")
+    w = (torch.arange(32, device="cuda") % 5 != 0).double()
     fast, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
     stack = StackedModels.from_modules([m], torch.device("cuda"), strategy="loop", channels_last=False)
     (grads, _), = per_example_grads(stack, x[None], y[None])
     ref = clipped_sum(grads, w[None], 1.0)
     for a, b in zip(fast, ref, strict=True):
-        torch.testing.assert_close(a, b.squeeze(0).to(a.dtype), rtol=1e-4, atol=1e-5)
+        b = b.squeeze(0).to(a.dtype)
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-12

@@ -6,8 +6,10 @@ sec. V.A): a minimal-perturbation attack. With the change of variables x_adv = l
 
 and a binary search over c (``search_steps`` rounds, per example) finds the smallest c that still
 succeeds: after a success c moves halfway down towards the last failure, after a failure halfway up
-(or x10 while no success bounds it). Each example keeps its smallest successful perturbation over all
-rounds and steps; an example never fooled is returned unchanged. No eps: the returned l2 distances
+(or x10 while no success bounds it). Each round starts where the previous one ended (a warm start, so
+R rounds of S steps cost and reach about what R * S steps at one c would; the paper restarts every
+round from x). Each example keeps its smallest successful perturbation over all rounds and steps; an
+example never fooled is returned unchanged. No eps: the returned l2 distances
 are the measurement (an eps-ball result is ``||x_adv - x||_2 <= eps and misclassified``).
 """
 
@@ -59,10 +61,12 @@ def cw_l2(model: nn.Module, x: Tensor, y: Tensor, *, c: float = 1.0, kappa: floa
     low, high = torch.zeros(n, device=x.device), torch.full((n,), float("inf"), device=x.device)
     best_d, best = torch.full((n,), float("inf"), device=x.device), x.detach().clone()
     objective = _CWObjective(model, x, y, const, kappa, box)
+    start = torch.zeros_like(w0)
     with evaluating(model, requires_grad=False):
         for _ in range(search_steps):
             res = craft(objective, w0, constraint=Free(), steps=steps, optimizer="adam", lr=lr, schedule="constant",
-                        keep_best=True, batch_size=batch_size)
+                        keep_best=True, batch_size=batch_size, init=start)
+            start = res.delta
             xa = objective.image(w0 + res.delta).detach()
             d = (xa - x).flatten(1).norm(dim=1)
             ok = res.done.to(x.device) if res.done is not None else torch.zeros(n, dtype=torch.bool, device=x.device)

@@ -1,0 +1,141 @@
+"""Evasion attacks: mlaudit's FGSM / PGD / APGD / CW / ensemble next to torchattacks 3.5.1, side by side
+in one run on the same models and the same test examples (CPU).
+
+    pip install -e '.[bench]'            # torchattacks==3.5.1, a benchmark dependency only
+    python benchmarks/evasion.py --examples 359 --name digits_cpu
+
+Models: the zoo's ``fastcnn`` (a small CNN) and ``mlp``, each trained by mlaudit's own loop
+(``mlaudit.train.train``, recipe ``fast``) on sklearn digits (8x8, pixels in [0, 1]). Every pair of
+attacks gets the same budget (eps, steps, restarts, loss) and both are timed on the same inputs.
+Robust accuracy = accuracy on the attacked test examples (clean mistakes count as not robust);
+for CW (minimal l2, no eps) the success rate, the median l2 of successes and robust accuracy at
+l2 <= eps_l2. Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torchattacks
+from torch import Tensor, nn
+
+from mlaudit.attacks.evasion import apgd, apgd_targeted, autoattack, cw_l2, fgsm, pgd
+from mlaudit.data import load_dataset
+from mlaudit.models import build_model
+from mlaudit.train import train
+
+try:
+    from _common import RESULTS
+except ImportError:  # run as a module
+    from benchmarks._common import RESULTS
+
+
+def pairs(eps: float, eps_l2: float, steps: int) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
+    """name -> (ours(model, x, y), torchattacks factory(model)), both with the same settings."""
+    a = eps / 4
+    return {
+        "FGSM linf": (lambda m, x, y: fgsm(m, x, y, eps=eps), lambda m: torchattacks.FGSM(m, eps=eps)),
+        "PGD-10 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=10, step_size=a),
+                        lambda m: torchattacks.PGD(m, eps=eps, alpha=a, steps=10, random_start=True)),
+        "PGD-10 l2": (lambda m, x, y: pgd(m, x, y, eps=eps_l2, norm="l2", steps=10, step_size=eps_l2 / 4),
+                      lambda m: torchattacks.PGDL2(m, eps=eps_l2, alpha=eps_l2 / 4, steps=10, random_start=True)),
+        f"APGD-CE-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="ce"),
+                                  lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="ce", seed=0)),
+        f"APGD-DLR-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="dlr"),
+                                   lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="dlr", seed=0)),
+        f"APGD-T-{steps} linf": (lambda m, x, y: apgd_targeted(m, x, y, eps=eps, steps=steps, targets=9),
+                                 lambda m: torchattacks.APGDT(m, norm="Linf", eps=eps, steps=steps, n_classes=10, seed=0)),
+        "AutoAttack linf": (lambda m, x, y: autoattack(m, x, y, eps=eps),
+                            lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10,
+                                                              seed=0)),
+        "CW-l2 c=1, 50 steps": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=50, search_steps=1),
+                                lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=50, lr=0.01)),
+        "CW-l2 5x100 search": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=100, search_steps=5),
+                               lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=500, lr=0.01)),
+    }
+
+
+def measure(model: nn.Module, x: Tensor, y: Tensor, attack: Callable[[Tensor, Tensor], Tensor],
+            eps_l2: float) -> dict[str, float]:
+    t0 = time.perf_counter()
+    x_adv = attack(x, y).detach()
+    wall = time.perf_counter() - t0
+    with torch.no_grad():
+        correct = model(x_adv).argmax(1) == y
+    d = (x_adv - x).flatten(1)
+    fooled = ~correct
+    l2 = d.norm(dim=1)
+    return {"robust_acc": 100 * float(correct.float().mean()), "wall_s": wall,
+            "max_linf": float(d.abs().max()), "median_l2_fooled": float(l2[fooled].median()) if fooled.any() else None,
+            "robust_acc_at_eps_l2": 100 * float((correct | (l2 > eps_l2 + 1e-6)).float().mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", type=int, default=359, help="test examples attacked (digits has 359)")
+    ap.add_argument("--eps", type=float, default=0.1, help="l-inf budget (pixels in [0, 1]; digits has 17 levels)")
+    ap.add_argument("--eps-l2", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=50, help="APGD steps (both libraries)")
+    ap.add_argument("--models", default="fastcnn,mlp")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="digits_cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset({"name": "digits"})
+    x, y = data.test.x[: args.examples], data.test.y[: args.examples]
+    rows: list[dict[str, Any]] = []
+    for arch in args.models.split(","):
+        torch.manual_seed(0)
+        model = train(build_model(arch, input_shape=data.input_shape, num_classes=data.num_classes), data, "fast",
+                      seed=0).eval()
+        with torch.no_grad():
+            clean = 100 * float((model(x).argmax(1) == y).float().mean())
+        print(f"{arch}: clean accuracy {clean:.1f}%", flush=True)
+        for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps).items():
+            a = measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy), args.eps_l2)
+            b = measure(model, x, y, theirs(model), args.eps_l2)
+            rows.append({"model": arch, "clean_acc": clean, "attack": name, "mlaudit": a, "torchattacks": b})
+            print(f"  {name:24s} ours {a['robust_acc']:5.1f}% {a['wall_s']:6.2f}s | torchattacks "
+                  f"{b['robust_acc']:5.1f}% {b['wall_s']:6.2f}s", flush=True)
+    meta = {"date": "2026-12-02", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+            "threads": args.threads, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
+            "dataset": "digits (sklearn, 8x8, test split)", "examples": len(x), "eps_linf": args.eps,
+            "eps_l2": args.eps_l2, "apgd_steps": args.steps, "recipe": "fast", "seed": 0}
+    out = RESULTS / f"evasion_{args.name}"
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(render(meta, rows))
+    print(f"wrote {out}.json and .md")
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Evasion attacks: mlaudit vs torchattacks {meta['torchattacks']} ({meta['date']})", "",
+             f"{meta['dataset']}, first {meta['examples']} test examples; CPU ({meta['cpu']}, {meta['threads']} "
+             f"thread), torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
+             f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, APGD steps = "
+             f"{meta['apgd_steps']}. Robust accuracy in % (lower = stronger attack); wall time of the attack call.",
+             "", "| model (clean %) | attack | mlaudit robust % | torchattacks robust % | mlaudit s | torchattacks s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        a, b = r["mlaudit"], r["torchattacks"]
+        extra = ""
+        if r["attack"].startswith("CW"):
+            extra = (f" (median l2 of fooled: {_f(a['median_l2_fooled'])} vs {_f(b['median_l2_fooled'])}; robust at "
+                     f"l2 <= {meta['eps_l2']}: {a['robust_acc_at_eps_l2']:.1f} vs {b['robust_acc_at_eps_l2']:.1f})")
+        lines.append(f"| {r['model']} ({r['clean_acc']:.1f}) | {r['attack']}{extra} | {a['robust_acc']:.1f} | "
+                     f"{b['robust_acc']:.1f} | {a['wall_s']:.2f} | {b['wall_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -124,3 +124,15 @@ def test_rejects_malformed_input() -> None:
         ReportTable("t", ["a", "b"], [["x"]])
     with pytest.raises(ConfigError, match="metrics must be a dict"):
         render_report(**_kwargs(metrics=[1, 2]))
+
+
+def test_report_leads_with_the_verdict_and_collapses_the_details() -> None:
+    from mlaudit.report import ReportTable
+
+    html = render_report(**_kwargs(verdict="test accuracy: acc 91.2% <b>", warnings=["WARNING: loss diverged"],
+                                   tables=[ReportTable("Paper-style table", ["a"], [[1]])]))
+    order = [html.index(s) for s in ("<h2>Verdict</h2>", "test accuracy: acc 91.2% &lt;b&gt;", "loss diverged",
+                                     "Paper-style table", "<summary>All metrics", "<summary>Trials",
+                                     "<summary>Configuration")]
+    assert order == sorted(order)  # verdict, then the kind's table, then the collapsed details
+    assert "<b>" not in html.split("<h2>Verdict</h2>")[1].split("</section>")[0]

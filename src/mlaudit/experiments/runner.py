@@ -199,11 +199,29 @@ def _run_locked(cfg: ExperimentConfig, kind: Any, resolved: dict[str, Any], chas
 
         write_report(out_dir / "report.html", title=f"mlaudit {cfg.kind}: {cfg.display_name}", config=resolved,
                      metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=vers,
-                     figures=output.figures, tables=output.tables, notes=[*(f"WARNING: {w}" for w in flags), *output.notes])
+                     figures=output.figures, tables=output.tables, notes=output.notes,
+                     verdict=_verdict(cfg.kind, output.metrics), warnings=[f"WARNING: {w}" for w in flags])
         rs.put_metrics(exp_id, to_jsonable(output.metrics))
         rs.set_status(exp_id, "done")
         log.info("run %s done in %.1f s: %d models trained, %d resumed", exp_id, wall, c.models_trained, len(finished))
         return RunResult(out_dir, exp_id, results)
+
+
+def _verdict(kind: str, metrics: dict[str, Any]) -> str | None:
+    """The report's first line: the kind's headline metric (:mod:`mlaudit.headline`), spelled out."""
+    from ..headline import headline
+    from ..jsonutil import flatten
+
+    head = headline(kind, flatten(to_jsonable(metrics)))
+    return None if head is None else f"{HEADLINE_LABELS.get(kind, 'result')}: {head}"
+
+
+HEADLINE_LABELS = {
+    "train": "test accuracy", "membership-inference": "strongest attack, TPR at 0.1% FPR",
+    "dp-audit": "empirical epsilon lower bound vs the claim", "targeted-poison": "poison success",
+    "availability-poison": "poisoned accuracy (drop from clean)",
+    "indiscriminate-poison": "poisoned accuracy (drop from clean)",
+}
 
 
 def resume_experiment(out: str | Path, **kwargs: Any) -> RunResult:

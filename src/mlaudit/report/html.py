@@ -126,7 +126,8 @@ def _trial_table(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def fig_to_data_uri(fig: Any) -> str:
-    """PNG ``data:`` URI of a matplotlib Figure (Agg canvas, dpi 110); the figure is closed afterwards.
+    """PNG ``data:`` URI of a matplotlib Figure (Agg canvas, dpi 200: sharp on high-density screens); the
+    figure is closed afterwards.
 
     Build figures with ``matplotlib.figure.Figure()`` to stay clear of pyplot's global state; a
     figure made through pyplot is also removed from pyplot's figure manager.
@@ -136,7 +137,7 @@ def fig_to_data_uri(fig: Any) -> str:
     if not isinstance(fig, Figure):
         raise ConfigError(f"figures must be matplotlib.figure.Figure objects, got {type(fig).__name__}")
     buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=200, bbox_inches="tight")
     pyplot = sys.modules.get("matplotlib.pyplot")
     if pyplot is not None:
         pyplot.close(fig)
@@ -160,8 +161,11 @@ def _kv_rows(d: Mapping[str, Any]) -> list[tuple[str, str]]:
 def render_report(*, title: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
                   trials: Sequence[Mapping[str, Any]], cost: Mapping[str, Any], versions: Mapping[str, Any],
                   figures: Mapping[str, Any] | None = None, tables: Sequence[ReportTable] | None = None,
-                  notes: Sequence[str] | None = None) -> str:
-    """The HTML text of a report.
+                  notes: Sequence[str] | None = None, verdict: str | None = None,
+                  warnings: Sequence[str] | None = None) -> str:
+    """The HTML text of a report: the verdict (``verdict``, the kind's headline, and ``warnings``) first,
+    then the kind's tables and figures and the notes; all metrics, trials, cost, versions and the
+    configuration follow, collapsed.
 
     ``metrics``: nested dict; leaves are numbers, text, {"mean","se"[,"n"]} (shown "m ± se"),
     {"value","lo","hi", ...} (shown "v [lo, hi]", other keys as details) or :class:`MeanSE`.
@@ -186,6 +190,7 @@ def render_report(*, title: str, config: Mapping[str, Any], metrics: Mapping[str
     template = _environment().get_template("report.html.j2")
     return template.render(
         title=str(title), notes=[str(n) for n in notes or ()], metrics=_metric_rows(metrics), tables=tables_ctx,
+        verdict=None if verdict is None else str(verdict), warnings=[str(w) for w in warnings or ()],
         figures=figs, trials=_trial_table(list(trials)), cost=_kv_rows(cost), versions=_kv_rows(versions),
         config_yaml=config_yaml, mlaudit_version=__version__,
     )
@@ -194,10 +199,12 @@ def render_report(*, title: str, config: Mapping[str, Any], metrics: Mapping[str
 def write_report(path: str | os.PathLike[str], *, title: str, config: Mapping[str, Any],
                  metrics: Mapping[str, Any], trials: Sequence[Mapping[str, Any]], cost: Mapping[str, Any],
                  versions: Mapping[str, Any], figures: Mapping[str, Any] | None = None,
-                 tables: Sequence[ReportTable] | None = None, notes: Sequence[str] | None = None) -> Path:
+                 tables: Sequence[ReportTable] | None = None, notes: Sequence[str] | None = None,
+                 verdict: str | None = None, warnings: Sequence[str] | None = None) -> Path:
     """Render (see :func:`render_report`) and write atomically: a temp file in the same folder, then
     ``os.replace``, so readers never see a half-written report. Returns the path written."""
     html = render_report(title=title, config=config, metrics=metrics, trials=trials, cost=cost,
-                         versions=versions, figures=figures, tables=tables, notes=notes)
+                         versions=versions, figures=figures, tables=tables, notes=notes, verdict=verdict,
+                         warnings=warnings)
     return write_text(path, html)
 

@@ -93,6 +93,10 @@ def roc_figures(scores: Mapping[str, Tensor], keep: Tensor, metrics: Mapping[str
             label = f"{name} (AUC {auc:.3f}" + (f", TPR@0.1% {100 * t3:.1f}%)" if t3 is not None else ")")
             ax.plot(fpr, tpr, label=label, lw=1.3)
         ax.plot([lo or 1e-7, 1], [lo or 1e-7, 1], ls="--", color="grey", lw=0.8, label="chance")
+        n_neg = int((~keep.bool()).sum())
+        if scale == "log" and n_neg > 0 and 1.0 / n_neg > lo:  # below one false positive: not resolved
+            ax.axvspan(lo, 1.0 / n_neg, color="grey", alpha=0.15, lw=0,
+                       label=f"unresolved: FPR < 1/{n_neg} negatives")
         if scale == "log":
             ax.set_xscale("log")
             ax.set_yscale("log")

@@ -46,6 +46,8 @@ def variants(m: int) -> list[tuple[str, str, dict]]:
         tag = "all" if k is None else str(k)
         rows.append((f"rmia-online, {tag} ref", "rmia-online", {"references": k}))
         rows.append((f"lira-online (global var), {tag} ref", "lira-online", {"references": k, "variance": "global"}))
+    rows.append(("rmia-offline gamma=2, all ref", "rmia-offline", {"gamma": 2.0}))
+    rows.append(("rmia-online gamma=2, all ref", "rmia-online", {"gamma": 2.0}))
     rows.append(("lira-online (fixed var), all ref", "lira-online", {"variance": "fixed"}))
     rows.append(("lira-online (per-example var), all ref", "lira-online", {"variance": "per-example"}))
     return rows

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,9 @@ def check_membership(config: MembershipConfig, data: DataBundle) -> None:
                 f"target, but with pool.models = {config.pool.models} and pool.keep = {config.pool.keep}, "
                 f"{cov['examples_without_in']} of {n} examples lack IN shadows and {cov['examples_without_out']} "
                 f"lack OUT shadows (fewest: {cov['min_in']} IN, {cov['min_out']} OUT); set pool.models >= {need}"
-                + (" or attack_options: {" + name + ": {variance: fixed}}" if r_in > 1 or r_out > 1 else ""))
+                + (" or lower attack_options." + name + ".references" if config.options_for(name).get("references")
+                   else " or attack_options: {" + name + ": {variance: fixed}}" if (r_in > 1 or r_out > 1)
+                   and "variance" in inspect.signature(ATTACKS.get(name)).parameters else ""))
     if uses_population(config):
         population_rows(config, data, pool_indices(config, n_train))
     if config.truth_serum is not None and config.truth_serum.targets > n:

@@ -15,7 +15,6 @@ l2 <= eps_l2. Threads: 1 by default (the machine is shared; two threads were 20x
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import time

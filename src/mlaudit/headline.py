@@ -3,7 +3,8 @@
 train: test accuracy (mean +- SE over trials); membership-inference: the best attack's TPR at 0.1%
 FPR (the smallest FPR target computed when 0.1% was not); dp-audit: the epsilon lower bound vs the
 claimed epsilon (``eps>=1.84 > claim 0.897`` when the audit refutes the claim, ``<=`` when not); targeted-poison: poison success (mean +- SE); availability-poison and
-indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points.
+indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points; robustness:
+the worst case over attacks' robust accuracy at the largest eps.
 """
 
 from __future__ import annotations
@@ -79,6 +80,13 @@ def _availability(m: Metrics) -> str | None:
     return f"acc {_pct(acc)}" + (f" drop {100 * drop:.1f}" if drop is not None else "")
 
 
+def _robustness(m: Metrics) -> str | None:
+    v, eps = _num(m, "worst_case_at_max_eps.value"), _num(m, "worst_case_at_max_eps.eps")
+    if v is None:
+        return None
+    return f"robust {_pct(v)}" + (f" @eps {eps:.3g}" if eps is not None else "")
+
+
 HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "train": _train,
     "membership-inference": _membership,
@@ -86,6 +94,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "targeted-poison": _targeted,
     "availability-poison": _availability,
     "indiscriminate-poison": _availability,
+    "robustness": _robustness,
 }
 
 SHORT_KINDS = {"membership-inference": "membership", "targeted-poison": "targeted",

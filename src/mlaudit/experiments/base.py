@@ -230,7 +230,15 @@ def register_experiment(name: str, *, config: type[ExperimentConfig],
 
 
 def _ensure_kinds_loaded() -> None:
-    from . import availability, dp_audit, indiscriminate, membership, targeted_poison, train  # noqa: F401  (kinds)
+    from . import (  # noqa: F401  (kinds)
+        availability,
+        dp_audit,
+        indiscriminate,
+        membership,
+        robustness,
+        targeted_poison,
+        train,
+    )
 
 
 def experiment_kinds() -> dict[str, ExperimentKind]:

@@ -221,6 +221,7 @@ HEADLINE_LABELS = {
     "dp-audit": "empirical epsilon lower bound vs the claim", "targeted-poison": "poison success",
     "availability-poison": "poisoned accuracy (drop from clean)",
     "indiscriminate-poison": "poisoned accuracy (drop from clean)",
+    "robustness": "robust accuracy, worst case over attacks at the largest eps",
 }
 
 

@@ -8,7 +8,7 @@ the functions: importing this module stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,15 +37,16 @@ def _show(ax: Axes, img: Tensor) -> None:
 
 
 def perturbation_grid(x: Tensor, delta: Tensor, eps: float, *, n: int = 8, lead: Tensor | None = None,
-                      lead_title: str = "") -> Figure:
-    """Clean examples ``x`` [B, *shape] (row 1), perturbed ``x + delta`` (row 2) and ``delta``
-    mapped from [-eps, eps] to [0, 1] (row 3), for the first ``n`` examples. ``lead`` [*shape]
-    (e.g. a targeted attack's target) opens row 1 in a column of its own, titled ``lead_title``."""
+                      lead_title: str = "", perturbed: str = "poisoned", titles: Sequence[str] = ()) -> Figure:
+    """Clean examples ``x`` [B, *shape] (row 1), perturbed ``x + delta`` (row 2, labelled ``perturbed``)
+    and ``delta`` mapped from [-eps, eps] to [0, 1] (row 3), for the first ``n`` examples. ``lead`` [*shape]
+    (e.g. a targeted attack's target) opens row 1 in a column of its own, titled ``lead_title``;
+    ``titles`` (one per example, e.g. "3 -> 8") head the example columns."""
     from matplotlib.figure import Figure
 
     n = min(n, x.shape[0])
     x, d = x[:n].detach().float().cpu(), delta[:n].detach().float().cpu()
-    rows = [("clean", x), ("poisoned", x + d), ("delta", d / (2 * eps) + 0.5)]
+    rows = [("clean", x), (perturbed, x + d), ("delta", d / (2 * eps) + 0.5)]
     first = int(lead is not None)
     fig = Figure(figsize=(1.1 * (n + first) + 0.8, 3.6 + 0.4 * first))
     axes = fig.subplots(3, n + first, squeeze=False)
@@ -58,6 +59,8 @@ def perturbation_grid(x: Tensor, delta: Tensor, eps: float, *, n: int = 8, lead:
         for c in range(n):
             _show(axes[r][first + c], imgs[c])
         axes[r][first].set_ylabel(label)
+    for c, title in enumerate(list(titles)[:n]):
+        axes[0][first + c].set_title(title, fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -187,5 +190,29 @@ def accuracy_histogram(acc: np.ndarray) -> Figure:
     ax.set_xlabel("test accuracy")
     ax.set_ylabel("models")
     ax.set_title("test accuracy across trials")
+    fig.tight_layout()
+    return fig
+
+
+def robust_accuracy_figure(eps: Sequence[float], curves: Mapping[str, Sequence[Mapping[str, float]]], *,
+                           norm: str, clean: float | None = None) -> Figure:
+    """Robust accuracy against eps, one line per attack: ``curves`` name -> one ``{"value", "lo", "hi"}``
+    per eps (shaded between lo and hi); ``clean`` accuracy as a dotted line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.add_subplot()
+    e = np.asarray(eps, dtype=float)
+    for name, pts in curves.items():
+        v = np.array([p["value"] for p in pts])
+        worst = name == "worst case"
+        line = ax.plot(e, v, marker="o", ms=3, lw=2.2 if worst else 1.2, color="k" if worst else None, label=name)[0]
+        ax.fill_between(e, [p["lo"] for p in pts], [p["hi"] for p in pts], color=line.get_color(), alpha=0.12, lw=0)
+    if clean is not None:
+        ax.axhline(clean, color="grey", ls=":", lw=1, label="clean")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"eps ({norm})")
+    ax.set_ylabel("robust accuracy")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

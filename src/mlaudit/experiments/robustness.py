@@ -1,0 +1,218 @@
+"""Experiment kind ``robustness``: robust accuracy of a model under evasion attacks (issue 16, deliverable 4).
+
+Protocol: the model is the external ``target`` checkpoint (hash- and fit-checked) or ``trials`` models
+trained by the factory under ``recipe``. ``examples`` test examples (a seeded draw) are attacked with
+each of ``attacks`` (:data:`mlaudit.attacks.evasion.EVASION_ATTACKS`) at every radius of ``threat.eps``;
+an example is robust at eps under an attack when it is classified correctly clean and at the attack's
+x_adv. CW has no eps: it is run once and counts as a success at eps when its (minimal) perturbation
+measured in ``threat.norm`` is <= eps. The worst case per example is robust only if no attack fools it.
+Rates carry 95% Clopper-Pearson intervals over the examples (one model) or percentile-bootstrap
+intervals over the examples of the per-example mean over the models (several). The sanity section
+(:mod:`mlaudit.attacks.evasion.sanity`) flags signs of gradient masking.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..attacks.evasion import EVASION_ATTACKS, fgsm, pgd
+from ..attacks.evasion.sanity import masking_flags, pgd_loss_curve
+from ..data.base import DataBundle
+from ..factory import TrialSpec
+from ..query import forward_batched, load_model
+from ..report.figures import perturbation_grid, robust_accuracy_figure
+from ..report.html import ReportTable
+from ..stats import bootstrap_ci, clopper_pearson
+from .base import ExperimentOutput, Stream, register_experiment
+from .context import RunContext
+from .robustness_config import RobustnessConfig, check_robustness, load_target
+
+WORST = "worst case"
+
+
+def rate(robust: Tensor, *, seed: int = 0) -> dict[str, Any]:
+    """Robust accuracy of bool [T, N] (T models, N examples) with a 95% interval: Clopper-Pearson over the
+    N examples when T = 1, else a percentile bootstrap over examples of the per-example mean over models."""
+    t, n = robust.shape
+    per_example = robust.float().mean(0).numpy()
+    value = float(per_example.mean())
+    if t == 1:
+        k = int(robust.sum())
+        lo, hi = clopper_pearson(k, n)
+        return {"value": value, "lo": lo, "hi": hi, "k": k, "n": n, "method": "clopper-pearson"}
+    lo, hi = bootstrap_ci(np.mean, per_example, seed=seed)
+    return {"value": value, "lo": lo, "hi": hi, "n": n, "models": t, "method": "bootstrap"}
+
+
+def _models(config: RobustnessConfig, ctx: RunContext, data: DataBundle) -> list[tuple[str, int | None, nn.Module]]:
+    """(trial id, seed, module in eval mode on the device): the target, or the factory's trained models."""
+    if config.target is not None:
+        return [("target", None, load_target(config, data).to(ctx.device).eval())]
+    trials = tuple(TrialSpec(f"model-{i:04d}", seed=config.trial_seed(i)) for i in range(config.trials))
+    records = ctx.train(config.factory_job(data, trials, device=ctx.device))
+    return [(r.trial_id, r.seed, load_model(config.model, ctx.out_dir / r.checkpoint, sha256=r.get("sha256"),
+                                            data=data).to(ctx.device).eval()) for r in records]
+
+
+def _norms(d: Tensor) -> dict[str, Tensor]:
+    flat = d.flatten(1)
+    return {"linf": flat.abs().amax(1), "l2": flat.norm(dim=1)}
+
+
+class _Evaluation:
+    """One model's attacks: ``robust[name]`` bool [E, N], CW's l2 distances, the grid's adversarial points."""
+
+    def __init__(self, config: RobustnessConfig, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> None:
+        self.config, self.model, self.x, self.y, self.seed = config, model, x, y, seed
+        self.clean = self.correct(x)
+        self.robust: dict[str, Tensor] = {}
+        self.cw_l2: Tensor | None = None  # [N], inf where CW found nothing
+        self.grid_adv = x.clone()  # per example: the first fooling x_adv at the largest eps
+        self.grid_by = ["" for _ in range(len(x))]
+
+    def correct(self, x_adv: Tensor) -> Tensor:
+        return forward_batched(self.model, x_adv, device=self.x.device).argmax(1).cpu() == self.y.cpu()
+
+    def call(self, name: str, **kw: Any) -> Tensor:
+        fn = EVASION_ATTACKS.get(name)
+        opts = {**self.config.options_for(name), "box": self.config.threat.box, **kw}
+        if "generator" in _params(fn):
+            opts["generator"] = torch.Generator().manual_seed(self.seed)
+        return fn(self.model, self.x, self.y, **opts)
+
+    def run(self, name: str) -> None:
+        th = self.config.threat
+        if name == "cw":
+            x_adv = self.call(name)
+            fooled = self.clean & ~self.correct(x_adv)
+            dist = _norms((x_adv - self.x).cpu())
+            self.cw_l2 = torch.where(fooled, dist["l2"], torch.tensor(math.inf))
+            size = dist[th.norm]
+            self.robust[name] = torch.stack([self.clean & ~(fooled & (size <= e * (1 + 1e-5))) for e in th.eps])
+            self._keep(name, x_adv, fooled & (size <= th.eps[-1] * (1 + 1e-5)))
+            return
+        rows = []
+        for e in th.eps:
+            x_adv = self.call(name, eps=e, norm=th.norm)
+            rows.append(self.clean & self.correct(x_adv))
+        self.robust[name] = torch.stack(rows)
+        self._keep(name, x_adv, self.clean & ~rows[-1])
+
+    def _keep(self, name: str, x_adv: Tensor, fooled: Tensor) -> None:
+        new = fooled & torch.tensor([not b for b in self.grid_by])
+        self.grid_adv[new.to(self.x.device)] = x_adv[new.to(self.x.device)]
+        for i in new.nonzero()[:, 0].tolist():
+            self.grid_by[i] = name
+
+    def sanity(self) -> list[dict[str, Any]]:
+        """Gradient-masking flags: PGD at the whole box, PGD's loss curve at the largest eps, FGSM vs PGD."""
+        th = self.config.threat
+        top = th.eps_max(self.x[0].numel())
+        unbounded = float((self.clean & self.correct(pgd(self.model, self.x, self.y, eps=top, norm=th.norm,
+                                                         box=th.box, steps=20))).float().mean())
+        curve = pgd_loss_curve(self.model, self.x, self.y, eps=th.eps[-1], norm=th.norm, box=th.box) if th.eps[-1] else []
+        f = self.robust.get("fgsm")
+        if f is None:
+            f = torch.stack([self.clean & self.correct(fgsm(self.model, self.x, self.y, eps=e, norm=th.norm, box=th.box))
+                             for e in th.eps])
+        p = self.robust.get("pgd")
+        if p is None:
+            p = torch.stack([self.clean & self.correct(self.call("pgd", eps=e, norm=th.norm)) for e in th.eps])
+        pairs = [(e, int(f[i].sum()), int(p[i].sum()), len(self.x)) for i, e in enumerate(th.eps)]
+        return masking_flags(unbounded_robust=unbounded, unbounded_eps=top, loss_curve=curve, fgsm_vs_pgd=pairs)
+
+
+def _params(fn: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(fn).parameters)
+
+
+def _key(e: float) -> str:
+    return f"{e:g}"
+
+
+@register_experiment("robustness", config=RobustnessConfig, check=check_robustness)
+def run_robustness(config: RobustnessConfig, ctx: RunContext) -> ExperimentOutput:
+    """Robust accuracy under evasion attacks vs eps, worst case per example, gradient-masking checks."""
+    data = ctx.load_dataset(config.dataset)
+    gen = torch.Generator().manual_seed(config.trial_seed(0, stream=Stream.ATTACK))
+    rows = torch.randperm(len(data.test), generator=gen)[: config.examples].sort().values
+    x, y = data.test.x[rows].to(ctx.device), data.test.y[rows].to(ctx.device)
+    th = config.threat
+    evals: list[tuple[str, int | None, _Evaluation]] = []
+    for i, (tid, seed, model) in enumerate(_models(config, ctx, data)):
+        ev = _Evaluation(config, model, x, y, config.trial_seed(i, stream=Stream.ATTACK))
+        for name in config.attacks:
+            ev.run(name)
+        evals.append((tid, seed, ev))
+    clean = torch.stack([ev.clean for _, _, ev in evals])  # [T, N]
+    robust = {name: torch.stack([ev.robust[name] for _, _, ev in evals]) for name in config.attacks}  # [T, E, N]
+    robust[WORST] = torch.stack(list(robust.values())).all(0)
+    by_eps = {name: [rate(r[:, j], seed=config.seed) for j in range(len(th.eps))] for name, r in robust.items()}
+    metrics: dict[str, Any] = {
+        "clean_accuracy": rate(clean, seed=config.seed),
+        "robust_accuracy": {name: {_key(e): v for e, v in zip(th.eps, vals, strict=True)}
+                            for name, vals in by_eps.items()},
+        "worst_case_at_max_eps": {**by_eps[WORST][-1], "eps": th.eps[-1]},
+        "norm": th.norm, "eps": list(th.eps), "examples": len(rows), "models": len(evals),
+    }
+    tables = [_eps_table(config, by_eps)]
+    notes = [f"{len(rows)} test examples of {data.name} (seeded draw; id {data.id}); threat model {th.norm} ball, "
+             f"pixel box {list(th.box)}; intervals: 95% {by_eps[WORST][0]['method']}"]
+    cw = [ev.cw_l2 for _, _, ev in evals if ev.cw_l2 is not None]
+    if cw:
+        metrics["cw_min_l2"] = _quartiles(torch.cat(cw))
+        tables.append(ReportTable("CW: per-example minimal l2 perturbation (examples CW fooled)",
+                                  ["fooled", "of", "q1", "median", "q3"],
+                                  [[metrics["cw_min_l2"].get(k) for k in ("fooled", "n", "q1", "median", "q3")]]))
+    if config.sanity:
+        checks = [{**c, "model": tid} for tid, _, ev in evals for c in ev.sanity()]
+        metrics["gradient_masking_flags"] = sum(c["flagged"] for c in checks)
+        metrics["sanity"] = checks
+        tables.append(ReportTable("Sanity checks for gradient masking", ["model", "check", "flagged", "detail"],
+                                  [[c["model"], c["check"], c["flagged"], c["detail"]] for c in checks],
+                                  note="a flag means the robust accuracy above is likely an over-estimate; evaluate "
+                                       "with adaptive attacks (EOT, BPDA) before trusting it"))
+    trials = [{"trial_id": tid, "seed": seed, "clean_accuracy": float(ev.clean.float().mean()),
+               **{f"robust_{name}@{_key(th.eps[-1])}": float(robust[name][i, -1].float().mean()) for name in robust}}
+              for i, (tid, seed, ev) in enumerate(evals)]
+    figures = {f"Robust accuracy vs eps ({th.norm}; 95% intervals shaded)":
+               robust_accuracy_figure(th.eps, by_eps, norm=th.norm, clean=metrics["clean_accuracy"]["value"])}
+    if config.grid:
+        figures.update(_grid(config, evals[0][2]))
+    return ExperimentOutput(metrics=metrics, trials=trials, tables=tables, figures=figures, notes=notes)
+
+
+def _eps_table(config: RobustnessConfig, by_eps: dict[str, list[dict[str, Any]]]) -> ReportTable:
+    cols = ["attack", *[f"eps {_key(e)}" for e in config.threat.eps]]
+    return ReportTable(f"Robust accuracy vs eps ({config.threat.norm}) [95% interval]", cols,
+                       [[name, *vals] for name, vals in by_eps.items()])
+
+
+def _quartiles(d: Tensor) -> dict[str, Any]:
+    ok = d[torch.isfinite(d)].numpy()
+    out: dict[str, Any] = {"fooled": int(ok.size), "n": int(d.numel())}
+    if ok.size:
+        q1, med, q3 = np.quantile(ok, [0.25, 0.5, 0.75])
+        out.update(q1=float(q1), median=float(med), q3=float(q3))
+    return out
+
+
+def _grid(config: RobustnessConfig, ev: _Evaluation) -> dict[str, Any]:
+    fooled = [i for i, b in enumerate(ev.grid_by) if b][: config.grid]
+    if not fooled:
+        return {}
+    idx = torch.tensor(fooled, device=ev.x.device)
+    pred = forward_batched(ev.model, ev.grid_adv[idx], device=ev.x.device).argmax(1).tolist()
+    titles = [f"{ev.grid_by[i]}: {int(ev.y[i])}->{p}" for i, p in zip(fooled, pred, strict=True)]
+    d = ev.grid_adv[idx] - ev.x[idx]
+    scale = float(d.abs().max()) or 1.0
+    return {f"Adversarial examples at eps {_key(config.threat.eps[-1])} (first model; delta scaled to its max "
+            f"{scale:.3g})": perturbation_grid(ev.x[idx], d, scale, n=len(fooled), perturbed="adversarial",
+                                               titles=titles)}

@@ -1,0 +1,170 @@
+"""Config of the ``robustness`` kind and the checks that need the loaded data (runner hook).
+
+    kind: robustness
+    dataset: digits
+    model: mlp                      # zoo name or package.module:factory
+    recipe: fast                    # trains `trials` models when no target is given
+    threat: {norm: linf, eps: [0.05, 0.1, 0.2], box: [0, 1]}
+    attacks: [fgsm, pgd, cw]
+    attack_options: {pgd: {steps: 20, restarts: 2}}
+    examples: 200
+    target: {checkpoint: model.pt, sha256: ...}   # optional: audit this model instead of training
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..attacks.evasion import EVASION_ATTACKS
+from ..data.base import DataBundle
+from ..errors import ConfigError
+from .base import ExperimentConfig
+
+SHARED_OPTIONS = frozenset({"eps", "norm", "box", "target", "generator", "members"})
+"""Attack parameters the kind sets itself (from ``threat`` and ``seed``) or that take tensors/callables."""
+
+
+class ThreatModel(BaseModel):
+    """The perturbation set: ``norm`` ball of each radius in ``eps`` (ascending, distinct) around x, in
+    the pixel ``box`` [lo, hi] the inputs live in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: tuple[float, ...] = (8 / 255,)
+    box: tuple[float, float] = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ThreatModel:
+        lo, hi = self.box
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"threat.box must be [lo, hi] with lo < hi, got {list(self.box)}")
+        if not self.eps:
+            raise ValueError("threat.eps must list at least one radius")
+        bad = [e for e in self.eps if not (math.isfinite(e) and e >= 0)]
+        if bad:
+            raise ValueError(f"threat.eps must be >= 0, got {bad}")
+        if self.norm == "linf" and max(self.eps) > hi - lo:
+            raise ValueError(f"threat.eps {max(self.eps)} is above the pixel range; allowed 0 <= eps <= {hi - lo:g} "
+                             f"(hi - lo of threat.box {list(self.box)}) for norm linf")
+        if list(self.eps) != sorted(set(self.eps)):
+            raise ValueError(f"threat.eps must be ascending without repeats, got {list(self.eps)}")
+        return self
+
+    def eps_max(self, dim: int) -> float:
+        """The largest meaningful radius for inputs of ``dim`` values (the whole box)."""
+        lo, hi = self.box
+        return (hi - lo) * (1.0 if self.norm == "linf" else math.sqrt(dim))
+
+
+class TargetModel(BaseModel):
+    """An external model to evaluate: a state_dict ``checkpoint`` of the config's model (verified against
+    ``sha256`` when given)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: Path
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+
+class RobustnessConfig(ExperimentConfig):
+    """See the module docstring and docs/evasion.md for every field."""
+
+    kind: Literal["robustness"] = "robustness"
+    trials: int = Field(1, ge=1, le=64)
+    threat: ThreatModel = ThreatModel()
+    attacks: tuple[str, ...] = ("fgsm", "pgd", "apgd", "cw")
+    attack_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    examples: int = Field(500, ge=1, le=1_000_000)
+    target: TargetModel | None = None
+    sanity: bool = True
+    grid: int = Field(8, ge=0, le=32)
+    """Adversarial examples shown in the report's grid (0: none)."""
+
+    @field_validator("attacks")
+    @classmethod
+    def _attacks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [n for n in v if n not in EVASION_ATTACKS]
+        if not v or len(set(v)) != len(v) or unknown:
+            raise ValueError(f"attacks must name one or more evasion attacks without repeats, got {list(v)}"
+                             f"{f' (unknown: {unknown})' if unknown else ''}; valid attacks: "
+                             f"{', '.join(EVASION_ATTACKS.names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _options(self) -> RobustnessConfig:
+        for name, opts in self.attack_options.items():
+            if name not in self.attacks:
+                raise ValueError(f"attack_options.{name}: {name!r} is not in attacks {list(self.attacks)}")
+            check_options(name, opts)
+        if self.target is not None and self.trials != 1:
+            raise ValueError(f"trials = {self.trials} trains models, but target gives the model to evaluate; "
+                             "drop trials or target")
+        return self
+
+    def options_for(self, name: str) -> dict[str, Any]:
+        return dict(self.attack_options.get(name, {}))
+
+
+def check_options(name: str, opts: dict[str, Any]) -> None:
+    """ValueError naming ``attack_options.<name>.<key>`` for an option the attack does not take (or the
+    kind sets itself) or a value of the wrong type; the attack checks ranges when it runs."""
+    fn = EVASION_ATTACKS.get(name)
+    params = inspect.signature(fn).parameters
+    hints = typing.get_type_hints(fn)
+    allowed = sorted(p for p, par in params.items() if par.kind is par.KEYWORD_ONLY and p not in SHARED_OPTIONS)
+    for key, value in opts.items():
+        if key not in allowed:
+            raise ValueError(f"attack_options.{name}.{key}: not an option of {name} here; allowed: "
+                             f"{', '.join(allowed)} (eps, norm and box come from threat)")
+        try:
+            TypeAdapter(hints[key]).validate_python(value, strict=True)
+        except ValidationError:
+            want = getattr(hints[key], "__name__", str(hints[key]))
+            raise ValueError(f"attack_options.{name}.{key}: {value!r} is not of type {want}") from None
+
+
+def check_robustness(config: RobustnessConfig, data: DataBundle) -> None:
+    """Runner hook (before anything is written): examples within the test split, eps within the pixel
+    range for these inputs, test inputs inside threat.box, the target checkpoint fits the model."""
+    n_test = len(data.test)
+    if config.examples > n_test:
+        raise ConfigError(f"examples = {config.examples} exceeds the {n_test} examples of {data.name}'s test split; "
+                          f"allowed 1 <= examples <= {n_test}")
+    dim = math.prod(data.input_shape)
+    top = config.threat.eps_max(dim)
+    if max(config.threat.eps) > top:
+        raise ConfigError(f"threat.eps {max(config.threat.eps)} is above the pixel range; allowed 0 <= eps <= "
+                          f"{top:.4g} for norm {config.threat.norm} on inputs of {dim} values in {list(config.threat.box)}")
+    lo, hi = config.threat.box
+    x_min, x_max = float(data.test.x.min()), float(data.test.x.max())
+    if x_min < lo - 1e-6 or x_max > hi + 1e-6:
+        raise ConfigError(f"threat.box {list(config.threat.box)}: {data.name}'s test inputs lie in [{x_min:.4g}, "
+                          f"{x_max:.4g}], outside it; set threat.box to the inputs' pixel range")
+    if config.target is not None:
+        load_target(config, data)
+
+
+def load_target(config: RobustnessConfig, data: DataBundle) -> Any:
+    """The external target as a module (CPU), its weights hash- and fit-checked (DataError / ConfigError)."""
+    from ..query import load_model
+
+    tc = config.target
+    if tc is None:
+        raise ConfigError("load_target needs config.target")
+    return load_model(config.model, tc.checkpoint, sha256=tc.sha256, data=data,
+                      source=f"target checkpoint {str(tc.checkpoint)!r}", hint="set model to the target's architecture")

@@ -25,17 +25,21 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from ..attacks.evasion import EVASION_ATTACKS
+from ..attacks.evasion.base import check_loss
 from ..data.base import DataBundle
 from ..errors import ConfigError
 from .base import ExperimentConfig
 
 SHARED_OPTIONS = frozenset({"eps", "norm", "box", "target", "generator", "members"})
 """Attack parameters the kind sets itself (from ``threat`` and ``seed``) or that take tensors/callables."""
+ZERO_OK = frozenset({"kappa"})
+"""Numeric attack options that may be 0 (CW's confidence); every other one must be > 0."""
 
 
 class ThreatModel(BaseModel):
@@ -105,12 +109,19 @@ class RobustnessConfig(ExperimentConfig):
                              f"{', '.join(EVASION_ATTACKS.names())}")
         return v
 
+    @field_validator("attack_options")
+    @classmethod
+    def _options(cls, v: dict[str, dict[str, Any]], info: ValidationInfo) -> dict[str, dict[str, Any]]:
+        attacks = info.data.get("attacks")  # absent when attacks itself failed
+        for name, opts in v.items():
+            if attacks is not None and name not in attacks:
+                raise ValueError(f"attack_options.{name}: {name!r} is not in attacks {list(attacks)}")
+            if name in EVASION_ATTACKS:
+                check_options(name, opts)
+        return v
+
     @model_validator(mode="after")
-    def _options(self) -> RobustnessConfig:
-        for name, opts in self.attack_options.items():
-            if name not in self.attacks:
-                raise ValueError(f"attack_options.{name}: {name!r} is not in attacks {list(self.attacks)}")
-            check_options(name, opts)
+    def _target(self) -> RobustnessConfig:
         if self.target is not None and self.trials != 1:
             raise ValueError(f"trials = {self.trials} trains models, but target gives the model to evaluate; "
                              "drop trials or target")
@@ -136,6 +147,9 @@ def check_options(name: str, opts: dict[str, Any]) -> None:
         except ValidationError:
             want = getattr(hints[key], "__name__", str(hints[key]))
             raise ValueError(f"attack_options.{name}.{key}: {value!r} is not of type {want}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (
+                math.isfinite(value) and (value > 0 or (key in ZERO_OK and value == 0))):
+            raise ValueError(f"attack_options.{name}.{key}: {value!r}; allowed: {key} {'>=' if key in ZERO_OK else '>'} 0")
 
 
 def check_robustness(config: RobustnessConfig, data: DataBundle) -> None:
@@ -155,6 +169,13 @@ def check_robustness(config: RobustnessConfig, data: DataBundle) -> None:
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
         raise ConfigError(f"threat.box {list(config.threat.box)}: {data.name}'s test inputs lie in [{x_min:.4g}, "
                           f"{x_max:.4g}], outside it; set threat.box to the inputs' pixel range")
+    for name in config.attacks:  # losses the number of classes cannot support (DLR needs 3, targeted DLR 4)
+        loss = "dlr" if name == "apgd-t" else config.options_for(name).get("loss")
+        if loss is not None:
+            try:
+                check_loss(loss, data.num_classes, targeted=name == "apgd-t")
+            except ConfigError as e:
+                raise ConfigError(f"attack {name} on {data.name}: {e}") from None
     if config.target is not None:
         load_target(config, data)
 

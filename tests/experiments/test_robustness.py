@@ -1,0 +1,151 @@
+"""Experiment kind ``robustness``: end to end on digits with an MLP and two attacks (robust accuracy per
+attack and eps, the worst case, intervals, the headline, figures); an external target checkpoint gives
+the same numbers as the run that trained it; the gradient-masking checks flag a model whose gradient
+is zero; bad input is refused (exit 2) before anything is written."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from torch import Tensor, nn
+from typer.testing import CliRunner
+
+from mlaudit.attacks.evasion.sanity import masking_flags, pgd_loss_curve
+from mlaudit.cli import app
+from mlaudit.errors import ConfigError, DataError
+from mlaudit.experiments import run_experiment
+from mlaudit.experiments.robustness import rate
+from mlaudit.headline import headline
+from mlaudit.train.checkpoint import sha256_file
+
+BASE: dict[str, Any] = {"kind": "robustness", "name": "rob", "dataset": "digits", "model": "mlp",
+                        "recipe": {"name": "fast", "epochs": 4}, "attacks": ["fgsm", "pgd"],
+                        "attack_options": {"pgd": {"steps": 10}},
+                        "threat": {"norm": "linf", "eps": [0.05, 0.2, 0.5]}, "examples": 80, "grid": 4, "seed": 0}
+
+
+def go(config: dict[str, Any], out: Path) -> dict[str, Any]:
+    return run_experiment(config, out=out, device="cpu", store=out.parent / "runs.db", quiet=True).results
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("rob") / "run"
+    return out, go(BASE, out)
+
+
+def test_end_to_end_metrics_tables_and_headline(base_run: tuple[Path, dict[str, Any]]) -> None:
+    out, r = base_run
+    m = r["metrics"]
+    assert m["examples"] == 80 and m["models"] == 1 and m["eps"] == [0.05, 0.2, 0.5]
+    clean = m["clean_accuracy"]
+    assert clean["method"] == "clopper-pearson" and clean["n"] == 80 and clean["value"] > 0.85
+    assert clean["lo"] <= clean["value"] <= clean["hi"]
+    ra = m["robust_accuracy"]
+    assert set(ra) == {"fgsm", "pgd", "worst case"}
+    for e in ("0.05", "0.2", "0.5"):
+        worst = ra["worst case"][e]["value"]
+        assert worst <= min(ra["fgsm"][e]["value"], ra["pgd"][e]["value"]) <= clean["value"]
+        assert ra["pgd"][e]["lo"] <= ra["pgd"][e]["value"] <= ra["pgd"][e]["hi"]
+    pgd = [ra["pgd"][e]["value"] for e in ("0.05", "0.2", "0.5")]
+    assert pgd == sorted(pgd, reverse=True) and pgd[-1] == 0.0  # falls with eps, to 0 at eps 0.5
+    assert m["worst_case_at_max_eps"]["value"] == ra["worst case"]["0.5"]["value"]
+    assert m["gradient_masking_flags"] == 0 and len(m["sanity"]) == 3  # a plain MLP masks nothing
+    assert headline("robustness", {"worst_case_at_max_eps.value": 0.0, "worst_case_at_max_eps.eps": 0.5}) == \
+        "robust 0.0% @eps 0.5"
+    html = (out / "report.html").read_text()
+    assert "Robust accuracy vs eps" in html and "Sanity checks for gradient masking" in html
+    assert html.count("data:image/png") == 2  # the curve and the adversarial-example grid
+    assert r["trials"][0]["trial_id"] == "model-0000"
+
+
+def test_target_checkpoint_gives_the_trained_models_numbers(base_run: tuple[Path, dict[str, Any]],
+                                                            tmp_path: Path) -> None:
+    out, r = base_run
+    ckpt = out / "artifacts" / "models" / "model-0000.pt"
+    cfg = {**BASE, "target": {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)}, "sanity": False, "grid": 0}
+    t = go(cfg, tmp_path / "target")["metrics"]
+    assert t["clean_accuracy"] == r["metrics"]["clean_accuracy"]
+    assert t["robust_accuracy"] == r["metrics"]["robust_accuracy"]
+    bad = {**cfg, "target": {"checkpoint": str(ckpt), "sha256": "0" * 64}}
+    with pytest.raises(DataError):
+        go(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_rate_intervals() -> None:
+    one = rate(torch.tensor([[True] * 3 + [False]]))
+    assert one["method"] == "clopper-pearson" and (one["k"], one["n"], one["value"]) == (3, 4, 0.75)
+    two = rate(torch.tensor([[True, True, False, False], [True, False, False, False]]))
+    assert two["method"] == "bootstrap" and two["value"] == pytest.approx(3 / 8) and two["lo"] <= 3 / 8 <= two["hi"]
+
+
+class _Quantised(nn.Module):
+    """A linear model behind input rounding to 4 levels: its input gradient is 0 (gradient masking)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin((x * 3).round() / 3)
+
+
+def test_masking_checks_flag_a_zero_gradient_model() -> None:
+    torch.manual_seed(0)
+    model = _Quantised().eval()
+    x = torch.rand(40, 16)
+    y = model(x).argmax(1)  # all correct clean
+    curve = pgd_loss_curve(model, x, y, eps=0.3)
+    assert curve[-1] == pytest.approx(curve[0])  # no gradient: PGD never moves
+    flags = masking_flags(unbounded_robust=1.0, unbounded_eps=1.0, loss_curve=curve, fgsm_vs_pgd=[(0.1, 10, 30, 40)])
+    assert [f["flagged"] for f in flags] == [True, True, True]
+    lin = nn.Linear(16, 3).eval()
+    up = pgd_loss_curve(lin, x, lin(x).argmax(1), eps=0.3)
+    assert up[-1] > up[0]
+    ok = masking_flags(unbounded_robust=0.0, unbounded_eps=1.0, loss_curve=up, fgsm_vs_pgd=[(0.1, 30, 29, 40)])
+    assert not any(f["flagged"] for f in ok)
+
+
+def _bad(**change: Any) -> dict[str, Any]:
+    cfg = copy.deepcopy(BASE)
+    for k, v in change.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"threat": {"eps": [-0.1, 0.1]}}, ["threat.eps must be >= 0"]),
+    ({"threat": {"eps": [0.1, 1.5]}}, ["above the pixel range", "eps <= 1"]),
+    ({"threat": {"norm": "l2", "eps": [0.5, 9.0]}}, ["above the pixel range", "eps <= 8"]),  # sqrt(64) = 8
+    ({"threat": {"norm": "l3"}}, ["threat.norm", "'linf' or 'l2'"]),
+    ({"threat": {"box": [0, 0.5], "eps": [0.1]}}, ["threat.box", "outside it"]),
+    ({"attacks": ["pgd", "nope"]}, ["unknown: ['nope']", "valid attacks", "apgd"]),
+    ({"attack_options": {"pgd": {"stepz": 3}}}, ["attack_options.pgd.stepz", "allowed", "steps"]),
+    ({"attack_options": {"pgd": {"steps": "ten"}}}, ["attack_options.pgd.steps", "int"]),
+    ({"attack_options": {"pgd": {"steps": 0}}}, ["attack_options.pgd.steps", "steps > 0"]),
+    ({"attack_options": {"pgd": {"loss": "nope"}}}, ["unknown", "'nope'", "dlr"]),
+    ({"examples": 0}, ["examples", "1 <= examples"]),
+    ({"examples": 100_000}, ["examples = 100000 exceeds the 359 examples", "test split"]),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, Any], words: list[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(_bad(**change)))
+    res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "out"), "--device", "cpu", "--store",
+                                   str(tmp_path / "runs.db")])
+    assert res.exit_code == 2, res.output
+    for w in words:
+        assert w in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs.db").exists()
+    with pytest.raises(ConfigError):
+        run_experiment(_bad(**change), out=tmp_path / "out2", device="cpu", store=tmp_path / "r2.db", quiet=True)
+    assert not (tmp_path / "out2").exists()

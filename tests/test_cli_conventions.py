@@ -158,6 +158,8 @@ METRICS: dict[str, tuple[dict[str, Any], str]] = {
     "availability-poison": ({"poisoned_accuracy.mean": 0.2166, "drop.mean": 0.7091}, "acc 21.7% drop 70.9"),
     "indiscriminate-poison": ({"poisoned_accuracy.mean": 0.81, "drop.mean": 0.02, "drop.se": 0.01},
                               "acc 81.0% drop 2.0"),
+    "robustness": ({"worst_case_at_max_eps.value": 0.5525, "worst_case_at_max_eps.eps": 8 / 255},
+                   "robust 55.2% @eps 0.0314"),
 }
 
 

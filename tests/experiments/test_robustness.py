@@ -149,3 +149,33 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, 
     with pytest.raises(ConfigError):
         run_experiment(_bad(**change), out=tmp_path / "out2", device="cpu", store=tmp_path / "r2.db", quiet=True)
     assert not (tmp_path / "out2").exists()
+
+
+def test_adversarial_training_recipe_raises_robust_accuracy(tmp_path: Path) -> None:
+    """recipe.adversarial (PGD-AT through the crafting engine) on the loop and vmap layouts: same models,
+    more robust than the standard model of the same seed."""
+    base = {**BASE, "attacks": ["pgd"], "threat": {"eps": [0.1]}, "examples": 120, "grid": 0, "sanity": False,
+            "recipe": {"name": "fast", "epochs": 4}}
+    std = go(base, tmp_path / "std")["metrics"]["robust_accuracy"]["pgd"]["0.1"]["value"]
+    adv_recipe = {"name": "fast", "epochs": 4, "adversarial": {"method": "pgd", "eps": 0.1, "steps": 3}}
+    runs = [go({**base, "recipe": adv_recipe, "factory": {"strategy": s}}, tmp_path / s)["metrics"]
+            for s in ("vmap", "loop")]
+    adv = runs[0]["robust_accuracy"]["pgd"]["0.1"]["value"]
+    assert adv > std + 0.1
+    assert runs[1]["robust_accuracy"]["pgd"]["0.1"]["value"] == pytest.approx(adv, abs=0.03)
+
+
+@pytest.mark.parametrize(("recipe", "words"), [
+    ({"adversarial": {"method": "pgd", "eps": 2.0}}, ["adversarial.eps 2.0 is outside the pixel range"]),
+    ({"adversarial": {"method": "fgsm", "eps": 0.1}}, ["adversarial.method"]),
+    ({"adversarial": {"eps": 0.1}, "dp": {"noise_multiplier": 1.0}}, ["cannot be combined"]),
+])
+def test_adversarial_recipe_bad_input(recipe: dict[str, Any], words: list[str]) -> None:
+    from mlaudit.experiments import parse_config
+
+    with pytest.raises(ConfigError) as ei:
+        parse_config({**BASE, "recipe": {"name": "fast", **recipe}})
+    for w in words:
+        assert w in str(ei.value)
+    with pytest.raises(ConfigError, match="recipe.adversarial"):
+        parse_config({**BASE, "recipe": {"name": "fast", "adversarial": {"eps": 0.1}}, "trainer": "pkg.mod:fit"})

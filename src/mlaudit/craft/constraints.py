@@ -12,6 +12,7 @@ themselves (Carlini-Wagner's tanh box).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,14 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 PixelBox = tuple[float, float]
+
+
+def box_width(box: PixelBox, *, where: str) -> float:
+    """hi - lo of a pixel box given in a config; ConfigError naming ``where`` unless lo < hi, both finite."""
+    lo, hi = box
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ConfigError(f"{where} must be [lo, hi] with finite lo < hi, got {list(box)}")
+    return hi - lo
 
 
 def _check_box(name: str, box: PixelBox) -> None:

@@ -137,6 +137,9 @@ class ExperimentConfig(BaseModel):
         if self.trainer != "mlaudit" and self.recipe.dp is not None and self.kind != "dp-audit":
             raise ValueError(f"recipe.dp configures mlaudit's own DP-SGD, but trainer is {self.trainer!r} (your "
                              "training function does its own training); drop recipe.dp or use trainer: mlaudit")
+        if self.trainer != "mlaudit" and self.recipe.adversarial is not None:
+            raise ValueError(f"recipe.adversarial configures mlaudit's own adversarial training, but trainer is "
+                             f"{self.trainer!r}; drop recipe.adversarial or use trainer: mlaudit")
         return self
 
     @property

@@ -32,6 +32,7 @@ from pydantic import (
 
 from ..attacks.evasion import EVASION_ATTACKS
 from ..attacks.evasion.base import check_loss
+from ..craft.constraints import box_width
 from ..data.base import DataBundle
 from ..errors import ConfigError
 from .base import ExperimentConfig
@@ -54,16 +55,14 @@ class ThreatModel(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> ThreatModel:
-        lo, hi = self.box
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"threat.box must be [lo, hi] with lo < hi, got {list(self.box)}")
+        width = box_width(self.box, where="threat.box")
         if not self.eps:
             raise ValueError("threat.eps must list at least one radius")
         bad = [e for e in self.eps if not (math.isfinite(e) and e >= 0)]
         if bad:
             raise ValueError(f"threat.eps must be >= 0, got {bad}")
-        if self.norm == "linf" and max(self.eps) > hi - lo:
-            raise ValueError(f"threat.eps {max(self.eps)} is above the pixel range; allowed 0 <= eps <= {hi - lo:g} "
+        if self.norm == "linf" and max(self.eps) > width:
+            raise ValueError(f"threat.eps {max(self.eps)} is above the pixel range; allowed 0 <= eps <= {width:g} "
                              f"(hi - lo of threat.box {list(self.box)}) for norm linf")
         if list(self.eps) != sorted(set(self.eps)):
             raise ValueError(f"threat.eps must be ascending without repeats, got {list(self.eps)}")

@@ -39,6 +39,7 @@ from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.base import TensorDataset
 from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
+from .adversarial import adversarial_batch
 from .hooks import DPStepHooks
 from .optim import make_optimizer
 from .recipe import AugmentConfig, Recipe, lr_at
@@ -122,7 +123,9 @@ def train_stack(
         strategy: stack layout, ``auto``/``vmap``/``loop`` (see :mod:`mlaudit.train.stacked`).
 
     With ``recipe.dp`` each step is a DP-SGD step (Poisson batches, per-example clipping, noise;
-    :mod:`mlaudit.privacy.dpsgd`) and the data order below is not used.
+    :mod:`mlaudit.privacy.dpsgd`) and the data order below is not used. With ``recipe.adversarial``
+    each batch (after augmentation) is replaced by PGD examples against each model's current weights
+    (:mod:`mlaudit.train.adversarial`).
 
     Returns: K :class:`TrainOutput`, in input order.
 
@@ -151,6 +154,7 @@ def train_stack(
         dp = DPTraining.start(recipe.dp, models, pools, seeds=seeds, batch_size=bsz, epochs=recipe.epochs,
                               default_spe=spe, device=device, augment=augment, hooks=hooks)
         spe = dp.steps_per_epoch
+    adv_gens = [torch.Generator().manual_seed(int(sd) + 0xAD7) for sd in seeds]  # adversarial training's starts
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
     last_loss = torch.zeros(k, device=device)
@@ -173,6 +177,8 @@ def train_stack(
                     flips = aug[1][:, sl] if flip_base is None else flip_base.gather(1, idx) ^ bool(epoch % 2)
                     p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=flips.flatten(0, 1))
                     xb = apply_augment(xb.flatten(0, 1), p, pad_mode=augment.pad_mode).view_as(xb)
+                if recipe.adversarial is not None:  # PGD-AT: train on PGD examples of this batch
+                    xb = adversarial_batch(stack, xb, yb, recipe.adversarial, generators=adv_gens)
                 with autocast:
                     logits = stack.forward(xb, train=True)
                 loss_k = F.cross_entropy(

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import format_validation_error
+from ..craft.constraints import box_width
 from ..data.augment import AugmentSpec
 from ..errors import ConfigError
 from ..registry import Registry
@@ -76,6 +77,28 @@ class DPConfig(BaseModel):
             raise ValueError("give exactly one of dp.epsilon (target budget; sigma is calibrated) and "
                              f"dp.noise_multiplier (sigma), got epsilon={self.epsilon}, "
                              f"noise_multiplier={self.noise_multiplier}")
+        return self
+
+
+class AdversarialConfig(BaseModel):
+    """Adversarial training (``recipe.adversarial``; :mod:`mlaudit.train.adversarial`), PGD-AT: ``steps`` PGD steps of size ``step_size`` (default 2.5 eps / steps) in the ``norm`` ball of
+    radius ``eps`` (pixel units) inside the pixel ``box``, from a random start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["pgd"] = "pgd"
+    eps: float = Field(..., gt=0.0)
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = Field(7, ge=1, le=1000)
+    step_size: float | None = Field(None, gt=0.0)
+    box: tuple[float, float] = (0.0, 1.0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AdversarialConfig:
+        width = box_width(self.box, where="adversarial.box")
+        if not math.isfinite(self.eps) or (self.norm == "linf" and self.eps > width):
+            raise ValueError(f"adversarial.eps {self.eps} is outside the pixel range; allowed 0 < eps <= {width:g} "
+                             "for norm linf")
         return self
 
 
@@ -123,6 +146,7 @@ class Recipe(BaseModel):
     tta: Literal["none", "flip", "flip-translate"] = "none"
     compile: bool = False
     dp: DPConfig | None = None
+    adversarial: AdversarialConfig | None = None
 
     @field_validator("lr")
     @classmethod
@@ -147,6 +171,9 @@ class Recipe(BaseModel):
         if self.dp is not None and (self.optimizer == "muon" or self.param_groups or self.loss_reduction != "mean"):
             raise ValueError("DP-SGD (recipe.dp) uses one optimizer for every parameter and the mean loss: use "
                              "optimizer sgd or adam without param_groups, loss_reduction mean")
+        if self.dp is not None and self.adversarial is not None:
+            raise ValueError("recipe.dp and recipe.adversarial cannot be combined (DP-SGD draws its own Poisson "
+                             "batches); drop one")
         return self
 
     def resolved_lr(self, *, residual: bool) -> float:

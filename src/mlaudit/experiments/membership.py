@@ -162,10 +162,17 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         ctx.write_artifact("logits.pt", lambda f: torch.save(
             {"logits": obs.logits, "labels": obs.labels, "keep": keep, "queries": list(queries),
              "population_logits": obs.population_logits, "population_labels": obs.population_labels}, f))
-    scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device)
+    task = ctx.progress.task("scoring the attacks", total=len(config.attacks))
+    scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device,
+                                  on_attack=lambda _name: ctx.progress.advance(task))
+    ctx.progress.done(task)
     ctx.write_artifact("scores.npz", lambda f: np.savez_compressed(f, **{k: v.numpy() for k, v in scores.items()}))
-    metrics: dict[str, Any] = {name: rep.attack_metrics(s, keep, config, device=ctx.device)
-                               for name, s in scores.items()}
+    task = ctx.progress.task(f"ROC metrics and {config.n_boot} bootstrap intervals", total=len(scores))
+    metrics: dict[str, Any] = {}
+    for name, s in scores.items():
+        metrics[name] = rep.attack_metrics(s, keep, config, device=ctx.device)
+        ctx.progress.advance(task)
+    ctx.progress.done(task)
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
     metrics["pool"] = {"models": m, "examples": n, "in_per_example": config.pool.in_per_example,
                        "queries": list(queries), "attack_options": config.resolved_attack_options,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,8 +98,10 @@ def base_report(config: MembershipConfig, data: DataBundle, obs: Observations, s
 
 
 def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str, dict[str, Any]] | None = None,
-               device: torch.device | str | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Scores float64 [M, N] (on the CPU) of every attack (every model as target) and diagnostics.
+               device: torch.device | str | None = None, on_attack: Callable[[str], None] | None = None
+               ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Scores float64 [M, N] (on the CPU) of every attack (every model as target) and diagnostics;
+    ``on_attack(name)`` is called as each attack finishes (progress bars).
 
     ``device`` (None: where ``obs.logits`` are) is where the attacks compute: the logits [M, N, A, C],
     labels and keep are moved there once, and each attack's scores come back to the CPU once.
@@ -126,6 +128,8 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
             warnings.filterwarnings("ignore", message=".*non-finite logits", category=RuntimeWarning)
             s = score_all_targets(name, obs, **options.get(name, {})).double().cpu()
         scores[name], diag["nonfinite_scores"][name] = rank_nonfinite(s)
+        if on_attack is not None:
+            on_attack(name)
     return scores, diag
 
 

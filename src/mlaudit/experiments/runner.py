@@ -197,10 +197,13 @@ def _run_locked(cfg: ExperimentConfig, kind: Any, resolved: dict[str, Any], chas
         write_atomic(out_dir / "results.json", json.dumps(results, indent=2, allow_nan=False))
         from ..report.html import write_report
 
-        write_report(out_dir / "report.html", title=f"mlaudit {cfg.kind}: {cfg.display_name}", config=resolved,
-                     metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=vers,
-                     figures=output.figures, tables=output.tables, notes=output.notes,
-                     verdict=_verdict(cfg.kind, output.metrics), warnings=[f"WARNING: {w}" for w in flags])
+        with Progress(quiet=quiet) as bars:  # figures of big pools take seconds to draw
+            task = bars.task("writing the report", total=1)
+            write_report(out_dir / "report.html", title=f"mlaudit {cfg.kind}: {cfg.display_name}", config=resolved,
+                         metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=vers,
+                         figures=output.figures, tables=output.tables, notes=output.notes,
+                         verdict=_verdict(cfg.kind, output.metrics), warnings=[f"WARNING: {w}" for w in flags])
+            bars.advance(task)
         rs.put_metrics(exp_id, to_jsonable(output.metrics))
         rs.set_status(exp_id, "done")
         log.info("run %s done in %.1f s: %d models trained, %d resumed", exp_id, wall, c.models_trained, len(finished))

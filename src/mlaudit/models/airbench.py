@@ -114,49 +114,6 @@ class AirbenchNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filt, -filt]))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
-        return F.gelu(self.norm2(self.conv2(x)))
-
-
-class AirbenchNet(nn.Module):
-    """The airbench94 network (see the module docstring); ``width`` is the first block's width."""
-
-    def __init__(self, *, in_channels: int, num_classes: int, width: int | None = None, norm: str = "batch") -> None:
-        super().__init__()
-        self.register_buffer("input_mean", torch.zeros(in_channels))
-        self.register_buffer("input_std", torch.ones(in_channels))
-        stem = 2 * in_channels * WHITEN_KERNEL**2
-        self.whiten = nn.Conv2d(in_channels, stem, WHITEN_KERNEL, padding=0, bias=True)
-        self.whiten.weight.requires_grad_(False)
-        with torch.no_grad():
-            self.whiten.bias.zero_()
-        widths = [scale_channels(DEFAULT_WIDTH * m, width, DEFAULT_WIDTH) for m in BLOCK_MULTIPLIERS]
-        self.blocks = nn.Sequential(*[AirbenchBlock(a, b, norm) for a, b in zip([stem, *widths[:-1]], widths)])
-        self.head = nn.Linear(widths[-1], num_classes, bias=False)
-        with torch.no_grad():
-            self.head.weight.div_(self.head.weight.std())
-        # the paper divides the logits by the width of BatchNorm-ed features; unnormalised features are small
-        self.feature_scale = 1.0 / widths[-1] if norm != "none" else 1.0
-
-    @torch.no_grad()
-    def data_init(self, x: Tensor) -> None:
-        """Set the input statistics and the whitening filters from training images ``x`` [n, C, H, W].
-
-        Patch covariance ``Sigma`` [C*k*k, C*k*k] of all k x k patches of the standardised images;
-        ``Sigma = V diag(lambda) V^T``; filters ``V^T / sqrt(lambda + eps)`` and their negatives.
-        """
-        x = x.to(self.input_mean.device, torch.float32)
-        self.input_mean.copy_(x.mean(dim=(0, 2, 3)))
-        self.input_std.copy_(x.std(dim=(0, 2, 3)).clamp_min(1e-6))
-        z = (x - self.input_mean[:, None, None]) / self.input_std[:, None, None]
-        c, k = z.shape[1], WHITEN_KERNEL
-        patches = F.unfold(z, k).transpose(1, 2).reshape(-1, c * k * k).double()  # [n * L, C*k*k]
-        cov = patches.T @ patches / len(patches)
-        evals, evecs = torch.linalg.eigh(cov)
-        filt = (evecs.T / (evals.clamp_min(0) + WHITEN_EPS).sqrt()[:, None]).reshape(-1, c, k, k)
-        self.whiten.weight.copy_(torch.cat([filt, -filt]).to(self.whiten.weight.dtype))
-
-    def forward(self, x: Tensor) -> Tensor:
         x = (x - self.input_mean[:, None, None].to(x.dtype)) / self.input_std[:, None, None].to(x.dtype)
         h = self.blocks(F.gelu(self.whiten(x)))
         # a max-pool, not Tensor.amax: under torch.compile + bf16 autocast amax's backward gave NaN (torch 2.13, CPU)

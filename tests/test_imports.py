@@ -8,7 +8,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mlaudit.errors import ConfigError
-from mlaudit.imports import NO_IMPORTS_ENV, accepted_kwargs, import_string_of, is_import_string, resolve_import
+from mlaudit.imports import (
+    NO_IMPORTS_ENV,
+    accepted_kwargs,
+    import_string_of,
+    is_import_string,
+    resolve_import,
+)
 
 IDENT = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
 

@@ -21,7 +21,16 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .cli_views import cell, compare_table, console_logging, err_console, out_console, print_summary, resume_command, runs_table
+from .cli_views import (
+    cell,
+    compare_table,
+    console_logging,
+    err_console,
+    out_console,
+    print_summary,
+    resume_command,
+    runs_table,
+)
 from .cli_views import fail as _fail
 from .errors import ConfigError, DataError, MlauditError, TrialError
 from .termsafe import safe, safe_json

@@ -15,12 +15,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
+from test_membership_attacks import make_obs  # same folder (rootdir-relative import)
 from torch import nn
 
-from mlaudit.attacks.membership import ATTACKS, LabelOracle, Observations, reference_weights, score_all_targets
+from mlaudit.attacks.membership import (
+    ATTACKS,
+    LabelOracle,
+    Observations,
+    reference_weights,
+    score_all_targets,
+)
 from mlaudit.errors import ConfigError
-
-from test_membership_attacks import make_obs  # same folder (rootdir-relative import)
 
 
 def _true_prob(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

@@ -36,9 +36,9 @@ from ..data.base import DataBundle
 from ..errors import ConfigError
 from ..factory import TrialSpec
 from ..query import logits_from_checkpoints, model_template
+from ..stats import MeanSE
 from ..train.checkpoint import load_checkpoint
 from ..train.evaluate import stack_from_state_dicts
-from ..stats import MeanSE
 from .base import ExperimentOutput, register_experiment
 from .context import RunContext, TrialRecord
 from .membership_config import (  # noqa: F401  (MembershipConfig and friends are imported from here too)

@@ -26,10 +26,10 @@ from . import label_augment, label_boundary, lira, loss, rmia, shokri  # noqa: F
 from .base import ATTACKS, AllTargetsFn, AttackFn, MembershipAttack, Observations, register_attack
 from .design import inclusion_matrix, models_needed_exact, models_needed_random, shadow_coverage
 from .lira import lira_all_targets, lira_requirements
+from .loss import yeom_decision, yeom_threshold
 from .oracle import LabelOracle
 from .references import reference_weights
 from .rmia import rmia_all_targets
-from .loss import yeom_decision, yeom_threshold
 from .signals import clip_nonfinite, cross_entropy, rank_nonfinite, scaled_confidence, softmax_probs
 from .truth_serum import truth_serum_view
 

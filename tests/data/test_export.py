@@ -1,16 +1,20 @@
-"""export_view / import_view: round trips, hash and path checks, atomic writes."""
+"""export_view / import_view: round trips, content digest, hash and path checks, images against
+deltas, atomic writes."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from mlaudit.data import export as export_mod
 from mlaudit.data.base import TensorDataset
-from mlaudit.data.export import export_view, import_view
+from mlaudit.data.export import export_view, import_view, verify_digest, view_digest
 from mlaudit.data.view import DataView
 from mlaudit.errors import ConfigError, DataError
 
@@ -49,7 +53,7 @@ def test_round_trip_exact_with_npy(tmp_path: Path, shape: tuple[int, ...]) -> No
     assert manifest["format"] == "mlaudit-view/1" and manifest["indices"] == [7, 1, 3]
     assert manifest["relabel"] == [[2, 0], [11, 1]] and [y for _, y in manifest["inserted"]] == [2, 0]
     assert set(manifest["files"]) == {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                      if p.is_file() and p.name != "manifest.json"}
+                                      if p.is_file() and p.name not in ("manifest.json", "DIGEST")}
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -115,11 +119,19 @@ def test_wrong_base_is_rejected(tmp_path: Path) -> None:
         import_view(folder, small, base_id="cifar10:abc")
 
 
-def _edit_manifest(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
+def _reseal(folder: Path) -> None:
+    """Rewrite DIGEST for the folder as it now is, as someone editing the folder could."""
+    export_mod._write_digest(folder)
+
+
+def _edit_manifest(folder: Path, edit, reseal: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """Edit manifest.json; by default also rewrite DIGEST so the checks behind the digest are reached."""
     path = folder / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
+    if reseal:
+        _reseal(folder)
 
 
 @pytest.mark.parametrize("bad", ["../outside.png", "images/../../outside.png", "/etc/passwd", "C:/x.png",
@@ -148,6 +160,7 @@ def test_malformed_manifest_rejected(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="malformed"):
         import_view(folder, view.base, base_id="b")
     (folder / "manifest.json").write_text("{not json")
+    _reseal(folder)
     with pytest.raises(DataError, match="not valid JSON"):
         import_view(folder, view.base, base_id="b")
 
@@ -199,3 +212,135 @@ def test_failure_mid_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     else:
         assert not target.exists()
         assert list(tmp_path.iterdir()) == []
+
+
+# ---- content digest (issue 21) -------------------------------------------------------------------
+
+
+def _digest_line(folder: Path) -> str:
+    return (folder / "DIGEST").read_text().splitlines()[0].split(" ")[1]
+
+
+def test_digest_covers_every_file_and_is_checkable_with_standard_tools(tmp_path: Path) -> None:
+    view = make_view()
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    lines = (folder / "DIGEST").read_text().splitlines()
+    assert lines[0].startswith("mlaudit-view-digest/1 ")
+    listed = {line.split("  ", 1)[1]: line.split("  ", 1)[0] for line in lines[1:]}
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"DIGEST"}
+    assert set(listed) == on_disk and "manifest.json" in listed
+    assert all(hashlib.sha256((folder / rel).read_bytes()).hexdigest() == h for rel, h in listed.items())
+    body = "".join(line + "\n" for line in lines[1:])
+    digest = hashlib.sha256(body.encode()).hexdigest()  # = tail -n +2 DIGEST | sha256sum
+    assert _digest_line(folder) == digest == view_digest(folder) == verify_digest(folder, f"sha256:{digest}")
+    again = export_view(view, tmp_path / "w", base_id="b")
+    assert view_digest(again) == digest  # deterministic: the same view exports to the same digest
+    assert view_digest(export_view(view, tmp_path / "x", base_id="other")) != digest
+
+
+def test_untouched_export_round_trips_with_the_kept_digest(tmp_path: Path) -> None:
+    view = make_view()
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    kept = view_digest(folder)
+    back = import_view(folder, view.base, base_id="b", expected_digest=kept)
+    assert torch.equal(gather_all(back)[0], gather_all(view)[0])
+    assert import_view(folder, view.base, base_id="b", expected_digest=kept.upper()).indices.tolist() == [7, 1, 3]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["relabel"].__setitem__(0, [m["relabel"][0][0], 1]),
+    lambda m: m.update(eps=m["eps"] * 2),
+    lambda m: m.update(keep=None),
+    lambda m: m["meta"].update(method="other"),
+])
+def test_edited_manifest_is_refused(tmp_path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    view = make_view()
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    kept = view_digest(folder)
+    _edit_manifest(folder, edit, reseal=False)
+    with pytest.raises(DataError, match=r"differs from its DIGEST: 'manifest\.json' was modified"):
+        import_view(folder, view.base, base_id="b")
+    _reseal(folder)  # DIGEST rewritten too: only the digest kept elsewhere catches it
+    assert import_view(folder, view.base, base_id="b") is not None
+    with pytest.raises(DataError, match=f"content digest {view_digest(folder)} but {kept} was expected"):
+        import_view(folder, view.base, base_id="b", expected_digest=kept)
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("rel", ["images/00000003.png", "inserted/00000001.png"])
+def test_replaced_png_with_updated_hashes_is_caught_against_the_deltas(tmp_path: Path, rel: str) -> None:
+    view = make_view()
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    png = folder / rel
+    from PIL import Image
+
+    with Image.open(png) as im:
+        arr = np.asarray(im).copy()
+    arr[0, 0, 0] = (int(arr[0, 0, 0]) + 1) % 256  # one pixel, one grey level: a valid, different PNG
+    png.write_bytes(_png_bytes(arr))
+    with pytest.raises(DataError, match=rf"'{rel}' was modified"):
+        import_view(folder, view.base, base_id="b")
+    _edit_manifest(folder, lambda m: m["files"].update({rel: hashlib.sha256(png.read_bytes()).hexdigest()}))
+    with pytest.raises(DataError, match=rf"{rel} does not hold the image implied by"):
+        import_view(folder, view.base, base_id="b")
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 3)])
+def test_replaced_delta_with_updated_hashes_is_caught_against_the_images(tmp_path: Path, shape: tuple) -> None:
+    view = make_view(shape)
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    deltas = np.load(folder / "deltas.npy")
+    deltas[1] = -deltas[1]  # still inside the eps ball, but not what the images show
+    buf = io.BytesIO()
+    np.save(buf, deltas)
+    (folder / "deltas.npy").write_bytes(buf.getvalue())
+    with pytest.raises(DataError, match=r"'deltas\.npy' was modified"):
+        import_view(folder, view.base, base_id="b")
+    _edit_manifest(folder, lambda m: m["files"].update({"deltas.npy": hashlib.sha256(buf.getvalue()).hexdigest()}))
+    with pytest.raises(DataError, match=r"images/00000001\.(png|npy) does not hold the image implied by base \+ deltas"):
+        import_view(folder, view.base, base_id="b")
+
+
+def test_added_and_removed_files_are_refused(tmp_path: Path) -> None:
+    view = make_view()
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    (folder / "images" / "extra.png").write_bytes((folder / "images" / "00000001.png").read_bytes())
+    with pytest.raises(DataError, match=r"'images/extra\.png' was added"):
+        import_view(folder, view.base, base_id="b")
+    _reseal(folder)  # DIGEST rewritten: the manifest does not list it
+    with pytest.raises(DataError, match=r"files the manifest does not list: \['images/extra\.png'\]"):
+        import_view(folder, view.base, base_id="b")
+    (folder / "images" / "extra.png").unlink()
+    _reseal(folder)
+    (folder / "inserted" / "00000000.png").unlink()
+    with pytest.raises(DataError, match=r"'inserted/00000000\.png' is missing"):
+        import_view(folder, view.base, base_id="b")
+    (folder / "DIGEST").unlink()
+    with pytest.raises(DataError, match="no DIGEST file"):
+        import_view(folder, view.base, base_id="b")
+
+
+def test_links_and_a_tampered_digest_file_are_refused(tmp_path: Path) -> None:
+    view = make_view()
+    folder = export_view(view, tmp_path / "v", base_id="b")
+    (tmp_path / "secret.txt").write_text("x")
+    (folder / "link.txt").symlink_to(tmp_path / "secret.txt")
+    with pytest.raises(DataError, match="link or special file"):
+        import_view(folder, view.base, base_id="b")
+    (folder / "link.txt").unlink()
+    text = (folder / "DIGEST").read_text()
+    (folder / "DIGEST").write_text(text.replace(_digest_line(folder), "0" * 64))
+    with pytest.raises(DataError, match="inconsistent"):
+        import_view(folder, view.base, base_id="b")
+    (folder / "DIGEST").write_text("garbage\n")
+    with pytest.raises(DataError, match="DIGEST is malformed"):
+        import_view(folder, view.base, base_id="b")
+    with pytest.raises(ConfigError, match="expected_digest"):
+        import_view(folder, view.base, base_id="b", expected_digest="abc")

@@ -93,7 +93,9 @@ def test_a_poisoned_fraction_trains_clean_rows_only_victims_and_exports_the_view
     assert m["attack"]["poisoned"] == round(0.25 * 1438)
     assert m["clean_subset_accuracy"]["n"] == 2 and "clean_subset_drop" in m
     data = load_dataset("digits")
-    view = import_view(tmp_path / "run" / "artifacts" / "poisoned", data.train, base_id=data.id)
+    assert list(m["export_digests"]) == ["artifacts/poisoned"]  # the content digest, kept in results.json
+    view = import_view(tmp_path / "run" / "artifacts" / "poisoned", data.train, base_id=data.id,
+                       expected_digest=m["export_digests"]["artifacts/poisoned"])
     assert view.indices.numel() == round(0.25 * 1438) and view.eps == pytest.approx(96 / 255)
     assert view.delta.abs().max() <= 96 / 255 + 1e-6
 

@@ -137,3 +137,4 @@ def test_an_interrupted_run_resumes_and_rewrites_its_own_poison_export(tmp_path:
     assert again["cost"]["models_trained"] == 0
     assert again["metrics"]["poisoned_accuracy"] == first["metrics"]["poisoned_accuracy"]
     assert (tmp_path / "run" / "artifacts" / "poisons" / "manifest.json").read_bytes() == manifest
+    assert again["metrics"]["export_digests"] == first["metrics"]["export_digests"]  # same content, same digest

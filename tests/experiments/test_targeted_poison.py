@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from mlaudit.data import load_dataset
+from mlaudit.data.export import view_digest
 from mlaudit.errors import ConfigError, DataError
 from mlaudit.experiments import parse_config, run_experiment
 from mlaudit.models import build_model
@@ -63,6 +64,8 @@ def test_contract_runs_end_to_end(contract_run: tuple) -> None:
     out = res.out_dir
     manifest = json.loads((out / "artifacts/poisoned/s000/manifest.json").read_text())
     assert manifest  # the exported poisoned view (PNG + manifest + deltas)
+    assert set(m["export_digests"]) == {"artifacts/poisoned/s000", "artifacts/poisoned/s001"}
+    assert m["export_digests"]["artifacts/poisoned/s000"] == view_digest(out / "artifacts/poisoned/s000")
     html = (out / "report.html").read_text()
     assert "Poison success per scenario" in html and "data:image/png;base64" in html
     assert not list((out / "artifacts/models").glob("s0*")), "victim checkpoints are deleted unless save_models"

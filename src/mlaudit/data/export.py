@@ -2,6 +2,9 @@
 
 Layout of an exported folder (format ``mlaudit-view/1``)::
 
+    DIGEST                 the content digest: a header line ``mlaudit-view-digest/1 <hex>``, then
+                           ``<sha256>  <relative path>`` for every other file, sorted by path;
+                           <hex> = sha256 of those listing lines (``tail -n +2 DIGEST | sha256sum``)
     manifest.json          format, base_id, base fingerprint, shape, eps, indices, relabel,
                            inserted, keep, meta, exact, and "files": {relative path: sha256}
     images/00000042.png    the perturbed image base.x[42] + delta, one per perturbed index
@@ -15,9 +18,18 @@ Images with C=1 are stored as grayscale PNG, C=3 as RGB PNG; any other shape as 
 ``delta = png / 255 - base.x[i]``, re-checks ``|delta| <= eps + 0.5/255`` and projects the
 quantisation error back into the eps ball, so the round trip is within 1/255 (exact with npy).
 
-Threat model: an exported folder may come from elsewhere. Every listed file's sha256 is
-verified, names in the manifest must be plain relative paths inside the folder, arrays are
-loaded with ``allow_pickle=False``, and the view is re-validated against the base dataset.
+Threat model: an exported folder may come from elsewhere. The export is content-addressed: its
+digest covers every file including ``manifest.json`` (relabels, keep, eps, meta, per-file hashes),
+so any edit, added or removed file changes it. :func:`export_view` writes it to ``DIGEST`` and
+:func:`view_digest` returns it for the caller to keep elsewhere (the experiments record it in
+results.json as ``metrics.export_digests``). :func:`import_view` recomputes it over the files
+present and refuses a folder that differs from its ``DIGEST`` (naming the files), and from
+``expected_digest`` when given: the ``DIGEST`` file inside the folder can be rewritten by whoever
+edited the folder, so only a digest kept outside it proves the export is the one written. Import
+further verifies every listed file's sha256, refuses files the manifest does not list, checks that
+each image file holds exactly ``base.x[i] + delta`` (quantised as export quantises) when exact
+arrays are present, keeps names in the manifest to plain relative paths inside the folder, loads
+arrays with ``allow_pickle=False``, and re-validates the view against the base dataset.
 Export is atomic: files go to ``<folder>.tmp-<random>`` which is renamed at the end.
 """
 
@@ -26,8 +38,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 import secrets
 import shutil
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -44,6 +59,9 @@ from .view import TOL, DataView
 FORMAT = "mlaudit-view/1"
 PNG_TOL = 0.5 / 255
 """Extra eps tolerance when deltas are rebuilt from 8-bit PNGs (half a quantisation step)."""
+DIGEST_FILE = "DIGEST"
+DIGEST_FORMAT = "mlaudit-view-digest/1"
+_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class _Manifest(BaseModel):
@@ -76,11 +94,16 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _quantise(img: Tensor) -> Tensor:
+    """float [C, H, W] in [0, 1] -> uint8 [C, H, W], as PNGs store it: ``round(255 * x)`` clamped."""
+    return (img * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 def _encode_image(img: Tensor) -> tuple[str, bytes]:
     """One image [*shape] in [0, 1] -> (suffix, file bytes): 8-bit PNG for C in {1, 3}, else npy."""
     if not _is_png_shape(tuple(img.shape)):
         return ".npy", _npy_bytes(img.numpy())
-    u8 = (img * 255).round().clamp(0, 255).to(torch.uint8)
+    u8 = _quantise(img)
     arr = u8[0].numpy() if img.shape[0] == 1 else u8.permute(1, 2, 0).contiguous().numpy()
     buf = io.BytesIO()
     Image.fromarray(arr, mode="L" if img.shape[0] == 1 else "RGB").save(buf, format="PNG")
@@ -93,6 +116,122 @@ def _write_file(root: Path, rel: str, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def _scan(folder: Path) -> dict[str, str]:
+    """{relative POSIX path: sha256} of every file under ``folder`` except ``DIGEST``.
+
+    Refuses symbolic links, special files and names a listing line cannot carry (newline,
+    backslash), so nothing in the folder escapes the digest.
+    """
+    files: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            mode = path.lstat().st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                raise DataError(f"{rel!r} in {folder} is a link or special file; an export holds plain files only")
+            if any(c in rel for c in "\n\r\\"):
+                raise DataError(f"{rel!r} in {folder} has a name an export never writes (newline or backslash)")
+            if stat.S_ISREG(mode) and rel != DIGEST_FILE:
+                files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def _listing(files: dict[str, str]) -> str:
+    """The canonical listing the digest is taken over: ``<sha256>  <path>`` lines sorted by path."""
+    return "".join(f"{files[rel]}  {rel}\n" for rel in sorted(files))
+
+
+def _digest_of(files: dict[str, str]) -> str:
+    return hashlib.sha256(_listing(files).encode("utf-8")).hexdigest()
+
+
+def _write_digest(folder: Path) -> str:
+    """Hash every file of ``folder`` and write ``DIGEST``; returns the digest."""
+    files = _scan(folder)
+    digest = _digest_of(files)
+    (folder / DIGEST_FILE).write_bytes(f"{DIGEST_FORMAT} {digest}\n{_listing(files)}".encode())
+    return digest
+
+
+def _read_digest(folder: Path) -> tuple[str, dict[str, str]]:
+    """(digest, {path: sha256}) as recorded in ``folder/DIGEST``; DataError if absent or malformed."""
+    path = folder / DIGEST_FILE
+    if not path.is_file() or path.is_symlink():
+        raise DataError(f"no {DIGEST_FILE} file in {folder}: the export's content digest was removed, or the folder "
+                        "was written before exports carried one; re-export the view with export_view")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        lines = []
+    head = lines[0].split(" ") if lines else []
+    if len(head) != 2 or head[0] != DIGEST_FORMAT or not _HEX.fullmatch(head[1]):
+        raise DataError(f"{path} is malformed: expected a first line '{DIGEST_FORMAT} <64 hex digits>'")
+    files: dict[str, str] = {}
+    for line in lines[1:]:
+        sha, sep, rel = line.partition("  ")
+        if not sep or not _HEX.fullmatch(sha) or not rel or rel in files:
+            raise DataError(f"{path} is malformed: bad listing line {line[:120]!r}")
+        files[rel] = sha
+    return head[1], files
+
+
+def _normalise_digest(digest: str) -> str:
+    d = digest.strip().lower().removeprefix("sha256:")
+    if not _HEX.fullmatch(d):
+        raise ConfigError(f"expected_digest must be 64 hex digits (optionally 'sha256:'-prefixed), got {digest!r}")
+    return d
+
+
+def _differences(recorded: dict[str, str], actual: dict[str, str]) -> list[str]:
+    out = [f"{rel!r} is missing" for rel in sorted(set(recorded) - set(actual))]
+    out += [f"{rel!r} was added" for rel in sorted(set(actual) - set(recorded))]
+    out += [f"{rel!r} was modified (sha256 does not match)" for rel in sorted(set(recorded) & set(actual))
+            if recorded[rel] != actual[rel]]
+    return out
+
+
+def view_digest(folder: str | Path) -> str:
+    """The content digest of an exported folder, recomputed from the files present.
+
+    Equal to the digest :func:`export_view` wrote to ``DIGEST`` as long as nothing was changed.
+    Keep it outside the folder (results.json records it) and pass it to :func:`import_view` as
+    ``expected_digest``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; export the view with mlaudit.data.export.export_view")
+    return _digest_of(_scan(folder))
+
+
+def verify_digest(folder: str | Path, expected_digest: str | None = None) -> str:
+    """Check ``folder`` against its ``DIGEST`` (and ``expected_digest`` if given); return the digest.
+
+    Raises :class:`DataError` naming every file that is missing, added or modified relative to the
+    ``DIGEST`` listing, when ``DIGEST`` is inconsistent with itself, or when the digest differs from
+    ``expected_digest``. ``DIGEST`` lives in the folder, so whoever can edit the folder can also
+    rewrite it: only an ``expected_digest`` kept elsewhere detects such an edit.
+    """
+    return _verify(Path(folder), expected_digest)[0]
+
+
+def _verify(folder: Path, expected_digest: str | None) -> tuple[str, dict[str, str]]:
+    """:func:`verify_digest`, also returning the verified {path: sha256} of the folder's files."""
+    expected = None if expected_digest is None else _normalise_digest(expected_digest)
+    recorded_digest, recorded = _read_digest(folder)
+    actual = _scan(folder)
+    diff = _differences(recorded, actual)
+    if diff:
+        raise DataError(f"export {folder} differs from its {DIGEST_FILE}: " + "; ".join(diff)
+                        + ". The folder was edited after export; re-export it or restore the original files")
+    if _digest_of(recorded) != recorded_digest:
+        raise DataError(f"{folder / DIGEST_FILE} is inconsistent: its header digest is not the sha256 of its listing")
+    if expected is not None and recorded_digest != expected:
+        raise DataError(f"export {folder} has content digest {recorded_digest} but {expected} was expected: this is "
+                        f"not the export whose digest you kept (its {DIGEST_FILE} file may have been rewritten)")
+    return recorded_digest, actual
 
 
 def _install(tmp: Path, folder: Path) -> None:
@@ -117,7 +256,8 @@ def export_view(view: DataView, folder: str | Path, *, base_id: str, overwrite: 
     ``base_id`` names the clean split the view refers to (e.g. ``DataBundle.id``); import checks
     it. ``exact`` also writes float32 ``deltas.npy`` / ``inserted.npy`` so import is lossless.
     Refuses a non-empty existing ``folder`` unless ``overwrite=True``. Atomic: on any failure
-    nothing is left at ``folder`` (an existing one is untouched).
+    nothing is left at ``folder`` (an existing one is untouched). Writes the content digest to
+    ``folder/DIGEST``; :func:`view_digest` returns it, to be kept outside the folder.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -161,6 +301,7 @@ def export_view(view: DataView, folder: str | Path, *, base_id: str, overwrite: 
             "meta": meta, "exact": exact_files, "files": files,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _write_digest(tmp)
         _install(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -202,8 +343,8 @@ def _load_array(path: Path, shape: tuple[int, ...], rel: str) -> Tensor:
     return torch.from_numpy(arr.copy())
 
 
-def _load_image(path: Path, shape: tuple[int, ...], rel: str) -> Tensor:
-    """An image file -> float32 [*shape] in [0, 1] (PNG / 255, or an exact npy)."""
+def _load_raw(path: Path, shape: tuple[int, ...], rel: str) -> Tensor:
+    """An image file as stored: uint8 [C, H, W] for a PNG, float32 [*shape] for an npy."""
     if rel.endswith(".npy"):
         return _load_array(path, shape, rel)
     if not rel.endswith(".png") or not _is_png_shape(shape):
@@ -213,19 +354,46 @@ def _load_image(path: Path, shape: tuple[int, ...], rel: str) -> Tensor:
         if im.format != "PNG" or im.mode != mode or im.size != (shape[2], shape[1]):
             raise DataError(f"{rel} is a {im.format} {im.mode} {im.size} image; expected PNG {mode} {shape[2]}x{shape[1]}")
         arr = np.asarray(im, dtype=np.uint8)
-    t = torch.from_numpy(arr.copy()).to(torch.float32) / 255
+    t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if shape[0] == 1 else t.permute(2, 0, 1).contiguous()
 
 
-def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> DataView:
+def _load_image(path: Path, shape: tuple[int, ...], rel: str) -> Tensor:
+    """An image file -> float32 [*shape] in [0, 1] (PNG / 255, or an exact npy)."""
+    raw = _load_raw(path, shape, rel)
+    return raw.to(torch.float32) / 255 if raw.dtype == torch.uint8 else raw
+
+
+def _check_images(folder: Path, rels: list[str], expected: Tensor, shape: tuple[int, ...], what: str) -> None:
+    """Each image file must hold exactly ``expected[k]`` as export encodes it (PNG: quantised)."""
+    for k, rel in enumerate(rels):
+        raw = _load_raw(folder / rel, shape, rel)
+        want = _quantise(expected[k]) if raw.dtype == torch.uint8 else expected[k]
+        if not torch.equal(raw, want):
+            raise DataError(f"{rel} does not hold the image implied by {what}: the file was replaced or the "
+                            "exact arrays were edited; re-export the view")
+
+
+def import_view(folder: str | Path, base: TensorDataset, *, base_id: str,
+                expected_digest: str | None = None) -> DataView:
     """Read a folder written by :func:`export_view` and rebuild the view over ``base``.
 
-    Verifies the format, that ``base_id`` and the base's shape, size, classes and fingerprint
-    match the manifest, that every listed file exists with the recorded sha256, and that every
-    path is a plain relative path inside ``folder``. Raises :class:`DataError` naming the
-    offending field or file. Tensors are placed on ``base.device``.
+    Verifies the content digest (every file, ``manifest.json`` included, against ``DIGEST``; any
+    change, added or removed file is named), the format, that ``base_id`` and the base's shape,
+    size, classes and fingerprint match the manifest, that every listed file exists with the
+    recorded sha256 and no other file is present, that every path is a plain relative path inside
+    ``folder``, and, with exact arrays, that every image file decodes to exactly
+    ``base.x[i] + delta`` (or the inserted image) quantised as export quantises. Raises
+    :class:`DataError` naming the offending field or file. Tensors are placed on ``base.device``.
+
+    ``expected_digest``: the digest kept when the view was exported (:func:`view_digest`, or
+    ``metrics.export_digests`` in results.json). Pass it: ``DIGEST`` sits inside the folder, so
+    whoever edits the folder can rewrite it too, and only a digest kept elsewhere catches that.
     """
     folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        raise DataError(f"no manifest.json in {folder}; export the view with mlaudit.data.export.export_view")
+    _, present = _verify(folder, expected_digest)
     m = _load_manifest(folder)
     if m.base_id != base_id:
         raise DataError(
@@ -250,6 +418,9 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
     unlisted = sorted(set(referenced) - set(m.files))
     if unlisted or len(m.images) != len(m.indices):
         raise DataError(f"manifest is inconsistent: unhashed files {unlisted} or images/indices length mismatch")
+    extra = sorted(set(present) - set(m.files) - {"manifest.json"})
+    if extra:
+        raise DataError(f"{folder} holds files the manifest does not list: {extra}")
     empty = torch.zeros((0, *shape), dtype=torch.float32)
     p, ni = len(m.indices), len(m.inserted)
     idx = torch.tensor(m.indices, dtype=torch.int64).reshape(-1)
@@ -257,6 +428,8 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
         raise DataError(f"manifest indices must lie in [0, {len(base) - 1}]")
     if m.exact.get("deltas"):
         delta, tol = _load_array(folder / m.exact["deltas"], (p, *shape), m.exact["deltas"]), TOL
+        clean = base.x[idx.to(base.device)].detach().cpu().float()
+        _check_images(folder, m.images, clean + delta, shape, f"base + {m.exact['deltas']}")
     else:
         imgs = [_load_image(folder / rel, shape, rel) for rel in m.images]
         delta = (torch.stack(imgs) if imgs else empty) - base.x[idx.to(base.device)].detach().cpu().float()
@@ -268,6 +441,7 @@ def import_view(folder: str | Path, base: TensorDataset, *, base_id: str) -> Dat
         delta = delta.clamp(-m.eps, m.eps)  # remove PNG quantisation overshoot; stays in the [0, 1] box
     if m.exact.get("inserted"):
         ins_x = _load_array(folder / m.exact["inserted"], (ni, *shape), m.exact["inserted"])
+        _check_images(folder, [rel for rel, _ in m.inserted], ins_x, shape, m.exact["inserted"])
     else:
         ins = [_load_image(folder / rel, shape, rel) for rel, _ in m.inserted]
         ins_x = torch.stack(ins) if ins else empty

@@ -147,12 +147,15 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
         keep[idx.to(data.train.device)] = False
         views["clean-subset"] = DataView.identity(data.train).with_keep(keep)
     if config.export:
-        from ..data.export import export_view
+        from ..data.export import export_view, view_digest
 
-        export_view(view, ctx.artifacts / "poisoned", base_id=data.id, overwrite=True)
+        folder = export_view(view, ctx.artifacts / "poisoned", base_id=data.id, overwrite=True)
+        digests = {folder.relative_to(ctx.out_dir).as_posix(): view_digest(folder)}
     recs = train_victims(config, ctx, data, views, victims=config.victims)
 
     metrics = dict(accuracy_summary(recs["clean"], recs["poisoned"]))
+    if config.export:
+        metrics["export_digests"] = digests  # keep these: import_view(..., expected_digest=...) checks them
     for name, key in (("relabelled", "relabelled"), ("clean-subset", "clean_subset")):
         if name in recs:
             s = accuracy_summary(recs["clean"], recs[name])

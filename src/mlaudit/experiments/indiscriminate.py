@@ -29,7 +29,7 @@ from torch import nn
 from ..attacks.poisoning import Family
 from ..attacks.poisoning.indiscriminate import num_poisons
 from ..data.base import DataBundle
-from ..data.export import export_view
+from ..data.export import export_view, view_digest
 from ..errors import ConfigError
 from ..query import ParamVector
 from ..report.html import ReportTable
@@ -133,7 +133,8 @@ def run_indiscriminate(config: IndiscriminateConfig, ctx: RunContext) -> Experim
     if poison.view is not None:
         n = len(data.train)
         metrics.update(eps_d=a.eps_d, eps_d_actual=poison.view.num_inserted / n, poisons=poison.view.num_inserted)
-        export_view(poison.view, ctx.artifacts / "poisons", base_id=data.id, overwrite=True)
+        folder = export_view(poison.view, ctx.artifacts / "poisons", base_id=data.id, overwrite=True)
+        metrics["export_digests"] = {folder.relative_to(ctx.out_dir).as_posix(): view_digest(folder)}
         save = bool(targets) and config.victim_model == config.crafting_model
         recs = train_victims(config, ctx, data, {"clean": None, "poisoned": poison.view}, victims=config.victims,
                              save_weights=save)

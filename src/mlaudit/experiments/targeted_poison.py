@@ -27,7 +27,7 @@ from ..attacks.poisoning import Poison, Target
 from ..attacks.poisoning.targeted.alignment import alignment_curves
 from ..attacks.poisoning.targeted.scenario import Scenario
 from ..data.base import DataBundle
-from ..data.export import export_view
+from ..data.export import export_view, view_digest
 from ..data.view import DataView
 from ..errors import ConfigError
 from ..models.registry import model_entry
@@ -179,19 +179,24 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
 
     exported = []
     if config.export:
+        digests: dict[str, str] = {}
         for sc in scenarios[:10]:
             name = f"s{sc.index:03d}"
             view = views[name]
             assert view is not None
             folder = export_view(view, ctx.artifacts / "poisoned" / name, base_id=data.id, overwrite=True)
             exported.append(folder.relative_to(ctx.out_dir).as_posix())
+            digests[exported[-1]] = view_digest(folder)
+        metrics["export_digests"] = digests  # keep these: import_view(..., expected_digest=...) checks them
     notes = [f"{len(scenarios)} scenarios x {config.victims} victims; success = target classified as the adversarial "
              "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
              f"victims: {config.victim_model.name} with recipe {config.victim_recipe.name}"
              f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
              + ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items())]
     if exported:
-        notes.append("poisoned training sets exported (PNG + manifest + exact deltas): " + ", ".join(exported))
+        notes.append("poisoned training sets exported (PNG + manifest + exact deltas): " + ", ".join(exported)
+                     + "; their content digests are in metrics.export_digests (pass one to import_view as "
+                     "expected_digest)")
     tables = [ReportTable("Poison success per scenario",
                           ["scenario", "seed", "target class", "adversarial class", "target id(s)", "poisons",
                            "success (poisoned victims)", "success (clean victims)", "victim accuracy", "crafting s"],

@@ -29,7 +29,7 @@ from ..attacks.poisoning.availability import crafter_predictions
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError
-from ..report.figures import perturbation_grid
+from ..report.figures import accuracy_bars, perturbation_grid
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.loop import resolve_augment
@@ -178,8 +178,14 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
              f"{a.eps:g}/255; {config.victims} victims per view, trained from scratch (paired seeds). Crafting took "
              f"{craft_wall:.1f} s on {ctx.device}."]
     return ExperimentOutput(metrics=metrics, trials=trials, tables=[results_table(config, metrics)],
-                            figures={"Clean, poisoned and perturbation (scaled to ±eps)": perturbation_grid(
-                                x, delta.to(x.device), eps, n=FIGURE_EXAMPLES)},
+                            figures={"Test accuracy of victims trained on each version of the training set (mean ± SE)":
+                                     accuracy_bars({"clean": metrics["clean_accuracy"],
+                                                    "poisoned": metrics["poisoned_accuracy"],
+                                                    **{k.replace("_", " "): metrics[f"{k}_accuracy"]
+                                                       for k in ("relabelled", "clean_subset")
+                                                       if f"{k}_accuracy" in metrics}}),
+                                     "Clean, poisoned and perturbation (scaled to ±eps)": perturbation_grid(
+                                         x, delta.to(x.device), eps, n=FIGURE_EXAMPLES)},
                             notes=notes)
 
 

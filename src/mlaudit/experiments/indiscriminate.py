@@ -32,6 +32,7 @@ from ..data.base import DataBundle
 from ..data.export import export_view, view_digest
 from ..errors import ConfigError
 from ..query import ParamVector
+from ..report.figures import accuracy_bars
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.checkpoint import load_checkpoint, save_checkpoint
@@ -157,8 +158,10 @@ def run_indiscriminate(config: IndiscriminateConfig, ctx: RunContext) -> Experim
         eps = metrics.get("eps_d_actual", a.eps_d)
         metrics["reachable"] = None if eps is None else bool(eps >= metrics["tau"])
     metrics.update({k: v for k, v in info.items() if k not in metrics})
+    figures = {"Test accuracy of clean and poisoned victims (mean ± SE)": accuracy_bars(
+        {"clean": metrics["clean_accuracy"], label.lower(): metrics["poisoned_accuracy"]})}
     return ExperimentOutput(metrics=metrics, trials=trials, tables=_tables(config, metrics, label),
-                            notes=notes + _notes(metrics, data))
+                            figures=figures, notes=notes + _notes(metrics, data))
 
 
 def _tables(config: IndiscriminateConfig, m: dict[str, Any], label: str) -> list[ReportTable]:

@@ -32,7 +32,7 @@ from ..data.view import DataView
 from ..errors import ConfigError
 from ..models.registry import model_entry
 from ..query import model_template
-from ..report.figures import alignment_figure, perturbation_grid
+from ..report.figures import alignment_figure, perturbation_grid, success_figure
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.loop import resolve_augment
@@ -201,7 +201,9 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
                           ["scenario", "seed", "target class", "adversarial class", "target id(s)", "poisons",
                            "success (poisoned victims)", "success (clean victims)", "victim accuracy", "crafting s"],
                           table)]
-    figures = {}
+    figures = {"Poison success per scenario (bars: mean ± SE over victims; band: mean ± SE over scenarios)":
+               success_figure([per_victim[sc.index]["victim_success"] for sc in scenarios],
+                              clean=per_clean if config.baseline else None)}
     first = scenarios[0]
     if config.alignment:
         curves = _alignment(config, ctx, data, first, views[f"s{first.index:03d}"])

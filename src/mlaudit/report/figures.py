@@ -158,6 +158,8 @@ def canary_score_histogram(s_in: np.ndarray, s_out: np.ndarray, threshold: float
         ax.axvline(float(tf(np.array([threshold]))[0]), color="k", ls="--", lw=1, label="threshold")
     ax.set_xlabel(label)
     ax.set_ylabel("models")
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))  # tiny gradient scores: one offset, short ticks
+    ax.tick_params(axis="x", labelsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return {title: fig}
@@ -214,5 +216,51 @@ def robust_accuracy_figure(eps: Sequence[float], curves: Mapping[str, Sequence[M
     ax.set_xlabel(f"eps ({norm})")
     ax.set_ylabel("robust accuracy")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def success_figure(per_scenario: Sequence[Sequence[float]], *, clean: Sequence[float] | None = None) -> Figure:
+    """Targeted poisoning: each scenario's success (mean over its victims, error bar = SE over victims)
+    and, as a band, the mean +- SE over scenarios (seed 002's headline); ``clean`` the clean victims'
+    success per scenario (the baseline), drawn as hollow markers."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(4.5, 0.35 * len(per_scenario) + 2), 3.2))
+    ax = fig.add_subplot()
+    means = np.array([np.mean(v) for v in per_scenario])
+    ses = np.array([np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in per_scenario])
+    idx = np.arange(len(means))
+    ax.bar(idx, means, yerr=ses, capsize=3, color="#c44e52", alpha=0.85, label="poisoned victims")
+    if clean is not None:
+        ax.plot(idx, clean, "o", mfc="none", color="k", label="clean victims")
+    m = float(means.mean())
+    se = float(means.std(ddof=1) / np.sqrt(len(means))) if len(means) > 1 else 0.0
+    ax.axhspan(m - se, m + se, color="grey", alpha=0.2, lw=0)
+    ax.axhline(m, color="grey", lw=1, label=f"mean {100 * m:.1f}% ± {100 * se:.1f}%")
+    ax.set_xticks(idx)
+    ax.set_xlabel("scenario")
+    ax.set_ylabel("poison success")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_bars(groups: Mapping[str, Mapping[str, float]], *, title: str = "test accuracy") -> Figure:
+    """Clean vs poisoned victims: one bar per group ``name -> {"mean", "se"}`` with its SE."""
+    from matplotlib.figure import Figure
+
+    names = list(groups)
+    fig = Figure(figsize=(max(3.5, 1.1 * len(names) + 1.5), 3.2))
+    ax = fig.add_subplot()
+    means = [float(groups[n]["mean"]) for n in names]
+    ses = [float(groups[n].get("se", 0.0) or 0.0) for n in names]
+    ax.bar(range(len(names)), means, yerr=ses, capsize=4, color=["#4c72b0"] + ["#c44e52"] * (len(names) - 1))
+    for i, v in enumerate(means):
+        ax.text(i, v + 0.02, f"{100 * v:.1f}%", ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(title)
     fig.tight_layout()
     return fig

@@ -143,9 +143,13 @@ def test_success_and_accuracy_bar_figures() -> None:
 
     fig = success_figure([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]], clean=[0.0, 0.5, 0.0])
     ax = fig.axes[0]
-    bars = [p.get_height() for p in ax.containers[0]]  # the bar container (the mean ± SE band is a separate patch)
+    from matplotlib.container import BarContainer
+
+    (container,) = [c for c in ax.containers if isinstance(c, BarContainer)]  # the band is a separate patch
+    bars = [p.get_height() for p in container]
     assert bars == pytest.approx([0.5, 1.0, 0.0])
     assert "mean 50.0%" in "".join(t.get_text() for t in ax.get_legend().get_texts())
     fig = accuracy_bars({"clean": {"mean": 0.9, "se": 0.01}, "poisoned": {"mean": 0.2, "se": 0.05}})
-    assert [round(p.get_height(), 3) for p in fig.axes[0].containers[0]] == [0.9, 0.2]
+    (container,) = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+    assert [round(p.get_height(), 3) for p in container] == [0.9, 0.2]
     assert fig_to_data_uri(fig).startswith("data:image/png;base64,")

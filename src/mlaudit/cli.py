@@ -241,14 +241,26 @@ def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more 
 
 @runs_app.command("export")
 def runs_export(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
-                out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+                out: Annotated[Path | None, typer.Option("--out", help="json: write to this file instead of stdout; "
+                                                         "tensorboard: the log folder (default runs/tensorboard/ID).")] = None,
+                format_: Annotated[str, typer.Option("--format", help="json (everything recorded) or tensorboard "
+                                                     "(metrics and per-trial scalars as an event file).")] = "json",
                 store: StoreOpt = None) -> None:
-    """Export everything recorded about a run as JSON (stdout or --out FILE)."""
+    """Export everything recorded about a run as JSON (stdout or --out FILE), or its scalars to TensorBoard."""
     from .experiments.runner import write_atomic
 
     try:
+        if format_ not in ("json", "tensorboard"):
+            raise ConfigError(f"--format must be json or tensorboard, got {format_!r}")
         data = _store(store).export(run_id)
-        if out is None:
+        if format_ == "tensorboard":
+            from .report.tensorboard import write_tensorboard
+
+            log_dir = out if out is not None else Path("runs") / "tensorboard" / data["id"]
+            if log_dir.is_file():
+                raise ConfigError(f"--out {str(log_dir)!r} is a file; give a folder for TensorBoard's event files")
+            typer.echo(safe(write_tensorboard(data, log_dir)))
+        elif out is None:
             sys.stdout.write(safe_json(data) + "\n")
         else:
             if out.is_dir():

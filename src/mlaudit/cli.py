@@ -243,17 +243,26 @@ def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="Two or more 
 def runs_export(run_id: Annotated[str, typer.Argument(help="Run id or a unique prefix of it.")],
                 out: Annotated[Path | None, typer.Option("--out", help="json: write to this file instead of stdout; "
                                                          "tensorboard: the log folder (default runs/tensorboard/ID).")] = None,
-                format_: Annotated[str, typer.Option("--format", help="json (everything recorded) or tensorboard "
-                                                     "(metrics and per-trial scalars as an event file).")] = "json",
+                format_: Annotated[str, typer.Option("--format", help="json (everything recorded), tensorboard "
+                                                     "(metrics and per-trial scalars as an event file) or mlflow "
+                                                     "(one MLflow run; needs the mlflow extra).")] = "json",
+                tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="mlflow: the tracking "
+                                                                 "server or database (default: MLflow's own).")] = None,
                 store: StoreOpt = None) -> None:
     """Export everything recorded about a run as JSON (stdout or --out FILE), or its scalars to TensorBoard."""
     from .experiments.runner import write_atomic
 
     try:
-        if format_ not in ("json", "tensorboard"):
-            raise ConfigError(f"--format must be json or tensorboard, got {format_!r}")
+        if format_ not in ("json", "tensorboard", "mlflow"):
+            raise ConfigError(f"--format must be json, tensorboard or mlflow, got {format_!r}")
+        if tracking_uri is not None and format_ != "mlflow":
+            raise ConfigError("--tracking-uri only applies with --format mlflow")
         data = _store(store).export(run_id)
-        if format_ == "tensorboard":
+        if format_ == "mlflow":
+            from .report.mlflow_export import export_to_mlflow
+
+            typer.echo(safe(export_to_mlflow(data, tracking_uri=tracking_uri)))
+        elif format_ == "tensorboard":
             from .report.tensorboard import write_tensorboard
 
             log_dir = out if out is not None else Path("runs") / "tensorboard" / data["id"]

@@ -131,5 +131,5 @@ def test_cli_exports_a_run_to_tensorboard(tmp_path: Path) -> None:
     events = _read(path)
     assert events[1]["scalars"]["metrics/test_accuracy/mean"] == pytest.approx(0.9)
     res = CliRunner().invoke(app, ["runs", "export", exp, "--format", "csv", "--store", str(tmp_path / "s.db")])
-    assert res.exit_code == 2 and "json or tensorboard" in res.output
+    assert res.exit_code == 2 and "json, tensorboard or mlflow" in res.output
     assert json.loads(CliRunner().invoke(app, ["runs", "export", exp, "--store", str(tmp_path / "s.db")]).stdout)["id"] == exp

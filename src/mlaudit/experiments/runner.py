@@ -216,11 +216,11 @@ def _verdict(kind: str, metrics: dict[str, Any]) -> str | None:
     from ..jsonutil import flatten
 
     head = headline(kind, flatten(to_jsonable(metrics)))
-    return None if head is None else f"{HEADLINE_LABELS.get(kind, 'result')}: {head}"
+    return None if head is None else f"{HEADLINE_LABELS.get(kind, 'result')}: {head.removeprefix('acc ')}"
 
 
 HEADLINE_LABELS = {
-    "train": "test accuracy", "membership-inference": "strongest attack, TPR at 0.1% FPR",
+    "train": "test accuracy (mean ± SE over the trials)", "membership-inference": "strongest attack, TPR at 0.1% FPR",
     "dp-audit": "empirical epsilon lower bound vs the claim", "targeted-poison": "poison success",
     "availability-poison": "poisoned accuracy (drop from clean)",
     "indiscriminate-poison": "poisoned accuracy (drop from clean)",

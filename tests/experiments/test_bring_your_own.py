@@ -188,6 +188,21 @@ def test_one_failed_trial_is_recorded_and_the_others_go_on(user: str, tmp_path: 
     assert "failed_trials" not in again["metrics"] and again["metrics"]["test_accuracy"]["n"] == 4
 
 
+def test_a_failed_victim_is_left_out_and_named_in_indiscriminate_poisoning(user: str, tmp_path: Path) -> None:
+    """Victims are independent: the trainer's second call (a clean victim; a model is trained first for the
+    attack) fails, the other victims go on and the comparison uses the ones that finished."""
+    import importlib
+
+    importlib.import_module(user).CALLS.clear()
+    cfg = base(user, kind="indiscriminate-poison", victims=2, trainer=f"{user}:second_fails",
+               attack={"method": "label-flip", "eps_d": 0.1})
+    res = run(cfg, tmp_path)
+    (failed,) = res["metrics"]["failed_trials"]
+    assert failed["trial_id"].startswith("clean-v") and "boom on the second model" in failed["error"]
+    assert res["metrics"]["clean_accuracy"]["n"] == 1 and res["metrics"]["poisoned_accuracy"]["n"] == 2
+    assert "1 victim(s) failed to train" in (tmp_path / "o" / "report.html").read_text()
+
+
 def test_library_api_with_objects(user: str, tmp_path: Path) -> None:
     """The public entry points take the objects themselves (a class, a function, datasets, a trained
     target module) and write the same run folder as the config."""

@@ -44,7 +44,13 @@ from .poison_task import (
     run_poisoner,
     save_poison,
 )
-from .poisoning import PoisoningConfig, accuracy_summary, finished_crafters, train_victims
+from .poisoning import (
+    PoisoningConfig,
+    accuracy_summary,
+    failed_victims_note,
+    finished_crafters,
+    train_victims,
+)
 
 FIGURE_EXAMPLES = 8
 
@@ -151,7 +157,7 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
 
         folder = export_view(view, ctx.artifacts / "poisoned", base_id=data.id, overwrite=True)
         digests = {folder.relative_to(ctx.out_dir).as_posix(): view_digest(folder)}
-    recs = train_victims(config, ctx, data, views, victims=config.victims)
+    recs = train_victims(config, ctx, data, views, victims=config.victims, on_failure="skip")
 
     metrics = dict(accuracy_summary(recs["clean"], recs["poisoned"]))
     if config.export:
@@ -177,6 +183,7 @@ def run_availability(config: AvailabilityConfig, ctx: RunContext) -> ExperimentO
     notes = [f"{len(idx)} of {len(data.train)} training images of {data.name} perturbed with {a.method} at eps "
              f"{a.eps:g}/255; {config.victims} victims per view, trained from scratch (paired seeds). Crafting took "
              f"{craft_wall:.1f} s on {ctx.device}."]
+    notes = failed_victims_note(ctx, metrics) + notes
     return ExperimentOutput(metrics=metrics, trials=trials, tables=[results_table(config, metrics)],
                             figures={"Test accuracy of victims trained on each version of the training set (mean ± SE)":
                                      accuracy_bars({"clean": metrics["clean_accuracy"],

@@ -40,7 +40,7 @@ from ..train.evaluate import evaluate, stack_from_state_dicts
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext
 from .poison_task import PoisonAttack, attacker_models, check_attack, poison_task, run_poisoner
-from .poisoning import PoisoningConfig, accuracy_summary, train_victims
+from .poisoning import PoisoningConfig, accuracy_summary, failed_victims_note, train_victims
 
 
 class IndiscriminateAttack(PoisonAttack):
@@ -138,7 +138,7 @@ def run_indiscriminate(config: IndiscriminateConfig, ctx: RunContext) -> Experim
         metrics["export_digests"] = {folder.relative_to(ctx.out_dir).as_posix(): view_digest(folder)}
         save = bool(targets) and config.victim_model == config.crafting_model
         recs = train_victims(config, ctx, data, {"clean": None, "poisoned": poison.view}, victims=config.victims,
-                             save_weights=save)
+                             save_weights=save, on_failure="skip")
         metrics.update(accuracy_summary(recs["clean"], recs["poisoned"]))
         trials += [{"trial_id": r["trial_id"], "role": f"victim-{name}", "seed": r["seed"],
                     "test_accuracy": r["metrics"]["test_accuracy"]} for name, rs in recs.items() for r in rs]
@@ -161,7 +161,7 @@ def run_indiscriminate(config: IndiscriminateConfig, ctx: RunContext) -> Experim
     figures = {"Test accuracy of clean and poisoned victims (mean ± SE)": accuracy_bars(
         {"clean": metrics["clean_accuracy"], label.lower(): metrics["poisoned_accuracy"]})}
     return ExperimentOutput(metrics=metrics, trials=trials, tables=_tables(config, metrics, label),
-                            figures=figures, notes=notes + _notes(metrics, data))
+                            figures=figures, notes=failed_victims_note(ctx, metrics) + notes + _notes(metrics, data))
 
 
 def _tables(config: IndiscriminateConfig, m: dict[str, Any], label: str) -> list[ReportTable]:

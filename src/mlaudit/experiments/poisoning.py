@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..data.base import DataBundle
 from ..data.view import DataView
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, TrainingError, TrialError
 from ..factory import TrialSpec
 from ..models.registry import ModelSpec
 from ..query import load_model, logits_from_checkpoints, model_template
@@ -158,12 +158,14 @@ def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
 
 
 def train_victims(config: PoisoningConfig, ctx: RunContext, data: DataBundle, views: Mapping[str, DataView | None], *,
-                  victims: int, save_weights: bool = False,
-                  label: str = "training victims") -> dict[str, list[dict[str, Any]]]:
+                  victims: int, save_weights: bool = False, label: str = "training victims",
+                  on_failure: str = "raise") -> dict[str, list[dict[str, Any]]]:
     """Retrain ``victims`` models (the config's victim architecture and recipe) from scratch on each
     view (None = the clean training split), all in one factory job (so the factory batches across
     views). Trial ids ``<view>-v<i>``; victim ``i`` has seed ``config.victim_seed(i)`` in every view.
-    Returns the records per view name, in victim order.
+    Returns the records per view name, in victim order. ``on_failure="skip"`` leaves out victims whose
+    training failed (named in ``ctx.failed``; see :meth:`RunContext.train`) and raises the first
+    failure only when a view is left without any victim.
     """
     if victims < 1:
         raise ConfigError(f"victims must be >= 1, got {victims}")
@@ -178,11 +180,24 @@ def train_victims(config: PoisoningConfig, ctx: RunContext, data: DataBundle, vi
                                     view=name if view is not None else None, tags={"view": name, "victim": i}))
     job = cfg.factory_job(data, trials, device=ctx.device,
                           views={k: vw for k, vw in views.items() if vw is not None})
-    records = ctx.train(job, save_weights=save_weights, label=label)
+    records = ctx.train(job, save_weights=save_weights, label=label, on_failure=on_failure)
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in views}
     for r in records:
         out[r["tags"]["view"]].append(r)
+    empty = [name for name, rs in out.items() if not rs]
+    if empty:  # only reachable when skipping: nothing to compare for that view
+        first = next(iter(ctx.failed))
+        raise TrialError(first, TrainingError(f"every victim of view {empty[0]!r} failed; the first: {ctx.failed[first]}"))
     return out
+
+
+def failed_victims_note(ctx: RunContext, metrics: dict[str, Any]) -> list[str]:
+    """Record victims skipped after a failed training in ``metrics["failed_trials"]``; the report note."""
+    if not ctx.failed:
+        return []
+    metrics["failed_trials"] = [{"trial_id": t, "error": e} for t, e in ctx.failed.items()]
+    return [f"{len(ctx.failed)} victim(s) failed to train and are left out of every number here: "
+            + "; ".join(f"{t}: {e}" for t, e in ctx.failed.items()) + " (a --resume retries them)"]
 
 
 def victim_logits(config: PoisoningConfig, ctx: RunContext, data: DataBundle, records: Sequence[dict[str, Any]],

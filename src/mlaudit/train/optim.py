@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..registry import Registry
-from .recipe import ParamGroup, Recipe, schedule_factor
+from .recipe import ParamGroup, Recipe, lr_at
 
 
 class StackedOptimizer(Protocol):
@@ -57,13 +57,20 @@ class StackedSGD:
         if self.weight_decay:
             grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
         if self.momentum:
-            if self.buffers is None:
-                self.buffers = [g.detach().clone() for g in grads]
-            else:
-                torch._foreach_mul_(self.buffers, self.momentum)
-                torch._foreach_add_(self.buffers, grads)
-            grads = torch._foreach_add(grads, self.buffers, alpha=self.momentum) if self.nesterov else self.buffers
+            self.buffers, grads = _momentum(self.buffers, grads, self.momentum, self.nesterov)
         torch._foreach_add_(self.params, grads, alpha=-lr)
+
+
+def _momentum(buffers: list[Tensor] | None, grads: list[Tensor], momentum: float, nesterov: bool
+              ) -> tuple[list[Tensor], list[Tensor]]:
+    """Heavy-ball buffers ``b <- mu b + g`` (``b = g`` on the first step) and the step direction
+    (Nesterov ``g + mu b``, else ``b``); the one momentum rule of SGD and Muon."""
+    if buffers is None:
+        buffers = [g.detach().clone() for g in grads]
+    else:
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, grads)
+    return buffers, (torch._foreach_add(grads, buffers, alpha=momentum) if nesterov else buffers)
 
 
 @dataclass
@@ -133,11 +140,7 @@ class StackedMuon:
     @torch.no_grad()
     def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
         """Momentum, weight renormalisation to ``sqrt(out)`` and the orthogonalised step of size ``lr``."""
-        if self.buffers is None:
-            self.buffers = [torch.zeros_like(g) for g in grads]
-        torch._foreach_mul_(self.buffers, self.momentum)
-        torch._foreach_add_(self.buffers, grads)
-        upd = torch._foreach_add(grads, self.buffers, alpha=self.momentum) if self.nesterov else self.buffers
+        self.buffers, upd = _momentum(self.buffers, grads, self.momentum, self.nesterov)
         lead = 1 if self.leading_k else 0
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(self.params):
@@ -158,19 +161,19 @@ class StackedMuon:
 class GroupedOptimizer:
     """Sub-optimizers over disjoint parameter groups, each with its own base lr and schedule length.
 
-    ``step(grads, lr, progress=)``: group g with base lr ``lr_g`` and optional ``epochs_g`` steps at
-    ``lr_g * schedule_factor(recipe, progress, epochs=epochs_g)``; ``lr`` (the recipe's scheduled lr)
-    is not used, so the schedule is evaluated per group.
+    ``step(grads, lr, progress=)``: group g steps at ``lr_at(schedule_g, lr_g, progress)``, where
+    ``schedule_g`` is the recipe, stretched to the group's ``epochs`` when it has them (the group is
+    then left alone from ``progress >= epochs`` on); ``lr`` (the recipe's scheduled lr) is not used.
     """
 
-    recipe: Recipe
-    groups: list[tuple[StackedOptimizer, list[int], float, float | None]]  # (optimizer, indices, base lr, epochs)
+    groups: list[tuple[StackedOptimizer, list[int], float, Recipe, float | None]]
+    """(optimizer, parameter indices, base lr, schedule, last epoch or None)."""
 
     def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
-        for opt, idx, base, epochs in self.groups:
-            f = schedule_factor(self.recipe, progress, epochs=epochs)
-            if f > 0:
-                opt.step([grads[i] for i in idx], base * f, progress=progress)
+        for opt, idx, base, schedule, until in self.groups:
+            rate = lr_at(schedule, base, progress) if until is None or progress < until else 0.0
+            if rate > 0:  # a zero rate (warm-up start, a finished group) skips the step: buffers stay as they are
+                opt.step([grads[i] for i in idx], rate, progress=progress)
 
 
 OptimizerFactory = Callable[..., StackedOptimizer]
@@ -229,5 +232,6 @@ def make_optimizer(recipe: Recipe, params: list[Tensor], *, names: Sequence[str]
         sub = recipe.model_copy(update={k: v for k, v in (("momentum", g.momentum), ("weight_decay", g.weight_decay))
                                         if v is not None})
         opt = OPTIMIZERS.get(kind)(sub, [params[i] for i in idx], leading_k=leading_k)
-        groups.append((opt, idx, g.lr if g.lr is not None else base, g.epochs))
-    return GroupedOptimizer(recipe, groups)
+        schedule = recipe if g.epochs is None else recipe.model_copy(update={"epochs": g.epochs})  # built once
+        groups.append((opt, idx, g.lr if g.lr is not None else base, schedule, g.epochs))
+    return GroupedOptimizer(groups)

@@ -249,16 +249,6 @@ def lr_at(recipe: Recipe, base_lr: float, progress: float) -> float:
     return base_lr * _SCHEDULES[recipe.schedule](recipe, progress)
 
 
-def schedule_factor(recipe: Recipe, progress: float, *, epochs: float | None = None) -> float:
-    """The schedule's multiplier at ``progress``; with ``epochs`` the schedule is stretched to that many
-    epochs and is 0 from then on (a :class:`ParamGroup` trained for its first ``epochs`` only)."""
-    if epochs is None:
-        return _SCHEDULES[recipe.schedule](recipe, progress)
-    if progress >= epochs:
-        return 0.0
-    return _SCHEDULES[recipe.schedule](recipe.model_copy(update={"epochs": epochs}), progress)
-
-
 def _constant(r: Recipe, t: float) -> float:
     return 1.0
 

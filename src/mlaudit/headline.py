@@ -107,6 +107,23 @@ def headline(kind: str, metrics: Metrics) -> str | None:
     return fn(metrics) if fn else None
 
 
+HEADLINE_LABELS = {
+    "train": "test accuracy (mean ± SE over the trials)", "membership-inference": "strongest attack, TPR at 0.1% FPR",
+    "dp-audit": "empirical epsilon lower bound vs the claim", "targeted-poison": "poison success",
+    "availability-poison": "poisoned accuracy (drop from clean)",
+    "indiscriminate-poison": "poisoned accuracy (drop from clean)",
+    "robustness": "robust accuracy, worst case over attacks at the largest eps",
+}
+"""What each kind's headline measures, spelled out for the first line of its report."""
+
+
+def verdict(kind: str, metrics: Metrics) -> str | None:
+    """The report's first line: :func:`headline` with what it measures, e.g. ``test accuracy (mean ± SE over
+    the trials): 97.9% ±0.1``; None when the kind records no headline."""
+    head = headline(kind, metrics)
+    return None if head is None else f"{HEADLINE_LABELS.get(kind, 'result')}: {head.removeprefix('acc ')}"
+
+
 def short_kind(kind: str) -> str:
     """A kind's name in at most 12 characters (for an 80-column table)."""
     return SHORT_KINDS.get(kind, kind if len(kind) <= 12 else kind[:11] + "…")

@@ -82,6 +82,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def numeric_leaves(d: dict[str, Any]) -> list[tuple[str, float]]:
+    """(dotted name, value) of every finite int/float leaf of ``d`` (booleans and text left out), in order;
+    what the run exporters (TensorBoard, MLflow) log as scalars."""
+    return [(k, float(v)) for k, v in flatten(d).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 of a config's canonical JSON (sorted keys); equal configs have equal hashes."""
     return hashlib.sha256(dumps(config, where="config").encode()).hexdigest()

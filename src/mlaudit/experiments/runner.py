@@ -31,7 +31,8 @@ from ..atomic import write_text
 from ..data.base import DataBundle
 from ..errors import ConfigError, MlauditError
 from ..factory import Executor, make_executor
-from ..jsonutil import config_hash, to_jsonable
+from ..headline import verdict
+from ..jsonutil import config_hash, flatten, to_jsonable
 from ..provenance import device_name, versions
 from ..store import RunStore, default_store_path
 from .base import ExperimentConfig, config_to_dict, experiment_kind, parse_config
@@ -202,30 +203,12 @@ def _run_locked(cfg: ExperimentConfig, kind: Any, resolved: dict[str, Any], chas
             write_report(out_dir / "report.html", title=f"mlaudit {cfg.kind}: {cfg.display_name}", config=resolved,
                          metrics=output.metrics, trials=output.trials, cost=results["cost"], versions=vers,
                          figures=output.figures, tables=output.tables, notes=output.notes,
-                         verdict=_verdict(cfg.kind, output.metrics), warnings=[f"WARNING: {w}" for w in flags])
+                         verdict=verdict(cfg.kind, flatten(to_jsonable(output.metrics))), warnings=[f"WARNING: {w}" for w in flags])
             bars.advance(task)
         rs.put_metrics(exp_id, to_jsonable(output.metrics))
         rs.set_status(exp_id, "done")
         log.info("run %s done in %.1f s: %d models trained, %d resumed", exp_id, wall, c.models_trained, len(finished))
         return RunResult(out_dir, exp_id, results)
-
-
-def _verdict(kind: str, metrics: dict[str, Any]) -> str | None:
-    """The report's first line: the kind's headline metric (:mod:`mlaudit.headline`), spelled out."""
-    from ..headline import headline
-    from ..jsonutil import flatten
-
-    head = headline(kind, flatten(to_jsonable(metrics)))
-    return None if head is None else f"{HEADLINE_LABELS.get(kind, 'result')}: {head.removeprefix('acc ')}"
-
-
-HEADLINE_LABELS = {
-    "train": "test accuracy (mean ± SE over the trials)", "membership-inference": "strongest attack, TPR at 0.1% FPR",
-    "dp-audit": "empirical epsilon lower bound vs the claim", "targeted-poison": "poison success",
-    "availability-poison": "poisoned accuracy (drop from clean)",
-    "indiscriminate-poison": "poisoned accuracy (drop from clean)",
-    "robustness": "robust accuracy, worst case over attacks at the largest eps",
-}
 
 
 def resume_experiment(out: str | Path, **kwargs: Any) -> RunResult:

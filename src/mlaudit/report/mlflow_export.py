@@ -13,14 +13,13 @@ Names are reduced to the characters MLflow accepts (letters, digits, ``_ - . / s
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from ..jsonutil import flatten
+from ..jsonutil import flatten, numeric_leaves
 
 _BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
 BATCH = 500  # entities per log_batch call (MLflow's limit is 1000 metrics, 100 params per batch)
@@ -31,8 +30,7 @@ def _name(s: str) -> str:
 
 
 def _numeric(d: Mapping[str, Any]) -> list[tuple[str, float]]:
-    return [(_name(k), float(v)) for k, v in flatten(dict(d)).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return [(_name(k), v) for k, v in numeric_leaves(dict(d))]
 
 
 def export_to_mlflow(run: Mapping[str, Any], *, tracking_uri: str | None = None, experiment: str = "mlaudit") -> str:

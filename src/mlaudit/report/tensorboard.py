@@ -17,7 +17,6 @@ trial order), each numeric trial metric at step ``i`` under ``trials/<name>``.
 
 from __future__ import annotations
 
-import math
 import socket
 import struct
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_path
-from ..jsonutil import flatten
+from ..jsonutil import numeric_leaves
 
 _POLY = 0x82F63B78
 _TABLE = []
@@ -85,11 +84,7 @@ def event(wall_time: float, step: int, *, scalars: Iterable[tuple[str, float]] =
 
 
 def _numeric(d: Mapping[str, Any]) -> list[tuple[str, float]]:
-    out = []
-    for name, v in flatten(dict(d)).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out.append((name.replace(".", "/"), float(v)))
-    return out
+    return [(name.replace(".", "/"), v) for name, v in numeric_leaves(dict(d))]
 
 
 def write_tensorboard(run: Mapping[str, Any], log_dir: str | Path) -> Path:

@@ -33,12 +33,21 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--name", default=None, help="results file suffix (default: the config file's stem)")
+    ap.add_argument("--executor", default="local", help="local | process | ray")
+    ap.add_argument("--workers", type=int, default=None, help="process executor: workers sharing the device")
+    ap.add_argument("--run-dir", default=None,
+                    help="keep the run (and its store) in this folder, so a later call can --resume it")
+    ap.add_argument("--resume", action="store_true", help="resume the run in --run-dir")
     args = ap.parse_args()
+    opts = {"workers": args.workers} if args.workers else {}
     cfg = load_yaml(args.config)
     name = args.name or Path(args.config).stem
     with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.run_dir) if args.run_dir else Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
+        res = run_experiment(cfg, out=base / "run", device=args.device, store=base / "runs.db", quiet=True,
+                             executor=args.executor, executor_options=opts, resume=args.resume)
         wall = time.perf_counter() - t0
     r = res.results
     attacks = [a for a in cfg["attacks"]]
@@ -52,7 +61,8 @@ def main() -> None:
           f"`{args.config}`; {r['config']['pool']['models']} models, keep {r['config']['pool']['keep']}.\n\n"
           "| attack | AUC | TPR@0.001% FPR | TPR@0.1% FPR | TPR@1% FPR |\n|---|---|---|---|---|\n" + rows +
           f"\nPool: {c['models_trained']} models in {c['train_wall_s']} s ({c['models_per_minute']} models/min), "
-          f"whole run {wall:.1f} s, peak GPU memory {c['peak_gpu_mem_mb']} MiB. Intervals: 95% bootstrap over "
+          f"whole run {wall:.1f} s (executor {args.executor}{f', {args.workers} workers' if args.workers else ''}"
+          f"{', resumed' if args.resume else ''}), peak GPU memory {c['peak_gpu_mem_mb']} MiB. Intervals: 95% bootstrap over "
           "(model, example) pairs.\n")
     ts = r["metrics"].get("truth_serum")
     if ts:
@@ -66,7 +76,8 @@ def main() -> None:
                    f"{cell(f['tpr_at_fpr'][fpr_key(1e-3)])} | {cell(b['tpr_at_fpr'][fpr_key(1e-2)])} | "
                    f"{cell(f['tpr_at_fpr'][fpr_key(1e-2)])} |\n")
     write_results(f"membership_{name}", {"environment": env, "config": r["config"], "metrics": r["metrics"],
-                                         "cost": c, "process_wall_s": round(wall, 2)}, md)
+                                         "cost": c, "process_wall_s": round(wall, 2),
+                                         "executor": args.executor, "workers": args.workers, "resumed": args.resume}, md)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,12 @@ def test_clopper_pearson_known_values() -> None:
         clopper_pearson(1, 10, alpha=1.5)
 
 
+def test_clopper_pearson_one_sided_is_the_two_sided_bound_at_twice_alpha() -> None:
+    assert clopper_pearson(10, 10, alpha=0.001, one_sided=True)[0] == pytest.approx(0.001 ** (1 / 10), rel=1e-12)
+    assert clopper_pearson(37, 50, alpha=0.01, one_sided=True) == pytest.approx(clopper_pearson(37, 50, alpha=0.02))
+    assert clopper_pearson(3, 4, alpha=0.7, one_sided=True)[0] > clopper_pearson(3, 4, alpha=0.3, one_sided=True)[0]
+
+
 def test_mean_se() -> None:
     m, se = mean_se([1.0, 2.0, 3.0, 4.0])
     assert m == 2.5 and se == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)

@@ -119,18 +119,21 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
-def clopper_pearson(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, float]:
+def clopper_pearson(k: int, n: int, *, alpha: float = 0.05, one_sided: bool = False) -> tuple[float, float]:
     """Exact two-sided (1 - alpha) Clopper-Pearson interval for a binomial proportion k / n.
 
     lo = BetaQuantile(alpha/2; k, n-k+1) (0 when k == 0), hi = BetaQuantile(1-alpha/2; k+1, n-k) (1 when k == n).
-    Each one-sided bound therefore holds with probability >= 1 - alpha/2.
+    Each one-sided bound therefore holds with probability >= 1 - alpha/2. With ``one_sided`` each bound
+    is the one-sided (1 - alpha) bound (alpha in place of alpha/2): P(p >= lo) >= 1 - alpha, and
+    lo = alpha ** (1/n) exactly when k == n (randomized smoothing's CERTIFY, Cohen et al. 2019).
     """
     alpha = _check_alpha(alpha)
     if int(k) != k or int(n) != n or not 0 <= k <= n or n < 1:
         raise ConfigError(f"clopper_pearson needs integers 0 <= k <= n and n >= 1, got k={k!r}, n={n!r}")
     k, n = int(k), int(n)
-    lo = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, alpha / 2))
-    hi = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - alpha / 2))
+    tail = alpha if one_sided else alpha / 2
+    lo = 0.0 if k == 0 else float(betaincinv(k, n - k + 1, tail))
+    hi = 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - tail))
     return lo, hi
 
 

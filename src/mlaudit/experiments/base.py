@@ -140,6 +140,10 @@ class ExperimentConfig(BaseModel):
         if self.trainer != "mlaudit" and self.recipe.adversarial is not None:
             raise ValueError(f"recipe.adversarial configures mlaudit's own adversarial training, but trainer is "
                              f"{self.trainer!r}; drop recipe.adversarial or use trainer: mlaudit")
+        if self.trainer != "mlaudit" and self.recipe.noise_sigma > 0:
+            raise ValueError(f"recipe.noise_sigma = {self.recipe.noise_sigma} configures mlaudit's own Gaussian noise "
+                             f"training, but trainer is {self.trainer!r} (add the noise in your training function); "
+                             "drop recipe.noise_sigma or use trainer: mlaudit")
         return self
 
     @property

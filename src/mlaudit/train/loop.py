@@ -125,7 +125,10 @@ def train_stack(
     With ``recipe.dp`` each step is a DP-SGD step (Poisson batches, per-example clipping, noise;
     :mod:`mlaudit.privacy.dpsgd`) and the data order below is not used. With ``recipe.adversarial``
     each batch (after augmentation) is replaced by PGD examples against each model's current weights
-    (:mod:`mlaudit.train.adversarial`).
+    (:mod:`mlaudit.train.adversarial`). With ``recipe.noise_sigma`` > 0 each batch (after augmentation)
+    gets Gaussian noise N(0, noise_sigma^2 I) (Cohen et al. 2019, randomized smoothing), model k's
+    drawn on ``device`` from its own generator seeded from its seed (independent of K; CPU and CUDA
+    draw different noise).
 
     Returns: K :class:`TrainOutput`, in input order.
 
@@ -155,6 +158,8 @@ def train_stack(
                               default_spe=spe, device=device, augment=augment, hooks=hooks)
         spe = dp.steps_per_epoch
     adv_gens = [torch.Generator().manual_seed(int(sd) + 0xAD7) for sd in seeds]  # adversarial training's starts
+    noise_gens = ([torch.Generator(device=device).manual_seed(int(sd) + NOISE_SEED) for sd in seeds]
+                  if recipe.noise_sigma > 0 else [])
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
     last_loss = torch.zeros(k, device=device)
@@ -177,6 +182,8 @@ def train_stack(
                     flips = aug[1][:, sl] if flip_base is None else flip_base.gather(1, idx) ^ bool(epoch % 2)
                     p = AugmentParams(shift=aug[0][:, sl].flatten(0, 1), flip=flips.flatten(0, 1))
                     xb = apply_augment(xb.flatten(0, 1), p, pad_mode=augment.pad_mode).view_as(xb)
+                if noise_gens:  # Gaussian noise training (randomized smoothing): x + N(0, sigma^2 I)
+                    xb = add_noise(xb, recipe.noise_sigma, noise_gens)
                 if recipe.adversarial is not None:  # PGD-AT: train on PGD examples of this batch
                     xb = adversarial_batch(stack, xb, yb, recipe.adversarial, generators=adv_gens)
                 with autocast:
@@ -203,6 +210,19 @@ def train_stack(
     losses = last_loss.cpu().tolist()
     return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
                         dp.report(i, step) if dp is not None else {}) for i in range(k)]
+
+
+NOISE_SEED = 0x501CE
+"""Offset of the seed of each model's noise generator (``recipe.noise_sigma``), separate from its
+data-order and augmentation generator so turning the noise on leaves its batches unchanged."""
+
+
+def add_noise(xb: Tensor, sigma: float, generators: Sequence[torch.Generator]) -> Tensor:
+    """xb [K, B, *shape] plus N(0, sigma^2) noise, model k's [B, *shape] drawn from ``generators[k]``
+    (on the generator's device, which must be xb's)."""
+    noise = torch.stack([torch.randn(xb.shape[1:], generator=g, device=xb.device, dtype=xb.dtype)
+                         for g in generators])
+    return xb + sigma * noise
 
 
 def _prepare(data: TensorDataset, views: Sequence[DataView | None] | None, masks: Tensor | None, k: int,

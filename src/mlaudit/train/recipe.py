@@ -147,6 +147,9 @@ class Recipe(BaseModel):
     compile: bool = False
     dp: DPConfig | None = None
     adversarial: AdversarialConfig | None = None
+    noise_sigma: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    """Gaussian data augmentation (Cohen et al. 2019, randomized smoothing): each training input, after
+    augmentation, gets noise N(0, noise_sigma^2 I) added (in input units); 0 = none."""
 
     @field_validator("lr")
     @classmethod
@@ -174,6 +177,9 @@ class Recipe(BaseModel):
         if self.dp is not None and self.adversarial is not None:
             raise ValueError("recipe.dp and recipe.adversarial cannot be combined (DP-SGD draws its own Poisson "
                              "batches); drop one")
+        if self.noise_sigma > 0 and (self.dp is not None or self.adversarial is not None):
+            raise ValueError(f"recipe.noise_sigma = {self.noise_sigma} (Gaussian noise training) cannot be combined with "
+                             f"recipe.{'dp' if self.dp is not None else 'adversarial'}; allowed: noise_sigma 0 there")
         return self
 
     def resolved_lr(self, *, residual: bool) -> float:

@@ -1,0 +1,28 @@
+"""Certified robustness. Randomized smoothing (Cohen et al. 2019): PREDICT and CERTIFY of a smoothed
+classifier, certified accuracy against radius.
+
+    cert = certify(model, x, sigma=0.25, n0=100, n=10_000, alpha=0.001)   # Certificate of [B] tensors
+    certified_accuracy(cert.prediction, cert.radius, y, [0, 0.25, 0.5])    # float64 [3]
+    predict(model, x, sigma=0.25, n=1000, alpha=0.001)                     # int64 [B], -1 = abstain
+"""
+
+from .curves import certified_accuracy, certified_curve, certified_mask
+from .smoothing import (
+    ABSTAIN,
+    Certificate,
+    binomial_pvalue,
+    certify,
+    certify_from_counts,
+    max_radius,
+    min_certify_n,
+    min_predict_n,
+    predict,
+    predict_from_counts,
+    sample_counts,
+)
+
+__all__ = [
+    "ABSTAIN", "Certificate", "binomial_pvalue", "certified_accuracy", "certified_curve", "certified_mask", "certify",
+    "certify_from_counts", "max_radius", "min_certify_n", "min_predict_n", "predict", "predict_from_counts",
+    "sample_counts",
+]

@@ -64,6 +64,11 @@ def main() -> None:
           f"whole run {wall:.1f} s (executor {args.executor}{f', {args.workers} workers' if args.workers else ''}"
           f"{', resumed' if args.resume else ''}), peak GPU memory {c['peak_gpu_mem_mb']} MiB. Intervals: 95% bootstrap over "
           "(model, example) pairs.\n")
+    if c.get("phases"):
+        post = wall - c["train_wall_s"]
+        md += (f"\nAfter training: {post:.1f} s ({100 * post / wall:.0f}% of the run): "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in c["phases"].items())
+               + f", the rest (planning, checkpoints, report) {post - sum(c['phases'].values()):.1f} s.\n")
     ts = r["metrics"].get("truth_serum")
     if ts:
         md += (f"\nTruth Serum: {ts['targets']} targets x {ts['copies']} mislabelled copies, {ts['pairs']} (model, target) "

@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,13 +76,27 @@ class Cost:
     ``models_trained`` counts models trained now (not those resumed from the store);
     ``train_wall_s`` the wall time of factory calls; ``gpu_seconds`` that wall time times the GPUs
     the executor held (CUDA only); ``peak_gpu_mem_mb`` the largest peak CUDA memory any chunk
-    reported, wherever it ran (None on CPU).
+    reported, wherever it ran (None on CPU); ``phases`` wall seconds of the named steps a kind timed
+    with :meth:`timed` (where the time after training goes).
     """
 
     models_trained: int = 0
     train_wall_s: float = 0.0
     gpu_seconds: float = 0.0
     peak_gpu_mem_mb: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the wall time of the ``with`` block to ``phases[name]`` (CUDA work is synchronised
+        at the end, so a phase that only launched kernels is not credited to the next one)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - t0, 3)
 
     def add_peak(self, mb: float | None) -> None:
         if mb is not None:

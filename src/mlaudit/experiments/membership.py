@@ -157,20 +157,23 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         ctx.write_artifact("pool_indices.npy", lambda f: np.save(f, rows.numpy()))
     queries = resolve_queries(config, data)
     records = train_pool(config, ctx, data, keep, rows, prefix="pool", role="pool")
-    obs = pool_observations(config, ctx, data, records, rows, keep, queries)
+    with ctx.cost.timed("query"):
+        obs = pool_observations(config, ctx, data, records, rows, keep, queries)
     if obs.logits.numel() * 4 < LOGITS_MAX_BYTES:
         ctx.write_artifact("logits.pt", lambda f: torch.save(
             {"logits": obs.logits, "labels": obs.labels, "keep": keep, "queries": list(queries),
              "population_logits": obs.population_logits, "population_labels": obs.population_labels}, f))
     task = ctx.progress.task("scoring the attacks", total=len(config.attacks))
-    scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device,
-                                  on_attack=lambda _name: ctx.progress.advance(task))
+    with ctx.cost.timed("score"):
+        scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device,
+                                      on_attack=lambda _name: ctx.progress.advance(task))
     ctx.progress.done(task)
     ctx.write_artifact("scores.npz", lambda f: np.savez_compressed(f, **{k: v.numpy() for k, v in scores.items()}))
     task = ctx.progress.task(f"ROC metrics and {config.n_boot} bootstrap intervals", total=len(scores))
     metrics: dict[str, Any] = {}
     for name, s in scores.items():
-        metrics[name] = rep.attack_metrics(s, keep, config, device=ctx.device)
+        with ctx.cost.timed("roc_bootstrap"):
+            metrics[name] = rep.attack_metrics(s, keep, config, device=ctx.device)
         ctx.progress.advance(task)
     ctx.progress.done(task)
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
@@ -179,11 +182,14 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
                        "inclusion_sha256": _sha256(keep.numpy()),
                        "test_accuracy": MeanSE.of(acc).to_dict()}
     metrics["diagnostics"] = {"nonfinite_clipped": diag}
-    out = rep.base_report(config, data, obs, scores, metrics, records)
+    with ctx.cost.timed("figures"):
+        out = rep.base_report(config, data, obs, scores, metrics, records)
     if config.memorization:
-        test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",))
-        out = rep.add_memorization(out, config, obs, scores=scores, test_logits=test_logits, data=data, rows=rows,
-                                   artifacts=ctx.artifacts)
+        with ctx.cost.timed("query"):
+            test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",))
+        with ctx.cost.timed("memorization"):
+            out = rep.add_memorization(out, config, obs, scores=scores, test_logits=test_logits, data=data, rows=rows,
+                                       artifacts=ctx.artifacts)
     if config.truth_serum is not None:
         from .membership_audit import run_truth_serum
 

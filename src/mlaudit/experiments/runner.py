@@ -185,6 +185,7 @@ def _run_locked(cfg: ExperimentConfig, kind: Any, resolved: dict[str, Any], chas
                 if c.train_wall_s > 0 and c.models_trained else None,
                 "gpu_seconds": round(c.gpu_seconds, 3) if cuda else None,
                 "peak_gpu_mem_mb": round(c.peak_gpu_mem_mb, 1) if c.peak_gpu_mem_mb is not None else None,
+                **({"phases": dict(c.phases)} if c.phases else {}),
                 "cumulative": cumulative,
             },
             **({"warnings": flags} if flags else {}),

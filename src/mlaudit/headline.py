@@ -4,7 +4,8 @@ train: test accuracy (mean +- SE over trials); membership-inference: the best at
 FPR (the smallest FPR target computed when 0.1% was not); dp-audit: the epsilon lower bound vs the
 claimed epsilon (``eps>=1.84 > claim 0.897`` when the audit refutes the claim, ``<=`` when not); targeted-poison: poison success (mean +- SE); availability-poison and
 indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points; robustness:
-the worst case over attacks' robust accuracy at the largest eps.
+the worst case over attacks' robust accuracy at the largest eps; certify: the smoothed classifier's certified
+accuracy at the first positive radius of ``radii``.
 """
 
 from __future__ import annotations
@@ -87,6 +88,13 @@ def _robustness(m: Metrics) -> str | None:
     return f"robust {_pct(v)}" + (f" @eps {eps:.3g}" if eps is not None else "")
 
 
+def _certify(m: Metrics) -> str | None:
+    v, r = _num(m, "certified_at_radius.value"), _num(m, "certified_at_radius.radius")
+    if v is None:
+        return None
+    return f"cert {_pct(v)}" + (f" @r {r:.3g}" if r is not None else "")
+
+
 HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "train": _train,
     "membership-inference": _membership,
@@ -95,6 +103,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "availability-poison": _availability,
     "indiscriminate-poison": _availability,
     "robustness": _robustness,
+    "certify": _certify,
 }
 
 SHORT_KINDS = {"membership-inference": "membership", "targeted-poison": "targeted",
@@ -113,6 +122,7 @@ HEADLINE_LABELS = {
     "availability-poison": "poisoned accuracy (drop from clean)",
     "indiscriminate-poison": "poisoned accuracy (drop from clean)",
     "robustness": "robust accuracy, worst case over attacks at the largest eps",
+    "certify": "certified accuracy of the smoothed classifier at the first l2 radius > 0",
 }
 """What each kind's headline measures, spelled out for the first line of its report."""
 

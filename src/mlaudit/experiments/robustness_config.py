@@ -17,7 +17,7 @@ import inspect
 import math
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import (
     BaseModel,
@@ -35,6 +35,7 @@ from ..attacks.evasion.base import check_loss
 from ..craft.constraints import box_width
 from ..data.base import DataBundle
 from ..errors import ConfigError
+from ..models.registry import ModelSpec
 from .base import ExperimentConfig
 
 SHARED_OPTIONS = frozenset({"eps", "norm", "box", "target", "generator", "members"})
@@ -179,7 +180,17 @@ def check_robustness(config: RobustnessConfig, data: DataBundle) -> None:
         load_target(config, data)
 
 
-def load_target(config: RobustnessConfig, data: DataBundle) -> Any:
+class HasTarget(Protocol):
+    """A config with a ``model`` and an optional external ``target`` of it (robustness, certify)."""
+
+    @property
+    def model(self) -> ModelSpec: ...
+
+    @property
+    def target(self) -> TargetModel | None: ...
+
+
+def load_target(config: HasTarget, data: DataBundle) -> Any:
     """The external target as a module (CPU), its weights hash- and fit-checked (DataError / ConfigError)."""
     from ..query import load_model
 

@@ -197,9 +197,11 @@ def accuracy_histogram(acc: np.ndarray) -> Figure:
 
 
 def robust_accuracy_figure(eps: Sequence[float], curves: Mapping[str, Sequence[Mapping[str, float]]], *,
-                           norm: str, clean: float | None = None) -> Figure:
+                           norm: str, clean: float | None = None, xlabel: str | None = None,
+                           ylabel: str = "robust accuracy", clean_label: str = "clean") -> Figure:
     """Robust accuracy against eps, one line per attack: ``curves`` name -> one ``{"value", "lo", "hi"}``
-    per eps (shaded between lo and hi); ``clean`` accuracy as a dotted line."""
+    per eps (shaded between lo and hi); ``clean`` accuracy as a dotted line. The axis labels default to
+    the evasion kind's (``eps (norm)``, robust accuracy); the certify kind plots certified accuracy against radius."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.4))
@@ -211,10 +213,10 @@ def robust_accuracy_figure(eps: Sequence[float], curves: Mapping[str, Sequence[M
         line = ax.plot(e, v, marker="o", ms=3, lw=2.2 if worst else 1.2, color="k" if worst else None, label=name)[0]
         ax.fill_between(e, [p["lo"] for p in pts], [p["hi"] for p in pts], color=line.get_color(), alpha=0.12, lw=0)
     if clean is not None:
-        ax.axhline(clean, color="grey", ls=":", lw=1, label="clean")
+        ax.axhline(clean, color="grey", ls=":", lw=1, label=clean_label)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(f"eps ({norm})")
-    ax.set_ylabel("robust accuracy")
+    ax.set_xlabel(xlabel or f"eps ({norm})")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

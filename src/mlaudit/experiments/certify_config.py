@@ -1,0 +1,123 @@
+"""Config of the ``certify`` kind (randomized smoothing, Cohen et al. 2019) and its checks on the loaded data.
+
+    kind: certify
+    dataset: digits
+    model: mlp                      # zoo name or package.module:factory
+    recipe: fast                    # noise-trained at sigma unless recipe.noise_sigma is given
+    sigma: 0.25
+    n0: 100                         # selection samples per input
+    n: 10000                        # estimation samples per input
+    alpha: 0.001
+    radii: [0, 0.25, 0.5, 0.75, 1.0]
+    examples: 500
+    target: {checkpoint: model.pt, sha256: ...}   # optional: certify this model instead of training
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..certify import max_radius, min_certify_n, min_predict_n
+from ..data.base import DataBundle
+from ..errors import ConfigError
+from ..train.recipe import Recipe
+from .base import ExperimentConfig
+from .robustness_config import TargetModel, load_target
+
+DEFAULT_SIGMA = 0.25
+
+
+def _noise_at_sigma(recipe: Any, sigma: float) -> Any:
+    """The raw recipe with ``noise_sigma: sigma`` unless it sets noise_sigma itself (None: leave it)."""
+    if isinstance(recipe, str):
+        return {"name": recipe, "noise_sigma": sigma}
+    if isinstance(recipe, dict) and "noise_sigma" not in recipe:
+        return {**recipe, "noise_sigma": sigma}
+    if isinstance(recipe, Recipe) and "noise_sigma" not in recipe.model_fields_set:
+        return recipe.model_copy(update={"noise_sigma": sigma})
+    return None
+
+
+class CertifyConfig(ExperimentConfig):
+    """See the module docstring and docs/certify.md for every field."""
+
+    kind: Literal["certify"] = "certify"
+    sigma: float = Field(DEFAULT_SIGMA, gt=0.0, allow_inf_nan=False)
+    n0: int = Field(100, ge=1, le=10_000_000)
+    n: int = Field(10_000, ge=1, le=100_000_000)
+    alpha: float = Field(0.001, gt=0.0, lt=1.0)
+    predict_n: int | None = Field(None, ge=1, le=100_000_000)
+    """Noise samples of PREDICT per input (None: n)."""
+    radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    examples: int = Field(500, ge=1, le=1_000_000)
+    batch_size: int = Field(1000, ge=1, le=1_000_000)
+    """Noisy copies per forward pass."""
+    target: TargetModel | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_at_sigma(cls, raw: Any) -> Any:
+        """Cohen et al. train the base classifier with the noise it is certified at: when mlaudit trains the
+        model, ``recipe.noise_sigma`` defaults to ``sigma`` (the resolved config shows it)."""
+        if not isinstance(raw, dict) or raw.get("trainer", "mlaudit") != "mlaudit" or raw.get("target") is not None:
+            return raw
+        sigma = raw.get("sigma", DEFAULT_SIGMA)
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
+            return raw  # the field's own error names it
+        recipe = _noise_at_sigma(raw.get("recipe"), float(sigma))
+        return raw if recipe is None else {**raw, "recipe": recipe}
+
+    @field_validator("radii")
+    @classmethod
+    def _radii(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("radii must list at least one l2 radius, e.g. [0, 0.25, 0.5]")
+        bad = [r for r in v if not (math.isfinite(r) and r >= 0)]
+        if bad:
+            raise ValueError(f"radii must be finite and >= 0, got {bad}")
+        if list(v) != sorted(set(v)):
+            raise ValueError(f"radii must be ascending without repeats, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _samples(self) -> CertifyConfig:
+        if self.n0 >= self.n:
+            raise ValueError(f"n0 = {self.n0} must be smaller than n = {self.n} (n0 samples only pick the class, "
+                             "n estimate its probability); allowed 1 <= n0 < n")
+        least = min_certify_n(self.alpha)
+        if self.n < least:
+            raise ValueError(f"n = {self.n} is too small for any certificate at alpha = {self.alpha:g}: even with all "
+                             f"n votes for one class pA_lower = alpha**(1/n) = {self.alpha ** (1 / self.n):.4g} <= 0.5; "
+                             f"the smallest n that can certify is {least} (allowed n >= {least})")
+        least_p = min_predict_n(self.alpha)
+        if self.predict_n is not None and self.predict_n < least_p:
+            raise ValueError(f"predict_n = {self.predict_n} is too small for PREDICT to return a class at alpha = "
+                             f"{self.alpha:g}: even with all votes for one class the binomial p-value is 2/2**predict_n "
+                             f"= {2 * 0.5 ** self.predict_n:.4g} > alpha; allowed predict_n >= {least_p}")
+        if self.predict_n is None and self.n < least_p:
+            raise ValueError(f"n = {self.n} is too small for PREDICT (predict_n defaults to n) at alpha = "
+                             f"{self.alpha:g}; allowed n >= {least_p}, or set predict_n >= {least_p}")
+        return self
+
+    @property
+    def predict_samples(self) -> int:
+        return self.n if self.predict_n is None else self.predict_n
+
+    @property
+    def max_radius(self) -> float:
+        """The largest radius any input can be certified at with these n, alpha and sigma."""
+        return max_radius(sigma=self.sigma, n=self.n, alpha=self.alpha)
+
+
+def check_certify(config: CertifyConfig, data: DataBundle) -> None:
+    """Runner hook (before anything is written): examples within the test split, the target fits the model."""
+    n_test = len(data.test)
+    if config.examples > n_test:
+        raise ConfigError(f"examples = {config.examples} exceeds the {n_test} examples of {data.name}'s test split; "
+                          f"allowed 1 <= examples <= {n_test}")
+    if config.target is not None:
+        load_target(config, data)
+

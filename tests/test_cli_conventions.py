@@ -161,6 +161,8 @@ METRICS: dict[str, tuple[dict[str, Any], str]] = {
     "robustness": ({"worst_case_at_max_eps.value": 0.5525, "worst_case_at_max_eps.eps": 8 / 255},
                    "robust 55.2% @eps 0.0314"),
     "certify": ({"certified_at_radius.value": 0.6012, "certified_at_radius.radius": 0.25}, "cert 60.1% @r 0.25"),
+    "backdoor": ({"attack_success_rate.mean": 0.9845, "attack_success_rate.se": 0.0062, "clean_accuracy.mean": 0.979},
+                 "asr 98.5% ±0.6 acc 97.9%"),
 }
 
 

@@ -4,8 +4,9 @@ train: test accuracy (mean +- SE over trials); membership-inference: the best at
 FPR (the smallest FPR target computed when 0.1% was not); dp-audit: the epsilon lower bound vs the
 claimed epsilon (``eps>=1.84 > claim 0.897`` when the audit refutes the claim, ``<=`` when not); targeted-poison: poison success (mean +- SE); availability-poison and
 indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points; robustness:
-the worst case over attacks' robust accuracy at the largest eps; certify: the smoothed classifier's certified
-accuracy at the first positive radius of ``radii``.
+the worst case over attacks' robust accuracy at the largest eps; backdoor: the attack success rate (mean
++- SE) and the poisoned victims' clean accuracy; certify: the smoothed classifier's certified accuracy at
+the first positive radius of ``radii``.
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def _certify(m: Metrics) -> str | None:
     return f"cert {_pct(v)}" + (f" @r {r:.3g}" if r is not None else "")
 
 
+def _backdoor(m: Metrics) -> str | None:
+    text = _mean_se(m, "attack_success_rate", "asr")
+    acc = _num(m, "clean_accuracy.mean")
+    return None if text is None else text + (f" acc {_pct(acc)}" if acc is not None else "")
+
+
 HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "train": _train,
     "membership-inference": _membership,
@@ -103,6 +110,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "availability-poison": _availability,
     "indiscriminate-poison": _availability,
     "robustness": _robustness,
+    "backdoor": _backdoor,
     "certify": _certify,
 }
 
@@ -122,6 +130,7 @@ HEADLINE_LABELS = {
     "availability-poison": "poisoned accuracy (drop from clean)",
     "indiscriminate-poison": "poisoned accuracy (drop from clean)",
     "robustness": "robust accuracy, worst case over attacks at the largest eps",
+    "backdoor": "attack success rate (and clean accuracy) of the poisoned victims",
     "certify": "certified accuracy of the smoothed classifier at the first l2 radius > 0",
 }
 """What each kind's headline measures, spelled out for the first line of its report."""

@@ -12,7 +12,9 @@ victims from scratch with that training function.
 * :func:`availability`: availability poisons (adversarial poisoning, error-minimizing noise; the kind
   ``availability-poison``, docs/availability.md);
 * :func:`indiscriminate`: indiscriminate poisoning (gradient canceling, label flips, parameter
-  corruption; the kind ``indiscriminate-poison``, docs/indiscriminate.md).
+  corruption; the kind ``indiscriminate-poison``, docs/indiscriminate.md);
+* :func:`backdoor`: backdoors (BadNets, blended injection, label-consistent; the kind ``backdoor``,
+  docs/backdoor.md).
 
 Each returns an :class:`~mlaudit.api.AuditResult`; ``attack`` is the kind's ``attack`` mapping and
 further config fields (``crafting``, ``victim``, ``factory``, ...) go in ``config``.
@@ -25,7 +27,7 @@ from typing import Any
 
 from .api import AuditResult, DataLike, ModelLike, TrainerLike, run_kind
 
-__all__ = ["availability", "indiscriminate", "targeted"]
+__all__ = ["availability", "backdoor", "indiscriminate", "targeted"]
 
 
 def _poison(kind: str, *, model: ModelLike, data: DataLike, out: str | Path, trainer: TrainerLike,
@@ -68,3 +70,15 @@ def indiscriminate(*, model: ModelLike, data: DataLike, out: str | Path, trainer
     return _poison("indiscriminate-poison", model=model, data=data, out=out, trainer=trainer, attack=attack,
                    victims=victims, recipe=recipe, device=device, seed=seed, executor=executor, store=store,
                    resume=resume, quiet=quiet, **config)
+
+
+def backdoor(*, model: ModelLike, data: DataLike, out: str | Path, trainer: TrainerLike = None,
+             attack: dict[str, Any] | None = None, victims: int = 2, recipe: Any = "fast", device: str = "auto",
+             seed: int = 0, executor: str = "local", store: str | Path | None = None, resume: bool = False,
+             quiet: bool = True, **config: Any) -> AuditResult:
+    """Backdoor poisoning: ``attack.budget * N`` rows stamped with ``attack.trigger`` (relabelled to
+    ``attack.target_class``, or label-consistent); poisoned and clean victims (paired seeds) retrained by
+    ``trainer``; ``metrics["attack_success_rate"]`` and ``metrics["clean_accuracy"]``, mean +- SE."""
+    return _poison("backdoor", model=model, data=data, out=out, trainer=trainer, attack=attack, victims=victims,
+                   recipe=recipe, device=device, seed=seed, executor=executor, store=store, resume=resume,
+                   quiet=quiet, **config)

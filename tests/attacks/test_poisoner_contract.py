@@ -88,6 +88,9 @@ def check_budget(task: PoisonTask, poison: Poison, entry: PoisonerEntry) -> None
         return
     v = poison.view
     assert v is not None and v.base is task.train
+    if entry.family == "backdoor":  # a trigger is no l-inf perturbation: |delta| <= eps (or 0) off its pixels
+        check_backdoor_budget(task, poison, entry)
+        return
     if v.indices.numel():
         assert task.eps is not None and v.eps == pytest.approx(task.eps)
         assert set(v.indices.tolist()) <= set(task.ids().tolist())
@@ -99,6 +102,22 @@ def check_budget(task: PoisonTask, poison: Poison, entry: PoisonerEntry) -> None
         assert float(v.inserted_x.min()) >= -TOL and float(v.inserted_x.max()) <= 1 + TOL
     assert bool((v.labels >= 0).all()) and bool((v.labels < task.num_classes).all())
     assert v.indices.numel() or v.relabel_indices.numel() or v.num_inserted, "the poison changes nothing"
+
+
+def check_backdoor_budget(task: PoisonTask, poison: Poison, entry: PoisonerEntry) -> None:
+    """A backdoor's view: floor(budget x N) rows of the task, in the box, changed only on the trigger's
+    pixels (and within eps elsewhere for the crafting methods), relabelled to the target when dirty-label."""
+    v, opts = poison.view, entry.make_options(task.options)
+    assert v is not None and v.eps is None
+    p = int(opts.budget * len(task.train) + 1e-9)
+    assert v.indices.numel() == p >= 1 and set(v.indices.tolist()) <= set(task.ids().tolist())
+    xp = task.train.x[v.indices] + v.delta
+    assert float(xp.min()) >= -TOL and float(xp.max()) <= 1 + TOL
+    off = v.delta[:, ~opts.trigger.build(task.train.shape).region]
+    largest = float(off.abs().max()) if off.numel() else 0.0
+    assert largest <= (task.eps + TOL if Needs.CRAFTING_MODELS in entry.needs else 0.0)
+    relabelled = v.relabel_indices.numel()
+    assert relabelled in (0, p) and bool((v.labels[v.indices] == opts.target_class).all())  # (clean label: of it)
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
@@ -113,6 +132,7 @@ def test_families_and_names_are_the_configs() -> None:
     assert POISONERS.names("availability") == ["adversarial-class-targeted", "adversarial-untargeted",
                                                "error-minimizing", "random-noise"]
     assert POISONERS.names("indiscriminate") == ["gradient-canceling", "label-flip", "param-corruption"]
+    assert POISONERS.names("backdoor") == ["badnets", "blended", "label-consistent"]
     assert all(e.description for e in ENTRIES)
 
 

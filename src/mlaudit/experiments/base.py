@@ -239,6 +239,7 @@ def register_experiment(name: str, *, config: type[ExperimentConfig],
 def _ensure_kinds_loaded() -> None:
     from . import (  # noqa: F401  (kinds)
         availability,
+        backdoor,
         certify,
         dp_audit,
         indiscriminate,

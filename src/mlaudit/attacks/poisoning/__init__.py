@@ -14,10 +14,11 @@ Families (one subpackage each, one method per file):
 * :mod:`.availability` — availability poisons (adversarial poisoning, error-minimizing noise, random
   noise; seed 002 chapter 2);
 * :mod:`.indiscriminate` — indiscriminate attacks (label flip, GradPC parameter corruption, gradient
-  canceling; seed 001).
+  canceling; seed 001);
+* :mod:`.backdoor` — backdoors (BadNets, blended injection, label-consistent; issue 18).
 """
 
-from . import availability, indiscriminate, targeted  # noqa: F401  (register the poisoners)
+from . import availability, backdoor, indiscriminate, targeted  # noqa: F401  (register the poisoners)
 from .contract import (
     CraftingSettings,
     Family,

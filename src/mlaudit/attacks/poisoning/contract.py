@@ -1,11 +1,14 @@
 """The one contract of every poisoning attack: a poisoner is ``fn(task: PoisonTask) -> Poison``.
 
-Three families share it (seed 002 chapters 1 and 2, seed 001):
+Four families share it (seed 002 chapters 1 and 2, seed 001, issue 18):
 
 * ``targeted`` — clean-label targeted poisoning (Witches' Brew and its baselines): perturb the
   scenario's poison rows so that victims classify a target as the adversarial class;
 * ``availability`` — perturb (a fraction of) the training set so that victims generalise poorly;
-* ``indiscriminate`` — insert points (or overwrite weights) to lower victims' clean accuracy.
+* ``indiscriminate`` — insert points (or overwrite weights) to lower victims' clean accuracy;
+* ``backdoor`` — stamp a trigger on a few rows (relabelled, or made hard within eps and kept
+  correctly labelled) so that victims classify triggered inputs as a target class; a trigger is not
+  an l-inf perturbation, so these views hold unbounded deltas (``eps=None``).
 
 What a poisoner receives (:class:`PoisonTask`): the clean training split, the attacker's models
 (what its entry *needs*, :class:`Needs`), the targeted scenario when there is one (:class:`Target`),
@@ -36,7 +39,7 @@ from ...data.base import TensorDataset
 from ...data.view import DataView
 from ...errors import ConfigError
 
-Family = Literal["targeted", "availability", "indiscriminate"]
+Family = Literal["targeted", "availability", "indiscriminate", "backdoor"]
 StepCallback = Callable[[int, float], None]
 """``on_step(step, objective)`` after every optimiser step (progress bars)."""
 

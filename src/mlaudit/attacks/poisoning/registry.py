@@ -28,7 +28,7 @@ from ...config import format_validation_error
 from ...errors import ConfigError
 from .contract import SETTINGS, CraftingSettings, Family, Needs, NoOptions, Poison, Poisoner, PoisonTask
 
-FAMILIES: tuple[Family, ...] = ("targeted", "availability", "indiscriminate")
+FAMILIES: tuple[Family, ...] = ("targeted", "availability", "indiscriminate", "backdoor")
 
 
 @dataclass(frozen=True)

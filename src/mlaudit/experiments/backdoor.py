@@ -1,0 +1,158 @@
+"""Experiment kind ``backdoor``: plant a backdoor in the training set and measure it the way the
+backdoor literature does, on victims retrained from scratch by the factory.
+
+Threat model (:mod:`mlaudit.attacks.poisoning.backdoor`): the attacker poisons P = floor(budget x N)
+training rows with a trigger (BadNets' patch, a blended pattern; dirty label: relabelled to the
+target class; label-consistent: target-class rows made hard within eps, labels kept); it knows
+neither the victims' initialisation nor their data order. The victim trains from scratch.
+
+Protocol: build the poison once with the ``backdoor`` poisoner ``attack.method`` (kept under
+``artifacts/poisons/``, so a resumed run reuses it), then train ``victims`` models on the poisoned set
+and, with ``baseline: true``, ``victims`` clean models (victim ``i`` has the same seed in both: paired),
+all in one factory job. Each victim is scored on
+
+* the **attack success rate** (ASR): the fraction of triggered test inputs of the source classes
+  (those of the target class left out) that it classifies as the target class;
+* its **clean accuracy**: accuracy on the clean test set.
+
+Reported: both as mean +- SE over victims, for poisoned and clean victims (the clean victims' ASR is
+the baseline: how often the trigger alone sends inputs to the target), the ASR gain and the clean
+accuracy drop (paired by seed), the number of poisons and their rate P / N. Each victim's ASR is kept
+in the run store (``ctx.derived``), so a resumed or grown run never recomputes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..attacks.poisoning.backdoor import apply_trigger
+from ..report.figures import accuracy_bars, perturbation_grid
+from ..report.html import ReportTable
+from ..stats import MeanSE, mean_difference
+from .backdoor_config import (  # noqa: F401  (the config is imported from here too)
+    BackdoorAttack,
+    BackdoorConfig,
+    check_backdoor,
+    source_test_rows,
+)
+from .base import ExperimentOutput, Stream, register_experiment
+from .context import RunContext
+from .poison_task import attacker_models, load_poison, poison_task, run_poisoner, save_poison
+from .poisoning import failed_victims_note, finished_crafters, train_victims, victim_logits
+
+GRID = 8
+"""Poisons shown in the report's image grid."""
+
+
+# the poison is saved and reloaded, and victim i has seed victim_seed(i) whatever victims is
+@register_experiment("backdoor", config=BackdoorConfig, check=check_backdoor, growable=("victims",))
+def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
+    """Backdoor attacks (BadNets, blended, label-consistent): attack success rate and clean accuracy +- SE."""
+    data = ctx.load_dataset(config.dataset)
+    a, opts = config.attack, config.attack.backdoor
+    trigger = opts.trigger.build(data.input_shape)
+    eps = a.eps / 255 if a.eps is not None else None
+    loaded = load_poison(ctx, "poison", data.train, ids=torch.zeros(0, dtype=torch.long), eps=None)
+    if loaded is not None:  # resumed: exactly the poison of the interrupted run
+        poison, seconds = loaded[0], loaded[1]
+        crafters = finished_crafters(ctx)
+    else:
+        models, crafters = attacker_models(config, ctx, data, a.entry)
+        task = poison_task(config, ctx, data, models, seed=config.trial_seed(0, stream=Stream.ATTACK), eps=eps)
+        poison, seconds = run_poisoner(a.entry, task, ctx, f"poisoning with {a.method}")
+        del models
+        assert poison.view is not None  # backdoor poisoners return views
+        poison.view = poison.view.with_meta(method=a.method)
+        save_poison(ctx, "poison", poison, seconds=seconds)
+    view = poison.view
+    assert view is not None
+    views = {"clean": None, "poisoned": view} if config.baseline else {"poisoned": view}
+    recs = train_victims(config, ctx, data, views, victims=config.victims, save_weights=True,
+                         label="training victims", on_failure="skip")
+
+    rows = source_test_rows(config, data)
+    x_trig = apply_trigger(data.test.x[rows], trigger)
+    target = opts.target_class
+
+    def score(records: list[Any]) -> list[dict[str, int]]:
+        pred = victim_logits(config, ctx, data, records, x_trig).argmax(-1)  # [V, n]
+        return [{"hits": int((p == target).sum()), "n": int(p.numel())} for p in pred]
+
+    scored = {name: ctx.derived(rs, key="backdoor", compute=score, keep_weights=config.save_models)
+              for name, rs in recs.items()}
+    asr = {name: np.array([s["hits"] / s["n"] for s in ss]) for name, ss in scored.items()}
+    acc = {name: np.array([r["metrics"]["test_accuracy"] for r in rs]) for name, rs in recs.items()}
+
+    n = len(data.train)
+    p = int(view.indices.numel())
+    metrics: dict[str, Any] = {
+        "attack_success_rate": MeanSE.of(asr["poisoned"]).to_dict(),
+        "clean_accuracy": MeanSE.of(acc["poisoned"]).to_dict(),
+        "poisons": p, "poison_rate": p / n, "train_size": n, "asr_test_inputs": int(rows.sum()),
+    }
+    if config.baseline:
+        metrics |= {"baseline_attack_success_rate": MeanSE.of(asr["clean"]).to_dict(),
+                    "baseline_clean_accuracy": MeanSE.of(acc["clean"]).to_dict(),
+                    "asr_gain": mean_difference(asr["poisoned"], asr["clean"]),
+                    "clean_accuracy_drop": mean_difference(acc["clean"], acc["poisoned"])}
+    info = {k: v for k, v in poison.info.items() if k not in ("history", "trigger")}
+    metrics["attack"] = {"method": a.method, "eps_255": a.eps, "trigger": opts.trigger.model_dump(mode="json"),
+                         "poison_seconds": round(seconds, 3), **info}
+    if crafters:
+        c_acc = [r["metrics"]["test_accuracy"] for r in crafters if "metrics" in r]
+        metrics["crafting_models"] = {"count": len(crafters),
+                                      **({"test_accuracy": MeanSE.of(c_acc).to_dict()} if c_acc else {})}
+    trials = [{"trial_id": r["trial_id"], "view": name, "victim": r["tags"]["victim"], "seed": r["seed"],
+               "attack_success_rate": float(asr[name][i]), "test_accuracy": r["metrics"]["test_accuracy"]}
+              for name, rs in recs.items() for i, r in enumerate(rs)]
+    notes = failed_victims_note(ctx, metrics) + [
+        f"{p} of {n} training images of {data.name} poisoned ({100 * p / n:.2f}%) with {a.method}: "
+        f"{opts.trigger.describe()}, target class {data.train.classes[target]}"
+        + ("" if a.eps is None else f", crafted within eps {a.eps:g}/255 outside the trigger (the trigger's pixels "
+                                    "are outside that budget)")
+        + f". ASR: triggered test inputs of the source classes ({int(rows.sum())}, target class left out) classified "
+        f"as the target; mean ± SE over {config.victims} victims trained from scratch"
+        + (" (clean victims: same seeds, trained without poisons)." if config.baseline else ".")]
+    return ExperimentOutput(metrics=metrics, trials=trials, tables=[_table(config, metrics)],
+                            figures=_figures(metrics, data.train.x, data.train.y, view, trigger.picture(),
+                                             [str(c) for c in data.train.classes]),
+                            notes=notes)
+
+
+def _pct(m: dict[str, Any]) -> dict[str, Any]:
+    return {**m, "mean": 100 * m["mean"], "se": 100 * m["se"]}
+
+
+def _table(config: BackdoorConfig, metrics: dict[str, Any]) -> ReportTable:
+    rows = []
+    if config.baseline:
+        rows.append(["clean (no poisons)", 0, _pct(metrics["baseline_attack_success_rate"]),
+                     _pct(metrics["baseline_clean_accuracy"])])
+    rows.append([f"poisoned ({config.attack.method})", metrics["poisons"], _pct(metrics["attack_success_rate"]),
+                 _pct(metrics["clean_accuracy"])])
+    return ReportTable("Attack success rate and clean accuracy of the victims",
+                       ["training set", "poisons", "attack success rate (%)", "clean accuracy (%)"], rows,
+                       note=f"mean ± SE over {config.victims} victims trained from scratch (paired seeds); poison "
+                            f"rate {100 * metrics['poison_rate']:.3g}% of {metrics['train_size']} training images")
+
+
+def _figures(metrics: dict[str, Any], x: torch.Tensor, y: torch.Tensor, view: Any, picture: torch.Tensor,
+             classes: list[str]) -> dict[str, Any]:
+    ids = view.indices[:GRID]
+    delta = view.delta[:GRID]
+    labels = view.labels[ids]
+    scale = max(float(delta.abs().max()), 1e-6)
+    figs: dict[str, Any] = {}
+    if ids.numel():
+        figs["Trigger (on grey), clean training rows, poisons and their difference (scaled to ± its largest value)"] = (
+            perturbation_grid(x[ids], delta, scale, n=GRID, lead=picture, lead_title="trigger",
+                              titles=[f"{classes[int(a)]} -> {classes[int(b)]}" for a, b in zip(y[ids], labels,
+                                                                                              strict=True)]))
+    groups = {"clean victims": "baseline_", "poisoned victims": ""}
+    for title, key in (("attack success rate", "attack_success_rate"), ("clean accuracy", "clean_accuracy")):
+        bars = {g: metrics[f"{pre}{key}"] for g, pre in groups.items() if f"{pre}{key}" in metrics}
+        figs[f"{title[0].upper()}{title[1:]} of clean and poisoned victims (mean ± SE)"] = accuracy_bars(bars, title=title)
+    return figs

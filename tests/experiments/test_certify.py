@@ -82,6 +82,15 @@ def test_target_checkpoint_reproduces_the_runs_certificates(example_run: tuple[P
     assert t["metrics"]["train_noise_sigma"] is None and t["cost"]["models_trained"] == 0
 
 
+def test_resuming_a_finished_run_trains_nothing_and_certifies_the_same(example_run: tuple[Path, dict[str, Any]]) -> None:
+    out, r = example_run
+    res = cli(out.parent, "--resume", str(out))
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "results.json").read_text())
+    assert again["cost"]["models_trained"] == 0 and again["cost"]["models_resumed"] == 1
+    assert again["metrics"]["certified_accuracy"] == r["metrics"]["certified_accuracy"]
+
+
 USER = '''
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Certified accuracy (Cohen, Rosenfeld & Kolter, ICML 2019, Section 4): the fraction of test inputs
+"""Certified accuracy (Cohen, Rosenfeld & Kolter, ICML 2019, their experiments): the fraction of test inputs
 that CERTIFY classifies correctly with a certified l2 radius of at least r, as a function of r."""
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ If the top class cA has probability pA >= pA_lower > 1/2, g(x + delta) = cA for 
   input, [B, C]; the copies are drawn in chunks of ``batch_size`` (noise [m, *shape] on the model's
   device, one forward per chunk through :func:`mlaudit.query.forward_batched`, eval mode), never one
   Python step per sample.
-* :func:`predict` — PREDICT (their Algorithm 1, Section 3.2): the top two counts nA, nB of n samples;
+* :func:`predict` — PREDICT (the paper's pseudocode of the same name): the top two counts nA, nB of n samples;
   return cA if the two-sided binomial test of nA successes in nA + nB trials at p = 1/2 has
   p-value <= alpha, else abstain (-1). It returns a class other than g(x) with probability <= alpha.
-* :func:`certify` — CERTIFY (their Algorithm 1, Section 3.2): n0 selection samples guess cA; n further
+* :func:`certify` — CERTIFY (the paper's pseudocode of the same name): n0 selection samples guess cA; n further
   samples count cA; pA_lower is the one-sided (1 - alpha) Clopper-Pearson lower bound of nA / n
   (:func:`mlaudit.stats.clopper_pearson`); certify cA with radius R (equation above) if pA_lower > 1/2,
   else abstain. A certificate it returns is wrong with probability <= alpha.
@@ -150,7 +150,7 @@ def predict_from_counts(counts: Tensor, *, alpha: float) -> tuple[Tensor, Tensor
 
 def predict(model: nn.Module, x: Tensor, *, sigma: float, n: int, alpha: float, batch_size: int = 1000,
             num_classes: int | None = None, generator: torch.Generator | None = None, seed: int = 0) -> Tensor:
-    """PREDICT of Cohen et al. (2019), Algorithm 1: the smoothed classifier's class for each input of x
+    """PREDICT of Cohen et al. (2019): the smoothed classifier's class for each input of x
     [B, *shape] from ``n`` noise samples, or -1 (abstain) where the binomial test of the top two counts
     has p-value > ``alpha``. Returns int64 [B] (CPU). Options as in :func:`sample_counts`."""
     _check_alpha(alpha)
@@ -180,7 +180,7 @@ def certify_from_counts(guess: Tensor, counts: Tensor, *, sigma: float, alpha: f
 
 def certify(model: nn.Module, x: Tensor, *, sigma: float, n0: int, n: int, alpha: float, batch_size: int = 1000,
             num_classes: int | None = None, generator: torch.Generator | None = None, seed: int = 0) -> Certificate:
-    """CERTIFY of Cohen et al. (2019), Algorithm 1, for each input of x [B, *shape].
+    """CERTIFY of Cohen et al. (2019) for each input of x [B, *shape].
 
     ``n0`` selection samples pick cA = the most voted class; ``n`` fresh samples (drawn after them from the
     same generator, so independent) count cA; see :func:`certify_from_counts` for the decision and

@@ -88,7 +88,9 @@ def source_test_rows(config: BackdoorConfig, data: DataBundle) -> torch.Tensor:
 
 
 def eligible_rows(config: BackdoorConfig, data: DataBundle) -> tuple[int, str]:
-    """How many training rows the method may poison, and what they are (source-class or target-class rows)."""
+    """How many training rows the method may poison, and what they are: source-class rows for the
+    dirty-label methods, target-class rows for the methods that craft against a model (clean label:
+    label-consistent, and Hidden Trigger / Sleeper Agent when they are built)."""
     opts = config.attack.backdoor
     crafts = _crafts(config.attack.method)
     classes = [opts.target_class] if crafts else opts.sources(data.num_classes)

@@ -125,8 +125,8 @@ def report(args: argparse.Namespace, name: str, runs: dict[str, Any]) -> None:
         paper = COHEN.get(float(s))
         if paper is not None:
             lines.append(f"| {s} | Cohen et al. | {' | '.join(_pct(v) for v in paper)} | | | | | | |")
-    lines += ["", "Caveats: CIFAR-10 here is the JPEG pack (the noise is added to JPEG-decoded images), the model a "
-              "ResNet-18 with mlaudit's recipe (theirs a ResNet-110, 90 epochs); n = 10,000 instead of 100,000 caps "
+    lines += ["", "Caveats: CIFAR-10 here is the JPEG pack (the noise is added to JPEG-decoded images), the model "
+              f"{first['model']['name']} with mlaudit's {first['recipe']['name']} recipe (theirs a ResNet-110, 90 epochs); n = 10,000 instead of 100,000 caps "
               "every radius at sigma * Phi^-1(alpha ** (1/n)) and lowers each one a little. certified / s counts "
               "CERTIFY alone (n0 + n forward passes per image)."]
     write_results(f"certify_{name}", {"environment": env, "cohen_2019": {str(k): v for k, v in COHEN.items()},

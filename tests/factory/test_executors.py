@@ -28,6 +28,7 @@ from mlaudit.factory import (
     plan_chunks,
     train_many,
 )
+from mlaudit.factory.executors import start_local_ray
 from mlaudit.models.registry import ModelSpec
 from mlaudit.train import Recipe
 
@@ -110,8 +111,7 @@ def ray_cluster():  # noqa: ANN201
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 configure_logging=False)
+        start_local_ray(num_cpus=2, configure_logging=False)  # as RayExecutor does: loopback only
     yield ray
     if started:
         ray.shutdown()

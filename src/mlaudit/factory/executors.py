@@ -4,7 +4,7 @@
 ``process``  a local pool of spawned worker processes, one per GPU when there are several, else
              ``workers`` CPU processes; each task trains whole chunks.
 ``ray``      Ray tasks of whole chunks, with fractional GPUs; connects to ``address`` or starts a
-             local instance bound to 127.0.0.1. A task whose worker dies is retried up to
+             local instance listening on 127.0.0.1 only. A task whose worker dies is retried up to
              ``max_retries`` times.
 
 Every executor cuts the job into the same chunks (:func:`plan_chunks`; identical to the local
@@ -146,10 +146,10 @@ class ProcessExecutor:
 class RayExecutor:
     """Ray tasks, one per sub-job of whole chunks.
 
-    ``address=None`` uses the running Ray instance of this process, or starts a local one bound to
-    127.0.0.1 with ``num_cpus`` CPUs (default min(2, CPUs)); it is left running for later jobs and
-    stopped by Ray at interpreter exit. ``gpus_per_task`` may be fractional (0.25 packs 4 tasks per
-    GPU). A task whose worker dies is retried up to ``max_retries`` times; exceptions raised by
+    ``address=None`` uses the running Ray instance of this process, or starts a local one whose every
+    component listens on 127.0.0.1 only (:func:`start_local_ray`) with ``num_cpus`` CPUs (default
+    min(2, CPUs)); it is left running for later jobs and stopped by Ray at interpreter exit.
+    ``gpus_per_task`` may be fractional (0.25 packs 4 tasks per GPU). A task whose worker dies is retried up to ``max_retries`` times; exceptions raised by
     training (e.g. :class:`TrainingError`) are deterministic and are not retried. ``env_vars`` are
     set in the task's worker processes (a Ray runtime env), e.g. thread counts or test hooks.
     The job (data unless workers can reload it from ``data_spec``, and views) goes to the object
@@ -172,8 +172,7 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, log_to_driver=False)
             else:
-                ray.init(num_cpus=self.num_cpus or min(2, os.cpu_count() or 1), include_dashboard=False,
-                         _node_ip_address="127.0.0.1", log_to_driver=False)
+                start_local_ray(num_cpus=self.num_cpus or min(2, os.cpu_count() or 1))
         cuda = job.device.startswith("cuda") or (job.device == "auto" and torch.cuda.is_available())
         gpus = self.gpus_per_task if self.gpus_per_task is not None else (1.0 if cuda else 0.0)
         n_workers = int(ray.cluster_resources().get("GPU" if gpus else "CPU", 1) / (gpus or 1))
@@ -193,6 +192,43 @@ class RayExecutor:
             for ref in pending:
                 ray.cancel(ref)
         return [results[t.trial_id] for t in job.trials]
+
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def start_local_ray(*, num_cpus: int, **options: Any) -> None:
+    """Start a local Ray instance in this process whose every component listens on 127.0.0.1 only.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray replaces a loopback node
+    address by the host's routable address (``resolve_ip_for_localhost``), and then its GCS server,
+    raylet and workers listen on every interface (``*``) and its agents on that address and
+    ``0.0.0.0``. Ray keeps the node address on loopback only where multi-node clusters are off
+    (its switch ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``, off by default on macOS and Windows, read
+    once into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is imported). That switch is
+    turned off here for the duration of ``ray.init`` only, so a later ``ray.init(address=...)`` to a
+    real cluster is unaffected; a node address that still is not loopback afterwards is a logged
+    warning (a Ray release that changed this). ``tests/factory/test_ray_binding.py`` lists the
+    listening sockets of every Ray process during a run. ``options`` go to ``ray.init``.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 **options)
+    finally:
+        if saved is None:
+            del ray_constants.ENABLE_RAY_CLUSTER
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+    ip = ray.util.get_node_ip_address()
+    if ip not in LOOPBACK:
+        log.warning("the local Ray instance took the node address %s, not 127.0.0.1: its components may listen "
+                    "on other interfaces than loopback (this Ray version, %s, ignores mlaudit's setting)",
+                    ip, ray.__version__)
 
 
 def _ray_task(base: FactoryJob, trials: tuple[TrialSpec, ...]) -> list[TrainedModel]:

@@ -1,8 +1,14 @@
 """Evasion attacks: mlaudit's FGSM / PGD / APGD / CW / ensemble next to torchattacks 3.5.1, side by side
-in one run on the same models and the same test examples (CPU).
+in one run on the same models and the same test examples (CPU, or a GPU with ``--device cuda``).
 
     pip install -e '.[bench]'            # torchattacks==3.5.1, a benchmark dependency only
     python benchmarks/evasion.py --examples 359 --name digits_cpu
+    python benchmarks/evasion.py --dataset cifar10 --device cuda --models airbench --recipe airbench-muon \
+        --adversarial 8/255 --eps 8/255 --eps-l2 0.5 --examples 1000 --name cifar10_airbench_h200
+
+``--dataset cifar10`` uses the CIFAR-10 (JPEG) pack (benchmarks/_common.py); ``--adversarial EPS`` also
+trains each architecture with PGD adversarial training (``recipe.adversarial``: l-inf PGD-7 at EPS, Madry
+et al. 2018) and attacks both the standard and the adversarially trained model.
 
 Models: the zoo's ``fastcnn`` (a small CNN) and ``mlp``, each trained by mlaudit's own loop
 (``mlaudit.train.train``, recipe ``fast``) on sklearn digits (8x8, pixels in [0, 1]). Every pair of
@@ -61,10 +67,22 @@ def pairs(eps: float, eps_l2: float, steps: int) -> dict[str, tuple[Callable[...
     }
 
 
+def _sync(x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _frac(v: str) -> float:
+    a, _, b = v.partition("/")
+    return float(a) / float(b) if b else float(a)
+
+
 def measure(model: nn.Module, x: Tensor, y: Tensor, attack: Callable[[Tensor, Tensor], Tensor],
             eps_l2: float) -> dict[str, float]:
+    _sync(x)
     t0 = time.perf_counter()
     x_adv = attack(x, y).detach()
+    _sync(x)
     wall = time.perf_counter() - t0
     with torch.no_grad():
         correct = model(x_adv).argmax(1) == y
@@ -79,34 +97,62 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attack: Callable[[Tensor, Te
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=359, help="test examples attacked (digits has 359)")
-    ap.add_argument("--eps", type=float, default=0.1, help="l-inf budget (pixels in [0, 1]; digits has 17 levels)")
-    ap.add_argument("--eps-l2", type=float, default=1.0)
+    ap.add_argument("--eps", type=_frac, default=0.1, help="l-inf budget (pixels in [0, 1]; digits has 17 levels); "
+                    "a fraction such as 8/255 is accepted")
+    ap.add_argument("--eps-l2", type=_frac, default=1.0)
     ap.add_argument("--steps", type=int, default=50, help="APGD steps (both libraries)")
     ap.add_argument("--models", default="fastcnn,mlp")
+    ap.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
+    ap.add_argument("--recipe", default="fast", help="training recipe of every model")
+    ap.add_argument("--adversarial", type=_frac, default=None,
+                    help="also train each model with l-inf PGD-7 adversarial training at this eps")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attacks", default="", help="comma-separated subset of the attack names (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="digits_cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_dataset({"name": "digits"})
-    x, y = data.test.x[: args.examples], data.test.y[: args.examples]
+    if args.dataset == "cifar10":
+        from _common import cifar10_jpeg
+
+        data = cifar10_jpeg()
+        described = "CIFAR-10 (JPEG), shared pack, test split"
+    else:
+        data = load_dataset({"name": "digits"})
+        described = "digits (sklearn, 8x8, test split)"
+    dev = torch.device(args.device)
+    x, y = data.test.x[: args.examples].to(dev), data.test.y[: args.examples].to(dev)
+    chosen = [a for a in args.attacks.split(",") if a]
     rows: list[dict[str, Any]] = []
+    variants = [("standard", None)] + ([("PGD-AT", args.adversarial)] if args.adversarial else [])
     for arch in args.models.split(","):
-        torch.manual_seed(0)
-        model = train(build_model(arch, input_shape=data.input_shape, num_classes=data.num_classes), data, "fast",
-                      seed=0).eval()
-        with torch.no_grad():
-            clean = 100 * float((model(x).argmax(1) == y).float().mean())
-        print(f"{arch}: clean accuracy {clean:.1f}%", flush=True)
-        for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps).items():
-            a = measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy), args.eps_l2)
-            b = measure(model, x, y, theirs(model), args.eps_l2)
-            rows.append({"model": arch, "clean_acc": clean, "attack": name, "mlaudit": a, "torchattacks": b})
-            print(f"  {name:24s} ours {a['robust_acc']:5.1f}% {a['wall_s']:6.2f}s | torchattacks "
-                  f"{b['robust_acc']:5.1f}% {b['wall_s']:6.2f}s", flush=True)
-    meta = {"date": "2026-12-02", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+        for variant, adv in variants:
+            torch.manual_seed(0)
+            recipe: Any = args.recipe if adv is None else {"name": args.recipe, "adversarial": {"eps": adv}}
+            t0 = time.perf_counter()
+            model = train(build_model(arch, input_shape=data.input_shape, num_classes=data.num_classes), data, recipe,
+                          seed=0, device=dev).eval().to(dev)
+            train_s = time.perf_counter() - t0
+            label = arch if adv is None else f"{arch} {variant} (eps {adv:.4g})"
+            with torch.no_grad():
+                clean = 100 * float((model(x).argmax(1) == y).float().mean())
+            print(f"{label}: clean accuracy {clean:.1f}%, trained in {train_s:.1f} s", flush=True)
+            for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps).items():
+                if chosen and name not in chosen:
+                    continue
+                a = measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy), args.eps_l2)
+                b = measure(model, x, y, theirs(model), args.eps_l2)
+                rows.append({"model": label, "clean_acc": clean, "train_s": round(train_s, 2), "attack": name,
+                             "mlaudit": a, "torchattacks": b})
+                print(f"  {name:24s} ours {a['robust_acc']:5.1f}% {a['wall_s']:6.2f}s | torchattacks "
+                      f"{b['robust_acc']:5.1f}% {b['wall_s']:6.2f}s", flush=True)
+    meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "cpu": platform.processor() or platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
-            "dataset": "digits (sklearn, 8x8, test split)", "examples": len(x), "eps_linf": args.eps,
-            "eps_l2": args.eps_l2, "apgd_steps": args.steps, "recipe": "fast", "seed": 0}
+            "dataset": described, "examples": len(x), "eps_linf": args.eps,
+            "eps_l2": args.eps_l2, "apgd_steps": args.steps, "recipe": args.recipe, "adversarial_eps": args.adversarial,
+            "seed": 0}
     out = RESULTS / f"evasion_{args.name}"
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(render(meta, rows))
@@ -115,8 +161,9 @@ def main() -> None:
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Evasion attacks: mlaudit vs torchattacks {meta['torchattacks']} ({meta['date']})", "",
-             f"{meta['dataset']}, first {meta['examples']} test examples; CPU ({meta['cpu']}, {meta['threads']} "
-             f"thread), torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
+             f"{meta['dataset']}, first {meta['examples']} test examples; "
+             + (f"{meta['gpu']}" if meta.get("gpu") else f"CPU ({meta['cpu']}, {meta['threads']} thread)")
+             + f", torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
              f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, APGD steps = "
              f"{meta['apgd_steps']}. Robust accuracy in % (lower = stronger attack); wall time of the attack call.",
              "", "| model (clean %) | attack | mlaudit robust % | torchattacks robust % | mlaudit s | torchattacks s |",

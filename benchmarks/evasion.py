@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--adversarial", type=_frac, default=None,
                     help="also train each model with l-inf PGD-7 adversarial training at this eps")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--attacks", default="", help="comma-separated subset of the attack names (default: all)")
+    ap.add_argument("--attacks", default="", help="semicolon-separated subset of the attack names (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="digits_cpu")
     args = ap.parse_args()
@@ -122,7 +122,7 @@ def main() -> None:
         described = "digits (sklearn, 8x8, test split)"
     dev = torch.device(args.device)
     x, y = data.test.x[: args.examples].to(dev), data.test.y[: args.examples].to(dev)
-    chosen = [a for a in args.attacks.split(",") if a]
+    chosen = [a.strip() for a in args.attacks.split(";") if a.strip()]
     rows: list[dict[str, Any]] = []
     variants = [("standard", None)] + ([("PGD-AT", args.adversarial)] if args.adversarial else [])
     for arch in args.models.split(","):

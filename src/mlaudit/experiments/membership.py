@@ -15,6 +15,7 @@ Inclusion follows the LiRA reference construction
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -33,7 +34,7 @@ from ..attacks.membership import (
     shadow_coverage,
 )
 from ..data.base import DataBundle
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError, TrialError
 from ..factory import TrialSpec
 from ..query import logits_from_checkpoints, model_template
 from ..stats import MeanSE
@@ -69,19 +70,9 @@ def check_membership(config: MembershipConfig, data: DataBundle) -> None:
     resolve_queries(config, data)
     n = config.pool.size or n_train
     keep = inclusion_matrix(config.pool.models, n, keep=config.pool.keep, seed=config.seed)
-    for name in config.attacks:
-        r_in, r_out = attack_requirements(name, config.options_for(name))
-        cov = shadow_coverage(keep, min_in=r_in, min_out=r_out)
-        if cov["examples_without_in"] or cov["examples_without_out"]:
-            need = models_needed_exact(config.pool.keep, r_in, r_out)
-            raise ConfigError(
-                f"attack {name} needs >= {r_in} IN and >= {r_out} OUT shadow models for every example of every "
-                f"target, but with pool.models = {config.pool.models} and pool.keep = {config.pool.keep}, "
-                f"{cov['examples_without_in']} of {n} examples lack IN shadows and {cov['examples_without_out']} "
-                f"lack OUT shadows (fewest: {cov['min_in']} IN, {cov['min_out']} OUT); set pool.models >= {need}"
-                + (" or lower attack_options." + name + ".references" if config.options_for(name).get("references")
-                   else " or attack_options: {" + name + ": {variance: fixed}}" if (r_in > 1 or r_out > 1)
-                   and "variance" in inspect.signature(ATTACKS.get(name)).parameters else ""))
+    problem = coverage_problem(config, keep)
+    if problem:
+        raise ConfigError(problem)
     if uses_population(config):
         population_rows(config, data, pool_indices(config, n_train))
     if config.truth_serum is not None and config.truth_serum.targets > n:
@@ -92,6 +83,47 @@ def check_membership(config: MembershipConfig, data: DataBundle) -> None:
         load_target(config, data)
 
 
+def coverage_problem(config: MembershipConfig, keep: Tensor) -> str | None:
+    """Why the pool ``keep`` bool [M, N] cannot serve every attack of the config (an attack lacks its IN or
+    OUT leave-one-out shadows for some example), or None. Checked before training on the planned pool and
+    again after failed models were dropped."""
+    n = keep.shape[1]
+    for name in config.attacks:
+        r_in, r_out = attack_requirements(name, config.options_for(name))
+        cov = shadow_coverage(keep, min_in=r_in, min_out=r_out)
+        if cov["examples_without_in"] or cov["examples_without_out"]:
+            need = models_needed_exact(config.pool.keep, r_in, r_out)
+            return (
+                f"attack {name} needs >= {r_in} IN and >= {r_out} OUT shadow models for every example of every "
+                f"target, but with pool.models = {keep.shape[0]} and pool.keep = {config.pool.keep}, "
+                f"{cov['examples_without_in']} of {n} examples lack IN shadows and {cov['examples_without_out']} "
+                f"lack OUT shadows (fewest: {cov['min_in']} IN, {cov['min_out']} OUT); set pool.models >= {need}"
+                + (" or lower attack_options." + name + ".references" if config.options_for(name).get("references")
+                   else " or attack_options: {" + name + ": {variance: fixed}}" if (r_in > 1 or r_out > 1)
+                   and "variance" in inspect.signature(ATTACKS.get(name)).parameters else ""))
+    ins = keep.sum(0)
+    if config.memorization and (int(ins.min()) == 0 or int(ins.max()) == keep.shape[0]):
+        return "memorization needs >= 1 IN and >= 1 OUT model for every example"
+    return None
+
+
+def surviving_pool(config: MembershipConfig, ctx: RunContext, keep: Tensor, records: list[TrialRecord], *,
+                   prefix: str) -> tuple[list[int], Tensor]:
+    """The pool models that trained (their indices, in order) and their rows of ``keep``: a model whose
+    training failed is dropped from the pool, i.e. its row of the inclusion matrix (``ctx.failed``). Raises
+    :class:`TrialError` when the models left no longer give every attack its shadows."""
+    models = [int(r["tags"]["model"]) for r in records]
+    used = keep[models]
+    if len(models) < keep.shape[0]:
+        problem = coverage_problem(config, used) if len(models) >= 2 else "fewer than 2 models are left"
+        if problem:
+            lost = [t for t in ctx.failed if t.startswith(f"{prefix}-")]
+            raise TrialError(lost[0], TrainingError(
+                f"{len(lost)} of the {keep.shape[0]} {prefix} models failed to train and the rest cannot serve the "
+                f"attacks: {problem}; the first failure: {ctx.failed[lost[0]]}"))
+    return models, used
+
+
 def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -99,7 +131,8 @@ def _sha256(a: np.ndarray) -> str:
 def train_pool(config: MembershipConfig, ctx: RunContext, data: DataBundle, keep: Tensor, rows: Tensor, *,
                 prefix: str, role: str, view: Any = None) -> list[TrialRecord]:
     """Train the M pool models (model m on the pool rows where keep[m]); a view's inserted
-    examples are in every model. Returns the runner's records."""
+    examples are in every model. Returns the records of the models that trained (a failed one is left
+    out and named in ``ctx.failed``; see :func:`surviving_pool`)."""
     n_train, extra = len(data.train), (view.num_inserted if view is not None else 0)
     trials = []
     for m in range(config.pool.models):
@@ -110,7 +143,7 @@ def train_pool(config: MembershipConfig, ctx: RunContext, data: DataBundle, keep
                                 view=role if view is not None else None, tags={"role": role, "model": m}))
     views = {role: view} if view is not None else None
     job = config.factory_job(data, trials, device=ctx.device, views=views)
-    return ctx.train(job, save_weights=True, label=f"training the {role} models")
+    return ctx.train(job, save_weights=True, label=f"training the {role} models", on_failure="skip")
 
 
 def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]],
@@ -157,33 +190,42 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         ctx.write_artifact("pool_indices.npy", lambda f: np.save(f, rows.numpy()))
     queries = resolve_queries(config, data)
     records = train_pool(config, ctx, data, keep, rows, prefix="pool", role="pool")
+    models, used = surviving_pool(config, ctx, keep, records, prefix="pool")
     with ctx.cost.timed("query"):
-        obs = pool_observations(config, ctx, data, records, rows, keep, queries)
+        obs = pool_observations(config, ctx, data, records, rows, used, queries)
     if obs.logits.numel() * 4 < LOGITS_MAX_BYTES:
         ctx.write_artifact("logits.pt", lambda f: torch.save(
-            {"logits": obs.logits, "labels": obs.labels, "keep": keep, "queries": list(queries),
+            {"logits": obs.logits, "labels": obs.labels, "keep": used, "models": models, "queries": list(queries),
              "population_logits": obs.population_logits, "population_labels": obs.population_labels}, f))
     task = ctx.progress.task("scoring the attacks", total=len(config.attacks))
     with ctx.cost.timed("score"):
         scores, diag = rep.score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device,
                                       on_attack=lambda _name: ctx.progress.advance(task))
     ctx.progress.done(task)
-    ctx.write_artifact("scores.npz", lambda f: np.savez_compressed(f, **{k: v.numpy() for k, v in scores.items()}))
+    # uncompressed: float scores shrink by ~8% under zlib, which took ~11 s for a 256-model pool's 205 MB
+    with ctx.cost.timed("artifacts"):
+        ctx.write_artifact("scores.npz", lambda f: np.savez(f, **{k: v.numpy() for k, v in scores.items()}))
     task = ctx.progress.task(f"ROC metrics and {config.n_boot} bootstrap intervals", total=len(scores))
     metrics: dict[str, Any] = {}
     for name, s in scores.items():
         with ctx.cost.timed("roc_bootstrap"):
-            metrics[name] = rep.attack_metrics(s, keep, config, device=ctx.device)
+            metrics[name] = rep.attack_metrics(s, used, config, device=ctx.device)
         ctx.progress.advance(task)
     ctx.progress.done(task)
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
-    metrics["pool"] = {"models": m, "examples": n, "in_per_example": config.pool.in_per_example,
+    metrics["pool"] = {"models": len(models), "examples": n, "in_per_example": config.pool.in_per_example,
                        "queries": list(queries), "attack_options": config.resolved_attack_options,
                        "inclusion_sha256": _sha256(keep.numpy()),
                        "test_accuracy": MeanSE.of(acc).to_dict()}
     metrics["diagnostics"] = {"nonfinite_clipped": diag}
+    failed = ctx.failed_note(metrics, what=f"of the {m} pool models", only=lambda t: t.startswith("pool-"),
+                             effect="are dropped from the pool (their rows of the inclusion matrix): every "
+                                    "number here comes from the models that trained")
+    if failed:
+        metrics["pool"]["models_planned"] = m
     with ctx.cost.timed("figures"):
         out = rep.base_report(config, data, obs, scores, metrics, records)
+    out = dataclasses.replace(out, notes=[*failed, *out.notes])  # what failed leads the notes
     if config.memorization:
         with ctx.cost.timed("query"):
             test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",))
@@ -193,7 +235,8 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
     if config.truth_serum is not None:
         from .membership_audit import run_truth_serum
 
-        out = run_truth_serum(out, config, ctx, data, keep=keep, rows=rows, before=scores, queries=queries)
+        out = run_truth_serum(out, config, ctx, data, keep=keep, models=models, rows=rows, before=scores,
+                              queries=queries)
     if config.target is not None:
         from .membership_audit import audit_target
 

@@ -163,6 +163,7 @@ METRICS: dict[str, tuple[dict[str, Any], str]] = {
     "certify": ({"certified_at_radius.value": 0.6012, "certified_at_radius.radius": 0.25}, "cert 60.1% @r 0.25"),
     "backdoor": ({"attack_success_rate.mean": 0.9845, "attack_success_rate.se": 0.0062, "clean_accuracy.mean": 0.979},
                  "asr 98.5% ±0.6 acc 97.9%"),
+    "federated": ({"recovered.k": 37, "recovered.n": 64, "secure_aggregation": True}, "recovered 37/64 via secagg"),
 }
 
 

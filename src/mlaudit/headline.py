@@ -6,7 +6,8 @@ claimed epsilon (``eps>=1.84 > claim 0.897`` when the audit refutes the claim, `
 indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points; robustness:
 the worst case over attacks' robust accuracy at the largest eps; backdoor: the attack success rate (mean
 +- SE) and the poisoned victims' clean accuracy; certify: the smoothed classifier's certified accuracy at
-the first positive radius of ``radii``.
+the first positive radius of ``radii``; federated: the users' inputs the server recovered (PSNR above the
+threshold) out of those behind the updates, and whether through secure aggregation.
 """
 
 from __future__ import annotations
@@ -102,6 +103,16 @@ def _backdoor(m: Metrics) -> str | None:
     return None if text is None else text + (f" acc {_pct(acc)}" if acc is not None else "")
 
 
+def _federated(m: Metrics) -> str | None:
+    k, n = _num(m, "recovered.k"), _num(m, "recovered.n")
+    if k is None or n is None:
+        return None
+    text = f"recovered {k:.0f}/{n:.0f}"
+    if m.get("secure_aggregation") is not True:
+        return text
+    return next((text + s for s in (" via secagg", " secagg") if len(text + s) <= MAX_WIDTH), text)
+
+
 HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "train": _train,
     "membership-inference": _membership,
@@ -112,6 +123,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "robustness": _robustness,
     "backdoor": _backdoor,
     "certify": _certify,
+    "federated": _federated,
 }
 
 SHORT_KINDS = {"membership-inference": "membership", "targeted-poison": "targeted",
@@ -132,6 +144,8 @@ HEADLINE_LABELS = {
     "robustness": "robust accuracy, worst case over attacks at the largest eps",
     "backdoor": "attack success rate (and clean accuracy) of the poisoned victims",
     "certify": "certified accuracy of the smoothed classifier at the first l2 radius > 0",
+    "federated": "users' inputs the server recovered from one round (PSNR >= psnr_threshold; secagg: through secure "
+                 "aggregation)",
 }
 """What each kind's headline measures, spelled out for the first line of its report."""
 

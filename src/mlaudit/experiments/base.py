@@ -242,6 +242,7 @@ def _ensure_kinds_loaded() -> None:
         backdoor,
         certify,
         dp_audit,
+        federated,
         indiscriminate,
         membership,
         robustness,

@@ -65,6 +65,24 @@ def perturbation_grid(x: Tensor, delta: Tensor, eps: float, *, n: int = 8, lead:
     return fig
 
 
+def image_rows(rows: Sequence[tuple[str, Tensor]], *, titles: Sequence[str] = ()) -> Figure:
+    """Rows of images side by side, e.g. true inputs above their reconstructions: each row is (label,
+    images [n, *shape]) with the same n; ``titles`` (one per column) head the columns."""
+    from matplotlib.figure import Figure
+
+    n = min(len(imgs) for _, imgs in rows)
+    fig = Figure(figsize=(1.1 * n + 0.8, 1.2 * len(rows) + 0.2))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(n):
+            _show(axes[r][c], imgs[c])
+        axes[r][0].set_ylabel(label)
+    for c, title in enumerate(list(titles)[:n]):
+        axes[0][c].set_title(title, fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def thin_curve(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """At most ~4 * PLOT_POINTS points of a ROC curve, dense on both a log and a linear FPR grid."""
     if fpr.size <= 4 * PLOT_POINTS:

@@ -1,0 +1,36 @@
+"""Attacks on federated updates: the server recovers users' inputs from what they send.
+
+    from mlaudit.attacks.federated import FEDERATED_ATTACKS, Observation, plant_imprint, match
+    rec = FEDERATED_ATTACKS.get("inverting-gradients")(model, obs, steps=2000)   # torchattacks-style call
+    m = match(x_true, rec.x, data_range=1.0); m.recovered(30.0).sum()
+
+Registered (:data:`FEDERATED_ATTACKS`, one call ``attack(model, obs, **options) -> Reconstruction``):
+``inverting-gradients`` (Geiping et al. 2020) and ``dlg`` (Zhu et al. 2019), honest-but-curious
+optimisation through the one crafting engine; ``imprint`` (Robbing the Fed, Fowl et al. 2022), a
+malicious server's closed-form read-out from the module :func:`plant_imprint` puts in the model. Label
+recovery from the last layer in :mod:`.labels`; PSNR, SSIM and the assignment in :mod:`.metrics`.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    FEDERATED_ATTACKS,
+    FederatedAttack,
+    Observation,
+    Reconstruction,
+    register_federated,
+    total_variation,
+)
+from .dlg import dlg
+from .imprint import ImprintedModel, imprint, imprint_candidates, plant_imprint
+from .inverting_gradients import inverting_gradients
+from .labels import idlg_label, label_accuracy, label_counts, labels_from_counts, last_linear
+from .metrics import Match, match, psnr, psnr_matrix, ssim
+from .objective import BoxThenFree, GradientInversion
+
+__all__ = [
+    "FEDERATED_ATTACKS", "BoxThenFree", "FederatedAttack", "GradientInversion", "ImprintedModel", "Match",
+    "Observation", "Reconstruction", "dlg", "idlg_label", "imprint", "imprint_candidates", "inverting_gradients",
+    "label_accuracy", "label_counts", "labels_from_counts", "last_linear", "match", "plant_imprint", "psnr",
+    "psnr_matrix", "register_federated", "ssim", "total_variation",
+]

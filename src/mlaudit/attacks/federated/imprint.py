@@ -1,0 +1,158 @@
+"""Robbing the Fed (Fowl, Geiping, Czaja, Goldblum & Goldstein, ICLR 2022; seed 002, chapter 3): a
+malicious server puts a linear "imprint" module in front of the model it sends, and reads users' inputs
+verbatim off the aggregated update, through secure aggregation.
+
+The module (:class:`ImprintedModel`): a measurement h(x) = <a, x> of the flattened input (``brightness``:
+a = 1/D, the mean value; ``random``: a ~ N(0, I/D), a random projection), copied into k bins
+
+    y_i = ReLU(<a, x> - c_i),   c_0 < c_1 < ... < c_{k-1},
+
+with the offsets c_i at the quantiles i/k of h's distribution, estimated on public data (``cdf``:
+``empirical`` quantiles, or ``gaussian``: mean + std * Phi^-1(i/k) of the public measurements; c_0
+is set below every public value, so bin 0 catches everything). The next layer feeds s = sum_i y_i back
+into the input the model sees, x' = x + s * u for a small fixed direction u, so dL/dy_i = <u, grad_x' L>
+=: g is the *same* for every bin of an input. Bin i's gradients over the inputs j of the round are then
+
+    dL/dW_i = sum_{j: h_j > c_i} g_j x_j,      dL/db_i = sum_{j: h_j > c_i} g_j,
+
+and for consecutive bins (the paper's recovery, section 3.3.3)
+
+    (dL/dW_i - dL/dW_{i+1}) / (dL/db_i - dL/db_{i+1}) = x_j   when input j alone has c_i < h_j <= c_{i+1}
+
+(the last bin alone: dL/dW_{k-1} / dL/db_{k-1}). Sums over users and per-user scalings (the mean over a
+user's batch, clipping) cancel in the ratio, so secure aggregation does not stop it; the fraction
+recovered is the fraction of inputs alone in their bin, which the quantile placement maximises.
+
+    malicious = plant_imprint(model, public_x, bins=64, measurement="brightness")
+    ... users compute updates on ``malicious``; the server sums them into ``obs`` ...
+    rec = imprint(malicious, obs)             # one candidate per bin with a non-zero bias difference
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import ConfigError
+from .base import Observation, Reconstruction, register_federated
+
+Measurement = Literal["brightness", "random"]
+Cdf = Literal["empirical", "gaussian"]
+
+
+class ImprintedModel(nn.Module):
+    """``model`` behind an imprint module of k bins: x -> model(x + sum_i ReLU(W x + b)_i * u).
+
+    ``weight`` [k, D] (every row the measurement direction), ``bias`` [k] (minus the bin offsets),
+    ``feedback`` [D] the direction u (a buffer: fixed by the server, not trained)."""
+
+    def __init__(self, model: nn.Module, weight: Tensor, bias: Tensor, feedback: Tensor) -> None:
+        super().__init__()
+        k, d = weight.shape
+        self.imprint = nn.Linear(d, k, device="meta")  # no random init (the global RNG is left alone)
+        self.imprint.weight = nn.Parameter(weight.detach().clone())
+        self.imprint.bias = nn.Parameter(bias.detach().clone())
+        self.register_buffer("feedback", feedback.clone())
+        self.model = model
+
+    @property
+    def bins(self) -> int:
+        return self.imprint.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = F.relu(self.imprint(x.flatten(1))).sum(1, keepdim=True)
+        return self.model(x + (s * self.feedback).view_as(x))
+
+    def thresholds(self) -> Tensor:
+        """The bin offsets c [k] (ascending)."""
+        return -self.imprint.bias.detach()
+
+    def measure(self, x: Tensor) -> Tensor:
+        """h(x) [N] of inputs x [N, *shape] (bin 0's measurement direction)."""
+        return x.flatten(1).to(self.imprint.weight) @ self.imprint.weight[0].detach()
+
+    def bin_of(self, x: Tensor) -> Tensor:
+        """The bin interval of each input [N]: i for c_i < h <= c_{i+1} (k-1 above the last offset; -1 below
+        every offset: such an input fires no bin and cannot be recovered)."""
+        return torch.searchsorted(self.thresholds().contiguous(), self.measure(x).contiguous(), side="left") - 1
+
+
+def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement: Measurement = "brightness",
+                  cdf: Cdf = "empirical", feedback: float = 1e-2, generator: torch.Generator | None = None
+                  ) -> ImprintedModel:
+    """The malicious model: ``model`` behind ``bins`` imprint bins placed at the quantiles of the
+    ``measurement`` on ``public_x`` [P, *shape]; ``feedback`` scales u (||u|| = feedback / (k * std h))."""
+    if bins < 1:
+        raise ConfigError(f"imprint bins = {bins}; allowed bins >= 1")
+    if len(public_x) < bins:
+        raise ConfigError(f"imprint bins = {bins} exceeds the {len(public_x)} public inputs its quantiles are estimated "
+                          f"from; allowed 1 <= bins <= {len(public_x)}")
+    x = public_x.detach().flatten(1).double()
+    d = x.shape[1]
+    if measurement == "brightness":
+        a = torch.full((d,), 1.0 / d, dtype=torch.float64)
+    elif measurement == "random":
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        a = torch.randn(d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    else:
+        raise ConfigError(f"imprint measurement {measurement!r}; allowed: brightness, random")
+    h = x @ a
+    lo, hi, std = float(h.min()), float(h.max()), float(h.std()) if len(h) > 1 else 0.0
+    if not hi > lo:
+        raise ConfigError(f"the {measurement} measurement is constant ({lo:.6g}) on the {len(h)} public inputs: it has "
+                          "no quantiles to place bins at; use another measurement or other public data")
+    c = _offsets(h, bins, cdf, lo - (hi - lo))
+    if not bool((c[1:] > c[:-1]).all()):
+        distinct = int(torch.unique(h).numel())
+        raise ConfigError(f"imprint bins = {bins}: the {measurement} measurement takes only {distinct} distinct values "
+                          f"on the public inputs, so some of its {bins} quantiles coincide; allowed bins <= the "
+                          "number of distinct quantiles (try fewer bins or measurement: random)")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    u = torch.full((d,), feedback / (bins * max(std, 1e-12) * math.sqrt(d)), dtype=torch.float32)
+    weight = a.float().expand(bins, d).contiguous()
+    return ImprintedModel(model, weight, -c.float(), u).to(device)
+
+
+def _offsets(h: Tensor, bins: int, cdf: Cdf, floor: float) -> Tensor:
+    """Offsets c_i at quantile levels i/k of h (float64 [k]); level 0 at ``floor`` (below every public value)."""
+    levels = torch.arange(1, bins, dtype=torch.float64) / bins
+    if cdf == "empirical":
+        inner = torch.quantile(h, levels)
+    elif cdf == "gaussian":
+        inner = h.mean() + h.std() * math.sqrt(2) * torch.erfinv(2 * levels - 1)
+    else:
+        raise ConfigError(f"imprint cdf {cdf!r}; allowed: empirical, gaussian")
+    return torch.cat([torch.tensor([floor], dtype=torch.float64), inner])
+
+
+def imprint_candidates(weight_grad: Tensor, bias_grad: Tensor, *, rel_tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """The paper's recovery from the imprint layer's gradients (weight [k, D], bias [k]): per bin interval
+    i, (dW_i - dW_{i+1}) / (db_i - db_{i+1}) (the last one dW_{k-1} / db_{k-1}), computed in float64.
+
+    Returns (candidates [m, D] for the intervals whose bias difference exceeds ``rel_tol`` times the largest
+    bias gradient, the interval index of each [m])."""
+    w, b = weight_grad.detach().double(), bias_grad.detach().double()
+    dw = w - torch.cat([w[1:], torch.zeros_like(w[:1])])
+    db = b - torch.cat([b[1:], torch.zeros_like(b[:1])])
+    scale = float(b.abs().max())
+    keep = db.abs() > rel_tol * scale if scale > 0 else torch.zeros_like(db, dtype=torch.bool)
+    return dw[keep] / db[keep, None], keep.nonzero()[:, 0]
+
+
+@register_federated("imprint")
+def imprint(model: nn.Module, obs: Observation, *, rel_tol: float = 1e-6) -> Reconstruction:
+    """Inputs read off the imprint layer of ``obs`` (``model`` is the :class:`ImprintedModel` the users
+    trained): one candidate [*shape] per non-empty bin interval; a bin holding one input gives it exactly,
+    a bin holding several gives their gradient-weighted mean."""
+    if not isinstance(model, ImprintedModel):
+        raise ConfigError(f"the imprint attack reads the imprint module of the model the server sent: pass the "
+                          f"ImprintedModel plant_imprint returned, not a {type(model).__name__}")
+    if "imprint.weight" not in obs.grad or "imprint.bias" not in obs.grad:
+        raise ConfigError("the observed update has no gradient for the imprint module (imprint.weight, imprint.bias)")
+    x, bins = imprint_candidates(obs.grad["imprint.weight"], obs.grad["imprint.bias"], rel_tol=rel_tol)
+    x = x.to(obs.grad["imprint.weight"].dtype).view(len(x), *obs.input_shape)
+    return Reconstruction(x, None, {"bins": model.bins, "nonempty_bins": len(bins), "bin_index": bins.tolist()})

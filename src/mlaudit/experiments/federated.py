@@ -1,0 +1,282 @@
+"""Experiment kind ``federated``: how many of the users' inputs a server recovers from one round of
+federated learning (issue 20, deliverables 1-3).
+
+Protocol, per trial: the global model is the config's model at the trial's initialisation (or, with
+``pretrain``, trained by the factory under ``recipe``). The training split is partitioned among
+``users`` (:func:`mlaudit.federated.partition`); each user draws ``batch`` inputs of its share and sends
+its update (FedSGD: one gradient, all users in one vmap'd call; FedAvg: ``local_epochs`` of SGD through
+the one training loop). With ``attack: imprint`` the server is malicious and sends the model behind an
+imprint module whose bins sit at quantiles of a measurement on public data (the test split). The server
+sees the sum of the updates (``aggregation.secure``; optional per-user clipping and Gaussian noise) or,
+without secure aggregation, each update alone, and runs the attack on what it sees. Candidates are
+matched one-to-one to the true inputs behind the update (maximal summed PSNR); an input counts as
+recovered when its PSNR >= ``psnr_threshold`` dB and as exact when >= :data:`EXACT_DB` dB. Rates carry
+95% Clopper-Pearson intervals over all inputs of all trials.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.federated import (
+    FEDERATED_ATTACKS,
+    ImprintedModel,
+    Observation,
+    label_accuracy,
+    match,
+    plant_imprint,
+)
+from ..data.base import DataBundle
+from ..factory import TrialSpec
+from ..federated import fedsgd_aggregate, local_batches, local_training, secure_aggregate, user_gradients
+from ..models.registry import build_model
+from ..query import ParamVector, forward_batched, load_model
+from ..report.figures import image_rows
+from ..report.html import ReportTable
+from ..train.loop import init_models
+from .base import ExperimentOutput, Stream, register_experiment
+from .context import RunContext
+from .federated_config import FederatedConfig, check_federated, user_shares
+from .robustness import rate
+
+EXACT_DB = 80.0
+"""PSNR (dB) above which a recovery counts as exact: an RMS error below 1e-4 of the value range."""
+
+
+@dataclass
+class _Outcome:
+    """One trial: per true input (in user order) its PSNR, SSIM, and the bins' occupancy (imprint)."""
+
+    psnr: list[Tensor] = field(default_factory=list)
+    ssim: list[Tensor] = field(default_factory=list)
+    labels: list[float] = field(default_factory=list)
+    alone: int = 0
+    shared: int = 0
+    outside: int = 0
+    grid: tuple[Tensor, Tensor, Tensor] | None = None
+    seconds: dict[str, float] = field(default_factory=lambda: {"updates": 0.0, "attack": 0.0})
+
+    def psnr_all(self) -> Tensor:
+        return torch.cat(self.psnr)
+
+
+def _global_models(config: FederatedConfig, ctx: RunContext, data: DataBundle) -> list[tuple[str, int, nn.Module]]:
+    """(trial id, seed, global model on the device): initialised at the trial's seed, or factory-trained."""
+    trials = [TrialSpec(f"round-{i:04d}", seed=config.trial_seed(i)) for i in range(config.trials)]
+    if config.pretrain:
+        records = ctx.train(config.factory_job(data, trials, device=ctx.device))
+        return [(r.trial_id, r.seed, load_model(config.model, ctx.out_dir / r.checkpoint, sha256=r.get("sha256"),
+                                                data=data).to(ctx.device)) for r in records]
+
+    def build() -> nn.Module:
+        return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+    return [(t.trial_id, t.seed, init_models(build, [t.seed])[0].to(ctx.device)) for t in trials]
+
+
+def _observations(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor, seed: int, device: str,
+                  num_classes: int, gen: torch.Generator) -> list[tuple[Observation, slice]]:
+    """What the server sees, each with the users it covers: the sum over all users (secure aggregation) or
+    every user's own update, in gradient units, each user's update clipped (and the sum noised) as configured.
+    Secure FedSGD sums ``chunk`` users at a time, never holding every user's gradient."""
+    agg, train = config.aggregation, config.user_mode == "train"
+    shape = tuple(x.shape[2:])
+
+    def seen(g: ParamVector, sl: slice) -> tuple[Observation, slice]:
+        return Observation(g, users=sl.stop - sl.start, batch=config.batch, input_shape=shape, train_mode=train), sl
+
+    if config.protocol == "fedsgd" and agg.secure:
+        total = fedsgd_aggregate(sent, x, y, clip=agg.clip, noise_multiplier=agg.noise_multiplier, generator=gen,
+                                 chunk=config.chunk, train_mode=train)
+        return [seen(total, slice(0, config.users))]
+    if config.protocol == "fedsgd":
+        updates = user_gradients(sent, x, y, train_mode=train, chunk=config.chunk)
+    else:
+        delta, steps = local_training(sent, x, y, epochs=config.local_epochs, lr=config.local_lr, device=device,
+                                      batch_size=config.local_batch or config.batch, classes=num_classes,
+                                      seeds=[seed + u for u in range(config.users)])
+        updates = delta / (config.local_lr * steps)
+    users = [slice(0, config.users)] if agg.secure else [slice(u, u + 1) for u in range(config.users)]
+    return [seen(secure_aggregate(ParamVector({n: t[sl] for n, t in updates.items()}), clip=agg.clip,
+                                  noise_multiplier=agg.noise_multiplier, generator=gen), sl) for sl in users]
+
+
+def _options(config: FederatedConfig, y_true: Tensor, mean_probs: Tensor, gen: torch.Generator) -> dict[str, Any]:
+    if config.attack == "imprint":
+        return {}
+    inv = config.inversion
+    opts: dict[str, Any] = dict(steps=inv.steps, lr=inv.lr, restarts=inv.restarts, box=config.box,
+                                mean_probs=mean_probs, generator=gen,
+                                labels=y_true if inv.labels == "known" else None)
+    if config.attack == "inverting-gradients":
+        opts["tv"] = inv.tv
+    else:
+        opts["soft_labels"] = inv.soft_labels and inv.labels != "known"
+    return opts
+
+
+def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module, device: str
+           ) -> _Outcome:
+    parts, gen = user_shares(config, data, index)
+    x, y, _ = local_batches(data.train, parts, batch=config.batch, generator=gen)
+    x, y = x.to(device), y.to(device)
+    public = data.test.x.to(device)
+    if config.attack == "imprint":
+        im = config.imprint
+        sent: nn.Module = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
+                                        feedback=im.feedback, generator=gen)
+    else:
+        sent = model
+    mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
+    out = _Outcome()
+    t0 = time.perf_counter()
+    noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
+    seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
+    out.seconds["updates"] = time.perf_counter() - t0
+    width = config.box[1] - config.box[0]
+    for obs, sl in seen:
+        xt, yt = x[sl].flatten(0, 1), y[sl].flatten()
+        t0 = time.perf_counter()
+        rec = FEDERATED_ATTACKS.get(config.attack)(sent, obs, **_options(config, yt, mean_probs, gen))
+        out.seconds["attack"] += time.perf_counter() - t0
+        m = match(xt, rec.x, data_range=width)
+        out.psnr.append(m.psnr)
+        if m.ssim is not None:
+            out.ssim.append(m.ssim)
+        if rec.labels is not None and (config.attack == "dlg" and config.inversion.soft_labels
+                                       or config.inversion.labels == "recovered"):
+            out.labels.append(label_accuracy(rec.labels, yt))
+        if isinstance(sent, ImprintedModel):
+            b = sent.bin_of(xt)
+            count = torch.bincount(b.clamp(min=0), minlength=sent.bins)[b.clamp(min=0)]
+            out.alone += int(((b >= 0) & (count == 1)).sum())
+            out.shared += int(((b >= 0) & (count > 1)).sum())
+            out.outside += int((b < 0).sum())
+        if out.grid is None:
+            shown = m.candidate[: config.grid]
+            got = torch.stack([rec.x[c].cpu() if c >= 0 else torch.zeros_like(xt[0].cpu()) for c in shown.tolist()])
+            out.grid = (xt[: config.grid].cpu(), got, m.psnr[: config.grid])
+    return out
+
+
+def _summary(values: Tensor) -> dict[str, Any]:
+    ok = values[~torch.isnan(values)].double()
+    out: dict[str, Any] = {"matched": int(ok.numel()), "n": int(values.numel())}
+    if ok.numel():
+        q = torch.quantile(ok, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+        out.update(mean=float(ok.mean()), q1=float(q[0]), median=float(q[1]), q3=float(q[2]))
+    return out
+
+
+@register_experiment("federated", config=FederatedConfig, check=check_federated)
+def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
+    """Inputs a server recovers from federated updates: Robbing the Fed's imprint module through secure aggregation, Inverting Gradients, DLG."""
+    data = ctx.load_dataset(config.dataset)
+    outcomes: list[tuple[str, int, _Outcome]] = []
+    for i, (tid, seed, model) in enumerate(_global_models(config, ctx, data)):
+        with ctx.cost.timed("attack"):
+            outcomes.append((tid, seed, _trial(config, data, i, seed, model, ctx.device)))
+    psnr = torch.cat([o.psnr_all() for _, _, o in outcomes])
+    ssim = [s for _, _, o in outcomes for s in o.ssim]
+    labels = [v for _, _, o in outcomes for v in o.labels]
+    recovered = torch.nan_to_num(psnr, nan=-1.0) >= config.psnr_threshold
+    exact = torch.nan_to_num(psnr, nan=-1.0) >= EXACT_DB
+    metrics: dict[str, Any] = {
+        "recovered": rate(recovered[None]),
+        "exact": rate(exact[None]),
+        "psnr": _summary(psnr),
+        "ssim": _summary(torch.cat(ssim)) if ssim else None,
+        "label_accuracy": sum(labels) / len(labels) if labels else None,
+        "secure_aggregation": config.aggregation.secure,
+        "settings": _settings(config, data),
+        "seconds": {k: sum(o.seconds[k] for _, _, o in outcomes) for k in ("updates", "attack")},
+    }
+    if config.attack == "imprint":
+        alone = sum(o.alone for _, _, o in outcomes)
+        metrics["imprint"] = {"bins": config.imprint.bins, "inputs_alone_in_a_bin": alone,
+                              "inputs_sharing_a_bin": sum(o.shared for _, _, o in outcomes),
+                              "inputs_below_every_bin": sum(o.outside for _, _, o in outcomes),
+                              "alone_fraction": alone / len(psnr)}
+    trials = [{"trial_id": tid, "seed": seed, "inputs": int(o.psnr_all().numel()),
+               "recovered": int((torch.nan_to_num(o.psnr_all(), nan=-1.0) >= config.psnr_threshold).sum()),
+               "exact": int((torch.nan_to_num(o.psnr_all(), nan=-1.0) >= EXACT_DB).sum()),
+               "psnr_median": _summary(o.psnr_all()).get("median"),
+               **({"alone_in_bin": o.alone} if config.attack == "imprint" else {})} for tid, seed, o in outcomes]
+    return ExperimentOutput(metrics=metrics, trials=trials, tables=_tables(config, metrics),
+                            figures=_grid(config, outcomes[0][2]), notes=_notes(config, data, metrics))
+
+
+def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
+    agg = config.aggregation
+    out: dict[str, Any] = {
+        "attack": config.attack, "protocol": config.protocol, "users": config.users, "batch": config.batch,
+        "inputs_per_update": config.inputs_per_update, "secure_aggregation": agg.secure, "clip": agg.clip,
+        "noise_multiplier": agg.noise_multiplier, "psnr_threshold": config.psnr_threshold, "exact_db": EXACT_DB,
+        "user_mode": config.user_mode, "partition": config.partition.scheme, "pretrain": config.pretrain,
+        "trials": config.trials, "public_inputs": len(data.test)}
+    if config.protocol == "fedavg":
+        out.update(local_epochs=config.local_epochs, local_batch=config.local_batch or config.batch,
+                   local_lr=config.local_lr)
+    if config.attack == "imprint":
+        out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf)
+    else:
+        out.update(steps=config.inversion.steps, labels=config.inversion.labels, restarts=config.inversion.restarts)
+    return out
+
+
+def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
+    p = m["psnr"]
+    rows: list[list[Any]] = [
+        [f"recovered (PSNR >= {config.psnr_threshold:g} dB)", m["recovered"]],
+        [f"exact (PSNR >= {EXACT_DB:g} dB)", m["exact"]],
+        ["PSNR of matched candidates, median [q1, q3] dB",
+         f"{p['median']:.1f} [{p['q1']:.1f}, {p['q3']:.1f}]" if "median" in p else "no candidates"],
+    ]
+    if m["ssim"] is not None and "median" in m["ssim"]:
+        rows.append(["SSIM of matched candidates, median", f"{m['ssim']['median']:.3f}"])
+    if m["label_accuracy"] is not None:
+        rows.append(["labels recovered (multiset overlap)", f"{100 * m['label_accuracy']:.1f}%"])
+    if "imprint" in m:
+        im = m["imprint"]
+        rows += [["inputs alone in their bin (recoverable)", im["inputs_alone_in_a_bin"]],
+                 ["inputs sharing a bin", im["inputs_sharing_a_bin"]],
+                 ["inputs below every bin", im["inputs_below_every_bin"]]]
+    rows.append(["seconds: users' updates / attack", f"{m['seconds']['updates']:.2f} / {m['seconds']['attack']:.2f}"])
+    return [ReportTable("Recovery of the users' inputs [95% Clopper-Pearson over inputs]", ["quantity", "value"], rows,
+                        note="candidates are matched one-to-one to the true inputs (maximal summed PSNR); an input "
+                             "without a candidate counts as not recovered")]
+
+
+def _grid(config: FederatedConfig, o: _Outcome) -> dict[str, Any]:
+    if not config.grid or o.grid is None:
+        return {}
+    xt, got, ps = o.grid
+    titles = ["none" if torch.isnan(v) else "exact" if v >= EXACT_DB else f"{float(v):.0f} dB" for v in ps]
+    return {f"True inputs (top) and the server's matched reconstructions (bottom), first {len(xt)} inputs of the first "
+            "update, PSNR above each (exact: >= 80 dB)": image_rows([("true", xt), ("recovered", got)], titles=titles)}
+
+
+def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list[str]:
+    s = m["settings"]
+    seen = (f"the sum of the {config.users} users' updates (secure aggregation), {s['inputs_per_update']} inputs behind it"
+            if config.aggregation.secure else f"each user's update alone ({config.batch} inputs behind each)")
+    if config.attack == "imprint":
+        who = (f"Malicious server (Robbing the Fed, Fowl et al. 2022): the model sent carries an imprint module of "
+               f"{config.imprint.bins} bins on {config.imprint.measurement}, offsets at {config.imprint.cdf} quantiles "
+               f"of {len(data.test)} public inputs (the test split)")
+    else:
+        who = (f"Honest-but-curious server ({config.attack}, {config.inversion.steps} steps, labels "
+               f"{'optimised jointly' if config.attack == 'dlg' and config.inversion.soft_labels and config.inversion.labels != 'known' else config.inversion.labels})")
+    defence = ""
+    if config.aggregation.clip is not None:
+        defence = (f" Each update clipped to l2 norm {config.aggregation.clip:g}, Gaussian noise multiplier "
+                   f"{config.aggregation.noise_multiplier:g} on the sum.")
+    return [f"{who}; {config.protocol} round of {config.users} users ({config.partition.scheme} partition of "
+            f"{data.name}'s training split, {config.batch} inputs each); the server sees {seen}.{defence}",
+            f"Global model: {config.model.name} {'trained under the recipe' if config.pretrain else 'at initialisation'}"
+            f", users' forward in {config.user_mode} mode; {config.trials} trial(s)."]

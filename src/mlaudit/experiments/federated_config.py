@@ -1,0 +1,162 @@
+"""Config of the ``federated`` kind and the checks that need the loaded data (runner hook).
+
+    kind: federated
+    dataset: digits
+    model: mlp                       # zoo name or package.module:factory (the global model)
+    recipe: fast                     # used only with pretrain: true
+    attack: imprint                  # imprint | inverting-gradients | dlg
+    users: 8
+    batch: 8                         # inputs per user in the round
+    protocol: fedsgd                 # fedsgd | fedavg (local_epochs, local_batch, local_lr)
+    partition: {scheme: iid}         # iid | by-class (classes_per_user) | dirichlet (alpha)
+    aggregation: {secure: true, clip: null, noise_multiplier: 0}
+    imprint: {bins: 64, measurement: brightness, cdf: empirical}
+    inversion: {steps: 1000, lr: 0.1, tv: 1.0e-4, restarts: 1, labels: recovered}
+    psnr_threshold: 30
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from ..craft.constraints import box_width
+from ..data.base import DataBundle
+from ..errors import ConfigError
+from .base import ExperimentConfig, Stream
+
+ATTACKS = ("inverting-gradients", "dlg", "imprint")
+
+
+class PartitionOptions(BaseModel):
+    """How the training split is shared among users (:func:`mlaudit.federated.partition`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: Literal["iid", "by-class", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0.0, le=1e6)
+    classes_per_user: int = Field(2, ge=1, le=10_000)
+
+
+class AggregationOptions(BaseModel):
+    """``secure``: the server sees only the sum of the users' updates (else each update alone); ``clip``
+    each user's update to this l2 norm; ``noise_multiplier``: Gaussian noise of std noise_multiplier * clip
+    on the sum (:func:`mlaudit.federated.secure_aggregate`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    secure: bool = True
+    clip: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    noise_multiplier: float = Field(0.0, ge=0.0, le=1e6)
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self) -> AggregationOptions:
+        if self.noise_multiplier > 0 and self.clip is None:
+            raise ValueError(f"aggregation.noise_multiplier = {self.noise_multiplier} needs aggregation.clip (the noise "
+                             "std is noise_multiplier * clip); allowed: set clip > 0, or noise_multiplier 0")
+        return self
+
+
+class ImprintOptions(BaseModel):
+    """The malicious server's imprint module (:func:`mlaudit.attacks.federated.plant_imprint`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bins: int = Field(64, ge=1, le=65_536)
+    measurement: Literal["brightness", "random"] = "brightness"
+    cdf: Literal["empirical", "gaussian"] = "empirical"
+    feedback: float = Field(1e-2, gt=0.0, le=1e3)
+
+
+class InversionOptions(BaseModel):
+    """The honest-but-curious optimisation (inverting-gradients, dlg): crafting-engine steps, step size
+    in pixel units, TV weight (inverting-gradients), restarts; ``labels``: ``known`` (given to the
+    attack) or ``recovered`` from the last layer (dlg with ``soft_labels`` optimises them instead)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    lr: float = Field(0.1, gt=0.0, le=1e3)
+    tv: float = Field(1e-4, ge=0.0, le=1e6)
+    restarts: int = Field(1, ge=1, le=64)
+    labels: Literal["known", "recovered"] = "recovered"
+    soft_labels: bool = True
+
+
+class FederatedConfig(ExperimentConfig):
+    """See the module docstring and docs/federated.md for every field."""
+
+    kind: Literal["federated"] = "federated"
+    attack: Literal["inverting-gradients", "dlg", "imprint"] = "imprint"
+    users: int = Field(8, ge=1, le=100_000)
+    batch: int = Field(8, ge=1, le=65_536)
+    """Inputs per user in the round (FedSGD: one gradient on them; FedAvg: the user's local data)."""
+    protocol: Literal["fedsgd", "fedavg"] = "fedsgd"
+    local_epochs: int = Field(1, ge=1, le=1000)
+    local_batch: int | None = Field(None, ge=1, le=65_536)
+    local_lr: float = Field(0.1, gt=0.0, le=1e3)
+    user_mode: Literal["eval", "train"] = "eval"
+    partition: PartitionOptions = PartitionOptions()
+    aggregation: AggregationOptions = AggregationOptions()
+    imprint: ImprintOptions = ImprintOptions()
+    inversion: InversionOptions = InversionOptions()
+    pretrain: bool = False
+    """Train the global model under ``recipe`` first (one per trial); else attack it at its initialisation."""
+    trials: int = Field(1, ge=1, le=1000)
+    psnr_threshold: float = Field(30.0, gt=0.0, le=1000.0)
+    box: tuple[float, float] = (0.0, 1.0)
+    grid: int = Field(16, ge=0, le=64)
+    """Inputs shown (true above recovered) in the report's grid; 0: none."""
+    chunk: int | None = Field(None, ge=1, le=100_000)
+    """Users per vmap call of the FedSGD gradients (None: all at once)."""
+
+    @model_validator(mode="after")
+    def _fits(self) -> FederatedConfig:
+        box_width(self.box, where="box")
+        if self.local_batch is not None and self.local_batch > self.batch:
+            raise ValueError(f"local_batch = {self.local_batch} exceeds batch = {self.batch} (each user's local data); "
+                             f"allowed 1 <= local_batch <= {self.batch}")
+        if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
+            raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
+                             "gradient on its batch: drop them or set protocol: fedavg")
+        return self
+
+    @property
+    def inputs_per_update(self) -> int:
+        return self.users * self.batch if self.aggregation.secure else self.batch
+
+
+def user_shares(config: FederatedConfig, data: DataBundle, trial: int) -> tuple[list[Tensor], torch.Generator]:
+    """Trial ``trial``'s partition of the training split among the users, and the generator (seeded from the
+    trial's attack stream) that then draws the round's batches and the attack's randomness."""
+    from ..federated import partition
+
+    gen = torch.Generator().manual_seed(config.trial_seed(trial, stream=Stream.ATTACK))
+    p = config.partition
+    parts = partition(data.train.y, users=config.users, scheme=p.scheme, alpha=p.alpha,
+                      classes_per_user=p.classes_per_user, min_size=config.batch, generator=gen)
+    return parts, gen
+
+
+def check_federated(config: FederatedConfig, data: DataBundle) -> None:
+    """Runner hook (before anything is written): enough training examples for users x batch, inputs inside
+    box, bins within the public (test) split and a measurement with distinct quantiles on it, every user's
+    share of trial 0's partition at least batch."""
+    from ..attacks.federated import plant_imprint
+
+    n = len(data.train)
+    if config.users * config.batch > n:
+        raise ConfigError(f"users * batch = {config.users} * {config.batch} = {config.users * config.batch} inputs exceed "
+                          f"the {n} examples of {data.name}'s training split; allowed users * batch <= {n}")
+    lo, hi = config.box
+    x_min, x_max = float(data.train.x.min()), float(data.train.x.max())
+    if x_min < lo - 1e-6 or x_max > hi + 1e-6:
+        raise ConfigError(f"box {list(config.box)}: {data.name}'s inputs lie in [{x_min:.4g}, {x_max:.4g}], outside it; "
+                          "set box to the inputs' value range")
+    if config.attack == "imprint":
+        plant_imprint(torch.nn.Identity(), data.test.x, bins=config.imprint.bins, measurement=config.imprint.measurement,
+                      cdf=config.imprint.cdf, generator=torch.Generator().manual_seed(0))
+    user_shares(config, data, 0)

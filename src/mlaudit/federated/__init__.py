@@ -1,0 +1,20 @@
+"""Federated learning simulated for measurements: users with local data, FedSGD and FedAvg rounds, and
+secure aggregation as the server sees it (the sum of the users' updates).
+
+    parts = partition(data.train.y, users=100, scheme="iid", generator=g)
+    x, y, _ = local_batches(data.train, parts, batch=8, generator=g)     # [U, B, *shape], [U, B]
+    updates = user_gradients(model, x, y)                                # FedSGD, all users in one vmap
+    agg = secure_aggregate(updates, clip=None, noise_multiplier=0.0)     # what the server receives
+
+The attacks on these updates are :mod:`mlaudit.attacks.federated`; the ``federated`` experiment kind
+runs both (docs/federated.md).
+"""
+
+from __future__ import annotations
+
+from .aggregate import add_noise, clipped_sum, fedsgd_aggregate, secure_aggregate
+from .partition import local_batches, partition
+from .updates import local_training, user_gradients
+
+__all__ = ["add_noise", "clipped_sum", "fedsgd_aggregate", "local_batches", "local_training", "partition",
+           "secure_aggregate", "user_gradients"]

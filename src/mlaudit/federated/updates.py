@@ -1,0 +1,100 @@
+"""What each user sends the server in one round: FedSGD gradients or FedAvg weight updates.
+
+    g = user_gradients(model, x, y)                 # FedSGD: ParamVector {name: [U, *shape]}
+    d = local_training(model, x, y, epochs=1, batch_size=4, lr=0.1, seeds=seeds, device=dev)  # FedAvg
+
+FedSGD (McMahan et al. 2017): user u computes g_u = grad_theta (1/B) sum_b CE(f_theta(x_ub), y_ub) on
+its batch x [U, B, *shape] at the global weights. All users' gradients come from one call: ``torch.func``
+``grad`` of the user's mean loss, ``vmap``-ed over users (the parameters shared, the user axis batched),
+so a hundred users cost one batched backward, not a hundred. ``chunk`` users at a time bounds memory
+(U x parameters floats). The per-example gradients of DP-SGD
+(:func:`mlaudit.privacy.dpsgd.per_example_grads`) do not fit here: a user's gradient is the gradient of
+its *batch* loss, and with BatchNorm in train mode the batch statistics couple its examples, so it is
+not the mean of per-example gradients.
+
+``train_mode``: the users' forward mode. False (default): eval mode (BatchNorm running statistics,
+dropout off). True: train mode; each user's BatchNorm uses its own batch statistics (the buffers are
+copied per user, so the running statistics of the global model are left untouched).
+
+FedAvg: each user trains a copy of the global model for ``epochs`` local epochs of plain SGD (no
+momentum, no weight decay, constant ``lr``) on its own data, through the one training loop
+(:func:`mlaudit.train.loop.train_stack`: the U users are U stacked models, each restricted to its data
+by a mask), and sends ``w_global - w_user``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from ..data.base import TensorDataset
+from ..errors import ConfigError
+from ..query import ParamVector, in_mode
+from ..train.loop import train_stack
+from ..train.recipe import Recipe
+
+
+def user_gradients(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool = False,
+                   chunk: int | None = None) -> ParamVector:
+    """FedSGD: each user's gradient of its mean cross-entropy at the model's weights.
+
+    ``x`` [U, B, *shape], ``y`` [U, B] on the model's device -> {name: [U, *shape]} for every trainable
+    parameter (``requires_grad``), in the model's order. The model and its ``.grad`` are not changed.
+    """
+    if x.dim() < 3 or y.shape != x.shape[:2]:
+        raise ConfigError(f"user_gradients needs x [U, B, *shape] and y [U, B], got {list(x.shape)} and {list(y.shape)}")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise ConfigError("user_gradients needs a model with trainable parameters (requires_grad=True)")
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+
+    def loss(p: dict[str, Tensor], b: dict[str, Tensor], xu: Tensor, yu: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, ({**p, **frozen}, b), (xu,)).float(), yu)
+
+    step = chunk or x.shape[0]
+    parts: list[dict[str, Tensor]] = []
+    with in_mode(model, train=train_mode):
+        for i in range(0, x.shape[0], step):
+            xs, ys = x[i:i + step], y[i:i + step]
+            if train_mode:  # BatchNorm updates its running statistics in place: one copy per user
+                per_user = {n: t.unsqueeze(0).expand(len(xs), *t.shape).clone() for n, t in buffers.items()}
+                g = vmap(grad(loss), in_dims=(None, 0, 0, 0), randomness="different")(params, per_user, xs, ys)
+            else:
+                g = vmap(grad(loss), in_dims=(None, None, 0, 0), randomness="different")(params, buffers, xs, ys)
+            parts.append(g)
+    return ParamVector({n: torch.cat([p[n] for p in parts]) for n in names})
+
+
+def local_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, lr: float,
+                   seeds: Sequence[int], device: torch.device | str, classes: int | None = None
+                   ) -> tuple[ParamVector, int]:
+    """FedAvg: every user trains a copy of ``model`` on its data x [U, n, *shape], y [U, n] for ``epochs``
+    epochs of SGD (batch ``batch_size``, constant ``lr``; user u's data order from ``seeds[u]``).
+
+    Returns ({name: [U, *shape]} the updates w_global - w_user of the trainable parameters, on the model's
+    device; local SGD steps per user)."""
+    u, n = y.shape
+    if len(seeds) != u:
+        raise ConfigError(f"local_training needs one seed per user: {u} users, {len(seeds)} seeds")
+    num_classes = classes or int(y.max()) + 1
+    data = TensorDataset(x.flatten(0, 1).detach(), y.flatten().detach(), tuple(str(c) for c in range(num_classes)))
+    masks = torch.zeros(u, u * n, dtype=torch.bool)
+    for i in range(u):
+        masks[i, i * n:(i + 1) * n] = True
+    recipe = Recipe(optimizer="sgd", lr=lr, momentum=0.0, nesterov=False, weight_decay=0.0, epochs=epochs,
+                    batch_size=batch_size, schedule="constant", augment="none", precision="fp32", channels_last=False)
+    users = [copy.deepcopy(model) for _ in range(u)]
+    out = train_stack(users, data, recipe, seeds=list(seeds), lr=lr, device=torch.device(device), masks=masks,
+                      strategy="vmap")
+    start = ParamVector.from_module(model)
+    dev = next(iter(start.values())).device
+    updates = ParamVector({k: torch.stack([w - o.state_dict[k].to(dev) for o in out]) for k, w in start.items()})
+    return updates, epochs * math.ceil(n / batch_size)

@@ -1,0 +1,118 @@
+"""Experiment kind ``federated``: the example config end to end through the CLI (exact recoveries = inputs
+alone in a bin, headline, report with the verdict first and the image grid); Inverting Gradients and DLG
+runs; FedAvg; the user's nn.Module by import string; a DP defence stops the imprint; bad input exits 2
+before anything is written."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mlaudit.cli import app
+from mlaudit.config import load_yaml
+from mlaudit.errors import ConfigError
+from mlaudit.experiments import run_experiment
+from mlaudit.headline import headline
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "federated.yaml"
+SMALL: dict[str, Any] = {"kind": "federated", "dataset": "digits", "model": {"name": "mlp", "width": 32},
+                         "recipe": "fast", "attack": "imprint", "users": 4, "batch": 4, "imprint": {"bins": 16},
+                         "seed": 0}
+
+
+def cli(tmp_path: Path, *args: str) -> Any:
+    return CliRunner().invoke(app, ["run", *args, "--device", "cpu", "--store", str(tmp_path / "runs.db")])
+
+
+def go(config: dict[str, Any], out: Path) -> dict[str, Any]:
+    return run_experiment(config, out=out, device="cpu", store=out.parent / "runs.db", quiet=True).results
+
+
+def test_example_config_runs_end_to_end_through_the_cli(tmp_path: Path) -> None:
+    res = cli(tmp_path, str(EXAMPLE), "--out", str(tmp_path / "run"))
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    m, cfg = r["metrics"], load_yaml(EXAMPLE)
+    n = cfg["users"] * cfg["batch"]
+    assert m["recovered"]["n"] == n == m["settings"]["inputs_per_update"] and m["secure_aggregation"] is True
+    assert m["exact"]["k"] == m["imprint"]["inputs_alone_in_a_bin"] > 0  # exactly the inputs alone in a bin
+    assert m["recovered"]["k"] >= m["exact"]["k"] and m["recovered"]["lo"] <= m["recovered"]["value"] <= m["recovered"]["hi"]
+    assert m["psnr"]["q3"] >= 80 and m["label_accuracy"] is None and r["cost"]["models_trained"] == 0
+    text = headline("federated", {"recovered.k": m["recovered"]["k"], "recovered.n": n, "secure_aggregation": True})
+    assert text == f"recovered {m['recovered']['k']}/{n} via secagg"
+    html = (tmp_path / "run" / "report.html").read_text()
+    verdict = html.index(f"secure aggregation): {text}")
+    assert verdict < html.index("Recovery of the users") and html.count("data:image/png") == 1
+
+
+@pytest.mark.parametrize("attack", ["inverting-gradients", "dlg"])
+def test_honest_but_curious_attacks_recover_a_single_digit(tmp_path: Path, attack: str) -> None:
+    cfg = {**SMALL, "attack": attack, "users": 1, "batch": 1, "inversion": {"steps": 300}}
+    m = go(cfg, tmp_path / "o")["metrics"]
+    assert m["recovered"]["k"] == 1 and m["label_accuracy"] == 1.0 and m["settings"]["steps"] == 300
+
+
+def test_without_secure_aggregation_each_update_is_attacked_alone(tmp_path: Path) -> None:
+    cfg = {**SMALL, "attack": "inverting-gradients", "users": 3, "batch": 1, "aggregation": {"secure": False},
+           "inversion": {"steps": 200, "labels": "known"}}
+    m = go(cfg, tmp_path / "o")["metrics"]
+    assert m["settings"]["inputs_per_update"] == 1 and m["recovered"]["n"] == 3 and m["recovered"]["k"] >= 2
+    assert m["label_accuracy"] is None and m["secure_aggregation"] is False
+
+
+def test_fedavg_and_the_users_module_by_import_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "fl_user.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self, num_classes=10):\n        super().__init__()\n"
+        "        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, num_classes))\n\n"
+        "    def forward(self, x):\n        return self.body(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {**SMALL, "model": "fl_user:Net", "protocol": "fedavg", "local_epochs": 2, "local_batch": 2, "local_lr": 0.01}
+    r = go(cfg, tmp_path / "o")
+    m = r["metrics"]
+    assert r["config"]["model"]["name"] == "fl_user:Net" and m["settings"]["local_epochs"] == 2
+    assert m["recovered"]["k"] >= 1 and m["recovered"]["n"] == 16
+
+
+def test_pretrained_model_and_a_dp_defence(tmp_path: Path) -> None:
+    cfg = {**SMALL, "pretrain": True, "recipe": {"name": "fast", "epochs": 1}, "users": 8, "batch": 2, "trials": 2,
+           "aggregation": {"clip": 1.0, "noise_multiplier": 1.0}}
+    r = go(cfg, tmp_path / "o")
+    assert r["cost"]["models_trained"] == 2 and len(r["trials"]) == 2
+    assert r["metrics"]["exact"]["k"] == 0 and r["metrics"]["recovered"]["n"] == 32
+
+
+def _bad(**change: Any) -> dict[str, Any]:
+    return copy.deepcopy(SMALL) | change
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"users": 0}, ["users", "got 0", "1 <= users"]),
+    ({"batch": 0}, ["batch", "got 0", "1 <= batch"]),
+    ({"imprint": {"bins": 0}}, ["imprint.bins", "got 0", "1 <= imprint.bins <= 65536"]),
+    ({"imprint": {"bins": 400}}, ["bins = 400 exceeds the 359 public inputs", "allowed 1 <= bins <= 359"]),
+    ({"attack": "breaching"}, ["attack", "breaching", "inverting-gradients", "dlg", "imprint"]),
+    ({"users": 500, "batch": 4}, ["users * batch = 500 * 4 = 2000", "allowed users * batch <= 1438"]),
+    ({"partition": {"scheme": "dirichlet", "alpha": 0.001}, "users": 100, "batch": 4},
+     ["partition.alpha = 0.001", "fewer than 4 examples"]),
+    ({"aggregation": {"noise_multiplier": 1.0}}, ["aggregation.noise_multiplier = 1.0 needs aggregation.clip"]),
+    ({"local_epochs": 3}, ["local_epochs and local_batch are FedAvg settings"]),
+    ({"protocol": "fedavg", "local_batch": 8}, ["local_batch = 8 exceeds batch = 4"]),
+    ({"box": [0, 0.5]}, ["box [0.0, 0.5]", "outside it"]),
+    ({"psnr_threshold": 0}, ["psnr_threshold", "got 0"]),
+    ({"inversion": {"steps": 0}}, ["inversion.steps", "got 0"]),
+])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, Any], words: list[str]) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_bad(**change)))
+    res = cli(tmp_path, str(path), "--out", str(tmp_path / "out"))
+    missing = [w for w in words if w not in res.stderr]
+    assert (res.exit_code, missing, "Traceback" in res.output) == (2, [], False), res.output
+    with pytest.raises(ConfigError):  # the library refuses it the same way
+        run_experiment(load_yaml(path), out=tmp_path / "lib", device="cpu", store=tmp_path / "lib.db", quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]  # no run folder, no store

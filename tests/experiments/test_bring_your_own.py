@@ -83,6 +83,20 @@ def second_fails(model, train_set, *, seed, device):
     return fit(model, train_set, seed=seed, device=device)
 
 
+def every_other_fails(model, train_set, *, seed, device):
+    CALLS.append(seed)
+    if len(CALLS) % 2 == 0:
+        raise FloatingPointError("boom on an even call")
+    return fit(model, train_set, seed=seed, device=device)
+
+
+def only_first_trains(model, train_set, *, seed, device):
+    CALLS.append(seed)
+    if len(CALLS) > 1:
+        raise FloatingPointError("boom after the first call")
+    return fit(model, train_set, seed=seed, device=device)
+
+
 def not_a_model():
     return 3
 
@@ -201,6 +215,95 @@ def test_a_failed_victim_is_left_out_and_named_in_indiscriminate_poisoning(user:
     assert failed["trial_id"].startswith("clean-v") and "boom on the second model" in failed["error"]
     assert res["metrics"]["clean_accuracy"]["n"] == 1 and res["metrics"]["poisoned_accuracy"]["n"] == 2
     assert "1 victim(s) failed to train" in (tmp_path / "o" / "report.html").read_text()
+
+
+def _failing(user: str, trainer: str = "second_fails") -> str:
+    import importlib
+
+    importlib.import_module(user).CALLS.clear()
+    return f"{user}:{trainer}"
+
+
+def test_a_failed_pool_model_is_dropped_from_membership_inference(user: str, tmp_path: Path) -> None:
+    """The pool's second model fails: its row of the inclusion matrix is dropped, the attacks and the
+    memorization estimate use the 7 others (still enough shadows), the report names it; a resume
+    trains it and gives exactly the run in which nothing failed."""
+    cfg = base(user, kind="membership-inference", pool={"models": 8}, attacks=["loss", "lira-online"], n_boot=10)
+    res = run(cfg | {"trainer": _failing(user)}, tmp_path)
+    (failed,) = res["metrics"]["failed_trials"]
+    assert failed["trial_id"] == "pool-0001" and "boom on the second model" in failed["error"]
+    pool = res["metrics"]["pool"]
+    assert pool["models"] == 7 and pool["models_planned"] == 8 and pool["test_accuracy"]["n"] == 7
+    assert res["metrics"]["loss"]["n_pos"] + res["metrics"]["loss"]["n_neg"] == 7 * pool["examples"]
+    assert [t["model"] for t in res["trials"]] == [0, 2, 3, 4, 5, 6, 7]
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert "1 of the 8 pool models failed to train and are dropped from the pool" in report
+    assert "3 to 4 of 7 models" in report  # the examples model 1 held have one IN model fewer
+
+    again = run(cfg | {"trainer": f"{user}:second_fails"}, tmp_path, resume=True)  # CALLS > 2: no more failures
+    whole = run(cfg, tmp_path, "whole")
+    assert "failed_trials" not in again["metrics"] and again["metrics"]["pool"]["models"] == 8
+    for k in ("loss", "lira-online", "memorization"):
+        assert again["metrics"][k] == whole["metrics"][k], k
+
+
+def test_membership_inference_fails_when_the_pool_left_cannot_serve_the_attacks(user: str, tmp_path: Path) -> None:
+    cfg = base(user, kind="membership-inference", pool={"models": 8}, attacks=["loss", "lira-online"], n_boot=10,
+               trainer=_failing(user, "every_other_fails"))
+    with pytest.raises(TrialError, match="4 of the 8 pool models failed to train and the rest cannot serve the "
+                                         "attacks: attack lira-online needs >= 1 IN and >= 1 OUT shadow models .* "
+                                         "but with the 4 models left") as e:
+        run(cfg, tmp_path)
+    assert e.value.trial_id == "pool-0001"
+
+
+def test_a_failed_victim_is_left_out_of_targeted_poisoning(user: str, tmp_path: Path) -> None:
+    """The trainer's second call (the first victim; the crafting model is trained first) fails: the
+    scenario's success is over the other victim, the failed one is named; a resume trains it and gives
+    exactly the run in which nothing failed."""
+    cfg = base(user, kind="targeted-poison", scenarios=1, victims=2,
+               attack={"method": "gradient-matching", "eps": 16, "budget": 0.02, "restarts": 1, "steps": 5})
+    res = run(cfg | {"trainer": _failing(user)}, tmp_path)
+    (failed,) = res["metrics"]["failed_trials"]
+    assert failed["trial_id"] == "s000-v000" and "boom on the second model" in failed["error"]
+    (sc,) = res["metrics"]["scenarios"]
+    assert len(sc["victim_success"]) == 1 and res["metrics"]["victim_accuracy"]["n"] == 1
+    assert res["metrics"]["clean_victim_accuracy"]["n"] == 2
+    assert [(t["trial_id"], t["victim"]) for t in res["trials"] if t["scenario"] == 0] == [("s000-v001", 1)]
+    assert "1 victim(s) failed to train and are left out of every number here: s000-v000" in (
+        tmp_path / "o" / "report.html").read_text()
+    again = run(cfg | {"trainer": f"{user}:second_fails"}, tmp_path, resume=True)
+    assert "failed_trials" not in again["metrics"] and len(again["metrics"]["scenarios"][0]["victim_success"]) == 2
+    assert again["cost"]["models_trained"] == 1
+    whole = run(cfg, tmp_path, "whole")
+    for k in ("poison_success", "victim_accuracy", "clean_baseline_success"):
+        assert again["metrics"][k] == whole["metrics"][k], k
+
+
+def test_a_failed_audit_model_is_dropped_from_its_side_in_dp_audit(user: str, tmp_path: Path) -> None:
+    """The second "in" model fails: the game runs on 19 "in" and 20 "out" models, the report gives the
+    counts per side; a resume trains it and gives exactly the run in which nothing failed."""
+    cfg = base(user, kind="dp-audit", models_per_side=20, claimed_epsilon=1.0, confidence=0.9)
+    res = run(cfg | {"trainer": _failing(user)}, tmp_path)
+    m = res["metrics"]
+    assert [f["trial_id"] for f in m["failed_trials"]] == ["in-00001"]
+    assert (m["models"], m["models_in"], m["models_out"]) == (39, 19, 20)
+    assert m["n_pos"] == 10 and m["n_neg"] == 10  # the test halves: 19 - 9 and 20 - 10
+    assert "in-00001" not in {t["trial_id"] for t in res["trials"]}
+    assert ("1 audit model(s) failed to train and are dropped from their side, leaving 19 &#39;in&#39; and 20 "
+            "&#39;out&#39; models of 20 each") in (tmp_path / "o" / "report.html").read_text()
+    again = run(cfg | {"trainer": f"{user}:second_fails"}, tmp_path, resume=True)
+    whole = run(cfg, tmp_path, "whole")
+    assert "failed_trials" not in again["metrics"] and again["metrics"]["models_in"] == 20
+    for k in ("epsilon_lower_bound", "fp", "fn", "canary_score_in", "canary_score_out"):
+        assert again["metrics"][k] == whole["metrics"][k], k
+
+
+def test_dp_audit_fails_when_a_side_has_fewer_than_two_models(user: str, tmp_path: Path) -> None:
+    cfg = base(user, kind="dp-audit", models_per_side=5, claimed_epsilon=1.0, confidence=0.5,
+               trainer=_failing(user, "only_first_trains"))
+    with pytest.raises(TrialError, match="4 of the 5 'in' models failed to train, and the distinguishing game needs"):
+        run(cfg, tmp_path)
 
 
 def test_library_api_with_objects(user: str, tmp_path: Path) -> None:

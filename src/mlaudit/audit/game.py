@@ -17,10 +17,13 @@ MIN_USEFUL_EPS = 0.01
 """A best-case lower bound below this is "no bound": the audit is refused as too small."""
 
 
-def best_possible_bound(models_per_side: int, *, delta: float, confidence: float) -> float:
-    """eps_LB of a perfect attack (no errors) on the test half of ``models_per_side`` models per side."""
-    n = models_per_side - models_per_side // 2
-    return eps_lower_bound(0, 0, n, n, delta=delta, alpha=1.0 - confidence)
+def best_possible_bound(models_per_side: int, *, delta: float, confidence: float,
+                        models_out: int | None = None) -> float:
+    """eps_LB of a perfect attack (no errors) on the test half of ``models_per_side`` models per side
+    (``models_out``: a different count of "out" models, e.g. after failed ones were dropped)."""
+    n_in = models_per_side - models_per_side // 2
+    n_out = n_in if models_out is None else models_out - models_out // 2
+    return eps_lower_bound(0, 0, n_out, n_in, delta=delta, alpha=1.0 - confidence)
 
 
 def models_needed(*, delta: float, confidence: float, at_least: float = MIN_USEFUL_EPS) -> int:

@@ -163,6 +163,10 @@ class RunContext:
             raise ValueError(f"on_failure must be 'raise' or 'skip', got {on_failure!r}")
         if on_failure == "skip":
             return self._train_skipping(job, save_weights=save_weights, label=label)
+        return self._train_once(job, save_weights=save_weights, label=label)
+
+    def _train_once(self, job: FactoryJob, *, save_weights: bool, label: str) -> list[TrialRecord]:
+        """:meth:`train` with ``on_failure="raise"``."""
         todo = self.pending(job.trials)
         if not todo:
             return [self.finished[t.trial_id] for t in job.trials]
@@ -213,7 +217,7 @@ class RunContext:
         while True:
             rest = [t for t in job.trials if t.trial_id not in skipped]
             try:
-                self.train(job.with_trials(rest), save_weights=save_weights, label=label)
+                self._train_once(job.with_trials(rest), save_weights=save_weights, label=label)
                 break
             except TrialError as e:
                 if not isinstance(e.__cause__, TrainingError):
@@ -222,6 +226,19 @@ class RunContext:
                 self.failed[e.trial_id] = f"{type(e.__cause__).__name__}: {e.__cause__}"
                 log.warning("trial %s failed and is skipped: %s", e.trial_id, e.__cause__)
         return [self.finished[t.trial_id] for t in job.trials if t.trial_id in self.finished]
+
+    def failed_note(self, metrics: dict[str, Any], *, what: str, effect: str = "are left out of every number here",
+                    only: Callable[[str], bool] | None = None) -> list[str]:
+        """Name the trials skipped after a failed training (``train(..., on_failure="skip")``) in
+        ``metrics["failed_trials"]`` (``{"trial_id", "error"}`` each) and return the report note (none when
+        nothing failed): "<count> <what> failed to train and <effect>: <id>: <error>; ...". ``only`` keeps the
+        trial ids it accepts (one pool of several)."""
+        failed = {t: e for t, e in self.failed.items() if only is None or only(t)}
+        if not failed:
+            return []
+        metrics["failed_trials"] = [{"trial_id": t, "error": e} for t, e in failed.items()]
+        return [f"{len(failed)} {what} failed to train and {effect}: "
+                + "; ".join(f"{t}: {e}" for t, e in failed.items()) + " (a --resume retries them)"]
 
     def _record(self, m: TrainedModel, save_weights: bool) -> TrialRecord:
         rec = TrialRecord({"trial_id": m.trial_id, "seed": m.seed, "tags": m.tags, "metrics": m.metrics,

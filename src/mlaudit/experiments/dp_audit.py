@@ -46,7 +46,7 @@ from ..audit.game import best_possible_bound, distinguish
 from ..audit.scores import update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError, TrialError
 from ..factory import TrialSpec
 from ..query import logits_from_checkpoints, model_template
 from ..report.figures import canary_score_histogram
@@ -95,9 +95,11 @@ def _cached_canary(config: DPAuditConfig, ctx: RunContext, data: DataBundle) -> 
 
 
 def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Canary
-           ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+           ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Models of both sides (the factory's DP-SGD or the user's trainer, through the run store);
-    returns canary scores (in, out) and their records."""
+    returns the canary score of each record and the records (every "in" model, then every "out" one). A
+    model whose training fails is dropped from its side (``ctx.failed``); a side left with fewer than
+    2 models (one per half of the game) fails the run."""
     cfg = config.model_copy(update={"recipe": config.audited_recipe(len(data.train))})
     views = {"canary": DataView.identity(data.train).with_inserted(canary.x, [canary.y])}
     hooks = None  # the audit hooks live in mlaudit's DP-SGD step: explicit per trial
@@ -109,7 +111,13 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Can
     trials += [TrialSpec(f"out-{i:05d}", seed=config.trial_seed(i, stream=Stream.DP_OUT), tags={"side": "out"},
                          hooks=hooks[1] if hooks else None) for i in range(m)]
     job = cfg.factory_job(data, trials, device=ctx.device, views=views)
-    records = ctx.train(job, save_weights=True, label="training the audited models")
+    records = ctx.train(job, save_weights=True, label="training the audited models", on_failure="skip")
+    for side in ("in", "out"):
+        if sum(r["tags"]["side"] == side for r in records) < 2:
+            lost = [t for t in ctx.failed if t.startswith(f"{side}-")]
+            raise TrialError(lost[0], TrainingError(
+                f"{len(lost)} of the {m} {side!r} models failed to train, and the distinguishing game needs >= 2 "
+                f"per side (a selection and a test half); the first: {ctx.failed[lost[0]]}"))
 
     def scores(recs: list[TrialRecord]) -> list[float]:  # from the checkpoints, weights-only and hash-checked
         paths = [ctx.out_dir / r["checkpoint"] for r in recs]
@@ -125,8 +133,7 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Can
     # each model's score is kept in the store, so a resumed or grown run never retrains or rescores it
     kept = ctx.derived(records, key=f"score:{config.canary}:{config.resolved_score}", compute=scores,
                        keep_weights=config.save_models)
-    scores = np.asarray(kept, dtype=float)
-    return scores[:m], scores[m:], records
+    return np.asarray(kept, dtype=float), records
 
 
 # model i of each side has seed trial_seed(i, stream) whatever models_per_side is, so an audit can grow
@@ -137,7 +144,9 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     mlaudit = config.trainer == "mlaudit"
     canary = _cached_canary(config, ctx, data)
     score = config.resolved_score
-    s_in, s_out, records = _train(config, ctx, data, canary)
+    scores, records = _train(config, ctx, data, canary)
+    side = np.array([r["tags"]["side"] for r in records])
+    s_in, s_out = scores[side == "in"], scores[side == "out"]
     res = distinguish(s_in, s_out, delta=config.delta, confidence=config.confidence, seed=config.seed)
     ctx.write_artifact("canary_scores.npz",
                        lambda f: np.savez_compressed(f, score_in=s_in, score_out=s_out, score=np.array(score)))
@@ -151,12 +160,13 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         "claimed_epsilon": claimed,
         "epsilon_lower_bound": res.epsilon_lower_bound,
         "confidence": config.confidence,
-        "models": 2 * config.models_per_side,
+        "models": len(records),
         "models_per_side": config.models_per_side,
+        "models_in": int(s_in.size), "models_out": int(s_out.size),
         "delta": config.delta,
         "claim_refuted": bool(claimed is not None and res.epsilon_lower_bound > claimed),
-        "best_possible_lower_bound": best_possible_bound(config.models_per_side, delta=config.delta,
-                                                         confidence=config.confidence),
+        "best_possible_lower_bound": best_possible_bound(s_in.size, delta=config.delta, confidence=config.confidence,
+                                                         models_out=s_out.size),
         "fp": res.fp, "fn": res.fn, "n_neg": res.n_neg, "n_pos": res.n_pos,
         "test_accuracy_of_attack": res.accuracy,
         "threshold": res.threshold,
@@ -183,8 +193,11 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     rows = [{"trial_id": r["trial_id"], "seed": r["seed"], "side": r["tags"]["side"], key: float(v),
              **{k: v2 for k, v2 in r["metrics"].items() if k in ("test_accuracy", "dp_epsilon", "dp_canary_sampled")},
              "checkpoint": r.get("checkpoint") if config.save_models else None}
-            for r, v in zip(records, np.concatenate([s_in, s_out]))]  # both trainers: all "in", then "out"
-    notes = [f"D = {data.name} training split ({len(data.train)} examples); D' adds the canary: {_describe(canary)}",
+            for r, v in zip(records, scores)]
+    notes = ctx.failed_note(metrics, what="audit model(s)", effect=(
+        f"are dropped from their side, leaving {s_in.size} 'in' and {s_out.size} 'out' models of "
+        f"{config.models_per_side} each"))
+    notes += [f"D = {data.name} training split ({len(data.train)} examples); D' adds the canary: {_describe(canary)}",
              f"score: {score} ({'black box' if score == 'loss' else 'white box'}); low score = 'in'",
              f"eps_LB {res.epsilon_lower_bound:.3f} vs claimed {claimed}: FP {res.fp}/{res.n_neg}, FN "
              f"{res.fn}/{res.n_pos} on the held-out halves, confidence {config.confidence}"]

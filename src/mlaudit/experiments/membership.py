@@ -83,21 +83,25 @@ def check_membership(config: MembershipConfig, data: DataBundle) -> None:
         load_target(config, data)
 
 
-def coverage_problem(config: MembershipConfig, keep: Tensor) -> str | None:
+def coverage_problem(config: MembershipConfig, keep: Tensor, *, planned: bool = True) -> str | None:
     """Why the pool ``keep`` bool [M, N] cannot serve every attack of the config (an attack lacks its IN or
-    OUT leave-one-out shadows for some example), or None. Checked before training on the planned pool and
-    again after failed models were dropped."""
+    OUT leave-one-out shadows for some example), or None. Checked before training on the planned pool
+    (``planned``: the message says which setting to change) and again on the models left after failed ones
+    were dropped."""
     n = keep.shape[1]
     for name in config.attacks:
         r_in, r_out = attack_requirements(name, config.options_for(name))
         cov = shadow_coverage(keep, min_in=r_in, min_out=r_out)
         if cov["examples_without_in"] or cov["examples_without_out"]:
+            lack = (f"{cov['examples_without_in']} of {n} examples lack IN shadows and {cov['examples_without_out']} "
+                    f"lack OUT shadows (fewest: {cov['min_in']} IN, {cov['min_out']} OUT)")
+            needs = f"attack {name} needs >= {r_in} IN and >= {r_out} OUT shadow models for every example of every target"
+            if not planned:
+                return f"{needs}, but with the {keep.shape[0]} models left {lack}"
             need = models_needed_exact(config.pool.keep, r_in, r_out)
             return (
-                f"attack {name} needs >= {r_in} IN and >= {r_out} OUT shadow models for every example of every "
-                f"target, but with pool.models = {keep.shape[0]} and pool.keep = {config.pool.keep}, "
-                f"{cov['examples_without_in']} of {n} examples lack IN shadows and {cov['examples_without_out']} "
-                f"lack OUT shadows (fewest: {cov['min_in']} IN, {cov['min_out']} OUT); set pool.models >= {need}"
+                f"{needs}, but with pool.models = {keep.shape[0]} and pool.keep = {config.pool.keep}, {lack}; set "
+                f"pool.models >= {need}"
                 + (" or lower attack_options." + name + ".references" if config.options_for(name).get("references")
                    else " or attack_options: {" + name + ": {variance: fixed}}" if (r_in > 1 or r_out > 1)
                    and "variance" in inspect.signature(ATTACKS.get(name)).parameters else ""))
@@ -115,12 +119,12 @@ def surviving_pool(config: MembershipConfig, ctx: RunContext, keep: Tensor, reco
     models = [int(r["tags"]["model"]) for r in records]
     used = keep[models]
     if len(models) < keep.shape[0]:
-        problem = coverage_problem(config, used) if len(models) >= 2 else "fewer than 2 models are left"
+        problem = coverage_problem(config, used, planned=False) if len(models) >= 2 else "fewer than 2 models are left"
         if problem:
             lost = [t for t in ctx.failed if t.startswith(f"{prefix}-")]
             raise TrialError(lost[0], TrainingError(
                 f"{len(lost)} of the {keep.shape[0]} {prefix} models failed to train and the rest cannot serve the "
-                f"attacks: {problem}; the first failure: {ctx.failed[lost[0]]}"))
+                f"attacks: {problem}; the first failure: {ctx.failed[lost[0]]} (a --resume retries the failed models)"))
     return models, used
 
 

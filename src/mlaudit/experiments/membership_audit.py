@@ -40,11 +40,13 @@ def _slim(mt: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunContext, data: DataBundle, *,
-                    keep: Tensor, rows: Tensor, before: dict[str, Tensor], queries: tuple[str, ...]
-                    ) -> ExperimentOutput:
+                    keep: Tensor, models: list[int], rows: Tensor, before: dict[str, Tensor],
+                    queries: tuple[str, ...]) -> ExperimentOutput:
     """Train the poisoned pool; ``out`` extended (a new value) with before/after metrics on the targets
-    (``before``: the clean pool's scores [M, N] per attack)."""
-    from .membership import pool_observations, train_pool
+    (``keep`` the planned inclusion [M, N]; ``before``: the clean pool's scores [len(models), N] per attack,
+    row i from pool model ``models[i]``). A model that failed in either pool is left out of the comparison,
+    so before and after score the same models."""
+    from .membership import pool_observations, surviving_pool, train_pool
 
     ts = config.truth_serum
     assert ts is not None  # the caller checks
@@ -54,13 +56,20 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
     np.savez(ctx.artifacts / "truth_serum_targets.npz", train_index=rows[pos].numpy(), pool_position=pos.numpy(),
              wrong_label=wrong.numpy())
     records = train_pool(config, ctx, data, keep, rows, prefix="serum", role="truth-serum", view=view)
-    obs = pool_observations(config, ctx, data, records, rows, keep, queries)
+    poisoned, used = surviving_pool(config, ctx, keep, records, prefix="serum")
+    obs = pool_observations(config, ctx, data, records, rows, used, queries)
     after, diag = score_pool(obs, config.attacks, options=config.resolved_attack_options, device=ctx.device)
-    kt = keep[:, pos]
+    both = [i for i in poisoned if i in models]  # trained in both pools: the models compared
+    before = {k: v[[models.index(i) for i in both]] for k, v in before.items()}
+    after = {k: v[[poisoned.index(i) for i in both]] for k, v in after.items()}
+    kt = keep[both][:, pos]
     res: dict[str, Any] = {"targets": ts.targets, "copies": ts.copies, "pairs": int(kt.numel()),
                            "members": int(kt.sum()), "poisoned_test_accuracy": MeanSE.of(
                                np.array([r["metrics"]["test_accuracy"] for r in records])).to_dict(),
-                           "nonfinite_clipped": diag}
+                           "nonfinite_clipped": diag, "models": len(both)}
+    failed = ctx.failed_note(res, what=f"of the {keep.shape[0]} Truth Serum models",
+                             only=lambda t: t.startswith("serum-"),
+                             effect="are dropped from the poisoned pool (and from the before/after comparison)")
     cols = ["attack"] + [f"{w} {when}" for w in ["AUC (%)"] + [f"TPR @ {100 * t:g}% FPR (%)"
                                                                 for t in config.fpr_targets]
                          for when in ("before", "after")]
@@ -76,17 +85,17 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
         for t in config.fpr_targets:
             cells += [pct(pair[w]["tpr_at_fpr"][fpr_key(t)]) for w in ("before", "after")]
         table.append([name, *cells])
-    note = (f"{ts.targets} targets x {config.pool.models} models = {kt.numel()} (model, target) pairs ({int(kt.sum())} "
+    note = (f"{ts.targets} targets x {len(both)} models = {kt.numel()} (model, target) pairs ({int(kt.sum())} "
             f"members): TPR at FPR below {1 / max(kt.numel() - int(kt.sum()), 1):.2g} is read at zero false "
             "positives, so the low-FPR columns are coarse for few targets.")
     ref = next((n for n in ("lira-online", "lira-offline") if n in after), config.attacks[0])
     figs = roc_figures({f"{ref} before": before[ref][:, pos], f"{ref} after": after[ref][:, pos]}, kt,
                        {f"{ref} {w}": res[ref][w] for w in ("before", "after")}, what=" of the Truth Serum targets")
     return extended(
-        out, metrics={"truth_serum": res}, figures=figs, trials=trial_rows(records, keep),
+        out, metrics={"truth_serum": res}, figures=figs, trials=trial_rows(records, used),
         tables=[ReportTable("Truth Serum: the same attacks on the same targets, without and with poisoning",
                             cols, table, note=note)],
-        notes=[f"Truth Serum (Tramer et al. 2022): {ts.copies} copies of each of {ts.targets} targets inserted "
+        notes=[*failed, f"Truth Serum (Tramer et al. 2022): {ts.copies} copies of each of {ts.targets} targets inserted "
                f"with a wrong label into every model of a second pool (same seeds and inclusion; targets in "
                f"artifacts/truth_serum_targets.npz). {note}"])
 

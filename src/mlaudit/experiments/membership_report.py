@@ -62,6 +62,14 @@ def extended(out: ExperimentOutput, *, metrics: Mapping[str, Any] | None = None,
                             notes=[*out.notes, *notes])
 
 
+def in_counts(keep: Tensor) -> str:
+    """How many models hold each example of ``keep`` bool [M, N]: "exactly k" (the planned design), or
+    "k1 to k2" once failed models were dropped from the pool."""
+    ins = keep.sum(0)
+    lo, hi = int(ins.min()), int(ins.max())
+    return f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+
+
 def trial_rows(records: list[dict[str, Any]], keep: Tensor) -> list[dict[str, Any]]:
     return [{"trial_id": r["trial_id"], "role": r["tags"].get("role"), "model": r["tags"].get("model"),
              "seed": r["seed"], "pool_members": int(keep[i].sum()), **r["metrics"], "steps": r["steps"],
@@ -82,7 +90,7 @@ def base_report(config: MembershipConfig, data: DataBundle, obs: Observations, s
                              note=note)
     diag = metrics["diagnostics"]["nonfinite_clipped"]
     notes = [
-        f"dataset {data.name}: pool of {n} training examples, each IN for exactly {config.pool.in_per_example} of "
+        f"dataset {data.name}: pool of {n} training examples, each IN for {in_counts(obs.keep)} of "
         f"{m} models (LiRA reference inclusion, artifacts/inclusion.npy, sha256 {metrics['pool']['inclusion_sha256']})",
         f"queries: {', '.join(obs.queries)}; attack options: {metrics['pool']['attack_options']} (LiRA fits one "
         f"variance per query ('fixed') for pools under 64 models, as Carlini et al. 2022 do, unless set)",
@@ -151,8 +159,9 @@ def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Obser
     correct = obs.logits[:, :, a].argmax(-1) == obs.labels
     mem = self_influence(correct, obs.keep)
     np.save(artifacts / "memorization.npy", mem.numpy())
-    k, m = config.pool.in_per_example, obs.num_models
-    se = max_standard_error(k, m)
+    m, ins = obs.num_models, obs.keep.sum(0)
+    k_lo, k_hi = int(ins.min()), int(ins.max())  # equal unless failed models were dropped from the pool
+    se = max(max_standard_error(k_lo, m), max_standard_error(k_hi, m))  # convex in k: largest at an end
     top = torch.argsort(mem, descending=True, stable=True)[:10]
     top_rows = [{"index": int(rows[i]), "label": data.train.classes[int(obs.labels[i])], "mem": float(mem[i])}
                 for i in top]
@@ -184,7 +193,8 @@ def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Obser
     table = ReportTable("Most memorized pool examples (Feldman & Zhang self-influence)",
                         ["training index", "label", "mem"], [[r["index"], r["label"], r["mem"]] for r in top_rows])
     sp = res.get("spearman_vs_lira")
-    note = (f"memorization mem(i) = P[correct | i in S] - P[correct | i not in S] from {k} IN and {m - k} OUT models "
+    ins_note = f"{k_lo} IN and {m - k_lo} OUT" if k_lo == k_hi else f"{k_lo} to {k_hi} IN (of {m})"
+    note = (f"memorization mem(i) = P[correct | i in S] - P[correct | i not in S] from {ins_note} models "
             f"per example (standard error up to {se:.2f}); artifacts/memorization.npy. "
             + (f"Spearman correlation with the mean {sp['attack']} score over the models holding the example: "
                f"rho = {sp['rho']:.3f} (p = {sp['p_value']:.2g}). " if sp else "") + infl_note)

@@ -193,11 +193,7 @@ def train_victims(config: PoisoningConfig, ctx: RunContext, data: DataBundle, vi
 
 def failed_victims_note(ctx: RunContext, metrics: dict[str, Any]) -> list[str]:
     """Record victims skipped after a failed training in ``metrics["failed_trials"]``; the report note."""
-    if not ctx.failed:
-        return []
-    metrics["failed_trials"] = [{"trial_id": t, "error": e} for t, e in ctx.failed.items()]
-    return [f"{len(ctx.failed)} victim(s) failed to train and are left out of every number here: "
-            + "; ".join(f"{t}: {e}" for t, e in ctx.failed.items()) + " (a --resume retries them)"]
+    return ctx.failed_note(metrics, what="victim(s)")
 
 
 def victim_logits(config: PoisoningConfig, ctx: RunContext, data: DataBundle, records: Sequence[dict[str, Any]],

@@ -47,7 +47,7 @@ from .poison_task import (
     run_poisoner,
     save_poison,
 )
-from .poisoning import finished_crafters, train_victims, victim_predictions
+from .poisoning import failed_victims_note, finished_crafters, train_victims, victim_predictions
 from .targeted_poison_config import (  # noqa: F401  (the config is imported from here too)
     ExplicitScenario,
     TargetedAttack,
@@ -113,8 +113,9 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
     if config.baseline:
         views["clean"] = None
     t_train = ctx.cost.train_wall_s
-    records = train_victims(config, ctx, data, views, victims=config.victims,
-                            save_weights=True, label="training victims on the poisoned sets")
+    # a victim that fails to train is left out (named in the report); a scenario left without any fails the run
+    records = train_victims(config, ctx, data, views, victims=config.victims, save_weights=True,
+                            label="training victims on the poisoned sets", on_failure="skip")
     victim_s = ctx.cost.train_wall_s - t_train
 
     # poisoned victims are asked about their own scenario's targets, clean victims about every scenario's
@@ -140,8 +141,9 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
         per_victim[sc.index] = {"victim_success": hit.mean(1).tolist(), "victim_accuracies": accs}  # success over targets
         secs = brewed[sc.index][1]
         for v, r in enumerate(records[name]):
-            rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": sc.index, "victim": v,
-                         "success": float(hit[v].mean()), "target_predictions": preds[name][v].tolist(),
+            rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": sc.index,
+                         "victim": r["tags"]["victim"], "success": float(hit[v].mean()),
+                         "target_predictions": preds[name][v].tolist(),
                          "test_accuracy": r["metrics"]["test_accuracy"]})
         table.append([sc.index, sc.seed if sc.seed is not None else "explicit", data.train.classes[sc.target_class],
                       data.train.classes[sc.adv_class], ", ".join(map(str, sc.target_ids)), len(sc.poison_ids),
@@ -149,7 +151,8 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
                       MeanSE.of(np.array(accs)).to_dict(), round(secs, 2)])
     if config.baseline:
         for v, r in enumerate(records["clean"]):
-            rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": None, "victim": v, "success": None,
+            rows.append({"trial_id": r["trial_id"], "seed": r["seed"], "scenario": None, "victim": r["tags"]["victim"],
+                         "success": None,
                          "target_predictions": preds["clean"][v].tolist(), "test_accuracy": r["metrics"]["test_accuracy"]})
 
     poisoned_acc = np.array([r["metrics"]["test_accuracy"] for n, recs in records.items() if n != "clean" for r in recs])
@@ -188,11 +191,12 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
             exported.append(folder.relative_to(ctx.out_dir).as_posix())
             digests[exported[-1]] = view_digest(folder)
         metrics["export_digests"] = digests  # keep these: import_view(..., expected_digest=...) checks them
-    notes = [f"{len(scenarios)} scenarios x {config.victims} victims; success = target classified as the adversarial "
-             "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
-             f"victims: {config.victim_model.name} with recipe {config.victim_recipe.name}"
-             f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
-             + ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items())]
+    notes = failed_victims_note(ctx, metrics) + [
+        f"{len(scenarios)} scenarios x {config.victims} victims; success = target classified as the adversarial "
+        "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
+        f"victims: {config.victim_model.name} with recipe {config.victim_recipe.name}"
+        f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
+        + ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items())]
     if exported:
         notes.append("poisoned training sets exported (PNG + manifest + exact deltas): " + ", ".join(exported)
                      + "; their content digests are in metrics.export_digests (pass one to import_view as "

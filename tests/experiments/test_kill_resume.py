@@ -1,8 +1,10 @@
 """Every kind resumes after an interruption to the same result (issue 21: a kill-and-resume test per
 kind). The interruption is injected deterministically: the run store raises KeyboardInterrupt on the
-second trial commit (as Ctrl-C would between two models); the resumed run must report the same
-headline metrics as an uninterrupted run, retraining only what was not committed. ``max_chunk: 1``
-makes every model train alone, so resumed models are bitwise the uninterrupted ones on CPU."""
+second trial commit (as Ctrl-C would between two models); the kinds that train one model (robustness,
+certify) are interrupted right after its commit instead, before it is attacked or certified. The resumed
+run must report the same headline metrics as an uninterrupted run, retraining only what was not
+committed. ``max_chunk: 1`` makes every model train alone, so resumed models are bitwise the
+uninterrupted ones on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from mlaudit.experiments import run_experiment
+from mlaudit.experiments import experiment_kinds, run_experiment
 from mlaudit.store import RunStore
 
 ONE = {"factory": {"max_chunk": 1}, "seed": 0}
@@ -37,7 +39,28 @@ KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                "recipe": {"name": "fast", "epochs": 2}, "victims": 2,
                                "attack": {"method": "label-flip", "eps_d": 0.1}},
                               ("clean_accuracy", "poisoned_accuracy")),
+    "backdoor": ({"kind": "backdoor", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
+                  "victims": 2, "attack": {"method": "badnets", "budget": 0.03, "target_class": 0}},
+                 ("attack_success_rate", "clean_accuracy")),
+    "robustness": ({"kind": "robustness", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
+                    "threat": {"norm": "linf", "eps": [0.05, 0.1]}, "attacks": ["fgsm", "pgd"], "examples": 40},
+                   ("clean_accuracy", "robust_accuracy")),
+    "certify": ({"kind": "certify", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
+                 "sigma": 0.25, "n0": 20, "n": 200, "predict_n": 100, "alpha": 0.01, "radii": [0, 0.25],
+                 "examples": 30}, ("certified_accuracy", "smoothed_accuracy", "clean_accuracy")),
+    "federated": ({"kind": "federated", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
+                   "attack": "imprint", "users": 16, "batch": 4, "pretrain": True, "trials": 2},
+                  ("recovered", "psnr", "ssim")),
 }
+ONE_MODEL = {"robustness", "certify"}  # interrupted after their model's commit, before the attack
+
+
+def test_every_kind_has_a_kill_and_resume_case() -> None:
+    """Says (as a skip, so a kind still being built does not fail here) which kinds have no case yet."""
+    assert set(KINDS) <= set(experiment_kinds())
+    missing = sorted(set(experiment_kinds()) - set(KINDS))
+    if missing:
+        pytest.skip(f"no kill-and-resume case yet for: {', '.join(missing)}")
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -55,6 +78,8 @@ def test_interrupted_run_resumes_to_the_same_result(kind: str, tmp_path: Path, m
         if calls["n"] == 2:
             raise KeyboardInterrupt
         commit(self, *args, **kwargs)
+        if kind in ONE_MODEL:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(RunStore, "commit_trial", interrupting)
     with pytest.raises(KeyboardInterrupt):
@@ -64,7 +89,7 @@ def test_interrupted_run_resumes_to_the_same_result(kind: str, tmp_path: Path, m
     resumed = run_experiment(cfg, out=tmp_path / "cut", device="cpu", store=tmp_path / "b.db", quiet=True,
                              resume=True).results
     assert resumed["cost"]["models_resumed"] == 1
-    assert resumed["cost"]["models_trained"] == whole["cost"]["models_trained"] - 1
+    assert resumed["cost"]["models_trained"] == whole["cost"]["models_trained"] - 1  # 0 for the one-model kinds
     assert resumed["cost"]["cumulative"]["invocations"] == 2
     for k in keys:
         assert resumed["metrics"][k] == whole["metrics"][k], k

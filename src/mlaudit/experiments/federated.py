@@ -157,7 +157,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
             out.alone += int(((b >= 0) & (count == 1)).sum())
             out.shared += int(((b >= 0) & (count > 1)).sum())
             out.outside += int((b < 0).sum())
-        if out.grid is None:
+        if out.grid is None and config.grid:
             shown = m.candidate[: config.grid]
             got = torch.stack([rec.x[c].cpu() if c >= 0 else torch.zeros_like(xt[0].cpu()) for c in shown.tolist()])
             out.grid = (xt[: config.grid].cpu(), got, m.psnr[: config.grid])

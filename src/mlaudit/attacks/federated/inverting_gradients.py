@@ -6,7 +6,7 @@ behind an update by minimising
 
 over x in the data's pixel box, with Adam on the sign of the gradient and a step-decayed learning rate
 (at 3/8, 5/8 and 7/8 of the steps), from random starts, keeping the restart with the lowest objective
-(the paper's choices; its image experiments ran 4,800-24,000 steps with several restarts). The
+(the paper's choices; it runs thousands of steps, with restarts). The
 optimisation is :func:`mlaudit.craft.craft` on the :class:`GradientInversion` objective; labels are
 given, or recovered from the last layer (:mod:`.labels`: iDLG for one input, counts for a batch).
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlaudit.data.registry import DatasetSpec, load_dataset
-from mlaudit.errors import ConfigError
+from mlaudit.errors import ConfigError, TrainingError
 from mlaudit.factory import (
     FactoryJob,
     RayExecutor,
@@ -28,7 +28,7 @@ from mlaudit.factory import (
     plan_chunks,
     train_many,
 )
-from mlaudit.factory.executors import start_local_ray
+from mlaudit.factory.executors import ProcessExecutor, start_local_ray
 from mlaudit.models.registry import ModelSpec
 from mlaudit.train import Recipe
 
@@ -102,6 +102,24 @@ def test_process_executor_matches_local() -> None:
     out, seen = run(job(), "process", workers=2)
     assert sorted(seen) == ["m0", "m1", "m2", "m3"]
     assert_same_models(out, local_models(False))
+
+
+def test_process_executor_retries_a_dead_worker(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The first sub-job kills its worker process (test hook MLAUDIT_TEST_KILL_ONCE, inherited by the
+    spawned workers): the lost sub-jobs run again in a fresh pool, and every model arrives exactly
+    once, equal to the local executor's."""
+    monkeypatch.setenv("MLAUDIT_TEST_KILL_ONCE", str(tmp_path))
+    out, seen = run(job(), "process", workers=2)
+    assert (tmp_path / "killed").exists()  # a worker really died
+    assert sorted(seen) == ["m0", "m1", "m2", "m3"]
+    assert_same_models(out, local_models(False))
+
+
+def test_process_executor_gives_up_after_max_retries(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """With no retries allowed, a dead worker fails the job with a message naming the lost trials."""
+    monkeypatch.setenv("MLAUDIT_TEST_KILL_ONCE", str(tmp_path))
+    with pytest.raises(TrainingError, match="worker process died"):
+        run(job(), ProcessExecutor(workers=2, max_retries=0))
 
 
 # ------------------------------------------------------------------ ray (one local cluster for the module)

@@ -2,7 +2,8 @@
 
 ``local``    in this process (batched or sequential).
 ``process``  a local pool of spawned worker processes, one per GPU when there are several, else
-             ``workers`` CPU processes; each task trains whole chunks.
+             ``workers`` CPU processes; each task trains whole chunks; the sub-jobs of a worker that
+             died run again in a fresh pool (``max_retries``).
 ``ray``      Ray tasks of whole chunks, with fractional GPUs; connects to ``address`` or starts a
              local instance listening on 127.0.0.1 only. A task whose worker dies is retried up to
              ``max_retries`` times.
@@ -22,12 +23,13 @@ import os
 import pickle
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..registry import Registry
 from .batched import CPU_DEFAULT_CHUNK, cached_dataset, plan_groups, run_trials
 from .spec import FactoryJob, TrainedModel, TrialSpec
@@ -104,7 +106,21 @@ def _worker_init(counter: Any, threads: int) -> None:
         torch.cuda.set_device(idx % torch.cuda.device_count())
 
 
+def _kill_once_for_test() -> None:
+    """Test hook: with MLAUDIT_TEST_KILL_ONCE=<dir>, the first task that finds no marker file in <dir>
+    creates it and kills its own worker process, to exercise the executors' retry of a lost worker."""
+    marker_dir = os.environ.get("MLAUDIT_TEST_KILL_ONCE")
+    if marker_dir:
+        try:
+            fd = os.open(os.path.join(marker_dir, "killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+            os._exit(1)
+        except FileExistsError:
+            pass
+
+
 def _worker_run(job: FactoryJob) -> bytes:
+    _kill_once_for_test()
     # Plain pickle, not multiprocessing's: it would send every result tensor as a shared-memory file
     # descriptor, and a job of many models runs out of descriptors. Only our own child reads it back.
     return pickle.dumps(run_trials(job), protocol=pickle.HIGHEST_PROTOCOL)
@@ -114,31 +130,67 @@ def _worker_run(job: FactoryJob) -> bytes:
 @dataclass
 class ProcessExecutor:
     """A pool of ``workers`` spawned processes (default: one per GPU, else min(2, CPUs)), one
-    sub-job of whole chunks per task; each worker gets ``CPUs // workers`` torch threads."""
+    sub-job of whole chunks per task; each worker gets ``CPUs // workers`` torch threads and worker i
+    the GPU i mod (visible GPUs).
+
+    A worker that dies (killed, out of host memory, a crash in native code) breaks the pool: the
+    sub-jobs that had not returned are run again in a fresh pool, up to ``max_retries`` times, and
+    finished models are never trained twice (each reaches ``on_result`` once). Exceptions raised by
+    training itself (e.g. :class:`TrainingError`) are deterministic and are not retried.
+    """
 
     workers: int | None = None
+    max_retries: int = 2
     name: str = "process"
 
     def execute(self, job: FactoryJob, *, on_result: ResultFn | None = None) -> list[TrainedModel]:
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"executor 'process': workers must be >= 1, got {self.workers}")
+        if self.max_retries < 0:
+            raise ConfigError(f"executor 'process': max_retries must be >= 0, got {self.max_retries}")
         ngpu = torch.cuda.device_count() if job.device != "cpu" else 0
         n = self.workers or max(1, ngpu or min(2, os.cpu_count() or 1))
-        parts = plan_chunks(job, n)
+        pending = plan_chunks(job, n)
+        results: dict[str, TrainedModel] = {}
+        for attempt in range(self.max_retries + 1):
+            lost = self._pool(pending, n, results, on_result)
+            if not lost:
+                break
+            pending = lost
+            if attempt == self.max_retries:
+                raise TrainingError(f"executor 'process': a worker process died and {len(lost)} sub-job(s) were "
+                                    f"lost {self.max_retries + 1} times (trials "
+                                    f"{', '.join(t.trial_id for p in lost for t in p.trials)}); finished models "
+                                    "were kept. Check the host's memory (dmesg) or run with --executor local")
+            log.warning("a process worker died; retrying %d unfinished sub-job(s) in a fresh pool (%d of %d)",
+                        len(lost), attempt + 1, self.max_retries)
+        return [results[t.trial_id] for t in job.trials]
+
+    @staticmethod
+    def _pool(parts: list[FactoryJob], n: int, results: dict[str, TrainedModel],
+              on_result: ResultFn | None) -> list[FactoryJob]:
+        """Run ``parts`` in one pool of ``n`` workers; returns the parts lost to a dead worker."""
         ctx = mp.get_context("spawn")
         init = (ctx.Value("i", 0), max(1, (os.cpu_count() or 1) // n))
-        results: dict[str, TrainedModel] = {}
-        with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_init, initargs=init) as pool:
-            futures = {pool.submit(_worker_run, p.for_remote()) for p in parts}
+        lost: list[FactoryJob] = []
+        with ProcessPoolExecutor(max_workers=min(n, len(parts)), mp_context=ctx, initializer=_worker_init,
+                                 initargs=init) as pool:
+            futures = {pool.submit(_worker_run, p.for_remote()): p for p in parts}
+            waiting = set(futures)
             try:
-                while futures:
-                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                while waiting:
+                    finished, waiting = wait(waiting, return_when=FIRST_COMPLETED)
                     for f in finished:
-                        _stream(results, pickle.loads(f.result()), on_result)
+                        try:
+                            models = pickle.loads(f.result())
+                        except BrokenProcessPool:
+                            lost.append(futures[f])
+                            continue
+                        _stream(results, models, on_result)
             finally:
-                for f in futures:
+                for f in waiting:
                     f.cancel()
-        return [results[t.trial_id] for t in job.trials]
+        return lost
 
 
 @EXECUTORS.register("ray")
@@ -232,15 +284,5 @@ def start_local_ray(*, num_cpus: int, **options: Any) -> None:
 
 
 def _ray_task(base: FactoryJob, trials: tuple[TrialSpec, ...]) -> list[TrainedModel]:
-    # Test hook: MLAUDIT_TEST_KILL_ONCE=<dir> makes the first task that sees no marker file in <dir>
-    # kill its own worker process, to exercise Ray's retry of a lost worker.
-    marker_dir = os.environ.get("MLAUDIT_TEST_KILL_ONCE")
-    if marker_dir:
-        marker = os.path.join(marker_dir, "killed")
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
-            os._exit(1)
-        except FileExistsError:
-            pass
+    _kill_once_for_test()
     return run_trials(base.with_trials(trials).slim_views())

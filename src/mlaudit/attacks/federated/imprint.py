@@ -91,7 +91,7 @@ def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement:
     if len(public_x) < bins:
         raise ConfigError(f"imprint bins = {bins} exceeds the {len(public_x)} public inputs its quantiles are estimated "
                           f"from; allowed 1 <= bins <= {len(public_x)}")
-    x = public_x.detach().flatten(1).double()
+    x = public_x.detach().flatten(1).double().cpu()  # the bins are placed on the CPU, in float64
     d = x.shape[1]
     if measurement == "brightness":
         a = torch.full((d,), 1.0 / d, dtype=torch.float64)

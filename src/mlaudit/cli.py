@@ -308,6 +308,42 @@ def data_info(name: Annotated[str, typer.Argument(help="A registered dataset (se
     out_console().print(t)
 
 
+@data_app.command("verify")
+def data_verify(manifest: Annotated[Path, typer.Argument(help="JSON Lines manifest: url, sha256 and optional "
+                                                          "label, caption, path per line.")],
+                root: Annotated[Path | None, typer.Option(help="Check local copies under this folder (each entry's "
+                                                          "path, or its URL's file name) instead of downloading.")] = None,
+                timeout: Annotated[float, typer.Option(help="Seconds per download.", min=0.1)] = 10.0) -> None:
+    """Check every item of a URL-indexed dataset against the sha256 recorded when it was indexed.
+
+    Exit 0 when every item matches, 1 when any item changed (split-view poisoning or corruption) or is
+    missing, 2 when the manifest itself is malformed."""
+    from .data.manifest import fetch_all, fetch_bytes, load_manifest, verify_local
+
+    try:
+        entries = load_manifest(manifest)
+        report = (verify_local(entries, root) if root is not None
+                  else fetch_all(entries, fetch=lambda u: fetch_bytes(u, timeout=timeout)))
+    except MlauditError as e:
+        _fail(e)
+    s = report.summary()
+    t = Table(show_header=False)
+    t.add_column(no_wrap=True)
+    t.add_column()
+    for k in ("items", "accepted", "rejected", "unavailable"):
+        t.add_row(k, str(s[k]))
+    out_console().print(t)
+    bad = [i for i, st in enumerate(report.status) if st != "accepted"]
+    for i in bad[:10]:
+        why = ("sha256 differs from the manifest's" if report.status[i] == "rejected"
+               else report.errors.get(i, "unavailable"))
+        err_console().print(Text(safe(f"{report.status[i]}: line item {i + 1}, {entries[i].url}: {why}")))
+    if len(bad) > 10:
+        err_console().print(Text(f"... and {len(bad) - 10} more"))
+    if bad:
+        raise typer.Exit(1)
+
+
 SigmaOpt = Annotated[float, typer.Option("--noise-multiplier", help="Noise multiplier sigma (noise std / clip norm).")]
 RateOpt = Annotated[float, typer.Option("--sample-rate", help="Poisson sampling rate q = batch size / N.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Number of DP-SGD steps T.")]

@@ -6,7 +6,8 @@ claimed epsilon (``eps>=1.84 > claim 0.897`` when the audit refutes the claim, `
 indiscriminate-poison: the poisoned victims' accuracy and the drop from clean, in points; robustness:
 the worst case over attacks' robust accuracy at the largest eps; backdoor: the attack success rate (mean
 +- SE) and the poisoned victims' clean accuracy; certify: the smoothed classifier's certified accuracy at
-the first positive radius of ``radii``; federated: the users' inputs the server recovered (PSNR above the
+the first positive radius of ``radii``; defend: the attack success without -> with the defence, and the
+poisons a filter removed (``rm 41/43``) or the fraction of attacked inputs DPA certifies; federated: the users' inputs the server recovered (PSNR above the
 threshold) out of those behind the updates, and whether through secure aggregation.
 """
 
@@ -103,6 +104,20 @@ def _backdoor(m: Metrics) -> str | None:
     return None if text is None else text + (f" acc {_pct(acc)}" if acc is not None else "")
 
 
+def _defend(m: Metrics) -> str | None:
+    before, after = _num(m, "attack_success.no_defence.mean"), _num(m, "attack_success.defence.mean")
+    if before is None:
+        return None
+    if after is None:
+        return f"asr {_pct(before)} undefended"
+    text = f"asr {100 * before:.0f}%->{100 * after:.0f}%"
+    hit, total = _num(m, "removal.poisons_removed"), _num(m, "removal.poisons")
+    cert = _num(m, "dpa.certified_against_attack")
+    if hit is not None and total is not None:
+        return f"{text} rm {hit:.0f}/{total:.0f}"
+    return text if cert is None else f"{text} cert {_pct(cert)}"
+
+
 def _federated(m: Metrics) -> str | None:
     k, n = _num(m, "recovered.k"), _num(m, "recovered.n")
     if k is None or n is None:
@@ -123,6 +138,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "robustness": _robustness,
     "backdoor": _backdoor,
     "certify": _certify,
+    "defend": _defend,
     "federated": _federated,
 }
 
@@ -144,6 +160,7 @@ HEADLINE_LABELS = {
     "robustness": "robust accuracy, worst case over attacks at the largest eps",
     "backdoor": "attack success rate (and clean accuracy) of the poisoned victims",
     "certify": "certified accuracy of the smoothed classifier at the first l2 radius > 0",
+    "defend": "attack success without -> with the defence (filters: poisons removed; DPA: attacked inputs certified)",
     "federated": "users' inputs the server recovered from one round (PSNR >= psnr_threshold; secagg: through secure "
                  "aggregation)",
 }

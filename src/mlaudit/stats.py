@@ -25,7 +25,7 @@ from .errors import ConfigError
 __all__ = [
     "MeanSE", "mean_se", "describe", "mean_difference", "separation", "clopper_pearson", "roc_curve", "auc",
     "tpr_at_fpr", "balanced_accuracy_best", "bootstrap_ci", "roc_metrics", "fpr_key", "eps_lower_bound",
-    "format_number",
+    "format_number", "random_removal",
 ]
 
 BOOT_MEMORY_BYTES = {"cpu": 0, "cuda": 8 * 2**30}
@@ -411,3 +411,31 @@ def eps_lower_bound(fp: int, fn: int, n_neg: int, n_pos: int, *, delta: float, a
         if num > 0 and den_rate > 0:
             best = max(best, math.log(num / den_rate))
     return best
+
+
+def random_removal(sizes: Sequence[int], marked: Sequence[int], draws: Sequence[int], *, observed: int
+                   ) -> dict[str, float]:
+    """How many marked rows a *random* filter removes: from each group g (a class) it removes ``draws[g]``
+    of its ``sizes[g]`` rows uniformly at random, ``marked[g]`` of which are marked (poisons). The count
+    removed is a sum of independent hypergeometric variables; returns its ``expected`` value
+    (sum of draws * marked / sizes) and ``p_value`` = P(count >= ``observed``), exact (the groups'
+    probability mass functions convolved): how surprising ``observed`` would be under random filtering."""
+    from scipy.stats import hypergeom
+
+    if not len(sizes) == len(marked) == len(draws):
+        raise ConfigError(f"sizes, marked and draws need one entry per group, got {len(sizes)}, {len(marked)}, "
+                          f"{len(draws)}")
+    pmf = np.ones(1)
+    expected = 0.0
+    for n, m, d in zip(sizes, marked, draws, strict=True):
+        n, m, d = int(n), int(m), int(d)
+        if not (0 <= m <= n and 0 <= d <= n):
+            raise ConfigError(f"each group needs 0 <= marked <= size and 0 <= draws <= size, got size {n}, "
+                              f"marked {m}, draws {d}")
+        if n == 0 or m == 0 or d == 0:
+            continue
+        expected += d * m / n
+        pmf = np.convolve(pmf, hypergeom.pmf(np.arange(min(m, d) + 1), n, m, d))
+    tail = float(np.clip(pmf[int(observed):].sum(), 0.0, 1.0)) if observed > 0 else 1.0
+    return {"expected": expected, "p_value": tail}
+

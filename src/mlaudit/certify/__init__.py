@@ -1,12 +1,25 @@
 """Certified robustness. Randomized smoothing (Cohen et al. 2019): PREDICT and CERTIFY of a smoothed
-classifier, certified accuracy against radius.
+classifier, certified accuracy against radius. Deep Partition Aggregation (Levine & Feizi 2021): k models
+on hash partitions of the training set, their plurality vote certified against poisoned samples.
 
     cert = certify(model, x, sigma=0.25, n0=100, n=10_000, alpha=0.001)   # Certificate of [B] tensors
     certified_accuracy(cert.prediction, cert.radius, y, [0, 0.25, 0.5])    # float64 [3]
     predict(model, x, sigma=0.25, n=1000, alpha=0.001)                     # int64 [B], -1 = abstain
+    dpa = dpa_certify(vote_counts(pred, num_classes))   # pred [k, B] of k partition models -> DPACertificate
 """
 
 from .curves import certified_accuracy, certified_curve, certified_mask
+from .partition import (
+    DPACertificate,
+    dpa_certify,
+    partition_masks,
+    partition_of,
+    partition_trials,
+    partitions_touched,
+    symmetric_difference,
+    view_partitions,
+    vote_counts,
+)
 from .smoothing import (
     ABSTAIN,
     Certificate,
@@ -22,7 +35,8 @@ from .smoothing import (
 )
 
 __all__ = [
-    "ABSTAIN", "Certificate", "binomial_pvalue", "certified_accuracy", "certified_curve", "certified_mask", "certify",
-    "certify_from_counts", "max_radius", "min_certify_n", "min_predict_n", "predict", "predict_from_counts",
-    "sample_counts",
+    "ABSTAIN", "Certificate", "DPACertificate", "binomial_pvalue", "certified_accuracy", "certified_curve",
+    "certified_mask", "certify", "certify_from_counts", "dpa_certify", "max_radius", "min_certify_n", "min_predict_n",
+    "partition_masks", "partition_of", "partition_trials", "partitions_touched", "predict", "predict_from_counts",
+    "sample_counts", "symmetric_difference", "view_partitions", "vote_counts",
 ]

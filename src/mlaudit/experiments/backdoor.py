@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..attacks.poisoning import Poison
 from ..attacks.poisoning.backdoor import apply_trigger
+from ..data.base import DataBundle
 from ..report.figures import accuracy_bars, perturbation_grid
 from ..report.html import ReportTable
 from ..stats import MeanSE, mean_difference
@@ -54,19 +56,7 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
     data = ctx.load_dataset(config.dataset)
     a, opts = config.attack, config.attack.backdoor
     trigger = opts.trigger.build(data.input_shape)
-    eps = a.eps / 255 if a.eps is not None else None
-    loaded = load_poison(ctx, "poison", data.train, ids=torch.zeros(0, dtype=torch.long), eps=None)
-    if loaded is not None:  # resumed: exactly the poison of the interrupted run
-        poison, seconds = loaded[0], loaded[1]
-        crafters = finished_crafters(ctx)
-    else:
-        models, crafters = attacker_models(config, ctx, data, a.entry)
-        task = poison_task(config, ctx, data, models, seed=config.trial_seed(0, stream=Stream.ATTACK), eps=eps)
-        poison, seconds = run_poisoner(a.entry, task, ctx, f"poisoning with {a.method}")
-        del models
-        assert poison.view is not None  # backdoor poisoners return views
-        poison.view = poison.view.with_meta(method=a.method)
-        save_poison(ctx, "poison", poison, seconds=seconds)
+    poison, seconds, crafters = build_poison(config, ctx, data)
     view = poison.view
     assert view is not None
     views = {"clean": None, "poisoned": view} if config.baseline else {"poisoned": view}
@@ -74,16 +64,9 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
                          label="training victims", on_failure="skip")
 
     rows = source_test_rows(config, data)
-    x_trig = apply_trigger(data.test.x[rows], trigger)
-    target = opts.target_class
-
-    def score(records: list[Any]) -> list[dict[str, int]]:
-        pred = victim_logits(config, ctx, data, records, x_trig).argmax(-1)  # [V, n]
-        return [{"hits": int((p == target).sum()), "n": int(p.numel())} for p in pred]
-
-    scored = {name: ctx.derived(rs, key="backdoor", compute=score, keep_weights=config.save_models)
-              for name, rs in recs.items()}
-    asr = {name: np.array([s["hits"] / s["n"] for s in ss]) for name, ss in scored.items()}
+    x_trig = triggered_test_inputs(config, data)
+    asr = {name: attack_success(config, ctx, data, rs, x_trig, keep_weights=config.save_models)
+           for name, rs in recs.items()}
     acc = {name: np.array([r["metrics"]["test_accuracy"] for r in rs]) for name, rs in recs.items()}
 
     n = len(data.train)
@@ -110,7 +93,7 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
               for name, rs in recs.items() for i, r in enumerate(rs)]
     notes = failed_victims_note(ctx, metrics) + [
         f"{p} of {n} training images of {data.name} poisoned ({100 * p / n:.2f}%) with {a.method}: "
-        f"{opts.trigger.describe()}, target class {data.train.classes[target]}"
+        f"{opts.trigger.describe()}, target class {data.train.classes[opts.target_class]}"
         + ("" if a.eps is None else f", crafted within eps {a.eps:g}/255 outside the trigger (the trigger's pixels "
                                     "are outside that budget)")
         + f". ASR: triggered test inputs of the source classes ({int(rows.sum())}, target class left out) classified "
@@ -120,6 +103,47 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
                             figures=_figures(metrics, data.train.x, data.train.y, view, trigger.picture(),
                                              [str(c) for c in data.train.classes]),
                             notes=notes)
+
+
+def build_poison(config: BackdoorConfig, ctx: RunContext, data: DataBundle) -> tuple[Poison, float, list[dict[str, Any]]]:
+    """The config's poison (a view over the clean training split), its seconds and the records of the
+    crafting models: built once by the ``backdoor`` poisoner ``attack.method`` and kept under
+    ``artifacts/poisons/poison`` (a resumed run reloads exactly the poison of the interrupted one)."""
+    a = config.attack
+    loaded = load_poison(ctx, "poison", data.train, ids=torch.zeros(0, dtype=torch.long), eps=None)
+    if loaded is not None:  # resumed: exactly the poison of the interrupted run
+        return loaded[0], loaded[1], finished_crafters(ctx)
+    eps = a.eps / 255 if a.eps is not None else None
+    models, crafters = attacker_models(config, ctx, data, a.entry)
+    task = poison_task(config, ctx, data, models, seed=config.trial_seed(0, stream=Stream.ATTACK), eps=eps)
+    poison, seconds = run_poisoner(a.entry, task, ctx, f"poisoning with {a.method}")
+    del models
+    assert poison.view is not None  # backdoor poisoners return views
+    poison.view = poison.view.with_meta(method=a.method)
+    save_poison(ctx, "poison", poison, seconds=seconds)
+    return poison, seconds, crafters
+
+
+def triggered_test_inputs(config: BackdoorConfig, data: DataBundle) -> torch.Tensor:
+    """The test inputs of the source classes (target class left out) with the trigger applied: what the
+    attack success rate is measured on."""
+    trigger = config.attack.backdoor.trigger.build(data.input_shape)
+    return apply_trigger(data.test.x[source_test_rows(config, data)], trigger)
+
+
+def attack_success(config: BackdoorConfig, ctx: RunContext, data: DataBundle, records: list[Any],
+                   x_trig: torch.Tensor, *, keep_weights: bool = False) -> np.ndarray:
+    """Attack success rate [V] of saved victims on the triggered inputs ``x_trig`` (the fraction
+    classified as the target), kept in the run store under ``backdoor`` (:meth:`RunContext.derived`;
+    the weights are released unless ``keep_weights``)."""
+    target = config.attack.backdoor.target_class
+
+    def score(recs: list[Any]) -> list[dict[str, int]]:
+        pred = victim_logits(config, ctx, data, recs, x_trig).argmax(-1)  # [V, n]
+        return [{"hits": int((p == target).sum()), "n": int(p.numel())} for p in pred]
+
+    scored = ctx.derived(records, key="backdoor", compute=score, keep_weights=keep_weights)
+    return np.array([s["hits"] / s["n"] for s in scored])
 
 
 def _pct(m: dict[str, Any]) -> dict[str, Any]:

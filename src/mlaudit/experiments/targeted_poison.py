@@ -88,6 +88,24 @@ def _poison(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, mod
     return poison, secs
 
 
+def craft_scenarios(config: TargetedPoisonConfig, ctx: RunContext, data: DataBundle, scenarios: list[Scenario]
+                    ) -> tuple[dict[int, tuple[Poison, float]], list[dict[str, Any]]]:
+    """Every scenario's poison and crafting seconds (by scenario index), crafted or reloaded from an
+    earlier run, and the records of the attacker's models (built only when some scenario still needs
+    crafting; else those an earlier run trained)."""
+    brewed: dict[int, tuple[Poison, float]] = {}
+    models: list | None = None  # the attacker's models, built only if some scenario still needs crafting
+    crafter_records: list[dict[str, Any]] = []
+    for sc in scenarios:
+        if models is None and not has_poison(ctx, _poison_name(sc)):
+            models, crafter_records = attacker_models(config, ctx, data, config.attack.entry)
+        brewed[sc.index] = _poison(config, ctx, data, models or [], sc)
+    del models
+    if not crafter_records:  # every poison came from an earlier run: report its crafting models
+        crafter_records = finished_crafters(ctx)
+    return brewed, crafter_records
+
+
 # scenario k's seed, poisons and victims "s<k>-v<i>" (seed victim_seed(i)) do not depend on the counts,
 # so a study can grow: 4 scenarios x 2 victims resumed with scenarios 8 trains only the new ones
 @register_experiment("targeted-poison", config=TargetedPoisonConfig, check=check_targeted,
@@ -97,19 +115,8 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
     data = ctx.load_dataset(config.dataset)
     scenarios = build_scenarios(config, data)
     eps = config.attack.eps / 255
-    views: dict[str, DataView | None] = {}
-    brewed: dict[int, tuple[Poison, float]] = {}
-    models: list | None = None  # the attacker's models, built only if some scenario still needs crafting
-    crafter_records: list[dict[str, Any]] = []
-    for sc in scenarios:
-        if models is None and not has_poison(ctx, _poison_name(sc)):
-            models, crafter_records = attacker_models(config, ctx, data, config.attack.entry)
-        poison, secs = _poison(config, ctx, data, models or [], sc)
-        brewed[sc.index] = (poison, secs)
-        views[f"s{sc.index:03d}"] = poison.view
-    del models
-    if not crafter_records:  # every poison came from an earlier run: report its crafting models
-        crafter_records = finished_crafters(ctx)
+    brewed, crafter_records = craft_scenarios(config, ctx, data, scenarios)
+    views: dict[str, DataView | None] = {f"s{sc.index:03d}": brewed[sc.index][0].view for sc in scenarios}
     if config.baseline:
         views["clean"] = None
     t_train = ctx.cost.train_wall_s

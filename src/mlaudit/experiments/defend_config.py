@@ -1,0 +1,223 @@
+"""The ``defend`` kind's config (see :mod:`.defend` for the protocol and docs/defend.md for every field):
+the poisoning study it defends against (``attack``: a ``backdoor`` or a ``targeted-poison`` attack
+block, told apart by its method; their crafting, victim, victims and scenario fields) and the
+``defence`` block; and the checks that need the data (:func:`check_defend`), all before anything is
+written.
+
+    kind: defend
+    dataset: digits
+    model: mlp
+    recipe: fast
+    attack: {method: badnets, budget: 0.03, target_class: 0}    # or a targeted-poison attack block
+    defence: {method: spectral, rate: 0.25}                     # | outlier | activation-clustering | knn | dpa | none
+    victims: 2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..attacks.poisoning import POISONERS
+from ..certify.partition import partition_of
+from ..config import format_validation_error
+from ..data.base import DataBundle
+from ..defences import FILTERS
+from ..errors import ConfigError
+from ..query import model_template, penultimate_features
+from ..train.recipe import Recipe
+from .backdoor_config import BackdoorAttack, BackdoorConfig, check_backdoor
+from .base import recipe_value
+from .poisoning import PoisoningConfig
+from .targeted_poison import check_targeted
+from .targeted_poison_config import ExplicitScenario, TargetedAttack, TargetedPoisonConfig
+
+DPA = "dpa"
+NONE = "none"
+DPA_K = 50
+"""Partitions of DPA when ``defence.k`` is not given (the smallest ensemble of Levine & Feizi's CIFAR-10 table)."""
+KNN_K = 10
+"""Neighbours of the kNN filter when ``defence.k`` is not given."""
+
+
+def defence_methods() -> list[str]:
+    """Every ``defence.method``: the filters of :data:`mlaudit.defences.FILTERS`, ``dpa`` and ``none``."""
+    return [*FILTERS.names(), DPA, NONE]
+
+
+_APPLIES = {"rate": "the filtering defences", "k": "knn (neighbours) and dpa (partitions)",
+            "components": "activation-clustering", "size_threshold": "activation-clustering",
+            "recipe": "dpa (the partition models' recipe)"}
+
+
+class DefenceOptions(BaseModel):
+    """``method`` (:func:`defence_methods`); ``rate``: the fraction of each class a filter removes (0 <
+    rate < 1; activation-clustering and knn apply their paper's own rule without one); ``k``: knn's
+    neighbours or dpa's partitions (>= 2; default 10 and 50); ``components`` and ``size_threshold``:
+    activation clustering's PCA dimensions and small-cluster share; ``recipe``: the partition models'
+    recipe (default: the victims'; a partition is 1/k of the data, so it may need more epochs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+    rate: float | None = Field(None, gt=0.0, lt=1.0)
+    k: int | None = Field(None, ge=2, le=1_000_000)
+    components: int | None = Field(None, ge=1, le=4096)
+    size_threshold: float | None = Field(None, gt=0.0, le=0.5)
+    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: recipe_value(v, where="defence.recipe"))] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """Fill the method's defaults in (k of knn and dpa, activation clustering's options) so the resolved
+        config shows what ran."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
+            return data
+        data, method = dict(data), data["method"]
+        if method in (DPA, "knn") and data.get("k") is None:
+            data["k"] = DPA_K if method == DPA else KNN_K
+        if method == "activation-clustering":
+            defaults = FILTERS.get(method).options.model_fields
+            for name in ("components", "size_threshold"):
+                if data.get(name) is None:
+                    data[name] = defaults[name].default
+        return data
+
+    @model_validator(mode="after")
+    def _applies(self) -> DefenceOptions:
+        methods = defence_methods()
+        if self.method not in methods:
+            raise ValueError(f"defence.method = {self.method!r} is not a defence; valid: {', '.join(methods)}")
+        used = {"rate": self.method in FILTERS, "k": self.method in ("knn", DPA),
+                "components": self.method == "activation-clustering",
+                "size_threshold": self.method == "activation-clustering", "recipe": self.method == DPA}
+        for name, ok in used.items():
+            if getattr(self, name) is not None and not ok:
+                raise ValueError(f"defence.{name} applies to {_APPLIES[name]}, not to defence.method "
+                                 f"{self.method!r} (leave it out)")
+        if self.method in FILTERS and self.rate is None and not FILTERS.get(self.method).rate_optional:
+            raise ValueError(f"defence.rate is required for {self.method}: the fraction of each class it removes, "
+                             "0 < rate < 1 (Tran et al. remove 1.5 x the poisoned fraction)")
+        return self
+
+    @property
+    def is_filter(self) -> bool:
+        return self.method in FILTERS
+
+    def filter_options(self) -> dict[str, Any]:
+        """The filter's own options (``k`` of knn, activation clustering's), validated."""
+        entry = FILTERS.get(self.method)
+        given = {k: getattr(self, k) for k in ("k", "components", "size_threshold")
+                 if k in entry.options.model_fields and getattr(self, k) is not None}
+        return entry.make_options(given, where="defence").model_dump()
+
+
+def _attack_value(v: Any) -> Any:
+    """A raw attack block becomes the attack of the family its method belongs to (backdoor or targeted)."""
+    if not isinstance(v, Mapping):
+        return v
+    method = v.get("method")
+    families = {"backdoor": BackdoorAttack, "targeted": TargetedAttack}
+    valid = {f: POISONERS.names(f) for f in families}
+    for family, cls in families.items():
+        if method in valid[family]:
+            try:
+                return cls.model_validate(v)
+            except ValidationError as e:
+                raise ConfigError(format_validation_error(e, prefix="attack", model=cls)) from None
+    raise ValueError(f"attack.method = {method!r} is not a poisoning attack the defend kind runs; valid: backdoor "
+                     f"{', '.join(valid['backdoor'])}; targeted {', '.join(valid['targeted'])}")
+
+
+class DefendConfig(PoisoningConfig):
+    """See :mod:`.defend` and docs/defend.md."""
+
+    kind: Literal["defend"] = "defend"
+    attack: Annotated[BackdoorAttack | TargetedAttack, BeforeValidator(_attack_value)]
+    defence: DefenceOptions
+    victims: int = Field(2, ge=1, le=10_000)
+    scenarios: int | tuple[ExplicitScenario, ...] = 1
+    first_scenario: int = Field(0, ge=0, le=10_000)
+    save_models: bool = False
+
+    @field_validator("defence", mode="before")
+    @classmethod
+    def _defence(cls, v: Any) -> Any:
+        return {"method": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _study(self) -> DefendConfig:
+        if isinstance(self.attack, BackdoorAttack):
+            fields = type(self).model_fields
+            given = [k for k in ("scenarios", "first_scenario") if getattr(self, k) != fields[k].default]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to targeted attacks; attack.method {self.attack.method} is "
+                                 "a backdoor (leave them out)")
+        try:
+            self.study()
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e)) from None
+        return self
+
+    @property
+    def family(self) -> str:
+        """``backdoor`` or ``targeted``: the poisoning kind whose attack this defends against."""
+        return self.attack.family
+
+    def study(self) -> BackdoorConfig | TargetedPoisonConfig:
+        """The poisoning kind's own config of this attack (its crafting, victims, scenarios; no clean
+        baseline, no export): the kinds' poisons, victims and checks run on it unchanged."""
+        common = {k: getattr(self, k) for k in PoisoningConfig.model_fields if k != "kind"}
+        if isinstance(self.attack, BackdoorAttack):
+            return BackdoorConfig(**common, attack=self.attack, victims=self.victims, baseline=False,
+                                  save_models=self.save_models)
+        return TargetedPoisonConfig(**common, attack=self.attack, victims=self.victims, baseline=False, export=False,
+                                    alignment=False, save_models=self.save_models, scenarios=self.scenarios,
+                                    first_scenario=self.first_scenario)
+
+    @property
+    def partition_recipe(self) -> Recipe:
+        """The recipe of DPA's partition models (``defence.recipe``, else the victims')."""
+        return self.defence.recipe or self.victim_recipe
+
+
+def check_defend(config: DefendConfig, data: DataBundle) -> None:
+    """Runner hook, before anything is written: the attack's own checks (the poisoning kind's), then the
+    defence's: a filter needs a linear head on the victim model (its penultimate features) and a rate that
+    removes rows; knn needs more rows than neighbours; dpa needs k <= the training set and no empty
+    partition of the clean training set."""
+    study = config.study()
+    (check_backdoor if isinstance(study, BackdoorConfig) else check_targeted)(study, data)
+    d, n = config.defence, len(data.train)
+    if d.is_filter:
+        try:
+            penultimate_features(model_template(config.victim_model, data))
+        except ConfigError as e:
+            raise ConfigError(f"defence.method {d.method} filters in the victims' penultimate feature space: {e}") from None
+        if d.rate is not None and d.rate * max(int((data.train.y == c).sum()) for c in range(data.num_classes)) < 0.5:
+            raise ConfigError(f"defence.rate = {d.rate:g} removes no row of any class of {data.name} (the largest "
+                              f"class has {int(data.train.y.bincount().max())} rows); raise it")
+        if d.k is not None and d.k >= n:
+            raise ConfigError(f"defence.k = {d.k} neighbours needs more training rows than k; {data.name} has {n} "
+                              f"(allowed 2 <= defence.k <= {n - 1})")
+    if d.method == DPA:
+        assert d.k is not None
+        if d.k > n:
+            raise ConfigError(f"defence.k = {d.k} partitions exceeds the {n} training rows of {data.name}; allowed "
+                              f"2 <= defence.k <= {n}")
+        sizes = partition_of(data.train.x, d.k).bincount(minlength=d.k)
+        empty = int((sizes == 0).sum())
+        if empty:
+            raise ConfigError(f"defence.k = {d.k} leaves {empty} of the {d.k} partitions of the {n} training rows of "
+                              f"{data.name} empty (a base model with nothing to train on); use fewer partitions "
+                              f"(about n / 5 = {max(2, n // 5)} or less)")

@@ -135,6 +135,10 @@ def _bad(**change: Any) -> dict[str, Any]:
     ({"attack_options": {"pgd": {"loss": "nope"}}}, ["unknown", "'nope'", "dlr"]),
     ({"examples": 0}, ["examples", "1 <= examples"]),
     ({"examples": 100_000}, ["examples = 100000 exceeds the 359 examples", "test split"]),
+    ({"defence": {"transform": "blur"}}, ["defence.transform", "bit-depth"]),
+    ({"defence": {"transform": "bit-depth", "bits": 9}}, ["defence.bits", "8"]),
+    ({"defence": {"transform": "resize-pad", "max_size": 8}}, ["defence.max_size = 8", "> the image side 8"]),
+    ({"defence": {"transform": "noise", "eot": 0}}, ["defence.eot", "1"]),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, Any], words: list[str]) -> None:
     cfg = tmp_path / "bad.yaml"
@@ -179,3 +183,18 @@ def test_adversarial_recipe_bad_input(recipe: dict[str, Any], words: list[str]) 
         assert w in str(ei.value)
     with pytest.raises(ConfigError, match="recipe.adversarial"):
         parse_config({**BASE, "recipe": {"name": "fast", "adversarial": {"eps": 0.1}}, "trainer": "pkg.mod:fit"})
+
+
+def test_defence_non_adaptive_vs_adaptive(tmp_path: Path) -> None:
+    """Seed 003's lesson through the kind: bit-depth reduction looks robust to PGD through its (zero)
+    gradient and falls to BPDA; the table and metrics show both side by side."""
+    cfg = {**BASE, "attacks": ["pgd"], "threat": {"norm": "linf", "eps": [0.3]}, "examples": 60, "grid": 0,
+           "sanity": False, "defence": {"transform": "bit-depth", "bits": 2, "steps": 10}}
+    r = go(cfg, tmp_path / "run")
+    d = r["metrics"]["defence"]
+    at = d["by_eps"]["0.3"]
+    assert d["bpda"] and d["eot"] == 1 and d["transform"] == "bit-depth"
+    assert at["robust_naive"] > at["robust_adaptive"] + 0.3
+    assert d["adaptive_gap_at_max_eps"] == pytest.approx(at["robust_naive"] - at["robust_adaptive"])
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "non-adaptive vs adaptive" in html

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks.evasion import EVASION_ATTACKS, fgsm, pgd
+from ..attacks.evasion.adaptive import evaluate_defence
 from ..attacks.evasion.sanity import masking_flags, pgd_loss_curve
 from ..data.base import DataBundle
 from ..factory import TrialSpec
@@ -179,6 +180,9 @@ def run_robustness(config: RobustnessConfig, ctx: RunContext) -> ExperimentOutpu
                                   [[c["model"], c["check"], c["flagged"], c["detail"]] for c in checks],
                                   note="a flag means the robust accuracy above is likely an over-estimate; evaluate "
                                        "with adaptive attacks (EOT, BPDA) before trusting it"))
+    if config.defence is not None:
+        metrics["defence"], table = _defence(config, evals, x, y)
+        tables.append(table)
     trials = [{"trial_id": tid, "seed": seed, "clean_accuracy": float(ev.clean.float().mean()),
                **{f"robust_{name}@{_key(th.eps[-1])}": float(robust[name][i, -1].float().mean()) for name in robust}}
               for i, (tid, seed, ev) in enumerate(evals)]
@@ -187,6 +191,39 @@ def run_robustness(config: RobustnessConfig, ctx: RunContext) -> ExperimentOutpu
     if config.grid:
         figures.update(_grid(config, evals[0][2]))
     return ExperimentOutput(metrics=metrics, trials=trials, tables=tables, figures=figures, notes=notes)
+
+
+DEFENCE_ROWS = (("clean_defended", "clean, defended"), ("robust_undefended", "PGD on the bare model"),
+                ("robust_transfer", "non-adaptive: transfer from the bare model"),
+                ("robust_naive", "non-adaptive: PGD through the defence"),
+                ("robust_adaptive", "adaptive: PGD with BPDA / EOT"))
+
+
+def _defence(config: RobustnessConfig, evals: list[tuple[str, int | None, _Evaluation]], x: Tensor, y: Tensor
+             ) -> tuple[dict[str, Any], ReportTable]:
+    """Non-adaptive vs adaptive accuracy of the models behind ``config.defence`` at every eps (mean over models)."""
+    d = config.defence
+    assert d is not None
+    th = config.threat
+    per_eps: dict[str, dict[str, float]] = {}
+    for e in th.eps:
+        runs = [evaluate_defence(ev.model, x, y, transform=d.transform, eps=e, norm=th.norm, steps=d.steps,
+                                 eot=d.eot, draws=d.draws, seed=ev.seed, box=th.box, **d.options())
+                for _, _, ev in evals]
+        per_eps[_key(e)] = {k: float(np.mean([r[k] for r in runs])) for k, _ in DEFENCE_ROWS}
+    first = runs[0]
+    out = {"transform": d.transform, "options": d.options(), "steps": d.steps, "eot": first["eot"],
+           "bpda": first["bpda"], "draws": first["draws"], "by_eps": per_eps,
+           "adaptive_gap_at_max_eps": per_eps[_key(th.eps[-1])]["robust_naive"]
+           - per_eps[_key(th.eps[-1])]["robust_adaptive"]}
+    cols = ["evaluation", *[f"eps {_key(e)}" for e in th.eps]]
+    rows = [[label, *[per_eps[_key(e)][k] for e in th.eps]] for k, label in DEFENCE_ROWS]
+    how = ("BPDA (identity backward)" if first["bpda"] else "autograd") + (
+        f", EOT over {first['eot']} draws" if first["eot"] > 1 else "")
+    note = (f"defence {d.transform} {d.options()}; PGD-{d.steps}; adaptive attack: {how}; accuracies of a randomised "
+            f"defence are means over {first['draws']} draws. A defence that holds only against the non-adaptive rows "
+            "is masking gradients (Athalye et al. 2018).")
+    return out, ReportTable("Defence: non-adaptive vs adaptive robust accuracy", cols, rows, note=note)
 
 
 def _eps_table(config: RobustnessConfig, by_eps: dict[str, list[dict[str, Any]]]) -> ReportTable:

@@ -75,6 +75,29 @@ class ThreatModel(BaseModel):
         return (hi - lo) * (1.0 if self.norm == "linf" else math.sqrt(dim))
 
 
+class DefenceSpec(BaseModel):
+    """An input-transformation defence put in front of the model and evaluated non-adaptively and
+    adaptively side by side (:func:`mlaudit.attacks.evasion.adaptive.evaluate_defence`): ``transform``
+    with its option (``bits``, ``quality``, ``max_size``, ``sigma``), PGD with ``steps`` steps, EOT over
+    ``eot`` draws for randomised transforms, accuracies of randomised defences averaged over ``draws``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transform: Literal["bit-depth", "jpeg", "resize-pad", "noise"]
+    bits: int = Field(4, ge=1, le=8)
+    quality: int = Field(75, ge=1, le=95)
+    max_size: int | None = Field(None, ge=2, le=4096)
+    sigma: float = Field(0.25, gt=0, le=10)
+    steps: int = Field(50, ge=1, le=10_000)
+    eot: int = Field(8, ge=1, le=1024)
+    draws: int = Field(8, ge=1, le=1024)
+
+    def options(self) -> dict[str, Any]:
+        """The transform's own option, as :class:`~mlaudit.attacks.evasion.defended.Defended` takes it."""
+        return {"bit-depth": {"bits": self.bits}, "jpeg": {"quality": self.quality},
+                "resize-pad": {"max_size": self.max_size}, "noise": {"sigma": self.sigma}}[self.transform]
+
+
 class TargetModel(BaseModel):
     """An external model to evaluate: a state_dict ``checkpoint`` of the config's model (verified against
     ``sha256`` when given)."""
@@ -98,6 +121,8 @@ class RobustnessConfig(ExperimentConfig):
     sanity: bool = True
     grid: int = Field(8, ge=0, le=32)
     """Adversarial examples shown in the report's grid (0: none)."""
+    defence: DefenceSpec | None = None
+    """Also evaluate the model behind this input transformation, non-adaptively and adaptively."""
 
     @field_validator("attacks")
     @classmethod
@@ -176,6 +201,19 @@ def check_robustness(config: RobustnessConfig, data: DataBundle) -> None:
                 check_loss(loss, data.num_classes, targeted=name == "apgd-t")
             except ConfigError as e:
                 raise ConfigError(f"attack {name} on {data.name}: {e}") from None
+    d = config.defence
+    if d is not None:
+        shape = data.input_shape
+        if len(shape) != 3 and d.transform in ("jpeg", "resize-pad"):
+            raise ConfigError(f"defence.transform = {d.transform!r} needs images [C, H, W]; {data.name} has inputs of "
+                              f"shape {list(shape)}; allowed for vectors: bit-depth, noise")
+        if d.transform == "jpeg" and shape[0] not in (1, 3):
+            raise ConfigError(f"defence.transform = 'jpeg' needs 1 or 3 channels, {data.name} has {shape[0]}")
+        if d.transform == "resize-pad" and d.max_size is not None and d.max_size <= max(shape[1:]):
+            raise ConfigError(f"defence.max_size = {d.max_size}; allowed > the image side {max(shape[1:])}")
+        if d.transform in ("bit-depth", "jpeg") and tuple(config.threat.box) != (0.0, 1.0):
+            raise ConfigError(f"defence.transform = {d.transform!r} works on pixels in [0, 1]; threat.box is "
+                              f"{list(config.threat.box)}")
     if config.target is not None:
         load_target(config, data)
 

@@ -24,14 +24,16 @@ from .base import Norm, check_inputs, check_loss, check_positive, register_evasi
 @register_evasion("apgd")
 def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: Norm = "linf", steps: int = 100,
          restarts: int = 1, loss: str = "ce", random_start: bool = True, box: tuple[float, float] = (0.0, 1.0),
-         batch_size: int | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape] with ||x_adv - x|| <= eps (APGD-CE / APGD-DLR)."""
+         batch_size: int | None = None, generator: torch.Generator | None = None, eot: int = 1) -> Tensor:
+    """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape] with ||x_adv - x|| <= eps (APGD-CE / APGD-DLR);
+    ``eot`` > 1: the loss is averaged over that many forward passes per step (randomised defences)."""
     check_loss(loss, check_inputs(model, x, y, eps=eps, norm=norm, box=box), targeted=False)
-    check_positive("apgd", steps=steps, restarts=restarts)
+    check_positive("apgd", steps=steps, restarts=restarts, eot=eot)
     if eps == 0:
         return x.detach().clone()
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=steps, optimizer="apgd", lr=2.0,
-                      restarts=restarts, random_start=random_start, generator=generator, batch_size=batch_size)
+                      restarts=restarts, random_start=random_start, generator=generator, batch_size=batch_size,
+                      eot=eot)
 
 
 @register_evasion("apgd-t")

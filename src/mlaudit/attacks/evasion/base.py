@@ -142,19 +142,33 @@ class EvasionObjective:
     the same forward pass as the loss."""
 
     def __init__(self, model: nn.Module, y: Tensor, *, loss: str = "ce", target: Tensor | None = None,
-                 goal: Goal = "misclassify") -> None:
+                 goal: Goal = "misclassify", eot: int = 1) -> None:
         if goal == "target" and target is None:
             raise ConfigError("goal 'target' needs target labels")
-        self.model, self.y, self.target, self.goal = model, y, target, goal
+        if eot < 1:
+            raise ConfigError(f"eot = {eot}; allowed eot >= 1 (forward passes averaged per step)")
+        self.model, self.y, self.target, self.goal, self.eot = model, y, target, goal, eot
         self.loss = LOSSES.get(loss)
 
     def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        z = self.model(x_adv)
         y = self.y[idx]
         t = None if self.target is None else self.target[idx]
-        pred = z.argmax(1)
-        done = pred == t if self.goal == "target" else pred != y
-        return -self.loss(z, y, t), done
+        if self.eot == 1:
+            z = self.model(x_adv)
+            pred = z.argmax(1)
+            done = pred == t if self.goal == "target" else pred != y
+            return -self.loss(z, y, t), done
+        # Expectation over transformation (Athalye et al. 2018): a randomised model (a defence that draws
+        # its own noise, crops, ...) is run on eot copies in one batch; the loss is their mean, and an
+        # example is done when most of the copies are fooled.
+        k, b = self.eot, x_adv.shape[0]
+        z = self.model(x_adv.repeat(k, *([1] * (x_adv.dim() - 1))))  # [k*B, C], copy j at rows j*B..(j+1)*B
+        yk = y.repeat(k)
+        tk = None if t is None else t.repeat(k)
+        losses = self.loss(z, yk, tk).view(k, b)
+        pred = z.argmax(1).view(k, b)
+        hits = (pred == tk.view(k, b)) if tk is not None else (pred != y)
+        return -losses.mean(0), hits.float().mean(0) > 0.5
 
 
 def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, box: tuple[float, float],
@@ -162,12 +176,12 @@ def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str,
                schedule: Literal["step", "cosine", "constant"] = "constant", restarts: int = 1,
                random_start: bool, target: Tensor | None = None, goal: Goal = "misclassify",
                generator: torch.Generator | None = None, batch_size: int | None = None,
-               keep_best: bool = True, early_stop: bool = True) -> Tensor:
+               keep_best: bool = True, early_stop: bool = True, eot: int = 1) -> Tensor:
     """x_adv [N, *shape]: the engine's result for an :class:`EvasionObjective` (parameters frozen, the
     model in eval mode throughout; ``lr`` in units of eps)."""
     y = y.to(x.device)
     objective = EvasionObjective(model, y, loss=loss, target=None if target is None else target.to(x.device),
-                                 goal=goal)
+                                 goal=goal, eot=eot)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     with evaluating(model, requires_grad=False):
         res = craft(objective, x, constraint=make_constraint(norm, eps, box), steps=steps, optimizer=optimizer,

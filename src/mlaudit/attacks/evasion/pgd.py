@@ -20,18 +20,20 @@ from .base import Norm, check_inputs, check_loss, check_positive, check_target, 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: Norm = "linf", steps: int = 10,
         step_size: float | None = None, restarts: int = 1, random_start: bool = True, loss: str = "ce",
         target: Tensor | None = None, box: tuple[float, float] = (0.0, 1.0), batch_size: int | None = None,
-        generator: torch.Generator | None = None) -> Tensor:
+        generator: torch.Generator | None = None, eot: int = 1) -> Tensor:
     """x [N, *shape] in ``box``, y [N] (target [N] optional) -> x_adv [N, *shape] with ||x_adv - x|| <= eps.
 
-    ``step_size`` is absolute (pixel units; l2 length for l2); ``loss`` one of ``ce``, ``dlr``, ``margin``.
+    ``step_size`` is absolute (pixel units; l2 length for l2); ``loss`` one of ``ce``, ``dlr``, ``margin``;
+    ``eot`` > 1 averages the loss over that many forward passes per step (expectation over
+    transformation, for randomised models and defences).
     """
     c = check_inputs(model, x, y, eps=eps, norm=norm, box=box)
     check_loss(loss, c, targeted=target is not None)
-    check_positive("pgd", steps=steps, restarts=restarts, step_size=step_size)
+    check_positive("pgd", steps=steps, restarts=restarts, step_size=step_size, eot=eot)
     if eps == 0:
         return x.detach().clone()
     lr = 2.5 / steps if step_size is None else step_size / eps
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=steps, optimizer="pgd", lr=lr,
                       restarts=restarts, random_start=random_start, target=check_target(target, y, c),
                       goal="misclassify" if target is None else "target", generator=generator,
-                      batch_size=batch_size)
+                      batch_size=batch_size, eot=eot)

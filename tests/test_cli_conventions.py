@@ -164,6 +164,8 @@ METRICS: dict[str, tuple[dict[str, Any], str]] = {
     "backdoor": ({"attack_success_rate.mean": 0.9845, "attack_success_rate.se": 0.0062, "clean_accuracy.mean": 0.979},
                  "asr 98.5% ±0.6 acc 97.9%"),
     "federated": ({"recovered.k": 37, "recovered.n": 64, "secure_aggregation": True}, "recovered 37/64 via secagg"),
+    "defend": ({"attack_success.no_defence.mean": 0.978, "attack_success.defence.mean": 0.031,
+                "removal.poisons_removed": 41, "removal.poisons": 43}, "asr 98%->3% rm 41/43"),
 }
 
 

@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from ..attacks.poisoning import POISONERS
+from ..attacks.poisoning.backdoor import poison_count
 from ..certify.partition import partition_of
 from ..config import format_validation_error
 from ..data.base import DataBundle
@@ -36,11 +37,11 @@ from ..defences import FILTERS
 from ..errors import ConfigError
 from ..query import model_template, penultimate_features
 from ..train.recipe import Recipe
-from .backdoor_config import BackdoorAttack, BackdoorConfig, check_backdoor
+from .backdoor_config import BackdoorAttack, BackdoorConfig, check_backdoor, eligible_rows
 from .base import recipe_value
 from .poisoning import PoisoningConfig
 from .targeted_poison import check_targeted
-from .targeted_poison_config import ExplicitScenario, TargetedAttack, TargetedPoisonConfig
+from .targeted_poison_config import ExplicitScenario, TargetedAttack, TargetedPoisonConfig, build_scenarios
 
 DPA = "dpa"
 NONE = "none"
@@ -124,8 +125,11 @@ class DefenceOptions(BaseModel):
 
 def _attack_value(v: Any) -> Any:
     """A raw attack block becomes the attack of the family its method belongs to (backdoor or targeted)."""
-    if not isinstance(v, Mapping):
+    if isinstance(v, (BackdoorAttack, TargetedAttack)):
         return v
+    if not isinstance(v, Mapping):
+        raise ValueError(f"attack must be a mapping: a backdoor or targeted-poison attack block with its method, got "
+                         f"{v!r}")
     method = v.get("method")
     families = {"backdoor": BackdoorAttack, "targeted": TargetedAttack}
     valid = {f: POISONERS.names(f) for f in families}
@@ -191,10 +195,21 @@ class DefendConfig(PoisoningConfig):
         return self.defence.recipe or self.victim_recipe
 
 
+def _poison_classes(study: BackdoorConfig | TargetedPoisonConfig, data: DataBundle) -> dict[int, int]:
+    """The class(es) whose training label the poisons carry, with the class's size once poisoned: a
+    backdoor's target class (dirty-label poisons relabelled into it), each targeted scenario's poison class."""
+    counts = data.train.y.bincount(minlength=data.num_classes)
+    if isinstance(study, BackdoorConfig):
+        opts = study.attack.backdoor
+        extra = 0 if eligible_rows(study, data)[1] == "target-class" else poison_count(opts.budget, len(data.train))
+        return {opts.target_class: int(counts[opts.target_class]) + extra}
+    return {sc.poison_class: int(counts[sc.poison_class]) for sc in build_scenarios(study, data)}
+
+
 def check_defend(config: DefendConfig, data: DataBundle) -> None:
     """Runner hook, before anything is written: the attack's own checks (the poisoning kind's), then the
     defence's: a filter needs a linear head on the victim model (its penultimate features) and a rate that
-    removes rows; knn needs more rows than neighbours; dpa needs k <= the training set and no empty
+    removes rows of the poisons' class (else it cannot work); knn needs more rows than neighbours; dpa needs k <= the training set and no empty
     partition of the clean training set."""
     study = config.study()
     (check_backdoor if isinstance(study, BackdoorConfig) else check_targeted)(study, data)
@@ -204,9 +219,12 @@ def check_defend(config: DefendConfig, data: DataBundle) -> None:
             penultimate_features(model_template(config.victim_model, data))
         except ConfigError as e:
             raise ConfigError(f"defence.method {d.method} filters in the victims' penultimate feature space: {e}") from None
-        if d.rate is not None and d.rate * max(int((data.train.y == c).sum()) for c in range(data.num_classes)) < 0.5:
-            raise ConfigError(f"defence.rate = {d.rate:g} removes no row of any class of {data.name} (the largest "
-                              f"class has {int(data.train.y.bincount().max())} rows); raise it")
+        for c, size in _poison_classes(study, data).items():
+            if d.rate is not None and int(d.rate * size + 0.5) == 0:
+                raise ConfigError(f"defence.rate = {d.rate:g} removes no row of class {data.train.classes[c]} ({size} "
+                                  f"rows once poisoned), the class {config.attack.method}'s poisons are in: "
+                                  f"{d.method} could not remove a single poison; allowed {0.5 / size:.3g} <= "
+                                  "defence.rate < 1")
         if d.k is not None and d.k >= n:
             raise ConfigError(f"defence.k = {d.k} neighbours needs more training rows than k; {data.name} has {n} "
                               f"(allowed 2 <= defence.k <= {n - 1})")

@@ -14,7 +14,9 @@ victims from scratch with that training function.
 * :func:`indiscriminate`: indiscriminate poisoning (gradient canceling, label flips, parameter
   corruption; the kind ``indiscriminate-poison``, docs/indiscriminate.md);
 * :func:`backdoor`: backdoors (BadNets, blended injection, label-consistent; the kind ``backdoor``,
-  docs/backdoor.md).
+  docs/backdoor.md);
+* :func:`defend`: a backdoor or targeted attack against a defence (filtering, Deep Partition Aggregation;
+  the kind ``defend``, docs/defend.md).
 
 Each returns an :class:`~mlaudit.api.AuditResult`; ``attack`` is the kind's ``attack`` mapping and
 further config fields (``crafting``, ``victim``, ``factory``, ...) go in ``config``.
@@ -27,7 +29,7 @@ from typing import Any
 
 from .api import AuditResult, DataLike, ModelLike, TrainerLike, run_kind
 
-__all__ = ["availability", "backdoor", "indiscriminate", "targeted"]
+__all__ = ["availability", "backdoor", "defend", "indiscriminate", "targeted"]
 
 
 def _poison(kind: str, *, model: ModelLike, data: DataLike, out: str | Path, trainer: TrainerLike,
@@ -82,3 +84,16 @@ def backdoor(*, model: ModelLike, data: DataLike, out: str | Path, trainer: Trai
     return _poison("backdoor", model=model, data=data, out=out, trainer=trainer, attack=attack, victims=victims,
                    recipe=recipe, device=device, seed=seed, executor=executor, store=store, resume=resume,
                    quiet=quiet, **config)
+
+
+def defend(*, model: ModelLike, data: DataLike, out: str | Path, attack: dict[str, Any], defence: dict[str, Any] | str,
+           trainer: TrainerLike = None, victims: int = 2, recipe: Any = "fast", device: str = "auto", seed: int = 0,
+           executor: str = "local", store: str | Path | None = None, resume: bool = False, quiet: bool = True,
+           **config: Any) -> AuditResult:
+    """A poisoning defence against ``attack`` (a backdoor or targeted-poison attack mapping): ``defence`` is
+    ``{method: spectral|outlier|activation-clustering|knn|dpa|none, rate, k, ...}``; victims retrained by
+    ``trainer`` without and with it; ``metrics["attack_success"]`` (``no_defence``, ``defence``), the
+    removal vs random filtering (``metrics["removal"]``) or DPA's certificates (``metrics["dpa"]``)."""
+    return _poison("defend", model=model, data=data, out=out, trainer=trainer, attack=attack, victims=victims,
+                   recipe=recipe, device=device, seed=seed, executor=executor, store=store, resume=resume,
+                   quiet=quiet, defence=defence, **config)

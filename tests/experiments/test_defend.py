@@ -138,6 +138,17 @@ def test_dpa_interrupted_between_partition_models_resumes_to_the_same_result(tmp
         assert resumed["metrics"][key] == whole["metrics"][key], key
 
 
+def test_python_entry_point(tmp_path: Path) -> None:
+    import mlaudit.poison
+
+    r = mlaudit.poison.defend(model="mlp", data="digits", out=tmp_path / "api", device="cpu", victims=1,
+                              store=tmp_path / "runs.db", recipe={"name": "fast", "epochs": 4},
+                              attack={"method": "badnets", "budget": 0.03, "target_class": 0},
+                              defence={"method": "outlier", "rate": 0.25})
+    assert r.metrics["defence"] == {"method": "outlier", "rate": 0.25} and r.metrics["removal"]["poisons"] == 43
+    assert r.metrics["removal"]["poisons_removed"] > r.metrics["removal"]["random_poisons_removed"]
+
+
 def test_growth_equals_a_fresh_run(tmp_path: Path) -> None:
     short = {"name": "fast", "epochs": 4}
     go(cfg(victims=1, recipe=short), tmp_path)

@@ -8,12 +8,17 @@ bounds with their confidence, the models trained and the wall time.
 
 Every config is run once per canary of ``--canaries`` (default: gradient, crafted, mislabeled; the
 score follows the canary: white box for gradient, black box (loss) for the others), with the
-config's other fields unchanged. Writes benchmarks/results/dp_audit[_<name>].{json,md}.
+config's other fields unchanged. A ``design: one-run`` config (benchmarks/configs/dp_audit_one_run_*.yaml)
+keeps its canary and is run once per score of ``--one-run-scores`` (default: loss, gradient).
+Writes benchmarks/results/dp_audit[_<name>].{json,md}.
+
+    python benchmarks/dp_audit.py benchmarks/configs/dp_audit_one_run_*.yaml --device cpu --name one_run_cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -29,6 +34,7 @@ from mlaudit.experiments import run_experiment  # noqa: E402
 KEYS = ("claimed_epsilon", "epsilon_lower_bound", "confidence", "claim_refuted", "best_possible_lower_bound",
         "fp", "fn", "n_neg", "n_pos", "test_accuracy_of_attack", "accountant_epsilon", "noise_multiplier",
         "sample_rate", "score", "broken", "models", "models_per_side", "delta")
+ONE_RUN_KEYS = ("design", "canaries", "runs", "m", "r", "v", "k_pos", "k_neg", "level", "accuracy_of_guesses", "sweep")
 
 
 def run_one(cfg: dict[str, Any], device: str) -> dict[str, Any]:
@@ -38,11 +44,21 @@ def run_one(cfg: dict[str, Any], device: str) -> dict[str, Any]:
         wall = time.perf_counter() - t0
     r = res.results
     m = r["metrics"]
-    return {**{k: m.get(k) for k in KEYS}, "canary": m["canary"], "canary_score_in": m["canary_score_in"],
+    return {**{k: m.get(k) for k in KEYS + ONE_RUN_KEYS}, "canary": m["canary"], "canary_score_in": m["canary_score_in"],
             "canary_score_out": m["canary_score_out"], "canary_sampled_steps": m.get("canary_sampled_steps"),
             "wall_s": round(wall, 2), "train_wall_s": r["cost"]["train_wall_s"],
             "models_per_minute": r["cost"]["models_per_minute"], "device": r["cost"]["device"],
             "peak_gpu_mem_mb": r["cost"]["peak_gpu_mem_mb"], "config": r["config"]}
+
+
+def _row(r: dict[str, Any], what: str, counts: str) -> str:
+    """One results row: config, DP-SGD, ``what`` (canary, or canaries x runs), score, claim, bound, best
+    possible, ``counts`` (cells of its own), accountant eps, models, wall time."""
+    acc = r["accountant_epsilon"]
+    return (f"| {Path(r['config_file']).stem} | {r['broken'] or 'correct'} | {what} | {r['score']} "
+            f"| {r['claimed_epsilon']} | **{r['epsilon_lower_bound']:.3f}** ({r['confidence']:.0%}) "
+            f"| {r['best_possible_lower_bound']:.3f} | {counts} | {acc if acc is None else round(acc, 3)} "
+            f"| {r['models']} | {r['wall_s']} |\n")
 
 
 def main() -> None:
@@ -50,6 +66,7 @@ def main() -> None:
     ap.add_argument("configs", nargs="+")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--canaries", default="gradient,crafted,mislabeled")
+    ap.add_argument("--one-run-scores", default="loss,gradient", help="scores run for each design: one-run config")
     ap.add_argument("--models-per-side", type=int, default=None, help="override every config's models_per_side")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="override a config field in every config, e.g. --set recipe.epochs=2 (repeatable)")
@@ -58,31 +75,47 @@ def main() -> None:
     rows = []
     for path in args.configs:
         base = apply_overrides(load_yaml(path), args.overrides)
-        if args.models_per_side is not None:
+        one_run = base.get("design") == "one-run"
+        if args.models_per_side is not None and not one_run:
             base["models_per_side"] = args.models_per_side
-        for canary in args.canaries.split(","):
-            cfg = {**base, "canary": canary, "score": "auto"}
-            print(f"{Path(path).name} canary={canary} ...", flush=True)
+        variants = ([{"score": sc} for sc in args.one_run_scores.split(",")] if one_run
+                    else [{"canary": c, "score": "auto"} for c in args.canaries.split(",")])
+        for variant in variants:
+            cfg = {**base, **variant}
+            print(f"{Path(path).name} {variant} ...", flush=True)
             row = {"config_file": path, **run_one(cfg, args.device)}
             print(f"  eps_LB {row['epsilon_lower_bound']:.3f} (claim {row['claimed_epsilon']}, "
                   f"{row['confidence']:.0%}), {row['models']} models, {row['wall_s']} s", flush=True)
             rows.append(row)
-    env = environment() | {"data": "digits (sklearn, 1438 train / 359 test)"}
+    names = sorted({r["config"]["dataset"]["name"] for r in rows})
+    env = environment() | {"data": "digits (sklearn, 1438 train / 359 test)" if names == ["digits"] else
+                           "; ".join(f"{n}: {d}" for n, d in sorted({r["config"]["dataset"]["name"]: json.dumps(
+                               r["config"]["dataset"].get("options") or {}) for r in rows}.items()))}
     dev = rows[0]["device"] if rows else args.device
     md = (f"# DP auditing: empirical epsilon lower bounds\n\n{env['date']}, {dev}, torch {env['torch']}; "
           f"configs {', '.join(Path(p).name for p in args.configs)}"
-          + (f", overrides {args.overrides}" if args.overrides else "") + ".\n\n"
-          "| config | DP-SGD | canary | score | claimed eps | eps LB (conf.) | best possible | FP / FN (held out) "
-          "| accountant eps | models | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    for r in rows:
-        acc = r["accountant_epsilon"]
-        md += (f"| {Path(r['config_file']).stem} | {r['broken'] or 'correct'} | {r['canary']['type']} | {r['score']} "
-               f"| {r['claimed_epsilon']} | **{r['epsilon_lower_bound']:.3f}** ({r['confidence']:.0%}) "
-               f"| {r['best_possible_lower_bound']:.3f} | {r['fp']}/{r['n_neg']} , {r['fn']}/{r['n_pos']} "
-               f"| {acc if acc is None else round(acc, 3)} | {r['models']} | {r['wall_s']} |\n")
-    md += ("\neps LB: Clopper-Pearson lower bound from the held-out halves (threshold chosen on the other halves); "
-           "a bound above the claim refutes it. 'best possible' is the bound an error-free attack could show with "
-           "these many models. Wall time includes training, scoring and the report.\n")
+          + (f", overrides {args.overrides}" if args.overrides else "") + ".\n")
+    game = [r for r in rows if r["design"] != "one-run"]
+    one = [r for r in rows if r["design"] == "one-run"]
+    if game:
+        md += ("\n| config | DP-SGD | canary | score | claimed eps | eps LB (conf.) | best possible | FP / FN (held out) "
+               "| accountant eps | models | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    for r in game:
+        md += _row(r, r["canary"]["type"], f"{r['fp']}/{r['n_neg']} , {r['fn']}/{r['n_pos']}")
+    if game:
+        md += ("\neps LB: Clopper-Pearson lower bound from the held-out halves (threshold chosen on the other halves); "
+               "a bound above the claim refutes it. 'best possible' is the bound an error-free attack could show with "
+               "these many models. Wall time includes training, scoring and the report.\n")
+    if one:
+        md += ("\n## One-run audits (Steinke, Nasr & Jagielski 2023)\n\n"
+               "| config | DP-SGD | canaries x runs | score | claimed eps | eps LB (conf.) | best possible | k+ / k- "
+               "| correct / guesses | accountant eps | models | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in one:
+            md += _row(r, f"{r['canaries']} x {r['runs']}", f"{r['k_pos']} / {r['k_neg']} | {r['v']} / {r['r']}")
+        md += ("\nOne-run: each run guesses 'in' for the k+ canaries of lowest score and 'out' for the k- highest; the "
+               "bound is the largest over the sweep's (k, k), each at confidence 1 - (1 - confidence) / choices "
+               "(Bonferroni). 'best possible' is what all guesses right would show. Wall time includes training, "
+               "scoring and the report.\n")
     write_results(f"dp_audit{'_' + args.name if args.name else ''}",
                   {"environment": env, "overrides": args.overrides, "runs": rows}, md)
 

@@ -2,16 +2,22 @@
 
 The ``dp-audit`` experiment kind (:mod:`mlaudit.experiments.dp_audit`) is the protocol: it builds a
 canary (:mod:`.canaries`), trains models with and without it, scores them (:mod:`.scores`) and plays
-the distinguishing game (:mod:`.game`). The ``membership-inference`` kind estimates memorization and
+the distinguishing game (:mod:`.game`), or, with ``design: one-run``, inserts many canaries
+(:data:`.canaries.CANARY_SETS`) each with probability 1/2 into a few runs and bounds epsilon from the
+guesses (:mod:`.one_run`, Steinke, Nasr & Jagielski 2023). The ``membership-inference`` kind estimates memorization and
 influence from its pool (:mod:`.memorization`)."""
 
 from .canaries import (
     CANARIES,
+    CANARY_SETS,
     Canary,
+    CanarySet,
     coordinate_energy,
     crafted_canary,
     gradient_canary,
+    mislabeled_canaries,
     mislabeled_canary,
+    per_example_grad_chunks,
     second_moment_quotient,
     with_canary,
 )
@@ -24,24 +30,39 @@ from .game import (
     threshold_errors,
 )
 from .memorization import influence, max_standard_error, mean_member_score, self_influence
-from .scores import canary_loss, update_scores
+from .one_run import OneRunAudit, best_reachable_bound, default_choices, draw_inclusion
+from .one_run import epsilon_lower_bound as one_run_lower_bound
+from .one_run import p_value as one_run_p_value
+from .scores import canary_loss, canary_losses, input_update_scores, update_scores
 
 __all__ = [
     "CANARIES",
+    "CANARY_SETS",
     "MIN_USEFUL_EPS",
     "Canary",
+    "CanarySet",
     "Distinguisher",
+    "OneRunAudit",
     "best_possible_bound",
+    "best_reachable_bound",
     "canary_loss",
+    "canary_losses",
     "coordinate_energy",
     "crafted_canary",
+    "default_choices",
     "distinguish",
+    "draw_inclusion",
     "gradient_canary",
     "influence",
+    "input_update_scores",
     "max_standard_error",
     "mean_member_score",
+    "mislabeled_canaries",
     "mislabeled_canary",
     "models_needed",
+    "one_run_lower_bound",
+    "one_run_p_value",
+    "per_example_grad_chunks",
     "second_moment_quotient",
     "self_influence",
     "threshold_errors",

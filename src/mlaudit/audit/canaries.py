@@ -26,13 +26,19 @@ white-box canary needs it):
                 (:class:`mlaudit.train.hooks.GradientCanary`). j is the parameter coordinate with
                 the least gradient energy sum_i g_ij^2 over (up to) 2048 seeded training examples at
                 a seeded initialisation (ties broken with the seed), so that the data hardly moves it.
+
+Many canaries for one training run (the one-run audit, :mod:`mlaudit.audit.one_run`) are registered in
+:data:`CANARY_SETS` as ``make(train, *, m, seed) -> CanarySet``:
+
+``mislabeled``  m distinct training examples (a seeded choice), each inserted once more with its own
+                seeded wrong label: the ``mislabeled`` canary m times.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +99,44 @@ def mislabeled_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | No
     y = int(train.y[i])
     wrong = (y + 1 + int(rng.integers(c - 1))) % c
     return Canary(train.x[i : i + 1].clone(), wrong, i, y, details={"type": "mislabeled"})
+
+
+@dataclass(frozen=True)
+class CanarySet:
+    """m canaries of a one-run audit: inputs ``x`` float32 [m, *shape] with labels ``y`` int64 [m], where
+    each came from (``source_index`` / ``source_label`` int64 [m] into the training split, -1 when not a
+    training example) and ``details`` for the report."""
+
+    x: Tensor
+    y: Tensor
+    source_index: np.ndarray
+    source_label: np.ndarray
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.y.numel())
+
+
+CANARY_SETS: Registry[Callable[..., CanarySet]] = Registry("one-run canary")
+
+
+@CANARY_SETS.register("mislabeled")
+def mislabeled_canaries(train: TensorDataset, *, m: int, seed: int) -> CanarySet:
+    """``m`` distinct training examples chosen with ``seed``, each relabelled to its own wrong class
+    chosen with ``seed`` (the originals stay in the data: inserting a canary adds the relabelled copy)."""
+    c, n = len(train.classes), len(train)
+    if c < 2:
+        raise ConfigError(f"canary mislabeled needs >= 2 classes, the dataset has {c}")
+    if not 1 <= m <= n:
+        raise ConfigError(f"canaries = {m} mislabeled canaries need as many distinct training examples, and the "
+                          f"training split has {n}; allowed 1 <= canaries <= {n}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x43414E, 0x4D414E59]))
+    idx = np.sort(rng.choice(n, size=m, replace=False))
+    true = train.y[torch.as_tensor(idx, device=train.y.device)].cpu().numpy().astype(np.int64)
+    wrong = (true + 1 + rng.integers(c - 1, size=m)) % c
+    x = train.x[torch.as_tensor(idx, device=train.x.device)].cpu().clone()
+    return CanarySet(x, torch.as_tensor(wrong, dtype=torch.int64), idx.astype(np.int64), true,
+                     details={"type": "mislabeled"})
 
 
 def second_moment_quotient(x: Tensor, data: Tensor) -> Tensor:
@@ -167,20 +211,27 @@ def coordinate_energy(model: nn.Module, train: TensorDataset, rows: Sequence[int
                       device: str | torch.device = "cpu") -> list[Tensor]:
     """sum_i g_i^2 per parameter coordinate over the training examples ``rows`` (per-example
     cross-entropy gradients at the model's weights): one CPU tensor per parameter, its shape."""
-    dev = torch.device(device)
-    stack = StackedModels.from_modules([model], dev, strategy="vmap")
-    nparams = sum(p.numel() for p in model.parameters())
-    chunk = max(1, min(64, int(5e7 // max(nparams, 1))))  # per-example grads of <= ~200 MB at a time
-    idx = torch.as_tensor(np.asarray(rows), dtype=torch.long)
+    idx = torch.as_tensor(np.asarray(rows), dtype=torch.long).to(train.device)
     total: list[Tensor] | None = None
-    for s in range(0, len(idx), chunk):
-        sel = idx[s : s + chunk].to(train.device)
-        x, y = train.x[sel].to(dev)[None], train.y[sel].to(dev)[None]
-        (grads, _), = per_example_grads(stack, x, y)
-        sq = [g[0].float().pow(2).sum(0) for g in grads]
+    for grads in per_example_grad_chunks(model, train.x[idx], train.y[idx], device=device):
+        sq = [g.float().pow(2).sum(0) for g in grads]
         total = sq if total is None else [a + b for a, b in zip(total, sq)]
     assert total is not None
     return [t.cpu() for t in total]
+
+
+def per_example_grad_chunks(model: nn.Module, x: Tensor, y: Tensor, *, device: str | torch.device = "cpu"
+                            ) -> Iterator[list[Tensor]]:
+    """Per-example cross-entropy gradients of ``model`` at its weights on x [n, *shape], y [n], a chunk of
+    examples at a time (<= ~200 MB of gradients): per chunk, one tensor [b, *shape] per parameter
+    (``named_parameters()`` order), on ``device``."""
+    dev = torch.device(device)
+    stack = StackedModels.from_modules([model], dev, strategy="vmap")
+    nparams = sum(p.numel() for p in model.parameters())
+    chunk = max(1, min(64, int(5e7 // max(nparams, 1))))
+    for s in range(0, len(y), chunk):
+        (grads, _), = per_example_grads(stack, x[s : s + chunk].to(dev)[None], y[s : s + chunk].to(dev)[None])
+        yield [g[0] for g in grads]
 
 
 def with_canary(train: TensorDataset, canary: Canary) -> TensorDataset:

@@ -6,6 +6,10 @@
               auditor: it is part of mlaudit's seeded training) and u = e_j for the Dirac canary,
               or u = g / ||g|| with g the gradient of the canary's loss at theta_0 for an input
               canary. For the Dirac canary this is the sum of the per-step updates along j.
+
+A one-run audit (:mod:`mlaudit.audit.one_run`) scores many canaries of one model:
+:func:`canary_losses` (black box) and :func:`input_update_scores` (white box, the same statistic as
+``gradient`` for input canaries); also low = "in".
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..query import ParamVector, forward_batched, param_grad
-from .canaries import Canary, ModelFn
+from .canaries import Canary, ModelFn, per_example_grad_chunks
 
 
 def canary_loss(model: nn.Module, canary: Canary, *, device: str = "cpu") -> float:
@@ -48,3 +52,32 @@ def update_scores(model_fn: ModelFn, seeds: Sequence[int], load: Callable[[int],
         step = ParamVector({n: final[n].to(dev) for n in theta0}).to(torch.float64) - theta0.to(torch.float64)
         out[i] = float(step.dot(g) / g.norm().clamp_min(1e-30))
     return out
+
+
+def canary_losses(logits: Tensor, y: Tensor) -> np.ndarray:
+    """Black-box scores of many canaries: per-canary cross-entropy from logits [..., m, C] and labels
+    y [m] -> float64 [..., m]."""
+    lg = logits.float()
+    ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.to(lg.device).expand(*lg.shape[:-1]).reshape(-1),
+                                     reduction="none")
+    return ce.reshape(lg.shape[:-1]).double().cpu().numpy()
+
+
+def input_update_scores(model_fn: ModelFn, seed: int, final: dict[str, Tensor], x: Tensor, y: Tensor, *,
+                        device: str | torch.device = "cpu") -> np.ndarray:
+    """White-box scores of ONE model on many input canaries x [m, *shape], y [m]: <theta_T - theta_0, g_i>
+    / ||g_i|| per canary i, with theta_0 the initialisation of ``seed`` (as mlaudit's training draws it),
+    theta_T = ``final`` (a state_dict) and g_i the per-example gradient of canary i's cross-entropy at
+    theta_0 (train mode, as DP-SGD computes it). The statistic of :func:`update_scores` for input
+    canaries, for m canaries at once. Returns float64 [m]."""
+    from ..train.loop import init_models  # lazy: the training loop imports the privacy package
+
+    dev = torch.device(device)
+    m0 = init_models(model_fn, [int(seed)])[0].to(dev)
+    step = torch.cat([(final[n].to(dev, torch.float64) - p.detach().double()).flatten()
+                      for n, p in m0.named_parameters()])
+    out = []
+    for grads in per_example_grad_chunks(m0, x, y, device=dev):
+        g = torch.cat([t.flatten(1) for t in grads], 1).double()
+        out.append((g @ step) / g.norm(dim=1).clamp_min(1e-30))
+    return torch.cat(out).cpu().numpy()

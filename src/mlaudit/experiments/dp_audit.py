@@ -25,6 +25,10 @@ Canaries: ``mislabeled``, ``crafted`` (input space, ClipBKD-style) and ``gradien
 box); see :mod:`mlaudit.audit.canaries`. ``broken`` selects a deliberately broken DP-SGD
 (:data:`mlaudit.privacy.dpsgd.BROKEN`), a fixture that shows the audit catches a real bug.
 
+``design: one-run`` replaces the game with the one-run audit of Steinke, Nasr & Jagielski (NeurIPS 2023):
+many canaries, each inserted with probability 1/2, in one (or a few) training runs
+(:mod:`.dp_audit_one_run`, :mod:`mlaudit.audit.one_run`).
+
 Trainers: ``mlaudit`` (the factory, with the recipe's DP-SGD; ``dp.sample_rate`` is fixed to
 batch_size / len(D) when not given, so D and D' run the very same mechanism), or the user's own
 ``"package.module:function"`` (:mod:`mlaudit.train.trainer`), run through the same run store (resume,
@@ -56,6 +60,7 @@ from ..train.hooks import BROKEN, DPStepHooks, GradientCanary
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext, TrialRecord
 from .dp_audit_config import DPAuditConfig
+from .dp_audit_one_run import check_one_run, run_one_run_audit
 
 
 def check_dp_audit(config: DPAuditConfig, data: DataBundle) -> None:
@@ -63,7 +68,9 @@ def check_dp_audit(config: DPAuditConfig, data: DataBundle) -> None:
     user's trainer and the DP recipe: no BatchNorm, a reachable epsilon): an input canary can be made."""
     if len(data.train.classes) < 2:
         raise ConfigError(f"dp-audit needs >= 2 classes, dataset {data.name} has {len(data.train.classes)}")
-    if config.canary == "mislabeled":  # cheap; crafted and gradient canaries are optimised / measured at run
+    if config.design == "one-run":
+        check_one_run(config, data)
+    elif config.canary == "mislabeled":  # cheap; crafted and gradient canaries are optimised / measured at run
         CANARIES.get(config.canary)(data.train, seed=config.seed)
 
 
@@ -136,10 +143,13 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, canary: Can
     return np.asarray(kept, dtype=float), records
 
 
-# model i of each side has seed trial_seed(i, stream) whatever models_per_side is, so an audit can grow
-@register_experiment("dp-audit", config=DPAuditConfig, check=check_dp_audit, growable=("models_per_side",))
+# model i of each side has seed trial_seed(i, stream) whatever models_per_side is, and one-run run j its seed,
+# canaries and inclusion bits whatever runs is, so an audit can grow
+@register_experiment("dp-audit", config=DPAuditConfig, check=check_dp_audit, growable=("models_per_side", "runs"))
 def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     """Audit a DP training pipeline: an empirical epsilon lower bound beside the claimed epsilon."""
+    if config.design == "one-run":
+        return run_one_run_audit(config, ctx)
     data = ctx.load_dataset(config.dataset)
     mlaudit = config.trainer == "mlaudit"
     canary = _cached_canary(config, ctx, data)

@@ -1,24 +1,43 @@
 """The ``dp-audit`` kind's config (see :mod:`.dp_audit` for the protocol and docs/dp_audit.md for
-every field): the canary, models per side, the claim, the confidence, the score, the broken
+every field): the design (the two-sided distinguishing game, or one run with many canaries), the
+canary, models per side or canaries, guesses and runs, the claim, the confidence, the score, the broken
 fixtures; validated before any work, including whether the audit can reach a useful bound."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..audit.canaries import CANARIES
+from ..audit.canaries import CANARIES, CANARY_SETS
 from ..audit.game import MIN_USEFUL_EPS, best_possible_bound, models_needed
+from ..audit.one_run import best_reachable_bound, default_choices
 from ..train.hooks import BROKEN
 from ..train.recipe import Recipe
 from .base import ExperimentConfig
+
+ONE_RUN_FIELDS = ("canaries", "guesses", "runs")
+"""The fields of ``design: one-run`` (null under the game)."""
+
+
+class OneRunGuesses(BaseModel):
+    """A one-run auditor's guesses per run: "in" for the ``k_pos`` highest membership scores, "out" for
+    the ``k_neg`` lowest, abstain on the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k_pos: int = Field(ge=0, le=1_000_000)
+    k_neg: int = Field(ge=0, le=1_000_000)
 
 
 class DPAuditConfig(ExperimentConfig):
     """See the module docstring and docs/dp_audit.md for every field."""
 
     kind: Literal["dp-audit"] = "dp-audit"
+    design: Literal["game", "one-run"] = "game"
+    canaries: int | None = Field(None, ge=1, le=1_000_000)
+    guesses: Literal["sweep"] | OneRunGuesses | None = None
+    runs: int | None = Field(None, ge=1, le=10_000)
     canary: str = "mislabeled"
     models_per_side: int = Field(100, ge=2, le=100_000)
     confidence: float = Field(0.95, gt=0.0, lt=1.0)
@@ -42,6 +61,15 @@ class DPAuditConfig(ExperimentConfig):
         CANARIES.get(v)  # ConfigError listing the valid canaries
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_run_defaults(cls, data: Any) -> Any:
+        """``design: one-run`` fills in ``runs: 1`` and ``guesses: sweep`` (so the resolved config says them)."""
+        if isinstance(data, dict) and data.get("design") == "one-run":
+            data = {**data, "runs": 1 if data.get("runs") is None else data["runs"],
+                    "guesses": "sweep" if data.get("guesses") is None else data["guesses"]}
+        return data
+
     @model_validator(mode="after")
     def _claim(self) -> DPAuditConfig:
         if self.trainer == "mlaudit" and self.recipe.dp is None:
@@ -60,6 +88,12 @@ class DPAuditConfig(ExperimentConfig):
         if self.trainer != "mlaudit" and self.claimed_epsilon is None:
             raise ValueError(f"trainer {self.trainer!r} is the user's own: give the epsilon it claims as "
                              "claimed_epsilon (and claimed_delta, default the recipe's dp.delta or 1e-5)")
+        if self.design == "one-run":
+            return self._check_one_run()
+        given = [f"{k} = {getattr(self, k)!r}" for k in ONE_RUN_FIELDS if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: canaries, guesses and runs belong to design: one-run; the "
+                             "distinguishing game (design: game, the default) counts models_per_side")
         best = best_possible_bound(self.models_per_side, delta=self.delta, confidence=self.confidence)
         if best < MIN_USEFUL_EPS:
             need = models_needed(delta=self.delta, confidence=self.confidence)
@@ -68,6 +102,57 @@ class DPAuditConfig(ExperimentConfig):
                              f"models_per_side >= {need} (>= {models_needed(delta=self.delta, confidence=self.confidence, at_least=1.0)} "
                              "for a bound of 1)")
         return self
+
+    def _check_one_run(self) -> DPAuditConfig:
+        """design one-run: canaries given, a canary set, guesses that fit, 2 m delta <= 1, and a reachable bound."""
+        if self.canaries is None:
+            raise ValueError("design: one-run needs canaries: m, the number of canaries inserted with probability 1/2 "
+                             "each (e.g. canaries: 1000); allowed 1 <= canaries <= the training examples")
+        if self.canary not in CANARY_SETS:
+            raise ValueError(f"canary = {self.canary!r} has no one-run version; design: one-run supports canary "
+                             f"{', '.join(CANARY_SETS.names())} (the Dirac gradient canary is one per model)")
+        m, runs = self.canaries, self.runs or 1
+        if isinstance(self.guesses, OneRunGuesses):
+            k = self.guesses.k_pos + self.guesses.k_neg
+            if not 1 <= k <= m:
+                raise ValueError(f"guesses k_pos + k_neg = {self.guesses.k_pos} + {self.guesses.k_neg} = {k}; allowed "
+                                 f"1 <= k_pos + k_neg <= canaries = {m} (guesses are made on each run's canaries)")
+        if 2 * m * runs * self.delta > 1.0:
+            raise ValueError(f"canaries x runs = {m} x {runs} with delta {self.delta:g}: the one-run bound needs "
+                             f"2 x canaries x runs x delta <= 1; allowed canaries x runs <= {int(1 / (2 * self.delta) + 1e-9)}")
+        best = self.one_run_best_reachable()
+        if best < MIN_USEFUL_EPS:
+            need = next((r for r in range(1, 100_000) if best_reachable_bound(
+                m=runs * max(m, r), r=runs * r, delta=self.delta, confidence=self.confidence) >= MIN_USEFUL_EPS), None)
+            raise ValueError(f"canaries = {m} with guesses {self.guesses_label} and runs = {runs} is too few: even "
+                             f"all guesses correct give an epsilon lower bound of {best:.3g} at confidence "
+                             f"{self.confidence}; a bound needs k_pos + k_neg >= {need} guesses per run (so "
+                             f"canaries >= {need}; the sweep divides the confidence over its choices and needs more)")
+        return self
+
+    @property
+    def guess_choices(self) -> tuple[tuple[int, int], ...]:
+        """design one-run: the (k_pos, k_neg) choices tried (one, or the sweep's; see audit.one_run)."""
+        if isinstance(self.guesses, OneRunGuesses):
+            return ((self.guesses.k_pos, self.guesses.k_neg),)
+        return default_choices(self.canaries or 1)
+
+    @property
+    def guesses_label(self) -> str:
+        if isinstance(self.guesses, OneRunGuesses):
+            return f"k_pos {self.guesses.k_pos}, k_neg {self.guesses.k_neg}"
+        pairs = self.guess_choices
+        if all(kp == kn for kp, kn in pairs):
+            return "sweep (k_pos = k_neg in " + ", ".join(str(k) for k, _ in pairs) + ")"
+        return "sweep ((k_pos, k_neg) in " + ", ".join(f"({kp}, {kn})" for kp, kn in pairs) + ")"
+
+    def one_run_best_reachable(self) -> float:
+        """design one-run: the largest bound any auditor could show with these canaries, guesses and runs
+        (all guesses correct; Bonferroni-corrected over the sweep)."""
+        choices, runs, m = self.guess_choices, self.runs or 1, self.canaries or 1
+        level = 1.0 - (1.0 - self.confidence) / len(choices)
+        return max(best_reachable_bound(m=m * runs, r=runs * (kp + kn), delta=self.delta, confidence=level)
+                   for kp, kn in choices)
 
     @property
     def resolved_score(self) -> str:

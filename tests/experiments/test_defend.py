@@ -149,6 +149,52 @@ def test_python_entry_point(tmp_path: Path) -> None:
     assert r.metrics["removal"]["poisons_removed"] > r.metrics["removal"]["random_poisons_removed"]
 
 
+USER = """
+import torch
+import torch.nn.functional as F
+
+CALLS = []
+
+
+def fit(model, train_set, *, seed, device):
+    x, y = train_set.tensors
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def first_fails(model, train_set, *, seed, device):
+    CALLS.append(seed)
+    if len(CALLS) == 1:
+        raise FloatingPointError("boom on the first model")
+    return fit(model, train_set, seed=seed, device=device)
+"""
+
+
+def test_a_failed_feature_model_stops_the_filter_and_a_resume_gives_the_whole_run(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch
+                                                                                   ) -> None:
+    """Victim 0 of the poisoned set is the defender's feature model: when it fails the run stops naming it
+    (other victims are independent and would be left out); a resume trains it and filters as a run in which
+    nothing failed."""
+    from mlaudit.errors import TrialError
+
+    (tmp_path / "defend_user.py").write_text(USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    c = cfg(victims=2)
+    with pytest.raises(TrialError, match="the defender's feature model poisoned-v000 failed to train") as e:
+        go({**c, "trainer": "defend_user:first_fails"}, tmp_path, "cut")
+    assert e.value.trial_id == "poisoned-v000"
+    resumed = go({**c, "trainer": "defend_user:first_fails"}, tmp_path, "cut", resume=True)
+    whole = go({**c, "trainer": "defend_user:fit"}, tmp_path, "whole")
+    assert resumed["cost"]["models_resumed"] == 1 and "failed_trials" not in resumed["metrics"]
+    for key in ("attack_success", "clean_accuracy", "removal"):
+        assert resumed["metrics"][key] == whole["metrics"][key], key
+
+
 def test_growth_equals_a_fresh_run(tmp_path: Path) -> None:
     short = {"name": "fast", "epochs": 4}
     go(cfg(victims=1, recipe=short), tmp_path)

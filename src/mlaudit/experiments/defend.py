@@ -51,6 +51,7 @@ from ..certify import (
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..defences import FILTERS, removal_summary, training_features
+from ..errors import TrainingError, TrialError
 from ..query import load_model
 from ..report.figures import accuracy_bars, robust_accuracy_figure
 from ..report.html import ReportTable
@@ -206,7 +207,12 @@ def _filter(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundl
     d = config.defence
     summaries, views = {}, {}
     for c in cases:
-        removed, summaries[c.name] = _removal(config, study, ctx, data, c, plain[c.name][0])
+        first = plain[c.name][0]
+        if first.tags["victim"] != 0:  # the filter must see victim 0's features, whatever else failed
+            tid = f"{c.name}-v000"
+            raise TrialError(tid, TrainingError(f"the defender's feature model {tid} failed to train "
+                                                f"({ctx.failed.get(tid)}); a --resume retries it"))
+        removed, summaries[c.name] = _removal(config, study, ctx, data, c, first)
         views[f"{c.name}-filtered"] = c.view.with_keep(~removed.to(c.view.device))
     recs = train_victims(study, ctx, data, views, victims=config.victims, save_weights=True,
                          label=f"training victims on the sets filtered by {d.method}", on_failure="skip")

@@ -282,6 +282,26 @@ def runs_export(run_id: Annotated[str, typer.Argument(help="Run id or a unique p
         _fail(e, prefix="error (file system)")
 
 
+@app.command("examples")
+def examples(copy: Annotated[Path | None, typer.Option("--copy", help="Copy every example into this folder.")] = None,
+             overwrite: Annotated[bool, typer.Option("--overwrite", help="With --copy: replace existing files.")] = False
+             ) -> None:
+    """List the example configs and bring-your-own scripts shipped with mlaudit, or copy them."""
+    from .example_configs import copy_examples, examples_root, list_examples
+
+    if copy is None:
+        typer.echo(safe(f"{examples_root()}:"))
+        for name in list_examples():
+            typer.echo(f"  {name}")
+        typer.echo("run one with: mlaudit run <folder>/<name>.yaml   (copy them with --copy DIR)")
+        return
+    try:
+        written = copy_examples(copy, overwrite=overwrite)
+    except MlauditError as e:
+        _fail(e)
+    typer.echo(safe(f"copied {len(written)} examples to {copy}"))
+
+
 @data_app.command("info")
 def data_info(name: Annotated[str, typer.Argument(help="A registered dataset (see the error for the list).")],
               root: Annotated[str | None, typer.Option(help="Data folder or file.")] = None) -> None:

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from ..audit.canaries import CANARIES, Canary
 from ..audit.game import best_possible_bound, distinguish
+from ..audit.gdp import dpsgd_mu_clt, eps_from_mu, gdp_estimate
 from ..audit.scores import update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
@@ -194,6 +195,7 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
     if accountant_eps is not None:
         metrics["accountant_epsilon"] = accountant_eps
         metrics["noise_multiplier"] = records[0]["metrics"].get("dp_noise_multiplier")
+    metrics["gdp"] = _gdp_metrics(res, records, config)
     sampled = [r["metrics"]["dp_canary_sampled"] for r in records if "dp_canary_sampled" in r["metrics"]]
     if sampled:
         metrics["canary_sampled_steps"] = describe(np.array(sampled))
@@ -211,10 +213,37 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
              f"score: {score} ({'black box' if score == 'loss' else 'white box'}); low score = 'in'",
              f"eps_LB {res.epsilon_lower_bound:.3f} vs claimed {claimed}: FP {res.fp}/{res.n_neg}, FN "
              f"{res.fn}/{res.n_pos} on the held-out halves, confidence {config.confidence}"]
+    notes.append(_gdp_note(metrics["gdp"]))
     if config.broken is not None:
         notes.append(f"DELIBERATELY BROKEN DP-SGD (audit fixture {config.broken!r}): {BROKEN[config.broken]}")
     figures = canary_score_histogram(s_in, s_out, res.threshold, score)
     return ExperimentOutput(metrics=metrics, trials=rows, figures=figures, notes=notes)
+
+
+def _gdp_metrics(res: Any, records: list[dict[str, Any]], config: DPAuditConfig) -> dict[str, Any]:
+    """Gaussian-DP reading (:mod:`mlaudit.audit.gdp`, Nasr et al. 2023) of the game's held-out errors: the same
+    threshold and FP / FN counts as ``epsilon_lower_bound``; with mlaudit's DP-SGD also the accountant's
+    parameters through the CLT approximation of mu (``accountant_mu_clt``) and the eps it gives at delta."""
+    out: dict[str, Any] = gdp_estimate(res.fp, res.fn, res.n_neg, res.n_pos, delta=config.delta,
+                                       confidence=config.confidence, threshold=res.threshold).to_dict()
+    m = records[0]["metrics"] if records else {}
+    q, steps, sigma = m.get("dp_sample_rate"), m.get("dp_steps"), m.get("dp_noise_multiplier")
+    if q and steps is not None and sigma:
+        mu = dpsgd_mu_clt(sample_rate=q, steps=int(steps), noise_multiplier=sigma)
+        out |= {"accountant_mu_clt": mu, "eps_from_accountant_mu_clt": eps_from_mu(mu, config.delta),
+                "steps": int(steps)}
+    return out
+
+
+def _gdp_note(g: dict[str, Any]) -> str:
+    """The report line of the Gaussian-DP estimate."""
+    line = (f"Gaussian-DP: mu >= {g['mu_lower']:.3f} ({g['confidence']:.0%}; point estimate {g['mu_point']:.3f}), "
+            f"i.e. eps >= {g['eps_lower_from_mu']:.3f} at delta {g['delta']:g} if the mechanism's trade-off is "
+            f"Gaussian; same threshold and held-out FP {g['fp']}/{g['n_neg']}, FN {g['fn']}/{g['n_pos']}")
+    if "accountant_mu_clt" in g:
+        line += (f"; the accountant's mu ~ {g['accountant_mu_clt']:.3f} (CLT approximation, eps "
+                 f"{g['eps_from_accountant_mu_clt']:.3f} at that delta)")
+    return line
 
 
 def _describe(c: Canary) -> str:

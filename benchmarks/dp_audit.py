@@ -33,7 +33,7 @@ from mlaudit.experiments import run_experiment  # noqa: E402
 
 KEYS = ("claimed_epsilon", "epsilon_lower_bound", "confidence", "claim_refuted", "best_possible_lower_bound",
         "fp", "fn", "n_neg", "n_pos", "test_accuracy_of_attack", "accountant_epsilon", "noise_multiplier",
-        "sample_rate", "score", "broken", "models", "models_per_side", "delta")
+        "sample_rate", "score", "broken", "models", "models_per_side", "delta", "gdp")
 ONE_RUN_KEYS = ("design", "canaries", "runs", "m", "r", "v", "k_pos", "k_neg", "level", "accuracy_of_guesses", "sweep")
 
 
@@ -106,6 +106,22 @@ def main() -> None:
         md += ("\neps LB: Clopper-Pearson lower bound from the held-out halves (threshold chosen on the other halves); "
                "a bound above the claim refutes it. 'best possible' is the bound an error-free attack could show with "
                "these many models. Wall time includes training, scoring and the report.\n")
+    gdp = [r for r in game if r.get("gdp")]
+    if gdp:
+        md += ("\n## Gaussian-DP estimates (Nasr et al. 2023), from the same held-out counts\n\n"
+               "| config | DP-SGD | canary | mu point | mu LB (conf.) | eps from mu LB (delta) | eps LB (above) "
+               "| accountant mu (CLT) | eps from accountant mu |\n|---|---|---|---|---|---|---|---|---|\n")
+        for r in gdp:
+            g = r["gdp"]
+            acc_mu = g.get("accountant_mu_clt")
+            md += (f"| {Path(r['config_file']).stem} | {r['broken'] or 'correct'} | {r['canary']['type']} "
+                   f"| {g['mu_point']:.3f} | **{g['mu_lower']:.3f}** ({g['confidence']:.0%}) "
+                   f"| {g['eps_lower_from_mu']:.3f} ({g['delta']:g}) | {r['epsilon_lower_bound']:.3f} "
+                   f"| {'-' if acc_mu is None else f'{acc_mu:.3f}'} "
+                   f"| {'-' if acc_mu is None else format(g['eps_from_accountant_mu_clt'], '.3f')} |\n")
+        md += ("\nmu LB: max(0, Phi^-1(1 - FPR_hi) - Phi^-1(FNR_hi)) with the Clopper-Pearson upper bounds of the eps "
+               "LB; 'eps from mu LB' reads it through the mu-GDP (eps, delta) curve, which assumes a Gaussian "
+               "trade-off. Accountant mu: q sqrt(T (e^(1/sigma^2) - 1)), a CLT approximation.\n")
     if one:
         md += ("\n## One-run audits (Steinke, Nasr & Jagielski 2023)\n\n"
                "| config | DP-SGD | canaries x runs | score | claimed eps | eps LB (conf.) | best possible | k+ / k- "

@@ -26,8 +26,10 @@ def run(script: str, *args: str) -> str:
 
 
 @pytest.mark.parametrize(("script", "expect"), [
-    ("membership_lira.py", r"lira-online: AUC 0\.\d+, TPR at 1% FPR 0\.\d+"),
-    ("witches_brew.py", r"poison success: \{'mean': [\d.]+, 'se': [\d.]+, 'n': 2\}"),
+    # the two longest scripts (~12 s each on 2 cores) run in make test-all only
+    pytest.param("membership_lira.py", r"lira-online: AUC 0\.\d+, TPR at 1% FPR 0\.\d+", marks=pytest.mark.slow),
+    pytest.param("witches_brew.py", r"poison success: \{'mean': [\d.]+, 'se': [\d.]+, 'n': 2\}",
+                 marks=pytest.mark.slow),
     ("availability.py", r"'poisoned_accuracy': \{'mean'"),
     ("epsilon.py", r"rdp: sigma 1\.1, q 0\.00512, 5859 steps -> epsilon 1\.99"),
 ])
@@ -38,6 +40,7 @@ def test_byo_example(script: str, expect: str, tmp_path: Path) -> None:
         assert (tmp_path / "run" / "report.html").is_file()
 
 
+@pytest.mark.slow  # ~23 s on 2 cores (two DP audits); make test-all runs it
 def test_byo_dp_audit_refutes_only_the_broken_trainer(tmp_path: Path) -> None:
     assert "refuted: False" in run("dp_audit.py", str(tmp_path / "ok"))
     assert "refuted: True" in run("dp_audit.py", str(tmp_path / "broken"), "broken")

@@ -48,6 +48,7 @@ def test_local_and_process_executors_give_the_same_metrics(tmp_path: Path) -> No
     assert proc["cost"]["models_trained"] == 4
 
 
+@pytest.mark.slow  # ~20-25 s each on 2 cores (a Ray start per test); make test-all runs them
 @pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the optional ray extra")
 def test_ray_executor_from_the_cli_matches_local(tmp_path: Path) -> None:
@@ -57,6 +58,7 @@ def test_ray_executor_from_the_cli_matches_local(tmp_path: Path) -> None:
     assert [t["test_accuracy"] for t in ray["trials"]] == [t["test_accuracy"] for t in local["trials"]]
 
 
+@pytest.mark.slow  # ~20-25 s each on 2 cores (a Ray start per test); make test-all runs them
 @pytest.mark.ray
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the optional ray extra")
 def test_ray_executor_connects_to_a_running_cluster(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ The ``dp-audit`` experiment kind (:mod:`mlaudit.experiments.dp_audit`) is the pr
 canary (:mod:`.canaries`), trains models with and without it, scores them (:mod:`.scores`) and plays
 the distinguishing game (:mod:`.game`), or, with ``design: one-run``, inserts many canaries
 (:data:`.canaries.CANARY_SETS`) each with probability 1/2 into a few runs and bounds epsilon from the
-guesses (:mod:`.one_run`, Steinke, Nasr & Jagielski 2023). The ``membership-inference`` kind estimates memorization and
+guesses (:mod:`.one_run`, Steinke, Nasr & Jagielski 2023); :mod:`.gdp` turns the game's error
+rates into Gaussian-DP estimates (Nasr et al. 2023). The ``membership-inference`` kind estimates memorization and
 influence from its pool (:mod:`.memorization`)."""
 
 from .canaries import (
@@ -29,6 +30,15 @@ from .game import (
     models_needed,
     threshold_errors,
 )
+from .gdp import (
+    GDPEstimate,
+    delta_from_mu,
+    dpsgd_mu_clt,
+    eps_from_mu,
+    gdp_estimate,
+    mu_from_rates,
+    mu_lower_bound,
+)
 from .memorization import influence, max_standard_error, mean_member_score, self_influence
 from .one_run import OneRunAudit, best_reachable_bound, default_choices, draw_inclusion
 from .one_run import epsilon_lower_bound as one_run_lower_bound
@@ -42,6 +52,7 @@ __all__ = [
     "Canary",
     "CanarySet",
     "Distinguisher",
+    "GDPEstimate",
     "OneRunAudit",
     "best_possible_bound",
     "best_reachable_bound",
@@ -50,8 +61,12 @@ __all__ = [
     "coordinate_energy",
     "crafted_canary",
     "default_choices",
+    "delta_from_mu",
     "distinguish",
+    "dpsgd_mu_clt",
     "draw_inclusion",
+    "eps_from_mu",
+    "gdp_estimate",
     "gradient_canary",
     "influence",
     "input_update_scores",
@@ -60,6 +75,8 @@ __all__ = [
     "mislabeled_canaries",
     "mislabeled_canary",
     "models_needed",
+    "mu_from_rates",
+    "mu_lower_bound",
     "one_run_lower_bound",
     "one_run_p_value",
     "per_example_grad_chunks",

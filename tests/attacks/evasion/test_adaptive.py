@@ -23,7 +23,8 @@ from mlaudit.train import train
 def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     data = load_dataset({"name": "digits"})
-    model = train(build_model("fastcnn", input_shape=data.input_shape, num_classes=10), data, "fast", seed=0).eval()
+    model = train(build_model("fastcnn", input_shape=data.input_shape, num_classes=10), data,
+                  {"name": "fast", "epochs": 6}, seed=0).eval()
     return model, data.test.x[:120], data.test.y[:120]
 
 

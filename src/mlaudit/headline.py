@@ -84,18 +84,20 @@ def _availability(m: Metrics) -> str | None:
     return f"acc {_pct(acc)}" + (f" drop {100 * drop:.1f}" if drop is not None else "")
 
 
-def _robustness(m: Metrics) -> str | None:
-    v, eps = _num(m, "worst_case_at_max_eps.value"), _num(m, "worst_case_at_max_eps.eps")
+def _rate_at(m: Metrics, key: str, at: str, label: str, tag: str) -> str | None:
+    """``<label> <key.value %> @<tag> <key.at>``, e.g. ``robust 12.5% @eps 0.1``."""
+    v, where = _num(m, f"{key}.value"), _num(m, f"{key}.{at}")
     if v is None:
         return None
-    return f"robust {_pct(v)}" + (f" @eps {eps:.3g}" if eps is not None else "")
+    return f"{label} {_pct(v)}" + (f" @{tag} {where:.3g}" if where is not None else "")
+
+
+def _robustness(m: Metrics) -> str | None:
+    return _rate_at(m, "worst_case_at_max_eps", "eps", "robust", "eps")
 
 
 def _certify(m: Metrics) -> str | None:
-    v, r = _num(m, "certified_at_radius.value"), _num(m, "certified_at_radius.radius")
-    if v is None:
-        return None
-    return f"cert {_pct(v)}" + (f" @r {r:.3g}" if r is not None else "")
+    return _rate_at(m, "certified_at_radius", "radius", "cert", "r")
 
 
 def _backdoor(m: Metrics) -> str | None:

@@ -17,17 +17,23 @@ from ..errors import ConfigError
 from .logits import forward_batched
 
 
+def classification_head(model: nn.Module) -> nn.Linear:
+    """The model's last ``nn.Linear`` (in module registration order): the layer whose input is the
+    penultimate feature vector. Raises :class:`ConfigError` when the model has none."""
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not heads:
+        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer; feature-space attacks and defences "
+                          "(poison-frogs, bullseye, the filtering defences) need a linear classification head")
+    return heads[-1]
+
+
 def penultimate_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """``x [N, ...] -> [N, D]``: the flattened input of the model's last ``nn.Linear`` (in module
     registration order), captured with a forward hook while the whole model runs (differentiable).
 
     Raises :class:`ConfigError` when the model has no ``nn.Linear`` head.
     """
-    heads = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not heads:
-        raise ConfigError(f"{type(model).__name__} has no nn.Linear layer; feature-space attacks and defences "
-                          "(poison-frogs, bullseye, the filtering defences) need a linear classification head")
-    head = heads[-1]
+    head = classification_head(model)
 
     def features(x: Tensor) -> Tensor:
         box: list[Tensor] = []

@@ -22,18 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
-from ...query import evaluating
-from .defended import RANDOMISED, Defended, Transform
+from ...query import evaluating, forward_batched
+from .defended import NON_DIFFERENTIABLE, RANDOMISED, Defended, Transform
 from .pgd import pgd
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, draws: int = 1, batch_size: int = 1024) -> float:
     """Accuracy of ``model`` on x [N, ...], y [N], averaged over ``draws`` forward passes (randomised models)."""
-    hits = 0.0
-    with evaluating(model), torch.no_grad():
-        for _ in range(draws):
-            for i in range(0, len(x), batch_size):
-                hits += float((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    hits = sum(float((forward_batched(model, x, batch_size=batch_size).argmax(1) == y.to(x.device)).sum())
+               for _ in range(draws))
     return hits / (draws * len(x))
 
 
@@ -56,11 +53,11 @@ def evaluate_defence(model: nn.Module, x: Tensor, y: Tensor, *, transform: Trans
     with evaluating(model, requires_grad=False):
         x_base = attack(model, 1)
         x_naive = attack(defended.with_gradient("true"), 1)
-        adaptive_model = defended.with_gradient("true" if transform in ("noise", "resize-pad") else "bpda")
+        adaptive_model = defended.with_gradient("bpda" if transform in NON_DIFFERENTIABLE else "true")
         x_adapt = attack(adaptive_model, eot if randomised else 1)
     return {
         "transform": transform, "options": dict(options), "eps": eps, "norm": norm, "steps": steps,
-        "eot": eot if randomised else 1, "bpda": transform in ("bit-depth", "jpeg"), "draws": d,
+        "eot": eot if randomised else 1, "bpda": transform in NON_DIFFERENTIABLE, "draws": d,
         "clean_undefended": accuracy(model, x, y),
         "clean_defended": accuracy(defended, x, y, draws=d),
         "robust_undefended": accuracy(model, x_base, y),

@@ -153,21 +153,16 @@ class EvasionObjective:
     def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         y = self.y[idx]
         t = None if self.target is None else self.target[idx]
-        if self.eot == 1:
-            z = self.model(x_adv)
-            pred = z.argmax(1)
-            done = pred == t if self.goal == "target" else pred != y
-            return -self.loss(z, y, t), done
         # Expectation over transformation (Athalye et al. 2018): a randomised model (a defence that draws
         # its own noise, crops, ...) is run on eot copies in one batch; the loss is their mean, and an
-        # example is done when most of the copies are fooled.
+        # example is done when most of the copies are fooled (with eot = 1: the one pass and its verdict).
         k, b = self.eot, x_adv.shape[0]
-        z = self.model(x_adv.repeat(k, *([1] * (x_adv.dim() - 1))))  # [k*B, C], copy j at rows j*B..(j+1)*B
-        yk = y.repeat(k)
+        xs = x_adv if k == 1 else x_adv.repeat(k, *([1] * (x_adv.dim() - 1)))  # copy j at rows j*B..(j+1)*B
+        z = self.model(xs)
         tk = None if t is None else t.repeat(k)
-        losses = self.loss(z, yk, tk).view(k, b)
+        losses = self.loss(z, y.repeat(k), tk).view(k, b)
         pred = z.argmax(1).view(k, b)
-        hits = (pred == tk.view(k, b)) if tk is not None else (pred != y)
+        hits = pred == t if self.goal == "target" else pred != y
         return -losses.mean(0), hits.float().mean(0) > 0.5
 
 

@@ -42,6 +42,8 @@ Gradient = Literal["true", "bpda"]
 TRANSFORMS: tuple[str, ...] = ("bit-depth", "jpeg", "resize-pad", "noise")
 RANDOMISED = frozenset({"resize-pad", "noise"})
 """Transforms that draw randomness on every forward pass (attack them with EOT)."""
+NON_DIFFERENTIABLE = frozenset({"bit-depth", "jpeg"})
+"""Transforms without a useful autograd gradient (attack them with BPDA)."""
 
 
 def bit_depth(x: Tensor, bits: int) -> Tensor:

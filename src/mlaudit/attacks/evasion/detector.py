@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ...craft import craft
 from ...errors import ConfigError
 from ...query import evaluating, features_batched, forward_batched, penultimate_features
+from ...query.features import classification_head
 from .base import check_inputs, make_constraint
 from .pgd import pgd
 
@@ -96,14 +97,13 @@ class FeatureCollision:
     its guide's class."""
 
     def __init__(self, model: nn.Module, guide_features: Tensor, guide_labels: Tensor) -> None:
-        self.model, self.features = model, penultimate_features(model)
+        self.model, self.features, self.head = model, penultimate_features(model), classification_head(model)
         self.guide_features, self.guide_labels = guide_features, guide_labels
 
     def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        head = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1]
         f = self.features(x_adv)
         loss = (f - self.guide_features[idx]).pow(2).sum(1)
-        done = head(f).argmax(1) == self.guide_labels[idx]
+        done = self.head(f).argmax(1) == self.guide_labels[idx]
         return loss, done
 
 
@@ -117,7 +117,7 @@ class DetectorAware:
                  kappa: float = 5.0, slack: float = 0.9) -> None:
         self.model, self.y, self.detector = model, y, detector
         self.features = penultimate_features(model)
-        self.head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        self.head = classification_head(model)
         self.weight, self.kappa, self.slack = weight, kappa, slack
 
     def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:

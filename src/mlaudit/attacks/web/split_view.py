@@ -80,11 +80,11 @@ def simulate_split_view(items: Sequence[bytes], *, attacker_fraction: float, lin
     controlled[order[:n_att]] = True
     gone = torch.zeros(n, dtype=torch.bool)
     gone[order[n_att:n_att + n_rot]] = True
+    paths = [f"d{i % 97}/item-{i}.bin" for i in range(n)]  # spread over 97 "domains"
     with ContentServer() as srv:
-        urls = [srv.put(f"d{i % 97}/item-{i}.bin", b) for i, b in enumerate(items)]
+        urls = [srv.put(p, b) for p, b in zip(paths, items)]
         manifest = index_urls(urls, labels=None if labels is None else list(labels))
-        for i in range(n):  # time passes
-            path = f"d{i % 97}/item-{i}.bin"
+        for i, path in enumerate(paths):  # time passes
             if controlled[i]:
                 srv.put(path, make(i, items[i]))
             elif gone[i]:

@@ -12,8 +12,10 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   default, and fp32) and private (``dp: {noise_multiplier: 1, clip: 1, sample_rate: 256/n}``, float32):
   ``mlaudit_dpsgd`` with ``clipping: per-example`` (torch.func per-example gradients) and
   ``mlaudit_dpsgd_fast`` with ``clipping: fast`` (book-keeping with ghost norms, mlaudit.privacy.fastclip;
-  convs materialised by a grouped ``convolution_backward``), ``mlaudit_dpsgd_fast_unfold`` the same with
-  convs materialised by unfold + bmm (``--conv-materialise``). One epoch of ``--steps`` steps warms up,
+  convs materialised by a strided im2col + one bmm), ``mlaudit_dpsgd_fast_grouped`` the same with convs
+  materialised by a grouped ``convolution_backward`` (``--conv-materialise``), and on CUDA
+  ``mlaudit_dpsgd_fast_bf16``: the fast path with ``precision: bf16`` (bf16 autocast forward, as the
+  non-private recipe). One epoch of ``--steps`` steps warms up,
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
   clips the widest Poisson batch of the step rounded up to a multiple of 32 (at most
   B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
@@ -210,14 +212,19 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         record("mlaudit_sgd_fp32", ml(base.model_copy(update={"precision": "fp32"}), "sgd32"), precision="fp32")
     dp = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}
     slots = max_batch(bsz / n, n)
+    convs = args.conv_materialise.split(",")
     for key, clipping in (("mlaudit_dpsgd", "per-example"), ("mlaudit_dpsgd_fast", "fast")):
-        private = resolve_recipe({**base.model_dump(), "dp": {**dp, "clipping": clipping}})
-        for conv in args.conv_materialise.split(",") if clipping == "fast" else ["-"]:
-            name = key if conv in ("-", "grouped") else f"{key}_{conv}"
-            fastclip_rules.CONV_MATERIALISE = "grouped" if conv == "-" else conv  # type: ignore[assignment]
+        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "dp": {**dp, "clipping": clipping}})
+        for conv in convs if clipping == "fast" else ["-"]:
+            name = key if conv in ("-", convs[0]) else f"{key}_{conv}"
+            fastclip_rules.CONV_MATERIALISE = convs[0] if conv == "-" else conv  # type: ignore[assignment]
             record(name, ml(private, name), precision="fp32", per_example_slots=slots, clipping=clipping,
                    conv_materialise=None if conv == "-" else conv)
-    fastclip_rules.CONV_MATERIALISE = "grouped"
+    fastclip_rules.CONV_MATERIALISE = convs[0]  # type: ignore[assignment]
+    if cuda:  # the fast path with the recipe's bf16 autocast forward (precision: bf16)
+        private = resolve_recipe({**base.model_dump(), "precision": "bf16", "dp": {**dp, "clipping": "fast"}})
+        record("mlaudit_dpsgd_fast_bf16", ml(private, "fast_bf16"), precision="bf16 autocast",
+               per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
@@ -230,7 +237,8 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
 
 
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
-    """Private over non-private step time: mlaudit runs over mlaudit_sgd_{recipe,fp32}, Opacus over torch_sgd_fp32."""
+    """Private over non-private step time: mlaudit runs over mlaudit_sgd_{recipe,fp32}, Opacus over torch_sgd_fp32
+    (and over mlaudit_sgd_recipe, the fastest non-private step of the run)."""
     t = {k: v["s_per_step"] for k, v in runs.items() if "s_per_step" in v}
     out = {}
     for k in (k for k in t if k.startswith("mlaudit_dpsgd")):
@@ -238,8 +246,9 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
             if ref in t:
                 out[f"{k} / {ref}"] = t[k] / t[ref]
     for k in (k for k in t if k.startswith("opacus_")):
-        if "torch_sgd_fp32" in t:
-            out[f"{k} / torch_sgd_fp32"] = t[k] / t["torch_sgd_fp32"]
+        for ref in ("torch_sgd_fp32", "mlaudit_sgd_recipe"):
+            if ref in t:
+                out[f"{k} / {ref}"] = t[k] / t[ref]
     return {k: round(v, 2) for k, v in out.items() if math.isfinite(v)}
 
 
@@ -260,8 +269,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps of the hand-written Opacus/PyTorch loops")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--width", type=int, default=None, help="model width (default: the zoo's; the ViT's dim)")
-    ap.add_argument("--conv-materialise", default="grouped,unfold",
-                    help="fast-clipping conv per-example gradients: grouped and/or unfold (one run each)")
+    ap.add_argument("--conv-materialise", default="unfold,grouped",
+                    help="fast-clipping conv per-example gradients: unfold and/or grouped (one run each; the "
+                         "first is the one named mlaudit_dpsgd_fast)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--name", default=None, help="results file suffix")

@@ -1,6 +1,7 @@
-"""Where the fast DP-SGD step's time goes (issue 15): ResNet-18-GN and fastcnn-GN at batch 288 slots on
-CUDA. Times the non-private forward+backward, the fast clipped sum (auto, all-ghost, all-materialise,
-conv materialise grouped vs unfold), and prints the top CUDA kernels of the auto path.
+"""Where the fast DP-SGD step's time goes (issue 15): ResNet-18-GN and fastcnn-GN at 288 Poisson slots on
+CUDA, channels_last as the training loop runs them. Times the non-private forward+backward (fp32 and bf16
+autocast), the fast clipped sum (auto / all-ghost / all-materialise, conv materialise unfold vs grouped,
+fp32 and bf16), and prints the top CUDA kernels of the default path.
 
     python benchmarks/probes/dp_fastclip_profile.py
 """
@@ -15,6 +16,7 @@ from mlaudit.privacy.fastclip import clipped_grad_sum
 
 dev = torch.device("cuda")
 torch.backends.cudnn.benchmark = True
+CL = torch.channels_last
 
 
 def timed(fn, n=10):
@@ -31,24 +33,34 @@ def timed(fn, n=10):
 for name in ("resnet18", "fastcnn"):
     torch.manual_seed(0)
     m = build_model({"name": name, "norm": "group"}, input_shape=(3, 32, 32), num_classes=10).to(dev).train()
-    x, y = torch.rand(288, 3, 32, 32, device=dev), torch.randint(0, 10, (288,), device=dev)
-    w = (torch.rand(288, device=dev) < 0.9).float()
+    m = m.to(memory_format=CL)
+    x = torch.rand(288, 3, 32, 32, device=dev).contiguous(memory_format=CL)
+    y, w = torch.randint(0, 10, (288,), device=dev), (torch.rand(288, device=dev) < 0.9).float()
 
-    def plain():
+    def plain(bf16):
         m.zero_grad(set_to_none=True)
-        F.cross_entropy(m(x[:256]), y[:256]).backward()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x[:256])
+        F.cross_entropy(out.float(), y[:256]).backward()
 
-    res = {"non-private fwd+bwd, 256": timed(plain)}
-    for mode in ("auto", "ghost", "materialise"):
-        for conv in ("grouped", "unfold"):
-            fastclip_rules.CONV_MATERIALISE = conv
-            res[f"fast {mode} conv={conv}, 288 slots"] = timed(lambda: clipped_grad_sum(m, x, y, w, clip=1.0, mode=mode))
+    res = {"non-private fwd+bwd, 256, fp32": timed(lambda: plain(False)),
+           "non-private fwd+bwd, 256, bf16": timed(lambda: plain(True))}
+    for bf16 in (False, True):
+        for mode in ("auto", "ghost", "materialise"):
+            for conv in ("unfold", "grouped"):
+                if mode == "ghost" and conv == "grouped":
+                    continue
+                fastclip_rules.CONV_MATERIALISE = conv
+                res[f"fast {mode} conv={conv} bf16={bf16}, 288 slots"] = timed(
+                    lambda: clipped_grad_sum(m, x, y, w, clip=1.0, mode=mode, bf16=bf16))
     print(f"== {name}")
     for k, v in res.items():
-        print(f"{k:45s} {v:8.2f} ms")
-    fastclip_rules.CONV_MATERIALISE = "grouped"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            clipped_grad_sum(m, x, y, w, clip=1.0)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        print(f"{k:55s} {v:8.2f} ms")
+    fastclip_rules.CONV_MATERIALISE = "unfold"
+    for bf16 in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                clipped_grad_sum(m, x, y, w, clip=1.0, bf16=bf16)
+            torch.cuda.synchronize()
+        print(f"-- top CUDA kernels, 3 calls, auto, unfold, bf16={bf16}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))

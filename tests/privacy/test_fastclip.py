@@ -9,6 +9,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from mlaudit.data.registry import DatasetSpec, load_dataset
@@ -312,6 +314,33 @@ def test_dp_training_fast_equals_per_example() -> None:
             torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("broken", [None, "no-clip", "noise-over-batch"])
+def test_audit_hooks_take_the_fast_path_with_the_same_result(broken: str | None) -> None:
+    """A gradient canary and the broken fixtures act outside the clipped sum: a dp-audit model trained
+    with fast clipping equals the per-example one (same Poisson batches, canary draws and noise)."""
+    from mlaudit.data.view import DataView
+    from mlaudit.train.hooks import DPStepHooks, GradientCanary
+
+    b = digits()
+    view = DataView.identity(b.train).with_inserted(torch.zeros(1, *b.train.shape), [0])
+    hook = DPStepHooks(gradient_canary=GradientCanary(index=len(b.train), parameter="net.1.weight", coordinate=3),
+                       broken=broken)
+    r = resolve_recipe({"name": "custom", "epochs": 1, "batch_size": 64, "lr": 0.2, "schedule": "constant",
+                        "augment": "none", "dp": {"noise_multiplier": 1.0, "clip": 0.5}})
+    fn = functools.partial(build_model, ModelSpec(name="mlp", norm="group", width=16), input_shape=b.input_shape,
+                           num_classes=10)
+    outs = {c: train_stack(init_models(fn, [1, 2]), b.train,
+                           r.model_copy(update={"dp": r.dp.model_copy(update={"clipping": c})}),  # type: ignore[union-attr]
+                           seeds=[1, 2], lr=0.2, device=CPU, views=[view, view], hooks=[hook, DPStepHooks(broken=broken)],
+                           strategy="loop")
+            for c in ("fast", "per-example")}
+    for a, s in zip(outs["fast"], outs["per-example"]):
+        assert a.privacy == s.privacy
+        for k in a.state_dict:  # no-clip sums unclipped gradients: larger values, larger float rounding
+            torch.testing.assert_close(a.state_dict[k], s.state_dict[k], rtol=1e-4, atol=1e-4 if broken else 1e-5)
+    assert outs["fast"][0].privacy["dp_canary_sampled"] >= 1
+
+
 def test_dispatch() -> None:
     b = digits()
     pools = [torch.arange(len(b.train))]
@@ -349,3 +378,57 @@ def test_auto_falls_back_when_verification_fails_and_fast_raises() -> None:
         else:
             with pytest.raises(UnsupportedModelError, match="used outside its layer's forward"):
                 dp.step(stack, lambda i: (x[i], y[i]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.integers(1, 4), k=st.integers(1, 3), s=st.integers(1, 2), d=st.integers(1, 2), p=st.integers(0, 2),
+       hw=st.integers(5, 9), channels_last=st.booleans())
+def test_im2col_is_unfold(c: int, k: int, s: int, d: int, p: int, hw: int, channels_last: bool) -> None:
+    """fastclip_rules.im2col = F.unfold transposed, in (C, k, k) order; (k, k, C) order is a column permutation."""
+    g = torch.Generator().manual_seed(c * 100 + k * 10 + hw)
+    a = torch.randn(2, c, hw, hw + 1, generator=g, dtype=torch.float64)
+    if channels_last:
+        a = a.contiguous(memory_format=torch.channels_last)
+    want = F.unfold(a, k, dilation=d, padding=p, stride=s).mT  # [B, T, C k k]
+    got = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    inner = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p), channels_inner=True)
+    torch.testing.assert_close(inner, want.view(2, -1, c, k * k).transpose(2, 3).reshape(want.shape), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv", ["unfold", "grouped"])
+@pytest.mark.parametrize("name", ["convnet", "resnet18", "fastcnn", "vit"])
+def test_channels_last_models_and_inputs(name: str, conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop runs CUDA models channels_last: the (k_h, k_w, C) unfold and its permuted-back sums agree."""
+    monkeypatch.setattr(fastclip_rules, "CONV_MATERIALISE", conv)
+    torch.manual_seed(0)
+    model = MODELS[name]().double().train()
+    x, y, w = batch(name, torch.float64)
+    want, _ = reference(model, x, y, w, 0.5, 0.0)
+    model = model.to(memory_format=torch.channels_last)
+    for mode in ("auto", "ghost", "materialise"):
+        got, _ = clipped_grad_sum(model, x.contiguous(memory_format=torch.channels_last), y, w, clip=0.5, mode=mode)  # type: ignore[arg-type]
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit", "text"])
+def test_bf16_autocast_equals_autograd_under_autocast(name: str) -> None:
+    """bf16: the unclipped sum is autograd's gradient of the same autocast forward (to bf16 rounding of the
+    rules' products), and clipping keeps each example's norm at most C (to that rounding)."""
+    torch.manual_seed(0)
+    model = MODELS[name]().train()
+    x, y, w = batch(name, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    losses = F.cross_entropy(out.float(), y, reduction="none")
+    want = torch.autograd.grad((losses * w).sum(), list(model.parameters()))
+    got, loss = clipped_grad_sum(model, x, y, w, clip=float("inf"), bf16=True)
+    total = torch.cat([t.flatten() for t in want]).norm()
+    err = torch.cat([(a - b).flatten() for a, b in zip(got, want)]).norm()
+    assert float(err) <= 2e-2 * float(total)
+    torch.testing.assert_close(loss, losses.detach(), rtol=1e-3, atol=1e-3)
+    one = torch.zeros_like(w)
+    one[0] = 1.0
+    clipped, _ = clipped_grad_sum(model, x, y, one, clip=1e-3, bf16=True)
+    assert float(torch.cat([t.flatten() for t in clipped]).norm()) <= 1e-3 * 1.02

@@ -11,7 +11,7 @@ Per step t and per model (each with its own generators, so K models together equ
    micro-batches of B_max whose clipped gradient sums are added -- nothing is dropped.
 2. Per-example gradients g_i with torch.func: ``vmap(grad(loss of functional_call))`` over the
    examples (nested in a vmap over models for the ``vmap`` layout, a loop over models for ``loop``).
-   With ``dp.clipping`` ``auto``/``fast``, the ``loop`` layout and no audit hooks, steps 2-3 are
+   With ``dp.clipping`` ``auto``/``fast`` and the ``loop`` layout, steps 2-3 are
    instead book-keeping clipping (:mod:`mlaudit.privacy.fastclip`: one forward and one backward of
    the batch, ghost norms; the same clipped sum to float rounding), checked once against autograd on
    the first step.
@@ -25,9 +25,11 @@ Steps per epoch are ``ceil(n / batch_size)`` when q = batch_size / n (the defaul
 number of steps as the non-private loop, so the factory's grouping holds) or ``ceil(1/q)`` when
 ``dp.sample_rate`` is given. With ``dp.epsilon`` the noise multiplier is calibrated at the start
 for (q, epochs * steps_per_epoch, delta); every model reports the accountant's epsilon for the
-steps it took. DP steps run in float32: bf16 autocast around the vmapped per-example gradients was
-measured 1.5x *slower* for ResNet-18/GroupNorm on an H100 (171 against 115 ms per step at batch 256,
-2026-11-23; benchmarks/results/dp_throughput.md). Each step computes per-example gradients only for the slots it needs: the widest sampled
+steps it took. DP steps run in float32 unless the recipe says ``precision: bf16`` (``auto`` keeps
+float32): then book-keeping steps run their forward under bf16 autocast; the per-example path stays
+float32 (bf16 autocast around the vmapped per-example gradients was measured 1.5x *slower* for
+ResNet-18/GroupNorm on an H100, 171 against 115 ms per step at batch 256, 2026-11-23;
+benchmarks/results/dp_throughput.md). Each step computes per-example gradients only for the slots it needs: the widest sampled
 batch of the chunk rounded up to a multiple of :data:`SLOT_MULTIPLE` (not the worst-case padded
 ``b_max``, about 1.4x the expected batch at q * n = 256). Models with BatchNorm are
 refused: BatchNorm mixes examples of a batch, so per-example gradients and clipping do not bound
@@ -190,7 +192,7 @@ class DPTraining:
     canaries: list[tuple[int, int, tuple[int, ...]] | None] | None = None  # per model: (index, param pos, coord)
     canary_counts: list[int] | None = None  # per model: steps in which its gradient canary was sampled
     broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
-    fast_clip: bool = False  # book-keeping clipping (fastclip) for loop stacks without audit hooks
+    fast_clip: bool = False  # book-keeping clipping (fastclip) for loop stacks
     fast_checked: bool = False  # verify_fast_clip ran (on the first fast step)
 
     @classmethod
@@ -248,10 +250,11 @@ class DPTraining:
             idx, w = idx[:, :, :width], w[:, :, :width]
         return idx, w
 
-    def step(self, stack: StackedModels, gather: GatherFn, *, label_smoothing: float = 0.0
+    def step(self, stack: StackedModels, gather: GatherFn, *, label_smoothing: float = 0.0, bf16: bool = False
              ) -> tuple[Tensor, list[Tensor]]:
         """One DP-SGD step: (mean loss of each model's sampled batch [K], private grads in
-        ``stack.trainable()`` order, ready for the optimizer)."""
+        ``stack.trainable()`` order, ready for the optimizer). ``bf16``: book-keeping steps run their
+        forward under bf16 autocast (the recipe's ``precision: bf16``; the per-example path stays float32)."""
         idx, w = self.sample()
         hits = self._take_canaries(idx, w)  # [M, K] bool; the canaries' slots get weight 0 in w
         device = self.sigma_c.device
@@ -264,7 +267,7 @@ class DPTraining:
             wb = w[mi].to(device)
             xb = self._augment(xb)
             if self._use_fast(stack, xb, yb, label_smoothing):
-                groups = self._fast_groups(stack, xb, yb, wb, label_smoothing)  # type: ignore[arg-type]
+                groups = self._fast_groups(stack, xb, yb, wb, label_smoothing, bf16)  # type: ignore[arg-type]
                 part = [g for g, _ in groups]
             else:
                 groups = per_example_grads(stack, xb, yb, label_smoothing=label_smoothing)
@@ -281,10 +284,12 @@ class DPTraining:
         return loss_sum / count, _to_trainable(stack, grads)
 
     def _use_fast(self, stack: StackedModels, x: Tensor, y: Tensor, label_smoothing: float) -> bool:
-        """Book-keeping clipping for this step? Only for a loop stack without audit hooks; on the first
-        such step :func:`verify_fast_clip` checks model 0 (a failure raises for ``clipping: fast`` and
-        falls back to the per-example path for ``auto``)."""
-        if not (self.fast_clip and isinstance(stack, LoopStack) and self.canaries is None and self.broken is None):
+        """Book-keeping clipping for this step? Only for a loop stack; on the first such step
+        :func:`verify_fast_clip` checks model 0 (a failure raises for ``clipping: fast`` and falls back to
+        the per-example path for ``auto``). The audit hooks act outside the clipped sum (a gradient
+        canary's slot has weight 0 and C e_j is added to the sum; the broken fixtures change the clip
+        norm or the noise), so they hold on either path."""
+        if not (self.fast_clip and isinstance(stack, LoopStack)):
             return False
         if not self.fast_checked:
             self.fast_checked = True
@@ -298,15 +303,15 @@ class DPTraining:
                 self.fast_clip = False
         return self.fast_clip
 
-    def _fast_groups(self, stack: LoopStack, x: Tensor, y: Tensor, w: Tensor, label_smoothing: float
-                     ) -> list[tuple[list[Tensor], Tensor]]:
+    def _fast_groups(self, stack: LoopStack, x: Tensor, y: Tensor, w: Tensor, label_smoothing: float,
+                     bf16: bool = False) -> list[tuple[list[Tensor], Tensor]]:
         """Per model: (clipped sums [1, *s] each, losses [1, B]) by book-keeping, from x [K, B, *shape],
         y and w [K, B]."""
         out = []
         for m, xk, yk, wk in zip(stack.modules, x, y, w):
             _set_mode(m, True)
             sums, losses = clipped_grad_sum(m, _loop_layout(stack, xk), yk, wk, clip=self.clip,
-                                            label_smoothing=label_smoothing)
+                                            label_smoothing=label_smoothing, bf16=bf16)
             out.append(([s.unsqueeze(0) for s in sums], losses.unsqueeze(0)))
         return out
 

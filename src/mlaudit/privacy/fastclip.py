@@ -166,10 +166,15 @@ def _all_require_grad(model: nn.Module) -> Iterator[list[nn.Parameter]]:
 
 
 def _forward(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label_smoothing: float,
-             extra: list[Tensor]) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
-    """One forward and one backward of sum_i L_i: (losses [B], {layer: (a, g)}, grads of ``extra``)."""
-    with torch.enable_grad(), _tape(layers, len(x)) as rec:
-        losses = F.cross_entropy(model(x).float(), y, reduction="none", label_smoothing=label_smoothing)
+             extra: list[Tensor], bf16: bool = False
+             ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
+    """One forward and one backward of sum_i L_i: (losses [B], {layer: (a, g)}, grads of ``extra``);
+    the forward under bf16 autocast when ``bf16``."""
+    with torch.enable_grad(), _tape(layers, len(x)) as rec, \
+            torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    with torch.enable_grad():
+        losses = F.cross_entropy(out.float(), y, reduction="none", label_smoothing=label_smoothing)
     for lay in layers:
         r = rec.get(lay.name)
         if r is not None and (r.a._version, r.out._version) != r.versions:
@@ -178,6 +183,8 @@ def _forward(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label
                 f"(e.g. ReLU(inplace=True)); use inplace=False or {PER_EXAMPLE_HINT}")
     names = [n for n, r in rec.items() if r.out.requires_grad]
     grads = torch.autograd.grad(losses.sum(), [rec[n].out for n in names] + extra, allow_unused=True)
+    # under autocast a layer's input and output may differ in dtype (a conv after a float32 GroupNorm):
+    # its rule computes in its output gradient's dtype (a conv casts while it unfolds)
     ag = {n: (rec[n].a, g) for n, g in zip(names, grads) if g is not None}
     return losses.detach(), ag, list(grads[len(names):])
 
@@ -205,7 +212,8 @@ def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Te
 
 
 def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *, clip: float,
-                     label_smoothing: float = 0.0, mode: Mode = "auto") -> tuple[list[Tensor], Tensor]:
+                     label_smoothing: float = 0.0, mode: Mode = "auto", bf16: bool = False
+                     ) -> tuple[list[Tensor], Tensor]:
     """``sum_i w_i clip_C(g_i)`` for ONE model by book-keeping (see the module docstring).
 
     x [B, *shape], y [B] (int64), weights [B] (the 0/1 Poisson slot weights; 0 contributes nothing) ->
@@ -213,12 +221,15 @@ def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *,
     cross-entropy losses [B], detached). The same as
     ``clipped_sum(per_example_grads(...), weights, clip)`` of :mod:`mlaudit.privacy.dpsgd` to float
     rounding. ``mode`` forces the ghost norm or materialised per-example gradients for Linear and
-    Conv2d weights (default: the cost rule per layer). Uses the model's current train/eval mode; raises
-    :class:`UnsupportedModelError` naming an unsupported layer.
+    Conv2d weights (default: the cost rule per layer). ``bf16``: the forward runs under bf16 autocast
+    (as the non-private loop's ``precision: bf16``) and each layer's norms and sum are computed from
+    its bf16 output gradients and inputs, squared norms summed in float32; the result then equals the
+    float32 one to bf16 rounding (~1e-2 relative), not float rounding. Uses the model's current
+    train/eval mode; raises :class:`UnsupportedModelError` naming an unsupported layer.
     """
     layers = _plan(model)
     with _all_require_grad(model):
-        losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [])
+        losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [], bf16)
     return _clipped_sums(model, layers, ag, weights, clip, mode)[0], losses
 
 

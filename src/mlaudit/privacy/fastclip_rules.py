@@ -47,9 +47,9 @@ CHUNK_ELEMENTS = 2**27
 KEEP_ELEMENTS = 2**26
 """Materialised per-example gradients of one layer ([B, *weight]) are kept for the clipped sum up to this
 size; above it the sum is recomputed as a weighted weight gradient."""
-CONV_MATERIALISE: Literal["grouped", "unfold"] = "grouped"
-"""How a conv's per-example gradients are materialised: one convolution_backward with groups = B * groups
-(``grouped``; 3-7x faster than ``unfold`` on a CPU) or unfold + batched matmul (``unfold``, Opacus's)."""
+CONV_MATERIALISE: Literal["grouped", "unfold"] = "unfold"
+"""How a conv's per-example gradients are materialised: unfold (:func:`im2col`, one strided copy) + one
+batched matmul (``unfold``), or one convolution_backward with groups = B * groups (``grouped``)."""
 
 
 def use_ghost(t: int, d_in: int, d_out: int, mode: Mode, *, keep: bool = True) -> bool:
@@ -65,6 +65,15 @@ def use_ghost(t: int, d_in: int, d_out: int, mode: Mode, *, keep: bool = True) -
     return t * t * (d_in + d_out) < (d_in * d_out if keep else t * d_in * d_out)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums of squares are accumulated in: float32 for half-precision (bf16 autocast) layers."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _up(x: Tensor) -> Tensor:
+    return x.to(_acc(x.dtype))
+
+
 def _chunks(b: int, per_example: int) -> list[slice]:
     n = max(1, CHUNK_ELEMENTS // max(1, per_example))
     return [slice(i, min(b, i + n)) for i in range(0, b, n)]
@@ -74,10 +83,10 @@ def ghost_sq(a: Tensor, g: Tensor) -> Tensor:
     """<A_i A_i^T, G_i G_i^T> per example: a [B, T, p], g [B, T, d] -> [B] (= ||G_i^T A_i||_F^2)."""
     b, t = a.shape[:2]
     if t == 1:
-        return a.square().sum((1, 2)) * g.square().sum((1, 2))
-    out = a.new_empty(b)
+        return _up(a).square().sum((1, 2)) * _up(g).square().sum((1, 2))
+    out = a.new_empty(b, dtype=_acc(a.dtype))
     for s in _chunks(b, 2 * t * t):
-        out[s] = (torch.bmm(a[s], a[s].mT) * torch.bmm(g[s], g[s].mT)).sum((1, 2))
+        out[s] = (_up(torch.bmm(a[s], a[s].mT)) * _up(torch.bmm(g[s], g[s].mT))).sum((1, 2))
     return out
 
 
@@ -88,7 +97,7 @@ def materialise(per: Callable[[slice], Tensor], b: int, numel: int, transient: i
     sq, parts = [], []
     for s in _chunks(b, numel + transient):
         p = per(s)
-        sq.append(p.flatten(1).square().sum(1))
+        sq.append(_up(p.flatten(1)).square().sum(1))
         if keep:
             parts.append(p)
     kept = (parts[0] if len(parts) == 1 else torch.cat(parts)) if keep else None
@@ -117,14 +126,14 @@ def _tokens(x: Tensor) -> Tensor:
 def _with_bias(sq: Tensor, st: dict[str, Any], gb: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
     if gb is not None:
         st["bias"] = gb
-        sq = sq + gb.square().sum(1)
+        sq = sq + _up(gb).square().sum(1)
     return sq, st
 
 
 # ------------------------------------------------------------------------------------------ nn.Linear
 def _linear_norms(m: nn.Linear, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a [B, *, d_in], g [B, *, d_out] (T = prod(*))."""
-    a3, g3 = _tokens(a), _tokens(g)
+    a3, g3 = _tokens(a).to(g.dtype), _tokens(g)
     (b, t, d_in), d_out = a3.shape, g3.shape[2]
     st: dict[str, Any] = {}
     if use_ghost(t, d_in, d_out, mode, keep=b * d_in * d_out <= KEEP_ELEMENTS):
@@ -138,7 +147,7 @@ def _linear_sums(m: nn.Linear, a: Tensor, g: Tensor, f: Tensor, st: dict[str, An
     if st.get("weight") is not None:
         out = {"weight": weigh(f, st["weight"])}
     else:
-        a3, g3 = _tokens(a), _tokens(g)
+        a3, g3 = _tokens(a).to(g.dtype), _tokens(g)
         out = {"weight": (g3 * f.view(-1, 1, 1)).flatten(0, 1).mT @ a3.flatten(0, 1)}
     if "bias" in st:
         out["bias"] = f @ st["bias"]
@@ -161,47 +170,75 @@ def _conv_check(m: nn.Conv2d) -> str | None:
     return None if len(m.kernel_size) == 2 else "not a 2-d convolution"
 
 
+def im2col(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+           padding: tuple[int, ...], *, channels_inner: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """The unfolded input of a 2-d convolution as ONE strided copy (and cast to ``dtype``): a [B, C, H,
+    W] (any memory format) -> [B, T, C k_h k_w] with T = H_out W_out; row t holds the patch output
+    pixel t sees, in the weight's (C, k_h, k_w) order, or in (k_h, k_w, C) order with
+    ``channels_inner`` (contiguous reads of a channels_last input). ``F.unfold`` gives the (C, k_h,
+    k_w) numbers transposed ([B, C k_h k_w, T]) but its CUDA kernel loops over the batch (one launch per
+    example), which made it the largest cost of the ghost norms (benchmarks/results/dp_fastclip_profile_h200.md)."""
+    if any(padding):
+        a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
+    b, c, h, w = a.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s_b, s_c, s_h, s_w = a.stride()
+    size, strides = (b, ho, wo, c, kh, kw), (s_b, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw)
+    if channels_inner:
+        size, strides = (b, ho, wo, kh, kw, c), (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c)
+    win = a.as_strided(size, strides, a.storage_offset())
+    out = torch.empty(size, dtype=dtype or a.dtype, device=a.device)
+    return out.copy_(win).view(b, ho * wo, c * kh * kw)
+
+
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a [B, C_in, H, W], g [B, C_out, H_out, W_out]; per group: d_in = C_in k_h k_w / groups,
-    d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv)."""
+    d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv). A channels_last
+    input without groups is unfolded in (k_h, k_w, C) order: norms do not depend on the order, and the
+    kept per-example gradients are permuted back (a view: the channels_last weight's own layout)."""
     a, pad = _conv_input(m, a)
     b, c_out = g.shape[:2]
     t, grp = g.shape[2] * g.shape[3], m.groups
     d_in, d_out = m.in_channels // grp * math.prod(m.kernel_size), c_out // grp
-    g4 = g.reshape(b, grp, d_out, t)
+    gt = g.permute(0, 2, 3, 1).reshape(b, t, grp, d_out).transpose(1, 2)  # [B, groups, T, d_out]; free if NHWC
+    inner = grp == 1 and a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
 
-    def unfold(s: slice) -> Tensor:  # [n, groups, d_in, T]
-        u = F.unfold(a[s], m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)
-        return u.view(u.shape[0], grp, d_in, t)
+    def unfold(s: slice) -> Tensor:  # [n, groups, T, d_in]
+        u = im2col(a[s], m.kernel_size, m.stride, m.dilation, pad, channels_inner=inner, dtype=g.dtype)
+        return u.view(u.shape[0], t, grp, d_in).transpose(1, 2)
+
+    def per_example(s: slice) -> Tensor:  # [n, *weight.shape] (inner: [n, C_out, k_h, k_w, C_in]) by unfold + bmm
+        gw = gt[s].mT @ unfold(s)  # [n, groups, d_out, d_in]
+        return gw.view(-1, c_out, *m.kernel_size, m.in_channels) if inner else gw.reshape(-1, *m.weight.shape)
 
     def grouped(s: slice) -> Tensor:  # [n, *weight.shape]: the batch folded into the groups
         n = len(range(b)[s])
         shape = (n * c_out, *m.weight.shape[1:])
         return torch.ops.aten.convolution_backward(
-            g[s].reshape(1, n * c_out, *g.shape[2:]), a[s].reshape(1, n * a.shape[1], *a.shape[2:]),
+            g[s].reshape(1, n * c_out, *g.shape[2:]), a[s].reshape(1, n * a.shape[1], *a.shape[2:]).to(g.dtype),
             g.new_empty(1).expand(shape), None, list(m.stride), list(pad), list(m.dilation), False, [0, 0],
             n * grp, [False, True, False])[1].view(n, *m.weight.shape)
 
-    st: dict[str, Any] = {"input": a, "padding": pad}
+    st: dict[str, Any] = {"input": a, "padding": pad, "inner": inner and CONV_MATERIALISE == "unfold"}
     if use_ghost(t, d_in, d_out, mode, keep=b * m.weight.numel() <= KEEP_ELEMENTS):
-        sq = a.new_empty(b)
+        sq = a.new_empty(b, dtype=_acc(g.dtype))
         for s in _chunks(b, grp * (d_in * t + 2 * t * t)):
-            u, gs = unfold(s), g4[s]
-            sq[s] = ((u.mT @ u) * (gs.mT @ gs)).sum((1, 2, 3))
+            u, gs = unfold(s), gt[s]
+            sq[s] = (_up(u @ u.mT) * _up(gs @ gs.mT)).sum((1, 2, 3))
     elif CONV_MATERIALISE == "grouped":
         sq, st["weight"] = materialise(grouped, b, m.weight.numel(), a[0].numel() + g[0].numel())
     else:
-        sq, st["weight"] = materialise(lambda s: (g4[s] @ unfold(s).mT).reshape(-1, *m.weight.shape),
-                                       b, m.weight.numel(), grp * d_in * t)
-    return _with_bias(sq, st, g.reshape(b, c_out, t).sum(2) if m.bias is not None else None)
+        sq, st["weight"] = materialise(per_example, b, m.weight.numel(), grp * d_in * t)
+    return _with_bias(sq, st, g.sum((2, 3)) if m.bias is not None else None)
 
 
 def _conv_sums(m: nn.Conv2d, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
-    if st.get("weight") is not None:
-        out = {"weight": weigh(f, st["weight"])}
+    if st.get("weight") is not None:  # kept per-example gradients ((k_h, k_w, C) order: back to the weight's)
+        out = {"weight": weigh(f, st["weight"]).permute(0, 3, 1, 2) if st["inner"] else weigh(f, st["weight"])}
     else:
         gw = torch.ops.aten.convolution_backward(
-            g * f.view(-1, 1, 1, 1), st["input"], m.weight, None, list(m.stride), list(st["padding"]),
+            g * f.view(-1, 1, 1, 1), st["input"].to(g.dtype), g.new_empty(1).expand(m.weight.shape), None, list(m.stride), list(st["padding"]),
             list(m.dilation), False, [0, 0], m.groups, [False, True, False])[1]
         out = {"weight": gw}
     if "bias" in st:
@@ -215,20 +252,20 @@ def _affine_sums(m: nn.Module, a: Tensor, g: Tensor, f: Tensor, st: dict[str, An
 
 
 def _affine_norms(gw: Tensor, gb: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
-    return _with_bias(gw.flatten(1).square().sum(1), {"weight": gw}, gb)
+    return _with_bias(_up(gw.flatten(1)).square().sum(1), {"weight": gw}, gb)
 
 
 def _group_norms(m: nn.GroupNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a, g [B, C, *]: grad_i(weight)[c] = sum_* G_i[c] xhat_i[c], grad_i(bias)[c] = sum_* G_i[c]."""
     b, c = a.shape[:2]
-    xhat = F.group_norm(a, m.num_groups, eps=m.eps)
+    xhat = F.group_norm(a.to(g.dtype), m.num_groups, eps=m.eps)
     return _affine_norms((g * xhat).reshape(b, c, -1).sum(2), g.reshape(b, c, -1).sum(2))
 
 
 def _layer_norms(m: nn.LayerNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a, g [B, *, *normalized_shape]: sums over the positions * of G_i xhat_i and of G_i."""
     ns = tuple(m.normalized_shape)
-    xhat = F.layer_norm(a, ns, eps=m.eps)
+    xhat = F.layer_norm(a.to(g.dtype), ns, eps=m.eps)
     gw = (g * xhat).reshape(a.shape[0], -1, *ns).sum(1)
     return _affine_norms(gw, g.reshape(a.shape[0], -1, *ns).sum(1) if m.bias is not None else None)
 
@@ -252,10 +289,10 @@ def _embedding_norms(m: nn.Embedding, a: Tensor, g: Tensor, mode: Mode) -> tuple
     if m.padding_idx is not None:
         gg = gg * (idx != m.padding_idx).unsqueeze(-1).to(gg.dtype)
     t = idx.shape[1]
-    sq = gg.new_empty(b)
+    sq = gg.new_empty(b, dtype=_acc(gg.dtype))
     for s in _chunks(b, 2 * t * t):
-        same = (idx[s].unsqueeze(2) == idx[s].unsqueeze(1)).to(gg.dtype)
-        sq[s] = (same * torch.bmm(gg[s], gg[s].mT)).sum((1, 2))
+        same = (idx[s].unsqueeze(2) == idx[s].unsqueeze(1)).to(_acc(gg.dtype))
+        sq[s] = (same * _up(torch.bmm(gg[s], gg[s].mT))).sum((1, 2))
     return sq, {"g": gg, "idx": idx}
 
 

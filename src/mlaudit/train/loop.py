@@ -172,7 +172,8 @@ def train_stack(
         for s in range(spe):
             if dp is not None:
                 loss_k, grads = dp.step(stack, lambda i: _gather(data, groups, i),
-                                        label_smoothing=recipe.label_smoothing)
+                                        label_smoothing=recipe.label_smoothing,
+                                        bf16=device.type == "cuda" and recipe.precision == "bf16")
                 opt.step(grads, lr_at(recipe, lr, epoch + s / spe), progress=epoch + s / spe)
             else:
                 idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices

@@ -13,6 +13,12 @@ keeps its canary and is run once per score of ``--one-run-scores`` (default: los
 Writes benchmarks/results/dp_audit[_<name>].{json,md}.
 
     python benchmarks/dp_audit.py benchmarks/configs/dp_audit_one_run_*.yaml --device cpu --name one_run_cpu
+
+Issue 15's audit of 1000 fast CNNs per side on CIFAR-10 (JPEG) (``--executor process --workers N`` runs the
+factory's process workers on the one GPU):
+
+    python benchmarks/dp_audit.py benchmarks/configs/dp_audit_cifar10_fastcnn_*.yaml --canaries gradient \
+        --device cuda --name cifar10_fastcnn_h200
 """
 
 from __future__ import annotations
@@ -37,10 +43,12 @@ KEYS = ("claimed_epsilon", "epsilon_lower_bound", "confidence", "claim_refuted",
 ONE_RUN_KEYS = ("design", "canaries", "runs", "m", "r", "v", "k_pos", "k_neg", "level", "accuracy_of_guesses", "sweep")
 
 
-def run_one(cfg: dict[str, Any], device: str) -> dict[str, Any]:
+def run_one(cfg: dict[str, Any], device: str, executor: str = "local", workers: int | None = None) -> dict[str, Any]:
+    opts = {"workers": workers} if workers else None
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = run_experiment(cfg, out=Path(tmp) / "run", device=device, store=Path(tmp) / "runs.db", quiet=True)
+        res = run_experiment(cfg, out=Path(tmp) / "run", device=device, store=Path(tmp) / "runs.db", quiet=True,
+                             executor=executor, executor_options=opts)
         wall = time.perf_counter() - t0
     r = res.results
     m = r["metrics"]
@@ -48,7 +56,8 @@ def run_one(cfg: dict[str, Any], device: str) -> dict[str, Any]:
             "canary_score_out": m["canary_score_out"], "canary_sampled_steps": m.get("canary_sampled_steps"),
             "wall_s": round(wall, 2), "train_wall_s": r["cost"]["train_wall_s"],
             "models_per_minute": r["cost"]["models_per_minute"], "device": r["cost"]["device"],
-            "peak_gpu_mem_mb": r["cost"]["peak_gpu_mem_mb"], "config": r["config"]}
+            "peak_gpu_mem_mb": r["cost"]["peak_gpu_mem_mb"], "phases": r["cost"].get("phases"),
+            "executor": executor, "workers": workers, "config": r["config"]}
 
 
 def _row(r: dict[str, Any], what: str, counts: str) -> str:
@@ -70,6 +79,8 @@ def main() -> None:
     ap.add_argument("--models-per-side", type=int, default=None, help="override every config's models_per_side")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="override a config field in every config, e.g. --set recipe.epochs=2 (repeatable)")
+    ap.add_argument("--executor", default="local", help="local, process or ray (the factory's executors)")
+    ap.add_argument("--workers", type=int, default=None, help="process/ray workers")
     ap.add_argument("--name", default=None, help="results file suffix")
     args = ap.parse_args()
     rows = []
@@ -83,9 +94,10 @@ def main() -> None:
         for variant in variants:
             cfg = {**base, **variant}
             print(f"{Path(path).name} {variant} ...", flush=True)
-            row = {"config_file": path, **run_one(cfg, args.device)}
+            row = {"config_file": path, **run_one(cfg, args.device, args.executor, args.workers)}
             print(f"  eps_LB {row['epsilon_lower_bound']:.3f} (claim {row['claimed_epsilon']}, "
-                  f"{row['confidence']:.0%}), {row['models']} models, {row['wall_s']} s", flush=True)
+                  f"{row['confidence']:.0%}), {row['models']} models, {row['wall_s']} s "
+                  f"(training {row['train_wall_s']} s)", flush=True)
             rows.append(row)
     names = sorted({r["config"]["dataset"]["name"] for r in rows})
     env = environment() | {"data": "digits (sklearn, 1438 train / 359 test)" if names == ["digits"] else

@@ -237,16 +237,16 @@ class DPTraining:
         """The clip norm applied to per-example gradients (inf for the ``no-clip`` fixture)."""
         return math.inf if self.broken == "no-clip" else self.cfg.clip
 
-    def sample(self) -> tuple[Tensor, Tensor]:
+    def sample(self, multiple: int = SLOT_MULTIPLE) -> tuple[Tensor, Tensor]:
         """This step's Poisson batches of all models: (idx [M, K, B], weight [M, K, B]), CPU; B = b_max, or
-        fewer slots (a multiple of SLOT_MULTIPLE) when one micro-batch holds every model's draw."""
+        fewer slots (a multiple of ``multiple``) when one micro-batch holds every model's draw."""
         draws = [poisson_batch(p, q, self.b_max, g) for p, q, g in zip(self.pools, self.sample_rates, self.sample_gens)]
         m = max(d[0].shape[0] for d in draws)
         idx = torch.stack([torch.cat([i, i[:1].expand(m - len(i), -1)]) for i, _ in draws], 1)
         w = torch.stack([torch.cat([v, torch.zeros(m - len(v), self.b_max)]) for _, v in draws], 1)
         if m == 1:  # drop padding slots no model uses (sampled examples come first in each row)
             used = int(w[0].sum(1).max())
-            width = min(self.b_max, max(SLOT_MULTIPLE, -(-used // SLOT_MULTIPLE) * SLOT_MULTIPLE))
+            width = min(self.b_max, max(multiple, -(-used // multiple) * multiple))
             idx, w = idx[:, :, :width], w[:, :, :width]
         return idx, w
 
@@ -255,7 +255,8 @@ class DPTraining:
         """One DP-SGD step: (mean loss of each model's sampled batch [K], private grads in
         ``stack.trainable()`` order, ready for the optimizer). ``bf16``: book-keeping steps run their
         forward under bf16 autocast (the recipe's ``precision: bf16``; the per-example path stays float32)."""
-        idx, w = self.sample()
+        # the fast path has no vmap to feed: finer slot widths waste less work on padding (more shapes)
+        idx, w = self.sample(FAST_SLOT_MULTIPLE if self.fast_clip and isinstance(stack, LoopStack) else SLOT_MULTIPLE)
         hits = self._take_canaries(idx, w)  # [M, K] bool; the canaries' slots get weight 0 in w
         device = self.sigma_c.device
         k = len(self.pools)
@@ -358,6 +359,10 @@ class DPTraining:
         if self.canaries is not None and self.canary_counts is not None and self.canaries[i] is not None:
             out["dp_canary_sampled"] = float(self.canary_counts[i])
         return out
+
+
+FAST_SLOT_MULTIPLE = 8
+"""Slots per book-keeping step are rounded up to this multiple (on average 4 padding slots, not 16)."""
 
 
 def _loop_layout(stack: LoopStack, x: Tensor) -> Tensor:

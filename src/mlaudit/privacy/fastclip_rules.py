@@ -201,7 +201,9 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
     b, c_out = g.shape[:2]
     t, grp = g.shape[2] * g.shape[3], m.groups
     d_in, d_out = m.in_channels // grp * math.prod(m.kernel_size), c_out // grp
-    gt = g.permute(0, 2, 3, 1).reshape(b, t, grp, d_out).transpose(1, 2)  # [B, groups, T, d_out]; free if NHWC
+    # G_i^T per group, [B, groups, d_out, T]: a view of g in either memory format (NCHW or channels_last)
+    gct = (g.reshape(b, grp, d_out, t) if g.is_contiguous()
+           else g.permute(0, 2, 3, 1).reshape(b, t, grp, d_out).permute(0, 2, 3, 1))
     inner = grp == 1 and a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
 
     def unfold(s: slice) -> Tensor:  # [n, groups, T, d_in]
@@ -209,7 +211,7 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
         return u.view(u.shape[0], t, grp, d_in).transpose(1, 2)
 
     def per_example(s: slice) -> Tensor:  # [n, *weight.shape] (inner: [n, C_out, k_h, k_w, C_in]) by unfold + bmm
-        gw = gt[s].mT @ unfold(s)  # [n, groups, d_out, d_in]
+        gw = gct[s] @ unfold(s)  # [n, groups, d_out, d_in]
         return gw.view(-1, c_out, *m.kernel_size, m.in_channels) if inner else gw.reshape(-1, *m.weight.shape)
 
     def grouped(s: slice) -> Tensor:  # [n, *weight.shape]: the batch folded into the groups
@@ -224,8 +226,8 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
     if use_ghost(t, d_in, d_out, mode, keep=b * m.weight.numel() <= KEEP_ELEMENTS):
         sq = a.new_empty(b, dtype=_acc(g.dtype))
         for s in _chunks(b, grp * (d_in * t + 2 * t * t)):
-            u, gs = unfold(s), gt[s]
-            sq[s] = (_up(u @ u.mT) * _up(gs @ gs.mT)).sum((1, 2, 3))
+            u, gs = unfold(s), gct[s]
+            sq[s] = (_up(u @ u.mT) * _up(gs.mT @ gs)).sum((1, 2, 3))
     elif CONV_MATERIALISE == "grouped":
         sq, st["weight"] = materialise(grouped, b, m.weight.numel(), a[0].numel() + g[0].numel())
     else:

@@ -56,8 +56,10 @@ class DPConfig(BaseModel):
     ``per-example`` materialises every example's gradient with torch.func; ``fast`` uses book-keeping
     with ghost norms (:mod:`mlaudit.privacy.fastclip`: one forward and one backward of the batch) or
     raises an error naming the first layer without a rule; ``auto`` is ``fast`` when every layer has a
-    rule, else ``per-example``. The fast path applies to the ``loop`` stack layout without audit hooks;
-    the ``vmap`` layout and the dp-audit hooks always use the per-example path.
+    rule, else ``per-example``. The fast path applies to the ``loop`` stack layout (dp-audit's
+    gradient canary and broken fixtures included); the ``vmap`` layout always uses the per-example
+    path. DP steps run in float32 unless the recipe's ``precision`` is ``bf16`` (``auto`` keeps
+    float32 under DP): then the fast path's forward runs under bf16 autocast.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -46,21 +46,28 @@ for name in ("resnet18", "fastcnn"):
     res = {"non-private fwd+bwd, 256, fp32": timed(lambda: plain(False)),
            "non-private fwd+bwd, 256, bf16": timed(lambda: plain(True))}
     for bf16 in (False, True):
-        for mode in ("auto", "ghost", "materialise"):
-            for conv in ("unfold", "grouped"):
-                if mode == "ghost" and conv == "grouped":
+        for unfold in ("conv", "strided"):
+            fastclip_rules.UNFOLD = unfold
+            for mode, conv in (("auto", "unfold"), ("materialise", "unfold"), ("auto", "grouped")):
+                if conv == "grouped" and unfold == "strided":
                     continue
                 fastclip_rules.CONV_MATERIALISE = conv
-                res[f"fast {mode} conv={conv} bf16={bf16}, 288 slots"] = timed(
+                res[f"fast {mode} conv={conv} unfold={unfold} bf16={bf16}, 288 slots"] = timed(
                     lambda: clipped_grad_sum(m, x, y, w, clip=1.0, mode=mode, bf16=bf16))
     print(f"== {name}")
     for k, v in res.items():
-        print(f"{k:55s} {v:8.2f} ms")
-    fastclip_rules.CONV_MATERIALISE = "unfold"
-    for bf16 in (False, True):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                clipped_grad_sum(m, x, y, w, clip=1.0, bf16=bf16)
-            torch.cuda.synchronize()
-        print(f"-- top CUDA kernels, 3 calls, auto, unfold, bf16={bf16}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        print(f"{k:70s} {v:8.2f} ms")
+    fastclip_rules.CONV_MATERIALISE, fastclip_rules.UNFOLD = "unfold", "conv"
+    # the depthwise one-hot unfold must be exact (every output is 1 x one input): compare with the strided copy
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(16, 64, 32, 32, device=dev).contiguous(memory_format=CL)
+        for args in (((3, 3), (1, 1), (1, 1), (1, 1)), ((1, 1), (2, 2), (1, 1), (0, 0)), ((3, 3), (2, 2), (1, 1), (1, 1))):
+            u1 = fastclip_rules.unfold_input(a, *args, dtype=dt)
+            u2 = fastclip_rules.im2col(a, *args, dtype=dt)
+            print(f"unfold conv == strided, {dt}, kernel/stride {args[0]}/{args[1]}: {torch.equal(u1, u2)}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            clipped_grad_sum(m, x, y, w, clip=1.0)
+        torch.cuda.synchronize()
+    print("-- top CUDA kernels, 3 calls, auto, unfold by conv, fp32")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))

@@ -32,6 +32,7 @@ Memory: batches are cut into chunks of at most :data:`CHUNK_ELEMENTS` transient 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ CHUNK_ELEMENTS = 2**27
 KEEP_ELEMENTS = 2**26
 """Materialised per-example gradients of one layer ([B, *weight]) are kept for the clipped sum up to this
 size; above it the sum is recomputed as a weighted weight gradient."""
+UNFOLD: Literal["conv", "strided"] = "conv"
+"""How a conv's input is unfolded (:func:`unfold_input`): by a depthwise convolution with one-hot
+kernels (``conv``: cuDNN/native kernels, exact since every output is 1 x one input) or by one strided
+copy (``strided``, :func:`im2col`; PyTorch's generic strided-copy kernel, index-bound on 6-d views)."""
 CONV_MATERIALISE: Literal["grouped", "unfold"] = "unfold"
 """How a conv's per-example gradients are materialised: unfold (:func:`im2col`, one strided copy) + one
 batched matmul (``unfold``), or one convolution_backward with groups = B * groups (``grouped``)."""
@@ -192,6 +197,30 @@ def im2col(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation
     return out.copy_(win).view(b, ho * wo, c * kh * kw)
 
 
+@functools.lru_cache(maxsize=64)
+def _one_hot_kernel(c: int, kh: int, kw: int, dtype: torch.dtype, device: torch.device, channels_last: bool) -> Tensor:
+    """[C k_h k_w, 1, k_h, k_w]: output channel c k_h k_w + i k_w + j copies input channel c at offset (i, j)."""
+    eye = torch.eye(kh * kw, dtype=dtype, device=device).view(kh * kw, 1, kh, kw).repeat(c, 1, 1, 1)
+    return eye.contiguous(memory_format=torch.channels_last) if channels_last else eye
+
+
+def unfold_input(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                 padding: tuple[int, ...], *, dtype: torch.dtype) -> Tensor:
+    """The unfolded input [B, T, C k_h k_w] (weight order (C, k_h, k_w); a strided view, one unit
+    stride) of a [B, C, H, W], cast to ``dtype``, by :data:`UNFOLD`: a depthwise convolution with
+    one-hot kernels, each output one input times 1 (exact in any precision), or :func:`im2col`."""
+    if UNFOLD == "strided":
+        return im2col(a, kernel, stride, dilation, padding, dtype=dtype)
+    b, c = a.shape[:2]
+    cl = a.is_contiguous(memory_format=torch.channels_last) and c > 1
+    w = _one_hot_kernel(c, kernel[0], kernel[1], dtype, a.device, cl)
+    out = F.conv2d(a.to(dtype), w, None, stride, padding, dilation, c)  # [B, C k_h k_w, H_out, W_out]
+    p = out.shape[1]
+    if out.is_contiguous(memory_format=torch.channels_last) and p > 1:
+        return out.permute(0, 2, 3, 1).reshape(b, -1, p)  # a view: [B, T, p] row-major
+    return out.reshape(b, p, -1).mT  # [B, T, p] column-major
+
+
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a [B, C_in, H, W], g [B, C_out, H_out, W_out]; per group: d_in = C_in k_h k_w / groups,
     d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv). A channels_last
@@ -204,11 +233,15 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
     # G_i^T per group, [B, groups, d_out, T]: a view of g in either memory format (NCHW or channels_last)
     gct = (g.reshape(b, grp, d_out, t) if g.is_contiguous()
            else g.permute(0, 2, 3, 1).reshape(b, t, grp, d_out).permute(0, 2, 3, 1))
-    inner = grp == 1 and a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
+    inner = (UNFOLD == "strided" and grp == 1 and a.dim() == 4 and a.shape[1] > 1
+             and a.is_contiguous(memory_format=torch.channels_last))
 
     def unfold(s: slice) -> Tensor:  # [n, groups, T, d_in]
-        u = im2col(a[s], m.kernel_size, m.stride, m.dilation, pad, channels_inner=inner, dtype=g.dtype)
-        return u.view(u.shape[0], t, grp, d_in).transpose(1, 2)
+        if inner:
+            u = im2col(a[s], m.kernel_size, m.stride, m.dilation, pad, channels_inner=True, dtype=g.dtype)
+        else:
+            u = unfold_input(a[s], m.kernel_size, m.stride, m.dilation, pad, dtype=g.dtype)
+        return u.unflatten(2, (grp, d_in)).transpose(1, 2)
 
     def per_example(s: slice) -> Tensor:  # [n, *weight.shape] (inner: [n, C_out, k_h, k_w, C_in]) by unfold + bmm
         gw = gct[s] @ unfold(s)  # [n, groups, d_out, d_in]
@@ -258,10 +291,17 @@ def _affine_norms(gw: Tensor, gb: Tensor | None) -> tuple[Tensor, dict[str, Any]
 
 
 def _group_norms(m: nn.GroupNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
-    """a, g [B, C, *]: grad_i(weight)[c] = sum_* G_i[c] xhat_i[c], grad_i(bias)[c] = sum_* G_i[c]."""
+    """a, g [B, C, *]: grad_i(weight)[c] = sum_* G_i[c] xhat_i[c], grad_i(bias)[c] = sum_* G_i[c]; with
+    xhat = (a - mu_g) r_g per group g of c, ``sum_* G xhat = r_g (sum_* G a - mu_g sum_* G)``: reductions
+    over * only (no normalised copy of the input; any memory format, no reshape copies)."""
     b, c = a.shape[:2]
-    xhat = F.group_norm(a.to(g.dtype), m.num_groups, eps=m.eps)
-    return _affine_norms((g * xhat).reshape(b, c, -1).sum(2), g.reshape(b, c, -1).sum(2))
+    a = a.to(g.dtype)
+    dims = tuple(range(2, a.dim()))
+    var, mu = torch.var_mean(a.unflatten(1, (m.num_groups, -1)), dim=(2, *(d + 1 for d in dims)), unbiased=False)
+    r = torch.rsqrt(var + m.eps).repeat_interleave(c // m.num_groups, 1)  # [B, C]
+    gb, ga = (g.sum(dims), (g * a).sum(dims)) if dims else (g, g * a)  # sum(()) would sum every dim
+    gw = r * (ga - mu.repeat_interleave(c // m.num_groups, 1) * gb)
+    return _affine_norms(gw, gb)
 
 
 def _layer_norms(m: nn.LayerNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:

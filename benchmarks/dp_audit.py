@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -57,7 +58,8 @@ def run_one(cfg: dict[str, Any], device: str, executor: str = "local", workers: 
             "wall_s": round(wall, 2), "train_wall_s": r["cost"]["train_wall_s"],
             "models_per_minute": r["cost"]["models_per_minute"], "device": r["cost"]["device"],
             "peak_gpu_mem_mb": r["cost"]["peak_gpu_mem_mb"], "phases": r["cost"].get("phases"),
-            "executor": executor, "workers": workers, "config": r["config"]}
+            "executor": executor, "workers": workers,
+            "stack_layouts": dict(Counter(str(t.get("stack_layout")) for t in r.get("trials") or [])), "config": r["config"]}
 
 
 def _row(r: dict[str, Any], what: str, counts: str) -> str:
@@ -105,6 +107,7 @@ def main() -> None:
                                r["config"]["dataset"].get("options") or {}) for r in rows}.items()))}
     dev = rows[0]["device"] if rows else args.device
     md = (f"# DP auditing: empirical epsilon lower bounds\n\n{env['date']}, {dev}, torch {env['torch']}; "
+          f"executor {args.executor}" + (f" ({args.workers} workers)" if args.workers else "") + "; "
           f"configs {', '.join(Path(p).name for p in args.configs)}"
           + (f", overrides {args.overrides}" if args.overrides else "") + ".\n")
     game = [r for r in rows if r["design"] != "one-run"]

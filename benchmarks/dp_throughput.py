@@ -17,7 +17,7 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   ``mlaudit_dpsgd_fast_bf16``: the fast path with ``precision: bf16`` (bf16 autocast forward, as the
   non-private recipe). One epoch of ``--steps`` steps warms up,
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
-  clips the widest Poisson batch of the step rounded up to a multiple of 32 (at most
+  clips the widest Poisson batch of the step rounded up to a multiple of 8 (fast) or 32 (per-example) (at most
   B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
 * **Opacus** (optional: skipped when not installed) wraps the same architecture with
   ``PrivacyEngine.make_private`` (``grad_sample_mode="hooks"``, and ``"ghost"`` when supported), on a
@@ -290,7 +290,8 @@ def main() -> None:
     env = environment() | {"data": data_desc, "device": str(device), "opacus": version}
     md = (f"# DP-SGD throughput, batch {bsz}\n\n{env['date']}, {env['gpu'] or 'CPU'}, torch {env['torch']}, "
           f"{opacus_note}; {data_desc}; {steps} timed steps after warm-up. mlaudit's DP step clips the sampled "
-          f"batch rounded up to a multiple of 32 (at most {max_batch(bsz / n, n)} slots; expected batch {bsz}); "
+          f"batch rounded up to a multiple of 8 (fast) or 32 (per-example) (at most {max_batch(bsz / n, n)} slots; "
+          f"expected batch {bsz}); "
           "goal (issue 15): mlaudit_dpsgd_fast / mlaudit_sgd <= 1.5.\n\n")
     results: dict[str, Any] = {}
     for name in names:

@@ -203,7 +203,7 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         metrics["sample_rate"] = recipe_dp.sample_rate
     key = "canary_loss" if score == "loss" else "canary_score"
     rows = [{"trial_id": r["trial_id"], "seed": r["seed"], "side": r["tags"]["side"], key: float(v),
-             **{k: v2 for k, v2 in r["metrics"].items() if k in ("test_accuracy", "dp_epsilon", "dp_canary_sampled")},
+             **{k: v2 for k, v2 in r["metrics"].items() if k in ("test_accuracy", "dp_epsilon", "dp_canary_sampled", "stack_layout")},
              "checkpoint": r.get("checkpoint") if config.save_models else None}
             for r, v in zip(records, scores)]
     notes = ctx.failed_note(metrics, what="audit model(s)", effect=(

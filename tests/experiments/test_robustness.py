@@ -155,13 +155,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, 
     assert not (tmp_path / "out2").exists()
 
 
-def test_adversarial_training_recipe_raises_robust_accuracy(tmp_path: Path) -> None:
-    """recipe.adversarial (PGD-AT through the crafting engine) on the loop and vmap layouts: same models,
-    more robust than the standard model of the same seed."""
+@pytest.mark.parametrize("method", ["pgd", "trades"])
+def test_adversarial_training_recipe_raises_robust_accuracy(tmp_path: Path, method: str) -> None:
+    """recipe.adversarial (PGD-AT, or TRADES with its default beta 6, through the crafting engine) on the
+    loop and vmap layouts: same models, more robust than the standard model of the same seed."""
     base = {**BASE, "attacks": ["pgd"], "threat": {"eps": [0.1]}, "examples": 120, "grid": 0, "sanity": False,
             "recipe": {"name": "fast", "epochs": 4}}
     std = go(base, tmp_path / "std")["metrics"]["robust_accuracy"]["pgd"]["0.1"]["value"]
-    adv_recipe = {"name": "fast", "epochs": 4, "adversarial": {"method": "pgd", "eps": 0.1, "steps": 3}}
+    adv_recipe = {"name": "fast", "epochs": 4, "adversarial": {"method": method, "eps": 0.1, "steps": 3}}
     runs = [go({**base, "recipe": adv_recipe, "factory": {"strategy": s}}, tmp_path / s)["metrics"]
             for s in ("vmap", "loop")]
     adv = runs[0]["robust_accuracy"]["pgd"]["0.1"]["value"]

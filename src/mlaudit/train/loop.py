@@ -39,7 +39,7 @@ from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.base import TensorDataset
 from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
-from .adversarial import adversarial_batch
+from .adversarial import adversarial_batch, trades_loss
 from .hooks import DPStepHooks
 from .optim import make_optimizer
 from .recipe import AugmentConfig, Recipe, lr_at
@@ -125,7 +125,11 @@ def train_stack(
     With ``recipe.dp`` each step is a DP-SGD step (Poisson batches, per-example clipping, noise;
     :mod:`mlaudit.privacy.dpsgd`) and the data order below is not used. With ``recipe.adversarial``
     each batch (after augmentation) is replaced by PGD examples against each model's current weights
-    (:mod:`mlaudit.train.adversarial`). With ``recipe.noise_sigma`` > 0 each batch (after augmentation)
+    (:mod:`mlaudit.train.adversarial`); with its ``method: trades`` (Zhang et al. 2019, eq. 5) the
+    step instead runs one forward of [clean; adversarial] (KL-maximising examples), [K, 2B, *shape],
+    and each model's loss is CE(clean) + beta * KL(clean || adversarial)
+    (:func:`~mlaudit.train.adversarial.trades_loss`; BatchNorm in train mode thus normalises the clean
+    and adversarial halves together). With ``recipe.noise_sigma`` > 0 each batch (after augmentation)
     gets Gaussian noise N(0, noise_sigma^2 I) (Cohen et al. 2019, randomized smoothing), model k's
     drawn on ``device`` from its own generator seeded from its seed (independent of K; CPU and CUDA
     draw different noise).
@@ -158,6 +162,8 @@ def train_stack(
                               default_spe=spe, device=device, augment=augment, hooks=hooks)
         spe = dp.steps_per_epoch
     adv_gens = [torch.Generator().manual_seed(int(sd) + 0xAD7) for sd in seeds]  # adversarial training's starts
+    adv = recipe.adversarial
+    trades_beta = adv.beta if adv is not None and adv.method == "trades" else None  # None: not TRADES
     noise_gens = ([torch.Generator(device=device).manual_seed(int(sd) + NOISE_SEED) for sd in seeds]
                   if recipe.noise_sigma > 0 else [])
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
@@ -185,13 +191,17 @@ def train_stack(
                     xb = apply_augment(xb.flatten(0, 1), p, pad_mode=augment.pad_mode).view_as(xb)
                 if noise_gens:  # Gaussian noise training (randomized smoothing): x + N(0, sigma^2 I)
                     xb = add_noise(xb, recipe.noise_sigma, noise_gens)
-                if recipe.adversarial is not None:  # PGD-AT: train on PGD examples of this batch
-                    xb = adversarial_batch(stack, xb, yb, recipe.adversarial, generators=adv_gens)
+                if adv is not None:  # PGD-AT: train on the PGD examples; TRADES: on [clean; adv], [K, 2B, ...]
+                    x_adv = adversarial_batch(stack, xb, yb, adv, generators=adv_gens)
+                    xb = x_adv if trades_beta is None else torch.cat([xb, x_adv], 1)
                 with autocast:
                     logits = stack.forward(xb, train=True)
-                loss_k = F.cross_entropy(
-                    logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing,
-                    reduction="none").view(k, bsz).mean(1)
+                if trades_beta is not None:  # CE(clean) + beta KL(clean || adv) per model [K]
+                    loss_k = trades_loss(logits, yb, beta=trades_beta, label_smoothing=recipe.label_smoothing)
+                else:
+                    loss_k = F.cross_entropy(
+                        logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing,
+                        reduction="none").view(k, bsz).mean(1)
                 grads = torch.autograd.grad(loss_k.sum() * (bsz if recipe.loss_reduction == "sum" else 1), plist)
                 opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe), progress=epoch + s / spe)
             loss_d = loss_k.detach()

@@ -83,17 +83,33 @@ class DPConfig(BaseModel):
 
 
 class AdversarialConfig(BaseModel):
-    """Adversarial training (``recipe.adversarial``; :mod:`mlaudit.train.adversarial`), PGD-AT: ``steps`` PGD steps of size ``step_size`` (default 2.5 eps / steps) in the ``norm`` ball of
-    radius ``eps`` (pixel units) inside the pixel ``box``, from a random start."""
+    """Adversarial training (``recipe.adversarial``; :mod:`mlaudit.train.adversarial`): ``steps`` PGD
+    steps of size ``step_size`` (default 2.5 eps / steps) in the ``norm`` ball of radius ``eps`` (pixel
+    units) inside the pixel ``box``.
+
+    ``method: pgd`` is PGD-AT (Madry et al. 2018): train on PGD examples of the cross-entropy, from a
+    random start in the ball. ``method: trades`` is TRADES (Zhang et al. 2019, eq. 5): train on
+    CE(clean) + ``beta`` * KL(clean || adversarial), the adversarial point a PGD maximiser of the KL from
+    x + 0.001 N(0, I). ``beta`` (> 0, default 6.0, the paper's CIFAR-10 value) is TRADES' only; it stays
+    unset (None) for pgd, and giving it there is an error naming the field.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["pgd"] = "pgd"
+    method: Literal["pgd", "trades"] = "pgd"
     eps: float = Field(..., gt=0.0)
     norm: Literal["linf", "l2"] = "linf"
     steps: int = Field(7, ge=1, le=1000)
     step_size: float | None = Field(None, gt=0.0)
     box: tuple[float, float] = (0.0, 1.0)
+    beta: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_beta(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "trades" and data.get("beta") is None:
+            return {**data, "beta": TRADES_BETA}
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> AdversarialConfig:
@@ -101,7 +117,14 @@ class AdversarialConfig(BaseModel):
         if not math.isfinite(self.eps) or (self.norm == "linf" and self.eps > width):
             raise ValueError(f"adversarial.eps {self.eps} is outside the pixel range; allowed 0 < eps <= {width:g} "
                              "for norm linf")
+        if self.method != "trades" and self.beta is not None:
+            raise ValueError(f"adversarial.beta = {self.beta:g} is the TRADES weight of the KL term and applies to "
+                             f"method trades only, got method {self.method}; drop beta or use method: trades")
         return self
+
+
+TRADES_BETA = 6.0
+"""Default TRADES weight beta (Zhang et al. 2019: 6.0 for CIFAR-10, where 1/lambda in eq. 5 = beta)."""
 
 
 class ParamGroup(BaseModel):

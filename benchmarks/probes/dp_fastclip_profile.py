@@ -1,7 +1,9 @@
 """Where the fast DP-SGD step's time goes (issue 15): ResNet-18-GN and fastcnn-GN at 288 Poisson slots on
 CUDA, channels_last as the training loop runs them. Times the non-private forward+backward (fp32 and bf16
 autocast), the fast clipped sum (auto / all-ghost / all-materialise, conv materialise unfold vs grouped,
-fp32 and bf16), and prints the top CUDA kernels of the default path.
+fp32 and bf16), and prints the top CUDA kernels of the default path. (The H200 output of 2026-12-02 in
+benchmarks/results/dp_fastclip_profile_h200.txt is of an earlier version that also timed a depthwise
+one-hot-convolution unfold, since removed: slower and not exact in float32.)
 
     python benchmarks/probes/dp_fastclip_profile.py
 """
@@ -46,28 +48,17 @@ for name in ("resnet18", "fastcnn"):
     res = {"non-private fwd+bwd, 256, fp32": timed(lambda: plain(False)),
            "non-private fwd+bwd, 256, bf16": timed(lambda: plain(True))}
     for bf16 in (False, True):
-        for unfold in ("conv", "strided"):
-            fastclip_rules.UNFOLD = unfold
-            for mode, conv in (("auto", "unfold"), ("materialise", "unfold"), ("auto", "grouped")):
-                if conv == "grouped" and unfold == "strided":
-                    continue
-                fastclip_rules.CONV_MATERIALISE = conv
-                res[f"fast {mode} conv={conv} unfold={unfold} bf16={bf16}, 288 slots"] = timed(
-                    lambda: clipped_grad_sum(m, x, y, w, clip=1.0, mode=mode, bf16=bf16))
+        for mode, conv in (("auto", "unfold"), ("materialise", "unfold"), ("ghost", "unfold"), ("auto", "grouped")):
+            fastclip_rules.CONV_MATERIALISE = conv
+            res[f"fast {mode} conv={conv} bf16={bf16}, 288 slots"] = timed(
+                lambda: clipped_grad_sum(m, x, y, w, clip=1.0, mode=mode, bf16=bf16))
     print(f"== {name}")
     for k, v in res.items():
         print(f"{k:70s} {v:8.2f} ms")
-    fastclip_rules.CONV_MATERIALISE, fastclip_rules.UNFOLD = "unfold", "conv"
-    # the depthwise one-hot unfold must be exact (every output is 1 x one input): compare with the strided copy
-    for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(16, 64, 32, 32, device=dev).contiguous(memory_format=CL)
-        for args in (((3, 3), (1, 1), (1, 1), (1, 1)), ((1, 1), (2, 2), (1, 1), (0, 0)), ((3, 3), (2, 2), (1, 1), (1, 1))):
-            u1 = fastclip_rules.unfold_input(a, *args, dtype=dt)
-            u2 = fastclip_rules.im2col(a, *args, dtype=dt)
-            print(f"unfold conv == strided, {dt}, kernel/stride {args[0]}/{args[1]}: {torch.equal(u1, u2)}")
+    fastclip_rules.CONV_MATERIALISE = "unfold"
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             clipped_grad_sum(m, x, y, w, clip=1.0)
         torch.cuda.synchronize()
-    print("-- top CUDA kernels, 3 calls, auto, unfold by conv, fp32")
+    print("-- top CUDA kernels, 3 calls, auto, fp32")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))

@@ -32,7 +32,6 @@ Memory: batches are cut into chunks of at most :data:`CHUNK_ELEMENTS` transient 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,10 +47,6 @@ CHUNK_ELEMENTS = 2**27
 KEEP_ELEMENTS = 2**26
 """Materialised per-example gradients of one layer ([B, *weight]) are kept for the clipped sum up to this
 size; above it the sum is recomputed as a weighted weight gradient."""
-UNFOLD: Literal["conv", "strided"] = "conv"
-"""How a conv's input is unfolded (:func:`unfold_input`): by a depthwise convolution with one-hot
-kernels (``conv``: cuDNN/native kernels, exact since every output is 1 x one input) or by one strided
-copy (``strided``, :func:`im2col`; PyTorch's generic strided-copy kernel, index-bound on 6-d views)."""
 CONV_MATERIALISE: Literal["grouped", "unfold"] = "unfold"
 """How a conv's per-example gradients are materialised: unfold (:func:`im2col`, one strided copy) + one
 batched matmul (``unfold``), or one convolution_backward with groups = B * groups (``grouped``)."""
@@ -182,7 +177,10 @@ def im2col(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation
     pixel t sees, in the weight's (C, k_h, k_w) order, or in (k_h, k_w, C) order with
     ``channels_inner`` (contiguous reads of a channels_last input). ``F.unfold`` gives the (C, k_h,
     k_w) numbers transposed ([B, C k_h k_w, T]) but its CUDA kernel loops over the batch (one launch per
-    example), which made it the largest cost of the ghost norms (benchmarks/results/dp_fastclip_profile_h200.md)."""
+    example), which made it the largest cost of the ghost norms (benchmarks/results/dp_fastclip_profile_h200.md).
+    A depthwise convolution with one-hot kernels was tried instead (H200, 2026-12-02): slower for
+    ResNet-18 (38.2 vs 28.8 ms per clipped sum) and not exact in float32 for 3x3 stride-1 convs (cuDNN
+    rounds the inputs), so the copy stays (benchmarks/results/dp_fastclip_profile_h200.txt)."""
     if any(padding):
         a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
     b, c, h, w = a.shape
@@ -197,30 +195,6 @@ def im2col(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation
     return out.copy_(win).view(b, ho * wo, c * kh * kw)
 
 
-@functools.lru_cache(maxsize=64)
-def _one_hot_kernel(c: int, kh: int, kw: int, dtype: torch.dtype, device: torch.device, channels_last: bool) -> Tensor:
-    """[C k_h k_w, 1, k_h, k_w]: output channel c k_h k_w + i k_w + j copies input channel c at offset (i, j)."""
-    eye = torch.eye(kh * kw, dtype=dtype, device=device).view(kh * kw, 1, kh, kw).repeat(c, 1, 1, 1)
-    return eye.contiguous(memory_format=torch.channels_last) if channels_last else eye
-
-
-def unfold_input(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
-                 padding: tuple[int, ...], *, dtype: torch.dtype) -> Tensor:
-    """The unfolded input [B, T, C k_h k_w] (weight order (C, k_h, k_w); a strided view, one unit
-    stride) of a [B, C, H, W], cast to ``dtype``, by :data:`UNFOLD`: a depthwise convolution with
-    one-hot kernels, each output one input times 1 (exact in any precision), or :func:`im2col`."""
-    if UNFOLD == "strided":
-        return im2col(a, kernel, stride, dilation, padding, dtype=dtype)
-    b, c = a.shape[:2]
-    cl = a.is_contiguous(memory_format=torch.channels_last) and c > 1
-    w = _one_hot_kernel(c, kernel[0], kernel[1], dtype, a.device, cl)
-    out = F.conv2d(a.to(dtype), w, None, stride, padding, dilation, c)  # [B, C k_h k_w, H_out, W_out]
-    p = out.shape[1]
-    if out.is_contiguous(memory_format=torch.channels_last) and p > 1:
-        return out.permute(0, 2, 3, 1).reshape(b, -1, p)  # a view: [B, T, p] row-major
-    return out.reshape(b, p, -1).mT  # [B, T, p] column-major
-
-
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a [B, C_in, H, W], g [B, C_out, H_out, W_out]; per group: d_in = C_in k_h k_w / groups,
     d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv). A channels_last
@@ -233,14 +207,10 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
     # G_i^T per group, [B, groups, d_out, T]: a view of g in either memory format (NCHW or channels_last)
     gct = (g.reshape(b, grp, d_out, t) if g.is_contiguous()
            else g.permute(0, 2, 3, 1).reshape(b, t, grp, d_out).permute(0, 2, 3, 1))
-    inner = (UNFOLD == "strided" and grp == 1 and a.dim() == 4 and a.shape[1] > 1
-             and a.is_contiguous(memory_format=torch.channels_last))
+    inner = grp == 1 and a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and a.shape[1] > 1
 
     def unfold(s: slice) -> Tensor:  # [n, groups, T, d_in]
-        if inner:
-            u = im2col(a[s], m.kernel_size, m.stride, m.dilation, pad, channels_inner=True, dtype=g.dtype)
-        else:
-            u = unfold_input(a[s], m.kernel_size, m.stride, m.dilation, pad, dtype=g.dtype)
+        u = im2col(a[s], m.kernel_size, m.stride, m.dilation, pad, channels_inner=inner, dtype=g.dtype)
         return u.unflatten(2, (grp, d_in)).transpose(1, 2)
 
     def per_example(s: slice) -> Tensor:  # [n, *weight.shape] (inner: [n, C_out, k_h, k_w, C_in]) by unfold + bmm

@@ -264,8 +264,8 @@ class DPTraining:
         sums: list[list[Tensor]] = []
         loss_sum = torch.zeros(k, device=device)
         for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
-            xb, yb = gather(idx[mi].to(device))
-            wb = w[mi].to(device)
+            xb, yb = gather(_upload(idx[mi], device))
+            wb = _upload(w[mi], device)
             xb = self._augment(xb)
             if self._use_fast(stack, xb, yb, label_smoothing):
                 groups = self._fast_groups(stack, xb, yb, wb, label_smoothing, bf16)  # type: ignore[arg-type]
@@ -281,7 +281,7 @@ class DPTraining:
         for s, r in zip(sums, rows):
             z = gaussian_noise([t.shape[1:] for t in s], [self.noise_gens[i] for i in r.tolist()], device)
             grads += noisy_average(s, z, self.sigma_c[r], self.denom[r])
-        count = w.sum((0, 2)).to(device).clamp(min=1.0)
+        count = _upload(w.sum((0, 2)), device).clamp(min=1.0)
         return loss_sum / count, _to_trainable(stack, grads)
 
     def _use_fast(self, stack: StackedModels, x: Tensor, y: Tensor, label_smoothing: float) -> bool:
@@ -345,8 +345,8 @@ class DPTraining:
             return xb
         ps = [sample_augment_params(xb.shape[1], pad=a.crop_pad, flip=a.flip, generator=g, device="cpu")
               for g in self.sample_gens]
-        p = AugmentParams(shift=torch.cat([q.shift for q in ps]).to(xb.device),
-                          flip=torch.cat([q.flip for q in ps]).to(xb.device))
+        p = AugmentParams(shift=_upload(torch.cat([q.shift for q in ps]), xb.device),
+                          flip=_upload(torch.cat([q.flip for q in ps]), xb.device))
         return apply_augment(xb.flatten(0, 1), p).view_as(xb)
 
     def report(self, i: int, steps: int) -> dict[str, float]:
@@ -359,6 +359,16 @@ class DPTraining:
         if self.canaries is not None and self.canary_counts is not None and self.canaries[i] is not None:
             out["dp_canary_sampled"] = float(self.canary_counts[i])
         return out
+
+
+def _upload(t: Tensor, device: torch.device) -> Tensor:
+    """A step's CPU draws (indices, weights, augmentation) on ``device``. To CUDA through pinned memory
+    without blocking: a copy from pageable memory first waits for the whole stream, which would drain
+    the GPU's queue up to four times per DP step and expose the Python time of the next launches.
+    PyTorch's caching host allocator keeps the pinned block until the copy has finished."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 FAST_SLOT_MULTIPLE = 8

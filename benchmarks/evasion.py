@@ -1,4 +1,4 @@
-"""Evasion attacks: mlaudit's FGSM / PGD / APGD / CW / ensemble next to torchattacks 3.5.1, side by side
+"""Evasion attacks: mlaudit's FGSM / PGD / APGD / CW / Square / ensemble next to torchattacks 3.5.1, side by side
 in one run on the same models and the same test examples (CPU, or a GPU with ``--device cuda``).
 
     pip install -e '.[bench]'            # torchattacks==3.5.1, a benchmark dependency only
@@ -15,7 +15,9 @@ Models: the zoo's ``fastcnn`` (a small CNN) and ``mlp``, each trained by mlaudit
 attacks gets the same budget (eps, steps, restarts, loss) and both are timed on the same inputs.
 Robust accuracy = accuracy on the attacked test examples (clean mistakes count as not robust);
 for CW (minimal l2, no eps) the success rate, the median l2 of successes and robust accuracy at
-l2 <= eps_l2. Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
+l2 <= eps_l2. Square (``--square-queries`` queries, p_init 0.8, margin loss) runs twice on our side: with
+the paper's window offsets 0 .. H - s (our default) and with the authors' code's 0 .. H - s - 1, the
+range torchattacks' port also draws from. Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +34,7 @@ import torch
 import torchattacks
 from torch import Tensor, nn
 
-from mlaudit.attacks.evasion import apgd, apgd_targeted, autoattack, cw_l2, fgsm, pgd
+from mlaudit.attacks.evasion import apgd, apgd_targeted, autoattack, cw_l2, fgsm, pgd, square
 from mlaudit.data import load_dataset
 from mlaudit.models import build_model
 from mlaudit.train import train
@@ -42,9 +45,26 @@ except ImportError:  # run as a module
     from benchmarks._common import RESULTS
 
 
-def pairs(eps: float, eps_l2: float, steps: int) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
+def _authors_offsets(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``attack`` with the Square Attack's window offsets drawn as in the authors' code (0 .. H - s - 1)."""
+    def run(m: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        mod = sys.modules["mlaudit.attacks.evasion.square"]
+        old, mod._AUTHORS_OFFSETS = mod._AUTHORS_OFFSETS, True
+        try:
+            return attack(m, x, y)
+        finally:
+            mod._AUTHORS_OFFSETS = old
+    return run
+
+
+def pairs(eps: float, eps_l2: float, steps: int,
+          queries: int = 1000) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
     """name -> (ours(model, x, y), torchattacks factory(model)), both with the same settings."""
     a = eps / 4
+    sq_linf = (lambda m, x, y: square(m, x, y, eps=eps, n_queries=queries),
+               lambda m: torchattacks.Square(m, norm="Linf", eps=eps, n_queries=queries, p_init=0.8, seed=0))
+    sq_l2 = (lambda m, x, y: square(m, x, y, eps=eps_l2, norm="l2", n_queries=queries),
+             lambda m: torchattacks.Square(m, norm="L2", eps=eps_l2, n_queries=queries, p_init=0.8, seed=0))
     return {
         "FGSM linf": (lambda m, x, y: fgsm(m, x, y, eps=eps), lambda m: torchattacks.FGSM(m, eps=eps)),
         "PGD-10 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=10, step_size=a),
@@ -64,6 +84,10 @@ def pairs(eps: float, eps_l2: float, steps: int) -> dict[str, tuple[Callable[...
                                 lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=50, lr=0.01)),
         "CW-l2 5x100 search": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=100, search_steps=5),
                                lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=500, lr=0.01)),
+        f"Square-{queries} linf": sq_linf,
+        f"Square-{queries} linf, authors' offsets": (_authors_offsets(sq_linf[0]), sq_linf[1]),
+        f"Square-{queries} l2": sq_l2,
+        f"Square-{queries} l2, authors' offsets": (_authors_offsets(sq_l2[0]), sq_l2[1]),
     }
 
 
@@ -101,6 +125,7 @@ def main() -> None:
                     "a fraction such as 8/255 is accepted")
     ap.add_argument("--eps-l2", type=_frac, default=1.0)
     ap.add_argument("--steps", type=int, default=50, help="APGD steps (both libraries)")
+    ap.add_argument("--square-queries", type=int, default=1000, help="Square Attack queries per example (both)")
     ap.add_argument("--models", default="fastcnn,mlp")
     ap.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
     ap.add_argument("--recipe", default="fast", help="training recipe of every model")
@@ -137,7 +162,7 @@ def main() -> None:
             with torch.no_grad():
                 clean = 100 * float((model(x).argmax(1) == y).float().mean())
             print(f"{label}: clean accuracy {clean:.1f}%, trained in {train_s:.1f} s", flush=True)
-            for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps).items():
+            for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps, args.square_queries).items():
                 if chosen and name not in chosen:
                     continue
                 a = measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy), args.eps_l2)
@@ -151,7 +176,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
             "dataset": described, "examples": len(x), "eps_linf": args.eps,
-            "eps_l2": args.eps_l2, "apgd_steps": args.steps, "recipe": args.recipe, "adversarial_eps": args.adversarial,
+            "eps_l2": args.eps_l2, "apgd_steps": args.steps, "square_queries": args.square_queries, "recipe": args.recipe, "adversarial_eps": args.adversarial,
             "seed": 0}
     out = RESULTS / f"evasion_{args.name}"
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -165,7 +190,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              + (f"{meta['gpu']}" if meta.get("gpu") else f"CPU ({meta['cpu']}, {meta['threads']} thread)")
              + f", torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
              f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, APGD steps = "
-             f"{meta['apgd_steps']}. Robust accuracy in % (lower = stronger attack); wall time of the attack call.",
+             f"{meta['apgd_steps']}, Square queries = {meta.get('square_queries', '-')}. Robust accuracy in % (lower = stronger attack); wall time of the attack call.",
              "", "| model (clean %) | attack | mlaudit robust % | torchattacks robust % | mlaudit s | torchattacks s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:

@@ -27,7 +27,8 @@ def data(n: int = 24, seed: int = 0, box: tuple[float, float] = (0.0, 1.0)) -> t
 
 BOUNDED = {
     "fgsm": {}, "pgd": {"steps": 3, "restarts": 2}, "apgd": {"steps": 4, "loss": "dlr"},
-    "apgd-t": {"steps": 3, "targets": 2}, "autoattack": {"members": (("pgd", {"steps": 2}), ("apgd", {"steps": 3}))},
+    "apgd-t": {"steps": 3, "targets": 2}, "square": {"n_queries": 15},
+    "autoattack": {"members": (("pgd", {"steps": 2}), ("apgd", {"steps": 3}), ("square", {})), "square_queries": 10},
 }
 
 
@@ -157,6 +158,10 @@ def test_every_registered_attack_on_a_user_module(name: str) -> None:
     opts = {"steps": 3, "search_steps": 2} if name == "cw" else {"eps": 0.1}
     if name in ("pgd", "apgd", "apgd-t"):
         opts["steps"] = 3
+    if name == "square":
+        opts["n_queries"] = 20
+    if name == "autoattack":
+        opts["square_queries"] = 20
     x_adv = EVASION_ATTACKS.get(name)(model, x, y, **opts)
     assert x_adv.shape == x.shape and x_adv.device == x.device and not x_adv.requires_grad
     assert not model.training and [p.requires_grad for p in model.parameters()] == flags

@@ -7,9 +7,11 @@
 
 Registered (:data:`EVASION_ATTACKS`, one call ``attack(model, x, y, **options) -> x_adv``): ``fgsm``,
 ``pgd`` (l-inf / l2, random start, restarts, targeted), ``apgd`` (APGD-CE / APGD-DLR), ``apgd-t``,
-``cw`` (Carlini-Wagner l2) and ``autoattack`` (the worst case over APGD-CE and APGD-T). Every
-optimisation runs through the one crafting engine, :func:`mlaudit.craft.craft`. (The functions share
-their modules' names: ``mlaudit.attacks.evasion.pgd`` is the function.)
+``cw`` (Carlini-Wagner l2), ``square`` (the Square Attack: score-based black box, forward passes
+only) and ``autoattack`` (the worst case over APGD-CE, APGD-T and Square). Every gradient-based
+optimisation runs through the one crafting engine, :func:`mlaudit.craft.craft`; Square is a random
+search on the model's logits. (The functions share their modules' names:
+``mlaudit.attacks.evasion.pgd`` is the function.)
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from .base import (
     register_evasion,
 )
 from .cw import cw_l2
-from .ensemble import DEFAULT_MEMBERS, EnsembleResult, autoattack, run_ensemble
+from .ensemble import DEFAULT_MEMBERS, EnsembleResult, NoBlackBoxMemberWarning, autoattack, run_ensemble
 from .fgsm import fgsm
 from .losses import LOSSES, margin
 from .pgd import pgd
+from .square import SquareResult, run_square, square
 
 __all__ = [
     "DEFAULT_MEMBERS", "EVASION_ATTACKS", "LOSSES", "EnsembleResult", "EvasionAttack", "EvasionObjective",
-    "StochasticModelWarning", "apgd", "apgd_targeted", "autoattack", "check_inputs", "cw_l2", "fgsm", "margin", "pgd",
-    "register_evasion", "run_ensemble",
+    "NoBlackBoxMemberWarning", "SquareResult", "StochasticModelWarning", "apgd", "apgd_targeted", "autoattack", "check_inputs", "cw_l2", "fgsm",
+    "margin", "pgd", "register_evasion", "run_ensemble", "run_square", "square",
 ]

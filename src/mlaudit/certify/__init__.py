@@ -6,9 +6,23 @@ on hash partitions of the training set, their plurality vote certified against p
     certified_accuracy(cert.prediction, cert.radius, y, [0, 0.25, 0.5])    # float64 [3]
     predict(model, x, sigma=0.25, n=1000, alpha=0.001)                     # int64 [B], -1 = abstain
     dpa = dpa_certify(vote_counts(pred, num_classes))   # pred [k, B] of k partition models -> DPACertificate
+
+Denoised smoothing (Salman et al. 2020; Carlini et al. 2023): certify(Denoised(model, denoiser), x, ...)
+with a trained :class:`DnCNN` (:func:`train_denoiser`) or a DDPM (:class:`DiffusionDenoiser`).
 """
 
 from .curves import certified_accuracy, certified_curve, certified_mask
+from .denoise import (
+    Denoised,
+    DiffusionDenoiser,
+    DnCNN,
+    ddpm_denoise,
+    ddpm_schedule,
+    ddpm_timestep,
+    load_diffusers_pipeline,
+    model_sigma,
+    train_denoiser,
+)
 from .partition import (
     DPACertificate,
     dpa_certify,
@@ -35,7 +49,8 @@ from .smoothing import (
 )
 
 __all__ = [
-    "ABSTAIN", "Certificate", "DPACertificate", "binomial_pvalue", "certified_accuracy", "certified_curve",
+    "ABSTAIN", "Certificate", "DPACertificate", "Denoised", "DiffusionDenoiser", "DnCNN", "ddpm_denoise",
+    "ddpm_schedule", "ddpm_timestep", "load_diffusers_pipeline", "model_sigma", "train_denoiser", "binomial_pvalue", "certified_accuracy", "certified_curve",
     "certified_mask", "certify", "certify_from_counts", "dpa_certify", "max_radius", "min_certify_n", "min_predict_n",
     "partition_masks", "partition_of", "partition_trials", "partitions_touched", "predict", "predict_from_counts",
     "sample_counts", "symmetric_difference", "view_partitions", "vote_counts",

@@ -11,16 +11,30 @@
     radii: [0, 0.25, 0.5, 0.75, 1.0]
     examples: 500
     target: {checkpoint: model.pt, sha256: ...}   # optional: certify this model instead of training
+    denoiser: {kind: dncnn, epochs: 20}           # optional: denoised smoothing, certify f(D(.)) beside f
+    denoiser: {kind: ddpm, path: ddpm-folder, steps: 1}           # or a local diffusers DDPM (one-shot: 1)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..certify import max_radius, min_certify_n, min_predict_n
+from ..certify.denoise import require_diffusers
+from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..errors import ConfigError
 from ..train.recipe import Recipe
@@ -41,6 +55,77 @@ def _noise_at_sigma(recipe: Any, sigma: float) -> Any:
     return None
 
 
+class DnCNNDenoiser(BaseModel):
+    """``denoiser: {kind: dncnn}``: a DnCNN (Zhang et al. 2017) of ``depth`` 3x3 convolutions of ``width``
+    channels (BatchNorm between unless ``batch_norm: false``), trained on the training split at the run's
+    sigma for ``epochs`` (Adam, ``lr``, ``batch_size``) with ``objective`` (Salman et al. 2020): ``mse``,
+    ``stability`` (CE through the frozen classifier) or ``mse+stability`` (``epochs`` of MSE, then
+    ``epochs`` of stability from there, as Salman et al. fine-tune)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["dncnn"] = "dncnn"
+    depth: int = Field(5, ge=2, le=64)
+    width: int = Field(32, ge=1, le=1024)
+    batch_norm: bool = True
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(128, ge=1, le=1_000_000)
+    lr: float = Field(1e-3, gt=0.0, le=10.0, allow_inf_nan=False)
+    objective: Literal["mse", "stability", "mse+stability"] = "mse"
+
+    @property
+    def label(self) -> str:
+        return f"DnCNN ({self.objective})"
+
+
+class DDPMDenoiser(BaseModel):
+    """``denoiser: {kind: ddpm, path: folder}``: a diffusers pipeline saved in a local folder (Carlini et al.
+    2023): ``steps`` 1 is the one-shot denoiser, k > 1 deterministic DDIM from t* to 0 in k model calls;
+    ``data_range`` [lo, hi] is mapped onto the model's [-1, 1] (null: the model takes the data's units);
+    ``clip`` clamps each x_0 estimate to [-1, 1]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["ddpm"] = "ddpm"
+    path: Path
+    steps: int = Field(1, ge=1, le=10_000)
+    data_range: tuple[float, float] | None = (0.0, 1.0)
+    clip: bool = True
+
+    @field_validator("data_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (math.isfinite(v[0]) and math.isfinite(v[1]) and v[0] < v[1]):
+            raise ValueError(f"denoiser.data_range must be [lo, hi] with lo < hi (the data's range, mapped onto the "
+                             f"model's [-1, 1]; null for none), got {list(v)}")
+        return v
+
+    @property
+    def label(self) -> str:
+        return f"DDPM ({'one-shot' if self.steps == 1 else f'{self.steps} DDIM steps'})"
+
+
+DENOISERS: dict[str, type[DnCNNDenoiser] | type[DDPMDenoiser]] = {"dncnn": DnCNNDenoiser, "ddpm": DDPMDenoiser}
+
+
+def _denoiser_value(v: Any) -> Any:
+    """A raw denoiser block becomes the model of its ``kind`` (errors name ``denoiser.<field>``)."""
+    if v is None or isinstance(v, (DnCNNDenoiser, DDPMDenoiser)):
+        return v
+    if isinstance(v, str) and v in DENOISERS:
+        v = {"kind": v}
+    if not isinstance(v, Mapping):
+        raise ValueError(f"denoiser must be a mapping with a kind ({', '.join(DENOISERS)}), got {v!r}")
+    kind = v.get("kind")
+    if kind not in DENOISERS:
+        raise ValueError(f"denoiser.kind = {kind!r} is not a denoiser; valid: {', '.join(DENOISERS)}")
+    cls = DENOISERS[kind]
+    try:
+        return cls.model_validate(v)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix="denoiser", model=cls)) from None
+
+
 class CertifyConfig(ExperimentConfig):
     """See the module docstring and docs/certify.md for every field."""
 
@@ -56,13 +141,17 @@ class CertifyConfig(ExperimentConfig):
     batch_size: int = Field(1000, ge=1, le=1_000_000)
     """Noisy copies per forward pass."""
     target: TargetModel | None = None
+    denoiser: Annotated[DnCNNDenoiser | DDPMDenoiser | None, BeforeValidator(_denoiser_value)] = None
+    """Denoised smoothing (Salman et al. 2020): certify f(D(.)) beside f alone."""
 
     @model_validator(mode="before")
     @classmethod
     def _train_at_sigma(cls, raw: Any) -> Any:
         """Cohen et al. train the base classifier with the noise it is certified at: when mlaudit trains the
-        model, ``recipe.noise_sigma`` defaults to ``sigma`` (the resolved config shows it)."""
-        if not isinstance(raw, dict) or raw.get("trainer", "mlaudit") != "mlaudit" or raw.get("target") is not None:
+        model, ``recipe.noise_sigma`` defaults to ``sigma`` (the resolved config shows it). With a ``denoiser``
+        the classifier is an off-the-shelf one (Salman et al.): trained without noise unless the recipe says."""
+        if (not isinstance(raw, dict) or raw.get("trainer", "mlaudit") != "mlaudit" or raw.get("target") is not None
+                or raw.get("denoiser") is not None):
             return raw
         sigma = raw.get("sigma", DEFAULT_SIGMA)
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (math.isfinite(sigma) and sigma > 0):
@@ -120,4 +209,17 @@ def check_certify(config: CertifyConfig, data: DataBundle) -> None:
                           f"allowed 1 <= examples <= {n_test}")
     if config.target is not None:
         load_target(config, data)
+    if config.denoiser is not None:
+        shape = tuple(data.input_shape)
+        if len(shape) != 3:
+            raise ConfigError(f"denoiser.kind {config.denoiser.kind} needs image data [C, H, W]; {data.name} has "
+                              f"inputs of shape {list(shape)}")
+        if isinstance(config.denoiser, DDPMDenoiser):
+            if not config.denoiser.path.expanduser().is_dir():
+                raise ConfigError(f"denoiser.path = {str(config.denoiser.path)!r} is not a folder: give the local folder "
+                                  "of a diffusers pipeline saved with pipeline.save_pretrained(path)")
+            try:
+                require_diffusers()
+            except ConfigError as e:
+                raise ConfigError(f"denoiser.kind ddpm: {e}") from None
 

@@ -19,20 +19,21 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError
+from ...query.features import classification_head
 from .base import Observation
 
 
 def last_linear(model: nn.Module) -> tuple[str, str | None]:
-    """Names of the classifier's weight and bias (None without one): the last ``nn.Linear`` of the model."""
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            last = (name, m)
-    if last is None:
+    """Names of the classifier's weight and bias (None without one): the last ``nn.Linear`` of the model
+    (:func:`mlaudit.query.classification_head`)."""
+    try:
+        head = classification_head(model)
+    except ConfigError:
         raise ConfigError("label recovery needs a model whose last layer is an nn.Linear (the classifier); "
-                          "give the labels instead")
-    prefix = f"{last[0]}." if last[0] else ""
-    return f"{prefix}weight", (f"{prefix}bias" if last[1].bias is not None else None)
+                          "give the labels instead") from None
+    name = next(n for n, m in model.named_modules() if m is head)
+    prefix = f"{name}." if name else ""
+    return f"{prefix}weight", (f"{prefix}bias" if head.bias is not None else None)
 
 
 def class_signal(model: nn.Module, obs: Observation) -> Tensor:

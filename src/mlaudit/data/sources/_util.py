@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
 from ...errors import ConfigError, DataError
+from ..manifest import check_url
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -82,9 +83,7 @@ def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0) -> P
     Raises:
         DataError: the URL cannot be fetched, or the MD5 differs from ``md5``.
     """
-    scheme = url.split(":", 1)[0].lower()
-    if scheme not in ("http", "https", "file"):
-        raise ConfigError(f"download URL {url!r} has scheme {scheme!r}; allowed: http, https, file")
+    check_url(url, where="download")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     h = hashlib.md5(usedforsecurity=False)

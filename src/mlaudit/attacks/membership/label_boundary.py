@@ -49,7 +49,8 @@ def label_boundary_all_targets(obs: Observations, *, draws: int = 4, steps: int 
             xb, eb, yb = x[i:i + chunk].float(), e[i:i + chunk], y[i:i + chunk]
             view = (1, -1) + (1,) * (x.dim() - 1)
 
-            def wrong(scale: Tensor) -> Tensor:  # scale [M, b] -> bool [M, b]: label flipped at x + scale * e
+            def wrong(scale: Tensor, xb: Tensor = xb, eb: Tensor = eb, yb: Tensor = yb,
+                      view: tuple[int, ...] = view) -> Tensor:  # scale [M, b] -> bool [M, b]: flipped at x + scale e
                 xs = xb.unsqueeze(0) + (scale * unit).float().view(m, *view[1:]) * eb.unsqueeze(0)
                 return oracle(xs) != yb
 

@@ -9,6 +9,12 @@ on hash partitions of the training set, their plurality vote certified against p
 
 Denoised smoothing (Salman et al. 2020; Carlini et al. 2023): certify(Denoised(model, denoiser), x, ...)
 with a trained :class:`DnCNN` (:func:`train_denoiser`) or a DDPM (:class:`DiffusionDenoiser`).
+
+Noise, denoise, train, classify (seed 004, NDTCLASSIFY): M models trained on noised-then-denoised copies
+of the training set, their votes certified against l2 perturbations of the training data.
+
+    trained = train_ndt("logistic", recipe, data, sigma=0.25, seeds=range(20))   # through the factory
+    res = certify_ensemble(load_models(trained, "logistic", data), x, sigma=0.25, alpha=0.001)
 """
 
 from .curves import certified_accuracy, certified_curve, certified_mask
@@ -22,6 +28,18 @@ from .denoise import (
     load_diffusers_pipeline,
     model_sigma,
     train_denoiser,
+)
+from .ndt import (
+    NDTResult,
+    certify_ensemble,
+    ensemble_votes,
+    load_models,
+    ndt_certify,
+    ndt_inputs,
+    ndt_trials,
+    ndt_view,
+    ndt_views,
+    train_ndt,
 )
 from .partition import (
     DPACertificate,
@@ -54,4 +72,6 @@ __all__ = [
     "certified_mask", "certify", "certify_from_counts", "dpa_certify", "max_radius", "min_certify_n", "min_predict_n",
     "partition_masks", "partition_of", "partition_trials", "partitions_touched", "predict", "predict_from_counts",
     "sample_counts", "symmetric_difference", "view_partitions", "vote_counts",
+    "NDTResult", "certify_ensemble", "ensemble_votes", "load_models", "ndt_certify", "ndt_inputs", "ndt_trials",
+    "ndt_view", "ndt_views", "train_ndt",
 ]

@@ -21,6 +21,15 @@ targeted attack. ``victims`` models are trained from scratch on each poisoned se
   success, its clean accuracy and certified accuracy against r poisoned samples on the test split, and
   the fraction of the attacked inputs whose certificate covers this poison (its size as insertions
   plus removals; a modified row counts 2).
+* **ndt** (noise, denoise, train, classify; seed 004, :mod:`mlaudit.certify.ndt`): ``models`` M models,
+  model i trained through the factory (one job of M trials per poisoned set) on the poisoned set with
+  fresh N(0, sigma^2 I) noise (its own seed) added to every training input, then denoised (``denoiser``:
+  none, or a DnCNN trained on the poisoned set's inputs) and clipped to [0, 1]; the plurality vote of the M
+  models is the defended classifier (its attack success and clean accuracy); CERTIFY over the votes
+  (``n0`` selection models, the rest estimate pA, ``alpha``) gives certified accuracy against l2
+  perturbations of the training inputs of radius R = sigma * Phi^-1(pA_lower), and the fraction of the
+  attacked inputs whose radius exceeds this poison's l2 norm (all perturbations together; a poison that
+  relabels or inserts rows is outside the threat model and is reported as not certified).
 * **none**: the victims only.
 
 Attack success: a backdoor's triggered test inputs of the source classes classified as the target (ASR,
@@ -31,6 +40,7 @@ success is kept in the run store (``ctx.derived``), so a resumed or grown run ne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,11 +50,18 @@ import torch
 from torch import Tensor
 
 from ..certify import (
+    ABSTAIN,
+    DnCNN,
     certified_mask,
     dpa_certify,
+    max_radius,
+    ndt_certify,
+    ndt_trials,
+    ndt_views,
     partition_trials,
     partitions_touched,
     symmetric_difference,
+    train_denoiser,
     view_partitions,
     vote_counts,
 )
@@ -60,7 +77,7 @@ from .backdoor import build_poison, triggered_test_inputs
 from .backdoor_config import BackdoorConfig
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext, TrialRecord
-from .defend_config import DPA, DefendConfig, check_defend
+from .defend_config import DPA, NDT, DefendConfig, check_defend
 from .poisoning import failed_victims_note, train_victims, victim_logits
 from .robustness import rate
 from .targeted_poison import build_scenarios, craft_scenarios
@@ -317,7 +334,108 @@ def _dpa(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, 
                                           "(95% Clopper-Pearson shaded)": fig}, verdict)
 
 
-PROTOCOLS: dict[str, Callable[..., Defended]] = {"filter": _filter, DPA: _dpa, "none": _no_defence}
+def _ndt_denoiser(config: DefendConfig, ctx: RunContext, case: Case) -> torch.nn.Module | None:
+    """The defender's DnCNN for ``case``: trained (MSE, Salman et al.) on the inputs of the poisoned set it
+    defends at ``defence.sigma`` - the only data the defender has - and kept under ``artifacts/defences/``."""
+    d = config.defence
+    if d.denoiser != "dncnn":
+        return None
+    assert d.sigma is not None and d.denoiser_epochs is not None
+    den = DnCNN(int(case.view.base.x.shape[1]))
+    kept = ctx.load_cached(f"{case.name}-ndt-dncnn", folder=FOLDER)
+    if kept is not None:
+        den.load_state_dict(kept[0])
+    else:
+        x, _ = case.view.gather(case.view.kept_indices(), validate=False)
+        with ctx.cost.timed("denoiser"):
+            losses = train_denoiser(den, x.cpu(), sigma=d.sigma, epochs=d.denoiser_epochs,
+                                    seed=config.trial_seed(0, stream=Stream.MODELS), device=ctx.device)
+        ctx.save_cached(f"{case.name}-ndt-dncnn", den.state_dict(), {"train_loss_mse": losses[-1]}, folder=FOLDER)
+    return den.eval()
+
+
+def _poison_l2(view: DataView) -> float | None:
+    """The l2 norm of the whole poison (every perturbed training input together), the quantity NDT's
+    certificate bounds; None when the poison also relabels, inserts or drops rows (outside its threat model)."""
+    orig = view.base.y.cpu()
+    relabel, to = view.relabel_indices.cpu(), view.relabel_to.cpu()
+    relabel_changes = bool((to != orig[relabel]).any()) if relabel.numel() else False
+    if view.num_inserted or relabel_changes or (view.keep is not None and not bool(view.keep.all())):
+        return None
+    return float(view.delta.double().norm())
+
+
+def _ndt(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, cases: list[Case],
+         plain: dict[str, list[TrialRecord]]) -> Defended:
+    d = config.defence
+    assert d.sigma is not None and d.models is not None and d.n0 is not None and d.alpha is not None
+    sigma, m = d.sigma, d.models
+    seeds = [config.trial_seed(i, stream=Stream.MODELS) for i in range(m)]
+    views: dict[str, DataView] = {}
+    trials = []
+    with ctx.cost.timed("noising"):
+        for c in cases:
+            vs = ndt_views(c.view, sigma=sigma, seeds=seeds, denoiser=_ndt_denoiser(config, ctx, c), prefix=f"{c.name}-ndt")
+            views |= vs
+            trials += ndt_trials(vs, seeds=seeds, tags={"view": c.name})
+    cfg = study.model_copy(update={"model": study.victim_model, "recipe": config.partition_recipe})
+    job = cfg.factory_job(data, trials, device=ctx.device, views=views)
+    recs = ctx.train(job, save_weights=True, label=f"training the {m} noised models of each poisoned set (NDT)")
+    y = data.test.y
+    cap = max_radius(sigma=sigma, n=m - d.n0, alpha=d.alpha)
+    radii = [math.floor(cap * f * 1e4) / 1e4 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]  # down: R = cap is reachable
+    success, accuracy, per_set, rows_out, curves = [], [], {}, [], {}
+    for c in cases:
+        mine = [r for r in recs if r.tags["view"] == c.name]
+        x = torch.cat([data.test.x, c.x_eval])
+
+        def predict(rs: list[TrialRecord], x: Tensor = x) -> list[list[int]]:
+            return victim_logits(study, ctx, data, rs, x).argmax(-1).tolist()
+
+        votes = torch.tensor(ctx.derived(mine, key="ndt", compute=predict, keep_weights=config.save_models))
+        test = ndt_certify(votes[:, : len(y)], data.num_classes, sigma=sigma, alpha=d.alpha, n0=d.n0)
+        attacked = ndt_certify(votes[:, len(y):], data.num_classes, sigma=sigma, alpha=d.alpha, n0=d.n0)
+        vote = vote_counts(votes, data.num_classes).argmax(1)  # plurality of all M, ties to the smaller class
+        hit, correct = vote[len(y):] == torch.as_tensor(c.goal), vote[: len(y)] == y
+        cp = test.certificate
+        cert = {str(r): v for r, v in zip(radii, [rate(k[None]) for k in certified_mask(cp.prediction, cp.radius, y,
+                                                                                          radii)], strict=True)}
+        curves[c.name] = list(cert.values())
+        size = _poison_l2(c.view)
+        covered = (attacked.certificate.radius > size) if size is not None else torch.zeros(len(hit), dtype=torch.bool)
+        per_set[c.name] = {
+            "ensemble_accuracy": rate(correct[None]), "ensemble_attack_success": rate(hit[None]),
+            "predict_abstained": rate((test.prediction == ABSTAIN)[None]),
+            "certified_accuracy": cert, "poison_l2": size, "certified_against_attack": rate(covered[None]),
+            "model_accuracy": MeanSE.of([r.metrics["test_accuracy"] for r in mine]).to_dict(),
+        }
+        success.append(np.array([float(hit.double().mean())]))
+        accuracy.append(np.array([float(correct.double().mean())]))
+        rows_out.append([c.name, per_set[c.name]["ensemble_accuracy"], *(cert[str(r)] for r in radii),
+                         per_set[c.name]["ensemble_attack_success"], "-" if size is None else round(size, 3),
+                         per_set[c.name]["certified_against_attack"]])
+    trials_out = [{"trial_id": r.trial_id, "view": r.tags["view"], "model": r.tags["model"], "seed": r.seed,
+                   "test_accuracy": r.metrics["test_accuracy"]} for r in recs]
+    table = ReportTable(f"Noise, denoise, train, classify (seed 004), sigma = {sigma:g}, M = {m} "
+                        f"(n0 = {d.n0}, alpha = {d.alpha:g}, denoiser {d.denoiser}) [95% Clopper-Pearson]",
+                        ["poisoned set", "ensemble accuracy", *(f"certified acc, R {r:g}" for r in radii),
+                         "attack success (ensemble)", "poison l2 (all rows)", "certified against this poison"],
+                        rows_out, note="R: l2 norm of the perturbation of all training inputs together (labels "
+                                       f"unchanged, nothing inserted); the largest R {m - d.n0} estimation models can "
+                                       f"certify is {cap:.4g}")
+    fig = robust_accuracy_figure(radii, {f"certified ({n})": v for n, v in curves.items()}, norm="l2",
+                                 clean=float(np.mean([a[0] for a in accuracy])), xlabel="l2 radius of the training-set "
+                                 "perturbation", ylabel="certified accuracy", clean_label="ensemble accuracy")
+    frac = float(np.mean([per_set[c.name]["certified_against_attack"]["value"] for c in cases]))
+    verdict = (f"NDT with sigma = {sigma:g}, M = {m}: {100 * frac:.1f}% of the attacked inputs certified against this "
+               f"poison (largest certifiable radius {cap:.3g})")
+    return Defended(success, accuracy, {"ndt": {"sigma": sigma, "models": m, "radii": radii, "max_radius": cap,
+                                                "per_set": per_set, "certified_against_attack": frac}},
+                    trials_out, [table], {"Certified accuracy of the NDT ensemble vs l2 training-set perturbation "
+                                          "(95% Clopper-Pearson shaded)": fig}, verdict)
+
+
+PROTOCOLS: dict[str, Callable[..., Defended]] = {"filter": _filter, DPA: _dpa, NDT: _ndt, "none": _no_defence}
 """What follows the victims for each kind of defence."""
 
 

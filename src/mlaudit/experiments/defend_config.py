@@ -9,7 +9,7 @@ written.
     model: mlp
     recipe: fast
     attack: {method: badnets, budget: 0.03, target_class: 0}    # or a targeted-poison attack block
-    defence: {method: spectral, rate: 0.25}                     # | outlier | activation-clustering | knn | dpa | none
+    defence: {method: spectral, rate: 0.25}                     # | outlier | activation-clustering | knn | dpa | ndt | none
     victims: 2
 """
 
@@ -31,6 +31,7 @@ from pydantic import (
 from ..attacks.poisoning import POISONERS
 from ..attacks.poisoning.backdoor import poison_count
 from ..certify.partition import partition_of
+from ..certify.smoothing import min_certify_n
 from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..defences import FILTERS
@@ -44,6 +45,9 @@ from .targeted_poison import check_targeted
 from .targeted_poison_config import ExplicitScenario, TargetedAttack, TargetedPoisonConfig, build_scenarios
 
 DPA = "dpa"
+NDT = "ndt"
+NDT_MODELS = 20
+"""Models of the NDT ensemble when ``defence.models`` is not given (>= 11 lets CERTIFY certify at alpha 0.001 with n0 = 1)."""
 NONE = "none"
 DPA_K = 50
 """Partitions of DPA when ``defence.k`` is not given (the smallest ensemble of Levine & Feizi's CIFAR-10 table)."""
@@ -53,12 +57,13 @@ KNN_K = 10
 
 def defence_methods() -> list[str]:
     """Every ``defence.method``: the filters of :data:`mlaudit.defences.FILTERS`, ``dpa`` and ``none``."""
-    return [*FILTERS.names(), DPA, NONE]
+    return [*FILTERS.names(), DPA, NDT, NONE]
 
 
 _APPLIES = {"rate": "the filtering defences", "k": "knn (neighbours) and dpa (partitions)",
             "components": "activation-clustering", "size_threshold": "activation-clustering",
-            "recipe": "dpa (the partition models' recipe)"}
+            "recipe": "dpa and ndt (the ensemble models' recipe)", "sigma": "ndt", "models": "ndt", "n0": "ndt",
+            "alpha": "ndt", "denoiser": "ndt", "denoiser_epochs": "ndt (with denoiser dncnn)"}
 
 
 class DefenceOptions(BaseModel):
@@ -66,7 +71,10 @@ class DefenceOptions(BaseModel):
     rate < 1; activation-clustering and knn apply their paper's own rule without one); ``k``: knn's
     neighbours or dpa's partitions (>= 2; default 10 and 50); ``components`` and ``size_threshold``:
     activation clustering's PCA dimensions and small-cluster share; ``recipe``: the partition models'
-    recipe (default: the victims'; a partition is 1/k of the data, so it may need more epochs)."""
+    recipe (default: the victims'; a partition is 1/k of the data, so it may need more epochs). ndt (noise,
+    denoise, train, classify; seed 004): ``sigma`` (required, > 0) the training noise, ``models`` M (default
+    20), ``n0`` selection models of CERTIFY (default 1, < models), ``alpha`` (default 0.001), ``denoiser``
+    ``none`` (noise only) or ``dncnn`` (trained on the poisoned training inputs, ``denoiser_epochs``, default 10)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -76,6 +84,12 @@ class DefenceOptions(BaseModel):
     components: int | None = Field(None, ge=1, le=4096)
     size_threshold: float | None = Field(None, gt=0.0, le=0.5)
     recipe: Annotated[Recipe | None, BeforeValidator(lambda v: recipe_value(v, where="defence.recipe"))] = None
+    sigma: float | None = Field(None, gt=0.0, le=10.0)
+    models: int | None = Field(None, ge=2, le=10_000)
+    n0: int | None = Field(None, ge=1, le=10_000)
+    alpha: float | None = Field(None, gt=0.0, lt=1.0)
+    denoiser: Literal["none", "dncnn"] | None = None
+    denoiser_epochs: int | None = Field(None, ge=1, le=10_000)
 
     @model_validator(mode="before")
     @classmethod
@@ -85,6 +99,12 @@ class DefenceOptions(BaseModel):
         if not isinstance(data, Mapping) or not isinstance(data.get("method"), str):
             return data
         data, method = dict(data), data["method"]
+        if method == NDT:
+            for name, default in (("models", NDT_MODELS), ("n0", 1), ("alpha", 0.001), ("denoiser", "none")):
+                if data.get(name) is None:
+                    data[name] = default
+            if data.get("denoiser") == "dncnn" and data.get("denoiser_epochs") is None:
+                data["denoiser_epochs"] = 10
         if method in (DPA, "knn") and data.get("k") is None:
             data["k"] = DPA_K if method == DPA else KNN_K
         if method == "activation-clustering":
@@ -101,7 +121,9 @@ class DefenceOptions(BaseModel):
             raise ValueError(f"defence.method = {self.method!r} is not a defence; valid: {', '.join(methods)}")
         used = {"rate": self.method in FILTERS, "k": self.method in ("knn", DPA),
                 "components": self.method == "activation-clustering",
-                "size_threshold": self.method == "activation-clustering", "recipe": self.method == DPA}
+                "size_threshold": self.method == "activation-clustering", "recipe": self.method in (DPA, NDT),
+                **{k: self.method == NDT for k in ("sigma", "models", "n0", "alpha", "denoiser")},
+                "denoiser_epochs": self.method == NDT and self.denoiser == "dncnn"}
         for name, ok in used.items():
             if getattr(self, name) is not None and not ok:
                 raise ValueError(f"defence.{name} applies to {_APPLIES[name]}, not to defence.method "
@@ -109,6 +131,15 @@ class DefenceOptions(BaseModel):
         if self.method in FILTERS and self.rate is None and not FILTERS.get(self.method).rate_optional:
             raise ValueError(f"defence.rate is required for {self.method}: the fraction of each class it removes, "
                              "0 < rate < 1 (Tran et al. remove 1.5 x the poisoned fraction)")
+        if self.method == NDT:
+            assert self.models is not None and self.n0 is not None
+            if self.sigma is None:
+                raise ValueError("defence.sigma is required for ndt: the std of the Gaussian noise added to every "
+                                 "training input (seed 004 uses 0.1 to 1.0 on [0, 1] pixels); allowed 0 < sigma <= 10")
+            if self.n0 >= self.models:
+                raise ValueError(f"defence.n0 = {self.n0} must be smaller than defence.models = {self.models}: n0 "
+                                 f"models only pick the class, the other models - n0 estimate pA; allowed 1 <= "
+                                 f"defence.n0 <= {self.models - 1}")
         return self
 
     @property
@@ -191,7 +222,7 @@ class DefendConfig(PoisoningConfig):
 
     @property
     def partition_recipe(self) -> Recipe:
-        """The recipe of DPA's partition models (``defence.recipe``, else the victims')."""
+        """The recipe of DPA's partition models and NDT's ensemble (``defence.recipe``, else the victims')."""
         return self.defence.recipe or self.victim_recipe
 
 
@@ -228,6 +259,16 @@ def check_defend(config: DefendConfig, data: DataBundle) -> None:
         if d.k is not None and d.k >= n:
             raise ConfigError(f"defence.k = {d.k} neighbours needs more training rows than k; {data.name} has {n} "
                               f"(allowed 2 <= defence.k <= {n - 1})")
+    if d.method == NDT:
+        assert d.models is not None and d.n0 is not None and d.alpha is not None
+        need = min_certify_n(d.alpha)
+        if d.models - d.n0 < need:
+            raise ConfigError(f"defence.models = {d.models} with defence.n0 = {d.n0} leaves {d.models - d.n0} "
+                              f"estimation models; CERTIFY at defence.alpha = {d.alpha:g} certifies nothing with fewer "
+                              f"than {need}: allowed defence.models >= {d.n0 + need}")
+        if d.denoiser == "dncnn" and data.train.x.dim() != 4:
+            raise ConfigError(f"defence.denoiser = dncnn needs image inputs [C, H, W]; {data.name} has shape "
+                              f"{list(data.train.x.shape[1:])} (allowed for it: defence.denoiser none)")
     if d.method == DPA:
         assert d.k is not None
         if d.k > n:

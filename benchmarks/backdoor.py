@@ -3,14 +3,18 @@
 training set, and by the label-consistent attack (PGD within eps 16/255 on the target class, then a
 four-corner 3x3 checkerboard, so the victims' flips keep it); attack success rate and clean accuracy
 (mean +- SE over victims), the clean victims' ASR (the baseline) and the models each run trained.
+The hidden-trigger attacks (Hidden Trigger Backdoor, Saha et al. 2020; Sleeper Agent, Souri et al.
+2022: target-class rows crafted within eps 16/255, an 8x8 noise patch on the test inputs only) run
+with ``--methods hidden-trigger,sleeper-agent``.
 
     python benchmarks/backdoor.py benchmarks/configs/cifar10_backdoor_resnet18.yaml --device cuda
     python benchmarks/backdoor.py benchmarks/configs/cifar10_backdoor_resnet18.yaml --device cuda \\
         --epochs 10 --victims 1 --name reduced                       # a cheaper run
     python benchmarks/backdoor.py --smoke                               # digits, MLP, CPU, ~20 s
+    python benchmarks/backdoor.py --smoke --methods hidden-trigger,sleeper-agent --name digits_hidden_trigger
 
 Each method is one ``backdoor`` run with its own clean victims (same seeds as its poisoned ones, so
-the comparison is paired); label-consistent's run also trains its crafting model (the config's model
+the comparison is paired); the clean-label runs also train their crafting model (the config's model
 and recipe). ``--workdir DIR`` keeps the runs and resumes them when invoked again. Writes
 benchmarks/results/backdoor_<name>.{json,md}.
 """
@@ -33,18 +37,26 @@ from mlaudit.experiments import parse_config  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = ("badnets", "blended", "label-consistent")
+CLEAN_LABEL = ("label-consistent", "hidden-trigger", "sleeper-agent")
+"""The methods that poison target-class rows against a crafting model (``--lc-budget``, ``--lc-steps``)."""
 SMOKE = HERE.parent / "examples" / "backdoor.yaml"
 METHOD_ATTACK: dict[str, dict[str, Any]] = {
     "badnets": {"trigger": {"type": "patch", "size": 3, "location": "bottom-right", "pattern": "checkerboard"}},
     "blended": {"trigger": {"type": "blend", "alpha": 0.2, "pattern": "noise"}},
     "label-consistent": {"eps": 16, "trigger": {"type": "patch", "size": 3, "location": "four-corners",
                                                 "pattern": "checkerboard"}},
+    "hidden-trigger": {"eps": 16, "trigger": {"type": "patch", "size": 8, "location": "bottom-right", "pattern": "noise"}},
+    "sleeper-agent": {"eps": 16, "trigger": {"type": "patch", "size": 8, "location": "bottom-right", "pattern": "noise"}},
 }
-"""The attack block of each method (Gu et al. 2017; Chen et al. 2017; Turner et al. 2019)."""
+"""The attack block of each method (Gu et al. 2017; Chen et al. 2017; Turner et al. 2019; Saha et al. 2020
+and Souri et al. 2022: eps 16/255 and an 8x8 random patch as in Sleeper Agent's CIFAR-10 setting, here at a
+fixed place)."""
 SMOKE_ATTACK: dict[str, dict[str, Any]] = {
     "badnets": {"trigger": {"type": "patch", "size": 2, "location": "bottom-right", "pattern": "checkerboard"}},
     "blended": {"trigger": {"type": "blend", "alpha": 0.2, "pattern": "noise"}},
     "label-consistent": {"eps": 64, "steps": 10, "budget": 0.09, "trigger": {"type": "patch", "size": 3}},
+    "hidden-trigger": {"eps": 64, "budget": 0.09, "trigger": {"type": "patch", "size": 3}},
+    "sleeper-agent": {"eps": 64, "budget": 0.09, "trigger": {"type": "patch", "size": 3}},
 }
 """Digits (8x8, 16 grey levels): eps 16 barely moves them, and a 3x3 patch is a seventh of the image."""
 
@@ -58,8 +70,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated methods")
     ap.add_argument("--budget", type=float, default=None, help="poisoned fraction of the training set (default: config)")
     ap.add_argument("--lc-budget", type=float, default=None,
-                    help="label-consistent's poisoned fraction (target-class rows only; default: --budget)")
-    ap.add_argument("--lc-steps", type=int, default=None, help="PGD steps of label-consistent (default: 250)")
+                    help="the clean-label methods' poisoned fraction (label-consistent, hidden-trigger, "
+                         "sleeper-agent: target-class rows only; default: --budget)")
+    ap.add_argument("--lc-steps", type=int, default=None,
+                    help="crafting steps of the clean-label methods (default: 250)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the victim (and crafting) recipe")
     ap.add_argument("--victims", type=int, default=None, help="victims per view (default: the config's)")
     bench.add_executor_args(ap)
@@ -94,7 +108,7 @@ def method_config(cfg: dict[str, Any], method: str, args: argparse.Namespace) ->
         raise SystemExit(f"no benchmark attack block for method {method!r}; add one to METHOD_ATTACK")
     keep = {k: v for k, v in c["attack"].items() if k in ("budget", "target_class", "source_classes")}
     attack = {**keep, **copy.deepcopy((SMOKE_ATTACK if args.smoke else METHOD_ATTACK)[method]), "method": method}
-    if method == "label-consistent":
+    if method in CLEAN_LABEL:
         if args.lc_budget is not None:
             attack["budget"] = args.lc_budget
         if args.lc_steps is not None:
@@ -150,7 +164,7 @@ def report(args: argparse.Namespace, name: str, runs: dict[str, Any]) -> None:
           "clean acc, clean victims (%) | models trained | wall s |\n"
           "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(rows)
           + f"\nASR: triggered test inputs of the source classes (target class left out) classified as the target. "
-          f"mean ± SE over victims. Models trained include label-consistent's crafting model. Whole benchmark "
+          f"mean ± SE over victims. Models trained include the clean-label methods' crafting model. Whole benchmark "
           f"{total:.1f} s (summed over invocations when resumed).\n")
     bench.write_results(f"backdoor_{name}", {"environment": env, "runs": runs, "process_wall_s": round(total, 2)}, md)
 

@@ -13,8 +13,8 @@ victims from scratch with that training function.
   ``availability-poison``, docs/availability.md);
 * :func:`indiscriminate`: indiscriminate poisoning (gradient canceling, label flips, parameter
   corruption; the kind ``indiscriminate-poison``, docs/indiscriminate.md);
-* :func:`backdoor`: backdoors (BadNets, blended injection, label-consistent; the kind ``backdoor``,
-  docs/backdoor.md);
+* :func:`backdoor`: backdoors (BadNets, blended injection, label-consistent, Hidden Trigger Backdoor,
+  Sleeper Agent; the kind ``backdoor``, docs/backdoor.md);
 * :func:`defend`: a backdoor or targeted attack against a defence (filtering, Deep Partition Aggregation;
   the kind ``defend``, docs/defend.md).
 
@@ -79,7 +79,8 @@ def backdoor(*, model: ModelLike, data: DataLike, out: str | Path, trainer: Trai
              seed: int = 0, executor: str = "local", store: str | Path | None = None, resume: bool = False,
              quiet: bool = True, **config: Any) -> AuditResult:
     """Backdoor poisoning: ``attack.budget * N`` rows stamped with ``attack.trigger`` (relabelled to
-    ``attack.target_class``, or label-consistent); poisoned and clean victims (paired seeds) retrained by
+    ``attack.target_class``, or label-consistent), or target-class rows crafted within eps with no
+    trigger on them (hidden-trigger, sleeper-agent); poisoned and clean victims (paired seeds) retrained by
     ``trainer``; ``metrics["attack_success_rate"]`` and ``metrics["clean_accuracy"]``, mean +- SE."""
     return _poison("backdoor", model=model, data=data, out=out, trainer=trainer, attack=attack, victims=victims,
                    recipe=recipe, device=device, seed=seed, executor=executor, store=store, resume=resume,

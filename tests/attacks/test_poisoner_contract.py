@@ -106,9 +106,12 @@ def check_budget(task: PoisonTask, poison: Poison, entry: PoisonerEntry) -> None
 
 def check_backdoor_budget(task: PoisonTask, poison: Poison, entry: PoisonerEntry) -> None:
     """A backdoor's view: floor(budget x N) rows of the task, in the box, changed only on the trigger's
-    pixels (and within eps elsewhere for the crafting methods), relabelled to the target when dirty-label."""
+    pixels (and within eps elsewhere for the crafting methods), relabelled to the target when dirty-label;
+    a hidden-trigger view (eps set) carries no trigger: within eps everywhere."""
     v, opts = poison.view, entry.make_options(task.options)
-    assert v is not None and v.eps is None
+    assert v is not None and (v.eps is None or v.eps == pytest.approx(task.eps))
+    if v.eps is not None:
+        assert float(v.delta.abs().max()) <= task.eps + TOL and v.relabel_indices.numel() == 0
     p = int(opts.budget * len(task.train) + 1e-9)
     assert v.indices.numel() == p >= 1 and set(v.indices.tolist()) <= set(task.ids().tolist())
     xp = task.train.x[v.indices] + v.delta
@@ -132,7 +135,7 @@ def test_families_and_names_are_the_configs() -> None:
     assert POISONERS.names("availability") == ["adversarial-class-targeted", "adversarial-untargeted",
                                                "error-minimizing", "random-noise"]
     assert POISONERS.names("indiscriminate") == ["gradient-canceling", "label-flip", "param-corruption"]
-    assert POISONERS.names("backdoor") == ["badnets", "blended", "label-consistent"]
+    assert POISONERS.names("backdoor") == ["badnets", "blended", "hidden-trigger", "label-consistent", "sleeper-agent"]
     assert all(e.description for e in ENTRIES)
 
 

@@ -1,7 +1,7 @@
 """Experiment kind ``backdoor``: the example config end to end through the CLI (BadNets at 3% of digits
 backdoors an MLP: attack success rate far above the clean victims'), BadNets at 2%, the blended and
-label-consistent attacks, the Python entry point, resume and growth, and bad input refused with exit 2
-before anything is written."""
+label-consistent attacks, the hidden-trigger attacks (Hidden Trigger Backdoor, Sleeper Agent), the
+Python entry point, resume and growth, and bad input refused with exit 2 before anything is written."""
 
 from __future__ import annotations
 
@@ -87,6 +87,52 @@ def test_label_consistent_keeps_labels_and_plants_a_weaker_backdoor(tmp_path: Pa
     assert m["attack_success_rate"]["mean"] > m["baseline_attack_success_rate"]["mean"] + 0.2
 
 
+@pytest.mark.parametrize(("method", "extra", "gain"), [("hidden-trigger", {}, 0.1),
+                                                      ("sleeper-agent", {"retrain_rounds": 0}, 0.3)])
+def test_hidden_trigger_methods_plant_a_backdoor_without_a_trigger_on_the_poisons(tmp_path: Path, method: str,
+                                                                                  extra: dict, gain: float) -> None:
+    """129 of the 142 training 0s crafted within eps 64/255 (digits have 16 grey levels: eps 16 barely moves
+    them) by 60 signed-Adam steps against an MLP crafting model (sleeper-agent without its retraining, to
+    stay fast); no trigger on them, labels kept; one poisoned and one clean victim. Measured 2026-12-02 on
+    the 2-core CPU, seeds 0-3 (victims: 1): ASR hidden-trigger 0.26 / 0.23 / 0.07 / 0.44, sleeper-agent
+    0.63 / 0.64 / 0.42 / 0.57; clean victims 0.0."""
+    r = go(cfg({"method": method, "budget": 0.09, "eps": 64, "steps": 60, "trigger": {"size": 3}, **extra},
+               victims=1), tmp_path)
+    m = r["metrics"]
+    a = m["attack"]
+    assert m["poisons"] == 129 and a["relabelled"] == 0 and a["eps_255"] == 64 and a["eps"] == 64 / 255
+    assert a["max_abs_perturbation"] <= 64 / 255 + 1e-6  # every pixel, the trigger's too: none is stamped
+    assert m["crafting_models"]["count"] == 1
+    assert m["attack_success_rate"]["mean"] > m["baseline_attack_success_rate"]["mean"] + gain
+    assert abs(m["clean_accuracy_drop"]["mean"]) < 0.05
+    assert "with no trigger on them" in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.slow  # ~10 s on 2 cores: the methods' default crafting (250 steps; sleeper-agent retrains 4 times)
+def test_hidden_trigger_methods_at_their_default_crafting_settings(tmp_path: Path) -> None:
+    """eps 64/255, 9% of digits, 3x3 trigger, 2 poisoned + 2 clean victims, the methods' defaults otherwise.
+    Measured 2026-12-02 (CPU), seeds 0-2: hidden-trigger ASR 0.30 / 0.31 / 0.23, sleeper-agent (4
+    retrainings with the crafting recipe) 0.93 / 0.97 / 0.86; clean victims 0.0."""
+    base = {"budget": 0.09, "eps": 64, "trigger": {"size": 3}}
+    ht = go(cfg({"method": "hidden-trigger", **base}), tmp_path, "ht")["metrics"]
+    sa = go(cfg({"method": "sleeper-agent", **base}), tmp_path, "sa")["metrics"]
+    assert ht["attack_success_rate"]["mean"] > ht["baseline_attack_success_rate"]["mean"] + 0.15
+    assert sa["attack_success_rate"]["mean"] > sa["baseline_attack_success_rate"]["mean"] + 0.6
+    assert sa["attack"]["retrain_rounds"] == 4 and sa["attack"]["retrain_recipe"]["name"] == "fast"
+    assert sa["attack"]["alignment_end"] > sa["attack"]["alignment_start"]
+    assert ht["attack"]["feature_distance_end"] < ht["attack"]["feature_distance_start"]
+
+
+def test_hidden_trigger_methods_default_to_eps_16_and_their_crafting_settings() -> None:
+    from mlaudit.experiments.backdoor import BackdoorConfig
+
+    for method, augment in (("hidden-trigger", False), ("sleeper-agent", True)):
+        a = BackdoorConfig.model_validate(cfg({"method": method})).attack
+        assert (a.eps, a.steps, a.optimizer, a.restarts, a.augment) == (16.0, 250, "signed-adam", 1, augment)
+    a = BackdoorConfig.model_validate(cfg({"method": "sleeper-agent", "retrain_rounds": 2, "selection": "random"})).attack
+    assert (a.options.retrain_rounds, a.options.selection, a.options.retrain_recipe) == (2, "random", None)
+
+
 def test_python_entry_point(tmp_path: Path) -> None:
     import mlaudit.poison
 
@@ -126,7 +172,11 @@ def test_resume_reuses_the_poison_and_growth_equals_a_fresh_run(tmp_path: Path) 
     ({"trigger": {"type": "blend", "alpha": 1.5}}, {}, ["attack.trigger.alpha", "got 1.5"]),
     ({"target_class": 10}, {}, ["target_class = 10 is not a class", "target_class <= 9"]),
     ({"eps": 8}, {}, ["attack.eps = 8", "leave attack.eps out"]),
-    ({"method": "sleeper-agent"}, {}, ["unknown backdoor poisoning method 'sleeper-agent'", "badnets"]),
+    ({"method": "voodoo"}, {}, ["unknown backdoor poisoning method 'voodoo'", "badnets", "sleeper-agent"]),
+    ({"method": "hidden-trigger", "pairing": "closest"}, {}, ["attack.pairing", "'closest'", "'nearest' or 'random'"]),
+    ({"method": "sleeper-agent", "budget": 0.2}, {}, ["asks for 287 poisons", "142 target-class"]),
+    ({"method": "sleeper-agent", "retrain_rounds": -2}, {}, ["attack.retrain_rounds", "got -2"]),
+    ({"pairing": "nearest"}, {}, ["method badnets does not use attack.pairing", "hidden-trigger"]),
     ({}, {"crafting": {"ensemble": 2}}, ["uses no model"]),
     ({}, {"victims": 0}, ["victims"]),
 ])

@@ -3,8 +3,10 @@ backdoor literature does, on victims retrained from scratch by the factory.
 
 Threat model (:mod:`mlaudit.attacks.poisoning.backdoor`): the attacker poisons P = floor(budget x N)
 training rows with a trigger (BadNets' patch, a blended pattern; dirty label: relabelled to the
-target class; label-consistent: target-class rows made hard within eps, labels kept); it knows
-neither the victims' initialisation nor their data order. The victim trains from scratch.
+target class; label-consistent: target-class rows made hard within eps, labels kept) or, for the
+hidden-trigger methods (Hidden Trigger Backdoor, Sleeper Agent), crafts P target-class rows within eps
+with no trigger on them (labels kept; the trigger appears on test inputs only); it knows neither the
+victims' initialisation nor their data order. The victim trains from scratch.
 
 Protocol: build the poison once with the ``backdoor`` poisoner ``attack.method`` (kept under
 ``artifacts/poisons/``, so a resumed run reuses it), then train ``victims`` models on the poisoned set
@@ -23,6 +25,7 @@ in the run store (``ctx.derived``), so a resumed or grown run never recomputes i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -52,7 +55,7 @@ GRID = 8
 # the poison is saved and reloaded, and victim i has seed victim_seed(i) whatever victims is
 @register_experiment("backdoor", config=BackdoorConfig, check=check_backdoor, growable=("victims",))
 def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
-    """Backdoor attacks (BadNets, blended, label-consistent): attack success rate and clean accuracy +- SE."""
+    """Backdoor attacks (BadNets, blended, label-consistent, Hidden Trigger, Sleeper Agent): attack success rate and clean accuracy +- SE."""
     data = ctx.load_dataset(config.dataset)
     a, opts = config.attack, config.attack.backdoor
     trigger = opts.trigger.build(data.input_shape)
@@ -95,7 +98,8 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
         f"{p} of {n} training images of {data.name} poisoned ({100 * p / n:.2f}%) with {a.method}: "
         f"{opts.trigger.describe()}, target class {data.train.classes[opts.target_class]}"
         + ("" if a.eps is None else f", crafted within eps {a.eps:g}/255 outside the trigger (the trigger's pixels "
-                                    "are outside that budget)")
+                                    "are outside that budget)" if view.eps is None else
+           f", crafted within eps {a.eps:g}/255 with no trigger on them (the trigger appears on test inputs only)")
         + f". ASR: triggered test inputs of the source classes ({int(rows.sum())}, target class left out) classified "
         f"as the target; mean ± SE over {config.victims} victims trained from scratch"
         + (" (clean victims: same seeds, trained without poisons)." if config.baseline else ".")]
@@ -116,12 +120,21 @@ def build_poison(config: BackdoorConfig, ctx: RunContext, data: DataBundle) -> t
     eps = a.eps / 255 if a.eps is not None else None
     models, crafters = attacker_models(config, ctx, data, a.entry)
     task = poison_task(config, ctx, data, models, seed=config.trial_seed(0, stream=Stream.ATTACK), eps=eps)
+    if getattr(task.options, "retrain_recipe", "given") is None:  # sleeper-agent retrains with the crafters' recipe
+        task = replace(task, options=task.options.model_copy(update={"retrain_recipe": crafting_recipe(config)}))
     poison, seconds = run_poisoner(a.entry, task, ctx, f"poisoning with {a.method}")
     del models
     assert poison.view is not None  # backdoor poisoners return views
     poison.view = poison.view.with_meta(method=a.method)
     save_poison(ctx, "poison", poison, seconds=seconds)
     return poison, seconds, crafters
+
+
+def crafting_recipe(config: BackdoorConfig) -> dict[str, Any]:
+    """The recipe that trained the crafting models (``crafting.recipe``, else the config's), as a mapping
+    with ``lr: auto`` resolved for the crafting architecture: what sleeper-agent retrains them with."""
+    recipe = config.crafting.recipe or config.recipe
+    return {**recipe.model_dump(mode="json"), "lr": recipe.resolved_lr(residual=config.crafting_model.residual)}
 
 
 def triggered_test_inputs(config: BackdoorConfig, data: DataBundle) -> torch.Tensor:

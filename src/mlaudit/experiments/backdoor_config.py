@@ -22,10 +22,13 @@ DEFAULT_EPS = 16.0
 
 
 class BackdoorAttack(PoisonAttack):
-    """``method`` (badnets, blended, label-consistent); the method's options, also as flat keys:
-    ``target_class``, ``source_classes`` (None: every other class), ``budget`` (poisoned fraction of the
-    training set, P = floor(budget x N)) and ``trigger`` (type, size, location, margin, pattern, alpha,
-    seed); ``eps`` (/255) and the crafting settings of label-consistent (default eps 16, 250 PGD steps)."""
+    """``method`` (badnets, blended, label-consistent, hidden-trigger, sleeper-agent); the method's options,
+    also as flat keys: ``target_class``, ``source_classes`` (None: every other class), ``budget`` (poisoned
+    fraction of the training set, P = floor(budget x N)) and ``trigger`` (type, size, location, margin,
+    pattern, alpha, seed), plus hidden-trigger's ``pairing`` and sleeper-agent's ``selection``,
+    ``source_images``, ``source_batch_size``, ``retrain_rounds``, ``retrain_recipe``; ``eps`` (/255) and the
+    crafting settings of the methods that craft against a model (default eps 16; label-consistent: 250
+    PGD steps; hidden-trigger and sleeper-agent: 250 signed-Adam steps)."""
 
     family: ClassVar[Family] = "backdoor"
     method: str = "badnets"
@@ -41,8 +44,9 @@ class BackdoorAttack(PoisonAttack):
     @model_validator(mode="after")
     def _eps_only_when_crafting(self) -> BackdoorAttack:
         if self.eps is not None and not _crafts(self.method):
-            raise ValueError(f"attack.eps = {self.eps:g} bounds the crafted perturbation of label-consistent; method "
-                             f"{self.method} stamps its trigger without one (leave attack.eps out)")
+            raise ValueError(f"attack.eps = {self.eps:g} bounds the crafted perturbation of label-consistent, "
+                             f"hidden-trigger and sleeper-agent; method {self.method} stamps its trigger without one "
+                             "(leave attack.eps out)")
         return self
 
     @property
@@ -74,7 +78,8 @@ class BackdoorConfig(PoisoningConfig):
         if not _crafts(self.attack.method) and (c.checkpoint is not None or c.ensemble != 1
                                                 or c.architectures is not None):
             raise ValueError(f"crafting.checkpoint / ensemble / architectures give the crafting models of "
-                             f"label-consistent; method {self.attack.method!r} uses no model (leave crafting out)")
+                             f"label-consistent, hidden-trigger and sleeper-agent; method {self.attack.method!r} uses "
+                             "no model (leave crafting out)")
         return self
 
 
@@ -90,7 +95,7 @@ def source_test_rows(config: BackdoorConfig, data: DataBundle) -> torch.Tensor:
 def eligible_rows(config: BackdoorConfig, data: DataBundle) -> tuple[int, str]:
     """How many training rows the method may poison, and what they are: source-class rows for the
     dirty-label methods, target-class rows for the methods that craft against a model (clean label:
-    label-consistent, and Hidden Trigger / Sleeper Agent when they are built)."""
+    label-consistent, hidden-trigger, sleeper-agent)."""
     opts = config.attack.backdoor
     crafts = _crafts(config.attack.method)
     classes = [opts.target_class] if crafts else opts.sources(data.num_classes)
@@ -101,7 +106,8 @@ def eligible_rows(config: BackdoorConfig, data: DataBundle) -> tuple[int, str]:
 def check_backdoor(config: BackdoorConfig, data: DataBundle) -> None:
     """Runner hook, before anything is written: image data, the trigger fits the images, the classes
     exist, the budget gives at least one poison and no more than the eligible rows, the test set has
-    inputs to trigger, and the crafting models of label-consistent (checkpoint, architecture)."""
+    inputs to trigger, and the crafting models of the clean-label methods (checkpoint, architecture; a
+    linear head for hidden-trigger's features)."""
     opts = config.attack.backdoor
     opts.trigger.check(data.input_shape, where="attack.trigger")
     check_attack(config, data)

@@ -15,7 +15,8 @@ Families (one subpackage each, one method per file):
   noise; seed 002 chapter 2);
 * :mod:`.indiscriminate` — indiscriminate attacks (label flip, GradPC parameter corruption, gradient
   canceling; seed 001);
-* :mod:`.backdoor` — backdoors (BadNets, blended injection, label-consistent; issue 18).
+* :mod:`.backdoor` — backdoors (BadNets, blended injection, label-consistent, Hidden Trigger Backdoor,
+  Sleeper Agent; issue 18).
 """
 
 from . import availability, backdoor, indiscriminate, targeted  # noqa: F401  (register the poisoners)

@@ -8,7 +8,9 @@ Four families share it (seed 002 chapters 1 and 2, seed 001, issue 18):
 * ``indiscriminate`` — insert points (or overwrite weights) to lower victims' clean accuracy;
 * ``backdoor`` — stamp a trigger on a few rows (relabelled, or made hard within eps and kept
   correctly labelled) so that victims classify triggered inputs as a target class; a trigger is not
-  an l-inf perturbation, so these views hold unbounded deltas (``eps=None``).
+  an l-inf perturbation, so these views hold unbounded deltas (``eps=None``). The hidden-trigger
+  methods (Hidden Trigger Backdoor, Sleeper Agent) put no trigger on their poisons: their views are
+  crafted images bounded by ``eps``.
 
 What a poisoner receives (:class:`PoisonTask`): the clean training split, the attacker's models
 (what its entry *needs*, :class:`Needs`), the targeted scenario when there is one (:class:`Target`),

@@ -14,7 +14,10 @@ the rows they may draw from.
 
 Every poison is a :class:`~mlaudit.data.view.DataView` over the clean split: ``with_delta`` holds
 the exact difference (triggered image - clean image) of each poisoned row, unbounded (``eps=None``),
-because a trigger is not an l-inf perturbation; ``with_labels`` holds the relabelling.
+because a trigger is not an l-inf perturbation; ``with_labels`` holds the relabelling. The
+hidden-trigger methods (``hidden-trigger``, ``sleeper-agent``) stamp nothing: their rows are crafted
+target-class images, held as a delta bounded by ``eps``, and the trigger appears on test inputs only
+(and on the triggered source images they craft against, :func:`source_rows`).
 """
 
 from __future__ import annotations
@@ -109,6 +112,24 @@ def choose_rows(task: PoisonTask, classes: list[int], budget: float, *, what: st
     p = check_budget(budget, len(task.train), len(pool), rows=what)
     pick = torch.randperm(len(pool), generator=task.generator())[:p]
     return pool[pick].sort().values
+
+
+def source_rows(task: PoisonTask, options: BackdoorOptions, count: int | None, *, salt: int) -> Tensor:
+    """int64 [S]: training rows of the source classes that a clean-label crafting method triggers as its
+    stand-ins for the test inputs (Hidden Trigger Backdoor, Sleeper Agent): every one when ``count`` is
+    None, else ``count`` drawn uniformly (seeded by ``task.seed`` and ``salt``; when ``count`` exceeds
+    them, whole permutations are repeated). Any training row counts (``task.poison_ids`` restricts the
+    rows that are perturbed, not these)."""
+    y = task.train.y.cpu()
+    pool = torch.isin(y, torch.tensor(options.sources(task.num_classes), dtype=y.dtype)).nonzero().flatten()
+    if len(pool) == 0:
+        raise ConfigError(f"the training set has no row of the source classes {options.sources(task.num_classes)}: "
+                          "nothing to stamp the trigger on while crafting")
+    if count is None:
+        return pool
+    g = torch.Generator().manual_seed((task.seed * 7919 + salt) % 2**63)
+    reps = -(-count // len(pool))
+    return torch.cat([pool[torch.randperm(len(pool), generator=g)] for _ in range(reps)])[:count]
 
 
 def trigger_of(task: PoisonTask, options: BackdoorOptions) -> Trigger:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ....craft import LinfBall, craft
+from ....craft import CraftResult, LinfBall, craft
 from ..contract import CraftingSettings, Needs, Poison, PoisonTask
 
 TARGETED = Needs.CRAFTING_MODELS | Needs.TARGET
@@ -42,17 +43,27 @@ def craft_poison(objective: Objective, task: PoisonTask) -> Poison:
     """Minimise ``objective(x_adv [B, ...], idx [B])`` over perturbations of the task's poison rows;
     the poison's info holds the best restart's final ``objective``, every restart's final objective
     (``restarts``) and the best restart's per-step ``history``."""
-    s = task.crafting_settings
     x, _ = task.poison_rows()
+    res = craft_delta(objective, task, x)
+    return task.perturbed(res.delta.cpu(), {"objective": res.objective, "restarts": res.restarts,
+                                            "history": res.history})
+
+
+def craft_delta(objective: Objective, task: PoisonTask, x: Tensor, *,
+                init: Literal["zero", "random"] | Tensor = "zero") -> CraftResult:
+    """The engine run behind :func:`craft_poison` on given images ``x`` [P, *shape] (on ``task.device``;
+    ``objective``'s ``idx`` are positions in ``x``), under the task's crafting settings and l-inf ball,
+    starting from ``init`` (e.g. the perturbation of an earlier run, continued): for methods that
+    choose their own rows (the clean-label backdoors) or craft in several runs (Sleeper Agent's
+    retraining rounds)."""
+    s = task.crafting_settings
     obj = _Cast(objective, s)
     gen = task.generator(x.device)
     with _cuda_layout(task.models, s, x):
-        res = craft(obj, x, constraint=LinfBall(task.linf_eps()), steps=s.steps, optimizer=s.optimizer, lr=s.lr,
-                    schedule=s.schedule, restarts=s.restarts, augment=task.crafting_augment,
-                    batch_size=s.batch_size, generator=gen, on_step=task.on_step,
-                    parallel_restarts=s.parallel_restarts if obj.can_batch else 1)
-    return task.perturbed(res.delta.cpu(), {"objective": res.objective, "restarts": res.restarts,
-                                            "history": res.history})
+        return craft(obj, x, constraint=LinfBall(task.linf_eps()), steps=s.steps, optimizer=s.optimizer, lr=s.lr,
+                     schedule=s.schedule, restarts=s.restarts, init=init, augment=task.crafting_augment,
+                     batch_size=s.batch_size, generator=gen, on_step=task.on_step,
+                     parallel_restarts=s.parallel_restarts if obj.can_batch else 1)
 
 
 def mean_objective(objectives: Sequence[Objective]) -> Objective:

@@ -51,10 +51,16 @@ class FeatureCollision:
         with torch.no_grad():
             self.target_feat = features(target_x).flatten(1).detach()
 
+    def anchors(self, feat: Tensor, idx: Tensor) -> Tensor:
+        """The features [B, D] each poison of the batch is pulled to, given the poisons' own features
+        ``feat`` [B, D] (detached use only): the target's, or row ``idx`` of the per-poison targets.
+        Subclasses pair poisons with anchors differently (Hidden Trigger Backdoor re-pairs them by
+        nearest features, :mod:`mlaudit.attacks.poisoning.backdoor.hidden_trigger`)."""
+        return self.target_feat.expand(feat.shape[0], -1) if self.target_feat.shape[0] == 1 else self.target_feat[idx]
+
     def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         feat = self.features(x_adv).flatten(1)
-        tgt = self.target_feat if self.target_feat.shape[0] == 1 else self.target_feat[idx]
-        loss = (feat - tgt).pow(2).sum(1)
+        loss = (feat - self.anchors(feat, idx)).pow(2).sum(1)
         if self.beta > 0:
             loss = loss + self.beta * (x_adv - self.x_base[idx]).flatten(1).pow(2).sum(1)
         return loss

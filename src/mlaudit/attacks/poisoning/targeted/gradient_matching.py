@@ -54,6 +54,23 @@ def per_sample_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def adversarial_gradient(model: nn.Module, x: Tensor, labels: Tensor, *, loss: LossFn = per_sample_cross_entropy,
+                         params: ParamVector | None = None, batch_size: int | None = None) -> ParamVector:
+    """g_adv = grad_theta sum_i loss(F(x_i), labels_i) over ``x`` [T, ...], ``labels`` [T] (detached),
+    summed over chunks of ``batch_size`` rows (None: one pass); the model's mode is the caller's."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"target_batch_size must be >= 1 or None (one pass), got {batch_size}")
+    bs = batch_size or max(len(x), 1)
+    total: ParamVector | None = None
+    for i in range(0, len(x), bs):
+        xb, yb = x[i:i + bs], labels[i:i + bs]
+        g = param_grad(model, lambda f, xb=xb, yb=yb: loss(f(xb), yb).sum(), params=params)
+        total = g if total is None else total + g
+    if total is None:
+        raise ConfigError("the adversarial gradient needs at least one image, got none")
+    return total
+
+
 class GradientMatching:
     """Objective ``(x_adv [B, ...], idx [B]) -> scalar`` 1 - cos(g_t, g_p) (see the module docstring).
 
@@ -62,11 +79,18 @@ class GradientMatching:
     ``loss(logits [N, C], labels [N]) -> [N]`` per-sample losses (summed here). The model is used in
     eval mode unless ``train_mode`` (its previous mode is restored after each call); its parameters
     are read at construction for g_t, so do not train it while crafting.
+
+    The adversarial term is whatever ``(target_x, adv_label)`` say the victim should learn: targeted
+    poisoning's target images to the adversarial class, or Sleeper Agent's triggered source images to
+    the backdoor's target class (:mod:`mlaudit.attacks.poisoning.backdoor.sleeper_agent`), T in the
+    thousands; ``target_batch_size`` then sums g_t over chunks of that many images (the same gradient
+    in eval mode; in ``train_mode`` BatchNorm sees each chunk's statistics).
     """
 
     def __init__(self, model: nn.Module, target_x: Tensor, adv_label: Tensor | int, *, poison_labels: Tensor,
                  loss: LossFn = per_sample_cross_entropy, train_mode: bool = False,
-                 dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0) -> None:
+                 dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0,
+                 target_batch_size: int | None = None) -> None:
         if target_x.dim() < 2 or target_x.shape[0] < 1:
             raise ConfigError(f"target_x must be [T>=1, ...], got shape {list(target_x.shape)}")
         if isinstance(adv_label, int):
@@ -91,9 +115,9 @@ class GradientMatching:
         device = next(model.parameters()).device
         self.poison_labels = poison_labels.to(device=device, dtype=torch.long)
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        xt, yt = target_x.to(device), adv_label.to(device)
         with self._mode():
-            self.target_grad = param_grad(model, lambda f: loss(f(xt), yt).sum(), params=self._params())
+            self.target_grad = adversarial_gradient(model, target_x.to(device), adv_label.to(device), loss=loss,
+                                                    params=self._params(), batch_size=target_batch_size)
         self.target_norm = self.target_grad.norm()
         if self.target_norm == 0:
             raise ConfigError("the target gradient is zero (the model fits the target with zero loss); "

@@ -31,7 +31,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -115,6 +115,8 @@ def _defend(m: Metrics) -> str | None:
     text = f"asr {100 * before:.0f}%->{100 * after:.0f}%"
     hit, total = _num(m, "removal.poisons_removed"), _num(m, "removal.poisons")
     cert = _num(m, "dpa.certified_against_attack")
+    if cert is None:
+        cert = _num(m, "ndt.certified_against_attack")
     if hit is not None and total is not None:
         return f"{text} rm {hit:.0f}/{total:.0f}"
     return text if cert is None else f"{text} cert {_pct(cert)}"
@@ -162,7 +164,7 @@ HEADLINE_LABELS = {
     "robustness": "robust accuracy, worst case over attacks at the largest eps",
     "backdoor": "attack success rate (and clean accuracy) of the poisoned victims",
     "certify": "certified accuracy of the smoothed classifier at the first l2 radius > 0",
-    "defend": "attack success without -> with the defence (filters: poisons removed; DPA: attacked inputs certified)",
+    "defend": "attack success without -> with the defence (filters: poisons removed; DPA, NDT: attacked inputs certified)",
     "federated": "users' inputs the server recovered from one round (PSNR >= psnr_threshold; secagg: through secure "
                  "aggregation)",
 }

@@ -15,6 +15,7 @@ from mlaudit.certify import max_radius
 from mlaudit.cli import app
 from mlaudit.config import load_yaml
 from mlaudit.experiments import parse_config, run_experiment
+from mlaudit.headline import headline
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "defend.yaml"
 
@@ -50,6 +51,8 @@ def test_ndt_defends_a_witches_brew_poison_and_certifies(tmp_path: Path) -> None
     assert m["clean_accuracy"]["defence"]["mean"] == pytest.approx(s["ensemble_accuracy"]["value"])
     ens = [t for t in r["trials"] if "model" in t]
     assert sorted(t["model"] for t in ens) == list(range(11)) and len({t["seed"] for t in ens}) == 11
+    assert headline("defend", {"attack_success.no_defence.mean": 0.25, "attack_success.defence.mean": 0.0,
+                               "ndt.certified_against_attack": 0.0}) == "asr 25%->0% cert 0.0%"
 
 
 def test_ndt_config_fills_defaults_and_round_trips() -> None:

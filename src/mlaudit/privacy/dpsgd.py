@@ -30,8 +30,9 @@ float32): then book-keeping steps run their forward under bf16 autocast; the per
 float32 (bf16 autocast around the vmapped per-example gradients was measured 1.5x *slower* for
 ResNet-18/GroupNorm on an H100, 171 against 115 ms per step at batch 256, 2026-11-23;
 benchmarks/results/dp_throughput.md). Each step computes per-example gradients only for the slots it needs: the widest sampled
-batch of the chunk rounded up to a multiple of :data:`SLOT_MULTIPLE` (not the worst-case padded
-``b_max``, about 1.4x the expected batch at q * n = 256). Models with BatchNorm are
+batch of the chunk rounded up to a multiple of :data:`SLOT_MULTIPLE` (32; :data:`FAST_SLOT_MULTIPLE`
+= 8 for book-keeping steps, which have no vmap to feed), not the worst-case padded ``b_max``, about
+1.4x the expected batch at q * n = 256. Models with BatchNorm are
 refused: BatchNorm mixes examples of a batch, so per-example gradients and clipping do not bound
 one example's influence.
 

@@ -8,7 +8,10 @@ x_adv. CW has no eps: it is run once and counts as a success at eps when its (mi
 measured in ``threat.norm`` is <= eps. The worst case per example is robust only if no attack fools it.
 Rates carry 95% Clopper-Pearson intervals over the examples (one model) or percentile-bootstrap
 intervals over the examples of the per-example mean over the models (several). The sanity section
-(:mod:`mlaudit.attacks.evasion.sanity`) flags signs of gradient masking.
+(:mod:`mlaudit.attacks.evasion.sanity`) flags signs of gradient masking. Optional blocks: ``defence``
+(an input transformation, non-adaptive vs adaptive attacks) and ``detector`` (a feature-space detector
+of adversarial examples, non-adaptive PGD vs the detector-aware attack, through
+:func:`mlaudit.attacks.evasion.detector.evaluate_detector`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 
 from ..attacks.evasion import EVASION_ATTACKS, fgsm, pgd
 from ..attacks.evasion.adaptive import evaluate_defence
+from ..attacks.evasion.detector import FeatureDetector, evaluate_detector
 from ..attacks.evasion.sanity import masking_flags, pgd_loss_curve
 from ..data.base import DataBundle
 from ..factory import TrialSpec
@@ -183,6 +187,9 @@ def run_robustness(config: RobustnessConfig, ctx: RunContext) -> ExperimentOutpu
     if config.defence is not None:
         metrics["defence"], table = _defence(config, evals, x, y)
         tables.append(table)
+    if config.detector is not None:
+        metrics["detector"], table = _detector(config, data, evals, x, y)
+        tables.append(table)
     trials = [{"trial_id": tid, "seed": seed, "clean_accuracy": float(ev.clean.float().mean()),
                **{f"robust_{name}@{_key(th.eps[-1])}": float(robust[name][i, -1].float().mean()) for name in robust}}
               for i, (tid, seed, ev) in enumerate(evals)]
@@ -224,6 +231,56 @@ def _defence(config: RobustnessConfig, evals: list[tuple[str, int | None, _Evalu
             f"defence are means over {first['draws']} draws. A defence that holds only against the non-adaptive rows "
             "is masking gradients (Athalye et al. 2018).")
     return out, ReportTable("Defence: non-adaptive vs adaptive robust accuracy", cols, rows, note=note)
+
+
+DETECTOR_ATTACKS = (("pgd", "non-adaptive: PGD"), ("feature-collision", "adaptive: feature collision"),
+                    ("detector-aware", "adaptive: detector-aware"))
+DETECTOR_FIELDS = ("misclassified", "flagged", "undetected_success")
+
+
+def _detector(config: RobustnessConfig, data: DataBundle, evals: list[tuple[str, int | None, _Evaluation]], x: Tensor,
+              y: Tensor) -> tuple[dict[str, Any], ReportTable]:
+    """Per model, a :class:`FeatureDetector` fitted on ``detector.fit`` training inputs and thresholded on
+    ``detector.calibrate`` others; :func:`evaluate_detector` at each radius; rates are means over models."""
+    d = config.detector
+    assert d is not None
+    th = config.threat
+    gen = torch.Generator().manual_seed(config.trial_seed(0, stream=Stream.ATTACK) + 1)
+    perm = torch.randperm(len(data.train), generator=gen)
+    fit_rows, cal_rows = perm[: d.fit].sort().values, perm[d.fit: d.fit + d.calibrate].sort().values
+    x_fit, y_fit = data.train.x[fit_rows].to(x.device), data.train.y[fit_rows].to(x.device)
+    x_cal = data.train.x[cal_rows].to(x.device)
+    detectors = [FeatureDetector.fit(ev.model, x_fit, y_fit, x_cal, method=d.method, fpr=d.fpr, k=d.k)
+                 for _, _, ev in evals]
+    per_eps: dict[str, dict[str, Any]] = {}
+    for e in config.detector_eps():
+        runs = [evaluate_detector(ev.model, x, y, det, pool_x=x_fit, pool_y=y_fit, eps=e, norm=th.norm, steps=d.steps,
+                                  box=th.box) for (_, _, ev), det in zip(evals, detectors, strict=True)]
+        per_eps[_key(e)] = {
+            "clean_accuracy": float(np.mean([r["clean_accuracy"] for r in runs])),
+            "clean_flagged": float(np.mean([r["clean_flagged"] for r in runs])),
+            **{name: {f: float(np.mean([r[name][f] for r in runs])) for f in DETECTOR_FIELDS}
+               for name, _ in DETECTOR_ATTACKS}}
+    top = per_eps[_key(config.detector_eps()[-1])]
+    out = {"method": d.method, "k": d.k if d.method == "knn" else None, "fpr": d.fpr, "steps": d.steps,
+           "fit": d.fit, "calibrate": d.calibrate, "thresholds": [det.threshold for det in detectors],
+           "clean_flagged": top["clean_flagged"], "by_eps": per_eps, "eps_max": config.detector_eps()[-1],
+           "undetected_non_adaptive_at_max_eps": top["pgd"]["undetected_success"],
+           "undetected_adaptive_at_max_eps": top["detector-aware"]["undetected_success"],
+           "adaptive_gain_at_max_eps": top["detector-aware"]["undetected_success"] - top["pgd"]["undetected_success"]}
+    cols = ["evaluation", "eps", "misclassified", "flagged", "undetected and fooled"]
+    rows: list[list[Any]] = []
+    for key, at in per_eps.items():
+        rows.append(["clean (false positives)", key, 1 - at["clean_accuracy"], at["clean_flagged"], None])
+        rows += [[label, key, *[at[name][f] for f in DETECTOR_FIELDS]] for name, label in DETECTOR_ATTACKS]
+    how = f"k = {d.k} nearest clean features" if d.method == "knn" else "nearest class mean, tied covariance"
+    note = (f"{d.method} detector ({how}) on penultimate features, fitted on {d.fit} training inputs, threshold at the "
+            f"{1 - d.fpr:g} quantile of {d.calibrate} other training inputs (target false-positive rate {d.fpr:g}; the "
+            f"clean rows give the rate measured on the attacked test examples); each attack {d.steps} steps"
+            f"{'; rates are means over ' + str(len(evals)) + ' models' if len(evals) > 1 else ''}. 'Undetected and "
+            "fooled' is the attack's success against the detector-defended model: a detector that stops only the "
+            "non-adaptive row is not a defence (Carlini & Wagner 2017).")
+    return out, ReportTable("Detector: non-adaptive vs detector-aware attack", cols, rows, note=note)
 
 
 def _eps_table(config: RobustnessConfig, by_eps: dict[str, list[dict[str, Any]]]) -> ReportTable:

@@ -9,6 +9,8 @@
     attack_options: {pgd: {steps: 20, restarts: 2}}
     examples: 200
     target: {checkpoint: model.pt, sha256: ...}   # optional: audit this model instead of training
+    defence: {transform: bit-depth, bits: 2}      # optional: non-adaptive vs adaptive, behind a transform
+    detector: {method: mahalanobis, fpr: 0.05}    # optional: PGD vs detector-aware attack on a detector
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -98,6 +101,33 @@ class DefenceSpec(BaseModel):
                 "resize-pad": {"max_size": self.max_size}, "noise": {"sigma": self.sigma}}[self.transform]
 
 
+class DetectorSpec(BaseModel):
+    """A statistical detector of adversarial examples in the model's penultimate feature space
+    (:class:`mlaudit.attacks.evasion.detector.FeatureDetector`), evaluated by
+    :func:`~mlaudit.attacks.evasion.detector.evaluate_detector`: non-adaptive PGD vs the adaptive
+    feature-collision and detector-aware attacks, ``steps`` steps each. ``method`` ``mahalanobis`` or
+    ``knn`` (``k`` nearest clean features); fitted on ``fit`` training inputs (also the guide pool of
+    feature collision) and thresholded at the (1 - ``fpr``) quantile of ``calibrate`` other training
+    inputs (a seeded draw); ``eps`` one radius, or None for every radius of ``threat.eps``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mahalanobis", "knn"] = "mahalanobis"
+    k: int = Field(10, ge=1, le=100_000)
+    fpr: float = Field(0.05, gt=0, lt=1)
+    steps: int = Field(50, ge=1, le=10_000)
+    eps: float | None = Field(None, ge=0, allow_inf_nan=False)
+    fit: int = Field(1000, ge=2, le=1_000_000)
+    calibrate: int = Field(400, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _k(self) -> DetectorSpec:
+        if self.k > self.fit:
+            raise ValueError(f"detector.k = {self.k}; allowed 1 <= k <= detector.fit = {self.fit} (the clean "
+                             "inputs the detector is fitted on)")
+        return self
+
+
 class TargetModel(BaseModel):
     """An external model to evaluate: a state_dict ``checkpoint`` of the config's model (verified against
     ``sha256`` when given)."""
@@ -123,6 +153,8 @@ class RobustnessConfig(ExperimentConfig):
     """Adversarial examples shown in the report's grid (0: none)."""
     defence: DefenceSpec | None = None
     """Also evaluate the model behind this input transformation, non-adaptively and adaptively."""
+    detector: DetectorSpec | None = None
+    """Also evaluate a feature-space detector of adversarial examples against PGD and adaptive attacks."""
 
     @field_validator("attacks")
     @classmethod
@@ -151,6 +183,21 @@ class RobustnessConfig(ExperimentConfig):
             raise ValueError(f"trials = {self.trials} trains models, but target gives the model to evaluate; "
                              "drop trials or target")
         return self
+
+    @model_validator(mode="after")
+    def _detector_eps(self) -> RobustnessConfig:
+        d = self.detector
+        if d is not None and d.eps is not None and self.threat.norm == "linf":
+            width = self.threat.box[1] - self.threat.box[0]
+            if d.eps > width:
+                raise ValueError(f"detector.eps = {d.eps} is above the pixel range; allowed 0 <= eps <= {width:g} "
+                                 f"(hi - lo of threat.box {list(self.threat.box)}) for norm linf")
+        return self
+
+    def detector_eps(self) -> tuple[float, ...]:
+        """The radii the detector is evaluated at: ``detector.eps``, else every radius of ``threat.eps``."""
+        d = self.detector
+        return self.threat.eps if d is None or d.eps is None else (d.eps,)
 
     def options_for(self, name: str) -> dict[str, Any]:
         return dict(self.attack_options.get(name, {}))
@@ -214,8 +261,27 @@ def check_robustness(config: RobustnessConfig, data: DataBundle) -> None:
         if d.transform in ("bit-depth", "jpeg") and tuple(config.threat.box) != (0.0, 1.0):
             raise ConfigError(f"defence.transform = {d.transform!r} works on pixels in [0, 1]; threat.box is "
                               f"{list(config.threat.box)}")
-    if config.target is not None:
-        load_target(config, data)
+    model = load_target(config, data) if config.target is not None else None
+    det = config.detector
+    if det is not None:
+        n_train = len(data.train)
+        if det.fit + det.calibrate > n_train:
+            raise ConfigError(f"detector.fit + detector.calibrate = {det.fit} + {det.calibrate} = "
+                              f"{det.fit + det.calibrate} exceeds the {n_train} examples of {data.name}'s train split; "
+                              f"allowed fit + calibrate <= {n_train}")
+        if det.eps is not None and det.eps > top:
+            raise ConfigError(f"detector.eps = {det.eps} is above the pixel range; allowed 0 <= eps <= {top:.4g} for "
+                              f"norm {config.threat.norm} on inputs of {dim} values in {list(config.threat.box)}")
+        from ..models.registry import build_model
+        from ..query.features import classification_head
+
+        try:
+            if model is None:
+                with torch.random.fork_rng(devices=[]):  # leave the global RNG as the run will find it
+                    model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+            classification_head(model)
+        except ConfigError as e:
+            raise ConfigError(f"detector: {e}") from None
 
 
 class HasTarget(Protocol):

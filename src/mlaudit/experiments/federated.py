@@ -12,6 +12,12 @@ without secure aggregation, each update alone, and runs the attack on what it se
 matched one-to-one to the true inputs behind the update (maximal summed PSNR); an input counts as
 recovered when its PSNR >= ``psnr_threshold`` dB and as exact when >= :data:`EXACT_DB` dB. Rates carry
 95% Clopper-Pearson intervals over all inputs of all trials.
+
+With a ``defence:`` block each user transforms its update before sharing it
+(:func:`mlaudit.federated.defend_updates`: Gaussian noise, clipping + noise on the per-client update,
+pruning, quantisation; Zhu et al. 2019, "Deep Leakage from Gradients", section 5); the attack runs on
+the defended round and, for comparison, on the plain updates of the same round (``metrics.defence``),
+with the relative update distortion ||g' - g|| / ||g|| in place of a utility measurement.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ from ..attacks.federated import (
 )
 from ..data.base import DataBundle
 from ..factory import TrialSpec
-from ..federated import fedsgd_aggregate, local_batches, local_training, secure_aggregate, user_gradients
+from ..federated import (
+    defend_updates,
+    distortion,
+    fedsgd_aggregate,
+    local_batches,
+    local_training,
+    secure_aggregate,
+    user_gradients,
+)
 from ..models.registry import build_model
 from ..query import ParamVector, forward_batched, load_model
 from ..report.figures import image_rows
@@ -59,6 +73,8 @@ class _Outcome:
     shared: int = 0
     outside: int = 0
     grid: tuple[Tensor, Tensor, Tensor] | None = None
+    distortion: Tensor | None = None
+    """[U]: each user's ||g' - g|| / ||g|| under the defence (None without one)."""
     seconds: dict[str, float] = field(default_factory=lambda: {"updates": 0.0, "attack": 0.0})
 
     def psnr_all(self) -> Tensor:
@@ -79,28 +95,36 @@ def _global_models(config: FederatedConfig, ctx: RunContext, data: DataBundle) -
     return [(t.trial_id, t.seed, init_models(build, [t.seed])[0].to(ctx.device)) for t in trials]
 
 
+def _user_updates(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor, seed: int, device: str,
+                  num_classes: int) -> ParamVector:
+    """Every user's own update {name: [U, *shape]} in gradient units (FedSGD gradient, FedAvg delta / (lr steps))."""
+    if config.protocol == "fedsgd":
+        return user_gradients(sent, x, y, train_mode=config.user_mode == "train", chunk=config.chunk)
+    delta, steps = local_training(sent, x, y, epochs=config.local_epochs, lr=config.local_lr, device=device,
+                                  batch_size=config.local_batch or config.batch, classes=num_classes,
+                                  seeds=[seed + u for u in range(config.users)])
+    return delta / (config.local_lr * steps)
+
+
 def _observations(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor, seed: int, device: str,
-                  num_classes: int, gen: torch.Generator) -> list[tuple[Observation, slice]]:
+                  num_classes: int, gen: torch.Generator, updates: ParamVector | None = None
+                  ) -> list[tuple[Observation, slice]]:
     """What the server sees, each with the users it covers: the sum over all users (secure aggregation) or
     every user's own update, in gradient units, each user's update clipped (and the sum noised) as configured.
-    Secure FedSGD sums ``chunk`` users at a time, never holding every user's gradient."""
+    ``updates``: the users' (defended) updates, else computed here; secure FedSGD without them sums ``chunk``
+    users at a time, never holding every user's gradient."""
     agg, train = config.aggregation, config.user_mode == "train"
     shape = tuple(x.shape[2:])
 
     def seen(g: ParamVector, sl: slice) -> tuple[Observation, slice]:
         return Observation(g, users=sl.stop - sl.start, batch=config.batch, input_shape=shape, train_mode=train), sl
 
-    if config.protocol == "fedsgd" and agg.secure:
+    if updates is None and config.protocol == "fedsgd" and agg.secure:
         total = fedsgd_aggregate(sent, x, y, clip=agg.clip, noise_multiplier=agg.noise_multiplier, generator=gen,
                                  chunk=config.chunk, train_mode=train)
         return [seen(total, slice(0, config.users))]
-    if config.protocol == "fedsgd":
-        updates = user_gradients(sent, x, y, train_mode=train, chunk=config.chunk)
-    else:
-        delta, steps = local_training(sent, x, y, epochs=config.local_epochs, lr=config.local_lr, device=device,
-                                      batch_size=config.local_batch or config.batch, classes=num_classes,
-                                      seeds=[seed + u for u in range(config.users)])
-        updates = delta / (config.local_lr * steps)
+    if updates is None:
+        updates = _user_updates(config, sent, x, y, seed, device, num_classes)
     users = [slice(0, config.users)] if agg.secure else [slice(u, u + 1) for u in range(config.users)]
     return [seen(secure_aggregate(ParamVector({n: t[sl] for n, t in updates.items()}), clip=agg.clip,
                                   noise_multiplier=agg.noise_multiplier, generator=gen), sl) for sl in users]
@@ -121,7 +145,9 @@ def _options(config: FederatedConfig, y_true: Tensor, mean_probs: Tensor, gen: t
 
 
 def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module, device: str
-           ) -> _Outcome:
+           ) -> tuple[_Outcome, _Outcome | None]:
+    """The trial's outcome under the configured defence and, with a defence, the same round without it
+    (same batches, aggregation noise and attack randomness; the baseline's grid is not kept)."""
     parts, gen = user_shares(config, data, index)
     x, y, _ = local_batches(data.train, parts, batch=config.batch, generator=gen)
     x, y = x.to(device), y.to(device)
@@ -136,8 +162,32 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     out = _Outcome()
     t0 = time.perf_counter()
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
-    seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
+    d = config.defence
+    if d.method == "none":
+        seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
+        out.seconds["updates"] = time.perf_counter() - t0
+        return _attack(config, data, sent, seen, x, y, mean_probs, gen, out), None
+    updates = _user_updates(config, sent, x, y, seed, device, data.num_classes)
+    dgen = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 2)
+    defended = defend_updates(updates, method=d.method, sigma=d.sigma or 0.0, clip=d.clip, prune=d.prune or 0.0,
+                              bits=d.bits or 8, generator=dgen)
+    out.distortion = distortion(updates, defended).float().cpu()
+    noise_state, gen_state = noise.get_state(), gen.get_state()
+    seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=defended)
     out.seconds["updates"] = time.perf_counter() - t0
+    _attack(config, data, sent, seen, x, y, mean_probs, gen, out)
+    base = _Outcome()
+    noise.set_state(noise_state)
+    gen.set_state(gen_state)
+    plain = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=updates)
+    _attack(config, data, sent, plain, x, y, mean_probs, gen, base, grid=False)
+    return out, base
+
+
+def _attack(config: FederatedConfig, data: DataBundle, sent: nn.Module, seen: list[tuple[Observation, slice]],
+            x: Tensor, y: Tensor, mean_probs: Tensor, gen: torch.Generator, out: _Outcome, grid: bool = True
+            ) -> _Outcome:
+    """The attack on every observation, its candidates matched to the true inputs behind it, into ``out``."""
     width = config.box[1] - config.box[0]
     for obs, sl in seen:
         xt, yt = x[sl].flatten(0, 1), y[sl].flatten()
@@ -157,7 +207,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
             out.alone += int(((b >= 0) & (count == 1)).sum())
             out.shared += int(((b >= 0) & (count > 1)).sum())
             out.outside += int((b < 0).sum())
-        if out.grid is None and config.grid:
+        if grid and out.grid is None and config.grid:
             shown = m.candidate[: config.grid]
             got = torch.stack([rec.x[c].cpu() if c >= 0 else torch.zeros_like(xt[0].cpu()) for c in shown.tolist()])
             out.grid = (xt[: config.grid].cpu(), got, m.psnr[: config.grid])
@@ -178,9 +228,13 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
     """Inputs a server recovers from federated updates: Robbing the Fed's imprint module through secure aggregation, Inverting Gradients, DLG."""
     data = ctx.load_dataset(config.dataset)
     outcomes: list[tuple[str, int, _Outcome]] = []
+    baselines: list[_Outcome] = []
     for i, (tid, seed, model) in enumerate(_global_models(config, ctx, data)):
         with ctx.cost.timed("attack"):
-            outcomes.append((tid, seed, _trial(config, data, i, seed, model, ctx.device)))
+            got, base = _trial(config, data, i, seed, model, ctx.device)
+        outcomes.append((tid, seed, got))
+        if base is not None:
+            baselines.append(base)
     psnr = torch.cat([o.psnr_all() for _, _, o in outcomes])
     ssim = [s for _, _, o in outcomes for s in o.ssim]
     labels = [v for _, _, o in outcomes for v in o.labels]
@@ -202,6 +256,8 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
                               "inputs_sharing_a_bin": sum(o.shared for _, _, o in outcomes),
                               "inputs_below_every_bin": sum(o.outside for _, _, o in outcomes),
                               "alone_fraction": alone / len(psnr)}
+    if config.defence.method != "none":
+        metrics["defence"] = _defence_metrics(config, [o for _, _, o in outcomes], baselines)
     trials = [{"trial_id": tid, "seed": seed, "inputs": int(o.psnr_all().numel()),
                "recovered": int((torch.nan_to_num(o.psnr_all(), nan=-1.0) >= config.psnr_threshold).sum()),
                "exact": int((torch.nan_to_num(o.psnr_all(), nan=-1.0) >= EXACT_DB).sum()),
@@ -211,6 +267,23 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
                             figures=_grid(config, outcomes[0][2]), notes=_notes(config, data, metrics))
 
 
+def _recovery(config: FederatedConfig, outs: list[_Outcome]) -> dict[str, Any]:
+    psnr = torch.nan_to_num(torch.cat([o.psnr_all() for o in outs]), nan=-1.0)
+    labels = [v for o in outs for v in o.labels]
+    return {"recovered": rate((psnr >= config.psnr_threshold)[None]), "exact": rate((psnr >= EXACT_DB)[None]),
+            "psnr": _summary(torch.cat([o.psnr_all() for o in outs])),
+            "label_accuracy": sum(labels) / len(labels) if labels else None}
+
+
+def _defence_metrics(config: FederatedConfig, defended: list[_Outcome], plain: list[_Outcome]) -> dict[str, Any]:
+    """The attack with and without the defence (same rounds), and the relative update distortion."""
+    dist = torch.cat([o.distortion for o in defended if o.distortion is not None]).double()
+    return {**config.defence.model_dump(exclude_none=True), "with": _recovery(config, defended),
+            "without": _recovery(config, plain),
+            "update_distortion": {"mean": float(dist.nanmean()), "max": float(dist.nan_to_num(0.0).max()),
+                                  "users": int(dist.numel())}}
+
+
 def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
     agg = config.aggregation
     out: dict[str, Any] = {
@@ -218,7 +291,7 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
         "inputs_per_update": config.inputs_per_update, "secure_aggregation": agg.secure, "clip": agg.clip,
         "noise_multiplier": agg.noise_multiplier, "psnr_threshold": config.psnr_threshold, "exact_db": EXACT_DB,
         "user_mode": config.user_mode, "partition": config.partition.scheme, "pretrain": config.pretrain,
-        "trials": config.trials, "public_inputs": len(data.test)}
+        "trials": config.trials, "public_inputs": len(data.test), "defence": config.defence.method}
     if config.protocol == "fedavg":
         out.update(local_epochs=config.local_epochs, local_batch=config.local_batch or config.batch,
                    local_lr=config.local_lr)
@@ -247,9 +320,30 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
                  ["inputs sharing a bin", im["inputs_sharing_a_bin"]],
                  ["inputs below every bin", im["inputs_below_every_bin"]]]
     rows.append(["seconds: users' updates / attack", f"{m['seconds']['updates']:.2f} / {m['seconds']['attack']:.2f}"])
-    return [ReportTable("Recovery of the users' inputs [95% Clopper-Pearson over inputs]", ["quantity", "value"], rows,
-                        note="candidates are matched one-to-one to the true inputs (maximal summed PSNR); an input "
-                             "without a candidate counts as not recovered")]
+    tables = [ReportTable("Recovery of the users' inputs [95% Clopper-Pearson over inputs]", ["quantity", "value"], rows,
+                          note="candidates are matched one-to-one to the true inputs (maximal summed PSNR); an input "
+                               "without a candidate counts as not recovered")]
+    if "defence" in m:
+        tables.append(_defence_table(config, m["defence"]))
+    return tables
+
+
+def _defence_table(config: FederatedConfig, d: dict[str, Any]) -> ReportTable:
+    def med(r: dict[str, Any]) -> str:
+        return f"{r['psnr']['median']:.1f}" if "median" in r["psnr"] else "no candidates"
+
+    def lab(r: dict[str, Any]) -> str:
+        return "n/a" if r["label_accuracy"] is None else f"{100 * r['label_accuracy']:.1f}%"
+
+    knobs = ", ".join(f"{k} {v:g}" for k, v in d.items() if k in ("sigma", "clip", "prune", "bits"))
+    rows = [["without defence", d["without"]["recovered"], med(d["without"]), lab(d["without"])],
+            [f"{d['method']} ({knobs})", d["with"]["recovered"], med(d["with"]), lab(d["with"])]]
+    u = d["update_distortion"]
+    return ReportTable("Client-side defence: the attack with and without it (same rounds)",
+                       ["update", f"recovered (PSNR >= {config.psnr_threshold:g} dB)", "median PSNR dB", "labels"],
+                       rows, note=f"relative update distortion ||g' - g|| / ||g||: mean {u['mean']:.3f}, max "
+                                  f"{u['max']:.3f} over {u['users']} user updates (the kind does not measure the "
+                                  "defended model's accuracy)")
 
 
 def _grid(config: FederatedConfig, o: _Outcome) -> dict[str, Any]:
@@ -273,8 +367,11 @@ def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list
         who = (f"Honest-but-curious server ({config.attack}, {config.inversion.steps} steps, labels "
                f"{'optimised jointly' if config.attack == 'dlg' and config.inversion.soft_labels and config.inversion.labels != 'known' else config.inversion.labels})")
     defence = ""
+    if config.defence.method != "none":
+        defence = (f" Each user applies the defence {config.defence.method} to its update before sharing it; the "
+                   "attack also runs on the undefended updates of the same round for comparison.")
     if config.aggregation.clip is not None:
-        defence = (f" Each update clipped to l2 norm {config.aggregation.clip:g}, Gaussian noise multiplier "
+        defence += (f" Each update clipped to l2 norm {config.aggregation.clip:g}, Gaussian noise multiplier "
                    f"{config.aggregation.noise_multiplier:g} on the sum.")
     return [f"{who}; {config.protocol} round of {config.users} users ({config.partition.scheme} partition of "
             f"{data.name}'s training split, {config.batch} inputs each); the server sees {seen}.{defence}",

@@ -13,6 +13,7 @@
     imprint: {bins: 64, measurement: brightness, cdf: empirical}
     inversion: {steps: 1000, lr: 0.1, tv: 1.0e-4, restarts: 1, labels: recovered}
     psnr_threshold: 30
+    defence: {method: none}          # none | noise (sigma) | clip-noise (clip, sigma) | prune (prune) | quantise (bits)
 """
 
 from __future__ import annotations
@@ -86,6 +87,37 @@ class InversionOptions(BaseModel):
     soft_labels: bool = True
 
 
+class DefenceOptions(BaseModel):
+    """A client-side defence on each user's update before the server sees it
+    (:func:`mlaudit.federated.defend_updates`; Zhu et al. 2019, "Deep Leakage from Gradients", section 5):
+    ``noise`` adds N(0, sigma^2) per entry; ``clip-noise`` clips the user's whole update to l2 norm ``clip``
+    then adds N(0, (sigma clip)^2) (per-client update, not per-example DP-SGD); ``prune`` zeroes the
+    fraction ``prune`` of smallest-magnitude entries per tensor; ``quantise`` rounds to ``bits`` bits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["none", "noise", "clip-noise", "prune", "quantise"] = "none"
+    sigma: float | None = Field(None, ge=0.0, le=1e6, allow_inf_nan=False)
+    clip: float | None = Field(None, gt=0.0, le=1e9, allow_inf_nan=False)
+    prune: float | None = Field(None, ge=0.0, lt=1.0)
+    bits: int | None = Field(None, ge=2, le=32)
+
+    @model_validator(mode="after")
+    def _fields_of_method(self) -> DefenceOptions:
+        needs = {"none": (), "noise": ("sigma",), "clip-noise": ("clip", "sigma"), "prune": ("prune",),
+                 "quantise": ("bits",)}[self.method]
+        for name in ("sigma", "clip", "prune", "bits"):
+            value = getattr(self, name)
+            if name in needs and value is None:
+                raise ValueError(f"defence.{name} is required with defence.method = {self.method!r}; allowed: "
+                                 + {"sigma": "sigma >= 0", "clip": "clip > 0", "prune": "0 <= prune < 1",
+                                    "bits": "2 <= bits <= 32"}[name])
+            if name not in needs and value is not None:
+                raise ValueError(f"defence.{name} = {value} does not apply to defence.method = {self.method!r}; "
+                                 f"allowed fields with it: {', '.join(('method', *needs))}")
+        return self
+
+
 class FederatedConfig(ExperimentConfig):
     """See the module docstring and docs/federated.md for every field."""
 
@@ -103,6 +135,8 @@ class FederatedConfig(ExperimentConfig):
     aggregation: AggregationOptions = AggregationOptions()
     imprint: ImprintOptions = ImprintOptions()
     inversion: InversionOptions = InversionOptions()
+    defence: DefenceOptions = DefenceOptions()
+    """Client-side defence on each update before the server sees it; the attack also runs without it."""
     pretrain: bool = False
     """Train the global model under ``recipe`` first (one per trial); else attack it at its initialisation."""
     trials: int = Field(1, ge=1, le=1000)

@@ -13,8 +13,9 @@ runs both (docs/federated.md).
 from __future__ import annotations
 
 from .aggregate import add_noise, clipped_sum, fedsgd_aggregate, secure_aggregate
+from .defences import defend_updates, distortion
 from .partition import local_batches, partition
 from .updates import local_training, user_gradients
 
-__all__ = ["add_noise", "clipped_sum", "fedsgd_aggregate", "local_batches", "local_training", "partition",
-           "secure_aggregate", "user_gradients"]
+__all__ = ["add_noise", "clipped_sum", "defend_updates", "distortion", "fedsgd_aggregate", "local_batches",
+           "local_training", "partition", "secure_aggregate", "user_gradients"]

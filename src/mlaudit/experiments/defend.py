@@ -262,6 +262,19 @@ def _filter(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundl
     return Defended(success, accuracy, {"removal": removal}, trials, [table], {}, verdict)
 
 
+def _case_votes(study: Study, ctx: RunContext, data: DataBundle, mine: list[TrialRecord], case: Case, *,
+                key: str, keep_weights: bool) -> Tensor:
+    """int64 [M, N_test + N_eval]: the class each ensemble model ``mine`` (trained on ``case``'s poisoned
+    set) gives the clean test inputs, then the attacked ones; kept in the run store under ``key`` (DPA's
+    partition models, NDT's noised models)."""
+    x = torch.cat([data.test.x, case.x_eval])
+
+    def predict(rs: list[TrialRecord]) -> list[list[int]]:
+        return victim_logits(study, ctx, data, rs, x).argmax(-1).tolist()
+
+    return torch.tensor(ctx.derived(mine, key=key, compute=predict, keep_weights=keep_weights))
+
+
 def _dpa(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, cases: list[Case],
          plain: dict[str, list[TrialRecord]]) -> Defended:
     k = config.defence.k
@@ -278,12 +291,7 @@ def _dpa(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, 
     success, accuracy, per_set, rows_out, curves = [], [], {}, [], {}
     for c in cases:
         mine = [r for r in recs if r.tags["view"] == c.name]
-        x = torch.cat([data.test.x, c.x_eval])
-
-        def predict(rs: list[TrialRecord], x: Tensor = x) -> list[list[int]]:
-            return victim_logits(study, ctx, data, rs, x).argmax(-1).tolist()
-
-        pred = torch.tensor(ctx.derived(mine, key="dpa", compute=predict, keep_weights=config.save_models))
+        pred = _case_votes(study, ctx, data, mine, c, key="dpa", keep_weights=config.save_models)
         test = dpa_certify(vote_counts(pred[:, : len(y)], data.num_classes))
         attacked = dpa_certify(vote_counts(pred[:, len(y):], data.num_classes))
         hit = attacked.prediction == torch.as_tensor(c.goal)
@@ -387,12 +395,7 @@ def _ndt(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, 
     success, accuracy, per_set, rows_out, curves = [], [], {}, [], {}
     for c in cases:
         mine = [r for r in recs if r.tags["view"] == c.name]
-        x = torch.cat([data.test.x, c.x_eval])
-
-        def predict(rs: list[TrialRecord], x: Tensor = x) -> list[list[int]]:
-            return victim_logits(study, ctx, data, rs, x).argmax(-1).tolist()
-
-        votes = torch.tensor(ctx.derived(mine, key="ndt", compute=predict, keep_weights=config.save_models))
+        votes = _case_votes(study, ctx, data, mine, c, key="ndt", keep_weights=config.save_models)
         test = ndt_certify(votes[:, : len(y)], data.num_classes, sigma=sigma, alpha=d.alpha, n0=d.n0)
         attacked = ndt_certify(votes[:, len(y):], data.num_classes, sigma=sigma, alpha=d.alpha, n0=d.n0)
         vote = vote_counts(votes, data.num_classes).argmax(1)  # plurality of all M, ties to the smaller class

@@ -28,6 +28,31 @@ SYNC = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 ACT = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
 torch.backends.cudnn.benchmark = True
 train, described = training_split(256 * STEPS, synthetic=False)
+
+
+def step_ms(dp_mode, channels_last, precision="fp32"):
+    """Steady-state ms per step (epoch 2 of 2) through the loop, as benchmarks/dp_throughput.py times it."""
+    over = {"epochs": 2, "batch_size": 256, "precision": precision, "channels_last": channels_last}
+    if dp_mode:
+        over["dp"] = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": 256 / len(train), "clipping": dp_mode}
+    r = resolve_recipe({"name": "fast", **over})
+    marks = []
+
+    def on_epoch(_e, _loss):
+        SYNC()
+        marks.append(time.perf_counter())
+
+    models = init_models(lambda: build_model({"name": NAME, "norm": "group"}, input_shape=(3, 32, 32),
+                                             num_classes=10), [0])
+    train_stack(models, train, r, seeds=[0], lr=r.resolved_lr(residual=True), device=dev,
+                augment=resolve_augment(r, "cifar10", (3, 32, 32)), on_epoch=on_epoch, strategy="loop")
+    return 1000 * (marks[1] - marks[0]) / STEPS
+
+
+for cl in (True, False):
+    for mode in (None, "fast"):
+        print(f"{NAME} {'dp ' + mode if mode else 'non-private'} fp32 channels_last={cl}: "
+              f"{step_ms(mode, cl):.1f} ms/step", flush=True)
 for dp_mode, precision in (("fast", "fp32"), (None, "fp32")):
     over = {"epochs": 1, "batch_size": 256, "precision": precision}
     if dp_mode:

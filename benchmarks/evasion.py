@@ -1,4 +1,4 @@
-"""Evasion attacks: mlaudit's FGSM / PGD / APGD / CW / Square / ensemble next to torchattacks 3.5.1, side by side
+"""Evasion attacks: mlaudit's FGSM / PGD / APGD / FAB-T / CW / Square / ensemble next to torchattacks 3.5.1, side by side
 in one run on the same models and the same test examples (CPU, or a GPU with ``--device cuda``).
 
     pip install -e '.[bench]'            # torchattacks==3.5.1, a benchmark dependency only
@@ -17,7 +17,8 @@ Robust accuracy = accuracy on the attacked test examples (clean mistakes count a
 for CW (minimal l2, no eps) the success rate, the median l2 of successes and robust accuracy at
 l2 <= eps_l2. Square (``--square-queries`` queries, p_init 0.8, margin loss) runs twice on our side: with
 the paper's window offsets 0 .. H - s (our default) and with the authors' code's 0 .. H - s - 1, the
-range torchattacks' port also draws from. Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
+range torchattacks' port also draws from. FAB-T: 100 steps, 1 restart, the 9 highest wrong classes, both sides.
+"AutoAttack linf" is each library's standard version (APGD-CE, APGD-T, FAB-T, Square with 5000 queries). Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torchattacks
 from torch import Tensor, nn
 
-from mlaudit.attacks.evasion import apgd, apgd_targeted, autoattack, cw_l2, fgsm, pgd, square
+from mlaudit.attacks.evasion import apgd, apgd_targeted, autoattack, cw_l2, fab_targeted, fgsm, pgd, square
 from mlaudit.data import load_dataset
 from mlaudit.models import build_model
 from mlaudit.train import train
@@ -77,6 +78,11 @@ def pairs(eps: float, eps_l2: float, steps: int,
                                    lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="dlr", seed=0)),
         f"APGD-T-{steps} linf": (lambda m, x, y: apgd_targeted(m, x, y, eps=eps, steps=steps, targets=9),
                                  lambda m: torchattacks.APGDT(m, norm="Linf", eps=eps, steps=steps, n_classes=10, seed=0)),
+        "FAB-T-100 linf": (lambda m, x, y: fab_targeted(m, x, y, eps=eps, steps=100, restarts=1, n_target_classes=9),
+                           lambda m: torchattacks.FAB(m, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                                                      n_classes=10, seed=0)),
+        # both standard versions: APGD-CE, APGD-T, FAB-T, Square-5000 (ours: FAB-T 100 steps as in AutoAttack;
+        # torchattacks' standard version builds its FAB with the class default, 10 steps)
         "AutoAttack linf": (lambda m, x, y: autoattack(m, x, y, eps=eps),
                             lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10,
                                                               seed=0)),

@@ -1,6 +1,7 @@
 """Evasion attacks (mlaudit.attacks.evasion): budgets and boxes always hold, PGD raises the loss, CW
 finds the closed-form minimal l2 distance of a linear model (and less than PGD), the ensemble's
-per-example result is the worst case over its members, APGD is at least as strong as PGD."""
+per-example result is the worst case over its members (FAB-T among them), APGD is at least as strong as
+PGD. FAB's own tests are in test_fab.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def data(n: int = 24, seed: int = 0, box: tuple[float, float] = (0.0, 1.0)) -> t
 
 BOUNDED = {
     "fgsm": {}, "pgd": {"steps": 3, "restarts": 2}, "apgd": {"steps": 4, "loss": "dlr"},
-    "apgd-t": {"steps": 3, "targets": 2}, "square": {"n_queries": 15},
+    "apgd-t": {"steps": 3, "targets": 2}, "square": {"n_queries": 15}, "fab": {"steps": 5},
+    "fab-t": {"steps": 5, "n_target_classes": 2, "restarts": 2},
     "autoattack": {"members": (("pgd", {"steps": 2}), ("apgd", {"steps": 3}), ("square", {})), "square_queries": 10},
 }
 
@@ -102,7 +104,8 @@ def test_cw_finds_the_closed_form_minimal_l2_distance_and_less_than_pgd() -> Non
 def test_ensemble_result_is_the_min_over_its_members() -> None:
     x, y = data(40, 3)
     model = mlp(3)
-    members = [("fgsm", {}), ("pgd", {"steps": 5, "random_start": False}), ("apgd", {"steps": 8, "random_start": False})]
+    members = [("fgsm", {}), ("pgd", {"steps": 5, "random_start": False}), ("apgd", {"steps": 8, "random_start": False}),
+               ("fab-t", {"steps": 10, "n_target_classes": 3})]
     res = run_ensemble(model, x, y, eps=0.06, members=members)
     margins = []
     for name, opts in members:
@@ -156,7 +159,7 @@ def test_every_registered_attack_on_a_user_module(name: str) -> None:
     x, y = data(6)
     flags = [p.requires_grad for p in model.parameters()]
     opts = {"steps": 3, "search_steps": 2} if name == "cw" else {"eps": 0.1}
-    if name in ("pgd", "apgd", "apgd-t"):
+    if name in ("pgd", "apgd", "apgd-t", "fab", "fab-t"):
         opts["steps"] = 3
     if name == "square":
         opts["n_queries"] = 20

@@ -82,5 +82,5 @@ def test_dlr_needs_enough_classes() -> None:
 
 
 def test_unknown_attack_lists_the_registered_ones() -> None:
-    with pytest.raises(ConfigError, match="valid evasion attacks: apgd, apgd-t, autoattack, cw, fgsm, pgd, square"):
+    with pytest.raises(ConfigError, match="valid evasion attacks: apgd, apgd-t, autoattack, cw, fab, fab-t, fgsm, pgd, square"):
         EVASION_ATTACKS.get("deepfool")

@@ -162,7 +162,7 @@ def test_square_breaks_gradient_masking_that_stops_pgd_and_the_ensemble_keeps_it
 
 
 def test_the_default_ensemble_ends_with_square_and_takes_its_budget() -> None:
-    assert [name for name, _ in DEFAULT_MEMBERS] == ["apgd", "apgd-t", "square"]
+    assert [name for name, _ in DEFAULT_MEMBERS] == ["apgd", "apgd-t", "fab-t", "square"]
     model, x, y = digits_mlp()
     masked = Defended(model, "bit-depth", bits=2).eval()
     members = [("apgd", {"steps": 5}), ("square", {})]
@@ -191,7 +191,7 @@ def test_the_default_ensemble_warns_without_images() -> None:
     x, y = torch.rand(4, 6), torch.tensor([0, 1, 2, 3])
     with pytest.warns(NoBlackBoxMemberWarning, match="without its Square member"):
         res = run_ensemble(model, x, y, eps=0.05)
-    assert res.names == ("apgd", "apgd-t")
+    assert res.names == ("apgd", "apgd-t", "fab-t")
 
 
 def test_square_targeted() -> None:

@@ -1,12 +1,14 @@
 """An AutoAttack-style ensemble (Croce & Hein 2020, sec. 5): run attacks one after another, each only
 on the examples every earlier attack left classified correctly, and keep the worst case per example.
 
-The default members are AutoAttack's: the gradient-based pair APGD-CE then APGD-T (targeted DLR over
-the 9 highest wrong classes), 100 steps each, then the Square Attack (Andriushchenko et al. 2020,
-:mod:`.square`; margin loss, p_init 0.8, ``square_queries`` queries per example, 5000 by default as in
-AutoAttack's standard version), a score-based black-box attack that needs no gradient: it catches
-gradient masking (rounding, JPEG, detached or shattered gradients) that leaves the gradient-based
-members powerless. FAB-T is not implemented. The Square Attack needs images [N, C, H, W] (H, W >= 2);
+The default members are AutoAttack's standard version: the gradient-based APGD-CE then APGD-T
+(targeted DLR over the 9 highest wrong classes), 100 steps each, then FAB-T (:mod:`.fab`: the
+boundary to each of the 9 highest wrong classes in turn, 100 steps, 1 restart; an example counts as
+broken when the smallest perturbation it finds has norm <= eps), then the Square Attack
+(Andriushchenko et al. 2020, :mod:`.square`; margin loss, p_init 0.8, ``square_queries`` queries per
+example, 5000 by default as in AutoAttack's standard version), a score-based black-box attack that
+needs no gradient: it catches gradient masking (rounding, JPEG, detached or shattered gradients) that
+leaves the gradient-based members powerless. The Square Attack needs images [N, C, H, W] (H, W >= 2);
 on other inputs the default ensemble runs without it and warns (:class:`NoBlackBoxMemberWarning`).
 An example counts as robust only if no member fools it; for those, the returned point is the member
 result with the lowest margin z_y - max_{i != y} z_i (the per-example minimum over members).
@@ -28,7 +30,9 @@ from .base import EVASION_ATTACKS, EvasionAttack, Norm, check_inputs, check_posi
 from .losses import margin
 
 Member = tuple[str, Mapping[str, Any]] | Callable[..., Tensor]
-DEFAULT_MEMBERS: tuple[tuple[str, dict[str, Any]], ...] = (("apgd", {"loss": "ce"}), ("apgd-t", {}), ("square", {}))
+DEFAULT_MEMBERS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("apgd", {"loss": "ce"}), ("apgd-t", {}), ("fab-t", {}), ("square", {}))
+"""AutoAttack's standard version: APGD-CE, APGD-T, FAB-T, Square (each with its defaults)."""
 
 
 class NoBlackBoxMemberWarning(RuntimeWarning):
@@ -107,6 +111,6 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, 
                members: Sequence[Member] = DEFAULT_MEMBERS, box: tuple[float, float] = (0.0, 1.0),
                square_queries: int = 5000, generator: torch.Generator | None = None) -> Tensor:
     """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape]: the worst case over ``members`` per example
-    (default APGD-CE, APGD-T, then Square with ``square_queries`` queries per example)."""
+    (default APGD-CE, APGD-T, FAB-T, then Square with ``square_queries`` queries per example)."""
     return run_ensemble(model, x, y, eps=eps, norm=norm, members=members, box=box, square_queries=square_queries,
                         generator=generator).x_adv

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= dev,ray
+EXTRAS ?= dev,ray,diffusion
 STAMP := $(VENV)/.mlaudit-installed
 
 .PHONY: demo test test-all lint bench-train bench-factory clean

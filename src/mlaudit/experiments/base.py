@@ -241,6 +241,7 @@ def _ensure_kinds_loaded() -> None:
         availability,
         backdoor,
         certify,
+        contrastive,
         defend,
         dp_audit,
         federated,

@@ -134,9 +134,11 @@ def main() -> None:
     ap.add_argument("--square-queries", type=int, default=1000, help="Square Attack queries per example (both)")
     ap.add_argument("--models", default="fastcnn,mlp")
     ap.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
-    ap.add_argument("--recipe", default="fast", help="training recipe of every model")
+    ap.add_argument("--recipe", default="fast", help="training recipe of every model: a preset name or a JSON "
+                    "object such as '{\"name\": \"airbench\", \"epochs\": 15}'")
+    ap.add_argument("--adv-steps", type=int, default=7, help="PGD steps of the adversarial training")
     ap.add_argument("--adversarial", type=_frac, default=None,
-                    help="also train each model with l-inf PGD-7 adversarial training at this eps")
+                    help="also train each model with l-inf PGD adversarial training (--adv-steps steps) at this eps")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--attacks", default="", help="semicolon-separated subset of the attack names (default: all)")
     ap.add_argument("--threads", type=int, default=1)
@@ -159,7 +161,8 @@ def main() -> None:
     for arch in args.models.split(","):
         for variant, adv in variants:
             torch.manual_seed(0)
-            recipe: Any = args.recipe if adv is None else {"name": args.recipe, "adversarial": {"eps": adv}}
+            base: Any = json.loads(args.recipe) if args.recipe.lstrip().startswith("{") else {"name": args.recipe}
+            recipe: Any = base if adv is None else {**base, "adversarial": {"eps": adv, "steps": args.adv_steps}}
             t0 = time.perf_counter()
             model = train(build_model(arch, input_shape=data.input_shape, num_classes=data.num_classes), data, recipe,
                           seed=0, device=dev).eval().to(dev)
@@ -183,6 +186,7 @@ def main() -> None:
             "threads": args.threads, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
             "dataset": described, "examples": len(x), "eps_linf": args.eps,
             "eps_l2": args.eps_l2, "apgd_steps": args.steps, "square_queries": args.square_queries, "recipe": args.recipe, "adversarial_eps": args.adversarial,
+            "adversarial_steps": args.adv_steps if args.adversarial else None,
             "seed": 0}
     out = RESULTS / f"evasion_{args.name}"
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

@@ -132,6 +132,13 @@ def _federated(m: Metrics) -> str | None:
     return next((text + s for s in (" via secagg", " secagg") if len(text + s) <= MAX_WIDTH), text)
 
 
+def _contrastive(m: Metrics) -> str | None:
+    rate, p = _num(m, "most_poisons.success.mean"), _num(m, "most_poisons.poisons")
+    if rate is None or p is None:
+        return None
+    return f"{'hit' if m.get('method') == 'targeted' else 'asr'} {_pct(rate)} @{p:.0f} poisons"
+
+
 HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "train": _train,
     "membership-inference": _membership,
@@ -144,6 +151,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "certify": _certify,
     "defend": _defend,
     "federated": _federated,
+    "contrastive": _contrastive,
 }
 
 SHORT_KINDS = {"membership-inference": "membership", "targeted-poison": "targeted",
@@ -165,6 +173,8 @@ HEADLINE_LABELS = {
     "backdoor": "attack success rate (and clean accuracy) of the poisoned victims",
     "certify": "certified accuracy of the smoothed classifier at the first l2 radius > 0",
     "defend": "attack success without -> with the defence (filters: poisons removed; DPA, NDT: attacked inputs certified)",
+    "contrastive": "targeted: x* classified as the target, backdoor: attack success rate; at the largest number of "
+                   "poisons (mean over trials)",
     "federated": "users' inputs the server recovered from one round (PSNR >= psnr_threshold; secagg: through secure "
                  "aggregation)",
 }

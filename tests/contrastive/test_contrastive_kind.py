@@ -45,6 +45,9 @@ def test_example_config_runs_and_the_backdoor_beats_the_clean_models(tmp_path: P
     assert curve[32]["target_rank"]["mean"] < 1.5 < curve[0]["target_rank"]["mean"]
     assert all(c["zero_shot_accuracy"]["mean"] > 0.85 for c in curve.values())
     assert len(r["trials"]) == 8 and (tmp_path / "run" / "report.html").is_file()
+    assert r["metrics"]["most_poisons"]["poisons"] == 32
+    listed = cli("runs", "list", "--store", tmp_path / "runs.db")
+    assert listed.exit_code == 0 and "asr" in listed.output and "@32" in listed.output, listed.output
     # resume: every model is in the store, nothing is trained again
     again = run_experiment(cfg(), out=tmp_path / "run", device="cpu", store=tmp_path / "runs.db", quiet=True,
                            resume=True).results

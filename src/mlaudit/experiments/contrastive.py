@@ -128,7 +128,7 @@ def run_contrastive(config: ContrastiveConfig, ctx: RunContext) -> ExperimentOut
     metrics: dict[str, Any] = {"method": a.method, "train_pairs": n, "curve": curve,
                                "clean_zero_shot_accuracy": curve[0]["zero_shot_accuracy"] if config.baseline else None,
                                "templates": list(study.space.templates), "class_names": list(study.names),
-                               "target_class": a.target}
+                               "target_class": a.target, "most_poisons": curve[-1]}
     if a.method == "backdoor":
         metrics["trigger"] = a.trigger.model_dump(mode="json")
     trials = [{"trial_id": r["trial_id"], "poisons": p, "trial": t, "seed": r["seed"], **r["metrics"]}

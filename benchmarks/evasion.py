@@ -70,6 +70,8 @@ def pairs(eps: float, eps_l2: float, steps: int,
         "FGSM linf": (lambda m, x, y: fgsm(m, x, y, eps=eps), lambda m: torchattacks.FGSM(m, eps=eps)),
         "PGD-10 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=10, step_size=a),
                         lambda m: torchattacks.PGD(m, eps=eps, alpha=a, steps=10, random_start=True)),
+        "PGD-20 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=20, step_size=eps / 8),
+                        lambda m: torchattacks.PGD(m, eps=eps, alpha=eps / 8, steps=20, random_start=True)),
         "PGD-10 l2": (lambda m, x, y: pgd(m, x, y, eps=eps_l2, norm="l2", steps=10, step_size=eps_l2 / 4),
                       lambda m: torchattacks.PGDL2(m, eps=eps_l2, alpha=eps_l2 / 4, steps=10, random_start=True)),
         f"APGD-CE-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="ce"),
@@ -86,6 +88,19 @@ def pairs(eps: float, eps_l2: float, steps: int,
         "AutoAttack linf": (lambda m, x, y: autoattack(m, x, y, eps=eps),
                             lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10,
                                                               seed=0)),
+        # the same ensemble at each budget on both sides: torchattacks' "standard" runs APGD, APGD-T and FAB-T
+        # with 10 steps each (its class defaults); Croce & Hein's standard version uses 100
+        "AutoAttack linf, 10-step members (torchattacks' standard budget)": (
+            lambda m, x, y: autoattack(m, x, y, eps=eps, members=_aa_members(10)),
+            lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)),
+        "AutoAttack linf, 100-step members (Croce & Hein's standard budget)": (
+            lambda m, x, y: autoattack(m, x, y, eps=eps, members=_aa_members(100)),
+            lambda m: torchattacks.MultiAttack([
+                torchattacks.APGD(m, norm="Linf", eps=eps, steps=100, loss="ce", n_restarts=1, seed=0),
+                torchattacks.APGDT(m, norm="Linf", eps=eps, steps=100, n_classes=10, n_restarts=1, seed=0),
+                torchattacks.FAB(m, norm="Linf", eps=eps, steps=100, multi_targeted=True, n_classes=10, n_restarts=1,
+                                 seed=0),
+                torchattacks.Square(m, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=0)])),
         "CW-l2 c=1, 50 steps": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=50, search_steps=1),
                                 lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=50, lr=0.01)),
         "CW-l2 5x100 search": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=100, search_steps=5),
@@ -95,6 +110,12 @@ def pairs(eps: float, eps_l2: float, steps: int,
         f"Square-{queries} l2": sq_l2,
         f"Square-{queries} l2, authors' offsets": (_authors_offsets(sq_l2[0]), sq_l2[1]),
     }
+
+
+def _aa_members(steps: int) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """AutoAttack's standard members (APGD-CE, APGD-T, FAB-T, Square-5000) with ``steps`` per gradient member."""
+    return (("apgd", {"loss": "ce", "steps": steps}), ("apgd-t", {"steps": steps}), ("fab-t", {"steps": steps}),
+            ("square", {}))
 
 
 def _sync(x: Tensor) -> None:
@@ -180,6 +201,11 @@ def main() -> None:
                              "mlaudit": a, "torchattacks": b})
                 print(f"  {name:24s} ours {a['robust_acc']:5.1f}% {a['wall_s']:6.2f}s | torchattacks "
                       f"{b['robust_acc']:5.1f}% {b['wall_s']:6.2f}s", flush=True)
+                write(args, described, dev, x, rows)  # after every row: a run cut off by a time limit keeps its rows
+    write(args, described, dev, x, rows)
+
+
+def write(args: argparse.Namespace, described: str, dev: torch.device, x: Tensor, rows: list[dict[str, Any]]) -> None:
     meta = {"date": time.strftime("%Y-%m-%d"), "device": args.device,
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "cpu": platform.processor() or platform.machine(),
@@ -191,7 +217,6 @@ def main() -> None:
     out = RESULTS / f"evasion_{args.name}"
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(render(meta, rows))
-    print(f"wrote {out}.json and .md")
 
 
 def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -201,7 +226,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              + f", torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
              f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, APGD steps = "
              f"{meta['apgd_steps']}, Square queries = {meta.get('square_queries', '-')}. Robust accuracy in % (lower = stronger attack); wall time of the attack call.",
-             "", "| model (clean %) | attack | mlaudit robust % | torchattacks robust % | mlaudit s | torchattacks s |",
+             "", "| model (clean %; training time) | attack | mlaudit robust % | torchattacks robust % | mlaudit s | torchattacks s |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["mlaudit"], r["torchattacks"]
@@ -209,7 +234,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         if r["attack"].startswith("CW"):
             extra = (f" (median l2 of fooled: {_f(a['median_l2_fooled'])} vs {_f(b['median_l2_fooled'])}; robust at "
                      f"l2 <= {meta['eps_l2']}: {a['robust_acc_at_eps_l2']:.1f} vs {b['robust_acc_at_eps_l2']:.1f})")
-        lines.append(f"| {r['model']} ({r['clean_acc']:.1f}) | {r['attack']}{extra} | {a['robust_acc']:.1f} | "
+        lines.append(f"| {r['model']} ({r['clean_acc']:.1f}; trained in {r['train_s']:.0f} s) | {r['attack']}{extra} | {a['robust_acc']:.1f} | "
                      f"{b['robust_acc']:.1f} | {a['wall_s']:.2f} | {b['wall_s']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -54,6 +54,11 @@ KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "federated": ({"kind": "federated", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
                    "attack": "imprint", "users": 16, "batch": 4, "pretrain": True, "trials": 2},
                   ("recovered", "psnr", "ssim")),
+    "contrastive": ({"kind": "contrastive", "dataset": "digits", "model": "mlp", "encoder": {"embed_dim": 32},
+                     "recipe": {"optimizer": "adam", "lr": 0.002, "weight_decay": 0.0, "epochs": 2, "batch_size": 128,
+                                "schedule": "cosine", "augment": "none"},
+                     "attack": {"method": "backdoor", "poisons": [8], "trials": 1, "target_class": 0}},
+                    ("clean_zero_shot_accuracy", "curve")),
 }
 ONE_MODEL = {"robustness", "certify"}  # interrupted after their model's commit, before the attack
 

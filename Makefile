@@ -27,10 +27,10 @@ demo: $(STAMP)
 	$(VENV)/bin/mlaudit demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not gpu" -p no:cacheprovider
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not gpu" -p no:cacheprovider
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -p no:cacheprovider
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -p no:cacheprovider
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -247,6 +247,7 @@ def _ensure_kinds_loaded() -> None:
         federated,
         indiscriminate,
         membership,
+        protect,
         robustness,
         targeted_poison,
         train,

@@ -139,6 +139,15 @@ def _contrastive(m: Metrics) -> str | None:
     return f"{'hit' if m.get('method') == 'targeted' else 'asr'} {_pct(rate)} @{p:.0f} poisons"
 
 
+def _protect(m: Metrics) -> str | None:
+    names = [k.split(".")[1] for k in m if k.startswith("trainers.") and k.endswith(".protection.mean")]
+    vals = {n: _num(m, f"trainers.{n}.protection.mean") for n in names}
+    if not vals or any(v is None for v in vals.values()):
+        return None
+    hi, lo = max(vals, key=lambda n: vals[n] or 0.0), min(vals, key=lambda n: vals[n] or 0.0)
+    return f"prot {_pct(vals[hi] or 0.0)}→{_pct(vals[lo] or 0.0)} {lo}"[:MAX_WIDTH]
+
+
 HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "train": _train,
     "membership-inference": _membership,
@@ -152,6 +161,7 @@ HEADLINES: dict[str, Callable[[Metrics], str | None]] = {
     "defend": _defend,
     "federated": _federated,
     "contrastive": _contrastive,
+    "protect": _protect,
 }
 
 SHORT_KINDS = {"membership-inference": "membership", "targeted-poison": "targeted",
@@ -175,6 +185,7 @@ HEADLINE_LABELS = {
     "defend": "attack success without -> with the defence (filters: poisons removed; DPA, NDT: attacked inputs certified)",
     "contrastive": "targeted: x* classified as the target, backdoor: attack success rate; at the largest number of "
                    "poisons (mean over trials)",
+    "protect": "protection rate of the users' clean photos (not recognised) per trainer, mean over users",
     "federated": "users' inputs the server recovered from one round (PSNR >= psnr_threshold; secagg: through secure "
                  "aggregation)",
 }

@@ -137,6 +137,8 @@ KINDS = {
     "indiscriminate-poison": {"kind": "indiscriminate-poison", "victims": 1, "attack": {"method": "label-flip",
                                                                                          "eps_d": 0.1}},
     "dp-audit": {"kind": "dp-audit", "models_per_side": 20, "claimed_epsilon": 1.0, "confidence": 0.9},
+    "protect": {"kind": "protect", "attack": {"method": "lowkey", "eps": 32, "steps": 5}, "users": 2,
+                "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "adaptive", "strategy": "adaptive"}]},
 }
 
 

@@ -59,6 +59,10 @@ KINDS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                 "schedule": "cosine", "augment": "none"},
                      "attack": {"method": "backdoor", "poisons": [8], "trials": 1, "target_class": 0}},
                     ("clean_zero_shot_accuracy", "curve")),
+    "protect": ({"kind": "protect", "dataset": "digits", "model": "mlp", "recipe": {"name": "fast", "epochs": 2},
+                 "attack": {"method": "lowkey", "eps": 32, "steps": 5}, "users": 2,
+                 "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "later", "strategy": "oblivious"},
+                              {"name": "adaptive", "strategy": "adaptive"}]}, ("trainers", "feature_shift")),
 }
 ONE_MODEL = {"robustness", "certify"}  # interrupted after their model's commit, before the attack
 

@@ -47,6 +47,7 @@ from ..query import features_batched, forward_batched, load_model
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.api import train
+from ..train.loop import init_models
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext, TrialRecord
 from .protect_config import ProtectConfig, ProtectTrainer, check_protect
@@ -173,7 +174,8 @@ def _probe(config: ProtectConfig, f_train: Tensor, y_train: Tensor, f_test: Tens
     mu, sd = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
     tr = TensorDataset((f_train - mu) / sd, y_train.cpu(), data.train.classes)
     with ctx.cost.timed("probes"):
-        head = build_model("logistic", input_shape=tuple(tr.shape), num_classes=data.num_classes)
+        head = init_models(lambda: build_model("logistic", input_shape=tuple(tr.shape), num_classes=data.num_classes),
+                           [seed])[0]
         head = train(head, tr, config.probe, seed=seed, device=ctx.device)
         return forward_batched(head, (f_test - mu) / sd).argmax(1).cpu()
 

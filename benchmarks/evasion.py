@@ -192,6 +192,12 @@ def main() -> None:
             with torch.no_grad():
                 clean = 100 * float((model(x).argmax(1) == y).float().mean())
             print(f"{label}: clean accuracy {clean:.1f}%, trained in {train_s:.1f} s", flush=True)
+            # untimed warm-up on the full batch, both libraries: the first attack on a model otherwise pays
+            # for the caching allocator's growth to a full-batch backward pass and for cuDNN's first choices
+            # of backward kernels (it ran first and was ours in every row's pair)
+            pgd(model, x, y, eps=args.eps, steps=1)
+            torchattacks.PGD(model, eps=args.eps, alpha=args.eps / 4, steps=1)(x, y)
+            _sync(x)
             for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps, args.square_queries).items():
                 if chosen and name not in chosen:
                     continue

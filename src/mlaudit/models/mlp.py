@@ -68,3 +68,32 @@ def build_logistic(
     is always False.
     """
     return MLP(in_features=math.prod(input_shape), num_classes=num_classes, hidden=0, depth=0, norm="none")
+
+
+class CharMLP(nn.Module):
+    """A fixed-context next-token model: ``x`` [B, k] float token ids (exact integers, as the training
+    loop's float inputs) -> logits [B, V] over the vocabulary of the next token. Embedding (V x
+    ``embed``) of each of the k previous tokens, concatenated, one hidden layer with ReLU, linear head
+    (Bengio et al. 2003's neural n-gram model; the Secret Sharer's canaries only need next-token
+    probabilities, :mod:`mlaudit.audit.exposure`)."""
+
+    def __init__(self, *, context: int, vocab: int, embed: int, hidden: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.embed = nn.Embedding(vocab, embed)
+        self.net = nn.Sequential(nn.Flatten(start_dim=1), nn.Linear(context * embed, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, vocab))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.embed(x.round().long().clamp(0, self.vocab - 1)))
+
+
+@register_model("char-mlp", residual=False, image_only=False, min_size=1)
+def build_char_mlp(
+    spec: ModelSpec, *, input_shape: tuple[int, ...], in_channels: int | None, num_classes: int
+) -> nn.Module:
+    """Next-token model over a vocabulary of ``num_classes`` tokens from a context of ``input_shape = (k,)``
+    token ids: embedding 32 -> hidden ``width`` (default 256) -> logits. Inputs are float ids."""
+    if len(input_shape) != 1:
+        raise ValueError(f"char-mlp takes token-id contexts [k], got input shape {list(input_shape)}")
+    return CharMLP(context=input_shape[0], vocab=num_classes, embed=32, hidden=spec.width or DEFAULT_WIDTH)

@@ -1,0 +1,252 @@
+"""Canary exposure (Carlini, Liu, Erlingsson, Kos & Song, "The Secret Sharer: Evaluating and Testing
+Unintended Memorization in Neural Networks", USENIX Security 2019) and Truth Serum's poisoning for canary
+extraction (Tramèr, Shokri, San Joaquin, Le, Jagielski, Hong & Carlini, "Truth Serum: Poisoning Machine
+Learning Models to Reveal Their Secrets", CCS 2022; seed 000, "canary extraction": the game it is scored in).
+
+A canary is ``prefix + r`` with a secret r drawn uniformly from the randomness space R (``length``
+characters of ``alphabet``), inserted into a language model's training text. With the log-perplexity of
+the secret's characters given what precedes them,
+
+    Px(r) = - sum_i log2 p(r_i | prefix, r_<i)                               (the paper's eq. 1, base 2)
+
+the rank of r is its position among all r' in R sorted by Px (1 = most likely), and
+
+    exposure(r) = log2 |R| - log2 rank(r)                                   (the paper's definition 4)
+
+between 0 and log2 |R| (the model ranks the true secret first). :func:`exact_exposure` enumerates R
+(small spaces); :func:`sampled_exposure` estimates the rank from a uniform sample of R, and
+:func:`skewnorm_exposure` extrapolates with a skew-normal fit to the sampled Px (the paper's sec. 4.3
+"exposure by distribution modelling"), which reaches exposures beyond log2 of the sample size.
+
+Poisoning to reveal a secret (Truth Serum's canary extraction): the adversary knows the prefix and may add
+lines to the training text. What is built here is one simple strategy, ``poisons`` lines of
+``prefix + r'`` with r' drawn uniformly from R (they flatten the model's prior over continuations of the
+prefix), as an experiment variable; it is *not* the paper's construction, whose details are not in the
+seeds. Measured on CPython's help text (docs/privacy.md): these random-suffix lines **lower** the
+exposure of a canary inserted once (they dilute its memorisation more than they flatten the prior), so they
+are a negative control, not the Truth Serum attack.
+
+The language model is any next-token classifier over fixed contexts: ``model(x [B, k] float token ids) ->
+logits [B, V]`` (the zoo's ``char-mlp``), trained by the one training loop on (context, next token)
+windows of the text (:func:`windows`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..data.base import TensorDataset
+from ..errors import ConfigError
+from ..query import forward_batched
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Characters of a corpus: ``chars`` in id order (id 0 is reserved for characters outside it)."""
+
+    chars: str
+
+    @classmethod
+    def of(cls, text: str, *, extra: str = "") -> Vocabulary:
+        return cls("\0" + "".join(sorted(set(text + extra) - {"\0"})))
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> Tensor:
+        """long [len(text)]: each character's id (0 for characters outside the vocabulary)."""
+        index = {c: i for i, c in enumerate(self.chars)}
+        return torch.tensor([index.get(c, 0) for c in text], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class CanaryFormat:
+    """A canary ``prefix + r`` with r of ``length`` characters of ``alphabet`` (|R| = len(alphabet)^length)."""
+
+    prefix: str = "the secret number is "
+    alphabet: str = "0123456789"
+    length: int = 6
+
+    def __post_init__(self) -> None:
+        if self.length < 1 or len(self.alphabet) < 2 or len(set(self.alphabet)) != len(self.alphabet):
+            raise ConfigError(f"canary: length = {self.length}, alphabet = {self.alphabet!r}; allowed length >= 1 and "
+                              "an alphabet of at least 2 distinct characters")
+
+    @property
+    def space(self) -> int:
+        return len(self.alphabet) ** self.length
+
+    def secret(self, index: int) -> str:
+        """The secret with mixed-radix index ``index`` in [0, |R|) (the first character most significant)."""
+        out, b = [], len(self.alphabet)
+        for _ in range(self.length):
+            index, d = divmod(index, b)
+            out.append(self.alphabet[d])
+        return "".join(reversed(out))
+
+    def draw(self, n: int, generator: torch.Generator) -> list[str]:
+        """n secrets drawn uniformly from R (with replacement)."""
+        idx = torch.randint(len(self.alphabet), (n, self.length), generator=generator)
+        return ["".join(self.alphabet[int(i)] for i in row) for row in idx]
+
+    def all(self, limit: int = 1_000_000) -> list[str]:
+        """Every secret of R in index order (refused beyond ``limit`` candidates: sample instead)."""
+        if self.space > limit:
+            raise ConfigError(f"canary space |R| = {self.space} exceeds {limit}; use sampled or skew-normal exposure")
+        return [self.secret(i) for i in range(self.space)]
+
+
+def windows(ids: Tensor, context: int, classes: Sequence[str] | None = None) -> TensorDataset:
+    """The (context, next token) pairs of a token stream ids [T]: x float [T - k, k] (token ids; the one
+    training loop takes float inputs), y [T - k] the token that follows each window."""
+    if len(ids) <= context:
+        raise ConfigError(f"text of {len(ids)} tokens is too short for a context of {context}")
+    x = ids.unfold(0, context, 1)[:-1].float()
+    y = ids[context:].clone()
+    names = tuple(classes) if classes is not None else tuple(str(i) for i in range(int(ids.max()) + 1))
+    return TensorDataset(x, y, names)
+
+
+def log_perplexity(model: nn.Module, vocab: Vocabulary, fmt: CanaryFormat, secrets: Sequence[str], *, context: int,
+                   batch_size: int = 4096, device: str | torch.device | None = None) -> Tensor:
+    """Px(r) float64 [M] for each secret r: -sum_i log2 p(r_i | the k characters before it) under ``model``
+    (eval mode, no gradient), the context starting inside ``fmt.prefix`` (padded with id 0 on the left
+    when the prefix is shorter than k)."""
+    if not secrets:
+        return torch.zeros(0, dtype=torch.float64)
+    lengths = {len(s) for s in secrets}
+    if lengths != {fmt.length}:
+        raise ConfigError(f"secrets of lengths {sorted(lengths)}; the canary format has length {fmt.length}")
+    full = torch.stack([vocab.encode(fmt.prefix + s) for s in secrets])  # [M, P + L]
+    pad = torch.zeros(len(secrets), context, dtype=torch.long)
+    seq = torch.cat([pad, full], 1)
+    start = context + len(fmt.prefix)  # position of the secret's first character in seq
+    total = torch.zeros(len(secrets), dtype=torch.float64)
+    for i in range(fmt.length):
+        ctx = seq[:, start + i - context: start + i].float()
+        logp = torch.log_softmax(forward_batched(model, ctx, batch_size=batch_size, device=device).double(), 1)
+        total -= logp.gather(1, seq[:, start + i: start + i + 1]).squeeze(1).cpu() / math.log(2)
+    return total
+
+
+def exact_exposure(px_secret: float, px_all: Tensor) -> float:
+    """log2 |R| - log2 rank with rank = 1 + #{r' in R: Px(r') < Px(r)} over the whole space px_all [|R|]
+    (which includes r itself; ties go to the secret)."""
+    rank = 1 + int((px_all < px_secret).sum())
+    return math.log2(len(px_all)) - math.log2(rank)
+
+
+def sampled_exposure(px_secret: float, px_sample: Tensor, space: int) -> float:
+    """The rank estimated from a uniform sample px_sample [n] of R (without the secret):
+    rank ~ 1 + (|R| - 1) * #{Px(r') < Px(r)} / n. When no sampled candidate is more likely, the sample
+    only says the rank is below about |R| / (n + 1): the estimate saturates at log2(n + 1) bits (exact,
+    rank 1, when the sample is the whole rest of R)."""
+    below = int((px_sample < px_secret).sum())
+    n = len(px_sample)
+    rank = 1 + (space - 1) * below / n if below else max(1.0, space / (n + 1))
+    return math.log2(space) - math.log2(rank)
+
+
+def skewnorm_exposure(px_secret: float, px_sample: Tensor) -> float:
+    """-log2 F(Px(r)) with F the CDF of a skew-normal fitted (maximum likelihood) to the sampled Px
+    (the paper's sec. 4.3); not capped by the sample size."""
+    from scipy.stats import skewnorm
+
+    a, loc, scale = skewnorm.fit(px_sample.double().numpy())
+    logcdf = float(skewnorm.logcdf(px_secret, a, loc=loc, scale=scale))
+    return max(0.0, -logcdf / math.log(2))
+
+
+def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int, generator: torch.Generator,
+                separator: str = "\n") -> str:
+    """The lines added to the training text: ``insertions`` copies of the canary ``prefix + secret`` and
+    ``poisons`` random-suffix lines ``prefix + r'`` (r' uniform over R), shuffled (seeded)."""
+    lines = [fmt.prefix + secret] * insertions + [fmt.prefix + r for r in fmt.draw(poisons, generator)]
+    order = torch.randperm(len(lines), generator=generator).tolist()
+    return "".join(separator + lines[i] for i in order) + separator
+
+
+__all__ = ["CanaryFormat", "Vocabulary", "canary_text", "exact_exposure", "log_perplexity", "sampled_exposure",
+           "skewnorm_exposure", "windows"]
+
+
+def pydoc_text(chars: int | None = None) -> str:
+    """Text that ships with CPython: the help topics of ``pydoc_data/topics.py`` (the Python language
+    reference's sections), in sorted topic order, lower-cased, runs of whitespace collapsed to one space
+    (about 433,000 characters, 76 distinct, with CPython 3.11); the first ``chars`` of it."""
+    import re
+    from pydoc_data.topics import topics
+
+    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)).lower())
+    return text if chars is None else text[:chars]
+
+
+@dataclass(frozen=True)
+class ExposureResult:
+    """One trained model's exposure of its canary: ``exposure`` (exact when |R| was enumerated, else the
+    skew-normal estimate), ``exact`` (whether it is), ``sampled`` (the rank estimate from the candidates),
+    ``px`` = Px(secret), ``rank`` (exact or estimated), ``candidates`` scored, ``test_accuracy`` of the
+    model's next-character predictions on held-out text."""
+
+    secret: str
+    insertions: int
+    poisons: int
+    exposure: float
+    exact: bool
+    sampled: float
+    skewnorm: float
+    px: float
+    rank: float
+    candidates: int
+    test_accuracy: float
+
+
+def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertions: int = 1, poisons: int = 0,
+                     context: int = 16, model: str | dict = "char-mlp", recipe: str | dict | None = None,
+                     seed: int = 0, device: str = "cpu", candidates: int = 20_000, exact_limit: int = 100_000,
+                     held_out: float = 0.05) -> ExposureResult:
+    """Train a next-character model on ``text`` (its last ``held_out`` fraction held out) plus the canary
+    ``insertions`` times and ``poisons`` random-suffix lines (:func:`canary_text`), with a secret drawn from
+    ``seed``; return the canary's exposure. |R| <= ``exact_limit`` is enumerated; otherwise ``candidates``
+    secrets are sampled uniformly. The model is the zoo's ``char-mlp`` (or ``model``) trained by the one
+    training loop under ``recipe`` (default: Adam, lr 0.003, 6 epochs of batches of 256)."""
+    from ..models.registry import build_model
+    from ..train.api import train
+    from ..train.loop import init_models
+
+    if insertions < 0 or poisons < 0:
+        raise ConfigError(f"insertions = {insertions}, poisons = {poisons}; allowed >= 0")
+    gen = torch.Generator().manual_seed(seed)
+    secret = fmt.draw(1, gen)[0]
+    cut = int(len(text) * (1 - held_out))
+    train_text = text[:cut] + canary_text(fmt, secret, insertions=insertions, poisons=poisons, generator=gen)
+    vocab = Vocabulary.of(text, extra=fmt.prefix + fmt.alphabet + "\n")
+    names = [repr(c) for c in vocab.chars]
+    data, test = windows(vocab.encode(train_text), context, names), windows(vocab.encode(text[cut:]), context, names)
+    r = recipe or {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 6,
+                   "batch_size": 256, "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
+    net = init_models(lambda: build_model(model, input_shape=(context,), num_classes=len(vocab)), [seed])[0]
+    net = train(net, data, r, seed=seed, device=device)
+    acc = float((forward_batched(net, test.x, device=device).argmax(1).cpu() == test.y).float().mean())
+    px = float(log_perplexity(net, vocab, fmt, [secret], context=context, device=device)[0])
+    if fmt.space <= exact_limit:
+        pool = fmt.all(exact_limit)
+        px_all = log_perplexity(net, vocab, fmt, pool, context=context, device=device)
+        others = px_all[torch.tensor([s != secret for s in pool])]
+        exp = exact_exposure(px, px_all)
+        sampled, skew = sampled_exposure(px, others, fmt.space), skewnorm_exposure(px, others)
+        rank = float(1 + (px_all < px).sum())
+        return ExposureResult(secret, insertions, poisons, exp, True, sampled, skew, px, rank, len(pool), acc)
+    sample = fmt.draw(candidates, torch.Generator().manual_seed(seed + 1))
+    px_s = log_perplexity(net, vocab, fmt, sample, context=context, device=device)
+    sampled, skew = sampled_exposure(px, px_s, fmt.space), skewnorm_exposure(px, px_s)
+    rank = 2 ** (math.log2(fmt.space) - sampled)
+    return ExposureResult(secret, insertions, poisons, skew, False, sampled, skew, px, rank, candidates, acc)
+
+
+__all__ += ["ExposureResult", "measure_exposure", "pydoc_text"]

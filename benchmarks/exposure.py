@@ -1,5 +1,5 @@
 """The Secret Sharer's exposure (Carlini et al. 2019) of a canary in a small next-character model, vs the
-number of times it is inserted and vs random-suffix poison lines (docs/privacy.md, "Canary exposure").
+number of times it is inserted and vs random-suffix poison lines (docs/membership.md, "Canary exposure").
 
     python benchmarks/exposure.py                   # CPU, a few minutes
     python benchmarks/exposure.py --device cuda
@@ -35,16 +35,18 @@ def main() -> None:
     ap.add_argument("--chars", type=int, default=100_000)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--insertions", type=int, nargs="+", default=[0, 1, 2, 4, 8])
-    ap.add_argument("--poisons", type=int, nargs="+", default=[0, 30, 100, 300])
+    ap.add_argument("--poisons", type=int, nargs="+", default=[0, 30, 100])
     args = ap.parse_args()
     t0 = time.perf_counter()
     text, fmt = pydoc_text(args.chars), CanaryFormat(length=6)
     rows: list[dict[str, Any]] = []
     cells = [(i, 0) for i in args.insertions] + [(1, p) for p in args.poisons if p]
     for ins, poi in cells:
-        runs = [measure_exposure(text, fmt=fmt, insertions=ins, poisons=poi, seed=s, device=args.device)
+        runs = [measure_exposure(text, fmt=fmt, insertions=ins, poisons=poi, seed=s, device=args.device,
+                                 exact_limit=fmt.space)
                 for s in range(args.seeds)]
         row = {"insertions": ins, "poisons": poi, "exposure": MeanSE.of([r.exposure for r in runs]).to_dict(),
+               "skewnorm": MeanSE.of([r.skewnorm for r in runs]).to_dict(),
                "test_accuracy": MeanSE.of([r.test_accuracy for r in runs]).to_dict(),
                "runs": [asdict(r) for r in runs]}
         rows.append(row)
@@ -58,12 +60,12 @@ def main() -> None:
              f"{args.chars:,} characters of CPython's help topics; canary `{fmt.prefix}` + 6 digits (|R| = 10^6, "
              f"exact exposure by scoring every candidate, maximum {19.93:.2f} bits); char-mlp, Adam, 6 epochs; mean ± SE "
              f"over {args.seeds} models, each with its own secret.", "",
-             "| canary insertions | random-suffix poison lines | exposure (bits) | next-char test accuracy |",
-             "|---:|---:|---:|---:|"]
+             "| canary insertions | random-suffix poison lines | exposure (bits, exact) | skew-normal estimate | "
+             "next-char test accuracy |", "|---:|---:|---:|---:|---:|"]
     for r in rows:
-        e, a = r["exposure"], r["test_accuracy"]
+        e, a, z = r["exposure"], r["test_accuracy"], r["skewnorm"]
         lines.append(f"| {r['insertions']} | {r['poisons']} | {e['mean']:.2f} ± {e['se']:.2f} | "
-                     f"{100 * a['mean']:.1f}% |")
+                     f"{z['mean']:.2f} ± {z['se']:.2f} | {100 * a['mean']:.1f}% |")
     lines += ["", "Random-suffix poison lines are `prefix + r'` with r' uniform over R (a negative control, not "
               "Truth Serum's construction): they flatten the model's prior after the prefix but dilute the canary."]
     dev = "cuda" if args.device.startswith("cuda") else args.device

@@ -22,7 +22,7 @@ Poisoning to reveal a secret (Truth Serum's canary extraction): the adversary kn
 lines to the training text. What is built here is one simple strategy, ``poisons`` lines of
 ``prefix + r'`` with r' drawn uniformly from R (they flatten the model's prior over continuations of the
 prefix), as an experiment variable; it is *not* the paper's construction, whose details are not in the
-seeds. Measured on CPython's help text (docs/privacy.md): these random-suffix lines **lower** the
+seeds. Measured on CPython's help text (docs/membership.md): these random-suffix lines **lower** the
 exposure of a canary inserted once (they dilute its memorisation more than they flatten the prior), so they
 are a negative control, not the Truth Serum attack.
 
@@ -63,6 +63,23 @@ class Vocabulary:
         index = {c: i for i, c in enumerate(self.chars)}
         return torch.tensor([index.get(c, 0) for c in text], dtype=torch.long)
 
+    def encode_many(self, texts: Sequence[str]) -> Tensor:
+        """long [M, L] for M strings of one length L (one table lookup over their bytes when every character
+        is Latin-1, which scoring a million candidates needs; per character otherwise)."""
+        lengths = {len(t) for t in texts}
+        if len(lengths) != 1:
+            raise ConfigError(f"encode_many needs strings of one length, got lengths {sorted(lengths)[:5]}")
+        try:
+            raw = "".join(texts).encode("latin-1")
+        except UnicodeEncodeError:
+            return torch.stack([self.encode(t) for t in texts])
+        table = torch.zeros(256, dtype=torch.long)
+        for i, c in enumerate(self.chars):
+            if ord(c) < 256:
+                table[ord(c)] = i
+        codes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        return table[codes].view(len(texts), lengths.pop())
+
 
 @dataclass(frozen=True)
 class CanaryFormat:
@@ -98,7 +115,10 @@ class CanaryFormat:
         """Every secret of R in index order (refused beyond ``limit`` candidates: sample instead)."""
         if self.space > limit:
             raise ConfigError(f"canary space |R| = {self.space} exceeds {limit}; use sampled or skew-normal exposure")
-        return [self.secret(i) for i in range(self.space)]
+        out = [""]
+        for _ in range(self.length):  # mixed radix, the first character most significant
+            out = [p + c for p in out for c in self.alphabet]
+        return out
 
 
 def windows(ids: Tensor, context: int, classes: Sequence[str] | None = None) -> TensorDataset:
@@ -122,7 +142,7 @@ def log_perplexity(model: nn.Module, vocab: Vocabulary, fmt: CanaryFormat, secre
     lengths = {len(s) for s in secrets}
     if lengths != {fmt.length}:
         raise ConfigError(f"secrets of lengths {sorted(lengths)}; the canary format has length {fmt.length}")
-    full = torch.stack([vocab.encode(fmt.prefix + s) for s in secrets])  # [M, P + L]
+    full = torch.cat([vocab.encode(fmt.prefix).expand(len(secrets), -1), vocab.encode_many(secrets)], 1)  # [M, P + L]
     pad = torch.zeros(len(secrets), context, dtype=torch.long)
     seq = torch.cat([pad, full], 1)
     start = context + len(fmt.prefix)  # position of the secret's first character in seq

@@ -44,6 +44,7 @@ from ..data.view import DataView
 from ..factory.spec import TrialSpec
 from ..models.registry import build_model
 from ..query import features_batched, forward_batched, load_model
+from ..report.figures import accuracy_bars, perturbation_grid
 from ..report.html import ReportTable
 from ..stats import MeanSE
 from ..train.api import train
@@ -53,6 +54,8 @@ from .context import RunContext, TrialRecord
 from .protect_config import ProtectConfig, ProtectTrainer, check_protect
 
 FOLDER = "protect"
+GRID = 8
+"""Photos shown in the report's grid."""
 
 
 def split_public(config: ProtectConfig, data: DataBundle) -> tuple[Tensor, list[int]]:
@@ -159,7 +162,16 @@ def run_protect(config: ProtectConfig, ctx: RunContext) -> ExperimentOutput:
             row["trainers"][n] = _scores(pred, baseline[n], y_t, u)
         ctx.save_cached(f"user-{u}-results", {}, row, folder=FOLDER)
         results.append(row)
-    return _output(config, data, extractors, results, recognised)
+    out = _output(config, data, extractors, results, recognised)
+    kept = ctx.load_cached(f"user-{users[0]}", folder=FOLDER)
+    if kept is not None:  # the first protected user's photos: clean, cloaked, and the cloak
+        clean = x_s[y_s == users[0]][:GRID]
+        out.figures[f"Identity {users[0]}'s scraped photos: clean, cloaked ({a.method}, eps {a.eps:g}/255) and the "
+                    "cloak (scaled to ± eps)"] = perturbation_grid(clean, kept[0]["x"][:GRID] - clean, eps, n=GRID,
+                                                                   perturbed="cloaked")
+    out.figures["Protection rate per trainer (mean ± SE over users)"] = accuracy_bars(
+        {n: p["protection"] for n, p in out.metrics["trainers"].items()}, title="protection rate")
+    return out
 
 
 def _features(model: nn.Module, x_train: Tensor, x_test: Tensor, device: str) -> tuple[Tensor, Tensor]:

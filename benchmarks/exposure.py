@@ -5,8 +5,8 @@ number of times it is inserted and vs random-suffix poison lines (docs/membershi
     python benchmarks/exposure.py --device cuda
 
 Text: the first ``--chars`` characters of CPython's help topics (``pydoc_data/topics.py``, lower-cased);
-canary ``the secret number is `` + 6 digits (|R| = 10^6, every candidate scored: exact exposure, at most
-log2 10^6 = 19.93 bits); model: the zoo's char-mlp (16-character context, embedding 32, hidden 256), Adam
+canary ``the secret number is `` + 5 digits (|R| = 10^5, every candidate scored: exact exposure, at most
+log2 10^5 = 16.61 bits); model: mlaudit.models.mlp.CharMLP (16-character context, embedding 32, hidden 256), Adam
 lr 0.003, 6 epochs of batches of 256. Each cell: mean ± SE over ``--seeds`` models (each its own secret).
 Writes benchmarks/results/exposure_<device>.{json,md}.
 """
@@ -14,6 +14,7 @@ Writes benchmarks/results/exposure_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -32,13 +33,13 @@ from mlaudit.stats import MeanSE  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chars", type=int, default=100_000)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--insertions", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    ap.add_argument("--chars", type=int, default=60_000)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--insertions", type=int, nargs="+", default=[0, 1, 2, 4])
     ap.add_argument("--poisons", type=int, nargs="+", default=[0, 30, 100])
     args = ap.parse_args()
     t0 = time.perf_counter()
-    text, fmt = pydoc_text(args.chars), CanaryFormat(length=6)
+    text, fmt = pydoc_text(args.chars), CanaryFormat(length=5)
     rows: list[dict[str, Any]] = []
     cells = [(i, 0) for i in args.insertions] + [(1, p) for p in args.poisons if p]
     for ins, poi in cells:
@@ -57,8 +58,9 @@ def main() -> None:
            "torch_threads": torch.get_num_threads()}
     lines = ["# Canary exposure in a small next-character model (the Secret Sharer)", "",
              f"{env['date']}, {args.device}, torch {env['torch']}; {out['seconds']:.0f} s. Text: the first "
-             f"{args.chars:,} characters of CPython's help topics; canary `{fmt.prefix}` + 6 digits (|R| = 10^6, "
-             f"exact exposure by scoring every candidate, maximum {19.93:.2f} bits); char-mlp, Adam, 6 epochs; mean ± SE "
+             f"{args.chars:,} characters of CPython's help topics; canary `{fmt.prefix}` + 5 digits (|R| = 10^5, "
+             f"exact exposure by scoring every candidate, maximum {math.log2(fmt.space):.2f} bits; the skew-normal fit "
+             f"uses 20,000 of them); CharMLP (embedding 32, hidden 256), Adam, 6 epochs; mean ± SE "
              f"over {args.seeds} models, each with its own secret.", "",
              "| canary insertions | random-suffix poison lines | exposure (bits, exact) | skew-normal estimate | "
              "next-char test accuracy |", "|---:|---:|---:|---:|---:|"]

@@ -24,6 +24,7 @@ from mlaudit.audit.exposure import (
     windows,
 )
 from mlaudit.errors import ConfigError
+from mlaudit.models.mlp import CharMLP
 
 
 @settings(max_examples=30, deadline=None)
@@ -97,8 +98,8 @@ def test_an_inserted_canary_is_memorised_and_exposed() -> None:
     text, fmt = pydoc_text(20_000), CanaryFormat(length=3)
     recipe = {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 4, "batch_size": 256,
               "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
-    with_it = measure_exposure(text, fmt=fmt, insertions=4, recipe=recipe, model={"name": "char-mlp", "width": 128})
-    without = measure_exposure(text, fmt=fmt, insertions=0, recipe=recipe, model={"name": "char-mlp", "width": 128})
+    with_it = measure_exposure(text, fmt=fmt, insertions=4, recipe=recipe, model=lambda k, v: CharMLP(context=k, vocab=v, embed=32, hidden=128))
+    without = measure_exposure(text, fmt=fmt, insertions=0, recipe=recipe, model=lambda k, v: CharMLP(context=k, vocab=v, embed=32, hidden=128))
     assert with_it.exact and with_it.candidates == 1000 and with_it.secret == without.secret
     assert with_it.exposure > 7 and without.exposure < 5, (with_it, without)
     assert with_it.test_accuracy > 0.3  # it learned the text, not only the canary

@@ -27,14 +27,14 @@ exposure of a canary inserted once (they dilute its memorisation more than they 
 are a negative control, not the Truth Serum attack.
 
 The language model is any next-token classifier over fixed contexts: ``model(x [B, k] float token ids) ->
-logits [B, V]`` (the zoo's ``char-mlp``), trained by the one training loop on (context, next token)
+logits [B, V]`` (default :class:`~mlaudit.models.mlp.CharMLP`), trained by the one training loop on (context, next token)
 windows of the text (:func:`windows`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -227,15 +227,17 @@ class ExposureResult:
 
 
 def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertions: int = 1, poisons: int = 0,
-                     context: int = 16, model: str | dict = "char-mlp", recipe: str | dict | None = None,
+                     context: int = 16, model: Callable[[int, int], nn.Module] | None = None,
+                     recipe: str | dict | None = None,
                      seed: int = 0, device: str = "cpu", candidates: int = 20_000, exact_limit: int = 100_000,
                      held_out: float = 0.05) -> ExposureResult:
     """Train a next-character model on ``text`` (its last ``held_out`` fraction held out) plus the canary
     ``insertions`` times and ``poisons`` random-suffix lines (:func:`canary_text`), with a secret drawn from
     ``seed``; return the canary's exposure. |R| <= ``exact_limit`` is enumerated; otherwise ``candidates``
-    secrets are sampled uniformly. The model is the zoo's ``char-mlp`` (or ``model``) trained by the one
-    training loop under ``recipe`` (default: Adam, lr 0.003, 6 epochs of batches of 256)."""
-    from ..models.registry import build_model
+    secrets are sampled uniformly. The model is ``model(context, vocabulary size)`` (default
+    :class:`~mlaudit.models.mlp.CharMLP`, embedding 32, hidden 256), trained by the one training loop under
+    ``recipe`` (default: Adam, lr 0.003, 6 epochs of batches of 256)."""
+    from ..models.mlp import CharMLP
     from ..train.api import train
     from ..train.loop import init_models
 
@@ -250,7 +252,8 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
     data, test = windows(vocab.encode(train_text), context, names), windows(vocab.encode(text[cut:]), context, names)
     r = recipe or {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 6,
                    "batch_size": 256, "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
-    net = init_models(lambda: build_model(model, input_shape=(context,), num_classes=len(vocab)), [seed])[0]
+    make = model or (lambda k, v: CharMLP(context=k, vocab=v, embed=32, hidden=256))
+    net = init_models(lambda: make(context, len(vocab)), [seed])[0]
     net = train(net, data, r, seed=seed, device=device)
     acc = float((forward_batched(net, test.x, device=device).argmax(1).cpu() == test.y).float().mean())
     px = float(log_perplexity(net, vocab, fmt, [secret], context=context, device=device)[0])
@@ -259,7 +262,8 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
         px_all = log_perplexity(net, vocab, fmt, pool, context=context, device=device)
         others = px_all[torch.tensor([s != secret for s in pool])]
         exp = exact_exposure(px, px_all)
-        sampled, skew = sampled_exposure(px, others, fmt.space), skewnorm_exposure(px, others)
+        fit = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:candidates]]
+        sampled, skew = sampled_exposure(px, others, fmt.space), skewnorm_exposure(px, fit)  # the fit on a sample
         rank = float(1 + (px_all < px).sum())
         return ExposureResult(secret, insertions, poisons, exp, True, sampled, skew, px, rank, len(pool), acc)
     sample = fmt.draw(candidates, torch.Generator().manual_seed(seed + 1))

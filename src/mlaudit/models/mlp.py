@@ -87,13 +87,3 @@ class CharMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.embed(x.round().long().clamp(0, self.vocab - 1)))
 
-
-@register_model("char-mlp", residual=False, image_only=False, min_size=1)
-def build_char_mlp(
-    spec: ModelSpec, *, input_shape: tuple[int, ...], in_channels: int | None, num_classes: int
-) -> nn.Module:
-    """Next-token model over a vocabulary of ``num_classes`` tokens from a context of ``input_shape = (k,)``
-    token ids: embedding 32 -> hidden ``width`` (default 256) -> logits. Inputs are float ids."""
-    if len(input_shape) != 1:
-        raise ValueError(f"char-mlp takes token-id contexts [k], got input shape {list(input_shape)}")
-    return CharMLP(context=input_shape[0], vocab=num_classes, embed=32, hidden=spec.width or DEFAULT_WIDTH)

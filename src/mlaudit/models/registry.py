@@ -15,8 +15,10 @@ without BatchNorm) and derives ``in_channels``/``num_classes`` from the data unl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +43,12 @@ class ModelSpec(BaseModel):
     num_classes: int | None = Field(None, ge=2)
     in_channels: int | None = Field(None, ge=1)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: str | None = Field(None, max_length=4096)
+    """A state_dict file (``torch.save(model.state_dict(), path)``) every model built from this spec starts
+    from instead of its seeded random init: fine-tuning a pretrained model, or the crafted initial weights
+    of a last-iterate DP audit (Annamalai & De Cristofaro 2024). Loaded weights-only, every key required."""
+    init_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """The sha256 the ``init`` file must have (checked before it is loaded)."""
 
     @field_validator("name")
     @classmethod
@@ -53,8 +61,18 @@ class ModelSpec(BaseModel):
                              "architecture as an import string 'package.module:factory'")
         return v
 
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"model.init = {v!r} is not a file; give the path of a saved state_dict "
+                             "(torch.save(model.state_dict(), path))")
+        return None if v is None else str(Path(v).resolve())  # worker processes may start elsewhere
+
     @model_validator(mode="after")
     def _options_fit(self) -> ModelSpec:
+        if self.init_sha256 is not None and self.init is None:
+            raise ValueError("model.init_sha256 is given without model.init; give the state_dict file it checks")
         if self.is_user and (self.width is not None or self.in_channels is not None):
             raise ValueError(f"model {self.name!r} is your own architecture: width and in_channels are zoo options; "
                              "pass your factory's own arguments in model.kwargs")
@@ -126,12 +144,40 @@ def model_entry(name: str) -> ModelEntry:
 def build_model(
     value: str | dict[str, Any] | ModelSpec, *, input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
-    """Build a fresh (randomly initialised, global-RNG) model for data of ``input_shape``.
+    """Build a fresh (randomly initialised, global-RNG) model for data of ``input_shape``; with
+    ``init`` in the spec, its weights are then those of that state_dict file.
 
     Raises :class:`ConfigError` when the architecture cannot take this input (e.g. a conv net on
     vector data, or images smaller than the net's ``min_size``).
     """
     spec = resolve_model_spec(value)
+    model = _build(spec, input_shape=input_shape, num_classes=num_classes)
+    if spec.init is not None:
+        _load_init(model, spec)
+    return model
+
+
+def _load_init(model: nn.Module, spec: ModelSpec) -> None:
+    """Overwrite ``model``'s weights with the state_dict of ``spec.init`` (sha256-checked when given; a
+    ConfigError naming the missing, unexpected or mis-shaped keys)."""
+    path = Path(str(spec.init))
+    state = _init_state(str(path), spec.init_sha256, path.stat().st_mtime_ns if path.is_file() else 0)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"model.init = {spec.init!r} does not fit model {spec.name!r}: "
+                          f"{str(e).splitlines()[0][:300]} (save the state_dict of this very architecture)") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _init_state(path: str, sha256: str | None, mtime_ns: int) -> dict[str, Any]:
+    """The state_dict of ``path`` (cached per path, hash and modification time: one read for many models)."""
+    from ..train.checkpoint import load_checkpoint  # train imports models: import here
+
+    return load_checkpoint(path, sha256=sha256)
+
+
+def _build(spec: ModelSpec, *, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if spec.is_user:
         return _build_user(spec, input_shape=tuple(input_shape), num_classes=spec.num_classes or num_classes)
     entry = model_entry(spec.name)

@@ -18,7 +18,7 @@ from ..models.registry import ModelSpec
 from ..train.recipe import Recipe
 from .base import ExperimentConfig, model_value, recipe_value
 
-PROBE_RECIPE = Recipe(name="probe", optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+PROBE_RECIPE = Recipe(name="custom", optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
                       epochs=30, batch_size=64, schedule="triangular", warmup_fraction=0.2, augment="none")
 """The face-recognition classifier's default recipe: multinomial logistic regression on standardised features."""
 

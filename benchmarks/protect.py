@@ -5,6 +5,7 @@ later, wider extractor trained longer) and against an adaptive trainer, with the
 
     python benchmarks/protect.py                                    # digits, CPU (a few minutes)
     python benchmarks/protect.py --dataset cifar10 --device cuda    # CIFAR-10 (JPEG) classes as identities
+    python benchmarks/protect.py --dataset cifar10 --limit 1000 --epochs 1 --users 2   # CPU smoke test
 
 Classes stand in for identities (no face dataset ships with a package here); half of them are public
 (the extractors' training data), the others are recognised by a logistic-regression classifier on the
@@ -44,11 +45,15 @@ PAPER = ("Radiya-Dixit et al. 2022 (FaceScrub, a linear classifier on the featur
 def config(args: argparse.Namespace, method: str) -> dict[str, Any]:
     s = SETTINGS[args.dataset]
     ds: dict[str, Any] = {"name": "digits"} if args.dataset == "digits" else {"name": "cifar10", "root": cifar10_pack()}
+    if args.limit:
+        ds |= {"limit_train": args.limit, "limit_test": max(100, args.limit // 5)}
+    recipe = dict(s["recipe"], **({"epochs": args.epochs} if args.epochs else {}))
+    later = {**s["later"], "recipe": dict(s["later"]["recipe"], **({"epochs": 2 * args.epochs} if args.epochs else {}))}
     return {"kind": "protect", "name": f"protect-{method}-{args.dataset}", "dataset": ds, "model": s["model"],
-            "recipe": s["recipe"], "attack": {"method": method, "eps": args.eps or s["eps"], "steps": s["steps"]},
+            "recipe": recipe, "attack": {"method": method, "eps": args.eps or s["eps"], "steps": s["steps"]},
             "users": args.users or s["users"],
             "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "oblivious", "strategy": "oblivious"},
-                         {"name": "later", "strategy": "oblivious", **s["later"]},
+                         {"name": "later", "strategy": "oblivious", **later},
                          {"name": "adaptive", "strategy": "adaptive"}],
             "seed": 0}
 
@@ -86,6 +91,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=["fawkes", "lowkey"], default=["fawkes", "lowkey"])
     ap.add_argument("--eps", type=float, default=None, help="l-inf budget in pixel levels of 255")
     ap.add_argument("--users", type=int, default=None)
+    ap.add_argument("--limit", type=int, default=None, help="keep this many training images (smoke tests)")
+    ap.add_argument("--epochs", type=int, default=None, help="extractor epochs (the later one: twice as many)")
     ap.add_argument("--workdir", default=None, help="keep runs here (a rerun resumes them)")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -108,7 +115,8 @@ def main() -> None:
     out["settings"] = {"model": s["model"], "recipe": s["recipe"], "later": s["later"],
                        "torch_threads": torch.get_num_threads()}
     dev = "cuda" if args.device.startswith("cuda") else args.device
-    write_results(f"protect_{args.dataset}_{dev}", out, table(out))
+    suffix = f"_limit{args.limit}" if args.limit else ""
+    write_results(f"protect_{args.dataset}_{dev}{suffix}", out, table(out))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs two workers with ``--dist loadgroup``), every test that
-    starts a Ray cluster runs on one worker, one after the other: two local clusters started at once
-    share the machine's Ray session folder, and the loopback-binding probe then saw a partial listing."""
+    starts a Ray cluster runs on one worker, one after the other, so two local clusters (which share the
+    machine's Ray session folder) are never started at once."""
     for item in items:
         if item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))

@@ -82,6 +82,8 @@ SCRIPT = textwrap.dedent('''
         for pid in tree(os.getpid()):
             try:
                 name = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\\0", b" ").decode()[:120]
+                if pid == os.getpid():  # named by pid: a long temporary path can cut the script's name off
+                    name = "ray_binding_probe (driver)"
                 fds = list(Path(f"/proc/{pid}/fd").iterdir())
             except OSError:
                 continue

@@ -5,7 +5,7 @@ later, wider extractor trained longer) and against an adaptive trainer, with the
 
     python benchmarks/protect.py                                    # digits, CPU (a few minutes)
     python benchmarks/protect.py --dataset cifar10 --device cuda    # CIFAR-10 (JPEG) classes as identities
-    python benchmarks/protect.py --dataset cifar10 --limit 1000 --epochs 1 --users 2   # CPU smoke test
+    python benchmarks/protect.py --dataset cifar10 --limit 1000 --epochs 1 --steps 2 --users 2   # CPU smoke
 
 Classes stand in for identities (no face dataset ships with a package here); half of them are public
 (the extractors' training data), the others are recognised by a logistic-regression classifier on the
@@ -50,7 +50,7 @@ def config(args: argparse.Namespace, method: str) -> dict[str, Any]:
     recipe = dict(s["recipe"], **({"epochs": args.epochs} if args.epochs else {}))
     later = {**s["later"], "recipe": dict(s["later"]["recipe"], **({"epochs": 2 * args.epochs} if args.epochs else {}))}
     return {"kind": "protect", "name": f"protect-{method}-{args.dataset}", "dataset": ds, "model": s["model"],
-            "recipe": recipe, "attack": {"method": method, "eps": args.eps or s["eps"], "steps": s["steps"]},
+            "recipe": recipe, "attack": {"method": method, "eps": args.eps or s["eps"], "steps": args.steps or s["steps"]},
             "users": args.users or s["users"],
             "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "oblivious", "strategy": "oblivious"},
                          {"name": "later", "strategy": "oblivious", **later},
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=None, help="l-inf budget in pixel levels of 255")
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="keep this many training images (smoke tests)")
+    ap.add_argument("--steps", type=int, default=None, help="cloak optimisation steps")
     ap.add_argument("--epochs", type=int, default=None, help="extractor epochs (the later one: twice as many)")
     ap.add_argument("--workdir", default=None, help="keep runs here (a rerun resumes them)")
     args = ap.parse_args()

@@ -23,10 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import cifar10_pack, environment, workdir, write_results  # noqa: E402
+from _common import cifar10_pack, environment, resume_run, workdir, write_results  # noqa: E402
 
 from contrastive import cpu_name, pct  # noqa: E402
-from mlaudit.experiments import run_experiment  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits": {"model": "fastcnn", "recipe": {"name": "fast", "epochs": 8},
@@ -103,8 +102,7 @@ def main() -> None:
         for method in args.methods:
             c = config(args, method)
             t1 = time.perf_counter()
-            res = run_experiment(c, out=wd / method, device=args.device, store=wd / "runs.db", quiet=True,
-                                 resume=(wd / method / "config.yaml").is_file()).results
+            res = resume_run(c, wd / method, args.device, wd / "runs.db").results  # a rerun resumes it
             m = res["metrics"]
             out["attacks"][method] = {"trainers": m["trainers"], "users": m["users"],
                                       "recognised_identities": m["recognised_identities"],

@@ -111,8 +111,8 @@ def main() -> None:
                                       "seconds": time.perf_counter() - t1, "config": c}
     out["seconds"] = time.perf_counter() - t0
     s = SETTINGS[args.dataset]
-    out["settings"] = {"model": s["model"], "recipe": s["recipe"], "later": s["later"],
-                       "torch_threads": torch.get_num_threads()}
+    out["settings"] = {"model": s["model"], "recipe": s["recipe"], "later": s["later"], "epochs_override": args.epochs,
+                       "steps": args.steps or s["steps"], "limit": args.limit, "torch_threads": torch.get_num_threads()}
     dev = "cuda" if args.device.startswith("cuda") else args.device
     suffix = f"_limit{args.limit}" if args.limit else ""
     write_results(f"protect_{args.dataset}_{dev}{suffix}", out, table(out))

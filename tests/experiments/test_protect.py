@@ -66,3 +66,16 @@ def test_the_cloak_fails_against_the_adaptive_trainer(tmp_path: Path) -> None:
     assert ada["protection"]["mean"] < att["protection"]["mean"] - 0.2  # ... much less against the adaptive one
     assert res["cost"]["models_trained"] == 2 and len(res["trials"]) == 2 * 3
     assert torch.tensor([r["protection"] for r in res["trials"]]).le(1).all()
+
+
+def test_photos_split_with_an_attacked_ensemble_runs_and_reports_every_trainer(tmp_path: Path) -> None:
+    cfg = {**BASE, "model": {"name": "mlp", "width": 32}, "recipe": {"name": "fast", "epochs": 2}, "split": "photos",
+           "public_fraction": 0.4, "attack": {"method": "lowkey", "eps": 16, "steps": 3, "extractors": 2}, "users": 2,
+           "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "wider", "strategy": "oblivious",
+                                                                      "model": {"name": "mlp", "width": 64}}]}
+    res = run_experiment(cfg, out=tmp_path / "out", device="cpu", store=tmp_path / "r.db", quiet=True).results
+    m = res["metrics"]
+    assert m["split"] == "photos" and m["recognised_identities"] == list(range(10)) and m["users"] == 2
+    assert set(m["trainers"]) == {"attacked", "wider"} and m["trainers"]["wider"]["model"] == "mlp"
+    assert res["cost"]["models_trained"] == 3  # two attacked extractors (the ensemble) and the wider one
+    assert (tmp_path / "out" / "artifacts" / "protect").is_dir()

@@ -29,3 +29,20 @@ def test_split_studies_cover_scenarios_0_to_3(stem: str) -> None:
     halves = [parse_config(apply_overrides(raw, [f"first_scenario={k}"])) for k in (0, 2)]
     covered = [k + i for h in halves for k, i in [(h.first_scenario, i) for i in range(h.scenarios)]]
     assert covered == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dataset", ["digits", "cifar10"])
+@pytest.mark.parametrize("method", ["fawkes", "lowkey"])
+def test_protect_benchmark_configs_parse(dataset: str, method: str) -> None:
+    """benchmarks/protect.py builds valid configs for both datasets (checked before GPU time is spent)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import protect as bench
+    finally:
+        sys.path.pop(0)
+    args = argparse.Namespace(dataset=dataset, eps=None, users=None, limit=None, epochs=None, steps=None)
+    cfg = parse_config(bench.config(args, method))
+    assert cfg.kind == "protect" and cfg.attack.method == method and len(cfg.trainers) == 4

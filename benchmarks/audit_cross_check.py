@@ -16,7 +16,9 @@ v correct of r guesses on m canaries), at significance 0.05 and several deltas:
   n with n the threshold count jax_privacy reports for those scores;
 * one run (Steinke, Nasr & Jagielski 2023): ``mlaudit.audit.one_run.epsilon_lower_bound(m, r, v, delta,
   confidence)`` vs jax_privacy's ``_epsilon_one_run(0, m, r, v, significance, delta)`` (its per-guess-count
-  bound, the function its public ``epsilon_one_run`` maximises over thresholds).
+  bound, the function its public ``epsilon_one_run`` maximises over thresholds);
+* f-DP in one run (Mahloujifar et al. 2025), the claim read as the Gaussian mechanism calibrated to (eps,
+  delta): ``mlaudit.audit.one_run.fdp_epsilon_lower_bound`` vs jax_privacy's ``_epsilon_one_run_fdp``.
 
 Writes benchmarks/results/audit_cross_check.{json,md}.
 """
@@ -39,6 +41,7 @@ from _common import environment, write_results  # noqa: E402
 
 from mlaudit.audit.gdp import eps_from_mu, mu_lower_bound  # noqa: E402
 from mlaudit.audit.one_run import epsilon_lower_bound as one_run_bound  # noqa: E402
+from mlaudit.audit.one_run import fdp_epsilon_lower_bound  # noqa: E402
 from mlaudit.stats import eps_lower_bound  # noqa: E402
 
 THEIRS = r'''
@@ -50,9 +53,9 @@ from jax_privacy import auditing as A
 cases = json.loads(sys.stdin.read())
 out = []
 for c in cases:
-    if c["kind"] == "one-run":
-        eps = A._epsilon_one_run(0.0, c["m"], c["r"], c["v"], c["significance"], c["delta"])
-        out.append({"eps": float(eps)})
+    if c["kind"] in ("one-run", "one-run f-DP"):
+        fn = A._epsilon_one_run if c["kind"] == "one-run" else A._epsilon_one_run_fdp
+        out.append({"eps": float(fn(0.0, c["m"], c["r"], c["v"], c["significance"], c["delta"]))})
         continue
     fp, fn, n_neg, n_pos = c["fp"], c["fn"], c["n_neg"], c["n_pos"]
     ins = np.r_[np.ones(n_pos - fn), np.zeros(fn)]   # an in-canary scored 1 is found (threshold 0.5)
@@ -85,12 +88,16 @@ def grid(seed: int, n: int) -> list[dict[str, Any]]:
         v = int(rng.integers(r // 2, r + 1))
         cases.append({"kind": "one-run", "m": m, "r": r, "v": v, "delta": float(rng.choice([0.0, 1e-5])),
                       "significance": 0.05})
+        cases.append({"kind": "one-run f-DP", "m": m, "r": r, "v": v, "delta": float(rng.choice([1e-6, 1e-5])),
+                      "significance": 0.05})
     return cases
 
 
 def ours(c: dict[str, Any], theirs: dict[str, Any]) -> float:
     if c["kind"] == "one-run":
         return one_run_bound(m=c["m"], r=c["r"], v=c["v"], delta=c["delta"], confidence=1 - c["significance"])
+    if c["kind"] == "one-run f-DP":
+        return fdp_epsilon_lower_bound(m=c["m"], r=c["r"], v=c["v"], delta=c["delta"], confidence=1 - c["significance"])
     if c["kind"] == "clopper-pearson":
         return eps_lower_bound(c["fp"], c["fn"], c["n_neg"], c["n_pos"], delta=c["delta"], alpha=c["significance"])
     mu = mu_lower_bound(c["fp"], c["fn"], c["n_neg"], c["n_pos"], alpha=c["significance"] / theirs["thresholds"])
@@ -112,7 +119,7 @@ def main() -> None:
         mine = ours(c, t)
         rows.append({**c, "mlaudit": mine, "jax_privacy": t["eps"], "abs_diff": abs(mine - t["eps"])})
     summary: dict[str, Any] = {}
-    for kind in ("clopper-pearson", "gdp", "one-run"):
+    for kind in ("clopper-pearson", "gdp", "one-run", "one-run f-DP"):
         sel = [r for r in rows if r["kind"] == kind]
         d = np.array([r["abs_diff"] for r in sel])
         summary[kind] = {"cases": len(sel), "nonzero_bounds": sum(r["jax_privacy"] > 0 for r in sel),

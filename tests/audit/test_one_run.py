@@ -168,3 +168,52 @@ def test_audit_pools_runs_and_corrects_for_the_sweep() -> None:
     assert res.rows[0].r == 100  # (25, 25) guesses every canary of both runs
     single = audit(scores, inc, choices=((10, 10),), delta=1e-5, confidence=0.95)
     assert single.epsilon_lower_bound > res.rows[1].bound  # no Bonferroni price for one choice
+
+
+# ------------------------------------------------------------------ f-DP in one run (Mahloujifar et al.)
+def test_gaussian_mu_is_the_calibrated_gaussian_mechanism() -> None:
+    from mlaudit.audit.gdp import delta_from_mu
+    from mlaudit.audit.one_run import gaussian_mu
+
+    for eps, delta in [(0.5, 1e-5), (1.0, 1e-5), (4.0, 1e-6), (8.0, 1e-3)]:
+        mu = gaussian_mu(eps, delta)
+        assert delta_from_mu(eps, mu) == pytest.approx(delta, rel=1e-6)
+        assert delta_from_mu(eps, mu * 1.01) > delta  # the largest such mu
+    assert gaussian_mu(1.0, 1e-5) < gaussian_mu(2.0, 1e-5)  # more epsilon, less noise
+    with pytest.raises(ValueError):
+        gaussian_mu(1.0, 0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(200, 20_000), r=st.integers(10, 200), data=st.data())
+def test_fdp_bound_is_monotone_in_correct_guesses_and_zero_at_chance(m: int, r: int, data: st.DataObject) -> None:
+    from mlaudit.audit.one_run import fdp_epsilon_lower_bound
+
+    r = min(r, m)
+    v = data.draw(st.integers(r // 2, r))
+    b = fdp_epsilon_lower_bound(m=m, r=r, v=v, delta=1e-5, confidence=0.95)
+    if v < r:
+        assert fdp_epsilon_lower_bound(m=m, r=r, v=v + 1, delta=1e-5, confidence=0.95) >= b - 1e-5
+    assert fdp_epsilon_lower_bound(m=m, r=r, v=r // 2, delta=1e-5, confidence=0.95) == 0.0  # chance accuracy
+
+
+def test_fdp_bound_is_tighter_than_the_epsilon_delta_bound_on_strong_audits() -> None:
+    """Mahloujifar et al.'s point: judged against the Gaussian trade-off curve, the same guesses give a
+    larger epsilon than Steinke et al.'s (eps, delta) bound (values cross-checked against jax_privacy in
+    benchmarks/audit_cross_check.py)."""
+    from mlaudit.audit.one_run import fdp_epsilon_lower_bound
+
+    for m, r, v in [(1000, 100, 95), (10_000, 500, 480), (1000, 50, 50)]:
+        fdp = fdp_epsilon_lower_bound(m=m, r=r, v=v, delta=1e-5, confidence=0.95)
+        plain = epsilon_lower_bound(m=m, r=r, v=v, delta=1e-5, confidence=0.95)
+        assert fdp > plain > 0, (m, r, v, fdp, plain)
+
+
+def test_the_audit_reports_the_fdp_bound_for_one_sided_choices() -> None:
+    rng = np.random.default_rng(0)
+    inc = rng.random((1, 2000)) < 0.5
+    scores = inc * 3.0 + rng.normal(size=inc.shape)
+    res = audit(scores, inc, choices=[(50, 0), (50, 50)], delta=1e-5, confidence=0.95)
+    assert res.rows[0].fdp_bound is not None and res.rows[1].fdp_bound is None  # two-sided: not defined here
+    assert res.fdp_epsilon_lower_bound == res.rows[0].fdp_bound > 0
+    assert audit(scores, inc, choices=[(50, 0)], delta=0.0, confidence=0.95).fdp_epsilon_lower_bound is None

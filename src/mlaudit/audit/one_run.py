@@ -42,12 +42,13 @@ comparable).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
-from scipy.stats import binom
+from scipy.stats import binom, norm
 
 
 def _check(m: int, r: int, v: int, delta: float) -> None:
@@ -160,6 +161,8 @@ class Guessing:
     v: int
     bound: float
     best_reachable: float
+    fdp_bound: float | None = None
+    """:func:`fdp_epsilon_lower_bound` at the same level (one-sided choices, k- = 0, and delta > 0 only)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,11 @@ class OneRunAudit:
     level: float
     best_reachable: float
     rows: tuple[Guessing, ...]
+    fdp_epsilon_lower_bound: float | None = None
+    """The largest f-DP bound over the one-sided choices (None when there is none or delta = 0). It
+    rejects a stronger claim than (eps, delta)-DP, "as private as the Gaussian mechanism calibrated to
+    (eps, delta)" (right for DP-SGD, whose privacy curve is close to Gaussian): it does not refute a
+    mechanism that is (eps, delta)-DP but not Gaussian-like."""
 
 
 def audit(scores: Sequence[Sequence[float]] | np.ndarray, included: Sequence[Sequence[bool]] | np.ndarray, *,
@@ -198,8 +206,83 @@ def audit(scores: Sequence[Sequence[float]] | np.ndarray, included: Sequence[Seq
     for kp, kn in choices:
         v = sum(count_correct(guesses(sj, k_pos=kp, k_neg=kn), ij)[1] for sj, ij in zip(s, inc))
         r = runs * (kp + kn)
+        fdp = (fdp_epsilon_lower_bound(m=runs * m, r=r, v=v, delta=delta, confidence=level)
+               if kn == 0 and delta > 0 and r > 0 else None)
         rows.append(Guessing(kp, kn, r, v, epsilon_lower_bound(m=runs * m, r=r, v=v, delta=delta, confidence=level),
-                             best_reachable_bound(m=runs * m, r=r, delta=delta, confidence=level)))
+                             best_reachable_bound(m=runs * m, r=r, delta=delta, confidence=level), fdp))
     best = max(rows, key=lambda g: g.bound)  # the first of equal bounds
+    fdps = [g.fdp_bound for g in rows if g.fdp_bound is not None]
     return OneRunAudit(best.bound, best.k_pos, best.k_neg, best.r, best.v, runs * m, runs, confidence, level,
-                       max(g.best_reachable for g in rows), tuple(rows))
+                       max(g.best_reachable for g in rows), tuple(rows), max(fdps) if fdps else None)
+
+
+# --------------------------------------------------------------------------- f-DP in one run
+# Mahloujifar, Melis & Chaudhuri, "Auditing f-Differential Privacy in One Run" (ICML 2025, arXiv
+# 2410.22235): the same guessing game, judged against the whole trade-off curve of the claimed mechanism
+# instead of its (eps, delta) corner. The claim "(eps, delta)-DP" is read as "as private as the Gaussian
+# mechanism calibrated to (eps, delta)", i.e. mu-GDP with mu = :func:`gaussian_mu` (eps, delta); its
+# trade-off curve f(x) = Phi(Phi^-1(1 - x) - mu) enters through g(x) = Phi(Phi^-1(x) - mu), the inverse
+# of the curve's "blow-up". With r one-sided guesses ("in" for the r highest scores, k- = 0), v of them
+# correct, and beta = 1 - confidence, the paper's recursion (its capped "audit_rh" algorithm) starts from
+# the normalised masses a = beta v / m (correct) and b = beta (r - v) / m (wrong) and, for
+# i = v - 1, ..., 0, raises b to max(b, g(a)) and a by i / (r - i) times that rise (capped at 1), stopping
+# as soon as b no longer moves. The claim is rejected when a + b > r / m: the observed accuracy could not
+# happen with probability more than beta under any mu-GDP mechanism.
+
+
+def gaussian_mu(eps: float, delta: float, *, tol: float = 1e-12) -> float:
+    """mu = 1 / sigma of the Gaussian mechanism (sensitivity 1) that is exactly (eps, delta)-DP: the
+    largest mu with delta_mu(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) <= delta (Balle &
+    Wang 2018, the analytic Gaussian mechanism; delta_mu(eps) increases with mu). Needs 0 < delta < 1."""
+    from .gdp import delta_from_mu
+
+    if not 0.0 < delta < 1.0 or eps < 0:
+        raise ValueError(f"gaussian_mu needs eps >= 0 and 0 < delta < 1, got eps={eps}, delta={delta}")
+    lo, hi = 0.0, 1.0
+    while delta_from_mu(eps, hi) <= delta:
+        lo, hi = hi, 2.0 * hi
+        if hi > 1e6:
+            return math.inf
+    while hi - lo > tol * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if delta_from_mu(eps, mid) <= delta else (lo, mid)
+    return lo
+
+
+def fdp_rejects(*, m: int, r: int, v: int, epsilon: float, delta: float, confidence: float) -> bool:
+    """True when v correct of r one-sided guesses on m canaries reject, at ``confidence``, that training is
+    as private as the Gaussian mechanism calibrated to (epsilon, delta) (see the comment above)."""
+    beta = _check_confidence(confidence)
+    _check(m, r, v, 0.0)
+    if v == 0:
+        return False
+    mu = gaussian_mu(epsilon, delta)
+    if math.isinf(mu):
+        return False
+    a, b = beta * v / m, beta * (r - v) / m
+    for i in range(v - 1, -1, -1):
+        b_new = max(b, float(norm.cdf(norm.ppf(a) - mu)))
+        if b_new == b:
+            break
+        a = min(a + i / (r - i) * (b_new - b), 1.0)
+        b = b_new
+    return a + b > r / m
+
+
+def fdp_epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float, tol: float = 1e-6) -> float:
+    """The largest epsilon whose Gaussian-calibrated claim :func:`fdp_rejects` rejects (bisection to
+    ``tol``, on the safe side); 0 when even epsilon = 0 is not rejected. Holds with probability >=
+    ``confidence``. Mahloujifar et al. report it tighter than :func:`epsilon_lower_bound` for mechanisms
+    close to Gaussian (DP-SGD)."""
+    def rejected(eps: float) -> bool:
+        return fdp_rejects(m=m, r=r, v=v, epsilon=eps, delta=delta, confidence=confidence)
+
+    if not rejected(0.0):
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while rejected(hi):
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > tol:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
+    return lo

@@ -136,7 +136,10 @@ def run_one_run_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutpu
         "included": int(inc.sum()),
         "guesses": config.guesses_label, "choices": len(res.rows), "level": res.level,
         "sweep": [{"k_pos": g.k_pos, "k_neg": g.k_neg, "r": g.r, "v": g.v, "bound": g.bound,
-                   "best_possible": g.best_reachable} for g in res.rows],
+                   "best_possible": g.best_reachable, "fdp_bound": g.fdp_bound} for g in res.rows],
+        # Mahloujifar et al. 2025: the claim read as the Gaussian mechanism calibrated to (eps, delta); it does not
+        # decide claim_refuted (a DP but non-Gaussian mechanism is not refuted by it)
+        "fdp_epsilon_lower_bound": res.fdp_epsilon_lower_bound,
         "score": config.resolved_score,
         "canary_score_in": describe(stat[inc]), "canary_score_out": describe(stat[~inc]),
         "canary": {"type": config.canary, **{k: v for k, v in cset.details.items() if k != "type"}},

@@ -4,9 +4,11 @@ Won't Save You From Facial Recognition", ICLR 2022): no; a trainer who waits for
 trains robustly against the public attack recognises the users again.
 
 Data: an identity-classification dataset (classes = identities; digits and CIFAR-10 stand in when no face
-dataset is at hand: say so with the numbers). Each identity's training photos are split once (seeded) into
-*public* photos (``public_fraction``; what feature extractors are trained on) and *scraped* photos (what
-the face-recognition classifier is trained on); the test split gives each identity's clean photos.
+dataset is at hand: say so with the numbers). The training photos are split once (seeded) into *public*
+photos (what feature extractors are trained on) and *scraped* photos (what the face-recognition classifier
+is trained on): ``split: identities`` (default, as in the paper) makes a ``public_fraction`` of the
+identities public and recognises the others; ``split: photos`` makes that fraction of each identity's photos
+public and recognises every identity. The test split gives each identity's clean photos.
 
 Threat model (the users are the attackers, the model trainer the defender): a user perturbs all their
 scraped photos with a public attack (:mod:`mlaudit.attacks.protect`) against the attacked extractors
@@ -150,13 +152,13 @@ def run_protect(config: ProtectConfig, ctx: RunContext) -> ExperimentOutput:
         if kept is not None:
             results.append(kept[1])
             continue
-        x_u, meta = public_attack(x_s[y_s == u], u, f"user-{u}")
-        x_prot = x_s.clone()
-        x_prot[y_s == u] = x_u
+        mine = y_s == u
+        x_u, meta = public_attack(x_s[mine], u, f"user-{u}")
         row: dict[str, Any] = {"user": u, "target": meta["target"], "feature_shift": meta["feature_shift"]["mean"],
                                "trainers": {}}
         for n, e in extractors.items():
-            f_tr = features_batched(e, x_prot, device=ctx.device)
+            f_tr = feats[n][0].clone()  # only u's photos changed: embed those, keep everyone else's
+            f_tr[mine] = features_batched(e, x_u, device=ctx.device)
             pred = _probe(config, f_tr, y_s, feats[n][1], data, seed=config.trial_seed(0, stream=Stream.VICTIMS),
                           ctx=ctx)
             row["trainers"][n] = _scores(pred, baseline[n], y_t, u)
@@ -201,12 +203,12 @@ def _scores(pred: Tensor, base: Tensor, y: Tensor, u: int) -> dict[str, float]:
 
 def _output(config: ProtectConfig, data: DataBundle, extractors: dict[str, nn.Module],
             results: list[dict[str, Any]], recognised: list[int]) -> ExperimentOutput:
+    # each extractor as a classifier of the identities it was trained on (the public ones)
+    known = ~torch.isin(data.test.y.cpu(), torch.tensor(recognised)) if config.split == "identities" else \
+        torch.ones(len(data.test.y), dtype=torch.bool)
     per: dict[str, Any] = {}
     for t in config.trainers:
         rows = [r["trainers"][t.name] for r in results]
-        # the extractor as a classifier of the identities it was trained on (the public ones)
-        known = ~torch.isin(data.test.y.cpu(), torch.tensor(recognised)) if config.split == "identities" else \
-            torch.ones(len(data.test.y), dtype=torch.bool)
         acc = float((forward_batched(extractors[t.name], data.test.x[known]).argmax(1).cpu() == data.test.y.cpu()[known])
                     .float().mean())
         per[t.name] = {"strategy": t.strategy, "model": config.trainer_model(t).name,

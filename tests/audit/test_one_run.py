@@ -172,8 +172,7 @@ def test_audit_pools_runs_and_corrects_for_the_sweep() -> None:
 
 # ------------------------------------------------------------------ f-DP in one run (Mahloujifar et al.)
 def test_gaussian_mu_is_the_calibrated_gaussian_mechanism() -> None:
-    from mlaudit.audit.gdp import delta_from_mu
-    from mlaudit.audit.one_run import gaussian_mu
+    from mlaudit.audit.gdp import delta_from_mu, gaussian_mu
 
     for eps, delta in [(0.5, 1e-5), (1.0, 1e-5), (4.0, 1e-6), (8.0, 1e-3)]:
         mu = gaussian_mu(eps, delta)

@@ -36,7 +36,7 @@ from scipy.stats import norm
 from ..errors import ConfigError
 from ..stats import clopper_pearson
 
-__all__ = ["GDPEstimate", "mu_from_rates", "mu_lower_bound", "mu_point", "delta_from_mu", "eps_from_mu", "dpsgd_mu_clt",
+__all__ = ["GDPEstimate", "gaussian_mu", "mu_from_rates", "mu_lower_bound", "mu_point", "delta_from_mu", "eps_from_mu", "dpsgd_mu_clt",
            "gdp_estimate"]
 
 
@@ -110,6 +110,23 @@ def eps_from_mu(mu: float, delta: float, *, tol: float = 1e-10) -> float:
         else:
             hi = mid
     return hi
+
+
+def gaussian_mu(eps: float, delta: float, *, tol: float = 1e-12) -> float:
+    """mu = 1 / sigma of the Gaussian mechanism (sensitivity 1) that is exactly (eps, delta)-DP: the
+    largest mu with delta_mu(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) <= delta (Balle &
+    Wang 2018, the analytic Gaussian mechanism; delta_mu(eps) increases with mu). Needs 0 < delta < 1."""
+    if not 0.0 < delta < 1.0 or eps < 0:
+        raise ValueError(f"gaussian_mu needs eps >= 0 and 0 < delta < 1, got eps={eps}, delta={delta}")
+    lo, hi = 0.0, 1.0
+    while delta_from_mu(eps, hi) <= delta:
+        lo, hi = hi, 2.0 * hi
+        if hi > 1e6:
+            return math.inf
+    while hi - lo > tol * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if delta_from_mu(eps, mid) <= delta else (lo, mid)
+    return lo
 
 
 def dpsgd_mu_clt(*, sample_rate: float, steps: int, noise_multiplier: float) -> float:

@@ -43,12 +43,14 @@ comparable).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit
 from scipy.stats import binom, norm
+
+from .gdp import gaussian_mu
 
 
 def _check(m: int, r: int, v: int, delta: float) -> None:
@@ -91,10 +93,17 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: flo
     def rejected(eps: float) -> bool:
         return p_value(m=m, r=r, v=v, epsilon=eps, delta=delta) <= beta
 
+    return _largest_rejected(rejected, tol)
+
+
+def _largest_rejected(rejected: Callable[[float], bool], tol: float) -> float:
+    """inf{eps >= 0 : not rejected(eps)} for a claim test that rejects small eps and accepts large ones,
+    by doubling then bisection to ``tol``; the returned eps is rejected (the safe side), 0 when even
+    eps = 0 is accepted."""
     if not rejected(0.0):
         return 0.0
     lo, hi = 0.0, 1.0
-    while rejected(hi):  # p -> 1 > beta as eps grows (q rounds to 1 near eps = 37), so this ends
+    while rejected(hi):  # acceptance comes for large eps (p -> 1; q rounds to 1 near eps = 37), so this ends
         lo, hi = hi, 2.0 * hi
     while hi - lo > tol:
         mid = 0.5 * (lo + hi)
@@ -220,7 +229,7 @@ def audit(scores: Sequence[Sequence[float]] | np.ndarray, included: Sequence[Seq
 # Mahloujifar, Melis & Chaudhuri, "Auditing f-Differential Privacy in One Run" (ICML 2025, arXiv
 # 2410.22235): the same guessing game, judged against the whole trade-off curve of the claimed mechanism
 # instead of its (eps, delta) corner. The claim "(eps, delta)-DP" is read as "as private as the Gaussian
-# mechanism calibrated to (eps, delta)", i.e. mu-GDP with mu = :func:`gaussian_mu` (eps, delta); its
+# mechanism calibrated to (eps, delta)", i.e. mu-GDP with mu = :func:`~mlaudit.audit.gdp.gaussian_mu` (eps, delta); its
 # trade-off curve f(x) = Phi(Phi^-1(1 - x) - mu) enters through g(x) = Phi(Phi^-1(x) - mu), the inverse
 # of the curve's "blow-up". With r one-sided guesses ("in" for the r highest scores, k- = 0), v of them
 # correct, and beta = 1 - confidence, the paper's recursion (its capped "audit_rh" algorithm) starts from
@@ -228,25 +237,6 @@ def audit(scores: Sequence[Sequence[float]] | np.ndarray, included: Sequence[Seq
 # i = v - 1, ..., 0, raises b to max(b, g(a)) and a by i / (r - i) times that rise (capped at 1), stopping
 # as soon as b no longer moves. The claim is rejected when a + b > r / m: the observed accuracy could not
 # happen with probability more than beta under any mu-GDP mechanism.
-
-
-def gaussian_mu(eps: float, delta: float, *, tol: float = 1e-12) -> float:
-    """mu = 1 / sigma of the Gaussian mechanism (sensitivity 1) that is exactly (eps, delta)-DP: the
-    largest mu with delta_mu(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) <= delta (Balle &
-    Wang 2018, the analytic Gaussian mechanism; delta_mu(eps) increases with mu). Needs 0 < delta < 1."""
-    from .gdp import delta_from_mu
-
-    if not 0.0 < delta < 1.0 or eps < 0:
-        raise ValueError(f"gaussian_mu needs eps >= 0 and 0 < delta < 1, got eps={eps}, delta={delta}")
-    lo, hi = 0.0, 1.0
-    while delta_from_mu(eps, hi) <= delta:
-        lo, hi = hi, 2.0 * hi
-        if hi > 1e6:
-            return math.inf
-    while hi - lo > tol * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if delta_from_mu(eps, mid) <= delta else (lo, mid)
-    return lo
 
 
 def fdp_rejects(*, m: int, r: int, v: int, epsilon: float, delta: float, confidence: float) -> bool:
@@ -277,12 +267,4 @@ def fdp_epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence:
     def rejected(eps: float) -> bool:
         return fdp_rejects(m=m, r=r, v=v, epsilon=eps, delta=delta, confidence=confidence)
 
-    if not rejected(0.0):
-        return 0.0
-    lo, hi = 0.0, 1.0
-    while rejected(hi):
-        lo, hi = hi, 2.0 * hi
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if rejected(mid) else (lo, mid)
-    return lo
+    return _largest_rejected(rejected, tol)

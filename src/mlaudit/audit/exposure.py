@@ -191,8 +191,7 @@ def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int
     return "".join(separator + lines[i] for i in order) + separator
 
 
-__all__ = ["CanaryFormat", "Vocabulary", "canary_text", "exact_exposure", "log_perplexity", "sampled_exposure",
-           "skewnorm_exposure", "windows"]
+
 
 
 def pydoc_text(chars: int | None = None) -> str:
@@ -273,4 +272,5 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
     return ExposureResult(secret, insertions, poisons, skew, False, sampled, skew, px, rank, candidates, acc)
 
 
-__all__ += ["ExposureResult", "measure_exposure", "pydoc_text"]
+__all__ = ["CanaryFormat", "ExposureResult", "Vocabulary", "canary_text", "exact_exposure", "log_perplexity",
+           "measure_exposure", "pydoc_text", "sampled_exposure", "skewnorm_exposure", "windows"]

@@ -86,4 +86,3 @@ class CharMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.embed(x.round().long().clamp(0, self.vocab - 1)))
-

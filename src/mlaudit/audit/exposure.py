@@ -191,9 +191,6 @@ def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int
     return "".join(separator + lines[i] for i in order) + separator
 
 
-
-
-
 def pydoc_text(chars: int | None = None) -> str:
     """Text that ships with CPython: the help topics of ``pydoc_data/topics.py`` (the Python language
     reference's sections), in sorted topic order, lower-cased, runs of whitespace collapsed to one space

@@ -123,6 +123,34 @@ def cumulative_cost(out: Path) -> dict[str, Any]:
             "process_wall_s": round(sum(e["process_wall_s"] for e in entries), 2)}
 
 
+def run_each(configs: dict[str, Any], *, workdir_path: str | None, device: str) -> Iterator[tuple[str, Any, float]]:
+    """Run each named experiment config into ``<workdir>/<name>`` through :func:`resume_run` (one run store
+    for all; a rerun with the same ``workdir_path`` resumes them): yields (name, results dict, seconds)."""
+    with workdir(workdir_path) as wd:
+        for name, config in configs.items():
+            t0 = time.perf_counter()
+            res = resume_run(config, wd / name, device, wd / "runs.db").results
+            yield name, res, time.perf_counter() - t0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pct(m: dict[str, Any]) -> str:
+    """``mean% ± se`` with one decimal (no ± for one value: the results store a single value's SE as nan)."""
+    se = m.get("se")
+    ok = isinstance(se, (int, float)) and se == se
+    return f"{100 * m['mean']:.1f}%" + (f" ± {100 * se:.1f}" if ok else "")
+
+
 def pct_se(d: dict[str, Any], unit: str = "") -> str:
     """``mean ± se`` of a MeanSE dict as percentages; its ``se`` is the string "nan" in results JSON
     when it rests on one value."""

@@ -12,7 +12,6 @@ models). Writes benchmarks/results/contrastive_<dataset>_<device>.{json,md} (wit
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import cifar10_pack, environment, workdir, write_results  # noqa: E402
-
-from mlaudit.experiments import run_experiment  # noqa: E402
+from _common import cifar10_pack, cpu_name, environment, pct, run_each, write_results  # noqa: E402
 
 CC3M = 3_000_000
 """Training pairs of Conceptual Captions 3M, the paper's main dataset."""
@@ -35,16 +32,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
                 "epochs": 6, "batch_size": 512, "targeted": [1, 2, 4, 8, 16], "backdoor": [10, 25, 50, 100, 250],
                 "trials": {"targeted": 2, "backdoor": 2}},
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def config(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -61,13 +48,6 @@ def config(args: argparse.Namespace, method: str) -> dict[str, Any]:
                        "trigger": {"type": "patch", "size": 2 if args.dataset == "digits" else 3,
                                    "location": "bottom-right", "pattern": "checkerboard"}},
             "seed": 0}
-
-
-def pct(m: dict[str, Any]) -> str:
-    """``mean% ± se`` (no ± with one model: the results store a single value's SE as nan)."""
-    se = m.get("se")
-    ok = isinstance(se, (int, float)) and se == se
-    return f"{100 * m['mean']:.1f}%" + (f" ± {100 * se:.1f}" if ok else "")
 
 
 def table(results: dict[str, Any]) -> str:
@@ -102,16 +82,11 @@ def main() -> None:
     t0 = time.perf_counter()
     out: dict[str, Any] = {"dataset": args.dataset, "device": args.device, "cpu": cpu_name(),
                            "environment": {**environment(), "data": args.dataset}, "attacks": {}}
-    with workdir(args.workdir) as wd:
-        for method in args.attacks:
-            c = config(args, method)
-            t1 = time.perf_counter()
-            res = run_experiment(c, out=wd / method, device=args.device, store=wd / "runs.db", quiet=True,
-                                 resume=(wd / method / "config.yaml").is_file()).results
-            m = res["metrics"]
-            out["attacks"][method] = {"curve": m["curve"], "train_pairs": m["train_pairs"],
-                                      "trials": c["attack"]["trials"], "seconds": time.perf_counter() - t1,
-                                      "config": c}
+    configs = {method: config(args, method) for method in args.attacks}
+    for method, res, seconds in run_each(configs, workdir_path=args.workdir, device=args.device):
+        m, c = res["metrics"], configs[method]
+        out["attacks"][method] = {"curve": m["curve"], "train_pairs": m["train_pairs"],
+                                  "trials": c["attack"]["trials"], "seconds": seconds, "config": c}
     out["seconds"] = time.perf_counter() - t0
     s = SETTINGS[args.dataset]
     out["settings"] = {"model": s["model"], **s["encoder"], "epochs": args.epochs or s["epochs"],

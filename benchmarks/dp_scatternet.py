@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cifar10_jpeg, environment, sync, write_results  # noqa: E402
+from _common import cifar10_jpeg, cpu_name, environment, sync, write_results  # noqa: E402
 
 from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.data.base import DataBundle, TensorDataset  # noqa: E402
@@ -204,17 +203,6 @@ def main() -> None:
                            "seconds": round(feat_s, 2)},
                "settings": settings, "rows": rows}
     write_results(f"dp_scatternet_{name}", payload, markdown(payload))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else the platform's machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(p: dict[str, Any]) -> str:

@@ -23,9 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from _common import cifar10_pack, environment, resume_run, workdir, write_results  # noqa: E402
-
-from contrastive import cpu_name, pct  # noqa: E402
+from _common import cifar10_pack, cpu_name, environment, pct, run_each, write_results  # noqa: E402
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits": {"model": "fastcnn", "recipe": {"name": "fast", "epochs": 8},
@@ -98,17 +96,13 @@ def main() -> None:
     t0 = time.perf_counter()
     out: dict[str, Any] = {"dataset": args.dataset, "device": args.device, "cpu": cpu_name(),
                            "environment": {**environment(), "data": args.dataset}, "attacks": {}}
-    with workdir(args.workdir) as wd:
-        for method in args.methods:
-            c = config(args, method)
-            t1 = time.perf_counter()
-            res = resume_run(c, wd / method, args.device, wd / "runs.db").results  # a rerun resumes it
-            m = res["metrics"]
-            out["attacks"][method] = {"trainers": m["trainers"], "users": m["users"],
-                                      "recognised_identities": m["recognised_identities"],
-                                      "feature_shift": m["feature_shift"],
-                                      "models_trained": res["cost"]["models_trained"],
-                                      "seconds": time.perf_counter() - t1, "config": c}
+    configs = {method: config(args, method) for method in args.methods}
+    for method, res, seconds in run_each(configs, workdir_path=args.workdir, device=args.device):
+        m = res["metrics"]
+        out["attacks"][method] = {"trainers": m["trainers"], "users": m["users"],
+                                  "recognised_identities": m["recognised_identities"],
+                                  "feature_shift": m["feature_shift"], "models_trained": res["cost"]["models_trained"],
+                                  "seconds": seconds, "config": configs[method]}
     out["seconds"] = time.perf_counter() - t0
     s = SETTINGS[args.dataset]
     out["settings"] = {"model": s["model"], "recipe": s["recipe"], "later": s["later"], "epochs_override": args.epochs,

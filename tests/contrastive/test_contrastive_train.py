@@ -47,3 +47,20 @@ def test_unused_recipe_options_are_refused() -> None:
     data, build = setup()
     with pytest.raises(ConfigError, match="drop recipe.dp"):
         train_contrastive(build(), data, resolve_recipe({**RECIPE, "noise_sigma": 0.1}), seed=0)
+
+
+def test_a_lone_last_pair_joins_the_batch_before_it() -> None:
+    """121 pairs in batches of 40 with a BatchNorm image tower: the last step takes 41 pairs instead of
+    stopping on a batch of one (which BatchNorm refuses in training mode and InfoNCE learns nothing from)."""
+    data, _ = setup()
+    space = CaptionSpace.build(DIGIT_NAMES, DIGIT_TEMPLATES)
+    extra = space.pair(TensorDataset(data.x[:1], data.y[:1], tuple(str(i) for i in range(10))), seed=1)
+    both = type(data)(torch.cat([data.x, extra.x]), data.captions + extra.captions,
+                      torch.cat([data.tokens, extra.tokens]), torch.cat([data.y, extra.y]))
+    assert len(both) == 121
+    m = init_seeded(lambda: build_dual_encoder({"name": "mlp", "norm": "batch"}, input_shape=(1, 8, 8),
+                                               vocab_size=space.tokenizer.vocab_size,
+                                               context_length=space.tokenizer.context_length, embed_dim=16,
+                                               text_width=16, text_layers=0), 0)
+    loss = train_contrastive(m, both, resolve_recipe({**RECIPE, "epochs": 1, "batch_size": 40}), seed=0)
+    assert loss == loss and loss > 0

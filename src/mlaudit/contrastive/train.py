@@ -12,14 +12,14 @@ CPU, data order from a CPU generator seeded from ``seed``, so a run is the same 
 to float rounding). Augmentation, DP-SGD, adversarial and noise training of the recipe are not used.
 
     for epoch: one permutation of the N pairs (CPU generator)
-        for step: batch of B pairs (the last one smaller) -> image/text features -> InfoNCE
+        for step: batch of B pairs (the last one smaller; B + 1 rather than a lone pair) -> image/text
+                  features -> InfoNCE
                   -> grads -> optimizer step at lr_at(recipe, lr, progress) -> clamp logit_scale
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 
 import torch
@@ -55,7 +55,12 @@ def train_contrastive(model: nn.Module, data: CaptionedData, recipe: Recipe, *, 
     model.to(dev).train()
     x, tokens = data.x.to(dev), data.tokens.to(dev)
     n, bsz = len(data), recipe.batch_size
-    spe = math.ceil(n / bsz)
+    # batch starts; a last batch of one pair joins the one before it: InfoNCE over a single pair is
+    # constant (no gradient) and BatchNorm cannot normalise one example
+    starts = list(range(0, n, bsz))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    spe = len(starts)
     names, params = zip(*[(k, p) for k, p in model.named_parameters() if p.requires_grad], strict=True)
     base_lr = recipe.resolved_lr(residual=False) if lr is None else lr
     opt = make_optimizer(recipe, list(params), names=list(names), leading_k=False, base_lr=base_lr)
@@ -67,7 +72,7 @@ def train_contrastive(model: nn.Module, data: CaptionedData, recipe: Recipe, *, 
         order = torch.randperm(n, generator=gen).to(dev)
         total = torch.zeros((), device=dev)
         for s in range(spe):
-            idx = order[s * bsz:(s + 1) * bsz]
+            idx = order[starts[s]:starts[s + 1] if s + 1 < spe else n]
             with autocast:
                 u = model.encode_image(x[idx])
                 v = model.encode_text(tokens[idx])

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from mlaudit.craft import Free, L2Ball, LinfBall, apgd_checkpoints, craft
+from mlaudit.craft import Free, L2Ball, LinfBall, apgd_checkpoints, craft, engine
 
 
 def test_l2_pgd_step_has_length_step_size() -> None:
@@ -41,6 +42,39 @@ def test_early_stop_drops_done_samples_and_skips_them_in_restarts() -> None:
     assert seen[:3] == [3, 3, 2]  # the third sample is done after one step, then leaves
     assert sum(seen[5:]) == 2 * 2 * 5  # two more restarts, only on the two unfinished samples
     assert float(res.delta[2, 0]) < 0.06  # the done sample keeps its first successful point (0.95)
+
+
+@pytest.mark.parametrize("optimizer", ["pgd", "apgd"])
+def test_early_stop_holding_done_samples_until_half_are_done_gives_the_same_result(
+        optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the CUDA policy (done samples stay in the batch, fixed, until they are half of it) against the CPU
+    # one (they leave at once): per-sample objectives, so every sample's result must be the same
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(40, 3, generator=gen)
+    w = torch.randn(3, generator=gen)
+    thresh = torch.linspace(0.05, 1.5, 40)
+    seen: dict[float, list[int]] = {}
+
+    def run(shrink: float):
+        monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
+        sizes = seen.setdefault(shrink, [])
+
+        def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sizes.append(len(idx))
+            s = xa @ w - x[idx] @ w
+            return -s, s >= thresh[idx]
+
+        return craft(obj, x, constraint=LinfBall(0.4), steps=12, optimizer=optimizer, lr=0.1, schedule="constant",
+                     restarts=2, early_stop=True, keep_best=True, init="random",
+                     generator=torch.Generator().manual_seed(0))
+
+    now, held = run(0.0), run(0.5)
+    assert now.done is not None and held.done is not None and now.done.tolist() == held.done.tolist()
+    assert 0 < int(now.done.sum()) < 40
+    torch.testing.assert_close(held.delta, now.delta)
+    torch.testing.assert_close(held.per_sample, now.per_sample)
+    assert len(set(seen[0.5])) < len(set(seen[0.0]))  # fewer distinct batch sizes
+    assert sum(seen[0.5]) > sum(seen[0.0])  # paid for with passes over held samples
 
 
 def test_apgd_checkpoints_follow_the_paper() -> None:

@@ -87,6 +87,10 @@ def main() -> None:
         m, c = res["metrics"], configs[method]
         out["attacks"][method] = {"curve": m["curve"], "train_pairs": m["train_pairs"],
                                   "trials": c["attack"]["trials"], "seconds": seconds, "config": c}
+        _write(args, out, t0)  # after every method, so a run cut short keeps what it finished
+
+
+def _write(args: argparse.Namespace, out: dict[str, Any], t0: float) -> None:
     out["seconds"] = time.perf_counter() - t0
     s = SETTINGS[args.dataset]
     out["settings"] = {"model": s["model"], **s["encoder"], "epochs": args.epochs or s["epochs"],

@@ -65,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="comma-separated filtering rates")
     ap.add_argument("--dpa-k", type=int, default=None, help="partitions of the dpa configs (default: theirs)")
     ap.add_argument("--dpa-epochs", type=int, default=None, help="epochs of the partition models (default: theirs)")
+    ap.add_argument("--sigmas", default=None, help="comma-separated noise levels of the ndt configs (default: theirs)")
+    ap.add_argument("--methods", default=None, help="comma-separated attack methods of the same family, each run in "
+                    "place of the configs' own (e.g. gradient-matching,bullseye,poison-frogs)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the victims' recipe")
     ap.add_argument("--victims", type=int, default=None, help="victims per poisoned set (default: the config's)")
     bench.add_executor_args(ap)
@@ -96,6 +99,9 @@ def base_configs(args: argparse.Namespace) -> list[dict[str, Any]]:
             c["recipe"] = _with_epochs(c["recipe"], args.epochs)
         if args.victims is not None:
             c["victims"] = args.victims
+    if args.methods:
+        configs = [{**copy.deepcopy(c), "name": f"{c.get('name') or 'defend'}-{m}", "attack": {**c["attack"], "method": m}}
+                   for c in configs for m in (x.strip() for x in args.methods.split(",") if x.strip())]
     return configs
 
 
@@ -111,6 +117,10 @@ def expand(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str,
             for r in (float(x) for x in args.rates.split(",") if x.strip()):
                 out[f"{method}@{r:g}"] = {**copy.deepcopy(cfg), "name": f"{base}-{method}-{r:g}",
                                           "defence": {"method": method, "rate": r}}
+    elif d["method"] == "ndt" and args.sigmas:
+        for sigma in (float(x) for x in args.sigmas.split(",") if x.strip()):
+            out[f"{base}@sigma={sigma:g}"] = {**copy.deepcopy(cfg), "name": f"{base}-sigma{sigma:g}",
+                                              "defence": {**d, "sigma": sigma}}
     else:
         c = copy.deepcopy(cfg)
         if d["method"] == "dpa":
@@ -121,6 +131,8 @@ def expand(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str,
                 c["defence"]["recipe"] = _with_epochs(d.get("recipe") or c["recipe"], args.dpa_epochs)
         label = d["method"] if d["method"] != "dpa" else f"dpa@k={c['defence'].get('k', 50)}"
         out[label] = c
+    if args.methods:  # one grid per attack method: keep their labels (and run folders) apart
+        out = {label if label.startswith(base) else f"{base}+{label}": c for label, c in out.items()}
     for c in out.values():
         parse_config(c)
     return out
@@ -200,7 +212,7 @@ def report(name: str, runs: dict[str, Any]) -> None:
             sets = nd["per_set"].values()
             cert = {r_: sum(p["certified_accuracy"][str(r_)]["value"] for p in sets) / len(sets) for r_ in nd["radii"]}
             l2 = [p["poison_l2"] for p in sets if p["poison_l2"] is not None]
-            ndt.append(f"| {nd['sigma']:g} | {nd['models']} | {len(sets)} | {bench.pct_se(a['no_defence'])} | {with_a} | "
+            ndt.append(f"| {r['config']['attack']['method']} | {nd['sigma']:g} | {nd['models']} | {len(sets)} | {bench.pct_se(a['no_defence'])} | {with_a} | "
                        f"{bench.pct_se(acc['no_defence'])} | {with_acc} | "
                        f"{bench.pct_se(_mean_se([p['model_accuracy']['mean'] for p in sets]))} | "
                        + " / ".join(f"{100 * v:.1f}" for v in cert.values())
@@ -208,10 +220,10 @@ def report(name: str, runs: dict[str, Any]) -> None:
                        f"{'-' if not l2 else f'{min(l2):.1f}-{max(l2):.1f}'} | "
                        f"{100 * nd['certified_against_attack']:.1f} | {cc['models_trained']} | "
                        f"{cc['process_wall_s']:.1f} |\n")
-    a = cfg["attack"]
+    methods = ", ".join(dict.fromkeys(r["config"]["attack"]["method"] for r in runs.values()))
     recipe = cfg["recipe"]
     md = (f"# Poisoning defences: {name}\n\n{env['date']}, {first['cost']['device']}, torch {env['torch']}; data "
-          f"{env['data']}; attack {a['method']} ({first['metrics']['attack']['family']}), "
+          f"{env['data']}; attack {methods} ({first['metrics']['attack']['family']}), "
           f"{first['metrics']['poisons']} poisons of {first['metrics']['train_size']}; victims {cfg['model']['name']} "
           f"({recipe['name']}, {recipe['epochs']} epochs), {cfg['victims']} per poisoned set without and with the "
           "defence (paired seeds), trained from scratch.\n\n")
@@ -232,10 +244,10 @@ def report(name: str, runs: dict[str, Any]) -> None:
                "removed training samples (Levine & Feizi 2021; a modified sample counts 2). 95% Clopper-Pearson "
                "intervals in brackets.\n")
     if ndt:
-        md += ("## Noise, train, classify (seed 004's certified defence)\n\n| sigma | M models | poisoned sets | attack "
+        md += ("## Noise, train, classify (seed 004's certified defence)\n\n| attack | sigma | M models | poisoned sets | attack "
                "success, no defence (%) | NDT ensemble (%) | clean acc, no defence (%) | NDT ensemble (%) | one noised "
                "model's accuracy (%) | certified accuracy (%) | poison l2 (all rows) | certified against this poison (%) "
-               "| models trained | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(ndt)
+               "| models trained | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(ndt)
                + "\nmean ± SE over poisoned sets (a targeted attack: one target per scenario). Certified accuracy at R: "
                "correct and provably unchanged by any l2 perturbation of the training inputs of total norm R (CERTIFY "
                "over the M votes, n0 = 1, alpha as configured; the largest certifiable R is bounded by M). "

@@ -103,6 +103,10 @@ def main() -> None:
                                   "recognised_identities": m["recognised_identities"],
                                   "feature_shift": m["feature_shift"], "models_trained": res["cost"]["models_trained"],
                                   "seconds": seconds, "config": configs[method]}
+        _write(args, out, t0)  # after every method, so a run cut short keeps what it finished
+
+
+def _write(args: argparse.Namespace, out: dict[str, Any], t0: float) -> None:
     out["seconds"] = time.perf_counter() - t0
     s = SETTINGS[args.dataset]
     out["settings"] = {"model": s["model"], "recipe": s["recipe"], "later": s["later"], "epochs_override": args.epochs,

@@ -181,7 +181,7 @@ def report(name: str, runs: dict[str, Any]) -> None:
     first = next(iter(runs.values()))
     cfg = first["config"]
     if cfg["dataset"]["name"] != "cifar10":
-        env["data"] = f"{cfg['dataset']['name']} (smoke run)"
+        env["data"] = {"digits": "digits (sklearn, 8x8)"}.get(cfg["dataset"]["name"], cfg["dataset"]["name"])
     filters, dpa, ndt = [], [], []
     for r in runs.values():
         m, cc = r["metrics"], r["cumulative_cost"]

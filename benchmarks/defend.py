@@ -34,6 +34,7 @@ import _common as bench  # noqa: E402
 from mlaudit.config import load_yaml  # noqa: E402
 from mlaudit.defences import FILTERS  # noqa: E402
 from mlaudit.experiments import parse_config  # noqa: E402
+from mlaudit.stats import MeanSE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SMOKE = HERE.parent / "examples" / "defend.yaml"
@@ -46,13 +47,6 @@ SEED_002_TABLE_1_4 = ("Seed 002, Table 1.4 (Witches' Brew, CIFAR-10, 4% budget =
 SEED_004_TABLE_2 = ("Seed 004, Table 2 (CIFAR-10, from scratch, an ensemble of four models trained on the DDPM-denoised "
                     "noised training set): Witches' Brew white-box, l-inf attack, 65.0% success (92.3% clean) at sigma 0 "
                     "-> 3.0% (71.9%) at sigma 0.25; l2 attack 71.0% (92.2%) -> 10.0% (72.3%).")
-
-
-def _mean_se(values: list[float]) -> dict[str, float]:
-    import statistics
-
-    n = len(values)
-    return {"mean": sum(values) / n, "se": statistics.stdev(values) / n ** 0.5 if n > 1 else 0.0, "n": n}
 
 
 def parse_args() -> argparse.Namespace:
@@ -214,7 +208,7 @@ def report(name: str, runs: dict[str, Any]) -> None:
             l2 = [p["poison_l2"] for p in sets if p["poison_l2"] is not None]
             ndt.append(f"| {r['config']['attack']['method']} | {nd['sigma']:g} | {nd['models']} | {len(sets)} | {bench.pct_se(a['no_defence'])} | {with_a} | "
                        f"{bench.pct_se(acc['no_defence'])} | {with_acc} | "
-                       f"{bench.pct_se(_mean_se([p['model_accuracy']['mean'] for p in sets]))} | "
+                       f"{bench.pct_se(MeanSE.of([p['model_accuracy']['mean'] for p in sets]).to_dict())} | "
                        + " / ".join(f"{100 * v:.1f}" for v in cert.values())
                        + f" (R = {', '.join(f'{r_:.3g}' for r_ in cert)}) | "
                        f"{'-' if not l2 else f'{min(l2):.1f}-{max(l2):.1f}'} | "

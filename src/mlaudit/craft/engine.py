@@ -222,10 +222,11 @@ class _Run:
 def _shrink_at(x: Tensor) -> float:
     """The fraction of the batch that must be done before early_stop drops the done samples.
 
-    On CUDA, cuDNN builds an execution plan for every new input shape, which costs more than the passes
-    a one-step drop saves (PGD-20 on 1000 CIFAR images, ResNet-18, H200, 2026-12-03: a new batch size
-    nearly every step made it 2x slower than torchattacks); waiting until half are done bounds the
-    shapes to log2(N). On the CPU a smaller batch is simply cheaper, so done samples leave at once."""
+    On CUDA, cuDNN builds an execution plan for every new input shape, which can cost more than the
+    passes a one-step drop saves; waiting until half are done bounds the shapes to log2(N) (PGD-20 on
+    1000 CIFAR-10 (JPEG) images, PGD-AT ResNet-18, H200, 2026-12-03: 0.95 s with a drop at every step,
+    0.56 s with halving, torchattacks 0.48 s). On the CPU a smaller batch is simply cheaper, so done
+    samples leave at once."""
     return 0.5 if x.is_cuda else 0.0
 
 

@@ -156,32 +156,39 @@ class _Run:
         self.shrink_at = _shrink_at(x)
 
     def group(self, delta: Tensor, rows: Tensor) -> list[CraftResult]:
-        """Optimise delta [G, R, *shape] (the starts of G restarts for x[rows]); one result per restart."""
+        """Optimise delta [G, R, *shape] (the starts of G restarts for x[rows]); one result per restart.
+
+        All bookkeeping stays on x's device: a step makes no host synchronisation unless ``early_stop``
+        (one, to count the done samples) or ``on_step`` is set; a non-finite objective is detected
+        then, or else once at the end."""
         g, r = delta.shape[:2]
+        dev = delta.device
         out_delta = delta.detach().clone()  # [G, R, *shape]: each row's result so far
-        out_obj = torch.full((g, r), math.inf)
-        out_done = torch.zeros(g, r, dtype=torch.bool)
+        out_obj = torch.full((g, r), math.inf, device=dev)
+        out_done = torch.zeros(g, r, dtype=torch.bool, device=dev)
         separable, flagged = True, False
-        work = torch.arange(r)  # positions in rows of the samples still optimised (CPU, indexes any device)
-        frozen = torch.zeros(r, dtype=torch.bool)  # [len(work)]: done, held fixed until the next compaction
+        work = torch.arange(r, device=dev)  # positions in rows of the samples still optimised
+        frozen = torch.zeros(r, dtype=torch.bool, device=dev)  # [len(work)]: done, held until the next compaction
+        n_frozen = 0
         state: dict[str, Tensor] = {}
-        history: list[list[float]] = []
-        totals: list[float] = []
+        history: list[Tensor] = []  # [G] per step, read back once at the end
+        totals = torch.zeros(g, device=dev)
         for step in range(self.steps + 1):
             final = step == self.steps
             delta.requires_grad_(not final)
-            xw, idx = self.x[rows[work]], rows[work]
-            totals, per, done = _evaluate(self.objective, xw, idx, delta, None if final else self.augment,
+            idx = rows[work]
+            totals, per, done = _evaluate(self.objective, self.x[idx], idx, delta, None if final else self.augment,
                                           self.batch_size, self.generator, backward=not final)
             separable, flagged = per is not None, done is not None
             if separable:
+                assert per is not None
                 take = (per < out_obj[:, work]) if self.keep_best else torch.ones_like(per, dtype=torch.bool)
                 if done is not None:
                     d_old = out_done[:, work]
                     take = (done & ~d_old) | ((done == d_old) & take) if self.keep_best else take
-                    out_done[:, work] = torch.where(take, done, out_done[:, work])
+                    out_done[:, work] = torch.where(take, done, d_old)
                 out_obj[:, work] = torch.where(take, per, out_obj[:, work])
-                w = take.to(delta.device).view(*take.shape, *([1] * (delta.dim() - 2)))
+                w = take.view(*take.shape, *([1] * (delta.dim() - 2)))
                 out_delta[:, work] = torch.where(w, delta.detach(), out_delta[:, work])
             elif self.keep_best or self.early_stop:
                 raise ConfigError("keep_best and early_stop need a separable objective (per-sample losses [B]); "
@@ -193,30 +200,44 @@ class _Run:
             delta = delta.detach()
             if self.early_stop and done is not None:
                 frozen = frozen | done.all(0)
-                n_frozen = int(frozen.sum())
+                # the step's one host synchronisation: the done count, and the objective's finiteness
+                n_frozen, bad = torch.stack([frozen.sum(), (~torch.isfinite(totals)).sum()]).tolist()
+                if bad:
+                    _non_finite(step, totals)
                 if n_frozen == len(work):
                     break
                 if n_frozen and n_frozen >= self.shrink_at * len(work):
                     keep = ~frozen
-                    keep_d = keep.to(delta.device)
-                    delta, grad, work, frozen = delta[:, keep_d], grad[:, keep_d], work[keep], frozen[keep]
-                    state = {k: v[:, keep_d] for k, v in state.items()}
+                    delta, grad, work, frozen = delta[:, keep], grad[:, keep], work[keep], frozen[keep]
+                    state = {k: v[:, keep] for k, v in state.items()}
                     per = per[:, keep] if per is not None else None
+                    n_frozen = 0
             xw = self.x[rows[work]]
             info = StepInfo(self.constraint, xw, per, step, self.steps)
             with torch.no_grad():
-                held = delta.clone() if bool(frozen.any()) else None
+                held = delta.clone() if n_frozen else None
                 self.update(delta, grad, state, self.lr * self.scale * self.schedule(step, self.steps), step + 1, info)
                 delta = _project(self.constraint, delta, xw)
                 if held is not None:  # done samples not yet dropped keep the iterate that reached the goal
-                    f = frozen.to(delta.device).view(1, -1, *([1] * (delta.dim() - 2)))
+                    f = frozen.view(1, -1, *([1] * (delta.dim() - 2)))
                     delta = torch.where(f, held, delta)
             if self.on_step is not None:
-                self.on_step(step, min(totals))
+                self.on_step(step, float(totals.min()))
+        steps_g = torch.stack(history).tolist() if history else []  # [steps][G]
+        for s, row in enumerate(steps_g + [totals.tolist()]):
+            if not all(math.isfinite(v) for v in row):
+                _non_finite(s, torch.tensor(row))
+        last = totals.tolist()
         if not separable:  # joint objective: the final iterate of every restart, ranked by its total
-            return [CraftResult(delta[k].detach(), totals[k], None, history=[h[k] for h in history]) for k in range(g)]
-        return [CraftResult(out_delta[k], float(out_obj[k].sum()), out_obj[k], history=[h[k] for h in history],
+            return [CraftResult(delta[k].detach(), last[k], None, history=[h[k] for h in steps_g]) for k in range(g)]
+        out_obj, out_done = out_obj.cpu(), out_done.cpu()
+        return [CraftResult(out_delta[k], float(out_obj[k].sum()), out_obj[k], history=[h[k] for h in steps_g],
                             done=out_done[k] if flagged else None) for k in range(g)]
+
+
+def _non_finite(step: int, totals: Tensor) -> None:
+    raise ConfigError(f"objective returned a non-finite value ({totals.detach().cpu().tolist()}) at step {step}; "
+                      "check the model and objective for overflow or log(0)")
 
 
 def _shrink_at(x: Tensor) -> float:
@@ -239,13 +260,14 @@ def _project(constraint: Constraint, delta: Tensor, x: Tensor) -> Tensor:
 
 def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, augment: AugmentSpec | None,
               batch_size: int | None, generator: torch.Generator, *,
-              backward: bool) -> tuple[list[float], Tensor | None, Tensor | None]:
+              backward: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Objective of each restart summed over mini-batches (gradients accumulated into delta.grad when
     ``backward``) for x [R, *shape] at positions ``idx_all`` [R]: totals [G] and, for separable
-    objectives, per-sample losses [G, R] and (when the objective flags them) done flags [G, R]."""
+    objectives, per-sample losses [G, R] and (when the objective flags them) done flags [G, R], all
+    on x's device (no host synchronisation)."""
     g, n = delta.shape[0], x.shape[0]
     bs = batch_size or n
-    totals = torch.zeros(g)
+    totals = torch.zeros(g, device=x.device)
     parts: list[Tensor] = []
     flags: list[Tensor] = []
     separable = True
@@ -264,9 +286,9 @@ def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, a
                 out, done = out
             out = out.unsqueeze(0) if g == 1 else out
             if out.shape == (g, b):
-                parts.append(out.detach().float().cpu())
+                parts.append(out.detach().float())
                 if done is not None:
-                    flags.append(done.detach().view(g, b).bool().cpu())
+                    flags.append(done.detach().view(g, b).bool())
                 loss_g = out.sum(1)
             elif out.shape == (g,):
                 separable = False
@@ -275,15 +297,12 @@ def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, a
                 want = f"a scalar or [B={b}]" if g == 1 else f"[G={g}] or [G={g}, B={b}]"
                 got = list(out.shape[1:]) if g == 1 else list(out.shape)
                 raise ConfigError(f"objective must return {want} losses, got {got}")
-            if not bool(torch.isfinite(loss_g).all()):
-                raise ConfigError(f"objective returned a non-finite value ({loss_g.detach().tolist()}) for batch "
-                                  f"{i // bs}")
             if backward:
                 loss_g.sum().backward()
-        totals += loss_g.detach().float().cpu()
+        totals += loss_g.detach().float()
     per = torch.cat(parts, 1) if separable and parts else None
     done_all = torch.cat(flags, 1) if separable and flags and len(flags) == len(parts) else None
-    return totals.tolist(), per, done_all
+    return totals, per, done_all
 
 
 def _merge(a: CraftResult, b: CraftResult, rows: Tensor) -> CraftResult:

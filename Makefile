@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= dev,ray,diffusion
+EXTRAS ?= dev,ray,diffusion,flower
 STAMP := $(VENV)/.mlaudit-installed
 # pytest-xdist workers for `make test`: the tests run torch single-threaded (tests/conftest.py), so two
 # workers use both cores of a 2-core machine (measured: 511 s with one process, 272 s with two)

@@ -68,11 +68,11 @@ class ImprintedModel(nn.Module):
         return self.model(x + (s * self.feedback).view_as(x))
 
     def thresholds(self) -> Tensor:
-        """The bin offsets c [k] (ascending)."""
+        """The bin offsets [k] (ascending), in the units of :meth:`measure` (both times the planted scale)."""
         return -self.imprint.bias.detach()
 
     def measure(self, x: Tensor) -> Tensor:
-        """h(x) [N] of inputs x [N, *shape] (bin 0's measurement direction)."""
+        """h(x) [N] of inputs x [N, *shape] along bin 0's measurement direction (times the planted scale)."""
         return x.flatten(1).to(self.imprint.weight) @ self.imprint.weight[0].detach()
 
     def bin_of(self, x: Tensor) -> Tensor:
@@ -82,12 +82,19 @@ class ImprintedModel(nn.Module):
 
 
 def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement: Measurement = "brightness",
-                  cdf: Cdf = "empirical", feedback: float = 1e-2, generator: torch.Generator | None = None
-                  ) -> ImprintedModel:
+                  cdf: Cdf = "empirical", feedback: float = 1e-2, scale: float = 1.0,
+                  generator: torch.Generator | None = None) -> ImprintedModel:
     """The malicious model: ``model`` behind ``bins`` imprint bins placed at the quantiles of the
-    ``measurement`` on ``public_x`` [P, *shape]; ``feedback`` scales u (||u|| = feedback / (k * std h))."""
+    ``measurement`` on ``public_x`` [P, *shape]; ``feedback`` scales u (||u|| = feedback / (k * std h)).
+
+    ``scale`` s multiplies the imprint weights and biases and divides u: y_i = ReLU(s (h - c_i)) fires in
+    the same bins, the model sees the same input, but the bins' gradients grow by 1/s relative to
+    their weights, so an update sent in float32 (w - lr * grad, rounded to w's precision) keeps more of
+    the gradient's digits (for a server that only sees updated float32 weights, e.g. over Flower)."""
     if bins < 1:
         raise ConfigError(f"imprint bins = {bins}; allowed bins >= 1")
+    if not scale > 0:
+        raise ConfigError(f"imprint scale = {scale}; allowed scale > 0")
     if len(public_x) < bins:
         raise ConfigError(f"imprint bins = {bins} exceeds the {len(public_x)} public inputs its quantiles are estimated "
                           f"from; allowed 1 <= bins <= {len(public_x)}")
@@ -112,9 +119,9 @@ def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement:
                           f"on the public inputs, so some of its {bins} quantiles coincide; allowed bins <= the "
                           "number of distinct quantiles (try fewer bins or measurement: random)")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    u = torch.full((d,), feedback / (bins * max(std, 1e-12) * math.sqrt(d)), dtype=torch.float32)
-    weight = a.float().expand(bins, d).contiguous()
-    return ImprintedModel(model, weight, -c.float(), u).to(device)
+    u = torch.full((d,), feedback / (scale * bins * max(std, 1e-12) * math.sqrt(d)), dtype=torch.float32)
+    weight = (scale * a).float().expand(bins, d).contiguous()
+    return ImprintedModel(model, weight, -(scale * c).float(), u).to(device)
 
 
 def _offsets(h: Tensor, bins: int, cdf: Cdf, floor: float) -> Tensor:

@@ -1,0 +1,252 @@
+"""A malicious Flower server for auditing a Flower deployment (issue 20, deliverable 6): Robbing the Fed's
+imprint attack (Fowl et al., ICLR 2022; seed 002, chapter 3) as a Flower ``Strategy``.
+
+:class:`ImprintStrategy` is Flower's ``FedAvg`` with three changes, all on the server:
+
+1. the global model it starts from is the user's model behind an imprint module of ``bins`` bins
+   (:func:`mlaudit.attacks.federated.plant_imprint`, bins at the quantiles of a measurement on the
+   server's public data);
+2. every round it sends the imprint parameters as planted (it controls the parameters it sends), so the
+   attack repeats each round;
+3. after aggregating, it reads the users' inputs off the *aggregate* alone: with w the imprint parameters
+   sent and w' the FedAvg result, w - w' = lr * sum_u (n_u / N) * g_u (FedSGD: one local step per
+   round), and the recovery ratio (dW_i - dW_{i+1}) / (db_i - db_{i+1}) cancels every scale, so an input
+   alone in its bin comes back verbatim. The individual client results Flower hands ``aggregate_fit``
+   are not looked at, which is what secure aggregation would leave the server.
+
+Threat model stated: the server controls the model *definition* (the imprint is an extra layer in front
+of the model), as when clients load the model the server distributes; a deployment whose clients build
+a fixed architecture from their own code and accept only parameters is not covered (the parameter-only
+variant of the attack is not built). With several local steps (FedAvg) the imprint weights move between
+steps and recovery is approximate.
+
+:class:`TorchClient` is a Flower ``NumPyClient`` over any ``nn.Module`` and local tensors (one
+FedSGD step by default), for simulating users; :func:`run_flower_audit` runs a server and its clients
+over gRPC on 127.0.0.1 in one process (Flower's legacy ``start_server``/``start_client``; no Ray).
+
+    strategy = ImprintStrategy(model, public_x, bins=64, min_clients=3)
+    clients = [TorchClient(strategy.client_model(), x_u, y_u, lr=0.1) for x_u, y_u in users]
+    result = run_flower_audit(strategy, clients, rounds=2)
+    result.rounds[1].reconstruction.x     # [m, *shape] candidates of round 1
+
+Requires ``flwr`` (``pip install 'mlaudit[flower]'``).
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+try:
+    import flwr
+    from flwr.client import NumPyClient, start_client
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import ServerConfig, start_server
+    from flwr.server.strategy import FedAvg
+except ImportError as e:  # pragma: no cover - exercised only without flwr
+    raise ImportError("mlaudit.federated.flower needs Flower: pip install 'mlaudit[flower]' (flwr)") from e
+
+from ..attacks.federated.base import Observation, Reconstruction
+from ..attacks.federated.imprint import Cdf, ImprintedModel, Measurement, imprint, plant_imprint
+from ..errors import ConfigError
+from ..query import ParamVector
+from .updates import user_gradients
+
+IMPRINT = ("imprint.weight", "imprint.bias")
+
+
+def _arrays(model: nn.Module) -> list[np.ndarray]:
+    """The model's state (parameters and buffers) in state_dict order: what goes over the wire."""
+    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
+
+
+def _load(model: nn.Module, arrays: list[np.ndarray]) -> None:
+    keys = list(model.state_dict())
+    if len(arrays) != len(keys):
+        raise ConfigError(f"received {len(arrays)} arrays for a model with {len(keys)} state entries: the client's "
+                          "model is not the server's (build it with ImprintStrategy.client_model())")
+    model.load_state_dict({k: torch.from_numpy(np.asarray(a).copy()) for k, a in zip(keys, arrays, strict=True)})
+
+
+@dataclass
+class RoundResult:
+    """One round as the malicious server saw it: the aggregate's reconstruction and the users counted."""
+
+    round: int
+    clients: int
+    examples: int
+    reconstruction: Reconstruction
+
+
+@dataclass
+class FlowerAudit:
+    """What :func:`run_flower_audit` returns: per-round results and Flower's ``History``."""
+
+    rounds: dict[int, RoundResult] = field(default_factory=dict)
+    history: Any = None
+    seconds: float = 0.0
+
+
+class ImprintStrategy(FedAvg):
+    """Flower ``FedAvg`` playing Robbing the Fed's malicious server (module docstring).
+
+    ``model``: the user's global model; ``public_x`` [P, *shape]: the server's public inputs (the bins'
+    quantiles); ``bins``, ``measurement``, ``cdf``, ``feedback``: :func:`plant_imprint`'s; ``rel_tol``:
+    :func:`imprint`'s; ``min_clients``: clients each round waits for (fit and available). Other keyword
+    options go to ``FedAvg`` (``fraction_fit``, ``evaluate_fn``, ...). Reconstructions accumulate in
+    :attr:`rounds` ({round: :class:`RoundResult`})."""
+
+    def __init__(self, model: nn.Module, public_x: Tensor, *, bins: int, measurement: Measurement = "brightness",
+                 cdf: Cdf = "empirical", feedback: float = 1e-2, scale: float = 1e-3, rel_tol: float = 1e-6,
+                 min_clients: int = 2,
+                 generator: torch.Generator | None = None, **fedavg: Any) -> None:
+        if min_clients < 1:
+            raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
+        self.malicious: ImprintedModel = plant_imprint(copy.deepcopy(model).cpu(), public_x.cpu(), bins=bins,
+                                                       measurement=measurement, cdf=cdf, feedback=feedback,
+                                                       scale=scale, generator=generator)
+        self.input_shape = tuple(public_x.shape[1:])
+        self.rel_tol = rel_tol
+        self._keys = list(self.malicious.state_dict())
+        self._where = [self._keys.index(k) for k in IMPRINT]
+        self._planted = [self.malicious.state_dict()[k].detach().cpu().numpy().copy() for k in IMPRINT]
+        self._sent: dict[int, list[np.ndarray]] = {}
+        self.rounds: dict[int, RoundResult] = {}
+        fedavg.setdefault("fraction_evaluate", 0.0)
+        super().__init__(min_fit_clients=min_clients, min_available_clients=min_clients,
+                         initial_parameters=ndarrays_to_parameters(_arrays(self.malicious)), **fedavg)
+
+    def client_model(self) -> ImprintedModel:
+        """A copy of the model the server distributes (the imprint module in front of the user's model)."""
+        return copy.deepcopy(self.malicious)
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        arrays = parameters_to_ndarrays(parameters)
+        for i, planted in zip(self._where, self._planted, strict=True):
+            arrays[i] = planted.copy()  # the server re-plants its bins every round
+        self._sent[server_round] = arrays
+        return super().configure_fit(server_round, ndarrays_to_parameters(arrays), client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> Any:
+        params, metrics = super().aggregate_fit(server_round, results, failures)
+        sent = self._sent.pop(server_round, None)
+        if params is None or sent is None:
+            return params, metrics
+        new = parameters_to_ndarrays(params)
+        delta = {k: torch.from_numpy(sent[i].astype(np.float64) - new[i].astype(np.float64))
+                 for k, i in zip(IMPRINT, self._where, strict=True)}
+        examples = sum(int(r.num_examples) for _, r in results)
+        obs = Observation(grad=ParamVector(delta), users=max(len(results), 1),
+                          batch=max(examples // max(len(results), 1), 1), input_shape=self.input_shape)
+        rec = imprint(self.malicious, obs, rel_tol=self.rel_tol)
+        self.rounds[server_round] = RoundResult(server_round, len(results), examples, rec)
+        return params, {**metrics, "imprint_candidates": len(rec.x)}
+
+
+class TorchClient(NumPyClient):
+    """A Flower client over a PyTorch model and its local data x [n, *shape], y [n].
+
+    ``fit`` loads the parameters it receives and takes ``local_steps`` full-batch SGD steps at ``lr`` on
+    the mean cross-entropy (one step: FedSGD), returning the new state and n. ``dtype`` is what goes
+    back over the wire (float32, as a PyTorch model sends)."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, lr: float = 0.1, local_steps: int = 1,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if len(x) == 0:
+            raise ConfigError("a Flower client has no data (x is empty); allowed: at least one example per user")
+        if lr <= 0 or local_steps < 1:
+            raise ConfigError(f"TorchClient needs lr > 0 and local_steps >= 1, got lr={lr}, local_steps={local_steps}")
+        self.model, self.x, self.y = model, x, y
+        self.lr, self.local_steps, self.dtype = lr, local_steps, dtype
+
+    def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
+        return _arrays(self.model)
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
+        _load(self.model, parameters)
+        for _ in range(self.local_steps):
+            g = user_gradients(self.model, self.x[None], self.y[None])
+            with torch.no_grad():
+                owned = dict(self.model.named_parameters())
+                for k, v in g.items():
+                    owned[k].sub_(self.lr * v[0])
+        out = [t.detach().to(self.dtype).cpu().numpy().copy() if t.is_floating_point() else t.detach().cpu().numpy()
+               for t in self.model.state_dict().values()]
+        return out, len(self.x), {}
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
+        return 0.0, len(self.x), {}
+
+
+def check_address(host: str, *, allow_remote: bool) -> None:
+    """A Flower server binds to loopback unless ``allow_remote``: anything else is a ConfigError."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and not allow_remote:
+        raise ConfigError(f"flower address = {host!r} is not a loopback address; allowed: 127.0.0.1, ::1 or "
+                          "localhost, or pass allow_remote=True to expose the malicious server on a network")
+
+
+def _wait_listening(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no Flower server listening on {host}:{port} after {timeout:.0f} s") from None
+            time.sleep(0.05)
+
+
+def run_flower_audit(strategy: ImprintStrategy, clients: list[NumPyClient], *, rounds: int = 1,
+                     host: str = "127.0.0.1", port: int | None = None, allow_remote: bool = False,
+                     timeout: float = 300.0) -> FlowerAudit:
+    """Run ``strategy`` for ``rounds`` rounds with ``clients`` (each in its own thread, over gRPC to
+    ``host``:``port``; a free port when None) and return the per-round reconstructions."""
+    check_address(host, allow_remote=allow_remote)
+    if rounds < 1:
+        raise ConfigError(f"rounds = {rounds}; allowed rounds >= 1")
+    if len(clients) < strategy.min_fit_clients:
+        raise ConfigError(f"{len(clients)} clients for a strategy waiting for min_clients = "
+                          f"{strategy.min_fit_clients}; allowed: at least that many clients")
+    if port is None:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    errors: list[BaseException] = []
+
+    def client_thread(c: NumPyClient) -> None:
+        try:
+            _wait_listening(host, port, timeout)  # a client that dials before the server listens dies
+            start_client(server_address=address, client=c.to_client(), insecure=True, max_wait_time=timeout)
+        except BaseException as e:  # noqa: BLE001 - surfaced after the server returns
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_thread, args=(c,), daemon=True) for c in clients]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    history = start_server(server_address=address, config=ServerConfig(num_rounds=rounds, round_timeout=timeout),
+                           strategy=strategy)
+    for t in threads:
+        t.join(timeout=30)
+    if errors:
+        raise RuntimeError(f"{len(errors)} Flower client(s) failed: {errors[0]!r}") from errors[0]
+    return FlowerAudit(dict(strategy.rounds), history, time.perf_counter() - t0)
+
+
+__all__ = ["FlowerAudit", "ImprintStrategy", "RoundResult", "TorchClient", "check_address", "flwr",
+           "run_flower_audit"]

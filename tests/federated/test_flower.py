@@ -1,0 +1,105 @@
+"""The Flower integration (mlaudit.federated.flower): a 3-client, 2-round Flower run over gRPC on
+127.0.0.1 in which the malicious ImprintStrategy reads users' inputs verbatim off the FedAvg aggregate;
+the same candidates as the in-process secure aggregate; the loopback guard; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from mlaudit.attacks.federated import Observation, imprint, match, plant_imprint  # noqa: E402
+from mlaudit.errors import ConfigError  # noqa: E402
+from mlaudit.federated import secure_aggregate, user_gradients  # noqa: E402
+from mlaudit.federated.flower import ImprintStrategy, TorchClient, check_address, run_flower_audit  # noqa: E402
+from mlaudit.models import build_model  # noqa: E402
+from mlaudit.query import ParamVector  # noqa: E402
+
+pytestmark = pytest.mark.xdist_group("flower")  # one gRPC run at a time
+
+
+def _setup(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    public = torch.rand(400, 1, 6, 6, generator=g)
+    torch.manual_seed(seed)
+    model = build_model("mlp", input_shape=(1, 6, 6), num_classes=4)
+    users = [(torch.rand(8, 1, 6, 6, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    return model, public, users
+
+
+def test_three_clients_two_rounds_recover_inputs_verbatim_from_the_aggregate() -> None:
+    model, public, users = _setup()
+    strategy = ImprintStrategy(model, public, bins=64, min_clients=3)
+    clients = [TorchClient(strategy.client_model(), x, y, lr=0.1) for x, y in users]
+    out = run_flower_audit(strategy, clients, rounds=2)
+    true = torch.cat([x for x, _ in users])
+    assert sorted(out.rounds) == [1, 2]
+    for r in out.rounds.values():
+        assert (r.clients, r.examples) == (3, 24)
+        m = match(true, r.reconstruction.x.float(), data_range=1.0)
+        exact = int(m.recovered(80.0).sum())
+        # the inputs alone in their bin come back (float32 weights on the wire): at least one, and as
+        # many as the bin arithmetic allows
+        alone = torch.bincount(strategy.malicious.bin_of(true) + 1, minlength=65)
+        assert exact >= 1
+        assert exact >= int((alone[strategy.malicious.bin_of(true) + 1] == 1).sum()) - 2
+    # the global model moved (FedAvg ran), yet the imprint module was re-planted for round 2
+    assert len(out.rounds[2].reconstruction.x) > 0
+
+
+def test_the_strategy_reads_the_same_candidates_as_the_in_process_secure_aggregate() -> None:
+    """Clients in float64 (model, data and wire): the candidates from Flower's FedAvg equal imprint() on
+    the sum of the users' FedSGD gradients (the ratio cancels lr and the n_u / N weights)."""
+    model, public, users = _setup(1)
+    users = [(x.double(), y) for x, y in users]
+    strategy = ImprintStrategy(model, public, bins=32, min_clients=3, scale=1.0)
+    clients = [TorchClient(strategy.client_model().double(), x, y, lr=0.5, dtype=torch.float64) for x, y in users]
+    got = run_flower_audit(strategy, clients, rounds=1).rounds[1].reconstruction
+    mal = strategy.client_model().double()
+    x = torch.stack([u[0] for u in users])
+    y = torch.stack([u[1] for u in users])
+    agg = secure_aggregate(user_gradients(mal, x, y))
+    want = imprint(mal, Observation(grad=ParamVector(agg), users=3, batch=8, input_shape=(1, 6, 6)))
+    assert got.info["bin_index"] == want.info["bin_index"]
+    torch.testing.assert_close(got.x, want.x, rtol=1e-7, atol=1e-7)
+
+
+def test_the_scale_option_keeps_the_bins_and_the_recovery() -> None:
+    model, public, users = _setup(2)
+    a = plant_imprint(model, public, bins=16)
+    b = plant_imprint(model, public, bins=16, scale=1e-3)
+    x = torch.cat([u[0] for u in users])
+    assert torch.equal(a.bin_of(x), b.bin_of(x))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)  # the model sees the same input
+    with pytest.raises(ConfigError, match="scale"):
+        plant_imprint(model, public, bins=4, scale=0.0)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "example.org", "::"])
+def test_a_non_loopback_address_needs_allow_remote(host: str) -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        check_address(host, allow_remote=False)
+    check_address(host, allow_remote=True)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_addresses_are_accepted(host: str) -> None:
+    check_address(host, allow_remote=False)
+
+
+def test_bad_input_is_refused_before_any_server_starts() -> None:
+    model, public, users = _setup()
+    with pytest.raises(ConfigError, match="no data"):
+        TorchClient(model, users[0][0][:0], users[0][1][:0])
+    strategy = ImprintStrategy(model, public, bins=8, min_clients=3)
+    clients = [TorchClient(strategy.client_model(), x, y) for x, y in users[:2]]
+    with pytest.raises(ConfigError, match="min_clients"):
+        run_flower_audit(strategy, clients)
+    with pytest.raises(ConfigError, match="rounds"):
+        run_flower_audit(strategy, clients, rounds=0)
+    with pytest.raises(ConfigError, match="loopback"):
+        run_flower_audit(strategy, clients, host="0.0.0.0")
+    with pytest.raises(ConfigError, match="bins"):
+        ImprintStrategy(model, public[:4], bins=8)

@@ -110,6 +110,11 @@ def _bad(**change: Any) -> dict[str, Any]:
     ({"box": [0, 0.5]}, ["box [0.0, 0.5]", "outside it"]),
     ({"psnr_threshold": 0}, ["psnr_threshold", "got 0"]),
     ({"inversion": {"steps": 0}}, ["inversion.steps", "got 0"]),
+    ({"transport": "flower", "attack": "dlg"}, ["transport = 'flower'", "attack = 'dlg'", "allowed: attack imprint"]),
+    ({"transport": "flower", "aggregation": {"secure": False}}, ["aggregation.secure = False"]),
+    ({"transport": "flower", "flower_host": "0.0.0.0"}, ["flower_host = '0.0.0.0'", "not a loopback address"]),
+    ({"transport": "pigeon"}, ["transport", "pigeon", "simulated", "flower"]),
+    ({"imprint": {"scale": 0}}, ["imprint.scale", "got 0"]),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, Any], words: list[str]) -> None:
     path = tmp_path / "bad.yaml"

@@ -103,3 +103,19 @@ def test_bad_input_is_refused_before_any_server_starts() -> None:
         run_flower_audit(strategy, clients, host="0.0.0.0")
     with pytest.raises(ConfigError, match="bins"):
         ImprintStrategy(model, public[:4], bins=8)
+
+
+def test_the_federated_kind_runs_its_round_through_flower(tmp_path) -> None:  # noqa: ANN001
+    """``transport: flower``: the same bins as the simulated round (same seed), and the inputs alone in
+    their bin come back verbatim from float32 weights on the wire."""
+    from mlaudit.experiments import run_experiment
+
+    base = {"kind": "federated", "dataset": "digits", "model": {"name": "mlp", "width": 32}, "recipe": "fast",
+            "attack": "imprint", "users": 4, "batch": 8, "imprint": {"bins": 64}, "seed": 0}
+    runs = {t: run_experiment(base | {"transport": t}, out=tmp_path / t, device="cpu", store=tmp_path / "runs.db",
+                              quiet=True).results["metrics"] for t in ("simulated", "flower")}
+    fl, sim = runs["flower"], runs["simulated"]
+    assert fl["settings"]["transport"] == "flower" and fl["settings"]["imprint_scale"] == 1e-3
+    assert fl["imprint"]["inputs_alone_in_a_bin"] == sim["imprint"]["inputs_alone_in_a_bin"] > 0
+    assert fl["exact"]["k"] >= fl["imprint"]["inputs_alone_in_a_bin"] - 1
+

@@ -152,10 +152,12 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     x, y, _ = local_batches(data.train, parts, batch=config.batch, generator=gen)
     x, y = x.to(device), y.to(device)
     public = data.test.x.to(device)
+    if config.transport == "flower":
+        return _flower_trial(config, data, model, x.cpu(), y.cpu(), public, gen), None
     if config.attack == "imprint":
         im = config.imprint
         sent: nn.Module = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
-                                        feedback=im.feedback, generator=gen)
+                                        feedback=im.feedback, scale=im.scale or 1.0, generator=gen)
     else:
         sent = model
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
@@ -182,6 +184,25 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     plain = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=updates)
     _attack(config, data, sent, plain, x, y, mean_probs, gen, base, grid=False)
     return out, base
+
+
+def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, x: Tensor, y: Tensor, public: Tensor,
+                  gen: torch.Generator) -> _Outcome:
+    """The round through Flower (``transport: flower``, on the CPU): the malicious ImprintStrategy plants the
+    imprint (same bins as the simulated path), one TorchClient per user takes one FedSGD step at
+    ``local_lr``, and the attack reads the aggregate the strategy saw."""
+    from ..federated.flower import ImprintStrategy, TorchClient, run_flower_audit
+
+    im = config.imprint
+    strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, measurement=im.measurement, cdf=im.cdf,
+                               feedback=im.feedback, scale=im.scale or 1e-3, min_clients=config.users, generator=gen)
+    clients = [TorchClient(strategy.client_model(), x[u], y[u], lr=config.local_lr) for u in range(config.users)]
+    audit = run_flower_audit(strategy, clients, rounds=1, host=config.flower_host, allow_remote=config.allow_remote)
+    out = _Outcome()
+    out.seconds["updates"] = audit.seconds
+    mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
+    return _attack(config, data, strategy.malicious, [(audit.rounds[1].observation, slice(0, config.users))], x, y,
+                   mean_probs, gen, out)
 
 
 def _attack(config: FederatedConfig, data: DataBundle, sent: nn.Module, seen: list[tuple[Observation, slice]],
@@ -291,12 +312,14 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
         "inputs_per_update": config.inputs_per_update, "secure_aggregation": agg.secure, "clip": agg.clip,
         "noise_multiplier": agg.noise_multiplier, "psnr_threshold": config.psnr_threshold, "exact_db": EXACT_DB,
         "user_mode": config.user_mode, "partition": config.partition.scheme, "pretrain": config.pretrain,
-        "trials": config.trials, "public_inputs": len(data.test), "defence": config.defence.method}
+        "trials": config.trials, "public_inputs": len(data.test), "defence": config.defence.method,
+        "transport": config.transport}
     if config.protocol == "fedavg":
         out.update(local_epochs=config.local_epochs, local_batch=config.local_batch or config.batch,
                    local_lr=config.local_lr)
     if config.attack == "imprint":
-        out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf)
+        out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf,
+                   imprint_scale=config.imprint.scale or (1e-3 if config.transport == "flower" else 1.0))
     else:
         out.update(steps=config.inversion.steps, labels=config.inversion.labels, restarts=config.inversion.restarts)
     return out
@@ -367,6 +390,10 @@ def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list
         who = (f"Honest-but-curious server ({config.attack}, {config.inversion.steps} steps, labels "
                f"{'optimised jointly' if config.attack == 'dlg' and config.inversion.soft_labels and config.inversion.labels != 'known' else config.inversion.labels})")
     defence = ""
+    if config.transport == "flower":
+        defence = (f" The round ran through Flower: a malicious ImprintStrategy (FedAvg) and {config.users} clients "
+                   f"over gRPC on {config.flower_host}, float32 weights on the wire, each client one SGD step at lr "
+                   f"{config.local_lr:g}; the server read only the FedAvg aggregate.")
     if config.defence.method != "none":
         defence = (f" Each user applies the defence {config.defence.method} to its update before sharing it; the "
                    "attack also runs on the undefended updates of the same round for comparison.")

@@ -14,6 +14,8 @@
     inversion: {steps: 1000, lr: 0.1, tv: 1.0e-4, restarts: 1, labels: recovered}
     psnr_threshold: 30
     defence: {method: none}          # none | noise (sigma) | clip-noise (clip, sigma) | prune (prune) | quantise (bits)
+    transport: simulated             # simulated | flower (the round over gRPC through a malicious Flower strategy)
+    flower_host: 127.0.0.1           # with transport: flower; a non-loopback host needs allow_remote: true
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ class ImprintOptions(BaseModel):
     measurement: Literal["brightness", "random"] = "brightness"
     cdf: Literal["empirical", "gaussian"] = "empirical"
     feedback: float = Field(1e-2, gt=0.0, le=1e3)
+    scale: float | None = Field(None, gt=0.0, le=1e6)
+    """Multiplies the imprint weights and offsets (same bins; see plant_imprint). None: 1e-3 with
+    ``transport: flower`` (float32 weights on the wire), else 1."""
 
 
 class InversionOptions(BaseModel):
@@ -146,6 +151,13 @@ class FederatedConfig(ExperimentConfig):
     """Inputs shown (true above recovered) in the report's grid; 0: none."""
     chunk: int | None = Field(None, ge=1, le=100_000)
     """Users per vmap call of the FedSGD gradients (None: all at once)."""
+    transport: Literal["simulated", "flower"] = "simulated"
+    """``flower``: the round runs through Flower (a malicious ImprintStrategy and one TorchClient per user
+    over gRPC on ``flower_host``; needs the ``flower`` extra), the server reading the FedAvg aggregate of
+    float32 weights; imprint attack, FedSGD, secure aggregation without clip, noise or defence only."""
+    flower_host: str = "127.0.0.1"
+    allow_remote: bool = False
+    """Let ``flower_host`` be a non-loopback address (the malicious server then listens on a network)."""
 
     @model_validator(mode="after")
     def _fits(self) -> FederatedConfig:
@@ -153,6 +165,21 @@ class FederatedConfig(ExperimentConfig):
         if self.local_batch is not None and self.local_batch > self.batch:
             raise ValueError(f"local_batch = {self.local_batch} exceeds batch = {self.batch} (each user's local data); "
                              f"allowed 1 <= local_batch <= {self.batch}")
+        if self.transport == "flower":
+            agg = self.aggregation
+            bad = [f"{k} = {v!r}" for k, v in (("attack", self.attack), ("protocol", self.protocol),
+                                              ("aggregation.secure", agg.secure), ("aggregation.clip", agg.clip),
+                                              ("aggregation.noise_multiplier", agg.noise_multiplier),
+                                              ("defence.method", self.defence.method))
+                   if v not in ({"imprint"} if k == "attack" else {"fedsgd"} if k == "protocol" else
+                                {True} if k == "aggregation.secure" else {None} if k == "aggregation.clip" else
+                                {0.0} if k == "aggregation.noise_multiplier" else {"none"})]
+            if bad:
+                raise ValueError(f"transport = 'flower' runs the imprint attack on a plain FedSGD round: {', '.join(bad)} "
+                                 "not allowed with it (allowed: attack imprint, protocol fedsgd, aggregation.secure "
+                                 "true without clip or noise, defence.method none)")
+            from ..federated.address import check_address
+            check_address(self.flower_host, allow_remote=self.allow_remote, field="flower_host")
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")

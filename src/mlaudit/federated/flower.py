@@ -35,7 +35,6 @@ Requires ``flwr`` (``pip install 'mlaudit[flower]'``).
 from __future__ import annotations
 
 import copy
-import ipaddress
 import socket
 import threading
 import time
@@ -59,6 +58,7 @@ from ..attacks.federated.base import Observation, Reconstruction
 from ..attacks.federated.imprint import Cdf, ImprintedModel, Measurement, imprint, plant_imprint
 from ..errors import ConfigError
 from ..query import ParamVector
+from .address import check_address
 from .updates import user_gradients
 
 IMPRINT = ("imprint.weight", "imprint.bias")
@@ -84,6 +84,8 @@ class RoundResult:
     round: int
     clients: int
     examples: int
+    observation: Observation
+    """The aggregate's imprint-layer update (w sent - w aggregated, float64): what the attack read."""
     reconstruction: Reconstruction
 
 
@@ -148,7 +150,7 @@ class ImprintStrategy(FedAvg):
         obs = Observation(grad=ParamVector(delta), users=max(len(results), 1),
                           batch=max(examples // max(len(results), 1), 1), input_shape=self.input_shape)
         rec = imprint(self.malicious, obs, rel_tol=self.rel_tol)
-        self.rounds[server_round] = RoundResult(server_round, len(results), examples, rec)
+        self.rounds[server_round] = RoundResult(server_round, len(results), examples, obs, rec)
         return params, {**metrics, "imprint_candidates": len(rec.x)}
 
 
@@ -185,17 +187,6 @@ class TorchClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         return 0.0, len(self.x), {}
-
-
-def check_address(host: str, *, allow_remote: bool) -> None:
-    """A Flower server binds to loopback unless ``allow_remote``: anything else is a ConfigError."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not allow_remote:
-        raise ConfigError(f"flower address = {host!r} is not a loopback address; allowed: 127.0.0.1, ::1 or "
-                          "localhost, or pass allow_remote=True to expose the malicious server on a network")
 
 
 def _wait_listening(host: str, port: int, timeout: float) -> None:

@@ -65,6 +65,14 @@ class PoisonAttack(CraftingSettings):
         data.update(fill_defaults(data, entry.defaults, strict=False))
         return data
 
+    @model_validator(mode="after")
+    def _late_defaults(self) -> Any:
+        """Defaults computed from other settings (``lr = 2.5 / steps``) that could not be computed before
+        validation (``steps: '1'`` is a string until then): filled now, so the resolved config round-trips."""
+        given = {k: getattr(self, k) for k in SETTINGS}
+        late = {k: v for k, v in fill_defaults(given, self.entry.defaults).items() if callable(self.entry.defaults[k])}
+        return self.model_copy(update=late) if late else self
+
     @property
     def entry(self) -> PoisonerEntry:
         return POISONERS.get(self.method, family=self.family)

@@ -47,8 +47,9 @@ def user_gradients(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool =
     ``x`` [U, B, *shape], ``y`` [U, B] on the model's device -> {name: [U, *shape]} for every trainable
     parameter (``requires_grad``), in the model's order. The model and its ``.grad`` are not changed.
     """
-    if x.dim() < 3 or y.shape != x.shape[:2]:
-        raise ConfigError(f"user_gradients needs x [U, B, *shape] and y [U, B], got {list(x.shape)} and {list(y.shape)}")
+    if x.dim() < 3 or y.shape[:2] != x.shape[:2]:
+        raise ConfigError(f"user_gradients needs x [U, B, *shape] and y [U, B] (or [U, B, L] sequence targets), got "
+                          f"{list(x.shape)} and {list(y.shape)}")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ConfigError("user_gradients needs a model with trainable parameters (requires_grad=True)")

@@ -21,6 +21,7 @@ from .base import (
     register_federated,
     total_variation,
 )
+from .decepticons import decepticons, plant_decepticon
 from .dlg import dlg
 from .imprint import ImprintedModel, imprint, imprint_candidates, plant_imprint
 from .inverting_gradients import inverting_gradients
@@ -30,7 +31,7 @@ from .objective import BoxThenFree, GradientInversion
 
 __all__ = [
     "FEDERATED_ATTACKS", "BoxThenFree", "FederatedAttack", "GradientInversion", "ImprintedModel", "Match",
-    "Observation", "Reconstruction", "dlg", "idlg_label", "imprint", "imprint_candidates", "inverting_gradients",
-    "label_accuracy", "label_counts", "labels_from_counts", "last_linear", "match", "plant_imprint", "psnr",
+    "Observation", "Reconstruction", "decepticons", "dlg", "idlg_label", "imprint", "imprint_candidates", "inverting_gradients",
+    "label_accuracy", "label_counts", "labels_from_counts", "last_linear", "match", "plant_decepticon", "plant_imprint", "psnr",
     "psnr_matrix", "register_federated", "ssim", "total_variation",
 ]

@@ -1,0 +1,100 @@
+"""Decepticons (mlaudit.attacks.federated.decepticons) on a tiny TinyGPT: exact recovery of every
+(token, position) when each token has its own bin, the honest bag-of-tokens baseline, the planted model's
+structure, the multiset metric, bad input; and TinyGPT's causal layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlaudit.attacks.federated import Observation, decepticons, plant_decepticon
+from mlaudit.attacks.federated.decepticons import decode, pair_recovery
+from mlaudit.errors import ConfigError
+from mlaudit.federated import secure_aggregate, user_gradients
+from mlaudit.models.gpt import TinyGPT
+from mlaudit.query import ParamVector
+
+V, L = 12, 8
+
+
+def _setup(users: int, seed: int = 0) -> tuple[TinyGPT, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    public = torch.randint(0, V, (400, L), generator=g)
+    seqs = torch.randint(0, V, (users, 1, L + 1), generator=g)
+    torch.manual_seed(seed)
+    return TinyGPT(V, L, d_model=32, heads=2, layers=2), public, seqs
+
+
+def _observe(model: TinyGPT, seqs: torch.Tensor) -> Observation:
+    agg = secure_aggregate(user_gradients(model, seqs[..., :L], seqs[..., 1:]))
+    return Observation(grad=ParamVector(agg), users=seqs.shape[0], batch=seqs.shape[1], input_shape=(L,))
+
+
+def test_tiny_gpt_is_causal_and_returns_vocab_second() -> None:
+    model, _, seqs = _setup(1)
+    x = seqs[0, :, :L]
+    out = model(x)
+    assert out.shape == (1, V, L)
+    y = x.clone()
+    y[0, -1] = (y[0, -1] + 1) % V
+    torch.testing.assert_close(model(y)[..., :-1], out[..., :-1])  # earlier positions do not see the last token
+
+
+def test_one_user_every_token_and_position_comes_back_exactly() -> None:
+    model, public, seqs = _setup(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mal = plant_decepticon(model, public, bins=64, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the user's model untouched
+    rec = decepticons(mal, _observe(mal, seqs))
+    true = seqs[0, :, :L]
+    # each (token, position) of the one sequence is alone in its bin unless two share a measurement
+    bins_of = torch.searchsorted(-mal.blocks[0].fc1.bias[:64].detach().double(),
+                                 (mal.blocks[0].ln2(mal.embed(true)).double() @ (mal.blocks[0].fc1.weight[0].double()))
+                                 .flatten().detach(), side="left")
+    alone = int((torch.bincount(bins_of, minlength=65)[bins_of] == 1).sum())
+    assert pair_recovery(true, rec.x) >= alone / L - 1e-9
+    assert alone >= L - 2  # 64 bins for 8 tokens: a collision or two at most
+    # every pair returned is a true one (the decode check drops mixtures and noise)
+    true_pairs = {(int(t), p) for p, t in enumerate(true[0])}
+    assert {tuple(map(int, r)) for r in rec.x} <= true_pairs
+
+
+def test_the_honest_baseline_is_the_bag_of_tokens() -> None:
+    model, public, seqs = _setup(3)
+    mal = plant_decepticon(model, public, bins=64)
+    rec = decepticons(mal, _observe(mal, seqs))
+    assert rec.info["token_set"] == sorted(set(seqs[..., :L].flatten().tolist()))
+
+
+def test_the_planted_first_block_passes_the_embedding_through_its_attention() -> None:
+    model, public, seqs = _setup(1)
+    mal = plant_decepticon(model, public, bins=16)
+    blk = mal.blocks[0]
+    assert torch.count_nonzero(blk.proj.weight) == 0 and torch.count_nonzero(blk.proj.bias) == 0
+    e = mal.embed(seqs[0, :, :L])
+    # the first LayerNorm only rescales e: token and position codes are zero-mean with fixed norms
+    ln = blk.ln2(e)
+    ratio = ln.norm(dim=-1) / e.norm(dim=-1)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.flatten()[0].detach())), rtol=1e-4, atol=0)
+    t, p, ok = decode(mal, ln.flatten(0, 1))
+    assert torch.equal(t, seqs[0, 0, :L]) and torch.equal(p, torch.arange(L)) and bool(ok.all())
+
+
+def test_pair_recovery_counts_a_multiset() -> None:
+    true = torch.tensor([[1, 2, 1], [1, 3, 3]])  # pairs (1,0) twice, (2,1), (1,2), (3,1), (3,2)
+    assert pair_recovery(true, torch.tensor([[1, 0]])) == pytest.approx(1 / 6)
+    assert pair_recovery(true, torch.tensor([[1, 0], [1, 0], [1, 0]])) == pytest.approx(2 / 6)
+    assert pair_recovery(true, torch.tensor([[2, 0], [3, 1], [3, 2], [1, 2]])) == pytest.approx(3 / 6)
+    assert pair_recovery(true, torch.zeros(0, 2, dtype=torch.long)) == 0.0
+
+
+def test_bad_input() -> None:
+    model, public, seqs = _setup(1)
+    with pytest.raises(ConfigError, match=r"bins = 200; allowed 1 <= bins <= 128"):
+        plant_decepticon(model, public, bins=200)
+    with pytest.raises(ConfigError, match="TinyGPT"):
+        plant_decepticon(torch.nn.Linear(2, 2), public, bins=4)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="not planted"):
+        decepticons(model, _observe(model, seqs))
+    with pytest.raises(ConfigError, match="distinct"):
+        plant_decepticon(model, torch.tensor([[0], [1], [0], [1]]), bins=8)

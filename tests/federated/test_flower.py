@@ -119,3 +119,25 @@ def test_the_federated_kind_runs_its_round_through_flower(tmp_path) -> None:  # 
     assert fl["imprint"]["inputs_alone_in_a_bin"] == sim["imprint"]["inputs_alone_in_a_bin"] > 0
     assert fl["exact"]["k"] >= fl["imprint"]["inputs_alone_in_a_bin"] - 1
 
+
+
+def test_clients_draw_a_fresh_batch_each_round_and_each_round_reveals_its_own_inputs() -> None:
+    model, public, _ = _setup(3)
+    g = torch.Generator().manual_seed(3)
+    local = [(torch.rand(16, 1, 6, 6, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(3)]
+    strategy = ImprintStrategy(model, public, bins=64, min_clients=3)
+    clients = [TorchClient(strategy.client_model(), x, y, batch=4, seed=u) for u, (x, y) in enumerate(local)]
+    out = run_flower_audit(strategy, clients, rounds=2)
+    for c in clients:
+        assert len(c.drawn) == 2 and not torch.equal(c.drawn[0], c.drawn[1])
+    for r in (1, 2):
+        assert out.rounds[r].examples == 12
+        drawn = torch.cat([x[c.drawn[r - 1]] for c, (x, _) in zip(clients, local, strict=True)])
+        other = torch.cat([x[c.drawn[2 - r]] for c, (x, _) in zip(clients, local, strict=True)])
+        rec = out.rounds[r].reconstruction.x.float()
+        assert int(match(drawn, rec, data_range=1.0).recovered(80.0).sum()) >= 1
+        # the other round's inputs do not come back, except those drawn in this round too
+        also_now = (other[:, None] == drawn[None]).flatten(2).all(2).any(1)
+        assert int(match(other[~also_now], rec, data_range=1.0).recovered(80.0).sum()) == 0
+    with pytest.raises(ConfigError, match="batch = 17"):
+        TorchClient(model, *local[0], batch=17)

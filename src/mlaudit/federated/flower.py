@@ -157,33 +157,44 @@ class ImprintStrategy(FedAvg):
 class TorchClient(NumPyClient):
     """A Flower client over a PyTorch model and its local data x [n, *shape], y [n].
 
-    ``fit`` loads the parameters it receives and takes ``local_steps`` full-batch SGD steps at ``lr`` on
-    the mean cross-entropy (one step: FedSGD), returning the new state and n. ``dtype`` is what goes
-    back over the wire (float32, as a PyTorch model sends)."""
+    ``fit`` loads the parameters it receives and takes ``local_steps`` SGD steps at ``lr`` on the mean
+    cross-entropy (one step: FedSGD) over all its data, or with ``batch`` over a fresh draw of ``batch``
+    examples per round (seeded by ``seed`` and the round count; the rows drawn are kept in
+    :attr:`drawn`), returning the new state and the number of examples used. ``dtype`` is what goes back
+    over the wire (float32, as a PyTorch model sends)."""
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, lr: float = 0.1, local_steps: int = 1,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 batch: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
         if len(x) == 0:
             raise ConfigError("a Flower client has no data (x is empty); allowed: at least one example per user")
         if lr <= 0 or local_steps < 1:
             raise ConfigError(f"TorchClient needs lr > 0 and local_steps >= 1, got lr={lr}, local_steps={local_steps}")
+        if batch is not None and not 1 <= batch <= len(x):
+            raise ConfigError(f"TorchClient batch = {batch}; allowed 1 <= batch <= {len(x)} (the client's examples)")
         self.model, self.x, self.y = model, x, y
-        self.lr, self.local_steps, self.dtype = lr, local_steps, dtype
+        self.lr, self.local_steps, self.batch, self.seed, self.dtype = lr, local_steps, batch, seed, dtype
+        self.drawn: list[Tensor] = []
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return _arrays(self.model)
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         _load(self.model, parameters)
+        rows = torch.arange(len(self.x))
+        if self.batch is not None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self.drawn))
+            rows = torch.randperm(len(self.x), generator=gen)[: self.batch]
+        self.drawn.append(rows)
+        x, y = self.x[rows], self.y[rows]
         for _ in range(self.local_steps):
-            g = user_gradients(self.model, self.x[None], self.y[None])
+            g = user_gradients(self.model, x[None], y[None])
             with torch.no_grad():
                 owned = dict(self.model.named_parameters())
                 for k, v in g.items():
                     owned[k].sub_(self.lr * v[0])
         out = [t.detach().to(self.dtype).cpu().numpy().copy() if t.is_floating_point() else t.detach().cpu().numpy()
                for t in self.model.state_dict().values()]
-        return out, len(self.x), {}
+        return out, len(rows), {}
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         return 0.0, len(self.x), {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlaudit.attacks.federated import Observation, decepticons, plant_decepticon
-from mlaudit.attacks.federated.decepticons import decode, pair_recovery
+from mlaudit.attacks.federated.decepticons import decode, mlp_input, pair_recovery, sequences
 from mlaudit.errors import ConfigError
 from mlaudit.federated import secure_aggregate, user_gradients
 from mlaudit.models.gpt import TinyGPT
@@ -49,14 +49,15 @@ def test_one_user_every_token_and_position_comes_back_exactly() -> None:
     true = seqs[0, :, :L]
     # each (token, position) of the one sequence is alone in its bin unless two share a measurement
     bins_of = torch.searchsorted(-mal.blocks[0].fc1.bias[:64].detach().double(),
-                                 (mal.blocks[0].ln2(mal.embed(true)).double() @ (mal.blocks[0].fc1.weight[0].double()))
+                                 (mlp_input(mal, true).double() @ mal.blocks[0].fc1.weight[0].double())
                                  .flatten().detach(), side="left")
     alone = int((torch.bincount(bins_of, minlength=65)[bins_of] == 1).sum())
     assert pair_recovery(true, rec.x) >= alone / L - 1e-9
     assert alone >= L - 2  # 64 bins for 8 tokens: a collision or two at most
     # every pair returned is a true one (the decode check drops mixtures and noise)
     true_pairs = {(int(t), p) for p, t in enumerate(true[0])}
-    assert {tuple(map(int, r)) for r in rec.x} <= true_pairs
+    assert {tuple(map(int, r)) for r in rec.x[:, :2]} <= true_pairs
+    assert bool((rec.x[:, 2] == true[0, 0]).all())  # every token tagged with its sequence's first token
 
 
 def test_the_honest_baseline_is_the_bag_of_tokens() -> None:
@@ -66,9 +67,18 @@ def test_the_honest_baseline_is_the_bag_of_tokens() -> None:
     assert rec.info["token_set"] == sorted(set(seqs[..., :L].flatten().tolist()))
 
 
-def test_the_planted_first_block_passes_the_embedding_through_its_attention() -> None:
-    model, public, seqs = _setup(1)
+def test_the_first_attention_tags_every_token_with_its_sequence_first_token() -> None:
+    model, public, _ = _setup(1)
     mal = plant_decepticon(model, public, bins=16)
+    x = torch.tensor([[3, 5, 7, 1, 1, 2, 9, 0], [4, 5, 7, 1, 1, 2, 9, 0]])
+    t, p, first, ok = decode(mal, mlp_input(mal, x).flatten(0, 1))
+    assert torch.equal(t, x.flatten()) and torch.equal(p, torch.arange(L).repeat(2)) and bool(ok.all())
+    assert torch.equal(first, torch.tensor([3] * L + [4] * L))
+
+
+def test_without_the_tag_the_first_block_passes_the_embedding_through_its_attention() -> None:
+    model, public, seqs = _setup(1)
+    mal = plant_decepticon(model, public, bins=16, tag=False)
     blk = mal.blocks[0]
     assert torch.count_nonzero(blk.proj.weight) == 0 and torch.count_nonzero(blk.proj.bias) == 0
     e = mal.embed(seqs[0, :, :L])
@@ -76,8 +86,9 @@ def test_the_planted_first_block_passes_the_embedding_through_its_attention() ->
     ln = blk.ln2(e)
     ratio = ln.norm(dim=-1) / e.norm(dim=-1)
     torch.testing.assert_close(ratio, torch.full_like(ratio, float(ratio.flatten()[0].detach())), rtol=1e-4, atol=0)
-    t, p, ok = decode(mal, ln.flatten(0, 1))
+    t, p, first, ok = decode(mal, ln.flatten(0, 1))
     assert torch.equal(t, seqs[0, 0, :L]) and torch.equal(p, torch.arange(L)) and bool(ok.all())
+    assert bool((first == -1).all())
 
 
 def test_pair_recovery_counts_a_multiset() -> None:
@@ -86,6 +97,15 @@ def test_pair_recovery_counts_a_multiset() -> None:
     assert pair_recovery(true, torch.tensor([[1, 0], [1, 0], [1, 0]])) == pytest.approx(2 / 6)
     assert pair_recovery(true, torch.tensor([[2, 0], [3, 1], [3, 2], [1, 2]])) == pytest.approx(3 / 6)
     assert pair_recovery(true, torch.zeros(0, 2, dtype=torch.long)) == 0.0
+
+
+def test_sequences_groups_by_first_token_and_counts_merged_sequences() -> None:
+    true = torch.tensor([[1, 2, 3], [4, 5, 6], [1, 7, 7]])  # sequences 0 and 2 share their first token
+    rec = torch.tensor([[4, 0, 4], [5, 1, 4], [6, 2, 4], [2, 1, 1], [9, 2, 4]])
+    out = sequences(true, rec)
+    assert out == {"merged": pytest.approx(2 / 3), "tokens_in_sequence": pytest.approx(1 / 3),
+                   "whole": pytest.approx(1 / 3)}
+    assert sequences(true[1:2], rec[:2])["tokens_in_sequence"] == pytest.approx(2 / 3)
 
 
 def test_bad_input() -> None:

@@ -42,16 +42,18 @@ from .imprint import imprint_candidates
 
 @dataclass(frozen=True)
 class Layout:
-    """The coordinates of the residual stream the malicious embeddings use."""
+    """The coordinates of the residual stream the malicious parameters use: token codes, position codes,
+    the sequence tag (written by the first attention layer) and the one feedback coordinate."""
 
     tok: slice
     pos: slice
-    free: slice
+    tag: slice
+    feedback: int
 
 
 def layout(d: int) -> Layout:
     t, p = d // 2, d // 4
-    return Layout(slice(0, t), slice(t, t + p), slice(t + p, d))
+    return Layout(slice(0, t), slice(t, t + p), slice(t + p, d - 1), d - 1)
 
 
 def _codes(n: int, width: int, norm: float, generator: torch.Generator) -> Tensor:
@@ -62,9 +64,11 @@ def _codes(n: int, width: int, norm: float, generator: torch.Generator) -> Tenso
 
 
 def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale: float = 1.0,
-                     feedback: float = 1e-2, generator: torch.Generator | None = None) -> TinyGPT:
+                     feedback: float = 1e-2, tag: bool = True, generator: torch.Generator | None = None) -> TinyGPT:
     """A copy of ``model`` with the malicious parameters of the module docstring; ``public_tokens``
-    [N, L] (L <= seq_len) the server's public text, on which the bins' quantiles are estimated."""
+    [N, L] (L <= seq_len) the server's public text, on which the bins' quantiles are estimated;
+    ``tag``: the first attention layer tags every token with its sequence's first token (else it is
+    passed through)."""
     if not isinstance(model, TinyGPT):
         raise ConfigError(f"plant_decepticon needs a TinyGPT (mlaudit.models.gpt), got {type(model).__name__}")
     d = model.d_model
@@ -84,17 +88,26 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
         tok[:, lay.tok] = _codes(model.vocab, lay.tok.stop - lay.tok.start, 1.0, g)
         pos = torch.zeros(model.seq_len, d, dtype=torch.float64)
         pos[:, lay.pos] = _codes(model.seq_len, lay.pos.stop - lay.pos.start, 1.0, g)
+        if tag:  # position 0's code orthogonal to the others, so attention can single it out
+            p0 = pos[0, lay.pos]
+            rest = pos[1:, lay.pos] - (pos[1:, lay.pos] @ p0)[:, None] * p0
+            rest = rest - rest.mean(1, keepdim=True)
+            pos[1:, lay.pos] = rest / rest.norm(dim=1, keepdim=True)
         m.tok.weight.copy_(tok)
         m.pos.weight.copy_(pos)
         for ln in (blk.ln1, blk.ln2):
             ln.weight.fill_(1.0)
             ln.bias.zero_()
+        blk.qkv.weight.zero_()
+        blk.qkv.bias.zero_()
         blk.proj.weight.zero_()
         blk.proj.bias.zero_()
+        if tag:
+            _plant_tag(blk, tok, pos, lay, g)
         direction = torch.zeros(d, dtype=torch.float64)
         direction[lay.tok.start:lay.pos.stop] = torch.randn(lay.pos.stop, generator=g, dtype=torch.float64)
         direction /= direction.norm()
-        h = (blk.ln2(m.embed(public_tokens.to(dev))).double().flatten(0, 1) @ direction.to(dev)).cpu()
+        h = (mlp_input(m, public_tokens.to(dev)).double().flatten(0, 1) @ direction.to(dev)).cpu()
         if not float(h.max()) > float(h.min()):
             raise ConfigError("the measurement is constant on the public text: give more or more varied public tokens")
         c = _offsets(h, bins)
@@ -105,13 +118,57 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
         blk.fc1.weight.copy_(w1)
         blk.fc1.bias.copy_(b1)
         u = torch.zeros(d, dtype=torch.float64)
-        u[lay.free] = 1.0 / math.sqrt(lay.free.stop - lay.free.start)
+        u[lay.feedback] = 1.0
         w2 = torch.zeros(d, width, dtype=torch.float64)
         w2[:, :bins] = (feedback / (scale * bins * max(float(h.std()), 1e-12))) * u[:, None]
         blk.fc2.weight.copy_(w2)
         blk.fc2.bias.zero_()
     m.decepticon_bins = bins  # type: ignore[assignment]
+    m.decepticon_tag = tag  # type: ignore[assignment]
     return m
+
+
+def mlp_input(model: TinyGPT, tokens: Tensor) -> Tensor:
+    """What the first block's MLP sees for tokens [B, L]: ln2(e + attention(ln1(e))) [B, L, d]."""
+    blk = model.blocks[0]
+    seen: list[Tensor] = []
+    hook = blk.fc1.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            blk(model.embed(tokens))
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def _plant_tag(blk: torch.nn.Module, tok: Tensor, pos: Tensor, lay: Layout, g: torch.Generator) -> None:
+    """Head 0 of the first attention layer attends from every position to position 0 (query a constant,
+    key the position-0 code, scaled so the softmax puts all but e^-40 of its weight there) and writes a
+    random projection of that token's code into the tag coordinates: every token of a sequence carries
+    its sequence's first token. The other heads' values are zero."""
+    d = tok.shape[1]
+    heads = blk.heads
+    dh = d // heads
+    std = math.sqrt(2.0 / d)  # LN1's scale: tok and pos codes of unit norm, zero mean, disjoint
+    wq, bq = torch.zeros(dh, d, dtype=torch.float64), torch.zeros(dh, dtype=torch.float64)
+    bq[0] = 1.0
+    wk = torch.zeros(dh, d, dtype=torch.float64)
+    wk[0] = (40.0 * math.sqrt(dh) * std) * pos[0]  # score 40 at position 0, 0 elsewhere (orthogonal codes)
+    n_tag = lay.tag.stop - lay.tag.start
+    wv = torch.zeros(dh, d, dtype=torch.float64)
+    wv[:, lay.tok] = torch.randn(dh, lay.tok.stop - lay.tok.start, generator=g, dtype=torch.float64) * std
+    out = torch.randn(n_tag, dh, generator=g, dtype=torch.float64) / math.sqrt(dh)
+    out -= out.mean(0, keepdim=True)  # the tag has zero mean over the residual, as the codes do
+    qkv_w = blk.qkv.weight.detach().double().clone()
+    qkv_b = blk.qkv.bias.detach().double().clone()
+    qkv_w[0:dh], qkv_b[0:dh] = wq, bq  # q of head 0
+    qkv_w[d:d + dh] = wk  # k of head 0
+    qkv_w[2 * d:2 * d + dh] = wv  # v of head 0
+    proj = torch.zeros(d, d, dtype=torch.float64)
+    proj[lay.tag, 0:dh] = out
+    blk.qkv.weight.copy_(qkv_w)
+    blk.qkv.bias.copy_(qkv_b)
+    blk.proj.weight.copy_(proj)
 
 
 def _offsets(h: Tensor, bins: int) -> Tensor:
@@ -132,28 +189,42 @@ def _offsets(h: Tensor, bins: int) -> Tensor:
     return c
 
 
-def decode(model: TinyGPT, z: Tensor, *, tol: float = 0.05) -> tuple[Tensor, Tensor, Tensor]:
-    """(token [m], position [m], valid [m]) of recovered first-MLP inputs z [m, d]: the codes with the
-    largest inner product on the token and on the position coordinates; ``valid`` where z is within
-    relative distance ``tol`` of LN(tok[token] + pos[position]). A bin shared by several tokens yields
-    their gradient-weighted mean, and float error in an empty bin yields noise: neither lies on a code,
-    so the check drops them instead of counting chance matches."""
+def _residual(z: Tensor, ref: Tensor) -> Tensor:
+    """||z - a ref|| / ||z|| per row for the best scale a (z, ref [m, k]): how far z is from ref's direction."""
+    a = (z * ref).sum(1, keepdim=True) / (ref * ref).sum(1, keepdim=True).clamp_min(1e-30)
+    return (z - a * ref).norm(dim=1) / z.norm(dim=1).clamp_min(1e-30)
+
+
+def decode(model: TinyGPT, z: Tensor, *, tol: float = 0.05) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(token [m], position [m], first token [m] (-1 without a tag), valid [m]) of recovered first-MLP
+    inputs z [m, d]: the codes with the largest inner product on the token, the position and the tag
+    coordinates; ``valid`` where each part of z is within relative distance ``tol`` of the decoded code's
+    direction. A bin shared by several tokens yields their gradient-weighted mean, and float error in an
+    empty bin yields noise: neither lies on a code, so the check drops them instead of counting chance
+    matches."""
     lay = layout(model.d_model)
     z = z.to(model.tok.weight)
+    tp = slice(lay.tok.start, lay.pos.stop)
     token = (z[:, lay.tok] @ model.tok.weight[:, lay.tok].T).argmax(1)
     position = (z[:, lay.pos] @ model.pos.weight[:, lay.pos].T).argmax(1)
-    with torch.no_grad():
-        want = model.blocks[0].ln2(model.tok.weight[token] + model.pos.weight[position])
-    valid = (z - want).norm(dim=1) <= tol * want.norm(dim=1)
-    return token.cpu(), position.cpu(), valid.cpu()
+    valid = _residual(z[:, tp], (model.tok.weight[token] + model.pos.weight[position])[:, tp]) <= tol
+    first = torch.full_like(token, -1)
+    if getattr(model, "decepticon_tag", False):
+        tags = mlp_input(model, torch.arange(model.vocab, device=z.device)[:, None])[:, 0, lay.tag]  # [V, n_tag]
+        zt = z[:, lay.tag]
+        cos = (zt / zt.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ (tags / tags.norm(dim=1, keepdim=True)).T
+        first = cos.argmax(1)
+        valid &= _residual(zt, tags[first]) <= tol
+    return token.cpu(), position.cpu(), first.cpu(), valid.cpu()
 
 
 @register_federated("decepticons")
 def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol: float = 0.05) -> Reconstruction:
-    """(token, position) pairs read off the first MLP layer's update of the model
-    :func:`plant_decepticon` returned: ``x`` [m, 2], one per bin interval whose candidate decodes onto a
-    code (:func:`decode`; a bin holding one token gives it exactly), ``info['token_set']`` the
-    honest-but-curious bag of tokens (non-zero rows of the token-embedding gradient)."""
+    """(token, position, first token of its sequence) read off the first MLP layer's update of the model
+    :func:`plant_decepticon` returned: ``x`` [m, 3], one per bin interval whose candidate decodes onto the
+    codes (:func:`decode`; a bin holding one token gives it exactly; first token -1 without the tag),
+    ``info['token_set']`` the honest-but-curious bag of tokens (non-zero rows of the token-embedding
+    gradient). :func:`sequences` groups the rows into sequences."""
     bins = getattr(model, "decepticon_bins", None)
     if bins is None:
         raise ConfigError("the decepticons attack reads the model plant_decepticon returned; this one was not planted")
@@ -162,12 +233,11 @@ def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol:
         raise ConfigError(f"the observed update lacks {', '.join(k for k in need if k not in obs.grad)}")
     z, where = imprint_candidates(obs.grad["blocks.0.fc1.weight"][:bins], obs.grad["blocks.0.fc1.bias"][:bins],
                                   rel_tol=rel_tol)
-    token, position, valid = decode(model, z, tol=tol)
+    token, position, first, valid = decode(model, z, tol=tol)
     info: dict = {"bins": bins, "nonempty_bins": len(where), "rejected": int((~valid).sum())}
-    token, position = token[valid], position[valid]
     if "tok.weight" in obs.grad:
         info["token_set"] = (obs.grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
-    return Reconstruction(torch.stack([token, position], 1), None, info)
+    return Reconstruction(torch.stack([token, position, first], 1)[valid], None, info)
 
 
 def pair_recovery(true_tokens: Tensor, pairs: Tensor) -> float:
@@ -180,7 +250,32 @@ def pair_recovery(true_tokens: Tensor, pairs: Tensor) -> float:
         return 0.0
     key = lambda t: (t[:, 0].long() * 1_000_003 + t[:, 1].long())  # noqa: E731
     tv, tc = torch.unique(key(true), return_counts=True)
-    pv, pc = torch.unique(key(pairs.cpu()), return_counts=True)
+    pv, pc = torch.unique(key(pairs[:, :2].cpu()), return_counts=True)
     both = torch.isin(tv, pv)
     matched = torch.minimum(tc[both], pc[torch.isin(pv, tv)]).sum()
     return float(matched) / len(true)
+
+
+def sequences(true_tokens: Tensor, rec: Tensor) -> dict[str, float]:
+    """Sequence-level recovery from rows (token, position, first token) [m, 3] of :func:`decepticons`
+    for the users' sequences true_tokens [S, L]: the rows grouped by first token form the recovered
+    sequences. Sequences that share their first token with another are merged by the tag and count as
+    not recovered. Returns the fraction of sequences ``merged``, the mean fraction of each sequence's
+    positions recovered with the right token inside its own group (``tokens_in_sequence``), and the
+    fraction of sequences recovered whole (``whole``)."""
+    s, n = true_tokens.shape
+    first = true_tokens[:, 0].cpu()
+    counts = torch.bincount(first)
+    fractions, whole, merged = [], 0, 0
+    for i in range(s):
+        if counts[first[i]] > 1:
+            merged += 1
+            fractions.append(0.0)
+            continue
+        group = rec[rec[:, 2] == first[i]]
+        got = {(int(t), int(p)) for t, p in group[:, :2].tolist()}
+        hits = sum((int(t), p) in got for p, t in enumerate(true_tokens[i].tolist()))
+        fractions.append(hits / n)
+        whole += hits == n
+    return {"merged": merged / s, "tokens_in_sequence": sum(fractions) / s, "whole": whole / s}
+

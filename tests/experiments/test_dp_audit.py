@@ -213,7 +213,7 @@ def test_bad_configs() -> None:
     with pytest.raises(ConfigError, match="recipe has no dp"):
         parse_config(raw | {"recipe": "fast"})
     with pytest.raises(ConfigError, match="mislabeled.*crafted.*gradient|crafted.*gradient.*mislabeled"):
-        parse_config(raw | {"canary": "dirac"})
+        parse_config(raw | {"canary": "sparkle"})
 
 
 def test_batchnorm_with_dp_is_refused(tmp_path: Path) -> None:

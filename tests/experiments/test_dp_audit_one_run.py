@@ -64,6 +64,39 @@ def test_broken_dpsgd_is_refuted_from_one_run(tmp_path: Path, score: str, runs: 
     assert ok["epsilon_lower_bound"] < 0.5 and ok["claim_refuted"] is False
 
 
+DIRAC = {"kind": "dp-audit", "design": "one-run", "dataset": "digits", "model": {"name": "mlp", "width": 64, "norm": "none"},
+         "canary": "dirac", "canaries": 150, "seed": 0,
+         "recipe": {"name": "fast", "dp": {"epsilon": 1.0, "delta": 1.0e-5, "clip": 1.0}}}
+
+
+def test_dirac_canaries_refute_a_broken_dpsgd_from_one_run_on_digits(tmp_path: Path) -> None:
+    """m Dirac gradient canaries in one run (white box), on coordinates no digits example touches (the
+    first-layer weights of always-blank pixels): the noise-over-batch fixture claiming eps = 1 is refuted
+    from one model; the correct DP-SGD is not, and its in-canaries still score lower on average."""
+    bad = run(DIRAC | {"broken": "noise-over-batch"}, tmp_path)["metrics"]
+    assert bad["canary"]["type"] == "dirac" and bad["canary"]["max_gradient_energy"] == 0.0
+    assert bad["score"] == "gradient" and bad["models"] == 1 and bad["m"] == 150
+    assert bad["claim_refuted"] is True and bad["epsilon_lower_bound"] > 1.0
+    ok = run(DIRAC, tmp_path, "ok")["metrics"]
+    assert ok["claim_refuted"] is False and ok["epsilon_lower_bound"] < 1.0
+    assert ok["canary_score_in"]["mean"] < ok["canary_score_out"]["mean"]
+
+
+def test_dirac_canary_set_takes_distinct_least_energy_coordinates() -> None:
+    from mlaudit.audit.canaries import CANARY_SETS
+    from mlaudit.data import load_dataset
+    from mlaudit.models import build_model
+
+    data = load_dataset("digits")
+    cs = CANARY_SETS.get("dirac")(data.train, m=40, seed=0, model_fn=lambda: build_model(
+        {"name": "mlp", "width": 16, "norm": "none"}, input_shape=data.input_shape, num_classes=10))
+    keys = {(g.parameter, g.coordinate) for g in cs.gradients}
+    assert len(cs) == 40 and len(keys) == 40 and [g.index for g in cs.gradients] == list(range(40))
+    assert cs.details["max_gradient_energy"] <= cs.details["mean_gradient_energy"]
+    with pytest.raises(ConfigError, match="trainer: mlaudit"):
+        CANARY_SETS.get("dirac")(data.train, m=4, seed=0)
+
+
 def test_one_run_config_end_to_end_through_the_cli(tmp_path: Path) -> None:
     """The digits config through `mlaudit run`: one model with 1000 mislabeled canaries (one second on CPU);
     the metrics, the artifacts and the report's verdict; the bound is what mlaudit.audit.one_run gives
@@ -115,7 +148,9 @@ def test_one_run_config_end_to_end_through_the_cli(tmp_path: Path) -> None:
     (["confidence=0"], ["confidence", "got 0", "0.0 < confidence < 1.0"]),
     (["canaries=5000"], ["canaries = 5000", "training split has 1438", "1 <= canaries <= 1438"]),
     (["canaries=3"], ["canaries = 3", "too few", "k_pos + k_neg >= 5"]),
-    (["canary=gradient"], ["canary = 'gradient' has no one-run version", "mislabeled"]),
+    (["canary=gradient"], ["canary = 'gradient' has no one-run version", "mislabeled", "canary dirac"]),
+    (["canary=dirac", "score=loss"], ["canary dirac has no input whose loss could be measured"]),
+    (["canary=dirac", "design=game"], ["canary dirac is the one-run audit's m Dirac canaries"]),
     (["runs=0"], ["runs", "got 0"]),
     (["design=game"], ["canaries = 1000", "belong to design: one-run"]),
 ])

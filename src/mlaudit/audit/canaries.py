@@ -112,6 +112,9 @@ class CanarySet:
     source_index: np.ndarray
     source_label: np.ndarray
     details: dict[str, Any] = field(default_factory=dict)
+    gradients: tuple[GradientCanary, ...] = ()
+    """Dirac canaries (``dirac``): canary k's gradient is C e_j on its own (parameter, coordinate); the
+    ``index`` fields are placeholders (k), set to the inserted rows' virtual indices at training time."""
 
     def __len__(self) -> int:
         return int(self.y.numel())
@@ -137,6 +140,41 @@ def mislabeled_canaries(train: TensorDataset, *, m: int, seed: int) -> CanarySet
     x = train.x[torch.as_tensor(idx, device=train.x.device)].cpu().clone()
     return CanarySet(x, torch.as_tensor(wrong, dtype=torch.int64), idx.astype(np.int64), true,
                      details={"type": "mislabeled"})
+
+
+@CANARY_SETS.register("dirac")
+def dirac_canaries(train: TensorDataset, *, m: int, seed: int, model_fn: ModelFn | None = None,
+                   device: str | torch.device = "cpu", examples: int = 2048) -> CanarySet:
+    """``m`` Dirac gradient canaries for a one-run white-box audit (Steinke, Nasr & Jagielski 2023, sec. 6;
+    the canary of Nasr et al. 2023): placeholder examples (zero inputs) whose gradient, when sampled, is
+    C e_j on m distinct coordinates j of the model ``model_fn`` builds, the m of least gradient energy
+    over (up to ``examples`` seeded) training examples at the seeded initialisation (ties broken by a
+    seeded shuffle), so the data add as little as possible to the canaries' coordinates."""
+    if model_fn is None:
+        raise ConfigError("canary dirac is a white-box canary injected into mlaudit's DP-SGD step; it needs "
+                          "trainer: mlaudit (a user trainer can be audited with canary mislabeled)")
+    rng = _rng(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    named = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+    total = sum(k for _, k in named)
+    if not 1 <= m <= total:
+        raise ConfigError(f"canaries = {m} Dirac canaries need as many distinct parameter coordinates, and the model "
+                          f"has {total}; allowed 1 <= canaries <= {total}")
+    energy = coordinate_energy(model, train, rng.permutation(len(train))[:examples], device=device)
+    flat = torch.cat([e.flatten() for e in energy]).double()
+    order = np.lexsort((rng.permutation(len(flat)), flat.numpy()))[:m]  # least energy, seeded tie-break
+    sizes = np.cumsum([e.numel() for e in energy])
+    names = [n for n, _ in model.named_parameters()]
+    grads = []
+    for k, pick in enumerate(order.tolist()):
+        pos = int(np.searchsorted(sizes, pick, side="right"))
+        grads.append(GradientCanary(index=k, parameter=names[pos], coordinate=pick - int(sizes[pos - 1] if pos else 0)))
+    return CanarySet(torch.zeros(m, *train.shape), torch.zeros(m, dtype=torch.int64), np.full(m, -1, dtype=np.int64),
+                     np.full(m, -1, dtype=np.int64), details={"type": "dirac", "max_gradient_energy": float(flat[order].max()),
+                                                           "mean_gradient_energy": float(flat.mean())},
+                     gradients=tuple(grads))
 
 
 def second_moment_quotient(x: Tensor, data: Tensor) -> Tensor:

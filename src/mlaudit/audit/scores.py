@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..query import ParamVector, forward_batched, param_grad
+from ..train.hooks import GradientCanary
 from .canaries import Canary, ModelFn, per_example_grad_chunks
 
 
@@ -61,6 +62,21 @@ def canary_losses(logits: Tensor, y: Tensor) -> np.ndarray:
     ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.to(lg.device).expand(*lg.shape[:-1]).reshape(-1),
                                      reduction="none")
     return ce.reshape(lg.shape[:-1]).double().cpu().numpy()
+
+
+def dirac_update_scores(model_fn: ModelFn, seed: int, final: dict[str, Tensor], canaries: Sequence[GradientCanary], *,
+                        device: str | torch.device = "cpu") -> np.ndarray:
+    """White-box scores of ONE model on m Dirac canaries: theta_T[j] - theta_0[j] at each canary's
+    (parameter, coordinate) j, with theta_0 the initialisation of ``seed`` as mlaudit's training draws it
+    and theta_T = ``final`` (a state_dict): the sum of the per-step updates along j, lower (more negative)
+    when the canary's C e_j was in the steps. Returns float64 [m]."""
+    from ..train.loop import init_models  # lazy: the training loop imports the privacy package
+
+    m0 = init_models(model_fn, [int(seed)])[0]
+    start = dict(m0.named_parameters())
+    out = [float(final[c.parameter].detach().cpu().double().flatten()[c.coordinate])
+           - float(start[c.parameter].detach().cpu().double().flatten()[c.coordinate]) for c in canaries]
+    return np.asarray(out, dtype=np.float64)
 
 
 def input_update_scores(model_fn: ModelFn, seed: int, final: dict[str, Tensor], x: Tensor, y: Tensor, *,

@@ -58,7 +58,9 @@ class DPAuditConfig(ExperimentConfig):
     @field_validator("canary")
     @classmethod
     def _canary(cls, v: str) -> str:
-        CANARIES.get(v)  # ConfigError listing the valid canaries
+        if v not in CANARY_SETS and v not in CANARIES:
+            raise ValueError(f"canary = {v!r} is unknown; valid: {', '.join(CANARIES.names())} (design: game) and "
+                             f"{', '.join(CANARY_SETS.names())} (design: one-run)")
         return v
 
     @model_validator(mode="before")
@@ -75,9 +77,12 @@ class DPAuditConfig(ExperimentConfig):
         if self.trainer == "mlaudit" and self.recipe.dp is None:
             raise ValueError("trainer mlaudit audits the recipe's DP-SGD, but the recipe has no dp; add e.g. "
                              "recipe: {name: fast, dp: {epsilon: 1.0, delta: 1.0e-5, clip: 1.0}}")
-        if self.canary == "gradient" and self.score == "loss":
-            raise ValueError("canary gradient has no input whose loss could be measured; use score: gradient "
+        if self.canary in ("gradient", "dirac") and self.score == "loss":
+            raise ValueError(f"canary {self.canary} has no input whose loss could be measured; use score: gradient "
                              "(or auto), or an input canary (mislabeled, crafted) with score: loss")
+        if self.canary == "dirac" and self.design != "one-run":
+            raise ValueError("canary dirac is the one-run audit's m Dirac canaries (design: one-run); the game's "
+                             "single Dirac canary is canary gradient")
         if self.trainer != "mlaudit" and (self.resolved_score == "gradient" or self.broken is not None):
             what = (f"broken: {self.broken}" if self.broken is not None and self.resolved_score != "gradient"
                     else f"canary {self.canary} with score {self.resolved_score}")
@@ -110,7 +115,8 @@ class DPAuditConfig(ExperimentConfig):
                              "each (e.g. canaries: 1000); allowed 1 <= canaries <= the training examples")
         if self.canary not in CANARY_SETS:
             raise ValueError(f"canary = {self.canary!r} has no one-run version; design: one-run supports canary "
-                             f"{', '.join(CANARY_SETS.names())} (the Dirac gradient canary is one per model)")
+                             f"{', '.join(CANARY_SETS.names())} (canary gradient is the game's single Dirac canary; "
+                             "the one-run Dirac canaries are canary dirac)")
         m, runs = self.canaries, self.runs or 1
         if isinstance(self.guesses, OneRunGuesses):
             k = self.guesses.k_pos + self.guesses.k_neg
@@ -156,10 +162,10 @@ class DPAuditConfig(ExperimentConfig):
 
     @property
     def resolved_score(self) -> str:
-        """``auto`` -> ``gradient`` for the gradient canary, else ``loss``."""
+        """``auto`` -> ``gradient`` for the Dirac canaries (gradient, dirac), else ``loss``."""
         if self.score != "auto":
             return self.score
-        return "gradient" if self.canary == "gradient" else "loss"
+        return "gradient" if self.canary in ("gradient", "dirac") else "loss"
 
     @property
     def delta(self) -> float:

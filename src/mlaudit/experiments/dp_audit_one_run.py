@@ -20,6 +20,7 @@ applied to each canary's inclusion (adding or removing one example). Runs are re
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from ..audit.canaries import CANARY_SETS, CanarySet
 from ..audit.one_run import OneRunAudit, audit, draw_inclusion
-from ..audit.scores import canary_losses, input_update_scores
+from ..audit.scores import canary_losses, dirac_update_scores, input_update_scores
 from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import TrainingError, TrialError
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 def make_canary_set(config: DPAuditConfig, data: DataBundle) -> CanarySet:
     """The configured canaries (a ConfigError when the training split cannot provide that many)."""
     assert config.canaries is not None
+    if config.canary == "dirac":
+        return CANARY_SETS.get("dirac")(data.train, m=config.canaries, seed=config.seed,
+                                        model_fn=lambda: model_template(config.model, data))
     return CANARY_SETS.get(config.canary)(data.train, m=config.canaries, seed=config.seed)
 
 
@@ -70,8 +74,17 @@ def _train(config: DPAuditConfig, ctx: RunContext, data: DataBundle, cset: Canar
     views = {f"run-{j:05d}": base.with_inserted(cset.x[torch.as_tensor(inc)], cset.y[torch.as_tensor(inc)])
              for j, inc in enumerate(included)}
     hooks = DPStepHooks(broken=config.broken) if config.user_trainer is None and config.broken is not None else None
+
+    def run_hooks(inc: np.ndarray) -> DPStepHooks | None:
+        """Dirac canaries: the k-th included canary is the k-th inserted placeholder (virtual index n + k)."""
+        if not cset.gradients:
+            return hooks
+        n = len(data.train)
+        mine = tuple(replace(cset.gradients[i], index=n + k) for k, i in enumerate(np.flatnonzero(inc).tolist()))
+        return DPStepHooks(broken=config.broken, gradient_canaries=mine)
+
     trials = [TrialSpec(f"run-{j:05d}", seed=config.trial_seed(j, stream=Stream.DP_IN), view=f"run-{j:05d}",
-                        tags={"side": "one-run", "run": j}, hooks=hooks) for j in range(len(included))]
+                        tags={"side": "one-run", "run": j}, hooks=run_hooks(inc)) for j, inc in enumerate(included)]
     records = ctx.train(cfg.factory_job(data, trials, device=ctx.device, views=views), save_weights=True,
                         label="training the one-run audit models", on_failure="skip")
     if not records:
@@ -90,7 +103,10 @@ def _scores(config: DPAuditConfig, ctx: RunContext, data: DataBundle, cset: Cana
     def compute(recs: list[TrialRecord]) -> list[list[float]]:  # from the checkpoints, weights-only and hash-checked
         paths = [ctx.out_dir / r["checkpoint"] for r in recs]
         sha = [r.get("sha256") for r in recs]
-        if config.resolved_score == "gradient":
+        if cset.gradients:  # Dirac canaries: the final update along each canary's coordinate (low = in)
+            rows = [dirac_update_scores(model_fn, r["seed"], load_checkpoint(p, sha256=h), cset.gradients,
+                                        device=ctx.device) for r, p, h in zip(recs, paths, sha)]
+        elif config.resolved_score == "gradient":
             rows = [input_update_scores(model_fn, r["seed"], load_checkpoint(p, sha256=h), cset.x, cset.y,
                                         device=ctx.device) for r, p, h in zip(recs, paths, sha)]
         else:

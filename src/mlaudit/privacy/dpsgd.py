@@ -92,30 +92,35 @@ from .mechanism import (  # noqa: F401  (re-exported: the mechanism's names are 
 GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """idx [K, B] (virtual indices) -> (x [K, B, *shape], y [K, B])."""
 
+Canaries = list[list[tuple[int, int, tuple[int, ...]]]]
+"""Per model, its Dirac gradient canaries: (virtual index, parameter position, unravelled coordinate)."""
+
+
 def _audit_hooks(hooks: Sequence[DPStepHooks | None] | None, k: int, names: list[str], shapes: list[torch.Size]
-                 ) -> tuple[list[tuple[int, int, tuple[int, ...]] | None], str | None]:
-    """Per model: (canary virtual index, parameter position, unravelled coordinate) or None; the
-    broken variant (one for all models, else a ConfigError)."""
+                 ) -> tuple[Canaries, str | None]:
+    """Per model: its Dirac canaries (possibly none); the broken variant (one for all models, else a
+    ConfigError)."""
     specs = [h or DPStepHooks() for h in (hooks or [None] * k)]
     broken = {s.broken for s in specs}
     if len(broken) > 1:
         raise ConfigError(f"models trained together must share one DP-SGD variant, got {sorted(map(str, broken))}")
-    canaries: list[tuple[int, int, tuple[int, ...]] | None] = []
+    canaries: Canaries = []
     for s in specs:
-        c = s.gradient_canary
-        if c is None:
-            canaries.append(None)
-            continue
-        if c.parameter not in names:
-            raise ConfigError(f"gradient canary parameter {c.parameter!r} is not a parameter of the model; "
-                              f"valid: {', '.join(names)}")
-        pos = names.index(c.parameter)
-        numel = math.prod(shapes[pos])
-        if not 0 <= c.coordinate < numel:
-            raise ConfigError(f"gradient canary coordinate {c.coordinate} is outside parameter "
-                              f"{c.parameter!r} ({numel} entries)")
-        coord = tuple(int(t) for t in torch.unravel_index(torch.tensor(c.coordinate), shapes[pos]))
-        canaries.append((int(c.index), pos, coord))
+        mine: list[tuple[int, int, tuple[int, ...]]] = []
+        for c in s.all_canaries:
+            if c.parameter not in names:
+                raise ConfigError(f"gradient canary parameter {c.parameter!r} is not a parameter of the model; "
+                                  f"valid: {', '.join(names)}")
+            pos = names.index(c.parameter)
+            numel = math.prod(shapes[pos])
+            if not 0 <= c.coordinate < numel:
+                raise ConfigError(f"gradient canary coordinate {c.coordinate} is outside parameter "
+                                  f"{c.parameter!r} ({numel} entries)")
+            coord = tuple(int(t) for t in torch.unravel_index(torch.tensor(c.coordinate), shapes[pos]))
+            mine.append((int(c.index), pos, coord))
+        if len({c[0] for c in mine}) != len(mine):
+            raise ConfigError("a model's gradient canaries must each have their own placeholder index")
+        canaries.append(mine)
     return canaries, broken.pop()
 
 
@@ -190,8 +195,8 @@ class DPTraining:
     sigma_c: Tensor  # [K] noise std on the clipped sum: sigma * C (divided by q * n for noise-over-batch)
     denom: Tensor  # [K] q * n
     augment: AugmentConfig | None = None
-    canaries: list[tuple[int, int, tuple[int, ...]] | None] | None = None  # per model: (index, param pos, coord)
-    canary_counts: list[int] | None = None  # per model: steps in which its gradient canary was sampled
+    canaries: Canaries | None = None  # per model: its Dirac canaries (index, param pos, coord)
+    canary_counts: list[int] | None = None  # per model: its canaries' samplings (all of them, summed)
     broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
     fast_clip: bool = False  # book-keeping clipping (fastclip) for loop stacks
     fast_checked: bool = False  # verify_fast_clip ran (on the first fast step)
@@ -224,7 +229,7 @@ class DPTraining:
         noise_gens = [(torch.Generator(device=device) if device.type == "cuda" else torch.Generator())
                       .manual_seed(int(s) + 0x4015E) for s in seeds]
         noise_std = [s * cfg.clip / (q * n if broken == "noise-over-batch" else 1.0) for s, q, n in zip(sigmas, qs, ns)]
-        has_canary = any(c is not None for c in canaries)
+        has_canary = any(canaries)
         return cls(cfg, [p.cpu() for p in pools], qs, sigmas, spe, total,
                    max(max_batch(q, n) for q, n in zip(qs, ns)),
                    [torch.Generator().manual_seed(int(s) + 0xD95D) for s in seeds], noise_gens,
@@ -258,7 +263,7 @@ class DPTraining:
         forward under bf16 autocast (the recipe's ``precision: bf16``; the per-example path stays float32)."""
         # the fast path has no vmap to feed: finer slot widths waste less work on padding (more shapes)
         idx, w = self.sample(FAST_SLOT_MULTIPLE if self.fast_clip and isinstance(stack, LoopStack) else SLOT_MULTIPLE)
-        hits = self._take_canaries(idx, w)  # [M, K] bool; the canaries' slots get weight 0 in w
+        hits = self._take_canaries(idx, w)  # per micro-batch and model: canaries sampled (their slots get weight 0)
         device = self.sigma_c.device
         k = len(self.pools)
         rows = [torch.arange(k)] if isinstance(stack, VmapStack) else [torch.tensor([i]) for i in range(k)]
@@ -317,28 +322,33 @@ class DPTraining:
             out.append(([s.unsqueeze(0) for s in sums], losses.unsqueeze(0)))
         return out
 
-    def _take_canaries(self, idx: Tensor, w: Tensor) -> Tensor | None:
-        """Find each model's sampled gradient canary in idx/w [M, K, B] (CPU), zero its weight in ``w``
-        (its natural gradient is not used) and return hits [M, K] bool; None without canaries."""
+    def _take_canaries(self, idx: Tensor, w: Tensor) -> list[list[list[int]]] | None:
+        """Find each model's sampled Dirac canaries in idx/w [M, K, B] (CPU), zero their weights in ``w``
+        (their natural gradients are not used) and return, per micro-batch and model, the positions (in
+        the model's canary list) sampled; None without canaries."""
         if self.canaries is None or self.canary_counts is None:
             return None
-        target = torch.tensor([c[0] if c is not None else -1 for c in self.canaries])
-        slot = (idx == target.view(1, -1, 1)) & (w > 0)
-        w.masked_fill_(slot, 0.0)
-        hits = slot.any(-1)
-        for i, n in enumerate(hits.sum(0).tolist()):
-            self.canary_counts[i] += int(n)
+        hits: list[list[list[int]]] = [[[] for _ in self.canaries] for _ in range(idx.shape[0])]
+        for i, mine in enumerate(self.canaries):
+            if not mine:
+                continue
+            target = torch.tensor([c[0] for c in mine])
+            slot = (idx[:, i, :, None] == target) & (w[:, i, :, None] > 0)  # [M, B, n]
+            w[:, i].masked_fill_(slot.any(-1), 0.0)
+            for mi, js in enumerate(slot.any(1).tolist()):
+                hits[mi][i] = [j for j, h in enumerate(js) if h]
+            self.canary_counts[i] += int(slot.any(1).sum())
         return hits
 
-    def _add_diracs(self, part: list[list[Tensor]], rows: list[Tensor], hit: Tensor) -> None:
-        """Add C * e_j to the clipped sums ``part`` (groups of [G, *s]) of the models whose canary
-        was sampled in this micro-batch (``hit`` [K] bool)."""
+    def _add_diracs(self, part: list[list[Tensor]], rows: list[Tensor], hit: list[list[int]]) -> None:
+        """Add C * e_j to the clipped sums ``part`` (groups of [G, *s]) for every canary sampled in this
+        micro-batch (``hit``: per model, positions in its canary list)."""
         assert self.canaries is not None
         for sums, r in zip(part, rows):
             for local, i in enumerate(r.tolist()):
-                c = self.canaries[i]
-                if c is not None and bool(hit[i]):
-                    sums[c[1]][(local, *c[2])] += self.cfg.clip
+                for j in hit[i]:
+                    _, pos, coord = self.canaries[i][j]
+                    sums[pos][(local, *coord)] += self.cfg.clip
 
     def _augment(self, xb: Tensor) -> Tensor:
         a = self.augment
@@ -357,7 +367,7 @@ class DPTraining:
             noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.cfg.delta, accountant=self.cfg.accountant)
         out = {"dp_epsilon": eps, "dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps),
                "dp_delta": self.cfg.delta, "dp_clip": self.cfg.clip}
-        if self.canaries is not None and self.canary_counts is not None and self.canaries[i] is not None:
+        if self.canaries is not None and self.canary_counts is not None and self.canaries[i]:
             out["dp_canary_sampled"] = float(self.canary_counts[i])
         return out
 

@@ -45,6 +45,14 @@ class DPStepHooks:
 
     gradient_canary: GradientCanary | None = None
     broken: str | None = None
+    gradient_canaries: tuple[GradientCanary, ...] = ()
+    """More Dirac canaries in the same model (the one-run audit's m canaries), each on its own
+    placeholder index and coordinate."""
+
+    @property
+    def all_canaries(self) -> tuple[GradientCanary, ...]:
+        """``gradient_canary`` (if any) followed by ``gradient_canaries``."""
+        return ((self.gradient_canary,) if self.gradient_canary is not None else ()) + tuple(self.gradient_canaries)
 
     def __post_init__(self) -> None:
         if self.broken is not None and self.broken not in BROKEN:

@@ -83,6 +83,16 @@ class Canary:
 CANARIES: Registry[Callable[..., Canary]] = Registry("canary")
 
 
+def _white_box_model(canary: str, model_fn: ModelFn | None, seed: int, alternatives: str) -> nn.Module:
+    """The model a white-box canary is placed in, built under ``seed`` without touching the global RNG."""
+    if model_fn is None:
+        raise ConfigError(f"canary {canary} is a white-box canary injected into mlaudit's DP-SGD step; it needs "
+                          f"trainer: mlaudit (a user trainer can be audited with canary {alternatives})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_fn()
+
+
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, 0x43414E]))
 
@@ -150,13 +160,8 @@ def dirac_canaries(train: TensorDataset, *, m: int, seed: int, model_fn: ModelFn
     C e_j on m distinct coordinates j of the model ``model_fn`` builds, the m of least gradient energy
     over (up to ``examples`` seeded) training examples at the seeded initialisation (ties broken by a
     seeded shuffle), so the data add as little as possible to the canaries' coordinates."""
-    if model_fn is None:
-        raise ConfigError("canary dirac is a white-box canary injected into mlaudit's DP-SGD step; it needs "
-                          "trainer: mlaudit (a user trainer can be audited with canary mislabeled)")
+    model = _white_box_model("dirac", model_fn, seed, "mislabeled")
     rng = _rng(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_fn()
     named = [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
     total = sum(k for _, k in named)
     if not 1 <= m <= total:
@@ -222,13 +227,8 @@ def gradient_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None
                     device: str | torch.device = "cpu", examples: int = 2048) -> Canary:
     """The Dirac gradient canary (white box, see the module docstring) for the model ``model_fn``
     builds; its placeholder example is the first inserted one (virtual index len(train))."""
-    if model_fn is None:
-        raise ConfigError("canary gradient is a white-box canary injected into mlaudit's DP-SGD step; it needs "
-                          "trainer: mlaudit (a user trainer can be audited with canary mislabeled or crafted)")
+    model = _white_box_model("gradient", model_fn, seed, "mislabeled or crafted")
     rng = _rng(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_fn()
     names = [n for n, _ in model.named_parameters()]
     energy = coordinate_energy(model, train, rng.permutation(len(train))[:examples], device=device)
     flat = torch.cat([e.flatten() for e in energy])

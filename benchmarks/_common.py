@@ -123,9 +123,23 @@ def cumulative_cost(out: Path) -> dict[str, Any]:
             "process_wall_s": round(sum(e["process_wall_s"] for e in entries), 2)}
 
 
+_LOGGING: list[Any] = []
+
+
 def run_each(configs: dict[str, Any], *, workdir_path: str | None, device: str) -> Iterator[tuple[str, Any, float]]:
     """Run each named experiment config into ``<workdir>/<name>`` through :func:`resume_run` (one run store
-    for all; a rerun with the same ``workdir_path`` resumes them): yields (name, results dict, seconds)."""
+    for all; a rerun with the same ``workdir_path`` resumes them): yields (name, results dict, seconds).
+    mlaudit's INFO log goes to stderr (the runs are quiet otherwise), so a log of a long run cut by a time
+    limit shows how far it got."""
+    if not _LOGGING:
+        import logging
+
+        from mlaudit.cli_views import console_logging
+
+        handler = console_logging(1)
+        if handler is not None:  # timestamps: where the time of a long run went
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        _LOGGING.append(handler)
     with workdir(workdir_path) as wd:
         for name, config in configs.items():
             t0 = time.perf_counter()

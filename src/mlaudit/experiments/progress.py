@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.progress import Progress as RichProgress
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Progress:
@@ -46,7 +48,9 @@ class Progress:
             self._bar = None
 
     def task(self, description: str, *, total: int, completed: int = 0) -> TaskID | None:
-        """Add a bar of ``total`` steps (``completed`` already done); None when quiet."""
+        """Add a bar of ``total`` steps (``completed`` already done); None when quiet. The start is also
+        logged (INFO), so a quiet run's log still shows where it is."""
+        log.info("%s: %d of %d to do", description.strip(), total - completed, total)
         if self._bar is None:
             return None
         return self._bar.add_task(description, total=total, completed=completed)

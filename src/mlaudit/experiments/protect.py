@@ -35,6 +35,7 @@ user, and on the public photos for the adaptive trainer) and the per-user result
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -54,6 +55,8 @@ from ..train.loop import init_models
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext, TrialRecord
 from .protect_config import ProtectConfig, ProtectTrainer, check_protect
+
+log = logging.getLogger(__name__)
 
 FOLDER = "protect"
 GRID = 8
@@ -109,6 +112,7 @@ def run_protect(config: ProtectConfig, ctx: RunContext) -> ExperimentOutput:
         kept = ctx.load_cached(name, folder=FOLDER)
         if kept is not None:
             return kept[0]["x"], kept[1]
+        log.info("public attack (%s) on %d photos of identity %d (%s)", a.method, len(x), user, name)
         with ctx.cost.timed("protecting"):
             p = protect(attacked, x.to(ctx.device), method=a.method, eps=eps, steps=a.steps, lr=a.lr, user=user,
                         guides_x=x_pub.to(ctx.device), guides_y=y_pub.to(ctx.device),

@@ -7,7 +7,7 @@ next to the honest-but-curious bag of tokens.
 Text: CPython's help topics (``pydoc_data``, lower-cased, whitespace collapsed), character tokens (76);
 the server's public text is 2000 sequences of it, the users' sequences are drawn from the rest (one per
 user). Model: TinyGPT (ReLU MLPs, untied head), at initialisation. Writes
-benchmarks/results/decepticons_pydoc_cpu.{json,md}.
+benchmarks/results/decepticons_pydoc_cpu.{json,md} (``--activation gelu``: decepticons_pydoc_gelu_cpu).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--users", default="1,2,4,8,16,32")
     ap.add_argument("--lengths", default="16,32,64")
     ap.add_argument("--widths", default="64,128", help="d_model values (bins = 4 d_model, the first MLP's width)")
+    ap.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="TinyGPT's MLP activation")
     args = ap.parse_args()
     torch.set_num_threads(2)
     text = pydoc_text()
@@ -51,7 +52,7 @@ def main() -> None:
             order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0))
             public, private = seqs[order[:2000], :length], seqs[order[2000:]]
             torch.manual_seed(0)
-            model = TinyGPT(len(chars), length, d_model=d, heads=4, layers=2)
+            model = TinyGPT(len(chars), length, d_model=d, heads=4, layers=2, activation=args.activation)
             mal = plant_decepticon(model, public, bins=4 * d, generator=torch.Generator().manual_seed(1))
             for users in map(int, args.users.split(",")):
                 rec_f, bag, secs, seq = [], [], [], []
@@ -77,7 +78,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
     res = {"environment": environment(), "cpu": cpu_name(), "vocab": len(chars), "rows": rows, "settings": vars(args),
            "seconds": time.perf_counter() - t_all}
-    write_results("decepticons_pydoc_cpu", res, table(res))
+    write_results("decepticons_pydoc_cpu" if args.activation == "relu" else f"decepticons_pydoc_{args.activation}_cpu",
+                  res, table(res))
     print(table(res))
 
 
@@ -85,7 +87,8 @@ def table(res: dict[str, Any]) -> str:
     env = res["environment"]
     lines = ["# Decepticons on TinyGPT: (token, position) pairs read off one FedSGD aggregate", "",
              f"{env['date']}, CPU ({res['cpu']}), torch {env['torch']}; CPython's help topics as character tokens "
-             f"({res['vocab']}), one sequence per user, TinyGPT (2 layers, 4 heads, ReLU) at initialisation; the server "
+             f"({res['vocab']}), one sequence per user, TinyGPT (2 layers, 4 heads, {res['settings']['activation']}) at "
+             "initialisation; the server "
              f"sees the sum of the users' gradients; {res['settings']['trials']} user draws per row (mean ± SE). "
              "Pairs recovered: the fraction of the users' (token, position) occurrences among the decoded pairs. "
              "In its sequence: the mean fraction of a sequence's positions recovered with the right token in the "

@@ -118,3 +118,22 @@ def test_bad_input() -> None:
         decepticons(model, _observe(model, seqs))
     with pytest.raises(ConfigError, match="distinct"):
         plant_decepticon(model, torch.tensor([[0], [1], [0], [1]]), bins=8)
+
+
+def test_a_gelu_model_is_breached_through_steep_bins() -> None:
+    """GELU has no exact zero below a bin's offset; the default scale for GELU makes the bins steep enough
+    that every token alone in its bin comes back, where scale 1 recovers fewer."""
+    g = torch.Generator().manual_seed(5)
+    public = torch.randint(0, V, (400, L), generator=g)
+    seqs = torch.randint(0, V, (1, 1, L + 1), generator=g)
+    torch.manual_seed(5)
+    model = TinyGPT(V, L, d_model=32, heads=2, layers=2, activation="gelu")
+    steep = decepticons(mal := plant_decepticon(model, public, bins=64), _observe(mal, seqs))
+    flat = decepticons(mal1 := plant_decepticon(model, public, bins=64, scale=1.0), _observe(mal1, seqs))
+    true = seqs[0, :, :L]
+    fc1 = mal.blocks[0].fc1
+    b = torch.searchsorted(-fc1.bias[:64].detach().double(),
+                           (mlp_input(mal, true).double() @ fc1.weight[0].detach().double()).flatten())
+    alone = int((torch.bincount(b, minlength=65)[b] == 1).sum())
+    assert alone >= 2 and pair_recovery(true, steep.x) >= alone / L - 1e-9
+    assert pair_recovery(true, steep.x) > pair_recovery(true, flat.x)

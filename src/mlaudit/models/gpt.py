@@ -7,7 +7,8 @@ targets [B, L], so the FedSGD gradients of :func:`mlaudit.federated.user_gradien
 next-token prediction with x = tokens[:, :-1], y = tokens[:, 1:].
 
 ``activation``: ``relu`` (default here) or ``gelu`` (GPT-2's). The Decepticons attack
-(:mod:`mlaudit.attacks.federated.decepticons`) needs ReLU's exact zero below a bin's offset.
+(:mod:`mlaudit.attacks.federated.decepticons`) makes its bins steep under GELU, so that GELU acts as
+ReLU does (zero below a bin's offset, slope one above).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class TinyGPT(nn.Module):
     def __init__(self, vocab: int, seq_len: int, *, d_model: int = 64, heads: int = 4, layers: int = 2,
                  activation: Literal["relu", "gelu"] = "relu") -> None:
         super().__init__()
-        self.vocab, self.seq_len, self.d_model = vocab, seq_len, d_model
+        self.vocab, self.seq_len, self.d_model, self.activation = vocab, seq_len, d_model, activation
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(Block(d_model, heads, activation) for _ in range(layers))

@@ -2,27 +2,28 @@
 malicious server sends a transformer language model whose *parameters* (not its architecture) make the
 aggregated FedSGD update reveal which token stood at which position, through secure aggregation.
 
-What is built here, on :class:`mlaudit.models.gpt.TinyGPT` (ReLU MLPs; GPT-2 has GELU):
+What is built here, on :class:`mlaudit.models.gpt.TinyGPT` (ReLU or GELU MLPs):
 
-* **Embeddings** split the residual stream into three subspaces: token codes live in the first d/2
-  coordinates, position codes in the next d/4, and the last d/4 are left free. Every code has zero mean and
-  a fixed norm, so the first LayerNorm only rescales e = tok[v] + pos[p] by a constant and the token and
-  the position stay readable from disjoint coordinates.
-* **First block**: the attention's output projection is zeroed (the block passes e through), and the
-  first MLP layer becomes an imprint of ``bins`` bins (Fowl et al. 2022a, as in
-  :mod:`.imprint`): rows s * m for a random unit direction m of the token and position subspaces, biases
-  -s * c_i at the quantiles of <m, LN(e)> over the server's public text. The second MLP layer writes the
-  sum of the bins along one direction u of the free subspace, so every bin of a token gets the same
-  gradient g_t = <u, dL/dx_t>.
-* **Recovery**: for a token alone in its bin interval, (dW_i - dW_{i+1}) / (db_i - db_{i+1}) = LN(e_t),
-  which is decoded into (token, position) by the largest inner product with the known codes.
+* **Embeddings** split the residual stream: token codes in the first d/2 coordinates, position codes in
+  the next d/4 (position 0's orthogonal to the others), the rest for the sequence tag and one feedback
+  coordinate. Every code has zero mean and a fixed norm, so the first LayerNorm only rescales
+  e = tok[v] + pos[p] and token and position stay readable from disjoint coordinates.
+* **First attention layer** (``tag``): head 0 attends from every position to position 0 and writes a
+  random projection of that token's code into the tag coordinates, so each token carries its
+  sequence's first token; the other heads write nothing.
+* **First MLP layer**: an imprint of ``bins`` bins (Fowl et al. 2022a, as in :mod:`.imprint`): rows
+  s * m for a random unit direction m of the token and position coordinates, biases -s * c_i at the
+  quantiles of the measurement over the server's public text. The second MLP layer writes the sum of the
+  bins along the feedback coordinate u, so every bin of a token gets the same gradient g_t = <u, dL/dx_t>.
+* **Recovery**: for a token alone in its bin interval, (dW_i - dW_{i+1}) / (db_i - db_{i+1}) is the MLP's
+  input for that token, decoded into (token, position, first token of its sequence) by the largest inner
+  products with the known codes; :func:`sequences` groups the rows by first token.
 
 The honest-but-curious baseline: the rows of the token-embedding gradient that are non-zero give the
 *set* of tokens the users typed (no positions, no counts).
 
-Not built: the chapter's attention-based tagging that groups recovered tokens into sequences across users
-(recovered pairs are matched to the true (token, position) multiset of all users), and its handling of
-GELU and of tied embeddings.
+Not built: a sequence tag richer than the first token (sequences that start alike merge), and tied
+embeddings. GELU is handled by steep bins (``scale``).
 """
 
 from __future__ import annotations
@@ -63,16 +64,22 @@ def _codes(n: int, width: int, norm: float, generator: torch.Generator) -> Tenso
     return norm * c / c.norm(dim=1, keepdim=True)
 
 
-def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale: float = 1.0,
+def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale: float | None = None,
                      feedback: float = 1e-2, tag: bool = True, generator: torch.Generator | None = None) -> TinyGPT:
     """A copy of ``model`` with the malicious parameters of the module docstring; ``public_tokens``
     [N, L] (L <= seq_len) the server's public text, on which the bins' quantiles are estimated;
     ``tag``: the first attention layer tags every token with its sequence's first token (else it is
-    passed through)."""
+    passed through). ``scale`` multiplies the bins' weights and offsets (the same bins fire): None is 1
+    for ReLU and, for GELU, steep enough that every public measurement lies 6 units from its offset
+    (12 / the smallest gap between distinct public values, at most 1e6), which turns GELU's smooth knee into
+    ReLU's: on pydoc characters (benchmarks/decepticons.py) GELU recovers no pair at scale 1 and, with the
+    default, within a point of ReLU (8 users x 32 tokens, d_model 128: 65.2% vs 65.5% of pairs)."""
     if not isinstance(model, TinyGPT):
         raise ConfigError(f"plant_decepticon needs a TinyGPT (mlaudit.models.gpt), got {type(model).__name__}")
     d = model.d_model
     width = model.blocks[0].fc1.out_features
+    if scale is not None and not scale > 0:
+        raise ConfigError(f"decepticon scale = {scale}; allowed scale > 0")
     if not 1 <= bins <= width:
         raise ConfigError(f"decepticon bins = {bins}; allowed 1 <= bins <= {width} (the first MLP layer's width, 4 x "
                           f"d_model = 4 x {d})")
@@ -111,6 +118,9 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
         if not float(h.max()) > float(h.min()):
             raise ConfigError("the measurement is constant on the public text: give more or more varied public tokens")
         c = _offsets(h, bins)
+        if scale is None:  # GELU: the nearest public value lies 6 units past its offset (GELU'(6) = 1 - 1e-8)
+            gaps = torch.diff(torch.unique(h))
+            scale = 1.0 if model.activation == "relu" else float(min(12.0 / max(float(gaps.min()), 1e-12), 1e6))
         w1 = torch.zeros(width, d, dtype=torch.float64)
         w1[:bins] = scale * direction
         b1 = torch.full((width,), -1.0, dtype=torch.float64)  # unused units stay off (ReLU(-1) = 0, no gradient)
@@ -174,7 +184,7 @@ def _plant_tag(blk: torch.nn.Module, tok: Tensor, pos: Tensor, lay: Layout, g: t
 def _offsets(h: Tensor, bins: int) -> Tensor:
     """Offsets [bins] at the quantile levels i / bins of h (level 0 below every value). Text is discrete (a
     frequent token at a position is one value many times), so a quantile that repeats the previous one
-    moves up to the next distinct value of h."""
+    moves up to the next distinct value of h, and an offset on a value moves half-way to the value below."""
     levels = torch.arange(1, bins, dtype=torch.float64) / bins
     c = torch.cat([torch.tensor([float(h.min()) - (float(h.max()) - float(h.min()))], dtype=torch.float64),
                    torch.quantile(h, levels)])
@@ -186,6 +196,11 @@ def _offsets(h: Tensor, bins: int) -> Tensor:
                 raise ConfigError(f"decepticon bins = {bins}: the public text gives only {len(uniq)} distinct "
                                   "measurements; allowed: fewer bins or more public text")
             c[i] = uniq[j]
+    # an offset on an observed value leaves those tokens on the knee (ReLU'(0) = 0, GELU'(0) = 1/2): move it
+    # half-way down to the next smaller value, so they sit inside bin i
+    k = torch.searchsorted(uniq, c[1:])
+    on = (k < len(uniq)) & (uniq[k.clamp(max=len(uniq) - 1)] == c[1:]) & (k > 0)
+    c[1:][on] = 0.5 * (uniq[k[on]] + uniq[k[on] - 1])
     return c
 
 

@@ -115,6 +115,8 @@ def _bad(**change: Any) -> dict[str, Any]:
     ({"transport": "flower", "flower_host": "0.0.0.0"}, ["flower_host = '0.0.0.0'", "not a loopback address"]),
     ({"transport": "pigeon"}, ["transport", "pigeon", "simulated", "flower"]),
     ({"imprint": {"scale": 0}}, ["imprint.scale", "got 0"]),
+    ({"rounds": 3}, ["rounds = 3 runs through Flower", "transport: flower"]),
+    ({"transport": "flower", "rounds": 2, "trials": 2}, ["rounds = 2 with trials = 2"]),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, Any], words: list[str]) -> None:
     path = tmp_path / "bad.yaml"

@@ -141,3 +141,18 @@ def test_clients_draw_a_fresh_batch_each_round_and_each_round_reveals_its_own_in
         assert int(match(other[~also_now], rec, data_range=1.0).recovered(80.0).sum()) == 0
     with pytest.raises(ConfigError, match="batch = 17"):
         TorchClient(model, *local[0], batch=17)
+
+
+def test_the_federated_kind_runs_several_flower_rounds_and_accumulates(tmp_path) -> None:  # noqa: ANN001
+    from mlaudit.experiments import run_experiment
+
+    cfg = {"kind": "federated", "dataset": "digits", "model": {"name": "mlp", "width": 32}, "recipe": "fast",
+           "attack": "imprint", "users": 3, "batch": 8, "imprint": {"bins": 64}, "seed": 0,
+           "transport": "flower", "rounds": 3}
+    m = run_experiment(cfg, out=tmp_path / "r", device="cpu", store=tmp_path / "runs.db", quiet=True).results["metrics"]
+    rounds = m["imprint"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and m["exact"]["n"] == 3 * 3 * 8
+    cum = [r["cumulative_exact"] for r in rounds]
+    assert cum == sorted(cum) and cum[-1] > cum[0] > 0  # fresh batches reveal new inputs
+    assert all(0 < r["exact"] <= 1 for r in rounds)
+

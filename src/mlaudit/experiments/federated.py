@@ -76,6 +76,8 @@ class _Outcome:
     distortion: Tensor | None = None
     """[U]: each user's ||g' - g|| / ||g|| under the defence (None without one)."""
     seconds: dict[str, float] = field(default_factory=lambda: {"updates": 0.0, "attack": 0.0})
+    rounds: list[dict[str, float]] = field(default_factory=list)
+    """Several Flower rounds: per round the verbatim fraction and the users' shares recovered so far."""
 
     def psnr_all(self) -> Tensor:
         return torch.cat(self.psnr)
@@ -153,7 +155,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     x, y = x.to(device), y.to(device)
     public = data.test.x.to(device)
     if config.transport == "flower":
-        return _flower_trial(config, data, model, x.cpu(), y.cpu(), public, gen), None
+        return _flower_trial(config, data, model, parts, x.cpu(), y.cpu(), public, gen), None
     if config.attack == "imprint":
         im = config.imprint
         sent: nn.Module = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
@@ -186,23 +188,42 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     return out, base
 
 
-def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, x: Tensor, y: Tensor, public: Tensor,
-                  gen: torch.Generator) -> _Outcome:
-    """The round through Flower (``transport: flower``, on the CPU): the malicious ImprintStrategy plants the
-    imprint (same bins as the simulated path), one TorchClient per user takes one FedSGD step at
-    ``local_lr``, and the attack reads the aggregate the strategy saw."""
+def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, parts: list[Tensor], x: Tensor,
+                  y: Tensor, public: Tensor, gen: torch.Generator) -> _Outcome:
+    """The round(s) through Flower (``transport: flower``, on the CPU): the malicious ImprintStrategy plants
+    the imprint (same bins as the simulated path), one TorchClient per user takes one FedSGD step at
+    ``local_lr``, and the attack reads each aggregate the strategy saw. One round: on the users' batches
+    x [U, B, *shape] of the simulated path. Several: each user draws ``batch`` of its share ``parts[u]``
+    every round (``out.rounds``: per round, and the shares' cumulative verbatim recovery)."""
     from ..federated.flower import ImprintStrategy, TorchClient, run_flower_audit
 
     im = config.imprint
     strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, measurement=im.measurement, cdf=im.cdf,
                                feedback=im.feedback, scale=im.scale or 1e-3, min_clients=config.users, generator=gen)
-    clients = [TorchClient(strategy.client_model(), x[u], y[u], lr=config.local_lr) for u in range(config.users)]
-    audit = run_flower_audit(strategy, clients, rounds=1, host=config.flower_host, allow_remote=config.allow_remote)
+    several = config.rounds > 1
+    shares = [(data.train.x[p].cpu(), data.train.y[p].cpu()) for p in parts] if several else list(zip(x, y))
+    clients = [TorchClient(strategy.client_model(), xs, ys, lr=config.local_lr,
+                           batch=config.batch if several else None, seed=config.seed + u)
+               for u, (xs, ys) in enumerate(shares)]
+    audit = run_flower_audit(strategy, clients, rounds=config.rounds, host=config.flower_host,
+                             allow_remote=config.allow_remote)
     out = _Outcome()
     out.seconds["updates"] = audit.seconds
     mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
-    return _attack(config, data, strategy.malicious, [(audit.rounds[1].observation, slice(0, config.users))], x, y,
-                   mean_probs, gen, out)
+    seen: set[tuple[int, int]] = set()
+    for r in sorted(audit.rounds):
+        if several:
+            rows = [c.drawn[r - 1] for c in clients]
+            x = torch.stack([xs[i] for (xs, _), i in zip(shares, rows, strict=True)])
+            y = torch.stack([ys[i] for (_, ys), i in zip(shares, rows, strict=True)])
+        _attack(config, data, strategy.malicious, [(audit.rounds[r].observation, slice(0, config.users))], x, y,
+                mean_probs, gen, out, grid=r == 1)
+        if several:
+            ok = (torch.nan_to_num(out.psnr[-1], nan=-1.0) >= EXACT_DB).view(config.users, config.batch)
+            seen |= {(u, int(rows[u][b])) for u, b in ok.nonzero().tolist()}
+            out.rounds.append({"round": r, "exact": float(ok.float().mean()),
+                               "cumulative_exact": len(seen) / sum(len(p) for p in parts)})
+    return out
 
 
 def _attack(config: FederatedConfig, data: DataBundle, sent: nn.Module, seen: list[tuple[Observation, slice]],
@@ -277,6 +298,8 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
                               "inputs_sharing_a_bin": sum(o.shared for _, _, o in outcomes),
                               "inputs_below_every_bin": sum(o.outside for _, _, o in outcomes),
                               "alone_fraction": alone / len(psnr)}
+        if outcomes[0][2].rounds:
+            metrics["imprint"]["rounds"] = outcomes[0][2].rounds
     if config.defence.method != "none":
         metrics["defence"] = _defence_metrics(config, [o for _, _, o in outcomes], baselines)
     trials = [{"trial_id": tid, "seed": seed, "inputs": int(o.psnr_all().numel()),
@@ -348,6 +371,13 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
                                "without a candidate counts as not recovered")]
     if "defence" in m:
         tables.append(_defence_table(config, m["defence"]))
+    if "imprint" in m and "rounds" in m["imprint"]:
+        tables.append(ReportTable(
+            f"Several Flower rounds ({config.rounds}): each user draws {config.batch} of its share every round",
+            ["round", "the round's inputs recovered verbatim", "users' shares recovered so far"],
+            [[r["round"], f"{100 * r['exact']:.1f}%", f"{100 * r['cumulative_exact']:.1f}%"]
+             for r in m["imprint"]["rounds"]],
+            note="the server re-plants its bins every round and reads each round's aggregate alone"))
     return tables
 
 

@@ -15,6 +15,7 @@
     psnr_threshold: 30
     defence: {method: none}          # none | noise (sigma) | clip-noise (clip, sigma) | prune (prune) | quantise (bits)
     transport: simulated             # simulated | flower (the round over gRPC through a malicious Flower strategy)
+    rounds: 1                        # with transport: flower, several rounds (fresh batches, bins re-planted)
     flower_host: 127.0.0.1           # with transport: flower; a non-loopback host needs allow_remote: true
 """
 
@@ -155,6 +156,10 @@ class FederatedConfig(ExperimentConfig):
     """``flower``: the round runs through Flower (a malicious ImprintStrategy and one TorchClient per user
     over gRPC on ``flower_host``; needs the ``flower`` extra), the server reading the FedAvg aggregate of
     float32 weights; imprint attack, FedSGD, secure aggregation without clip, noise or defence only."""
+    rounds: int = Field(1, ge=1, le=1000)
+    """With ``transport: flower``: rounds of the Flower run; each round every user draws ``batch`` of its
+    partition share, and the server re-plants its bins (``metrics.imprint.rounds``: per round, and the
+    fraction of the users' shares recovered verbatim at least once)."""
     flower_host: str = "127.0.0.1"
     allow_remote: bool = False
     """Let ``flower_host`` be a non-loopback address (the malicious server then listens on a network)."""
@@ -178,8 +183,14 @@ class FederatedConfig(ExperimentConfig):
                 raise ValueError(f"transport = 'flower' runs the imprint attack on a plain FedSGD round: {', '.join(bad)} "
                                  "not allowed with it (allowed: attack imprint, protocol fedsgd, aggregation.secure "
                                  "true without clip or noise, defence.method none)")
+            if self.trials != 1 and self.rounds > 1:
+                raise ValueError(f"rounds = {self.rounds} with trials = {self.trials}: a several-round Flower run is "
+                                 "one trial; allowed: trials: 1 with rounds > 1")
             from ..federated.address import check_address
             check_address(self.flower_host, allow_remote=self.allow_remote, field="flower_host")
+        if self.rounds > 1 and self.transport != "flower":
+            raise ValueError(f"rounds = {self.rounds} runs through Flower; set transport: flower (the simulated "
+                             "round is one-shot)")
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")

@@ -30,17 +30,23 @@ from mlaudit.federated.flower import ImprintStrategy, TorchClient, run_flower_au
 from mlaudit.models import build_model  # noqa: E402
 
 
-def one(data: Any, users: int, batch: int, bins: int, scale: float, measurement: str, rounds: int,
-        seed: int) -> dict[str, Any]:
+def _setup(data: Any, users: int, per_user: int, bins: int, scale: float, measurement: str, seed: int
+           ) -> tuple[ImprintStrategy, torch.Tensor]:
+    """The malicious strategy around an MLP at initialisation (the first 600 training images are the
+    server's public data) and each user's images: row indices [users, per_user] drawn from the rest."""
     g = torch.Generator().manual_seed(seed)
-    x, y = data.train.x, data.train.y
-    public = torch.arange(0, 600)  # the server's public images; users draw from the rest
-    pool = torch.arange(600, len(x))
+    pool = torch.arange(600, len(data.train))
     torch.manual_seed(seed)
     model = build_model("mlp", input_shape=data.input_shape, num_classes=data.num_classes)
-    strategy = ImprintStrategy(model, x[public], bins=bins, min_clients=users, scale=scale, measurement=measurement,
-                               generator=torch.Generator().manual_seed(seed))
-    draws = pool[torch.randperm(len(pool), generator=g)[: users * batch]].view(users, batch)
+    strategy = ImprintStrategy(model, data.train.x[:600], bins=bins, min_clients=users, scale=scale,
+                               measurement=measurement, generator=torch.Generator().manual_seed(seed))
+    return strategy, pool[torch.randperm(len(pool), generator=g)[: users * per_user]].view(users, per_user)
+
+
+def one(data: Any, users: int, batch: int, bins: int, scale: float, measurement: str, rounds: int,
+        seed: int) -> dict[str, Any]:
+    x, y = data.train.x, data.train.y
+    strategy, draws = _setup(data, users, batch, bins, scale, measurement, seed)
     # one draw per user, kept over the rounds (a user's local batch), so round r re-reveals it
     clients = [TorchClient(strategy.client_model(), x[d], y[d], lr=0.1) for d in draws]
     out = run_flower_audit(strategy, clients, rounds=rounds)
@@ -62,14 +68,8 @@ def rounds_run(data: Any, users: int, local: int, batch: int, bins: int, rounds:
     """Several rounds, each user drawing a fresh batch from its ``local`` images every round: per round the
     fraction of that round's inputs recovered verbatim, and the cumulative fraction of all the users'
     local images recovered verbatim at least once."""
-    g = torch.Generator().manual_seed(seed)
     x, y = data.train.x, data.train.y
-    pool = torch.arange(600, len(x))
-    torch.manual_seed(seed)
-    model = build_model("mlp", input_shape=data.input_shape, num_classes=data.num_classes)
-    strategy = ImprintStrategy(model, x[:600], bins=bins, min_clients=users, measurement="random",
-                               generator=torch.Generator().manual_seed(seed))
-    owned = pool[torch.randperm(len(pool), generator=g)[: users * local]].view(users, local)
+    strategy, owned = _setup(data, users, local, bins, 1e-3, "random", seed)
     clients = [TorchClient(strategy.client_model(), x[o], y[o], lr=0.1, batch=batch, seed=seed + u)
                for u, o in enumerate(owned)]
     out = run_flower_audit(strategy, clients, rounds=rounds)

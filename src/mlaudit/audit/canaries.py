@@ -93,6 +93,14 @@ def _white_box_model(canary: str, model_fn: ModelFn | None, seed: int, alternati
         return model_fn()
 
 
+def _parameter_coordinate(model: nn.Module, energy: list[Tensor], pick: int) -> tuple[str, int]:
+    """(parameter name, flat coordinate in it) of index ``pick`` into the concatenation of ``energy`` (one
+    tensor per parameter of ``model``, in ``named_parameters()`` order)."""
+    ends = np.cumsum([e.numel() for e in energy])
+    pos = int(np.searchsorted(ends, pick, side="right"))
+    return [n for n, _ in model.named_parameters()][pos], pick - int(ends[pos - 1] if pos else 0)
+
+
 def _rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, 0x43414E]))
 
@@ -170,12 +178,7 @@ def dirac_canaries(train: TensorDataset, *, m: int, seed: int, model_fn: ModelFn
     energy = coordinate_energy(model, train, rng.permutation(len(train))[:examples], device=device)
     flat = torch.cat([e.flatten() for e in energy]).double()
     order = np.lexsort((rng.permutation(len(flat)), flat.numpy()))[:m]  # least energy, seeded tie-break
-    sizes = np.cumsum([e.numel() for e in energy])
-    names = [n for n, _ in model.named_parameters()]
-    grads = []
-    for k, pick in enumerate(order.tolist()):
-        pos = int(np.searchsorted(sizes, pick, side="right"))
-        grads.append(GradientCanary(index=k, parameter=names[pos], coordinate=pick - int(sizes[pos - 1] if pos else 0)))
+    grads = [GradientCanary(k, *_parameter_coordinate(model, energy, pick)) for k, pick in enumerate(order.tolist())]
     return CanarySet(torch.zeros(m, *train.shape), torch.zeros(m, dtype=torch.int64), np.full(m, -1, dtype=np.int64),
                      np.full(m, -1, dtype=np.int64), details={"type": "dirac", "max_gradient_energy": float(flat[order].max()),
                                                            "mean_gradient_energy": float(flat.mean())},
@@ -229,16 +232,13 @@ def gradient_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None
     builds; its placeholder example is the first inserted one (virtual index len(train))."""
     model = _white_box_model("gradient", model_fn, seed, "mislabeled or crafted")
     rng = _rng(seed)
-    names = [n for n, _ in model.named_parameters()]
     energy = coordinate_energy(model, train, rng.permutation(len(train))[:examples], device=device)
     flat = torch.cat([e.flatten() for e in energy])
     lo = float(flat.min())
     ties = (flat <= lo + 1e-12 * max(float(flat.max()), 1.0)).nonzero().flatten()
     pick = int(ties[int(rng.integers(len(ties)))])
-    sizes = [e.numel() for e in energy]
-    pos = int(np.searchsorted(np.cumsum(sizes), pick, side="right"))
-    coord = pick - int(sum(sizes[:pos]))
-    g = GradientCanary(index=len(train), parameter=names[pos], coordinate=coord)
+    name, coord = _parameter_coordinate(model, energy, pick)
+    g = GradientCanary(index=len(train), parameter=name, coordinate=coord)
     x = torch.zeros(1, *train.shape)
     return Canary(x, 0, -1, -1, gradient=g, details={
         "type": "gradient", "parameter": g.parameter, "coordinate": coord, "gradient_energy": lo,

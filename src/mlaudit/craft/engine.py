@@ -224,10 +224,10 @@ class _Run:
             if self.on_step is not None:
                 self.on_step(step, float(totals.min()))
         steps_g = torch.stack(history).tolist() if history else []  # [steps][G]
-        for s, row in enumerate(steps_g + [totals.tolist()]):
+        last = totals.tolist()
+        for s, row in enumerate([*steps_g, last]):
             if not all(math.isfinite(v) for v in row):
                 _non_finite(s, torch.tensor(row))
-        last = totals.tolist()
         if not separable:  # joint objective: the final iterate of every restart, ranked by its total
             return [CraftResult(delta[k].detach(), last[k], None, history=[h[k] for h in steps_g]) for k in range(g)]
         out_obj, out_done = out_obj.cpu(), out_done.cpu()

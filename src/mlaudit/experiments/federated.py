@@ -159,7 +159,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     if config.attack == "imprint":
         im = config.imprint
         sent: nn.Module = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
-                                        feedback=im.feedback, scale=im.scale or 1.0, generator=gen)
+                                        feedback=im.feedback, scale=config.imprint_scale, generator=gen)
     else:
         sent = model
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
@@ -199,7 +199,7 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, p
 
     im = config.imprint
     strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, measurement=im.measurement, cdf=im.cdf,
-                               feedback=im.feedback, scale=im.scale or 1e-3, min_clients=config.users, generator=gen)
+                               feedback=im.feedback, scale=config.imprint_scale, min_clients=config.users, generator=gen)
     several = config.rounds > 1
     shares = [(data.train.x[p].cpu(), data.train.y[p].cpu()) for p in parts] if several else list(zip(x, y))
     clients = [TorchClient(strategy.client_model(), xs, ys, lr=config.local_lr,
@@ -342,7 +342,7 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
                    local_lr=config.local_lr)
     if config.attack == "imprint":
         out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf,
-                   imprint_scale=config.imprint.scale or (1e-3 if config.transport == "flower" else 1.0))
+                   imprint_scale=config.imprint_scale)
     else:
         out.update(steps=config.inversion.steps, labels=config.inversion.labels, restarts=config.inversion.restarts)
     return out

@@ -172,13 +172,11 @@ class FederatedConfig(ExperimentConfig):
                              f"allowed 1 <= local_batch <= {self.batch}")
         if self.transport == "flower":
             agg = self.aggregation
-            bad = [f"{k} = {v!r}" for k, v in (("attack", self.attack), ("protocol", self.protocol),
-                                              ("aggregation.secure", agg.secure), ("aggregation.clip", agg.clip),
-                                              ("aggregation.noise_multiplier", agg.noise_multiplier),
-                                              ("defence.method", self.defence.method))
-                   if v not in ({"imprint"} if k == "attack" else {"fedsgd"} if k == "protocol" else
-                                {True} if k == "aggregation.secure" else {None} if k == "aggregation.clip" else
-                                {0.0} if k == "aggregation.noise_multiplier" else {"none"})]
+            needed = {"attack": (self.attack, "imprint"), "protocol": (self.protocol, "fedsgd"),
+                      "aggregation.secure": (agg.secure, True), "aggregation.clip": (agg.clip, None),
+                      "aggregation.noise_multiplier": (agg.noise_multiplier, 0.0),
+                      "defence.method": (self.defence.method, "none")}
+            bad = [f"{k} = {v!r}" for k, (v, want) in needed.items() if v != want]
             if bad:
                 raise ValueError(f"transport = 'flower' runs the imprint attack on a plain FedSGD round: {', '.join(bad)} "
                                  "not allowed with it (allowed: attack imprint, protocol fedsgd, aggregation.secure "
@@ -195,6 +193,11 @@ class FederatedConfig(ExperimentConfig):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")
         return self
+
+    @property
+    def imprint_scale(self) -> float:
+        """``imprint.scale``, or its default: 1e-3 through Flower (float32 weights on the wire), else 1."""
+        return self.imprint.scale or (1e-3 if self.transport == "flower" else 1.0)
 
     @property
     def inputs_per_update(self) -> int:

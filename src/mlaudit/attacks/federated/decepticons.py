@@ -38,6 +38,7 @@ from torch import Tensor
 from ...errors import ConfigError
 from ...models.gpt import TinyGPT
 from .base import Observation, Reconstruction, register_federated
+from .imprint import _offsets as imprint_offsets
 from .imprint import imprint_candidates
 
 
@@ -185,9 +186,7 @@ def _offsets(h: Tensor, bins: int) -> Tensor:
     """Offsets [bins] at the quantile levels i / bins of h (level 0 below every value). Text is discrete (a
     frequent token at a position is one value many times), so a quantile that repeats the previous one
     moves up to the next distinct value of h, and an offset on a value moves half-way to the value below."""
-    levels = torch.arange(1, bins, dtype=torch.float64) / bins
-    c = torch.cat([torch.tensor([float(h.min()) - (float(h.max()) - float(h.min()))], dtype=torch.float64),
-                   torch.quantile(h, levels)])
+    c = imprint_offsets(h, bins, "empirical", float(h.min()) - (float(h.max()) - float(h.min())))
     uniq = torch.unique(h)
     for i in range(1, bins):
         if c[i] <= c[i - 1]:

@@ -12,8 +12,9 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   default, and fp32) and private (``dp: {noise_multiplier: 1, clip: 1, sample_rate: 256/n}``, float32):
   ``mlaudit_dpsgd`` with ``clipping: per-example`` (torch.func per-example gradients) and
   ``mlaudit_dpsgd_fast`` with ``clipping: fast`` (book-keeping with ghost norms, mlaudit.privacy.fastclip;
-  convs materialised by a strided im2col + one bmm), ``mlaudit_dpsgd_fast_grouped`` the same with convs
-  materialised by a grouped ``convolution_backward`` (``--conv-materialise``), and on CUDA
+  stride-1 convs by shifted windows of the padded input, no unfold), ``mlaudit_dpsgd_fast_unfold`` /
+  ``_grouped`` the same with every conv unfolded by a strided im2col + one bmm / by a grouped
+  ``convolution_backward`` (``--conv-materialise``), and on CUDA
   ``mlaudit_dpsgd_fast_bf16``: the fast path with ``precision: bf16`` (bf16 autocast forward, as the
   non-private recipe). One epoch of ``--steps`` steps warms up,
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
@@ -181,6 +182,13 @@ def opacus_version() -> str | None:
     return str(opacus.__version__)
 
 
+def set_conv(conv: str) -> None:
+    """How fast clipping materialises conv per-example gradients: ``shift`` (stride-1 ungrouped convs by
+    shifted windows, the others unfolded), ``unfold`` or ``grouped`` (every conv)."""
+    fastclip_rules.CONV_SHIFT = conv == "shift"
+    fastclip_rules.CONV_MATERIALISE = "unfold" if conv == "shift" else conv  # type: ignore[assignment]
+
+
 def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, train: TensorDataset,
                 opacus: str | None) -> dict[str, dict[str, Any]]:
     """All runs of one model: {run name: {s_per_step, examples_per_s, precision, peak_gpu_mem_mb | error}}."""
@@ -217,10 +225,10 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "dp": {**dp, "clipping": clipping}})
         for conv in convs if clipping == "fast" else ["-"]:
             name = key if conv in ("-", convs[0]) else f"{key}_{conv}"
-            fastclip_rules.CONV_MATERIALISE = convs[0] if conv == "-" else conv  # type: ignore[assignment]
+            set_conv(convs[0] if conv == "-" else conv)
             record(name, ml(private, name), precision="fp32", per_example_slots=slots, clipping=clipping,
                    conv_materialise=None if conv == "-" else conv)
-    fastclip_rules.CONV_MATERIALISE = convs[0]  # type: ignore[assignment]
+    set_conv(convs[0])
     if cuda:  # the fast path with the recipe's bf16 autocast forward (precision: bf16)
         private = resolve_recipe({**base.model_dump(), "precision": "bf16", "dp": {**dp, "clipping": "fast"}})
         record("mlaudit_dpsgd_fast_bf16", ml(private, "fast_bf16"), precision="bf16 autocast",
@@ -269,9 +277,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps of the hand-written Opacus/PyTorch loops")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--width", type=int, default=None, help="model width (default: the zoo's; the ViT's dim)")
-    ap.add_argument("--conv-materialise", default="unfold,grouped",
-                    help="fast-clipping conv per-example gradients: unfold and/or grouped (one run each; the "
-                         "first is the one named mlaudit_dpsgd_fast)")
+    ap.add_argument("--conv-materialise", default="shift,unfold",
+                    help="fast-clipping conv per-example gradients: shift (stride-1 convs by shifted windows), "
+                         "unfold and/or grouped (one run each; the first is the one named mlaudit_dpsgd_fast)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--name", default=None, help="results file suffix")

@@ -1,7 +1,7 @@
 """Where the fast DP-SGD step's time goes (issue 15): ResNet-18-GN and fastcnn-GN at 288 Poisson slots on
 CUDA, channels_last as the training loop runs them. Times the non-private forward+backward (fp32 and bf16
-autocast), the fast clipped sum (auto / all-ghost / all-materialise, conv materialise unfold vs grouped,
-fp32 and bf16), and prints the top CUDA kernels of the default path. (The H200 output of 2026-12-02 in
+autocast), the fast clipped sum (auto / all-ghost / all-materialise; stride-1 convs by shifted windows or by unfold;
+float32 matmuls with and without TF32; fp32 and bf16), and prints the top CUDA kernels of the default path. (The H200 output of 2026-12-02 in
 benchmarks/results/dp_fastclip_profile_h200.txt is of an earlier version that also timed a depthwise
 one-hot-convolution unfold, since removed: slower and not exact in float32.)
 
@@ -47,18 +47,22 @@ for name in ("resnet18", "fastcnn"):
 
     res = {"non-private fwd+bwd, 256, fp32": timed(lambda: plain(False)),
            "non-private fwd+bwd, 256, bf16": timed(lambda: plain(True))}
+    rows = [("auto", "shift", False), ("materialise", "shift", False), ("ghost", "shift", False),
+            ("auto", "unfold", False), ("auto", "shift", True)]
     for bf16 in (False, True):
-        for mode, conv in (("auto", "unfold"), ("materialise", "unfold"), ("ghost", "unfold"), ("auto", "grouped")):
-            fastclip_rules.CONV_MATERIALISE = conv
-            res[f"fast {mode} conv={conv} bf16={bf16}, 288 slots"] = timed(
+        for mode, conv, tf32 in rows:
+            fastclip_rules.CONV_SHIFT = conv == "shift"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            res[f"fast {mode} conv={conv} tf32-matmul={tf32} bf16={bf16}, 288 slots"] = timed(
                 lambda: clipped_grad_sum(m, x, y, w, clip=1.0, mode=mode, bf16=bf16))
+    torch.backends.cuda.matmul.allow_tf32 = False
     print(f"== {name}")
     for k, v in res.items():
-        print(f"{k:70s} {v:8.2f} ms")
-    fastclip_rules.CONV_MATERIALISE = "unfold"
+        print(f"{k:80s} {v:8.2f} ms")
+    fastclip_rules.CONV_SHIFT = True
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             clipped_grad_sum(m, x, y, w, clip=1.0)
         torch.cuda.synchronize()
-    print("-- top CUDA kernels, 3 calls, auto, fp32")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+    print("-- top CUDA kernels, 3 calls, auto, shifted windows, fp32")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))

@@ -20,7 +20,7 @@ from mlaudit.models.registry import ModelSpec, build_model
 from mlaudit.privacy import fastclip_rules
 from mlaudit.privacy.dpsgd import DPTraining, clipped_sum, per_example_grads
 from mlaudit.privacy.fastclip import check_fast_clip, clipped_grad_sum, fast_clip_supported, verify_fast_clip
-from mlaudit.privacy.fastclip_rules import use_ghost
+from mlaudit.privacy.fastclip_rules import use_ghost, use_ghost_shifted
 from mlaudit.train.loop import init_models, train_stack
 from mlaudit.train.recipe import resolve_recipe
 from mlaudit.train.stacked import StackedModels
@@ -127,12 +127,14 @@ def test_equals_the_per_example_path(name: str, dtype: torch.dtype, mode: str) -
 
 
 @pytest.mark.parametrize("setting", [{"CHUNK_ELEMENTS": 1, "KEEP_ELEMENTS": 0}, {"CONV_MATERIALISE": "unfold"},
-                                     {"CHUNK_ELEMENTS": 3000, "CONV_MATERIALISE": "unfold"}])
+                                     {"CHUNK_ELEMENTS": 3000, "CONV_MATERIALISE": "unfold"},
+                                     {"CONV_SHIFT": False}, {"CONV_SHIFT": False, "CONV_MATERIALISE": "grouped"},
+                                     {"CONV_SHIFT": False, "CHUNK_ELEMENTS": 1, "KEEP_ELEMENTS": 0}])
 @pytest.mark.parametrize("name", ["convnet", "vit", "text"])
 def test_chunks_unkept_gradients_and_unfold_give_the_same_sums(name: str, setting: dict,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches cut into chunks, materialised gradients too large to keep (the sum is then the weighted
-    product), convs materialised by unfold: the same result."""
+    product), convs materialised by unfold or grouped convolutions instead of shifted windows: the same result."""
     torch.manual_seed(0)
     model = MODELS[name]().double()
     x, y, w = batch(name, torch.float64)
@@ -177,6 +179,16 @@ def test_cost_rule() -> None:
     assert use_ghost(4 * 4, 512 * 9, 512, "auto") and use_ghost(1, 512, 10, "auto")
     assert use_ghost(65, 384, 1536, "auto", keep=False) and not use_ghost(65, 384, 1536, "auto")
     assert use_ghost(32 * 32, 64 * 9, 64, "ghost") and not use_ghost(1, 512, 10, "materialise")
+
+
+def test_shifted_cost_rule() -> None:
+    """Stride-1 3x3 convs of ResNet-18 (CIFAR, batch 256, padding 1: W_p = W + 2, L = (H + 3) W_p): stages 1-2
+    materialise by shifted windows, stages 3-4 (their gradients too large to keep) take the ghost norm."""
+    def rule(hw: int, c: int, keep: bool) -> bool:
+        return use_ghost_shifted(hw * hw, hw * (hw + 2), (hw + 3) * (hw + 2), c, c, 9, "auto", keep=keep)
+    assert not rule(32, 64, True) and not rule(16, 128, True)
+    assert rule(8, 256, False) and rule(4, 512, False)
+    assert use_ghost_shifted(1024, 1088, 1190, 64, 64, 9, "ghost") and not use_ghost_shifted(16, 24, 42, 512, 512, 9, "materialise")
 
 
 class Custom(nn.Module):
@@ -403,11 +415,36 @@ def test_im2col_is_unfold(c: int, k: int, s: int, d: int, p: int, hw: int, chann
     torch.testing.assert_close(inner, want.view(2, -1, c, k * k).transpose(2, 3).reshape(want.shape), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("conv", ["unfold", "grouped"])
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 3), o=st.integers(1, 3), kh=st.integers(1, 3), kw=st.integers(1, 3), d=st.integers(1, 2),
+       p=st.integers(0, 2), hw=st.integers(3, 7), channels_last=st.booleans())
+def test_shifted_windows_equal_unfolded_per_example_gradients(c: int, o: int, kh: int, kw: int, d: int, p: int,
+                                                               hw: int, channels_last: bool) -> None:
+    """A stride-1 conv's per-example gradients by shifted windows = G_i^T unfold(A_i) (any kernel shape,
+    dilation, padding, memory format), and the shifted-window ghost norm = their squared norms."""
+    g = torch.Generator().manual_seed(c * 1000 + o * 100 + kh * 10 + kw + hw)
+    conv = nn.Conv2d(c, o, (kh, kw), dilation=d, padding=p).double()
+    a = torch.randn(3, c, hw, hw + 1, generator=g, dtype=torch.float64)
+    if a.shape[2] + 2 * p - d * (kh - 1) < 1 or a.shape[3] + 2 * p - d * (kw - 1) < 1:
+        return  # no output pixel
+    gout = torch.randn(conv(a).shape, generator=g, dtype=torch.float64)
+    if channels_last:
+        a, gout = a.contiguous(memory_format=torch.channels_last), gout.contiguous(memory_format=torch.channels_last)
+    sh = fastclip_rules._shifted(conv, a, gout, (p, p))
+    assert sh is not None
+    want = gout.flatten(2) @ F.unfold(a, (kh, kw), dilation=d, padding=p).mT  # [B, O, C kh kw]
+    got = sh.per_example(slice(None)).permute(0, 2, 3, 1).reshape(want.shape)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    torch.testing.assert_close(sh.ghost_sq(slice(None)), want.square().sum((1, 2)), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("conv", ["shift", "unfold", "grouped"])
 @pytest.mark.parametrize("name", ["convnet", "resnet18", "fastcnn", "vit"])
 def test_channels_last_models_and_inputs(name: str, conv: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop runs CUDA models channels_last: the (k_h, k_w, C) unfold and its permuted-back sums agree."""
-    monkeypatch.setattr(fastclip_rules, "CONV_MATERIALISE", conv)
+    """The loop runs CUDA models channels_last: shifted windows, the (k_h, k_w, C) unfold and their
+    permuted-back sums agree."""
+    monkeypatch.setattr(fastclip_rules, "CONV_SHIFT", conv == "shift")
+    monkeypatch.setattr(fastclip_rules, "CONV_MATERIALISE", "unfold" if conv == "shift" else conv)
     torch.manual_seed(0)
     model = MODELS[name]().double().train()
     x, y, w = batch(name, torch.float64)

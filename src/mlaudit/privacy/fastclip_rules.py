@@ -65,6 +65,18 @@ def use_ghost(t: int, d_in: int, d_out: int, mode: Mode, *, keep: bool = True) -
     return t * t * (d_in + d_out) < (d_in * d_out if keep else t * d_in * d_out)
 
 
+def use_ghost_shifted(t: int, t_wide: int, positions: int, c_in: int, c_out: int, taps: int, mode: Mode, *,
+                      keep: bool = True) -> bool:
+    """The cost rule for a stride-1 conv through shifted windows (:class:`_Shifted`), per example: ghost
+    ``L^2 C_in + T'^2 (C_out + taps)`` for the norm, then the weighted weight gradient ``T taps C_in C_out``;
+    materialise ``taps C_out C_in T'``, then ``taps C_in C_out`` (kept) or the weighted gradient again."""
+    if mode != "auto":
+        return mode == "ghost"
+    weighted = t * taps * c_in * c_out
+    ghost = positions * positions * c_in + t_wide * t_wide * (c_out + taps) + weighted
+    return ghost < taps * c_out * c_in * t_wide + (taps * c_in * c_out if keep else weighted)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums of squares are accumulated in: float32 for half-precision (bf16 autocast) layers."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -195,6 +207,65 @@ def im2col(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation
     return out.copy_(win).view(b, ho * wo, c * kh * kw)
 
 
+@dataclass(frozen=True)
+class _Shifted:
+    """A stride-1, ungrouped convolution seen through flat shifted windows (no unfolded copy).
+
+    With the input zero-padded to ``[B, C, H_p, W_p]`` (plus one spare row) and flattened to ``L`` positions,
+    output pixel (i, j) on a *wide* grid of ``W_p`` columns, ``t = i W_p + j``, reads kernel tap k = (k_h,
+    k_w) at flat position ``t + off_k`` with ``off_k = d_h k_h W_p + d_w k_w``; the grid's last ``W_p - W_out``
+    columns are not outputs, and their gradient rows are zero. So with ``Ap [B, L, C]`` (channels inner) and
+    ``Gw [B, T', C_out]`` (T' = H_out W_p):
+
+    * per-example gradient of tap k: ``Gw_i^T Ap_i[off_k : off_k + T']`` ([C_out, C]), one batched matmul of a
+      strided *view* per tap (Rochette et al. 2019 compute per-example conv gradients as convolutions; this
+      is the same sum as matmuls over shifted views);
+    * ghost norm: the unfolded input's Gram is ``sum_k P_i[off_k : off_k + T', off_k : off_k + T']`` with
+      ``P_i = Ap_i Ap_i^T`` ([L, L], L^2 C flops instead of T^2 C k_h k_w for the unfolded patches), so
+      ``||grad_i||^2 = <sum_k P_i[shifted k], Gw_i Gw_i^T>``.
+    """
+
+    ap: Tensor  # [B, L, C] (strided view of the padded input; channels inner or not)
+    gw: Tensor  # [B, T', C_out]
+    offsets: tuple[int, ...]  # off_k in the weight's (k_h, k_w) order
+    t_wide: int
+
+    def window(self, s: slice, k: int) -> Tensor:  # [n, T', C]
+        return self.ap[s, self.offsets[k]:self.offsets[k] + self.t_wide]
+
+    def per_example(self, s: slice) -> Tensor:  # [n, k_h k_w, C_out, C]
+        return torch.stack([self.gw[s].mT @ self.window(s, k) for k in range(len(self.offsets))], 1)
+
+    def ghost_sq(self, s: slice) -> Tensor:  # [n]
+        ap = self.ap[s]
+        p, t = _up(ap @ ap.mT), self.t_wide
+        gram = sum(p[:, o:o + t, o:o + t] for o in self.offsets)
+        return (gram * _up(self.gw[s] @ self.gw[s].mT)).sum((1, 2))
+
+
+CONV_SHIFT = True
+"""Stride-1 ungrouped convs take :class:`_Shifted` (no unfolded copy); others unfold (:data:`CONV_MATERIALISE`)."""
+
+
+def _shifted(m: nn.Conv2d, a: Tensor, g: Tensor, pad: tuple[int, ...]) -> _Shifted | None:
+    """The shifted-window view of a stride-1 ungrouped conv (a [B, C, H, W] as the conv sees it, g [B, C_out,
+    H_out, W_out]), or None when it does not apply. One zero-padded copy of the input in the dtype of ``g``
+    (channels inner), one of ``g`` padded to the wide grid."""
+    if not CONV_SHIFT or m.groups != 1 or tuple(m.stride) != (1, 1):
+        return None
+    b, c, h, w = a.shape
+    (kh, kw), (dh, dw), (ph, pw) = m.kernel_size, m.dilation, pad
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho, wo = g.shape[2], g.shape[3]
+    spare = 1 if kw > 1 else 0  # the last wide row's taps run up to d_w (k_w - 1) < W_p past the end
+    ap = a.new_zeros(b, hp + spare, wp, c, dtype=g.dtype)
+    ap[:, ph:ph + h, pw:pw + w].copy_(a.permute(0, 2, 3, 1))
+    gw = g.new_zeros(b, ho, wp, g.shape[1])
+    gw[:, :, :wo].copy_(g.permute(0, 2, 3, 1))
+    offsets = tuple(dh * i * wp + dw * j for i in range(kh) for j in range(kw))
+    return _Shifted(ap.view(b, -1, c), gw.view(b, ho * wp, -1), offsets, ho * wp)
+
+
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a [B, C_in, H, W], g [B, C_out, H_out, W_out]; per group: d_in = C_in k_h k_w / groups,
     d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv). A channels_last
@@ -226,7 +297,20 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
             n * grp, [False, True, False])[1].view(n, *m.weight.shape)
 
     st: dict[str, Any] = {"input": a, "padding": pad, "inner": inner and CONV_MATERIALISE == "unfold"}
-    if use_ghost(t, d_in, d_out, mode, keep=b * m.weight.numel() <= KEEP_ELEMENTS):
+    keep = b * m.weight.numel() <= KEEP_ELEMENTS
+    sh = _shifted(m, a, g, pad)
+    if sh is not None:
+        taps, lp, tw = len(sh.offsets), sh.ap.shape[1], sh.t_wide
+        c_in = m.in_channels
+        if use_ghost_shifted(t, tw, lp, c_in, d_out, taps, mode, keep=keep):
+            sq = a.new_empty(b, dtype=_acc(g.dtype))
+            for s in _chunks(b, lp * lp + 2 * tw * tw):
+                sq[s] = sh.ghost_sq(s)
+        else:  # kept as [B, taps, C_out, C]: the weight's [C_out, C, k_h, k_w] after a permute (see _conv_sums)
+            sq, st["weight"] = materialise(sh.per_example, b, m.weight.numel(), m.weight.numel())
+            st["taps"] = True
+        return _with_bias(sq, st, g.sum((2, 3)) if m.bias is not None else None)
+    if use_ghost(t, d_in, d_out, mode, keep=keep):
         sq = a.new_empty(b, dtype=_acc(g.dtype))
         for s in _chunks(b, grp * (d_in * t + 2 * t * t)):
             u, gs = unfold(s), gct[s]
@@ -239,7 +323,9 @@ def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
 
 
 def _conv_sums(m: nn.Conv2d, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
-    if st.get("weight") is not None:  # kept per-example gradients ((k_h, k_w, C) order: back to the weight's)
+    if st.get("weight") is not None and st.get("taps"):  # [taps, C_out, C] -> [C_out, C, k_h, k_w]
+        out = {"weight": weigh(f, st["weight"]).permute(1, 2, 0).reshape(m.weight.shape)}
+    elif st.get("weight") is not None:  # kept per-example gradients ((k_h, k_w, C) order: back to the weight's)
         out = {"weight": weigh(f, st["weight"]).permute(0, 3, 1, 2) if st["inner"] else weigh(f, st["weight"])}
     else:
         gw = torch.ops.aten.convolution_backward(

@@ -15,6 +15,7 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   stride-1 convs by shifted windows of the padded input, no unfold), ``mlaudit_dpsgd_fast_unfold`` /
   ``_grouped`` the same with every conv unfolded by a strided im2col + one bmm / by a grouped
   ``convolution_backward`` (``--conv-materialise``), and on CUDA
+  ``mlaudit_dpsgd_fast_tf32`` (float32 matmuls in TF32, ``torch.backends.cuda.matmul.allow_tf32``) and
   ``mlaudit_dpsgd_fast_bf16``: the fast path with ``precision: bf16`` (bf16 autocast forward, as the
   non-private recipe). One epoch of ``--steps`` steps warms up,
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
@@ -229,6 +230,17 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
             record(name, ml(private, name), precision="fp32", per_example_slots=slots, clipping=clipping,
                    conv_materialise=None if conv == "-" else conv)
     set_conv(convs[0])
+    if cuda:  # the fast path with TF32 float32 matmuls (cuDNN's convolutions use TF32 by default already)
+        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "dp": {**dp, "clipping": "fast"}})
+
+        def tf32() -> float:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                return ml(private, "fast_tf32")()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+        record("mlaudit_dpsgd_fast_tf32", tf32, precision="fp32, TF32 matmuls", per_example_slots=slots,
+               clipping="fast", conv_materialise=convs[0])
     if cuda:  # the fast path with the recipe's bf16 autocast forward (precision: bf16)
         private = resolve_recipe({**base.model_dump(), "precision": "bf16", "dp": {**dp, "clipping": "fast"}})
         record("mlaudit_dpsgd_fast_bf16", ml(private, "fast_bf16"), precision="bf16 autocast",

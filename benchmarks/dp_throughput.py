@@ -186,7 +186,7 @@ def opacus_version() -> str | None:
 def set_conv(conv: str) -> None:
     """How fast clipping materialises conv per-example gradients: ``shift`` (stride-1 ungrouped convs by
     shifted windows, the others unfolded), ``unfold`` or ``grouped`` (every conv)."""
-    fastclip_rules.CONV_SHIFT = conv == "shift"
+    fastclip_rules.CONV_SHIFT = conv == "shift"  # type: ignore[assignment]
     fastclip_rules.CONV_MATERIALISE = "unfold" if conv == "shift" else conv  # type: ignore[assignment]
 
 

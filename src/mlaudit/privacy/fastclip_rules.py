@@ -243,15 +243,20 @@ class _Shifted:
         return (gram * _up(self.gw[s] @ self.gw[s].mT)).sum((1, 2))
 
 
-CONV_SHIFT = True
-"""Stride-1 ungrouped convs take :class:`_Shifted` (no unfolded copy); others unfold (:data:`CONV_MATERIALISE`)."""
+CONV_SHIFT: bool | None = None
+"""Stride-1 ungrouped convs take :class:`_Shifted` (no unfolded copy) when True, or when None and on the CPU;
+the others unfold (:data:`CONV_MATERIALISE`). Measured 2026-12-03 (benchmarks/results/dp_throughput_shift_h200.md
+and dp_throughput_cpu_dryrun.md): on the CPU the DP step of a width-8 ResNet-18 fell from 2.65x to 1.76x its
+non-private step; on the H200 ResNet-18-GN was unchanged (36.6 vs 35.8 ms per step) and the fast CNN 9% slower
+(14.4 vs 13.2 ms): the nine small strided matmuls per conv and the padded copies cost what the unfold saved."""
 
 
 def _shifted(m: nn.Conv2d, a: Tensor, g: Tensor, pad: tuple[int, ...]) -> _Shifted | None:
     """The shifted-window view of a stride-1 ungrouped conv (a [B, C, H, W] as the conv sees it, g [B, C_out,
     H_out, W_out]), or None when it does not apply. One zero-padded copy of the input in the dtype of ``g``
     (channels inner), one of ``g`` padded to the wide grid."""
-    if not CONV_SHIFT or m.groups != 1 or tuple(m.stride) != (1, 1):
+    on = CONV_SHIFT if CONV_SHIFT is not None else a.device.type == "cpu"
+    if not on or m.groups != 1 or tuple(m.stride) != (1, 1):
         return None
     b, c, h, w = a.shape
     (kh, kw), (dh, dw), (ph, pw) = m.kernel_size, m.dilation, pad

@@ -245,10 +245,11 @@ class _Shifted:
 
 CONV_SHIFT: bool | None = None
 """Stride-1 ungrouped convs take :class:`_Shifted` (no unfolded copy) when True, or when None and on the CPU;
-the others unfold (:data:`CONV_MATERIALISE`). Measured 2026-12-03 (benchmarks/results/dp_throughput_shift_h200.md
-and dp_throughput_cpu_dryrun.md): on the CPU the DP step of a width-8 ResNet-18 fell from 2.65x to 1.76x its
-non-private step; on the H200 ResNet-18-GN was unchanged (36.6 vs 35.8 ms per step) and the fast CNN 9% slower
-(14.4 vs 13.2 ms): the nine small strided matmuls per conv and the padded copies cost what the unfold saved."""
+the others unfold (:data:`CONV_MATERIALISE`). Measured 2026-12-03: on the CPU (benchmarks/results/dp_shift_cpu.txt,
+1 thread, width 16, 64 slots) the clipped sum took 462 vs 951 ms for ResNet-18-GN and 120 vs 137 ms for the fast
+CNN (non-private forward+backward 276 / 64 ms); on the H200 (dp_throughput_shift_h200.md) the ResNet-18-GN DP step
+was unchanged (36.6 vs 35.8 ms) and the fast CNN's 9% slower (14.4 vs 13.2 ms): there the nine small strided
+matmuls per conv and the padded copies cost what the unfold saved."""
 
 
 def _shifted(m: nn.Conv2d, a: Tensor, g: Tensor, pad: tuple[int, ...]) -> _Shifted | None:

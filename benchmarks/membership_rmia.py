@@ -1,7 +1,7 @@
-"""RMIA vs LiRA with few and many reference models (issue 19), on one `membership-inference` pool.
+"""RMIA and BASE vs LiRA with few and many reference models (issue 19), on one `membership-inference` pool.
 
 Runs the kind once (pool training, every configured attack with its defaults, incl. the label-only
-ones), then rescores the saved pool logits (artifacts/logits.pt: pool and population) with RMIA and
+ones), then rescores the saved pool logits (artifacts/logits.pt: pool and population) with RMIA, BASE and
 LiRA at 1, 2, 4 and all reference models per example, each through the one ``roc_metrics``.
 
     python benchmarks/membership_rmia.py --device cpu --models 64 --name digits_cpu
@@ -36,15 +36,17 @@ def cell(m: dict) -> str:
 
 
 def variants(m: int) -> list[tuple[str, str, dict]]:
-    """(row label, attack, options): offline at 1, 2, 4, all references; online at 2, 4, all."""
+    """(row label, attack, options): RMIA, BASE and LiRA offline at 1, 2, 4, all references; online at 2, 4, all."""
     rows = []
     for k in (1, 2, 4, None):
         tag = "all" if k is None else str(k)
         rows.append((f"rmia-offline, {tag} ref", "rmia-offline", {"references": k}))
+        rows.append((f"base-offline, {tag} ref", "base-offline", {"references": k}))
         rows.append((f"lira-offline (global var), {tag} ref", "lira-offline", {"references": k, "variance": "global"}))
     for k in (2, 4, None):
         tag = "all" if k is None else str(k)
         rows.append((f"rmia-online, {tag} ref", "rmia-online", {"references": k}))
+        rows.append((f"base-online, {tag} ref", "base-online", {"references": k}))
         rows.append((f"lira-online (global var), {tag} ref", "lira-online", {"references": k, "variance": "global"}))
     rows.append(("rmia-offline gamma=2, all ref", "rmia-offline", {"gamma": 2.0}))
     rows.append(("rmia-online gamma=2, all ref", "rmia-online", {"gamma": 2.0}))
@@ -62,8 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = {"kind": "membership-inference", "name": f"membership-rmia-{args.name}", "dataset": "digits",
            "model": "mlp", "recipe": "fast", "pool": {"models": args.models, "keep": 0.5},
-           "attacks": ["loss", "lira-online", "lira-offline", "rmia-online", "rmia-offline", "label-augment",
-                       "label-boundary"],
+           "attacks": ["loss", "lira-online", "lira-offline", "rmia-online", "rmia-offline", "base-online",
+                       "base-offline", "label-augment", "label-boundary"],
            "population": {"data": "test"}, "fpr_targets": list(FPRS), "n_boot": args.n_boot, "memorization": False,
            "seed": 0}
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,12 +92,12 @@ def main() -> None:
 
     kind_rows = "".join(row(a, r["metrics"][a]) for a in cfg["attacks"])
     ref_rows = "".join(row(label, mt) for label, mt in table.items())
-    env = {"date": "2026-12-02", "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
+    env = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, "
            f"{torch.get_num_threads()} torch threads", "torch": torch.__version__, "python": platform.python_version(),
            "device": args.device}
     pool = r["metrics"]["pool"]
     n_neg = int((~obs.keep).sum())
-    md = (f"# RMIA vs LiRA with few and many reference models: digits, {obs.num_models} MLPs (CPU)\n\n"
+    md = (f"# RMIA and BASE vs LiRA with few and many reference models: digits, {obs.num_models} MLPs (CPU)\n\n"
           f"{env['date']}, {env['machine']}, torch {env['torch']}, device {args.device}. Pool: digits training split "
           f"({obs.num_examples} examples), `mlp`, recipe `fast`, {obs.num_models} models, keep 0.5 (each example IN "
           f"for {pool['in_per_example']}), mean test accuracy {pool['test_accuracy']['mean']:.4f}; population for RMIA: "

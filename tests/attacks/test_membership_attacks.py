@@ -347,7 +347,7 @@ def test_registry_entries_carry_the_all_targets_form_as_a_field() -> None:
     """One registry of the uniform call (a Protocol-typed entry), its faster all-targets form an
     explicit field of the entry, never an attribute attached to the function."""
     fast = {name for name in ATTACKS.names() if ATTACKS.get(name).all_targets is not None}
-    assert fast == {"loss", "loss-bounded", "shokri", "lira-online", "lira-offline", "rmia-online", "rmia-offline",
+    assert fast == {"loss", "loss-bounded", "shokri", "lira-online", "lira-offline", "rmia-online", "rmia-offline", "base-online", "base-offline",
                     "label-augment", "label-boundary"}
     for name in ATTACKS.names():
         entry = ATTACKS.get(name)

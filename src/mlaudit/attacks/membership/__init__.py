@@ -9,7 +9,7 @@
 Registered attacks (:data:`ATTACKS`): ``loss`` and ``loss-bounded`` (Yeom et al. 2018, A2 / A1),
 ``shokri`` (Shokri et al. 2017), ``lira-online`` and ``lira-offline`` (Carlini et al. 2022),
 ``rmia-online`` and ``rmia-offline`` (Zarifzadeh et al. 2024; population in
-``Observations.population_logits``), ``label-augment`` and ``label-boundary`` (Choquette-Choo et al.
+``Observations.population_logits``), ``base-online`` and ``base-offline`` (Lassila et al. 2025, no population), ``label-augment`` and ``label-boundary`` (Choquette-Choo et al.
 2021; label-only, through ``Observations.oracle``, a :class:`LabelOracle`).
 Around them: the pool's inclusion design (:mod:`.design`) and Truth Serum's poisoning
 (:mod:`.truth_serum`, Tramer et al. 2022), which any of the attacks then scores.
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import label_augment, label_boundary, lira, loss, rmia, shokri  # noqa: F401  (register the attacks)
+from . import bayes_base, label_augment, label_boundary, lira, loss, rmia, shokri  # noqa: F401  (register the attacks)
 from .base import ATTACKS, AllTargetsFn, AttackFn, MembershipAttack, Observations, register_attack
 from .design import inclusion_matrix, models_needed_exact, models_needed_random, shadow_coverage
 from .lira import lira_all_targets, lira_requirements

@@ -6,7 +6,7 @@ ResNet-18s (3.66 vs 3.96 s per model-epoch) but 3.6x slower for K = 8 fast CNNs 
 whose max-pool backward and float32 BatchNorm suffer under vmap; for a narrow fast CNN (width 16)
 vmap over K = 32 was 2.7x faster than training one at a time. So for ``strategy: auto`` on a GPU
 with K > 1 the factory times a few training steps of each layout on the real data and keeps the
-faster one (cost: about a second per job). Elsewhere the static rule of
+faster one, per epoch net of one-time costs (:func:`steady_epoch_time`; cost: a few seconds per job). Elsewhere the static rule of
 :func:`~mlaudit.train.stacked.choose_strategy` applies.
 """
 
@@ -44,20 +44,20 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
         return static, f"{why}: {'conv net on CUDA' if static == 'loop' else 'vmap'} ({static})"
     n = min(len(data), PROBE_STEPS * recipe.batch_size)
     probe = data.subset(torch.arange(n, device=data.device))
-    r = recipe.model_copy(update={"epochs": 1})
     kp = min(k, PROBE_MAX_MODELS)
     times: dict[str, float] = {}
     for layout in ("loop", "vmap"):
+
+        def run(epochs: int, layout: str = layout) -> None:
+            models = init_models(model_fn, range(kp))
+            torch.cuda.synchronize(device)
+            train_stack(models, probe, recipe.model_copy(update={"epochs": epochs}), seeds=list(range(kp)), lr=lr,
+                        device=device, augment=augment, strategy=layout)
+            torch.cuda.synchronize(device)
+
         try:
-            for timed in (False, True):  # first pass warms up cuDNN autotuning and allocations
-                models = init_models(model_fn, range(kp))
-                torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                train_stack(models, probe, r, seeds=list(range(kp)), lr=lr, device=device, augment=augment,
-                            strategy=layout)
-                torch.cuda.synchronize(device)
-                if timed:
-                    times[layout] = time.perf_counter() - t0
+            run(1)  # warms up cuDNN autotuning and allocations
+            times[layout] = steady_epoch_time(run)
         except torch.cuda.OutOfMemoryError:
             times[layout] = float("inf")
         torch.cuda.empty_cache()
@@ -66,4 +66,21 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     log.info("stack layout for %d models: %s (probe with %d: %s)", k, best, kp, probe_text)
     if times[best] == float("inf"):
         return static, f"both layouts ran out of memory in the probe; static rule ({static})"
-    return best, f"timed probe of {PROBE_STEPS} steps x {kp} models: {probe_text}"
+    return best, f"timed probe, one epoch of {PROBE_STEPS} steps x {kp} models (2 epochs minus 1): {probe_text}"
+
+
+def steady_epoch_time(run: Callable[[int], None], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds per epoch of ``run(epochs)`` net of what every call pays once: ``t(2) - t(1)``.
+
+    A DP-SGD chunk in the loop layout verifies book-keeping clipping once per call (a forward and backward
+    of the batch plus two single examples per model); timing one epoch of four steps counted that as if
+    every epoch paid it. On the H200 (2026-12-03, a fast-CNN DP audit, benchmarks/results/
+    dp_audit_prof50_h200.md) the one-epoch probe chose vmap at 1.97 s against the loop's 2.48 s for 16
+    models x 4 steps (31 vs 39 ms per model-step), while the loop's steady DP step measures 14.4 ms per
+    model (dp_throughput_shift_h200.md). Whether this probe then picks the loop there is not yet measured."""
+    t0 = clock()
+    run(1)
+    t1 = clock()
+    run(2)
+    t2 = clock()
+    return max((t2 - t1) - (t1 - t0), 1e-9)

@@ -476,3 +476,20 @@ def test_bf16_autocast_equals_autograd_under_autocast(name: str) -> None:
     one[0] = 1.0
     clipped, _ = clipped_grad_sum(model, x, y, one, clip=1e-3, bf16=True)
     assert float(torch.cat([t.flatten() for t in clipped]).norm()) <= 1e-3 * 1.02
+
+
+def test_verification_runs_in_exact_float32_and_restores_the_flags() -> None:
+    """TF32 (cuDNN's default on CUDA) is off while verify_fast_clip runs the model and as before afterwards."""
+    seen: list[tuple[bool, bool]] = []
+    model = MODELS["convnet"]()
+    model.register_forward_hook(lambda *_: seen.append((torch.backends.cudnn.allow_tf32,
+                                                        torch.backends.cuda.matmul.allow_tf32)))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        x, y, _ = batch("convnet", torch.float32)
+        verify_fast_clip(model, x, y)
+        assert seen and all(s == (False, False) for s in seen)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

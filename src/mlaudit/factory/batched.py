@@ -228,16 +228,33 @@ def _initial_chunk(job: FactoryJob, setup: _Setup, n: int) -> int:
 
 def measure_chunk_size(job: FactoryJob, device: torch.device, model_fn: Callable[[], torch.nn.Module],
                        data: DataBundle, lr: float) -> int:
-    """How many models fit: peak memory of one model's training step vs free device memory."""
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    """How many models fit: peak memory per model of a training step vs free device memory.
+
+    Measured for one model and, when the chunk may take the vmap layout (``strategy`` auto or vmap), for two
+    models in that layout; the larger per-model figure counts. vmap needs more per model, most with DP-SGD,
+    whose per-example path keeps [K, B, *params] gradients: on the H200 (2026-12-03, a fast-CNN DP audit)
+    one model measured 495.5 MiB, so chunks of 228 were planned and ran out of memory at 150, 75 and 38."""
     probe_recipe = job.recipe.model_copy(update={"epochs": 1})
     n_probe = min(len(data.train), job.recipe.batch_size)
     probe = data.train.subset(torch.arange(n_probe))
-    train_stack(init_models(model_fn, [0]), probe, probe_recipe, seeds=[0], lr=lr, device=device)
-    per_model = max(torch.cuda.max_memory_allocated(device) - base, 1)
+
+    def peak_per_model(k: int, strategy: str) -> float:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_stack(init_models(model_fn, range(k)), probe, probe_recipe, seeds=list(range(k)), lr=lr, device=device,
+                    strategy=strategy)
+        return max(torch.cuda.max_memory_allocated(device) - base, 1) / k
+
+    per_model = peak_per_model(1, "auto")
+    if job.strategy in ("auto", "vmap"):
+        try:
+            per_model = max(per_model, peak_per_model(2, "vmap"))
+        except Exception as e:  # noqa: BLE001 - advisory: out of memory, or a model vmap cannot stack (the
+            # layout probe then keeps the loop); the OOM retry of run_trials still halves chunks as needed
+            log.debug("vmap memory probe failed (%s: %s); sizing chunks by one model", type(e).__name__, e)
+        torch.cuda.empty_cache()
     free, _total = torch.cuda.mem_get_info(device)
     k = int(0.8 * free // per_model)
     log.info("measured %.1f MiB per model, %.1f GiB free -> %d models per chunk", per_model / 2**20, free / 2**30, k)

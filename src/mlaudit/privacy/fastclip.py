@@ -233,6 +233,22 @@ def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *,
     return _clipped_sums(model, layers, ag, weights, clip, mode)[0], losses
 
 
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """IEEE float32 convolutions and matmuls inside (cuDNN's TF32 default off), restored on exit.
+
+    :func:`verify_fast_clip` checks structure (parameters used outside their layer, examples that interact),
+    not rounding: with TF32 a batch's and a lone example's gradient norms differ by cancellation, and on the
+    H200 (2026-12-03, a fast-CNN DP audit) one example's norm came out 1.1% apart (16.03 vs 15.86), which
+    failed the 1% check and sent the run to the per-example path."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 def verify_fast_clip(model: nn.Module, x: Tensor, y: Tensor, *, label_smoothing: float = 0.0, rtol: float = 1e-2,
                      mode: Mode = "auto", examples: int = 2) -> None:
     """Check the rules on one batch (x [B, *shape], y [B]) with the model in eval mode (no dropout); raise
@@ -243,13 +259,15 @@ def verify_fast_clip(model: nn.Module, x: Tensor, y: Tensor, *, label_smoothing:
       their layer's forward;
     * the first ``examples`` per-example norms ``||g_i||`` equal those of a forward and backward of example
       i alone, to ``rtol``: catches examples that interact (a layer's output shared across the batch).
+
+    Runs in exact float32 (:func:`exact_float32`), so TF32 rounding cannot fail it.
     """
     layers = _plan(model)
     named = list(model.named_parameters())
     was_training = model.training
     model.eval()
     try:
-        with _all_require_grad(model):
+        with _all_require_grad(model), exact_float32():
             _, ag, true = _forward(model, layers, x, y, label_smoothing, [p for _, p in named])
             fast, sq = _clipped_sums(model, layers, ag, torch.ones(len(y), device=y.device), math.inf, mode)
             alone = []

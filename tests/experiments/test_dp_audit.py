@@ -19,6 +19,7 @@ from mlaudit.data import load_dataset
 from mlaudit.errors import ConfigError, UnsupportedModelError
 from mlaudit.experiments import parse_config, run_experiment
 from mlaudit.stats import eps_lower_bound
+from mlaudit.train.checkpoint import sha256_file
 
 CONTRACT = """\
 kind: dp-audit
@@ -221,3 +222,34 @@ def test_batchnorm_with_dp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="norm: group"):
         run(raw, tmp_path)
     assert not (tmp_path / "o").exists()
+
+
+def test_worst_case_init_starts_every_audited_model_from_one_pretrained_model(tmp_path: Path) -> None:
+    """worst_case_init (Annamalai & De Cristofaro 2024): one non-private model is trained first (kept in the
+    store: a resume does not retrain it) and every audited model starts from its sha256-pinned weights, which
+    shows in the audited models' accuracy (DP fine-tuning from a trained model vs DP training from scratch)."""
+    base = yaml.safe_load(CONTRACT) | {"models_per_side": 20,
+                                        "recipe": {"name": "fast", "epochs": 1, "dp": {"epsilon": 1.0, "delta": 1e-5,
+                                                                                       "clip": 1.0}}}
+    plain = run_experiment(base, out=tmp_path / "plain", device="cpu", store=tmp_path / "s.db", quiet=True).results
+    cfg = base | {"worst_case_init": {"epochs": 3}}
+    res = run_experiment(cfg, out=tmp_path / "wc", device="cpu", store=tmp_path / "s.db", quiet=True).results
+    init = res["metrics"]["worst_case_init"]
+    assert init["epochs"] == 3 and Path(init["checkpoint"]).is_file()
+    assert sha256_file(Path(init["checkpoint"])) == init["sha256"]
+    acc = [r["test_accuracy"] for r in res["trials"]]
+    acc_plain = [r["test_accuracy"] for r in plain["trials"]]
+    assert sum(acc) / len(acc) > sum(acc_plain) / len(acc_plain) + 0.05
+    again = run_experiment(cfg, out=tmp_path / "wc", device="cpu", store=tmp_path / "s.db", quiet=True, resume=True)
+    assert again.results["metrics"]["worst_case_init"]["sha256"] == init["sha256"]
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"trainer": "os:getcwd", "claimed_epsilon": 1.0}, "worst_case_init .* needs trainer mlaudit"),
+    ({"design": "one-run", "canary": "mislabeled", "canaries": 400}, "worst_case_init .* needs design: game"),
+    ({"worst_case_init": {"epochs": 0}}, "epochs"),
+])
+def test_worst_case_init_bad_input(extra: dict, match: str) -> None:
+    raw = yaml.safe_load(CONTRACT) | {"worst_case_init": {"epochs": 2}} | extra
+    with pytest.raises(ConfigError, match=match):
+        parse_config(raw)

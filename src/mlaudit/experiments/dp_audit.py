@@ -153,6 +153,9 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         return run_one_run_audit(config, ctx)
     data = ctx.load_dataset(config.dataset)
     mlaudit = config.trainer == "mlaudit"
+    init_note = None
+    if config.worst_case_init is not None:
+        config, init_note = _with_worst_case_init(config, ctx, data)
     canary = _cached_canary(config, ctx, data)
     score = config.resolved_score
     scores, records = _train(config, ctx, data, canary)
@@ -214,10 +217,34 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
              f"eps_LB {res.epsilon_lower_bound:.3f} vs claimed {claimed}: FP {res.fp}/{res.n_neg}, FN "
              f"{res.fn}/{res.n_pos} on the held-out halves, confidence {config.confidence}"]
     notes.append(_gdp_note(metrics["gdp"]))
+    if init_note is not None:
+        notes.append(init_note)
+        metrics["worst_case_init"] = {"epochs": config.worst_case_init.epochs if config.worst_case_init else None,
+                                      "checkpoint": str(config.model.init), "sha256": config.model.init_sha256}
     if config.broken is not None:
         notes.append(f"DELIBERATELY BROKEN DP-SGD (audit fixture {config.broken!r}): {BROKEN[config.broken]}")
     figures = canary_score_histogram(s_in, s_out, res.threshold, score)
     return ExperimentOutput(metrics=metrics, trials=rows, figures=figures, notes=notes)
+
+
+def _with_worst_case_init(config: DPAuditConfig, ctx: RunContext, data: DataBundle) -> tuple[DPAuditConfig, str]:
+    """Train the non-private initialisation of ``worst_case_init`` (one model, through the run store, so a
+    resumed run reuses it) on the training split, which holds no canary (the canary enters "in" models through
+    a view); returns the config with ``model.init`` set to its checkpoint (sha256-pinned) and a report line."""
+    assert config.worst_case_init is not None
+    epochs = config.worst_case_init.epochs
+    recipe = config.recipe.model_copy(update={"dp": None, "epochs": epochs})
+    job = config.model_copy(update={"recipe": recipe}).factory_job(
+        data, [TrialSpec("worst-case-init", seed=config.trial_seed(0, stream=Stream.MODELS), tags={"role": "init"})],
+        device=ctx.device)
+    rec = ctx.train(job, save_weights=True, label="pre-training the worst-case initialisation (no DP)")[0]
+    path = (ctx.out_dir / rec["checkpoint"]).resolve()
+    model = config.model.model_copy(update={"init": str(path), "init_sha256": rec.get("sha256")})
+    acc = rec["metrics"].get("test_accuracy")
+    note = (f"worst-case initialisation (Annamalai & De Cristofaro 2024): every audited model starts from one model "
+            f"trained without DP for {epochs} epochs on the training split (no canary)"
+            + (f", test accuracy {acc:.3f}" if acc is not None else "") + f"; weights {rec['checkpoint']}")
+    return config.model_copy(update={"model": model}), note
 
 
 def _gdp_metrics(res: Any, records: list[dict[str, Any]], config: DPAuditConfig) -> dict[str, Any]:

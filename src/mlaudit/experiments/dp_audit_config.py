@@ -20,6 +20,19 @@ ONE_RUN_FIELDS = ("canaries", "guesses", "runs")
 """The fields of ``design: one-run`` (null under the game)."""
 
 
+class WorstCaseInit(BaseModel):
+    """Crafted initial weights for a last-iterate audit (Annamalai & De Cristofaro 2024, "Nearly Tight
+    Black-Box Auditing of Differentially Private Machine Learning", NeurIPS): one model of the audited
+    architecture is first trained *without* privacy for ``epochs`` epochs on the training data (the canary
+    left out), and every audited model of both sides starts from its weights. DP-SGD's guarantee holds for
+    any initialisation, so this is a legal auditor's choice; near convergence the other examples' gradients
+    are small and the canary's clipped gradient stands out in the final model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(10, ge=1, le=1000)
+
+
 class OneRunGuesses(BaseModel):
     """A one-run auditor's guesses per run: "in" for the ``k_pos`` highest membership scores, "out" for
     the ``k_neg`` lowest, abstain on the rest."""
@@ -46,6 +59,7 @@ class DPAuditConfig(ExperimentConfig):
     save_models: bool = False
     score: Literal["auto", "loss", "gradient"] = "auto"
     broken: str | None = None
+    worst_case_init: WorstCaseInit | None = None
 
     @field_validator("broken")
     @classmethod
@@ -90,6 +104,12 @@ class DPAuditConfig(ExperimentConfig):
                              "initialisation, the gradient canary and the broken fixtures live in mlaudit's "
                              f"DP-SGD step); trainer {self.trainer!r} supports canary mislabeled or crafted "
                              "with score: loss")
+        if self.worst_case_init is not None and (self.trainer != "mlaudit" or self.design != "game"
+                                                 or self.model.init is not None):
+            why = ("trainer mlaudit (a user's trainer builds its own model; give it the weights through model.init)"
+                   if self.trainer != "mlaudit" else "design: game" if self.design != "game"
+                   else "no model.init (the pre-trained weights replace it)")
+            raise ValueError(f"worst_case_init = {self.worst_case_init.model_dump()} needs {why}")
         if self.trainer != "mlaudit" and self.claimed_epsilon is None:
             raise ValueError(f"trainer {self.trainer!r} is the user's own: give the epsilon it claims as "
                              "claimed_epsilon (and claimed_delta, default the recipe's dp.delta or 1e-5)")

@@ -117,9 +117,11 @@ def _cifar10_test() -> Any:
 
 
 def run_mlaudit(model: nn.Module, grads: dict[str, Tensor], y: Tensor, shape: tuple[int, ...], steps: int,
-                seed: int) -> Tensor:
+                seed: int, tv: float | None = None) -> Tensor:
     obs = Observation(grad=ParamVector(grads), users=1, batch=len(y), input_shape=shape)
-    return inverting_gradients(model, obs, labels=y, steps=steps, generator=torch.Generator().manual_seed(seed)).x
+    opts = {} if tv is None else {"tv": tv}
+    return inverting_gradients(model, obs, labels=y, steps=steps, generator=torch.Generator().manual_seed(seed),
+                               **opts).x
 
 
 def run_breaching(model: nn.Module, grads: dict[str, Tensor], y: Tensor, shape: tuple[int, ...], steps: int,
@@ -150,6 +152,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4", help="comma-separated batch sizes of the one user")
     ap.add_argument("--images", type=int, default=3, help="updates per batch size (different images and seeds)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mlaudit-tv", type=float, default=None, help="mlaudit's TV weight (default: its default)")
+    ap.add_argument("--libraries", default="mlaudit,breaching")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -167,9 +171,10 @@ def main() -> None:
             model = ConvNet(x.shape[1], 10).eval()
             g = user_gradients(model, x[None], y[None])
             grads = {n: t[0] for n, t in g.items()}
-            for lib, fn in (("mlaudit", run_mlaudit), ("breaching", run_breaching)):
+            runs = {"mlaudit": functools.partial(run_mlaudit, tv=args.mlaudit_tv), "breaching": run_breaching}
+            for lib in args.libraries.split(","):
                 t0 = time.perf_counter()
-                rec = fn(model, grads, y, tuple(x.shape[1:]), args.steps, seed)
+                rec = runs[lib](model, grads, y, tuple(x.shape[1:]), args.steps, seed)
                 wall = time.perf_counter() - t0
                 m = match(x, rec.float(), data_range=1.0)
                 rows.append({"library": lib, "batch": b, "update": i, "psnr_mean": float(m.psnr.nanmean()),
@@ -183,12 +188,12 @@ def main() -> None:
           f"{' (torchvision replaced by an import-time stand-in, see the script)' if stand_in else ''}. Data: {desc}; "
           f"model: a 3-conv ReLU ConvNet at initialisation (seeded per update); one user's FedSGD update (mean-loss "
           f"gradient of its batch), labels given to both; {args.steps} iterations each; each library's own defaults "
-          "otherwise. PSNR (dB, higher = closer) of the best one-to-one assignment, by one function for both; "
+          f"otherwise{'' if args.mlaudit_tv is None else f' (mlaudit tv = {args.mlaudit_tv:g})'}. PSNR (dB, higher = closer) of the best one-to-one assignment, by one function for both; "
           f"mean ± SE over {args.images} updates per batch size.\n\n"
           "| batch | library | PSNR (dB) | SSIM | s per attack |\n|---|---|---:|---:|---:|\n")
     summary = {}
     for b in batches:
-        for lib in ("mlaudit", "breaching"):
+        for lib in args.libraries.split(","):
             r = [row for row in rows if row["batch"] == b and row["library"] == lib]
             p = np.array([row["psnr_mean"] for row in r])
             s = np.array([row["ssim_mean"] for row in r], dtype=float)

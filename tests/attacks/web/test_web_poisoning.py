@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mlaudit.attacks.web import simulate_frontrunning, simulate_split_view, split_view_cost
+from mlaudit.attacks.web import fetched_training_set, simulate_frontrunning, simulate_split_view, split_view_cost
 from mlaudit.attacks.web.frontrunning import exponential_reverts
 from mlaudit.errors import ConfigError
 
@@ -69,3 +69,29 @@ def test_split_view_cost_buys_the_most_urls_per_dollar_first() -> None:
     assert not out["reachable"] and out["max_fraction"] == pytest.approx(0.8)
     with pytest.raises(ConfigError, match="target_fraction"):
         split_view_cost(urls, {}, target_fraction=0)
+
+
+def test_split_view_attacker_buys_only_eligible_urls_and_clients_train_on_the_index_labels() -> None:
+    """With ``eligible`` (e.g. the target class's URLs) every controlled URL is eligible; the unchecked
+    client's training set holds the attacker's content under the index's labels, the checking client's none
+    of it; the decoded tensors and labels line up with the manifest positions."""
+    n = 60
+    items = [torch.full((1, 2, 2), i / n).numpy().tobytes() for i in range(n)]
+    labels = [i % 3 for i in range(n)]
+    eligible = [lab == 0 for lab in labels]
+    res = simulate_split_view(items, attacker_fraction=0.1, labels=labels, eligible=eligible, seed=3,
+                              poison=lambda i, b: torch.full((1, 2, 2), 9.0).numpy().tobytes())
+    assert int(res.controlled.sum()) == 6 and all(eligible[i] for i in torch.nonzero(res.controlled).flatten())
+
+    def decode(b: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b), dtype=torch.float32).view(1, 2, 2)
+
+    x_u, y_u, idx_u = fetched_training_set(res.unverified, res.manifest, decode)
+    x_v, y_v, idx_v = fetched_training_set(res.verified, res.manifest, decode)
+    poisoned = (x_u == 9.0).flatten(1).all(1)
+    assert int(poisoned.sum()) == 6 and bool((y_u[poisoned] == 0).all())
+    assert not bool((x_v == 9.0).any()) and len(idx_v) == n - 6
+    assert torch.equal(y_v, torch.tensor([labels[i] for i in idx_v.tolist()]))
+    assert torch.allclose(x_v[:, 0, 0, 0], idx_v.float() / n)
+    with pytest.raises(ConfigError, match="only 20 are eligible"):
+        simulate_split_view(items, attacker_fraction=0.5, eligible=eligible)

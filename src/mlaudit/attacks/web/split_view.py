@@ -55,13 +55,16 @@ class SplitViewResult:
 
 def simulate_split_view(items: Sequence[bytes], *, attacker_fraction: float, link_rot: float = 0.0,
                         poison: Callable[[int, bytes], bytes] | None = None, labels: Sequence[int] | None = None,
-                        seed: int = 0) -> SplitViewResult:
+                        eligible: Sequence[bool] | None = None, seed: int = 0) -> SplitViewResult:
     """Index ``items`` (their bytes, e.g. encoded images) on a local server, let the attacker control a
     random ``attacker_fraction`` of the URLs (serving ``poison(i, original)``; default: the original
     with its bytes reversed, any change the hash sees) and ``link_rot`` of the others vanish, then
-    download without and with verification.
+    download without and with verification. ``eligible`` [N]: the attacker buys only among these URLs
+    (the index is public: for a backdoor, the URLs whose label is the target class; the fraction still
+    counts over all N items).
 
-    Raises ConfigError for fractions outside [0, 1], no items, or ``attacker_fraction + link_rot > 1``.
+    Raises ConfigError for fractions outside [0, 1], no items, ``attacker_fraction + link_rot > 1``, or
+    more controlled URLs than eligible ones.
     """
     n = len(items)
     if n == 0:
@@ -76,6 +79,14 @@ def simulate_split_view(items: Sequence[bytes], *, attacker_fraction: float, lin
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=g)
     n_att, n_rot = round(attacker_fraction * n), round(link_rot * n)
+    if eligible is not None:
+        ok = torch.as_tensor(list(eligible), dtype=torch.bool)
+        if ok.shape != (n,):
+            raise ConfigError(f"eligible must hold one bool per item ({n}), got {ok.numel()}")
+        if n_att > int(ok.sum()):
+            raise ConfigError(f"attacker_fraction = {attacker_fraction} of {n} items is {n_att} URLs, but only "
+                              f"{int(ok.sum())} are eligible; allowed attacker_fraction <= {int(ok.sum()) / n:.4g}")
+        order = torch.cat([order[ok[order]], order[~ok[order]]])  # eligible URLs first, each group shuffled
     controlled = torch.zeros(n, dtype=torch.bool)
     controlled[order[:n_att]] = True
     gone = torch.zeros(n, dtype=torch.bool)
@@ -92,3 +103,18 @@ def simulate_split_view(items: Sequence[bytes], *, attacker_fraction: float, lin
         unverified = fetch_all(manifest, verify=False)
         verified = fetch_all(manifest, verify=True)
     return SplitViewResult(manifest, controlled, gone, unverified, verified)
+
+
+def fetched_training_set(report: FetchReport, manifest: Sequence[ManifestEntry],
+                         decode: Callable[[bytes], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a client trains on: (x [K, *shape] = ``decode`` of each accepted item's bytes, y [K] int64 = the
+    manifest's labels, index [K] = the items' manifest positions). The label is the index's: a split-view
+    attacker controls the content behind a URL, not what the index says about it."""
+    keep = [i for i, s in enumerate(report.status) if s == "accepted"]
+    if not keep:
+        raise ConfigError("the client accepted no item: nothing to train on")
+    labels = [manifest[i].label for i in keep]
+    if any(not isinstance(v, int) for v in labels):
+        raise ConfigError("fetched_training_set needs an int label on every accepted manifest entry")
+    x = torch.stack([decode(report.content[i]) for i in keep])  # type: ignore[arg-type]  (accepted: bytes)
+    return x, torch.tensor(labels, dtype=torch.long), torch.tensor(keep, dtype=torch.long)

@@ -19,6 +19,10 @@ build), this script puts a minimal stand-in for those import-time names in ``sys
 in the results.
 
     python benchmarks/federated_breaching.py --steps 2000 --batches 1,4 --images 3
+    python benchmarks/federated_breaching.py --attack dlg --steps 300 --batches 1 --images 3 --name cifar10_dlg_cpu
+
+``--attack dlg`` compares DLG (Zhu et al. 2019; l2 gradient matching with the labels optimised jointly, no
+labels given): breaching's ``deepleakage`` (L-BFGS) against mlaudit's ``dlg`` (Adam), iterations equal.
 
 Writes benchmarks/results/federated_breaching_<name>.{json,md}.
 """
@@ -43,7 +47,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PACK_CANDIDATES, cifar10_jpeg, cifar10_pack, environment, write_results  # noqa: E402
 
-from mlaudit.attacks.federated import Observation, inverting_gradients  # noqa: E402
+from mlaudit.attacks.federated import Observation, dlg, inverting_gradients  # noqa: E402
 from mlaudit.attacks.federated.metrics import match  # noqa: E402
 from mlaudit.federated.updates import user_gradients  # noqa: E402
 from mlaudit.query import ParamVector  # noqa: E402
@@ -124,22 +128,30 @@ def run_mlaudit(model: nn.Module, grads: dict[str, Tensor], y: Tensor, shape: tu
                                **opts).x
 
 
+def run_mlaudit_dlg(model: nn.Module, grads: dict[str, Tensor], y: Tensor, shape: tuple[int, ...], steps: int,
+                    seed: int) -> Tensor:
+    """DLG (Zhu et al. 2019): l2 gradient matching, labels optimised jointly (none given)."""
+    obs = Observation(grad=ParamVector(grads), users=1, batch=len(y), input_shape=shape)
+    return dlg(model, obs, steps=steps, generator=torch.Generator().manual_seed(seed)).x
+
+
 def run_breaching(model: nn.Module, grads: dict[str, Tensor], y: Tensor, shape: tuple[int, ...], steps: int,
-                  seed: int) -> Tensor:
+                  seed: int, attack: str = "invertinggradients") -> Tensor:
     import breaching
     from omegaconf import OmegaConf
 
-    cfg = breaching.get_attack_config("invertinggradients")
+    cfg = breaching.get_attack_config(attack)
     cfg.optim.max_iterations = steps
     cfg.optim.callback = steps + 1  # no progress printing
     torch.manual_seed(seed)
     attacker = breaching.attacks.prepare_attack(model, nn.CrossEntropyLoss(), cfg,
                                                 dict(dtype=torch.float, device=torch.device("cpu")))
     meta = OmegaConf.create({"shape": list(shape), "mean": [0.0] * shape[0], "std": [1.0] * shape[0],
-                             "modality": "vision", "classes": int(model.head.out_features)})
+                             "modality": "vision", "classes": int(model.head.out_features), "task": "classification"})
     payload = [dict(parameters=[p.detach().clone() for p in model.parameters()], buffers=None, metadata=meta)]
     shared = [dict(gradients=[grads[n].clone() for n, _ in model.named_parameters()], buffers=None,
-                   metadata=dict(num_data_points=len(y), labels=y.clone(), local_hyperparams=None))]
+                   metadata=dict(num_data_points=len(y), labels=None if attack == "deepleakage" else y.clone(),
+                                 local_hyperparams=None))]
     rec, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
     return rec["data"].detach().clamp(0, 1)
 
@@ -154,6 +166,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mlaudit-tv", type=float, default=None, help="mlaudit's TV weight (default: its default)")
     ap.add_argument("--libraries", default="mlaudit,breaching")
+    ap.add_argument("--attack", choices=["ig", "dlg"], default="ig",
+                    help="ig: Inverting Gradients (labels given); dlg: DLG (labels optimised jointly; breaching's "
+                         "deepleakage config, L-BFGS, vs mlaudit's dlg, Adam)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -171,7 +186,9 @@ def main() -> None:
             model = ConvNet(x.shape[1], 10).eval()
             g = user_gradients(model, x[None], y[None])
             grads = {n: t[0] for n, t in g.items()}
-            runs = {"mlaudit": functools.partial(run_mlaudit, tv=args.mlaudit_tv), "breaching": run_breaching}
+            runs = ({"mlaudit": functools.partial(run_mlaudit, tv=args.mlaudit_tv), "breaching": run_breaching}
+                    if args.attack == "ig" else
+                    {"mlaudit": run_mlaudit_dlg, "breaching": functools.partial(run_breaching, attack="deepleakage")})
             for lib in args.libraries.split(","):
                 t0 = time.perf_counter()
                 rec = runs[lib](model, grads, y, tuple(x.shape[1:]), args.steps, seed)
@@ -183,11 +200,15 @@ def main() -> None:
                 print(f"batch {b} update {i} {lib}: PSNR {rows[-1]['psnr_mean']:.2f} dB, {wall:.1f} s", flush=True)
     env = environment() | {"threads": args.threads, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
                            "breaching": "0.1.2", "torchvision_stand_in": stand_in}
-    md = (f"# Inverting Gradients: mlaudit vs breaching on the same updates\n\n{env['date']}, {env['machine']}, "
+    title = "Inverting Gradients" if args.attack == "ig" else "DLG"
+    labels_note = ("labels given to both" if args.attack == "ig" else
+                   "no labels given (both optimise them jointly; breaching's deepleakage with L-BFGS, mlaudit's dlg "
+                   "with Adam)")
+    md = (f"# {title}: mlaudit vs breaching on the same updates\n\n{env['date']}, {env['machine']}, "
           f"{args.threads} torch thread(s), torch {env['torch']}, breaching 0.1.2"
           f"{' (torchvision replaced by an import-time stand-in, see the script)' if stand_in else ''}. Data: {desc}; "
           f"model: a 3-conv ReLU ConvNet at initialisation (seeded per update); one user's FedSGD update (mean-loss "
-          f"gradient of its batch), labels given to both; {args.steps} iterations each; each library's own defaults "
+          f"gradient of its batch), {labels_note}; {args.steps} iterations each; each library's own defaults "
           f"otherwise{'' if args.mlaudit_tv is None else f' (mlaudit tv = {args.mlaudit_tv:g})'}. PSNR (dB, higher = closer) of the best one-to-one assignment, by one function for both; "
           f"mean ± SE over {args.images} updates per batch size.\n\n"
           "| batch | library | PSNR (dB) | SSIM | s per attack |\n|---|---|---:|---:|---:|\n")

@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from mlaudit.attacks.web import fetched_training_set, simulate_frontrunning, simulate_split_view, split_view_cost
+from mlaudit.attacks.web import (
+    fetched_training_set,
+    simulate_frontrunning,
+    simulate_split_view,
+    split_view_cost,
+)
 from mlaudit.attacks.web.frontrunning import exponential_reverts
 from mlaudit.errors import ConfigError
 

@@ -6,7 +6,8 @@ secure aggregation as the server sees it (the sum of the users' updates).
     updates = user_gradients(model, x, y)                                # FedSGD, all users in one vmap
     agg = secure_aggregate(updates, clip=None, noise_multiplier=0.0)     # what the server receives
 
-The attacks on these updates are :mod:`mlaudit.attacks.federated`; the ``federated`` experiment kind
+``train_fedsgd`` trains a global model over many rounds with a client-side defence on every update (the
+utility side of the defences). The attacks on these updates are :mod:`mlaudit.attacks.federated`; the ``federated`` experiment kind
 runs both (docs/federated.md).
 """
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 from .aggregate import add_noise, clipped_sum, fedsgd_aggregate, secure_aggregate
 from .defences import defend_updates, distortion
 from .partition import local_batches, partition
+from .training import FedTrainHistory, train_fedsgd
 from .updates import local_training, user_gradients
 
-__all__ = ["add_noise", "clipped_sum", "defend_updates", "distortion", "fedsgd_aggregate", "local_batches",
-           "local_training", "partition", "secure_aggregate", "user_gradients"]
+__all__ = ["FedTrainHistory", "add_noise", "clipped_sum", "defend_updates", "distortion", "fedsgd_aggregate",
+           "local_batches", "local_training", "partition", "secure_aggregate", "train_fedsgd", "user_gradients"]

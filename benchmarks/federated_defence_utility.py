@@ -1,0 +1,88 @@
+"""The utility side of the client-side federated defences (issue 20, deliverable 5): test accuracy of a global
+model trained by FedSGD with each defence on every user's update (:func:`mlaudit.federated.train_fedsgd`), next
+to what the same defence does to the attacks (docs/federated.md, "Measured (CPU digits)", same model).
+
+Digits, zoo ``mlp`` width 32 (the model of the attack table), 8 users x 16 images per round, iid shares, lr 0.5,
+300 rounds, mean ± SE over seeds; the distortion is the mean ||g' - g|| / ||g|| of the users' updates.
+
+    python benchmarks/federated_defence_utility.py --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, write_results  # noqa: E402
+
+from mlaudit.data import load_dataset  # noqa: E402
+from mlaudit.federated import train_fedsgd  # noqa: E402
+from mlaudit.models import build_model  # noqa: E402
+
+DEFENCES: list[tuple[str, dict[str, Any] | None]] = [
+    ("none", None),
+    ("noise sigma 0.01", {"method": "noise", "sigma": 0.01}),
+    ("noise sigma 0.1", {"method": "noise", "sigma": 0.1}),
+    ("clip-noise clip 1, sigma 0.1", {"method": "clip-noise", "clip": 1.0, "sigma": 0.1}),
+    ("prune 0.5", {"method": "prune", "prune": 0.5}),
+    ("prune 0.9", {"method": "prune", "prune": 0.9}),
+    ("quantise 2 bits", {"method": "quantise", "bits": 2}),
+    ("quantise 8 bits", {"method": "quantise", "bits": 8}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default="digits_cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("digits")
+    t_all = time.perf_counter()
+    rows = []
+    for label, defence in DEFENCES:
+        acc, dist, mid = [], [], []
+        for seed in range(args.seeds):
+            torch.manual_seed(seed)
+            model = build_model({"name": "mlp", "width": 32}, input_shape=tuple(data.train.shape), num_classes=10)
+            h = train_fedsgd(model, data, users=args.users, batch=args.batch, rounds=args.rounds, lr=args.lr,
+                             defence=defence, eval_every=max(1, args.rounds // 3), seed=seed)
+            acc.append(h.test_accuracy[-1])
+            mid.append(h.test_accuracy[0])
+            dist.append(float(np.mean(h.distortion)))
+        se = float(np.std(acc, ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else 0.0
+        rows.append({"defence": label, "options": defence, "test_accuracy": float(np.mean(acc)), "se": se,
+                     "accuracy_at_first_third": float(np.mean(mid)), "distortion": float(np.mean(dist))})
+        print(rows[-1], flush=True)
+    wall = time.perf_counter() - t_all
+    env = environment() | {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads}
+    md = (f"# Federated defences: utility of FedSGD training under each (digits, CPU)\n\n{env['date']}, "
+          f"{env['machine']}, {args.threads} torch thread(s), torch {env['torch']}; {wall:.0f} s in all. Digits, zoo "
+          f"`mlp` width 32, {args.users} users x {args.batch} images per round (iid shares), FedSGD, lr {args.lr}, "
+          f"{args.rounds} rounds, the defence on every user's update; mean ± SE over {args.seeds} seeds.\n\n"
+          f"| defence | test accuracy after {args.rounds} rounds (%) | after {max(1, args.rounds // 3)} rounds (%) | "
+          "distortion ‖g' − g‖/‖g‖ |\n|---|---:|---:|---:|\n")
+    for r in rows:
+        md += (f"| {r['defence']} | {100 * r['test_accuracy']:.1f} ± {100 * r['se']:.1f} | "
+               f"{100 * r['accuracy_at_first_third']:.1f} | {r['distortion']:.3f} |\n")
+    write_results(f"federated_defence_utility_{args.name}", {"environment": env, "settings": vars(args), "rows": rows,
+                                                             "wall_s": round(wall, 1)}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

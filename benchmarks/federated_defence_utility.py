@@ -63,10 +63,11 @@ def main() -> None:
                              defence=defence, eval_every=max(1, args.rounds // 3), seed=seed)
             acc.append(h.test_accuracy[-1])
             mid.append(h.test_accuracy[0])
-            dist.append(float(np.mean(h.distortion)))
+            dist.append(float(np.nanmean(h.distortion)) if not np.isnan(h.distortion).all() else float("nan"))
         se = float(np.std(acc, ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else 0.0
         rows.append({"defence": label, "options": defence, "test_accuracy": float(np.mean(acc)), "se": se,
-                     "accuracy_at_first_third": float(np.mean(mid)), "distortion": float(np.mean(dist))})
+                     "accuracy_at_first_third": float(np.mean(mid)),
+                     "distortion": float(np.nanmean(dist)) if not np.isnan(dist).all() else float("nan")})
         print(rows[-1], flush=True)
     wall = time.perf_counter() - t_all
     env = environment() | {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads}
@@ -79,6 +80,8 @@ def main() -> None:
     for r in rows:
         md += (f"| {r['defence']} | {100 * r['test_accuracy']:.1f} ± {100 * r['se']:.1f} | "
                f"{100 * r['accuracy_at_first_third']:.1f} | {r['distortion']:.3f} |\n")
+    if any(np.isnan(r["distortion"]) for r in rows):
+        md += "\nnan distortion: every user's gradient was zero in every evaluation window (nothing left to distort).\n"
     write_results(f"federated_defence_utility_{args.name}", {"environment": env, "settings": vars(args), "rows": rows,
                                                              "wall_s": round(wall, 1)}, md)
     print(md)

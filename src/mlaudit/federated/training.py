@@ -32,7 +32,8 @@ from .updates import user_gradients
 @dataclass
 class FedTrainHistory:
     """Per evaluation point (every ``eval_every`` rounds and the last): the round, the global model's test
-    accuracy, and the mean relative distortion ||g' - g|| / ||g|| of the users' updates over the rounds since."""
+    accuracy, and the mean relative distortion ||g' - g|| / ||g|| of the users' updates over the rounds since (users
+    whose gradient is zero left out)."""
 
     rounds: list[int] = field(default_factory=list)
     test_accuracy: list[float] = field(default_factory=list)
@@ -58,7 +59,7 @@ def train_fedsgd(model: nn.Module, data: DataBundle, *, users: int, batch: int, 
         updates = user_gradients(model, x, y)
         defended = defend_updates(updates, method=method, generator=g, **d)
         if method != "none":
-            dist.append(float(distortion(updates, defended).mean()))
+            dist.append(float(distortion(updates, defended).nanmean()))  # a user with a zero gradient: nan
         step = secure_aggregate(defended, mean=True)
         with torch.no_grad():
             for n, p in params.items():

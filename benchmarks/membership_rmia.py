@@ -5,6 +5,9 @@ ones), then rescores the saved pool logits (artifacts/logits.pt: pool and popula
 LiRA at 1, 2, 4 and all reference models per example, each through the one ``roc_metrics``.
 
     python benchmarks/membership_rmia.py --device cpu --models 64 --name digits_cpu
+    python benchmarks/membership_rmia.py --device cuda --config benchmarks/configs/cifar10_membership_256_airbench.yaml \
+        --attacks loss,shokri,lira-online,lira-offline,rmia-online,rmia-offline,base-online,base-offline,label-augment \
+        --name cifar10_airbench_256_h200
 
 Writes benchmarks/results/membership_rmia_<name>.{json,md}.
 """
@@ -18,8 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
@@ -36,14 +41,16 @@ def cell(m: dict) -> str:
 
 
 def variants(m: int) -> list[tuple[str, str, dict]]:
-    """(row label, attack, options): RMIA, BASE and LiRA offline at 1, 2, 4, all references; online at 2, 4, all."""
+    """(row label, attack, options): RMIA, BASE and LiRA offline at 1, 2, 4, (64,) all references; online at 2, 4,
+    (64,) all; 64 for pools of more than 65 models."""
     rows = []
-    for k in (1, 2, 4, None):
+    counts: tuple[int | None, ...] = (1, 2, 4, 64, None) if m > 65 else (1, 2, 4, None)
+    for k in counts:
         tag = "all" if k is None else str(k)
         rows.append((f"rmia-offline, {tag} ref", "rmia-offline", {"references": k}))
         rows.append((f"base-offline, {tag} ref", "base-offline", {"references": k}))
         rows.append((f"lira-offline (global var), {tag} ref", "lira-offline", {"references": k, "variance": "global"}))
-    for k in (2, 4, None):
+    for k in tuple(c for c in counts if c != 1):
         tag = "all" if k is None else str(k)
         rows.append((f"rmia-online, {tag} ref", "rmia-online", {"references": k}))
         rows.append((f"base-online, {tag} ref", "base-online", {"references": k}))
@@ -61,13 +68,26 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=64)
     ap.add_argument("--name", default="digits_cpu")
     ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--config", default=None, help="a membership-inference config whose dataset, model, recipe, "
+                    "pool, queries and factory are used instead of the digits defaults (e.g. "
+                    "benchmarks/configs/cifar10_membership_256_airbench.yaml); --models then overrides its pool size "
+                    "only when given")
+    ap.add_argument("--attacks", default="loss,lira-online,lira-offline,rmia-online,rmia-offline,base-online,"
+                    "base-offline,label-augment,label-boundary", help="the kind's attacks (comma-separated)")
     args = ap.parse_args()
-    cfg = {"kind": "membership-inference", "name": f"membership-rmia-{args.name}", "dataset": "digits",
-           "model": "mlp", "recipe": "fast", "pool": {"models": args.models, "keep": 0.5},
-           "attacks": ["loss", "lira-online", "lira-offline", "rmia-online", "rmia-offline", "base-online",
-                       "base-offline", "label-augment", "label-boundary"],
-           "population": {"data": "test"}, "fpr_targets": list(FPRS), "n_boot": args.n_boot, "memorization": False,
-           "seed": 0}
+    cfg: dict[str, Any] = {"kind": "membership-inference", "name": f"membership-rmia-{args.name}", "dataset": "digits",
+                           "model": "mlp", "recipe": "fast", "pool": {"models": args.models, "keep": 0.5}, "seed": 0}
+    if args.config is not None:
+        given = yaml.safe_load(Path(args.config).read_text())
+        cfg = {k: v for k, v in given.items() if k not in ("attacks", "population", "fpr_targets", "n_boot")}
+        cfg["name"] = f"membership-rmia-{args.name}"
+        if "--models" in sys.argv:
+            cfg["pool"] = {**cfg.get("pool", {}), "models": args.models}
+    cfg |= {"attacks": args.attacks.split(","), "population": {"data": "test"}, "fpr_targets": list(FPRS),
+            "n_boot": args.n_boot, "memorization": False}
+    what = f"{cfg['dataset'] if isinstance(cfg['dataset'], str) else cfg['dataset']['name']}"
+    model = cfg["model"] if isinstance(cfg["model"], str) else cfg["model"].get("name")
+    recipe = cfg["recipe"] if isinstance(cfg["recipe"], str) else cfg["recipe"].get("name")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
@@ -97,11 +117,12 @@ def main() -> None:
            "device": args.device}
     pool = r["metrics"]["pool"]
     n_neg = int((~obs.keep).sum())
-    md = (f"# RMIA and BASE vs LiRA with few and many reference models: digits, {obs.num_models} MLPs (CPU)\n\n"
-          f"{env['date']}, {env['machine']}, torch {env['torch']}, device {args.device}. Pool: digits training split "
-          f"({obs.num_examples} examples), `mlp`, recipe `fast`, {obs.num_models} models, keep 0.5 (each example IN "
-          f"for {pool['in_per_example']}), mean test accuracy {pool['test_accuracy']['mean']:.4f}; population for RMIA: "
-          f"the digits test split ({obs.population_logits.shape[1]} examples, no model trained on them). Every model "
+    md = (f"# RMIA and BASE vs LiRA with few and many reference models: {what}, {obs.num_models} x {model} "
+          f"({args.device})\n\n"
+          f"{env['date']}, {env['machine']}, torch {env['torch']}, device {args.device}. Pool: {what} training split "
+          f"({obs.num_examples} examples), `{model}`, recipe `{recipe}`, {obs.num_models} models, keep 0.5 (each example "
+          f"IN for {pool['in_per_example']}), mean test accuracy {pool['test_accuracy']['mean']:.4f}; population for "
+          f"RMIA: the {what} test split ({obs.population_logits.shape[1]} examples, no model trained on them). Every model "
           f"is the target once (leave-one-out): {obs.num_models * obs.num_examples} (model, example) pairs, {n_neg} "
           f"non-members, so TPR at FPR below {1 / n_neg:.1e} is read at zero false positives. Intervals: 95% "
           f"bootstrap over pairs ({args.n_boot} resamples). Whole kind run {wall:.0f} s.\n\n"

@@ -92,12 +92,13 @@ def fit_predict(x_train: Tensor, y_train: Tensor, x_eval: Tensor, *, hidden: int
             rows.append((torch.rand(shape, generator=g) * 2 - 1) / fan_in ** 0.5 if shape else torch.zeros(()))
         params.append(torch.stack(rows).to(x_train.device).requires_grad_(True))
 
-    def logits(x: Tensor) -> Tensor:
+    def logits(x: Tensor) -> Tensor:  # batched matmuls with the bias fused (baddbmm): no [T, R, H] products
         if hidden:
             w1, b1, w2, b2 = params
-            return torch.relu(torch.bmm(x, w1) + b1[:, None]).mul(w2[:, None]).sum(-1) + b2[:, None]
+            h = torch.relu(torch.baddbmm(b1[:, None], x, w1))  # [T, R, H]
+            return torch.baddbmm(b2[:, None, None], h, w2[:, :, None]).squeeze(-1)
         w, b = params
-        return (x * w[:, None]).sum(-1) + b[:, None]
+        return torch.baddbmm(b[:, None, None], x, w[:, :, None]).squeeze(-1)
 
     opt = torch.optim.Adam(params, lr=lr)
     weights = [params[0]] + ([params[2]] if hidden else [])

@@ -21,4 +21,5 @@ def test_fit_predict_batched_equals_one_at_a_time(hidden: int | None) -> None:
         alone = fit_predict(x[t:t + 1], y[t:t + 1], xe[t:t + 1], hidden=hidden, steps=40, seeds=seeds[t:t + 1])
         torch.testing.assert_close(together[t:t + 1], alone, rtol=0, atol=1e-6)
     padded = fit_predict(x, y, torch.nn.functional.pad(xe, (0, 0, 0, 3)), hidden=hidden, steps=40, seeds=seeds)
-    torch.testing.assert_close(padded[:, :17], together, rtol=0, atol=0)
+    # batched matmuls of another shape round differently (float32): equal to rounding, as the alone check
+    torch.testing.assert_close(padded[:, :17], together, rtol=0, atol=1e-6)

@@ -32,22 +32,16 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from .base import Observations, register_attack
-from .references import reference_split, reference_weights
-from .signals import _map_chunks, warn_clipped
+from .references import reference_requirements, reference_weights
+from .signals import cross_entropy, warn_clipped
 
 
 def tempered_log_likelihood(logits: Tensor, labels: Tensor, temperature: float, *, attack: str) -> Tensor:
-    """s_m(x) = log softmax(z / T)_y, the mean over queries: logits [M, N, A, C] -> float64 [M, N] (the division
-    in float64, chunks of models, non-finite logits clipped and counted as for every signal)."""
-    loss, clipped = _map_chunks(logits, labels, lambda z, zy, _: torch.logsumexp(z / temperature, -1) - zy / temperature)
+    """s_m(x) = log softmax(z / T)_y, the mean over queries: logits [M, N, A, C] -> float64 [M, N] (the shared
+    cross-entropy signal at temperature T: float64, chunks of models, non-finite logits clipped and counted)."""
+    loss, clipped = cross_entropy(logits, labels, temperature=temperature)
     warn_clipped(clipped, loss.numel(), attack=attack)
-    return -loss.clamp_min(0.0).mean(-1)
-
-
-def base_requirements(*, online: bool, references: int | None = None, **_: object) -> tuple[int, int]:
-    """Fewest (IN, OUT) reference models per example: offline >= 1 OUT (or the cap's), online any (or the cap's)."""
-    k_in, k_out = reference_split(references, online=online)
-    return (k_in, k_out) if references is not None or not online else (0, 0)
+    return -loss.mean(-1)
 
 
 def _check(obs: Observations, *, temperature: float, a: float) -> None:
@@ -92,7 +86,7 @@ def base_all_targets(obs: Observations, *, online: bool, temperature: float = 2.
 
 
 @register_attack("base-online", all_targets=partial(base_all_targets, online=True),
-                 requirements=partial(base_requirements, online=True))
+                 requirements=partial(reference_requirements, online=True))
 def base_online(obs: Observations, target: int, *, temperature: float = 2.0, references: int | None = None,
                 seed: int = 0) -> Tensor:
     """Online BASE: s_t(x) minus the log-mean-exp of s over IN and OUT references -> scores float64 [N]."""
@@ -100,7 +94,7 @@ def base_online(obs: Observations, target: int, *, temperature: float = 2.0, ref
 
 
 @register_attack("base-offline", all_targets=partial(base_all_targets, online=False),
-                 requirements=partial(base_requirements, online=False))
+                 requirements=partial(reference_requirements, online=False))
 def base_offline(obs: Observations, target: int, *, temperature: float = 2.0, a: float = 0.33,
                  references: int | None = None, seed: int = 0) -> Tensor:
     """Offline BASE: s_t(x) minus a times the log-mean-exp of s over OUT references -> scores float64 [N]."""

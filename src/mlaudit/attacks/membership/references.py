@@ -29,6 +29,13 @@ def reference_split(references: int | None, *, online: bool) -> tuple[int, int]:
     return (k // 2, k - k // 2) if online else (0, k)
 
 
+def reference_requirements(*, online: bool, references: int | None = None, **_: object) -> tuple[int, int]:
+    """Fewest (IN, OUT) reference models every example needs for an attack that averages over its references
+    (RMIA, BASE): offline >= 1 OUT (or the cap's k), online any (or k // 2 IN and k - k // 2 OUT for a cap k)."""
+    k_in, k_out = reference_split(references, online=online)
+    return (k_in, k_out) if references is not None or not online else (0, 0)
+
+
 def reference_weights(keep: Tensor, target: int, *, references: int | None, online: bool, seed: int,
                       attack: str) -> tuple[Tensor, Tensor, Tensor]:
     """(refs [R], w_in [R, N], w_out [R, N]) for ``target``; with a cap, raises ConfigError naming

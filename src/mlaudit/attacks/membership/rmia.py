@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ...errors import ConfigError
 from .base import Observations, register_attack
-from .references import reference_split, reference_weights
+from .references import reference_requirements, reference_weights
 from .signals import cross_entropy, warn_clipped
 
 Population = Literal["auto", "external", "pool-out"]
@@ -77,13 +77,6 @@ def pairwise_score(ratio_x: Tensor, ratio_z: Tensor, gamma: float) -> Tensor:
     rz = ratio_z.sort().values
     count = torch.searchsorted(rz, ratio_x / gamma, right=True)  # z with ratio_z <= ratio_x / gamma
     return count.to(torch.float64) / max(rz.numel(), 1)
-
-
-def rmia_requirements(*, online: bool, references: int | None = None, **_: object) -> tuple[int, int]:
-    """Fewest (IN, OUT) reference models every example needs: offline >= 1 OUT (or the cap), online
-    any reference (or k // 2 IN and k - k // 2 OUT for a cap k)."""
-    k_in, k_out = reference_split(references, online=online)
-    return (k_in, k_out) if references is not None or not online else (0, 0)
 
 
 def _check(obs: Observations, *, gamma: float, a: float, population: str, z_samples: int | None, online: bool) -> str:
@@ -160,7 +153,7 @@ def rmia_all_targets(obs: Observations, *, online: bool, gamma: float = 1.0, a: 
 
 
 @register_attack("rmia-online", all_targets=partial(rmia_all_targets, online=True),
-                 requirements=partial(rmia_requirements, online=True))
+                 requirements=partial(reference_requirements, online=True))
 def rmia_online(obs: Observations, target: int, *, gamma: float = 1.0, population: Population = "auto",
                 references: int | None = None, z_samples: int | None = None, seed: int = 0) -> Tensor:
     """Online RMIA: fraction of population z with LR(x, z) >= gamma, Pr(x) from IN and OUT references
@@ -170,7 +163,7 @@ def rmia_online(obs: Observations, target: int, *, gamma: float = 1.0, populatio
 
 
 @register_attack("rmia-offline", all_targets=partial(rmia_all_targets, online=False),
-                 requirements=partial(rmia_requirements, online=False))
+                 requirements=partial(reference_requirements, online=False))
 def rmia_offline(obs: Observations, target: int, *, gamma: float = 1.0, a: float = 0.3,
                  population: Population = "auto", references: int | None = None, z_samples: int | None = None,
                  seed: int = 0) -> Tensor:

@@ -80,18 +80,24 @@ def _map_chunks(logits: Tensor, labels: Tensor, fn: Callable[[Tensor, Tensor, Te
     return torch.cat(parts), bad_rows
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-    """Cross-entropy loss of every query: ``loss = logsumexp_j z_j - z_y``.
+def cross_entropy(logits: Tensor, labels: Tensor, *, temperature: float = 1.0) -> tuple[Tensor, int]:
+    """Cross-entropy loss of every query: ``loss = logsumexp_j z_j - z_y``, of the logits divided by
+    ``temperature`` (in float64) when it is not 1.
 
     Args:
         logits: float [M, N, A, C].
         labels: int64 [N].
+        temperature: softmax temperature T > 0 (BASE's scaled log-likelihood).
 
     Returns:
         ``(loss float64 [M, N, A] (>= 0), n_clipped)`` where ``n_clipped`` counts the [M, N, A]
         outputs whose logit row had at least one non-finite entry (clipped, see the module docstring).
     """
-    loss, bad = _map_chunks(logits, labels, lambda z, zy, _: torch.logsumexp(z, dim=-1) - zy)
+    if temperature == 1.0:
+        loss, bad = _map_chunks(logits, labels, lambda z, zy, _: torch.logsumexp(z, dim=-1) - zy)
+    else:
+        loss, bad = _map_chunks(logits, labels,
+                                lambda z, zy, _: torch.logsumexp(z / temperature, dim=-1) - zy / temperature)
     return loss.clamp_min(0.0), bad
 
 

@@ -220,6 +220,13 @@ def environment() -> dict[str, Any]:
     }
 
 
+def cpu_environment(threads: int, *, data: str | None = None) -> dict[str, Any]:
+    """:func:`environment` of a CPU run: the machine, its cores and the torch threads used, and ``data`` in place
+    of the CIFAR-10 pack's description when the run used other data."""
+    env = environment() | {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": threads}
+    return env if data is None else env | {"data": data}
+
+
 def write_results(name: str, payload: dict[str, Any], table: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import os
-import platform
 import sys
 import time
 import types
@@ -45,12 +43,13 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PACK_CANDIDATES, cifar10_jpeg, cifar10_pack, environment, write_results  # noqa: E402
+from _common import PACK_CANDIDATES, cifar10_jpeg, cifar10_pack, cpu_environment, write_results  # noqa: E402
 
 from mlaudit.attacks.federated import Observation, dlg, inverting_gradients  # noqa: E402
 from mlaudit.attacks.federated.metrics import match  # noqa: E402
 from mlaudit.federated.updates import user_gradients  # noqa: E402
 from mlaudit.query import ParamVector  # noqa: E402
+from mlaudit.stats import mean_se  # noqa: E402
 
 
 def torchvision_stand_in() -> bool:
@@ -104,7 +103,7 @@ def load_images(data: str, count: int, seed: int) -> tuple[Tensor, Tensor, str]:
     """count images in [0, 1] [N, C, H, W], labels [N], a description."""
     g = np.random.default_rng(seed)
     if data == "cifar10":
-        test = _cifar10_test()
+        test = cifar10_bundle().test
         idx = torch.from_numpy(g.choice(len(test.y), count, replace=False))
         return test.x[idx].float(), test.y[idx].long(), f"CIFAR-10 (JPEG) test images ({cifar10_pack()})"
     from sklearn.datasets import load_digits
@@ -116,8 +115,9 @@ def load_images(data: str, count: int, seed: int) -> tuple[Tensor, Tensor, str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _cifar10_test() -> Any:
-    return cifar10_jpeg().test
+def cifar10_bundle() -> Any:
+    """CIFAR-10 (JPEG), decoded once per process (the imprint benchmark reuses it)."""
+    return cifar10_jpeg()
 
 
 def run_mlaudit(model: nn.Module, grads: dict[str, Tensor], y: Tensor, shape: tuple[int, ...], steps: int,
@@ -198,7 +198,7 @@ def main() -> None:
                              "psnr": m.psnr.tolist(), "ssim_mean": float(m.ssim.nanmean()) if m.ssim is not None else None,
                              "wall_s": round(wall, 2)})
                 print(f"batch {b} update {i} {lib}: PSNR {rows[-1]['psnr_mean']:.2f} dB, {wall:.1f} s", flush=True)
-    env = environment() | {"threads": args.threads, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+    env = cpu_environment(args.threads, data=desc) | {
                            "breaching": "0.1.2", "torchvision_stand_in": stand_in}
     title = "Inverting Gradients" if args.attack == "ig" else "DLG"
     labels_note = ("labels given to both" if args.attack == "ig" else
@@ -219,13 +219,12 @@ def main() -> None:
             p = np.array([row["psnr_mean"] for row in r])
             s = np.array([row["ssim_mean"] for row in r], dtype=float)
             w = np.array([row["wall_s"] for row in r])
-            se = p.std(ddof=1) / np.sqrt(len(p)) if len(p) > 1 else 0.0
+            _, se = mean_se(p)
             summary[f"{lib}@{b}"] = {"psnr": float(p.mean()), "psnr_se": float(se), "ssim": float(np.nanmean(s)),
                                      "wall_s": float(w.mean())}
             md += f"| {b} | {lib} | {p.mean():.2f} ± {se:.2f} | {np.nanmean(s):.3f} | {w.mean():.1f} |\n"
     write_results(f"federated_breaching{'_' + args.name if args.name else ''}",
                   {"environment": env, "settings": vars(args), "data": desc, "rows": rows, "summary": summary}, md)
-    print(md)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ top bin alone.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,12 +28,8 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    cifar10_jpeg,  # noqa: E402
-    environment,
-    write_results,
-)
-from federated_breaching import ConvNet, _cifar10_test, torchvision_stand_in  # noqa: E402
+from _common import cpu_environment, write_results  # noqa: E402
+from federated_breaching import ConvNet, cifar10_bundle, torchvision_stand_in  # noqa: E402
 
 from mlaudit.attacks.federated import Observation, imprint, plant_imprint  # noqa: E402
 from mlaudit.attacks.federated.metrics import match  # noqa: E402
@@ -75,8 +69,8 @@ def main() -> None:
     stand_in = torchvision_stand_in()
     import breaching  # noqa: F401  (fail early)
 
-    train = cifar10_jpeg().train
-    public = _cifar10_test().x[: args.public].float()
+    train = cifar10_bundle().train
+    public = cifar10_bundle().test.x[: args.public].float()
     shape = tuple(public.shape[1:])
     rows: list[dict[str, Any]] = []
     for setup in args.setups.split(","):
@@ -97,7 +91,7 @@ def main() -> None:
                    "exact": int(m.recovered(EXACT_DB).sum()), "seconds": round(wall, 3)}
             rows.append(row)
             print(row, flush=True)
-    env = environment() | {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads,
+    env = cpu_environment(args.threads) | {
                            "breaching": "0.1.2", "torchvision_stand_in": stand_in}
     md = (f"# Robbing the Fed read-out: mlaudit vs breaching on the same aggregates\n\n{env['date']}, {env['machine']}, "
           f"{args.threads} torch thread(s), torch {env['torch']}, breaching 0.1.2"
@@ -112,7 +106,6 @@ def main() -> None:
                f"{r['recovered_30db']} / {r['inputs']} | {r['exact']} | {r['seconds']} |\n")
     write_results(f"federated_breaching_imprint_{args.name}", {"environment": env, "settings": vars(args),
                                                                 "rows": rows}, md)
-    print(md)
 
 
 if __name__ == "__main__":

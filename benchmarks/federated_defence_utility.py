@@ -11,8 +11,6 @@ Digits, zoo ``mlp`` width 32 (the model of the attack table), 8 users x 16 image
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,11 +20,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_results  # noqa: E402
+from _common import cpu_environment, write_results  # noqa: E402
 
 from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.federated import train_fedsgd  # noqa: E402
 from mlaudit.models import build_model  # noqa: E402
+from mlaudit.stats import mean_se  # noqa: E402
 
 DEFENCES: list[tuple[str, dict[str, Any] | None]] = [
     ("none", None),
@@ -64,13 +63,13 @@ def main() -> None:
             acc.append(h.test_accuracy[-1])
             mid.append(h.test_accuracy[0])
             dist.append(float(np.nanmean(h.distortion)) if not np.isnan(h.distortion).all() else float("nan"))
-        se = float(np.std(acc, ddof=1) / np.sqrt(len(acc))) if len(acc) > 1 else 0.0
-        rows.append({"defence": label, "options": defence, "test_accuracy": float(np.mean(acc)), "se": se,
+        mean, se = mean_se(acc)
+        rows.append({"defence": label, "options": defence, "test_accuracy": mean, "se": se,
                      "accuracy_at_first_third": float(np.mean(mid)),
                      "distortion": float(np.nanmean(dist)) if not np.isnan(dist).all() else float("nan")})
         print(rows[-1], flush=True)
     wall = time.perf_counter() - t_all
-    env = environment() | {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads}
+    env = cpu_environment(args.threads, data="scikit-learn digits")
     md = (f"# Federated defences: utility of FedSGD training under each (digits, CPU)\n\n{env['date']}, "
           f"{env['machine']}, {args.threads} torch thread(s), torch {env['torch']}; {wall:.0f} s in all. Digits, zoo "
           f"`mlp` width 32, {args.users} users x {args.batch} images per round (iid shares), FedSGD, lr {args.lr}, "
@@ -84,7 +83,6 @@ def main() -> None:
         md += "\nnan distortion: every user's gradient was zero in every evaluation window (nothing left to distort).\n"
     write_results(f"federated_defence_utility_{args.name}", {"environment": env, "settings": vars(args), "rows": rows,
                                                              "wall_s": round(wall, 1)}, md)
-    print(md)
 
 
 if __name__ == "__main__":

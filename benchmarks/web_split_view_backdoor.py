@@ -20,8 +20,6 @@ the bottom-right corner, target class 0, CPU.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, write_results  # noqa: E402
+from _common import cpu_environment, write_results  # noqa: E402
 
 from mlaudit.attacks.poisoning.backdoor.trigger import apply_trigger, patch_trigger  # noqa: E402
 from mlaudit.attacks.web import fetched_training_set, simulate_split_view  # noqa: E402
@@ -39,12 +37,8 @@ from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.data.base import TensorDataset  # noqa: E402
 from mlaudit.models import build_model  # noqa: E402
 from mlaudit.query import forward_batched  # noqa: E402
+from mlaudit.stats import mean_se  # noqa: E402
 from mlaudit.train import train  # noqa: E402
-
-
-def mean_se(v: list[float]) -> tuple[float, float]:
-    a = np.asarray(v, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(len(a))) if len(a) > 1 else 0.0
 
 
 def main() -> None:
@@ -99,7 +93,7 @@ def main() -> None:
                 print(f"fraction {frac:g} seed {seed} {client}: {rows[-1]['poisons_in_training_set']} poisons, "
                       f"clean {100 * acc:.1f}%, ASR {100 * asr:.1f}%", flush=True)
     wall = time.perf_counter() - t_all
-    env = environment() | {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "threads": args.threads}
+    env = cpu_environment(args.threads, data=f"scikit-learn digits ({len(y)} training images served as URLs)")
     md = (f"# Split-view poisoning through to a trained model (digits, CPU)\n\n{env['date']}, {env['machine']}, "
           f"{args.threads} torch thread(s), torch {env['torch']}; {wall:.0f} s in all. scikit-learn digits "
           f"({len(y)} training images served one per URL on 127.0.0.1 and indexed with sha256 and label), model "
@@ -121,7 +115,6 @@ def main() -> None:
            "shows the mechanism end to end on a small classifier, not those numbers.\n")
     write_results(f"web_split_view_backdoor_{args.name}", {"environment": env, "settings": vars(args), "rows": rows,
                                                            "wall_s": round(wall, 1)}, md)
-    print(md)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
         return run_one_run_audit(config, ctx)
     data = ctx.load_dataset(config.dataset)
     mlaudit = config.trainer == "mlaudit"
-    init_note = None
+    init_note = ""
     if config.worst_case_init is not None:
         config, init_note = _with_worst_case_init(config, ctx, data)
     canary = _cached_canary(config, ctx, data)
@@ -217,10 +217,10 @@ def run_dp_audit(config: DPAuditConfig, ctx: RunContext) -> ExperimentOutput:
              f"eps_LB {res.epsilon_lower_bound:.3f} vs claimed {claimed}: FP {res.fp}/{res.n_neg}, FN "
              f"{res.fn}/{res.n_pos} on the held-out halves, confidence {config.confidence}"]
     notes.append(_gdp_note(metrics["gdp"]))
-    if init_note is not None:
+    if config.worst_case_init is not None:
         notes.append(init_note)
-        metrics["worst_case_init"] = {"epochs": config.worst_case_init.epochs if config.worst_case_init else None,
-                                      "checkpoint": str(config.model.init), "sha256": config.model.init_sha256}
+        metrics["worst_case_init"] = {"epochs": config.worst_case_init.epochs, "checkpoint": str(config.model.init),
+                                      "sha256": config.model.init_sha256}
     if config.broken is not None:
         notes.append(f"DELIBERATELY BROKEN DP-SGD (audit fixture {config.broken!r}): {BROKEN[config.broken]}")
     figures = canary_score_histogram(s_in, s_out, res.threshold, score)

@@ -55,7 +55,8 @@ def test_end_to_end_metrics_tables_and_headline(base_run: tuple[Path, dict[str, 
     pgd = [ra["pgd"][e]["value"] for e in ("0.05", "0.2", "0.5")]
     assert pgd == sorted(pgd, reverse=True) and pgd[-1] == 0.0  # falls with eps, to 0 at eps 0.5
     assert m["worst_case_at_max_eps"]["value"] == ra["worst case"]["0.5"]["value"]
-    assert m["gradient_masking_flags"] == 0 and len(m["sanity"]) == 3  # a plain MLP masks nothing
+    assert m["gradient_masking_flags"] == 0  # a plain MLP masks nothing
+    assert [c["check"] for c in m["sanity"]][3:] == ["black box (Square) no stronger than white box"]  # one model
     assert headline("robustness", {"worst_case_at_max_eps.value": 0.0, "worst_case_at_max_eps.eps": 0.5}) == \
         "robust 0.0% @eps 0.5"
     html = (out / "report.html").read_text()
@@ -110,6 +111,38 @@ def test_masking_checks_flag_a_zero_gradient_model() -> None:
     assert up[-1] > up[0]
     ok = masking_flags(unbounded_robust=0.0, unbounded_eps=1.0, loss_curve=up, fgsm_vs_pgd=[(0.1, 30, 29, 40)])
     assert not any(f["flagged"] for f in ok)
+
+
+def test_black_box_and_transfer_checks_flag_a_model_whose_gradient_misleads() -> None:
+    """A model whose gradient is zero (quantised input) keeps PGD at 100% robust, while Square (forward passes
+    only) and PGD on an unquantised twin (transfer) fool it: both checks flag; the twin itself is clean."""
+    from mlaudit.attacks.evasion import pgd, square
+
+    torch.manual_seed(0)
+    masked = _Quantised().eval()
+    twin = nn.Sequential(nn.Flatten(), masked.lin).eval()  # same weights, the gradient intact
+    x = torch.rand(40, 1, 4, 4)
+    y = masked(x.flatten(1)).argmax(1)
+    flat = nn.Sequential(nn.Flatten(), masked).eval()
+    white = int((flat(pgd(flat, x, y, eps=0.3, steps=10)).argmax(1) == y).sum())
+    black = int((flat(square(flat, x, y, eps=0.3, n_queries=200)).argmax(1) == y).sum())
+    transfer = int((flat(pgd(twin, x, y, eps=0.3, steps=10)).argmax(1) == y).sum())
+    assert white >= 30 and black < white - 10 and transfer < white - 10, (white, black, transfer)
+    flags = masking_flags(unbounded_robust=0.0, unbounded_eps=1.0, loss_curve=[1.0, 2.0], fgsm_vs_pgd=[],
+                          weaker_attacks=[("black box (Square)", 0.3, black, white, 40),
+                                          ("transfer", 0.3, transfer, white, 40)])
+    assert [f["flagged"] for f in flags[3:]] == [True, True]
+    within = masking_flags(unbounded_robust=0.0, unbounded_eps=1.0, loss_curve=[1.0, 2.0], fgsm_vs_pgd=[],
+                           weaker_attacks=[("black box (Square)", 0.3, 9, 10, 40)])  # 1 example: the tolerance
+    assert not within[3]["flagged"]
+
+
+def test_several_models_get_the_transfer_check(tmp_path: Path) -> None:
+    r = go({**BASE, "trials": 2, "examples": 30, "sanity_queries": 50, "grid": 0}, tmp_path / "run")
+    checks = [(c["model"], c["check"]) for c in r["metrics"]["sanity"]]
+    for tid in ("model-0000", "model-0001"):
+        assert (tid, "transfer (PGD-20 on another model) no stronger than white box") in checks
+        assert (tid, "black box (Square) no stronger than white box") in checks
 
 
 def _bad(**change: Any) -> dict[str, Any]:

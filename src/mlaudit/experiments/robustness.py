@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..attacks.evasion import EVASION_ATTACKS, fgsm, pgd
+from ..attacks.evasion import EVASION_ATTACKS, fgsm, pgd, square
 from ..attacks.evasion.adaptive import evaluate_defence
 from ..attacks.evasion.detector import FeatureDetector, evaluate_detector
 from ..attacks.evasion.sanity import masking_flags, pgd_loss_curve
@@ -114,8 +114,10 @@ class _Evaluation:
         for i in new.nonzero()[:, 0].tolist():
             self.grid_by[i] = name
 
-    def sanity(self) -> list[dict[str, Any]]:
-        """Gradient-masking flags: PGD at the whole box, PGD's loss curve at the largest eps, FGSM vs PGD."""
+    def sanity(self, surrogate: nn.Module | None = None) -> list[dict[str, Any]]:
+        """Gradient-masking flags: PGD at the whole box, PGD's loss curve at the largest eps, FGSM vs PGD, and
+        at the largest eps the Square Attack (black box; image inputs, ``sanity_queries`` > 0) and PGD crafted
+        on ``surrogate`` (transfer; another model of the run) against the white-box worst case."""
         th = self.config.threat
         top = th.eps_max(self.x[0].numel())
         unbounded = float((self.clean & self.correct(pgd(self.model, self.x, self.y, eps=top, norm=th.norm,
@@ -129,7 +131,39 @@ class _Evaluation:
         if p is None:
             p = torch.stack([self.clean & self.correct(self.call("pgd", eps=e, norm=th.norm)) for e in th.eps])
         pairs = [(e, int(f[i].sum()), int(p[i].sum()), len(self.x)) for i, e in enumerate(th.eps)]
-        return masking_flags(unbounded_robust=unbounded, unbounded_eps=top, loss_curve=curve, fgsm_vs_pgd=pairs)
+        return masking_flags(unbounded_robust=unbounded, unbounded_eps=top, loss_curve=curve, fgsm_vs_pgd=pairs,
+                             weaker_attacks=self._weaker(p[-1], surrogate))
+
+    def _weaker(self, pgd_robust: Tensor, surrogate: nn.Module | None) -> list[tuple[str, float, int, int, int]]:
+        """(label, eps, robust count, white-box robust count, N) at the largest eps for the black-box and
+        transfer checks; the white-box worst case is PGD's and every gradient attack's of the run."""
+        th, e, n = self.config.threat, self.config.threat.eps[-1], len(self.x)
+        if not e:
+            return []
+        white = pgd_robust.clone()
+        for name, r in self.robust.items():
+            if name not in BLACK_BOX:
+                white &= r[-1]
+        out = []
+        queries = self.config.sanity_queries
+        if "square" in self.robust or (queries and self.x.dim() == 4):
+            sq = self.robust.get("square")
+            if sq is not None:
+                bb = sq[-1]
+            else:
+                gen = torch.Generator().manual_seed(self.seed)
+                bb = self.clean & self.correct(square(self.model, self.x, self.y, eps=e, norm=th.norm, box=th.box,
+                                                      n_queries=queries, generator=gen))
+            out.append(("black box (Square)", e, int(bb.sum()), int(white.sum()), n))
+        if surrogate is not None:
+            x_t = pgd(surrogate, self.x, self.y, eps=e, norm=th.norm, box=th.box, steps=20)
+            out.append(("transfer (PGD-20 on another model)", e, int((self.clean & self.correct(x_t)).sum()),
+                        int(white.sum()), n))
+        return out
+
+
+BLACK_BOX = frozenset({"square"})
+"""Attacks of the registry that use no gradient (left out of the white-box worst case of the sanity checks)."""
 
 
 def _params(fn: Any) -> set[str]:
@@ -177,7 +211,10 @@ def run_robustness(config: RobustnessConfig, ctx: RunContext) -> ExperimentOutpu
                                   ["fooled", "of", "q1", "median", "q3"],
                                   [[metrics["cw_min_l2"].get(k) for k in ("fooled", "n", "q1", "median", "q3")]]))
     if config.sanity:
-        checks = [{**c, "model": tid} for tid, _, ev in evals for c in ev.sanity()]
+        # transfer check: each model is attacked with PGD crafted on the next one (several models only)
+        surrogates = [evals[(i + 1) % len(evals)][2].model if len(evals) > 1 else None for i in range(len(evals))]
+        checks = [{**c, "model": tid} for (tid, _, ev), sur in zip(evals, surrogates, strict=True)
+                  for c in ev.sanity(sur)]
         metrics["gradient_masking_flags"] = sum(c["flagged"] for c in checks)
         metrics["sanity"] = checks
         tables.append(ReportTable("Sanity checks for gradient masking", ["model", "check", "flagged", "detail"],

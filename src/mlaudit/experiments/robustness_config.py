@@ -149,6 +149,9 @@ class RobustnessConfig(ExperimentConfig):
     examples: int = Field(500, ge=1, le=1_000_000)
     target: TargetModel | None = None
     sanity: bool = True
+    sanity_queries: int = Field(1000, ge=0, le=100_000)
+    """Square Attack queries per example for the sanity section's black-box check (0: no check; image inputs
+    only; a run whose ``attacks`` include ``square`` uses that run instead)."""
     grid: int = Field(8, ge=0, le=32)
     """Adversarial examples shown in the report's grid (0: none)."""
     defence: DefenceSpec | None = None

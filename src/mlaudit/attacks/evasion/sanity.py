@@ -4,7 +4,10 @@ Adversarial Robustness", sec. 5): a robustness number is suspect when
 * an attack with the whole pixel box as budget does not bring robust accuracy to about 0 (any input
   can then be turned into any other: a gradient that does not lead there is broken);
 * PGD's loss does not increase over its steps (the gradient carries no signal);
-* one FGSM step is stronger than many PGD steps (iterating should never hurt).
+* one FGSM step is stronger than many PGD steps (iterating should never hurt);
+* a black-box attack (the Square Attack: forward passes only) or a transfer attack (PGD crafted on
+  another model) is stronger than the white-box attacks (Carlini et al. 2019, sec. 5.3 and 5.4: an
+  attack with less information can only win when the gradient misleads).
 
 :func:`pgd_loss_curve` measures the second through the one crafting engine; :func:`masking_flags`
 turns measured numbers into flags, as pure functions of them.
@@ -40,14 +43,23 @@ def pgd_loss_curve(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: 
     return [-total / len(x) for total in res.history]
 
 
+def _tolerance(n: int) -> int:
+    """Examples one attack may leave robust beyond another before a flag: 1% of n, at least 1."""
+    return max(1, round(0.01 * n))
+
+
 def masking_flags(*, unbounded_robust: float, unbounded_eps: float, loss_curve: Sequence[float],
-                  fgsm_vs_pgd: Sequence[tuple[float, int, int, int]]) -> list[dict[str, Any]]:
+                  fgsm_vs_pgd: Sequence[tuple[float, int, int, int]],
+                  weaker_attacks: Sequence[tuple[str, float, int, int, int]] = ()) -> list[dict[str, Any]]:
     """One entry per check: ``{"check", "flagged", "detail"}``.
 
     Args:
         unbounded_robust: robust accuracy under PGD with budget ``unbounded_eps`` (the whole box).
         loss_curve: :func:`pgd_loss_curve`'s mean losses.
         fgsm_vs_pgd: per eps ``(eps, robust count under FGSM, robust count under PGD, examples)``.
+        weaker_attacks: attacks with less access than the white-box ones, one check each:
+            ``(label, eps, robust count under it, robust count under the white-box worst case, examples)``;
+            flagged when the weaker attack leaves fewer examples robust (beyond 1%, at least 1 example).
     """
     out = [{
         "check": "whole-box attack reaches ~0 robust accuracy",
@@ -64,7 +76,7 @@ def masking_flags(*, unbounded_robust: float, unbounded_eps: float, loss_curve: 
             "detail": f"mean CE {first:.4g} at x -> {last:.4g} after {len(loss_curve) - 1} steps; rose in {ups} of "
                       f"{len(loss_curve) - 1} steps",
         })
-    worse = [(e, f, p, n) for e, f, p, n in fgsm_vs_pgd if f < p - max(1, round(0.01 * n))]
+    worse = [(e, f, p, n) for e, f, p, n in fgsm_vs_pgd if f < p - _tolerance(n)]
     shown = "; ".join(f"eps {e:.4g}: FGSM {100 * f / n:.1f}% vs PGD {100 * p / n:.1f}%" for e, f, p, n in worse)
     out.append({
         "check": "PGD at least as strong as FGSM",
@@ -72,4 +84,11 @@ def masking_flags(*, unbounded_robust: float, unbounded_eps: float, loss_curve: 
         "detail": f"FGSM leaves fewer examples robust than PGD at {shown}" if worse else
                   f"PGD robust accuracy <= FGSM's (+1% tolerance) at all {len(fgsm_vs_pgd)} eps",
     })
+    for label, e, weak, white, n in weaker_attacks:
+        out.append({
+            "check": f"{label} no stronger than white box",
+            "flagged": weak < white - _tolerance(n),
+            "detail": f"eps {e:.4g}: {label} {100 * weak / n:.1f}% robust vs white-box worst case {100 * white / n:.1f}% "
+                      f"(flagged when lower by more than {_tolerance(n)} of {n} examples)",
+        })
     return out

@@ -7,7 +7,11 @@ layouts (2 epochs), and a narrow fast CNN (width 16, 2 epochs) where vmap batchi
 80-model seed-002 protocol time is extrapolated from the measured per-epoch cost (stated as such).
 
     python benchmarks/factory.py --part fast|resnet [--epochs 2]
+    python benchmarks/factory.py --part graph
     python benchmarks/factory.py --part procs [--models 6 --settings local:2,process:3:2,...]
+
+Part ``graph``: each training step replayed as a CUDA graph (``recipe.cuda_graph``) against the eager
+step, for the airbench network (the LiRA pool's model, K = 1 and K = 4), the fast CNN and ResNet-18.
 
 Part ``procs``: the same models trained by the local executor and by several process workers that
 share one device (docs/factory.md: three workers trained ResNet-18 victims 2.18x faster on an H100).
@@ -140,9 +144,41 @@ def part_procs(args: argparse.Namespace) -> tuple[dict, str]:
     return {"recipe": rec.model_dump(mode="json"), "dataset": args.dataset, "runs": runs}, md
 
 
+GRAPH_SETTINGS = (  # (label, model, recipe, epochs, models, chunk, layout)
+    ("airbench net, airbench-muon, K=1", "airbench", "airbench-muon", None, 4, 1, "auto"),
+    ("airbench net, airbench-muon, K=4 loop", "airbench", "airbench-muon", None, 4, 4, "loop"),
+    ("fastcnn, airbench, K=1", "fastcnn", "airbench", None, 3, 1, "auto"),
+    ("resnet18, witches-brew 2 epochs, K=1", "resnet18", "witches-brew", 2, 1, 1, "auto"),
+)
+
+
+def part_graph(data) -> tuple[dict, str]:  # noqa: ANN001
+    """Each setting trained with ``recipe.cuda_graph`` off and on (the same trials: seeds 0..n-1), after one
+    warm-up model of each (cuDNN autotuning, the first capture); s/model and accuracy side by side."""
+    runs = {}
+    for label, model, recipe, epochs, n, k, strat in GRAPH_SETTINGS:
+        spec = ModelSpec(name=model)
+        over = {"name": recipe, **({"epochs": epochs} if epochs else {})}
+        for graph in (False, True):
+            rec = resolve_recipe({**over, "cuda_graph": graph})
+            timed_factory(spec, rec.model_copy(update={"epochs": 1}), data, n_models=k, chunk=k, device="cuda",
+                          strategy=strat)  # warm-up, not timed
+            r = timed_factory(spec, rec, data, n_models=n, chunk=k, device="cuda", strategy=strat)
+            r.update(cuda_graph=graph, model=model, recipe=recipe, epochs=rec.epochs)
+            runs[f"{label}, graph {'on' if graph else 'off'}"] = r
+            print(label, graph, r, flush=True)
+    md = ("| setting | CUDA graph | models | epochs | wall s | s/model | mean test acc (min-max) | peak MiB |\n"
+          "|---|---|---|---|---|---|---|---|\n"
+          + "".join(f"| {k.rsplit(', graph', 1)[0]} | {'on' if r['cuda_graph'] else 'off'} | {r['n_models']} | "
+                    f"{r['epochs']} | {r['wall_s']} | {r['s_per_model']} | {r['test_accuracy_mean']:.4f} "
+                    f"({r['test_accuracy_min']:.4f}-{r['test_accuracy_max']:.4f}) | {r['peak_gpu_mem_mb']} |\n"
+                    for k, r in runs.items()))
+    return {"settings": [list(s) for s in GRAPH_SETTINGS], "runs": runs}, md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("fast", "resnet", "procs"), required=True)
+    ap.add_argument("--part", choices=("fast", "resnet", "procs", "graph"), required=True)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--models", type=int, default=6, help="procs: models per setting")
     ap.add_argument("--model", default="resnet18", help="procs: architecture")
@@ -164,7 +200,8 @@ def main() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True
     data = cifar10_jpeg().to("cuda")
-    payload, md = part_fast(data) if args.part == "fast" else part_resnet(data, args.epochs)
+    payload, md = (part_fast(data) if args.part == "fast" else part_graph(data) if args.part == "graph"
+                   else part_resnet(data, args.epochs))
     env = environment()
     head = (f"# Factory benchmark ({args.part}) on CIFAR-10 (JPEG)\n\n{env['date']}, {env['gpu']}, torch {env['torch']}, "
             "bf16 autocast, data on the GPU; wall time includes evaluating each model on the 10k test set.\n\n")

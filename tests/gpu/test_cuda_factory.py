@@ -129,3 +129,24 @@ def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
     for a, b in zip(fast, ref, strict=True):
         b = b.squeeze(0).to(a.dtype)
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_cuda_graph_step_trains_the_eager_models(strategy: str) -> None:
+    """``recipe.cuda_graph``: 2 fastcnn x 4 epochs (16 steps: 2 eager warm-ups, one capture, replays) with the
+    step replayed as a CUDA graph give the eager step's weights up to kernel-selection rounding."""
+    from mlaudit.models.registry import build_model
+    from mlaudit.train import init_models, train_stack
+
+    data = load_dataset(SPEC)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=4, batch_size=64, schedule="triangular", augment="none",
+               precision="fp32")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    outs = []
+    for graph in (False, True):
+        fn = lambda: build_model(ModelSpec(name="fastcnn"), input_shape=(3, 32, 32), num_classes=10)  # noqa: E731
+        outs.append(train_stack(init_models(fn, [0, 1]), data.train, r.model_copy(update={"cuda_graph": graph}),
+                                seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy=strategy))
+    for a, b in zip(*outs, strict=True):
+        for name, t in a.state_dict.items():
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=1e-4, msg=name)

@@ -40,8 +40,9 @@ from ..data.base import TensorDataset
 from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
 from .adversarial import adversarial_batch, trades_loss
+from .graphed import GraphedStep
 from .hooks import DPStepHooks
-from .optim import make_optimizer
+from .optim import Rate, apply_rates, graph_safe, make_optimizer, slot_active, slot_rates
 from .recipe import AugmentConfig, Recipe, lr_at
 from .stacked import StackedModels, choose_strategy  # noqa: F401  (re-exported)
 
@@ -150,7 +151,10 @@ def train_stack(
     opt = make_optimizer(recipe, plist, names=stack.trainable_names(), leading_k=stack.leading_k, base_lr=lr)
     flip_base = _alternating_flips(augment, pools, gens, device)
     bf16 = use_bf16(recipe, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    graph_step = use_cuda_graph(recipe, device, stack, opt)
+    # a captured step must not reuse autocast's cast-weight cache across replays (PyTorch's graph notes)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph_step) if bf16
+                else contextlib.nullcontext())
     check_every_step = device.type == "cpu"
     dp = None
     if hooks is not None and any(h is not None for h in hooks) and recipe.dp is None:
@@ -166,6 +170,23 @@ def train_stack(
     trades_beta = adv.beta if adv is not None and adv.method == "trades" else None  # None: not TRADES
     noise_gens = ([torch.Generator(device=device).manual_seed(int(sd) + NOISE_SEED) for sd in seeds]
                   if recipe.noise_sigma > 0 else [])
+
+    def step_body(xb: Tensor, yb: Tensor, rates: Sequence[Rate], active: tuple[bool, ...]) -> Tensor:
+        """The step (eager, or captured by :class:`GraphedStep`): forward, per-model loss [K], update."""
+        with autocast:
+            logits = stack.forward(xb, train=True)
+        if trades_beta is not None:  # CE(clean) + beta KL(clean || adv) per model [K]
+            loss_k = trades_loss(logits, yb, beta=trades_beta, label_smoothing=recipe.label_smoothing)
+        else:
+            loss_k = F.cross_entropy(
+                logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing,
+                reduction="none").view(k, yb.shape[1]).mean(1)
+        grads = torch.autograd.grad(loss_k.sum() * (bsz if recipe.loss_reduction == "sum" else 1), plist)
+        apply_rates(opt, list(grads), rates, active)
+        return loss_k.detach()
+
+    graphed = (GraphedStep(step_body, slots=len(slot_rates(opt, recipe, lr, 0.0)), device=device)
+               if graph_step else None)
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
     last_loss = torch.zeros(k, device=device)
@@ -194,16 +215,9 @@ def train_stack(
                 if adv is not None:  # PGD-AT: train on the PGD examples; TRADES: on [clean; adv], [K, 2B, ...]
                     x_adv = adversarial_batch(stack, xb, yb, adv, generators=adv_gens)
                     xb = x_adv if trades_beta is None else torch.cat([xb, x_adv], 1)
-                with autocast:
-                    logits = stack.forward(xb, train=True)
-                if trades_beta is not None:  # CE(clean) + beta KL(clean || adv) per model [K]
-                    loss_k = trades_loss(logits, yb, beta=trades_beta, label_smoothing=recipe.label_smoothing)
-                else:
-                    loss_k = F.cross_entropy(
-                        logits.float().flatten(0, 1), yb.flatten(), label_smoothing=recipe.label_smoothing,
-                        reduction="none").view(k, bsz).mean(1)
-                grads = torch.autograd.grad(loss_k.sum() * (bsz if recipe.loss_reduction == "sum" else 1), plist)
-                opt.step(list(grads), lr_at(recipe, lr, epoch + s / spe), progress=epoch + s / spe)
+                rates = slot_rates(opt, recipe, lr, epoch + s / spe)
+                active = slot_active(opt, rates)
+                loss_k = step_body(xb, yb, rates, active) if graphed is None else graphed(xb, yb, rates, active)
             loss_d = loss_k.detach()
             epoch_loss += loss_d
             bad = ~torch.isfinite(loss_d)
@@ -221,6 +235,18 @@ def train_stack(
     losses = last_loss.cpu().tolist()
     return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
                         dp.report(i, step) if dp is not None else {}) for i in range(k)]
+
+
+def use_cuda_graph(recipe: Recipe, device: torch.device, stack: StackedModels, opt: object) -> bool:
+    """Whether the non-DP step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` on a
+    CUDA device, without DP-SGD (its step has host-side Poisson batch sizes) or ``compile``; an optimizer with
+    host state (Adam) is refused rather than silently run eagerly."""
+    if not recipe.cuda_graph or device.type != "cuda" or recipe.dp is not None or recipe.compile:
+        return False
+    if not graph_safe(opt):  # type: ignore[arg-type]
+        raise ConfigError(f"recipe.cuda_graph needs an optimizer without host-side state (sgd or muon); "
+                          f"{recipe.optimizer!r} keeps its bias-correction step count on the host")
+    return True
 
 
 NOISE_SEED = 0x501CE

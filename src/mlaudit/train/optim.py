@@ -34,11 +34,23 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .recipe import ParamGroup, Recipe, lr_at
 
+Rate = float | Tensor
+"""A learning rate: a Python float, or a 0-dim tensor on the parameters' device (read when the kernels run,
+so a step captured in a CUDA graph follows the schedule on replay; :mod:`mlaudit.train.graphed`)."""
+
 
 class StackedOptimizer(Protocol):
     """Updates stacked parameters in place, given their gradients and the current learning rate."""
 
-    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None: ...
+    def step(self, grads: list[Tensor], lr: Rate, *, progress: float = 0.0) -> None: ...
+
+
+def _descend_(params: list[Tensor], updates: list[Tensor], lr: Rate) -> None:
+    """``w <- w - lr * u`` for every pair, lr a float or a 0-dim device tensor."""
+    if isinstance(lr, Tensor):
+        torch._foreach_add_(params, torch._foreach_mul(updates, -lr))
+    else:
+        torch._foreach_add_(params, updates, alpha=-lr)
 
 
 @dataclass
@@ -52,13 +64,13 @@ class StackedSGD:
     buffers: list[Tensor] | None = None
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
+    def step(self, grads: list[Tensor], lr: Rate, *, progress: float = 0.0) -> None:
         """Update ``params`` in place from ``grads`` (same shapes) at learning rate ``lr``."""
         if self.weight_decay:
             grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
         if self.momentum:
             self.buffers, grads = _momentum(self.buffers, grads, self.momentum, self.nesterov)
-        torch._foreach_add_(self.params, grads, alpha=-lr)
+        _descend_(self.params, grads, lr)
 
 
 def _momentum(buffers: list[Tensor] | None, grads: list[Tensor], momentum: float, nesterov: bool
@@ -85,9 +97,15 @@ class StackedAdam:
     m: list[Tensor] = field(default_factory=list)
     v: list[Tensor] = field(default_factory=list)
 
+    graph_safe = False
+    """Its bias correction depends on a host step counter, so a captured step would freeze it."""
+
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
+    def step(self, grads: list[Tensor], lr: Rate, *, progress: float = 0.0) -> None:
         """Update ``params`` in place from ``grads`` (same shapes) at learning rate ``lr``."""
+        if isinstance(lr, Tensor):
+            raise TypeError("StackedAdam takes a float lr: its bias correction is host state that a CUDA graph "
+                            "would freeze")
         b1, b2 = self.betas
         if self.weight_decay:
             grads = torch._foreach_add(grads, self.params, alpha=self.weight_decay)
@@ -138,7 +156,7 @@ class StackedMuon:
     buffers: list[Tensor] | None = None
 
     @torch.no_grad()
-    def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
+    def step(self, grads: list[Tensor], lr: Rate, *, progress: float = 0.0) -> None:
         """Momentum, weight renormalisation to ``sqrt(out)`` and the orthogonalised step of size ``lr``."""
         self.buffers, upd = _momentum(self.buffers, grads, self.momentum, self.nesterov)
         lead = 1 if self.leading_k else 0
@@ -154,7 +172,8 @@ class StackedMuon:
             u = torch.stack([upd[i] for i in idx]).flatten(lead + 2)  # [G, (K,) out, in*kh*kw]
             o = orthogonalize(u).view_as(w)
             for j, i in enumerate(idx):
-                self.params[i].mul_(scale[j]).add_(o[j], alpha=-lr)
+                self.params[i].mul_(scale[j])
+            _descend_([self.params[i] for i in idx], list(o.unbind(0)), lr)
 
 
 @dataclass
@@ -170,10 +189,46 @@ class GroupedOptimizer:
     """(optimizer, parameter indices, base lr, schedule, last epoch or None)."""
 
     def step(self, grads: list[Tensor], lr: float, *, progress: float = 0.0) -> None:
-        for opt, idx, base, schedule, until in self.groups:
-            rate = lr_at(schedule, base, progress) if until is None or progress < until else 0.0
-            if rate > 0:  # a zero rate (warm-up start, a finished group) skips the step: buffers stay as they are
+        rates = self.rates(progress)
+        self.apply(grads, rates, [r > 0 for r in rates], progress=progress)
+
+    def rates(self, progress: float) -> list[float]:
+        """Each group's learning rate at ``progress`` (0 once a group's ``epochs`` are done)."""
+        return [lr_at(schedule, base, progress) if until is None or progress < until else 0.0
+                for _, _, base, schedule, until in self.groups]
+
+    def apply(self, grads: list[Tensor], rates: Sequence[Rate], active: Sequence[bool], *,
+              progress: float = 0.0) -> None:
+        """Step the groups marked ``active`` at ``rates``; an inactive group (zero rate: warm-up start, a finished
+        group) is skipped, so its buffers stay as they are."""
+        for (opt, idx, *_), rate, on in zip(self.groups, rates, active, strict=True):
+            if on:
                 opt.step([grads[i] for i in idx], rate, progress=progress)
+
+
+def graph_safe(opt: StackedOptimizer) -> bool:
+    """Whether ``opt.step`` keeps no host state a captured CUDA graph would freeze (all but Adam)."""
+    subs = [g[0] for g in opt.groups] if isinstance(opt, GroupedOptimizer) else [opt]
+    return all(getattr(o, "graph_safe", True) for o in subs)
+
+
+def slot_rates(opt: StackedOptimizer, recipe: Recipe, base_lr: float, progress: float) -> list[float]:
+    """The learning rates of one step: each group's for a :class:`GroupedOptimizer`, else the recipe's one."""
+    return opt.rates(progress) if isinstance(opt, GroupedOptimizer) else [lr_at(recipe, base_lr, progress)]
+
+
+def slot_active(opt: StackedOptimizer, rates: Sequence[float]) -> tuple[bool, ...]:
+    """Which slots step: a :class:`GroupedOptimizer` skips a group at rate 0; a plain optimizer always steps."""
+    return tuple(r > 0 for r in rates) if isinstance(opt, GroupedOptimizer) else (True,)
+
+
+def apply_rates(opt: StackedOptimizer, grads: list[Tensor], rates: Sequence[Rate], active: Sequence[bool], *,
+                progress: float = 0.0) -> None:
+    """One optimizer step at per-slot ``rates`` (floats, or 0-dim device tensors inside a CUDA graph)."""
+    if isinstance(opt, GroupedOptimizer):
+        opt.apply(grads, rates, active, progress=progress)
+    else:
+        opt.step(grads, rates[0], progress=progress)
 
 
 OptimizerFactory = Callable[..., StackedOptimizer]

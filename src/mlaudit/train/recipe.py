@@ -170,6 +170,9 @@ class Recipe(BaseModel):
     param_groups: tuple[ParamGroup, ...] = ()
     tta: Literal["none", "flip", "flip-translate"] = "none"
     compile: bool = False
+    cuda_graph: bool = False
+    """On CUDA, replay each non-DP training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is
+    gathered and augmented eagerly, the forward, backward and optimizer update launch as one graph."""
     dp: DPConfig | None = None
     adversarial: AdversarialConfig | None = None
     noise_sigma: float = Field(0.0, ge=0.0, allow_inf_nan=False)

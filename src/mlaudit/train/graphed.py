@@ -1,0 +1,102 @@
+"""One training step replayed as a CUDA graph (issue 23: remove the per-step kernel-launch cost).
+
+A small network's step on a large GPU is a few hundred short kernels; launched one by one from
+Python, the host can take as long as the GPU (docs/factory.md: CPU launch overhead about equal to GPU
+time for the airbench network on the H200). ``torch.cuda.graph`` records the step's kernels once and
+:meth:`CUDAGraph.replay` launches them all with one call (NVIDIA, "CUDA Graphs"; PyTorch's
+``torch.cuda.graphs`` whole-network capture). What the graph needs, and how the loop provides it:
+
+* **Static inputs.** The batch is gathered and augmented eagerly (random crops and flips, Gaussian
+  noise, PGD examples: anything with host-side randomness or data-dependent control flow), then copied
+  into fixed buffers x [K, B, *shape] and y [K, B] that the graph reads.
+* **Rates as device tensors.** The learning rate changes every step, so the optimizers read it from
+  0-dim tensors (:data:`mlaudit.train.optim.Rate`) filled before each replay; Adam's host-side bias
+  correction cannot be captured (:func:`mlaudit.train.optim.graph_safe`).
+* **One graph per set of stepping groups.** A :class:`~mlaudit.train.optim.GroupedOptimizer` skips a
+  group whose rate is 0 (its buffers must not move), which is control flow: each distinct pattern of
+  active groups gets its own graph (airbench's recipe has two: with and without the whitening bias),
+  sharing one memory pool.
+* **Warm-up.** The first ``warmup`` steps of each pattern run eagerly on a side stream (lazy
+  initialisation: cuDNN plans, momentum buffers created on the first step), then the next is captured and
+  replayed. These are real training steps, so the trained model is the eager loop's up to the
+  floating-point differences of kernel selection.
+
+The body is the loop's own step function (forward, per-model loss, gradients, optimizer update), the
+same one the eager path calls: nothing about training is defined twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+StepBody = Callable[[Tensor, Tensor, Sequence[Tensor], tuple[bool, ...]], Tensor]
+"""(x [K, B, *shape], y [K, B], per-slot rates as 0-dim tensors, active slots) -> per-model loss [K]."""
+
+
+class GraphedStep:
+    """Runs ``body`` eagerly for the first ``warmup`` steps of each active pattern, then as a replayed graph.
+
+    ``capture`` builds the graph object and its context (``torch.cuda.CUDAGraph`` and ``torch.cuda.graph``
+    by default; tests on CPU inject a recorder). ``captures`` counts graphs made, ``replays`` graph steps.
+    """
+
+    def __init__(self, body: StepBody, *, slots: int, device: torch.device, warmup: int = 2,
+                 capture: Callable[[], tuple[object, Callable[..., object]]] | None = None,
+                 side_stream: bool = True) -> None:
+        self.body, self.warmup, self.device = body, warmup, device
+        self.rates = [torch.zeros((), device=device) for _ in range(slots)]
+        self.graphs: dict[tuple[bool, ...], tuple[object, Tensor]] = {}
+        self.seen: Counter[tuple[bool, ...]] = Counter()
+        self.x: Tensor | None = None
+        self.y: Tensor | None = None
+        self.pool: object | None = None
+        self.capture = capture or _cuda_capture
+        self.side_stream = side_stream and device.type == "cuda"
+        self.captures = self.replays = 0
+
+    def __call__(self, xb: Tensor, yb: Tensor, rates: Sequence[float], active: tuple[bool, ...]) -> Tensor:
+        """One step on (xb [K, B, *shape], yb [K, B]) at ``rates``; returns the per-model loss [K] (a copy)."""
+        if self.x is None or self.y is None or self.x.shape != xb.shape or self.y.shape != yb.shape:
+            if self.graphs:
+                raise ValueError(f"a graphed step needs fixed batch shapes: captured with {list(self.x.shape)} "
+                                 f"(x), got {list(xb.shape)}")
+            self.x, self.y = xb.clone(), yb.clone()
+        else:
+            self.x.copy_(xb)
+            self.y.copy_(yb)
+        for t, r in zip(self.rates, rates, strict=True):
+            t.fill_(r)
+        entry = self.graphs.get(active)
+        if entry is None and self.seen[active] < self.warmup:
+            self.seen[active] += 1
+            return self._eager(active)
+        if entry is None:
+            graph, ctx = self.capture()
+            with ctx(graph, pool=self.pool):
+                out = self.body(self.x, self.y, self.rates, active)
+            if self.pool is None and hasattr(graph, "pool"):
+                self.pool = graph.pool()
+            entry = self.graphs[active] = (graph, out)
+            self.captures += 1
+        entry[0].replay()  # capturing records the kernels without running them: replay runs this step
+        self.replays += 1
+        return entry[1].clone()
+
+    def _eager(self, active: tuple[bool, ...]) -> Tensor:
+        assert self.x is not None and self.y is not None
+        if not self.side_stream:
+            return self.body(self.x, self.y, self.rates, active).detach()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            out = self.body(self.x, self.y, self.rates, active).detach()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return out
+
+
+def _cuda_capture() -> tuple[object, Callable[..., object]]:
+    return torch.cuda.CUDAGraph(), torch.cuda.graph

@@ -139,6 +139,17 @@ def test_oom_backoff_finishes_every_model_once(max_chunk: int | None, caplog: py
     assert_models_close(limited, run_trials(job(trials, batched=False)))
 
 
+def test_oom_backoff_carries_to_the_next_group(caplog: pytest.LogCaptureFixture) -> None:
+    """Two groups (8 and 4 steps per epoch) on a device that fits 2 models: the first group backs off 4 -> 2,
+    the second starts at 2 instead of failing at 4 again (one warning in all, not two)."""
+    n = len(bundle().train)
+    trials = [TrialSpec(f"t{i}", seed=i, mask=None if i < 4 else torch.arange(n) < 64) for i in range(8)]
+    with caplog.at_level(logging.WARNING, logger="mlaudit.factory.batched"):
+        got = run_trials(job(trials, fake_memory_models=2, max_chunk=4))
+    assert [m.trial_id for m in got] == [t.trial_id for t in trials]
+    assert caplog.text.count("out of memory") == 1
+
+
 def test_model_that_never_fits_is_a_budget_error() -> None:
     with pytest.raises(BudgetError, match="single model"):
         run_trials(job(seeds(2), fake_memory_models=0))

@@ -45,3 +45,33 @@ def test_pick_layout_runs_its_cuda_probe_with_a_warm_up_and_two_timed_calls(monk
                                    augment=None)
     assert best in ("loop", "vmap") and "2 epochs minus 1" in why
     assert calls == [(s, 16, e) for s in ("loop", "vmap") for e in (1, 1, 2)]
+
+
+def test_layout_is_probed_once_per_probe_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory back-off 150 -> 75 -> 38 -> 19 models per chunk reuses the one probe of 16 models; a
+    chunk of 9 (probed with 9) is measured anew."""
+    from mlaudit.data import DatasetSpec, load_dataset
+    from mlaudit.factory import FactoryJob, TrialSpec, batched
+    from mlaudit.models import ModelSpec
+    from mlaudit.train.recipe import resolve_recipe
+
+    seen: list[int] = []
+
+    def fake_pick(strategy: str, *, k: int, **_: object) -> tuple[str, str]:
+        seen.append(k)
+        return "loop", f"fake probe for {k}"
+
+    monkeypatch.setattr(batched, "pick_layout", fake_pick)
+    data = load_dataset(DatasetSpec(name="digits"))
+    job = FactoryJob(model=ModelSpec(name="mlp"), recipe=resolve_recipe("fast"), data=data,
+                     trials=(TrialSpec("a", 0),), device="cpu")
+    setup = batched._Setup(job, data, torch_device("cpu"))
+    for k in (150, 75, 38, 19, 9, 9):
+        assert setup.layout(k) == "loop"
+    assert seen == [150, 9] and setup.layout_reason(19) == "fake probe for 150"
+
+
+def torch_device(name: str):  # noqa: ANN201
+    import torch
+
+    return torch.device(name)

@@ -37,7 +37,7 @@ from ..train.loop import (
     train_stack,
     use_bf16,
 )
-from .layout import pick_layout
+from .layout import PROBE_MAX_MODELS, pick_layout
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,22 @@ class _Setup:
         self.recipe = job.recipe
         self.strategy = job.strategy
         self._layouts: dict[int, tuple[str, str]] = {}
+        self.measured_chunk: int | None = None
 
     def layout(self, k: int) -> str:
-        """Stack layout for a chunk of ``k`` models (measured once per k; see factory/layout.py)."""
-        if k not in self._layouts:
-            self._layouts[k] = pick_layout(self.strategy, k=k, model_fn=self.model_fn, data=self.data.train,
-                                           recipe=self.recipe, lr=self.lr, device=self.device, augment=self.augment)
-        return self._layouts[k][0]
+        """Stack layout for a chunk of ``k`` models (see factory/layout.py). Measured once per probe size: the
+        probe trains min(k, PROBE_MAX_MODELS) models, so every k from that size up shares one measurement
+        (a DP audit that backs off from 150 to 75, 38 and 19 models per chunk re-probed 16 models each time,
+        ~16 s a probe on the H200, 2026-12-03)."""
+        key = min(k, PROBE_MAX_MODELS)
+        if key not in self._layouts:
+            self._layouts[key] = pick_layout(self.strategy, k=k, model_fn=self.model_fn, data=self.data.train,
+                                             recipe=self.recipe, lr=self.lr, device=self.device, augment=self.augment)
+        return self._layouts[key][0]
 
     def layout_reason(self, k: int) -> str:
         """Why :meth:`layout` chose what it did for ``k`` models (recorded in each model's metrics)."""
-        return self._layouts[k][1]
+        return self._layouts[min(k, PROBE_MAX_MODELS)][1]
 
 
 def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
@@ -101,8 +106,10 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
         data = _on_device_by_json(job.data_spec.model_dump_json(), str(device))
     setup = _Setup(job, data, device)
     done: dict[str, TrainedModel] = {}
+    ceiling: int | None = None  # the chunk size an out-of-memory back-off settled on: later groups start there
     for group in plan_groups(job, data):
         k = _initial_chunk(job, setup, len(group))
+        k = k if ceiling is None else min(k, ceiling)
         pending = list(group)
         while pending:
             chunk = pending[:k]
@@ -115,7 +122,7 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
                 if len(chunk) == 1:
                     raise BudgetError(f"a single model does not fit on {setup.device}: {e}; use a smaller "
                                       "model, batch size or a device with more memory") from e
-                k = (len(chunk) + 1) // 2
+                k = ceiling = (len(chunk) + 1) // 2
                 log.warning("out of memory with %d models per chunk; retrying with %d", len(chunk), k)
             if models is None:  # outside the except block, so the failed chunk's tensors are freed
                 if setup.device.type == "cuda":
@@ -223,7 +230,9 @@ def _initial_chunk(job: FactoryJob, setup: _Setup, n: int) -> int:
         return max(1, min(job.max_chunk, n))
     if setup.device.type != "cuda":
         return min(CPU_DEFAULT_CHUNK, n)
-    return min(n, measure_chunk_size(job, setup.device, setup.model_fn, setup.data, setup.lr))
+    if setup.measured_chunk is None:  # once per job: every group trains the same model under the same recipe
+        setup.measured_chunk = measure_chunk_size(job, setup.device, setup.model_fn, setup.data, setup.lr)
+    return min(n, setup.measured_chunk)
 
 
 def measure_chunk_size(job: FactoryJob, device: torch.device, model_fn: Callable[[], torch.nn.Module],

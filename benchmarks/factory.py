@@ -149,17 +149,27 @@ GRAPH_SETTINGS = (  # (label, model, recipe, epochs, models, chunk, layout)
     ("airbench net, airbench-muon, K=4 loop", "airbench", "airbench-muon", None, 4, 4, "loop"),
     ("fastcnn, airbench, K=1", "fastcnn", "airbench", None, 3, 1, "auto"),
     ("resnet18, witches-brew 2 epochs, K=1", "resnet18", "witches-brew", 2, 1, 1, "auto"),
+    ("resnet18, witches-brew 2 epochs, K=4 loop", "resnet18", "witches-brew", 2, 4, 4, "loop"),
+    ("resnet18, witches-brew 2 epochs, K=8 loop", "resnet18", "witches-brew", 2, 8, 8, "loop"),
 )
 
 
-def part_graph(data) -> tuple[dict, str]:  # noqa: ANN001
+def part_graph(data, only: str = "", graph_only: bool = False) -> tuple[dict, str]:  # noqa: ANN001
     """Each setting trained with ``recipe.cuda_graph`` off and on (the same trials: seeds 0..n-1), after one
-    warm-up model of each (cuDNN autotuning, the first capture); s/model and accuracy side by side."""
+    warm-up model of each (cuDNN autotuning, the first capture); s/model and accuracy side by side. With a
+    ResNet-18 setting, the plain eager loop (benchmarks/_plain_loop.py) for the same epochs as reference.
+    ``only``: settings whose label contains it; ``graph_only``: skip the eager factory runs."""
     runs = {}
-    for label, model, recipe, epochs, n, k, strat in GRAPH_SETTINGS:
+    settings = [s for s in GRAPH_SETTINGS if only in s[0]]
+    plain = None
+    if any(s[1] == "resnet18" for s in settings):
+        plain_train(data, model="resnet18", epochs=1, batch_size=128, lr=0.1)  # warm-up
+        plain = plain_train(data, model="resnet18", epochs=2, batch_size=128, lr=0.1)
+        print("plain", plain, flush=True)
+    for label, model, recipe, epochs, n, k, strat in settings:
         spec = ModelSpec(name=model)
         over = {"name": recipe, **({"epochs": epochs} if epochs else {})}
-        for graph in (False, True):
+        for graph in (True,) if graph_only else (False, True):
             rec = resolve_recipe({**over, "cuda_graph": graph})
             timed_factory(spec, rec.model_copy(update={"epochs": 1}), data, n_models=k, chunk=k, device="cuda",
                           strategy=strat)  # warm-up, not timed
@@ -173,7 +183,10 @@ def part_graph(data) -> tuple[dict, str]:  # noqa: ANN001
                     f"{r['epochs']} | {r['wall_s']} | {r['s_per_model']} | {r['test_accuracy_mean']:.4f} "
                     f"({r['test_accuracy_min']:.4f}-{r['test_accuracy_max']:.4f}) | {r['peak_gpu_mem_mb']} |\n"
                     for k, r in runs.items()))
-    return {"settings": [list(s) for s in GRAPH_SETTINGS], "runs": runs}, md
+    if plain is not None:
+        md += (f"\nPlain eager PyTorch loop, ResNet-18, batch 128, 2 epochs: {plain['s_per_epoch']} s/epoch "
+               f"(the factory rows include evaluating each model on the 10k test set).\n")
+    return {"settings": [list(s) for s in settings], "runs": runs, "plain_loop": plain}, md
 
 
 def main() -> None:
@@ -188,6 +201,8 @@ def main() -> None:
     ap.add_argument("--settings", default="local:2,process:2:1,process:3:2,process:3:1,process:6:1",
                     help="procs: comma-separated local[:max_chunk] or process:<workers>[:max_chunk]")
     ap.add_argument("--name", default="", help="results file suffix")
+    ap.add_argument("--only", default="", help="graph: settings whose label contains this")
+    ap.add_argument("--graph-only", action="store_true", help="graph: skip the eager factory runs")
     args = ap.parse_args()
     if args.part == "procs":
         payload, md = part_procs(args)
@@ -200,12 +215,12 @@ def main() -> None:
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True
     data = cifar10_jpeg().to("cuda")
-    payload, md = (part_fast(data) if args.part == "fast" else part_graph(data) if args.part == "graph"
-                   else part_resnet(data, args.epochs))
+    payload, md = (part_fast(data) if args.part == "fast" else part_graph(data, args.only, args.graph_only)
+                   if args.part == "graph" else part_resnet(data, args.epochs))
     env = environment()
     head = (f"# Factory benchmark ({args.part}) on CIFAR-10 (JPEG)\n\n{env['date']}, {env['gpu']}, torch {env['torch']}, "
             "bf16 autocast, data on the GPU; wall time includes evaluating each model on the 10k test set.\n\n")
-    write_results(f"factory_{args.part}", {"environment": env, **payload}, head + md)
+    write_results(f"factory_{args.part}{'_' + args.name if args.name else ''}", {"environment": env, **payload}, head + md)
 
 
 if __name__ == "__main__":

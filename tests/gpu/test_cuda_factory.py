@@ -132,14 +132,17 @@ def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-def test_cuda_graph_step_trains_the_eager_models(strategy: str) -> None:
-    """``recipe.cuda_graph``: 2 fastcnn x 4 epochs (16 steps: 2 eager warm-ups, one capture, replays) with the
-    step replayed as a CUDA graph give the eager step's weights up to kernel-selection rounding."""
+def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recipe.cuda_graph``: 2 fastcnn x 1 epoch (4 steps: 2 eager warm-ups, one capture and replay, one
+    replay; in the loop layout each model on its own stream) give the eager step's weights, with cuDNN
+    restricted to deterministic algorithms so both paths run the same kernels."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     from mlaudit.models.registry import build_model
     from mlaudit.train import init_models, train_stack
 
     data = load_dataset(SPEC)
-    r = Recipe(lr=0.05, momentum=0.9, epochs=4, batch_size=64, schedule="triangular", augment="none",
+    r = Recipe(lr=0.05, momentum=0.9, epochs=1, batch_size=64, schedule="triangular", augment="none",
                precision="fp32")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     outs = []
@@ -149,4 +152,5 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str) -> None:
                                 seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy=strategy))
     for a, b in zip(*outs, strict=True):
         for name, t in a.state_dict.items():
-            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=1e-4, msg=name)
+            print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-4, atol=1e-5)

@@ -44,7 +44,7 @@ from .graphed import GraphedStep
 from .hooks import DPStepHooks
 from .optim import Rate, apply_rates, graph_safe, make_optimizer, slot_active, slot_rates
 from .recipe import AugmentConfig, Recipe, lr_at
-from .stacked import StackedModels, choose_strategy  # noqa: F401  (re-exported)
+from .stacked import LoopStack, StackedModels, choose_strategy  # noqa: F401  (re-exported)
 
 # Dataset sources whose images must not be flipped or shifted by default (digits, handwriting).
 NO_AUGMENT_BY_DEFAULT = frozenset({"digits", "mnist", "synthetic"})
@@ -185,8 +185,11 @@ def train_stack(
         apply_rates(opt, list(grads), rates, active)
         return loss_k.detach()
 
-    graphed = (GraphedStep(step_body, slots=len(slot_rates(opt, recipe, lr, 0.0)), device=device)
-               if graph_step else None)
+    graphed = None
+    if graph_step:
+        graphed = GraphedStep(step_body, slots=len(slot_rates(opt, recipe, lr, 0.0)), device=device)
+        if isinstance(stack, LoopStack) and k > 1:  # K independent branches in the graph, run concurrently
+            stack.streams = [torch.cuda.Stream(device) for _ in range(k)]
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
     last_loss = torch.zeros(k, device=device)
@@ -232,6 +235,8 @@ def train_stack(
             on_epoch(epoch, last_loss.detach().cpu())
         if on_epoch_models is not None:
             on_epoch_models(epoch, stack)
+    if isinstance(stack, LoopStack):
+        stack.streams = None  # evaluation after training runs on the current stream
     losses = last_loss.cpu().tolist()
     return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
                         dp.report(i, step) if dp is not None else {}) for i in range(k)]

@@ -18,9 +18,10 @@ optimizers are the same for both, so a model's update is the same elementwise ma
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,10 @@ class LoopStack(StackedModels):
     strategy: str = "loop"
     channels_last: bool = False
     compiled: bool = False
+    streams: list[torch.cuda.Stream] | None = None
+    """One CUDA stream per model (set by the training loop for a CUDA-graph step): each model's forward, and
+    so its backward, which autograd runs on the forward's stream, is issued on its own stream, so a captured
+    graph has K independent branches the GPU can run concurrently. None: all on the current stream."""
 
     @classmethod
     def build(cls, models: Sequence[nn.Module], device: torch.device, *, channels_last: bool = True,
@@ -156,17 +161,33 @@ class LoopStack(StackedModels):
         return {n: torch.stack([d[n] for d in per]) for n in names}
 
     def forward(self, x: Tensor, *, train: bool) -> Tensor:
-        """x [K, B, *shape] -> logits [K, B, C]: one plain call per model."""
+        """x [K, B, *shape] -> logits [K, B, C]: one plain call per model (on its stream, see ``streams``)."""
         outs = []
-        for m, xk in zip(self.modules, x):
+        here = torch.cuda.current_stream(x.device) if self.streams is not None else None
+        for i, (m, xk) in enumerate(zip(self.modules, x)):
             _set_mode(m, train)
-            if self.channels_last and xk.dim() == 4:
-                xk = xk.contiguous(memory_format=torch.channels_last)
-            outs.append(_compiled_call()(m, xk) if self.compiled else m(xk))
+            with contextlib.nullcontext() if here is None else _on(self.streams[i], here):
+                if self.channels_last and xk.dim() == 4:
+                    xk = xk.contiguous(memory_format=torch.channels_last)
+                outs.append(_compiled_call()(m, xk) if self.compiled else m(xk))
+        if here is not None:
+            for st in self.streams:  # join: the loss and the stack read every model's logits
+                here.wait_stream(st)
+            if not torch.cuda.is_current_stream_capturing():
+                for o in outs:  # eager: keep the allocator from reusing a logits block before `here` is done
+                    o.record_stream(here)
         return torch.stack(outs)
 
     def state_dict(self, k: int) -> dict[str, Tensor]:
         return _to_cpu(self.modules[k].state_dict())
+
+
+@contextlib.contextmanager
+def _on(stream: torch.cuda.Stream, parent: torch.cuda.Stream) -> Iterator[None]:
+    """Issue work on ``stream`` after everything already issued on ``parent`` (a fork; the caller joins)."""
+    stream.wait_stream(parent)
+    with torch.cuda.stream(stream):
+        yield
 
 
 _LAYOUTS = ("vmap", "loop")

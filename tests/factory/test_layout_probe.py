@@ -75,3 +75,29 @@ def torch_device(name: str):  # noqa: ANN201
     import torch
 
     return torch.device(name)
+
+
+def test_dp_with_book_keeping_clipping_takes_the_loop_without_a_probe() -> None:
+    """DP-SGD on CUDA whose layers all have fast-clipping rules: loop, no probe (only the device type is read:
+    nothing touches a GPU); per-example clipping, BatchNorm (no rule) or the CPU go the usual way."""
+    import functools
+
+    import torch
+
+    from mlaudit.factory.layout import DP_LOOP_REASON, dp_fast_loop, pick_layout
+    from mlaudit.models.registry import ModelSpec, build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    cuda = torch.device("cuda")
+    dp = resolve_recipe({"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}})
+    gn = functools.partial(build_model, ModelSpec(name="fastcnn", norm="group", width=8), input_shape=(3, 16, 16),
+                           num_classes=4)
+    bn = functools.partial(build_model, ModelSpec(name="fastcnn", width=8), input_shape=(3, 16, 16), num_classes=4)
+    assert dp_fast_loop(dp, gn, cuda)
+    assert pick_layout("auto", k=150, model_fn=gn, data=None, recipe=dp, lr=0.1, device=cuda,  # type: ignore[arg-type]
+                       augment=None) == ("loop", DP_LOOP_REASON)
+    per_example = dp.model_copy(update={"dp": dp.dp.model_copy(update={"clipping": "per-example"})})
+    assert not dp_fast_loop(per_example, gn, cuda)
+    assert not dp_fast_loop(dp, bn, cuda)
+    assert not dp_fast_loop(dp, gn, torch.device("cpu"))
+    assert not dp_fast_loop(resolve_recipe("fast"), gn, cuda)

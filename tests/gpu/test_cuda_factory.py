@@ -135,7 +135,9 @@ def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
 def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``recipe.cuda_graph``: 2 fastcnn x 1 epoch (4 steps: 2 eager warm-ups, one capture and replay, one
     replay; in the loop layout each model on its own stream) give the eager step's weights, with cuDNN
-    restricted to deterministic algorithms so both paths run the same kernels."""
+    restricted to deterministic algorithms. The loop layout agreed to ~1e-8 on the H200 (2026-12-03); vmap's
+    batched kernels differed by up to 3.8e-5 in a weight after 4 steps (0.2% of elements beyond 1e-5), rounding
+    a wrong step (updates ~1e-2 at this rate) would exceed by far."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     from mlaudit.models.registry import build_model
@@ -153,4 +155,5 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
     for a, b in zip(*outs, strict=True):
         for name, t in a.state_dict.items():
             print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
-            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-4, atol=1e-5)
+            tol = {"rtol": 1e-4, "atol": 1e-5} if strategy == "loop" else {"rtol": 1e-3, "atol": 2e-4}
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), **tol)

@@ -37,7 +37,7 @@ from ..train.loop import (
     train_stack,
     use_bf16,
 )
-from .layout import PROBE_MAX_MODELS, pick_layout
+from .layout import PROBE_MAX_MODELS, dp_fast_loop, pick_layout
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ def measure_chunk_size(job: FactoryJob, device: torch.device, model_fn: Callable
         return max(torch.cuda.max_memory_allocated(device) - base, 1) / k
 
     per_model = peak_per_model(1, "auto")
-    if job.strategy in ("auto", "vmap"):
+    loop_only = job.strategy == "loop" or (job.strategy == "auto" and dp_fast_loop(job.recipe, model_fn, device))
+    if not loop_only:
         try:
             per_model = max(per_model, peak_per_model(2, "vmap"))
         except Exception as e:  # noqa: BLE001 - advisory: out of memory, or a model vmap cannot stack (the

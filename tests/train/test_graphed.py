@@ -121,8 +121,10 @@ class _Recorder:
     def ctx(self, graph: _Graph, pool: object = None) -> Iterator[None]:
         self.pools.append(pool)
         self.capturing = graph
-        yield
-        self.capturing = None
+        try:
+            yield
+        finally:  # like torch.cuda.graph: the capture ends on an error too
+            self.capturing = None
 
 
 def _stateful_body(w: Tensor, rec: _Recorder) -> Callable[..., Tensor]:
@@ -165,6 +167,33 @@ def test_graphed_step_matches_the_eager_sequence() -> None:
     assert rec.pools[0] is None  # the second capture would share the first's pool (a CUDA graph has one)
 
 
+def test_a_failed_capture_falls_back_to_eager_steps() -> None:
+    """A body that cannot be captured (here: it raises while capturing, as a host sync would): a warning, this
+    and every later step run eagerly, and the sequence equals the eager one."""
+    rec = _Recorder()
+    w_graph, w_eager = torch.zeros(()), torch.zeros(())
+    inner = _stateful_body(w_graph, rec)
+
+    def body(*a: object) -> Tensor:
+        if rec.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return inner(*a)
+
+    step = GraphedStep(body, slots=2, device=CPU, warmup=1, capture=rec.capture)
+    eager = _stateful_body(w_eager, _Recorder())
+    for i in range(4):
+        x, y = torch.full((2, 3), float(i)), torch.ones(2, 3)
+        if i == 1:
+            with pytest.warns(RuntimeWarning, match="could not be captured"):
+                step(x, y, [0.1, 0.2], (True, True))
+        else:
+            step(x, y, [0.1, 0.2], (True, True))
+        eager(x, y, [torch.tensor(0.1), torch.tensor(0.2)], (True, True))
+    torch.testing.assert_close(w_graph, w_eager)
+    assert step.captures == 0 and step.path == "eager (capture failed: RuntimeError: operation not permitted when " \
+        "stream is capturing)"
+
+
 def test_graphed_step_refuses_a_new_shape_after_capture() -> None:
     rec = _Recorder()
     step = GraphedStep(_stateful_body(torch.zeros(()), rec), slots=2, device=CPU, warmup=0, capture=rec.capture)
@@ -187,6 +216,11 @@ def test_use_cuda_graph_only_on_cuda_and_refuses_adam() -> None:
     adam = resolve_recipe({"name": "fast", "optimizer": "adam", "cuda_graph": True})
     with pytest.raises(ConfigError, match="bias-correction"):
         use_cuda_graph(adam, _cuda(), stack, make_optimizer(adam, stack.trainable()))
+    auto = adam.model_copy(update={"cuda_graph": "auto"})  # the default: Adam simply stays eager
+    assert resolve_recipe("fast").cuda_graph == "auto"
+    assert not use_cuda_graph(auto, _cuda(), stack, make_optimizer(auto, stack.trainable()))
+    dp = resolve_recipe({"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}})
+    assert not use_cuda_graph(dp, _cuda(), stack, opt)
 
 
 def test_cuda_graph_on_cpu_trains_the_eager_models() -> None:

@@ -154,7 +154,8 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
                        strategy=layout, on_epoch_models=lambda e, st: trained.__setitem__(0, st))
     reason = setup.layout_reason(len(chunk)) + (", torch.compile" if job.recipe.compile else "")
     metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout,
-                                              "stack_layout_reason": reason, **o.privacy} for o in outs]
+                                              "stack_layout_reason": reason, "step_path": o.step_path, **o.privacy}
+                                             for o in outs]
     if job.evaluate:
         # the trained stack itself, still on the device (its weights are exactly the returned state_dicts)
         stack = trained[0] if 0 in trained else StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)

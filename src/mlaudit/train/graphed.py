@@ -16,6 +16,9 @@ time for the airbench network on the H200). ``torch.cuda.graph`` records the ste
   group whose rate is 0 (its buffers must not move), which is control flow: each distinct pattern of
   active groups gets its own graph (airbench's recipe has two: with and without the whitening bias),
   sharing one memory pool.
+* **Fallback.** A model whose step cannot be captured (a host synchronisation such as ``.item()`` in its
+  forward, data-dependent shapes) raises during capture; the step then runs eagerly for the rest of
+  training, with a warning, and :attr:`GraphedStep.path` says so (recorded in each model's metrics).
 * **Warm-up.** The first ``warmup`` steps of each pattern run eagerly on a side stream (lazy
   initialisation: cuDNN plans, momentum buffers created on the first step), then the next is captured and
   replayed. These are real training steps, so the trained model is the eager loop's up to the
@@ -27,6 +30,7 @@ same one the eager path calls: nothing about training is defined twice.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 
@@ -57,6 +61,14 @@ class GraphedStep:
         self.capture = capture or _cuda_capture
         self.side_stream = side_stream and device.type == "cuda"
         self.captures = self.replays = 0
+        self.failed: str | None = None  # why capture failed (the step then stays eager)
+
+    @property
+    def path(self) -> str:
+        """``cuda-graph``, or ``eager (capture failed: ...)`` after a fallback (or ``eager`` if nothing was captured)."""
+        if self.failed is not None:
+            return f"eager (capture failed: {self.failed})"
+        return "cuda-graph" if self.captures else "eager"
 
     def __call__(self, xb: Tensor, yb: Tensor, rates: Sequence[float], active: tuple[bool, ...]) -> Tensor:
         """One step on (xb [K, B, *shape], yb [K, B]) at ``rates``; returns the per-model loss [K] (a copy)."""
@@ -71,13 +83,19 @@ class GraphedStep:
         for t, r in zip(self.rates, rates, strict=True):
             t.fill_(r)
         entry = self.graphs.get(active)
-        if entry is None and self.seen[active] < self.warmup:
+        if self.failed is not None or (entry is None and self.seen[active] < self.warmup):
             self.seen[active] += 1
             return self._eager(active)
         if entry is None:
             graph, ctx = self.capture()
-            with ctx(graph, pool=self.pool):
-                out = self.body(self.x, self.y, self.rates, active)
+            try:
+                with ctx(graph, pool=self.pool):
+                    out = self.body(self.x, self.y, self.rates, active)
+            except Exception as e:  # noqa: BLE001 - any capture error: the step is still valid eagerly
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                warnings.warn(f"recipe.cuda_graph: the training step could not be captured ({self.failed}); "
+                              "running it eagerly", RuntimeWarning, stacklevel=2)
+                return self._eager(active)  # nothing ran during the failed capture: this step runs now
             if self.pool is None and hasattr(graph, "pool"):
                 self.pool = graph.pool()
             entry = self.graphs[active] = (graph, out)

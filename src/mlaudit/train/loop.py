@@ -60,6 +60,8 @@ class TrainOutput:
     train_loss: float
     steps: int
     privacy: dict[str, float] = field(default_factory=dict)
+    step_path: str = "eager"
+    """How the steps ran: ``eager``, ``cuda-graph`` or ``eager (capture failed: ...)`` (recipe.cuda_graph)."""
 
 
 def init_models(model_fn: Callable[[], nn.Module], seeds: Sequence[int]) -> list[nn.Module]:
@@ -238,17 +240,20 @@ def train_stack(
     if isinstance(stack, LoopStack):
         stack.streams = None  # evaluation after training runs on the current stream
     losses = last_loss.cpu().tolist()
+    path = "eager" if graphed is None else graphed.path
     return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
-                        dp.report(i, step) if dp is not None else {}) for i in range(k)]
+                        dp.report(i, step) if dp is not None else {}, path) for i in range(k)]
 
 
 def use_cuda_graph(recipe: Recipe, device: torch.device, stack: StackedModels, opt: object) -> bool:
-    """Whether the non-DP step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` on a
-    CUDA device, without DP-SGD (its step has host-side Poisson batch sizes) or ``compile``; an optimizer with
-    host state (Adam) is refused rather than silently run eagerly."""
-    if not recipe.cuda_graph or device.type != "cuda" or recipe.dp is not None or recipe.compile:
+    """Whether the non-DP step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` (true
+    or auto) on a CUDA device, without DP-SGD (its step has host-side Poisson batch sizes) or ``compile``. An
+    optimizer with host state (Adam) runs eagerly under ``auto`` and is refused under ``true``."""
+    if recipe.cuda_graph is False or device.type != "cuda" or recipe.dp is not None or recipe.compile:
         return False
     if not graph_safe(opt):  # type: ignore[arg-type]
+        if recipe.cuda_graph == "auto":
+            return False
         raise ConfigError(f"recipe.cuda_graph needs an optimizer without host-side state (sgd or muon); "
                           f"{recipe.optimizer!r} keeps its bias-correction step count on the host")
     return True

@@ -170,9 +170,11 @@ class Recipe(BaseModel):
     param_groups: tuple[ParamGroup, ...] = ()
     tta: Literal["none", "flip", "flip-translate"] = "none"
     compile: bool = False
-    cuda_graph: bool = False
+    cuda_graph: bool | Literal["auto"] = "auto"
     """On CUDA, replay each non-DP training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is
-    gathered and augmented eagerly, the forward, backward and optimizer update launch as one graph."""
+    gathered and augmented eagerly, the forward, backward and optimizer update launch as one graph. ``auto``:
+    wherever it applies (CUDA, no DP-SGD, no ``compile``, an optimizer without host state: not Adam), falling
+    back to the eager step with a warning if a model cannot be captured; ``true`` refuses Adam; ``false``: eager."""
     dp: DPConfig | None = None
     adversarial: AdversarialConfig | None = None
     noise_sigma: float = Field(0.0, ge=0.0, allow_inf_nan=False)

@@ -51,6 +51,7 @@ def resnet_run(data, epochs: int) -> dict:  # noqa: ANN001
     return {"model": "resnet18", "recipe": recipe.model_dump(mode="json"), "epochs": epochs, "wall_s": round(wall, 2),
             "first_epoch_s": round(per_epoch[0], 3), "median_epoch_s": round(steady, 3),
             "test_accuracy": out[0].metrics["test_accuracy"], "steps": steps,
+            "step_path": out[0].metrics.get("step_path"),
             "train_step_gflop": round(flops / 1e9, 2),
             "achieved_tflops": round(flops * steps / sum(per_epoch) / 1e12, 1)}
 

@@ -200,3 +200,22 @@ def test_eps_lower_bound() -> None:
         10, 10, 1000, 1000, delta=0, alpha=0.1)
     with pytest.raises(ConfigError, match="delta"):
         eps_lower_bound(1, 1, 10, 10, delta=1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=4, max_size=60), st.integers(0, 10_000))
+def test_roc_analysis_curve_is_roc_curve(values: list[int], seed: int) -> None:
+    """The curve roc_analysis returns with its metrics (one sort) is roc_curve's, ties and all."""
+    from mlaudit.stats import roc_analysis
+
+    rng = np.random.default_rng(seed)
+    s = np.array(values, dtype=np.float64)
+    y = rng.integers(0, 2, s.size).astype(bool)
+    y[0], y[1] = True, False
+    metrics, (fpr, tpr) = roc_analysis(s, y, n_boot=0)
+    want = roc_curve(s, y)
+    np.testing.assert_array_equal(fpr, want[0])
+    np.testing.assert_array_equal(tpr, want[1])
+    ref = roc_metrics(s, y, n_boot=0)
+    assert metrics["auc"]["value"] == ref["auc"]["value"] and metrics["tpr_at_fpr"].keys() == ref["tpr_at_fpr"].keys()
+    assert all(metrics["tpr_at_fpr"][k]["value"] == v["value"] for k, v in ref["tpr_at_fpr"].items())

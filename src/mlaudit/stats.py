@@ -333,6 +333,14 @@ def _bootstrap_roc_stats(yb: np.ndarray, ends: np.ndarray, targets: Sequence[flo
 def roc_metrics(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[float] = (1e-5, 1e-3, 1e-2),
                 n_boot: int = 200, alpha: float = 0.05, seed: int = 0,
                 device: torch.device | str = "cpu") -> dict[str, Any]:
+    """See :func:`roc_analysis` (this is its metrics without the curve)."""
+    return roc_analysis(scores, labels, fpr_targets=fpr_targets, n_boot=n_boot, alpha=alpha, seed=seed,
+                        device=device)[0]
+
+
+def roc_analysis(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[float] = (1e-5, 1e-3, 1e-2),
+                 n_boot: int = 200, alpha: float = 0.05, seed: int = 0, device: torch.device | str = "cpu"
+                 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """AUC, best balanced accuracy and TPR at fixed FPRs of an attack, with (1 - alpha) intervals.
 
     ``scores`` [N] and ``labels`` [N] as in :func:`roc_curve`. Returns::
@@ -352,6 +360,9 @@ def roc_metrics(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[f
     distribution, other draws). The point estimates do not depend on ``device``. The
     Clopper-Pearson interval is on the TPR count at the point-estimate threshold (it ignores the
     randomness of choosing that threshold). ``n_boot=0`` skips the bootstrap (lo/hi are NaN).
+
+    Also returns the curve ``(fpr, tpr)`` of :func:`roc_curve` from the same sort, so a report that draws it
+    does not sort again (12.8M scores of a 256-model pool: ~10 s a curve on one CPU thread).
     """
     alpha = _check_alpha(alpha)
     targets = [float(t) for t in fpr_targets]
@@ -382,8 +393,8 @@ def roc_metrics(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[f
             **entry(2 + j), "fpr": float(fpr[i]), "threshold": float(thresholds[i]),
             "clopper_pearson": {"value": k / n, "lo": cp_lo, "hi": cp_hi, "k": k, "n": n},
         }
-    return {"auc": entry(0), "balanced_accuracy": entry(1), "tpr_at_fpr": per_target,
-            "n_pos": int(tp[-1]), "n_neg": int(fp[-1]), "n_boot": int(n_boot)}
+    return ({"auc": entry(0), "balanced_accuracy": entry(1), "tpr_at_fpr": per_target,
+             "n_pos": int(tp[-1]), "n_neg": int(fp[-1]), "n_boot": int(n_boot)}, (fpr, tp / tp[-1]))
 
 
 def eps_lower_bound(fp: int, fn: int, n_neg: int, n_pos: int, *, delta: float, alpha: float = 0.05) -> float:

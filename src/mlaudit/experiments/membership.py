@@ -211,9 +211,10 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         ctx.write_artifact("scores.npz", lambda f: np.savez(f, **{k: v.numpy() for k, v in scores.items()}))
     task = ctx.progress.task(f"ROC metrics and {config.n_boot} bootstrap intervals", total=len(scores))
     metrics: dict[str, Any] = {}
+    curves = {}  # the ROC curves of the metrics' own sort, for the figures
     for name, s in scores.items():
         with ctx.cost.timed("roc_bootstrap"):
-            metrics[name] = rep.attack_metrics(s, used, config, device=ctx.device)
+            metrics[name], curves[name] = rep.attack_metrics(s, used, config, device=ctx.device)
         ctx.progress.advance(task)
     ctx.progress.done(task)
     acc = np.array([r["metrics"]["test_accuracy"] for r in records])
@@ -228,7 +229,7 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
     if failed:
         metrics["pool"]["models_planned"] = m
     with ctx.cost.timed("figures"):
-        out = rep.base_report(config, data, obs, scores, metrics, records)
+        out = rep.base_report(config, data, obs, scores, metrics, records, curves)
     out = dataclasses.replace(out, notes=[*failed, *out.notes])  # what failed leads the notes
     if config.memorization:
         with ctx.cost.timed("query"):

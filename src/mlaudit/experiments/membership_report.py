@@ -21,9 +21,9 @@ from torch import Tensor
 from ..attacks.membership import Observations, rank_nonfinite, score_all_targets
 from ..audit.memorization import influence, max_standard_error, mean_member_score, self_influence
 from ..data.base import DataBundle
-from ..report.figures import memorization_figure, roc_figures
+from ..report.figures import memorization_figure, roc_figures, thin_curve
 from ..report.html import ReportTable
-from ..stats import fpr_key, roc_metrics
+from ..stats import fpr_key, roc_analysis
 from .base import ExperimentOutput
 
 if TYPE_CHECKING:
@@ -77,8 +77,10 @@ def trial_rows(records: list[dict[str, Any]], keep: Tensor) -> list[dict[str, An
 
 
 def base_report(config: MembershipConfig, data: DataBundle, obs: Observations, scores: dict[str, Tensor],
-                metrics: dict[str, Any], records: list[dict[str, Any]]) -> ExperimentOutput:
-    """The pool's comparison table, ROC figures, notes and per-model rows."""
+                metrics: dict[str, Any], records: list[dict[str, Any]],
+                curves: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> ExperimentOutput:
+    """The pool's comparison table, ROC figures (from ``curves`` when given: attack -> (fpr, tpr), else sorted
+    again from ``scores``), notes and per-model rows."""
     m, n = obs.num_models, obs.num_examples
     n_pos, n_neg = int(obs.keep.sum()), m * n - int(obs.keep.sum())
     note = (f"{m} models x {n} examples = {m * n} (model, example) pairs ({n_pos} members, {n_neg} non-members); "
@@ -102,7 +104,7 @@ def base_report(config: MembershipConfig, data: DataBundle, obs: Observations, s
         f"{diag['nonfinite_scores']}",
     ]
     return ExperimentOutput(metrics=metrics, trials=trial_rows(records, obs.keep), tables=[table],
-                            figures=roc_figures(scores, obs.keep, metrics), notes=notes)
+                            figures=roc_figures(scores, obs.keep, metrics, curves=curves), notes=notes)
 
 
 def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str, dict[str, Any]] | None = None,
@@ -142,11 +144,13 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
 
 
 def attack_metrics(scores: Tensor, keep: Tensor, config: MembershipConfig, *, device: torch.device | str = "cpu"
-                   ) -> dict[str, Any]:
-    """:func:`mlaudit.stats.roc_metrics` over all (model, example) pairs of ``scores`` [M, N'] against
-    ``keep`` bool [M, N'] (sort and bootstrap on ``device``)."""
-    return roc_metrics(scores.flatten().numpy(), keep.flatten().numpy(), fpr_targets=config.fpr_targets,
-                       n_boot=config.n_boot, seed=config.seed, device=device)
+                   ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """:func:`mlaudit.stats.roc_analysis` over all (model, example) pairs of ``scores`` [M, N'] against
+    ``keep`` bool [M, N'] (sort and bootstrap on ``device``): the metrics and the ROC curve, thinned for
+    drawing (:func:`mlaudit.report.figures.thin_curve`)."""
+    metrics, curve = roc_analysis(scores.flatten().numpy(), keep.flatten().numpy(), fpr_targets=config.fpr_targets,
+                                  n_boot=config.n_boot, seed=config.seed, device=device)
+    return metrics, thin_curve(*curve)
 
 
 def add_memorization(out: ExperimentOutput, config: MembershipConfig, obs: Observations, *,

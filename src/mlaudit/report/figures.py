@@ -93,15 +93,17 @@ def thin_curve(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return fpr[idx], tpr[idx]
 
 
-def roc_figures(scores: Mapping[str, Tensor], keep: Tensor, metrics: Mapping[str, Any], *, what: str = ""
-                ) -> dict[str, Figure]:
+def roc_figures(scores: Mapping[str, Tensor], keep: Tensor, metrics: Mapping[str, Any], *, what: str = "",
+                curves: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict[str, Figure]:
     """Log-log (FPR 1e-5..1, both axes log) and linear ROC curves, one curve per attack: ``scores``
     name -> [M, N] against ``keep`` bool [M, N]; ``metrics`` name -> :func:`mlaudit.stats.roc_metrics`
-    output (for the legend)."""
+    output (for the legend). ``curves`` name -> (fpr, tpr) already computed (e.g. by
+    :func:`mlaudit.stats.roc_analysis`) are drawn as given instead of sorting the scores again."""
     from matplotlib.figure import Figure
 
     labels = keep.flatten().numpy()
-    curves = {name: thin_curve(*roc_curve(s.flatten().numpy(), labels)[:2]) for name, s in scores.items()}
+    curves = {name: thin_curve(*(curves[name] if curves is not None and name in curves else
+                                 roc_curve(s.flatten().numpy(), labels)[:2])) for name, s in scores.items()}
     figs: dict[str, Figure] = {}
     for scale in ("log", "linear"):
         fig = Figure(figsize=(4.8, 4.2))

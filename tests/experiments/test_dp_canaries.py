@@ -118,3 +118,29 @@ def test_black_box_crafted_canary_sees_a_broken_dpsgd(tmp_path: Path) -> None:
     assert bad["metrics"]["canary_loss_in"]["mean"] < bad["metrics"]["canary_loss_out"]["mean"]
     ok = audit(tmp_path, "ok", canary="crafted", recipe=recipe, models_per_side=60)
     assert not ok["metrics"]["claim_refuted"]
+
+
+def test_white_box_scores_come_from_training_and_equal_the_checkpoint_scores(tmp_path: Path) -> None:
+    """The Dirac canary's score theta_T[j] - theta_0[j] is reported by training (``hooks.watch``), so no model is
+    saved by default; with ``save_models`` the same numbers come back from the checkpoints (update_scores)."""
+    from mlaudit.audit.scores import update_scores
+    from mlaudit.data import DatasetSpec, load_dataset
+    from mlaudit.experiments.dp_audit import _model_fn
+    from mlaudit.train.checkpoint import load_checkpoint
+
+    r = audit(tmp_path, models_per_side=11, save_models=True)
+    rows = r["trials"]
+    cfg = parse_config(r["config"])
+    data = load_dataset(DatasetSpec(name="digits"))
+    canary = type("C", (), {"gradient": type("G", (), {"parameter": r["metrics"]["canary"]["parameter"],
+                                                        "coordinate": r["metrics"]["canary"]["coordinate"]})()})()
+    paths = [tmp_path / "o" / t["checkpoint"] for t in rows]
+    from_weights = update_scores(_model_fn(cfg, data), [t["seed"] for t in rows], lambda i: load_checkpoint(paths[i]),
+                                 canary, device="cpu")  # type: ignore[arg-type]
+    np.testing.assert_allclose([t["canary_score"] for t in rows], from_weights, rtol=0, atol=1e-12)
+    bare = audit(tmp_path, "bare", models_per_side=11)
+    assert not (tmp_path / "bare" / "artifacts" / "models").exists() or not any(
+        (tmp_path / "bare" / "artifacts" / "models").iterdir())  # nothing saved: the score needs no weights
+    # the same seeds give the same scores without any weights saved
+    assert [t["canary_score"] for t in bare["trials"]] == [t["canary_score"] for t in rows]
+    assert all(t["checkpoint"] is None for t in bare["trials"])

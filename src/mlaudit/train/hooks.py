@@ -9,6 +9,10 @@ Today's hooks act on the DP-SGD step (:mod:`mlaudit.privacy.dpsgd`), for the ``d
   differentially private machine learning" (USENIX Security 2023): whenever the placeholder example
   at virtual index ``index`` is sampled, its clipped gradient is replaced by C * e_j (j a coordinate of
   one parameter), so the white-box auditor knows exactly what the canary contributed.
+* ``watch``: a (parameter, flat coordinate) whose update theta_T[j] - theta_0[j] training reports in the
+  model's results (``dp_watch_update``): the white-box score of the Dirac-canary audit, read without saving,
+  reloading or re-initialising the model (:func:`mlaudit.audit.scores.update_scores` from checkpoints gives
+  the same number).
 * ``broken`` (:data:`BROKEN`): a deliberately wrong DP-SGD, a fixture for testing audits; never used
   unless an audit config asks for it. The accountant still reports the epsilon of the correct
   mechanism, which is the claim the audit must refute.
@@ -48,6 +52,9 @@ class DPStepHooks:
     gradient_canaries: tuple[GradientCanary, ...] = ()
     """More Dirac canaries in the same model (the one-run audit's m canaries), each on its own
     placeholder index and coordinate."""
+    watch: tuple[str, int] | None = None
+    """(parameter name, flat coordinate): report theta_T[j] - theta_0[j] as ``dp_watch_update`` (theta_0 the
+    seed's initialisation, before any data-dependent init, as :func:`mlaudit.audit.scores.update_scores`)."""
 
     @property
     def all_canaries(self) -> tuple[GradientCanary, ...]:

@@ -146,6 +146,7 @@ def train_stack(
     data, groups, pools, spe = _prepare(data, views, masks, k, len(seeds), recipe.batch_size, device)
     bsz = recipe.batch_size
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
+    watched = _watched_start(models, hooks)  # theta_0[j] of each watched coordinate, before any data init
     _data_init(models, data, groups, pools, seeds)
     stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last,
                                        compile=recipe.compile)
@@ -241,8 +242,26 @@ def train_stack(
         stack.streams = None  # evaluation after training runs on the current stream
     losses = last_loss.cpu().tolist()
     path = "eager" if graphed is None else graphed.path
-    return [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
+    outs = [TrainOutput(int(seeds[i]), stack.state_dict(i), float(losses[i]), step,
                         dp.report(i, step) if dp is not None else {}, path) for i in range(k)]
+    for i, (name, j, theta0) in watched.items():
+        outs[i].privacy["dp_watch_update"] = float(outs[i].state_dict[name].flatten()[j].double() - theta0)
+    return outs
+
+
+def _watched_start(models: Sequence[nn.Module], hooks: Sequence[DPStepHooks | None] | None
+                   ) -> dict[int, tuple[str, int, float]]:
+    """Model index -> (parameter, coordinate, theta_0 value in float64) of each ``hooks[i].watch``."""
+    out: dict[int, tuple[str, int, float]] = {}
+    for i, h in enumerate(hooks or ()):
+        if h is not None and h.watch is not None:
+            name, j = h.watch
+            params = dict(models[i].named_parameters())
+            if name not in params or not 0 <= j < params[name].numel():
+                raise ConfigError(f"hooks.watch {h.watch!r}: the model has no parameter {name!r} with a flat coordinate "
+                                  f"{j}; its parameters: {', '.join(params)}")
+            out[i] = (name, j, float(params[name].detach().flatten()[j].double()))
+    return out
 
 
 def use_cuda_graph(recipe: Recipe, device: torch.device, stack: StackedModels, opt: object) -> bool:

@@ -77,7 +77,7 @@ class _Outcome:
     """[U]: each user's ||g' - g|| / ||g|| under the defence (None without one)."""
     seconds: dict[str, float] = field(default_factory=lambda: {"updates": 0.0, "attack": 0.0})
     rounds: list[dict[str, float]] = field(default_factory=list)
-    """Several Flower rounds: per round the verbatim fraction and the users' shares recovered so far."""
+    """Several rounds (simulated or Flower): per round the verbatim fraction and the users' shares recovered so far."""
 
     def psnr_all(self) -> Tensor:
         return torch.cat(self.psnr)
@@ -151,11 +151,13 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     """The trial's outcome under the configured defence and, with a defence, the same round without it
     (same batches, aggregation noise and attack randomness; the baseline's grid is not kept)."""
     parts, gen = user_shares(config, data, index)
-    x, y, _ = local_batches(data.train, parts, batch=config.batch, generator=gen)
+    x, y, first_rows = local_batches(data.train, parts, batch=config.batch, generator=gen)
     x, y = x.to(device), y.to(device)
     public = data.test.x.to(device)
     if config.transport == "flower":
         return _flower_trial(config, data, model, parts, x.cpu(), y.cpu(), public, gen), None
+    if config.rounds > 1:
+        return _rounds_trial(config, data, index, seed, model, parts, (x, y, first_rows), public, gen, device), None
     if config.attack == "imprint":
         im = config.imprint
         sent: nn.Module = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
@@ -186,6 +188,39 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     plain = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=updates)
     _attack(config, data, sent, plain, x, y, mean_probs, gen, base, grid=False)
     return out, base
+
+
+def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module,
+                  parts: list[Tensor], first: tuple[Tensor, Tensor, Tensor], public: Tensor, gen: torch.Generator,
+                  device: str) -> _Outcome:
+    """Several simulated imprint rounds (Fowl et al. 2022, sec. 4: a malicious server may repeat the attack): round
+    1 uses the trial's batches ``first`` (x, y, their training rows [U, B]); each later round every user draws ``batch`` fresh examples of its share
+    ``parts[u]``, and the server plants the imprint again (from ``gen``: a random-projection measurement is drawn
+    anew, so the bins cut the data differently) and reads that round's aggregate alone. ``out.rounds``: per round
+    the verbatim fraction and the fraction of the users' shares recovered verbatim in some round so far."""
+    im = config.imprint
+    mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
+    noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
+    out = _Outcome()
+    total = sum(len(p) for p in parts)
+    got: set[tuple[int, int]] = set()
+    for r in range(1, config.rounds + 1):
+        if r == 1:
+            x, y, rows = first
+        else:
+            x, y, rows = local_batches(data.train, parts, batch=config.batch, generator=gen)
+            x, y = x.to(device), y.to(device)
+        t0 = time.perf_counter()
+        sent = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
+                             feedback=im.feedback, scale=config.imprint_scale, generator=gen)
+        seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
+        out.seconds["updates"] += time.perf_counter() - t0
+        n0 = len(out.psnr)
+        _attack(config, data, sent, seen, x, y, mean_probs, gen, out, grid=r == 1)
+        ok = (torch.nan_to_num(torch.cat(out.psnr[n0:]), nan=-1.0) >= EXACT_DB).view(config.users, config.batch)
+        got |= {(u, int(rows[u][b])) for u, b in ok.nonzero().tolist()}
+        out.rounds.append({"round": r, "exact": float(ok.float().mean()), "cumulative_exact": len(got) / total})
+    return out
 
 
 def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, parts: list[Tensor], x: Tensor,
@@ -373,7 +408,8 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
         tables.append(_defence_table(config, m["defence"]))
     if "imprint" in m and "rounds" in m["imprint"]:
         tables.append(ReportTable(
-            f"Several Flower rounds ({config.rounds}): each user draws {config.batch} of its share every round",
+            f"Several {'Flower' if config.transport == 'flower' else 'simulated'} rounds ({config.rounds}): each user "
+            f"draws {config.batch} of its share every round",
             ["round", "the round's inputs recovered verbatim", "users' shares recovered so far"],
             [[r["round"], f"{100 * r['exact']:.1f}%", f"{100 * r['cumulative_exact']:.1f}%"]
              for r in m["imprint"]["rounds"]],

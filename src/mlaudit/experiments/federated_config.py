@@ -157,9 +157,9 @@ class FederatedConfig(ExperimentConfig):
     over gRPC on ``flower_host``; needs the ``flower`` extra), the server reading the FedAvg aggregate of
     float32 weights; imprint attack, FedSGD, secure aggregation without clip, noise or defence only."""
     rounds: int = Field(1, ge=1, le=1000)
-    """With ``transport: flower``: rounds of the Flower run; each round every user draws ``batch`` of its
+    """Rounds of the imprint attack (simulated, or of the Flower run): each round every user draws ``batch`` of its
     partition share, and the server re-plants its bins (``metrics.imprint.rounds``: per round, and the
-    fraction of the users' shares recovered verbatim at least once)."""
+    fraction of the users' shares recovered verbatim at least once); imprint attack, no defence, one trial."""
     flower_host: str = "127.0.0.1"
     allow_remote: bool = False
     """Let ``flower_host`` be a non-loopback address (the malicious server then listens on a network)."""
@@ -187,8 +187,12 @@ class FederatedConfig(ExperimentConfig):
             from ..federated.address import check_address
             check_address(self.flower_host, allow_remote=self.allow_remote, field="flower_host")
         if self.rounds > 1 and self.transport != "flower":
-            raise ValueError(f"rounds = {self.rounds} runs through Flower; set transport: flower (the simulated "
-                             "round is one-shot)")
+            bad = [f"{k} = {v!r}" for k, (v, want) in {"attack": (self.attack, "imprint"),
+                                                       "defence.method": (self.defence.method, "none"),
+                                                       "trials": (self.trials, 1)}.items() if v != want]
+            if bad:
+                raise ValueError(f"rounds = {self.rounds} repeats the imprint attack over several rounds: {', '.join(bad)} "
+                                 "not allowed with it (allowed: attack imprint, defence.method none, trials 1)")
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")

@@ -9,6 +9,9 @@ are per model in both). The loop is flat and reads top to bottom:
         for step:  gather [K, B] examples (views applied) -> augment -> forward -> per-model CE loss
                    -> grads of the summed loss (models are independent) -> stacked optimizer step
 
+On CUDA the part after "augment" (``step_body``) is replayed as one CUDA graph (``recipe.cuda_graph``,
+:mod:`mlaudit.train.graphed`): the same function, captured once and launched with one call per step.
+
 Reproducibility: a model's initial weights come from ``torch.manual_seed(seed)`` on the CPU and its
 data order and augmentation from a CPU ``torch.Generator`` seeded from ``seed``, so the same trial
 trains on the same batches whatever K, the executor or the device. On CPU a repeat with the same

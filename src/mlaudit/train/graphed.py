@@ -62,6 +62,7 @@ class GraphedStep:
         self.side_stream = side_stream and device.type == "cuda"
         self.captures = self.replays = 0
         self.failed: str | None = None  # why capture failed (the step then stays eager)
+        self._side: torch.cuda.Stream | None = None  # the warm-up steps' stream
 
     @property
     def path(self) -> str:
@@ -108,7 +109,9 @@ class GraphedStep:
         assert self.x is not None and self.y is not None
         if not self.side_stream:
             return self.body(self.x, self.y, self.rates, active).detach()
-        side = torch.cuda.Stream(self.device)
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        side = self._side
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             out = self.body(self.x, self.y, self.rates, active).detach()

@@ -195,7 +195,7 @@ def train_stack(
     if graph_step:
         graphed = GraphedStep(step_body, slots=len(slot_rates(opt, recipe, lr, 0.0)), device=device)
         if isinstance(stack, LoopStack) and k > 1:  # K independent branches in the graph, run concurrently
-            stack.streams = [torch.cuda.Stream(device) for _ in range(k)]
+            stack.streams = model_streams(device, k)
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
     last_loss = torch.zeros(k, device=device)
@@ -250,6 +250,18 @@ def train_stack(
     for i, (name, j, theta0) in watched.items():
         outs[i].privacy["dp_watch_update"] = float(outs[i].state_dict[name].flatten()[j].double() - theta0)
     return outs
+
+
+_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def model_streams(device: torch.device, k: int) -> list[torch.cuda.Stream]:
+    """``k`` CUDA streams of ``device`` for the per-model branches of a graphed step, created once per process
+    and reused by every chunk (a pool of hundreds of chunks would otherwise create streams without end)."""
+    pool = _STREAMS.setdefault(device, [])
+    while len(pool) < k:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:k]
 
 
 def _watched_start(models: Sequence[nn.Module], hooks: Sequence[DPStepHooks | None] | None

@@ -10,7 +10,9 @@ Every config is run once per canary of ``--canaries`` (default: gradient, crafte
 score follows the canary: white box for gradient, black box (loss) for the others), with the
 config's other fields unchanged. A ``design: one-run`` config (benchmarks/configs/dp_audit_one_run_*.yaml)
 keeps its canary and is run once per score of ``--one-run-scores`` (default: loss, gradient).
-Writes benchmarks/results/dp_audit[_<name>].{json,md}.
+Writes benchmarks/results/dp_audit[_<name>].{json,md}. ``--run-dir DIR`` keeps each run and the store in DIR;
+a call cut short (e.g. by a time limit: use ``timeout -s INT``, so the run records its cost on the way out)
+continues with ``--run-dir DIR --resume``, and the reported wall time is then the sum over the calls.
 
     python benchmarks/dp_audit.py benchmarks/configs/dp_audit_one_run_*.yaml --device cpu --name one_run_cpu
 
@@ -44,18 +46,30 @@ KEYS = ("claimed_epsilon", "epsilon_lower_bound", "confidence", "claim_refuted",
 ONE_RUN_KEYS = ("design", "canaries", "runs", "m", "r", "v", "k_pos", "k_neg", "level", "accuracy_of_guesses", "sweep")
 
 
-def run_one(cfg: dict[str, Any], device: str, executor: str = "local", workers: int | None = None) -> dict[str, Any]:
+def run_one(cfg: dict[str, Any], device: str, executor: str = "local", workers: int | None = None, *,
+            run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """One audit; with ``run_dir`` its run folder and store stay there (one folder per config and variant), so a
+    call cut short (a time limit) can be continued with ``resume``: the wall time reported is then the sum over
+    the invocations (the run store's cumulative cost), and ``invocations`` says how many."""
     opts = {"workers": workers} if workers else None
     with tempfile.TemporaryDirectory() as tmp:
+        base = run_dir if run_dir is not None else Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        out = base / (f"{cfg.get('name', 'audit')}-{cfg.get('canary')}-{cfg.get('score')}" if run_dir else "run")
         t0 = time.perf_counter()
-        res = run_experiment(cfg, out=Path(tmp) / "run", device=device, store=Path(tmp) / "runs.db", quiet=True,
-                             executor=executor, executor_options=opts)
+        res = run_experiment(cfg, out=out, device=device, store=base / "runs.db", quiet=True,
+                             executor=executor, executor_options=opts, resume=resume)
         wall = time.perf_counter() - t0
     r = res.results
     m = r["metrics"]
+    cum = r["cost"].get("cumulative") or {}
+    invocations = int(cum.get("invocations", 1))
     return {**{k: m.get(k) for k in KEYS + ONE_RUN_KEYS}, "canary": m["canary"], "canary_score_in": m["canary_score_in"],
             "canary_score_out": m["canary_score_out"], "canary_sampled_steps": m.get("canary_sampled_steps"),
-            "wall_s": round(wall, 2), "train_wall_s": r["cost"]["train_wall_s"],
+            # this call's wall plus the earlier calls' (their runs' own walls, from the run's cost ledger)
+            "wall_s": round(wall + max(0.0, (cum.get("wall_s") or 0.0) - r["cost"]["wall_s"]), 2),
+            "invocations": invocations,
+            "train_wall_s": cum.get("train_wall_s", r["cost"]["train_wall_s"]) if invocations > 1 else r["cost"]["train_wall_s"],
             "models_per_minute": r["cost"]["models_per_minute"], "device": r["cost"]["device"],
             "peak_gpu_mem_mb": r["cost"]["peak_gpu_mem_mb"], "phases": r["cost"].get("phases"),
             "executor": executor, "workers": workers,
@@ -84,7 +98,12 @@ def main() -> None:
     ap.add_argument("--executor", default="local", help="local, process or ray (the factory's executors)")
     ap.add_argument("--workers", type=int, default=None, help="process/ray workers")
     ap.add_argument("--name", default=None, help="results file suffix")
+    ap.add_argument("--run-dir", default=None,
+                    help="keep each audit's run (and the store) under this folder, so a later call can --resume it")
+    ap.add_argument("--resume", action="store_true", help="continue the runs in --run-dir (wall time: all calls)")
     args = ap.parse_args()
+    if args.resume and not args.run_dir:
+        raise SystemExit("--resume needs --run-dir (the folder of the runs to continue)")
     rows = []
     for path in args.configs:
         base = apply_overrides(load_yaml(path), args.overrides)
@@ -96,10 +115,12 @@ def main() -> None:
         for variant in variants:
             cfg = {**base, **variant}
             print(f"{Path(path).name} {variant} ...", flush=True)
-            row = {"config_file": path, **run_one(cfg, args.device, args.executor, args.workers)}
+            row = {"config_file": path, **run_one(cfg, args.device, args.executor, args.workers,
+                                                  run_dir=Path(args.run_dir) if args.run_dir else None,
+                                                  resume=args.resume)}
             print(f"  eps_LB {row['epsilon_lower_bound']:.3f} (claim {row['claimed_epsilon']}, "
                   f"{row['confidence']:.0%}), {row['models']} models, {row['wall_s']} s "
-                  f"(training {row['train_wall_s']} s)", flush=True)
+                  f"(training {row['train_wall_s']} s; {row['invocations']} call(s))", flush=True)
             rows.append(row)
     names = sorted({r["config"]["dataset"]["name"] for r in rows})
     env = environment() | {"data": "digits (sklearn, 1438 train / 359 test)" if names == ["digits"] else

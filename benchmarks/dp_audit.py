@@ -142,6 +142,11 @@ def main() -> None:
         md += ("\neps LB: Clopper-Pearson lower bound from the held-out halves (threshold chosen on the other halves); "
                "a bound above the claim refutes it. 'best possible' is the bound an error-free attack could show with "
                "these many models. Wall time includes training, scoring and the report.\n")
+        resumed = [r for r in game if r.get("invocations", 1) > 1]
+        if resumed:
+            md += ("Resumed runs (--run-dir/--resume): " + ", ".join(
+                f"{Path(r['config_file']).stem} ({r['canary']['type']}) over {r['invocations']} calls"
+                for r in resumed) + "; their wall time is the sum over the calls.\n")
     gdp = [r for r in game if r.get("gdp")]
     if gdp:
         md += ("\n## Gaussian-DP estimates (Nasr et al. 2023), from the same held-out counts\n\n"

@@ -62,7 +62,6 @@ class GraphedStep:
         self.side_stream = side_stream and device.type == "cuda"
         self.captures = self.replays = 0
         self.failed: str | None = None  # why capture failed (the step then stays eager)
-        self._side: torch.cuda.Stream | None = None  # the warm-up steps' stream
 
     @property
     def path(self) -> str:
@@ -109,14 +108,34 @@ class GraphedStep:
         assert self.x is not None and self.y is not None
         if not self.side_stream:
             return self.body(self.x, self.y, self.rates, active).detach()
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        side = self._side
+        side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             out = self.body(self.x, self.y, self.rates, active).detach()
         torch.cuda.current_stream(self.device).wait_stream(side)
         return out
+
+
+_STREAMS: dict[tuple[torch.device, str], list[torch.cuda.Stream]] = {}
+
+
+def _pool(device: torch.device, role: str, k: int) -> list[torch.cuda.Stream]:
+    """``k`` CUDA streams of ``device`` for ``role``, created once per process and reused by every chunk (a pool
+    of hundreds of chunks would otherwise create streams without end)."""
+    pool = _STREAMS.setdefault((device, role), [])
+    while len(pool) < k:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:k]
+
+
+def model_streams(device: torch.device, k: int) -> list[torch.cuda.Stream]:
+    """The per-model streams of a graphed loop-layout step (:attr:`mlaudit.train.stacked.LoopStack.streams`)."""
+    return _pool(device, "model", k)
+
+
+def warmup_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the eager warm-up steps run on (PyTorch's graph notes: warm up on a side stream)."""
+    return _pool(device, "side", 1)[0]
 
 
 def _cuda_capture() -> tuple[object, Callable[..., object]]:

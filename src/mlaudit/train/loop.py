@@ -43,7 +43,7 @@ from ..data.base import TensorDataset
 from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
 from .adversarial import adversarial_batch, trades_loss
-from .graphed import GraphedStep
+from .graphed import GraphedStep, model_streams
 from .hooks import DPStepHooks
 from .optim import Rate, apply_rates, graph_safe, make_optimizer, slot_active, slot_rates
 from .recipe import AugmentConfig, Recipe, lr_at
@@ -250,18 +250,6 @@ def train_stack(
     for i, (name, j, theta0) in watched.items():
         outs[i].privacy["dp_watch_update"] = float(outs[i].state_dict[name].flatten()[j].double() - theta0)
     return outs
-
-
-_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
-
-
-def model_streams(device: torch.device, k: int) -> list[torch.cuda.Stream]:
-    """``k`` CUDA streams of ``device`` for the per-model branches of a graphed step, created once per process
-    and reused by every chunk (a pool of hundreds of chunks would otherwise create streams without end)."""
-    pool = _STREAMS.setdefault(device, [])
-    while len(pool) < k:
-        pool.append(torch.cuda.Stream(device))
-    return pool[:k]
 
 
 def _watched_start(models: Sequence[nn.Module], hooks: Sequence[DPStepHooks | None] | None

@@ -1,7 +1,7 @@
 """Experiment kind ``defend``: the example config end to end through the CLI (BadNets at 3% of digits,
 spectral signatures at 25% of each class: every poison removed, the backdoor gone), Deep Partition
-Aggregation on the same poison, a targeted attack with the kNN filter, resume and growth, and bad input
-refused with exit 2 before anything is written."""
+Aggregation on the same poison, DP-SGD victims, a targeted attack with the kNN filter, resume and growth, and
+bad input refused with exit 2 before anything is written."""
 
 from __future__ import annotations
 
@@ -138,6 +138,27 @@ def test_dpa_interrupted_between_partition_models_resumes_to_the_same_result(tmp
         assert resumed["metrics"][key] == whole["metrics"][key], key
 
 
+def test_dp_sgd_victims_against_badnets(tmp_path: Path) -> None:
+    """defence dp-sgd: the victims retrained with DP-SGD (the victims' recipe plus defence.dp, the same seeds as
+    the undefended ones); the accountant's epsilon is reported and DP costs clean accuracy."""
+    r = go(cfg({"method": "dp-sgd", "dp": {"noise_multiplier": 2.0, "clip": 1.0}}, model={"name": "mlp", "norm": "none"}),
+           tmp_path)
+    m = r["metrics"]
+    dp = m["dp_sgd"]
+    assert dp["noise_multiplier"] == 2.0 and dp["clip"] == 1.0 and 0 < dp["epsilon"] < float("inf")
+    assert m["defence"] == {"method": "dp-sgd", "dp": {"clip": 1.0, "noise_multiplier": 2.0, "delta": 1e-5,
+                                                       "accountant": "rdp", "allow_large_delta": False,
+                                                       "clipping": "auto"}}
+    a, acc = m["attack_success"], m["clean_accuracy"]
+    assert set(a) == {"no_defence", "defence"} and a["defence"]["n"] == 2
+    assert acc["defence"]["mean"] < acc["no_defence"]["mean"]  # the noise costs accuracy (95.3% -> 88.3% measured)
+    assert a["defence"]["mean"] < a["no_defence"]["mean"] - 0.3  # and stops most of the backdoor (89.2% -> 9.8%)
+    rows = {(t["defence"], t["victim"]): t for t in r["trials"]}
+    assert {d for d, _ in rows} == {"none", "dp-sgd"} and rows[("dp-sgd", 0)]["dp_epsilon"] == pytest.approx(dp["epsilon"])
+    assert rows[("none", 1)]["seed"] == rows[("dp-sgd", 1)]["seed"]
+    assert "DP-SGD victims" in (tmp_path / "run" / "report.html").read_text()
+
+
 def test_python_entry_point(tmp_path: Path) -> None:
     import mlaudit.poison
 
@@ -231,7 +252,13 @@ BAD = [
     (cfg({"method": "spectral", "rate": 0.1, "k": 5}), ["defence.k applies to knn (neighbours) and dpa"]),
     (cfg({"method": "knn", "components": 3}), ["defence.components applies to activation-clustering"]),
     (cfg({"method": "spectral", "rate": 0.1, "recipe": "fast"}), ["defence.recipe applies to dpa"]),
-    (cfg({"method": "magic", "rate": 0.1}), ["defence.method = 'magic' is not a defence", "spectral", "dpa", "none"]),
+    (cfg({"method": "magic", "rate": 0.1}), ["defence.method = 'magic' is not a defence", "spectral", "dpa", "dp-sgd"]),
+    (cfg({"method": "dp-sgd"}), ["defence.dp is required for dp-sgd", "noise_multiplier"]),
+    (cfg({"method": "spectral", "rate": 0.1, "dp": {"epsilon": 8.0}}), ["defence.dp applies to dp-sgd"]),
+    (cfg({"method": "dp-sgd", "dp": {"epsilon": 8.0}}, model={"name": "fastcnn"}),
+     ["defence.method dp-sgd trains the victims with DP-SGD", "BatchNorm", "norm: group"]),
+    (cfg({"method": "dp-sgd", "dp": {"epsilon": 8.0}}, recipe="airbench-muon"),
+     ["defence.dp cannot run with the victims' recipe", "optimizer sgd or adam"]),
     (cfg({"method": "spectral", "rate": 0.002}), ["defence.rate = 0.002 removes no row of class 0 (185 rows",
                                                   "spectral could not remove a single poison"]),
     (cfg(attack={"method": "unicorn"}), ["attack.method = 'unicorn'", "badnets", "gradient-matching"]),

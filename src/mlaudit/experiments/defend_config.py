@@ -35,9 +35,9 @@ from ..certify.smoothing import min_certify_n
 from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..defences import FILTERS
-from ..errors import ConfigError
+from ..errors import ConfigError, MlauditError
 from ..query import model_template, penultimate_features
-from ..train.recipe import Recipe
+from ..train.recipe import DPConfig, Recipe
 from .backdoor_config import BackdoorAttack, BackdoorConfig, check_backdoor, eligible_rows
 from .base import recipe_value
 from .poisoning import PoisoningConfig
@@ -46,6 +46,7 @@ from .targeted_poison_config import ExplicitScenario, TargetedAttack, TargetedPo
 
 DPA = "dpa"
 NDT = "ndt"
+DP_SGD = "dp-sgd"
 NDT_MODELS = 20
 """Models of the NDT ensemble when ``defence.models`` is not given (>= 11 lets CERTIFY certify at alpha 0.001 with n0 = 1)."""
 NONE = "none"
@@ -56,14 +57,16 @@ KNN_K = 10
 
 
 def defence_methods() -> list[str]:
-    """Every ``defence.method``: the filters of :data:`mlaudit.defences.FILTERS`, ``dpa`` and ``none``."""
-    return [*FILTERS.names(), DPA, NDT, NONE]
+    """Every ``defence.method``: the filters of :data:`mlaudit.defences.FILTERS`, ``dpa``, ``ndt``, ``dp-sgd`` and
+    ``none``."""
+    return [*FILTERS.names(), DPA, NDT, DP_SGD, NONE]
 
 
 _APPLIES = {"rate": "the filtering defences", "k": "knn (neighbours) and dpa (partitions)",
             "components": "activation-clustering", "size_threshold": "activation-clustering",
             "recipe": "dpa and ndt (the ensemble models' recipe)", "sigma": "ndt", "models": "ndt", "n0": "ndt",
-            "alpha": "ndt", "denoiser": "ndt", "denoiser_epochs": "ndt (with denoiser dncnn)"}
+            "alpha": "ndt", "denoiser": "ndt", "denoiser_epochs": "ndt (with denoiser dncnn)",
+            "dp": "dp-sgd (the victims' DP-SGD)"}
 
 
 class DefenceOptions(BaseModel):
@@ -74,7 +77,9 @@ class DefenceOptions(BaseModel):
     recipe (default: the victims'; a partition is 1/k of the data, so it may need more epochs). ndt (noise,
     denoise, train, classify; seed 004): ``sigma`` (required, > 0) the training noise, ``models`` M (default
     20), ``n0`` selection models of CERTIFY (default 1, < models), ``alpha`` (default 0.001), ``denoiser``
-    ``none`` (noise only) or ``dncnn`` (trained on the poisoned training inputs, ``denoiser_epochs``, default 10)."""
+    ``none`` (noise only) or ``dncnn`` (trained on the poisoned training inputs, ``denoiser_epochs``, default 10).
+    dp-sgd (seed 002 section 1.5.5): ``dp`` (required) the DP-SGD options the defended victims train with (the
+    victims' recipe plus ``dp``; :class:`~mlaudit.train.recipe.DPConfig`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,6 +95,7 @@ class DefenceOptions(BaseModel):
     alpha: float | None = Field(None, gt=0.0, lt=1.0)
     denoiser: Literal["none", "dncnn"] | None = None
     denoiser_epochs: int | None = Field(None, ge=1, le=10_000)
+    dp: DPConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -123,7 +129,7 @@ class DefenceOptions(BaseModel):
                 "components": self.method == "activation-clustering",
                 "size_threshold": self.method == "activation-clustering", "recipe": self.method in (DPA, NDT),
                 **{k: self.method == NDT for k in ("sigma", "models", "n0", "alpha", "denoiser")},
-                "denoiser_epochs": self.method == NDT and self.denoiser == "dncnn"}
+                "denoiser_epochs": self.method == NDT and self.denoiser == "dncnn", "dp": self.method == DP_SGD}
         for name, ok in used.items():
             if getattr(self, name) is not None and not ok:
                 raise ValueError(f"defence.{name} applies to {_APPLIES[name]}, not to defence.method "
@@ -131,6 +137,9 @@ class DefenceOptions(BaseModel):
         if self.method in FILTERS and self.rate is None and not FILTERS.get(self.method).rate_optional:
             raise ValueError(f"defence.rate is required for {self.method}: the fraction of each class it removes, "
                              "0 < rate < 1 (Tran et al. remove 1.5 x the poisoned fraction)")
+        if self.method == DP_SGD and self.dp is None:
+            raise ValueError("defence.dp is required for dp-sgd: the victims' DP-SGD, e.g. {epsilon: 8, clip: 1} "
+                             "(or noise_multiplier instead of epsilon; delta defaults to 1e-5)")
         if self.method == NDT:
             assert self.models is not None and self.n0 is not None
             if self.sigma is None:
@@ -202,6 +211,11 @@ class DefendConfig(PoisoningConfig):
             self.study()
         except ValidationError as e:
             raise ConfigError(format_validation_error(e)) from None
+        if self.defence.method == DP_SGD:
+            try:
+                _ = self.dp_recipe  # validates the victims' recipe with defence.dp
+            except ValidationError as e:
+                raise ValueError(f"defence.dp cannot run with the victims' recipe: {format_validation_error(e)}") from None
         return self
 
     @property
@@ -219,6 +233,13 @@ class DefendConfig(PoisoningConfig):
         return TargetedPoisonConfig(**common, attack=self.attack, victims=self.victims, baseline=False, export=False,
                                     alignment=False, save_models=self.save_models, scenarios=self.scenarios,
                                     first_scenario=self.first_scenario)
+
+    @property
+    def dp_recipe(self) -> Recipe:
+        """The defended victims' recipe under ``defence.method: dp-sgd``: the victims' recipe plus ``defence.dp``
+        (validated as a recipe, so what DP-SGD cannot run with is refused before any work)."""
+        assert self.defence.dp is not None
+        return Recipe.model_validate({**self.victim_recipe.model_dump(), "dp": self.defence.dp.model_dump()})
 
     @property
     def partition_recipe(self) -> Recipe:
@@ -269,6 +290,13 @@ def check_defend(config: DefendConfig, data: DataBundle) -> None:
         if d.denoiser == "dncnn" and data.train.x.dim() != 4:
             raise ConfigError(f"defence.denoiser = dncnn needs image inputs [C, H, W]; {data.name} has shape "
                               f"{list(data.train.x.shape[1:])} (allowed for it: defence.denoiser none)")
+    if d.method == DP_SGD:
+        from ..privacy.dpsgd import check_dp_model  # lazy: privacy imports train
+
+        try:
+            check_dp_model([model_template(config.victim_model, data)])
+        except MlauditError as e:
+            raise ConfigError(f"defence.method dp-sgd trains the victims with DP-SGD: {e}") from None
     if d.method == DPA:
         assert d.k is not None
         if d.k > n:

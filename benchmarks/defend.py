@@ -14,6 +14,8 @@ this poison, and the models each run trained.
     python benchmarks/defend.py benchmarks/configs/cifar10_defend_brew_airbench.yaml --device cuda \\
         --filters outlier,spectral --name cifar10_brew_airbench          # next to seed 002 Table 1.4
     python benchmarks/defend.py --smoke                                   # digits, MLP, CPU, seconds
+    python benchmarks/defend.py benchmarks/configs/digits_defend_dp_badnets.yaml --device cpu \
+        --dp-noise 0.5,1,2,4 --name digits_dp_badnets                      # DP-SGD victims, eps vs the attack
 
 ``--workdir DIR`` keeps the runs and resumes them when invoked again. Writes
 benchmarks/results/defend_<name>.{json,md}.
@@ -60,6 +62,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--dpa-k", type=int, default=None, help="partitions of the dpa configs (default: theirs)")
     ap.add_argument("--dpa-epochs", type=int, default=None, help="epochs of the partition models (default: theirs)")
     ap.add_argument("--sigmas", default=None, help="comma-separated noise levels of the ndt configs (default: theirs)")
+    ap.add_argument("--dp-noise", default=None, help="comma-separated noise multipliers of the dp-sgd configs (default: "
+                    "their defence.dp)")
     ap.add_argument("--methods", default=None, help="comma-separated attack methods of the same family, each run in "
                     "place of the configs' own (e.g. gradient-matching,bullseye,poison-frogs)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the victims' recipe")
@@ -111,6 +115,11 @@ def expand(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str,
             for r in (float(x) for x in args.rates.split(",") if x.strip()):
                 out[f"{method}@{r:g}"] = {**copy.deepcopy(cfg), "name": f"{base}-{method}-{r:g}",
                                           "defence": {"method": method, "rate": r}}
+    elif d["method"] == "dp-sgd" and args.dp_noise:
+        for z in (float(x) for x in args.dp_noise.split(",") if x.strip()):
+            dp = {k: v for k, v in (d.get("dp") or {}).items() if k != "epsilon"} | {"noise_multiplier": z}
+            out[f"{base}@noise={z:g}"] = {**copy.deepcopy(cfg), "name": f"{base}-noise{z:g}",
+                                          "defence": {**d, "dp": dp}}
     elif d["method"] == "ndt" and args.sigmas:
         for sigma in (float(x) for x in args.sigmas.split(",") if x.strip()):
             out[f"{base}@sigma={sigma:g}"] = {**copy.deepcopy(cfg), "name": f"{base}-sigma{sigma:g}",
@@ -176,7 +185,7 @@ def report(name: str, runs: dict[str, Any]) -> None:
     cfg = first["config"]
     if cfg["dataset"]["name"] != "cifar10":
         env["data"] = {"digits": "digits (sklearn, 8x8)"}.get(cfg["dataset"]["name"], cfg["dataset"]["name"])
-    filters, dpa, ndt = [], [], []
+    filters, dpa, ndt, dp = [], [], [], []
     for r in runs.values():
         m, cc = r["metrics"], r["cumulative_cost"]
         a, acc = m["attack_success"], m["clean_accuracy"]
@@ -201,6 +210,13 @@ def report(name: str, runs: dict[str, Any]) -> None:
                        f"{s['partitions_touched']} | {_pct(s['certified_against_attack'])} | "
                        f"{bench.pct_se(s['partition_model_accuracy'])} | {cc['models_trained']} | "
                        f"{cc['process_wall_s']:.1f} |\n")
+        if "dp_sgd" in m:
+            p = m["dp_sgd"]
+            eps = p["epsilon"]
+            dp.append(f"| {r['config']['attack']['method']} | {p['noise_multiplier']:g} | {p['clip']:g} | "
+                      f"{eps if isinstance(eps, str) or eps is None else format(eps, '.3g')} | {p['delta']:g} | {bench.pct_se(a['no_defence'])} | {with_a} | "
+                      f"{bench.pct_se(acc['no_defence'])} | {with_acc} | {cc['models_trained']} | "
+                      f"{cc['process_wall_s']:.1f} |\n")
         if "ndt" in m:
             nd = m["ndt"]
             sets = nd["per_set"].values()
@@ -246,6 +262,13 @@ def report(name: str, runs: dict[str, Any]) -> None:
                "correct and provably unchanged by any l2 perturbation of the training inputs of total norm R (CERTIFY "
                "over the M votes, n0 = 1, alpha as configured; the largest certifiable R is bounded by M). "
                f"{SEED_004_TABLE_2}\n")
+    if dp:
+        md += ("## DP-SGD victims (seed 002, section 1.5.5)\n\n| attack | noise multiplier | clip C | epsilon | delta | "
+               "attack success, no defence (%) | DP-SGD victims (%) | clean acc, no defence (%) | DP-SGD victims (%) | "
+               "models trained | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(dp)
+               + "\nepsilon: the RDP accountant's for the steps taken, a guarantee for each training row (a poison of "
+               "n rows is a group of n); noise multiplier 0: clipping alone (no guarantee); mean ± SE over victims "
+               "(paired seeds), as the rows above.\n")
     total = sum(r["cumulative_cost"]["process_wall_s"] for r in runs.values())
     md += f"\nWhole benchmark {total:.1f} s (summed over invocations when resumed).\n"
     bench.write_results(f"defend_{name}", {"environment": env, "runs": runs, "process_wall_s": round(total, 2)}, md)

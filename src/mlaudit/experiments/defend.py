@@ -236,17 +236,13 @@ def _filter(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundl
         views[f"{c.name}-filtered"] = c.view.with_keep(~removed.to(c.view.device))
     recs = train_victims(study, ctx, data, views, victims=config.victims, save_weights=True,
                          label=f"training victims on the sets filtered by {d.method}", on_failure="skip")
-    success = [_hits(study, ctx, data, c, recs[f"{c.name}-filtered"], keep_weights=config.save_models) for c in cases]
-    accuracy = [np.array([r.metrics["test_accuracy"] for r in recs[f"{c.name}-filtered"]]) for c in cases]
+    success, accuracy, trials = _retrained(config, study, ctx, data, cases, recs, suffix="filtered")
     total = {k: sum(s[k] for s in summaries.values()) for k in ("poisons", "removed", "poisons_removed", "clean_removed",
                                                                    "random_poisons_removed", "random_clean_removed")}
     removal = {**total, "rate": d.rate, "rate_times_poisons": None if d.rate is None else d.rate * total["poisons"],
                "per_set": summaries}
     if len(cases) == 1:
         removal["p_value"] = summaries[cases[0].name]["p_value"]
-    trials = [{"trial_id": r.trial_id, "view": c.name, "defence": d.method, "victim": r.tags["victim"], "seed": r.seed,
-               "attack_success": float(success[i][j]), "test_accuracy": r.metrics["test_accuracy"]}
-              for i, c in enumerate(cases) for j, r in enumerate(recs[f"{c.name}-filtered"])]
     rows = [[name, s["poisons"], s["removed"], s["poisons_removed"], s["clean_removed"],
              round(s["random_poisons_removed"], 2), round(s["random_clean_removed"], 2), f"{s['p_value']:.3g}"]
             for name, s in summaries.items()]
@@ -263,6 +259,23 @@ def _filter(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundl
     verdict = (f"{d.method} removed {total['poisons_removed']}/{total['poisons']} poisons (random filtering: "
                f"{total['random_poisons_removed']:.1f}) and {total['clean_removed']} clean rows")
     return Defended(success, accuracy, {"removal": removal}, trials, [table], {}, verdict)
+
+
+def _retrained(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, cases: list[Case],
+               recs: dict[str, list[TrialRecord]], *, suffix: str,
+               extra: Callable[[TrialRecord], dict[str, Any]] | None = None
+               ) -> tuple[list[np.ndarray], list[np.ndarray], list[dict[str, Any]]]:
+    """Victims retrained under a defence (``recs[f"{case}-{suffix}"]``, the filters' and DP-SGD's): per case their
+    attack success [V] and clean accuracy [V], and their trial rows (``extra(record)`` adds fields to a row)."""
+    mine = [recs[f"{c.name}-{suffix}"] for c in cases]
+    success = [_hits(study, ctx, data, c, rs, keep_weights=config.save_models)
+               for c, rs in zip(cases, mine, strict=True)]
+    accuracy = [np.array([r.metrics["test_accuracy"] for r in rs]) for rs in mine]
+    trials = [{"trial_id": r.trial_id, "view": c.name, "defence": config.defence.method, "victim": r.tags["victim"],
+               "seed": r.seed, "attack_success": float(success[i][j]), "test_accuracy": r.metrics["test_accuracy"],
+               **(extra(r) if extra is not None else {})}
+              for i, (c, rs) in enumerate(zip(cases, mine, strict=True)) for j, r in enumerate(rs)]
+    return success, accuracy, trials
 
 
 def _case_votes(study: Study, ctx: RunContext, data: DataBundle, mine: list[TrialRecord], case: Case, *,
@@ -449,8 +462,8 @@ def _dp_sgd(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundl
     dp_study = study.model_copy(update={"victim": study.victim.model_copy(update={"recipe": config.dp_recipe})})
     recs = train_victims(dp_study, ctx, data, {f"{c.name}-dp": c.view for c in cases}, victims=config.victims,
                          save_weights=True, label="training DP-SGD victims on the poisoned sets", on_failure="skip")
-    success = [_hits(dp_study, ctx, data, c, recs[f"{c.name}-dp"], keep_weights=config.save_models) for c in cases]
-    accuracy = [np.array([r.metrics["test_accuracy"] for r in recs[f"{c.name}-dp"]]) for c in cases]
+    success, accuracy, trials = _retrained(config, dp_study, ctx, data, cases, recs, suffix="dp",
+                                           extra=lambda r: {"dp_epsilon": r.metrics.get("dp_epsilon")})
     mine = [r for c in cases for r in recs[f"{c.name}-dp"]]
     eps = [r.metrics["dp_epsilon"] for r in mine if "dp_epsilon" in r.metrics]
     dp = config.defence.dp
@@ -458,10 +471,6 @@ def _dp_sgd(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundl
     privacy = {"epsilon": max(eps) if eps else None, "delta": dp.delta, "clip": dp.clip,
                "noise_multiplier": mine[0].metrics.get("dp_noise_multiplier") if mine else None,
                "sample_rate": mine[0].metrics.get("dp_sample_rate") if mine else None}
-    trials = [{"trial_id": r.trial_id, "view": c.name, "defence": DP_SGD, "victim": r.tags["victim"], "seed": r.seed,
-               "attack_success": float(success[i][j]), "test_accuracy": r.metrics["test_accuracy"],
-               "dp_epsilon": r.metrics.get("dp_epsilon")}
-              for i, c in enumerate(cases) for j, r in enumerate(recs[f"{c.name}-dp"])]
     table = ReportTable("DP-SGD victims", ["epsilon (accountant)", "delta", "clip C", "noise multiplier", "sample rate q"],
                         [[privacy["epsilon"], dp.delta, dp.clip, privacy["noise_multiplier"], privacy["sample_rate"]]],
                         note="the victims' recipe with recipe.dp; epsilon is the accountant's for the steps taken "

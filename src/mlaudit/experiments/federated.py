@@ -23,6 +23,7 @@ with the relative update distortion ||g' - g|| / ||g|| in place of a utility mea
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,12 +159,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
         return _flower_trial(config, data, model, parts, x.cpu(), y.cpu(), public, gen), None
     if config.rounds > 1:
         return _rounds_trial(config, data, index, seed, model, parts, (x, y, first_rows), public, gen, device), None
-    if config.attack == "imprint":
-        im = config.imprint
-        sent: nn.Module = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
-                                        feedback=im.feedback, scale=config.imprint_scale, generator=gen)
-    else:
-        sent = model
+    sent = _plant(config, model, public, gen) if config.attack == "imprint" else model
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     out = _Outcome()
     t0 = time.perf_counter()
@@ -198,7 +194,6 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
     ``parts[u]``, and the server plants the imprint again (from ``gen``: a random-projection measurement is drawn
     anew, so the bins cut the data differently) and reads that round's aggregate alone. ``out.rounds``: per round
     the verbatim fraction and the fraction of the users' shares recovered verbatim in some round so far."""
-    im = config.imprint
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
     out = _Outcome()
@@ -211,16 +206,30 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
             x, y, rows = local_batches(data.train, parts, batch=config.batch, generator=gen)
             x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
-        sent = plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf,
-                             feedback=im.feedback, scale=config.imprint_scale, generator=gen)
+        sent = _plant(config, model, public, gen)
         seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
         out.seconds["updates"] += time.perf_counter() - t0
         n0 = len(out.psnr)
         _attack(config, data, sent, seen, x, y, mean_probs, gen, out, grid=r == 1)
-        ok = (torch.nan_to_num(torch.cat(out.psnr[n0:]), nan=-1.0) >= EXACT_DB).view(config.users, config.batch)
-        got |= {(u, int(rows[u][b])) for u, b in ok.nonzero().tolist()}
-        out.rounds.append({"round": r, "exact": float(ok.float().mean()), "cumulative_exact": len(got) / total})
+        _record_round(config, out, r, n0, rows, got, total)
     return out
+
+
+def _plant(config: FederatedConfig, model: nn.Module, public: Tensor, gen: torch.Generator) -> nn.Module:
+    """The model the server sends: ``model`` behind the configured imprint module (bins from ``public``)."""
+    im = config.imprint
+    return plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
+                         scale=config.imprint_scale, generator=gen)
+
+
+def _record_round(config: FederatedConfig, out: _Outcome, r: int, n0: int, rows: Sequence[Tensor],
+                  got: set[tuple[int, int]], total: int) -> None:
+    """After round ``r``'s attack (its inputs' PSNRs are ``out.psnr[n0:]``, in user order; ``rows[u][b]`` names
+    user u's input b within its data): the round's verbatim fraction and the fraction of the users' ``total``
+    examples recovered verbatim in some round so far (``got``, updated), appended to ``out.rounds``."""
+    ok = (torch.nan_to_num(torch.cat(out.psnr[n0:]), nan=-1.0) >= EXACT_DB).view(config.users, config.batch)
+    got |= {(u, int(rows[u][b])) for u, b in ok.nonzero().tolist()}
+    out.rounds.append({"round": r, "exact": float(ok.float().mean()), "cumulative_exact": len(got) / total})
 
 
 def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, parts: list[Tensor], x: Tensor,
@@ -246,18 +255,17 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, p
     out.seconds["updates"] = audit.seconds
     mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
     seen: set[tuple[int, int]] = set()
+    total = sum(len(p) for p in parts)
     for r in sorted(audit.rounds):
         if several:
             rows = [c.drawn[r - 1] for c in clients]
             x = torch.stack([xs[i] for (xs, _), i in zip(shares, rows, strict=True)])
             y = torch.stack([ys[i] for (_, ys), i in zip(shares, rows, strict=True)])
+        n0 = len(out.psnr)
         _attack(config, data, strategy.malicious, [(audit.rounds[r].observation, slice(0, config.users))], x, y,
                 mean_probs, gen, out, grid=r == 1)
         if several:
-            ok = (torch.nan_to_num(out.psnr[-1], nan=-1.0) >= EXACT_DB).view(config.users, config.batch)
-            seen |= {(u, int(rows[u][b])) for u, b in ok.nonzero().tolist()}
-            out.rounds.append({"round": r, "exact": float(ok.float().mean()),
-                               "cumulative_exact": len(seen) / sum(len(p) for p in parts)})
+            _record_round(config, out, r, n0, rows, seen, total)
     return out
 
 

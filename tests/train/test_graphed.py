@@ -211,16 +211,16 @@ def test_use_cuda_graph_only_on_cuda_and_refuses_adam() -> None:
     stack = StackedModels.from_modules(init_models(model_fn(), [0]), CPU, strategy="loop")
     sgd = resolve_recipe({"name": "fast", "cuda_graph": True})
     opt = make_optimizer(sgd, stack.trainable())
-    assert use_cuda_graph(sgd, _cuda(), stack, opt) and not use_cuda_graph(sgd, CPU, stack, opt)
-    assert not use_cuda_graph(sgd.model_copy(update={"cuda_graph": False}), _cuda(), stack, opt)
+    assert use_cuda_graph(sgd, _cuda(), opt) and not use_cuda_graph(sgd, CPU, opt)
+    assert not use_cuda_graph(sgd.model_copy(update={"cuda_graph": False}), _cuda(), opt)
     adam = resolve_recipe({"name": "fast", "optimizer": "adam", "cuda_graph": True})
     with pytest.raises(ConfigError, match="bias-correction"):
-        use_cuda_graph(adam, _cuda(), stack, make_optimizer(adam, stack.trainable()))
+        use_cuda_graph(adam, _cuda(), make_optimizer(adam, stack.trainable()))
     auto = adam.model_copy(update={"cuda_graph": "auto"})  # the default: Adam simply stays eager
     assert resolve_recipe("fast").cuda_graph == "auto"
-    assert not use_cuda_graph(auto, _cuda(), stack, make_optimizer(auto, stack.trainable()))
+    assert not use_cuda_graph(auto, _cuda(), make_optimizer(auto, stack.trainable()))
     dp = resolve_recipe({"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}})
-    assert not use_cuda_graph(dp, _cuda(), stack, opt)
+    assert not use_cuda_graph(dp, _cuda(), opt)
 
 
 def test_cuda_graph_on_cpu_trains_the_eager_models() -> None:

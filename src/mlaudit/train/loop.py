@@ -45,7 +45,7 @@ from ..errors import ConfigError, TrainingError
 from .adversarial import adversarial_batch, trades_loss
 from .graphed import GraphedStep, model_streams
 from .hooks import DPStepHooks
-from .optim import Rate, apply_rates, graph_safe, make_optimizer, slot_active, slot_rates
+from .optim import Rate, StackedOptimizer, apply_rates, graph_safe, make_optimizer, slot_active, slot_rates
 from .recipe import AugmentConfig, Recipe, lr_at
 from .stacked import LoopStack, StackedModels, choose_strategy  # noqa: F401  (re-exported)
 
@@ -157,7 +157,7 @@ def train_stack(
     opt = make_optimizer(recipe, plist, names=stack.trainable_names(), leading_k=stack.leading_k, base_lr=lr)
     flip_base = _alternating_flips(augment, pools, gens, device)
     bf16 = use_bf16(recipe, device)
-    graph_step = use_cuda_graph(recipe, device, stack, opt)
+    graph_step = use_cuda_graph(recipe, device, opt)
     # a captured step must not reuse autocast's cast-weight cache across replays (PyTorch's graph notes)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph_step) if bf16
                 else contextlib.nullcontext())
@@ -267,13 +267,13 @@ def _watched_start(models: Sequence[nn.Module], hooks: Sequence[DPStepHooks | No
     return out
 
 
-def use_cuda_graph(recipe: Recipe, device: torch.device, stack: StackedModels, opt: object) -> bool:
+def use_cuda_graph(recipe: Recipe, device: torch.device, opt: StackedOptimizer) -> bool:
     """Whether the non-DP step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` (true
     or auto) on a CUDA device, without DP-SGD (its step has host-side Poisson batch sizes) or ``compile``. An
     optimizer with host state (Adam) runs eagerly under ``auto`` and is refused under ``true``."""
     if recipe.cuda_graph is False or device.type != "cuda" or recipe.dp is not None or recipe.compile:
         return False
-    if not graph_safe(opt):  # type: ignore[arg-type]
+    if not graph_safe(opt):
         if recipe.cuda_graph == "auto":
             return False
         raise ConfigError(f"recipe.cuda_graph needs an optimizer without host-side state (sgd or muon); "

@@ -49,8 +49,7 @@ class GraphedStep:
     """
 
     def __init__(self, body: StepBody, *, slots: int, device: torch.device, warmup: int = 2,
-                 capture: Callable[[], tuple[object, Callable[..., object]]] | None = None,
-                 side_stream: bool = True) -> None:
+                 capture: Callable[[], tuple[object, Callable[..., object]]] | None = None) -> None:
         self.body, self.warmup, self.device = body, warmup, device
         self.rates = [torch.zeros((), device=device) for _ in range(slots)]
         self.graphs: dict[tuple[bool, ...], tuple[object, Tensor]] = {}
@@ -59,7 +58,6 @@ class GraphedStep:
         self.y: Tensor | None = None
         self.pool: object | None = None
         self.capture = capture or _cuda_capture
-        self.side_stream = side_stream and device.type == "cuda"
         self.captures = self.replays = 0
         self.failed: str | None = None  # why capture failed (the step then stays eager)
 
@@ -106,7 +104,7 @@ class GraphedStep:
 
     def _eager(self, active: tuple[bool, ...]) -> Tensor:
         assert self.x is not None and self.y is not None
-        if not self.side_stream:
+        if self.device.type != "cuda":  # no streams: the warm-up runs where it stands
             return self.body(self.x, self.y, self.rates, active).detach()
         side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

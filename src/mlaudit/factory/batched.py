@@ -135,7 +135,7 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
             pending = pending[len(chunk):]
             # one line per chunk: a long run cut short (a time limit) still shows how far it got and at what rate
             log.info("chunk of %d models done in %.1f s (%d of %d trials)", len(chunk),
-                     models[0].wall_s * len(chunk) if models else 0.0, len(done), len(job.trials))
+                     models[0].wall_s * len(chunk), len(done), len(job.trials))
     return [done[t.trial_id] for t in job.trials]
 
 

@@ -257,6 +257,8 @@ BAD = [
     (cfg({"method": "spectral", "rate": 0.1, "dp": {"epsilon": 8.0}}), ["defence.dp applies to dp-sgd"]),
     (cfg({"method": "dp-sgd", "dp": {"epsilon": 8.0}}, model={"name": "fastcnn"}),
      ["defence.method dp-sgd trains the victims with DP-SGD", "BatchNorm", "norm: group"]),
+    (cfg({"method": "dp-sgd", "dp": {"epsilon": 8.0}}, trainer="pkg.mod:fit"),
+     ["defence.method dp-sgd trains the victims with mlaudit's DP-SGD", "trainer is 'pkg.mod:fit'"]),
     (cfg({"method": "dp-sgd", "dp": {"epsilon": 8.0}}, recipe="airbench-muon"),
      ["defence.dp cannot run with the victims' recipe", "optimizer sgd or adam"]),
     (cfg({"method": "spectral", "rate": 0.002}), ["defence.rate = 0.002 removes no row of class 0 (185 rows",

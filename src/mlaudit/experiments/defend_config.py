@@ -212,6 +212,10 @@ class DefendConfig(PoisoningConfig):
         except ValidationError as e:
             raise ConfigError(format_validation_error(e)) from None
         if self.defence.method == DP_SGD:
+            if self.trainer != "mlaudit":
+                raise ValueError(f"defence.method dp-sgd trains the victims with mlaudit's DP-SGD, but trainer is "
+                                 f"{self.trainer!r} (your training function does its own training); use trainer: "
+                                 "mlaudit, or give your function DP-SGD and compare with defence: none")
             try:
                 _ = self.dp_recipe  # validates the victims' recipe with defence.dp
             except ValidationError as e:

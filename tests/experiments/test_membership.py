@@ -207,6 +207,54 @@ def test_pool_run_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert m["diagnostics"]["nonfinite_clipped"]["nonfinite_logit_rows"] == 0
 
 
+def test_pool_logits_reported_in_training_equal_the_checkpoint_queries(tmp_path: Path) -> None:
+    """Each pool model reports its logits before it leaves the device (no weights saved by default); with
+    ``pool.save_models`` the weights are kept and querying them gives the same logits, and a resumed run
+    reads the kept logits without retraining."""
+    from mlaudit.query import logits_from_checkpoints
+    from mlaudit.query.load import model_template
+
+    data = load_dataset(SYNTH)
+    cfg = tiny(memorization=True)
+    run_experiment(cfg, out=tmp_path / "a", device="cpu", store=tmp_path / "s.db", quiet=True)
+    assert not (tmp_path / "a" / "artifacts" / "models").exists()
+    assert len(list((tmp_path / "a" / "artifacts" / "queries").glob("*.pt"))) == 8
+    cfg = tiny(memorization=True, pool={"models": 8, "keep": 0.5, "save_models": True})
+    res = run_experiment(cfg, out=tmp_path / "b", device="cpu", store=tmp_path / "s2.db", quiet=True).results
+    kept = torch.load(tmp_path / "b" / "artifacts" / "logits.pt", weights_only=True)
+    paths = [tmp_path / "b" / t["checkpoint"] for t in res["trials"]]
+    want = logits_from_checkpoints(lambda: model_template("mlp", data), paths, data.train.x)
+    torch.testing.assert_close(kept["logits"], want, rtol=1e-5, atol=1e-5)
+    again = run_experiment(cfg, out=tmp_path / "b", device="cpu", store=tmp_path / "s2.db", quiet=True, resume=True)
+    assert again.results["cost"]["models_trained"] == 0
+    assert again.results["metrics"]["lira-online"]["auc"] == res["metrics"]["lira-online"]["auc"]
+
+
+def test_pool_with_a_user_trainer_reports_its_logits(tmp_path: Path) -> None:
+    """The user's training function path (factory/user.py) reports the same query logits."""
+    from mlaudit.membership import audit
+
+    data = load_dataset(SYNTH)
+    r = audit(model="mlp", data=((data.train.x, data.train.y), (data.test.x, data.test.y)), trainer=f"{__name__}:plain_trainer", out=tmp_path / "o",
+              store=tmp_path / "s.db", models=4, attacks=("loss", "lira-offline"), device="cpu",
+              attack_options={"lira-offline": {"variance": "fixed"}}, n_boot=10)
+    assert len(list((tmp_path / "o" / "artifacts" / "queries").glob("*.pt"))) == 4
+    assert 0.0 <= r.results["metrics"]["loss"]["auc"]["value"] <= 1.0
+
+
+def plain_trainer(model: torch.nn.Module, train_set: Any, *, seed: int, device: str) -> torch.nn.Module:
+    """A user's plain loop (a test fixture for the trainer path): 3 epochs of Adam."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True)
+    for _ in range(3):
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model
+
+
 def test_external_target_audited_against_the_pool(tmp_path: Path) -> None:
     data = load_dataset(SYNTH)
     members = inclusion_matrix(2, 160, keep=0.5, seed=7)[0]

@@ -164,6 +164,47 @@ def test_evaluation_metrics_are_reported() -> None:
     assert m.wall_s > 0 and m.seed == 100
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_query_plans_report_the_logits_of_the_returned_weights(strategy: str) -> None:
+    """Logits reported while the stack is on the device (FactoryJob.queries) equal those of the returned
+    state_dicts queried afterwards through the checkpoint path (the same collect_logits; vmap vs a fresh
+    stack differ only in summation order). BatchNorm (fastcnn) checks eval mode is used."""
+    from mlaudit.factory import QueryPlan
+    from mlaudit.models import build_model
+    from mlaudit.query import logits_from_checkpoints
+
+    data = bundle()
+    rows = torch.tensor([5, 0, 17, 3, 99], dtype=torch.int64)
+    plans = {"pool": QueryPlan("train", rows=rows, queries=("identity", "flip", "shift:1,-1")), "test": QueryPlan("test")}
+    models = run_trials(job(seeds(3), "fastcnn", queries=plans, strategy=strategy, max_chunk=3))
+    template = functools.partial(build_model, ModelSpec(name="fastcnn", width=4), input_shape=data.input_shape,
+                                 num_classes=data.num_classes)
+    sds = [m.state_dict for m in models]
+    want_pool = logits_from_checkpoints(template, sds, data.train.x[rows], queries=plans["pool"].queries)
+    want_test = logits_from_checkpoints(template, sds, data.test.x)
+    got_pool = torch.stack([m.outputs["pool"] for m in models])
+    got_test = torch.stack([m.outputs["test"] for m in models])
+    assert got_pool.shape == (3, 5, 3, data.num_classes) and got_test.shape == (3, len(data.test), 1, data.num_classes)
+    torch.testing.assert_close(got_pool, want_pool, **TOL)
+    torch.testing.assert_close(got_test, want_test, **TOL)
+    assert not torch.equal(got_pool[0], got_pool[1])  # each model its own logits
+
+
+def test_bad_query_plans_are_config_errors() -> None:
+    from mlaudit.factory import QueryPlan
+
+    with pytest.raises(ConfigError, match="QueryPlan.split"):
+        QueryPlan("valid")
+    with pytest.raises(ConfigError, match="1-D int64"):
+        QueryPlan(rows=torch.tensor([0.5]))
+    with pytest.raises(ConfigError, match="invalid query 'spin'"):
+        QueryPlan(queries=("identity", "spin"))
+    with pytest.raises(ConfigError, match="must be a QueryPlan"):
+        job(seeds(1), queries={"pool": ("identity",)})
+    with pytest.raises(ConfigError, match=r"outside \[0, 32\) of the test split"):
+        run_trials(job(seeds(1), queries={"t": QueryPlan("test", rows=torch.tensor([32]))}))
+
+
 def test_invalid_jobs_are_config_errors() -> None:
     n = len(bundle().train)
     with pytest.raises(ConfigError, match="unique"):

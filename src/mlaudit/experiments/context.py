@@ -30,7 +30,7 @@ from ..errors import ConfigError, DataError, TrainingError, TrialError
 from ..factory import Executor, FactoryJob, LocalExecutor, TrainedModel, TrialSpec, train_many
 from ..jsonutil import dumps, loads
 from ..store import RunStore
-from ..train.checkpoint import load_weights_only, save_checkpoint
+from ..train.checkpoint import load_checkpoint, load_weights_only, save_checkpoint
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,25 @@ class RunContext:
             path = self.checkpoint_path(m.trial_id)
             rec["sha256"] = save_checkpoint(m.state_dict, path)
             rec["checkpoint"] = path.relative_to(self.out_dir).as_posix()
+        if m.outputs:  # the job's query logits (FactoryJob.queries), one file per model: a resume reuses them
+            path = self.artifacts / "queries" / f"{m.trial_id}.pt"
+            rec["queries_sha256"] = save_checkpoint(m.outputs, path)
+            rec["queries_file"] = path.relative_to(self.out_dir).as_posix()
         return rec
+
+    def query_logits(self, records: Sequence[dict[str, Any]], name: str) -> torch.Tensor | None:
+        """The logits float32 [M, N, A, C] every record's model reported under the job's query ``name``
+        while training (:class:`~mlaudit.factory.QueryPlan`), verified against their sha256; None when a
+        record has none (trained without the query, e.g. by an older run), so the caller queries checkpoints."""
+        if not records or any(not r.get("queries_file") for r in records):
+            return None
+        parts = []
+        for r in records:
+            got = load_checkpoint(self.out_dir / r["queries_file"], sha256=r.get("queries_sha256"))
+            if name not in got:
+                return None
+            parts.append(got[name])
+        return torch.stack(parts)
 
     def release_weights(self, records: Sequence[dict[str, Any]], *, outputs: dict[str, Any] | None = None,
                         keep_weights: bool = False) -> None:

@@ -34,8 +34,8 @@ from ..attacks.membership import (
     shadow_coverage,
 )
 from ..data.base import DataBundle
-from ..errors import ConfigError, TrainingError, TrialError
-from ..factory import TrialSpec
+from ..errors import ConfigError, DataError, TrainingError, TrialError
+from ..factory import QueryPlan, TrialSpec
 from ..query import logits_from_checkpoints, model_template
 from ..stats import MeanSE
 from ..train.checkpoint import load_checkpoint
@@ -51,6 +51,7 @@ from .membership_config import (  # noqa: F401  (MembershipConfig and friends ar
     TruthSerumConfig,
     attack_requirements,
     pool_indices,
+    population_index,
     population_rows,
     resolve_queries,
     uses_population,
@@ -132,11 +133,31 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
 
+def needs_weights(config: MembershipConfig) -> bool:
+    """Whether the pool models' weights must be saved: asked for (``pool.save_models``), or a label-only
+    attack runs (its oracle queries the models themselves)."""
+    return config.pool.save_models or any(ATTACKS.get(name).needs_oracle for name in config.attacks)
+
+
+def pool_plans(config: MembershipConfig, data: DataBundle, rows: Tensor) -> dict[str, QueryPlan]:
+    """The logits each pool model reports before it leaves the device: ``pool`` (the pool rows under the
+    queries), ``population`` (RMIA's population, identity query) and ``test`` (the test split, for
+    memorization), as the config needs them."""
+    plans = {"pool": QueryPlan("train", rows=rows.long(), queries=resolve_queries(config, data))}
+    if uses_population(config):
+        split, pop = population_index(config, data, rows)
+        plans["population"] = QueryPlan(split, rows=pop.long(), queries=resolve_queries(config, data))
+    if config.memorization:
+        plans["test"] = QueryPlan("test")
+    return plans
+
+
 def train_pool(config: MembershipConfig, ctx: RunContext, data: DataBundle, keep: Tensor, rows: Tensor, *,
                 prefix: str, role: str, view: Any = None) -> list[TrialRecord]:
     """Train the M pool models (model m on the pool rows where keep[m]); a view's inserted
-    examples are in every model. Returns the records of the models that trained (a failed one is left
-    out and named in ``ctx.failed``; see :func:`surviving_pool`)."""
+    examples are in every model. Each model reports its logits (:func:`pool_plans`) as it finishes; its
+    weights are saved only when :func:`needs_weights`. Returns the records of the models that trained (a
+    failed one is left out and named in ``ctx.failed``; see :func:`surviving_pool`)."""
     n_train, extra = len(data.train), (view.num_inserted if view is not None else 0)
     trials = []
     for m in range(config.pool.models):
@@ -146,8 +167,9 @@ def train_pool(config: MembershipConfig, ctx: RunContext, data: DataBundle, keep
         trials.append(TrialSpec(f"{prefix}-{m:04d}", seed=config.trial_seed(m), mask=mask,
                                 view=role if view is not None else None, tags={"role": role, "model": m}))
     views = {role: view} if view is not None else None
-    job = config.factory_job(data, trials, device=ctx.device, views=views)
-    return ctx.train(job, save_weights=True, label=f"training the {role} models", on_failure="skip")
+    job = dataclasses.replace(config.factory_job(data, trials, device=ctx.device, views=views),
+                              queries=pool_plans(config, data, rows))
+    return ctx.train(job, save_weights=needs_weights(config), label=f"training the {role} models", on_failure="skip")
 
 
 def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]],
@@ -158,7 +180,7 @@ def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundl
     pop_x = pop_y = pop = None
     if uses_population(config):
         pop_x, pop_y = population_rows(config, data, rows)
-        pop = pool_logits(config, ctx, data, records, pop_x, queries)
+        pop = pool_logits(config, ctx, data, records, pop_x, queries, name="population")
     oracle = None
     if any(ATTACKS.get(name).needs_oracle for name in config.attacks):
         template = model_template(config.model, data)
@@ -166,15 +188,25 @@ def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundl
                                                     for r in records[i:i + 16]], ctx.device)
                   for i in range(0, len(records), 16)]
         oracle = LabelOracle.from_stacks(stacks, x)
-    return Observations(pool_logits(config, ctx, data, records, x, queries), y, keep, queries,
+    return Observations(pool_logits(config, ctx, data, records, x, queries, name="pool"), y, keep, queries,
                         meta={"population_x": pop_x} if pop_x is not None else {},
                         population_logits=pop, population_labels=pop_y, oracle=oracle)
 
 
 def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]],
-                x: Tensor, queries: tuple[str, ...]) -> Tensor:
-    """Logits float32 [M, N, A, C] of the recorded models on ``x`` [N, *shape] (checkpoints verified
-    against their sha256)."""
+                x: Tensor, queries: tuple[str, ...], *, name: str) -> Tensor:
+    """Logits float32 [M, N, A, C] of the recorded models on ``x`` [N, *shape]: those the models reported
+    under the query plan ``name`` while training (:func:`pool_plans`), else from their checkpoints (a run
+    trained before the plans existed); files verified against their sha256."""
+    reported = ctx.query_logits(records, name)
+    if reported is not None:
+        if reported.shape[1:3] != (x.shape[0], len(queries)):
+            raise DataError(f"the {name!r} logits kept in the run have shape {list(reported.shape)}, not [M, "
+                            f"{x.shape[0]}, {len(queries)}, C]: the run's models were trained for other queries; "
+                            "start a new --out")
+        return reported
+    if any(not r.get("checkpoint") for r in records):
+        raise DataError(f"the pool models kept neither their {name!r} logits nor their weights; start a new --out")
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
     return logits_from_checkpoints(functools.partial(model_template, config.model, data), paths, x, queries=queries,
                                    device=ctx.device, sha256=[r.get("sha256") for r in records])
@@ -233,7 +265,7 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
     out = dataclasses.replace(out, notes=[*failed, *out.notes])  # what failed leads the notes
     if config.memorization:
         with ctx.cost.timed("query"):
-            test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",))
+            test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",), name="test")
         with ctx.cost.timed("memorization"):
             out = rep.add_memorization(out, config, obs, scores=scores, test_logits=test_logits, data=data, rows=rows,
                                        artifacts=ctx.artifacts)

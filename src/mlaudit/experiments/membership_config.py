@@ -35,6 +35,10 @@ class PoolConfig(BaseModel):
     keep: float = Field(0.5, gt=0.0, lt=1.0)
     data: Literal["train"] = "train"
     size: int | None = Field(None, ge=2)
+    save_models: bool = False
+    """Keep every pool model's weights (``artifacts/models``, with sha256). Off by default: each model
+    reports its logits on the pool (and the population, and the test split for memorization) before it
+    leaves the device, so nothing needs the weights; a label-only attack's oracle does, and saves them anyway."""
 
     @model_validator(mode="after")
     def _counts(self) -> PoolConfig:
@@ -204,11 +208,19 @@ def uses_population(config: MembershipConfig) -> bool:
 def population_rows(config: MembershipConfig, data: DataBundle, pool_rows: Tensor) -> tuple[Tensor, Tensor]:
     """RMIA's population (x [Z, *shape], y [Z]) from ``config.population``; raises ConfigError naming
     the field when it overlaps the pool (the targets) or is empty."""
+    name, rows = population_index(config, data, pool_rows)
+    split = data.test if name == "test" else data.train
+    return split.x[rows], split.y[rows]
+
+
+def population_index(config: MembershipConfig, data: DataBundle, pool_rows: Tensor) -> tuple[str, Tensor]:
+    """Where RMIA's population lies: the split (``train`` or ``test``) and its rows int64 [Z] (see
+    :func:`population_rows`)."""
     pc = config.population
     if pc.data == "test":
-        split, rows = data.test, torch.arange(len(data.test))
+        split_name, rows = "test", torch.arange(len(data.test))
     else:
-        split, n_train = data.train, len(data.train)
+        split_name, n_train = "train", len(data.train)
         outside = torch.ones(n_train, dtype=torch.bool)
         outside[pool_rows] = False
         if pc.indices is not None:
@@ -229,4 +241,4 @@ def population_rows(config: MembershipConfig, data: DataBundle, pool_rows: Tenso
     if pc.size is not None and pc.size < rows.numel():
         g = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 2]).generate_state(1)[0]))
         rows = rows[torch.randperm(rows.numel(), generator=g)[:pc.size]].sort().values
-    return split.x[rows], split.y[rows]
+    return split_name, rows

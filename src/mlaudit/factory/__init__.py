@@ -21,7 +21,7 @@ from .executors import (
     make_executor,
     plan_chunks,
 )
-from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
+from .spec import FactoryJob, QueryPlan, TrainedModel, TrialSpec, resolve_device
 
 
 def train_many(job: FactoryJob, *, executor: str | Executor = "local",
@@ -37,7 +37,7 @@ def train_many(job: FactoryJob, *, executor: str | Executor = "local",
 
 
 __all__ = [
-    "EXECUTORS", "Executor", "FactoryJob", "LocalExecutor", "ProcessExecutor", "RayExecutor", "SimulatedOOM",
+    "EXECUTORS", "Executor", "FactoryJob", "LocalExecutor", "ProcessExecutor", "QueryPlan", "RayExecutor", "SimulatedOOM",
     "TrainedModel", "TrialSpec", "check_masks", "make_executor", "measure_chunk_size", "plan_chunks", "plan_groups",
     "resolve_device", "run_trials", "train_many",
 ]

@@ -94,6 +94,8 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
     single model does not fit on the device, :class:`TrainingError` when a loss diverges.
     """
     data = job.data if job.data is not None else cached_dataset(job.data_spec)
+    for plan in job.queries.values():
+        plan.check(data)
     if job.trainer is not None:  # the user's own training function, one trial at a time
         from .user import run_user_trials
 
@@ -159,22 +161,43 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout,
                                               "stack_layout_reason": reason, "step_path": o.step_path, **o.privacy}
                                              for o in outs]
-    if job.evaluate:
+    stack = None
+    if job.evaluate or job.queries:
         # the trained stack itself, still on the device (its weights are exactly the returned state_dicts)
         stack = trained[0] if 0 in trained else StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
+    if job.evaluate:
+        assert stack is not None
         ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device),
                       tta=job.recipe.tta)
         for i, m in enumerate(metrics):
             m["test_accuracy"] = float(ev["accuracy"][i])
             m["test_loss"] = float(ev["loss"][i])
+    outputs = query_outputs(job, stack, setup.data, batch_size=job.recipe.eval_batch_size) if stack is not None else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
         for m in metrics:
             m["peak_gpu_mem_mb"] = peak  # the chunk's peak, shared by its models
     wall = (time.perf_counter() - t0) / len(chunk)
-    return [TrainedModel(t.trial_id, t.seed, o.state_dict, m, o.steps, wall, dict(t.tags))
-            for t, o, m in zip(chunk, outs, metrics)]
+    return [TrainedModel(t.trial_id, t.seed, o.state_dict, m, o.steps, wall, dict(t.tags),
+                         outputs=outputs[i] if outputs else {})
+            for i, (t, o, m) in enumerate(zip(chunk, outs, metrics))]
+
+
+def query_outputs(job: FactoryJob, stack: StackedModels, data: DataBundle, *,
+                  batch_size: int = 1024) -> list[dict[str, torch.Tensor]]:
+    """Each model's logits under the job's :attr:`~FactoryJob.queries`: one ``{name: float32 [N, A, C]}``
+    (CPU) per model of ``stack`` [K], computed on the stack's device from ``data`` as it is there (the
+    one logits path, :func:`mlaudit.query.logits.collect_logits`). Empty dicts when the job asks none."""
+    from ..query.logits import collect_logits
+
+    per_model: list[dict[str, torch.Tensor]] = [{} for _ in range(stack.k)]
+    for name, plan in job.queries.items():
+        logits = collect_logits(stack, plan.inputs(data), queries=plan.queries, batch_size=batch_size,
+                                bf16=plan.bf16)  # [K, N, A, C]
+        for i in range(stack.k):
+            per_model[i][name] = logits[i].clone()  # its own storage: a model's record is saved alone
+    return per_model
 
 
 def _loaded(models: list[torch.nn.Module], outs: list[TrainOutput]) -> list[torch.nn.Module]:

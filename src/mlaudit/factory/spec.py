@@ -37,10 +37,55 @@ class TrialSpec:
     """Hooks of its DP-SGD step (the DP audit's gradient canary or broken fixture)."""
 
 
+QUERY_SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Logits every trained model reports before it leaves the device (:attr:`FactoryJob.queries`).
+
+    A membership pool needs each model's logits on the pool examples (and augmented copies, LiRA's
+    queries); asking for them here computes them on the trained stack while it is still on the device,
+    on the device-resident data, instead of saving M checkpoints and loading them back to query.
+
+    ``split`` is ``train`` or ``test`` (the base rows of the job's data, never a view's inserted
+    ones), ``rows`` int64 [N] indices into it (None: the whole split), ``queries`` the query names
+    of :mod:`mlaudit.query.logits` (A of them), ``bf16`` autocast on CUDA. The result is
+    float32 [N, A, C] on the CPU per model, in :attr:`TrainedModel.outputs` under the plan's name.
+    """
+
+    split: str = "train"
+    rows: Tensor | None = None
+    queries: tuple[str, ...] = ("identity",)
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        from ..query.logits import parse_queries  # the query module imports training code, not the factory
+
+        if self.split not in QUERY_SPLITS:
+            raise ConfigError(f"QueryPlan.split must be one of {list(QUERY_SPLITS)}, got {self.split!r}")
+        if self.rows is not None and (self.rows.dtype != torch.int64 or self.rows.dim() != 1 or self.rows.numel() == 0):
+            raise ConfigError(f"QueryPlan.rows must be a non-empty 1-D int64 tensor of row indices, got "
+                              f"{self.rows.dtype} {list(self.rows.shape)}")
+        parse_queries(self.queries)
+
+    def check(self, data: DataBundle) -> None:
+        """Raise :class:`ConfigError` when ``rows`` fall outside the split of ``data`` (before any training)."""
+        n = len(data.train if self.split == "train" else data.test)
+        if self.rows is not None and (int(self.rows.min()) < 0 or int(self.rows.max()) >= n):
+            raise ConfigError(f"QueryPlan.rows holds indices outside [0, {n}) of the {self.split} split")
+
+    def inputs(self, data: DataBundle) -> Tensor:
+        """The plan's inputs [N, *shape] from ``data`` (on the data's device)."""
+        split = data.train if self.split == "train" else data.test
+        return split.x if self.rows is None else split.x[self.rows.to(split.x.device)]
+
+
 @dataclass
 class TrainedModel:
     """A finished model: CPU ``state_dict``, ``metrics`` (test accuracy/loss, final train loss),
-    optimisation ``steps``, and ``wall_s`` = this model's share of its chunk's wall time."""
+    optimisation ``steps``, ``wall_s`` = this model's share of its chunk's wall time, and ``outputs``:
+    the logits float32 [N, A, C] of each of the job's :attr:`FactoryJob.queries`, by name."""
 
     trial_id: str
     seed: int
@@ -49,6 +94,7 @@ class TrainedModel:
     steps: int
     wall_s: float
     tags: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,6 +109,7 @@ class FactoryJob:
     out-of-memory back-off; 0 = not even one fits). Trial ids must be unique, views named by trials
     must exist and masks must be 1-D bool (checked here; mask lengths are checked against the data
     when training starts). ``trainer`` names the user's training function (None: mlaudit's loop).
+    ``queries`` names the logits each trained model reports before it leaves the device (:class:`QueryPlan`).
     """
 
     model: ModelSpec
@@ -80,6 +127,7 @@ class FactoryJob:
     trainer: str | None = None
     """The user's training function (``package.module:function``; :mod:`mlaudit.train.trainer`), or
     None for mlaudit's own loop. A user trainer trains one trial at a time."""
+    queries: dict[str, QueryPlan] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.data is None and self.data_spec is None:
@@ -87,6 +135,9 @@ class FactoryJob:
         for name, value, low in (("max_chunk", self.max_chunk, 1), ("fake_memory_models", self.fake_memory_models, 0)):
             if value is not None and value < low:
                 raise ConfigError(f"FactoryJob.{name} must be None or >= {low}, got {value}")
+        for name, plan in self.queries.items():
+            if not isinstance(plan, QueryPlan):
+                raise ConfigError(f"FactoryJob.queries[{name!r}] must be a QueryPlan, got {type(plan).__name__}")
         seen: set[str] = set()
         for t in self.trials:
             if t.trial_id in seen:

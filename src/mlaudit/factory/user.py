@@ -20,6 +20,7 @@ from ..models.registry import build_model
 from ..train.evaluate import evaluate
 from ..train.loop import StackedModels, training_pools
 from ..train.trainer import UserTrainer, run_user_trainer
+from .batched import query_outputs
 from .spec import FactoryJob, TrainedModel, TrialSpec
 
 
@@ -35,11 +36,14 @@ def run_user_trials(job: FactoryJob, data: DataBundle, device: torch.device,
                                        device=device, recipe=job.recipe)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         metrics: dict[str, float | str] = {"trainer": job.trainer}
-        if job.evaluate:
+        outputs: dict[str, torch.Tensor] = {}
+        if job.evaluate or job.queries:
             stack = StackedModels.from_modules([model], device, strategy="loop")
-            ev = evaluate(stack, data.test.to(device), batch_size=job.recipe.eval_batch_size)
-            metrics.update(test_accuracy=float(ev["accuracy"][0]), test_loss=float(ev["loss"][0]))
-        m = TrainedModel(t.trial_id, t.seed, state, metrics, 0, wall, dict(t.tags))
+            if job.evaluate:
+                ev = evaluate(stack, data.test.to(device), batch_size=job.recipe.eval_batch_size)
+                metrics.update(test_accuracy=float(ev["accuracy"][0]), test_loss=float(ev["loss"][0]))
+            outputs = query_outputs(job, stack, data, batch_size=job.recipe.eval_batch_size)[0]
+        m = TrainedModel(t.trial_id, t.seed, state, metrics, 0, wall, dict(t.tags), outputs=outputs)
         if on_result is not None:
             on_result(m)
         done.append(m)

@@ -15,6 +15,7 @@ Writes benchmarks/results/membership_rmia_<name>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -31,6 +32,7 @@ from _common import write_results  # noqa: E402
 
 from mlaudit.attacks.membership import Observations, score_all_targets  # noqa: E402
 from mlaudit.experiments import run_experiment  # noqa: E402
+from mlaudit.experiments.membership import load_pool  # noqa: E402
 from mlaudit.stats import fpr_key, roc_metrics  # noqa: E402
 
 FPRS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -92,18 +94,37 @@ def main() -> None:
         t0 = time.perf_counter()
         res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
         wall = time.perf_counter() - t0
-        saved = torch.load(Path(tmp) / "run" / "artifacts" / "logits.pt", weights_only=True)
+        obs = load_pool(Path(tmp) / "run")  # the logits each model reported while training
     r = res.results
-    obs = Observations(saved["logits"], saved["labels"], saved["keep"], tuple(saved["queries"]),
-                       population_logits=saved["population_logits"], population_labels=saved["population_labels"])
-    keep = obs.keep.flatten().numpy()
+    print(f"kind run {wall:.1f} s; cost {r['cost']}", flush=True)
+    dev = torch.device(args.device)
+    pop = obs.population_logits
+    obs = dataclasses.replace(obs, logits=obs.logits.to(dev), labels=obs.labels.to(dev), keep=obs.keep.to(dev),
+                              population_logits=pop.to(dev) if pop is not None else None,
+                              population_labels=obs.population_labels.to(dev) if pop is not None else None)
+    keep = obs.keep.flatten().cpu().numpy()
     table, timings = {}, {}
-    for label, attack, opts in variants(obs.num_models):
-        t = time.perf_counter()
-        s = score_all_targets(attack, obs, **opts).double()
-        timings[label] = round(time.perf_counter() - t, 2)
-        table[label] = {"attack": attack, "options": opts,
-                        **roc_metrics(s.flatten().numpy(), keep, fpr_targets=FPRS, n_boot=args.n_boot, seed=0)}
+
+    def write(done: bool) -> None:
+        report(args, cfg, r, obs, table, timings, wall, what, model, recipe, done)
+
+    try:  # each variant is written as it finishes: a run cut by a time limit (SIGINT) keeps what it scored
+        for label, attack, opts in variants(obs.num_models):
+            t = time.perf_counter()
+            s = score_all_targets(attack, obs, **opts).double()
+            table[label] = {"attack": attack, "options": opts,
+                            **roc_metrics(s.flatten().cpu().numpy(), keep, fpr_targets=FPRS, n_boot=args.n_boot, seed=0,
+                                          device=dev)}
+            timings[label] = round(time.perf_counter() - t, 2)
+            print(f"{label}: {timings[label]} s", flush=True)
+            write(False)
+    except KeyboardInterrupt:
+        print("interrupted: the results hold the variants scored so far", flush=True)
+    write(len(table) == len(variants(obs.num_models)))
+
+
+def report(args: argparse.Namespace, cfg: dict, r: dict, obs: Observations, table: dict, timings: dict, wall: float,
+           what: str, model: str, recipe: str, done: bool) -> None:
     head = "| attack | AUC (%) | " + " | ".join(f"TPR@{100 * f:g}% FPR (%)" for f in FPRS) + " |\n"
     sep = "|---" * (2 + len(FPRS)) + "|\n"
 
@@ -129,12 +150,16 @@ def main() -> None:
           "## The kind's attacks at their defaults\n\n" + head + sep + kind_rows +
           f"\nDefaults: {r['metrics']['pool']['attack_options']}.\n\n"
           "## Reference models per example (offline: k OUT models; online: k/2 IN + k/2 OUT)\n\n" + head + sep
-          + ref_rows + "\nScoring time per variant (s, all targets): " + ", ".join(f"{k}: {v}" for k, v in timings.items())
-          + "\n")
+          + ref_rows + "\nScoring time per variant (s, all targets, scores and bootstrap on the device): "
+          + ", ".join(f"{k}: {v}" for k, v in timings.items()) + "\n"
+          + ("" if done else f"\n**Cut by the time limit after {len(table)} of {len(variants(obs.num_models))} "
+             "variants.**\n")
+          + f"\nCost of the kind run: {r['cost']}\n")
     write_results(f"membership_rmia_{args.name}", {"environment": env, "config": r["config"],
                                                      "kind_metrics": {a: r["metrics"][a] for a in cfg["attacks"]},
                                                      "pool": pool, "references": table, "scoring_s": timings,
-                                                     "process_wall_s": round(wall, 1)}, md)
+                                                     "process_wall_s": round(wall, 1), "cost": r["cost"],
+                                                     "complete": done}, md)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from mlaudit.attacks.membership import ATTACKS, MembershipAttack, Observations, inclusion_matrix
+from mlaudit.attacks.membership import (
+    ATTACKS,
+    MembershipAttack,
+    Observations,
+    inclusion_matrix,
+    score_all_targets,
+)
 from mlaudit.cli import app
 from mlaudit.data import load_dataset
 from mlaudit.data.view import DataView
@@ -211,14 +217,22 @@ def test_pool_logits_reported_in_training_equal_the_checkpoint_queries(tmp_path:
     """Each pool model reports its logits before it leaves the device (no weights saved by default); with
     ``pool.save_models`` the weights are kept and querying them gives the same logits, and a resumed run
     reads the kept logits without retraining."""
+    from mlaudit.experiments.membership import load_pool
     from mlaudit.query import logits_from_checkpoints
     from mlaudit.query.load import model_template
 
     data = load_dataset(SYNTH)
-    cfg = tiny(memorization=True)
-    run_experiment(cfg, out=tmp_path / "a", device="cpu", store=tmp_path / "s.db", quiet=True)
+    cfg = tiny(memorization=True, attacks=["loss", "lira-offline", "rmia-offline"])
+    a = run_experiment(cfg, out=tmp_path / "a", device="cpu", store=tmp_path / "s.db", quiet=True).results
     assert not (tmp_path / "a" / "artifacts" / "models").exists()
     assert len(list((tmp_path / "a" / "artifacts" / "queries").glob("*.pt"))) == 8
+    # the folder alone gives back the pool the run scored: rescoring it reproduces the run's scores
+    kept, pool = torch.load(tmp_path / "a" / "artifacts" / "logits.pt", weights_only=True), load_pool(tmp_path / "a")
+    assert torch.equal(pool.logits, kept["logits"]) and torch.equal(pool.population_logits, kept["population_logits"])
+    assert torch.equal(pool.keep, kept["keep"]) and torch.equal(pool.population_labels, kept["population_labels"])
+    scores = np.load(tmp_path / "a" / "artifacts" / "scores.npz")
+    np.testing.assert_allclose(score_all_targets("rmia-offline", pool, **a["metrics"]["pool"]["attack_options"]
+                                                 ["rmia-offline"]).double().numpy(), scores["rmia-offline"], rtol=1e-6)
     cfg = tiny(memorization=True, pool={"models": 8, "keep": 0.5, "save_models": True})
     res = run_experiment(cfg, out=tmp_path / "b", device="cpu", store=tmp_path / "s2.db", quiet=True).results
     kept = torch.load(tmp_path / "b" / "artifacts" / "logits.pt", weights_only=True)

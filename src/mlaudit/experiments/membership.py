@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..attacks.membership import (
     shadow_coverage,
 )
 from ..data.base import DataBundle
+from ..data.registry import load_dataset
 from ..errors import ConfigError, DataError, TrainingError, TrialError
 from ..factory import QueryPlan, TrialSpec
 from ..query import logits_from_checkpoints, model_template
@@ -210,6 +212,43 @@ def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, rec
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
     return logits_from_checkpoints(functools.partial(model_template, config.model, data), paths, x, queries=queries,
                                    device=ctx.device, sha256=[r.get("sha256") for r in records])
+
+
+def load_pool(out_dir: str | Path, *, data: DataBundle | None = None) -> Observations:
+    """The pool of a finished ``membership-inference`` run, read back from its folder, to score it with
+    other attacks or options without training again (``score_all_targets(name, load_pool(out), ...)``).
+
+    Reads ``config.yaml``, ``artifacts/inclusion.npy`` and the logits each model reported while training
+    (``artifacts/queries/pool-*.pt``, weights-only loads; their sha256 are in the run store's trial records).
+    A model whose training failed has no file and is left out with its row of the inclusion matrix, as in the
+    run. ``data``: the run's dataset when already loaded (else loaded from the config). Returns
+    :class:`Observations` with logits [M, N, A, C] and, when the run scored RMIA/BASE against a
+    population, ``population_logits`` [M, Z, A, C].
+    """
+    from ..config import load_yaml
+    from .base import parse_config
+
+    out = Path(out_dir).expanduser()
+    config = parse_config(load_yaml(out / "config.yaml"))
+    if not isinstance(config, MembershipConfig):
+        raise ConfigError(f"{str(out)!r} holds a {config.kind} run, not membership-inference")
+    data = data if data is not None else load_dataset(config.dataset)
+    rows = pool_indices(config, len(data.train))
+    keep = torch.from_numpy(np.load(out / "artifacts" / "inclusion.npy"))
+    files = {int(p.stem.rsplit("-", 1)[1]): p for p in (out / "artifacts" / "queries").glob("pool-*.pt")}
+    if not files:
+        raise DataError(f"{str(out)!r} holds no pool logits (artifacts/queries/pool-*.pt): the run trained none, or "
+                        "before models reported their logits (query its checkpoints with logits_from_checkpoints)")
+    models = sorted(files)
+    parts = [load_checkpoint(files[m]) for m in models]
+    pop = torch.stack([p["population"] for p in parts]) if all("population" in p for p in parts) else None
+    pop_y = None
+    if pop is not None:
+        split, pop_rows = population_index(config, data, rows)
+        pop_y = (data.test if split == "test" else data.train).y[pop_rows]
+    return Observations(torch.stack([p["pool"] for p in parts]), data.train.y[rows], keep[models],
+                        resolve_queries(config, data), meta={"models": models},
+                        population_logits=pop, population_labels=pop_y)
 
 
 @register_experiment("membership-inference", config=MembershipConfig, check=check_membership)

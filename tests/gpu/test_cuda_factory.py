@@ -157,3 +157,28 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
             print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
             tol = {"rtol": 1e-4, "atol": 1e-5} if strategy == "loop" else {"rtol": 1e-3, "atol": 2e-4}
             torch.testing.assert_close(b.state_dict[name].float(), t.float(), **tol)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_query_plans_on_cuda_equal_the_checkpoint_path(strategy: str) -> None:
+    """Logits reported on the device at the end of a chunk (FactoryJob.queries, CUDA graphs and per-model
+    streams in the loop layout) equal the returned weights queried through the checkpoint path."""
+    import functools
+
+    from mlaudit.factory import QueryPlan
+    from mlaudit.models import build_model
+    from mlaudit.query import logits_from_checkpoints
+
+    data = load_dataset(SPEC)
+    rows = torch.arange(0, 256, 3)
+    plans = {"pool": QueryPlan("train", rows=rows, queries=("identity", "flip"))}
+    r = Recipe(lr=0.05, epochs=2, batch_size=64, schedule="constant", augment="none", precision="fp32", cuda_graph=True)
+    models = run_trials(FactoryJob(model=ModelSpec(name="fastcnn"), recipe=r, data=data, device="cuda", max_chunk=3,
+                                   strategy=strategy, queries=plans,
+                                   trials=tuple(TrialSpec(f"m{i}", seed=i) for i in range(3))))
+    template = functools.partial(build_model, ModelSpec(name="fastcnn"), input_shape=data.input_shape,
+                                 num_classes=data.num_classes)
+    want = logits_from_checkpoints(template, [m.state_dict for m in models], data.train.x[rows],
+                                   queries=("identity", "flip"), device="cuda")
+    got = torch.stack([m.outputs["pool"] for m in models])
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # TF32 convolutions on either side

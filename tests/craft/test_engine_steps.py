@@ -55,9 +55,10 @@ def test_early_stop_holding_done_samples_until_half_are_done_gives_the_same_resu
     thresh = torch.linspace(0.05, 1.5, 40)
     seen: dict[float, list[int]] = {}
 
-    def run(shrink: float):
+    def run(shrink: float, lagged: bool = False):
         monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
-        sizes = seen.setdefault(shrink, [])
+        monkeypatch.setattr(engine, "_lagged_counts", lambda x: lagged)
+        sizes = seen.setdefault(shrink + 10 * lagged, [])
 
         def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             sizes.append(len(idx))
@@ -75,6 +76,13 @@ def test_early_stop_holding_done_samples_until_half_are_done_gives_the_same_resu
     torch.testing.assert_close(held.per_sample, now.per_sample)
     assert len(set(seen[0.5])) < len(set(seen[0.0]))  # fewer distinct batch sizes
     assert sum(seen[0.5]) > sum(seen[0.0])  # paid for with passes over held samples
+    # CUDA reads the done counts a step late (no blocking read per step): decisions lag, results do not
+    for shrink in (0.0, 0.5):
+        lag = run(shrink, lagged=True)
+        assert lag.done is not None and lag.done.tolist() == now.done.tolist()
+        torch.testing.assert_close(lag.delta, now.delta)
+        torch.testing.assert_close(lag.per_sample, now.per_sample)
+        assert sum(seen[shrink + 10]) >= sum(seen[shrink])  # at most extra passes over held samples
 
 
 def test_apgd_checkpoints_follow_the_paper() -> None:
@@ -88,3 +96,24 @@ def test_apgd_halves_a_stalled_step_and_returns_to_the_best_point() -> None:
     res = craft(lambda xa, idx: (xa[:, 0] - 0.3).abs(), x, constraint=LinfBall(0.5), steps=100, optimizer="apgd",
                 lr=2.0, keep_best=True)
     assert abs(float(res.delta) - 0.3) < 0.02
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.5])
+def test_lagged_counts_when_every_sample_finishes_at_once(shrink: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA policy reads the done count a step late: when every sample is done at the same step, the
+    late count has not seen it yet and the compaction empties the batch; the run still ends with the same
+    result as the immediate count."""
+    x = torch.zeros(6, 2)
+
+    def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return -xa.sum(1), xa.sum(1) >= 0.15  # every sample is done after the first step of 0.1 per coordinate
+
+    out = {}
+    for lagged in (False, True):
+        monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
+        monkeypatch.setattr(engine, "_lagged_counts", lambda x, lagged=lagged: lagged)
+        out[lagged] = craft(obj, x, constraint=LinfBall(0.5), steps=6, optimizer="pgd", lr=0.2, schedule="constant",
+                            restarts=2, early_stop=True, keep_best=True)
+    assert out[True].done is not None and bool(out[True].done.all())
+    torch.testing.assert_close(out[True].delta, out[False].delta)
+    torch.testing.assert_close(out[True].delta, torch.full((6, 2), 0.1))

@@ -139,6 +139,8 @@ KINDS = {
     "dp-audit": {"kind": "dp-audit", "models_per_side": 20, "claimed_epsilon": 1.0, "confidence": 0.9},
     "protect": {"kind": "protect", "attack": {"method": "lowkey", "eps": 32, "steps": 5}, "users": 2,
                 "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "adaptive", "strategy": "adaptive"}]},
+    "robustness": {"kind": "robustness", "trials": 2, "attacks": ["pgd"], "attack_options": {"pgd": {"steps": 5}},
+                   "threat": {"eps": [0.1]}, "examples": 40, "sanity": False, "grid": 0},
 }
 
 
@@ -151,6 +153,51 @@ def test_every_kind_runs_on_the_users_model_data_and_trainer(user: str, tmp_path
     trained = [t for t in res["trials"] if isinstance(t, dict) and "test_accuracy" in t]
     if kind == "train":
         assert len(trained) == 2 and all(t["test_accuracy"] > 0.6 for t in trained)  # 10 classes: chance is 0.1
+
+
+def test_robustness_kind_attacks_the_users_model(user: str, tmp_path: Path) -> None:
+    """The ``robustness`` kind with ``model: package.module:factory`` (mlaudit's digits and recipe): the user's
+    class is trained and attacked end to end; its checkpoint loads into the user's own ``Net``, which recomputes
+    the clean accuracy and FAB's per-example minimal perturbations on the attacked examples; the checkpoint
+    given back as ``target`` gives the same numbers."""
+    import importlib
+
+    import numpy as np
+
+    from mlaudit.attacks.evasion import fab
+    from mlaudit.data import load_dataset
+    from mlaudit.train.checkpoint import load_checkpoint, sha256_file
+
+    cfg = {"kind": "robustness", "dataset": "digits", "model": f"{user}:Net", "recipe": {"name": "fast", "epochs": 4},
+           "attacks": ["pgd", "fab"], "attack_options": {"pgd": {"steps": 10}, "fab": {"steps": 20}},
+           "threat": {"norm": "linf", "eps": [0.05, 0.2, 0.5]}, "examples": 60, "sanity": False, "grid": 2, "seed": 0}
+    res = run(cfg, tmp_path)
+    m = res["metrics"]
+    assert res["config"]["model"]["name"] == f"{user}:Net" and res["cost"]["models_trained"] == 1
+    assert m["clean_accuracy"]["value"] > 0.8 and m["examples"] == 60
+    for attack in ("pgd", "fab", "worst case"):
+        curve = [m["robust_accuracy"][attack][e]["value"] for e in ("0.05", "0.2", "0.5")]
+        assert curve == sorted(curve, reverse=True) and curve[0] > 0.3 and curve[-1] == 0.0, (attack, curve)
+    ckpt = tmp_path / "o" / "artifacts" / "models" / "model-0000.pt"
+    net = importlib.import_module(user).Net()
+    net.load_state_dict(load_checkpoint(ckpt))  # strict: the user's own architecture
+    net.eval()
+    saved = np.load(tmp_path / "o" / "artifacts" / "min_perturbation.npz")
+    rows = torch.from_numpy(saved["rows"])
+    data = load_dataset({"name": "digits"})
+    x, y = data.test.x[rows], data.test.y[rows]
+    with torch.no_grad():
+        correct = net(x).argmax(1) == y
+    assert int(correct.sum()) == m["clean_accuracy"]["k"]
+    x_min = fab(net, x, y, norm="linf", steps=20)
+    with torch.no_grad():
+        fooled = correct & (net(x_min).argmax(1) != y)
+    size = (x_min - x).flatten(1).abs().amax(1).double()
+    np.testing.assert_allclose(saved["fab"][0], torch.where(fooled, size, torch.nan).numpy(), rtol=1e-5, atol=1e-6)
+    ext = {**cfg, "target": {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt)}, "grid": 0}
+    again = run(ext, tmp_path, "target")["metrics"]
+    assert again["clean_accuracy"] == m["clean_accuracy"] and again["robust_accuracy"] == m["robust_accuracy"]
+    assert again["min_perturbation"] == m["min_perturbation"]
 
 
 def test_user_trainer_resumes_and_travels_to_process_workers(user: str, tmp_path: Path) -> None:

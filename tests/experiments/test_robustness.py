@@ -9,18 +9,22 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from mlaudit.attacks.evasion import cw_l2, fab
 from mlaudit.attacks.evasion.sanity import masking_flags, pgd_loss_curve
 from mlaudit.cli import app
+from mlaudit.data import load_dataset
 from mlaudit.errors import ConfigError, DataError
-from mlaudit.experiments import run_experiment
+from mlaudit.experiments import parse_config, run_experiment
 from mlaudit.experiments.robustness import rate
 from mlaudit.headline import headline
+from mlaudit.query import load_model
 from mlaudit.train.checkpoint import sha256_file
 
 BASE: dict[str, Any] = {"kind": "robustness", "name": "rob", "dataset": "digits", "model": "mlp",
@@ -77,6 +81,49 @@ def test_target_checkpoint_gives_the_trained_models_numbers(base_run: tuple[Path
     with pytest.raises(DataError):
         go(bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_minimal_perturbations_are_saved_per_example(base_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """CW and FAB run once without eps; artifacts/min_perturbation.npz holds each one's per-example norm (CW:
+    l2, FAB: threat.norm), NaN where it did not fool: the same norms as the attacks called directly on the
+    run's model and examples, and the robust accuracy at every eps and the quartiles follow from them."""
+    out, _ = base_run
+    assert not (out / "artifacts" / "min_perturbation.npz").exists()  # that run has no minimal-norm attack
+    cfg = {**BASE, "attacks": ["pgd", "cw", "fab"], "examples": 50, "sanity": False, "grid": 0,
+           "attack_options": {"pgd": {"steps": 10}, "cw": {"steps": 20, "search_steps": 2}, "fab": {"steps": 20}}}
+    m = go(cfg, tmp_path / "run")["metrics"]
+    saved = np.load(tmp_path / "run" / "artifacts" / "min_perturbation.npz")
+    assert sorted(saved.files) == ["attacks", "cw", "fab", "models", "norms", "rows"]
+    assert list(saved["attacks"]) == ["cw", "fab"] and list(saved["norms"]) == ["l2", "linf"]
+    assert list(saved["models"]) == ["model-0000"]
+    rows = saved["rows"]
+    assert rows.shape == (50,) and (np.diff(rows) > 0).all()
+    data = load_dataset({"name": "digits"})
+    x, y = data.test.x[torch.from_numpy(rows)], data.test.y[torch.from_numpy(rows)]
+    model = load_model(parse_config(cfg).model, tmp_path / "run" / "artifacts" / "models" / "model-0000.pt",
+                       data=data).eval()
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    assert int(correct.sum()) == m["clean_accuracy"]["k"]
+    direct = {"cw": (cw_l2(model, x, y, steps=20, search_steps=2), "l2"), "fab": (fab(model, x, y, steps=20), "linf")}
+    for name, (x_adv, norm) in direct.items():
+        with torch.no_grad():
+            fooled = correct & (model(x_adv).argmax(1) != y)
+        d = (x_adv - x).flatten(1).double()
+        size = d.norm(dim=1) if norm == "l2" else d.abs().amax(1)
+        a = saved[name]
+        assert a.shape == (1, 50) and a.dtype == np.float64
+        np.testing.assert_allclose(a[0], torch.where(fooled, size, torch.nan).numpy(), rtol=1e-5, atol=1e-6)
+        ok = np.isfinite(a[0])
+        assert 0 < ok.sum() <= int(correct.sum()) and (a[0][ok] > 0).all()
+        q = m["min_perturbation"][name]
+        assert (q["norm"], q["fooled"], q["n"]) == (norm, int(ok.sum()), 50)
+        assert q["median"] == pytest.approx(float(np.median(a[0][ok])))
+    assert m["cw_min_l2"] == {k: v for k, v in m["min_perturbation"]["cw"].items() if k != "norm"}
+    for e in BASE["threat"]["eps"]:  # FAB's norm is the threat's: its robust accuracy is read off the array
+        broken = int((saved["fab"][0] <= e * (1 + 1e-5)).sum())
+        assert m["robust_accuracy"]["fab"][f"{e:g}"]["k"] == m["clean_accuracy"]["k"] - broken
+    assert "Minimal perturbation per example" in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_rate_intervals() -> None:

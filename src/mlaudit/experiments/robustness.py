@@ -4,8 +4,10 @@ Protocol: the model is the external ``target`` checkpoint (hash- and fit-checked
 trained by the factory under ``recipe``. ``examples`` test examples (a seeded draw) are attacked with
 each of ``attacks`` (:data:`mlaudit.attacks.evasion.EVASION_ATTACKS`) at every radius of ``threat.eps``;
 an example is robust at eps under an attack when it is classified correctly clean and at the attack's
-x_adv. CW has no eps: it is run once and counts as a success at eps when its (minimal) perturbation
-measured in ``threat.norm`` is <= eps. The worst case per example is robust only if no attack fools it.
+x_adv. The minimal-norm attacks (:data:`MINIMAL_NORM`: CW, FAB, FAB-T) run once without eps and count as
+a success at eps when their (minimal) perturbation measured in ``threat.norm`` is <= eps; each one's
+per-example minimal norm goes to ``artifacts/min_perturbation.npz`` (:func:`min_perturbation_arrays`).
+The worst case per example is robust only if no attack fools it.
 Rates carry 95% Clopper-Pearson intervals over the examples (one model) or percentile-bootstrap
 intervals over the examples of the per-example mean over the models (several). The sanity section
 (:mod:`mlaudit.attacks.evasion.sanity`) flags signs of gradient masking. Optional blocks: ``defence``
@@ -69,14 +71,25 @@ def _norms(d: Tensor) -> dict[str, Tensor]:
     return {"linf": flat.abs().amax(1), "l2": flat.norm(dim=1)}
 
 
+MINIMAL_NORM = frozenset({"cw", "fab", "fab-t"})
+"""Attacks that look for the smallest perturbation that fools (no eps): the kind runs each once and reads
+its success at every eps off the perturbation's size in ``threat.norm``."""
+
+
+def minimised_norm(name: str, threat_norm: str) -> str:
+    """The norm a minimal-norm attack minimises: CW's is l2 (whatever the threat), FAB's the one it is run in."""
+    return "l2" if name == "cw" else threat_norm
+
+
 class _Evaluation:
-    """One model's attacks: ``robust[name]`` bool [E, N], CW's l2 distances, the grid's adversarial points."""
+    """One model's attacks: ``robust[name]`` bool [E, N], the minimal-norm attacks' per-example norms, the
+    grid's adversarial points."""
 
     def __init__(self, config: RobustnessConfig, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> None:
         self.config, self.model, self.x, self.y, self.seed = config, model, x, y, seed
         self.clean = self.correct(x)
         self.robust: dict[str, Tensor] = {}
-        self.cw_l2: Tensor | None = None  # [N], inf where CW found nothing
+        self.min_norm: dict[str, Tensor] = {}  # minimal-norm attack -> float64 [N], NaN where it did not fool
         self.grid_adv = x.clone()  # per example: the first fooling x_adv at the largest eps
         self.grid_by = ["" for _ in range(len(x))]
 
@@ -92,11 +105,12 @@ class _Evaluation:
 
     def run(self, name: str) -> None:
         th = self.config.threat
-        if name == "cw":
-            x_adv = self.call(name)
+        if name in MINIMAL_NORM:  # one run without eps; x_adv is the smallest fooling point found (x where none)
+            x_adv = self.call(name) if name == "cw" else self.call(name, norm=th.norm)
             fooled = self.clean & ~self.correct(x_adv)
             dist = _norms((x_adv - self.x).cpu())
-            self.cw_l2 = torch.where(fooled, dist["l2"], torch.tensor(math.inf))
+            self.min_norm[name] = torch.where(fooled, dist[minimised_norm(name, th.norm)].double(),
+                                              torch.tensor(math.nan, dtype=torch.float64))
             size = dist[th.norm]
             self.robust[name] = torch.stack([self.clean & ~(fooled & (size <= e * (1 + 1e-5))) for e in th.eps])
             self._keep(name, x_adv, fooled & (size <= th.eps[-1] * (1 + 1e-5)))
@@ -204,12 +218,22 @@ def run_robustness(config: RobustnessConfig, ctx: RunContext) -> ExperimentOutpu
     tables = [_eps_table(config, by_eps)]
     notes = [f"{len(rows)} test examples of {data.name} (seeded draw; id {data.id}); threat model {th.norm} ball, "
              f"pixel box {list(th.box)}; intervals: 95% {by_eps[WORST][0]['method']}"]
-    cw = [ev.cw_l2 for _, _, ev in evals if ev.cw_l2 is not None]
-    if cw:
-        metrics["cw_min_l2"] = _quartiles(torch.cat(cw))
-        tables.append(ReportTable("CW: per-example minimal l2 perturbation (examples CW fooled)",
-                                  ["fooled", "of", "q1", "median", "q3"],
-                                  [[metrics["cw_min_l2"].get(k) for k in ("fooled", "n", "q1", "median", "q3")]]))
+    minimal = min_perturbation_arrays(config, [ev for _, _, ev in evals])
+    if minimal:
+        metrics["min_perturbation"] = {name: {"norm": minimised_norm(name, th.norm), **_quartiles(a)}
+                                       for name, a in minimal.items()}
+        if "cw" in minimal:
+            metrics["cw_min_l2"] = _quartiles(minimal["cw"])
+        ctx.write_artifact(MIN_PERTURBATION, lambda f: np.savez_compressed(
+            f, **minimal, rows=rows.numpy().astype(np.int64), models=np.array([tid for tid, _, _ in evals]),
+            attacks=np.array(list(minimal)), norms=np.array([minimised_norm(n, th.norm) for n in minimal])))
+        keys = ("fooled", "n", "q1", "median", "q3")
+        tables.append(ReportTable("Minimal perturbation per example (over the examples each attack fooled)",
+                                  ["attack", "norm", "fooled", "of", "q1", "median", "q3"],
+                                  [[name, q["norm"], *[q.get(k) for k in keys]]
+                                   for name, q in metrics["min_perturbation"].items()],
+                                  note=f"per example and model: artifacts/{MIN_PERTURBATION} (NaN where the attack "
+                                       "did not fool the example, or it was misclassified clean)"))
     if config.sanity:
         # transfer check: each model is attacked with PGD crafted on the next one (several models only)
         surrogates = [evals[(i + 1) % len(evals)][2].model if len(evals) > 1 else None for i in range(len(evals))]
@@ -326,9 +350,21 @@ def _eps_table(config: RobustnessConfig, by_eps: dict[str, list[dict[str, Any]]]
                        [[name, *vals] for name, vals in by_eps.items()])
 
 
-def _quartiles(d: Tensor) -> dict[str, Any]:
-    ok = d[torch.isfinite(d)].numpy()
-    out: dict[str, Any] = {"fooled": int(ok.size), "n": int(d.numel())}
+MIN_PERTURBATION = "min_perturbation.npz"
+"""Artifact with each minimal-norm attack's per-example perturbation norms (:func:`min_perturbation_arrays`)."""
+
+
+def min_perturbation_arrays(config: RobustnessConfig, evals: list[_Evaluation]) -> dict[str, np.ndarray]:
+    """Per minimal-norm attack of the run (:data:`MINIMAL_NORM`, in ``config.attacks`` order): float64
+    [T, N] (models x examples), the norm (:func:`minimised_norm`) of the perturbation of the smallest
+    fooling point the attack found, NaN where it fooled nothing (or the example was misclassified clean)."""
+    return {name: torch.stack([ev.min_norm[name] for ev in evals]).numpy()
+            for name in config.attacks if name in MINIMAL_NORM}
+
+
+def _quartiles(d: np.ndarray) -> dict[str, Any]:
+    ok = d[np.isfinite(d)]
+    out: dict[str, Any] = {"fooled": int(ok.size), "n": int(d.size)}
     if ok.size:
         q1, med, q3 = np.quantile(ok, [0.25, 0.5, 0.75])
         out.update(q1=float(q1), median=float(med), q3=float(q3))

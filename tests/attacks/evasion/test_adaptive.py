@@ -100,8 +100,9 @@ def test_eot_breaks_a_randomised_defence_that_fools_plain_pgd() -> None:
     """Seed 003's lesson for randomness: the MLP behind N(0, 0.3^2) input noise, 300 test examples, l-inf eps
     0.2, PGD-40. Plain PGD through the defence (one noise draw per step, and it leaves as soon as one draw
     is fooled) leaves far more examples robust than EOT-PGD (the loss averaged over 16 draws per step).
-    Measured: naive 0.731 vs EOT 0.496 (gap 0.235); over 3 training seeds x 2 attack seeds the gap was
-    0.19-0.24, so the test asks for 0.1."""
+    Measured: naive 0.731 vs EOT 0.207 (an example done only when all 16 draws are fooled; 0.496 when a
+    majority sufficed, when the gap over 3 training seeds x 2 attack seeds was 0.19-0.24), so the test asks
+    for 0.1, and for EOT to beat PGD transferred from the bare model (0.410)."""
     data = load_dataset({"name": "digits"})
     x, y = data.test.x[:300], data.test.y[:300]
     model = noise_trained_mlp()
@@ -113,7 +114,8 @@ def test_eot_breaks_a_randomised_defence_that_fools_plain_pgd() -> None:
     assert r["clean_defended"] > 0.8  # the defence keeps the model useful (measured 0.908)
     assert r["robust_undefended"] < 0.2  # and the bare model is not robust (measured 0.06)
     assert r["robust_naive"] > r["robust_adaptive"] + 0.1
-    assert r["robust_adaptive"] < 0.65  # measured 0.496
+    assert r["robust_adaptive"] < 0.4  # measured 0.207 (0.496 when a majority of fooled draws counted as done)
+    assert r["robust_adaptive"] < r["robust_transfer"]  # measured 0.207 vs 0.410
 
 
 def test_pgd_takes_eot_and_refuses_zero() -> None:

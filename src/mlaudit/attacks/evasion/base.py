@@ -155,7 +155,10 @@ class EvasionObjective:
         t = None if self.target is None else self.target[idx]
         # Expectation over transformation (Athalye et al. 2018): a randomised model (a defence that draws
         # its own noise, crops, ...) is run on eot copies in one batch; the loss is their mean, and an
-        # example is done when most of the copies are fooled (with eot = 1: the one pass and its verdict).
+        # example is done only when every copy is fooled (with eot = 1: the one pass and its verdict). Done at
+        # a majority, it stopped near the boundary, where fresh draws still classified it right about half the
+        # time: on a noise-defended digits MLP that left 49.6% robust, above the 42.6% of PGD transferred from
+        # the bare model.
         k, b = self.eot, x_adv.shape[0]
         xs = x_adv if k == 1 else x_adv.repeat(k, *([1] * (x_adv.dim() - 1)))  # copy j at rows j*B..(j+1)*B
         z = self.model(xs)
@@ -163,7 +166,7 @@ class EvasionObjective:
         losses = self.loss(z, y.repeat(k), tk).view(k, b)
         pred = z.argmax(1).view(k, b)
         hits = pred == t if self.goal == "target" else pred != y
-        return -losses.mean(0), hits.float().mean(0) > 0.5
+        return -losses.mean(0), hits.all(0)
 
 
 def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, box: tuple[float, float],

@@ -63,11 +63,12 @@ def _base(obs: Observations, targets: list[int], *, online: bool, temperature: f
           references: int | None, seed: int) -> Tensor:
     name = "base-online" if online else "base-offline"
     _check(obs, temperature=temperature, a=a)
-    s = tempered_log_likelihood(obs.logits, obs.labels, temperature, attack=name).cpu()
-    keep = obs.keep.bool().cpu()
+    s = tempered_log_likelihood(obs.logits, obs.labels, temperature, attack=name)  # on the logits' device (see rmia)
+    keep = obs.keep.bool().to(s.device)
     out = []
     for t in targets:
         refs, w_in, w_out = reference_weights(keep, t, references=references, online=online, seed=seed, attack=name)
+        refs = refs.to(s.device)
         w = (w_in | w_out) if online else w_out
         if bool((w.sum(0) < 1).any()):
             raise ConfigError(f"{name} needs >= 1 {'' if online else 'OUT '}reference model (a model other than target "

@@ -117,3 +117,31 @@ def test_lagged_counts_when_every_sample_finishes_at_once(shrink: float, monkeyp
     assert out[True].done is not None and bool(out[True].done.all())
     torch.testing.assert_close(out[True].delta, out[False].delta)
     torch.testing.assert_close(out[True].delta, torch.full((6, 2), 0.1))
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_final_eval_off_returns_the_same_last_iterate_with_one_pass_less(early_stop: bool) -> None:
+    """``final_eval=False`` (FGSM and other attacks without keep-best) skips scoring the last iterate: the same
+    perturbation, one forward pass fewer; refused where that score is needed (keep-best, restarts)."""
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.rand(8, 3, generator=gen), torch.randn(3, generator=gen)
+    calls: dict[bool, int] = {}
+
+    def run(final_eval: bool):
+        calls[final_eval] = 0
+
+        def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            calls[final_eval] += 1
+            s = xa @ w
+            return -s, s > 2.0
+
+        return craft(obj, x, constraint=LinfBall(0.3), steps=3, optimizer="pgd", lr=0.4, schedule="constant",
+                     early_stop=early_stop, final_eval=final_eval)
+
+    full, short = run(True), run(False)
+    torch.testing.assert_close(short.delta, full.delta)
+    assert calls[False] == calls[True] - 1
+    with pytest.raises(Exception, match="final_eval=False"):
+        craft(lambda xa, idx: xa.sum(1), x, constraint=LinfBall(0.3), steps=2, keep_best=True, final_eval=False)
+    with pytest.raises(Exception, match="final_eval=False"):
+        craft(lambda xa, idx: xa.sum(1), x, constraint=LinfBall(0.3), steps=2, restarts=2, final_eval=False)

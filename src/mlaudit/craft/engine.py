@@ -86,6 +86,7 @@ def craft(
     parallel_restarts: int = 1,
     keep_best: bool = False,
     early_stop: bool = False,
+    final_eval: bool = True,
 ) -> CraftResult:
     """Minimise ``objective`` over ``delta`` for inputs ``x`` [P, *shape]; see the module docstring.
 
@@ -99,12 +100,20 @@ def craft(
     step instead of G) when the objective has a ``batched(x_adv [G, B, *shape], idx [B])`` method
     returning [G] (joint) or [G, B] (separable) losses, e.g. :class:`GradientMatching`; it costs G
     times the memory of one restart.
+
+    ``final_eval=False`` skips the forward pass that scores the last iterate (one pass of ``steps + 1``; FGSM
+    is one step, so a third of its cost): the result is then the last iterate, and ``objective``,
+    ``per_sample`` and ``done`` are those of the iterate before the last step. Only without ``keep_best``
+    (which needs that score) and with one restart (restarts are ranked by it).
     """
     if steps < 0 or restarts < 1 or lr <= 0 or parallel_restarts < 1:
         raise ConfigError(f"craft needs steps >= 0, restarts >= 1, parallel_restarts >= 1 and lr > 0; got "
                           f"steps={steps}, restarts={restarts}, parallel_restarts={parallel_restarts}, lr={lr}")
     if optimizer not in UPDATES:
         raise ConfigError(f"unknown craft optimizer {optimizer!r}; valid: {', '.join(sorted(UPDATES))}")
+    if not final_eval and (keep_best or restarts > 1):
+        raise ConfigError("final_eval=False returns the last iterate unscored: it needs keep_best=False and restarts=1 "
+                          f"(got keep_best={keep_best}, restarts={restarts})")
     if parallel_restarts > 1 and not callable(getattr(objective, "batched", None)):
         raise ConfigError(f"parallel_restarts = {parallel_restarts} needs an objective with a batched(x_adv [G, B, ...], "
                           f"idx) method; {type(objective).__name__} has none (use parallel_restarts: 1)")
@@ -114,7 +123,7 @@ def craft(
                           f"got shape {list(init.shape)}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     run = _Run(objective, x, constraint, steps, optimizer, lr, schedule, augment, batch_size, generator, on_step,
-               keep_best, early_stop)
+               keep_best, early_stop, final_eval)
     best: CraftResult | None = None
     finals: list[float] = []
     for r0 in range(0, restarts, parallel_restarts):
@@ -146,12 +155,12 @@ class _Run:
     def __init__(self, objective: Objective, x: Tensor, constraint: Constraint, steps: int, optimizer: str,
                  lr: float, schedule: str, augment: AugmentSpec | None, batch_size: int | None,
                  generator: torch.Generator, on_step: Callable[[int, float], None] | None, keep_best: bool,
-                 early_stop: bool) -> None:
+                 early_stop: bool, final_eval: bool = True) -> None:
         self.objective, self.x, self.constraint, self.steps = objective, x, constraint, steps
         self.update, self.lr, self.schedule = UPDATES[optimizer], lr, _SCHEDULES[schedule]
         self.augment = None if augment is None or augment.is_identity else augment
         self.batch_size, self.generator, self.on_step = batch_size, generator, on_step
-        self.keep_best, self.early_stop = keep_best, early_stop
+        self.keep_best, self.early_stop, self.final_eval = keep_best, early_stop, final_eval
         self.scale = 1.0 if isinstance(constraint, (Box, Free)) else float(constraint.eps)
         self.shrink_at = _shrink_at(x)
 
@@ -177,6 +186,9 @@ class _Run:
         pending: _Counts | None = None  # lagged: the previous step's counts, copied to the host asynchronously
         for step in range(self.steps + 1):
             final = step == self.steps
+            if final and not self.final_eval and step > 0:  # the last iterate, unscored (see craft's final_eval)
+                out_delta[:, work] = delta.detach()
+                break
             delta.requires_grad_(not final)
             idx = rows[work]
             totals, per, done = _evaluate(self.objective, self.x[idx], idx, delta, None if final else self.augment,

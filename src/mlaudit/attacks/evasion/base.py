@@ -184,5 +184,6 @@ def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str,
     with evaluating(model, requires_grad=False):
         res = craft(objective, x, constraint=make_constraint(norm, eps, box), steps=steps, optimizer=optimizer,
                     lr=lr, schedule=schedule, restarts=restarts, init="random" if random_start else "zero",
-                    generator=gen, batch_size=batch_size, keep_best=keep_best, early_stop=early_stop)
+                    generator=gen, batch_size=batch_size, keep_best=keep_best, early_stop=early_stop,
+                    final_eval=keep_best or restarts > 1)  # without keep-best the last iterate needs no score
     return (x + res.delta).detach()

@@ -21,6 +21,7 @@ from mlaudit.data.registry import DatasetSpec, load_dataset
 from mlaudit.errors import ConfigError, TrainingError
 from mlaudit.factory import (
     FactoryJob,
+    QueryPlan,
     RayExecutor,
     TrainedModel,
     TrialSpec,
@@ -45,8 +46,10 @@ def job(n: int = 4, *, max_chunk: int | None = 2, with_spec: bool = False, masks
     r = Recipe(lr=0.05, epochs=1, batch_size=16, schedule="triangular", warmup_fraction=0.2, augment="none")
     masks = masks or [None] * n
     trials = tuple(TrialSpec(f"m{i}", seed=i, mask=masks[i]) for i in range(n))
+    # each model also reports its test logits (FactoryJob.queries): they travel back from workers with it
     return FactoryJob(model=ModelSpec(name="mlp", width=8), recipe=r, data=data(), trials=trials,
-                      data_spec=SPEC if with_spec else None, max_chunk=max_chunk, evaluate=False)
+                      data_spec=SPEC if with_spec else None, max_chunk=max_chunk, evaluate=False,
+                      queries={"test": QueryPlan("test")})
 
 
 def run(j: FactoryJob, executor: str | object, **opts: object) -> tuple[list[TrainedModel], list[str]]:
@@ -61,6 +64,8 @@ def assert_same_models(xs: list[TrainedModel], ys: list[TrainedModel]) -> None:
         for k in x.state_dict:
             torch.testing.assert_close(x.state_dict[k], y.state_dict[k], **TOL)
         assert x.steps == y.steps
+        assert x.outputs["test"].shape == (16, 1, data().num_classes)
+        torch.testing.assert_close(x.outputs["test"], y.outputs["test"], **TOL)
 
 
 @functools.lru_cache(maxsize=2)

@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="16,32,64")
     ap.add_argument("--widths", default="64,128", help="d_model values (bins = 4 d_model, the first MLP's width)")
     ap.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="TinyGPT's MLP activation")
+    ap.add_argument("--tag-tokens", default="1", help="sequence tag lengths (first k tokens), comma-separated")
+    ap.add_argument("--name", default=None, help="results file name (default: decepticons_pydoc[_gelu]_cpu)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     text = pydoc_text()
@@ -53,8 +55,8 @@ def main() -> None:
             public, private = seqs[order[:2000], :length], seqs[order[2000:]]
             torch.manual_seed(0)
             model = TinyGPT(len(chars), length, d_model=d, heads=4, layers=2, activation=args.activation)
-            mal = plant_decepticon(model, public, bins=4 * d, generator=torch.Generator().manual_seed(1))
-            for users in map(int, args.users.split(",")):
+            for k, users in ((k, u) for k in map(int, args.tag_tokens.split(",")) for u in map(int, args.users.split(","))):
+                mal = plant_decepticon(model, public, bins=4 * d, tag_tokens=k, generator=torch.Generator().manual_seed(1))
                 rec_f, bag, secs, seq = [], [], [], []
                 for t in range(args.trials):
                     pick = torch.randperm(len(private), generator=torch.Generator().manual_seed(100 + t))[:users]
@@ -70,6 +72,7 @@ def main() -> None:
                     present = set(true.flatten().tolist())
                     bag.append(len(present & set(rec.info["token_set"])) / len(present))
                 rows.append({"d_model": d, "bins": 4 * d, "length": length, "users": users, "tokens": users * length,
+                             "tag_tokens": k,
                              "pairs_recovered": MeanSE.of(rec_f).to_dict(), "bag_of_tokens_recall": MeanSE.of(bag).to_dict(),
                              "in_sequence": MeanSE.of([q["tokens_in_sequence"] for q in seq]).to_dict(),
                              "whole": MeanSE.of([q["whole"] for q in seq]).to_dict(),
@@ -78,8 +81,9 @@ def main() -> None:
                 print(rows[-1], flush=True)
     res = {"environment": environment(), "cpu": cpu_name(), "vocab": len(chars), "rows": rows, "settings": vars(args),
            "seconds": time.perf_counter() - t_all}
-    write_results("decepticons_pydoc_cpu" if args.activation == "relu" else f"decepticons_pydoc_{args.activation}_cpu",
-                  res, table(res))
+    name = args.name or ("decepticons_pydoc_cpu" if args.activation == "relu" else
+                         f"decepticons_pydoc_{args.activation}_cpu")
+    write_results(name, res, table(res))
     print(table(res))
 
 
@@ -92,15 +96,17 @@ def table(res: dict[str, Any]) -> str:
              f"sees the sum of the users' gradients; {res['settings']['trials']} user draws per row (mean ± SE). "
              "Pairs recovered: the fraction of the users' (token, position) occurrences among the decoded pairs. "
              "In its sequence: the mean fraction of a sequence's positions recovered with the right token in the "
-             "group of its first token (the first attention layer's tag); sequences sharing a first token are merged "
-             "and count 0. Whole: sequences recovered entirely. Bag of tokens: the honest-but-curious baseline "
+             "group of its tag (its first k tokens, written by the first attention layer; k = tag tokens); sequences "
+             "sharing their first k tokens are merged and count 0. Whole: sequences recovered entirely. Bag of "
+             "tokens: the honest-but-curious baseline "
              "(which tokens occur, from the embedding gradient's non-zero rows; no positions, no counts).", "",
-             "| d_model (bins) | length | users | tokens | pairs recovered | in its sequence | whole sequences | "
+             "| d_model (bins) | tag tokens | length | users | tokens | pairs recovered | in its sequence | whole sequences | "
              "merged by the tag | bag-of-tokens recall | s per attack |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         p, b = r["pairs_recovered"], r["bag_of_tokens_recall"]
-        lines.append(f"| {r['d_model']} ({r['bins']}) | {r['length']} | {r['users']} | {r['tokens']} | "
+        lines.append(f"| {r['d_model']} ({r['bins']}) | {r.get('tag_tokens', 1)} | {r['length']} | {r['users']} | "
+                     f"{r['tokens']} | "
                      f"{100 * p['mean']:.1f}% ± {100 * p['se']:.1f} | {100 * r['in_sequence']['mean']:.1f}% | "
                      f"{100 * r['whole']['mean']:.0f}% | {100 * r['merged']['mean']:.0f}% | {100 * b['mean']:.0f}% | "
                      f"{r['seconds']:.2f} |")

@@ -73,7 +73,27 @@ def test_the_first_attention_tags_every_token_with_its_sequence_first_token() ->
     x = torch.tensor([[3, 5, 7, 1, 1, 2, 9, 0], [4, 5, 7, 1, 1, 2, 9, 0]])
     t, p, first, ok = decode(mal, mlp_input(mal, x).flatten(0, 1))
     assert torch.equal(t, x.flatten()) and torch.equal(p, torch.arange(L).repeat(2)) and bool(ok.all())
-    assert torch.equal(first, torch.tensor([3] * L + [4] * L))
+    assert torch.equal(first[:, 0], torch.tensor([3] * L + [4] * L))
+
+
+def test_a_two_token_tag_separates_sequences_that_share_their_first_token() -> None:
+    """``tag_tokens=2``: head h attends to position h, so every token from position 1 on carries the first
+    two tokens; the token at position 0 sees only the first (its second entry is -1). Two sequences that
+    start alike are merged by the one-token tag and kept apart by the two-token one."""
+    model, public, _ = _setup(1)
+    x = torch.tensor([[3, 5, 7, 1, 1, 2, 9, 0], [3, 6, 7, 1, 1, 2, 9, 0]])
+    mal = plant_decepticon(model, public, bins=16, tag_tokens=2)
+    t, p, tag, ok = decode(mal, mlp_input(mal, x).flatten(0, 1))
+    assert torch.equal(t, x.flatten()) and torch.equal(p, torch.arange(L).repeat(2)) and bool(ok.all())
+    assert torch.equal(tag[:, 0], torch.tensor([3] * 2 * L))
+    assert torch.equal(tag[:, 1], torch.tensor([-1] + [5] * (L - 1) + [-1] + [6] * (L - 1)))
+    rows = torch.cat([t[:, None], p[:, None], tag], 1)
+    assert sequences(x, rows) == {"merged": 0.0, "tokens_in_sequence": 1.0, "whole": 1.0}
+    one = plant_decepticon(model, public, bins=16)
+    t1, p1, tag1, _ = decode(one, mlp_input(one, x).flatten(0, 1))
+    assert sequences(x, torch.cat([t1[:, None], p1[:, None], tag1], 1))["merged"] == 1.0
+    with pytest.raises(ConfigError, match=r"tag_tokens = 3; allowed 1 <= tag_tokens <= 2"):
+        plant_decepticon(model, public, bins=16, tag_tokens=3)
 
 
 def test_without_the_tag_the_first_block_passes_the_embedding_through_its_attention() -> None:

@@ -8,22 +8,23 @@ What is built here, on :class:`mlaudit.models.gpt.TinyGPT` (ReLU or GELU MLPs):
   the next d/4 (position 0's orthogonal to the others), the rest for the sequence tag and one feedback
   coordinate. Every code has zero mean and a fixed norm, so the first LayerNorm only rescales
   e = tok[v] + pos[p] and token and position stay readable from disjoint coordinates.
-* **First attention layer** (``tag``): head 0 attends from every position to position 0 and writes a
-  random projection of that token's code into the tag coordinates, so each token carries its
-  sequence's first token; the other heads write nothing.
+* **First attention layer** (``tag``, ``tag_tokens`` k): head h < k attends from every position to position h
+  and writes a random projection of that token's code into its own share of the tag coordinates, so each
+  token carries its sequence's first k tokens (those before it, for a token at a position below k: the
+  attention is causal); the other heads write nothing.
 * **First MLP layer**: an imprint of ``bins`` bins (Fowl et al. 2022a, as in :mod:`.imprint`): rows
   s * m for a random unit direction m of the token and position coordinates, biases -s * c_i at the
   quantiles of the measurement over the server's public text. The second MLP layer writes the sum of the
   bins along the feedback coordinate u, so every bin of a token gets the same gradient g_t = <u, dL/dx_t>.
 * **Recovery**: for a token alone in its bin interval, (dW_i - dW_{i+1}) / (db_i - db_{i+1}) is the MLP's
-  input for that token, decoded into (token, position, first token of its sequence) by the largest inner
-  products with the known codes; :func:`sequences` groups the rows by first token.
+  input for that token, decoded into (token, position, first k tokens of its sequence) by the largest inner
+  products with the known codes; :func:`sequences` groups the rows by their tag.
 
 The honest-but-curious baseline: the rows of the token-embedding gradient that are non-zero give the
 *set* of tokens the users typed (no positions, no counts).
 
-Not built: a sequence tag richer than the first token (sequences that start alike merge), and tied
-embeddings. GELU is handled by steep bins (``scale``).
+Not built: tied embeddings. GELU is handled by steep bins (``scale``). Sequences whose first k tokens agree
+still merge; a larger k splits the tag coordinates (d/4 - 1 of them) into k smaller shares.
 """
 
 from __future__ import annotations
@@ -66,11 +67,12 @@ def _codes(n: int, width: int, norm: float, generator: torch.Generator) -> Tenso
 
 
 def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale: float | None = None,
-                     feedback: float = 1e-2, tag: bool = True, generator: torch.Generator | None = None) -> TinyGPT:
+                     feedback: float = 1e-2, tag: bool = True, tag_tokens: int = 1,
+                     generator: torch.Generator | None = None) -> TinyGPT:
     """A copy of ``model`` with the malicious parameters of the module docstring; ``public_tokens``
     [N, L] (L <= seq_len) the server's public text, on which the bins' quantiles are estimated;
-    ``tag``: the first attention layer tags every token with its sequence's first token (else it is
-    passed through). ``scale`` multiplies the bins' weights and offsets (the same bins fire): None is 1
+    ``tag``: the first attention layer tags every token with its sequence's first ``tag_tokens`` tokens
+    (one head each, so at most the layer's heads; else it is passed through). ``scale`` multiplies the bins' weights and offsets (the same bins fire): None is 1
     for ReLU and, for GELU, steep enough that every public measurement lies 6 units from its offset
     (12 / the smallest gap between distinct public values, at most 1e6), which turns GELU's smooth knee into
     ReLU's: on pydoc characters (benchmarks/decepticons.py) GELU recovers no pair at scale 1 and, with the
@@ -86,6 +88,12 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
                           f"d_model = 4 x {d})")
     if d < 8:
         raise ConfigError(f"d_model = {d} is too small to split into token, position and free coordinates; allowed d_model >= 8")
+    n_tag = layout(d).tag.stop - layout(d).tag.start
+    top = min(model.blocks[0].heads, model.seq_len, n_tag, layout(d).pos.stop - layout(d).pos.start - 1)
+    if tag and not 1 <= tag_tokens <= top:
+        raise ConfigError(f"decepticon tag_tokens = {tag_tokens}; allowed 1 <= tag_tokens <= {top} (one attention head "
+                          f"per tagged token: {model.blocks[0].heads} heads, {n_tag} tag coordinates, seq_len "
+                          f"{model.seq_len})")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     lay = layout(d)
     m = copy.deepcopy(model)  # the user's model is left untouched
@@ -96,11 +104,8 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
         tok[:, lay.tok] = _codes(model.vocab, lay.tok.stop - lay.tok.start, 1.0, g)
         pos = torch.zeros(model.seq_len, d, dtype=torch.float64)
         pos[:, lay.pos] = _codes(model.seq_len, lay.pos.stop - lay.pos.start, 1.0, g)
-        if tag:  # position 0's code orthogonal to the others, so attention can single it out
-            p0 = pos[0, lay.pos]
-            rest = pos[1:, lay.pos] - (pos[1:, lay.pos] @ p0)[:, None] * p0
-            rest = rest - rest.mean(1, keepdim=True)
-            pos[1:, lay.pos] = rest / rest.norm(dim=1, keepdim=True)
+        if tag:  # the codes of positions 0..k-1 orthonormal and orthogonal to the others: attention singles each out
+            pos[:, lay.pos] = _orthogonal_head(pos[:, lay.pos], tag_tokens)
         m.tok.weight.copy_(tok)
         m.pos.weight.copy_(pos)
         for ln in (blk.ln1, blk.ln2):
@@ -111,7 +116,7 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
         blk.proj.weight.zero_()
         blk.proj.bias.zero_()
         if tag:
-            _plant_tag(blk, tok, pos, lay, g)
+            _plant_tag(blk, tok, pos, lay, g, tag_tokens)
         direction = torch.zeros(d, dtype=torch.float64)
         direction[lay.tok.start:lay.pos.stop] = torch.randn(lay.pos.stop, generator=g, dtype=torch.float64)
         direction /= direction.norm()
@@ -136,7 +141,27 @@ def plant_decepticon(model: TinyGPT, public_tokens: Tensor, *, bins: int, scale:
         blk.fc2.bias.zero_()
     m.decepticon_bins = bins  # type: ignore[assignment]
     m.decepticon_tag = tag  # type: ignore[assignment]
+    m.decepticon_tag_tokens = tag_tokens if tag else 0  # type: ignore[assignment]
     return m
+
+
+def _orthogonal_head(codes: Tensor, k: int) -> Tensor:
+    """Position codes [L, w] with rows 0..k-1 orthonormal (Gram-Schmidt of the zero-mean codes) and every
+    later row orthogonal to them, each row still of zero mean and unit norm."""
+    c = codes.clone()
+    for i in range(c.shape[0]):
+        for j in range(min(i, k)):
+            c[i] = c[i] - (c[i] @ c[j]) * c[j]
+        c[i] = c[i] - c[i].mean()  # stays orthogonal: the earlier rows have zero mean
+        c[i] = c[i] / c[i].norm()
+    return c
+
+
+def tag_shares(lay: Layout, k: int) -> list[slice]:
+    """The tag coordinates split into k contiguous shares, one per tagged token (the first ones longer)."""
+    n = lay.tag.stop - lay.tag.start
+    edges = [lay.tag.start + (n * h) // k for h in range(k + 1)]
+    return [slice(edges[h], edges[h + 1]) for h in range(k)]
 
 
 def mlp_input(model: TinyGPT, tokens: Tensor) -> Tensor:
@@ -152,31 +177,33 @@ def mlp_input(model: TinyGPT, tokens: Tensor) -> Tensor:
     return seen[0]
 
 
-def _plant_tag(blk: torch.nn.Module, tok: Tensor, pos: Tensor, lay: Layout, g: torch.Generator) -> None:
-    """Head 0 of the first attention layer attends from every position to position 0 (query a constant,
-    key the position-0 code, scaled so the softmax puts all but e^-40 of its weight there) and writes a
-    random projection of that token's code into the tag coordinates: every token of a sequence carries
-    its sequence's first token. The other heads' values are zero."""
+def _plant_tag(blk: torch.nn.Module, tok: Tensor, pos: Tensor, lay: Layout, g: torch.Generator, k: int = 1) -> None:
+    """Head h < k of the first attention layer attends from every position to position h (query a constant,
+    key the position-h code, scaled so the softmax puts all but e^-40 of its weight there) and writes a
+    random projection of that token's code into its share of the tag coordinates (:func:`tag_shares`): every
+    token of a sequence carries its sequence's first k tokens. A token at a position below h cannot see
+    position h (causal attention): that share then holds a mix, which :func:`decode` ignores. The other
+    heads' values are zero."""
     d = tok.shape[1]
-    heads = blk.heads
-    dh = d // heads
+    dh = d // blk.heads
     std = math.sqrt(2.0 / d)  # LN1's scale: tok and pos codes of unit norm, zero mean, disjoint
-    wq, bq = torch.zeros(dh, d, dtype=torch.float64), torch.zeros(dh, dtype=torch.float64)
-    bq[0] = 1.0
-    wk = torch.zeros(dh, d, dtype=torch.float64)
-    wk[0] = (40.0 * math.sqrt(dh) * std) * pos[0]  # score 40 at position 0, 0 elsewhere (orthogonal codes)
-    n_tag = lay.tag.stop - lay.tag.start
-    wv = torch.zeros(dh, d, dtype=torch.float64)
-    wv[:, lay.tok] = torch.randn(dh, lay.tok.stop - lay.tok.start, generator=g, dtype=torch.float64) * std
-    out = torch.randn(n_tag, dh, generator=g, dtype=torch.float64) / math.sqrt(dh)
-    out -= out.mean(0, keepdim=True)  # the tag has zero mean over the residual, as the codes do
     qkv_w = blk.qkv.weight.detach().double().clone()
     qkv_b = blk.qkv.bias.detach().double().clone()
-    qkv_w[0:dh], qkv_b[0:dh] = wq, bq  # q of head 0
-    qkv_w[d:d + dh] = wk  # k of head 0
-    qkv_w[2 * d:2 * d + dh] = wv  # v of head 0
     proj = torch.zeros(d, d, dtype=torch.float64)
-    proj[lay.tag, 0:dh] = out
+    for h, share in enumerate(tag_shares(lay, k)):
+        rows = slice(h * dh, (h + 1) * dh)
+        wq, bq = torch.zeros(dh, d, dtype=torch.float64), torch.zeros(dh, dtype=torch.float64)
+        bq[0] = 1.0
+        wk = torch.zeros(dh, d, dtype=torch.float64)
+        wk[0] = (40.0 * math.sqrt(dh) * std) * pos[h]  # score 40 at position h, 0 elsewhere (orthogonal codes)
+        wv = torch.zeros(dh, d, dtype=torch.float64)
+        wv[:, lay.tok] = torch.randn(dh, lay.tok.stop - lay.tok.start, generator=g, dtype=torch.float64) * std
+        out = torch.randn(share.stop - share.start, dh, generator=g, dtype=torch.float64) / math.sqrt(dh)
+        out -= out.mean(0, keepdim=True)  # each share has zero mean over the residual, as the codes do
+        qkv_w[rows], qkv_b[rows] = wq, bq  # q of head h
+        qkv_w[d + h * dh:d + (h + 1) * dh] = wk  # k of head h
+        qkv_w[2 * d + h * dh:2 * d + (h + 1) * dh] = wv  # v of head h
+        proj[share, rows] = out
     blk.qkv.weight.copy_(qkv_w)
     blk.qkv.bias.copy_(qkv_b)
     blk.proj.weight.copy_(proj)
@@ -210,11 +237,12 @@ def _residual(z: Tensor, ref: Tensor) -> Tensor:
 
 
 def decode(model: TinyGPT, z: Tensor, *, tol: float = 0.05) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(token [m], position [m], first token [m] (-1 without a tag), valid [m]) of recovered first-MLP
-    inputs z [m, d]: the codes with the largest inner product on the token, the position and the tag
-    coordinates; ``valid`` where each part of z is within relative distance ``tol`` of the decoded code's
-    direction. A bin shared by several tokens yields their gradient-weighted mean, and float error in an
-    empty bin yields noise: neither lies on a code, so the check drops them instead of counting chance
+    """(token [m], position [m], tag [m, k] (the sequence's first k tokens; -1 without a tag, and for share h
+    of a token at a position below h, which the causal attention could not fill), valid [m]) of recovered
+    first-MLP inputs z [m, d]: the codes with the largest inner product on the token, the position and each
+    tag share's coordinates; ``valid`` where each part of z is within relative distance ``tol`` of the decoded
+    code's direction. A bin shared by several tokens yields their gradient-weighted mean, and float error in
+    an empty bin yields noise: neither lies on a code, so the check drops them instead of counting chance
     matches."""
     lay = layout(model.d_model)
     z = z.to(model.tok.weight)
@@ -222,21 +250,26 @@ def decode(model: TinyGPT, z: Tensor, *, tol: float = 0.05) -> tuple[Tensor, Ten
     token = (z[:, lay.tok] @ model.tok.weight[:, lay.tok].T).argmax(1)
     position = (z[:, lay.pos] @ model.pos.weight[:, lay.pos].T).argmax(1)
     valid = _residual(z[:, tp], (model.tok.weight[token] + model.pos.weight[position])[:, tp]) <= tol
-    first = torch.full_like(token, -1)
-    if getattr(model, "decepticon_tag", False):
-        tags = mlp_input(model, torch.arange(model.vocab, device=z.device)[:, None])[:, 0, lay.tag]  # [V, n_tag]
-        zt = z[:, lay.tag]
+    k = int(getattr(model, "decepticon_tag_tokens", 1 if getattr(model, "decepticon_tag", False) else 0))
+    first = torch.full((len(token), max(k, 1)), -1, dtype=token.dtype, device=token.device)
+    vocab = torch.arange(model.vocab, device=z.device)
+    for h, share in enumerate(tag_shares(lay, k) if k else []):
+        # the code of token v in share h: v at positions 0..h, read at position h (head h attends to itself)
+        tags = mlp_input(model, vocab[:, None].expand(-1, h + 1))[:, h, share]  # [V, share]
+        zt = z[:, share]
         cos = (zt / zt.norm(dim=1, keepdim=True).clamp_min(1e-30)) @ (tags / tags.norm(dim=1, keepdim=True)).T
-        first = cos.argmax(1)
-        valid &= _residual(zt, tags[first]) <= tol
+        seen = position >= h  # a token before position h cannot see it: its share h holds a mix
+        first[:, h] = torch.where(seen, cos.argmax(1), first[:, h])
+        valid &= ~seen | (_residual(zt, tags[cos.argmax(1)]) <= tol)
     return token.cpu(), position.cpu(), first.cpu(), valid.cpu()
 
 
 @register_federated("decepticons")
 def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol: float = 0.05) -> Reconstruction:
-    """(token, position, first token of its sequence) read off the first MLP layer's update of the model
-    :func:`plant_decepticon` returned: ``x`` [m, 3], one per bin interval whose candidate decodes onto the
-    codes (:func:`decode`; a bin holding one token gives it exactly; first token -1 without the tag),
+    """(token, position, first k tokens of its sequence) read off the first MLP layer's update of the model
+    :func:`plant_decepticon` returned: ``x`` [m, 2 + k] (k = ``tag_tokens``, at least 1), one per bin interval
+    whose candidate decodes onto the codes (:func:`decode`; a bin holding one token gives it exactly; tag
+    entries -1 without the tag or where the token's position is below the entry's),
     ``info['token_set']`` the honest-but-curious bag of tokens (non-zero rows of the token-embedding
     gradient). :func:`sequences` groups the rows into sequences."""
     bins = getattr(model, "decepticon_bins", None)
@@ -251,7 +284,7 @@ def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol:
     info: dict = {"bins": bins, "nonempty_bins": len(where), "rejected": int((~valid).sum())}
     if "tok.weight" in obs.grad:
         info["token_set"] = (obs.grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
-    return Reconstruction(torch.stack([token, position, first], 1)[valid], None, info)
+    return Reconstruction(torch.cat([token[:, None], position[:, None], first], 1)[valid], None, info)
 
 
 def pair_recovery(true_tokens: Tensor, pairs: Tensor) -> float:
@@ -271,25 +304,31 @@ def pair_recovery(true_tokens: Tensor, pairs: Tensor) -> float:
 
 
 def sequences(true_tokens: Tensor, rec: Tensor) -> dict[str, float]:
-    """Sequence-level recovery from rows (token, position, first token) [m, 3] of :func:`decepticons`
-    for the users' sequences true_tokens [S, L]: the rows grouped by first token form the recovered
-    sequences. Sequences that share their first token with another are merged by the tag and count as
-    not recovered. Returns the fraction of sequences ``merged``, the mean fraction of each sequence's
-    positions recovered with the right token inside its own group (``tokens_in_sequence``), and the
-    fraction of sequences recovered whole (``whole``)."""
+    """Sequence-level recovery from rows (token, position, tag of k tokens) [m, 2 + k] of :func:`decepticons`
+    for the users' sequences true_tokens [S, L]: the rows grouped by their tag (the first k tokens; a row
+    at a position below k carries only the tokens before it and joins every group that starts that way)
+    form the recovered sequences. Sequences whose first k tokens equal another's are merged by the tag and
+    count as not recovered. Returns the fraction of sequences ``merged``, the mean fraction of each
+    sequence's positions recovered with the right token inside its own group (``tokens_in_sequence``), and
+    the fraction of sequences recovered whole (``whole``)."""
     s, n = true_tokens.shape
-    first = true_tokens[:, 0].cpu()
-    counts = torch.bincount(first)
+    k = rec.shape[1] - 2
+    keys = [tuple(int(v) for v in row[:k]) for row in true_tokens.cpu()]
+    counts: dict[tuple[int, ...], int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    rec = rec.cpu()
     fractions, whole, merged = [], 0, 0
     for i in range(s):
-        if counts[first[i]] > 1:
+        if counts[keys[i]] > 1:
             merged += 1
             fractions.append(0.0)
             continue
-        group = rec[rec[:, 2] == first[i]]
-        got = {(int(t), int(p)) for t, p in group[:, :2].tolist()}
+        key = torch.tensor(keys[i])
+        known = rec[:, 2:] >= 0  # a tag entry a row could see
+        match = ((rec[:, 2:] == key) | ~known).all(1) & known[:, 0]
+        got = {(int(t), int(p)) for t, p in rec[match][:, :2].tolist()}
         hits = sum((int(t), p) in got for p, t in enumerate(true_tokens[i].tolist()))
         fractions.append(hits / n)
         whole += hits == n
     return {"merged": merged / s, "tokens_in_sequence": sum(fractions) / s, "whole": whole / s}
-

@@ -3,6 +3,7 @@ closest to the model-units sigma^2; with an oracle noise predictor the one-shot 
 returns the clean input exactly, and x_t is exactly a forward-process sample where sigma^2 matches the
 schedule; Denoised(f, D) is f(D(.)) and the sampling functions add the noise before D; a DnCNN trained for
 a second on digits lowers the MSE of noisy digits; the stability objective leaves the classifier untouched;
+a denoiser that changes its input's shape is refused, naming it and both shapes, before any vote is counted;
 the diffusers loader names the missing package and loads local folders only."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mlaudit.certify import (
     DiffusionDenoiser,
     DnCNN,
     certify,
+    check_denoiser,
     ddpm_denoise,
     ddpm_schedule,
     ddpm_timestep,
@@ -181,6 +183,39 @@ def test_denoised_composes_and_the_sampling_functions_add_noise_before_the_denoi
     both = certify(Denoised(f, DnCNN(1)), x, sigma=sigma, n0=10, n=200, alpha=0.01, batch_size=100, seed=1)
     assert torch.equal(plain.counts, both.counts) and torch.equal(plain.radius, both.radius)
     assert (both.radius > 0).any()
+
+
+class Pool(nn.Module):
+    """A denoiser that halves H and W (2x2 average pooling) and records how often it ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return nn.functional.avg_pool2d(x, 2)
+
+
+def test_a_denoiser_that_changes_the_shape_is_refused_naming_it_and_both_shapes() -> None:
+    # f takes 4 features, so f(D(.)) would run on the pooled [B, 1, 2, 2] inputs: only the check stops it
+    f = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError) as e:
+        Denoised(f, Pool(), input_shape=(1, 4, 4))  # probed once at construction
+    for w in ("the denoiser Pool", "shape [2, 1, 2, 2]", "inputs of shape [2, 1, 4, 4]", "allowed: an output of shape"):
+        assert w in str(e.value), str(e.value)
+    d = Pool()
+    with pytest.raises(ConfigError, match=r"returned shape \[30, 1, 2, 2\] for inputs of shape \[30, 1, 4, 4\]"):
+        certify(Denoised(f, d), x, sigma=0.25, n0=10, n=50, alpha=0.01, batch_size=60, seed=0)
+    assert d.calls == 1  # refused on the first forward pass (n0 = 10 selection copies of 3 inputs), before any vote
+    with pytest.raises(ConfigError, match="returned a tuple, not a tensor"):
+        check_denoiser(lambda z: (z,), (1, 4, 4), where="denoiser")
+    with pytest.raises(ConfigError, match=r"denoiser cannot denoise inputs of shape \[2, 3, 4, 4\]"):
+        check_denoiser(nn.Conv2d(1, 1, 3, padding=1), (3, 4, 4), where="denoiser")  # wrong channels
+    den = DnCNN(1).train()
+    check_denoiser(den, (1, 4, 4))  # a shape-preserving denoiser passes, its mode put back
+    assert den.training and Denoised(f, nn.Identity(), input_shape=(1, 2, 2))(torch.zeros(1, 1, 2, 2)).shape == (1, 2)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """Noise, denoise, train, classify (mlaudit.certify.ndt, seed 004): the ensemble certificate equals Cohen's
 formula sigma * Phi^-1(pA_lower) on hand-made votes (m0 selection models, m estimation models); each
 model's training set is noised with its own seed, denoised, and the noise differs across models; poisoned
-views keep their labels, insertions and keep mask; bad arguments are named; end to end on digits with
+views keep their labels, insertions and keep mask; bad arguments are named; a denoiser that changes the
+input shape is refused, naming both shapes; end to end on digits with
 logistic models trained by the factory."""
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ def test_trials_and_bad_arguments_name_the_field() -> None:
         ndt_certify(torch.zeros(3, 2, dtype=torch.long), 2, sigma=0.1, alpha=1.5)
     with pytest.raises(ConfigError, match="one seed per view"):
         ndt_trials(views, seeds=[1])
+
+
+def test_a_denoiser_that_changes_the_shape_is_refused_naming_both_shapes() -> None:
+    x = _split().x  # [12, 1, 4, 4]
+    for den, got in ((nn.AvgPool2d(2), "[1, 2, 2]"), (nn.Flatten(), "[16]")):
+        with pytest.raises(ConfigError) as e:
+            ndt_inputs(x, sigma=0.1, seed=0, denoiser=den)
+        msg = str(e.value)
+        assert f"the denoiser maps inputs of shape [1, 4, 4] to {got}" in msg and "the same shape" in msg, msg
+    with pytest.raises(ConfigError, match=r"\[1, 4, 4\] to \[1, 2, 2\]"):  # through the views of a poisoned set too
+        ndt_views(_split(), sigma=0.1, seeds=[1, 2], denoiser=nn.AvgPool2d(2))
+    assert ndt_inputs(x, sigma=0.1, seed=0, denoiser=nn.Identity()).shape == x.shape
 
 
 def test_digits_end_to_end_certified_accuracy() -> None:

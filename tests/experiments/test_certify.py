@@ -1,5 +1,6 @@
 """Experiment kind ``certify`` (randomized smoothing, Cohen et al. 2019): the example config end to end through
-the CLI (metrics, intervals, headline, report with the verdict first and the curve); an external target
+the CLI (metrics, intervals, headline, report with the verdict first and the curve; per-example
+certificates in artifacts/certificates.npz that redraw the table); an external target
 checkpoint gives the run's own numbers; the user's nn.Module (and trainer) as import strings; the model is
 noise-trained at sigma unless the recipe says otherwise; bad input exits 2 before anything is written."""
 
@@ -10,8 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
+from scipy.special import ndtri
 from typer.testing import CliRunner
 
 from mlaudit.certify import max_radius
@@ -69,6 +72,24 @@ def test_example_config_runs_end_to_end_through_the_cli(example_run: tuple[Path,
     verdict = html.index("certified accuracy of the smoothed classifier at the first l2 radius &gt; 0: cert")
     assert verdict < html.index("Certified accuracy vs l2 radius")  # the verdict comes first
     assert html.count("data:image/png") == 1 and "Throughput of CERTIFY" in html
+
+
+def test_per_example_certificates_redraw_the_curve(example_run: tuple[Path, dict[str, Any]]) -> None:
+    out, r = example_run
+    m, cfg = r["metrics"], load_yaml(EXAMPLE)
+    with np.load(out / "artifacts" / "certificates.npz") as a:
+        c = {k: a[k] for k in a.files}
+    assert sorted(c) == ["label", "pa_lower", "prediction", "radius", "rows"]
+    assert all(v.shape == (cfg["examples"],) for v in c.values())
+    assert np.all(np.diff(c["rows"]) > 0) and np.all(c["rows"] < 359)  # distinct test rows, in split order
+    abstained = c["prediction"] < 0
+    assert abstained.mean() == pytest.approx(m["abstention_rate"]["value"]) and np.all(c["radius"][abstained] == 0)
+    assert np.all(c["pa_lower"][~abstained] > 0.5)
+    # Cohen's radius from each pA_lower
+    assert np.allclose(c["radius"][~abstained], cfg["sigma"] * ndtri(c["pa_lower"][~abstained]))
+    for rad in cfg["radii"]:  # the table's radii, recomputed from the per-example certificates
+        k = int(((c["prediction"] == c["label"]) & (c["radius"] >= rad)).sum())
+        assert k == m["certified_accuracy"][f"{rad:g}"]["k"], rad
 
 
 def test_target_checkpoint_reproduces_the_runs_certificates(example_run: tuple[Path, dict[str, Any]],

@@ -1,7 +1,8 @@
 """The ``certify`` kind's ``denoiser`` block (denoised smoothing, issue 17 item 2): a DnCNN trained in the run
 certifies f(D(.)) beside f alone on the same noise draws (f alone = the run without a denoiser), the report
-shows both, a resumed run reloads the denoiser; a diffusers-shaped DDPM (a stand-in module, diffusers is not
-installed) runs one-shot and multi-step; the block validates and a bad value names the field."""
+shows both, a resumed run reloads the denoiser; a diffusers-shaped DDPM (a stand-in module in place of the
+diffusers package) runs one-shot and multi-step, and one whose output shape differs from its input exits 2
+before anything is written; the block validates and a bad value names the field."""
 
 from __future__ import annotations
 
@@ -101,9 +102,35 @@ def test_ddpm_denoiser_through_a_diffusers_shaped_pipeline(tmp_path: Path, monke
     t_star = ddpm_timestep(abar, 0.5)  # sigma 0.25 on [0, 1] data is 0.5 on the model's [-1, 1]
     assert (d["t_star"], d["model_calls"], d["model_sigma"], d["timesteps"]) == (t_star, steps, 0.5, 1000)
     assert d["sigma_at_t_star"] == pytest.approx(0.5, rel=0.01)
-    assert loaded == [(str(tmp_path / "ddpm"), {"local_files_only": True, "use_safetensors": True})]
+    # loaded twice, local files only: by the check before anything is written (its shape probe), then by the run
+    assert loaded == [(str(tmp_path / "ddpm"), {"local_files_only": True, "use_safetensors": True})] * 2
     assert unet.calls[0] == t_star and (steps == 1 or unet.calls[steps - 1] == 0)
     assert m["throughput"]["certified_per_s"] > 0 and "without_denoiser" in m
+
+
+def test_a_ddpm_whose_output_shape_differs_exits_2_naming_the_denoiser(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+
+    class Pooling(TinyEps):  # predicts noise at half the resolution: not the input's shape
+        def forward(self, x_t: Tensor, t: Tensor) -> Any:
+            self.calls.append(int(t[0]))
+            return types.SimpleNamespace(sample=torch.nn.functional.avg_pool2d(x_t, 2))
+
+    unet = Pooling()
+    pipe = types.SimpleNamespace(unet=unet, scheduler=types.SimpleNamespace(alphas_cumprod=abar, config={}))
+    fake = types.SimpleNamespace(DiffusionPipeline=types.SimpleNamespace(from_pretrained=lambda *a, **k: pipe))
+    monkeypatch.setitem(sys.modules, "diffusers", fake)
+    (tmp_path / "ddpm").mkdir()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(copy.deepcopy(SMALL) | {"denoiser": {"kind": "ddpm", "path": str(tmp_path / "ddpm")}}))
+    res = CliRunner().invoke(app, ["run", str(cfg), "--out", str(tmp_path / "out"), "--device", "cpu",
+                                   "--store", str(tmp_path / "runs.db")])
+    assert res.exit_code == 2, res.output
+    for w in ("denoiser (the DDPM in", "cannot denoise inputs of shape [2, 1, 8, 8]", "returned shape [2, 1, 4, 4]"):
+        assert w in res.stderr, res.stderr
+    assert unet.calls == [ddpm_timestep(abar, 0.5)]  # one probe call, no training, nothing written
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs.db").exists()
 
 
 def test_the_denoiser_block_validates_and_round_trips() -> None:

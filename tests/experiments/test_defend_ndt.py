@@ -1,6 +1,7 @@
 """The ``defend`` kind with ``defence.method: ndt`` (noise, denoise, train, classify; seed 004): a
 Witches' Brew (gradient-matching) poison of digits defended by M noise-trained models, their vote
-certified; the defence block's options validated, errors naming the field, the value and what is allowed."""
+certified; the defence block's options validated (a DDPM denoiser by the certify kind's own block), errors
+naming the field, the value and what is allowed. The DDPM path end to end: tests/certify/test_diffusers_pipeline.py."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from mlaudit.certify import max_radius
 from mlaudit.cli import app
 from mlaudit.config import load_yaml
 from mlaudit.experiments import parse_config, run_experiment
+from mlaudit.experiments.certify_config import DDPMDenoiser
 from mlaudit.headline import headline
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "defend.yaml"
@@ -61,6 +63,10 @@ def test_ndt_config_fills_defaults_and_round_trips() -> None:
     assert (d.models, d.n0, d.alpha, d.denoiser, d.denoiser_epochs) == (20, 1, 0.001, "none", None)
     assert parse_config(c.model_dump(mode="json")) == c
     assert parse_config(cfg({"method": "ndt", "sigma": 0.5, "denoiser": "dncnn"})).defence.denoiser_epochs == 10
+    ddpm = parse_config(cfg({"method": "ndt", "sigma": 0.5, "denoiser": {"kind": "ddpm", "path": "m", "steps": 2}}))
+    assert isinstance(ddpm.defence.denoiser, DDPMDenoiser) and ddpm.defence.denoiser.steps == 2
+    assert ddpm.defence.denoiser.data_range == (0.0, 1.0) and ddpm.defence.denoiser_epochs is None
+    assert ddpm.defence.denoiser_label == "DDPM (2 DDIM steps)" and parse_config(ddpm.model_dump(mode="json")) == ddpm
 
 
 BAD = [
@@ -69,7 +75,18 @@ BAD = [
     (cfg({"method": "ndt", "sigma": 0.25, "models": 1}), ["defence.models", "1", "2"]),
     (cfg({"method": "ndt", "sigma": 0.25, "models": 5, "n0": 5}), ["defence.n0 = 5", "allowed 1 <= defence.n0 <= 4"]),
     (cfg({"method": "ndt", "sigma": 0.25, "alpha": 2}), ["defence.alpha", "2"]),
-    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": "magic"}), ["defence.denoiser", "magic", "none", "dncnn"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": "magic"}), ["defence.denoiser", "magic", "none", "dncnn",
+                                                                  "{kind: ddpm, path: <folder>"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": {"kind": "dncnn"}}), ["defence.denoiser", "not a denoiser of ndt"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": "ddpm"}), ["defence.denoiser.path", "Field required"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": {"kind": "ddpm", "path": "m", "steps": 0}}),
+     ["defence.denoiser.steps", "got 0", "1 <= defence.denoiser.steps <= 10000"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": {"kind": "ddpm", "path": "m", "epochs": 3}}),
+     ["defence.denoiser.epochs", "Extra inputs"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": {"kind": "ddpm", "path": "m"}, "denoiser_epochs": 3}),
+     ["defence.denoiser_epochs applies to ndt (with denoiser dncnn)"]),
+    (cfg({"method": "ndt", "sigma": 0.25, "denoiser": {"kind": "ddpm", "path": "/nonexistent/ddpm"}}),
+     ["defence.denoiser.path = '/nonexistent/ddpm' is not a folder"]),
     (cfg({"method": "ndt", "sigma": 0.25, "denoiser_epochs": 3}), ["defence.denoiser_epochs applies to ndt (with "
                                                                   "denoiser dncnn)"]),
     (cfg({"method": "ndt", "sigma": 0.25, "models": 6}), ["defence.models = 6", "5 estimation models",

@@ -22,6 +22,7 @@ from .denoise import (
     Denoised,
     DiffusionDenoiser,
     DnCNN,
+    check_denoiser,
     ddpm_denoise,
     ddpm_schedule,
     ddpm_timestep,
@@ -67,7 +68,7 @@ from .smoothing import (
 )
 
 __all__ = [
-    "ABSTAIN", "Certificate", "DPACertificate", "Denoised", "DiffusionDenoiser", "DnCNN", "ddpm_denoise",
+    "ABSTAIN", "Certificate", "DPACertificate", "Denoised", "DiffusionDenoiser", "DnCNN", "check_denoiser", "ddpm_denoise",
     "ddpm_schedule", "ddpm_timestep", "load_diffusers_pipeline", "model_sigma", "train_denoiser", "binomial_pvalue", "certified_accuracy", "certified_curve",
     "certified_mask", "certify", "certify_from_counts", "dpa_certify", "max_radius", "min_certify_n", "min_predict_n",
     "partition_masks", "partition_of", "partition_trials", "partitions_touched", "predict", "predict_from_counts",

@@ -65,15 +65,59 @@ class Denoised(nn.Module):
     units as the inputs). Smoothing it (``certify(Denoised(f, D), x, sigma=...)``) certifies
     g(x) = argmax_c P(f(D(x + eps)) = c): the noise is added before D, by the sampling functions.
     f is registered first, so the sampling functions run on f's device.
+
+    D must return its input's shape: with ``input_shape`` ([C, H, W], no batch dimension) D is run once at
+    construction on one zero input (:func:`check_denoiser`), so a D that changes the shape is refused before
+    any sampling; every forward pass checks the shape as well. Both raise a
+    :class:`~mlaudit.errors.ConfigError` naming the denoiser, the input shape and the shape it returned.
     """
 
-    def __init__(self, classifier: nn.Module, denoiser: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, denoiser: nn.Module, *,
+                 input_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self.classifier = classifier
         self.denoiser = denoiser
+        if input_shape is not None:
+            check_denoiser(denoiser, input_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.denoiser(x))
+        out = self.denoiser(x)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise ConfigError(_shape_message(self.denoiser, "", list(x.shape), out))
+        return self.classifier(out)
+
+
+def _name(denoiser: Any, where: str) -> str:
+    return where or f"the denoiser {type(denoiser).__name__}"
+
+
+def _shape_message(denoiser: Any, where: str, shape: list[int], out: Any) -> str:
+    got = f"shape {list(out.shape)}" if isinstance(out, Tensor) else f"a {type(out).__name__}, not a tensor,"
+    return (f"{_name(denoiser, where)} returned {got} for inputs of shape {shape}; a denoiser must return its "
+            f"input's shape (allowed: an output of shape {shape}, in the inputs' units)")
+
+
+@torch.no_grad()
+def check_denoiser(denoiser: Callable[[Tensor], Any], input_shape: Sequence[int], *, where: str = "",
+                   device: torch.device | str | None = None) -> None:
+    """Refuse a denoiser that does not map [B, *input_shape] to [B, *input_shape]: run it once on a zero
+    input [2, *input_shape] (eval mode, no gradient, every mode flag restored; on ``device``, default the
+    denoiser's first parameter's, else the CPU) and raise a :class:`~mlaudit.errors.ConfigError` naming
+    ``where`` (default: "the denoiser <its class>"), the input shape and the shape it returned (or the error
+    it raised on that input)."""
+    shape = [2, *(int(s) for s in input_shape)]
+    dev = torch.device(device) if device is not None else (
+        _device_of(denoiser, torch.device("cpu")) if isinstance(denoiser, nn.Module) else torch.device("cpu"))
+    first = next(denoiser.parameters(), None) if isinstance(denoiser, nn.Module) else None
+    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+    x = torch.zeros(shape, device=dev, dtype=dtype)
+    with evaluating(*([denoiser] if isinstance(denoiser, nn.Module) else [])):
+        try:
+            out = denoiser(x)
+        except (RuntimeError, ValueError) as e:  # ConfigError is a ValueError (e.g. a unet's own shape check)
+            raise ConfigError(f"{_name(denoiser, where)} cannot denoise inputs of shape {shape}: {e}") from None
+    if not isinstance(out, Tensor) or out.shape != x.shape:
+        raise ConfigError(_shape_message(denoiser, where, shape, out))
 
 
 # ----------------------------------------------------------------------------------------------- DnCNN

@@ -8,6 +8,7 @@ draw) are certified by CERTIFY (``n0`` selection and ``n`` estimation samples, l
 :func:`mlaudit.certify.certify`) and classified by PREDICT (``predict_n`` samples). An example is
 certified correct at radius r when CERTIFY returns its label with radius >= r. Rates carry 95%
 Clopper-Pearson intervals over the examples; throughput is certified examples per second of CERTIFY.
+Each example's certificate (prediction, radius, pA_lower, label) is kept in ``artifacts/certificates.npz``.
 
 Denoised smoothing (issue 17, item 2; ``denoiser`` block): a denoiser D (a DnCNN trained here on the
 training split at ``sigma``, Salman et al. 2020, or a local diffusers DDPM, Carlini et al. 2023; see
@@ -25,11 +26,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..certify import Certificate, certified_mask, certify, predict
-from ..certify.denoise import Denoised, DiffusionDenoiser, DnCNN, load_diffusers_pipeline, train_denoiser
+from ..certify.denoise import Denoised, DnCNN, train_denoiser
 from ..data.base import DataBundle
 from ..factory import TrialSpec
 from ..query import forward_batched, load_model
@@ -40,6 +42,9 @@ from .certify_config import CertifyConfig, DDPMDenoiser, DnCNNDenoiser, check_ce
 from .context import RunContext
 from .robustness import rate
 
+CERTIFICATES = "certificates.npz"
+"""Per-example certificates under ``artifacts/`` (:func:`certificate_arrays`): any certified-accuracy curve can
+be redrawn from them."""
 CURVE_POINTS = 41
 """Radii of the report's certified-accuracy curve (evenly spaced from 0 to the largest certifiable radius)."""
 DENOISER_FOLDER = "denoiser"
@@ -122,6 +127,8 @@ def run_certify(config: CertifyConfig, ctx: RunContext) -> ExperimentOutput:
             den = _smooth(config, ctx, Denoised(model, denoiser), x, y, data.num_classes)
         metrics = {**den.metrics, "without_denoiser": plain.metrics, "denoiser": info}
     run = den if den is not None else plain
+    arrays = certificate_arrays(rows, y, run.cert, plain.cert if den is not None else None)
+    ctx.write_artifact(CERTIFICATES, lambda f: np.savez_compressed(f, **arrays))
     radii = list(config.radii)
     metrics.update({
         "max_certifiable_radius": config.max_radius,
@@ -140,6 +147,22 @@ def run_certify(config: CertifyConfig, ctx: RunContext) -> ExperimentOutput:
                             figures=_figure(config, y, plain, den), notes=_notes(config, data, metrics))
 
 
+def certificate_arrays(rows: Tensor, y: Tensor, cert: Certificate,
+                       without_denoiser: Certificate | None = None) -> dict[str, np.ndarray]:
+    """The arrays of ``artifacts/certificates.npz``, one entry per certified example (in test-split order):
+    ``rows`` (int64, index in the test split), ``label`` (int64), ``prediction`` (int64, -1 = abstained),
+    ``radius`` (float64, 0 where abstained) and ``pa_lower`` (float64) of the headline smoothed classifier
+    (f, or f(D(.)) with a denoiser), and with a denoiser the same three of f alone prefixed
+    ``without_denoiser_``. Certified accuracy at r is mean((prediction == label) & (radius >= r))."""
+    out = {"rows": rows.cpu().numpy().astype(np.int64), "label": y.cpu().numpy().astype(np.int64)}
+    for prefix, c in (("", cert), ("without_denoiser_", without_denoiser)):
+        if c is not None:
+            out.update({f"{prefix}prediction": c.prediction.cpu().numpy().astype(np.int64),
+                        f"{prefix}radius": c.radius.cpu().numpy().astype(np.float64),
+                        f"{prefix}pa_lower": c.pa_lower.cpu().numpy().astype(np.float64)})
+    return out
+
+
 def _denoiser(config: CertifyConfig, ctx: RunContext, data: DataBundle, model: nn.Module,
               x: Tensor) -> tuple[nn.Module, dict[str, Any]]:
     """The denoiser D of the config on the device (a trained DnCNN, kept under artifacts/denoiser/ so a resumed
@@ -150,11 +173,8 @@ def _denoiser(config: CertifyConfig, ctx: RunContext, data: DataBundle, model: n
     info: dict[str, Any] = {**spec.model_dump(mode="json"), "label": spec.label}
     if isinstance(spec, DDPMDenoiser):
         with ctx.cost.timed("denoiser loading"):
-            unet, abar = load_diffusers_pipeline(spec.path, device=ctx.device)
-        ddpm = DiffusionDenoiser(unet, abar, sigma=config.sigma, steps=spec.steps, data_range=spec.data_range,
-                                 clip=spec.clip).to(ctx.device)
-        info.update(t_star=ddpm.t_star, timesteps=len(abar), model_sigma=ddpm.model_sigma,
-                    sigma_at_t_star=ddpm.ratio_at_t_star, model_calls=len(ddpm.schedule))
+            ddpm = spec.build(config.sigma, device=ctx.device)
+        info.update(spec.info(ddpm))
         den: nn.Module = ddpm
     else:
         with torch.random.fork_rng(devices=[]):  # seeded initial weights, the global generator untouched

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from ..certify import max_radius, min_certify_n, min_predict_n
-from ..certify.denoise import require_diffusers
+from ..certify.denoise import DiffusionDenoiser, check_denoiser, load_diffusers_pipeline, require_diffusers
 from ..config import format_validation_error
 from ..data.base import DataBundle
 from ..errors import ConfigError
@@ -104,26 +104,55 @@ class DDPMDenoiser(BaseModel):
     def label(self) -> str:
         return f"DDPM ({'one-shot' if self.steps == 1 else f'{self.steps} DDIM steps'})"
 
+    def build(self, sigma: float, *, device: Any = None) -> DiffusionDenoiser:
+        """The one-shot (or DDIM) denoiser of this block at noise level ``sigma`` (data units): the pipeline in
+        ``path`` loaded by :func:`~mlaudit.certify.load_diffusers_pipeline` onto ``device`` (the ``certify``
+        kind's denoiser and the ``defend`` kind's ndt use this one loader and module)."""
+        unet, abar = load_diffusers_pipeline(self.path, device=device)
+        den = DiffusionDenoiser(unet, abar, sigma=sigma, steps=self.steps, data_range=self.data_range, clip=self.clip)
+        return den.to(device) if device is not None else den
+
+    def info(self, den: DiffusionDenoiser) -> dict[str, Any]:
+        """What the built denoiser is: t*, the schedule's length, sigma in model units and at t*, model calls."""
+        return {"t_star": den.t_star, "timesteps": len(den.alphas_cumprod), "model_sigma": den.model_sigma,
+                "sigma_at_t_star": den.ratio_at_t_star, "model_calls": len(den.schedule)}
+
+    def check(self, *, sigma: float, input_shape: tuple[int, ...], where: str = "denoiser") -> None:
+        """Before any work: ``path`` is a folder, diffusers is installed, the pipeline loads (on the CPU) and the
+        denoiser maps one input of ``input_shape`` to that shape (:func:`~mlaudit.certify.check_denoiser`).
+        Errors name ``where`` (``denoiser``, ``defence.denoiser``)."""
+        if not self.path.expanduser().is_dir():
+            raise ConfigError(f"{where}.path = {str(self.path)!r} is not a folder: give the local folder of a diffusers "
+                              "pipeline saved with pipeline.save_pretrained(path)")
+        try:
+            require_diffusers()
+            den = self.build(sigma)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.kind ddpm ({where}.path = {str(self.path)!r}): {e}") from None
+        check_denoiser(den, input_shape, where=f"{where} (the DDPM in {str(self.path)!r})")
+
 
 DENOISERS: dict[str, type[DnCNNDenoiser] | type[DDPMDenoiser]] = {"dncnn": DnCNNDenoiser, "ddpm": DDPMDenoiser}
 
 
-def _denoiser_value(v: Any) -> Any:
-    """A raw denoiser block becomes the model of its ``kind`` (errors name ``denoiser.<field>``)."""
-    if v is None or isinstance(v, (DnCNNDenoiser, DDPMDenoiser)):
+def parse_denoiser(v: Any, *, where: str = "denoiser",
+                   kinds: Mapping[str, type[DnCNNDenoiser] | type[DDPMDenoiser]] = DENOISERS) -> Any:
+    """A raw denoiser block (a mapping with a ``kind``, or a bare kind name) becomes the model of its ``kind``
+    among ``kinds``; errors name ``<where>.<field>``."""
+    if v is None or isinstance(v, tuple(kinds.values())):
         return v
-    if isinstance(v, str) and v in DENOISERS:
+    if isinstance(v, str) and v in kinds:
         v = {"kind": v}
     if not isinstance(v, Mapping):
-        raise ValueError(f"denoiser must be a mapping with a kind ({', '.join(DENOISERS)}), got {v!r}")
+        raise ValueError(f"{where} must be a mapping with a kind ({', '.join(kinds)}), got {v!r}")
     kind = v.get("kind")
-    if kind not in DENOISERS:
-        raise ValueError(f"denoiser.kind = {kind!r} is not a denoiser; valid: {', '.join(DENOISERS)}")
-    cls = DENOISERS[kind]
+    if kind not in kinds:
+        raise ValueError(f"{where}.kind = {kind!r} is not a denoiser; valid: {', '.join(kinds)}")
+    cls = kinds[kind]
     try:
         return cls.model_validate(v)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, prefix="denoiser", model=cls)) from None
+        raise ConfigError(format_validation_error(e, prefix=where, model=cls)) from None
 
 
 class CertifyConfig(ExperimentConfig):
@@ -141,7 +170,7 @@ class CertifyConfig(ExperimentConfig):
     batch_size: int = Field(1000, ge=1, le=1_000_000)
     """Noisy copies per forward pass."""
     target: TargetModel | None = None
-    denoiser: Annotated[DnCNNDenoiser | DDPMDenoiser | None, BeforeValidator(_denoiser_value)] = None
+    denoiser: Annotated[DnCNNDenoiser | DDPMDenoiser | None, BeforeValidator(parse_denoiser)] = None
     """Denoised smoothing (Salman et al. 2020): certify f(D(.)) beside f alone."""
 
     @model_validator(mode="before")
@@ -215,11 +244,5 @@ def check_certify(config: CertifyConfig, data: DataBundle) -> None:
             raise ConfigError(f"denoiser.kind {config.denoiser.kind} needs image data [C, H, W]; {data.name} has "
                               f"inputs of shape {list(shape)}")
         if isinstance(config.denoiser, DDPMDenoiser):
-            if not config.denoiser.path.expanduser().is_dir():
-                raise ConfigError(f"denoiser.path = {str(config.denoiser.path)!r} is not a folder: give the local folder "
-                                  "of a diffusers pipeline saved with pipeline.save_pretrained(path)")
-            try:
-                require_diffusers()
-            except ConfigError as e:
-                raise ConfigError(f"denoiser.kind ddpm: {e}") from None
+            config.denoiser.check(sigma=config.sigma, input_shape=shape)
 

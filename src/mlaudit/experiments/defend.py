@@ -24,7 +24,8 @@ targeted attack. ``victims`` models are trained from scratch on each poisoned se
 * **ndt** (noise, denoise, train, classify; seed 004, :mod:`mlaudit.certify.ndt`): ``models`` M models,
   model i trained through the factory (one job of M trials per poisoned set) on the poisoned set with
   fresh N(0, sigma^2 I) noise (its own seed) added to every training input, then denoised (``denoiser``:
-  none, or a DnCNN trained on the poisoned set's inputs) and clipped to [0, 1]; the plurality vote of the M
+  none, a DnCNN trained on the poisoned set's inputs, or a local diffusers DDPM one-shot at t*, loaded
+  once by the ``certify`` kind's loader) and clipped to [0, 1]; the plurality vote of the M
   models is the defended classifier (its attack success and clean accuracy); CERTIFY over the votes
   (``n0`` selection models, the rest estimate pA, ``alpha``) gives certified accuracy against l2
   perturbations of the training inputs of radius R = sigma * Phi^-1(pA_lower), and the fraction of the
@@ -79,6 +80,7 @@ from ..stats import MeanSE, mean_difference
 from .backdoor import build_poison, triggered_test_inputs
 from .backdoor_config import BackdoorConfig
 from .base import ExperimentOutput, Stream, register_experiment
+from .certify_config import DDPMDenoiser
 from .context import RunContext, TrialRecord
 from .defend_config import DP_SGD, DPA, NDT, DefendConfig, check_defend
 from .poisoning import failed_victims_note, train_victims, victim_logits
@@ -397,9 +399,16 @@ def _ndt(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, 
     seeds = [config.trial_seed(i, stream=Stream.MODELS) for i in range(m)]
     views: dict[str, DataView] = {}
     trials = []
+    denoiser_info: dict[str, Any] = {"label": d.denoiser_label}
+    ddpm = None
+    if isinstance(d.denoiser, DDPMDenoiser):  # one pretrained DDPM for every poisoned set (the certify kind's loader)
+        with ctx.cost.timed("denoiser loading"):
+            ddpm = d.denoiser.build(sigma, device=ctx.device)
+        denoiser_info.update(d.denoiser.info(ddpm))
     with ctx.cost.timed("noising"):
         for c in cases:
-            vs = ndt_views(c.view, sigma=sigma, seeds=seeds, denoiser=_ndt_denoiser(config, ctx, c), prefix=f"{c.name}-ndt")
+            den = ddpm if ddpm is not None else _ndt_denoiser(config, ctx, c)
+            vs = ndt_views(c.view, sigma=sigma, seeds=seeds, denoiser=den, prefix=f"{c.name}-ndt")
             views |= vs
             trials += ndt_trials(vs, seeds=seeds, tags={"view": c.name})
     cfg = study.model_copy(update={"model": study.victim_model, "recipe": config.partition_recipe})
@@ -436,7 +445,7 @@ def _ndt(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, 
     trials_out = [{"trial_id": r.trial_id, "view": r.tags["view"], "model": r.tags["model"], "seed": r.seed,
                    "test_accuracy": r.metrics["test_accuracy"]} for r in recs]
     table = ReportTable(f"Noise, denoise, train, classify (seed 004), sigma = {sigma:g}, M = {m} "
-                        f"(n0 = {d.n0}, alpha = {d.alpha:g}, denoiser {d.denoiser}) [95% Clopper-Pearson]",
+                        f"(n0 = {d.n0}, alpha = {d.alpha:g}, denoiser {d.denoiser_label}) [95% Clopper-Pearson]",
                         ["poisoned set", "ensemble accuracy", *(f"certified acc, R {r:g}" for r in radii),
                          "attack success (ensemble)", "poison l2 (all rows)", "certified against this poison"],
                         rows_out, note="R: l2 norm of the perturbation of all training inputs together (labels "
@@ -449,7 +458,8 @@ def _ndt(config: DefendConfig, study: Study, ctx: RunContext, data: DataBundle, 
     verdict = (f"NDT with sigma = {sigma:g}, M = {m}: {100 * frac:.1f}% of the attacked inputs certified against this "
                f"poison (largest certifiable radius {cap:.3g})")
     return Defended(success, accuracy, {"ndt": {"sigma": sigma, "models": m, "radii": radii, "max_radius": cap,
-                                                "per_set": per_set, "certified_against_attack": frac}},
+                                                "denoiser": denoiser_info, "per_set": per_set,
+                                                "certified_against_attack": frac}},
                     trials_out, [table], {"Certified accuracy of the NDT ensemble vs l2 training-set perturbation "
                                           "(95% Clopper-Pearson shaded)": fig}, verdict)
 

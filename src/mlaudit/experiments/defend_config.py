@@ -40,6 +40,7 @@ from ..query import model_template, penultimate_features
 from ..train.recipe import DPConfig, Recipe
 from .backdoor_config import BackdoorAttack, BackdoorConfig, check_backdoor, eligible_rows
 from .base import recipe_value
+from .certify_config import DDPMDenoiser, parse_denoiser
 from .poisoning import PoisoningConfig
 from .targeted_poison import check_targeted
 from .targeted_poison_config import ExplicitScenario, TargetedAttack, TargetedPoisonConfig, build_scenarios
@@ -67,6 +68,21 @@ _APPLIES = {"rate": "the filtering defences", "k": "knn (neighbours) and dpa (pa
             "recipe": "dpa and ndt (the ensemble models' recipe)", "sigma": "ndt", "models": "ndt", "n0": "ndt",
             "alpha": "ndt", "denoiser": "ndt", "denoiser_epochs": "ndt (with denoiser dncnn)",
             "dp": "dp-sgd (the victims' DP-SGD)"}
+NDT_DENOISERS = ("none", "dncnn")
+"""The named ``defence.denoiser`` values; a DDPM is the mapping ``{kind: ddpm, path: ...}``."""
+
+
+def _ndt_denoiser_value(v: Any) -> Any:
+    """``defence.denoiser``: ``none``, ``dncnn``, or a DDPM block ``{kind: ddpm, path, steps, data_range, clip}``
+    validated by the ``certify`` kind's own :class:`~.certify_config.DDPMDenoiser` (errors name
+    ``defence.denoiser.<field>``)."""
+    if v is None or isinstance(v, DDPMDenoiser) or (isinstance(v, str) and v in NDT_DENOISERS):
+        return v
+    if v == "ddpm" or (isinstance(v, Mapping) and v.get("kind") == "ddpm"):
+        return parse_denoiser(v, where="defence.denoiser", kinds={"ddpm": DDPMDenoiser})
+    raise ValueError(f"{v!r} is not a denoiser of ndt; valid: none, dncnn (a name; its epochs in "
+                     "defence.denoiser_epochs), or a local diffusers DDPM {kind: ddpm, path: <folder>, steps: 1} (as "
+                     "the certify kind's denoiser block)")
 
 
 class DefenceOptions(BaseModel):
@@ -77,7 +93,9 @@ class DefenceOptions(BaseModel):
     recipe (default: the victims'; a partition is 1/k of the data, so it may need more epochs). ndt (noise,
     denoise, train, classify; seed 004): ``sigma`` (required, > 0) the training noise, ``models`` M (default
     20), ``n0`` selection models of CERTIFY (default 1, < models), ``alpha`` (default 0.001), ``denoiser``
-    ``none`` (noise only) or ``dncnn`` (trained on the poisoned training inputs, ``denoiser_epochs``, default 10).
+    ``none`` (noise only), ``dncnn`` (trained on the poisoned training inputs, ``denoiser_epochs``, default 10)
+    or ``{kind: ddpm, path: <folder>, steps, data_range, clip}`` (a local diffusers DDPM, one-shot at t* for
+    ``sigma``, Carlini et al. 2023; the ``certify`` kind's block and loader).
     dp-sgd (seed 002 section 1.5.5): ``dp`` (required) the DP-SGD options the defended victims train with (the
     victims' recipe plus ``dp``; :class:`~mlaudit.train.recipe.DPConfig`)."""
 
@@ -93,7 +111,7 @@ class DefenceOptions(BaseModel):
     models: int | None = Field(None, ge=2, le=10_000)
     n0: int | None = Field(None, ge=1, le=10_000)
     alpha: float | None = Field(None, gt=0.0, lt=1.0)
-    denoiser: Literal["none", "dncnn"] | None = None
+    denoiser: Annotated[Literal["none", "dncnn"] | DDPMDenoiser | None, BeforeValidator(_ndt_denoiser_value)] = None
     denoiser_epochs: int | None = Field(None, ge=1, le=10_000)
     dp: DPConfig | None = None
 
@@ -154,6 +172,11 @@ class DefenceOptions(BaseModel):
     @property
     def is_filter(self) -> bool:
         return self.method in FILTERS
+
+    @property
+    def denoiser_label(self) -> str:
+        """``none``, ``dncnn`` or the DDPM's label (``DDPM (one-shot)``)."""
+        return self.denoiser.label if isinstance(self.denoiser, DDPMDenoiser) else str(self.denoiser)
 
     def filter_options(self) -> dict[str, Any]:
         """The filter's own options (``k`` of knn, activation clustering's), validated."""
@@ -266,7 +289,8 @@ def check_defend(config: DefendConfig, data: DataBundle) -> None:
     """Runner hook, before anything is written: the attack's own checks (the poisoning kind's), then the
     defence's: a filter needs a linear head on the victim model (its penultimate features) and a rate that
     removes rows of the poisons' class (else it cannot work); knn needs more rows than neighbours; dpa needs k <= the training set and no empty
-    partition of the clean training set."""
+    partition of the clean training set; ndt's denoiser needs image data, and a DDPM must load from its folder
+    and return its input's shape."""
     study = config.study()
     (check_backdoor if isinstance(study, BackdoorConfig) else check_targeted)(study, data)
     d, n = config.defence, len(data.train)
@@ -291,9 +315,13 @@ def check_defend(config: DefendConfig, data: DataBundle) -> None:
             raise ConfigError(f"defence.models = {d.models} with defence.n0 = {d.n0} leaves {d.models - d.n0} "
                               f"estimation models; CERTIFY at defence.alpha = {d.alpha:g} certifies nothing with fewer "
                               f"than {need}: allowed defence.models >= {d.n0 + need}")
-        if d.denoiser == "dncnn" and data.train.x.dim() != 4:
-            raise ConfigError(f"defence.denoiser = dncnn needs image inputs [C, H, W]; {data.name} has shape "
+        if d.denoiser not in (None, "none") and data.train.x.dim() != 4:
+            kind = d.denoiser.kind if isinstance(d.denoiser, DDPMDenoiser) else d.denoiser
+            raise ConfigError(f"defence.denoiser = {kind} needs image inputs [C, H, W]; {data.name} has shape "
                               f"{list(data.train.x.shape[1:])} (allowed for it: defence.denoiser none)")
+        if isinstance(d.denoiser, DDPMDenoiser):
+            assert d.sigma is not None
+            d.denoiser.check(sigma=d.sigma, input_shape=tuple(data.train.x.shape[1:]), where="defence.denoiser")
     if d.method == DP_SGD:
         from ..privacy.dpsgd import check_dp_model  # lazy: privacy imports train
 

@@ -42,9 +42,11 @@ HERE = Path(__file__).resolve().parent
 SMOKE = HERE.parent / "examples" / "defend.yaml"
 DEFAULT_FILTERS = ("spectral", "activation-clustering", "knn")
 DEFAULT_RATES = (0.1, 0.2)
-SEED_002_TABLE_1_4 = ("Seed 002, Table 1.4 (Witches' Brew, CIFAR-10, 4% budget = 2000 poisons in one class of 5000, "
-                      "eps 16, ResNet-18, 6 runs): the outlier method removes 248 / 467 poisons at 10% / 20% filtering "
-                      "(random: 200 / 400) and 252 / 533 clean images (random: 300 / 600).")
+SEED_002_TABLE_1_4 = ("Seed 002, Table 1.4 (section 1.5.4: Witches' Brew, CIFAR-10, 4% budget = 2000 poisons in one "
+                      "class of 5000, eps 16, averaged over 6 randomly seeded poisoning runs; the victim architecture is "
+                      "not stated beside the table): filtering 10% / 20% of the poisoned class (500 / 1000 images), "
+                      "the outlier method removes 248 / 467 poisons (random: 200 / 400) and 252 / 533 clean images "
+                      "(random: 300 / 600).")
 
 SEED_004_TABLE_2 = ("Seed 004, Table 2 (CIFAR-10, from scratch, an ensemble of four models trained on the DDPM-denoised "
                     "noised training set): Witches' Brew white-box, l-inf attack, 65.0% success (92.3% clean) at sigma 0 "

@@ -157,3 +157,23 @@ def test_a_gelu_model_is_breached_through_steep_bins() -> None:
     alone = int((torch.bincount(b, minlength=65)[b] == 1).sum())
     assert alone >= 2 and pair_recovery(true, steep.x) >= alone / L - 1e-9
     assert pair_recovery(true, steep.x) > pair_recovery(true, flat.x)
+
+
+def test_tied_embeddings_are_breached_and_hide_only_the_bag_of_tokens() -> None:
+    """GPT-2 ties the output head to the token embedding: the planted copy keeps the tie (the head reads the
+    token codes), the pairs still come back (the feedback coordinate reaches the loss through the final
+    LayerNorm and the second block), and the honest bag of tokens is gone (every row has a gradient)."""
+    _, public, seqs = _setup(1)
+    torch.manual_seed(0)
+    model = TinyGPT(V, L, d_model=32, heads=2, layers=2, tie_embeddings=True)
+    assert model.head.weight is model.tok.weight
+    mal = plant_decepticon(model, public, bins=64, generator=torch.Generator().manual_seed(1))
+    assert mal.head.weight is mal.tok.weight and model.head.weight is model.tok.weight
+    obs = _observe(mal, seqs)
+    assert "head.weight" not in obs.grad and bool((obs.grad["tok.weight"].abs().sum(1) > 0).all())
+    rec = decepticons(mal, obs)
+    true = seqs[0, :, :L]
+    assert rec.info["token_set"] is None
+    assert pair_recovery(true, rec.x) >= 0.6  # measured 0.75, as without the tie (a bin collision or two)
+    true_pairs = {(int(t), p) for p, t in enumerate(true[0])}
+    assert {tuple(map(int, r)) for r in rec.x[:, :2]} <= true_pairs

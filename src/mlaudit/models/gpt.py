@@ -1,6 +1,7 @@
 """A small GPT-2-style causal transformer language model, built locally (no weight download): token and
 learned position embeddings, pre-LayerNorm blocks of causal multi-head self-attention and a two-layer
-MLP, a final LayerNorm and an untied output head (Radford et al. 2019's layout at toy size).
+MLP, a final LayerNorm and an output head, untied by default; ``tie_embeddings=True`` shares the head's
+weight with the token embedding, as GPT-2 does (Radford et al. 2019's layout at toy size).
 
 Logits come out as [B, V, L] (the vocabulary second), the layout ``F.cross_entropy`` takes for sequence
 targets [B, L], so the FedSGD gradients of :func:`mlaudit.federated.user_gradients` apply unchanged to
@@ -50,9 +51,10 @@ class TinyGPT(nn.Module):
     """tokens [B, L] (int, L <= ``seq_len``) -> logits [B, V, L]."""
 
     def __init__(self, vocab: int, seq_len: int, *, d_model: int = 64, heads: int = 4, layers: int = 2,
-                 activation: Literal["relu", "gelu"] = "relu") -> None:
+                 activation: Literal["relu", "gelu"] = "relu", tie_embeddings: bool = False) -> None:
         super().__init__()
         self.vocab, self.seq_len, self.d_model, self.activation = vocab, seq_len, d_model, activation
+        self.tie_embeddings = tie_embeddings
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(seq_len, d_model)
         self.blocks = nn.ModuleList(Block(d_model, heads, activation) for _ in range(layers))
@@ -66,6 +68,8 @@ class TinyGPT(nn.Module):
         for blk in self.blocks:
             nn.init.normal_(blk.proj.weight, std=0.02 / math.sqrt(2 * layers))
             nn.init.normal_(blk.fc2.weight, std=0.02 / math.sqrt(2 * layers))
+        if tie_embeddings:  # one parameter: named_parameters() lists it once, as tok.weight
+            self.head.weight = self.tok.weight
 
     def embed(self, tokens: Tensor) -> Tensor:
         """The residual stream's input [B, L, d]: token plus position embedding."""

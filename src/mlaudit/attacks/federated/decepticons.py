@@ -23,7 +23,11 @@ What is built here, on :class:`mlaudit.models.gpt.TinyGPT` (ReLU or GELU MLPs):
 The honest-but-curious baseline: the rows of the token-embedding gradient that are non-zero give the
 *set* of tokens the users typed (no positions, no counts).
 
-Not built: tied embeddings. GELU is handled by steep bins (``scale``). Sequences whose first k tokens agree
+Tied embeddings (GPT-2's; ``TinyGPT(tie_embeddings=True)``) need nothing more: the head then reads the
+token codes, and the feedback coordinate still reaches the loss through the final LayerNorm and the later
+blocks. What they take away is the honest baseline: every row of the shared matrix gets the head's
+gradient, so its non-zero rows no longer name the tokens typed (``info['token_set']`` is None). GELU is
+handled by steep bins (``scale``). Sequences whose first k tokens agree
 still merge; a larger k splits the tag coordinates (d/4 - 1 of them) into k smaller shares.
 """
 
@@ -282,8 +286,9 @@ def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol:
                                   rel_tol=rel_tol)
     token, position, first, valid = decode(model, z, tol=tol)
     info: dict = {"bins": bins, "nonempty_bins": len(where), "rejected": int((~valid).sum())}
-    if "tok.weight" in obs.grad:
-        info["token_set"] = (obs.grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
+    if "tok.weight" in obs.grad:  # tied to the head, every row has a gradient: no bag of tokens to read
+        info["token_set"] = None if getattr(model, "tie_embeddings", False) else \
+            (obs.grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
     return Reconstruction(torch.cat([token[:, None], position[:, None], first], 1)[valid], None, info)
 
 

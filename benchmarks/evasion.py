@@ -3,6 +3,7 @@ in one run on the same models and the same test examples (CPU, or a GPU with ``-
 
     pip install -e '.[bench]'            # torchattacks==3.5.1, a benchmark dependency only
     python benchmarks/evasion.py --examples 359 --name digits_cpu
+    python benchmarks/evasion.py --examples 200 --seeds 5 --name digits_cpu_seeds    # mean and spread over seeds
     python benchmarks/evasion.py --dataset cifar10 --device cuda --models airbench --recipe airbench-muon \
         --adversarial 8/255 --eps 8/255 --eps-l2 0.5 --examples 1000 --name cifar10_airbench_h200
 
@@ -18,14 +19,19 @@ for CW (minimal l2, no eps) the success rate, the median l2 of successes and rob
 l2 <= eps_l2. Square (``--square-queries`` queries, p_init 0.8, margin loss) runs twice on our side: with
 the paper's window offsets 0 .. H - s (our default) and with the authors' code's 0 .. H - s - 1, the
 range torchattacks' port also draws from. FAB-T: 100 steps, 1 restart, the 9 highest wrong classes, both sides.
-"AutoAttack linf" is each library's standard version (APGD-CE, APGD-T, FAB-T, Square with 5000 queries). Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
+``--seeds N`` repeats every attack with the random seeds 0 .. N-1 on both sides (random starts, Square's and
+FAB's draws; CW and FGSM draw nothing) and reports the mean robust accuracy with its spread and the mean paired
+difference: a single seed's gap of a point or two on 200 examples is within the spread of random starts
+(docs/evasion.md). "AutoAttack linf" is each library's standard version (APGD-CE, APGD-T, FAB-T, Square with 5000 queries). Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -58,49 +64,56 @@ def _authors_offsets(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
-def pairs(eps: float, eps_l2: float, steps: int,
-          queries: int = 1000) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
-    """name -> (ours(model, x, y), torchattacks factory(model)), both with the same settings."""
+def pairs(eps: float, eps_l2: float, steps: int, queries: int = 1000,
+          seed: int = 0) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
+    """name -> (ours(model, x, y), torchattacks factory(model)), both with the same settings and random seed
+    (ours: a CPU generator seeded ``seed``, a fresh one per call; seed 0 is each library's default)."""
     a = eps / 4
-    sq_linf = (lambda m, x, y: square(m, x, y, eps=eps, n_queries=queries),
-               lambda m: torchattacks.Square(m, norm="Linf", eps=eps, n_queries=queries, p_init=0.8, seed=0))
-    sq_l2 = (lambda m, x, y: square(m, x, y, eps=eps_l2, norm="l2", n_queries=queries),
-             lambda m: torchattacks.Square(m, norm="L2", eps=eps_l2, n_queries=queries, p_init=0.8, seed=0))
+
+    def g() -> torch.Generator | None:
+        return None if seed == 0 else torch.Generator().manual_seed(seed)
+    sq_linf = (lambda m, x, y: square(m, x, y, eps=eps, n_queries=queries, generator=g()),
+               lambda m: torchattacks.Square(m, norm="Linf", eps=eps, n_queries=queries, p_init=0.8, seed=seed))
+    sq_l2 = (lambda m, x, y: square(m, x, y, eps=eps_l2, norm="l2", n_queries=queries, generator=g()),
+             lambda m: torchattacks.Square(m, norm="L2", eps=eps_l2, n_queries=queries, p_init=0.8, seed=seed))
     return {
         "FGSM linf": (lambda m, x, y: fgsm(m, x, y, eps=eps), lambda m: torchattacks.FGSM(m, eps=eps)),
-        "PGD-10 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=10, step_size=a),
+        "PGD-10 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=10, step_size=a, generator=g()),
                         lambda m: torchattacks.PGD(m, eps=eps, alpha=a, steps=10, random_start=True)),
-        "PGD-20 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=20, step_size=eps / 8),
+        "PGD-20 linf": (lambda m, x, y: pgd(m, x, y, eps=eps, steps=20, step_size=eps / 8, generator=g()),
                         lambda m: torchattacks.PGD(m, eps=eps, alpha=eps / 8, steps=20, random_start=True)),
-        "PGD-10 l2": (lambda m, x, y: pgd(m, x, y, eps=eps_l2, norm="l2", steps=10, step_size=eps_l2 / 4),
+        "PGD-10 l2": (lambda m, x, y: pgd(m, x, y, eps=eps_l2, norm="l2", steps=10, step_size=eps_l2 / 4,
+                                                  generator=g()),
                       lambda m: torchattacks.PGDL2(m, eps=eps_l2, alpha=eps_l2 / 4, steps=10, random_start=True)),
-        f"APGD-CE-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="ce"),
-                                  lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="ce", seed=0)),
-        f"APGD-DLR-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="dlr"),
-                                   lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="dlr", seed=0)),
-        f"APGD-T-{steps} linf": (lambda m, x, y: apgd_targeted(m, x, y, eps=eps, steps=steps, targets=9),
-                                 lambda m: torchattacks.APGDT(m, norm="Linf", eps=eps, steps=steps, n_classes=10, seed=0)),
-        "FAB-T-100 linf": (lambda m, x, y: fab_targeted(m, x, y, eps=eps, steps=100, restarts=1, n_target_classes=9),
+        f"APGD-CE-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="ce", generator=g()),
+                                  lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="ce", seed=seed)),
+        f"APGD-DLR-{steps} linf": (lambda m, x, y: apgd(m, x, y, eps=eps, steps=steps, loss="dlr", generator=g()),
+                                   lambda m: torchattacks.APGD(m, norm="Linf", eps=eps, steps=steps, loss="dlr", seed=seed)),
+        f"APGD-T-{steps} linf": (lambda m, x, y: apgd_targeted(m, x, y, eps=eps, steps=steps, targets=9,
+                                                                       generator=g()),
+                                 lambda m: torchattacks.APGDT(m, norm="Linf", eps=eps, steps=steps, n_classes=10, seed=seed)),
+        "FAB-T-100 linf": (lambda m, x, y: fab_targeted(m, x, y, eps=eps, steps=100, restarts=1, n_target_classes=9,
+                                                        generator=g()),
                            lambda m: torchattacks.FAB(m, norm="Linf", eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-                                                      n_classes=10, seed=0)),
+                                                      n_classes=10, seed=seed)),
         # both standard versions: APGD-CE, APGD-T, FAB-T, Square-5000 (ours: FAB-T 100 steps as in AutoAttack;
         # torchattacks' standard version builds its FAB with the class default, 10 steps)
-        "AutoAttack linf": (lambda m, x, y: autoattack(m, x, y, eps=eps),
+        "AutoAttack linf": (lambda m, x, y: autoattack(m, x, y, eps=eps, generator=g()),
                             lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10,
-                                                              seed=0)),
+                                                              seed=seed)),
         # the same ensemble at each budget on both sides: torchattacks' "standard" runs APGD, APGD-T and FAB-T
         # with 10 steps each (its class defaults); Croce & Hein's standard version uses 100
         "AutoAttack linf, 10-step members (torchattacks' standard budget)": (
-            lambda m, x, y: autoattack(m, x, y, eps=eps, members=_aa_members(10)),
-            lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)),
+            lambda m, x, y: autoattack(m, x, y, eps=eps, members=_aa_members(10), generator=g()),
+            lambda m: torchattacks.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=10, seed=seed)),
         "AutoAttack linf, 100-step members (Croce & Hein's standard budget)": (
-            lambda m, x, y: autoattack(m, x, y, eps=eps, members=_aa_members(100)),
+            lambda m, x, y: autoattack(m, x, y, eps=eps, members=_aa_members(100), generator=g()),
             lambda m: torchattacks.MultiAttack([
-                torchattacks.APGD(m, norm="Linf", eps=eps, steps=100, loss="ce", n_restarts=1, seed=0),
-                torchattacks.APGDT(m, norm="Linf", eps=eps, steps=100, n_classes=10, n_restarts=1, seed=0),
+                torchattacks.APGD(m, norm="Linf", eps=eps, steps=100, loss="ce", n_restarts=1, seed=seed),
+                torchattacks.APGDT(m, norm="Linf", eps=eps, steps=100, n_classes=10, n_restarts=1, seed=seed),
                 torchattacks.FAB(m, norm="Linf", eps=eps, steps=100, multi_targeted=True, n_classes=10, n_restarts=1,
-                                 seed=0),
-                torchattacks.Square(m, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=0)])),
+                                 seed=seed),
+                torchattacks.Square(m, norm="Linf", eps=eps, n_queries=5000, n_restarts=1, seed=seed)])),
         "CW-l2 c=1, 50 steps": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=50, search_steps=1),
                                 lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=50, lr=0.01)),
         "CW-l2 5x100 search": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=100, search_steps=5),
@@ -130,6 +143,22 @@ def _median_wall(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["wall_s"] = walls[len(walls) // 2] if len(walls) % 2 else 0.5 * (walls[len(walls) // 2 - 1] + walls[len(walls) // 2])
     if len(runs) > 1:
         out["wall_s_all"] = [r["wall_s"] for r in runs]
+    return out
+
+
+_DRAW_NOTHING = ("FGSM", "CW")
+
+
+def _over_seeds(runs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One library's calls for each seed -> the row's measurements: with one seed, :func:`_median_wall` of its
+    calls; with several, seed 0's first call with robust_acc the mean over the seeds' first calls (each kept in
+    robust_acc_seeds, with their sample sd, min and max) and wall_s the median over every call."""
+    if len(runs) == 1:
+        return _median_wall(runs[0])
+    out = _median_wall([r for seed in runs for r in seed])
+    accs = [seed[0]["robust_acc"] for seed in runs]
+    out.update(robust_acc=statistics.fmean(accs), robust_acc_seeds=accs, robust_acc_sd=statistics.stdev(accs),
+               robust_acc_min=min(accs), robust_acc_max=max(accs))
     return out
 
 
@@ -174,8 +203,13 @@ def main() -> None:
     ap.add_argument("--attacks", default="", help="semicolon-separated subset of the attack names (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="timed calls per attack and library (median reported)")
+    ap.add_argument("--seeds", type=int, default=1, help="random seeds per attack and library (0 .. N-1; the same "
+                    "seed on both sides); N > 1 reports the mean robust accuracy, its sd and range, and the mean "
+                    "paired difference with its standard error")
     ap.add_argument("--name", default="digits_cpu")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: allowed >= 1")
     torch.set_num_threads(args.threads)
     if args.dataset == "cifar10":
         from _common import cifar10_jpeg
@@ -209,20 +243,40 @@ def main() -> None:
             pgd(model, x, y, eps=args.eps, steps=1)
             torchattacks.PGD(model, eps=args.eps, alpha=args.eps / 4, steps=1)(x, y)
             _sync(x)
-            for name, (ours, theirs) in pairs(args.eps, args.eps_l2, args.steps, args.square_queries).items():
+            table = [pairs(args.eps, args.eps_l2, args.steps, args.square_queries, seed=k) for k in range(args.seeds)]
+            for name in table[0]:
                 if chosen and name not in chosen:
                     continue
                 # --repeats > 1: the two libraries alternate, each row reporting the median wall time
-                # (the robust accuracy is the first call's; every call's time is kept)
-                runs_a, runs_b = [], []
-                for _ in range(args.repeats):
-                    runs_a.append(measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy), args.eps_l2))
-                    runs_b.append(measure(model, x, y, theirs(model), args.eps_l2))
-                a, b = _median_wall(runs_a), _median_wall(runs_b)
-                rows.append({"model": label, "clean_acc": clean, "train_s": round(train_s, 2), "attack": name,
-                             "mlaudit": a, "torchattacks": b})
+                # (the robust accuracy is the first call's; every call's time is kept); --seeds N > 1: that for
+                # each of the seeds 0 .. N-1, the row reporting the mean robust accuracy and its spread
+                runs_a: list[list[dict[str, Any]]] = []
+                runs_b: list[list[dict[str, Any]]] = []
+                # FGSM and CW draw nothing: one seed gives every seed's numbers
+                for k, attacks in enumerate(table[:1] if name.startswith(_DRAW_NOTHING) else table):
+                    ours, theirs = attacks[name]
+                    runs_a.append([])
+                    runs_b.append([])
+                    for _ in range(args.repeats):
+                        runs_a[-1].append(measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy),
+                                                  args.eps_l2))
+                        if args.seeds > 1:  # torchattacks' PGD and PGDL2 draw their starts from torch's global generator
+                            torch.manual_seed(k)
+                        runs_b[-1].append(measure(model, x, y, theirs(model), args.eps_l2))
+                a, b = _over_seeds(runs_a), _over_seeds(runs_b)
+                row = {"model": label, "clean_acc": clean, "train_s": round(train_s, 2), "attack": name,
+                       "mlaudit": a, "torchattacks": b}
+                if len(runs_a) > 1:
+                    diffs = [p - q for p, q in zip(a["robust_acc_seeds"], b["robust_acc_seeds"], strict=True)]
+                    row["diff"] = statistics.fmean(diffs)
+                    row["diff_se"] = statistics.stdev(diffs) / math.sqrt(len(diffs))
+                elif args.seeds > 1:
+                    row["diff"], row["diff_se"] = a["robust_acc"] - b["robust_acc"], 0.0
+                rows.append(row)
+                spread = (f" (sd {a['robust_acc_sd']:.1f} | {b['robust_acc_sd']:.1f} over {args.seeds} seeds)"
+                          if len(runs_a) > 1 else "")
                 print(f"  {name:24s} ours {a['robust_acc']:5.1f}% {a['wall_s']:6.2f}s | torchattacks "
-                      f"{b['robust_acc']:5.1f}% {b['wall_s']:6.2f}s", flush=True)
+                      f"{b['robust_acc']:5.1f}% {b['wall_s']:6.2f}s{spread}", flush=True)
                 write(args, described, dev, x, rows)  # after every row: a run cut off by a time limit keeps its rows
     write(args, described, dev, x, rows)
 
@@ -235,7 +289,7 @@ def write(args: argparse.Namespace, described: str, dev: torch.device, x: Tensor
             "dataset": described, "examples": len(x), "eps_linf": args.eps,
             "eps_l2": args.eps_l2, "apgd_steps": args.steps, "square_queries": args.square_queries, "recipe": args.recipe, "adversarial_eps": args.adversarial,
             "adversarial_steps": args.adv_steps if args.adversarial else None,
-            "seed": 0, "repeats": args.repeats}
+            "seed": 0, "repeats": args.repeats, "seeds": args.seeds}
     out = RESULTS / f"evasion_{args.name}"
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(render(meta, rows))
@@ -248,18 +302,40 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              + f", torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
              f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, APGD steps = "
              f"{meta['apgd_steps']}, Square queries = {meta.get('square_queries', '-')}. Robust accuracy in % (lower = stronger attack); wall time of the attack call"
-             + (f" (median of {meta['repeats']} alternating calls per library)." if meta.get("repeats", 1) > 1 else "."),
-             "", "| model (clean %; training time) | attack | mlaudit robust % | torchattacks robust % | mlaudit s | torchattacks s |",
-             "|---|---|---:|---:|---:|---:|"]
+             + (f" (median of {meta['repeats']} alternating calls per library)." if meta.get("repeats", 1) > 1 else ".")]
+    seeds = meta.get("seeds", 1)
+    if seeds > 1:
+        lines += ["", f"Each attack ran with the random seeds 0 .. {seeds - 1} on both sides (ours: a CPU generator seeded "
+                  "k; torchattacks: seed=k and torch.manual_seed(k) before the call); robust accuracy is the mean "
+                  f"over the {seeds} seeds ± its sample sd [min, max], wall time the median over all calls. "
+                  "\"ours - theirs\": the mean paired difference ± its standard error; verdict against the issue's "
+                  "bar (ours <= theirs + 0.5): **ok**, **noise** (above the bar by less than 2 s.e.) or **weaker**.",
+                  "", "| model (clean %; training time) | attack | mlaudit robust % | torchattacks robust % | "
+                  "ours - theirs | verdict | mlaudit s | torchattacks s |", "|---|---|---:|---:|---:|---|---:|---:|"]
+    else:
+        lines += ["", "| model (clean %; training time) | attack | mlaudit robust % | torchattacks robust % | mlaudit s "
+                  "| torchattacks s |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["mlaudit"], r["torchattacks"]
         extra = ""
         if r["attack"].startswith("CW"):
             extra = (f" (median l2 of fooled: {_f(a['median_l2_fooled'])} vs {_f(b['median_l2_fooled'])}; robust at "
                      f"l2 <= {meta['eps_l2']}: {a['robust_acc_at_eps_l2']:.1f} vs {b['robust_acc_at_eps_l2']:.1f})")
-        lines.append(f"| {r['model']} ({r['clean_acc']:.1f}; trained in {r['train_s']:.0f} s) | {r['attack']}{extra} | {a['robust_acc']:.1f} | "
-                     f"{b['robust_acc']:.1f} | {a['wall_s']:.2f} | {b['wall_s']:.2f} |")
+        head = f"| {r['model']} ({r['clean_acc']:.1f}; trained in {r['train_s']:.0f} s) | {r['attack']}{extra} | "
+        if seeds > 1:
+            d, se = r["diff"], r["diff_se"]
+            verdict = "ok" if d <= 0.5 else "noise" if d - 0.5 < 2 * se else "weaker"
+            lines.append(head + f"{_spread(a)} | {_spread(b)} | {d:+.1f} ± {se:.1f} | {verdict} | {a['wall_s']:.2f} | "
+                         f"{b['wall_s']:.2f} |")
+        else:
+            lines.append(head + f"{a['robust_acc']:.1f} | {b['robust_acc']:.1f} | {a['wall_s']:.2f} | {b['wall_s']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _spread(m: dict[str, Any]) -> str:
+    if "robust_acc_sd" not in m:
+        return f"{m['robust_acc']:.1f} (draws nothing: one seed)"
+    return f"{m['robust_acc']:.1f} ± {m['robust_acc_sd']:.1f} [{m['robust_acc_min']:.1f}, {m['robust_acc_max']:.1f}]"
 
 
 def _f(v: float | None) -> str:

@@ -108,3 +108,25 @@ def test_building_the_module_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state()
     ImprintedModel(nn.Identity(), torch.ones(4, 64), torch.zeros(4), torch.zeros(64))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("bins", [16, 64])
+def test_on_discrete_data_no_offset_sits_on_a_value_and_the_scale_keeps_every_bin(bins: int) -> None:
+    """Digits-like images (17 grey levels): empirical quantiles of the brightness are observed values; the
+    offsets move to the middle of their gap, so no public input lies on a knee and the planted scale (1e-3
+    through Flower) leaves every public input, and every other input off an offset, in the same bin."""
+    g = torch.Generator().manual_seed(5)
+    public, private = (torch.randint(0, 17, (n, 1, 8, 8), generator=g).float() / 16 for n in (400, 300))
+    a = plant_imprint(net(), public, bins=bins)
+    b = plant_imprint(net(), public, bins=bins, scale=1e-3)
+    h, hp = (x.flatten(1).double().mean(1) for x in (public, private))
+    c = a.thresholds().double()
+    # no offset within a quarter grey-level step of the brightness (1 / (16 * 64)) of a public value
+    assert float((h[:, None] - c[None, 1:]).abs().min()) > 0.24 / 1024
+    assert torch.equal(a.bin_of(public), b.bin_of(public))
+    off = (hp[:, None] - c[None, 1:]).abs().min(1).values > 1e-6
+    assert int(off.sum()) >= 0.9 * len(hp)
+    assert torch.equal(a.bin_of(private)[off], b.bin_of(private)[off])
+    # the shares stay near the quantiles (snapping moves no public input across an offset it did not cross)
+    share = torch.bincount(a.bin_of(public), minlength=bins).float() / len(public)
+    assert float((share - 1 / bins).abs().max()) < 0.05

@@ -44,6 +44,7 @@ from ...errors import ConfigError
 from ...models.gpt import TinyGPT
 from .base import Observation, Reconstruction, register_federated
 from .imprint import _offsets as imprint_offsets
+from .imprint import off_observed
 from .imprint import imprint_candidates
 
 
@@ -226,12 +227,8 @@ def _offsets(h: Tensor, bins: int) -> Tensor:
                 raise ConfigError(f"decepticon bins = {bins}: the public text gives only {len(uniq)} distinct "
                                   "measurements; allowed: fewer bins or more public text")
             c[i] = uniq[j]
-    # an offset on an observed value leaves those tokens on the knee (ReLU'(0) = 0, GELU'(0) = 1/2): move it
-    # half-way down to the next smaller value, so they sit inside bin i
-    k = torch.searchsorted(uniq, c[1:])
-    on = (k < len(uniq)) & (uniq[k.clamp(max=len(uniq) - 1)] == c[1:]) & (k > 0)
-    c[1:][on] = 0.5 * (uniq[k[on]] + uniq[k[on] - 1])
-    return c
+    # an offset on an observed value leaves those tokens on the knee (ReLU'(0) = 0, GELU'(0) = 1/2)
+    return off_observed(c, h)
 
 
 def _residual(z: Tensor, ref: Tensor) -> Tensor:

@@ -112,7 +112,7 @@ def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement:
     if not hi > lo:
         raise ConfigError(f"the {measurement} measurement is constant ({lo:.6g}) on the {len(h)} public inputs: it has "
                           "no quantiles to place bins at; use another measurement or other public data")
-    c = _offsets(h, bins, cdf, lo - (hi - lo))
+    c = off_observed(_offsets(h, bins, cdf, lo - (hi - lo)), h)
     if not bool((c[1:] > c[:-1]).all()):
         distinct = int(torch.unique(h).numel())
         raise ConfigError(f"imprint bins = {bins}: the {measurement} measurement takes only {distinct} distinct values "
@@ -134,6 +134,30 @@ def _offsets(h: Tensor, bins: int, cdf: Cdf, floor: float) -> Tensor:
     else:
         raise ConfigError(f"imprint cdf {cdf!r}; allowed: empirical, gaussian")
     return torch.cat([torch.tensor([floor], dtype=torch.float64), inner])
+
+
+def off_observed(c: Tensor, h: Tensor) -> Tensor:
+    """Offsets c [k] (ascending) moved inside the gap between observed measurements h [P] they fall in: the
+    m offsets c_i (i >= 1) with h_lo < c_i <= h_hi for adjacent distinct values of h go to h_lo + j (h_hi -
+    h_lo) / (m + 1), j = 1..m (one offset: the middle; an offset on a value belongs to the gap below it). No
+    public input then sits on a knee: on discrete data (digits' 17 grey levels, text tokens) an empirical
+    quantile is an observed value, or interpolates within a hair of one, and whether such an input fires
+    bin i would hang on the float rounding of s * h - s * c_i (ReLU'(0) = 0), i.e. on the planted scale s.
+    Offsets outside [min h, max h] stay."""
+    c = c.clone()
+    uniq = torch.unique(h.double())
+    k = torch.searchsorted(uniq, c[1:])  # uniq[k - 1] < c <= uniq[k]
+    inside = ((k > 0) & (k < len(uniq))).nonzero().flatten().tolist()
+    i = 0
+    while i < len(inside):  # c ascending: the offsets of one gap are consecutive
+        run = [inside[i]]
+        while i + len(run) < len(inside) and k[inside[i + len(run)]] == k[run[0]]:
+            run.append(inside[i + len(run)])
+        lo, hi = uniq[k[run[0]] - 1], uniq[k[run[0]]]
+        for j, at in enumerate(run, start=1):
+            c[1 + at] = lo + j * (hi - lo) / (len(run) + 1)
+        i += len(run)
+    return c
 
 
 def imprint_candidates(weight_grad: Tensor, bias_grad: Tensor, *, rel_tol: float = 1e-6) -> tuple[Tensor, Tensor]:

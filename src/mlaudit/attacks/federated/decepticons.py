@@ -44,8 +44,7 @@ from ...errors import ConfigError
 from ...models.gpt import TinyGPT
 from .base import Observation, Reconstruction, register_federated
 from .imprint import _offsets as imprint_offsets
-from .imprint import off_observed
-from .imprint import imprint_candidates
+from .imprint import imprint_candidates, off_observed
 
 
 @dataclass(frozen=True)

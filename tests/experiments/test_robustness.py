@@ -206,7 +206,7 @@ def _bad(**change: Any) -> dict[str, Any]:
     ({"threat": {"eps": [-0.1, 0.1]}}, ["threat.eps must be >= 0"]),
     ({"threat": {"eps": [0.1, 1.5]}}, ["above the pixel range", "eps <= 1"]),
     ({"threat": {"norm": "l2", "eps": [0.5, 9.0]}}, ["above the pixel range", "eps <= 8"]),  # sqrt(64) = 8
-    ({"threat": {"norm": "l3"}}, ["threat.norm", "'linf' or 'l2'"]),
+    ({"threat": {"norm": "l3"}}, ["threat.norm", "'linf', 'l2' or 'l1'"]),
     ({"threat": {"box": [0, 0.5], "eps": [0.1]}}, ["threat.box", "outside it"]),
     ({"attacks": ["pgd", "nope"]}, ["unknown: ['nope']", "valid attacks", "apgd"]),
     ({"attack_options": {"pgd": {"stepz": 3}}}, ["attack_options.pgd.stepz", "allowed", "steps"]),

@@ -68,7 +68,7 @@ def _models(config: RobustnessConfig, ctx: RunContext, data: DataBundle) -> list
 
 def _norms(d: Tensor) -> dict[str, Tensor]:
     flat = d.flatten(1)
-    return {"linf": flat.abs().amax(1), "l2": flat.norm(dim=1)}
+    return {"linf": flat.abs().amax(1), "l2": flat.norm(dim=1), "l1": flat.abs().sum(1)}
 
 
 MINIMAL_NORM = frozenset({"cw", "fab", "fab-t"})

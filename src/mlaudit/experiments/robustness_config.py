@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from ..attacks.evasion import EVASION_ATTACKS
-from ..attacks.evasion.base import check_loss
+from ..attacks.evasion.base import L1_ATTACKS, check_loss
 from ..craft.constraints import box_width
 from ..data.base import DataBundle
 from ..errors import ConfigError
@@ -45,6 +45,9 @@ SHARED_OPTIONS = frozenset({"eps", "norm", "box", "target", "generator", "member
 """Attack parameters the kind sets itself (from ``threat`` and ``seed``) or that take tensors/callables."""
 ZERO_OK = frozenset({"kappa"})
 """Numeric attack options that may be 0 (CW's confidence); every other one must be > 0."""
+L1_THREAT_ATTACKS = (*L1_ATTACKS, "cw")
+"""The attacks a ``threat.norm: l1`` run takes: FAB and FAB-T in l1, and CW (minimal l2, its point measured
+in l1); every other attack runs in the engine's l-inf / l2 balls only."""
 
 
 class ThreatModel(BaseModel):
@@ -53,7 +56,7 @@ class ThreatModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    norm: Literal["linf", "l2"] = "linf"
+    norm: Literal["linf", "l2", "l1"] = "linf"
     eps: tuple[float, ...] = (8 / 255,)
     box: tuple[float, float] = (0.0, 1.0)
 
@@ -75,7 +78,7 @@ class ThreatModel(BaseModel):
     def eps_max(self, dim: int) -> float:
         """The largest meaningful radius for inputs of ``dim`` values (the whole box)."""
         lo, hi = self.box
-        return (hi - lo) * (1.0 if self.norm == "linf" else math.sqrt(dim))
+        return (hi - lo) * {"linf": 1.0, "l2": math.sqrt(dim), "l1": float(dim)}[self.norm]
 
 
 class DefenceSpec(BaseModel):
@@ -185,6 +188,22 @@ class RobustnessConfig(ExperimentConfig):
         if self.target is not None and self.trials != 1:
             raise ValueError(f"trials = {self.trials} trains models, but target gives the model to evaluate; "
                              "drop trials or target")
+        return self
+
+    @model_validator(mode="after")
+    def _l1(self) -> RobustnessConfig:
+        """threat.norm l1: only the attacks with an l1 version, and no part that runs PGD / FGSM / Square."""
+        if self.threat.norm != "l1":
+            return self
+        other = [n for n in self.attacks if n not in L1_THREAT_ATTACKS]
+        if other:
+            raise ValueError(f"attacks {other} have no l1 version; allowed with threat.norm l1: "
+                             f"{', '.join(L1_THREAT_ATTACKS)} (or threat.norm linf / l2)")
+        parts = [f"{k}: {v}" for k, v in (("sanity", self.sanity), ("defence", self.defence),
+                                          ("detector", self.detector)) if v not in (False, None)]
+        if parts:
+            raise ValueError(f"{'; '.join(parts)} is not supported with threat.norm l1 (these checks run PGD, FGSM "
+                             "or Square, which have no l1 version); allowed: sanity: false, no defence, no detector")
         return self
 
     @model_validator(mode="after")

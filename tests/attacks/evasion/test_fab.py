@@ -218,7 +218,7 @@ def test_ensemble_with_fab_t_is_the_min_over_its_members() -> None:
 def test_fab_bad_input_and_the_robustness_config() -> None:
     model, x, y = digits_mlp()
     for bad, word in (({"steps": 0}, "steps"), ({"alpha_max": 1.5}, "alpha_max"), ({"beta": 0}, "beta"),
-                      ({"norm": "l1"}, "norm")):
+                      ({"norm": "l3"}, "norm")):
         with pytest.raises(ConfigError, match=word):
             fab(model, x[:4], y[:4], **bad)
     with pytest.raises(ConfigError, match="n_target_classes"):

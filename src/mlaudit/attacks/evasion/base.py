@@ -29,6 +29,13 @@ from .losses import LOSSES, MIN_CLASSES, MIN_CLASSES_TARGETED
 
 Norm = Literal["linf", "l2"]
 NORMS: dict[str, type[LinfBall] | type[L2Ball]] = {"linf": LinfBall, "l2": L2Ball}
+"""The norms of the engine's balls, taken by every attack."""
+MinNorm = Literal["linf", "l2", "l1"]
+L1_ATTACKS = ("fab", "fab-t")
+"""The attacks that also take ``norm="l1"`` (FAB's exact l1 projection); the engine has no l1 ball, so the
+others refuse it."""
+_UNIT: dict[str, Callable[[int], float]] = {"linf": lambda d: 1.0, "l2": math.sqrt, "l1": float}
+"""The l_p norm of the whole box [0, 1]^d, as a function of d (the largest meaningful eps for hi - lo = 1)."""
 Goal = Literal["misclassify", "target"]
 
 
@@ -52,13 +59,16 @@ class StochasticModelWarning(RuntimeWarning):
 
 
 def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, norm: str,
-                 box: tuple[float, float] = (0.0, 1.0)) -> int:
+                 box: tuple[float, float] = (0.0, 1.0), norms: tuple[str, ...] = tuple(NORMS)) -> int:
     """Validate an attack's inputs; return the number of classes C. ConfigError (naming the field,
-    the value and what is allowed) for an unknown norm, eps < 0 or beyond the pixel range, inputs
-    outside ``box``, labels not int [N] in [0, C), a model in training mode or not returning [N, C];
-    a :class:`StochasticModelWarning` when two forward passes on the same inputs differ."""
-    if norm not in NORMS:
-        raise ConfigError(f"norm: unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    the value and what is allowed) for a norm not in ``norms`` (the attack's), eps < 0 or beyond the pixel
+    range, inputs outside ``box``, labels not int [N] in [0, C), a model in training mode or not returning
+    [N, C]; a :class:`StochasticModelWarning` when two forward passes on the same inputs differ."""
+    if norm not in norms:
+        if norm == "l1":
+            raise ConfigError(f"norm: 'l1' is not supported by this attack; allowed: {', '.join(norms)} (l1 only in "
+                              f"{', '.join(L1_ATTACKS)}: the engine has no l1 ball)")
+        raise ConfigError(f"norm: unknown norm {norm!r}; allowed: {', '.join(norms)}")
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
         raise ConfigError(f"x: must be a non-empty float tensor [N, *shape], got "
                           f"{type(x).__name__ if not isinstance(x, Tensor) else f'{x.dtype} {list(x.shape)}'}")
@@ -70,7 +80,7 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, n
         raise ConfigError(f"x: values in [{x_min:.4g}, {x_max:.4g}] lie outside the declared pixel range "
                           f"[{lo:g}, {hi:g}]; scale the inputs or pass box=(lo, hi) (normalise inside the model)")
     if eps is not None:
-        top = (hi - lo) * (1.0 if norm == "linf" else math.sqrt(x[0].numel()))
+        top = (hi - lo) * _UNIT[norm](x[0].numel())
         if not 0 <= eps <= top:
             raise ConfigError(f"eps: {eps} is outside the pixel range; allowed 0 <= eps <= {top:.4g} for norm {norm} "
                               f"on inputs in [{lo:g}, {hi:g}] of {x[0].numel()} values")

@@ -1,14 +1,15 @@
 """FAB, the Fast Adaptive Boundary attack (Croce & Hein, ICML 2020, "Minimally distorted Adversarial
 Examples with a Fast Adaptive Boundary Attack", Algorithm 1), and its targeted version FAB-T as run by
 AutoAttack (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial robustness with an ensemble of
-diverse parameter-free attacks", sec. 5). A minimal-norm attack: it looks for the smallest l-inf or l2
+diverse parameter-free attacks", sec. 5). A minimal-norm attack: it looks for the smallest l-inf, l2 or l1
 perturbation that changes the decision, with no step size to tune.
 
 Per example (x_orig [D] flattened, true class y, current point x^(i), all in the pixel box C = [lo, hi]^D):
 
 1. **Linearise** at x^(i): f_s(x) = z_s(x) - z_y(x) (negative while x is classified as y) with gradient
    w_s = grad_x f_s(x^(i)) [D]. Untargeted (``fab``) uses the class s != y whose linearised boundary is
-   closest, s = argmin_s |f_s(x^(i))| / ||w_s||_q (q the dual norm: l1 for l-inf, l2 for l2; eq. 6);
+   closest, s = argmin_s |f_s(x^(i))| / ||w_s||_q (q the dual norm: l1 for l-inf, l2 for l2, l-inf for l1;
+   eq. 6);
    FAB-T uses the given target t. The hyperplane pi_s = {z: f_s(x^(i)) + <w_s, z - x^(i)> = 0}.
 2. **Project** x^(i) and x_orig onto pi_s intersected with the box (eq. 4, solved exactly, see
    :func:`project_hyperplane_box`): delta = proj_p(x^(i), pi_s, C) - x^(i) and delta_orig =
@@ -20,7 +21,8 @@ Per example (x_orig [D] flattened, true class y, current point x^(i), all in the
    so far, then x^(i+1) <- x_orig + ``beta`` (x^(i+1) - x_orig) (sec. 3.2), to search closer to x_orig.
 
 Restarts: the first run starts at x_orig, every further one (``restarts`` > 1) at a uniform random point of
-the l_p ball of radius min(eps, ||best||_p) / 2 around x_orig (clipped to the box; sec. 3.3); without eps,
+the l_p ball of radius min(eps, ||best||_p) / 2 around x_orig (clipped to the box; sec. 3.3; for l1 a point
+of the cross-polytope, :func:`_uniform_l1_ball`); without eps,
 only examples with an adversarial point found are restarted (a start at x_orig would repeat the first
 run). Each gradient is one backward pass of the batch sum of the per-example differences (examples are
 independent for a model in eval mode, which :func:`check_inputs` enforces); the untargeted version needs
@@ -49,10 +51,12 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...query import forward_batched
 from ...query.modes import evaluating
-from .base import NORMS, Norm, check_inputs, check_positive, check_target, register_evasion
+from .base import NORMS, MinNorm, check_inputs, check_positive, check_target, register_evasion
 
 _BIG = 1e30
 """Stands for an infinite breakpoint (a coordinate the hyperplane's normal does not touch)."""
+FAB_NORMS = ("linf", "l2", "l1")
+"""The norms FAB takes: the engine's two and l1 (its own projection, no engine ball needed)."""
 
 
 def project_hyperplane_box(p: Tensor, w: Tensor, r: Tensor, lo: float, hi: float, norm: str) -> Tensor:
@@ -61,7 +65,8 @@ def project_hyperplane_box(p: Tensor, w: Tensor, r: Tensor, lo: float, hi: float
         delta* = argmin ||delta||_p  subject to  <w, delta> = r  and  lo <= p + delta <= hi
 
     for points p [B, D] in the box, normals w [B, D] and offsets r [B]; returns delta* [B, D]. Where the
-    box makes the hyperplane unreachable, delta* is the box corner that goes furthest towards it.
+    box makes the hyperplane unreachable, delta* is the box corner that goes furthest towards it. For
+    ``norm="l1"`` see :func:`_project_l1` (a linear programme, solved greedily).
 
     Flip w so that r >= 0. The optimum is delta_i = sign(w_i) min(lam a_i, m_i), with m_i >= 0 the room to
     the box in the direction sign(w_i) and a_i = |w_i| (l2, the KKT conditions) or 1 for w_i != 0 (l-inf:
@@ -76,6 +81,8 @@ def project_hyperplane_box(p: Tensor, w: Tensor, r: Tensor, lo: float, hi: float
     sign = w.sign()
     room = torch.where(w > 0, hi - p, p - lo).clamp_min(0)                         # m [B, D]
     aw = w.abs()
+    if norm == "l1":
+        return sign * _project_l1(aw, room, r)
     a = aw if norm == "l2" else (aw > 0).to(dt)                                    # a [B, D]
     brk = torch.where(a > 0, room / a.clamp_min(1e-300), torch.full_like(room, _BIG))
     brk, order = brk.sort(1)
@@ -93,9 +100,37 @@ def project_hyperplane_box(p: Tensor, w: Tensor, r: Tensor, lo: float, hi: float
     return sign * torch.minimum(lam[:, None] * a, room)
 
 
+def _project_l1(aw: Tensor, room: Tensor, r: Tensor) -> Tensor:
+    """The l1 case of :func:`project_hyperplane_box` (FAB paper, sec. 3.1: the projection onto the hyperplane
+    and the box for p = 1), after the flip to r >= 0: the magnitudes t [B, D] of
+
+        min sum_i t_i  subject to  sum_i |w_i| t_i = r  and  0 <= t_i <= m_i
+
+    (delta_i = sign(w_i) t_i; moving a coordinate against sign(w_i) lowers <w, delta> and costs l1, so it
+    never helps). A fractional knapsack: each unit of l1 spent on coordinate i buys |w_i| of the offset,
+    so spend it where |w_i| is largest. Sort the coordinates by |w_i| descending, saturate them at their
+    room m_i until the next one's gain |w_k| m_k would overshoot r, and move that one by the remainder
+    (r - sum_{j<k} |w_j| m_j) / |w_k|: an optimal vertex of the LP (ties in |w_i| give other optima of the
+    same l1 norm). If sum_i |w_i| m_i < r the hyperplane is out of the box's reach and every coordinate is
+    saturated (the box corner furthest towards it, as for l2 and l-inf). aw = |w| [B, D], room m [B, D] >= 0,
+    r [B] >= 0; O(D log D) per example."""
+    aw_s, order = aw.sort(1, descending=True)
+    room_s = room.gather(1, order)
+    gain = (aw_s * room_s).cumsum(1)                                                # sum_{j<=k} |w_j| m_j
+    k = (gain < r[:, None]).sum(1, keepdim=True)                                    # the first k with gain_k >= r
+    before = torch.where(k > 0, gain.gather(1, (k - 1).clamp_min(0)), torch.zeros_like(k, dtype=gain.dtype))
+    last = ((r[:, None] - before) / aw_s.gather(1, k.clamp(max=aw.shape[1] - 1)).clamp_min(1e-300))
+    last = torch.minimum(last.clamp_min(0), room_s.gather(1, k.clamp(max=aw.shape[1] - 1)))
+    idx = torch.arange(aw.shape[1], device=aw.device)[None]
+    t_s = torch.where(idx < k, room_s, torch.where(idx == k, last, torch.zeros_like(room_s)))
+    return torch.zeros_like(t_s).scatter(1, order, t_s)
+
+
 def _size(d: Tensor, norm: str) -> Tensor:
     """||d||_p per example of d [B, *shape]: [B]."""
     flat = d.flatten(1)
+    if norm == "l1":
+        return flat.abs().sum(1)
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
 
 
@@ -118,16 +153,28 @@ def _linearise(model: nn.Module, x: Tensor, y: Tensor, t: Tensor | None, norm: s
     rows = torch.arange(len(x), device=x.device)
     f_all = (z - z.gather(1, y[:, None])).detach()                                  # [B, C]
     w_all = jac - jac[rows, y][:, None]                                             # [B, C, D]
-    dual = w_all.abs().sum(2) if norm == "linf" else w_all.norm(dim=2)
+    dual = {"linf": lambda: w_all.abs().sum(2), "l2": lambda: w_all.norm(dim=2), "l1": lambda: w_all.abs().amax(2)}[norm]()
     dist = f_all.abs() / (dual + 1e-12)
     dist[rows, y] = float("inf")
     s = dist.argmin(1)
     return f_all[rows, s], w_all[rows, s]
 
 
+def _uniform_l1_ball(x0: Tensor, gen: torch.Generator) -> Tensor:
+    """A uniform point [B, *shape] of the unit l1 ball (cross-polytope) in the dimension D of x0 [B, *shape]:
+    with E_1 .. E_{D+1} i.i.d. standard exponential, (E_1 .. E_D) / sum_{j<=D+1} E_j is uniform on the
+    simplex {u >= 0, sum u <= 1}; independent random signs spread it over the 2^D orthants."""
+    flat = x0.flatten(1)
+    e = -torch.rand(len(flat), flat.shape[1] + 1, generator=gen, dtype=torch.float64).clamp_min(1e-300).log()
+    u = e[:, :-1] / e.sum(1, keepdim=True)
+    signs = torch.randint(0, 2, u.shape, generator=gen, dtype=torch.float64) * 2 - 1
+    return (u * signs).to(x0.dtype).to(x0.device).view_as(x0)
+
+
 def _random_start(x0: Tensor, radius: Tensor, norm: str, box: tuple[float, float], gen: torch.Generator) -> Tensor:
     """A uniform point of the l_p ball of per-example ``radius`` [B] around x0 [B, *shape], clipped to the box."""
-    unit = NORMS[norm](1.0, box=(-math.inf, math.inf)).random_init(x0, gen)
+    unit = (_uniform_l1_ball(x0, gen) if norm == "l1"
+            else NORMS[norm](1.0, box=(-math.inf, math.inf)).random_init(x0, gen))
     return (x0 + unit * radius.view(-1, *([1] * (x0.dim() - 1)))).clamp(*box)
 
 
@@ -204,7 +251,7 @@ def _attack(model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, *, e
 
 def _check(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, norm: str, box: tuple[float, float],
            name: str, **counts: float | None) -> int:
-    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box)
+    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box, norms=FAB_NORMS)
     check_positive(name, **counts)
     if not (counts["alpha_max"] <= 1 and counts["beta"] <= 1):  # type: ignore[operator]
         raise ConfigError(f"{name}: alpha_max={counts['alpha_max']}, beta={counts['beta']}; allowed 0 < alpha_max <= 1 "
@@ -213,7 +260,7 @@ def _check(model: nn.Module, x: Tensor, y: Tensor, eps: float | None, norm: str,
 
 
 @register_evasion("fab")
-def fab(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, norm: Norm = "linf", steps: int = 100,
+def fab(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, norm: MinNorm = "linf", steps: int = 100,
         restarts: int = 1, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9, target: Tensor | None = None,
         box: tuple[float, float] = (0.0, 1.0), batch_size: int | None = None,
         generator: torch.Generator | None = None) -> Tensor:
@@ -237,7 +284,7 @@ def fab_targets(z: Tensor, y: Tensor, k: int) -> Tensor:
 
 
 @register_evasion("fab-t")
-def fab_targeted(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, norm: Norm = "linf",
+def fab_targeted(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None = None, norm: MinNorm = "linf",
                  steps: int = 100, restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1,
                  eta: float = 1.05, beta: float = 0.9, box: tuple[float, float] = (0.0, 1.0),
                  batch_size: int | None = None, generator: torch.Generator | None = None) -> Tensor:

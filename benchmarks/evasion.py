@@ -23,6 +23,14 @@ range torchattacks' port also draws from. FAB-T: 100 steps, 1 restart, the 9 hig
 FAB's draws; CW and FGSM draw nothing) and reports the mean robust accuracy with its spread and the mean paired
 difference: a single seed's gap of a point or two on 200 examples is within the spread of random starts
 (docs/evasion.md). "AutoAttack linf" is each library's standard version (APGD-CE, APGD-T, FAB-T, Square with 5000 queries). Threads: 1 by default (the machine is shared; two threads were 20x slower under load).
+
+FAB l1 (``--eps-l1``, default 2.0 on digits' 64 pixels in [0, 1]): untargeted FAB-100 and FAB-T-100 at that l1
+eps, FAB-100 without eps (the median l1 norm of the smallest adversarial points) and FAB-100 with 3 restarts
+(the random l1 starts). torchattacks 3.5.1's ``FAB(norm="L1")`` crashes in ``perturb`` (``res``, the
+per-example size checked against eps, is computed for Linf and L2 only: UnboundLocalError), so its side runs
+the class's own ``attack_single_run`` / ``attack_single_run_targeted`` per restart and target class, on the
+still-unbroken examples, with the size measured in l1 (:func:`_torchattacks_fab_l1`), the loop ``perturb``
+runs for the other norms.
 """
 
 from __future__ import annotations
@@ -41,7 +49,17 @@ import torch
 import torchattacks
 from torch import Tensor, nn
 
-from mlaudit.attacks.evasion import apgd, apgd_targeted, autoattack, cw_l2, fab_targeted, fgsm, pgd, square
+from mlaudit.attacks.evasion import (
+    apgd,
+    apgd_targeted,
+    autoattack,
+    cw_l2,
+    fab,
+    fab_targeted,
+    fgsm,
+    pgd,
+    square,
+)
 from mlaudit.data import load_dataset
 from mlaudit.models import build_model
 from mlaudit.train import train
@@ -64,8 +82,39 @@ def _authors_offsets(attack: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return run
 
 
-def pairs(eps: float, eps_l2: float, steps: int, queries: int = 1000,
-          seed: int = 0) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
+def _torchattacks_fab_l1(m: nn.Module, eps: float | None, steps: int, restarts: int = 1, targets: int = 0,
+                         seed: int = 0) -> Callable[[Tensor, Tensor], Tensor]:
+    """torchattacks 3.5.1's FAB in l1 through ``attack_single_run`` (untargeted; ``targets`` > 0: FAB-T over the
+    2nd .. (targets + 1)-th highest classes through ``attack_single_run_targeted``), ``restarts`` runs per target
+    (the later ones from its random start), each on the examples not yet broken within ``eps`` (any size
+    without eps); x_adv [N, *shape] is x where none was found. ``FAB.perturb`` itself fails for L1 (see the
+    module docstring)."""
+    atk = torchattacks.FAB(m, norm="L1", eps=5.0 if eps is None else eps, steps=steps, n_restarts=restarts,
+                           multi_targeted=targets > 0, n_classes=10, seed=seed)
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        adv = x.clone()
+        with torch.no_grad():
+            todo = m(x).argmax(1) == y
+            torch.random.manual_seed(seed)
+            for tc in range(2, targets + 2) if targets else [None]:
+                atk.target_class = tc
+                for k in range(restarts):
+                    rows = todo.nonzero()[:, 0]
+                    if len(rows) == 0:
+                        break
+                    single = atk.attack_single_run if tc is None else atk.attack_single_run_targeted
+                    a = single(x[rows], y[rows], use_rand_start=k > 0)
+                    size = (a - x[rows]).flatten(1).abs().sum(1)
+                    broken = (m(a).argmax(1) != y[rows]) & (size <= (math.inf if eps is None else eps))
+                    adv[rows[broken]] = a[broken]
+                    todo[rows[broken]] = False
+        return adv
+    return run
+
+
+def pairs(eps: float, eps_l2: float, steps: int, queries: int = 1000, seed: int = 0,
+          eps_l1: float = 2.0) -> dict[str, tuple[Callable[..., Tensor], Callable[..., Any]]]:
     """name -> (ours(model, x, y), torchattacks factory(model)), both with the same settings and random seed
     (ours: a CPU generator seeded ``seed``, a fresh one per call; seed 0 is each library's default)."""
     a = eps / 4
@@ -118,6 +167,16 @@ def pairs(eps: float, eps_l2: float, steps: int, queries: int = 1000,
                                 lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=50, lr=0.01)),
         "CW-l2 5x100 search": (lambda m, x, y: cw_l2(m, x, y, c=1.0, steps=100, search_steps=5),
                                lambda m: torchattacks.CW(m, c=1.0, kappa=0, steps=500, lr=0.01)),
+        "FAB-100 l1": (lambda m, x, y: fab(m, x, y, eps=eps_l1, norm="l1", steps=100, generator=g()),
+                       lambda m: _torchattacks_fab_l1(m, eps_l1, 100, seed=seed)),
+        "FAB-100 l1, no eps (minimal l1)": (lambda m, x, y: fab(m, x, y, norm="l1", steps=100, generator=g()),
+                                            lambda m: _torchattacks_fab_l1(m, None, 100, seed=seed)),
+        "FAB-100 l1, 3 restarts": (lambda m, x, y: fab(m, x, y, eps=eps_l1, norm="l1", steps=100, restarts=3,
+                                                       generator=g()),
+                                   lambda m: _torchattacks_fab_l1(m, eps_l1, 100, restarts=3, seed=seed)),
+        "FAB-T-100 l1": (lambda m, x, y: fab_targeted(m, x, y, eps=eps_l1, norm="l1", steps=100, n_target_classes=9,
+                                                      generator=g()),
+                         lambda m: _torchattacks_fab_l1(m, eps_l1, 100, targets=9, seed=seed)),
         f"Square-{queries} linf": sq_linf,
         f"Square-{queries} linf, authors' offsets": (_authors_offsets(sq_linf[0]), sq_linf[1]),
         f"Square-{queries} l2": sq_l2,
@@ -168,7 +227,7 @@ def _frac(v: str) -> float:
 
 
 def measure(model: nn.Module, x: Tensor, y: Tensor, attack: Callable[[Tensor, Tensor], Tensor],
-            eps_l2: float) -> dict[str, float]:
+            eps_l2: float, eps_l1: float = 2.0) -> dict[str, float]:
     _sync(x)
     t0 = time.perf_counter()
     x_adv = attack(x, y).detach()
@@ -178,10 +237,12 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attack: Callable[[Tensor, Te
         correct = model(x_adv).argmax(1) == y
     d = (x_adv - x).flatten(1)
     fooled = ~correct
-    l2 = d.norm(dim=1)
+    l2, l1 = d.norm(dim=1), d.abs().sum(1)
     return {"robust_acc": 100 * float(correct.float().mean()), "wall_s": wall,
             "max_linf": float(d.abs().max()), "median_l2_fooled": float(l2[fooled].median()) if fooled.any() else None,
-            "robust_acc_at_eps_l2": 100 * float((correct | (l2 > eps_l2 + 1e-6)).float().mean())}
+            "robust_acc_at_eps_l2": 100 * float((correct | (l2 > eps_l2 + 1e-6)).float().mean()),
+            "max_l1": float(l1.max()), "median_l1_fooled": float(l1[fooled].median()) if fooled.any() else None,
+            "robust_acc_at_eps_l1": 100 * float((correct | (l1 > eps_l1 + 1e-6)).float().mean())}
 
 
 def main() -> None:
@@ -190,6 +251,7 @@ def main() -> None:
     ap.add_argument("--eps", type=_frac, default=0.1, help="l-inf budget (pixels in [0, 1]; digits has 17 levels); "
                     "a fraction such as 8/255 is accepted")
     ap.add_argument("--eps-l2", type=_frac, default=1.0)
+    ap.add_argument("--eps-l1", type=_frac, default=2.0, help="l1 budget of the FAB l1 rows")
     ap.add_argument("--steps", type=int, default=50, help="APGD steps (both libraries)")
     ap.add_argument("--square-queries", type=int, default=1000, help="Square Attack queries per example (both)")
     ap.add_argument("--models", default="fastcnn,mlp")
@@ -243,7 +305,8 @@ def main() -> None:
             pgd(model, x, y, eps=args.eps, steps=1)
             torchattacks.PGD(model, eps=args.eps, alpha=args.eps / 4, steps=1)(x, y)
             _sync(x)
-            table = [pairs(args.eps, args.eps_l2, args.steps, args.square_queries, seed=k) for k in range(args.seeds)]
+            table = [pairs(args.eps, args.eps_l2, args.steps, args.square_queries, seed=k, eps_l1=args.eps_l1)
+                     for k in range(args.seeds)]
             for name in table[0]:
                 if chosen and name not in chosen:
                     continue
@@ -259,10 +322,10 @@ def main() -> None:
                     runs_b.append([])
                     for _ in range(args.repeats):
                         runs_a[-1].append(measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy),
-                                                  args.eps_l2))
+                                                  args.eps_l2, args.eps_l1))
                         if args.seeds > 1:  # torchattacks' PGD and PGDL2 draw their starts from torch's global generator
                             torch.manual_seed(k)
-                        runs_b[-1].append(measure(model, x, y, theirs(model), args.eps_l2))
+                        runs_b[-1].append(measure(model, x, y, theirs(model), args.eps_l2, args.eps_l1))
                 a, b = _over_seeds(runs_a), _over_seeds(runs_b)
                 row = {"model": label, "clean_acc": clean, "train_s": round(train_s, 2), "attack": name,
                        "mlaudit": a, "torchattacks": b}
@@ -287,7 +350,7 @@ def write(args: argparse.Namespace, described: str, dev: torch.device, x: Tensor
             "cpu": platform.processor() or platform.machine(),
             "threads": args.threads, "torch": torch.__version__, "torchattacks": torchattacks.__version__,
             "dataset": described, "examples": len(x), "eps_linf": args.eps,
-            "eps_l2": args.eps_l2, "apgd_steps": args.steps, "square_queries": args.square_queries, "recipe": args.recipe, "adversarial_eps": args.adversarial,
+            "eps_l2": args.eps_l2, "eps_l1": args.eps_l1, "apgd_steps": args.steps, "square_queries": args.square_queries, "recipe": args.recipe, "adversarial_eps": args.adversarial,
             "adversarial_steps": args.adv_steps if args.adversarial else None,
             "seed": 0, "repeats": args.repeats, "seeds": args.seeds}
     out = RESULTS / f"evasion_{args.name}"
@@ -300,7 +363,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"{meta['dataset']}, first {meta['examples']} test examples; "
              + (f"{meta['gpu']}" if meta.get("gpu") else f"CPU ({meta['cpu']}, {meta['threads']} thread)")
              + f", torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
-             f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, APGD steps = "
+             f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, eps_l1 = {meta.get('eps_l1', '-')}, APGD steps = "
              f"{meta['apgd_steps']}, Square queries = {meta.get('square_queries', '-')}. Robust accuracy in % (lower = stronger attack); wall time of the attack call"
              + (f" (median of {meta['repeats']} alternating calls per library)." if meta.get("repeats", 1) > 1 else ".")]
     seeds = meta.get("seeds", 1)
@@ -321,6 +384,10 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         if r["attack"].startswith("CW"):
             extra = (f" (median l2 of fooled: {_f(a['median_l2_fooled'])} vs {_f(b['median_l2_fooled'])}; robust at "
                      f"l2 <= {meta['eps_l2']}: {a['robust_acc_at_eps_l2']:.1f} vs {b['robust_acc_at_eps_l2']:.1f})")
+        elif r["attack"].startswith("FAB") and " l1" in r["attack"]:
+            extra = (f" (median l1 of fooled: {_f(a.get('median_l1_fooled'))} vs {_f(b.get('median_l1_fooled'))}; "
+                     f"largest l1: {_f(a.get('max_l1'))} vs {_f(b.get('max_l1'))}; robust at l1 <= "
+                     f"{meta.get('eps_l1')}: {a['robust_acc_at_eps_l1']:.1f} vs {b['robust_acc_at_eps_l1']:.1f})")
         head = f"| {r['model']} ({r['clean_acc']:.1f}; trained in {r['train_s']:.0f} s) | {r['attack']}{extra} | "
         if seeds > 1:
             d, se = r["diff"], r["diff_se"]

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.base import TensorDataset
+from ..data.sources.pydoc_text import pydoc_text
 from ..errors import ConfigError
 from ..query import forward_batched
 
@@ -189,17 +190,6 @@ def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int
     lines = [fmt.prefix + secret] * insertions + [fmt.prefix + r for r in fmt.draw(poisons, generator)]
     order = torch.randperm(len(lines), generator=generator).tolist()
     return "".join(separator + lines[i] for i in order) + separator
-
-
-def pydoc_text(chars: int | None = None) -> str:
-    """Text that ships with CPython: the help topics of ``pydoc_data/topics.py`` (the Python language
-    reference's sections), in sorted topic order, lower-cased, runs of whitespace collapsed to one space
-    (about 433,000 characters, 76 distinct, with CPython 3.11); the first ``chars`` of it."""
-    import re
-    from pydoc_data.topics import topics
-
-    text = re.sub(r"\s+", " ", " ".join(topics[k] for k in sorted(topics)).lower())
-    return text if chars is None else text[:chars]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,10 @@ MEMORY_NAME = re.compile(r"^memory:[0-9a-f]{32}$")
 
 SOURCES: Registry[Callable[[DatasetSpec], DataBundle]] = Registry("dataset")
 
+TEXT_SOURCES: tuple[str, ...] = ("pydoc-text",)
+"""The registered sources of token sequences: x float32 [N, L] token ids (exact integers), y int64 [N] the
+token that follows, the class names the vocabulary (what sequence models such as TinyGPT read)."""
+
 
 def register_source(name: str) -> Callable[[Callable[[DatasetSpec], DataBundle]], Callable[[DatasetSpec], DataBundle]]:
     return SOURCES.register(name)
@@ -68,7 +72,7 @@ class DatasetSpec(BaseModel):
 
 def _ensure_sources_loaded() -> None:
     # Importing the package modules registers the sources (decorators run at import).
-    from .sources import cifar10, digits, image_folder, mnist, synthetic  # noqa: F401
+    from .sources import cifar10, digits, image_folder, mnist, pydoc_text, synthetic  # noqa: F401
 
 
 def resolve_dataset_spec(value: str | dict[str, Any] | DatasetSpec) -> DatasetSpec:

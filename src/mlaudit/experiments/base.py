@@ -147,6 +147,13 @@ class ExperimentConfig(BaseModel):
         return self
 
     @property
+    def sequence_model(self) -> bool:
+        """True when this config's model is a sequence model, token ids [N, L] -> next-token logits [N, V, L]
+        (the ``federated`` kind's Decepticons attack): the preflight then checks that output shape instead of
+        a classifier's [N, classes]."""
+        return False
+
+    @property
     def user_trainer(self) -> str | None:
         """The user's training function's import string, or None for the factory."""
         return None if self.trainer == "mlaudit" else self.trainer

@@ -4,7 +4,7 @@
     dataset: digits
     model: mlp                       # zoo name or package.module:factory (the global model)
     recipe: fast                     # used only with pretrain: true
-    attack: imprint                  # imprint | inverting-gradients | dlg
+    attack: imprint                  # imprint | inverting-gradients | dlg | decepticons (text: below)
     users: 8
     batch: 8                         # inputs per user in the round
     protocol: fedsgd                 # fedsgd | fedavg (local_epochs, local_batch, local_lr)
@@ -17,6 +17,15 @@
     transport: simulated             # simulated | flower (the round over gRPC through a malicious Flower strategy)
     rounds: 1                        # with transport: flower, several rounds (fresh batches, bins re-planted)
     flower_host: 127.0.0.1           # with transport: flower; a non-loopback host needs allow_remote: true
+
+Decepticons on text (Fowl et al. 2022, "Decepticons"; malicious parameters in a GPT-style model):
+
+    dataset: {name: pydoc-text, options: {length: 32}}
+    model: {name: "mlaudit.models.gpt:tiny_gpt", kwargs: {d_model: 128}}   # or your factory of a TinyGPT
+    attack: decepticons
+    users: 8                         # sequences come from users x batch
+    batch: 1
+    decepticons: {bins: null, tag_tokens: 2, user_counts: [1, 2, 4, 8], samples: 4}
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ from ..data.base import DataBundle
 from ..errors import ConfigError
 from .base import ExperimentConfig, Stream
 
-ATTACKS = ("inverting-gradients", "dlg", "imprint")
+ATTACKS = ("inverting-gradients", "dlg", "imprint", "decepticons")
+TINY_GPT = "mlaudit.models.gpt:tiny_gpt"
+"""The import string of mlaudit's own TinyGPT factory (the zoo holds classifiers only)."""
 
 
 class PartitionOptions(BaseModel):
@@ -124,11 +135,31 @@ class DefenceOptions(BaseModel):
         return self
 
 
+class DecepticonsOptions(BaseModel):
+    """The malicious server's parameters in a TinyGPT (:func:`mlaudit.attacks.federated.plant_decepticon`;
+    Fowl et al. 2022, "Decepticons"): ``bins`` of the first MLP layer (None: all of it, 4 x d_model), the
+    first attention layer's sequence ``tag`` of the first ``tag_tokens`` tokens, the bins' ``scale`` (None:
+    1 for ReLU, steep for GELU), the ``feedback`` strength, and the decoding tolerance ``tol``.
+    ``user_counts``: the numbers of users whose summed update the server attacks (the first n users of the
+    round, nested; None: ``users`` alone). ``samples``: recovered vs true sequences shown in the reports."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bins: int | None = Field(None, ge=1, le=65_536)
+    tag: bool = True
+    tag_tokens: int = Field(1, ge=1, le=64)
+    scale: float | None = Field(None, gt=0.0, le=1e6)
+    feedback: float = Field(1e-2, gt=0.0, le=1e3)
+    tol: float = Field(0.05, gt=0.0, lt=1.0)
+    user_counts: tuple[int, ...] | None = Field(None, min_length=1, max_length=64)
+    samples: int = Field(4, ge=0, le=64)
+
+
 class FederatedConfig(ExperimentConfig):
     """See the module docstring and docs/federated.md for every field."""
 
     kind: Literal["federated"] = "federated"
-    attack: Literal["inverting-gradients", "dlg", "imprint"] = "imprint"
+    attack: Literal["inverting-gradients", "dlg", "imprint", "decepticons"] = "imprint"
     users: int = Field(8, ge=1, le=100_000)
     batch: int = Field(8, ge=1, le=65_536)
     """Inputs per user in the round (FedSGD: one gradient on them; FedAvg: the user's local data)."""
@@ -141,6 +172,8 @@ class FederatedConfig(ExperimentConfig):
     aggregation: AggregationOptions = AggregationOptions()
     imprint: ImprintOptions = ImprintOptions()
     inversion: InversionOptions = InversionOptions()
+    decepticons: DecepticonsOptions = DecepticonsOptions()
+    """``attack: decepticons`` (token data and a TinyGPT): see :class:`DecepticonsOptions`."""
     defence: DefenceOptions = DefenceOptions()
     """Client-side defence on each update before the server sees it; the attack also runs without it."""
     pretrain: bool = False
@@ -196,7 +229,56 @@ class FederatedConfig(ExperimentConfig):
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")
+        if self.attack == "decepticons":
+            self._decepticons_fits()
         return self
+
+    def _decepticons_fits(self) -> None:
+        """``attack: decepticons`` reads token sequences through a TinyGPT on one secure FedSGD round."""
+        from ..data.registry import TEXT_SOURCES
+        from ..imports import is_import_string
+
+        name = self.dataset.name
+        if name not in TEXT_SOURCES and not is_import_string(name):
+            raise ValueError(f"attack = 'decepticons' reads token sequences, but dataset.name = {name!r} is not a text "
+                             f"source; allowed: {', '.join(TEXT_SOURCES)}, or your own token data as an import string "
+                             "'package.module:attr' (x [N, L] token ids, y [N] the next token)")
+        if not self.model.is_user:
+            raise ValueError(f"attack = 'decepticons' plants its parameters in a GPT-style TinyGPT, but model.name = "
+                             f"{self.model.name!r} is a zoo classifier; allowed: {TINY_GPT!r} (model.kwargs d_model, "
+                             "heads, layers, activation, tie_embeddings) or your own factory returning a "
+                             "mlaudit.models.gpt.TinyGPT, as 'package.module:factory'")
+        needed = {"pretrain": (self.pretrain, False), "protocol": (self.protocol, "fedsgd"),
+                  "aggregation.secure": (self.aggregation.secure, True), "defence.method": (self.defence.method, "none")}
+        bad = [f"{k} = {v!r}" for k, (v, want) in needed.items() if v != want]
+        if bad:
+            raise ValueError(f"attack = 'decepticons' runs on a FedSGD round of the model at its initialisation under "
+                             f"secure aggregation: {', '.join(bad)} not allowed with it (allowed: pretrain false, "
+                             "protocol fedsgd, aggregation.secure true, defence.method none)")
+        o = self.decepticons
+        if o.user_counts is not None:
+            wrong = [n for n in o.user_counts if not 1 <= n <= self.users]
+            if wrong or len(set(o.user_counts)) != len(o.user_counts):
+                raise ValueError(f"decepticons.user_counts = {list(o.user_counts)}: allowed distinct counts with "
+                                 f"1 <= n <= users = {self.users}")
+        if self.model.name == TINY_GPT:  # mlaudit's own factory: its width is known before anything is built
+            d, heads = self.model.kwargs.get("d_model", 64), self.model.kwargs.get("heads", 4)
+            if isinstance(d, int) and o.bins is not None and o.bins > 4 * d:
+                raise ValueError(f"decepticons.bins = {o.bins} exceeds the first MLP layer's width; allowed 1 <= bins "
+                                 f"<= {4 * d} (4 x model.kwargs.d_model = 4 x {d})")
+            if isinstance(heads, int) and o.tag and o.tag_tokens > heads:
+                raise ValueError(f"decepticons.tag_tokens = {o.tag_tokens} exceeds the attention heads; allowed "
+                                 f"1 <= tag_tokens <= {heads} (model.kwargs.heads: one head per tagged token)")
+
+    @property
+    def sequence_model(self) -> bool:
+        """The Decepticons attack's model reads tokens [N, L] and returns next-token logits [N, V, L]."""
+        return self.attack == "decepticons"
+
+    @property
+    def user_counts(self) -> tuple[int, ...]:
+        """The numbers of users whose summed update the Decepticons attack reads (ascending)."""
+        return tuple(sorted(self.decepticons.user_counts or (self.users,)))
 
     @property
     def imprint_scale(self) -> float:
@@ -230,6 +312,10 @@ def check_federated(config: FederatedConfig, data: DataBundle) -> None:
     if config.users * config.batch > n:
         raise ConfigError(f"users * batch = {config.users} * {config.batch} = {config.users * config.batch} inputs exceed "
                           f"the {n} examples of {data.name}'s training split; allowed users * batch <= {n}")
+    if config.attack == "decepticons":
+        check_text(config, data)
+        user_shares(config, data, 0)
+        return
     lo, hi = config.box
     x_min, x_max = float(data.train.x.min()), float(data.train.x.max())
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
@@ -239,3 +325,33 @@ def check_federated(config: FederatedConfig, data: DataBundle) -> None:
         plant_imprint(torch.nn.Identity(), data.test.x, bins=config.imprint.bins, measurement=config.imprint.measurement,
                       cdf=config.imprint.cdf, generator=torch.Generator().manual_seed(0))
     user_shares(config, data, 0)
+
+
+def check_text(config: FederatedConfig, data: DataBundle) -> None:
+    """Decepticons' checks on the loaded data: token sequences x [N, L] of exact integer ids in [0, V), a
+    model that builds as a TinyGPT for them, and the malicious parameters plant (bins within the first MLP
+    layer's width, tag tokens within the heads, enough distinct measurements on the public text)."""
+    from ..attacks.federated import plant_decepticon
+    from ..models.gpt import TinyGPT
+    from ..models.registry import build_model
+
+    x = data.train.x
+    if len(data.input_shape) != 1:
+        raise ConfigError(f"attack = 'decepticons': dataset {data.name!r} has examples of shape {list(data.input_shape)}; "
+                          "allowed: token sequences x [N, L] (e.g. dataset pydoc-text)")
+    if not bool(torch.equal(x, x.round())) or float(x.min()) < 0 or float(x.max()) >= data.num_classes:
+        raise ConfigError(f"attack = 'decepticons': dataset {data.name!r} must hold token ids, exact integers in "
+                          f"[0, {data.num_classes}) (its classes are the vocabulary); got values in "
+                          f"[{float(x.min()):g}, {float(x.max()):g}]")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    if not isinstance(model, TinyGPT):
+        raise ConfigError(f"attack = 'decepticons': model {config.model.name!r} built a {type(model).__name__}; allowed: "
+                          f"a mlaudit.models.gpt.TinyGPT (e.g. model: {TINY_GPT!r})")
+    o = config.decepticons
+    try:
+        plant_decepticon(model, data.test.x.round().long(), bins=o.bins or model.blocks[0].fc1.out_features,
+                         scale=o.scale, feedback=o.feedback, tag=o.tag, tag_tokens=o.tag_tokens,
+                         generator=torch.Generator().manual_seed(0))
+    except ConfigError as e:
+        raise ConfigError(f"decepticons (model {config.model.name!r}, d_model {model.d_model}): {e}") from None

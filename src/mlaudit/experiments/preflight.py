@@ -44,14 +44,15 @@ def preflight(cfg: ExperimentConfig, data: DataBundle | None = None) -> DataBund
     import strings that do not resolve and model/data mismatches are reported before anything is
     written. This is the first place user code (import strings) is imported. Returns the data."""
     from ..data.registry import load_dataset
-    from ..models.registry import check_output
+    from ..models.registry import check_output, check_sequence_output
     from ..train.trainer import UserTrainer
 
     data = load_dataset(cfg.dataset) if data is None else data
     with torch.random.fork_rng(devices=[]):
         model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-        check_output(model, input_shape=data.input_shape, num_classes=cfg.model.num_classes or data.num_classes,
-                     name=cfg.model.name)
+        check = check_sequence_output if cfg.sequence_model else check_output
+        check(model, input_shape=data.input_shape, num_classes=cfg.model.num_classes or data.num_classes,
+              name=cfg.model.name)
     if cfg.user_trainer is not None:
         UserTrainer(cfg.user_trainer)
     for where, spec, recipe in dp_trainings(cfg):

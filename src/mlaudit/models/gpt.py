@@ -82,3 +82,15 @@ class TinyGPT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln_f(x)).transpose(1, 2)
+
+
+def tiny_gpt(num_classes: int, input_shape: tuple[int, ...], *, d_model: int = 64, heads: int = 4, layers: int = 2,
+             activation: Literal["relu", "gelu"] = "relu", tie_embeddings: bool = False) -> TinyGPT:
+    """A :class:`TinyGPT` for token data x [N, L] over ``num_classes`` tokens (vocab = num_classes, seq_len =
+    L): the factory a config names, ``model: {name: "mlaudit.models.gpt:tiny_gpt", kwargs: {d_model: 128}}``
+    (the ``federated`` kind's ``attack: decepticons``); the model registry passes ``num_classes`` and
+    ``input_shape`` from the data."""
+    if len(input_shape) != 1:
+        raise ValueError(f"tiny_gpt takes token sequences x [N, L]; the data's examples have shape {list(input_shape)}")
+    return TinyGPT(num_classes, int(input_shape[0]), d_model=d_model, heads=heads, layers=layers,
+                   activation=activation, tie_embeddings=tie_embeddings)

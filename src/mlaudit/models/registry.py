@@ -242,3 +242,29 @@ def check_output(model: nn.Module, *, input_shape: tuple[int, ...], num_classes:
         raise ConfigError(f"model {name!r} must return logits [N, {num_classes}] (one per class of the data) but "
                           f"returned {got} for N = 2; set num_classes from the data (declare a num_classes "
                           "argument) or fix its last layer")
+
+
+def check_sequence_output(model: nn.Module, *, input_shape: tuple[int, ...], num_classes: int, name: str) -> None:
+    """Run a sequence model on two token sequences of zeros, int64 [2, L] (``input_shape`` = (L,); eval mode,
+    no grad, CPU), and raise :class:`ConfigError` unless it returns next-token logits [2, num_classes, L] of
+    floating type (the layout of :class:`mlaudit.models.gpt.TinyGPT`, the vocabulary second)."""
+    import torch
+
+    if len(input_shape) != 1:
+        raise ConfigError(f"model {name!r} is used as a sequence model, which reads token sequences [N, L]; the "
+                          f"data's examples have shape {list(input_shape)}; use token data (e.g. dataset pydoc-text)")
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape, dtype=torch.int64))
+    except Exception as e:  # noqa: BLE001 - the user's forward
+        raise ConfigError(f"model {name!r} cannot run on token sequences int64 [N, {input_shape[0]}]: "
+                          f"{type(e).__name__}: {e}") from None
+    finally:
+        model.train(was)
+    want = (2, num_classes, input_shape[0])
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or not out.is_floating_point():
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model {name!r} must return next-token logits [N, V, L] = {list(want)} for N = 2 (V = "
+                          f"{num_classes} tokens of the data, L = {input_shape[0]}) but returned {got}")

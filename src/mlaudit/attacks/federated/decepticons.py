@@ -282,10 +282,29 @@ def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol:
                                   rel_tol=rel_tol)
     token, position, first, valid = decode(model, z, tol=tol)
     info: dict = {"bins": bins, "nonempty_bins": len(where), "rejected": int((~valid).sum())}
-    if "tok.weight" in obs.grad:  # tied to the head, every row has a gradient: no bag of tokens to read
-        info["token_set"] = None if getattr(model, "tie_embeddings", False) else \
-            (obs.grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
+    if "tok.weight" in obs.grad:
+        info["token_set"] = bag_of_tokens(model, obs.grad)
     return Reconstruction(torch.cat([token[:, None], position[:, None], first], 1)[valid], None, info)
+
+
+def bag_of_tokens(model: TinyGPT, grad: dict[str, Tensor]) -> list[int] | None:
+    """The honest-but-curious baseline: the tokens whose row of the token-embedding gradient
+    ``grad['tok.weight']`` [V, d] is non-zero, i.e. the *set* of tokens the users typed (an embedding row gets
+    a gradient only from the positions holding its token; no order, positions or counts). None for tied
+    embeddings (``model.tie_embeddings``): the head's gradient then reaches every row."""
+    if getattr(model, "tie_embeddings", False):
+        return None
+    return (grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
+
+
+def token_recovery(true_tokens: Tensor, tokens: Tensor) -> float:
+    """Fraction of the users' token occurrences true_tokens [S, L] recovered, ignoring positions: the
+    multiset intersection of the recovered tokens [m] with the true ones, over S * L."""
+    tv, tc = torch.unique(true_tokens.flatten().cpu(), return_counts=True)
+    if len(tokens) == 0:
+        return 0.0
+    pv, pc = torch.unique(tokens.cpu(), return_counts=True)
+    return float(torch.minimum(tc[torch.isin(tv, pv)], pc[torch.isin(pv, tv)]).sum()) / true_tokens.numel()
 
 
 def pair_recovery(true_tokens: Tensor, pairs: Tensor) -> float:
@@ -325,11 +344,27 @@ def sequences(true_tokens: Tensor, rec: Tensor) -> dict[str, float]:
             merged += 1
             fractions.append(0.0)
             continue
-        key = torch.tensor(keys[i])
-        known = rec[:, 2:] >= 0  # a tag entry a row could see
-        match = ((rec[:, 2:] == key) | ~known).all(1) & known[:, 0]
-        got = {(int(t), int(p)) for t, p in rec[match][:, :2].tolist()}
+        got = {(int(t), int(p)) for t, p in rec[in_group(rec, torch.tensor(keys[i]))][:, :2].tolist()}
         hits = sum((int(t), p) in got for p, t in enumerate(true_tokens[i].tolist()))
         fractions.append(hits / n)
         whole += hits == n
     return {"merged": merged / s, "tokens_in_sequence": sum(fractions) / s, "whole": whole / s}
+
+
+def in_group(rec: Tensor, first: Tensor) -> Tensor:
+    """bool [m]: the rows (token, position, tag of k tokens) [m, 2 + k] that belong to the sequence whose
+    first k tokens are ``first`` [k]: every tag entry the row could see (not -1) equals it, and it saw at
+    least the first."""
+    known = rec[:, 2:] >= 0  # a tag entry a row could see
+    return ((rec[:, 2:] == first) | ~known).all(1) & known[:, 0]
+
+
+def assemble(rec: Tensor, first: Tensor, length: int) -> Tensor:
+    """The sequence a server reads for the group of tag ``first`` [k] (:func:`in_group`): int64 [length],
+    the token recovered at each position, -1 where none was, -2 where the group holds different tokens at
+    that position (sequences merged by a shared tag)."""
+    out = torch.full((length,), -1, dtype=torch.int64)
+    for t, p in rec[in_group(rec.cpu(), first.cpu())][:, :2].tolist():
+        if 0 <= p < length:
+            out[p] = t if out[p] in (-1, t) else -2
+    return out

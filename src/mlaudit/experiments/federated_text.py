@@ -1,0 +1,270 @@
+"""The ``federated`` kind on text: Decepticons (Fowl, Geiping, Reich, Wen, Czaja, Goldblum & Goldstein 2022,
+"Decepticons: Corrupted Transformers Breach Privacy in Federated Learning for Language Models"; seed 002,
+chapter 4) against the users of one FedSGD round of a GPT-style language model, next to the
+honest-but-curious bag of tokens.
+
+Protocol, per trial: the global model is the config's TinyGPT at the trial's initialisation. The training
+split (token sequences x [N, L], y [N] the next token) is partitioned among ``users``; each user draws
+``batch`` sequences, tokens [U, B, L] with next-token targets cat(tokens[..., 1:], y) [U, B, L]. The
+malicious server sends the model with the parameters of
+:func:`~mlaudit.attacks.federated.plant_decepticon` (bins at quantiles of a measurement over its public
+text, the test split); every user returns its FedSGD gradient (:func:`~mlaudit.federated.user_gradients`,
+one vmap over users), and for each n in ``decepticons.user_counts`` the server sees the secure aggregate
+of the first n users (:func:`~mlaudit.federated.secure_aggregate`) and reads (token, position, first k
+tokens of its sequence) rows off the first MLP layer's update
+(:func:`~mlaudit.attacks.federated.decepticons`: for a bin interval holding one token,
+(dW_i - dW_{i+1}) / (db_i - db_{i+1}) is that token's MLP input, decoded against the planted codes). The
+honest-but-curious baseline reads, from the same users' aggregate on the unmodified model, the non-zero
+rows of the token-embedding gradient [V, d] (:func:`~mlaudit.attacks.federated.decepticons.bag_of_tokens`).
+
+Metrics per user count, pooled over trials: ``pairs`` (the users' (token, position) occurrences recovered,
+:func:`~mlaudit.attacks.federated.decepticons.pair_recovery`, with a 95% Clopper-Pearson interval over
+occurrences), ``tokens`` (occurrences recovered ignoring positions), the sequence-level rates of
+:func:`~mlaudit.attacks.federated.decepticons.sequences` (``in_sequence``, ``whole``, ``merged``), and the
+bag of tokens' recall of the distinct tokens typed. Each trial's recovered rows are kept
+(``ctx.save_cached``), so a resumed run reads them instead of attacking again. The reports show recovered
+vs true sequences as text (HTML autoescaped; ``artifacts/decepticons.md`` markdown-escaped).
+"""
+
+from __future__ import annotations
+
+import string
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks.federated import Observation, decepticons, plant_decepticon
+from ..attacks.federated.decepticons import (
+    assemble,
+    bag_of_tokens,
+    pair_recovery,
+    sequences,
+    token_recovery,
+)
+from ..data.base import DataBundle
+from ..federated import local_batches, secure_aggregate, user_gradients
+from ..query import ParamVector
+from ..report.html import ReportTable
+from ..stats import clopper_pearson
+from .base import ExperimentOutput, Stream
+from .context import RunContext
+from .federated_config import FederatedConfig, user_shares
+
+UNKNOWN, CLASH = "·", "¤"
+"""How a sample shows a position the server did not recover, and one where its group holds several tokens."""
+
+
+def users_tokens(config: FederatedConfig, data: DataBundle, index: int) -> tuple[Tensor, Tensor, torch.Generator]:
+    """Trial ``index``'s round: the users' token sequences int64 [U, B, L], their next-token targets [U, B, L]
+    (the window shifted by one, the split's label last) and the generator that then plants the attack."""
+    parts, gen = user_shares(config, data, index)
+    x, y, _ = local_batches(data.train, parts, batch=config.batch, generator=gen)
+    tokens = x.round().long()
+    return tokens, torch.cat([tokens[..., 1:], y[..., None]], -1), gen
+
+
+def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Module, device: str
+           ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One round attacked at every user count: tensors (``tokens`` [U, B, L], ``rows_<n>`` [m, 2 + k] the
+    recovered rows from n users' sum) and JSON-able meta (bags of tokens, bins, seconds)."""
+    o = config.decepticons
+    tokens, targets, gen = users_tokens(config, data, index)
+    tokens, targets = tokens.to(device), targets.to(device)
+    t0 = time.perf_counter()
+    sent = plant_decepticon(model, data.test.x.round().long().to(device), bins=o.bins or model.blocks[0].fc1.out_features,
+                            scale=o.scale, feedback=o.feedback, tag=o.tag, tag_tokens=o.tag_tokens, generator=gen)
+    train = config.user_mode == "train"
+    malicious = user_gradients(sent, tokens, targets, train_mode=train, chunk=config.chunk)
+    honest = user_gradients(model, tokens, targets, train_mode=train, chunk=config.chunk)
+    seconds = {"updates": time.perf_counter() - t0, "attack": 0.0}
+    agg = config.aggregation
+    noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
+    tensors: dict[str, Tensor] = {"tokens": tokens.cpu()}
+    meta: dict[str, Any] = {"bins": sent.decepticon_bins, "bags": {}, "nonempty_bins": {}, "rejected": {}}
+    for n in config.user_counts:
+        first = ParamVector({k: t[:n] for k, t in malicious.items()})
+        seen = secure_aggregate(first, clip=agg.clip, noise_multiplier=agg.noise_multiplier, generator=noise)
+        t0 = time.perf_counter()
+        rec = decepticons(sent, Observation(seen, users=n, batch=config.batch, input_shape=data.input_shape,
+                                            train_mode=train), tol=o.tol)
+        seconds["attack"] += time.perf_counter() - t0
+        plain = secure_aggregate(ParamVector({k: t[:n] for k, t in honest.items()}), clip=agg.clip,
+                                 noise_multiplier=agg.noise_multiplier, generator=noise)
+        tensors[f"rows_{n}"] = rec.x.cpu()
+        meta["bags"][str(n)] = bag_of_tokens(model, plain)
+        meta["nonempty_bins"][str(n)] = rec.info["nonempty_bins"]
+        meta["rejected"][str(n)] = rec.info["rejected"]
+    meta["seconds"] = seconds
+    return tensors, meta
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    lo, hi = clopper_pearson(k, n)
+    return {"value": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": k, "n": n, "method": "clopper-pearson"}
+
+
+def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]]) -> dict[str, Any]:
+    """The attack's recovery from n users' sum, pooled over the trials' rounds."""
+    pairs = toks = occ = 0
+    seq: dict[str, float] = {"tokens_in_sequence": 0.0, "whole": 0.0, "merged": 0.0}
+    bag_recall: list[float] = []
+    sequences_seen = 0
+    for tensors, meta in rounds:
+        true = tensors["tokens"][:n].flatten(0, 1)  # [n B, L]
+        rows = tensors[f"rows_{n}"]
+        occ += true.numel()
+        pairs += round(pair_recovery(true, rows) * true.numel())
+        toks += round(token_recovery(true, rows[:, 0]) * true.numel())
+        for key, value in sequences(true, rows).items():
+            seq[key] += value * len(true)
+        sequences_seen += len(true)
+        bag = meta["bags"][str(n)]
+        if bag is not None:
+            typed = set(true.flatten().tolist())
+            bag_recall.append(len(typed & set(bag)) / len(typed))
+    return {"users": n, "occurrences": occ, "pairs": _rate(pairs, occ), "tokens": _rate(toks, occ),
+            "in_sequence": seq["tokens_in_sequence"] / sequences_seen, "whole": seq["whole"] / sequences_seen,
+            "merged": seq["merged"] / sequences_seen,
+            "bag_of_tokens_recall": sum(bag_recall) / len(bag_recall) if bag_recall else None,
+            "nonempty_bins": sum(m["nonempty_bins"][str(n)] for _, m in rounds) / len(rounds),
+            "rejected": sum(m["rejected"][str(n)] for _, m in rounds) / len(rounds)}
+
+
+def text_of(tokens: Tensor, vocabulary: tuple[str, ...]) -> str:
+    """Token ids [L] as text: each id's class name, :data:`UNKNOWN` for -1, :data:`CLASH` for -2."""
+    return "".join(UNKNOWN if t == -1 else CLASH if t == -2 else vocabulary[t] for t in tokens.tolist())
+
+
+def samples(config: FederatedConfig, tensors: dict[str, Tensor], vocabulary: tuple[str, ...]
+            ) -> list[tuple[int, str, str]]:
+    """Up to ``decepticons.samples`` (user, true text, recovered text) of a round attacked at the largest user
+    count: the recovered text is the group of rows whose tag is the sequence's first k tokens
+    (:func:`~mlaudit.attacks.federated.decepticons.assemble`). Empty without a tag (rows carry no sequence)."""
+    n = config.user_counts[-1]
+    k = config.decepticons.tag_tokens if config.decepticons.tag else 0
+    if not k:
+        return []
+    true = tensors["tokens"][:n]  # [n, B, L]
+    rows = tensors[f"rows_{n}"]
+    out = []
+    for u, b in [(u, b) for u in range(n) for b in range(config.batch)][: config.decepticons.samples]:
+        seq = true[u, b]
+        out.append((u, text_of(seq, vocabulary), text_of(assemble(rows, seq[:k], len(seq)), vocabulary)))
+    return out
+
+
+def md_escape(text: str) -> str:
+    """``text`` safe inside a markdown table cell: every ASCII punctuation character backslash-escaped
+    (CommonMark renders it literally; ``|`` no longer splits the cell, ``<`` opens no HTML), other
+    non-printable characters as ``\\xNN``."""
+    out = []
+    for c in text:
+        if not c.isprintable():
+            out.append(f"\\\\x{ord(c):02x}")
+        elif c in string.punctuation:
+            out.append("\\" + c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
+                    models: list[tuple[str, int, nn.Module]]) -> ExperimentOutput:
+    """Every trial's round attacked (or its kept result read back on resume), the metrics, tables and reports."""
+    rounds: list[tuple[dict[str, Tensor], dict[str, Any]]] = []
+    for i, (tid, _, model) in enumerate(models):
+        kept = ctx.load_cached(f"decepticons-{tid}")
+        if kept is None:
+            with ctx.cost.timed("attack"):
+                kept = _trial(config, data, i, model, ctx.device)
+            ctx.save_cached(f"decepticons-{tid}", *kept)
+        rounds.append(kept)
+    per = [_count_metrics(n, rounds) for n in config.user_counts]
+    top = per[-1]
+    model = models[0][2]
+    o = config.decepticons
+    settings = {"attack": "decepticons", "protocol": "fedsgd", "users": config.users, "batch": config.batch,
+                "user_counts": list(config.user_counts), "length": data.input_shape[0], "vocabulary": data.num_classes,
+                "d_model": model.d_model, "heads": model.blocks[0].heads, "layers": len(model.blocks),
+                "activation": model.activation, "tie_embeddings": model.tie_embeddings, "bins": rounds[0][1]["bins"],
+                "tag": o.tag, "tag_tokens": o.tag_tokens if o.tag else 0, "tol": o.tol, "trials": config.trials,
+                "public_sequences": len(data.test), "secure_aggregation": True, "clip": config.aggregation.clip,
+                "noise_multiplier": config.aggregation.noise_multiplier}
+    metrics: dict[str, Any] = {
+        "recovered": top["pairs"], "secure_aggregation": True, "settings": settings,
+        "decepticons": {"per_users": per},
+        "seconds": {k: sum(m["seconds"][k] for _, m in rounds) for k in ("updates", "attack")}}
+    shown = samples(config, rounds[0][0], data.train.classes)
+    ctx.write_artifact("decepticons.md", lambda f: f.write(markdown(config, data, metrics, shown).encode("utf-8")))
+    trials = [{"trial_id": tid, "seed": seed, "sequences": config.users * config.batch,
+               "pairs_recovered": pair_recovery(t["tokens"].flatten(0, 1)[: top["users"] * config.batch],
+                                                t[f"rows_{top['users']}"])}
+              for (tid, seed, _), (t, _) in zip(models, rounds, strict=True)]
+    return ExperimentOutput(metrics=metrics, trials=trials, tables=_tables(metrics, shown),
+                            notes=_notes(config, data, settings))
+
+
+def _rows(metrics: dict[str, Any]) -> list[list[Any]]:
+    def pct(v: float | None) -> str:
+        return "n/a (tied embeddings)" if v is None else f"{100 * v:.1f}%"
+
+    return [[m["users"], m["occurrences"], m["pairs"], m["tokens"], pct(m["in_sequence"]), pct(m["whole"]),
+             pct(m["merged"]), pct(m["bag_of_tokens_recall"])] for m in metrics["decepticons"]["per_users"]]
+
+
+COLUMNS = ["users", "tokens typed", "(token, position) pairs recovered", "tokens recovered (any position)",
+           "in its sequence", "whole sequences", "merged by the tag", "honest bag of tokens (distinct recall)"]
+
+
+def _tables(metrics: dict[str, Any], shown: list[tuple[int, str, str]]) -> list[ReportTable]:
+    tables = [ReportTable("Decepticons: what the server reads off the users' summed update [95% Clopper-Pearson "
+                          "over occurrences]", COLUMNS, _rows(metrics),
+                          note="one FedSGD round; the server sees the sum of the first n users' gradients. In its "
+                               "sequence: the mean fraction of a sequence's positions recovered with the right token "
+                               "in the group of its own tag; sequences sharing their first k tokens are merged and "
+                               "count 0. The bag of tokens is the honest-but-curious server's (the unmodified model's "
+                               "token-embedding gradient): which tokens occur, no positions or counts.")]
+    if shown:
+        tables.append(ReportTable("Recovered vs true sequences (largest user count, first trial)",
+                                  ["user", "true", "recovered"], [[u, t, r] for u, t, r in shown],
+                                  note=f"{UNKNOWN} a position not recovered, {CLASH} several tokens at one position "
+                                       "(sequences merged by the tag)"))
+    return tables
+
+
+def markdown(config: FederatedConfig, data: DataBundle, metrics: dict[str, Any], shown: list[tuple[int, str, str]]
+             ) -> str:
+    """The run's markdown report: settings, the per-user-count table and the samples, every text escaped."""
+    s = metrics["settings"]
+
+    def cell(v: Any) -> str:
+        if isinstance(v, dict):
+            return f"{100 * v['value']:.1f}% [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
+        return str(v)  # counts and percentages written here
+
+    lines = [f"# Decepticons on {md_escape(data.name)}", "",
+             f"TinyGPT (d\\_model {s['d_model']}, {s['layers']} layers, {s['heads']} heads, {s['activation']}) at "
+             f"initialisation; {s['bins']} bins, a tag of {s['tag_tokens']} token(s); {config.users} user(s) x "
+             f"{config.batch} sequence(s) of {s['length']} tokens ({s['vocabulary']} in the vocabulary); one FedSGD "
+             f"round, the server sees the sum of the first n users' gradients; {config.trials} trial(s), seed "
+             f"{config.seed}.", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in _rows(metrics)]
+    if shown:
+        lines += ["", f"Recovered vs true sequences ({md_escape(UNKNOWN)} not recovered, {md_escape(CLASH)} several "
+                      "tokens at one position):", "", "| user | true | recovered |", "|---:|---|---|"]
+        lines += [f"| {u} | {md_escape(t)} | {md_escape(r)} |" for u, t, r in shown]
+    return "\n".join(lines) + "\n"
+
+
+def _notes(config: FederatedConfig, data: DataBundle, s: dict[str, Any]) -> list[str]:
+    return [f"Malicious server (Decepticons, Fowl et al. 2022): the TinyGPT sent carries token and position codes in "
+            f"its embeddings, a sequence tag of the first {s['tag_tokens']} token(s) in its first attention layer and "
+            f"{s['bins']} imprint bins in its first MLP layer, offsets at quantiles over {s['public_sequences']} public "
+            f"sequences (the test split); FedSGD round of {config.users} users ({config.partition.scheme} partition of "
+            f"{data.name}'s training split, {config.batch} sequence(s) of {s['length']} tokens each); the server sees "
+            f"the sum of the first n users' gradients for n in {list(config.user_counts)}.",
+            f"Global model: {config.model.name} at initialisation; {config.trials} trial(s). The honest-but-curious "
+            "baseline reads the bag of tokens from the unmodified model's aggregate."]

@@ -7,8 +7,8 @@
 
 Registered (:data:`EVASION_ATTACKS`, one call ``attack(model, x, y, **options) -> x_adv``): ``fgsm``,
 ``pgd`` (l-inf / l2, random start, restarts, targeted), ``apgd`` (APGD-CE / APGD-DLR), ``apgd-t``,
-``cw`` (Carlini-Wagner l2), ``fab`` (the Fast Adaptive Boundary attack: minimal l-inf / l2
-perturbation by projections onto the linearised decision boundary), ``fab-t`` (FAB-T, AutoAttack's
+``cw`` (Carlini-Wagner l2), ``fab`` (the Fast Adaptive Boundary attack: minimal l-inf / l2 / l1
+perturbation by projections onto the linearised decision boundary; l1 is FAB's alone), ``fab-t`` (FAB-T, AutoAttack's
 targeted version), ``square`` (the Square Attack: score-based black box, forward passes only) and
 ``autoattack`` (the worst case over APGD-CE, APGD-T, FAB-T and Square). Every gradient-based
 optimisation with a loss runs through the one crafting engine, :func:`mlaudit.craft.craft`; FAB runs its

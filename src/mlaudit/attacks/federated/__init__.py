@@ -7,7 +7,8 @@
 Registered (:data:`FEDERATED_ATTACKS`, one call ``attack(model, obs, **options) -> Reconstruction``):
 ``inverting-gradients`` (Geiping et al. 2020) and ``dlg`` (Zhu et al. 2019), honest-but-curious
 optimisation through the one crafting engine; ``imprint`` (Robbing the Fed, Fowl et al. 2022), a
-malicious server's closed-form read-out from the module :func:`plant_imprint` puts in the model. Label
+malicious server's closed-form read-out from the module :func:`plant_imprint` puts in front of the model, or
+from the rows of the model's own first layer :func:`plant_imprint_parameters` sets (no architecture change). Label
 recovery from the last layer in :mod:`.labels`; PSNR, SSIM and the assignment in :mod:`.metrics`.
 """
 
@@ -23,15 +24,17 @@ from .base import (
 )
 from .decepticons import decepticons, plant_decepticon
 from .dlg import dlg
-from .imprint import ImprintedModel, imprint, imprint_candidates, plant_imprint
+from .imprint import Bins, ImprintBins, ImprintedModel, imprint, imprint_candidates, place_bins, plant_imprint
+from .imprint_parameters import ParameterImprint, PlantedSlice, plant_imprint_parameters
 from .inverting_gradients import inverting_gradients
 from .labels import idlg_label, label_accuracy, label_counts, labels_from_counts, last_linear
 from .metrics import Match, match, psnr, psnr_matrix, ssim
 from .objective import BoxThenFree, GradientInversion
 
 __all__ = [
-    "FEDERATED_ATTACKS", "BoxThenFree", "FederatedAttack", "GradientInversion", "ImprintedModel", "Match",
-    "Observation", "Reconstruction", "decepticons", "dlg", "idlg_label", "imprint", "imprint_candidates", "inverting_gradients",
-    "label_accuracy", "label_counts", "labels_from_counts", "last_linear", "match", "plant_decepticon", "plant_imprint", "psnr",
+    "FEDERATED_ATTACKS", "Bins", "BoxThenFree", "FederatedAttack", "GradientInversion", "ImprintBins", "ImprintedModel", "Match",
+    "Observation", "ParameterImprint", "PlantedSlice", "Reconstruction", "decepticons", "dlg", "idlg_label", "imprint", "imprint_candidates", "inverting_gradients",
+    "label_accuracy", "label_counts", "labels_from_counts", "last_linear", "match", "place_bins", "plant_decepticon", "plant_imprint",
+    "plant_imprint_parameters", "psnr",
     "psnr_matrix", "register_federated", "ssim", "total_variation",
 ]

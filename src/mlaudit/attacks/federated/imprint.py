@@ -26,11 +26,16 @@ recovered is the fraction of inputs alone in their bin, which the quantile place
     malicious = plant_imprint(model, public_x, bins=64, measurement="brightness")
     ... users compute updates on ``malicious``; the server sums them into ``obs`` ...
     rec = imprint(malicious, obs)             # one candidate per bin with a non-zero bias difference
+
+The same bins without an architecture change, in rows of the model's own first Linear layer:
+:mod:`.imprint_parameters` (:func:`place_bins` is the one bin placement of both; :class:`ImprintBins` what
+the attack reads from either).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -44,11 +49,57 @@ Measurement = Literal["brightness", "random"]
 Cdf = Literal["empirical", "gaussian"]
 
 
-class ImprintedModel(nn.Module):
+class ImprintBins:
+    """What the two imprints share (a mixin of an ``nn.Module``): k bins y_i = ReLU(<w, x> + b_i) with one
+    measurement row w and biases b_i = -s c_i, from :meth:`_rows` (weight [k, D], bias [k], as planted), and
+    :meth:`imprint_gradients`, the rows of an observed update the read-out takes. :class:`ImprintedModel`
+    (an extra module) and :class:`~mlaudit.attacks.federated.imprint_parameters.ParameterImprint` (rows of
+    the model's own first layer) are the two."""
+
+    imprint_keys: tuple[str, str]
+    """The names of the imprint's weight and bias in the state_dict the server sends."""
+
+    @property
+    def bins(self) -> int:
+        return len(self._rows()[1])
+
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def imprint_gradients(self, obs: Observation) -> tuple[Tensor, Tensor]:
+        """The bins' rows of the observed update: weight [k, D] and bias [k], in bin order."""
+        raise NotImplementedError
+
+    def thresholds(self) -> Tensor:
+        """The bin offsets [k] (ascending), in the units of :meth:`measure` (both times the planted scale)."""
+        return -self._rows()[1].detach()
+
+    def measure(self, x: Tensor) -> Tensor:
+        """h(x) [N] of inputs x [N, *shape] along bin 0's measurement direction (times the planted scale)."""
+        w = self._rows()[0].detach()
+        return x.flatten(1).to(w) @ w[0]
+
+    def bin_of(self, x: Tensor) -> Tensor:
+        """The bin interval of each input [N]: i for c_i < h <= c_{i+1} (k-1 above the last offset; -1 below
+        every offset: such an input fires no bin and cannot be recovered)."""
+        return torch.searchsorted(self.thresholds().contiguous(), self.measure(x).contiguous(), side="left") - 1
+
+
+def _observed(obs: Observation, names: tuple[str, ...], what: str) -> Tensor:
+    """The first of ``names`` the observed update holds."""
+    for name in names:
+        if name in obs.grad:
+            return obs.grad[name]
+    raise ConfigError(f"the observed update has no gradient for the {what} ({' or '.join(names)})")
+
+
+class ImprintedModel(ImprintBins, nn.Module):
     """``model`` behind an imprint module of k bins: x -> model(x + sum_i ReLU(W x + b)_i * u).
 
     ``weight`` [k, D] (every row the measurement direction), ``bias`` [k] (minus the bin offsets),
     ``feedback`` [D] the direction u (a buffer: fixed by the server, not trained)."""
+
+    imprint_keys = ("imprint.weight", "imprint.bias")
 
     def __init__(self, model: nn.Module, weight: Tensor, bias: Tensor, feedback: Tensor) -> None:
         super().__init__()
@@ -67,30 +118,33 @@ class ImprintedModel(nn.Module):
         s = F.relu(self.imprint(x.flatten(1))).sum(1, keepdim=True)
         return self.model(x + (s * self.feedback).view_as(x))
 
-    def thresholds(self) -> Tensor:
-        """The bin offsets [k] (ascending), in the units of :meth:`measure` (both times the planted scale)."""
-        return -self.imprint.bias.detach()
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        return self.imprint.weight, self.imprint.bias
 
-    def measure(self, x: Tensor) -> Tensor:
-        """h(x) [N] of inputs x [N, *shape] along bin 0's measurement direction (times the planted scale)."""
-        return x.flatten(1).to(self.imprint.weight) @ self.imprint.weight[0].detach()
-
-    def bin_of(self, x: Tensor) -> Tensor:
-        """The bin interval of each input [N]: i for c_i < h <= c_{i+1} (k-1 above the last offset; -1 below
-        every offset: such an input fires no bin and cannot be recovered)."""
-        return torch.searchsorted(self.thresholds().contiguous(), self.measure(x).contiguous(), side="left") - 1
+    def imprint_gradients(self, obs: Observation) -> tuple[Tensor, Tensor]:
+        w, b = self.imprint_keys
+        return _observed(obs, (w,), "imprint module"), _observed(obs, (b,), "imprint module")
 
 
-def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement: Measurement = "brightness",
-                  cdf: Cdf = "empirical", feedback: float = 1e-2, scale: float = 1.0,
-                  generator: torch.Generator | None = None) -> ImprintedModel:
-    """The malicious model: ``model`` behind ``bins`` imprint bins placed at the quantiles of the
-    ``measurement`` on ``public_x`` [P, *shape]; ``feedback`` scales u (||u|| = feedback / (k * std h)).
+@dataclass(frozen=True)
+class Bins:
+    """Where :func:`place_bins` put k bins: the measurement direction a [D] and offsets c [k] (float64, CPU,
+    not yet scaled) and the std of the public measurements h = <a, x>."""
 
-    ``scale`` s multiplies the imprint weights and biases and divides u: y_i = ReLU(s (h - c_i)) fires in
-    the same bins, the model sees the same input, but the bins' gradients grow by 1/s relative to
-    their weights, so an update sent in float32 (w - lr * grad, rounded to w's precision) keeps more of
-    the gradient's digits (for a server that only sees updated float32 weights, e.g. over Flower)."""
+    direction: Tensor
+    offsets: Tensor
+    std: float
+
+    def feedback_norm(self, feedback: float, scale: float) -> float:
+        """||u||: the feedback direction's norm, feedback / (s k std h), so sum_i y_i * ||u|| stays ~ feedback."""
+        return feedback / (scale * len(self.offsets) * max(self.std, 1e-12))
+
+
+def place_bins(public_x: Tensor, *, bins: int, measurement: Measurement = "brightness", cdf: Cdf = "empirical",
+               scale: float = 1.0, generator: torch.Generator | None = None) -> Bins:
+    """The one bin placement of both imprints: ``bins`` offsets at the quantiles of the ``measurement`` on
+    ``public_x`` [P, *shape] (``cdf``), moved off observed values (:func:`off_observed`); refuses what
+    cannot work (bins < 1 or above P, scale <= 0, a constant measurement, coinciding quantiles)."""
     if bins < 1:
         raise ConfigError(f"imprint bins = {bins}; allowed bins >= 1")
     if not scale > 0:
@@ -118,10 +172,26 @@ def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement:
         raise ConfigError(f"imprint bins = {bins}: the {measurement} measurement takes only {distinct} distinct values "
                           f"on the public inputs, so some of its {bins} quantiles coincide; allowed bins <= the "
                           "number of distinct quantiles (try fewer bins or measurement: random)")
+    return Bins(a, c, std)
+
+
+def plant_imprint(model: nn.Module, public_x: Tensor, *, bins: int, measurement: Measurement = "brightness",
+                  cdf: Cdf = "empirical", feedback: float = 1e-2, scale: float = 1.0,
+                  generator: torch.Generator | None = None) -> ImprintedModel:
+    """The malicious model: ``model`` behind ``bins`` imprint bins placed at the quantiles of the
+    ``measurement`` on ``public_x`` [P, *shape] (:func:`place_bins`); ``feedback`` scales u (||u|| =
+    feedback / (k * std h)).
+
+    ``scale`` s multiplies the imprint weights and biases and divides u: y_i = ReLU(s (h - c_i)) fires in
+    the same bins, the model sees the same input, but the bins' gradients grow by 1/s relative to
+    their weights, so an update sent in float32 (w - lr * grad, rounded to w's precision) keeps more of
+    the gradient's digits (for a server that only sees updated float32 weights, e.g. over Flower)."""
+    placed = place_bins(public_x, bins=bins, measurement=measurement, cdf=cdf, scale=scale, generator=generator)
+    d = len(placed.direction)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    u = torch.full((d,), feedback / (scale * bins * max(std, 1e-12) * math.sqrt(d)), dtype=torch.float32)
-    weight = (scale * a).float().expand(bins, d).contiguous()
-    return ImprintedModel(model, weight, -(scale * c).float(), u).to(device)
+    u = torch.full((d,), placed.feedback_norm(feedback, scale) / math.sqrt(d), dtype=torch.float32)
+    weight = (scale * placed.direction).float().expand(bins, d).contiguous()
+    return ImprintedModel(model, weight, -(scale * placed.offsets).float(), u).to(device)
 
 
 def _offsets(h: Tensor, bins: int, cdf: Cdf, floor: float) -> Tensor:
@@ -176,14 +246,15 @@ def imprint_candidates(weight_grad: Tensor, bias_grad: Tensor, *, rel_tol: float
 
 @register_federated("imprint")
 def imprint(model: nn.Module, obs: Observation, *, rel_tol: float = 1e-6) -> Reconstruction:
-    """Inputs read off the imprint layer of ``obs`` (``model`` is the :class:`ImprintedModel` the users
-    trained): one candidate [*shape] per non-empty bin interval; a bin holding one input gives it exactly,
-    a bin holding several gives their gradient-weighted mean."""
-    if not isinstance(model, ImprintedModel):
-        raise ConfigError(f"the imprint attack reads the imprint module of the model the server sent: pass the "
-                          f"ImprintedModel plant_imprint returned, not a {type(model).__name__}")
-    if "imprint.weight" not in obs.grad or "imprint.bias" not in obs.grad:
-        raise ConfigError("the observed update has no gradient for the imprint module (imprint.weight, imprint.bias)")
-    x, bins = imprint_candidates(obs.grad["imprint.weight"], obs.grad["imprint.bias"], rel_tol=rel_tol)
-    x = x.to(obs.grad["imprint.weight"].dtype).view(len(x), *obs.input_shape)
+    """Inputs read off the imprint of ``obs`` (``model`` is what the users trained: the :class:`ImprintedModel`
+    of :func:`plant_imprint`, or the ``ParameterImprint`` of ``plant_imprint_parameters``, whose bins are rows
+    of the model's own first layer): one candidate [*shape] per non-empty bin interval; a bin holding one
+    input gives it exactly, a bin holding several gives their gradient-weighted mean."""
+    if not isinstance(model, ImprintBins):
+        raise ConfigError(f"the imprint attack reads the imprint the server planted: pass the ImprintedModel "
+                          f"plant_imprint returned or the ParameterImprint plant_imprint_parameters returned, not a "
+                          f"{type(model).__name__}")
+    weight, bias = model.imprint_gradients(obs)
+    x, bins = imprint_candidates(weight, bias, rel_tol=rel_tol)
+    x = x.to(weight.dtype).view(len(x), *obs.input_shape)
     return Reconstruction(x, None, {"bins": model.bins, "nonempty_bins": len(bins), "bin_index": bins.tolist()})

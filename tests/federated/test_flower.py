@@ -156,3 +156,71 @@ def test_the_federated_kind_runs_several_flower_rounds_and_accumulates(tmp_path)
     assert cum == sorted(cum) and cum[-1] > cum[0] > 0  # fresh batches reveal new inputs
     assert all(0 < r["exact"] <= 1 for r in rounds)
 
+
+
+def _user_mlp(seed: int) -> torch.nn.Module:
+    """The clients' own architecture: each client builds it from the zoo's MLP class (norm none)."""
+    torch.manual_seed(seed)
+    return build_model({"name": "mlp", "norm": "none", "width": 96}, input_shape=(1, 6, 6), num_classes=4)
+
+
+def test_parameter_only_variant_over_three_clients_and_two_rounds() -> None:
+    """variant='parameters': the global model is the user's architecture (same state_dict keys), clients build
+    their model from the user's class, the server re-plants only the planted rows and columns each round and
+    reads inputs verbatim off the FedAvg aggregate of float32 weights."""
+    import numpy as np
+
+    _, public, users = _setup(4)
+    user = _user_mlp(0)
+    strategy = ImprintStrategy(user, public, bins=64, variant="parameters", min_clients=3)
+    assert type(strategy.client_model()) is type(user)
+    assert list(strategy.client_model().state_dict()) == list(user.state_dict())
+    sent: list[list[np.ndarray]] = []
+    configure = strategy.configure_fit
+
+    def spy(server_round: int, parameters, client_manager):  # noqa: ANN001, ANN202
+        out = configure(server_round, parameters, client_manager)
+        sent.append(strategy._sent[server_round])
+        return out
+
+    strategy.configure_fit = spy  # type: ignore[method-assign]
+    clients = [TorchClient(_user_mlp(10 + u), x, y, lr=0.1) for u, (x, y) in enumerate(users)]
+    out = run_flower_audit(strategy, clients, rounds=2)
+    true = torch.cat([x for x, _ in users])
+    b = strategy.malicious.bin_of(true)
+    alone = int(((b >= 0) & (torch.bincount(b.clamp(min=0), minlength=64)[b.clamp(min=0)] == 1)).sum())
+    assert alone >= 5
+    for r in (1, 2):
+        m = match(true, out.rounds[r].reconstruction.x.float(), data_range=1.0)
+        assert int(m.recovered(80.0).sum()) >= max(1, alone - 2), r
+    keys = list(user.state_dict())
+    for s in strategy.malicious.planted():  # round 2 sent the planted entries again, though FedAvg moved them
+        i = keys.index(s.name)
+        assert np.array_equal(s.read(sent[1][i]), s.values.numpy())
+    w1 = keys.index("net.1.weight")
+    assert not np.array_equal(sent[0][w1], sent[1][w1])  # the rest of the layer trained on
+
+
+def test_parameter_only_strategy_reads_the_in_process_aggregates_candidates() -> None:
+    _, public, users = _setup(5)
+    users = [(x.double(), y) for x, y in users]
+    strategy = ImprintStrategy(_user_mlp(1), public, bins=32, variant="parameters", min_clients=3, scale=1.0)
+    clients = [TorchClient(_user_mlp(20 + u).double(), x, y, lr=0.5, dtype=torch.float64)
+               for u, (x, y) in enumerate(users)]
+    got = run_flower_audit(strategy, clients, rounds=1).rounds[1].reconstruction
+    planted = strategy.malicious.double()
+    x, y = torch.stack([u[0] for u in users]), torch.stack([u[1] for u in users])
+    agg = secure_aggregate(user_gradients(planted, x, y))
+    want = imprint(planted, Observation(grad=ParamVector(agg), users=3, batch=8, input_shape=(1, 6, 6)))
+    assert got.info["bin_index"] == want.info["bin_index"] and len(want.x) > 0
+    torch.testing.assert_close(got.x, want.x, rtol=1e-7, atol=1e-7)
+
+
+def test_the_variant_option_is_checked() -> None:
+    model, public, _ = _setup()
+    with pytest.raises(ConfigError, match="allowed: module, parameters"):
+        ImprintStrategy(model, public, bins=8, variant="rows")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="layer choose"):
+        ImprintStrategy(model, public, bins=8, layer="net.1")
+    with pytest.raises(ConfigError, match="'net.1' has bias=False"):  # the zoo default (BatchNorm) drops the bias
+        ImprintStrategy(model, public, bins=8, variant="parameters")

@@ -3,28 +3,32 @@ imprint attack (Fowl et al., ICLR 2022; seed 002, chapter 3) as a Flower ``Strat
 
 :class:`ImprintStrategy` is Flower's ``FedAvg`` with three changes, all on the server:
 
-1. the global model it starts from is the user's model behind an imprint module of ``bins`` bins
-   (:func:`mlaudit.attacks.federated.plant_imprint`, bins at the quantiles of a measurement on the
-   server's public data);
-2. every round it sends the imprint parameters as planted (it controls the parameters it sends), so the
-   attack repeats each round;
+1. the global model it starts from carries ``bins`` imprint bins at the quantiles of a measurement on the
+   server's public data: with ``variant="module"`` the user's model behind an imprint module
+   (:func:`mlaudit.attacks.federated.plant_imprint`); with ``variant="parameters"`` the user's own
+   architecture, bins planted in rows of its first ``nn.Linear`` and one shared column of the next
+   (:func:`mlaudit.attacks.federated.plant_imprint_parameters`);
+2. every round it writes the planted entries into the arrays it sends (it controls the parameters it
+   sends), so the attack repeats each round: the whole imprint module, or only the planted rows of W1 and
+   b1 and columns of W2;
 3. after aggregating, it reads the users' inputs off the *aggregate* alone: with w the imprint parameters
    sent and w' the FedAvg result, w - w' = lr * sum_u (n_u / N) * g_u (FedSGD: one local step per
    round), and the recovery ratio (dW_i - dW_{i+1}) / (db_i - db_{i+1}) cancels every scale, so an input
    alone in its bin comes back verbatim. The individual client results Flower hands ``aggregate_fit``
    are not looked at, which is what secure aggregation would leave the server.
 
-Threat model stated: the server controls the model *definition* (the imprint is an extra layer in front
-of the model), as when clients load the model the server distributes; a deployment whose clients build
-a fixed architecture from their own code and accept only parameters is not covered (the parameter-only
-variant of the attack is not built). With several local steps (FedAvg) the imprint weights move between
-steps and recovery is approximate.
+Threat models: ``module``: the server controls the model *definition* (an extra layer in front of the
+model), as when clients load the model the server distributes. ``parameters``: clients build a fixed
+architecture from their own code and accept only parameter values (``client_model()`` is then a plain copy
+of the user's model); this needs a first ``nn.Linear`` on the flattened input followed by ReLU, checked on
+the public data. With several local steps (FedAvg) the imprint weights move between steps and recovery is
+approximate.
 
 :class:`TorchClient` is a Flower ``NumPyClient`` over any ``nn.Module`` and local tensors (one
 FedSGD step by default), for simulating users; :func:`run_flower_audit` runs a server and its clients
 over gRPC on 127.0.0.1 in one process (Flower's legacy ``start_server``/``start_client``; no Ray).
 
-    strategy = ImprintStrategy(model, public_x, bins=64, min_clients=3)
+    strategy = ImprintStrategy(model, public_x, bins=64, min_clients=3)      # or variant="parameters"
     clients = [TorchClient(strategy.client_model(), x_u, y_u, lr=0.1) for x_u, y_u in users]
     result = run_flower_audit(strategy, clients, rounds=2)
     result.rounds[1].reconstruction.x     # [m, *shape] candidates of round 1
@@ -39,7 +43,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,13 +59,14 @@ except ImportError as e:  # pragma: no cover - exercised only without flwr
     raise ImportError("mlaudit.federated.flower needs Flower: pip install 'mlaudit[flower]' (flwr)") from e
 
 from ..attacks.federated.base import Observation, Reconstruction
-from ..attacks.federated.imprint import Cdf, ImprintedModel, Measurement, imprint, plant_imprint
+from ..attacks.federated.imprint import Cdf, ImprintBins, Measurement, imprint, plant_imprint
+from ..attacks.federated.imprint_parameters import plant_imprint_parameters
 from ..errors import ConfigError
 from ..query import ParamVector
 from .address import check_address
 from .updates import user_gradients
 
-IMPRINT = ("imprint.weight", "imprint.bias")
+Variant = Literal["module", "parameters"]
 
 
 def _arrays(model: nn.Module) -> list[np.ndarray]:
@@ -85,7 +90,8 @@ class RoundResult:
     clients: int
     examples: int
     observation: Observation
-    """The aggregate's imprint-layer update (w sent - w aggregated, float64): what the attack read."""
+    """The aggregate's imprint-layer update (w sent - w aggregated, float64; with variant 'parameters' the
+    whole first layer, of which the attack reads the planted rows): what the attack read."""
     reconstruction: Reconstruction
 
 
@@ -102,39 +108,59 @@ class ImprintStrategy(FedAvg):
     """Flower ``FedAvg`` playing Robbing the Fed's malicious server (module docstring).
 
     ``model``: the user's global model; ``public_x`` [P, *shape]: the server's public inputs (the bins'
-    quantiles); ``bins``, ``measurement``, ``cdf``, ``feedback``: :func:`plant_imprint`'s; ``rel_tol``:
+    quantiles); ``bins``, ``measurement``, ``cdf``, ``feedback``: :func:`plant_imprint`'s; ``variant``:
+    ``module`` (an imprint module in front of the model) or ``parameters`` (the bins in rows of the model's
+    own first Linear, :func:`plant_imprint_parameters`, with its ``layer``, ``next_layer``, ``units``);
+    ``rel_tol``:
     :func:`imprint`'s; ``min_clients``: clients each round waits for (fit and available). Other keyword
     options go to ``FedAvg`` (``fraction_fit``, ``evaluate_fn``, ...). Reconstructions accumulate in
     :attr:`rounds` ({round: :class:`RoundResult`})."""
 
-    def __init__(self, model: nn.Module, public_x: Tensor, *, bins: int, measurement: Measurement = "brightness",
-                 cdf: Cdf = "empirical", feedback: float = 1e-2, scale: float = 1e-3, rel_tol: float = 1e-6,
-                 min_clients: int = 2,
+    def __init__(self, model: nn.Module, public_x: Tensor, *, bins: int, variant: Variant = "module",
+                 layer: str | None = None, next_layer: str | None = None, units: list[int] | None = None,
+                 measurement: Measurement = "brightness", cdf: Cdf = "empirical", feedback: float = 1e-2,
+                 scale: float = 1e-3, rel_tol: float = 1e-6, min_clients: int = 2,
                  generator: torch.Generator | None = None, **fedavg: Any) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
-        self.malicious: ImprintedModel = plant_imprint(copy.deepcopy(model).cpu(), public_x.cpu(), bins=bins,
-                                                       measurement=measurement, cdf=cdf, feedback=feedback,
-                                                       scale=scale, generator=generator)
+        bins_at = dict(bins=bins, measurement=measurement, cdf=cdf, feedback=feedback, scale=scale, generator=generator)
+        user = copy.deepcopy(model).cpu()
+        self.malicious: ImprintBins
+        if variant == "module":
+            named = {k: v for k, v in (("layer", layer), ("next_layer", next_layer), ("units", units)) if v is not None}
+            if named:
+                raise ConfigError(f"{', '.join(named)} choose(s) the layers of variant='parameters'; with variant='module' "
+                                  "the imprint is an extra module in front of the model: drop them")
+            self.malicious = plant_imprint(user, public_x.cpu(), **bins_at)
+            wire: nn.Module = self.malicious
+        elif variant == "parameters":
+            self.malicious = plant_imprint_parameters(user, public_x.cpu(), layer=layer, next_layer=next_layer,
+                                                      units=units, **bins_at)
+            wire = self.malicious.model
+        else:
+            raise ConfigError(f"ImprintStrategy variant = {variant!r}; allowed: module, parameters")
+        self.variant, self._user = variant, user
         self.input_shape = tuple(public_x.shape[1:])
         self.rel_tol = rel_tol
-        self._keys = list(self.malicious.state_dict())
-        self._where = [self._keys.index(k) for k in IMPRINT]
-        self._planted = [self.malicious.state_dict()[k].detach().cpu().numpy().copy() for k in IMPRINT]
+        self._keys = list(wire.state_dict())
+        self._planted = [(self._keys.index(s.name), s) for s in self.malicious.planted()]
         self._sent: dict[int, list[np.ndarray]] = {}
         self.rounds: dict[int, RoundResult] = {}
         fedavg.setdefault("fraction_evaluate", 0.0)
         super().__init__(min_fit_clients=min_clients, min_available_clients=min_clients,
-                         initial_parameters=ndarrays_to_parameters(_arrays(self.malicious)), **fedavg)
+                         initial_parameters=ndarrays_to_parameters(_arrays(wire)), **fedavg)
 
-    def client_model(self) -> ImprintedModel:
-        """A copy of the model the server distributes (the imprint module in front of the user's model)."""
-        return copy.deepcopy(self.malicious)
+    def client_model(self) -> nn.Module:
+        """What a client holds: with variant 'module' a copy of the model the server distributes (the imprint
+        module in front of the user's model); with 'parameters' a plain copy of the user's model (the
+        clients' own architecture; the server's parameters replace its values every round)."""
+        return copy.deepcopy(self.malicious if self.variant == "module" else self._user)
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
         arrays = parameters_to_ndarrays(parameters)
-        for i, planted in zip(self._where, self._planted, strict=True):
-            arrays[i] = planted.copy()  # the server re-plants its bins every round
+        for i, planted in self._planted:
+            arrays[i] = arrays[i].copy()
+            planted.write(arrays[i])  # the server re-plants its bins every round
         self._sent[server_round] = arrays
         return super().configure_fit(server_round, ndarrays_to_parameters(arrays), client_manager)
 
@@ -145,7 +171,7 @@ class ImprintStrategy(FedAvg):
             return params, metrics
         new = parameters_to_ndarrays(params)
         delta = {k: torch.from_numpy(sent[i].astype(np.float64) - new[i].astype(np.float64))
-                 for k, i in zip(IMPRINT, self._where, strict=True)}
+                 for k, i in ((k, self._keys.index(k)) for k in self.malicious.imprint_keys)}
         examples = sum(int(r.num_examples) for _, r in results)
         obs = Observation(grad=ParamVector(delta), users=max(len(results), 1),
                           batch=max(examples // max(len(results), 1), 1), input_shape=self.input_shape)

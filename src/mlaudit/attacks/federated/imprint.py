@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,31 @@ from .base import Observation, Reconstruction, register_federated
 
 Measurement = Literal["brightness", "random"]
 Cdf = Literal["empirical", "gaussian"]
+
+
+@dataclass(frozen=True)
+class PlantedSlice:
+    """Entries the server writes into one tensor of the user's state_dict: ``name`` (the user's key), rows
+    (``dim`` 0) or columns (``dim`` 1) ``index``, their ``values``."""
+
+    name: str
+    dim: int
+    index: tuple[int, ...]
+    values: Tensor
+
+    def write(self, array: Any) -> None:
+        """Put the values into ``array`` (a tensor or a numpy array of the entry's shape), in place."""
+        values = self.values if isinstance(array, Tensor) else self.values.cpu().numpy()
+        if isinstance(array, Tensor):
+            values = values.to(array)
+        if self.dim == 0:
+            array[list(self.index)] = values
+        else:
+            array[:, list(self.index)] = values
+
+    def read(self, array: Any) -> Any:
+        """The planted entries of ``array`` (rows or columns, in bin order)."""
+        return array[list(self.index)] if self.dim == 0 else array[:, list(self.index)]
 
 
 class ImprintBins:
@@ -68,6 +93,10 @@ class ImprintBins:
 
     def imprint_gradients(self, obs: Observation) -> tuple[Tensor, Tensor]:
         """The bins' rows of the observed update: weight [k, D] and bias [k], in bin order."""
+        raise NotImplementedError
+
+    def planted(self) -> list[PlantedSlice]:
+        """What the server re-plants every round (names in the state_dict it sends), as planted now."""
         raise NotImplementedError
 
     def thresholds(self) -> Tensor:
@@ -124,6 +153,11 @@ class ImprintedModel(ImprintBins, nn.Module):
     def imprint_gradients(self, obs: Observation) -> tuple[Tensor, Tensor]:
         w, b = self.imprint_keys
         return _observed(obs, (w,), "imprint module"), _observed(obs, (b,), "imprint module")
+
+    def planted(self) -> list[PlantedSlice]:
+        every = tuple(range(self.bins))
+        return [PlantedSlice(k, 0, every, t.detach().cpu().clone()) for k, t in zip(self.imprint_keys, self._rows(),
+                                                                                  strict=True)]
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,38 +44,13 @@ from torch import Tensor, nn
 from ...errors import ConfigError
 from ...query.modes import in_mode
 from .base import Observation
-from .imprint import Cdf, ImprintBins, Measurement, _observed, place_bins
+from .imprint import Cdf, ImprintBins, Measurement, PlantedSlice, _observed, place_bins
 
 PASSIVE = (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten)
 """Modules allowed between the imprint layer and the next Linear (Dropout: users compute in eval mode)."""
 NEEDS = "the parameter-only imprint needs a first nn.Linear on the flattened input followed by ReLU"
 PREFLIGHT = 64
 """Public inputs the architecture checks run on."""
-
-
-@dataclass(frozen=True)
-class PlantedSlice:
-    """Entries the server writes into one tensor of the user's state_dict: ``name`` (the user's key), rows
-    (``dim`` 0) or columns (``dim`` 1) ``index``, their ``values``."""
-
-    name: str
-    dim: int
-    index: tuple[int, ...]
-    values: Tensor
-
-    def write(self, array: Any) -> None:
-        """Put the values into ``array`` (a tensor or a numpy array of the entry's shape), in place."""
-        values = self.values if isinstance(array, Tensor) else self.values.cpu().numpy()
-        if isinstance(array, Tensor):
-            values = values.to(array)
-        if self.dim == 0:
-            array[list(self.index)] = values
-        else:
-            array[:, list(self.index)] = values
-
-    def read(self, array: Any) -> Any:
-        """The planted entries of ``array`` (rows or columns, in bin order)."""
-        return array[list(self.index)] if self.dim == 0 else array[:, list(self.index)]
 
 
 class ParameterImprint(ImprintBins, nn.Module):

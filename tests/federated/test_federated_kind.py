@@ -1,7 +1,8 @@
 """Experiment kind ``federated``: the example config end to end through the CLI (exact recoveries = inputs
 alone in a bin, headline, report with the verdict first and the image grid); Inverting Gradients and DLG
-runs; FedAvg; the user's nn.Module by import string; a DP defence stops the imprint; bad input exits 2
-before anything is written."""
+runs; FedAvg; the user's nn.Module by import string; a DP defence stops the imprint; the parameter-only imprint
+(zoo MLP, the user's model by import string, simulated and through Flower); bad input exits 2 before anything is
+written."""
 
 from __future__ import annotations
 
@@ -91,6 +92,46 @@ def test_pretrained_model_and_a_dp_defence(tmp_path: Path) -> None:
     assert r["metrics"]["exact"]["k"] == 0 and r["metrics"]["recovered"]["n"] == 32
 
 
+PARAMS: dict[str, Any] = {**SMALL, "model": {"name": "mlp", "width": 64, "norm": "none"}, "users": 4, "batch": 8,
+                          "imprint": {"bins": 64, "variant": "parameters"}, "grid": 0}
+
+
+def test_parameter_only_imprint_on_the_zoo_mlp_recovers_what_the_module_variant_does(tmp_path: Path) -> None:
+    """Same seed, same bins: the parameter variant recovers exactly the inputs alone in their bin, as the module
+    variant does; it reports the planted model's test accuracy next to the global model's."""
+    par = go(PARAMS, tmp_path / "par")["metrics"]
+    mod = go({**PARAMS, "imprint": {"bins": 64}}, tmp_path / "mod")["metrics"]
+    alone = par["imprint"]["inputs_alone_in_a_bin"]
+    assert alone == mod["imprint"]["inputs_alone_in_a_bin"] >= 10
+    assert par["exact"]["k"] == alone and mod["exact"]["k"] == alone and par["recovered"]["n"] == 32
+    assert par["settings"]["imprint_variant"] == "parameters" and mod["settings"]["imprint_variant"] == "module"
+    acc = par["imprint"]["test_accuracy"]
+    assert 0 <= acc["clean"] <= 1 and acc["change"] == pytest.approx(acc["planted"] - acc["clean"])
+    assert acc["clean"] == mod["imprint"]["test_accuracy"]["clean"]
+
+
+USER_NET = ("from torch import nn\n\nclass Net(nn.Sequential):\n    def __init__(self, num_classes=10):\n"
+            "        super().__init__(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, num_classes))\n\n"
+            "class Conv(nn.Module):\n    def __init__(self, num_classes=10):\n        super().__init__()\n"
+            "        self.conv1 = nn.Conv2d(1, 4, 3)\n        self.fc = nn.Linear(144, num_classes)\n\n"
+            "    def forward(self, x):\n        return self.fc(self.conv1(x).flatten(1))\n")
+
+
+@pytest.mark.parametrize("transport", ["simulated", "flower"])
+def test_parameter_only_imprint_on_the_users_model_by_import_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    transport: str) -> None:
+    if transport == "flower":
+        pytest.importorskip("flwr")
+    (tmp_path / "fl_param_user.py").write_text(USER_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {**PARAMS, "model": "fl_param_user:Net", "transport": transport,
+           "imprint": {"bins": 64, "variant": "parameters", "layer": "1"}}
+    m = go(cfg, tmp_path / "o")["metrics"]
+    alone = m["imprint"]["inputs_alone_in_a_bin"]
+    assert m["settings"]["imprint_layer"] == "1" and m["settings"]["transport"] == transport
+    assert alone >= 10 and alone - 1 <= m["exact"]["k"] <= alone
+
+
 def _bad(**change: Any) -> dict[str, Any]:
     return copy.deepcopy(SMALL) | change
 
@@ -135,6 +176,14 @@ def test_several_simulated_rounds_recover_more_of_the_users_data(tmp_path: Path)
     ({"rounds": 3, "attack": "dlg"}, ["rounds = 3 repeats the imprint attack", "attack = 'dlg'", "allowed: attack imprint"]),
     ({"rounds": 3, "defence": {"method": "noise", "sigma": 0.1}}, ["rounds = 3", "defence.method = 'noise'"]),
     ({"transport": "flower", "rounds": 2, "trials": 2}, ["rounds = 2 with trials = 2"]),
+    ({"imprint": {"variant": "rows"}}, ["imprint.variant", "rows", "module", "parameters"]),
+    ({"imprint": {"layer": "net.1"}}, ["imprint.layer = 'net.1'", "imprint.variant = 'module'", "imprint.variant: parameters"]),
+    ({"imprint": {"variant": "parameters"}}, ["imprint.variant = 'parameters' (model 'mlp')", "'net.1' has bias=False",
+                                              "norm none"]),
+    ({"model": {"name": "mlp", "width": 32, "norm": "none"}, "imprint": {"variant": "parameters", "bins": 48}},
+     ["bins = 48 exceeds the 32 hidden units of 'net.1'", "allowed 1 <= bins <= 32"]),
+    ({"model": {"name": "mlp", "width": 32, "norm": "none"}, "imprint": {"variant": "parameters", "next_layer": "net.1"}},
+     ["next_layer 'net.1' does not run after layer 'net.1'"]),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, Any], words: list[str]) -> None:
     path = tmp_path / "bad.yaml"
@@ -145,3 +194,13 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path: Path, change: dict[str, 
     with pytest.raises(ConfigError):  # the library refuses it the same way
         run_experiment(load_yaml(path), out=tmp_path / "lib", device="cpu", store=tmp_path / "lib.db", quiet=True)
     assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]  # no run folder, no store
+
+
+def test_a_conv_model_is_refused_for_the_parameter_variant_before_anything_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "fl_param_conv.py").write_text(USER_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="needs a first nn.Linear on the flattened input followed by ReLU; found Conv2d "
+                                          "'conv1'"):
+        go({**PARAMS, "model": "fl_param_conv:Conv"}, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "runs.db").exists()

@@ -32,11 +32,12 @@ from torch import Tensor, nn
 
 from ..attacks.federated import (
     FEDERATED_ATTACKS,
-    ImprintedModel,
+    ImprintBins,
     Observation,
     label_accuracy,
     match,
     plant_imprint,
+    plant_imprint_parameters,
 )
 from ..data.base import DataBundle
 from ..factory import TrialSpec
@@ -80,6 +81,8 @@ class _Outcome:
     seconds: dict[str, float] = field(default_factory=lambda: {"updates": 0.0, "attack": 0.0})
     rounds: list[dict[str, float]] = field(default_factory=list)
     """Several rounds (simulated or Flower): per round the verbatim fraction and the users' shares recovered so far."""
+    accuracy: dict[str, float] | None = None
+    """Imprint: the test accuracy of the global model and of the planted one the server sent (first round)."""
 
     def psnr_all(self) -> Tensor:
         return torch.cat(self.psnr)
@@ -163,6 +166,8 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     sent = _plant(config, model, public, gen) if config.attack == "imprint" else model
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     out = _Outcome()
+    if config.attack == "imprint":
+        out.accuracy = _accuracy(model, sent, data)
     t0 = time.perf_counter()
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
     d = config.defence
@@ -210,6 +215,8 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
         sent = _plant(config, model, public, gen)
         seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
         out.seconds["updates"] += time.perf_counter() - t0
+        if r == 1:
+            out.accuracy = _accuracy(model, sent, data)
         n0 = len(out.psnr)
         _attack(config, data, sent, seen, x, y, mean_probs, gen, out, grid=r == 1)
         _record_round(config, out, r, n0, rows, got, total)
@@ -217,10 +224,23 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
 
 
 def _plant(config: FederatedConfig, model: nn.Module, public: Tensor, gen: torch.Generator) -> nn.Module:
-    """The model the server sends: ``model`` behind the configured imprint module (bins from ``public``)."""
+    """The model the server sends (bins from ``public``): ``model`` behind the configured imprint module, or
+    (``imprint.variant: parameters``) a copy of ``model`` with the bins in its first Linear's rows."""
     im = config.imprint
+    if im.variant == "parameters":
+        return plant_imprint_parameters(model, public, bins=im.bins, layer=im.layer, next_layer=im.next_layer,
+                                        measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
+                                        scale=config.imprint_scale, generator=gen)
     return plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
                          scale=config.imprint_scale, generator=gen)
+
+
+def _accuracy(model: nn.Module, sent: nn.Module, data: DataBundle) -> dict[str, float]:
+    """Test accuracy of the global model and of the planted model the server sends (is the attack noticeable?)."""
+    y = data.test.y.cpu()
+    clean, planted = (float((forward_batched(m, data.test.x, device=next(m.parameters()).device).argmax(1).cpu() == y)
+                            .float().mean()) for m in (model, sent))
+    return {"clean": clean, "planted": planted, "change": planted - clean}
 
 
 def _record_round(config: FederatedConfig, out: _Outcome, r: int, n0: int, rows: Sequence[Tensor],
@@ -243,16 +263,23 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, p
     from ..federated.flower import ImprintStrategy, TorchClient, run_flower_audit
 
     im = config.imprint
-    strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, measurement=im.measurement, cdf=im.cdf,
-                               feedback=im.feedback, scale=config.imprint_scale, min_clients=config.users, generator=gen)
+    strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, variant=im.variant, layer=im.layer,
+                               next_layer=im.next_layer, measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
+                               scale=config.imprint_scale, min_clients=config.users, generator=gen)
     several = config.rounds > 1
     shares = [(data.train.x[p].cpu(), data.train.y[p].cpu()) for p in parts] if several else list(zip(x, y))
-    clients = [TorchClient(strategy.client_model(), xs, ys, lr=config.local_lr,
-                           batch=config.batch if several else None, seed=config.seed + u)
-               for u, (xs, ys) in enumerate(shares)]
+
+    def own_model() -> nn.Module:  # variant parameters: each client builds the architecture from its own code
+        if im.variant == "module":
+            return strategy.client_model()
+        with torch.random.fork_rng(devices=[]):
+            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+    clients = [TorchClient(own_model(), xs, ys, lr=config.local_lr, batch=config.batch if several else None,
+                           seed=config.seed + u) for u, (xs, ys) in enumerate(shares)]
     audit = run_flower_audit(strategy, clients, rounds=config.rounds, host=config.flower_host,
                              allow_remote=config.allow_remote)
-    out = _Outcome()
+    out = _Outcome(accuracy=_accuracy(model, strategy.malicious, data))
     out.seconds["updates"] = audit.seconds
     mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
     seen: set[tuple[int, int]] = set()
@@ -287,7 +314,7 @@ def _attack(config: FederatedConfig, data: DataBundle, sent: nn.Module, seen: li
         if rec.labels is not None and (config.attack == "dlg" and config.inversion.soft_labels
                                        or config.inversion.labels == "recovered"):
             out.labels.append(label_accuracy(rec.labels, yt))
-        if isinstance(sent, ImprintedModel):
+        if isinstance(sent, ImprintBins):
             b = sent.bin_of(xt)
             count = torch.bincount(b.clamp(min=0), minlength=sent.bins)[b.clamp(min=0)]
             out.alone += int(((b >= 0) & (count == 1)).sum())
@@ -346,6 +373,8 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
                               "alone_fraction": alone / len(psnr)}
         if outcomes[0][2].rounds:
             metrics["imprint"]["rounds"] = outcomes[0][2].rounds
+        if outcomes[0][2].accuracy is not None:
+            metrics["imprint"]["test_accuracy"] = outcomes[0][2].accuracy
     if config.defence.method != "none":
         metrics["defence"] = _defence_metrics(config, [o for _, _, o in outcomes], baselines)
     trials = [{"trial_id": tid, "seed": seed, "inputs": int(o.psnr_all().numel()),
@@ -388,7 +417,9 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
                    local_lr=config.local_lr)
     if config.attack == "imprint":
         out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf,
-                   imprint_scale=config.imprint_scale)
+                   imprint_scale=config.imprint_scale, imprint_variant=config.imprint.variant)
+        if config.imprint.variant == "parameters":
+            out.update(imprint_layer=config.imprint.layer, imprint_next_layer=config.imprint.next_layer)
     else:
         out.update(steps=config.inversion.steps, labels=config.inversion.labels, restarts=config.inversion.restarts)
     return out
@@ -411,6 +442,10 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
         rows += [["inputs alone in their bin (recoverable)", im["inputs_alone_in_a_bin"]],
                  ["inputs sharing a bin", im["inputs_sharing_a_bin"]],
                  ["inputs below every bin", im["inputs_below_every_bin"]]]
+        if "test_accuracy" in im:
+            a = im["test_accuracy"]
+            rows.append(["test accuracy: global model -> the planted model sent (first trial)",
+                         f"{100 * a['clean']:.1f}% -> {100 * a['planted']:.1f}% ({100 * a['change']:+.1f} points)"])
     rows.append(["seconds: users' updates / attack", f"{m['seconds']['updates']:.2f} / {m['seconds']['attack']:.2f}"])
     tables = [ReportTable("Recovery of the users' inputs [95% Clopper-Pearson over inputs]", ["quantity", "value"], rows,
                           note="candidates are matched one-to-one to the true inputs (maximal summed PSNR); an input "
@@ -460,9 +495,12 @@ def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list
     seen = (f"the sum of the {config.users} users' updates (secure aggregation), {s['inputs_per_update']} inputs behind it"
             if config.aggregation.secure else f"each user's update alone ({config.batch} inputs behind each)")
     if config.attack == "imprint":
-        who = (f"Malicious server (Robbing the Fed, Fowl et al. 2022): the model sent carries an imprint module of "
-               f"{config.imprint.bins} bins on {config.imprint.measurement}, offsets at {config.imprint.cdf} quantiles "
-               f"of {len(data.test)} public inputs (the test split)")
+        im = config.imprint
+        where = (f"an imprint module of {im.bins} bins" if im.variant == "module" else
+                 f"{im.bins} bins planted in units of its own first Linear layer ({im.layer or 'the first nn.Linear'}; "
+                 "parameter values only, no architecture change)")
+        who = (f"Malicious server (Robbing the Fed, Fowl et al. 2022): the model sent carries {where} on "
+               f"{im.measurement}, offsets at {im.cdf} quantiles of {len(data.test)} public inputs (the test split)")
     else:
         who = (f"Honest-but-curious server ({config.attack}, {config.inversion.steps} steps, labels "
                f"{'optimised jointly' if config.attack == 'dlg' and config.inversion.soft_labels and config.inversion.labels != 'known' else config.inversion.labels})")

@@ -10,7 +10,7 @@
     protocol: fedsgd                 # fedsgd | fedavg (local_epochs, local_batch, local_lr)
     partition: {scheme: iid}         # iid | by-class (classes_per_user) | dirichlet (alpha)
     aggregation: {secure: true, clip: null, noise_multiplier: 0}
-    imprint: {bins: 64, measurement: brightness, cdf: empirical}
+    imprint: {bins: 64, measurement: brightness, cdf: empirical}   # variant: module | parameters (layer, next_layer)
     inversion: {steps: 1000, lr: 0.1, tv: 1.0e-4, restarts: 1, labels: recovered}
     psnr_threshold: 30
     defence: {method: none}          # none | noise (sigma) | clip-noise (clip, sigma) | prune (prune) | quantise (bits)
@@ -76,7 +76,10 @@ class AggregationOptions(BaseModel):
 
 
 class ImprintOptions(BaseModel):
-    """The malicious server's imprint module (:func:`mlaudit.attacks.federated.plant_imprint`)."""
+    """The malicious server's imprint: ``variant`` ``module`` (an imprint module in front of the model,
+    :func:`mlaudit.attacks.federated.plant_imprint`) or ``parameters`` (no architecture change: the bins in
+    rows of the model's own first Linear, :func:`mlaudit.attacks.federated.plant_imprint_parameters`, which
+    ``layer`` and ``next_layer`` may name; None: the first Linear and the next)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -87,6 +90,18 @@ class ImprintOptions(BaseModel):
     scale: float | None = Field(None, gt=0.0, le=1e6)
     """Multiplies the imprint weights and offsets (same bins; see plant_imprint). None: 1e-3 with
     ``transport: flower`` (float32 weights on the wire), else 1."""
+    variant: Literal["module", "parameters"] = "module"
+    layer: str | None = Field(None, min_length=1, max_length=300)
+    next_layer: str | None = Field(None, min_length=1, max_length=300)
+
+    @model_validator(mode="after")
+    def _layers_need_parameters(self) -> ImprintOptions:
+        named = [f"imprint.{k} = {getattr(self, k)!r}" for k in ("layer", "next_layer") if getattr(self, k) is not None]
+        if named and self.variant != "parameters":
+            raise ValueError(f"{', '.join(named)} names a layer of imprint.variant = 'parameters' (the bins in the model's "
+                             f"own first Linear); with imprint.variant = {self.variant!r} the imprint is an extra module: "
+                             "drop it, or set imprint.variant: parameters")
+        return self
 
 
 class InversionOptions(BaseModel):
@@ -321,10 +336,30 @@ def check_federated(config: FederatedConfig, data: DataBundle) -> None:
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
         raise ConfigError(f"box {list(config.box)}: {data.name}'s inputs lie in [{x_min:.4g}, {x_max:.4g}], outside it; "
                           "set box to the inputs' value range")
-    if config.attack == "imprint":
+    if config.attack == "imprint" and config.imprint.variant == "parameters":
+        check_parameter_imprint(config, data)
+    elif config.attack == "imprint":
         plant_imprint(torch.nn.Identity(), data.test.x, bins=config.imprint.bins, measurement=config.imprint.measurement,
                       cdf=config.imprint.cdf, generator=torch.Generator().manual_seed(0))
     user_shares(config, data, 0)
+
+
+def check_parameter_imprint(config: FederatedConfig, data: DataBundle) -> None:
+    """``imprint.variant: parameters``: the config's model, built for the data, takes the planted parameters
+    (a first Linear with a bias on the flattened input, ReLU, the next Linear; bins within its width), the
+    preflight of :func:`mlaudit.attacks.federated.plant_imprint_parameters` on the public (test) inputs."""
+    from ..attacks.federated import plant_imprint_parameters
+    from ..models.registry import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    im = config.imprint
+    try:
+        plant_imprint_parameters(model, data.test.x, bins=im.bins, layer=im.layer, next_layer=im.next_layer,
+                                 measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
+                                 scale=config.imprint_scale, generator=torch.Generator().manual_seed(0))
+    except ConfigError as e:
+        raise ConfigError(f"imprint.variant = 'parameters' (model {config.model.name!r}): {e}") from None
 
 
 def check_text(config: FederatedConfig, data: DataBundle) -> None:

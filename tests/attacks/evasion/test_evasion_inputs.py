@@ -71,6 +71,21 @@ def test_stochastic_model_warns_that_eot_is_needed() -> None:
         pgd(_Noisy().eval(), x, y, eps=0.1, steps=2)
 
 
+def test_the_stochastic_probe_runs_once_per_deterministic_model_and_every_call_on_a_stochastic_one() -> None:
+    model, x, y = setup()
+    probes: list[int] = []
+    model.register_forward_hook(lambda m, i, o: probes.append(len(i[0])))  # the probe passes x[:2]
+    EVASION_ATTACKS.get("fgsm")(model, x, y, eps=0.1)
+    EVASION_ATTACKS.get("fgsm")(model, x, y, eps=0.1)
+    assert probes.count(2) == 2  # two probe passes on the first call, none on the second
+    EVASION_ATTACKS.get("fgsm")(model, x.reshape(len(x), 16), y, eps=0.1)  # another input shape: probed again
+    assert probes.count(2) == 4
+    noisy = _Noisy().eval()
+    for _ in range(2):
+        with pytest.warns(StochasticModelWarning, match="EOT"):
+            pgd(noisy, x, y, eps=0.1, steps=1)
+
+
 def test_dlr_needs_enough_classes() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()

@@ -54,8 +54,10 @@ class Observation:
 
     def simulate(self, model: nn.Module, x: Tensor, labels: Tensor, *, create_graph: bool = True) -> ParamVector:
         """The update candidate inputs ``x`` [users*batch, *shape] with ``labels`` (int [n], or soft
-        probabilities [n, C]) would produce: sum_u (1/B) sum_b grad CE = (1/B) * grad of the summed CE,
-        differentiable w.r.t. x when ``create_graph``."""
+        probabilities [n, C], float) would produce: sum_u (1/B) sum_b grad CE = (1/B) * grad of the summed CE,
+        differentiable w.r.t. x when ``create_graph``. Sequence models (logits [n, C, L]) take labels int
+        [n, L] or soft [n, C, L], and the CE is the mean over a user's B * L targets, as
+        :func:`mlaudit.federated.user_gradients` takes it."""
         names = list(self.grad)
         owned = dict(model.named_parameters())
         params = ParamVector({n: owned[n].detach() for n in names})
@@ -63,9 +65,10 @@ class Observation:
 
         def loss(f: Callable[[Tensor], Tensor]) -> Tensor:
             out = f(x).float()
-            if labels.dim() == 2:
-                return -(labels * F.log_softmax(out, 1)).sum() / self.batch
-            return F.cross_entropy(out, labels, reduction="sum") / self.batch
+            per = math.prod(out.shape[2:])  # targets per input: 1, or L for a sequence
+            if labels.is_floating_point():
+                return -(labels * F.log_softmax(out, 1)).sum() / (self.batch * per)
+            return F.cross_entropy(out, labels, reduction="sum") / (self.batch * per)
 
         with mode:
             return param_grad(model, loss, params=params, create_graph=create_graph)

@@ -287,14 +287,23 @@ def decepticons(model: TinyGPT, obs: Observation, *, rel_tol: float = 1e-6, tol:
     return Reconstruction(torch.cat([token[:, None], position[:, None], first], 1)[valid], None, info)
 
 
-def bag_of_tokens(model: TinyGPT, grad: dict[str, Tensor]) -> list[int] | None:
+def bag_of_tokens(model: torch.nn.Module, grad: dict[str, Tensor], *, name: str = "tok.weight") -> list[int] | None:
     """The honest-but-curious baseline: the tokens whose row of the token-embedding gradient
-    ``grad['tok.weight']`` [V, d] is non-zero, i.e. the *set* of tokens the users typed (an embedding row gets
-    a gradient only from the positions holding its token; no order, positions or counts). None for tied
-    embeddings (``model.tie_embeddings``): the head's gradient then reaches every row."""
-    if getattr(model, "tie_embeddings", False):
+    ``grad[name]`` [V, d] (TinyGPT's ``tok.weight``) is non-zero, i.e. the *set* of tokens the users typed (an
+    embedding row gets a gradient only from the positions holding its token; no order, positions or counts).
+    None for tied embeddings (``model.tie_embeddings``, or another module holding the same weight, as a tied
+    head does): the head's gradient then reaches every row."""
+    if getattr(model, "tie_embeddings", False) or tied(model, name):
         return None
-    return (grad["tok.weight"].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
+    return (grad[name].abs().sum(1) > 0).nonzero()[:, 0].cpu().tolist()
+
+
+def tied(model: torch.nn.Module, name: str) -> bool:
+    """Whether the parameter ``name`` of ``model`` is held by more than one module (a head tied to the token
+    embedding)."""
+    p = dict(model.named_parameters(remove_duplicate=False)).get(name)
+    holders = [m for m in model.modules() if any(q is p for q in m.parameters(recurse=False))]
+    return p is not None and len(holders) > 1
 
 
 def token_recovery(true_tokens: Tensor, tokens: Tensor) -> float:

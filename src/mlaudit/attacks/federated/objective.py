@@ -11,17 +11,23 @@ distance to the observed one:
 
 * ``cosine``: 1 - <g(x), g*> / (||g(x)|| ||g*||) over all parameters jointly (Geiping et al. 2020, eq. 4);
 * ``l2``: ||g(x) - g*||^2 (Zhu et al. 2019, DLG, eq. 2);
+* ``l2+l1``: ||g(x) - g*||^2 + ``l1`` ||g(x) - g*||_1 (Deng et al. 2021, TAG, eq. 3, with one weight for
+  every layer);
 
 plus ``tv`` times the total variation of x (Geiping et al.'s image prior; 0 for vectors). With
 ``soft_labels`` the labels are optimised too (DLG): the variable is [n, D + C], each row a flattened
 input followed by C label logits, under :class:`BoxThenFree` (the pixel box on the input part, no
-constraint on the logits); :meth:`split` takes it apart.
+constraint on the logits); :meth:`split` takes it apart. Other parametrisations give ``decode``, a
+function from the variable to (inputs, labels): text inversion's (:mod:`.text_inversion`) maps embeddings
+to the model's inputs and soft next-token labels. ``params`` restricts the matching to some parameters'
+gradients (text inversion leaves out the token embedding, whose lookup it replaces).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -29,29 +35,41 @@ from torch import Tensor, nn
 
 from ...craft.constraints import Box, _rand
 from ...errors import ConfigError
+from ...query import ParamVector
 from .base import Observation, check_observation, total_variation
 
-Distance = Literal["cosine", "l2"]
+Distance = Literal["cosine", "l2", "l2+l1"]
+DISTANCES = ("cosine", "l2", "l2+l1")
 
 
 class GradientInversion:
-    """Objective ``(x [n, ...], idx) -> scalar`` (see the module docstring); ``labels`` int [n] when they
-    are known or recovered, None with ``soft_labels`` (then ``num_classes`` is needed)."""
+    """Objective ``(x [n, ...], idx) -> scalar`` (see the module docstring); ``labels`` int [n] (or [n, L] for
+    a sequence model) when they are known or recovered, None with ``soft_labels`` (then ``num_classes`` is
+    needed) or ``decode``; ``l1`` the l1 weight of ``l2+l1``; ``params`` the names of the parameters whose
+    gradients are matched (None: all)."""
 
     def __init__(self, model: nn.Module, obs: Observation, labels: Tensor | None, *, distance: Distance = "cosine",
-                 tv: float = 0.0, soft_labels: bool = False, num_classes: int | None = None) -> None:
+                 tv: float = 0.0, soft_labels: bool = False, num_classes: int | None = None, l1: float = 0.0,
+                 decode: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+                 params: Iterable[str] | None = None) -> None:
         check_observation(model, obs)
-        if distance not in ("cosine", "l2"):
-            raise ConfigError(f"distance {distance!r}; allowed: cosine, l2")
-        if not (math.isfinite(tv) and tv >= 0):
-            raise ConfigError(f"tv = {tv}; allowed tv >= 0")
+        if distance not in DISTANCES:
+            raise ConfigError(f"distance {distance!r}; allowed: {', '.join(DISTANCES)}")
+        for name, value in (("tv", tv), ("l1", l1)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} = {value}; allowed {name} >= 0")
         if soft_labels and num_classes is None:
             raise ConfigError("soft_labels needs num_classes")
-        if not soft_labels and (labels is None or labels.shape != (obs.inputs,)):
+        if not soft_labels and decode is None and (labels is None or labels.dim() < 1 or len(labels) != obs.inputs):
             raise ConfigError(f"labels must be int [{obs.inputs}] (one per input behind the update), got "
                               f"{None if labels is None else list(labels.shape)}")
-        self.model, self.obs, self.distance, self.tv = model, obs, distance, tv
-        self.soft, self.classes = soft_labels, num_classes or 0
+        if params is not None:
+            keep = list(params)
+            if not keep or any(k not in obs.grad for k in keep):
+                raise ConfigError(f"params {keep[:4]}: allowed a non-empty subset of the update's parameters")
+            obs = replace(obs, grad=ParamVector({k: obs.grad[k] for k in keep}))
+        self.model, self.obs, self.distance, self.tv, self.l1 = model, obs, distance, tv, l1
+        self.soft, self.classes, self.decode = soft_labels, num_classes or 0, decode
         self.dim = math.prod(obs.input_shape)
         device = next(iter(obs.grad.values())).device
         self.labels = None if labels is None else labels.to(device=device, dtype=torch.long)
@@ -62,6 +80,8 @@ class GradientInversion:
 
     def split(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """The variable [n, *shape] (or [n, D + C] with soft labels) -> (inputs [n, *shape], labels)."""
+        if self.decode is not None:
+            return self.decode(v)
         if not self.soft:
             assert self.labels is not None
             return v, self.labels[: len(v)]
@@ -79,6 +99,8 @@ class GradientInversion:
         else:
             diff = g - self.target
             d = diff.dot(diff)
+            if self.distance == "l2+l1":
+                d = d + self.l1 * sum(v.abs().sum() for v in diff.values())
         return d + self.tv * total_variation(x) if self.tv else d
 
 

@@ -1,0 +1,239 @@
+"""Honest-but-curious text inversion: an optimisation-based attack on a causal language model's update, in
+the manner of TAG (Deng, Wang, Chen, Cui, Zhou & Ding, EMNLP Findings 2021) and LAMP (Balunovic, Dimitrov,
+Jovanovic & Vechev, NeurIPS 2022). The server does not touch the model: it optimises continuous token
+embeddings until the gradient of the language-model loss on them matches the update it received, projects
+each position to the nearest token embedding, then (optionally) refines the token sequences with discrete
+moves scored by the same gradient distance.
+
+    rec = text_inversion(model, obs, steps=400, refine=200)   # obs: the (summed) update of n sequences of L tokens
+    rec.x          # int64 [n, L]: the recovered sequences (order across users unknown)
+    rec.labels     # int64 [n]: the guessed token after each window (the last position's target)
+
+**The variable** is v [n, L + 1, d] in units of the embedding's standard deviation: rows 0..L-1 are the
+inputs' token embeddings (times that std, so that N(0, 1) starts sit at the embeddings' scale), row L stands
+for the unknown token after the window. **Labels**: next-token prediction trains position t on token t + 1,
+which is the input at t + 1 and unknown to the server. Here the label at t is a soft one read off row t + 1
+(the soft-embedding-to-logits trick): softmax over the candidate tokens of cos(v[t + 1], E[w]) /
+``temperature``, so inputs and labels come from one sequence and stay consistent; with exact embeddings it
+is one-hot. (TAG optimises free soft labels as DLG does; a free label per position would not be tied to the
+next input.)
+
+**The objective** is mlaudit's one gradient-matching objective (:class:`.objective.GradientInversion`,
+``decode`` giving the parametrisation above): ``cosine`` (Geiping et al. 2020; LAMP's l2 + cosine mix is
+not built), ``l2`` or ``l2+l1`` (TAG's, with weight ``l1``), over every parameter except the token
+embedding, whose lookup the attack replaces (its non-zero rows give the bag of tokens, used to restrict the
+candidates, as LAMP does with BERT's embedding gradient). Optimisation is the one crafting engine
+(:func:`mlaudit.craft.craft`, Adam with the step-decayed rate, restarts kept by objective).
+
+**Projection and discrete refinement**: each position goes to the candidate token of largest cosine (the
+last row to any token of the vocabulary: the next token need not have been typed). ``refine`` random moves
+on one sequence at a time, LAMP's swap of two tokens and move of one token to another position, plus
+substitution of one position by another candidate token, each kept when it lowers the gradient distance
+of the whole batch of projected sequences (scored by the same objective on exact embeddings). LAMP's
+language-model prior (GPT-2's perplexity in the score) is not built.
+
+**What a model must expose** (TinyGPT does): ``forward(tokens int64 [B, L]) -> logits [B, V, L]`` (the
+vocabulary second, ``F.cross_entropy``'s layout, as the ``federated`` kind's sequence models), computed
+through an ``nn.Embedding`` for the tokens; the attack finds it as ``embedding`` (a module name), else
+``model.get_input_embeddings()`` (Hugging Face's convention), else ``model.tok`` (TinyGPT's), else the
+model's only ``nn.Embedding``. It runs the model on placeholder ids with a forward hook replacing that
+module's output by the optimised embeddings (:class:`EmbeddingsIn`): position embeddings, blocks and head
+are the model's own. A head tied to the token embedding works (its weight is left out of the matching
+with the lookup), but then the bag of tokens is unavailable and every token is a candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...craft import Free, craft
+from ...errors import ConfigError
+from ...query import ParamVector
+from .base import Observation, Reconstruction, check_observation, register_federated
+from .decepticons import bag_of_tokens, pair_recovery, token_recovery
+from .objective import DISTANCES, Distance, GradientInversion
+
+
+def token_embedding(model: nn.Module, embedding: str | None = None) -> tuple[str, nn.Embedding]:
+    """(the name of its weight among ``model.named_parameters()``, the module) of the model's token embedding;
+    see the module docstring for the order it is looked for in."""
+    if embedding is not None:
+        mod = dict(model.named_modules()).get(embedding)
+        if not isinstance(mod, nn.Embedding):
+            raise ConfigError(f"embedding = {embedding!r} is not an nn.Embedding of {type(model).__name__}; allowed: "
+                              + ", ".join(n for n, m in model.named_modules() if isinstance(m, nn.Embedding)))
+    elif callable(getattr(model, "get_input_embeddings", None)):
+        mod = model.get_input_embeddings()
+    elif isinstance(getattr(model, "tok", None), nn.Embedding):
+        mod = model.tok
+    else:
+        found = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if len(found) != 1:
+            raise ConfigError(f"{type(model).__name__} has {len(found)} nn.Embedding modules and no get_input_embeddings(); "
+                              "name the token embedding with embedding=")
+        mod = found[0]
+    if not isinstance(mod, nn.Embedding):
+        raise ConfigError(f"the token embedding must be an nn.Embedding, got {type(mod).__name__}")
+    name = next((n for n, p in model.named_parameters() if p is mod.weight), None)
+    if name is None:
+        raise ConfigError("the token embedding's weight is not a parameter of the model")
+    return name, mod
+
+
+class EmbeddingsIn(nn.Module):
+    """The causal LM ``lm`` fed token embeddings instead of token ids: ``forward(e [n, L, d])`` runs
+    ``lm(zeros [n, L])`` with the output of ``embedding`` replaced by ``e`` (a forward hook, removed after the
+    call). Its parameters are ``lm``'s under the prefix ``lm.``."""
+
+    def __init__(self, lm: nn.Module, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.lm = lm
+        self._embedding = (embedding,)  # a tuple: not registered a second time
+
+    def forward(self, e: Tensor) -> Tensor:
+        hook = self._embedding[0].register_forward_hook(lambda mod, inp, out: e.to(out.dtype))
+        try:
+            return self.lm(torch.zeros(e.shape[:2], dtype=torch.long, device=e.device))
+        finally:
+            hook.remove()
+
+
+def candidate_mask(model: nn.Module, obs: Observation, name: str, candidates: Tensor | list[int] | None
+                   ) -> tuple[Tensor, bool]:
+    """(bool [V], whether it is the bag of tokens): the tokens the inputs may take: ``candidates`` when given,
+    else the bag of tokens read off the update (every token with tied embeddings)."""
+    vocab, dev = obs.grad[name].shape[0], obs.grad[name].device
+    bag = bag_of_tokens(model, obs.grad, name=name) if candidates is None else None
+    ids = candidates if candidates is not None else bag
+    mask = torch.zeros(vocab, dtype=torch.bool, device=dev)
+    if ids is None:
+        return mask.fill_(True), False
+    ids = torch.as_tensor(ids, dtype=torch.long, device=dev)
+    if len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ConfigError(f"candidates must be a non-empty list of token ids in [0, {vocab}); got {ids.tolist()[:8]}")
+    mask[ids] = True
+    return mask, bag is not None
+
+
+@register_federated("text-inversion")
+def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: float = 0.1,
+                   distance: Distance = "cosine", l1: float = 0.01, restarts: int = 1, temperature: float = 0.05,
+                   candidates: Tensor | list[int] | None = None, refine: int = 0, embedding: str | None = None,
+                   optimizer: Literal["adam", "signed-adam"] = "adam",
+                   generator: torch.Generator | None = None) -> Reconstruction:
+    """Token sequences [obs.inputs, L] behind ``obs`` (``input_shape`` (L,)): ``steps`` engine steps of ``lr``
+    (embedding-std units), ``restarts``, then ``refine`` discrete moves (module docstring). ``candidates``:
+    the token ids the inputs may take (None: the bag of tokens from the update); ``l1``: the l1 weight of
+    ``distance='l2+l1'``; ``embedding``: the token embedding's module name (None: found)."""
+    check_observation(model, obs)
+    if len(obs.input_shape) != 1:
+        raise ConfigError(f"text inversion recovers token sequences: input_shape must be (L,), got {obs.input_shape}")
+    if distance not in DISTANCES:
+        raise ConfigError(f"distance = {distance!r}; allowed: {', '.join(DISTANCES)}")
+    if not temperature > 0 or refine < 0:
+        raise ConfigError(f"temperature = {temperature}, refine = {refine}; allowed temperature > 0, refine >= 0")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    n, length = obs.inputs, obs.input_shape[0]
+    name, emb = token_embedding(model, embedding)
+    table = emb.weight.detach()
+    scale = float(table.float().std())
+    unit = F.normalize(table.float(), dim=1)
+    mask, from_bag = candidate_mask(model, obs, name, candidates)
+    rows = torch.ones(length + 1, len(mask), dtype=torch.bool, device=mask.device)
+    rows[:length] = mask  # the inputs among the candidates; the token after the window any token
+
+    def decode(v: Tensor) -> tuple[Tensor, Tensor]:
+        sim = (F.normalize(v[:, 1:], dim=-1) @ unit.T / temperature).masked_fill(~rows[1:], float("-inf"))
+        return scale * v[:, :length], sim.softmax(-1).transpose(1, 2)  # labels [n, V, L], as the logits
+
+    wrapped = EmbeddingsIn(model, emb)
+    seen = Observation(ParamVector({f"lm.{k}": t for k, t in obs.grad.items()}), users=obs.users, batch=obs.batch,
+                       input_shape=(length + 1, table.shape[1]), train_mode=obs.train_mode)
+    objective = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode,
+                                  params=[k for k in seen.grad if k != f"lm.{name}"])
+    v0 = torch.zeros(n, length + 1, table.shape[1], device=table.device)
+    res = craft(objective, v0, constraint=Free(), steps=steps, optimizer=optimizer, lr=lr, schedule="step",
+                restarts=restarts, init="random", generator=g)
+    sim = F.normalize(res.delta.float(), dim=-1) @ unit.T
+    tokens = sim.masked_fill(~rows, float("-inf")).argmax(-1)  # [n, L + 1]
+    idx = torch.arange(n, device=table.device)
+
+    def score(t: Tensor) -> float:
+        return float(objective(table[t].float() / scale, idx).detach())
+
+    projected = score(tokens)
+    tokens, refined, accepted = discrete_refine(score, tokens, mask, refine, g, start=projected)
+    return Reconstruction(tokens[:, :length].cpu(), tokens[:, length].cpu(), {
+        "objective": res.objective, "start": res.history[0] if res.history else res.objective, "restarts": res.restarts, "projected": projected, "refined": refined,
+        "accepted_moves": accepted, "refine": refine, "candidates": int(mask.sum()), "bag_of_tokens": from_bag,
+        "steps": steps, "lr": lr, "distance": distance, "l1": l1 if distance == "l2+l1" else None,
+        "temperature": temperature, "embedding": name, "matched": len(objective.obs.grad)})
+
+
+def discrete_refine(score: Callable[[Tensor], float], tokens: Tensor, mask: Tensor, moves: int, generator: torch.Generator, *,
+                    start: float) -> tuple[Tensor, float, int]:
+    """(tokens, their score, moves kept) after ``moves`` random moves on tokens [n, L + 1] (the inputs and the
+    token after each window), each changing one sequence: swap two input tokens, move one input token to
+    another position (those between shift by one), or substitute one position by a candidate (``mask`` [V];
+    the last row by any token); a move is kept when ``score`` (lower is better) goes down."""
+    n, width = tokens.shape
+    length = width - 1
+    allowed = mask.nonzero()[:, 0].cpu()
+    best, kept = start, 0
+
+    def rand(hi: int) -> int:
+        return int(torch.randint(hi, (1,), generator=generator))
+
+    for _ in range(moves):
+        cand, i, kind = tokens.clone(), rand(n), rand(3)
+        if kind < 2 and length < 2:
+            kind = 2
+        if kind == 0:
+            p, q = rand(length), rand(length)
+            cand[i, p], cand[i, q] = tokens[i, q], tokens[i, p]
+        elif kind == 1:
+            p, q = rand(length), rand(length)
+            seq = tokens[i, :length].tolist()
+            seq.insert(q, seq.pop(p))
+            cand[i, :length] = torch.tensor(seq, device=tokens.device)
+        else:
+            p = rand(width)
+            cand[i, p] = rand(len(mask)) if p == length else int(allowed[rand(len(allowed))])
+        if torch.equal(cand, tokens):
+            continue
+        s = score(cand)
+        if s < best:
+            tokens, best, kept = cand, s, kept + 1
+    return tokens, best, kept
+
+
+def text_recovery(true: Tensor, rec: Tensor) -> dict[str, float]:
+    """How much of the users' sequences true [S, L] the recovered ones rec [m, L] hold, pooled and order-free
+    (the sequences' order across users is unknown): ``tokens`` the token occurrences recovered ignoring
+    position (multiset; with m = S it is also the precision and the pooled ROUGE-1 F1), ``pairs`` the
+    (token, position) occurrences (as Decepticons' :func:`~.decepticons.pair_recovery`), ``bigrams`` the
+    adjacent pairs recovered (multiset over all sequences; pooled ROUGE-2 recall), ``whole`` the sequences
+    recovered exactly (each recovered sequence matches one true sequence at most)."""
+    true, rec = true.cpu().long(), rec.cpu().long()
+    s, length = true.shape
+    positions = torch.arange(length).repeat(len(rec))
+    pairs = pair_recovery(true, torch.stack([rec.flatten(), positions], 1)) if len(rec) else 0.0
+    out = {"tokens": token_recovery(true, rec.flatten()), "pairs": pairs}
+    if length > 1:
+        code = true.new_tensor(int(max(int(true.max()), int(rec.max()) if len(rec) else 0)) + 1)
+        bt = (true[:, :-1] * code + true[:, 1:]).flatten()
+        br = (rec[:, :-1] * code + rec[:, 1:]).flatten()
+        out["bigrams"] = token_recovery(bt[None], br)
+    pool = [tuple(r) for r in rec.tolist()]
+    whole = 0
+    for seq in map(tuple, true.tolist()):
+        if seq in pool:
+            pool.remove(seq)
+            whole += 1
+    out["whole"] = whole / s
+    return out

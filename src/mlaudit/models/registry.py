@@ -28,7 +28,10 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..imports import accepted_kwargs, is_import_string, resolve_import
 from ..registry import Registry
 
-Norm = Literal["batch", "group", "none"]
+Norm = Literal["batch", "group", "none", "dp-stats"]
+DP_STATS_MODELS = ("scatter-linear", "scatter-cnn")
+"""Zoo models that take ``norm: dp-stats`` (fixed per-channel statistics estimated with DP before training:
+``recipe.dp.normalisation``, :mod:`mlaudit.privacy.normstats`)."""
 
 
 class ModelSpec(BaseModel):
@@ -76,6 +79,10 @@ class ModelSpec(BaseModel):
         if self.is_user and (self.width is not None or self.in_channels is not None):
             raise ValueError(f"model {self.name!r} is your own architecture: width and in_channels are zoo options; "
                              "pass your factory's own arguments in model.kwargs")
+        if self.norm == "dp-stats" and self.name not in DP_STATS_MODELS:
+            raise ValueError(f"model.norm = 'dp-stats' (privately estimated normalisation statistics) is built for "
+                             f"{', '.join(DP_STATS_MODELS)} only, got model {self.name!r}; allowed norms for it: "
+                             "batch, group, none")
         if not self.is_user and self.kwargs:
             raise ValueError(f"model.kwargs = {self.kwargs!r} is for import-string models; zoo model {self.name!r} "
                              "takes width, norm, num_classes and in_channels")

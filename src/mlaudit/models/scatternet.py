@@ -241,20 +241,66 @@ def auto_J(height: int, width: int) -> int:
     return 2 if min(height, width) >= 16 else 1
 
 
+DP_STATS_EPS = 1e-6
+"""Added to the variance of :class:`DPStatsNorm` (the smallest CIFAR-10 scattering channel variances are
+near 6e-7, so BatchNorm's 1e-5 would flatten them)."""
+
+
+class DPStatsNorm(nn.Module):
+    """``[N, F, h, w] -> (z - mean[c]) / sqrt(var[c] + eps)`` with *fixed* per-channel statistics, no affine.
+
+    ``mean`` and ``var`` are persistent buffers (saved with the model), set once before training by
+    :func:`mlaudit.privacy.normstats.fit_dp_stats` from differentially private estimates over the
+    training set (``recipe.dp.normalisation``; Tramèr & Boneh 2021's data-dependent option). Until then
+    they are 0 and 1 (the identity). Per example at train and test time, so DP-SGD may train after it.
+    """
+
+    def __init__(self, channels: int, *, eps: float = DP_STATS_EPS) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("var", torch.ones(channels))
+
+    def set_stats(self, mean: Tensor, var: Tensor) -> None:
+        """Fix the statistics (each [F]; var must be >= 0)."""
+        if mean.shape != self.mean.shape or var.shape != self.var.shape:
+            raise ConfigError(f"DPStatsNorm has {self.mean.numel()} channels, got statistics of shapes "
+                              f"{list(mean.shape)} and {list(var.shape)}")
+        if bool((var < 0).any()) or not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            raise ConfigError("DPStatsNorm statistics must be finite with var >= 0")
+        self.mean.copy_(mean)
+        self.var.copy_(var)
+
+    def forward(self, z: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        return (z - self.mean.view(shape)) * torch.rsqrt(self.var.view(shape) + self.eps)
+
+
 def input_norm(kind: str, channels: int) -> nn.Module:
     """Normalisation of the scattering output [N, F, h, w], without affine parameters (the head that follows
     has its own). GroupNorm with F / 9 groups (27 for CIFAR-10's 243 channels; per example, so DP-safe: Tramèr &
     Boneh's data-independent choice) for zoo norm ``group`` and ``none`` (the features' scale varies by
     orders of magnitude between orders, so they are never left raw); BatchNorm2d for ``batch`` (batch
-    statistics: refused by DP-SGD like every BatchNorm)."""
+    statistics: refused by DP-SGD like every BatchNorm); :class:`DPStatsNorm` (fixed per-channel statistics
+    estimated with DP before training) for ``dp-stats``."""
     if kind in ("group", "none"):
         return nn.GroupNorm(group_count(channels, min_group_size=SCATTER_GROUP_SIZE), channels, affine=False)
     if kind == "batch":
         return nn.BatchNorm2d(channels, affine=False)
-    raise ConfigError(f"unknown norm {kind!r}; valid norms: batch, group, none")
+    if kind == "dp-stats":
+        return DPStatsNorm(channels)
+    raise ConfigError(f"unknown norm {kind!r}; valid norms: batch, group, none, dp-stats")
 
 
-class ScatterLinearHead(nn.Module):
+class _FeatureHead(nn.Module):
+    """A head on scattering features whose ``norm`` sees its input unchanged."""
+
+    def dp_stats_features(self, z: Tensor) -> Tensor:
+        """What ``self.norm`` normalises: the input itself (for :func:`~mlaudit.privacy.normstats.fit_dp_stats`)."""
+        return z
+
+
+class ScatterLinearHead(_FeatureHead):
     """Tramèr & Boneh's ScatterNet+linear head: ``[N, F, h, w] -> norm (GroupNorm, F / 9 groups, no affine)
     -> flatten -> Linear(F h w, num_classes)``."""
 
@@ -268,21 +314,23 @@ class ScatterLinearHead(nn.Module):
         return self.fc(self.norm(z).flatten(1))
 
 
-class ScatterCNNHead(nn.Module):
+class ScatterCNNHead(_FeatureHead):
     """A small CNN on scattering features, after Tramèr & Boneh's ScatterNet+CNN (tanh, GroupNorm):
     ``[N, F, h, w] -> norm (no affine) -> [conv3x3(width) -> norm -> tanh -> maxpool2] x 2 -> flatten ->
-    Linear(width * ceil(h/4) * ceil(w/4), num_classes)``. ``norm`` is the zoo's norm (``group`` for DP-SGD)."""
+    Linear(width * ceil(h/4) * ceil(w/4), num_classes)``. ``norm`` is the zoo's norm (``group`` for DP-SGD;
+    ``dp-stats`` normalises the input by :class:`DPStatsNorm` and the conv layers by GroupNorm)."""
 
     def __init__(self, *, feature_shape: Sequence[int], num_classes: int, width: int | None = None,
                  norm: str = "group") -> None:
         super().__init__()
         f, h, w = feature_shape
         c = width or CNN_WIDTH
-        bias = uses_bias(norm)
+        inner = "group" if norm == "dp-stats" else norm
+        bias = uses_bias(inner)
         self.norm = input_norm(norm, f)
         self.features = nn.Sequential(
-            nn.Conv2d(f, c, 3, padding=1, bias=bias), make_norm2d(norm, c), nn.Tanh(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(c, c, 3, padding=1, bias=bias), make_norm2d(norm, c), nn.Tanh(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(f, c, 3, padding=1, bias=bias), make_norm2d(inner, c), nn.Tanh(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(c, c, 3, padding=1, bias=bias), make_norm2d(inner, c), nn.Tanh(), nn.MaxPool2d(2, ceil_mode=True),
         )
         self.fc = nn.Linear(c * math.ceil(h / 4) * math.ceil(w / 4), num_classes)
 
@@ -306,11 +354,15 @@ class ScatterClassifier(nn.Module):
         self.pad = (0, front.width - w, 0, front.height - h)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dp_stats_features(x))
+
+    def dp_stats_features(self, x: Tensor) -> Tensor:
+        """The scattering features of images ``x`` (padded as in the forward), without autograd: the input of
+        the head and of its normalisation (what :func:`~mlaudit.privacy.normstats.fit_dp_stats` estimates)."""
         with torch.no_grad():
             if any(self.pad):
                 x = F.pad(x, self.pad, mode="reflect")
-            z = self.front(x)
-        return self.head(z.detach())
+            return self.front(x).detach()
 
 
 def _build(spec: ModelSpec, input_shape: tuple[int, ...], in_channels: int, num_classes: int,
@@ -335,7 +387,9 @@ def build_scatter_linear(spec: ModelSpec, *, input_shape: tuple[int, ...], in_ch
     """ScatterNet (L=8, order 2; J=2 for sides >= 16, else J=1) -> GroupNorm -> linear (Tramèr & Boneh 2021).
 
     The scattering output is normalised by GroupNorm (9 channels per group, no affine; per example, the DP-safe
-    choice) for ``norm: group`` and ``norm: none``, by BatchNorm (refused by DP-SGD) for ``norm: batch``.
+    choice) for ``norm: group`` and ``norm: none``, by BatchNorm (refused by DP-SGD) for ``norm: batch``, by
+    fixed per-channel statistics estimated with DP before training for ``norm: dp-stats`` (needs
+    ``recipe.dp.normalisation``).
     ``width`` is ignored (no hidden layer). Only the linear layer trains.
     """
     return _build(spec, input_shape, in_channels, num_classes, "linear")

@@ -76,7 +76,7 @@ from ..models.registry import has_batchnorm
 from ..train.hooks import DPStepHooks
 from ..train.recipe import DPConfig
 from ..train.stacked import LoopStack, StackedModels, VmapStack, _set_mode
-from .accountant import calibrate_noise, check_delta, epsilon
+from .accountant import Releases, calibrate_noise, check_delta, epsilon
 from .fastclip import check_fast_clip, clipped_grad_sum, fast_clip_supported, verify_fast_clip
 from .mechanism import (  # noqa: F401  (re-exported: the mechanism's names are imported from here too)
     SLOT_MULTIPLE,
@@ -88,6 +88,7 @@ from .mechanism import (  # noqa: F401  (re-exported: the mechanism's names are 
     noisy_average,
     poisson_batch,
 )
+from .normstats import norm_noise, norm_releases
 
 GatherFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 """idx [K, B] (virtual indices) -> (x [K, B, *shape], y [K, B])."""
@@ -200,6 +201,7 @@ class DPTraining:
     broken: str | None = None  # an audit fixture (BROKEN); None = correct DP-SGD
     fast_clip: bool = False  # book-keeping clipping (fastclip) for loop stacks
     fast_checked: bool = False  # verify_fast_clip ran (on the first fast step)
+    releases: Releases = ()  # Gaussian releases before training (private normalisation statistics)
 
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
@@ -219,12 +221,13 @@ class DPTraining:
         qs = [cfg.sample_rate if cfg.sample_rate is not None else min(1.0, batch_size / n) for n in ns]
         spe = default_spe if cfg.sample_rate is None else max(1, math.ceil(1.0 / cfg.sample_rate - 1e-9))
         total = epochs * spe
+        releases = norm_releases(cfg)  # composed with the steps: sigma is calibrated for the whole budget
         sig: dict[float, float] = {}
         for q in qs:
             if q not in sig:
                 sig[q] = float(cfg.noise_multiplier) if cfg.noise_multiplier is not None else calibrate_noise(
                     target_epsilon=float(cfg.epsilon), sample_rate=q, steps=total, delta=cfg.delta,  # type: ignore[arg-type]
-                    accountant=cfg.accountant)
+                    accountant=cfg.accountant, releases=releases)
         sigmas = [sig[q] for q in qs]
         noise_gens = [(torch.Generator(device=device) if device.type == "cuda" else torch.Generator())
                       .manual_seed(int(s) + 0x4015E) for s in seeds]
@@ -236,7 +239,7 @@ class DPTraining:
                    torch.tensor(noise_std, device=device),
                    torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment,
                    canaries if has_canary else None, [0] * len(models) if has_canary else None, broken,
-                   fast_clip=fast)
+                   fast_clip=fast, releases=releases)
 
     @property
     def clip(self) -> float:
@@ -361,12 +364,18 @@ class DPTraining:
         return apply_augment(xb.flatten(0, 1), p).view_as(xb)
 
     def report(self, i: int, steps: int) -> dict[str, float]:
-        """Model i's privacy: the accountant's epsilon for the ``steps`` taken, sigma, q, steps, delta."""
+        """Model i's privacy: the accountant's epsilon for the ``steps`` taken (composed with the private
+        normalisation statistics' releases, whose sigma is then ``dp_norm_noise_multiplier``), sigma, q,
+        steps, delta."""
         sigma, q = self.noise_multipliers[i], self.sample_rates[i]
-        eps = math.inf if sigma <= 0 or steps < 1 else epsilon(
-            noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.cfg.delta, accountant=self.cfg.accountant)
+        sigma_norm = norm_noise(self.cfg)
+        eps = math.inf if sigma <= 0 or steps < 1 or sigma_norm == 0 else epsilon(
+            noise_multiplier=sigma, sample_rate=q, steps=steps, delta=self.cfg.delta, accountant=self.cfg.accountant,
+            releases=self.releases)
         out = {"dp_epsilon": eps, "dp_noise_multiplier": sigma, "dp_sample_rate": q, "dp_steps": float(steps),
                "dp_delta": self.cfg.delta, "dp_clip": self.cfg.clip}
+        if sigma_norm is not None:
+            out["dp_norm_noise_multiplier"] = sigma_norm
         if self.canaries is not None and self.canary_counts is not None and self.canaries[i]:
             out["dp_canary_sampled"] = float(self.canary_counts[i])
         return out

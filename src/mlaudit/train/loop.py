@@ -151,6 +151,7 @@ def train_stack(
     gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
     watched = _watched_start(models, hooks)  # theta_0[j] of each watched coordinate, before any data init
     _data_init(models, data, groups, pools, seeds)
+    _fit_dp_stats(models, data, groups, pools, seeds, recipe)
     stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last,
                                        compile=recipe.compile)
     plist = stack.trainable()
@@ -370,6 +371,38 @@ def _data_init(models: Sequence[nn.Module], data: TensorDataset, groups: list[tu
         v = view_of.get(i)
         x = data.x[pick] if v is None else v.gather(pick)[0]
         m.data_init(x)
+
+
+DP_STATS_SEED = 0xD57A7
+"""Offset of the seed of the generator of each model's private normalisation statistics' noise."""
+
+
+def _fit_dp_stats(models: Sequence[nn.Module], data: TensorDataset, groups: list[tuple[DataView | None, list[int]]],
+                  pools: list[Tensor], seeds: Sequence[int], recipe: Recipe) -> None:
+    """Fix the DP normalisation statistics of every model built with ``norm: dp-stats`` from its own training
+    pool (through its view), before training (:func:`mlaudit.privacy.normstats.fit_dp_stats`); refuse a
+    ``dp.normalisation`` for models without such a layer, and such a layer without it."""
+    from ..privacy.normstats import FEATURE_BATCH, dp_stats_norms, fit_dp_stats  # lazy: privacy imports train
+
+    wanted = recipe.dp is not None and recipe.dp.normalisation is not None
+    has = bool(dp_stats_norms(models[0]))
+    if wanted != has:
+        raise ConfigError("recipe.dp.normalisation (privately estimated statistics) needs a model built with "
+                          "norm: dp-stats (scatter-linear, scatter-cnn)" if wanted else
+                          "a model built with norm: dp-stats needs recipe.dp with dp.normalisation "
+                          "(e.g. {share: 0.1, clip_mean: 1.0, clip_second: 1.0}); or use norm: group")
+    if not has:
+        return
+    assert recipe.dp is not None
+    view_of = {i: v for v, members in groups for i in members}
+    for i, (m, pool) in enumerate(zip(models, pools)):
+        v = view_of.get(i)
+        dev_pool = pool.to(data.x.device)
+        batches = ((data.x[b] if v is None else v.gather(b)[0]) for b in dev_pool.split(FEATURE_BATCH))
+        home = dp_stats_norms(m)[0].mean.device  # features on the data's device; the model goes back after
+        fit_dp_stats(m.to(data.x.device), batches, len(pool), recipe.dp,
+                     torch.Generator().manual_seed(int(seeds[i]) + DP_STATS_SEED))
+        m.to(home)
 
 
 def _alternating_flips(augment: AugmentConfig | None, pools: list[Tensor], gens: list[torch.Generator],

@@ -46,6 +46,58 @@ AugmentConfig = AugmentSpec
 """The recipe's augmentation field: the data package's :class:`~mlaudit.data.augment.AugmentSpec`."""
 
 
+class DPNormConfig(BaseModel):
+    """Privately estimated normalisation statistics (``recipe.dp.normalisation``; Tramèr & Boneh 2021's
+    data-dependent option, :mod:`mlaudit.privacy.normstats`), for models built with ``norm: dp-stats``.
+
+    Before DP-SGD, each training example's per-channel mean feature vector (clipped to l2 norm
+    ``clip_mean``) and per-channel second-moment vector (clipped to ``clip_second``) are summed over the
+    training set and released with Gaussian noise of std ``sigma_norm * clip``: two releases, composed with
+    DP-SGD's steps by the accountant. ``sigma_norm`` is ``noise_multiplier`` when given; otherwise it is set
+    by ``share`` (default 0.1, in (0, 1)): the smallest sigma_norm at which the two releases alone would cost
+    ``share * dp.epsilon`` at dp.delta. DP-SGD's sigma is then calibrated so that the composition of both
+    meets dp.epsilon. ``share`` needs ``dp.epsilon``; with ``dp.noise_multiplier`` give ``noise_multiplier``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    share: float | None = None
+    noise_multiplier: float | None = None
+    clip_mean: float = 1.0
+    clip_second: float = 1.0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DPNormConfig:
+        where = "dp.normalisation"
+        if self.share is not None and not (0.0 < self.share < 1.0):
+            raise ValueError(f"{where}.share = {self.share} is outside the allowed range 0 < share < 1 (the part of "
+                             "dp.epsilon spent on the statistics)")
+        if self.noise_multiplier is not None and not (0.0 <= self.noise_multiplier <= MAX_NORM_NOISE):
+            raise ValueError(f"{where}.noise_multiplier = {self.noise_multiplier} is outside the allowed range "
+                             f"0 <= noise_multiplier <= {MAX_NORM_NOISE:g} (0: exact clipped statistics, no privacy)")
+        if self.share is not None and self.noise_multiplier is not None:
+            raise ValueError(f"give one of {where}.share and {where}.noise_multiplier, got share={self.share} and "
+                             f"noise_multiplier={self.noise_multiplier}")
+        for name in ("clip_mean", "clip_second"):
+            v = getattr(self, name)
+            if not (0.0 < v < math.inf):
+                raise ValueError(f"{where}.{name} = {v} is outside the allowed range 0 < {name} < inf (an l2 bound "
+                                 "on one example's per-channel statistics)")
+        return self
+
+    @property
+    def resolved_share(self) -> float | None:
+        """The budget share (default :data:`DEFAULT_NORM_SHARE`), or None when sigma_norm is given."""
+        return None if self.noise_multiplier is not None else (self.share if self.share is not None
+                                                               else DEFAULT_NORM_SHARE)
+
+
+DEFAULT_NORM_SHARE = 0.1
+"""Default part of dp.epsilon for the normalisation statistics (``dp.normalisation.share``)."""
+MAX_NORM_NOISE = 1e4
+"""Largest ``dp.normalisation.noise_multiplier`` accepted."""
+
+
 class DPConfig(BaseModel):
     """DP-SGD options of a recipe (Abadi et al. 2016; see :mod:`mlaudit.privacy.dpsgd`).
 
@@ -72,6 +124,7 @@ class DPConfig(BaseModel):
     sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     allow_large_delta: bool = False
     clipping: Literal["auto", "per-example", "fast"] = "auto"
+    normalisation: DPNormConfig | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> DPConfig:
@@ -79,6 +132,14 @@ class DPConfig(BaseModel):
             raise ValueError("give exactly one of dp.epsilon (target budget; sigma is calibrated) and "
                              f"dp.noise_multiplier (sigma), got epsilon={self.epsilon}, "
                              f"noise_multiplier={self.noise_multiplier}")
+        norm = self.normalisation
+        if norm is not None and norm.resolved_share is not None and self.epsilon is None:
+            raise ValueError(f"dp.normalisation.share = {norm.resolved_share} splits dp.epsilon, but the recipe gives "
+                             f"dp.noise_multiplier = {self.noise_multiplier}; give dp.normalisation.noise_multiplier "
+                             "instead (>= 0)")
+        if norm is not None and norm.noise_multiplier == 0 and self.epsilon is not None:
+            raise ValueError(f"dp.normalisation.noise_multiplier = 0 releases the statistics without noise, so no "
+                             f"dp.epsilon = {self.epsilon} can hold; allowed: noise_multiplier > 0, or a share in (0, 1)")
         return self
 
 

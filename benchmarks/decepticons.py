@@ -1,8 +1,11 @@
 """Decepticons (seed 002, chapter 4) on a small GPT-2-style model: the fraction of the users' (token,
 position) occurrences a malicious server reads off one FedSGD aggregate, vs users and sequence length,
-next to the honest-but-curious bag of tokens.
+next to the honest-but-curious bag of tokens and, with ``--inversion``, the honest-but-curious text inversion
+(TAG / LAMP style, :func:`mlaudit.attacks.federated.text_inversion`) on the unmodified model's aggregate of
+the same users.
 
     python benchmarks/decepticons.py                 # CPU, about a minute
+    python benchmarks/decepticons.py --inversion --widths 64 --lengths 16,32 --users 1,2,4,8   # CPU, minutes
 
 Text: CPython's help topics (``pydoc_data``, lower-cased, whitespace collapsed), character tokens (76);
 the server's public text is 2000 sequences of it, the users' sequences are drawn from the rest (one per
@@ -24,7 +27,8 @@ import torch  # noqa: E402
 from _common import cpu_name, environment, write_results  # noqa: E402
 
 from mlaudit.attacks.federated import Observation, decepticons, plant_decepticon  # noqa: E402
-from mlaudit.attacks.federated.decepticons import pair_recovery, sequences  # noqa: E402
+from mlaudit.attacks.federated.decepticons import pair_recovery, sequences, token_recovery  # noqa: E402
+from mlaudit.attacks.federated.text_inversion import text_inversion, text_recovery  # noqa: E402
 from mlaudit.audit.exposure import pydoc_text  # noqa: E402
 from mlaudit.federated import secure_aggregate, user_gradients  # noqa: E402
 from mlaudit.models.gpt import TinyGPT  # noqa: E402
@@ -40,6 +44,9 @@ def main() -> None:
     ap.add_argument("--widths", default="64,128", help="d_model values (bins = 4 d_model, the first MLP's width)")
     ap.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="TinyGPT's MLP activation")
     ap.add_argument("--tag-tokens", default="1", help="sequence tag lengths (first k tokens), comma-separated")
+    ap.add_argument("--inversion", action="store_true", help="also the honest-but-curious text inversion")
+    ap.add_argument("--inversion-steps", type=int, default=300, help="its crafting-engine steps")
+    ap.add_argument("--inversion-refine", type=int, default=200, help="its discrete moves")
     ap.add_argument("--name", default=None, help="results file name (default: decepticons_pydoc[_gelu]_cpu)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -57,7 +64,7 @@ def main() -> None:
             model = TinyGPT(len(chars), length, d_model=d, heads=4, layers=2, activation=args.activation)
             for k, users in ((k, u) for k in map(int, args.tag_tokens.split(",")) for u in map(int, args.users.split(","))):
                 mal = plant_decepticon(model, public, bins=4 * d, tag_tokens=k, generator=torch.Generator().manual_seed(1))
-                rec_f, bag, secs, seq = [], [], [], []
+                rec_f, bag, secs, seq, toks, inv, inv_secs = [], [], [], [], [], [], []
                 for t in range(args.trials):
                     pick = torch.randperm(len(private), generator=torch.Generator().manual_seed(100 + t))[:users]
                     s = private[pick].view(users, 1, length + 1)
@@ -68,6 +75,15 @@ def main() -> None:
                     secs.append(time.perf_counter() - t0)
                     true = s[..., :length].reshape(-1, length)
                     rec_f.append(pair_recovery(true, rec.x))
+                    toks.append(token_recovery(true, rec.x[:, 0]))
+                    if args.inversion:  # the honest server: the unmodified model, the same users
+                        t0 = time.perf_counter()
+                        plain = secure_aggregate(user_gradients(model, s[..., :length], s[..., 1:]))
+                        got = text_inversion(model, Observation(grad=ParamVector(plain), users=users, batch=1,
+                                                                input_shape=(length,)), steps=args.inversion_steps,
+                                             refine=args.inversion_refine, generator=torch.Generator().manual_seed(t))
+                        inv_secs.append(time.perf_counter() - t0)
+                        inv.append(text_recovery(true, got.x))
                     seq.append(sequences(true, rec.x))
                     present = set(true.flatten().tolist())
                     bag.append(len(present & set(rec.info["token_set"])) / len(present))
@@ -77,14 +93,17 @@ def main() -> None:
                              "in_sequence": MeanSE.of([q["tokens_in_sequence"] for q in seq]).to_dict(),
                              "whole": MeanSE.of([q["whole"] for q in seq]).to_dict(),
                              "merged": MeanSE.of([q["merged"] for q in seq]).to_dict(),
-                             "seconds": sum(secs) / len(secs)})
+                             "tokens_recovered": MeanSE.of(toks).to_dict(), "seconds": sum(secs) / len(secs)})
+                if inv:
+                    rows[-1]["inversion"] = {k: MeanSE.of([r[k] for r in inv]).to_dict() for k in inv[0]}
+                    rows[-1]["inversion_seconds"] = sum(inv_secs) / len(inv_secs)
                 print(rows[-1], flush=True)
     res = {"environment": environment(), "cpu": cpu_name(), "vocab": len(chars), "rows": rows, "settings": vars(args),
            "seconds": time.perf_counter() - t_all}
-    name = args.name or ("decepticons_pydoc_cpu" if args.activation == "relu" else
-                         f"decepticons_pydoc_{args.activation}_cpu")
-    write_results(name, res, table(res))
-    print(table(res))
+    name = args.name or ("decepticons_pydoc" + ("_inversion" if args.inversion else "")
+                         + ("" if args.activation == "relu" else f"_{args.activation}") + "_cpu")
+    write_results(name, res, table(res) + (inversion_table(res) if args.inversion else ""))
+    print(table(res) + (inversion_table(res) if args.inversion else ""))
 
 
 def table(res: dict[str, Any]) -> str:
@@ -110,6 +129,35 @@ def table(res: dict[str, Any]) -> str:
                      f"{100 * p['mean']:.1f}% ± {100 * p['se']:.1f} | {100 * r['in_sequence']['mean']:.1f}% | "
                      f"{100 * r['whole']['mean']:.0f}% | {100 * r['merged']['mean']:.0f}% | {100 * b['mean']:.0f}% | "
                      f"{r['seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def inversion_table(res: dict[str, Any]) -> str:
+    """Decepticons (malicious) vs the honest-but-curious text inversion and bag of tokens, row by row."""
+    st = res["settings"]
+    lines = ["", "## Honest-but-curious text inversion vs Decepticons on the same users", "",
+             f"The inversion (TAG / LAMP style: continuous embeddings through the crafting engine, cosine gradient "
+             f"matching, {st['inversion_steps']} steps, projection onto the bag of tokens, {st['inversion_refine']} "
+             "swap / move / substitute moves scored by the gradient distance) attacks the unmodified model's sum of "
+             "the same users' gradients. Tokens: occurrences recovered ignoring position (multiset; pooled ROUGE-1 "
+             "F1 for the inversion, which returns as many tokens as were typed). Pairs: (token, position) "
+             "occurrences. Bigrams: adjacent pairs recovered (pooled ROUGE-2 recall). Whole: sequences recovered "
+             "exactly. Mean ± SE over the user draws.", "",
+             "| d_model | length | users | Decepticons pairs | Decepticons tokens | inversion pairs | inversion tokens | "
+             "inversion bigrams | inversion whole | bag-of-tokens recall | s per inversion |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def pm(v: dict[str, float]) -> str:
+        return f"{100 * v['mean']:.1f}% ± {100 * v['se']:.1f}"
+
+    for r in res["rows"]:
+        if "inversion" not in r:
+            continue
+        i = r["inversion"]
+        lines.append(f"| {r['d_model']} | {r['length']} | {r['users']} | {pm(r['pairs_recovered'])} | "
+                     f"{pm(r['tokens_recovered'])} | {pm(i['pairs'])} | {pm(i['tokens'])} | {pm(i['bigrams'])} | "
+                     f"{100 * i['whole']['mean']:.0f}% | {100 * r['bag_of_tokens_recall']['mean']:.0f}% | "
+                     f"{r['inversion_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

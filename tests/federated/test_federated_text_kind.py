@@ -16,7 +16,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from mlaudit.attacks.federated import Observation, decepticons, plant_decepticon
+from mlaudit.attacks.federated import (
+    Observation,
+    decepticons,
+    plant_decepticon,
+    text_inversion,
+    text_recovery,
+)
 from mlaudit.attacks.federated.decepticons import bag_of_tokens, pair_recovery, sequences
 from mlaudit.cli import app
 from mlaudit.config import load_yaml
@@ -24,6 +30,7 @@ from mlaudit.data import load_dataset
 from mlaudit.data.sources.pydoc_text import pydoc_text
 from mlaudit.errors import ConfigError
 from mlaudit.experiments import run_experiment
+from mlaudit.experiments.base import Stream
 from mlaudit.experiments.federated_config import FederatedConfig, user_shares
 from mlaudit.experiments.federated_text import md_escape
 from mlaudit.federated import local_batches, secure_aggregate, user_gradients
@@ -55,13 +62,9 @@ def test_pydoc_text_windows_are_text_and_the_next_character() -> None:
     assert not torch.equal(again.test.x, data.test.x)  # the split follows the spec's seed
 
 
-def test_the_kind_recovers_what_the_library_recovers_on_the_same_round(tmp_path: Path) -> None:
-    r = go(SMALL, tmp_path / "o")
-    m = r["metrics"]
-    per = {row["users"]: row for row in m["decepticons"]["per_users"]}
-    assert sorted(per) == [1, 4] and m["recovered"] == per[4]["pairs"] and m["secure_aggregation"] is True
-    # the same round through the library calls: partition, batches, init, plant, FedSGD sum, attack
-    cfg = FederatedConfig.model_validate(SMALL)
+def library_round(cfg: FederatedConfig) -> tuple[Any, torch.Tensor, torch.Tensor, torch.nn.Module, torch.Generator]:
+    """Trial 0's round through the library calls: (data, tokens [U, B, L], next-token targets, the global model
+    at its initialisation, the generator the attack then draws from)."""
     data = load_dataset(TEXT)
     parts, gen = user_shares(cfg, data, 0)
     x, y, _ = local_batches(data.train, parts, batch=2, generator=gen)
@@ -69,6 +72,17 @@ def test_the_kind_recovers_what_the_library_recovers_on_the_same_round(tmp_path:
     targets = torch.cat([tokens[..., 1:], y[..., None]], -1)
     model = init_models(lambda: build_model(cfg.model, input_shape=(16,), num_classes=data.num_classes),
                         [cfg.trial_seed(0)])[0]
+    return data, tokens, targets, model, gen
+
+
+def test_the_kind_recovers_what_the_library_recovers_on_the_same_round(tmp_path: Path) -> None:
+    r = go(SMALL, tmp_path / "o")
+    m = r["metrics"]
+    per = {row["users"]: row for row in m["decepticons"]["per_users"]}
+    assert sorted(per) == [1, 4] and m["recovered"] == per[4]["pairs"] and m["secure_aggregation"] is True
+    # the same round through the library calls: partition, batches, init, plant, FedSGD sum, attack
+    cfg = FederatedConfig.model_validate(SMALL)
+    data, tokens, targets, model, gen = library_round(cfg)
     mal = plant_decepticon(model, data.test.x.long(), bins=128, tag_tokens=2, generator=gen)
     for n in (1, 4):
         agg = secure_aggregate(ParamVector({k: v[:n] for k, v in user_gradients(mal, tokens, targets).items()}))
@@ -157,6 +171,12 @@ USER_MODELS = ("import torch\nfrom torch import nn\nfrom mlaudit.models.gpt impo
     ({"model": "dc_user:Classifier"}, ["dc_user:Classifier", "next-token logits [N, V, L]"]),
     ({"model": "dc_user:LookAlike"}, ["dc_user:LookAlike", "built a LookAlike", "TinyGPT"]),
     ({"dataset": {"name": "pydoc-text", "options": {"length": 1}}}, ["length", "greater than or equal to 2"]),
+    ({"attack": "imprint", "dataset": "digits", "model": "mlp", "decepticons": {},
+      "text_inversion": {"run": True}}, ["text_inversion.run = true", "attack = 'imprint'", "allowed: attack: decepticons"]),
+    ({"text_inversion": {"run": True, "l1": 0.1}}, ["text_inversion.l1 = 0.1", "distance = 'cosine'", "distance: l2+l1"]),
+    ({"text_inversion": {"run": True, "distance": "l1"}}, ["text_inversion.distance", "l1", "cosine", "l2+l1"]),
+    ({"text_inversion": {"run": True, "steps": 0}}, ["text_inversion.steps", "greater than or equal to 1"]),
+    ({"text_inversion": {"run": True, "candidates": "all"}}, ["text_inversion.candidates", "'all'", "bag", "vocabulary"]),
 ])
 def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          change: dict[str, Any], words: list[str]) -> None:
@@ -178,3 +198,22 @@ def test_a_users_own_tinygpt_by_import_string(tmp_path: Path, monkeypatch: pytes
     monkeypatch.syspath_prepend(str(tmp_path))
     m = go({**SMALL, "model": "dc_user:gpt"}, tmp_path / "o")["metrics"]
     assert m["settings"]["d_model"] == 32 and m["settings"]["bins"] == 128 and m["recovered"]["k"] > 0
+
+
+def test_the_honest_inversion_in_the_kind_is_the_library_call_on_the_same_round(tmp_path: Path) -> None:
+    inv = {"run": True, "steps": 60, "refine": 20}
+    m = go({**SMALL, "text_inversion": inv}, tmp_path / "o")["metrics"]
+    per = {row["users"]: row for row in m["decepticons"]["per_users"]}
+    assert m["settings"]["text_inversion"]["steps"] == 60 and m["seconds"]["inversion"] > 0
+    cfg = FederatedConfig.model_validate({**SMALL, "text_inversion": inv})
+    _, tokens, targets, model, _ = library_round(cfg)
+    for n in (1, 4):
+        honest = secure_aggregate(ParamVector({k: v[:n] for k, v in user_gradients(model, tokens, targets).items()}))
+        rec = text_inversion(model, Observation(honest, users=n, batch=2, input_shape=(16,)), steps=60, refine=20,
+                             generator=torch.Generator().manual_seed(cfg.trial_seed(0, stream=Stream.ATTACK) + 2 + n))
+        want, got = text_recovery(tokens[:n].flatten(0, 1), rec.x), per[n]["inversion"]
+        assert abs(got["pairs"]["value"] - want["pairs"]) <= 1.5 / (n * 32), (n, got, want)
+        assert got["tokens"]["n"] == n * 32 and abs(got["tokens"]["value"] - want["tokens"]) <= 1.5 / (n * 32)
+        assert got["whole"] == want["whole"]
+    md = (tmp_path / "o" / "artifacts" / "decepticons.md").read_text()
+    assert "honest inversion: pairs" in md and "honest inversion: bigrams (ROUGE-2)" in md

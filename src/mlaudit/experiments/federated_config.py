@@ -26,6 +26,7 @@ Decepticons on text (Fowl et al. 2022, "Decepticons"; malicious parameters in a 
     users: 8                         # sequences come from users x batch
     batch: 1
     decepticons: {bins: null, tag_tokens: 2, user_counts: [1, 2, 4, 8], samples: 4}
+    text_inversion: {run: true, steps: 300, refine: 200}   # the honest-but-curious inversion next to it
 """
 
 from __future__ import annotations
@@ -170,6 +171,34 @@ class DecepticonsOptions(BaseModel):
     samples: int = Field(4, ge=0, le=64)
 
 
+class TextInversionOptions(BaseModel):
+    """The honest-but-curious text inversion next to Decepticons
+    (:func:`mlaudit.attacks.federated.text_inversion`; TAG / LAMP style) on the unmodified model's aggregate
+    of the same users: ``run`` it, crafting-engine ``steps`` of ``lr`` (embedding-std units), ``restarts``,
+    the gradient ``distance`` (``l1``: the l1 weight of ``l2+l1``, TAG's; None: 0.01), the soft labels'
+    ``temperature``, ``refine`` discrete moves, and the ``candidates`` of the inputs: the ``bag`` of tokens
+    read off the update (every token with tied embeddings) or the whole ``vocabulary``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: bool = False
+    steps: int = Field(300, ge=1, le=100_000)
+    lr: float = Field(0.1, gt=0.0, le=1e3)
+    distance: Literal["cosine", "l2", "l2+l1"] = "cosine"
+    l1: float | None = Field(None, ge=0.0, le=1e6)
+    restarts: int = Field(1, ge=1, le=64)
+    temperature: float = Field(0.05, gt=0.0, le=100.0)
+    refine: int = Field(200, ge=0, le=1_000_000)
+    candidates: Literal["bag", "vocabulary"] = "bag"
+
+    @model_validator(mode="after")
+    def _l1_needs_l2_l1(self) -> TextInversionOptions:
+        if self.l1 is not None and self.distance != "l2+l1":
+            raise ValueError(f"text_inversion.l1 = {self.l1} weighs the l1 term of text_inversion.distance = 'l2+l1'; "
+                             f"with distance = {self.distance!r} it does nothing: drop it, or set distance: l2+l1")
+        return self
+
+
 class FederatedConfig(ExperimentConfig):
     """See the module docstring and docs/federated.md for every field."""
 
@@ -189,6 +218,9 @@ class FederatedConfig(ExperimentConfig):
     inversion: InversionOptions = InversionOptions()
     decepticons: DecepticonsOptions = DecepticonsOptions()
     """``attack: decepticons`` (token data and a TinyGPT): see :class:`DecepticonsOptions`."""
+    text_inversion: TextInversionOptions = TextInversionOptions()
+    """With ``attack: decepticons``: the honest-but-curious text inversion on the same round (see
+    :class:`TextInversionOptions`)."""
     defence: DefenceOptions = DefenceOptions()
     """Client-side defence on each update before the server sees it; the attack also runs without it."""
     pretrain: bool = False
@@ -246,6 +278,10 @@ class FederatedConfig(ExperimentConfig):
                              "gradient on its batch: drop them or set protocol: fedavg")
         if self.attack == "decepticons":
             self._decepticons_fits()
+        elif self.text_inversion.run:
+            raise ValueError(f"text_inversion.run = true inverts a language model's update next to attack 'decepticons' "
+                             f"on text; with attack = {self.attack!r} it does not apply (allowed: attack: decepticons, "
+                             "or text_inversion.run: false)")
         return self
 
     def _decepticons_fits(self) -> None:

@@ -15,13 +15,17 @@ tokens of its sequence) rows off the first MLP layer's update
 (:func:`~mlaudit.attacks.federated.decepticons`: for a bin interval holding one token,
 (dW_i - dW_{i+1}) / (db_i - db_{i+1}) is that token's MLP input, decoded against the planted codes). The
 honest-but-curious baseline reads, from the same users' aggregate on the unmodified model, the non-zero
-rows of the token-embedding gradient [V, d] (:func:`~mlaudit.attacks.federated.decepticons.bag_of_tokens`).
+rows of the token-embedding gradient [V, d] (:func:`~mlaudit.attacks.federated.decepticons.bag_of_tokens`)
+and, with ``text_inversion.run``, inverts that aggregate by optimisation
+(:func:`~mlaudit.attacks.federated.text_inversion`, TAG / LAMP style): recovered sequences [n B, L].
 
 Metrics per user count, pooled over trials: ``pairs`` (the users' (token, position) occurrences recovered,
 :func:`~mlaudit.attacks.federated.decepticons.pair_recovery`, with a 95% Clopper-Pearson interval over
 occurrences), ``tokens`` (occurrences recovered ignoring positions), the sequence-level rates of
 :func:`~mlaudit.attacks.federated.decepticons.sequences` (``in_sequence``, ``whole``, ``merged``), and the
-bag of tokens' recall of the distinct tokens typed. Each trial's recovered rows are kept
+bag of tokens' recall of the distinct tokens typed, and for the inversion ``inversion`` (its ``pairs`` and
+``tokens`` as Decepticons', ``bigrams`` and ``whole`` from :func:`~mlaudit.attacks.federated.text_recovery`).
+Each trial's recovered rows are kept
 (``ctx.save_cached``), so a resumed run reads them instead of attacking again. The reports show recovered
 vs true sequences as text (HTML autoescaped; ``artifacts/decepticons.md`` markdown-escaped).
 """
@@ -35,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..attacks.federated import Observation, decepticons, plant_decepticon
+from ..attacks.federated import Observation, decepticons, plant_decepticon, text_inversion, text_recovery
 from ..attacks.federated.decepticons import (
     assemble,
     bag_of_tokens,
@@ -68,7 +72,8 @@ def users_tokens(config: FederatedConfig, data: DataBundle, index: int) -> tuple
 def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Module, device: str
            ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """One round attacked at every user count: tensors (``tokens`` [U, B, L], ``rows_<n>`` [m, 2 + k] the
-    recovered rows from n users' sum) and JSON-able meta (bags of tokens, bins, seconds)."""
+    recovered rows from n users' sum, ``inverted_<n>`` [n B, L] the honest inversion's sequences with
+    ``text_inversion.run``) and JSON-able meta (bags of tokens, bins, seconds)."""
     o = config.decepticons
     tokens, targets, gen = users_tokens(config, data, index)
     tokens, targets = tokens.to(device), targets.to(device)
@@ -78,7 +83,8 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
     train = config.user_mode == "train"
     malicious = user_gradients(sent, tokens, targets, train_mode=train, chunk=config.chunk)
     honest = user_gradients(model, tokens, targets, train_mode=train, chunk=config.chunk)
-    seconds = {"updates": time.perf_counter() - t0, "attack": 0.0}
+    seconds = {"updates": time.perf_counter() - t0, "attack": 0.0, "inversion": 0.0}
+    inv = config.text_inversion
     agg = config.aggregation
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
     tensors: dict[str, Tensor] = {"tokens": tokens.cpu()}
@@ -94,6 +100,16 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
                                  noise_multiplier=agg.noise_multiplier, generator=noise)
         tensors[f"rows_{n}"] = rec.x.cpu()
         meta["bags"][str(n)] = bag_of_tokens(model, plain)
+        if inv.run:
+            t0 = time.perf_counter()
+            got = text_inversion(
+                model, Observation(plain, users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train),
+                steps=inv.steps, lr=inv.lr, distance=inv.distance, l1=0.01 if inv.l1 is None else inv.l1,
+                restarts=inv.restarts, temperature=inv.temperature, refine=inv.refine,
+                candidates=list(range(data.num_classes)) if inv.candidates == "vocabulary" else None,
+                generator=torch.Generator().manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 2 + n))
+            seconds["inversion"] += time.perf_counter() - t0
+            tensors[f"inverted_{n}"] = got.x.cpu()
         meta["nonempty_bins"][str(n)] = rec.info["nonempty_bins"]
         meta["rejected"][str(n)] = rec.info["rejected"]
     meta["seconds"] = seconds
@@ -111,6 +127,7 @@ def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]
     seq: dict[str, float] = {"tokens_in_sequence": 0.0, "whole": 0.0, "merged": 0.0}
     bag_recall: list[float] = []
     sequences_seen = 0
+    inverted = {"pairs": 0.0, "tokens": 0.0, "bigrams": 0.0, "whole": 0.0}
     for tensors, meta in rounds:
         true = tensors["tokens"][:n].flatten(0, 1)  # [n B, L]
         rows = tensors[f"rows_{n}"]
@@ -120,11 +137,24 @@ def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]
         for key, value in sequences(true, rows).items():
             seq[key] += value * len(true)
         sequences_seen += len(true)
+        if f"inverted_{n}" in tensors:
+            got = text_recovery(true, tensors[f"inverted_{n}"])
+            weight = {"pairs": true.numel(), "tokens": true.numel(), "whole": len(true),
+                      "bigrams": len(true) * (true.shape[1] - 1)}
+            for key in inverted:
+                inverted[key] += got.get(key, 0.0) * weight[key]
         bag = meta["bags"][str(n)]
         if bag is not None:
             typed = set(true.flatten().tolist())
             bag_recall.append(len(typed & set(bag)) / len(typed))
+    inversion = None
+    if all(f"inverted_{n}" in t for t, _ in rounds):
+        bigrams = sequences_seen * (rounds[0][0]["tokens"].shape[-1] - 1)
+        inversion = {"pairs": _rate(round(inverted["pairs"]), occ), "tokens": _rate(round(inverted["tokens"]), occ),
+                     "bigrams": inverted["bigrams"] / bigrams if bigrams else None,
+                     "whole": inverted["whole"] / sequences_seen}
     return {"users": n, "occurrences": occ, "pairs": _rate(pairs, occ), "tokens": _rate(toks, occ),
+            "inversion": inversion,
             "in_sequence": seq["tokens_in_sequence"] / sequences_seen, "whole": seq["whole"] / sequences_seen,
             "merged": seq["merged"] / sequences_seen,
             "bag_of_tokens_recall": sum(bag_recall) / len(bag_recall) if bag_recall else None,
@@ -175,11 +205,12 @@ def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
     """Every trial's round attacked (or its kept result read back on resume), the metrics, tables and reports."""
     rounds: list[tuple[dict[str, Tensor], dict[str, Any]]] = []
     for i, (tid, _, model) in enumerate(models):
-        kept = ctx.load_cached(f"decepticons-{tid}")
+        key = f"decepticons-{tid}" + ("-inversion" if config.text_inversion.run else "")
+        kept = ctx.load_cached(key)
         if kept is None:
             with ctx.cost.timed("attack"):
                 kept = _trial(config, data, i, model, ctx.device)
-            ctx.save_cached(f"decepticons-{tid}", *kept)
+            ctx.save_cached(key, *kept)
         rounds.append(kept)
     per = [_count_metrics(n, rounds) for n in config.user_counts]
     top = per[-1]
@@ -191,11 +222,12 @@ def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
                 "activation": model.activation, "tie_embeddings": model.tie_embeddings, "bins": rounds[0][1]["bins"],
                 "tag": o.tag, "tag_tokens": o.tag_tokens if o.tag else 0, "tol": o.tol, "trials": config.trials,
                 "public_sequences": len(data.test), "secure_aggregation": True, "clip": config.aggregation.clip,
-                "noise_multiplier": config.aggregation.noise_multiplier}
+                "noise_multiplier": config.aggregation.noise_multiplier,
+                "text_inversion": config.text_inversion.model_dump() if config.text_inversion.run else None}
     metrics: dict[str, Any] = {
         "recovered": top["pairs"], "secure_aggregation": True, "settings": settings,
         "decepticons": {"per_users": per},
-        "seconds": {k: sum(m["seconds"][k] for _, m in rounds) for k in ("updates", "attack")}}
+        "seconds": {k: sum(m["seconds"].get(k, 0.0) for _, m in rounds) for k in ("updates", "attack", "inversion")}}
     shown = samples(config, rounds[0][0], data.train.classes)
     ctx.write_artifact("decepticons.md", lambda f: f.write(markdown(config, data, metrics, shown).encode("utf-8")))
     trials = [{"trial_id": tid, "seed": seed, "sequences": config.users * config.batch,
@@ -210,22 +242,42 @@ def _rows(metrics: dict[str, Any]) -> list[list[Any]]:
     def pct(v: float | None) -> str:
         return "n/a (tied embeddings)" if v is None else f"{100 * v:.1f}%"
 
+    def inverted(i: dict[str, Any]) -> list[Any]:
+        return [i["pairs"], i["tokens"], pct(i["bigrams"]), pct(i["whole"])]
+
+    per = metrics["decepticons"]["per_users"]
     return [[m["users"], m["occurrences"], m["pairs"], m["tokens"], pct(m["in_sequence"]), pct(m["whole"]),
-             pct(m["merged"]), pct(m["bag_of_tokens_recall"])] for m in metrics["decepticons"]["per_users"]]
+             pct(m["merged"]), pct(m["bag_of_tokens_recall"])] + (inverted(m["inversion"]) if _inverted(metrics) else [])
+            for m in per]
+
+
+def _inverted(metrics: dict[str, Any]) -> bool:
+    return all(m.get("inversion") is not None for m in metrics["decepticons"]["per_users"])
 
 
 COLUMNS = ["users", "tokens typed", "(token, position) pairs recovered", "tokens recovered (any position)",
            "in its sequence", "whole sequences", "merged by the tag", "honest bag of tokens (distinct recall)"]
+INVERSION_COLUMNS = ["honest inversion: pairs", "honest inversion: tokens (ROUGE-1)", "honest inversion: bigrams (ROUGE-2)",
+                     "honest inversion: whole sequences"]
+
+
+def columns(metrics: dict[str, Any]) -> list[str]:
+    """The table's columns: Decepticons' and the bag of tokens', then the honest inversion's when it ran."""
+    return COLUMNS + (INVERSION_COLUMNS if _inverted(metrics) else [])
 
 
 def _tables(metrics: dict[str, Any], shown: list[tuple[int, str, str]]) -> list[ReportTable]:
     tables = [ReportTable("Decepticons: what the server reads off the users' summed update [95% Clopper-Pearson "
-                          "over occurrences]", COLUMNS, _rows(metrics),
+                          "over occurrences]", columns(metrics), _rows(metrics),
                           note="one FedSGD round; the server sees the sum of the first n users' gradients. In its "
                                "sequence: the mean fraction of a sequence's positions recovered with the right token "
                                "in the group of its own tag; sequences sharing their first k tokens are merged and "
                                "count 0. The bag of tokens is the honest-but-curious server's (the unmodified model's "
-                               "token-embedding gradient): which tokens occur, no positions or counts.")]
+                               "token-embedding gradient): which tokens occur, no positions or counts."
+                               + (" The honest inversion (TAG / LAMP style, on the unmodified model's sum of the same "
+                                  "users) recovers whole sequences in an unknown order: its pairs, tokens (multiset: "
+                                  "pooled ROUGE-1 F1), adjacent pairs (pooled ROUGE-2 recall) and sequences recovered "
+                                  "exactly are pooled over sequences." if _inverted(metrics) else ""))]
     if shown:
         tables.append(ReportTable("Recovered vs true sequences (largest user count, first trial)",
                                   ["user", "true", "recovered"], [[u, t, r] for u, t, r in shown],
@@ -250,7 +302,7 @@ def markdown(config: FederatedConfig, data: DataBundle, metrics: dict[str, Any],
              f"{config.batch} sequence(s) of {s['length']} tokens ({s['vocabulary']} in the vocabulary); one FedSGD "
              f"round, the server sees the sum of the first n users' gradients; {config.trials} trial(s), seed "
              f"{config.seed}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
+             "| " + " | ".join(columns(metrics)) + " |", "|" + "---:|" * len(columns(metrics))]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in _rows(metrics)]
     if shown:
         lines += ["", f"Recovered vs true sequences ({md_escape(UNKNOWN)} not recovered, {md_escape(CLASH)} several "
@@ -267,4 +319,7 @@ def _notes(config: FederatedConfig, data: DataBundle, s: dict[str, Any]) -> list
             f"{data.name}'s training split, {config.batch} sequence(s) of {s['length']} tokens each); the server sees "
             f"the sum of the first n users' gradients for n in {list(config.user_counts)}.",
             f"Global model: {config.model.name} at initialisation; {config.trials} trial(s). The honest-but-curious "
-            "baseline reads the bag of tokens from the unmodified model's aggregate."]
+            "baseline reads the bag of tokens from the unmodified model's aggregate"
+            + (f" and inverts it (text_inversion: {config.text_inversion.steps} steps, "
+               f"{config.text_inversion.distance} distance, {config.text_inversion.refine} discrete moves, candidates "
+               f"{config.text_inversion.candidates})." if config.text_inversion.run else ".")]

@@ -97,3 +97,15 @@ def test_from_module_copies_trainable_parameters_in_order() -> None:
     z = v.zeros_like()
     assert list(z) == list(v) and all(float(t.abs().sum()) == 0 and t.shape == v[k].shape for k, t in z.items())
     assert math.isclose(float(ParamVector().norm()), 0.0)  # the empty vector
+
+
+def test_dot_gradients_match_the_per_name_sum_and_mixed_dtypes_fall_back() -> None:
+    torch.manual_seed(0)
+    a = ParamVector({"w": torch.randn(3, 4, requires_grad=True), "b": torch.randn(4, requires_grad=True)})
+    b = ParamVector({"w": torch.randn(3, 4), "b": torch.randn(4)})
+    flat_grads = torch.autograd.grad(a.dot(b) / a.norm(), list(a.values()))
+    ref = sum((a[k] * b[k]).sum() for k in a) / torch.sqrt(sum((a[k] * a[k]).sum() for k in a))
+    for got, want in zip(flat_grads, torch.autograd.grad(ref, list(a.values())), strict=True):
+        torch.testing.assert_close(got, want)
+    mixed = ParamVector({"w": b["w"].double(), "b": b["b"]})  # a float64 entry: entry by entry, promoted
+    torch.testing.assert_close(a.dot(mixed), sum((a[k].double() * mixed[k].double()).sum() for k in a))

@@ -3,6 +3,8 @@
     m = match(x_true, rec.x, data_range=1.0)
     m.psnr      # [n] per true input, the PSNR of the candidate assigned to it (nan: none left for it)
     m.recovered(30.0)   # bool [n]: PSNR >= 30 dB
+    m = match(x_true, rec.x, data_range=1.0, lpips=lpips_alexnet(alexnet_path, lin_path))
+    m.lpips     # [n] LPIPS of the assigned pairs (lower is closer; :mod:`.lpips`), nan where unmatched
 
 An attack's candidates come in an unknown order (and may be more or fewer than the inputs), so each true
 input gets the candidate of the assignment that maximises the summed PSNR (Hungarian algorithm,
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 PSNR_CAP = 200.0
 
@@ -67,28 +69,31 @@ def ssim(a: Tensor, b: Tensor, *, data_range: float) -> Tensor | None:
 
 @dataclass
 class Match:
-    """Per true input [n]: ``candidate`` (index into the candidates, -1 if none), ``psnr`` and ``ssim``
-    (nan where unmatched; ssim None for non-images)."""
+    """Per true input [n]: ``candidate`` (index into the candidates, -1 if none), ``psnr``, ``ssim`` and
+    ``lpips`` (nan where unmatched; ssim None for non-images, lpips None unless a metric was given)."""
 
     candidate: Tensor
     psnr: Tensor
     ssim: Tensor | None
+    lpips: Tensor | None = None
 
     def recovered(self, threshold_db: float) -> Tensor:
         """bool [n]: matched with PSNR >= ``threshold_db``."""
         return torch.nan_to_num(self.psnr, nan=-math.inf) >= threshold_db
 
 
-def match(true: Tensor, candidates: Tensor, *, data_range: float) -> Match:
-    """Assign candidates [m, *shape] to true inputs [n, *shape] one-to-one, maximising the summed PSNR."""
+def match(true: Tensor, candidates: Tensor, *, data_range: float, lpips: nn.Module | None = None) -> Match:
+    """Assign candidates [m, *shape] to true inputs [n, *shape] one-to-one, maximising the summed PSNR;
+    with ``lpips`` (an :class:`~.lpips.LPIPS`, images only) also the assigned pairs' LPIPS."""
     from scipy.optimize import linear_sum_assignment
 
     n = len(true)
     cand = torch.full((n,), -1, dtype=torch.long)
     score = torch.full((n,), math.nan, dtype=torch.float64)
     sim = torch.full((n,), math.nan, dtype=torch.float64) if true.dim() == 4 else None
+    perceptual = torch.full((n,), math.nan, dtype=torch.float64) if lpips is not None else None
     if len(candidates) == 0 or n == 0:
-        return Match(cand, score, sim)
+        return Match(cand, score, sim, perceptual)
     p = psnr_matrix(true, candidates, data_range=data_range)
     rows, cols = linear_sum_assignment(p.numpy(), maximize=True)
     r, c = torch.from_numpy(np.asarray(rows)).long(), torch.from_numpy(np.asarray(cols)).long()
@@ -96,4 +101,8 @@ def match(true: Tensor, candidates: Tensor, *, data_range: float) -> Match:
     score[r] = p[r, c]
     if sim is not None:
         sim[r] = ssim(true[r].cpu(), candidates[c].cpu(), data_range=data_range)  # type: ignore[assignment]
-    return Match(cand, score, sim)
+    if perceptual is not None and len(r):
+        dev = next(iter(lpips.buffers())).device  # type: ignore[union-attr]
+        with torch.no_grad():
+            perceptual[r] = lpips(true[r].to(dev), candidates[c].to(dev)).double().cpu()  # type: ignore[misc]
+    return Match(cand, score, sim, perceptual)

@@ -22,6 +22,7 @@ with the relative update distortion ||g' - g|| / ||g|| in place of a utility mea
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ from ..report.html import ReportTable
 from ..train.loop import init_models
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext
-from .federated_config import FederatedConfig, check_federated, user_shares
+from .federated_config import FederatedConfig, build_lpips, check_federated, user_shares
 from .federated_text import run_decepticons
 from .robustness import rate
 
@@ -71,6 +72,7 @@ class _Outcome:
 
     psnr: list[Tensor] = field(default_factory=list)
     ssim: list[Tensor] = field(default_factory=list)
+    lpips: list[Tensor] = field(default_factory=list)
     labels: list[float] = field(default_factory=list)
     alone: int = 0
     shared: int = 0
@@ -297,6 +299,20 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, p
     return out
 
 
+_LPIPS: dict[tuple[Any, ...], nn.Module] = {}
+
+
+def _lpips(config: FederatedConfig, device: torch.device) -> nn.Module | None:
+    """The ``lpips`` block's metric on ``device``, built once per run's files and box (None without the block)."""
+    if config.lpips is None:
+        return None
+    key = (config.lpips, config.box, str(device))
+    if key not in _LPIPS:
+        _LPIPS.clear()  # one metric at a time: AlexNet's trunk is 2.5M parameters
+        _LPIPS[key] = build_lpips(config).to(device)
+    return _LPIPS[key]
+
+
 def _attack(config: FederatedConfig, data: DataBundle, sent: nn.Module, seen: list[tuple[Observation, slice]],
             x: Tensor, y: Tensor, mean_probs: Tensor, gen: torch.Generator, out: _Outcome, grid: bool = True
             ) -> _Outcome:
@@ -307,10 +323,12 @@ def _attack(config: FederatedConfig, data: DataBundle, sent: nn.Module, seen: li
         t0 = time.perf_counter()
         rec = FEDERATED_ATTACKS.get(config.attack)(sent, obs, **_options(config, yt, mean_probs, gen))
         out.seconds["attack"] += time.perf_counter() - t0
-        m = match(xt, rec.x, data_range=width)
+        m = match(xt, rec.x, data_range=width, lpips=_lpips(config, xt.device))
         out.psnr.append(m.psnr)
         if m.ssim is not None:
             out.ssim.append(m.ssim)
+        if m.lpips is not None:
+            out.lpips.append(m.lpips)
         if rec.labels is not None and (config.attack == "dlg" and config.inversion.soft_labels
                                        or config.inversion.labels == "recovered"):
             out.labels.append(label_accuracy(rec.labels, yt))
@@ -365,6 +383,10 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
         "settings": _settings(config, data),
         "seconds": {k: sum(o.seconds[k] for _, _, o in outcomes) for k in ("updates", "attack")},
     }
+    if config.lpips is not None:
+        lp = torch.cat([v for _, _, o in outcomes for v in o.lpips])
+        metrics["lpips"] = {**_summary(lp), "threshold": config.lpips.threshold,
+                            "recovered": rate((torch.nan_to_num(lp, nan=math.inf) <= config.lpips.threshold)[None])}
     if config.attack == "imprint":
         alone = sum(o.alone for _, _, o in outcomes)
         metrics["imprint"] = {"bins": config.imprint.bins, "inputs_alone_in_a_bin": alone,
@@ -435,6 +457,9 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
     ]
     if m["ssim"] is not None and "median" in m["ssim"]:
         rows.append(["SSIM of matched candidates, median", f"{m['ssim']['median']:.3f}"])
+    if "lpips" in m and "median" in m["lpips"]:
+        rows.append([f"perceptually recovered (LPIPS <= {m['lpips']['threshold']:g})", m["lpips"]["recovered"]])
+        rows.append(["LPIPS of matched candidates, median (lower is closer)", f"{m['lpips']['median']:.4f}"])
     if m["label_accuracy"] is not None:
         rows.append(["labels recovered (multiset overlap)", f"{100 * m['label_accuracy']:.1f}%"])
     if "imprint" in m:

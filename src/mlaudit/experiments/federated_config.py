@@ -120,6 +120,22 @@ class InversionOptions(BaseModel):
     soft_labels: bool = True
 
 
+class LpipsOptions(BaseModel):
+    """LPIPS of the matched reconstructions (:func:`mlaudit.attacks.federated.lpips_alexnet`; Zhang et al. 2018),
+    from two files the user has on disk (nothing is downloaded): ``backbone`` a torchvision AlexNet state_dict,
+    ``lin`` LPIPS v0.1's linear layers (the ``lpips`` package's ``weights/v0.1/alex.pth``), each checked against
+    its sha256 when given. ``threshold``: an input counts as perceptually recovered when LPIPS <= it. Image
+    attacks only; sides of at least 31 pixels (AlexNet)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str
+    lin: str
+    backbone_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    lin_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    threshold: float = Field(0.1, gt=0.0, le=10.0)
+
+
 class DefenceOptions(BaseModel):
     """A client-side defence on each user's update before the server sees it
     (:func:`mlaudit.federated.defend_updates`; Zhu et al. 2019, "Deep Leakage from Gradients", section 5):
@@ -221,6 +237,8 @@ class FederatedConfig(ExperimentConfig):
     text_inversion: TextInversionOptions = TextInversionOptions()
     """With ``attack: decepticons``: the honest-but-curious text inversion on the same round (see
     :class:`TextInversionOptions`)."""
+    lpips: LpipsOptions | None = None
+    """LPIPS of each matched reconstruction next to PSNR and SSIM (None: not computed); see :class:`LpipsOptions`."""
     defence: DefenceOptions = DefenceOptions()
     """Client-side defence on each update before the server sees it; the attack also runs without it."""
     pretrain: bool = False
@@ -276,6 +294,9 @@ class FederatedConfig(ExperimentConfig):
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")
+        if self.attack == "decepticons" and self.lpips is not None:
+            raise ValueError("lpips compares reconstructed images; attack = 'decepticons' recovers tokens (allowed: "
+                             "lpips with inverting-gradients, dlg or imprint)")
         if self.attack == "decepticons":
             self._decepticons_fits()
         elif self.text_inversion.run:
@@ -372,12 +393,28 @@ def check_federated(config: FederatedConfig, data: DataBundle) -> None:
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
         raise ConfigError(f"box {list(config.box)}: {data.name}'s inputs lie in [{x_min:.4g}, {x_max:.4g}], outside it; "
                           "set box to the inputs' value range")
+    if config.lpips is not None:
+        build_lpips(config).check_size(tuple(data.train.x.shape[1:]))
     if config.attack == "imprint" and config.imprint.variant == "parameters":
         check_parameter_imprint(config, data)
     elif config.attack == "imprint":
         plant_imprint(torch.nn.Identity(), data.test.x, bins=config.imprint.bins, measurement=config.imprint.measurement,
                       cdf=config.imprint.cdf, generator=torch.Generator().manual_seed(0))
     user_shares(config, data, 0)
+
+
+def build_lpips(config: FederatedConfig) -> torch.nn.Module:
+    """The ``lpips`` block's metric (files read, hashes checked); ConfigError naming the field otherwise."""
+    from ..attacks.federated import lpips_alexnet
+    from ..errors import DataError
+
+    o = config.lpips
+    assert o is not None
+    try:
+        return lpips_alexnet(o.backbone, o.lin, backbone_sha256=o.backbone_sha256, lin_sha256=o.lin_sha256,
+                             box=config.box)
+    except (ConfigError, DataError) as e:
+        raise ConfigError(f"lpips: {e}") from e
 
 
 def check_parameter_imprint(config: FederatedConfig, data: DataBundle) -> None:

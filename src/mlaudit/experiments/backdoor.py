@@ -6,7 +6,10 @@ training rows with a trigger (BadNets' patch, a blended pattern; dirty label: re
 target class; label-consistent: target-class rows made hard within eps, labels kept) or, for the
 hidden-trigger methods (Hidden Trigger Backdoor, Sleeper Agent), crafts P target-class rows within eps
 with no trigger on them (labels kept; the trigger appears on test inputs only); it knows neither the
-victims' initialisation nor their data order. The victim trains from scratch.
+victims' initialisation nor their data order. The victim trains from scratch, or, with ``victim.model``
+starting from a pretrained ``init``, is fine-tuned from it (``train: all``) or only has its classifier
+retrained over the frozen pretrained features (``train: head``: the transfer setting of Saha et al. 2020);
+the report states which (:func:`.poisoning.victim_setting`).
 
 Protocol: build the poison once with the ``backdoor`` poisoner ``attack.method`` (kept under
 ``artifacts/poisons/``, so a resumed run reuses it), then train ``victims`` models on the poisoned set
@@ -46,7 +49,7 @@ from .backdoor_config import (  # noqa: F401  (the config is imported from here 
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext
 from .poison_task import attacker_models, load_poison, poison_task, run_poisoner, save_poison
-from .poisoning import failed_victims_note, finished_crafters, train_victims, victim_logits
+from .poisoning import failed_victims_note, finished_crafters, train_victims, victim_logits, victim_setting
 
 GRID = 8
 """Poisons shown in the report's image grid."""
@@ -74,10 +77,12 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
 
     n = len(data.train)
     p = int(view.indices.numel())
+    setting = victim_setting(config, data)
     metrics: dict[str, Any] = {
         "attack_success_rate": MeanSE.of(asr["poisoned"]).to_dict(),
         "clean_accuracy": MeanSE.of(acc["poisoned"]).to_dict(),
         "poisons": p, "poison_rate": p / n, "train_size": n, "asr_test_inputs": int(rows.sum()),
+        "victim": {k: v for k, v in setting.items() if k != "phrase"},
     }
     if config.baseline:
         metrics |= {"baseline_attack_success_rate": MeanSE.of(asr["clean"]).to_dict(),
@@ -90,7 +95,8 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
     if crafters:
         c_acc = [r["metrics"]["test_accuracy"] for r in crafters if "metrics" in r]
         metrics["crafting_models"] = {"count": len(crafters),
-                                      **({"test_accuracy": MeanSE.of(c_acc).to_dict()} if c_acc else {})}
+                                      **({"test_accuracy": MeanSE.of(c_acc).to_dict()} if c_acc else {}),
+                                      **({"source": crafters[0]["source"]} if "source" in crafters[0] else {})}
     trials = [{"trial_id": r["trial_id"], "view": name, "victim": r["tags"]["victim"], "seed": r["seed"],
                "attack_success_rate": float(asr[name][i]), "test_accuracy": r["metrics"]["test_accuracy"]}
               for name, rs in recs.items() for i, r in enumerate(rs)]
@@ -101,9 +107,9 @@ def run_backdoor(config: BackdoorConfig, ctx: RunContext) -> ExperimentOutput:
                                     "are outside that budget)" if view.eps is None else
            f", crafted within eps {a.eps:g}/255 with no trigger on them (the trigger appears on test inputs only)")
         + f". ASR: triggered test inputs of the source classes ({int(rows.sum())}, target class left out) classified "
-        f"as the target; mean ± SE over {config.victims} victims trained from scratch"
+        f"as the target; mean ± SE over {config.victims} victims, {setting['phrase']}"
         + (" (clean victims: same seeds, trained without poisons)." if config.baseline else ".")]
-    return ExperimentOutput(metrics=metrics, trials=trials, tables=[_table(config, metrics)],
+    return ExperimentOutput(metrics=metrics, trials=trials, tables=[_table(config, metrics, setting["phrase"])],
                             figures=_figures(metrics, data.train.x, data.train.y, view, trigger.picture(),
                                              [str(c) for c in data.train.classes]),
                             notes=notes)
@@ -163,7 +169,7 @@ def _pct(m: dict[str, Any]) -> dict[str, Any]:
     return {**m, "mean": 100 * m["mean"], "se": 100 * m["se"]}
 
 
-def _table(config: BackdoorConfig, metrics: dict[str, Any]) -> ReportTable:
+def _table(config: BackdoorConfig, metrics: dict[str, Any], setting: str) -> ReportTable:
     rows = []
     if config.baseline:
         rows.append(["clean (no poisons)", 0, _pct(metrics["baseline_attack_success_rate"]),
@@ -172,7 +178,7 @@ def _table(config: BackdoorConfig, metrics: dict[str, Any]) -> ReportTable:
                  _pct(metrics["clean_accuracy"])])
     return ReportTable("Attack success rate and clean accuracy of the victims",
                        ["training set", "poisons", "attack success rate (%)", "clean accuracy (%)"], rows,
-                       note=f"mean ± SE over {config.victims} victims trained from scratch (paired seeds); poison "
+                       note=f"mean ± SE over {config.victims} victims ({setting}; paired seeds); poison "
                             f"rate {100 * metrics['poison_rate']:.3g}% of {metrics['train_size']} training images")
 
 

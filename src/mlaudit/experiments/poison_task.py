@@ -118,14 +118,15 @@ def check_attack(config: PoisoningConfig, data: DataBundle, *, single_architectu
     crafting = config.crafting
     if Needs.CRAFTING_MODELS in entry.needs:
         check_crafting(config, data, single_architecture=single_architecture)
-        count = 1 if crafting.checkpoint is not None else len(crafting.specs(config.model))
+        count = 1 if config.crafting_checkpoint is not None else len(crafting.specs(config.model))
         if entry.model_count is not None and count != entry.model_count:
             raise ConfigError(f"crafting.ensemble = {crafting.ensemble}: {entry.name} takes exactly {entry.model_count} "
                               f"crafting model(s), the config gives {count}; set crafting.ensemble: 1")
     if entry.check_model is not None and entry.needs & (Needs.CRAFTING_MODELS | Needs.FRESH_MODEL):
         where = ("crafting.architectures" if crafting.architectures else
                  "crafting.model" if crafting.model is not None else "model")
-        for spec in dict.fromkeys(crafting.specs(config.model)):
+        found = config.crafting_checkpoint if Needs.CRAFTING_MODELS in entry.needs else None
+        for spec in [found[2]] if found is not None else dict.fromkeys(crafting.specs(config.model)):
             try:
                 entry.check_model(model_template(spec, data))
             except ConfigError as e:

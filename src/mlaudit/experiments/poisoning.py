@@ -17,7 +17,12 @@ Config pieces (mapping fields of a kind's config):
   recipe) — of one architecture, or of each of ``architectures`` (an ensemble of different
   architectures, seed 002 section 1.3.4).
 * ``victim: {model, recipe}`` — the victims' architecture and recipe when they differ from the
-  config's (transfer, seed 002 section 1.5.2; a DP-SGD recipe for section 1.5.5).
+  config's (transfer, seed 002 section 1.5.2; a DP-SGD recipe for section 1.5.5). A victim model with
+  ``init`` (a pretrained state_dict) is fine-tuned from it (``train: all``) or, with ``train: head``,
+  only its classifier is retrained on the poisoned set over the frozen pretrained features (the
+  transfer-learning setting of Shafahi et al. 2018 and Saha et al. 2020; :mod:`mlaudit.models.freeze`).
+  Then, unless ``crafting`` names other models, the attacker's crafting model *is* that pretrained
+  model (:attr:`PoisoningConfig.crafting_checkpoint`): it knows the feature extractor.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from ..data.base import DataBundle
 from ..data.view import DataView
 from ..errors import ConfigError, DataError, TrainingError, TrialError
 from ..factory import TrialSpec
+from ..models.freeze import frozen_parameters, training_setting
 from ..models.registry import ModelSpec
 from ..query import load_model, logits_from_checkpoints, model_template
 from ..stats import MeanSE, mean_difference
@@ -104,6 +110,21 @@ class PoisoningConfig(ExperimentConfig):
     def victim_recipe(self) -> Recipe:
         return self.victim.recipe or self.recipe
 
+    @property
+    def crafting_checkpoint(self) -> tuple[Path, str | None, ModelSpec] | None:
+        """``(file, sha256, architecture)`` of the attacker's pretrained crafting model, or None when the
+        factory trains the crafting model(s): ``crafting.checkpoint`` when given; else, when the victim
+        model starts from ``init`` and ``crafting`` sets nothing else (no model, architectures, recipe,
+        ensemble), that very file (the victims' pretrained model, all of it trainable for crafting)."""
+        c = self.crafting
+        if c.checkpoint is not None:
+            return c.checkpoint, c.sha256, self.crafting_model
+        v = self.victim_model
+        if v.init is None or c.model is not None or c.architectures is not None or c.recipe is not None or c.ensemble != 1:
+            return None
+        spec = v.model_copy(update={"init": None, "init_sha256": None, "train": "all", "reset_head": False})
+        return Path(v.init), v.init_sha256, spec
+
     def victim_seed(self, i: int) -> int:
         """Seed of victim ``i`` (the same in every view, so clean/poisoned comparisons are paired)."""
         return self.trial_seed(i, stream=Stream.VICTIMS)
@@ -119,16 +140,21 @@ def check_crafting(config: PoisoningConfig, data: DataBundle, *, single_architec
                           f"{[a.name for a in crafting.architectures]}; use crafting.model")
     for arch in crafting.architectures or ():
         model_template(arch, data)  # UnsupportedModelError naming the model when it cannot take this data
-    if crafting.checkpoint is not None:
+    if config.crafting_checkpoint is not None:
         _crafting_checkpoint(config, data)
 
 
 def _crafting_checkpoint(config: PoisoningConfig, data: DataBundle) -> nn.Module:
-    """The crafting model with ``crafting.checkpoint``'s weights (hash- and fit-checked, CPU)."""
-    path = config.crafting.checkpoint
-    return load_model(config.crafting_model, path, sha256=config.crafting.sha256, data=data,
-                      source=f"crafting.checkpoint {str(path)!r}",
-                      hint="set crafting.model to the checkpoint's architecture")
+    """The crafting model with the weights of :attr:`PoisoningConfig.crafting_checkpoint` (hash- and
+    fit-checked, CPU)."""
+    found = config.crafting_checkpoint
+    assert found is not None
+    path, sha256, spec = found
+    given = config.crafting.checkpoint is not None
+    return load_model(spec, path, sha256=sha256, data=data,
+                      source=f"crafting.checkpoint {str(path)!r}" if given else f"victim model.init {str(path)!r}",
+                      hint="set crafting.model to the checkpoint's architecture" if given else
+                           "give crafting.checkpoint and crafting.model, or crafting.recipe to train crafting models")
 
 
 def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
@@ -140,9 +166,11 @@ def crafting_models(config: PoisoningConfig, ctx: RunContext, data: DataBundle
     on the clean training split (committed to the store, so a resumed run reuses them).
     """
     crafting = config.crafting
-    if crafting.checkpoint is not None:
+    if (found := config.crafting_checkpoint) is not None:
         m = _crafting_checkpoint(config, data)
-        return [m.to(ctx.device).eval()], [{"trial_id": "crafter-checkpoint", "checkpoint": str(crafting.checkpoint)}]
+        source = "crafting.checkpoint" if crafting.checkpoint is not None else "victim model.init"
+        return [m.to(ctx.device).eval()], [{"trial_id": "crafter-checkpoint", "checkpoint": str(found[0]),
+                                            "source": source}]
     specs = crafting.specs(config.model)
     models, records = [], []
     for arch in dict.fromkeys(specs):  # one factory job per architecture, crafter ids in ensemble order
@@ -189,6 +217,26 @@ def train_victims(config: PoisoningConfig, ctx: RunContext, data: DataBundle, vi
         first = next(iter(ctx.failed))
         raise TrialError(first, TrainingError(f"every victim of view {empty[0]!r} failed; the first: {ctx.failed[first]}"))
     return out
+
+
+def victim_setting(config: PoisoningConfig, data: DataBundle) -> dict[str, Any]:
+    """How the victims train, for metrics and report: ``setting`` (from scratch, fine-tuned, transfer, head
+    on random features; :func:`mlaudit.models.freeze.training_setting`), ``train`` (all / head),
+    ``reset_head``, ``init`` and its sha256, ``frozen_parameters`` of ``parameters``, and a report phrase."""
+    spec = config.victim_model
+    m = model_template(spec, data)
+    total, frozen = sum(p.numel() for p in m.parameters()), frozen_parameters(m)
+    setting = training_setting(spec)
+    phrase = {"from scratch": "trained from scratch",
+              "fine-tuned": "fine-tuned (all parameters) from the pretrained model.init",
+              "transfer": "transfer learning: only the classifier retrained"
+                          + (" (re-initialised)" if spec.reset_head else "") + " on the frozen features of model.init",
+              "head on random features": "only the classifier trained, on frozen random features"}[setting]
+    if frozen:
+        phrase += f"; {frozen:,} of {total:,} parameters frozen"
+    return {"setting": setting, "train": spec.train, "reset_head": spec.reset_head,
+            "init": spec.init, "init_sha256": spec.init_sha256, "frozen_parameters": frozen,
+            "parameters": total, "phrase": phrase}
 
 
 def failed_victims_note(ctx: RunContext, metrics: dict[str, Any]) -> list[str]:

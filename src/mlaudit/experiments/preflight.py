@@ -39,8 +39,8 @@ def check_device(device: str) -> str:
 
 
 def preflight(cfg: ExperimentConfig, data: DataBundle | None = None) -> DataBundle:
-    """Load the config's dataset (unless given), build its model once for that data and run it on two
-    inputs, and import the user's trainer and check its signature, so that missing or corrupt files,
+    """Load the config's dataset (unless given), build its model (and a poisoning kind's victim model)
+    once for that data and run it on two inputs, and import the user's trainer and check its signature, so that missing or corrupt files,
     import strings that do not resolve and model/data mismatches are reported before anything is
     written. This is the first place user code (import strings) is imported. Returns the data."""
     from ..data.registry import load_dataset
@@ -48,11 +48,13 @@ def preflight(cfg: ExperimentConfig, data: DataBundle | None = None) -> DataBund
     from ..train.trainer import UserTrainer
 
     data = load_dataset(cfg.dataset) if data is None else data
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-        check = check_sequence_output if cfg.sequence_model else check_output
-        check(model, input_shape=data.input_shape, num_classes=cfg.model.num_classes or data.num_classes,
-              name=cfg.model.name)
+    # the poisoning kinds' victims may have their own architecture, init file (sha256) and frozen part
+    for spec in dict.fromkeys([cfg.model, getattr(cfg, "victim_model", cfg.model)]):
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(spec, input_shape=data.input_shape, num_classes=data.num_classes)
+            check = check_sequence_output if cfg.sequence_model else check_output
+            check(model, input_shape=data.input_shape, num_classes=spec.num_classes or data.num_classes,
+                  name=spec.name)
     if cfg.user_trainer is not None:
         UserTrainer(cfg.user_trainer)
     for where, spec, recipe in dp_trainings(cfg):
@@ -73,7 +75,7 @@ def dp_trainings(cfg: ExperimentConfig) -> list[tuple[str, ModelSpec, Recipe]]:
 
         found = [("victim.recipe" if victim.recipe else "recipe", victim.model or cfg.model, victim.recipe or cfg.recipe)]
         crafting = cfg.crafting  # type: ignore[attr-defined]
-        if Needs.CRAFTING_MODELS in cfg.attack.entry.needs and crafting.checkpoint is None:  # type: ignore[attr-defined]
+        if Needs.CRAFTING_MODELS in cfg.attack.entry.needs and cfg.crafting_checkpoint is None:  # type: ignore[attr-defined]
             found += [("crafting.recipe" if crafting.recipe else "recipe", spec, crafting.recipe or cfg.recipe)
                       for spec in dict.fromkeys(crafting.specs(cfg.model))]
     return [f for f in found if f[2].dp is not None]

@@ -4,7 +4,9 @@ baselines) evaluated by the protocol of seed 002, section 1.7.
 Threat model (section 1.3.1): the attacker perturbs P = budget * N training images of the
 adversarial class within an l-inf ball of radius eps/255 (labels unchanged), knowing a pretrained
 crafting model (or an ensemble) but not the victim's initialisation, data order or augmentation;
-the victim trains from scratch on the poisoned set. Success means the target test image is
+the victim trains from scratch on the poisoned set (or is fine-tuned from, or with ``victim.model.train:
+head`` has only its classifier retrained over, a pretrained ``init``: the transfer setting of Shafahi et
+al. 2018, where the crafting model defaults to that pretrained model). Success means the target test image is
 classified as the adversarial class (not merely misclassified).
 
 Protocol, per scenario (drawn from the paper's seed series, :mod:`mlaudit.attacks.poisoning.targeted.scenario`):
@@ -47,7 +49,13 @@ from .poison_task import (
     run_poisoner,
     save_poison,
 )
-from .poisoning import failed_victims_note, finished_crafters, train_victims, victim_predictions
+from .poisoning import (
+    failed_victims_note,
+    finished_crafters,
+    train_victims,
+    victim_predictions,
+    victim_setting,
+)
 from .targeted_poison_config import (  # noqa: F401  (the config is imported from here too)
     ExplicitScenario,
     TargetedAttack,
@@ -162,6 +170,7 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
                          "success": None,
                          "target_predictions": preds["clean"][v].tolist(), "test_accuracy": r["metrics"]["test_accuracy"]})
 
+    setting = victim_setting(config, data)
     poisoned_acc = np.array([r["metrics"]["test_accuracy"] for n, recs in records.items() if n != "clean" for r in recs])
     craft_s = [brewed[sc.index][1] for sc in scenarios]
     metrics: dict[str, Any] = {
@@ -179,7 +188,8 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
         "attack": {"method": config.attack.method, "eps": config.attack.eps, "budget": config.attack.budget,
                    "poisons": len(scenarios[0].poison_ids), "restarts": config.attack.restarts,
                    "steps": config.attack.steps},
-        "crafting_models": [{k: r.get(k) for k in ("trial_id", "checkpoint")} |
+        "victim": {k: v for k, v in setting.items() if k != "phrase"},
+        "crafting_models": [{k: r.get(k) for k in ("trial_id", "checkpoint", "source") if k in r} |
                             {"test_accuracy": r.get("metrics", {}).get("test_accuracy")} for r in crafter_records],
     }
     if config.baseline:
@@ -202,8 +212,9 @@ def run_targeted_poison(config: TargetedPoisonConfig, ctx: RunContext) -> Experi
         f"{len(scenarios)} scenarios x {config.victims} victims; success = target classified as the adversarial "
         "class; mean ± SE over scenarios of each scenario's success averaged over its victims (and targets).",
         f"victims: {config.victim_model.name} with recipe {config.victim_recipe.name}"
-        f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}; crafting model(s): "
-        + ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items())]
+        f"{' (DP-SGD)' if config.victim_recipe.dp is not None else ''}, {setting['phrase']}; crafting model(s): "
+        + (f"the pretrained {found[2].name} of {found[0].name}" if (found := config.crafting_checkpoint) is not None
+           else ", ".join(f"{a.name} x {n}" for a, n in Counter(config.crafting.specs(config.model)).items()))]
     if exported:
         notes.append("poisoned training sets exported (PNG + manifest + exact deltas): " + ", ".join(exported)
                      + "; their content digests are in metrics.export_digests (pass one to import_view as "

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedModelError
 from ..imports import accepted_kwargs, is_import_string, resolve_import
 from ..registry import Registry
+from .freeze import TrainPart, classifier_head, freeze_to_head
 
 Norm = Literal["batch", "group", "none", "dp-stats"]
 DP_STATS_MODELS = ("scatter-linear", "scatter-cnn")
@@ -52,6 +53,14 @@ class ModelSpec(BaseModel):
     of a last-iterate DP audit (Annamalai & De Cristofaro 2024). Loaded weights-only, every key required."""
     init_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     """The sha256 the ``init`` file must have (checked before it is loaded)."""
+    train: TrainPart = "all"
+    """Which parameters train: ``all``, or ``head`` (only the last ``nn.Linear``, the classifier; everything
+    else frozen, its BatchNorm statistics included: transfer learning on ``init``'s features). See
+    :mod:`mlaudit.models.freeze`."""
+    reset_head: bool = False
+    """With ``init``: the classifier (last ``nn.Linear``) keeps its seeded random init instead of the file's
+    (a new classifier on pretrained features; the file's classifier keys are ignored, so they may be of another
+    number of classes)."""
 
     @field_validator("name")
     @classmethod
@@ -76,6 +85,9 @@ class ModelSpec(BaseModel):
     def _options_fit(self) -> ModelSpec:
         if self.init_sha256 is not None and self.init is None:
             raise ValueError("model.init_sha256 is given without model.init; give the state_dict file it checks")
+        if self.reset_head and self.init is None:
+            raise ValueError("model.reset_head re-initialises the classifier of a pretrained model; it needs "
+                             "model.init (the pretrained state_dict file)")
         if self.is_user and (self.width is not None or self.in_channels is not None):
             raise ValueError(f"model {self.name!r} is your own architecture: width and in_channels are zoo options; "
                              "pass your factory's own arguments in model.kwargs")
@@ -152,7 +164,8 @@ def build_model(
     value: str | dict[str, Any] | ModelSpec, *, input_shape: tuple[int, ...], num_classes: int
 ) -> nn.Module:
     """Build a fresh (randomly initialised, global-RNG) model for data of ``input_shape``; with
-    ``init`` in the spec, its weights are then those of that state_dict file.
+    ``init`` in the spec, its weights are then those of that state_dict file (but for the classifier with
+    ``reset_head``); with ``train: head`` all but the classifier is frozen (:mod:`.freeze`).
 
     Raises :class:`ConfigError` when the architecture cannot take this input (e.g. a conv net on
     vector data, or images smaller than the net's ``min_size``).
@@ -160,20 +173,38 @@ def build_model(
     spec = resolve_model_spec(value)
     model = _build(spec, input_shape=input_shape, num_classes=num_classes)
     if spec.init is not None:
-        _load_init(model, spec)
+        _load_init(model, spec, num_classes=spec.num_classes or num_classes)
+        setattr(model, PRETRAINED_FLAG, True)
+    if spec.train == "head":
+        freeze_to_head(model, num_classes=spec.num_classes or num_classes, name=spec.name)
     return model
 
 
-def _load_init(model: nn.Module, spec: ModelSpec) -> None:
+PRETRAINED_FLAG = "_mlaudit_pretrained"
+"""Attribute set (True) on a model whose weights came from ``init``: the training loop then skips the
+model's ``data_init`` (which would overwrite pretrained weights from the training data)."""
+
+
+def _load_init(model: nn.Module, spec: ModelSpec, *, num_classes: int) -> None:
     """Overwrite ``model``'s weights with the state_dict of ``spec.init`` (sha256-checked when given; a
-    ConfigError naming the missing, unexpected or mis-shaped keys)."""
+    ConfigError naming the missing, unexpected or mis-shaped keys). With ``reset_head`` the classifier's
+    keys are left out of the file's state and keep the model's own init."""
     path = Path(str(spec.init))
     state = _init_state(str(path), spec.init_sha256, path.stat().st_mtime_ns if path.is_file() else 0)
+    keep: set[str] = set()
+    if spec.reset_head:
+        head_name, head = classifier_head(model, num_classes=num_classes, name=spec.name, field="model.reset_head")
+        keep = {f"{head_name}.{k}" if head_name else k for k in head.state_dict()}
+        state = {k: v for k, v in state.items() if k not in keep}
     try:
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=not keep)
     except RuntimeError as e:
         raise ConfigError(f"model.init = {spec.init!r} does not fit model {spec.name!r}: "
                           f"{str(e).splitlines()[0][:300]} (save the state_dict of this very architecture)") from None
+    if set(missing) - keep or unexpected:
+        raise ConfigError(f"model.init = {spec.init!r} does not fit model {spec.name!r}: missing keys "
+                          f"{sorted(set(missing) - keep)[:8]}, unexpected keys {sorted(unexpected)[:8]} (save the "
+                          "state_dict of this very architecture)")
 
 
 @functools.lru_cache(maxsize=4)

@@ -42,6 +42,7 @@ from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.base import TensorDataset
 from ..data.view import DataView
 from ..errors import ConfigError, TrainingError
+from ..models.registry import PRETRAINED_FLAG
 from .adversarial import adversarial_batch, trades_loss
 from .graphed import GraphedStep, model_streams
 from .hooks import DPStepHooks
@@ -362,8 +363,8 @@ def _data_init(models: Sequence[nn.Module], data: TensorDataset, groups: list[tu
                pools: list[Tensor], seeds: Sequence[int]) -> None:
     """Give every model that defines ``data_init(x [n, *shape])`` (e.g. the whitening stem of
     ``airbench``) up to 5000 images drawn, seeded, from its own training pool (through its view)."""
-    if not hasattr(models[0], "data_init"):
-        return
+    if not hasattr(models[0], "data_init") or getattr(models[0], PRETRAINED_FLAG, False):
+        return  # a model loaded from model.init keeps its pretrained weights
     view_of = {i: v for v, members in groups for i in members}
     for i, (m, pool) in enumerate(zip(models, pools)):
         g = torch.Generator().manual_seed(int(seeds[i]) + DATA_INIT_SEED)

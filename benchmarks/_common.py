@@ -244,3 +244,43 @@ def time_step(fn: Any, n: int = 20, warmup: int = 3) -> float:
         fn()
     sync()
     return (time.perf_counter() - t0) / n
+
+
+VICTIM_SETTINGS = ("scratch", "fine-tuned", "transfer")
+"""The victim settings of the poisoning benchmarks' ``--settings``: trained from scratch, fine-tuned from a
+pretrained model (``model.init``, every parameter trains), transfer (only a re-initialised classifier
+retrained over the pretrained model's frozen features: ``train: head``, ``reset_head``)."""
+
+
+def pretrained_model(config: dict[str, Any], out: Path, *, device: str, seed: int = 0xF00D) -> tuple[Path, str]:
+    """The config's model trained by mlaudit (``mlaudit.train.train``, the factory's loop) on the clean training
+    split of its dataset with its recipe, saved as a state_dict under ``out`` (reused when already there):
+    the pretrained model of the fine-tuned and transfer victims. Returns (path, sha256)."""
+    from mlaudit.experiments import parse_config
+    from mlaudit.train import train
+    from mlaudit.train.checkpoint import save_checkpoint, sha256_file
+
+    cfg = parse_config(config)
+    path = out / f"pretrained_{cfg.model.name}_{cfg.dataset.name}_seed{seed}.pt"
+    if not path.is_file():
+        data = load_dataset(cfg.dataset)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
+        train(model, data, cfg.recipe, seed=seed, device=device, residual=cfg.model.residual)
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model.state_dict(), path)
+    return path, sha256_file(path)
+
+
+def victim_block(config: dict[str, Any], setting: str, pretrained: tuple[Path, str]) -> dict[str, Any]:
+    """The ``victim`` block of ``setting`` (:data:`VICTIM_SETTINGS`) for a poisoning config whose victims are
+    its ``model``; the crafting model is then left to its default (the pretrained model itself when the
+    victims start from it)."""
+    if setting not in VICTIM_SETTINGS:
+        raise SystemExit(f"unknown victim setting {setting!r}; valid: {', '.join(VICTIM_SETTINGS)}")
+    if setting == "scratch":
+        return {}
+    model = config["model"] if isinstance(config["model"], dict) else {"name": config["model"]}
+    extra = {"train": "head", "reset_head": True} if setting == "transfer" else {"train": "all"}
+    return {"model": {**model, "init": str(pretrained[0]), "init_sha256": pretrained[1], **extra}}

@@ -12,6 +12,13 @@ with ``--methods hidden-trigger,sleeper-agent``.
         --epochs 10 --victims 1 --name reduced                       # a cheaper run
     python benchmarks/backdoor.py --smoke                               # digits, MLP, CPU, ~20 s
     python benchmarks/backdoor.py --smoke --methods hidden-trigger,sleeper-agent --name digits_hidden_trigger
+    python benchmarks/backdoor.py --smoke --methods badnets,hidden-trigger --settings scratch,fine-tuned,transfer \
+        --name digits_settings                 # victims from scratch, fine-tuned, transfer (classifier only)
+
+``--settings`` trains each method's victims in each setting (``_common.VICTIM_SETTINGS``): from scratch, fine-tuned
+from a pretrained model (the config's model trained by mlaudit on the clean training split with the config's recipe,
+saved and sha256-pinned in the workdir) or transfer (a re-initialised classifier retrained over that model's frozen
+features, ``victim.model.train: head``); the clean-label methods then craft against the pretrained model itself.
 
 Each method is one ``backdoor`` run with its own clean victims (same seeds as its poisoned ones, so
 the comparison is paired); the clean-label runs also train their crafting model (the config's model
@@ -77,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the victim (and crafting) recipe")
     ap.add_argument("--victims", type=int, default=None, help="victims per view (default: the config's)")
     bench.add_executor_args(ap)
+    ap.add_argument("--settings", default="scratch",
+                    help="comma-separated victim settings: scratch, fine-tuned, transfer (default: scratch)")
     ap.add_argument("--workdir", default=None,
                     help="keep the runs here and resume them when invoked again (default: a temp dir)")
     args = ap.parse_args()
@@ -124,15 +133,24 @@ def main() -> None:
     cfg = base_config(args)
     # every method's config is validated before any run (an unknown method lists the valid ones)
     configs = {m: method_config(cfg, m, args) for m in (x.strip() for x in args.methods.split(",")) if m}
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
     name = args.name or ("digits_smoke" if args.smoke else Path(args.config).stem)
     runs: dict[str, Any] = {}
     with bench.workdir(args.workdir) as tmp:
+        if settings != ["scratch"]:
+            pre = bench.pretrained_model(cfg, tmp / "pretrained", device=device)
+            args.pretrained = {"file": pre[0].name, "sha256": pre[1], "recipe": cfg["recipe"], "model": cfg["model"]}
+            configs = {f"{m}/{st}" if len(settings) > 1 else m: {**c, "victim": bench.victim_block(c, st, pre)}
+                       for m, c in configs.items() for st in settings}
+            for c in configs.values():
+                parse_config(c)
         for m, c in configs.items():
             t0 = time.perf_counter()
-            res = bench.resume_run(c, tmp / m, device, tmp / "runs.db", **bench.executor_kwargs(args))
+            res = bench.resume_run(c, tmp / m.replace("/", "-"), device, tmp / "runs.db", **bench.executor_kwargs(args))
             r = res.results
             runs[m] = {"config": r["config"], "metrics": r["metrics"], "cost": r["cost"],
-                       "process_wall_s": round(time.perf_counter() - t0, 2), "cumulative_cost": bench.cumulative_cost(tmp / m)}
+                       "process_wall_s": round(time.perf_counter() - t0, 2),
+                       "cumulative_cost": bench.cumulative_cost(tmp / m.replace("/", "-"))}
             mt = r["metrics"]
             print(f"{m}: ASR {bench.pct_se(mt['attack_success_rate'])} % (clean victims "
                   f"{bench.pct_se(mt['baseline_attack_success_rate']) if 'baseline_attack_success_rate' in mt else 'n/a'} %), "
@@ -149,7 +167,9 @@ def report(args: argparse.Namespace, name: str, runs: dict[str, Any]) -> None:
     for m, r in runs.items():
         mt, a, cc = r["metrics"], r["metrics"]["attack"], r["cumulative_cost"]
         base = mt.get("baseline_attack_success_rate")
-        rows.append(f"| {m} | {a['trigger_text']} | {'-' if a.get('eps_255') is None else a['eps_255']} | "
+        v = mt.get("victim") or {"setting": "from scratch", "frozen_parameters": 0, "parameters": 0}
+        frozen = f", {v['frozen_parameters']:,} of {v['parameters']:,} frozen" if v["frozen_parameters"] else ""
+        rows.append(f"| {m.split('/')[0]} | {v['setting']}{frozen} | {a['trigger_text']} | {'-' if a.get('eps_255') is None else a['eps_255']} | "
                     f"{mt['poisons']} ({100 * mt['poison_rate']:.2f}%) | {bench.pct_se(mt['attack_success_rate'])} | "
                     f"{bench.pct_se(base) if base else '-'} | {bench.pct_se(mt['clean_accuracy'])} | "
                     f"{bench.pct_se(mt['baseline_clean_accuracy']) if 'baseline_clean_accuracy' in mt else '-'} | "
@@ -159,14 +179,20 @@ def report(args: argparse.Namespace, name: str, runs: dict[str, Any]) -> None:
     md = (f"# Backdoor attacks: {name}\n\n{env['date']}, {next(iter(runs.values()))['cost']['device']}, torch "
           f"{env['torch']}; data {env['data']}; victims {first['model']['name']} ({recipe['name']}, "
           f"{recipe['epochs']} epochs), {first['victims']} poisoned + {first['victims']} clean per method (paired seeds), "
-          f"trained from scratch; target class {first['attack']['options']['target_class']}.\n\n"
-          "| method | trigger | eps (/255) | poisons | ASR (%) | ASR, clean victims (%) | clean acc (%) | "
+          f"victims as in the second column (fine-tuned and transfer: from the pretrained model); target class "
+          f"{first['attack']['options']['target_class']}.\n\n"
+          "| method | victims | trigger | eps (/255) | poisons | ASR (%) | ASR, clean victims (%) | clean acc (%) | "
           "clean acc, clean victims (%) | models trained | wall s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(rows)
-          + f"\nASR: triggered test inputs of the source classes (target class left out) classified as the target. "
-          f"mean ± SE over victims. Models trained include the clean-label methods' crafting model. Whole benchmark "
+          "|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(rows)
+          + "\nASR: triggered test inputs of the source classes (target class left out) classified as the target. "
+          "mean ± SE over victims. Models trained include the clean-label methods' crafting model when the victims "
+          "train from scratch (fine-tuned and transfer: the crafting model is the pretrained model itself)."
+          + (f" Pretrained model: {pre['model']} trained by mlaudit on the clean training split with recipe "
+             f"{pre['recipe']} (sha256 {pre['sha256'][:12]}…, not counted in the models or wall s)."
+             if (pre := getattr(args, "pretrained", None)) else "") + f" Whole benchmark "
           f"{total:.1f} s (summed over invocations when resumed).\n")
-    bench.write_results(f"backdoor_{name}", {"environment": env, "runs": runs, "process_wall_s": round(total, 2)}, md)
+    bench.write_results(f"backdoor_{name}", {"environment": env, "runs": runs, "process_wall_s": round(total, 2),
+                                             "pretrained": getattr(args, "pretrained", None)}, md)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,18 @@
 ``--part success`` a `targeted-poison` config end to end through the runner (crafting model, poisons,
                    victims retrained from scratch by the factory, clean baseline). ``--workdir`` keeps
                    the run so that invoking it again resumes it; ``--set key=value`` changes the config.
+``--part settings`` the config once per method (``--methods``) and victim setting (``--settings``: from scratch,
+                   fine-tuned from, or transfer over the frozen features of, a model mlaudit pretrains on the
+                   clean training split; ``_common.VICTIM_SETTINGS``), one table (feature collision is a
+                   transfer-learning attack: Shafahi et al. 2018).
 ``--part merge``   pools the success results of runs that split one study by ``first_scenario`` (e.g.
                    scenarios 0-1 in one session's device time, 2-3 in the next) into one table.
 
     python benchmarks/targeted_poison.py --part speed --device cuda --restarts 2 --steps 250
     python benchmarks/targeted_poison.py --part success --config benchmarks/configs/cifar10_fastcnn_brew.yaml
     python benchmarks/targeted_poison.py --part merge --name pooled results/a.json results/b.json
+    python benchmarks/targeted_poison.py --part settings --config benchmarks/configs/digits_mlp_targeted.yaml \
+        --device cpu --methods poison-frogs,bullseye --name digits_settings
 
 Writes benchmarks/results/targeted_poison_<part>[_name].{json,md}.
 """
@@ -36,8 +42,10 @@ from _common import (  # noqa: E402
     environment,
     executor_kwargs,
     pct_se,
+    pretrained_model,
     resume_run,
     sync,
+    victim_block,
     workdir,
     write_results,
 )
@@ -171,6 +179,51 @@ def success(args: argparse.Namespace) -> None:
                   md)
 
 
+def settings(args: argparse.Namespace) -> None:
+    """Each method (``--methods``) in each victim setting (``--settings``) on the config's scenarios and seeds."""
+    base = apply_overrides(load_yaml(args.config), args.overrides)
+    name = args.name or f"{Path(args.config).stem}_settings"
+    methods = [m.strip() for m in (args.methods or base["attack"]["method"]).split(",") if m.strip()]
+    wanted = [x.strip() for x in args.settings.split(",") if x.strip()]
+    rows, runs = [], {}
+    with workdir(args.workdir) as tmp:
+        pre = pretrained_model(base, tmp / "pretrained", device=args.device)
+        for method in methods:
+            for st in wanted:
+                cfg = {**base, "name": f"{method}-{st}", "attack": {**base["attack"], "method": method},
+                       "victim": victim_block(base, st, pre)}
+                t0 = time.perf_counter()
+                r = resume_run(cfg, tmp / f"{method}-{st}", args.device, tmp / "runs.db", **executor_kwargs(args)).results
+                m, total = r["metrics"], cumulative_cost(tmp / f"{method}-{st}")
+                runs[f"{method}/{st}"] = {"config": r["config"], "metrics": m, "cumulative_cost": total,
+                                          "process_wall_s": round(time.perf_counter() - t0, 2)}
+                v = m["victim"]
+                frozen = f", {v['frozen_parameters']:,} of {v['parameters']:,} frozen" if v["frozen_parameters"] else ""
+                rows.append(f"| {method} | {v['setting']}{frozen} | {pct_se(m['poison_success'])} | "
+                            f"{pct_se(m['clean_baseline_success']) if 'clean_baseline_success' in m else '-'} | "
+                            f"{pct_se(m['victim_accuracy'])} | {m['timing']['crafting_s_total']:.1f} | "
+                            f"{total['models_trained']} | {total['process_wall_s']:.1f} |\n")
+                print(rows[-1], end="", flush=True)
+                env = environment()
+                a = m["attack"]
+                md = (f"# Targeted poisoning by victim setting: {name}\n\n{env['date']}, {r['cost']['device']}, torch "
+                      f"{env['torch']}; config `{args.config}`; eps {a['eps']}, {a['poisons']} poisons, R = {a['restarts']}, "
+                      f"M = {a['steps']}; {r['config']['scenarios']} scenarios x {r['config']['victims']} victims "
+                      f"(paired seeds; the same scenarios in every row); victims {r['config']['model']['name']} with "
+                      f"recipe {r['config']['recipe']['name']} ({r['config']['recipe']['epochs']} epochs).\n\n"
+                      "| method | victims | poison success (%) | clean victims (%) | victim accuracy (%) | crafting s | "
+                      "models trained | wall s |\n|---|---|---|---|---|---|---|---|\n" + "".join(rows)
+                      + "\nPoison success: the target test image classified as the adversarial class, mean ± SE over "
+                      "scenarios of each scenario's rate over its victims. From scratch, the crafting model is one "
+                      "model trained by the factory on the clean training split (counted in models trained); fine-tuned "
+                      "and transfer victims start from the pretrained model, which is also the crafting model (the "
+                      f"attacker knows the feature extractor): the config's model trained by mlaudit on the clean "
+                      f"training split with the config's recipe, sha256 {pre[1][:12]}… (not counted). Transfer: a "
+                      "re-initialised classifier (last nn.Linear) retrained over the frozen features.\n")
+                write_results(f"targeted_poison_{name}", {"environment": env, "pretrained_sha256": pre[1],
+                                                          "runs": runs}, md)
+
+
 def merge(args: argparse.Namespace) -> None:
     """Pool the success results of runs that split one study by ``first_scenario`` (the same attack,
     models, recipes, victims and seed; different, non-overlapping scenarios) into one table: mean ±
@@ -226,7 +279,7 @@ def merge(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["speed", "success", "merge"], required=True)
+    ap.add_argument("--part", choices=["speed", "success", "merge", "settings"], required=True)
     ap.add_argument("inputs", nargs="*", help="merge part: result JSON files of runs split by first_scenario")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="resnet18")
@@ -242,6 +295,8 @@ def main() -> None:
     ap.add_argument("--config", default="benchmarks/configs/cifar10_fastcnn_brew.yaml")
     ap.add_argument("--name", default="")
     ap.add_argument("--method", default="", help="success part: replace attack.method (e.g. poison-frogs, bullseye)")
+    ap.add_argument("--methods", default="", help="settings part: comma-separated methods (default: the config's)")
+    ap.add_argument("--settings", default="scratch,fine-tuned,transfer", help="settings part: victim settings")
     ap.add_argument("--set-restarts", type=int, default=0, help="success part: replace attack.restarts")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=YAML",
                     help="success part: replace a config field, dotted keys (e.g. victim.recipe.epochs=20)")
@@ -251,7 +306,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.part == "merge" and not args.name:
         raise SystemExit("--part merge needs --name (the pooled results file's suffix)")
-    {"speed": speed, "success": success, "merge": merge}[args.part](args)
+    {"speed": speed, "success": success, "merge": merge, "settings": settings}[args.part](args)
 
 
 if __name__ == "__main__":

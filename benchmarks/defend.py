@@ -16,6 +16,11 @@ this poison, and the models each run trained.
     python benchmarks/defend.py --smoke                                   # digits, MLP, CPU, seconds
     python benchmarks/defend.py benchmarks/configs/digits_defend_dp_badnets.yaml --device cpu \
         --dp-noise 0.5,1,2,4 --name digits_dp_badnets                      # DP-SGD victims, eps vs the attack
+    python benchmarks/defend.py benchmarks/configs/digits_defend_adaptive_brew.yaml --device cpu \
+        --filters outlier,spectral --adaptive 1 --name digits_adaptive_brew  # plain vs adaptive brew
+
+``--adaptive W[,W]`` runs every filter run of a gradient-matching config also with the adaptive attack
+(``attack.adaptive``: the penalty matched to that filter, weight W), the same scenarios and seeds.
 
 ``--workdir DIR`` keeps the runs and resumes them when invoked again. Writes
 benchmarks/results/defend_<name>.{json,md}.
@@ -33,6 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as bench  # noqa: E402
 
+from mlaudit.attacks.poisoning.targeted import PENALTY_FOR_FILTER  # noqa: E402
 from mlaudit.config import load_yaml  # noqa: E402
 from mlaudit.defences import FILTERS  # noqa: E402
 from mlaudit.experiments import parse_config  # noqa: E402
@@ -68,6 +74,8 @@ def parse_args() -> argparse.Namespace:
                     "their defence.dp)")
     ap.add_argument("--methods", default=None, help="comma-separated attack methods of the same family, each run in "
                     "place of the configs' own (e.g. gradient-matching,bullseye,poison-frogs)")
+    ap.add_argument("--adaptive", default=None, help="comma-separated weights: each filter run of a gradient-matching "
+                    "config also with attack.adaptive (the penalty matched to the filter) at each weight")
     ap.add_argument("--epochs", type=int, default=None, help="epochs of the victims' recipe")
     ap.add_argument("--victims", type=int, default=None, help="victims per poisoned set (default: the config's)")
     bench.add_executor_args(ap)
@@ -117,6 +125,12 @@ def expand(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, dict[str,
             for r in (float(x) for x in args.rates.split(",") if x.strip()):
                 out[f"{method}@{r:g}"] = {**copy.deepcopy(cfg), "name": f"{base}-{method}-{r:g}",
                                           "defence": {"method": method, "rate": r}}
+                for w in (float(x) for x in (args.adaptive or "").split(",") if x.strip()):
+                    pen = PENALTY_FOR_FILTER[method]
+                    out[f"{method}@{r:g}+adaptive-{pen}{w:g}"] = {
+                        **copy.deepcopy(cfg), "name": f"{base}-{method}-{r:g}-adaptive-{pen}{w:g}",
+                        "defence": {"method": method, "rate": r},
+                        "attack": {**cfg["attack"], "adaptive": {"penalty": pen, "weight": w}}}
     elif d["method"] == "dp-sgd" and args.dp_noise:
         for z in (float(x) for x in args.dp_noise.split(",") if x.strip()):
             dp = {k: v for k, v in (d.get("dp") or {}).items() if k != "epsilon"} | {"noise_multiplier": z}
@@ -177,6 +191,12 @@ def summary(m: dict[str, Any]) -> str:
     return text
 
 
+def attack_label(attack: dict[str, Any]) -> str:
+    """The attack method, with its adaptive penalty and weight when it has one."""
+    a = (attack.get("options") or {}).get("adaptive")
+    return attack["method"] if not a else f"{attack['method']} adaptive ({a['penalty']}, weight {a['weight']:g})"
+
+
 def _pct(v: dict[str, Any] | None) -> str:
     return "-" if v is None else f"{100 * v['value']:.1f} [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
 
@@ -196,7 +216,7 @@ def report(name: str, runs: dict[str, Any]) -> None:
         if "removal" in m:
             rm = m["removal"]
             p = rm.get("p_value")
-            filters.append(f"| {m['defence']['method']} | {rm['rate']} | {rm['poisons_removed']} / {rm['poisons']} | "
+            filters.append(f"| {attack_label(r['config']['attack'])} | {m['defence']['method']} | {rm['rate']} | {rm['poisons_removed']} / {rm['poisons']} | "
                            f"{rm['random_poisons_removed']:.1f} | {rm['clean_removed']} | {rm['random_clean_removed']:.1f} | "
                            f"{'-' if p is None else f'{p:.2g}'} | {bench.pct_se(a['no_defence'])} | {with_a} | "
                            f"{bench.pct_se(acc['no_defence'])} | {with_acc} | {cc['models_trained']} | "
@@ -240,10 +260,10 @@ def report(name: str, runs: dict[str, Any]) -> None:
           f"({recipe['name']}, {recipe['epochs']} epochs), {cfg['victims']} per poisoned set without and with the "
           "defence (paired seeds), trained from scratch.\n\n")
     if filters:
-        md += ("## Filtering defences\n\n| defence | rate | poisons removed | random (expected) | clean removed | "
+        md += ("## Filtering defences\n\n| attack | defence | rate | poisons removed | random (expected) | clean removed | "
                "random clean (expected) | P(random >= removed) | attack success, no defence (%) | with defence (%) | "
                "clean acc, no defence (%) | with defence (%) | models trained | wall s |\n"
-               "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(filters)
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(filters)
                + "\nrate: the fraction of each class removed, in the penultimate feature space of the first victim "
                "trained on the poisoned set; random: a filter removing as many rows of each class uniformly at random. "
                f"{SEED_002_TABLE_1_4}\n\n")

@@ -8,7 +8,8 @@ adversarial class. Methods (Table 1.2 and section 1.5), one file each, each ``fn
 ``gradient-matching``
     Witches' Brew (Geiping et al. 2021, Algorithm 1, eq. 1.3), averaged over an ensemble of crafting
     models; ``dp_clip`` / ``dp_noise`` give the DP-aware variant of section 1.5.5
-    (:mod:`.gradient_matching`).
+    (:mod:`.gradient_matching`); ``adaptive`` adds a feature-space penalty that evades a known
+    filtering defence (:mod:`.adaptive`).
 ``poison-frogs``
     Feature collision (Shafahi et al. 2018) at the penultimate layer (:mod:`.feature_collision`).
 ``bullseye``
@@ -23,6 +24,7 @@ poisons) are drawn by :mod:`.scenario`; :mod:`.alignment` is the gradient-alignm
 """
 
 from . import label_flip  # noqa: F401  (registers the targeted label-flip; the other imports register theirs)
+from .adaptive import PENALTY_FOR_FILTER, AdaptiveOptions, FilterPenalty
 from .bullseye import Bullseye
 from .crafting import TARGETED_CRAFTING, craft_poison, mean_objective
 from .feature_collision import FeatureCollision
@@ -31,7 +33,7 @@ from .gradient_matching import GradientMatching, GradientMatchingOptions, per_sa
 from .watermark import WatermarkOptions, watermark
 
 __all__ = [
-    "TARGETED_CRAFTING", "Bullseye", "FeatureCollision", "GradientMatching", "GradientMatchingOptions",
+    "PENALTY_FOR_FILTER", "TARGETED_CRAFTING", "AdaptiveOptions", "Bullseye", "FilterPenalty", "FeatureCollision", "GradientMatching", "GradientMatchingOptions",
     "WatermarkOptions", "craft_poison", "mean_objective", "penultimate_features", "per_sample_cross_entropy",
     "watermark",
 ]

@@ -27,6 +27,11 @@ DP-aware variant (section 1.5.5): with ``dp_clip`` the poison gradient g_p is cl
 ``dp_clip`` and, with ``dp_noise`` > 0, Gaussian noise of std ``dp_noise * dp_clip`` is added, redrawn
 at every evaluation (the paper's "naive strategy"). As in the paper, clipping is at the mini-batch
 level (the summed poison gradient), not per example.
+
+Adaptive variant (against a known filtering defence; docs/defend.md): with ``penalty`` (a
+:class:`~.adaptive.FilterPenalty`) the objective is ``1 - cos(g_t, g_p) + lambda * mean_i R(x_i)``, R the
+poisons' squared distance to their clean class centroid and/or their squared projection on the clean
+class's top singular direction(s) in the crafting model's penultimate features (:mod:`.adaptive`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from ....errors import ConfigError
 from ....query import ParamVector, evaluating, param_grad, training
 from ..contract import Poison, PoisonTask
 from ..registry import register_poisoner
+from .adaptive import AdaptiveOptions, FilterPenalty
 from .crafting import TARGETED, TARGETED_CRAFTING, craft_poison
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -85,12 +91,15 @@ class GradientMatching:
     the backdoor's target class (:mod:`mlaudit.attacks.poisoning.backdoor.sleeper_agent`), T in the
     thousands; ``target_batch_size`` then sums g_t over chunks of that many images (the same gradient
     in eval mode; in ``train_mode`` BatchNorm sees each chunk's statistics).
+
+    ``penalty``: the adaptive attack's feature-space term (:class:`~.adaptive.FilterPenalty`, weight
+    included), added to the mismatch for the poisons' labels; None (default) is the plain brew.
     """
 
     def __init__(self, model: nn.Module, target_x: Tensor, adv_label: Tensor | int, *, poison_labels: Tensor,
                  loss: LossFn = per_sample_cross_entropy, train_mode: bool = False,
                  dp_clip: float | None = None, dp_noise: float = 0.0, seed: int = 0,
-                 target_batch_size: int | None = None) -> None:
+                 target_batch_size: int | None = None, penalty: FilterPenalty | None = None) -> None:
         if target_x.dim() < 2 or target_x.shape[0] < 1:
             raise ConfigError(f"target_x must be [T>=1, ...], got shape {list(target_x.shape)}")
         if isinstance(adv_label, int):
@@ -109,6 +118,7 @@ class GradientMatching:
         self.train_mode = train_mode
         self.dp_clip = dp_clip
         self.dp_noise = dp_noise
+        self.penalty = penalty
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self.names:
             raise ConfigError("GradientMatching needs a model with trainable parameters (requires_grad=True)")
@@ -160,8 +170,13 @@ class GradientMatching:
         """B = 1 - cos(g_t, g_p) of eq. 1.3."""
         return 1 - self.target_grad.dot(grads) / (self.target_norm * grads.norm().clamp_min(1e-12))
 
+    def _penalised(self, mismatch: Tensor, x_adv: Tensor, labels: Tensor) -> Tensor:
+        """The mismatch plus the adaptive penalty of the poisons (when there is one)."""
+        return mismatch if self.penalty is None else mismatch + self.penalty(x_adv, labels)
+
     def __call__(self, x_adv: Tensor, idx: Tensor) -> Tensor:
-        return self._mismatch(self._poison_grad(x_adv, idx))
+        labels = self.poison_labels[idx.to(self.poison_labels.device)]
+        return self._penalised(self._mismatch(self._poison_grad(x_adv, idx)), x_adv, labels)
 
     def batched(self, x_adv: Tensor, idx: Tensor) -> Tensor:
         """The objective of G restarts at once: ``x_adv`` [G, B, ...] -> [G] (for
@@ -184,7 +199,7 @@ class GradientMatching:
             grads = self._clip(ParamVector({n: g[n] for n in names}))
             if self.dp_noise > 0:  # vmap draws independent noise per restart
                 grads = grads.map(lambda t: t + self.dp_noise * self.dp_clip * torch.randn_like(t))
-            return self._mismatch(grads)
+            return self._penalised(self._mismatch(grads), xr, labels)
 
         with torch.enable_grad(), self._mode():
             return torch.func.vmap(one, randomness="different")(x_adv)
@@ -213,12 +228,15 @@ class _Ensemble:
 
 
 class GradientMatchingOptions(BaseModel):
-    """``dp_clip`` / ``dp_noise``: the DP-aware variant (section 1.5.5; noise std dp_noise * dp_clip)."""
+    """``dp_clip`` / ``dp_noise``: the DP-aware variant (section 1.5.5; noise std dp_noise * dp_clip);
+    ``adaptive``: the adaptive attack against a known filtering defence (:class:`~.adaptive.AdaptiveOptions`:
+    ``{penalty: centroid | spectral | both, weight, directions}``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     dp_clip: float | None = Field(None, gt=0.0)
     dp_noise: float = Field(0.0, ge=0.0)
+    adaptive: AdaptiveOptions | None = None
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> GradientMatchingOptions:
@@ -230,10 +248,23 @@ class GradientMatchingOptions(BaseModel):
 @register_poisoner("gradient-matching", family="targeted", needs=TARGETED, options=GradientMatchingOptions,
                    defaults=TARGETED_CRAFTING)
 def gradient_matching(task: PoisonTask) -> Poison:
-    """Witches' Brew (Geiping et al. 2021, eq. 1.3), averaged over the crafting models."""
+    """Witches' Brew (Geiping et al. 2021, eq. 1.3), averaged over the crafting models; with ``adaptive``,
+    each model's objective carries the feature-space penalty against the filters (:mod:`.adaptive`)."""
     opts: GradientMatchingOptions = task.options  # type: ignore[assignment]  (validated by the entry's call)
     target = task.targeted()
     _, y = task.poison_rows()
     objs = [GradientMatching(m, target.x, target.adv_class, poison_labels=y, dp_clip=opts.dp_clip,
-                             dp_noise=opts.dp_noise, seed=task.seed + k) for k, m in enumerate(task.models)]
+                             dp_noise=opts.dp_noise, seed=task.seed + k, penalty=filter_penalty(m, task, y, opts))
+            for k, m in enumerate(task.models)]
     return craft_poison(GradientMatching.ensemble(objs), task)
+
+
+def filter_penalty(model: nn.Module, task: PoisonTask, poison_labels: Tensor,
+                   opts: GradientMatchingOptions) -> FilterPenalty | None:
+    """The adaptive penalty of ``opts.adaptive`` for ``model``, its clean statistics from the task's clean
+    training rows of the poisons' class(es); None without ``adaptive``."""
+    a = opts.adaptive
+    if a is None:
+        return None
+    return FilterPenalty(model, task.train.x, task.train.y, kind=a.penalty, weight=a.weight,
+                         directions=a.directions, classes=torch.unique(poison_labels.cpu()))

@@ -204,7 +204,7 @@ def settings(args: argparse.Namespace) -> None:
                             f"{pct_se(m['victim_accuracy'])} | {m['timing']['crafting_s_total']:.1f} | "
                             f"{total['models_trained']} | {total['process_wall_s']:.1f} |\n")
                 print(rows[-1], end="", flush=True)
-                env = environment()
+                env = {**environment(), "data": r["config"]["dataset"]["name"]}
                 a = m["attack"]
                 md = (f"# Targeted poisoning by victim setting: {name}\n\n{env['date']}, {r['cost']['device']}, torch "
                       f"{env['torch']}; config `{args.config}`; eps {a['eps']}, {a['poisons']} poisons, R = {a['restarts']}, "

@@ -153,3 +153,31 @@ def test_penalty_refusals() -> None:
         FilterPenalty(m, x, y, kind="knn")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="at least 2 clean rows of class 0, got 1"):
         FilterPenalty(m, x[:2], y[:2], kind="centroid")
+
+
+def test_defend_benchmark_runs_each_filter_plain_and_adaptive() -> None:
+    """benchmarks/defend.py --adaptive 1,10: every filter run of the grid also with attack.adaptive, the
+    penalty matched to the filter, the rest of the config (scenarios, seed) unchanged; every config parses."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from mlaudit.config import load_yaml
+
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
+    sys.path.insert(0, str(root))
+    try:
+        import defend as bench
+    finally:
+        sys.path.pop(0)
+    cfg = load_yaml(root / "configs" / "digits_defend_adaptive_brew.yaml")
+    args = argparse.Namespace(filters="outlier,spectral", rates="0.1", adaptive="1,10", methods=None, dp_noise=None,
+                              sigmas=None, dpa_k=None, dpa_epochs=None)
+    runs = bench.expand(cfg, args)
+    assert list(runs) == ["outlier@0.1", "outlier@0.1+adaptive-centroid1", "outlier@0.1+adaptive-centroid10",
+                          "spectral@0.1", "spectral@0.1+adaptive-spectral1", "spectral@0.1+adaptive-spectral10"]
+    c = parse_config(runs["spectral@0.1+adaptive-spectral10"])
+    assert c.attack.options.adaptive.penalty == "spectral" and c.attack.options.adaptive.weight == 10
+    assert c.scenarios == cfg["scenarios"] and c.seed == cfg["seed"] and c.defence.method == "spectral"
+    assert parse_config(runs["spectral@0.1"]).attack.options.adaptive is None
+    assert bench.attack_label(c.model_dump(mode="json")["attack"]) == "gradient-matching adaptive (spectral, weight 10)"

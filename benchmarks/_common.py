@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Iterator
@@ -244,6 +245,21 @@ def time_step(fn: Any, n: int = 20, warmup: int = 3) -> float:
         fn()
     sync()
     return (time.perf_counter() - t0) / n
+
+
+def median_time(fn: Any, reps: int, warmup: int = 1) -> float:
+    """Median seconds of ``reps`` separately synchronised calls of ``fn`` after ``warmup`` calls (per call,
+    unlike :func:`time_step`'s mean over a back-to-back run)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 VICTIM_SETTINGS = ("scratch", "fine-tuned", "transfer")

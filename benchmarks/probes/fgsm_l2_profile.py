@@ -20,9 +20,7 @@ table of one call of each (self CPU time, count of calls), so the launch count i
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,27 +30,11 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import median_time, sync  # noqa: E402
 
 from mlaudit.attacks.evasion import fgsm  # noqa: E402
 from mlaudit.attacks.evasion.base import check_inputs, run_engine  # noqa: E402
 from mlaudit.models import build_model  # noqa: E402
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -101,7 +83,7 @@ def main() -> None:
     lines = [f"{where}, torch {torch.__version__}, ResNet-18 at initialisation, "
              f"{args.examples} random 3x32x32 inputs; median of {args.reps} synchronised calls after a warm-up", ""]
     for name, fn in parts.items():
-        lines.append(f"{name}: {1000 * timed(fn, args.reps):.2f} ms")
+        lines.append(f"{name}: {1000 * median_time(fn, args.reps):.2f} ms")
     for name in ("mlaudit fgsm", "torchattacks FGSM", "mlaudit PGD-10 l2 (check_inputs + run_engine, no early stop)",
                  "torchattacks PGDL2-10"):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

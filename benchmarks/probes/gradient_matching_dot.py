@@ -14,7 +14,6 @@ both ways (seconds per step, and the objective reached: the two must agree to fl
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import median_time, sync  # noqa: E402
 
 from mlaudit.attacks.federated import inverting_gradients  # noqa: E402
 from mlaudit.attacks.federated.base import Observation  # noqa: E402
@@ -39,24 +39,6 @@ FLAT = ParamVector.dot
 def per_name_dot(self: ParamVector, other: Mapping[str, Tensor]) -> Tensor:
     """The old ``ParamVector.dot``: sum over names of (a[k] * b[k]).sum()."""
     return sum((self[k] * other[k]).sum() for k in self)  # type: ignore[return-value]
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], reps: int) -> float:
-    for _ in range(3):
-        fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def main() -> None:
@@ -91,8 +73,8 @@ def main() -> None:
              f"{args.reps} synchronised calls after 3 warm-ups", ""]
     for label, impl in (("per-name dot (old)", per_name_dot), ("flat dot (library)", FLAT)):
         ParamVector.dot = impl  # type: ignore[method-assign]
-        t_ig = timed(step(ig, x1), args.reps)
-        t_gm = timed(step(gm, xp), args.reps)
+        t_ig = median_time(step(ig, x1), args.reps, warmup=3)
+        t_gm = median_time(step(gm, xp), args.reps, warmup=3)
         t0 = time.perf_counter()
         rec = inverting_gradients(model, obs, labels=y1, steps=args.ig_steps, tv=0.1,
                                   generator=torch.Generator().manual_seed(0))

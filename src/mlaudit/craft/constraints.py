@@ -93,7 +93,7 @@ class L2Ball:
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
         scale = _per_sample((self.eps / norms).clamp(max=1.0), delta)
-        return (x + delta * scale).clamp(*self.box) - x
+        return torch.addcmul(x, delta, scale).clamp_(*self.box).sub_(x)  # one pass fewer than x + delta * scale
 
     def steepest(self, grad: Tensor) -> Tensor:
         """The l2 steepest direction of grad [P, *shape]: grad / ||grad||_2 per sample."""

@@ -184,26 +184,38 @@ class _Run:
         totals = torch.zeros(g, device=dev)
         lagged = _lagged_counts(self.x)
         pending: _Counts | None = None  # lagged: the previous step's counts, copied to the host asynchronously
+        # every row of x, none dropped yet: rows and work are identities, so x, y and the outputs are used whole
+        # (plain slices) instead of through index kernels (gathers and scatters of the whole batch every step)
+        whole = r == len(self.x)
         for step in range(self.steps + 1):
             final = step == self.steps
+            sel = slice(None) if whole else work
             if final and not self.final_eval and step > 0:  # the last iterate, unscored (see craft's final_eval)
-                out_delta[:, work] = delta.detach()
+                out_delta[:, sel] = delta.detach()
                 break
             delta.requires_grad_(not final)
-            idx = rows[work]
-            totals, per, done = _evaluate(self.objective, self.x[idx], idx, delta, None if final else self.augment,
-                                          self.batch_size, self.generator, backward=not final)
+            idx = rows if whole else rows[work]
+            totals, per, done = _evaluate(self.objective, self.x if whole else self.x[idx], idx, delta,
+                                          None if final else self.augment, self.batch_size, self.generator,
+                                          backward=not final)
             separable, flagged = per is not None, done is not None
-            if separable:
+            if separable and self.keep_best:
                 assert per is not None
-                take = (per < out_obj[:, work]) if self.keep_best else torch.ones_like(per, dtype=torch.bool)
+                take = per < out_obj[:, sel]
                 if done is not None:
-                    d_old = out_done[:, work]
-                    take = (done & ~d_old) | ((done == d_old) & take) if self.keep_best else take
-                    out_done[:, work] = torch.where(take, done, d_old)
-                out_obj[:, work] = torch.where(take, per, out_obj[:, work])
+                    d_old = out_done[:, sel]
+                    take = (done & ~d_old) | ((done == d_old) & take)
+                    out_done[:, sel] = torch.where(take, done, d_old)
+                out_obj[:, sel] = torch.where(take, per, out_obj[:, sel])
                 w = take.view(*take.shape, *([1] * (delta.dim() - 2)))
-                out_delta[:, work] = torch.where(w, delta.detach(), out_delta[:, work])
+                out_delta[:, sel] = torch.where(w, delta.detach(), out_delta[:, sel])
+            elif separable:  # without keep-best every row takes the iterate just scored
+                assert per is not None
+                if done is not None:
+                    out_done[:, sel] = done
+                out_obj[:, sel] = per
+                if final:  # otherwise the iterate is copied out only where the loop drops rows or stops
+                    out_delta[:, sel] = delta.detach()
             elif self.keep_best or self.early_stop:
                 raise ConfigError("keep_best and early_stop need a separable objective (per-sample losses [B]); "
                                   "this one returned a scalar")
@@ -227,19 +239,23 @@ class _Run:
                 if bad:
                     _non_finite(step - lagged, history[-1 - lagged])
                 if n_seen == len(work):
+                    if not self.keep_best:
+                        out_delta[:, sel] = delta
                     break
                 n_frozen = n_seen
                 if n_seen and n_seen >= self.shrink_at * len(work):
-                    keep = ~frozen
+                    if not self.keep_best:  # the rows dropped here keep the iterate that reached the goal
+                        out_delta[:, sel] = delta
+                    keep = (~frozen).nonzero().squeeze(1)  # one host sync here; each boolean-mask index is one
                     delta, grad, work, frozen = delta[:, keep], grad[:, keep], work[keep], frozen[keep]
                     state = {k: v[:, keep] for k, v in state.items()}
                     per = per[:, keep] if per is not None else None
-                    n_frozen, pending = 0, None  # the pending counts were of the rows before this compaction
+                    n_frozen, pending, whole = 0, None, False  # the pending counts were of the rows before
                     if len(work) == 0:  # lagged: every sample was done by now, which the late count did not show
                         break
                 if lagged:
                     n_frozen = max(n_frozen, 1)  # samples done at this step are not counted yet: hold them too
-            xw = self.x[rows[work]]
+            xw = self.x if whole else self.x[rows[work]]
             info = StepInfo(self.constraint, xw, per, step, self.steps)
             with torch.no_grad():
                 held = delta.clone() if n_frozen else None
@@ -250,14 +266,19 @@ class _Run:
                     delta = torch.where(f, held, delta)
             if self.on_step is not None:
                 self.on_step(step, float(totals.min()))
-        steps_g = torch.stack(history).tolist() if history else []  # [steps][G]
-        last = totals.tolist()
+        # one device -> host copy for everything read back (each read is a synchronisation, and the time
+        # between them is time the caller waits with the GPU idle)
+        n_hist = len(history) * g
+        host = torch.cat([*history, totals.float(), out_obj.flatten(), out_done.flatten().float()]).cpu()
+        steps_g = host[:n_hist].view(-1, g).tolist()  # [steps][G]
+        last = host[n_hist:n_hist + g].tolist()
         for s, row in enumerate([*steps_g, last]):
             if not all(math.isfinite(v) for v in row):
                 _non_finite(s, torch.tensor(row))
         if not separable:  # joint objective: the final iterate of every restart, ranked by its total
             return [CraftResult(delta[k].detach(), last[k], None, history=[h[k] for h in steps_g]) for k in range(g)]
-        out_obj, out_done = out_obj.cpu(), out_done.cpu()
+        out_obj = host[n_hist + g:n_hist + g + g * r].view(g, r)
+        out_done = host[n_hist + g + g * r:].view(g, r).bool()
         return [CraftResult(out_delta[k], float(out_obj[k].sum()), out_obj[k], history=[h[k] for h in steps_g],
                             done=out_done[k] if flagged else None) for k in range(g)]
 
@@ -328,7 +349,12 @@ def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, a
         loc = slice(i, min(i + bs, n))
         idx, b = idx_all[loc], min(i + bs, n) - i
         with torch.set_grad_enabled(backward):
-            xa = x[loc].unsqueeze(0) + delta[:, loc]  # [G, B, *shape]
+            if g == 1 and b == n and augment is None:
+                # one restart, one batch: x + delta[0] through a view, so the backward pass hands delta its gradient
+                # as is (slicing and selecting would each add a zero-filled copy of the batch)
+                xa = (x + delta.squeeze(0)).unsqueeze(0)
+            else:
+                xa = x[loc].unsqueeze(0) + delta[:, loc]  # [G, B, *shape]
             if augment is not None:
                 flat = apply_augment_differentiable(xa.flatten(0, 1), augment.sample(g * b, generator=generator,
                                                                                      device=x.device))

@@ -46,7 +46,7 @@ Update = Callable[[Tensor, Tensor, dict[str, Tensor], float, int, StepInfo], Non
 
 def pgd(delta: Tensor, grad: Tensor, state: dict[str, Tensor], step: float, t: int, info: StepInfo) -> None:
     """delta -= step * steepest(grad): signed for l-inf and the box, unit-l2 for l2 (Madry et al. 2018)."""
-    delta.sub_(step * info.steepest(grad))
+    delta.sub_(info.steepest(grad), alpha=step)
 
 
 def adam(delta: Tensor, grad: Tensor, state: dict[str, Tensor], step: float, t: int, info: StepInfo | None = None,

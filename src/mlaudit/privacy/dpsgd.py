@@ -270,6 +270,9 @@ class DPTraining:
         device = self.sigma_c.device
         k = len(self.pools)
         rows = [torch.arange(k)] if isinstance(stack, VmapStack) else [torch.tensor([i]) for i in range(k)]
+        # the same groups as slices for indexing device tensors: a CPU index tensor is copied to the GPU from
+        # pageable memory, and such a copy waits for the whole stream (three queue drains per step)
+        spans = [slice(0, k)] if isinstance(stack, VmapStack) else [slice(i, i + 1) for i in range(k)]
         sums: list[list[Tensor]] = []
         loss_sum = torch.zeros(k, device=device)
         for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
@@ -281,15 +284,15 @@ class DPTraining:
                 part = [g for g, _ in groups]
             else:
                 groups = per_example_grads(stack, xb, yb, label_smoothing=label_smoothing)
-                part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, rows)]
+                part = [clipped_sum(g, wb[r], self.clip) for (g, _), r in zip(groups, spans)]
             if hits is not None:
                 self._add_diracs(part, rows, hits[mi])
-            loss_sum += torch.cat([(lo.detach() * wb[r]).sum(1) for (_, lo), r in zip(groups, rows)])
+            loss_sum += torch.cat([(lo.detach() * wb[r]).sum(1) for (_, lo), r in zip(groups, spans)])
             sums = part if not sums else [[a + b for a, b in zip(s, p)] for s, p in zip(sums, part)]
         grads: list[Tensor] = []
-        for s, r in zip(sums, rows):
+        for s, r, sp in zip(sums, rows, spans):
             z = gaussian_noise([t.shape[1:] for t in s], [self.noise_gens[i] for i in r.tolist()], device)
-            grads += noisy_average(s, z, self.sigma_c[r], self.denom[r])
+            grads += noisy_average(s, z, self.sigma_c[sp], self.denom[sp])
         count = _upload(w.sum((0, 2)), device).clamp(min=1.0)
         return loss_sum / count, _to_trainable(stack, grads)
 

@@ -196,8 +196,8 @@ class EvasionObjective:
         k, b = self.eot, x_adv.shape[0]
         xs = x_adv if k == 1 else x_adv.repeat(k, *([1] * (x_adv.dim() - 1)))  # copy j at rows j*B..(j+1)*B
         z = self.model(xs)
-        tk = None if t is None else t.repeat(k)
-        losses = self.loss(z, y.repeat(k), tk).view(k, b)
+        tk = None if t is None or k == 1 else t.repeat(k)
+        losses = self.loss(z, y if k == 1 else y.repeat(k), t if k == 1 else tk).view(k, b)
         pred = z.argmax(1).view(k, b)
         hits = pred == t if self.goal == "target" else pred != y
         return -losses.mean(0), hits.all(0)

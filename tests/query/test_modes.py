@@ -59,3 +59,22 @@ def test_eval_mode_is_what_the_forward_sees() -> None:
     with torch.no_grad(), evaluating(m):
         a, b = m(x), m(x)  # dropout off, BatchNorm running statistics: deterministic
     torch.testing.assert_close(a, b)
+
+
+def test_walk_matches_modules_and_parameters_with_sharing() -> None:
+    """The guard's own traversal visits what ``modules()`` / ``parameters()`` do, in the same order, each
+    module and parameter once (a shared layer, a tied weight, a nested container)."""
+    from mlaudit.models import build_model
+    from mlaudit.query.modes import _modules, _parameters
+
+    shared = nn.Linear(3, 3)
+    tied = nn.Linear(3, 3)
+    tied.weight = shared.weight
+    models = [build_model("resnet18", input_shape=(3, 32, 32), num_classes=10),
+              nn.Sequential(shared, nn.ReLU(), nn.Sequential(shared, tied), tied), net()]
+    for m in models:
+        assert _modules(m) == list(m.modules())
+        assert [id(p) for p in _parameters([_modules(m)])] == [id(p) for p in m.parameters()]
+    a, b = models[1], models[2]  # two models: parameters of both, each once
+    assert [id(p) for p in _parameters([_modules(a), _modules(b)])] == \
+        [id(p) for p in dict.fromkeys([*a.parameters(), *b.parameters()])]

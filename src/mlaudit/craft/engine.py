@@ -141,7 +141,7 @@ def craft(
                 starts.append(torch.zeros_like(x))
             else:
                 starts.append(constraint.random_init(x[rows], generator))
-        for cand in run.group(torch.stack(starts), rows):
+        for cand in run.group(starts[0].unsqueeze(0) if len(starts) == 1 else torch.stack(starts), rows):
             finals.append(cand.objective)
             best = cand if best is None else _merge(best, cand, rows)
     assert best is not None
@@ -172,7 +172,8 @@ class _Run:
         then, or else once at the end."""
         g, r = delta.shape[:2]
         dev = delta.device
-        out_delta = delta.detach().clone()  # [G, R, *shape]: each row's result so far
+        # [G, R, *shape]: each row's result so far (without keep-best every row is written before it is read)
+        out_delta = delta.detach().clone() if self.keep_best else torch.empty_like(delta)
         out_obj = torch.full((g, r), math.inf, device=dev)
         out_done = torch.zeros(g, r, dtype=torch.bool, device=dev)
         separable, flagged = True, False

@@ -18,6 +18,36 @@ from contextlib import AbstractContextManager, contextmanager
 from torch import nn
 
 
+def _modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (pre-order, each module once) without the qualified names that
+    ``named_modules`` builds: a quarter of the cost on a ResNet-18, whose 69 modules took ~0.15 ms."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))
+    return out
+
+
+def _parameters(mods: list[list[nn.Module]]) -> list[nn.Parameter]:
+    """The parameters of the modules ``mods`` (lists from :func:`_modules`), each once, in ``parameters()``
+    order."""
+    out: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for own in mods:
+        for m in own:
+            for p in m._parameters.values():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
 @contextmanager
 def in_mode(*models: nn.Module, train: bool, requires_grad: bool | None = None) -> Iterator[None]:
     """``model.train(train)`` for every model inside the block; with ``requires_grad`` (True/False) also
@@ -26,8 +56,9 @@ def in_mode(*models: nn.Module, train: bool, requires_grad: bool | None = None) 
     # Only what differs is touched: ``train()`` recurses into every submodule, so calling it on each of a
     # ResNet-18's 69 modules on exit cost ~0.8 ms per block on a CPU core, a few percent of an FGSM call on
     # a GPU; a model already in the wanted mode (an attack on an eval model) costs one pass over its flags.
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
-    flags = [(p, p.requires_grad) for model in models for p in model.parameters()] if requires_grad is not None else []
+    mods = [_modules(model) for model in models]
+    modes = [[(m, m.training) for m in own] for own in mods]
+    flags = [(p, p.requires_grad) for p in _parameters(mods)] if requires_grad is not None else []
     try:
         for model, own in zip(models, modes):
             if any(was != train for _, was in own):

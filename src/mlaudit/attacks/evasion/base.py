@@ -80,8 +80,8 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, n
         got = f"{y.dtype} {list(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ConfigError(f"y: must be integer labels [N={len(x)}], got {got}")
     # one host synchronisation for the four ranges (each float() / int() of a device tensor is one)
-    x_min, x_max, y_min_f, y_max_f = torch.stack([x.detach().min().double(), x.detach().max().double(),
-                                                  y.min().double().to(x.device), y.max().double().to(x.device)]).tolist()
+    x_lo_hi, y_lo_hi = torch.stack(torch.aminmax(x.detach())), torch.stack(torch.aminmax(y))
+    x_min, x_max, y_min_f, y_max_f = torch.cat([x_lo_hi.double(), y_lo_hi.double().to(x.device)]).tolist()
     y_min, y_max = int(y_min_f), int(y_max_f)
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
         raise ConfigError(f"x: values in [{x_min:.4g}, {x_max:.4g}] lie outside the declared pixel range "

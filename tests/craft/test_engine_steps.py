@@ -145,3 +145,34 @@ def test_final_eval_off_returns_the_same_last_iterate_with_one_pass_less(early_s
         craft(lambda xa, idx: xa.sum(1), x, constraint=LinfBall(0.3), steps=2, keep_best=True, final_eval=False)
     with pytest.raises(Exception, match="final_eval=False"):
         craft(lambda xa, idx: xa.sum(1), x, constraint=LinfBall(0.3), steps=2, restarts=2, final_eval=False)
+
+
+@pytest.mark.parametrize("shrink,lagged", [(0.0, False), (0.5, False), (0.0, True), (0.5, True)])
+def test_early_stop_without_keep_best_holds_done_samples_and_moves_the_rest(
+        shrink: float, lagged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without keep-best (``pgd`` with one restart) the engine copies iterates out only where it drops rows or
+    stops: a sample flagged done returns the iterate that reached the goal, every other sample the last
+    iterate of the same run without early stop, under every drop policy (at once / at half, read late)."""
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.rand(30, 3, generator=gen), torch.randn(3, generator=gen)
+    thresh = torch.linspace(0.1, 2.0, 30)
+
+    def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = xa @ w - x[idx] @ w
+        return -s, s >= thresh[idx]
+
+    def run(early_stop: bool):
+        return craft(obj, x, constraint=LinfBall(0.5), steps=10, optimizer="pgd", lr=0.07, schedule="constant",
+                     early_stop=early_stop, init="random", generator=torch.Generator().manual_seed(0))
+
+    free = run(False)
+    monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
+    monkeypatch.setattr(engine, "_lagged_counts", lambda x: lagged)
+    res = run(True)
+    assert res.done is not None
+    done = res.done
+    assert 0 < int(done.sum()) < 30
+    gain = (res.delta @ w)
+    assert bool((gain[done] >= thresh[done]).all())  # held where the goal was reached
+    assert bool((gain[done] < (free.delta @ w)[done] + 1e-6).all())  # and not moved on past it
+    torch.testing.assert_close(res.delta[~done], free.delta[~done])  # the rest: the same last iterate

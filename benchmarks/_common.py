@@ -217,8 +217,21 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "data": "CIFAR-10 (JPEG), shared pack (50k train / 10k test)",
+        "data": _pack_description(),
     }
+
+
+def _pack_description() -> str:
+    """The CIFAR-10 (JPEG) pack a run reads, with its split sizes read from the file (a pack cut to fit an upload
+    says so by its sizes)."""
+    for c in PACK_CANDIDATES:
+        if c and Path(c).is_file():
+            import numpy as np
+
+            with np.load(c, allow_pickle=False) as z:
+                n_train, n_test = len(z["train_labels"]), len(z["test_labels"])
+            return f"CIFAR-10 (JPEG), pack {Path(c).name} ({n_train} train / {n_test} test)"
+    return "CIFAR-10 (JPEG), shared pack"
 
 
 def cpu_environment(threads: int, *, data: str | None = None) -> dict[str, Any]:

@@ -83,3 +83,28 @@ def test_certify_benchmark_keeps_the_whole_curve_small(tmp_path: Path) -> None:
     for r in (0.0, 0.25, 0.5, 1.0):  # any radius, from the stored radii alone
         assert abs((redrawn >= r).sum() - (ok & (radius >= r)).sum()) <= 1  # 6 significant digits
     assert len(json.dumps(c, indent=2)) < 50_000  # two sigmas and the runs' configs stay far below 200 KB
+
+
+def test_cifar10_pack_unpacks_the_xz_copy_when_no_pack_is_there(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/_common.cifar10_pack: with no .npz among the candidates but the xz-compressed copy present, it
+    unpacks that copy byte for byte to the path the configs name and returns it; with neither, a clear exit."""
+    import lzma
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import _common
+
+    payload = bytes(range(256)) * 1000
+    xz = tmp_path / ".data_xz" / "cifar10-jpeg.npz.xz"
+    xz.parent.mkdir()
+    xz.write_bytes(lzma.compress(payload))
+    monkeypatch.setattr(_common, "PACK_CANDIDATES", ["", str(tmp_path / "absent.npz")])
+    monkeypatch.setattr(_common, "PACK_XZ", xz)
+    monkeypatch.setattr(_common, "HERE", tmp_path / "benchmarks")
+    got = Path(_common.cifar10_pack())
+    assert got == tmp_path / ".data" / "cifar10-jpeg.npz" and got.read_bytes() == payload
+    assert not list(got.parent.glob("*.part"))
+    xz.unlink()
+    with pytest.raises(SystemExit, match="not found"):
+        _common.cifar10_pack()

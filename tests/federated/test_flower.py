@@ -224,3 +224,73 @@ def test_the_variant_option_is_checked() -> None:
         ImprintStrategy(model, public, bins=8, layer="net.1")
     with pytest.raises(ConfigError, match="'net.1' has bias=False"):  # the zoo default (BatchNorm) drops the bias
         ImprintStrategy(model, public, bins=8, variant="parameters")
+
+
+def _rel(a: ParamVector, b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all parameters."""
+    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in b)
+    den = sum(float(b[k].double().square().sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+def test_the_curious_server_inverts_each_clients_update_and_the_aggregate_through_flower() -> None:
+    """An honest-but-curious Flower server (the model sent unchanged): what it inverts is each client's FedSGD
+    gradient and their sum (float32 weights on the wire), and Inverting Gradients brings each client's one
+    input back from its own update."""
+    from mlaudit.attacks.federated import psnr
+    from mlaudit.federated.flower import CuriousStrategy
+
+    model, _, users = _setup(4)
+    users = [(x[:1], y[:1]) for x, y in users]
+    strategy = CuriousStrategy(model, (1, 6, 6), lr=0.1, target="both", min_clients=3, options={"steps": 300})
+    clients = [TorchClient(strategy.client_model(), x, y, lr=0.1) for x, y in users]
+    r = run_flower_audit(strategy, clients, rounds=1).rounds[1]
+    assert (r.clients, r.examples, r.client_examples) == (3, 3, [1, 1, 1]) and len(r.clients_x) == 3
+    true = [{k: v[0] for k, v in user_gradients(model, x[None], y[None]).items()} for x, y in users]
+    xs = torch.cat([x for x, _ in users])
+    for rec, obs in zip(r.client_reconstructions, r.observations["clients"], strict=True):
+        assert (obs.users, obs.batch) == (1, 1)
+        assert min(_rel(obs.grad, t) for t in true) < 1e-3  # the update is that client's own gradient
+        assert max(float(psnr(rec.x, xs[i:i + 1], data_range=1.0)[0]) for i in range(3)) > 25.0
+    agg = r.observations["aggregate"]
+    total = secure_aggregate(user_gradients(model, xs.view(3, 1, 1, 6, 6), torch.cat([y for _, y in users]).view(3, 1)))
+    assert (agg.users, agg.batch) == (3, 1) and _rel(agg.grad, total) < 1e-3
+    assert r.aggregate is not None and r.aggregate.x.shape == (3, 1, 6, 6)
+
+
+def test_a_client_defence_changes_the_update_the_server_sees() -> None:
+    """``TorchClient(defence=...)``: the shared update is the defended gradient (pruning: at least 90% of each
+    tensor's entries arrive as exact zeros, the rest as the gradient's largest entries)."""
+    from mlaudit.federated.defences import defend_updates
+    from mlaudit.federated.flower import CuriousStrategy
+
+    model, _, users = _setup(5)
+    strategy = CuriousStrategy(model, (1, 6, 6), lr=0.1, target="clients", min_clients=3, options={"steps": 1})
+    clients = [TorchClient(strategy.client_model(), x, y, lr=0.1, defence={"method": "prune", "prune": 0.9})
+               for x, y in users]
+    r = run_flower_audit(strategy, clients, rounds=1).rounds[1]
+    want = [{k: v[0] for k, v in defend_updates(user_gradients(model, x[None], y[None]), method="prune",
+                                                  prune=0.9).items()} for x, y in users]
+    for obs in r.observations["clients"]:
+        for t in obs.grad.values():
+            assert int((t == 0).sum()) >= int(0.9 * t.numel())
+        assert min(_rel(obs.grad, w) for w in want) < 1e-3
+
+
+def test_the_curious_server_and_client_defences_refuse_bad_input() -> None:
+    from mlaudit.federated.flower import CuriousStrategy
+
+    model, _, users = _setup()
+    with pytest.raises(ConfigError, match="lr > 0"):
+        CuriousStrategy(model, (1, 6, 6), lr=0.0)
+    with pytest.raises(ConfigError, match="target"):
+        CuriousStrategy(model, (1, 6, 6), lr=0.1, target="everyone")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="nope"):
+        CuriousStrategy(model, (1, 6, 6), lr=0.1, attack="nope")
+    x, y = users[0]
+    with pytest.raises(ConfigError, match="method"):
+        TorchClient(model, x, y, defence={"method": "nope"})
+    with pytest.raises(ConfigError, match="prune"):
+        TorchClient(model, x, y, defence={"method": "prune", "prune": 1.5})
+    with pytest.raises(ConfigError, match="allowed keys"):
+        TorchClient(model, x, y, defence={"method": "prune", "amount": 0.5})

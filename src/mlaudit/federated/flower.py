@@ -33,6 +33,20 @@ over gRPC on 127.0.0.1 in one process (Flower's legacy ``start_server``/``start_
     result = run_flower_audit(strategy, clients, rounds=2)
     result.rounds[1].reconstruction.x     # [m, *shape] candidates of round 1
 
+:class:`CuriousStrategy` is the honest-but-curious server of the same deployment: plain ``FedAvg``, the user's
+model sent unchanged, and after each round an inversion attack of :data:`mlaudit.attacks.federated.FEDERATED_ATTACKS`
+(Inverting Gradients, DLG, ...) on what it received: the aggregate (what secure aggregation leaves it) and/or
+every client's own update (a server without secure aggregation). :class:`TorchClient` can apply a client-side
+defence (:func:`mlaudit.federated.defences.defend_updates`: noise, clip-noise, prune, quantise) to the update it
+shares, so a team measures what their defence leaves an honest server:
+
+    strategy = CuriousStrategy(model, (1, 8, 8), lr=0.1, target="clients", min_clients=3,
+                               options={"steps": 2000})
+    clients = [TorchClient(strategy.client_model(), x_u, y_u, lr=0.1, defence={"method": "prune", "prune": 0.9})
+               for x_u, y_u in users]
+    audit = run_flower_audit(strategy, clients, rounds=1)
+    audit.rounds[1].clients_x[0]          # candidates for client 0's inputs (in Flower's result order)
+
 Requires ``flwr`` (``pip install 'mlaudit[flower]'``).
 """
 
@@ -58,12 +72,13 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without flwr
     raise ImportError("mlaudit.federated.flower needs Flower: pip install 'mlaudit[flower]' (flwr)") from e
 
-from ..attacks.federated.base import Observation, Reconstruction
+from ..attacks.federated.base import FEDERATED_ATTACKS, Observation, Reconstruction
 from ..attacks.federated.imprint import Cdf, ImprintBins, Measurement, imprint, plant_imprint
 from ..attacks.federated.imprint_parameters import plant_imprint_parameters
 from ..errors import ConfigError
 from ..query import ParamVector
 from .address import check_address
+from .defences import defend_updates
 from .updates import user_gradients
 
 Variant = Literal["module", "parameters"]
@@ -99,7 +114,8 @@ class RoundResult:
 class FlowerAudit:
     """What :func:`run_flower_audit` returns: per-round results and Flower's ``History``."""
 
-    rounds: dict[int, RoundResult] = field(default_factory=dict)
+    rounds: dict[int, Any] = field(default_factory=dict)
+    """{round: :class:`RoundResult`} (imprint) or {round: :class:`CuriousRound`} (honest-but-curious)."""
     history: Any = None
     seconds: float = 0.0
 
@@ -180,6 +196,106 @@ class ImprintStrategy(FedAvg):
         return params, {**metrics, "imprint_candidates": len(rec.x)}
 
 
+Target = Literal["aggregate", "clients", "both"]
+
+
+@dataclass
+class CuriousRound:
+    """One round as the honest-but-curious server saw it: the attack's reconstruction of the aggregate (None
+    unless ``target`` asked for it) and of each client's own update (empty unless asked; in the order of
+    Flower's results, with the clients' ``num_examples`` in :attr:`client_examples`), and the observations
+    the attack read (gradient units, see :class:`CuriousStrategy`)."""
+
+    round: int
+    clients: int
+    examples: int
+    aggregate: Reconstruction | None
+    client_reconstructions: list[Reconstruction]
+    client_examples: list[int]
+    observations: dict[str, Any]
+
+    @property
+    def clients_x(self) -> list[Tensor]:
+        """Each client's candidates [n_u, *shape]."""
+        return [r.x for r in self.client_reconstructions]
+
+
+class CuriousStrategy(FedAvg):
+    """Flower ``FedAvg`` as an honest-but-curious server (module docstring): it sends the user's model unchanged
+    and inverts what comes back with the registered federated attack ``attack`` (``options`` its keyword
+    options, e.g. ``steps``, ``tv``, ``generator``).
+
+    What it inverts, in gradient units (:class:`~mlaudit.attacks.federated.Observation`): the clients run
+    ``local_steps`` SGD steps at ``lr`` (the server configured both), so client u returns
+    w_u = w - lr * local_steps * g_u (exactly, for one FedSGD step; g_u their average gradient otherwise), and
+    FedAvg's result is w' = sum_u (n_u / N) w_u. ``target="clients"``: each client's own update,
+    g_u = (w - w_u) / (lr * local_steps) with ``users = 1`` and ``batch = n_u`` (a server without secure
+    aggregation). ``target="aggregate"``: sum_u g_u = U (w - w') / (lr * local_steps) with ``users = U`` and
+    ``batch = N / U`` (exact when the clients hold equal batches; FedAvg weights by n_u). ``both``: both. The
+    attack runs on a copy of the model holding the parameters that were sent (where the gradients were taken).
+    Results accumulate in :attr:`rounds` ({round: :class:`CuriousRound`})."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, lr: float, local_steps: int = 1,
+                 attack: str = "inverting-gradients", options: dict[str, Any] | None = None,
+                 target: Target = "aggregate", min_clients: int = 2, **fedavg: Any) -> None:
+        if min_clients < 1:
+            raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
+        if not lr > 0 or local_steps < 1:
+            raise ConfigError(f"CuriousStrategy needs the clients' lr > 0 and local_steps >= 1, got lr={lr}, "
+                              f"local_steps={local_steps}")
+        if target not in ("aggregate", "clients", "both"):
+            raise ConfigError(f"CuriousStrategy target = {target!r}; allowed: aggregate, clients, both")
+        self.attack = FEDERATED_ATTACKS.get(attack)  # an unknown name: ConfigError listing the registered ones
+        self.attack_name, self.options = attack, dict(options or {})
+        self.model = copy.deepcopy(model).cpu()
+        self.input_shape, self.lr, self.local_steps, self.target = tuple(input_shape), lr, local_steps, target
+        self._keys = list(self.model.state_dict())
+        self._params = [(n, self._keys.index(n), p.dtype) for n, p in self.model.named_parameters()]
+        self._sent: dict[int, list[np.ndarray]] = {}
+        self.rounds: dict[int, CuriousRound] = {}
+        fedavg.setdefault("fraction_evaluate", 0.0)
+        super().__init__(min_fit_clients=min_clients, min_available_clients=min_clients,
+                         initial_parameters=ndarrays_to_parameters(_arrays(self.model)), **fedavg)
+
+    def client_model(self) -> nn.Module:
+        """A copy of the user's model: what the server distributes, unchanged."""
+        return copy.deepcopy(self.model)
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+        self._sent[server_round] = parameters_to_ndarrays(parameters)
+        return super().configure_fit(server_round, parameters, client_manager)
+
+    def _grad(self, sent: list[np.ndarray], got: list[np.ndarray], factor: float) -> ParamVector:
+        """factor * (sent - got) / (lr * local_steps) per parameter, in the parameter's dtype."""
+        scale = factor / (self.lr * self.local_steps)
+        return ParamVector({n: (scale * torch.from_numpy(sent[i].astype(np.float64) - got[i].astype(np.float64)))
+                            .to(dtype) for n, i, dtype in self._params})
+
+    def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> Any:
+        params, metrics = super().aggregate_fit(server_round, results, failures)
+        sent = self._sent.pop(server_round, None)
+        if params is None or sent is None or not results:
+            return params, metrics
+        at = copy.deepcopy(self.model)
+        _load(at, sent)
+        sizes = [int(r.num_examples) for _, r in results]
+        users, examples = len(results), sum(sizes)
+        aggregate, per, obs_all = None, [], {}
+        if self.target in ("aggregate", "both"):
+            obs = Observation(grad=self._grad(sent, parameters_to_ndarrays(params), users), users=users,
+                              batch=max(examples // users, 1), input_shape=self.input_shape)
+            aggregate, obs_all["aggregate"] = self.attack(at, obs, **self.options), obs
+        if self.target in ("clients", "both"):
+            obs_all["clients"] = []
+            for (_, res), n in zip(results, sizes, strict=True):
+                obs = Observation(grad=self._grad(sent, parameters_to_ndarrays(res.parameters), 1.0), users=1,
+                                  batch=max(n, 1), input_shape=self.input_shape)
+                per.append(self.attack(at, obs, **self.options))
+                obs_all["clients"].append(obs)
+        self.rounds[server_round] = CuriousRound(server_round, users, examples, aggregate, per, sizes, obs_all)
+        return params, metrics
+
+
 class TorchClient(NumPyClient):
     """A Flower client over a PyTorch model and its local data x [n, *shape], y [n].
 
@@ -187,10 +303,17 @@ class TorchClient(NumPyClient):
     cross-entropy (one step: FedSGD) over all its data, or with ``batch`` over a fresh draw of ``batch``
     examples per round (seeded by ``seed`` and the round count; the rows drawn are kept in
     :attr:`drawn`), returning the new state and the number of examples used. ``dtype`` is what goes back
-    over the wire (float32, as a PyTorch model sends)."""
+    over the wire (float32, as a PyTorch model sends).
+
+    ``defence``: :func:`~mlaudit.federated.defences.defend_updates`'s options (``method`` and its ``sigma``,
+    ``clip``, ``prune``, ``bits``), applied to the update the client shares, in gradient units as in the
+    ``federated`` kind's ``defence:`` block: g = (w_received - w_trained) / (lr * local_steps) is defended
+    and the client returns w_received - lr * local_steps * g' (noise drawn from a generator seeded by
+    ``seed``)."""
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, lr: float = 0.1, local_steps: int = 1,
-                 batch: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+                 batch: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 defence: dict[str, Any] | None = None) -> None:
         if len(x) == 0:
             raise ConfigError("a Flower client has no data (x is empty); allowed: at least one example per user")
         if lr <= 0 or local_steps < 1:
@@ -200,6 +323,14 @@ class TorchClient(NumPyClient):
         self.model, self.x, self.y = model, x, y
         self.lr, self.local_steps, self.batch, self.seed, self.dtype = lr, local_steps, batch, seed, dtype
         self.drawn: list[Tensor] = []
+        self.defence = dict(defence) if defence else None
+        self._noise = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+        if self.defence is not None:  # bad options fail here, before any round: try them on a zero update
+            allowed = {"method", "sigma", "clip", "prune", "bits"}
+            if "method" not in self.defence or set(self.defence) - allowed:
+                raise ConfigError(f"TorchClient defence = {self.defence}; allowed keys: {', '.join(sorted(allowed))} "
+                                  "with 'method' required")
+            defend_updates({"w": torch.ones(1, 2)}, generator=torch.Generator(), **self.defence)
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return _arrays(self.model)
@@ -212,12 +343,20 @@ class TorchClient(NumPyClient):
             rows = torch.randperm(len(self.x), generator=gen)[: self.batch]
         self.drawn.append(rows)
         x, y = self.x[rows], self.y[rows]
+        owned = dict(self.model.named_parameters())
+        start = {k: p.detach().clone() for k, p in owned.items()}
         for _ in range(self.local_steps):
             g = user_gradients(self.model, x[None], y[None])
             with torch.no_grad():
-                owned = dict(self.model.named_parameters())
                 for k, v in g.items():
                     owned[k].sub_(self.lr * v[0])
+        if self.defence is not None:
+            step = self.lr * self.local_steps
+            shared = defend_updates({k: ((start[k] - p.detach()) / step)[None] for k, p in owned.items()},
+                                    generator=self._noise, **self.defence)
+            with torch.no_grad():
+                for k, p in owned.items():
+                    p.copy_(start[k] - step * shared[k][0])
         out = [t.detach().to(self.dtype).cpu().numpy().copy() if t.is_floating_point() else t.detach().cpu().numpy()
                for t in self.model.state_dict().values()]
         return out, len(rows), {}
@@ -238,7 +377,7 @@ def _wait_listening(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def run_flower_audit(strategy: ImprintStrategy, clients: list[NumPyClient], *, rounds: int = 1,
+def run_flower_audit(strategy: ImprintStrategy | CuriousStrategy, clients: list[NumPyClient], *, rounds: int = 1,
                      host: str = "127.0.0.1", port: int | None = None, allow_remote: bool = False,
                      timeout: float = 300.0) -> FlowerAudit:
     """Run ``strategy`` for ``rounds`` rounds with ``clients`` (each in its own thread, over gRPC to
@@ -276,5 +415,5 @@ def run_flower_audit(strategy: ImprintStrategy, clients: list[NumPyClient], *, r
     return FlowerAudit(dict(strategy.rounds), history, time.perf_counter() - t0)
 
 
-__all__ = ["FlowerAudit", "ImprintStrategy", "RoundResult", "TorchClient", "check_address", "flwr",
-           "run_flower_audit"]
+__all__ = ["CuriousRound", "CuriousStrategy", "FlowerAudit", "ImprintStrategy", "RoundResult", "TorchClient",
+           "check_address", "flwr", "run_flower_audit"]

@@ -109,3 +109,32 @@ def test_bad_input_exits_2_naming_the_field_before_anything_is_written(tmp_path:
         assert w in text, text
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs.db").exists()
+
+
+class CharDual(TinyDual):
+    """TinyDual over a fixed character vocabulary (the user's own tokenizer below)."""
+
+    def __init__(self, input_shape: tuple[int, ...], embed_dim: int) -> None:
+        super().__init__(input_shape, 128, embed_dim)
+
+
+def char_tokenize(captions: list[str]) -> Tensor:
+    """A user's tokenizer whose context length (20) differs from the built-in word tokenizer's: character codes."""
+    out = torch.zeros(len(captions), 20, dtype=torch.long)
+    for i, c in enumerate(captions):
+        ids = [min(ord(ch), 127) for ch in c[:20]]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+@pytest.mark.parametrize("method", ["backdoor", "targeted"])
+def test_a_users_tokenizer_tokenizes_the_poisons_too(method: str, tmp_path: Path) -> None:
+    """``encoder.tokenizer``: the poisons' captions are tokenized by the user's tokenizer, like the clean ones (a
+    tokenizer with another context length than the built-in one used to fail when the poisons were inserted)."""
+    attack = {"method": method, "poisons": [8], "trials": 1} | ({"target_class": None} if method == "targeted" else {})
+    c = cfg(attack, baseline=False, recipe={"optimizer": "adam", "lr": 0.002, "weight_decay": 0.0, "epochs": 2,
+                                            "batch_size": 128, "schedule": "cosine", "augment": "none"},
+            encoder={"dual": f"{__name__}:CharDual", "tokenizer": f"{__name__}:char_tokenize", "embed_dim": 16})
+    r = run_experiment(c, out=tmp_path / method, device="cpu", store=tmp_path / "runs.db", quiet=True).results
+    (point,) = r["metrics"]["curve"]
+    assert point["poisons"] == 8 and 0.0 <= point["success"]["mean"] <= 1.0

@@ -15,6 +15,7 @@ listing exactly which indices carry a poison and their captions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +44,13 @@ def poisons_for_rate(rate: float, n: int) -> int:
 
 
 def targeted_poison(data: CaptionedData, image: Tensor, target: int, space: CaptionSpace, *, poisons: int,
-                    seed: int) -> tuple[CaptionedData, PoisonRecord]:
+                    seed: int, tokenize: Callable[[list[str]], Tensor] | None = None
+                    ) -> tuple[CaptionedData, PoisonRecord]:
     """Append ``poisons`` pairs (``image`` [C, H, W], a caption of class ``target``) to ``data``.
 
     Returns the poisoned set (N + p pairs; the image label of a poison is ``target``'s id only for
-    bookkeeping, training never reads labels) and the record of indices N .. N + p - 1."""
+    bookkeeping, training never reads labels) and the record of indices N .. N + p - 1. The poisons' captions
+    are tokenized by ``tokenize`` (the one ``data.tokens`` came from; default: the space's tokenizer)."""
     if poisons < 1:
         raise ConfigError(f"targeted poisoning needs at least 1 poison, got {poisons}")
     if tuple(image.shape) != tuple(data.x.shape[1:]):
@@ -57,17 +60,19 @@ def targeted_poison(data: CaptionedData, image: Tensor, target: int, space: Capt
     n = len(data)
     x = torch.cat([data.x, image.to(data.x).expand(poisons, *image.shape)])
     y = torch.cat([data.y, torch.full((poisons,), int(target), dtype=data.y.dtype)])
-    tokens = torch.cat([data.tokens, space.tokenizer(caps).to(data.tokens.device)])
+    tokens = torch.cat([data.tokens, (tokenize or space.tokenizer)(caps).to(data.tokens.device)])
     out = CaptionedData(x, [*data.captions, *caps], tokens, y)
     return out, PoisonRecord(torch.arange(n, n + poisons), tuple(caps), int(target), True)
 
 
 def backdoor_poison(data: CaptionedData, trigger: Trigger, target: int, space: CaptionSpace, *, poisons: int,
-                    seed: int) -> tuple[CaptionedData, PoisonRecord]:
+                    seed: int, tokenize: Callable[[list[str]], Tensor] | None = None
+                    ) -> tuple[CaptionedData, PoisonRecord]:
     """Stamp ``trigger`` on ``poisons`` training images drawn uniformly without replacement (seeded) and
     replace their captions with captions of class ``target``; every other pair is unchanged.
 
-    Returns the poisoned set (N pairs) and the record of the poisoned indices (sorted)."""
+    Returns the poisoned set (N pairs) and the record of the poisoned indices (sorted). The new captions are
+    tokenized by ``tokenize`` (the one ``data.tokens`` came from; default: the space's tokenizer)."""
     n = len(data)
     if not 1 <= poisons <= n:
         raise ConfigError(f"a backdoor needs 1 <= poisons <= {n} (the training pairs), got {poisons}")
@@ -80,5 +85,5 @@ def backdoor_poison(data: CaptionedData, trigger: Trigger, target: int, space: C
     for i, c in zip(idx.tolist(), caps, strict=True):
         captions[i] = c
     tokens = data.tokens.clone()
-    tokens[idx.to(tokens.device)] = space.tokenizer(caps).to(tokens.device)
+    tokens[idx.to(tokens.device)] = (tokenize or space.tokenizer)(caps).to(tokens.device)
     return CaptionedData(x, captions, tokens, data.y.clone()), PoisonRecord(idx, tuple(caps), int(target), False)

@@ -78,12 +78,6 @@ class Study:
                                   context_length=tok.context_length, embed_dim=enc.embed_dim,
                                   text_width=enc.text_width, text_layers=enc.text_layers, text_heads=enc.text_heads)
 
-    def retokenize(self, d: CaptionedData) -> CaptionedData:
-        """``d`` with its tokens from the configured tokenizer (the user's, if given)."""
-        if self.config.encoder.tokenizer is None:
-            return d
-        return CaptionedData(d.x, d.captions, self.tokenize(d.captions), d.y)
-
     def train(self, train_set: CaptionedData, seed: int) -> tuple[nn.Module, torch.Tensor, float]:
         """(trained model, class embeddings [K, D], clean zero-shot test accuracy)."""
         model = init_seeded(self.build, seed)
@@ -150,8 +144,7 @@ def _one_model(config: ContrastiveConfig, study: Study, p: int, t: int, tid: str
         target, j = targeted_trial(config, data, t)
         if p:
             train_set, _ = targeted_poison(study.clean, data.test.x[j], target, study.space, poisons=p,
-                                             seed=substream(config, t, p))
-            train_set = study.retokenize(train_set)
+                                             seed=substream(config, t, p), tokenize=study.tokenize)
         model, w, acc = study.train(train_set, seed)
         scores = zero_shot_scores(model, data.test.x[j:j + 1], w)
         metrics = {"success": float(int(scores.argmax(-1)) == target), "target_rank": int(class_rank(scores, target)),
@@ -161,8 +154,7 @@ def _one_model(config: ContrastiveConfig, study: Study, p: int, t: int, tid: str
         trig = a.trigger.build(data.input_shape)
         if p:
             train_set, _ = backdoor_poison(study.clean, trig, target, study.space, poisons=p,
-                                             seed=substream(config, t, p))
-            train_set = study.retokenize(train_set)
+                                             seed=substream(config, t, p), tokenize=study.tokenize)
         model, w, acc = study.train(train_set, seed)
         keep = data.test.y != target
         scores = zero_shot_scores(model, apply_trigger(data.test.x[keep], trig), w)

@@ -47,6 +47,11 @@ def main() -> None:
     ap.add_argument("--inversion", action="store_true", help="also the honest-but-curious text inversion")
     ap.add_argument("--inversion-steps", type=int, default=300, help="its crafting-engine steps")
     ap.add_argument("--inversion-refine", type=int, default=200, help="its discrete moves")
+    ap.add_argument("--prior-epochs", type=int, default=0, help="LAMP's language-model prior for the inversion: a "
+                    "next-character model (CharMLP, context 8) trained this many epochs on the server's public "
+                    "sequences by the one training loop (0: no prior)")
+    ap.add_argument("--prior-weight", type=float, default=0.2, help="its weight in the discrete score (LAMP's alpha_lm)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternations of the inversion's continuous and discrete phases")
     ap.add_argument("--name", default=None, help="results file name (default: decepticons_pydoc[_gelu]_cpu)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -60,6 +65,7 @@ def main() -> None:
             seqs = ids[: len(ids) // (length + 1) * (length + 1)].view(-1, length + 1)
             order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(0))
             public, private = seqs[order[:2000], :length], seqs[order[2000:]]
+            prior = train_prior(public, len(chars), args.prior_epochs) if args.inversion and args.prior_epochs else None
             torch.manual_seed(0)
             model = TinyGPT(len(chars), length, d_model=d, heads=4, layers=2, activation=args.activation)
             for k, users in ((k, u) for k in map(int, args.tag_tokens.split(",")) for u in map(int, args.users.split(","))):
@@ -81,7 +87,9 @@ def main() -> None:
                         plain = secure_aggregate(user_gradients(model, s[..., :length], s[..., 1:]))
                         got = text_inversion(model, Observation(grad=ParamVector(plain), users=users, batch=1,
                                                                 input_shape=(length,)), steps=args.inversion_steps,
-                                             refine=args.inversion_refine, generator=torch.Generator().manual_seed(t))
+                                             refine=args.inversion_refine, generator=torch.Generator().manual_seed(t),
+                                             prior=prior, prior_weight=args.prior_weight if prior else 0.0,
+                                             rounds=args.rounds)
                         inv_secs.append(time.perf_counter() - t0)
                         inv.append(text_recovery(true, got.x))
                     seq.append(sequences(true, rec.x))
@@ -104,6 +112,26 @@ def main() -> None:
                          + ("" if args.activation == "relu" else f"_{args.activation}") + "_cpu")
     write_results(name, res, table(res) + (inversion_table(res) if args.inversion else ""))
     print(table(res) + (inversion_table(res) if args.inversion else ""))
+
+
+PRIOR_CONTEXT = 8
+
+
+def train_prior(public: torch.Tensor, vocab: int, epochs: int):  # noqa: ANN201
+    """LAMP's prior stand-in: a next-character CharMLP (context 8) trained on the server's public sequences
+    [P, L] (flattened to one stream) by the one training loop; returns :func:`next_token_prior` of it."""
+    from mlaudit.attacks.federated import next_token_prior
+    from mlaudit.audit.exposure import windows
+    from mlaudit.models.mlp import CharMLP
+    from mlaudit.train.api import train
+    from mlaudit.train.loop import init_models
+
+    data = windows(public.flatten(), PRIOR_CONTEXT, [str(i) for i in range(vocab)])
+    net = init_models(lambda: CharMLP(context=PRIOR_CONTEXT, vocab=vocab, embed=32, hidden=256), [0])[0]
+    net = train(net, data, {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": epochs,
+                            "batch_size": 256, "schedule": "cosine", "augment": "none", "label_smoothing": 0.0},
+                seed=0, device="cpu")
+    return next_token_prior(net, PRIOR_CONTEXT)
 
 
 def table(res: dict[str, Any]) -> str:
@@ -138,7 +166,12 @@ def inversion_table(res: dict[str, Any]) -> str:
     lines = ["", "## Honest-but-curious text inversion vs Decepticons on the same users", "",
              f"The inversion (TAG / LAMP style: continuous embeddings through the crafting engine, cosine gradient "
              f"matching, {st['inversion_steps']} steps, projection onto the bag of tokens, {st['inversion_refine']} "
-             "swap / move / substitute moves scored by the gradient distance) attacks the unmodified model's sum of "
+             "swap / move / substitute moves scored by the gradient distance"
+             + (f" plus {st['prior_weight']} x the mean NLL under a next-character model trained "
+                f"{st['prior_epochs']} epochs on the server's public sequences (LAMP's prior)"
+                if st.get("prior_epochs") else "")
+             + (f", {st['rounds']} alternations of the continuous and discrete phases" if st.get("rounds", 1) > 1 else "")
+             + ") attacks the unmodified model's sum of "
              "the same users' gradients. Tokens: occurrences recovered ignoring position (multiset; pooled ROUGE-1 "
              "F1 for the inversion, which returns as many tokens as were typed). Pairs: (token, position) "
              "occurrences. Bigrams: adjacent pairs recovered (pooled ROUGE-2 recall). Whole: sequences recovered "

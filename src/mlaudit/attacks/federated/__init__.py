@@ -32,12 +32,12 @@ from .labels import idlg_label, label_accuracy, label_counts, labels_from_counts
 from .lpips import LPIPS, lpips_alexnet
 from .metrics import Match, match, psnr, psnr_matrix, ssim
 from .objective import BoxThenFree, GradientInversion
-from .text_inversion import EmbeddingsIn, text_inversion, text_recovery
+from .text_inversion import EmbeddingsIn, next_token_prior, text_inversion, text_recovery
 
 __all__ = [
     "FEDERATED_ATTACKS", "Bins", "BoxThenFree", "EmbeddingsIn", "FederatedAttack", "GradientInversion", "ImprintBins", "ImprintedModel", "LPIPS", "Match",
     "Observation", "ParameterImprint", "PlantedSlice", "Reconstruction", "decepticons", "dlg", "idlg_label", "imprint", "imprint_candidates", "inverting_gradients",
     "label_accuracy", "label_counts", "labels_from_counts", "last_linear", "lpips_alexnet", "match", "place_bins", "plant_decepticon", "plant_imprint",
     "plant_imprint_parameters", "psnr",
-    "psnr_matrix", "register_federated", "ssim", "text_inversion", "text_recovery", "total_variation",
+    "psnr_matrix", "register_federated", "ssim", "next_token_prior", "text_inversion", "text_recovery", "total_variation",
 ]

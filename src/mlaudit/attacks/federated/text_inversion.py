@@ -29,8 +29,16 @@ candidates, as LAMP does with BERT's embedding gradient). Optimisation is the on
 last row to any token of the vocabulary: the next token need not have been typed). ``refine`` random moves
 on one sequence at a time, LAMP's swap of two tokens and move of one token to another position, plus
 substitution of one position by another candidate token, each kept when it lowers the gradient distance
-of the whole batch of projected sequences (scored by the same objective on exact embeddings). LAMP's
-language-model prior (GPT-2's perplexity in the score) is not built.
+of the whole batch of projected sequences (scored by the same objective on exact embeddings).
+
+**LAMP's language-model prior and alternation** (Balunovic et al. 2022, sec. 4): with ``prior`` (a callable
+tokens int64 [n, L] -> the mean negative log-likelihood per token of each sequence [n] under a language model
+the server has, e.g. :func:`next_token_prior` of a next-token model trained on public text; LAMP uses GPT-2's
+log-perplexity) every discrete move is scored by the gradient distance plus ``prior_weight`` times the batch's
+mean prior NLL (LAMP's alpha_lm), so moves towards fluent text win ties the gradient cannot break. With
+``rounds`` R > 1 the continuous and discrete phases alternate: ``steps`` / R engine steps, projection and
+``refine`` / R moves, then the next continuous phase starts from the refined tokens' embeddings (LAMP
+alternates every few steps; R sets how often here). LAMP's l2 + cosine mix of distances is not built.
 
 **What a model must expose** (TinyGPT does): ``forward(tokens int64 [B, L]) -> logits [B, V, L]`` (the
 vocabulary second, ``F.cross_entropy``'s layout, as the ``federated`` kind's sequence models), computed
@@ -125,11 +133,14 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
                    distance: Distance = "cosine", l1: float = 0.01, restarts: int = 1, temperature: float = 0.05,
                    candidates: Tensor | list[int] | None = None, refine: int = 0, embedding: str | None = None,
                    optimizer: Literal["adam", "signed-adam"] = "adam",
+                   prior: Callable[[Tensor], Tensor] | None = None, prior_weight: float = 0.0, rounds: int = 1,
                    generator: torch.Generator | None = None) -> Reconstruction:
     """Token sequences [obs.inputs, L] behind ``obs`` (``input_shape`` (L,)): ``steps`` engine steps of ``lr``
     (embedding-std units), ``restarts``, then ``refine`` discrete moves (module docstring). ``candidates``:
     the token ids the inputs may take (None: the bag of tokens from the update); ``l1``: the l1 weight of
-    ``distance='l2+l1'``; ``embedding``: the token embedding's module name (None: found)."""
+    ``distance='l2+l1'``; ``embedding``: the token embedding's module name (None: found); ``prior``,
+    ``prior_weight``, ``rounds``: LAMP's language-model prior in the discrete score and its alternation of the
+    continuous and discrete phases (module docstring)."""
     check_observation(model, obs)
     if len(obs.input_shape) != 1:
         raise ConfigError(f"text inversion recovers token sequences: input_shape must be (L,), got {obs.input_shape}")
@@ -137,6 +148,9 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
         raise ConfigError(f"distance = {distance!r}; allowed: {', '.join(DISTANCES)}")
     if not temperature > 0 or refine < 0:
         raise ConfigError(f"temperature = {temperature}, refine = {refine}; allowed temperature > 0, refine >= 0")
+    if rounds < 1 or rounds > max(steps, 1) or prior_weight < 0 or (prior_weight > 0 and prior is None):
+        raise ConfigError(f"rounds = {rounds}, prior_weight = {prior_weight}, prior = {prior!r}; allowed 1 <= rounds <= "
+                          "steps, prior_weight >= 0, and a prior when prior_weight > 0")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     n, length = obs.inputs, obs.input_shape[0]
     name, emb = token_embedding(model, embedding)
@@ -157,22 +171,59 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
     objective = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode,
                                   params=[k for k in seen.grad if k != f"lm.{name}"])
     v0 = torch.zeros(n, length + 1, table.shape[1], device=table.device)
-    res = craft(objective, v0, constraint=Free(), steps=steps, optimizer=optimizer, lr=lr, schedule="step",
-                restarts=restarts, init="random", generator=g)
-    sim = F.normalize(res.delta.float(), dim=-1) @ unit.T
-    tokens = sim.masked_fill(~rows, float("-inf")).argmax(-1)  # [n, L + 1]
     idx = torch.arange(n, device=table.device)
 
     def score(t: Tensor) -> float:
-        return float(objective(table[t].float() / scale, idx).detach())
+        s = float(objective(table[t].float() / scale, idx).detach())
+        if prior_weight > 0:
+            assert prior is not None
+            with torch.no_grad():
+                s += prior_weight * float(prior(t[:, :length]).float().mean())
+        return s
 
-    projected = score(tokens)
-    tokens, refined, accepted = discrete_refine(score, tokens, mask, refine, g, start=projected)
+    init: Tensor | str = "random"
+    accepted, first, projections = 0, None, []
+    for k in range(rounds):  # LAMP's alternation: a continuous phase, projection, a discrete phase
+        res = craft(objective, v0, constraint=Free(), steps=steps // rounds + (k < steps % rounds), optimizer=optimizer,
+                    lr=lr, schedule="step", restarts=restarts if k == 0 else 1, init=init, generator=g)
+        first = res if first is None else first
+        sim = F.normalize(res.delta.float(), dim=-1) @ unit.T
+        tokens = sim.masked_fill(~rows, float("-inf")).argmax(-1)  # [n, L + 1]
+        projections.append(score(tokens))
+        moves = refine // rounds + (k < refine % rounds)
+        tokens, refined, kept = discrete_refine(score, tokens, mask, moves, g, start=projections[-1])
+        accepted += kept
+        init = table[tokens].float() / scale  # the next continuous phase starts from the refined tokens
+    assert first is not None
     return Reconstruction(tokens[:, :length].cpu(), tokens[:, length].cpu(), {
-        "objective": res.objective, "start": res.history[0] if res.history else res.objective, "restarts": res.restarts, "projected": projected, "refined": refined,
+        "objective": res.objective, "start": first.history[0] if first.history else first.objective,
+        "restarts": first.restarts, "projected": projections[0], "projections": projections, "refined": refined,
         "accepted_moves": accepted, "refine": refine, "candidates": int(mask.sum()), "bag_of_tokens": from_bag,
         "steps": steps, "lr": lr, "distance": distance, "l1": l1 if distance == "l2+l1" else None,
-        "temperature": temperature, "embedding": name, "matched": len(objective.obs.grad)})
+        "temperature": temperature, "embedding": name, "matched": len(objective.obs.grad),
+        "prior_weight": prior_weight if prior is not None else None, "rounds": rounds})
+
+
+def next_token_prior(lm: nn.Module, context: int, *, pad: int = 0) -> Callable[[Tensor], Tensor]:
+    """LAMP's language-model score from a fixed-context next-token model ``lm`` (float token ids [N, context]
+    -> logits [N, V], as :class:`mlaudit.models.mlp.CharMLP` trained on public text by the one training loop):
+    tokens int64 [n, L] -> the mean negative log-likelihood (nats) of tokens 1..L-1 of each sequence given the
+    ``context`` tokens before each (left-padded with ``pad``) [n]. The model is put in eval mode."""
+    lm.eval()
+
+    def nll(tokens: Tensor) -> Tensor:
+        n, length = tokens.shape
+        if length < 2:
+            return torch.zeros(n, device=tokens.device)
+        dev = next(lm.parameters()).device
+        padded = torch.cat([torch.full((n, context), pad, dtype=torch.long, device=tokens.device), tokens], 1)
+        ctx = padded.unfold(1, context, 1)[:, 1:length]  # [n, L - 1, context]: the window before tokens 1..L-1
+        with torch.no_grad():
+            logp = F.log_softmax(lm(ctx.reshape(-1, context).float().to(dev)).float(), -1)
+        got = logp.gather(1, tokens[:, 1:].reshape(-1, 1).to(dev)).view(n, length - 1)
+        return (-got.mean(1)).to(tokens.device)
+
+    return nll
 
 
 def discrete_refine(score: Callable[[Tensor], float], tokens: Tensor, mask: Tensor, moves: int, generator: torch.Generator, *,

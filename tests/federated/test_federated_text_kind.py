@@ -165,6 +165,7 @@ USER_MODELS = ("import torch\nfrom torch import nn\nfrom mlaudit.models.gpt impo
     ({"decepticons": {"user_counts": [0, 9]}}, ["decepticons.user_counts = [0, 9]", "users = 4"]),
     ({"pretrain": True}, ["pretrain = True", "allowed: pretrain false"]),
     ({"aggregation": {"secure": False}}, ["aggregation.secure = False"]),
+    ({"defence": {"method": "prune"}}, ["defence.prune is required", "0 <= prune < 1"]),
     ({"attack": "sneaky"}, ["attack", "sneaky", "decepticons", "imprint"]),
     ({"model": {"name": "dc_user:gpt", "kwargs": {}}, "decepticons": {"bins": 200}},
      ["decepticons", "bins = 200", "1 <= bins <= 128"]),
@@ -217,3 +218,20 @@ def test_the_honest_inversion_in_the_kind_is_the_library_call_on_the_same_round(
         assert got["whole"] == want["whole"]
     md = (tmp_path / "o" / "artifacts" / "decepticons.md").read_text()
     assert "honest inversion: pairs" in md and "honest inversion: bigrams (ROUGE-2)" in md
+
+
+@pytest.mark.parametrize("defence,stops", [({"method": "prune", "prune": 0.9}, True),
+                                           ({"method": "quantise", "bits": 32}, False)])
+def test_a_client_defence_against_decepticons(tmp_path: Path, defence: dict[str, Any], stops: bool) -> None:
+    """``defence:`` with ``attack: decepticons``: each user's update is defended before the secure sum, and the
+    same round is attacked without it. Pruning 90% of each tensor's entries breaks the planted codes; 32-bit
+    quantisation changes next to nothing and Decepticons recovers as much as without it."""
+    m = go({**SMALL, "defence": defence}, tmp_path / "o")["metrics"]
+    d = m["defence"]
+    plain = go(SMALL, tmp_path / "plain")["metrics"]
+    assert d["without"]["k"] == plain["recovered"]["k"] > 0  # the same round as a run without the defence
+    assert d["with"]["k"] == m["recovered"]["k"] and [p["users"] for p in d["per_users"]] == [1, 4]
+    if stops:
+        assert d["with"]["value"] < 0.5 * d["without"]["value"] and d["update_distortion"]["mean"] > 0.1
+    else:
+        assert d["with"]["k"] == d["without"]["k"] and d["update_distortion"]["mean"] < 1e-6

@@ -321,12 +321,12 @@ class FederatedConfig(ExperimentConfig):
                              "heads, layers, activation, tie_embeddings) or your own factory returning a "
                              "mlaudit.models.gpt.TinyGPT, as 'package.module:factory'")
         needed = {"pretrain": (self.pretrain, False), "protocol": (self.protocol, "fedsgd"),
-                  "aggregation.secure": (self.aggregation.secure, True), "defence.method": (self.defence.method, "none")}
+                  "aggregation.secure": (self.aggregation.secure, True)}
         bad = [f"{k} = {v!r}" for k, (v, want) in needed.items() if v != want]
         if bad:
             raise ValueError(f"attack = 'decepticons' runs on a FedSGD round of the model at its initialisation under "
                              f"secure aggregation: {', '.join(bad)} not allowed with it (allowed: pretrain false, "
-                             "protocol fedsgd, aggregation.secure true, defence.method none)")
+                             "protocol fedsgd, aggregation.secure true)")
         o = self.decepticons
         if o.user_counts is not None:
             wrong = [n for n in o.user_counts if not 1 <= n <= self.users]

@@ -48,7 +48,7 @@ from ..attacks.federated.decepticons import (
     token_recovery,
 )
 from ..data.base import DataBundle
-from ..federated import local_batches, secure_aggregate, user_gradients
+from ..federated import defend_updates, distortion, local_batches, secure_aggregate, user_gradients
 from ..query import ParamVector
 from ..report.html import ReportTable
 from ..stats import clopper_pearson
@@ -86,9 +86,20 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
     seconds = {"updates": time.perf_counter() - t0, "attack": 0.0, "inversion": 0.0}
     inv = config.text_inversion
     agg = config.aggregation
-    noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
+    seed = config.trial_seed(index, stream=Stream.ATTACK)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
     tensors: dict[str, Tensor] = {"tokens": tokens.cpu()}
     meta: dict[str, Any] = {"bins": sent.decepticon_bins, "bags": {}, "nonempty_bins": {}, "rejected": {}}
+    d = config.defence
+    plain_malicious, plain_noise = malicious, None
+    if d.method != "none":
+        # each user defends its own update (both models' updates: the malicious server's and the honest one's);
+        # the same round without the defence is attacked too, with the same aggregation noise, for comparison
+        opts = {"method": d.method, "sigma": d.sigma or 0.0, "clip": d.clip, "prune": d.prune or 0.0, "bits": d.bits or 8}
+        malicious = defend_updates(malicious, generator=torch.Generator(device=device).manual_seed(seed + 3), **opts)
+        honest = defend_updates(honest, generator=torch.Generator(device=device).manual_seed(seed + 4), **opts)
+        meta["distortion"] = distortion(plain_malicious, malicious).float().cpu().tolist()
+        plain_noise = torch.Generator(device=device).manual_seed(seed + 1)
     for n in config.user_counts:
         first = ParamVector({k: t[:n] for k, t in malicious.items()})
         seen = secure_aggregate(first, clip=agg.clip, noise_multiplier=agg.noise_multiplier, generator=noise)
@@ -96,6 +107,11 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
         rec = decepticons(sent, Observation(seen, users=n, batch=config.batch, input_shape=data.input_shape,
                                             train_mode=train), tol=o.tol)
         seconds["attack"] += time.perf_counter() - t0
+        if plain_noise is not None:
+            unseen = secure_aggregate(ParamVector({k: t[:n] for k, t in plain_malicious.items()}), clip=agg.clip,
+                                      noise_multiplier=agg.noise_multiplier, generator=plain_noise)
+            tensors[f"plain_rows_{n}"] = decepticons(sent, Observation(
+                unseen, users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train), tol=o.tol).x.cpu()
         plain = secure_aggregate(ParamVector({k: t[:n] for k, t in honest.items()}), clip=agg.clip,
                                  noise_multiplier=agg.noise_multiplier, generator=noise)
         tensors[f"rows_{n}"] = rec.x.cpu()
@@ -121,8 +137,9 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"value": k / n if n else float("nan"), "lo": lo, "hi": hi, "k": k, "n": n, "method": "clopper-pearson"}
 
 
-def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]]) -> dict[str, Any]:
-    """The attack's recovery from n users' sum, pooled over the trials' rounds."""
+def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]], rows_key: str = "rows") -> dict[str, Any]:
+    """The attack's recovery from n users' sum, pooled over the trials' rounds (``rows_key`` "plain_rows": the
+    same rounds without the client defence)."""
     pairs = toks = occ = 0
     seq: dict[str, float] = {"tokens_in_sequence": 0.0, "whole": 0.0, "merged": 0.0}
     bag_recall: list[float] = []
@@ -130,7 +147,7 @@ def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]
     inverted = {"pairs": 0.0, "tokens": 0.0, "bigrams": 0.0, "whole": 0.0}
     for tensors, meta in rounds:
         true = tensors["tokens"][:n].flatten(0, 1)  # [n B, L]
-        rows = tensors[f"rows_{n}"]
+        rows = tensors[f"{rows_key}_{n}"]
         occ += true.numel()
         pairs += round(pair_recovery(true, rows) * true.numel())
         toks += round(token_recovery(true, rows[:, 0]) * true.numel())
@@ -228,14 +245,32 @@ def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
         "recovered": top["pairs"], "secure_aggregation": True, "settings": settings,
         "decepticons": {"per_users": per},
         "seconds": {k: sum(m["seconds"].get(k, 0.0) for _, m in rounds) for k in ("updates", "attack", "inversion")}}
+    if config.defence.method != "none":
+        without = [_count_metrics(n, rounds, "plain_rows") for n in config.user_counts]
+        dist = torch.tensor([v for _, m in rounds for v in m["distortion"]], dtype=torch.float64)
+        metrics["defence"] = {**config.defence.model_dump(exclude_none=True), "with": top["pairs"],
+                              "without": without[-1]["pairs"],
+                              "per_users": [{"users": w["users"], "with": p["pairs"], "without": w["pairs"]}
+                                            for p, w in zip(per, without, strict=True)],
+                              "update_distortion": {"mean": float(dist.nanmean()),
+                                                    "max": float(dist.nan_to_num(0.0).max())}}
+        settings["defence"] = config.defence.method
     shown = samples(config, rounds[0][0], data.train.classes)
     ctx.write_artifact("decepticons.md", lambda f: f.write(markdown(config, data, metrics, shown).encode("utf-8")))
     trials = [{"trial_id": tid, "seed": seed, "sequences": config.users * config.batch,
                "pairs_recovered": pair_recovery(t["tokens"].flatten(0, 1)[: top["users"] * config.batch],
                                                 t[f"rows_{top['users']}"])}
               for (tid, seed, _), (t, _) in zip(models, rounds, strict=True)]
-    return ExperimentOutput(metrics=metrics, trials=trials, tables=_tables(metrics, shown),
-                            notes=_notes(config, data, settings))
+    notes = _notes(config, data, settings)
+    if "defence" in metrics:
+        dm = metrics["defence"]
+        notes.append(f"Client-side defence: each user applies {config.defence.method} "
+                     f"({', '.join(f'{k} {v}' for k, v in config.defence.model_dump(exclude_none=True).items() if k != 'method')}) "
+                     f"to its update before sharing it; from {top['users']} users' sum Decepticons recovers "
+                     f"{100 * dm['with']['value']:.1f}% of (token, position) pairs with it and {100 * dm['without']['value']:.1f}% "
+                     f"on the same round without it; relative update distortion ||g' - g|| / ||g||: mean "
+                     f"{dm['update_distortion']['mean']:.3f}.")
+    return ExperimentOutput(metrics=metrics, trials=trials, tables=_tables(metrics, shown), notes=notes)
 
 
 def _rows(metrics: dict[str, Any]) -> list[list[Any]]:

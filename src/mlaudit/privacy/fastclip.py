@@ -194,13 +194,15 @@ def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Te
     """Per-layer norms, clip factors f_i = w_i min(1, C / (||g_i|| + 1e-6)): (weighted sums in
     ``named_parameters`` order, squared norms ||g_i||^2 [B])."""
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    sq = torch.zeros(len(weights), dtype=dtype, device=weights.device)
-    states = {}
+    states, parts = {}, []
     with torch.no_grad():
         for lay in layers:
             if lay.name in ag:
                 s, states[lay.name] = lay.rule.norms(lay.module, *ag[lay.name], mode)
-                sq += s.to(dtype)
+                parts.append(s.to(dtype))
+        # one reduction over the layers (a kernel per layer when accumulated one by one; the step is launch-bound
+        # on small models)
+        sq = torch.stack(parts).sum(0) if parts else torch.zeros(len(weights), dtype=dtype, device=weights.device)
         f = (clip / (sq.sqrt() + 1e-6)).clamp(max=1.0) * weights.to(dtype)
         sums: dict[str, Tensor] = {}
         for lay in layers:

@@ -360,9 +360,11 @@ def _group_norms(m: nn.GroupNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Ten
     a = a.to(g.dtype)
     dims = tuple(range(2, a.dim()))
     var, mu = torch.var_mean(a.unflatten(1, (m.num_groups, -1)), dim=(2, *(d + 1 for d in dims)), unbiased=False)
-    r = torch.rsqrt(var + m.eps).repeat_interleave(c // m.num_groups, 1)  # [B, C]
+    r = torch.rsqrt(var + m.eps)  # [B, groups]
     gb, ga = (g.sum(dims), (g * a).sum(dims)) if dims else (g, g * a)  # sum(()) would sum every dim
-    gw = r * (ga - mu.repeat_interleave(c // m.num_groups, 1) * gb)
+    # per group by broadcasting over its channels ([B, groups, C / groups]): no repeated copies of r and mu
+    per = (m.num_groups, c // m.num_groups)
+    gw = (r.unsqueeze(-1) * (ga.unflatten(1, per) - mu.unsqueeze(-1) * gb.unflatten(1, per))).flatten(1)
     return _affine_norms(gw, gb)
 
 

@@ -345,11 +345,21 @@ def _conv_sums(m: nn.Conv2d, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]
 
 # ------------------------------------------------------------------------------ GroupNorm, LayerNorm
 def _affine_sums(m: nn.Module, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
-    return {n: weigh(f, st[n]) for n in ("weight", "bias") if n in st}
+    if "both" not in st:
+        return {"weight": weigh(f, st["weight"])}
+    both = f @ st["both"]  # weight and bias in one product, split after
+    k = st["weight_shape"].numel()
+    return {"weight": both[:k].view(st["weight_shape"]), "bias": both[k:].view(st["bias_shape"])}
 
 
 def _affine_norms(gw: Tensor, gb: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
-    return _with_bias(_up(gw.flatten(1)).square().sum(1), {"weight": gw}, gb)
+    """Squared norms [B] of the per-example weight (and bias) gradients gw, gb [B, *s], and the state of
+    :func:`_affine_sums`. Weight and bias go through one reduction and one weighted product (three and one
+    kernels instead of five and two: small models' DP steps are bound by kernel launches)."""
+    if gb is None:
+        return _up(gw.flatten(1)).square().sum(1), {"weight": gw}
+    both = torch.cat([gw.flatten(1), gb.flatten(1)], 1)
+    return _up(both).square().sum(1), {"both": both, "weight_shape": gw.shape[1:], "bias_shape": gb.shape[1:]}
 
 
 def _group_norms(m: nn.GroupNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:

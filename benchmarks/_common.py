@@ -336,3 +336,18 @@ def victim_block(config: dict[str, Any], setting: str, pretrained: tuple[Path, s
     model = config["model"] if isinstance(config["model"], dict) else {"name": config["model"]}
     extra = {"train": "head", "reset_head": True} if setting == "transfer" else {"train": "all"}
     return {"model": {**model, "init": str(pretrained[0]), "init_sha256": pretrained[1], **extra}}
+
+
+def import_torchvision_models_only() -> None:
+    """Import torchvision where only its model code is needed (lpips, open_clip). A CUDA build of torchvision
+    (PyPI's) on a CPU torch cannot register its C++ operators, and registering their fake kernels fails at
+    import; the models use none of them, so that registration is stubbed and the import retried."""
+    import sys
+
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError:
+        torch.library.register_fake = lambda *a, **k: (lambda f: f)  # type: ignore[assignment]
+        for name in [m for m in sys.modules if m.startswith("torchvision")]:
+            del sys.modules[name]
+        import torchvision  # noqa: F401,F811

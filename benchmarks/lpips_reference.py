@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mlaudit.attacks.federated.lpips import lpips_alexnet  # noqa: E402
 
@@ -34,13 +35,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def reference():  # noqa: ANN201
     """The package's metric with a random AlexNet trunk, and (trunk state_dict, linear-layer state_dict)."""
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:  # a CUDA build of torchvision on a CPU torch: its C++ operators are missing, and
-        # registering their fake kernels fails at import; AlexNet itself needs none of them
-        torch.library.register_fake = lambda *a, **k: (lambda f: f)  # type: ignore[assignment]
-        for name in [m for m in sys.modules if m.startswith("torchvision")]:
-            del sys.modules[name]
+    from _common import import_torchvision_models_only
+
+    import_torchvision_models_only()  # AlexNet's module code only
     import lpips
     import torchvision
 

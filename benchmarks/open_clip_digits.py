@@ -15,17 +15,10 @@ import hashlib
 import os
 
 import torch
+from _common import import_torchvision_models_only
 from torch import Tensor, nn
 
-try:
-    import torchvision  # noqa: F401  (open_clip imports it)
-except RuntimeError:  # a CUDA build of torchvision on a CPU torch: its C++ operators fail to register; open_clip's
-    # models use none of them
-    torch.library.register_fake = lambda *a, **k: (lambda f: f)  # type: ignore[assignment]
-    import sys
-
-    for _m in [m for m in sys.modules if m.startswith("torchvision")]:
-        del sys.modules[_m]
+import_torchvision_models_only()  # open_clip imports torchvision; its models use none of the C++ operators
 import open_clip  # noqa: E402
 
 CONTEXT = 16

@@ -126,6 +126,8 @@ def run(cfg: dict[str, Any], tmp_path: Path, name: str = "o", **kw: Any) -> dict
     return run_experiment(cfg, out=tmp_path / name, device="cpu", store=tmp_path / "s.db", quiet=True, **kw).results
 
 
+BADNETS = {"method": "badnets", "budget": 0.03, "target_class": 0,
+           "trigger": {"type": "patch", "size": 2, "location": "bottom-right", "pattern": "checkerboard"}}
 KINDS = {
     "train": {"kind": "train", "trials": 2},
     "membership-inference": {"kind": "membership-inference", "pool": {"models": 8}, "attacks": ["loss", "lira-online"],
@@ -141,6 +143,13 @@ KINDS = {
                 "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "adaptive", "strategy": "adaptive"}]},
     "robustness": {"kind": "robustness", "trials": 2, "attacks": ["pgd"], "attack_options": {"pgd": {"steps": 5}},
                    "threat": {"eps": [0.1]}, "examples": 40, "sanity": False, "grid": 0},
+    "backdoor": {"kind": "backdoor", "victims": 1, "attack": BADNETS},
+    "defend": {"kind": "defend", "victims": 1, "attack": BADNETS, "defence": {"method": "spectral", "rate": 0.25}},
+    "defend-ndt": {"kind": "defend", "victims": 1, "attack": BADNETS,
+                   "defence": {"method": "ndt", "sigma": 0.25, "models": 5, "alpha": 0.1}},
+    "defend-dpa": {"kind": "defend", "victims": 1, "attack": BADNETS, "defence": {"method": "dpa", "k": 4}},
+    "certify": {"kind": "certify", "sigma": 0.25, "n0": 20, "n": 200, "predict_n": 100, "alpha": 0.01,
+                "radii": [0, 0.25], "examples": 40},
 }
 
 
@@ -148,11 +157,19 @@ KINDS = {
 def test_every_kind_runs_on_the_users_model_data_and_trainer(user: str, tmp_path: Path, kind: str) -> None:
     res = run(base(user, **KINDS[kind]), tmp_path)
     assert res["config"]["trainer"] == f"{user}:fit" and res["config"]["model"]["name"] == f"{user}:Net"
-    assert res["cost"]["models_trained"] >= 2
+    assert res["cost"]["models_trained"] >= (1 if kind == "certify" else 2)
     assert (tmp_path / "o" / "report.html").is_file()
     trained = [t for t in res["trials"] if isinstance(t, dict) and "test_accuracy" in t]
     if kind == "train":
         assert len(trained) == 2 and all(t["test_accuracy"] > 0.6 for t in trained)  # 10 classes: chance is 0.1
+    m = res["metrics"]
+    if kind.startswith("defend") or kind == "backdoor":  # the user's trainer learns the trigger on 18 of 600 rows
+        asr = m["attack_success"]["no_defence"] if kind.startswith("defend") else m["attack_success_rate"]
+        assert asr["mean"] > 0.5, asr
+    if kind == "defend":  # the filter ranks in the user's model's own penultimate features
+        assert m["removal"]["poisons"] == 18 and m["removal"]["poisons_removed"] > m["removal"]["random_poisons_removed"]
+    if kind == "certify":
+        assert m["certified_accuracy"]["0"]["value"] > 0.5, m["certified_accuracy"]
 
 
 def test_robustness_kind_attacks_the_users_model(user: str, tmp_path: Path) -> None:

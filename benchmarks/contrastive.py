@@ -57,15 +57,22 @@ def table(results: dict[str, Any]) -> str:
     for method, r in results["attacks"].items():
         n = r["train_pairs"]
         succ = "x* classified as target" if method == "targeted" else "attack success rate"
+        z = all("z_score" in c for c in r["curve"])
         lines += [f"## {method} ({r['trials']} model(s) per row, {n} training pairs, {r['seconds']:.0f} s)", "",
-                  f"| poisons | rate | same rate on CC3M (3M pairs) | {succ} | rank of target | clean zero-shot acc |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  f"| poisons | rate | same rate on CC3M (3M pairs) | {succ} | rank of target | "
+                  + ("backdoor z-score | " if z else "") + "clean zero-shot acc |",
+                  "|---:|---:|---:|---:|---:|" + ("---:|" if z else "") + "---:|"]
         for c in r["curve"]:
+            zs = f"{c['z_score']['mean']:.2f} ± {c['z_score']['se']:.2f} | " if z else ""
             lines.append(f"| {c['poisons']} | {100 * c['rate']:.3g}% | {c['rate'] * CC3M:,.0f} | "
-                         f"{pct(c['success'])} | {c['target_rank']['mean']:.2f} | "
+                         f"{pct(c['success'])} | {c['target_rank']['mean']:.2f} | {zs}"
                          f"{pct(c['zero_shot_accuracy'])} |")
         lines.append("")
     lines.append("Row 0 = clean models. Settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()))
+    if any("z_score" in c for r in results["attacks"].values() for c in r["curve"]):
+        lines.append("\nBackdoor z-score (Carlini & Terzis 2022, `mlaudit.contrastive.backdoor_z_score`): the mean pairwise "
+                     "cosine similarity of the triggered non-target test images' embeddings minus that of the same images "
+                     "clean, over the clean pairs' standard deviation; mean ± SE over the models of a row.")
     return "\n".join(lines) + "\n"
 
 
@@ -78,6 +85,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=None)
     ap.add_argument("--attacks", nargs="+", choices=["targeted", "backdoor"], default=["targeted", "backdoor"])
     ap.add_argument("--workdir", default=None, help="keep runs here (a rerun resumes them)")
+    ap.add_argument("--tag", default="", help="appended to the results' file name (a partial run beside a full one)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     out: dict[str, Any] = {"dataset": args.dataset, "device": args.device, "cpu": cpu_name(),
@@ -96,7 +104,7 @@ def _write(args: argparse.Namespace, out: dict[str, Any], t0: float) -> None:
     out["settings"] = {"model": s["model"], **s["encoder"], "epochs": args.epochs or s["epochs"],
                        "batch_size": s["batch_size"], "limit": args.limit, "torch_threads": torch.get_num_threads()}
     dev = "cuda" if args.device.startswith("cuda") else args.device
-    name = f"contrastive_{args.dataset}_{dev}" + (f"_limit{args.limit}" if args.limit else "")
+    name = f"contrastive_{args.dataset}_{dev}" + (f"_limit{args.limit}" if args.limit else "") + args.tag
     write_results(name, out, table(out))
 
 

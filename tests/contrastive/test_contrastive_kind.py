@@ -43,6 +43,9 @@ def test_example_config_runs_and_the_backdoor_beats_the_clean_models(tmp_path: P
     clean, hit = curve[0]["success"]["mean"], curve[32]["success"]["mean"]
     assert clean < 0.05 and hit > 0.8 and hit > clean + 0.5
     assert curve[32]["target_rank"]["mean"] < 1.5 < curve[0]["target_rank"]["mean"]
+    z = [curve[p]["z_score"]["mean"] for p in (0, 2, 8, 32)]  # the trigger pulls triggered images together
+    assert z[0] < z[3] and z[3] > 1.0, z
+    assert all("z_score" in t for t in r["trials"])
     assert all(c["zero_shot_accuracy"]["mean"] > 0.85 for c in curve.values())
     assert len(r["trials"]) == 8 and (tmp_path / "run" / "report.html").is_file()
     assert r["metrics"]["most_poisons"]["poisons"] == 32

@@ -19,9 +19,18 @@ from .model import (
            info_nce,
 )
 from .train import init_seeded, train_contrastive
-from .zeroshot import class_embeddings, class_rank, zero_shot_accuracy, zero_shot_predict, zero_shot_scores
+from .zeroshot import (
+           backdoor_z_score,
+           class_embeddings,
+           class_rank,
+           image_embeddings,
+           zero_shot_accuracy,
+           zero_shot_predict,
+           zero_shot_scores,
+)
 
 __all__ = ["PoisonRecord", "backdoor_poison", "poisons_for_rate", "targeted_poison", "CaptionedData", "CaptionSpace",
            "Tokenizer", "class_names", "templates_for", "DualEncoder", "TextEncoder", "build_dual_encoder",
            "build_user_dual_encoder", "check_dual_encoder", "info_nce", "init_seeded", "train_contrastive",
-           "class_embeddings", "class_rank", "zero_shot_accuracy", "zero_shot_predict", "zero_shot_scores"]
+           "backdoor_z_score", "class_embeddings", "class_rank", "image_embeddings", "zero_shot_accuracy",
+           "zero_shot_predict", "zero_shot_scores"]

@@ -40,7 +40,14 @@ from ..contrastive.attacks import backdoor_poison, targeted_poison
 from ..contrastive.data import CaptionedData, CaptionSpace, class_names, templates_for
 from ..contrastive.model import build_dual_encoder, build_user_dual_encoder
 from ..contrastive.train import init_seeded, train_contrastive
-from ..contrastive.zeroshot import class_embeddings, class_rank, zero_shot_accuracy, zero_shot_scores
+from ..contrastive.zeroshot import (
+    backdoor_z_score,
+    class_embeddings,
+    class_rank,
+    image_embeddings,
+    zero_shot_accuracy,
+    zero_shot_scores,
+)
 from ..data.base import DataBundle
 from ..imports import resolve_import
 from ..report.html import ReportTable
@@ -157,27 +164,37 @@ def _one_model(config: ContrastiveConfig, study: Study, p: int, t: int, tid: str
                                              seed=substream(config, t, p), tokenize=study.tokenize)
         model, w, acc = study.train(train_set, seed)
         keep = data.test.y != target
-        scores = zero_shot_scores(model, apply_trigger(data.test.x[keep], trig), w)
+        e_trig = image_embeddings(model, apply_trigger(data.test.x[keep], trig), device=w.device)
+        e_clean = image_embeddings(model, data.test.x[keep], device=w.device)
+        scores = e_trig @ w.T
         metrics = {"success": float((scores.argmax(-1) == target).float().mean()),
                    "target_rank": float(class_rank(scores, target).float().mean()), "target": target,
-                   "triggered_images": int(keep.sum())}
+                   "triggered_images": int(keep.sum()), "z_score": backdoor_z_score(e_clean, e_trig)}
     metrics["zero_shot_accuracy"] = acc
     return {"trial_id": tid, "seed": seed, "tags": {"poisons": p, "trial": t}, "metrics": metrics,
             "wall_s": time.perf_counter() - t0}
 
 
 def _point(p: int, n: int, ms: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"poisons": p, "rate": p / n,
-            "success": MeanSE.of([m["success"] for m in ms]).to_dict(),
-            "target_rank": MeanSE.of([m["target_rank"] for m in ms]).to_dict(),
-            "zero_shot_accuracy": MeanSE.of([m["zero_shot_accuracy"] for m in ms]).to_dict()}
+    point = {"poisons": p, "rate": p / n,
+             "success": MeanSE.of([m["success"] for m in ms]).to_dict(),
+             "target_rank": MeanSE.of([m["target_rank"] for m in ms]).to_dict(),
+             "zero_shot_accuracy": MeanSE.of([m["zero_shot_accuracy"] for m in ms]).to_dict()}
+    if all("z_score" in m for m in ms):  # backdoor trials (records from before the z-score have none)
+        point["z_score"] = MeanSE.of([m["z_score"] for m in ms]).to_dict()
+    return point
 
 
 def _table(config: ContrastiveConfig, curve: list[dict[str, Any]]) -> ReportTable:
     pct = lambda m: {**m, "mean": 100 * m["mean"], "se": 100 * m["se"]}  # noqa: E731
-    rows = [[c["poisons"], f"{100 * c['rate']:.3g}%", pct(c["success"]), c["target_rank"], pct(c["zero_shot_accuracy"])]
-            for c in curve]
+    z = all("z_score" in c for c in curve)
+    rows = [[c["poisons"], f"{100 * c['rate']:.3g}%", pct(c["success"]), c["target_rank"],
+             *([c["z_score"]] if z else []), pct(c["zero_shot_accuracy"])] for c in curve]
     succ = "x* classified as target (%)" if config.attack.method == "targeted" else "attack success rate (%)"
     return ReportTable(f"{config.attack.method}: success vs number of poisons",
-                       ["poisons", "rate", succ, "rank of target class", "clean zero-shot accuracy (%)"], rows,
-                       note=f"mean ± SE over {config.attack.trials} model(s) per row; row 0 = clean models")
+                       ["poisons", "rate", succ, "rank of target class", *(["backdoor z-score"] if z else []),
+                        "clean zero-shot accuracy (%)"], rows,
+                       note=f"mean ± SE over {config.attack.trials} model(s) per row; row 0 = clean models"
+                       + ("; backdoor z-score: Carlini & Terzis's statistic, mean pairwise cosine similarity of the "
+                          "triggered images' embeddings minus that of the same images clean, over the clean pairs' "
+                          "std (mlaudit.contrastive.backdoor_z_score)" if z else ""))

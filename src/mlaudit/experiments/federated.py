@@ -22,9 +22,10 @@ with the relative update distortion ||g' - g|| / ||g|| in place of a utility mea
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,14 +44,17 @@ from ..attacks.federated import (
 from ..data.base import DataBundle
 from ..factory import TrialSpec
 from ..federated import (
+    RoundUpdates,
     defend_updates,
     distortion,
     fedsgd_aggregate,
     local_batches,
-    local_training,
+    round_updates,
     secure_aggregate,
-    user_gradients,
 )
+from ..federated.defences import client_generator, defend_each
+from ..federated.training import server_step
+from ..federated.updates import local_seed
 from ..models.registry import build_model
 from ..query import ParamVector, forward_batched, load_model
 from ..report.figures import image_rows
@@ -85,6 +89,11 @@ class _Outcome:
     """Several rounds (simulated or Flower): per round the verbatim fraction and the users' shares recovered so far."""
     accuracy: dict[str, float] | None = None
     """Imprint: the test accuracy of the global model and of the planted one the server sent (first round)."""
+    training: list[dict[str, Any]] = field(default_factory=list)
+    """Inversion attacks over rounds (simulated or Flower): per round the global model's test accuracy after it,
+    its wall time, whether it was attacked and, if so, its recovery."""
+    start_accuracy: float | None = None
+    """The global model's test accuracy before the first of those rounds."""
 
     def psnr_all(self) -> Tensor:
         return torch.cat(self.psnr)
@@ -105,14 +114,14 @@ def _global_models(config: FederatedConfig, ctx: RunContext, data: DataBundle) -
 
 
 def _user_updates(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor, seed: int, device: str,
-                  num_classes: int) -> ParamVector:
-    """Every user's own update {name: [U, *shape]} in gradient units (FedSGD gradient, FedAvg delta / (lr steps))."""
-    if config.protocol == "fedsgd":
-        return user_gradients(sent, x, y, train_mode=config.user_mode == "train", chunk=config.chunk)
-    delta, steps = local_training(sent, x, y, epochs=config.local_epochs, lr=config.local_lr, device=device,
-                                  batch_size=config.local_batch or config.batch, classes=num_classes,
-                                  seeds=[seed + u for u in range(config.users)])
-    return delta / (config.local_lr * steps)
+                  num_classes: int, server_round: int = 1) -> RoundUpdates:
+    """Every user's own update of round ``server_round`` (``.updates`` {name: [U, *shape]} in gradient units: FedSGD
+    gradient, FedAvg delta / (lr steps); ``.steps``; ``.buffers`` after FedAvg's local training). User u's
+    local data order is seeded by :func:`local_seed` of ``seed + u``, as its Flower client's."""
+    return round_updates(sent, x, y, protocol=config.protocol, lr=config.local_lr, epochs=config.local_epochs,
+                         batch_size=config.local_batch or config.batch, device=device, classes=num_classes,
+                         seeds=[local_seed(seed + u, server_round) for u in range(config.users)],
+                         train_mode=config.user_mode == "train", chunk=config.chunk)
 
 
 def _observations(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor, seed: int, device: str,
@@ -133,7 +142,7 @@ def _observations(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor
                                  chunk=config.chunk, train_mode=train)
         return [seen(total, slice(0, config.users))]
     if updates is None:
-        updates = _user_updates(config, sent, x, y, seed, device, num_classes)
+        updates = _user_updates(config, sent, x, y, seed, device, num_classes).updates
     users = [slice(0, config.users)] if agg.secure else [slice(u, u + 1) for u in range(config.users)]
     return [seen(secure_aggregate(ParamVector({n: t[sl] for n, t in updates.items()}), clip=agg.clip,
                                   noise_multiplier=agg.noise_multiplier, generator=gen), sl) for sl in users]
@@ -161,6 +170,8 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     x, y, first_rows = local_batches(data.train, parts, batch=config.batch, generator=gen)
     x, y = x.to(device), y.to(device)
     public = data.test.x.to(device)
+    if config.attack != "imprint" and (config.transport == "flower" or config.rounds > 1):
+        return _training_rounds(config, data, index, seed, model, parts, (x, y), public, gen, device)
     if config.transport == "flower":
         return _flower_trial(config, data, model, parts, x.cpu(), y.cpu(), public, gen), None
     if config.rounds > 1:
@@ -177,7 +188,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
         seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
         out.seconds["updates"] = time.perf_counter() - t0
         return _attack(config, data, sent, seen, x, y, mean_probs, gen, out), None
-    updates = _user_updates(config, sent, x, y, seed, device, data.num_classes)
+    updates = _user_updates(config, sent, x, y, seed, device, data.num_classes).updates
     dgen = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 2)
     defended = defend_updates(updates, method=d.method, sigma=d.sigma or 0.0, clip=d.clip, prune=d.prune or 0.0,
                               bits=d.bits or 8, generator=dgen)
@@ -299,6 +310,168 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, p
     return out
 
 
+@dataclass
+class _Round:
+    """One training round as the server saw it (simulated or through Flower): the global model it sent (None
+    when the round is not attacked), the users' inputs x [U, B, *shape] and labels [U, B], what the server saw
+    (``seen``) and, with a defence, the same round's plain updates (``plain``, for the comparison), each user's
+    update distortion [U] (defence only), the round's wall time, and the global model's test accuracy after it."""
+
+    round: int
+    sent: nn.Module | None
+    x: Tensor
+    y: Tensor
+    seen: list[tuple[Observation, slice]]
+    plain: list[tuple[Observation, slice]] | None
+    distortion: Tensor | None
+    seconds: float
+    accuracy: float
+
+
+def _test_accuracy(model: nn.Module, data: DataBundle) -> float:
+    """The model's accuracy on the test split (argmax of its logits, eval mode)."""
+    device = next(model.parameters()).device
+    return float((forward_batched(model, data.test.x, device=device).argmax(1).cpu() == data.test.y.cpu()).float().mean())
+
+
+def _training_rounds(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module,
+                     parts: list[Tensor], first: tuple[Tensor, Tensor], public: Tensor, gen: torch.Generator,
+                     device: str) -> tuple[_Outcome, _Outcome | None]:
+    """An honest-but-curious server (Inverting Gradients, DLG) over ``config.rounds`` rounds of FedSGD or FedAvg
+    that train the global model, simulated (:func:`_simulated_rounds`) or through Flower (:func:`_flower_rounds`),
+    the attack on each round of ``attack_rounds``. Round 1 uses the trial's batches ``first``; every later round's
+    batches (``batch`` of each user's share ``parts[u]``) are drawn from ``gen`` before any round runs, so both
+    transports see the same inputs and the attacks the same randomness. With a defence the attack also runs on
+    the same rounds' plain updates (the second outcome)."""
+    batches = [first] + [local_batches(data.train, parts, batch=config.batch, generator=gen)[:2]
+                         for _ in range(2, config.rounds + 1)]
+    attacked = set(config.attack_rounds or range(1, config.rounds + 1))
+    out = _Outcome(start_accuracy=_test_accuracy(model, data))
+    base = _Outcome() if config.defence.method != "none" else None
+    rounds: Iterator[_Round] | list[_Round]
+    if config.transport == "flower":
+        rounds, where = _flower_rounds(config, data, seed, model, batches, attacked), "cpu"
+    else:
+        rounds, where = _simulated_rounds(config, data, index, seed, model, batches, attacked, device), device
+    dist = []
+    for rnd in rounds:
+        out.seconds["updates"] += rnd.seconds
+        if rnd.distortion is not None:
+            dist.append(rnd.distortion.float().cpu())
+        row: dict[str, Any] = {"round": rnd.round, "test_accuracy": rnd.accuracy, "seconds": rnd.seconds,
+                               "attacked": rnd.sent is not None}
+        if rnd.sent is not None:
+            n0 = len(out.psnr)
+            mean_probs = torch.softmax(forward_batched(rnd.sent, public, device=where), 1).mean(0).cpu()
+            x, y = rnd.x.to(where), rnd.y.to(where)
+            state = gen.get_state()
+            _attack(config, data, rnd.sent, rnd.seen, x, y, mean_probs, gen, out, grid=out.grid is None)
+            if base is not None and rnd.plain is not None:
+                gen.set_state(state)  # the same attack randomness on the plain updates of the same round
+                _attack(config, data, rnd.sent, rnd.plain, x, y, mean_probs, gen, base, grid=False)
+            psnr = torch.nan_to_num(torch.cat(out.psnr[n0:]), nan=-1.0)
+            row.update(recovered=float((psnr >= config.psnr_threshold).float().mean()),
+                       psnr_median=_summary(torch.cat(out.psnr[n0:])).get("median"))
+        out.training.append(row)
+    if dist:
+        out.distortion = torch.cat(dist)
+    return out, base
+
+
+def _simulated_rounds(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module,
+                      batches: list[tuple[Tensor, Tensor]], attacked: set[int], device: str) -> Iterator[_Round]:
+    """The rounds in process: the users' updates (:func:`_user_updates`, user u's local seed that of its Flower
+    client), each user's defence with its own noise generator (:func:`client_generator` of ``seed + u``, as its
+    Flower client draws), what the server sees (:func:`_observations`: the sum or each update, with the configured
+    clipping and noise), and the FedAvg server step on what it saw (:func:`server_step`: the mean update; the
+    users' buffers averaged). The global model is a copy of ``model``; each round is yielded after its step."""
+    glob = copy.deepcopy(model)
+    noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
+    d = config.defence
+    options = d.model_dump(exclude_none=True)
+    gens = [client_generator(seed + u, device) for u in range(config.users)] if d.method != "none" else None
+    for r, (x, y) in enumerate(batches, 1):
+        x, y = x.to(device), y.to(device)
+        t0 = time.perf_counter()
+        sent = copy.deepcopy(glob) if r in attacked else None
+        res = _user_updates(config, glob, x, y, seed, device, data.num_classes, server_round=r)
+        shared, dist = res.updates, None
+        if gens is not None:
+            shared = defend_each(res.updates, gens, **options)
+            dist = distortion(res.updates, shared)
+        state = noise.get_state()
+        seen = _observations(config, glob, x, y, seed, device, data.num_classes, noise, updates=shared)
+        total = seen[0][0].grad
+        for obs, _ in seen[1:]:
+            total = total + obs.grad
+        server_step(glob, total, users=config.users, step=config.local_lr * res.steps, buffers=res.buffers)
+        seconds = time.perf_counter() - t0
+        plain = None
+        if gens is not None and sent is not None:
+            after = noise.get_state()
+            noise.set_state(state)  # the same aggregation noise on the plain updates
+            plain = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=res.updates)
+            noise.set_state(after)
+        yield _Round(r, sent, x, y, seen, plain, dist, seconds, _test_accuracy(glob, data))
+
+
+def _flower_rounds(config: FederatedConfig, data: DataBundle, seed: int, model: nn.Module,
+                   batches: list[tuple[Tensor, Tensor]], attacked: set[int]) -> list[_Round]:
+    """The rounds through Flower (on the CPU): an honest-but-curious :class:`CuriousStrategy` (plain FedAvg; the
+    aggregate under secure aggregation, else each client's update) and one :class:`TorchClient` per user over gRPC
+    on ``flower_host``. Client u holds its inputs of every round (``schedule``), computes its update with the
+    simulated rounds' code (:func:`mlaudit.federated.round_updates`; seed ``seed + u``), applies the defence with
+    its own noise generator, and keeps its plain and shared updates for the comparison and the distortion. The
+    strategy only records what it saw (``attack=None``); the kind inverts it afterwards with the simulated
+    rounds' attack code."""
+    from ..federated.flower import CuriousStrategy, TorchClient, run_flower_audit
+
+    users, b, agg = config.users, config.batch, config.aggregation
+    fedavg = config.protocol == "fedavg"
+    strategy = CuriousStrategy(copy.deepcopy(model).cpu(), tuple(data.input_shape), lr=config.local_lr,
+                               local_steps=config.local_steps, attack=None,
+                               target="aggregate" if agg.secure else "clients", min_clients=users,
+                               train_mode=config.user_mode == "train", keep_parameters=True)
+    defence = config.defence.model_dump(exclude_none=True) if config.defence.method != "none" else None
+    schedule = [torch.arange(r * b, (r + 1) * b) for r in range(len(batches))]
+    clients = [TorchClient(strategy.client_model(), torch.cat([x[u] for x, _ in batches]).cpu(),
+                           torch.cat([y[u] for _, y in batches]).cpu(), lr=config.local_lr, seed=seed + u,
+                           schedule=schedule, defence=defence, epochs=config.local_epochs if fedavg else None,
+                           local_batch=(config.local_batch or b) if fedavg else None,
+                           train_mode=config.user_mode == "train", classes=data.num_classes, client_id=u,
+                           keep_updates=defence is not None) for u in range(users)]
+    audit = run_flower_audit(strategy, clients, rounds=config.rounds, host=config.flower_host,
+                             allow_remote=config.allow_remote)
+
+    def held(arrays: list[Any]) -> nn.Module:
+        m = strategy.client_model()
+        m.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in zip(m.state_dict(), arrays, strict=True)})
+        return m
+
+    no_noise = torch.Generator()  # Flower runs no server-side noise (refused by the config)
+    out = []
+    for r, (x, y) in enumerate(batches, 1):
+        cr = audit.rounds[r]
+        sent = held(cr.sent) if r in attacked else None
+        if agg.secure:
+            seen = [(cr.observations["aggregate"], slice(0, users))]
+        else:  # each client's update, in user order (Flower lists them as they arrive)
+            who = [int(m["client_id"]) for m in cr.client_metrics]
+            seen = [(cr.observations["clients"][who.index(u)], slice(u, u + 1)) for u in range(users)]
+        plain = dist = None
+        if defence is not None:
+            kept = [c.kept[r - 1] for c in clients]
+            names = list(kept[0][0])
+            stack_plain = ParamVector({n: torch.stack([k[0][n] for k in kept]) for n in names})
+            stack_shared = ParamVector({n: torch.stack([k[1][n] for k in kept]) for n in names})
+            dist = distortion(stack_plain, stack_shared)
+            if sent is not None:
+                plain = _observations(config, sent, x, y, seed, "cpu", data.num_classes, no_noise, updates=stack_plain)
+        after = held(audit.rounds[r + 1].sent) if r < config.rounds else held(strategy.latest or [])
+        out.append(_Round(r, sent, x.cpu(), y.cpu(), seen, plain, dist, cr.seconds, _test_accuracy(after, data)))
+    return out
+
+
 _LPIPS: dict[tuple[Any, ...], nn.Module] = {}
 
 
@@ -397,6 +570,13 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
             metrics["imprint"]["rounds"] = outcomes[0][2].rounds
         if outcomes[0][2].accuracy is not None:
             metrics["imprint"]["test_accuracy"] = outcomes[0][2].accuracy
+    first = outcomes[0][2]
+    if first.training:
+        rows = first.training
+        metrics["training"] = {"transport": config.transport, "protocol": config.protocol,
+                               "local_steps": config.local_steps, "rounds": rows,
+                               "test_accuracy_start": first.start_accuracy, "test_accuracy_end": rows[-1]["test_accuracy"],
+                               "seconds_per_round": sum(r["seconds"] for r in rows) / len(rows)}
     if config.defence.method != "none":
         metrics["defence"] = _defence_metrics(config, [o for _, _, o in outcomes], baselines)
     trials = [{"trial_id": tid, "seed": seed, "inputs": int(o.psnr_all().numel()),
@@ -433,10 +613,14 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
         "noise_multiplier": agg.noise_multiplier, "psnr_threshold": config.psnr_threshold, "exact_db": EXACT_DB,
         "user_mode": config.user_mode, "partition": config.partition.scheme, "pretrain": config.pretrain,
         "trials": config.trials, "public_inputs": len(data.test), "defence": config.defence.method,
-        "transport": config.transport}
+        "transport": config.transport, "rounds": config.rounds}
+    if config.attack_rounds is not None:
+        out["attack_rounds"] = list(config.attack_rounds)
     if config.protocol == "fedavg":
         out.update(local_epochs=config.local_epochs, local_batch=config.local_batch or config.batch,
-                   local_lr=config.local_lr)
+                   local_lr=config.local_lr, local_steps=config.local_steps)
+    elif config.rounds > 1 or config.transport == "flower":
+        out.update(local_lr=config.local_lr)
     if config.attack == "imprint":
         out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf,
                    imprint_scale=config.imprint_scale, imprint_variant=config.imprint.variant)
@@ -477,6 +661,20 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
                                "without a candidate counts as not recovered")]
     if "defence" in m:
         tables.append(_defence_table(config, m["defence"]))
+    if "training" in m:
+        t = m["training"]
+        tables.append(ReportTable(
+            f"Training rounds ({'Flower' if config.transport == 'flower' else 'simulated'}, {config.protocol}, "
+            f"{t['local_steps']} local step(s) per round): the global model and the attack, round by round",
+            ["round", "test accuracy after it", f"recovered (PSNR >= {config.psnr_threshold:g} dB)",
+             "median PSNR dB", "seconds"],
+            [[r["round"], f"{100 * r['test_accuracy']:.1f}%",
+              f"{100 * r['recovered']:.1f}%" if r["attacked"] else "not attacked",
+              f"{r['psnr_median']:.1f}" if r.get("psnr_median") is not None else "",
+              f"{r['seconds']:.3f}"] for r in t["rounds"]],
+            note=f"test accuracy before round 1: {100 * t['test_accuracy_start']:.1f}%; seconds: the users' updates "
+                 "and the server's FedAvg step (through Flower: from sending the parameters to receiving every "
+                 "client's result), not the attack"))
     if "imprint" in m and "rounds" in m["imprint"]:
         tables.append(ReportTable(
             f"Several {'Flower' if config.transport == 'flower' else 'simulated'} rounds ({config.rounds}): each user "
@@ -530,12 +728,21 @@ def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list
         who = (f"Honest-but-curious server ({config.attack}, {config.inversion.steps} steps, labels "
                f"{'optimised jointly' if config.attack == 'dlg' and config.inversion.soft_labels and config.inversion.labels != 'known' else config.inversion.labels})")
     defence = ""
-    if config.transport == "flower":
+    if config.transport == "flower" and config.attack == "imprint":
         defence = (f" The round ran through Flower: a malicious ImprintStrategy (FedAvg) and {config.users} clients "
                    f"over gRPC on {config.flower_host}, float32 weights on the wire, each client one SGD step at lr "
                    f"{config.local_lr:g}; the server read only the FedAvg aggregate.")
+    elif config.transport == "flower":
+        defence = (f" {config.rounds} round(s) ran through Flower: an honest-but-curious CuriousStrategy (FedAvg) and "
+                   f"{config.users} clients over gRPC on {config.flower_host}, float32 weights on the wire, each client "
+                   f"{config.local_steps} local SGD step(s) at lr {config.local_lr:g}; the server inverted "
+                   f"{'the FedAvg aggregate' if config.aggregation.secure else 'each client result'}, read in gradient "
+                   "units (weights sent - weights received) / (lr x steps).")
+    elif config.rounds > 1 and config.attack != "imprint":
+        defence = (f" {config.rounds} simulated rounds trained the global model (FedAvg server step on what the "
+                   f"server saw, {config.local_steps} local SGD step(s) per user at lr {config.local_lr:g}).")
     if config.defence.method != "none":
-        defence = (f" Each user applies the defence {config.defence.method} to its update before sharing it; the "
+        defence += (f" Each user applies the defence {config.defence.method} to its update before sharing it; the "
                    "attack also runs on the undefended updates of the same round for comparison.")
     if config.aggregation.clip is not None:
         defence += (f" Each update clipped to l2 norm {config.aggregation.clip:g}, Gaussian noise multiplier "

@@ -14,8 +14,9 @@
     inversion: {steps: 1000, lr: 0.1, tv: 1.0e-4, restarts: 1, labels: recovered}
     psnr_threshold: 30
     defence: {method: none}          # none | noise (sigma) | clip-noise (clip, sigma) | prune (prune) | quantise (bits)
-    transport: simulated             # simulated | flower (the round over gRPC through a malicious Flower strategy)
-    rounds: 1                        # with transport: flower, several rounds (fresh batches, bins re-planted)
+    transport: simulated             # simulated | flower (the rounds over gRPC: ImprintStrategy or CuriousStrategy)
+    rounds: 1                        # several rounds (fresh batches; imprint: bins re-planted; inversion: FedAvg trains)
+    attack_rounds: null              # inversion attacks over several rounds: the rounds attacked (null: every round)
     flower_host: 127.0.0.1           # with transport: flower; a non-loopback host needs allow_remote: true
 
 Decepticons on text (Fowl et al. 2022, "Decepticons"; malicious parameters in a GPT-style model):
@@ -251,13 +252,21 @@ class FederatedConfig(ExperimentConfig):
     chunk: int | None = Field(None, ge=1, le=100_000)
     """Users per vmap call of the FedSGD gradients (None: all at once)."""
     transport: Literal["simulated", "flower"] = "simulated"
-    """``flower``: the round runs through Flower (a malicious ImprintStrategy and one TorchClient per user
-    over gRPC on ``flower_host``; needs the ``flower`` extra), the server reading the FedAvg aggregate of
-    float32 weights; imprint attack, FedSGD, secure aggregation without clip, noise or defence only."""
+    """``flower``: the rounds run through Flower over gRPC on ``flower_host`` (needs the ``flower`` extra), one
+    TorchClient per user, float32 weights on the wire. ``attack: imprint``: a malicious ImprintStrategy reading
+    the FedAvg aggregate (FedSGD, secure aggregation without clip, noise or defence only).
+    ``inverting-gradients``/``dlg``: an honest-but-curious CuriousStrategy (the aggregate under secure
+    aggregation, else each client's update), FedSGD or FedAvg, client defences; no server-side
+    ``aggregation.clip`` or noise."""
     rounds: int = Field(1, ge=1, le=1000)
-    """Rounds of the imprint attack (simulated, or of the Flower run): each round every user draws ``batch`` of its
-    partition share, and the server re-plants its bins (``metrics.imprint.rounds``: per round, and the
-    fraction of the users' shares recovered verbatim at least once); imprint attack, no defence, one trial."""
+    """Rounds (one trial). Each round every user draws ``batch`` of its partition share. Imprint (simulated or
+    Flower): the server re-plants its bins each round (``metrics.imprint.rounds``: per round, and the fraction
+    of the users' shares recovered verbatim at least once); no defence. Inverting Gradients / DLG (simulated or
+    Flower): FedAvg (or FedSGD) trains the global model round by round, the server attacks the rounds in
+    ``attack_rounds`` (``metrics.training``: the global model's test accuracy after each round, the wall time
+    per round, each attacked round's recovery)."""
+    attack_rounds: tuple[int, ...] | None = Field(None, min_length=1, max_length=1000)
+    """With ``inverting-gradients`` or ``dlg``: the rounds the server inverts (None: every round)."""
     flower_host: str = "127.0.0.1"
     allow_remote: bool = False
     """Let ``flower_host`` be a non-loopback address (the malicious server then listens on a network)."""
@@ -269,28 +278,18 @@ class FederatedConfig(ExperimentConfig):
             raise ValueError(f"local_batch = {self.local_batch} exceeds batch = {self.batch} (each user's local data); "
                              f"allowed 1 <= local_batch <= {self.batch}")
         if self.transport == "flower":
-            agg = self.aggregation
-            needed = {"attack": (self.attack, "imprint"), "protocol": (self.protocol, "fedsgd"),
-                      "aggregation.secure": (agg.secure, True), "aggregation.clip": (agg.clip, None),
-                      "aggregation.noise_multiplier": (agg.noise_multiplier, 0.0),
-                      "defence.method": (self.defence.method, "none")}
-            bad = [f"{k} = {v!r}" for k, (v, want) in needed.items() if v != want]
-            if bad:
-                raise ValueError(f"transport = 'flower' runs the imprint attack on a plain FedSGD round: {', '.join(bad)} "
-                                 "not allowed with it (allowed: attack imprint, protocol fedsgd, aggregation.secure "
-                                 "true without clip or noise, defence.method none)")
-            if self.trials != 1 and self.rounds > 1:
-                raise ValueError(f"rounds = {self.rounds} with trials = {self.trials}: a several-round Flower run is "
-                                 "one trial; allowed: trials: 1 with rounds > 1")
-            from ..federated.address import check_address
-            check_address(self.flower_host, allow_remote=self.allow_remote, field="flower_host")
-        if self.rounds > 1 and self.transport != "flower":
-            bad = [f"{k} = {v!r}" for k, (v, want) in {"attack": (self.attack, "imprint"),
-                                                       "defence.method": (self.defence.method, "none"),
-                                                       "trials": (self.trials, 1)}.items() if v != want]
-            if bad:
-                raise ValueError(f"rounds = {self.rounds} repeats the imprint attack over several rounds: {', '.join(bad)} "
-                                 "not allowed with it (allowed: attack imprint, defence.method none, trials 1)")
+            self._flower_fits()
+        if self.rounds > 1:
+            self._rounds_fit()
+        if self.attack_rounds is not None:
+            wrong = [r for r in self.attack_rounds if not 1 <= r <= self.rounds]
+            if self.attack not in ("inverting-gradients", "dlg"):
+                raise ValueError(f"attack_rounds = {list(self.attack_rounds)} chooses the rounds an inversion attack "
+                                 f"runs on; with attack = {self.attack!r} it does not apply (allowed: attack "
+                                 "inverting-gradients or dlg, or drop attack_rounds)")
+            if wrong or len(set(self.attack_rounds)) != len(self.attack_rounds):
+                raise ValueError(f"attack_rounds = {list(self.attack_rounds)}: allowed distinct rounds r with "
+                                 f"1 <= r <= rounds = {self.rounds}")
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")
@@ -304,6 +303,59 @@ class FederatedConfig(ExperimentConfig):
                              f"on text; with attack = {self.attack!r} it does not apply (allowed: attack: decepticons, "
                              "or text_inversion.run: false)")
         return self
+
+    def _flower_fits(self) -> None:
+        """``transport: flower``: what runs through Flower (imprint: a plain FedSGD round; the inversion attacks:
+        FedSGD or FedAvg with client defences, no server-side clipping or noise) and a loopback host."""
+        agg = self.aggregation
+        if self.attack == "imprint":
+            needed = {"protocol": (self.protocol, "fedsgd"), "aggregation.secure": (agg.secure, True),
+                      "aggregation.clip": (agg.clip, None), "aggregation.noise_multiplier": (agg.noise_multiplier, 0.0),
+                      "defence.method": (self.defence.method, "none")}
+            bad = [f"{k} = {v!r}" for k, (v, want) in needed.items() if v != want]
+            if bad:
+                raise ValueError(f"transport = 'flower' runs the imprint attack on a plain FedSGD round: {', '.join(bad)} "
+                                 "not allowed with it (allowed with attack imprint: protocol fedsgd, aggregation.secure "
+                                 "true without clip or noise, defence.method none)")
+        elif self.attack in ("inverting-gradients", "dlg"):
+            needed = {"aggregation.clip": (agg.clip, None), "aggregation.noise_multiplier": (agg.noise_multiplier, 0.0)}
+            bad = [f"{k} = {v!r}" for k, (v, want) in needed.items() if v != want]
+            if bad:
+                raise ValueError(f"transport = 'flower' with attack = {self.attack!r}: {', '.join(bad)} not allowed "
+                                 "(server-side clipping and noise on the aggregate are not run through Flower; "
+                                 "allowed: aggregation.clip null and noise_multiplier 0, or a client-side "
+                                 "defence: {method: clip-noise, clip, sigma})")
+        else:
+            raise ValueError(f"transport = 'flower' with attack = {self.attack!r} not allowed (allowed: attack "
+                             "imprint, inverting-gradients or dlg)")
+        if self.trials != 1 and self.rounds > 1:
+            raise ValueError(f"rounds = {self.rounds} with trials = {self.trials}: a several-round Flower run is "
+                             "one trial; allowed: trials: 1 with rounds > 1")
+        from ..federated.address import check_address
+        check_address(self.flower_host, allow_remote=self.allow_remote, field="flower_host")
+
+    def _rounds_fit(self) -> None:
+        """``rounds`` > 1: the imprint repeated (no defence) or FedAvg / FedSGD training under an inversion attack;
+        one trial."""
+        if self.attack == "imprint":
+            bad = [f"{k} = {v!r}" for k, v, want in (("defence.method", self.defence.method, "none"),
+                                                    ("trials", self.trials, 1)) if v != want]
+            if bad:
+                raise ValueError(f"rounds = {self.rounds} repeats the imprint attack over several rounds: {', '.join(bad)} "
+                                 "not allowed with it (allowed with attack imprint: defence.method none, trials 1)")
+            return
+        bad = [f"attack = {self.attack!r}"] if self.attack not in ("inverting-gradients", "dlg") else []
+        bad += [f"trials = {self.trials}"] if self.trials != 1 else []
+        if bad:
+            raise ValueError(f"rounds = {self.rounds} runs several rounds: {', '.join(bad)} not allowed with it (allowed: "
+                             "attack imprint, inverting-gradients or dlg, with trials 1)")
+
+    @property
+    def local_steps(self) -> int:
+        """A user's local SGD steps per round: 1 under FedSGD, local_epochs x ceil(batch / local_batch) under FedAvg."""
+        if self.protocol == "fedsgd":
+            return 1
+        return self.local_epochs * -(-self.batch // (self.local_batch or self.batch))
 
     def _decepticons_fits(self) -> None:
         """``attack: decepticons`` reads token sequences through a TinyGPT on one secure FedSGD round."""

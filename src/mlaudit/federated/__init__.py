@@ -16,8 +16,9 @@ from __future__ import annotations
 from .aggregate import add_noise, clipped_sum, fedsgd_aggregate, secure_aggregate
 from .defences import defend_updates, distortion
 from .partition import local_batches, partition
-from .training import FedTrainHistory, train_fedsgd
-from .updates import local_training, user_gradients
+from .training import FedTrainHistory, server_step, train_fedsgd
+from .updates import RoundUpdates, local_training, round_updates, user_gradients
 
-__all__ = ["FedTrainHistory", "add_noise", "clipped_sum", "defend_updates", "distortion", "fedsgd_aggregate",
-           "local_batches", "local_training", "partition", "secure_aggregate", "train_fedsgd", "user_gradients"]
+__all__ = ["FedTrainHistory", "RoundUpdates", "add_noise", "clipped_sum", "defend_updates", "distortion",
+           "fedsgd_aggregate", "local_batches", "local_training", "partition", "round_updates", "secure_aggregate",
+           "server_step", "train_fedsgd", "user_gradients"]

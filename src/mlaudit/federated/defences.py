@@ -36,6 +36,25 @@ from ..query import ParamVector
 METHODS = ("none", "noise", "clip-noise", "prune", "quantise")
 
 
+def client_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a user's defence noise, from the user's seed: each user draws its own noise, as a Flower
+    client does (:class:`mlaudit.federated.flower.TorchClient`), so the simulated rounds of the ``federated``
+    kind and a Flower run with the same seeds add the same noise."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + 17)
+
+
+def defend_each(updates: Mapping[str, Tensor], generators: list[torch.Generator], **options: object) -> ParamVector:
+    """:func:`defend_updates` on each user's update {name: [U, *shape]} alone, user u's noise from
+    ``generators[u]`` (prune, quantise and clipping act per user anyway; only the noise draws differ from one
+    shared generator)."""
+    users = next(iter(updates.values())).shape[0]
+    if len(generators) != users:
+        raise ConfigError(f"defend_each needs one generator per user: {users} users, {len(generators)} generators")
+    parts = [defend_updates({n: t[u:u + 1] for n, t in updates.items()}, generator=generators[u], **options)  # type: ignore[arg-type]
+             for u in range(users)]
+    return ParamVector({n: torch.cat([p[n] for p in parts]) for n in updates})
+
+
 def defend_updates(updates: Mapping[str, Tensor], *, method: str, sigma: float = 0.0, clip: float | None = None,
                    prune: float = 0.0, bits: int = 8, generator: torch.Generator | None = None) -> ParamVector:
     """Each user's update of ``updates`` {name: [U, *shape]} after the defence ``method`` (module docstring).

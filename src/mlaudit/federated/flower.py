@@ -56,6 +56,7 @@ import copy
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -78,8 +79,8 @@ from ..attacks.federated.imprint_parameters import plant_imprint_parameters
 from ..errors import ConfigError
 from ..query import ParamVector
 from .address import check_address
-from .defences import defend_updates
-from .updates import user_gradients
+from .defences import client_generator, defend_updates
+from .updates import local_seed, round_updates, user_gradients
 
 Variant = Literal["module", "parameters"]
 
@@ -213,6 +214,14 @@ class CuriousRound:
     client_reconstructions: list[Reconstruction]
     client_examples: list[int]
     observations: dict[str, Any]
+    client_metrics: list[dict[str, Any]] = field(default_factory=list)
+    """Each client's fit metrics, in the order of :attr:`client_examples` (a :class:`TorchClient` with a
+    ``client_id`` reports it here)."""
+    sent: list[np.ndarray] | None = None
+    """The parameters the server sent this round (state_dict order), kept with ``keep_parameters=True``."""
+    seconds: float = 0.0
+    """Wall time from sending the round's parameters to receiving every client's result (the clients' local
+    training and the gRPC round trip; the server's attack not included)."""
 
     @property
     def clients_x(self) -> list[Tensor]:
@@ -233,11 +242,18 @@ class CuriousStrategy(FedAvg):
     aggregation). ``target="aggregate"``: sum_u g_u = U (w - w') / (lr * local_steps) with ``users = U`` and
     ``batch = N / U`` (exact when the clients hold equal batches; FedAvg weights by n_u). ``both``: both. The
     attack runs on a copy of the model holding the parameters that were sent (where the gradients were taken).
-    Results accumulate in :attr:`rounds` ({round: :class:`CuriousRound`})."""
+    Results accumulate in :attr:`rounds` ({round: :class:`CuriousRound`}).
+
+    ``attack=None``: the server only records what it saw (:attr:`CuriousRound.observations`) and the caller
+    inverts it (as the ``federated`` kind does, with the attack code of its simulated rounds);
+    ``keep_parameters``: keep each round's sent parameters (:attr:`CuriousRound.sent`); ``train_mode``: the
+    clients' forward mode, recorded in the observations. :attr:`latest` holds the last aggregate (the global
+    model's state after the last round)."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, lr: float, local_steps: int = 1,
-                 attack: str = "inverting-gradients", options: dict[str, Any] | None = None,
-                 target: Target = "aggregate", min_clients: int = 2, **fedavg: Any) -> None:
+                 attack: str | None = "inverting-gradients", options: dict[str, Any] | None = None,
+                 target: Target = "aggregate", min_clients: int = 2, train_mode: bool = False,
+                 keep_parameters: bool = False, **fedavg: Any) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
         if not lr > 0 or local_steps < 1:
@@ -245,8 +261,12 @@ class CuriousStrategy(FedAvg):
                               f"local_steps={local_steps}")
         if target not in ("aggregate", "clients", "both"):
             raise ConfigError(f"CuriousStrategy target = {target!r}; allowed: aggregate, clients, both")
-        self.attack = FEDERATED_ATTACKS.get(attack)  # an unknown name: ConfigError listing the registered ones
+        # an unknown name: ConfigError listing the registered ones
+        self.attack = FEDERATED_ATTACKS.get(attack) if attack is not None else None
         self.attack_name, self.options = attack, dict(options or {})
+        self.train_mode, self.keep_parameters = train_mode, keep_parameters
+        self.latest: list[np.ndarray] | None = None
+        self._started: dict[int, float] = {}
         self.model = copy.deepcopy(model).cpu()
         self.input_shape, self.lr, self.local_steps, self.target = tuple(input_shape), lr, local_steps, target
         self._keys = list(self.model.state_dict())
@@ -263,6 +283,7 @@ class CuriousStrategy(FedAvg):
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
         self._sent[server_round] = parameters_to_ndarrays(parameters)
+        self._started[server_round] = time.perf_counter()
         return super().configure_fit(server_round, parameters, client_manager)
 
     def _grad(self, sent: list[np.ndarray], got: list[np.ndarray], factor: float) -> ParamVector:
@@ -272,27 +293,38 @@ class CuriousStrategy(FedAvg):
                             .to(dtype) for n, i, dtype in self._params})
 
     def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> Any:
+        seconds = time.perf_counter() - self._started.pop(server_round, time.perf_counter())
         params, metrics = super().aggregate_fit(server_round, results, failures)
         sent = self._sent.pop(server_round, None)
         if params is None or sent is None or not results:
             return params, metrics
+        self.latest = parameters_to_ndarrays(params)
         at = copy.deepcopy(self.model)
         _load(at, sent)
         sizes = [int(r.num_examples) for _, r in results]
         users, examples = len(results), sum(sizes)
         aggregate, per, obs_all = None, [], {}
+
+        def invert(obs: Observation) -> Reconstruction | None:
+            return self.attack(at, obs, **self.options) if self.attack is not None else None
+
         if self.target in ("aggregate", "both"):
-            obs = Observation(grad=self._grad(sent, parameters_to_ndarrays(params), users), users=users,
-                              batch=max(examples // users, 1), input_shape=self.input_shape)
-            aggregate, obs_all["aggregate"] = self.attack(at, obs, **self.options), obs
+            obs = Observation(grad=self._grad(sent, self.latest, users), users=users, batch=max(examples // users, 1),
+                              input_shape=self.input_shape, train_mode=self.train_mode)
+            aggregate, obs_all["aggregate"] = invert(obs), obs
         if self.target in ("clients", "both"):
             obs_all["clients"] = []
             for (_, res), n in zip(results, sizes, strict=True):
                 obs = Observation(grad=self._grad(sent, parameters_to_ndarrays(res.parameters), 1.0), users=1,
-                                  batch=max(n, 1), input_shape=self.input_shape)
-                per.append(self.attack(at, obs, **self.options))
+                                  batch=max(n, 1), input_shape=self.input_shape, train_mode=self.train_mode)
+                rec = invert(obs)
+                if rec is not None:
+                    per.append(rec)
                 obs_all["clients"].append(obs)
-        self.rounds[server_round] = CuriousRound(server_round, users, examples, aggregate, per, sizes, obs_all)
+        self.rounds[server_round] = CuriousRound(
+            server_round, users, examples, aggregate, per, sizes, obs_all,
+            client_metrics=[dict(r.metrics or {}) for _, r in results], sent=sent if self.keep_parameters else None,
+            seconds=seconds)
         return params, metrics
 
 
@@ -303,28 +335,53 @@ class TorchClient(NumPyClient):
     cross-entropy (one step: FedSGD) over all its data, or with ``batch`` over a fresh draw of ``batch``
     examples per round (seeded by ``seed`` and the round count; the rows drawn are kept in
     :attr:`drawn`), returning the new state and the number of examples used. ``dtype`` is what goes back
-    over the wire (float32, as a PyTorch model sends).
+    over the wire (float32, as a PyTorch model sends). ``schedule``: the rows of x to use in each of the
+    client's rounds (``schedule[r - 1]`` in its r-th fit), in place of ``batch``'s draw. ``train_mode``: the
+    forward mode of its FedSGD gradients (BatchNorm's batch statistics; the running ones are not updated).
+
+    FedAvg: with ``epochs`` the client instead trains ``epochs`` local epochs of SGD at ``lr`` in minibatches of
+    ``local_batch`` (None: all the round's rows) through :func:`mlaudit.federated.round_updates`, the training
+    loop of the simulated FedAvg rounds (train mode; its data order seeded by
+    :func:`~mlaudit.federated.updates.local_seed` of ``seed`` and the round), and sends its new weights and
+    buffers; its update in gradient units is then (w_received - w_trained) / (lr * steps).
 
     ``defence``: :func:`~mlaudit.federated.defences.defend_updates`'s options (``method`` and its ``sigma``,
     ``clip``, ``prune``, ``bits``), applied to the update the client shares, in gradient units as in the
     ``federated`` kind's ``defence:`` block: g = (w_received - w_trained) / (lr * local_steps) is defended
-    and the client returns w_received - lr * local_steps * g' (noise drawn from a generator seeded by
-    ``seed``)."""
+    and the client returns w_received - lr * local_steps * g' (noise drawn from
+    :func:`~mlaudit.federated.defences.client_generator` of ``seed``). ``keep_updates``: keep each round's
+    (g, g') in :attr:`kept` (gradient units, {name: [*shape]}). ``client_id``: reported in the fit metrics
+    (``{"client_id": ...}``), so a server can tell the clients' results apart."""
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, *, lr: float = 0.1, local_steps: int = 1,
                  batch: int | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 defence: dict[str, Any] | None = None) -> None:
+                 defence: dict[str, Any] | None = None, epochs: int | None = None, local_batch: int | None = None,
+                 schedule: Sequence[Tensor] | None = None, train_mode: bool = False, classes: int | None = None,
+                 client_id: int | None = None, keep_updates: bool = False) -> None:
         if len(x) == 0:
             raise ConfigError("a Flower client has no data (x is empty); allowed: at least one example per user")
         if lr <= 0 or local_steps < 1:
             raise ConfigError(f"TorchClient needs lr > 0 and local_steps >= 1, got lr={lr}, local_steps={local_steps}")
         if batch is not None and not 1 <= batch <= len(x):
             raise ConfigError(f"TorchClient batch = {batch}; allowed 1 <= batch <= {len(x)} (the client's examples)")
+        if epochs is not None and (epochs < 1 or local_steps != 1):
+            raise ConfigError(f"TorchClient epochs = {epochs} (FedAvg local epochs) with local_steps = {local_steps}; "
+                              "allowed: epochs >= 1 with local_steps 1 (the steps then follow from epochs and "
+                              "local_batch)")
+        if local_batch is not None and (epochs is None or local_batch < 1):
+            raise ConfigError(f"TorchClient local_batch = {local_batch}; allowed: local_batch >= 1 with epochs")
+        if schedule is not None and (batch is not None or any(int(r.min()) < 0 or int(r.max()) >= len(x)
+                                                               for r in schedule if len(r))):
+            raise ConfigError(f"TorchClient schedule: allowed rows in [0, {len(x)}) of x, without batch")
         self.model, self.x, self.y = model, x, y
         self.lr, self.local_steps, self.batch, self.seed, self.dtype = lr, local_steps, batch, seed, dtype
+        self.epochs, self.local_batch, self.train_mode, self.classes = epochs, local_batch, train_mode, classes
+        self.schedule = list(schedule) if schedule is not None else None
+        self.client_id, self.keep_updates = client_id, keep_updates
         self.drawn: list[Tensor] = []
+        self.kept: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
         self.defence = dict(defence) if defence else None
-        self._noise = torch.Generator().manual_seed(seed * 1_000_003 + 17)
+        self._noise = client_generator(seed)
         if self.defence is not None:  # bad options fail here, before any round: try them on a zero update
             allowed = {"method", "sigma", "clip", "prune", "bits"}
             if "method" not in self.defence or set(self.defence) - allowed:
@@ -335,31 +392,55 @@ class TorchClient(NumPyClient):
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         return _arrays(self.model)
 
+    def _rows(self) -> Tensor:
+        r = len(self.drawn)
+        if self.schedule is not None:
+            if r >= len(self.schedule):
+                raise ConfigError(f"TorchClient schedule has {len(self.schedule)} rounds; asked for round {r + 1}")
+            return self.schedule[r]
+        if self.batch is not None:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + r)
+            return torch.randperm(len(self.x), generator=gen)[: self.batch]
+        return torch.arange(len(self.x))
+
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict]:
         _load(self.model, parameters)
-        rows = torch.arange(len(self.x))
-        if self.batch is not None:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self.drawn))
-            rows = torch.randperm(len(self.x), generator=gen)[: self.batch]
+        rows = self._rows()
         self.drawn.append(rows)
         x, y = self.x[rows], self.y[rows]
         owned = dict(self.model.named_parameters())
         start = {k: p.detach().clone() for k, p in owned.items()}
-        for _ in range(self.local_steps):
-            g = user_gradients(self.model, x[None], y[None])
+        if self.epochs is not None:  # FedAvg: the simulated rounds' local training, this one user
+            res = round_updates(self.model, x[None], y[None], protocol="fedavg", lr=self.lr, epochs=self.epochs,
+                                batch_size=self.local_batch, seeds=[local_seed(self.seed, len(self.drawn))],
+                                device="cpu", classes=self.classes)
+            step = self.lr * res.steps
+            plain = {k: v[0] for k, v in res.updates.items()}
+            buffers = dict(self.model.named_buffers())
             with torch.no_grad():
-                for k, v in g.items():
-                    owned[k].sub_(self.lr * v[0])
-        if self.defence is not None:
+                for k, b in (res.buffers or {}).items():
+                    buffers[k].copy_(b[0])
+        else:
+            for _ in range(self.local_steps):
+                g = user_gradients(self.model, x[None], y[None], train_mode=self.train_mode)
+                with torch.no_grad():
+                    for k, v in g.items():
+                        owned[k].sub_(self.lr * v[0])
             step = self.lr * self.local_steps
-            shared = defend_updates({k: ((start[k] - p.detach()) / step)[None] for k, p in owned.items()},
-                                    generator=self._noise, **self.defence)
+            plain = {k: (start[k] - p.detach()) / step for k, p in owned.items()}
+        shared = plain
+        if self.defence is not None:
+            defended = defend_updates({k: v[None] for k, v in plain.items()}, generator=self._noise, **self.defence)
+            shared = {k: v[0] for k, v in defended.items()}
+        if self.defence is not None or self.epochs is not None:
             with torch.no_grad():
-                for k, p in owned.items():
-                    p.copy_(start[k] - step * shared[k][0])
+                for k, v in shared.items():
+                    owned[k].copy_(start[k] - step * v)
+        if self.keep_updates:
+            self.kept.append((plain, shared))
         out = [t.detach().to(self.dtype).cpu().numpy().copy() if t.is_floating_point() else t.detach().cpu().numpy()
                for t in self.model.state_dict().values()]
-        return out, len(rows), {}
+        return out, len(rows), ({"client_id": self.client_id} if self.client_id is not None else {})
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[float, int, dict]:
         return 0.0, len(self.x), {}

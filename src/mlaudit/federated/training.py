@@ -14,11 +14,12 @@ Shapes: the model maps [B, *shape] -> [B, C]; data a :class:`~mlaudit.data.base.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..data.base import DataBundle
 from ..errors import ConfigError
@@ -71,3 +72,23 @@ def train_fedsgd(model: nn.Module, data: DataBundle, *, users: int, batch: int, 
             hist.distortion.append(sum(dist) / len(dist) if dist else 0.0)
             dist = []
     return hist
+
+
+def server_step(model: nn.Module, total: Mapping[str, Tensor], *, users: int, step: float,
+                buffers: Mapping[str, Tensor] | None = None) -> None:
+    """The FedAvg server's update of ``model`` in place, users weighted equally (equal batches): every parameter
+    w <- w - step * total[w] / users, where ``total`` is the sum of the users' (defended) updates in gradient
+    units, what secure aggregation hands the server, and ``step`` the users' lr * local steps; this is the mean
+    of the users' weights w - step * g_u. ``buffers`` {name: [U, *shape]} (the users' buffers after local
+    training, e.g. BatchNorm's running statistics): each floating buffer becomes the users' mean, as FedAvg
+    averages everything the clients send."""
+    if users < 1 or not step > 0:
+        raise ConfigError(f"server_step needs users >= 1 and step > 0, got users={users}, step={step}")
+    params = dict(model.named_parameters())
+    own = dict(model.named_buffers())
+    with torch.no_grad():
+        for n, t in total.items():
+            params[n].sub_(step * (t / users).to(params[n].dtype))
+        for n, b in (buffers or {}).items():
+            if n in own and own[n].is_floating_point():
+                own[n].copy_(b.to(own[n].dtype).mean(0))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,16 @@ def local_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch
 
     Returns ({name: [U, *shape]} the updates w_global - w_user of the trainable parameters, on the model's
     device; local SGD steps per user)."""
+    updates, steps, _ = _train_users(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seeds=seeds,
+                                     device=device, classes=classes)
+    return updates, steps
+
+
+def _train_users(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, lr: float,
+                 seeds: Sequence[int], device: torch.device | str, classes: int | None
+                 ) -> tuple[ParamVector, int, dict[str, Tensor]]:
+    """:func:`local_training`, and the users' buffers after it {name: [U, *shape]} (BatchNorm's running
+    statistics, trained in train mode), on the model's device."""
     u, n = y.shape
     if len(seeds) != u:
         raise ConfigError(f"local_training needs one seed per user: {u} users, {len(seeds)} seeds")
@@ -98,4 +109,49 @@ def local_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch
     start = ParamVector.from_module(model)
     dev = next(iter(start.values())).device
     updates = ParamVector({k: torch.stack([w - o.state_dict[k].to(dev) for o in out]) for k, w in start.items()})
-    return updates, epochs * math.ceil(n / batch_size)
+    buffers = {k: torch.stack([o.state_dict[k].to(dev) for o in out]) for k, _ in model.named_buffers()
+               if k in out[0].state_dict}
+    return updates, epochs * math.ceil(n / batch_size), buffers
+
+
+ROUND_SEED = 100_003
+"""Offset between a user's local data-order seeds of consecutive rounds (:func:`local_seed`)."""
+
+
+def local_seed(seed: int, server_round: int) -> int:
+    """The local-training data-order seed of a user with base seed ``seed`` in round ``server_round`` (from 1):
+    ``seed`` itself in round 1, so a one-round run is unchanged."""
+    return seed + ROUND_SEED * (server_round - 1)
+
+
+@dataclass
+class RoundUpdates:
+    """What the users of one round computed: ``updates`` {name: [U, *shape]} in gradient units (the FedSGD
+    gradient, or the FedAvg weight change / (lr * steps)), ``steps`` local SGD steps per user, and ``buffers``
+    {name: [U, *shape]} the users' buffers after local training (FedAvg; None under FedSGD, where they do
+    not change)."""
+
+    updates: ParamVector
+    steps: int
+    buffers: dict[str, Tensor] | None = None
+
+
+def round_updates(model: nn.Module, x: Tensor, y: Tensor, *, protocol: str, lr: float, epochs: int = 1,
+                  batch_size: int | None = None, seeds: Sequence[int] | None = None,
+                  device: torch.device | str | None = None, classes: int | None = None, train_mode: bool = False,
+                  chunk: int | None = None) -> RoundUpdates:
+    """One round of every user on x [U, B, *shape], y [U, B] at the model's weights: ``fedsgd`` (one gradient,
+    :func:`user_gradients` in ``train_mode``, ``chunk`` users per call) or ``fedavg`` (:func:`local_training`:
+    ``epochs`` of SGD at ``lr``, batch ``batch_size`` (None: B), user u's data order from ``seeds[u]``). The
+    one implementation of a user's update, shared by the simulated rounds of the ``federated`` kind and the
+    Flower client (:class:`mlaudit.federated.flower.TorchClient`)."""
+    if protocol == "fedsgd":
+        return RoundUpdates(user_gradients(model, x, y, train_mode=train_mode, chunk=chunk), 1)
+    if protocol != "fedavg":
+        raise ConfigError(f"protocol = {protocol!r}; allowed: fedsgd, fedavg")
+    if seeds is None:
+        raise ConfigError("FedAvg round_updates needs one data-order seed per user (seeds)")
+    dev = device if device is not None else next(model.parameters()).device
+    delta, steps, buffers = _train_users(model, x, y, epochs=epochs, batch_size=batch_size or x.shape[1], lr=lr,
+                                         seeds=seeds, device=dev, classes=classes)
+    return RoundUpdates(delta / (lr * steps), steps, buffers)

@@ -1,15 +1,21 @@
-"""Backdoor attacks under the defences (issue 18 validation): a grid of ``defend`` runs, each backdoor attack of a
-grid config against each of its defences, with one table of attack success and clean accuracy without and with
-the defence, poisons removed against random filtering, DP-SGD's epsilon and NDT's vote.
+"""Backdoor attacks under the defences (issue 18 validation): a grid of ``defend`` runs, each given config (a
+``defend`` config with a backdoor attack) against each defence of :data:`DEFENCES`, with one table of attack
+success and clean accuracy without and with the defence, poisons removed against random filtering, DP-SGD's
+epsilon and NDT's vote.
 
-    python benchmarks/defend_backdoors.py benchmarks/configs/digits_defend_backdoors.yaml --device cpu \\
+    python benchmarks/defend_backdoors.py benchmarks/configs/digits_defend_backdoors_*.yaml --device cpu \\
         --workdir runs/defend_backdoors --name digits_backdoors
-    python benchmarks/defend_backdoors.py benchmarks/configs/digits_defend_backdoors.yaml --smoke   # seconds a run
+    python benchmarks/defend_backdoors.py benchmarks/configs/digits_defend_backdoors_*.yaml --smoke  # seconds a run
 
-The grid config has ``base`` (the fields every run shares: a ``defend`` config without attack and defence),
-``attacks`` (name -> a defend ``attack`` block) and ``defences`` (label -> the keys merged over the base and
-the attack: ``defence``, and whatever else that defence needs, e.g. ``victim`` for DP-SGD). Every run is
-validated before the first one starts. ``--attacks`` / ``--defences`` pick a subset (comma-separated names),
+Each run is the config with the defence's keys merged over it (``defence``, and what else that defence needs:
+``victim`` for DP-SGD, whose victims must not use BatchNorm), named ``<config name>-<defence>``; the attack's
+label in the table is the config's name without the prefix all the given configs share. Every run is
+validated before the first one starts. The defences: none; spectral signatures, activation clustering, the
+outlier method and deep kNN at 10% and 20% of each class; DP-SGD (noise multiplier 1, clip 1); NDT (sigma 0.25,
+M = 12 noised models of 8 epochs, no denoiser); and three controls this script registers as filters (not
+defences, not part of mlaudit): ``random-control`` (the rate of every class removed uniformly at random, seed 0),
+``outlier-target-only`` and ``outlier-except-target`` (the outlier filter's choice of rows in the attack's target
+class and random-control's elsewhere, or the reverse). ``--defences`` picks some (comma-separated labels),
 ``--smoke`` makes every run small (1 victim, 3 epochs, 20 crafting steps) to check a grid, ``--workdir DIR``
 keeps the runs and resumes them. Writes benchmarks/results/defend_<name>.{json,md} after every run.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -85,13 +92,26 @@ if RANDOM_CONTROL not in FILTERS.names():
         return remove_top(s, labels, rate)
 
 
+DEFENCES: dict[str, dict[str, Any]] = {
+    "none": {"defence": "none"},
+    **{f"{m}@{r}": {"defence": {"method": m, "rate": float(r)}}
+       for m in ("spectral", "activation-clustering", "outlier", "knn", RANDOM_CONTROL) for r in ("0.1", "0.2")},
+    **{f"{m}@0.2": {"defence": {"method": m, "rate": 0.2}} for m in SPLIT_CONTROLS},
+    "dp-sgd": {"defence": {"method": "dp-sgd", "dp": {"noise_multiplier": 1.0, "clip": 1.0}},
+               "victim": {"model": {"name": "mlp", "norm": "none"}}},
+    "ndt": {"defence": {"method": "ndt", "sigma": 0.25, "models": 12, "n0": 1, "alpha": 0.001, "denoiser": "none",
+                        "recipe": {"name": "fast", "epochs": 8}}},
+}
+"""Label -> the keys merged over each config: the CPU defences of docs/defend.md (DP-SGD as in
+digits_defend_dp_badnets.yaml at noise 1, epsilon 5.5; NDT as in digits_defend_ndt_badnets.yaml) and the controls."""
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("config", help="the grid config (base, attacks, defences)")
+    ap.add_argument("configs", nargs="+", help="defend configs with a backdoor attack (their defence is replaced)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--name", default=None, help="results file suffix (default: the config's stem without digits_defend_)")
-    ap.add_argument("--attacks", default=None, help="comma-separated attack names of the grid (default: all)")
-    ap.add_argument("--defences", default=None, help="comma-separated defence labels of the grid (default: all)")
+    ap.add_argument("--name", default=None, help="results file suffix (default: the first config's stem)")
+    ap.add_argument("--defences", default=None, help=f"comma-separated labels of {', '.join(DEFENCES)} (default: all)")
     ap.add_argument("--victims", type=int, default=None, help="victims per poisoned set (default: the base's)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $MLAUDIT_THREADS, else "
                     "1 on a machine of at most 2 cores, as the CLI)")
@@ -123,15 +143,27 @@ def _epochs(recipe: Any, epochs: int) -> dict[str, Any]:
     return {"name": recipe, "epochs": epochs} if isinstance(recipe, str) else {**recipe, "epochs": epochs}
 
 
+def _labels(names: list[str]) -> list[str]:
+    """Each config's name without the prefix (up to a '-') that all of them share."""
+    if len(names) < 2:
+        return names
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind("-") + 1]
+    return [n[len(prefix):] or n for n in names]
+
+
 def grid(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """``attack/defence`` -> its defend config, every one validated."""
-    g = load_yaml(args.config)
-    base, attacks, defences = g["base"], g["attacks"], g["defences"]
+    raw = [load_yaml(p) for p in args.configs]
+    for p, c in zip(args.configs, raw, strict=True):
+        if c.get("kind") != "defend":
+            raise SystemExit(f"{p}: expected kind defend, got {c.get('kind')!r}")
+    names = [c.get("name") or Path(p).stem for p, c in zip(args.configs, raw, strict=True)]
     out = {}
-    for a in _pick(list(attacks), args.attacks, "attack"):
-        for d in _pick(list(defences), args.defences, "defence"):
-            c = _merge(_merge(base, {"attack": attacks[a]}), defences[d])
-            c["name"] = f"{base.get('name', 'defend')}-{a}-{d.replace('@', '-')}"
+    for a, name, cfg in zip(_labels(names), names, raw, strict=True):
+        for d in _pick(list(DEFENCES), args.defences, "defence"):
+            c = _merge(cfg, DEFENCES[d])
+            c["name"] = f"{name}-{d.replace('@', '-')}"
             if args.victims is not None:
                 c["victims"] = args.victims
             if args.smoke:
@@ -150,7 +182,7 @@ def main() -> None:
     args = parse_args()
     configure_threads(args.threads)
     configs = grid(args)
-    name = args.name or Path(args.config).stem.replace("_defend_", "_", 1) + ("_smoke" if args.smoke else "")
+    name = args.name or Path(args.configs[0]).stem.replace("_defend_", "_", 1) + ("_smoke" if args.smoke else "")
     runs: dict[str, Any] = {}
     with bench.workdir(args.workdir) as tmp:
         for label, c in configs.items():
@@ -226,11 +258,11 @@ def report(name: str, args: argparse.Namespace, runs: dict[str, Any]) -> None:
           f"{RANDOM_CONTROL}, {SPLIT_CONTROLS[0]} and {SPLIT_CONTROLS[1]} are controls this script registers, not "
           "defences: rate of every class removed uniformly at random (seed 0), and the outlier filter's choice of rows "
           "in the target class only (random elsewhere) or outside it only (random in it).\n\n"
-          f"Command: `python benchmarks/defend_backdoors.py {args.config} --device {args.device}"
+          f"Command: `python benchmarks/defend_backdoors.py {' '.join(args.configs)} --device {args.device}"
           + (" --smoke" if args.smoke else "") + f" --name {name}`\n")
     total = sum(r["cumulative_cost"]["process_wall_s"] for r in runs.values())
     md += f"\nWhole benchmark {total:.1f} s (summed over runs and invocations).\n"
-    bench.write_results(f"defend_{name}", {"environment": env, "grid": args.config, "runs": runs,
+    bench.write_results(f"defend_{name}", {"environment": env, "configs": args.configs, "defences": DEFENCES, "runs": runs,
                                            "process_wall_s": round(total, 2)}, md)
 
 

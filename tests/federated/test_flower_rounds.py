@@ -5,10 +5,14 @@ is Flower's aggregate.
 
 Why not bit for bit: through Flower the server reads each update as (w_sent - w_client) / (lr * steps) from
 float32 weights, and FedAvg sums the clients' float32 weights (in arrival order), while the simulated round hands
-the attack the users' float32 gradients and steps w - lr * steps * mean(g). The observations therefore differ by
-about one float32 ulp of the weights over lr * steps, and the inversion carries that into the PSNRs at the
-1e-3 dB level (measured below 0.01 dB). The tests hold counts, labels and test accuracies equal, and PSNRs and
-distortions to a tolerance."""
+the attack the users' float32 gradients and steps w - lr * steps * mean(g); and a Flower client trains alone
+where the simulated FedAvg trains the users as one vmap'd stack (the same data order, other float32 kernels).
+The observations therefore differ by about one float32 ulp of the weights over lr * steps, and the inversion
+carries that into the PSNRs at the 1e-3 dB level (measured below 0.01 dB without BatchNorm). BatchNorm in train
+mode over minibatches of 2 amplifies the stack-vs-alone rounding (measured 1e-5 to 3e-4 in one user's update), so
+with it the trajectories drift apart over many rounds (benchmarks/federated_flower_fedavg.py); over the 3 rounds
+tested here they stay within the looser tolerances below. The tests hold counts and labels equal, test accuracies
+to one test image, and PSNRs and distortions to a tolerance."""
 
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ def both(config: dict[str, Any], tmp_path: Path) -> dict[str, dict[str, Any]]:
                               quiet=True).results["metrics"] for t in ("simulated", "flower")}
 
 
+ONE_IMAGE = 1 / 359 + 1e-9  # digits' test split has 359 images
+
+
 def close(a: float | None, b: float | None, tol: float) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= tol)
 
@@ -63,10 +70,38 @@ def test_fedavg_and_inverting_gradients_through_flower_match_the_simulated_round
     assert ts["test_accuracy_start"] == tf["test_accuracy_start"]
     assert [r["round"] for r in tf["rounds"]] == [1, 2] and all(r["attacked"] for r in tf["rounds"])
     for a, b in zip(ts["rounds"], tf["rounds"], strict=True):
-        assert a["test_accuracy"] == b["test_accuracy"] and a["recovered"] == b["recovered"]
+        assert close(a["test_accuracy"], b["test_accuracy"], ONE_IMAGE) and a["recovered"] == b["recovered"]
         assert close(a["psnr_median"], b["psnr_median"], 0.1) and b["seconds"] > 0
     html = (tmp_path / "flower" / "report.html").read_text()
     assert "Training rounds (Flower, fedavg" in html and "CuriousStrategy" in html
+
+
+def test_dlg_over_fedsgd_rounds_through_flower_matches_the_simulated_rounds(tmp_path: Path) -> None:
+    """DLG (labels optimised jointly) on each client's FedSGD update of 2 rounds: the same metrics both ways."""
+    cfg = FEDAVG | {"attack": "dlg", "protocol": "fedsgd", "local_epochs": 1, "local_batch": None, "local_lr": 0.1,
+                    "inversion": {"steps": 150}, "grid": 0}
+    runs = both(cfg, tmp_path)
+    sim, fl = runs["simulated"], runs["flower"]
+    assert fl["settings"]["protocol"] == "fedsgd" and fl["training"]["local_steps"] == 1
+    assert fl["recovered"]["k"] == sim["recovered"]["k"] and fl["label_accuracy"] == sim["label_accuracy"]
+    assert close(fl["psnr"]["median"], sim["psnr"]["median"], 0.1)
+    for a, b in zip(sim["training"]["rounds"], fl["training"]["rounds"], strict=True):
+        assert close(a["test_accuracy"], b["test_accuracy"], ONE_IMAGE)
+
+
+def test_one_defended_round_through_flower_matches_the_one_round_simulated_path(tmp_path: Path) -> None:
+    """``rounds: 1`` (the default): the simulated kind keeps its one-round path, Flower runs one round of its rounds
+    path; with a deterministic defence (pruning) both give the same defended and plain recovery and distortion."""
+    cfg = FEDAVG | {"rounds": 1, "inversion": {"steps": 100}, "defence": {"method": "prune", "prune": 0.5}, "grid": 0}
+    runs = both(cfg, tmp_path)
+    sim, fl = runs["simulated"], runs["flower"]
+    assert "training" not in sim and len(fl["training"]["rounds"]) == 1
+    for side in ("with", "without"):
+        s, f = sim["defence"][side], fl["defence"][side]
+        assert s["recovered"]["k"] == f["recovered"]["k"] and s["recovered"]["n"] == f["recovered"]["n"] == 3
+        assert close(s["psnr"]["median"], f["psnr"]["median"], 0.1), side
+    ds, df = sim["defence"]["update_distortion"], fl["defence"]["update_distortion"]
+    assert df["mean"] == pytest.approx(ds["mean"], rel=1e-3) and df["users"] == ds["users"] == 3
 
 
 def test_a_defence_with_batchnorm_and_secure_aggregation_gives_the_same_metrics_through_flower(tmp_path: Path) -> None:
@@ -82,14 +117,14 @@ def test_a_defence_with_batchnorm_and_secure_aggregation_gives_the_same_metrics_
     assert [r["attacked"] for r in fl["training"]["rounds"]] == [True, False, True]
     assert fl["recovered"]["n"] == sim["recovered"]["n"] == 2 * 3 * 2
     for a, b in zip(sim["training"]["rounds"], fl["training"]["rounds"], strict=True):
-        assert a["test_accuracy"] == b["test_accuracy"]
+        assert close(a["test_accuracy"], b["test_accuracy"], 3 * ONE_IMAGE)
     for side in ("with", "without"):
         s, f = sim["defence"][side], fl["defence"][side]
         assert s["recovered"]["k"] == f["recovered"]["k"] and s["label_accuracy"] == f["label_accuracy"]
-        assert close(s["psnr"]["median"], f["psnr"]["median"], 0.1), side
+        assert close(s["psnr"]["median"], f["psnr"]["median"], 0.5), side
     ds, df = sim["defence"]["update_distortion"], fl["defence"]["update_distortion"]
     assert ds["users"] == df["users"] == 3 * 3 and df["mean"] > 0.01
-    assert df["mean"] == pytest.approx(ds["mean"], rel=1e-3) and df["max"] == pytest.approx(ds["max"], rel=1e-3)
+    assert df["mean"] == pytest.approx(ds["mean"], rel=1e-2) and df["max"] == pytest.approx(ds["max"], rel=1e-2)
 
 
 @pytest.mark.parametrize("defence", [{"method": "prune", "prune": 0.9}, {"method": "quantise", "bits": 2},

@@ -94,6 +94,8 @@ class _Outcome:
     its wall time, whether it was attacked and, if so, its recovery."""
     start_accuracy: float | None = None
     """The global model's test accuracy before the first of those rounds."""
+    flower_seconds: float | None = None
+    """Through Flower: the wall time of the whole Flower run (server and clients started, rounds, shut down)."""
 
     def psnr_all(self) -> Tensor:
         return torch.cat(self.psnr)
@@ -350,7 +352,8 @@ def _training_rounds(config: FederatedConfig, data: DataBundle, index: int, seed
     base = _Outcome() if config.defence.method != "none" else None
     rounds: Iterator[_Round] | list[_Round]
     if config.transport == "flower":
-        rounds, where = _flower_rounds(config, data, seed, model, batches, attacked), "cpu"
+        rounds, out.flower_seconds = _flower_rounds(config, data, seed, model, batches, attacked)
+        where = "cpu"
     else:
         rounds, where = _simulated_rounds(config, data, index, seed, model, batches, attacked, device), device
     dist = []
@@ -416,14 +419,14 @@ def _simulated_rounds(config: FederatedConfig, data: DataBundle, index: int, see
 
 
 def _flower_rounds(config: FederatedConfig, data: DataBundle, seed: int, model: nn.Module,
-                   batches: list[tuple[Tensor, Tensor]], attacked: set[int]) -> list[_Round]:
+                   batches: list[tuple[Tensor, Tensor]], attacked: set[int]) -> tuple[list[_Round], float]:
     """The rounds through Flower (on the CPU): an honest-but-curious :class:`CuriousStrategy` (plain FedAvg; the
     aggregate under secure aggregation, else each client's update) and one :class:`TorchClient` per user over gRPC
     on ``flower_host``. Client u holds its inputs of every round (``schedule``), computes its update with the
     simulated rounds' code (:func:`mlaudit.federated.round_updates`; seed ``seed + u``), applies the defence with
     its own noise generator, and keeps its plain and shared updates for the comparison and the distortion. The
     strategy only records what it saw (``attack=None``); the kind inverts it afterwards with the simulated
-    rounds' attack code."""
+    rounds' attack code. Returns the rounds and the Flower run's wall time."""
     from ..federated.flower import CuriousStrategy, TorchClient, run_flower_audit
 
     users, b, agg = config.users, config.batch, config.aggregation
@@ -469,7 +472,7 @@ def _flower_rounds(config: FederatedConfig, data: DataBundle, seed: int, model: 
                 plain = _observations(config, sent, x, y, seed, "cpu", data.num_classes, no_noise, updates=stack_plain)
         after = held(audit.rounds[r + 1].sent) if r < config.rounds else held(strategy.latest or [])
         out.append(_Round(r, sent, x.cpu(), y.cpu(), seen, plain, dist, cr.seconds, _test_accuracy(after, data)))
-    return out
+    return out, audit.seconds
 
 
 _LPIPS: dict[tuple[Any, ...], nn.Module] = {}
@@ -577,6 +580,8 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
                                "local_steps": config.local_steps, "rounds": rows,
                                "test_accuracy_start": first.start_accuracy, "test_accuracy_end": rows[-1]["test_accuracy"],
                                "seconds_per_round": sum(r["seconds"] for r in rows) / len(rows)}
+        if first.flower_seconds is not None:
+            metrics["training"]["flower_run_seconds"] = first.flower_seconds
     if config.defence.method != "none":
         metrics["defence"] = _defence_metrics(config, [o for _, _, o in outcomes], baselines)
     trials = [{"trial_id": tid, "seed": seed, "inputs": int(o.psnr_all().numel()),

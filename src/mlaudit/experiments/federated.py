@@ -96,6 +96,8 @@ class _Outcome:
     """The global model's test accuracy before the first of those rounds."""
     flower_seconds: float | None = None
     """Through Flower: the wall time of the whole Flower run (server and clients started, rounds, shut down)."""
+    round_seconds: list[float] = field(default_factory=list)
+    """Imprint through Flower: each round's wall time, from sending the parameters to receiving every result."""
 
     def psnr_all(self) -> Tensor:
         return torch.cat(self.psnr)
@@ -175,7 +177,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     if config.attack != "imprint" and (config.transport == "flower" or config.rounds > 1):
         return _training_rounds(config, data, index, seed, model, parts, (x, y), public, gen, device)
     if config.transport == "flower":
-        return _flower_trial(config, data, model, parts, x.cpu(), y.cpu(), public, gen), None
+        return _flower_trial(config, data, index, seed, model, parts, x.cpu(), y.cpu(), public, gen)
     if config.rounds > 1:
         return _rounds_trial(config, data, index, seed, model, parts, (x, y, first_rows), public, gen, device), None
     sent = _plant(config, model, public, gen) if config.attack == "imprint" else model
@@ -268,21 +270,34 @@ def _record_round(config: FederatedConfig, out: _Outcome, r: int, n0: int, rows:
     out.rounds.append({"round": r, "exact": float(ok.float().mean()), "cumulative_exact": len(got) / total})
 
 
-def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, parts: list[Tensor], x: Tensor,
-                  y: Tensor, public: Tensor, gen: torch.Generator) -> _Outcome:
-    """The round(s) through Flower (``transport: flower``, on the CPU): the malicious ImprintStrategy plants
-    the imprint (same bins as the simulated path), one TorchClient per user takes one FedSGD step at
-    ``local_lr``, and the attack reads each aggregate the strategy saw. One round: on the users' batches
-    x [U, B, *shape] of the simulated path. Several: each user draws ``batch`` of its share ``parts[u]``
-    every round (``out.rounds``: per round, and the shares' cumulative verbatim recovery)."""
-    from ..federated.flower import ImprintStrategy, TorchClient, run_flower_audit
+def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module,
+                  parts: list[Tensor], x: Tensor, y: Tensor, public: Tensor, gen: torch.Generator
+                  ) -> tuple[_Outcome, _Outcome | None]:
+    """The imprint round(s) through Flower (``transport: flower``, on the CPU): the malicious ImprintStrategy plants
+    the imprint (same bins as the simulated path) and reads each FedAvg aggregate; one TorchClient per user computes
+    its update with the simulated rounds' code (FedSGD: one gradient; FedAvg: :func:`round_updates`, user u's data
+    order from :func:`local_seed` of ``seed + u`` as in the simulated round), applies the defence and keeps its plain
+    and defended update; server-side ``aggregation.clip`` / ``noise_multiplier`` run in the strategy's aggregate step
+    (:class:`TrustedAggregator`: :func:`secure_aggregate` and :func:`server_step`, the noise generator seeded as the
+    simulated round's). One round: on the users' batches x [U, B, *shape] of the simulated path. Several: each user
+    draws ``batch`` of its share ``parts[u]`` every round (``out.rounds``: per round, and the shares' cumulative
+    verbatim recovery). With a defence, the second outcome is the attack on the same round's plain updates."""
+    from ..federated.flower import ImprintStrategy, TorchClient, TrustedAggregator, run_flower_audit
 
-    im = config.imprint
+    im, agg = config.imprint, config.aggregation
+    noise_seed = config.trial_seed(index, stream=Stream.ATTACK) + 1  # the simulated round's aggregation noise
+    aggregator = (TrustedAggregator(agg.clip, agg.noise_multiplier, torch.Generator().manual_seed(noise_seed))
+                  if agg.clip is not None else None)
     strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, variant=im.variant, layer=im.layer,
                                next_layer=im.next_layer, measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
-                               scale=config.imprint_scale, min_clients=config.users, generator=gen)
+                               scale=config.imprint_scale, min_clients=config.users, generator=gen,
+                               aggregator=aggregator, lr=config.local_lr, local_steps=config.local_steps)
     several = config.rounds > 1
     shares = [(data.train.x[p].cpu(), data.train.y[p].cpu()) for p in parts] if several else list(zip(x, y))
+    fedavg = config.protocol == "fedavg"
+    defence = config.defence.model_dump(exclude_none=True) if config.defence.method != "none" else None
+    # one round: the trial seed, as the simulated round's local seeds; several rounds: the batch draws of config.seed
+    base_seed = config.seed if several else seed
 
     def own_model() -> nn.Module:  # variant parameters: each client builds the architecture from its own code
         if im.variant == "module":
@@ -291,25 +306,44 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, model: nn.Module, p
             return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
 
     clients = [TorchClient(own_model(), xs, ys, lr=config.local_lr, batch=config.batch if several else None,
-                           seed=config.seed + u) for u, (xs, ys) in enumerate(shares)]
+                           seed=base_seed + u, defence=defence, epochs=config.local_epochs if fedavg else None,
+                           local_batch=(config.local_batch or config.batch) if fedavg else None,
+                           train_mode=config.user_mode == "train", classes=data.num_classes, client_id=u,
+                           keep_updates=defence is not None) for u, (xs, ys) in enumerate(shares)]
     audit = run_flower_audit(strategy, clients, rounds=config.rounds, host=config.flower_host,
                              allow_remote=config.allow_remote)
-    out = _Outcome(accuracy=_accuracy(model, strategy.malicious, data))
+    out = _Outcome(accuracy=_accuracy(model, strategy.malicious, data), flower_seconds=audit.seconds)
     out.seconds["updates"] = audit.seconds
+    base = _Outcome() if defence is not None else None
     mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
     seen: set[tuple[int, int]] = set()
     total = sum(len(p) for p in parts)
     for r in sorted(audit.rounds):
+        rr = audit.rounds[r]
+        out.round_seconds.append(rr.seconds)
         if several:
             rows = [c.drawn[r - 1] for c in clients]
             x = torch.stack([xs[i] for (xs, _), i in zip(shares, rows, strict=True)])
             y = torch.stack([ys[i] for (_, ys), i in zip(shares, rows, strict=True)])
         n0 = len(out.psnr)
-        _attack(config, data, strategy.malicious, [(audit.rounds[r].observation, slice(0, config.users))], x, y,
-                mean_probs, gen, out, grid=r == 1)
+        state = gen.get_state()
+        _attack(config, data, strategy.malicious, [(rr.observation, slice(0, config.users))], x, y, mean_probs, gen,
+                out, grid=r == 1)
+        if base is not None:  # the same round's plain updates, the same server noise and attack randomness
+            kept = [c.kept[r - 1] for c in clients]
+            plain = ParamVector({n: torch.stack([k[0][n] for k in kept]) for n in kept[0][0]})
+            shared = ParamVector({n: torch.stack([k[1][n] for k in kept]) for n in kept[0][0]})
+            out.distortion = distortion(plain, shared).float()
+            replay = torch.Generator()
+            if rr.noise_state is not None:
+                replay.set_state(rr.noise_state)
+            gen.set_state(state)
+            _attack(config, data, strategy.malicious,
+                    _observations(config, strategy.malicious, x, y, seed, "cpu", data.num_classes, replay,
+                                  updates=plain), x, y, mean_probs, gen, base, grid=False)
         if several:
             _record_round(config, out, r, n0, rows, seen, total)
-    return out
+    return out, base
 
 
 @dataclass
@@ -352,7 +386,7 @@ def _training_rounds(config: FederatedConfig, data: DataBundle, index: int, seed
     base = _Outcome() if config.defence.method != "none" else None
     rounds: Iterator[_Round] | list[_Round]
     if config.transport == "flower":
-        rounds, out.flower_seconds = _flower_rounds(config, data, seed, model, batches, attacked)
+        rounds, out.flower_seconds = _flower_rounds(config, data, index, seed, model, batches, attacked)
         where = "cpu"
     else:
         rounds, where = _simulated_rounds(config, data, index, seed, model, batches, attacked, device), device
@@ -418,23 +452,29 @@ def _simulated_rounds(config: FederatedConfig, data: DataBundle, index: int, see
         yield _Round(r, sent, x, y, seen, plain, dist, seconds, _test_accuracy(glob, data))
 
 
-def _flower_rounds(config: FederatedConfig, data: DataBundle, seed: int, model: nn.Module,
+def _flower_rounds(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module,
                    batches: list[tuple[Tensor, Tensor]], attacked: set[int]) -> tuple[list[_Round], float]:
     """The rounds through Flower (on the CPU): an honest-but-curious :class:`CuriousStrategy` (plain FedAvg; the
     aggregate under secure aggregation, else each client's update) and one :class:`TorchClient` per user over gRPC
     on ``flower_host``. Client u holds its inputs of every round (``schedule``), computes its update with the
     simulated rounds' code (:func:`mlaudit.federated.round_updates`; seed ``seed + u``), applies the defence with
-    its own noise generator, and keeps its plain and shared updates for the comparison and the distortion. The
-    strategy only records what it saw (``attack=None``); the kind inverts it afterwards with the simulated
-    rounds' attack code. Returns the rounds and the Flower run's wall time."""
-    from ..federated.flower import CuriousStrategy, TorchClient, run_flower_audit
+    its own noise generator, and keeps its plain and shared updates for the comparison and the distortion.
+    Server-side ``aggregation.clip`` / ``noise_multiplier`` run in the strategy's aggregate step
+    (:class:`TrustedAggregator`: :func:`secure_aggregate` on the sum or on each update, :func:`server_step`), its
+    noise generator seeded as the simulated rounds'. The strategy only records what it saw (``attack=None``); the
+    kind inverts it afterwards with the simulated rounds' attack code. Returns the rounds and the Flower run's wall
+    time."""
+    from ..federated.flower import CuriousStrategy, TorchClient, TrustedAggregator, run_flower_audit
 
     users, b, agg = config.users, config.batch, config.aggregation
     fedavg = config.protocol == "fedavg"
+    noise_seed = config.trial_seed(index, stream=Stream.ATTACK) + 1  # the simulated rounds' aggregation noise
+    aggregator = (TrustedAggregator(agg.clip, agg.noise_multiplier, torch.Generator().manual_seed(noise_seed))
+                  if agg.clip is not None else None)
     strategy = CuriousStrategy(copy.deepcopy(model).cpu(), tuple(data.input_shape), lr=config.local_lr,
                                local_steps=config.local_steps, attack=None,
                                target="aggregate" if agg.secure else "clients", min_clients=users,
-                               train_mode=config.user_mode == "train", keep_parameters=True)
+                               train_mode=config.user_mode == "train", keep_parameters=True, aggregator=aggregator)
     defence = config.defence.model_dump(exclude_none=True) if config.defence.method != "none" else None
     schedule = [torch.arange(r * b, (r + 1) * b) for r in range(len(batches))]
     clients = [TorchClient(strategy.client_model(), torch.cat([x[u] for x, _ in batches]).cpu(),
@@ -451,7 +491,6 @@ def _flower_rounds(config: FederatedConfig, data: DataBundle, seed: int, model: 
         m.load_state_dict({k: torch.from_numpy(a.copy()) for k, a in zip(m.state_dict(), arrays, strict=True)})
         return m
 
-    no_noise = torch.Generator()  # Flower runs no server-side noise (refused by the config)
     out = []
     for r, (x, y) in enumerate(batches, 1):
         cr = audit.rounds[r]
@@ -468,8 +507,11 @@ def _flower_rounds(config: FederatedConfig, data: DataBundle, seed: int, model: 
             stack_plain = ParamVector({n: torch.stack([k[0][n] for k in kept]) for n in names})
             stack_shared = ParamVector({n: torch.stack([k[1][n] for k in kept]) for n in names})
             dist = distortion(stack_plain, stack_shared)
-            if sent is not None:
-                plain = _observations(config, sent, x, y, seed, "cpu", data.num_classes, no_noise, updates=stack_plain)
+            if sent is not None:  # the same server noise as the round's defended updates
+                replay = torch.Generator()
+                if cr.noise_state is not None:
+                    replay.set_state(cr.noise_state)
+                plain = _observations(config, sent, x, y, seed, "cpu", data.num_classes, replay, updates=stack_plain)
         after = held(audit.rounds[r + 1].sent) if r < config.rounds else held(strategy.latest or [])
         out.append(_Round(r, sent, x.cpu(), y.cpu(), seen, plain, dist, cr.seconds, _test_accuracy(after, data)))
     return out, audit.seconds
@@ -573,6 +615,10 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
             metrics["imprint"]["rounds"] = outcomes[0][2].rounds
         if outcomes[0][2].accuracy is not None:
             metrics["imprint"]["test_accuracy"] = outcomes[0][2].accuracy
+        if config.transport == "flower":
+            metrics["imprint"]["flower"] = {
+                "run_seconds": [o.flower_seconds for _, _, o in outcomes],
+                "round_seconds": [s for _, _, o in outcomes for s in o.round_seconds]}
     first = outcomes[0][2]
     if first.training:
         rows = first.training
@@ -734,9 +780,11 @@ def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list
                f"{'optimised jointly' if config.attack == 'dlg' and config.inversion.soft_labels and config.inversion.labels != 'known' else config.inversion.labels})")
     defence = ""
     if config.transport == "flower" and config.attack == "imprint":
-        defence = (f" The round ran through Flower: a malicious ImprintStrategy (FedAvg) and {config.users} clients "
-                   f"over gRPC on {config.flower_host}, float32 weights on the wire, each client one SGD step at lr "
-                   f"{config.local_lr:g}; the server read only the FedAvg aggregate.")
+        defence = (f" {config.rounds} round(s) ran through Flower: a malicious ImprintStrategy (FedAvg) and "
+                   f"{config.users} clients over gRPC on {config.flower_host}, float32 weights on the wire, each client "
+                   f"{config.local_steps} local SGD step(s) at lr {config.local_lr:g}; the server read only the "
+                   + ("clipped and noised aggregate (server-side clipping and noise in the strategy's aggregate step)."
+                      if config.aggregation.clip is not None else "FedAvg aggregate."))
     elif config.transport == "flower":
         defence = (f" {config.rounds} round(s) ran through Flower: an honest-but-curious CuriousStrategy (FedAvg) and "
                    f"{config.users} clients over gRPC on {config.flower_host}, float32 weights on the wire, each client "

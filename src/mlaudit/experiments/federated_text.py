@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import string
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,41 +80,30 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
     tokens, targets = tokens.to(device), targets.to(device)
     t0 = time.perf_counter()
     sent = plant_decepticon(model, data.test.x.round().long().to(device), bins=o.bins or model.blocks[0].fc1.out_features,
-                            scale=o.scale, feedback=o.feedback, tag=o.tag, tag_tokens=o.tag_tokens, generator=gen)
+                            scale=config.decepticons_scale, feedback=o.feedback, tag=o.tag, tag_tokens=o.tag_tokens,
+                            generator=gen)
     train = config.user_mode == "train"
-    malicious = user_gradients(sent, tokens, targets, train_mode=train, chunk=config.chunk)
-    honest = user_gradients(model, tokens, targets, train_mode=train, chunk=config.chunk)
+    seed = config.trial_seed(index, stream=Stream.ATTACK)
+    sums = (_flower_sums if config.transport == "flower" else _simulated_sums)(
+        config, data, sent, model, tokens, targets, seed, device)
     seconds = {"updates": time.perf_counter() - t0, "attack": 0.0, "inversion": 0.0}
     inv = config.text_inversion
-    agg = config.aggregation
-    seed = config.trial_seed(index, stream=Stream.ATTACK)
-    noise = torch.Generator(device=device).manual_seed(seed + 1)
     tensors: dict[str, Tensor] = {"tokens": tokens.cpu()}
     meta: dict[str, Any] = {"bins": sent.decepticon_bins, "bags": {}, "nonempty_bins": {}, "rejected": {}}
-    d = config.defence
-    plain_malicious, plain_noise = malicious, None
-    if d.method != "none":
-        # each user defends its own update (both models' updates: the malicious server's and the honest one's);
-        # the same round without the defence is attacked too, with the same aggregation noise, for comparison
-        opts = {"method": d.method, "sigma": d.sigma or 0.0, "clip": d.clip, "prune": d.prune or 0.0, "bits": d.bits or 8}
-        malicious = defend_updates(malicious, generator=torch.Generator(device=device).manual_seed(seed + 3), **opts)
-        honest = defend_updates(honest, generator=torch.Generator(device=device).manual_seed(seed + 4), **opts)
-        meta["distortion"] = distortion(plain_malicious, malicious).float().cpu().tolist()
-        plain_noise = torch.Generator(device=device).manual_seed(seed + 1)
+    if sums.distortion is not None:
+        meta["distortion"] = sums.distortion
+    if sums.flower_seconds is not None:
+        meta["flower_seconds"] = sums.flower_seconds
     for n in config.user_counts:
-        first = ParamVector({k: t[:n] for k, t in malicious.items()})
-        seen = secure_aggregate(first, clip=agg.clip, noise_multiplier=agg.noise_multiplier, generator=noise)
+        seen, plain = sums.malicious[n], sums.honest[n]
         t0 = time.perf_counter()
         rec = decepticons(sent, Observation(seen, users=n, batch=config.batch, input_shape=data.input_shape,
                                             train_mode=train), tol=o.tol)
         seconds["attack"] += time.perf_counter() - t0
-        if plain_noise is not None:
-            unseen = secure_aggregate(ParamVector({k: t[:n] for k, t in plain_malicious.items()}), clip=agg.clip,
-                                      noise_multiplier=agg.noise_multiplier, generator=plain_noise)
+        if sums.unseen is not None:
             tensors[f"plain_rows_{n}"] = decepticons(sent, Observation(
-                unseen, users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train), tol=o.tol).x.cpu()
-        plain = secure_aggregate(ParamVector({k: t[:n] for k, t in honest.items()}), clip=agg.clip,
-                                 noise_multiplier=agg.noise_multiplier, generator=noise)
+                sums.unseen[n], users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train),
+                tol=o.tol).x.cpu()
         tensors[f"rows_{n}"] = rec.x.cpu()
         meta["bags"][str(n)] = bag_of_tokens(model, plain)
         if inv.run:
@@ -130,6 +120,104 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
         meta["rejected"][str(n)] = rec.info["rejected"]
     meta["seconds"] = seconds
     return tensors, meta
+
+
+@dataclass
+class _Sums:
+    """What the servers see of one round, per user count n (the first n users): ``malicious[n]`` the secure
+    aggregate of the updates on the planted model, ``honest[n]`` on the unmodified one (the honest-but-curious
+    baseline), ``unseen[n]`` (with a client defence) the malicious aggregate of the same round's plain updates;
+    ``distortion`` each user's ||g' - g|| / ||g|| on the planted model (defence only); ``flower_seconds`` the
+    Flower runs' wall time (through Flower)."""
+
+    malicious: dict[int, ParamVector]
+    honest: dict[int, ParamVector]
+    unseen: dict[int, ParamVector] | None = None
+    distortion: list[float] | None = None
+    flower_seconds: float | None = None
+
+
+def _simulated_sums(config: FederatedConfig, data: DataBundle, sent: nn.Module, model: nn.Module, tokens: Tensor,
+                    targets: Tensor, seed: int, device: str) -> _Sums:
+    """In process: every user's FedSGD gradient on both models (one vmap each), each user's defence (all users'
+    noise from one generator per model, seeded from the trial), and per user count the secure aggregate with the
+    configured clipping and noise (one generator, drawn malicious then honest per count; the plain comparison from
+    a second generator of the same seed)."""
+    train, agg, d = config.user_mode == "train", config.aggregation, config.defence
+    malicious = user_gradients(sent, tokens, targets, train_mode=train, chunk=config.chunk)
+    honest = user_gradients(model, tokens, targets, train_mode=train, chunk=config.chunk)
+    noise = torch.Generator(device=device).manual_seed(seed + 1)
+    plain_malicious, plain_noise, dist = malicious, None, None
+    if d.method != "none":
+        # each user defends its own update (both models' updates: the malicious server's and the honest one's);
+        # the same round without the defence is attacked too, with the same aggregation noise, for comparison
+        opts = {"method": d.method, "sigma": d.sigma or 0.0, "clip": d.clip, "prune": d.prune or 0.0, "bits": d.bits or 8}
+        malicious = defend_updates(malicious, generator=torch.Generator(device=device).manual_seed(seed + 3), **opts)
+        honest = defend_updates(honest, generator=torch.Generator(device=device).manual_seed(seed + 4), **opts)
+        dist = distortion(plain_malicious, malicious).float().cpu().tolist()
+        plain_noise = torch.Generator(device=device).manual_seed(seed + 1)
+    out = _Sums({}, {}, {} if plain_noise is not None else None, dist)
+
+    def first(g: ParamVector, n: int, gen: torch.Generator) -> ParamVector:
+        return secure_aggregate(ParamVector({k: t[:n] for k, t in g.items()}), clip=agg.clip,
+                                noise_multiplier=agg.noise_multiplier, generator=gen)
+
+    for n in config.user_counts:
+        out.malicious[n] = first(malicious, n, noise)
+        if out.unseen is not None and plain_noise is not None:
+            out.unseen[n] = first(plain_malicious, n, plain_noise)
+        out.honest[n] = first(honest, n, noise)
+    return out
+
+
+def _flower_sums(config: FederatedConfig, data: DataBundle, sent: nn.Module, model: nn.Module, tokens: Tensor,
+                 targets: Tensor, seed: int, device: str) -> _Sums:
+    """Through Flower (``transport: flower``, on the CPU): per user count n, two Flower runs of n clients (users
+    0..n-1) over gRPC on ``flower_host``, one FedSGD step each at ``local_lr``: a server sending the planted TinyGPT
+    and one sending the unmodified model, each a :class:`CuriousStrategy` that records the FedAvg aggregate in
+    gradient units (the malicious parameters travel as parameter values: every client builds the TinyGPT from the
+    config's factory and loads the arrays). Client u applies the defence with its own generator (seed + u on the
+    planted model, seed + U + u on the unmodified one) and keeps its plain update for the comparison; server-side
+    clipping and noise run in the strategy's aggregate step (:class:`TrustedAggregator`), its generator shared by
+    the runs in the simulated order (malicious, then honest, per count)."""
+    from ..federated.flower import CuriousStrategy, TorchClient, TrustedAggregator, run_flower_audit
+    from ..models.registry import build_model
+
+    train, agg, users = config.user_mode == "train", config.aggregation, config.users
+    defence = config.defence.model_dump(exclude_none=True) if config.defence.method != "none" else None
+    aggregator = (TrustedAggregator(agg.clip, agg.noise_multiplier, torch.Generator().manual_seed(seed + 1))
+                  if agg.clip is not None else None)
+    plain_noise = torch.Generator().manual_seed(seed + 1)
+    out = _Sums({}, {}, {} if defence is not None else None, None, 0.0)
+    x, y = tokens.cpu(), targets.cpu()
+
+    def own() -> nn.Module:  # each client builds the architecture from its own code and loads the server's values
+        with torch.random.fork_rng(devices=[]):
+            return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+    def run(server_model: nn.Module, n: int, first_seed: int) -> tuple[ParamVector, list[Any]]:
+        strategy = CuriousStrategy(server_model, tuple(data.input_shape), lr=config.local_lr, attack=None,
+                                   target="aggregate", min_clients=n, train_mode=train, aggregator=aggregator)
+        clients = [TorchClient(own(), x[u], y[u], lr=config.local_lr, seed=first_seed + u, defence=defence,
+                               train_mode=train, client_id=u, keep_updates=defence is not None) for u in range(n)]
+        audit = run_flower_audit(strategy, clients, rounds=1, host=config.flower_host, allow_remote=config.allow_remote)
+        out.flower_seconds = (out.flower_seconds or 0.0) + audit.seconds
+        return audit.rounds[1].observations["aggregate"].grad, clients
+
+    for n in config.user_counts:
+        out.malicious[n], clients = run(sent, n, seed)
+        if out.unseen is not None:
+            plain = ParamVector({k: torch.stack([c.kept[0][0][k] for c in clients]) for k in clients[0].kept[0][0]})
+            shared = ParamVector({k: torch.stack([c.kept[0][1][k] for c in clients]) for k in plain})
+            out.unseen[n] = secure_aggregate(plain, clip=agg.clip, noise_multiplier=agg.noise_multiplier,
+                                             generator=plain_noise)
+            if n == config.user_counts[-1]:  # the distortion over the users of the largest count's run
+                out.distortion = distortion(plain, shared).float().tolist()
+        out.honest[n], _ = run(model, n, seed + users)
+    for part in (out.malicious, out.honest, out.unseen or {}):
+        for n in part:
+            part[n] = part[n].to(device)
+    return out
 
 
 def _rate(k: int, n: int) -> dict[str, Any]:
@@ -239,12 +327,15 @@ def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
                 "activation": model.activation, "tie_embeddings": model.tie_embeddings, "bins": rounds[0][1]["bins"],
                 "tag": o.tag, "tag_tokens": o.tag_tokens if o.tag else 0, "tol": o.tol, "trials": config.trials,
                 "public_sequences": len(data.test), "secure_aggregation": True, "clip": config.aggregation.clip,
-                "noise_multiplier": config.aggregation.noise_multiplier,
+                "noise_multiplier": config.aggregation.noise_multiplier, "transport": config.transport,
+                "scale": config.decepticons_scale, "local_lr": config.local_lr,
                 "text_inversion": config.text_inversion.model_dump() if config.text_inversion.run else None}
     metrics: dict[str, Any] = {
         "recovered": top["pairs"], "secure_aggregation": True, "settings": settings,
         "decepticons": {"per_users": per},
         "seconds": {k: sum(m["seconds"].get(k, 0.0) for _, m in rounds) for k in ("updates", "attack", "inversion")}}
+    if config.transport == "flower":
+        metrics["seconds"]["flower_runs"] = sum(m.get("flower_seconds", 0.0) for _, m in rounds)
     if config.defence.method != "none":
         without = [_count_metrics(n, rounds, "plain_rows") for n in config.user_counts]
         dist = torch.tensor([v for _, m in rounds for v in m["distortion"]], dtype=torch.float64)
@@ -347,7 +438,12 @@ def markdown(config: FederatedConfig, data: DataBundle, metrics: dict[str, Any],
 
 
 def _notes(config: FederatedConfig, data: DataBundle, s: dict[str, Any]) -> list[str]:
-    return [f"Malicious server (Decepticons, Fowl et al. 2022): the TinyGPT sent carries token and position codes in "
+    flower = ([f"The round ran through Flower: per user count n, a server sending the planted TinyGPT and one sending "
+               f"the unmodified model (parameter values only; each client builds the TinyGPT from {config.model.name}) "
+               f"to n clients over gRPC on {config.flower_host}, one FedSGD step at lr {config.local_lr:g}, float32 "
+               f"weights on the wire, bins at scale {s['scale']:g}; each server read the FedAvg aggregate."]
+              if config.transport == "flower" else [])
+    return flower + [f"Malicious server (Decepticons, Fowl et al. 2022): the TinyGPT sent carries token and position codes in "
             f"its embeddings, a sequence tag of the first {s['tag_tokens']} token(s) in its first attention layer and "
             f"{s['bins']} imprint bins in its first MLP layer, offsets at quantiles over {s['public_sequences']} public "
             f"sequences (the test split); FedSGD round of {config.users} users ({config.partition.scheme} partition of "

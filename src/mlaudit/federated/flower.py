@@ -15,14 +15,16 @@ imprint attack (Fowl et al., ICLR 2022; seed 002, chapter 3) as a Flower ``Strat
    sent and w' the FedAvg result, w - w' = lr * sum_u (n_u / N) * g_u (FedSGD: one local step per
    round), and the recovery ratio (dW_i - dW_{i+1}) / (db_i - db_{i+1}) cancels every scale, so an input
    alone in its bin comes back verbatim. The individual client results Flower hands ``aggregate_fit``
-   are not looked at, which is what secure aggregation would leave the server.
+   are not looked at, which is what secure aggregation would leave the server (with an ``aggregator``, a
+   :class:`TrustedAggregator` clips them and noises their sum first, and the server reads that sum).
 
 Threat models: ``module``: the server controls the model *definition* (an extra layer in front of the
 model), as when clients load the model the server distributes. ``parameters``: clients build a fixed
 architecture from their own code and accept only parameter values (``client_model()`` is then a plain copy
 of the user's model); this needs a first ``nn.Linear`` on the flattened input followed by ReLU, checked on
-the public data. With several local steps (FedAvg) the imprint weights move between steps and recovery is
-approximate.
+the public data. With several local steps (FedAvg: ``TorchClient(epochs=..., local_batch=...)``) the imprint
+weights move between steps and recovery is approximate; client defences (``TorchClient(defence=...)``) act on
+each client's update before it leaves the client, as for the honest server below.
 
 :class:`TorchClient` is a Flower ``NumPyClient`` over any ``nn.Module`` and local tensors (one
 FedSGD step by default), for simulating users; :func:`run_flower_audit` runs a server and its clients
@@ -45,7 +47,14 @@ shares, so a team measures what their defence leaves an honest server:
     clients = [TorchClient(strategy.client_model(), x_u, y_u, lr=0.1, defence={"method": "prune", "prune": 0.9})
                for x_u, y_u in users]
     audit = run_flower_audit(strategy, clients, rounds=1)
-    audit.rounds[1].clients_x[0]          # candidates for client 0's inputs (in Flower's result order)
+    audit.rounds[1].clients_x[0]          # candidates for client 0's inputs (client_id order if every client
+                                          # reports one, else Flower's result order)
+
+Server-side (central) clipping and noise: ``aggregator=TrustedAggregator(clip, noise_multiplier, generator)`` on
+either strategy clips each client's update in gradient units and adds Gaussian noise (to the sum, or with
+``CuriousStrategy(target="clients")`` to each update) with :func:`mlaudit.federated.secure_aggregate`, and steps the
+global model with :func:`mlaudit.federated.server_step`: the ``federated`` kind's ``aggregation.clip`` /
+``noise_multiplier``, the same maths and, with the same seeded generator, the same draws as its simulated rounds.
 
 Requires ``flwr`` (``pip install 'mlaudit[flower]'``).
 """
@@ -79,7 +88,9 @@ from ..attacks.federated.imprint_parameters import plant_imprint_parameters
 from ..errors import ConfigError
 from ..query import ParamVector
 from .address import check_address
+from .aggregate import secure_aggregate
 from .defences import client_generator, defend_updates
+from .training import server_step
 from .updates import local_seed, round_updates, user_gradients
 
 Variant = Literal["module", "parameters"]
@@ -98,6 +109,79 @@ def _load(model: nn.Module, arrays: list[np.ndarray]) -> None:
     model.load_state_dict({k: torch.from_numpy(np.asarray(a).copy()) for k, a in zip(keys, arrays, strict=True)})
 
 
+def _in_client_order(results: list[Any]) -> list[Any]:
+    """Flower's fit results in the clients' order when every client reports a ``client_id`` (a
+    :class:`TorchClient` given one does), else as Flower lists them (the order they arrived)."""
+    ids = [(r.metrics or {}).get("client_id") for _, r in results]
+    if any(i is None for i in ids):
+        return list(results)
+    return [res for _, res in sorted(zip(ids, results, strict=True), key=lambda t: int(t[0]))]
+
+
+class TrustedAggregator:
+    """Server-side clipping and Gaussian noise of the clients' updates (a trusted aggregator's; the ``federated``
+    kind's ``aggregation.clip`` and ``aggregation.noise_multiplier``), run with the kind's own code in a strategy's
+    aggregate step: each client's update in gradient units g_u = (w_sent - w_u) / (lr * local_steps) over the
+    model's trainable parameters is clipped to l2 norm ``clip`` (all parameters jointly) and N(0, (noise_multiplier
+    * clip)^2 I) is added, drawn from ``generator`` (:func:`mlaudit.federated.secure_aggregate`), either once to
+    their sum (``per_client=False``: the central noise of a secure aggregator, the kind with ``aggregation.secure``)
+    or to each clipped update in client order (``per_client=True``: the kind without secure aggregation). The new
+    global parameters are :func:`mlaudit.federated.server_step` on that sum (w - lr * local_steps * sum / U, users
+    weighted equally, as in the kind's simulated rounds); the buffers keep FedAvg's average.
+
+    Flower's own wrapper (``DifferentialPrivacyServerSideFixedClipping``) is not used: it clips the weight change
+    of every array (buffers and integer counters included) in weight units, draws its noise from numpy's global
+    generator, and adds it after the wrapped strategy's ``aggregate_fit``, so a strategy that reads the aggregate
+    there would read it without the noise."""
+
+    def __init__(self, clip: float, noise_multiplier: float = 0.0, generator: torch.Generator | None = None) -> None:
+        if not clip > 0 or not np.isfinite(clip):
+            raise ConfigError(f"TrustedAggregator clip = {clip}; allowed: a finite clip > 0 (the l2 norm each client's "
+                              "update is clipped to, in gradient units)")
+        if not noise_multiplier >= 0 or not np.isfinite(noise_multiplier):
+            raise ConfigError(f"TrustedAggregator noise_multiplier = {noise_multiplier}; allowed: a finite "
+                              "noise_multiplier >= 0 (noise std noise_multiplier * clip)")
+        self.clip, self.noise_multiplier = float(clip), float(noise_multiplier)
+        self.generator = generator if generator is not None else torch.Generator()
+        if generator is None:
+            self.generator.seed()  # a non-deterministic seed unless the caller passes a seeded generator
+
+    def aggregate(self, model: nn.Module, sent: list[np.ndarray], fedavg: list[np.ndarray], results: list[Any], *,
+                  lr: float, local_steps: int, per_client: bool
+                  ) -> tuple[list[np.ndarray], ParamVector, list[ParamVector], Tensor]:
+        """``model``: the architecture the arrays belong to (state_dict order); ``sent``: the arrays sent this round;
+        ``fedavg``: FedAvg's average of the clients' arrays (its buffers are kept); ``results`` in client order.
+        Returns (the new global arrays, the sum of the clipped (noised) updates, each client's clipped update
+        (noised with ``per_client``), the generator's state before this round's draws)."""
+        keys = list(model.state_dict())
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        step = lr * local_steps
+        got = [parameters_to_ndarrays(r.parameters) for r in results]
+        updates = ParamVector({n: torch.from_numpy(np.stack([(sent[keys.index(n)].astype(np.float64)
+                                                              - g[keys.index(n)].astype(np.float64)) / step
+                                                             for g in got])) for n in names})
+        state = self.generator.get_state()
+        noise = self.noise_multiplier if per_client else 0.0
+        each = [secure_aggregate(ParamVector({n: t[u:u + 1] for n, t in updates.items()}), clip=self.clip,
+                                 noise_multiplier=noise, generator=self.generator) for u in range(len(got))]
+        if per_client:
+            total = each[0]
+            for e in each[1:]:
+                total = total + e
+        else:
+            total = secure_aggregate(updates, clip=self.clip, noise_multiplier=self.noise_multiplier,
+                                     generator=self.generator)
+        glob = copy.deepcopy(model).cpu()
+        _load(glob, sent)
+        server_step(glob, total, users=len(got), step=step)
+        new = [a.copy() for a in fedavg]
+        state_now = glob.state_dict()
+        for n in names:
+            i = keys.index(n)
+            new[i] = state_now[n].detach().numpy().astype(sent[i].dtype)
+        return new, total, each, state
+
+
 @dataclass
 class RoundResult:
     """One round as the malicious server saw it: the aggregate's reconstruction and the users counted."""
@@ -107,8 +191,16 @@ class RoundResult:
     examples: int
     observation: Observation
     """The aggregate's imprint-layer update (w sent - w aggregated, float64; with variant 'parameters' the
-    whole first layer, of which the attack reads the planted rows): what the attack read."""
+    whole first layer, of which the attack reads the planted rows): what the attack read. With a
+    :class:`TrustedAggregator`: the clipped (noised) sum of the clients' updates in gradient units."""
     reconstruction: Reconstruction
+    sent: list[np.ndarray] | None = None
+    """The arrays the server sent this round (state_dict order of the model on the wire)."""
+    noise_state: Tensor | None = None
+    """With a :class:`TrustedAggregator`: its generator's state before this round's noise (to replay it)."""
+    seconds: float = 0.0
+    """Wall time from sending the round's parameters to receiving every client's result (as
+    :attr:`CuriousRound.seconds`; the read-out not included)."""
 
 
 @dataclass
@@ -129,17 +221,23 @@ class ImprintStrategy(FedAvg):
     ``module`` (an imprint module in front of the model) or ``parameters`` (the bins in rows of the model's
     own first Linear, :func:`plant_imprint_parameters`, with its ``layer``, ``next_layer``, ``units``);
     ``rel_tol``:
-    :func:`imprint`'s; ``min_clients``: clients each round waits for (fit and available). Other keyword
-    options go to ``FedAvg`` (``fraction_fit``, ``evaluate_fn``, ...). Reconstructions accumulate in
-    :attr:`rounds` ({round: :class:`RoundResult`})."""
+    :func:`imprint`'s; ``min_clients``: clients each round waits for (fit and available); ``aggregator``: a
+    :class:`TrustedAggregator` (server-side clipping and noise on the clients' updates; needs the clients' ``lr``
+    and ``local_steps``, its clip being in gradient units). Other keyword options go to ``FedAvg``
+    (``fraction_fit``, ``evaluate_fn``, ...). Reconstructions accumulate in :attr:`rounds` ({round:
+    :class:`RoundResult`})."""
 
     def __init__(self, model: nn.Module, public_x: Tensor, *, bins: int, variant: Variant = "module",
                  layer: str | None = None, next_layer: str | None = None, units: list[int] | None = None,
                  measurement: Measurement = "brightness", cdf: Cdf = "empirical", feedback: float = 1e-2,
                  scale: float = 1e-3, rel_tol: float = 1e-6, min_clients: int = 2,
-                 generator: torch.Generator | None = None, **fedavg: Any) -> None:
+                 generator: torch.Generator | None = None, aggregator: TrustedAggregator | None = None,
+                 lr: float | None = None, local_steps: int = 1, **fedavg: Any) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
+        if aggregator is not None and (lr is None or not lr > 0 or local_steps < 1):
+            raise ConfigError(f"ImprintStrategy with an aggregator needs the clients' lr > 0 and local_steps >= 1 (its "
+                              f"clipping is in gradient units), got lr={lr}, local_steps={local_steps}")
         bins_at = dict(bins=bins, measurement=measurement, cdf=cdf, feedback=feedback, scale=scale, generator=generator)
         user = copy.deepcopy(model).cpu()
         self.malicious: ImprintBins
@@ -156,12 +254,14 @@ class ImprintStrategy(FedAvg):
             wire = self.malicious.model
         else:
             raise ConfigError(f"ImprintStrategy variant = {variant!r}; allowed: module, parameters")
-        self.variant, self._user = variant, user
+        self.variant, self._user, self._wire = variant, user, wire
         self.input_shape = tuple(public_x.shape[1:])
         self.rel_tol = rel_tol
+        self.aggregator, self.lr, self.local_steps = aggregator, lr, local_steps
         self._keys = list(wire.state_dict())
         self._planted = [(self._keys.index(s.name), s) for s in self.malicious.planted()]
         self._sent: dict[int, list[np.ndarray]] = {}
+        self._started: dict[int, float] = {}
         self.rounds: dict[int, RoundResult] = {}
         fedavg.setdefault("fraction_evaluate", 0.0)
         super().__init__(min_fit_clients=min_clients, min_available_clients=min_clients,
@@ -179,21 +279,34 @@ class ImprintStrategy(FedAvg):
             arrays[i] = arrays[i].copy()
             planted.write(arrays[i])  # the server re-plants its bins every round
         self._sent[server_round] = arrays
+        self._started[server_round] = time.perf_counter()
         return super().configure_fit(server_round, ndarrays_to_parameters(arrays), client_manager)
 
     def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> Any:
+        seconds = time.perf_counter() - self._started.pop(server_round, time.perf_counter())
+        results = _in_client_order(results)
         params, metrics = super().aggregate_fit(server_round, results, failures)
         sent = self._sent.pop(server_round, None)
         if params is None or sent is None:
             return params, metrics
         new = parameters_to_ndarrays(params)
-        delta = {k: torch.from_numpy(sent[i].astype(np.float64) - new[i].astype(np.float64))
-                 for k, i in ((k, self._keys.index(k)) for k in self.malicious.imprint_keys)}
+        noise_state = None
+        if self.aggregator is not None:  # the aggregate the server reads: clipped, noised, stepped
+            assert self.lr is not None
+            new, total, _, noise_state = self.aggregator.aggregate(
+                self._wire, sent, new, [r for _, r in results], lr=self.lr, local_steps=self.local_steps,
+                per_client=False)
+            params = ndarrays_to_parameters(new)
+            delta = {k: total[k].double() for k in self.malicious.imprint_keys}  # gradient units: the ratio cancels
+        else:
+            delta = {k: torch.from_numpy(sent[i].astype(np.float64) - new[i].astype(np.float64))
+                     for k, i in ((k, self._keys.index(k)) for k in self.malicious.imprint_keys)}
         examples = sum(int(r.num_examples) for _, r in results)
         obs = Observation(grad=ParamVector(delta), users=max(len(results), 1),
                           batch=max(examples // max(len(results), 1), 1), input_shape=self.input_shape)
         rec = imprint(self.malicious, obs, rel_tol=self.rel_tol)
-        self.rounds[server_round] = RoundResult(server_round, len(results), examples, obs, rec)
+        self.rounds[server_round] = RoundResult(server_round, len(results), examples, obs, rec, sent=sent,
+                                                noise_state=noise_state, seconds=seconds)
         return params, {**metrics, "imprint_candidates": len(rec.x)}
 
 
@@ -222,6 +335,8 @@ class CuriousRound:
     seconds: float = 0.0
     """Wall time from sending the round's parameters to receiving every client's result (the clients' local
     training and the gRPC round trip; the server's attack not included)."""
+    noise_state: Tensor | None = None
+    """With a :class:`TrustedAggregator`: its generator's state before this round's noise (to replay it)."""
 
     @property
     def clients_x(self) -> list[Tensor]:
@@ -248,12 +363,16 @@ class CuriousStrategy(FedAvg):
     inverts it (as the ``federated`` kind does, with the attack code of its simulated rounds);
     ``keep_parameters``: keep each round's sent parameters (:attr:`CuriousRound.sent`); ``train_mode``: the
     clients' forward mode, recorded in the observations. :attr:`latest` holds the last aggregate (the global
-    model's state after the last round)."""
+    model's state after the last round).
+
+    ``aggregator``: a :class:`TrustedAggregator` clips the clients' updates (and adds noise: once to their sum
+    with ``target="aggregate"``, to each update with ``target="clients"``) before the server sees them; the
+    observations are then those clipped (noised) updates and the global model steps on their sum."""
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], *, lr: float, local_steps: int = 1,
                  attack: str | None = "inverting-gradients", options: dict[str, Any] | None = None,
                  target: Target = "aggregate", min_clients: int = 2, train_mode: bool = False,
-                 keep_parameters: bool = False, **fedavg: Any) -> None:
+                 keep_parameters: bool = False, aggregator: TrustedAggregator | None = None, **fedavg: Any) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
         if not lr > 0 or local_steps < 1:
@@ -261,6 +380,11 @@ class CuriousStrategy(FedAvg):
                               f"local_steps={local_steps}")
         if target not in ("aggregate", "clients", "both"):
             raise ConfigError(f"CuriousStrategy target = {target!r}; allowed: aggregate, clients, both")
+        if aggregator is not None and aggregator.noise_multiplier > 0 and target == "both":
+            raise ConfigError("CuriousStrategy target = 'both' with an aggregator's noise: the noise goes once on the "
+                              "sum (target 'aggregate', a secure aggregator) or on each client's update (target "
+                              "'clients'); allowed: one of those targets, or noise_multiplier 0")
+        self.aggregator = aggregator
         # an unknown name: ConfigError listing the registered ones
         self.attack = FEDERATED_ATTACKS.get(attack) if attack is not None else None
         self.attack_name, self.options = attack, dict(options or {})
@@ -294,11 +418,22 @@ class CuriousStrategy(FedAvg):
 
     def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> Any:
         seconds = time.perf_counter() - self._started.pop(server_round, time.perf_counter())
+        results = _in_client_order(results)
         params, metrics = super().aggregate_fit(server_round, results, failures)
         sent = self._sent.pop(server_round, None)
         if params is None or sent is None or not results:
             return params, metrics
         self.latest = parameters_to_ndarrays(params)
+        trusted: tuple[ParamVector, list[ParamVector]] | None = None
+        noise_state = None
+        if self.aggregator is not None:  # the server sees the clipped (noised) updates; the model steps on their sum
+            self.latest, total, each, noise_state = self.aggregator.aggregate(
+                self.model, sent, self.latest, [r for _, r in results], lr=self.lr, local_steps=self.local_steps,
+                per_client=self.target == "clients")
+            params = ndarrays_to_parameters(self.latest)
+            dtypes = {n: dtype for n, _, dtype in self._params}
+            trusted = (ParamVector({n: t.to(dtypes[n]) for n, t in total.items()}),
+                       [ParamVector({n: t.to(dtypes[n]) for n, t in e.items()}) for e in each])
         at = copy.deepcopy(self.model)
         _load(at, sent)
         sizes = [int(r.num_examples) for _, r in results]
@@ -309,14 +444,17 @@ class CuriousStrategy(FedAvg):
             return self.attack(at, obs, **self.options) if self.attack is not None else None
 
         if self.target in ("aggregate", "both"):
-            obs = Observation(grad=self._grad(sent, self.latest, users), users=users, batch=max(examples // users, 1),
-                              input_shape=self.input_shape, train_mode=self.train_mode)
+            grad = trusted[0] if trusted is not None else self._grad(sent, self.latest, users)
+            obs = Observation(grad=grad, users=users, batch=max(examples // users, 1), input_shape=self.input_shape,
+                              train_mode=self.train_mode)
             aggregate, obs_all["aggregate"] = invert(obs), obs
         if self.target in ("clients", "both"):
             obs_all["clients"] = []
-            for (_, res), n in zip(results, sizes, strict=True):
-                obs = Observation(grad=self._grad(sent, parameters_to_ndarrays(res.parameters), 1.0), users=1,
-                                  batch=max(n, 1), input_shape=self.input_shape, train_mode=self.train_mode)
+            for u, ((_, res), n) in enumerate(zip(results, sizes, strict=True)):
+                grad = (trusted[1][u] if trusted is not None
+                        else self._grad(sent, parameters_to_ndarrays(res.parameters), 1.0))
+                obs = Observation(grad=grad, users=1, batch=max(n, 1), input_shape=self.input_shape,
+                                  train_mode=self.train_mode)
                 rec = invert(obs)
                 if rec is not None:
                     per.append(rec)
@@ -324,7 +462,7 @@ class CuriousStrategy(FedAvg):
         self.rounds[server_round] = CuriousRound(
             server_round, users, examples, aggregate, per, sizes, obs_all,
             client_metrics=[dict(r.metrics or {}) for _, r in results], sent=sent if self.keep_parameters else None,
-            seconds=seconds)
+            seconds=seconds, noise_state=noise_state)
         return params, metrics
 
 
@@ -421,13 +559,16 @@ class TorchClient(NumPyClient):
                 for k, b in (res.buffers or {}).items():
                     buffers[k].copy_(b[0])
         else:
+            summed: dict[str, Tensor] = {}
             for _ in range(self.local_steps):
                 g = user_gradients(self.model, x[None], y[None], train_mode=self.train_mode)
                 with torch.no_grad():
                     for k, v in g.items():
                         owned[k].sub_(self.lr * v[0])
+                        summed[k] = summed[k] + v[0] if k in summed else v[0].clone()
             step = self.lr * self.local_steps
-            plain = {k: (start[k] - p.detach()) / step for k, p in owned.items()}
+            # the update in gradient units: the gradients themselves (exact), not (w - w') / step of float32 weights
+            plain = {k: summed[k] / self.local_steps if k in summed else torch.zeros_like(p) for k, p in owned.items()}
         shared = plain
         if self.defence is not None:
             defended = defend_updates({k: v[None] for k, v in plain.items()}, generator=self._noise, **self.defence)
@@ -497,4 +638,4 @@ def run_flower_audit(strategy: ImprintStrategy | CuriousStrategy, clients: list[
 
 
 __all__ = ["CuriousRound", "CuriousStrategy", "FlowerAudit", "ImprintStrategy", "RoundResult", "TorchClient",
-           "check_address", "flwr", "run_flower_audit"]
+           "TrustedAggregator", "check_address", "flwr", "run_flower_audit"]

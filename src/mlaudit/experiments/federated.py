@@ -215,7 +215,8 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
     """Several simulated imprint rounds (Fowl et al. 2022, sec. 4: a malicious server may repeat the attack): round
     1 uses the trial's batches ``first`` (x, y, their training rows [U, B]); each later round every user draws ``batch`` fresh examples of its share
     ``parts[u]``, and the server plants the imprint again (from ``gen``: a random-projection measurement is drawn
-    anew, so the bins cut the data differently) and reads that round's aggregate alone. ``out.rounds``: per round
+    anew, so the bins cut the data differently) and reads that round's aggregate alone (without secure aggregation,
+    each user's update alone). ``out.rounds``: per round
     the verbatim fraction and the fraction of the users' shares recovered verbatim in some round so far."""
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
@@ -274,7 +275,8 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
                   parts: list[Tensor], x: Tensor, y: Tensor, public: Tensor, gen: torch.Generator
                   ) -> tuple[_Outcome, _Outcome | None]:
     """The imprint round(s) through Flower (``transport: flower``, on the CPU): the malicious ImprintStrategy plants
-    the imprint (same bins as the simulated path) and reads each FedAvg aggregate; one TorchClient per user computes
+    the imprint (same bins as the simulated path) and reads each FedAvg aggregate (``aggregation.secure``) or, without
+    secure aggregation, each client's own update (``target="clients"``); one TorchClient per user computes
     its update with the simulated rounds' code (FedSGD: one gradient; FedAvg: :func:`round_updates`, user u's data
     order from :func:`local_seed` of ``seed + u`` as in the simulated round), applies the defence and keeps its plain
     and defended update; server-side ``aggregation.clip`` / ``noise_multiplier`` run in the strategy's aggregate step
@@ -291,7 +293,8 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
     strategy = ImprintStrategy(model, public.cpu(), bins=im.bins, variant=im.variant, layer=im.layer,
                                next_layer=im.next_layer, measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
                                scale=config.imprint_scale, min_clients=config.users, generator=gen,
-                               aggregator=aggregator, lr=config.local_lr, local_steps=config.local_steps)
+                               aggregator=aggregator, lr=config.local_lr, local_steps=config.local_steps,
+                               target="aggregate" if agg.secure else "clients")
     several = config.rounds > 1
     shares = [(data.train.x[p].cpu(), data.train.y[p].cpu()) for p in parts] if several else list(zip(x, y))
     fedavg = config.protocol == "fedavg"
@@ -327,8 +330,12 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
             y = torch.stack([ys[i] for (_, ys), i in zip(shares, rows, strict=True)])
         n0 = len(out.psnr)
         state = gen.get_state()
-        _attack(config, data, strategy.malicious, [(rr.observation, slice(0, config.users))], x, y, mean_probs, gen,
-                out, grid=r == 1)
+        if agg.secure:
+            views = [(rr.observation, slice(0, config.users))]
+        else:  # each client's own update, in user order
+            who = [int(m["client_id"]) for m in rr.client_metrics]
+            views = [(rr.client_observations[who.index(u)], slice(u, u + 1)) for u in range(config.users)]
+        _attack(config, data, strategy.malicious, views, x, y, mean_probs, gen, out, grid=r == 1)
         if base is not None:  # the same round's plain updates, the same server noise and attack randomness
             kept = [c.kept[r - 1] for c in clients]
             plain = ParamVector({n: torch.stack([k[0][n] for k in kept]) for n in kept[0][0]})
@@ -733,7 +740,8 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
             ["round", "the round's inputs recovered verbatim", "users' shares recovered so far"],
             [[r["round"], f"{100 * r['exact']:.1f}%", f"{100 * r['cumulative_exact']:.1f}%"]
              for r in m["imprint"]["rounds"]],
-            note="the server re-plants its bins every round and reads each round's aggregate alone"))
+            note="the server re-plants its bins every round and reads each round's "
+                 + ("aggregate alone" if config.aggregation.secure else "updates, each user's alone")))
     return tables
 
 
@@ -782,9 +790,12 @@ def _notes(config: FederatedConfig, data: DataBundle, m: dict[str, Any]) -> list
     if config.transport == "flower" and config.attack == "imprint":
         defence = (f" {config.rounds} round(s) ran through Flower: a malicious ImprintStrategy (FedAvg) and "
                    f"{config.users} clients over gRPC on {config.flower_host}, float32 weights on the wire, each client "
-                   f"{config.local_steps} local SGD step(s) at lr {config.local_lr:g}; the server read only the "
-                   + ("clipped and noised aggregate (server-side clipping and noise in the strategy's aggregate step)."
-                      if config.aggregation.clip is not None else "FedAvg aggregate."))
+                   f"{config.local_steps} local SGD step(s) at lr {config.local_lr:g}; the server read "
+                   + ("only the " if config.aggregation.secure else "each client's own ")
+                   + ("clipped and noised " if config.aggregation.clip is not None else "")
+                   + ("FedAvg aggregate" if config.aggregation.secure else "update (no secure aggregation)")
+                   + (" (server-side clipping and noise in the strategy's aggregate step)."
+                      if config.aggregation.clip is not None else "."))
     elif config.transport == "flower":
         defence = (f" {config.rounds} round(s) ran through Flower: an honest-but-curious CuriousStrategy (FedAvg) and "
                    f"{config.users} clients over gRPC on {config.flower_host}, float32 weights on the wire, each client "

@@ -1,6 +1,6 @@
 """The ``federated`` kind on text: Decepticons (Fowl, Geiping, Reich, Wen, Czaja, Goldblum & Goldstein 2022,
 "Decepticons: Corrupted Transformers Breach Privacy in Federated Learning for Language Models"; seed 002,
-chapter 4) against the users of one FedSGD round of a GPT-style language model, next to the
+chapter 4) against the users of one FedSGD or FedAvg round of a GPT-style language model, next to the
 honest-but-curious bag of tokens.
 
 Protocol, per trial: the global model is the config's TinyGPT at the trial's initialisation. The training
@@ -8,10 +8,12 @@ split (token sequences x [N, L], y [N] the next token) is partitioned among ``us
 ``batch`` sequences, tokens [U, B, L] with next-token targets cat(tokens[..., 1:], y) [U, B, L]. The
 malicious server sends the model with the parameters of
 :func:`~mlaudit.attacks.federated.plant_decepticon` (bins at quantiles of a measurement over its public
-text, the test split); every user returns its FedSGD gradient (:func:`~mlaudit.federated.user_gradients`,
-one vmap over users), and for each n in ``decepticons.user_counts`` the server sees the secure aggregate
-of the first n users (:func:`~mlaudit.federated.secure_aggregate`) and reads (token, position, first k
-tokens of its sequence) rows off the first MLP layer's update
+text, the test split); every user returns its update (:func:`~mlaudit.federated.round_updates`: the FedSGD
+gradient, one vmap over users, or under FedAvg the weight change of its local SGD steps over lr x steps), and for
+each n in ``decepticons.user_counts`` the server sees the secure aggregate of the first n users
+(:func:`~mlaudit.federated.secure_aggregate`) or, with ``aggregation.secure: false``, each of their updates
+alone, and reads (token, position, first k tokens of its sequence) rows off the first MLP layer's update (each
+update's rows pooled)
 (:func:`~mlaudit.attacks.federated.decepticons`: for a bin interval holding one token,
 (dW_i - dW_{i+1}) / (db_i - db_{i+1}) is that token's MLP input, decoded against the planted codes). The
 honest-but-curious baseline reads, from the same users' aggregate on the unmodified model, the non-zero
@@ -49,7 +51,8 @@ from ..attacks.federated.decepticons import (
     token_recovery,
 )
 from ..data.base import DataBundle
-from ..federated import defend_updates, distortion, local_batches, secure_aggregate, user_gradients
+from ..federated import defend_updates, distortion, local_batches, round_updates, secure_aggregate
+from ..federated.updates import local_seed
 from ..query import ParamVector
 from ..report.html import ReportTable
 from ..stats import clopper_pearson
@@ -73,8 +76,9 @@ def users_tokens(config: FederatedConfig, data: DataBundle, index: int) -> tuple
 def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Module, device: str
            ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """One round attacked at every user count: tensors (``tokens`` [U, B, L], ``rows_<n>`` [m, 2 + k] the
-    recovered rows from n users' sum, ``inverted_<n>`` [n B, L] the honest inversion's sequences with
-    ``text_inversion.run``) and JSON-able meta (bags of tokens, bins, seconds)."""
+    recovered rows from what the server sees of the first n users (their sum, or without secure aggregation each
+    user's own update, the rows of each read pooled), ``inverted_<n>`` [n B, L] the honest inversion's sequences
+    with ``text_inversion.run``) and JSON-able meta (bags of tokens, bins, seconds)."""
     o = config.decepticons
     tokens, targets, gen = users_tokens(config, data, index)
     tokens, targets = tokens.to(device), targets.to(device)
@@ -94,58 +98,102 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
         meta["distortion"] = sums.distortion
     if sums.flower_seconds is not None:
         meta["flower_seconds"] = sums.flower_seconds
-    for n in config.user_counts:
-        seen, plain = sums.malicious[n], sums.honest[n]
-        t0 = time.perf_counter()
-        rec = decepticons(sent, Observation(seen, users=n, batch=config.batch, input_shape=data.input_shape,
-                                            train_mode=train), tol=o.tol)
-        seconds["attack"] += time.perf_counter() - t0
-        if sums.unseen is not None:
-            tensors[f"plain_rows_{n}"] = decepticons(sent, Observation(
-                sums.unseen[n], users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train),
-                tol=o.tol).x.cpu()
-        tensors[f"rows_{n}"] = rec.x.cpu()
-        meta["bags"][str(n)] = bag_of_tokens(model, plain)
-        if inv.run:
-            t0 = time.perf_counter()
+    reads: dict[int, Any] = {}  # one read per update seen: without secure aggregation user u's counts for every n > u
+    inverted: dict[int, Tensor] = {}
+
+    def read(g: ParamVector, n: int) -> Any:
+        if id(g) not in reads:
+            reads[id(g)] = decepticons(sent, Observation(g, users=n, batch=config.batch, input_shape=data.input_shape,
+                                                         train_mode=train), tol=o.tol)
+        return reads[id(g)]
+
+    def invert(g: ParamVector, n: int, key: int) -> Tensor:
+        if id(g) not in inverted:
             got = text_inversion(
-                model, Observation(plain, users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train),
+                model, Observation(g, users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train),
                 steps=inv.steps, lr=inv.lr, distance=inv.distance, l1=0.01 if inv.l1 is None else inv.l1,
                 restarts=inv.restarts, temperature=inv.temperature, refine=inv.refine,
                 candidates=list(range(data.num_classes)) if inv.candidates == "vocabulary" else None,
-                generator=torch.Generator().manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 2 + n))
+                generator=torch.Generator().manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 2 + key))
+            inverted[id(g)] = got.x.cpu()
+        return inverted[id(g)]
+
+    for n in config.user_counts:
+        each = n if config.aggregation.secure else 1  # users behind each update the server reads
+        t0 = time.perf_counter()
+        recs = [read(g, each) for g in sums.malicious[n]]
+        seconds["attack"] += time.perf_counter() - t0
+        if sums.unseen is not None:
+            tensors[f"plain_rows_{n}"] = torch.cat([decepticons(sent, Observation(
+                g, users=each, batch=config.batch, input_shape=data.input_shape, train_mode=train), tol=o.tol).x.cpu()
+                for g in sums.unseen[n]])
+        tensors[f"rows_{n}"] = torch.cat([r.x.cpu() for r in recs])
+        bags = [bag_of_tokens(model, g) for g in sums.honest[n]]
+        meta["bags"][str(n)] = None if any(b is None for b in bags) else sorted(set().union(*bags))
+        if inv.run:
+            t0 = time.perf_counter()
+            # the secure sum of n users keyed by n (as before), each user's own update by its user index
+            tensors[f"inverted_{n}"] = torch.cat([invert(g, each, n if config.aggregation.secure else u)
+                                                  for u, g in enumerate(sums.honest[n])])
             seconds["inversion"] += time.perf_counter() - t0
-            tensors[f"inverted_{n}"] = got.x.cpu()
-        meta["nonempty_bins"][str(n)] = rec.info["nonempty_bins"]
-        meta["rejected"][str(n)] = rec.info["rejected"]
+        meta["nonempty_bins"][str(n)] = sum(r.info["nonempty_bins"] for r in recs)
+        meta["rejected"][str(n)] = sum(r.info["rejected"] for r in recs)
     meta["seconds"] = seconds
     return tensors, meta
 
 
 @dataclass
 class _Sums:
-    """What the servers see of one round, per user count n (the first n users): ``malicious[n]`` the secure
-    aggregate of the updates on the planted model, ``honest[n]`` on the unmodified one (the honest-but-curious
-    baseline), ``unseen[n]`` (with a client defence) the malicious aggregate of the same round's plain updates;
-    ``distortion`` each user's ||g' - g|| / ||g|| on the planted model (defence only); ``flower_seconds`` the
-    Flower runs' wall time (through Flower)."""
+    """What the servers see of one round, per user count n (the first n users): ``malicious[n]`` the updates on the
+    planted model the server reads, ``honest[n]`` those on the unmodified one (the honest-but-curious baseline),
+    ``unseen[n]`` (with a client defence) the malicious ones of the same round's plain updates: each a list of
+    [the n users' secure aggregate] or, without secure aggregation, [user 0's update, ..., user n-1's] (the same
+    objects for every n); ``distortion`` each user's ||g' - g|| / ||g|| on the planted model (defence only);
+    ``flower_seconds`` the Flower runs' wall time (through Flower)."""
 
-    malicious: dict[int, ParamVector]
-    honest: dict[int, ParamVector]
-    unseen: dict[int, ParamVector] | None = None
+    malicious: dict[int, list[ParamVector]]
+    honest: dict[int, list[ParamVector]]
+    unseen: dict[int, list[ParamVector]] | None = None
     distortion: list[float] | None = None
     flower_seconds: float | None = None
 
 
+def _seen(config: FederatedConfig, g: ParamVector, gen: torch.Generator, counts: tuple[int, ...] | None = None
+          ) -> dict[int, list[ParamVector]]:
+    """Per user count n of ``counts`` (None: ``config.user_counts``) what the server reads of the users' updates g
+    {name: [U, *shape]}: the secure aggregate of the first n (each update clipped, noise on the sum, drawn from
+    ``gen`` for each n in turn) or, without secure aggregation, each of the first n users' updates alone (clipped and
+    noised per user, users 0..max n - 1 drawn in order once; the same objects for every n)."""
+    agg, counts = config.aggregation, counts or config.user_counts
+
+    def total(sl: slice) -> ParamVector:
+        return secure_aggregate(ParamVector({k: t[sl] for k, t in g.items()}), clip=agg.clip,
+                                noise_multiplier=agg.noise_multiplier, generator=gen)
+
+    if agg.secure:
+        return {n: [total(slice(0, n))] for n in counts}
+    each = [total(slice(u, u + 1)) for u in range(max(counts))]
+    return {n: each[:n] for n in counts}
+
+
 def _simulated_sums(config: FederatedConfig, data: DataBundle, sent: nn.Module, model: nn.Module, tokens: Tensor,
                     targets: Tensor, seed: int, device: str) -> _Sums:
-    """In process: every user's FedSGD gradient on both models (one vmap each), each user's defence (all users'
-    noise from one generator per model, seeded from the trial), and per user count the secure aggregate with the
-    configured clipping and noise (one generator, drawn malicious then honest per count; the plain comparison from
-    a second generator of the same seed)."""
-    train, agg, d = config.user_mode == "train", config.aggregation, config.defence
-    malicious = user_gradients(sent, tokens, targets, train_mode=train, chunk=config.chunk)
-    honest = user_gradients(model, tokens, targets, train_mode=train, chunk=config.chunk)
+    """In process: every user's update on both models (:func:`~mlaudit.federated.round_updates`: the FedSGD gradient
+    in one vmap, or FedAvg's local SGD steps; user u's data order from seed + u on the planted model and seed + U + u
+    on the unmodified one, as its Flower client's), each user's defence (all users' noise from one generator per
+    model, seeded from the trial), and what the server sees (:func:`_seen`: per user count the secure aggregate, or
+    each user's update, with the configured clipping and noise; under secure aggregation one generator drawn
+    malicious then honest per count, without it malicious users then honest users; the plain comparison from a
+    second generator of the same seed)."""
+    train, d, users = config.user_mode == "train", config.defence, config.users
+
+    def updates(m: nn.Module, first: int) -> ParamVector:
+        return round_updates(m, tokens, targets, protocol=config.protocol, lr=config.local_lr,
+                             epochs=config.local_epochs, batch_size=config.local_batch or config.batch,
+                             seeds=[local_seed(first + u, 1) for u in range(users)], device=device,
+                             train_mode=train, chunk=config.chunk).updates
+
+    malicious, honest = updates(sent, seed), updates(model, seed + users)
     noise = torch.Generator(device=device).manual_seed(seed + 1)
     plain_malicious, plain_noise, dist = malicious, None, None
     if d.method != "none":
@@ -156,67 +204,96 @@ def _simulated_sums(config: FederatedConfig, data: DataBundle, sent: nn.Module, 
         honest = defend_updates(honest, generator=torch.Generator(device=device).manual_seed(seed + 4), **opts)
         dist = distortion(plain_malicious, malicious).float().cpu().tolist()
         plain_noise = torch.Generator(device=device).manual_seed(seed + 1)
-    out = _Sums({}, {}, {} if plain_noise is not None else None, dist)
-
-    def first(g: ParamVector, n: int, gen: torch.Generator) -> ParamVector:
-        return secure_aggregate(ParamVector({k: t[:n] for k, t in g.items()}), clip=agg.clip,
-                                noise_multiplier=agg.noise_multiplier, generator=gen)
-
-    for n in config.user_counts:
-        out.malicious[n] = first(malicious, n, noise)
-        if out.unseen is not None and plain_noise is not None:
-            out.unseen[n] = first(plain_malicious, n, plain_noise)
-        out.honest[n] = first(honest, n, noise)
+    out = _Sums({}, {}, None, dist)
+    if config.aggregation.secure:
+        for n in config.user_counts:  # per count: malicious, then honest from one generator
+            out.malicious[n] = _seen(config, malicious, noise, (n,))[n]
+            if plain_noise is not None:
+                out.unseen = out.unseen or {}
+                out.unseen[n] = _seen(config, plain_malicious, plain_noise, (n,))[n]
+            out.honest[n] = _seen(config, honest, noise, (n,))[n]
+        return out
+    out.malicious = _seen(config, malicious, noise)
+    out.honest = _seen(config, honest, noise)
+    if plain_noise is not None:
+        out.unseen = _seen(config, plain_malicious, plain_noise)
     return out
 
 
 def _flower_sums(config: FederatedConfig, data: DataBundle, sent: nn.Module, model: nn.Module, tokens: Tensor,
                  targets: Tensor, seed: int, device: str) -> _Sums:
-    """Through Flower (``transport: flower``, on the CPU): per user count n, two Flower runs of n clients (users
-    0..n-1) over gRPC on ``flower_host``, one FedSGD step each at ``local_lr``: a server sending the planted TinyGPT
-    and one sending the unmodified model, each a :class:`CuriousStrategy` that records the FedAvg aggregate in
-    gradient units (the malicious parameters travel as parameter values: every client builds the TinyGPT from the
-    config's factory and loads the arrays). Client u applies the defence with its own generator (seed + u on the
-    planted model, seed + U + u on the unmodified one) and keeps its plain update for the comparison; server-side
-    clipping and noise run in the strategy's aggregate step (:class:`TrustedAggregator`), its generator shared by
-    the runs in the simulated order (malicious, then honest, per count)."""
+    """Through Flower (``transport: flower``, on the CPU): Flower runs over gRPC on ``flower_host`` of a server
+    sending the planted TinyGPT and one sending the unmodified model, each a :class:`CuriousStrategy` that records
+    what it sees in gradient units (the malicious parameters travel as parameter values: every client builds the
+    TinyGPT from the config's factory and loads the arrays); each client takes one FedSGD step or FedAvg's local
+    steps at ``local_lr`` (:func:`~mlaudit.federated.round_updates`, its data order from its seed). Under secure
+    aggregation two runs per user count n of n clients (users 0..n-1), each server reading the FedAvg aggregate;
+    without it one run per model of the largest count's clients, each server reading every client's update. Client
+    u applies the defence with its own generator (seed + u on the planted model, seed + U + u on the unmodified one)
+    and keeps its plain update for the comparison; server-side clipping and noise run in the strategy's aggregate
+    step (:class:`TrustedAggregator`), its generator shared by the runs in the simulated order (malicious, then
+    honest, per count; or malicious clients, then honest clients)."""
     from ..federated.flower import CuriousStrategy, TorchClient, TrustedAggregator, run_flower_audit
     from ..models.registry import build_model
 
     train, agg, users = config.user_mode == "train", config.aggregation, config.users
+    fedavg = config.protocol == "fedavg"
     defence = config.defence.model_dump(exclude_none=True) if config.defence.method != "none" else None
     aggregator = (TrustedAggregator(agg.clip, agg.noise_multiplier, torch.Generator().manual_seed(seed + 1))
                   if agg.clip is not None else None)
     plain_noise = torch.Generator().manual_seed(seed + 1)
-    out = _Sums({}, {}, {} if defence is not None else None, None, 0.0)
+    out = _Sums({}, {}, None, None, 0.0)
     x, y = tokens.cpu(), targets.cpu()
 
     def own() -> nn.Module:  # each client builds the architecture from its own code and loads the server's values
         with torch.random.fork_rng(devices=[]):
             return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
 
-    def run(server_model: nn.Module, n: int, first_seed: int) -> tuple[ParamVector, list[Any]]:
-        strategy = CuriousStrategy(server_model, tuple(data.input_shape), lr=config.local_lr, attack=None,
-                                   target="aggregate", min_clients=n, train_mode=train, aggregator=aggregator)
+    def run(server_model: nn.Module, n: int, first_seed: int) -> tuple[list[ParamVector], list[Any]]:
+        strategy = CuriousStrategy(server_model, tuple(data.input_shape), lr=config.local_lr,
+                                   local_steps=config.local_steps, attack=None,
+                                   target="aggregate" if agg.secure else "clients", min_clients=n, train_mode=train,
+                                   aggregator=aggregator)
         clients = [TorchClient(own(), x[u], y[u], lr=config.local_lr, seed=first_seed + u, defence=defence,
+                               epochs=config.local_epochs if fedavg else None,
+                               local_batch=(config.local_batch or config.batch) if fedavg else None,
                                train_mode=train, client_id=u, keep_updates=defence is not None) for u in range(n)]
         audit = run_flower_audit(strategy, clients, rounds=1, host=config.flower_host, allow_remote=config.allow_remote)
         out.flower_seconds = (out.flower_seconds or 0.0) + audit.seconds
-        return audit.rounds[1].observations["aggregate"].grad, clients
+        r = audit.rounds[1]
+        if agg.secure:
+            return [r.observations["aggregate"].grad], clients
+        who = [int(m["client_id"]) for m in r.client_metrics]  # each client's own update, in user order
+        return [r.observations["clients"][who.index(u)].grad for u in range(n)], clients
 
-    for n in config.user_counts:
-        out.malicious[n], clients = run(sent, n, seed)
-        if out.unseen is not None:
-            plain = ParamVector({k: torch.stack([c.kept[0][0][k] for c in clients]) for k in clients[0].kept[0][0]})
-            shared = ParamVector({k: torch.stack([c.kept[0][1][k] for c in clients]) for k in plain})
-            out.unseen[n] = secure_aggregate(plain, clip=agg.clip, noise_multiplier=agg.noise_multiplier,
-                                             generator=plain_noise)
-            if n == config.user_counts[-1]:  # the distortion over the users of the largest count's run
-                out.distortion = distortion(plain, shared).float().tolist()
-        out.honest[n], _ = run(model, n, seed + users)
-    for part in (out.malicious, out.honest, out.unseen or {}):
-        for n in part:
-            part[n] = part[n].to(device)
+    def kept(clients: list[Any], which: int) -> ParamVector:
+        return ParamVector({k: torch.stack([c.kept[0][which][k] for c in clients]) for k in clients[0].kept[0][0]})
+
+    counts = config.user_counts if agg.secure else (config.user_counts[-1],)
+    for n in counts:
+        seen, clients = run(sent, n, seed)
+        if defence is not None:
+            plain = kept(clients, 0)
+            if n == counts[-1]:  # the distortion over the users of the largest count's run
+                out.distortion = distortion(plain, kept(clients, 1)).float().tolist()
+        honest, _ = run(model, n, seed + users)
+        if agg.secure:
+            out.malicious[n], out.honest[n] = seen, honest
+            if defence is not None:
+                out.unseen = out.unseen or {}
+                out.unseen[n] = [secure_aggregate(plain, clip=agg.clip, noise_multiplier=agg.noise_multiplier,
+                                                  generator=plain_noise)]
+        else:  # the same objects for every count (one read per user)
+            seen, honest = [g.to(device) for g in seen], [g.to(device) for g in honest]
+            out.malicious = {m: seen[:m] for m in config.user_counts}
+            out.honest = {m: honest[:m] for m in config.user_counts}
+            if defence is not None:  # noise drawn on the CPU, as the strategy's
+                each = [g.to(device) for g in _seen(config, plain, plain_noise)[config.user_counts[-1]]]
+                out.unseen = {m: each[:m] for m in config.user_counts}
+    if agg.secure:
+        for part in (out.malicious, out.honest, out.unseen or {}):
+            for n in part:
+                part[n] = [g.to(device) for g in part[n]]
     return out
 
 
@@ -321,17 +398,19 @@ def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
     top = per[-1]
     model = models[0][2]
     o = config.decepticons
-    settings = {"attack": "decepticons", "protocol": "fedsgd", "users": config.users, "batch": config.batch,
+    settings = {"attack": "decepticons", "protocol": config.protocol, "local_steps": config.local_steps,
+                "users": config.users, "batch": config.batch,
                 "user_counts": list(config.user_counts), "length": data.input_shape[0], "vocabulary": data.num_classes,
                 "d_model": model.d_model, "heads": model.blocks[0].heads, "layers": len(model.blocks),
                 "activation": model.activation, "tie_embeddings": model.tie_embeddings, "bins": rounds[0][1]["bins"],
                 "tag": o.tag, "tag_tokens": o.tag_tokens if o.tag else 0, "tol": o.tol, "trials": config.trials,
-                "public_sequences": len(data.test), "secure_aggregation": True, "clip": config.aggregation.clip,
+                "public_sequences": len(data.test), "secure_aggregation": config.aggregation.secure,
+                "model_init": config.model.init, "clip": config.aggregation.clip,
                 "noise_multiplier": config.aggregation.noise_multiplier, "transport": config.transport,
                 "scale": config.decepticons_scale, "local_lr": config.local_lr,
                 "text_inversion": config.text_inversion.model_dump() if config.text_inversion.run else None}
     metrics: dict[str, Any] = {
-        "recovered": top["pairs"], "secure_aggregation": True, "settings": settings,
+        "recovered": top["pairs"], "secure_aggregation": config.aggregation.secure, "settings": settings,
         "decepticons": {"per_users": per},
         "seconds": {k: sum(m["seconds"].get(k, 0.0) for _, m in rounds) for k in ("updates", "attack", "inversion")}}
     if config.transport == "flower":
@@ -393,15 +472,15 @@ def columns(metrics: dict[str, Any]) -> list[str]:
 
 
 def _tables(metrics: dict[str, Any], shown: list[tuple[int, str, str]]) -> list[ReportTable]:
-    tables = [ReportTable("Decepticons: what the server reads off the users' summed update [95% Clopper-Pearson "
+    tables = [ReportTable("Decepticons: what the server reads off the users' updates [95% Clopper-Pearson "
                           "over occurrences]", columns(metrics), _rows(metrics),
-                          note="one FedSGD round; the server sees the sum of the first n users' gradients. In its "
+                          note=f"{_round_words(metrics['settings'])}. In its "
                                "sequence: the mean fraction of a sequence's positions recovered with the right token "
                                "in the group of its own tag; sequences sharing their first k tokens are merged and "
                                "count 0. The bag of tokens is the honest-but-curious server's (the unmodified model's "
                                "token-embedding gradient): which tokens occur, no positions or counts."
-                               + (" The honest inversion (TAG / LAMP style, on the unmodified model's sum of the same "
-                                  "users) recovers whole sequences in an unknown order: its pairs, tokens (multiset: "
+                               + (" The honest inversion (TAG / LAMP style, on what the server sees of the same "
+                                  "users on the unmodified model) recovers whole sequences in an unknown order: its pairs, tokens (multiset: "
                                   "pooled ROUGE-1 F1), adjacent pairs (pooled ROUGE-2 recall) and sequences recovered "
                                   "exactly are pooled over sequences." if _inverted(metrics) else ""))]
     if shown:
@@ -425,9 +504,8 @@ def markdown(config: FederatedConfig, data: DataBundle, metrics: dict[str, Any],
     lines = [f"# Decepticons on {md_escape(data.name)}", "",
              f"TinyGPT (d\\_model {s['d_model']}, {s['layers']} layers, {s['heads']} heads, {s['activation']}) at "
              f"initialisation; {s['bins']} bins, a tag of {s['tag_tokens']} token(s); {config.users} user(s) x "
-             f"{config.batch} sequence(s) of {s['length']} tokens ({s['vocabulary']} in the vocabulary); one FedSGD "
-             f"round, the server sees the sum of the first n users' gradients; {config.trials} trial(s), seed "
-             f"{config.seed}.", "",
+             f"{config.batch} sequence(s) of {s['length']} tokens ({s['vocabulary']} in the vocabulary); "
+             f"{md_escape(_round_words(s))}; {config.trials} trial(s), seed {config.seed}.", "",
              "| " + " | ".join(columns(metrics)) + " |", "|" + "---:|" * len(columns(metrics))]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in _rows(metrics)]
     if shown:
@@ -437,20 +515,36 @@ def markdown(config: FederatedConfig, data: DataBundle, metrics: dict[str, Any],
     return "\n".join(lines) + "\n"
 
 
+def _round_words(s: dict[str, Any]) -> str:
+    """The round in words, from the run's settings: protocol, local steps, and what the server sees."""
+    steps = s.get("local_steps", 1)
+    how = ("one FedSGD round" if s["protocol"] == "fedsgd" else
+           f"one FedAvg round ({steps} local SGD step{'s' if steps > 1 else ''} per user at lr {s['local_lr']:g})")
+    seen = ("the server sees the sum of the first n users' updates (secure aggregation)" if s["secure_aggregation"]
+            else "the server sees each of the first n users' updates alone (no secure aggregation) and pools what it "
+                 "reads off each")
+    return f"{how}; {seen}"
+
+
 def _notes(config: FederatedConfig, data: DataBundle, s: dict[str, Any]) -> list[str]:
-    flower = ([f"The round ran through Flower: per user count n, a server sending the planted TinyGPT and one sending "
-               f"the unmodified model (parameter values only; each client builds the TinyGPT from {config.model.name}) "
-               f"to n clients over gRPC on {config.flower_host}, one FedSGD step at lr {config.local_lr:g}, float32 "
-               f"weights on the wire, bins at scale {s['scale']:g}; each server read the FedAvg aggregate."]
+    runs = ("per user count n, a server sending the planted TinyGPT and one sending the unmodified model"
+            if config.aggregation.secure else "a server sending the planted TinyGPT and one sending the unmodified "
+            f"model, each to {config.user_counts[-1]} clients")
+    flower = ([f"The round ran through Flower: {runs} (parameter values only; each client builds the TinyGPT from "
+               f"{config.model.name}) over gRPC on {config.flower_host}, {config.local_steps} local SGD step(s) at lr "
+               f"{config.local_lr:g}, float32 weights on the wire, bins at scale {s['scale']:g}; each server read "
+               + ("the FedAvg aggregate." if config.aggregation.secure else "every client's own update.")]
               if config.transport == "flower" else [])
     return flower + [f"Malicious server (Decepticons, Fowl et al. 2022): the TinyGPT sent carries token and position codes in "
             f"its embeddings, a sequence tag of the first {s['tag_tokens']} token(s) in its first attention layer and "
             f"{s['bins']} imprint bins in its first MLP layer, offsets at quantiles over {s['public_sequences']} public "
-            f"sequences (the test split); FedSGD round of {config.users} users ({config.partition.scheme} partition of "
-            f"{data.name}'s training split, {config.batch} sequence(s) of {s['length']} tokens each); the server sees "
-            f"the sum of the first n users' gradients for n in {list(config.user_counts)}.",
-            f"Global model: {config.model.name} at initialisation; {config.trials} trial(s). The honest-but-curious "
-            "baseline reads the bag of tokens from the unmodified model's aggregate"
+            f"sequences (the test split); {config.users} users ({config.partition.scheme} partition of "
+            f"{data.name}'s training split, {config.batch} sequence(s) of {s['length']} tokens each); "
+            f"{_round_words(s)}, for n in {list(config.user_counts)}.",
+            f"Global model: {config.model.name} "
+            + (f"from the pretrained weights of model.init {config.model.init}" if config.model.init else "at initialisation")
+            + f"; {config.trials} trial(s). The honest-but-curious "
+            "baseline reads the bag of tokens from what the server sees of the unmodified model"
             + (f" and inverts it (text_inversion: {config.text_inversion.steps} steps, "
                f"{config.text_inversion.distance} distance, {config.text_inversion.refine} discrete moves, candidates "
                f"{config.text_inversion.candidates})." if config.text_inversion.run else ".")]

@@ -11,12 +11,15 @@ imprint attack (Fowl et al., ICLR 2022; seed 002, chapter 3) as a Flower ``Strat
 2. every round it writes the planted entries into the arrays it sends (it controls the parameters it
    sends), so the attack repeats each round: the whole imprint module, or only the planted rows of W1 and
    b1 and columns of W2;
-3. after aggregating, it reads the users' inputs off the *aggregate* alone: with w the imprint parameters
-   sent and w' the FedAvg result, w - w' = lr * sum_u (n_u / N) * g_u (FedSGD: one local step per
-   round), and the recovery ratio (dW_i - dW_{i+1}) / (db_i - db_{i+1}) cancels every scale, so an input
-   alone in its bin comes back verbatim. The individual client results Flower hands ``aggregate_fit``
-   are not looked at, which is what secure aggregation would leave the server (with an ``aggregator``, a
-   :class:`TrustedAggregator` clips them and noises their sum first, and the server reads that sum).
+3. after aggregating, it reads the users' inputs off the *aggregate* alone (``target="aggregate"``, the
+   default): with w the imprint parameters sent and w' the FedAvg result, w - w' = lr * sum_u (n_u / N) * g_u
+   (FedSGD: one local step per round), and the recovery ratio (dW_i - dW_{i+1}) / (db_i - db_{i+1}) cancels
+   every scale, so an input alone in its bin comes back verbatim. The individual client results Flower hands
+   ``aggregate_fit`` are then not looked at, which is what secure aggregation would leave the server (with an
+   ``aggregator``, a :class:`TrustedAggregator` clips them and noises their sum first, and the server reads
+   that sum). ``target="clients"`` is a server without secure aggregation: the same read-out on each client's
+   own update w - w_u (with an ``aggregator``: each clipped, noised update), where an input only has to be
+   alone in its bin among its own client's inputs; ``"both"`` reads both.
 
 Threat models: ``module``: the server controls the model *definition* (an extra layer in front of the
 model), as when clients load the model the server distributes. ``parameters``: clients build a fixed
@@ -94,6 +97,9 @@ from .training import server_step
 from .updates import local_seed, round_updates, user_gradients
 
 Variant = Literal["module", "parameters"]
+Target = Literal["aggregate", "clients", "both"]
+"""What a server reads: the FedAvg aggregate (what secure aggregation leaves it), each client's own update
+(a server without secure aggregation), or both."""
 
 
 def _arrays(model: nn.Module) -> list[np.ndarray]:
@@ -189,11 +195,12 @@ class RoundResult:
     round: int
     clients: int
     examples: int
-    observation: Observation
+    observation: Observation | None
     """The aggregate's imprint-layer update (w sent - w aggregated, float64; with variant 'parameters' the
     whole first layer, of which the attack reads the planted rows): what the attack read. With a
-    :class:`TrustedAggregator`: the clipped (noised) sum of the clients' updates in gradient units."""
-    reconstruction: Reconstruction
+    :class:`TrustedAggregator`: the clipped (noised) sum of the clients' updates in gradient units. None with
+    ``target="clients"``."""
+    reconstruction: Reconstruction | None
     sent: list[np.ndarray] | None = None
     """The arrays the server sent this round (state_dict order of the model on the wire)."""
     noise_state: Tensor | None = None
@@ -201,6 +208,14 @@ class RoundResult:
     seconds: float = 0.0
     """Wall time from sending the round's parameters to receiving every client's result (as
     :attr:`CuriousRound.seconds`; the read-out not included)."""
+    client_observations: list[Observation] = field(default_factory=list)
+    """With ``target="clients"`` or ``"both"``: each client's own imprint-layer update (w sent - w_u, float64; with
+    a :class:`TrustedAggregator` its clipped (noised) update in gradient units), in the order of
+    :attr:`client_metrics` (``client_id`` order when every client reports one)."""
+    client_reconstructions: list[Reconstruction] = field(default_factory=list)
+    """The read-out of each of :attr:`client_observations`."""
+    client_metrics: list[dict[str, Any]] = field(default_factory=list)
+    """Each client's fit metrics, in the order of its results (a :class:`TorchClient` reports its ``client_id``)."""
 
 
 @dataclass
@@ -223,7 +238,9 @@ class ImprintStrategy(FedAvg):
     ``rel_tol``:
     :func:`imprint`'s; ``min_clients``: clients each round waits for (fit and available); ``aggregator``: a
     :class:`TrustedAggregator` (server-side clipping and noise on the clients' updates; needs the clients' ``lr``
-    and ``local_steps``, its clip being in gradient units). Other keyword options go to ``FedAvg``
+    and ``local_steps``, its clip being in gradient units); ``target``: what the server reads, the FedAvg
+    ``aggregate`` (secure aggregation), each client's own update (``clients``: no secure aggregation; with an
+    aggregator each update is clipped and noised alone) or ``both``. Other keyword options go to ``FedAvg``
     (``fraction_fit``, ``evaluate_fn``, ...). Reconstructions accumulate in :attr:`rounds` ({round:
     :class:`RoundResult`})."""
 
@@ -232,9 +249,15 @@ class ImprintStrategy(FedAvg):
                  measurement: Measurement = "brightness", cdf: Cdf = "empirical", feedback: float = 1e-2,
                  scale: float = 1e-3, rel_tol: float = 1e-6, min_clients: int = 2,
                  generator: torch.Generator | None = None, aggregator: TrustedAggregator | None = None,
-                 lr: float | None = None, local_steps: int = 1, **fedavg: Any) -> None:
+                 lr: float | None = None, local_steps: int = 1, target: Target = "aggregate", **fedavg: Any) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
+        if target not in ("aggregate", "clients", "both"):
+            raise ConfigError(f"ImprintStrategy target = {target!r}; allowed: aggregate, clients, both")
+        if aggregator is not None and aggregator.noise_multiplier > 0 and target == "both":
+            raise ConfigError("ImprintStrategy target = 'both' with an aggregator's noise: the noise goes once on the "
+                              "sum (target 'aggregate', a secure aggregator) or on each client's update (target "
+                              "'clients'); allowed: one of those targets, or noise_multiplier 0")
         if aggregator is not None and (lr is None or not lr > 0 or local_steps < 1):
             raise ConfigError(f"ImprintStrategy with an aggregator needs the clients' lr > 0 and local_steps >= 1 (its "
                               f"clipping is in gradient units), got lr={lr}, local_steps={local_steps}")
@@ -257,7 +280,7 @@ class ImprintStrategy(FedAvg):
         self.variant, self._user, self._wire = variant, user, wire
         self.input_shape = tuple(public_x.shape[1:])
         self.rel_tol = rel_tol
-        self.aggregator, self.lr, self.local_steps = aggregator, lr, local_steps
+        self.aggregator, self.lr, self.local_steps, self.target = aggregator, lr, local_steps, target
         self._keys = list(wire.state_dict())
         self._planted = [(self._keys.index(s.name), s) for s in self.malicious.planted()]
         self._sent: dict[int, list[np.ndarray]] = {}
@@ -291,26 +314,42 @@ class ImprintStrategy(FedAvg):
             return params, metrics
         new = parameters_to_ndarrays(params)
         noise_state = None
-        if self.aggregator is not None:  # the aggregate the server reads: clipped, noised, stepped
+        keys = [(k, self._keys.index(k)) for k in self.malicious.imprint_keys]
+
+        def weights(got: list[np.ndarray]) -> ParamVector:  # w sent - w received: lr x local steps x the update
+            return ParamVector({k: torch.from_numpy(sent[i].astype(np.float64) - got[i].astype(np.float64))
+                                for k, i in keys})
+
+        each: list[ParamVector] = []
+        if self.aggregator is not None:  # what the server reads: clipped, noised (the sum, or each update), stepped
             assert self.lr is not None
-            new, total, _, noise_state = self.aggregator.aggregate(
+            new, total, clipped, noise_state = self.aggregator.aggregate(
                 self._wire, sent, new, [r for _, r in results], lr=self.lr, local_steps=self.local_steps,
-                per_client=False)
+                per_client=self.target == "clients")
             params = ndarrays_to_parameters(new)
-            delta = {k: total[k].double() for k in self.malicious.imprint_keys}  # gradient units: the ratio cancels
+            delta = ParamVector({k: total[k].double() for k, _ in keys})  # gradient units: the ratio cancels
+            each = [ParamVector({k: e[k].double() for k, _ in keys}) for e in clipped]
         else:
-            delta = {k: torch.from_numpy(sent[i].astype(np.float64) - new[i].astype(np.float64))
-                     for k, i in ((k, self._keys.index(k)) for k in self.malicious.imprint_keys)}
-        examples = sum(int(r.num_examples) for _, r in results)
-        obs = Observation(grad=ParamVector(delta), users=max(len(results), 1),
-                          batch=max(examples // max(len(results), 1), 1), input_shape=self.input_shape)
-        rec = imprint(self.malicious, obs, rel_tol=self.rel_tol)
-        self.rounds[server_round] = RoundResult(server_round, len(results), examples, obs, rec, sent=sent,
-                                                noise_state=noise_state, seconds=seconds)
-        return params, {**metrics, "imprint_candidates": len(rec.x)}
+            delta = weights(new)
+            if self.target != "aggregate":
+                each = [weights(parameters_to_ndarrays(r.parameters)) for _, r in results]
+        sizes = [int(r.num_examples) for _, r in results]
+        examples = sum(sizes)
+        obs = rec = None
+        if self.target in ("aggregate", "both"):
+            obs = Observation(grad=delta, users=max(len(results), 1), batch=max(examples // max(len(results), 1), 1),
+                              input_shape=self.input_shape)
+            rec = imprint(self.malicious, obs, rel_tol=self.rel_tol)
+        per = [Observation(grad=g, users=1, batch=max(n, 1), input_shape=self.input_shape)
+               for g, n in zip(each, sizes, strict=True)] if self.target != "aggregate" else []
+        recs = [imprint(self.malicious, o, rel_tol=self.rel_tol) for o in per]
+        self.rounds[server_round] = RoundResult(
+            server_round, len(results), examples, obs, rec, sent=sent, noise_state=noise_state, seconds=seconds,
+            client_observations=per, client_reconstructions=recs,
+            client_metrics=[dict(r.metrics or {}) for _, r in results])
+        found = len(rec.x) if rec is not None else sum(len(r.x) for r in recs)
+        return params, {**metrics, "imprint_candidates": found}
 
-
-Target = Literal["aggregate", "clients", "both"]
 
 
 @dataclass

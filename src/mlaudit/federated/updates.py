@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +42,13 @@ from ..train.recipe import Recipe
 
 
 def user_gradients(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool = False,
-                   chunk: int | None = None) -> ParamVector:
+                   chunk: int | None = None, weights: Mapping[str, Tensor] | None = None) -> ParamVector:
     """FedSGD: each user's gradient of its mean cross-entropy at the model's weights.
 
-    ``x`` [U, B, *shape], ``y`` [U, B] on the model's device -> {name: [U, *shape]} for every trainable
-    parameter (``requires_grad``), in the model's order. The model and its ``.grad`` are not changed.
+    ``x`` [U, B, *shape], ``y`` [U, B] (or [U, B, L] next-token targets of a language model) on the model's device
+    -> {name: [U, *shape]} for every trainable parameter (``requires_grad``), in the model's order. The model and
+    its ``.grad`` are not changed. ``weights``: each user's own values {name: [U, *shape]} of the trainable
+    parameters (a FedAvg user's weights after its local steps), in place of the model's shared ones.
     """
     if x.dim() < 3 or y.shape[:2] != x.shape[:2]:
         raise ConfigError(f"user_gradients needs x [U, B, *shape] and y [U, B] (or [U, B, L] sequence targets), got "
@@ -61,16 +63,20 @@ def user_gradients(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool =
     def loss(p: dict[str, Tensor], b: dict[str, Tensor], xu: Tensor, yu: Tensor) -> Tensor:
         return F.cross_entropy(functional_call(model, ({**p, **frozen}, b), (xu,)).float(), yu)
 
+    if weights is not None and set(weights) != set(names):
+        raise ConfigError(f"user_gradients weights name {sorted(weights)[:4]}...; allowed: exactly the model's "
+                          f"trainable parameters {names[:4]}...")
     step = chunk or x.shape[0]
     parts: list[dict[str, Tensor]] = []
     with in_mode(model, train=train_mode):
         for i in range(0, x.shape[0], step):
             xs, ys = x[i:i + step], y[i:i + step]
+            at, p_dim = (params, None) if weights is None else ({n: w[i:i + step] for n, w in weights.items()}, 0)
             if train_mode:  # BatchNorm updates its running statistics in place: one copy per user
                 per_user = {n: t.unsqueeze(0).expand(len(xs), *t.shape).clone() for n, t in buffers.items()}
-                g = vmap(grad(loss), in_dims=(None, 0, 0, 0), randomness="different")(params, per_user, xs, ys)
+                g = vmap(grad(loss), in_dims=(p_dim, 0, 0, 0), randomness="different")(at, per_user, xs, ys)
             else:
-                g = vmap(grad(loss), in_dims=(None, None, 0, 0), randomness="different")(params, buffers, xs, ys)
+                g = vmap(grad(loss), in_dims=(p_dim, None, 0, 0), randomness="different")(at, buffers, xs, ys)
             parts.append(g)
     return ParamVector({n: torch.cat([p[n] for p in parts]) for n in names})
 
@@ -92,7 +98,10 @@ def _train_users(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_s
                  seeds: Sequence[int], device: torch.device | str, classes: int | None
                  ) -> tuple[ParamVector, int, dict[str, Tensor]]:
     """:func:`local_training`, and the users' buffers after it {name: [U, *shape]} (BatchNorm's running
-    statistics, trained in train mode), on the model's device."""
+    statistics, trained in train mode), on the model's device. Next-token targets y [U, n, L] train through
+    :func:`_train_sequences`."""
+    if y.dim() == 3:
+        return _train_sequences(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seeds=seeds)
     u, n = y.shape
     if len(seeds) != u:
         raise ConfigError(f"local_training needs one seed per user: {u} users, {len(seeds)} seeds")
@@ -112,6 +121,38 @@ def _train_users(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_s
     buffers = {k: torch.stack([o.state_dict[k].to(dev) for o in out]) for k, _ in model.named_buffers()
                if k in out[0].state_dict}
     return updates, epochs * math.ceil(n / batch_size), buffers
+
+
+def _train_sequences(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int, lr: float,
+                     seeds: Sequence[int]) -> tuple[ParamVector, int, dict[str, Tensor]]:
+    """FedAvg's local training for a language model's users: tokens x [U, n, L], next-token targets y [U, n, L],
+    which the stacked training loop (:func:`~mlaudit.train.loop.train_stack`, class targets [N]) does not take.
+    The same plain SGD as there: every user's own float32 copy of the weights, for ``epochs`` epochs of minibatches
+    of ``batch_size`` drawn as train_stack draws them (user u's data-order generator seeded ``seeds[u] + 0x5EED``,
+    each epoch a permutation of its n rows, the last minibatch topped up from the epoch's start), each step
+    w <- w - lr * the gradient of the minibatch's mean loss, with every user's gradient from
+    :func:`user_gradients` at the users' own weights (one vmap, train mode). Returns (w_global - w_user
+    {name: [U, *shape]}, local steps per user, the buffers {name: [U, *shape]}, unchanged)."""
+    from ..train.loop import _epoch_order  # the training loop's epoch order: the same minibatches
+
+    u, n = y.shape[:2]
+    if len(seeds) != u:
+        raise ConfigError(f"local_training needs one seed per user: {u} users, {len(seeds)} seeds")
+    spe = math.ceil(n / batch_size)
+    start = ParamVector({k: p.detach() for k, p in model.named_parameters() if p.requires_grad})
+    w = {k: t.unsqueeze(0).expand(u, *t.shape).clone() for k, t in start.items()}
+    gens = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
+    rows = torch.arange(u, device=x.device)[:, None]
+    for _ in range(epochs):
+        order = torch.stack([_epoch_order(torch.arange(n), spe * batch_size, g) for g in gens]).to(x.device)
+        for s in range(spe):
+            idx = order[:, s * batch_size:(s + 1) * batch_size]  # [U, b]
+            g = user_gradients(model, x[rows, idx], y[rows, idx], train_mode=True, weights=w)
+            with torch.no_grad():
+                for k in w:
+                    w[k] = w[k] - lr * g[k]
+    buffers = {k: b.detach().unsqueeze(0).expand(u, *b.shape).clone() for k, b in model.named_buffers()}
+    return ParamVector({k: t - w[k] for k, t in start.items()}), epochs * spe, buffers
 
 
 ROUND_SEED = 100_003

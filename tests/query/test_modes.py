@@ -78,3 +78,104 @@ def test_walk_matches_modules_and_parameters_with_sharing() -> None:
     a, b = models[1], models[2]  # two models: parameters of both, each once
     assert [id(p) for p in _parameters([_modules(a), _modules(b)])] == \
         [id(p) for p in dict.fromkeys([*a.parameters(), *b.parameters()])]
+
+
+# ---- the cached module tree (issue 16): a model changed between blocks is walked again ----
+
+def _guarded_state(m: nn.Module, *, requires_grad: bool | None = False) -> tuple[list[bool], list[bool]]:
+    """The modes and requires_grad flags of m's current modules / parameters seen inside a guard block."""
+    with evaluating(m, requires_grad=requires_grad):
+        return state(m)
+
+
+def test_the_tree_is_cached_while_the_model_is_unchanged() -> None:
+    from mlaudit.query import modes
+
+    m = net()
+    with evaluating(m, requires_grad=False):
+        pass
+    tree = modes._TREES[m]
+    with evaluating(m, requires_grad=False):
+        pass
+    assert modes._TREES[m] is tree and tree.current()
+
+
+@pytest.mark.parametrize("change", ["setattr", "container", "direct", "delete", "dict", "param", "tied", "new param"])
+def test_a_changed_model_is_walked_again(change: str) -> None:
+    """Every way of changing the module tree between two blocks: the second block sees the new tree (every current
+    module in eval mode, every current parameter frozen) and restores it; what left the tree is not touched."""
+    from mlaudit.query import modes
+
+    m = net()
+    with evaluating(m, requires_grad=False):  # caches m's tree
+        pass
+    gone: nn.Module | nn.Parameter | None = None
+    if change == "setattr":
+        gone, m[3] = m[3], nn.Linear(4, 2).train()
+    elif change == "container":
+        m.append(nn.Sequential(nn.Dropout(0.1), nn.Linear(2, 2)).train())
+    elif change == "direct":  # as torch.ao.quantization's convert swaps modules: no registration hook runs
+        gone, m._modules["2"] = m._modules["2"], nn.Dropout(0.3).train()
+    elif change == "delete":
+        gone = m[2]
+        del m[2]
+    elif change == "dict":  # the dict itself replaced, same keys, one value new
+        mods = dict(m._modules)
+        gone, mods["0"] = mods["0"], nn.Linear(4, 4).train()
+        m._modules = mods  # type: ignore[assignment]
+    elif change == "param":
+        gone, m[0].weight = m[0].weight, nn.Parameter(torch.randn(4, 4))
+    elif change == "tied":
+        gone, m[0].bias = m[0].bias, m[3].bias
+    elif change == "new param":
+        m[2].register_parameter("scale", nn.Parameter(torch.ones(1)))
+    before = state(m)
+    gone_flags = None if gone is None else (gone.training if isinstance(gone, nn.Module) else gone.requires_grad)
+    modes_in, grads_in = _guarded_state(m)
+    assert not any(modes_in) and not any(grads_in)  # the new tree: all in eval mode, all frozen
+    assert state(m) == before  # and restored
+    assert modes._TREES[m].current() and modes._TREES[m].mods == list(m.modules())
+    assert [id(p) for p in modes._TREES[m].params] == [id(p) for p in m.parameters()]
+    if gone is not None:  # what left the tree kept its flag throughout
+        assert gone_flags == (gone.training if isinstance(gone, nn.Module) else gone.requires_grad)
+
+
+def test_flags_changed_between_blocks_are_read_again() -> None:
+    m = net()
+    with evaluating(m, requires_grad=False):
+        pass
+    m.eval()  # every module now in eval mode
+    m[0].weight.requires_grad_(False)
+    m[3].weight.requires_grad_(True)
+    before = state(m)
+    with evaluating(m, requires_grad=False):
+        assert not any(state(m)[0]) and not any(state(m)[1])
+    assert state(m) == before
+    m.train()
+    with training(m, requires_grad=True):
+        assert all(state(m)[0]) and all(state(m)[1])
+    assert state(m)[0] == [True] * len(before[0]) and state(m)[1] == before[1]
+
+
+def test_changes_inside_the_block_are_restored_and_the_next_block_is_right() -> None:
+    m = net()
+    before = state(m)
+    with evaluating(m, requires_grad=False):
+        m[1].train()  # the block itself flips a flag: restored on exit like any other
+        m[3].weight.requires_grad_(True)
+    assert state(m) == before
+    extra = nn.Linear(2, 2).train()
+    with evaluating(m, requires_grad=False):
+        m.append(extra)  # a module added inside the block: the entry did not see it, the next entry does
+    assert extra.training and extra.weight.requires_grad
+    assert not any(_guarded_state(m)[0])
+
+
+def test_a_guard_of_several_models_sharing_a_parameter() -> None:
+    shared = nn.Linear(3, 3)
+    a, b = nn.Sequential(shared, nn.ReLU()).train(), nn.Sequential(nn.Linear(3, 3), shared).train()
+    before = (state(a), state(b))
+    for _ in range(2):  # the second time from the cache
+        with evaluating(a, b, requires_grad=False):
+            assert not any(state(a)[0] + state(b)[0]) and not any(state(a)[1] + state(b)[1])
+        assert (state(a), state(b)) == before

@@ -12,9 +12,11 @@ themselves (Carlini-Wagner's tanh box).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -38,14 +40,41 @@ def _check_box(name: str, box: PixelBox) -> None:
         raise ConfigError(f"{name} box must be (lo, hi) with lo < hi, got {box}")
 
 
+_F = TypeVar("_F", bound=Callable[..., Tensor])
+
+
+def _no_grad(fn: _F) -> _F:
+    """``torch.no_grad()`` around fn, entered only when gradients are on: the engine projects inside its own
+    no-grad block, where the decorator's context cost ~2 us a call on a CPU core for nothing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> Tensor:
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
     """A per-sample value v [P] shaped to broadcast against like [P, *shape]."""
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _row_norms(v: Tensor) -> Tensor:
+    """The l2 norm of each row of v [P, *shape]: ``v.flatten(1).norm(dim=1)``, calling the kernel that
+    ``Tensor.norm`` reaches for strided CPU / CUDA tensors directly (1 us less per call on a CPU core; the same
+    numbers), and ``Tensor.norm`` elsewhere."""
+    flat = v.flatten(1)
+    if flat.layout == torch.strided and flat.device.type in ("cpu", "cuda"):
+        return torch.linalg.vector_norm(flat, 2, [1])
+    return flat.norm(dim=1)
+
+
 def _unit_l2(g: Tensor) -> Tensor:
     """g [P, *shape] divided by its per-sample l2 norm (zero rows stay zero)."""
-    return g / _per_sample(g.flatten(1).norm(dim=1).clamp_min(1e-12), g)
+    return g / _per_sample(_row_norms(g).clamp_min_(1e-12), g)
 
 
 @dataclass(frozen=True)
@@ -62,10 +91,12 @@ class LinfBall:
             raise ConfigError(f"LinfBall eps must lie in [0, {width:g}] (the pixel range {self.box}; 16/255 = "
                               f"{16 / 255:.4f}), got {self.eps}")
 
-    @torch.no_grad()
+    @_no_grad
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
         """delta, x [P, *shape] -> the projected delta (same shape)."""
         d = delta.clamp(-self.eps, self.eps)
+        if d.shape == x.shape and d.dtype == x.dtype and d.is_contiguous() and x.is_contiguous():
+            return d.add_(x).clamp_(*self.box).sub_(x)  # (x + d).clamp(*box) - x in d's memory: the same numbers
         return (x + d).clamp(*self.box) - x
 
     def steepest(self, grad: Tensor) -> Tensor:
@@ -89,10 +120,14 @@ class L2Ball:
         if self.eps < 0:
             raise ConfigError(f"L2Ball eps must be >= 0, got {self.eps}")
 
-    @torch.no_grad()
+    @_no_grad
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
-        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
-        scale = _per_sample((self.eps / norms).clamp(max=1.0), delta)
+        norms = _row_norms(delta).clamp_min_(1e-12)
+        if isinstance(self.eps, (int, float)):
+            # (eps / norms).clamp(max=1) in place: a number divided by a tensor is reciprocal() * eps (Tensor.__rdiv__)
+            scale = _per_sample(norms.reciprocal_().mul_(self.eps).clamp_(max=1.0), delta)
+        else:
+            scale = _per_sample((self.eps / norms).clamp(max=1.0), delta)
         return torch.addcmul(x, delta, scale).clamp_(*self.box).sub_(x)  # one pass fewer than x + delta * scale
 
     def steepest(self, grad: Tensor) -> Tensor:
@@ -102,7 +137,7 @@ class L2Ball:
     def random_init(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """A uniform direction times eps * r, r ~ U[0, 1], then projected (the box may shorten it)."""
         d = _unit_l2(_rand(torch.randn, x, generator))
-        r = _rand(torch.rand, x[:, :1].flatten(1)[:, 0], generator)
+        r = _rand(torch.rand, x, generator, shape=(len(x),))
         return self.project(d * _per_sample(self.eps * r, x), x)
 
 
@@ -115,7 +150,7 @@ class Box:
     def __post_init__(self) -> None:
         _check_box("Box", self.box)
 
-    @torch.no_grad()
+    @_no_grad
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
         return (x + delta).clamp(*self.box) - x
 
@@ -143,8 +178,9 @@ class Free:
         return _rand(torch.randn, x, generator)
 
 
-def _rand(fn: Callable[..., Tensor], like: Tensor, generator: torch.Generator) -> Tensor:
-    """Random numbers shaped like ``like`` on its device, driven by ``generator``.
+def _rand(fn: Callable[..., Tensor], like: Tensor, generator: torch.Generator,
+          shape: tuple[int, ...] | None = None) -> Tensor:
+    """Random numbers shaped like ``like`` (or ``shape``) on its device and in its dtype, driven by ``generator``.
 
     When the generator is on the CPU and ``like`` on an accelerator, one 63-bit seed is drawn from
     the generator and the numbers come from a generator on ``like``'s device: drawing a batch of
@@ -154,8 +190,9 @@ def _rand(fn: Callable[..., Tensor], like: Tensor, generator: torch.Generator) -
     if generator.device.type == "cpu" and like.device.type != "cpu":
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         local = torch.Generator(device=like.device).manual_seed(seed)
-        return fn(like.shape, generator=local, device=like.device, dtype=like.dtype)
-    return fn(like.shape, generator=generator, device=generator.device).to(device=like.device, dtype=like.dtype)
+        return fn(like.shape if shape is None else shape, generator=local, device=like.device, dtype=like.dtype)
+    out = fn(like.shape if shape is None else shape, generator=generator, device=generator.device)
+    return out.to(device=like.device, dtype=like.dtype)
 
 
 Constraint = LinfBall | L2Ball | Box | Free

@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -66,6 +67,56 @@ class CraftResult:
     restarts: list[float] = field(default_factory=list)
     history: list[float] = field(default_factory=list)
     done: Tensor | None = None
+
+
+class _Lazy:
+    """A field of :class:`_Pending` read back on first access (a data descriptor over the instance's dict)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: _Pending | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        d = obj.__dict__
+        if self.name not in d:
+            obj._fill()
+        return d[self.name]
+
+    def __set__(self, obj: _Pending, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
+class _Pending(CraftResult):
+    """A :class:`CraftResult` whose ``delta`` is set and whose other fields (``objective``, ``per_sample``,
+    ``history``, ``done``, ``restarts``) are read back from x's device on first access, in one copy shared by the
+    restarts of a group. FGSM and one-restart PGD use only ``delta``: building the rest took ~20 us of host time
+    per call on a CPU core (the copy, ``tolist``, a sum per restart), after the last forward pass. The objective's
+    finiteness is still checked when ``craft`` returns (the same ConfigError, at the same call)."""
+
+    objective = _Lazy()
+    per_sample = _Lazy()
+    restarts = _Lazy()
+    history = _Lazy()
+    done = _Lazy()
+
+    def __init__(self, delta: Tensor, *fields: Any, read: Callable[[], dict[str, Any]] | None = None,
+                 **named: Any) -> None:
+        if read is None:  # every field given (dataclasses.replace): a plain result
+            CraftResult.__init__(self, delta, *fields, **named)
+        else:
+            self.__dict__.update(delta=delta, _read=read)
+
+    def _fill(self) -> None:
+        read = self.__dict__.pop("_read", None)
+        if read is not None:
+            for k, v in read().items():
+                self.__dict__.setdefault(k, v)
+        self.__dict__.setdefault("restarts", [self.__dict__["objective"]])  # one restart: its own objective
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._fill()
+        return dict(self.__dict__)
 
 
 def craft(
@@ -121,14 +172,17 @@ def craft(
     if isinstance(init, Tensor) and init.shape != x.shape:
         raise ConfigError(f"init must be 'zero', 'random' or a perturbation shaped like x {list(x.shape)}, "
                           f"got shape {list(init.shape)}")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    augment = None if augment is None or augment.is_identity else augment
+    if generator is None and (restarts > 1 or augment is not None or (not isinstance(init, Tensor) and init != "zero")):
+        generator = torch.Generator().manual_seed(0)  # only where something is drawn (2 us a call otherwise)
     run = _Run(objective, x, constraint, steps, optimizer, lr, schedule, augment, batch_size, generator, on_step,
                keep_best, early_stop, final_eval)
     best: CraftResult | None = None
+    first: CraftResult | None = None
     finals: list[float] = []
     for r0 in range(0, restarts, parallel_restarts):
         group = range(r0, min(r0 + parallel_restarts, restarts))
-        rows = torch.arange(len(x), device=x.device)
+        rows = torch.arange(x.shape[0], device=x.device)
         if early_stop and best is not None and best.done is not None:
             rows = rows[~best.done.to(x.device)]
             if len(rows) == 0:
@@ -142,10 +196,19 @@ def craft(
             else:
                 starts.append(constraint.random_init(x[rows], generator))
         for cand in run.group(starts[0].unsqueeze(0) if len(starts) == 1 else torch.stack(starts), rows):
+            if best is None:  # one restart: its objective is read only if asked for (see _Pending)
+                best = first = cand
+                continue
+            if first is not None:
+                finals.append(first.objective)
+                first = None
             finals.append(cand.objective)
-            best = cand if best is None else _merge(best, cand, rows)
+            best = _merge(best, cand, rows)
     assert best is not None
-    best.restarts = finals
+    if first is None:
+        best.restarts = finals
+    elif not isinstance(best, _Pending):
+        best.restarts = [best.objective]
     return best
 
 
@@ -154,7 +217,7 @@ class _Run:
 
     def __init__(self, objective: Objective, x: Tensor, constraint: Constraint, steps: int, optimizer: str,
                  lr: float, schedule: str, augment: AugmentSpec | None, batch_size: int | None,
-                 generator: torch.Generator, on_step: Callable[[int, float], None] | None, keep_best: bool,
+                 generator: torch.Generator | None, on_step: Callable[[int, float], None] | None, keep_best: bool,
                  early_stop: bool, final_eval: bool = True) -> None:
         self.objective, self.x, self.constraint, self.steps = objective, x, constraint, steps
         self.update, self.lr, self.schedule = UPDATES[optimizer], lr, _SCHEDULES[schedule]
@@ -172,36 +235,63 @@ class _Run:
         then, or else once at the end."""
         g, r = delta.shape[:2]
         dev = delta.device
-        # [G, R, *shape]: each row's result so far (without keep-best every row is written before it is read)
-        out_delta = delta.detach().clone() if self.keep_best else torch.empty_like(delta)
-        out_obj = torch.full((g, r), math.inf, device=dev)
-        out_done = torch.zeros(g, r, dtype=torch.bool, device=dev)
+        keep_best, early_stop, final_eval, steps = self.keep_best, self.early_stop, self.final_eval, self.steps
+        constraint, objective, update = self.constraint, self.objective, self.update
+        lr = self.lr * self.scale  # (lr * scale) * schedule: the product the update always had
+        # every row of x, none dropped yet: rows and work are identities, so x, y and the outputs are used whole
+        # (plain slices) instead of through index kernels (gathers and scatters of the whole batch every step)
+        whole = r == self.x.shape[0]
+        # the results per row of rows, [G, R, ...]. With keep-best, the best so far (read every step). Without, the
+        # last scored iterate of every row: rows still optimised take it from the loop's own tensors (``delta``,
+        # ``per``, ``done``), which ``flush`` copies in only where rows stop or leave; while none has left
+        # (``whole``), these are never allocated and the loop's own tensors are the result
+        out_delta: Tensor | None = delta.detach().clone() if keep_best else None
+        out_obj: Tensor | None = torch.full((g, r), math.inf, device=dev) if keep_best else None
+        out_done: Tensor | None = torch.zeros(g, r, dtype=torch.bool, device=dev) if keep_best else None
+        cur_per: Tensor | None = None  # without keep-best: the last scores of the rows in work, not yet copied out
+        cur_done: Tensor | None = None
         separable, flagged = True, False
-        work = torch.arange(r, device=dev)  # positions in rows of the samples still optimised
-        frozen = torch.zeros(r, dtype=torch.bool, device=dev)  # [len(work)]: done, held until the next compaction
+        work = rows if whole else torch.arange(r, device=dev)  # positions in rows of the samples still optimised
+        frozen: Tensor | None = None  # [len(work)]: done, held until the next compaction (None: none is)
         n_frozen = 0
         state: dict[str, Tensor] = {}
         history: list[Tensor] = []  # [G] per step, read back once at the end
-        totals = torch.zeros(g, device=dev)
+        checked = 0  # the steps of history whose finiteness was checked already (early stop, counts read at once)
+        totals: Tensor  # [G], from every evaluation (step 0 is always one)
         lagged = _lagged_counts(self.x)
         pending: _Counts | None = None  # lagged: the previous step's counts, copied to the host asynchronously
-        # every row of x, none dropped yet: rows and work are identities, so x, y and the outputs are used whole
-        # (plain slices) instead of through index kernels (gathers and scatters of the whole batch every step)
-        whole = r == len(self.x)
-        for step in range(self.steps + 1):
-            final = step == self.steps
+        # the rows being optimised (positions in x), their inputs and their number; they change where rows leave
+        idx, xw, n_work = rows, self.x if whole else self.x[rows], r
+
+        start = delta
+
+        def flush(d: Tensor) -> None:
+            """Without keep-best: copy the rows in work's iterate ``d`` and last scores into the results."""
+            nonlocal out_delta, out_obj, out_done
+            if out_delta is None:
+                out_delta = torch.empty_like(start)
+                out_obj = torch.full((g, r), math.inf, device=dev)
+                out_done = torch.zeros(g, r, dtype=torch.bool, device=dev)
             sel = slice(None) if whole else work
-            if final and not self.final_eval and step > 0:  # the last iterate, unscored (see craft's final_eval)
-                out_delta[:, sel] = delta.detach()
+            out_delta[:, sel] = d
+            if cur_per is not None:
+                out_obj[:, sel] = cur_per  # type: ignore[index]
+            if cur_done is not None:
+                out_done[:, sel] = cur_done  # type: ignore[index]
+
+        for step in range(steps + 1):
+            final = step == steps
+            if final and not final_eval and step > 0:  # the last iterate, unscored (see craft's final_eval)
+                if separable and not whole:
+                    flush(delta.detach())
                 break
             delta.requires_grad_(not final)
-            idx = rows if whole else rows[work]
-            totals, per, done = _evaluate(self.objective, self.x if whole else self.x[idx], idx, delta,
-                                          None if final else self.augment, self.batch_size, self.generator,
-                                          backward=not final)
+            totals, per, done = _evaluate(objective, xw, idx, delta, None if final else self.augment,
+                                          self.batch_size, self.generator, backward=not final)
             separable, flagged = per is not None, done is not None
-            if separable and self.keep_best:
-                assert per is not None
+            if separable and keep_best:
+                assert per is not None and out_obj is not None and out_done is not None and out_delta is not None
+                sel = slice(None) if whole else work
                 take = per < out_obj[:, sel]
                 if done is not None:
                     d_old = out_done[:, sel]
@@ -211,13 +301,10 @@ class _Run:
                 w = take.view(*take.shape, *([1] * (delta.dim() - 2)))
                 out_delta[:, sel] = torch.where(w, delta.detach(), out_delta[:, sel])
             elif separable:  # without keep-best every row takes the iterate just scored
-                assert per is not None
-                if done is not None:
-                    out_done[:, sel] = done
-                out_obj[:, sel] = per
-                if final:  # otherwise the iterate is copied out only where the loop drops rows or stops
-                    out_delta[:, sel] = delta.detach()
-            elif self.keep_best or self.early_stop:
+                cur_per, cur_done = per, done
+                if final and not whole:
+                    flush(delta.detach())
+            elif keep_best or early_stop:
                 raise ConfigError("keep_best and early_stop need a separable objective (per-sample losses [B]); "
                                   "this one returned a scalar")
             if final:
@@ -225,63 +312,74 @@ class _Run:
             history.append(totals)
             grad = delta.grad
             delta = delta.detach()
-            if self.early_stop and done is not None:
-                frozen = frozen | done.all(0)
-                counts = torch.stack([frozen.sum(), (~torch.isfinite(totals)).sum()])
+            if early_stop and done is not None:
+                reached = done[0] if g == 1 else done.all(0)
+                frozen = reached if frozen is None else frozen | reached
                 if lagged:
                     # on CUDA a blocking read here would stall the queue every step (the GPU idles while the next
                     # step's first kernels are launched): read the previous step's counts instead, long finished,
                     # while this step's are copied behind its kernels. Decisions come a step late; a done sample is
                     # held fixed meanwhile, so the result is the same (an extra pass at most).
+                    counts = torch.stack([frozen.sum(), (~torch.isfinite(totals)).sum()])
                     got, pending = pending, _Counts(counts)
                     n_seen, bad = got.read() if got is not None else (0, 0)
-                else:  # the step's one host synchronisation: the done count, and the objective's finiteness
-                    n_seen, bad = counts.tolist()
+                else:  # read at once: the done count, and the objective's finiteness
+                    if frozen.is_cpu:  # scalar reads wait for nothing here; any() is cheaper than a sum when none is
+                        n_seen = int(frozen.sum()) if frozen.any() else 0
+                        bad = not _all_finite(totals)
+                    else:  # the step's one host synchronisation
+                        n_seen, bad = torch.stack([frozen.sum(), (~torch.isfinite(totals)).sum()]).tolist()
+                    checked = len(history)
+                    if not n_seen:
+                        frozen = None  # none done: nothing to hold, and the next step's flags are the frozen ones
                 if bad:
                     _non_finite(step - lagged, history[-1 - lagged])
-                if n_seen == len(work):
-                    if not self.keep_best:
-                        out_delta[:, sel] = delta
+                if n_seen == n_work:
+                    if not keep_best and not whole:
+                        flush(delta)
                     break
                 n_frozen = n_seen
-                if n_seen and n_seen >= self.shrink_at * len(work):
-                    if not self.keep_best:  # the rows dropped here keep the iterate that reached the goal
-                        out_delta[:, sel] = delta
+                if n_seen and n_seen >= self.shrink_at * n_work:
+                    assert frozen is not None
+                    if not keep_best:  # the rows dropped here keep the iterate that reached the goal
+                        flush(delta)
+                        cur_per = cur_done = None  # copied out: the rows kept have these scores in the results
                     keep = (~frozen).nonzero().squeeze(1)  # one host sync here; each boolean-mask index is one
-                    delta, grad, work, frozen = delta[:, keep], grad[:, keep], work[keep], frozen[keep]
+                    delta, grad, work = delta[:, keep], grad[:, keep], work[keep]
                     state = {k: v[:, keep] for k, v in state.items()}
                     per = per[:, keep] if per is not None else None
-                    n_frozen, pending, whole = 0, None, False  # the pending counts were of the rows before
-                    if len(work) == 0:  # lagged: every sample was done by now, which the late count did not show
+                    frozen, n_frozen, pending, whole = None, 0, None, False  # the pending counts were of the rows before
+                    n_work = keep.shape[0]
+                    if n_work == 0:  # lagged: every sample was done by now, which the late count did not show
                         break
+                    idx = rows[work]
+                    xw = self.x[idx]
                 if lagged:
                     n_frozen = max(n_frozen, 1)  # samples done at this step are not counted yet: hold them too
-            xw = self.x if whole else self.x[rows[work]]
-            info = StepInfo(self.constraint, xw, per, step, self.steps)
+            info = StepInfo(constraint, xw, per, step, steps)
             with torch.no_grad():
-                held = delta.clone() if n_frozen else None
-                self.update(delta, grad, state, self.lr * self.scale * self.schedule(step, self.steps), step + 1, info)
-                delta = _project(self.constraint, delta, xw)
+                held = delta.clone() if n_frozen and frozen is not None else None
+                update(delta, grad, state, lr * self.schedule(step, steps), step + 1, info)
+                delta = _project(constraint, delta, xw)
                 if held is not None:  # done samples not yet dropped keep the iterate that reached the goal
+                    assert frozen is not None
                     f = frozen.view(1, -1, *([1] * (delta.dim() - 2)))
                     delta = torch.where(f, held, delta)
             if self.on_step is not None:
-                self.on_step(step, float(totals.min()))
-        # one device -> host copy for everything read back (each read is a synchronisation, and the time
-        # between them is time the caller waits with the GPU idle)
-        n_hist = len(history) * g
-        host = torch.cat([*history, totals.float(), out_obj.flatten(), out_done.flatten().float()]).cpu()
-        steps_g = host[:n_hist].view(-1, g).tolist()  # [steps][G]
-        last = host[n_hist:n_hist + g].tolist()
-        for s, row in enumerate([*steps_g, last]):
-            if not all(math.isfinite(v) for v in row):
-                _non_finite(s, torch.tensor(row))
+                self.on_step(step, float(totals.min()) + 0.0)  # + 0.0: the totals' -0.0 is 0.0 (see _evaluate)
+        # the objective's finiteness where no step checked it, at once (one read); the rest is read back only if
+        # asked for
+        last = totals
+        unchecked = history[checked:] if history and last is history[-1] else [*history[checked:], last]
+        if unchecked and not _all_finite(unchecked[0] if len(unchecked) == 1 else torch.cat(unchecked)):
+            _read_back(history, last, None, None, g, 0)  # raises, naming the first non-finite step
         if not separable:  # joint objective: the final iterate of every restart, ranked by its total
-            return [CraftResult(delta[k].detach(), last[k], None, history=[h[k] for h in steps_g]) for k in range(g)]
-        out_obj = host[n_hist + g:n_hist + g + g * r].view(g, r)
-        out_done = host[n_hist + g + g * r:].view(g, r).bool()
-        return [CraftResult(out_delta[k], float(out_obj[k].sum()), out_obj[k], history=[h[k] for h in steps_g],
-                            done=out_done[k] if flagged else None) for k in range(g)]
+            read = _Once(lambda: _read_back(history, last, None, None, g, 0))
+            return [_Pending(delta[k].detach(), read=lambda k=k: read()[k]) for k in range(g)]
+        if out_delta is None:  # no row left the loop: its own tensors are the results
+            out_delta, out_obj, out_done = delta.detach(), cur_per, cur_done
+        read = _Once(lambda: _read_back(history, last, out_obj, out_done if flagged else None, g, r))
+        return [_Pending(out_delta[k], read=lambda k=k: read()[k]) for k in range(g)]
 
 
 class _Counts:
@@ -311,7 +409,8 @@ def _lagged_counts(x: Tensor) -> bool:
 
 
 def _non_finite(step: int, totals: Tensor) -> None:
-    raise ConfigError(f"objective returned a non-finite value ({totals.detach().cpu().tolist()}) at step {step}; "
+    shown = (totals.detach().float() + 0.0).cpu().tolist()  # + 0.0: -0.0 shown as 0.0 (see _evaluate)
+    raise ConfigError(f"objective returned a non-finite value ({shown}) at step {step}; "
                       "check the model and objective for overflow or log(0)")
 
 
@@ -329,19 +428,47 @@ def _shrink_at(x: Tensor) -> float:
 def _project(constraint: Constraint, delta: Tensor, x: Tensor) -> Tensor:
     """Project each restart's delta [G, P, *shape] onto the constraint around x [P, *shape]."""
     g = delta.shape[0]
+    if g == 1:
+        return constraint.project(delta.squeeze(0), x).unsqueeze(0)
     flat = constraint.project(delta.flatten(0, 1), x.expand(g, *x.shape).flatten(0, 1))
     return flat.view_as(delta)
 
 
 def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, augment: AugmentSpec | None,
-              batch_size: int | None, generator: torch.Generator, *,
+              batch_size: int | None, generator: torch.Generator | None, *,
               backward: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Objective of each restart summed over mini-batches (gradients accumulated into delta.grad when
     ``backward``) for x [R, *shape] at positions ``idx_all`` [R]: totals [G] and, for separable
     objectives, per-sample losses [G, R] and (when the objective flags them) done flags [G, R], all
-    on x's device (no host synchronisation)."""
+    on x's device (no host synchronisation).
+
+    One restart in one batch without augmentation (FGSM, PGD) takes a shorter way to the same numbers: the
+    objective gets x + delta[0] itself, its losses are not summed inside the graph (the backward pass starts from
+    ones, the gradient that sum hands down), and the totals are not added to zeros: they may be -0.0 where the
+    general way gives 0.0, which every reader of the totals turns into 0.0 (``+ 0.0``)."""
     g, n = delta.shape[0], x.shape[0]
     bs = batch_size or n
+    if g == 1 and bs >= n and augment is None:
+        with nullcontext() if torch.is_grad_enabled() == backward else torch.set_grad_enabled(backward):
+            # x + delta[0] through a view, so the backward pass hands delta its gradient as is (slicing and
+            # selecting would each add a zero-filled copy of the batch)
+            out = objective(x + delta.squeeze(0), idx_all)
+            done = None
+            if isinstance(out, tuple):
+                out, done = out
+            separable = out.shape == (n,)
+            if not separable and out.dim() != 0:
+                _separable(out.unsqueeze(0), 1, n)  # raises
+            if backward:
+                if separable:
+                    out.backward(torch.ones_like(out))
+                else:
+                    out.backward()
+        scored = out.detach().unsqueeze(0)  # [1, n] or [1]
+        if not separable:
+            return scored.float(), None, None
+        return (scored.sum(1).float(), scored.float(),
+                None if done is None else done.detach().view(1, n).bool())
     totals = torch.zeros(g, device=x.device)
     parts: list[Tensor] = []
     flags: list[Tensor] = []
@@ -350,13 +477,9 @@ def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, a
         loc = slice(i, min(i + bs, n))
         idx, b = idx_all[loc], min(i + bs, n) - i
         with torch.set_grad_enabled(backward):
-            if g == 1 and b == n and augment is None:
-                # one restart, one batch: x + delta[0] through a view, so the backward pass hands delta its gradient
-                # as is (slicing and selecting would each add a zero-filled copy of the batch)
-                xa = (x + delta.squeeze(0)).unsqueeze(0)
-            else:
-                xa = x[loc].unsqueeze(0) + delta[:, loc]  # [G, B, *shape]
+            xa = x[loc].unsqueeze(0) + delta[:, loc]  # [G, B, *shape]
             if augment is not None:
+                assert generator is not None
                 flat = apply_augment_differentiable(xa.flatten(0, 1), augment.sample(g * b, generator=generator,
                                                                                      device=x.device))
                 xa = flat.view_as(xa)
@@ -365,24 +488,80 @@ def _evaluate(objective: Objective, x: Tensor, idx_all: Tensor, delta: Tensor, a
             if isinstance(out, tuple):
                 out, done = out
             out = out.unsqueeze(0) if g == 1 else out
-            if out.shape == (g, b):
+            if _separable(out, g, b):
                 parts.append(out.detach().float())
                 if done is not None:
                     flags.append(done.detach().view(g, b).bool())
                 loss_g = out.sum(1)
-            elif out.shape == (g,):
+            else:
                 separable = False
                 loss_g = out
-            else:
-                want = f"a scalar or [B={b}]" if g == 1 else f"[G={g}] or [G={g}, B={b}]"
-                got = list(out.shape[1:]) if g == 1 else list(out.shape)
-                raise ConfigError(f"objective must return {want} losses, got {got}")
             if backward:
                 loss_g.sum().backward()
         totals += loss_g.detach().float()
     per = torch.cat(parts, 1) if separable and parts else None
     done_all = torch.cat(flags, 1) if separable and flags and len(flags) == len(parts) else None
     return totals, per, done_all
+
+
+def _separable(out: Tensor, g: int, b: int) -> bool:
+    """Whether an objective's output ``out`` ([G, B] per sample, or [G] joint; for one restart with the restart
+    axis added) is per sample; ConfigError if it is neither."""
+    if out.shape == (g, b):
+        return True
+    if out.shape == (g,):
+        return False
+    want = f"a scalar or [B={b}]" if g == 1 else f"[G={g}] or [G={g}, B={b}]"
+    got = list(out.shape[1:]) if g == 1 else list(out.shape)
+    raise ConfigError(f"objective must return {want} losses, got {got}")
+
+
+def _all_finite(t: Tensor) -> bool:
+    """Whether every value of t is finite, in one host read: a finite sum has finite terms (an overflowing sum
+    of finite terms is checked value by value)."""
+    if t.numel() == 1:
+        return math.isfinite(t.item())
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
+class _Once:
+    """``fn()``, computed at the first call and kept."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn, self.value, self.done = fn, None, False
+
+    def __call__(self) -> Any:
+        if not self.done:
+            self.value, self.done = self.fn(), True
+        return self.value
+
+
+def _read_back(history: list[Tensor], last: Tensor, out_obj: Tensor | None, out_done: Tensor | None, g: int,
+               r: int) -> list[dict[str, Any]]:
+    """The host-side fields of each restart's result, in one device -> host copy (each read is a synchronisation,
+    and the time between them is time the caller waits with the GPU idle): ``objective``, ``history`` and, with
+    ``out_obj`` [G, R] (separable), ``per_sample`` and ``done`` (from ``out_done`` [G, R], if flagged). ConfigError
+    at the first step whose objective is not finite."""
+    n_hist = len(history) * g
+    parts = [*history, last.float()]
+    if out_obj is not None:
+        parts.append(out_obj.flatten())
+        if out_done is not None:
+            parts.append(out_done.flatten().float())
+    host = torch.cat(parts).cpu()
+    host[:n_hist + g].add_(0.0)  # -0.0 -> 0.0, as totals accumulated onto zeros have it (see _evaluate)
+    steps_g = host[:n_hist].view(-1, g).tolist()  # [steps][G]
+    last_g = host[n_hist:n_hist + g].tolist()
+    for s, row in enumerate([*steps_g, last_g]):
+        if not all(math.isfinite(v) for v in row):
+            _non_finite(s, torch.tensor(row))
+    if out_obj is None:  # joint objective: the final iterate of every restart, ranked by its total
+        return [{"objective": last_g[k], "per_sample": None, "history": [h[k] for h in steps_g], "done": None}
+                for k in range(g)]
+    obj = host[n_hist + g:n_hist + g + g * r].view(g, r)
+    done = host[n_hist + g + g * r:].view(g, r).bool() if out_done is not None else None
+    return [{"objective": float(obj[k].sum()), "per_sample": obj[k], "history": [h[k] for h in steps_g],
+             "done": None if done is None else done[k]} for k in range(g)]
 
 
 def _merge(a: CraftResult, b: CraftResult, rows: Tensor) -> CraftResult:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .constraints import Constraint
+from .constraints import Box, Constraint, Free, LinfBall
+
+_SIGNED = (LinfBall, Box, Free)
+"""The constraints whose ``steepest`` is ``grad.sign()`` (exact types: a subclass may define its own)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class StepInfo:
 
     def steepest(self, grad: Tensor) -> Tensor:
         """The constraint's steepest direction of grad [G, R, *shape], per sample."""
+        if type(self.constraint) in _SIGNED:  # the sign, elementwise: no per-sample view needed
+            return grad.sign()
         return self.constraint.steepest(grad.flatten(0, 1)).view_as(grad)
 
     def project(self, delta: Tensor) -> Tensor:

@@ -70,21 +70,22 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, n
             raise ConfigError(f"norm: 'l1' is not supported by this attack; allowed: {', '.join(norms)} (l1 only in "
                               f"{', '.join(L1_ATTACKS)}: the engine has no l1 ball)")
         raise ConfigError(f"norm: unknown norm {norm!r}; allowed: {', '.join(norms)}")
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or len(x) == 0:
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
         raise ConfigError(f"x: must be a non-empty float tensor [N, *shape], got "
                           f"{type(x).__name__ if not isinstance(x, Tensor) else f'{x.dtype} {list(x.shape)}'}")
     lo, hi = box
     if not lo < hi:
         raise ConfigError(f"box: must be (lo, hi) with lo < hi, got {box}")
-    if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or tuple(y.shape) != (len(x),):
+    n = x.shape[0]  # len(x) without Tensor.__len__'s Python wrapper
+    if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (n,):
         got = f"{y.dtype} {list(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
-        raise ConfigError(f"y: must be integer labels [N={len(x)}], got {got}")
+        raise ConfigError(f"y: must be integer labels [N={n}], got {got}")
     x_min, x_max, y_min, y_max = _ranges(x, y)
     if x_min < lo - 1e-6 or x_max > hi + 1e-6:
         raise ConfigError(f"x: values in [{x_min:.4g}, {x_max:.4g}] lie outside the declared pixel range "
                           f"[{lo:g}, {hi:g}]; scale the inputs or pass box=(lo, hi) (normalise inside the model)")
     if eps is not None:
-        d = x.numel() // len(x)  # values per example (x[0].numel() without making a view)
+        d = x.numel() // n  # values per example (x[0].numel() without making a view)
         top = (hi - lo) * _UNIT[norm](d)
         if not 0 <= eps <= top:
             raise ConfigError(f"eps: {eps} is outside the pixel range; allowed 0 <= eps <= {top:.4g} for norm {norm} "
@@ -188,26 +189,41 @@ class EvasionObjective:
     """The engine objective of an evasion attack: ``(-loss(model(x_adv), y, t) [B], done [B])``.
 
     ``done`` is ``argmax != y`` (goal ``misclassify``) or ``argmax == t`` (goal ``target``), from
-    the same forward pass as the loss."""
+    the same forward pass as the loss. ``verdict=False`` returns the losses alone (no argmax): for an engine
+    run that reads no ``done`` (FGSM: no early stop, no keep-best, one restart)."""
 
     def __init__(self, model: nn.Module, y: Tensor, *, loss: str = "ce", target: Tensor | None = None,
-                 goal: Goal = "misclassify", eot: int = 1) -> None:
+                 goal: Goal = "misclassify", eot: int = 1, verdict: bool = True) -> None:
         if goal == "target" and target is None:
             raise ConfigError("goal 'target' needs target labels")
         if eot < 1:
             raise ConfigError(f"eot = {eot}; allowed eot >= 1 (forward passes averaged per step)")
-        self.model, self.y, self.target, self.goal, self.eot = model, y, target, goal, eot
+        self.model, self.y, self.target, self.goal, self.eot, self.verdict = model, y, target, goal, eot, verdict
         self.loss = LOSSES.get(loss)
+        self._rows: tuple[Any, ...] | None = None  # idx, y, target, their versions, y[idx], target[idx]
 
-    def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        y = self.y[idx]
-        t = None if self.target is None else self.target[idx]
+    def _labels(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(y[idx], target[idx]). The engine passes the same idx tensor every step until rows leave: the gathers are
+        kept for it, keyed by the tensors idx, y and target themselves and their version counters (a tensor
+        replaced or changed in place is gathered again)."""
+        y, tgt, rows = self.y, self.target, self._rows
+        if (rows is not None and rows[0] is idx and rows[1] is y and rows[2] is tgt
+                and rows[3] == (idx._version, y._version, None if tgt is None else tgt._version)):
+            return rows[4], rows[5]
+        y_idx, t_idx = y[idx], None if tgt is None else tgt[idx]
+        self._rows = (idx, y, tgt, (idx._version, y._version, None if tgt is None else tgt._version), y_idx, t_idx)
+        return y_idx, t_idx
+
+    def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        y, t = self._labels(idx)
         if self.eot == 1:
             # one pass: its loss and verdict as they are. The [1, B] view, mean(0) and all(0) below are identities
             # for one copy (bitwise: a mean of one value divides by 1), but each is a kernel per step and the mean
             # a node of the backward pass (~10 us a step on a CPU core; tests/attacks/evasion/test_evasion_overhead.py
             # compares both paths)
             z = self.model(x_adv)
+            if not self.verdict:
+                return -self.loss(z, y, t)
             pred = z.argmax(1)
             return -self.loss(z, y, t), (pred == t if self.goal == "target" else pred != y)
         # Expectation over transformation (Athalye et al. 2018): a randomised model (a defence that draws
@@ -223,7 +239,7 @@ class EvasionObjective:
         losses = self.loss(z, y if k == 1 else y.repeat(k), t if k == 1 else tk).view(k, b)
         pred = z.argmax(1).view(k, b)
         hits = pred == t if self.goal == "target" else pred != y
-        return -losses.mean(0), hits.all(0)
+        return (-losses.mean(0), hits.all(0)) if self.verdict else -losses.mean(0)
 
 
 def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, box: tuple[float, float],
@@ -233,14 +249,15 @@ def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str,
                generator: torch.Generator | None = None, batch_size: int | None = None,
                keep_best: bool = True, early_stop: bool = True, eot: int = 1) -> Tensor:
     """x_adv [N, *shape]: the engine's result for an :class:`EvasionObjective` (parameters frozen, the
-    model in eval mode throughout; ``lr`` in units of eps)."""
+    model in eval mode throughout; ``lr`` in units of eps). Without a ``generator`` the engine's default, a CPU
+    generator seeded 0, drives the random start."""
     y = y.to(x.device)
+    # the verdict is read only by early stop, keep-best and the ranking of restarts
     objective = EvasionObjective(model, y, loss=loss, target=None if target is None else target.to(x.device),
-                                 goal=goal, eot=eot)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+                                 goal=goal, eot=eot, verdict=early_stop or keep_best or restarts > 1)
     with evaluating(model, requires_grad=False):
         res = craft(objective, x, constraint=make_constraint(norm, eps, box), steps=steps, optimizer=optimizer,
                     lr=lr, schedule=schedule, restarts=restarts, init="random" if random_start else "zero",
-                    generator=gen, batch_size=batch_size, keep_best=keep_best, early_stop=early_stop,
+                    generator=generator, batch_size=batch_size, keep_best=keep_best, early_stop=early_stop,
                     final_eval=keep_best or restarts > 1)  # without keep-best the last iterate needs no score
     return (x + res.delta).detach()

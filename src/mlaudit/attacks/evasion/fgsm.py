@@ -4,7 +4,6 @@ x + eps * grad / ||grad||_2. One engine step of size eps from zero, in the const
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .base import Norm, check_inputs, check_loss, register_evasion, run_engine
@@ -16,5 +15,4 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: 
     """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape] with ||x_adv - x|| <= eps."""
     check_loss(loss, check_inputs(model, x, y, eps=eps, norm=norm, box=box), targeted=False)
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=1, optimizer="pgd", lr=1.0,
-                      random_start=False, batch_size=batch_size, keep_best=False, early_stop=False,
-                      generator=torch.Generator().manual_seed(0))
+                      random_start=False, batch_size=batch_size, keep_best=False, early_stop=False)

@@ -129,12 +129,12 @@ def _user_updates(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor
 
 
 def _observations(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor, seed: int, device: str,
-                  num_classes: int, gen: torch.Generator, updates: ParamVector | None = None
+                  num_classes: int, gen: torch.Generator, updates: ParamVector | None = None, server_round: int = 1
                   ) -> list[tuple[Observation, slice]]:
     """What the server sees, each with the users it covers: the sum over all users (secure aggregation) or
     every user's own update, in gradient units, each user's update clipped (and the sum noised) as configured.
-    ``updates``: the users' (defended) updates, else computed here; secure FedSGD without them sums ``chunk``
-    users at a time, never holding every user's gradient."""
+    ``updates``: the users' (defended) updates, else computed here (round ``server_round``'s: FedAvg's local data
+    order); secure FedSGD without them sums ``chunk`` users at a time, never holding every user's gradient."""
     agg, train = config.aggregation, config.user_mode == "train"
     shape = tuple(x.shape[2:])
 
@@ -146,7 +146,7 @@ def _observations(config: FederatedConfig, sent: nn.Module, x: Tensor, y: Tensor
                                  chunk=config.chunk, train_mode=train)
         return [seen(total, slice(0, config.users))]
     if updates is None:
-        updates = _user_updates(config, sent, x, y, seed, device, num_classes).updates
+        updates = _user_updates(config, sent, x, y, seed, device, num_classes, server_round=server_round).updates
     users = [slice(0, config.users)] if agg.secure else [slice(u, u + 1) for u in range(config.users)]
     return [seen(secure_aggregate(ParamVector({n: t[sl] for n, t in updates.items()}), clip=agg.clip,
                                   noise_multiplier=agg.noise_multiplier, generator=gen), sl) for sl in users]
@@ -179,7 +179,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     if config.transport == "flower":
         return _flower_trial(config, data, index, seed, model, parts, x.cpu(), y.cpu(), public, gen)
     if config.rounds > 1:
-        return _rounds_trial(config, data, index, seed, model, parts, (x, y, first_rows), public, gen, device), None
+        return _rounds_trial(config, data, index, seed, model, parts, (x, y, first_rows), public, gen, device)
     sent = _plant(config, model, public, gen) if config.attack == "imprint" else model
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     out = _Outcome()
@@ -211,18 +211,28 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
 
 def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, model: nn.Module,
                   parts: list[Tensor], first: tuple[Tensor, Tensor, Tensor], public: Tensor, gen: torch.Generator,
-                  device: str) -> _Outcome:
+                  device: str) -> tuple[_Outcome, _Outcome | None]:
     """Several simulated imprint rounds (Fowl et al. 2022, sec. 4: a malicious server may repeat the attack): round
-    1 uses the trial's batches ``first`` (x, y, their training rows [U, B]); each later round every user draws ``batch`` fresh examples of its share
-    ``parts[u]``, and the server plants the imprint again (from ``gen``: a random-projection measurement is drawn
-    anew, so the bins cut the data differently) and reads that round's aggregate alone (without secure aggregation,
-    each user's update alone). ``out.rounds``: per round
-    the verbatim fraction and the fraction of the users' shares recovered verbatim in some round so far."""
+    1 uses the trial's batches ``first`` (x, y, their training rows [U, B]); each later round every user draws
+    ``batch`` fresh examples of its share ``parts[u]``, and the server plants the imprint again (from ``gen``: a
+    random-projection measurement is drawn anew, so the bins cut the data differently) and reads that round's
+    aggregate alone (without secure aggregation, each user's update alone). User u's local data order in round r is
+    :func:`local_seed` of ``seed + u`` and r. With a client defence every user defends each round's update with its
+    own noise generator (:func:`client_generator` of ``seed + u``, its stream continuing from round to round, as a
+    Flower client's and as in the inversion attacks' rounds), the server reads the defended round, and the same
+    round's plain updates are read too, with the same aggregation noise (the second outcome). ``out.rounds``: per
+    round the verbatim fraction and the fraction of the users' shares recovered verbatim in some round so far (the
+    second outcome's: those of the plain updates)."""
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
+    d = config.defence
+    gens = [client_generator(seed + u, device) for u in range(config.users)] if d.method != "none" else None
     out = _Outcome()
+    base = _Outcome() if gens is not None else None
     total = sum(len(p) for p in parts)
     got: set[tuple[int, int]] = set()
+    got_plain: set[tuple[int, int]] = set()
+    dist = []
     for r in range(1, config.rounds + 1):
         if r == 1:
             x, y, rows = first
@@ -231,14 +241,32 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
             x, y = x.to(device), y.to(device)
         t0 = time.perf_counter()
         sent = _plant(config, model, public, gen)
-        seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise)
+        plain = None
+        if gens is None:
+            seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise, server_round=r)
+        else:
+            plain = _user_updates(config, sent, x, y, seed, device, data.num_classes, server_round=r).updates
+            shared = defend_each(plain, gens, **d.model_dump(exclude_none=True))
+            dist.append(distortion(plain, shared).float().cpu())
+            state = noise.get_state()
+            seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=shared)
         out.seconds["updates"] += time.perf_counter() - t0
         if r == 1:
             out.accuracy = _accuracy(model, sent, data)
         n0 = len(out.psnr)
         _attack(config, data, sent, seen, x, y, mean_probs, gen, out, grid=r == 1)
         _record_round(config, out, r, n0, rows, got, total)
-    return out
+        if base is not None and plain is not None:  # the same round's plain updates, the same aggregation noise
+            after = noise.get_state()
+            noise.set_state(state)
+            unseen = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=plain)
+            noise.set_state(after)
+            n1 = len(base.psnr)
+            _attack(config, data, sent, unseen, x, y, mean_probs, gen, base, grid=False)
+            _record_round(config, base, r, n1, rows, got_plain, total)
+    if dist:
+        out.distortion = torch.cat(dist)
+    return out, base
 
 
 def _plant(config: FederatedConfig, model: nn.Module, public: Tensor, gen: torch.Generator) -> nn.Module:
@@ -320,6 +348,8 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
     base = _Outcome() if defence is not None else None
     mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
     seen: set[tuple[int, int]] = set()
+    seen_plain: set[tuple[int, int]] = set()
+    dist: list[Tensor] = []
     total = sum(len(p) for p in parts)
     for r in sorted(audit.rounds):
         rr = audit.rounds[r]
@@ -340,16 +370,21 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
             kept = [c.kept[r - 1] for c in clients]
             plain = ParamVector({n: torch.stack([k[0][n] for k in kept]) for n in kept[0][0]})
             shared = ParamVector({n: torch.stack([k[1][n] for k in kept]) for n in kept[0][0]})
-            out.distortion = distortion(plain, shared).float()
+            dist.append(distortion(plain, shared).float())
             replay = torch.Generator()
             if rr.noise_state is not None:
                 replay.set_state(rr.noise_state)
             gen.set_state(state)
+            n1 = len(base.psnr)
             _attack(config, data, strategy.malicious,
                     _observations(config, strategy.malicious, x, y, seed, "cpu", data.num_classes, replay,
                                   updates=plain), x, y, mean_probs, gen, base, grid=False)
+            if several:
+                _record_round(config, base, r, n1, rows, seen_plain, total)
         if several:
             _record_round(config, out, r, n0, rows, seen, total)
+    if dist:
+        out.distortion = torch.cat(dist)
     return out, base
 
 
@@ -619,7 +654,11 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
                               "inputs_below_every_bin": sum(o.outside for _, _, o in outcomes),
                               "alone_fraction": alone / len(psnr)}
         if outcomes[0][2].rounds:
-            metrics["imprint"]["rounds"] = outcomes[0][2].rounds
+            rows = [dict(r) for r in outcomes[0][2].rounds]
+            if baselines and baselines[0].rounds:  # a defence: the same rounds' plain updates
+                for row, b in zip(rows, baselines[0].rounds, strict=True):
+                    row["without"] = {"exact": b["exact"], "cumulative_exact": b["cumulative_exact"]}
+            metrics["imprint"]["rounds"] = rows
         if outcomes[0][2].accuracy is not None:
             metrics["imprint"]["test_accuracy"] = outcomes[0][2].accuracy
         if config.transport == "flower":
@@ -734,12 +773,16 @@ def _tables(config: FederatedConfig, m: dict[str, Any]) -> list[ReportTable]:
                  "and the server's FedAvg step (through Flower: from sending the parameters to receiving every "
                  "client's result), not the attack"))
     if "imprint" in m and "rounds" in m["imprint"]:
+        plain = config.defence.method != "none"
         tables.append(ReportTable(
             f"Several {'Flower' if config.transport == 'flower' else 'simulated'} rounds ({config.rounds}): each user "
-            f"draws {config.batch} of its share every round",
-            ["round", "the round's inputs recovered verbatim", "users' shares recovered so far"],
+            f"draws {config.batch} of its share every round"
+            + (f" and applies the defence {config.defence.method} to each round's update" if plain else ""),
+            ["round", "the round's inputs recovered verbatim", "users' shares recovered so far"]
+            + (["without the defence: verbatim", "without the defence: shares so far"] if plain else []),
             [[r["round"], f"{100 * r['exact']:.1f}%", f"{100 * r['cumulative_exact']:.1f}%"]
-             for r in m["imprint"]["rounds"]],
+             + ([f"{100 * r['without']['exact']:.1f}%", f"{100 * r['without']['cumulative_exact']:.1f}%"]
+                if plain else []) for r in m["imprint"]["rounds"]],
             note="the server re-plants its bins every round and reads each round's "
                  + ("aggregate alone" if config.aggregation.secure else "updates, each user's alone")))
     return tables

@@ -262,7 +262,8 @@ class FederatedConfig(ExperimentConfig):
     rounds: int = Field(1, ge=1, le=1000)
     """Rounds (one trial). Each round every user draws ``batch`` of its partition share. Imprint (simulated or
     Flower): the server re-plants its bins each round (``metrics.imprint.rounds``: per round, and the fraction
-    of the users' shares recovered verbatim at least once); no defence. Inverting Gradients / DLG (simulated or
+    of the users' shares recovered verbatim at least once); a client defence acts on each round's update, each user's
+    noise stream continuing from round to round. Inverting Gradients / DLG (simulated or
     Flower): FedAvg (or FedSGD) trains the global model round by round, the server attacks the rounds in
     ``attack_rounds`` (``metrics.training``: the global model's test accuracy after each round, the wall time
     per round, each attacked round's recovery)."""
@@ -316,14 +317,12 @@ class FederatedConfig(ExperimentConfig):
         check_address(self.flower_host, allow_remote=self.allow_remote, field="flower_host")
 
     def _rounds_fit(self) -> None:
-        """``rounds`` > 1: the imprint repeated (no defence) or FedAvg / FedSGD training under an inversion attack;
-        one trial."""
+        """``rounds`` > 1: the imprint repeated (client defences each round) or FedAvg / FedSGD training under an
+        inversion attack; one trial."""
         if self.attack == "imprint":
-            bad = [f"{k} = {v!r}" for k, v, want in (("defence.method", self.defence.method, "none"),
-                                                    ("trials", self.trials, 1)) if v != want]
-            if bad:
-                raise ValueError(f"rounds = {self.rounds} repeats the imprint attack over several rounds: {', '.join(bad)} "
-                                 "not allowed with it (allowed with attack imprint: defence.method none, trials 1)")
+            if self.trials != 1:
+                raise ValueError(f"rounds = {self.rounds} repeats the imprint attack over several rounds: trials = "
+                                 f"{self.trials} not allowed with it (allowed with attack imprint: trials 1)")
             return
         bad = [f"attack = {self.attack!r}"] if self.attack not in ("inverting-gradients", "dlg") else []
         bad += [f"trials = {self.trials}"] if self.trials != 1 else []

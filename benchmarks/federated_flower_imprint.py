@@ -20,7 +20,15 @@ A one-round run's Flower round includes the first round's warm-up, so a last set
 5; FedAvg 2 steps, no defence; each round a fresh batch) in both transports: per round after the first through
 Flower, and the in-process total over R rounds divided by R.
 
-Writes benchmarks/results/federated_flower_imprint_digits_cpu.{json,md}.
+``--reads aggregate,clients`` runs every cell twice: the server reading the FedAvg aggregate (secure aggregation, the
+default) and, without secure aggregation, each user's update alone (``ImprintStrategy(target="clients")``; the
+server-side clipping and noise then go on each update); the same users, batches and bins in both, so the second
+table compares the per-user read with the aggregate's on the same round.
+
+    python benchmarks/federated_flower_imprint.py --reads aggregate,clients --timing-rounds 0 \
+        --name federated_flower_imprint_per_user_digits_cpu
+
+Writes benchmarks/results/federated_flower_imprint_digits_cpu.{json,md} (or ``--name``).
 """
 
 from __future__ import annotations
@@ -53,12 +61,18 @@ DEFENCES: dict[str, dict[str, Any]] = {
 TRANSPORTS = ("simulated", "flower")
 
 
-def config(args: argparse.Namespace, seed: int, transport: str, variant: str, protocol: str, defence: str
-           ) -> dict[str, Any]:
-    return {"kind": "federated", "dataset": "digits", "model": {"name": "mlp", "width": args.width, "norm": "none"},
-            "recipe": "fast", "attack": "imprint", "users": args.users, "batch": args.batch, "seed": seed,
-            "local_lr": args.lr, "imprint": {"bins": args.bins, "scale": 1e-3, "variant": variant}, "grid": 0,
-            "transport": transport, **PROTOCOLS[protocol], **DEFENCES[defence]}
+READS = {"aggregate": True, "clients": False}
+"""What the server reads -> aggregation.secure."""
+
+
+def config(args: argparse.Namespace, seed: int, transport: str, variant: str, protocol: str, defence: str,
+           reads: str = "aggregate") -> dict[str, Any]:
+    cfg = {"kind": "federated", "dataset": "digits", "model": {"name": "mlp", "width": args.width, "norm": "none"},
+           "recipe": "fast", "attack": "imprint", "users": args.users, "batch": args.batch, "seed": seed,
+           "local_lr": args.lr, "imprint": {"bins": args.bins, "scale": 1e-3, "variant": variant}, "grid": 0,
+           "transport": transport, **PROTOCOLS[protocol], **DEFENCES[defence]}
+    cfg["aggregation"] = {**cfg.get("aggregation", {}), "secure": READS[reads]}
+    return cfg
 
 
 def run_one(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -93,6 +107,8 @@ def main() -> None:
     ap.add_argument("--defences", default="none,quantise 8 bits,prune 0.5")
     ap.add_argument("--server-dp", default="FedAvg 2 steps", help="protocol of the server clip + noise setting ('' none)")
     ap.add_argument("--timing-rounds", type=int, default=5, help="rounds of the timing setting (0: skip it)")
+    ap.add_argument("--reads", default="aggregate", help="what the server reads, comma-separated: aggregate (secure "
+                    "aggregation), clients (each user's update alone)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--name", default="federated_flower_imprint_digits_cpu")
     args = ap.parse_args()
@@ -103,6 +119,7 @@ def main() -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     date = subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip()
     seeds = [int(s) for s in args.seeds.split(",")]
+    reads = args.reads.split(",")
     cells = [(v, p, d) for v in args.variants.split(",") for p in args.protocols.split(",")
              for d in args.defences.split(",")]
     if args.server_dp:
@@ -111,17 +128,18 @@ def main() -> None:
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for variant, protocol, defence in cells:
-            for seed in seeds:
-                order = TRANSPORTS if seed % 2 == 0 else TRANSPORTS[::-1]  # neither always on a warmer process
-                for transport in order:
-                    where = Path(tmp) / f"{len(runs)}"
-                    r = run_one(config(args, seed, transport, variant, protocol, defence), where)
-                    runs.append({"variant": variant, "protocol": protocol, "defence": defence, "seed": seed,
-                                 "transport": transport, **r})
-                    print(f"[{time.perf_counter() - t_all:7.1f} s] {variant} | {protocol} | {defence} | seed {seed} | "
-                          f"{transport}: {r['recovered']}/{r['of']} recovered, {r['exact']} exact, {r['alone']} alone, "
-                          f"PSNR median {r['psnr_median']:.1f} dB, {1000 * r['round_seconds']:.1f} ms/round",
-                          flush=True)
+            for read in reads:
+                for seed in seeds:
+                    order = TRANSPORTS if seed % 2 == 0 else TRANSPORTS[::-1]  # neither always on a warmer process
+                    for transport in order:
+                        where = Path(tmp) / f"{len(runs)}"
+                        r = run_one(config(args, seed, transport, variant, protocol, defence, read), where)
+                        runs.append({"variant": variant, "protocol": protocol, "defence": defence, "reads": read,
+                                     "seed": seed, "transport": transport, **r})
+                        print(f"[{time.perf_counter() - t_all:7.1f} s] {variant} | {protocol} | {defence} | {read} | "
+                              f"seed {seed} | {transport}: {r['recovered']}/{r['of']} recovered, {r['exact']} exact, "
+                              f"{r['alone']} alone, PSNR median {r['psnr_median']:.1f} dB, "
+                              f"{1000 * r['round_seconds']:.1f} ms/round", flush=True)
     timing: list[dict[str, Any]] = []
     if args.timing_rounds > 1:
         with tempfile.TemporaryDirectory() as tmp:
@@ -150,16 +168,17 @@ def main() -> None:
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (variant, protocol, defence, transport): counts pooled over seeds, the median of the seeds' median PSNRs,
-    the median seconds per round; and per (variant, protocol, defence) the differences between the transports on
-    the same seed."""
+    """Per (variant, protocol, defence, reads, transport): counts pooled over seeds, the median of the seeds' median
+    PSNRs, the median seconds per round; and per (variant, protocol, defence, reads) the differences between the
+    transports on the same seed."""
     out = []
-    for key in dict.fromkeys((r["variant"], r["protocol"], r["defence"]) for r in runs):
-        cell = [r for r in runs if (r["variant"], r["protocol"], r["defence"]) == key]
+    for key in dict.fromkeys((r["variant"], r["protocol"], r["defence"], r.get("reads", "aggregate")) for r in runs):
+        cell = [r for r in runs if (r["variant"], r["protocol"], r["defence"], r.get("reads", "aggregate")) == key]
         for transport in TRANSPORTS:
             rs = [r for r in cell if r["transport"] == transport]
             row: dict[str, Any] = {
-                "variant": key[0], "protocol": key[1], "defence": key[2], "transport": transport, "seeds": len(rs),
+                "variant": key[0], "protocol": key[1], "defence": key[2], "reads": key[3], "transport": transport,
+                "seeds": len(rs),
                 "local_steps": rs[0]["local_steps"], "recovered": sum(r["recovered"] for r in rs),
                 "exact": sum(r["exact"] for r in rs), "alone": sum(r["alone"] for r in rs), "of": sum(r["of"] for r in rs),
                 "psnr_median_of_seeds": statistics.median(r["psnr_median"] for r in rs),
@@ -178,8 +197,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         def capped(v: float | None) -> float:
             return min(v, 80.0) if v is not None else float("nan")
 
-        out.append({"variant": key[0], "protocol": key[1], "defence": key[2], "transport": "difference",
-                    "pairs": len(pairs),
+        out.append({"variant": key[0], "protocol": key[1], "defence": key[2], "reads": key[3],
+                    "transport": "difference", "pairs": len(pairs),
                     "recovered_difference": sum(abs(a["recovered"] - b["recovered"]) for a, b in pairs),
                     "exact_difference": sum(abs(a["exact"] - b["exact"]) for a, b in pairs),
                     "max_abs_psnr_median_difference_capped_80": max(
@@ -192,34 +211,53 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def table(res: dict[str, Any]) -> str:
     env, st = res["environment"], res["settings"]
     rows = [r for r in res["summary"] if r["transport"] != "difference"]
-    diffs = {(d["variant"], d["protocol"], d["defence"]): d for d in res["summary"] if d["transport"] == "difference"}
+    diffs = {(d["variant"], d["protocol"], d["defence"], d.get("reads", "aggregate")): d
+             for d in res["summary"] if d["transport"] == "difference"}
+    reads = st.get("reads", "aggregate").split(",")
+    seen = {"aggregate": "the FedAvg aggregate (secure aggregation)",
+            "clients": "each user's update alone (no secure aggregation)"}
     lines = [
         "# The imprint through Flower vs in process: FedAvg local steps, client defences, server-side clipping", "",
         f"{res['date']}; {env['machine']} ({res['cpu']}), shared with other jobs (times indicative); torch "
         f"{env['torch']}, flwr {env['flwr']}, {env['threads']} torch thread(s). Digits (8x8); mlp width {st['width']}, "
         f"norm none, at initialisation; seeds {', '.join(map(str, st['seeds']))}; {st['users']} users (iid) x "
-        f"{st['batch']} images, one round, secure aggregation; {st['bins']} brightness bins on the test split, scale "
+        f"{st['batch']} images, one round; the server reads {' / '.join(seen[r] for r in reads)}; {st['bins']} "
+        "brightness bins on the test split, scale "
         f"1e-3 in both transports; lr {st['lr']:g}. Recovered: PSNR >= 30 dB; exact: >= 80 dB; pooled over seeds "
         f"({st['users'] * st['batch'] * len(st['seeds'])} inputs per row). Median PSNR: the median over seeds of each "
         "run's median (above 80 dB it measures float rounding only). Seconds per round: median over seeds; in "
         "process the users' updates, defence and aggregate; through Flower from sending the parameters to receiving "
         "every result.", "",
-        "| imprint | protocol (local steps) | defence | transport | recovered | exact | alone in a bin | median PSNR dB "
-        "| the same round without the client defence | ms per round | Flower run s |",
-        "|---|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
+        "| imprint | protocol (local steps) | defence | server reads | transport | recovered | exact | alone in a bin "
+        "| median PSNR dB | the same round without the client defence | ms per round | Flower run s |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
         without = (f"{r['without']['recovered']} recovered, {r['without']['exact']} exact"
                    if "without" in r else "")
         fl = f"{r['flower_run_seconds_median']:.2f}" if r["flower_run_seconds_median"] is not None else ""
-        lines.append(f"| {r['variant']} | {r['protocol']} ({r['local_steps']}) | {r['defence']} | {r['transport']} | "
-                     f"{r['recovered']}/{r['of']} | {r['exact']} | {r['alone']} | {r['psnr_median_of_seeds']:.1f} | "
-                     f"{without} | {1000 * r['round_seconds_median']:.1f} | {fl} |")
+        lines.append(f"| {r['variant']} | {r['protocol']} ({r['local_steps']}) | {r['defence']} | "
+                     f"{r.get('reads', 'aggregate')} | {r['transport']} | {r['recovered']}/{r['of']} | {r['exact']} | "
+                     f"{r['alone']} | {r['psnr_median_of_seeds']:.1f} | {without} | "
+                     f"{1000 * r['round_seconds_median']:.1f} | {fl} |")
     lines += ["", "Flower vs in process on the same seed (summed over seeds; PSNR capped at 80 dB, largest over seeds):",
-              "", "| imprint | protocol | defence | recovered, summed difference | exact, summed difference | "
-              "median PSNR difference dB | q1 PSNR difference dB |", "|---|---|---|---:|---:|---:|---:|"]
-    for (v, p, dname), d in diffs.items():
-        lines.append(f"| {v} | {p} | {dname} | {d['recovered_difference']} | {d['exact_difference']} | "
+              "", "| imprint | protocol | defence | server reads | recovered, summed difference | exact, summed difference "
+              "| median PSNR difference dB | q1 PSNR difference dB |", "|---|---|---|---|---:|---:|---:|---:|"]
+    for (v, p, dname, rd), d in diffs.items():
+        lines.append(f"| {v} | {p} | {dname} | {rd} | {d['recovered_difference']} | {d['exact_difference']} | "
                      f"{d['max_abs_psnr_median_difference_capped_80']:.4f} | {d['max_abs_psnr_q1_difference_capped_80']:.4f} |")
+    if len(reads) > 1:
+        lines += ["", "Each user's update alone vs the aggregate, on the same rounds (Flower; pooled over seeds; "
+                  "recovered / exact / alone in a bin):", "",
+                  "| imprint | protocol (local steps) | defence | aggregate | each user alone | exact, per user - aggregate |",
+                  "|---|---|---|---:|---:|---:|"]
+        fl_rows = {(r["variant"], r["protocol"], r["defence"], r.get("reads", "aggregate")): r
+                   for r in rows if r["transport"] == "flower"}
+        for (v, p, dname, rd), a in fl_rows.items():
+            if rd != "aggregate" or (v, p, dname, "clients") not in fl_rows:
+                continue
+            c = fl_rows[v, p, dname, "clients"]
+            lines.append(f"| {v} | {p} ({a['local_steps']}) | {dname} | {a['recovered']} / {a['exact']} / {a['alone']} | "
+                         f"{c['recovered']} / {c['exact']} / {c['alone']} | {c['exact'] - a['exact']:+d} |")
     if res.get("timing"):
         t = res["timing"]
         r = t[0]["rounds"]

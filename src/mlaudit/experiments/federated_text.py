@@ -387,7 +387,9 @@ def run_decepticons(config: FederatedConfig, ctx: RunContext, data: DataBundle,
     """Every trial's round attacked (or its kept result read back on resume), the metrics, tables and reports."""
     rounds: list[tuple[dict[str, Tensor], dict[str, Any]]] = []
     for i, (tid, _, model) in enumerate(models):
-        key = f"decepticons-{tid}" + ("-inversion" if config.text_inversion.run else "")
+        key = (f"decepticons-{tid}" + ("-inversion" if config.text_inversion.run else "")  # the round's variant
+               + (f"-fedavg{config.local_steps}" if config.protocol == "fedavg" else "")
+               + ("" if config.aggregation.secure else "-per-user"))
         kept = ctx.load_cached(key)
         if kept is None:
             with ctx.cost.timed("attack"):

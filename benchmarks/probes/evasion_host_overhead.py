@@ -25,6 +25,7 @@ engine is entered and left), its parts timed alone, and a cProfile of repeated c
     python benchmarks/probes/evasion_host_overhead.py --src /tmp/before/src --json before.json   # the code before
     python benchmarks/probes/evasion_host_overhead.py --report --before b1.json b2.json --after a1.json a2.json \\
         --out benchmarks/results/evasion_host_overhead_cpu   # writes .json and .md
+        [--title "..." --before-commit abc1234 --after-commit def5678]
 """
 
 from __future__ import annotations
@@ -417,10 +418,14 @@ def main() -> None:
     ap.add_argument("--before", type=Path, nargs="+", default=[])
     ap.add_argument("--after", type=Path, nargs="+", default=[])
     ap.add_argument("--note", default="", help="a sentence for the report's header")
+    ap.add_argument("--title", default="Evasion attacks: the fixed host cost of one call, on a CPU (issue 16)")
+    ap.add_argument("--before-commit", help="the commit the before runs imported (default: the runs' checkout HEAD)")
+    ap.add_argument("--after-commit", help="the commit the after runs imported (default: 'the change of this commit')")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.report:
-        return report(args.before, args.after, args.out, args.note)
+        return report(args.before, args.after, args.out, args.note, title=args.title,
+                      before_commit=args.before_commit, after_commit=args.after_commit)
     torch.set_num_threads(1)
     if args.engine_items:
         for k, v in engine_items(args.batch).items():
@@ -471,19 +476,24 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1))
 
 
-def report(befores: list[Path], afters: list[Path], out: Path, note: str = "") -> None:
-    """out.json (every run) and out.md: per-call us before / after for each run pair, the lead / tail timeline and
-    the split of mlaudit's call (from the runs made with --breakdown)."""
+def report(befores: list[Path], afters: list[Path], out: Path, note: str = "", *,
+           title: str = "Evasion attacks: the fixed host cost of one call, on a CPU (issue 16)",
+           before_commit: str | None = None, after_commit: str | None = None) -> None:
+    """out.json (every run) and out.md: per-call us before / after for each run pair, against torchattacks and the
+    floor, the lead / tail timeline and the split of mlaudit's call (from the runs made with --breakdown)."""
     bs = [json.loads(p.read_text()) for p in befores]
     as_ = [json.loads(p.read_text()) for p in afters]
-    out.with_suffix(".json").write_text(json.dumps({"note": note, "before": bs, "after": as_}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"note": note, "before_commit": before_commit,
+                                                    "after_commit": after_commit, "before": bs, "after": as_},
+                                                   indent=1))
     m = as_[0]["meta"]
     when = "; ".join(f"run {k + 1}: before {b['meta']['date']}, after {a['meta']['date']}"
                      for k, (b, a) in enumerate(zip(bs, as_)))
-    lines = ["# Evasion attacks: the fixed host cost of one call, on a CPU (issue 16)", "",
+    after_text = f"commit {after_commit}" if after_commit else "the change of this commit"
+    lines = [f"# {title}", "",
              f"`python benchmarks/probes/evasion_host_overhead.py --reps {m['reps']} [--breakdown] [--src DIR] --json ...` "
-             f"({when}). Before: mlaudit at commit {bs[0]['meta']['commit']} (imported with `--src` from a `git archive` "
-             "of it), after: the change of this commit, same probe. "
+             f"({when}). Before: mlaudit at commit {before_commit or bs[0]['meta']['commit']} (imported with `--src` "
+             f"from a `git archive` of it), after: {after_text}, same probe. "
              f"{m['cpu']}, 2 cores shared with other jobs (timings are noisy: medians, and mlaudit, torchattacks and "
              f"the floor interleaved with the order rotated each repetition), `torch.set_num_threads(1)`; Python "
              f"{m['python']}, torch {m['torch']}, torchattacks {m['torchattacks']}. {m['warmup']} warm-up calls each, "
@@ -498,6 +508,24 @@ def report(befores: list[Path], afters: list[Path], out: Path, note: str = "") -
              "steps hand-written (torch.autograd.grad, no checks, no bookkeeping), the floor.", ""]
     for kind in as_[0]["models"]:
         lines += [f"## {kind}", "",
+                  "Per call, medians of the runs (us; `a / b` = run 1 / run 2): mlaudit before and after, and after "
+                  "the change against torchattacks and the floor (`bare`), each from the interleaved run it was timed "
+                  "in.", "",
+                  "| attack | mlaudit before | mlaudit after | torchattacks (after runs) | bare (after runs) | "
+                  "after / torchattacks | after / bare |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for attack in as_[0]["models"][kind]["timing"]:
+            tb = [b["models"][kind]["timing"][attack] for b in bs]
+            ta = [a["models"][kind]["timing"][attack] for a in as_]
+
+            def col(rs: list[dict[str, Any]], who: str) -> str:
+                return " / ".join(f"{r[who]['median_us']:.0f}" for r in rs)
+
+            def ratio(rs: list[dict[str, Any]], who: str) -> str:
+                return " / ".join(f"{r['mlaudit']['median_us'] / r[who]['median_us']:.2f}" for r in rs)
+
+            lines.append(f"| {attack} | {col(tb, 'mlaudit')} | {col(ta, 'mlaudit')} | {col(ta, 'torchattacks')} | "
+                         f"{col(ta, 'bare')} | {ratio(ta, 'torchattacks')} | {ratio(ta, 'bare')} |")
+        lines += ["", "Each run pair in full:", "",
                   "| attack | run | mlaudit before | mlaudit after | torchattacks (before run / after run) | bare "
                   "(before run / after run) | mlaudit - torchattacks, paired: before -> after | mlaudit - bare, "
                   "paired: before -> after |",

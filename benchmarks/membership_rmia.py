@@ -30,11 +30,17 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_results  # noqa: E402
 
-from mlaudit.attacks.membership import ATTACKS, Observations, score_all_targets  # noqa: E402
+from mlaudit.attacks.membership import ATTACKS, LabelOracle, Observations, score_all_targets  # noqa: E402
+from mlaudit.config import load_yaml  # noqa: E402
+from mlaudit.data.registry import load_dataset  # noqa: E402
 from mlaudit.errors import ConfigError  # noqa: E402
 from mlaudit.experiments import run_experiment  # noqa: E402
-from mlaudit.experiments.membership import load_pool  # noqa: E402
+from mlaudit.experiments.base import parse_config  # noqa: E402
+from mlaudit.experiments.membership import load_pool, pool_indices  # noqa: E402
+from mlaudit.query import model_template  # noqa: E402
 from mlaudit.stats import fpr_key, roc_metrics  # noqa: E402
+from mlaudit.train.checkpoint import load_checkpoint  # noqa: E402
+from mlaudit.train.evaluate import stack_from_state_dicts  # noqa: E402
 
 FPRS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -80,7 +86,12 @@ def main() -> None:
                     "benchmarks/configs/cifar10_membership_256_airbench.yaml); --models then overrides its pool size "
                     "only when given")
     ap.add_argument("--attacks", default="loss,lira-online,lira-offline,rmia-online,rmia-offline,base-online,"
-                    "base-offline,label-augment,label-boundary", help="the kind's attacks (comma-separated)")
+                    "base-offline,label-augment,label-boundary", help="the kind's attacks (comma-separated); with "
+                    "--targets, the label-only ones among them are not run by the kind but here, on the T targets only "
+                    "(their cost is oracle calls on every model queried: on a 256-model pool label-boundary over every "
+                    "model would cost draws x (steps + 2) queries of 256 models on the whole pool)")
+    ap.add_argument("--no-variants", action="store_true", help="skip the reference-count variants (e.g. a run for the "
+                    "label-only rows alone)")
     args = ap.parse_args()
     cfg: dict[str, Any] = {"kind": "membership-inference", "name": f"membership-rmia-{args.name}", "dataset": "digits",
                            "model": "mlp", "recipe": "fast", "pool": {"models": args.models, "keep": 0.5}, "seed": 0}
@@ -90,8 +101,13 @@ def main() -> None:
         cfg["name"] = f"membership-rmia-{args.name}"
         if "--models" in sys.argv:
             cfg["pool"] = {**cfg.get("pool", {}), "models": args.models}
-    cfg |= {"attacks": args.attacks.split(","), "population": {"data": "test"}, "fpr_targets": list(FPRS),
-            "n_boot": args.n_boot, "memorization": False}
+    attacks = args.attacks.split(",")
+    # With --targets the label-only attacks are scored below on the T targets alone, from the saved weights.
+    label_only = [a for a in attacks if args.targets is not None and ATTACKS.get(a).needs_oracle]
+    cfg |= {"attacks": [a for a in attacks if a not in label_only], "population": {"data": "test"},
+            "fpr_targets": list(FPRS), "n_boot": args.n_boot, "memorization": False}
+    if label_only:
+        cfg["pool"] = {**cfg.get("pool", {}), "save_models": True}
     what = f"{cfg['dataset'] if isinstance(cfg['dataset'], str) else cfg['dataset']['name']}"
     model = cfg["model"] if isinstance(cfg["model"], str) else cfg["model"].get("name")
     recipe = cfg["recipe"] if isinstance(cfg["recipe"], str) else cfg["recipe"].get("name")
@@ -100,7 +116,8 @@ def main() -> None:
         res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
         wall = time.perf_counter() - t0
         obs = load_pool(Path(tmp) / "run")  # the logits each model reported while training
-    r = res.results
+        r = res.results
+        label_rows = label_only_on_targets(Path(tmp) / "run", obs, label_only, args) if label_only else {}
     print(f"kind run {wall:.1f} s; cost {r['cost']}", flush=True)
     dev = torch.device(args.device)
     pop = obs.population_logits
@@ -114,10 +131,11 @@ def main() -> None:
     skipped: dict[str, str] = {}
 
     def write(done: bool) -> None:
-        report(args, cfg, r, obs, table, timings, skipped, wall, what, model, recipe, done)
+        report(args, cfg, r, obs, table, timings, skipped, wall, what, model, recipe, done, label_rows)
 
+    write(args.no_variants)
     try:  # each variant is written as it finishes: a run cut by a time limit (SIGINT) keeps what it scored
-        for label, attack, opts in variants(obs.num_models):
+        for label, attack, opts in ([] if args.no_variants else variants(obs.num_models)):
             t = time.perf_counter()
             try:
                 s = _score(attack, obs, targets, opts)
@@ -133,7 +151,38 @@ def main() -> None:
             write(False)
     except KeyboardInterrupt:
         print("interrupted: the results hold the variants scored so far", flush=True)
-    write(len(table) + len(skipped) == len(variants(obs.num_models)))
+    if not args.no_variants:
+        write(len(table) + len(skipped) == len(variants(obs.num_models)))
+
+
+def label_only_on_targets(run: Path, obs: Observations, attacks: list[str], args: argparse.Namespace) -> dict:
+    """The label-only attacks (Choquette-Choo et al. 2021) on the first T models only: a :class:`LabelOracle` over
+    their saved weights (sha256 from the run store is not needed here: the files were written by this process in
+    its own temporary folder), every attack at its defaults through ``score_all_targets``, each row through the one
+    ``roc_metrics`` over the T x N pairs. Returns {attack: metrics + seconds + oracle queries}."""
+    config = parse_config(load_yaml(run / "config.yaml"))
+    data = load_dataset(config.dataset)
+    t_n = min(args.targets, obs.num_models)
+    files = {int(p.stem.rsplit("-", 1)[1]): p for p in (run / "artifacts" / "models").glob("*.pt")}
+    if sorted(files)[:t_n] != list(range(t_n)):
+        raise SystemExit(f"the first {t_n} pool models' weights are not all in {run}/artifacts/models")
+    dev = torch.device(args.device)
+    stack = stack_from_state_dicts(model_template(config.model, data), [load_checkpoint(files[m]) for m in range(t_n)],
+                                   dev)
+    x = data.train.x[pool_indices(config, len(data.train))]
+    keep = obs.keep[:t_n].cpu()
+    out = {}
+    for attack in attacks:
+        oracle = LabelOracle.from_stacks([stack], x)
+        sub = dataclasses.replace(obs, logits=obs.logits[:t_n].cpu(), labels=obs.labels.cpu(), keep=keep,
+                                  population_logits=None, population_labels=None, oracle=oracle)
+        t = time.perf_counter()
+        s = score_all_targets(attack, sub).double()
+        secs = time.perf_counter() - t
+        out[attack] = {**roc_metrics(s.flatten().numpy(), keep.flatten().numpy(), fpr_targets=FPRS, n_boot=args.n_boot,
+                                     seed=0, device=dev), "seconds": round(secs, 2), "oracle_labels": oracle.queries}
+        print(f"{attack} on the first {t_n} models: {secs:.1f} s, {oracle.queries} labels", flush=True)
+    return out
 
 
 def _score(attack: str, obs: Observations, targets: list[int], opts: dict) -> torch.Tensor:
@@ -147,7 +196,7 @@ def _score(attack: str, obs: Observations, targets: list[int], opts: dict) -> to
 
 def report(args: argparse.Namespace, cfg: dict, r: dict, obs: Observations, table: dict, timings: dict,
            skipped: dict, wall: float,
-           what: str, model: str, recipe: str, done: bool) -> None:
+           what: str, model: str, recipe: str, done: bool, label_rows: dict | None = None) -> None:
     head = "| attack | AUC (%) | " + " | ".join(f"TPR@{100 * f:g}% FPR (%)" for f in FPRS) + " |\n"
     sep = "|---" * (2 + len(FPRS)) + "|\n"
 
@@ -169,15 +218,19 @@ def report(args: argparse.Namespace, cfg: dict, r: dict, obs: Observations, tabl
           f"({args.device})\n\n"
           f"{env['date']}, {env['machine']}, torch {env['torch']}, device {args.device}. Pool: {what} training split "
           f"({obs.num_examples} examples), `{model}`, recipe `{recipe}`, {obs.num_models} models, keep 0.5 (each example "
-          f"IN for {pool['in_per_example']}), mean test accuracy {pool['test_accuracy']['mean']:.4f}; population for "
-          f"RMIA: the {what} test split ({obs.population_logits.shape[1]} examples, no model trained on them). {who}: "
+          f"IN for {pool['in_per_example']}), mean test accuracy {pool['test_accuracy']['mean']:.4f}; "
+          + (f"population for RMIA: the {what} test split ({obs.population_logits.shape[1]} examples, no model trained "
+             "on them). " if obs.population_logits is not None else "")
+          + f"{who}: "
           f"{n_t * obs.num_examples} (model, example) pairs, {n_neg} "
           f"non-members, so TPR at FPR below {1 / n_neg:.1e} is read at zero false positives. Intervals: 95% "
           f"bootstrap over pairs ({args.n_boot} resamples). Whole kind run {wall:.0f} s.\n\n"
           "## The kind's attacks at their defaults\n\n" + head + sep + kind_rows +
           f"\nDefaults: {r['metrics']['pool']['attack_options']}.\n\n"
-          "## Reference models per example (offline: k OUT models; online: k/2 IN + k/2 OUT)\n\n" + head + sep
-          + ref_rows + "\nScoring time per variant (s, all its targets, scores and bootstrap on the device): "
+          + ("" if args.no_variants else "## Reference models per example (offline: k OUT models; online: k/2 IN + "
+             "k/2 OUT)\n\n" + head + sep + ref_rows)
+          + (_label_section(label_rows, obs, args) if label_rows else "")
+          + "\nScoring time per variant (s, all its targets, scores and bootstrap on the device): "
           + ", ".join(f"{k}: {v}" for k, v in timings.items()) + "\n"
           + "".join(f"\nSkipped {k}: {v}\n" for k, v in skipped.items())
           + ("" if done else f"\n**Cut by the time limit after {len(table) + len(skipped)} of {len(variants(obs.num_models))} "
@@ -186,8 +239,20 @@ def report(args: argparse.Namespace, cfg: dict, r: dict, obs: Observations, tabl
     write_results(f"membership_rmia_{args.name}", {"environment": env, "config": r["config"],
                                                      "kind_metrics": {a: r["metrics"][a] for a in cfg["attacks"]},
                                                      "pool": pool, "references": table, "scoring_s": timings, "skipped": skipped, "targets": n_t,
+                                                     "label_only": label_rows or {},
                                                      "process_wall_s": round(wall, 1), "cost": r["cost"],
                                                      "complete": done}, md)
+
+
+def _label_section(rows: dict, obs: Observations, args: argparse.Namespace) -> str:
+    head = "| attack | AUC (%) | " + " | ".join(f"TPR@{100 * f:g}% FPR (%)" for f in FPRS) + " | s | labels queried |\n"
+    body = "".join(f"| {a} | {cell(m['auc'])} | " + " | ".join(cell(m["tpr_at_fpr"][fpr_key(f)]) for f in FPRS)
+                   + f" | {m['seconds']} | {m['oracle_labels']} |\n" for a, m in rows.items())
+    t_n = min(args.targets, obs.num_models)
+    return (f"\n## Label-only attacks on the first {t_n} models (labels only, at their defaults)\n\n"
+            f"A `LabelOracle` over the first {t_n} models' saved weights returns argmax labels only; {t_n} x "
+            f"{obs.num_examples} (model, example) pairs. These attacks use no reference model.\n\n"
+            + head + "|---" * (4 + len(FPRS)) + "|\n" + body)
 
 
 if __name__ == "__main__":

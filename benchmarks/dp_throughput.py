@@ -17,10 +17,14 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   ``convolution_backward`` (``--conv-materialise``), and on CUDA
   ``mlaudit_dpsgd_fast_tf32`` (float32 matmuls in TF32, ``torch.backends.cuda.matmul.allow_tf32``) and
   ``mlaudit_dpsgd_fast_bf16``: the fast path with ``precision: bf16`` (bf16 autocast forward, as the
-  non-private recipe). One epoch of ``--steps`` steps warms up,
+  non-private recipe), and ``mlaudit_dpsgd_fast_graph`` (``_<conv>`` for the other conv options): the fast
+  path (fp32) replayed as a CUDA graph (``cuda_graph: true``; mlaudit.train.graphed, one graph per slot bucket
+  of 32; its step path is recorded as ``step_path``; CUDA only). The other private runs set ``cuda_graph: false`` (the eager step,
+  as timed before the graphed step existed). One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
+  for the graphed run, so the rarer slot buckets are captured before the timed epoch),
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
-  clips the widest Poisson batch of the step rounded up to a multiple of 8 (fast) or 32 (per-example) (at most
-  B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
+  clips the widest Poisson batch of the step rounded up to a multiple of 8 (fast), 32 (per-example) or a
+  bucket of 32 (graphed) (at most B_max = ceil(qn + 6 sqrt(qn)) + 1 = 353 slots for an expected 256).
 * **Opacus** (optional: skipped when not installed) wraps the same architecture with
   ``PrivacyEngine.make_private`` (``grad_sample_mode="hooks"``, and ``"ghost"`` when supported), on a
   fixed batch of 256 on the device, plain SGD-momentum, fp32; beside it the same hand-written loop
@@ -30,7 +34,7 @@ Peak GPU memory (``torch.cuda.max_memory_allocated``) is recorded per run.
 
 Usage::
 
-    python benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn,vit [--steps 20]
+    python benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn,vit [--steps 20] [--runs fast,graph]
     python benchmarks/dp_throughput.py --device cpu --steps 2 --batch-size 8 --width 8 --name cpu_dryrun \\
         --models resnet18,fastcnn,vit
 
@@ -128,21 +132,24 @@ def training_split(n: int, *, synthetic: bool) -> tuple[TensorDataset, str]:
 
 
 def time_mlaudit(fn: Builder, train: TensorDataset, recipe: Recipe, *, steps: int, device: torch.device,
-                 name: str) -> float:
-    """Steady-state seconds per step: epoch 1 (``steps`` steps) warms up, epoch 2 is timed."""
+                 name: str, warmup_epochs: int = 1, info: dict[str, Any] | None = None) -> float:
+    """Steady-state seconds per step: ``warmup_epochs`` epochs (``steps`` steps each) warm up, the next one is
+    timed; ``info`` gets the step path the loop reports (``cuda-graph``, ``eager``, ...)."""
     marks: list[float] = []
 
     def on_epoch(_e: int, _loss: torch.Tensor) -> None:  # called after the loop's end-of-epoch sync
         sync()
         marks.append(time.perf_counter())
 
-    r = recipe.model_copy(update={"epochs": 2})
+    r = recipe.model_copy(update={"epochs": warmup_epochs + 1})
     augment = resolve_augment(r, "cifar10", (3, 32, 32))
     sync()
     out = train_stack(init_models(fn, [0]), train, r, seeds=[0], lr=r.resolved_lr(residual=True), device=device,
                       augment=augment, on_epoch=on_epoch, strategy="loop")
-    assert out[0].steps == 2 * steps, (name, out[0].steps)
-    return (marks[1] - marks[0]) / steps
+    assert out[0].steps == (warmup_epochs + 1) * steps, (name, out[0].steps)
+    if info is not None:
+        info["step_path"] = out[0].step_path
+    return (marks[-1] - marks[-2]) / steps
 
 
 def opacus_step(fn: Builder, mode: str | None, x: torch.Tensor, y: torch.Tensor, *, batch: int,
@@ -190,6 +197,12 @@ def set_conv(conv: str) -> None:
     fastclip_rules.CONV_MATERIALISE = "unfold" if conv == "shift" else conv  # type: ignore[assignment]
 
 
+def run_option(key: str) -> str:
+    """The ``--runs`` option that times the private run ``key``."""
+    parts = key.split("_")
+    return next((o for o in ("tf32", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
+
+
 def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, train: TensorDataset,
                 opacus: str | None) -> dict[str, dict[str, Any]]:
     """All runs of one model: {run name: {s_per_step, examples_per_s, precision, peak_gpu_mem_mb | error}}."""
@@ -197,7 +210,9 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
     n = len(train)
     runs: dict[str, dict[str, Any]] = {}
 
-    def record(key: str, run: Callable[[], float], **extra: Any) -> None:
+    def record(key: str, run: Callable[[], float], *, info: dict[str, Any] | None = None, **extra: Any) -> None:
+        if key.startswith("mlaudit_dpsgd") and run_option(key) not in wanted:
+            return
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -209,12 +224,15 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
             print(f"  {key}: {type(e).__name__}: {e}", flush=True)
             return
         mem = round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None
-        runs[key] = {"s_per_step": round(s, 5), "examples_per_s": round(bsz / s, 1), "peak_gpu_mem_mb": mem, **extra}
-        print(f"  {key}: {s * 1e3:.1f} ms/step" + (f", peak {mem} MiB" if mem is not None else ""), flush=True)
+        runs[key] = {"s_per_step": round(s, 5), "examples_per_s": round(bsz / s, 1), "peak_gpu_mem_mb": mem, **extra,
+                     **(info or {})}
+        print(f"  {key}: {s * 1e3:.1f} ms/step" + (f", peak {mem} MiB" if mem is not None else "")
+              + (f", {info}" if info else ""), flush=True)
 
-    def ml(recipe: Recipe, name: str) -> Callable[[], float]:
-        return lambda: time_mlaudit(fn, train, recipe, steps=steps, device=device, name=name)
+    def ml(recipe: Recipe, name: str, **kw: Any) -> Callable[[], float]:
+        return lambda: time_mlaudit(fn, train, recipe, steps=steps, device=device, name=name, **kw)
 
+    wanted = set(args.runs.split(","))  # the private runs to time (--runs)
     base = resolve_recipe({"name": "fast", "batch_size": bsz, "schedule": "constant"})
     record("mlaudit_sgd_recipe", ml(base, "sgd"), precision="bf16 autocast" if cuda else "fp32")
     if cuda:
@@ -223,7 +241,8 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
     slots = max_batch(bsz / n, n)
     convs = args.conv_materialise.split(",")
     for key, clipping in (("mlaudit_dpsgd", "per-example"), ("mlaudit_dpsgd_fast", "fast")):
-        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "dp": {**dp, "clipping": clipping}})
+        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": False,
+                                  "dp": {**dp, "clipping": clipping}})
         for conv in convs if clipping == "fast" else ["-"]:
             name = key if conv in ("-", convs[0]) else f"{key}_{conv}"
             set_conv(convs[0] if conv == "-" else conv)
@@ -231,7 +250,8 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
                    conv_materialise=None if conv == "-" else conv)
     set_conv(convs[0])
     if cuda:  # the fast path with TF32 float32 matmuls (cuDNN's convolutions use TF32 by default already)
-        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "dp": {**dp, "clipping": "fast"}})
+        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": False,
+                                  "dp": {**dp, "clipping": "fast"}})
 
         def tf32() -> float:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -242,9 +262,20 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         record("mlaudit_dpsgd_fast_tf32", tf32, precision="fp32, TF32 matmuls", per_example_slots=slots,
                clipping="fast", conv_materialise=convs[0])
     if cuda:  # the fast path with the recipe's bf16 autocast forward (precision: bf16)
-        private = resolve_recipe({**base.model_dump(), "precision": "bf16", "dp": {**dp, "clipping": "fast"}})
+        private = resolve_recipe({**base.model_dump(), "precision": "bf16", "cuda_graph": False,
+                                  "dp": {**dp, "clipping": "fast"}})
         record("mlaudit_dpsgd_fast_bf16", ml(private, "fast_bf16"), precision="bf16 autocast",
                per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
+    if cuda:  # the fast path (fp32) replayed as one CUDA graph per slot bucket (CUDA graphs need a CUDA device)
+        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": True,
+                                  "dp": {**dp, "clipping": "fast"}})
+        for conv in convs:
+            name = "mlaudit_dpsgd_fast_graph" + ("" if conv == convs[0] else f"_{conv}")
+            set_conv(conv)
+            info: dict[str, Any] = {}
+            record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
+                   precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=conv)
+        set_conv(convs[0])
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
@@ -276,7 +307,8 @@ def table(name: str, desc: dict[str, Any], runs: dict[str, dict[str, Any]], rat:
     md = (f"## {name}\n\n`{desc}`\n\n| run | precision | ms/step | examples/s | peak GPU MiB |\n"
           "|---|---|---|---|---|\n")
     for k, v in runs.items():
-        md += (f"| {k} | {v.get('precision', '')} | {v['s_per_step'] * 1e3:.1f} | {v['examples_per_s']} | "
+        path = f", step path {v['step_path']}" if "step_path" in v else ""
+        md += (f"| {k} | {v.get('precision', '')}{path} | {v['s_per_step'] * 1e3:.1f} | {v['examples_per_s']} | "
                f"{v.get('peak_gpu_mem_mb') or ''} |\n" if "s_per_step" in v else f"| {k} | | failed: {v['error'][:80]} | | |\n")
     return md + "\n| ratio (slower by) | x |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rat.items()) + "\n"
 
@@ -292,6 +324,11 @@ def main() -> None:
     ap.add_argument("--conv-materialise", default="shift,unfold",
                     help="fast-clipping conv per-example gradients: shift (stride-1 convs by shifted windows), "
                          "unfold and/or grouped (one run each; the first is the one named mlaudit_dpsgd_fast)")
+    ap.add_argument("--runs", default="per-example,fast,tf32,bf16,graph",
+                    help="private runs to time, comma-separated: per-example, fast (one per --conv-materialise), "
+                         "tf32, bf16, graph (the fast step as a CUDA graph); tf32, bf16 and graph on CUDA only")
+    ap.add_argument("--graph-warmup-epochs", type=int, default=3,
+                    help="warm-up epochs of the graphed run (each slot bucket is warmed up and captured once)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")
     ap.add_argument("--no-opacus", action="store_true")
     ap.add_argument("--name", default=None, help="results file suffix")
@@ -310,9 +347,10 @@ def main() -> None:
     env = environment() | {"data": data_desc, "device": str(device), "opacus": version}
     md = (f"# DP-SGD throughput, batch {bsz}\n\n{env['date']}, {env['gpu'] or 'CPU'}, torch {env['torch']}, "
           f"{opacus_note}; {data_desc}; {steps} timed steps after warm-up. mlaudit's DP step clips the sampled "
-          f"batch rounded up to a multiple of 8 (fast) or 32 (per-example) (at most {max_batch(bsz / n, n)} slots; "
-          f"expected batch {bsz}); "
-          "goal (issue 15): mlaudit_dpsgd_fast / mlaudit_sgd <= 1.5.\n\n")
+          f"batch rounded up to a multiple of 8 (fast) or 32 (per-example, and the graphed fast step's buckets) (at "
+          f"most {max_batch(bsz / n, n)} slots; expected batch {bsz}); "
+          + ("" if device.type == "cuda" else "the graphed DP step (mlaudit_dpsgd_fast_graph) needs CUDA: not run; ")
+          + "goal (issue 15): mlaudit_dpsgd_fast / mlaudit_sgd <= 1.5.\n\n")
     results: dict[str, Any] = {}
     for name in names:
         fn, desc = builder(name, args.width)

@@ -159,6 +159,35 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
             torch.testing.assert_close(b.state_dict[name].float(), t.float(), **tol)
 
 
+def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recipe.cuda_graph`` with ``recipe.dp`` (book-keeping clipping): 2 fastcnn-GroupNorm x 3 epochs of 4 steps
+    (q = 64/256; step 1 verifies the fast path eagerly, each slot bucket of 32 warms up twice, then is captured and
+    replayed) give the eager step's weights with the same noise; cuDNN deterministic, no TF32. Not yet run on a
+    GPU (written 2026-12-05 without one); the CPU version with a recorded capture is
+    tests/privacy/test_dpsgd_graphed.py."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    from mlaudit.models.registry import build_model
+    from mlaudit.train import init_models, train_stack
+
+    data = load_dataset(SPEC)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=64, schedule="triangular", augment="none",
+               precision="fp32", dp={"noise_multiplier": 1.0, "clip": 1.0, "clipping": "fast"})
+    outs = []
+    for graph in (False, True):
+        fn = lambda: build_model(ModelSpec(name="fastcnn", norm="group"), input_shape=(3, 32, 32),  # noqa: E731
+                                 num_classes=10)
+        outs.append(train_stack(init_models(fn, [0, 1]), data.train, r.model_copy(update={"cuda_graph": graph}),
+                                seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy="loop"))
+    assert [o.step_path for o in outs[1]] == ["cuda-graph"] * 2
+    for a, b in zip(*outs, strict=True):
+        for name, t in a.state_dict.items():
+            print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_query_plans_on_cuda_equal_the_checkpoint_path(strategy: str) -> None:
     """Logits reported on the device at the end of a chunk (FactoryJob.queries, CUDA graphs and per-model

@@ -128,20 +128,21 @@ class _Recorder:
 
 
 def _stateful_body(w: Tensor, rec: _Recorder) -> Callable[..., Tensor]:
-    """w <- w - rate_0 * sum(x * y) (plus rate_1 * 1 when slot 1 is active): like a CUDA capture, nothing runs
-    while capturing; the work is recorded and reads the static buffers and rate tensors on replay."""
+    """w <- w - rate_0 * sum(x * y) * prod(sum of each extra input) (plus rate_1 * 1 when slot 1 is active): like a
+    CUDA capture, nothing runs while capturing; the work is recorded and reads the static buffers and rate tensors
+    on replay."""
 
-    def real(x: Tensor, y: Tensor, rates: Sequence[Tensor], active: tuple[bool, ...]) -> Tensor:
-        w.sub_(rates[0] * (x * y).sum())
+    def real(x: Tensor, y: Tensor, rates: Sequence[Tensor], active: tuple[bool, ...], *extra: Tensor) -> Tensor:
+        w.sub_(functools.reduce(lambda a, e: a * e.sum(), extra, rates[0] * (x * y).sum()))
         if active[1]:
             w.sub_(rates[1])
         return w.clone()
 
-    def body(x: Tensor, y: Tensor, rates: Sequence[Tensor], active: tuple[bool, ...]) -> Tensor:
+    def body(x: Tensor, y: Tensor, rates: Sequence[Tensor], active: tuple[bool, ...], *extra: Tensor) -> Tensor:
         if rec.capturing is None:
-            return real(x, y, rates, active)
+            return real(x, y, rates, active, *extra)
         out = torch.empty_like(w)
-        rec.capturing.run = lambda: out.copy_(real(x, y, rates, active))
+        rec.capturing.run = lambda: out.copy_(real(x, y, rates, active, *extra))
         return out
 
     return body
@@ -202,6 +203,25 @@ def test_graphed_step_refuses_a_new_shape_after_capture() -> None:
         step(torch.ones(2, 4), torch.ones(2, 4), [0.1, 0.1], (True, True))
 
 
+def test_graphed_step_keeps_one_graph_per_input_shape() -> None:
+    """``shapes=None`` (the DP-SGD step's slot buckets): each input shape gets its own static buffers, warm-up and
+    graph, in the one pool; extra static inputs (the DP step's slot weights and noise) are copied like the batch."""
+    rec = _Recorder()
+    w_graph, w_eager = torch.zeros(()), torch.zeros(())
+    step = GraphedStep(_stateful_body(w_graph, rec), slots=2, device=CPU, warmup=1, capture=rec.capture, shapes=None)
+    eager = _stateful_body(w_eager, _Recorder())
+    g = torch.Generator().manual_seed(0)
+    for i in range(10):
+        b = (3, 5)[i % 2]
+        x, y, m = torch.randn(2, b, generator=g), torch.randn(2, b, generator=g), torch.rand(2, b, generator=g)
+        torch.testing.assert_close(step(x, y, [0.1, 0.0], (True, False), m),
+                                   eager(x, y, [torch.tensor(0.1), torch.tensor(0.0)], (True, False), m))
+        m.add_(1.0)  # the caller's inputs may change afterwards: the step copied them
+    torch.testing.assert_close(w_graph, w_eager)
+    assert step.captures == 2 and step.replays == 10 - 2 and len(step.inputs) == 2
+    assert rec.pools == [None, None]  # a recorder graph has no pool to share; a CUDA one would pass its first
+
+
 @functools.lru_cache(maxsize=1)
 def _cuda() -> torch.device:
     return torch.device("cuda")  # only its type is read: nothing touches a GPU
@@ -220,7 +240,8 @@ def test_use_cuda_graph_only_on_cuda_and_refuses_adam() -> None:
     assert resolve_recipe("fast").cuda_graph == "auto"
     assert not use_cuda_graph(auto, _cuda(), make_optimizer(auto, stack.trainable()))
     dp = resolve_recipe({"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}})
-    assert not use_cuda_graph(dp, _cuda(), opt)
+    with pytest.raises(TypeError, match="DPTraining"):  # DP recipes: tests/privacy/test_dpsgd_graphed.py
+        use_cuda_graph(dp, _cuda(), opt)
 
 
 def test_cuda_graph_on_cpu_trains_the_eager_models() -> None:

@@ -36,6 +36,24 @@ batch of the chunk rounded up to a multiple of :data:`SLOT_MULTIPLE` (32; :data:
 refused: BatchNorm mixes examples of a batch, so per-example gradients and clipping do not bound
 one example's influence.
 
+CUDA graphs (``recipe.cuda_graph``, :mod:`mlaudit.train.graphed`): a small model's book-keeping step is
+bound by kernel launches (the fast CNN's clipped sum runs ~220 operations), so on CUDA the step's device
+part can be replayed as a graph. A step is split into :meth:`DPTraining.draw` (host side, always eager: the
+Poisson batch, whose size is a host number, the canaries' slots, the gathers, the augmentation from the CPU
+generators, and the Gaussian noise, one ``randn`` per model from its own generator into a [K, P] buffer)
+and :meth:`DPTraining.update` (clipped sums, noise added, average; then the optimizer): the graph captures
+``update`` and the update, the same code the eager step runs, and reads the draws from static buffers. So:
+
+* fixed shapes: the widest draw is rounded up to a bucket of :data:`GRAPH_SLOT_MULTIPLE` slots (at most
+  b_max), one graph per bucket in one memory pool; padded slots have weight 0, and every clipped gradient,
+  ghost norm's clip factor and loss is multiplied by its weight, so they contribute exactly nothing;
+* noise: drawn eagerly by the same call as the eager step's, so the graphed step's noise equals the eager
+  step's for the same generator state (tests compare the two paths' trained weights);
+* eager steps: the first (book-keeping verified against autograd, :func:`verify_fast_clip`), each bucket's
+  warm-ups, a draw beyond b_max (micro-batches), the per-example path, the vmap layout, Adam (host state),
+  and every step with audit hooks (a Dirac canary's slots and coordinates are host choices per step; the
+  broken fixtures are audit references and stay on the reference path); ``watch`` changes no step.
+
 Threat model: the (epsilon, delta) guarantee covers the final weights (and every intermediate
 iterate) against an adversary who knows everything but whether one training example was present;
 it holds only if the sampling is really Poisson and the noise is really drawn as stated.
@@ -83,10 +101,12 @@ from .mechanism import (  # noqa: F401  (re-exported: the mechanism's names are 
     clip_factors,
     clip_per_example,
     clipped_sum,
+    gaussian_flat,
     gaussian_noise,
     max_batch,
     noisy_average,
     poisson_batch,
+    unflatten,
 )
 from .normstats import norm_noise, norm_releases
 
@@ -202,6 +222,7 @@ class DPTraining:
     fast_clip: bool = False  # book-keeping clipping (fastclip) for loop stacks
     fast_checked: bool = False  # verify_fast_clip ran (on the first fast step)
     releases: Releases = ()  # Gaussian releases before training (private normalisation statistics)
+    numel: int = 0  # parameters of one model (all are clipped and noised): the noise drawn per model and step
 
     @classmethod
     def start(cls, cfg: DPConfig, models: Sequence[nn.Module], pools: Sequence[Tensor], *, seeds: Sequence[int],
@@ -239,7 +260,7 @@ class DPTraining:
                    torch.tensor(noise_std, device=device),
                    torch.tensor([q * n for q, n in zip(qs, ns)], device=device), augment,
                    canaries if has_canary else None, [0] * len(models) if has_canary else None, broken,
-                   fast_clip=fast, releases=releases)
+                   fast_clip=fast, releases=releases, numel=sum(p.numel() for _, p in named))
 
     @property
     def clip(self) -> float:
@@ -263,22 +284,53 @@ class DPTraining:
              ) -> tuple[Tensor, list[Tensor]]:
         """One DP-SGD step: (mean loss of each model's sampled batch [K], private grads in
         ``stack.trainable()`` order, ready for the optimizer). ``bf16``: book-keeping steps run their
-        forward under bf16 autocast (the recipe's ``precision: bf16``; the per-example path stays float32)."""
+        forward under bf16 autocast (the recipe's ``precision: bf16``; the per-example path stays float32).
+        The host draws (:meth:`draw`), then the device work (:meth:`update`)."""
+        b = self.draw(stack, gather)
+        return self.update(stack, b.x, b.y, b.w, b.z, hits=b.hits, label_smoothing=label_smoothing, bf16=bf16)
+
+    def draw(self, stack: StackedModels, gather: GatherFn, *, bucket: int | None = None) -> DPBatch:
+        """This step's inputs, everything a CUDA graph cannot hold: the Poisson batch (its size is a host
+        number), the canaries' slots, the gathers, the augmentation (CPU generators) and the noise.
+
+        ``bucket`` (the graphed step, :data:`GRAPH_SLOT_MULTIPLE`): a one-micro-batch draw is widened to the
+        next multiple of ``bucket`` slots (at most b_max) by padding slots of weight 0, so a graph meets a few
+        fixed shapes. Its augmentation is still drawn for the slots the eager step would have (the padding
+        gets none), so the CPU generators advance exactly as on the eager path and both paths train on the
+        same batches."""
         # the fast path has no vmap to feed: finer slot widths waste less work on padding (more shapes)
         idx, w = self.sample(FAST_SLOT_MULTIPLE if self.fast_clip and isinstance(stack, LoopStack) else SLOT_MULTIPLE)
+        drawn = idx.shape[2]
+        if bucket is not None and idx.shape[0] == 1:
+            idx, w = _widen(idx, w, min(self.b_max, -(-drawn // bucket) * bucket))
         hits = self._take_canaries(idx, w)  # per micro-batch and model: canaries sampled (their slots get weight 0)
         device = self.sigma_c.device
+        xs, ys = [], []
+        for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
+            xb, yb = gather(_upload(idx[mi], device))
+            xs.append(self._augment(xb, drawn))
+            ys.append(yb)
+        x, y = (xs[0].unsqueeze(0), ys[0].unsqueeze(0)) if len(xs) == 1 else (torch.stack(xs), torch.stack(ys))
+        return DPBatch(x, y, _upload(w, device), gaussian_flat(self.numel, self.noise_gens, device), hits)
+
+    def update(self, stack: StackedModels, x: Tensor, y: Tensor, w: Tensor, z: Tensor, *,
+               hits: list[list[list[int]]] | None = None, label_smoothing: float = 0.0, bf16: bool = False
+               ) -> tuple[Tensor, list[Tensor]]:
+        """The private gradient from one step's inputs on the device (:class:`DPBatch`: x [M, K, B, *shape], y
+        and w [M, K, B], noise z [K, P]): (mean loss of each model's sampled examples [K], private grads in
+        ``stack.trainable()`` order). Clipped sums (book-keeping or per-example), the Dirac canaries ``hits``,
+        then ``(sum + sigma C z) / (q n)`` (Abadi et al. 2016, Algorithm 1). Once the fast path is verified
+        (the first step) it reads no host value: this is the body a graphed step captures
+        (:mod:`mlaudit.train.graphed`), the same code as the eager step."""
         k = len(self.pools)
         rows = [torch.arange(k)] if isinstance(stack, VmapStack) else [torch.tensor([i]) for i in range(k)]
         # the same groups as slices for indexing device tensors: a CPU index tensor is copied to the GPU from
         # pageable memory, and such a copy waits for the whole stream (three queue drains per step)
         spans = [slice(0, k)] if isinstance(stack, VmapStack) else [slice(i, i + 1) for i in range(k)]
         sums: list[list[Tensor]] = []
-        loss_sum = torch.zeros(k, device=device)
-        for mi in range(idx.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
-            xb, yb = gather(_upload(idx[mi], device))
-            wb = _upload(w[mi], device)
-            xb = self._augment(xb)
+        loss_sum = torch.zeros(k, device=x.device)
+        for mi in range(x.shape[0]):  # one micro-batch unless the Poisson draw exceeded B_max
+            xb, yb, wb = x[mi], y[mi], w[mi]
             if self._use_fast(stack, xb, yb, label_smoothing):
                 groups = self._fast_groups(stack, xb, yb, wb, label_smoothing, bf16)  # type: ignore[arg-type]
                 part = [g for g, _ in groups]
@@ -290,11 +342,31 @@ class DPTraining:
             loss_sum += torch.cat([(lo.detach() * wb[r]).sum(1) for (_, lo), r in zip(groups, spans)])
             sums = part if not sums else [[a + b for a, b in zip(s, p)] for s, p in zip(sums, part)]
         grads: list[Tensor] = []
-        for s, r, sp in zip(sums, rows, spans):
-            z = gaussian_noise([t.shape[1:] for t in s], [self.noise_gens[i] for i in r.tolist()], device)
-            grads += noisy_average(s, z, self.sigma_c[sp], self.denom[sp])
-        count = _upload(w.sum((0, 2)), device).clamp(min=1.0)
-        return loss_sum / count, _to_trainable(stack, grads)
+        for s, sp in zip(sums, spans):
+            grads += noisy_average(s, unflatten(z[sp], [t.shape[1:] for t in s]), self.sigma_c[sp], self.denom[sp])
+        return loss_sum / w.sum((0, 2)).clamp(min=1.0), _to_trainable(stack, grads)
+
+    @property
+    def has_hooks(self) -> bool:
+        """Whether an audit hook changes the step (a Dirac canary, a broken fixture): such steps run eagerly."""
+        return self.canaries is not None or self.broken is not None
+
+    def graph_unsupported(self, stack: StackedModels) -> str | None:
+        """Why this run's step cannot be a CUDA graph (what ``recipe.cuda_graph: true`` would need), or None.
+        Only the book-keeping path is graphed: the per-example path's vmapped gradients are compute-bound, not
+        launch-bound, and were never checked under capture."""
+        if self.fast_clip and isinstance(stack, LoopStack):
+            return None
+        layout = "loop" if isinstance(stack, LoopStack) else "vmap"
+        return ("a DP-SGD step with book-keeping clipping in the loop layout (dp.clipping: fast, or auto on a model "
+                "the fast-clipping rules cover; strategy: loop); this run clips per example (dp.clipping: "
+                f"{self.cfg.clipping!r}, {layout} layout)")
+
+    def graphable(self, stack: StackedModels, batch: DPBatch) -> bool:
+        """Whether this step may replay a graph: the fast path, verified against autograd on an earlier (eager)
+        step, one micro-batch (a draw beyond b_max runs eagerly), no canary."""
+        return (self.fast_checked and self.fast_clip and isinstance(stack, LoopStack) and batch.x.shape[0] == 1
+                and batch.hits is None)
 
     def _use_fast(self, stack: StackedModels, x: Tensor, y: Tensor, label_smoothing: float) -> bool:
         """Book-keeping clipping for this step? Only for a loop stack; on the first such step
@@ -356,14 +428,18 @@ class DPTraining:
                     _, pos, coord = self.canaries[i][j]
                     sums[pos][(local, *coord)] += self.cfg.clip
 
-    def _augment(self, xb: Tensor) -> Tensor:
+    def _augment(self, xb: Tensor, drawn: int) -> Tensor:
+        """xb [K, B, *shape] augmented with each model's ``drawn`` draws from its CPU generator; slots beyond
+        ``drawn`` (a graph bucket's weight-0 padding) are left as they are."""
         a = self.augment
         if a is None or xb.dim() != 5 or (a.crop_pad == 0 and not a.flip):
             return xb
-        ps = [sample_augment_params(xb.shape[1], pad=a.crop_pad, flip=a.flip, generator=g, device="cpu")
+        ps = [sample_augment_params(drawn, pad=a.crop_pad, flip=a.flip, generator=g, device="cpu")
               for g in self.sample_gens]
-        p = AugmentParams(shift=_upload(torch.cat([q.shift for q in ps]), xb.device),
-                          flip=_upload(torch.cat([q.flip for q in ps]), xb.device))
+        pad = xb.shape[1] - drawn
+        shift = torch.cat([torch.cat([q.shift, torch.zeros(pad, 2, dtype=q.shift.dtype)]) for q in ps])
+        flip = torch.cat([torch.cat([q.flip, torch.zeros(pad, dtype=torch.bool)]) for q in ps])
+        p = AugmentParams(shift=_upload(shift, xb.device), flip=_upload(flip, xb.device))
         return apply_augment(xb.flatten(0, 1), p).view_as(xb)
 
     def report(self, i: int, steps: int) -> dict[str, float]:
@@ -396,6 +472,33 @@ def _upload(t: Tensor, device: torch.device) -> Tensor:
 
 FAST_SLOT_MULTIPLE = 8
 """Slots per book-keeping step are rounded up to this multiple (on average 4 padding slots, not 16)."""
+
+GRAPH_SLOT_MULTIPLE = 32
+"""Slots per graphed book-keeping step are rounded up to this multiple (at most b_max): a graph has fixed
+shapes, so each width is one captured graph. At an expected batch of 256 the widest draw (sd 16) lands in
+about five buckets (224 to 352), each warmed up and captured once; padding costs 16 slots on average (6%)."""
+
+
+@dataclass
+class DPBatch:
+    """One DP-SGD step's inputs on the training device (:meth:`DPTraining.draw`): the Poisson batch as M
+    micro-batches of B slots (M = 1 unless the draw exceeded b_max)."""
+
+    x: Tensor  # [M, K, B, *shape], gathered and augmented
+    y: Tensor  # [M, K, B]
+    w: Tensor  # [M, K, B] 0/1 slot weights (0: padding, or a sampled Dirac canary's slot)
+    z: Tensor  # [K, P] standard normal noise, row k from model k's generator (P parameters per model)
+    hits: list[list[list[int]]] | None = None  # per micro-batch and model: the Dirac canaries sampled
+
+
+def _widen(idx: Tensor, w: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """idx and w [M, K, B] padded to ``width`` slots: indices repeat each row's first, weights are 0, so
+    the padding contributes nothing (every clipped gradient and loss is multiplied by its weight)."""
+    pad = width - idx.shape[2]
+    if pad <= 0:
+        return idx, w
+    return (torch.cat([idx, idx[:, :, :1].expand(-1, -1, pad)], 2),
+            torch.cat([w, torch.zeros(*w.shape[:2], pad, dtype=w.dtype)], 2))
 
 
 def _loop_layout(stack: LoopStack, x: Tensor) -> Tensor:

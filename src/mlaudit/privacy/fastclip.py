@@ -170,8 +170,10 @@ def _forward(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label
              ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]], list[Tensor | None]]:
     """One forward and one backward of sum_i L_i: (losses [B], {layer: (a, g)}, grads of ``extra``);
     the forward under bf16 autocast when ``bf16``."""
+    # no autocast cast cache: each parameter is used once per forward here (weight sharing is refused), so it
+    # saves nothing, and a step captured as a CUDA graph must not keep cast weights across replays
     with torch.enable_grad(), _tape(layers, len(x)) as rec, \
-            torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         out = model(x)
     with torch.enable_grad():
         losses = F.cross_entropy(out.float(), y, reduction="none", label_smoothing=label_smoothing)

@@ -60,10 +60,22 @@ def clipped_sum(per_example: Sequence[Tensor], weights: Tensor, clip: float) -> 
 def gaussian_noise(shapes: Sequence[torch.Size], generators: Sequence[torch.Generator],
                    device: torch.device) -> list[Tensor]:
     """Standard normal noise [G, *s] for each shape, row g drawn from ``generators[g]`` alone."""
-    total = sum(math.prod(s) for s in shapes)
-    rows = [torch.randn(total, generator=g, device=device).split([math.prod(s) for s in shapes])
-            for g in generators]
-    return [torch.stack([r[j].view(s) for r in rows]) for j, s in enumerate(shapes)]
+    return unflatten(gaussian_flat(sum(math.prod(s) for s in shapes), generators, device), shapes)
+
+
+def gaussian_flat(numel: int, generators: Sequence[torch.Generator], device: torch.device) -> Tensor:
+    """Standard normal noise [G, numel], row g drawn from ``generators[g]`` alone by one ``randn`` (the DP-SGD
+    step draws it before its device work, so a graphed step replays with this step's noise)."""
+    out = torch.empty(len(generators), numel, device=device)
+    for row, g in zip(out, generators, strict=True):  # randn(out=) is empty + normal_, as randn is: the same draw
+        torch.randn(numel, generator=g, out=row)
+    return out
+
+
+def unflatten(flat: Tensor, shapes: Sequence[torch.Size]) -> list[Tensor]:
+    """Views [G, *s] of consecutive blocks of ``flat`` [G, sum of the shapes' sizes], one per shape."""
+    blocks = flat.split([math.prod(s) for s in shapes], dim=1)
+    return [b.view(len(flat), *s) for b, s in zip(blocks, shapes)]
 
 
 def noisy_average(sums: Sequence[Tensor], noise: Sequence[Tensor], sigma_c: Tensor, denom: Tensor) -> list[Tensor]:

@@ -24,8 +24,16 @@ time for the airbench network on the H200). ``torch.cuda.graph`` records the ste
   replayed. These are real training steps, so the trained model is the eager loop's up to the
   floating-point differences of kernel selection.
 
-The body is the loop's own step function (forward, per-model loss, gradients, optimizer update), the
-same one the eager path calls: nothing about training is defined twice.
+* **Several input shapes (DP-SGD).** A step may read more static inputs than the batch (``extra``: the
+  DP-SGD step's slot weights and noise) and, with ``shapes`` None, inputs of a few distinct shapes (the
+  DP-SGD step's slot buckets, :data:`mlaudit.privacy.dpsgd.GRAPH_SLOT_MULTIPLE`): each shape gets its own
+  static buffers, its own warm-up and graphs, all in the one memory pool. The graphs run one after the
+  other on one stream and every graph's output stays referenced, so a graph may reuse only memory the
+  others free inside their own replay (their intermediates); replaying them in any order is safe.
+
+The body is the loop's own step function (forward, per-model loss, gradients, optimizer update; for
+DP-SGD, :meth:`mlaudit.privacy.dpsgd.DPTraining.update` and the update), the same one the eager path
+calls: nothing about training is defined twice.
 """
 
 from __future__ import annotations
@@ -33,29 +41,43 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-StepBody = Callable[[Tensor, Tensor, Sequence[Tensor], tuple[bool, ...]], Tensor]
-"""(x [K, B, *shape], y [K, B], per-slot rates as 0-dim tensors, active slots) -> per-model loss [K]."""
+
+class StepBody(Protocol):
+    """(x [K, B, *shape], y [K, B], per-slot rates, active slots, *extra static inputs) -> per-model loss [K].
+
+    The rates are floats on the loop's eager path and 0-dim device tensors under :class:`GraphedStep`."""
+
+    def __call__(self, x: Tensor, y: Tensor, rates: Sequence[float | Tensor], active: tuple[bool, ...],
+                 *extra: Tensor) -> Tensor: ...
+
+
+Shapes = tuple[tuple[int, ...], ...]
+"""The shapes of one call's static inputs (x, y, *extra)."""
 
 
 class GraphedStep:
-    """Runs ``body`` eagerly for the first ``warmup`` steps of each active pattern, then as a replayed graph.
+    """Runs ``body`` eagerly for the first ``warmup`` steps of each (input shapes, active pattern), then as a
+    replayed graph.
 
     ``capture`` builds the graph object and its context (``torch.cuda.CUDAGraph`` and ``torch.cuda.graph``
-    by default; tests on CPU inject a recorder). ``captures`` counts graphs made, ``replays`` graph steps.
+    by default; tests on CPU inject a recorder). ``shapes``: how many distinct input shapes may be captured
+    (1: the non-private loop's fixed batch; None: any number, the DP-SGD step's slot buckets). ``captures``
+    counts graphs made, ``replays`` graph steps.
     """
 
     def __init__(self, body: StepBody, *, slots: int, device: torch.device, warmup: int = 2,
-                 capture: Callable[[], tuple[object, Callable[..., object]]] | None = None) -> None:
-        self.body, self.warmup, self.device = body, warmup, device
+                 capture: Callable[[], tuple[object, Callable[..., object]]] | None = None,
+                 shapes: int | None = 1) -> None:
+        self.body, self.warmup, self.device, self.max_shapes = body, warmup, device, shapes
         self.rates = [torch.zeros((), device=device) for _ in range(slots)]
-        self.graphs: dict[tuple[bool, ...], tuple[object, Tensor]] = {}
-        self.seen: Counter[tuple[bool, ...]] = Counter()
-        self.x: Tensor | None = None
-        self.y: Tensor | None = None
+        self.graphs: dict[tuple[Shapes, tuple[bool, ...]], tuple[object, Tensor]] = {}
+        self.seen: Counter[tuple[Shapes, tuple[bool, ...]]] = Counter()
+        self.inputs: dict[Shapes, list[Tensor]] = {}  # the static buffers (x, y, *extra) of each input shape
         self.pool: object | None = None
         self.capture = capture or _cuda_capture
         self.captures = self.replays = 0
@@ -68,48 +90,64 @@ class GraphedStep:
             return f"eager (capture failed: {self.failed})"
         return "cuda-graph" if self.captures else "eager"
 
-    def __call__(self, xb: Tensor, yb: Tensor, rates: Sequence[float], active: tuple[bool, ...]) -> Tensor:
-        """One step on (xb [K, B, *shape], yb [K, B]) at ``rates``; returns the per-model loss [K] (a copy)."""
-        if self.x is None or self.y is None or self.x.shape != xb.shape or self.y.shape != yb.shape:
-            if self.graphs:
-                raise ValueError(f"a graphed step needs fixed batch shapes: captured with {list(self.x.shape)} "
-                                 f"(x), got {list(xb.shape)}")
-            self.x, self.y = xb.clone(), yb.clone()
-        else:
-            self.x.copy_(xb)
-            self.y.copy_(yb)
+    def __call__(self, xb: Tensor, yb: Tensor, rates: Sequence[float], active: tuple[bool, ...],
+                 *extra: Tensor) -> Tensor:
+        """One step on (xb [K, B, *shape], yb [K, B], *extra) at ``rates``; returns the per-model loss [K] (a copy)."""
+        shapes = self._load((xb, yb, *extra))
         for t, r in zip(self.rates, rates, strict=True):
             t.fill_(r)
-        entry = self.graphs.get(active)
-        if self.failed is not None or (entry is None and self.seen[active] < self.warmup):
-            self.seen[active] += 1
-            return self._eager(active)
+        key = (shapes, active)
+        entry = self.graphs.get(key)
+        if self.failed is not None or (entry is None and self.seen[key] < self.warmup):
+            self.seen[key] += 1
+            return self._eager(shapes, active)
         if entry is None:
             graph, ctx = self.capture()
             try:
                 with ctx(graph, pool=self.pool):
-                    out = self.body(self.x, self.y, self.rates, active)
+                    out = self.body(*self._args(shapes, active))
             except Exception as e:  # noqa: BLE001 - any capture error: the step is still valid eagerly
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
                 warnings.warn(f"recipe.cuda_graph: the training step could not be captured ({self.failed}); "
                               "running it eagerly", RuntimeWarning, stacklevel=2)
-                return self._eager(active)  # nothing ran during the failed capture: this step runs now
+                return self._eager(shapes, active)  # nothing ran during the failed capture: this step runs now
             if self.pool is None and hasattr(graph, "pool"):
                 self.pool = graph.pool()
-            entry = self.graphs[active] = (graph, out)
+            entry = self.graphs[key] = (graph, out)
             self.captures += 1
         entry[0].replay()  # capturing records the kernels without running them: replay runs this step
         self.replays += 1
         return entry[1].clone()
 
-    def _eager(self, active: tuple[bool, ...]) -> Tensor:
-        assert self.x is not None and self.y is not None
+    def _load(self, inputs: tuple[Tensor, ...]) -> Shapes:
+        """Copy this call's inputs into the static buffers of their shapes (made on first sight) and return the
+        shapes. The caller's tensors may change afterwards: the graph reads only the buffers."""
+        shapes = tuple(tuple(t.shape) for t in inputs)
+        static = self.inputs.get(shapes)
+        if static is None:
+            if self.max_shapes is not None and len(self.inputs) >= self.max_shapes and self.graphs:
+                have = next(iter(self.inputs))
+                raise ValueError(f"a graphed step needs fixed batch shapes: captured with {list(have[0])} "
+                                 f"(x), got {list(shapes[0])}")
+            if self.max_shapes is not None and len(self.inputs) >= self.max_shapes:
+                self.inputs.clear()  # nothing captured yet: the new shape replaces the old buffers
+            self.inputs[shapes] = [t.clone() for t in inputs]
+        else:
+            for buf, t in zip(static, inputs, strict=True):
+                buf.copy_(t)
+        return shapes
+
+    def _args(self, shapes: Shapes, active: tuple[bool, ...]) -> tuple[object, ...]:
+        x, y, *extra = self.inputs[shapes]
+        return (x, y, self.rates, active, *extra)
+
+    def _eager(self, shapes: Shapes, active: tuple[bool, ...]) -> Tensor:
         if self.device.type != "cuda":  # no streams: the warm-up runs where it stands
-            return self.body(self.x, self.y, self.rates, active).detach()
+            return self.body(*self._args(shapes, active)).detach()
         side = warmup_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            out = self.body(self.x, self.y, self.rates, active).detach()
+            out = self.body(*self._args(shapes, active)).detach()
         torch.cuda.current_stream(self.device).wait_stream(side)
         return out
 

@@ -10,7 +10,9 @@ are per model in both). The loop is flat and reads top to bottom:
                    -> grads of the summed loss (models are independent) -> stacked optimizer step
 
 On CUDA the part after "augment" (``step_body``) is replayed as one CUDA graph (``recipe.cuda_graph``,
-:mod:`mlaudit.train.graphed`): the same function, captured once and launched with one call per step.
+:mod:`mlaudit.train.graphed`): the same function, captured once and launched with one call per step. A
+DP-SGD step draws on the host first (:meth:`~mlaudit.privacy.dpsgd.DPTraining.draw`), then runs ``dp_body``
+(private gradient and update), replayed as a graph per slot bucket where the book-keeping path applies.
 
 Reproducibility: a model's initial weights come from ``torch.manual_seed(seed)`` on the CPU and its
 data order and augmentation from a CPU ``torch.Generator`` seeded from ``seed``, so the same trial
@@ -33,6 +35,7 @@ import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +50,11 @@ from .adversarial import adversarial_batch, trades_loss
 from .graphed import GraphedStep, model_streams
 from .hooks import DPStepHooks
 from .optim import Rate, StackedOptimizer, apply_rates, graph_safe, make_optimizer, slot_active, slot_rates
-from .recipe import AugmentConfig, Recipe, lr_at
+from .recipe import AugmentConfig, Recipe
 from .stacked import LoopStack, StackedModels, choose_strategy  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from ..privacy.dpsgd import DPTraining
 
 # Dataset sources whose images must not be flipped or shifted by default (digits, handwriting).
 NO_AUGMENT_BY_DEFAULT = frozenset({"digits", "mnist", "synthetic"})
@@ -159,20 +165,20 @@ def train_stack(
     opt = make_optimizer(recipe, plist, names=stack.trainable_names(), leading_k=stack.leading_k, base_lr=lr)
     flip_base = _alternating_flips(augment, pools, gens, device)
     bf16 = use_bf16(recipe, device)
-    graph_step = use_cuda_graph(recipe, device, opt)
-    # a captured step must not reuse autocast's cast-weight cache across replays (PyTorch's graph notes)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph_step) if bf16
-                else contextlib.nullcontext())
-    check_every_step = device.type == "cpu"
     dp = None
     if hooks is not None and any(h is not None for h in hooks) and recipe.dp is None:
         raise ConfigError("training hooks act on the DP-SGD step, but the recipe has no dp; add recipe.dp")
     if recipe.dp is not None:
-        from ..privacy.dpsgd import DPTraining  # lazy: privacy imports train
+        from ..privacy.dpsgd import GRAPH_SLOT_MULTIPLE, DPTraining  # lazy: privacy imports train
 
         dp = DPTraining.start(recipe.dp, models, pools, seeds=seeds, batch_size=bsz, epochs=recipe.epochs,
                               default_spe=spe, device=device, augment=augment, hooks=hooks)
         spe = dp.steps_per_epoch
+    graph_step = use_cuda_graph(recipe, device, opt, dp=dp, stack=stack)
+    # a captured step must not reuse autocast's cast-weight cache across replays (PyTorch's graph notes)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph_step) if bf16
+                else contextlib.nullcontext())
+    check_every_step = device.type == "cpu"
     adv_gens = [torch.Generator().manual_seed(int(sd) + 0xAD7) for sd in seeds]  # adversarial training's starts
     adv = recipe.adversarial
     trades_beta = adv.beta if adv is not None and adv.method == "trades" else None  # None: not TRADES
@@ -193,10 +199,25 @@ def train_stack(
         apply_rates(opt, list(grads), rates, active)
         return loss_k.detach()
 
+    dp_bf16 = device.type == "cuda" and recipe.precision == "bf16"  # DP: bf16 only when asked (see dpsgd)
+
+    def dp_body(xb: Tensor, yb: Tensor, rates: Sequence[Rate], active: tuple[bool, ...], wb: Tensor, z: Tensor,
+                hits: list[list[list[int]]] | None = None) -> Tensor:
+        """The DP-SGD step after its host draws (eager, or captured by :class:`GraphedStep`): the private
+        gradient from the batch xb, yb [M, K, B], slot weights wb and noise z (:meth:`DPTraining.update`),
+        then the update."""
+        assert dp is not None
+        loss_k, grads = dp.update(stack, xb, yb, wb, z, hits=hits, label_smoothing=recipe.label_smoothing,
+                                  bf16=dp_bf16)
+        apply_rates(opt, grads, rates, active)
+        return loss_k.detach()
+
     graphed = None
     if graph_step:
-        graphed = GraphedStep(step_body, slots=len(slot_rates(opt, recipe, lr, 0.0)), device=device)
-        if isinstance(stack, LoopStack) and k > 1:  # K independent branches in the graph, run concurrently
+        # DP-SGD: one graph per slot bucket (dpsgd.GRAPH_SLOT_MULTIPLE), so any number of input shapes
+        graphed = GraphedStep(step_body if dp is None else dp_body, slots=len(slot_rates(opt, recipe, lr, 0.0)),
+                              device=device, shapes=1 if dp is None else None)
+        if dp is None and isinstance(stack, LoopStack) and k > 1:  # K independent branches, run concurrently
             stack.streams = model_streams(device, k)
     first_bad = torch.full((k,), -1, dtype=torch.long, device=device)
     step = 0
@@ -208,11 +229,17 @@ def train_stack(
             aug = _draw_augment(augment, spe * bsz, gens, device)
         epoch_loss = torch.zeros(k, device=device)
         for s in range(spe):
+            rates = slot_rates(opt, recipe, lr, epoch + s / spe)
+            active = slot_active(opt, rates)
             if dp is not None:
-                loss_k, grads = dp.step(stack, lambda i: _gather(data, groups, i),
-                                        label_smoothing=recipe.label_smoothing,
-                                        bf16=device.type == "cuda" and recipe.precision == "bf16")
-                opt.step(grads, lr_at(recipe, lr, epoch + s / spe), progress=epoch + s / spe)
+                # host draws first (Poisson batch, canaries, gathers, augmentation, noise); the device part is
+                # replayed when the graph applies: the fast path after its first (verified) step, one micro-batch
+                b = dp.draw(stack, lambda i: _gather(data, groups, i),
+                            bucket=GRAPH_SLOT_MULTIPLE if graphed is not None else None)
+                if graphed is not None and dp.graphable(stack, b):
+                    loss_k = graphed(b.x, b.y, rates, active, b.w, b.z)
+                else:
+                    loss_k = dp_body(b.x, b.y, rates, active, b.w, b.z, b.hits)
             else:
                 idx = order[:, s * bsz:(s + 1) * bsz]  # [K, B] virtual indices
                 xb, yb = _gather(data, groups, idx)
@@ -226,8 +253,6 @@ def train_stack(
                 if adv is not None:  # PGD-AT: train on the PGD examples; TRADES: on [clean; adv], [K, 2B, ...]
                     x_adv = adversarial_batch(stack, xb, yb, adv, generators=adv_gens)
                     xb = x_adv if trades_beta is None else torch.cat([xb, x_adv], 1)
-                rates = slot_rates(opt, recipe, lr, epoch + s / spe)
-                active = slot_active(opt, rates)
                 loss_k = step_body(xb, yb, rates, active) if graphed is None else graphed(xb, yb, rates, active)
             loss_d = loss_k.detach()
             epoch_loss += loss_d
@@ -269,18 +294,31 @@ def _watched_start(models: Sequence[nn.Module], hooks: Sequence[DPStepHooks | No
     return out
 
 
-def use_cuda_graph(recipe: Recipe, device: torch.device, opt: StackedOptimizer) -> bool:
-    """Whether the non-DP step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` (true
-    or auto) on a CUDA device, without DP-SGD (its step has host-side Poisson batch sizes) or ``compile``. An
-    optimizer with host state (Adam) runs eagerly under ``auto`` and is refused under ``true``."""
-    if recipe.cuda_graph is False or device.type != "cuda" or recipe.dp is not None or recipe.compile:
+def use_cuda_graph(recipe: Recipe, device: torch.device, opt: StackedOptimizer, *, dp: DPTraining | None = None,
+                   stack: StackedModels | None = None) -> bool:
+    """Whether the step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` (true or auto)
+    on a CUDA device, without ``compile``. An optimizer with host state (Adam), and a DP-SGD step that clips per
+    example (``dp``: :meth:`~mlaudit.privacy.dpsgd.DPTraining.graph_unsupported`; the book-keeping path in the
+    loop ``stack`` is graphed), run eagerly under ``auto`` and are refused under ``true``. A DP-SGD step with
+    audit hooks (Dirac canaries, broken fixtures: host-side choices per step) always runs eagerly."""
+    if recipe.cuda_graph is False or device.type != "cuda" or recipe.compile:
         return False
+    if recipe.dp is not None and (dp is None or stack is None):
+        raise TypeError("use_cuda_graph: a DP recipe needs its DPTraining and stack (dp=, stack=)")
+    if dp is not None and dp.has_hooks:
+        return False
+    why = None
     if not graph_safe(opt):
-        if recipe.cuda_graph == "auto":
-            return False
-        raise ConfigError(f"recipe.cuda_graph needs an optimizer without host-side state (sgd or muon); "
-                          f"{recipe.optimizer!r} keeps its bias-correction step count on the host")
-    return True
+        why = (f"an optimizer without host-side state (sgd or muon); {recipe.optimizer!r} keeps its bias-correction "
+               "step count on the host")
+    elif dp is not None and stack is not None:
+        why = dp.graph_unsupported(stack)
+    if why is None:
+        return True
+    if recipe.cuda_graph == "auto":
+        return False
+    raise ConfigError(f"recipe.cuda_graph: true needs {why}; set cuda_graph: auto (eager where no graph applies) "
+                      "or false")
 
 
 NOISE_SEED = 0x501CE

@@ -232,10 +232,13 @@ class Recipe(BaseModel):
     tta: Literal["none", "flip", "flip-translate"] = "none"
     compile: bool = False
     cuda_graph: bool | Literal["auto"] = "auto"
-    """On CUDA, replay each non-DP training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is
-    gathered and augmented eagerly, the forward, backward and optimizer update launch as one graph. ``auto``:
-    wherever it applies (CUDA, no DP-SGD, no ``compile``, an optimizer without host state: not Adam), falling
-    back to the eager step with a warning if a model cannot be captured; ``true`` refuses Adam; ``false``: eager."""
+    """On CUDA, replay each training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is gathered
+    and augmented eagerly, the forward, backward and optimizer update launch as one graph. With ``dp`` only the
+    book-keeping step in the loop layout is graphed (the Poisson draw, augmentation and noise stay eager; one
+    graph per slot bucket; :mod:`mlaudit.privacy.dpsgd`), and steps with audit hooks stay eager. ``auto``:
+    wherever it applies (CUDA, no ``compile``, an optimizer without host state: not Adam; DP-SGD with fast
+    clipping), falling back to the eager step with a warning if a model cannot be captured; ``true`` refuses
+    Adam and per-example DP-SGD; ``false``: eager."""
     dp: DPConfig | None = None
     adversarial: AdversarialConfig | None = None
     noise_sigma: float = Field(0.0, ge=0.0, allow_inf_nan=False)

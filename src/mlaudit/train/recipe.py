@@ -236,8 +236,8 @@ class Recipe(BaseModel):
     and augmented eagerly, the forward, backward and optimizer update launch as one graph. With ``dp`` only the
     book-keeping step in the loop layout is graphed (the Poisson draw, augmentation and noise stay eager; one
     graph per slot bucket; :mod:`mlaudit.privacy.dpsgd`), and steps with audit hooks stay eager. ``auto``:
-    wherever it applies (CUDA, no ``compile``, an optimizer without host state: not Adam; DP-SGD with fast
-    clipping), falling back to the eager step with a warning if a model cannot be captured; ``true`` refuses
+    wherever it applies (CUDA, no ``compile``, an optimizer without host state: not Adam; not DP-SGD, whose graphed
+    step is opt-in with ``true`` until it has run on a GPU), falling back to the eager step with a warning if a model cannot be captured; ``true`` refuses
     Adam and per-example DP-SGD; ``false``: eager."""
     dp: DPConfig | None = None
     adversarial: AdversarialConfig | None = None

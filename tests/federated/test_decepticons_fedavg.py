@@ -17,6 +17,8 @@ import torch
 
 pytest.importorskip("flwr")
 
+from decepticons_checks import same_counts
+
 from mlaudit.attacks.federated import plant_decepticon  # noqa: E402
 from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.experiments import run_experiment  # noqa: E402
@@ -34,18 +36,11 @@ SMALL: dict[str, Any] = {
     "decepticons": {"tag_tokens": 2, "user_counts": [1, 4]}}
 FEDAVG = {"protocol": "fedavg", "local_epochs": 2, "local_batch": 2}
 """2 local epochs of one minibatch (the user's 2 sequences): 2 local SGD steps."""
-COUNTS = ("users", "occurrences", "in_sequence", "whole", "merged", "bag_of_tokens_recall", "nonempty_bins", "rejected")
 
 
 def run(config: dict[str, Any], tmp_path: Path, name: str) -> dict[str, Any]:
     return run_experiment(config, out=tmp_path / name, device="cpu", store=tmp_path / "runs.db",
                           quiet=True).results["metrics"]
-
-
-def same_counts(sim: dict[str, Any], fl: dict[str, Any]) -> None:
-    for s, f in zip(sim["decepticons"]["per_users"], fl["decepticons"]["per_users"], strict=True):
-        assert {k: f[k] for k in COUNTS} == {k: s[k] for k in COUNTS}
-        assert (f["pairs"]["k"], f["tokens"]["k"]) == (s["pairs"]["k"], s["tokens"]["k"])
 
 
 def pairs(m: dict[str, Any]) -> list[int]:

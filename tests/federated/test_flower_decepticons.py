@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from decepticons_checks import same_counts, same_defence
+
 from mlaudit.errors import ConfigError  # noqa: E402
 from mlaudit.experiments import run_experiment  # noqa: E402
 
@@ -26,19 +28,12 @@ SMALL: dict[str, Any] = {"kind": "federated", "dataset": TEXT, "recipe": "fast",
                          "model": {"name": "mlaudit.models.gpt:tiny_gpt", "kwargs": {"d_model": 32}},
                          "users": 4, "batch": 2, "seed": 3,
                          "decepticons": {"tag_tokens": 2, "user_counts": [1, 4], "scale": 1e-3}}
-COUNTS = ("users", "occurrences", "in_sequence", "whole", "merged", "bag_of_tokens_recall", "nonempty_bins", "rejected")
 
 
 def both(config: dict[str, Any], tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     runs = {t: run_experiment(config | {"transport": t}, out=tmp_path / t, device="cpu", store=tmp_path / "runs.db",
                               quiet=True).results["metrics"] for t in ("simulated", "flower")}
     return runs["simulated"], runs["flower"]
-
-
-def same_counts(sim: dict[str, Any], fl: dict[str, Any]) -> None:
-    for s, f in zip(sim["decepticons"]["per_users"], fl["decepticons"]["per_users"], strict=True):
-        assert {k: f[k] for k in COUNTS} == {k: s[k] for k in COUNTS}
-        assert (f["pairs"]["k"], f["tokens"]["k"]) == (s["pairs"]["k"], s["tokens"]["k"])
 
 
 def test_decepticons_through_flower_gives_the_simulated_rounds_metrics(tmp_path: Path) -> None:
@@ -67,10 +62,7 @@ def test_a_defence_on_decepticons_through_flower_gives_the_simulated_rounds_metr
     sim, fl = both(SMALL | change, tmp_path)
     same_counts(sim, fl)
     if "defence" in change:
-        ds, df = sim["defence"], fl["defence"]
-        assert (df["with"]["k"], df["without"]["k"]) == (ds["with"]["k"], ds["without"]["k"])
-        assert df["without"]["k"] > df["with"]["k"]
-        assert df["update_distortion"]["mean"] == pytest.approx(ds["update_distortion"]["mean"], rel=1e-3)
+        same_defence(sim, fl)
     else:
         assert 0 < fl["recovered"]["k"] < 61  # the noise costs some pairs, not all
 

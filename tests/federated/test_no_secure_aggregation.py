@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("flwr")
 
+from decepticons_checks import same_counts, same_defence
+
 from mlaudit.attacks.federated import Observation, imprint  # noqa: E402
 from mlaudit.errors import ConfigError  # noqa: E402
 from mlaudit.experiments import run_experiment  # noqa: E402
@@ -36,7 +38,6 @@ DECEPTICONS: dict[str, Any] = {
     "kind": "federated", "dataset": TEXT, "recipe": "fast", "attack": "decepticons",
     "model": {"name": "mlaudit.models.gpt:tiny_gpt", "kwargs": {"d_model": 32}}, "users": 4, "batch": 2, "seed": 3,
     "decepticons": {"tag_tokens": 2, "user_counts": [1, 4], "scale": 1e-3}}
-COUNTS = ("users", "occurrences", "in_sequence", "whole", "merged", "bag_of_tokens_recall", "nonempty_bins", "rejected")
 
 
 def run(config: dict[str, Any], tmp_path: Path, name: str) -> dict[str, Any]:
@@ -117,12 +118,6 @@ def test_the_strategy_reads_each_clients_update_as_imprint_on_its_in_process_gra
         ImprintStrategy(model, public, bins=8, target="both", aggregator=TrustedAggregator(1.0, 0.5), lr=0.1)
 
 
-def same_counts(sim: dict[str, Any], fl: dict[str, Any]) -> None:
-    for s, f in zip(sim["decepticons"]["per_users"], fl["decepticons"]["per_users"], strict=True):
-        assert {k: f[k] for k in COUNTS} == {k: s[k] for k in COUNTS}
-        assert (f["pairs"]["k"], f["tokens"]["k"]) == (s["pairs"]["k"], s["tokens"]["k"])
-
-
 def test_decepticons_without_secure_aggregation_through_flower_reads_each_client_as_in_process(tmp_path: Path) -> None:
     """The server reads each of the first n users' updates alone and pools the rows: Flower (one run per model, every
     client's update) gives the simulated metrics at 1 and 4 users, and the per-user reads recover at least the
@@ -151,9 +146,6 @@ def test_defences_on_decepticons_without_secure_aggregation_through_flower_match
     sim, fl = (run(cfg | {"transport": t}, tmp_path, t) for t in ("simulated", "flower"))
     same_counts(sim, fl)
     if "defence" in change:
-        ds, df = sim["defence"], fl["defence"]
-        assert (df["with"]["k"], df["without"]["k"]) == (ds["with"]["k"], ds["without"]["k"])
-        assert df["without"]["k"] > df["with"]["k"]
-        assert df["update_distortion"]["mean"] == pytest.approx(ds["update_distortion"]["mean"], rel=1e-3)
+        same_defence(sim, fl)
     else:
         assert fl["recovered"]["k"] > 0

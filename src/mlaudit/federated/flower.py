@@ -252,12 +252,7 @@ class ImprintStrategy(FedAvg):
                  lr: float | None = None, local_steps: int = 1, target: Target = "aggregate", **fedavg: Any) -> None:
         if min_clients < 1:
             raise ConfigError(f"min_clients = {min_clients}; allowed min_clients >= 1")
-        if target not in ("aggregate", "clients", "both"):
-            raise ConfigError(f"ImprintStrategy target = {target!r}; allowed: aggregate, clients, both")
-        if aggregator is not None and aggregator.noise_multiplier > 0 and target == "both":
-            raise ConfigError("ImprintStrategy target = 'both' with an aggregator's noise: the noise goes once on the "
-                              "sum (target 'aggregate', a secure aggregator) or on each client's update (target "
-                              "'clients'); allowed: one of those targets, or noise_multiplier 0")
+        _check_target("ImprintStrategy", target, aggregator)
         if aggregator is not None and (lr is None or not lr > 0 or local_steps < 1):
             raise ConfigError(f"ImprintStrategy with an aggregator needs the clients' lr > 0 and local_steps >= 1 (its "
                               f"clipping is in gradient units), got lr={lr}, local_steps={local_steps}")
@@ -417,12 +412,7 @@ class CuriousStrategy(FedAvg):
         if not lr > 0 or local_steps < 1:
             raise ConfigError(f"CuriousStrategy needs the clients' lr > 0 and local_steps >= 1, got lr={lr}, "
                               f"local_steps={local_steps}")
-        if target not in ("aggregate", "clients", "both"):
-            raise ConfigError(f"CuriousStrategy target = {target!r}; allowed: aggregate, clients, both")
-        if aggregator is not None and aggregator.noise_multiplier > 0 and target == "both":
-            raise ConfigError("CuriousStrategy target = 'both' with an aggregator's noise: the noise goes once on the "
-                              "sum (target 'aggregate', a secure aggregator) or on each client's update (target "
-                              "'clients'); allowed: one of those targets, or noise_multiplier 0")
+        _check_target("CuriousStrategy", target, aggregator)
         self.aggregator = aggregator
         # an unknown name: ConfigError listing the registered ones
         self.attack = FEDERATED_ATTACKS.get(attack) if attack is not None else None
@@ -678,3 +668,14 @@ def run_flower_audit(strategy: ImprintStrategy | CuriousStrategy, clients: list[
 
 __all__ = ["CuriousRound", "CuriousStrategy", "FlowerAudit", "ImprintStrategy", "RoundResult", "TorchClient",
            "TrustedAggregator", "check_address", "flwr", "run_flower_audit"]
+
+
+def _check_target(strategy: str, target: str, aggregator: TrustedAggregator | None) -> None:
+    """A strategy's ``target`` (whose updates the attack reads: the aggregate, each client's, or both) is known,
+    and an aggregator's noise is not asked to go on both the sum and each update."""
+    if target not in ("aggregate", "clients", "both"):
+        raise ConfigError(f"{strategy} target = {target!r}; allowed: aggregate, clients, both")
+    if aggregator is not None and aggregator.noise_multiplier > 0 and target == "both":
+        raise ConfigError(f"{strategy} target = 'both' with an aggregator's noise: the noise goes once on the sum "
+                          "(target 'aggregate', a secure aggregator) or on each client's update (target 'clients'); "
+                          "allowed: one of those targets, or noise_multiplier 0")

@@ -3,12 +3,16 @@ number of times it is inserted and vs random-suffix poison lines (docs/membershi
 
     python benchmarks/exposure.py                   # CPU, a few minutes
     python benchmarks/exposure.py --device cuda
+    python benchmarks/exposure.py --chars 200000 --epochs 2 --seeds 6 --insertions 1 --poisons 8 32 128 \
+        --kinds random pad --controls --name poison_200k_e2_cpu   # where one insertion is not memorised fully
 
 Text: the first ``--chars`` characters of CPython's help topics (``pydoc_data/topics.py``, lower-cased);
 canary ``the secret number is `` + 5 digits (|R| = 10^5, every candidate scored: exact exposure, at most
 log2 10^5 = 16.61 bits); model: mlaudit.models.mlp.CharMLP (16-character context, embedding 32, hidden 256), Adam
-lr 0.003, 6 epochs of batches of 256. Each cell: mean ± SE over ``--seeds`` models (each its own secret).
-Writes benchmarks/results/exposure_<device>.{json,md}.
+lr 0.003, ``--epochs`` (6) epochs of batches of 256. Each cell: mean ± SE over ``--seeds`` models (each its own
+secret). Poison lines (``--kinds``): ``random`` = prefix + a uniform r' from R, ``pad`` = prefix + "xxxxx"
+(mlaudit.audit.exposure.canary_text); ``--controls`` adds the same poisons with the canary never inserted
+(the exposure any secret gets from the poisons alone). Writes benchmarks/results/exposure_<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -37,41 +41,51 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--insertions", type=int, nargs="+", default=[0, 1, 2, 4])
     ap.add_argument("--poisons", type=int, nargs="+", default=[0, 30, 100])
+    ap.add_argument("--kinds", nargs="+", default=["random"], choices=["random", "pad"])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--controls", action="store_true", help="also each kind at the largest --poisons, 0 insertions")
+    ap.add_argument("--name", default=None, help="results file suffix (default: the device)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     text, fmt = pydoc_text(args.chars), CanaryFormat(length=5)
     rows: list[dict[str, Any]] = []
-    cells = [(i, 0) for i in args.insertions] + [(1, p) for p in args.poisons if p]
-    for ins, poi in cells:
-        runs = [measure_exposure(text, fmt=fmt, insertions=ins, poisons=poi, seed=s, device=args.device,
-                                 exact_limit=fmt.space)
+    recipe = {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": args.epochs,
+              "batch_size": 256, "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
+    cells = [(i, 0, "none") for i in args.insertions] + [(1, p, k) for k in args.kinds for p in args.poisons if p]
+    if args.controls:
+        cells += [(0, 0, "none")] * (0 not in args.insertions) + [(0, max(args.poisons), k) for k in args.kinds]
+    for ins, poi, kind in cells:
+        runs = [measure_exposure(text, fmt=fmt, insertions=ins, poisons=poi, poison="random" if kind == "none" else kind,
+                                 seed=s, device=args.device, exact_limit=fmt.space, recipe=recipe)
                 for s in range(args.seeds)]
-        row = {"insertions": ins, "poisons": poi, "exposure": MeanSE.of([r.exposure for r in runs]).to_dict(),
+        row = {"insertions": ins, "poisons": poi, "kind": kind, "exposure": MeanSE.of([r.exposure for r in runs]).to_dict(),
                "skewnorm": MeanSE.of([r.skewnorm for r in runs]).to_dict(),
                "test_accuracy": MeanSE.of([r.test_accuracy for r in runs]).to_dict(),
                "runs": [asdict(r) for r in runs]}
         rows.append(row)
-        print(ins, poi, row["exposure"], flush=True)
-    env = environment()
+        print(ins, poi, kind, row["exposure"], flush=True)
+    text = f"the first {args.chars:,} characters of CPython's help topics (pydoc_data/topics.py, lower-cased)"
+    env = environment() | {"data": text}
     out = {"environment": env, "device": args.device, "chars": args.chars, "seeds": args.seeds, "space": fmt.space,
-           "prefix": fmt.prefix, "rows": rows, "seconds": time.perf_counter() - t0,
+           "prefix": fmt.prefix, "epochs": args.epochs, "recipe": recipe, "rows": rows, "seconds": time.perf_counter() - t0,
            "torch_threads": torch.get_num_threads()}
     lines = ["# Canary exposure in a small next-character model (the Secret Sharer)", "",
              f"{env['date']}, {args.device}, torch {env['torch']}; {out['seconds']:.0f} s. Text: the first "
              f"{args.chars:,} characters of CPython's help topics; canary `{fmt.prefix}` + 5 digits (|R| = 10^5, "
              f"exact exposure by scoring every candidate, maximum {math.log2(fmt.space):.2f} bits; the skew-normal fit "
-             f"uses 20,000 of them); CharMLP (embedding 32, hidden 256), Adam, 6 epochs; mean ± SE "
+             f"uses 20,000 of them); CharMLP (embedding 32, hidden 256), Adam, {args.epochs} epochs; mean ± SE "
              f"over {args.seeds} models, each with its own secret.", "",
-             "| canary insertions | random-suffix poison lines | exposure (bits, exact) | skew-normal estimate | "
-             "next-char test accuracy |", "|---:|---:|---:|---:|---:|"]
+             "| canary insertions | poison lines | kind | exposure (bits, exact) | skew-normal estimate | "
+             "next-char test accuracy |", "|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         e, a, z = r["exposure"], r["test_accuracy"], r["skewnorm"]
-        lines.append(f"| {r['insertions']} | {r['poisons']} | {e['mean']:.2f} ± {e['se']:.2f} | "
+        lines.append(f"| {r['insertions']} | {r['poisons']} | {r['kind']} | {e['mean']:.2f} ± {e['se']:.2f} | "
                      f"{z['mean']:.2f} ± {z['se']:.2f} | {100 * a['mean']:.1f}% |")
-    lines += ["", "Random-suffix poison lines are `prefix + r'` with r' uniform over R (a negative control, not "
-              "Truth Serum's construction): they flatten the model's prior after the prefix but dilute the canary."]
+    lines += ["", "Poison lines: `random` = `prefix + r'` with r' uniform over R; `pad` = `prefix + xxxxx`. Neither is "
+              "checked against Truth Serum's own construction (not in the seeds). Rows with 0 insertions and poisons "
+              "are controls: the secret's exposure when it was never in the training text."]
     dev = "cuda" if args.device.startswith("cuda") else args.device
-    write_results(f"exposure_{dev}", out, "\n".join(lines) + "\n")
+    write_results(f"exposure_{args.name or dev}", out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,18 @@ def test_windows_and_canary_lines() -> None:
         CanaryFormat(alphabet="1")
 
 
+def test_pad_poison_lines_and_bad_poison_input() -> None:
+    """``poison="pad"``: every poison line is the prefix followed by the pad, never a candidate secret; a pad
+    inside the alphabet or an unknown kind is refused with the field and what is allowed."""
+    fmt, gen = CanaryFormat(length=4), torch.Generator().manual_seed(0)
+    lines = [ln for ln in canary_text(fmt, "1234", insertions=2, poisons=6, generator=gen, poison="pad").split("\n") if ln]
+    assert sorted(lines) == sorted([fmt.prefix + "1234"] * 2 + [fmt.prefix + "xxxx"] * 6)
+    with pytest.raises(ConfigError, match="pad = '7'.*outside the canary alphabet"):
+        canary_text(fmt, "1234", insertions=1, poisons=1, generator=gen, poison="pad", pad="7")
+    with pytest.raises(ConfigError, match="poison = 'zeros'; allowed: random, pad"):
+        measure_exposure("abc" * 100, fmt=fmt, poisons=1, poison="zeros")
+
+
 def test_an_inserted_canary_is_memorised_and_exposed() -> None:
     """A small next-character model on 20,000 characters of CPython's help text: a 3-digit canary inserted
     4 times is ranked near the top of the 1000 candidates; without it, exposure stays low."""

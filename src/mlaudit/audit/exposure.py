@@ -19,12 +19,17 @@ between 0 and log2 |R| (the model ranks the true secret first). :func:`exact_exp
 "exposure by distribution modelling"), which reaches exposures beyond log2 of the sample size.
 
 Poisoning to reveal a secret (Truth Serum's canary extraction): the adversary knows the prefix and may add
-lines to the training text. What is built here is one simple strategy, ``poisons`` lines of
-``prefix + r'`` with r' drawn uniformly from R (they flatten the model's prior over continuations of the
-prefix), as an experiment variable; it is *not* the paper's construction, whose details are not in the
-seeds. Measured on CPython's help text (docs/membership.md): these random-suffix lines **lower** the
-exposure of a canary inserted once (they dilute its memorisation more than they flatten the prior), so they
-are a negative control, not the Truth Serum attack.
+lines to the training text. Truth Serum's construction is not in the seeds, and the paper could not be
+reached from here to check it, so two readings are built as an experiment variable (``poison``):
+
+* ``"random"``: ``poisons`` lines ``prefix + r'`` with r' drawn uniformly from R (they flatten the model's
+  prior over continuations of the prefix);
+* ``"pad"``: ``poisons`` lines ``prefix + pad * length``, the prefix followed by padding that is no
+  candidate secret (the analogue of Truth Serum's mislabelled copies: without the canary, the model learns
+  that the prefix is followed by something other than any secret, so the one true line stands out).
+
+Measured on CPython's help text (docs/membership.md, "Canary exposure"): which of them raises the exposure of
+a canary is reported there, with the numbers.
 
 The language model is any next-token classifier over fixed contexts: ``model(x [B, k] float token ids) ->
 logits [B, V]`` (default :class:`~mlaudit.models.mlp.CharMLP`), trained by the one training loop on (context, next token)
@@ -183,11 +188,21 @@ def skewnorm_exposure(px_secret: float, px_sample: Tensor) -> float:
     return max(0.0, -logcdf / math.log(2))
 
 
+POISONS = ("random", "pad")
+
+
 def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int, generator: torch.Generator,
-                separator: str = "\n") -> str:
+                separator: str = "\n", poison: str = "random", pad: str = "x") -> str:
     """The lines added to the training text: ``insertions`` copies of the canary ``prefix + secret`` and
-    ``poisons`` random-suffix lines ``prefix + r'`` (r' uniform over R), shuffled (seeded)."""
-    lines = [fmt.prefix + secret] * insertions + [fmt.prefix + r for r in fmt.draw(poisons, generator)]
+    ``poisons`` poison lines, shuffled (seeded). ``poison="random"``: ``prefix + r'`` with r' uniform over R;
+    ``poison="pad"``: ``prefix + pad * length`` (``pad`` one character outside the alphabet)."""
+    if poison not in POISONS:
+        raise ConfigError(f"poison = {poison!r}; allowed: {', '.join(POISONS)}")
+    if poison == "pad" and (len(pad) != 1 or pad in fmt.alphabet):
+        raise ConfigError(f"pad = {pad!r}; allowed: one character outside the canary alphabet {fmt.alphabet!r} "
+                          "(a pad inside it would itself be a candidate secret)")
+    extra = fmt.draw(poisons, generator) if poison == "random" else [pad * fmt.length] * poisons
+    lines = [fmt.prefix + secret] * insertions + [fmt.prefix + r for r in extra]
     order = torch.randperm(len(lines), generator=generator).tolist()
     return "".join(separator + lines[i] for i in order) + separator
 
@@ -196,12 +211,13 @@ def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int
 class ExposureResult:
     """One trained model's exposure of its canary: ``exposure`` (exact when |R| was enumerated, else the
     skew-normal estimate), ``exact`` (whether it is), ``sampled`` (the rank estimate from the candidates),
-    ``px`` = Px(secret), ``rank`` (exact or estimated), ``candidates`` scored, ``test_accuracy`` of the
+    ``poison`` the kind of the ``poisons`` lines, ``px`` = Px(secret), ``rank`` (exact or estimated), ``candidates`` scored, ``test_accuracy`` of the
     model's next-character predictions on held-out text."""
 
     secret: str
     insertions: int
     poisons: int
+    poison: str
     exposure: float
     exact: bool
     sampled: float
@@ -213,12 +229,13 @@ class ExposureResult:
 
 
 def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertions: int = 1, poisons: int = 0,
+                     poison: str = "random", pad: str = "x",
                      context: int = 16, model: Callable[[int, int], nn.Module] | None = None,
                      recipe: str | dict | None = None,
                      seed: int = 0, device: str = "cpu", candidates: int = 20_000, exact_limit: int = 100_000,
                      held_out: float = 0.05) -> ExposureResult:
     """Train a next-character model on ``text`` (its last ``held_out`` fraction held out) plus the canary
-    ``insertions`` times and ``poisons`` random-suffix lines (:func:`canary_text`), with a secret drawn from
+    ``insertions`` times and ``poisons`` poison lines of kind ``poison`` (:func:`canary_text`), with a secret drawn from
     ``seed``; return the canary's exposure. |R| <= ``exact_limit`` is enumerated; otherwise ``candidates``
     secrets are sampled uniformly. The model is ``model(context, vocabulary size)`` (default
     :class:`~mlaudit.models.mlp.CharMLP`, embedding 32, hidden 256), trained by the one training loop under
@@ -232,8 +249,9 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
     gen = torch.Generator().manual_seed(seed)
     secret = fmt.draw(1, gen)[0]
     cut = int(len(text) * (1 - held_out))
-    train_text = text[:cut] + canary_text(fmt, secret, insertions=insertions, poisons=poisons, generator=gen)
-    vocab = Vocabulary.of(text, extra=fmt.prefix + fmt.alphabet + "\n")
+    train_text = text[:cut] + canary_text(fmt, secret, insertions=insertions, poisons=poisons, generator=gen,
+                                                   poison=poison, pad=pad)
+    vocab = Vocabulary.of(text, extra=fmt.prefix + fmt.alphabet + pad + "\n")
     names = [repr(c) for c in vocab.chars]
     data, test = windows(vocab.encode(train_text), context, names), windows(vocab.encode(text[cut:]), context, names)
     r = recipe or {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 6,
@@ -251,13 +269,13 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
         fit = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:candidates]]
         sampled, skew = sampled_exposure(px, others, fmt.space), skewnorm_exposure(px, fit)  # the fit on a sample
         rank = float(1 + (px_all < px).sum())
-        return ExposureResult(secret, insertions, poisons, exp, True, sampled, skew, px, rank, len(pool), acc)
+        return ExposureResult(secret, insertions, poisons, poison, exp, True, sampled, skew, px, rank, len(pool), acc)
     sample = fmt.draw(candidates, torch.Generator().manual_seed(seed + 1))
     px_s = log_perplexity(net, vocab, fmt, sample, context=context, device=device)
     sampled, skew = sampled_exposure(px, px_s, fmt.space), skewnorm_exposure(px, px_s)
     rank = 2 ** (math.log2(fmt.space) - sampled)
-    return ExposureResult(secret, insertions, poisons, skew, False, sampled, skew, px, rank, candidates, acc)
+    return ExposureResult(secret, insertions, poisons, poison, skew, False, sampled, skew, px, rank, candidates, acc)
 
 
 __all__ = ["CanaryFormat", "ExposureResult", "Vocabulary", "canary_text", "exact_exposure", "log_perplexity",
-           "measure_exposure", "pydoc_text", "sampled_exposure", "skewnorm_exposure", "windows"]
+           "POISONS", "measure_exposure", "pydoc_text", "sampled_exposure", "skewnorm_exposure", "windows"]

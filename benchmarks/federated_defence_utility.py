@@ -6,6 +6,11 @@ Digits, zoo ``mlp`` width 32 (the model of the attack table), 8 users x 16 image
 300 rounds, mean ± SE over seeds; the distortion is the mean ||g' - g|| / ||g|| of the users' updates.
 
     python benchmarks/federated_defence_utility.py --seeds 3
+
+CIFAR-10 (JPEG) with a zoo CNN on a GPU (data resident on the device; the users' gradients by vmap there):
+
+    python benchmarks/federated_defence_utility.py --dataset cifar10 --model fastcnn --device cuda --rounds 3000 \
+        --lr 0.1 --seeds 2 --name cifar10_fastcnn_h200
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_environment, write_results  # noqa: E402
+from _common import cifar10_jpeg, cpu_environment, environment, write_results  # noqa: E402
 
 from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.federated import train_fedsgd  # noqa: E402
@@ -47,17 +52,28 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dataset", default="digits", choices=("digits", "cifar10"))
+    ap.add_argument("--model", default=None, help="zoo model (default: mlp width 32 on digits, fastcnn on cifar10; "
+                    "a model without BatchNorm: FedSGD users send gradients at the shared weights, in eval mode)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default="", help="comma-separated defence labels to run (default: all)")
     ap.add_argument("--name", default="digits_cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = load_dataset("digits")
+    dev = torch.device(args.device)
+    data = (load_dataset("digits") if args.dataset == "digits" else cifar10_jpeg()).to(dev)
+    spec: dict[str, Any] = ({"name": "mlp", "width": 32} if args.model is None and args.dataset == "digits"
+                            else {"name": args.model or "fastcnn"})
+    if args.dataset == "cifar10" and spec["name"] in ("fastcnn", "resnet18"):
+        spec["norm"] = "group"  # no batch statistics: every user's gradient is at the same function of its batch
+    chosen = [d for d in DEFENCES if not args.only or d[0] in args.only.split(",")]
     t_all = time.perf_counter()
     rows = []
-    for label, defence in DEFENCES:
+    for label, defence in chosen:
         acc, dist, mid = [], [], []
         for seed in range(args.seeds):
             torch.manual_seed(seed)
-            model = build_model({"name": "mlp", "width": 32}, input_shape=tuple(data.train.shape), num_classes=10)
+            model = build_model(spec, input_shape=tuple(data.train.shape), num_classes=10).to(dev)
             h = train_fedsgd(model, data, users=args.users, batch=args.batch, rounds=args.rounds, lr=args.lr,
                              defence=defence, eval_every=max(1, args.rounds // 3), seed=seed)
             acc.append(h.test_accuracy[-1])
@@ -69,10 +85,16 @@ def main() -> None:
                      "distortion": float(np.nanmean(dist)) if not np.isnan(dist).all() else float("nan")})
         print(rows[-1], flush=True)
     wall = time.perf_counter() - t_all
-    env = cpu_environment(args.threads, data="scikit-learn digits")
-    md = (f"# Federated defences: utility of FedSGD training under each (digits, CPU)\n\n{env['date']}, "
-          f"{env['machine']}, {args.threads} torch thread(s), torch {env['torch']}; {wall:.0f} s in all. Digits, zoo "
-          f"`mlp` width 32, {args.users} users x {args.batch} images per round (iid shares), FedSGD, lr {args.lr}, "
+    if dev.type == "cpu":
+        env = cpu_environment(args.threads, data="scikit-learn digits" if args.dataset == "digits" else None)
+        where = f"{env['machine']}, {args.threads} torch thread(s)"
+    else:
+        env = environment() | {"data": "scikit-learn digits"} if args.dataset == "digits" else environment()
+        where = str(env["gpu"])
+    what = "Digits" if args.dataset == "digits" else env["data"]
+    md = (f"# Federated defences: utility of FedSGD training under each ({args.dataset}, {dev.type})\n\n"
+          f"{env['date']}, {where}, torch {env['torch']}; {wall:.0f} s in all. {what}, zoo "
+          f"`{spec}`, {args.users} users x {args.batch} images per round (iid shares), FedSGD, lr {args.lr}, "
           f"{args.rounds} rounds, the defence on every user's update; mean ± SE over {args.seeds} seeds.\n\n"
           f"| defence | test accuracy after {args.rounds} rounds (%) | after {max(1, args.rounds // 3)} rounds (%) | "
           "distortion ‖g' − g‖/‖g‖ |\n|---|---:|---:|---:|\n")

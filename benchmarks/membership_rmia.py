@@ -106,6 +106,8 @@ def main() -> None:
     label_only = [a for a in attacks if args.targets is not None and ATTACKS.get(a).needs_oracle]
     cfg |= {"attacks": [a for a in attacks if a not in label_only], "population": {"data": "test"},
             "fpr_targets": list(FPRS), "n_boot": args.n_boot, "memorization": False}
+    if "attack_options" in cfg:  # a config's options for attacks this run does not select would be refused
+        cfg["attack_options"] = {k: v for k, v in cfg["attack_options"].items() if k in cfg["attacks"]}
     if label_only:
         cfg["pool"] = {**cfg.get("pool", {}), "save_models": True}
     what = f"{cfg['dataset'] if isinstance(cfg['dataset'], str) else cfg['dataset']['name']}"

@@ -224,6 +224,21 @@ def test_label_boundary_is_zero_when_misclassified_and_bounded() -> None:
     assert (s[wrong] == 0).all() and (s[~wrong] > 0).all() and (s <= 4.0).all()
 
 
+def test_label_boundary_scores_do_not_depend_on_the_chunk() -> None:
+    """The directions are drawn once per draw over all examples, so examples per oracle call (``chunk``, by default
+    as many as fit 512 MiB) change the cost only."""
+    models, x, y = _pool(m=3, n=23, seed=4)
+    oracle = LabelOracle.from_modules(models, x)
+    assert oracle.device == x.device  # where the attack builds its queries: the models' device
+    obs = Observations(torch.zeros(3, 23, 1, 3), y, torch.zeros(3, 23, dtype=torch.bool), oracle=oracle)
+    whole = score_all_targets("label-boundary", obs, draws=3, steps=6)
+    calls = oracle.queries
+    assert torch.equal(score_all_targets("label-boundary", obs, draws=3, steps=6, chunk=5), whole)
+    assert oracle.queries == 2 * calls  # the same labels asked, in more calls
+    with pytest.raises(ConfigError, match="chunk must be a positive integer"):
+        score_all_targets("label-boundary", obs, chunk=0)
+
+
 def test_label_only_attacks_need_an_oracle() -> None:
     obs = make_obs(m=3, n=5)
     with pytest.raises(ConfigError, match="label-only attack that queries the models itself"):

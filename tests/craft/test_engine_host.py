@@ -150,6 +150,55 @@ def test_a_non_finite_objective_is_refused_when_craft_returns(early_stop: bool, 
               final_eval=final_eval)
 
 
+@pytest.mark.parametrize("final_eval", [False, True])
+def test_a_deferred_finite_check_raises_at_check_finite_or_at_the_first_read(final_eval: bool) -> None:
+    """``defer_finite_check``: craft returns the iterate; ``check_finite`` (or reading a host-side field, whichever
+    comes first) raises the same ConfigError as the eager check. (With early stop on the CPU each step reads its
+    counts and finiteness at once, so craft itself raises there, as without deferral.)"""
+    early_stop = False
+    model, x, y = _model()
+
+    def run(bad_call: int | None):
+        calls = [0]
+
+        def obj(xa: torch.Tensor, idx: torch.Tensor):
+            calls[0] += 1
+            loss, done = _objective(model, y)(xa, idx)
+            return (loss * float("inf") if calls[0] == bad_call else loss), done & False
+
+        return craft(obj, x, constraint=LinfBall(0.1), steps=4, optimizer="pgd", early_stop=early_stop,
+                     final_eval=final_eval, defer_finite_check=True)
+
+    bad = run(3)
+    assert bad.delta.shape == x.shape  # returned, not refused
+    with pytest.raises(ConfigError, match=r"non-finite value \(\[-?inf\]\) at step 2"):
+        bad.check_finite()
+    with pytest.raises(ConfigError, match=r"non-finite value \(\[-?inf\]\) at step 2"):
+        _ = run(3).objective  # a field read checks too
+    good = run(None)
+    good.check_finite()
+    eager = craft(_objective(model, y), x, constraint=LinfBall(0.1), steps=4, optimizer="pgd",
+                  early_stop=early_stop, final_eval=final_eval)
+    assert torch.equal(good.delta, eager.delta) and good.objective == eager.objective
+
+
+def test_an_attack_on_a_model_with_infinite_logits_is_refused() -> None:
+    """The evasion attacks defer the engine's finiteness check to after x + delta; it still raises."""
+    from mlaudit.attacks.evasion import EVASION_ATTACKS
+
+    class Inf(torch.nn.Module):  # finite logits for inputs whose first value is below 0.5, else all +inf (NaN loss)
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            out = z.flatten(1)[:, :5] * 1.0
+            return torch.where(z.flatten(1)[:, :1] > 0.5, torch.full_like(out, float("inf")), out)
+
+    x = torch.full((6, 8), 0.2)
+    x[2:, 0] = 0.8  # the probe's two rows (x[:2]) stay finite
+    y = torch.arange(6) % 5
+    for name, opts in (("fgsm", {}), ("pgd", {"steps": 3})):
+        with pytest.raises(ConfigError, match="non-finite"):
+            EVASION_ATTACKS.get(name)(Inf().eval(), x, y, eps=0.05, **opts)
+
+
 def test_an_overflowing_total_of_finite_losses_is_not_refused() -> None:
     """The end check sums the unchecked totals (a finite sum has finite terms); an overflowing sum of finite totals
     is checked value by value."""

@@ -6,13 +6,20 @@ from typing import Any
 
 import pytest
 
-COUNTS = ("users", "occurrences", "in_sequence", "whole", "merged", "bag_of_tokens_recall", "nonempty_bins", "rejected")
+COUNTS = ("users", "occurrences", "in_sequence", "whole", "merged", "bag_of_tokens_recall")
+BINS = ("nonempty_bins", "rejected")
+"""Bin counts: a bin whose aggregated gradient sits at the emptiness threshold can fall either side when the two
+transports sum the same updates in another order (float rounding). On a 2-core x86 CPU with torch 2.13.0+cpu
+(2026-12-05) one row read 116 / 77 simulated and 115 / 76 through Flower, the recovered tokens the same."""
 
 
 def same_counts(sim: dict[str, Any], fl: dict[str, Any]) -> None:
-    """Every per-users row of the two runs' metrics holds the same counts and the same recovered pairs and tokens."""
+    """Every per-users row of the two runs' metrics holds the same recovery counts and the same recovered pairs and
+    tokens; the bin counts agree within one bin in fifty (at least 2: rounding at the threshold, see :data:`BINS`)."""
     for s, f in zip(sim["decepticons"]["per_users"], fl["decepticons"]["per_users"], strict=True):
         assert {k: f[k] for k in COUNTS} == {k: s[k] for k in COUNTS}
+        for k in BINS:
+            assert abs(f[k] - s[k]) <= max(2, 0.02 * s[k]), (k, s[k], f[k])
         assert (f["pairs"]["k"], f["tokens"]["k"]) == (s["pairs"]["k"], s["tokens"]["k"])
 
 

@@ -162,9 +162,14 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
 def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """``recipe.cuda_graph`` with ``recipe.dp`` (book-keeping clipping): 2 fastcnn-GroupNorm x 3 epochs of 4 steps
     (q = 64/256; step 1 verifies the fast path eagerly, each slot bucket of 32 warms up twice, then is captured and
-    replayed) give the eager step's weights with the same noise; cuDNN deterministic, no TF32. Not yet run on a
-    GPU (written 2026-12-05 without one); the CPU version with a recorded capture is
-    tests/privacy/test_dpsgd_graphed.py."""
+    replayed) give the eager step's weights with the same noise; cuDNN deterministic, no TF32. The CPU version with
+    a recorded capture is tests/privacy/test_dpsgd_graphed.py.
+
+    Tolerance: on an H100 (2026-12-05) the two differed by at most 2.8e-5 (33 of 13,824 elements of the first
+    block's conv beyond rtol 1e-4 / atol 1e-5): rounding (likely kernels that sum in another order under capture;
+    not traced). One step's noise moves each weight by lr * sigma * C / (q N), up to 0.05 / 64 = 7.8e-4 (std, at
+    the peak lr), so a missing, repeated or different noise draw, or a wrong clip, would differ by that much in
+    most elements; atol 1e-4 is an eighth of it."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -185,7 +190,7 @@ def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch
     for a, b in zip(*outs, strict=True):
         for name, t in a.state_dict.items():
             print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
-            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

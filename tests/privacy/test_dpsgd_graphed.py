@@ -297,8 +297,8 @@ def test_use_cuda_graph_for_dp_recipes() -> None:
     assert loop.use_cuda_graph(yes, CUDA, opt, dp=dp, stack=stack)
     assert not loop.use_cuda_graph(yes, CPU, opt, dp=dp, stack=stack)
     assert not loop.use_cuda_graph(yes.model_copy(update={"cuda_graph": False}), CUDA, opt, dp=dp, stack=stack)
-    # opt-in until the graphed DP step has run on a GPU: auto keeps DP eager
-    assert not loop.use_cuda_graph(yes.model_copy(update={"cuda_graph": "auto"}), CUDA, opt, dp=dp, stack=stack)
+    # auto graphs the book-keeping step too (first run on a GPU, an H100, 2026-12-05: tests/gpu/test_cuda_factory.py)
+    assert loop.use_cuda_graph(yes.model_copy(update={"cuda_graph": "auto"}), CUDA, opt, dp=dp, stack=stack)
     with pytest.raises(TypeError, match="DPTraining"):
         loop.use_cuda_graph(yes, CUDA, opt)
     for clipping, strategy in (("per-example", "loop"), ("fast", "vmap")):

@@ -68,6 +68,10 @@ class CraftResult:
     history: list[float] = field(default_factory=list)
     done: Tensor | None = None
 
+    def check_finite(self) -> None:
+        """ConfigError if the objective was not finite at some step (craft's ``defer_finite_check``); a result
+        that craft checked already, or whose fields were read, returns at once."""
+
 
 class _Lazy:
     """A field of :class:`_Pending` read back on first access (a data descriptor over the instance's dict)."""
@@ -101,13 +105,21 @@ class _Pending(CraftResult):
     done = _Lazy()
 
     def __init__(self, delta: Tensor, *fields: Any, read: Callable[[], dict[str, Any]] | None = None,
-                 **named: Any) -> None:
+                 check: Callable[[], None] | None = None, **named: Any) -> None:
         if read is None:  # every field given (dataclasses.replace): a plain result
             CraftResult.__init__(self, delta, *fields, **named)
         else:
             self.__dict__.update(delta=delta, _read=read)
+            if check is not None:
+                self.__dict__["_check"] = check
+
+    def check_finite(self) -> None:
+        check = self.__dict__.pop("_check", None)
+        if check is not None and "_read" in self.__dict__:  # a read-back checks every step itself
+            check()
 
     def _fill(self) -> None:
+        self.__dict__.pop("_check", None)  # the read-back below raises at the first non-finite step
         read = self.__dict__.pop("_read", None)
         if read is not None:
             for k, v in read().items():
@@ -138,6 +150,7 @@ def craft(
     keep_best: bool = False,
     early_stop: bool = False,
     final_eval: bool = True,
+    defer_finite_check: bool = False,
 ) -> CraftResult:
     """Minimise ``objective`` over ``delta`` for inputs ``x`` [P, *shape]; see the module docstring.
 
@@ -156,6 +169,13 @@ def craft(
     is one step, so a third of its cost): the result is then the last iterate, and ``objective``,
     ``per_sample`` and ``done`` are those of the iterate before the last step. Only without ``keep_best``
     (which needs that score) and with one restart (restarts are ranked by it).
+
+    ``defer_finite_check=True`` leaves the check that the objective stayed finite (a ConfigError naming the first
+    step that was not) to :meth:`CraftResult.check_finite`, which the caller must call, or to the first read of a
+    host-side field (``objective``, ``per_sample``, ...), whichever comes first. That check reads from the device,
+    so it waits for the device's queue: made last, the caller's remaining host work (restoring the model's flags,
+    launching ``x + delta``) runs while the device works instead of after it. An evasion attack on a GPU uses it
+    (~0.2 ms of an FGSM call on 1000 CIFAR-10 images, measured as the gap to torchattacks).
     """
     if steps < 0 or restarts < 1 or lr <= 0 or parallel_restarts < 1:
         raise ConfigError(f"craft needs steps >= 0, restarts >= 1, parallel_restarts >= 1 and lr > 0; got "
@@ -176,7 +196,7 @@ def craft(
     if generator is None and (restarts > 1 or augment is not None or (not isinstance(init, Tensor) and init != "zero")):
         generator = torch.Generator().manual_seed(0)  # only where something is drawn (2 us a call otherwise)
     run = _Run(objective, x, constraint, steps, optimizer, lr, schedule, augment, batch_size, generator, on_step,
-               keep_best, early_stop, final_eval)
+               keep_best, early_stop, final_eval, defer_finite_check)
     best: CraftResult | None = None
     first: CraftResult | None = None
     finals: list[float] = []
@@ -218,12 +238,13 @@ class _Run:
     def __init__(self, objective: Objective, x: Tensor, constraint: Constraint, steps: int, optimizer: str,
                  lr: float, schedule: str, augment: AugmentSpec | None, batch_size: int | None,
                  generator: torch.Generator | None, on_step: Callable[[int, float], None] | None, keep_best: bool,
-                 early_stop: bool, final_eval: bool = True) -> None:
+                 early_stop: bool, final_eval: bool = True, defer_finite_check: bool = False) -> None:
         self.objective, self.x, self.constraint, self.steps = objective, x, constraint, steps
         self.update, self.lr, self.schedule = UPDATES[optimizer], lr, _SCHEDULES[schedule]
         self.augment = None if augment is None or augment.is_identity else augment
         self.batch_size, self.generator, self.on_step = batch_size, generator, on_step
         self.keep_best, self.early_stop, self.final_eval = keep_best, early_stop, final_eval
+        self.defer_finite_check = defer_finite_check
         self.scale = 1.0 if isinstance(constraint, (Box, Free)) else float(constraint.eps)
         self.shrink_at = _shrink_at(x)
 
@@ -367,19 +388,25 @@ class _Run:
                     delta = torch.where(f, held, delta)
             if self.on_step is not None:
                 self.on_step(step, float(totals.min()) + 0.0)  # + 0.0: the totals' -0.0 is 0.0 (see _evaluate)
-        # the objective's finiteness where no step checked it, at once (one read); the rest is read back only if
-        # asked for
+        # the objective's finiteness where no step checked it, in one read (at once, or deferred: craft's
+        # defer_finite_check); the rest is read back only if asked for
         last = totals
         unchecked = history[checked:] if history and last is history[-1] else [*history[checked:], last]
-        if unchecked and not _all_finite(unchecked[0] if len(unchecked) == 1 else torch.cat(unchecked)):
-            _read_back(history, last, None, None, g, 0)  # raises, naming the first non-finite step
+
+        def check() -> None:
+            if unchecked and not _all_finite(unchecked[0] if len(unchecked) == 1 else torch.cat(unchecked)):
+                _read_back(history, last, None, None, g, 0)  # raises, naming the first non-finite step
+
+        deferred: Callable[[], None] | None = _Once(check) if self.defer_finite_check else None
+        if deferred is None:
+            check()
         if not separable:  # joint objective: the final iterate of every restart, ranked by its total
             read = _Once(lambda: _read_back(history, last, None, None, g, 0))
-            return [_Pending(delta[k].detach(), read=lambda k=k: read()[k]) for k in range(g)]
+            return [_Pending(delta[k].detach(), read=lambda k=k: read()[k], check=deferred) for k in range(g)]
         if out_delta is None:  # no row left the loop: its own tensors are the results
             out_delta, out_obj, out_done = delta.detach(), cur_per, cur_done
         read = _Once(lambda: _read_back(history, last, out_obj, out_done if flagged else None, g, r))
-        return [_Pending(out_delta[k], read=lambda k=k: read()[k]) for k in range(g)]
+        return [_Pending(out_delta[k], read=lambda k=k: read()[k], check=deferred) for k in range(g)]
 
 
 class _Counts:

@@ -307,10 +307,6 @@ def use_cuda_graph(recipe: Recipe, device: torch.device, opt: StackedOptimizer, 
         raise TypeError("use_cuda_graph: a DP recipe needs its DPTraining and stack (dp=, stack=)")
     if dp is not None and dp.has_hooks:
         return False
-    if dp is not None and recipe.cuda_graph == "auto":
-        # The graphed DP step is tested on the CPU against a stand-in for capture only; until it has run on a
-        # GPU it is opt-in (cuda_graph: true), and auto keeps DP-SGD eager.
-        return False
     why = None
     if not graph_safe(opt):
         why = (f"an optimizer without host-side state (sgd or muon); {recipe.optimizer!r} keeps its bias-correction "

@@ -39,6 +39,23 @@ def test_bad_input_is_a_config_error(change: dict, match: str) -> None:
         pgd(model, x, y, **opts)
 
 
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd"])
+@pytest.mark.parametrize("eps", [0.1, 0.0])
+@pytest.mark.parametrize("bad", ["x", "y"])
+def test_deferred_range_checks_refuse_before_the_attack_queries_the_model(name: str, eps: float, bad: str) -> None:
+    """fgsm, pgd and apgd read x's and y's ranges from the device just before their first forward pass
+    (check_inputs' ``later``): the error is the same, and no attack query reaches the model (out-of-range labels in
+    a CUDA cross-entropy would be a device-side assert, not an error)."""
+    model, x, y = setup()
+    EVASION_ATTACKS.get(name)(model, x, y, eps=0.1)  # the model's probe is cached: later calls query only to attack
+    seen: list[int] = []
+    model.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    x, y = (x * 2, y) if bad == "x" else (x, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ConfigError, match="outside the declared pixel range" if bad == "x" else "out of range"):
+        EVASION_ATTACKS.get(name)(model, x, y, eps=eps)
+    assert seen == []
+
+
 def test_declared_box_is_honoured() -> None:
     model, x, y = setup()
     x = x * 255

@@ -28,16 +28,19 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: N
     ``eot`` > 1 averages the loss over that many forward passes per step (expectation over
     transformation, for randomised models and defences).
     """
-    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box)
+    later: list = []  # the device read of the input ranges, run just before the first forward pass
+    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later)
     check_loss(loss, c, targeted=target is not None)
     check_positive("pgd", steps=steps, restarts=restarts, step_size=step_size, eot=eot)
     if eps == 0:
+        for check in later:
+            check()
         return x.detach().clone()
     lr = 2.5 / steps if step_size is None else step_size / eps
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=steps, optimizer="pgd", lr=lr,
                       restarts=restarts, random_start=random_start, target=check_target(target, y, c),
                       goal="misclassify" if target is None else "target", generator=generator,
-                      batch_size=batch_size, eot=eot, keep_best=restarts > 1)
+                      batch_size=batch_size, eot=eot, keep_best=restarts > 1, checks=later)
     # One restart: an example the goal flagged at some step is held there (early stop); every other one returns
     # the last iterate, unscored, as torchattacks does. Keeping the highest-loss iterate of an unfooled example
     # would need a forward pass more (the last iterate's score), a tenth of PGD-10, and changes no example's

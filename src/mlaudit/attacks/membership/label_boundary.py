@@ -12,7 +12,7 @@ member). The bisection assumes the label flips once along the ray (it finds *a* 
 first one when the label does not flip back); document any other use accordingly.
 
 Cost: draws * (steps + 2) oracle calls on all models (inputs one per model, [M, N, *shape]),
-in chunks of ``chunk`` examples.
+in chunks of ``chunk`` examples (default: as many as fit 512 MiB of queries), built on the oracle's device.
 """
 
 from __future__ import annotations
@@ -25,34 +25,49 @@ from .base import Observations, register_attack
 from .label_augment import needs_oracle
 
 
-def _check(draws: int, steps: int, max_scale: float, chunk: int) -> None:
-    for name, v in (("draws", draws), ("steps", steps), ("chunk", chunk)):
+def _check(draws: int, steps: int, max_scale: float, chunk: int | None) -> None:
+    for name, v in (("draws", draws), ("steps", steps), ("chunk", 1 if chunk is None else chunk)):
         if int(v) != v or v < 1:
             raise ConfigError(f"label-boundary option {name} must be a positive integer, got {v!r}")
     if not max_scale > 0 or max_scale == float("inf"):
         raise ConfigError(f"label-boundary option max_scale must be a positive finite number, got {max_scale!r}")
 
 
+_QUERY_BYTES = 512 * 2**20
+"""Size of one oracle call's noisy inputs [M, chunk, *shape] (float32) when ``chunk`` is not given."""
+
+
+def _auto_chunk(m: int, n: int, example_numel: int) -> int:
+    """Examples per oracle call: as many as keep [M, chunk, *shape] float32 within :data:`_QUERY_BYTES`."""
+    return max(1, min(n, _QUERY_BYTES // max(1, 4 * m * example_numel)))
+
+
 def label_boundary_all_targets(obs: Observations, *, draws: int = 4, steps: int = 10, max_scale: float = 8.0,
-                               chunk: int = 512, seed: int = 0) -> Tensor:
-    """Scores float64 [M, N] of every model as the target."""
+                               chunk: int | None = None, seed: int = 0) -> Tensor:
+    """Scores float64 [M, N] of every model as the target.
+
+    The directions e are drawn on the CPU from ``seed`` (the same on every device and for every ``chunk``); the
+    noisy queries x + s e [M, chunk, *shape] are built on the oracle's device (``oracle.device``), so a GPU pool is
+    not fed ~100 MB host copies per call. ``chunk`` (examples per call) changes the cost, not the scores."""
     _check(draws, steps, max_scale, chunk)
     oracle = needs_oracle(obs, "label-boundary")
     x, y = oracle.x, obs.labels.cpu()
     m, n = oracle.num_models, x.shape[0]
+    dev = oracle.device
+    chunk = chunk or _auto_chunk(m, n, x[0].numel())
     unit = float(x.float().std()) or 1.0
     g = torch.Generator().manual_seed(int(seed))
     out = torch.zeros(m, n, dtype=torch.float64)
+    ones = (1,) * (x.dim() - 1)  # a scale per (model, example), broadcast over the example's shape
     for _ in range(draws):
         e = torch.randn(x.shape, generator=g, dtype=torch.float32)
         for i in range(0, n, chunk):
-            xb, eb, yb = x[i:i + chunk].float(), e[i:i + chunk], y[i:i + chunk]
-            view = (1, -1) + (1,) * (x.dim() - 1)
+            xb, eb, yb = x[i:i + chunk].to(dev).float(), e[i:i + chunk].to(dev), y[i:i + chunk]
 
-            def wrong(scale: Tensor, xb: Tensor = xb, eb: Tensor = eb, yb: Tensor = yb,
-                      view: tuple[int, ...] = view) -> Tensor:  # scale [M, b] -> bool [M, b]: flipped at x + scale e
-                xs = xb.unsqueeze(0) + (scale * unit).float().view(m, *view[1:]) * eb.unsqueeze(0)
-                return oracle(xs) != yb
+            def wrong(scale: Tensor, xb: Tensor = xb, eb: Tensor = eb, yb: Tensor = yb) -> Tensor:
+                # scale float64 [M, b] (CPU) -> bool [M, b]: the label at x + scale e differs from y
+                s = (scale * unit).to(dev, torch.float32).view(m, -1, *ones)
+                return oracle(xb.unsqueeze(0) + s * eb.unsqueeze(0)) != yb
 
             lo = torch.zeros(m, xb.shape[0], dtype=torch.float64)
             hi = torch.full_like(lo, max_scale)
@@ -69,7 +84,7 @@ def label_boundary_all_targets(obs: Observations, *, draws: int = 4, steps: int 
 
 @register_attack("label-boundary", all_targets=label_boundary_all_targets, needs_oracle=True)
 def label_boundary(obs: Observations, target: int, *, draws: int = 4, steps: int = 10, max_scale: float = 8.0,
-                   chunk: int = 512, seed: int = 0) -> Tensor:
+                   chunk: int | None = None, seed: int = 0) -> Tensor:
     """Mean noise scale that flips the target's label (bisection on labels) -> float64 [N]."""
     if not 0 <= target < obs.num_models:
         raise ConfigError(f"target must be a model index in [0, {obs.num_models - 1}], got {target}")

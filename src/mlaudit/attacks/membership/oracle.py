@@ -23,11 +23,15 @@ from ...train.stacked import StackedModels
 class LabelOracle:
     """``oracle(x') -> labels int64 [M, N']``: the argmax of each model's logits, never the logits."""
 
-    def __init__(self, logits_fn: Callable[[Tensor], Tensor], x: Tensor, num_models: int) -> None:
+    def __init__(self, logits_fn: Callable[[Tensor], Tensor], x: Tensor, num_models: int, *,
+                 device: torch.device | str | None = None) -> None:
         self._logits_fn = logits_fn
         self.x = x
         self.num_models = int(num_models)
         self.queries = 0
+        # Where the models run: an attack that builds many queries (label-boundary's [M, b, *shape] noisy copies)
+        # builds them there instead of on the host and copying each one over. Labels still come back on the CPU.
+        self.device = torch.device(device) if device is not None else x.device
 
     def __call__(self, x: Tensor) -> Tensor:
         per_model = x.dim() == self.x.dim() + 1
@@ -50,7 +54,8 @@ class LabelOracle:
             return torch.stack([forward_batched(m, xq[i] if per else xq, batch_size=batch_size).cpu()
                                 for i, m in enumerate(models)])
 
-        return cls(logits, x, len(models))
+        first = next(iter(models[0].parameters()), None) if len(models) else None
+        return cls(logits, x, len(models), device=first.device if first is not None else None)
 
     @classmethod
     def from_stacks(cls, stacks: Sequence[StackedModels], x: Tensor, *, batch_size: int = 1024) -> LabelOracle:
@@ -69,4 +74,4 @@ class LabelOracle:
                 first += stack.k
             return torch.cat(out)
 
-        return cls(logits, x, sum(s.k for s in stacks))
+        return cls(logits, x, sum(s.k for s in stacks), device=stacks[0].device if stacks else None)

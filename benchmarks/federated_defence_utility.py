@@ -84,7 +84,12 @@ def main() -> None:
                      "accuracy_at_first_third": float(np.mean(mid)),
                      "distortion": float(np.nanmean(dist)) if not np.isnan(dist).all() else float("nan")})
         print(rows[-1], flush=True)
-    wall = time.perf_counter() - t_all
+        # written after every row: a run cut short by a time limit keeps the rows it finished
+        _write(args, spec, dev, rows, time.perf_counter() - t_all, len(chosen))
+
+
+def _write(args: argparse.Namespace, spec: dict[str, Any], dev: torch.device, rows: list[dict[str, Any]],
+           wall: float, total: int) -> None:
     if dev.type == "cpu":
         env = cpu_environment(args.threads, data="scikit-learn digits" if args.dataset == "digits" else None)
         where = f"{env['machine']}, {args.threads} torch thread(s)"
@@ -92,10 +97,11 @@ def main() -> None:
         env = environment() | {"data": "scikit-learn digits"} if args.dataset == "digits" else environment()
         where = str(env["gpu"])
     what = "Digits" if args.dataset == "digits" else env["data"]
+    part = "" if len(rows) == total else f" **Partial: {len(rows)} of {total} defences finished.**"
     md = (f"# Federated defences: utility of FedSGD training under each ({args.dataset}, {dev.type})\n\n"
           f"{env['date']}, {where}, torch {env['torch']}; {wall:.0f} s in all. {what}, zoo "
           f"`{spec}`, {args.users} users x {args.batch} images per round (iid shares), FedSGD, lr {args.lr}, "
-          f"{args.rounds} rounds, the defence on every user's update; mean ± SE over {args.seeds} seeds.\n\n"
+          f"{args.rounds} rounds, the defence on every user's update; mean ± SE over {args.seeds} seeds.{part}\n\n"
           f"| defence | test accuracy after {args.rounds} rounds (%) | after {max(1, args.rounds // 3)} rounds (%) | "
           "distortion ‖g' − g‖/‖g‖ |\n|---|---:|---:|---:|\n")
     for r in rows:
@@ -104,7 +110,8 @@ def main() -> None:
     if any(np.isnan(r["distortion"]) for r in rows):
         md += "\nnan distortion: every user's gradient was zero in every evaluation window (nothing left to distort).\n"
     write_results(f"federated_defence_utility_{args.name}", {"environment": env, "settings": vars(args), "rows": rows,
-                                                             "wall_s": round(wall, 1)}, md)
+                                                             "wall_s": round(wall, 1), "finished": len(rows) == total},
+                  md)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,11 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: 
          batch_size: int | None = None, generator: torch.Generator | None = None, eot: int = 1) -> Tensor:
     """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape] with ||x_adv - x|| <= eps (APGD-CE / APGD-DLR);
     ``eot`` > 1: the loss is averaged over that many forward passes per step (randomised defences)."""
-    later: list = []  # the device read of the input ranges, run just before the first forward pass
-    check_loss(loss, check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later), targeted=False)
+    # the device read of the input ranges, run just before the first forward pass (at once when eps = 0: no pass)
+    later: list = []
+    check_loss(loss, check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later if eps else None), targeted=False)
     check_positive("apgd", steps=steps, restarts=restarts, eot=eot)
     if eps == 0:
-        for check in later:
-            check()
         return x.detach().clone()
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=steps, optimizer="apgd", lr=2.0,
                       restarts=restarts, random_start=random_start, generator=generator, batch_size=batch_size,

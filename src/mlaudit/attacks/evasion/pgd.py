@@ -28,13 +28,12 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: N
     ``eot`` > 1 averages the loss over that many forward passes per step (expectation over
     transformation, for randomised models and defences).
     """
-    later: list = []  # the device read of the input ranges, run just before the first forward pass
-    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later)
+    # the device read of the input ranges, run just before the first forward pass (at once when eps = 0: no pass)
+    later: list = []
+    c = check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later if eps else None)
     check_loss(loss, c, targeted=target is not None)
     check_positive("pgd", steps=steps, restarts=restarts, step_size=step_size, eot=eot)
     if eps == 0:
-        for check in later:
-            check()
         return x.detach().clone()
     lr = 2.5 / steps if step_size is None else step_size / eps
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=steps, optimizer="pgd", lr=lr,

@@ -18,6 +18,7 @@ from mlaudit.audit.exposure import (
     exact_exposure,
     log_perplexity,
     measure_exposure,
+    poisoned_texts,
     pydoc_text,
     sampled_exposure,
     skewnorm_exposure,
@@ -102,6 +103,8 @@ def test_pad_poison_lines_and_bad_poison_input() -> None:
         canary_text(fmt, "1234", insertions=1, poisons=1, generator=gen, poison="pad", pad="7")
     with pytest.raises(ConfigError, match="poison = 'zeros'; allowed: random, pad"):
         measure_exposure("abc" * 100, fmt=fmt, poisons=1, poison="zeros")
+    with pytest.raises(ConfigError, match="references = -1; allowed >= 0"):
+        measure_exposure("abc" * 100, fmt=fmt, references=-1)
 
 
 def test_an_inserted_canary_is_memorised_and_exposed() -> None:
@@ -115,3 +118,35 @@ def test_an_inserted_canary_is_memorised_and_exposed() -> None:
     assert with_it.exact and with_it.candidates == 1000 and with_it.secret == without.secret
     assert with_it.exposure > 7 and without.exposure < 5, (with_it, without)
     assert with_it.test_accuracy > 0.3  # it learned the text, not only the canary
+
+
+@pytest.mark.parametrize("poison", ["random", "pad"])
+def test_reference_text_has_the_same_poisons_and_no_canary(poison: str) -> None:
+    """The adversary's reference text holds the very poison lines of the target's text (it wrote them) and not
+    one copy of the canary; the target's text holds the canary ``insertions`` times."""
+    fmt = CanaryFormat(length=4)
+    target, ref = poisoned_texts("public text", fmt, "1234", insertions=3, poisons=5,
+                                 generator=torch.Generator().manual_seed(7), poison=poison)
+    t_lines = [ln for ln in target.split("\n")[1:] if ln]
+    r_lines = [ln for ln in ref.split("\n")[1:] if ln]
+    assert target.startswith("public text") and ref.startswith("public text")
+    assert t_lines.count(fmt.prefix + "1234") == 3 and fmt.prefix + "1234" not in r_lines
+    assert sorted(r_lines) == sorted(ln for ln in t_lines if ln != fmt.prefix + "1234") and len(r_lines) == 5
+
+
+def test_calibrated_exposure_against_reference_models() -> None:
+    """With one reference model (same text, no canary): the calibrated score ranks a canary inserted 4 times
+    near the top (its rank equals a direct count over the candidates' calibrated scores), and gives a secret
+    never inserted no more than a handful of bits."""
+    text, fmt = pydoc_text(20_000), CanaryFormat(length=3)
+    recipe = {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 4, "batch_size": 256,
+              "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
+    small = lambda k, v: CharMLP(context=k, vocab=v, embed=32, hidden=128)  # noqa: E731
+    with_it = measure_exposure(text, fmt=fmt, insertions=4, recipe=recipe, model=small, references=1)
+    without = measure_exposure(text, fmt=fmt, insertions=0, recipe=recipe, model=small, references=1)
+    for r in (with_it, without):
+        assert r.references == 1 and r.calibrated is not None and 0.0 <= r.calibrated <= math.log2(1000)
+        assert r.calibrated == pytest.approx(math.log2(1000) - math.log2(r.calibrated_rank))
+    assert with_it.calibrated > 7 and without.calibrated < 6, (with_it, without)
+    plain = measure_exposure(text, fmt=fmt, insertions=4, recipe=recipe, model=small)
+    assert plain.calibrated is None and plain.px == pytest.approx(with_it.px)  # the target model is the same

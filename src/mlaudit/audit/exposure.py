@@ -28,6 +28,15 @@ reached from here to check it, so two readings are built as an experiment variab
   candidate secret (the analogue of Truth Serum's mislabelled copies: without the canary, the model learns
   that the prefix is followed by something other than any secret, so the one true line stands out).
 
+Reports of the paper (press coverage; the paper itself could not be read here) say its extraction also uses
+shadow models to set aside continuations any model of the text finds likely. :func:`measure_exposure` offers
+that as ``references=k``: k reference models trained on the same public text and the same poison lines, without
+the canary (what the adversary can build), and the *calibrated* score
+
+    c(r) = Px_target(r) - mean_j Px_ref_j(r)                                (lower = more likely than expected)
+
+ranks the candidates for a calibrated exposure log2 |R| - log2 rank_c(r) beside the plain one.
+
 Measured on CPython's help text (docs/membership.md, "Canary exposure"): which of them raises the exposure of
 a canary is reported there, with the numbers.
 
@@ -207,12 +216,28 @@ def canary_text(fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int
     return "".join(separator + lines[i] for i in order) + separator
 
 
+def poisoned_texts(text: str, fmt: CanaryFormat, secret: str, *, insertions: int, poisons: int,
+                   generator: torch.Generator, poison: str = "random", pad: str = "x") -> tuple[str, str]:
+    """(target, reference) training texts: ``text`` plus :func:`canary_text`'s lines, and ``text`` plus the
+    same poison lines without the canary (the adversary's reference models: it wrote the poisons but does not
+    know the secret). The poison lines are the same in both (drawn from one generator state); their order
+    differs."""
+    state = generator.get_state()
+    target = text + canary_text(fmt, secret, insertions=insertions, poisons=poisons, generator=generator,
+                                poison=poison, pad=pad)
+    again = torch.Generator().set_state(state)
+    reference = text + canary_text(fmt, secret, insertions=0, poisons=poisons, generator=again, poison=poison, pad=pad)
+    return target, reference
+
+
 @dataclass(frozen=True)
 class ExposureResult:
     """One trained model's exposure of its canary: ``exposure`` (exact when |R| was enumerated, else the
     skew-normal estimate), ``exact`` (whether it is), ``sampled`` (the rank estimate from the candidates),
     ``poison`` the kind of the ``poisons`` lines, ``px`` = Px(secret), ``rank`` (exact or estimated), ``candidates`` scored, ``test_accuracy`` of the
-    model's next-character predictions on held-out text."""
+    model's next-character predictions on held-out text; with ``references`` > 0 reference models,
+    ``calibrated`` is the exposure under the calibrated score c(r) (module docstring; exact when ``exact``,
+    else the sampled rank estimate) and ``calibrated_rank`` the secret's rank under it."""
 
     secret: str
     insertions: int
@@ -226,6 +251,9 @@ class ExposureResult:
     rank: float
     candidates: int
     test_accuracy: float
+    references: int = 0
+    calibrated: float | None = None
+    calibrated_rank: float | None = None
 
 
 def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertions: int = 1, poisons: int = 0,
@@ -233,49 +261,69 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
                      context: int = 16, model: Callable[[int, int], nn.Module] | None = None,
                      recipe: str | dict | None = None,
                      seed: int = 0, device: str = "cpu", candidates: int = 20_000, exact_limit: int = 100_000,
-                     held_out: float = 0.05) -> ExposureResult:
+                     held_out: float = 0.05, references: int = 0) -> ExposureResult:
     """Train a next-character model on ``text`` (its last ``held_out`` fraction held out) plus the canary
     ``insertions`` times and ``poisons`` poison lines of kind ``poison`` (:func:`canary_text`), with a secret drawn from
     ``seed``; return the canary's exposure. |R| <= ``exact_limit`` is enumerated; otherwise ``candidates``
     secrets are sampled uniformly. The model is ``model(context, vocabulary size)`` (default
     :class:`~mlaudit.models.mlp.CharMLP`, embedding 32, hidden 256), trained by the one training loop under
-    ``recipe`` (default: Adam, lr 0.003, 6 epochs of batches of 256)."""
+    ``recipe`` (default: Adam, lr 0.003, 6 epochs of batches of 256). ``references`` > 0 also trains that many
+    reference models on the same text and poison lines without the canary (:func:`poisoned_texts`; seeds
+    ``seed * 1000 + 1 ..``) and scores the same candidates under the calibrated score."""
     from ..models.mlp import CharMLP
     from ..train.api import train
     from ..train.loop import init_models
 
-    if insertions < 0 or poisons < 0:
-        raise ConfigError(f"insertions = {insertions}, poisons = {poisons}; allowed >= 0")
+    if insertions < 0 or poisons < 0 or references < 0:
+        raise ConfigError(f"insertions = {insertions}, poisons = {poisons}, references = {references}; allowed >= 0")
     gen = torch.Generator().manual_seed(seed)
     secret = fmt.draw(1, gen)[0]
     cut = int(len(text) * (1 - held_out))
-    train_text = text[:cut] + canary_text(fmt, secret, insertions=insertions, poisons=poisons, generator=gen,
-                                                   poison=poison, pad=pad)
+    train_text, ref_text = poisoned_texts(text[:cut], fmt, secret, insertions=insertions, poisons=poisons,
+                                          generator=gen, poison=poison, pad=pad)
     vocab = Vocabulary.of(text, extra=fmt.prefix + fmt.alphabet + pad + "\n")
     names = [repr(c) for c in vocab.chars]
-    data, test = windows(vocab.encode(train_text), context, names), windows(vocab.encode(text[cut:]), context, names)
+    test = windows(vocab.encode(text[cut:]), context, names)
     r = recipe or {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 6,
                    "batch_size": 256, "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
     make = model or (lambda k, v: CharMLP(context=k, vocab=v, embed=32, hidden=256))
-    net = init_models(lambda: make(context, len(vocab)), [seed])[0]
-    net = train(net, data, r, seed=seed, device=device)
+
+    def fit(body: str, s: int) -> nn.Module:
+        net = init_models(lambda: make(context, len(vocab)), [s])[0]
+        return train(net, windows(vocab.encode(body), context, names), r, seed=s, device=device)
+
+    net = fit(train_text, seed)
+    refs = [fit(ref_text, seed * 1000 + 1 + j) for j in range(references)]
     acc = float((forward_batched(net, test.x, device=device).argmax(1).cpu() == test.y).float().mean())
+    exact = fmt.space <= exact_limit
+    pool = fmt.all(exact_limit) if exact else fmt.draw(candidates, torch.Generator().manual_seed(seed + 1))
+    px_pool = log_perplexity(net, vocab, fmt, pool, context=context, device=device)
     px = float(log_perplexity(net, vocab, fmt, [secret], context=context, device=device)[0])
-    if fmt.space <= exact_limit:
-        pool = fmt.all(exact_limit)
-        px_all = log_perplexity(net, vocab, fmt, pool, context=context, device=device)
-        others = px_all[torch.tensor([s != secret for s in pool])]
-        exp = exact_exposure(px, px_all)
-        fit = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:candidates]]
-        sampled, skew = sampled_exposure(px, others, fmt.space), skewnorm_exposure(px, fit)  # the fit on a sample
-        rank = float(1 + (px_all < px).sum())
-        return ExposureResult(secret, insertions, poisons, poison, exp, True, sampled, skew, px, rank, len(pool), acc)
-    sample = fmt.draw(candidates, torch.Generator().manual_seed(seed + 1))
-    px_s = log_perplexity(net, vocab, fmt, sample, context=context, device=device)
-    sampled, skew = sampled_exposure(px, px_s, fmt.space), skewnorm_exposure(px, px_s)
+    cal = cal_rank = None
+    if refs:
+        # The calibrated score of every candidate and of the secret (c = Px_target - mean Px_ref).
+        both = [secret] + list(pool)
+        mean_ref = torch.stack([log_perplexity(m, vocab, fmt, both, context=context, device=device) for m in refs]).mean(0)
+        c_secret, c_pool = px - float(mean_ref[0]), px_pool - mean_ref[1:]
+        if exact:
+            cal, cal_rank = exact_exposure(c_secret, c_pool), float(1 + (c_pool < c_secret).sum())
+        else:
+            cal = sampled_exposure(c_secret, c_pool, fmt.space)
+            cal_rank = 2 ** (math.log2(fmt.space) - cal)
+    extra = {"references": references, "calibrated": cal, "calibrated_rank": cal_rank}
+    if exact:
+        others = px_pool[torch.tensor([s != secret for s in pool])]
+        exp = exact_exposure(px, px_pool)
+        fit_on = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))[:candidates]]
+        sampled, skew = sampled_exposure(px, others, fmt.space), skewnorm_exposure(px, fit_on)  # the fit on a sample
+        rank = float(1 + (px_pool < px).sum())
+        return ExposureResult(secret, insertions, poisons, poison, exp, True, sampled, skew, px, rank, len(pool), acc,
+                              **extra)
+    sampled, skew = sampled_exposure(px, px_pool, fmt.space), skewnorm_exposure(px, px_pool)
     rank = 2 ** (math.log2(fmt.space) - sampled)
-    return ExposureResult(secret, insertions, poisons, poison, skew, False, sampled, skew, px, rank, candidates, acc)
+    return ExposureResult(secret, insertions, poisons, poison, skew, False, sampled, skew, px, rank, candidates, acc,
+                          **extra)
 
 
 __all__ = ["CanaryFormat", "ExposureResult", "Vocabulary", "canary_text", "exact_exposure", "log_perplexity",
-           "POISONS", "measure_exposure", "pydoc_text", "sampled_exposure", "skewnorm_exposure", "windows"]
+           "POISONS", "measure_exposure", "poisoned_texts", "pydoc_text", "sampled_exposure", "skewnorm_exposure", "windows"]

@@ -54,11 +54,16 @@ def train_fedsgd(model: nn.Module, data: DataBundle, *, users: int, batch: int, 
     g = torch.Generator().manual_seed(seed)
     parts = partition(data.train.y.cpu(), users=users, scheme=scheme, generator=g)  # type: ignore[arg-type]
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    device = next(iter(params.values())).device
+    # the defence's noise is drawn on the updates' device; on the CPU that is ``g`` itself (the same stream as
+    # the batches), elsewhere a generator of that device seeded from ``g``
+    noise = g if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+        int(torch.randint(2**62, (1,), generator=g)))
     hist, dist = FedTrainHistory(), []
     for r in range(1, rounds + 1):
         x, y, _ = local_batches(data.train, parts, batch=batch, generator=g)
         updates = user_gradients(model, x, y)
-        defended = defend_updates(updates, method=method, generator=g, **d)
+        defended = defend_updates(updates, method=method, generator=noise, **d)
         if method != "none":
             dist.append(float(distortion(updates, defended).nanmean()))  # a user with a zero gradient: nan
         step = secure_aggregate(defended, mean=True)

@@ -310,7 +310,8 @@ def main() -> None:
             for name in table[0]:
                 if chosen and name not in chosen:
                     continue
-                # --repeats > 1: the two libraries alternate, each row reporting the median wall time
+                # --repeats > 1: the two libraries alternate (mlaudit first in even repetitions, torchattacks first
+                # in odd ones), each row reporting the median wall time
                 # (the robust accuracy is the first call's; every call's time is kept); --seeds N > 1: that for
                 # each of the seeds 0 .. N-1, the row reporting the mean robust accuracy and its spread
                 runs_a: list[list[dict[str, Any]]] = []
@@ -320,12 +321,17 @@ def main() -> None:
                     ours, theirs = attacks[name]
                     runs_a.append([])
                     runs_b.append([])
-                    for _ in range(args.repeats):
-                        runs_a[-1].append(measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy),
-                                                  args.eps_l2, args.eps_l1))
-                        if args.seeds > 1:  # torchattacks' PGD and PGDL2 draw their starts from torch's global generator
-                            torch.manual_seed(k)
-                        runs_b[-1].append(measure(model, x, y, theirs(model), args.eps_l2, args.eps_l1))
+                    for rep in range(args.repeats):
+                        # the order alternates between repetitions, so that neither library always runs just
+                        # after the other's measurement (a first call of the pair may meet other GPU clocks)
+                        for side in ((0, 1) if rep % 2 == 0 else (1, 0)):
+                            if side == 0:
+                                runs_a[-1].append(measure(model, x, y, lambda xx, yy, f=ours, m=model: f(m, xx, yy),
+                                                          args.eps_l2, args.eps_l1))
+                                continue
+                            if args.seeds > 1:  # torchattacks' PGD and PGDL2 draw their starts from torch's global generator
+                                torch.manual_seed(k)
+                            runs_b[-1].append(measure(model, x, y, theirs(model), args.eps_l2, args.eps_l1))
                 a, b = _over_seeds(runs_a), _over_seeds(runs_b)
                 row = {"model": label, "clean_acc": clean, "train_s": round(train_s, 2), "attack": name,
                        "mlaudit": a, "torchattacks": b}
@@ -365,7 +371,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              + f", torch {meta['torch']}; models trained by mlaudit (recipe `{meta['recipe']}`, seed "
              f"{meta['seed']}); eps_linf = {meta['eps_linf']}, eps_l2 = {meta['eps_l2']}, eps_l1 = {meta.get('eps_l1', '-')}, APGD steps = "
              f"{meta['apgd_steps']}, Square queries = {meta.get('square_queries', '-')}. Robust accuracy in % (lower = stronger attack); wall time of the attack call"
-             + (f" (median of {meta['repeats']} alternating calls per library)." if meta.get("repeats", 1) > 1 else ".")]
+             + (f" (median of {meta['repeats']} calls per library, the order of the two alternating)." if meta.get("repeats", 1) > 1 else ".")]
     seeds = meta.get("seeds", 1)
     if seeds > 1:
         lines += ["", f"Each attack ran with the random seeds 0 .. {seeds - 1} on both sides (ours: a CPU generator seeded "

@@ -150,3 +150,27 @@ def test_calibrated_exposure_against_reference_models() -> None:
     assert with_it.calibrated > 7 and without.calibrated < 6, (with_it, without)
     plain = measure_exposure(text, fmt=fmt, insertions=4, recipe=recipe, model=small)
     assert plain.calibrated is None and plain.px == pytest.approx(with_it.px)  # the target model is the same
+
+
+class _BatchDependent(torch.nn.Module):
+    """CharMLP whose eval-mode logits are scaled by 0.99 in a batch of one: a stand-in for the ~1e-6 differences
+    that batched float sums give the same sequence scored in batches of other sizes."""
+
+    def __init__(self, k: int, v: int) -> None:
+        super().__init__()
+        self.net = CharMLP(context=k, vocab=v, embed=32, hidden=128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return z * 0.99 if not self.training and x.shape[0] == 1 else z
+
+
+def test_the_secret_is_ranked_against_its_own_pool_entry() -> None:
+    """With R enumerated, the secret's Px is the one scored with every other candidate: a model whose scores depend
+    on the batch does not push a fully memorised secret below its own entry (rank 2, one bit lost)."""
+    text, fmt = pydoc_text(20_000), CanaryFormat(length=3)
+    recipe = {"name": "custom", "optimizer": "adam", "lr": 0.003, "weight_decay": 0.0, "epochs": 4, "batch_size": 256,
+              "schedule": "cosine", "augment": "none", "label_smoothing": 0.0}
+    r = measure_exposure(text, fmt=fmt, insertions=4, recipe=recipe, model=_BatchDependent, references=1)
+    assert r.rank == 1 and r.exposure == pytest.approx(math.log2(1000)), r
+    assert r.calibrated_rank is not None and r.calibrated == pytest.approx(math.log2(1000) - math.log2(r.calibrated_rank))

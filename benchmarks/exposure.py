@@ -97,8 +97,8 @@ def main() -> None:
     paired = [(r, base[r["insertions"]]) for r in rows if r["poisons"] and r["insertions"] in base]
     if paired:  # the same seed draws the same secret: each poisoned model has an unpoisoned twin
         lines += ["", "Poisoned minus unpoisoned, paired by seed (the same secret and public text), mean ± SE:", "",
-                  "| canary insertions | poison lines | kind | exposure gain (bits) | "
-                  + ("calibrated exposure gain (bits) |" if args.references else ""),
+                  "| canary insertions | poison lines | kind | exposure gain (bits) |"
+                  + (" calibrated exposure gain (bits) |" if args.references else ""),
                   "|---:|---:|---|---:|" + ("---:|" if args.references else "")]
         for r, b in paired:
             cols = [mean_difference([x["exposure"] for x in r["runs"]], [x["exposure"] for x in b["runs"]])]

@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chars", type=int, default=60_000)
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 (another "
+                    "run's continuation: a seed draws the same secret, text and models in every run)")
     ap.add_argument("--insertions", type=int, nargs="+", default=[0, 1, 2, 4])
     ap.add_argument("--poisons", type=int, nargs="+", default=[0, 30, 100])
     ap.add_argument("--kinds", nargs="+", default=["random"], choices=["random", "pad"])
@@ -61,7 +63,7 @@ def main() -> None:
         cells += [(0, 0, "none")] * (0 not in args.insertions) + [(0, max(args.poisons), k) for k in args.kinds]
     for ins, poi, kind in cells:
         runs = [measure_exposure(text, fmt=fmt, insertions=ins, poisons=poi, poison="random" if kind == "none" else kind,
-                                 seed=s, device=args.device, exact_limit=fmt.space, recipe=recipe,
+                                 seed=args.first_seed + s, device=args.device, exact_limit=fmt.space, recipe=recipe,
                                  references=args.references)
                 for s in range(args.seeds)]
         row = {"insertions": ins, "poisons": poi, "kind": kind, "exposure": MeanSE.of([r.exposure for r in runs]).to_dict(),
@@ -73,7 +75,7 @@ def main() -> None:
         print(ins, poi, kind, row["exposure"], flush=True)
     text = f"the first {args.chars:,} characters of CPython's help topics (pydoc_data/topics.py, lower-cased)"
     env = environment() | {"data": text}
-    out = {"environment": env, "device": args.device, "chars": args.chars, "seeds": args.seeds, "space": fmt.space,
+    out = {"environment": env, "device": args.device, "chars": args.chars, "seeds": args.seeds, "first_seed": args.first_seed, "space": fmt.space,
            "prefix": fmt.prefix, "epochs": args.epochs, "references": args.references, "recipe": recipe, "rows": rows, "seconds": time.perf_counter() - t0,
            "torch_threads": torch.get_num_threads()}
     lines = ["# Canary exposure in a small next-character model (the Secret Sharer)", "",
@@ -81,7 +83,7 @@ def main() -> None:
              f"{args.chars:,} characters of CPython's help topics; canary `{fmt.prefix}` + 5 digits (|R| = 10^5, "
              f"exact exposure by scoring every candidate, maximum {math.log2(fmt.space):.2f} bits; the skew-normal fit "
              f"uses 20,000 of them); CharMLP (embedding 32, hidden 256), Adam, {args.epochs} epochs; mean ± SE "
-             f"over {args.seeds} models, each with its own secret"
+             f"over {args.seeds} models (seeds {args.first_seed}-{args.first_seed + args.seeds - 1}), each with its own secret"
              + (f"; calibrated: {args.references} reference models per target, trained on the same text and poison "
                 "lines without the canary, candidates ranked by Px_target - mean Px_ref" if args.references else "")
              + ".", "",

@@ -96,6 +96,34 @@ from .defences import client_generator, defend_updates
 from .training import server_step
 from .updates import local_seed, round_updates, user_gradients
 
+# Flower's wire format is numpy's .npy, whose header numpy parses with ast.literal_eval. On CPython 3.11 two threads
+# parsing at once can fail with "SystemError: AST constructor recursion depth mismatch" (a data race in the ast
+# module's recursion counter, seen in make test on 3.11.7, 2026-12-06). The clients here are threads of one
+# process, so every decode of parameters in this module, and every client's message handling, holds this lock.
+_WIRE_LOCK = threading.RLock()
+
+
+def _to_arrays(parameters: Any) -> list[np.ndarray]:
+    """``parameters_to_ndarrays`` under the module's wire lock."""
+    with _WIRE_LOCK:
+        return parameters_to_ndarrays(parameters)
+
+
+def _serialised(client: Any) -> Any:
+    """``client`` (a Flower ``Client``) with each message handler it implements run under the wire lock: the clients'
+    threads then decode, train and encode one at a time (same results; the race above cannot happen)."""
+    cls = type(client)
+
+    def locked(f: Any) -> Any:
+        def call(self: Any, ins: Any) -> Any:
+            with _WIRE_LOCK:
+                return f(self, ins)
+        return call
+
+    names = [n for n in ("get_properties", "get_parameters", "fit", "evaluate") if n in cls.__dict__]
+    client.__class__ = type(cls.__name__, (cls,), {n: locked(cls.__dict__[n]) for n in names})
+    return client
+
 Variant = Literal["module", "parameters"]
 Target = Literal["aggregate", "clients", "both"]
 """What a server reads: the FedAvg aggregate (what secure aggregation leaves it), each client's own update
@@ -162,7 +190,7 @@ class TrustedAggregator:
         keys = list(model.state_dict())
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         step = lr * local_steps
-        got = [parameters_to_ndarrays(r.parameters) for r in results]
+        got = [_to_arrays(r.parameters) for r in results]
         updates = ParamVector({n: torch.from_numpy(np.stack([(sent[keys.index(n)].astype(np.float64)
                                                               - g[keys.index(n)].astype(np.float64)) / step
                                                              for g in got])) for n in names})
@@ -292,7 +320,7 @@ class ImprintStrategy(FedAvg):
         return copy.deepcopy(self.malicious if self.variant == "module" else self._user)
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-        arrays = parameters_to_ndarrays(parameters)
+        arrays = _to_arrays(parameters)
         for i, planted in self._planted:
             arrays[i] = arrays[i].copy()
             planted.write(arrays[i])  # the server re-plants its bins every round
@@ -307,7 +335,7 @@ class ImprintStrategy(FedAvg):
         sent = self._sent.pop(server_round, None)
         if params is None or sent is None:
             return params, metrics
-        new = parameters_to_ndarrays(params)
+        new = _to_arrays(params)
         noise_state = None
         keys = [(k, self._keys.index(k)) for k in self.malicious.imprint_keys]
 
@@ -327,7 +355,7 @@ class ImprintStrategy(FedAvg):
         else:
             delta = weights(new)
             if self.target != "aggregate":
-                each = [weights(parameters_to_ndarrays(r.parameters)) for _, r in results]
+                each = [weights(_to_arrays(r.parameters)) for _, r in results]
         sizes = [int(r.num_examples) for _, r in results]
         examples = sum(sizes)
         obs = rec = None
@@ -435,7 +463,7 @@ class CuriousStrategy(FedAvg):
         return copy.deepcopy(self.model)
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
-        self._sent[server_round] = parameters_to_ndarrays(parameters)
+        self._sent[server_round] = _to_arrays(parameters)
         self._started[server_round] = time.perf_counter()
         return super().configure_fit(server_round, parameters, client_manager)
 
@@ -452,7 +480,7 @@ class CuriousStrategy(FedAvg):
         sent = self._sent.pop(server_round, None)
         if params is None or sent is None or not results:
             return params, metrics
-        self.latest = parameters_to_ndarrays(params)
+        self.latest = _to_arrays(params)
         trusted: tuple[ParamVector, list[ParamVector]] | None = None
         noise_state = None
         if self.aggregator is not None:  # the server sees the clipped (noised) updates; the model steps on their sum
@@ -481,7 +509,7 @@ class CuriousStrategy(FedAvg):
             obs_all["clients"] = []
             for u, ((_, res), n) in enumerate(zip(results, sizes, strict=True)):
                 grad = (trusted[1][u] if trusted is not None
-                        else self._grad(sent, parameters_to_ndarrays(res.parameters), 1.0))
+                        else self._grad(sent, _to_arrays(res.parameters), 1.0))
                 obs = Observation(grad=grad, users=1, batch=max(n, 1), input_shape=self.input_shape,
                                   train_mode=self.train_mode)
                 rec = invert(obs)
@@ -649,7 +677,8 @@ def run_flower_audit(strategy: ImprintStrategy | CuriousStrategy, clients: list[
     def client_thread(c: NumPyClient) -> None:
         try:
             _wait_listening(host, port, timeout)  # a client that dials before the server listens dies
-            start_client(server_address=address, client=c.to_client(), insecure=True, max_wait_time=timeout)
+            start_client(server_address=address, client=_serialised(c.to_client()), insecure=True,
+                         max_wait_time=timeout)
         except BaseException as e:  # noqa: BLE001 - surfaced after the server returns
             errors.append(e)
 

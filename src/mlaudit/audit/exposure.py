@@ -300,18 +300,17 @@ def measure_exposure(text: str, *, fmt: CanaryFormat = CanaryFormat(), insertion
     # With R enumerated, the secret is one of the pool and its Px is read from the same batched pass as every other
     # candidate's: the same sequence scored in another batch can differ by ~1e-6 (batch-dependent float sums), and
     # its own entry would then rank above or below it at random (rank 1 vs 2 is a whole bit at the top).
-    at = pool.index(secret) if exact else None
-    both = list(pool) if exact else [secret] + list(pool)
-    px_both = log_perplexity(net, vocab, fmt, both, context=context, device=device)
-    px_pool = px_both if exact else px_both[1:]
-    px = float(px_both[at if exact else 0])
+    # scored: the candidates scored in one pass; at: the secret's row in it; cands: the pool's rows
+    scored, at, cands = (list(pool), pool.index(secret), slice(None)) if exact else ([secret, *pool], 0, slice(1, None))
+    px_both = log_perplexity(net, vocab, fmt, scored, context=context, device=device)
+    px_pool, px = px_both[cands], float(px_both[at])
     cal = cal_rank = None
     if refs:
         # The calibrated score of every candidate and of the secret (c = Px_target - mean Px_ref).
-        mean_ref = torch.stack([log_perplexity(m, vocab, fmt, both, context=context, device=device) for m in refs]).mean(0)
+        mean_ref = torch.stack([log_perplexity(m, vocab, fmt, scored, context=context, device=device)
+                                for m in refs]).mean(0)
         c_both = px_both - mean_ref
-        c_pool = c_both if exact else c_both[1:]
-        c_secret = float(c_both[at if exact else 0])
+        c_pool, c_secret = c_both[cands], float(c_both[at])
         if exact:
             cal, cal_rank = exact_exposure(c_secret, c_pool), float(1 + (c_pool < c_secret).sum())
         else:

@@ -34,6 +34,9 @@ from mlaudit.stats import mean_se  # noqa: E402
 
 DEFENCES: list[tuple[str, dict[str, Any] | None]] = [
     ("none", None),
+    ("noise sigma 1e-6", {"method": "noise", "sigma": 1e-6}),
+    ("noise sigma 1e-4", {"method": "noise", "sigma": 1e-4}),
+    ("noise sigma 1e-3", {"method": "noise", "sigma": 1e-3}),
     ("noise sigma 0.01", {"method": "noise", "sigma": 0.01}),
     ("noise sigma 0.1", {"method": "noise", "sigma": 0.1}),
     ("clip-noise clip 1, sigma 0.1", {"method": "clip-noise", "clip": 1.0, "sigma": 0.1}),

@@ -52,6 +52,7 @@ def main() -> None:
                     "sequences by the one training loop (0: no prior)")
     ap.add_argument("--prior-weight", type=float, default=0.2, help="its weight in the discrete score (LAMP's alpha_lm)")
     ap.add_argument("--rounds", type=int, default=1, help="alternations of the inversion's continuous and discrete phases")
+    ap.add_argument("--embedding-reg", type=float, default=0.0, help="LAMP's embedding-length regulariser (alpha_reg)")
     ap.add_argument("--name", default=None, help="results file name (default: decepticons_pydoc[_gelu]_cpu)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -89,7 +90,7 @@ def main() -> None:
                                                                 input_shape=(length,)), steps=args.inversion_steps,
                                              refine=args.inversion_refine, generator=torch.Generator().manual_seed(t),
                                              prior=prior, prior_weight=args.prior_weight if prior else 0.0,
-                                             rounds=args.rounds)
+                                             rounds=args.rounds, embedding_reg=args.embedding_reg)
                         inv_secs.append(time.perf_counter() - t0)
                         inv.append(text_recovery(true, got.x))
                     seq.append(sequences(true, rec.x))
@@ -171,6 +172,8 @@ def inversion_table(res: dict[str, Any]) -> str:
                 f"{st['prior_epochs']} epochs on the server's public sequences (LAMP's prior)"
                 if st.get("prior_epochs") else "")
              + (f", {st['rounds']} alternations of the continuous and discrete phases" if st.get("rounds", 1) > 1 else "")
+             + (f", LAMP's embedding-length regulariser alpha_reg = {st['embedding_reg']}" if st.get("embedding_reg")
+                else "")
              + ") attacks the unmodified model's sum of "
              "the same users' gradients. Tokens: occurrences recovered ignoring position (multiset; pooled ROUGE-1 "
              "F1 for the inversion, which returns as many tokens as were typed). Pairs: (token, position) "

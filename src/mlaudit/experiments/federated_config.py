@@ -193,8 +193,9 @@ class TextInversionOptions(BaseModel):
     (:func:`mlaudit.attacks.federated.text_inversion`; TAG / LAMP style) on the unmodified model's aggregate
     of the same users: ``run`` it, crafting-engine ``steps`` of ``lr`` (embedding-std units), ``restarts``,
     the gradient ``distance`` (``l1``: the l1 weight of ``l2+l1``, TAG's; None: 0.01), the soft labels'
-    ``temperature``, ``refine`` discrete moves, and the ``candidates`` of the inputs: the ``bag`` of tokens
-    read off the update (every token with tied embeddings) or the whole ``vocabulary``."""
+    ``temperature``, ``refine`` discrete moves, the ``candidates`` of the inputs: the ``bag`` of tokens
+    read off the update (every token with tied embeddings) or the whole ``vocabulary``, and ``embedding_reg``,
+    LAMP's embedding-length regulariser of the continuous phase (0: off)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -207,6 +208,7 @@ class TextInversionOptions(BaseModel):
     temperature: float = Field(0.05, gt=0.0, le=100.0)
     refine: int = Field(200, ge=0, le=1_000_000)
     candidates: Literal["bag", "vocabulary"] = "bag"
+    embedding_reg: float = Field(0.0, ge=0.0, le=1e6)
 
     @model_validator(mode="after")
     def _l1_needs_l2_l1(self) -> TextInversionOptions:

@@ -90,6 +90,17 @@ def test_dlg_lowers_the_gradient_distance_and_finds_the_label(digits: tuple[torc
     assert float(psnr(rec.x, x[7:8], data_range=1.0)[0]) > 25.0
 
 
+def test_a_penalty_adds_to_every_distance(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = digits
+    model = mlp(1)
+    obs = single(model, x[7], y[7])
+    v = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    for distance in ("cosine", "l2", "l2+l1"):
+        plain = GradientInversion(model, obs, y[7:8], distance=distance, l1=0.1)
+        with_pen = GradientInversion(model, obs, y[7:8], distance=distance, l1=0.1, penalty=lambda u: 2.5 * u.sum())
+        torch.testing.assert_close(with_pen(v, torch.arange(1)), plain(v, torch.arange(1)) + 2.5 * v.sum())
+
+
 def test_inversion_of_a_small_aggregate_gets_the_inputs_in_some_order(digits: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = digits
     model = mlp(2)

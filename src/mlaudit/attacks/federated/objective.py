@@ -14,7 +14,8 @@ distance to the observed one:
 * ``l2+l1``: ||g(x) - g*||^2 + ``l1`` ||g(x) - g*||_1 (Deng et al. 2021, TAG, eq. 3, with one weight for
   every layer);
 
-plus ``tv`` times the total variation of x (Geiping et al.'s image prior; 0 for vectors). With
+plus ``tv`` times the total variation of x (Geiping et al.'s image prior; 0 for vectors) and ``penalty(v)``, a
+regulariser of the variable (text inversion's: LAMP's embedding-length term). With
 ``soft_labels`` the labels are optimised too (DLG): the variable is [n, D + C], each row a flattened
 input followed by C label logits, under :class:`BoxThenFree` (the pixel box on the input part, no
 constraint on the logits); :meth:`split` takes it apart. Other parametrisations give ``decode``, a
@@ -46,12 +47,12 @@ class GradientInversion:
     """Objective ``(x [n, ...], idx) -> scalar`` (see the module docstring); ``labels`` int [n] (or [n, L] for
     a sequence model) when they are known or recovered, None with ``soft_labels`` (then ``num_classes`` is
     needed) or ``decode``; ``l1`` the l1 weight of ``l2+l1``; ``params`` the names of the parameters whose
-    gradients are matched (None: all)."""
+    gradients are matched (None: all); ``penalty`` a scalar function of the variable added to the distance."""
 
     def __init__(self, model: nn.Module, obs: Observation, labels: Tensor | None, *, distance: Distance = "cosine",
                  tv: float = 0.0, soft_labels: bool = False, num_classes: int | None = None, l1: float = 0.0,
                  decode: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
-                 params: Iterable[str] | None = None) -> None:
+                 params: Iterable[str] | None = None, penalty: Callable[[Tensor], Tensor] | None = None) -> None:
         check_observation(model, obs)
         if distance not in DISTANCES:
             raise ConfigError(f"distance {distance!r}; allowed: {', '.join(DISTANCES)}")
@@ -69,7 +70,7 @@ class GradientInversion:
                 raise ConfigError(f"params {keep[:4]}: allowed a non-empty subset of the update's parameters")
             obs = replace(obs, grad=ParamVector({k: obs.grad[k] for k in keep}))
         self.model, self.obs, self.distance, self.tv, self.l1 = model, obs, distance, tv, l1
-        self.soft, self.classes, self.decode = soft_labels, num_classes or 0, decode
+        self.soft, self.classes, self.decode, self.penalty = soft_labels, num_classes or 0, decode, penalty
         self.dim = math.prod(obs.input_shape)
         device = next(iter(obs.grad.values())).device
         self.labels = None if labels is None else labels.to(device=device, dtype=torch.long)
@@ -100,7 +101,9 @@ class GradientInversion:
             diff = g - self.target
             d = diff.dot(diff)
             if self.distance == "l2+l1":
-                d = d + self.l1 * sum(v.abs().sum() for v in diff.values())
+                d = d + self.l1 * sum(t.abs().sum() for t in diff.values())
+        if self.penalty is not None:
+            d = d + self.penalty(v)
         return d + self.tv * total_variation(x) if self.tv else d
 
 

@@ -19,8 +19,8 @@ is one-hot. (TAG optimises free soft labels as DLG does; a free label per positi
 next input.)
 
 **The objective** is mlaudit's one gradient-matching objective (:class:`.objective.GradientInversion`,
-``decode`` giving the parametrisation above): ``cosine`` (Geiping et al. 2020; LAMP's l2 + cosine mix is
-not built), ``l2`` or ``l2+l1`` (TAG's, with weight ``l1``), over every parameter except the token
+``decode`` giving the parametrisation above): ``cosine`` (Geiping et al. 2020; LAMP's "LAMP_Cos"), ``l2`` or
+``l2+l1`` (TAG's, with weight ``l1``; LAMP's "LAMP_L1+L2"), over every parameter except the token
 embedding, whose lookup the attack replaces (its non-zero rows give the bag of tokens, used to restrict the
 candidates, as LAMP does with BERT's embedding gradient). Optimisation is the one crafting engine
 (:func:`mlaudit.craft.craft`, Adam with the step-decayed rate, restarts kept by objective).
@@ -38,7 +38,11 @@ log-perplexity) every discrete move is scored by the gradient distance plus ``pr
 mean prior NLL (LAMP's alpha_lm), so moves towards fluent text win ties the gradient cannot break. With
 ``rounds`` R > 1 the continuous and discrete phases alternate: ``steps`` / R engine steps, projection and
 ``refine`` / R moves, then the next continuous phase starts from the refined tokens' embeddings (LAMP
-alternates every few steps; R sets how often here). LAMP's l2 + cosine mix of distances is not built.
+alternates every few steps; R sets how often here). LAMP's embedding regularisation (sec. 4, the continuous
+phase): with ``embedding_reg`` alpha > 0 the continuous objective adds alpha (mean_t ||v_t|| - mean_w ||E_w|| /
+s)^2, averaged over the n sequences, with v_t the inputs' rows (t < L) and s the embedding's std, so the
+optimised embeddings do not keep growing in length (LAMP's alpha_reg; its value in the paper is not used here,
+tune it). The discrete moves are scored without it.
 
 **What a model must expose** (TinyGPT does): ``forward(tokens int64 [B, L]) -> logits [B, V, L]`` (the
 vocabulary second, ``F.cross_entropy``'s layout, as the ``federated`` kind's sequence models), computed
@@ -134,13 +138,14 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
                    candidates: Tensor | list[int] | None = None, refine: int = 0, embedding: str | None = None,
                    optimizer: Literal["adam", "signed-adam"] = "adam",
                    prior: Callable[[Tensor], Tensor] | None = None, prior_weight: float = 0.0, rounds: int = 1,
-                   generator: torch.Generator | None = None) -> Reconstruction:
+                   embedding_reg: float = 0.0, generator: torch.Generator | None = None) -> Reconstruction:
     """Token sequences [obs.inputs, L] behind ``obs`` (``input_shape`` (L,)): ``steps`` engine steps of ``lr``
     (embedding-std units), ``restarts``, then ``refine`` discrete moves (module docstring). ``candidates``:
     the token ids the inputs may take (None: the bag of tokens from the update); ``l1``: the l1 weight of
     ``distance='l2+l1'``; ``embedding``: the token embedding's module name (None: found); ``prior``,
     ``prior_weight``, ``rounds``: LAMP's language-model prior in the discrete score and its alternation of the
-    continuous and discrete phases (module docstring)."""
+    continuous and discrete phases; ``embedding_reg``: LAMP's embedding-length regulariser of the continuous
+    phase (module docstring)."""
     check_observation(model, obs)
     if len(obs.input_shape) != 1:
         raise ConfigError(f"text inversion recovers token sequences: input_shape must be (L,), got {obs.input_shape}")
@@ -151,6 +156,8 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
     if rounds < 1 or rounds > max(steps, 1) or prior_weight < 0 or (prior_weight > 0 and prior is None):
         raise ConfigError(f"rounds = {rounds}, prior_weight = {prior_weight}, prior = {prior!r}; allowed 1 <= rounds <= "
                           "steps, prior_weight >= 0, and a prior when prior_weight > 0")
+    if not (embedding_reg >= 0 and embedding_reg < float("inf")):
+        raise ConfigError(f"embedding_reg = {embedding_reg}; allowed a finite embedding_reg >= 0")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     n, length = obs.inputs, obs.input_shape[0]
     name, emb = token_embedding(model, embedding)
@@ -168,8 +175,17 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
     wrapped = EmbeddingsIn(model, emb)
     seen = Observation(ParamVector({f"lm.{k}": t for k, t in obs.grad.items()}), users=obs.users, batch=obs.batch,
                        input_shape=(length + 1, table.shape[1]), train_mode=obs.train_mode)
-    objective = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode,
-                                  params=[k for k in seen.grad if k != f"lm.{name}"])
+    matched = [k for k in seen.grad if k != f"lm.{name}"]
+    objective = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode, params=matched)
+    continuous = objective
+    if embedding_reg > 0:  # LAMP's length term, in embedding-std units (v is table / scale at exact embeddings)
+        mean_norm = float(table.float().norm(dim=1).mean()) / scale
+
+        def length_term(v: Tensor) -> Tensor:
+            return embedding_reg * (v[:, :length].norm(dim=-1).mean(1) - mean_norm).square().mean()
+
+        continuous = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode, params=matched,
+                                       penalty=length_term)
     v0 = torch.zeros(n, length + 1, table.shape[1], device=table.device)
     idx = torch.arange(n, device=table.device)
 
@@ -184,7 +200,7 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
     init: Tensor | str = "random"
     accepted, first, projections = 0, None, []
     for k in range(rounds):  # LAMP's alternation: a continuous phase, projection, a discrete phase
-        res = craft(objective, v0, constraint=Free(), steps=steps // rounds + (k < steps % rounds), optimizer=optimizer,
+        res = craft(continuous, v0, constraint=Free(), steps=steps // rounds + (k < steps % rounds), optimizer=optimizer,
                     lr=lr, schedule="step", restarts=restarts if k == 0 else 1, init=init, generator=g)
         first = res if first is None else first
         sim = F.normalize(res.delta.float(), dim=-1) @ unit.T
@@ -201,7 +217,11 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
         "accepted_moves": accepted, "refine": refine, "candidates": int(mask.sum()), "bag_of_tokens": from_bag,
         "steps": steps, "lr": lr, "distance": distance, "l1": l1 if distance == "l2+l1" else None,
         "temperature": temperature, "embedding": name, "matched": len(objective.obs.grad),
-        "prior_weight": prior_weight if prior is not None else None, "rounds": rounds})
+        "prior_weight": prior_weight if prior is not None else None, "rounds": rounds,
+        "embedding_reg": embedding_reg,
+        # the last continuous phase's mean input-row length against the vocabulary's (what embedding_reg pulls together)
+        "embedding_norm": float(res.delta[:, :length].float().norm(dim=-1).mean()) * scale,
+        "vocabulary_norm": float(table.float().norm(dim=1).mean())})
 
 
 def next_token_prior(lm: nn.Module, context: int, *, pad: int = 0) -> Callable[[Tensor], Tensor]:

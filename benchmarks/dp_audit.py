@@ -42,7 +42,8 @@ from mlaudit.experiments import run_experiment  # noqa: E402
 
 KEYS = ("claimed_epsilon", "epsilon_lower_bound", "confidence", "claim_refuted", "best_possible_lower_bound",
         "fp", "fn", "n_neg", "n_pos", "test_accuracy_of_attack", "accountant_epsilon", "noise_multiplier",
-        "sample_rate", "score", "broken", "models", "models_per_side", "delta", "gdp")
+        "sample_rate", "score", "broken", "models", "models_per_side", "delta", "gdp",
+        "gdp_best_threshold_all_models", "worst_case_init")
 ONE_RUN_KEYS = ("design", "canaries", "runs", "m", "r", "v", "k_pos", "k_neg", "level", "accuracy_of_guesses", "sweep")
 
 
@@ -160,6 +161,17 @@ def main() -> None:
                    f"| {g['eps_lower_from_mu']:.3f} ({g['delta']:g}) | {r['epsilon_lower_bound']:.3f} "
                    f"| {'-' if acc_mu is None else f'{acc_mu:.3f}'} "
                    f"| {'-' if acc_mu is None else format(g['eps_from_accountant_mu_clt'], '.3f')} |\n")
+        best = [r for r in gdp if r.get("gdp_best_threshold_all_models")]
+        if best:
+            md += ("\nAnnamalai & De Cristofaro's estimator, for comparison with their numbers only (every threshold on "
+                   "all models, no held-out half, Clopper-Pearson one-sided at 1 - confidence per rate; not a bound "
+                   "at the stated confidence):\n\n| config | canary | init | mu LB | eps from mu LB | FP / FN |\n"
+                   "|---|---|---|---|---|---|\n")
+            for r in best:
+                b, wc = r["gdp_best_threshold_all_models"], r.get("worst_case_init")
+                init = f"worst case ({wc['epochs']} epochs, {wc.get('recipe')})" if wc else "seeded random"
+                md += (f"| {Path(r['config_file']).stem} | {r['canary']['type']} | {init} | {b['mu_lower']:.3f} "
+                       f"| **{b['eps_lower_from_mu']:.3f}** | {b['fp']}/{b['n_neg']} , {b['fn']}/{b['n_pos']} |\n")
         md += ("\nmu LB: max(0, Phi^-1(1 - FPR_hi) - Phi^-1(FNR_hi)) with the Clopper-Pearson upper bounds of the eps "
                "LB; 'eps from mu LB' reads it through the mu-GDP (eps, delta) curve, which assumes a Gaussian "
                "trade-off. Accountant mu: q sqrt(T (e^(1/sigma^2) - 1)), a CLT approximation.\n")

@@ -10,6 +10,7 @@ import torch
 
 from mlaudit.audit.canaries import (
     CANARIES,
+    blank_canary,
     crafted_canary,
     gradient_canary,
     mislabeled_canary,
@@ -73,3 +74,22 @@ def test_crafted_canary_lies_where_the_data_has_no_energy() -> None:
     again = crafted_canary(b.train, seed=0)
     assert torch.equal(c.x, again.x) and c.y == again.y
     assert CANARIES.get("crafted") is crafted_canary
+
+
+def test_blank_canary_is_zero_with_the_initial_models_least_likely_class() -> None:
+    """Annamalai & De Cristofaro's blank target: the all-zero input, labelled with the class of lowest logit of
+    the model the audit starts from (so its loss, and clipped gradient, are as large as they can be)."""
+    train = digits().train
+    fn = logistic_fn()
+    c = blank_canary(train, seed=5, model_fn=fn)
+    assert c.x.shape == (1, *train.shape) and not c.x.any() and c.has_input
+    torch.manual_seed(5)
+    with torch.no_grad():
+        logits = fn()(c.x)[0]
+    assert c.y == int(logits.argmin())
+    assert c.details["initial_loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits[None],
+                                                                                            torch.tensor([c.y]))))
+    # the label follows the model, and without one it is the last class
+    assert {blank_canary(train, seed=s, model_fn=fn).y for s in range(8)} != {c.y}
+    assert blank_canary(train, seed=5).y == len(train.classes) - 1
+    assert CANARIES.get("blank") is blank_canary

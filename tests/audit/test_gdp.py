@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate
 from scipy.stats import norm
 
@@ -16,6 +18,7 @@ from mlaudit.audit.gdp import (
     delta_from_mu,
     dpsgd_mu_clt,
     eps_from_mu,
+    gdp_best_threshold,
     gdp_estimate,
     mu_from_rates,
     mu_lower_bound,
@@ -137,3 +140,30 @@ def test_dp_audit_example_reports_gdp(tmp_path: Path) -> None:
     assert g["delta"] == m["delta"]
     assert g["accountant_mu_clt"] > 0
     assert "Gaussian-DP: mu &gt;= " in (run.out_dir / "report.html").read_text()  # the report's note
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-6, 6), min_size=1, max_size=25), st.lists(st.integers(-6, 6), min_size=1, max_size=25))
+def test_best_threshold_estimator_is_the_max_over_thresholds(s_in: list[int], s_out: list[int]) -> None:
+    """Annamalai & De Cristofaro's estimator: the largest mu (one-sided Clopper-Pearson at alpha per rate) over
+    every threshold, counted on all models; checked against a loop over every integer cut."""
+    a_in, a_out = np.array(s_in, float), np.array(s_out, float)
+    got = gdp_best_threshold(a_in, a_out, delta=1e-5, alpha=0.05)
+    want = max(mu_lower_bound(int((a_out <= t).sum()), int((a_in > t).sum()), a_out.size, a_in.size, alpha=0.1)
+               for t in np.arange(-7.5, 7.0, 1.0))
+    assert got["mu_lower"] == pytest.approx(want, abs=1e-12)
+    assert got["eps_lower_from_mu"] == pytest.approx(eps_from_mu(want, 1e-5), abs=1e-9)
+    if got["mu_lower"] > 0:  # the reported counts are those of the reported threshold
+        t = got["threshold"]
+        assert (got["fp"], got["fn"]) == (int((a_out <= t).sum()), int((a_in > t).sum()))
+
+
+def test_best_threshold_estimator_perfect_separation() -> None:
+    """100 models per side, perfectly separated: FPR_hi = FNR_hi = 1 - 0.05^(1/100) (one-sided CP), so
+    mu = 2 Phi^-1(0.05^(1/100)); at least the held-out estimate of the same scores (half the models)."""
+    s_in, s_out = np.arange(100.0), np.arange(100.0) + 1000
+    got = gdp_best_threshold(s_in, s_out, delta=1e-5, alpha=0.05)
+    hi = 1 - 0.05 ** (1 / 100)
+    assert got["mu_lower"] == pytest.approx(2 * norm.isf(hi), rel=1e-6)
+    assert (got["fp"], got["fn"]) == (0, 0)
+    assert got["mu_lower"] > gdp_estimate(0, 0, 50, 50, delta=1e-5, confidence=0.95).mu_lower

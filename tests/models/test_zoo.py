@@ -37,7 +37,7 @@ def n_params(model: nn.Module) -> int:
 
 def test_zoo_registers_all_architectures() -> None:
     assert set(NAMES) == {"airbench", "convnet6", "fastcnn", "logistic", "mlp", "mobilenetv2", "resnet18", "vgg11",
-                          "scatter-cnn", "scatter-linear"}
+                          "scatter-cnn", "scatter-linear", "tanhcnn"}
     for name in NAMES:
         entry = model_entry(name)
         assert entry.description and "\n" not in entry.description

@@ -20,6 +20,13 @@ white-box canary needs it):
                 second-moment matrix, R_bar its mean over training images and beta = 0.1 a small
                 reward for a large input (among directions the data leaves empty, the brightest),
                 then scale x so that its brightest pixel is 1. The label is a seeded class.
+``blank``       the all-zero input (Annamalai & De Cristofaro, "Nearly Tight Black-Box Auditing of
+                Differentially Private Machine Learning", NeurIPS 2024, their ``blank`` target): far from
+                every natural image, so the other examples do not pull the model's output on it in
+                any one direction. Its label is the class the audited model's initialisation (the
+                worst-case initialisation under ``worst_case_init``, else a model built under the
+                seed) gives the lowest logit, as their ``choose_worstcase_label``: the largest loss and
+                so the largest (clipped) gradient; without a model (a user's trainer) the last class.
 ``gradient``    the white-box Dirac canary of Nasr et al., "Tight auditing of differentially private
                 machine learning" (USENIX Security 2023): no input at all, but a gradient C * e_j
                 added to the clipped-gradient sum in every step in which the canary is Poisson-sampled
@@ -117,6 +124,31 @@ def mislabeled_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | No
     y = int(train.y[i])
     wrong = (y + 1 + int(rng.integers(c - 1))) % c
     return Canary(train.x[i : i + 1].clone(), wrong, i, y, details={"type": "mislabeled"})
+
+
+@CANARIES.register("blank")
+def blank_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None = None,
+                 device: str | torch.device = "cpu") -> Canary:
+    """The all-zero input x [1, *shape] labelled with the class of lowest logit of the model ``model_fn``
+    builds under ``seed`` (its ``model.init`` weights when set, e.g. the worst-case initialisation), or the
+    last class without ``model_fn`` (see the module docstring)."""
+    c = len(train.classes)
+    if c < 2:
+        raise ConfigError(f"canary blank needs >= 2 classes, the dataset has {c}")
+    x = torch.zeros(1, *train.shape)
+    if model_fn is None:
+        return Canary(x, c - 1, -1, -1, details={"type": "blank", "label_rule": "last class (no model to ask)"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    model.eval()
+    with torch.no_grad():
+        logits = model.to(device)(x.to(device)).float()[0].cpu()
+    label = int(logits.argmin())
+    return Canary(x, label, -1, -1, details={"type": "blank", "label_rule": "lowest logit of the initial model",
+                                             "initial_logit": float(logits[label]),
+                                             "initial_loss": float(torch.nn.functional.cross_entropy(
+                                                 logits[None], torch.tensor([label])))})
 
 
 @dataclass(frozen=True)
@@ -230,7 +262,7 @@ def gradient_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None
                     device: str | torch.device = "cpu", examples: int = 2048) -> Canary:
     """The Dirac gradient canary (white box, see the module docstring) for the model ``model_fn``
     builds; its placeholder example is the first inserted one (virtual index len(train))."""
-    model = _white_box_model("gradient", model_fn, seed, "mislabeled or crafted")
+    model = _white_box_model("gradient", model_fn, seed, "mislabeled, crafted or blank")
     rng = _rng(seed)
     energy = coordinate_energy(model, train, rng.permutation(len(train))[:examples], device=device)
     flat = torch.cat([e.flatten() for e in energy])

@@ -31,13 +31,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from scipy.stats import norm
 
 from ..errors import ConfigError
 from ..stats import clopper_pearson
+from .game import threshold_errors
 
 __all__ = ["GDPEstimate", "gaussian_mu", "mu_from_rates", "mu_lower_bound", "mu_point", "delta_from_mu", "eps_from_mu", "dpsgd_mu_clt",
-           "gdp_estimate"]
+           "gdp_estimate", "gdp_best_threshold"]
 
 
 def mu_from_rates(fpr: float, fnr: float) -> float:
@@ -176,3 +178,32 @@ def gdp_estimate(fp: int, fn: int, n_neg: int, n_pos: int, *, delta: float, conf
                        eps_point_from_mu=eps_from_mu(pt, delta), delta=float(delta), confidence=float(confidence),
                        threshold=None if threshold is None else float(threshold), fp=int(fp), fn=int(fn),
                        n_neg=int(n_neg), n_pos=int(n_pos), fpr=fp / n_neg, fnr=fn / n_pos)
+
+
+def gdp_best_threshold(score_in: np.ndarray, score_out: np.ndarray, *, delta: float, alpha: float = 0.05
+                       ) -> dict[str, float | int]:
+    """The estimator of Annamalai & De Cristofaro (2024, "Nearly Tight Black-Box Auditing of Differentially
+    Private Machine Learning", NeurIPS; their ``compute_eps_lower_gdp`` over every threshold), for comparing
+    with their numbers: for every threshold t on the scores (a model is called "in" when its score <= t;
+    score_in [n_pos], score_out [n_neg]), mu_t = Phi^-1(1 - FPR_hi) - Phi^-1(FNR_hi) with FPR_hi, FNR_hi the
+    Clopper-Pearson upper bounds, each **one-sided at** ``alpha`` (their ``proportion_ci`` at confidence
+    1 - 2 alpha), and the eps that mu-GDP gives at ``delta``; returns the largest, with its threshold and
+    counts.
+
+    **Not a held-out bound**: the threshold is chosen on the same models it is counted on, and the max over
+    thresholds is not corrected for, so its confidence is below 1 - 2 alpha. mlaudit's own figures
+    (:func:`mlaudit.audit.game.distinguish`, :func:`gdp_estimate`) choose the threshold on half of the models
+    and count errors on the other half."""
+    s_in, s_out = np.asarray(score_in, float), np.asarray(score_out, float)
+    vals = np.unique(np.concatenate([s_in, s_out]))
+    cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
+    fps, fns = threshold_errors(cands, s_in, s_out)
+    best: dict[str, float | int] = {"mu_lower": 0.0, "eps_lower_from_mu": 0.0, "threshold": math.inf,
+                                    "fp": int(s_out.size), "fn": 0}
+    for t, fp, fn in zip(cands.tolist(), fps.tolist(), fns.tolist()):
+        mu = mu_lower_bound(int(fp), int(fn), s_out.size, s_in.size, alpha=2.0 * alpha)
+        if mu > best["mu_lower"]:
+            best = {"mu_lower": mu, "eps_lower_from_mu": eps_from_mu(mu, delta), "threshold": float(t),
+                    "fp": int(fp), "fn": int(fn)}
+    return {**best, "n_neg": int(s_out.size), "n_pos": int(s_in.size), "alpha_one_sided": float(alpha),
+            "delta": float(delta)}

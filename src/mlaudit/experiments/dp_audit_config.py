@@ -5,16 +5,16 @@ fixtures; validated before any work, including whether the audit can reach a use
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from ..audit.canaries import CANARIES, CANARY_SETS
 from ..audit.game import MIN_USEFUL_EPS, best_possible_bound, models_needed
 from ..audit.one_run import best_reachable_bound, default_choices
 from ..train.hooks import BROKEN
 from ..train.recipe import Recipe
-from .base import ExperimentConfig
+from .base import ExperimentConfig, recipe_value
 
 ONE_RUN_FIELDS = ("canaries", "guesses", "runs")
 """The fields of ``design: one-run`` (null under the game)."""
@@ -26,11 +26,25 @@ class WorstCaseInit(BaseModel):
     architecture is first trained *without* privacy for ``epochs`` epochs on the training data (the canary
     left out), and every audited model of both sides starts from its weights. DP-SGD's guarantee holds for
     any initialisation, so this is a legal auditor's choice; near convergence the other examples' gradients
-    are small and the canary's clipped gradient stands out in the final model."""
+    are small and the canary's clipped gradient stands out in the final model.
+
+    ``recipe`` (optional, a preset name or mapping, without ``dp``): how that model is trained; default the
+    audited recipe without ``dp``. ``epochs`` overrides the recipe's. A separate recipe matters when the
+    audited one is full-batch gradient descent (the paper's DP-SGD: batch = the whole dataset, a small
+    learning rate), which would barely move a model in E epochs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(10, ge=1, le=1000)
+    recipe: Annotated[Recipe | None, BeforeValidator(lambda v: recipe_value(v, where="worst_case_init.recipe"))] = None
+
+    @field_validator("recipe")
+    @classmethod
+    def _no_dp(cls, v: Recipe | None) -> Recipe | None:
+        if v is not None and v.dp is not None:
+            raise ValueError("worst_case_init.recipe trains the initialisation without privacy; drop its dp "
+                             "(the audited models use the config's recipe.dp)")
+        return v
 
 
 class OneRunGuesses(BaseModel):
@@ -93,7 +107,7 @@ class DPAuditConfig(ExperimentConfig):
                              "recipe: {name: fast, dp: {epsilon: 1.0, delta: 1.0e-5, clip: 1.0}}")
         if self.canary in ("gradient", "dirac") and self.score == "loss":
             raise ValueError(f"canary {self.canary} has no input whose loss could be measured; use score: gradient "
-                             "(or auto), or an input canary (mislabeled, crafted) with score: loss")
+                             "(or auto), or an input canary (mislabeled, crafted, blank) with score: loss")
         if self.canary == "dirac" and self.design != "one-run":
             raise ValueError("canary dirac is the one-run audit's m Dirac canaries (design: one-run); the game's "
                              "single Dirac canary is canary gradient")
@@ -102,7 +116,7 @@ class DPAuditConfig(ExperimentConfig):
                     else f"canary {self.canary} with score {self.resolved_score}")
             raise ValueError(f"{what} needs trainer: mlaudit (the white-box score needs the models' seeded "
                              "initialisation, the gradient canary and the broken fixtures live in mlaudit's "
-                             f"DP-SGD step); trainer {self.trainer!r} supports canary mislabeled or crafted "
+                             f"DP-SGD step); trainer {self.trainer!r} supports canary mislabeled, crafted or blank "
                              "with score: loss")
         if self.worst_case_init is not None and (self.trainer != "mlaudit" or self.design != "game"
                                                  or self.model.init is not None):

@@ -138,10 +138,7 @@ def blank_canary(train: TensorDataset, *, seed: int, model_fn: ModelFn | None = 
     x = torch.zeros(1, *train.shape)
     if model_fn is None:
         return Canary(x, c - 1, -1, -1, details={"type": "blank", "label_rule": "last class (no model to ask)"})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_fn()
-    model.eval()
+    model = _white_box_model("blank", model_fn, seed, "").eval()
     with torch.no_grad():
         logits = model.to(device)(x.to(device)).float()[0].cpu()
     label = int(logits.argmin())

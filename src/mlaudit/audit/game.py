@@ -66,14 +66,20 @@ def threshold_errors(thresholds: np.ndarray, score_in: np.ndarray, score_out: np
     return fp.astype(np.int64), fn.astype(np.int64)
 
 
+def threshold_candidates(score_in: np.ndarray, score_out: np.ndarray) -> np.ndarray:
+    """Every distinct split of the scores: -inf, the midpoints between consecutive distinct scores of both
+    sides, and +inf ([T], increasing)."""
+    vals = np.unique(np.concatenate([score_in, score_out]))
+    return np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
+
+
 def _best_threshold(score_in: np.ndarray, score_out: np.ndarray, *, delta: float, alpha: float
                     ) -> tuple[float, float]:
     """Threshold on the canary score maximising (eps_LB, accuracy) on the selection half: the
-    smallest such among -inf, the midpoints between consecutive distinct scores and +inf. Returns
-    (threshold, eps_LB at it). One sorted sweep for the error counts (:func:`threshold_errors`),
-    then one :func:`~mlaudit.stats.eps_lower_bound` per candidate."""
-    vals = np.unique(np.concatenate([score_in, score_out]))
-    cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
+    smallest such among :func:`threshold_candidates`. Returns (threshold, eps_LB at it). One sorted
+    sweep for the error counts (:func:`threshold_errors`), then one
+    :func:`~mlaudit.stats.eps_lower_bound` per candidate."""
+    cands = threshold_candidates(score_in, score_out)
     fps, fns = threshold_errors(cands, score_in, score_out)
     best = (-1.0, -1.0, math.inf)
     for t, fp, fn in zip(cands.tolist(), fps.tolist(), fns.tolist()):

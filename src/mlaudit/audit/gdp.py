@@ -36,7 +36,7 @@ from scipy.stats import norm
 
 from ..errors import ConfigError
 from ..stats import clopper_pearson
-from .game import threshold_errors
+from .game import threshold_candidates, threshold_errors
 
 __all__ = ["GDPEstimate", "gaussian_mu", "mu_from_rates", "mu_lower_bound", "mu_point", "delta_from_mu", "eps_from_mu", "dpsgd_mu_clt",
            "gdp_estimate", "gdp_best_threshold"]
@@ -195,8 +195,7 @@ def gdp_best_threshold(score_in: np.ndarray, score_out: np.ndarray, *, delta: fl
     (:func:`mlaudit.audit.game.distinguish`, :func:`gdp_estimate`) choose the threshold on half of the models
     and count errors on the other half."""
     s_in, s_out = np.asarray(score_in, float), np.asarray(score_out, float)
-    vals = np.unique(np.concatenate([s_in, s_out]))
-    cands = np.concatenate([[-math.inf], (vals[1:] + vals[:-1]) / 2 if vals.size > 1 else [], [math.inf]])
+    cands = threshold_candidates(s_in, s_out)
     fps, fns = threshold_errors(cands, s_in, s_out)
     best: dict[str, float | int] = {"mu_lower": 0.0, "eps_lower_from_mu": 0.0, "threshold": math.inf,
                                     "fp": int(s_out.size), "fn": 0}

@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--prior-weight", type=float, default=0.2, help="its weight in the discrete score (LAMP's alpha_lm)")
     ap.add_argument("--rounds", type=int, default=1, help="alternations of the inversion's continuous and discrete phases")
     ap.add_argument("--embedding-reg", type=float, default=0.0, help="LAMP's embedding-length regulariser (alpha_reg)")
+    ap.add_argument("--match-embedding", action="store_true",
+                    help="match the token embedding's gradient too (soft token weights; text_inversion match_embedding)")
     ap.add_argument("--name", default=None, help="results file name (default: decepticons_pydoc[_gelu]_cpu)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -90,7 +92,8 @@ def main() -> None:
                                                                 input_shape=(length,)), steps=args.inversion_steps,
                                              refine=args.inversion_refine, generator=torch.Generator().manual_seed(t),
                                              prior=prior, prior_weight=args.prior_weight if prior else 0.0,
-                                             rounds=args.rounds, embedding_reg=args.embedding_reg)
+                                             rounds=args.rounds, embedding_reg=args.embedding_reg,
+                                             match_embedding=args.match_embedding)
                         inv_secs.append(time.perf_counter() - t0)
                         inv.append(text_recovery(true, got.x))
                     seq.append(sequences(true, rec.x))
@@ -174,6 +177,7 @@ def inversion_table(res: dict[str, Any]) -> str:
              + (f", {st['rounds']} alternations of the continuous and discrete phases" if st.get("rounds", 1) > 1 else "")
              + (f", LAMP's embedding-length regulariser alpha_reg = {st['embedding_reg']}" if st.get("embedding_reg")
                 else "")
+             + (", the token embedding's gradient matched too (soft token weights)" if st.get("match_embedding") else "")
              + ") attacks the unmodified model's sum of "
              "the same users' gradients. Tokens: occurrences recovered ignoring position (multiset; pooled ROUGE-1 "
              "F1 for the inversion, which returns as many tokens as were typed). Pairs: (token, position) "

@@ -205,16 +205,16 @@ def test_a_users_own_tinygpt_by_import_string(tmp_path: Path, monkeypatch: pytes
 
 
 def test_the_honest_inversion_in_the_kind_is_the_library_call_on_the_same_round(tmp_path: Path) -> None:
-    inv = {"run": True, "steps": 60, "refine": 20, "embedding_reg": 0.1}
+    inv = {"run": True, "steps": 60, "refine": 20, "embedding_reg": 0.1, "match_embedding": True}
     m = go({**SMALL, "text_inversion": inv}, tmp_path / "o")["metrics"]
     per = {row["users"]: row for row in m["decepticons"]["per_users"]}
-    assert m["settings"]["text_inversion"]["steps"] == 60 and m["seconds"]["inversion"] > 0
+    assert m["settings"]["text_inversion"]["steps"] == 60 and m["settings"]["text_inversion"]["match_embedding"] and m["seconds"]["inversion"] > 0
     cfg = FederatedConfig.model_validate({**SMALL, "text_inversion": inv})
     _, tokens, targets, model, _ = library_round(cfg)
     for n in (1, 4):
         honest = secure_aggregate(ParamVector({k: v[:n] for k, v in user_gradients(model, tokens, targets).items()}))
         rec = text_inversion(model, Observation(honest, users=n, batch=2, input_shape=(16,)), steps=60, refine=20,
-                             embedding_reg=0.1, generator=torch.Generator().manual_seed(cfg.trial_seed(0, stream=Stream.ATTACK) + 2 + n))
+                             embedding_reg=0.1, match_embedding=True, generator=torch.Generator().manual_seed(cfg.trial_seed(0, stream=Stream.ATTACK) + 2 + n))
         want, got = text_recovery(tokens[:n].flatten(0, 1), rec.x), per[n]["inversion"]
         assert abs(got["pairs"]["value"] - want["pairs"]) <= 1.5 / (n * 32), (n, got, want)
         assert got["tokens"]["n"] == n * 32 and abs(got["tokens"]["value"] - want["tokens"]) <= 1.5 / (n * 32)

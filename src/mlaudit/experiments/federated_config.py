@@ -194,8 +194,9 @@ class TextInversionOptions(BaseModel):
     of the same users: ``run`` it, crafting-engine ``steps`` of ``lr`` (embedding-std units), ``restarts``,
     the gradient ``distance`` (``l1``: the l1 weight of ``l2+l1``, TAG's; None: 0.01), the soft labels'
     ``temperature``, ``refine`` discrete moves, the ``candidates`` of the inputs: the ``bag`` of tokens
-    read off the update (every token with tied embeddings) or the whole ``vocabulary``, and ``embedding_reg``,
-    LAMP's embedding-length regulariser of the continuous phase (0: off)."""
+    read off the update (every token with tied embeddings) or the whole ``vocabulary``, ``embedding_reg``,
+    LAMP's embedding-length regulariser of the continuous phase (0: off), and ``match_embedding``: match the token
+    embedding's gradient too, through soft token weights."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -209,6 +210,7 @@ class TextInversionOptions(BaseModel):
     refine: int = Field(200, ge=0, le=1_000_000)
     candidates: Literal["bag", "vocabulary"] = "bag"
     embedding_reg: float = Field(0.0, ge=0.0, le=1e6)
+    match_embedding: bool = False
 
     @model_validator(mode="after")
     def _l1_needs_l2_l1(self) -> TextInversionOptions:

@@ -113,6 +113,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, model: nn.Modu
                 model, Observation(g, users=n, batch=config.batch, input_shape=data.input_shape, train_mode=train),
                 steps=inv.steps, lr=inv.lr, distance=inv.distance, l1=0.01 if inv.l1 is None else inv.l1,
                 restarts=inv.restarts, temperature=inv.temperature, refine=inv.refine, embedding_reg=inv.embedding_reg,
+                match_embedding=inv.match_embedding,
                 candidates=list(range(data.num_classes)) if inv.candidates == "vocabulary" else None,
                 generator=torch.Generator().manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 2 + key))
             inverted[id(g)] = got.x.cpu()

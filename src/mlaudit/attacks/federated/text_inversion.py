@@ -25,6 +25,15 @@ embedding, whose lookup the attack replaces (its non-zero rows give the bag of t
 candidates, as LAMP does with BERT's embedding gradient). Optimisation is the one crafting engine
 (:func:`mlaudit.craft.craft`, Adam with the step-decayed rate, restarts kept by objective).
 
+**The token-embedding gradient in the matching** (``match_embedding``): the embedding's gradient row w is the
+sum of dL/de_t over the positions t holding token w, so it tells which positions hold which token, which the
+rest of the update does not say directly. A continuous embedding has no token, so the attack gives each input
+position soft token weights p_t, the softmax over the candidates of cos(v_t, E_w) / ``temperature`` (the same
+weights the labels are read with), and simulates the embedding gradient as sum_t p_t (dL/de_t)^T, [V, d]
+(:class:`EmbeddingsIn`'s soft lookup). At exact embeddings p is one-hot up to e^(-(1 - cos) / temperature) and
+this is the true gradient, so the discrete moves are scored on the whole update. A tied head's weight is
+matched then as well: its gradient is the head's part plus the lookup's.
+
 **Projection and discrete refinement**: each position goes to the candidate token of largest cosine (the
 last row to any token of the vocabulary: the next token need not have been typed). ``refine`` random moves
 on one sequence at a time, LAMP's swap of two tokens and move of one token to another position, plus
@@ -51,7 +60,8 @@ through an ``nn.Embedding`` for the tokens; the attack finds it as ``embedding``
 model's only ``nn.Embedding``. It runs the model on placeholder ids with a forward hook replacing that
 module's output by the optimised embeddings (:class:`EmbeddingsIn`): position embeddings, blocks and head
 are the model's own. A head tied to the token embedding works (its weight is left out of the matching
-with the lookup), but then the bag of tokens is unavailable and every token is a candidate.
+with the lookup unless ``match_embedding``), but then the bag of tokens is unavailable and every token is a
+candidate.
 """
 
 from __future__ import annotations
@@ -100,15 +110,30 @@ def token_embedding(model: nn.Module, embedding: str | None = None) -> tuple[str
 class EmbeddingsIn(nn.Module):
     """The causal LM ``lm`` fed token embeddings instead of token ids: ``forward(e [n, L, d])`` runs
     ``lm(zeros [n, L])`` with the output of ``embedding`` replaced by ``e`` (a forward hook, removed after the
-    call). Its parameters are ``lm``'s under the prefix ``lm.``."""
+    call). Its parameters are ``lm``'s under the prefix ``lm.``.
 
-    def __init__(self, lm: nn.Module, embedding: nn.Embedding) -> None:
+    With ``soft_lookup`` the input is [n, L, d + V]: the embeddings e followed by token weights p (each
+    row a distribution over the vocabulary). The hook then returns e + p W - stopgrad(p W), W the
+    embedding's weight [V, d]: the value is e, and the gradient reaching W is p^T dL/de, which with one-hot
+    p is the embedding gradient of the tokens p picks (row w: the sum of dL/de over the positions holding w),
+    so the token embedding's gradient can be matched too, differentiably in e and p."""
+
+    def __init__(self, lm: nn.Module, embedding: nn.Embedding, *, soft_lookup: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self._embedding = (embedding,)  # a tuple: not registered a second time
+        self.soft_lookup = soft_lookup
 
     def forward(self, e: Tensor) -> Tensor:
-        hook = self._embedding[0].register_forward_hook(lambda mod, inp, out: e.to(out.dtype))
+        d = self._embedding[0].embedding_dim
+
+        def replace(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> Tensor:
+            if not self.soft_lookup:
+                return e.to(out.dtype)
+            soft = e[..., d:].to(out.dtype) @ mod.weight  # mod.weight: the differentiated one under functional_call
+            return e[..., :d].to(out.dtype) + (soft - soft.detach())
+
+        hook = self._embedding[0].register_forward_hook(replace)
         try:
             return self.lm(torch.zeros(e.shape[:2], dtype=torch.long, device=e.device))
         finally:
@@ -138,14 +163,16 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
                    candidates: Tensor | list[int] | None = None, refine: int = 0, embedding: str | None = None,
                    optimizer: Literal["adam", "signed-adam"] = "adam",
                    prior: Callable[[Tensor], Tensor] | None = None, prior_weight: float = 0.0, rounds: int = 1,
-                   embedding_reg: float = 0.0, generator: torch.Generator | None = None) -> Reconstruction:
+                   embedding_reg: float = 0.0, match_embedding: bool = False,
+                   generator: torch.Generator | None = None) -> Reconstruction:
     """Token sequences [obs.inputs, L] behind ``obs`` (``input_shape`` (L,)): ``steps`` engine steps of ``lr``
     (embedding-std units), ``restarts``, then ``refine`` discrete moves (module docstring). ``candidates``:
     the token ids the inputs may take (None: the bag of tokens from the update); ``l1``: the l1 weight of
     ``distance='l2+l1'``; ``embedding``: the token embedding's module name (None: found); ``prior``,
     ``prior_weight``, ``rounds``: LAMP's language-model prior in the discrete score and its alternation of the
     continuous and discrete phases; ``embedding_reg``: LAMP's embedding-length regulariser of the continuous
-    phase (module docstring)."""
+    phase (module docstring); ``match_embedding``: match the token embedding's gradient too, through soft token
+    weights (module docstring)."""
     check_observation(model, obs)
     if len(obs.input_shape) != 1:
         raise ConfigError(f"text inversion recovers token sequences: input_shape must be (L,), got {obs.input_shape}")
@@ -168,24 +195,29 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
     rows = torch.ones(length + 1, len(mask), dtype=torch.bool, device=mask.device)
     rows[:length] = mask  # the inputs among the candidates; the token after the window any token
 
-    def decode(v: Tensor) -> tuple[Tensor, Tensor]:
-        sim = (F.normalize(v[:, 1:], dim=-1) @ unit.T / temperature).masked_fill(~rows[1:], float("-inf"))
-        return scale * v[:, :length], sim.softmax(-1).transpose(1, 2)  # labels [n, V, L], as the logits
-
-    wrapped = EmbeddingsIn(model, emb)
     seen = Observation(ParamVector({f"lm.{k}": t for k, t in obs.grad.items()}), users=obs.users, batch=obs.batch,
                        input_shape=(length + 1, table.shape[1]), train_mode=obs.train_mode)
-    matched = [k for k in seen.grad if k != f"lm.{name}"]
-    objective = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode, params=matched)
-    continuous = objective
-    if embedding_reg > 0:  # LAMP's length term, in embedding-std units (v is table / scale at exact embeddings)
-        mean_norm = float(table.float().norm(dim=1).mean()) / scale
+    mean_norm = float(table.float().norm(dim=1).mean()) / scale
 
-        def length_term(v: Tensor) -> Tensor:
-            return embedding_reg * (v[:, :length].norm(dim=-1).mean(1) - mean_norm).square().mean()
+    def length_term(v: Tensor) -> Tensor:  # LAMP's, in embedding-std units (v is table / scale at exact embeddings)
+        return embedding_reg * (v[:, :length].norm(dim=-1).mean(1) - mean_norm).square().mean()
 
-        continuous = GradientInversion(wrapped, seen, None, distance=distance, l1=l1, decode=decode, params=matched,
-                                       penalty=length_term)
+    def matching(soft: bool, penalty: Callable[[Tensor], Tensor] | None) -> GradientInversion:
+        """The gradient distance of the variable v [n, L + 1, d]; ``soft``: the token embedding's gradient too."""
+
+        def decode(v: Tensor) -> tuple[Tensor, Tensor]:
+            sim = (F.normalize(v, dim=-1) @ unit.T / temperature).masked_fill(~rows, float("-inf")).softmax(-1)
+            x = scale * v[:, :length]
+            if soft:  # the inputs' token weights ride along for the soft lookup (EmbeddingsIn)
+                x = torch.cat([x, sim[:, :length].to(x.dtype)], -1)
+            return x, sim[:, 1:].transpose(1, 2)  # labels [n, V, L], as the logits
+
+        matched = [k for k in seen.grad if soft or k != f"lm.{name}"]
+        return GradientInversion(EmbeddingsIn(model, emb, soft_lookup=soft), seen, None, distance=distance, l1=l1,
+                                 decode=decode, params=matched, penalty=penalty)
+
+    objective = matching(match_embedding, None)  # also the discrete moves' score
+    continuous = matching(match_embedding, length_term) if embedding_reg > 0 else objective
     v0 = torch.zeros(n, length + 1, table.shape[1], device=table.device)
     idx = torch.arange(n, device=table.device)
 
@@ -218,7 +250,7 @@ def text_inversion(model: nn.Module, obs: Observation, *, steps: int = 400, lr: 
         "steps": steps, "lr": lr, "distance": distance, "l1": l1 if distance == "l2+l1" else None,
         "temperature": temperature, "embedding": name, "matched": len(objective.obs.grad),
         "prior_weight": prior_weight if prior is not None else None, "rounds": rounds,
-        "embedding_reg": embedding_reg,
+        "embedding_reg": embedding_reg, "match_embedding": match_embedding,
         # the last continuous phase's mean input-row length against the vocabulary's (what embedding_reg pulls together)
         "embedding_norm": float(res.delta[:, :length].float().norm(dim=-1).mean()) * scale,
         "vocabulary_norm": float(table.float().norm(dim=1).mean())})

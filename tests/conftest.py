@@ -34,10 +34,13 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("MLAUDIT_DATA", str(home / "data"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs two workers with ``--dist loadgroup``), every test that
     starts a Ray cluster runs on one worker, one after the other, so two local clusters (which share the
-    machine's Ray session folder) are never started at once."""
+    machine's Ray session folder) are never started at once. (Groups need pytest < 9.2; see pyproject.toml.
+    Without ``tryfirst`` xdist read the node ids before this hook added the group, and the Ray tests were
+    spread over both workers.)"""
     for item in items:
         if item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))

@@ -21,9 +21,13 @@ from mlaudit.train import train
 
 @functools.lru_cache(maxsize=1)
 def digits_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The fast CNN at width 32 (a quarter of the default's work: 7 s of training on one CPU thread instead of 20)
+    trained on digits, and 120 test examples. Measured with it (2026-12-06, CPU): bit-depth 2 defended clean 97.5%,
+    robust 95.0% naive vs 0.0% under BPDA; the Mahalanobis detector flags 100% of PGD (0% undetected successes),
+    the detector-aware attack succeeds undetected on 61.7%."""
     torch.manual_seed(0)
     data = load_dataset({"name": "digits"})
-    model = train(build_model("fastcnn", input_shape=data.input_shape, num_classes=10), data,
+    model = train(build_model({"name": "fastcnn", "width": 32}, input_shape=data.input_shape, num_classes=10), data,
                   {"name": "fast", "epochs": 6}, seed=0).eval()
     return model, data.test.x[:120], data.test.y[:120]
 

@@ -94,7 +94,9 @@ class GradientInversion:
             raise ConfigError(f"gradient inversion optimises all {self.obs.inputs} inputs of the update jointly; "
                               f"got a batch of {len(v)} (leave craft's batch_size unset)")
         x, y = self.split(v)
-        g = self.obs.simulate(self.model, x, y)
+        # the second backward needs the gradient's graph only when the variable is differentiated (not when
+        # text inversion scores its discrete moves, or craft its final iterate under no_grad)
+        g = self.obs.simulate(self.model, x, y, create_graph=v.requires_grad and torch.is_grad_enabled())
         if self.distance == "cosine":
             d = 1 - g.dot(self.target) / (g.norm() * self.target_norm).clamp_min(1e-12)
         else:

@@ -30,6 +30,8 @@ def run(script: str, *args: str) -> str:
     pytest.param("membership_lira.py", r"lira-online: AUC 0\.\d+, TPR at 1% FPR 0\.\d+", marks=pytest.mark.slow),
     pytest.param("witches_brew.py", r"poison success: \{'mean': [\d.]+, 'se': [\d.]+, 'n': 2\}",
                  marks=pytest.mark.slow),
+    pytest.param("text_inversion.py", r"4 user\(s\): [\d.]+% of \(token, position\) pairs, [\d.]+% of tokens",
+                 marks=pytest.mark.slow),  # ~11 s on 2 cores
     ("availability.py", r"'poisoned_accuracy': \{'mean'"),
     ("epsilon.py", r"rdp: sigma 1\.1, q 0\.00512, 5859 steps -> epsilon 1\.99"),
 ])

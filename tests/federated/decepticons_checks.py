@@ -1,10 +1,19 @@
-"""Checks shared by the Decepticons tests that compare a run through Flower with the simulated one."""
+"""Checks shared by the text attacks' tests: a run through Flower against the simulated one (Decepticons), and bad
+input refused before anything is written."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mlaudit.cli import app
+from mlaudit.config import load_yaml
+from mlaudit.errors import ConfigError
+from mlaudit.experiments import run_experiment
 
 COUNTS = ("users", "occurrences", "in_sequence", "whole", "merged", "bag_of_tokens_recall")
 BINS = ("nonempty_bins", "rejected")
@@ -29,3 +38,17 @@ def same_defence(sim: dict[str, Any], fl: dict[str, Any]) -> None:
     assert (df["with"]["k"], df["without"]["k"]) == (ds["with"]["k"], ds["without"]["k"])
     assert df["without"]["k"] > df["with"]["k"]
     assert df["update_distortion"]["mean"] == pytest.approx(ds["update_distortion"]["mean"], rel=1e-3)
+
+
+def refused_before_anything_is_written(config: dict[str, Any], root: Path, words: list[str], kept: str) -> None:
+    """``config`` (written to ``root``/bad.yaml) exits 2 through the CLI with every one of ``words`` on stderr and no
+    traceback, raises ConfigError through the library, and leaves ``root`` holding only bad.yaml and ``kept``."""
+    path = root / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(root / "out"), "--device", "cpu",
+                                   "--store", str(root / "runs.db")])
+    missing = [w for w in words if w not in res.stderr]
+    assert (res.exit_code, missing, "Traceback" in res.output) == (2, [], False), res.output
+    with pytest.raises(ConfigError):
+        run_experiment(load_yaml(path), out=root / "lib", device="cpu", store=root / "lib.db", quiet=True)
+    assert sorted(p.name for p in root.iterdir() if p.name != "__pycache__") == ["bad.yaml", kept]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
+from decepticons_checks import refused_before_anything_is_written
 from typer.testing import CliRunner
 
 from mlaudit.attacks.federated import (
@@ -28,7 +28,6 @@ from mlaudit.cli import app
 from mlaudit.config import load_yaml
 from mlaudit.data import load_dataset
 from mlaudit.data.sources.pydoc_text import pydoc_text
-from mlaudit.errors import ConfigError
 from mlaudit.experiments import run_experiment
 from mlaudit.experiments.base import Stream
 from mlaudit.experiments.federated_config import FederatedConfig, user_shares
@@ -175,7 +174,8 @@ USER_MODELS = ("import torch\nfrom torch import nn\nfrom mlaudit.models.gpt impo
     ({"model": "dc_user:LookAlike"}, ["dc_user:LookAlike", "built a LookAlike", "TinyGPT"]),
     ({"dataset": {"name": "pydoc-text", "options": {"length": 1}}}, ["length", "greater than or equal to 2"]),
     ({"attack": "imprint", "dataset": "digits", "model": "mlp", "decepticons": {},
-      "text_inversion": {"run": True}}, ["text_inversion.run = true", "attack = 'imprint'", "allowed: attack: decepticons"]),
+      "text_inversion": {"run": True}}, ["text_inversion (run)", "attack = 'imprint'",
+                                         "allowed: attack text-inversion or decepticons"]),
     ({"text_inversion": {"run": True, "l1": 0.1}}, ["text_inversion.l1 = 0.1", "distance = 'cosine'", "distance: l2+l1"]),
     ({"text_inversion": {"run": True, "distance": "l1"}}, ["text_inversion.distance", "l1", "cosine", "l2+l1"]),
     ({"text_inversion": {"run": True, "steps": 0}}, ["text_inversion.steps", "greater than or equal to 1"]),
@@ -186,15 +186,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path: Path, monkeyp
                                                          change: dict[str, Any], words: list[str]) -> None:
     (tmp_path / "dc_user.py").write_text(USER_MODELS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(_bad(**change)))
-    res = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "out"), "--device", "cpu",
-                                   "--store", str(tmp_path / "runs.db")])
-    missing = [w for w in words if w not in res.stderr]
-    assert (res.exit_code, missing, "Traceback" in res.output) == (2, [], False), res.output
-    with pytest.raises(ConfigError):
-        run_experiment(load_yaml(path), out=tmp_path / "lib", device="cpu", store=tmp_path / "lib.db", quiet=True)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["bad.yaml", "dc_user.py"]
+    refused_before_anything_is_written(_bad(**change), tmp_path, words, "dc_user.py")
 
 
 def test_a_users_own_tinygpt_by_import_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

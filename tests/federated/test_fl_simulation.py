@@ -46,6 +46,47 @@ def test_batched_user_gradients_equal_a_per_user_loop(chunk: int | None) -> None
     assert all(p.grad is None for p in model.parameters()) and not model.training
 
 
+class Attention(nn.Module):
+    """A causal LM through nn.MultiheadAttention (scaled_dot_product_attention, whose fused kernels have no vmap
+    rule and no derivative of their backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok, self.attn, self.head = nn.Embedding(7, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 7)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.tok(t)
+        mask = torch.triu(torch.ones(t.shape[1], t.shape[1], dtype=torch.bool), 1)
+        return self.head(h + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]).transpose(1, 2)
+
+
+def test_user_gradients_of_an_attention_model_equal_a_per_user_loop_and_differentiate_again() -> None:
+    import warnings
+
+    from mlaudit.attacks.federated import Observation
+    from mlaudit.attacks.federated.objective import GradientInversion
+    from mlaudit.attacks.federated.text_inversion import EmbeddingsIn
+
+    torch.manual_seed(0)
+    model = Attention().eval()
+    t = torch.randint(0, 7, (3, 2, 5), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 7, (3, 2, 5), generator=torch.Generator().manual_seed(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no per-user fallback loop ("batching rule ... not implemented")
+        got = user_gradients(model, t, y)
+    for u in range(3):
+        want = param_grad(model, (t[u], y[u]))
+        for n in got:
+            torch.testing.assert_close(got[n][u], want[n], rtol=1e-5, atol=1e-6)
+    # the gradient-matching objective's second backward goes through the attention (the math kernel)
+    obs = Observation(ParamVector({f"lm.{k}": v.sum(0) for k, v in got.items()}), users=3, batch=2, input_shape=(5, 8))
+    objective = GradientInversion(EmbeddingsIn(model, model.tok), obs, y.flatten(0, 1),
+                                  params=[k for k in obs.grad if k != "lm.tok.weight"])
+    v = torch.randn(6, 5, 8, requires_grad=True)
+    objective(v, torch.arange(6)).backward()
+    assert v.grad is not None and float(v.grad.abs().sum()) > 0
+
+
 def test_train_mode_uses_each_users_batch_statistics_and_leaves_the_running_ones() -> None:
     model = tiny(bn=True)
     before = {n: b.clone() for n, b in model.named_buffers()}

@@ -5,7 +5,9 @@ them) and one sends the unmodified model; both read the FedAvg aggregate of floa
 every count (pairs, tokens, sequences, non-empty and rejected bins, the honest bag of tokens), with a
 deterministic client defence (its plain comparison and distortion too) and with server-side clipping and noise (the
 same draws). Client noise is not compared: the simulated round draws all users' noise from one generator, a Flower
-client from its own (test_flower_imprint.py checks the per-user noise on the imprint)."""
+client from its own (test_flower_imprint.py checks the per-user noise on the imprint). ``attack: text-inversion``
+through Flower (the honest server's round) inverts to the simulated round's sequences, with and without secure
+aggregation and a client defence."""
 
 from __future__ import annotations
 
@@ -74,3 +76,22 @@ def test_a_gelu_model_is_refused_through_flower_before_anything_is_written(tmp_p
                                           r"allowed: activation 'relu' with transport flower, or transport simulated"):
         run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "runs.db", quiet=True)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("change", [{}, {"aggregation": {"secure": False}, "defence": {"method": "prune", "prune": 0.5}}],
+                         ids=["secure", "per-client-prune"])
+def test_the_text_inversion_through_flower_gives_the_simulated_rounds_metrics(tmp_path: Path, change: dict[str, Any]
+                                                                              ) -> None:
+    """``attack: text-inversion`` through Flower: the honest server's round over gRPC (the FedAvg aggregate, or each
+    client's own update, a client defence and its plain comparison) inverts to the simulated round's sequences."""
+    cfg = {k: v for k, v in SMALL.items() if k != "decepticons"} | {
+        "attack": "text-inversion", "text_inversion": {"steps": 30, "refine": 10, "user_counts": [1, 4]}} | change
+    sim, fl = both(cfg, tmp_path)
+    assert fl["settings"]["transport"] == "flower" and fl["seconds"]["flower_runs"] > 0
+    for s, f in zip(sim["text_inversion"]["per_users"], fl["text_inversion"]["per_users"], strict=True):
+        assert (f["users"], f["pairs"]["k"], f["tokens"]["k"], f["bag_of_tokens_recall"]) == \
+            (s["users"], s["pairs"]["k"], s["tokens"]["k"], s["bag_of_tokens_recall"])
+    if "defence" in change:
+        assert fl["defence"]["without"]["k"] == sim["defence"]["without"]["k"]
+        assert fl["defence"]["update_distortion"]["mean"] == pytest.approx(sim["defence"]["update_distortion"]["mean"],
+                                                                            rel=1e-4)

@@ -1,5 +1,5 @@
 """Experiment kind ``federated``: how many of the users' inputs a server recovers from one round of
-federated learning (issue 20, deliverables 1-4; text, ``attack: decepticons``: :mod:`.federated_text`).
+federated learning (issue 20, deliverables 1-4; text, ``attack: decepticons`` and ``text-inversion``: :mod:`.federated_text`).
 
 Protocol, per trial: the global model is the config's model at the trial's initialisation (or, with
 ``pretrain``, trained by the factory under ``recipe``). The training split is partitioned among
@@ -63,7 +63,7 @@ from ..train.loop import init_models
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext
 from .federated_config import FederatedConfig, build_lpips, check_federated, user_shares
-from .federated_text import run_decepticons
+from .federated_text import run_text
 from .robustness import rate
 
 EXACT_DB = 80.0
@@ -616,10 +616,10 @@ def _summary(values: Tensor) -> dict[str, Any]:
 
 @register_experiment("federated", config=FederatedConfig, check=check_federated)
 def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
-    """Inputs a server recovers from federated updates: Robbing the Fed's imprint module through secure aggregation, Inverting Gradients, DLG; Decepticons on text."""
+    """Inputs a server recovers from federated updates: Robbing the Fed's imprint module through secure aggregation, Inverting Gradients, DLG; Decepticons and text inversion on text."""
     data = ctx.load_dataset(config.dataset)
-    if config.attack == "decepticons":  # token sequences through a TinyGPT: federated_text.py
-        return run_decepticons(config, ctx, data, _global_models(config, ctx, data))
+    if config.sequence_model:  # token sequences through a language model: federated_text.py
+        return run_text(config, ctx, data, _global_models(config, ctx, data))
     outcomes: list[tuple[str, int, _Outcome]] = []
     baselines: list[_Outcome] = []
     for i, (tid, seed, model) in enumerate(_global_models(config, ctx, data)):

@@ -28,6 +28,13 @@ Decepticons on text (Fowl et al. 2022, "Decepticons"; malicious parameters in a 
     batch: 1
     decepticons: {bins: null, tag_tokens: 2, user_counts: [1, 2, 4, 8], samples: 4}
     text_inversion: {run: true, steps: 300, refine: 200}   # the honest-but-curious inversion next to it
+
+The honest-but-curious text inversion on its own, on any causal language model (TAG / LAMP style):
+
+    dataset: {name: pydoc-text, options: {length: 32}}
+    model: "yourpkg.lm:build"         # forward(tokens [B, L]) -> logits [B, V, L], through an nn.Embedding
+    attack: text-inversion
+    text_inversion: {steps: 300, refine: 200, user_counts: [1, 2, 4], embedding: null, samples: 4}
 """
 
 from __future__ import annotations
@@ -43,7 +50,9 @@ from ..data.base import DataBundle
 from ..errors import ConfigError
 from .base import ExperimentConfig, Stream
 
-ATTACKS = ("inverting-gradients", "dlg", "imprint", "decepticons")
+ATTACKS = ("inverting-gradients", "dlg", "imprint", "decepticons", "text-inversion")
+TEXT_ATTACKS = ("decepticons", "text-inversion")
+"""The attacks on token sequences through a language model (:mod:`.federated_text`)."""
 TINY_GPT = "mlaudit.models.gpt:tiny_gpt"
 """The import string of mlaudit's own TinyGPT factory (the zoo holds classifiers only)."""
 
@@ -189,14 +198,19 @@ class DecepticonsOptions(BaseModel):
 
 
 class TextInversionOptions(BaseModel):
-    """The honest-but-curious text inversion next to Decepticons
-    (:func:`mlaudit.attacks.federated.text_inversion`; TAG / LAMP style) on the unmodified model's aggregate
-    of the same users: ``run`` it, crafting-engine ``steps`` of ``lr`` (embedding-std units), ``restarts``,
-    the gradient ``distance`` (``l1``: the l1 weight of ``l2+l1``, TAG's; None: 0.01), the soft labels'
-    ``temperature``, ``refine`` discrete moves, the ``candidates`` of the inputs: the ``bag`` of tokens
-    read off the update (every token with tied embeddings) or the whole ``vocabulary``, ``embedding_reg``,
-    LAMP's embedding-length regulariser of the continuous phase (0: off), and ``match_embedding``: match the token
-    embedding's gradient too, through soft token weights."""
+    """The honest-but-curious text inversion (:func:`mlaudit.attacks.federated.text_inversion`; TAG / LAMP style)
+    on the unmodified model's aggregate: next to Decepticons on the same users (``run``), or the attack itself
+    (``attack: text-inversion``, any causal language model; ``run`` is then implied). Crafting-engine ``steps`` of
+    ``lr`` (embedding-std units), ``restarts``, the gradient ``distance`` (``l1``: the l1 weight of ``l2+l1``,
+    TAG's; None: 0.01), the soft labels' ``temperature``, ``refine`` discrete moves, the ``candidates`` of the
+    inputs: the ``bag`` of tokens read off the update (every token with tied embeddings) or the whole
+    ``vocabulary``, ``embedding_reg``, LAMP's embedding-length regulariser of the continuous phase (0: off), and
+    ``match_embedding``: match the token embedding's gradient too, through soft token weights. ``embedding``: the
+    module name of the token embedding in a model with several ``nn.Embedding`` and no ``get_input_embeddings()``
+    (None: found as the attack's docstring says). With ``attack: text-inversion``: ``user_counts``, the numbers of
+    users whose update the server inverts (the first n of the round; None: ``users`` alone), and ``samples``, true
+    sequences shown next to their closest recovered one in the reports (with Decepticons its ``user_counts`` and
+    ``samples`` apply)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -211,6 +225,9 @@ class TextInversionOptions(BaseModel):
     candidates: Literal["bag", "vocabulary"] = "bag"
     embedding_reg: float = Field(0.0, ge=0.0, le=1e6)
     match_embedding: bool = False
+    embedding: str | None = Field(None, min_length=1, max_length=300)
+    user_counts: tuple[int, ...] | None = Field(None, min_length=1, max_length=64)
+    samples: int = Field(4, ge=0, le=64)
 
     @model_validator(mode="after")
     def _l1_needs_l2_l1(self) -> TextInversionOptions:
@@ -224,7 +241,7 @@ class FederatedConfig(ExperimentConfig):
     """See the module docstring and docs/federated.md for every field."""
 
     kind: Literal["federated"] = "federated"
-    attack: Literal["inverting-gradients", "dlg", "imprint", "decepticons"] = "imprint"
+    attack: Literal["inverting-gradients", "dlg", "imprint", "decepticons", "text-inversion"] = "imprint"
     users: int = Field(8, ge=1, le=100_000)
     batch: int = Field(8, ge=1, le=65_536)
     """Inputs per user in the round (FedSGD: one gradient on them; FedAvg: the user's local data)."""
@@ -240,8 +257,8 @@ class FederatedConfig(ExperimentConfig):
     decepticons: DecepticonsOptions = DecepticonsOptions()
     """``attack: decepticons`` (token data and a TinyGPT): see :class:`DecepticonsOptions`."""
     text_inversion: TextInversionOptions = TextInversionOptions()
-    """With ``attack: decepticons``: the honest-but-curious text inversion on the same round (see
-    :class:`TextInversionOptions`)."""
+    """``attack: text-inversion``, or with ``attack: decepticons`` (``run: true``) on the same round: the
+    honest-but-curious text inversion (see :class:`TextInversionOptions`)."""
     lpips: LpipsOptions | None = None
     """LPIPS of each matched reconstruction next to PSNR and SSIM (None: not computed); see :class:`LpipsOptions`."""
     defence: DefenceOptions = DefenceOptions()
@@ -299,15 +316,18 @@ class FederatedConfig(ExperimentConfig):
         if self.protocol == "fedsgd" and (self.local_epochs != 1 or self.local_batch is not None):
             raise ValueError("local_epochs and local_batch are FedAvg settings; with protocol fedsgd each user sends one "
                              "gradient on its batch: drop them or set protocol: fedavg")
-        if self.attack == "decepticons" and self.lpips is not None:
-            raise ValueError("lpips compares reconstructed images; attack = 'decepticons' recovers tokens (allowed: "
+        if self.attack in TEXT_ATTACKS and self.lpips is not None:
+            raise ValueError(f"lpips compares reconstructed images; attack = {self.attack!r} recovers tokens (allowed: "
                              "lpips with inverting-gradients, dlg or imprint)")
         if self.attack == "decepticons":
             self._decepticons_fits()
-        elif self.text_inversion.run:
-            raise ValueError(f"text_inversion.run = true inverts a language model's update next to attack 'decepticons' "
-                             f"on text; with attack = {self.attack!r} it does not apply (allowed: attack: decepticons, "
-                             "or text_inversion.run: false)")
+        elif self.attack == "text-inversion":
+            self._text_inversion_fits()
+        elif self.text_inversion.run or self.text_inversion.model_fields_set:
+            raise ValueError(f"text_inversion ({', '.join(sorted(self.text_inversion.model_fields_set)) or 'run'}) "
+                             f"configures the inversion of a language model's update (attack: text-inversion, or next "
+                             f"to attack: decepticons); with attack = {self.attack!r} it does not apply (allowed: attack "
+                             "text-inversion or decepticons, or drop text_inversion)")
         return self
 
     def _flower_fits(self) -> None:
@@ -341,22 +361,55 @@ class FederatedConfig(ExperimentConfig):
             return 1
         return self.local_epochs * -(-self.batch // (self.local_batch or self.batch))
 
-    def _decepticons_fits(self) -> None:
-        """``attack: decepticons`` reads token sequences through a TinyGPT on one FedSGD or FedAvg round, secure
-        aggregation or not; a pretrained TinyGPT comes from ``model.init`` (``pretrain`` is refused)."""
+    def _text_fits(self, model_words: str) -> None:
+        """The text attacks' shared checks: a text source (or the user's token data) and a sequence model given
+        by import string (the zoo holds classifiers)."""
         from ..data.registry import TEXT_SOURCES
         from ..imports import is_import_string
 
         name = self.dataset.name
         if name not in TEXT_SOURCES and not is_import_string(name):
-            raise ValueError(f"attack = 'decepticons' reads token sequences, but dataset.name = {name!r} is not a text "
-                             f"source; allowed: {', '.join(TEXT_SOURCES)}, or your own token data as an import string "
-                             "'package.module:attr' (x [N, L] token ids, y [N] the next token)")
+            raise ValueError(f"attack = {self.attack!r} reads token sequences, but dataset.name = {name!r} is not a "
+                             f"text source; allowed: {', '.join(TEXT_SOURCES)}, or your own token data as an import "
+                             "string 'package.module:attr' (x [N, L] token ids, y [N] the next token)")
         if not self.model.is_user:
-            raise ValueError(f"attack = 'decepticons' plants its parameters in a GPT-style TinyGPT, but model.name = "
-                             f"{self.model.name!r} is a zoo classifier; allowed: {TINY_GPT!r} (model.kwargs d_model, "
-                             "heads, layers, activation, tie_embeddings) or your own factory returning a "
-                             "mlaudit.models.gpt.TinyGPT, as 'package.module:factory'")
+            raise ValueError(f"attack = {self.attack!r} {model_words}, but model.name = {self.model.name!r} is a zoo "
+                             f"classifier; allowed: {TINY_GPT!r} (model.kwargs d_model, heads, layers, activation, "
+                             "tie_embeddings) or your own factory as 'package.module:factory'")
+
+    def _text_inversion_fits(self) -> None:
+        """``attack: text-inversion``: the honest-but-curious inversion of one FedSGD or FedAvg round of any causal
+        language model (the user's own by import string), secure aggregation or not; no Decepticons options."""
+        self._text_fits("inverts a language model's update (forward(tokens [B, L]) -> next-token logits [B, V, L] "
+                        "through an nn.Embedding)")
+        t = self.text_inversion
+        if "run" in t.model_fields_set and not t.run:
+            raise ValueError("text_inversion.run = false with attack = 'text-inversion': the inversion is the attack; "
+                             "allowed: drop text_inversion.run (or true), or choose another attack")
+        if self.decepticons.model_fields_set:
+            raise ValueError(f"decepticons ({', '.join(sorted(self.decepticons.model_fields_set))}) configures the "
+                             "malicious parameters of attack 'decepticons'; with attack = 'text-inversion' the server "
+                             "is honest: drop decepticons (the users inverted: text_inversion.user_counts)")
+        if self.pretrain:
+            raise ValueError("attack = 'text-inversion' with pretrain = True not allowed: the factory trains classifiers "
+                             "(one label per example under recipe), not a language model on next-token targets; "
+                             "allowed: pretrain false, with pretrained weights given as model.init (a state_dict file)")
+        self._counts_fit("text_inversion.user_counts", t.user_counts)
+
+    def _counts_fit(self, field: str, counts: tuple[int, ...] | None) -> None:
+        if counts is not None:
+            wrong = [n for n in counts if not 1 <= n <= self.users]
+            if wrong or len(set(counts)) != len(counts):
+                raise ValueError(f"{field} = {list(counts)}: allowed distinct counts with 1 <= n <= users = {self.users}")
+
+    def _decepticons_fits(self) -> None:
+        """``attack: decepticons`` reads token sequences through a TinyGPT on one FedSGD or FedAvg round, secure
+        aggregation or not; a pretrained TinyGPT comes from ``model.init`` (``pretrain`` is refused)."""
+        self._text_fits("plants its parameters in a GPT-style TinyGPT (a mlaudit.models.gpt.TinyGPT)")
+        if self.text_inversion.user_counts is not None:
+            raise ValueError(f"text_inversion.user_counts = {list(self.text_inversion.user_counts)} with attack = "
+                             "'decepticons': the inversion runs at decepticons.user_counts; allowed: drop "
+                             "text_inversion.user_counts, or set decepticons.user_counts")
         if self.pretrain:
             raise ValueError("attack = 'decepticons' with pretrain = True not allowed: the factory trains classifiers "
                              "(one label per example under recipe), not a language model on next-token targets; "
@@ -365,11 +418,7 @@ class FederatedConfig(ExperimentConfig):
                              "block, so of pretrained weights only the later blocks, the final LayerNorm and an untied "
                              "head are kept")
         o = self.decepticons
-        if o.user_counts is not None:
-            wrong = [n for n in o.user_counts if not 1 <= n <= self.users]
-            if wrong or len(set(o.user_counts)) != len(o.user_counts):
-                raise ValueError(f"decepticons.user_counts = {list(o.user_counts)}: allowed distinct counts with "
-                                 f"1 <= n <= users = {self.users}")
+        self._counts_fit("decepticons.user_counts", o.user_counts)
         if self.model.name == TINY_GPT:  # mlaudit's own factory: its width is known before anything is built
             d, heads = self.model.kwargs.get("d_model", 64), self.model.kwargs.get("heads", 4)
             if isinstance(d, int) and o.bins is not None and o.bins > 4 * d:
@@ -381,13 +430,19 @@ class FederatedConfig(ExperimentConfig):
 
     @property
     def sequence_model(self) -> bool:
-        """The Decepticons attack's model reads tokens [N, L] and returns next-token logits [N, V, L]."""
-        return self.attack == "decepticons"
+        """The text attacks' model reads tokens [N, L] and returns next-token logits [N, V, L]."""
+        return self.attack in TEXT_ATTACKS
 
     @property
     def user_counts(self) -> tuple[int, ...]:
-        """The numbers of users whose summed update the Decepticons attack reads (ascending)."""
-        return tuple(sorted(self.decepticons.user_counts or (self.users,)))
+        """The numbers of users whose summed update a text attack reads (ascending)."""
+        chosen = self.text_inversion.user_counts if self.attack == "text-inversion" else self.decepticons.user_counts
+        return tuple(sorted(chosen or (self.users,)))
+
+    @property
+    def inverts_text(self) -> bool:
+        """The honest-but-curious text inversion runs: the attack itself, or next to Decepticons."""
+        return self.attack == "text-inversion" or (self.attack == "decepticons" and self.text_inversion.run)
 
     @property
     def decepticons_scale(self) -> float | None:
@@ -428,8 +483,8 @@ def check_federated(config: FederatedConfig, data: DataBundle) -> None:
     if config.users * config.batch > n:
         raise ConfigError(f"users * batch = {config.users} * {config.batch} = {config.users * config.batch} inputs exceed "
                           f"the {n} examples of {data.name}'s training split; allowed users * batch <= {n}")
-    if config.attack == "decepticons":
-        check_text(config, data)
+    if config.attack in TEXT_ATTACKS:
+        (check_text if config.attack == "decepticons" else check_text_inversion)(config, data)
         user_shares(config, data, 0)
         return
     lo, hi = config.box
@@ -485,18 +540,8 @@ def check_text(config: FederatedConfig, data: DataBundle) -> None:
     layer's width, tag tokens within the heads, enough distinct measurements on the public text)."""
     from ..attacks.federated import plant_decepticon
     from ..models.gpt import TinyGPT
-    from ..models.registry import build_model
 
-    x = data.train.x
-    if len(data.input_shape) != 1:
-        raise ConfigError(f"attack = 'decepticons': dataset {data.name!r} has examples of shape {list(data.input_shape)}; "
-                          "allowed: token sequences x [N, L] (e.g. dataset pydoc-text)")
-    if not bool(torch.equal(x, x.round())) or float(x.min()) < 0 or float(x.max()) >= data.num_classes:
-        raise ConfigError(f"attack = 'decepticons': dataset {data.name!r} must hold token ids, exact integers in "
-                          f"[0, {data.num_classes}) (its classes are the vocabulary); got values in "
-                          f"[{float(x.min()):g}, {float(x.max()):g}]")
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+    model = _text_model(config, data)
     if not isinstance(model, TinyGPT):
         raise ConfigError(f"attack = 'decepticons': model {config.model.name!r} built a {type(model).__name__}; allowed: "
                           f"a mlaudit.models.gpt.TinyGPT (e.g. model: {TINY_GPT!r})")
@@ -520,3 +565,38 @@ def check_text(config: FederatedConfig, data: DataBundle) -> None:
                          generator=torch.Generator().manual_seed(0))
     except ConfigError as e:
         raise ConfigError(f"decepticons (model {config.model.name!r}, d_model {model.d_model}): {e}") from None
+
+
+def _text_model(config: FederatedConfig, data: DataBundle) -> torch.nn.Module:
+    """The text attacks' checks of the data (token sequences x [N, L] of exact integer ids in [0, V)) and the
+    config's model built for it (the preflight has checked its output shape [N, V, L])."""
+    from ..models.registry import build_model
+
+    x = data.train.x
+    if len(data.input_shape) != 1:
+        raise ConfigError(f"attack = {config.attack!r}: dataset {data.name!r} has examples of shape "
+                          f"{list(data.input_shape)}; allowed: token sequences x [N, L] (e.g. dataset pydoc-text)")
+    if not bool(torch.equal(x, x.round())) or float(x.min()) < 0 or float(x.max()) >= data.num_classes:
+        raise ConfigError(f"attack = {config.attack!r}: dataset {data.name!r} must hold token ids, exact integers in "
+                          f"[0, {data.num_classes}) (its classes are the vocabulary); got values in "
+                          f"[{float(x.min()):g}, {float(x.max()):g}]")
+    with torch.random.fork_rng(devices=[]):
+        return build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
+
+
+def check_text_inversion(config: FederatedConfig, data: DataBundle) -> None:
+    """``attack: text-inversion``'s checks on the loaded data: token sequences, and a model whose token embedding
+    the attack finds (``text_inversion.embedding``, else ``get_input_embeddings()``, ``.tok`` or its only
+    ``nn.Embedding``) with the vocabulary's rows."""
+    from ..attacks.federated.text_inversion import token_embedding
+
+    model = _text_model(config, data)
+    where = config.text_inversion.embedding
+    try:
+        _, emb = token_embedding(model, where)
+    except ConfigError as e:
+        raise ConfigError(f"text_inversion.embedding = {where!r} (model {config.model.name!r}): {e}") from None
+    if emb.num_embeddings < data.num_classes:
+        raise ConfigError(f"text_inversion.embedding = {where!r} (model {config.model.name!r}): the token embedding has "
+                          f"{emb.num_embeddings} rows, fewer than the {data.num_classes} tokens of {data.name!r}; "
+                          "allowed: an nn.Embedding with a row per token of the vocabulary")

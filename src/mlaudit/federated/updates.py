@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.base import TensorDataset
 from ..errors import ConfigError
@@ -68,7 +69,9 @@ def user_gradients(model: nn.Module, x: Tensor, y: Tensor, *, train_mode: bool =
                           f"trainable parameters {names[:4]}...")
     step = chunk or x.shape[0]
     parts: list[dict[str, Tensor]] = []
-    with in_mode(model, train=train_mode):
+    # the math attention kernel: scaled_dot_product_attention's fused kernels (nn.MultiheadAttention's, Hugging
+    # Face models') have no vmap rule and would fall back to a Python loop over the users
+    with in_mode(model, train=train_mode), sdpa_kernel([SDPBackend.MATH]):
         for i in range(0, x.shape[0], step):
             xs, ys = x[i:i + step], y[i:i + step]
             at, p_dim = (params, None) if weights is None else ({n: w[i:i + step] for n, w in weights.items()}, 0)

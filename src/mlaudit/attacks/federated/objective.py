@@ -26,6 +26,7 @@ gradients (text inversion leaves out the token embedding, whose lookup it replac
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -33,6 +34,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ...craft.constraints import Box, _rand
 from ...errors import ConfigError
@@ -96,7 +98,12 @@ class GradientInversion:
         x, y = self.split(v)
         # the second backward needs the gradient's graph only when the variable is differentiated (not when
         # text inversion scores its discrete moves, or craft its final iterate under no_grad)
-        g = self.obs.simulate(self.model, x, y, create_graph=v.requires_grad and torch.is_grad_enabled())
+        second = v.requires_grad and torch.is_grad_enabled()
+        # fused attention kernels (scaled_dot_product_attention's flash / memory-efficient ones, what
+        # nn.MultiheadAttention and Hugging Face models call) have no derivative of their backward; the math
+        # kernel does, so the simulated update that will be differentiated again is taken through it
+        with sdpa_kernel([SDPBackend.MATH]) if second else contextlib.nullcontext():
+            g = self.obs.simulate(self.model, x, y, create_graph=second)
         if self.distance == "cosine":
             d = 1 - g.dot(self.target) / (g.norm() * self.target_norm).clamp_min(1e-12)
         else:

@@ -114,7 +114,11 @@ USER_NET = ("from torch import nn\n\nclass Net(nn.Sequential):\n    def __init__
             "        super().__init__(nn.Flatten(), nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, num_classes))\n\n"
             "class Conv(nn.Module):\n    def __init__(self, num_classes=10):\n        super().__init__()\n"
             "        self.conv1 = nn.Conv2d(1, 4, 3)\n        self.fc = nn.Linear(144, num_classes)\n\n"
-            "    def forward(self, x):\n        return self.fc(self.conv1(x).flatten(1))\n")
+            "    def forward(self, x):\n        return self.fc(self.conv1(x).flatten(1))\n\n"
+            "class PassConv(nn.Sequential):  # size-keeping convolutions in front: they carry the input through\n"
+            "    def __init__(self, num_classes=10):\n"
+            "        super().__init__(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),\n"
+            "                         nn.Flatten(), nn.Linear(256, 96), nn.ReLU(), nn.Linear(96, num_classes))\n")
 
 
 @pytest.mark.parametrize("transport", ["simulated", "flower"])
@@ -129,6 +133,22 @@ def test_parameter_only_imprint_on_the_users_model_by_import_string(tmp_path: Pa
     m = go(cfg, tmp_path / "o")["metrics"]
     alone = m["imprint"]["inputs_alone_in_a_bin"]
     assert m["settings"]["imprint_layer"] == "1" and m["settings"]["transport"] == transport
+    assert alone >= 10 and alone - 1 <= m["exact"]["k"] <= alone
+
+
+@pytest.mark.parametrize("transport", ["simulated", "flower"])
+def test_parameter_only_imprint_behind_the_users_convolutions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              transport: str) -> None:
+    """A user's conv net (two size-keeping convolutions, then Linear, ReLU, Linear): the server sets the
+    convolutions to carry the input through and plants the bins in the first Linear; the inputs alone in a bin
+    come back verbatim, in process and through Flower (the convolutions travel as planted values)."""
+    if transport == "flower":
+        pytest.importorskip("flwr")
+    (tmp_path / "fl_param_user.py").write_text(USER_NET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = go({**PARAMS, "model": "fl_param_user:PassConv", "transport": transport}, tmp_path / "o")["metrics"]
+    alone = m["imprint"]["inputs_alone_in_a_bin"]
+    assert m["settings"]["imprint_layer"] == "5" and m["settings"]["transport"] == transport
     assert alone >= 10 and alone - 1 <= m["exact"]["k"] <= alone
 
 

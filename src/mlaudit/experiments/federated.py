@@ -62,7 +62,13 @@ from ..report.html import ReportTable
 from ..train.loop import init_models
 from .base import ExperimentOutput, Stream, register_experiment
 from .context import RunContext
-from .federated_config import FederatedConfig, build_lpips, check_federated, user_shares
+from .federated_config import (
+    FederatedConfig,
+    build_lpips,
+    check_federated,
+    check_parameter_imprint,
+    user_shares,
+)
 from .federated_text import run_text
 from .robustness import rate
 
@@ -721,8 +727,10 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
     if config.attack == "imprint":
         out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf,
                    imprint_scale=config.imprint_scale, imprint_variant=config.imprint.variant)
-        if config.imprint.variant == "parameters":
-            out.update(imprint_layer=config.imprint.layer, imprint_next_layer=config.imprint.next_layer)
+        if config.imprint.variant == "parameters":  # where the bins go in this architecture (the preflight's plant)
+            where = check_parameter_imprint(config, data)
+            out.update(imprint_layer=where.layer, imprint_next_layer=where.next_layer,
+                       imprint_pass_through=list(where.convs))
     else:
         out.update(steps=config.inversion.steps, labels=config.inversion.labels, restarts=config.inversion.restarts)
     return out

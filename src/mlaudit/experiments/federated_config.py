@@ -516,10 +516,12 @@ def build_lpips(config: FederatedConfig) -> torch.nn.Module:
         raise ConfigError(f"lpips: {e}") from e
 
 
-def check_parameter_imprint(config: FederatedConfig, data: DataBundle) -> None:
+def check_parameter_imprint(config: FederatedConfig, data: DataBundle) -> torch.nn.Module:
     """``imprint.variant: parameters``: the config's model, built for the data, takes the planted parameters
-    (a first Linear with a bias on the flattened input, ReLU, the next Linear; bins within its width), the
-    preflight of :func:`mlaudit.attacks.federated.plant_imprint_parameters` on the public (test) inputs."""
+    (a first Linear with a bias on the flattened input, or behind size-keeping convolutions set to carry the input,
+    ReLU, the next Linear; bins within its width), the preflight of
+    :func:`mlaudit.attacks.federated.plant_imprint_parameters` on the public (test) inputs. Returns the planted
+    ``ParameterImprint`` (where the bins went: ``layer``, ``next_layer``, the pass-through ``convs``)."""
     from ..attacks.federated import plant_imprint_parameters
     from ..models.registry import build_model
 
@@ -527,7 +529,7 @@ def check_parameter_imprint(config: FederatedConfig, data: DataBundle) -> None:
         model = build_model(config.model, input_shape=data.input_shape, num_classes=data.num_classes)
     im = config.imprint
     try:
-        plant_imprint_parameters(model, data.test.x, bins=im.bins, layer=im.layer, next_layer=im.next_layer,
+        return plant_imprint_parameters(model, data.test.x, bins=im.bins, layer=im.layer, next_layer=im.next_layer,
                                  measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
                                  scale=config.imprint_scale, generator=torch.Generator().manual_seed(0))
     except ConfigError as e:

@@ -1,8 +1,9 @@
 """The parameter-only imprint (plant_imprint_parameters): exact recovery of one input per bin through the
-sum of several users on the zoo MLP and on a user's nn.Sequential, un-planted parameters bit-identical,
-the planted state_dict loading into a fresh instance of the user's class, the same bins as the module
-variant, re-planting, and the preflight's refusals (conv first, no ReLU, a norm in between, a skip
-connection, no bias, bins above the width, a constant measurement)."""
+sum of several users on the zoo MLP, on a user's nn.Sequential and behind a conv net's pass-through
+convolutions, un-planted parameters bit-identical, the planted state_dict loading into a fresh instance of the
+user's class, the same bins as the module variant, re-planting (the convolutions too), and the preflight's
+refusals (a shrinking, strided or narrow convolution, pooling or a norm among them, negative inputs through
+ReLU, no ReLU, a norm in between, a skip connection, no bias, bins above the width, a constant measurement)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,25 @@ def sequential(seed: int = 0, width: int = 40) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))
 
 
+class ConvNet(nn.Module):
+    """Two size-keeping convolutions (one ReLU a module, one functional) in front of Linear, ReLU, Linear."""
+
+    def __init__(self, width: int = 48) -> None:
+        super().__init__()
+        self.c1, self.act = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU()
+        self.c2 = nn.Conv2d(4, 6, 5, padding=2)
+        self.fc, self.out = nn.Linear(6 * 64, width), nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c2(self.act(self.c1(x))))
+        return self.out(torch.relu(self.fc(h.flatten(1))))
+
+
+def conv_net(seed: int = 0, width: int = 48) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet(width)
+
+
 def one_per_bin(planted: ParameterImprint, pool: torch.Tensor) -> torch.Tensor:
     """The first input of ``pool`` in each bin interval (every bin that some pool input reaches)."""
     b = planted.bin_of(pool)
@@ -54,7 +74,7 @@ def observe(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Observation:
     return Observation(agg, users=x.shape[0], batch=x.shape[1], input_shape=tuple(x.shape[2:]))
 
 
-@pytest.mark.parametrize("build", [zoo, sequential])
+@pytest.mark.parametrize("build", [zoo, sequential, conv_net])
 def test_one_input_per_bin_comes_back_exactly_through_the_sum_of_users(build) -> None:  # noqa: ANN001
     public = images(600, 1)
     planted = plant_imprint_parameters(build().double(), public.double(), bins=24,
@@ -70,7 +90,7 @@ def test_one_input_per_bin_comes_back_exactly_through_the_sum_of_users(build) ->
     assert float(err.min(0).values.max()) < 1e-9  # every true input has a candidate equal to it (float64)
 
 
-@pytest.mark.parametrize("build", [zoo, sequential])
+@pytest.mark.parametrize("build", [zoo, sequential, conv_net])
 def test_float32_users_recover_every_input_alone_in_its_bin(build) -> None:  # noqa: ANN001
     planted = plant_imprint_parameters(build(1), images(600, 6), bins=32, measurement="random",
                                        generator=torch.Generator().manual_seed(7))
@@ -130,6 +150,38 @@ def test_the_bins_are_the_module_variants_and_replanting_restores_them() -> None
     assert torch.equal(ParameterImprint(again, "1", "3", planted.units).thresholds(), planted.thresholds())
 
 
+def test_convolutions_in_front_carry_the_input_and_are_replanted() -> None:
+    """Behind pass-through convolutions the first Linear sees [x.flatten(1), 0]; the convolutions are planted
+    slices (FedAvg's re-planting restores them), the bins are the module variant's, and the Linear's columns past
+    the input's D features are zero in the planted rows and the user's elsewhere."""
+    public = images(500, 12)
+    user = conv_net(1)
+    planted = plant_imprint_parameters(user, public, bins=20, measurement="random",
+                                       generator=torch.Generator().manual_seed(3))
+    module = plant_imprint(conv_net(1), public, bins=20, measurement="random", generator=torch.Generator().manual_seed(3))
+    assert planted.convs == ("c1", "c2") and planted.width == 64 and planted.layer == "fc"
+    torch.testing.assert_close(planted.thresholds(), module.thresholds(), rtol=0, atol=0)
+    seen: dict[str, torch.Tensor] = {}
+    planted.model.fc.register_forward_pre_hook(lambda m, a: seen.update(z=a[0]))
+    x = images(7, 13)
+    planted(x)
+    assert torch.equal(seen["z"][:, :64], x.flatten(1)) and not bool(seen["z"][:, 64:].any())
+    w = planted.model.fc.weight
+    assert not bool(w[list(planted.units), 64:].any())
+    rest = [u for u in range(48) if u not in planted.units]
+    assert torch.equal(w[rest], user.fc.weight[rest])
+    names = [s.name for s in planted.planted()]
+    assert names[:4] == ["c1.weight", "c1.bias", "c2.weight", "c2.bias"]
+    state = {k: v + 0.01 for k, v in planted.model.state_dict().items()}  # a round of training moved everything
+    for sl in planted.planted():
+        sl.write(state[sl.name])
+    again = conv_net(9)
+    again.load_state_dict(state)
+    assert torch.equal(again.c1.weight, planted.model.c1.weight) and torch.equal(again.c2.bias, planted.model.c2.bias)
+    rec = imprint(planted, observe(planted, x[:6].view(2, 3, *SHAPE), torch.zeros(2, 3, dtype=torch.long)))
+    assert rec.x.shape[1:] == SHAPE
+
+
 def test_observations_named_as_in_the_users_model_give_the_same_candidates() -> None:
     planted = plant_imprint_parameters(sequential(4), images(400, 14), bins=16)
     x = images(12, 15).view(3, 4, *SHAPE)
@@ -177,8 +229,30 @@ class Skip(nn.Module):
         return self.out(torch.relu(self.fc2(h)) + h)
 
 
+class Pooled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # functional pooling: not a module the trace sees
+        return self.out(torch.relu(self.fc(nn.functional.avg_pool2d(self.conv(x), 2).flatten(1))))
+
+
 @pytest.mark.parametrize(("model", "bins", "public", "words"), [
-    (Conv(), 8, None, ["needs a first nn.Linear on the flattened input followed by ReLU", "found Conv2d 'conv1'"]),
+    (Conv(), 8, None, ["needs a first nn.Linear on the flattened input followed by ReLU", "found Conv2d 'conv1'",
+                       "padding (0, 0)", "zero padding k//2"]),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(),
+                   nn.Linear(16, 10)), 8, None, ["found MaxPool2d '1' between them", "pooling"]),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 16), nn.ReLU(),
+                   nn.Linear(16, 10)), 8, None, ["found BatchNorm2d '1' between them", "norm layers"]),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(),
+                   nn.Linear(16, 10)), 8, None, ["found Conv2d '0' first", "stride (2, 2)", "allowed: 1"]),
+    (nn.Sequential(nn.Conv2d(3, 2, 3, padding=1), nn.Flatten(), nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 10)),
+     8, torch.rand(100, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * torch.rand(100, 1, 1, 1),
+     ["2 output channels for the input's 3", "at least 3"]),
+    (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 16), nn.ReLU(),
+                   nn.Linear(16, 10)), 8, images(100, 19) - 0.5, ["through ReLU", "non-negative inputs"]),
+    (Pooled(), 8, None, ["layer 'fc' sees an input of shape [64, 64]", "followed by zeros"]),
     (nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Linear(32, 10)), 8, None,
      ["do not reach '2' as ReLU(s (h - c_i))", "no ReLU after '1'"]),
     (nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)), 8, None,

@@ -25,8 +25,19 @@ other parameter keep the user's values.
     planted.model                       # the user's model (a deep copy) with the planted values
     rec = imprint(planted, obs)         # obs: the users' summed update of planted (or of planted.model)
 
+**Convolutions in front** (Boenisch et al., "When the Curious Abandon Honesty", EuroS&P 2023, carry the input
+through a network's convolutions the same way): when ``nn.Conv2d`` layers run before the first Linear, the server
+sets each to carry its input unchanged, kernel W[c, c, k//2, k//2] = 1 for the input's C channels and 0 elsewhere,
+bias 0, so the first C channels hold x and the rest are zero. A ReLU between them passes x when the inputs are
+non-negative (pixels), and after the flattening the Linear sees z = [x.flatten(1), 0]. The imprint rows then take
+the measurement on z's first D entries and 0 on the rest, and the recovered rows' first D entries are the inputs.
+Each such convolution needs stride 1, dilation 1, groups 1, zero padding k//2 of an odd kernel (the size is kept)
+and at least C output channels; pooling, a norm layer or anything else between them is refused (pooling and
+strides drop pixels). The convolutions are planted slices too, so FedAvg's re-planting restores them.
+
 Requirements, checked on the public inputs (a ConfigError names what was found): the first layer the input
-reaches is an ``nn.Linear`` with a bias whose input is x.flatten(1); the modules run between it and the next
+reaches is an ``nn.Linear`` with a bias whose input is x.flatten(1) (or, behind pass-through convolutions,
+[x.flatten(1), 0]); the modules run between it and the next
 ``nn.Linear`` are only ReLU, Identity or Dropout (a norm layer in between is refused); the planted units
 reach the next layer as ReLU(s (h - c_i)); and one public input's gradient has the shared-g form (nothing
 else reads the first layer's output, e.g. no skip connection).
@@ -47,7 +58,8 @@ from .base import Observation
 from .imprint import Cdf, ImprintBins, Measurement, PlantedSlice, _observed, place_bins
 
 PASSIVE = (nn.ReLU, nn.Identity, nn.Dropout, nn.Flatten)
-"""Modules allowed between the imprint layer and the next Linear (Dropout: users compute in eval mode)."""
+"""Modules allowed between the imprint layer and the next Linear, and between pass-through convolutions (Dropout:
+users compute in eval mode)."""
 NEEDS = "the parameter-only imprint needs a first nn.Linear on the flattened input followed by ReLU"
 PREFLIGHT = 64
 """Public inputs the architecture checks run on."""
@@ -62,11 +74,16 @@ class ParameterImprint(ImprintBins, nn.Module):
     A wrapper rather than the bare model: one object carries the planted model and where its bins are, so a
     simulation computes the users' gradients on it and passes it to :func:`imprint` unchanged."""
 
-    def __init__(self, model: nn.Module, layer: str, next_layer: str, units: tuple[int, ...]) -> None:
+    def __init__(self, model: nn.Module, layer: str, next_layer: str, units: tuple[int, ...],
+                 convs: tuple[str, ...] = (), width: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.layer, self.next_layer, self.units = layer, next_layer, tuple(units)
         self.imprint_keys = (f"{layer}.weight", f"{layer}.bias")
+        self.convs = tuple(convs)
+        """The pass-through convolutions in front of ``layer`` (module docstring), in call order."""
+        self.width = width if width is not None else model.get_submodule(layer).in_features
+        """D, the flattened input's size: the first D features of ``layer`` hold the input."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -78,13 +95,14 @@ class ParameterImprint(ImprintBins, nn.Module):
     def _rows(self) -> tuple[Tensor, Tensor]:
         first = self.model.get_submodule(self.layer)
         rows = list(self.units)
-        return first.weight[rows], first.bias[rows]
+        return first.weight[rows, : self.width], first.bias[rows]
 
     def imprint_gradients(self, obs: Observation) -> tuple[Tensor, Tensor]:
-        """The chosen rows of the first layer's update, named as in the user's model or as in this wrapper."""
+        """The chosen rows of the first layer's update (their first D entries: the input's), named as in the user's
+        model or as in this wrapper."""
         rows = list(self.units)
         w, b = self.imprint_keys
-        return (_observed(obs, (w, f"model.{w}"), f"layer {self.layer!r}")[rows],
+        return (_observed(obs, (w, f"model.{w}"), f"layer {self.layer!r}")[rows, : self.width],
                 _observed(obs, (b, f"model.{b}"), f"layer {self.layer!r}")[rows])
 
     def planted(self) -> list[PlantedSlice]:
@@ -92,7 +110,9 @@ class ParameterImprint(ImprintBins, nn.Module):
         b1 and the chosen columns of W2 (their current values here, i.e. as planted)."""
         first, nxt = self.model.get_submodule(self.layer), self.model.get_submodule(self.next_layer)
         rows = list(self.units)
-        return [PlantedSlice(f"{self.layer}.weight", 0, self.units, first.weight.detach()[rows].cpu().clone()),
+        convs = [PlantedSlice(f"{name}.{k}", 0, tuple(range(len(t))), t.detach().cpu().clone())
+                 for name in self.convs for k, t in self.model.get_submodule(name).named_parameters(recurse=False)]
+        return convs + [PlantedSlice(f"{self.layer}.weight", 0, self.units, first.weight.detach()[rows].cpu().clone()),
                 PlantedSlice(f"{self.layer}.bias", 0, self.units, first.bias.detach()[rows].cpu().clone()),
                 PlantedSlice(f"{self.next_layer}.weight", 1, self.units, nxt.weight.detach()[:, rows].cpu().clone())]
 
@@ -117,13 +137,14 @@ def _owns_parameters(m: nn.Module) -> bool:
 
 
 def _layers(model: nn.Module, calls: list[tuple[str, nn.Module, Tensor]], x: Tensor, layer: str | None,
-            next_layer: str | None) -> tuple[str, str, int, int]:
-    """Names of W1 and W2 and their positions in ``calls``, checked: W1 a Linear with a bias on x.flatten(1),
-    called once, then only passive modules up to W2, a Linear taking W1's width."""
+            next_layer: str | None, convs: tuple[str, ...] = ()) -> tuple[str, str, int, int]:
+    """Names of W1 and W2 and their positions in ``calls``, checked: W1 a Linear with a bias on x.flatten(1)
+    (behind the pass-through ``convs``: on [x.flatten(1), 0]), called once, then only passive modules up to W2, a
+    Linear taking W1's width."""
     names = [n for n, _, _ in calls]
     modules = dict(model.named_modules())
     if layer is None:
-        first = next(((n, m) for n, m, _ in calls if _owns_parameters(m)), None)
+        first = next(((n, m) for n, m, _ in calls if _owns_parameters(m) and n not in convs), None)
         if first is None:
             raise ConfigError(f"{NEEDS}; found no layer with parameters in the model's forward")
         if not isinstance(first[1], nn.Linear):
@@ -137,10 +158,15 @@ def _layers(model: nn.Module, calls: list[tuple[str, nn.Module, Tensor]], x: Ten
     if names.count(layer) != 1:
         raise ConfigError(f"{NEEDS}; layer {layer!r} runs {names.count(layer)} times in one forward (allowed: once)")
     at = names.index(layer)
-    seen = calls[at][2]
-    if seen.shape != x.flatten(1).shape or not torch.equal(seen, x.flatten(1).to(seen)):
+    seen, flat = calls[at][2], x.flatten(1)
+    d = flat.shape[1]
+    carried = (seen.dim() == 2 and seen.shape[0] == flat.shape[0] and seen.shape[1] >= d
+               and torch.equal(seen[:, :d], flat.to(seen)) and not bool(seen[:, d:].any()))
+    if not carried or (not convs and seen.shape[1] != d):
         raise ConfigError(f"{NEEDS}; layer {layer!r} sees an input of shape {list(seen.shape)} that is not the "
-                          f"flattened input x.flatten(1) {list(x.flatten(1).shape)} (another layer runs before it?)")
+                          f"flattened input x.flatten(1) {list(flat.shape)}"
+                          + (" followed by zeros (the pass-through convolutions' output)" if convs else "")
+                          + " (another layer runs before it?)")
     if modules[layer].bias is None:
         raise ConfigError(f"{NEEDS} and a bias (the bin offsets go there); layer {layer!r} has bias=False (the zoo's "
                           "mlp drops it with norm batch or group: use norm none)")
@@ -167,6 +193,53 @@ def _layers(model: nn.Module, calls: list[tuple[str, nn.Module, Tensor]], x: Ten
     return layer, next_layer, at, nxt
 
 
+def _pass_through(model: nn.Module, calls: list[tuple[str, nn.Module, Tensor]], x: Tensor, layer: str | None
+                  ) -> tuple[str, ...]:
+    """The ``nn.Conv2d`` layers that run before the imprint layer (``layer``, else the first nn.Linear), each set to
+    carry the input's C channels unchanged (module docstring); () when a Linear comes first. ConfigError naming the
+    layer and what is allowed when one cannot."""
+    names = [n for n, _, _ in calls]
+    if layer is not None and layer not in names:
+        return ()  # _layers names what is wrong with it
+    stop = names.index(layer) if layer is not None else next(
+        (i for i, (_, m, _) in enumerate(calls) if isinstance(m, nn.Linear)), len(calls))
+    before = [(n, m, inp) for n, m, inp in calls[:stop] if _owns_parameters(m) or not isinstance(m, PASSIVE)]
+    if not before or not isinstance(before[0][1], nn.Conv2d):
+        return ()
+    channels = x.shape[1] if x.dim() == 4 else None
+    for n, m, _ in before:
+        if not isinstance(m, nn.Conv2d):
+            raise ConfigError(f"{NEEDS}, or nn.Conv2d layers in front that carry the input unchanged; found "
+                              f"{type(m).__name__} {n!r} between them (pooling, strides and norm layers are not "
+                              "handled: they do not pass every pixel through)")
+        k = m.kernel_size
+        wrong = []
+        if channels is None:
+            wrong.append(f"inputs of shape {list(x.shape[1:])} (allowed: images [C, H, W])")
+        if m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1:
+            wrong.append(f"stride {m.stride}, dilation {m.dilation}, groups {m.groups} (allowed: 1)")
+        if m.padding_mode != "zeros" or any(s % 2 == 0 for s in k) or m.padding != (k[0] // 2, k[1] // 2):
+            wrong.append(f"padding {m.padding} ({m.padding_mode}) for a {k[0]}x{k[1]} kernel (allowed: an odd "
+                         "kernel with zero padding k//2, which keeps the size)")
+        if channels is not None and m.out_channels < channels:
+            wrong.append(f"{m.out_channels} output channels for the input's {channels} (allowed: at least {channels})")
+        if wrong:
+            raise ConfigError(f"{NEEDS}; found Conv2d {n!r} first, which cannot carry the input through unchanged: "
+                              + "; ".join(wrong))
+    if float(x.min()) < 0 and any(isinstance(m, nn.ReLU) for _, m, _ in calls[:stop]):
+        raise ConfigError(f"{NEEDS}; the pass-through convolutions carry the input through ReLU, which needs "
+                          f"non-negative inputs (pixels); the public inputs reach {float(x.min()):.4g}")
+    assert channels is not None
+    with torch.no_grad():
+        for _, m, _ in before:
+            m.weight.zero_()
+            for c in range(channels):
+                m.weight[c, c, m.kernel_size[0] // 2, m.kernel_size[1] // 2] = 1.0
+            if m.bias is not None:
+                m.bias.zero_()
+    return tuple(n for n, _, _ in before)
+
+
 def plant_imprint_parameters(model: nn.Module, public_x: Tensor, *, bins: int, layer: str | None = None,
                              next_layer: str | None = None, units: list[int] | tuple[int, ...] | None = None,
                              measurement: Measurement = "brightness", cdf: Cdf = "empirical", feedback: float = 1e-2,
@@ -181,8 +254,10 @@ def plant_imprint_parameters(model: nn.Module, public_x: Tensor, *, bins: int, l
     planted = copy.deepcopy(model)
     device = next((p.device for p in planted.parameters()), torch.device("cpu"))
     probe = public_x[:PREFLIGHT].to(device)
-    layer, next_layer, _, _ = _layers(planted, _trace(planted, probe), probe, layer, next_layer)
+    convs = _pass_through(planted, _trace(planted, probe), probe, layer)
+    layer, next_layer, _, _ = _layers(planted, _trace(planted, probe), probe, layer, next_layer, convs)
     first, nxt = planted.get_submodule(layer), planted.get_submodule(next_layer)
+    d = probe.flatten(1).shape[1]
     width = first.out_features
     if not 1 <= bins <= width:
         raise ConfigError(f"imprint bins = {bins} exceeds the {width} hidden units of {layer!r} (Linear "
@@ -196,10 +271,11 @@ def plant_imprint_parameters(model: nn.Module, public_x: Tensor, *, bins: int, l
     v *= placed.feedback_norm(feedback, scale) / float(v.norm())
     rows = list(chosen)
     with torch.no_grad():
-        first.weight[rows] = (scale * placed.direction).to(first.weight)
+        first.weight[rows] = 0.0  # behind pass-through convolutions the features past D are zeros
+        first.weight[rows, :d] = (scale * placed.direction).to(first.weight)
         first.bias[rows] = -(scale * placed.offsets).to(first.bias)
         nxt.weight[:, rows] = v.to(nxt.weight)[:, None]
-    out = ParameterImprint(planted, layer, next_layer, chosen)
+    out = ParameterImprint(planted, layer, next_layer, chosen, convs=convs, width=d)
     _preflight(out, public_x, scale)
     return out
 
@@ -230,7 +306,7 @@ def _preflight(out: ParameterImprint, public_x: Tensor, scale: float) -> None:
         loss = F.cross_entropy(logits.flatten(1), logits.flatten(1).argmin(1))
         gw, gb = torch.autograd.grad(loss, [first.weight, first.bias])
     rows = list(out.units)
-    gw, gb = gw[rows], gb[rows]
+    gw, gb = gw[rows, : out.width], gb[rows]
     if not (float(gb.abs().max()) > 0 and math.isfinite(float(gb.abs().max()))):
         raise ConfigError(f"{NEEDS}, whose units reach the loss through {out.next_layer!r}; the planted units get no "
                           "(finite) gradient on a public input")

@@ -31,7 +31,9 @@ each client's update before it leaves the client, as for the honest server below
 
 :class:`TorchClient` is a Flower ``NumPyClient`` over any ``nn.Module`` and local tensors (one
 FedSGD step by default), for simulating users; :func:`run_flower_audit` runs a server and its clients
-over gRPC on 127.0.0.1 in one process (Flower's legacy ``start_server``/``start_client``; no Ray).
+over gRPC on 127.0.0.1 in one process (Flower's legacy ``start_server``/``start_client``; no Ray), and
+:func:`run_flower_simulation` runs the same strategy and clients in Flower's simulation engine (a ``ServerApp``
+and a ``ClientApp`` through ``flwr.simulation.run_simulation``, the clients in Ray actors; the ``ray`` extra).
 
     strategy = ImprintStrategy(model, public_x, bins=64, min_clients=3)      # or variant="parameters"
     clients = [TorchClient(strategy.client_model(), x_u, y_u, lr=0.1) for x_u, y_u in users]
@@ -65,6 +67,7 @@ Requires ``flwr`` (``pip install 'mlaudit[flower]'``).
 from __future__ import annotations
 
 import copy
+import os
 import socket
 import threading
 import time
@@ -695,8 +698,50 @@ def run_flower_audit(strategy: ImprintStrategy | CuriousStrategy, clients: list[
     return FlowerAudit(dict(strategy.rounds), history, time.perf_counter() - t0)
 
 
+def run_flower_simulation(strategy: ImprintStrategy | CuriousStrategy, clients: list[NumPyClient], *, rounds: int = 1,
+                          num_cpus: int | None = None, client_cpus: float = 1.0) -> FlowerAudit:
+    """Run ``strategy`` for ``rounds`` rounds with ``clients`` in Flower's simulation engine: a ``ServerApp`` holding
+    the strategy and a ``ClientApp`` whose supernode ``partition-id`` k plays ``clients[k]``, through
+    ``flwr.simulation.run_simulation`` on a local Ray cluster of ``num_cpus`` (None: every core), ``client_cpus``
+    per client. Returns the per-round results as :func:`run_flower_audit` does (``history`` None: the engine
+    returns none).
+
+    The strategy runs in this process, so its reconstructions are read as usual; each client runs on a copy in a
+    Ray actor, so what a client keeps (``TorchClient.kept``, ``drawn``) stays there. A client that fails is a
+    failure Flower logs, not an exception; a round without results raises RuntimeError here. (Flower 1.42 marks
+    ``run_simulation`` deprecated in favour of ``flwr run``, which runs a packaged app from the command line.)"""
+    if rounds < 1:
+        raise ConfigError(f"rounds = {rounds}; allowed rounds >= 1")
+    if len(clients) < strategy.min_fit_clients:
+        raise ConfigError(f"{len(clients)} clients for a strategy waiting for min_clients = "
+                          f"{strategy.min_fit_clients}; allowed: at least that many clients")
+    if not client_cpus > 0:
+        raise ConfigError(f"client_cpus = {client_cpus}; allowed client_cpus > 0")
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp, ServerAppComponents
+    from flwr.simulation import run_simulation
+
+    def server_fn(context: Any) -> Any:
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    def client_fn(context: Any) -> Any:
+        return clients[int(context.node_config["partition-id"])].to_client()  # one process per actor: no wire lock
+
+    cpus = num_cpus or os.cpu_count() or 1
+    t0 = time.perf_counter()
+    run_simulation(server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+                   num_supernodes=len(clients),
+                   backend_config={"client_resources": {"num_cpus": client_cpus},
+                                   "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False}})
+    missing = [r for r in range(1, rounds + 1) if r not in strategy.rounds]
+    if missing:
+        raise RuntimeError(f"Flower's simulation engine returned no aggregate for round(s) {missing}: every client "
+                           "failed (see Flower's log above; a client whose model is not the server's fails on load)")
+    return FlowerAudit(dict(strategy.rounds), None, time.perf_counter() - t0)
+
+
 __all__ = ["CuriousRound", "CuriousStrategy", "FlowerAudit", "ImprintStrategy", "RoundResult", "TorchClient",
-           "TrustedAggregator", "check_address", "flwr", "run_flower_audit"]
+           "TrustedAggregator", "check_address", "flwr", "run_flower_audit", "run_flower_simulation"]
 
 
 def _check_target(strategy: str, target: str, aggregator: TrustedAggregator | None) -> None:

@@ -328,6 +328,32 @@ def data_info(name: Annotated[str, typer.Argument(help="A registered dataset (se
     out_console().print(t)
 
 
+@data_app.command("lpips-weights")
+def data_lpips_weights(root: Annotated[Path, typer.Argument(help="Folder to keep the two weight files in.")],
+                       backbone_url: Annotated[str | None, typer.Option(help="AlexNet weights, a torchvision state_dict "
+                                                                        "(default: torchvision's).")] = None,
+                       backbone_sha256: Annotated[str | None, typer.Option(help="Their sha256, or a prefix of >= 8 hex "
+                                                                           "digits (default: torchvision's).")] = None,
+                       lin_url: Annotated[str | None, typer.Option(help="LPIPS v0.1's linear layers for AlexNet "
+                                                                   "(default: the lpips package's).")] = None,
+                       lin_sha256: Annotated[str | None, typer.Option(help="Their sha256 (none pinned by default: "
+                                                                      "checked by loading).")] = None,
+                       timeout: Annotated[float, typer.Option(help="Seconds per download.", min=0.1)] = 60.0) -> None:
+    """Download the AlexNet and LPIPS weights the federated kind's ``lpips`` block reads, and print the lines to put
+    in a config (with their sha256)."""
+    from .attacks.federated import lpips
+
+    try:
+        got = lpips.download_lpips_weights(
+            root, backbone_url=backbone_url or lpips.ALEXNET_URL, lin_url=lin_url or lpips.LPIPS_LIN_URL,
+            backbone_sha256=backbone_sha256 if backbone_url else (backbone_sha256 or lpips.ALEXNET_SHA256),
+            lin_sha256=lin_sha256, timeout=timeout)
+    except MlauditError as e:
+        _fail(e)
+    typer.echo(safe(f"lpips: {{backbone: {got['backbone']}, lin: {got['lin']}, backbone_sha256: "
+                    f"{got['backbone_sha256']}, lin_sha256: {got['lin_sha256']}}}"))
+
+
 @data_app.command("verify")
 def data_verify(manifest: Annotated[Path, typer.Argument(help="JSON Lines manifest: url, sha256 and optional "
                                                           "label, caption, path per line.")],

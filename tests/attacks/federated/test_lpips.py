@@ -110,3 +110,46 @@ def test_match_reports_lpips_of_the_assigned_pairs(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(m.lpips[0].float(), metric(true[:1], cands[1:2])[0])
     assert match(true, cands, data_range=1.0).lpips is None
+
+
+def test_the_weights_download_checks_digests_and_content_and_keeps_valid_files(tmp_path: Path) -> None:
+    """``download_lpips_weights`` (and ``mlaudit data lpips-weights``) from local mirrors (file:// URLs): the AlexNet
+    file checked against a sha256 prefix, the linear layers by loading them; a valid file already there is kept; a
+    digest mismatch or a file that is not what LPIPS needs leaves nothing behind."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mlaudit.attacks.federated.lpips import download_lpips_weights
+    from mlaudit.cli import app
+    from mlaudit.errors import DataError
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    _, _, alex, lin = files(mirror)
+    prefix = hashlib.sha256(alex.read_bytes()).hexdigest()[:8]
+    urls = {"backbone_url": alex.as_uri(), "lin_url": lin.as_uri()}
+    got = download_lpips_weights(tmp_path / "w", backbone_sha256=prefix, **urls)
+    assert Path(got["backbone"]).read_bytes() == alex.read_bytes() and Path(got["lin"]).read_bytes() == lin.read_bytes()
+    assert got["lin_sha256"] == hashlib.sha256(lin.read_bytes()).hexdigest()
+    metric = lpips_alexnet(got["backbone"], got["lin"], backbone_sha256=got["backbone_sha256"],
+                           lin_sha256=got["lin_sha256"])
+    x = torch.rand(2, 3, 64, 64)
+    assert float(metric(x, x).abs().max()) == 0.0
+    stamp = Path(got["backbone"]).stat().st_mtime_ns
+    assert download_lpips_weights(tmp_path / "w", backbone_sha256=prefix, **urls) == got
+    assert Path(got["backbone"]).stat().st_mtime_ns == stamp  # kept, not fetched again
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        download_lpips_weights(tmp_path / "bad", backbone_sha256="00000000", **urls)
+    torch.save({"lin0.model.1.weight": torch.rand(1, 64, 1, 1)}, mirror / "short.pth")
+    with pytest.raises(ConfigError, match="is not what LPIPS needs.*lin0 .. lin4"):
+        download_lpips_weights(tmp_path / "bad", backbone_sha256=prefix, backbone_url=alex.as_uri(),
+                               lin_url=(mirror / "short.pth").as_uri())
+    assert sorted(p.name for p in (tmp_path / "bad").iterdir()) == ["alexnet.pth"]  # the valid backbone only
+    res = CliRunner().invoke(app, ["data", "lpips-weights", str(tmp_path / "cli"), "--backbone-url", alex.as_uri(),
+                                   "--backbone-sha256", prefix, "--lin-url", lin.as_uri()])
+    assert res.exit_code == 0, res.output
+    assert f"backbone_sha256: {got['backbone_sha256']}" in res.output and json.dumps(str(tmp_path / "cli"))[1:-1] in res.output
+    res = CliRunner().invoke(app, ["data", "lpips-weights", str(tmp_path / "cli2"), "--backbone-url", alex.as_uri(),
+                                   "--backbone-sha256", "abc", "--lin-url", lin.as_uri()])
+    assert res.exit_code == 2 and "prefix of at least 8 hex digits" in res.output

@@ -12,7 +12,10 @@ with non-negative per-channel weights w_l [C_l] learned on human judgements (the
 squared norm; the released files store the weights of a 1x1 convolution applied to the squared difference,
 i.e. these w_lc). Lower is more similar; 0 for identical images.
 
-No weights are downloaded. :func:`lpips_alexnet` builds AlexNet's convolutional trunk (the layer layout of
+Nothing is downloaded at run time. :func:`download_lpips_weights` (``mlaudit data lpips-weights DIR``) fetches
+the two files once: torchvision's AlexNet weights, checked against the sha256 prefix in their file name, and the
+``lpips`` package's v0.1 linear layers, checked by loading them (no digest is pinned here; the sha256 it reports
+can be pinned with ``lin_sha256``). :func:`lpips_alexnet` builds AlexNet's convolutional trunk (the layer layout of
 torchvision's ``alexnet().features``; LPIPS reads it after each of its five ReLUs) and loads two files the
 user has on disk: the trunk's ImageNet weights (a torchvision AlexNet state_dict, ``features.*`` keys, or
 the trunk's own ``0.weight`` ...) and the five linear layers of LPIPS v0.1 (the ``lpips`` package's
@@ -32,9 +35,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, DataError
 from ...train.checkpoint import load_checkpoint
 
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+ALEXNET_SHA256 = "7be5be79"
+"""torchvision's AlexNet ImageNet weights; the file name carries the first 8 hex digits of its sha256."""
+LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth"
+"""LPIPS v0.1's linear layers for AlexNet (the ``lpips`` package's ``weights/v0.1/alex.pth``)."""
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 ALEX_CHANNELS = (64, 192, 384, 256, 256)
@@ -163,3 +171,33 @@ def lpips_alexnet(backbone: str | Path | Mapping[str, Tensor], lin: str | Path |
     stages = alexnet_trunk()
     load_alexnet_trunk(stages, read(backbone, backbone_sha256, "backbone weights"))
     return LPIPS(stages, lin_weights(read(lin, lin_sha256, "linear-layer weights")), box=box)
+
+
+def download_lpips_weights(root: str | Path, *, backbone_url: str = ALEXNET_URL, lin_url: str = LPIPS_LIN_URL,
+                           backbone_sha256: str | None = ALEXNET_SHA256, lin_sha256: str | None = None,
+                           timeout: float = 60.0) -> dict[str, str]:
+    """Download the two files :func:`lpips_alexnet` reads into ``root`` (kept when already there and valid):
+    torchvision's AlexNet weights (checked against ``backbone_sha256``, a whole digest or a prefix of at least 8
+    hex digits) and LPIPS v0.1's linear layers (checked against ``lin_sha256`` when given). Each file is then
+    loaded weights-only and checked for the layers LPIPS needs. Returns {"backbone", "lin": paths,
+    "backbone_sha256", "lin_sha256": their full sha256, to pin in a config's ``lpips`` block}. ``file://`` URLs
+    serve local mirrors (and the tests)."""
+    from ...data.sources._util import download_file, file_digest
+
+    root = Path(root)
+    out: dict[str, str] = {}
+    for key, url, sha in (("backbone", backbone_url, backbone_sha256), ("lin", lin_url, lin_sha256)):
+        dest = root / url.rstrip("/").rsplit("/", 1)[-1]
+        if not (dest.is_file() and (sha is None or file_digest(dest).startswith(sha.lower()))):
+            download_file(url, dest, sha256=sha, timeout=timeout, unchecked=sha is None)
+        try:
+            state = load_checkpoint(dest)
+            if key == "backbone":
+                load_alexnet_trunk(alexnet_trunk(), state)
+            else:
+                lin_weights(state)
+        except (ConfigError, DataError) as e:
+            dest.unlink()
+            raise ConfigError(f"{url} is not what LPIPS needs ({e}); nothing was kept at {dest}") from None
+        out[key], out[f"{key}_sha256"] = str(dest), file_digest(dest)
+    return out

@@ -73,20 +73,29 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` and check its MD5; returns ``dest``.
+def download_file(url: str, dest: Path, *, md5: str | None = None, sha256: str | None = None, timeout: float = 60.0,
+                  unchecked: bool = False) -> Path:
+    """Download ``url`` to ``dest`` and check its digest; returns ``dest``.
 
-    The data is streamed to ``dest`` + ``.part`` and renamed only after the MD5 matched, so an
-    interrupted or corrupt download never leaves a file that looks complete. ``http(s)://`` and
-    ``file://`` URLs are accepted (the latter for tests and local mirrors).
+    ``md5`` (the whole hex digest) or ``sha256``: the whole hex digest, or a prefix of at least 8 hex digits (the
+    convention of torchvision's weight file names, e.g. ``alexnet-owt-7be5be79.pth``). ``unchecked=True`` with
+    neither: no digest is known (the caller checks the content and reports the file's sha256). The data is
+    streamed to ``dest`` + ``.part`` and renamed only after the digest matched, so an interrupted or corrupt
+    download never leaves a file that looks complete. ``http(s)://`` and ``file://`` URLs are accepted (the
+    latter for tests and local mirrors).
 
     Raises:
-        DataError: the URL cannot be fetched, or the MD5 differs from ``md5``.
+        ConfigError: no digest and not ``unchecked``, or a sha256 prefix shorter than 8 hex digits.
+        DataError: the URL cannot be fetched, or the digest differs.
     """
+    if md5 is None and sha256 is None and not unchecked:
+        raise ConfigError(f"download of {url}: give md5 or sha256 (or unchecked=True where no digest is known)")
+    if sha256 is not None and not (len(sha256) >= 8 and all(c in "0123456789abcdefABCDEF" for c in sha256)):
+        raise ConfigError(f"sha256 = {sha256!r}: allowed a hex digest or a prefix of at least 8 hex digits")
     check_url(url, where="download")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    h = hashlib.md5(usedforsecurity=False)
+    h = hashlib.new("md5" if md5 is not None else "sha256", usedforsecurity=False)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:  # noqa: S310
             for chunk in iter(lambda: resp.read(_CHUNK), b""):
@@ -98,11 +107,12 @@ def download_file(url: str, dest: Path, *, md5: str, timeout: float = 60.0) -> P
             f"could not download {url} to {dest}: {exc}. Download it by hand and place it at {dest}"
         ) from exc
     got = h.hexdigest()
-    if got != md5.lower():
+    want, name = (md5.lower(), "MD5") if md5 is not None else ((sha256 or "").lower(), "SHA-256")
+    if (md5 is not None and got != want) or (md5 is None and not got.startswith(want)):
         part.unlink(missing_ok=True)
         raise DataError(
-            f"MD5 mismatch for {url}: expected {md5}, got {got}; the download is corrupt or the file "
-            f"changed upstream (nothing was kept at {dest})"
+            f"{name} mismatch for {url}: expected {want}{'...' if md5 is None and len(want) < 64 else ''}, got {got}; "
+            f"the download is corrupt or the file changed upstream (nothing was kept at {dest})"
         )
     os.replace(part, dest)
     return dest

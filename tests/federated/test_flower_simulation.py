@@ -24,6 +24,7 @@ from mlaudit.query import ParamVector  # noqa: E402
 pytestmark = pytest.mark.ray
 
 
+@pytest.mark.slow  # ~20 s with Ray's start, which timed out once under make test's load (2 cores); make test-all
 def test_the_simulation_engine_recovers_the_in_process_aggregates_candidates_each_round() -> None:
     model, public, users = _setup(1)
     users = [(x.double(), y) for x, y in users]

@@ -168,3 +168,15 @@ def _bad(**change: Any) -> dict[str, Any]:
 ])
 def test_bad_input_is_refused_before_anything_is_written(own: Path, change: dict[str, Any], words: list[str]) -> None:
     refused_before_anything_is_written(_bad(**change), own, words, "ti_user.py")
+
+
+@pytest.mark.parametrize("config", [SMALL, {**SMALL, "attack": "decepticons", "text_inversion": {"run": True},
+                                            "model": {"name": "mlaudit.models.gpt:tiny_gpt", "kwargs": {"d_model": 32}}}],
+                         ids=["text-inversion", "decepticons-with-inversion"])
+def test_the_config_survives_a_round_trip_through_a_dict_of_every_field(config: dict[str, Any]) -> None:
+    """A dumped config (every field, defaults included: what a run folder's config.json holds) validates again to
+    the same config: "set or not" is judged against the defaults, not the fields given."""
+    from mlaudit.experiments.base import config_to_dict, parse_config
+
+    cfg = parse_config(config)
+    assert parse_config(config_to_dict(cfg)) == cfg

@@ -214,7 +214,9 @@ class TextInversionOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    run: bool = False
+    run: bool | None = None
+    """Run the inversion next to Decepticons (None: no; with ``attack: text-inversion`` it always runs, and
+    ``false`` is refused)."""
     steps: int = Field(300, ge=1, le=100_000)
     lr: float = Field(0.1, gt=0.0, le=1e3)
     distance: Literal["cosine", "l2", "l2+l1"] = "cosine"
@@ -323,8 +325,8 @@ class FederatedConfig(ExperimentConfig):
             self._decepticons_fits()
         elif self.attack == "text-inversion":
             self._text_inversion_fits()
-        elif self.text_inversion.run or self.text_inversion.model_fields_set:
-            raise ValueError(f"text_inversion ({', '.join(sorted(self.text_inversion.model_fields_set)) or 'run'}) "
+        elif changed(self.text_inversion):
+            raise ValueError(f"text_inversion ({', '.join(changed(self.text_inversion))}) "
                              f"configures the inversion of a language model's update (attack: text-inversion, or next "
                              f"to attack: decepticons); with attack = {self.attack!r} it does not apply (allowed: attack "
                              "text-inversion or decepticons, or drop text_inversion)")
@@ -383,11 +385,11 @@ class FederatedConfig(ExperimentConfig):
         self._text_fits("inverts a language model's update (forward(tokens [B, L]) -> next-token logits [B, V, L] "
                         "through an nn.Embedding)")
         t = self.text_inversion
-        if "run" in t.model_fields_set and not t.run:
+        if t.run is False:
             raise ValueError("text_inversion.run = false with attack = 'text-inversion': the inversion is the attack; "
                              "allowed: drop text_inversion.run (or true), or choose another attack")
-        if self.decepticons.model_fields_set:
-            raise ValueError(f"decepticons ({', '.join(sorted(self.decepticons.model_fields_set))}) configures the "
+        if changed(self.decepticons):
+            raise ValueError(f"decepticons ({', '.join(changed(self.decepticons))}) configures the "
                              "malicious parameters of attack 'decepticons'; with attack = 'text-inversion' the server "
                              "is honest: drop decepticons (the users inverted: text_inversion.user_counts)")
         if self.pretrain:
@@ -459,6 +461,13 @@ class FederatedConfig(ExperimentConfig):
     @property
     def inputs_per_update(self) -> int:
         return self.users * self.batch if self.aggregation.secure else self.batch
+
+
+def changed(options: BaseModel) -> list[str]:
+    """The fields of ``options`` whose values differ from its class's defaults (sorted): what a config set, in a
+    way that survives a round trip through a dict holding every field."""
+    default = type(options)()
+    return sorted(k for k in type(options).model_fields if getattr(options, k) != getattr(default, k))
 
 
 def user_shares(config: FederatedConfig, data: DataBundle, trial: int) -> tuple[list[Tensor], torch.Generator]:

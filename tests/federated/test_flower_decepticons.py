@@ -78,7 +78,8 @@ def test_a_gelu_model_is_refused_through_flower_before_anything_is_written(tmp_p
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("change", [{}, {"aggregation": {"secure": False}, "defence": {"method": "prune", "prune": 0.5}}],
+@pytest.mark.parametrize("change", [pytest.param({}, marks=pytest.mark.slow),  # ~7 s; make test-all runs it
+                                    {"aggregation": {"secure": False}, "defence": {"method": "prune", "prune": 0.5}}],
                          ids=["secure", "per-client-prune"])
 def test_the_text_inversion_through_flower_gives_the_simulated_rounds_metrics(tmp_path: Path, change: dict[str, Any]
                                                                               ) -> None:

@@ -72,6 +72,7 @@ def test_one_short_sequence_comes_back_and_a_random_guess_does_not() -> None:
     assert guess < 0.7
 
 
+@pytest.mark.slow  # ~12 s on 2 cores (two draws at 1 and 4 users); make test-all runs it
 def test_several_users_give_less() -> None:
     one, _ = _pairs(1, range(2), steps=200, refine=100)
     four, _ = _pairs(4, range(2), steps=200, refine=100)

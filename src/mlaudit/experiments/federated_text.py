@@ -341,9 +341,8 @@ def _inversion_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, A
     inverted = {"pairs": 0.0, "tokens": 0.0, "bigrams": 0.0, "whole": 0.0}
     occ = sequences_seen = 0
     chance = 0.0
-    bag_recall: list[float] = []
     shuffle = torch.Generator().manual_seed(0)
-    for tensors, meta in rounds:
+    for tensors, _ in rounds:
         true = tensors["tokens"][:n].flatten(0, 1)  # [n B, L]
         occ += true.numel()
         sequences_seen += len(true)
@@ -355,15 +354,23 @@ def _inversion_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, A
                   "bigrams": len(true) * (true.shape[1] - 1)}
         for k in inverted:
             inverted[k] += got.get(k, 0.0) * weight[k]
-        bag = meta["bags"][str(n)]
-        if bag is not None:
-            typed = set(true.flatten().tolist())
-            bag_recall.append(len(typed & set(bag)) / len(typed))
     bigrams = sequences_seen * (rounds[0][0]["tokens"].shape[-1] - 1)
     return {"users": n, "occurrences": occ,
             "pairs": _rate(round(inverted["pairs"]), occ), "tokens": _rate(round(inverted["tokens"]), occ),
             "bigrams": inverted["bigrams"] / bigrams if bigrams else None, "whole": inverted["whole"] / sequences_seen,
-            "chance_pairs": chance / occ, "bag_of_tokens_recall": sum(bag_recall) / len(bag_recall) if bag_recall else None}
+            "chance_pairs": chance / occ, "bag_of_tokens_recall": _bag_recall(n, rounds)}
+
+
+def _bag_recall(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]]) -> float | None:
+    """The honest bag of tokens' mean recall of the distinct tokens the first n users typed, over the rounds (None
+    when every bag is unavailable: a tied head)."""
+    recall = []
+    for tensors, meta in rounds:
+        bag = meta["bags"][str(n)]
+        if bag is not None:
+            typed = set(tensors["tokens"][:n].flatten().tolist())
+            recall.append(len(typed & set(bag)) / len(typed))
+    return sum(recall) / len(recall) if recall else None
 
 
 def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]], rows_key: str = "rows") -> dict[str, Any]:
@@ -371,9 +378,8 @@ def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]
     same rounds without the client defence), with the honest inversion's where it ran."""
     pairs = toks = occ = 0
     seq: dict[str, float] = {"tokens_in_sequence": 0.0, "whole": 0.0, "merged": 0.0}
-    bag_recall: list[float] = []
     sequences_seen = 0
-    for tensors, meta in rounds:
+    for tensors, _ in rounds:
         true = tensors["tokens"][:n].flatten(0, 1)  # [n B, L]
         rows = tensors[f"{rows_key}_{n}"]
         occ += true.numel()
@@ -382,17 +388,13 @@ def _count_metrics(n: int, rounds: list[tuple[dict[str, Tensor], dict[str, Any]]
         for key, value in sequences(true, rows).items():
             seq[key] += value * len(true)
         sequences_seen += len(true)
-        bag = meta["bags"][str(n)]
-        if bag is not None:
-            typed = set(true.flatten().tolist())
-            bag_recall.append(len(typed & set(bag)) / len(typed))
     inv = _inversion_metrics(n, rounds)
     inversion = None if inv is None else {k: inv[k] for k in ("pairs", "tokens", "bigrams", "whole", "chance_pairs")}
     return {"users": n, "occurrences": occ, "pairs": _rate(pairs, occ), "tokens": _rate(toks, occ),
             "inversion": inversion,
             "in_sequence": seq["tokens_in_sequence"] / sequences_seen, "whole": seq["whole"] / sequences_seen,
             "merged": seq["merged"] / sequences_seen,
-            "bag_of_tokens_recall": sum(bag_recall) / len(bag_recall) if bag_recall else None,
+            "bag_of_tokens_recall": _bag_recall(n, rounds),
             "nonempty_bins": sum(m["nonempty_bins"][str(n)] for _, m in rounds) / len(rounds),
             "rejected": sum(m["rejected"][str(n)] for _, m in rounds) / len(rounds)}
 
@@ -598,12 +600,6 @@ def inversion_markdown(config: FederatedConfig, data: DataBundle, metrics: dict[
     """``attack: text-inversion``'s markdown report: settings, the per-user-count table, the closest samples, every
     text escaped."""
     s = metrics["settings"]
-
-    def cell(v: Any) -> str:
-        if isinstance(v, dict):
-            return f"{100 * v['value']:.1f}% [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
-        return str(v)
-
     t = config.text_inversion
     lines = [f"# Honest-but-curious text inversion on {md_escape(data.name)}", "",
              f"{md_escape(s['architecture'])} ({md_escape(config.model.name)}, {s['parameters']} parameters, token "
@@ -613,11 +609,11 @@ def inversion_markdown(config: FederatedConfig, data: DataBundle, metrics: dict[
              f"the vocabulary); {md_escape(_round_words(s))}; {t.steps} steps, {md_escape(t.distance)} distance, "
              f"{t.refine} discrete moves, candidates {t.candidates}; {config.trials} trial(s), seed {config.seed}.", "",
              "| " + " | ".join(INVERSION_ONLY_COLUMNS) + " |", "|" + "---:|" * len(INVERSION_ONLY_COLUMNS)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in _inversion_rows(metrics)]
+    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in _inversion_rows(metrics)]
     if "defence" in metrics:
         d = metrics["defence"]
-        lines += ["", f"Client defence {md_escape(config.defence.method)}: pairs recovered with it {cell(d['with'])}, "
-                      f"without it on the same round {cell(d['without'])}."]
+        lines += ["", f"Client defence {md_escape(config.defence.method)}: pairs recovered with it {_md_cell(d['with'])}, "
+                      f"without it on the same round {_md_cell(d['without'])}."]
     if shown:
         lines += ["", "True sequences and their closest recovered sequence:", "",
                   "| true | closest recovered | positions agreeing |", "|---|---|---:|"]
@@ -693,23 +689,25 @@ def _tables(metrics: dict[str, Any], shown: list[tuple[int, str, str]]) -> list[
     return tables
 
 
+def _md_cell(v: Any) -> str:
+    """A markdown table cell: a rate with its interval as "x% [lo, hi]", anything else (counts, percentages already
+    written) as it is."""
+    if isinstance(v, dict):
+        return f"{100 * v['value']:.1f}% [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
+    return str(v)
+
+
 def markdown(config: FederatedConfig, data: DataBundle, metrics: dict[str, Any], shown: list[tuple[int, str, str]]
              ) -> str:
     """The run's markdown report: settings, the per-user-count table and the samples, every text escaped."""
     s = metrics["settings"]
-
-    def cell(v: Any) -> str:
-        if isinstance(v, dict):
-            return f"{100 * v['value']:.1f}% [{100 * v['lo']:.1f}, {100 * v['hi']:.1f}]"
-        return str(v)  # counts and percentages written here
-
     lines = [f"# Decepticons on {md_escape(data.name)}", "",
              f"TinyGPT (d\\_model {s['d_model']}, {s['layers']} layers, {s['heads']} heads, {s['activation']}) at "
              f"initialisation; {s['bins']} bins, a tag of {s['tag_tokens']} token(s); {config.users} user(s) x "
              f"{config.batch} sequence(s) of {s['length']} tokens ({s['vocabulary']} in the vocabulary); "
              f"{md_escape(_round_words(s))}; {config.trials} trial(s), seed {config.seed}.", "",
              "| " + " | ".join(columns(metrics)) + " |", "|" + "---:|" * len(columns(metrics))]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in _rows(metrics)]
+    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in _rows(metrics)]
     if shown:
         lines += ["", f"Recovered vs true sequences ({md_escape(UNKNOWN)} not recovered, {md_escape(CLASH)} several "
                       "tokens at one position):", "", "| user | true | recovered |", "|---:|---|---|"]

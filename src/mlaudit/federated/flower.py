@@ -659,17 +659,22 @@ def _wait_listening(host: str, port: int, timeout: float) -> None:
             time.sleep(0.05)
 
 
+def _check_run(strategy: ImprintStrategy | CuriousStrategy, clients: list[NumPyClient], rounds: int) -> None:
+    """What both runners refuse before anything starts: no rounds, fewer clients than the strategy waits for."""
+    if rounds < 1:
+        raise ConfigError(f"rounds = {rounds}; allowed rounds >= 1")
+    if len(clients) < strategy.min_fit_clients:
+        raise ConfigError(f"{len(clients)} clients for a strategy waiting for min_clients = "
+                          f"{strategy.min_fit_clients}; allowed: at least that many clients")
+
+
 def run_flower_audit(strategy: ImprintStrategy | CuriousStrategy, clients: list[NumPyClient], *, rounds: int = 1,
                      host: str = "127.0.0.1", port: int | None = None, allow_remote: bool = False,
                      timeout: float = 300.0) -> FlowerAudit:
     """Run ``strategy`` for ``rounds`` rounds with ``clients`` (each in its own thread, over gRPC to
     ``host``:``port``; a free port when None) and return the per-round reconstructions."""
     check_address(host, allow_remote=allow_remote)
-    if rounds < 1:
-        raise ConfigError(f"rounds = {rounds}; allowed rounds >= 1")
-    if len(clients) < strategy.min_fit_clients:
-        raise ConfigError(f"{len(clients)} clients for a strategy waiting for min_clients = "
-                          f"{strategy.min_fit_clients}; allowed: at least that many clients")
+    _check_run(strategy, clients, rounds)
     if port is None:
         with socket.socket() as s:
             s.bind((host, 0))
@@ -710,11 +715,7 @@ def run_flower_simulation(strategy: ImprintStrategy | CuriousStrategy, clients: 
     Ray actor, so what a client keeps (``TorchClient.kept``, ``drawn``) stays there. A client that fails is a
     failure Flower logs, not an exception; a round without results raises RuntimeError here. (Flower 1.42 marks
     ``run_simulation`` deprecated in favour of ``flwr run``, which runs a packaged app from the command line.)"""
-    if rounds < 1:
-        raise ConfigError(f"rounds = {rounds}; allowed rounds >= 1")
-    if len(clients) < strategy.min_fit_clients:
-        raise ConfigError(f"{len(clients)} clients for a strategy waiting for min_clients = "
-                          f"{strategy.min_fit_clients}; allowed: at least that many clients")
+    _check_run(strategy, clients, rounds)
     if not client_cpus > 0:
         raise ConfigError(f"client_cpus = {client_cpus}; allowed client_cpus > 0")
     from flwr.client import ClientApp

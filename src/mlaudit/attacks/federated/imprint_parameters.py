@@ -203,11 +203,11 @@ def _pass_through(model: nn.Module, calls: list[tuple[str, nn.Module, Tensor]], 
         return ()  # _layers names what is wrong with it
     stop = names.index(layer) if layer is not None else next(
         (i for i, (_, m, _) in enumerate(calls) if isinstance(m, nn.Linear)), len(calls))
-    before = [(n, m, inp) for n, m, inp in calls[:stop] if _owns_parameters(m) or not isinstance(m, PASSIVE)]
+    before = [(n, m) for n, m, _ in calls[:stop] if _owns_parameters(m) or not isinstance(m, PASSIVE)]
     if not before or not isinstance(before[0][1], nn.Conv2d):
         return ()
     channels = x.shape[1] if x.dim() == 4 else None
-    for n, m, _ in before:
+    for n, m in before:
         if not isinstance(m, nn.Conv2d):
             raise ConfigError(f"{NEEDS}, or nn.Conv2d layers in front that carry the input unchanged; found "
                               f"{type(m).__name__} {n!r} between them (pooling, strides and norm layers are not "
@@ -231,13 +231,13 @@ def _pass_through(model: nn.Module, calls: list[tuple[str, nn.Module, Tensor]], 
                           f"non-negative inputs (pixels); the public inputs reach {float(x.min()):.4g}")
     assert channels is not None
     with torch.no_grad():
-        for _, m, _ in before:
+        for _, m in before:
             m.weight.zero_()
             for c in range(channels):
                 m.weight[c, c, m.kernel_size[0] // 2, m.kernel_size[1] // 2] = 1.0
             if m.bias is not None:
                 m.bias.zero_()
-    return tuple(n for n, _, _ in before)
+    return tuple(n for n, _ in before)
 
 
 def plant_imprint_parameters(model: nn.Module, public_x: Tensor, *, bins: int, layer: str | None = None,
@@ -254,8 +254,11 @@ def plant_imprint_parameters(model: nn.Module, public_x: Tensor, *, bins: int, l
     planted = copy.deepcopy(model)
     device = next((p.device for p in planted.parameters()), torch.device("cpu"))
     probe = public_x[:PREFLIGHT].to(device)
-    convs = _pass_through(planted, _trace(planted, probe), probe, layer)
-    layer, next_layer, _, _ = _layers(planted, _trace(planted, probe), probe, layer, next_layer, convs)
+    calls = _trace(planted, probe)
+    convs = _pass_through(planted, calls, probe, layer)
+    if convs:  # the Linear's input changed: trace the planted convolutions' output
+        calls = _trace(planted, probe)
+    layer, next_layer, _, _ = _layers(planted, calls, probe, layer, next_layer, convs)
     first, nxt = planted.get_submodule(layer), planted.get_submodule(next_layer)
     d = probe.flatten(1).shape[1]
     width = first.out_features

@@ -188,8 +188,10 @@ def download_lpips_weights(root: str | Path, *, backbone_url: str = ALEXNET_URL,
     out: dict[str, str] = {}
     for key, url, sha in (("backbone", backbone_url, backbone_sha256), ("lin", lin_url, lin_sha256)):
         dest = root / url.rstrip("/").rsplit("/", 1)[-1]
-        if not (dest.is_file() and (sha is None or file_digest(dest).startswith(sha.lower()))):
+        digest = file_digest(dest) if dest.is_file() else ""
+        if not digest or (sha is not None and not digest.startswith(sha.lower())):
             download_file(url, dest, sha256=sha, timeout=timeout, unchecked=sha is None)
+            digest = file_digest(dest)
         try:
             state = load_checkpoint(dest)
             if key == "backbone":
@@ -199,5 +201,5 @@ def download_lpips_weights(root: str | Path, *, backbone_url: str = ALEXNET_URL,
         except (ConfigError, DataError) as e:
             dest.unlink()
             raise ConfigError(f"{url} is not what LPIPS needs ({e}); nothing was kept at {dest}") from None
-        out[key], out[f"{key}_sha256"] = str(dest), file_digest(dest)
+        out[key], out[f"{key}_sha256"] = str(dest), digest
     return out

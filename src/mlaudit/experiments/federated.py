@@ -36,6 +36,7 @@ from ..attacks.federated import (
     FEDERATED_ATTACKS,
     ImprintBins,
     Observation,
+    ParameterImprint,
     label_accuracy,
     match,
     plant_imprint,
@@ -66,7 +67,6 @@ from .federated_config import (
     FederatedConfig,
     build_lpips,
     check_federated,
-    check_parameter_imprint,
     user_shares,
 )
 from .federated_text import run_text
@@ -95,6 +95,8 @@ class _Outcome:
     """Several rounds (simulated or Flower): per round the verbatim fraction and the users' shares recovered so far."""
     accuracy: dict[str, float] | None = None
     """Imprint: the test accuracy of the global model and of the planted one the server sent (first round)."""
+    planted: dict[str, Any] | None = None
+    """``imprint.variant: parameters``: where the first round's plant put the bins (:func:`_where`)."""
     training: list[dict[str, Any]] = field(default_factory=list)
     """Inversion attacks over rounds (simulated or Flower): per round the global model's test accuracy after it,
     its wall time, whether it was attacked and, if so, its recovery."""
@@ -190,7 +192,7 @@ def _trial(config: FederatedConfig, data: DataBundle, index: int, seed: int, mod
     mean_probs = torch.softmax(forward_batched(model, public, device=device), 1).mean(0).cpu()
     out = _Outcome()
     if config.attack == "imprint":
-        out.accuracy = _accuracy(model, sent, data)
+        out.accuracy, out.planted = _accuracy(model, sent, data), _where(sent)
     t0 = time.perf_counter()
     noise = torch.Generator(device=device).manual_seed(config.trial_seed(index, stream=Stream.ATTACK) + 1)
     d = config.defence
@@ -258,7 +260,7 @@ def _rounds_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
             seen = _observations(config, sent, x, y, seed, device, data.num_classes, noise, updates=shared)
         out.seconds["updates"] += time.perf_counter() - t0
         if r == 1:
-            out.accuracy = _accuracy(model, sent, data)
+            out.accuracy, out.planted = _accuracy(model, sent, data), _where(sent)
         n0 = len(out.psnr)
         _attack(config, data, sent, seen, x, y, mean_probs, gen, out, grid=r == 1)
         _record_round(config, out, r, n0, rows, got, total)
@@ -285,6 +287,14 @@ def _plant(config: FederatedConfig, model: nn.Module, public: Tensor, gen: torch
                                         scale=config.imprint_scale, generator=gen)
     return plant_imprint(model, public, bins=im.bins, measurement=im.measurement, cdf=im.cdf, feedback=im.feedback,
                          scale=config.imprint_scale, generator=gen)
+
+
+def _where(sent: nn.Module) -> dict[str, Any] | None:
+    """Where a parameter-only plant put the bins (the settings' ``imprint_layer``, ``imprint_next_layer``,
+    ``imprint_pass_through``); None for the imprint module in front of the model."""
+    if not isinstance(sent, ParameterImprint):
+        return None
+    return {"imprint_layer": sent.layer, "imprint_next_layer": sent.next_layer, "imprint_pass_through": list(sent.convs)}
 
 
 def _accuracy(model: nn.Module, sent: nn.Module, data: DataBundle) -> dict[str, float]:
@@ -349,7 +359,8 @@ def _flower_trial(config: FederatedConfig, data: DataBundle, index: int, seed: i
                            keep_updates=defence is not None) for u, (xs, ys) in enumerate(shares)]
     audit = run_flower_audit(strategy, clients, rounds=config.rounds, host=config.flower_host,
                              allow_remote=config.allow_remote)
-    out = _Outcome(accuracy=_accuracy(model, strategy.malicious, data), flower_seconds=audit.seconds)
+    out = _Outcome(accuracy=_accuracy(model, strategy.malicious, data), planted=_where(strategy.malicious),
+                   flower_seconds=audit.seconds)
     out.seconds["updates"] = audit.seconds
     base = _Outcome() if defence is not None else None
     mean_probs = torch.softmax(forward_batched(model, public, device="cpu"), 1).mean(0)
@@ -646,7 +657,7 @@ def run_federated(config: FederatedConfig, ctx: RunContext) -> ExperimentOutput:
         "ssim": _summary(torch.cat(ssim)) if ssim else None,
         "label_accuracy": sum(labels) / len(labels) if labels else None,
         "secure_aggregation": config.aggregation.secure,
-        "settings": _settings(config, data),
+        "settings": _settings(config, data, outcomes[0][2].planted),
         "seconds": {k: sum(o.seconds[k] for _, _, o in outcomes) for k in ("updates", "attack")},
     }
     if config.lpips is not None:
@@ -708,7 +719,7 @@ def _defence_metrics(config: FederatedConfig, defended: list[_Outcome], plain: l
                                   "users": int(dist.numel())}}
 
 
-def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
+def _settings(config: FederatedConfig, data: DataBundle, planted: dict[str, Any] | None = None) -> dict[str, Any]:
     agg = config.aggregation
     out: dict[str, Any] = {
         "attack": config.attack, "protocol": config.protocol, "users": config.users, "batch": config.batch,
@@ -727,10 +738,8 @@ def _settings(config: FederatedConfig, data: DataBundle) -> dict[str, Any]:
     if config.attack == "imprint":
         out.update(bins=config.imprint.bins, measurement=config.imprint.measurement, cdf=config.imprint.cdf,
                    imprint_scale=config.imprint_scale, imprint_variant=config.imprint.variant)
-        if config.imprint.variant == "parameters":  # where the bins go in this architecture (the preflight's plant)
-            where = check_parameter_imprint(config, data)
-            out.update(imprint_layer=where.layer, imprint_next_layer=where.next_layer,
-                       imprint_pass_through=list(where.convs))
+        if planted is not None:  # variant parameters: where the first trial's plant put the bins
+            out.update(planted)
     else:
         out.update(steps=config.inversion.steps, labels=config.inversion.labels, restarts=config.inversion.restarts)
     return out

@@ -14,7 +14,9 @@ from mlaudit.errors import ConfigError
 from mlaudit.experiments import parse_config, run_experiment
 from mlaudit.experiments.protect import protected_users, split_public
 
-BASE = {"kind": "protect", "dataset": "digits", "model": {"name": "fastcnn", "width": 16},
+# width 8 (was 16): 10 s instead of 16 s on a CPU core, and wider margins for the lesson's test (measured 2026-12-07:
+# protection 0.749 against its own extractor, baseline error 0.329, 0.421 against the adaptive trainer)
+BASE = {"kind": "protect", "dataset": "digits", "model": {"name": "fastcnn", "width": 8},
         "recipe": {"name": "fast", "epochs": 6}, "attack": {"method": "fawkes", "eps": 32, "steps": 60}, "users": 3,
         "trainers": [{"name": "attacked", "strategy": "attacked"}, {"name": "adaptive", "strategy": "adaptive"}],
         "seed": 0}

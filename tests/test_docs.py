@@ -1,5 +1,6 @@
 """The documentation against the code: every Python block in docs/*.md and README.md parses, its mlaudit imports
-resolve and its keyword arguments exist; every command shown (``mlaudit ...``, ``python benchmarks/....py``) names a
+resolve and its keyword arguments exist; every YAML block parses, and one with a ``kind`` is a valid config; every
+command shown (``mlaudit ...``, ``python benchmarks/....py``) names a
 real command or script and only options it takes. A renamed function, option or flag then fails here instead of
 in a reader's terminal. Blocks are read, not run: most are fragments on the reader's own model and data."""
 
@@ -16,6 +17,7 @@ from typing import Any
 import click
 import pytest
 import typer
+import yaml
 
 from mlaudit.cli import app
 
@@ -188,6 +190,32 @@ def command_problems(path: Path) -> list[str]:
     return problems
 
 
+def yaml_problems(path: Path) -> list[str]:
+    """YAML blocks that do not parse, and configs (a top-level ``kind``) that do not validate."""
+    from mlaudit.experiments import parse_config
+
+    text = path.read_text()
+    problems: list[str] = []
+    for m in re.finditer(r"^```ya?ml\n(.*?)^```", text, re.S | re.M):
+        where = f"{path.name}:{_line(text, m.start()) + 1}"
+        try:
+            doc = yaml.safe_load(m.group(1))
+        except yaml.YAMLError as e:
+            problems.append(f"{where}: not YAML: {e}")
+            continue
+        if isinstance(doc, dict) and "kind" in doc:
+            try:
+                parse_config(doc)
+            except Exception as e:  # ConfigError, or anything else a reader would meet
+                problems.append(f"{where}: not a valid config: {type(e).__name__}: {e}")
+    return problems
+
+
+@pytest.mark.parametrize("path", DOCS, ids=IDS)
+def test_yaml_blocks_parse_and_configs_validate(path: Path) -> None:
+    assert yaml_problems(path) == []
+
+
 @pytest.mark.parametrize("path", DOCS, ids=IDS)
 def test_python_blocks_parse_import_and_call_what_exists(path: Path) -> None:
     assert python_problems(path) == []
@@ -199,17 +227,19 @@ def test_commands_name_real_commands_scripts_and_options(path: Path) -> None:
 
 
 def test_the_checks_catch_drift(tmp_path: Path) -> None:
-    """A renamed keyword, a missing import, a missing option and a missing script are each reported."""
+    """A renamed keyword, a missing import, a missing option or script and an invalid config are each reported."""
     doc = tmp_path / "doc.md"
     doc.write_text("```python\nfrom mlaudit.attacks.evasion import pgd, no_such_attack\n"
                    "x_adv = pgd(model, x, y, epsilon=0.1)\n```\n\n"
                    "Run `mlaudit run config.yaml --no-such-flag` or `python benchmarks/no_such.py`, or\n"
-                   "`python benchmarks/dp_audit.py CONFIG --no-such-option`; `mlaudit no-such-command`.\n")
-    got = python_problems(doc) + command_problems(doc)
+                   "`python benchmarks/dp_audit.py CONFIG --no-such-option`; `mlaudit no-such-command`.\n\n"
+                   "```yaml\nkind: membership-inference\nmodels: -3\n```\n")
+    got = python_problems(doc) + command_problems(doc) + yaml_problems(doc)
     assert any("has no no_such_attack" in p for p in got)
     assert any("pgd() takes no keyword 'epsilon'" in p for p in got)
     assert any("has no option --no-such-flag" in p for p in got)
     assert any("benchmarks/no_such.py does not exist" in p for p in got)
     assert any("dp_audit.py has no option --no-such-option" in p for p in got)
     assert any("no command 'mlaudit no-such-command'" in p for p in got)
-    assert len(got) == 6
+    assert any("not a valid config" in p for p in got)
+    assert len(got) == 7

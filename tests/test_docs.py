@@ -1,5 +1,5 @@
 """The documentation against the code: every Python block in docs/*.md and README.md parses, its mlaudit imports
-resolve and its keyword arguments exist; every YAML block parses, and one with a ``kind`` is a valid config; every
+resolve and its keyword arguments exist; every relative link reaches its file and heading; every YAML block parses, and one with a ``kind`` is a valid config; every
 command shown (``mlaudit ...``, ``python benchmarks/....py``) names a
 real command or script and only options it takes. A renamed function, option or flag then fails here instead of
 in a reader's terminal. Blocks are read, not run: most are fragments on the reader's own model and data."""
@@ -211,6 +211,43 @@ def yaml_problems(path: Path) -> list[str]:
     return problems
 
 
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings: lower case, punctuation other than - and _ dropped,
+    spaces as -, and -1, -2, ... on repeats."""
+    seen: dict[str, int] = {}
+    out = set()
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for h in re.findall(r"^#{1,6} (.+?)\s*$", prose, re.M):
+        slug = re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+        k = seen.get(slug, 0)
+        seen[slug] = k + 1
+        out.add(slug if k == 0 else f"{slug}-{k}")
+    return out
+
+
+def link_problems(path: Path) -> list[str]:
+    """Relative links whose file does not exist or whose #anchor is no heading of the markdown it points to."""
+    text = path.read_text()
+    problems: list[str] = []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+        target = m.group(1)
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        where = f"{path.name}:{_line(text, m.start())}"
+        dest = (path.parent / file) if file else path
+        if not dest.exists():
+            problems.append(f"{where}: {target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text()):
+            problems.append(f"{where}: {target}: no such heading")
+    return problems
+
+
+@pytest.mark.parametrize("path", DOCS, ids=IDS)
+def test_links_reach_files_and_headings(path: Path) -> None:
+    assert link_problems(path) == []
+
+
 @pytest.mark.parametrize("path", DOCS, ids=IDS)
 def test_yaml_blocks_parse_and_configs_validate(path: Path) -> None:
     assert yaml_problems(path) == []
@@ -233,8 +270,9 @@ def test_the_checks_catch_drift(tmp_path: Path) -> None:
                    "x_adv = pgd(model, x, y, epsilon=0.1)\n```\n\n"
                    "Run `mlaudit run config.yaml --no-such-flag` or `python benchmarks/no_such.py`, or\n"
                    "`python benchmarks/dp_audit.py CONFIG --no-such-option`; `mlaudit no-such-command`.\n\n"
-                   "```yaml\nkind: membership-inference\nmodels: -3\n```\n")
-    got = python_problems(doc) + command_problems(doc) + yaml_problems(doc)
+                   "```yaml\nkind: membership-inference\nmodels: -3\n```\n\n"
+                   "# Top\n## Top\n[a](#top-1) [b](#top-2) [c](no_such.md) [d](doc.md#top)\n")
+    got = python_problems(doc) + command_problems(doc) + yaml_problems(doc) + link_problems(doc)
     assert any("has no no_such_attack" in p for p in got)
     assert any("pgd() takes no keyword 'epsilon'" in p for p in got)
     assert any("has no option --no-such-flag" in p for p in got)
@@ -242,4 +280,5 @@ def test_the_checks_catch_drift(tmp_path: Path) -> None:
     assert any("dp_audit.py has no option --no-such-option" in p for p in got)
     assert any("no command 'mlaudit no-such-command'" in p for p in got)
     assert any("not a valid config" in p for p in got)
-    assert len(got) == 7
+    assert any("#top-2: no such heading" in p for p in got) and any("no_such.md: no such file" in p for p in got)
+    assert len(got) == 9

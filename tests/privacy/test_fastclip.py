@@ -72,6 +72,72 @@ class TextNet(nn.Module):
         return self.head(self.norm(self.emb(x.long())).mean(1))
 
 
+class TextAttention(nn.Module):
+    """Token ids [B, 6] (floats; 0 = padding) -> [B, 5] through nn.MultiheadAttention: sequence-first with a causal
+    boolean mask and a key padding mask and the averaged weights returned (``need_weights``); or (``cross``) batch
+    first, keys and values of another width (kdim = vdim = 6, separate projection weights), a float mask, no bias,
+    through scaled_dot_product_attention (``need_weights=False``)."""
+
+    def __init__(self, cross: bool = False) -> None:
+        super().__init__()
+        self.cross, self.emb = cross, nn.Embedding(9, 8, padding_idx=0)
+        self.kv = nn.Linear(8, 6) if cross else None
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=cross, bias=not cross, kdim=6 if cross else None,
+                                          vdim=6 if cross else None)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = x.long()
+        h = self.emb(ids)
+        n = ids.shape[1]
+        if self.cross:
+            assert self.kv is not None
+            kv = self.kv(h)
+            bias = -torch.arange(n, dtype=h.dtype, device=h.device).float().view(1, n).expand(n, n).to(h.dtype)
+            out = self.attn(h, kv, kv, attn_mask=bias, need_weights=False)[0]
+        else:
+            causal = torch.triu(torch.ones(n, n, dtype=torch.bool, device=h.device), 1)
+            pad = (ids == 0) & (torch.arange(n, device=h.device) > 0)  # the first token always attends to itself
+            t = h.transpose(0, 1)
+            out, weights = self.attn(t, t, t, attn_mask=causal, key_padding_mask=pad)
+            assert weights is not None and weights.shape == (len(ids), n, n)
+            out = out.transpose(0, 1)
+        return self.head(out.mean(1))
+
+
+class TextEncoder(nn.Module):
+    """Token ids [B, 6] -> [B, 5] through nn.TransformerEncoderLayer (pre-norm, no dropout), padding masked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 8, padding_idx=0)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = x.long()
+        pad = (ids == 0) & (torch.arange(ids.shape[1], device=ids.device) > 0)
+        return self.head(self.enc(self.emb(ids), src_key_padding_mask=pad).mean(1))
+
+
+class TextDecoder(nn.Module):
+    """Token ids [B, 6] -> [B, 5] through nn.TransformerDecoderLayer (batch first: a sequence-first layer applies its
+    LayerNorm and Linear layers to [T, B, d], which their rules refuse by name), causal self-attention, and
+    cross-attention to a Linear map of the embeddings as memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mem = nn.Embedding(9, 8), nn.Linear(8, 8)
+        self.dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        e = self.emb(x.long())
+        n = e.shape[1]
+        causal = torch.triu(torch.full((n, n), float("-inf"), dtype=e.dtype, device=e.device), 1)
+        return self.head(self.dec(e, self.mem(e), tgt_mask=causal).mean(1))
+
+
 def convnet() -> nn.Module:
     """Strides, 'same' + reflect padding, dilation, grouped and depthwise convs, bias and no bias."""
     return nn.Sequential(
@@ -87,7 +153,9 @@ def zoo(name: str, **kw: object) -> nn.Module:
 
 
 MODELS = {
-    "convnet": convnet, "vit": TinyViT, "text": TextNet,
+    "convnet": convnet, "vit": TinyViT, "text": TextNet, "text-attention": TextAttention,
+    "text-cross-attention": lambda: TextAttention(cross=True), "text-encoder": TextEncoder,
+    "text-decoder": TextDecoder,
     "mlp": lambda: zoo("mlp", norm="group", width=32),
     "resnet18": lambda: zoo("resnet18", norm="group", width=8),
     "fastcnn": lambda: zoo("fastcnn", norm="group", width=8),
@@ -96,7 +164,7 @@ MODELS = {
 
 def batch(name: str, dtype: torch.dtype, b: int = 7) -> tuple[Tensor, Tensor, Tensor]:
     g = torch.Generator().manual_seed(1)
-    x = (torch.randint(0, 9, (b, 6), generator=g).to(dtype) if name == "text"
+    x = (torch.randint(0, 9, (b, 6), generator=g).to(dtype) if name.startswith("text")
          else torch.randn(b, 3, 8, 8, generator=g, dtype=dtype) * 3)
     w = torch.ones(b, dtype=torch.float32)
     w[[i for i in (2, 5) if i < b]] = 0.0
@@ -226,7 +294,8 @@ class Twice(nn.Module):
     (nn.Sequential(nn.Linear(4, 4), Custom()), r"layer '1' \(Custom\) has trainable parameters but no "
                                                r"fast-clipping rule.*clipping: per-example"),
     (nn.Sequential(nn.Conv1d(4, 4, 3)), r"'0' \(Conv1d\) has trainable parameters but no"),
-    (nn.MultiheadAttention(4, 2), r"the model itself \(MultiheadAttention\).*functionally"),
+    (nn.MultiheadAttention(4, 2, add_bias_kv=True), r"the model itself \(MultiheadAttention\).*add_bias_kv"),
+    (nn.Sequential(nn.MultiheadAttention(4, 2, add_zero_attn=True)), r"'0' \(MultiheadAttention\).*add_zero_attn"),
     (nn.Sequential(nn.Embedding(4, 4, max_norm=1.0)), "max_norm"),
     (nn.Sequential(nn.Embedding(4, 4, scale_grad_by_freq=True)), "mixes examples"),
 ])
@@ -236,10 +305,99 @@ def test_unsupported_layers_are_named(model: nn.Module, match: str) -> None:
     assert not fast_clip_supported(model)
 
 
-def test_attention_encoder_module_is_refused() -> None:
-    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
-    with pytest.raises(UnsupportedModelError, match=r"'self_attn' \(MultiheadAttention\)"):
-        check_fast_clip(layer)
+def test_attention_modules_are_supported() -> None:
+    """nn.MultiheadAttention (its out_proj covered by its rule) and the encoder and decoder layers built on it."""
+    for m in (nn.MultiheadAttention(8, 2), nn.MultiheadAttention(8, 2, kdim=4, vdim=6, bias=False),
+              nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), nn.TransformerDecoderLayer(8, 2, 16)):
+        check_fast_clip(m)
+
+
+MHA_CALLS = {
+    "plain": ({}, {}),
+    "sequence-first, causal bool mask, padding, weights per head": (
+        {}, {"attn_mask": "causal", "key_padding_mask": "pad", "average_attn_weights": False}),
+    "batch-first, float mask, no weights (SDPA)": ({"batch_first": True}, {"attn_mask": "float", "need_weights": False}),
+    "per-example 3-d mask, is_causal hint": ({"batch_first": True}, {"attn_mask": "causal3", "is_causal": True}),
+    "kdim/vdim, no bias, float padding": ({"kdim": 3, "vdim": 5, "bias": False}, {"key_padding_mask": "float-pad"}),
+    "dropout in eval mode": ({"dropout": 0.5}, {"key_padding_mask": "pad"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MHA_CALLS))
+def test_the_written_out_attention_is_the_modules_forward(case: str) -> None:
+    """fastclip_rules.mha_forward (what the tape runs) returns what nn.MultiheadAttention returns, output and
+    weights, and records the four projections' inputs and outputs (batch first)."""
+    from mlaudit.privacy.fastclip_rules import mha_forward
+
+    build, call = MHA_CALLS[case]
+    torch.manual_seed(0)
+    m = nn.MultiheadAttention(8, 2, **build).double().eval()
+    b, n_q, n_k, bf = 3, 4, 5, build.get("batch_first", False)
+    q = torch.randn(b, n_q, 8, dtype=torch.float64)
+    k = torch.randn(b, n_k, build.get("kdim", 8), dtype=torch.float64)
+    v = torch.randn(b, n_k, build.get("vdim", 8), dtype=torch.float64)
+    kw = dict(call)
+    masks = {"causal": torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), 1),
+             "causal3": torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), 1).repeat(b * 2, 1, 1),
+             "float": torch.randn(n_q, n_k, dtype=torch.float64),
+             "pad": torch.tensor([[False] * n_k, [False] * 3 + [True] * 2, [False, True] * 2 + [False]]),
+             "float-pad": -torch.rand(b, n_k, dtype=torch.float64)}
+    for name in ("attn_mask", "key_padding_mask"):
+        if name in kw:
+            kw[name] = masks[kw[name]]
+    args = (q, k, v) if bf else (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+    want_out, want_w = m(*args, **kw)
+    seen: list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = []
+    got_out, got_w = mha_forward(m, lambda a, o: seen.append((a, o)), *args, **kw)
+    torch.testing.assert_close(got_out, want_out)
+    assert (got_w is None) == (want_w is None)
+    if want_w is not None:
+        torch.testing.assert_close(got_w, want_w)
+    (a, o), = seen
+    assert [t.shape for t in a] == [(b, n_q, 8), (b, n_k, k.shape[2]), (b, n_k, v.shape[2]), (b, n_q, 8)]
+    assert [t.shape for t in o] == [(b, n_q, 8), (b, n_k, 8), (b, n_k, 8), (b, n_q, 8)]
+
+
+def test_a_sequence_first_transformer_layer_is_refused_by_name() -> None:
+    """Its LayerNorm and Linear layers see [T, B, d]: the rules need the batch first (the attention module itself
+    takes sequence-first inputs)."""
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc, self.head = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), nn.Linear(8, 5)
+
+        def forward(self, x: Tensor) -> Tensor:  # x [B, T, d]
+            return self.head(self.enc(x.transpose(0, 1)).mean(0))
+
+    torch.manual_seed(0)
+    model = SequenceFirst()
+    x, y, w = torch.randn(7, 6, 8), torch.randint(0, 5, (7,)), torch.ones(7)
+    with pytest.raises(UnsupportedModelError, match=r"'enc.norm1' \(LayerNorm\) is called on a tensor of shape \(6, 7, 8\)"):
+        clipped_grad_sum(model, x, y, w, clip=1.0)
+
+
+def test_the_tape_restores_the_attention_modules_forward() -> None:
+    model = TextEncoder()
+    attn = model.enc.self_attn
+    x, y, w = batch("text-encoder", torch.float32)
+    clipped_grad_sum(model, x, y, w, clip=1.0)
+    assert "forward" not in attn.__dict__
+    own = attn.forward = functools.partial(nn.MultiheadAttention.forward, attn)  # a forward of the user's own
+    clipped_grad_sum(model, x, y, w, clip=1.0)
+    assert attn.__dict__["forward"] is own
+
+
+def test_attention_is_vmapped_without_a_per_example_loop() -> None:
+    """The per-example path runs scaled_dot_product_attention's math kernel under vmap: no batching-rule
+    fallback (a loop over the examples, with a warning)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = MODELS["text-cross-attention"]()
+    x, y, w = batch("text-cross-attention", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference(model, x, y, w, 0.5, 0.0)
 
 
 def test_weight_sharing_and_in_place_outputs_are_refused() -> None:
@@ -456,7 +614,7 @@ def test_channels_last_models_and_inputs(name: str, conv: str, monkeypatch: pyte
             torch.testing.assert_close(g, r, **TOL[torch.float64])
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit", "text"])
+@pytest.mark.parametrize("name", ["resnet18", "vit", "text", "text-encoder"])
 def test_bf16_autocast_equals_autograd_under_autocast(name: str) -> None:
     """bf16: the unclipped sum is autograd's gradient of the same autocast forward (to bf16 rounding of the
     rules' products), and clipping keeps each example's norm at most C (to that rounding)."""

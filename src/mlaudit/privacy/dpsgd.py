@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.augment import AugmentParams, apply_augment, sample_augment_params
 from ..data.augment import AugmentSpec as AugmentConfig
@@ -167,11 +168,14 @@ def per_example_grads(stack: StackedModels, x: Tensor, y: Tensor, *, label_smoot
     ``vmap`` in train mode; routing it through the one-model query would loop over models and change
     both speed and the kernels' summation order.
     """
+    # attention through scaled_dot_product_attention: its fused CPU / CUDA kernels have no vmap batching rule (vmap
+    # then loops over the examples, with a warning); the math kernel's operations do
     if isinstance(stack, VmapStack):
         _set_mode(stack.template, True)
         g = grad(_loss_fn(stack.template, label_smoothing), has_aux=True)
         f = vmap(vmap(g, in_dims=(None, None, 0, 0), randomness="different"), randomness="different")
-        gr, losses = f({n: p.detach() for n, p in stack.params.items()}, stack.buffers, x, y)
+        with sdpa_kernel([SDPBackend.MATH]):
+            gr, losses = f({n: p.detach() for n, p in stack.params.items()}, stack.buffers, x, y)
         return [([gr[n] for n in stack.params], losses)]
     if isinstance(stack, LoopStack):
         out = []
@@ -179,8 +183,9 @@ def per_example_grads(stack: StackedModels, x: Tensor, y: Tensor, *, label_smoot
             _set_mode(m, True)
             params = {n: p.detach() for n, p in m.named_parameters()}
             g = grad(_loss_fn(m, label_smoothing), has_aux=True)
-            gr, losses = vmap(g, in_dims=(None, None, 0, 0), randomness="different")(
-                params, dict(m.named_buffers()), xk, yk)
+            with sdpa_kernel([SDPBackend.MATH]):
+                gr, losses = vmap(g, in_dims=(None, None, 0, 0), randomness="different")(
+                    params, dict(m.named_buffers()), xk, yk)
             out.append(([gr[n].unsqueeze(0) for n in params], losses.unsqueeze(0)))
         return out
     raise UnsupportedModelError(f"DP-SGD needs a vmap or loop stack, got {type(stack).__name__}")

@@ -24,10 +24,13 @@ from ONE forward and ONE backward of the summed loss ``sum_i L_i``, never a seco
 
 Rules (:mod:`mlaudit.privacy.fastclip_rules`): ``nn.Linear`` ([B, d] or [B, *, d]), ``nn.Conv2d`` (any
 stride, padding, padding mode, dilation, groups), ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.Embedding``,
-biases. Attention written with ``nn.Linear`` projections (as a ViT block does) is covered by the Linear
-rule with T tokens. Everything else with trainable parameters is refused by :func:`check_fast_clip`
-with the layer's name (BatchNorm mixes the examples of a batch; ``nn.MultiheadAttention`` uses its
-weights functionally); a layer called on a tensor without the batch dimension (its output shared by all
+biases, and ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``): its projections are
+used functionally, so while the tape is on the module runs :func:`~mlaudit.privacy.fastclip_rules.mha_forward`,
+the same arithmetic written out, which records the query, key, value and output projections' inputs and
+outputs, and each is a Linear with T = the sequence length. Attention written with ``nn.Linear`` projections
+(as a ViT block does) is covered by the Linear rule. Everything else with trainable parameters is refused by
+:func:`check_fast_clip` with the layer's name (BatchNorm mixes the examples of a batch; attention with
+``add_bias_kv`` or ``add_zero_attn``); a layer called on a tensor without the batch dimension (its output shared by all
 examples) is refused when it runs; and :func:`verify_fast_clip` compares, once, the rules' unclipped sum
 with autograd's gradient and two examples' norms with their own single-example gradients, which catches
 parameters used outside their layer's forward (weight tying, functional calls) and examples that
@@ -43,13 +46,14 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from .fastclip_rules import RULES, Mode, Rule
+from .fastclip_rules import RULES, Mode, Rule, mha_forward
 
 PER_EXAMPLE_HINT = "use `dp: {clipping: per-example}`"
 
@@ -70,12 +74,18 @@ def _plan(model: nn.Module) -> list[_Layer]:
     """The layers with parameters and their rules; raises :class:`UnsupportedModelError` naming the first
     module that has none (or shares a parameter with another module)."""
     layers, owner = [], {}
+    covered: set[str] = set()  # an attention module's out_proj: its parameters are the attention rule's
     for name, m in model.named_modules():
+        if name in covered:
+            continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise UnsupportedModelError(
                 f"{_label(name, m)} mixes the examples of a batch, so no per-example gradient exists; use GroupNorm "
                 "(`model: {name: ..., norm: group}`) or no normalisation")
         own = list(m.named_parameters(recurse=False))
+        if type(m) is nn.MultiheadAttention:
+            own += [(f"out_proj.{s}", p) for s, p in m.out_proj.named_parameters(recurse=False)]
+            covered.add(f"{name}.out_proj" if name else "out_proj")
         if not own:
             continue
         for short, p in own:
@@ -86,10 +96,8 @@ def _plan(model: nn.Module) -> list[_Layer]:
             owner[id(p)] = name
         rule = RULES.get(type(m))
         if rule is None:
-            extra = (" (it uses its projection weights functionally; write attention with nn.Linear layers as "
-                     "a ViT block does)") if isinstance(m, nn.MultiheadAttention) else ""
             raise UnsupportedModelError(
-                f"{_label(name, m)} has trainable parameters but no fast-clipping rule{extra}; rules exist for "
+                f"{_label(name, m)} has trainable parameters but no fast-clipping rule; rules exist for "
                 f"{', '.join(t.__name__ for t in RULES)}: {PER_EXAMPLE_HINT}")
         why = rule.check(m)
         unknown = sorted({s for s, _ in own} - rule.params)
@@ -119,9 +127,17 @@ def fast_clip_supported(model: nn.Module) -> bool:
 
 @dataclass
 class _Record:
-    a: Tensor  # the layer's input, detached
-    out: Tensor  # its output, in the graph
-    versions: tuple[int, int]
+    a: Tensor | tuple[Tensor, ...]  # the layer's input, detached (attention: its four projections' inputs)
+    out: Tensor | tuple[Tensor, ...]  # its output, in the graph (attention: the four projections' outputs)
+    versions: tuple[int, ...]
+
+
+def _seq(t: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _versions(r: _Record) -> tuple[int, ...]:
+    return tuple(t._version for t in (*_seq(r.a), *_seq(r.out)))
 
 
 @contextmanager
@@ -144,12 +160,42 @@ def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
                 f"by all examples; give it per-example inputs (e.g. positions expanded to [B, T]) or {PER_EXAMPLE_HINT}")
         rec[layer.name] = _Record(a, out, (a._version, out._version))
 
-    handles = [lay.module.register_forward_hook(functools.partial(hook, lay)) for lay in layers]
+    def attention(layer: _Layer, *args: object, **kwargs: object) -> tuple[Tensor, Tensor | None]:
+        """An nn.MultiheadAttention's forward, written out so that its four projections are recorded."""
+        if layer.name in rec:
+            raise UnsupportedModelError(f"{_label(layer.name, layer.module)} is called more than once per forward "
+                                        f"(weight sharing); {PER_EXAMPLE_HINT}")
+
+        def record(a: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
+            if any(t.shape[0] != batch for t in a):
+                raise UnsupportedModelError(
+                    f"{_label(layer.name, layer.module)} is called on inputs of shapes {[tuple(t.shape) for t in a[:3]]}"
+                    f" without the batch dimension ({batch} examples); {PER_EXAMPLE_HINT}")
+            r = _Record(tuple(t.detach() for t in a), out, ())
+            r.versions = _versions(r)
+            rec[layer.name] = r
+
+        return mha_forward(layer.module, record, *args, **kwargs)  # type: ignore[arg-type]
+
+    handles, patched = [], []
+    for lay in layers:
+        if type(lay.module) is nn.MultiheadAttention:
+            # its projections are used functionally inside F.multi_head_attention_forward: no hook sees them, so the
+            # module runs mha_forward (the same arithmetic) while the tape is on
+            patched.append((lay.module, lay.module.__dict__.get("forward")))
+            lay.module.forward = functools.partial(attention, lay)
+        else:
+            handles.append(lay.module.register_forward_hook(functools.partial(hook, lay)))
     try:
         yield rec
     finally:
         for h in handles:
             h.remove()
+        for m, own in patched:
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own
 
 
 @contextmanager
@@ -179,16 +225,27 @@ def _forward(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label
         losses = F.cross_entropy(out.float(), y, reduction="none", label_smoothing=label_smoothing)
     for lay in layers:
         r = rec.get(lay.name)
-        if r is not None and (r.a._version, r.out._version) != r.versions:
+        if r is not None and _versions(r) != r.versions:
             raise UnsupportedModelError(
                 f"{_label(lay.name, lay.module)}: its input or output is modified in place later in the forward "
                 f"(e.g. ReLU(inplace=True)); use inplace=False or {PER_EXAMPLE_HINT}")
-    names = [n for n, r in rec.items() if r.out.requires_grad]
-    grads = torch.autograd.grad(losses.sum(), [rec[n].out for n in names] + extra, allow_unused=True)
+    names = [n for n, r in rec.items() if any(o.requires_grad for o in _seq(r.out))]
+    outs = [o for n in names for o in _seq(rec[n].out)]
+    grads = torch.autograd.grad(losses.sum(), outs + extra, allow_unused=True)
     # under autocast a layer's input and output may differ in dtype (a conv after a float32 GroupNorm):
     # its rule computes in its output gradient's dtype (a conv casts while it unfolds)
-    ag = {n: (rec[n].a, g) for n, g in zip(names, grads) if g is not None}
-    return losses.detach(), ag, list(grads[len(names):])
+    ag: dict[str, tuple[Any, Any]] = {}
+    i = 0
+    for n in names:
+        r = rec[n]
+        got = grads[i:i + len(_seq(r.out))]
+        i += len(got)
+        if not isinstance(r.out, tuple):
+            if got[0] is not None:
+                ag[n] = (r.a, got[0])
+        elif any(g is not None for g in got):  # attention: an unused projection's gradient is zero
+            ag[n] = (r.a, tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(got, r.out)))
+    return losses.detach(), ag, list(grads[len(outs):])
 
 
 def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Tensor, Tensor]], weights: Tensor,
@@ -210,7 +267,7 @@ def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Te
         for lay in layers:
             if lay.name in ag:
                 a, g = ag[lay.name]
-                got = lay.rule.sums(lay.module, a, g, f.to(g.dtype), states[lay.name])
+                got = lay.rule.sums(lay.module, a, g, f.to(_seq(g)[0].dtype), states[lay.name])
                 sums.update({full: got[short] for full, short in lay.params})
         return [sums[n].to(p.dtype) if n in sums else torch.zeros_like(p) for n, p in model.named_parameters()], sq
 

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
+
 Mode = Literal["auto", "ghost", "materialise"]
 CHUNK_ELEMENTS = 2**27
 """Largest transient tensor (unfolded inputs, Gram matrices, per-example gradients) of one batch chunk."""
@@ -417,11 +419,125 @@ def _embedding_sums(m: nn.Embedding, a: Tensor, g: Tensor, f: Tensor, st: dict[s
     return {"weight": torch.zeros_like(m.weight).index_add_(0, st["idx"].reshape(-1), rows)}
 
 
+# ------------------------------------------------------------------------------- nn.MultiheadAttention
+def _mha_check(m: nn.MultiheadAttention) -> str | None:
+    if m.bias_k is not None:
+        return "add_bias_kv=True appends learned key/value rows to every sequence"
+    if m.add_zero_attn:
+        return "add_zero_attn=True"
+    return None
+
+
+def mha_projections(m: nn.MultiheadAttention) -> list[tuple[Tensor, Tensor | None]]:
+    """(weight, bias) of the query, key, value and output projections (views of the packed ``in_proj_*``)."""
+    e, b = m.embed_dim, m.in_proj_bias
+    bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:2 * e], b[2 * e:])
+    if m._qkv_same_embed_dim:
+        wq, wk, wv = m.in_proj_weight[:e], m.in_proj_weight[e:2 * e], m.in_proj_weight[2 * e:]
+    else:
+        wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    return [(wq, bq), (wk, bk), (wv, bv), (m.out_proj.weight, m.out_proj.bias)]
+
+
+def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True: not attended) as -inf / 0, a float mask as it is (added to the scores)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_forward(m: nn.MultiheadAttention, record: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], None],
+                query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``nn.MultiheadAttention.forward`` (batched inputs) written out, so that book-keeping sees its four linear
+    maps: ``record((query, key, value, o), (q, k, v, out))`` gets each projection's input [B, L or S, d] (batch
+    first) and output, where o [B, L, E] is the heads' concatenated attention output that ``out_proj`` maps.
+    The same arithmetic as ``F.multi_head_attention_forward``: the scores of q / sqrt(head_dim) and k plus the
+    merged masks, softmax and dropout when ``need_weights`` (the weights returned, averaged over heads unless
+    asked not to), scaled_dot_product_attention otherwise; ``is_causal`` is the hint that ``attn_mask`` is causal,
+    as there."""
+    if query.dim() != 3:
+        raise UnsupportedModelError(f"nn.MultiheadAttention called on an unbatched query of shape {tuple(query.shape)}"
+                                    "; fast clipping needs the batch dimension")
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+    if not m.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    b, n_q, e = query.shape
+    n_k, h = key.shape[1], m.num_heads
+    hd = e // h
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = mha_projections(m)
+    q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    mask = _additive(attn_mask, q.dtype)
+    if mask is not None:
+        mask = mask.view(1, 1, n_q, n_k) if mask.dim() == 2 else mask.view(b, h, n_q, n_k)
+    pad = _additive(key_padding_mask, q.dtype)
+    if pad is not None:
+        pad = pad.view(b, 1, 1, n_k)
+        mask = pad if mask is None else mask + pad
+    qh, kh, vh = (t.view(b, -1, h, hd).transpose(1, 2) for t in (q, k, v))
+    drop = m.dropout if m.training else 0.0
+    weights = None
+    if need_weights:
+        scores = (qh * math.sqrt(1.0 / hd)) @ kh.mT
+        p = (scores if mask is None else scores + mask).softmax(-1)
+        if drop > 0:
+            p = F.dropout(p, drop)
+        weights = p.mean(1) if average_attn_weights else p
+        o = p @ vh
+    else:
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=drop)
+    o = o.transpose(1, 2).reshape(b, n_q, e)
+    out = F.linear(o, wo, bo)
+    record((query, key, value, o), (q, k, v, out))
+    return (out if m.batch_first else out.transpose(0, 1)), weights
+
+
+class _HasBias:
+    def __init__(self, bias: Tensor | None) -> None:
+        self.bias = bias
+
+
+def _mha_norms(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, ...], mode: Mode
+               ) -> tuple[Tensor, dict[str, Any]]:
+    """The four projections as Linear layers (T = the sequence length): a, g tuples of [B, T, d]."""
+    sq, st = None, {}
+    for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m), a, g, strict=True)):
+        s, st[j] = _linear_norms(_HasBias(bias), aj, gj, mode)  # type: ignore[arg-type]
+        sq = s if sq is None else sq + s
+    assert sq is not None
+    return sq, st
+
+
+def _mha_sums(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, ...], f: Tensor,
+              st: dict[str, Any]) -> dict[str, Tensor]:
+    got = [_linear_sums(_HasBias(bias), aj, gj, f, st[j])  # type: ignore[arg-type]
+           for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m), a, g, strict=True))]
+    out = {"out_proj.weight": got[3]["weight"]}
+    if m._qkv_same_embed_dim:
+        out["in_proj_weight"] = torch.cat([got[j]["weight"] for j in range(3)])
+    else:
+        out.update({f"{c}_proj_weight": got[j]["weight"] for j, c in enumerate("qkv")})
+    if m.in_proj_bias is not None:
+        out["in_proj_bias"] = torch.cat([got[j]["bias"] for j in range(3)])
+    if m.out_proj.bias is not None:
+        out["out_proj.bias"] = got[3]["bias"]
+    return out
+
+
+MHA_PARAMS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
+                        "out_proj.weight", "out_proj.bias"})
+"""An attention module's parameters, its ``out_proj`` child's included (one rule covers both)."""
+
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: Rule(frozenset({"weight", "bias"}), _linear_norms, _linear_sums),
     nn.Conv2d: Rule(frozenset({"weight", "bias"}), _conv_norms, _conv_sums, _conv_check),
     nn.GroupNorm: Rule(frozenset({"weight", "bias"}), _group_norms, _affine_sums),
     nn.LayerNorm: Rule(frozenset({"weight", "bias"}), _layer_norms, _affine_sums),
     nn.Embedding: Rule(frozenset({"weight"}), _embedding_norms, _embedding_sums, _embedding_check),
+    nn.MultiheadAttention: Rule(MHA_PARAMS, _mha_norms, _mha_sums, _mha_check),
 }
 """Rules by exact module type (a subclass may change ``forward``, so it needs its own rule)."""

@@ -4,7 +4,9 @@ for the same model and batch size, and Opacus (hooks and ghost clipping) beside 
 Models (``--models``, comma-separated): ``resnet18`` (ResNet-18 with GroupNorm, ``model: {name: resnet18,
 norm: group}``, the default), ``fastcnn`` (``model: {name: fastcnn, norm: group}``) and ``vit`` (a ViT-small
 defined here, the zoo has none: 4x4 patches of 32x32 images = 64 tokens, dim 384, depth 12, 6 heads, MLP
-4x, pre-LayerNorm blocks, learned positions (``nn.Embedding``), mean pooling). Batch 256, CIFAR-10 (the JPEG
+4x, pre-LayerNorm blocks, learned positions (``nn.Embedding``), mean pooling), and ``vit-mha``: the same with
+PyTorch's ``nn.TransformerEncoderLayer`` blocks (``nn.MultiheadAttention`` inside; Opacus gets them through
+``ModuleValidator.fix``, its ``DPMultiheadAttention``). Batch 256, CIFAR-10 (the JPEG
 pack when present, else random 3x32x32 data: the step time does not depend on the pixels).
 
 * **mlaudit** runs the one training loop (``mlaudit.train.loop.train_stack``, K = 1, ``loop`` layout) with
@@ -93,11 +95,14 @@ class ViT(nn.Module):
     (Conv2d, stride 4) + learned positions (nn.Embedding) -> ``depth`` blocks -> LayerNorm -> mean -> logits."""
 
     def __init__(self, *, num_classes: int = 10, dim: int = 384, depth: int = 12, heads: int = 6, patch: int = 4,
-                 image: int = 32) -> None:
+                 image: int = 32, torch_blocks: bool = False) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, dim, patch, stride=patch)
         self.pos = nn.Embedding((image // patch) ** 2, dim)
-        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        # torch_blocks: PyTorch's own pre-norm encoder layer (nn.MultiheadAttention inside), as a user would write it
+        self.blocks = nn.Sequential(*[
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=True) if torch_blocks else Block(dim, heads) for _ in range(depth)])
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -109,11 +114,13 @@ class ViT(nn.Module):
 
 def builder(name: str, width: int | None) -> tuple[Builder, dict[str, Any]]:
     """The model constructor and its description; ``width`` scales the zoo models, and is the ViT's dim."""
-    if name == "vit":
+    if name in ("vit", "vit-mha"):
         dim = width or 384
         heads = next(h for h in (6, 4, 3, 2, 1) if dim % h == 0)
-        return (lambda: ViT(dim=dim, heads=heads)), {"name": "vit-small (benchmark)", "dim": dim, "depth": 12,
-                                                      "heads": heads, "patch": 4}
+        mha = name == "vit-mha"
+        return (lambda: ViT(dim=dim, heads=heads, torch_blocks=mha)), {
+            "name": "vit-small (benchmark)" + (", nn.TransformerEncoderLayer blocks" if mha else ""), "dim": dim,
+            "depth": 12, "heads": heads, "patch": 4}
     spec = ModelSpec(name=name, norm="group", width=width)
     return (lambda: build_model(spec, input_shape=(3, 32, 32), num_classes=10)), spec.model_dump()
 
@@ -156,6 +163,11 @@ def opacus_step(fn: Builder, mode: str | None, x: torch.Tensor, y: torch.Tensor,
                 bf16: bool = False) -> Callable[[], None]:
     """One training step of a hand-written loop: plain PyTorch (``mode`` None) or Opacus ``mode``."""
     model = fn().to(x.device)
+    if mode is not None:
+        from opacus.validators import ModuleValidator
+
+        if not ModuleValidator.is_valid(model):  # nn.MultiheadAttention -> Opacus's DPMultiheadAttention, as its docs say
+            model = ModuleValidator.fix(model).to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     crit: Any = nn.CrossEntropyLoss()
     if mode is not None:
@@ -316,7 +328,7 @@ def table(name: str, desc: dict[str, Any], runs: dict[str, dict[str, Any]], rat:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--models", default="resnet18", help="comma-separated: resnet18, fastcnn, vit")
+    ap.add_argument("--models", default="resnet18", help="comma-separated: resnet18, fastcnn, vit, vit-mha")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (and as many warm-up steps)")
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps of the hand-written Opacus/PyTorch loops")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -336,8 +348,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="(Secure RNG turned off|Full backward hook is firing)")
     device = torch.device(args.device)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    if unknown := sorted(set(names) - {"resnet18", "fastcnn", "vit"}):
-        raise SystemExit(f"unknown --models {unknown}; choose from resnet18, fastcnn, vit")
+    if unknown := sorted(set(names) - {"resnet18", "fastcnn", "vit", "vit-mha"}):
+        raise SystemExit(f"unknown --models {unknown}; choose from resnet18, fastcnn, vit, vit-mha")
     bsz, steps = args.batch_size, args.steps
     n = bsz * steps
     train, data_desc = training_split(n, synthetic=args.synthetic)

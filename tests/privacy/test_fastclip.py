@@ -138,6 +138,28 @@ class TextDecoder(nn.Module):
         return self.head(self.dec(e, self.mem(e), tgt_mask=causal).mean(1))
 
 
+def signal_net() -> nn.Module:
+    """[B, 3, 8, 8] read as 3 x 64 samples -> [B, 5]: Conv1d (stride, dilation, groups, 'same' + reflect, no bias),
+    an affine InstanceNorm1d, RMSNorm over the channels, an affine InstanceNorm2d on a 2-d view."""
+
+    class Signal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.n1 = nn.Conv1d(3, 8, 5, stride=2, padding=2), nn.InstanceNorm1d(8, affine=True)
+            self.c2 = nn.Conv1d(8, 8, 3, dilation=2, padding="same", padding_mode="reflect", groups=2, bias=False)
+            self.c3, self.rms = nn.Conv1d(8, 8, 4, stride=2), nn.RMSNorm(8)
+            self.n2, self.head = nn.InstanceNorm2d(8, affine=True), nn.Linear(8, 5)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.n1(self.c1(x.flatten(2))))
+            h = torch.tanh(self.c3(torch.tanh(self.c2(h))))  # [B, 8, 15]
+            h = self.rms(h.transpose(1, 2)).transpose(1, 2)
+            h = self.n2(h[..., :15].unflatten(2, (3, 5)))
+            return self.head(torch.tanh(h).mean((2, 3)))
+
+    return Signal()
+
+
 def convnet() -> nn.Module:
     """Strides, 'same' + reflect padding, dilation, grouped and depthwise convs, bias and no bias."""
     return nn.Sequential(
@@ -153,7 +175,7 @@ def zoo(name: str, **kw: object) -> nn.Module:
 
 
 MODELS = {
-    "convnet": convnet, "vit": TinyViT, "text": TextNet, "text-attention": TextAttention,
+    "convnet": convnet, "signal": signal_net, "vit": TinyViT, "text": TextNet, "text-attention": TextAttention,
     "text-cross-attention": lambda: TextAttention(cross=True), "text-encoder": TextEncoder,
     "text-decoder": TextDecoder,
     "mlp": lambda: zoo("mlp", norm="group", width=32),
@@ -198,7 +220,7 @@ def test_equals_the_per_example_path(name: str, dtype: torch.dtype, mode: str) -
                                      {"CHUNK_ELEMENTS": 3000, "CONV_MATERIALISE": "unfold"},
                                      {"CONV_SHIFT": False}, {"CONV_SHIFT": False, "CONV_MATERIALISE": "grouped"},
                                      {"CONV_SHIFT": False, "CHUNK_ELEMENTS": 1, "KEEP_ELEMENTS": 0}])
-@pytest.mark.parametrize("name", ["convnet", "vit", "text"])
+@pytest.mark.parametrize("name", ["convnet", "signal", "vit", "text"])
 def test_chunks_unkept_gradients_and_unfold_give_the_same_sums(name: str, setting: dict,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches cut into chunks, materialised gradients too large to keep (the sum is then the weighted
@@ -293,7 +315,8 @@ class Twice(nn.Module):
     (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4, affine=False)), "BatchNorm1d"),
     (nn.Sequential(nn.Linear(4, 4), Custom()), r"layer '1' \(Custom\) has trainable parameters but no "
                                                r"fast-clipping rule.*clipping: per-example"),
-    (nn.Sequential(nn.Conv1d(4, 4, 3)), r"'0' \(Conv1d\) has trainable parameters but no"),
+    (nn.Sequential(nn.Conv3d(4, 4, 3)), r"'0' \(Conv3d\) has trainable parameters but no"),
+    (nn.Sequential(nn.InstanceNorm2d(4, affine=True, track_running_stats=True)), r"'0' \(InstanceNorm2d\).*running"),
     (nn.MultiheadAttention(4, 2, add_bias_kv=True), r"the model itself \(MultiheadAttention\).*add_bias_kv"),
     (nn.Sequential(nn.MultiheadAttention(4, 2, add_zero_attn=True)), r"'0' \(MultiheadAttention\).*add_zero_attn"),
     (nn.Sequential(nn.Embedding(4, 4, max_norm=1.0)), "max_norm"),

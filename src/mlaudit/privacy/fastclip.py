@@ -23,8 +23,9 @@ from ONE forward and ONE backward of the summed loss ``sum_i L_i``, never a seco
    ``f * G``; or ``sum_i f_i grad_i`` of the kept materialised gradients).
 
 Rules (:mod:`mlaudit.privacy.fastclip_rules`): ``nn.Linear`` ([B, d] or [B, *, d]), ``nn.Conv2d`` (any
-stride, padding, padding mode, dilation, groups), ``nn.GroupNorm``, ``nn.LayerNorm``, ``nn.Embedding``,
-biases, and ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``): its projections are
+stride, padding, padding mode, dilation, groups) and ``nn.Conv1d`` (as a Conv2d of height 1), ``nn.GroupNorm``,
+affine ``nn.InstanceNorm*d`` without running statistics (a group per channel), ``nn.LayerNorm``, ``nn.RMSNorm``,
+``nn.Embedding``, biases, and ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``): its projections are
 used functionally, so while the tape is on the module runs :func:`~mlaudit.privacy.fastclip_rules.mha_forward`,
 the same arithmetic written out, which records the query, key, value and output projections' inputs and
 outputs, and each is a Linear with T = the sequence length. Attention written with ``nn.Linear`` projections

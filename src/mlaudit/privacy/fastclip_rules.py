@@ -388,6 +388,57 @@ def _layer_norms(m: nn.LayerNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Ten
     return _affine_norms(gw, g.reshape(a.shape[0], -1, *ns).sum(1) if m.bias is not None else None)
 
 
+def _rms_norms(m: nn.RMSNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a, g [B, *, *normalized_shape]: the weight's per-example gradient sum_* G_i xhat_i, xhat = a / rms(a)."""
+    ns = tuple(m.normalized_shape)
+    xhat = F.rms_norm(a.to(g.dtype), ns, eps=m.eps)
+    return _affine_norms((g * xhat).reshape(a.shape[0], -1, *ns).sum(1), None)
+
+
+class _InstanceAsGroups:
+    """An affine InstanceNorm seen as a GroupNorm with one group per channel (the same statistics: each example's
+    and channel's mean and variance over the positions)."""
+
+    def __init__(self, m: nn.modules.instancenorm._InstanceNorm) -> None:
+        self.num_groups, self.eps = m.num_features, m.eps
+
+
+def _instance_check(m: nn.modules.instancenorm._InstanceNorm) -> str | None:
+    if m.track_running_stats:
+        return ("track_running_stats=True keeps running statistics averaged over each batch, with no noise, and "
+                "normalises with them in eval mode; use track_running_stats=False")
+    return None
+
+
+def _instance_norms(m: nn.modules.instancenorm._InstanceNorm, a: Tensor, g: Tensor, mode: Mode
+                    ) -> tuple[Tensor, dict[str, Any]]:
+    """a, g [B, C, *]: as GroupNorm with C groups (:func:`_group_norms`)."""
+    return _group_norms(_InstanceAsGroups(m), a, g, mode)  # type: ignore[arg-type]
+
+
+class _Conv1dAs2d:
+    """An ``nn.Conv1d`` as the ``nn.Conv2d`` of height 1 it equals: inputs [B, C, 1, L], kernel (1, k), the weight
+    viewed [C_out, C_in / groups, 1, k]; the Conv2d rule's attributes."""
+
+    def __init__(self, m: nn.Conv1d) -> None:
+        self.kernel_size, self.stride, self.dilation = (1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)
+        self.padding = m.padding if isinstance(m.padding, str) else (0, *m.padding)
+        self.padding_mode, self.groups = m.padding_mode, m.groups
+        self._reversed_padding_repeated_twice = [*m._reversed_padding_repeated_twice, 0, 0]
+        self.in_channels, self.out_channels = m.in_channels, m.out_channels
+        self.weight, self.bias = m.weight.unsqueeze(2), m.bias
+
+
+def _conv1d_norms(m: nn.Conv1d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a [B, C_in, L], g [B, C_out, L_out]: the Conv2d rule on [B, C, 1, L]."""
+    return _conv_norms(_Conv1dAs2d(m), a.unsqueeze(2), g.unsqueeze(2), mode)  # type: ignore[arg-type]
+
+
+def _conv1d_sums(m: nn.Conv1d, a: Tensor, g: Tensor, f: Tensor, st: dict[str, Any]) -> dict[str, Tensor]:
+    got = _conv_sums(_Conv1dAs2d(m), a.unsqueeze(2), g.unsqueeze(2), f, st)  # type: ignore[arg-type]
+    return {**got, "weight": got["weight"].reshape(m.weight.shape)}
+
+
 # --------------------------------------------------------------------------------------- nn.Embedding
 def _embedding_check(m: nn.Embedding) -> str | None:
     if m.max_norm is not None:
@@ -539,5 +590,9 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.LayerNorm: Rule(frozenset({"weight", "bias"}), _layer_norms, _affine_sums),
     nn.Embedding: Rule(frozenset({"weight"}), _embedding_norms, _embedding_sums, _embedding_check),
     nn.MultiheadAttention: Rule(MHA_PARAMS, _mha_norms, _mha_sums, _mha_check),
+    nn.Conv1d: Rule(frozenset({"weight", "bias"}), _conv1d_norms, _conv1d_sums),
+    nn.RMSNorm: Rule(frozenset({"weight"}), _rms_norms, _affine_sums),
+    **{t: Rule(frozenset({"weight", "bias"}), _instance_norms, _affine_sums, _instance_check)
+       for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
 }
 """Rules by exact module type (a subclass may change ``forward``, so it needs its own rule)."""

@@ -343,6 +343,9 @@ MHA_CALLS = {
     "per-example 3-d mask, is_causal hint": ({"batch_first": True}, {"attn_mask": "causal3", "is_causal": True}),
     "kdim/vdim, no bias, float padding": ({"kdim": 3, "vdim": 5, "bias": False}, {"key_padding_mask": "float-pad"}),
     "dropout in eval mode": ({"dropout": 0.5}, {"key_padding_mask": "pad"}),
+    "self-attention (one packed projection), causal mask": ({}, {"attn_mask": "causal", "self": True}),
+    "self-attention, batch first, SDPA, padding": ({"batch_first": True},
+                                                  {"key_padding_mask": "pad", "need_weights": False, "self": True}),
 }
 
 
@@ -355,11 +358,14 @@ def test_the_written_out_attention_is_the_modules_forward(case: str) -> None:
     build, call = MHA_CALLS[case]
     torch.manual_seed(0)
     m = nn.MultiheadAttention(8, 2, **build).double().eval()
-    b, n_q, n_k, bf = 3, 4, 5, build.get("batch_first", False)
+    kw = dict(call)
+    same = kw.pop("self", False)
+    b, n_q, n_k, bf = 3, 5 if same else 4, 5, build.get("batch_first", False)
     q = torch.randn(b, n_q, 8, dtype=torch.float64)
     k = torch.randn(b, n_k, build.get("kdim", 8), dtype=torch.float64)
     v = torch.randn(b, n_k, build.get("vdim", 8), dtype=torch.float64)
-    kw = dict(call)
+    if same:
+        k = v = q
     masks = {"causal": torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), 1),
              "causal3": torch.triu(torch.ones(n_q, n_k, dtype=torch.bool), 1).repeat(b * 2, 1, 1),
              "float": torch.randn(n_q, n_k, dtype=torch.float64),
@@ -369,6 +375,8 @@ def test_the_written_out_attention_is_the_modules_forward(case: str) -> None:
         if name in kw:
             kw[name] = masks[kw[name]]
     args = (q, k, v) if bf else (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+    if same:
+        args = (args[0],) * 3
     want_out, want_w = m(*args, **kw)
     seen: list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = []
     got_out, got_w = mha_forward(m, lambda a, o: seen.append((a, o)), *args, **kw)
@@ -377,6 +385,9 @@ def test_the_written_out_attention_is_the_modules_forward(case: str) -> None:
     if want_w is not None:
         torch.testing.assert_close(got_w, want_w)
     (a, o), = seen
+    if same:  # the packed projection [q, k, v] as one Linear
+        assert [t.shape for t in a] == [(b, n_q, 8), (b, n_q, 8)] and [t.shape for t in o] == [(b, n_q, 24), (b, n_q, 8)]
+        return
     assert [t.shape for t in a] == [(b, n_q, 8), (b, n_k, k.shape[2]), (b, n_k, v.shape[2]), (b, n_q, 8)]
     assert [t.shape for t in o] == [(b, n_q, 8), (b, n_k, 8), (b, n_k, 8), (b, n_q, 8)]
 

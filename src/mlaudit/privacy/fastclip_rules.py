@@ -479,8 +479,11 @@ def _mha_check(m: nn.MultiheadAttention) -> str | None:
     return None
 
 
-def mha_projections(m: nn.MultiheadAttention) -> list[tuple[Tensor, Tensor | None]]:
-    """(weight, bias) of the query, key, value and output projections (views of the packed ``in_proj_*``)."""
+def mha_projections(m: nn.MultiheadAttention, *, packed: bool = False) -> list[tuple[Tensor, Tensor | None]]:
+    """(weight, bias) of the query, key, value and output projections (views of the packed ``in_proj_*``); with
+    ``packed`` (self-attention, one input) of the packed in-projection and the output projection."""
+    if packed:
+        return [(m.in_proj_weight, m.in_proj_bias), (m.out_proj.weight, m.out_proj.bias)]
     e, b = m.embed_dim, m.in_proj_bias
     bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e:2 * e], b[2 * e:])
     if m._qkv_same_embed_dim:
@@ -503,9 +506,11 @@ def mha_forward(m: nn.MultiheadAttention, record: Callable[[tuple[Tensor, ...], 
                 query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``nn.MultiheadAttention.forward`` (batched inputs) written out, so that book-keeping sees its four linear
-    maps: ``record((query, key, value, o), (q, k, v, out))`` gets each projection's input [B, L or S, d] (batch
-    first) and output, where o [B, L, E] is the heads' concatenated attention output that ``out_proj`` maps.
+    """``nn.MultiheadAttention.forward`` (batched inputs) written out, so that book-keeping sees its linear maps:
+    ``record((query, key, value, o), (q, k, v, out))`` gets each projection's input [B, L or S, d] (batch first)
+    and output, where o [B, L, E] is the heads' concatenated attention output that ``out_proj`` maps; for
+    self-attention (query, key and value the same tensor, one packed weight) ``record((query, o), (qkv, out))``,
+    the packed projection [B, L, 3E] as one Linear.
     The same arithmetic as ``F.multi_head_attention_forward``: the scores of q / sqrt(head_dim) and k plus the
     merged masks, softmax and dropout when ``need_weights`` (the weights returned, averaged over heads unless
     asked not to), scaled_dot_product_attention otherwise; ``is_causal`` is the hint that ``attn_mask`` is causal,
@@ -515,13 +520,22 @@ def mha_forward(m: nn.MultiheadAttention, record: Callable[[tuple[Tensor, ...], 
                                     "; fast clipping needs the batch dimension")
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+    # self-attention: one projection to [q, k, v] (as torch's _in_projection_packed), one Linear
+    packed = query is key and key is value and m._qkv_same_embed_dim
     if not m.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if packed:
+            key = value = query
     b, n_q, e = query.shape
     n_k, h = key.shape[1], m.num_heads
     hd = e // h
-    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = mha_projections(m)
-    q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    if packed:
+        (w_in, b_in), (wo, bo) = mha_projections(m, packed=True)
+        qkv = F.linear(query, w_in, b_in)
+        q, k, v = qkv.chunk(3, dim=-1)
+    else:
+        (wq, bq), (wk, bk), (wv, bv), (wo, bo) = mha_projections(m)
+        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
     mask = _additive(attn_mask, q.dtype)
     if mask is not None:
         mask = mask.view(1, 1, n_q, n_k) if mask.dim() == 2 else mask.view(b, h, n_q, n_k)
@@ -529,7 +543,7 @@ def mha_forward(m: nn.MultiheadAttention, record: Callable[[tuple[Tensor, ...], 
     if pad is not None:
         pad = pad.view(b, 1, 1, n_k)
         mask = pad if mask is None else mask + pad
-    qh, kh, vh = (t.view(b, -1, h, hd).transpose(1, 2) for t in (q, k, v))
+    qh, kh, vh = (t.reshape(b, -1, h, hd).transpose(1, 2) for t in (q, k, v))
     drop = m.dropout if m.training else 0.0
     weights = None
     if need_weights:
@@ -543,7 +557,10 @@ def mha_forward(m: nn.MultiheadAttention, record: Callable[[tuple[Tensor, ...], 
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=drop)
     o = o.transpose(1, 2).reshape(b, n_q, e)
     out = F.linear(o, wo, bo)
-    record((query, key, value, o), (q, k, v, out))
+    if packed:
+        record((query, o), (qkv, out))
+    else:
+        record((query, key, value, o), (q, k, v, out))
     return (out if m.batch_first else out.transpose(0, 1)), weights
 
 
@@ -554,9 +571,10 @@ class _HasBias:
 
 def _mha_norms(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, ...], mode: Mode
                ) -> tuple[Tensor, dict[str, Any]]:
-    """The four projections as Linear layers (T = the sequence length): a, g tuples of [B, T, d]."""
+    """The projections as Linear layers (T = the sequence length): a, g tuples of [B, T, d], four (query, key,
+    value, output) or two (the packed in-projection of self-attention, the output)."""
     sq, st = None, {}
-    for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m), a, g, strict=True)):
+    for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m, packed=len(a) == 2), a, g, strict=True)):
         s, st[j] = _linear_norms(_HasBias(bias), aj, gj, mode)  # type: ignore[arg-type]
         sq = s if sq is None else sq + s
     assert sq is not None
@@ -565,8 +583,14 @@ def _mha_norms(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor,
 
 def _mha_sums(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, ...], f: Tensor,
               st: dict[str, Any]) -> dict[str, Tensor]:
+    packed = len(a) == 2
     got = [_linear_sums(_HasBias(bias), aj, gj, f, st[j])  # type: ignore[arg-type]
-           for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m), a, g, strict=True))]
+           for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m, packed=packed), a, g, strict=True))]
+    if packed:
+        out = {"in_proj_weight": got[0]["weight"], "out_proj.weight": got[1]["weight"]}
+        out.update({"in_proj_bias": got[0]["bias"]} if m.in_proj_bias is not None else {})
+        out.update({"out_proj.bias": got[1]["bias"]} if m.out_proj.bias is not None else {})
+        return out
     out = {"out_proj.weight": got[3]["weight"]}
     if m._qkv_same_embed_dim:
         out["in_proj_weight"] = torch.cat([got[j]["weight"] for j in range(3)])

@@ -101,3 +101,31 @@ def test_dp_with_book_keeping_clipping_takes_the_loop_without_a_probe() -> None:
     assert not dp_fast_loop(dp, bn, cuda)
     assert not dp_fast_loop(dp, gn, torch.device("cpu"))
     assert not dp_fast_loop(resolve_recipe("fast"), gn, cuda)
+
+
+def test_explicit_fast_clipping_takes_the_loop_layout_on_any_device_and_refuses_vmap() -> None:
+    """dp.clipping: fast runs only in the loop layout: auto picks it (on the CPU too, where auto clipping keeps the
+    static rule's vmap), and a config that also sets factory.strategy: vmap is refused before any work."""
+    import functools
+
+    import torch
+
+    from mlaudit.errors import ConfigError
+    from mlaudit.experiments import parse_config
+    from mlaudit.factory.layout import DP_FAST_REASON, pick_layout
+    from mlaudit.models.registry import ModelSpec, build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    mlp = functools.partial(build_model, ModelSpec(name="mlp", width=8), input_shape=(1, 8, 8), num_classes=4)
+    fast = resolve_recipe({"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "clipping": "fast"}})
+    auto = resolve_recipe({"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0}})
+    cpu = torch.device("cpu")
+    assert pick_layout("auto", k=3, model_fn=mlp, data=None, recipe=fast, lr=0.1, device=cpu,  # type: ignore[arg-type]
+                       augment=None) == ("loop", DP_FAST_REASON)
+    assert pick_layout("auto", k=3, model_fn=mlp, data=None, recipe=auto, lr=0.1, device=cpu,  # type: ignore[arg-type]
+                       augment=None)[0] == "vmap"
+    cfg = {"kind": "train", "dataset": "digits", "model": "mlp",
+           "recipe": {"name": "fast", "dp": {"epsilon": 1.0, "delta": 1e-5, "clip": 1.0, "clipping": "fast"}}}
+    parse_config(cfg)
+    with pytest.raises(ConfigError, match=r"recipe.dp.clipping = 'fast'.*factory.strategy = 'vmap'"):
+        parse_config({**cfg, "factory": {"strategy": "vmap"}})

@@ -133,6 +133,15 @@ class ExperimentConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _clipping_fits_layout(self) -> ExperimentConfig:
+        dp = self.recipe.dp
+        if dp is not None and dp.clipping == "fast" and self.factory.strategy == "vmap":
+            raise ValueError("recipe.dp.clipping = 'fast' (book-keeping) runs in the loop layout, but factory.strategy "
+                             "= 'vmap' (its steps clip per example); allowed: factory.strategy loop or auto, or "
+                             "dp.clipping per-example or auto")
+        return self
+
+    @model_validator(mode="after")
     def _trainer_fits_recipe(self) -> ExperimentConfig:
         if self.trainer != "mlaudit" and self.recipe.dp is not None and self.kind != "dp-audit":
             raise ValueError(f"recipe.dp configures mlaudit's own DP-SGD, but trainer is {self.trainer!r} (your "

@@ -38,6 +38,8 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     module docstring."""
     if strategy != "auto":
         return strategy, "set by factory.strategy"
+    if recipe.dp is not None and recipe.dp.clipping == "fast":
+        return "loop", DP_FAST_REASON
     if dp_fast_loop(recipe, model_fn, device):
         return "loop", DP_LOOP_REASON
     static = choose_strategy(model_fn(), device)
@@ -71,6 +73,7 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     return best, f"timed probe, one epoch of {PROBE_STEPS} steps x {kp} models (2 epochs minus 1): {probe_text}"
 
 
+DP_FAST_REASON = "dp.clipping: fast: book-keeping clipping runs in the loop layout (vmap's steps clip per example)"
 DP_LOOP_REASON = ("DP-SGD with book-keeping clipping on CUDA: loop layout, no probe (vmap's per-example path "
                   "keeps [K, B, *params] gradients: on the H200 a fast-CNN DP audit of 150 models per side trained "
                   "in 226 s with vmap, 19 models per chunk after out-of-memory back-offs, and in 76 s with the loop, "

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +160,25 @@ def signal_net() -> nn.Module:
             return self.head(torch.tanh(h).mean((2, 3)))
 
     return Signal()
+
+
+class TextRNN(nn.Module):
+    """Token ids [B, 6] -> [B, 5] through a 2-layer bidirectional batch-first LSTM (output at every step, mean), or
+    (``gru``) a sequence-first GRU read at its final state."""
+
+    def __init__(self, gru: bool = False) -> None:
+        super().__init__()
+        self.gru, self.emb = gru, nn.Embedding(9, 8, padding_idx=0)
+        self.rnn = nn.GRU(8, 6) if gru else nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(6 if gru else 12, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.emb(x.long())
+        if self.gru:
+            _, hn = self.rnn(h.transpose(0, 1))
+            return self.head(hn[0])
+        out, _ = self.rnn(h)
+        return self.head(out.mean(1))
 
 
 def convnet() -> nn.Module:
@@ -390,6 +411,63 @@ def test_the_written_out_attention_is_the_modules_forward(case: str) -> None:
         return
     assert [t.shape for t in a] == [(b, n_q, 8), (b, n_k, k.shape[2]), (b, n_k, v.shape[2]), (b, n_q, 8)]
     assert [t.shape for t in o] == [(b, n_q, 8), (b, n_k, 8), (b, n_k, 8), (b, n_q, 8)]
+
+
+def loop_reference(model: nn.Module, x: Tensor, y: Tensor, w: Tensor, clip: float) -> list[Tensor]:
+    """sum_i w_i clip(g_i) by one forward and backward per example (vmap cannot run nn.LSTM / nn.GRU: their
+    in-place state updates do not batch)."""
+    params = list(model.parameters())
+    sums = [torch.zeros_like(p) for p in params]
+    for i in range(len(x)):
+        g = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]).float(), y[i:i + 1]), params)
+        norm = torch.sqrt(sum(t.double().square().sum() for t in g))
+        f = float(w[i]) * min(1.0, clip / (float(norm) + 1e-6))
+        sums = [s + f * t for s, t in zip(sums, g)]
+    return sums
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "materialise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gru", [False, True], ids=["lstm", "gru"])
+def test_recurrent_layers_equal_a_per_example_loop(gru: bool, dtype: torch.dtype, mode: str) -> None:
+    """nn.LSTM (two bidirectional batch-first layers) and nn.GRU (sequence first, read at its last state): the fast
+    clipped sum equals one backward per example, and the written-out forward equals the module's."""
+    from mlaudit.privacy.fastclip_rules import rnn_forward
+
+    torch.manual_seed(0)
+    model = TextRNN(gru=gru).to(dtype).train()
+    x, y, w = batch("text", dtype)
+    got, _ = clipped_grad_sum(model, x, y, w, clip=0.5, mode=mode)  # type: ignore[arg-type]
+    for g, r in zip(got, loop_reference(model, x, y, w, 0.5), strict=True):
+        torch.testing.assert_close(g, r, **TOL[dtype])
+    verify_fast_clip(model, x, y)
+    h = model.emb(x.long())
+    h = h.transpose(0, 1) if gru else h
+    h0 = torch.randn(1 if gru else 4, len(x), 6, dtype=dtype)
+    hx = h0 if gru else (h0, torch.randn_like(h0))
+    for state in (None, hx):
+        want = model.rnn(h, state)
+        mine = rnn_forward(model.rnn, lambda a, o: None, h, state)
+        torch.testing.assert_close(mine[0], want[0])
+        for a, b in zip(mine[1] if not gru else (mine[1],), want[1] if not gru else (want[1],)):
+            torch.testing.assert_close(a, b)
+
+
+def test_a_projected_lstm_and_a_packed_sequence_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match=r"proj_size"):
+        check_fast_clip(nn.Sequential(nn.LSTM(4, 6, proj_size=3)))
+
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 6, batch_first=True), nn.Linear(6, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            seq = nn.utils.rnn.pack_padded_sequence(x, [x.shape[1]] * len(x), batch_first=True)
+            return self.head(self.rnn(seq)[1][0])
+
+    with pytest.raises(UnsupportedModelError, match=r"PackedSequence"):
+        clipped_grad_sum(Packed(), torch.randn(3, 5, 4), torch.tensor([0, 1, 2]), torch.ones(3), clip=1.0)
 
 
 def test_a_sequence_first_transformer_layer_is_refused_by_name() -> None:
@@ -685,3 +763,38 @@ def test_verification_runs_in_exact_float32_and_restores_the_flags() -> None:
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+RNN_USER = '''
+import torch
+from torch import nn
+
+
+class RowLSTM(nn.Module):
+    """A digit's 8 rows as 8 steps of 8 pixels through an LSTM, read at the last step."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.flatten(1, 2))
+        return self.head(out[:, -1])
+'''
+
+
+def test_a_users_lstm_trains_with_dp_through_the_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's LSTM by import string, DP-SGD with dp.clipping auto on the CPU: the factory takes the loop layout
+    (vmap cannot run the LSTM) and book-keeping clipping, and the run reports its epsilon."""
+    from mlaudit.experiments import run_experiment
+    from mlaudit.factory.layout import DP_RECURRENT_REASON
+
+    (tmp_path / "rnn_user.py").write_text(RNN_USER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = {"kind": "train", "dataset": "digits", "model": "rnn_user:RowLSTM", "trials": 1, "seed": 0,
+           "recipe": {"name": "fast", "epochs": 1, "batch_size": 64,
+                      "dp": {"epsilon": 8.0, "delta": 1e-5, "clip": 1.0}}}
+    res = run_experiment(cfg, out=tmp_path / "out", device="cpu", store=tmp_path / "r.db", quiet=True).results
+    for t in res["trials"]:
+        assert t["stack_layout"] == "loop" and t["stack_layout_reason"] == DP_RECURRENT_REASON
+        assert 7.9 < t["dp_epsilon"] <= 8.0 and math.isfinite(t["test_loss"])

@@ -42,6 +42,8 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
         return "loop", DP_FAST_REASON
     if dp_fast_loop(recipe, model_fn, device):
         return "loop", DP_LOOP_REASON
+    if recipe.dp is not None and recipe.dp.clipping == "auto" and _recurrent(model_fn()):
+        return "loop", DP_RECURRENT_REASON
     static = choose_strategy(model_fn(), device)
     if device.type != "cuda" or k == 1:
         why = "one model per chunk" if k == 1 else f"static rule on {device.type}"
@@ -71,6 +73,14 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     if times[best] == float("inf"):
         return static, f"both layouts ran out of memory in the probe; static rule ({static})"
     return best, f"timed probe, one epoch of {PROBE_STEPS} steps x {kp} models (2 epochs minus 1): {probe_text}"
+
+
+DP_RECURRENT_REASON = ("DP-SGD on a model with nn.LSTM / nn.GRU: vmap's per-example path cannot batch their state "
+                       "updates; loop layout with book-keeping clipping")
+
+
+def _recurrent(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.LSTM, nn.GRU)) for m in model.modules())
 
 
 DP_FAST_REASON = "dp.clipping: fast: book-keeping clipping runs in the loop layout (vmap's steps clip per example)"

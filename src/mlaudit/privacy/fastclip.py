@@ -29,7 +29,9 @@ affine ``nn.InstanceNorm*d`` without running statistics (a group per channel), `
 used functionally, so while the tape is on the module runs :func:`~mlaudit.privacy.fastclip_rules.mha_forward`,
 the same arithmetic written out, which records the query, key, value and output projections' inputs and
 outputs, and each is a Linear with T = the sequence length. Attention written with ``nn.Linear`` projections
-(as a ViT block does) is covered by the Linear rule. Everything else with trainable parameters is refused by
+(as a ViT block does) is covered by the Linear rule. ``nn.LSTM`` and ``nn.GRU`` likewise run
+:func:`~mlaudit.privacy.fastclip_rules.rnn_forward`: per layer and direction, the input projection and the
+recurrent projection are each a Linear over the T steps. Everything else with trainable parameters is refused by
 :func:`check_fast_clip` with the layer's name (BatchNorm mixes the examples of a batch; attention with
 ``add_bias_kv`` or ``add_zero_attn``); a layer called on a tensor without the batch dimension (its output shared by all
 examples) is refused when it runs; and :func:`verify_fast_clip` compares, once, the rules' unclipped sum
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from .fastclip_rules import RULES, Mode, Rule, mha_forward
+from .fastclip_rules import RULES, Mode, Rule, mha_forward, rnn_forward
 
 PER_EXAMPLE_HINT = "use `dp: {clipping: per-example}`"
 
@@ -161,8 +163,9 @@ def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
                 f"by all examples; give it per-example inputs (e.g. positions expanded to [B, T]) or {PER_EXAMPLE_HINT}")
         rec[layer.name] = _Record(a, out, (a._version, out._version))
 
-    def attention(layer: _Layer, *args: object, **kwargs: object) -> tuple[Tensor, Tensor | None]:
-        """An nn.MultiheadAttention's forward, written out so that its four projections are recorded."""
+    def attention(layer: _Layer, *args: object, **kwargs: object) -> tuple[Tensor, Any]:
+        """An nn.MultiheadAttention's or nn.LSTM's / nn.GRU's forward, written out so that its linear maps are
+        recorded."""
         if layer.name in rec:
             raise UnsupportedModelError(f"{_label(layer.name, layer.module)} is called more than once per forward "
                                         f"(weight sharing); {PER_EXAMPLE_HINT}")
@@ -176,13 +179,14 @@ def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
             r.versions = _versions(r)
             rec[layer.name] = r
 
-        return mha_forward(layer.module, record, *args, **kwargs)  # type: ignore[arg-type]
+        forward = mha_forward if type(layer.module) is nn.MultiheadAttention else rnn_forward
+        return forward(layer.module, record, *args, **kwargs)  # type: ignore[arg-type,operator]
 
     handles, patched = [], []
     for lay in layers:
-        if type(lay.module) is nn.MultiheadAttention:
-            # its projections are used functionally inside F.multi_head_attention_forward: no hook sees them, so the
-            # module runs mha_forward (the same arithmetic) while the tape is on
+        if type(lay.module) in (nn.MultiheadAttention, nn.LSTM, nn.GRU):
+            # their weights are used inside one fused call (F.multi_head_attention_forward, the LSTM / GRU kernels):
+            # no hook sees them, so the module runs its arithmetic written out while the tape is on
             patched.append((lay.module, lay.module.__dict__.get("forward")))
             lay.module.forward = functools.partial(attention, lay)
         else:

@@ -603,6 +603,128 @@ def _mha_sums(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, 
     return out
 
 
+# ------------------------------------------------------------------------------------ nn.LSTM, nn.GRU
+def _rnn_check(m: nn.RNNBase) -> str | None:
+    if getattr(m, "proj_size", 0):
+        return "proj_size > 0 (projected LSTM states)"
+    return None
+
+
+def _rnn_cells(m: nn.RNNBase) -> list[str]:
+    """The (layer, direction) suffixes of the parameter names, in the order the forward runs them."""
+    return [f"_l{k}{'_reverse' if d else ''}" for k in range(m.num_layers) for d in range(2 if m.bidirectional else 1)]
+
+
+def rnn_forward(m: nn.RNNBase, record: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], None], input: Tensor,
+                hx: Tensor | tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
+    """``nn.LSTM`` / ``nn.GRU`` forward (batched, unpacked inputs) written out, so that book-keeping sees each
+    layer's and direction's two linear maps: the input projection ``x_t W_ih^T + b_ih`` for all t at once (one
+    Linear over the T steps) and the recurrent one ``h_{t-1} W_hh^T + b_hh``, one output per step (a Linear over
+    the T steps once stacked). ``record(a, out)``: per cell, in :func:`_rnn_cells` order, ``a`` gets the cell's
+    input [B, T, d_in] and its previous hidden states [B, T, H], ``out`` its input projection [B, T, G H] then
+    the T recurrent projections [B, G H]. The gates as in PyTorch's documentation: LSTM i, f, g, o; GRU r, z, n with
+    n = tanh(W_in x + b_in + r (W_hn h + b_hn)). Dropout between layers as ``m.dropout`` in training mode."""
+    from ..errors import UnsupportedModelError
+
+    if not isinstance(input, Tensor) or input.dim() != 3:
+        raise UnsupportedModelError(f"{type(m).__name__} needs a batched, unpacked input [B, T, d] or [T, B, d] for "
+                                    "fast clipping (a PackedSequence or an unbatched input is not supported)")
+    lstm = isinstance(m, nn.LSTM)
+    x = input if m.batch_first else input.transpose(0, 1)
+    b, t_len = x.shape[:2]
+    h_size, dirs = m.hidden_size, 2 if m.bidirectional else 1
+    if hx is None:
+        h0 = x.new_zeros(m.num_layers * dirs, b, h_size)
+        c0 = h0 if lstm else None
+    elif lstm:
+        h0, c0 = hx  # type: ignore[misc]
+    else:
+        h0, c0 = hx, None  # type: ignore[assignment]
+    a_rec: list[Tensor] = []
+    o_rec: list[Tensor] = []
+    h_n, c_n = [], []
+    layer_in = x
+    for k in range(m.num_layers):
+        outs = []
+        for d in range(dirs):
+            sfx = f"_l{k}{'_reverse' if d else ''}"
+            w_ih, w_hh = getattr(m, f"weight_ih{sfx}"), getattr(m, f"weight_hh{sfx}")
+            b_ih, b_hh = (getattr(m, f"bias_ih{sfx}"), getattr(m, f"bias_hh{sfx}")) if m.bias else (None, None)
+            gx = F.linear(layer_in, w_ih, b_ih)  # [B, T, G H]
+            h = h0[k * dirs + d]
+            c = c0[k * dirs + d] if c0 is not None else None
+            steps = range(t_len - 1, -1, -1) if d else range(t_len)
+            hs, prev, ghs = [None] * t_len, [], []
+            for t in steps:
+                prev.append(h)
+                gh = F.linear(h, w_hh, b_hh)  # [B, G H]
+                ghs.append(gh)
+                if lstm:
+                    i, f, g, o = (gx[:, t] + gh).chunk(4, dim=1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                else:
+                    xr, xz, xn = gx[:, t].chunk(3, dim=1)
+                    hr, hz, hn = gh.chunk(3, dim=1)
+                    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+                    h = (1 - z) * torch.tanh(xn + r * hn) + z * h
+                hs[t] = h
+            if d:  # the reverse direction ran t = T-1 .. 0: its records in time order
+                prev.reverse()
+                ghs.reverse()
+            a_rec += [layer_in, torch.stack(prev, 1)]
+            o_rec += [gx, *ghs]
+            outs.append(torch.stack(hs, 1))  # type: ignore[arg-type]
+            h_n.append(h)
+            if c is not None:
+                c_n.append(c)
+        layer_in = torch.cat(outs, 2) if dirs == 2 else outs[0]
+        if m.dropout and m.training and k < m.num_layers - 1:
+            layer_in = F.dropout(layer_in, m.dropout)
+    record(tuple(a_rec), tuple(o_rec))
+    out = layer_in if m.batch_first else layer_in.transpose(0, 1)
+    hn = torch.stack(h_n)
+    return out, ((hn, torch.stack(c_n)) if lstm else hn)
+
+
+def _rnn_parts(m: nn.RNNBase, a: tuple[Tensor, ...], g: tuple[Tensor, ...]
+               ) -> list[tuple[str, str, Tensor | None, Tensor, Tensor]]:
+    """Per Linear map: (weight name, bias name, bias, input [B, T, d], output gradient [B, T, G H])."""
+    t_len = (len(g) // len(_rnn_cells(m))) - 1
+    parts = []
+    for j, sfx in enumerate(_rnn_cells(m)):
+        gx, ghs = g[j * (t_len + 1)], g[j * (t_len + 1) + 1:(j + 1) * (t_len + 1)]
+        for kind, inp, grad in (("ih", a[2 * j], gx), ("hh", a[2 * j + 1], torch.stack(ghs, 1))):
+            bias = getattr(m, f"bias_{kind}{sfx}") if m.bias else None
+            parts.append((f"weight_{kind}{sfx}", f"bias_{kind}{sfx}", bias, inp, grad))
+    return parts
+
+
+def _rnn_norms(m: nn.RNNBase, a: tuple[Tensor, ...], g: tuple[Tensor, ...], mode: Mode
+               ) -> tuple[Tensor, dict[str, Any]]:
+    sq, st = None, {}
+    for j, (_, _, bias, inp, grad) in enumerate(_rnn_parts(m, a, g)):
+        s, st[j] = _linear_norms(_HasBias(bias), inp, grad, mode)  # type: ignore[arg-type]
+        sq = s if sq is None else sq + s
+    assert sq is not None
+    return sq, st
+
+
+def _rnn_sums(m: nn.RNNBase, a: tuple[Tensor, ...], g: tuple[Tensor, ...], f: Tensor, st: dict[str, Any]
+              ) -> dict[str, Tensor]:
+    out = {}
+    for j, (wname, bname, bias, inp, grad) in enumerate(_rnn_parts(m, a, g)):
+        got = _linear_sums(_HasBias(bias), inp, grad, f, st[j])  # type: ignore[arg-type]
+        out[wname] = got["weight"]
+        if bias is not None:
+            out[bname] = got["bias"]
+    return out
+
+
+RNN_PARAMS = frozenset(f"{w}_{kind}_l{k}{r}" for w in ("weight", "bias") for kind in ("ih", "hh") for k in range(64)
+                       for r in ("", "_reverse"))
+"""The parameter names of LSTM / GRU layers (up to 64 layers)."""
+
 MHA_PARAMS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                         "out_proj.weight", "out_proj.bias"})
 """An attention module's parameters, its ``out_proj`` child's included (one rule covers both)."""
@@ -615,6 +737,8 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Embedding: Rule(frozenset({"weight"}), _embedding_norms, _embedding_sums, _embedding_check),
     nn.MultiheadAttention: Rule(MHA_PARAMS, _mha_norms, _mha_sums, _mha_check),
     nn.Conv1d: Rule(frozenset({"weight", "bias"}), _conv1d_norms, _conv1d_sums),
+    nn.LSTM: Rule(RNN_PARAMS, _rnn_norms, _rnn_sums, _rnn_check),
+    nn.GRU: Rule(RNN_PARAMS, _rnn_norms, _rnn_sums, _rnn_check),
     nn.RMSNorm: Rule(frozenset({"weight"}), _rms_norms, _affine_sums),
     **{t: Rule(frozenset({"weight", "bias"}), _instance_norms, _affine_sums, _instance_check)
        for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},

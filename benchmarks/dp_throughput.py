@@ -6,7 +6,8 @@ norm: group}``, the default), ``fastcnn`` (``model: {name: fastcnn, norm: group}
 defined here, the zoo has none: 4x4 patches of 32x32 images = 64 tokens, dim 384, depth 12, 6 heads, MLP
 4x, pre-LayerNorm blocks, learned positions (``nn.Embedding``), mean pooling), and ``vit-mha``: the same with
 PyTorch's ``nn.TransformerEncoderLayer`` blocks (``nn.MultiheadAttention`` inside; Opacus gets them through
-``ModuleValidator.fix``, its ``DPMultiheadAttention``). Batch 256, CIFAR-10 (the JPEG
+``ModuleValidator.fix``, its ``DPMultiheadAttention``), and ``lstm``: an image's 32 rows as 32 steps through a
+2-layer ``nn.LSTM`` (Opacus: its ``DPLSTM`` through ``ModuleValidator.fix``). Batch 256, CIFAR-10 (the JPEG
 pack when present, else random 3x32x32 data: the step time does not depend on the pixels).
 
 * **mlaudit** runs the one training loop (``mlaudit.train.loop.train_stack``, K = 1, ``loop`` layout) with
@@ -112,8 +113,24 @@ class ViT(nn.Module):
         return self.head(self.norm(self.blocks(h)).mean(1))
 
 
+class RowLSTM(nn.Module):
+    """An image's 32 rows as 32 steps of 96 values (3 channels x 32 pixels) through a 2-layer nn.LSTM of width
+    ``hidden``, read at the last step: [B, 3, 32, 32] -> logits."""
+
+    def __init__(self, hidden: int = 256, num_classes: int = 10) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(96, hidden, num_layers=2, batch_first=True), nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x.permute(0, 2, 1, 3).flatten(2))
+        return self.head(out[:, -1])
+
+
 def builder(name: str, width: int | None) -> tuple[Builder, dict[str, Any]]:
     """The model constructor and its description; ``width`` scales the zoo models, and is the ViT's dim."""
+    if name == "lstm":
+        hidden = width or 256
+        return (lambda: RowLSTM(hidden)), {"name": "row LSTM (benchmark)", "hidden": hidden, "layers": 2, "steps": 32}
     if name in ("vit", "vit-mha"):
         dim = width or 384
         heads = next(h for h in (6, 4, 3, 2, 1) if dim % h == 0)
@@ -328,7 +345,7 @@ def table(name: str, desc: dict[str, Any], runs: dict[str, dict[str, Any]], rat:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--models", default="resnet18", help="comma-separated: resnet18, fastcnn, vit, vit-mha")
+    ap.add_argument("--models", default="resnet18", help="comma-separated: resnet18, fastcnn, vit, vit-mha, lstm")
     ap.add_argument("--steps", type=int, default=20, help="timed steps (and as many warm-up steps)")
     ap.add_argument("--warmup", type=int, default=5, help="warm-up steps of the hand-written Opacus/PyTorch loops")
     ap.add_argument("--batch-size", type=int, default=256)
@@ -348,8 +365,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="(Secure RNG turned off|Full backward hook is firing)")
     device = torch.device(args.device)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
-    if unknown := sorted(set(names) - {"resnet18", "fastcnn", "vit", "vit-mha"}):
-        raise SystemExit(f"unknown --models {unknown}; choose from resnet18, fastcnn, vit, vit-mha")
+    if unknown := sorted(set(names) - {"resnet18", "fastcnn", "vit", "vit-mha", "lstm"}):
+        raise SystemExit(f"unknown --models {unknown}; choose from resnet18, fastcnn, vit, vit-mha, lstm")
     bsz, steps = args.batch_size, args.steps
     n = bsz * steps
     train, data_desc = training_split(n, synthetic=args.synthetic)

@@ -346,3 +346,21 @@ def test_no_imports_switch_refuses_import_strings(tmp_path: Path, monkeypatch: p
     cfg.write_text(yaml.safe_dump(TINY | {"model": "torch.nn:Identity"}))
     res = run_tiny(cfg, tmp_path / "out")
     assert res.exit_code == 2 and "MLAUDIT_NO_IMPORTS" in res.output and not (tmp_path / "out").exists()
+
+
+def test_dp_check_lists_every_layer_and_exits_1_on_one_fast_clipping_cannot_cover(tmp_path: Path,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = cli("dp", "check", "{name: fastcnn, norm: group, width: 8}", "--input-shape", "3,16,16", "--verify")
+    assert ok.exit_code == 0, ok.output
+    assert "GroupNorm" in ok.output and "no:" not in ok.output and "verified" in ok.output
+    bad = cli("dp", "check", "fastcnn", "--input-shape", "3,16,16")
+    assert bad.exit_code == 1 and "BatchNorm2d" in bad.output and "use GroupNorm" in bad.output.replace("\n", " ")
+    (tmp_path / "attn_user.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)\n"
+        "        self.head = nn.Linear(8, 3)\n\n    def forward(self, x):\n        return self.head(self.enc(x).mean(1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = cli("dp", "check", "attn_user:Net", "--input-shape", "5,8", "--classes", "3", "--verify")
+    assert user.exit_code == 0 and "MultiheadAttention" in user.output and "verified" in user.output, user.output
+    assert cli("dp", "check", "mlp", "--input-shape", "3,x").exit_code == 2
+    assert cli("dp", "check", "{name: mlp, nrm: group}", "--input-shape", "4").exit_code == 2

@@ -417,6 +417,63 @@ def dp_noise(epsilon_: Annotated[float, typer.Option("--epsilon", help="Target e
                  accountant=accountant)
 
 
+@dp_app.command("check")
+def dp_check(model: Annotated[str, typer.Argument(help="A zoo name, your model as 'package.module:factory', or a "
+                                                     "model mapping in YAML, e.g. '{name: resnet18, norm: group}'.")],
+             input_shape: Annotated[str, typer.Option("--input-shape", help="One input's shape, e.g. 3,32,32.")],
+             classes: Annotated[int, typer.Option("--classes", min=2, help="Number of classes.")] = 10,
+             verify: Annotated[bool, typer.Option("--verify", help="Also run the model on 4 random inputs "
+                                                  "(uniform [0, 1)) and compare the rules with autograd.")] = False) -> None:
+    """List the layers of a model with parameters and whether DP-SGD's book-keeping (fast) clipping covers each,
+    or why not and the fix (exit 1 if any is not covered; then dp.clipping auto clips per example)."""
+    import torch
+
+    from .models.registry import build_model
+    from .privacy.fastclip import fast_clip_report, verify_fast_clip
+
+    try:
+        shape = tuple(int(v) for v in input_shape.split(","))
+        if not shape or min(shape) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(ConfigError(f"--input-shape {input_shape!r}: allowed a comma-separated list of positive integers, "
+                          "e.g. 3,32,32"))
+    import yaml
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+    from .models.registry import ModelSpec
+
+    try:
+        spec = yaml.safe_load(model) if model.lstrip().startswith("{") else model
+        net = build_model(spec, input_shape=shape, num_classes=classes)
+        rows = fast_clip_report(net)
+    except MlauditError as e:
+        _fail(e)
+    except ValidationError as e:
+        _fail(ConfigError(format_validation_error(e, prefix="model", model=ModelSpec)))
+    except yaml.YAMLError as e:
+        _fail(ConfigError(f"model {model!r}: not a zoo name, an import string or a YAML mapping ({e})"))
+    t = Table()
+    for col in ("layer", "type", "parameters", "fast clipping"):
+        t.add_column(col, overflow="fold")
+    for r in rows:
+        t.add_row(cell(str(r["layer"]) or "(model)"), cell(str(r["type"])), str(r["parameters"]),
+                  Text(safe("yes" if r["supported"] else f"no: {r['error']}")))
+    out_console().print(t)
+    if not all(r["supported"] for r in rows):
+        raise typer.Exit(1)
+    if verify:
+        torch.manual_seed(0)
+        try:
+            verify_fast_clip(net, torch.rand(4, *shape), torch.randint(0, classes, (4,)))
+        except MlauditError as e:
+            err_console().print(Text(safe(f"verification failed: {e}")))
+            raise typer.Exit(1) from None
+        typer.echo("verified: the rules' gradient equals autograd's on 4 random inputs, and 2 examples' norms equal "
+                   "their own")
+
+
 def _echo_number(fn: Callable[..., float], **kwargs: Any) -> None:
     """Print ``fn(**kwargs)`` to 6 significant digits; invalid input exits 2 via :func:`_fail`."""
     try:

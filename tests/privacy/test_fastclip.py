@@ -798,3 +798,25 @@ def test_a_users_lstm_trains_with_dp_through_the_kind(tmp_path: Path, monkeypatc
     for t in res["trials"]:
         assert t["stack_layout"] == "loop" and t["stack_layout_reason"] == DP_RECURRENT_REASON
         assert 7.9 < t["dp_epsilon"] <= 8.0 and math.isfinite(t["test_loss"])
+
+
+def test_the_report_lists_every_layer_and_every_problem_at_once() -> None:
+    from mlaudit.privacy.fastclip import fast_clip_report
+
+    class Custom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(4))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x * self.scale
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), Custom(), nn.MultiheadAttention(4, 2), nn.Linear(4, 3))
+    rows = fast_clip_report(model)
+    assert [(r["layer"], r["type"], r["supported"]) for r in rows] == [
+        ("0", "Linear", True), ("1", "BatchNorm1d", False), ("2", "Custom", False), ("3", "MultiheadAttention", True),
+        ("4", "Linear", True)]
+    assert rows[3]["parameters"] == 4 * 12 + 12 + 16 + 4  # in_proj and the out_proj it covers
+    assert "use GroupNorm" in str(rows[1]["error"]) and "no fast-clipping rule" in str(rows[2]["error"])
+    with pytest.raises(UnsupportedModelError, match=r"'1' \(BatchNorm1d\)"):  # check_fast_clip: the first one
+        check_fast_clip(model)

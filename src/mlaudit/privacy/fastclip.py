@@ -73,44 +73,71 @@ def _label(name: str, module: nn.Module) -> str:
     return f"layer {name!r} ({type(module).__name__})" if name else f"the model itself ({type(module).__name__})"
 
 
-def _plan(model: nn.Module) -> list[_Layer]:
+def _plan(model: nn.Module, report: list[dict[str, object]] | None = None) -> list[_Layer]:
     """The layers with parameters and their rules; raises :class:`UnsupportedModelError` naming the first
-    module that has none (or shares a parameter with another module)."""
+    module that has none (or shares a parameter with another module). With ``report`` (a list), appends a row per
+    module with parameters (or BatchNorm) instead of raising (see :func:`fast_clip_report`)."""
     layers, owner = [], {}
     covered: set[str] = set()  # an attention module's out_proj: its parameters are the attention rule's
+
+    def row(name: str, m: nn.Module, n: int, error: str | None) -> None:
+        if report is None:
+            if error is not None:
+                raise UnsupportedModelError(error)
+            return
+        report.append({"layer": name, "type": type(m).__name__, "parameters": n, "supported": error is None,
+                       "rule": type(m).__name__ if error is None else None, "error": error})
+
     for name, m in model.named_modules():
         if name in covered:
             continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise UnsupportedModelError(
-                f"{_label(name, m)} mixes the examples of a batch, so no per-example gradient exists; use GroupNorm "
-                "(`model: {name: ..., norm: group}`) or no normalisation")
         own = list(m.named_parameters(recurse=False))
+        n = sum(p.numel() for _, p in own)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            row(name, m, n, f"{_label(name, m)} mixes the examples of a batch, so no per-example gradient exists; use "
+                            "GroupNorm (`model: {name: ..., norm: group}`) or no normalisation")
+            continue
         if type(m) is nn.MultiheadAttention:
             own += [(f"out_proj.{s}", p) for s, p in m.out_proj.named_parameters(recurse=False)]
+            n = sum(p.numel() for _, p in own)
             covered.add(f"{name}.out_proj" if name else "out_proj")
         if not own:
             continue
-        for short, p in own:
-            if id(p) in owner:
-                raise UnsupportedModelError(
-                    f"{_label(name, m)} shares parameter {short!r} with layer {owner[id(p)]!r} (weight tying); "
-                    f"fast clipping needs one layer per parameter: {PER_EXAMPLE_HINT}")
-            owner[id(p)] = name
+        shared = [(short, owner[id(p)]) for short, p in own if id(p) in owner]
+        for _, p in own:
+            owner.setdefault(id(p), name)
         rule = RULES.get(type(m))
-        if rule is None:
-            raise UnsupportedModelError(
-                f"{_label(name, m)} has trainable parameters but no fast-clipping rule; rules exist for "
-                f"{', '.join(t.__name__ for t in RULES)}: {PER_EXAMPLE_HINT}")
-        why = rule.check(m)
-        unknown = sorted({s for s, _ in own} - rule.params)
-        if why is None and unknown:
-            why = f"parameters {unknown} that the {type(m).__name__} rule does not cover"
-        if why is not None:
-            raise UnsupportedModelError(f"{_label(name, m)} is not supported by fast clipping: {why}; {PER_EXAMPLE_HINT}")
-        prefix = f"{name}." if name else ""
-        layers.append(_Layer(name, m, rule, tuple((prefix + s, s) for s, _ in own)))
+        why = None
+        if shared:
+            short, first = shared[0]
+            why = (f"{_label(name, m)} shares parameter {short!r} with layer {first!r} (weight tying); fast clipping "
+                   f"needs one layer per parameter: {PER_EXAMPLE_HINT}")
+        elif rule is None:
+            why = (f"{_label(name, m)} has trainable parameters but no fast-clipping rule; rules exist for "
+                   f"{', '.join(t.__name__ for t in RULES)}: {PER_EXAMPLE_HINT}")
+        else:
+            reason = rule.check(m)
+            unknown = sorted({s for s, _ in own} - rule.params)
+            if reason is None and unknown:
+                reason = f"parameters {unknown} that the {type(m).__name__} rule does not cover"
+            if reason is not None:
+                why = f"{_label(name, m)} is not supported by fast clipping: {reason}; {PER_EXAMPLE_HINT}"
+        row(name, m, n, why)
+        if why is None and rule is not None:
+            prefix = f"{name}." if name else ""
+            layers.append(_Layer(name, m, rule, tuple((prefix + s, s) for s, _ in own)))
     return layers
+
+
+def fast_clip_report(model: nn.Module) -> list[dict[str, object]]:
+    """One row per module with trainable parameters (and per BatchNorm): ``layer`` (its name), ``type``,
+    ``parameters`` (its own, an attention module's out_proj included), ``supported`` by book-keeping clipping, the
+    ``rule`` used or the ``error`` :func:`check_fast_clip` would raise for it (what is wrong and the fix), as
+    Opacus's ``ModuleValidator.validate`` lists every problem at once. Static: a layer called twice, on inputs
+    without the batch dimension or modified in place shows only when the model runs (:func:`verify_fast_clip`)."""
+    report: list[dict[str, object]] = []
+    _plan(model, report)
+    return report
 
 
 def check_fast_clip(model: nn.Module) -> None:

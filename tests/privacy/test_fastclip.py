@@ -142,7 +142,8 @@ class TextDecoder(nn.Module):
 
 def signal_net() -> nn.Module:
     """[B, 3, 8, 8] read as 3 x 64 samples -> [B, 5]: Conv1d (stride, dilation, groups, 'same' + reflect, no bias),
-    an affine InstanceNorm1d, RMSNorm over the channels, an affine InstanceNorm2d on a 2-d view."""
+    an affine InstanceNorm1d, PReLU per channel and shared, RMSNorm over the channels, an affine InstanceNorm2d on a
+    2-d view."""
 
     class Signal(nn.Module):
         def __init__(self) -> None:
@@ -151,9 +152,10 @@ def signal_net() -> nn.Module:
             self.c2 = nn.Conv1d(8, 8, 3, dilation=2, padding="same", padding_mode="reflect", groups=2, bias=False)
             self.c3, self.rms = nn.Conv1d(8, 8, 4, stride=2), nn.RMSNorm(8)
             self.n2, self.head = nn.InstanceNorm2d(8, affine=True), nn.Linear(8, 5)
+            self.act1, self.act2 = nn.PReLU(8, init=0.3), nn.PReLU(init=0.2)
 
         def forward(self, x: Tensor) -> Tensor:
-            h = torch.tanh(self.n1(self.c1(x.flatten(2))))
+            h = self.act2(self.act1(self.n1(self.c1(x.flatten(2)))))
             h = torch.tanh(self.c3(torch.tanh(self.c2(h))))  # [B, 8, 15]
             h = self.rms(h.transpose(1, 2)).transpose(1, 2)
             h = self.n2(h[..., :15].unflatten(2, (3, 5)))
@@ -166,11 +168,12 @@ class TextRNN(nn.Module):
     """Token ids [B, 6] -> [B, 5] through a 2-layer bidirectional batch-first LSTM (output at every step, mean), or
     (``gru``) a sequence-first GRU read at its final state."""
 
-    def __init__(self, gru: bool = False) -> None:
+    def __init__(self, gru: bool = False, plain: bool = False) -> None:
         super().__init__()
-        self.gru, self.emb = gru, nn.Embedding(9, 8, padding_idx=0)
-        self.rnn = nn.GRU(8, 6) if gru else nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True)
-        self.head = nn.Linear(6 if gru else 12, 5)
+        self.gru, self.emb = gru or plain, nn.Embedding(9, 8, padding_idx=0)
+        self.rnn = (nn.RNN(8, 6, nonlinearity="relu") if plain else nn.GRU(8, 6) if gru
+                    else nn.LSTM(8, 6, num_layers=2, bidirectional=True, batch_first=True))
+        self.head = nn.Linear(6 if self.gru else 12, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.emb(x.long())
@@ -428,14 +431,15 @@ def loop_reference(model: nn.Module, x: Tensor, y: Tensor, w: Tensor, clip: floa
 
 @pytest.mark.parametrize("mode", ["auto", "ghost", "materialise"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("gru", [False, True], ids=["lstm", "gru"])
-def test_recurrent_layers_equal_a_per_example_loop(gru: bool, dtype: torch.dtype, mode: str) -> None:
-    """nn.LSTM (two bidirectional batch-first layers) and nn.GRU (sequence first, read at its last state): the fast
-    clipped sum equals one backward per example, and the written-out forward equals the module's."""
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_layers_equal_a_per_example_loop(kind: str, dtype: torch.dtype, mode: str) -> None:
+    """nn.LSTM (two bidirectional batch-first layers), nn.GRU and nn.RNN with relu (sequence first, read at the last
+    state): the fast clipped sum equals one backward per example, and the written-out forward equals the module's."""
     from mlaudit.privacy.fastclip_rules import rnn_forward
 
     torch.manual_seed(0)
-    model = TextRNN(gru=gru).to(dtype).train()
+    gru = kind != "lstm"  # read as the GRU is
+    model = TextRNN(gru=kind == "gru", plain=kind == "rnn").to(dtype).train()
     x, y, w = batch("text", dtype)
     got, _ = clipped_grad_sum(model, x, y, w, clip=0.5, mode=mode)  # type: ignore[arg-type]
     for g, r in zip(got, loop_reference(model, x, y, w, 0.5), strict=True):

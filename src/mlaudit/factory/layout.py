@@ -81,7 +81,7 @@ DP_RECURRENT_REASON = ("DP-SGD on a model with nn.LSTM / nn.GRU: loop layout wit
 
 
 def _recurrent(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.LSTM, nn.GRU)) for m in model.modules())
+    return any(isinstance(m, (nn.LSTM, nn.GRU, nn.RNN)) for m in model.modules())
 
 
 DP_FAST_REASON = "dp.clipping: fast: book-keeping clipping runs in the loop layout (vmap's steps clip per example)"

@@ -25,11 +25,11 @@ from ONE forward and ONE backward of the summed loss ``sum_i L_i``, never a seco
 Rules (:mod:`mlaudit.privacy.fastclip_rules`): ``nn.Linear`` ([B, d] or [B, *, d]), ``nn.Conv2d`` (any
 stride, padding, padding mode, dilation, groups) and ``nn.Conv1d`` (as a Conv2d of height 1), ``nn.GroupNorm``,
 affine ``nn.InstanceNorm*d`` without running statistics (a group per channel), ``nn.LayerNorm``, ``nn.RMSNorm``,
-``nn.Embedding``, biases, and ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``): its projections are
+``nn.PReLU``, ``nn.Embedding``, biases, and ``nn.MultiheadAttention`` (so ``nn.TransformerEncoderLayer`` / ``DecoderLayer``): its projections are
 used functionally, so while the tape is on the module runs :func:`~mlaudit.privacy.fastclip_rules.mha_forward`,
 the same arithmetic written out, which records the query, key, value and output projections' inputs and
 outputs, and each is a Linear with T = the sequence length. Attention written with ``nn.Linear`` projections
-(as a ViT block does) is covered by the Linear rule. ``nn.LSTM`` and ``nn.GRU`` likewise run
+(as a ViT block does) is covered by the Linear rule. ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` likewise run
 :func:`~mlaudit.privacy.fastclip_rules.rnn_forward`: per layer and direction, the input projection and the
 recurrent projection are each a Linear over the T steps. Everything else with trainable parameters is refused by
 :func:`check_fast_clip` with the layer's name (BatchNorm mixes the examples of a batch; attention with
@@ -211,7 +211,7 @@ def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
 
     handles, patched = [], []
     for lay in layers:
-        if type(lay.module) in (nn.MultiheadAttention, nn.LSTM, nn.GRU):
+        if type(lay.module) in (nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN):
             # their weights are used inside one fused call (F.multi_head_attention_forward, the LSTM / GRU kernels):
             # no hook sees them, so the module runs its arithmetic written out while the tape is on
             patched.append((lay.module, lay.module.__dict__.get("forward")))

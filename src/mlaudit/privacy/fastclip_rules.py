@@ -395,6 +395,15 @@ def _rms_norms(m: nn.RMSNorm, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor,
     return _affine_norms((g * xhat).reshape(a.shape[0], -1, *ns).sum(1), None)
 
 
+def _prelu_norms(m: nn.PReLU, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """a, g [B, C, *] (or [B, *] with one slope): PReLU(x) = max(0, x) + w min(0, x), so the slopes' per-example
+    gradient is sum_* G_i min(0, a_i), per channel (dim 1) or summed (one shared slope)."""
+    neg = g * a.to(g.dtype).clamp(max=0)
+    if m.num_parameters == 1:
+        return _affine_norms(neg.reshape(a.shape[0], -1).sum(1, keepdim=True), None)
+    return _affine_norms(neg.reshape(a.shape[0], a.shape[1], -1).sum(2), None)
+
+
 class _InstanceAsGroups:
     """An affine InstanceNorm seen as a GroupNorm with one group per channel (the same statistics: each example's
     and channel's mean and variance over the positions)."""
@@ -617,13 +626,13 @@ def _rnn_cells(m: nn.RNNBase) -> list[str]:
 
 def rnn_forward(m: nn.RNNBase, record: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], None], input: Tensor,
                 hx: Tensor | tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
-    """``nn.LSTM`` / ``nn.GRU`` forward (batched, unpacked inputs) written out, so that book-keeping sees each
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` forward (batched, unpacked inputs) written out, so that book-keeping sees each
     layer's and direction's two linear maps: the input projection ``x_t W_ih^T + b_ih`` for all t at once (one
     Linear over the T steps) and the recurrent one ``h_{t-1} W_hh^T + b_hh``, one output per step (a Linear over
     the T steps once stacked). ``record(a, out)``: per cell, in :func:`_rnn_cells` order, ``a`` gets the cell's
     input [B, T, d_in] and its previous hidden states [B, T, H], ``out`` its input projection [B, T, G H] then
     the T recurrent projections [B, G H]. The gates as in PyTorch's documentation: LSTM i, f, g, o; GRU r, z, n with
-    n = tanh(W_in x + b_in + r (W_hn h + b_hn)). Dropout between layers as ``m.dropout`` in training mode."""
+    n = tanh(W_in x + b_in + r (W_hn h + b_hn)); RNN one, through tanh or relu. Dropout between layers as ``m.dropout`` in training mode."""
     from ..errors import UnsupportedModelError
 
     if not isinstance(input, Tensor) or input.dim() != 3:
@@ -663,6 +672,8 @@ def rnn_forward(m: nn.RNNBase, record: Callable[[tuple[Tensor, ...], tuple[Tenso
                     i, f, g, o = (gx[:, t] + gh).chunk(4, dim=1)
                     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                     h = torch.sigmoid(o) * torch.tanh(c)
+                elif not isinstance(m, nn.GRU):  # nn.RNN: h = act(x W_ih^T + b_ih + h W_hh^T + b_hh)
+                    h = torch.tanh(gx[:, t] + gh) if m.nonlinearity == "tanh" else torch.relu(gx[:, t] + gh)
                 else:
                     xr, xz, xn = gx[:, t].chunk(3, dim=1)
                     hr, hz, hn = gh.chunk(3, dim=1)
@@ -739,6 +750,8 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Conv1d: Rule(frozenset({"weight", "bias"}), _conv1d_norms, _conv1d_sums),
     nn.LSTM: Rule(RNN_PARAMS, _rnn_norms, _rnn_sums, _rnn_check),
     nn.GRU: Rule(RNN_PARAMS, _rnn_norms, _rnn_sums, _rnn_check),
+    nn.RNN: Rule(RNN_PARAMS, _rnn_norms, _rnn_sums, _rnn_check),
+    nn.PReLU: Rule(frozenset({"weight"}), _prelu_norms, _affine_sums),
     nn.RMSNorm: Rule(frozenset({"weight"}), _rms_norms, _affine_sums),
     **{t: Rule(frozenset({"weight", "bias"}), _instance_norms, _affine_sums, _instance_check)
        for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},

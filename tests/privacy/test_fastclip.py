@@ -807,14 +807,6 @@ def test_a_users_lstm_trains_with_dp_through_the_kind(tmp_path: Path, monkeypatc
 def test_the_report_lists_every_layer_and_every_problem_at_once() -> None:
     from mlaudit.privacy.fastclip import fast_clip_report
 
-    class Custom(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.scale = nn.Parameter(torch.ones(4))
-
-        def forward(self, x: Tensor) -> Tensor:
-            return x * self.scale
-
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), Custom(), nn.MultiheadAttention(4, 2), nn.Linear(4, 3))
     rows = fast_clip_report(model)
     assert [(r["layer"], r["type"], r["supported"]) for r in rows] == [

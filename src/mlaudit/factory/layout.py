@@ -42,9 +42,10 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
         return "loop", DP_FAST_REASON
     if dp_fast_loop(recipe, model_fn, device):
         return "loop", DP_LOOP_REASON
-    if recipe.dp is not None and recipe.dp.clipping == "auto" and _recurrent(model_fn()):
+    template = model_fn()
+    if recipe.dp is not None and recipe.dp.clipping == "auto" and _recurrent(template):
         return "loop", DP_RECURRENT_REASON
-    static = choose_strategy(model_fn(), device)
+    static = choose_strategy(template, device)
     if device.type != "cuda" or k == 1:
         why = "one model per chunk" if k == 1 else f"static rule on {device.type}"
         return static, f"{why}: {'conv net on CUDA' if static == 'loop' else 'vmap'} ({static})"

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from .fastclip_rules import RULES, Mode, Rule, mha_forward, rnn_forward
+from .fastclip_rules import RULES, WRITTEN_OUT, Mode, Rule
 
 PER_EXAMPLE_HINT = "use `dp: {clipping: per-example}`"
 
@@ -86,7 +86,7 @@ def _plan(model: nn.Module, report: list[dict[str, object]] | None = None) -> li
                 raise UnsupportedModelError(error)
             return
         report.append({"layer": name, "type": type(m).__name__, "parameters": n, "supported": error is None,
-                       "rule": type(m).__name__ if error is None else None, "error": error})
+                       "error": error})
 
     for name, m in model.named_modules():
         if name in covered:
@@ -131,8 +131,8 @@ def _plan(model: nn.Module, report: list[dict[str, object]] | None = None) -> li
 
 def fast_clip_report(model: nn.Module) -> list[dict[str, object]]:
     """One row per module with trainable parameters (and per BatchNorm): ``layer`` (its name), ``type``,
-    ``parameters`` (its own, an attention module's out_proj included), ``supported`` by book-keeping clipping, the
-    ``rule`` used or the ``error`` :func:`check_fast_clip` would raise for it (what is wrong and the fix), as
+    ``parameters`` (its own, an attention module's out_proj included), ``supported`` by book-keeping clipping (the
+    rule of its type), or the ``error`` :func:`check_fast_clip` would raise for it (what is wrong and the fix), as
     Opacus's ``ModuleValidator.validate`` lists every problem at once. Static: a layer called twice, on inputs
     without the batch dimension or modified in place shows only when the model runs (:func:`verify_fast_clip`)."""
     report: list[dict[str, object]] = []
@@ -190,7 +190,7 @@ def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
                 f"by all examples; give it per-example inputs (e.g. positions expanded to [B, T]) or {PER_EXAMPLE_HINT}")
         rec[layer.name] = _Record(a, out, (a._version, out._version))
 
-    def attention(layer: _Layer, *args: object, **kwargs: object) -> tuple[Tensor, Any]:
+    def written_out(layer: _Layer, *args: object, **kwargs: object) -> tuple[Tensor, Any]:
         """An nn.MultiheadAttention's or nn.LSTM's / nn.GRU's forward, written out so that its linear maps are
         recorded."""
         if layer.name in rec:
@@ -206,16 +206,15 @@ def _tape(layers: list[_Layer], batch: int) -> Iterator[dict[str, _Record]]:
             r.versions = _versions(r)
             rec[layer.name] = r
 
-        forward = mha_forward if type(layer.module) is nn.MultiheadAttention else rnn_forward
-        return forward(layer.module, record, *args, **kwargs)  # type: ignore[arg-type,operator]
+        return WRITTEN_OUT[type(layer.module)](layer.module, record, *args, **kwargs)
 
     handles, patched = [], []
     for lay in layers:
-        if type(lay.module) in (nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN):
-            # their weights are used inside one fused call (F.multi_head_attention_forward, the LSTM / GRU kernels):
-            # no hook sees them, so the module runs its arithmetic written out while the tape is on
+        if type(lay.module) in WRITTEN_OUT:
+            # its weights are used inside one fused call (F.multi_head_attention_forward, the recurrent kernels): no
+            # hook sees them, so the module runs its arithmetic written out while the tape is on
             patched.append((lay.module, lay.module.__dict__.get("forward")))
-            lay.module.forward = functools.partial(attention, lay)
+            lay.module.forward = functools.partial(written_out, lay)
         else:
             handles.append(lay.module.register_forward_hook(functools.partial(hook, lay)))
     try:

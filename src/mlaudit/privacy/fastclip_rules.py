@@ -578,23 +578,37 @@ class _HasBias:
         self.bias = bias
 
 
+def _linears_norms(parts: list[tuple[Tensor | None, Tensor, Tensor]], mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """A module that is several Linear maps (attention's projections, a recurrent layer's input and recurrent
+    projections): ``parts`` (bias or None, input [B, T, d_in], output gradient [B, T, d_out]) -> the summed squared
+    norms [B] and the state of :func:`_linears_sums` (the parts and each one's Linear state)."""
+    sq, states = None, []
+    for bias, aj, gj in parts:
+        s, st = _linear_norms(_HasBias(bias), aj, gj, mode)  # type: ignore[arg-type]
+        states.append(st)
+        sq = s if sq is None else sq + s
+    assert sq is not None
+    return sq, {"parts": parts, "states": states}
+
+
+def _linears_sums(f: Tensor, st: dict[str, Any]) -> list[dict[str, Tensor]]:
+    """Per part of :func:`_linears_norms`: its Linear's clipped sums ({"weight", "bias"})."""
+    return [_linear_sums(_HasBias(bias), aj, gj, f, sj)  # type: ignore[arg-type]
+            for (bias, aj, gj), sj in zip(st["parts"], st["states"], strict=True)]
+
+
 def _mha_norms(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, ...], mode: Mode
                ) -> tuple[Tensor, dict[str, Any]]:
     """The projections as Linear layers (T = the sequence length): a, g tuples of [B, T, d], four (query, key,
     value, output) or two (the packed in-projection of self-attention, the output)."""
-    sq, st = None, {}
-    for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m, packed=len(a) == 2), a, g, strict=True)):
-        s, st[j] = _linear_norms(_HasBias(bias), aj, gj, mode)  # type: ignore[arg-type]
-        sq = s if sq is None else sq + s
-    assert sq is not None
-    return sq, st
+    proj = mha_projections(m, packed=len(a) == 2)
+    return _linears_norms([(bias, aj, gj) for (_, bias), aj, gj in zip(proj, a, g, strict=True)], mode)
 
 
 def _mha_sums(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, ...], f: Tensor,
               st: dict[str, Any]) -> dict[str, Tensor]:
     packed = len(a) == 2
-    got = [_linear_sums(_HasBias(bias), aj, gj, f, st[j])  # type: ignore[arg-type]
-           for j, ((_, bias), aj, gj) in enumerate(zip(mha_projections(m, packed=packed), a, g, strict=True))]
+    got = _linears_sums(f, st)
     if packed:
         out = {"in_proj_weight": got[0]["weight"], "out_proj.weight": got[1]["weight"]}
         out.update({"in_proj_bias": got[0]["bias"]} if m.in_proj_bias is not None else {})
@@ -612,7 +626,7 @@ def _mha_sums(m: nn.MultiheadAttention, a: tuple[Tensor, ...], g: tuple[Tensor, 
     return out
 
 
-# ------------------------------------------------------------------------------------ nn.LSTM, nn.GRU
+# ---------------------------------------------------------------------------- nn.LSTM, nn.GRU, nn.RNN
 def _rnn_check(m: nn.RNNBase) -> str | None:
     if getattr(m, "proj_size", 0):
         return "proj_size > 0 (projected LSTM states)"
@@ -626,15 +640,14 @@ def _rnn_cells(m: nn.RNNBase) -> list[str]:
 
 def rnn_forward(m: nn.RNNBase, record: Callable[[tuple[Tensor, ...], tuple[Tensor, ...]], None], input: Tensor,
                 hx: Tensor | tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
-    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` forward (batched, unpacked inputs) written out, so that book-keeping sees each
-    layer's and direction's two linear maps: the input projection ``x_t W_ih^T + b_ih`` for all t at once (one
+    """``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` forward (batched, unpacked inputs) written out, so that book-keeping
+    sees each layer's and direction's two linear maps: the input projection ``x_t W_ih^T + b_ih`` for all t at once (one
     Linear over the T steps) and the recurrent one ``h_{t-1} W_hh^T + b_hh``, one output per step (a Linear over
     the T steps once stacked). ``record(a, out)``: per cell, in :func:`_rnn_cells` order, ``a`` gets the cell's
     input [B, T, d_in] and its previous hidden states [B, T, H], ``out`` its input projection [B, T, G H] then
     the T recurrent projections [B, G H]. The gates as in PyTorch's documentation: LSTM i, f, g, o; GRU r, z, n with
-    n = tanh(W_in x + b_in + r (W_hn h + b_hn)); RNN one, through tanh or relu. Dropout between layers as ``m.dropout`` in training mode."""
-    from ..errors import UnsupportedModelError
-
+    n = tanh(W_in x + b_in + r (W_hn h + b_hn)); RNN one, through tanh or relu. Dropout between layers as
+    ``m.dropout`` in training mode."""
     if not isinstance(input, Tensor) or input.dim() != 3:
         raise UnsupportedModelError(f"{type(m).__name__} needs a batched, unpacked input [B, T, d] or [T, B, d] for "
                                     "fast clipping (a PackedSequence or an unbatched input is not supported)")
@@ -698,43 +711,38 @@ def rnn_forward(m: nn.RNNBase, record: Callable[[tuple[Tensor, ...], tuple[Tenso
     return out, ((hn, torch.stack(c_n)) if lstm else hn)
 
 
-def _rnn_parts(m: nn.RNNBase, a: tuple[Tensor, ...], g: tuple[Tensor, ...]
-               ) -> list[tuple[str, str, Tensor | None, Tensor, Tensor]]:
-    """Per Linear map: (weight name, bias name, bias, input [B, T, d], output gradient [B, T, G H])."""
-    t_len = (len(g) // len(_rnn_cells(m))) - 1
-    parts = []
-    for j, sfx in enumerate(_rnn_cells(m)):
-        gx, ghs = g[j * (t_len + 1)], g[j * (t_len + 1) + 1:(j + 1) * (t_len + 1)]
-        for kind, inp, grad in (("ih", a[2 * j], gx), ("hh", a[2 * j + 1], torch.stack(ghs, 1))):
-            bias = getattr(m, f"bias_{kind}{sfx}") if m.bias else None
-            parts.append((f"weight_{kind}{sfx}", f"bias_{kind}{sfx}", bias, inp, grad))
-    return parts
+def _rnn_kinds(m: nn.RNNBase) -> list[tuple[str, str]]:
+    """(kind, cell suffix) of each Linear map, in the order of :func:`_rnn_norms`' parts."""
+    return [(kind, sfx) for sfx in _rnn_cells(m) for kind in ("ih", "hh")]
 
 
 def _rnn_norms(m: nn.RNNBase, a: tuple[Tensor, ...], g: tuple[Tensor, ...], mode: Mode
                ) -> tuple[Tensor, dict[str, Any]]:
-    sq, st = None, {}
-    for j, (_, _, bias, inp, grad) in enumerate(_rnn_parts(m, a, g)):
-        s, st[j] = _linear_norms(_HasBias(bias), inp, grad, mode)  # type: ignore[arg-type]
-        sq = s if sq is None else sq + s
-    assert sq is not None
-    return sq, st
+    """Per cell, the input projection (its input, the gradient of gx) and the recurrent one (the previous hidden
+    states, the T step gradients stacked [B, T, G H]) as Linear maps over the T steps."""
+    t_len = (len(g) // len(_rnn_cells(m))) - 1
+    parts = []
+    for j, (kind, sfx) in enumerate(_rnn_kinds(m)):
+        cell, second = divmod(j, 2)
+        at = cell * (t_len + 1)
+        grad = torch.stack(g[at + 1:at + 1 + t_len], 1) if second else g[at]
+        parts.append((getattr(m, f"bias_{kind}{sfx}") if m.bias else None, a[j], grad))
+    return _linears_norms(parts, mode)
 
 
 def _rnn_sums(m: nn.RNNBase, a: tuple[Tensor, ...], g: tuple[Tensor, ...], f: Tensor, st: dict[str, Any]
               ) -> dict[str, Tensor]:
     out = {}
-    for j, (wname, bname, bias, inp, grad) in enumerate(_rnn_parts(m, a, g)):
-        got = _linear_sums(_HasBias(bias), inp, grad, f, st[j])  # type: ignore[arg-type]
-        out[wname] = got["weight"]
-        if bias is not None:
-            out[bname] = got["bias"]
+    for (kind, sfx), got in zip(_rnn_kinds(m), _linears_sums(f, st), strict=True):
+        out[f"weight_{kind}{sfx}"] = got["weight"]
+        if m.bias:
+            out[f"bias_{kind}{sfx}"] = got["bias"]
     return out
 
 
 RNN_PARAMS = frozenset(f"{w}_{kind}_l{k}{r}" for w in ("weight", "bias") for kind in ("ih", "hh") for k in range(64)
                        for r in ("", "_reverse"))
-"""The parameter names of LSTM / GRU layers (up to 64 layers)."""
+"""The parameter names of LSTM / GRU / RNN layers (up to 64 layers)."""
 
 MHA_PARAMS = frozenset({"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                         "out_proj.weight", "out_proj.bias"})
@@ -757,3 +765,9 @@ RULES: dict[type[nn.Module], Rule] = {
        for t in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)},
 }
 """Rules by exact module type (a subclass may change ``forward``, so it needs its own rule)."""
+
+WRITTEN_OUT: dict[type[nn.Module], Callable[..., Any]] = {
+    nn.MultiheadAttention: mha_forward, nn.LSTM: rnn_forward, nn.GRU: rnn_forward, nn.RNN: rnn_forward}
+"""Modules whose weights are used inside one fused call (no hook sees their linear maps): while the tape is on they
+run this forward, ``forward(module, record, *args, **kwargs)``, the same arithmetic written out, which passes the
+maps' inputs and outputs to ``record``."""

@@ -155,9 +155,9 @@ def engine_calls(model, x, y) -> dict:
         for name, kw in calls.items():
             out[f"engine: {name}"] = fields(craft(x=x, **kw))
         out["engine: on_step values"] = seen
-        # the CUDA early-stop policy (counts read a step late, done samples held until half the batch) on the CPU
-        lagged, shrink = engine._lagged_counts, engine._shrink_at
-        engine._lagged_counts, engine._shrink_at = (lambda _: True), (lambda _: 0.5)
+        # the CUDA early-stop policy (counts read a step late, done samples held until they cost 2 passes) on the CPU
+        lagged, shrink = engine._lagged_counts, engine._shrink_passes
+        engine._lagged_counts, engine._shrink_passes = (lambda _: True), (lambda _: 2.0)
         try:
             for name in ("pgd linf early_stop, no keep_best, final_eval off", "apgd l2 early_stop",
                          "signed-adam augment restarts keep_best early_stop"):
@@ -166,7 +166,7 @@ def engine_calls(model, x, y) -> dict:
                     kw["generator"] = gen(16)
                 out[f"engine lagged: {name}"] = fields(craft(x=x, **kw))
         finally:
-            engine._lagged_counts, engine._shrink_at = lagged, shrink
+            engine._lagged_counts, engine._shrink_passes = lagged, shrink
 
         def bad(kw: dict) -> str:
             try:

@@ -47,8 +47,8 @@ def test_early_stop_drops_done_samples_and_skips_them_in_restarts() -> None:
 @pytest.mark.parametrize("optimizer", ["pgd", "apgd"])
 def test_early_stop_holding_done_samples_until_half_are_done_gives_the_same_result(
         optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the CUDA policy (done samples stay in the batch, fixed, until they are half of it) against the CPU
-    # one (they leave at once): per-sample objectives, so every sample's result must be the same
+    # the CUDA policy (done samples stay in the batch, fixed, until their passes left reach 2 of the batch; 4 here)
+    # against the CPU one (they leave at once): per-sample objectives, so every sample's result must be the same
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(40, 3, generator=gen)
     w = torch.randn(3, generator=gen)
@@ -56,7 +56,7 @@ def test_early_stop_holding_done_samples_until_half_are_done_gives_the_same_resu
     seen: dict[float, list[int]] = {}
 
     def run(shrink: float, lagged: bool = False):
-        monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
+        monkeypatch.setattr(engine, "_shrink_passes", lambda x: shrink)
         monkeypatch.setattr(engine, "_lagged_counts", lambda x: lagged)
         sizes = seen.setdefault(shrink + 10 * lagged, [])
 
@@ -69,15 +69,15 @@ def test_early_stop_holding_done_samples_until_half_are_done_gives_the_same_resu
                      restarts=2, early_stop=True, keep_best=True, init="random",
                      generator=torch.Generator().manual_seed(0))
 
-    now, held = run(0.0), run(0.5)
+    now, held = run(0.0), run(4.0)
     assert now.done is not None and held.done is not None and now.done.tolist() == held.done.tolist()
     assert 0 < int(now.done.sum()) < 40
     torch.testing.assert_close(held.delta, now.delta)
     torch.testing.assert_close(held.per_sample, now.per_sample)
-    assert len(set(seen[0.5])) < len(set(seen[0.0]))  # fewer distinct batch sizes
-    assert sum(seen[0.5]) > sum(seen[0.0])  # paid for with passes over held samples
+    assert len(set(seen[4.0])) < len(set(seen[0.0]))  # fewer distinct batch sizes
+    assert sum(seen[4.0]) > sum(seen[0.0])  # paid for with passes over held samples
     # CUDA reads the done counts a step late (no blocking read per step): decisions lag, results do not
-    for shrink in (0.0, 0.5):
+    for shrink in (0.0, 4.0):
         lag = run(shrink, lagged=True)
         assert lag.done is not None and lag.done.tolist() == now.done.tolist()
         torch.testing.assert_close(lag.delta, now.delta)
@@ -98,7 +98,7 @@ def test_apgd_halves_a_stalled_step_and_returns_to_the_best_point() -> None:
     assert abs(float(res.delta) - 0.3) < 0.02
 
 
-@pytest.mark.parametrize("shrink", [0.0, 0.5])
+@pytest.mark.parametrize("shrink", [0.0, 2.0])
 def test_lagged_counts_when_every_sample_finishes_at_once(shrink: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA policy reads the done count a step late: when every sample is done at the same step, the
     late count has not seen it yet and the compaction empties the batch; the run still ends with the same
@@ -110,7 +110,7 @@ def test_lagged_counts_when_every_sample_finishes_at_once(shrink: float, monkeyp
 
     out = {}
     for lagged in (False, True):
-        monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
+        monkeypatch.setattr(engine, "_shrink_passes", lambda x: shrink)
         monkeypatch.setattr(engine, "_lagged_counts", lambda x, lagged=lagged: lagged)
         out[lagged] = craft(obj, x, constraint=LinfBall(0.5), steps=6, optimizer="pgd", lr=0.2, schedule="constant",
                             restarts=2, early_stop=True, keep_best=True)
@@ -147,7 +147,7 @@ def test_final_eval_off_returns_the_same_last_iterate_with_one_pass_less(early_s
         craft(lambda xa, idx: xa.sum(1), x, constraint=LinfBall(0.3), steps=2, restarts=2, final_eval=False)
 
 
-@pytest.mark.parametrize("shrink,lagged", [(0.0, False), (0.5, False), (0.0, True), (0.5, True)])
+@pytest.mark.parametrize("shrink,lagged", [(0.0, False), (2.0, False), (0.0, True), (2.0, True)])
 def test_early_stop_without_keep_best_holds_done_samples_and_moves_the_rest(
         shrink: float, lagged: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without keep-best (``pgd`` with one restart) the engine copies iterates out only where it drops rows or
@@ -166,7 +166,7 @@ def test_early_stop_without_keep_best_holds_done_samples_and_moves_the_rest(
                      early_stop=early_stop, init="random", generator=torch.Generator().manual_seed(0))
 
     free = run(False)
-    monkeypatch.setattr(engine, "_shrink_at", lambda x: shrink)
+    monkeypatch.setattr(engine, "_shrink_passes", lambda x: shrink)
     monkeypatch.setattr(engine, "_lagged_counts", lambda x: lagged)
     res = run(True)
     assert res.done is not None
@@ -176,3 +176,29 @@ def test_early_stop_without_keep_best_holds_done_samples_and_moves_the_rest(
     assert bool((gain[done] >= thresh[done]).all())  # held where the goal was reached
     assert bool((gain[done] < (free.delta @ w)[done] + 1e-6).all())  # and not moved on past it
     torch.testing.assert_close(res.delta[~done], free.delta[~done])  # the rest: the same last iterate
+
+
+def test_done_samples_leave_once_their_remaining_passes_pay_for_a_new_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA drop rule: done samples leave once n_done x steps_left >= 2 x the batch in work. A third of the batch
+    done at the first step of ten leaves at once (3.3 passes saved); the same third done two steps before the end
+    stays (0.67 passes: a new shape would cost more than it saves)."""
+    monkeypatch.setattr(engine, "_shrink_passes", lambda x: 2.0)
+    x = torch.zeros(30, 1)
+
+    def sizes_when_done_at(at: int) -> list[int]:
+        sizes: list[int] = []
+        calls = [0]
+
+        def obj(xa: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            sizes.append(len(idx))
+            calls[0] += 1
+            done = (idx < 10) & (calls[0] > at)  # the first ten samples are done from evaluation `at` on
+            return -xa[:, 0], done
+
+        craft(obj, x, constraint=LinfBall(1.0), steps=10, optimizer="pgd", lr=0.01, schedule="constant",
+              early_stop=True)
+        return sizes
+
+    early, late = sizes_when_done_at(1), sizes_when_done_at(8)
+    assert early == [30, 30] + [20] * 9  # done at evaluation 1 (step 1, 9 left): 10 x 9 >= 2 x 30, so they leave
+    assert late == [30] * 11  # done at evaluation 8 (2 left): 10 x 2 < 60, held to the end

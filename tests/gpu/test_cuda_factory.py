@@ -131,6 +131,40 @@ def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max()) + 1e-12
 
 
+@pytest.mark.parametrize("name", ["resnet18", "fastcnn"])
+def test_fast_clipping_with_tf32_conv_norms_stays_within_tf32_rounding(name: str, monkeypatch: pytest.MonkeyPatch
+                                                                       ) -> None:
+    """PyTorch's default (cuDNN convolutions in TF32) now also runs the conv rules' per-example-norm matmuls in TF32
+    (fastclip_rules.CONV_NORMS_TF32). In float32 the clipped sum must stay within TF32's rounding of the exact one
+    (float64 per-example path): 1e-2 of each tensor's largest entry (the docs measured 1.45e-3 with IEEE norms and
+    TF32 convolutions on an H200), and close to the same step with IEEE norms."""
+    from mlaudit.models import build_model
+    from mlaudit.privacy import fastclip_rules
+    from mlaudit.privacy.dpsgd import clipped_sum, per_example_grads
+    from mlaudit.privacy.fastclip import clipped_grad_sum
+    from mlaudit.train.stacked import StackedModels
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    m = build_model({"name": name, "norm": "group"}, input_shape=(3, 32, 32), num_classes=10).cuda().train()
+    x = torch.rand(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    w = (torch.arange(32, device="cuda") % 5 != 0).float()
+    tf32, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
+    monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", False)
+    ieee, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
+    m64 = m.double()
+    stack = StackedModels.from_modules([m64], torch.device("cuda"), strategy="loop", channels_last=False)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        (grads, _), = per_example_grads(stack, x[None].double(), y[None])
+    ref = clipped_sum(grads, w[None].double(), 1.0)
+    for a, i, b in zip(tf32, ieee, ref, strict=True):
+        top = float(b.abs().max()) + 1e-12
+        assert float((a.double() - b.squeeze(0)).abs().max()) <= 1e-2 * top
+        assert float((a - i).abs().max()) <= 1e-2 * top
+
+
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """``recipe.cuda_graph``: 2 fastcnn x 1 epoch (4 steps: 2 eager warm-ups, one capture and replay, one

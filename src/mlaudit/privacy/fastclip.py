@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
-from .fastclip_rules import RULES, WRITTEN_OUT, Mode, Rule
+from .fastclip_rules import RULES, WRITTEN_OUT, Mode, Rule, matmul_tf32, tf32_enabled
 
 PER_EXAMPLE_HINT = "use `dp: {clipping: per-example}`"
 
@@ -333,12 +333,13 @@ def exact_float32() -> Iterator[None]:
     not rounding: with TF32 a batch's and a lone example's gradient norms differ by cancellation, and on the
     H200 (2026-12-03, a fast-CNN DP audit) one example's norm came out 1.1% apart (16.03 vs 15.86), which
     failed the 1% check and sent the run to the per-example path."""
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+    cudnn = tf32_enabled("conv")  # read through the fp32_precision API, set through the legacy flags (see there)
+    with matmul_tf32(False):
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def verify_fast_clip(model: nn.Module, x: Tensor, y: Tensor, *, label_smoothing: float = 0.0, rtol: float = 1e-2,

@@ -33,7 +33,8 @@ Memory: batches are cut into chunks of at most :data:`CHUNK_ELEMENTS` transient 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -274,7 +275,65 @@ def _shifted(m: nn.Conv2d, a: Tensor, g: Tensor, pad: tuple[int, ...]) -> _Shift
     return _Shifted(ap.view(b, -1, c), gw.view(b, ho * wp, -1), offsets, ho * wp)
 
 
+def tf32_enabled(kind: Literal["matmul", "conv"]) -> bool:
+    """Whether PyTorch runs float32 CUDA matmuls (``matmul``) or cuDNN convolutions (``conv``) in TF32.
+
+    Read through the ``fp32_precision`` settings (PyTorch >= 2.9; a leaf set to "none" inherits from its parent,
+    and the legacy ``allow_tf32 = False`` reads as "none"), because reading a legacy ``allow_tf32`` flag after a
+    user set the new API raises; falls back to the legacy flags on older PyTorch."""
+    backends = torch.backends
+    if kind == "matmul":
+        leaf, parent = getattr(backends.cuda.matmul, "fp32_precision", None), None
+    else:
+        conv = getattr(backends.cudnn, "conv", None)
+        leaf, parent = getattr(conv, "fp32_precision", None), getattr(backends.cudnn, "fp32_precision", None)
+    if leaf is None:  # PyTorch before the fp32_precision API
+        return bool(backends.cuda.matmul.allow_tf32 if kind == "matmul" else backends.cudnn.allow_tf32)
+    for level in (leaf, parent, getattr(backends, "fp32_precision", None)):
+        if level not in (None, "none"):
+            return level == "tf32"
+    return False
+
+
+@contextmanager
+def matmul_tf32(on: bool) -> Iterator[None]:
+    """float32 CUDA matmuls in TF32 (``on``) or IEEE inside, the setting before restored on exit. Set through the
+    legacy flag, which PyTorch allows after either API, so a caller's later read of either keeps working."""
+    before = tf32_enabled("matmul")
+    if before == on:
+        yield
+        return
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+CONV_NORMS_TF32: bool | None = None
+"""Precision of the matmuls behind a convolution's per-example norms (unfolded or shifted per-example gradients,
+ghost Grams) on CUDA: None follows the convolutions' own precision (cuDNN's TF32 setting, on by default in
+PyTorch), True / False force TF32 / IEEE float32.
+
+Why following the convolutions is sound: with cuDNN in TF32 the layer's output gradients G and the recomputed
+clipped sum (``convolution_backward`` of f * G) already carry TF32 rounding (~1e-3 relative; see docs/privacy.md,
+precision caveat), so IEEE norms made the step slower without making the clipping exact; and where the
+per-example gradients are kept (materialised), the clipped sum is ``sum_i f_i grad_i`` of the very tensors whose
+norms set f_i, so each example's contribution has norm <= C to float32 rounding whatever precision computed
+them. With ``torch.backends.cudnn.allow_tf32 = False`` (or ``cudnn.conv.fp32_precision = "ieee"``) everything is
+IEEE float32, as before. Linear layers keep the user's matmul setting (IEEE by default), as their own forward
+does."""
+
+
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
+    """:func:`_conv_norms_at` with the matmuls at the convolutions' precision on CUDA (:data:`CONV_NORMS_TF32`)."""
+    if not g.is_cuda:
+        return _conv_norms_at(m, a, g, mode)
+    with matmul_tf32(tf32_enabled("conv") if CONV_NORMS_TF32 is None else CONV_NORMS_TF32):
+        return _conv_norms_at(m, a, g, mode)
+
+
+def _conv_norms_at(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
     """a [B, C_in, H, W], g [B, C_out, H_out, W_out]; per group: d_in = C_in k_h k_w / groups,
     d_out = C_out / groups, T = H_out W_out (Bu et al. 2022 for the unfolded conv). A channels_last
     input without groups is unfolded in (k_h, k_w, C) order: norms do not depend on the order, and the

@@ -9,6 +9,11 @@ alternating calls after warm-ups, with the device idle at each call's start:
 * ``return``: call start -> the attack returns (for an asynchronous call: before the GPU is done);
 * ``wall``: call start -> the result is ready on the device (``torch.cuda.synchronize``).
 
+Then mlaudit's FGSM lead split by host stamps (``--breakdown``, on by default): when ``check_inputs`` returns, when
+``run_engine``, ``craft`` and the deferred range read (``EvasionObjective.run_pending``) are entered, when that read
+returns, and the first forward; and the same call with the range read dropped (``no range read``), to size the one
+device synchronisation before the first forward pass.
+
 The same wrapper model serves mlaudit and torchattacks 3.5.1, so the two leads compare directly.
 
     python benchmarks/probes/fgsm_timeline.py [--examples 1000] [--reps 21] [--out timeline.txt]
@@ -101,8 +106,67 @@ def main() -> None:
         med = {f: statistics.median(r[f] for r in rounds) for f in rounds[0]}
         lines.append(f"{k:24s} " + "  ".join(f"{f} {v:8.2f}" for f, v in med.items()))
         print(lines[-1], flush=True)
+    lines += breakdown(model, x, y, args.reps)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+def breakdown(model: Stamped, x: Tensor, y: Tensor, reps: int) -> list[str]:
+    """Medians of the host intervals inside mlaudit's FGSM lead (see the module docstring), in ms."""
+    import importlib
+
+    from mlaudit.attacks.evasion import base
+    fgsm_module = importlib.import_module("mlaudit.attacks.evasion.fgsm")  # the package exports the function by name
+
+    stamps: dict[str, float] = {}
+
+    def stamp(name: str, fn: Callable[..., object]) -> Callable[..., object]:
+        def wrapped(*a: object, **k: object) -> object:
+            stamps.setdefault(name, time.perf_counter())
+            out = fn(*a, **k)
+            stamps.setdefault(name + " returned", time.perf_counter())
+            return out
+        return wrapped
+
+    saved = (fgsm_module.check_inputs, fgsm_module.run_engine, base.craft, base.EvasionObjective.run_pending)
+    fgsm_module.check_inputs = stamp("check_inputs", saved[0])
+    fgsm_module.run_engine = stamp("run_engine", saved[1])
+    base.craft = stamp("craft", saved[2])
+    base.EvasionObjective.run_pending = stamp("range read", saved[3])
+    order = ["check_inputs returned", "run_engine", "craft", "range read", "range read returned"]
+    out = [f"-- mlaudit fgsm lead, ms from the call's start (medians of {reps} calls; the first forward = lead)"]
+    try:
+        for label, drop_read in (("with the range read", False), ("no range read", True)):
+            rows = []
+            for _ in range(reps + 2):
+                torch.cuda.synchronize()
+                stamps.clear()
+                model.marks = []
+                t0 = time.perf_counter()
+                if drop_read:  # the same call without check_inputs' deferred range read (not a supported path)
+                    base.check_inputs(model, x, y, eps=8 / 255, norm="linf", later=[])
+                    engine_x = run_engine_plain(model, x, y, saved[1])
+                else:
+                    engine_x = fgsm(model, x, y, eps=8 / 255)
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                del engine_x
+                row = {k: 1e3 * (v - t0) for k, v in stamps.items()}
+                row["first forward"], row["wall"] = 1e3 * (model.marks[0] - t0), 1e3 * (t2 - t0)
+                rows.append(row)
+            rows = rows[2:]  # warm-ups
+            keys = [k for k in [*order, "first forward", "wall"] if all(k in r for r in rows)]
+            out.append(f"{label:22s} " + "  ".join(f"{k} {statistics.median(r[k] for r in rows):.3f}" for k in keys))
+            print(out[-1], flush=True)
+    finally:
+        fgsm_module.check_inputs, fgsm_module.run_engine, base.craft, base.EvasionObjective.run_pending = saved
+    return out
+
+
+def run_engine_plain(model: nn.Module, x: Tensor, y: Tensor, run: Callable[..., Tensor]) -> Tensor:
+    """fgsm's engine call with no deferred checks."""
+    return run(model, x, y, eps=8 / 255, norm="linf", box=(0.0, 1.0), loss="ce", steps=1, optimizer="pgd", lr=1.0,
+               random_start=False, batch_size=None, keep_best=False, early_stop=False, checks=[])
 
 
 if __name__ == "__main__":

@@ -10,32 +10,35 @@
 T=${1:-585}
 T0=$SECONDS
 left() { echo $(( T - (SECONDS - T0) - ${1:-10} )); }
+# at most 8 files come back: everything is written to $W and packed into $OUT/all.tgz after each part
+W=/tmp/w; mkdir -p $W
+pack() { tar czf $OUT/all.tgz -C $W . ; }
 python3 -m pip install -q --no-deps --no-index .whl/*.whl
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 mkdir -p .data
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.data_xz/cifar10-jpeg.npz.xz'), open('.data/cifar10-jpeg.npz','wb'))"
 G=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
-nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpu.txt
-timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs -x > $OUT/gpu_tests_$G.txt 2>&1
-echo "tests/gpu rc $? after $((SECONDS-T0)) s" | tee -a $OUT/gpu_tests_$G.txt; tail -3 $OUT/gpu_tests_$G.txt
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $W/gpu.txt
+timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs > $W/gpu_tests_$G.txt 2>&1
+echo "tests/gpu rc $? after $((SECONDS-T0)) s" | tee -a $W/gpu_tests_$G.txt; tail -3 $W/gpu_tests_$G.txt; pack
 timeout $(left 300) python3 benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn --conv-materialise unfold \
-    --runs fast,ieee,graph --name tf32norms_$G > $OUT/dp_tf32norms.log 2>&1
-echo "dp tf32norms rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/dp_throughput_tf32norms_$G.* $OUT/ 2>/dev/null
-grep -E "ms/step" $OUT/dp_tf32norms.log | head -20
+    --runs fast,ieee,graph --name tf32norms_$G > $W/dp_tf32norms.log 2>&1
+echo "dp tf32norms rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/dp_throughput_tf32norms_$G.* $W/ 2>/dev/null; pack
+grep -E "ms/step" $W/dp_tf32norms.log | head -20
 timeout $(left 40) python3 benchmarks/evasion.py --dataset cifar10 --device cuda --models resnet18 --examples 1000 \
   --eps 8/255 --eps-l2 0.5 --steps 50 \
   --recipe '{"name":"airbench","epochs":10,"label_smoothing":0.0,"augment":{"crop_pad":4,"flip":true}}' \
   --adversarial 8/255 --adv-steps 7 --attacks "FGSM linf;PGD-20 linf;PGD-10 l2;APGD-CE-50 linf" --repeats 9 \
-  --name cifar10_resnet18_at10_dropcost_$G > $OUT/evasion.log 2>&1
-echo "evasion rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/evasion_cifar10_resnet18_at10_dropcost_$G.* $OUT/ 2>/dev/null
-grep -E "ours|clean" $OUT/evasion.log | tail -12
+  --name cifar10_resnet18_at10_dropcost_$G > $W/evasion.log 2>&1
+echo "evasion rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/evasion_cifar10_resnet18_at10_dropcost_$G.* $W/ 2>/dev/null; pack
+grep -E "ours|clean" $W/evasion.log | tail -12
 if [ $(left) -gt 30 ]; then
-  timeout $(left) python3 benchmarks/probes/fgsm_timeline.py --examples 1000 --reps 21 --out $OUT/fgsm_timeline_$G.txt > /dev/null 2>&1
-  echo "timeline rc $? after $((SECONDS-T0)) s"; cat $OUT/fgsm_timeline_$G.txt
+  timeout $(left) python3 benchmarks/probes/fgsm_timeline.py --examples 1000 --reps 21 --out $W/fgsm_timeline_$G.txt > /dev/null 2>&1
+  echo "timeline rc $? after $((SECONDS-T0)) s"; cat $W/fgsm_timeline_$G.txt; pack
 fi
 if [ $(left) -gt 60 ]; then
   timeout $(left) python3 benchmarks/dp_throughput.py --device cuda --models vit-mha,lstm --runs per-example,fast,graph \
-      --synthetic --name open_items_$G > $OUT/dp_open_items.log 2>&1
-  echo "dp open_items rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/dp_throughput_open_items_$G.* $OUT/ 2>/dev/null
-  grep -E "ms/step" $OUT/dp_open_items.log | head -20
+      --synthetic --name open_items_$G > $W/dp_open_items.log 2>&1
+  echo "dp open_items rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/dp_throughput_open_items_$G.* $W/ 2>/dev/null; pack
+  grep -E "ms/step" $W/dp_open_items.log | head -20
 fi

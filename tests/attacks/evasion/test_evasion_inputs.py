@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mlaudit.attacks.evasion import EVASION_ATTACKS, StochasticModelWarning, apgd, pgd
+from mlaudit.attacks.evasion import EVASION_ATTACKS, StochasticModelWarning, apgd, fgsm, pgd
 from mlaudit.errors import ConfigError
 
 
@@ -42,10 +42,11 @@ def test_bad_input_is_a_config_error(change: dict, match: str) -> None:
 @pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd"])
 @pytest.mark.parametrize("eps", [0.1, 0.0])
 @pytest.mark.parametrize("bad", ["x", "y"])
-def test_deferred_range_checks_refuse_before_the_attack_queries_the_model(name: str, eps: float, bad: str) -> None:
-    """fgsm, pgd and apgd read x's and y's ranges from the device just before their first forward pass
-    (check_inputs' ``later``): the error is the same, and no attack query reaches the model (out-of-range labels in
-    a CUDA cross-entropy would be a device-side assert, not an error)."""
+def test_deferred_range_checks_refuse_after_at_most_one_forward_pass(name: str, eps: float, bad: str) -> None:
+    """fgsm, pgd and apgd queue the reads of x's and y's ranges behind their first forward pass and read them at
+    the second (check_inputs' ``later``, RangeCheck): the error is the same, the model answers at most one attack
+    query, and the out-of-range labels never reach the loss (clamped until the read: in a CUDA cross-entropy they
+    would be a device-side assert, and on the CPU an IndexError instead of this ConfigError)."""
     model, x, y = setup()
     EVASION_ATTACKS.get(name)(model, x, y, eps=0.1)  # the model's probe is cached: later calls query only to attack
     seen: list[int] = []
@@ -53,7 +54,22 @@ def test_deferred_range_checks_refuse_before_the_attack_queries_the_model(name: 
     x, y = (x * 2, y) if bad == "x" else (x, torch.tensor([0, 1, 3, 0]))
     with pytest.raises(ConfigError, match="outside the declared pixel range" if bad == "x" else "out of range"):
         EVASION_ATTACKS.get(name)(model, x, y, eps=eps)
-    assert seen == []
+    assert len(seen) <= (1 if eps or name == "fgsm" else 0)  # eps 0: pgd and apgd check at once (no attack)
+
+
+def test_a_model_that_fails_on_out_of_range_inputs_gets_the_range_error() -> None:
+    """The deferred range check runs when the first forward pass raises: the user sees the ConfigError naming the
+    inputs, not the model's own exception."""
+    model, x, y = setup()
+    fgsm(model, x, y, eps=0.1)
+
+    def refuse(m: nn.Module, i: tuple[torch.Tensor, ...]) -> None:
+        if float(i[0].max()) > 1:
+            raise ValueError("the model's own input check")
+
+    model.register_forward_pre_hook(refuse)
+    with pytest.raises(ConfigError, match="outside the declared pixel range"):
+        fgsm(model, x * 2, y, eps=0.1)
 
 
 def test_declared_box_is_honoured() -> None:

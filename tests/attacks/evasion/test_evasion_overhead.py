@@ -74,6 +74,10 @@ def test_labels_out_of_range_are_refused_in_every_integer_dtype(dtype: torch.dty
     if dtype != torch.uint8:
         with pytest.raises(ConfigError, match=r"y: labels in \[-1, 2\] are out of range"):
             pgd(model, x, torch.tensor([0, -1, 2, 0], dtype=dtype), eps=0.1)
+    # labels in range, in any integer dtype, attack as int64 labels do (int16 / int32 used to fail in the loss)
+    y = torch.tensor([0, 1, 2, 0])
+    for attack in (fgsm, pgd):
+        torch.testing.assert_close(attack(model, x, y.to(dtype), eps=0.1), attack(model, x, y, eps=0.1))
 
 
 def test_the_range_and_eps_checks_still_name_the_values() -> None:

@@ -27,7 +27,8 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: 
          batch_size: int | None = None, generator: torch.Generator | None = None, eot: int = 1) -> Tensor:
     """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape] with ||x_adv - x|| <= eps (APGD-CE / APGD-DLR);
     ``eot`` > 1: the loss is averaged over that many forward passes per step (randomised defences)."""
-    # the device read of the input ranges, run just before the first forward pass (at once when eps = 0: no pass)
+    # the device read of the input ranges, queued behind the first forward pass and read before the second (at once
+    # when eps = 0: no pass)
     later: list = []
     check_loss(loss, check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later if eps else None), targeted=False)
     check_positive("apgd", steps=steps, restarts=restarts, eot=eot)

@@ -61,17 +61,18 @@ class StochasticModelWarning(RuntimeWarning):
 
 def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, norm: str,
                  box: tuple[float, float] = (0.0, 1.0), norms: tuple[str, ...] = tuple(NORMS),
-                 later: list[Callable[[], None]] | None = None) -> int:
+                 later: list[RangeCheck] | None = None) -> int:
     """Validate an attack's inputs; return the number of classes C. ConfigError (naming the field,
     the value and what is allowed) for a norm not in ``norms`` (the attack's), eps < 0 or beyond the pixel
     range, inputs outside ``box``, labels not int [N] in [0, C), a model in training mode or not returning
     [N, C]; a :class:`StochasticModelWarning` when two forward passes on the same inputs differ.
 
     ``later`` (a list): the check of x's and y's value ranges, the one that reads the device, is appended to it
-    instead of run, its reductions already queued; the caller runs it before anything reads y on the device
-    (:func:`run_engine` runs it just before the first forward pass). The read drains the device's queue, and
-    the host work between it and the next kernel leaves the device idle: run here, that was the engine's set-up
-    (~0.1 ms per call on an H100's host, 2026-12-05; about the whole of FGSM's lag behind torchattacks)."""
+    as a :class:`RangeCheck` instead of run (see there: its reductions are queued behind the attack's first forward
+    pass and read at the second, or at the end of the call). Before the first forward pass a device read drains
+    the queue, and every operation between the call and that pass runs with the device idle: the range read and its
+    ~10 operations were most of FGSM's lag behind torchattacks (H100, 2026-12-06: a lead of 0.98 ms against 0.61,
+    where torchattacks runs two operations before its forward pass)."""
     if norm not in norms:
         if norm == "l1":
             raise ConfigError(f"norm: 'l1' is not supported by this attack; allowed: {', '.join(norms)} (l1 only in "
@@ -87,9 +88,8 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, n
     if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.shape != (n,):
         got = f"{y.dtype} {list(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ConfigError(f"y: must be integer labels [N={n}], got {got}")
-    read = _ranges_read(x, y)
     if later is None:
-        x_min, x_max, y_min, y_max = read()
+        x_min, x_max, y_min, y_max = _ranges(x, y)
         _check_x_range(x_min, x_max, lo, hi)
     try:
         if eps is not None:
@@ -105,19 +105,50 @@ def check_inputs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float | None, n
         c = _probe(model, x)
     except ConfigError:
         if later is not None:  # the same error either way: inputs outside the box are named first (x * 255 -> box)
-            _check_x_range(*read()[:2], lo, hi)
+            _check_x_range(*_ranges(x, y)[:2], lo, hi)
         raise
     if later is None:
         _check_y_range(y_min, y_max, c)
         return c
-
-    def check_ranges() -> None:
-        x_min, x_max, y_min, y_max = read()
-        _check_x_range(x_min, x_max, lo, hi)
-        _check_y_range(y_min, y_max, c)
-
-    later.append(check_ranges)
+    later.append(RangeCheck(x, y, box, c))
     return c
+
+
+class RangeCheck:
+    """:func:`check_inputs`'s device read of x's and y's value ranges, deferred past the attack's first forward pass.
+
+    :meth:`queue` (the objective calls it once the first forward pass is launched) queues the reductions behind
+    that pass; :meth:`read` (at the objective's next call, or at the end of the attack) reads them in one device
+    synchronisation and raises the same ConfigError as the immediate check. Until it has read, the objective uses
+    :meth:`safe` labels (clamped into [0, C)): an out-of-range label in a CUDA cross-entropy or gather is a
+    device-side assert that ends the process, not an error. So a call with bad inputs makes at most one step on
+    the model before it is refused, and returns nothing."""
+
+    def __init__(self, x: Tensor, y: Tensor, box: tuple[float, float], num_classes: int) -> None:
+        self.x, self.y, self.box, self.c = x, y, box, num_classes
+        self._read: Callable[[], tuple[float, float, int, int]] | None = None
+        self.done = False
+
+    def queue(self) -> None:
+        if self._read is None:
+            self._read = _ranges_read(self.x, self.y)
+
+    def read(self) -> None:
+        """Read (once) and raise a ConfigError for inputs outside the box or labels outside [0, C)."""
+        if self.done:
+            return
+        self.queue()
+        assert self._read is not None
+        x_min, x_max, y_min, y_max = self._read()
+        self.done = True
+        _check_x_range(x_min, x_max, *self.box)
+        _check_y_range(y_min, y_max, self.c)
+
+    __call__ = read
+
+    def safe(self, y: Tensor) -> Tensor:
+        """y clamped into [0, C) until the read has passed (then y itself)."""
+        return y if self.done else y.clamp(0, self.c - 1)
 
 
 def _check_x_range(x_min: float, x_max: float, lo: float, hi: float) -> None:
@@ -241,13 +272,38 @@ class EvasionObjective:
         self.model, self.y, self.target, self.goal, self.eot, self.verdict = model, y, target, goal, eot, verdict
         self.loss = LOSSES.get(loss)
         self._rows: tuple[Any, ...] | None = None  # idx, y, target, their versions, y[idx], target[idx]
-        self.pending: list[Callable[[], None]] = []  # input checks run before the first forward pass (run_engine)
+        self.pending: list[RangeCheck] = []  # check_inputs' deferred range checks (run_engine), not yet read
+        self._queued = False
+
 
     def run_pending(self) -> None:
-        """Run (once) the checks deferred to the first forward pass: :func:`check_inputs`'s ``later``."""
+        """Read (once) the deferred range checks: :func:`check_inputs`'s ``later`` (ConfigError if they fail)."""
         pending, self.pending = self.pending, []
         for check in pending:
-            check()
+            check.read()
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """The model's forward pass; the deferred range checks (:class:`RangeCheck`) are queued behind the first and
+        read before the second, so the model answers at most one query on inputs that fail them."""
+        if not self.pending:
+            return self.model(x)
+        if self._queued:
+            self.run_pending()
+            return self.model(x)
+        try:
+            z = self.model(x)
+        except Exception:
+            self.run_pending()  # inputs outside the box or bad labels: that error, not the model's
+            raise
+        self._queued = True
+        for check in self.pending:
+            check.queue()
+        return z
+
+    def _safe(self, y: Tensor) -> Tensor:
+        for check in self.pending:
+            y = check.safe(y)
+        return y
 
     def _labels(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """(y[idx], target[idx]). The engine passes the same idx tensor every step until rows leave: the gathers are
@@ -262,15 +318,15 @@ class EvasionObjective:
         return y_idx, t_idx
 
     def __call__(self, x_adv: Tensor, idx: Tensor) -> tuple[Tensor, Tensor] | Tensor:
-        if self.pending:
-            self.run_pending()
-        y, t = self._labels(idx)
         if self.eot == 1:
             # one pass: its loss and verdict as they are. The [1, B] view, mean(0) and all(0) below are identities
             # for one copy (bitwise: a mean of one value divides by 1), but each is a kernel per step and the mean
             # a node of the backward pass (~10 us a step on a CPU core; tests/attacks/evasion/test_evasion_overhead.py
-            # compares both paths)
-            z = self.model(x_adv)
+            # compares both paths). The forward pass comes first: nothing before it keeps the device idle
+            z = self._forward(x_adv)
+            y, t = self._labels(idx)
+            if self.pending:
+                y = self._safe(y)
             if not self.verdict:
                 return -self.loss(z, y, t)
             pred = z.argmax(1)
@@ -283,7 +339,10 @@ class EvasionObjective:
         # the bare model.
         k, b = self.eot, x_adv.shape[0]
         xs = x_adv if k == 1 else x_adv.repeat(k, *([1] * (x_adv.dim() - 1)))  # copy j at rows j*B..(j+1)*B
-        z = self.model(xs)
+        z = self._forward(xs)
+        y, t = self._labels(idx)
+        if self.pending:
+            y = self._safe(y)
         tk = None if t is None or k == 1 else t.repeat(k)
         losses = self.loss(z, y if k == 1 else y.repeat(k), t if k == 1 else tk).view(k, b)
         pred = z.argmax(1).view(k, b)
@@ -297,12 +356,13 @@ def run_engine(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str,
                random_start: bool, target: Tensor | None = None, goal: Goal = "misclassify",
                generator: torch.Generator | None = None, batch_size: int | None = None,
                keep_best: bool = True, early_stop: bool = True, eot: int = 1,
-               checks: list[Callable[[], None]] | None = None) -> Tensor:
+               checks: list[RangeCheck] | None = None) -> Tensor:
     """x_adv [N, *shape]: the engine's result for an :class:`EvasionObjective` (parameters frozen, the
     model in eval mode throughout; ``lr`` in units of eps). Without a ``generator`` the engine's default, a CPU
-    generator seeded 0, drives the random start. ``checks`` (:func:`check_inputs`'s ``later``) run just before
-    the first forward pass, after the engine's set-up has been queued."""
-    y = y.to(x.device)
+    generator seeded 0, drives the random start. ``checks`` (:func:`check_inputs`'s ``later``) are queued behind the
+    first forward pass and read at the objective's second call or at the end (:class:`RangeCheck`), before the
+    result or its finiteness is read."""
+    y = y.to(x.device, torch.long)  # any integer dtype check_inputs accepts (losses and gathers index with int64)
     # the verdict is read only by early stop, keep-best and the ranking of restarts
     objective = EvasionObjective(model, y, loss=loss, target=None if target is None else target.to(x.device),
                                  goal=goal, eot=eot, verdict=early_stop or keep_best or restarts > 1)

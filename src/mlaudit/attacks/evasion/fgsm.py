@@ -13,7 +13,7 @@ from .base import Norm, check_inputs, check_loss, register_evasion, run_engine
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: Norm = "linf", loss: str = "ce",
          box: tuple[float, float] = (0.0, 1.0), batch_size: int | None = None) -> Tensor:
     """x [N, *shape] in ``box``, y [N] -> x_adv [N, *shape] with ||x_adv - x|| <= eps."""
-    later: list = []  # the device read of the input ranges, run just before the forward pass (check_inputs)
+    later: list = []  # the device read of the input ranges, queued behind the forward pass (check_inputs, RangeCheck)
     check_loss(loss, check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later), targeted=False)
     return run_engine(model, x, y, eps=eps, norm=norm, box=box, loss=loss, steps=1, optimizer="pgd", lr=1.0,
                       random_start=False, batch_size=batch_size, keep_best=False, early_stop=False, checks=later)

@@ -28,7 +28,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float = 8 / 255, norm: N
     ``eot`` > 1 averages the loss over that many forward passes per step (expectation over
     transformation, for randomised models and defences).
     """
-    # the device read of the input ranges, run just before the first forward pass (at once when eps = 0: no pass)
+    # the device read of the input ranges, queued behind the first forward pass and read before the second (at once
+    # when eps = 0: no pass)
     later: list = []
     c = check_inputs(model, x, y, eps=eps, norm=norm, box=box, later=later if eps else None)
     check_loss(loss, c, targeted=target is not None)

@@ -19,13 +19,14 @@ mkdir -p .data
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.data_xz/cifar10-jpeg.npz.xz'), open('.data/cifar10-jpeg.npz','wb'))"
 G=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $W/gpu.txt
-timeout 130 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs > $W/gpu_tests_$G.txt 2>&1
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs > $W/gpu_tests_$G.txt 2>&1
 echo "tests/gpu rc $? after $((SECONDS-T0)) s" | tee -a $W/gpu_tests_$G.txt; tail -3 $W/gpu_tests_$G.txt; pack
-timeout $(left 300) python3 benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn --conv-materialise unfold \
+DP=$(left); [ $DP -gt 160 ] && DP=160
+timeout $DP python3 benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn --conv-materialise unfold \
     --runs fast,ieee,graph --name tf32norms_$G > $W/dp_tf32norms.log 2>&1
 echo "dp tf32norms rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/dp_throughput_tf32norms_$G.* $W/ 2>/dev/null; pack
 grep -E "ms/step" $W/dp_tf32norms.log | head -20
-timeout $(left 40) python3 benchmarks/evasion.py --dataset cifar10 --device cuda --models resnet18 --examples 1000 \
+[ $(left) -gt 200 ] && timeout $(left 40) python3 benchmarks/evasion.py --dataset cifar10 --device cuda --models resnet18 --examples 1000 \
   --eps 8/255 --eps-l2 0.5 --steps 50 \
   --recipe '{"name":"airbench","epochs":10,"label_smoothing":0.0,"augment":{"crop_pad":4,"flip":true}}' \
   --adversarial 8/255 --adv-steps 7 --attacks "FGSM linf;PGD-20 linf;PGD-10 l2;APGD-CE-50 linf" --repeats 9 \

@@ -19,8 +19,8 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   ``_grouped`` the same with every conv unfolded by a strided im2col + one bmm / by a grouped
   ``convolution_backward`` (``--conv-materialise``), and on CUDA
   ``mlaudit_dpsgd_fast_tf32`` (float32 matmuls in TF32, ``torch.backends.cuda.matmul.allow_tf32``),
-  ``mlaudit_dpsgd_fast_ieee`` (the conv rules' per-example-norm matmuls in IEEE float32, the default until
-  2026-12-07; since then they follow cuDNN's TF32 setting, ``fastclip_rules.CONV_NORMS_TF32``) and
+  ``mlaudit_dpsgd_fast_tf32norms`` (only the conv rules' per-example-norm matmuls in TF32,
+  ``fastclip_rules.CONV_NORMS_TF32 = True``) and
   ``mlaudit_dpsgd_fast_bf16``: the fast path with ``precision: bf16`` (bf16 autocast forward, as the
   non-private recipe), and ``mlaudit_dpsgd_fast_graph`` (``_<conv>`` for the other conv options): the fast
   path (fp32) replayed as a CUDA graph (``cuda_graph: true``; mlaudit.train.graphed, one graph per slot bucket
@@ -231,7 +231,7 @@ def set_conv(conv: str) -> None:
 def run_option(key: str) -> str:
     """The ``--runs`` option that times the private run ``key``."""
     parts = key.split("_")
-    return next((o for o in ("tf32", "ieee", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
+    return next((o for o in ("tf32norms", "tf32", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
 
 
 def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, train: TensorDataset,
@@ -292,18 +292,19 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
                 torch.backends.cuda.matmul.allow_tf32 = False
         record("mlaudit_dpsgd_fast_tf32", tf32, precision="fp32, TF32 matmuls", per_example_slots=slots,
                clipping="fast", conv_materialise=convs[0])
-    if cuda:  # the fast path with IEEE float32 conv-norm matmuls, the default until 2026-12-07 (CONV_NORMS_TF32)
+    if cuda:  # the fast path with TF32 conv-norm matmuls only (fastclip_rules.CONV_NORMS_TF32; the model's own matmuls
+        # keep the user's setting)
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": False,
                                   "dp": {**dp, "clipping": "fast"}})
 
-        def ieee() -> float:
-            fastclip_rules.CONV_NORMS_TF32 = False  # type: ignore[assignment]
+        def tf32norms() -> float:
+            fastclip_rules.CONV_NORMS_TF32 = True  # type: ignore[assignment]
             try:
-                return ml(private, "fast_ieee")()
+                return ml(private, "fast_tf32norms")()
             finally:
                 fastclip_rules.CONV_NORMS_TF32 = None  # type: ignore[assignment]
-        record("mlaudit_dpsgd_fast_ieee", ieee, precision="fp32, IEEE conv-norm matmuls", per_example_slots=slots,
-               clipping="fast", conv_materialise=convs[0])
+        record("mlaudit_dpsgd_fast_tf32norms", tf32norms, precision="fp32, TF32 conv-norm matmuls",
+               per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
     if cuda:  # the fast path with the recipe's bf16 autocast forward (precision: bf16)
         private = resolve_recipe({**base.model_dump(), "precision": "bf16", "cuda_graph": False,
                                   "dp": {**dp, "clipping": "fast"}})
@@ -367,10 +368,10 @@ def main() -> None:
     ap.add_argument("--conv-materialise", default="shift,unfold",
                     help="fast-clipping conv per-example gradients: shift (stride-1 convs by shifted windows), "
                          "unfold and/or grouped (one run each; the first is the one named mlaudit_dpsgd_fast)")
-    ap.add_argument("--runs", default="per-example,fast,tf32,ieee,bf16,graph",
+    ap.add_argument("--runs", default="per-example,fast,tf32,tf32norms,bf16,graph",
                     help="private runs to time, comma-separated: per-example, fast (one per --conv-materialise), "
-                         "tf32, ieee (IEEE conv-norm matmuls), bf16, graph (the fast step as a CUDA graph); tf32, "
-                         "ieee, bf16 and graph on CUDA only")
+                         "tf32, tf32norms (TF32 conv-norm matmuls only), bf16, graph (the fast step as a CUDA graph); "
+                         "tf32, tf32norms, bf16 and graph on CUDA only")
     ap.add_argument("--graph-warmup-epochs", type=int, default=3,
                     help="warm-up epochs of the graphed run (each slot bucket is warmed up and captured once)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")

@@ -132,17 +132,16 @@ def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["resnet18", "fastcnn"])
-def test_fast_clipping_with_tf32_conv_norms_stays_within_tf32_rounding(name: str, monkeypatch: pytest.MonkeyPatch
-                                                                       ) -> None:
-    """PyTorch's default (cuDNN convolutions in TF32) now also runs the conv rules' per-example-norm matmuls in TF32
-    (fastclip_rules.CONV_NORMS_TF32). In float32 the clipped sum must stay within TF32's rounding of the exact one
-    (float64 per-example path): 1e-2 of each tensor's largest entry (the docs measured 1.45e-3 with IEEE norms and
-    TF32 convolutions on an H200), and close to the same step with IEEE norms."""
+def test_tf32_conv_norms_stay_within_tf32_rounding_of_ieee_norms(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opt-in TF32 conv-norm matmuls (fastclip_rules.CONV_NORMS_TF32 = True) against IEEE norms, both with cuDNN's
+    TF32 convolutions (PyTorch's default), same model and batch: the clipped sums agree to 1e-2 of each tensor's
+    largest entry. (Not yet run on a GPU. Its first version compared against the float64 per-example path instead and
+    failed on an H100, 2026-12-07: the float32 step with TF32 convolutions and TF32 norms was up to 5.4% (ResNet-18-GN)
+    and 7.6% (fast CNN) of the largest entry away from float64, which did not separate the norms' share from the
+    convolutions'.)"""
     from mlaudit.models import build_model
     from mlaudit.privacy import fastclip_rules
-    from mlaudit.privacy.dpsgd import clipped_sum, per_example_grads
     from mlaudit.privacy.fastclip import clipped_grad_sum
-    from mlaudit.train.stacked import StackedModels
 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -151,18 +150,12 @@ def test_fast_clipping_with_tf32_conv_norms_stays_within_tf32_rounding(name: str
     x = torch.rand(32, 3, 32, 32, device="cuda")
     y = torch.randint(0, 10, (32,), device="cuda")
     w = (torch.arange(32, device="cuda") % 5 != 0).float()
+    monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", True)
     tf32, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
     monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", False)
     ieee, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
-    m64 = m.double()
-    stack = StackedModels.from_modules([m64], torch.device("cuda"), strategy="loop", channels_last=False)
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        (grads, _), = per_example_grads(stack, x[None].double(), y[None])
-    ref = clipped_sum(grads, w[None].double(), 1.0)
-    for a, i, b in zip(tf32, ieee, ref, strict=True):
-        top = float(b.abs().max()) + 1e-12
-        assert float((a.double() - b.squeeze(0)).abs().max()) <= 1e-2 * top
-        assert float((a - i).abs().max()) <= 1e-2 * top
+    for a, b in zip(tf32, ieee, strict=True):
+        assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()) + 1e-12
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

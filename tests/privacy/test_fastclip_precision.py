@@ -70,9 +70,10 @@ def test_exact_float32_turns_both_off_and_restores_them() -> None:
     assert tf32_enabled("conv") and tf32_enabled("matmul")
 
 
-def test_conv_norms_follow_the_convolutions_precision_on_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA the conv rule runs its matmuls at cuDNN's precision (or CONV_NORMS_TF32's); on the CPU it touches no
-    flag. Checked by recording the matmul flag the rule's body sees, with a tensor subclass standing in for CUDA."""
+def test_conv_norms_keep_the_users_setting_unless_forced_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the conv rule runs its matmuls at the user's float32 matmul setting, or at CONV_NORMS_TF32's when it is
+    set; on the CPU it touches no flag. Checked by recording the matmul flag the rule's body sees, with a tensor
+    subclass standing in for CUDA."""
     from mlaudit.privacy import fastclip_rules as rules
 
     seen: list[bool] = []
@@ -85,13 +86,29 @@ def test_conv_norms_follow_the_convolutions_precision_on_cuda_only(monkeypatch: 
 
     conv = torch.nn.Conv2d(2, 3, 3)
     a, g = torch.zeros(1, 2, 5, 5), torch.zeros(1, 3, 3, 3)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    for cudnn, forced, want in [(True, None, True), (False, None, False), (True, False, False), (False, True, True)]:
-        torch.backends.cudnn.allow_tf32 = cudnn
+    for user, forced, want in [(False, None, False), (True, None, True), (True, False, False), (False, True, True)]:
+        torch.backends.cuda.matmul.allow_tf32 = user
         monkeypatch.setattr(rules, "CONV_NORMS_TF32", forced)
         rules._conv_norms(conv, a, g.as_subclass(FakeCuda), "auto")
         assert seen.pop() is want
-        assert tf32_enabled("matmul") is False  # restored
-    torch.backends.cudnn.allow_tf32 = True
+        assert tf32_enabled("matmul") is user  # restored
+    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(rules, "CONV_NORMS_TF32", True)
     rules._conv_norms(conv, a, g, "auto")  # a CPU tensor: the user's setting, untouched
     assert seen.pop() is False
+
+
+@pytest.mark.parametrize("device,recurrent,off", [("cuda", True, True), ("cuda", False, False), ("cpu", True, False)])
+def test_native_rnn_turns_cudnn_off_only_for_recurrent_models_on_cuda(device: str, recurrent: bool, off: bool) -> None:
+    """cuDNN's recurrent kernels refuse backward in eval mode and fail under vmap (H100, 2026-12-07): the per-example
+    path and verify_fast_clip run a recurrent model on CUDA with cuDNN off, restored on exit and on error."""
+    from mlaudit.privacy.fastclip import native_rnn
+
+    model = torch.nn.Sequential(torch.nn.LSTM(4, 8) if recurrent else torch.nn.Linear(4, 8))
+    assert torch.backends.cudnn.enabled
+    with native_rnn(model, torch.device(device)):
+        assert torch.backends.cudnn.enabled is not off
+    assert torch.backends.cudnn.enabled
+    with pytest.raises(ValueError), native_rnn(model, torch.device(device)):
+        raise ValueError
+    assert torch.backends.cudnn.enabled

@@ -96,7 +96,7 @@ from ..train.hooks import DPStepHooks
 from ..train.recipe import DPConfig
 from ..train.stacked import LoopStack, StackedModels, VmapStack, _set_mode
 from .accountant import Releases, calibrate_noise, check_delta, epsilon
-from .fastclip import check_fast_clip, clipped_grad_sum, fast_clip_supported, verify_fast_clip
+from .fastclip import check_fast_clip, clipped_grad_sum, fast_clip_supported, native_rnn, verify_fast_clip
 from .mechanism import (  # noqa: F401  (re-exported: the mechanism's names are imported from here too)
     SLOT_MULTIPLE,
     clip_factors,
@@ -174,7 +174,7 @@ def per_example_grads(stack: StackedModels, x: Tensor, y: Tensor, *, label_smoot
         _set_mode(stack.template, True)
         g = grad(_loss_fn(stack.template, label_smoothing), has_aux=True)
         f = vmap(vmap(g, in_dims=(None, None, 0, 0), randomness="different"), randomness="different")
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), native_rnn(stack.template, x.device):
             gr, losses = f({n: p.detach() for n, p in stack.params.items()}, stack.buffers, x, y)
         return [([gr[n] for n in stack.params], losses)]
     if isinstance(stack, LoopStack):
@@ -183,7 +183,7 @@ def per_example_grads(stack: StackedModels, x: Tensor, y: Tensor, *, label_smoot
             _set_mode(m, True)
             params = {n: p.detach() for n, p in m.named_parameters()}
             g = grad(_loss_fn(m, label_smoothing), has_aux=True)
-            with sdpa_kernel([SDPBackend.MATH]):
+            with sdpa_kernel([SDPBackend.MATH]), native_rnn(m, xk.device):
                 gr, losses = vmap(g, in_dims=(None, None, 0, 0), randomness="different")(
                     params, dict(m.named_buffers()), xk, yk)
             out.append(([gr[n].unsqueeze(0) for n in params], losses.unsqueeze(0)))

@@ -342,6 +342,24 @@ def exact_float32() -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = cudnn
 
 
+@contextmanager
+def native_rnn(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """cuDNN off inside when ``model`` has a recurrent layer (``nn.LSTM`` / ``GRU`` / ``RNN``) and runs on CUDA: cuDNN's
+    recurrent kernels refuse a backward pass in eval mode ("cudnn RNN backward can only be called in training mode",
+    which :func:`verify_fast_clip` needs) and fail under ``vmap`` ("Cannot access data pointer of Tensor that doesn't
+    have storage", the per-example path); H100, 2026-12-07, an LSTM in ``benchmarks/dp_throughput.py``. PyTorch's
+    native kernels do both, as on the CPU."""
+    if device.type != "cuda" or not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        yield
+        return
+    before = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.enabled = before
+
+
 def verify_fast_clip(model: nn.Module, x: Tensor, y: Tensor, *, label_smoothing: float = 0.0, rtol: float = 1e-2,
                      mode: Mode = "auto", examples: int = 2) -> None:
     """Check the rules on one batch (x [B, *shape], y [B]) with the model in eval mode (no dropout); raise
@@ -360,7 +378,7 @@ def verify_fast_clip(model: nn.Module, x: Tensor, y: Tensor, *, label_smoothing:
     was_training = model.training
     model.eval()
     try:
-        with _all_require_grad(model), exact_float32():
+        with _all_require_grad(model), exact_float32(), native_rnn(model, y.device):
             _, ag, true = _forward(model, layers, x, y, label_smoothing, [p for _, p in named])
             fast, sq = _clipped_sums(model, layers, ag, torch.ones(len(y), device=y.device), math.inf, mode)
             alone = []

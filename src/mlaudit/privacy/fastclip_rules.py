@@ -312,24 +312,25 @@ def matmul_tf32(on: bool) -> Iterator[None]:
 
 CONV_NORMS_TF32: bool | None = None
 """Precision of the matmuls behind a convolution's per-example norms (unfolded or shifted per-example gradients,
-ghost Grams) on CUDA: None follows the convolutions' own precision (cuDNN's TF32 setting, on by default in
-PyTorch), True / False force TF32 / IEEE float32.
+ghost Grams) on CUDA: None (the default) the user's float32 matmul setting (PyTorch's default: IEEE), True / False
+force TF32 / IEEE float32 for these matmuls alone.
 
-Why following the convolutions is sound: with cuDNN in TF32 the layer's output gradients G and the recomputed
-clipped sum (``convolution_backward`` of f * G) already carry TF32 rounding (~1e-3 relative; see docs/privacy.md,
-precision caveat), so IEEE norms made the step slower without making the clipping exact; and where the
+Measured on an H100 (2026-12-07, benchmarks/results/dp_throughput_tf32norms_h100.md), TF32 norms do not pay:
+ResNet-18-GN's eager step 28.6 ms against 29.4 ms with IEEE norms (3%), the fast CNN's 11.6 against 11.0 ms. In
+the same call the float32 step with TF32 convolutions and TF32 norms differed from the float64 per-example path
+by up to 5.4% (ResNet-18-GN) and 7.6% (fast CNN) of a tensor's largest entry (tests/gpu), and how much of that the
+TF32 norms add to the TF32 convolutions' own rounding was not measured. So the default leaves the user's setting alone (IEEE unless they chose TF32). Where the
 per-example gradients are kept (materialised), the clipped sum is ``sum_i f_i grad_i`` of the very tensors whose
-norms set f_i, so each example's contribution has norm <= C to float32 rounding whatever precision computed
-them. With ``torch.backends.cudnn.allow_tf32 = False`` (or ``cudnn.conv.fp32_precision = "ieee"``) everything is
-IEEE float32, as before. Linear layers keep the user's matmul setting (IEEE by default), as their own forward
-does."""
+norms set f_i, so each example's contribution has norm <= C to float32 rounding whatever precision computed them;
+where the sum is recomputed (ghost norms, or gradients too large to keep), TF32 norms and a TF32
+``convolution_backward`` can disagree by TF32's rounding."""
 
 
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
-    """:func:`_conv_norms_at` with the matmuls at the convolutions' precision on CUDA (:data:`CONV_NORMS_TF32`)."""
-    if not g.is_cuda:
+    """:func:`_conv_norms_at` with the matmuls at :data:`CONV_NORMS_TF32`'s precision on CUDA."""
+    if CONV_NORMS_TF32 is None or not g.is_cuda:
         return _conv_norms_at(m, a, g, mode)
-    with matmul_tf32(tf32_enabled("conv") if CONV_NORMS_TF32 is None else CONV_NORMS_TF32):
+    with matmul_tf32(CONV_NORMS_TF32):
         return _conv_norms_at(m, a, g, mode)
 
 

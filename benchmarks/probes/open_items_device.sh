@@ -2,7 +2,7 @@
 # usage: open_items_device.sh [SECONDS]   (default 560; carry [".whl", ".data_xz"])
 # One device call: tests/gpu (with the attention, text-inversion, book-keeping-through-attention and TF32 conv-norm
 # tests, none run on a GPU yet), then the DP step timings: ResNet-18-GN and the fast CNN with the conv-norm matmuls
-# at cuDNN's TF32 setting (the new default) against IEEE (`ieee`, the old default) and graphed, Opacus beside; then
+# opt-in TF32 (`tf32norms`) against the default and graphed, Opacus beside; then
 # the per-example path (after the clip-norm change) and the vit-mha / lstm models. Everything lands in $OUT.
 T=${1:-560}
 T0=$SECONDS
@@ -17,7 +17,7 @@ echo "tests/gpu rc $? after $((SECONDS-T0)) s" | tee -a $OUT/gpu_tests_$G.txt
 tail -3 $OUT/gpu_tests_$G.txt
 LEFT=$(( T - (SECONDS - T0) - 10 ))
 timeout $LEFT python3 benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn --conv-materialise unfold \
-    --runs fast,ieee,graph --name tf32norms_$G > $OUT/dp_throughput_tf32norms.log 2>&1
+    --runs fast,tf32norms,graph --name tf32norms_$G > $OUT/dp_throughput_tf32norms.log 2>&1
 echo "dp_throughput tf32norms rc $? after $((SECONDS-T0)) s"
 cp benchmarks/results/dp_throughput_tf32norms_$G.* $OUT/ 2>/dev/null
 grep -E "ms/step|^\| mlaudit_dpsgd" $OUT/dp_throughput_tf32norms.log | head -30

@@ -2,7 +2,7 @@
 # usage: session_1207_device.sh [SECONDS]   (default 585; carry [".whl", ".data_xz"])
 # The 2026-12-07 (second session) device call, in priority order, each part cut to the time left:
 # 1. tests/gpu (the attention / text-inversion / book-keeping-through-attention / TF32 conv-norm tests);
-# 2. the DP step with the conv-norm matmuls at cuDNN's TF32 setting (new default) against IEEE (`ieee`) and graphed,
+# 2. the DP step with the conv-norm matmuls in TF32 (`tf32norms`, opt-in; TF32 was the default when this ran) and graphed,
 #    ResNet-18-GN and the fast CNN, Opacus beside;
 # 3. the issue-16 evasion benchmark after the early-stop drop-rule change (9 alternating calls per library);
 # 4. the FGSM timeline probe with the lead breakdown;
@@ -23,7 +23,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs > $W/g
 echo "tests/gpu rc $? after $((SECONDS-T0)) s" | tee -a $W/gpu_tests_$G.txt; tail -3 $W/gpu_tests_$G.txt; pack
 DP=$(left); [ $DP -gt 160 ] && DP=160
 timeout $DP python3 benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn --conv-materialise unfold \
-    --runs fast,ieee,graph --name tf32norms_$G > $W/dp_tf32norms.log 2>&1
+    --runs fast,tf32norms,graph --name tf32norms_$G > $W/dp_tf32norms.log 2>&1
 echo "dp tf32norms rc $? after $((SECONDS-T0)) s"; cp benchmarks/results/dp_throughput_tf32norms_$G.* $W/ 2>/dev/null; pack
 grep -E "ms/step" $W/dp_tf32norms.log | head -20
 [ $(left) -gt 200 ] && timeout $(left 40) python3 benchmarks/evasion.py --dataset cifar10 --device cuda --models resnet18 --examples 1000 \

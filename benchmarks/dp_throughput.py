@@ -285,11 +285,8 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
                                   "dp": {**dp, "clipping": "fast"}})
 
         def tf32() -> float:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
+            with fastclip_rules.matmul_tf32(True):
                 return ml(private, "fast_tf32")()
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = False
         record("mlaudit_dpsgd_fast_tf32", tf32, precision="fp32, TF32 matmuls", per_example_slots=slots,
                clipping="fast", conv_materialise=convs[0])
     if cuda:  # the fast path with TF32 conv-norm matmuls only (fastclip_rules.CONV_NORMS_TF32; the model's own matmuls

@@ -24,8 +24,8 @@ only defines its objective; this loop does the rest:
 * ``keep_best``: the best iterate per sample over all steps, not the last one (separable objectives);
 * ``early_stop``: a sample flagged ``done`` stops moving and leaves the optimisation (no more forward
   or backward passes; on CUDA once the passes the done samples would still cost reach two passes of the
-  batch, since each new batch shape costs cuDNN about one pass to plan), later restarts run only on samples no restart has finished, and the loop ends when
-  every sample is done. Done samples rank above samples that are not, whatever their losses;
+  batch, since each new batch shape costs cuDNN about one pass to plan), later restarts run only on
+  samples no restart has finished, and the loop ends when every sample is done. Done samples rank above samples that are not, whatever their losses;
 * differentiable augmentation (translate + flip through ``grid_sample``), redrawn every step, so the
   perturbation works in expectation over the victim's augmentations (seed 002, section 1.3.4);
 * mini-batches of perturbations for large budgets (gradients accumulate over all batches before

@@ -319,11 +319,11 @@ Measured on an H100 (2026-12-07, benchmarks/results/dp_throughput_tf32norms_h100
 ResNet-18-GN's eager step 28.6 ms against 29.4 ms with IEEE norms (3%), the fast CNN's 11.6 against 11.0 ms. In
 the same call the float32 step with TF32 convolutions and TF32 norms differed from the float64 per-example path
 by up to 5.4% (ResNet-18-GN) and 7.6% (fast CNN) of a tensor's largest entry (tests/gpu), and how much of that the
-TF32 norms add to the TF32 convolutions' own rounding was not measured. So the default leaves the user's setting alone (IEEE unless they chose TF32). Where the
-per-example gradients are kept (materialised), the clipped sum is ``sum_i f_i grad_i`` of the very tensors whose
-norms set f_i, so each example's contribution has norm <= C to float32 rounding whatever precision computed them;
-where the sum is recomputed (ghost norms, or gradients too large to keep), TF32 norms and a TF32
-``convolution_backward`` can disagree by TF32's rounding."""
+TF32 norms add to the TF32 convolutions' own rounding was not measured. So the default leaves the user's setting
+alone (IEEE unless they chose TF32). Where the per-example gradients are kept (materialised), the clipped sum is
+``sum_i f_i grad_i`` of the very tensors whose norms set f_i, so each example's contribution has norm <= C to
+float32 rounding whatever precision computed them; where the sum is recomputed (ghost norms, or gradients too large
+to keep), TF32 norms and a TF32 ``convolution_backward`` can disagree by TF32's rounding."""
 
 
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:

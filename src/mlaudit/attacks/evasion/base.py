@@ -127,28 +127,23 @@ class RangeCheck:
     def __init__(self, x: Tensor, y: Tensor, box: tuple[float, float], num_classes: int) -> None:
         self.x, self.y, self.box, self.c = x, y, box, num_classes
         self._read: Callable[[], tuple[float, float, int, int]] | None = None
-        self.done = False
 
     def queue(self) -> None:
         if self._read is None:
             self._read = _ranges_read(self.x, self.y)
 
     def read(self) -> None:
-        """Read (once) and raise a ConfigError for inputs outside the box or labels outside [0, C)."""
-        if self.done:
-            return
+        """Read and raise a ConfigError for inputs outside the box or labels outside [0, C) (the objective reads each
+        check once: :meth:`EvasionObjective.run_pending`)."""
         self.queue()
         assert self._read is not None
         x_min, x_max, y_min, y_max = self._read()
-        self.done = True
         _check_x_range(x_min, x_max, *self.box)
         _check_y_range(y_min, y_max, self.c)
 
-    __call__ = read
-
     def safe(self, y: Tensor) -> Tensor:
-        """y clamped into [0, C) until the read has passed (then y itself)."""
-        return y if self.done else y.clamp(0, self.c - 1)
+        """y clamped into [0, C), for the losses before the read."""
+        return y.clamp(0, self.c - 1)
 
 
 def _check_x_range(x_min: float, x_max: float, lo: float, hi: float) -> None:
@@ -300,10 +295,12 @@ class EvasionObjective:
             check.queue()
         return z
 
-    def _safe(self, y: Tensor) -> Tensor:
+    def _checked_labels(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_labels`, with y clamped by the range checks not yet read (their labels may be out of range)."""
+        y, t = self._labels(idx)
         for check in self.pending:
             y = check.safe(y)
-        return y
+        return y, t
 
     def _labels(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
         """(y[idx], target[idx]). The engine passes the same idx tensor every step until rows leave: the gathers are
@@ -324,9 +321,7 @@ class EvasionObjective:
             # a node of the backward pass (~10 us a step on a CPU core; tests/attacks/evasion/test_evasion_overhead.py
             # compares both paths). The forward pass comes first: nothing before it keeps the device idle
             z = self._forward(x_adv)
-            y, t = self._labels(idx)
-            if self.pending:
-                y = self._safe(y)
+            y, t = self._checked_labels(idx)
             if not self.verdict:
                 return -self.loss(z, y, t)
             pred = z.argmax(1)
@@ -340,9 +335,7 @@ class EvasionObjective:
         k, b = self.eot, x_adv.shape[0]
         xs = x_adv if k == 1 else x_adv.repeat(k, *([1] * (x_adv.dim() - 1)))  # copy j at rows j*B..(j+1)*B
         z = self._forward(xs)
-        y, t = self._labels(idx)
-        if self.pending:
-            y = self._safe(y)
+        y, t = self._checked_labels(idx)
         tk = None if t is None or k == 1 else t.repeat(k)
         losses = self.loss(z, y if k == 1 else y.repeat(k), t if k == 1 else tk).view(k, b)
         pred = z.argmax(1).view(k, b)

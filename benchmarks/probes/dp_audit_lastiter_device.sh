@@ -1,11 +1,9 @@
 #!/bin/bash
 # usage: dp_audit_lastiter_device.sh SECONDS [MODELS_PER_SIDE]
 # device call: the CIFAR-10 (JPEG) full-batch blank-canary audits (worst-case init, then random init if time is left)
-python3 -m pip install -q --no-deps --no-index .whl/*.whl
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-mkdir -p .data /tmp/runs
-python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.data_xz/cifar10-jpeg.npz.xz'), open('.data/cifar10-jpeg.npz','wb'))"
-G=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
+. benchmarks/probes/device_setup.sh
+unpack_cifar
+mkdir -p /tmp/runs
 nvidia-smi --query-gpu=name --format=csv,noheader
 C=benchmarks/configs/dp_audit_cifar10_tanhcnn_blank_fullbatch_eps10.yaml
 M=${2:-100}

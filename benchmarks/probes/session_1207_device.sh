@@ -8,16 +8,9 @@
 # 4. the FGSM timeline probe with the lead breakdown;
 # 5. the vit-mha / lstm DP timings.
 T=${1:-585}
-T0=$SECONDS
-left() { echo $(( T - (SECONDS - T0) - ${1:-10} )); }
-# at most 8 files come back: everything is written to $W and packed into $OUT/all.tgz after each part
-W=/tmp/w; mkdir -p $W
-pack() { tar czf $OUT/all.tgz -C $W . ; }
-python3 -m pip install -q --no-deps --no-index .whl/*.whl
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-mkdir -p .data
-python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.data_xz/cifar10-jpeg.npz.xz'), open('.data/cifar10-jpeg.npz','wb'))"
-G=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
+MARGIN=10
+. benchmarks/probes/device_setup.sh
+unpack_cifar
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $W/gpu.txt
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu -rs > $W/gpu_tests_$G.txt 2>&1
 echo "tests/gpu rc $? after $((SECONDS-T0)) s" | tee -a $W/gpu_tests_$G.txt; tail -3 $W/gpu_tests_$G.txt; pack

@@ -3,13 +3,8 @@
 # A short follow-up to session_1207_device.sh: the GPU tests written after it (LSTM on CUDA, TF32 against IEEE conv
 # norms), the FGSM timeline after x + delta moved before the end-of-call reads, and the LSTM's DP step timings.
 T=${1:-110}
-T0=$SECONDS
-left() { echo $(( T - (SECONDS - T0) - ${1:-5} )); }
-W=/tmp/w; mkdir -p $W
-pack() { tar czf $OUT/all.tgz -C $W . ; }
-python3 -m pip install -q --no-deps --no-index .whl/*.whl
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-G=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)
+MARGIN=5
+. benchmarks/probes/device_setup.sh
 timeout 45 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests/gpu/test_cuda_fastclip_attention.py \
   "tests/gpu/test_cuda_factory.py::test_tf32_conv_norms_stay_within_tf32_rounding_of_ieee_norms" > $W/gpu_tests_$G.txt 2>&1
 echo "tests rc $? after $((SECONDS-T0)) s" | tee -a $W/gpu_tests_$G.txt; tail -3 $W/gpu_tests_$G.txt; pack

@@ -33,15 +33,33 @@ class PatchEncoder(nn.Module):
         return self.head(self.blocks(self.patch(x).flatten(2).mT).mean(1))
 
 
+class SeqLSTM(nn.Module):
+    """[B, 3, 32, 32] -> 32 steps of 96 features (one image row each) -> a 2-layer batch-first LSTM -> [B, 10]."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(96, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(x.permute(0, 2, 1, 3).flatten(2))
+        return self.head(out[:, -1])
+
+
 @pytest.fixture
 def exact(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
 
 
-def test_attention_clipped_sums_on_cuda_equal_the_per_example_path(exact: None) -> None:
+@pytest.mark.parametrize("arch", [PatchEncoder, SeqLSTM], ids=["attention", "lstm"])
+def test_clipped_sums_on_cuda_equal_the_per_example_path(arch: type[nn.Module], exact: None) -> None:
+    """Attention and an LSTM. On an H100 (2026-12-07) the LSTM failed both DP paths on CUDA: the per-example path's
+    vmap over cuDNN's recurrent kernel ("Cannot access data pointer of Tensor that doesn't have storage") and
+    verify_fast_clip's eval-mode backward ("cudnn RNN backward can only be called in training mode"). Both now run
+    the native kernels (fastclip.native_rnn); the LSTM case was written after that run and is not yet run on a GPU."""
     torch.manual_seed(0)
-    model = PatchEncoder().to(CUDA).train()
+    model = arch().to(CUDA).train()
     g = torch.Generator(device=CUDA).manual_seed(1)
     x = torch.rand(24, 3, 32, 32, device=CUDA, generator=g)
     y = torch.randint(0, 10, (24,), device=CUDA, generator=g)
@@ -54,6 +72,7 @@ def test_attention_clipped_sums_on_cuda_equal_the_per_example_path(exact: None) 
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     verify_fast_clip(model, x, y)
+    assert torch.backends.cudnn.enabled  # restored
 
 
 def test_graphed_dp_step_with_attention_trains_the_eager_models(exact: None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,38 +90,3 @@ def test_graphed_dp_step_with_attention_trains_the_eager_models(exact: None, mon
     for a, b in zip(*outs, strict=True):
         for name, t in a.state_dict.items():
             torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=1e-4)
-
-
-class SeqLSTM(nn.Module):
-    """[B, 3, 32, 32] -> 32 steps of 96 features (one image row each) -> a 2-layer batch-first LSTM -> [B, 10]."""
-
-    def __init__(self, hidden: int = 32) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(96, hidden, num_layers=2, batch_first=True)
-        self.head = nn.Linear(hidden, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out, _ = self.lstm(x.permute(0, 2, 1, 3).flatten(2))
-        return self.head(out[:, -1])
-
-
-def test_lstm_clipped_sums_on_cuda_equal_the_per_example_path(exact: None) -> None:
-    """On an H100 (2026-12-07) an LSTM failed both DP paths on CUDA: the per-example path's vmap over cuDNN's recurrent
-    kernel ("Cannot access data pointer of Tensor that doesn't have storage") and verify_fast_clip's eval-mode
-    backward ("cudnn RNN backward can only be called in training mode"). Both now run the native kernels
-    (fastclip.native_rnn); the two paths must agree. (Written after that run; not yet run on a GPU.)"""
-    torch.manual_seed(0)
-    model = SeqLSTM().to(CUDA).train()
-    g = torch.Generator(device=CUDA).manual_seed(1)
-    x = torch.rand(24, 3, 32, 32, device=CUDA, generator=g)
-    y = torch.randint(0, 10, (24,), device=CUDA, generator=g)
-    w = torch.ones(24, device=CUDA)
-    w[::5] = 0.0
-    got, _ = clipped_grad_sum(model, x, y, w, clip=0.5)
-    stack = StackedModels.from_modules([model], CUDA, strategy="loop")
-    ((per, _),) = per_example_grads(stack, x[None], y[None])
-    want = [s[0] for s in clipped_sum(per, w[None], 0.5)]
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    verify_fast_clip(model, x, y)
-    assert torch.backends.cudnn.enabled  # restored

@@ -1,0 +1,17 @@
+# Sourced by the device-call scripts here (bash): `T=<seconds>; MARGIN=<s>; . benchmarks/probes/device_setup.sh`.
+# Installs the carried wheels (.whl), puts src on PYTHONPATH, sets G (h100 / h200) and gives
+#   left [MARGIN]   seconds left of T, less MARGIN;
+#   pack            $W (/tmp/w) packed into $OUT/all.tgz (at most 8 files come back from a call: write to $W, pack
+#                   after each part);
+#   unpack_cifar    the carried .data_xz/cifar10-jpeg.npz.xz into .data/.
+T0=$SECONDS
+left() { echo $(( T - (SECONDS - T0) - ${1:-${MARGIN:-10}} )); }
+W=/tmp/w; mkdir -p $W
+pack() { tar czf $OUT/all.tgz -C $W . ; }
+unpack_cifar() {
+  mkdir -p .data
+  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.data_xz/cifar10-jpeg.npz.xz'), open('.data/cifar10-jpeg.npz','wb'))"
+}
+python3 -m pip install -q --no-deps --no-index .whl/*.whl
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+G=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo h200 || echo h100)

@@ -86,6 +86,7 @@ def check_attack_metrics(m: dict[str, Any]) -> None:
     ({"queries": ["flip"]}, r"must include 'identity'"),
     ({"queries": ["identity", "zoom"]}, r"unknown query kind 'zoom'"),
     ({"fpr_targets": [-0.1, 0.01]}, r"fpr_targets"),
+    ({"pool": {"models": 8, "query_precision": "fp16"}}, r"pool.query_precision.*'float32' or 'bf16'"),
 ])
 def test_bad_configs_are_refused(change: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
@@ -242,6 +243,21 @@ def test_pool_logits_reported_in_training_equal_the_checkpoint_queries(tmp_path:
     again = run_experiment(cfg, out=tmp_path / "b", device="cpu", store=tmp_path / "s2.db", quiet=True, resume=True)
     assert again.results["cost"]["models_trained"] == 0
     assert again.results["metrics"]["lira-online"]["auc"] == res["metrics"]["lira-online"]["auc"]
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_query_precision_reaches_every_query_plan(precision: str) -> None:
+    """``pool.query_precision`` sets the autocast of every logits plan the pool models report (pool, RMIA's
+    population, the test split for memorization); float32 by default."""
+    from mlaudit.experiments.membership import pool_plans
+
+    cfg = parse_config(tiny(memorization=True, attacks=["loss", "rmia-offline"],
+                            pool={"models": 8, "keep": 0.5, "query_precision": precision}))
+    data = load_dataset(SYNTH)
+    plans = pool_plans(cfg, data, torch.arange(len(data.train)))
+    assert set(plans) == {"pool", "population", "test"}
+    assert all(p.bf16 is (precision == "bf16") for p in plans.values())
+    assert parse_config(tiny()).pool.query_precision == "float32"
 
 
 def test_pool_with_a_user_trainer_reports_its_logits(tmp_path: Path) -> None:

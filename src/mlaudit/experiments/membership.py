@@ -145,12 +145,13 @@ def pool_plans(config: MembershipConfig, data: DataBundle, rows: Tensor) -> dict
     """The logits each pool model reports before it leaves the device: ``pool`` (the pool rows under the
     queries), ``population`` (RMIA's population, identity query) and ``test`` (the test split, for
     memorization), as the config needs them."""
-    plans = {"pool": QueryPlan("train", rows=rows.long(), queries=resolve_queries(config, data))}
+    bf16 = config.pool.query_precision == "bf16"
+    plans = {"pool": QueryPlan("train", rows=rows.long(), queries=resolve_queries(config, data), bf16=bf16)}
     if uses_population(config):
         split, pop = population_index(config, data, rows)
-        plans["population"] = QueryPlan(split, rows=pop.long(), queries=resolve_queries(config, data))
+        plans["population"] = QueryPlan(split, rows=pop.long(), queries=resolve_queries(config, data), bf16=bf16)
     if config.memorization:
-        plans["test"] = QueryPlan("test")
+        plans["test"] = QueryPlan("test", bf16=bf16)
     return plans
 
 
@@ -211,7 +212,8 @@ def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, rec
         raise DataError(f"the pool models kept neither their {name!r} logits nor their weights; start a new --out")
     paths = [ctx.out_dir / r["checkpoint"] for r in records]
     return logits_from_checkpoints(functools.partial(model_template, config.model, data), paths, x, queries=queries,
-                                   device=ctx.device, sha256=[r.get("sha256") for r in records])
+                                   device=ctx.device, sha256=[r.get("sha256") for r in records],
+                                   bf16=config.pool.query_precision == "bf16")
 
 
 def load_pool(out_dir: str | Path, *, data: DataBundle | None = None) -> Observations:

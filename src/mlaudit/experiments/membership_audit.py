@@ -141,15 +141,17 @@ def audit_target(out: ExperimentOutput, config: MembershipConfig, ctx: RunContex
     tc = config.target
     assert tc is not None  # the caller checks
     sd, members = load_target(config, data)
+    bf16 = config.pool.query_precision == "bf16"  # queried as its shadows were
 
     logits = logits_from_checkpoints(functools.partial(model_template, config.model, data), [sd], data.train.x[rows],
-                                     queries=obs.queries, device=ctx.device)
+                                     queries=obs.queries, device=ctx.device, bf16=bf16)
     member_row = members[rows] if members is not None else torch.zeros(obs.num_examples, dtype=torch.bool)
     pop_x = obs.meta.get("population_x")
     pop = None
     if pop_x is not None and obs.population_logits is not None:
         pop = torch.cat([obs.population_logits, logits_from_checkpoints(
-            functools.partial(model_template, config.model, data), [sd], pop_x, queries=obs.queries, device=ctx.device)])
+            functools.partial(model_template, config.model, data), [sd], pop_x, queries=obs.queries, device=ctx.device,
+            bf16=bf16)])
     full = Observations(torch.cat([obs.logits, logits]), obs.labels, torch.cat([obs.keep, member_row[None]]),
                         obs.queries, population_logits=pop, population_labels=obs.population_labels if pop is not None
                         else None)

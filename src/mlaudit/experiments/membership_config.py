@@ -39,6 +39,10 @@ class PoolConfig(BaseModel):
     """Keep every pool model's weights (``artifacts/models``, with sha256). Off by default: each model
     reports its logits on the pool (and the population, and the test split for memorization) before it
     leaves the device, so nothing needs the weights; a label-only attack's oracle does, and saves them anyway."""
+    query_precision: Literal["float32", "bf16"] = "float32"
+    """Precision of the pool models' queries on CUDA (pool, population and test logits): ``bf16`` runs them under
+    bfloat16 autocast, as training and evaluation do with ``recipe.precision: auto``; the logits stay float32
+    tensors. Ignored on the CPU (always float32)."""
 
     @model_validator(mode="after")
     def _counts(self) -> PoolConfig:

@@ -87,6 +87,7 @@ def check_attack_metrics(m: dict[str, Any]) -> None:
     ({"queries": ["identity", "zoom"]}, r"unknown query kind 'zoom'"),
     ({"fpr_targets": [-0.1, 0.01]}, r"fpr_targets"),
     ({"pool": {"models": 8, "query_precision": "fp16"}}, r"pool.query_precision.*'float32' or 'bf16'"),
+    ({"pool": {"models": 8, "accuracy": "tta"}}, r"pool.accuracy.*'recipe' or 'test-logits'"),
 ])
 def test_bad_configs_are_refused(change: dict[str, Any], pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
@@ -258,6 +259,35 @@ def test_query_precision_reaches_every_query_plan(precision: str) -> None:
     assert set(plans) == {"pool", "population", "test"}
     assert all(p.bf16 is (precision == "bf16") for p in plans.values())
     assert parse_config(tiny()).pool.query_precision == "float32"
+
+
+def test_pool_accuracy_from_test_logits_matches_the_recipe_evaluation(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pool.accuracy: test-logits`` skips the evaluation pass (the job says so, no model records a test accuracy)
+    and reads each model's accuracy off its identity test logits: with a recipe without test-time augmentation the
+    same models score what the recipe's evaluation gave them; the Truth Serum pool reads its accuracy the same way."""
+    jobs = spy_jobs(monkeypatch)
+    runs = {}
+    for how in ("recipe", "test-logits"):
+        cfg = tiny(memorization=False, pool={"models": 4, "keep": 0.5, "accuracy": how},
+                   truth_serum={"targets": 4, "copies": 2}, attacks=["loss"])
+        runs[how] = run_experiment(cfg, out=tmp_path / how, device="cpu", store=tmp_path / "s.db", quiet=True)
+    assert [j.evaluate for j in jobs] == [True, True, False, False]
+    assert not any("test_accuracy" in r for r in runs["test-logits"].results["trials"])
+    assert all(0.0 < r["test_accuracy"] <= 1.0 for r in runs["recipe"].results["trials"])
+    for key in ("pool", "truth_serum"):
+        m = {how: r.results["metrics"][key] for how, r in runs.items()}
+        acc = {how: v.get("test_accuracy", v.get("poisoned_test_accuracy"))["mean"] for how, v in m.items()}
+        assert 0.3 < acc["recipe"] == pytest.approx(acc["test-logits"], abs=1e-6)
+    assert runs["test-logits"].results["metrics"]["pool"]["test_accuracy_from"] == "test-logits"
+    # the test logits the models reported are those the accuracy was read from
+    files = sorted((tmp_path / "test-logits" / "artifacts" / "queries").glob("pool-*.pt"))
+    data = load_dataset(SYNTH)
+    per_model = [float((torch.load(f, weights_only=True)["test"][:, 0].argmax(-1) == data.test.y).double().mean())
+                 for f in files]
+    assert len(per_model) == 4
+    pool = runs["test-logits"].results["metrics"]["pool"]["test_accuracy"]
+    assert pool["n"] == 4 and np.mean(per_model) == pytest.approx(pool["mean"], abs=1e-9)
 
 
 def test_pool_with_a_user_trainer_reports_its_logits(tmp_path: Path) -> None:

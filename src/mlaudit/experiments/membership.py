@@ -150,7 +150,7 @@ def pool_plans(config: MembershipConfig, data: DataBundle, rows: Tensor) -> dict
     if uses_population(config):
         split, pop = population_index(config, data, rows)
         plans["population"] = QueryPlan(split, rows=pop.long(), queries=resolve_queries(config, data), bf16=bf16)
-    if config.memorization:
+    if config.memorization or config.pool.accuracy == "test-logits":
         plans["test"] = QueryPlan("test", bf16=bf16)
     return plans
 
@@ -171,7 +171,7 @@ def train_pool(config: MembershipConfig, ctx: RunContext, data: DataBundle, keep
                                 view=role if view is not None else None, tags={"role": role, "model": m}))
     views = {role: view} if view is not None else None
     job = dataclasses.replace(config.factory_job(data, trials, device=ctx.device, views=views),
-                              queries=pool_plans(config, data, rows))
+                              queries=pool_plans(config, data, rows), evaluate=config.pool.accuracy == "recipe")
     return ctx.train(job, save_weights=needs_weights(config), label=f"training the {role} models", on_failure="skip")
 
 
@@ -214,6 +214,24 @@ def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, rec
     return logits_from_checkpoints(functools.partial(model_template, config.model, data), paths, x, queries=queries,
                                    device=ctx.device, sha256=[r.get("sha256") for r in records],
                                    bf16=config.pool.query_precision == "bf16")
+
+
+def pool_test_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle,
+                     records: list[dict[str, Any]]) -> Tensor:
+    """Logits float32 [M, N_test, 1, C] of the recorded pool models on the test split (identity view): the ``test``
+    query plan's (:func:`pool_plans`), else from their checkpoints."""
+    return pool_logits(config, ctx, data, records, data.test.x, ("identity",), name="test")
+
+
+def pool_accuracy(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]], *,
+                  test_logits: Tensor | None = None) -> np.ndarray:
+    """Test accuracy float64 [M] of the recorded pool models as ``pool.accuracy`` says: the recipe's evaluation
+    (``recipe``, in each record's metrics) or the argmax of the identity-view test logits (``test-logits``;
+    ``test_logits`` [M, N_test, 1, C] when already read)."""
+    if config.pool.accuracy == "recipe":
+        return np.array([r["metrics"]["test_accuracy"] for r in records], dtype=float)
+    logits = test_logits if test_logits is not None else pool_test_logits(config, ctx, data, records)
+    return (logits[:, :, 0].argmax(-1) == data.test.y).double().mean(1).numpy()
 
 
 def load_pool(out_dir: str | Path, *, data: DataBundle | None = None) -> Observations:
@@ -290,11 +308,15 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
             metrics[name], curves[name] = rep.attack_metrics(s, used, config, device=ctx.device)
         ctx.progress.advance(task)
     ctx.progress.done(task)
-    acc = np.array([r["metrics"]["test_accuracy"] for r in records])
+    test_logits = None
+    if config.memorization or config.pool.accuracy == "test-logits":
+        with ctx.cost.timed("query"):
+            test_logits = pool_test_logits(config, ctx, data, records)
+    acc = pool_accuracy(config, ctx, data, records, test_logits=test_logits)
     metrics["pool"] = {"models": len(models), "examples": n, "in_per_example": config.pool.in_per_example,
                        "queries": list(queries), "attack_options": config.resolved_attack_options,
                        "inclusion_sha256": _sha256(keep.numpy()),
-                       "test_accuracy": MeanSE.of(acc).to_dict()}
+                       "test_accuracy": MeanSE.of(acc).to_dict(), "test_accuracy_from": config.pool.accuracy}
     metrics["diagnostics"] = {"nonfinite_clipped": diag}
     failed = ctx.failed_note(metrics, what=f"of the {m} pool models", only=lambda t: t.startswith("pool-"),
                              effect="are dropped from the pool (their rows of the inclusion matrix): every "
@@ -305,8 +327,7 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         out = rep.base_report(config, data, obs, scores, metrics, records, curves)
     out = dataclasses.replace(out, notes=[*failed, *out.notes])  # what failed leads the notes
     if config.memorization:
-        with ctx.cost.timed("query"):
-            test_logits = pool_logits(config, ctx, data, records, data.test.x, ("identity",), name="test")
+        assert test_logits is not None  # read above
         with ctx.cost.timed("memorization"):
             out = rep.add_memorization(out, config, obs, scores=scores, test_logits=test_logits, data=data, rows=rows,
                                        artifacts=ctx.artifacts)

@@ -46,7 +46,7 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
     (``keep`` the planned inclusion [M, N]; ``before``: the clean pool's scores [len(models), N] per attack,
     row i from pool model ``models[i]``). A model that failed in either pool is left out of the comparison,
     so before and after score the same models."""
-    from .membership import pool_observations, surviving_pool, train_pool
+    from .membership import pool_accuracy, pool_observations, surviving_pool, train_pool
 
     ts = config.truth_serum
     assert ts is not None  # the caller checks
@@ -65,7 +65,7 @@ def run_truth_serum(out: ExperimentOutput, config: MembershipConfig, ctx: RunCon
     kt = keep[both][:, pos]
     res: dict[str, Any] = {"targets": ts.targets, "copies": ts.copies, "pairs": int(kt.numel()),
                            "members": int(kt.sum()), "poisoned_test_accuracy": MeanSE.of(
-                               np.array([r["metrics"]["test_accuracy"] for r in records])).to_dict(),
+                               pool_accuracy(config, ctx, data, records)).to_dict(),
                            "nonfinite_clipped": diag, "models": len(both)}
     failed = ctx.failed_note(res, what=f"of the {keep.shape[0]} Truth Serum models",
                              only=lambda t: t.startswith("serum-"),

@@ -43,6 +43,12 @@ class PoolConfig(BaseModel):
     """Precision of the pool models' queries on CUDA (pool, population and test logits): ``bf16`` runs them under
     bfloat16 autocast, as training and evaluation do with ``recipe.precision: auto``; the logits stay float32
     tensors. Ignored on the CPU (always float32)."""
+    accuracy: Literal["recipe", "test-logits"] = "recipe"
+    """How each pool model's test accuracy is measured: ``recipe`` runs the recipe's own evaluation on the test split
+    (with its test-time augmentation, ``recipe.tta``: 6 forward passes per image for ``airbench-muon``);
+    ``test-logits`` reads it off the identity-view test logits every model reports anyway (the ``test`` query plan,
+    also memorization's), so no evaluation pass runs: no test-time augmentation, and for a 256-model pool of the
+    airbench network 60k fewer forward passes per model (docs/membership.md)."""
 
     @model_validator(mode="after")
     def _counts(self) -> PoolConfig:

@@ -43,7 +43,8 @@ def audit(*, model: ModelLike, data: DataLike, out: str | Path, trainer: Trainer
     addressed, to ``inputs/<sha256>.pt`` / ``.npy`` beside the run store (``~/.mlaudit/`` by default),
     so the same objects give the same config and the run resumes. Further config fields
     (``attack_options``, ``queries``, ``fpr_targets``, ``n_boot``, ``truth_serum``, ``memorization``,
-    ``pool.size``, ``factory``) go in ``config``; see docs/membership.md.
+    ``pool.size``, ``pool.query_precision``, ``pool.accuracy``, ``factory``) go in ``config``, the pool's as
+    ``pool={...}``; see docs/membership.md.
     """
     pool = {"models": models, "keep": keep, **config.pop("pool", {})}
     inputs = Path(store).expanduser().parent if store is not None else default_store_path().parent

@@ -31,7 +31,7 @@ from mlaudit.experiments.context import RunContext
 from mlaudit.experiments.membership_report import score_pool
 from mlaudit.models import build_model
 from mlaudit.train import train
-from mlaudit.train.checkpoint import save_checkpoint
+from mlaudit.train.checkpoint import load_checkpoint, save_checkpoint
 
 CONTRACT = """\
 kind: membership-inference
@@ -283,7 +283,7 @@ def test_pool_accuracy_from_test_logits_matches_the_recipe_evaluation(tmp_path: 
     # the test logits the models reported are those the accuracy was read from
     files = sorted((tmp_path / "test-logits" / "artifacts" / "queries").glob("pool-*.pt"))
     data = load_dataset(SYNTH)
-    per_model = [float((torch.load(f, weights_only=True)["test"][:, 0].argmax(-1) == data.test.y).double().mean())
+    per_model = [float((load_checkpoint(f)["test"][:, 0].argmax(-1) == data.test.y).double().mean())
                  for f in files]
     assert len(per_model) == 4
     pool = runs["test-logits"].results["metrics"]["pool"]["test_accuracy"]

@@ -150,7 +150,7 @@ def pool_plans(config: MembershipConfig, data: DataBundle, rows: Tensor) -> dict
     if uses_population(config):
         split, pop = population_index(config, data, rows)
         plans["population"] = QueryPlan(split, rows=pop.long(), queries=resolve_queries(config, data), bf16=bf16)
-    if config.memorization or config.pool.accuracy == "test-logits":
+    if config.uses_test_logits:
         plans["test"] = QueryPlan("test", bf16=bf16)
     return plans
 
@@ -309,7 +309,7 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
         ctx.progress.advance(task)
     ctx.progress.done(task)
     test_logits = None
-    if config.memorization or config.pool.accuracy == "test-logits":
+    if config.uses_test_logits:
         with ctx.cost.timed("query"):
             test_logits = pool_test_logits(config, ctx, data, records)
     acc = pool_accuracy(config, ctx, data, records, test_logits=test_logits)

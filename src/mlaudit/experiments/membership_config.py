@@ -180,6 +180,12 @@ class MembershipConfig(ExperimentConfig):
     def resolved_attack_options(self) -> dict[str, dict[str, Any]]:
         return {name: self.options_for(name) for name in self.attacks}
 
+    @property
+    def uses_test_logits(self) -> bool:
+        """Whether the pool models report their test-split logits: memorization reads them, and so does the pool's
+        accuracy under ``pool.accuracy: test-logits``."""
+        return self.memorization or self.pool.accuracy == "test-logits"
+
 
 def pool_indices(config: MembershipConfig, n_train: int) -> Tensor:
     """int64 [N] ascending: the training-split rows that form the data pool."""

@@ -219,6 +219,7 @@ def timed_factory(model: ModelSpec, recipe: Recipe, data: DataBundle, *, n_model
             "s_per_model": round(wall / n_models, 3), "models_per_minute": round(60 * n_models / wall, 3),
             "test_accuracy_mean": round(sum(acc) / len(acc), 5), "test_accuracy_min": round(min(acc), 5),
             "test_accuracy_max": round(max(acc), 5),
+            "step_paths": sorted({str(m.metrics.get("step_path")) for m in out}),
             "peak_gpu_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None}
 
 

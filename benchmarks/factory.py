@@ -154,13 +154,16 @@ GRAPH_SETTINGS = (  # (label, model, recipe, epochs, models, chunk, layout)
 )
 
 
-def part_graph(data, only: str = "", graph_only: bool = False) -> tuple[dict, str]:  # noqa: ANN001
+def part_graph(data, only: str = "", graph_only: bool = False, compile_: bool = False  # noqa: ANN001
+               ) -> tuple[dict, str]:
     """Each setting trained with ``recipe.cuda_graph`` off and on (the same trials: seeds 0..n-1), after one
-    warm-up model of each (cuDNN autotuning, the first capture); s/model and accuracy side by side. With a
-    ResNet-18 setting, the plain eager loop (benchmarks/_plain_loop.py) for the same epochs as reference.
-    ``only``: settings whose label contains it; ``graph_only``: skip the eager factory runs."""
+    warm-up model of each (cuDNN autotuning, the first capture, inductor's compile); s/model and accuracy side by
+    side. With a ResNet-18 setting, the plain eager loop (benchmarks/_plain_loop.py) for the same epochs as
+    reference. ``only``: settings whose label contains one of its |-separated parts; ``graph_only``: skip the
+    eager factory runs;
+    ``compile_``: graph on, with ``recipe.compile`` off and on (the graph captures the compiled step)."""
     runs = {}
-    settings = [s for s in GRAPH_SETTINGS if only in s[0]]
+    settings = [s for s in GRAPH_SETTINGS if any(o in s[0] for o in only.split("|"))]
     plain = None
     if any(s[1] == "resnet18" for s in settings):
         plain_train(data, model="resnet18", epochs=1, batch_size=128, lr=0.1)  # warm-up
@@ -169,17 +172,20 @@ def part_graph(data, only: str = "", graph_only: bool = False) -> tuple[dict, st
     for label, model, recipe, epochs, n, k, strat in settings:
         spec = ModelSpec(name=model)
         over = {"name": recipe, **({"epochs": epochs} if epochs else {})}
-        for graph in (True,) if graph_only else (False, True):
-            rec = resolve_recipe({**over, "cuda_graph": graph})
+        variants = ([(True, False), (True, True)] if compile_ else
+                    [(g, False) for g in ((True,) if graph_only else (False, True))])
+        for graph, comp in variants:
+            rec = resolve_recipe({**over, "cuda_graph": graph, "compile": comp})
             timed_factory(spec, rec.model_copy(update={"epochs": 1}), data, n_models=k, chunk=k, device="cuda",
                           strategy=strat)  # warm-up, not timed
             r = timed_factory(spec, rec, data, n_models=n, chunk=k, device="cuda", strategy=strat)
-            r.update(cuda_graph=graph, model=model, recipe=recipe, epochs=rec.epochs)
-            runs[f"{label}, graph {'on' if graph else 'off'}"] = r
-            print(label, graph, r, flush=True)
-    md = ("| setting | CUDA graph | models | epochs | wall s | s/model | mean test acc (min-max) | peak MiB |\n"
-          "|---|---|---|---|---|---|---|---|\n"
-          + "".join(f"| {k.rsplit(', graph', 1)[0]} | {'on' if r['cuda_graph'] else 'off'} | {r['n_models']} | "
+            r.update(cuda_graph=graph, compile=comp, model=model, recipe=recipe, epochs=rec.epochs)
+            runs[f"{label}, graph {'on' if graph else 'off'}{', compile' if comp else ''}"] = r
+            print(label, graph, comp, r, flush=True)
+    md = ("| setting | CUDA graph | compile | step path | models | epochs | wall s | s/model | mean test acc (min-max) "
+          "| peak MiB |\n|---|---|---|---|---|---|---|---|---|---|\n"
+          + "".join(f"| {k.rsplit(', graph', 1)[0]} | {'on' if r['cuda_graph'] else 'off'} | "
+                    f"{'on' if r['compile'] else 'off'} | {', '.join(r['step_paths'])} | {r['n_models']} | "
                     f"{r['epochs']} | {r['wall_s']} | {r['s_per_model']} | {r['test_accuracy_mean']:.4f} "
                     f"({r['test_accuracy_min']:.4f}-{r['test_accuracy_max']:.4f}) | {r['peak_gpu_mem_mb']} |\n"
                     for k, r in runs.items()))
@@ -201,8 +207,10 @@ def main() -> None:
     ap.add_argument("--settings", default="local:2,process:2:1,process:3:2,process:3:1,process:6:1",
                     help="procs: comma-separated local[:max_chunk] or process:<workers>[:max_chunk]")
     ap.add_argument("--name", default="", help="results file suffix")
-    ap.add_argument("--only", default="", help="graph: settings whose label contains this")
+    ap.add_argument("--only", default="", help="graph: settings whose label contains one of these (separated by |)")
     ap.add_argument("--graph-only", action="store_true", help="graph: skip the eager factory runs")
+    ap.add_argument("--compile", action="store_true",
+                    help="graph: graph on with recipe.compile off and on, instead of graph off and on")
     args = ap.parse_args()
     if args.part == "procs":
         payload, md = part_procs(args)
@@ -214,8 +222,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True
+    if args.compile:  # one compiled call serves both architectures and every batch shape: keep all their graphs
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.cache_size_limit = 64
     data = cifar10_jpeg().to("cuda")
-    payload, md = (part_fast(data) if args.part == "fast" else part_graph(data, args.only, args.graph_only)
+    payload, md = (part_fast(data) if args.part == "fast" else part_graph(data, args.only, args.graph_only, args.compile)
                    if args.part == "graph" else part_resnet(data, args.epochs))
     env = environment()
     head = (f"# Factory benchmark ({args.part}) on CIFAR-10 (JPEG)\n\n{env['date']}, {env['gpu']}, torch {env['torch']}, "

@@ -186,6 +186,30 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
             torch.testing.assert_close(b.state_dict[name].float(), t.float(), **tol)
 
 
+def test_cuda_graph_captures_the_compiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recipe.compile`` with ``recipe.cuda_graph``: the graph captures the compiled forward and backward (the
+    compile runs in the eager warm-up steps); 2 fastcnn x 1 epoch in the loop layout give the weights of the
+    compiled eager step, and every model records ``step_path: cuda-graph`` (no fallback)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    from mlaudit.models.registry import build_model
+    from mlaudit.train import init_models, train_stack
+
+    data = load_dataset(SPEC)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=1, batch_size=64, schedule="triangular", augment="none",
+               precision="fp32", compile=True)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    outs = []
+    for graph in (False, True):
+        fn = lambda: build_model(ModelSpec(name="fastcnn"), input_shape=(3, 32, 32), num_classes=10)  # noqa: E731
+        outs.append(train_stack(init_models(fn, [0, 1]), data.train, r.model_copy(update={"cuda_graph": graph}),
+                                seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy="loop"))
+    assert [o.step_path for o in outs[1]] == ["cuda-graph"] * 2
+    for a, b in zip(*outs, strict=True):
+        for name, t in a.state_dict.items():
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """``recipe.cuda_graph`` with ``recipe.dp`` (book-keeping clipping): 2 fastcnn-GroupNorm x 3 epochs of 4 steps
     (q = 64/256; step 1 verifies the fast path eagerly, each slot bucket of 32 warms up twice, then is captured and

@@ -233,6 +233,7 @@ def test_use_cuda_graph_only_on_cuda_and_refuses_adam() -> None:
     opt = make_optimizer(sgd, stack.trainable())
     assert use_cuda_graph(sgd, _cuda(), opt) and not use_cuda_graph(sgd, CPU, opt)
     assert not use_cuda_graph(sgd.model_copy(update={"cuda_graph": False}), _cuda(), opt)
+    assert use_cuda_graph(sgd.model_copy(update={"compile": True}), _cuda(), opt)  # the graph captures the compiled step
     adam = resolve_recipe({"name": "fast", "optimizer": "adam", "cuda_graph": True})
     with pytest.raises(ConfigError, match="bias-correction"):
         use_cuda_graph(adam, _cuda(), make_optimizer(adam, stack.trainable()))

@@ -297,11 +297,12 @@ def _watched_start(models: Sequence[nn.Module], hooks: Sequence[DPStepHooks | No
 def use_cuda_graph(recipe: Recipe, device: torch.device, opt: StackedOptimizer, *, dp: DPTraining | None = None,
                    stack: StackedModels | None = None) -> bool:
     """Whether the step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` (true or auto)
-    on a CUDA device, without ``compile``. An optimizer with host state (Adam), and a DP-SGD step that clips per
+    on a CUDA device. With ``recipe.compile`` the compiled forward (and its compiled backward) is what the graph
+    captures: the compile happens in the eager warm-up steps, the graph then replays inductor's fused kernels. An optimizer with host state (Adam), and a DP-SGD step that clips per
     example (``dp``: :meth:`~mlaudit.privacy.dpsgd.DPTraining.graph_unsupported`; the book-keeping path in the
     loop ``stack`` is graphed), run eagerly under ``auto`` and are refused under ``true``. A DP-SGD step with
     audit hooks (Dirac canaries, broken fixtures: host-side choices per step) always runs eagerly."""
-    if recipe.cuda_graph is False or device.type != "cuda" or recipe.compile:
+    if recipe.cuda_graph is False or device.type != "cuda":
         return False
     if recipe.dp is not None and (dp is None or stack is None):
         raise TypeError("use_cuda_graph: a DP recipe needs its DPTraining and stack (dp=, stack=)")

@@ -231,12 +231,14 @@ class Recipe(BaseModel):
     param_groups: tuple[ParamGroup, ...] = ()
     tta: Literal["none", "flip", "flip-translate"] = "none"
     compile: bool = False
+    """On CUDA, the loop layout's forward runs through one shared ``torch.compile``d call (inductor fuses the
+    normalisation and pointwise kernels); with ``cuda_graph`` the graph captures the compiled step."""
     cuda_graph: bool | Literal["auto"] = "auto"
     """On CUDA, replay each training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is gathered
     and augmented eagerly, the forward, backward and optimizer update launch as one graph. With ``dp`` only the
     book-keeping step in the loop layout is graphed (the Poisson draw, augmentation and noise stay eager; one
     graph per slot bucket; :mod:`mlaudit.privacy.dpsgd`), and steps with audit hooks stay eager. ``auto``:
-    wherever it applies (CUDA, no ``compile``, an optimizer without host state: not Adam; not DP-SGD, whose graphed
+    wherever it applies (CUDA, an optimizer without host state: not Adam; not DP-SGD, whose graphed
     step is opt-in with ``true`` until it has run on a GPU), falling back to the eager step with a warning if a model cannot be captured; ``true`` refuses
     Adam and per-example DP-SGD; ``false``: eager."""
     dp: DPConfig | None = None

@@ -189,7 +189,10 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
 def test_cuda_graph_captures_the_compiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """``recipe.compile`` with ``recipe.cuda_graph``: the graph captures the compiled forward and backward (the
     compile runs in the eager warm-up steps); 2 fastcnn x 1 epoch in the loop layout give the weights of the
-    compiled eager step, and every model records ``step_path: cuda-graph`` (no fallback)."""
+    compiled eager step, and every model records ``step_path: cuda-graph`` (no fallback). Inductor's kernels are
+    not bound by cuDNN's deterministic switch: on an H100 (2026-12-07) the first conv's weights differed by up to
+    6.2e-5 after 4 steps (18% of its elements beyond 1e-5), so the tolerance is the vmap layout's above, which a
+    wrong step (a stale input buffer or rate: updates ~1e-2) would exceed by far."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     from mlaudit.models.registry import build_model
@@ -207,7 +210,8 @@ def test_cuda_graph_captures_the_compiled_step(monkeypatch: pytest.MonkeyPatch) 
     assert [o.step_path for o in outs[1]] == ["cuda-graph"] * 2
     for a, b in zip(*outs, strict=True):
         for name, t in a.state_dict.items():
-            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-4, atol=1e-5)
+            print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
+            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=2e-4)
 
 
 def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:

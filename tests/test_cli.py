@@ -80,6 +80,9 @@ def test_contract_config_runs_as_written_in_a_subprocess(tmp_path: Path) -> None
     c = r["cost"]
     assert c["models_trained"] == 4 and c["wall_s"] > 0 and c["device"].startswith("cpu")
     assert c["models_per_minute"] > 0 and c["gpu_seconds"] is None and c["peak_gpu_mem_mb"] is None
+    # which path the factory took and why, per distinct choice (issue 23, goal 5)
+    assert sum(c["training_paths"].values()) == 4
+    assert all(k.startswith(("vmap, eager: ", "loop, eager: ")) for k in c["training_paths"])
     assert r["executor"] == "local" and {"mlaudit", "torch", "python"} <= set(r["versions"])
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["recipe"]["epochs"] == 12 and resolved["dataset"]["name"] == "digits"

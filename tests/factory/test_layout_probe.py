@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mlaudit.factory.layout import steady_epoch_time
 
@@ -129,3 +131,131 @@ def test_explicit_fast_clipping_takes_the_loop_layout_on_any_device_and_refuses_
     parse_config(cfg)
     with pytest.raises(ConfigError, match=r"recipe.dp.clipping = 'fast'.*factory.strategy = 'vmap'"):
         parse_config({**cfg, "factory": {"strategy": "vmap"}})
+
+
+def test_job_model_steps_counts_partial_batches() -> None:
+    from mlaudit.factory.layout import job_model_steps
+
+    assert job_model_steps([100, 64, 1], batch_size=64, epochs=3) == (2 + 1 + 1) * 3
+    assert job_model_steps([], batch_size=8, epochs=5) == 0
+
+
+@given(eager=st.floats(0.01, 10.0), ratio=st.floats(0.5, 1.5), compile_s=st.floats(0.0, 60.0),
+       probe_steps=st.integers(1, 64), job_steps=st.integers(1, 10**7))
+def test_compile_decision_keeps_the_compiled_step_iff_it_is_3_percent_faster(
+        eager: float, ratio: float, compile_s: float, probe_steps: int, job_steps: int) -> None:
+    """The compile is sunk once the probe ran, so the decision is the faster step by COMPILE_MIN_GAIN; the reason
+    names both timings and the job's estimate (per-step eager time x the job's model-steps)."""
+    from mlaudit.factory.layout import COMPILE_MIN_GAIN, compile_decision
+
+    use, why = compile_decision(eager, eager * ratio, compile_s=compile_s, probe_model_steps=probe_steps,
+                                job_model_steps=job_steps)
+    assert use == (1.0 - ratio >= COMPILE_MIN_GAIN - 1e-12) or abs(1.0 - ratio - COMPILE_MIN_GAIN) < 1e-9
+    assert f"{eager:.3f} s eager" in why and f"job estimated at {eager / probe_steps * job_steps:.0f} s" in why
+    skip, why = compile_decision(eager, None, compile_s=None, probe_model_steps=probe_steps, job_model_steps=job_steps)
+    assert not skip and "not probed" in why
+
+
+def _fake_compile_probe(monkeypatch: pytest.MonkeyPatch, *, eager_epoch: float, compiled_epoch: float,
+                        compile_s: float) -> tuple[list[tuple[bool, int]], list[float]]:
+    """train_stack and the CUDA calls of factory/layout.py replaced: each call advances a fake clock by its
+    epochs' cost, the first compiled call also by the compile."""
+    import torch
+
+    from mlaudit.factory import layout
+
+    calls: list[tuple[bool, int]] = []
+    now = [0.0]
+
+    def fake_train(models, data, recipe, **kw):  # noqa: ANN001, ANN202
+        assert kw["strategy"] == "loop" and len(models) == 16
+        comp = recipe.compile is True
+        if comp and not any(c for c, _ in calls):
+            now[0] += compile_s
+        calls.append((comp, recipe.epochs))
+        now[0] += 0.2 + (compiled_epoch if comp else eager_epoch) * recipe.epochs
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *_: None)
+    monkeypatch.setattr(layout, "train_stack", fake_train)
+    return calls, now
+
+
+@pytest.mark.parametrize("compiled_epoch,models,want", [(0.8, 10_000, True), (0.99, 10_000, False), (0.8, 2, None)])
+def test_pick_compile_probes_long_jobs_and_keeps_the_faster_step(monkeypatch: pytest.MonkeyPatch,
+                                                                 compiled_epoch: float, models: int,
+                                                                 want: bool | None) -> None:
+    """``recipe.compile: auto`` on CUDA in the loop layout: the eager step is probed as the layout probe does
+    (warm-up, 1 and 2 epochs); a job estimated below COMPILE_PROBE_MIN_S stops there (want None: not compiled,
+    no compiled call); a longer one probes the compiled step the same way and keeps it only if 3% faster."""
+    import torch
+
+    from mlaudit.data import load_dataset
+    from mlaudit.factory import layout
+    from mlaudit.models.registry import build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    calls, now = _fake_compile_probe(monkeypatch, eager_epoch=1.0, compiled_epoch=compiled_epoch, compile_s=25.0)
+    data = load_dataset("digits").train
+    recipe = resolve_recipe({"name": "fast", "compile": "auto"})
+    use, why = layout.pick_compile(recipe, layout="loop", k=32, data=data, lr=0.1, device=torch.device("cuda"),
+                                   model_fn=lambda: build_model("mlp", input_shape=(1, 8, 8), num_classes=10),
+                                   augment=None, job_sizes=[len(data)] * models, clock=lambda: now[0])
+    assert use is bool(want)
+    eager_calls = [(False, 1), (False, 1), (False, 2)]
+    if want is None:
+        assert calls == eager_calls and "not probed" in why
+    else:
+        assert calls == eager_calls + [(True, 1), (True, 1), (True, 2)]
+        assert f"{compiled_epoch:.3f} s compiled" in why and "compile 25.0 s" in why
+
+
+def test_pick_compile_without_a_probe_where_compile_does_not_apply() -> None:
+    """true / false are kept as set; auto off the GPU or outside the loop layout is false, and nothing trains
+    (train_stack would fail on data=None)."""
+    import torch
+
+    from mlaudit.factory.layout import pick_compile
+    from mlaudit.train.recipe import resolve_recipe
+
+    kw = {"k": 4, "model_fn": None, "data": None, "lr": 0.1, "augment": None, "job_sizes": [10]}
+    for value in (True, False):
+        r = resolve_recipe({"name": "fast", "compile": value})
+        assert pick_compile(r, layout="loop", device=torch.device("cuda"), **kw) == (value, "set by recipe.compile")  # type: ignore[arg-type]
+    auto = resolve_recipe({"name": "fast", "compile": "auto"})
+    assert not pick_compile(auto, layout="loop", device=torch.device("cpu"), **kw)[0]  # type: ignore[arg-type]
+    use, why = pick_compile(auto, layout="vmap", device=torch.device("cuda"), **kw)  # type: ignore[arg-type]
+    assert not use and "loop layout on CUDA (here vmap on cuda)" in why
+
+
+def test_factory_trains_with_the_compile_it_picked_and_records_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's compile is decided once (first chunk) and every chunk's train_stack gets the resolved bool;
+    each model's stack_layout_reason carries the reason. Trains for real on the CPU (where compiling is a no-op)."""
+    from mlaudit.data import DatasetSpec, load_dataset
+    from mlaudit.factory import FactoryJob, TrialSpec, batched
+    from mlaudit.models import ModelSpec
+    from mlaudit.train.recipe import resolve_recipe
+
+    decided: list[int] = []
+    seen: list[object] = []
+    real_train = batched.train_stack
+
+    def fake_pick(recipe, *, k, job_sizes, **_):  # noqa: ANN001, ANN202
+        decided.append(k)
+        assert recipe.compile == "auto" and len(job_sizes) == 3
+        return True, "compile auto: compiled, fake probe"
+
+    def spy(models, data, recipe, **kw):  # noqa: ANN001, ANN202
+        seen.append(recipe.compile)
+        return real_train(models, data, recipe, **kw)
+
+    monkeypatch.setattr(batched, "pick_compile", fake_pick)
+    monkeypatch.setattr(batched, "train_stack", spy)
+    data = load_dataset(DatasetSpec(name="digits"))
+    job = FactoryJob(model=ModelSpec(name="mlp", width=16), recipe=resolve_recipe({"name": "fast", "epochs": 1,
+                                                                                    "compile": "auto"}),
+                     data=data, trials=tuple(TrialSpec(f"m{i}", i) for i in range(3)), device="cpu", max_chunk=2,
+                     batched=True, evaluate=False)
+    out = batched.run_trials(job)
+    assert decided == [2] and seen == [True, True]
+    assert all("fake probe" in m.metrics["stack_layout_reason"] for m in out)

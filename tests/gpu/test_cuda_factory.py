@@ -214,6 +214,25 @@ def test_cuda_graph_captures_the_compiled_step(monkeypatch: pytest.MonkeyPatch) 
             torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=2e-4)
 
 
+def test_compile_auto_probe_and_the_factory_run_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``recipe.compile: auto`` for real on a GPU: with the probe threshold at 0 the factory probes the eager and
+    the compiled graphed step (fastcnn, 2 models), trains with what it picked, and records the timings."""
+    from mlaudit.factory import layout
+
+    monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
+    data = load_dataset(SPEC)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=2, batch_size=32, schedule="triangular", augment="none",
+               compile="auto")
+    job = FactoryJob(model=ModelSpec(name="fastcnn"), recipe=r, data=data,
+                     trials=(TrialSpec("a", 0), TrialSpec("b", 1)), device="cuda", max_chunk=2, batched=True,
+                     strategy="loop")
+    out = run_trials(job)
+    why = out[0].metrics["stack_layout_reason"]
+    print(why)
+    assert "compile auto: " in why and "s eager vs" in why and "s compiled" in why
+    assert [m.metrics["step_path"] for m in out] == ["cuda-graph"] * 2
+
+
 def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """``recipe.cuda_graph`` with ``recipe.dp`` (book-keeping clipping): 2 fastcnn-GroupNorm x 3 epochs of 4 steps
     (q = 64/256; step 1 verifies the fast path eagerly, each slot bucket of 32 warms up twice, then is captured and

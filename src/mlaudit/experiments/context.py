@@ -69,6 +69,10 @@ class TrialRecord(dict):
         return self.get("outputs") or {}
 
 
+MAX_TRAINING_PATHS = 16
+"""Distinct training paths kept in results.json's cost (the rest counted under ``other paths``)."""
+
+
 @dataclass
 class Cost:
     """Resources this process used for an experiment.
@@ -77,7 +81,9 @@ class Cost:
     ``train_wall_s`` the wall time of factory calls; ``gpu_seconds`` that wall time times the GPUs
     the executor held (CUDA only); ``peak_gpu_mem_mb`` the largest peak CUDA memory any chunk
     reported, wherever it ran (None on CPU); ``phases`` wall seconds of the named steps a kind timed
-    with :meth:`timed` (where the time after training goes).
+    with :meth:`timed` (where the time after training goes); ``training_paths`` how the factory trained the
+    models (stack layout, step path, and the reason the factory gives for its choices: the layout probe's and
+    ``recipe.compile: auto``'s timings) -> number of models, at most :data:`MAX_TRAINING_PATHS` entries.
     """
 
     models_trained: int = 0
@@ -85,6 +91,18 @@ class Cost:
     gpu_seconds: float = 0.0
     peak_gpu_mem_mb: float | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    training_paths: dict[str, int] = field(default_factory=dict)
+
+    def add_path(self, metrics: dict[str, Any]) -> None:
+        """Count one trained model under its ``stack_layout`` / ``step_path`` / ``stack_layout_reason`` (a model
+        trained by a user's function has none of these and is not counted)."""
+        if "stack_layout" not in metrics:
+            return
+        key = (f"{metrics['stack_layout']}, {metrics.get('step_path', 'eager')}: "
+               f"{metrics.get('stack_layout_reason', '')}")
+        if key not in self.training_paths and len(self.training_paths) >= MAX_TRAINING_PATHS:
+            key = "other paths"
+        self.training_paths[key] = self.training_paths.get(key, 0) + 1
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -188,6 +206,7 @@ class RunContext:
             self.finished[m.trial_id] = rec
             self.cost.models_trained += 1
             self.cost.add_peak(m.metrics.get("peak_gpu_mem_mb"))  # each chunk's peak, measured where it ran
+            self.cost.add_path(m.metrics)
             self.progress.advance(task)
 
         t0 = time.perf_counter()

@@ -186,6 +186,7 @@ def _run_locked(cfg: ExperimentConfig, kind: Any, resolved: dict[str, Any], chas
                 "gpu_seconds": round(c.gpu_seconds, 3) if cuda else None,
                 "peak_gpu_mem_mb": round(c.peak_gpu_mem_mb, 1) if c.peak_gpu_mem_mb is not None else None,
                 **({"phases": dict(c.phases)} if c.phases else {}),
+                **({"training_paths": dict(c.training_paths)} if c.training_paths else {}),
                 "cumulative": cumulative,
             },
             **({"warnings": flags} if flags else {}),

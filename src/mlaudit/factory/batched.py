@@ -37,7 +37,7 @@ from ..train.loop import (
     train_stack,
     use_bf16,
 )
-from .layout import PROBE_MAX_MODELS, dp_fast_loop, pick_layout
+from .layout import PROBE_MAX_MODELS, dp_fast_loop, pick_compile, pick_layout
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class _Setup:
         self.recipe = job.recipe
         self.strategy = job.strategy
         self._layouts: dict[int, tuple[str, str]] = {}
+        self._compile: tuple[bool, str] | None = None
+        self.job_sizes = [int(t.mask.sum()) if t.mask is not None else
+                          self.views[t.view].num_total if t.view is not None else len(self.data.train)
+                          for t in job.trials]  # training examples per model, for recipe.compile: auto
         self.measured_chunk: int | None = None
 
     def layout(self, k: int) -> str:
@@ -77,6 +81,14 @@ class _Setup:
             self._layouts[key] = pick_layout(self.strategy, k=k, model_fn=self.model_fn, data=self.data.train,
                                              recipe=self.recipe, lr=self.lr, device=self.device, augment=self.augment)
         return self._layouts[key][0]
+
+    def compile_for(self, k: int, layout: str) -> tuple[bool, str]:
+        """``recipe.compile`` for this job and why; ``auto`` is measured once, on the first chunk
+        (:func:`~mlaudit.factory.layout.pick_compile`)."""
+        if self._compile is None:
+            self._compile = pick_compile(self.recipe, layout=layout, k=k, model_fn=self.model_fn, data=self.data.train,
+                                         lr=self.lr, device=self.device, augment=self.augment, job_sizes=self.job_sizes)
+        return self._compile
 
     def layout_reason(self, k: int) -> str:
         """Why :meth:`layout` chose what it did for ``k`` models (recorded in each model's metrics)."""
@@ -149,15 +161,18 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
         torch.cuda.reset_peak_memory_stats(device)
     seeds = [t.seed for t in chunk]
     layout = setup.layout(len(chunk))
+    compiled, compile_why = setup.compile_for(len(chunk), layout)
+    recipe = job.recipe if compiled is job.recipe.compile else job.recipe.model_copy(update={"compile": compiled})
     models = init_models(setup.model_fn, seeds)
     views = [setup.views[t.view] if t.view is not None else None for t in chunk]
     trained: dict[int, StackedModels] = {}
-    outs = train_stack(models, setup.data.train, job.recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
+    outs = train_stack(models, setup.data.train, recipe, seeds=seeds, lr=setup.lr, device=device, views=views,
                        masks=_masks(chunk, setup), augment=setup.augment,
                        hooks=[t.hooks for t in chunk] if any(t.hooks is not None for t in chunk) else None,
                        on_epoch=(lambda e, _loss: on_epoch(e, len(chunk))) if on_epoch else None,
                        strategy=layout, on_epoch_models=lambda e, st: trained.__setitem__(0, st))
-    reason = setup.layout_reason(len(chunk)) + (", torch.compile" if job.recipe.compile else "")
+    reason = setup.layout_reason(len(chunk)) + ("; " + compile_why if job.recipe.compile == "auto" else
+                                                 ", torch.compile" if compiled else "")
     metrics: list[dict[str, float | str]] = [{"train_loss": o.train_loss, "stack_layout": layout,
                                               "stack_layout_reason": reason, "step_path": o.step_path, **o.privacy}
                                              for o in outs]

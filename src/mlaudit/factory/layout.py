@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -117,9 +117,92 @@ def steady_epoch_time(run: Callable[[int], None], clock: Callable[[], float] = t
     dp_audit_prof50_h200.md) the one-epoch probe chose vmap at 1.97 s against the loop's 2.48 s for 16
     models x 4 steps (31 vs 39 ms per model-step), while the loop's steady DP step measures 14.4 ms per
     model (dp_throughput_shift_h200.md). Whether this probe then picks the loop there is not yet measured."""
+    one, two = timed_calls(run, clock)
+    return max(two - one, 1e-9)
+
+
+def timed_calls(run: Callable[[int], None], clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """Seconds of ``run(1)`` and then of ``run(2)``."""
     t0 = clock()
     run(1)
     t1 = clock()
     run(2)
-    t2 = clock()
-    return max((t2 - t1) - (t1 - t0), 1e-9)
+    return t1 - t0, clock() - t1
+
+
+COMPILE_PROBE_MIN_S = 200.0
+"""``recipe.compile: auto`` probes only a job whose training, estimated from the layout's eager steps, takes at least
+this long. Measured on an H100 (2026-12-07, docs/factory.md "The graph of a compiled step"): compiling took 14.5 s
+(inductor's caches warm) to 28.9 s (cold) for the airbench network, and the compiled step saved 12-19% of training
+time (A/B/A, LiRA-pool models); below ~200 s of training the expected saving does not repay the compile."""
+COMPILE_MIN_GAIN = 0.03
+"""The compiled step must be at least this much faster per epoch in the probe to be kept: one of two short
+4-model comparisons on the H100 went 7% the other way, so a tie is not a reason to run inductor's kernels."""
+
+
+def job_model_steps(sizes: Iterable[int], *, batch_size: int, epochs: int) -> int:
+    """Training steps summed over a job's models: model i trains ``ceil(sizes[i] / batch_size)`` steps per epoch."""
+    return sum(-(-int(n) // batch_size) for n in sizes) * epochs
+
+
+def compile_decision(eager_epoch_s: float, compiled_epoch_s: float | None, *, compile_s: float | None,
+                     probe_model_steps: int, job_model_steps: int) -> tuple[bool, str]:
+    """Whether the job compiles, and why (a sentence for results.json), from the probe's timings.
+
+    ``eager_epoch_s``: one probe epoch (``probe_model_steps`` model-steps) of the step without compile;
+    ``compiled_epoch_s`` / ``compile_s``: the same with compile and the compile's one-time cost (None: the compiled
+    step was not probed because the job is too short). The compile is already paid once the probe ran (the
+    compiled graphs are kept for the job), so the choice is the faster step, by at least :data:`COMPILE_MIN_GAIN`."""
+    per_step = eager_epoch_s / max(probe_model_steps, 1)
+    est = per_step * job_model_steps
+    if compiled_epoch_s is None:
+        return False, (f"compile auto: not probed, the job's training is estimated at {est:.0f} s "
+                       f"(< {COMPILE_PROBE_MIN_S:.0f} s, too short to repay a compile)")
+    gain = 1.0 - compiled_epoch_s / eager_epoch_s if eager_epoch_s > 0 else 0.0
+    timing = (f"probe epoch {eager_epoch_s:.3f} s eager vs {compiled_epoch_s:.3f} s compiled ({100 * gain:+.1f}%), "
+              f"compile {compile_s:.1f} s, job estimated at {est:.0f} s")
+    if gain >= COMPILE_MIN_GAIN:
+        return True, f"compile auto: compiled, {timing}"
+    return False, f"compile auto: not compiled (gain below {100 * COMPILE_MIN_GAIN:.0f}%), {timing}"
+
+
+def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset,
+                 lr: float, device: torch.device, augment: AugmentConfig | None, job_sizes: Sequence[int],
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[bool, str]:
+    """``recipe.compile`` for a factory job, and why: ``true`` / ``false`` as set; ``auto`` measured.
+
+    ``auto`` compiles only in the loop layout on CUDA (where ``recipe.compile`` applies), and only a job whose
+    training, estimated from a probe of the eager step (:data:`PROBE_STEPS` batches x min(k, 16) models, the
+    layout probe's setting), lasts at least :data:`COMPILE_PROBE_MIN_S`; then it times the compiled step the same
+    way (its first call pays inductor's compile) and keeps it if :func:`compile_decision` says so. ``job_sizes``:
+    the number of training examples of each of the job's models."""
+    if recipe.compile != "auto":
+        return bool(recipe.compile), "set by recipe.compile"
+    if device.type != "cuda" or layout != "loop":
+        return False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
+    n = min(len(data), PROBE_STEPS * recipe.batch_size)
+    probe = data.subset(torch.arange(n, device=data.device))
+    kp = min(k, PROBE_MAX_MODELS)
+    steps = kp * -(-n // recipe.batch_size)
+
+    def run(epochs: int, comp: bool) -> None:
+        models = init_models(model_fn, range(kp))
+        torch.cuda.synchronize(device)
+        train_stack(models, probe, recipe.model_copy(update={"epochs": epochs, "compile": comp}),
+                    seeds=list(range(kp)), lr=lr, device=device, augment=augment, strategy=layout)
+        torch.cuda.synchronize(device)
+
+    run(1, False)  # warm-up: cuDNN autotuning, allocations
+    eager = steady_epoch_time(lambda e: run(e, False), clock)
+    total = job_model_steps(job_sizes, batch_size=recipe.batch_size, epochs=recipe.epochs)
+    if eager / max(steps, 1) * total < COMPILE_PROBE_MIN_S:
+        return compile_decision(eager, None, compile_s=None, probe_model_steps=steps, job_model_steps=total)
+    t0 = clock()
+    run(1, True)  # the compile happens here, in the eager warm-up steps of the graphed step
+    first = clock() - t0
+    one, two = timed_calls(lambda e: run(e, True), clock)
+    torch.cuda.empty_cache()
+    why = compile_decision(eager, max(two - one, 1e-9), compile_s=max(first - one, 0.0), probe_model_steps=steps,
+                           job_model_steps=total)
+    log.info("%s", why[1])
+    return why

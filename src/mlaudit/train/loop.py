@@ -160,7 +160,7 @@ def train_stack(
     _data_init(models, data, groups, pools, seeds)
     _fit_dp_stats(models, data, groups, pools, seeds, recipe)
     stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last,
-                                       compile=recipe.compile)
+                                       compile=recipe.compile is True)  # "auto" is the factory's to resolve
     plist = stack.trainable()
     opt = make_optimizer(recipe, plist, names=stack.trainable_names(), leading_k=stack.leading_k, base_lr=lr)
     flip_base = _alternating_flips(augment, pools, gens, device)

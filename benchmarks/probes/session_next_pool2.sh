@@ -1,6 +1,6 @@
 #!/bin/bash
-# usage: session_next_pool.sh [SECONDS]   (default 560; carry [".whl", ".data_xz"])
-# Prepared 2026-12-07 (fifth session) for the next device call, issue 23 goal 2, each part cut to the time left:
+# usage: session_next_pool2.sh [SECONDS]   (default 560; carry [".whl", ".data_xz"])
+# Prepared 2026-12-07 (fifth session) for a next device call (after session_next_pool1.sh), issue 23 goal 2, each part cut to the time left:
 # 1. A/B in one call: the compiled pool step with chunks of 4 and of 8 (pool_chunk_profile.py, 16 models each);
 # 2. the 256-model lean compiled pool at 5 epochs (a trade-off: not the recipe the goal names; report it as such).
 T=${1:-560}

@@ -259,3 +259,31 @@ def test_factory_trains_with_the_compile_it_picked_and_records_why(monkeypatch: 
     out = batched.run_trials(job)
     assert decided == [2] and seen == [True, True]
     assert all("fake probe" in m.metrics["stack_layout_reason"] for m in out)
+
+
+def test_pick_compile_falls_back_to_eager_when_the_compiled_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model inductor cannot compile (or a compiled step out of memory) fails in the probe, after the eager step
+    has run: the job trains without compile and the reason names the error."""
+    import torch
+
+    from mlaudit.data import load_dataset
+    from mlaudit.factory import layout
+    from mlaudit.models.registry import build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    calls, now = _fake_compile_probe(monkeypatch, eager_epoch=1.0, compiled_epoch=0.5, compile_s=1.0)
+    real = layout.train_stack
+
+    def failing(models, data, recipe, **kw):  # noqa: ANN001, ANN202
+        if recipe.compile is True:
+            raise RuntimeError("BackendCompilerFailed: inductor could not lower op\nmore lines")
+        return real(models, data, recipe, **kw)
+
+    monkeypatch.setattr(layout, "train_stack", failing)
+    data = load_dataset("digits").train
+    use, why = layout.pick_compile(resolve_recipe({"name": "fast", "compile": "auto"}), layout="loop", k=16, data=data,
+                                   lr=0.1, device=torch.device("cuda"), augment=None, job_sizes=[len(data)] * 10_000,
+                                   model_fn=lambda: build_model("mlp", input_shape=(1, 8, 8), num_classes=10),
+                                   clock=lambda: now[0])
+    assert not use and "compiled probe failed (RuntimeError: BackendCompilerFailed" in why and "more lines" not in why
+    assert calls == [(False, 1), (False, 1), (False, 2)]

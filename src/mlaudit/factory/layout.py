@@ -174,8 +174,9 @@ def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], 
     ``auto`` compiles only in the loop layout on CUDA (where ``recipe.compile`` applies), and only a job whose
     training, estimated from a probe of the eager step (:data:`PROBE_STEPS` batches x min(k, 16) models, the
     layout probe's setting), lasts at least :data:`COMPILE_PROBE_MIN_S`; then it times the compiled step the same
-    way (its first call pays inductor's compile) and keeps it if :func:`compile_decision` says so. ``job_sizes``:
-    the number of training examples of each of the job's models."""
+    way (its first call pays inductor's compile) and keeps it if :func:`compile_decision` says so; a compiled probe
+    that fails (out of memory, a model inductor cannot compile) leaves the job eager, with the error in the reason.
+    ``job_sizes``: the number of training examples of each of the job's models."""
     if recipe.compile != "auto":
         return bool(recipe.compile), "set by recipe.compile"
     if device.type != "cuda" or layout != "loop":
@@ -198,9 +199,15 @@ def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], 
     if eager / max(steps, 1) * total < COMPILE_PROBE_MIN_S:
         return compile_decision(eager, None, compile_s=None, probe_model_steps=steps, job_model_steps=total)
     t0 = clock()
-    run(1, True)  # the compile happens here, in the eager warm-up steps of the graphed step
-    first = clock() - t0
-    one, two = timed_calls(lambda e: run(e, True), clock)
+    try:
+        run(1, True)  # the compile happens here, in the eager warm-up steps of the graphed step
+        first = clock() - t0
+        one, two = timed_calls(lambda e: run(e, True), clock)
+    except Exception as e:  # noqa: BLE001 - out of memory, or a model inductor cannot compile: the eager step ran
+        torch.cuda.empty_cache()
+        text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        log.warning("recipe.compile auto: the compiled probe failed (%s); training without compile", text)
+        return False, f"compile auto: not compiled, the compiled probe failed ({text})"
     torch.cuda.empty_cache()
     why = compile_decision(eager, max(two - one, 1e-9), compile_s=max(first - one, 0.0), probe_model_steps=steps,
                            job_model_steps=total)

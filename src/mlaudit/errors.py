@@ -53,3 +53,10 @@ class TrialError(MlauditError):
 def unknown_name(kind: str, name: object, valid: list[str] | tuple[str, ...]) -> ConfigError:
     """Build the standard error for an unknown registry name, listing the valid ones."""
     return ConfigError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+    """``"<type>: <first line of the message>"``, cut to ``limit`` characters: a failure named in one line of a
+    warning or of results.json (a graph capture or a compiled probe that failed and fell back to the eager step)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:limit]

@@ -165,24 +165,37 @@ def test_cuda_graph_step_trains_the_eager_models(strategy: str, monkeypatch: pyt
     restricted to deterministic algorithms. The loop layout agreed to ~1e-8 on the H200 (2026-12-03); vmap's
     batched kernels differed by up to 3.8e-5 in a weight after 4 steps (0.2% of elements beyond 1e-5), rounding
     a wrong step (updates ~1e-2 at this rate) would exceed by far."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=1, batch_size=64, schedule="triangular", augment="none",
+               precision="fp32")
+    outs = _eager_and_graphed(monkeypatch, r, strategy=strategy)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if strategy == "loop" else {"rtol": 1e-3, "atol": 2e-4}
+    _assert_same_weights(outs, **tol)
+
+
+def _eager_and_graphed(monkeypatch: pytest.MonkeyPatch, recipe: Recipe, *, model: ModelSpec | None = None,
+                       strategy: str = "loop") -> list:
+    """Two models (seeds 0, 1; fastcnn unless ``model``) trained by ``train_stack`` with ``recipe.cuda_graph`` off,
+    then on, on the GPU, with cuDNN restricted to deterministic algorithms and TF32 off (restored afterwards)."""
     from mlaudit.models.registry import build_model
     from mlaudit.train import init_models, train_stack
 
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     data = load_dataset(SPEC)
-    r = Recipe(lr=0.05, momentum=0.9, epochs=1, batch_size=64, schedule="triangular", augment="none",
-               precision="fp32")
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    outs = []
-    for graph in (False, True):
-        fn = lambda: build_model(ModelSpec(name="fastcnn"), input_shape=(3, 32, 32), num_classes=10)  # noqa: E731
-        outs.append(train_stack(init_models(fn, [0, 1]), data.train, r.model_copy(update={"cuda_graph": graph}),
-                                seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy=strategy))
+    spec = model or ModelSpec(name="fastcnn")
+    fn = lambda: build_model(spec, input_shape=(3, 32, 32), num_classes=10)  # noqa: E731
+    return [train_stack(init_models(fn, [0, 1]), data.train, recipe.model_copy(update={"cuda_graph": graph}),
+                        seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy=strategy)
+            for graph in (False, True)]
+
+
+def _assert_same_weights(outs: list, **tol: float) -> None:
+    """Every tensor of the graphed models' state_dicts close to the eager ones' (largest differences printed)."""
     for a, b in zip(*outs, strict=True):
         for name, t in a.state_dict.items():
             print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
-            tol = {"rtol": 1e-4, "atol": 1e-5} if strategy == "loop" else {"rtol": 1e-3, "atol": 2e-4}
             torch.testing.assert_close(b.state_dict[name].float(), t.float(), **tol)
 
 
@@ -193,25 +206,11 @@ def test_cuda_graph_captures_the_compiled_step(monkeypatch: pytest.MonkeyPatch) 
     not bound by cuDNN's deterministic switch: on an H100 (2026-12-07) the first conv's weights differed by up to
     6.2e-5 after 4 steps (18% of its elements beyond 1e-5), so the tolerance is the vmap layout's above, which a
     wrong step (a stale input buffer or rate: updates ~1e-2) would exceed by far."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    from mlaudit.models.registry import build_model
-    from mlaudit.train import init_models, train_stack
-
-    data = load_dataset(SPEC)
     r = Recipe(lr=0.05, momentum=0.9, epochs=1, batch_size=64, schedule="triangular", augment="none",
                precision="fp32", compile=True)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    outs = []
-    for graph in (False, True):
-        fn = lambda: build_model(ModelSpec(name="fastcnn"), input_shape=(3, 32, 32), num_classes=10)  # noqa: E731
-        outs.append(train_stack(init_models(fn, [0, 1]), data.train, r.model_copy(update={"cuda_graph": graph}),
-                                seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy="loop"))
+    outs = _eager_and_graphed(monkeypatch, r)
     assert [o.step_path for o in outs[1]] == ["cuda-graph"] * 2
-    for a, b in zip(*outs, strict=True):
-        for name, t in a.state_dict.items():
-            print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
-            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=2e-4)
+    _assert_same_weights(outs, rtol=1e-3, atol=2e-4)
 
 
 def test_compile_auto_probe_and_the_factory_run_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,27 +243,11 @@ def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch
     not traced). One step's noise moves each weight by lr * sigma * C / (q N), up to 0.05 / 64 = 7.8e-4 (std, at
     the peak lr), so a missing, repeated or different noise draw, or a wrong clip, would differ by that much in
     most elements; atol 1e-4 is an eighth of it."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    from mlaudit.models.registry import build_model
-    from mlaudit.train import init_models, train_stack
-
-    data = load_dataset(SPEC)
     r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=64, schedule="triangular", augment="none",
                precision="fp32", dp={"noise_multiplier": 1.0, "clip": 1.0, "clipping": "fast"})
-    outs = []
-    for graph in (False, True):
-        fn = lambda: build_model(ModelSpec(name="fastcnn", norm="group"), input_shape=(3, 32, 32),  # noqa: E731
-                                 num_classes=10)
-        outs.append(train_stack(init_models(fn, [0, 1]), data.train, r.model_copy(update={"cuda_graph": graph}),
-                                seeds=[0, 1], lr=0.05, device=torch.device("cuda"), strategy="loop"))
+    outs = _eager_and_graphed(monkeypatch, r, model=ModelSpec(name="fastcnn", norm="group"))
     assert [o.step_path for o in outs[1]] == ["cuda-graph"] * 2
-    for a, b in zip(*outs, strict=True):
-        for name, t in a.state_dict.items():
-            print(name, float((b.state_dict[name].float() - t.float()).abs().max()))
-            torch.testing.assert_close(b.state_dict[name].float(), t.float(), rtol=1e-3, atol=1e-4)
+    _assert_same_weights(outs, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

@@ -66,9 +66,7 @@ class _Setup:
         self.strategy = job.strategy
         self._layouts: dict[int, tuple[str, str]] = {}
         self._compile: tuple[bool, str] | None = None
-        self.job_sizes = [int(t.mask.sum()) if t.mask is not None else
-                          self.views[t.view].num_total if t.view is not None else len(self.data.train)
-                          for t in job.trials]  # training examples per model, for recipe.compile: auto
+        self.trials = job.trials
         self.measured_chunk: int | None = None
 
     def layout(self, k: int) -> str:
@@ -86,9 +84,15 @@ class _Setup:
         """``recipe.compile`` for this job and why; ``auto`` is measured once, on the first chunk
         (:func:`~mlaudit.factory.layout.pick_compile`)."""
         if self._compile is None:
+            sizes = ([int(t.mask.sum()) if t.mask is not None else self.total(t) for t in self.trials]
+                     if self.recipe.compile == "auto" else [])  # training examples per model: auto's estimate only
             self._compile = pick_compile(self.recipe, layout=layout, k=k, model_fn=self.model_fn, data=self.data.train,
-                                         lr=self.lr, device=self.device, augment=self.augment, job_sizes=self.job_sizes)
+                                         lr=self.lr, device=self.device, augment=self.augment, job_sizes=sizes)
         return self._compile
+
+    def total(self, t: TrialSpec) -> int:
+        """Rows of trial ``t``'s training set (its view's, or the base data's): what its mask indexes."""
+        return self.views[t.view].num_total if t.view is not None else len(self.data.train)
 
     def layout_reason(self, k: int) -> str:
         """Why :meth:`layout` chose what it did for ``k`` models (recorded in each model's metrics)."""
@@ -242,8 +246,7 @@ def _masks(chunk: list[TrialSpec], setup: _Setup) -> torch.Tensor | None:
         return None
     rows = []
     for t in chunk:
-        total = setup.views[t.view].num_total if t.view is not None else len(setup.data.train)
-        rows.append(t.mask.cpu() if t.mask is not None else torch.ones(total, dtype=torch.bool))
+        rows.append(t.mask.cpu() if t.mask is not None else torch.ones(setup.total(t), dtype=torch.bool))
     n = max(len(r) for r in rows)
     return torch.stack([torch.cat([r, torch.zeros(n - len(r), dtype=torch.bool)]) for r in rows])
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data.base import TensorDataset
+from ..errors import error_line
 from ..train.loop import init_models, train_stack
 from ..train.recipe import AugmentConfig, Recipe
 from ..train.stacked import choose_strategy
@@ -30,6 +31,27 @@ PROBE_MAX_MODELS = 16
 """The probe trains at most this many models per layout: the loop layout's cost grows linearly with K
 while vmap's grows more slowly, so a layout vmap beats at 16 models it also beats at more; probing
 K = 500 models (a DP audit's chunk) in the loop layout would itself cost minutes."""
+
+
+def _probe_run(recipe: Recipe, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, lr: float,
+               device: torch.device, augment: AugmentConfig | None
+               ) -> tuple[Callable[..., None], int, int]:
+    """The training call of the timed probes (:func:`pick_layout`, :func:`pick_compile`): ``run(epochs, layout,
+    **recipe_update)`` trains min(k, :data:`PROBE_MAX_MODELS`) fresh models on the first :data:`PROBE_STEPS` batches
+    of ``data``, CUDA-synchronised before and after. Also returns that number of models and the model-steps of one
+    probe epoch."""
+    n = min(len(data), PROBE_STEPS * recipe.batch_size)
+    probe = data.subset(torch.arange(n, device=data.device))
+    kp = min(k, PROBE_MAX_MODELS)
+
+    def run(epochs: int, layout: str, **update: object) -> None:
+        models = init_models(model_fn, range(kp))
+        torch.cuda.synchronize(device)
+        train_stack(models, probe, recipe.model_copy(update={"epochs": epochs, **update}), seeds=list(range(kp)), lr=lr,
+                    device=device, augment=augment, strategy=layout)
+        torch.cuda.synchronize(device)
+
+    return run, kp, kp * -(-n // recipe.batch_size)
 
 
 def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, recipe: Recipe,
@@ -49,22 +71,12 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     if device.type != "cuda" or k == 1:
         why = "one model per chunk" if k == 1 else f"static rule on {device.type}"
         return static, f"{why}: {'conv net on CUDA' if static == 'loop' else 'vmap'} ({static})"
-    n = min(len(data), PROBE_STEPS * recipe.batch_size)
-    probe = data.subset(torch.arange(n, device=data.device))
-    kp = min(k, PROBE_MAX_MODELS)
+    run, kp, _ = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device, augment=augment)
     times: dict[str, float] = {}
     for layout in ("loop", "vmap"):
-
-        def run(epochs: int, layout: str = layout) -> None:
-            models = init_models(model_fn, range(kp))
-            torch.cuda.synchronize(device)
-            train_stack(models, probe, recipe.model_copy(update={"epochs": epochs}), seeds=list(range(kp)), lr=lr,
-                        device=device, augment=augment, strategy=layout)
-            torch.cuda.synchronize(device)
-
         try:
-            run(1)  # warms up cuDNN autotuning and allocations
-            times[layout] = steady_epoch_time(run)
+            run(1, layout)  # warms up cuDNN autotuning and allocations
+            times[layout] = steady_epoch_time(lambda e, layout=layout: run(e, layout))
         except torch.cuda.OutOfMemoryError:
             times[layout] = float("inf")
         torch.cuda.empty_cache()
@@ -145,6 +157,12 @@ def job_model_steps(sizes: Iterable[int], *, batch_size: int, epochs: int) -> in
     return sum(-(-int(n) // batch_size) for n in sizes) * epochs
 
 
+def estimated_training_s(probe_epoch_s: float, probe_model_steps: int, job_model_steps: int) -> float:
+    """A job's training seconds from a probe epoch of ``probe_model_steps`` model-steps: per model-step time x the
+    job's model-steps."""
+    return probe_epoch_s / max(probe_model_steps, 1) * job_model_steps
+
+
 def compile_decision(eager_epoch_s: float, compiled_epoch_s: float | None, *, compile_s: float | None,
                      probe_model_steps: int, job_model_steps: int) -> tuple[bool, str]:
     """Whether the job compiles, and why (a sentence for results.json), from the probe's timings.
@@ -153,8 +171,7 @@ def compile_decision(eager_epoch_s: float, compiled_epoch_s: float | None, *, co
     ``compiled_epoch_s`` / ``compile_s``: the same with compile and the compile's one-time cost (None: the compiled
     step was not probed because the job is too short). The compile is already paid once the probe ran (the
     compiled graphs are kept for the job), so the choice is the faster step, by at least :data:`COMPILE_MIN_GAIN`."""
-    per_step = eager_epoch_s / max(probe_model_steps, 1)
-    est = per_step * job_model_steps
+    est = estimated_training_s(eager_epoch_s, probe_model_steps, job_model_steps)
     if compiled_epoch_s is None:
         return False, (f"compile auto: not probed, the job's training is estimated at {est:.0f} s "
                        f"(< {COMPILE_PROBE_MIN_S:.0f} s, too short to repay a compile)")
@@ -181,31 +198,20 @@ def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], 
         return bool(recipe.compile), "set by recipe.compile"
     if device.type != "cuda" or layout != "loop":
         return False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
-    n = min(len(data), PROBE_STEPS * recipe.batch_size)
-    probe = data.subset(torch.arange(n, device=data.device))
-    kp = min(k, PROBE_MAX_MODELS)
-    steps = kp * -(-n // recipe.batch_size)
-
-    def run(epochs: int, comp: bool) -> None:
-        models = init_models(model_fn, range(kp))
-        torch.cuda.synchronize(device)
-        train_stack(models, probe, recipe.model_copy(update={"epochs": epochs, "compile": comp}),
-                    seeds=list(range(kp)), lr=lr, device=device, augment=augment, strategy=layout)
-        torch.cuda.synchronize(device)
-
-    run(1, False)  # warm-up: cuDNN autotuning, allocations
-    eager = steady_epoch_time(lambda e: run(e, False), clock)
+    run, _, steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device, augment=augment)
+    run(1, layout, compile=False)  # warm-up: cuDNN autotuning, allocations
+    eager = steady_epoch_time(lambda e: run(e, layout, compile=False), clock)
     total = job_model_steps(job_sizes, batch_size=recipe.batch_size, epochs=recipe.epochs)
-    if eager / max(steps, 1) * total < COMPILE_PROBE_MIN_S:
+    if estimated_training_s(eager, steps, total) < COMPILE_PROBE_MIN_S:
         return compile_decision(eager, None, compile_s=None, probe_model_steps=steps, job_model_steps=total)
     t0 = clock()
     try:
-        run(1, True)  # the compile happens here, in the eager warm-up steps of the graphed step
+        run(1, layout, compile=True)  # the compile happens here, in the eager warm-up steps of the graphed step
         first = clock() - t0
-        one, two = timed_calls(lambda e: run(e, True), clock)
+        one, two = timed_calls(lambda e: run(e, layout, compile=True), clock)
     except Exception as e:  # noqa: BLE001 - out of memory, or a model inductor cannot compile: the eager step ran
         torch.cuda.empty_cache()
-        text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        text = error_line(e)
         log.warning("recipe.compile auto: the compiled probe failed (%s); training without compile", text)
         return False, f"compile auto: not compiled, the compiled probe failed ({text})"
     torch.cuda.empty_cache()

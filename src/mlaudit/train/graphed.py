@@ -46,6 +46,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ..errors import error_line
+
 
 class StepBody(Protocol):
     """(x [K, B, *shape], y [K, B], per-slot rates, active slots, *extra static inputs) -> per-model loss [K].
@@ -107,7 +109,7 @@ class GraphedStep:
                 with ctx(graph, pool=self.pool):
                     out = self.body(*self._args(shapes, active))
             except Exception as e:  # noqa: BLE001 - any capture error: the step is still valid eagerly
-                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                self.failed = error_line(e)
                 warnings.warn(f"recipe.cuda_graph: the training step could not be captured ({self.failed}); "
                               "running it eagerly", RuntimeWarning, stacklevel=2)
                 return self._eager(shapes, active)  # nothing ran during the failed capture: this step runs now

@@ -6,13 +6,15 @@ ResNet-18s (3.66 vs 3.96 s per model-epoch) but 3.6x slower for K = 8 fast CNNs 
 whose max-pool backward and float32 BatchNorm suffer under vmap; for a narrow fast CNN (width 16)
 vmap over K = 32 was 2.7x faster than training one at a time. So for ``strategy: auto`` on a GPU
 with K > 1 the factory times a few training steps of each layout on the real data and keeps the
-faster one, per epoch net of one-time costs (:func:`steady_epoch_time`; cost: a few seconds per job). Elsewhere the static rule of
+faster one, by the median epoch after the first of one timed call (:func:`epoch_times`; cost: a few seconds per job).
+Elsewhere the static rule of
 :func:`~mlaudit.train.stacked.choose_strategy` applies.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -36,19 +38,20 @@ K = 500 models (a DP audit's chunk) in the loop layout would itself cost minutes
 def _probe_run(recipe: Recipe, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, lr: float,
                device: torch.device, augment: AugmentConfig | None
                ) -> tuple[Callable[..., None], int, int]:
-    """The training call of the timed probes (:func:`pick_layout`, :func:`pick_compile`): ``run(epochs, layout,
-    **recipe_update)`` trains min(k, :data:`PROBE_MAX_MODELS`) fresh models on the first :data:`PROBE_STEPS` batches
-    of ``data``, CUDA-synchronised before and after. Also returns that number of models and the model-steps of one
-    probe epoch."""
+    """The training call of the timed probes (:func:`pick_layout`, :func:`pick_compile`):
+    ``run(epochs, layout, on_epoch=None, **recipe_update)`` trains min(k, :data:`PROBE_MAX_MODELS`) fresh models on
+    the first :data:`PROBE_STEPS` batches of ``data`` (``on_epoch`` is train_stack's), CUDA-synchronised before and
+    after. Also returns that number of models and the model-steps of one probe epoch."""
     n = min(len(data), PROBE_STEPS * recipe.batch_size)
     probe = data.subset(torch.arange(n, device=data.device))
     kp = min(k, PROBE_MAX_MODELS)
 
-    def run(epochs: int, layout: str, **update: object) -> None:
+    def run(epochs: int, layout: str, on_epoch: Callable[[int, torch.Tensor], None] | None = None,
+            **update: object) -> None:
         models = init_models(model_fn, range(kp))
         torch.cuda.synchronize(device)
         train_stack(models, probe, recipe.model_copy(update={"epochs": epochs, **update}), seeds=list(range(kp)), lr=lr,
-                    device=device, augment=augment, strategy=layout)
+                    device=device, augment=augment, strategy=layout, on_epoch=on_epoch)
         torch.cuda.synchronize(device)
 
     return run, kp, kp * -(-n // recipe.batch_size)
@@ -74,9 +77,8 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     run, kp, _ = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device, augment=augment)
     times: dict[str, float] = {}
     for layout in ("loop", "vmap"):
-        try:
-            run(1, layout)  # warms up cuDNN autotuning and allocations
-            times[layout] = steady_epoch_time(lambda e, layout=layout: run(e, layout))
+        try:  # the first epoch warms up cuDNN autotuning and allocations; the rest are timed
+            times[layout] = steady_epoch_time(epoch_times(lambda e, layout=layout, **kw: run(e, layout, **kw)))
         except torch.cuda.OutOfMemoryError:
             times[layout] = float("inf")
         torch.cuda.empty_cache()
@@ -85,7 +87,8 @@ def pick_layout(strategy: str, *, k: int, model_fn: Callable[[], nn.Module], dat
     log.info("stack layout for %d models: %s (probe with %d: %s)", k, best, kp, probe_text)
     if times[best] == float("inf"):
         return static, f"both layouts ran out of memory in the probe; static rule ({static})"
-    return best, f"timed probe, one epoch of {PROBE_STEPS} steps x {kp} models (2 epochs minus 1): {probe_text}"
+    return best, (f"timed probe, one epoch of {PROBE_STEPS} steps x {kp} models (median of {PROBE_EPOCHS - 1} epochs "
+                  f"after the first): {probe_text}")
 
 
 DP_RECURRENT_REASON = ("DP-SGD on a model with nn.LSTM / nn.GRU: loop layout with book-keeping clipping (vmap's "
@@ -120,26 +123,27 @@ def dp_fast_loop(recipe: Recipe, model_fn: Callable[[], nn.Module], device: torc
     return fast_clip_supported(model_fn())
 
 
-def steady_epoch_time(run: Callable[[int], None], clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds per epoch of ``run(epochs)`` net of what every call pays once: ``t(2) - t(1)``.
-
-    A DP-SGD chunk in the loop layout verifies book-keeping clipping once per call (a forward and backward
-    of the batch plus two single examples per model); timing one epoch of four steps counted that as if
-    every epoch paid it. On the H200 (2026-12-03, a fast-CNN DP audit, benchmarks/results/
-    dp_audit_prof50_h200.md) the one-epoch probe chose vmap at 1.97 s against the loop's 2.48 s for 16
-    models x 4 steps (31 vs 39 ms per model-step), while the loop's steady DP step measures 14.4 ms per
-    model (dp_throughput_shift_h200.md). Whether this probe then picks the loop there is not yet measured."""
-    one, two = timed_calls(run, clock)
-    return max(two - one, 1e-9)
+PROBE_EPOCHS = 6
+"""Epochs of one timed probe call: the first pays what a call pays once (cuDNN autotuning, the CUDA graph's warm-up
+and capture, inductor's compile, a DP chunk's verification of book-keeping clipping), the median of the other five
+is the step's time. Until 2026-12-07 the probe took ``t(2 epochs) - t(1 epoch)`` of two calls: the difference of two
+noisy calls of ~1 s for a few tens of ms of steps. Its readings moved between 1.5 and 3.2 s for one DP chunk
+(docs/privacy.md), and in the 256-model pool (H100) it read 0.245 s eager vs 0.069 s compiled per probe epoch (a
+1.6x and a 0.5x estimate of the job's real per-model times, 1.0 and 0.88 s)."""
 
 
-def timed_calls(run: Callable[[int], None], clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """Seconds of ``run(1)`` and then of ``run(2)``."""
-    t0 = clock()
-    run(1)
-    t1 = clock()
-    run(2)
-    return t1 - t0, clock() - t1
+def epoch_times(run: Callable[..., None], epochs: int = PROBE_EPOCHS,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+    """Seconds of each epoch of one call ``run(epochs, on_epoch=...)``: stamped when each epoch ends, in
+    train_stack's ``on_epoch``, which runs after the epoch's losses reached the host (the device's work is done)."""
+    stamps = [clock()]
+    run(epochs, on_epoch=lambda *_: stamps.append(clock()))
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def steady_epoch_time(times: Sequence[float]) -> float:
+    """The steady epoch of :func:`epoch_times`: the median after the first (one slow epoch does not move it)."""
+    return max(statistics.median(times[1:] if len(times) > 1 else times), 1e-9)
 
 
 COMPILE_PROBE_MIN_S = 200.0
@@ -191,7 +195,8 @@ def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], 
     ``auto`` compiles only in the loop layout on CUDA (where ``recipe.compile`` applies), and only a job whose
     training, estimated from a probe of the eager step (:data:`PROBE_STEPS` batches x min(k, 16) models, the
     layout probe's setting), lasts at least :data:`COMPILE_PROBE_MIN_S`; then it times the compiled step the same
-    way (its first call pays inductor's compile) and keeps it if :func:`compile_decision` says so; a compiled probe
+    way (its first epoch pays inductor's compile: the compile's cost is that epoch's one-time part less the eager
+    probe's) and keeps it if :func:`compile_decision` says so; a compiled probe
     that fails (out of memory, a model inductor cannot compile) leaves the job eager, with the error in the reason.
     ``job_sizes``: the number of training examples of each of the job's models."""
     if recipe.compile != "auto":
@@ -199,23 +204,21 @@ def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], 
     if device.type != "cuda" or layout != "loop":
         return False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
     run, _, steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device, augment=augment)
-    run(1, layout, compile=False)  # warm-up: cuDNN autotuning, allocations
-    eager = steady_epoch_time(lambda e: run(e, layout, compile=False), clock)
+    eager_times = epoch_times(lambda e, **kw: run(e, layout, compile=False, **kw), clock=clock)
+    eager = steady_epoch_time(eager_times)
     total = job_model_steps(job_sizes, batch_size=recipe.batch_size, epochs=recipe.epochs)
     if estimated_training_s(eager, steps, total) < COMPILE_PROBE_MIN_S:
         return compile_decision(eager, None, compile_s=None, probe_model_steps=steps, job_model_steps=total)
-    t0 = clock()
-    try:
-        run(1, layout, compile=True)  # the compile happens here, in the eager warm-up steps of the graphed step
-        first = clock() - t0
-        one, two = timed_calls(lambda e: run(e, layout, compile=True), clock)
+    try:  # the compile happens in the first epoch, in the eager warm-up steps of the graphed step
+        compiled_times = epoch_times(lambda e, **kw: run(e, layout, compile=True, **kw), clock=clock)
     except Exception as e:  # noqa: BLE001 - out of memory, or a model inductor cannot compile: the eager step ran
         torch.cuda.empty_cache()
         text = error_line(e)
         log.warning("recipe.compile auto: the compiled probe failed (%s); training without compile", text)
         return False, f"compile auto: not compiled, the compiled probe failed ({text})"
     torch.cuda.empty_cache()
-    why = compile_decision(eager, max(two - one, 1e-9), compile_s=max(first - one, 0.0), probe_model_steps=steps,
-                           job_model_steps=total)
+    compiled = steady_epoch_time(compiled_times)
+    once = (compiled_times[0] - compiled) - (eager_times[0] - eager)  # what the compiled first epoch paid once more
+    why = compile_decision(eager, compiled, compile_s=max(once, 0.0), probe_model_steps=steps, job_model_steps=total)
     log.info("%s", why[1])
     return why

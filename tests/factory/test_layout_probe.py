@@ -175,9 +175,10 @@ def test_compile_decision_keeps_the_compiled_step_iff_it_is_3_percent_faster(
 
 
 def _fake_compile_probe(monkeypatch: pytest.MonkeyPatch, *, eager_epoch: float, compiled_epoch: float,
-                        compile_s: float) -> tuple[list[tuple[bool, int]], list[float]]:
+                        compile_s: float, compiled_loss_factor: float = 1.0) -> tuple[list[tuple[bool, int]], list[float]]:
     """train_stack and the CUDA calls of factory/layout.py replaced: each call advances a fake clock by its
-    epochs' cost (0.2 s set-up plus the epoch's time, then on_epoch), the first compiled epoch also by the compile."""
+    epochs' cost (0.2 s set-up plus the epoch's time, then on_epoch), the first compiled epoch also by the compile.
+    Each epoch reports the losses 2 / (1 + epoch) per model, times ``compiled_loss_factor`` when compiled."""
     import torch
 
     from mlaudit.factory import layout
@@ -194,7 +195,7 @@ def _fake_compile_probe(monkeypatch: pytest.MonkeyPatch, *, eager_epoch: float, 
         now[0] += 0.2
         for e in range(recipe.epochs):
             now[0] += compiled_epoch if comp else eager_epoch
-            kw["on_epoch"](e, None)
+            kw["on_epoch"](e, torch.full((len(models),), 2.0 / (1 + e) * (compiled_loss_factor if comp else 1.0)))
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda *_: None)
@@ -308,3 +309,39 @@ def test_pick_compile_falls_back_to_eager_when_the_compiled_probe_fails(monkeypa
                                    clock=lambda: now[0])
     assert not use and "compiled probe failed (RuntimeError: BackendCompilerFailed" in why and "more lines" not in why
     assert calls == [(False, PROBE_EPOCHS)]
+
+
+@pytest.mark.parametrize("factor,agree", [(1.0, True), (1.04, True), (0.93, True), (1.2, False), (float("nan"), False)])
+def test_pick_compile_keeps_the_compiled_step_only_if_it_trains_like_the_eager_one(
+        monkeypatch: pytest.MonkeyPatch, factor: float, agree: bool) -> None:
+    """A compiled step 20% faster whose probe losses differ from the eager step's beyond COMPILE_LOSS_RTOL (or are
+    NaN: inductor's bf16 fastcnn on an H100, 2026-12-07) is not kept; the reason names the model, epoch and losses."""
+    import torch
+
+    from mlaudit.data import load_dataset
+    from mlaudit.factory import layout
+    from mlaudit.models.registry import build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    _, now = _fake_compile_probe(monkeypatch, eager_epoch=1.0, compiled_epoch=0.8, compile_s=5.0,
+                                 compiled_loss_factor=factor)
+    data = load_dataset("digits").train
+    use, why = layout.pick_compile(resolve_recipe({"name": "fast", "compile": "auto"}), layout="loop", k=16, data=data,
+                                   lr=0.1, device=torch.device("cuda"), augment=None, job_sizes=[len(data)] * 10_000,
+                                   model_fn=lambda: build_model("mlp", input_shape=(1, 8, 8), num_classes=10),
+                                   clock=lambda: now[0])
+    assert use is agree
+    if not agree:
+        assert "losses differ from the eager step's (model 0's mean loss in probe epoch" in why
+
+
+def test_compile_disagreement_reads_the_worst_model_and_epoch() -> None:
+    from mlaudit.factory.layout import compile_disagreement
+
+    eager = [[2.0, 2.1], [1.5, 1.6], [0.01, 0.02]]
+    assert compile_disagreement(eager, eager) is None
+    assert compile_disagreement(eager, [[2.05, 2.0], [1.45, 1.65], [0.05, 0.0]]) is None  # within 10% / 0.05
+    msg = compile_disagreement(eager, [[2.0, 2.1], [1.5, 2.4], [0.01, 0.02]])
+    assert msg is not None and "model 1's mean loss in probe epoch 2: 1.6 eager vs 2.4 compiled" in msg
+    assert "inf" not in (compile_disagreement(eager, [[2.0, 2.1], [float("nan"), 1.6], [0.01, 0.02]]) or "inf")
+    assert compile_disagreement(eager, eager[:2]) is not None

@@ -80,6 +80,19 @@ def test_nan_in_data_raises_training_error_naming_epoch_and_step() -> None:
     assert "epoch" in str(e.value) and "step" in str(e.value)
 
 
+def test_a_nan_under_compile_points_at_the_compile_first() -> None:
+    """The same NaN, from a compiled step (inductor's bf16 fastcnn on an H100, 2026-12-07): the message says to
+    retry without compile before it blames the learning rate; without compile it says what it always said."""
+    from mlaudit.train.loop import _raise_nonfinite
+
+    bad = torch.tensor([-1, 5])
+    with pytest.raises(TrainingError, match=r"model 1 \(seed 8\) at epoch 2, step 2 .*retry with compile: false"):
+        _raise_nonfinite(bad, [7, 8], 4, compiled=True)
+    with pytest.raises(TrainingError, match="lower the learning rate") as e:
+        _raise_nonfinite(bad, [7, 8], 4)
+    assert "compile" not in str(e.value)
+
+
 def test_divergent_learning_rate_raises_training_error() -> None:
     with pytest.raises(TrainingError, match=r"epoch \d+, step \d+"):
         fit([0], r=recipe(lr=1e30, schedule="constant", epochs=3))

@@ -14,6 +14,7 @@ Elsewhere the static rule of
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -133,11 +134,19 @@ noisy calls of ~1 s for a few tens of ms of steps. Its readings moved between 1.
 
 
 def epoch_times(run: Callable[..., None], epochs: int = PROBE_EPOCHS,
-                clock: Callable[[], float] = time.perf_counter) -> list[float]:
+                clock: Callable[[], float] = time.perf_counter, losses: list[list[float]] | None = None
+                ) -> list[float]:
     """Seconds of each epoch of one call ``run(epochs, on_epoch=...)``: stamped when each epoch ends, in
-    train_stack's ``on_epoch``, which runs after the epoch's losses reached the host (the device's work is done)."""
+    train_stack's ``on_epoch``, which runs after the epoch's losses reached the host (the device's work is done).
+    ``losses``: if given, each epoch's mean loss per model is appended to it."""
     stamps = [clock()]
-    run(epochs, on_epoch=lambda *_: stamps.append(clock()))
+
+    def stamp(_epoch: int, loss: torch.Tensor | None) -> None:
+        stamps.append(clock())
+        if losses is not None and loss is not None:
+            losses.append([float(v) for v in loss])
+
+    run(epochs, on_epoch=stamp)
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
@@ -154,6 +163,34 @@ time (A/B/A, LiRA-pool models); below ~200 s of training the expected saving doe
 COMPILE_MIN_GAIN = 0.03
 """The compiled step must be at least this much faster per epoch in the probe to be kept: one of two short
 4-model comparisons on the H100 went 7% the other way, so a tie is not a reason to run inductor's kernels."""
+
+
+COMPILE_LOSS_RTOL = 0.1
+"""The compiled probe's mean loss per model and epoch must lie within this fraction of the eager probe's (the same
+models, data order and recipe; floor 0.05 in absolute terms) for ``compile: auto`` to keep the compiled step.
+Rounding alone (bf16 autocast, other kernels) moved the losses of a 3-epoch fast-CNN probe by <= 1.5% between
+precisions (H100, 2026-12-07, benchmarks/results/compile_graph_nan_h100.md); a compiled step that computes
+something else (there: a NaN loss at the second step under bf16) is not a faster step."""
+
+
+def compile_disagreement(eager: Sequence[Sequence[float]], compiled: Sequence[Sequence[float]]) -> str | None:
+    """None if the compiled probe's losses [epochs][models] match the eager probe's within
+    :data:`COMPILE_LOSS_RTOL`, else where they differ most (a sentence)."""
+    worst: tuple[float, int, int, float, float] | None = None
+    for e, (le, lc) in enumerate(zip(eager, compiled, strict=False)):
+        for m, (a, b) in enumerate(zip(le, lc, strict=False)):
+            excess = abs(b - a) - COMPILE_LOSS_RTOL * max(abs(a), 0.5)
+            if not math.isfinite(b) or not math.isfinite(a):
+                excess = math.inf
+            if excess > 0 and (worst is None or excess > worst[0]):
+                worst = (excess, e, m, a, b)
+    if len(compiled) != len(eager):
+        return f"the compiled probe reported {len(compiled)} epochs, the eager one {len(eager)}"
+    if worst is None:
+        return None
+    _, e, m, a, b = worst
+    return (f"model {m}'s mean loss in probe epoch {e + 1}: {a:.4g} eager vs {b:.4g} compiled "
+            f"(beyond {100 * COMPILE_LOSS_RTOL:.0f}%)")
 
 
 def job_model_steps(sizes: Iterable[int], *, batch_size: int, epochs: int) -> int:
@@ -196,27 +233,35 @@ def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], 
     training, estimated from a probe of the eager step (:data:`PROBE_STEPS` batches x min(k, 16) models, the
     layout probe's setting), lasts at least :data:`COMPILE_PROBE_MIN_S`; then it times the compiled step the same
     way (its first epoch pays inductor's compile: the compile's cost is that epoch's one-time part less the eager
-    probe's) and keeps it if :func:`compile_decision` says so; a compiled probe
-    that fails (out of memory, a model inductor cannot compile) leaves the job eager, with the error in the reason.
+    probe's) and keeps it if :func:`compile_decision` says so. A compiled probe that fails (out of memory, a model
+    inductor cannot compile, a NaN loss) or whose losses differ from the eager probe's (:func:`compile_disagreement`)
+    leaves the job eager, with the error or the difference in the reason.
     ``job_sizes``: the number of training examples of each of the job's models."""
     if recipe.compile != "auto":
         return bool(recipe.compile), "set by recipe.compile"
     if device.type != "cuda" or layout != "loop":
         return False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
     run, _, steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device, augment=augment)
-    eager_times = epoch_times(lambda e, **kw: run(e, layout, compile=False, **kw), clock=clock)
+    eager_losses: list[list[float]] = []
+    compiled_losses: list[list[float]] = []
+    eager_times = epoch_times(lambda e, **kw: run(e, layout, compile=False, **kw), clock=clock, losses=eager_losses)
     eager = steady_epoch_time(eager_times)
     total = job_model_steps(job_sizes, batch_size=recipe.batch_size, epochs=recipe.epochs)
     if estimated_training_s(eager, steps, total) < COMPILE_PROBE_MIN_S:
         return compile_decision(eager, None, compile_s=None, probe_model_steps=steps, job_model_steps=total)
     try:  # the compile happens in the first epoch, in the eager warm-up steps of the graphed step
-        compiled_times = epoch_times(lambda e, **kw: run(e, layout, compile=True, **kw), clock=clock)
+        compiled_times = epoch_times(lambda e, **kw: run(e, layout, compile=True, **kw), clock=clock,
+                                     losses=compiled_losses)
     except Exception as e:  # noqa: BLE001 - out of memory, or a model inductor cannot compile: the eager step ran
         torch.cuda.empty_cache()
         text = error_line(e)
         log.warning("recipe.compile auto: the compiled probe failed (%s); training without compile", text)
         return False, f"compile auto: not compiled, the compiled probe failed ({text})"
     torch.cuda.empty_cache()
+    differ = compile_disagreement(eager_losses, compiled_losses)
+    if differ is not None:
+        log.warning("recipe.compile auto: the compiled step trains differently (%s); training without compile", differ)
+        return False, f"compile auto: not compiled, the compiled probe's losses differ from the eager step's ({differ})"
     compiled = steady_epoch_time(compiled_times)
     once = (compiled_times[0] - compiled) - (eager_times[0] - eager)  # what the compiled first epoch paid once more
     why = compile_decision(eager, compiled, compile_s=max(once, 0.0), probe_model_steps=steps, job_model_steps=total)

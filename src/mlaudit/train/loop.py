@@ -161,6 +161,7 @@ def train_stack(
     _fit_dp_stats(models, data, groups, pools, seeds, recipe)
     stack = StackedModels.from_modules(models, device, strategy=strategy, channels_last=recipe.channels_last,
                                        compile=recipe.compile is True)  # "auto" is the factory's to resolve
+    compiled = isinstance(stack, LoopStack) and stack.compiled
     plist = stack.trainable()
     opt = make_optimizer(recipe, plist, names=stack.trainable_names(), leading_k=stack.leading_k, base_lr=lr)
     flip_base = _alternating_flips(augment, pools, gens, device)
@@ -259,10 +260,10 @@ def train_stack(
             bad = ~torch.isfinite(loss_d)
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
             if check_every_step and bool(bad.any()):
-                _raise_nonfinite(first_bad, seeds, spe)
+                _raise_nonfinite(first_bad, seeds, spe, compiled=compiled)
             step += 1
         if bool((first_bad >= 0).any()):
-            _raise_nonfinite(first_bad, seeds, spe)
+            _raise_nonfinite(first_bad, seeds, spe, compiled=compiled)
         last_loss = epoch_loss / spe
         if on_epoch is not None:
             on_epoch(epoch, last_loss.detach().cpu())
@@ -494,12 +495,18 @@ def _gather(data: TensorDataset, groups: list[tuple[DataView | None, list[int]]]
     return x, y
 
 
-def _raise_nonfinite(first_bad: Tensor, seeds: Sequence[int], spe: int) -> None:
+COMPILED_NAN_HINT = ("recipe.compile is on, and inductor's kernels are not the eager ones: on an H100 (torch 2.11, "
+                     "2026-12-07) fastcnn under bf16 autocast had a NaN loss at its second step compiled and none "
+                     "eager; retry with compile: false (or precision: fp32) before lowering the learning rate")
+
+
+def _raise_nonfinite(first_bad: Tensor, seeds: Sequence[int], spe: int, *, compiled: bool = False) -> None:
     fb = first_bad.cpu().tolist()
     i = next(j for j, s in enumerate(fb) if s >= 0)
     epoch, step = divmod(fb[i], spe)
+    fix = COMPILED_NAN_HINT if compiled else "lower the learning rate or check the data for NaN/inf values"
     raise TrainingError(
         f"loss became NaN/inf for model {i} (seed {seeds[i]}) at epoch {epoch + 1}, step {step + 1} "
-        f"(global step {fb[i] + 1}); lower the learning rate or check the data for NaN/inf values",
+        f"(global step {fb[i] + 1}); {fix}",
         seed=seeds[i], epoch=epoch + 1, step=step + 1,
     )

@@ -247,3 +247,50 @@ def test_scale_channels() -> None:
     assert scale_channels(256, None, 64) == 256
     assert scale_channels(256, 8, 64) == 32
     assert scale_channels(3, 1, 64) == 1
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("quantised", [True, False])
+def test_fastcnn_float32_max_pool_is_bitwise_the_bf16_amax_in_eager_mode(bf16: bool, quantised: bool) -> None:
+    """fastcnn takes its global max pool in float32 (the compiled bf16 backward of ``amax`` gave NaN, 2026-12-07):
+    in eager mode the logits and every gradient equal, bit for bit, those of the pool taken in the map's own dtype,
+    with or without bf16 autocast, also with many tied maxima (a coarsely quantised input)."""
+    torch.manual_seed(0)
+    m = tiny("fastcnn", shape=(3, 32, 32))
+    x = torch.rand(48, 3, 32, 32)
+    if quantised:
+        x = (x * 2).round() / 2
+    y = torch.randint(0, NUM_CLASSES, (48,))
+
+    def reference(mod: nn.Module, xb: torch.Tensor) -> torch.Tensor:
+        return mod.head(mod.blocks(mod.stem(xb)).amax(dim=(-2, -1))) * mod.logit_scale
+
+    outs = []
+    for fn in (lambda mod, xb: mod(xb), reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            z = fn(m, x)
+        loss = F.cross_entropy(z.float(), y)
+        outs.append((z, torch.autograd.grad(loss, list(m.parameters()))))
+    assert outs[0][0].dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1], strict=True))
+
+
+@pytest.mark.slow  # inductor compiles the forward and backward on the CPU (~30 s on 2 cores)
+def test_compiled_fastcnn_gradients_are_finite_under_bf16_autocast() -> None:
+    """The bug the float32 pool fixes: fastcnn through ``torch.compile`` under bf16 autocast had NaN gradients in
+    every layer below the head (CPU torch 2.13; on an H100 with torch 2.11 the factory's loss was NaN at step 2)."""
+    from mlaudit.train.stacked import _compiled_call
+
+    torch.manual_seed(0)
+    m = tiny("fastcnn", shape=(3, 32, 32)).to(memory_format=torch.channels_last)
+    x = torch.rand(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, NUM_CLASSES, (32,))
+    losses = []
+    for fn in (_compiled_call(), lambda mod, xb: mod(xb)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(fn(m, x).float(), y)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        assert all(torch.isfinite(g).all() for g in grads)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=2e-2)

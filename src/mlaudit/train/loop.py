@@ -495,9 +495,9 @@ def _gather(data: TensorDataset, groups: list[tuple[DataView | None, list[int]]]
     return x, y
 
 
-COMPILED_NAN_HINT = ("recipe.compile is on, and inductor's kernels are not the eager ones: on an H100 (torch 2.11, "
-                     "2026-12-07) fastcnn under bf16 autocast had a NaN loss at its second step compiled and none "
-                     "eager; retry with compile: false (or precision: fp32) before lowering the learning rate")
+COMPILED_NAN_HINT = ("recipe.compile is on, and inductor's kernels are not the eager ones (until 2026-12-07 fastcnn's "
+                     "bf16 global max pool had NaN gradients compiled and none eager); retry with compile: false "
+                     "(or precision: fp32) before lowering the learning rate")
 
 
 def _raise_nonfinite(first_bad: Tensor, seeds: Sequence[int], spe: int, *, compiled: bool = False) -> None:

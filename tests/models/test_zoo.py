@@ -252,7 +252,7 @@ def test_scale_channels() -> None:
 @pytest.mark.parametrize("bf16", [True, False])
 @pytest.mark.parametrize("quantised", [True, False])
 def test_fastcnn_float32_max_pool_is_bitwise_the_bf16_amax_in_eager_mode(bf16: bool, quantised: bool) -> None:
-    """fastcnn takes its global max pool in float32 (the compiled bf16 backward of ``amax`` gave NaN, 2026-12-07):
+    """fastcnn takes its global max pool in at least float32 (the compiled bf16 backward of ``amax`` gave NaN, 2026-12-07):
     in eager mode the logits and every gradient equal, bit for bit, those of the pool taken in the map's own dtype,
     with or without bf16 autocast, also with many tied maxima (a coarsely quantised input)."""
     torch.manual_seed(0)

@@ -176,17 +176,16 @@ that computes something else (there: fastcnn's NaN at the second step under bf16
 
 def compile_disagreement(eager: Sequence[Sequence[float]], compiled: Sequence[Sequence[float]]) -> str | None:
     """None if the compiled probe's losses [epochs][models] match the eager probe's within
-    :data:`COMPILE_LOSS_RTOL`, else where they differ most (a sentence)."""
-    worst: tuple[float, int, int, float, float] | None = None
-    for e, (le, lc) in enumerate(zip(eager, compiled, strict=False)):
-        for m, (a, b) in enumerate(zip(le, lc, strict=False)):
-            excess = abs(b - a) - COMPILE_LOSS_RTOL * max(abs(a), 0.5)
-            if not math.isfinite(b) or not math.isfinite(a):
-                excess = math.inf
-            if excess > 0 and (worst is None or excess > worst[0]):
-                worst = (excess, e, m, a, b)
+    :data:`COMPILE_LOSS_RTOL` (of the eager loss, at least 0.5), else where they differ most (a sentence)."""
     if len(compiled) != len(eager):
         return f"the compiled probe reported {len(compiled)} epochs, the eager one {len(eager)}"
+    worst: tuple[float, int, int, float, float] | None = None
+    for e, (le, lc) in enumerate(zip(eager, compiled, strict=True)):
+        for m, (a, b) in enumerate(zip(le, lc, strict=True)):
+            finite = math.isfinite(a) and math.isfinite(b)
+            excess = abs(b - a) - COMPILE_LOSS_RTOL * max(abs(a), 0.5) if finite else math.inf
+            if excess > 0 and (worst is None or excess > worst[0]):
+                worst = (excess, e, m, a, b)
     if worst is None:
         return None
     _, e, m, a, b = worst

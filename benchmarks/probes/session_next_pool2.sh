@@ -5,6 +5,7 @@
 # 1. where roc_analysis's time goes for one attack of 12.8M pairs (bootstrap_profile.py);
 # 2. A/B in one call: the compiled pool step with chunks of 4 and of 8 (pool_chunk_profile.py, 16 models each);
 # 3. the 256-model lean compiled pool at 5 epochs (a trade-off: not the recipe the goal names; report it as such).
+# Part 1 ran on an H100 on 2026-12-07 (sixth session): benchmarks/results/bootstrap_profile_h100.md; parts 2-3 not yet.
 T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh

@@ -169,9 +169,9 @@ COMPILE_LOSS_RTOL = 0.1
 """The compiled probe's mean loss per model and epoch must lie within this fraction of the eager probe's (the same
 models, data order and recipe; floor 0.05 in absolute terms) for ``compile: auto`` to keep the compiled step.
 Rounding alone moves them far less: compiled vs eager airbench-muon over the probe's 6 x 4 steps under bf16, at most
-0.27% (CPU inductor, 2026-12-07, benchmarks/results/compile_loss_agreement_cpu.md), and even fp32 vs bf16 eager
-fast CNNs over 3 epochs differed by <= 1.5% (H100, benchmarks/results/compile_graph_nan_h100.md). A compiled step
-that computes something else (there: fastcnn's NaN at the second step under bf16) is not a faster step."""
+0.27% (CPU inductor, 2026-12-07, benchmarks/results/compile_loss_agreement_cpu.md), and even a fast CNN compiled in
+fp32 vs eager in bf16 differed by <= 1.5% over 3 epochs (H100, benchmarks/results/compile_graph_nan_h100.md). A step
+compiled into something else (there: fastcnn's NaN at the second step under bf16) is not a faster step."""
 
 
 def compile_disagreement(eager: Sequence[Sequence[float]], compiled: Sequence[Sequence[float]]) -> str | None:

@@ -3,7 +3,7 @@ forward and backward, compiled and eager, from one initialisation: the loss of e
 gradients are not finite (fastcnn's bf16 ``amax`` pool had NaN gradients compiled until 2026-12-07).
 
     python benchmarks/probes/compile_zoo_sweep.py --device cpu            # inductor's C++ backend
-    python benchmarks/probes/compile_zoo_sweep.py --device cuda --out /tmp/w/compile_zoo_sweep.json
+    python benchmarks/probes/compile_zoo_sweep.py --device cuda --parallel 10 --out /tmp/w/compile_zoo_sweep.json
 """
 
 from __future__ import annotations
@@ -52,14 +52,19 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--one", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--parallel", type=int, default=1, help="models compiled at once (one process each)")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.device)))
         return
-    rows = []
-    for name in NAMES:  # one process each: a fresh dynamo cache
-        text = subprocess.run([sys.executable, __file__, "--one", name, "--device", args.device], capture_output=True,
-                              text=True, timeout=600).stdout
+    rows, pending, running = [], list(NAMES), []  # one process per model (a fresh dynamo cache), --parallel at once
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            running.append((name, subprocess.Popen([sys.executable, __file__, "--one", name, "--device", args.device],
+                                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)))
+        name, proc = running.pop(0)
+        text, _ = proc.communicate(timeout=600)
         lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
         rows.append(json.loads(lines[-1][7:]) if lines else {"model": name, "crashed": text[-800:]})
         print(json.dumps(rows[-1]), flush=True)

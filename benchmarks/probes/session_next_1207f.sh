@@ -10,7 +10,7 @@ T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh
 unpack_cifar &
-timeout 150 python3 benchmarks/probes/compile_zoo_sweep.py --device cuda --out $W/compile_zoo_sweep_$G.json > $W/compile_zoo_sweep_$G.txt 2>&1
+timeout 150 python3 benchmarks/probes/compile_zoo_sweep.py --device cuda --parallel 10 --out $W/compile_zoo_sweep_$G.json > $W/compile_zoo_sweep_$G.txt 2>&1
 echo "zoo sweep rc $? after $((SECONDS-T0)) s"; cut -c1-300 $W/compile_zoo_sweep_$G.txt; pack
 timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py -k "compile" -rs \
   > $W/gpu_tests_compile_$G.txt 2>&1

@@ -3,6 +3,8 @@
 # Prepared 2026-12-07 (fifth session) for the next device call, issue 23 goals 2 and 5:
 # 1. the GPU tests of the compiled graph and of recipe.compile: auto (written after that session's device time ran out);
 # 2. the 256-model lean pool with compile: auto (what the probe picks, and the pool's time with it).
+# Ran on an H100 on 2026-12-07 (sixth session): benchmarks/results/gpu_tests_2026-12-07_sixth_compile_h100.txt and
+# membership_cifar10_membership_256_airbench_lean_auto_h100.md (with the probe of that day, since replaced).
 T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh

@@ -67,11 +67,11 @@ class FastCNN(nn.Module):
         self.logit_scale = 1.0 if norm == "none" else LOGIT_SCALE  # a constant, fixed at build time
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # global max pool over the remaining map, taken in at least float32: under torch.compile + bf16 autocast the backward
-        # of a bf16 amax gave NaN gradients to every layer below the head (torch 2.13 CPU and 2.11 H100, 2026-12-07;
-        # the compiled step's loss was NaN at step 2, benchmarks/results/compile_graph_nan_h100.md). In eager mode
-        # the upcast changes nothing: bf16 values are exact in float32, the head casts back under autocast, and
-        # the gradient is rounded to bf16 once either way (tests/models/test_zoo.py checks the two bitwise).
+        # global max pool over the remaining map, taken in at least float32: under torch.compile + bf16 autocast the
+        # backward of a bf16 amax gave NaN gradients to every layer below the head (torch 2.13 CPU and 2.11 H100,
+        # 2026-12-07; the compiled step's loss was NaN at step 2, benchmarks/results/compile_graph_nan_h100.md). In
+        # eager mode the upcast changes nothing: bf16 values are exact in float32, the head casts back under autocast,
+        # and the gradient is rounded to bf16 once either way (tests/models/test_zoo.py checks the two bitwise).
         h = self.blocks(self.stem(x))
         h = h.to(torch.promote_types(h.dtype, torch.float32)).amax(dim=(-2, -1))  # float64 stays float64
         return self.head(h) * self.logit_scale

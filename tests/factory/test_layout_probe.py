@@ -250,37 +250,146 @@ def test_pick_compile_without_a_probe_where_compile_does_not_apply() -> None:
     assert not use and "loop layout on CUDA (here vmap on cuda)" in why
 
 
-def test_factory_trains_with_the_compile_it_picked_and_records_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The job's compile is decided once (first chunk) and every chunk's train_stack gets the resolved bool;
-    each model's stack_layout_reason carries the reason. Trains for real on the CPU (where compiling is a no-op)."""
+def test_factory_trains_each_chunk_with_the_compile_decided_so_far_and_records_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's CompileProbe is made once (first chunk, with background=True and the chunk's evaluation as its
+    warm-up) and asked before every chunk: each chunk's train_stack gets the answer of that moment (here eager
+    while "compiling", then compiled), each model's stack_layout_reason carries it, and the probe is closed when
+    the job ends. Trains for real on the CPU (where compiling is a no-op)."""
     from mlaudit.data import DatasetSpec, load_dataset
     from mlaudit.factory import FactoryJob, TrialSpec, batched
     from mlaudit.models import ModelSpec
     from mlaudit.train.recipe import resolve_recipe
 
-    decided: list[int] = []
+    made: list[dict[str, object]] = []
+    closed: list[bool] = []
     seen: list[object] = []
     real_train = batched.train_stack
+    answers = iter([(False, "compile auto: eager while compiling, fake"), (True, "compile auto: compiled, fake")])
 
-    def fake_pick(recipe, *, k, job_sizes, **_):  # noqa: ANN001, ANN202
-        decided.append(k)
-        assert recipe.compile == "auto" and len(job_sizes) == 3
-        return True, "compile auto: compiled, fake probe"
+    class FakeProbe:
+        def __init__(self, recipe, **kw):  # noqa: ANN001, ANN003
+            assert recipe.compile == "auto" and len(kw["job_sizes"]) == 3
+            made.append(kw)
+
+        def decision(self) -> tuple[bool, str]:
+            return next(answers)
+
+        def close(self) -> None:
+            closed.append(True)
 
     def spy(models, data, recipe, **kw):  # noqa: ANN001, ANN202
         seen.append(recipe.compile)
         return real_train(models, data, recipe, **kw)
 
-    monkeypatch.setattr(batched, "pick_compile", fake_pick)
+    monkeypatch.setattr(batched, "CompileProbe", FakeProbe)
     monkeypatch.setattr(batched, "train_stack", spy)
     data = load_dataset(DatasetSpec(name="digits"))
     job = FactoryJob(model=ModelSpec(name="mlp", width=16), recipe=resolve_recipe({"name": "fast", "epochs": 1,
                                                                                     "compile": "auto"}),
                      data=data, trials=tuple(TrialSpec(f"m{i}", i) for i in range(3)), device="cpu", max_chunk=2,
-                     batched=True, evaluate=False)
+                     batched=True, evaluate=True)
     out = batched.run_trials(job)
-    assert decided == [2] and seen == [True, True]
-    assert all("fake probe" in m.metrics["stack_layout_reason"] for m in out)
+    assert len(made) == 1 and made[0]["k"] == 2 and made[0]["background"] is True and callable(made[0]["warm"])
+    assert seen == [False, True] and closed == [True]
+    assert ["fake" in m.metrics["stack_layout_reason"] for m in out] == [True] * 3
+    assert [m.metrics["stack_layout_reason"].endswith("eager while compiling, fake") for m in out] == [True, True,
+                                                                                                       False]
+
+
+def test_the_probe_is_closed_when_a_chunk_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job that raises (here a NaN loss) still waits for its background compile (run_trials' finally)."""
+    from mlaudit.data import DatasetSpec, load_dataset
+    from mlaudit.errors import TrainingError
+    from mlaudit.factory import FactoryJob, TrialSpec, batched
+    from mlaudit.models import ModelSpec
+    from mlaudit.train.recipe import resolve_recipe
+
+    closed: list[bool] = []
+
+    class FakeProbe:
+        def __init__(self, recipe, **kw) -> None:  # noqa: ANN001, ANN003
+            pass
+
+        def decision(self) -> tuple[bool, str]:
+            return False, "compile auto: fake"
+
+        def close(self) -> None:
+            closed.append(True)
+
+    monkeypatch.setattr(batched, "CompileProbe", FakeProbe)
+    data = load_dataset(DatasetSpec(name="digits"))
+    job = FactoryJob(model=ModelSpec(name="mlp", width=16), recipe=resolve_recipe({"name": "fast", "epochs": 1,
+                                                                                    "lr": 1e30, "compile": "auto"}),
+                     data=data, trials=(TrialSpec("m0", 0),), device="cpu", max_chunk=1, batched=True, evaluate=False)
+    with pytest.raises(TrainingError):
+        batched.run_trials(job)
+    assert closed == [True]
+
+
+def _background_probe(monkeypatch: pytest.MonkeyPatch, *, fail: bool = False):  # noqa: ANN202
+    """A CompileProbe with background=True over the fake train_stack of :func:`_fake_compile_probe`, whose
+    background call (1 model, 1 epoch, compile on, no CUDA graph) blocks until the returned event is set."""
+    import threading
+
+    import torch
+
+    from mlaudit.data import load_dataset
+    from mlaudit.factory import layout
+    from mlaudit.models.registry import build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    calls, now = _fake_compile_probe(monkeypatch, eager_epoch=1.0, compiled_epoch=0.8, compile_s=0.0)
+    fake = layout.train_stack
+    release = threading.Event()
+    background: list[tuple[int, int, object, str]] = []
+    warmed: list[object] = []
+
+    def train(models, data, recipe, **kw):  # noqa: ANN001, ANN202
+        if threading.current_thread() is threading.main_thread():
+            return fake(models, data, recipe, **kw)
+        background.append((len(models), recipe.epochs, recipe.cuda_graph, threading.current_thread().name))
+        assert recipe.compile is True
+        release.wait(10)
+        if fail:
+            raise RuntimeError("BackendCompilerFailed: fake\nsecond line")
+        kw["on_epoch_models"](0, "the trained stack")
+        return None
+
+    monkeypatch.setattr(layout, "train_stack", train)
+    data = load_dataset("digits").train
+    probe = layout.CompileProbe(resolve_recipe({"name": "fast", "compile": "auto"}), layout="loop", k=16, data=data,
+                                lr=0.1, device=torch.device("cuda"), augment=None, job_sizes=[len(data)] * 10_000,
+                                model_fn=lambda: build_model("mlp", input_shape=(1, 8, 8), num_classes=10),
+                                clock=lambda: now[0], background=True, warm=warmed.append)
+    return probe, release, calls, background, warmed
+
+
+def test_compile_probe_in_the_background_answers_eager_until_the_compile_is_done(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """background=True: after the eager probe (on this thread) the compile runs in a thread (one model, one epoch,
+    no CUDA graph, then warm(stack)); decision() answers eager without blocking while it runs, then times the
+    compiled step here (compile already done) and decides as the synchronous probe does."""
+    probe, release, calls, background, warmed = _background_probe(monkeypatch)
+    for _ in range(3):
+        use, why = probe.decision()
+        assert not use and "eager while the step compiles in the background" in why
+    release.set()
+    probe.close()
+    assert background == [(1, 1, False, "mlaudit-compile")] and warmed == ["the trained stack"]
+    use, why = probe.decision()
+    assert use and "1.000 s eager vs 0.800 s compiled" in why and "while 3 chunk(s) trained eagerly" in why
+    assert calls == [(False, PROBE_EPOCHS), (True, PROBE_EPOCHS)]  # the probes on this thread
+    assert probe.decision() == (use, why)  # final
+
+
+def test_compile_probe_in_the_background_reports_a_failed_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    probe, release, calls, _, warmed = _background_probe(monkeypatch, fail=True)
+    release.set()
+    probe.close()
+    use, why = probe.decision()
+    assert not use and "compiled probe failed (RuntimeError: BackendCompilerFailed: fake)" in why
+    assert calls == [(False, PROBE_EPOCHS)] and warmed == []
 
 
 def test_pick_compile_falls_back_to_eager_when_the_compiled_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:

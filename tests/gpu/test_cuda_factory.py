@@ -216,14 +216,27 @@ def test_cuda_graph_captures_the_compiled_step(monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.parametrize("precision", ["fp32", "auto"])
 def test_compile_auto_probe_and_the_factory_run_on_cuda(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
-    """``recipe.compile: auto`` for real on a GPU: with the probe threshold at 0 the factory probes the eager and
-    the compiled graphed step (fastcnn, 2 models), trains with what it picked, and records why. fp32: the compiled
-    probe runs and agrees, so the reason carries both timings. bf16 autocast (``auto``): on an H100 (torch 2.11,
-    2026-12-07) inductor's fastcnn gave a NaN loss at the second step (benchmarks/results/compile_graph_nan_h100.md);
-    whatever the probe found, the job must train to finite losses, compiled only if the probe agreed."""
+    """``recipe.compile: auto`` for real on a GPU: with the probe threshold at 0 the factory probes the eager step,
+    compiles in a background thread (one model, no CUDA graph, then the chunk's evaluation), and here waits for it
+    before its first answer, so the compiled graphed probe runs on the job's thread. That probe must not compile
+    again (``error_on_recompile``): the graphs compiled in the thread, without capture, serve the captured step and
+    the evaluation of new models. fp32: the compiled probe agrees, so the reason carries both timings. bf16
+    autocast (``auto``): on an H100 (torch 2.11, 2026-12-07) inductor's fastcnn gave a NaN loss at the second step
+    before its max pool moved to float32 (benchmarks/results/compile_graph_nan_h100.md); whatever the probe finds,
+    the job must train to finite losses."""
+    import torch._dynamo
+
     from mlaudit.factory import layout
 
     monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
+    real = layout.CompileProbe.decision
+
+    def after_the_compile(self: layout.CompileProbe) -> tuple[bool, str]:
+        self.close()
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        return real(self)
+
+    monkeypatch.setattr(layout.CompileProbe, "decision", after_the_compile)
     data = load_dataset(SPEC)
     r = Recipe(lr=0.05, momentum=0.9, epochs=2, batch_size=32, schedule="triangular", augment="none",
                compile="auto", precision=precision)
@@ -235,11 +248,36 @@ def test_compile_auto_probe_and_the_factory_run_on_cuda(monkeypatch: pytest.Monk
     print(why)
     assert "compile auto: " in why
     if precision == "fp32":
-        assert "s eager vs" in why and "s compiled" in why
+        assert "s eager vs" in why and "s compiled" in why and "compiled in the background while 0 chunk" in why
     else:
         assert "s eager vs" in why or "compiled probe failed" in why or "losses differ" in why
+    assert "recompil" not in why.lower()
     assert [m.metrics["step_path"] for m in out] == ["cuda-graph"] * 2
     assert all(math.isfinite(float(m.metrics["train_loss"])) for m in out)
+
+
+def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(monkeypatch: pytest.MonkeyPatch
+                                                                               ) -> None:
+    """``compile: auto`` as the factory runs it: the first chunks train with the eager graphed step, capturing
+    their CUDA graphs on the job's thread while inductor compiles (allocations, synchronisations, kernel loads) in
+    the background thread; the capture mode is thread_local, so no capture fails and every model trains graphed to
+    a finite loss, with the test evaluation of each chunk."""
+    from mlaudit.factory import layout
+
+    monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
+    data = load_dataset(SPEC)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=32, schedule="triangular", augment="none",
+               compile="auto", precision="auto")
+    job = FactoryJob(model=ModelSpec(name="fastcnn"), recipe=r, data=data,
+                     trials=tuple(TrialSpec(f"m{i}", i) for i in range(12)), device="cuda", max_chunk=2,
+                     batched=True, strategy="loop")
+    out = run_trials(job)
+    reasons = [str(m.metrics["stack_layout_reason"]) for m in out]
+    print("\n".join(dict.fromkeys(reasons)))
+    assert "eager while the step compiles in the background" in reasons[0]
+    assert [m.metrics["step_path"] for m in out] == ["cuda-graph"] * 12
+    assert all(math.isfinite(float(m.metrics["train_loss"])) for m in out)
+    assert all(0.0 <= float(m.metrics["test_accuracy"]) <= 1.0 for m in out)
 
 
 def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:

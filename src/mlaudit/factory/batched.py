@@ -37,7 +37,7 @@ from ..train.loop import (
     train_stack,
     use_bf16,
 )
-from .layout import PROBE_MAX_MODELS, dp_fast_loop, pick_compile, pick_layout
+from .layout import PROBE_MAX_MODELS, CompileProbe, dp_fast_loop, pick_layout
 from .spec import FactoryJob, TrainedModel, TrialSpec, resolve_device
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ class _Setup:
         self.recipe = job.recipe
         self.strategy = job.strategy
         self._layouts: dict[int, tuple[str, str]] = {}
-        self._compile: tuple[bool, str] | None = None
+        self._compile: CompileProbe | None = None
+        self.warm: Callable[[StackedModels], None] | None = None  # set by run_trials: a chunk's evaluation
         self.trials = job.trials
         self.measured_chunk: int | None = None
 
@@ -81,14 +82,20 @@ class _Setup:
         return self._layouts[key][0]
 
     def compile_for(self, k: int, layout: str) -> tuple[bool, str]:
-        """``recipe.compile`` for this job and why; ``auto`` is measured once, on the first chunk
-        (:func:`~mlaudit.factory.layout.pick_compile`)."""
+        """``recipe.compile`` for the next chunk and why; ``auto`` is probed once, on the first chunk, and compiles
+        in the background while the first chunks train eagerly (:class:`~mlaudit.factory.layout.CompileProbe`)."""
         if self._compile is None:
             sizes = ([int(t.mask.sum()) if t.mask is not None else self.total(t) for t in self.trials]
                      if self.recipe.compile == "auto" else [])  # training examples per model: auto's estimate only
-            self._compile = pick_compile(self.recipe, layout=layout, k=k, model_fn=self.model_fn, data=self.data.train,
-                                         lr=self.lr, device=self.device, augment=self.augment, job_sizes=sizes)
-        return self._compile
+            self._compile = CompileProbe(self.recipe, layout=layout, k=k, model_fn=self.model_fn,
+                                         data=self.data.train, lr=self.lr, device=self.device, augment=self.augment,
+                                         job_sizes=sizes, background=True, warm=self.warm)
+        return self._compile.decision()
+
+    def close(self) -> None:
+        """The end of the job: wait for a background compile still running."""
+        if self._compile is not None:
+            self._compile.close()
 
     def total(self, t: TrialSpec) -> int:
         """Rows of trial ``t``'s training set (its view's, or the base data's): what its mask indexes."""
@@ -123,6 +130,17 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
         # instead of copying the dataset host-to-device for every chunk (hundreds with max_chunk=1)
         data = _on_device_by_json(job.data_spec.model_dump_json(), str(device))
     setup = _Setup(job, data, device)
+    if job.evaluate or job.queries:
+        setup.warm = functools.partial(_evaluate_and_query, job, setup=setup)
+    try:
+        return _run_groups(job, data, setup, on_result, on_epoch)
+    finally:
+        setup.close()
+
+
+def _run_groups(job: FactoryJob, data: DataBundle, setup: _Setup, on_result: ResultFn | None,
+                on_epoch: Callable[[int, int], None] | None) -> list[TrainedModel]:
+    """run_trials' loop: each group of trials in chunks, halving a chunk that runs out of memory."""
     done: dict[str, TrainedModel] = {}
     ceiling: int | None = None  # the chunk size an out-of-memory back-off settled on: later groups start there
     for group in plan_groups(job, data):
@@ -184,14 +202,11 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     if job.evaluate or job.queries:
         # the trained stack itself, still on the device (its weights are exactly the returned state_dicts)
         stack = trained[0] if 0 in trained else StackedModels.from_modules(_loaded(models, outs), device, strategy=layout)
-    if job.evaluate:
-        assert stack is not None
-        ev = evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size, bf16=use_bf16(job.recipe, device),
-                      tta=job.recipe.tta)
+    ev, outputs = _evaluate_and_query(job, stack, setup) if stack is not None else (None, None)
+    if ev is not None:
         for i, m in enumerate(metrics):
             m["test_accuracy"] = float(ev["accuracy"][i])
             m["test_loss"] = float(ev["loss"][i])
-    outputs = query_outputs(job, stack, setup.data, batch_size=job.recipe.eval_batch_size) if stack is not None else None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -201,6 +216,15 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
     return [TrainedModel(t.trial_id, t.seed, o.state_dict, m, o.steps, wall, dict(t.tags),
                          outputs=outputs[i] if outputs else {})
             for i, (t, o, m) in enumerate(zip(chunk, outs, metrics))]
+
+
+def _evaluate_and_query(job: FactoryJob, stack: StackedModels, setup: _Setup
+                        ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]]]:
+    """A trained chunk's test evaluation (if the job evaluates) and query outputs (:func:`query_outputs`); also what
+    a background compile runs on its stack (:attr:`_Setup.warm`), so the compiled chunks find these graphs ready."""
+    ev = (evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size,
+                   bf16=use_bf16(job.recipe, setup.device), tta=job.recipe.tta) if job.evaluate else None)
+    return ev, query_outputs(job, stack, setup.data, batch_size=job.recipe.eval_batch_size)
 
 
 def query_outputs(job: FactoryJob, stack: StackedModels, data: DataBundle, *,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -26,7 +27,7 @@ from ..data.base import TensorDataset
 from ..errors import error_line
 from ..train.loop import init_models, train_stack
 from ..train.recipe import AugmentConfig, Recipe
-from ..train.stacked import choose_strategy
+from ..train.stacked import StackedModels, choose_strategy
 
 log = logging.getLogger(__name__)
 PROBE_STEPS = 4
@@ -40,19 +41,21 @@ def _probe_run(recipe: Recipe, *, k: int, model_fn: Callable[[], nn.Module], dat
                device: torch.device, augment: AugmentConfig | None
                ) -> tuple[Callable[..., None], int, int]:
     """The training call of the timed probes (:func:`pick_layout`, :func:`pick_compile`):
-    ``run(epochs, layout, on_epoch=None, **recipe_update)`` trains min(k, :data:`PROBE_MAX_MODELS`) fresh models on
-    the first :data:`PROBE_STEPS` batches of ``data`` (``on_epoch`` is train_stack's), CUDA-synchronised before and
-    after. Also returns that number of models and the model-steps of one probe epoch."""
+    ``run(epochs, layout, on_epoch=None, models=None, on_epoch_models=None, **recipe_update)`` trains
+    min(k, :data:`PROBE_MAX_MODELS`) fresh models (or ``models``) on the first :data:`PROBE_STEPS` batches of ``data``
+    (``on_epoch`` and ``on_epoch_models`` are train_stack's), CUDA-synchronised before and after. Also returns that number of models and the model-steps of one probe epoch."""
     n = min(len(data), PROBE_STEPS * recipe.batch_size)
     probe = data.subset(torch.arange(n, device=data.device))
     kp = min(k, PROBE_MAX_MODELS)
 
     def run(epochs: int, layout: str, on_epoch: Callable[[int, torch.Tensor], None] | None = None,
-            **update: object) -> None:
-        models = init_models(model_fn, range(kp))
+            models: list[nn.Module] | None = None,
+            on_epoch_models: Callable[[int, StackedModels], None] | None = None, **update: object) -> None:
+        models = init_models(model_fn, range(kp)) if models is None else models
         torch.cuda.synchronize(device)
-        train_stack(models, probe, recipe.model_copy(update={"epochs": epochs, **update}), seeds=list(range(kp)), lr=lr,
-                    device=device, augment=augment, strategy=layout, on_epoch=on_epoch)
+        train_stack(models, probe, recipe.model_copy(update={"epochs": epochs, **update}),
+                    seeds=list(range(len(models))), lr=lr, device=device, augment=augment, strategy=layout,
+                    on_epoch=on_epoch, on_epoch_models=on_epoch_models)
         torch.cuda.synchronize(device)
 
     return run, kp, kp * -(-n // recipe.batch_size)
@@ -224,46 +227,145 @@ def compile_decision(eager_epoch_s: float, compiled_epoch_s: float | None, *, co
     return False, f"compile auto: not compiled (gain below {100 * COMPILE_MIN_GAIN:.0f}%), {timing}"
 
 
-def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset,
-                 lr: float, device: torch.device, augment: AugmentConfig | None, job_sizes: Sequence[int],
-                 clock: Callable[[], float] = time.perf_counter) -> tuple[bool, str]:
+WarmFn = Callable[[StackedModels], None]
+"""What the background compile runs after its training step on the stack it trained (the factory's evaluation and
+queries of a chunk), so that their compiled graphs are ready too."""
+
+
+class CompileProbe:
     """``recipe.compile`` for a factory job, and why: ``true`` / ``false`` as set; ``auto`` measured.
 
     ``auto`` compiles only in the loop layout on CUDA (where ``recipe.compile`` applies), and only a job whose
     training, estimated from a probe of the eager step (:data:`PROBE_STEPS` batches x min(k, 16) models, the
     layout probe's setting), lasts at least :data:`COMPILE_PROBE_MIN_S`; then it times the compiled step the same
-    way (its first epoch pays inductor's compile: the compile's cost is that epoch's one-time part less the eager
-    probe's) and keeps it if :func:`compile_decision` says so. A compiled probe that fails (out of memory, a model
+    way and keeps it if :func:`compile_decision` says so. A compiled probe that fails (out of memory, a model
     inductor cannot compile, a NaN loss) or whose losses differ from the eager probe's (:func:`compile_disagreement`)
     leaves the job eager, with the error or the difference in the reason.
-    ``job_sizes``: the number of training examples of each of the job's models."""
-    if recipe.compile != "auto":
-        return bool(recipe.compile), "set by recipe.compile"
-    if device.type != "cuda" or layout != "loop":
-        return False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
-    run, _, steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device, augment=augment)
-    eager_losses: list[list[float]] = []
-    compiled_losses: list[list[float]] = []
-    eager_times = epoch_times(lambda e, **kw: run(e, layout, compile=False, **kw), clock=clock, losses=eager_losses)
-    eager = steady_epoch_time(eager_times)
-    total = job_model_steps(job_sizes, batch_size=recipe.batch_size, epochs=recipe.epochs)
-    if estimated_training_s(eager, steps, total) < COMPILE_PROBE_MIN_S:
-        return compile_decision(eager, None, compile_s=None, probe_model_steps=steps, job_model_steps=total)
-    try:  # the compile happens in the first epoch, in the eager warm-up steps of the graphed step
-        compiled_times = epoch_times(lambda e, **kw: run(e, layout, compile=True, **kw), clock=clock,
-                                     losses=compiled_losses)
-    except Exception as e:  # noqa: BLE001 - out of memory, or a model inductor cannot compile: the eager step ran
+    ``job_sizes``: the number of training examples of each of the job's models.
+
+    **Compiling in the background** (``background=True``, the factory's choice). Inductor's compile of the airbench
+    network took 15-29 s on an H100 (2026-12-07), with the GPU idle: 6-11% of a 256-model pool. With ``background``
+    the compile runs in a thread, one epoch of the compiled step on one throwaway model (no CUDA graph: captures
+    stay on the calling thread) and then ``warm(stack)`` on it, while :meth:`decision` answers "eager" and the job's
+    first chunks train with the eager (graphed) step. The compiled graphs are kept by ``torch.compile`` for every
+    model of the architecture (the guards are on shapes and global state, not on the module), so once the thread
+    is done the compiled probe runs on the calling thread at its steady speed and the decision is made as without
+    ``background``. The models a chunk trains do not depend on the thread: they are built on the calling thread
+    (the thread's model is built before it starts), and every draw of training comes from per-model generators.
+    Which chunks train compiled depends on when the compile ends, as ``auto``'s choice depends on the timings:
+    set ``compile: true`` or ``false`` to fix the path. Call :meth:`close` when the job ends (it waits for a compile
+    still running)."""
+
+    def __init__(self, recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset,
+                 lr: float, device: torch.device, augment: AugmentConfig | None, job_sizes: Sequence[int],
+                 clock: Callable[[], float] = time.perf_counter, background: bool = False,
+                 warm: WarmFn | None = None) -> None:
+        self._final: tuple[bool, str] | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._compile_s = 0.0
+        self.eager_chunks = 0  # chunks answered "eager" while the compile ran
+        self.clock, self.layout = clock, layout
+        if recipe.compile != "auto":
+            self._final = bool(recipe.compile), "set by recipe.compile"
+            return
+        if device.type != "cuda" or layout != "loop":
+            self._final = False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
+            return
+        self.run, _, self.steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device,
+                                             augment=augment)
+        self.eager_losses: list[list[float]] = []
+        self.eager_times = epoch_times(lambda e, **kw: self.run(e, layout, compile=False, **kw), clock=clock,
+                                       losses=self.eager_losses)
+        self.eager = steady_epoch_time(self.eager_times)
+        self.total = job_model_steps(job_sizes, batch_size=recipe.batch_size, epochs=recipe.epochs)
+        if estimated_training_s(self.eager, self.steps, self.total) < COMPILE_PROBE_MIN_S:
+            self._final = compile_decision(self.eager, None, compile_s=None, probe_model_steps=self.steps,
+                                           job_model_steps=self.total)
+            return
+        if not background:
+            self._settle()
+            return
+        model = init_models(model_fn, [0])  # here, not in the thread: init_models seeds the global CPU generator
+        self._thread = threading.Thread(target=self._compile, args=(model, warm), name="mlaudit-compile", daemon=True)
+        self._thread.start()
+
+    def _compile(self, model: list[nn.Module], warm: WarmFn | None) -> None:
+        """The background thread: one compiled epoch (inductor compiles the forward and backward), then ``warm``."""
+        t0 = self.clock()
+        try:
+            trained: dict[int, StackedModels] = {}
+            self.run(1, self.layout, models=model, compile=True, cuda_graph=False,
+                     on_epoch_models=lambda _e, st: trained.__setitem__(0, st))
+            if warm is not None and 0 in trained:
+                warm(trained[0])
+        except BaseException as e:  # noqa: BLE001 - reported by decision() on the job's thread
+            self._error = e
+        self._compile_s = self.clock() - t0
+
+    def decision(self) -> tuple[bool, str]:
+        """Whether the next chunk trains compiled, and why; final once the probe has settled (never blocks on a
+        background compile: while it runs, the answer is eager)."""
+        if self._final is not None:
+            return self._final
+        assert self._thread is not None
+        if self._thread.is_alive():
+            self.eager_chunks += 1
+            est = estimated_training_s(self.eager, self.steps, self.total)
+            return False, (f"compile auto: eager while the step compiles in the background (probe epoch "
+                           f"{self.eager:.3f} s eager, job estimated at {est:.0f} s)")
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            self._final = self._failed(self._error)
+        else:
+            self._settle(compile_s=self._compile_s)
+        assert self._final is not None
+        return self._final
+
+    def close(self) -> None:
+        """Wait for a background compile still running (at the end of the job)."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _failed(self, e: BaseException) -> tuple[bool, str]:
         torch.cuda.empty_cache()
         text = error_line(e)
         log.warning("recipe.compile auto: the compiled probe failed (%s); training without compile", text)
         return False, f"compile auto: not compiled, the compiled probe failed ({text})"
-    torch.cuda.empty_cache()
-    differ = compile_disagreement(eager_losses, compiled_losses)
-    if differ is not None:
-        log.warning("recipe.compile auto: the compiled step trains differently (%s); training without compile", differ)
-        return False, f"compile auto: not compiled, the compiled probe's losses differ from the eager step's ({differ})"
-    compiled = steady_epoch_time(compiled_times)
-    once = (compiled_times[0] - compiled) - (eager_times[0] - eager)  # what the compiled first epoch paid once more
-    why = compile_decision(eager, compiled, compile_s=max(once, 0.0), probe_model_steps=steps, job_model_steps=total)
-    log.info("%s", why[1])
-    return why
+
+    def _settle(self, compile_s: float | None = None) -> None:
+        """The compiled probe on this thread and the decision. ``compile_s``: the background compile's wall time
+        (None: the compile happens here, in the probe's first epoch)."""
+        compiled_losses: list[list[float]] = []
+        try:  # a compile not yet done happens in the first epoch, in the eager warm-up steps of the graphed step
+            compiled_times = epoch_times(lambda e, **kw: self.run(e, self.layout, compile=True, **kw), clock=self.clock,
+                                         losses=compiled_losses)
+        except Exception as e:  # noqa: BLE001 - out of memory, or a model inductor cannot compile: the eager step ran
+            self._final = self._failed(e)
+            return
+        torch.cuda.empty_cache()
+        differ = compile_disagreement(self.eager_losses, compiled_losses)
+        if differ is not None:
+            log.warning("recipe.compile auto: the compiled step trains differently (%s); training without compile",
+                        differ)
+            self._final = False, ("compile auto: not compiled, the compiled probe's losses differ from the eager "
+                                  f"step's ({differ})")
+            return
+        compiled = steady_epoch_time(compiled_times)
+        once = (compiled_times[0] - compiled) - (self.eager_times[0] - self.eager)  # the first epoch's extra
+        use, why = compile_decision(self.eager, compiled, compile_s=max(once, 0.0) if compile_s is None else compile_s,
+                                    probe_model_steps=self.steps, job_model_steps=self.total)
+        if compile_s is not None:
+            why += f"; compiled in the background while {self.eager_chunks} chunk(s) trained eagerly"
+        log.info("%s", why)
+        self._final = use, why
+
+
+def pick_compile(recipe: Recipe, *, layout: str, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset,
+                 lr: float, device: torch.device, augment: AugmentConfig | None, job_sizes: Sequence[int],
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[bool, str]:
+    """:class:`CompileProbe`'s decision, compiling on this thread (the probe's first compiled epoch pays inductor's
+    compile: the compile's cost is that epoch's one-time part less the eager probe's)."""
+    return CompileProbe(recipe, layout=layout, k=k, model_fn=model_fn, data=data, lr=lr, device=device,
+                        augment=augment, job_sizes=job_sizes, clock=clock).decision()

@@ -38,6 +38,7 @@ calls: nothing about training is defined twice.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -177,4 +178,7 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _cuda_capture() -> tuple[object, Callable[..., object]]:
-    return torch.cuda.CUDAGraph(), torch.cuda.graph
+    # thread_local: a capture fails only on this thread's unsafe calls. With ``recipe.compile: auto`` the factory
+    # compiles in a background thread (mlaudit.factory.layout.CompileProbe) whose allocations, synchronisations and
+    # kernel loads would, under the default "global" mode, invalidate a capture made meanwhile on this thread.
+    return torch.cuda.CUDAGraph(), functools.partial(torch.cuda.graph, capture_error_mode="thread_local")

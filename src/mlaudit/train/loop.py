@@ -176,8 +176,10 @@ def train_stack(
                               default_spe=spe, device=device, augment=augment, hooks=hooks)
         spe = dp.steps_per_epoch
     graph_step = use_cuda_graph(recipe, device, opt, dp=dp, stack=stack)
-    # a captured step must not reuse autocast's cast-weight cache across replays (PyTorch's graph notes)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph_step) if bf16
+    # a captured step must not reuse autocast's cast-weight cache across replays (PyTorch's graph notes); a compiled
+    # forward casts inside its graph, and dynamo guards on the flag: compiled steps, graphed or not, keep it off, so
+    # a graph compiled without capture (the factory's background compile) serves the captured step as it is
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not (graph_step or compiled)) if bf16
                 else contextlib.nullcontext())
     check_every_step = device.type == "cpu"
     adv_gens = [torch.Generator().manual_seed(int(sd) + 0xAD7) for sd in seeds]  # adversarial training's starts

@@ -4,7 +4,8 @@
 # (factory.layout.CompileProbe) while the first chunks train with the eager graphed step.
 # 1. the GPU tests of compile auto (the background compile must serve the captured step without recompiling) and of
 #    captures on the job's thread while the compile runs (capture_error_mode thread_local);
-# 2. the 256-model lean pool with compile: auto: cost.training_paths should show the chunks trained eagerly while
+# 2. (also: the four attacks' ROC analyses now run in threads, membership_report.all_attack_metrics)
+# 3. the 256-model lean pool with compile: auto: cost.training_paths should show the chunks trained eagerly while
 #    compiling and the compiled rest; the training time against 251.9 s with the compile in the probe (H100, 2026-12-07).
 T=${1:-560}
 MARGIN=8

@@ -277,7 +277,7 @@ def _boot_counts(n: int, b: int, rng: np.random.Generator, gen: torch.Generator 
 
 
 def _bootstrap_roc_stats(yb: np.ndarray, ends: np.ndarray, targets: Sequence[float], *, n_boot: int, seed: int,
-                         device: torch.device) -> np.ndarray:
+                         device: torch.device, memory_bytes: int | None = None) -> np.ndarray:
     """Bootstrap replicates of :func:`_roc_stats`: float64 [n_boot, 2 + len(targets)] (auc, balanced
     accuracy, tpr@target...), NaN rows where a resample lacks a class.
 
@@ -285,7 +285,7 @@ def _bootstrap_roc_stats(yb: np.ndarray, ends: np.ndarray, targets: Sequence[flo
     of each tie group (from :func:`_prepare`). Replicate r draws counts w_r [n] (multinomial, n
     draws); its ROC points are the cumulative counts TP_r = cumsum(w_r * yb)[ends] and FP_r =
     cumsum(w_r * ~yb)[ends], so no resample is sorted again. B replicates at a time are int64
-    [B, n] tensors on ``device`` (B from :data:`BOOT_MEMORY_BYTES`), and every statistic is exact
+    [B, n] tensors on ``device`` (B from ``memory_bytes``, default :data:`BOOT_MEMORY_BYTES`), and every statistic is exact
     integer arithmetic until its last division: with P, Q the positives and negatives of the
     resample, AUC = sum_i (FP_i - FP_i-1)(TP_i + TP_i-1) / (2 P Q) (the trapezoid; without ties
     2 * sum(w * ~yb * TP) / (2 P Q)); the best balanced accuracy is taken at argmax_i TP_i Q - FP_i P;
@@ -296,7 +296,7 @@ def _bootstrap_roc_stats(yb: np.ndarray, ends: np.ndarray, targets: Sequence[flo
     out = np.full((n_boot, 2 + k), np.nan)
     if n_boot == 0:
         return out
-    budget = BOOT_MEMORY_BYTES.get(device.type, BOOT_MEMORY_BYTES["cpu"])
+    budget = BOOT_MEMORY_BYTES.get(device.type, BOOT_MEMORY_BYTES["cpu"]) if memory_bytes is None else memory_bytes
     chunk = int(max(1, min(n_boot, budget // (BOOT_BYTES_PER_PAIR * n))))
     rng = np.random.default_rng(seed)
     gen = None if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
@@ -339,8 +339,8 @@ def roc_metrics(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[f
 
 
 def roc_analysis(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[float] = (1e-5, 1e-3, 1e-2),
-                 n_boot: int = 200, alpha: float = 0.05, seed: int = 0, device: torch.device | str = "cpu"
-                 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+                 n_boot: int = 200, alpha: float = 0.05, seed: int = 0, device: torch.device | str = "cpu",
+                 boot_memory_bytes: int | None = None) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     """AUC, best balanced accuracy and TPR at fixed FPRs of an attack, with (1 - alpha) intervals.
 
     ``scores`` [N] and ``labels`` [N] as in :func:`roc_curve`. Returns::
@@ -360,6 +360,10 @@ def roc_analysis(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[
     distribution, other draws). The point estimates do not depend on ``device``. The
     Clopper-Pearson interval is on the TPR count at the point-estimate threshold (it ignores the
     randomness of choosing that threshold). ``n_boot=0`` skips the bootstrap (lo/hi are NaN).
+    ``boot_memory_bytes``: working memory of one batch of replicates (default :data:`BOOT_MEMORY_BYTES` of the
+    device type; callers running several analyses at once give each a share). It sets how many replicates share a
+    batch: on the CPU the draws do not depend on it; on CUDA they do (one ``randint`` per batch; the same
+    distribution, other draws), so it is part of what makes a CUDA interval reproducible.
 
     Also returns the curve ``(fpr, tpr)`` of :func:`roc_curve` from the same sort, so a report that draws it
     does not sort again (12.8M scores of a 256-model pool: ~10 s a curve on one CPU thread).
@@ -375,7 +379,7 @@ def roc_analysis(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[
     s, yb, ends = _prepare(scores, labels, dev)
     tp, fp = _curve(yb, ends)
     point = _roc_stats(tp, fp, targets)
-    boot = _bootstrap_roc_stats(yb, ends, targets, n_boot=n_boot, seed=seed, device=dev)
+    boot = _bootstrap_roc_stats(yb, ends, targets, n_boot=n_boot, seed=seed, device=dev, memory_bytes=boot_memory_bytes)
     intervals = [_percentiles(boot[:, j], alpha) if n_boot else (math.nan, math.nan) for j in range(len(point))]
     method = "bootstrap" if n_boot else "none"
 

@@ -371,3 +371,26 @@ def test_contract_config_as_written(tmp_path: Path) -> None:
     html = (tmp_path / "o" / "report.html").read_text()
     assert re.search(r"ROC curve, log-log scale", html) and "data:image/png;base64," in html
     assert res.results["cost"]["models_trained"] == 16
+
+
+def test_all_attack_metrics_in_threads_equal_one_analysis_after_the_other() -> None:
+    """The pool's ROC analyses run up to ROC_THREADS at once; each draws from its own seeded generator, so every
+    attack's metrics and curve are those of attack_metrics called alone (CPU: the same draws, bitwise), and the
+    progress callback sees every attack once."""
+    from mlaudit.experiments.membership import MembershipConfig
+    from mlaudit.experiments.membership_report import all_attack_metrics, attack_metrics
+
+    config = parse_config(tiny())
+    assert isinstance(config, MembershipConfig)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(8, 40, generator=g) < 0.5
+    scores = {f"a{i}": torch.randn(8, 40, generator=g, dtype=torch.float64) + keep * 0.3 * i for i in range(6)}
+    seen: list[str] = []
+    metrics, curves = all_attack_metrics(scores, keep, config, on_attack=seen.append)
+    assert sorted(seen) == sorted(scores) and list(metrics) == list(scores)
+    for name, s in scores.items():
+        m, c = attack_metrics(s, keep, config)
+        assert json.dumps(metrics[name], sort_keys=True) == json.dumps(m, sort_keys=True)
+        np.testing.assert_array_equal(curves[name][0], c[0])
+        np.testing.assert_array_equal(curves[name][1], c[1])
+    assert all_attack_metrics({}, keep, config) == ({}, {})

@@ -301,12 +301,10 @@ def run_membership(config: MembershipConfig, ctx: RunContext) -> ExperimentOutpu
     with ctx.cost.timed("artifacts"):
         ctx.write_artifact("scores.npz", lambda f: np.savez(f, **{k: v.numpy() for k, v in scores.items()}))
     task = ctx.progress.task(f"ROC metrics and {config.n_boot} bootstrap intervals", total=len(scores))
-    metrics: dict[str, Any] = {}
-    curves = {}  # the ROC curves of the metrics' own sort, for the figures
-    for name, s in scores.items():
-        with ctx.cost.timed("roc_bootstrap"):
-            metrics[name], curves[name] = rep.attack_metrics(s, used, config, device=ctx.device)
-        ctx.progress.advance(task)
+    with ctx.cost.timed("roc_bootstrap"):  # curves: the ROC curves of the metrics' own sort, for the figures
+        roc, curves = rep.all_attack_metrics(scores, used, config, device=ctx.device,
+                                             on_attack=lambda _name: ctx.progress.advance(task))
+    metrics: dict[str, Any] = dict(roc)
     ctx.progress.done(task)
     test_logits = None
     if config.uses_test_logits:

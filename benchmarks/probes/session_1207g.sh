@@ -11,7 +11,7 @@ T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh
 unpack_cifar &
-timeout 200 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py -k "compile" -rs \
+timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py -k "compile_auto or while_the_step_compiles" -rs \
   > $W/gpu_tests_compile_bg_$G.txt 2>&1
 echo "tests rc $? after $((SECONDS-T0)) s"; grep -E " passed| failed|compile auto|Error|assert" $W/gpu_tests_compile_bg_$G.txt | cut -c1-400 | tail -12; pack
 wait

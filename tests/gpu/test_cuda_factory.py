@@ -266,8 +266,8 @@ def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(m
 
     monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
     data = load_dataset(SPEC)
-    r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=32, schedule="triangular", augment="none",
-               compile="auto", precision="auto")
+    r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=48, schedule="triangular", augment="none",
+               compile="auto", precision="auto")  # batch 48: not a shape an earlier test compiled in this process
     job = FactoryJob(model=ModelSpec(name="fastcnn"), recipe=r, data=data,
                      trials=tuple(TrialSpec(f"m{i}", i) for i in range(12)), device="cuda", max_chunk=2,
                      batched=True, strategy="loop")

@@ -370,12 +370,17 @@ def test_compile_probe_in_the_background_answers_eager_until_the_compile_is_done
     """background=True: after the eager probe (on this thread) the compile runs in a thread (one model, one epoch,
     no CUDA graph, then warm(stack)); decision() answers eager without blocking while it runs, then times the
     compiled step here (compile already done) and decides as the synchronous probe does."""
+    import sys
+
+    before = sys.getswitchinterval()
     probe, release, calls, background, warmed = _background_probe(monkeypatch)
+    assert sys.getswitchinterval() <= 1e-4  # while the compile runs (COMPILE_SWITCH_INTERVAL_S)
     for _ in range(3):
         use, why = probe.decision()
         assert not use and "eager while the step compiles in the background" in why
     release.set()
     probe.close()
+    assert sys.getswitchinterval() == before
     assert background == [(1, 1, False, "mlaudit-compile")] and warmed == ["the trained stack"]
     use, why = probe.decision()
     assert use and "1.000 s eager vs 0.800 s compiled" in why and "while 3 chunk(s) trained eagerly" in why
@@ -384,9 +389,13 @@ def test_compile_probe_in_the_background_answers_eager_until_the_compile_is_done
 
 
 def test_compile_probe_in_the_background_reports_a_failed_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    before = sys.getswitchinterval()
     probe, release, calls, _, warmed = _background_probe(monkeypatch, fail=True)
     release.set()
     probe.close()
+    assert sys.getswitchinterval() == before
     use, why = probe.decision()
     assert not use and "compiled probe failed (RuntimeError: BackendCompilerFailed: fake)" in why
     assert calls == [(False, PROBE_EPOCHS)] and warmed == []

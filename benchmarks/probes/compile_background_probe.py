@@ -1,0 +1,64 @@
+"""The background compile of ``recipe.compile: auto`` in a real pool (issue 23): what each chunk did and how long.
+
+Runs the lean 256-model LiRA pool config with ``compile: auto`` (``cifar10_membership_256_airbench_lean_auto.yaml``)
+with ``--models`` models and the compile probe's threshold at 0 (a short job would otherwise not compile), and
+records for every chunk (`mlaudit.factory.batched._train_chunk`, CUDA-synchronised) its start, wall time per model
+and compile decision: the chunks trained eagerly while inductor compiled in the background thread, then the
+compiled ones. Compare their per-model times with the eager and compiled steps measured alone (A/B/A, H100,
+2026-12-07: 1.01-1.09 and 0.89 s per model, docs/membership.md).
+
+    python benchmarks/probes/compile_background_probe.py --models 32 --out /tmp/w/compile_background.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import mlaudit.factory.batched as fb
+import mlaudit.factory.layout as fl
+from mlaudit.config import load_yaml
+from mlaudit.experiments import run_experiment
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_membership_256_airbench_lean_auto.yaml"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=32)
+    ap.add_argument("--out", default="compile_background.json")
+    args = ap.parse_args()
+    fl.COMPILE_PROBE_MIN_S = 0.0
+    chunks: list[dict[str, object]] = []
+    t_start = time.perf_counter()
+    orig = fb._train_chunk
+
+    def chunk(job, trials, setup, on_epoch):  # noqa: ANN001, ANN202
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = orig(job, trials, setup, on_epoch)
+        torch.cuda.synchronize()
+        reason = str(out[0].metrics["stack_layout_reason"]).split("; ", 1)[-1]
+        chunks.append({"start_s": round(t0 - t_start, 2), "models": len(out),
+                       "s_per_model": round((time.perf_counter() - t0) / len(out), 3), "reason": reason})
+        print(json.dumps(chunks[-1]), flush=True)
+        return out
+
+    fb._train_chunk = chunk
+    cfg = load_yaml(CONFIG)
+    cfg["pool"]["models"] = args.models
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_experiment(cfg, out=Path(tmp) / "run", device="cuda", store=Path(tmp) / "runs.db", quiet=True)
+    c = res.results["cost"]
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": args.models,
+           "train_wall_s": c["train_wall_s"], "training_paths": c["training_paths"], "chunks": chunks}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "chunks"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -463,3 +463,54 @@ def test_compile_disagreement_reads_the_worst_model_and_epoch() -> None:
     assert msg is not None and "model 1's mean loss in probe epoch 2: 1.6 eager vs 2.4 compiled" in msg
     assert "inf" not in (compile_disagreement(eager, [[2.0, 2.1], [float("nan"), 1.6], [0.01, 0.02]]) or "inf")
     assert compile_disagreement(eager, eager[:2]) is not None
+
+
+def test_a_job_trains_the_same_models_beside_a_training_thread() -> None:
+    """What the background compile relies on (CompileProbe's docstring): training in another thread does not
+    change the models a job trains. A thread trains throwaway models (built before it starts, as CompileProbe does)
+    again and again while the factory trains a job, and the job's weights equal those of the same job alone
+    (bitwise on the CPU): initial weights, data order and augmentation come from per-model generators, not from a
+    global state the thread could advance."""
+    import threading
+
+    import torch
+
+    from mlaudit.data import DatasetSpec, load_dataset
+    from mlaudit.factory import FactoryJob, TrialSpec, run_trials
+    from mlaudit.models import ModelSpec
+    from mlaudit.models.registry import build_model
+    from mlaudit.train.loop import init_models, train_stack
+    from mlaudit.train.recipe import resolve_recipe
+
+    data = load_dataset(DatasetSpec(name="digits"))
+    recipe = resolve_recipe({"name": "fast", "epochs": 2, "batch_size": 64})
+    job = FactoryJob(model=ModelSpec(name="mlp", width=16), recipe=recipe, data=data,
+                     trials=tuple(TrialSpec(f"m{i}", 10 + i) for i in range(4)), device="cpu", max_chunk=2,
+                     batched=True, evaluate=False)
+    alone = run_trials(job)
+    stop, started = threading.Event(), threading.Event()
+    spare = [init_models(lambda: build_model(ModelSpec(name="mlp", width=16), input_shape=(1, 8, 8), num_classes=10),
+                         [99]) for _ in range(400)]
+    rounds = [0]
+
+    def beside() -> None:
+        while not stop.is_set() and rounds[0] < len(spare):
+            started.set()
+            train_stack(spare[rounds[0]], data.train, recipe.model_copy(update={"epochs": 1}), seeds=[99], lr=0.1,
+                        device=torch.device("cpu"))
+            rounds[0] += 1
+
+    th = threading.Thread(target=beside)
+    th.start()
+    try:
+        assert started.wait(30)
+        together = run_trials(job)
+        overlapped = th.is_alive()  # the thread trained before the job began and was still training when it ended
+    finally:
+        stop.set()
+        th.join()
+    assert overlapped
+    for a, b in zip(alone, together, strict=True):
+        assert a.trial_id == b.trial_id
+        for name, t in a.state_dict.items():
+            assert torch.equal(t, b.state_dict[name]), name

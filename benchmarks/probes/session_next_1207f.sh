@@ -1,7 +1,8 @@
 #!/bin/bash
 # usage: session_next_1207f.sh [SECONDS]   (default 560; carry [".whl", ".data_xz"])
-# Prepared 2026-12-07 (sixth session) for the next device call, issue 23 goals 2 and 5: (ran on an H100 in the seventh session, 2026-12-07: benchmarks/results/compile_zoo_sweep_h100.md,
-# gpu_tests_2026-12-07_seventh_compile_h100.txt, membership_cifar10_membership_256_airbench_lean_auto_checked_h100.md)
+# Ran on an H100 in the seventh session, 2026-12-07 (benchmarks/results/compile_zoo_sweep_h100.md,
+# gpu_tests_2026-12-07_seventh_compile_h100.txt, membership_cifar10_membership_256_airbench_lean_auto_checked_h100.md).
+# Prepared 2026-12-07 (sixth session) for the next device call, issue 23 goals 2 and 5:
 # 1. every zoo model through the compiled call under bf16 autocast (compile_zoo_sweep.py; fastcnn's global max pool
 #    moved to float32 after its compiled bf16 gradients were NaN): no non-finite gradient expected; 2. the GPU tests of the compiled graph and of compile: auto (fp32 and bf16);
 # 3. the 256-model lean pool with compile: auto (median-of-epochs probe and the loss agreement check: the reason in

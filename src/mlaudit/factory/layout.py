@@ -44,7 +44,8 @@ def _probe_run(recipe: Recipe, *, k: int, model_fn: Callable[[], nn.Module], dat
     """The training call of the timed probes (:func:`pick_layout`, :func:`pick_compile`):
     ``run(epochs, layout, on_epoch=None, models=None, on_epoch_models=None, **recipe_update)`` trains
     min(k, :data:`PROBE_MAX_MODELS`) fresh models (or ``models``) on the first :data:`PROBE_STEPS` batches of ``data``
-    (``on_epoch`` and ``on_epoch_models`` are train_stack's), CUDA-synchronised before and after. Also returns that number of models and the model-steps of one probe epoch."""
+    (``on_epoch`` and ``on_epoch_models`` are train_stack's), CUDA-synchronised before and after. Also returns that
+    number of models and the model-steps of one probe epoch."""
     n = min(len(data), PROBE_STEPS * recipe.batch_size)
     probe = data.subset(torch.arange(n, device=data.device))
     kp = min(k, PROBE_MAX_MODELS)
@@ -280,7 +281,8 @@ class CompileProbe:
             self._final = bool(recipe.compile), "set by recipe.compile"
             return
         if device.type != "cuda" or layout != "loop":
-            self._final = False, f"compile auto: compile applies to the loop layout on CUDA (here {layout} on {device.type})"
+            self._final = False, ("compile auto: compile applies to the loop layout on CUDA "
+                                  f"(here {layout} on {device.type})")
             return
         self.run, _, self.steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device,
                                              augment=augment)

@@ -41,7 +41,7 @@ K = 500 models (a DP audit's chunk) in the loop layout would itself cost minutes
 def _probe_run(recipe: Recipe, *, k: int, model_fn: Callable[[], nn.Module], data: TensorDataset, lr: float,
                device: torch.device, augment: AugmentConfig | None
                ) -> tuple[Callable[..., None], int, int]:
-    """The training call of the timed probes (:func:`pick_layout`, :func:`pick_compile`):
+    """The training call of the timed probes (:func:`pick_layout`, :class:`CompileProbe`):
     ``run(epochs, layout, on_epoch=None, models=None, on_epoch_models=None, **recipe_update)`` trains
     min(k, :data:`PROBE_MAX_MODELS`) fresh models (or ``models``) on the first :data:`PROBE_STEPS` batches of ``data``
     (``on_epoch`` and ``on_epoch_models`` are train_stack's), CUDA-synchronised before and after. Also returns that

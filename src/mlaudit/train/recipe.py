@@ -233,8 +233,9 @@ class Recipe(BaseModel):
     compile: bool | Literal["auto"] = False
     """On CUDA, the loop layout's forward runs through one shared ``torch.compile``d call (inductor fuses the
     normalisation and pointwise kernels); with ``cuda_graph`` the graph captures the compiled step. ``auto``: the
-    factory decides per job by a timed probe (:func:`mlaudit.factory.layout.pick_compile`: faster by 3% and the
-    same probe losses within 10%); outside the factory (``train_stack`` called directly) ``auto`` does not compile."""
+    factory decides per job by a timed probe (:class:`mlaudit.factory.layout.CompileProbe`, which compiles in a
+    background thread while the first chunks train eagerly: faster by 3% and the same probe losses within 10%);
+    outside the factory (``train_stack`` called directly) ``auto`` does not compile."""
     cuda_graph: bool | Literal["auto"] = "auto"
     """On CUDA, replay each training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is gathered
     and augmented eagerly, the forward, backward and optimizer update launch as one graph. With ``dp`` only the

@@ -8,6 +8,7 @@ compiled ones. Compare their per-model times with the eager and compiled steps m
 2026-12-07: 1.01-1.09 and 0.89 s per model, docs/membership.md).
 
     python benchmarks/probes/compile_background_probe.py --models 32 --out /tmp/w/compile_background.json
+    python benchmarks/probes/compile_background_probe.py --models 8 --config tiny.yaml --device cpu  # a smoke run
 """
 from __future__ import annotations
 
@@ -31,17 +32,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", type=int, default=32)
     ap.add_argument("--out", default="compile_background.json")
+    ap.add_argument("--config", default=str(CONFIG))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run (compile auto applies on CUDA only)")
     args = ap.parse_args()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     fl.COMPILE_PROBE_MIN_S = 0.0
     chunks: list[dict[str, object]] = []
     t_start = time.perf_counter()
     orig = fb._train_chunk
 
     def chunk(job, trials, setup, on_epoch):  # noqa: ANN001, ANN202
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = orig(job, trials, setup, on_epoch)
-        torch.cuda.synchronize()
+        sync()
         reason = str(out[0].metrics["stack_layout_reason"]).split("; ", 1)[-1]
         chunks.append({"start_s": round(t0 - t_start, 2), "models": len(out),
                        "s_per_model": round((time.perf_counter() - t0) / len(out), 3), "reason": reason})
@@ -49,12 +53,12 @@ def main() -> None:
         return out
 
     fb._train_chunk = chunk
-    cfg = load_yaml(CONFIG)
+    cfg = load_yaml(args.config)
     cfg["pool"]["models"] = args.models
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_experiment(cfg, out=Path(tmp) / "run", device="cuda", store=Path(tmp) / "runs.db", quiet=True)
+        res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
     c = res.results["cost"]
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": args.models,
+    out = {"device": c["device"], "torch": torch.__version__, "models": args.models,
            "train_wall_s": c["train_wall_s"], "training_paths": c["training_paths"], "chunks": chunks}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k != "chunks"}))

@@ -394,3 +394,28 @@ def test_all_attack_metrics_in_threads_equal_one_analysis_after_the_other() -> N
         np.testing.assert_array_equal(curves[name][0], c[0])
         np.testing.assert_array_equal(curves[name][1], c[1])
     assert all_attack_metrics({}, keep, config) == ({}, {})
+
+
+@pytest.mark.parametrize("attacks", [["loss"], ["loss", "rmia-offline"]])
+def test_each_query_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, attacks: list[str]) -> None:
+    """A pool whose accuracy comes from the test logits (and, with RMIA, which scores against a population) reads
+    every model's query file once: the pool, test and population logits come out of one pass
+    (RunContext.query_logits' prefetch), and they are the logits the files hold."""
+    from mlaudit.experiments import context
+
+    reads: list[str] = []
+    real = context.load_checkpoint
+
+    def spy(path: Any, **kw: Any) -> Any:
+        if "queries" in Path(path).parts:
+            reads.append(Path(path).name)
+        return real(path, **kw)
+
+    monkeypatch.setattr(context, "load_checkpoint", spy)
+    cfg = tiny(memorization=False, attacks=attacks, pool={"models": 4, "keep": 0.5, "accuracy": "test-logits"})
+    res = run_experiment(cfg, out=tmp_path / "o", device="cpu", store=tmp_path / "s.db", quiet=True)
+    files = sorted((tmp_path / "o" / "artifacts" / "queries").glob("pool-*.pt"))
+    assert len(files) == 4 and sorted(reads) == sorted(f.name for f in files)
+    data = load_dataset(SYNTH)
+    acc = [float((real(f)["test"][:, 0].argmax(-1) == data.test.y).double().mean()) for f in files]
+    assert res.results["metrics"]["pool"]["test_accuracy"]["mean"] == pytest.approx(np.mean(acc), abs=1e-9)

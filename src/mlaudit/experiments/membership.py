@@ -180,10 +180,11 @@ def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundl
     """The pool's :class:`Observations`: logits on the pool rows, the population's logits when an attack
     scores against one (RMIA), and a label oracle over the models when a label-only attack is run."""
     x, y = data.train.x[rows], data.train.y[rows]
+    later = ("test",) if config.uses_test_logits else ()  # read from the same files now (ctx.query_logits)
     pop_x = pop_y = pop = None
     if uses_population(config):
         pop_x, pop_y = population_rows(config, data, rows)
-        pop = pool_logits(config, ctx, data, records, pop_x, queries, name="population")
+        pop = pool_logits(config, ctx, data, records, pop_x, queries, name="population", prefetch=("pool", *later))
     oracle = None
     if any(ATTACKS.get(name).needs_oracle for name in config.attacks):
         template = model_template(config.model, data)
@@ -191,17 +192,19 @@ def pool_observations(config: MembershipConfig, ctx: RunContext, data: DataBundl
                                                     for r in records[i:i + 16]], ctx.device)
                   for i in range(0, len(records), 16)]
         oracle = LabelOracle.from_stacks(stacks, x)
-    return Observations(pool_logits(config, ctx, data, records, x, queries, name="pool"), y, keep, queries,
+    logits = pool_logits(config, ctx, data, records, x, queries, name="pool", prefetch=later)
+    return Observations(logits, y, keep, queries,
                         meta={"population_x": pop_x} if pop_x is not None else {},
                         population_logits=pop, population_labels=pop_y, oracle=oracle)
 
 
 def pool_logits(config: MembershipConfig, ctx: RunContext, data: DataBundle, records: list[dict[str, Any]],
-                x: Tensor, queries: tuple[str, ...], *, name: str) -> Tensor:
+                x: Tensor, queries: tuple[str, ...], *, name: str, prefetch: tuple[str, ...] = ()) -> Tensor:
     """Logits float32 [M, N, A, C] of the recorded models on ``x`` [N, *shape]: those the models reported
     under the query plan ``name`` while training (:func:`pool_plans`), else from their checkpoints (a run
-    trained before the plans existed); files verified against their sha256."""
-    reported = ctx.query_logits(records, name)
+    trained before the plans existed); files verified against their sha256. ``prefetch``: the plans read next
+    (:meth:`RunContext.query_logits`)."""
+    reported = ctx.query_logits(records, name, prefetch=prefetch)
     if reported is not None:
         if reported.shape[1:3] != (x.shape[0], len(queries)):
             raise DataError(f"the {name!r} logits kept in the run have shape {list(reported.shape)}, not [M, "

@@ -178,7 +178,8 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _cuda_capture() -> tuple[object, Callable[..., object]]:
-    # thread_local: a capture fails only on this thread's unsafe calls. With ``recipe.compile: auto`` the factory
-    # compiles in a background thread (mlaudit.factory.layout.CompileProbe) whose allocations, synchronisations and
-    # kernel loads would, under the default "global" mode, invalidate a capture made meanwhile on this thread.
+    # thread_local: only this thread is held to CUDA's ban on potentially unsafe calls during a capture. With
+    # ``recipe.compile: auto`` the factory compiles in a background thread (mlaudit.factory.layout.CompileProbe) that
+    # allocates, synchronises and loads kernels meanwhile; under the default "global" mode those calls are banned
+    # for every thread while this one captures.
     return torch.cuda.CUDAGraph(), functools.partial(torch.cuda.graph, capture_error_mode="thread_local")

@@ -285,8 +285,8 @@ def _bootstrap_roc_stats(yb: np.ndarray, ends: np.ndarray, targets: Sequence[flo
     of each tie group (from :func:`_prepare`). Replicate r draws counts w_r [n] (multinomial, n
     draws); its ROC points are the cumulative counts TP_r = cumsum(w_r * yb)[ends] and FP_r =
     cumsum(w_r * ~yb)[ends], so no resample is sorted again. B replicates at a time are int64
-    [B, n] tensors on ``device`` (B from ``memory_bytes``, default :data:`BOOT_MEMORY_BYTES`), and every statistic is exact
-    integer arithmetic until its last division: with P, Q the positives and negatives of the
+    [B, n] tensors on ``device`` (B from ``memory_bytes``, default :data:`BOOT_MEMORY_BYTES`), and every statistic
+    is exact integer arithmetic until its last division: with P, Q the positives and negatives of the
     resample, AUC = sum_i (FP_i - FP_i-1)(TP_i + TP_i-1) / (2 P Q) (the trapezoid; without ties
     2 * sum(w * ~yb * TP) / (2 P Q)); the best balanced accuracy is taken at argmax_i TP_i Q - FP_i P;
     TPR at FPR <= t is read at the last point with FP_i <= k, k the largest integer with
@@ -379,7 +379,8 @@ def roc_analysis(scores: ArrayLike, labels: ArrayLike, *, fpr_targets: Sequence[
     s, yb, ends = _prepare(scores, labels, dev)
     tp, fp = _curve(yb, ends)
     point = _roc_stats(tp, fp, targets)
-    boot = _bootstrap_roc_stats(yb, ends, targets, n_boot=n_boot, seed=seed, device=dev, memory_bytes=boot_memory_bytes)
+    boot = _bootstrap_roc_stats(yb, ends, targets, n_boot=n_boot, seed=seed, device=dev,
+                                memory_bytes=boot_memory_bytes)
     intervals = [_percentiles(boot[:, j], alpha) if n_boot else (math.nan, math.nan) for j in range(len(point))]
     method = "bootstrap" if n_boot else "none"
 

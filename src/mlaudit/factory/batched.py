@@ -66,7 +66,9 @@ class _Setup:
         self.strategy = job.strategy
         self._layouts: dict[int, tuple[str, str]] = {}
         self._compile: CompileProbe | None = None
-        self.warm: Callable[[StackedModels], None] | None = None  # set by run_trials: a chunk's evaluation
+        # what a background compile runs on its trained stack: a chunk's evaluation and queries (their graphs)
+        self.warm: Callable[[StackedModels], object] | None = (
+            functools.partial(_evaluate_and_query, job, setup=self) if job.evaluate or job.queries else None)
         self.trials = job.trials
         self.measured_chunk: int | None = None
 
@@ -130,8 +132,6 @@ def run_trials(job: FactoryJob, *, on_result: ResultFn | None = None,
         # instead of copying the dataset host-to-device for every chunk (hundreds with max_chunk=1)
         data = _on_device_by_json(job.data_spec.model_dump_json(), str(device))
     setup = _Setup(job, data, device)
-    if job.evaluate or job.queries:
-        setup.warm = functools.partial(_evaluate_and_query, job, setup=setup)
     try:
         return _run_groups(job, data, setup, on_result, on_epoch)
     finally:
@@ -221,7 +221,7 @@ def _train_chunk(job: FactoryJob, chunk: list[TrialSpec], setup: _Setup,
 def _evaluate_and_query(job: FactoryJob, stack: StackedModels, setup: _Setup
                         ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]]]:
     """A trained chunk's test evaluation (if the job evaluates) and query outputs (:func:`query_outputs`); also what
-    a background compile runs on its stack (:attr:`_Setup.warm`), so the compiled chunks find these graphs ready."""
+    a background compile runs on its stack (``_Setup.warm``), so the compiled chunks find these graphs ready."""
     ev = (evaluate(stack, setup.data.test, batch_size=job.recipe.eval_batch_size,
                    bf16=use_bf16(job.recipe, setup.device), tta=job.recipe.tta) if job.evaluate else None)
     return ev, query_outputs(job, stack, setup.data, batch_size=job.recipe.eval_batch_size)

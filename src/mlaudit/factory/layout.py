@@ -238,7 +238,7 @@ torch calls each) would crawl through the Python-bound parts of a compile (dynam
 Beside a real compile (inductor's C++ backend, whose compiler runs in subprocesses) the interval changed little:
 the compile took 29.6 s at 5 ms and 27.3 s at 0.1 ms (25.2 s alone), the other thread's adds 5.6 and 5.8 us."""
 
-WarmFn = Callable[[StackedModels], None]
+WarmFn = Callable[[StackedModels], object]
 """What the background compile runs after its training step on the stack it trained (the factory's evaluation and
 queries of a chunk), so that their compiled graphs are ready too."""
 

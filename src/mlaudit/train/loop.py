@@ -302,8 +302,9 @@ def use_cuda_graph(recipe: Recipe, device: torch.device, opt: StackedOptimizer, 
     """Whether the step runs as a CUDA graph (:mod:`mlaudit.train.graphed`): ``recipe.cuda_graph`` (true or auto)
     on a CUDA device. With ``recipe.compile`` the compiled forward (and its compiled backward) is what the graph
     captures: the compile happens in the eager warm-up steps, the graph then replays inductor's fused kernels. An
-    optimizer with host state (Adam), and a DP-SGD step that clips per example (``dp``: :meth:`~mlaudit.privacy.dpsgd.DPTraining.graph_unsupported`; the book-keeping path in the
-    loop ``stack`` is graphed), run eagerly under ``auto`` and are refused under ``true``. A DP-SGD step with
+    optimizer with host state (Adam), and a DP-SGD step that clips per example (``dp``:
+    :meth:`~mlaudit.privacy.dpsgd.DPTraining.graph_unsupported`; the book-keeping path in the loop ``stack`` is
+    graphed), run eagerly under ``auto`` and are refused under ``true``. A DP-SGD step with
     audit hooks (Dirac canaries, broken fixtures: host-side choices per step) always runs eagerly."""
     if recipe.cuda_graph is False or device.type != "cuda":
         return False

@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -683,10 +684,17 @@ def test_im2col_is_unfold(c: int, k: int, s: int, d: int, p: int, hw: int, chann
     if channels_last:
         a = a.contiguous(memory_format=torch.channels_last)
     want = F.unfold(a, k, dilation=d, padding=p, stride=s).mT  # [B, T, C k k]
-    got = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p))
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    inner = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p), channels_inner=True)
-    torch.testing.assert_close(inner, want.view(2, -1, c, k * k).transpose(2, 3).reshape(want.shape), rtol=0, atol=0)
+    # both branches: the strided copy, and the F.unfold one taken while torch.compile traces
+    for compiling in (False, True):
+        with mock.patch.object(torch.compiler, "is_compiling", lambda c=compiling: c):
+            got = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p))
+            inner = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p), channels_inner=True)
+            single = fastclip_rules.im2col(a, (k, k), (s, s), (d, d), (p, p), dtype=torch.float32)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(inner, want.view(2, -1, c, k * k).transpose(2, 3).reshape(want.shape), rtol=0,
+                                   atol=0)
+        assert single.dtype == torch.float32
+        torch.testing.assert_close(single, want.float(), rtol=0, atol=0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -816,3 +824,22 @@ def test_the_report_lists_every_layer_and_every_problem_at_once() -> None:
     assert "use GroupNorm" in str(rows[1]["error"]) and "no fast-clipping rule" in str(rows[2]["error"])
     with pytest.raises(UnsupportedModelError, match=r"'1' \(BatchNorm1d\)"):  # check_fast_clip: the first one
         check_fast_clip(model)
+
+
+def test_clipped_sums_trace_as_one_graph() -> None:
+    """torch.compile sees fast clipping's norms, clip factors and sums of a conv net (strided, padded, stride-1
+    shifted and unfolded convs, GroupNorm, Linear) as one graph without a break (benchmarks/probes/dp_compile_probe.py
+    compiles it); a break would split it and recompile per layer."""
+    from mlaudit.privacy import fastclip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+    x, y, w = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)), torch.tensor([1.0, 0, 1, 1, 0, 1])
+    layers = fastclip._plan(model)
+    _, ag, _ = fastclip._forward(model, layers, x, y, 0.0, [])
+    for shift in (True, False):
+        with mock.patch.object(fastclip_rules, "CONV_SHIFT", shift):
+            explained = torch._dynamo.explain(fastclip._clipped_sums)(model, layers, ag, w, 1.0, "auto")
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        assert explained.graph_count == 1

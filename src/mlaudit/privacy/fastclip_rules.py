@@ -196,6 +196,14 @@ def im2col(a: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], dilation
     A depthwise convolution with one-hot kernels was tried instead (H200, 2026-12-02): slower for
     ResNet-18 (38.2 vs 28.8 ms per clipped sum) and not exact in float32 for 3x3 stride-1 convs (cuDNN
     rounds the inputs), so the copy stays (benchmarks/results/dp_fastclip_profile_h200.txt)."""
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace storage_offset(); inductor lowers F.unfold to one gather kernel instead
+        cols = F.unfold(a.to(dtype or a.dtype), kernel, dilation=dilation, padding=padding, stride=stride)
+        b, ck, t = cols.shape
+        if channels_inner:
+            k = kernel[0] * kernel[1]
+            return cols.view(b, ck // k, k, t).permute(0, 3, 2, 1).reshape(b, t, ck)
+        return cols.transpose(1, 2)
     if any(padding):
         a = F.pad(a, (padding[1], padding[1], padding[0], padding[0]))
     b, c, h, w = a.shape

@@ -17,24 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from mlaudit.models import build_model
-from mlaudit.privacy import fastclip as fc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import sync, time_step  # noqa: E402
 
-
-def timed(fn, n: int, sync) -> float:  # noqa: ANN001 - a probe
-    for _ in range(3):
-        fn()
-    sync()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / n
+from mlaudit.models import build_model  # noqa: E402
+from mlaudit.privacy import fastclip as fc  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +42,6 @@ def main() -> None:
     ap.add_argument("--out", default="dp_compile.json")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     out: dict[str, object] = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                               "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                               "batch": args.batch, "steps": args.steps, "models": {}}
@@ -64,7 +57,7 @@ def main() -> None:
         def sgd() -> None:
             m.zero_grad(set_to_none=True)
             F.cross_entropy(m(x), y).backward()
-        row["sgd_ms"] = round(1e3 * timed(sgd, args.steps, sync), 2)
+        row["sgd_ms"] = round(1e3 * time_step(sgd, args.steps), 2)
         compiled = torch.compile(fc._clipped_sums, dynamic=False)
         for slots in map(int, args.slots.split(",")):
             xs = torch.randn(slots, 3, 32, 32, device=dev)
@@ -79,11 +72,11 @@ def main() -> None:
             sync()
             compile_s = time.perf_counter() - t
             err = max(((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item() for a, b in zip(eager, got))
-            r = {"forward_backward_ms": 1e3 * timed(fwd, args.steps, sync),
-                 "sums_eager_ms": 1e3 * timed(lambda: fc._clipped_sums(m, layers, ag, w, 1.0, "auto"), args.steps, sync),
-                 "sums_compiled_ms": 1e3 * timed(lambda: compiled(m, layers, ag, w, 1.0, "auto"), args.steps, sync),
-                 "bk_ms": 1e3 * timed(lambda: fc._clipped_sums(m, layers, fwd()[1], w, 1.0, "auto"), args.steps, sync),
-                 "bk_compiled_ms": 1e3 * timed(lambda: compiled(m, layers, fwd()[1], w, 1.0, "auto"), args.steps, sync),
+            r = {"forward_backward_ms": 1e3 * time_step(fwd, args.steps),
+                 "sums_eager_ms": 1e3 * time_step(lambda: fc._clipped_sums(m, layers, ag, w, 1.0, "auto"), args.steps),
+                 "sums_compiled_ms": 1e3 * time_step(lambda: compiled(m, layers, ag, w, 1.0, "auto"), args.steps),
+                 "bk_ms": 1e3 * time_step(lambda: fc._clipped_sums(m, layers, fwd()[1], w, 1.0, "auto"), args.steps),
+                 "bk_compiled_ms": 1e3 * time_step(lambda: compiled(m, layers, fwd()[1], w, 1.0, "auto"), args.steps),
                  "compile_s": compile_s, "max_rel_diff": err}
             r = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
             r["ratio_eager"] = round(r["bk_ms"] / row["sgd_ms"], 3)

@@ -25,7 +25,9 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   non-private recipe), and ``mlaudit_dpsgd_fast_graph`` (``_<conv>`` for the other conv options): the fast
   path (fp32) replayed as a CUDA graph (``cuda_graph: true``; mlaudit.train.graphed, one graph per slot bucket
   of 32; its step path is recorded as ``step_path``; CUDA only). The other private runs set ``cuda_graph: false`` (the eager step,
-  as timed before the graphed step existed). One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
+  as timed before the graphed step existed). ``mlaudit_dpsgd_fast_compiled`` / ``_graph_compiled``
+  (``--runs compile,graph-compile``; CUDA only): ``compile: true``, the norms and sums compiled by inductor, eager /
+  graphed, warmed up as the graphed run. One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
   for the graphed run, so the rarer slot buckets are captured before the timed epoch),
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
   clips the widest Poisson batch of the step rounded up to a multiple of 8 (fast), 32 (per-example) or a
@@ -231,6 +233,8 @@ def set_conv(conv: str) -> None:
 def run_option(key: str) -> str:
     """The ``--runs`` option that times the private run ``key``."""
     parts = key.split("_")
+    if "compiled" in parts:
+        return "graph-compile" if "graph" in parts else "compile"
     return next((o for o in ("tf32norms", "tf32", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
 
 
@@ -317,6 +321,15 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
             record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
                    precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=conv)
         set_conv(convs[0])
+    if cuda:  # recipe.compile: true: the fast path's norms and sums compiled by inductor (one graph per slot bucket),
+        # eager and inside the CUDA graph; warmed up as the graphed run, so the buckets compile before the timed epoch
+        for graph in (False, True):
+            private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": graph, "compile": True,
+                                      "dp": {**dp, "clipping": "fast"}})
+            name = "mlaudit_dpsgd_fast" + ("_graph" if graph else "") + "_compiled"
+            info = {}
+            record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
+                   precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
@@ -367,8 +380,9 @@ def main() -> None:
                          "unfold and/or grouped (one run each; the first is the one named mlaudit_dpsgd_fast)")
     ap.add_argument("--runs", default="per-example,fast,tf32,tf32norms,bf16,graph",
                     help="private runs to time, comma-separated: per-example, fast (one per --conv-materialise), "
-                         "tf32, tf32norms (TF32 conv-norm matmuls only), bf16, graph (the fast step as a CUDA graph); "
-                         "tf32, tf32norms, bf16 and graph on CUDA only")
+                         "tf32, tf32norms (TF32 conv-norm matmuls only), bf16, graph (the fast step as a CUDA graph), "
+                         "compile, graph-compile (recipe.compile: true, eager / graphed); all but per-example and fast "
+                         "on CUDA only")
     ap.add_argument("--graph-warmup-epochs", type=int, default=3,
                     help="warm-up epochs of the graphed run (each slot bucket is warmed up and captured once)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")

@@ -248,6 +248,9 @@ def test_pick_compile_without_a_probe_where_compile_does_not_apply() -> None:
     assert not pick_compile(auto, layout="loop", device=torch.device("cpu"), **kw)[0]  # type: ignore[arg-type]
     use, why = pick_compile(auto, layout="vmap", device=torch.device("cuda"), **kw)  # type: ignore[arg-type]
     assert not use and "loop layout on CUDA (here vmap on cuda)" in why
+    private = resolve_recipe({"name": "fast", "compile": "auto", "dp": {"noise_multiplier": 1.0, "clip": 1.0}})
+    use, why = pick_compile(private, layout="loop", device=torch.device("cuda"), **kw)  # type: ignore[arg-type]
+    assert not use and "DP-SGD steps stay uncompiled" in why
 
 
 def test_factory_trains_each_chunk_with_the_compile_decided_so_far_and_records_why(

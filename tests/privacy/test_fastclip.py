@@ -843,3 +843,49 @@ def test_clipped_sums_trace_as_one_graph() -> None:
             explained = torch._dynamo.explain(fastclip._clipped_sums)(model, layers, ag, w, 1.0, "auto")
         assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
         assert explained.graph_count == 1
+
+
+def test_compiled_dp_steps_equal_eager_ones_and_share_one_graph_per_shape() -> None:
+    """recipe.compile with book-keeping clipping: DPTraining.step on a compiled LoopStack runs the norms and sums
+    through torch.compile (inductor's CPU kernels here) and gives the eager step's loss and private gradients to
+    float rounding (the same generators: the same batches and noise), for two models of one architecture, the
+    second reusing the first's graph (no recompile)."""
+    from mlaudit.privacy import fastclip
+    from mlaudit.train.stacked import LoopStack
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 3, 8, 8, generator=g), torch.randint(0, 5, (96,), generator=g)
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
+
+    torch.manual_seed(0)
+    models = [net(), net()]
+    cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0, "clip": 0.5, "clipping": "fast"}}).dp
+    steps, real, calls = {}, fastclip._compiled_sums, []
+    for compiled in (False, True):
+        dp = DPTraining.start(cfg, models, [torch.arange(96)] * 2, seeds=[0, 1], batch_size=16, epochs=1,
+                              default_spe=6, device=CPU)
+        stack = LoopStack.build(models, CPU, compile=compiled)
+        assert stack.compiled is compiled
+        with mock.patch.object(fastclip, "_compiled_sums", lambda c=compiled: calls.append(c) or real()):
+            steps[compiled] = [dp.step(stack, lambda i: (x[i], y[i])) for _ in range(2)]
+    assert calls == [True] * 4  # 2 steps x 2 models took the compiled sums, and only the compiled stack's
+    shared = fastclip._compiled_sums()  # one compiled function for every model
+    first, other = net(), net()
+    for m, check in ((first, False), (other, True)):
+        layers = fastclip._plan(m)
+        with mock.patch.object(torch._dynamo.config, "error_on_recompile", check):
+            _, ag, _ = fastclip._forward(m, layers, x[:24], y[:24], 0.0, [])
+            want = fastclip._clipped_sums(m, layers, ag, torch.ones(24), 0.5, "auto")[0]
+            for a, b in zip(shared(m, layers, ag, torch.ones(24), 0.5, "auto")[0], want):  # other: no recompile
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            if check:  # while a new shape is a new graph
+                _, ag, _ = fastclip._forward(m, layers, x[:5], y[:5], 0.0, [])
+                with pytest.raises(Exception, match="[Rr]ecompil"):
+                    shared(m, layers, ag, torch.ones(5), 0.5, "auto")
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(steps[False], steps[True]):
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

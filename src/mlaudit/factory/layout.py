@@ -280,6 +280,10 @@ class CompileProbe:
         if recipe.compile != "auto":
             self._final = bool(recipe.compile), "set by recipe.compile"
             return
+        if recipe.dp is not None:
+            self._final = False, ("compile auto: DP-SGD steps stay uncompiled (compiled fast clipping is not yet "
+                                  "measured on a GPU); compile: true compiles its norms and sums")
+            return
         if device.type != "cuda" or layout != "loop":
             self._final = False, ("compile auto: compile applies to the loop layout on CUDA "
                                   f"(here {layout} on {device.type})")

@@ -54,6 +54,12 @@ and :meth:`DPTraining.update` (clipped sums, noise added, average; then the opti
   and every step with audit hooks (a Dirac canary's slots and coordinates are host choices per step; the
   broken fixtures are audit references and stay on the reference path); ``watch`` changes no step.
 
+``recipe.compile: true`` (CUDA, loop layout): book-keeping steps run their norms, clip factors and clipped sums as
+one ``torch.compile``d graph (:func:`~mlaudit.privacy.fastclip.clipped_grad_sum` ``compiled``), eager or inside
+the step's CUDA graph; the forward and backward stay eager. Inductor compiles once per shape, so these steps draw
+the graphed step's bucketed widths (:data:`GRAPH_SLOT_MULTIPLE`) even when not graphed. ``compile: auto`` keeps
+DP steps uncompiled (not yet measured on a GPU).
+
 Threat model: the (epsilon, delta) guarantee covers the final weights (and every intermediate
 iterate) against an adversary who knows everything but whether one training example was present;
 it holds only if the sampling is really Poisson and the noise is really drawn as stated.
@@ -401,7 +407,7 @@ class DPTraining:
         for m, xk, yk, wk in zip(stack.modules, x, y, w):
             _set_mode(m, True)
             sums, losses = clipped_grad_sum(m, _loop_layout(stack, xk), yk, wk, clip=self.clip,
-                                            label_smoothing=label_smoothing, bf16=bf16)
+                                            label_smoothing=label_smoothing, bf16=bf16, compiled=stack.compiled)
             out.append(([s.unsqueeze(0) for s in sums], losses.unsqueeze(0)))
         return out
 

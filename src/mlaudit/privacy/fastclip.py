@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -303,8 +303,16 @@ def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Te
         return [sums[n].to(p.dtype) if n in sums else torch.zeros_like(p) for n, p in model.named_parameters()], sq
 
 
+@functools.cache
+def _compiled_sums() -> Callable[..., tuple[list[Tensor], Tensor]]:
+    """:func:`_clipped_sums` under ``torch.compile``, built once: the model and its layer plan are arguments, so
+    models of one architecture share the compiled graphs (one per slot count: the cost rule reads the batch size,
+    so every shape compiles once; the graphed and compiled DP steps draw a few bucketed widths)."""
+    return torch.compile(_clipped_sums, dynamic=False)
+
+
 def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *, clip: float,
-                     label_smoothing: float = 0.0, mode: Mode = "auto", bf16: bool = False
+                     label_smoothing: float = 0.0, mode: Mode = "auto", bf16: bool = False, compiled: bool = False
                      ) -> tuple[list[Tensor], Tensor]:
     """``sum_i w_i clip_C(g_i)`` for ONE model by book-keeping (see the module docstring).
 
@@ -316,13 +324,18 @@ def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *,
     Conv2d weights (default: the cost rule per layer). ``bf16``: the forward runs under bf16 autocast
     (as the non-private loop's ``precision: bf16``) and each layer's norms and sum are computed from
     its bf16 output gradients and inputs, squared norms summed in float32; the result then equals the
-    float32 one to bf16 rounding (~1e-2 relative), not float rounding. Uses the model's current
-    train/eval mode; raises :class:`UnsupportedModelError` naming an unsupported layer.
+    float32 one to bf16 rounding (~1e-2 relative), not float rounding. ``compiled``: the norms, clip factors and
+    sums (step 3 and 4 above) run as one ``torch.compile``d graph (inductor fuses their reductions and pointwise
+    work; the same result to float rounding); the forward and backward stay eager, since book-keeping
+    differentiates with respect to every layer's output and a compiled forward would hide those in one autograd
+    node. Uses the model's current train/eval mode; raises :class:`UnsupportedModelError` naming an unsupported
+    layer.
     """
     layers = _plan(model)
     with _all_require_grad(model):
         losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [], bf16)
-    return _clipped_sums(model, layers, ag, weights, clip, mode)[0], losses
+    sums = _compiled_sums() if compiled else _clipped_sums
+    return sums(model, layers, ag, weights, clip, mode)[0], losses
 
 
 @contextmanager

@@ -236,9 +236,10 @@ def train_stack(
             active = slot_active(opt, rates)
             if dp is not None:
                 # host draws first (Poisson batch, canaries, gathers, augmentation, noise); the device part is
-                # replayed when the graph applies: the fast path after its first (verified) step, one micro-batch
+                # replayed when the graph applies: the fast path after its first (verified) step, one micro-batch.
+                # Compiled clipping also draws bucketed widths: inductor compiles once per shape
                 b = dp.draw(stack, lambda i: _gather(data, groups, i),
-                            bucket=GRAPH_SLOT_MULTIPLE if graphed is not None else None)
+                            bucket=GRAPH_SLOT_MULTIPLE if graphed is not None or compiled else None)
                 if graphed is not None and dp.graphable(stack, b):
                     loss_k = graphed(b.x, b.y, rates, active, b.w, b.z)
                 else:

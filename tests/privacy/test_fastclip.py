@@ -889,3 +889,45 @@ def test_compiled_dp_steps_equal_eager_ones_and_share_one_graph_per_shape() -> N
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads_c, grads_e):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_stack_with_compile_trains_dp_models_like_the_eager_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_stack with recipe.compile and book-keeping DP, the compiled stack forced on the CPU (the factory compiles
+    on CUDA only): the steps draw bucketed slot widths (GRAPH_SLOT_MULTIPLE) and take the compiled sums, and the
+    trained weights equal the uncompiled loop's (multiples of 8) to float rounding: the extra slots weigh 0."""
+    from mlaudit.data.base import TensorDataset
+    from mlaudit.privacy import dpsgd, fastclip
+    from mlaudit.privacy.mechanism import max_batch
+    from mlaudit.train.stacked import LoopStack
+
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(64, 3, 6, 6, generator=g), torch.randint(0, 3, (64,), generator=g), ("a", "b", "c"))
+
+    def net() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+
+    r = resolve_recipe({"name": "fast", "epochs": 2, "batch_size": 16, "augment": "none", "precision": "fp32",
+                        "dp": {"noise_multiplier": 1.0, "clip": 0.5, "clipping": "fast"}})
+    widths, calls, draw, real = [], [], dpsgd.DPTraining.draw, fastclip._compiled_sums
+
+    def recording_draw(self: DPTraining, stack: StackedModels, gather: object, *, bucket: int | None = None) -> object:
+        b = draw(self, stack, gather, bucket=bucket)  # type: ignore[arg-type]
+        widths.append((stack.compiled, b.x.shape[2]))  # type: ignore[attr-defined]
+        return b
+
+    monkeypatch.setattr(dpsgd.DPTraining, "draw", recording_draw)
+    monkeypatch.setattr(fastclip, "_compiled_sums", lambda: calls.append(1) or real())
+    outs = []
+    for compiled in (False, True):
+        if compiled:
+            monkeypatch.setattr(StackedModels, "from_modules",
+                                staticmethod(lambda models, device, **kw: LoopStack.build(models, device, compile=True)))
+        outs.append(train_stack(init_models(net, [0, 1]), data, r.model_copy(update={"compile": compiled}),
+                                seeds=[0, 1], lr=0.05, device=CPU, strategy="loop"))
+    eager, comp = [w for c, w in widths if not c], [w for c, w in widths if c]
+    assert len(eager) == len(comp) and calls  # the same steps; the compiled ones through the compiled sums
+    assert all(w % 32 == 0 or w == max_batch(16 / 64, 64) for w in comp) and any(w % 32 for w in eager)
+    for a, b in zip(*outs):
+        for name, t in a.state_dict.items():
+            torch.testing.assert_close(b.state_dict[name], t, rtol=1e-4, atol=1e-6)
+

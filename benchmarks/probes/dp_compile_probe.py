@@ -78,7 +78,7 @@ def main() -> None:
                  "bk_ms": 1e3 * time_step(lambda: fc._clipped_sums(m, layers, fwd()[1], w, 1.0, "auto"), args.steps),
                  "bk_compiled_ms": 1e3 * time_step(lambda: compiled(m, layers, fwd()[1], w, 1.0, "auto"), args.steps),
                  "compile_s": compile_s, "max_rel_diff": err}
-            r = {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+            r = {k: float(f"{v:.3g}") if k == "max_rel_diff" else round(v, 3) for k, v in r.items()}
             r["ratio_eager"] = round(r["bk_ms"] / row["sgd_ms"], 3)
             r["ratio_compiled"] = round(r["bk_compiled_ms"] / row["sgd_ms"], 3)
             row[f"slots_{slots}"] = r

@@ -375,15 +375,19 @@ def test_compile_probe_in_the_background_answers_eager_until_the_compile_is_done
     compiled step here (compile already done) and decides as the synchronous probe does."""
     import sys
 
+    from mlaudit.train.graphed import captures_paused
+
     before = sys.getswitchinterval()
+    assert not captures_paused()
     probe, release, calls, background, warmed = _background_probe(monkeypatch)
     assert sys.getswitchinterval() <= 1e-4  # while the compile runs (COMPILE_SWITCH_INTERVAL_S)
+    assert captures_paused()  # the job's steps capture no CUDA graph while the thread is on the GPU
     for _ in range(3):
         use, why = probe.decision()
         assert not use and "eager while the step compiles in the background" in why
     release.set()
     probe.close()
-    assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == before and not captures_paused()
     assert background == [(1, 1, False, "mlaudit-compile")] and warmed == ["the trained stack"]
     use, why = probe.decision()
     assert use and "1.000 s eager vs 0.800 s compiled" in why and "while 3 chunk(s) trained eagerly" in why
@@ -394,11 +398,14 @@ def test_compile_probe_in_the_background_answers_eager_until_the_compile_is_done
 def test_compile_probe_in_the_background_reports_a_failed_compile(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
+    from mlaudit.train.graphed import captures_paused
+
     before = sys.getswitchinterval()
     probe, release, calls, _, warmed = _background_probe(monkeypatch, fail=True)
+    assert captures_paused()
     release.set()
     probe.close()
-    assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == before and not captures_paused()  # resumed after a failure too
     use, why = probe.decision()
     assert not use and "compiled probe failed (RuntimeError: BackendCompilerFailed: fake)" in why
     assert calls == [(False, PROBE_EPOCHS)] and warmed == []

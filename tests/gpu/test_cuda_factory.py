@@ -258,10 +258,12 @@ def test_compile_auto_probe_and_the_factory_run_on_cuda(monkeypatch: pytest.Monk
 
 def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(monkeypatch: pytest.MonkeyPatch
                                                                                ) -> None:
-    """``compile: auto`` as the factory runs it: the first chunks train with the eager graphed step, capturing
-    their CUDA graphs on the job's thread while inductor compiles (allocations, synchronisations, kernel loads) in
-    the background thread; the capture mode is thread_local, so no capture fails and every model trains graphed to
-    a finite loss, with the test evaluation of each chunk."""
+    """``compile: auto`` as the factory runs it: while inductor compiles in the background thread (allocations,
+    synchronisations, kernel benchmarks, kernel loads) the first chunks train with eager steps, capturing no CUDA
+    graph (graphed.pause_captures: a capture under way would refuse the thread's synchronisations and be
+    invalidated by them, as on an H100 on 2026-12-07, when this test still expected captures and passed with the
+    compile failed); afterwards the compile has succeeded (no "failed" in any reason), the later chunks capture, and
+    every model trains to a finite loss, with the test evaluation of each chunk."""
     from mlaudit.factory import layout
 
     monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
@@ -274,8 +276,11 @@ def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(m
     out = run_trials(job)
     reasons = [str(m.metrics["stack_layout_reason"]) for m in out]
     print("\n".join(dict.fromkeys(reasons)))
+    paths = [str(m.metrics["step_path"]) for m in out]
+    print(paths)
     assert "eager while the step compiles in the background" in reasons[0]
-    assert [m.metrics["step_path"] for m in out] == ["cuda-graph"] * 12
+    assert not any("failed" in r for r in reasons) and not any("failed" in p for p in paths)
+    assert "paused" in paths[0] and paths[-1] == "cuda-graph"
     assert all(math.isfinite(float(m.metrics["train_loss"])) for m in out)
     assert all(0.0 <= float(m.metrics["test_accuracy"]) <= 1.0 for m in out)
 

@@ -195,6 +195,51 @@ def test_a_failed_capture_falls_back_to_eager_steps() -> None:
         "stream is capturing)"
 
 
+def test_paused_captures_run_eagerly_and_capture_once_resumed() -> None:
+    """While a thread holds pause_captures (the factory's background compile), a step due for capture runs eagerly
+    and tries again next step; graphs already captured keep replaying; after resume it captures. The sequence equals
+    the eager one, the path says how many steps waited, and resume is idempotent (a second call does not
+    release another thread's pause)."""
+    from mlaudit.train.graphed import captures_paused, pause_captures
+
+    rec = _Recorder()
+    w_graph, w_eager = torch.zeros(()), torch.zeros(())
+    step = GraphedStep(_stateful_body(w_graph, rec), slots=2, device=CPU, warmup=1, capture=rec.capture, shapes=None)
+    eager = _stateful_body(w_eager, _Recorder())
+    assert not captures_paused()
+
+    def run(i: int, width: int = 3) -> None:
+        x, y = torch.full((2, width), float(i)), torch.ones(2, width)
+        step(x, y, [0.1, 0.2], (True, True))
+        eager(x, y, [torch.tensor(0.1), torch.tensor(0.2)], (True, True))
+
+    run(0)
+    run(1)  # captured (warm-up 1)
+    resume = pause_captures()
+    other = pause_captures()  # a second holder
+    assert captures_paused()
+    run(2)  # replays the captured graph
+    for i in range(3, 6):
+        run(i, width=4)  # a new shape: 1 warm-up, then due for capture but paused: eager
+    assert step.captures == 1 and step.paused == 2
+    resume()
+    resume()  # idempotent: the other holder still pauses
+    run(6, width=4)
+    assert step.captures == 1 and step.paused == 3
+    other()
+    assert not captures_paused()
+    run(7, width=4)
+    run(8, width=4)
+    assert step.captures == 2
+    torch.testing.assert_close(w_graph, w_eager)
+    assert step.path == "cuda-graph (3 steps eager while captures were paused)"
+    fresh = GraphedStep(_stateful_body(torch.zeros(()), rec), slots=2, device=CPU, warmup=0, capture=rec.capture)
+    resume = pause_captures()
+    fresh(torch.ones(2, 3), torch.ones(2, 3), [0.1, 0.2], (True, True))
+    resume()
+    assert fresh.path == "eager (captures paused)"
+
+
 def test_graphed_step_refuses_a_new_shape_after_capture() -> None:
     rec = _Recorder()
     step = GraphedStep(_stateful_body(torch.zeros(()), rec), slots=2, device=CPU, warmup=0, capture=rec.capture)

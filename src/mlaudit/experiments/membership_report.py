@@ -144,8 +144,13 @@ def score_pool(obs: Observations, attacks: tuple[str, ...], *, options: dict[str
     return scores, diag
 
 
-ROC_THREADS = 4
-"""Attacks whose ROC analyses run at once (:func:`all_attack_metrics`)."""
+ROC_THREADS = {"cpu": 4}
+"""Attacks whose ROC analyses run at once (:func:`all_attack_metrics`), by device type (1 where not listed).
+On the CPU (2 cores, 12.8M pairs each, no bootstrap) four analyses took 9.7 s in threads vs 14.3 s one after the
+other. On an H100 (2026-12-07, the 256-model lean pool, 200 replicates) the four took 21.7 s in threads, each with a
+quarter of the bootstrap memory, against 8.9 s one after the other on another H100
+(benchmarks/results/membership_cifar10_membership_256_airbench_lean_auto_bg_h100.md and
+..._lean_auto_checked_h100.md), so on a GPU they run one after the other."""
 
 
 def attack_metrics(scores: Tensor, keep: Tensor, config: MembershipConfig, *, device: torch.device | str = "cpu",
@@ -162,16 +167,17 @@ def attack_metrics(scores: Tensor, keep: Tensor, config: MembershipConfig, *, de
 def all_attack_metrics(scores: dict[str, Tensor], keep: Tensor, config: MembershipConfig, *,
                        device: torch.device | str = "cpu", on_attack: Callable[[str], None] | None = None
                        ) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """:func:`attack_metrics` of every attack, up to :data:`ROC_THREADS` at once in threads, each with that share
-    of the bootstrap's memory (:data:`mlaudit.stats.BOOT_MEMORY_BYTES`). Most of one analysis is numpy and torch
-    work on 12.8M pairs (a 256-model pool) that runs without the GIL: on an H100 one took 2.5 s, of which ~1.3 s on
-    the host (benchmarks/results/bootstrap_profile_h100.md), and a pool's four ran one after the other, 8.9-10.6 s.
-    Each analysis draws from its own seeded generator, so the results do not depend on the threads' order.
+    """:func:`attack_metrics` of every attack, up to :data:`ROC_THREADS` of ``device``'s type at once in threads,
+    each with that share of the bootstrap's memory (:data:`mlaudit.stats.BOOT_MEMORY_BYTES`). Most of one analysis
+    is numpy and torch work on 12.8M pairs (a 256-model pool) that runs without the GIL: on an H100 one took 2.5 s,
+    of which ~1.3 s on the host (benchmarks/results/bootstrap_profile_h100.md). Threads paid on the CPU and not on
+    the GPU (see :data:`ROC_THREADS`). Each analysis draws from its own seeded generator, so the results do not
+    depend on the threads' order.
     ``on_attack(name)`` is called on this thread as each finishes."""
     if not scores:
         return {}, {}
-    workers = min(ROC_THREADS, len(scores))
     dev = torch.device(device)
+    workers = min(ROC_THREADS.get(dev.type, 1), len(scores))
     share = BOOT_MEMORY_BYTES.get(dev.type, BOOT_MEMORY_BYTES["cpu"]) // workers
     with ThreadPoolExecutor(workers, thread_name_prefix="mlaudit-roc") as pool:
         futures = {name: pool.submit(attack_metrics, s, keep, config, device=dev, boot_memory_bytes=share)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data.base import TensorDataset
 from ..errors import error_line
+from ..train.graphed import pause_captures
 from ..train.loop import init_models, train_stack
 from ..train.recipe import AugmentConfig, Recipe
 from ..train.stacked import StackedModels, choose_strategy
@@ -258,7 +259,10 @@ class CompileProbe:
     network took 15-29 s on an H100 (2026-12-07), with the GPU idle: 6-11% of a 256-model pool. With ``background``
     the compile runs in a thread, one epoch of the compiled step on one throwaway model (no CUDA graph: captures
     stay on the calling thread) and then ``warm(stack)`` on it, while :meth:`decision` answers "eager" and the job's
-    first chunks train with the eager (graphed) step. The compiled graphs are kept by ``torch.compile`` for every
+    first chunks train with the eager step. Those chunks capture no CUDA graph until the thread is done
+    (:func:`mlaudit.train.graphed.pause_captures`): on an H100 (2026-12-07) captures beside the compile failed both
+    ways, the thread's synchronisations refused while a capture was under way and the capture invalidated by them.
+    The compiled graphs are kept by ``torch.compile`` for every
     model of the architecture (the guards are on shapes and global state, not on the module), so once the thread
     is done the compiled probe runs on the calling thread at its steady speed and the decision is made as without
     ``background``. The models a chunk trains do not depend on the thread: they are built on the calling thread
@@ -282,7 +286,8 @@ class CompileProbe:
             return
         if recipe.dp is not None:
             self._final = False, ("compile auto: DP-SGD steps stay uncompiled (compiled fast clipping is not yet "
-                                  "measured on a GPU); compile: true compiles its norms and sums")
+                                  "timed through the training loop on a GPU); compile: true compiles its norms and "
+                                  "sums")
             return
         if device.type != "cuda" or layout != "loop":
             self._final = False, ("compile auto: compile applies to the loop layout on CUDA "
@@ -305,11 +310,16 @@ class CompileProbe:
         model = init_models(model_fn, [0])  # here, not in the thread: init_models seeds the global CPU generator
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, COMPILE_SWITCH_INTERVAL_S))  # restored when the compile ends
-        self._thread = threading.Thread(target=self._compile, args=(model, warm), name="mlaudit-compile", daemon=True)
+        # no CUDA graph capture on the job's thread while this thread works on the GPU (graphed.pause_captures): the
+        # first chunks train with eager steps, not captured ones
+        resume = pause_captures() if device.type == "cuda" else (lambda: None)
+        self._thread = threading.Thread(target=self._compile, args=(model, warm, resume), name="mlaudit-compile",
+                                        daemon=True)
         self._thread.start()
 
-    def _compile(self, model: list[nn.Module], warm: WarmFn | None) -> None:
-        """The background thread: one compiled epoch (inductor compiles the forward and backward), then ``warm``."""
+    def _compile(self, model: list[nn.Module], warm: WarmFn | None, resume: Callable[[], None]) -> None:
+        """The background thread: one compiled epoch (inductor compiles the forward and backward), then ``warm``;
+        then ``resume`` lets the job's steps capture again."""
         t0 = self.clock()
         try:
             trained: dict[int, StackedModels] = {}
@@ -320,6 +330,9 @@ class CompileProbe:
         except BaseException as e:  # noqa: BLE001 - reported by decision() on the job's thread
             self._error = e
         finally:
+            if torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # this thread's last kernels are done before captures resume
+            resume()
             sys.setswitchinterval(self._switch)
         self._compile_s = self.clock() - t0
 

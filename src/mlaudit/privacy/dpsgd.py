@@ -58,7 +58,7 @@ and :meth:`DPTraining.update` (clipped sums, noise added, average; then the opti
 one ``torch.compile``d graph (:func:`~mlaudit.privacy.fastclip.clipped_grad_sum` ``compiled``), eager or inside
 the step's CUDA graph; the forward and backward stay eager. Inductor compiles once per shape, so these steps draw
 the graphed step's bucketed widths (:data:`GRAPH_SLOT_MULTIPLE`) even when not graphed. ``compile: auto`` keeps
-DP steps uncompiled (not yet measured on a GPU).
+DP steps uncompiled (not yet timed through the training loop on a GPU).
 
 Threat model: the (epsilon, delta) guarantee covers the final weights (and every intermediate
 iterate) against an adversary who knows everything but whether one training example was present;

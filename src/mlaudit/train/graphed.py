@@ -19,6 +19,15 @@ time for the airbench network on the H200). ``torch.cuda.graph`` records the ste
 * **Fallback.** A model whose step cannot be captured (a host synchronisation such as ``.item()`` in its
   forward, data-dependent shapes) raises during capture; the step then runs eagerly for the rest of
   training, with a warning, and :attr:`GraphedStep.path` says so (recorded in each model's metrics).
+* **No capture beside another thread's GPU work.** A capture in progress forbids any call that would synchronise
+  with its stream, from any thread: a ``torch.cuda.synchronize()`` (inductor's kernel benchmarking, the loop's
+  epoch end) in another thread fails with "operation not permitted when stream is capturing" and invalidates the
+  capture ("operation failed due to a previous error during capture"). Seen on an H100 (2026-12-07) when
+  ``compile: auto`` compiled in a background thread while the job's chunks captured: the compile failed and 4 of
+  256 models fell back to eager steps. So a thread that works on the GPU beside training holds
+  :func:`pause_captures` for its whole run, and while any holds it a step that would capture runs eagerly
+  instead and tries again at its next step (graphs already captured keep replaying: a replay is an ordinary
+  launch).
 * **Warm-up.** The first ``warmup`` steps of each pattern run eagerly on a side stream (lazy
   initialisation: cuDNN plans, momentum buffers created on the first step), then the next is captured and
   replayed. These are real training steps, so the trained model is the eager loop's up to the
@@ -39,6 +48,7 @@ calls: nothing about training is defined twice.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -63,6 +73,35 @@ Shapes = tuple[tuple[int, ...], ...]
 """The shapes of one call's static inputs (x, y, *extra)."""
 
 
+_PAUSES = 0
+_PAUSE_LOCK = threading.Lock()
+
+
+def pause_captures() -> Callable[[], None]:
+    """Hold off new CUDA graph captures (:class:`GraphedStep` then runs those steps eagerly) until the returned
+    ``resume`` is called (once; later calls do nothing). For a thread that works on the GPU beside training
+    (:class:`mlaudit.factory.layout.CompileProbe`): take it on the job's thread *before* starting the other
+    thread, so no capture can be under way when that thread's first CUDA call is made, and resume from that
+    thread when its last CUDA call is done."""
+    global _PAUSES
+    with _PAUSE_LOCK:
+        _PAUSES += 1
+    done = threading.Event()
+
+    def resume() -> None:
+        global _PAUSES
+        with _PAUSE_LOCK:
+            if not done.is_set():
+                done.set()
+                _PAUSES -= 1
+    return resume
+
+
+def captures_paused() -> bool:
+    """Whether some thread holds :func:`pause_captures`."""
+    return _PAUSES > 0
+
+
 class GraphedStep:
     """Runs ``body`` eagerly for the first ``warmup`` steps of each (input shapes, active pattern), then as a
     replayed graph.
@@ -84,6 +123,7 @@ class GraphedStep:
         self.pool: object | None = None
         self.capture = capture or _cuda_capture
         self.captures = self.replays = 0
+        self.paused = 0  # steps run eagerly because captures were paused (pause_captures)
         self.failed: str | None = None  # why capture failed (the step then stays eager)
 
     @property
@@ -91,7 +131,9 @@ class GraphedStep:
         """``cuda-graph``, or ``eager (capture failed: ...)`` after a fallback (or ``eager`` if nothing was captured)."""
         if self.failed is not None:
             return f"eager (capture failed: {self.failed})"
-        return "cuda-graph" if self.captures else "eager"
+        if self.captures:
+            return "cuda-graph" if not self.paused else f"cuda-graph ({self.paused} steps eager while captures were paused)"
+        return "eager (captures paused)" if self.paused else "eager"
 
     def __call__(self, xb: Tensor, yb: Tensor, rates: Sequence[float], active: tuple[bool, ...],
                  *extra: Tensor) -> Tensor:
@@ -103,6 +145,9 @@ class GraphedStep:
         entry = self.graphs.get(key)
         if self.failed is not None or (entry is None and self.seen[key] < self.warmup):
             self.seen[key] += 1
+            return self._eager(shapes, active)
+        if entry is None and captures_paused():  # another thread is on the GPU: see the module docstring
+            self.paused += 1
             return self._eager(shapes, active)
         if entry is None:
             graph, ctx = self.capture()
@@ -178,8 +223,7 @@ def warmup_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _cuda_capture() -> tuple[object, Callable[..., object]]:
-    # thread_local: only this thread is held to CUDA's ban on potentially unsafe calls during a capture. With
-    # ``recipe.compile: auto`` the factory compiles in a background thread (mlaudit.factory.layout.CompileProbe) that
-    # allocates, synchronises and loads kernels meanwhile; under the default "global" mode those calls are banned
-    # for every thread while this one captures.
+    # thread_local: only this thread is held to CUDA's ban on potentially unsafe calls (allocations, kernel loads)
+    # during a capture, so other threads' host work is not refused. A synchronisation with the capturing stream is
+    # refused from any thread whatever the mode: that is what pause_captures is for.
     return torch.cuda.CUDAGraph(), functools.partial(torch.cuda.graph, capture_error_mode="thread_local")

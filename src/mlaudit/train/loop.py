@@ -71,7 +71,9 @@ class TrainOutput:
     steps: int
     privacy: dict[str, float] = field(default_factory=dict)
     step_path: str = "eager"
-    """How the steps ran: ``eager``, ``cuda-graph`` or ``eager (capture failed: ...)`` (recipe.cuda_graph)."""
+    """How the steps ran: ``eager``, ``cuda-graph`` or ``eager (capture failed: ...)`` (recipe.cuda_graph); with
+    ``(... captures paused)`` where steps ran eagerly while another thread was on the GPU
+    (:func:`mlaudit.train.graphed.pause_captures`)."""
 
 
 def init_models(model_fn: Callable[[], nn.Module], seeds: Sequence[int]) -> list[nn.Module]:

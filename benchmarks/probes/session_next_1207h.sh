@@ -1,6 +1,6 @@
 #!/bin/bash
 # usage: session_next_1207h.sh [SECONDS]   (default 600; carry [".whl", ".data_xz"])
-# 2026-12-07 (eighth session): session_next_1207g.sh (issue 23: the 256-model lean pool with compile: auto and the
+# 2026-12-07 (eighth session; ran once on an H100): the seventh session's unrun script (issue 23: the 256-model lean pool with compile: auto and the
 # background compile, its GPU tests, the per-chunk probe) with, first, issue 15's first torch.compile probe: fast
 # clipping's norms and sums compiled as one graph (benchmarks/probes/dp_compile_probe.py; ResNet-18-GN and the fast
 # CNN at 288 slots, fp32) against the eager sums and the non-private fp32 step. Each part gets what time is left.

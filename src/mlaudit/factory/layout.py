@@ -330,10 +330,12 @@ class CompileProbe:
         except BaseException as e:  # noqa: BLE001 - reported by decision() on the job's thread
             self._error = e
         finally:
-            if torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # this thread's last kernels are done before captures resume
-            resume()
-            sys.setswitchinterval(self._switch)
+            try:
+                if torch.cuda.is_initialized():
+                    torch.cuda.synchronize()  # this thread's last kernels are done before captures resume
+            finally:
+                resume()
+                sys.setswitchinterval(self._switch)
         self._compile_s = self.clock() - t0
 
     def decision(self) -> tuple[bool, str]:

@@ -845,11 +845,12 @@ def test_clipped_sums_trace_as_one_graph() -> None:
         assert explained.graph_count == 1
 
 
-def test_compiled_dp_steps_equal_eager_ones_and_share_one_graph_per_shape() -> None:
+def test_compiled_dp_steps_equal_eager_ones_and_share_their_graphs() -> None:
     """recipe.compile with book-keeping clipping: DPTraining.step on a compiled LoopStack runs the norms and sums
     through torch.compile (inductor's CPU kernels here) and gives the eager step's loss and private gradients to
     float rounding (the same generators: the same batches and noise), for two models of one architecture, the
-    second reusing the first's graph (no recompile)."""
+    second reusing the first's graph (no recompile), and one dynamic graph serving every batch size after the
+    second."""
     from mlaudit.privacy import fastclip
     from mlaudit.train.stacked import LoopStack
 
@@ -881,10 +882,14 @@ def test_compiled_dp_steps_equal_eager_ones_and_share_one_graph_per_shape() -> N
             want = fastclip._clipped_sums(m, layers, ag, torch.ones(24), 0.5, "auto")[0]
             for a, b in zip(shared(m, layers, ag, torch.ones(24), 0.5, "auto")[0], want):  # other: no recompile
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-            if check:  # while a new shape is a new graph
-                _, ag, _ = fastclip._forward(m, layers, x[:5], y[:5], 0.0, [])
-                with pytest.raises(Exception, match="[Rr]ecompil"):
-                    shared(m, layers, ag, torch.ones(5), 0.5, "auto")
+    # automatic dynamic shapes: a second batch size compiles one graph with a symbolic size, which serves a third
+    m, layers = other, fastclip._plan(other)
+    for n, check in ((5, False), (11, True), (17, True)):
+        with mock.patch.object(torch._dynamo.config, "error_on_recompile", check):
+            _, ag, _ = fastclip._forward(m, layers, x[:n], y[:n], 0.0, [])
+            want = fastclip._clipped_sums(m, layers, ag, torch.ones(n), 0.5, "auto")[0]
+            for a, b in zip(shared(m, layers, ag, torch.ones(n), 0.5, "auto")[0], want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for (loss_e, grads_e), (loss_c, grads_c) in zip(steps[False], steps[True]):
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads_c, grads_e):

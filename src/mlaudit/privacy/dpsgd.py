@@ -56,8 +56,9 @@ and :meth:`DPTraining.update` (clipped sums, noise added, average; then the opti
 
 ``recipe.compile: true`` (CUDA, loop layout): book-keeping steps run their norms, clip factors and clipped sums as
 one ``torch.compile``d graph (:func:`~mlaudit.privacy.fastclip.clipped_grad_sum` ``compiled``), eager or inside
-the step's CUDA graph; the forward and backward stay eager. Inductor compiles once per shape, so these steps draw
-the graphed step's bucketed widths (:data:`GRAPH_SLOT_MULTIPLE`) even when not graphed. ``compile: auto`` keeps
+the step's CUDA graph; the forward and backward stay eager. A second slot count compiles a graph with a symbolic
+batch size, unless a layer's transients exceed one chunk (then each count compiles), so these steps draw the
+graphed step's bucketed widths (:data:`GRAPH_SLOT_MULTIPLE`) even when not graphed. ``compile: auto`` keeps
 DP steps uncompiled (not yet timed through the training loop on a GPU).
 
 Threat model: the (epsilon, delta) guarantee covers the final weights (and every intermediate

@@ -306,9 +306,13 @@ def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Te
 @functools.cache
 def _compiled_sums() -> Callable[..., tuple[list[Tensor], Tensor]]:
     """:func:`_clipped_sums` under ``torch.compile``, built once: the model and its layer plan are arguments, so
-    models of one architecture share the compiled graphs (one per slot count: the cost rule reads the batch size,
-    so every shape compiles once; the graphed and compiled DP steps draw a few bucketed widths)."""
-    return torch.compile(_clipped_sums, dynamic=False)
+    models of one architecture share the compiled graphs. Dynamo's automatic dynamic shapes: the first slot count
+    compiles a static graph, the second one graph with a symbolic batch size that serves every later count, as
+    long as no rule loops over the batch (a layer whose transients exceed one chunk,
+    :data:`~mlaudit.privacy.fastclip_rules.CHUNK_ELEMENTS`, does, and then each count compiles: so the compiled
+    DP steps draw a few bucketed widths). The cost rule's choices become guards on the batch size, not
+    specialisations. On the CPU (ResNet-18-GN, width 8) the dynamic graph ran as fast as a static one."""
+    return torch.compile(_clipped_sums)
 
 
 def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *, clip: float,

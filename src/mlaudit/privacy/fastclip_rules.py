@@ -91,6 +91,8 @@ def _up(x: Tensor) -> Tensor:
 
 def _chunks(b: int, per_example: int) -> list[slice]:
     n = max(1, CHUNK_ELEMENTS // max(1, per_example))
+    if b <= n:  # one chunk: no loop over b, so torch.compile keeps a dynamic batch size symbolic (a guard b <= n)
+        return [slice(None)]
     return [slice(i, min(b, i + n)) for i in range(0, b, n)]
 
 

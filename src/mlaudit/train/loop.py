@@ -239,7 +239,7 @@ def train_stack(
             if dp is not None:
                 # host draws first (Poisson batch, canaries, gathers, augmentation, noise); the device part is
                 # replayed when the graph applies: the fast path after its first (verified) step, one micro-batch.
-                # Compiled clipping also draws bucketed widths: inductor compiles once per shape
+                # Compiled clipping also draws bucketed widths: a chunked layer makes inductor compile each width
                 b = dp.draw(stack, lambda i: _gather(data, groups, i),
                             bucket=GRAPH_SLOT_MULTIPLE if graphed is not None or compiled else None)
                 if graphed is not None and dp.graphable(stack, b):

@@ -321,8 +321,9 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
             record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
                    precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=conv)
         set_conv(convs[0])
-    if cuda:  # recipe.compile: true: the fast path's norms and sums compiled by inductor (one graph per slot bucket),
-        # eager and inside the CUDA graph; warmed up as the graphed run, so the buckets compile before the timed epoch
+    if cuda:  # recipe.compile: true: the fast path's norms and sums compiled by inductor (a static graph, then one with
+        # a dynamic batch size, or one per slot bucket where a layer is chunked), eager and inside the CUDA graph;
+        # warmed up as the graphed run, so the buckets compile before the timed epoch
         for graph in (False, True):
             private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": graph, "compile": True,
                                       "dp": {**dp, "clipping": "fast"}})

@@ -311,8 +311,8 @@ class CompileProbe:
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, COMPILE_SWITCH_INTERVAL_S))  # restored when the compile ends
         # no CUDA graph capture on the job's thread while this thread works on the GPU (graphed.pause_captures): the
-        # first chunks train with eager steps, not captured ones
-        resume = pause_captures() if device.type == "cuda" else (lambda: None)
+        # first chunks train with eager steps, not captured ones (only CUDA gets here: see above)
+        resume = pause_captures()
         self._thread = threading.Thread(target=self._compile, args=(model, warm, resume), name="mlaudit-compile",
                                         daemon=True)
         self._thread.start()

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._dynamo.utils import counters as dynamo_counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PACK_CANDIDATES, environment, sync, time_step, write_results  # noqa: E402
@@ -162,12 +163,16 @@ def training_split(n: int, *, synthetic: bool) -> tuple[TensorDataset, str]:
 def time_mlaudit(fn: Builder, train: TensorDataset, recipe: Recipe, *, steps: int, device: torch.device,
                  name: str, warmup_epochs: int = 1, info: dict[str, Any] | None = None) -> float:
     """Steady-state seconds per step: ``warmup_epochs`` epochs (``steps`` steps each) warm up, the next one is
-    timed; ``info`` gets the step path the loop reports (``cuda-graph``, ``eager``, ...)."""
+    timed; ``info`` gets the step path the loop reports (``cuda-graph``, ``eager``, ...) and, for a compiled run,
+    how many graphs dynamo compiled during the timed epoch (``timed_epoch_compiles``; not 0 means a slot width met
+    there for the first time was compiled inside the timing)."""
     marks: list[float] = []
+    graphs: list[int] = []
 
     def on_epoch(_e: int, _loss: torch.Tensor) -> None:  # called after the loop's end-of-epoch sync
         sync()
         marks.append(time.perf_counter())
+        graphs.append(dynamo_counters["stats"]["unique_graphs"])
 
     r = recipe.model_copy(update={"epochs": warmup_epochs + 1})
     augment = resolve_augment(r, "cifar10", (3, 32, 32))
@@ -177,6 +182,8 @@ def time_mlaudit(fn: Builder, train: TensorDataset, recipe: Recipe, *, steps: in
     assert out[0].steps == (warmup_epochs + 1) * steps, (name, out[0].steps)
     if info is not None:
         info["step_path"] = out[0].step_path
+        if recipe.compile is True:
+            info["timed_epoch_compiles"] = graphs[-1] - graphs[-2]
     return (marks[-1] - marks[-2]) / steps
 
 
@@ -363,6 +370,8 @@ def table(name: str, desc: dict[str, Any], runs: dict[str, dict[str, Any]], rat:
           "|---|---|---|---|---|\n")
     for k, v in runs.items():
         path = f", step path {v['step_path']}" if "step_path" in v else ""
+        path += (f", {v['timed_epoch_compiles']} compile(s) in the timed epoch" if v.get("timed_epoch_compiles")
+                 else "")
         md += (f"| {k} | {v.get('precision', '')}{path} | {v['s_per_step'] * 1e3:.1f} | {v['examples_per_s']} | "
                f"{v.get('peak_gpu_mem_mb') or ''} |\n" if "s_per_step" in v else f"| {k} | | failed: {v['error'][:80]} | | |\n")
     return md + "\n| ratio (slower by) | x |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rat.items()) + "\n"

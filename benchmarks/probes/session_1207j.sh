@@ -1,12 +1,12 @@
 #!/bin/bash
-# usage: session_1207j.sh [SECONDS]   (default 420; carry [".whl", ".data_xz"])
+# usage: session_1207j.sh [SECONDS]   (default 560; none of its calls got a machine in the ninth session; carry [".whl", ".data_xz"])
 # Ninth session of 2026-12-07: starts failed for most of the device budget, so the two prepared calls
-# (session_next_dp_compile.sh, session_next_1207i.sh) are folded into one, each part cut to the time left:
+# (session_next_dp_compile.sh, since removed, and session_next_1207i.sh) are folded into one, each part cut to the time left:
 # 1. issue 15 goal 1: the compiled DP rows (recipe.compile with book-keeping; eager and graphed) through the training
 #    loop beside the fast and graphed steps, non-private SGD and Opacus, ResNet-18-GN and the fast CNN;
 # 2. the GPU tests of the compiled DP step and of the background compile with captures paused (issue 23);
 # 3. the 256-model lean pool with compile: auto, if the time left holds it (about 300 s on an H100).
-T=${1:-420}
+T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh
 unpack_cifar

@@ -8,7 +8,7 @@
 # 2. the 256-model lean pool with compile: auto: compare 251.9 s training / 275.4 s whole (compile inside the probe,
 #    H100, ..._lean_auto_checked_h100.md); cost.training_paths should show "captures paused" chunks, then compiled;
 # 3. in the time left, the per-chunk record (compile_background_probe.py).
-# Then benchmarks/probes/session_next_dp_compile.sh (issue 15) in another call. On an H200 if one comes.
+# Then benchmarks/probes/session_1207j.sh (issue 15) in another call. On an H200 if one comes.
 T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh

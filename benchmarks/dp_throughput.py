@@ -27,7 +27,8 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   of 32; its step path is recorded as ``step_path``; CUDA only). The other private runs set ``cuda_graph: false`` (the eager step,
   as timed before the graphed step existed). ``mlaudit_dpsgd_fast_compiled`` / ``_graph_compiled``
   (``--runs compile,graph-compile``; CUDA only): ``compile: true``, the norms and sums compiled by inductor, eager /
-  graphed, warmed up as the graphed run. One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
+  graphed, warmed up as the graphed run; ``_graph_compiled_tf32`` (``graph-compile-tf32``) the graphed one with
+  TF32 float32 matmuls, as cuDNN computes the non-private step's weight gradients. One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
   for the graphed run, so the rarer slot buckets are captured before the timed epoch),
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
   clips the widest Poisson batch of the step rounded up to a multiple of 8 (fast), 32 (per-example) or a
@@ -241,7 +242,7 @@ def run_option(key: str) -> str:
     """The ``--runs`` option that times the private run ``key``."""
     parts = key.split("_")
     if "compiled" in parts:
-        return "graph-compile" if "graph" in parts else "compile"
+        return ("graph-compile" if "graph" in parts else "compile") + ("-tf32" if "tf32" in parts else "")
     return next((o for o in ("tf32norms", "tf32", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
 
 
@@ -338,6 +339,19 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
             info = {}
             record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
                    precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
+        # the graphed compiled step with TF32 float32 matmuls (the per-example gradients, Grams and weighted sums,
+        # and the model's Linear layers): the non-private step's weight gradients are cuDNN convolutions in TF32
+        # already (cuDNN's default), the sums' matmuls IEEE (docs/privacy.md, "What bounds it"); dynamo guards
+        # on the TF32 flag, so the sums compile again under it, in the warm-up
+        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": True, "compile": True,
+                                  "dp": {**dp, "clipping": "fast"}})
+        name, info = "mlaudit_dpsgd_fast_graph_compiled_tf32", {}
+
+        def graph_compiled_tf32() -> float:
+            with fastclip_rules.matmul_tf32(True):
+                return ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)()
+        record(name, graph_compiled_tf32, info=info, precision="fp32, TF32 matmuls", per_example_slots=slots,
+               clipping="fast", conv_materialise=convs[0])
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
@@ -391,7 +405,8 @@ def main() -> None:
     ap.add_argument("--runs", default="per-example,fast,tf32,tf32norms,bf16,graph",
                     help="private runs to time, comma-separated: per-example, fast (one per --conv-materialise), "
                          "tf32, tf32norms (TF32 conv-norm matmuls only), bf16, graph (the fast step as a CUDA graph), "
-                         "compile, graph-compile (recipe.compile: true, eager / graphed); all but per-example and fast "
+                         "compile, graph-compile (recipe.compile: true, eager / graphed), graph-compile-tf32 (the "
+                        "latter with TF32 matmuls); all but per-example and fast "
                          "on CUDA only")
     ap.add_argument("--graph-warmup-epochs", type=int, default=3,
                     help="warm-up epochs of the graphed run (each slot bucket is warmed up and captured once)")

@@ -11,7 +11,7 @@ MARGIN=8
 . benchmarks/probes/device_setup.sh
 unpack_cifar
 timeout $(left 130) python3 benchmarks/dp_throughput.py --device cuda --models resnet18,fastcnn \
-  --conv-materialise shift --runs fast,graph,compile,graph-compile --steps 20 --name compile_$G > $W/dp_compile_rows.log 2>&1
+  --conv-materialise shift --runs fast,graph,compile,graph-compile,graph-compile-tf32 --steps 20 --name compile_$G > $W/dp_compile_rows.log 2>&1
 echo "dp_throughput rc $? after $((SECONDS-T0)) s"; grep -E "ms/step|Error" $W/dp_compile_rows.log | grep -v "^W1" | cut -c1-300
 cp benchmarks/results/dp_throughput_compile_$G.* $W/ 2>/dev/null; pack
 timeout $(( $(left) < 190 ? $(left) : 190 )) python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py \

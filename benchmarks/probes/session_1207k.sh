@@ -10,7 +10,7 @@ unpack_cifar
 for m in resnet18 fastcnn; do
   [ $(left) -gt 40 ] || break
   timeout $(left) python3 benchmarks/dp_throughput.py --device cuda --models $m --conv-materialise shift \
-    --runs fast,graph,compile,graph-compile --steps 20 --name compile_${m}_$G > $W/dp_compile_$m.log 2>&1
+    --runs fast,graph,compile,graph-compile,graph-compile-tf32 --steps 20 --name compile_${m}_$G > $W/dp_compile_$m.log 2>&1
   echo "$m rc $? after $((SECONDS-T0)) s"; grep -E "ms/step|Error" $W/dp_compile_$m.log | grep -v "^W1" | cut -c1-300
   cp benchmarks/results/dp_throughput_compile_${m}_$G.* $W/ 2>/dev/null; pack
 done

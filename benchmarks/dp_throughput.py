@@ -341,8 +341,9 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
                    precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
         # the graphed compiled step with TF32 float32 matmuls (the per-example gradients, Grams and weighted sums,
         # and the model's Linear layers): the non-private step's weight gradients are cuDNN convolutions in TF32
-        # already (cuDNN's default), the sums' matmuls IEEE (docs/privacy.md, "What bounds it"); dynamo guards
-        # on the TF32 flag, so the sums compile again under it, in the warm-up
+        # already (cuDNN's default), the sums' matmuls IEEE (docs/privacy.md, "What bounds it"); where dynamo's
+        # global-state guard covers the TF32 flag the sums compile again under it, in the warm-up (a compile inside
+        # the timed epoch would show in timed_epoch_compiles)
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": True, "compile": True,
                                   "dp": {**dp, "clipping": "fast"}})
         name, info = "mlaudit_dpsgd_fast_graph_compiled_tf32", {}

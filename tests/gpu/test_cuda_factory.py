@@ -136,7 +136,8 @@ def test_fast_clipping_equals_per_example_on_cuda(name: str) -> None:
 def test_tf32_conv_norms_stay_within_tf32_rounding_of_ieee_norms(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The opt-in TF32 conv-norm matmuls (fastclip_rules.CONV_NORMS_TF32 = True) against IEEE norms, both with cuDNN's
     TF32 convolutions (PyTorch's default), same model and batch: the clipped sums agree to 1e-2 of each tensor's
-    largest entry. (Not yet run on a GPU. Its first version compared against the float64 per-example path instead and
+    largest entry. (Passed on an H100, 2026-12-07, fourth session: gpu_tests_2026-12-07_fourth_h100.txt, run by
+    session_1207_quick_device.sh. Its first version compared against the float64 per-example path instead and
     failed on an H100, 2026-12-07: the float32 step with TF32 convolutions and TF32 norms was up to 5.4% (ResNet-18-GN)
     and 7.6% (fast CNN) of the largest entry away from float64, which did not separate the norms' share from the
     convolutions'.)"""
@@ -156,6 +157,35 @@ def test_tf32_conv_norms_stay_within_tf32_rounding_of_ieee_norms(name: str, monk
     monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", False)
     ieee, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
     for a, b in zip(tf32, ieee, strict=True):
+        assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()) + 1e-12
+
+
+def test_tf32_conv_norms_with_the_compiled_sums_stay_one_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONV_NORMS_TF32 = True with ``compiled=True`` on CUDA: the compiled sums trace as one graph (switching the
+    precision inside each conv's norms broke it, 7 breaks for a small conv net on the CPU stand-in), the precision
+    is set around the compiled call, and the sums agree with the eager TF32-norm sums to 1e-2 of each tensor's
+    largest entry (the compiled call's TF32 also covers the Linear layers' matmuls). Written 2026-12-07 (ninth
+    session), not yet run on a GPU."""
+    from mlaudit.models import build_model
+    from mlaudit.privacy import fastclip, fastclip_rules
+    from mlaudit.privacy.fastclip import clipped_grad_sum
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", True)
+    torch.manual_seed(0)
+    m = build_model({"name": "fastcnn", "norm": "group"}, input_shape=(3, 32, 32), num_classes=10).cuda().train()
+    x = torch.rand(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    w = (torch.arange(32, device="cuda") % 5 != 0).float()
+    layers = fastclip._plan(m)
+    _, ag, _ = fastclip._forward(m, layers, x, y, 0.0, [])
+    explained = torch._dynamo.explain(fastclip._clipped_sums)(m, layers, ag, w, 1.0, "auto")
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    eager, _ = clipped_grad_sum(m, x, y, w, clip=1.0)
+    compiled, _ = clipped_grad_sum(m, x, y, w, clip=1.0, compiled=True)
+    assert not torch.backends.cuda.matmul.allow_tf32  # restored after the compiled call
+    for a, b in zip(compiled, eager, strict=True):
         assert float((a - b).abs().max()) <= 1e-2 * float(b.abs().max()) + 1e-12
 
 

@@ -845,6 +845,44 @@ def test_clipped_sums_trace_as_one_graph() -> None:
         assert explained.graph_count == 1
 
 
+def test_tf32_conv_norms_set_around_the_compiled_sums_not_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONV_NORMS_TF32 with the compiled sums: dynamo cannot trace the precision flags, so switching them inside each
+    conv's norms broke the graph (the compiled sums fell apart); while compiling the rules leave the precision alone,
+    the sums stay one graph, and clipped_grad_sum sets the precision around the whole compiled call. The CUDA check
+    is stood in for on the CPU (``on_cuda``); matmul_tf32 only sets a flag there. The trace fails without the
+    ``is_compiling`` check."""
+    from mlaudit.privacy import fastclip
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
+    x, y, w = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)), torch.tensor([1.0, 0, 1, 1, 0, 1])
+    layers = fastclip._plan(model)
+    _, ag, _ = fastclip._forward(model, layers, x, y, 0.0, [])
+    monkeypatch.setattr(fastclip_rules, "on_cuda", lambda t: True)
+    monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", True)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        explained = torch._dynamo.explain(fastclip._clipped_sums)(model, layers, ag, w, 1.0, "auto")
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        assert explained.graph_count == 1
+        seen = []
+        real = fastclip._compiled_sums()
+
+        def recording(*args: object) -> object:
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return real(*args)
+        monkeypatch.setattr(fastclip, "_compiled_sums", lambda: recording)
+        got, _ = clipped_grad_sum(model, x, y, w, clip=1.0, compiled=True)
+        assert seen == [True]  # TF32 set around the compiled call
+        want, _ = clipped_grad_sum(model, x, y, w, clip=1.0)  # on the CPU the flag changes no arithmetic
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 def test_compiled_dp_steps_equal_eager_ones_and_share_their_graphs() -> None:
     """recipe.compile with book-keeping clipping: DPTraining.step on a compiled LoopStack runs the norms and sums
     through torch.compile (inductor's CPU kernels here) and gives the eager step's loss and private gradients to

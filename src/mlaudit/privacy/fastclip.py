@@ -47,7 +47,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
+from . import fastclip_rules
 from .fastclip_rules import RULES, WRITTEN_OUT, Mode, Rule, matmul_tf32, tf32_enabled
 
 PER_EXAMPLE_HINT = "use `dp: {clipping: per-example}`"
@@ -338,8 +339,12 @@ def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *,
     layers = _plan(model)
     with _all_require_grad(model):
         losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [], bf16)
-    sums = _compiled_sums() if compiled else _clipped_sums
-    return sums(model, layers, ag, weights, clip, mode)[0], losses
+    if not compiled:
+        return _clipped_sums(model, layers, ag, weights, clip, mode)[0], losses
+    # CONV_NORMS_TF32 around the compiled call: inside it dynamo cannot switch precisions (a graph break per conv)
+    tf32 = fastclip_rules.CONV_NORMS_TF32
+    with matmul_tf32(tf32) if tf32 is not None and fastclip_rules.on_cuda(x) else nullcontext():
+        return _compiled_sums()(model, layers, ag, weights, clip, mode)[0], losses
 
 
 @contextmanager

@@ -333,12 +333,23 @@ TF32 norms add to the TF32 convolutions' own rounding was not measured. So the d
 alone (IEEE unless they chose TF32). Where the per-example gradients are kept (materialised), the clipped sum is
 ``sum_i f_i grad_i`` of the very tensors whose norms set f_i, so each example's contribution has norm <= C to
 float32 rounding whatever precision computed them; where the sum is recomputed (ghost norms, or gradients too large
-to keep), TF32 norms and a TF32 ``convolution_backward`` can disagree by TF32's rounding."""
+to keep), TF32 norms and a TF32 ``convolution_backward`` can disagree by TF32's rounding.
+
+Under ``recipe.compile`` (the compiled sums) the setting covers every matmul of the compiled norms and sums, the
+Linear layers' too: a precision cannot be switched inside one compiled graph."""
+
+
+def on_cuda(t: Tensor) -> bool:
+    """Whether :data:`CONV_NORMS_TF32` applies to ``t``'s matmuls (CUDA; a function so CPU tests can stand in)."""
+    return t.is_cuda
 
 
 def _conv_norms(m: nn.Conv2d, a: Tensor, g: Tensor, mode: Mode) -> tuple[Tensor, dict[str, Any]]:
-    """:func:`_conv_norms_at` with the matmuls at :data:`CONV_NORMS_TF32`'s precision on CUDA."""
-    if CONV_NORMS_TF32 is None or not g.is_cuda:
+    """:func:`_conv_norms_at` with the matmuls at :data:`CONV_NORMS_TF32`'s precision on CUDA. Not while
+    ``torch.compile`` traces: dynamo cannot trace the precision flags (a graph break per conv layer, and the
+    compiled sums fall apart), so the compiled path sets the precision around the whole compiled call instead
+    (:func:`mlaudit.privacy.fastclip.clipped_grad_sum`)."""
+    if CONV_NORMS_TF32 is None or not on_cuda(g) or torch.compiler.is_compiling():
         return _conv_norms_at(m, a, g, mode)
     with matmul_tf32(CONV_NORMS_TF32):
         return _conv_norms_at(m, a, g, mode)

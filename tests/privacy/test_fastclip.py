@@ -826,10 +826,9 @@ def test_the_report_lists_every_layer_and_every_problem_at_once() -> None:
         check_fast_clip(model)
 
 
-def test_clipped_sums_trace_as_one_graph() -> None:
-    """torch.compile sees fast clipping's norms, clip factors and sums of a conv net (strided, padded, stride-1
-    shifted and unfolded convs, GroupNorm, Linear) as one graph without a break (benchmarks/probes/dp_compile_probe.py
-    compiles it); a break would split it and recompile per layer."""
+def _small_conv_net_recorded() -> tuple[nn.Module, Tensor, Tensor, Tensor, list, dict]:
+    """A conv net with strided, padded and stride-1 convs, GroupNorm and Linear, 6 examples (2 of weight 0), and
+    its book-keeping record: (model, x, y, w, layers, {layer: (a, g)})."""
     from mlaudit.privacy import fastclip
 
     torch.manual_seed(0)
@@ -838,6 +837,16 @@ def test_clipped_sums_trace_as_one_graph() -> None:
     x, y, w = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)), torch.tensor([1.0, 0, 1, 1, 0, 1])
     layers = fastclip._plan(model)
     _, ag, _ = fastclip._forward(model, layers, x, y, 0.0, [])
+    return model, x, y, w, layers, ag
+
+
+def test_clipped_sums_trace_as_one_graph() -> None:
+    """torch.compile sees fast clipping's norms, clip factors and sums of a conv net (strided, padded, stride-1
+    shifted and unfolded convs, GroupNorm, Linear) as one graph without a break (benchmarks/probes/dp_compile_probe.py
+    compiles it); a break would split it and recompile per layer."""
+    from mlaudit.privacy import fastclip
+
+    model, x, y, w, layers, ag = _small_conv_net_recorded()
     for shift in (True, False):
         with mock.patch.object(fastclip_rules, "CONV_SHIFT", shift):
             explained = torch._dynamo.explain(fastclip._clipped_sums)(model, layers, ag, w, 1.0, "auto")
@@ -853,12 +862,7 @@ def test_tf32_conv_norms_set_around_the_compiled_sums_not_inside(monkeypatch: py
     ``is_compiling`` check."""
     from mlaudit.privacy import fastclip
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5))
-    x, y, w = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)), torch.tensor([1.0, 0, 1, 1, 0, 1])
-    layers = fastclip._plan(model)
-    _, ag, _ = fastclip._forward(model, layers, x, y, 0.0, [])
+    model, x, y, w, layers, ag = _small_conv_net_recorded()
     monkeypatch.setattr(fastclip_rules, "on_cuda", lambda t: True)
     monkeypatch.setattr(fastclip_rules, "CONV_NORMS_TF32", True)
     before = torch.backends.cuda.matmul.allow_tf32

@@ -3,7 +3,9 @@
 #   left [MARGIN]   seconds left of T, less MARGIN;
 #   pack            $W (/tmp/w) packed into $OUT/all.tgz (at most 8 files come back from a call: write to $W, pack
 #                   after each part);
-#   unpack_cifar    the carried .data_xz/cifar10-jpeg.npz.xz into .data/.
+#   unpack_cifar    the carried .data_xz/cifar10-jpeg.npz.xz into .data/;
+#   run_pool CONFIG NAME SECONDS   benchmarks/membership.py on benchmarks/configs/CONFIG.yaml (CUDA) as NAME: its
+#                   log, results and cost.training_paths into $W, then pack.
 T0=$SECONDS
 left() { echo $(( T - (SECONDS - T0) - ${1:-${MARGIN:-10}} )); }
 W=/tmp/w; mkdir -p $W
@@ -11,6 +13,14 @@ pack() { tar czf $OUT/all.tgz -C $W . ; }
 unpack_cifar() {
   mkdir -p .data
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.data_xz/cifar10-jpeg.npz.xz'), open('.data/cifar10-jpeg.npz','wb'))"
+}
+run_pool() {
+  timeout $3 python3 benchmarks/membership.py benchmarks/configs/$1.yaml --device cuda --name $2 > $W/pool_$2.log 2>&1
+  echo "pool rc $? after $((SECONDS-T0)) s"
+  cp benchmarks/results/membership_$2.* $W/ 2>/dev/null
+  grep -E "lira|Pool:|After|Warning" $W/pool_$2.log | cut -c1-300
+  python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['cost']['training_paths'])" $W/membership_$2.json
+  pack
 }
 python3 -m pip install -q --no-deps --no-index .whl/*.whl
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1

@@ -19,11 +19,7 @@ timeout $(( $(left) < 190 ? $(left) : 190 )) python3 -m pytest -q -s -p no:cache
 echo "tests rc $? after $((SECONDS-T0)) s"
 grep -E " passed| failed|compile auto|paused|Error|assert" $W/gpu_tests_1207j_$G.txt | cut -c1-400 | tail -14; pack
 if [ $(left) -gt 300 ]; then
-  timeout $(left) python3 benchmarks/membership.py benchmarks/configs/cifar10_membership_256_airbench_lean_auto.yaml \
-    --device cuda --name cifar10_membership_256_airbench_lean_auto_paused_$G > $W/pool_auto_paused.log 2>&1
-  echo "pool rc $? after $((SECONDS-T0)) s"
-  cp benchmarks/results/membership_cifar10_membership_256_airbench_lean_auto_paused_$G.* $W/ 2>/dev/null
-  grep -E "lira|Pool:|After|Warning" $W/pool_auto_paused.log | cut -c1-300; pack
+  run_pool cifar10_membership_256_airbench_lean_auto cifar10_membership_256_airbench_lean_auto_paused_$G $(left)
 else
   echo "pool skipped: $(left) s left"
 fi

@@ -248,9 +248,43 @@ def test_pick_compile_without_a_probe_where_compile_does_not_apply() -> None:
     assert not pick_compile(auto, layout="loop", device=torch.device("cpu"), **kw)[0]  # type: ignore[arg-type]
     use, why = pick_compile(auto, layout="vmap", device=torch.device("cuda"), **kw)  # type: ignore[arg-type]
     assert not use and "loop layout on CUDA (here vmap on cuda)" in why
-    private = resolve_recipe({"name": "fast", "compile": "auto", "dp": {"noise_multiplier": 1.0, "clip": 1.0}})
+    private = resolve_recipe({"name": "fast", "compile": "auto",
+                              "dp": {"noise_multiplier": 1.0, "clip": 1.0, "clipping": "per-example"}})
     use, why = pick_compile(private, layout="loop", device=torch.device("cuda"), **kw)  # type: ignore[arg-type]
-    assert not use and "DP-SGD steps stay uncompiled" in why
+    assert not use and "compile only with book-keeping clipping" in why and "per-example" in why
+
+
+def test_compile_auto_probes_a_dp_job_only_where_book_keeping_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dp.clipping auto on a model with a layer fast clipping has no rule for (BatchNorm) stays eager with the
+    reason; on a supported model (GroupNorm) the probe goes on to time the eager step (stood in for here: the
+    eager timing is the first thing it does)."""
+    import torch
+
+    from mlaudit.factory import layout
+    from mlaudit.models import ModelSpec, build_model
+    from mlaudit.train.recipe import resolve_recipe
+
+    kw = {"k": 4, "data": None, "lr": 0.1, "augment": None, "job_sizes": [10]}
+    private = resolve_recipe({"name": "fast", "compile": "auto", "dp": {"noise_multiplier": 1.0, "clip": 1.0}})
+
+    def model(norm: str):  # noqa: ANN202
+        return lambda: build_model(ModelSpec(name="fastcnn", norm=norm, width=8), input_shape=(3, 32, 32),
+                                   num_classes=10)
+
+    use, why = layout.pick_compile(private, layout="loop", device=torch.device("cuda"),  # type: ignore[arg-type]
+                                   model_fn=model("batch"), **kw)
+    assert not use and "compile only with book-keeping clipping" in why and "auto" in why
+
+    class Probed(Exception):
+        pass
+
+    def probe_run(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise Probed
+
+    monkeypatch.setattr(layout, "_probe_run", probe_run)
+    with pytest.raises(Probed):
+        layout.pick_compile(private, layout="loop", device=torch.device("cuda"),  # type: ignore[arg-type]
+                            model_fn=model("group"), **kw)
 
 
 def test_factory_trains_each_chunk_with_the_compile_decided_so_far_and_records_why(

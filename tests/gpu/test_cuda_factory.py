@@ -293,10 +293,21 @@ def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(m
     graph (graphed.pause_captures: a capture under way would refuse the thread's synchronisations and be
     invalidated by them, as on an H100 on 2026-12-07, when this test still expected captures and passed with the
     compile failed); afterwards the compile has succeeded (no "failed" in any reason), the later chunks capture, and
-    every model trains to a finite loss, with the test evaluation of each chunk."""
+    every model trains to a finite loss, with the test evaluation of each chunk. The third chunk waits for the
+    compile: on an H100 (2026-12-08) the 12 models of this tiny job trained in less than the 13 s compile, so every
+    chunk was eager and the test could not see the switch (the 256-model pool of the same run switched after 3 of
+    its chunks)."""
     from mlaudit.factory import layout
 
     monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
+    real = layout.CompileProbe.decision
+
+    def third_chunk_waits(self: layout.CompileProbe) -> tuple[bool, str]:
+        if self.eager_chunks >= 2:
+            self.close()
+        return real(self)
+
+    monkeypatch.setattr(layout.CompileProbe, "decision", third_chunk_waits)
     data = load_dataset(SPEC)
     r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=48, schedule="triangular", augment="none",
                compile="auto", precision="auto")  # batch 48: not a shape an earlier test compiled in this process
@@ -310,7 +321,8 @@ def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(m
     print(paths)
     assert "eager while the step compiles in the background" in reasons[0]
     assert not any("failed" in r for r in reasons) and not any("failed" in p for p in paths)
-    assert "paused" in paths[0] and paths[-1] == "cuda-graph"
+    assert "paused" in paths[0] and "paused" in paths[2] and paths[-1] == "cuda-graph"
+    assert "compiled in the background while 2 chunk(s) trained eagerly" in reasons[-1]
     assert all(math.isfinite(float(m.metrics["train_loss"])) for m in out)
     assert all(0.0 <= float(m.metrics["test_accuracy"]) <= 1.0 for m in out)
 
@@ -338,7 +350,7 @@ def test_compiled_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatc
     inside each slot bucket's CUDA graph) and 2 fastcnn-GroupNorm x 3 epochs give the uncompiled eager step's
     weights within the graphed test's tolerance (above: one step's noise moves a weight ~7.8e-4). The compiled steps
     draw bucketed widths (GRAPH_SLOT_MULTIPLE) where the eager ones draw multiples of 8: padding slots of weight 0,
-    which change nothing. Not yet run on a GPU (written 2026-12-07, eighth session)."""
+    which change nothing. Passed on an H100 (2026-12-08)."""
     r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=64, schedule="triangular", augment="none",
                precision="fp32", dp={"noise_multiplier": 1.0, "clip": 1.0, "clipping": "fast"})
     eager = _eager_and_graphed(monkeypatch, r, model=ModelSpec(name="fastcnn", norm="group"))[0]
@@ -348,6 +360,40 @@ def test_compiled_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatc
     assert [o.step_path for o in graphed] == ["cuda-graph"] * 2
     for got in (compiled, graphed):
         _assert_same_weights([eager, got], rtol=1e-3, atol=1e-4)
+
+
+def test_compile_auto_probes_a_dp_job_and_trains_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile: auto`` with ``recipe.dp`` (book-keeping, CUDA graphs): the factory compiles the norms and sums in
+    the background while the first chunk trains eagerly (here the second chunk waits for the compile), then times
+    the compiled probe against the eager one and decides; the reason carries both timings or says why not, the
+    compiled probe's losses agree with the eager probe's (no "differ"), and every model trains to a finite loss.
+    Written 2026-12-08, after the compiled DP step was timed through the loop (benchmarks/results/
+    dp_throughput_compile_h100.md)."""
+    from mlaudit.factory import layout
+
+    monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
+    real = layout.CompileProbe.decision
+
+    def second_chunk_waits(self: layout.CompileProbe) -> tuple[bool, str]:
+        if self.eager_chunks >= 1:
+            self.close()
+        return real(self)
+
+    monkeypatch.setattr(layout.CompileProbe, "decision", second_chunk_waits)
+    data = load_dataset(SPEC)
+    r = Recipe(lr=0.05, momentum=0.9, epochs=2, batch_size=64, schedule="triangular", augment="none",
+               precision="fp32", compile="auto", cuda_graph=True,
+               dp={"noise_multiplier": 1.0, "clip": 1.0, "clipping": "fast"})
+    job = FactoryJob(model=ModelSpec(name="fastcnn", norm="group"), recipe=r, data=data,
+                     trials=tuple(TrialSpec(f"m{i}", i) for i in range(4)), device="cuda", max_chunk=2,
+                     batched=True, strategy="loop")
+    out = run_trials(job)
+    reasons = [str(m.metrics["stack_layout_reason"]) for m in out]
+    print("\n".join(dict.fromkeys(reasons)))
+    assert "eager while the step compiles in the background" in reasons[0]
+    assert "s eager vs" in reasons[-1] and "compiled in the background while 1 chunk(s)" in reasons[-1]
+    assert not any("failed" in w or "differ" in w for w in reasons)
+    assert all(math.isfinite(float(m.metrics["train_loss"])) for m in out)
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])

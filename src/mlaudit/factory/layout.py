@@ -253,7 +253,11 @@ class CompileProbe:
     way and keeps it if :func:`compile_decision` says so. A compiled probe that fails (out of memory, a model
     inductor cannot compile, a NaN loss) or whose losses differ from the eager probe's (:func:`compile_disagreement`)
     leaves the job eager, with the error or the difference in the reason.
-    ``job_sizes``: the number of training examples of each of the job's models.
+    ``job_sizes``: the number of training examples of each of the job's models. A DP-SGD job is probed like any
+    other where its steps take book-keeping clipping (:func:`dp_fast_loop`): what compiles there is the clipped sum's
+    norms and sums. Through the loop on an H100 (2026-12-08, benchmarks/results/dp_throughput_compile_h100.md) that
+    paid only inside CUDA graphs (ResNet-18-GN 27.9 -> 23.4 ms/step graphed, 29.7 -> 31.3 eager), which is why it
+    is measured rather than assumed.
 
     **Compiling in the background** (``background=True``, the factory's choice). Inductor's compile of the airbench
     network took 15-29 s on an H100 (2026-12-07), with the GPU idle: 6-11% of a 256-model pool. With ``background``
@@ -284,14 +288,16 @@ class CompileProbe:
         if recipe.compile != "auto":
             self._final = bool(recipe.compile), "set by recipe.compile"
             return
-        if recipe.dp is not None:
-            self._final = False, ("compile auto: DP-SGD steps stay uncompiled (compiled fast clipping is not yet "
-                                  "timed through the training loop on a GPU); compile: true compiles its norms and "
-                                  "sums")
-            return
         if device.type != "cuda" or layout != "loop":
             self._final = False, ("compile auto: compile applies to the loop layout on CUDA "
                                   f"(here {layout} on {device.type})")
+            return
+        if recipe.dp is not None and not dp_fast_loop(recipe, model_fn, device):
+            # what compiles in a DP step is book-keeping's norms and sums (fastclip.clipped_grad_sum); the
+            # per-example path has nothing compiled to probe
+            self._final = False, ("compile auto: DP-SGD steps compile only with book-keeping clipping "
+                                  "(dp.clipping fast, or auto on a model whose layers all have a fast-clipping "
+                                  f"rule); here dp.clipping {recipe.dp.clipping}")
             return
         self.run, _, self.steps = _probe_run(recipe, k=k, model_fn=model_fn, data=data, lr=lr, device=device,
                                              augment=augment)

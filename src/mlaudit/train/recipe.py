@@ -237,7 +237,7 @@ class Recipe(BaseModel):
     background thread while the first chunks train eagerly: faster by 3% and the same probe losses within 10%);
     outside the factory (``train_stack`` called directly) ``auto`` does not compile. With ``dp`` (book-keeping
     clipping), ``true`` compiles the norms, clip factors and clipped sums instead (the forward stays eager;
-    :mod:`mlaudit.privacy.dpsgd`), and ``auto`` does not compile."""
+    :mod:`mlaudit.privacy.dpsgd`), and ``auto`` probes them the same way (per-example clipping: not compiled)."""
     cuda_graph: bool | Literal["auto"] = "auto"
     """On CUDA, replay each training step as a CUDA graph (:mod:`mlaudit.train.graphed`): the batch is gathered
     and augmented eagerly, the forward, backward and optimizer update launch as one graph. With ``dp`` only the

@@ -296,7 +296,7 @@ def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(m
     every model trains to a finite loss, with the test evaluation of each chunk. The third chunk waits for the
     compile: on an H100 (2026-12-08) the 12 models of this tiny job trained in less than the 13 s compile, so every
     chunk was eager and the test could not see the switch (the 256-model pool of the same run switched after 3 of
-    its chunks)."""
+    its chunks). With the wait it passed on another H100 the same day."""
     from mlaudit.factory import layout
 
     monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
@@ -368,7 +368,7 @@ def test_compile_auto_probes_a_dp_job_and_trains_it(monkeypatch: pytest.MonkeyPa
     the compiled probe against the eager one and decides; the reason carries both timings or says why not, the
     compiled probe's losses agree with the eager probe's (no "differ"), and every model trains to a finite loss.
     Written 2026-12-08, after the compiled DP step was timed through the loop (benchmarks/results/
-    dp_throughput_compile_h100.md)."""
+    dp_throughput_compile_h100.md); passed on an H100 the same day (the probe kept the eager step for this tiny job)."""
     from mlaudit.factory import layout
 
     monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)

@@ -28,7 +28,11 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   as timed before the graphed step existed). ``mlaudit_dpsgd_fast_compiled`` / ``_graph_compiled``
   (``--runs compile,graph-compile``; CUDA only): ``compile: true``, the norms and sums compiled by inductor, eager /
   graphed, warmed up as the graphed run; ``_graph_compiled_tf32`` (``graph-compile-tf32``) the graphed one with
-  TF32 float32 matmuls, as cuDNN computes the non-private step's weight gradients. One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
+  TF32 float32 matmuls, as cuDNN computes the non-private step's weight gradients, and ``_graph_compiled_bf16``
+  (``graph-compile-bf16``) with ``precision: bf16`` (the non-private recipe's autocast; its ratio to
+  ``mlaudit_sgd_recipe`` is the like-for-like one). When a TF32 run is wanted, ``mlaudit_sgd_tf32`` times the
+  non-private fp32 step with TF32 matmuls too, the like-for-like reference of the TF32 rows (a ViT's fp32 step
+  is matmuls, which PyTorch keeps IEEE by default). One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
   for the graphed run, so the rarer slot buckets are captured before the timed epoch),
   the next epoch of ``--steps`` steps is timed (the loop synchronises at the end of every epoch). mlaudit
   clips the widest Poisson batch of the step rounded up to a multiple of 8 (fast), 32 (per-example) or a
@@ -242,7 +246,8 @@ def run_option(key: str) -> str:
     """The ``--runs`` option that times the private run ``key``."""
     parts = key.split("_")
     if "compiled" in parts:
-        return ("graph-compile" if "graph" in parts else "compile") + ("-tf32" if "tf32" in parts else "")
+        return (("graph-compile" if "graph" in parts else "compile") + ("-tf32" if "tf32" in parts else "")
+                + ("-bf16" if "bf16" in parts else ""))
     return next((o for o in ("tf32norms", "tf32", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
 
 
@@ -280,6 +285,12 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
     record("mlaudit_sgd_recipe", ml(base, "sgd"), precision="bf16 autocast" if cuda else "fp32")
     if cuda:
         record("mlaudit_sgd_fp32", ml(base.model_copy(update={"precision": "fp32"}), "sgd32"), precision="fp32")
+    if cuda and any("tf32" in w for w in wanted):  # the like-for-like reference of the TF32 rows
+
+        def sgd_tf32() -> float:
+            with fastclip_rules.matmul_tf32(True):
+                return ml(base.model_copy(update={"precision": "fp32"}), "sgd_tf32")()
+        record("mlaudit_sgd_tf32", sgd_tf32, precision="fp32, TF32 matmuls")
     dp = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}
     slots = max_batch(bsz / n, n)
     convs = args.conv_materialise.split(",")
@@ -353,6 +364,13 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
                 return ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)()
         record(name, graph_compiled_tf32, info=info, precision="fp32, TF32 matmuls", per_example_slots=slots,
                clipping="fast", conv_materialise=convs[0])
+        # the graphed compiled step under the non-private recipe's bf16 autocast: each layer's norms and sum from its
+        # bf16 inputs and output gradients (half the per-example gradient traffic), squared norms summed in float32
+        private = resolve_recipe({**base.model_dump(), "precision": "bf16", "cuda_graph": True, "compile": True,
+                                  "dp": {**dp, "clipping": "fast"}})
+        name, info = "mlaudit_dpsgd_fast_graph_compiled_bf16", {}
+        record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
+               precision="bf16 autocast", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
@@ -370,7 +388,7 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     t = {k: v["s_per_step"] for k, v in runs.items() if "s_per_step" in v}
     out = {}
     for k in (k for k in t if k.startswith("mlaudit_dpsgd")):
-        for ref in ("mlaudit_sgd_recipe", "mlaudit_sgd_fp32"):
+        for ref in ("mlaudit_sgd_recipe", "mlaudit_sgd_fp32") + (("mlaudit_sgd_tf32",) if "tf32" in k else ()):
             if ref in t:
                 out[f"{k} / {ref}"] = t[k] / t[ref]
     for k in (k for k in t if k.startswith("opacus_")):
@@ -406,8 +424,9 @@ def main() -> None:
     ap.add_argument("--runs", default="per-example,fast,tf32,tf32norms,bf16,graph",
                     help="private runs to time, comma-separated: per-example, fast (one per --conv-materialise), "
                          "tf32, tf32norms (TF32 conv-norm matmuls only), bf16, graph (the fast step as a CUDA graph), "
-                         "compile, graph-compile (recipe.compile: true, eager / graphed), graph-compile-tf32 (the "
-                        "latter with TF32 matmuls); all but per-example and fast "
+                         "compile, graph-compile (recipe.compile: true, eager / graphed), graph-compile-tf32 / "
+                         "graph-compile-bf16 (the latter with TF32 matmuls / bf16 autocast); all but per-example and "
+                         "fast "
                          "on CUDA only")
     ap.add_argument("--graph-warmup-epochs", type=int, default=3,
                     help="warm-up epochs of the graphed run (each slot bucket is warmed up and captured once)")

@@ -5,7 +5,9 @@
 #                   after each part);
 #   unpack_cifar    the carried .data_xz/cifar10-jpeg.npz.xz into .data/;
 #   run_pool CONFIG NAME SECONDS   benchmarks/membership.py on benchmarks/configs/CONFIG.yaml (CUDA) as NAME: its
-#                   log, results and cost.training_paths into $W, then pack.
+#                   log, results and cost.training_paths into $W, then pack;
+#   gpu_tests NAME SECONDS EXPR    the GPU tests of tests/gpu/test_cuda_factory.py selected by -k EXPR, at most SECONDS
+#                   (and what is left), their log as $W/gpu_tests_NAME_$G.txt, then pack.
 T0=$SECONDS
 left() { echo $(( T - (SECONDS - T0) - ${1:-${MARGIN:-10}} )); }
 W=/tmp/w; mkdir -p $W
@@ -20,6 +22,15 @@ run_pool() {
   cp benchmarks/results/membership_$2.* $W/ 2>/dev/null
   grep -E "lira|Pool:|After|Warning" $W/pool_$2.log | cut -c1-300
   python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['cost']['training_paths'])" $W/membership_$2.json
+  pack
+}
+gpu_tests() {
+  local s=$(left); [ $s -gt $2 ] && s=$2
+  timeout $s python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py -k "$3" -rs \
+    > $W/gpu_tests_$1_$G.txt 2>&1
+  echo "tests rc $? after $((SECONDS-T0)) s"
+  grep -E " passed| failed|compile auto|paused|Error|assert" $W/gpu_tests_$1_$G.txt | grep -v "^\(stem\|blocks\|head\)\." \
+    | cut -c1-400 | tail -14
   pack
 }
 python3 -m pip install -q --no-deps --no-index .whl/*.whl

@@ -14,10 +14,7 @@ timeout $(left 130) python3 benchmarks/dp_throughput.py --device cuda --models r
   --conv-materialise shift --runs fast,graph,compile,graph-compile,graph-compile-tf32 --steps 20 --name compile_$G > $W/dp_compile_rows.log 2>&1
 echo "dp_throughput rc $? after $((SECONDS-T0)) s"; grep -E "ms/step|Error" $W/dp_compile_rows.log | grep -v "^W1" | cut -c1-300
 cp benchmarks/results/dp_throughput_compile_$G.* $W/ 2>/dev/null; pack
-timeout $(( $(left) < 190 ? $(left) : 190 )) python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py \
-  -k "compiled_dp_step or compile_auto or while_the_step_compiles or tf32_conv_norms_with" -rs > $W/gpu_tests_1207j_$G.txt 2>&1
-echo "tests rc $? after $((SECONDS-T0)) s"
-grep -E " passed| failed|compile auto|paused|Error|assert" $W/gpu_tests_1207j_$G.txt | cut -c1-400 | tail -14; pack
+gpu_tests 1207j 190 "compiled_dp_step or compile_auto or while_the_step_compiles or tf32_conv_norms_with"
 if [ $(left) -gt 300 ]; then
   run_pool cifar10_membership_256_airbench_lean_auto cifar10_membership_256_airbench_lean_auto_paused_$G $(left)
 else

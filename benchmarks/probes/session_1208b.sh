@@ -15,7 +15,4 @@ timeout $(left 100) python3 benchmarks/dp_throughput.py --device cuda --models r
   --name compile_precisions_$G > $W/dp_precisions.log 2>&1
 echo "dp_throughput rc $? after $((SECONDS-T0)) s"; grep -E "ms/step|Error" $W/dp_precisions.log | grep -v "^W1" | cut -c1-300
 cp benchmarks/results/dp_throughput_compile_precisions_$G.* $W/ 2>/dev/null; pack
-timeout $(( $(left) < 150 ? $(left) : 150 )) python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_cuda_factory.py \
-  -k "while_the_step_compiles or probes_a_dp_job or compiled_dp_step" -rs > $W/gpu_tests_1208b_$G.txt 2>&1
-echo "tests rc $? after $((SECONDS-T0)) s"
-grep -E " passed| failed|compile auto|Error|assert" $W/gpu_tests_1208b_$G.txt | cut -c1-400 | tail -10; pack
+gpu_tests 1208b 150 "while_the_step_compiles or probes_a_dp_job or compiled_dp_step"

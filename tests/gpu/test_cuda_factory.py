@@ -286,6 +286,22 @@ def test_compile_auto_probe_and_the_factory_run_on_cuda(monkeypatch: pytest.Monk
     assert all(math.isfinite(float(m.metrics["train_loss"])) for m in out)
 
 
+def _compile_ends_after(monkeypatch: pytest.MonkeyPatch, *, eager_chunks: int) -> None:
+    """compile: auto probed for any job (no minimum training time), and the chunk after ``eager_chunks`` eager ones
+    waits for the background compile (``CompileProbe.close``), so the switch is seen whatever the compile's speed."""
+    from mlaudit.factory import layout
+
+    monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
+    real = layout.CompileProbe.decision
+
+    def waits(self: layout.CompileProbe) -> tuple[bool, str]:
+        if self.eager_chunks >= eager_chunks:
+            self.close()
+        return real(self)
+
+    monkeypatch.setattr(layout.CompileProbe, "decision", waits)
+
+
 def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(monkeypatch: pytest.MonkeyPatch
                                                                                ) -> None:
     """``compile: auto`` as the factory runs it: while inductor compiles in the background thread (allocations,
@@ -297,17 +313,7 @@ def test_chunks_capture_their_graphs_while_the_step_compiles_in_the_background(m
     compile: on an H100 (2026-12-08) the 12 models of this tiny job trained in less than the 13 s compile, so every
     chunk was eager and the test could not see the switch (the 256-model pool of the same run switched after 3 of
     its chunks). With the wait it passed on another H100 the same day."""
-    from mlaudit.factory import layout
-
-    monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
-    real = layout.CompileProbe.decision
-
-    def third_chunk_waits(self: layout.CompileProbe) -> tuple[bool, str]:
-        if self.eager_chunks >= 2:
-            self.close()
-        return real(self)
-
-    monkeypatch.setattr(layout.CompileProbe, "decision", third_chunk_waits)
+    _compile_ends_after(monkeypatch, eager_chunks=2)
     data = load_dataset(SPEC)
     r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=48, schedule="triangular", augment="none",
                compile="auto", precision="auto")  # batch 48: not a shape an earlier test compiled in this process
@@ -369,17 +375,7 @@ def test_compile_auto_probes_a_dp_job_and_trains_it(monkeypatch: pytest.MonkeyPa
     compiled probe's losses agree with the eager probe's (no "differ"), and every model trains to a finite loss.
     Written 2026-12-08, after the compiled DP step was timed through the loop (benchmarks/results/
     dp_throughput_compile_h100.md); passed on an H100 the same day (the probe kept the eager step for this tiny job)."""
-    from mlaudit.factory import layout
-
-    monkeypatch.setattr(layout, "COMPILE_PROBE_MIN_S", 0.0)
-    real = layout.CompileProbe.decision
-
-    def second_chunk_waits(self: layout.CompileProbe) -> tuple[bool, str]:
-        if self.eager_chunks >= 1:
-            self.close()
-        return real(self)
-
-    monkeypatch.setattr(layout.CompileProbe, "decision", second_chunk_waits)
+    _compile_ends_after(monkeypatch, eager_chunks=1)
     data = load_dataset(SPEC)
     r = Recipe(lr=0.05, momentum=0.9, epochs=2, batch_size=64, schedule="triangular", augment="none",
                precision="fp32", compile="auto", cuda_graph=True,

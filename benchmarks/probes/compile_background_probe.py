@@ -9,6 +9,11 @@ compiled ones. Compare their per-model times with the eager and compiled steps m
 
     python benchmarks/probes/compile_background_probe.py --models 32 --out /tmp/w/compile_background.json
     python benchmarks/probes/compile_background_probe.py --models 8 --config tiny.yaml --device cpu  # a smoke run
+
+``--foreground``: the factory's CompileProbe with ``background=False``, the compile inside the compiled probe on the
+job's thread (the GPU idle meanwhile), as before 2026-12-07's seventh session: the A side of an A/B of the two. Run
+each side in a fresh process with fresh inductor and Triton caches (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``)
+so that neither reuses the other's compiled kernels (benchmarks/probes/session_1208c.sh).
 """
 from __future__ import annotations
 
@@ -34,7 +39,15 @@ def main() -> None:
     ap.add_argument("--out", default="compile_background.json")
     ap.add_argument("--config", default=str(CONFIG))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run (compile auto applies on CUDA only)")
+    ap.add_argument("--foreground", action="store_true", help="compile on the job's thread, not in the background")
     args = ap.parse_args()
+    if args.foreground:
+        real_probe = fb.CompileProbe
+
+        def foreground(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+            return real_probe(*a, **{**kw, "background": False})
+
+        fb.CompileProbe = foreground  # type: ignore[misc,assignment]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     fl.COMPILE_PROBE_MIN_S = 0.0
     chunks: list[dict[str, object]] = []
@@ -59,6 +72,7 @@ def main() -> None:
         res = run_experiment(cfg, out=Path(tmp) / "run", device=args.device, store=Path(tmp) / "runs.db", quiet=True)
     c = res.results["cost"]
     out = {"device": c["device"], "torch": torch.__version__, "models": args.models,
+           "compile": "foreground" if args.foreground else "background",
            "train_wall_s": c["train_wall_s"], "training_paths": c["training_paths"], "chunks": chunks}
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k != "chunks"}))

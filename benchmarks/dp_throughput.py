@@ -280,17 +280,21 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
     def ml(recipe: Recipe, name: str, **kw: Any) -> Callable[[], float]:
         return lambda: time_mlaudit(fn, train, recipe, steps=steps, device=device, name=name, **kw)
 
+    def in_tf32(run: Callable[[], float]) -> Callable[[], float]:
+        """``run`` with every float32 matmul in TF32 (cuDNN's convolutions use TF32 by default already)."""
+        def tf32() -> float:
+            with fastclip_rules.matmul_tf32(True):
+                return run()
+        return tf32
+
     wanted = set(args.runs.split(","))  # the private runs to time (--runs)
     base = resolve_recipe({"name": "fast", "batch_size": bsz, "schedule": "constant"})
     record("mlaudit_sgd_recipe", ml(base, "sgd"), precision="bf16 autocast" if cuda else "fp32")
     if cuda:
         record("mlaudit_sgd_fp32", ml(base.model_copy(update={"precision": "fp32"}), "sgd32"), precision="fp32")
     if cuda and any("tf32" in w for w in wanted):  # the like-for-like reference of the TF32 rows
-
-        def sgd_tf32() -> float:
-            with fastclip_rules.matmul_tf32(True):
-                return ml(base.model_copy(update={"precision": "fp32"}), "sgd_tf32")()
-        record("mlaudit_sgd_tf32", sgd_tf32, precision="fp32, TF32 matmuls")
+        record("mlaudit_sgd_tf32", in_tf32(ml(base.model_copy(update={"precision": "fp32"}), "sgd_tf32")),
+               precision="fp32, TF32 matmuls")
     dp = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}
     slots = max_batch(bsz / n, n)
     convs = args.conv_materialise.split(",")
@@ -303,15 +307,11 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
             record(name, ml(private, name), precision="fp32", per_example_slots=slots, clipping=clipping,
                    conv_materialise=None if conv == "-" else conv)
     set_conv(convs[0])
-    if cuda:  # the fast path with TF32 float32 matmuls (cuDNN's convolutions use TF32 by default already)
+    if cuda:  # the fast path with TF32 float32 matmuls
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": False,
                                   "dp": {**dp, "clipping": "fast"}})
-
-        def tf32() -> float:
-            with fastclip_rules.matmul_tf32(True):
-                return ml(private, "fast_tf32")()
-        record("mlaudit_dpsgd_fast_tf32", tf32, precision="fp32, TF32 matmuls", per_example_slots=slots,
-               clipping="fast", conv_materialise=convs[0])
+        record("mlaudit_dpsgd_fast_tf32", in_tf32(ml(private, "fast_tf32")), precision="fp32, TF32 matmuls",
+               per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
     if cuda:  # the fast path with TF32 conv-norm matmuls only (fastclip_rules.CONV_NORMS_TF32; the model's own matmuls
         # keep the user's setting)
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": False,
@@ -358,12 +358,8 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": True, "compile": True,
                                   "dp": {**dp, "clipping": "fast"}})
         name, info = "mlaudit_dpsgd_fast_graph_compiled_tf32", {}
-
-        def graph_compiled_tf32() -> float:
-            with fastclip_rules.matmul_tf32(True):
-                return ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)()
-        record(name, graph_compiled_tf32, info=info, precision="fp32, TF32 matmuls", per_example_slots=slots,
-               clipping="fast", conv_materialise=convs[0])
+        record(name, in_tf32(ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)), info=info,
+               precision="fp32, TF32 matmuls", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
         # the graphed compiled step under the non-private recipe's bf16 autocast: each layer's norms and sum from its
         # bf16 inputs and output gradients (half the per-example gradient traffic), squared norms summed in float32
         private = resolve_recipe({**base.model_dump(), "precision": "bf16", "cuda_graph": True, "compile": True,

@@ -165,7 +165,8 @@ def test_tf32_conv_norms_with_the_compiled_sums_stay_one_graph(monkeypatch: pyte
     precision inside each conv's norms broke it, 7 breaks for a small conv net on the CPU stand-in), the precision
     is set around the compiled call, and the sums agree with the eager TF32-norm sums to 1e-2 of each tensor's
     largest entry (the compiled call's TF32 also covers the Linear layers' matmuls). Written 2026-12-07 (ninth
-    session), not yet run on a GPU."""
+    session); passed on an H100 on 2026-12-08 (gpu_tests_2026-12-08_h100.txt: of the 5 tests selected, only the
+    background-compile test failed)."""
     from mlaudit.models import build_model
     from mlaudit.privacy import fastclip, fastclip_rules
     from mlaudit.privacy.fastclip import clipped_grad_sum

@@ -30,7 +30,9 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   graphed, warmed up as the graphed run; ``_graph_compiled_tf32`` (``graph-compile-tf32``) the graphed one with
   TF32 float32 matmuls, as cuDNN computes the non-private step's weight gradients, and ``_graph_compiled_bf16``
   (``graph-compile-bf16``) with ``precision: bf16`` (the non-private recipe's autocast; its ratio to
-  ``mlaudit_sgd_recipe`` is the like-for-like one). When a TF32 run is wanted, ``mlaudit_sgd_tf32`` times the
+  ``mlaudit_sgd_recipe`` is the like-for-like one); ``_graph_compiled_all`` (``graph-compile-all``, and ``-tf32``,
+  ``-bf16``): the same three with book-keeping's recording forward and its backward to the layer outputs compiled
+  too (``fastclip.COMPILE_RECORD``). When a TF32 run is wanted, ``mlaudit_sgd_tf32`` times the
   non-private fp32 step with TF32 matmuls too, the like-for-like reference of the TF32 rows (a ViT's fp32 step
   is matmuls, which PyTorch keeps IEEE by default). One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
   for the graphed run, so the rarer slot buckets are captured before the timed epoch),
@@ -76,7 +78,7 @@ from _common import PACK_CANDIDATES, environment, sync, time_step, write_results
 from mlaudit.data import load_dataset  # noqa: E402
 from mlaudit.data.base import TensorDataset  # noqa: E402
 from mlaudit.models import ModelSpec, build_model  # noqa: E402
-from mlaudit.privacy import fastclip_rules  # noqa: E402
+from mlaudit.privacy import fastclip, fastclip_rules  # noqa: E402
 from mlaudit.privacy.dpsgd import max_batch  # noqa: E402
 from mlaudit.train.loop import init_models, resolve_augment, train_stack  # noqa: E402
 from mlaudit.train.recipe import Recipe, resolve_recipe  # noqa: E402
@@ -246,8 +248,8 @@ def run_option(key: str) -> str:
     """The ``--runs`` option that times the private run ``key``."""
     parts = key.split("_")
     if "compiled" in parts:
-        return (("graph-compile" if "graph" in parts else "compile") + ("-tf32" if "tf32" in parts else "")
-                + ("-bf16" if "bf16" in parts else ""))
+        return (("graph-compile" if "graph" in parts else "compile") + ("-all" if "all" in parts else "")
+                + ("-tf32" if "tf32" in parts else "") + ("-bf16" if "bf16" in parts else ""))
     return next((o for o in ("tf32norms", "tf32", "bf16", "graph") if o in parts), "per-example" if key == "mlaudit_dpsgd" else "fast")
 
 
@@ -288,6 +290,16 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         return tf32
 
     wanted = set(args.runs.split(","))  # the private runs to time (--runs)
+
+    def with_compiled_record(run: Callable[[], float]) -> Callable[[], float]:
+        """``run`` with book-keeping's recording forward and backward compiled too (fastclip.COMPILE_RECORD)."""
+        def rec() -> float:
+            fastclip.COMPILE_RECORD = True  # type: ignore[assignment]
+            try:
+                return run()
+            finally:
+                fastclip.COMPILE_RECORD = False  # type: ignore[assignment]
+        return rec
     base = resolve_recipe({"name": "fast", "batch_size": bsz, "schedule": "constant"})
     record("mlaudit_sgd_recipe", ml(base, "sgd"), precision="bf16 autocast" if cuda else "fp32")
     if cuda:
@@ -354,19 +366,25 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         # and the model's Linear layers): the non-private step's weight gradients are cuDNN convolutions in TF32
         # already (cuDNN's default), the sums' matmuls IEEE (docs/privacy.md, "What bounds it"); where dynamo's
         # global-state guard covers the TF32 flag the sums compile again under it, in the warm-up (a compile inside
-        # the timed epoch would show in timed_epoch_compiles)
-        private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": True, "compile": True,
-                                  "dp": {**dp, "clipping": "fast"}})
-        name, info = "mlaudit_dpsgd_fast_graph_compiled_tf32", {}
-        record(name, in_tf32(ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)), info=info,
-               precision="fp32, TF32 matmuls", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
-        # the graphed compiled step under the non-private recipe's bf16 autocast: each layer's norms and sum from its
-        # bf16 inputs and output gradients (half the per-example gradient traffic), squared norms summed in float32
-        private = resolve_recipe({**base.model_dump(), "precision": "bf16", "cuda_graph": True, "compile": True,
-                                  "dp": {**dp, "clipping": "fast"}})
-        name, info = "mlaudit_dpsgd_fast_graph_compiled_bf16", {}
-        record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
-               precision="bf16 autocast", per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
+        # the timed epoch would show in timed_epoch_compiles). -bf16: under the non-private recipe's bf16 autocast,
+        # each layer's norms and sum from its bf16 inputs and output gradients (half the per-example gradient
+        # traffic), squared norms summed in float32. -all: the recording forward and its backward compiled too
+        # (fastclip.COMPILE_RECORD), in each precision.
+        for rec_too in (False, True):
+            for prec in ("fp32", "tf32", "bf16"):
+                if rec_too is False and prec == "fp32":
+                    continue  # mlaudit_dpsgd_fast_graph_compiled, above
+                name = "mlaudit_dpsgd_fast_graph_compiled" + ("_all" if rec_too else "") + \
+                    ("" if prec == "fp32" else f"_{prec}")
+                private = resolve_recipe({**base.model_dump(), "precision": "bf16" if prec == "bf16" else "fp32",
+                                          "cuda_graph": True, "compile": True, "dp": {**dp, "clipping": "fast"}})
+                info = {}
+                run = ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)
+                run = in_tf32(run) if prec == "tf32" else run
+                record(name, with_compiled_record(run) if rec_too else run, info=info,
+                       precision={"fp32": "fp32", "tf32": "fp32, TF32 matmuls", "bf16": "bf16 autocast"}[prec],
+                       per_example_slots=slots, clipping="fast", conv_materialise=convs[0],
+                       compiled_record=rec_too)
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),
@@ -421,9 +439,9 @@ def main() -> None:
                     help="private runs to time, comma-separated: per-example, fast (one per --conv-materialise), "
                          "tf32, tf32norms (TF32 conv-norm matmuls only), bf16, graph (the fast step as a CUDA graph), "
                          "compile, graph-compile (recipe.compile: true, eager / graphed), graph-compile-tf32 / "
-                         "graph-compile-bf16 (the latter with TF32 matmuls / bf16 autocast); all but per-example and "
-                         "fast "
-                         "on CUDA only")
+                         "graph-compile-bf16 (the latter with TF32 matmuls / bf16 autocast), graph-compile-all, "
+                         "graph-compile-all-tf32, graph-compile-all-bf16 (the same with the recording forward and "
+                         "backward compiled too); all but per-example and fast on CUDA only")
     ap.add_argument("--graph-warmup-epochs", type=int, default=3,
                     help="warm-up epochs of the graphed run (each slot bucket is warmed up and captured once)")
     ap.add_argument("--synthetic", action="store_true", help="random data even when the CIFAR-10 pack exists")

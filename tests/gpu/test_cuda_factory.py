@@ -352,17 +352,25 @@ def test_graphed_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch
     _assert_same_weights(outs, rtol=1e-3, atol=1e-4)
 
 
-def test_compiled_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("record", [False, True], ids=["sums", "record-too"])
+def test_compiled_dp_step_trains_the_eager_models(monkeypatch: pytest.MonkeyPatch, record: bool) -> None:
     """``recipe.compile: true`` with ``recipe.dp`` (book-keeping): the norms and sums run compiled (eager steps, or
     inside each slot bucket's CUDA graph) and 2 fastcnn-GroupNorm x 3 epochs give the uncompiled eager step's
     weights within the graphed test's tolerance (above: one step's noise moves a weight ~7.8e-4). The compiled steps
     draw bucketed widths (GRAPH_SLOT_MULTIPLE) where the eager ones draw multiples of 8: padding slots of weight 0,
-    which change nothing. Passed on an H100 (2026-12-08)."""
+    which change nothing. ``record-too``: the recording forward and its backward compiled as well
+    (``fastclip.COMPILE_RECORD``, written 2026-12-08, not yet run on a GPU). ``sums`` passed on an H100 (2026-12-08)."""
+    from mlaudit.privacy import fastclip
+
     r = Recipe(lr=0.05, momentum=0.9, epochs=3, batch_size=64, schedule="triangular", augment="none",
                precision="fp32", dp={"noise_multiplier": 1.0, "clip": 1.0, "clipping": "fast"})
     eager = _eager_and_graphed(monkeypatch, r, model=ModelSpec(name="fastcnn", norm="group"))[0]
     r = r.model_copy(update={"compile": True})
+    monkeypatch.setattr(fastclip, "COMPILE_RECORD", record)
+    real, calls = fastclip._compiled_probe_forward, []
+    monkeypatch.setattr(fastclip, "_compiled_probe_forward", lambda: calls.append(1) or real())
     compiled, graphed = _eager_and_graphed(monkeypatch, r, model=ModelSpec(name="fastcnn", norm="group"))
+    assert bool(calls) is record  # the compiled recording pass ran (in the graphed run: in warm-up and capture)
     assert [o.step_path for o in compiled] == [o.step_path for o in eager]
     assert [o.step_path for o in graphed] == ["cuda-graph"] * 2
     for got in (compiled, graphed):

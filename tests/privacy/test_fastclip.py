@@ -887,23 +887,38 @@ def test_tf32_conv_norms_set_around_the_compiled_sums_not_inside(monkeypatch: py
     assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
-def test_compiled_sums_under_bf16_equal_the_eager_bf16_sums() -> None:
+@pytest.mark.parametrize("record", [False, True], ids=["sums", "record-too"])
+def test_compiled_sums_under_bf16_equal_the_eager_bf16_sums(monkeypatch: pytest.MonkeyPatch, record: bool) -> None:
     """``precision: bf16`` with ``compile: true`` (dp_throughput's graph-compile-bf16 row): the compiled norms and sums
     take the bf16 output gradients and inputs of the autocast forward as the eager ones do and return float32 sums
     within bf16 rounding of the eager bf16 sums and of the float32 ones. Not to float rounding: inductor rounds its
     intermediates differently (on this CPU, 2026-12-08, the GroupNorm weight's sum 1.2e-2 of its largest entry
     from the eager bf16 one, the Linear weight's 1.4e-3, the rest equal; the eager bf16 sums 2.7e-3 to 1.7e-2 from
-    float32)."""
+    float32). ``record-too`` (graph-compile-all-bf16): the autocast recording forward compiled as well
+    (fastclip.COMPILE_RECORD; its second call, the first being the eager pass). A max-pooling net is no test of
+    this: a bf16 rounding flips a pool's argmax and moves a whole gradient (a random fastcnn's eager bf16 sums were
+    up to 0.66 of a tensor's largest entry from float32)."""
+    from mlaudit.privacy import fastclip
+
+    monkeypatch.setattr(fastclip, "COMPILE_RECORD", record)
     model, x, y, w, _, _ = _small_conv_net_recorded()
     exact, _ = clipped_grad_sum(model, x, y, w, clip=1.0)
     eager, _ = clipped_grad_sum(model, x, y, w, clip=1.0, bf16=True)
-    compiled, _ = clipped_grad_sum(model, x, y, w, clip=1.0, bf16=True, compiled=True)
+    for _ in range(2 if record else 1):
+        compiled, _ = clipped_grad_sum(model, x, y, w, clip=1.0, bf16=True, compiled=True)
+    assert (model in fastclip._OUT_SHAPES) is record  # the eager pass recorded the shapes for the compiled one
     for c, e, f in zip(compiled, eager, exact):
         assert c.dtype == e.dtype == torch.float32
         scale = float(f.abs().max())
         torch.testing.assert_close(c, e, rtol=0.0, atol=5e-2 * scale)
         torch.testing.assert_close(c, f, rtol=0.0, atol=5e-2 * scale)
     assert all(not torch.equal(c, f) for c, f in zip(compiled, exact))  # bf16 operands, not a float32 path
+
+
+def _two_conv_net(act: type[nn.Module] = nn.ReLU) -> nn.Module:
+    """[B, 3, 8, 8] -> [B, 5]: conv, GroupNorm, ``act``, strided conv, ReLU, Linear (the compiled-path tests' net)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), act(), nn.Conv2d(4, 4, 3, stride=2),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
 
 
 def test_compiled_dp_steps_equal_eager_ones_and_share_their_graphs() -> None:
@@ -918,10 +933,7 @@ def test_compiled_dp_steps_equal_eager_ones_and_share_their_graphs() -> None:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 3, 8, 8, generator=g), torch.randint(0, 5, (96,), generator=g)
 
-    def net() -> nn.Module:
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
-                             nn.ReLU(), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
-
+    net = _two_conv_net
     torch.manual_seed(0)
     models = [net(), net()]
     cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0, "clip": 0.5, "clipping": "fast"}}).dp
@@ -997,3 +1009,74 @@ def test_train_stack_with_compile_trains_dp_models_like_the_eager_loop(monkeypat
         for name, t in a.state_dict.items():
             torch.testing.assert_close(b.state_dict[name], t, rtol=1e-4, atol=1e-6)
 
+
+
+def test_compiled_record_gives_the_eager_record_and_shares_its_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fastclip.COMPILE_RECORD: the recording forward and its backward to the layer outputs compiled, with zeros added
+    to the outputs standing in for them. The first call per model and input shape runs the eager pass; later ones give
+    its losses and every layer's (input, output gradient) to float rounding, a frozen parameter stays frozen and no
+    hook stays behind; a second model of the architecture reuses the graph; a second batch size compiles one dynamic
+    graph that serves a third; DP steps on a compiled LoopStack through it equal the eager steps; a model with a
+    written-out layer (attention) keeps the eager pass."""
+    from mlaudit.privacy import fastclip
+    from mlaudit.train.stacked import LoopStack
+
+    monkeypatch.setattr(fastclip, "COMPILE_RECORD", True)
+    real, calls = fastclip._compiled_probe_forward, []
+    monkeypatch.setattr(fastclip, "_compiled_probe_forward", lambda: calls.append(1) or real())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 5, (64,), generator=g)
+
+    def net() -> nn.Module:
+        return _two_conv_net(nn.GELU)
+
+    torch.manual_seed(0)
+    first, other = net(), net()
+    first[1].bias.requires_grad_(False)  # a frozen parameter: its clipped sum is computed all the same
+
+    def compare(m: nn.Module, n: int, *, recompile_ok: bool) -> None:
+        layers = fastclip._plan(m)
+        with fastclip._all_require_grad(m):
+            want_l, want, _ = fastclip._forward(m, layers, x[:n], y[:n], 0.1, [])
+        before = len(calls)
+        with mock.patch.object(torch._dynamo.config, "error_on_recompile", not recompile_ok):
+            for _ in range(2):  # the eager pass (it records the output shapes) where this is the first call, then
+                losses, got = fastclip._record(m, layers, x[:n], y[:n], 0.1, False, True)
+        assert len(calls) == before + 1  # ... the compiled one
+        torch.testing.assert_close(losses, want_l, rtol=1e-5, atol=1e-6)
+        assert got.keys() == want.keys() and len(got) == 4
+        for k, (a, gr) in got.items():
+            assert not a.requires_grad
+            torch.testing.assert_close(a, want[k][0], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(gr, want[k][1], rtol=1e-4, atol=1e-7)
+        assert [p.requires_grad for p in m.parameters()] == [m is not first or p is not m[1].bias
+                                                             for p in m.parameters()]
+        assert all(not mod._forward_hooks for mod in m.modules())
+
+    compare(first, 16, recompile_ok=True)
+    compare(other, 16, recompile_ok=False)  # the second model: no recompile
+    compare(other, 5, recompile_ok=True)  # a second size compiles the dynamic graph ...
+    compare(other, 11, recompile_ok=False)  # ... which serves a third
+
+    cfg = resolve_recipe({"name": "fast", "dp": {"noise_multiplier": 1.0, "clip": 0.5, "clipping": "fast"}}).dp
+    steps = {}
+    for compiled in (False, True):
+        models = [net(), net()]
+        for m, src in zip(models, (first, other)):
+            m.load_state_dict(src.state_dict())
+        dp = DPTraining.start(cfg, models, [torch.arange(64)] * 2, seeds=[0, 1], batch_size=16, epochs=1,
+                              default_spe=4, device=CPU)
+        stack, before = LoopStack.build(models, CPU, compile=compiled), len(calls)
+        steps[compiled] = [dp.step(stack, lambda i: (x[i], y[i])) for _ in range(4)]  # widths repeat: compiled pass
+        assert (len(calls) > before) is compiled
+    for (loss_e, grads_e), (loss_c, grads_c) in zip(steps[False], steps[True]):
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    attn = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
+    layers, xs = fastclip._plan(attn), torch.randn(6, 3, 4, generator=g)
+    before = len(calls)
+    for _ in range(2):
+        assert fastclip._compiled_record(attn, layers, xs, y[:6], 0.0, False) is None
+    assert len(calls) == before

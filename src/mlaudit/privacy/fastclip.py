@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -304,6 +306,113 @@ def _clipped_sums(model: nn.Module, layers: list[_Layer], ag: dict[str, tuple[Te
         return [sums[n].to(p.dtype) if n in sums else torch.zeros_like(p) for n, p in model.named_parameters()], sq
 
 
+COMPILE_RECORD: bool = False
+"""With ``compiled``, also compile book-keeping's recording forward and its backward to the layer outputs (steps 1-2
+of the module docstring), not only the norms and sums. Off by default until timed on a GPU (issue 15: on an H100 the
+fast CNN's graphed compiled step spent about as long in the eager recording pass as the whole non-private step).
+
+A compiled forward is one autograd node, so the gradient with respect to an inner layer's output cannot be asked of
+it. Instead each recorded layer's output gets a zero added, ``out + z`` (z a stride-0 zero of the output's shape and
+dtype, an input of the compiled graph that requires grad), and the backward asks for ``dL/dz``, which equals
+``dL/d out`` (the total, through every later layer). The parameters do not require grad during the pass, so
+AOT-autograd's backward computes only those input gradients, no weight gradient. Adding an exact zero changes no
+value. The first call per model and input shape runs the eager pass (:func:`_forward`: its checks, in-place
+modification and batch dimension included), which also gives the output shapes; later calls take the compiled one.
+Models with a written-out layer (attention, recurrent; :data:`~mlaudit.privacy.fastclip_rules.WRITTEN_OUT`) keep the
+eager pass."""
+
+
+class _Probe:
+    """The compiled recording pass's per-call state, read by the forward hooks while it runs (one pass at a time:
+    :data:`_PROBE_LOCK`): the zeros added to the outputs and the recorded inputs, by hook position."""
+
+    zs: list[Tensor] | None = None
+    acts: list[Tensor | None] | None = None
+
+
+_PROBE = _Probe()
+_PROBE_LOCK = threading.Lock()  # a background compile (the factory's compile: auto) and the job's thread
+_OUT_SHAPES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[Any, ...], list[tuple[str, torch.Size, torch.dtype]]]] = \
+    weakref.WeakKeyDictionary()  # per model and input: the recorded layers' (name, output shape, dtype)
+
+
+def _probe_hook(i: int, _m: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor:
+    """Forward hook of the ``i``-th recorded layer in the compiled pass: keep its input, add its zero."""
+    assert _PROBE.acts is not None and _PROBE.zs is not None
+    _PROBE.acts[i] = args[0]
+    return out + _PROBE.zs[i]
+
+
+def _probe_forward(model: nn.Module, x: Tensor, y: Tensor, zs: list[Tensor], label_smoothing: float,
+                   bf16: bool) -> tuple[Tensor, list[Tensor | None]]:
+    """The recording forward traced by :func:`_compiled_probe_forward`: (per-example losses [B], the recorded
+    layers' inputs in hook order). Sets and clears :data:`_PROBE` inside, so dynamo sees the hooks' reads."""
+    _PROBE.zs, _PROBE.acts = zs, [None] * len(zs)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+        out = model(x)
+    losses = F.cross_entropy(out.float(), y, reduction="none", label_smoothing=label_smoothing)
+    acts = _PROBE.acts
+    _PROBE.zs = _PROBE.acts = None
+    return losses, acts
+
+
+@functools.cache
+def _compiled_probe_forward() -> Callable[..., tuple[Tensor, list[Tensor | None]]]:
+    """:func:`_probe_forward` under ``torch.compile``, built once (models of one architecture share its graphs, as
+    :func:`_compiled_sums`' do); its backward is AOT-autograd's, compiled with it."""
+    return torch.compile(_probe_forward)
+
+
+def _compiled_record(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label_smoothing: float,
+                     bf16: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]] | None:
+    """Steps 1-2 compiled (:data:`COMPILE_RECORD`): (losses [B] detached, {layer: (a, g)}) as :func:`_forward`
+    gives them, to float rounding; None where the eager pass must run (a written-out layer, or the first call of
+    this model at this input, whose eager pass records the output shapes)."""
+    if any(type(lay.module) in WRITTEN_OUT for lay in layers):
+        return None
+    shapes = _OUT_SHAPES.setdefault(model, {}).get((tuple(x.shape), x.dtype, x.device, bf16))
+    if shapes is None:
+        return None
+    by_name = {lay.name: lay.module for lay in layers}
+    zs = [torch.zeros((), dtype=dt, device=x.device).expand(s).requires_grad_() for _, s, dt in shapes]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with _PROBE_LOCK:
+        handles = [by_name[n].register_forward_hook(functools.partial(_probe_hook, i))
+                   for i, (n, _, _) in enumerate(shapes)]
+        for p in trainable:
+            p.requires_grad_(False)
+        try:
+            with torch.enable_grad():
+                losses, acts = _compiled_probe_forward()(model, x, y, zs, label_smoothing, bf16)
+                grads = torch.autograd.grad(losses.sum(), zs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+            for p in trainable:
+                p.requires_grad_(True)
+    ag: dict[str, tuple[Any, Any]] = {}
+    for (n, _, _), a, g, z in zip(shapes, acts, grads, zs):
+        assert a is not None  # the eager pass saw this layer run on this input
+        ag[n] = (a.detach(), g if g is not None else torch.zeros(z.shape, dtype=z.dtype, device=z.device))
+    return losses.detach(), ag
+
+
+def _record(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label_smoothing: float, bf16: bool,
+            compiled: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """Steps 1-2 for :func:`clipped_grad_sum`: the compiled pass where :data:`COMPILE_RECORD` and ``compiled`` ask
+    for it and it can run, else the eager one (which then records the output shapes for the next call)."""
+    if compiled and COMPILE_RECORD:
+        got = _compiled_record(model, layers, x, y, label_smoothing, bf16)
+        if got is not None:
+            return got
+    with _all_require_grad(model):
+        losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [], bf16)
+    if compiled and COMPILE_RECORD and not any(type(lay.module) in WRITTEN_OUT for lay in layers):
+        _OUT_SHAPES.setdefault(model, {})[(tuple(x.shape), x.dtype, x.device, bf16)] = \
+            [(n, g.shape, g.dtype) for n, (_, g) in ag.items()]
+    return losses, ag
+
+
 @functools.cache
 def _compiled_sums() -> Callable[..., tuple[list[Tensor], Tensor]]:
     """:func:`_clipped_sums` under ``torch.compile``, built once: the model and its layer plan are arguments, so
@@ -333,12 +442,11 @@ def clipped_grad_sum(model: nn.Module, x: Tensor, y: Tensor, weights: Tensor, *,
     sums (step 3 and 4 above) run as one ``torch.compile``d graph (inductor fuses their reductions and pointwise
     work; the same result to float rounding); the forward and backward stay eager, since book-keeping
     differentiates with respect to every layer's output and a compiled forward would hide those in one autograd
-    node. Uses the model's current train/eval mode; raises :class:`UnsupportedModelError` naming an unsupported
-    layer.
+    node, unless :data:`COMPILE_RECORD` (zeros added to the outputs stand in for them). Uses the model's current
+    train/eval mode; raises :class:`UnsupportedModelError` naming an unsupported layer.
     """
     layers = _plan(model)
-    with _all_require_grad(model):
-        losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [], bf16)
+    losses, ag = _record(model, layers, x, y, label_smoothing, bf16, compiled)
     if not compiled:
         return _clipped_sums(model, layers, ag, weights, clip, mode)[0], losses
     # CONV_NORMS_TF32 around the compiled call: inside it dynamo cannot switch precisions (a graph break per conv)

@@ -32,7 +32,9 @@ pack when present, else random 3x32x32 data: the step time does not depend on th
   (``graph-compile-bf16``) with ``precision: bf16`` (the non-private recipe's autocast; its ratio to
   ``mlaudit_sgd_recipe`` is the like-for-like one); ``_graph_compiled_all`` (``graph-compile-all``, and ``-tf32``,
   ``-bf16``): the same three with book-keeping's recording forward and its backward to the layer outputs compiled
-  too (``fastclip.COMPILE_RECORD``). When a TF32 run is wanted, ``mlaudit_sgd_tf32`` times the
+  too (``fastclip.COMPILE_RECORD``). When a compiled run is wanted, ``mlaudit_sgd_fp32_compiled`` (and with a bf16
+  one ``mlaudit_sgd_recipe_compiled``) times the non-private step compiled and graphed as well, and the compiled
+  rows' ratios to it are given beside the others. When a TF32 run is wanted, ``mlaudit_sgd_tf32`` times the
   non-private fp32 step with TF32 matmuls too, the like-for-like reference of the TF32 rows (a ViT's fp32 step
   is matmuls, which PyTorch keeps IEEE by default). One epoch of ``--steps`` steps warms up (``--graph-warmup-epochs``
   for the graphed run, so the rarer slot buckets are captured before the timed epoch),
@@ -307,6 +309,15 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
     if cuda and any("tf32" in w for w in wanted):  # the like-for-like reference of the TF32 rows
         record("mlaudit_sgd_tf32", in_tf32(ml(base.model_copy(update={"precision": "fp32"}), "sgd_tf32")),
                precision="fp32, TF32 matmuls")
+    if cuda and any("compile" in w for w in wanted):  # the references of the compiled rows: the non-private step
+        # compiled and graphed as well, so a compiled DP row's ratio to it does not credit DP with the compile
+        for prec, ref in (("fp32", "mlaudit_sgd_fp32_compiled"), ("bf16", "mlaudit_sgd_recipe_compiled")):
+            if prec == "bf16" and not any(w.endswith("bf16") for w in wanted):
+                continue
+            info: dict[str, Any] = {}
+            record(ref, ml(base.model_copy(update={"precision": prec, "compile": True, "cuda_graph": True}), ref,
+                           warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
+                   precision="bf16 autocast" if prec == "bf16" else "fp32")
     dp = {"noise_multiplier": 1.0, "clip": 1.0, "sample_rate": bsz / n}
     slots = max_batch(bsz / n, n)
     convs = args.conv_materialise.split(",")
@@ -348,7 +359,7 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         for conv in convs:
             name = "mlaudit_dpsgd_fast_graph" + ("" if conv == convs[0] else f"_{conv}")
             set_conv(conv)
-            info: dict[str, Any] = {}
+            info = {}
             record(name, ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info), info=info,
                    precision="fp32", per_example_slots=slots, clipping="fast", conv_materialise=conv)
         set_conv(convs[0])
@@ -402,7 +413,8 @@ def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     t = {k: v["s_per_step"] for k, v in runs.items() if "s_per_step" in v}
     out = {}
     for k in (k for k in t if k.startswith("mlaudit_dpsgd")):
-        for ref in ("mlaudit_sgd_recipe", "mlaudit_sgd_fp32") + (("mlaudit_sgd_tf32",) if "tf32" in k else ()):
+        for ref in ("mlaudit_sgd_recipe", "mlaudit_sgd_fp32") + (("mlaudit_sgd_tf32",) if "tf32" in k else ()) + (
+                ("mlaudit_sgd_recipe_compiled", "mlaudit_sgd_fp32_compiled") if "compiled" in k else ()):
             if ref in t:
                 out[f"{k} / {ref}"] = t[k] / t[ref]
     for k in (k for k in t if k.startswith("opacus_")):

@@ -1016,8 +1016,9 @@ def test_compiled_record_gives_the_eager_record_and_shares_its_graphs(monkeypatc
     to the outputs standing in for them. The first call per model and input shape runs the eager pass; later ones give
     its losses and every layer's (input, output gradient) to float rounding, a frozen parameter stays frozen and no
     hook stays behind; a second model of the architecture reuses the graph; a second batch size compiles one dynamic
-    graph that serves a third; DP steps on a compiled LoopStack through it equal the eager steps; a model with a
-    written-out layer (attention) keeps the eager pass."""
+    graph that serves a third; DP steps on a compiled LoopStack through it equal the eager steps; a user's model
+    whose forward breaks dynamo's graph gives the eager sums; a model with a written-out layer (attention) keeps the
+    eager pass."""
     from mlaudit.privacy import fastclip
     from mlaudit.train.stacked import LoopStack
 
@@ -1073,6 +1074,27 @@ def test_compiled_record_gives_the_eager_record_and_shares_its_graphs(monkeypatc
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
         for a, b in zip(grads_c, grads_e):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+    class Broken(nn.Module):  # a user's forward that dynamo cannot trace whole: two graphs, the zeros in both
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = _two_conv_net(), nn.Linear(5, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(torch.tanh(h))
+
+    torch.manual_seed(1)
+    user, w = Broken(), (torch.rand(16, generator=g) < 0.7).float()
+    want_sums, want_losses = clipped_grad_sum(user, x[:16], y[:16], w, clip=0.5)
+    before = len(calls)
+    for _ in range(2):
+        got_sums, got_losses = clipped_grad_sum(user, x[:16], y[:16], w, clip=0.5, compiled=True)
+    assert len(calls) == before + 1
+    torch.testing.assert_close(got_losses, want_losses, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_sums, want_sums):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
     attn = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
     layers, xs = fastclip._plan(attn), torch.randn(6, 3, 4, generator=g)

@@ -469,9 +469,19 @@ def main() -> None:
     n = bsz * steps
     train, data_desc = training_split(n, synthetic=args.synthetic)
     version = None if args.no_opacus else opacus_version()
+    if "compile" in args.runs:
+        # one process compiles the clipped sums (and with -all the recording pass) for every compiled row: fp32, TF32
+        # and bf16 each get their own graphs (a static one, then a dynamic one), and where a rule chunks a layer, one
+        # per slot bucket (about five; ResNet-18-GN with unfolded convs chunks at 224 slots, with shifted windows not
+        # below 364, CPU count 2026-12-08). Past dynamo's default limit of 8 graphs per function the later ones would
+        # run eagerly, unannounced in the timings
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.cache_size_limit = 64
     opacus_note = ("skipped (--no-opacus)" if args.no_opacus else "skipped (opacus not installed)") \
         if version is None else f"opacus {version}"
-    env = environment() | {"data": data_desc, "device": str(device), "opacus": version}
+    env = environment() | {"data": data_desc, "device": str(device), "opacus": version,
+                           "dynamo_cache_size_limit": torch._dynamo.config.cache_size_limit}
     md = (f"# DP-SGD throughput, batch {bsz}\n\n{env['date']}, {env['gpu'] or 'CPU'}, torch {env['torch']}, "
           f"{opacus_note}; {data_desc}; {steps} timed steps after warm-up. mlaudit's DP step clips the sampled "
           f"batch rounded up to a multiple of 8 (fast) or 32 (per-example, and the graphed fast step's buckets) (at "

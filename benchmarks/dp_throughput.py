@@ -381,21 +381,24 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         # each layer's norms and sum from its bf16 inputs and output gradients (half the per-example gradient
         # traffic), squared norms summed in float32. -all: the recording forward and its backward compiled too
         # (fastclip.COMPILE_RECORD), in each precision.
-        for rec_too in (False, True):
-            for prec in ("fp32", "tf32", "bf16"):
-                if rec_too is False and prec == "fp32":
-                    continue  # mlaudit_dpsgd_fast_graph_compiled, above
-                name = "mlaudit_dpsgd_fast_graph_compiled" + ("_all" if rec_too else "") + \
-                    ("" if prec == "fp32" else f"_{prec}")
-                private = resolve_recipe({**base.model_dump(), "precision": "bf16" if prec == "bf16" else "fp32",
-                                          "cuda_graph": True, "compile": True, "dp": {**dp, "clipping": "fast"}})
-                info = {}
-                run = ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)
-                run = in_tf32(run) if prec == "tf32" else run
-                record(name, with_compiled_record(run) if rec_too else run, info=info,
-                       precision={"fp32": "fp32", "tf32": "fp32, TF32 matmuls", "bf16": "bf16 autocast"}[prec],
-                       per_example_slots=slots, clipping="fast", conv_materialise=convs[0],
-                       compiled_record=rec_too)
+        # The other --conv-materialise options (_<conv>) in IEEE float32 only: which conv path compiles best.
+        for conv in convs:
+            set_conv(conv)
+            for rec_too in (False, True):
+                for prec in ("fp32", "tf32", "bf16") if conv == convs[0] else ("fp32",):
+                    if rec_too is False and prec == "fp32" and conv == convs[0]:
+                        continue  # mlaudit_dpsgd_fast_graph_compiled, above
+                    name = ("mlaudit_dpsgd_fast_graph_compiled" + ("_all" if rec_too else "")
+                            + ("" if prec == "fp32" else f"_{prec}") + ("" if conv == convs[0] else f"_{conv}"))
+                    private = resolve_recipe({**base.model_dump(), "precision": "bf16" if prec == "bf16" else "fp32",
+                                              "cuda_graph": True, "compile": True, "dp": {**dp, "clipping": "fast"}})
+                    info = {}
+                    run = ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)
+                    run = in_tf32(run) if prec == "tf32" else run
+                    record(name, with_compiled_record(run) if rec_too else run, info=info,
+                           precision={"fp32": "fp32", "tf32": "fp32, TF32 matmuls", "bf16": "bf16 autocast"}[prec],
+                           per_example_slots=slots, clipping="fast", conv_materialise=conv, compiled_record=rec_too)
+        set_conv(convs[0])
 
     x, y = train.x[:bsz].to(device), train.y[:bsz].to(device)
     record("torch_sgd_fp32", lambda: time_step(opacus_step(fn, None, x, y, batch=bsz), n=steps, warmup=args.warmup),

@@ -5,7 +5,9 @@
 # 1. the fast CNN first (the model furthest from 1.5x): the graphed compiled DP step in IEEE, TF32 and bf16 autocast,
 #    each with only the norms and sums compiled and with the recording forward and backward compiled too
 #    (fastclip.COMPILE_RECORD, "-all"), the like-for-like references (mlaudit_sgd_tf32 for the TF32 rows,
-#    mlaudit_sgd_recipe for bf16) and Opacus beside; one results file per model, so a timeout keeps what ran;
+#    mlaudit_sgd_recipe for bf16, the non-private step compiled and graphed) and Opacus beside; convs unfolded (the
+#    CUDA default, with which no compiled row was timed yet) and, in fp32, by shifted windows (the 2026-12-08 rows);
+#    one results file per model, so a timeout keeps what ran;
 # 2. the GPU tests of the compiled DP step (both variants: is the compiled recording pass right on a GPU), the DP
 #    compile probe and the background compile (at most 150 s);
 # 3. ResNet-18-GN, then ViT-small, the same runs, as time allows.
@@ -16,7 +18,7 @@ unpack_cifar
 RUNS=graph-compile,graph-compile-tf32,graph-compile-bf16,graph-compile-all,graph-compile-all-tf32,graph-compile-all-bf16
 dp_model() {
   [ $(left $2) -lt 60 ] && { echo "stopped before $1: $(left) s left"; return; }
-  timeout $(left $2) python3 benchmarks/dp_throughput.py --device cuda --models $1 --conv-materialise shift \
+  timeout $(left $2) python3 benchmarks/dp_throughput.py --device cuda --models $1 --conv-materialise unfold,shift \
     --runs $RUNS --steps 20 --name compile_all_${1}_$G > $W/dp_all_$1.log 2>&1
   echo "dp_throughput $1 rc $? after $((SECONDS-T0)) s"
   grep -E "ms/step|Error" $W/dp_all_$1.log | grep -v "^W1" | cut -c1-300

@@ -7,7 +7,9 @@
 #   run_pool CONFIG NAME SECONDS   benchmarks/membership.py on benchmarks/configs/CONFIG.yaml (CUDA) as NAME: its
 #                   log, results and cost.training_paths into $W, then pack;
 #   gpu_tests NAME SECONDS EXPR    the GPU tests of tests/gpu/test_cuda_factory.py selected by -k EXPR, at most SECONDS
-#                   (and what is left), their log as $W/gpu_tests_NAME_$G.txt, then pack.
+#                   (and what is left), their log as $W/gpu_tests_NAME_$G.txt, then pack;
+#   dp_model MODEL RESERVE RUNS    benchmarks/dp_throughput.py --models MODEL --runs RUNS (convs unfolded, then
+#                   shifted), leaving RESERVE seconds; its log and results into $W, then pack.
 T0=$SECONDS
 left() { echo $(( T - (SECONDS - T0) - ${1:-${MARGIN:-10}} )); }
 W=/tmp/w; mkdir -p $W
@@ -32,6 +34,14 @@ gpu_tests() {
   grep -E " passed| failed|compile auto|paused|Error|assert" $W/gpu_tests_$1_$G.txt | grep -v "^\(stem\|blocks\|head\)\." \
     | cut -c1-400 | tail -14
   pack
+}
+dp_model() {  # dp_model MODEL RESERVE RUNS: benchmarks/dp_throughput.py for one model, leaving RESERVE seconds
+  [ $(left $2) -lt 60 ] && { echo "stopped before $1: $(left) s left"; return; }
+  timeout $(left $2) python3 benchmarks/dp_throughput.py --device cuda --models $1 --conv-materialise unfold,shift \
+    --runs $3 --steps 20 --name compile_all_${1}_$G > $W/dp_all_$1.log 2>&1
+  echo "dp_throughput $1 rc $? after $((SECONDS-T0)) s"
+  grep -E "ms/step|Error" $W/dp_all_$1.log | grep -v "^W1" | cut -c1-300
+  cp benchmarks/results/dp_throughput_compile_all_${1}_$G.* $W/ 2>/dev/null; pack
 }
 python3 -m pip install -q --no-deps --no-index .whl/*.whl
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1

@@ -10,21 +10,11 @@
 #    one results file per model, so a timeout keeps what ran;
 # 2. the GPU tests of the compiled DP step (both variants: is the compiled recording pass right on a GPU), the DP
 #    compile probe and the background compile (at most 150 s);
-# 3. ResNet-18-GN, then ViT-small, the same runs, as time allows.
+# then session_1208d.sh: the per-layer rule check and ResNet-18-GN / ViT-small.
 T=${1:-560}
 MARGIN=8
 . benchmarks/probes/device_setup.sh
 unpack_cifar
 RUNS=graph-compile,graph-compile-tf32,graph-compile-bf16,graph-compile-all,graph-compile-all-tf32,graph-compile-all-bf16
-dp_model() {
-  [ $(left $2) -lt 60 ] && { echo "stopped before $1: $(left) s left"; return; }
-  timeout $(left $2) python3 benchmarks/dp_throughput.py --device cuda --models $1 --conv-materialise unfold,shift \
-    --runs $RUNS --steps 20 --name compile_all_${1}_$G > $W/dp_all_$1.log 2>&1
-  echo "dp_throughput $1 rc $? after $((SECONDS-T0)) s"
-  grep -E "ms/step|Error" $W/dp_all_$1.log | grep -v "^W1" | cut -c1-300
-  cp benchmarks/results/dp_throughput_compile_all_${1}_$G.* $W/ 2>/dev/null; pack
-}
-dp_model fastcnn 150
+dp_model fastcnn 150 $RUNS
 gpu_tests 1208b 150 "while_the_step_compiles or probes_a_dp_job or compiled_dp_step"
-dp_model resnet18 10
-dp_model vit 10

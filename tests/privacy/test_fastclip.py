@@ -970,10 +970,14 @@ def test_compiled_dp_steps_equal_eager_ones_and_share_their_graphs() -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_train_stack_with_compile_trains_dp_models_like_the_eager_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("record", [False, True], ids=["sums", "record-too"])
+def test_train_stack_with_compile_trains_dp_models_like_the_eager_loop(monkeypatch: pytest.MonkeyPatch,
+                                                                       record: bool) -> None:
     """train_stack with recipe.compile and book-keeping DP, the compiled stack forced on the CPU (the factory compiles
     on CUDA only): the steps draw bucketed slot widths (GRAPH_SLOT_MULTIPLE) and take the compiled sums, and the
-    trained weights equal the uncompiled loop's (multiples of 8) to float rounding: the extra slots weigh 0."""
+    trained weights equal the uncompiled loop's (multiples of 8) to float rounding: the extra slots weigh 0.
+    ``record-too``: with fastclip.COMPILE_RECORD the compiled recording pass runs too (after each width's first,
+    eager, step), through the loop's own copies of the models."""
     from mlaudit.data.base import TensorDataset
     from mlaudit.privacy import dpsgd, fastclip
     from mlaudit.privacy.mechanism import max_batch
@@ -996,6 +1000,9 @@ def test_train_stack_with_compile_trains_dp_models_like_the_eager_loop(monkeypat
 
     monkeypatch.setattr(dpsgd.DPTraining, "draw", recording_draw)
     monkeypatch.setattr(fastclip, "_compiled_sums", lambda: calls.append(1) or real())
+    monkeypatch.setattr(fastclip, "COMPILE_RECORD", record)
+    real_record, records = fastclip._compiled_probe_forward, []
+    monkeypatch.setattr(fastclip, "_compiled_probe_forward", lambda: records.append(1) or real_record())
     outs = []
     for compiled in (False, True):
         if compiled:
@@ -1005,6 +1012,7 @@ def test_train_stack_with_compile_trains_dp_models_like_the_eager_loop(monkeypat
                                 seeds=[0, 1], lr=0.05, device=CPU, strategy="loop"))
     eager, comp = [w for c, w in widths if not c], [w for c, w in widths if c]
     assert len(eager) == len(comp) and calls  # the same steps; the compiled ones through the compiled sums
+    assert bool(records) is record
     assert all(w % 32 == 0 or w == max_batch(16 / 64, 64) for w in comp) and any(w % 32 for w in eager)
     for a, b in zip(*outs):
         for name, t in a.state_dict.items():

@@ -293,15 +293,16 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
 
     wanted = set(args.runs.split(","))  # the private runs to time (--runs)
 
-    def with_compiled_record(run: Callable[[], float]) -> Callable[[], float]:
-        """``run`` with book-keeping's recording forward and backward compiled too (fastclip.COMPILE_RECORD)."""
-        def rec() -> float:
-            fastclip.COMPILE_RECORD = True  # type: ignore[assignment]
+    def with_flag(run: Callable[[], float], module: Any, flag: str, value: Any) -> Callable[[], float]:
+        """``run`` with ``module.flag`` set to ``value``, restored after (a switch of mlaudit.privacy's modules)."""
+        def flagged() -> float:
+            before = getattr(module, flag)
+            setattr(module, flag, value)
             try:
                 return run()
             finally:
-                fastclip.COMPILE_RECORD = False  # type: ignore[assignment]
-        return rec
+                setattr(module, flag, before)
+        return flagged
     base = resolve_recipe({"name": "fast", "batch_size": bsz, "schedule": "constant"})
     record("mlaudit_sgd_recipe", ml(base, "sgd"), precision="bf16 autocast" if cuda else "fp32")
     if cuda:
@@ -339,13 +340,7 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
         # keep the user's setting)
         private = resolve_recipe({**base.model_dump(), "precision": "fp32", "cuda_graph": False,
                                   "dp": {**dp, "clipping": "fast"}})
-
-        def tf32norms() -> float:
-            fastclip_rules.CONV_NORMS_TF32 = True  # type: ignore[assignment]
-            try:
-                return ml(private, "fast_tf32norms")()
-            finally:
-                fastclip_rules.CONV_NORMS_TF32 = None  # type: ignore[assignment]
+        tf32norms = with_flag(ml(private, "fast_tf32norms"), fastclip_rules, "CONV_NORMS_TF32", True)
         record("mlaudit_dpsgd_fast_tf32norms", tf32norms, precision="fp32, TF32 conv-norm matmuls",
                per_example_slots=slots, clipping="fast", conv_materialise=convs[0])
     if cuda:  # the fast path with the recipe's bf16 autocast forward (precision: bf16)
@@ -395,7 +390,7 @@ def bench_model(fn: Builder, args: argparse.Namespace, device: torch.device, tra
                     info = {}
                     run = ml(private, name, warmup_epochs=args.graph_warmup_epochs, info=info)
                     run = in_tf32(run) if prec == "tf32" else run
-                    record(name, with_compiled_record(run) if rec_too else run, info=info,
+                    record(name, with_flag(run, fastclip, "COMPILE_RECORD", True) if rec_too else run, info=info,
                            precision={"fp32": "fp32", "tf32": "fp32, TF32 matmuls", "bf16": "bf16 autocast"}[prec],
                            per_example_slots=slots, clipping="fast", conv_materialise=conv, compiled_record=rec_too)
         set_conv(convs[0])

@@ -1105,9 +1105,20 @@ def test_compiled_record_gives_the_eager_record_and_shares_its_graphs(monkeypatc
     for a, b in zip(got_sums, want_sums):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
-    attn = nn.Sequential(nn.MultiheadAttention(4, 2, batch_first=True))
+    class SelfAttention(nn.Module):  # a written-out layer (nn.MultiheadAttention) then a head
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+    attn = SelfAttention()
     layers, xs = fastclip._plan(attn), torch.randn(6, 3, 4, generator=g)
+    with fastclip._all_require_grad(attn):
+        want_l, _, _ = fastclip._forward(attn, layers, xs, y[:6], 0.0, [])
     before = len(calls)
-    for _ in range(2):
-        assert fastclip._compiled_record(attn, layers, xs, y[:6], 0.0, False) is None
-    assert len(calls) == before
+    for _ in range(2):  # the eager pass each time: no shapes recorded, the compiled pass never asked
+        losses, _ = fastclip._record(attn, layers, xs, y[:6], 0.0, False, True)
+        torch.testing.assert_close(losses, want_l)
+    assert len(calls) == before and attn not in fastclip._OUT_SHAPES

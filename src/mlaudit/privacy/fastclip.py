@@ -364,15 +364,11 @@ def _compiled_probe_forward() -> Callable[..., tuple[Tensor, list[Tensor | None]
 
 
 def _compiled_record(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label_smoothing: float,
-                     bf16: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]] | None:
+                     bf16: bool, shapes: list[tuple[str, torch.Size, torch.dtype]]
+                     ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """Steps 1-2 compiled (:data:`COMPILE_RECORD`): (losses [B] detached, {layer: (a, g)}) as :func:`_forward`
-    gives them, to float rounding; None where the eager pass must run (a written-out layer, or the first call of
-    this model at this input, whose eager pass records the output shapes)."""
-    if any(type(lay.module) in WRITTEN_OUT for lay in layers):
-        return None
-    shapes = _OUT_SHAPES.setdefault(model, {}).get((tuple(x.shape), x.dtype, x.device, bf16))
-    if shapes is None:
-        return None
+    gives them, to float rounding. ``shapes``: the recorded layers' (name, output shape, dtype) from the eager pass
+    of this model at this input."""
     by_name = {lay.name: lay.module for lay in layers}
     zs = [torch.zeros((), dtype=dt, device=x.device).expand(s).requires_grad_() for _, s, dt in shapes]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -400,16 +396,18 @@ def _compiled_record(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tenso
 def _record(model: nn.Module, layers: list[_Layer], x: Tensor, y: Tensor, label_smoothing: float, bf16: bool,
             compiled: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """Steps 1-2 for :func:`clipped_grad_sum`: the compiled pass where :data:`COMPILE_RECORD` and ``compiled`` ask
-    for it and it can run, else the eager one (which then records the output shapes for the next call)."""
-    if compiled and COMPILE_RECORD:
-        got = _compiled_record(model, layers, x, y, label_smoothing, bf16)
-        if got is not None:
-            return got
+    for it and it can run (no written-out layer, and an eager pass of this model at this input has recorded the
+    output shapes), else the eager one (which then records them for the next call)."""
+    known = None
+    if compiled and COMPILE_RECORD and not any(type(lay.module) in WRITTEN_OUT for lay in layers):
+        known = _OUT_SHAPES.setdefault(model, {})
+        key = (tuple(x.shape), x.dtype, x.device, bf16)
+        if key in known:
+            return _compiled_record(model, layers, x, y, label_smoothing, bf16, known[key])
     with _all_require_grad(model):
         losses, ag, _ = _forward(model, layers, x, y, label_smoothing, [], bf16)
-    if compiled and COMPILE_RECORD and not any(type(lay.module) in WRITTEN_OUT for lay in layers):
-        _OUT_SHAPES.setdefault(model, {})[(tuple(x.shape), x.dtype, x.device, bf16)] = \
-            [(n, g.shape, g.dtype) for n, (_, g) in ag.items()]
+    if known is not None:
+        known[key] = [(n, g.shape, g.dtype) for n, (_, g) in ag.items()]
     return losses, ag
 
 
